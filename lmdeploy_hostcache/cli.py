@@ -1,0 +1,71 @@
+"""The ``lmdeploy-hostcache`` command.
+
+A thin dispatcher: every sub-command lives in its own module, which exposes
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).  Sub-command
+modules keep heavy imports (torch, triton, lmdeploy) inside ``run`` so that
+``--help`` and ``--version`` stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "doctor": ("lmdeploy_hostcache.doctor", "print the environment facts the host tier depends on"),
+    "plan": ("lmdeploy_hostcache.planner.cli", "replay request traces: what a GPU+host prefix cache buys"),
+}
+BENCH_COMMANDS = {
+    "index": ("lmdeploy_hostcache.bench.index", "digest + host-index cost per block vs LMDeploy's BlockTrie"),
+    "transfer": ("lmdeploy_hostcache.bench.transfer", "gather/scatter and copy-engine bandwidth"),
+}
+
+
+def _add(sub, name: str, module: str, help_text: str) -> None:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:  # a sub-command this build does not ship
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise
+        return
+    p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
+    mod.add_arguments(p)
+    p.set_defaults(_run=mod.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmdeploy-hostcache",
+        description="Host-memory prefix KV-cache tier for LMDeploy's PyTorch engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmdeploy-hostcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        _add(sub, name, module, help_text)
+    bench = sub.add_parser("bench", help="micro-benchmarks (print measured figures; --json for one object)")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
+    for name, (module, help_text) in BENCH_COMMANDS.items():
+        _add(bench_sub, name, module, help_text)
+    bench.set_defaults(_run=lambda args: (bench.print_help(), 2)[1])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
