@@ -1,0 +1,381 @@
+"""Radix index of host-resident KV blocks, keyed by chained digest.
+
+Ownership: the index owns host *slots* (through a ``SlotAllocator``) and block metadata; it never
+touches KV bytes (the worker side does) and never sees GPU blocks (LMDeploy owns them).
+
+Structure: one ``HostBlock`` per full block, keyed by its chained digest (``digest.py``).  Since a
+digest names the whole prefix, the dict *is* a radix tree; ``_children`` maps a parent digest to
+the digests of its host-resident children (the parent itself may live on the GPU, or nowhere).
+
+Block lifecycle::
+
+    prepare_store ──> WRITING ──complete_store(ok)──> RESIDENT ──prepare_load──> RESIDENT+read pins
+         │                 └──complete_store(fail)──> dropped (+ its host subtree)        │
+         └─(already present: touched, None)                 complete_load(ok): dropped (now on GPU)
+                                                           complete_load(fail): unpinned, stays
+
+Invariants (``check_invariants``):
+
+1. every block owns exactly one used slot and the allocator has no other used slot;
+2. a block with allocator pins (a copy in flight) is never evicted and its slot never reused;
+3. leaf-first: only blocks without host-resident children are eviction candidates, so no chain
+   keeps a child whose host parent was evicted; when a parent leaves *every* tier the caller
+   reclaims its host subtree with ``drop_subtree`` (blocks mid-copy are doomed: invisible to
+   lookups and freed when their last pin goes);
+4. ``lookup`` returns a block only after comparing its stored token bytes with the request's
+   (when ``verify_tokens``), so a digest collision can never return a wrong block.  Tokens are
+   stored rather than a second digest because the comparison is exact (not merely improbable to
+   fail) and 64 tokens cost 256 bytes, well inside the metadata budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Callable, Iterable, Sequence
+
+from .eviction import EvictionPolicy, make_policy
+from .slot_allocator import SlotAllocator
+
+
+class BlockState(IntEnum):
+    WRITING = 1   # slot allocated, bytes being copied to host
+    RESIDENT = 2  # bytes on host; readable
+
+
+class HostBlock:
+    """Metadata of one host-resident block (no KV bytes)."""
+
+    __slots__ = ("digest", "parent", "tokens", "slot", "state", "last_access", "hits",
+                 "seq", "candidate", "doomed", "promoted", "pdata")
+
+    def __init__(self, digest: int, parent: int, tokens: bytes, slot: int, now: int, seq: int) -> None:
+        self.digest = digest
+        self.parent = parent
+        self.tokens = tokens
+        self.slot = slot
+        self.state = BlockState.WRITING
+        self.last_access = now
+        self.hits = 0
+        self.seq = seq
+        self.candidate = False
+        self.doomed = False      # leaving the index: invisible to lookups, freed at last unpin
+        self.promoted = False    # doomed because a load moved it to the GPU
+        self.pdata = None
+
+    def __lt__(self, other: "HostBlock") -> bool:  # heap tie-breaks never compare blocks, but be safe
+        return self.seq < other.seq
+
+    def __repr__(self) -> str:
+        return (f"HostBlock({self.digest:032x}, slot={self.slot}, {self.state.name}"
+                f"{', doomed' if self.doomed else ''})")
+
+
+@dataclass
+class HostIndexStats:
+    lookups: int = 0
+    lookup_blocks: int = 0       # blocks asked for
+    hit_blocks: int = 0          # blocks returned by lookup
+    verify_mismatches: int = 0   # digest matched, tokens did not (collision or corruption)
+    inserts: int = 0             # prepare_store that took a slot
+    refreshes: int = 0           # prepare_store of a block already present
+    store_rejected: int = 0      # prepare_store with no free or evictable slot
+    store_failures: int = 0      # complete_store(success=False)
+    evictions: int = 0           # blocks evicted by the policy
+    dropped: int = 0             # blocks removed by drop_subtree / failed stores (orphans)
+    loads: int = 0               # blocks pinned by prepare_load
+    promoted: int = 0            # blocks dropped after a successful load (now on GPU)
+    load_failures: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class HostIndex:
+    """Scheduler-side index of host slots; see the module docstring for the lifecycle."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        policy: str | EvictionPolicy = "lru",
+        verify_tokens: bool = True,
+        on_evict: Callable[[HostBlock], None] | None = None,
+    ) -> None:
+        self.allocator = SlotAllocator(num_slots)
+        self.policy = make_policy(policy)
+        self.verify_tokens = verify_tokens
+        self.on_evict = on_evict
+        self.stats = HostIndexStats()
+        self._blocks: dict[int, HostBlock] = {}
+        self._children: dict[int, set[int]] = {}
+        self._clock = 0
+        self._seq = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_slots(self) -> int:
+        return self.allocator.num_slots
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.allocator.num_free
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, digest: int) -> bool:
+        b = self._blocks.get(digest)
+        return b is not None and not b.doomed
+
+    def get(self, digest: int) -> HostBlock | None:
+        b = self._blocks.get(digest)
+        return None if b is None or b.doomed else b
+
+    def is_resident(self, digest: int) -> bool:
+        b = self._blocks.get(digest)
+        return b is not None and not b.doomed and b.state is BlockState.RESIDENT
+
+    def lookup(self, digests: Sequence[int], block_bytes: Sequence[bytes] | None = None) -> int:
+        """How many consecutive blocks from ``digests[0]`` are RESIDENT (tokens verified).
+
+        ``digests`` must be a chain continuing where the caller's own match ended.  No pins,
+        no access-time change: call ``prepare_load`` or ``touch`` to act on the result.
+        """
+        st = self.stats
+        st.lookups += 1
+        st.lookup_blocks += len(digests)
+        blocks = self._blocks
+        verify = self.verify_tokens
+        if verify and block_bytes is None:
+            raise ValueError("lookup needs block_bytes when verify_tokens is on")
+        n = 0
+        for i, d in enumerate(digests):
+            b = blocks.get(d)
+            if b is None or b.state is not BlockState.RESIDENT or b.doomed:
+                break
+            if verify and b.tokens != block_bytes[i]:
+                st.verify_mismatches += 1
+                break
+            n += 1
+        st.hit_blocks += n
+        return n
+
+    # ------------------------------------------------------------------ loads (host -> GPU)
+    def prepare_load(self, digests: Sequence[int]) -> list[int]:
+        """Pin blocks for reading and mark them used; returns their slots, in order.
+
+        Raises KeyError (pinning nothing) if any block is not RESIDENT.
+        """
+        blocks = []
+        for d in digests:
+            b = self._blocks.get(d)
+            if b is None or b.doomed or b.state is not BlockState.RESIDENT:
+                raise KeyError(f"block {d:032x} is not host-resident; cannot load it")
+            blocks.append(b)
+        slots = []
+        for b in blocks:
+            self.allocator.pin(b.slot)
+            self._access(b)
+            if b.candidate:
+                self._uncandidate(b)
+            slots.append(b.slot)
+        self.stats.loads += len(blocks)
+        return slots
+
+    def complete_load(self, digests: Sequence[int], success: bool) -> None:
+        """Release read pins.  On success the blocks now live on the GPU: drop the host copies
+        (exclusive tiers) once no other reader holds them."""
+        for d in digests:
+            b = self._blocks.get(d)
+            if b is None:
+                raise KeyError(f"complete_load of unknown block {d:032x}")
+            self.allocator.unpin(b.slot)
+            if success:
+                b.doomed = b.promoted = True  # another reader may still hold a pin
+            else:
+                self.stats.load_failures += 1
+            self._settle(b)
+
+    # ------------------------------------------------------------------ stores (GPU -> host)
+    def prepare_store(self, digest: int, parent: int, block_bytes: bytes) -> int | None:
+        """Reserve a slot for a block about to be copied to host.
+
+        Returns the slot (block WRITING, write-pinned), or None when the block is already
+        present (its access time is refreshed) or no slot is free or evictable.
+        """
+        b = self._blocks.get(digest)
+        if b is not None and not b.doomed:
+            if self.verify_tokens and b.tokens != block_bytes:
+                self.stats.verify_mismatches += 1
+                return None
+            self.stats.refreshes += 1
+            self._access(b)
+            return None
+        if b is not None:  # doomed copy still pinned by a reader: keep it, refuse a second copy
+            self.stats.store_rejected += 1
+            return None
+        # The parent stops being a leaf *before* a victim is chosen, so it cannot be evicted
+        # from under its new child.
+        pb = self._blocks.get(parent)
+        if pb is not None and pb.candidate:
+            self._uncandidate(pb)
+        slot = self.allocator.allocate()
+        if slot is None:
+            victim = self.policy.pop_victim()
+            if victim is not None:
+                victim.candidate = False
+                self._remove(victim, evicted=True)
+                slot = self.allocator.allocate()
+        if slot is None:
+            self.stats.store_rejected += 1
+            if pb is not None:
+                self._settle(pb)
+            return None
+        self._clock += 1
+        self._seq += 1
+        b = HostBlock(digest, parent, block_bytes, slot, self._clock, self._seq)
+        self._blocks[digest] = b
+        kids = self._children.get(parent)
+        if kids is None:
+            self._children[parent] = {digest}
+        else:
+            kids.add(digest)
+        self.allocator.pin(slot)
+        self.policy.on_insert(b)
+        self.stats.inserts += 1
+        return slot
+
+    def complete_store(self, digest: int, success: bool) -> None:
+        """The copy to host finished.  Failure drops the block and its host subtree (the GPU
+        copy is already gone, so its descendants are unreachable)."""
+        b = self._blocks.get(digest)
+        if b is None or b.state is not BlockState.WRITING:
+            raise KeyError(f"complete_store of block {digest:032x} that is not being written")
+        self.allocator.unpin(b.slot)
+        if success:
+            b.state = BlockState.RESIDENT
+        else:
+            self.stats.store_failures += 1
+            self._doom_subtree(digest, include_self=True)
+        self._settle(b)
+
+    # ------------------------------------------------------------------ maintenance
+    def touch(self, digests: Iterable[int]) -> None:
+        for d in digests:
+            b = self._blocks.get(d)
+            if b is not None and not b.doomed:
+                self._access(b)
+
+    def drop_subtree(self, parent_digest: int) -> list[int]:
+        """Reclaim every host block descending from ``parent_digest`` (which left every tier).
+        Returns the slots freed now; blocks mid-copy are freed when their copy completes."""
+        return self._doom_subtree(parent_digest, include_self=False)
+
+    def evict(self, n: int) -> int:
+        """Evict up to ``n`` blocks by policy (leaf-first); returns how many went."""
+        done = 0
+        while done < n:
+            victim = self.policy.pop_victim()
+            if victim is None:
+                break
+            victim.candidate = False
+            self._remove(victim, evicted=True)
+            done += 1
+        return done
+
+    # ------------------------------------------------------------------ internals
+    def _access(self, b: HostBlock) -> None:
+        self._clock += 1
+        b.last_access = self._clock
+        b.hits += 1
+        self.policy.on_access(b)
+
+    def _uncandidate(self, b: HostBlock) -> None:
+        b.candidate = False
+        self.policy.remove_candidate(b)
+
+    def _settle(self, b: HostBlock) -> None:
+        """Recompute what a block may be after a pin, state or child change."""
+        if b.digest not in self._blocks or self._blocks[b.digest] is not b:
+            return
+        unpinned = self.allocator.pins(b.slot) == 0
+        if b.doomed:
+            if unpinned:
+                if b.candidate:
+                    self._uncandidate(b)
+                self._remove(b, evicted=False)
+            return
+        want = unpinned and b.state is BlockState.RESIDENT and b.digest not in self._children
+        if want and not b.candidate:
+            b.candidate = True
+            self.policy.add_candidate(b)
+        elif not want and b.candidate:
+            self._uncandidate(b)
+
+    def _remove(self, b: HostBlock, evicted: bool) -> None:
+        """Forget an unpinned, non-candidate block and free its slot."""
+        del self._blocks[b.digest]
+        kids = self._children[b.parent]
+        kids.discard(b.digest)
+        if not kids:
+            del self._children[b.parent]
+            pb = self._blocks.get(b.parent)
+            if pb is not None:
+                self._settle(pb)  # parent may have become a leaf
+        self.allocator.free(b.slot)
+        self.policy.on_remove(b, evicted)
+        if evicted:
+            self.stats.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(b)
+        elif b.promoted:
+            self.stats.promoted += 1
+        else:
+            self.stats.dropped += 1
+
+    def _doom_subtree(self, root: int, include_self: bool) -> list[int]:
+        freed: list[int] = []
+        stack = [root] if include_self else list(self._children.get(root, ()))
+        order: list[HostBlock] = []
+        while stack:
+            d = stack.pop()
+            b = self._blocks.get(d)
+            if b is None:
+                continue
+            order.append(b)
+            stack.extend(self._children.get(d, ()))
+        for b in reversed(order):  # deepest first, so parents become leaves as we go
+            b.doomed = True
+            if b.candidate:
+                self._uncandidate(b)
+            if self.allocator.pins(b.slot) == 0:
+                slot = b.slot
+                self._remove(b, evicted=False)
+                freed.append(slot)
+        return freed
+
+    # ------------------------------------------------------------------ checking
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken invariant."""
+        alloc = self.allocator
+        alloc.check_invariants()
+        assert alloc.num_used == len(self._blocks), (
+            f"slot leak: {alloc.num_used} used slots for {len(self._blocks)} blocks")
+        seen_slots = set()
+        for d, b in self._blocks.items():
+            assert b.digest == d, f"block keyed under the wrong digest: {b}"
+            assert alloc.is_used(b.slot), f"{b} holds a free slot"
+            assert b.slot not in seen_slots, f"slot {b.slot} shared by two blocks"
+            seen_slots.add(b.slot)
+            assert d in self._children.get(b.parent, ()), f"{b} missing from its parent's children"
+            pins = alloc.pins(b.slot)
+            if b.state is BlockState.WRITING:
+                assert pins >= 1, f"{b} is WRITING without a write pin"
+            if b.doomed:
+                assert pins >= 1, f"{b} doomed but unpinned (should have been freed)"
+            want = (pins == 0 and b.state is BlockState.RESIDENT and not b.doomed
+                    and d not in self._children)
+            assert b.candidate == want, f"{b} candidate={b.candidate}, expected {want}"
+        for p, kids in self._children.items():
+            assert kids, f"empty children set kept for {p:032x}"
+            for k in kids:
+                assert k in self._blocks and self._blocks[k].parent == p, f"dangling child {k:032x}"

@@ -1,0 +1,85 @@
+"""Host-tier counters (plain Python, no LMDeploy import).
+
+One ``HostTierMetrics`` lives in the scheduler-side connector and is exported by
+``integration.metrics_export`` to LMDeploy's stats log and Prometheus endpoint.
+Invariant: counters only grow; ``snapshot()`` is a consistent copy.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class LatencyStat:
+    """Sum/count/max of a latency in seconds (enough for a mean and a worst case)."""
+
+    sum_s: float = 0.0
+    count: int = 0
+    max_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.sum_s += seconds
+        self.count += 1
+        if seconds > self.max_s:
+            self.max_s = seconds
+
+    @property
+    def mean_s(self) -> float:
+        return self.sum_s / self.count if self.count else 0.0
+
+
+@dataclass
+class HostTierMetrics:
+    """Counters of the host tier, as seen by the scheduler-side connector."""
+
+    lookups: int = 0            # host lookups (one per request admission attempt that reached the host tier)
+    lookup_blocks: int = 0      # blocks asked for past the GPU match
+    hit_blocks: int = 0         # blocks found host-resident and verified
+    hit_tokens: int = 0
+    restored_tokens: int = 0    # tokens whose load completed successfully
+    restore_failures: int = 0   # loads that failed or were cancelled (fell back to recompute)
+    demotions: int = 0          # blocks queued GPU -> host
+    demotion_failures: int = 0
+    host_evictions: int = 0     # host blocks dropped to make room (or orphaned)
+    bytes_to_host: int = 0
+    bytes_to_gpu: int = 0
+    restore_latency: LatencyStat = field(default_factory=LatencyStat)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        """Add to counters by name; an unknown name raises AttributeError."""
+        with self._lock:
+            for name, delta in deltas.items():
+                if name.startswith("_") or name == "restore_latency" or not hasattr(self, name):
+                    raise AttributeError(f"HostTierMetrics has no counter {name!r}")
+                setattr(self, name, getattr(self, name) + delta)
+
+    def observe_restore_latency(self, seconds: float) -> None:
+        with self._lock:
+            self.restore_latency.observe(seconds)
+
+    def snapshot(self) -> dict[str, float]:
+        """A flat dict of every counter plus restore-latency mean/max/count."""
+        with self._lock:
+            out: dict[str, float] = {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if not f.name.startswith("_") and f.name != "restore_latency"
+            }
+            out["restore_latency_mean_s"] = self.restore_latency.mean_s
+            out["restore_latency_max_s"] = self.restore_latency.max_s
+            out["restore_latency_count"] = self.restore_latency.count
+        return out
+
+    def log_line(self) -> str:
+        """One human-readable line for LMDeploy's periodic stats log."""
+        s = self.snapshot()
+        hit = s["hit_blocks"] / s["lookup_blocks"] if s["lookup_blocks"] else 0.0
+        return (
+            f"host-tier: lookups={s['lookups']} hit_blocks={s['hit_blocks']}/{s['lookup_blocks']} ({hit:.1%}) "
+            f"restored_tokens={s['restored_tokens']} restore_failures={s['restore_failures']} "
+            f"demotions={s['demotions']} host_evictions={s['host_evictions']} "
+            f"to_host={s['bytes_to_host'] / 2**30:.2f}GiB to_gpu={s['bytes_to_gpu'] / 2**30:.2f}GiB "
+            f"restore_latency_mean={s['restore_latency_mean_s'] * 1e3:.2f}ms"
+        )
