@@ -1,0 +1,398 @@
+"""Replay request traces through a GPU+host prefix cache: hit rates, restored tokens, TTFT estimate.
+
+With no trace argument the bundled Mooncake conversation trace is replayed (12,031 requests,
+see lmdeploy_hostcache/data/PROVENANCE.md) for Llama-3-8B bf16 with a 20 GiB GPU KV budget and a
+200 GiB host tier.  Capacities come either in GiB (converted with the model's KV geometry) or in
+blocks of the trace's own block size.  docs/planner.md explains the model and its limits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+DEFAULT_MODEL = "Llama-3-8B"
+DEFAULT_GPU_KV_GB = 20.0
+DEFAULT_HOST_GB = 200.0
+DEFAULT_STAGGER_S = 60.0
+DEFAULT_PLOT = "plan_sweep.png"
+BUNDLED_TRACE = "conversation_trace.jsonl.gz"
+
+
+def bundled_trace_path() -> Path:
+    """The Mooncake conversation trace shipped in ``lmdeploy_hostcache/data``."""
+    return Path(str(resources.files("lmdeploy_hostcache") / "data" / BUNDLED_TRACE))
+
+
+def _csv_floats(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not vals or any(not v >= 0 or v == float("inf") for v in vals):
+        raise argparse.ArgumentTypeError(f"expected finite numbers >= 0, got {text!r}")
+    return vals
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return v
+
+
+def _pos_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("trace")
+    src.add_argument("traces", nargs="*", metavar="TRACE",
+                     help="Mooncake JSONL(.gz) or WEKA session JSON files (or folders of *.json); several "
+                          "WEKA files are merged. Default: the bundled Mooncake conversation trace.")
+    src.add_argument("--format", choices=("auto", "mooncake", "weka"), default="auto",
+                     help="trace format (default: sniffed from the first file)")
+    src.add_argument("--stagger", type=_nonneg_float, default=DEFAULT_STAGGER_S, metavar="S",
+                     help=f"seconds between the starts of merged WEKA sessions (default {DEFAULT_STAGGER_S:g})")
+    src.add_argument("--chat", action="store_true",
+                     help="replay the built-in multi-turn chat generator instead of a trace file")
+    src.add_argument("--chat-sessions", type=int, default=300, metavar="N", help="generator sessions (default 300)")
+    src.add_argument("--chat-block-size", type=int, default=64, metavar="N",
+                     help="generator block size in tokens (default 64, LMDeploy's default)")
+    src.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    src.add_argument("--limit", type=_nonneg_int, default=None, metavar="N", help="replay only the first N requests")
+
+    m = p.add_argument_group("model and KV format (for GiB <-> blocks)")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset (Llama-3-8B, Qwen2.5-7B, Llama-3-70B) or a HF config.json path "
+                        f"(default {DEFAULT_MODEL})")
+    m.add_argument("--quant-policy", type=int, choices=(0, 4, 8), default=0, help="GPU KV cache quant_policy")
+    m.add_argument("--host-kv-format", choices=("same", "int8", "int4"), default="same",
+                   help="host storage format; int8/int4 compress fp16/bf16 caches on offload (default same)")
+    m.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (per-rank bytes divide kv_heads)")
+
+    c = p.add_argument_group("capacities")
+    c.add_argument("--gpu-kv-gb", type=_nonneg_float, default=DEFAULT_GPU_KV_GB, metavar="GIB",
+                   help=f"KV-cache memory per GPU (default {DEFAULT_GPU_KV_GB:g})")
+    c.add_argument("--host-gb", type=_nonneg_float, default=DEFAULT_HOST_GB, metavar="GIB",
+                   help=f"host RAM for the tier on the node, all ranks together (default {DEFAULT_HOST_GB:g})")
+    c.add_argument("--gpu-blocks", type=_nonneg_int, default=None, metavar="N",
+                   help="GPU tier size in the trace's blocks (overrides --gpu-kv-gb)")
+    c.add_argument("--host-blocks", type=_nonneg_int, default=None, metavar="M",
+                   help="host tier size in the trace's blocks (overrides --host-gb)")
+    from ..eviction import POLICIES  # light: no torch, no lmdeploy
+
+    c.add_argument("--policy", default="lru",
+                   help=f"host-tier eviction policy: {', '.join(POLICIES)} (default lru)")
+
+    k = p.add_argument_group("cost model (assumptions, not measurements)")
+    k.add_argument("--prefill-tokens-per-s", type=_pos_float, default=None, metavar="R",
+                   help="prefill rate (default: 30,000 tokens/s scaled by 8B/model size; an assumption)")
+    k.add_argument("--h2d-gbps", type=_pos_float, default=None, metavar="GBPS",
+                   help="host->GPU copy rate in GB/s (default 25, PCIe Gen4 x16 pinned; an assumption)")
+
+    s = p.add_argument_group("sweep and cluster")
+    s.add_argument("--sweep", action="store_true", help="capacity-vs-hit-rate table and PNG plot")
+    s.add_argument("--sweep-tier", choices=("host", "gpu"), default="host", help="tier to sweep (default host)")
+    s.add_argument("--sweep-values", type=_csv_floats, default=None, metavar="LIST",
+                   help="comma-separated sizes to sweep, in GiB (in blocks with --gpu-blocks/--host-blocks); "
+                        "default 0, 1/16 .. 2x the configured size")
+    s.add_argument("--plot", default=DEFAULT_PLOT, metavar="PNG", help=f"sweep plot path (default ./{DEFAULT_PLOT})")
+    s.add_argument("--cluster", default=None, metavar="YAML",
+                   help="heterogeneous cluster file (see examples/cluster.yaml); its model/format settings "
+                        "replace --model/--quant-policy/--host-kv-format/--tp/--policy")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class PlanError(ValueError):
+    """A bad argument or input file; printed as 'error: ...' with exit code 2."""
+
+
+def load_trace(args):
+    from .generator import ChatWorkload, generate_chat
+    from .traces import read_mooncake, read_weka, sniff_format
+
+    if args.chat:
+        if args.traces:
+            raise PlanError("--chat replays the generator; do not also give trace files")
+        trace = generate_chat(ChatWorkload(sessions=args.chat_sessions, block_size=args.chat_block_size,
+                                           seed=args.seed))
+    else:
+        paths: list[Path] = []
+        for t in args.traces or [str(bundled_trace_path())]:
+            tp = Path(t)
+            if tp.is_dir():
+                found = sorted(tp.glob("*.json")) + sorted(tp.glob("*.jsonl")) + sorted(tp.glob("*.jsonl.gz"))
+                if not found:
+                    raise PlanError(f"trace folder {tp} holds no *.json / *.jsonl files")
+                paths += found
+            elif tp.exists():
+                paths.append(tp)
+            else:
+                raise PlanError(f"trace file {tp} does not exist")
+        fmt = args.format
+        if fmt == "auto":
+            fmts = {sniff_format(x) for x in paths}
+            if len(fmts) > 1:
+                raise PlanError(f"traces mix formats {sorted(fmts)}; give one format at a time")
+            fmt = fmts.pop()
+        if fmt == "mooncake":
+            if len(paths) > 1:
+                raise PlanError("give one Mooncake trace at a time (their block ids are not offset-merged)")
+            trace = read_mooncake(paths[0])
+        else:
+            trace = read_weka(paths, stagger_s=args.stagger)
+    if args.limit is not None:
+        trace = trace.head(args.limit)
+    if not trace.requests:
+        raise PlanError(f"trace {trace.name} has no requests")
+    return trace
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except ValueError as exc:  # bad input: say what and where, no traceback
+        msg = exc.args[0] if exc.args else str(exc)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _describe_model(geometry, sizing) -> str:
+    from .report import fmt_bytes
+
+    f = sizing.cache_format
+    return (f"{geometry.name} ({geometry.num_layers} layers, {geometry.num_kv_heads} KV heads x {geometry.head_dim}, "
+            f"{geometry.dtype_label}), quant_policy {f.quant_policy}, host format {f.host_kv_format}, tp {f.tp}: "
+            f"{fmt_bytes(sizing.gpu_block_bytes)} per GPU block, {fmt_bytes(sizing.host_block_bytes)} per host "
+            f"block per rank")
+
+
+def _run(args) -> int:
+    from ..eviction import POLICIES
+    from .cluster import load_cluster
+    from .cost import CostModel
+    from .geometry import BlockSizing, CacheFormat, resolve_model
+    from .replay import prepare_trace
+
+    if args.policy not in POLICIES:
+        raise PlanError(f"--policy {args.policy!r} is not one of {sorted(POLICIES)}")
+    if args.tp <= 0:
+        raise PlanError(f"--tp must be a positive int, got {args.tp}")
+    show = False if (args.quiet or args.json) else None
+    # validate every setting before the (slower) trace load
+    spec = load_cluster(args.cluster) if args.cluster else None
+    geometry = spec.geometry() if spec else resolve_model(args.model)
+    fmt = spec.cache_format if spec else CacheFormat(args.quant_policy, args.host_kv_format, args.tp)
+
+    t0 = time.perf_counter()
+    trace = load_trace(args)
+    prepared = prepare_trace(trace)
+    t_load = time.perf_counter() - t0
+    sizing = BlockSizing.build(geometry, fmt, trace.block_size)
+
+    if spec is not None:
+        return _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show)
+
+    cost = CostModel.for_model(geometry.params_b, args.prefill_tokens_per_s, args.h2d_gbps)
+    in_blocks_gpu = args.gpu_blocks is not None
+    in_blocks_host = args.host_blocks is not None
+    gpu_blocks = args.gpu_blocks if in_blocks_gpu else sizing.gpu_blocks(args.gpu_kv_gb)
+    host_blocks = args.host_blocks if in_blocks_host else sizing.host_blocks(args.host_gb)
+    head = {
+        "trace": trace.name, "trace_source": trace.source, "block_size": trace.block_size,
+        "model": geometry.name, "quant_policy": args.quant_policy, "host_kv_format": args.host_kv_format,
+        "tp": args.tp, "host_policy": args.policy,
+        "gpu_block_bytes": sizing.gpu_block_bytes, "host_block_bytes_per_rank": sizing.host_block_bytes,
+        "cost_model": {"prefill_tokens_per_s": cost.prefill_tokens_per_s, "h2d_gbps": cost.h2d_gbps,
+                       "prefill_assumed": cost.prefill_assumed, "h2d_assumed": cost.h2d_assumed,
+                       "note": "model inputs, not measurements"},
+    }
+    if args.sweep:
+        return _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, head, t_load, show,
+                          geometry)
+    from .replay import replay
+    from .report import TTFTEstimate, single_run_table
+
+    if gpu_blocks == 0:
+        print("warning: the GPU tier holds no block: nothing can be cached", file=sys.stderr)
+    st = replay(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, show)
+    ttft = TTFTEstimate.of(st, sizing, cost)
+    if args.json:
+        out = dict(head)
+        out.update(st.as_dict())
+        out["gpu_only"] = {"hit_rate": st.gpu_hit_rate, "gpu_hit_rate": st.gpu_hit_rate, "host_hit_rate": 0.0,
+                           "recomputed_tokens": st.prompt_tokens - st.gpu_hit_tokens}
+        out["gpu_gb_used"] = sizing.gpu_gb_for(gpu_blocks)
+        out["host_gb_used"] = sizing.host_gb_for(host_blocks)
+        out["ttft"] = ttft.as_dict()
+        out["load_seconds"] = t_load
+        out["replay_seconds"] = st.elapsed_s
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return 0
+    print(f"trace: {trace.name}: {len(trace):,} requests, {trace.total_prompt_tokens:,} prompt tokens, "
+          f"{trace.block_size}-token blocks")
+    print(f"model: {_describe_model(geometry, sizing)}")
+    print(f"host-tier policy: {args.policy}; GPU tier: LRU over leaves (as LMDeploy's BlockTrie)")
+    print()
+    print(single_run_table(st, sizing, ttft))
+    print()
+    print(f"est. TTFT saving from host hits: {ttft.saving_s:,.1f} s in total, {ttft.mean_saving_ms:.1f} ms per "
+          f"request, {ttft.mean_saving_ms_host_hit_requests:.1f} ms per request with host hits "
+          f"({st.requests_with_host_hits:,} of {st.requests:,})")
+    print(f"cost model: {cost.describe()}")
+    if ttft.saving_s < 0:
+        print("note: on these rates a host restore is slower than recomputing; the tier would not pay off")
+    if st.gpu_overflow_requests:
+        print(f"note: {st.gpu_overflow_requests:,} requests were longer than the GPU tier; their tail was "
+              f"computed uncached")
+    print(f"replay: {st.requests:,} requests in {st.elapsed_s:.2f} s (+{t_load:.2f} s to read and digest the "
+          f"trace), measured on this machine")
+    return 0
+
+
+def _sweep_values(args, tier: str, gpu_blocks: int, host_blocks: int, sizing) -> tuple[list[float], bool]:
+    in_blocks = (args.host_blocks is not None) if tier == "host" else (args.gpu_blocks is not None)
+    if args.sweep_values is not None:
+        return sorted(set(args.sweep_values)), in_blocks
+    if tier == "host":
+        base = host_blocks if in_blocks else args.host_gb
+        fr = (0, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2)
+    else:
+        base = gpu_blocks if in_blocks else args.gpu_kv_gb
+        fr = (1 / 8, 1 / 4, 1 / 2, 1, 2, 4)
+    vals = sorted({(round(base * f) if in_blocks else round(base * f, 2)) for f in fr})
+    return [float(v) for v in vals], in_blocks
+
+
+def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, head, t_load, show, geometry) -> int:
+    from .replay import replay
+    from .report import TTFTEstimate, pick_recommendation, plot_sweep, sweep_table
+
+    tier = args.sweep_tier
+    values, in_blocks = _sweep_values(args, tier, gpu_blocks, host_blocks, sizing)
+    points = []
+    t0 = time.perf_counter()
+    for v in values:
+        if tier == "host":
+            hb = int(v) if in_blocks else sizing.host_blocks(v)
+            gb = gpu_blocks
+        else:
+            gb = int(v) if in_blocks else sizing.gpu_blocks(v)
+            hb = host_blocks
+        st = replay(prepared, gb, hb, args.policy, trace.block_size, show, desc=f"{tier}={v:g}")
+        points.append((v, st, TTFTEstimate.of(st, sizing, cost)))
+    elapsed = time.perf_counter() - t0
+    unit = "blocks" if in_blocks else "GiB"
+    rec = pick_recommendation([p[0] for p in points], [p[1].hit_rate for p in points])
+    plot_path = plot_sweep(args.plot, [p[0] for p in points], [p[1] for p in points], f"{tier} tier ({unit})",
+                           f"{trace.name}: {geometry.name}, other tier fixed "
+                           f"({'GPU' if tier == 'host' else 'host'} {fmt_fixed(tier, gpu_blocks, host_blocks)} blocks)")
+    if args.json:
+        out = dict(head)
+        best = max(points, key=lambda p: p[1].hit_rate)[1]
+        out.update(best.as_dict())
+        out["summary_point"] = "the sweep point with the best hit rate (all points under 'sweep')"
+        out["sweep_tier"] = tier
+        out["sweep_unit"] = unit
+        out["sweep"] = [{"value": v, **st.as_dict(), "ttft": t.as_dict()} for v, st, t in points]
+        out["recommended"] = {"tier": tier, "value": rec, "unit": unit,
+                              "rule": "smallest swept size within 0.01 of the best hit rate"}
+        out["plot"] = os.path.abspath(plot_path)
+        out["load_seconds"] = t_load
+        out["replay_seconds"] = elapsed
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return 0
+    print(f"trace: {trace.name}: {len(trace):,} requests, {trace.block_size}-token blocks")
+    print(f"model: {_describe_model(geometry, sizing)}")
+    other = "GPU" if tier == "host" else "host"
+    print(f"sweeping the {tier} tier; {other} tier fixed at {fmt_fixed(tier, gpu_blocks, host_blocks)} blocks; "
+          f"host policy {args.policy}")
+    print()
+    print(sweep_table(points, tier, unit))
+    print()
+    print(f"recommended {tier} size: {rec:g} {unit} (smallest swept size within 0.01 of the best hit rate)")
+    print(f"cost model: {cost.describe()}")
+    print(f"plot: {os.path.abspath(plot_path)}")
+    print(f"replay: {len(points)} points x {len(trace):,} requests in {elapsed:.2f} s, measured on this machine")
+    return 0
+
+
+def fmt_fixed(tier: str, gpu_blocks: int, host_blocks: int) -> str:
+    return f"{gpu_blocks:,}" if tier == "host" else f"{host_blocks:,}"
+
+
+def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) -> int:
+    from .cluster import recommend_host_gb
+    from .cost import CostModel
+    from .report import TTFTEstimate, fmt_int, render_table
+
+    cost = CostModel.for_model(geometry.params_b, args.prefill_tokens_per_s, args.h2d_gbps)
+    res = recommend_host_gb(prepared, spec, sizing, show_progress=show)
+    tot = res.totals()
+    if args.json:
+        out = {"trace": trace.name, "block_size": trace.block_size, "model": geometry.name,
+               "routing": spec.routing, "quant_policy": spec.quant_policy, "host_kv_format": spec.host_kv_format,
+               "tp": spec.tp, "host_policy": spec.host_policy, **tot,
+               "restored_tokens": tot["host_hit_blocks"] * trace.block_size,
+               "nodes": [], "replay_seconds": res.elapsed_s, "load_seconds": t_load,
+               "recommendation_rule": "smallest of 0, 1/8, 1/4, 1/2, 3/4, 1 x host_gb within 0.01 of the node's "
+                                      "hit rate at its full host_gb"}
+        for n in res.nodes:
+            out["nodes"].append({"name": n.spec.name, "gpu_kv_gb": n.spec.gpu_kv_gb, "host_gb": n.spec.host_gb,
+                                 "gpu_blocks": n.gpu_blocks, "host_blocks": n.host_blocks,
+                                 **n.stats.as_dict(), "ttft": TTFTEstimate.of(n.stats, sizing, cost).as_dict(),
+                                 "recommended_host_cache_gb": n.recommended_host_gb,
+                                 "hit_rate_by_host_gb": {str(k): v for k, v in n.hit_rate_by_host_gb.items()}})
+        print(json.dumps(out, indent=1, sort_keys=True))
+        return 0
+    print(f"trace: {trace.name}: {len(trace):,} requests, {trace.block_size}-token blocks")
+    print(f"cluster: {args.cluster}: {len(spec.nodes)} nodes, routing {spec.routing}, host policy {spec.host_policy}")
+    print(f"model: {_describe_model(geometry, sizing)}")
+    print()
+    rows = []
+    for n in res.nodes:
+        st = n.stats
+        ttft = TTFTEstimate.of(st, sizing, cost)
+        rows.append([n.spec.name, f"{n.spec.gpu_kv_gb:g}", f"{n.spec.host_gb:g}", fmt_int(st.requests),
+                     f"{st.gpu_hit_rate:.3f}", f"{st.hit_rate:.3f}", f"{st.host_hit_rate:.3f}",
+                     f"{ttft.mean_saving_ms:.1f}", f"{n.recommended_host_gb:g}"])
+    rows.append(["cluster", f"{sum(n.spec.gpu_kv_gb for n in res.nodes):g}",
+                 f"{sum(n.spec.host_gb for n in res.nodes):g}", fmt_int(tot["requests"]),
+                 f"{tot['gpu_hit_rate']:.3f}", f"{tot['hit_rate']:.3f}", f"{tot['host_hit_rate']:.3f}", "",
+                 f"{sum(n.recommended_host_gb for n in res.nodes):g}"])
+    print(render_table(rows, ["node", "GPU KV GiB", "host GiB", "requests", "GPU-only hit", "GPU+host hit",
+                              "host hit", "est. TTFT saving ms/req", "recommended host_cache_gb"]))
+    print()
+    print("recommended host_cache_gb: smallest of 0, 1/8, 1/4, 1/2, 3/4, 1 x host_gb whose hit rate on that node "
+          "is within 0.01 of its hit rate at the full host_gb")
+    print(f"cost model: {cost.describe()}")
+    print(f"replay: {len(res.nodes)} nodes x 6 host sizes over {len(trace):,} requests in {res.elapsed_s:.2f} s, "
+          f"measured on this machine")
+    return 0

@@ -1,0 +1,285 @@
+"""Heterogeneous clusters: route a trace over nodes with their own GPU+host tiers, and size
+each node's host tier.
+
+Cluster YAML (every field validated; errors name the file and the field)::
+
+    model: Llama-3-8B          # preset or path to a config.json      (default Llama-3-8B)
+    quant_policy: 0            # 0 | 4 | 8                              (default 0)
+    host_kv_format: same       # same | int8 | int4                     (default same)
+    tp: 1                      # tensor-parallel ranks per node         (default 1)
+    host_policy: lru           # host-tier eviction policy              (default lru)
+    routing: session           # session | random | prefix              (required)
+    seed: 0                    # for random routing                     (default 0)
+    nodes:                     # at least one
+      - {name: big, gpu_kv_gb: 20, host_gb: 200}
+      - {name: small, gpu_kv_gb: 8, host_gb: 20}
+
+Routing policies:
+
+* ``session``: a stable hash (xxh3) of the request's session key picks the node, so every turn
+  of a conversation lands on one node; nodes get equal shares of sessions;
+* ``random``: a uniformly random node per request (``random.Random(seed)``);
+* ``prefix``: cache-aware with a balance guard (the shape of SGLang's and Dynamo's routers).
+  A node is *overloaded* when it received more than ``1.25 x`` the mean (+1) of the last
+  ``64 x nodes`` routed requests; among the other nodes the one with the longest cached prefix
+  (GPU + host blocks, probed without side effects) wins, ties going to more GPU blocks, then
+  to the lighter recent load, then to node order.  Without the guard every request would
+  follow the system prompt every conversation shares to the first node that cached it.
+
+Recommendation rule (``recommend_host_gb``): the cluster is replayed with every node's host tier
+at fractions 0, 1/8, 1/4, 1/2, 3/4 and 1 of its ``host_gb``; a node's recommended
+``host_cache_gb`` is the smallest of those sizes whose hit rate on that node is within one point
+(0.01) of the hit rate at its full ``host_gb``.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import xxhash
+
+from ..eviction import POLICIES
+from .geometry import HOST_KV_FORMATS, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
+from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
+
+ROUTING_POLICIES = ("session", "random", "prefix")
+PREFIX_WINDOW_PER_NODE = 64
+PREFIX_OVERLOAD = 1.25
+RECOMMEND_FRACTIONS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
+RECOMMEND_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    gpu_kv_gb: float
+    host_gb: float
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    nodes: tuple[NodeSpec, ...]
+    routing: str
+    model: str = "Llama-3-8B"
+    quant_policy: int = 0
+    host_kv_format: str = "same"
+    tp: int = 1
+    host_policy: str = "lru"
+    seed: int = 0
+
+    @property
+    def cache_format(self) -> CacheFormat:
+        return CacheFormat(self.quant_policy, self.host_kv_format, self.tp)
+
+    def geometry(self) -> KVGeometry:
+        return resolve_model(self.model)
+
+
+_TOP_KEYS = {"model", "quant_policy", "host_kv_format", "tp", "host_policy", "routing", "seed", "nodes"}
+_NODE_KEYS = {"name", "gpu_kv_gb", "host_gb"}
+
+
+def _number(v, where: str, minimum: float = 0.0) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not minimum <= v < float("inf"):
+        raise ValueError(f"{where} must be a finite number >= {minimum:g}, got {v!r}")
+    return float(v)
+
+
+def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
+    """Validate a parsed YAML document; raises ValueError naming the bad field."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: expected a mapping at the top level")
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    routing = doc.get("routing")
+    if routing not in ROUTING_POLICIES:
+        raise ValueError(f"{where}: routing must be one of {ROUTING_POLICIES}, got {routing!r}")
+    model = doc.get("model", "Llama-3-8B")
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"{where}: model must be a preset name or a config.json path, got {model!r}")
+    qp = doc.get("quant_policy", 0)
+    if qp not in QUANT_POLICIES or isinstance(qp, bool):
+        raise ValueError(f"{where}: quant_policy must be one of {QUANT_POLICIES}, got {qp!r}")
+    fmt = doc.get("host_kv_format", "same")
+    if fmt not in HOST_KV_FORMATS:
+        raise ValueError(f"{where}: host_kv_format must be one of {HOST_KV_FORMATS}, got {fmt!r}")
+    tp = doc.get("tp", 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
+        raise ValueError(f"{where}: tp must be a positive int, got {tp!r}")
+    policy = doc.get("host_policy", "lru")
+    if policy not in POLICIES:
+        raise ValueError(f"{where}: host_policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    seed = doc.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{where}: seed must be an int, got {seed!r}")
+    nodes_doc = doc.get("nodes")
+    if not isinstance(nodes_doc, list) or not nodes_doc:
+        raise ValueError(f"{where}: nodes must be a non-empty list of {{name, gpu_kv_gb, host_gb}}")
+    nodes = []
+    names = set()
+    for i, n in enumerate(nodes_doc):
+        w = f"{where}: nodes[{i}]"
+        if not isinstance(n, dict):
+            raise ValueError(f"{w} must be a mapping with name, gpu_kv_gb, host_gb")
+        unknown = set(n) - _NODE_KEYS
+        if unknown:
+            raise ValueError(f"{w}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_NODE_KEYS)}")
+        for k in _NODE_KEYS:
+            if k not in n:
+                raise ValueError(f"{w}: missing field {k!r}")
+        name = n["name"]
+        if not isinstance(name, (str, int)) or isinstance(name, bool) or str(name) == "":
+            raise ValueError(f"{w}.name must be a non-empty string, got {name!r}")
+        name = str(name)
+        if name in names:
+            raise ValueError(f"{w}.name {name!r} is used by another node")
+        names.add(name)
+        gpu = _number(n["gpu_kv_gb"], f"{w}.gpu_kv_gb")
+        if gpu <= 0:
+            raise ValueError(f"{w}.gpu_kv_gb must be > 0 (a node needs a GPU KV cache), got {gpu!r}")
+        nodes.append(NodeSpec(name, gpu, _number(n["host_gb"], f"{w}.host_gb")))
+    spec = ClusterSpec(tuple(nodes), routing, model, qp, fmt, tp, policy, seed)
+    try:
+        spec.cache_format
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return spec
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read and validate a cluster YAML file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"cluster file {p} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{p}: not valid YAML ({exc})") from None
+    return parse_cluster(doc, str(p))
+
+
+@dataclass
+class NodeResult:
+    spec: NodeSpec
+    gpu_blocks: int
+    host_blocks: int
+    host_gb_used: float
+    stats: ReplayStats
+    recommended_host_gb: float | None = None
+    hit_rate_by_host_gb: dict[float, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterResult:
+    routing: str
+    nodes: list[NodeResult]
+    elapsed_s: float = 0.0
+
+    def totals(self) -> dict:
+        keys = ("requests", "prompt_tokens", "prompt_blocks", "gpu_hit_blocks", "host_hit_blocks")
+        t = {k: sum(getattr(n.stats, k) for n in self.nodes) for k in keys}
+        pb = t["prompt_blocks"] or 1
+        t["gpu_hit_rate"] = t["gpu_hit_blocks"] / pb
+        t["host_hit_rate"] = t["host_hit_blocks"] / pb
+        t["hit_rate"] = (t["gpu_hit_blocks"] + t["host_hit_blocks"]) / pb
+        return t
+
+
+class Router:
+    """Picks a node index per request; see the module docstring for the policies."""
+
+    def __init__(self, policy: str, caches: Sequence[TwoTierCache], seed: int = 0) -> None:
+        if policy not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {policy!r}")
+        self.policy = policy
+        self.caches = caches
+        self.rng = random.Random(seed)
+        self.assigned = [0] * len(caches)
+        self.recent: deque[int] = deque(maxlen=PREFIX_WINDOW_PER_NODE * len(caches))
+        self.recent_load = [0] * len(caches)
+
+    def route(self, pr: PreparedRequest) -> int:
+        n = len(self.caches)
+        if self.policy == "session":
+            i = xxhash.xxh3_64_intdigest(str(pr.request.session).encode()) % n
+        elif self.policy == "random":
+            i = self.rng.randrange(n)
+        else:
+            i = self._prefix_route(pr)
+        self.assigned[i] += 1
+        if len(self.recent) == self.recent.maxlen:
+            self.recent_load[self.recent[0]] -= 1
+        self.recent.append(i)
+        self.recent_load[i] += 1
+        return i
+
+    def _prefix_route(self, pr: PreparedRequest) -> int:
+        load = self.recent_load
+        cap = PREFIX_OVERLOAD * len(self.recent) / len(self.caches) + 1
+        best, i = None, 0
+        for k, c in enumerate(self.caches):
+            if load[k] > cap:
+                continue
+            g, h = c.probe(pr)
+            key = (g + h, g, -load[k], -k)
+            if best is None or key > best:
+                best, i = key, k
+        return i  # some node is always at or below the mean, hence below the cap
+
+
+def node_sizes(spec: ClusterSpec, sizing: BlockSizing, host_fraction: float = 1.0) -> list[tuple[int, int, float]]:
+    """(gpu_blocks, host_blocks, host GiB those blocks take) per node."""
+    out = []
+    for n in spec.nodes:
+        gb = n.host_gb * host_fraction
+        hb = sizing.host_blocks(gb)
+        out.append((sizing.gpu_blocks(n.gpu_kv_gb), hb, sizing.host_gb_for(hb)))
+    return out
+
+
+def simulate_cluster(prepared: Sequence[PreparedRequest], spec: ClusterSpec, sizing: BlockSizing,
+                     host_fraction: float = 1.0, show_progress: bool | None = None) -> ClusterResult:
+    """Route every request to a node and replay it there."""
+    import time
+
+    t0 = time.perf_counter()
+    sizes = node_sizes(spec, sizing, host_fraction)
+    for n, (gb, _, _) in zip(spec.nodes, sizes):
+        if gb == 0:
+            raise ValueError(f"node {n.name!r}: gpu_kv_gb={n.gpu_kv_gb} holds no block of "
+                             f"{sizing.gpu_block_bytes} bytes")
+    caches = [TwoTierCache(gb, hb, spec.host_policy, sizing.block_size) for gb, hb, _ in sizes]
+    router = Router(spec.routing, caches, spec.seed)
+    for pr in progress(prepared, f"cluster x{host_fraction:g}", show_progress):
+        caches[router.route(pr)].serve(pr)
+    nodes = [NodeResult(n, gb, hb, used, c.finish()) for n, (gb, hb, used), c in zip(spec.nodes, sizes, caches)]
+    return ClusterResult(spec.routing, nodes, time.perf_counter() - t0)
+
+
+def recommend_host_gb(prepared: Sequence[PreparedRequest], spec: ClusterSpec, sizing: BlockSizing,
+                      fractions: Sequence[float] = RECOMMEND_FRACTIONS,
+                      tolerance: float = RECOMMEND_TOLERANCE,
+                      show_progress: bool | None = None) -> ClusterResult:
+    """The full-size cluster result, each node annotated with its hit rate per host size and the
+    smallest host size within ``tolerance`` of its full-size hit rate."""
+    fractions = sorted(set(fractions) | {1.0})
+    runs = {f: simulate_cluster(prepared, spec, sizing, f, show_progress) for f in fractions}
+    full = runs[1.0]
+    for k, node in enumerate(full.nodes):
+        target = node.stats.hit_rate - tolerance
+        for f in fractions:
+            r = runs[f].nodes[k]
+            node.hit_rate_by_host_gb[round(node.spec.host_gb * f, 2)] = r.stats.hit_rate
+        for f in fractions:
+            r = runs[f].nodes[k]
+            if r.stats.hit_rate >= target:
+                node.recommended_host_gb = round(node.spec.host_gb * f, 2)
+                break
+    full.elapsed_s = sum(r.elapsed_s for r in runs.values())
+    return full

@@ -1,0 +1,235 @@
+"""Two-tier replay: a trace through the engine's own index and eviction code.
+
+Both tiers are ``HostIndex`` instances (``host_index.py``, imported, never copied):
+
+* the **GPU tier** uses policy ``lru`` with leaf-first eviction, which is what LMDeploy's
+  BlockTrie does (LRU over leaves with ref_count 1);
+* the **host tier** uses the configured policy; the tiers are exclusive.
+
+Per request (block ``i`` has digest ``d[i]``, chained from the namespace root over the block's id
+bytes, so digest and token-verification paths run exactly as in the engine):
+
+1. GPU match: ``g = gpu.lookup(d[:m])`` over the ``m`` matchable blocks (LMDeploy recomputes the
+   last prompt token, so a block ending exactly at the prompt's end never matches);
+2. host continuation: ``h = host.lookup(d[g:m])`` from where the GPU match ended;
+3. the GPU hits are touched (LMDeploy's match refreshes their access time); the host hits are
+   pinned for reading (``prepare_load``);
+4. every full block from ``g`` on is inserted into the GPU tier (``prepare_store``: WRITING and
+   pinned until the request is done).  The request never evicts its own blocks: new blocks are
+   pinned, and its GPU hits are ancestors of the first new block, which ``prepare_store`` takes
+   out of the candidates before it picks a victim (leaf-first eviction); a GPU eviction
+   calls ``on_evict`` which demotes the victim into the host tier (``prepare_store`` +
+   ``complete_store``) or, if the host cannot take it, reclaims its host orphans with
+   ``drop_subtree``;
+5. the restored blocks leave the host (``complete_load(success=True)``), the new GPU blocks
+   become resident (``complete_store``) and the GPU hits are unpinned.
+
+Only full blocks are cached; the partial last block of a prompt is always computed and counts
+as a prompt block that missed.  Hit rates are fractions of prompt blocks.  Output tokens are not
+cached (the next turn's prompt carries them with its own block ids).  Requests are replayed one
+at a time in arrival order: concurrency (blocks held by running sequences) is not modelled.
+
+If the GPU tier cannot take a block (everything pinned: the request is longer than the GPU
+budget), the rest of the request is computed uncached and the request is counted in
+``gpu_overflow_requests``; host hits past that point are left on the host.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+from ..digest import Namespace, digests_of_blocks
+from ..host_index import HostBlock, HostIndex
+from .traces import Request, Trace
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request with its digests computed once (reused across sweep points and nodes)."""
+
+    request: Request
+    digests: tuple[int, ...]      # one per full block
+    block_bytes: tuple[bytes, ...]
+    matchable: int
+    prompt_blocks: int
+    root: int                     # namespace root: the parent of the first block
+
+
+def block_id_bytes(block_id: int) -> bytes:
+    """A trace block id as the block's 'token bytes' (8 bytes little-endian)."""
+    return block_id.to_bytes(8, "little")
+
+
+def prepare_trace(trace: Trace, namespace: Namespace | None = None) -> list[PreparedRequest]:
+    """Digest every full block of every request (the same chain the engine computes)."""
+    bs = trace.block_size
+    ns = namespace or Namespace(model=f"planner:{trace.name}", block_size=bs)
+    if ns.block_size != bs:
+        raise ValueError(f"namespace block_size {ns.block_size} != trace block_size {bs}")
+    out = []
+    for r in trace.requests:
+        full = r.full_blocks(bs)
+        blocks = [block_id_bytes(h) for h in r.hash_ids[:full]]
+        digests = digests_of_blocks(ns, blocks)
+        out.append(PreparedRequest(r, tuple(digests), tuple(blocks), r.matchable_blocks(bs), r.prompt_blocks(bs),
+                                   ns.root))
+    return out
+
+
+@dataclass
+class ReplayStats:
+    """Counters of one replay.  Block counts are prompt blocks of the trace's block size."""
+
+    block_size: int
+    gpu_blocks: int
+    host_blocks: int
+    host_policy: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    prompt_blocks: int = 0
+    gpu_hit_blocks: int = 0
+    host_hit_blocks: int = 0
+    requests_with_host_hits: int = 0
+    gpu_overflow_requests: int = 0
+    demotions: int = 0            # GPU evictions stored on the host
+    demotions_refused: int = 0    # GPU evictions the host could not take (block lost)
+    host_evictions: int = 0
+    host_orphans_dropped: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return (self.gpu_hit_blocks + self.host_hit_blocks) / self.prompt_blocks if self.prompt_blocks else 0.0
+
+    @property
+    def gpu_hit_rate(self) -> float:
+        return self.gpu_hit_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
+
+    @property
+    def host_hit_rate(self) -> float:
+        return self.host_hit_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
+
+    @property
+    def gpu_hit_tokens(self) -> int:
+        return self.gpu_hit_blocks * self.block_size
+
+    @property
+    def restored_tokens(self) -> int:
+        return self.host_hit_blocks * self.block_size
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Prompt tokens prefilled with the host tier (GPU-only prefill = this + restored)."""
+        return self.prompt_tokens - self.gpu_hit_tokens - self.restored_tokens
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(hit_rate=self.hit_rate, gpu_hit_rate=self.gpu_hit_rate, host_hit_rate=self.host_hit_rate,
+                 gpu_hit_tokens=self.gpu_hit_tokens, restored_tokens=self.restored_tokens,
+                 recomputed_tokens=self.recomputed_tokens)
+        return d
+
+
+class TwoTierCache:
+    """A GPU tier over a host tier, both ``HostIndex``; see the module docstring."""
+
+    def __init__(self, gpu_blocks: int, host_blocks: int, host_policy: str = "lru",
+                 block_size: int = 1, verify_tokens: bool = True) -> None:
+        for name, v in (("gpu_blocks", gpu_blocks), ("host_blocks", host_blocks)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        self.host = HostIndex(host_blocks, policy=host_policy, verify_tokens=verify_tokens)
+        self.gpu = HostIndex(gpu_blocks, policy="lru", verify_tokens=verify_tokens, on_evict=self._demote)
+        self.stats = ReplayStats(block_size, gpu_blocks, host_blocks, host_policy)
+
+    def _demote(self, block: HostBlock) -> None:
+        host = self.host
+        if host.prepare_store(block.digest, block.parent, block.tokens) is not None:
+            host.complete_store(block.digest, True)
+            self.stats.demotions += 1
+        elif not host.is_resident(block.digest):
+            host.drop_subtree(block.digest)
+            self.stats.demotions_refused += 1
+
+    def probe(self, pr: PreparedRequest) -> tuple[int, int]:
+        """(GPU hits, host hits) the request would get now; no side effects."""
+        m = pr.matchable
+        g = self.gpu.lookup(pr.digests[:m], pr.block_bytes[:m])
+        h = self.host.lookup(pr.digests[g:m], pr.block_bytes[g:m]) if g < m and self.host.num_slots else 0
+        return g, h
+
+    def serve(self, pr: PreparedRequest) -> tuple[int, int]:
+        """Replay one request; returns (GPU-hit blocks, host-restored blocks)."""
+        gpu, host, st = self.gpu, self.host, self.stats
+        d, b = pr.digests, pr.block_bytes
+        g, h = self.probe(pr)
+        if g:
+            gpu.touch(d[:g])  # LMDeploy's match refreshes access times of the matched blocks
+        if h:
+            host.prepare_load(d[g:g + h])
+        new: list[int] = []
+        overflow = False
+        for i in range(g, len(d)):
+            parent = d[i - 1] if i else pr.root
+            if gpu.prepare_store(d[i], parent, b[i]) is not None:
+                new.append(d[i])
+            elif gpu.get(d[i]) is None:  # nothing evictable: the GPU budget is all pinned
+                overflow = True
+                break
+        restored = min(h, len(new))
+        if h:
+            host.complete_load(d[g:g + restored], True)
+            if restored < h:
+                host.complete_load(d[g + restored:g + h], False)
+        for x in new:
+            gpu.complete_store(x, True)
+        r = pr.request
+        st.requests += 1
+        st.prompt_tokens += r.input_length
+        st.prompt_blocks += pr.prompt_blocks
+        st.gpu_hit_blocks += g
+        st.host_hit_blocks += restored
+        st.requests_with_host_hits += restored > 0
+        st.gpu_overflow_requests += overflow
+        return g, restored
+
+    def finish(self) -> ReplayStats:
+        st = self.stats
+        st.host_evictions = self.host.stats.evictions
+        st.host_orphans_dropped = self.host.stats.dropped
+        return st
+
+
+def progress(items: Sequence, desc: str, enabled: bool | None):
+    """tqdm on stderr when enabled (None: only on a terminal and for long inputs)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty() and len(items) >= 2000
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="req", file=sys.stderr, leave=False, mininterval=0.5)
+
+
+def replay(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_blocks: int, host_policy: str = "lru",
+           block_size: int = 1, show_progress: bool | None = None, desc: str = "replay") -> ReplayStats:
+    """Replay prepared requests through a fresh two-tier cache."""
+    t0 = time.perf_counter()
+    cache = TwoTierCache(gpu_blocks, host_blocks, host_policy, block_size)
+    serve = cache.serve
+    for pr in progress(prepared, desc, show_progress):
+        serve(pr)
+    st = cache.finish()
+    st.elapsed_s = time.perf_counter() - t0
+    return st
+
+
+def replay_trace(trace: Trace, gpu_blocks: int, host_blocks: int, host_policy: str = "lru",
+                 show_progress: bool | None = None) -> ReplayStats:
+    """Prepare and replay a trace (timing covers both)."""
+    t0 = time.perf_counter()
+    prepared = prepare_trace(trace)
+    st = replay(prepared, gpu_blocks, host_blocks, host_policy, trace.block_size, show_progress)
+    st.elapsed_s = time.perf_counter() - t0
+    return st

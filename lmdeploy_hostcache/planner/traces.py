@@ -1,0 +1,247 @@
+"""Request traces: a common in-memory form and readers for Mooncake JSONL and WEKA session JSON.
+
+A trace carries chained *block ids*, not tokens: block ``i`` of two requests has the same id
+only if the two prompts agree on every token up to the end of block ``i``.  Invariants of
+``Trace`` (checked by ``Trace.__post_init__`` / the readers, which raise ``ValueError`` naming
+the file, line and field):
+
+* ``block_size`` > 0 and every request's ``input_length`` >= 0;
+* a request lists at most ``ceil(input_length / block_size)`` block ids (Mooncake lists the
+  partial last block too, WEKA lists full blocks only);
+* requests are sorted by ``timestamp`` (seconds; stable, so ties keep file order);
+* block ids are unique inside one trace's id space (merged files are offset, never mixed).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+MOONCAKE_BLOCK_SIZE = 512
+WEKA_BLOCK_SIZE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One prompt: arrival time (s), token counts, chained block ids and a session key."""
+
+    timestamp: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+    session: int | str
+
+    def prompt_blocks(self, block_size: int) -> int:
+        """Blocks the prompt occupies, the partial last block included."""
+        return -(-self.input_length // block_size)
+
+    def full_blocks(self, block_size: int) -> int:
+        """Full blocks with a known id: the only blocks a prefix cache stores."""
+        return min(len(self.hash_ids), self.input_length // block_size)
+
+    def matchable_blocks(self, block_size: int) -> int:
+        """Blocks a prefix match may reuse: LMDeploy always recomputes the last prompt token,
+        so a full block that ends exactly at the prompt's end is never reused."""
+        return min(len(self.hash_ids), max(self.input_length - 1, 0) // block_size)
+
+
+@dataclass
+class Trace:
+    """A replayable list of requests in one block-id space."""
+
+    name: str
+    block_size: int
+    requests: list[Request] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"trace {self.name!r}: block_size must be a positive int, got {self.block_size!r}")
+        for i, r in enumerate(self.requests):
+            if len(r.hash_ids) > r.prompt_blocks(self.block_size):
+                raise ValueError(
+                    f"trace {self.name!r} request {i}: hash_ids has {len(r.hash_ids)} ids but input_length "
+                    f"{r.input_length} spans only {r.prompt_blocks(self.block_size)} blocks of {self.block_size}")
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def total_prompt_tokens(self) -> int:
+        return sum(r.input_length for r in self.requests)
+
+    @property
+    def total_prompt_blocks(self) -> int:
+        bs = self.block_size
+        return sum(r.prompt_blocks(bs) for r in self.requests)
+
+    def head(self, n: int) -> "Trace":
+        """The first ``n`` requests (for quick looks and tests)."""
+        if n < 0:
+            raise ValueError(f"limit must be >= 0, got {n}")
+        return Trace(self.name, self.block_size, self.requests[:n], self.source)
+
+
+def _open_text(path: str | os.PathLike) -> io.TextIOBase:
+    path = Path(path)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
+    if key not in obj:
+        raise ValueError(f"{where}: missing field {key!r}")
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{where}: field {key!r} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _num_field(obj: dict, key: str, where: str, default: float | None = None) -> float:
+    if key not in obj:
+        if default is None:
+            raise ValueError(f"{where}: missing field {key!r}")
+        return default
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ValueError(f"{where}: field {key!r} must be a number >= 0, got {v!r}")
+    return float(v)
+
+
+def _hash_ids(obj: dict, where: str) -> tuple[int, ...]:
+    ids = obj.get("hash_ids")
+    if not isinstance(ids, list):
+        raise ValueError(f"{where}: field 'hash_ids' must be a list of ints, got {type(ids).__name__}")
+    for v in ids:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{where}: field 'hash_ids' must hold ints >= 0, found {v!r}")
+    return tuple(ids)
+
+
+def derive_session(hash_ids: Sequence[int]) -> int:
+    """Session key for traces without one: the second block id (the first block is a prompt
+    every request shares in the Mooncake traces), else the first, else -1 for empty prompts.
+
+    Requests that share their second block share more than the system prompt, so they are
+    turns of one conversation (or questions over one document) -- the unit a session-sticky
+    router keeps on one node."""
+    if len(hash_ids) >= 2:
+        return hash_ids[1]
+    return hash_ids[0] if hash_ids else -1
+
+
+def read_mooncake(path: str | os.PathLike, block_size: int = MOONCAKE_BLOCK_SIZE,
+                  name: str | None = None) -> Trace:
+    """Mooncake JSONL (``.jsonl`` or ``.jsonl.gz``): ``timestamp`` in ms, ``input_length``,
+    ``output_length``, ``hash_ids`` of 512-token blocks (the partial last block included)."""
+    reqs: list[Request] = []
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            ids = _hash_ids(obj, where)
+            inp = _int_field(obj, "input_length", where)
+            if len(ids) > -(-inp // block_size):
+                raise ValueError(f"{where}: {len(ids)} hash_ids for input_length {inp} "
+                                 f"(at most {-(-inp // block_size)} blocks of {block_size})")
+            reqs.append(Request(
+                timestamp=_num_field(obj, "timestamp", where) / 1000.0,
+                input_length=inp,
+                output_length=_int_field(obj, "output_length", where) if "output_length" in obj else 0,
+                hash_ids=ids,
+                session=derive_session(ids),
+            ))
+    reqs.sort(key=lambda r: r.timestamp)
+    return Trace(name or Path(path).name, block_size, reqs, source=str(path))
+
+
+def _weka_requests(items: list, t0: float, session: str, id_offset: int, where: str,
+                   out: list[Request]) -> int:
+    """Flatten WEKA requests (sub-agent requests nested, their ``t`` relative to the sub-agent's
+    start); returns the largest local hash id seen."""
+    max_id = 0
+    for i, r in enumerate(items):
+        w = f"{where} requests[{i}]"
+        if not isinstance(r, dict):
+            raise ValueError(f"{w}: expected an object")
+        t = t0 + _num_field(r, "t", w, default=0.0)
+        if "hash_ids" not in r and isinstance(r.get("requests"), list):  # sub-agent
+            agent = r.get("agent_id", i)
+            max_id = max(max_id, _weka_requests(r["requests"], t, f"{session}/{agent}", id_offset, w, out))
+            continue
+        ids = _hash_ids(r, w)
+        inp = _int_field(r, "in", w)
+        if ids:
+            max_id = max(max_id, max(ids))
+        out.append(Request(timestamp=t, input_length=inp,
+                           output_length=_int_field(r, "out", w) if "out" in r else 0,
+                           hash_ids=tuple(h + id_offset for h in ids), session=session))
+    return max_id
+
+
+def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: str | None = None) -> Trace:
+    """Merge WEKA session files: file ``k`` starts ``k * stagger_s`` seconds after the first.
+
+    Hash ids are local to a file, so each file's ids are offset past the previous files' ids;
+    the session key is the file's ``id`` (sub-agents get ``id/agent_id``)."""
+    if stagger_s < 0:
+        raise ValueError(f"stagger_s must be >= 0, got {stagger_s}")
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("read_weka: no session files given")
+    reqs: list[Request] = []
+    block_size = None
+    offset = 0
+    for k, path in enumerate(paths):
+        with _open_text(path) as fh:
+            try:
+                doc = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not JSON ({exc.msg})") from None
+        where = str(path)
+        if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
+            raise ValueError(f"{where}: expected an object with a 'requests' list")
+        bs = _int_field(doc, "block_size", where, minimum=1) if "block_size" in doc else WEKA_BLOCK_SIZE
+        if block_size is None:
+            block_size = bs
+        elif bs != block_size:
+            raise ValueError(f"{where}: block_size {bs} differs from {block_size} of {paths[0]}")
+        scope = doc.get("hash_id_scope", "local")
+        if scope != "local":
+            raise ValueError(f"{where}: hash_id_scope {scope!r} is not supported (only 'local')")
+        session = str(doc.get("id", path.stem))
+        max_id = _weka_requests(doc["requests"], k * stagger_s, session, offset, where, reqs)
+        offset += max_id + 1
+    assert block_size is not None
+    for r in reqs:
+        if len(r.hash_ids) > r.prompt_blocks(block_size):
+            raise ValueError(f"{r.session}: {len(r.hash_ids)} hash_ids for in={r.input_length}")
+    reqs.sort(key=lambda r: r.timestamp)
+    label = name or (paths[0].name if len(paths) == 1 else f"{len(paths)} WEKA sessions")
+    return Trace(label, block_size, reqs, source=", ".join(map(str, paths)))
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+    """'mooncake' or 'weka' from the file's first non-blank character."""
+    with _open_text(path) as fh:
+        head = fh.read(4096).lstrip()
+    if not head:
+        raise ValueError(f"{path}: empty trace file")
+    if head.startswith("{") and '"hash_ids"' in head.split("\n", 1)[0] and '"input_length"' in head.split("\n", 1)[0]:
+        return "mooncake"
+    if head.startswith("{"):
+        return "weka"
+    raise ValueError(f"{path}: neither Mooncake JSONL nor WEKA session JSON")
