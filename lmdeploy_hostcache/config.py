@@ -1,0 +1,463 @@
+"""Validated settings of the host-memory tier: ``HostCacheConfig``.
+
+One frozen dataclass, loadable from YAML (``from_yaml``), from a flat mapping
+(``from_dict``: what LMDeploy's ``kv_connector_extra_config`` carries, or parsed CLI
+flags), and written back (``to_dict`` / ``to_yaml``) so that
+``from_dict(cfg.to_dict()) == cfg`` and ``from_yaml`` of ``to_yaml()`` gives ``cfg`` back.
+
+Invariants:
+- An instance is always valid: every constructor path (``HostCacheConfig(...)``,
+  ``from_dict``, ``from_yaml``, ``replace``) validates every field and raises
+  ``ConfigError`` *before* returning anything, naming the field, the bad value and what
+  is allowed. Unknown keys are rejected with a did-you-mean suggestion.
+- Values are normalised: numbers are ``float`` (``int`` for ``min_restore_tokens``),
+  flags are ``bool``, ``host_cache_gb`` is a float or the string ``"auto"``.
+- No torch, triton or lmdeploy import here (the scheduler and offline tools use it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AUTO",
+    "ConfigError",
+    "FieldError",
+    "HostCacheConfig",
+    "HOST_KV_FORMATS",
+    "eviction_policy_names",
+    "load_config",
+    "markdown_reference",
+]
+
+AUTO = "auto"
+HOST_KV_FORMATS = ("same", "int8", "int4")
+
+# The single place that decides which eviction policies a config may name.
+# ``lmdeploy_hostcache.eviction`` (when present) exports ``POLICIES: dict[str, type]``;
+# policies that need the future (Belady) are offline-evaluation tools, not servable.
+_FALLBACK_EVICTION_POLICIES = ("lru", "s3fifo")
+_OFFLINE_ONLY_POLICIES = frozenset({"belady"})
+
+
+def eviction_policy_names() -> tuple[str, ...]:
+    """Names a config may use for ``eviction_policy`` (sorted; offline-only ones excluded)."""
+    try:
+        from . import eviction  # noqa: PLC0415 (optional sibling module, pure Python)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.eviction":
+            raise
+        names: Iterable[str] = _FALLBACK_EVICTION_POLICIES
+        offline = set(_OFFLINE_ONLY_POLICIES)
+    else:
+        names = getattr(eviction, "POLICIES", None) or _FALLBACK_EVICTION_POLICIES
+        offline = set(_OFFLINE_ONLY_POLICIES) | set(getattr(eviction, "OFFLINE_ONLY", ()))
+    return tuple(sorted(n for n in names if n not in offline))
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid field: which, what was given, what would be accepted."""
+
+    field: str
+    value: Any
+    allowed: str
+    problem: str = ""  # set for errors that are not a bad value (unknown field, duplicate key)
+
+    def __str__(self) -> str:
+        if self.problem:
+            return f"{self.field}: {self.problem}"
+        return f"{self.field}: got {_show(self.value)}; allowed: {self.allowed}"
+
+
+class ConfigError(ValueError):
+    """Invalid host-cache settings. ``errors`` lists every bad field; ``field`` is the first."""
+
+    def __init__(self, errors: list[FieldError], source: str | None = None):
+        self.errors = list(errors)
+        self.source = source
+        self.field = self.errors[0].field if self.errors else None
+        prefix = f"{source}: " if source else ""
+        body = "; ".join(str(e) for e in self.errors) or "invalid configuration"
+        super().__init__(f"{prefix}invalid host-cache config: {body}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    return f"{value!r} ({type(value).__name__})"
+
+
+# ---------------------------------------------------------------------------------------
+# Field parsers: value -> normalised value, or raise _Bad(allowed-text).
+
+
+class _Bad(Exception):
+    def __init__(self, allowed: str):
+        super().__init__(allowed)
+        self.allowed = allowed
+
+
+def _number(value: Any, allowed: str) -> float:
+    """A finite real number; numeric strings accepted (flat dicts from a CLI or JSON)."""
+    if isinstance(value, bool):
+        raise _Bad(allowed)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise _Bad(allowed) from None
+    if not isinstance(value, (int, float)):
+        raise _Bad(allowed)
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond float range
+        raise _Bad(allowed) from None
+    if not math.isfinite(out):
+        raise _Bad(allowed)
+    return out
+
+
+def _parse_host_cache_gb(value: Any) -> float | str:
+    allowed = "a number of GiB >= 0 (0 disables the tier), or 'auto'"
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    out = _number(value, allowed)
+    if out < 0:
+        raise _Bad(allowed)
+    return out
+
+
+def _parse_reserve_gb(value: Any) -> float:
+    allowed = "a number of GiB >= 0"
+    out = _number(value, allowed)
+    if out < 0:
+        raise _Bad(allowed)
+    return out
+
+
+def _parse_host_kv_format(value: Any) -> str:
+    allowed = " or ".join(repr(f) for f in HOST_KV_FORMATS)
+    if isinstance(value, str) and value.strip().lower() in HOST_KV_FORMATS:
+        return value.strip().lower()
+    raise _Bad(allowed)
+
+
+def _parse_eviction_policy(value: Any) -> str:
+    names = eviction_policy_names()
+    allowed = " or ".join(repr(n) for n in names)
+    if isinstance(value, str) and value.strip().lower() in names:
+        return value.strip().lower()
+    if isinstance(value, str) and value.strip().lower() in _OFFLINE_ONLY_POLICIES:
+        allowed += " (belady needs future requests: offline evaluation only)"
+    raise _Bad(allowed)
+
+
+def _parse_min_restore_tokens(value: Any) -> int:
+    allowed = "a whole number of tokens >= 0"
+    if isinstance(value, bool):
+        raise _Bad(allowed)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.isdigit():
+            raise _Bad(allowed)
+        return int(text)
+    if isinstance(value, float):
+        if not value.is_integer() or value < 0:
+            raise _Bad(allowed)
+        return int(value)
+    if not isinstance(value, int) or value < 0:
+        raise _Bad(allowed)
+    return value
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise _Bad("true or false")
+
+
+def _parse_tenant_salt(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise _Bad("a string (quote it in YAML, e.g. tenant_salt: \"1234\")")
+
+
+def _meta(parse, help_text: str, allowed: str) -> dict[str, Any]:
+    return {"parse": parse, "help": help_text, "allowed": allowed}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostCacheConfig:
+    """Settings of the host-memory (DRAM) prefix-cache tier; see each field's ``help``."""
+
+    host_cache_gb: float | str = field(default=AUTO, metadata=_meta(
+        _parse_host_cache_gb,
+        "Host DRAM for the tier on this node, in GiB (2^30 bytes), summed over the engine's "
+        "TP ranks. `auto`: available RAM minus `host_memory_reserve_gb`, at most half of "
+        "total RAM (`lmdeploy-hostcache doctor` shows the figure and why). 0 disables the tier.",
+        "number >= 0, or `auto`"))
+    host_memory_reserve_gb: float = field(default=8.0, metadata=_meta(
+        _parse_reserve_gb,
+        "RAM that `auto` leaves to the OS, the engine process and its workers, in GiB. "
+        "Ignored when `host_cache_gb` is a number.",
+        "number >= 0"))
+    host_kv_format: str = field(default="same", metadata=_meta(
+        _parse_host_kv_format,
+        "Format of blocks in host memory. `same`: the GPU cache's bytes, copied as they are "
+        "(lossless; with an int4/int8 GPU cache the packed bytes move as is). `int8`/`int4`: "
+        "an fp16/bf16 GPU cache is quantized on offload like LMDeploy's KV quantization "
+        "(lossy: a restored prefix can change outputs slightly).",
+        "`same`, `int8` or `int4`"))
+    eviction_policy: str = field(default="lru", metadata=_meta(
+        _parse_eviction_policy,
+        "How the host tier picks a victim when full. Always leaf-first: a block whose "
+        "children are host-resident is never evicted.",
+        "`lru` or another name in `lmdeploy_hostcache.eviction.POLICIES`"))
+    min_restore_tokens: int = field(default=256, metadata=_meta(
+        _parse_min_restore_tokens,
+        "Smallest host hit worth restoring, in tokens. A shorter hit is recomputed: a restore "
+        "costs at least one extra engine step, which a short prefill does not. 0 restores "
+        "every hit.",
+        "integer >= 0"))
+    pin_memory: bool = field(default=True, metadata=_meta(
+        _parse_bool,
+        "Allocate the host pool page-locked (pinned), so copies are asynchronous DMA at full "
+        "PCIe speed. Pinned memory cannot be swapped out; false uses pageable memory "
+        "(slower, synchronous copies).",
+        "`true` or `false`"))
+    verify_tokens: bool = field(default=True, metadata=_meta(
+        _parse_bool,
+        "Compare each host block's stored token ids with the request's before a restore, so "
+        "a digest collision can never restore another prompt's KV.",
+        "`true` or `false`"))
+    checksum: bool = field(default=False, metadata=_meta(
+        _parse_bool,
+        "Checksum each block's bytes when stored and check it before a restore (catches "
+        "host-memory corruption; costs CPU time per block).",
+        "`true` or `false`"))
+    tenant_salt: str = field(default="", metadata=_meta(
+        _parse_tenant_salt,
+        "Mixed into every block digest: engines or tenants with different salts never share "
+        "host blocks. Treat a non-empty salt as a secret (it is masked in logs).",
+        "any string"))
+
+    # -- validation ---------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        errors: list[FieldError] = []
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            raw = getattr(self, f.name)
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except _Bad as bad:
+                errors.append(FieldError(f.name, raw, bad.allowed))
+        if errors:
+            raise ConfigError(errors)
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "tenant_salt" and value:
+                parts.append(f"{f.name}='***'")
+            else:
+                parts.append(f"{f.name}={value!r}")
+        return f"HostCacheConfig({', '.join(parts)})"
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_keys: Iterable[str] = (),
+                  source: str | None = None) -> HostCacheConfig:
+        """Build from a flat mapping; missing keys take their defaults.
+
+        Keys may use ``-`` for ``_`` (``host-cache-gb``). Keys listed in ``ignore_keys``
+        are skipped (e.g. values the integration adds to ``kv_connector_extra_config``);
+        any other unknown key raises ``ConfigError`` with a did-you-mean suggestion.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError([FieldError("<top level>", data, "a mapping of field: value")], source)
+        errors: list[FieldError] = []
+        kwargs = _normalise_keys(data, cls.field_names(), set(ignore_keys), errors)
+        try:
+            config = cls(**kwargs)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+        if errors:
+            raise ConfigError(errors, source)
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> HostCacheConfig:
+        """Load a flat YAML mapping (an empty file means all defaults)."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ConfigError([FieldError("<file>", path, "a readable YAML file",
+                                          f"cannot read {path!r}: {exc.strerror}")], path) from None
+        return cls.from_yaml_text(text, source=path)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, *, source: str | None = None) -> HostCacheConfig:
+        import yaml  # noqa: PLC0415 (PyYAML: a runtime dependency, imported when used)
+
+        try:
+            data = yaml.load(text, Loader=_unique_key_loader(yaml))
+        except yaml.YAMLError as exc:
+            raise ConfigError([FieldError("<yaml>", None, "valid YAML",
+                                          f"not valid YAML: {_first_line(str(exc))}")], source) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError([FieldError("<top level>", data, "a mapping of field: value")], source)
+        return cls.from_dict(data, source=source)
+
+    def replace(self, **changes: Any) -> HostCacheConfig:
+        """A validated copy with ``changes`` applied (unknown names rejected)."""
+        merged = self.to_dict()
+        errors: list[FieldError] = []
+        merged.update(_normalise_keys(changes, self.field_names(), set(), errors))
+        if errors:
+            raise ConfigError(errors)
+        return type(self)(**merged)
+
+    # -- output -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict of every field (plain YAML/JSON types), in declaration order."""
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def to_yaml(self) -> str:
+        import yaml  # noqa: PLC0415
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """``to_dict`` with a non-empty ``tenant_salt`` masked: for logs and ``doctor``."""
+        out = self.to_dict()
+        if out["tenant_salt"]:
+            out["tenant_salt"] = "***"
+        return out
+
+    @property
+    def enabled(self) -> bool:
+        """False only when ``host_cache_gb`` is 0."""
+        return self.host_cache_gb != 0.0
+
+
+def _normalise_keys(data: Mapping[str, Any], known: tuple[str, ...], ignore: set[str],
+                    errors: list[FieldError]) -> dict[str, Any]:
+    """Map keys to field names (``-`` -> ``_``); append unknown/duplicate keys to ``errors``."""
+    out: dict[str, Any] = {}
+    seen_as: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            errors.append(FieldError(repr(key), value, "a field name", "field names are strings"))
+            continue
+        if key in ignore:
+            continue
+        name = key.strip().replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            errors.append(FieldError(key, value, ", ".join(known),
+                                     f"unknown field; {hint}known fields: {', '.join(known)}"))
+            continue
+        if name in seen_as:
+            errors.append(FieldError(name, value, "one value per field",
+                                     f"given twice (as {seen_as[name]!r} and {key!r})"))
+            continue
+        seen_as[name] = key
+        out[name] = value
+    return out
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.split())[:200]
+
+
+def _unique_key_loader(yaml):
+    """A SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
+def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | HostCacheConfig | None = None,
+                **overrides: Any) -> HostCacheConfig:
+    """Config from a YAML path, a flat mapping, an existing config or defaults (``None``).
+
+    ``overrides`` win over the source (how ``--host-cache-gb 64`` combines with
+    ``--host-cache-config FILE``); an override whose value is ``None`` is ignored, so
+    unset CLI flags can be passed straight through.
+    """
+    if source is None:
+        base = HostCacheConfig()
+    elif isinstance(source, HostCacheConfig):
+        base = source
+    elif isinstance(source, Mapping):
+        base = HostCacheConfig.from_dict(source)
+    elif isinstance(source, (str, os.PathLike)):
+        base = HostCacheConfig.from_yaml(source)
+    else:
+        raise TypeError(f"load_config: source must be a YAML path, a mapping, a HostCacheConfig or None, "
+                        f"not {type(source).__name__}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return base.replace(**given) if given else base
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if value == "":
+        return '`""`'
+    return str(value)
+
+
+def markdown_reference() -> str:
+    """The configuration table in README.md (tests check README holds exactly this)."""
+    lines = ["| field | default | allowed | meaning |", "|---|---|---|---|"]
+    defaults = HostCacheConfig()
+    for f in dataclasses.fields(HostCacheConfig):
+        default = _default_text(getattr(defaults, f.name))
+        if not default.startswith("`"):
+            default = f"`{default}`"
+        lines.append(f"| `{f.name}` | {default} | {f.metadata['allowed']} | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m lmdeploy_hostcache.config` prints the table
+    print(markdown_reference(), end="")

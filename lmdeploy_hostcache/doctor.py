@@ -1,0 +1,215 @@
+"""Print the environment facts the host tier depends on, and check a config file.
+
+Facts: Python, torch, triton and LMDeploy versions, whether LMDeploy is the supported
+release, CUDA availability, total/available RAM (cgroup-aware), RLIMIT_MEMLOCK and the
+host-cache size ``auto`` (or the configured size) gives on this machine, with the reason.
+
+Exit codes (also in README "Commands"):
+  0  everything needed is present (no GPU is fine: CPU machines run the tests);
+  1  an environment problem: torch or LMDeploy missing, or not LMDeploy 0.18.0;
+  2  a bad ``--config`` file (unreadable, not YAML, or a field-level error, printed
+     naming the field) or a configured size this machine cannot hold.
+Missing packages never crash the command: they read "not installed".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+from . import SUPPORTED_LMDEPLOY_VERSION, __version__
+
+EXIT_OK = 0
+EXIT_ENVIRONMENT = 1
+EXIT_BAD_CONFIG = 2
+NOT_INSTALLED = "not installed"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="validate this host-cache YAML file and size the tier with it")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def package_version(dist: str) -> str | None:
+    """Installed distribution version (metadata only: nothing is imported), or None."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torch_facts() -> dict[str, Any]:
+    """torch version and CUDA availability; never raises."""
+    out: dict[str, Any] = {"version": package_version("torch"), "cuda_available": False,
+                           "cuda_version": None, "devices": [], "error": None}
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        out["version"] = None
+        return out
+    except Exception as exc:  # a broken install must not crash doctor
+        out["error"] = f"import failed: {type(exc).__name__}: {exc}"
+        return out
+    out["version"] = getattr(torch, "__version__", out["version"])
+    out["cuda_version"] = getattr(torch.version, "cuda", None)
+    try:
+        if torch.cuda.is_available():
+            out["cuda_available"] = True
+            out["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception as exc:
+        out["error"] = f"CUDA query failed: {type(exc).__name__}: {exc}"
+    return out
+
+
+def collect(config_path: str | None = None) -> dict[str, Any]:
+    """Every fact as one JSON-able dict, with ``problems`` and ``exit_code`` decided."""
+    from .config import ConfigError, HostCacheConfig  # noqa: PLC0415
+    from .hostmem import format_bytes, read_host_memory, resolve_host_cache_bytes  # noqa: PLC0415
+
+    problems: list[str] = []
+    notes: list[str] = []
+    facts: dict[str, Any] = {
+        "lmdeploy_hostcache": __version__,
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+
+    torch = torch_facts()
+    facts["torch"] = torch
+    if torch["version"] is None:
+        problems.append("torch is not installed")
+    if torch["error"]:
+        problems.append(f"torch: {torch['error']}")
+    if not torch["cuda_available"]:
+        notes.append("no CUDA device: the host tier needs a GPU to serve; on this machine only the "
+                     "tests, planner and CPU benchmarks run")
+
+    facts["triton"] = {"version": package_version("triton"),
+                       "interpret": os.environ.get("TRITON_INTERPRET", "")}
+
+    lmd = package_version("lmdeploy")
+    facts["lmdeploy"] = {"version": lmd, "supported_version": SUPPORTED_LMDEPLOY_VERSION,
+                         "supported": lmd == SUPPORTED_LMDEPLOY_VERSION}
+    if lmd is None:
+        problems.append(f"lmdeploy is not installed (this release supports lmdeploy=={SUPPORTED_LMDEPLOY_VERSION})")
+    elif lmd != SUPPORTED_LMDEPLOY_VERSION:
+        problems.append(f"lmdeploy {lmd} is installed; this release supports exactly {SUPPORTED_LMDEPLOY_VERSION}")
+
+    try:
+        mem = read_host_memory()
+    except Exception as exc:  # psutil missing or /proc unreadable
+        mem = None
+        problems.append(f"host memory could not be read: {type(exc).__name__}: {exc}")
+    facts["host_memory"] = mem.to_dict() if mem else None
+
+    exit_code = EXIT_OK
+    cfg = None
+    config_info: dict[str, Any] = {"path": config_path, "ok": None, "error": None, "field": None,
+                                   "fields": [], "values": None}
+    try:
+        cfg = HostCacheConfig.from_yaml(config_path) if config_path else HostCacheConfig()
+        config_info["ok"] = True
+        config_info["values"] = cfg.redacted_dict()
+    except ConfigError as exc:
+        config_info.update(ok=False, error=str(exc), field=exc.field, fields=[e.field for e in exc.errors])
+        exit_code = EXIT_BAD_CONFIG
+    except ImportError as exc:  # PyYAML missing: the file cannot be checked here
+        config_info.update(ok=None, error=f"cannot read YAML: {exc}")
+        problems.append(f"PyYAML is not installed ({exc}); --config cannot be checked")
+    facts["config"] = config_info
+
+    sizing: dict[str, Any] = {"host_cache_gb": cfg.host_cache_gb if cfg else None,
+                              "bytes": None, "human": None, "reason": None}
+    if cfg is not None and mem is not None:
+        try:
+            nbytes, reason = resolve_host_cache_bytes(cfg, mem)
+            sizing.update(bytes=nbytes, human=format_bytes(nbytes), reason=reason)
+        except ConfigError as exc:
+            exc = ConfigError(exc.errors, config_path)  # name the file, as a load error does
+            sizing["reason"] = str(exc)
+            config_info.update(ok=False, error=str(exc), field=exc.field, fields=[e.field for e in exc.errors])
+            exit_code = EXIT_BAD_CONFIG
+    facts["host_cache"] = sizing
+
+    if exit_code == EXIT_OK and problems:
+        exit_code = EXIT_ENVIRONMENT
+    facts["problems"] = problems
+    facts["notes"] = notes
+    facts["exit_code"] = exit_code
+    return facts
+
+
+def _text(facts: dict[str, Any]) -> str:
+    from .hostmem import format_bytes  # noqa: PLC0415
+
+    def ver(v: str | None) -> str:
+        return v if v else NOT_INSTALLED
+
+    t, lmd, mem = facts["torch"], facts["lmdeploy"], facts["host_memory"]
+    lines = [f"lmdeploy-hostcache {facts['lmdeploy_hostcache']}"]
+    row = "  {:<13}{}".format
+    lines.append(row("python", f"{facts['python']['version']} ({facts['python']['executable']})"))
+    lines.append(row("platform", facts["platform"]))
+    lines.append(row("torch", ver(t["version"]) + (f"  [{t['error']}]" if t["error"] else "")))
+    interp = facts["triton"]["interpret"]
+    lines.append(row("triton", ver(facts["triton"]["version"]) + (f"  (TRITON_INTERPRET={interp})" if interp else "")))
+    if lmd["version"] is None:
+        status = f"NOT SUPPORTED: this release needs {lmd['supported_version']}"
+    elif lmd["supported"]:
+        status = "supported"
+    else:
+        status = f"NOT SUPPORTED: this release needs exactly {lmd['supported_version']}"
+    lines.append(row("lmdeploy", f"{ver(lmd['version'])} ({status})"))
+    if t["cuda_available"]:
+        cuda = f"available: {len(t['devices'])} device(s): {', '.join(t['devices'])}; CUDA {t['cuda_version']}"
+    elif t["version"] is None:
+        cuda = "unknown (torch not installed)"
+    else:
+        cuda = "not available" + ("" if t["cuda_version"] else f" (torch {t['version']} is a CPU build)")
+    lines.append(row("cuda", cuda))
+    if mem:
+        ram = f"total {format_bytes(mem['total_bytes'])}, available {format_bytes(mem['available_bytes'])}"
+        if mem["cgroup_limit_bytes"] is not None:
+            ram += (f"; cgroup limit {format_bytes(mem['cgroup_limit_bytes'])}, "
+                    f"used {format_bytes(mem['cgroup_used_bytes'])}")
+        lines.append(row("ram", ram))
+        lines.append(row("memlock", f"RLIMIT_MEMLOCK soft {format_bytes(mem['memlock_soft_bytes'])}, "
+                                    f"hard {format_bytes(mem['memlock_hard_bytes'])}"))
+    else:
+        lines.append(row("ram", "unknown"))
+    cfg = facts["config"]
+    if cfg["path"] is None and cfg["ok"]:
+        lines.append(row("config", "defaults (no --config given)"))
+    elif cfg["path"] is None:
+        lines.append(row("config", f"defaults: INVALID for this machine ({', '.join(cfg['fields'])}; error below)"))
+    elif cfg["ok"]:
+        lines.append(row("config", f"{cfg['path']}: valid"))
+    elif cfg["ok"] is None:
+        lines.append(row("config", f"{cfg['path']}: not checked ({cfg['error']})"))
+    else:
+        lines.append(row("config", f"{cfg['path']}: INVALID ({', '.join(cfg['fields'])}; error below)"))
+    hc = facts["host_cache"]
+    if hc["bytes"] is not None:
+        lines.append(row("host cache", f"host_cache_gb={hc['host_cache_gb']} -> {hc['human']} on this machine"))
+        lines.append(row("", hc["reason"]))
+    for note in facts["notes"]:
+        lines.append(f"note: {note}")
+    for problem in facts["problems"]:
+        lines.append(f"problem: {problem}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    facts = collect(getattr(args, "config", None))
+    if getattr(args, "json", False):
+        print(json.dumps(facts, indent=2, default=str))
+    else:
+        print(_text(facts))
+        if facts["config"]["error"]:
+            print(f"error: {facts['config']['error']}", file=sys.stderr)
+    return int(facts["exit_code"])

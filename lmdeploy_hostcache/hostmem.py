@@ -1,0 +1,239 @@
+"""Host-memory facts of this machine and the host-tier size they imply.
+
+``read_host_memory()`` gathers RAM (psutil), the container's cgroup memory limit (v2 or
+v1; inside a container psutil reports the *host's* RAM) and RLIMIT_MEMLOCK.
+``resolve_host_cache_bytes(cfg)`` turns ``host_cache_gb`` into bytes plus a sentence a
+user can read in a start-up log saying how the figure was chosen.
+
+``auto`` rule (invariant: the result is never above any of these):
+  available RAM - ``host_memory_reserve_gb``,
+  ``AUTO_MAX_FRACTION_OF_TOTAL`` x total RAM (the engine, its workers and the page cache
+  need the rest, and a pinned pool cannot be swapped out),
+  RLIMIT_MEMLOCK, only when ``pin_memory`` is on, the limit is finite and the caller
+  says its pinning is charged to that limit (``memlock_applies=True``: mlock, RDMA
+  registration). CUDA's ``cudaHostAlloc``/``cudaHostRegister`` pin through the NVIDIA
+  driver, which does not charge RLIMIT_MEMLOCK, so the default does not cap by it:
+  a container's usual 8 MiB limit would otherwise shrink the tier to nothing.
+"Available" and "total" are the smaller of the machine's and the cgroup's figures.
+An explicit ``host_cache_gb`` above total RAM raises ``ConfigError`` (a pinned pool that
+large cannot be allocated); above what is available now it is kept, with a warning in
+the reason.
+"""
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import AUTO, ConfigError, FieldError, HostCacheConfig
+
+__all__ = [
+    "AUTO_MAX_FRACTION_OF_TOTAL",
+    "GIB",
+    "HostMemoryFacts",
+    "format_bytes",
+    "read_cgroup_memory",
+    "read_host_memory",
+    "read_memlock_limit",
+    "resolve_host_cache_bytes",
+]
+
+GIB = 1 << 30
+AUTO_MAX_FRACTION_OF_TOTAL = 0.5
+# cgroup v1 reports "no limit" as a huge page-aligned number (e.g. 9223372036854771712).
+_CGROUP_V1_UNLIMITED = 1 << 60
+
+
+@dataclass(frozen=True)
+class HostMemoryFacts:
+    """RAM and locked-memory limits of this process's machine/container, in bytes.
+
+    ``None`` for a cgroup figure means no cgroup limit; for a memlock figure, unlimited.
+    """
+
+    total_bytes: int
+    available_bytes: int
+    cgroup_limit_bytes: int | None = None
+    cgroup_used_bytes: int | None = None  # charged to the cgroup, reclaimable file cache excluded
+    memlock_soft_bytes: int | None = None
+    memlock_hard_bytes: int | None = None
+
+    @property
+    def usable_total_bytes(self) -> int:
+        if self.cgroup_limit_bytes is None:
+            return self.total_bytes
+        return min(self.total_bytes, self.cgroup_limit_bytes)
+
+    @property
+    def usable_available_bytes(self) -> int:
+        avail = self.available_bytes
+        if self.cgroup_limit_bytes is not None:
+            headroom = self.cgroup_limit_bytes - (self.cgroup_used_bytes or 0)
+            avail = min(avail, max(0, headroom))
+        return avail
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["usable_total_bytes"] = self.usable_total_bytes
+        out["usable_available_bytes"] = self.usable_available_bytes
+        return out
+
+
+def format_bytes(n: int | float | None) -> str:
+    """Human figure: GiB above 1 GiB, else MiB/KiB; ``None`` reads 'unlimited'."""
+    if n is None:
+        return "unlimited"
+    if n >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.0f} KiB"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _read_stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def read_cgroup_memory(root: str | os.PathLike[str] = "/sys/fs/cgroup") -> tuple[int | None, int | None]:
+    """(limit, used) of the memory cgroup mounted at ``root``; (None, None) when unlimited.
+
+    v2: ``memory.max``/``memory.current``; v1: ``memory/memory.limit_in_bytes``/
+    ``usage_in_bytes``. ``used`` leaves out inactive file cache, which the kernel drops
+    on demand (counting it would make a container that has read a large checkpoint look full).
+    """
+    root = Path(root)
+    if (root / "memory.max").exists():  # cgroup v2
+        limit = _read_int(root / "memory.max")
+        if limit is None:
+            return None, None
+        used = _read_int(root / "memory.current") or 0
+        used -= _read_stat(root / "memory.stat", "inactive_file")
+        return limit, max(0, used)
+    v1 = root / "memory"
+    if (v1 / "memory.limit_in_bytes").exists():
+        limit = _read_int(v1 / "memory.limit_in_bytes")
+        if limit is None or limit >= _CGROUP_V1_UNLIMITED:
+            return None, None
+        used = _read_int(v1 / "memory.usage_in_bytes") or 0
+        used -= _read_stat(v1 / "memory.stat", "total_inactive_file")
+        return limit, max(0, used)
+    return None, None
+
+
+def read_memlock_limit() -> tuple[int | None, int | None]:
+    """(soft, hard) RLIMIT_MEMLOCK in bytes; ``None`` means unlimited."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+
+    def conv(v: int) -> int | None:
+        return None if v == resource.RLIM_INFINITY else int(v)
+
+    return conv(soft), conv(hard)
+
+
+def read_host_memory(cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> HostMemoryFacts:
+    """Current facts of this machine (psutil + cgroup + rlimit)."""
+    import psutil  # noqa: PLC0415
+
+    vm = psutil.virtual_memory()
+    limit, used = read_cgroup_memory(cgroup_root)
+    soft, hard = read_memlock_limit()
+    return HostMemoryFacts(
+        total_bytes=int(vm.total), available_bytes=int(vm.available),
+        cgroup_limit_bytes=limit, cgroup_used_bytes=used,
+        memlock_soft_bytes=soft, memlock_hard_bytes=hard,
+    )
+
+
+def _memlock_note(cfg: HostCacheConfig, facts: HostMemoryFacts, memlock_applies: bool) -> str:
+    if not cfg.pin_memory:
+        return "pin_memory is off, so RLIMIT_MEMLOCK does not matter"
+    if facts.memlock_soft_bytes is None:
+        return "RLIMIT_MEMLOCK is unlimited"
+    if memlock_applies:
+        return ""
+    return (f"RLIMIT_MEMLOCK ({format_bytes(facts.memlock_soft_bytes)}) is not applied: CUDA pins host "
+            "memory through its driver, which does not charge that limit")
+
+
+def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None = None, *,
+                             memlock_applies: bool = False) -> tuple[int, str]:
+    """Bytes of host memory the tier should use on this machine, and why.
+
+    ``facts`` defaults to ``read_host_memory()``. Returns ``(0, reason)`` when the tier is
+    disabled (``host_cache_gb: 0``) or ``auto`` finds no room. Raises ``ConfigError``
+    (field ``host_cache_gb``) when an explicit size exceeds the machine's total RAM.
+    """
+    if facts is None:
+        facts = read_host_memory()
+    total = facts.usable_total_bytes
+    avail = facts.usable_available_bytes
+    where = "this container's" if facts.cgroup_limit_bytes is not None and facts.cgroup_limit_bytes < facts.total_bytes \
+        else "this machine's"
+    memlock_note = _memlock_note(cfg, facts, memlock_applies)
+    memlock_cap = facts.memlock_soft_bytes if (cfg.pin_memory and memlock_applies) else None
+
+    if cfg.host_cache_gb != AUTO:
+        gb = float(cfg.host_cache_gb)
+        want = int(gb * GIB)
+        if want == 0:
+            return 0, f"host cache disabled: host_cache_gb is {gb:g}" + (" (under one byte)." if gb else ".")
+        if want > total:
+            raise ConfigError([FieldError(
+                "host_cache_gb", cfg.host_cache_gb,
+                f"at most {total / GIB:.1f} GiB, {where} total RAM; or 'auto' to size it from free RAM")])
+        if memlock_cap is not None and want > memlock_cap:
+            raise ConfigError([FieldError(
+                "host_cache_gb", cfg.host_cache_gb,
+                f"at most the locked-memory limit RLIMIT_MEMLOCK = {format_bytes(memlock_cap)} "
+                "(raise it with `ulimit -l` / docker --ulimit memlock=-1, or set pin_memory: false)")])
+        reason = f"host cache {format_bytes(want)}: host_cache_gb is set to {gb:g}"
+        if want > avail:
+            reason += (f"; warning: only {format_bytes(avail)} of RAM is available now, so other processes "
+                       "may be pushed into swap or the OOM killer")
+        if memlock_note:
+            reason += f"; {memlock_note}"
+        return want, reason + "."
+
+    reserve = int(cfg.host_memory_reserve_gb * GIB)
+    by_avail = avail - reserve
+    by_fraction = int(total * AUTO_MAX_FRACTION_OF_TOTAL)
+    limits = [
+        (by_avail, f"{format_bytes(avail)} available minus the {cfg.host_memory_reserve_gb:g} GiB "
+                   "reserve (host_memory_reserve_gb)"),
+        (by_fraction, f"half of {where} {format_bytes(total)} of total RAM"),
+    ]
+    if memlock_cap is not None:
+        limits.append((memlock_cap, "the locked-memory limit RLIMIT_MEMLOCK (the pool is pinned and this "
+                                    "pinning is charged to it)"))
+    chosen = min(value for value, _ in limits)
+    bounds = ", ".join(f"{text} = {format_bytes(max(0, value))}" for value, text in limits)
+    if chosen <= 0:
+        reason = (f"host cache disabled (auto): {format_bytes(avail)} of RAM is available, not more than the "
+                  f"{cfg.host_memory_reserve_gb:g} GiB reserve (host_memory_reserve_gb); lower the reserve or "
+                  "set host_cache_gb")
+    else:
+        reason = f"host cache {format_bytes(chosen)} (auto): the smallest of {bounds}"
+    if memlock_note:
+        reason += f"; {memlock_note}"
+    return max(0, chosen), reason + "."

@@ -1,0 +1,144 @@
+"""The lmdeploy-hostcache CLI: --version, doctor facts, doctor --config exit codes, missing packages."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from lmdeploy_hostcache import SUPPORTED_LMDEPLOY_VERSION, __version__, cli, doctor
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "hostcache.yaml"
+
+
+def _cli_command() -> list[str]:
+    """The installed console script when present (what README tells users to run)."""
+    script = Path(sys.executable).parent / "lmdeploy-hostcache"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lmdeploy_hostcache.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*_cli_command(), *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_version_subprocess():
+    out = run_cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"lmdeploy-hostcache {__version__}"
+
+
+FACT_LABELS = ("python", "torch", "triton", "lmdeploy", "cuda", "ram", "memlock", "host cache")
+
+
+def test_doctor_prints_the_facts(capsys):
+    assert cli.main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    for label in FACT_LABELS:
+        assert f"  {label}" in text, label
+    assert sys.version.split()[0] in text
+    lmd = metadata.version("lmdeploy")
+    assert f"lmdeploy     {lmd} (supported)" in text
+    assert "total" in text and "available" in text and "RLIMIT_MEMLOCK" in text
+    assert "host_cache_gb=auto ->" in text and "(auto)" in text
+
+
+def test_console_script_doctor_bad_config_exits_2_naming_the_field(tmp_path):
+    """The installed command, end to end: facts still printed, exit 2, the field named."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("host_cache_gb: 64\nhost_kv_format: fp8\n")
+    out = run_cli("doctor", "--config", str(bad))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "host_kv_format" in out.stderr and "'fp8'" in out.stderr and str(bad) in out.stderr
+    assert "INVALID" in out.stdout
+    for label in FACT_LABELS[:-1]:
+        assert f"  {label}" in out.stdout, label
+
+
+def test_doctor_good_config_exits_0(capsys):
+    assert cli.main(["doctor", "--config", str(EXAMPLE)]) == 0
+    assert f"{EXAMPLE}: valid" in capsys.readouterr().out
+
+
+def test_doctor_unknown_key_and_unreadable_file(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("host_cache_gb: 1\npin_memroy: false\n")
+    assert cli.main(["doctor", "--config", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert "pin_memroy" in err and "did you mean 'pin_memory'" in err
+    assert cli.main(["doctor", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_doctor_size_too_big_for_this_machine(tmp_path, capsys):
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("host_cache_gb: 1000000\n")
+    assert cli.main(["doctor", "--config", str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert "host_cache_gb" in err and "total RAM" in err and str(huge) in err
+
+
+def test_doctor_json_is_one_object(tmp_path, capsys):
+    assert cli.main(["doctor", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["exit_code"] == 0 and facts["problems"] == []
+    assert facts["lmdeploy"] == {"version": metadata.version("lmdeploy"),
+                                 "supported_version": SUPPORTED_LMDEPLOY_VERSION, "supported": True}
+    assert facts["host_memory"]["total_bytes"] > 0
+    assert facts["host_cache"]["bytes"] >= 0 and facts["host_cache"]["reason"]
+    assert facts["config"]["ok"] is True and facts["config"]["values"]["host_cache_gb"] == "auto"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("checksum: 2\n")
+    assert cli.main(["doctor", "--json", "--config", str(bad)]) == 2
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["exit_code"] == 2 and facts["config"]["field"] == "checksum"
+
+
+def test_doctor_masks_the_salt(tmp_path, capsys):
+    salted = tmp_path / "salted.yaml"
+    salted.write_text("tenant_salt: very-secret\n")
+    assert cli.main(["doctor", "--json", "--config", str(salted)]) == 0
+    out = capsys.readouterr().out
+    assert "very-secret" not in out and json.loads(out)["config"]["values"]["tenant_salt"] == "***"
+
+
+def test_missing_packages_read_not_installed(monkeypatch, capsys):
+    real = doctor.package_version
+    monkeypatch.setattr(doctor, "package_version",
+                        lambda dist: None if dist in ("torch", "triton", "lmdeploy") else real(dist))
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    for label in ("torch", "triton", "lmdeploy"):
+        line = next(line for line in out.splitlines() if line.strip().split()[0] == label)
+        assert "not installed" in line, line
+    assert "problem: torch is not installed" in out
+    assert "problem: lmdeploy is not installed" in out
+    assert "unknown (torch not installed)" in out
+
+
+def test_unsupported_lmdeploy_is_exit_1(monkeypatch, capsys):
+    real = doctor.package_version
+    monkeypatch.setattr(doctor, "package_version", lambda dist: "0.17.2" if dist == "lmdeploy" else real(dist))
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert f"0.17.2 (NOT SUPPORTED: this release needs exactly {SUPPORTED_LMDEPLOY_VERSION})" in out
+    # a bad config outranks an environment problem
+    assert cli.main(["doctor", "--config", "/nonexistent/hc.yaml"]) == 2
+
+
+def test_no_command_and_unknown_command(capsys):
+    assert cli.main([]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli.main(["no-such-command"])
+    assert info.value.code == 2
+
+
+def test_missing_pyyaml_is_an_environment_problem(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    assert cli.main(["doctor", "--config", str(EXAMPLE)]) == 1
+    out = capsys.readouterr().out
+    assert "not checked" in out and "problem: PyYAML is not installed" in out
