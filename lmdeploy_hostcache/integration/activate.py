@@ -1,0 +1,465 @@
+"""Activation: the post-import hook and the one place that rebinds LMDeploy functions.
+
+How it runs:
+- ``lmdeploy_hostcache_autoload.pth`` (installed into site-packages by ``pip install``)
+  calls ``autoload.install()`` in every interpreter that starts: the engine process,
+  spawned mp engines and Ray actors alike. It only puts ``autoload.PostImportFinder`` on
+  ``sys.meta_path``; neither LMDeploy nor this module is imported then.
+  ``LMDEPLOY_HOSTCACHE_DISABLE=1`` skips it.
+- When one of the ``PATCHERS`` modules is imported, the finder lets it execute normally
+  and then calls ``_apply`` here, which patches it. The first time, ``guard.verify()``
+  checks LMDeploy's version and the source pins of every target (from the files, before
+  any patch). On any mismatch it logs one warning naming the function and patches
+  nothing, now or later: LMDeploy runs as stock.
+- ``activate()`` does the same by hand (e.g. under ``python -S``): it installs the finder
+  and patches the target modules that are already imported.
+
+Invariants:
+- All or nothing: every rebinding is recorded (``Patch``); if applying any patch raises,
+  every recorded patch is reverted and the state becomes ``failed``. An import of an
+  LMDeploy module never fails because of this hook.
+- Each patch is applied at most once per (object, attribute).
+- Nothing here runs at interpreter start (see ``autoload``).
+"""
+from __future__ import annotations
+
+import sys
+
+from . import autoload
+from .autoload import ENV_DISABLE, is_disabled
+
+__all__ = [
+    "ENV_DISABLE",
+    "PATCHERS",
+    "activate",
+    "deactivate",
+    "is_disabled",
+    "status",
+]
+
+_LOGGER_NAME = "lmdeploy_hostcache"
+
+
+class Patch:
+    """One rebinding: ``owner.name`` was ``original`` (raw ``__dict__`` entry), is now ``replacement``."""
+
+    __slots__ = ("owner", "name", "original", "replacement", "target")
+
+    def __init__(self, owner, name, original, replacement, target):
+        self.owner, self.name, self.original, self.replacement, self.target = owner, name, original, replacement, target
+
+    def revert(self) -> None:
+        if self.owner.__dict__.get(self.name) is self.replacement:
+            setattr(self.owner, self.name, self.original)
+
+    def __repr__(self) -> str:
+        owner = getattr(self.owner, "__qualname__", None) or getattr(self.owner, "__name__", "?")
+        return f"Patch({owner}.{self.name} for {self.target})"
+
+
+class _State:
+    """Process-wide activation state (guarded by ``_lock``)."""
+
+    def __init__(self) -> None:
+        self.status = "inactive"    # inactive | hooked | active | refused | failed | disabled
+        self.reason = ""
+        self.patches: list[Patch] = []
+        self.patched_modules: set[str] = set()
+        self.guard_result = None
+        self.root = None            # lmdeploy package dir to verify (tests point it at a copy)
+        self.guard_kwargs: dict = {}
+
+
+_state = _State()
+_LOCK = None
+
+
+def _lock():
+    """The process-wide re-entrant lock (created on first use: threading is not needed at start-up)."""
+    global _LOCK
+    if _LOCK is None:
+        import threading
+
+        _LOCK = threading.RLock()
+    return _LOCK
+
+
+def _logger():
+    import logging
+
+    return logging.getLogger(_LOGGER_NAME)
+
+
+# ----------------------------------------------------------------------------------------
+# patch helpers
+
+
+def _rebind(owner, name: str, replacement, target: str, *, wrap_kind: str | None = None) -> None:
+    """Set ``owner.name = replacement`` and record it; a no-op when already ours."""
+    current = owner.__dict__.get(name)
+    if current is None:
+        raise AttributeError(f"{target}: {getattr(owner, '__name__', owner)} has no attribute {name!r}")
+    raw = current.__func__ if isinstance(current, (staticmethod, classmethod)) else current
+    if getattr(raw, "__hostcache_wrapped__", False):
+        return
+    if wrap_kind == "staticmethod":
+        replacement = staticmethod(replacement)
+    setattr(owner, name, replacement)
+    _state.patches.append(Patch(owner, name, current, replacement, target))
+
+
+def _rebind_aliases(original, wrapper, module_names: tuple[str, ...], attr: str, target: str) -> None:
+    """Modules that did ``from ... import attr`` before the patch still hold ``original``."""
+    for mod_name in module_names:
+        mod = sys.modules.get(mod_name)
+        current = mod.__dict__.get(attr) if mod is not None else None
+        # stock, or a wrapper of ours left from an earlier activation (bound by a plain import)
+        if current is original or (current is not None and _is_wrapper_of(current, original)):
+            setattr(mod, attr, wrapper)
+            _state.patches.append(Patch(mod, attr, original, wrapper, target))
+
+
+def _is_wrapper_of(obj, original) -> bool:
+    return bool(getattr(obj, "__hostcache_wrapped__", False)) and getattr(obj, "__wrapped__", None) is original
+
+
+def _sweep_aliases() -> None:
+    """Modules that imported a factory wrapper by name (``from .factory import ...``) get stock back."""
+    for mod_name in _FACTORY_ALIAS_MODULES:
+        mod = sys.modules.get(mod_name)
+        if mod is None:
+            continue
+        for attr in ("build_kv_connector", "prepare_kv_connector_config"):
+            current = mod.__dict__.get(attr)
+            if current is not None and getattr(current, "__hostcache_wrapped__", False):
+                setattr(mod, attr, current.__wrapped__)
+
+
+def _mark(fn):
+    fn.__hostcache_wrapped__ = True
+    return fn
+
+
+# ----------------------------------------------------------------------------------------
+# per-module patchers: each receives the freshly executed (or already imported) module
+
+
+def _patch_messages(mod) -> None:
+    import functools
+
+    cls = mod.PytorchEngineConfig
+    original = cls.__dict__["__init__"]
+    if getattr(original, "__hostcache_wrapped__", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, host_cache_gb=None, host_cache_config=None, **kwargs):
+        settings = None
+        if host_cache_gb is not None or host_cache_config is not None:
+            from ..config import load_config
+
+            settings = load_config(host_cache_config, host_cache_gb=host_cache_gb)  # validate first
+        original(self, *args, **kwargs)
+        if settings is not None:
+            from .engine_config import host_tier_transfer_config
+
+            self.kv_transfer_config = host_tier_transfer_config(config=settings, existing=self.kv_transfer_config)
+
+    _rebind(cls, "__init__", _mark(__init__), "lmdeploy.messages:PytorchEngineConfig")
+
+
+_FACTORY_ALIAS_MODULES = (
+    "lmdeploy.pytorch.kv_connector",
+    "lmdeploy.pytorch.engine.engine",
+    "lmdeploy.pytorch.engine.model_agent.agent",
+)
+
+
+def _patch_factory(mod) -> None:
+    import functools
+
+    from .compat import CONNECTOR_NAME
+
+    orig_build = mod.__dict__["build_kv_connector"]
+    orig_prepare = mod.__dict__["prepare_kv_connector_config"]
+    if not getattr(orig_build, "__hostcache_wrapped__", False):
+
+        @functools.wraps(orig_build)
+        def build_kv_connector(role, cache_config, **kwargs):
+            tc = cache_config.kv_transfer_config
+            if tc is not None and tc.is_kv_transfer_instance and tc.kv_connector == CONNECTOR_NAME:
+                from .connector import build_host_tier_connector
+
+                return build_host_tier_connector(role, cache_config, **kwargs)
+            return orig_build(role, cache_config, **kwargs)
+
+        target = "lmdeploy.pytorch.kv_connector.factory:build_kv_connector"
+        _rebind(mod, "build_kv_connector", _mark(build_kv_connector), target)
+        _rebind_aliases(orig_build, build_kv_connector, _FACTORY_ALIAS_MODULES, "build_kv_connector", target)
+
+    if not getattr(orig_prepare, "__hostcache_wrapped__", False):
+
+        @functools.wraps(orig_prepare)
+        def prepare_kv_connector_config(cache_config, *, model_path=None, dist_config=None,
+                                        distributed_executor_backend=None):
+            tc = cache_config.kv_transfer_config
+            if tc is None or tc.kv_connector != CONNECTOR_NAME:
+                return orig_prepare(cache_config, model_path=model_path, dist_config=dist_config,
+                                    distributed_executor_backend=distributed_executor_backend)
+            from .compat import check_supported
+            from .engine_config import model_identity_from_path, normalise_extra_config
+
+            check_supported(cache_config, model_path=model_path, dist_config=dist_config,
+                            distributed_executor_backend=distributed_executor_backend)
+            extra = normalise_extra_config(tc.kv_connector_extra_config)  # validates; new dict
+            if not extra.get("model_identity"):
+                identity = model_identity_from_path(model_path)
+                if identity:
+                    extra["model_identity"] = identity
+            tc.kv_connector_extra_config.clear()
+            tc.kv_connector_extra_config.update(extra)
+
+        target = "lmdeploy.pytorch.kv_connector.factory:prepare_kv_connector_config"
+        _rebind(mod, "prepare_kv_connector_config", _mark(prepare_kv_connector_config), target)
+        _rebind_aliases(orig_prepare, prepare_kv_connector_config, _FACTORY_ALIAS_MODULES[:2],
+                        "prepare_kv_connector_config", target)
+
+
+def _is_ours(connector) -> bool:
+    return connector is not None and type(connector).__module__.startswith("lmdeploy_hostcache.")
+
+
+def _patch_scheduler(mod) -> None:
+    import functools
+
+    cls = mod.Scheduler
+    original = cls.__dict__["__init__"]
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if _is_ours(getattr(self, "kv_connector", None)):
+            if getattr(self, "is_ssm", False):
+                from .compat import UnsupportedConfiguration
+
+                raise UnsupportedConfiguration(["the model keeps recurrent (SSM/hybrid) state: LMDeploy "
+                                                "disables external KV loads for such models"])
+            from .connector import install_scheduler_hook
+
+            install_scheduler_hook(self)
+
+    _rebind(cls, "__init__", _mark(__init__), "lmdeploy.pytorch.paging.scheduler:Scheduler.__init__")
+
+
+def _patch_executor_base(mod) -> None:
+    import functools
+
+    from .engine_config import is_host_tier
+
+    cls = mod.ExecutorBase
+    orig_init = cls.__dict__["__init__"]
+    orig_update = cls.__dict__["_update_num_gpu_blocks"]
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        if is_host_tier(getattr(self.cache_config, "kv_transfer_config", None)):
+            from .compat import check_model_supported
+
+            check_model_supported(self.cache_config, model_config=self.model_config,
+                                  misc_config=getattr(self, "misc_config", None))
+
+    @functools.wraps(orig_update)
+    def _update_num_gpu_blocks(self, free_mems, cache_block_sizes, spec_cache_config, *args, **kwargs):
+        result = orig_update(self, free_mems, cache_block_sizes, spec_cache_config, *args, **kwargs)
+        tc = getattr(self.cache_config, "kv_transfer_config", None)
+        if is_host_tier(tc):
+            from .compat import check_model_supported
+            from .engine_config import size_host_cache
+
+            check_model_supported(self.cache_config, model_config=self.model_config,
+                                  misc_config=getattr(self, "misc_config", None))
+            per_rank = [int(s.target) + int(getattr(s, "spec", 0)) for s in cache_block_sizes]
+            blocks, slot_bytes, reason = size_host_cache(tc.kv_connector_extra_config, per_rank)
+            if blocks <= 0:
+                from .compat import UnsupportedConfiguration
+
+                raise UnsupportedConfiguration([f"the host tier would get 0 slots: {reason} Give it more "
+                                                "memory (host_cache_gb) or run without --host-cache-gb"])
+            tc.kv_connector_extra_config["host_cache_blocks"] = blocks
+            tc.kv_connector_extra_config["host_slot_bytes"] = slot_bytes
+            try:
+                from lmdeploy.utils import get_logger
+
+                get_logger("lmdeploy").info(f"lmdeploy-hostcache: {reason}")
+            except Exception:  # logging must never break start-up
+                _logger().info("lmdeploy-hostcache: %s", reason)
+        return result
+
+    base = "lmdeploy.pytorch.engine.executor.base:ExecutorBase."
+    _rebind(cls, "__init__", _mark(__init__), base + "__init__")
+    _rebind(cls, "_update_num_gpu_blocks", _mark(_update_num_gpu_blocks), base + "_update_num_gpu_blocks")
+
+
+def _patch_cli_serve(mod) -> None:
+    from . import cli_patch
+
+    cls = mod.SubCliServe
+    orig_add = cls.__dict__["add_parser_api_server"].__func__
+    orig_run = cls.__dict__["api_server"].__func__
+    _rebind(cls, "add_parser_api_server", cli_patch.wrap_add_parser_api_server(orig_add, cls),
+            "lmdeploy.cli.serve:SubCliServe.add_parser_api_server", wrap_kind="staticmethod")
+    _rebind(cls, "api_server", cli_patch.wrap_api_server(orig_run),
+            "lmdeploy.cli.serve:SubCliServe.api_server", wrap_kind="staticmethod")
+
+
+def _patch_engine(mod) -> None:
+    from . import metrics_export
+
+    cls = mod.Engine
+    _rebind(cls, "get_schedule_metrics",
+            metrics_export.wrap_engine_get_schedule_metrics(cls.__dict__["get_schedule_metrics"]),
+            "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics")
+
+
+def _patch_stats(mod) -> None:
+    from . import metrics_export
+
+    cls = mod.SchedulerStats
+    _rebind(cls, "update_from_schedule_metrics",
+            metrics_export.wrap_update_from_schedule_metrics(cls.__dict__["update_from_schedule_metrics"]),
+            "lmdeploy.metrics.stats:SchedulerStats.update_from_schedule_metrics")
+
+
+def _patch_loggers(mod) -> None:
+    from . import metrics_export
+
+    log_cls, prom_cls = mod.LoggingStatLogger, mod.PrometheusStatLogger
+    _rebind(log_cls, "log", metrics_export.wrap_logging_log(log_cls.__dict__["log"]),
+            "lmdeploy.metrics.loggers:LoggingStatLogger.log")
+    _rebind(prom_cls, "__init__", metrics_export.wrap_prometheus_init(prom_cls.__dict__["__init__"]),
+            "lmdeploy.metrics.loggers:PrometheusStatLogger.__init__")
+    _rebind(prom_cls, "record_schedule",
+            metrics_export.wrap_prometheus_record_schedule(prom_cls.__dict__["record_schedule"]),
+            "lmdeploy.metrics.loggers:PrometheusStatLogger.record_schedule")
+
+
+# module name -> patcher. Order matters only for activate() on already-imported modules.
+PATCHERS = {
+    "lmdeploy.messages": _patch_messages,
+    "lmdeploy.pytorch.kv_connector.factory": _patch_factory,
+    "lmdeploy.pytorch.paging.scheduler": _patch_scheduler,
+    "lmdeploy.pytorch.engine.executor.base": _patch_executor_base,
+    "lmdeploy.pytorch.engine.engine": _patch_engine,
+    "lmdeploy.cli.serve": _patch_cli_serve,
+    "lmdeploy.metrics.stats": _patch_stats,
+    "lmdeploy.metrics.loggers": _patch_loggers,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# guard + application
+
+
+def _refuse(status: str, reason: str) -> None:
+    _state.status = status
+    _state.reason = reason
+    autoload.stopped = True  # the finder steps aside: later imports stay stock
+    _logger().warning(reason)
+
+
+def _ensure_guard() -> bool:
+    """Run the guard once; True when patching may proceed."""
+    if _state.status in ("refused", "failed", "disabled"):
+        return False
+    if _state.guard_result is None:
+        from . import guard
+
+        try:
+            result = guard.verify(_state.root, **_state.guard_kwargs)
+        except Exception as exc:  # a guard that cannot run refuses
+            result = guard.GuardResult(False, None, [f"the version guard failed to run: {exc!r}"])
+        _state.guard_result = result
+        if not result.ok:
+            _refuse("refused", result.message())
+            return False
+        _state.status = "active"
+        _state.reason = result.message()
+    return _state.guard_result.ok
+
+
+def _apply(module_name: str, module) -> None:
+    """Patch one module (all or nothing for the whole process)."""
+    with _lock():
+        if module_name in _state.patched_modules or not _ensure_guard():
+            return
+        try:
+            PATCHERS[module_name](module)
+        except Exception as exc:
+            _rollback()
+            _refuse("failed", f"lmdeploy-hostcache not activated, LMDeploy runs as stock: patching "
+                              f"{module_name} failed ({exc!r}); every patch was reverted")
+            return
+        _state.patched_modules.add(module_name)
+
+
+def _rollback() -> None:
+    for patch in reversed(_state.patches):
+        try:
+            patch.revert()
+        except Exception:  # pragma: no cover - best effort, keep reverting the rest
+            pass
+    _state.patches.clear()
+    _state.patched_modules.clear()
+    _sweep_aliases()
+
+
+def activate(*, root=None, **guard_kwargs) -> dict:
+    """Activate by hand: install the finder and patch the target modules already imported.
+
+    ``root`` and ``guard_kwargs`` (``version=``, ``pins=``) are passed to ``guard.verify``
+    (tests use them to simulate another LMDeploy). Returns ``status()``.
+    """
+    with _lock():
+        if is_disabled():
+            _state.status, _state.reason = "disabled", f"{ENV_DISABLE} is set"
+            return status()
+        if root is not None or guard_kwargs:
+            _state.root = root
+            _state.guard_kwargs = dict(guard_kwargs)
+            _state.guard_result = None
+        autoload.install_finder()
+        if _state.status == "inactive":
+            _state.status = "hooked"
+        for name in PATCHERS:
+            mod = sys.modules.get(name)
+            if mod is not None:
+                _apply(name, mod)
+        if _state.status not in ("refused", "failed"):
+            _ensure_guard()
+        return status()
+
+
+def deactivate() -> dict:
+    """Revert every patch and remove the finder (tests; a later ``activate()`` starts afresh)."""
+    with _lock():
+        _rollback()
+        autoload.remove_finder()
+        autoload.stopped = False
+        fresh = _State()
+        _state.__dict__.update(fresh.__dict__)
+        return status()
+
+
+def status() -> dict:
+    """Where activation stands: status, reason, patched modules and rebound attributes."""
+    current = _state.status
+    if current == "inactive" and autoload.finder in sys.meta_path:
+        current = "hooked"  # installed by the .pth; LMDeploy not imported yet
+    return {
+        "status": current,
+        "reason": _state.reason,
+        "patched_modules": sorted(_state.patched_modules),
+        "patches": [repr(p) for p in _state.patches],
+        "hook_installed": autoload.finder in sys.meta_path,
+    }

@@ -1,0 +1,389 @@
+"""Version and source-hash guard for the LMDeploy patches.
+
+The extension rebinds a handful of LMDeploy 0.18.0 functions (``activate.py``) and
+relies on the exact behaviour of a few more (the callers of those functions and the
+eviction method the connector copies). Before anything is patched, ``verify()`` checks
+
+- the installed LMDeploy version equals ``SUPPORTED_LMDEPLOY_VERSION``, and
+- for every target in ``PINS``, sha256 of its source equals the pinned digest.
+
+Invariants:
+- ``verify()`` never imports LMDeploy: it reads the version from the distribution
+  metadata and the sources from the installed files (``ast``), so a refusal leaves
+  LMDeploy exactly as stock, and the check costs nothing at interpreter start.
+- The source a pin hashes is what ``inspect.getsource`` returns for the live object
+  (decorators included, original indentation); ``tests/integration/test_guard.py``
+  checks that both ways of reading it agree.
+- Pins are computed from the installed 0.18.0 (``python -m
+  lmdeploy_hostcache.integration.guard --print-pins``) and committed here.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "PINS",
+    "PATCHED_TARGETS",
+    "RELIED_TARGETS",
+    "SUPPORTED_LMDEPLOY_VERSION",
+    "GuardResult",
+    "installed_lmdeploy_version",
+    "lmdeploy_root",
+    "source_digest",
+    "target_source",
+    "verify",
+]
+
+SUPPORTED_LMDEPLOY_VERSION = "0.18.0"
+
+# Targets are "dotted.module:Qualified.name". A class target pins the whole class body
+# (used where the patched callable has no source of its own, e.g. a dataclass __init__).
+PATCHED_TARGETS: dict[str, str] = {
+    # target -> why it is rebound (see activate.py)
+    "lmdeploy.pytorch.kv_connector.factory:build_kv_connector":
+        "route kv_connector='HostTierConnector' to build_host_tier_connector",
+    "lmdeploy.pytorch.kv_connector.factory:prepare_kv_connector_config":
+        "refuse unsupported configurations at start-up; normalise the extra config",
+    "lmdeploy.pytorch.paging.scheduler:Scheduler.__init__":
+        "install the eviction hook (install_scheduler_hook) after construction",
+    "lmdeploy.pytorch.engine.executor.base:ExecutorBase.__init__":
+        "refuse model-dependent configurations before workers and weights load",
+    "lmdeploy.pytorch.engine.executor.base:ExecutorBase._update_num_gpu_blocks":
+        "compute host slots from host_cache_gb and the per-block bytes",
+    "lmdeploy.cli.serve:SubCliServe.add_parser_api_server":
+        "add --host-cache-gb / --host-cache-config to the PyTorch engine group",
+    "lmdeploy.cli.serve:SubCliServe.api_server":
+        "turn the flags into kv_transfer_config",
+    "lmdeploy.messages:PytorchEngineConfig":
+        "accept host_cache_gb= / host_cache_config= keywords (wraps the generated __init__)",
+    "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics":
+        "attach the host-tier counters to ScheduleMetrics",
+    "lmdeploy.metrics.stats:SchedulerStats.update_from_schedule_metrics":
+        "carry the host-tier counters to the stat loggers",
+    "lmdeploy.metrics.loggers:LoggingStatLogger.log":
+        "append the host-tier line to the periodic stats log",
+    "lmdeploy.metrics.loggers:PrometheusStatLogger.__init__":
+        "register the host-tier Prometheus collector",
+    "lmdeploy.metrics.loggers:PrometheusStatLogger.record_schedule":
+        "publish the host-tier counters to Prometheus",
+}
+RELIED_TARGETS: dict[str, str] = {
+    # target -> what we rely on (not rebound)
+    "lmdeploy.pytorch.paging.block_trie.kv_lifecycle:KVBlockLifecycle._try_evict_leaf":
+        "copied and extended by HostTierKVBlockLifecycle (demotion before detach)",
+    "lmdeploy.pytorch.engine.engine:Engine.__init__":
+        "calls prepare_kv_connector_config(model_path, dist_config, executor backend) before "
+        "the executor; builds the scheduler connector from executor.cache_config",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.build_cache_engine":
+        "builds the worker connector and registers connector_kv_caches",
+    "lmdeploy.pytorch.engine.executor.base:ExecutorBase.update_configs":
+        "sets states_shapes and disables prefix caching before _update_num_gpu_blocks, "
+        "ships the cache config to workers after it",
+    "lmdeploy.cli.serve:SubCliServe.add_parsers":
+        "binds SubCliServe.api_server as the parser default when called",
+    # the external-load path the connector drives (study sections 3-4)
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.try_load":
+        "asks get_num_new_matched_tokens right after the local GPU match",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.apply_load_results":
+        "turns KVLoadResult into publish (success) or rollback (failure)",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator._publish":
+        "re-attaches loaded blocks to the trie and sets cached_tokens",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator._rollback":
+        "frees the destination blocks of a failed load; the request recomputes",
+    "lmdeploy.pytorch.kv_connector.base:KVConnectorOutputAggregator":
+        "TP aggregation of finished ids and invalid block ids (ray executor)",
+    "lmdeploy.pytorch.engine.cache_engine.engine:CacheEngine.connector_kv_caches":
+        "one contiguous [pages, bytes] row per pool and layer, entry_axis=1",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._get_connector_kv_caches":
+        "adds the MTP rows under the 'mtp.' prefix",
+}
+
+# sha256 of the target's source (inspect.getsource form) in LMDeploy 0.18.0. FILE_PINS below
+# (sha256 of each whole file) only lets verify() skip parsing a file that is byte-identical.
+PINS: dict[str, str] = {
+    "lmdeploy.pytorch.kv_connector.factory:build_kv_connector":
+        "4e83a74e1a4cc538e25bce7addbc4a0dd857d220aa1d50f97dff29e3f1daffff",
+    "lmdeploy.pytorch.kv_connector.factory:prepare_kv_connector_config":
+        "e31c862767ca65dd2913eb64df41bbbb89ecc80a012c7de970c53c5d1b0bcc89",
+    "lmdeploy.pytorch.paging.scheduler:Scheduler.__init__":
+        "21a709e2b298abccf6873f20b64912f52293041f5f5ee20d469caf25b90a39c8",
+    "lmdeploy.pytorch.engine.executor.base:ExecutorBase.__init__":
+        "61712aee59d4be95c35804753ac8277fb36045002fa83ab3e81ae2fc9f8dc2e9",
+    "lmdeploy.pytorch.engine.executor.base:ExecutorBase._update_num_gpu_blocks":
+        "530062688135691989ca008948c707fbaee6b5b81e149f4e5130b50325827c1c",
+    "lmdeploy.cli.serve:SubCliServe.add_parser_api_server":
+        "6a2231a7ec444e1dc6d20ec0494ed1c620c80eef30c33f37f31ab20db29666c1",
+    "lmdeploy.cli.serve:SubCliServe.api_server":
+        "5e5a1a30562a820292783a812cc70e01ca63f4360f9b8202be2974148e0ce2bf",
+    "lmdeploy.messages:PytorchEngineConfig":
+        "558b60649b26a08617d145dde55d2abd06c5c9b462343e1f1b6b0504b50f79b8",
+    "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics":
+        "f9bb82dd6e489d89fd5a4ef7091f5873ea2fd2cc5d30a9a58e627910a2d8e738",
+    "lmdeploy.metrics.stats:SchedulerStats.update_from_schedule_metrics":
+        "fac90c4f092d142634daa6ad88070b0cb40143958a8c54033ba785213ce495f8",
+    "lmdeploy.metrics.loggers:LoggingStatLogger.log":
+        "fd2a4c836ed3368a15a80662b5b1696bc1bd887ba1be119a40cc8defc0eff519",
+    "lmdeploy.metrics.loggers:PrometheusStatLogger.__init__":
+        "f12e976021fa8cf4b6ba3c31728c0e013edc5bb50002eb639bcf68d53c9ecd20",
+    "lmdeploy.metrics.loggers:PrometheusStatLogger.record_schedule":
+        "67084499a3205ce210bc1a13fe1b00dfb755868c6f9b3822d1c02f3e0ec07939",
+    "lmdeploy.pytorch.paging.block_trie.kv_lifecycle:KVBlockLifecycle._try_evict_leaf":
+        "106752aaa3464858c936037e90ef2e89cf7c4e92491668ef8f7989a1b2c24670",
+    "lmdeploy.pytorch.engine.engine:Engine.__init__":
+        "ad1232624f0b2dccee70e66806faecb64a818fc2c92c4c1fd3c0fad4055c3096",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.build_cache_engine":
+        "4a00cbe610f3d44252af69752ac570b64e3aa54ae320e55743e9ff989124edbc",
+    "lmdeploy.pytorch.engine.executor.base:ExecutorBase.update_configs":
+        "f6f38426f9ea1a1a56f8bb289859167ffe9127c422c6b32b54721e55bfa44415",
+    "lmdeploy.cli.serve:SubCliServe.add_parsers":
+        "2cd3e4a583cc92c91e65df012b71a0753ef5051c0b4d463a5ca2d8d4d9784938",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.try_load":
+        "0959aaeda8529d7d0e2b190b2251c57d755fdf3ed574514346cfe5aed33447b4",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.apply_load_results":
+        "0bbb9936df577b4e5ab00356b72225747d3b0f6e2764eac581e150780f6e615f",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator._publish":
+        "54d2cc8e4cd45240cf3747fae14b336edadf7eb74664645e97189f4648aabaf5",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator._rollback":
+        "caa22027e489659b694de0004d2ece05d43e43cf9aa1308f7243c71745584c3b",
+    "lmdeploy.pytorch.kv_connector.base:KVConnectorOutputAggregator":
+        "f0ad6716fdaff76ee67a9faa70466ef5558da889100aef46a37b6b333b1388ec",
+    "lmdeploy.pytorch.engine.cache_engine.engine:CacheEngine.connector_kv_caches":
+        "bfa9a25ee53dcd171a5c64352fe9a7ca5799525a49d4bc18d32312682491ad7b",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._get_connector_kv_caches":
+        "6652d187a76fef711498ccc4d78a36d88aa2e82ad062dfab67da808e26dd2174",
+}
+FILE_PINS: dict[str, str] = {
+    "lmdeploy.pytorch.kv_connector.factory":
+        "efd235a78280e728d6deafe838cc20e66ec6e7232c9cf8b1f1aa3f921b0f43e6",
+    "lmdeploy.pytorch.paging.scheduler":
+        "d4216b78de44bda7c818654668ff27c1c6ef019bded5cea91cc47204844c2b57",
+    "lmdeploy.pytorch.engine.executor.base":
+        "3a387d8464611bbc14e7358cb3792427e9c63b34c8377db9fc652c9c0bd09298",
+    "lmdeploy.cli.serve":
+        "a9f759295c65cd62de1e15e0c4e1c6d69e6ef4fb50e7d9e21eebc81a077be825",
+    "lmdeploy.messages":
+        "1957d62219f3ac4aeeaa45da46b89a3db1b46c9159e7ec6187ba9722e4bd3b7d",
+    "lmdeploy.pytorch.engine.engine":
+        "3a2830561003ac79977b17a50c5fc5ca0006bd7304d8370f658f4c3b4047f295",
+    "lmdeploy.metrics.stats":
+        "7585fbc6e76d04a7e8e736f1cf3a49dd7a45a4b772d91fcae89751ea6bfa103b",
+    "lmdeploy.metrics.loggers":
+        "253175aebf0bd6f8aeefeed872bdfb0882fbe5553f7193e1d1f3fdd07dd85dd2",
+    "lmdeploy.pytorch.paging.block_trie.kv_lifecycle":
+        "6f2b1b9cb4c0974af2e1afdb01ee61889100010597e563cb11a9a6b496ec18bd",
+    "lmdeploy.pytorch.engine.model_agent.agent":
+        "99fb1968a3fb086d99eb018e352b1db4df2c5900a2b7fc461438da585f406913",
+    "lmdeploy.pytorch.paging.kv_load_coordinator":
+        "701ca0b08df191519e418a66faf485fb148bd8a84219231cdfe7377b8e5ae1f2",
+    "lmdeploy.pytorch.kv_connector.base":
+        "50e51a2bd127b5946d68a0add775e75b513b7c33c06f4b8f767b5d3b13341831",
+    "lmdeploy.pytorch.engine.cache_engine.engine":
+        "2952c8c1beb711da4085f4b13b20fb29321043564ab6f8c3c44466ade08b6b2f",
+}
+
+
+@dataclass
+class GuardResult:
+    """Outcome of ``verify``: ``ok`` only when the version and every pin match."""
+
+    ok: bool
+    version: str | None
+    problems: list[str] = field(default_factory=list)
+
+    def message(self) -> str:
+        if self.ok:
+            return f"LMDeploy {self.version}: version and {len(PINS)} source pins match"
+        return ("lmdeploy-hostcache not activated, LMDeploy runs as stock: "
+                + "; ".join(self.problems))
+
+
+def lmdeploy_root() -> Path | None:
+    """Directory of the installed ``lmdeploy`` package, found without importing it."""
+    mod = sys.modules.get("lmdeploy")
+    if mod is not None:
+        paths = list(getattr(mod, "__path__", None) or [])
+        return Path(paths[0]) if paths else None
+    try:
+        spec = importlib.util.find_spec("lmdeploy")  # top-level: searches sys.path, imports nothing
+    except (ImportError, ValueError):
+        return None
+    locs = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locs[0]) if locs else None
+
+
+def installed_lmdeploy_version(root: Path | None = None) -> str | None:
+    """LMDeploy's version from its own ``version.py`` (what the package reports), else metadata."""
+    root = root if root is not None else lmdeploy_root()
+    if root is not None:
+        try:
+            text = (root / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            text = ""
+        m = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", text, re.M)
+        if m:
+            return m.group(1)
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version("lmdeploy")
+    except PackageNotFoundError:
+        return None
+
+
+def _module_file(root: Path, module: str) -> Path:
+    parts = module.split(".")
+    if parts[0] != "lmdeploy":
+        raise ValueError(f"guard target outside lmdeploy: {module}")
+    base = root.joinpath(*parts[1:])
+    if (base / "__init__.py").exists():
+        return base / "__init__.py"
+    return base.with_suffix(".py")
+
+
+def _find_def(tree: ast.Module, qualname: str) -> ast.AST | None:
+    body = tree.body
+    node: ast.AST | None = None
+    for part in qualname.split("."):
+        node = None
+        for item in body:
+            if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and item.name == part:
+                node = item  # the last definition wins, as at run time
+        if node is None:
+            return None
+        body = getattr(node, "body", [])
+    return node
+
+
+def _read_module(root: Path, module: str, cache: dict | None) -> tuple[Path, str, ast.Module]:
+    path = _module_file(root, module)
+    if cache is not None and path in cache:
+        return cache[path]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise LookupError(f"{module}: cannot read {path} ({exc.strerror})") from None
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError as exc:
+        raise LookupError(f"{module}: {path} does not parse ({exc.msg})") from None
+    if cache is not None:
+        cache[path] = (path, text, tree)
+    return path, text, tree
+
+
+def target_source(target: str, root: Path | None = None, *, _cache: dict | None = None) -> str:
+    """Source text of ``target`` read from the installed file (no import).
+
+    Raises LookupError naming the target when the file or the definition is missing.
+    """
+    root = root if root is not None else lmdeploy_root()
+    if root is None:
+        raise LookupError("lmdeploy is not installed")
+    module, _, qualname = target.partition(":")
+    try:
+        path, text, tree = _read_module(root, module, _cache)
+    except LookupError as exc:
+        raise LookupError(f"{target}: {exc}") from None
+    node = _find_def(tree, qualname)
+    if node is None:
+        raise LookupError(f"{target}: no such definition in {path}")
+    lines = text.splitlines(keepends=True)
+    start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    return "".join(lines[start - 1:node.end_lineno])
+
+
+def source_digest(source: str) -> str:
+    return hashlib.sha256(source.encode("utf-8")).hexdigest()
+
+
+def verify(root: Path | None = None, *, version: str | None = None,
+           pins: dict[str, str] | None = None) -> GuardResult:
+    """Check the LMDeploy version and every source pin; collect every problem found.
+
+    ``version``/``pins``/``root`` exist for tests (a fake version, a modified copy).
+    """
+    root = root if root is not None else lmdeploy_root()
+    pins = PINS if pins is None else pins
+    if root is None:
+        return GuardResult(False, None, ["lmdeploy is not installed"])
+    found = version if version is not None else installed_lmdeploy_version(root)
+    problems: list[str] = []
+    if found != SUPPORTED_LMDEPLOY_VERSION:
+        problems.append(f"LMDeploy version is {found}, this build supports exactly {SUPPORTED_LMDEPLOY_VERSION}")
+    if not pins:
+        problems.append("no source pins are recorded (run `python -m lmdeploy_hostcache.integration.guard "
+                        "--print-pins` on LMDeploy 0.18.0)")
+    cache: dict = {}  # each file is read and parsed once
+    by_module: dict[str, list[str]] = {}
+    for target in pins:
+        by_module.setdefault(target.partition(":")[0], []).append(target)
+    for module, targets in by_module.items():
+        # Fast path: a file byte-identical to the one the pins were computed from needs no parse
+        # (only with the committed pins: tests pass their own).
+        if pins is PINS and FILE_PINS.get(module) is not None and _file_digest(root, module) == FILE_PINS[module]:
+            continue
+        for target in targets:
+            want = pins[target]
+            try:
+                got = source_digest(target_source(target, root, _cache=cache))
+            except LookupError as exc:
+                problems.append(str(exc))
+                continue
+            if got != want:
+                problems.append(f"the source of {target} differs from LMDeploy {SUPPORTED_LMDEPLOY_VERSION} "
+                                f"(sha256 {got[:12]}..., pinned {want[:12]}...)")
+    return GuardResult(ok=not problems, version=found, problems=problems)
+
+
+def _file_digest(root: Path, module: str) -> str | None:
+    try:
+        return hashlib.sha256(_module_file(root, module).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def compute_pins(root: Path | None = None) -> dict[str, str]:
+    """Digests of every target as installed now (to regenerate ``PINS``)."""
+    targets = list(PATCHED_TARGETS) + list(RELIED_TARGETS)
+    return {t: source_digest(target_source(t, root)) for t in targets}
+
+
+def compute_file_pins(root: Path | None = None) -> dict[str, str]:
+    """sha256 of each whole file holding a target (to regenerate ``FILE_PINS``)."""
+    root = root if root is not None else lmdeploy_root()
+    modules = dict.fromkeys(t.partition(":")[0] for t in list(PATCHED_TARGETS) + list(RELIED_TARGETS))
+    return {m: _file_digest(root, m) for m in modules}
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lmdeploy_hostcache.integration.guard",
+                                description="Check (or print) the LMDeploy source pins.")
+    p.add_argument("--print-pins", action="store_true", help="print PINS computed from the installed LMDeploy")
+    args = p.parse_args(argv)
+    if args.print_pins:
+        print("PINS: dict[str, str] = {")
+        for target, digest in compute_pins().items():
+            print(f'    "{target}":\n        "{digest}",')
+        print("}")
+        print("FILE_PINS: dict[str, str] = {")
+        for module, digest in compute_file_pins().items():
+            print(f'    "{module}":\n        "{digest}",')
+        print("}")
+        return 0
+    result = verify()
+    print(result.message())
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

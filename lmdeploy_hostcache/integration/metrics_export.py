@@ -1,0 +1,225 @@
+"""Host-tier counters in LMDeploy's periodic stats log and on its Prometheus endpoint.
+
+Data path (works whether the engine runs in the API-server process or in LMDeploy's
+separate engine process, because ``ScheduleMetrics`` is pickled across):
+
+    scheduler connector .metrics (HostTierMetrics)
+      -> Engine.get_schedule_metrics(): ScheduleMetrics.host_tier = snapshot()
+      -> SchedulerStats.update_from_schedule_metrics(): stats.host_tier
+      -> LoggingStatLogger.log(): one extra "host-tier: ..." line after LMDeploy's own
+      -> PrometheusStatLogger.record_schedule(): HostTierCollector (lmdeploy:host_cache_*)
+
+``activate.py`` binds the wrappers built here. Invariants: one ``HostTierCollector`` per
+process, registered once in ``prometheus_client.REGISTRY`` (it has no ``_name``, so
+LMDeploy's "unregister every lmdeploy collector" loop leaves it alone); counters are
+exported as Prometheus counters because ``HostTierMetrics`` counters only grow; with
+no host tier configured nothing is added anywhere.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "COUNTERS",
+    "HostTierCollector",
+    "collector",
+    "format_log_line",
+    "host_tier_snapshot",
+    "wrap_engine_get_schedule_metrics",
+    "wrap_logging_log",
+    "wrap_prometheus_init",
+    "wrap_prometheus_record_schedule",
+    "wrap_update_from_schedule_metrics",
+]
+
+PREFIX = "lmdeploy:host_cache_"
+# snapshot key -> (Prometheus name without _total, help)
+COUNTERS: dict[str, tuple[str, str]] = {
+    "lookups": ("lookups", "Host-tier lookups (admission attempts that reached the host tier)."),
+    "lookup_blocks": ("lookup_blocks", "Blocks looked up in the host tier past the GPU prefix match."),
+    "hit_blocks": ("hit_blocks", "Blocks found host-resident and verified."),
+    "hit_tokens": ("hit_tokens", "Tokens in host-tier hits."),
+    "restored_tokens": ("restored_tokens", "Tokens whose host-to-GPU restore completed."),
+    "restore_failures": ("restore_failures", "Restores that failed or were aborted (recomputed instead)."),
+    "demotions": ("demotions", "Blocks demoted from GPU to host memory."),
+    "demotion_failures": ("demotion_failures", "Demotions that failed."),
+    "host_evictions": ("evictions", "Host blocks evicted to make room or orphaned."),
+    "bytes_to_host": ("bytes_to_host", "Bytes copied GPU -> host."),
+    "bytes_to_gpu": ("bytes_to_gpu", "Bytes copied host -> GPU."),
+}
+_LATENCY_KEYS = ("restore_latency_mean_s", "restore_latency_max_s", "restore_latency_count")
+
+
+def host_tier_snapshot(connector: Any) -> dict[str, float] | None:
+    """Counters (and occupancy when offered) of the scheduler-side host tier, else None.
+
+    Prefers ``connector.scheduler_side.stats()`` (counters plus host_slots/host_slots_used),
+    falls back to ``connector.metrics.snapshot()``; any other connector gives None.
+    """
+    if connector is None or not type(connector).__module__.startswith("lmdeploy_hostcache."):
+        return None
+    try:
+        stats = getattr(getattr(connector, "scheduler_side", None), "stats", None)
+        if callable(stats):
+            return dict(stats())
+        snap = getattr(getattr(connector, "metrics", None), "snapshot", None)
+        return dict(snap()) if callable(snap) else None
+    except Exception:  # metrics must never break the engine's status calls
+        return None
+
+
+def format_log_line(s: Mapping[str, float], dp_rank: int | None = None) -> str:
+    """The stats-log line (same fields as ``HostTierMetrics.log_line``) from a snapshot dict."""
+    lookup_blocks = s.get("lookup_blocks", 0)
+    hit = s.get("hit_blocks", 0) / lookup_blocks if lookup_blocks else 0.0
+    where = f"DP{dp_rank} " if dp_rank is not None else ""
+    return (f"[{where}host-tier] lookups={s.get('lookups', 0)} "
+            f"hit_blocks={s.get('hit_blocks', 0)}/{lookup_blocks} ({hit:.1%}) "
+            f"hit_tokens={s.get('hit_tokens', 0)} restored_tokens={s.get('restored_tokens', 0)} "
+            f"restore_failures={s.get('restore_failures', 0)} demotions={s.get('demotions', 0)} "
+            f"host_evictions={s.get('host_evictions', 0)} "
+            f"to_host={s.get('bytes_to_host', 0) / 2**30:.2f}GiB to_gpu={s.get('bytes_to_gpu', 0) / 2**30:.2f}GiB "
+            f"restore_latency_mean={s.get('restore_latency_mean_s', 0.0) * 1e3:.2f}ms "
+            f"max={s.get('restore_latency_max_s', 0.0) * 1e3:.2f}ms")
+
+
+class HostTierCollector:
+    """A prometheus_client custom collector over the latest snapshot per (model_name, engine)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[tuple[str, str], dict[str, float]] = {}
+
+    def update(self, labels: tuple[str, str], snapshot: Mapping[str, float]) -> None:
+        with self._lock:
+            self._latest[labels] = dict(snapshot)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._latest.clear()
+
+    def describe(self):  # lets REGISTRY detect name clashes without calling collect()
+        return list(self._families({}))
+
+    def collect(self):
+        with self._lock:
+            latest = {k: dict(v) for k, v in self._latest.items()}
+        return list(self._families(latest))
+
+    @staticmethod
+    def _families(latest: dict[tuple[str, str], dict[str, float]]):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+        labels = ["model_name", "engine"]
+        for key, (name, help_text) in COUNTERS.items():
+            fam = CounterMetricFamily(PREFIX + name, help_text, labels=labels)
+            for lv, snap in latest.items():
+                if key in snap:
+                    fam.add_metric(list(lv), float(snap[key]))
+            yield fam
+        lat = SummaryMetricFamily(PREFIX + "restore_latency_seconds",
+                                  "Host-to-GPU restore latency, from load start to completion.", labels=labels)
+        worst = GaugeMetricFamily(PREFIX + "restore_latency_max_seconds",
+                                  "Largest host-to-GPU restore latency seen.", labels=labels)
+        for lv, snap in latest.items():
+            count = snap.get("restore_latency_count", 0)
+            lat.add_metric(list(lv), count_value=count, sum_value=snap.get("restore_latency_mean_s", 0.0) * count)
+            worst.add_metric(list(lv), float(snap.get("restore_latency_max_s", 0.0)))
+        yield lat
+        yield worst
+        # Any further numeric field the connector adds (slots in use, ...) becomes a gauge.
+        extra_keys = sorted({k for snap in latest.values() for k in snap}
+                            - set(COUNTERS) - set(_LATENCY_KEYS))
+        for key in extra_keys:
+            fam = GaugeMetricFamily(PREFIX + key, f"Host tier: {key.replace('_', ' ')}.", labels=labels)
+            for lv, snap in latest.items():
+                value = snap.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    fam.add_metric(list(lv), float(value))
+            yield fam
+
+
+_collector: HostTierCollector | None = None
+_registered = False
+_reg_lock = threading.Lock()
+
+
+def collector(register: bool = True) -> HostTierCollector:
+    """The process-wide collector; registered in ``prometheus_client.REGISTRY`` once."""
+    global _collector, _registered
+    with _reg_lock:
+        if _collector is None:
+            _collector = HostTierCollector()
+        if register and not _registered:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.register(_collector)
+            _registered = True
+        return _collector
+
+
+# -- wrappers (bound by activate.py) -------------------------------------------------------
+
+def _mark(fn: Callable) -> Callable:
+    fn.__hostcache_wrapped__ = True
+    return fn
+
+
+def wrap_engine_get_schedule_metrics(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_schedule_metrics(self):
+        metrics = original(self)
+        scheduler = getattr(self, "scheduler", None)
+        snap = host_tier_snapshot(getattr(scheduler, "kv_connector", None))
+        if snap is not None and metrics is not None:
+            metrics.host_tier = snap
+        return metrics
+
+    return _mark(get_schedule_metrics)
+
+
+def wrap_update_from_schedule_metrics(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def update_from_schedule_metrics(self, scheduled_metrics):
+        original(self, scheduled_metrics)
+        self.host_tier = getattr(scheduled_metrics, "host_tier", None)
+
+    return _mark(update_from_schedule_metrics)
+
+
+def wrap_logging_log(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def log(self):
+        # LMDeploy skips the line when no token was processed since the last one; so do we.
+        will_print = bool(getattr(self, "total_prompt_tokens", 0) or getattr(self, "total_generation_tokens", 0))
+        original(self)
+        snap = getattr(getattr(self, "last_scheduler_stats", None), "host_tier", None)
+        if will_print and snap:
+            print(format_log_line(snap, getattr(self, "dp_rank", None)), flush=True)
+
+    return _mark(log)
+
+
+def wrap_prometheus_init(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __init__(self, model_name: str, max_model_len: int, dp_rank: int = 0, *args, **kwargs):
+        original(self, model_name, max_model_len, dp_rank, *args, **kwargs)
+        self._hostcache_labels = (str(model_name), str(dp_rank))
+        collector(register=True)
+
+    return _mark(__init__)
+
+
+def wrap_prometheus_record_schedule(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def record_schedule(self, stats):
+        original(self, stats)
+        snap = getattr(stats, "host_tier", None)
+        labels = getattr(self, "_hostcache_labels", None)
+        if snap and labels is not None:
+            collector(register=True).update(labels, snap)
+
+    return _mark(record_schedule)

@@ -1,0 +1,199 @@
+"""Start-up refusals (integration/compat.py), directly and through LMDeploy's own code paths."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+
+from lmdeploy_hostcache.integration.compat import (
+    CONNECTOR_NAME,
+    UnsupportedConfiguration,
+    check_model_supported,
+    check_supported,
+)
+
+pytest.importorskip("lmdeploy")
+from lmdeploy.messages import KVTransferConfig  # noqa: E402
+from lmdeploy.pytorch.config import CacheConfig, DistConfig  # noqa: E402
+from lmdeploy.pytorch.disagg.config import EngineRole  # noqa: E402
+
+
+def _cache_config(**overrides) -> CacheConfig:
+    tc = overrides.pop("kv_transfer_config", None) or KVTransferConfig(
+        kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+        kv_connector_extra_config={"hostcache_config": {"host_cache_gb": 1}})
+    kwargs = dict(max_batches=4, block_size=64, num_cpu_blocks=0, num_gpu_blocks=0,
+                  enable_prefix_caching=True, kv_transfer_config=tc)
+    kwargs.update(overrides)
+    return CacheConfig(**kwargs)
+
+
+def _reasons(exc_info) -> str:
+    return "\n".join(exc_info.value.reasons)
+
+
+def test_supported_configuration_passes():
+    check_supported(_cache_config(), dist_config=DistConfig(), distributed_executor_backend="uni")
+    check_model_supported(_cache_config(), model_config=SimpleNamespace(states_shapes=[], sliding_window=-1),
+                          misc_config=SimpleNamespace(memdecode_config=None))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"enable_prefix_caching": False}, "prefix caching is off"),
+    ({"num_cpu_blocks": 16}, "num_cpu_blocks=16"),
+    ({"role": EngineRole.Prefill}, "role Prefill"),
+    ({"role": EngineRole.Decode}, "role Decode"),
+    ({"states_shapes": [((4, 8), "float16")]}, "SSM"),
+])
+def test_each_cache_setting_is_refused_with_its_name(overrides, needle):
+    with pytest.raises(UnsupportedConfiguration) as exc_info:
+        check_supported(_cache_config(**overrides), dist_config=DistConfig())
+    assert needle in _reasons(exc_info)
+    assert len(exc_info.value.reasons) == 1
+
+
+def test_window_attention_is_refused():
+    cfg = _cache_config()
+    cfg.window_size = 4096  # what ExecutorBase sets from model_config.sliding_window
+    with pytest.raises(UnsupportedConfiguration, match="window attention"):
+        check_supported(cfg)
+
+
+def test_mp_executor_with_tp_is_refused_but_ray_and_single_gpu_pass():
+    dist = SimpleNamespace(world_size=2)
+    with pytest.raises(UnsupportedConfiguration, match="distributed_executor_backend='mp'"):
+        check_supported(_cache_config(), dist_config=dist, distributed_executor_backend="mp")
+    check_supported(_cache_config(), dist_config=dist, distributed_executor_backend="ray")
+    check_supported(_cache_config(), dist_config=SimpleNamespace(world_size=1), distributed_executor_backend="mp")
+
+
+def test_role_other_than_kv_both_is_refused():
+    tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_consumer")
+    with pytest.raises(UnsupportedConfiguration, match="kv_role is 'kv_consumer'"):
+        check_supported(_cache_config(kv_transfer_config=tc))
+
+
+def test_another_connectors_settings_are_refused():
+    tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+                          kv_connector_extra_config={"mooncake_config_path": "/etc/mc.json", "host_cache_gb": 2})
+    with pytest.raises(UnsupportedConfiguration, match="mooncake_config_path"):
+        check_supported(_cache_config(kv_transfer_config=tc))
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(UnsupportedConfiguration) as exc_info:
+        check_supported(_cache_config(enable_prefix_caching=False, num_cpu_blocks=2, role=EngineRole.Prefill),
+                        dist_config=SimpleNamespace(world_size=4), distributed_executor_backend="mp")
+    assert len(exc_info.value.reasons) == 4
+    assert isinstance(exc_info.value, ValueError)
+
+
+@pytest.mark.parametrize("model, misc, needle", [
+    (SimpleNamespace(states_shapes=[((1,), "f")], sliding_window=-1,
+                     hf_config=SimpleNamespace(model_type="qwen3_next")), None, "qwen3_next"),
+    (SimpleNamespace(states_shapes=[], sliding_window=4096), None, "sliding_window=4096"),
+    (SimpleNamespace(states_shapes=[], sliding_window=-1), SimpleNamespace(memdecode_config=object()), "MemDecode"),
+])
+def test_model_dependent_refusals(model, misc, needle):
+    with pytest.raises(UnsupportedConfiguration, match=needle):
+        check_model_supported(_cache_config(), model_config=model, misc_config=misc)
+
+
+def test_prefix_caching_switched_off_by_lmdeploy_is_refused():
+    cfg = _cache_config()
+    cfg.enable_prefix_caching = False  # e.g. ExecutorBase._maybe_disable_unsupported_prefix_caching
+    with pytest.raises(UnsupportedConfiguration, match="switched prefix caching off"):
+        check_model_supported(cfg, model_config=SimpleNamespace(states_shapes=[], sliding_window=-1))
+
+
+# -- through LMDeploy's own start-up code (the wrappers bound by activate.py) ---------------
+
+@pytest.fixture
+def active():
+    from lmdeploy_hostcache.integration import activate as act
+
+    st = act.activate()
+    if st["status"] != "active":
+        pytest.skip(f"activation is {st['status']}: {st['reason']}")
+    return act
+
+
+def test_prepare_kv_connector_config_refuses_before_modifying(active):
+    from lmdeploy.pytorch.kv_connector import factory
+
+    cfg = _cache_config(enable_prefix_caching=False,
+                        kv_transfer_config=KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+                                                            kv_connector_extra_config={"host_cache_gb": 2}))
+    before = copy.deepcopy(cfg.kv_transfer_config.kv_connector_extra_config)
+    with pytest.raises(UnsupportedConfiguration, match="prefix caching is off"):
+        factory.prepare_kv_connector_config(cfg, model_path="/models/x", dist_config=DistConfig(),
+                                            distributed_executor_backend="uni")
+    assert cfg.kv_transfer_config.kv_connector_extra_config == before
+
+
+def test_prepare_kv_connector_config_normalises_and_names_the_model(active, tmp_path):
+    from lmdeploy.pytorch.kv_connector import factory
+
+    tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+                          kv_connector_extra_config={"host_cache_gb": 2, "min_restore_tokens": 64})
+    cfg = _cache_config(kv_transfer_config=tc)
+    factory.prepare_kv_connector_config(cfg, model_path=str(tmp_path), dist_config=DistConfig(),
+                                        distributed_executor_backend="uni")
+    extra = cfg.kv_transfer_config.kv_connector_extra_config
+    assert set(extra) == {"hostcache_config", "model_identity"}
+    assert extra["hostcache_config"]["host_cache_gb"] == 2.0
+    assert extra["hostcache_config"]["min_restore_tokens"] == 64
+    assert extra["model_identity"] == str(tmp_path.resolve())
+
+
+def test_prepare_kv_connector_config_leaves_other_connectors_to_lmdeploy(active):
+    from lmdeploy.pytorch.kv_connector import factory
+
+    cfg = _cache_config(enable_prefix_caching=False, kv_transfer_config=KVTransferConfig())
+    factory.prepare_kv_connector_config(cfg)  # stock: no connector, nothing to check
+    mooncake = _cache_config(num_cpu_blocks=4, kv_transfer_config=KVTransferConfig(
+        kv_connector="MooncakeStoreConnector", kv_role="kv_both"))
+    with pytest.raises(ValueError, match="Mooncake Store does not support CPU KV paging"):
+        factory.prepare_kv_connector_config(mooncake)
+
+
+def _executor(cache_config, model_config, misc=None):
+    from lmdeploy.pytorch.engine.executor.base import ExecutorBase
+
+    return ExecutorBase("/models/x", model_config, cache_config, backend_config=SimpleNamespace(),
+                        dist_config=DistConfig(), misc_config=misc or SimpleNamespace(memdecode_config=None))
+
+
+def test_executor_init_refuses_sliding_window_model(active):
+    model = SimpleNamespace(sliding_window=4096, states_shapes=[])
+    with pytest.raises(UnsupportedConfiguration, match="window attention"):
+        _executor(_cache_config(), model)
+
+
+def test_executor_init_refuses_ssm_model(active):
+    model = SimpleNamespace(sliding_window=-1, states_shapes=[((2, 4), "float16")])
+    with pytest.raises(UnsupportedConfiguration, match="SSM"):
+        _executor(_cache_config(), model)
+
+
+def test_executor_init_ignores_engines_without_the_host_tier(active):
+    model = SimpleNamespace(sliding_window=4096, states_shapes=[])
+    ex = _executor(_cache_config(kv_transfer_config=KVTransferConfig()), model)
+    assert ex.cache_config.enable_prefix_caching is False  # LMDeploy's own stock behaviour
+
+
+def test_executor_sizes_host_slots_from_gb(active):
+    from lmdeploy.pytorch.engine.executor.base import _WorkerCachePlanSizes
+
+    model = SimpleNamespace(sliding_window=-1, states_shapes=[])
+    cfg = _cache_config()  # hostcache_config.host_cache_gb = 1
+    ex = _executor(cfg, model)
+    mib = 1 << 20
+    ex._update_num_gpu_blocks([8 << 30, 8 << 30],
+                              [_WorkerCachePlanSizes(target=mib, spec=mib // 4),
+                               _WorkerCachePlanSizes(target=mib, spec=mib // 4)], None)
+    extra = cfg.kv_transfer_config.kv_connector_extra_config
+    assert cfg.num_gpu_blocks > 2  # stock behaviour still ran
+    assert extra["host_slot_bytes"] == mib + mib // 4
+    assert extra["host_cache_blocks"] == (1 << 30) // (2 * (mib + mib // 4))
