@@ -1,0 +1,269 @@
+"""Block gather/scatter and copy-engine bandwidth, measured in this run.
+
+CPU (always): N scattered blocks of a synthetic LMDeploy-shaped packed pool
+(``[layers, pages, page_bytes]`` uint8, one row per layer) gathered into one
+contiguous staging buffer with the torch path of ``transfer.gather_blocks``,
+against one contiguous ``copy_`` of the same number of bytes from the same pool
+into the same staging buffer, for several block sizes; the scatter back is timed the same way.  ``cpu_gather_vs_contiguous`` is
+the smallest gather/contiguous ratio among block sizes >= 256 KiB (target >= 0.5).
+The int8/int4 rows time the quantizing gather (fp16 pages) on one block size.
+
+CUDA (only when ``torch.cuda.is_available()``): the copy engine's D2H (demotions)
+and H2D (loads) GB/s against a plain pinned ``copy_`` of equal size, and the
+Triton gather/scatter kernels' GB/s against a device-to-device ``copy_`` of equal
+size (target >= 0.8 for batches of >= 16 blocks).  Every figure is a median of
+``--repeats`` timed rounds; ratios are computed from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+KIB = 1024
+GATHER_RATIO_TARGET = 0.5
+KERNEL_RATIO_TARGET = 0.8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--blocks", type=int, default=32, help="blocks moved per round (default 32)")
+    parser.add_argument("--sizes-kib", type=str, default="64,256,1024,4096",
+                        help="block sizes in KiB, comma separated (default 64,256,1024,4096)")
+    parser.add_argument("--layers", type=int, default=32, help="rows (layers) per block (default 32)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds; medians are reported (default 9)")
+    parser.add_argument("--spread", type=int, default=4,
+                        help="pool holds spread x blocks; the moved ids are a random subset (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for the CPU rows (default 1: robust on a shared machine)")
+    parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 quantizing rows")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--sizes-kib must be comma-separated integers, got {text!r}") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise SystemExit(f"--sizes-kib must hold positive sizes, got {text!r}")
+    return sizes
+
+
+def _interleaved(fns: dict, repeats: int, sync=None, clock=time.perf_counter) -> dict:
+    """Per-round times of every fn, the fns run back to back in each round (noise hits all alike)."""
+    for fn in fns.values():
+        fn()
+    if sync:
+        sync()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = clock()
+            fn()
+            if sync:
+                sync()
+            times[k].append(clock() - t0)
+    return times
+
+
+def _cpu_clock(torch):
+    """Thread CPU time when torch runs single-threaded (time slices lost to other processes on a
+    shared machine do not count; memory stalls do), wall time otherwise."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _ratio(base: list, other: list) -> float:
+    """Median over rounds of base/other time (>1: ``other`` is faster than ``base``)."""
+    return statistics.median(b / o for b, o in zip(base, other))
+
+
+def _median_time(fn, repeats: int, sync=None, clock=time.perf_counter) -> float:
+    return statistics.median(_interleaved({"fn": fn}, repeats, sync, clock)["fn"])
+
+
+def _make_pool(torch, layers: int, num_blocks: int, block_bytes: int, device, dtype=None):
+    """A packed pool like LMDeploy's: rows ``pool[l]`` of ``[pages, page_bytes]``; 1 page per block."""
+    from ..transfer import KVRowLayout, TensorSpec
+
+    page_bytes = block_bytes // layers
+    pool = torch.empty((layers, num_blocks, page_bytes), dtype=torch.uint8, device=device)
+    pool.view(-1)[:: 4099] = 1  # touch pages cheaply; contents do not matter for raw copies
+    caches = {f"cache_pool.0.row.{i}": pool[i] for i in range(layers)}
+    specs = None
+    if dtype is not None:  # K and V halves of fp16 [tokens, heads, 128]
+        half = page_bytes // 2
+        tokens_heads = half // (128 * dtype.itemsize)
+        specs = [TensorSpec("k_cache", (tokens_heads, 1, 128), dtype), TensorSpec("v_cache", (tokens_heads, 1, 128),
+                                                                                  dtype)]
+        pool.view(dtype).normal_()
+    return pool, caches, KVRowLayout.from_connector_caches(caches, 1, specs)
+
+
+def _cpu_rows(torch, args, sizes):
+    from ..transfer import gather_blocks, scatter_blocks
+
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for kib in sizes:
+        block_bytes = kib * KIB
+        num_blocks = args.blocks * args.spread
+        pool, caches, layout = _make_pool(torch, args.layers, num_blocks, block_bytes, "cpu")
+        ids = torch.randperm(num_blocks, generator=g)[: args.blocks]
+        staging = torch.empty((args.blocks, layout.slot_bytes()), dtype=torch.uint8)
+        # the contiguous baseline reads the same pool memory and writes the same staging buffer
+        src = pool.view(-1)[: args.blocks * layout.slot_bytes()]
+        pool.view(-1).fill_(3)
+        staging.fill_(0)
+        flat = staging.view(-1)
+        nbytes = staging.numel()
+        t = _interleaved({
+            "contig": lambda: flat.copy_(src),
+            "gather": lambda: gather_blocks(layout, caches, ids, staging, backend="torch"),
+            "scatter": lambda: scatter_blocks(layout, staging, ids, caches, backend="torch"),
+        }, args.repeats, clock=_cpu_clock(torch))
+        med = {k: statistics.median(v) for k, v in t.items()}
+        rows.append({
+            "block_kib": kib, "blocks": args.blocks, "layers": args.layers, "bytes": nbytes,
+            "contiguous_gbps": nbytes / med["contig"] / 1e9, "gather_gbps": nbytes / med["gather"] / 1e9,
+            "scatter_gbps": nbytes / med["scatter"] / 1e9,
+            "gather_vs_contiguous": _ratio(t["contig"], t["gather"]),
+            "scatter_vs_contiguous": _ratio(t["contig"], t["scatter"]),
+        })
+        del pool, caches, staging, src
+    return rows
+
+
+def _cpu_quant_rows(torch, args):
+    from ..transfer import gather_blocks
+
+    kib = 256
+    out = []
+    pool, caches, layout = _make_pool(torch, args.layers, args.blocks * 2, kib * KIB, "cpu", torch.float16)
+    ids = torch.arange(0, args.blocks * 2, 2)
+    for fmt in ("int8", "int4"):
+        staging = torch.empty((args.blocks, layout.slot_bytes(fmt)), dtype=torch.uint8)
+        t = _median_time(lambda: gather_blocks(layout, caches, ids, staging, fmt, backend="torch"),
+                         max(3, args.repeats // 3), clock=_cpu_clock(torch))
+        src_bytes = args.blocks * layout.block_bytes
+        out.append({"format": fmt, "block_kib": kib, "blocks": args.blocks, "slot_bytes": layout.slot_bytes(fmt),
+                    "source_gbps": src_bytes / t / 1e9, "compression": layout.slot_bytes(fmt) / layout.block_bytes})
+    return out
+
+
+def _cuda_rows(torch, args, sizes):
+    from ..transfer import HostPool, kernels, make_copy_engine
+
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    g = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for kib in sizes:
+        block_bytes = kib * KIB
+        num_blocks = args.blocks * args.spread
+        pool_t, caches, layout = _make_pool(torch, args.layers, num_blocks, block_bytes, dev)
+        ids = torch.randperm(num_blocks, generator=g)[: args.blocks]
+        n = args.blocks
+        nbytes = n * layout.slot_bytes()
+        staging = torch.empty((n, layout.slot_bytes()), dtype=torch.uint8, device=dev)
+        dsrc = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        ids_dev = ids.to(dev)
+        cache_rows, fmt = layout.check_caches(caches), layout.host_format("same")
+        # the kernels alone (validation, which reads the ids back to the host, is not timed)
+        t_d2d = _median_time(lambda: staging.view(-1).copy_(dsrc), args.repeats, sync)
+        t_kg = _median_time(lambda: kernels.gather(cache_rows, layout, fmt, ids_dev, staging), args.repeats, sync)
+        t_ks = _median_time(lambda: kernels.scatter(staging, layout, fmt, ids_dev, cache_rows), args.repeats,
+                            sync)
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        t_plain_d2h = _median_time(lambda: host.copy_(dsrc, non_blocking=True), args.repeats, sync)
+        t_plain_h2d = _median_time(lambda: dsrc.copy_(host, non_blocking=True), args.repeats, sync)
+        hpool = HostPool(layout, n, "same", pin_memory=True)
+        engine = make_copy_engine(layout, hpool, caches)
+        op = iter(range(1 << 62))
+        dem = [(int(b), s) for s, b in enumerate(ids.tolist())]
+        loads = [(s, int(b)) for s, b in enumerate(ids.tolist())]
+
+        def one_op(d, l_):
+            engine.submit(next(op), d, l_)
+            engine.wait_all()
+            res = engine.poll()
+            if not all(r.ok for r in res):
+                raise RuntimeError(f"copy engine op failed: {res}")
+
+        t_eng_d2h = _median_time(lambda: one_op(dem, []), args.repeats)
+        t_eng_h2d = _median_time(lambda: one_op([], loads), args.repeats)
+        engine.close()
+        rows.append({
+            "block_kib": kib, "blocks": n, "bytes": nbytes,
+            "d2d_copy_gbps": nbytes / t_d2d / 1e9, "kernel_gather_gbps": nbytes / t_kg / 1e9,
+            "kernel_scatter_gbps": nbytes / t_ks / 1e9, "kernel_gather_vs_memcpy": t_d2d / t_kg,
+            "kernel_scatter_vs_memcpy": t_d2d / t_ks,
+            "plain_d2h_gbps": nbytes / t_plain_d2h / 1e9, "engine_d2h_gbps": nbytes / t_eng_d2h / 1e9,
+            "plain_h2d_gbps": nbytes / t_plain_h2d / 1e9, "engine_h2d_gbps": nbytes / t_eng_h2d / 1e9,
+            "engine_d2h_vs_plain": t_plain_d2h / t_eng_d2h, "engine_h2d_vs_plain": t_plain_h2d / t_eng_h2d,
+        })
+        del pool_t, caches, cache_rows, staging, dsrc, host
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    for name in ("blocks", "layers", "repeats", "spread"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1")
+    sizes = _sizes(args.sizes_kib)
+    if args.threads >= 1:
+        torch.set_num_threads(args.threads)
+    if any(kib * KIB % args.layers for kib in sizes):
+        raise SystemExit(f"every block size must be divisible by --layers {args.layers}")
+    cpu = _cpu_rows(torch, args, sizes)
+    big = [r["gather_vs_contiguous"] for r in cpu if r["block_kib"] >= 256]
+    result = {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_clock": "thread_time" if torch.get_num_threads() == 1 else "perf_counter",
+        "cpu": cpu,
+        "cpu_gather_vs_contiguous": min(big) if big else None,
+        "cpu_gather_target": GATHER_RATIO_TARGET,
+        "cpu_quant": [] if args.no_quant else _cpu_quant_rows(torch, args),
+    }
+    if torch.cuda.is_available():
+        cuda = _cuda_rows(torch, args, sizes)
+        batch = [r for r in cuda if r["blocks"] >= 16]
+        result.update({
+            "gpu": torch.cuda.get_device_name(),
+            "cuda": cuda,
+            "kernel_vs_memcpy": min((min(r["kernel_gather_vs_memcpy"], r["kernel_scatter_vs_memcpy"])
+                                     for r in batch), default=None),
+            "kernel_target": KERNEL_RATIO_TARGET,
+        })
+    else:
+        result.update({"gpu": None, "cuda": None, "kernel_vs_memcpy": None,
+                       "gpu_note": "no CUDA device in this run: GPU figures not measured"})
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    clock = "thread CPU time" if result["torch_threads"] == 1 else "wall time"
+    print(f"CPU gather/scatter of {args.blocks} scattered blocks ({args.layers} rows each) vs one contiguous "
+          f"copy, median of {args.repeats} ({clock}), torch threads {result['torch_threads']}")
+    print(f"{'block':>8} {'contig GB/s':>12} {'gather GB/s':>12} {'ratio':>6} {'scatter GB/s':>13} {'ratio':>6}")
+    for r in cpu:
+        print(f"{r['block_kib']:>5}KiB {r['contiguous_gbps']:>12.2f} {r['gather_gbps']:>12.2f} "
+              f"{r['gather_vs_contiguous']:>6.2f} {r['scatter_gbps']:>13.2f} {r['scatter_vs_contiguous']:>6.2f}")
+    print(f"cpu_gather_vs_contiguous (blocks >= 256 KiB, worst): {result['cpu_gather_vs_contiguous']:.2f} "
+          f"(target >= {GATHER_RATIO_TARGET})")
+    for q in result["cpu_quant"]:
+        print(f"quantizing gather {q['format']}: {q['source_gbps']:.2f} GB/s of fp16 source, slot "
+              f"{q['compression']:.3f}x of raw")
+    if result["cuda"] is None:
+        print(result["gpu_note"])
+    else:
+        print(f"CUDA on {result['gpu']}:")
+        for r in result["cuda"]:
+            print(f"  {r['block_kib']}KiB x{r['blocks']}: kernel gather {r['kernel_gather_gbps']:.1f} / scatter "
+                  f"{r['kernel_scatter_gbps']:.1f} GB/s vs d2d {r['d2d_copy_gbps']:.1f} "
+                  f"({r['kernel_gather_vs_memcpy']:.2f}/{r['kernel_scatter_vs_memcpy']:.2f}); engine D2H "
+                  f"{r['engine_d2h_gbps']:.1f} vs plain {r['plain_d2h_gbps']:.1f}, H2D {r['engine_h2d_gbps']:.1f} "
+                  f"vs plain {r['plain_h2d_gbps']:.1f} GB/s")
+    return 0

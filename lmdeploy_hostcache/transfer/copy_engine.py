@@ -1,0 +1,410 @@
+"""Copy engines: move whole blocks between LMDeploy's rows and the host pool.
+
+One interface, two implementations:
+
+* :class:`CudaCopyEngine` - a side stream.  Per ``submit``: the copy stream waits
+  for the compute stream; demoted blocks are gathered on the device into staging,
+  then the compute stream waits for that gather (so the next forward cannot
+  overwrite a demoted page before it is read), then staging goes D2H into the
+  pinned slots; loads go H2D into staging and are scattered into their pages.
+  Everything of an op runs in stream order on the copy stream, so demotions
+  complete before loads that reuse the same pages, and ops complete in
+  submission order.  Staging and index tensors stay referenced until the op's
+  event has completed; completion is found by polling the event.
+* :class:`CpuCopyEngine` - same contract, executed synchronously inside
+  ``submit`` (demotions first), results handed out by ``poll``.
+
+Failure contract: ``submit`` validates everything first and raises ``ValueError``
+before any byte moves.  An op that fails later completes with ``ok=False``: a
+failed load's destination pages are **declared invalid** (their content is
+undefined; an injected failure leaves them untouched, a real one may have written
+part of them), a failed store's host slots are invalid.  The caller must treat
+them as garbage: LMDeploy rolls a failed load back and recomputes; the host index
+drops a failed store (``complete_store(..., success=False)``).
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+from .host_pool import HostPool
+from .layout import KVRowLayout
+from .ops import resolve_backend
+
+FAIL_KINDS = ("load", "store")
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    """Completion of one ``submit``; ``ok`` is ``stores_ok and loads_ok``."""
+
+    op_id: int
+    ok: bool
+    error: str | None = None
+    stores_ok: bool = True
+    loads_ok: bool = True
+    num_demotions: int = 0
+    num_loads: int = 0
+
+
+@dataclass
+class CopyStats:
+    ops: int = 0
+    failed_ops: int = 0
+    blocks_stored: int = 0
+    blocks_loaded: int = 0
+    bytes_to_host: int = 0
+    bytes_to_device: int = 0
+
+
+@dataclass
+class _Plan:
+    op_id: int
+    dem_blocks: list[int]
+    dem_slots: list[int]
+    load_slots: list[int]
+    load_blocks: list[int]
+    fail_store: bool = False
+    fail_load: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def _as_int(v, what: str) -> int:
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise ValueError(f"{what} must be an int, got {v!r}")
+    return v.__index__()
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(position, first slot, count) runs of consecutive slots in ``slots`` order."""
+    runs, i = [], 0
+    while i < len(slots):
+        j = i + 1
+        while j < len(slots) and slots[j] == slots[j - 1] + 1:
+            j += 1
+        runs.append((i, slots[i], j - i))
+        i = j
+    return runs
+
+
+class CopyEngine:
+    """Common validation, fault injection and bookkeeping; subclasses move the bytes."""
+
+    def __init__(self, layout: KVRowLayout, pool: HostPool, kv_caches, backend: str = "auto"):
+        if pool.layout is not layout:
+            raise ValueError("pool was built for a different KVRowLayout")
+        self.layout = layout
+        self.pool = pool
+        self.format = pool.format
+        self.rows = layout.check_caches(kv_caches)
+        self.device = self.rows[0].device
+        self.backend = resolve_backend(backend, self.device)
+        self.stats = CopyStats()
+        self._fail = {"load": 0, "store": 0}
+        self._inflight: set[int] = set()
+        self._closed = False
+
+    # public API -------------------------------------------------------------------
+    def fail_next(self, n: int = 1, kind: str = "load") -> None:
+        """Fault injection: the next ``n`` ops holding ``kind`` work complete with that part failed."""
+        if kind not in FAIL_KINDS:
+            raise ValueError(f"kind must be one of {FAIL_KINDS}, got {kind!r}")
+        if _as_int(n, "n") < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self._fail[kind] += n
+
+    def submit(self, op_id: int, demotions, loads) -> None:
+        """Queue demotions ``[(gpu_block, slot)]`` then loads ``[(slot, gpu_block)]`` as one op."""
+        plan = self._validate(op_id, demotions, loads)
+        if plan.dem_blocks and self._fail["store"]:
+            self._fail["store"] -= 1
+            plan.fail_store = True
+            plan.errors.append("store failed (injected)")
+        if plan.load_blocks and self._fail["load"]:
+            self._fail["load"] -= 1
+            plan.fail_load = True
+            plan.errors.append("load failed (injected)")
+        self._inflight.add(plan.op_id)
+        self._enqueue(plan)
+
+    def poll(self) -> list[CopyResult]:
+        """Ops completed since the last poll, in submission order."""
+        done = self._collect()
+        for r in done:
+            self._inflight.discard(r.op_id)
+            self.stats.ops += 1
+            self.stats.failed_ops += not r.ok
+        return done
+
+    def wait_all(self) -> None:
+        """Block until every submitted op has completed (results stay for ``poll``)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Wait for in-flight ops, free staging and release the pool; idempotent."""
+        if self._closed:
+            return
+        self.wait_all()
+        self._closed = True
+        self._release()
+        self.pool.close()
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # internals --------------------------------------------------------------------
+    def _validate(self, op_id, demotions, loads) -> _Plan:
+        if self._closed:
+            raise RuntimeError("copy engine is closed")
+        op_id = _as_int(op_id, "op_id")
+        if op_id in self._inflight:
+            raise ValueError(f"op_id {op_id} is already in flight")
+        nb, ns = self.layout.num_blocks, self.pool.num_slots
+        plan = _Plan(op_id, [], [], [], [])
+        for name, pairs, first, second in (("demotions", demotions, "gpu_block", "host_slot"),
+                                           ("loads", loads, "host_slot", "gpu_block")):
+            for k, pair in enumerate(pairs or ()):
+                try:
+                    a, b = pair
+                except (TypeError, ValueError):
+                    raise ValueError(f"{name}[{k}] must be a ({first}, {second}) pair, got {pair!r}") from None
+                a, b = _as_int(a, f"{name}[{k}].{first}"), _as_int(b, f"{name}[{k}].{second}")
+                blk, slot = (a, b) if name == "demotions" else (b, a)
+                if not 0 <= blk < nb:
+                    raise ValueError(f"{name}[{k}]: gpu_block {blk} outside [0, {nb})")
+                if not 0 <= slot < ns:
+                    raise ValueError(f"{name}[{k}]: host_slot {slot} outside [0, {ns})")
+                if name == "demotions":
+                    plan.dem_blocks.append(blk)
+                    plan.dem_slots.append(slot)
+                else:
+                    plan.load_slots.append(slot)
+                    plan.load_blocks.append(blk)
+        for name, dests, what in (("demotions", plan.dem_slots, "host_slot"),
+                                  ("loads", plan.load_blocks, "gpu_block")):
+            seen, dup = set(), set()
+            for d in dests:
+                (dup if d in seen else seen).add(d)
+            if dup:
+                raise ValueError(f"{name} has duplicate destination {what}s {sorted(dup)[:8]}")
+        return plan
+
+    def _impl(self):
+        if self.backend == "triton":
+            from . import kernels
+            return kernels
+        return reference
+
+    def _result(self, plan: _Plan, error: str | None = None) -> CopyResult:
+        stores_ok = not plan.fail_store and error is None
+        loads_ok = not plan.fail_load and error is None
+        errors = plan.errors + ([error] if error else [])
+        if stores_ok and plan.dem_blocks:
+            self.stats.blocks_stored += len(plan.dem_blocks)
+            self.stats.bytes_to_host += len(plan.dem_blocks) * self.format.slot_bytes
+        if loads_ok and plan.load_blocks:
+            self.stats.blocks_loaded += len(plan.load_blocks)
+            self.stats.bytes_to_device += len(plan.load_blocks) * self.format.slot_bytes
+        return CopyResult(plan.op_id, stores_ok and loads_ok, "; ".join(errors) or None, stores_ok, loads_ok,
+                          len(plan.dem_blocks), len(plan.load_blocks))
+
+    def _enqueue(self, plan: _Plan) -> None:
+        raise NotImplementedError
+
+    def _collect(self) -> list[CopyResult]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        pass
+
+
+class CpuCopyEngine(CopyEngine):
+    """Synchronous engine for CPU rows (tests, machines without a GPU).
+
+    ``delay_polls``: a result becomes visible only on the ``delay_polls+1``-th poll
+    after its submit, so callers can exercise the pending state.
+    """
+
+    def __init__(self, layout: KVRowLayout, pool: HostPool, kv_caches, backend: str = "auto",
+                 delay_polls: int = 0):
+        super().__init__(layout, pool, kv_caches, backend)
+        self.delay_polls = _as_int(delay_polls, "delay_polls")
+        self._done: collections.deque = collections.deque()
+
+    def _enqueue(self, plan: _Plan) -> None:
+        error = None
+        try:
+            if plan.dem_blocks and not plan.fail_store:
+                self._store(plan.dem_blocks, plan.dem_slots)
+            if plan.load_blocks and not plan.fail_load:
+                self._load(plan.load_slots, plan.load_blocks)
+        except Exception as exc:  # a real failure: declared invalid, reported through poll
+            error = f"{type(exc).__name__}: {exc}"
+        self._done.append([self.delay_polls, plan, error])
+
+    def _store(self, blocks: list[int], slots: list[int]) -> None:
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        staging = torch.empty((len(blocks), self.format.slot_bytes), dtype=torch.uint8, device=self.device)
+        self._impl().gather(self.rows, self.layout, self.format, ids, staging)
+        for pos, first, count in _runs(slots):
+            view = self.pool.slot_range_view(first, count)
+            if view is None:
+                for k in range(count):
+                    self.pool.slot_view(first + k).copy_(staging[pos + k])
+            else:
+                view.copy_(staging[pos:pos + count])
+
+    def _load(self, slots: list[int], blocks: list[int]) -> None:
+        staging = torch.empty((len(slots), self.format.slot_bytes), dtype=torch.uint8, device=self.device)
+        for pos, first, count in _runs(slots):
+            view = self.pool.slot_range_view(first, count)
+            if view is None:
+                for k in range(count):
+                    staging[pos + k].copy_(self.pool.slot_view(first + k))
+            else:
+                staging[pos:pos + count].copy_(view)
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        self._impl().scatter(staging, self.layout, self.format, ids, self.rows)
+
+    def _collect(self) -> list[CopyResult]:
+        out = []
+        for entry in self._done:
+            entry[0] -= 1
+        while self._done and self._done[0][0] < 0:
+            _, plan, error = self._done.popleft()
+            out.append(self._result(plan, error))
+        return out
+
+    def wait_all(self) -> None:
+        for entry in self._done:
+            entry[0] = 0
+
+    def _release(self) -> None:
+        self._done.clear()
+
+
+class CudaCopyEngine(CopyEngine):
+    """Side-stream engine for CUDA rows and a (pinned) host pool.
+
+    ``max_staging_bytes`` bounds one staging buffer; larger ops use several, all
+    kept alive until the op's completion event has fired.  With a pageable pool
+    (``pin_memory=False``) CUDA makes the host copies synchronous, so ``submit``
+    then blocks until the copy stream has caught up.
+    """
+
+    def __init__(self, layout: KVRowLayout, pool: HostPool, kv_caches, backend: str = "auto",
+                 max_staging_bytes: int = 256 << 20):
+        super().__init__(layout, pool, kv_caches, backend)
+        self._require_cuda_rows()
+        self.copy_stream = torch.cuda.Stream(device=self.device)
+        self.blocks_per_staging = max(1, max_staging_bytes // self.format.slot_bytes)
+        self._pending: collections.deque = collections.deque()
+
+    def _require_cuda_rows(self) -> None:
+        if self.device.type != "cuda":
+            raise ValueError(f"CudaCopyEngine needs CUDA rows, got {self.device}")
+
+    def _ids(self, values: list[int], keep: list) -> torch.Tensor:
+        host = torch.tensor(values, dtype=torch.long)
+        if self.pool.pinned:
+            host = host.pin_memory()
+        keep.append(host)
+        dev = host.to(self.device, non_blocking=True)
+        keep.append(dev)
+        return dev
+
+    def _enqueue(self, plan: _Plan) -> None:
+        keep: list = []
+        error = None
+        compute = torch.cuda.current_stream(self.device)
+        step = self.blocks_per_staging
+        impl = self._impl()
+        try:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_stream(compute)
+                if plan.dem_blocks and not plan.fail_store:
+                    order = sorted(range(len(plan.dem_slots)), key=plan.dem_slots.__getitem__)
+                    blocks = [plan.dem_blocks[k] for k in order]
+                    slots = [plan.dem_slots[k] for k in order]
+                    stagings = []
+                    for a in range(0, len(blocks), step):
+                        staging = torch.empty((len(blocks[a:a + step]), self.format.slot_bytes),
+                                              dtype=torch.uint8, device=self.device)
+                        impl.gather(self.rows, self.layout, self.format, self._ids(blocks[a:a + step], keep),
+                                    staging)
+                        stagings.append(staging)
+                        keep.append(staging)
+                    gathered = torch.cuda.Event()
+                    gathered.record(self.copy_stream)
+                    compute.wait_event(gathered)  # the forward may reuse demoted pages only after this
+                    for c, staging in enumerate(stagings):
+                        part = slots[c * step:(c + 1) * step]
+                        for pos, first, count in _runs(part):
+                            self._host_runs(first, count, staging[pos:pos + count], to_host=True)
+                if plan.load_blocks and not plan.fail_load:
+                    order = sorted(range(len(plan.load_slots)), key=plan.load_slots.__getitem__)
+                    slots = [plan.load_slots[k] for k in order]
+                    blocks = [plan.load_blocks[k] for k in order]
+                    for a in range(0, len(blocks), step):
+                        part = slots[a:a + step]
+                        staging = torch.empty((len(part), self.format.slot_bytes), dtype=torch.uint8,
+                                              device=self.device)
+                        keep.append(staging)
+                        for pos, first, count in _runs(part):
+                            self._host_runs(first, count, staging[pos:pos + count], to_host=False)
+                        impl.scatter(staging, self.layout, self.format, self._ids(blocks[a:a + step], keep),
+                                     self.rows)
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        self._pending.append((done, keep, plan, error))
+
+    def _host_runs(self, first: int, count: int, staging: torch.Tensor, to_host: bool) -> None:
+        view = self.pool.slot_range_view(first, count)
+        pairs = [(view, staging)] if view is not None else [
+            (self.pool.slot_view(first + k), staging[k]) for k in range(count)]
+        for host, dev in pairs:
+            if to_host:
+                host.copy_(dev, non_blocking=True)
+            else:
+                dev.copy_(host, non_blocking=True)
+
+    def _collect(self) -> list[CopyResult]:
+        out = []
+        while self._pending and self._pending[0][0].query():
+            _, keep, plan, error = self._pending.popleft()
+            keep.clear()  # staging may be reused now
+            out.append(self._result(plan, error))
+        return out
+
+    def wait_all(self) -> None:
+        for done, *_ in self._pending:
+            done.synchronize()
+
+    def _release(self) -> None:
+        self._pending.clear()
+
+
+def make_copy_engine(layout: KVRowLayout, pool: HostPool, kv_caches, device=None, backend: str = "auto",
+                     **kwargs) -> CopyEngine:
+    """:class:`CudaCopyEngine` for CUDA rows, :class:`CpuCopyEngine` otherwise."""
+    rows_device = next(iter(kv_caches.values())).device
+    if device is not None and torch.device(device) != rows_device and not (
+            torch.device(device).type == rows_device.type == "cuda" and torch.device(device).index is None):
+        raise ValueError(f"device {device} differs from the kv_caches device {rows_device}")
+    if rows_device.type == "cuda":
+        return CudaCopyEngine(layout, pool, kv_caches, backend=backend, **kwargs)
+    return CpuCopyEngine(layout, pool, kv_caches, backend=backend, **kwargs)

@@ -1,0 +1,138 @@
+"""CpuCopyEngine: ordering, completion by polling, fault injection, validation, close."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transfer_helpers import build_caches, naive_slot, same_bytes, snapshot
+from lmdeploy_hostcache.transfer import (CopyResult, CpuCopyEngine, CudaCopyEngine, HostPool, KVRowLayout,
+                                         make_copy_engine)
+
+
+def _engine(fmt="same", backend="torch", num_slots=6, qp=0, **kw):
+    caches, plan, _ = build_caches(qp, torch.float16, num_layers=2, num_blocks=8)
+    layout = KVRowLayout.from_connector_caches(caches, plan.kernel_blocks_per_logical_block, plan.tensor_specs)
+    pool = HostPool(layout, num_slots, fmt, chunk_bytes=2 * layout.slot_bytes(fmt))  # 3 chunks of 2 slots
+    return caches, plan.kernel_blocks_per_logical_block, pool, make_copy_engine(layout, pool, caches,
+                                                                                backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_demotions_are_gathered_before_loads_reuse_the_pages(backend):
+    caches, ppb, pool, eng = _engine(backend=backend)
+    assert isinstance(eng, CpuCopyEngine)
+    orig = snapshot(caches)
+    eng.submit(1, demotions=[(3, 0), (5, 1)], loads=[])
+    assert eng.poll() == [CopyResult(1, True, num_demotions=2)]
+    # one op: demote blocks 6, 7 into slots 2, 5 and load slots 0, 1 into the same pages 6, 7
+    eng.submit(2, demotions=[(6, 2), (7, 5)], loads=[(0, 7), (1, 6)])
+    (res,) = eng.poll()
+    assert res.ok and res.num_demotions == 2 and res.num_loads == 2
+    assert torch.equal(pool.slot_view(2), naive_slot(orig, ppb, 6))
+    assert torch.equal(pool.slot_view(5), naive_slot(orig, ppb, 7))   # slot in another chunk
+    assert torch.equal(naive_slot(caches, ppb, 7), naive_slot(orig, ppb, 3))
+    assert torch.equal(naive_slot(caches, ppb, 6), naive_slot(orig, ppb, 5))
+    assert eng.stats.blocks_stored == 4 and eng.stats.blocks_loaded == 2
+    eng.close()
+    assert pool.closed
+
+
+def test_lossy_engine_round_trip_is_close():
+    caches, ppb, pool, eng = _engine(fmt="int8")
+    orig = snapshot(caches)
+    eng.submit(1, [(2, 4)], [])
+    eng.submit(2, [], [(4, 0)])
+    assert [r.ok for r in eng.poll()] == [True, True]
+    a = naive_slot(orig, ppb, 2).view(torch.float16).float()
+    b = naive_slot(caches, ppb, 0).view(torch.float16).float()
+    assert float((a - b).norm() / a.norm()) < 0.01
+    eng.close()
+
+
+def test_results_wait_for_polls_and_come_in_order():
+    caches, ppb, pool, eng = _engine(delay_polls=2)
+    eng.submit(7, [(1, 0)], [])
+    eng.submit(8, [], [(0, 2)])
+    assert eng.num_inflight == 2
+    assert eng.poll() == []
+    with pytest.raises(ValueError, match="op_id 7 is already in flight"):
+        eng.submit(7, [], [])
+    assert eng.poll() == []
+    assert [r.op_id for r in eng.poll()] == [7, 8]
+    eng.submit(9, [(2, 1)], [])
+    eng.wait_all()
+    assert [r.op_id for r in eng.poll()] == [9]
+    assert eng.num_inflight == 0
+
+
+@pytest.mark.parametrize("kind", ["load", "store"])
+def test_injected_failures_leave_destinations_untouched(kind):
+    caches, ppb, pool, eng = _engine()
+    eng.submit(1, [(0, 0), (1, 1)], [])
+    eng.poll()
+    pool.slot_view(3).fill_(0xAB)
+    before_caches, before_slot = snapshot(caches), pool.slot_view(3).clone()
+    eng.fail_next(1, kind)
+    other_only = ([(4, 3)], []) if kind == "load" else ([], [(3, 4)])   # not hit by this kind
+    eng.submit(2, *other_only)
+    eng.submit(3, [(5, 3)], [(0, 6), (1, 7)])                            # hit
+    eng.submit(4, *(([], [(1, 2)]) if kind == "load" else ([(1, 2)], [])))  # n=1: no longer hit
+    r2, r3, r4 = eng.poll()
+    assert r2.ok and r4.ok
+    assert not r3.ok and r3.error == f"{kind} failed (injected)"
+    assert (r3.loads_ok, r3.stores_ok) == ((False, True) if kind == "load" else (True, False))
+    if kind == "load":
+        for b in (6, 7):
+            assert torch.equal(naive_slot(caches, ppb, b), naive_slot(before_caches, ppb, b))
+        assert torch.equal(pool.slot_view(3), naive_slot(before_caches, ppb, 5))
+    else:
+        assert torch.equal(pool.slot_view(3), before_slot)                  # failed store: slot untouched
+        assert torch.equal(naive_slot(caches, ppb, 4), before_slot)
+        assert torch.equal(naive_slot(caches, ppb, 6), naive_slot(before_caches, ppb, 0))
+    assert eng.stats.failed_ops == 1
+
+
+def test_submit_validates_before_any_byte_moves():
+    caches, ppb, pool, eng = _engine()
+    before = snapshot(caches)
+    slots_before = [pool.slot_view(s).clone() for s in range(pool.num_slots)]
+    bad = [
+        (([(0, 1), (2, 1)], []), "demotions has duplicate destination host_slots \\[1\\]"),
+        (([], [(0, 3), (1, 3)]), "loads has duplicate destination gpu_blocks \\[3\\]"),
+        (([(8, 0)], []), "gpu_block 8 outside \\[0, 8\\)"),
+        (([(0, 6)], []), "host_slot 6 outside \\[0, 6\\)"),
+        (([(0, 0)], [(0, -1)]), "gpu_block -1 outside"),
+        (([(0, 0)], [(1,)]), "must be a \\(host_slot, gpu_block\\) pair"),
+        (([(0.5, 0)], []), "must be an int"),
+    ]
+    for (dem, loads), match in bad:
+        with pytest.raises(ValueError, match=match):
+            eng.submit(1, dem, loads)
+    with pytest.raises(ValueError, match="op_id must be an int"):
+        eng.submit("x", [], [])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        eng.fail_next(1, "both")
+    assert same_bytes(before, caches)
+    assert all(torch.equal(pool.slot_view(s), slots_before[s]) for s in range(pool.num_slots))
+    assert eng.poll() == [] and eng.num_inflight == 0
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit(2, [], [])
+
+
+def test_engine_rejects_caches_of_another_layout():
+    caches, ppb, pool, eng = _engine()
+    other, _, _ = build_caches(0, torch.float16, num_layers=3, num_blocks=8)
+    with pytest.raises(ValueError, match="differ from the layout"):
+        CpuCopyEngine(eng.layout, pool, other)
+
+
+def test_cuda_engine_refuses_cpu_rows_and_pools_must_match():
+    caches, ppb, pool, eng = _engine()
+    with pytest.raises(ValueError, match="needs CUDA rows"):
+        CudaCopyEngine(eng.layout, pool, caches)
+    other_layout = KVRowLayout.from_connector_caches(caches, ppb)
+    with pytest.raises(ValueError, match="different KVRowLayout"):
+        CpuCopyEngine(other_layout, pool, caches)
+    with pytest.raises(ValueError, match="differs from the kv_caches device"):
+        make_copy_engine(eng.layout, pool, caches, device="cuda:0")

@@ -1,0 +1,108 @@
+"""CudaCopyEngine's stream/event protocol, exercised on CPU with recording fakes.
+
+No GPU here: torch.cuda's Stream/Event are replaced by fakes that log what the
+engine asks for, and the copies run on CPU tensors.  This checks the ordering
+protocol (copy stream waits for compute; compute waits for the demotion gather;
+completion only through event polling; staging kept until then), not CUDA itself.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from transfer_helpers import build_caches, naive_slot, snapshot
+from lmdeploy_hostcache.transfer import CudaCopyEngine, HostPool, KVRowLayout
+
+LOG: list = []
+
+
+class FakeEvent:
+    def __init__(self):
+        self.done = False
+        LOG.append(("event", self))
+
+    def record(self, stream=None):
+        LOG.append(("record", self, stream.name))
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+class FakeStream:
+    def __init__(self, name="copy", device=None):
+        self.name = name
+
+    def wait_stream(self, other):
+        LOG.append(("wait_stream", self.name, other.name))
+
+    def wait_event(self, event):
+        LOG.append(("wait_event", self.name, event))
+
+
+COMPUTE = FakeStream("compute")
+
+
+class CpuRowsCudaEngine(CudaCopyEngine):
+    def _require_cuda_rows(self):
+        pass
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    LOG.clear()
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: COMPUTE)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    caches, plan, _ = build_caches(0, torch.float16, num_layers=2, num_blocks=8)
+    ppb = plan.kernel_blocks_per_logical_block
+    layout = KVRowLayout.from_connector_caches(caches, ppb, plan.tensor_specs)
+    pool = HostPool(layout, 6, "same", chunk_bytes=2 * layout.slot_bytes())
+    eng = CpuRowsCudaEngine(layout, pool, caches, backend="torch", max_staging_bytes=2 * layout.slot_bytes())
+    return caches, ppb, pool, eng
+
+
+def test_stream_protocol_and_polling(engine):
+    caches, ppb, pool, eng = engine
+    orig = snapshot(caches)
+    # 3 demotions (2 staging buffers of 2 blocks), loads into the demoted pages
+    eng.submit(1, [(5, 4), (6, 0), (7, 1)], [])
+    eng.submit(2, [(2, 3)], [(0, 7), (1, 6), (4, 5)])
+    kinds = [e[0] for e in LOG]
+    assert LOG[kinds.index("wait_stream")] == ("wait_stream", "copy", "compute")  # before any copy
+    waits = [e for e in LOG if e[0] == "wait_event"]
+    assert len(waits) == 2 and all(w[1] == "compute" for w in waits)   # forward waits for each gather
+    assert eng.poll() == []                                           # events not done yet
+    assert len(eng._pending[0][1]) > 0                                 # staging kept alive
+    eng._pending[0][0].done = True
+    (r1,) = eng.poll()
+    assert r1.op_id == 1 and r1.ok
+    eng.wait_all()
+    (r2,) = eng.poll()
+    assert r2.ok and r2.num_loads == 3
+    assert torch.equal(pool.slot_view(4), naive_slot(orig, ppb, 5))
+    assert torch.equal(pool.slot_view(3), naive_slot(orig, ppb, 2))
+    assert torch.equal(naive_slot(caches, ppb, 7), naive_slot(orig, ppb, 6))
+    assert torch.equal(naive_slot(caches, ppb, 6), naive_slot(orig, ppb, 7))
+    assert torch.equal(naive_slot(caches, ppb, 5), naive_slot(orig, ppb, 5))
+    eng.close()
+    assert pool.closed
+
+
+def test_injected_load_failure_skips_the_copy(engine):
+    caches, ppb, pool, eng = engine
+    eng.submit(1, [(3, 2)], [])
+    eng.wait_all()
+    eng.poll()
+    before = snapshot(caches)
+    eng.fail_next(1, "load")
+    eng.submit(2, [], [(2, 0)])
+    eng.wait_all()
+    (r,) = eng.poll()
+    assert not r.ok and not r.loads_ok and r.stores_ok
+    assert torch.equal(naive_slot(caches, ppb, 0), naive_slot(before, ppb, 0))
