@@ -1,0 +1,646 @@
+"""``HostTierConnector``: the host-DRAM tier as an LMDeploy 0.18.0 KV connector (both roles).
+
+LMDeploy builds one instance per role through ``build_kv_connector`` (patched by the activation
+layer to call ``build_host_tier_connector`` for ``kv_connector == "HostTierConnector"``):
+
+* ``KVConnectorRole.SCHEDULER`` (engine process): owns the ``HostIndex`` (host slots), the
+  ``HostTierMetrics`` counters and every decision. Its ``on_evict`` is wired into the trie by
+  ``install_scheduler_hook`` (run after ``Scheduler.__init__``).
+* ``KVConnectorRole.WORKER`` (one per TP rank): ``worker.HostTierWorker`` moves the bytes.
+
+Data only flows the way LMDeploy carries it: scheduler -> worker in ``build_connector_meta``
+(``worker.HostTierMetadata``), worker -> scheduler in ``get_finished`` ->
+``update_connector_output``.
+
+Scheduler-side flows
+--------------------
+Demotion (write-back on eviction). ``BlockTrie`` evicts leaf L (only the trie holds it):
+``on_evict(L, gpu_block)`` computes L's chained digest (memoised on the trie ``Node`` as
+``_hostcache_digest``; nodes on a multimodal path are never cached), then
+``HostIndex.prepare_store`` gives a slot -> the pair ``(gpu_block, slot)`` joins this step's
+demotion batch; already present -> touched; refused -> ``drop_subtree`` (L's host children
+became unreachable). LMDeploy frees the GPU page right after; the worker copies it out before
+the step's forward (see ``worker``). Completion -> ``complete_store(ok)``.
+
+Restore. After the local GPU match LMDeploy asks ``get_num_new_matched_tokens(seq, n)``: the
+request's full-block digests (cached per request; the chain starts at the memoised digest of
+the request's trie cursor, so a GPU-matched prefix is not hashed again) from block
+``n // block_size`` are looked up (``HostIndex.lookup``, exact token check); the hit is clamped
+like LMDeploy's own match (multimodal boundary, recompute overlap, never the last token) and
+dropped when it saves fewer than ``min_restore_tokens`` tokens. The lookup is synchronous:
+never ``None``. LMDeploy then allocates destinations and calls ``update_state_after_alloc``:
+``prepare_load`` pins the slots; the load ships in the next metadata; the request waits in
+``WAITING_FOR_REMOTE_KVS``. ``update_connector_output`` -> ``complete_load(ok)`` and a
+``KVLoadResult`` so LMDeploy publishes the blocks into the trie or rolls back and recomputes.
+A request turn whose load failed recomputes (no second host attempt in that turn).
+
+Abort. ``stop_session``/``end_session`` call ``cancel_lookup`` first: a load not yet shipped is
+failed without touching the worker; one in flight is marked cancelled and its slots are
+unpinned (host copies kept) when the worker reports it. ``request_finished`` forgets the
+request; ``finish_transfers_after_worker_drain`` unpins everything and fails open loads.
+
+Invariants (checked by ``check_balanced``): when nothing is in flight every host slot is
+unpinned and the index invariants hold; every load LMDeploy started gets exactly one terminal
+``KVLoadResult`` (unless the request was removed first).
+
+Usage in-process (tests, CPU harness)::
+
+    conn_s = build_host_tier_connector(KVConnectorRole.SCHEDULER, cache_config)
+    sched = Scheduler(scheduler_config, cache_config, seq_meta=meta, kv_connector=conn_s)
+    install_scheduler_hook(sched)
+    conn_w = build_host_tier_connector(KVConnectorRole.WORKER, cache_config)
+    conn_w.worker_side.engine_kwargs["delay_polls"] = 1   # optional: CpuCopyEngine completes late
+    conn_w.register_kv_caches(kv_caches)            # LMDeploy's connector_kv_caches rows
+    #   lossy host_kv_format: register_kv_caches(kv_caches, tensor_specs=plan.tensor_specs)
+    # each step: meta = sched.build_connector_meta(running)
+    #            conn_w.bind_connector_metadata(meta); conn_w.start_load_kv(); ...forward...
+    #            out = conn_w.get_finished(); conn_w.clear_connector_metadata()
+    #            sched.update_connector_output(out)
+    conn_s.scheduler_side.stats()            # counters + host_slots / host_slots_used / host_blocks
+    conn_s.scheduler_side.check_balanced()   # index invariants; no pinned slot when nothing in flight
+    conn_w.worker_side.engine.fail_next(1, kind="load")   # fault injection (transfer API)
+
+``kv_connector_extra_config`` read here: ``hostcache_config`` (HostCacheConfig dict),
+``model_identity`` (required), ``host_cache_blocks`` (slots per TP rank; else computed from a
+numeric ``host_cache_gb`` and ``host_slot_bytes``), ``host_slot_bytes`` (also scales the byte
+counters: blocks x host_slot_bytes x tp_size).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from lmdeploy.pytorch.kv_connector.base import (
+    KVCacheValue,
+    KVConnectorBase,
+    KVConnectorOutput,
+    KVConnectorResult,
+    KVConnectorRole,
+    KVConnectorStepInput,
+    KVLoadResult,
+    RequestId,
+)
+
+from ..config import HostCacheConfig
+from ..digest import ChainHasher, block_digest, encode_tokens
+from ..host_index import HostIndex
+from ..metrics import HostTierMetrics
+from .lifecycle import install_lifecycle_observer
+from .namespace import NamespaceFactory
+from .worker import HostLoad, HostTierMetadata, HostTierWorker, failed_demotion_marker, resolve_num_slots
+
+if TYPE_CHECKING:
+    from lmdeploy.pytorch.config import CacheConfig
+    from lmdeploy.pytorch.messages import SchedulerSequence
+    from lmdeploy.pytorch.paging.block_trie.node import Node
+
+__all__ = [
+    "CONNECTOR_NAME",
+    "HostLoad",
+    "HostTierConnector",
+    "HostTierMetadata",
+    "HostTierScheduler",
+    "build_host_tier_connector",
+    "hostcache_config_from_extra",
+    "install_scheduler_hook",
+]
+
+CONNECTOR_NAME = "HostTierConnector"
+NODE_DIGEST_ATTR = "_hostcache_digest"
+_MISSING = object()
+
+logger = logging.getLogger("lmdeploy_hostcache.connector")
+
+
+def hostcache_config_from_extra(extra_config: Mapping[str, Any]) -> HostCacheConfig:
+    """``HostCacheConfig`` from ``kv_connector_extra_config['hostcache_config']`` (absent: defaults)."""
+    raw = extra_config.get("hostcache_config")
+    if raw is None:
+        return HostCacheConfig()
+    if isinstance(raw, HostCacheConfig):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise ValueError("kv_connector_extra_config['hostcache_config'] must be a dict of HostCacheConfig "
+                         f"fields, got {type(raw).__name__}")
+    return HostCacheConfig.from_dict(raw, source="kv_connector_extra_config['hostcache_config']")
+
+
+def _transfer_config(cache_config):
+    tc = cache_config.kv_transfer_config
+    if tc is None or not tc.is_kv_transfer_instance:
+        raise ValueError(f"{CONNECTOR_NAME} needs cache_config.kv_transfer_config with kv_connector and kv_role")
+    if tc.kv_connector != CONNECTOR_NAME:
+        raise ValueError(f"{CONNECTOR_NAME} cannot serve kv_connector={tc.kv_connector!r}")
+    return tc
+
+
+# ---------------------------------------------------------------------------------------------
+# scheduler role
+
+
+@dataclass
+class _LookupPlan:
+    """A positive lookup waiting for LMDeploy to allocate destinations."""
+
+    first_block: int
+    digests: tuple[int, ...]
+    block_bytes: tuple[bytes, ...]
+
+
+@dataclass
+class _RequestChain:
+    """Digests of a request's full blocks from ``start_block`` on (``hasher.digests[i]`` is
+    block ``start_block + i``, chained over the whole prefix)."""
+
+    start_block: int
+    hasher: ChainHasher
+
+    @property
+    def end_block(self) -> int:
+        return self.start_block + self.hasher.num_blocks
+
+    def block_bytes(self, block: int) -> bytes:
+        return self.hasher.block_bytes[block - self.start_block]
+
+    def slice(self, first: int, last: int) -> tuple[list[int], list[bytes]]:
+        i, j = first - self.start_block, last - self.start_block
+        return self.hasher.digests[i:j], self.hasher.block_bytes[i:j]
+
+
+@dataclass
+class _Load:
+    request_id: int
+    gpu_blocks: tuple[int, ...]
+    num_tokens: int
+    turn: int = 0               # input_start_pos of the request turn that started the load
+    digests: tuple[int, ...] = ()
+    slots: tuple[int, ...] = ()
+    pinned: bool = False
+    started_at: float = 0.0
+    cancelled: bool = False     # stop/end requested: host copies are kept whatever the worker says
+    removed: bool = False       # request_finished seen: no KVLoadResult is owed any more
+
+
+class HostTierScheduler:
+    """Scheduler role: host index, decisions, per-step plans, completions, counters."""
+
+    def __init__(self, cache_config, *, tp_size: int = 1) -> None:
+        tc = _transfer_config(cache_config)
+        extra = tc.kv_connector_extra_config
+        self.cache_config = cache_config
+        self.hostcache = hostcache_config_from_extra(extra)
+        self.block_size = int(cache_config.block_size)
+        self.tp_size = int(tp_size)
+        self.is_consumer = bool(tc.is_kv_consumer)
+        self.is_producer = bool(tc.is_kv_producer)
+        self.namespaces = NamespaceFactory.from_cache_config(cache_config, self.hostcache)
+        self.num_slots = resolve_num_slots(extra, self.hostcache, self.tp_size)
+        slot_bytes = extra.get("host_slot_bytes")
+        # PCIe bytes of one block summed over the TP ranks (0: unknown, bytes are not counted).
+        self.block_transfer_bytes = int(slot_bytes) * self.tp_size if isinstance(slot_bytes, int) else 0
+        self.min_restore_tokens = int(self.hostcache.min_restore_tokens)
+        self.metrics = HostTierMetrics()
+        self.index = HostIndex(self.num_slots, policy=self.hostcache.eviction_policy,
+                               verify_tokens=True, on_evict=self._on_host_evict)
+        self._step = 0
+        self._next_batch = 0
+        self._pending_demotions: list[tuple[int, int, int]] = []   # (digest, gpu_block, slot)
+        self._pending_demote_gpu: set[int] = set()
+        self._inflight_demotions: dict[int, tuple[int, ...]] = {}  # batch -> digests
+        self._chains: dict[int, _RequestChain] = {}
+        self._plans: dict[int, _LookupPlan] = {}
+        self._counted_lookup: dict[int, tuple[int, int, int]] = {}  # request -> (first, last, hits)
+        self._pending_loads: dict[int, _Load] = {}
+        self._inflight_loads: dict[int, _Load] = {}
+        self._owed_results: list[KVLoadResult] = []
+        self._failed_turns: dict[int, int] = {}   # request -> input_start_pos of a turn whose load failed
+        self._invalid: set[int] = set()
+
+    # -- digests ---------------------------------------------------------------------------
+    def node_digest(self, node: Node) -> int | None:
+        """Chained digest of a trie node's whole prefix, memoised on the nodes of its path.
+
+        None when the path holds a multimodal block (its KV depends on more than token ids)
+        or the node is detached without a memo.
+        """
+        memo = getattr(node, NODE_DIGEST_ATTR, _MISSING)
+        if memo is not _MISSING:
+            return memo
+        path = []
+        cur = node
+        while True:
+            memo = getattr(cur, NODE_DIGEST_ATTR, _MISSING)
+            if memo is not _MISSING:
+                base = memo
+                break
+            if cur.parent is None:
+                if cur.block_id >= 0:  # detached non-root: its chain is unknown
+                    return None
+                base = self.namespaces.for_adapter(cur.adapter_name).root
+                setattr(cur, NODE_DIGEST_ATTR, base)
+                break
+            path.append(cur)
+            cur = cur.parent
+        for n in reversed(path):
+            if base is not None and n.extra_identity == ():
+                seed = self.namespaces.for_adapter(n.adapter_name).seed
+                base = block_digest(base, encode_tokens(n.token_ids), seed)
+            else:
+                base = None
+            setattr(n, NODE_DIGEST_ATTR, base)
+        return base
+
+    def _cursor_start(self, seq: SchedulerSequence, first: int) -> tuple[int, int] | None:
+        """``(block, digest)`` to start the request's chain at its trie cursor, or None.
+
+        The cursor is the deepest trie node LMDeploy matched for this request by exact token
+        comparison; its digest is memoised on the node, so a shared prefix is hashed once per
+        trie path, not once per request. Used only when the cursor is attached, block aligned,
+        not past ``first`` and its own block's tokens equal the request's at that position.
+        """
+        cursor = seq.prefix_cache.trie_cursor
+        if cursor is None or cursor.parent is None or not cursor.is_attached():
+            return None
+        bs = self.block_size
+        k = int(cursor.prefix_len) // bs
+        if k <= 0 or k * bs != cursor.prefix_len or k > first:
+            return None
+        if not np.array_equal(cursor.token_ids, seq.all_ids[(k - 1) * bs:k * bs]):
+            return None
+        digest = self.node_digest(cursor)
+        return None if digest is None else (k, digest)
+
+    def _request_chain(self, seq: SchedulerSequence, first: int, last: int) -> _RequestChain:
+        """The request's digest chain covering blocks ``[first, last)``, cached per request."""
+        req = int(seq.seq_id)
+        ns = self.namespaces.for_adapter(seq.adapter_name)
+        bs = self.block_size
+        all_ids = seq.all_ids
+        chain = self._chains.get(req)
+        if chain is not None:
+            end = min(chain.end_block, last)
+            stale = (chain.hasher.namespace is not ns or chain.start_block > first or (
+                end > chain.start_block
+                and chain.block_bytes(end - 1) != encode_tokens(all_ids[(end - 1) * bs:end * bs])))
+            if stale:
+                chain = None
+        if chain is None:
+            start = self._cursor_start(seq, first)
+            block, parent = start if start is not None else (0, None)
+            chain = _RequestChain(block, ChainHasher(ns, parent=parent))
+            self._chains[req] = chain
+        if chain.end_block < last:
+            chain.hasher.extend(all_ids[chain.end_block * bs:last * bs])
+        return chain
+
+    # -- eviction hook ---------------------------------------------------------------------
+    def on_evict(self, leaf: Node, gpu_block: int) -> None:
+        """Observer of ``HostTierKVBlockLifecycle``: LMDeploy is about to free ``leaf``'s page.
+
+        Never raises into LMDeploy's eviction: an unexpected error costs only this block's host
+        copy (logged, counted as a demotion failure) and eviction goes on as stock.
+        """
+        try:
+            self._demote(leaf, int(gpu_block))
+        except Exception:
+            logger.exception("host tier: demotion of an evicted block failed; it is recomputed if needed")
+            self.metrics.add(demotion_failures=1)
+
+    def _demote(self, leaf: Node, gpu_block: int) -> None:
+        digest = self.node_digest(leaf)
+        if digest is None:
+            return
+        if gpu_block in self._pending_demote_gpu:
+            # The page was freed by an earlier eviction of this step and reallocated: its bytes
+            # for this node were never computed. Do not store it; its host children are orphans.
+            self.metrics.add(host_evictions=len(self.index.drop_subtree(digest)))
+            return
+        parent_digest = self.node_digest(leaf.parent) if leaf.parent is not None else None
+        if parent_digest is None:
+            return
+        slot = self.index.prepare_store(digest, parent_digest, encode_tokens(leaf.token_ids))
+        if slot is not None:
+            self._pending_demotions.append((digest, gpu_block, int(slot)))
+            self._pending_demote_gpu.add(gpu_block)
+            self.metrics.add(demotions=1)
+        elif digest not in self.index:
+            # Not stored and not resident: this prefix leaves every tier, so do its host children.
+            self.metrics.add(host_evictions=len(self.index.drop_subtree(digest)))
+
+    def _on_host_evict(self, block) -> None:
+        self.metrics.add(host_evictions=1)
+
+    # -- lookup / load admission -----------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: SchedulerSequence,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        if not self.is_consumer:
+            return 0, False
+        req = int(request.seq_id)
+        self._plans.pop(req, None)
+        if self._failed_turns.get(req) == int(request.input_start_pos):
+            return 0, False  # this turn's host load failed once: recompute it
+        if not request.history_multimodals.empty() or len(request.history_embeddings) > 0:
+            return 0, False
+        bs = self.block_size
+        token_len = request.clamp_prefix_cache_match_step(request.get_prefix_cache_max_candidate_step())
+        token_len = token_len // bs * bs
+        recompute = max(0, request.prefix_cache.recompute_overlap.recompute_blocks) * bs
+        num_computed = int(num_computed_tokens)
+        if token_len < bs or num_computed >= token_len - recompute:
+            return 0, False
+        first, last = num_computed // bs, token_len // bs
+        chain = self._request_chain(request, first, last)
+        digests, blocks = chain.slice(first, last)
+        n = self.index.lookup(digests, blocks)
+        # Count a request's lookup window once (LMDeploy re-asks on every admission attempt);
+        # a retry that finds more resident blocks adds only the extra hits.
+        counted = self._counted_lookup.get(req)
+        if counted is None or counted[:2] != (first, last):
+            self._counted_lookup[req] = (first, last, n)
+            self.metrics.add(lookups=1, lookup_blocks=len(digests), hit_blocks=n, hit_tokens=n * bs)
+        elif n > counted[2]:
+            self._counted_lookup[req] = (first, last, n)
+            self.metrics.add(hit_blocks=n - counted[2], hit_tokens=(n - counted[2]) * bs)
+        hit_end = (first + n) * bs - recompute if n else 0
+        num_external = hit_end - num_computed
+        if num_external <= 0 or num_external < self.min_restore_tokens:
+            return 0, False
+        n_use = hit_end // bs - first
+        self._plans[req] = _LookupPlan(first, tuple(digests[:n_use]), tuple(blocks[:n_use]))
+        # Make the hit most-recent so evictions made to admit this very load spare it.
+        self.index.touch(digests[:n_use])
+        return num_external, True
+
+    def update_state_after_alloc(self, request: SchedulerSequence, block_ids: Sequence[int],
+                                 num_external_tokens: int) -> None:
+        if num_external_tokens <= 0:
+            return
+        req = int(request.seq_id)
+        plan = self._plans.pop(req, None)
+        if plan is None:
+            raise RuntimeError(f"{CONNECTOR_NAME}: request {req} got load destinations without a host hit")
+        if req in self._pending_loads or req in self._inflight_loads:
+            raise RuntimeError(f"{CONNECTOR_NAME}: request {req} already has a host load")
+        gpu_blocks = tuple(int(b) for b in block_ids)
+        n = len(gpu_blocks)
+        load = _Load(req, gpu_blocks, int(num_external_tokens), turn=int(request.input_start_pos))
+        first = int(request.num_history_ids) // self.block_size
+        if plan.first_block == first and 0 < n <= len(plan.digests) and n * self.block_size == num_external_tokens:
+            digests = plan.digests[:n]
+            try:
+                load.slots = tuple(self.index.prepare_load(digests))
+                load.digests = digests
+                load.pinned = True
+            except KeyError:  # evicted while LMDeploy made room for this load: fail, recompute
+                logger.debug("host hit of request %d evicted before its load started", req)
+        else:
+            logger.warning("request %d: load range (block %d, %d blocks, %d tokens) does not match the host "
+                           "hit (block %d, %d blocks); recomputing", req, first, n, num_external_tokens,
+                           plan.first_block, len(plan.digests))
+        self._pending_loads[req] = load
+
+    # -- per-step plan -----------------------------------------------------------------------
+    def build_connector_meta(self, step_input: KVConnectorStepInput) -> HostTierMetadata | None:
+        demotions = tuple((gpu, slot) for _, gpu, slot in self._pending_demotions)
+        batch = None
+        if demotions:
+            batch = self._next_batch
+            self._next_batch += 1
+            self._inflight_demotions[batch] = tuple(d for d, _, _ in self._pending_demotions)
+        self._pending_demotions = []
+        self._pending_demote_gpu = set()
+        loads = []
+        now = time.perf_counter()
+        for req, load in self._pending_loads.items():
+            if not load.pinned or load.cancelled:
+                # never reaches a worker; an unpinned load lost its host blocks: recompute the turn
+                self._finish_load(load, success=False, load_failed=not load.pinned and not load.cancelled)
+                continue
+            load.started_at = now
+            self._inflight_loads[req] = load
+            loads.append(HostLoad(req, load.slots, load.gpu_blocks))
+        self._pending_loads = {}
+        if not (demotions or loads or self._inflight_demotions or self._inflight_loads or self._owed_results):
+            return None
+        self._step += 1
+        return HostTierMetadata(step=self._step, demotion_batch=batch, demotions=demotions, loads=tuple(loads))
+
+    # -- completions -------------------------------------------------------------------------
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> KVConnectorResult:
+        self._invalid.update(connector_output.invalid_block_ids or ())
+        for batch in sorted(connector_output.completed_save_ids or ()):
+            digests = self._inflight_demotions.pop(batch, None)
+            if digests is None:
+                continue
+            marker = failed_demotion_marker(batch)
+            ok = marker not in self._invalid
+            self._invalid.discard(marker)
+            for d in digests:
+                self.index.complete_store(d, success=ok)
+            if ok:
+                self.metrics.add(bytes_to_host=len(digests) * self.block_transfer_bytes)
+            else:
+                self.metrics.add(demotion_failures=len(digests))
+        for req in sorted(connector_output.finished_receiving or ()):
+            load = self._inflight_loads.pop(req, None)
+            if load is None:
+                continue
+            failed = not self._invalid.isdisjoint(load.gpu_blocks)
+            self._invalid.difference_update(load.gpu_blocks)
+            self._finish_load(load, success=not failed and not load.cancelled, load_failed=failed)
+        results, self._owed_results = tuple(self._owed_results), []
+        return KVConnectorResult(load_results=results)
+
+    def _finish_load(self, load: _Load, *, success: bool, load_failed: bool) -> None:
+        """Unpin, count, and owe LMDeploy the terminal result (unless the request is gone).
+
+        ``load_failed``: the load itself failed (not a cancellation), so this request turn
+        recomputes instead of trying the host tier again.
+        """
+        if load.pinned:
+            self.index.complete_load(load.digests, success=success)
+            load.pinned = False
+        if success:
+            self.metrics.add(restored_tokens=load.num_tokens,
+                             bytes_to_gpu=len(load.gpu_blocks) * self.block_transfer_bytes)
+            self.metrics.observe_restore_latency(time.perf_counter() - load.started_at)
+        else:
+            self.metrics.add(restore_failures=1)
+            if load_failed:
+                self._failed_turns[load.request_id] = load.turn
+        if not load.removed:
+            self._owed_results.append(KVLoadResult(request_id=load.request_id, success=success))
+
+    # -- request lifecycle -------------------------------------------------------------------
+    def on_new_request(self, request: SchedulerSequence) -> None:
+        req = int(request.seq_id)
+        self._chains.pop(req, None)
+        self._plans.pop(req, None)
+        self._counted_lookup.pop(req, None)
+        self._failed_turns.pop(req, None)
+
+    def cancel_lookup(self, request_id: RequestId) -> None:
+        """Called by stop/end before LMDeploy defers them: a load of this request is unwanted."""
+        req = int(request_id)
+        self._plans.pop(req, None)
+        for table in (self._pending_loads, self._inflight_loads):
+            load = table.get(req)
+            if load is not None:
+                load.cancelled = True
+
+    def request_finished(self, request: SchedulerSequence) -> None:
+        req = int(request.seq_id)
+        self.on_new_request(request)
+        load = self._pending_loads.pop(req, None)
+        if load is not None:
+            load.removed = True
+            self._finish_load(load, success=False, load_failed=False)
+        load = self._inflight_loads.get(req)
+        if load is not None:  # the worker may still read its slots: unpin when it reports
+            load.removed = True
+            load.cancelled = True
+
+    def finish_transfers_after_worker_drain(self) -> None:
+        """Workers drained and their outputs were discarded: settle everything in flight."""
+        for digests in self._inflight_demotions.values():
+            for d in digests:
+                self.index.complete_store(d, success=False)
+            self.metrics.add(demotion_failures=len(digests))
+        self._inflight_demotions.clear()
+        loads = list(self._inflight_loads.values())
+        self._inflight_loads.clear()
+        for load in loads:
+            self._finish_load(load, success=False, load_failed=False)
+        self._invalid.clear()
+
+    def shutdown(self) -> None:
+        self._chains.clear()
+        self._plans.clear()
+        self._counted_lookup.clear()
+
+    # -- introspection ----------------------------------------------------------------------
+    def has_inflight(self) -> bool:
+        return bool(self._pending_demotions or self._inflight_demotions or self._pending_loads
+                    or self._inflight_loads)
+
+    def check_balanced(self) -> None:
+        """Raise AssertionError unless the index is consistent and, when idle, nothing is pinned."""
+        self.index.check_invariants()
+        if not self.has_inflight():
+            pinned = [s for s in range(self.num_slots) if self.index.allocator.pins(s)]
+            assert not pinned, f"host slots still pinned with no copy in flight: {pinned[:8]}"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters plus occupancy: what the metrics exporter publishes."""
+        out: dict[str, Any] = dict(self.metrics.snapshot())
+        out["host_slots"] = self.num_slots
+        out["host_slots_used"] = self.num_slots - self.index.num_free_slots
+        out["host_blocks"] = len(self.index)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# role adapter
+
+
+class HostTierConnector(KVConnectorBase):
+    """LMDeploy ``KVConnectorBase`` delegating to the role's component."""
+
+    def __init__(self, role: KVConnectorRole, cache_config: CacheConfig, *, global_rank: int = 0,
+                 tp_rank: int = 0, tp_size: int = 1, kv_head_replica_num: int = 1) -> None:
+        super().__init__(role)
+        _transfer_config(cache_config)
+        self.role = role
+        self.global_rank = int(global_rank)
+        self.scheduler_side: HostTierScheduler | None = None
+        self.worker_side: HostTierWorker | None = None
+        if role is KVConnectorRole.SCHEDULER:
+            self.scheduler_side = HostTierScheduler(cache_config, tp_size=tp_size)
+        else:
+            hostcache = hostcache_config_from_extra(cache_config.kv_transfer_config.kv_connector_extra_config)
+            self.worker_side = HostTierWorker(cache_config, hostcache, tp_rank=tp_rank, tp_size=tp_size)
+
+    def _sched(self) -> HostTierScheduler:
+        if self.scheduler_side is None:
+            raise RuntimeError(f"scheduler-side method called on a worker {CONNECTOR_NAME}")
+        return self.scheduler_side
+
+    def _worker(self) -> HostTierWorker:
+        if self.worker_side is None:
+            raise RuntimeError(f"worker-side method called on a scheduler {CONNECTOR_NAME}")
+        return self.worker_side
+
+    @property
+    def metrics(self) -> HostTierMetrics:
+        return self._sched().metrics
+
+    # scheduler side
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, block_ids, num_external_tokens):
+        return self._sched().update_state_after_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, step_input: KVConnectorStepInput):
+        return self._sched().build_connector_meta(step_input)
+
+    def on_new_request(self, request) -> None:
+        return self._sched().on_new_request(request)
+
+    def cancel_lookup(self, request_id: RequestId) -> None:
+        return self._sched().cancel_lookup(request_id)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> KVConnectorResult:
+        return self._sched().update_connector_output(connector_output)
+
+    def finish_transfers_after_worker_drain(self) -> None:
+        return self._sched().finish_transfers_after_worker_drain()
+
+    def request_finished(self, request) -> None:
+        return self._sched().request_finished(request)
+
+    # worker side
+    def register_kv_caches(self, kv_caches: Mapping[str, KVCacheValue], tensor_specs=None) -> None:
+        """LMDeploy passes the rows only; ``tensor_specs`` is for lossy host formats (see worker)."""
+        return self._worker().register_kv_caches(kv_caches, tensor_specs=tensor_specs)
+
+    def start_load_kv(self) -> None:
+        return self._worker().start_load_kv(self._get_connector_metadata())
+
+    def start_save_kv(self) -> None:
+        """No-op: demotions are copied in ``start_load_kv``, before the forward can reuse a page."""
+        return None
+
+    def get_finished(self) -> KVConnectorOutput:
+        return self._worker().get_finished()
+
+    def shutdown(self) -> None:
+        if self.scheduler_side is not None:
+            return self.scheduler_side.shutdown()
+        return self._worker().shutdown()
+
+
+def build_host_tier_connector(role: KVConnectorRole, cache_config: CacheConfig, *, global_rank: int = 0,
+                              tp_rank: int = 0, tp_size: int = 1,
+                              kv_head_replica_num: int = 1) -> HostTierConnector:
+    """Same signature as LMDeploy's ``factory.build_kv_connector``, for our connector name."""
+    return HostTierConnector(role, cache_config, global_rank=global_rank, tp_rank=tp_rank, tp_size=tp_size,
+                             kv_head_replica_num=kv_head_replica_num)
+
+
+def install_scheduler_hook(scheduler) -> None:
+    """Wire the trie's eviction hook to the scheduler-side connector (no-op for other connectors)."""
+    conn = getattr(scheduler, "kv_connector", None)
+    if not isinstance(conn, HostTierConnector) or conn.scheduler_side is None:
+        return
+    side = conn.scheduler_side
+    trie = scheduler.block_trie
+    if int(trie.block_size) != side.block_size:
+        raise ValueError(f"trie block_size {trie.block_size} != connector block_size {side.block_size}")
+    if not trie.enabled:
+        logger.warning("%s: prefix caching is off, so nothing is ever demoted to host", CONNECTOR_NAME)
+    install_lifecycle_observer(trie._kv_lifecycle, side.on_evict)

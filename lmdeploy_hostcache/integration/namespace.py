@@ -1,0 +1,76 @@
+"""Digest namespaces derived from LMDeploy's cache config.
+
+A host block may be reused only by a request that would have computed the very same KV bytes.
+Everything that changes those bytes for identical tokens enters the ``digest.Namespace``:
+
+* the model identity (``kv_connector_extra_config['model_identity']``, set by the activation
+  layer from the model path/revision; required, never guessed);
+* the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
+  the per-adapter roots of LMDeploy's BlockTrie);
+* the KV format: LMDeploy's ``quant_policy``, the kernel page size, and the host format
+  (``host_kv_format``: ``same`` keeps the GPU bytes, ``int8``/``int4`` re-quantize);
+* the scheduler block size;
+* ``tenant_salt`` from ``HostCacheConfig`` (engines/tenants with different salts never share).
+
+Invariant: equal inputs give equal ``Namespace`` objects in every process (pure function).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import HostCacheConfig
+from ..digest import Namespace
+
+__all__ = ["NamespaceFactory", "kv_format_name", "model_identity_from_extra"]
+
+_QUANT_NAMES = {0: "native", 4: "int4", 8: "int8", 16: "fp8e4m3", 17: "fp8e5m2", 42: "turboquant"}
+
+
+def model_identity_from_extra(extra_config: dict[str, Any]) -> str:
+    """``extra_config['model_identity']``; raises ValueError naming the key when absent/empty."""
+    ident = extra_config.get("model_identity")
+    if not isinstance(ident, str) or not ident.strip():
+        raise ValueError("kv_connector_extra_config['model_identity'] must be a non-empty string "
+                         f"(the model path or name the host-tier namespace is keyed by); got {ident!r}")
+    return ident
+
+
+def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: str) -> str:
+    """Name of the bytes a host slot holds, e.g. ``native/kb64`` or ``native/kb64>int4``."""
+    q = int(quant_policy)
+    base = f"{_QUANT_NAMES.get(q, f'q{q}')}/kb{int(kernel_block_size)}"
+    return base if host_kv_format == "same" else f"{base}>{host_kv_format}"
+
+
+class NamespaceFactory:
+    """One ``Namespace`` per adapter, all sharing model, KV format, block size and salt."""
+
+    def __init__(self, model: str, block_size: int, kv_format: str, tenant_salt: str = "") -> None:
+        self.model = model
+        self.block_size = int(block_size)
+        self.kv_format = kv_format
+        self.tenant_salt = tenant_salt
+        self._by_adapter: dict[str | None, Namespace] = {}
+        self.for_adapter(None)  # validates the shared fields now
+
+    @classmethod
+    def from_cache_config(cls, cache_config, hostcache: HostCacheConfig) -> NamespaceFactory:
+        """Build from an LMDeploy ``CacheConfig`` carrying our ``kv_transfer_config``."""
+        extra = cache_config.kv_transfer_config.kv_connector_extra_config
+        return cls(
+            model=model_identity_from_extra(extra),
+            block_size=cache_config.block_size,
+            kv_format=kv_format_name(cache_config.quant_policy, cache_config.kernel_block_size,
+                                     hostcache.host_kv_format),
+            tenant_salt=hostcache.tenant_salt,
+        )
+
+    def for_adapter(self, adapter_name: str | None) -> Namespace:
+        """The namespace of requests (and trie nodes) of ``adapter_name`` (None: base model)."""
+        adapter = adapter_name or None
+        ns = self._by_adapter.get(adapter)
+        if ns is None:
+            ns = Namespace(model=self.model, block_size=self.block_size, kv_format=self.kv_format,
+                           adapter=adapter, tenant_salt=self.tenant_salt)
+            self._by_adapter[adapter] = ns
+        return ns

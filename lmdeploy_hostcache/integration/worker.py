@@ -1,0 +1,262 @@
+"""Worker role of ``HostTierConnector``: moves bytes between LMDeploy's cache rows and host slots.
+
+One ``HostTierWorker`` per TP rank, inside LMDeploy's model agent. It never decides what to
+copy: the scheduler role ships a ``HostTierMetadata`` per engine step (through LMDeploy's
+``build_connector_meta`` -> executor -> ``bind_connector_metadata``) and this side reports
+terminal progress back through ``get_finished`` (-> executor TP aggregation ->
+``Scheduler.update_connector_output``). Nothing else connects the two roles.
+
+Per step (``start_load_kv``, run by LMDeploy before ``cache_swapping`` and the forward):
+  one ``CopyEngine.submit`` with the step's demotions *and* loads. The copy engine gathers the
+  demoted pages before it writes any load destination (a page freed by an eviction may be a
+  load destination, or any block the forward writes, in the very same step) and makes the
+  forward stream wait for the gathers, so the forward never overwrites a page before it is
+  copied out.
+
+``start_save_kv`` is a no-op on purpose: the tier is write-back on eviction. Evicted pages must
+be read *before* the forward that may reuse them, which is ``start_load_kv``'s slot; nothing
+needs saving after the forward.
+
+Completion encoding in LMDeploy's ``KVConnectorOutput`` (aggregated over TP ranks by the ray
+executor; ids complete only when every rank reported them, invalid ids are unioned):
+  * ``finished_receiving``: request ids whose load op ended (ok or not);
+  * ``completed_save_ids``: demotion batch ids whose op ended (ok or not);
+  * ``invalid_block_ids``: destination GPU blocks of a failed load, and ``-1 - batch`` for a
+    failed demotion batch (negative, so never a GPU block id).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lmdeploy.pytorch.kv_connector.base import KVConnectorMetadata, KVConnectorOutput
+
+from ..config import HostCacheConfig
+
+__all__ = [
+    "HostLoad",
+    "HostTierMetadata",
+    "HostTierWorker",
+    "failed_demotion_marker",
+    "resolve_num_slots",
+]
+
+logger = logging.getLogger("lmdeploy_hostcache.worker")
+
+
+def failed_demotion_marker(batch_id: int) -> int:
+    """The ``invalid_block_ids`` entry that says demotion batch ``batch_id`` failed."""
+    return -1 - int(batch_id)
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """One request's restore: ``slots[i]`` is copied into GPU block ``gpu_blocks[i]``."""
+
+    request_id: int
+    slots: tuple[int, ...]
+    gpu_blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HostTierMetadata(KVConnectorMetadata):
+    """Scheduler -> worker plan of one engine step (picklable; no save leases, ever).
+
+    ``demotions`` are ``(gpu_block, slot)`` pairs and belong to batch ``demotion_batch``
+    (None when there are none). A metadata with no work still makes LMDeploy run a
+    connector step, which is how in-flight copies get polled.
+    """
+
+    step: int
+    demotion_batch: int | None = None
+    demotions: tuple[tuple[int, int], ...] = ()
+    loads: tuple[HostLoad, ...] = ()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.demotions or self.loads)
+
+
+def resolve_num_slots(extra_config: Mapping[str, Any], hostcache: HostCacheConfig, tp_size: int) -> int:
+    """Host slots per TP rank; the scheduler and every worker call this with the same inputs.
+
+    ``host_cache_blocks`` (written by the executor hook) wins. Otherwise the count is
+    ``host_cache_gb`` (all ranks together) / tp_size / ``host_slot_bytes``, which needs a
+    numeric ``host_cache_gb``: ``auto`` depends on free RAM at the moment of the call and would
+    give the scheduler and the workers different counts.
+    """
+    blocks = extra_config.get("host_cache_blocks")
+    if blocks is not None:
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError("kv_connector_extra_config['host_cache_blocks'] must be an int >= 1, "
+                             f"got {blocks!r}")
+        return blocks
+    slot_bytes = extra_config.get("host_slot_bytes")
+    if isinstance(slot_bytes, bool) or not isinstance(slot_bytes, int) or slot_bytes < 1:
+        raise ValueError("kv_connector_extra_config needs 'host_cache_blocks' (int >= 1) or "
+                         f"'host_slot_bytes' (int >= 1) to size the host tier; got host_slot_bytes={slot_bytes!r}")
+    if hostcache.host_cache_gb == "auto":
+        raise ValueError("host_cache_gb='auto' needs 'host_cache_blocks' in kv_connector_extra_config "
+                         "(the executor hook sets it once, so every process agrees on the slot count)")
+    from ..hostmem import resolve_host_cache_bytes
+
+    total, reason = resolve_host_cache_bytes(hostcache)
+    num = total // max(1, int(tp_size)) // slot_bytes
+    if num < 1:
+        raise ValueError(f"host tier holds no block: {reason} {total} bytes over {tp_size} TP rank(s) "
+                         f"is less than one {slot_bytes}-byte slot")
+    return num
+
+
+def _caller_tensor_specs(max_depth: int = 6):
+    """``block_cache_plan.tensor_specs`` of the nearest caller whose ``self`` has one, or None."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            plan = getattr(owner, "block_cache_plan", None)
+            specs = getattr(plan, "tensor_specs", None)
+            if specs is not None:
+                return specs
+        return None
+    finally:
+        del frame
+
+
+@dataclass
+class _Op:
+    demotion_batch: int | None
+    request_ids: tuple[int, ...]
+    gpu_blocks: tuple[int, ...]
+
+
+class HostTierWorker:
+    """Worker role: register cache rows, run each step's copies, report completions."""
+
+    def __init__(self, cache_config, hostcache: HostCacheConfig, *, tp_rank: int = 0, tp_size: int = 1,
+                 device=None, backend: str = "auto") -> None:
+        self.cache_config = cache_config
+        self.hostcache = hostcache
+        self.extra = cache_config.kv_transfer_config.kv_connector_extra_config
+        self.tp_rank = int(tp_rank)
+        self.tp_size = int(tp_size)
+        self.device = device
+        self.backend = backend
+        self.engine_kwargs: dict[str, Any] = {}   # extra make_copy_engine arguments (tests: delay_polls)
+        self.tensor_specs = None
+        block_size, kernel = int(cache_config.block_size), int(cache_config.kernel_block_size)
+        if block_size % kernel:
+            raise ValueError(f"block_size {block_size} is not a multiple of kernel_block_size {kernel}")
+        self.pages_per_block = block_size // kernel
+        self.num_slots = resolve_num_slots(self.extra, hostcache, self.tp_size)
+        self.layout = None
+        self.pool = None
+        self.engine = None
+        self._ops: dict[int, _Op] = {}
+        self._next_op = 0
+        self._failed_submits: list[int] = []
+
+    # -- registration ------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: Mapping[str, Any], tensor_specs=None) -> None:
+        """Build the row layout, the host pool (``num_slots`` slots) and the copy engine.
+
+        ``tensor_specs`` (LMDeploy's ``BlockCachePlan.tensor_specs``) are needed only for a
+        lossy ``host_kv_format``: given here, or preset in ``self.tensor_specs``, or found on
+        the caller (LMDeploy's ``BaseModelAgent.build_cache_engine`` holds them as
+        ``self.block_cache_plan``). Raises ValueError before allocating anything when the
+        format cannot apply to these rows.
+        """
+        from ..transfer import HostPool, KVRowLayout, make_copy_engine
+
+        if self.engine is not None:
+            raise RuntimeError("HostTierWorker.register_kv_caches called twice")
+        caches = dict(kv_caches)
+        if not caches:
+            raise ValueError("register_kv_caches got no cache rows")
+        fmt = self.hostcache.host_kv_format
+        specs = None
+        if fmt != "same":
+            specs = tensor_specs if tensor_specs is not None else self.tensor_specs
+            if specs is None:
+                specs = _caller_tensor_specs()
+            if specs is None:
+                raise ValueError(f"host_kv_format={fmt!r} needs the cache plan's tensor_specs to find the K/V "
+                                 "byte ranges; pass register_kv_caches(kv_caches, tensor_specs=...)")
+        layout = KVRowLayout.from_connector_caches(caches, self.pages_per_block, tensor_specs=specs)
+        layout.host_format(fmt)  # ValueError naming the row when the format does not apply
+        pin = None if self.hostcache.pin_memory else False
+        pool = HostPool(layout, self.num_slots, host_kv_format=fmt, pin_memory=pin)
+        self.engine = make_copy_engine(layout, pool, caches, device=self.device, backend=self.backend,
+                                       **self.engine_kwargs)
+        self.layout, self.pool = layout, pool
+        logger.info("host tier rank %d: %d slots x %d B (%s), %d rows", self.tp_rank, self.num_slots,
+                    pool.slot_bytes, fmt, len(caches))
+
+    # -- per step ----------------------------------------------------------------------
+    def start_load_kv(self, meta: HostTierMetadata) -> None:
+        """Submit the step's demotions and loads as one op (demotions are gathered first)."""
+        if not isinstance(meta, HostTierMetadata):
+            raise TypeError(f"HostTierWorker got {type(meta).__name__} metadata, expected HostTierMetadata")
+        if not meta.has_work:
+            return
+        if self.engine is None:
+            raise RuntimeError("host-tier copy requested before register_kv_caches")
+        op_id = self._next_op
+        self._next_op += 1
+        loads = [(slot, gpu) for ld in meta.loads for slot, gpu in zip(ld.slots, ld.gpu_blocks, strict=True)]
+        self._ops[op_id] = _Op(meta.demotion_batch if meta.demotions else None,
+                               tuple(ld.request_id for ld in meta.loads),
+                               tuple(gpu for _, gpu in loads))
+        try:
+            self.engine.submit(op_id, demotions=list(meta.demotions), loads=loads)
+        except Exception:  # reported as a failed op: the scheduler falls back to recompute
+            logger.exception("host tier rank %d: submit of op %d failed", self.tp_rank, op_id)
+            self._failed_submits.append(op_id)
+
+    def get_finished(self) -> KVConnectorOutput:
+        """Terminal progress since the last poll, in the encoding of the module docstring."""
+        finished: set[int] = set()
+        saved: set[int] = set()
+        invalid: set[int] = set()
+        outcomes = [(op_id, False, False) for op_id in self._failed_submits]
+        self._failed_submits.clear()
+        if self.engine is not None:
+            for res in self.engine.poll():
+                outcomes.append((res.op_id, bool(res.stores_ok), bool(res.loads_ok)))
+                if not res.ok:
+                    logger.warning("host tier rank %d: copy op %d failed: %s", self.tp_rank, res.op_id, res.error)
+        for op_id, stores_ok, loads_ok in outcomes:
+            op = self._ops.pop(op_id, None)
+            if op is None:
+                continue
+            if op.demotion_batch is not None:
+                saved.add(op.demotion_batch)
+                if not stores_ok:
+                    invalid.add(failed_demotion_marker(op.demotion_batch))
+            finished.update(op.request_ids)
+            if not loads_ok:
+                invalid.update(op.gpu_blocks)
+        return KVConnectorOutput(completed_save_ids=saved or None, finished_receiving=finished or None,
+                                 invalid_block_ids=invalid)
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._ops)
+
+    def shutdown(self) -> None:
+        """Drain every submitted copy, then release the engine and the host pool."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.wait_all()
+            finally:
+                engine.close()
+        self._ops.clear()
+        self._failed_submits.clear()
+        self.pool = None

@@ -1,0 +1,600 @@
+"""HostTierConnector scheduler role against LMDeploy 0.18.0's real ``Scheduler`` on CPU.
+
+Worker progress is written by hand here (``KVConnectorOutput`` in the encoding of
+``integration.worker``) so each test controls exactly when a copy ends and whether it fails;
+``test_connector_worker.py`` drives the real worker role and copy engine.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lmdeploy.pytorch.paging.scheduler")
+
+from lmdeploy.messages import KVTransferConfig  # noqa: E402
+from lmdeploy.pytorch.config import CacheConfig, SchedulerConfig  # noqa: E402
+from lmdeploy.pytorch.kv_connector import KVConnectorOutput, KVConnectorRole  # noqa: E402
+from lmdeploy.pytorch.messages import MessageStatus, SequenceMeta, UpdateTokenMode  # noqa: E402
+from lmdeploy.pytorch.paging.block_trie.kv_lifecycle import KVBlockLifecycle  # noqa: E402
+from lmdeploy.pytorch.paging.block_trie.node import Node  # noqa: E402
+from lmdeploy.pytorch.paging.scheduler import Scheduler  # noqa: E402
+from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy  # noqa: E402
+
+from lmdeploy_hostcache.digest import Namespace, chain_digests  # noqa: E402
+from lmdeploy_hostcache.integration.connector import (  # noqa: E402
+    CONNECTOR_NAME,
+    HostTierConnector,
+    build_host_tier_connector,
+    install_scheduler_hook,
+)
+from lmdeploy_hostcache.integration.lifecycle import (  # noqa: E402
+    UPSTREAM_TRY_EVICT_LEAF_SHA256,
+    HostTierKVBlockLifecycle,
+    source_sha256,
+)
+from lmdeploy_hostcache.integration.namespace import NamespaceFactory, kv_format_name  # noqa: E402
+from lmdeploy_hostcache.integration.worker import failed_demotion_marker, resolve_num_slots  # noqa: E402
+
+BS = 4
+MODEL = "toy-model"
+
+
+def make_cache_config(num_gpu_blocks=8, host_blocks=16, min_restore_tokens=0, quant_policy=0, **hc):
+    hostcache = {"min_restore_tokens": min_restore_tokens, **hc}
+    tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both", kv_connector_extra_config={
+        "hostcache_config": hostcache, "host_cache_blocks": host_blocks, "host_slot_bytes": 1000,
+        "model_identity": MODEL})
+    return CacheConfig(max_batches=8, block_size=BS, num_cpu_blocks=0, num_gpu_blocks=num_gpu_blocks,
+                       enable_prefix_caching=True, device_type="cpu", quant_policy=quant_policy,
+                       kv_transfer_config=tc)
+
+
+class Rig:
+    """A real Scheduler with the host tier's scheduler role; the worker is played by the test."""
+
+    def __init__(self, **kw):
+        self.cc = make_cache_config(**kw)
+        self.conn = build_host_tier_connector(KVConnectorRole.SCHEDULER, self.cc)
+        self.side = self.conn.scheduler_side
+        self.s = Scheduler(SchedulerConfig(max_batches=8, max_session_len=4096), self.cc,
+                           seq_meta=SequenceMeta(BS, strategy=ARSequenceStrategy()), kv_connector=self.conn)
+        install_scheduler_hook(self.s)
+        self.metas = []
+        self.next_session = 0
+
+    def add(self, tokens):
+        sid = self.next_session
+        self.next_session += 1
+        sess = self.s.add_session(sid)
+        return sid, sess.add_sequence(np.asarray(tokens, dtype=np.int64))
+
+    def step(self, output: KVConnectorOutput | None = None):
+        """One prefill scheduling pass + its metadata + (optional) worker progress + forward."""
+        out = self.s.schedule(is_prefill=True)
+        meta = self.s.build_connector_meta(out.running)
+        self.metas.append(meta)
+        if output is not None:
+            self.s.update_connector_output(output)
+        self.s.activate_seqs(out.running)
+        for seq in out.running:
+            seq.update_token_ids(np.array([7]), mode=UpdateTokenMode.PREFILL)
+        self.s.release_completed_prefill_reservations(out.running)
+        for seq in out.running:
+            seq.state.finish()
+        return out.running, meta
+
+    def complete(self, meta, fail_loads=(), fail_demotions=False):
+        """Worker output finishing every op of ``meta``."""
+        invalid = set()
+        if fail_demotions and meta.demotion_batch is not None:
+            invalid.add(failed_demotion_marker(meta.demotion_batch))
+        for ld in meta.loads:
+            if ld.request_id in fail_loads:
+                invalid.update(ld.gpu_blocks)
+        return KVConnectorOutput(
+            completed_save_ids={meta.demotion_batch} if meta.demotion_batch is not None else None,
+            finished_receiving={ld.request_id for ld in meta.loads} or None,
+            invalid_block_ids=invalid)
+
+    def poll(self, output: KVConnectorOutput):
+        self.s.update_connector_output(output)
+
+
+def deterministic_lru(monkeypatch):
+    """Distinct, counter-based access times: LMDeploy's LRU then never falls back to its
+    ``id(node)`` tie-break, whose order changes from run to run."""
+    from lmdeploy.pytorch.paging.block_manager.base_block_manager import LogicalAllocator
+
+    clock = iter(range(1, 1 << 40))
+
+    def update_access_time(self, blocks):
+        blocks = np.atleast_1d(np.asarray(blocks))
+        self._log_mem.access_time[blocks] = [next(clock) for _ in range(len(blocks))]
+
+    monkeypatch.setattr(LogicalAllocator, "update_access_time", update_access_time)
+
+
+def ns(adapter=None):
+    return Namespace(model=MODEL, block_size=BS, kv_format=kv_format_name(0, BS, "same"), adapter=adapter)
+
+
+def prompt(start, n):
+    return list(range(start, start + n))
+
+
+def demote_first_prompt(rig, a_tokens, b_tokens):
+    """Run A to completion, free it, then run B which evicts A's trie leaves; finish the demotion."""
+    sid_a, a = rig.add(a_tokens)
+    rig.step()
+    rig.s.end_session(sid_a)
+    sid_b, b = rig.add(b_tokens)
+    running, meta = rig.step()
+    assert running == [b]
+    assert meta is not None and meta.demotions, "evicting trie leaves must queue demotions"
+    rig.poll(rig.complete(meta))
+    rig.s.end_session(sid_b)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eviction_demotes_leaf_with_chained_digest():
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)                   # 4 full blocks enter the trie
+    meta = demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    digests, blocks = chain_digests(ns(), a_tokens[:16])
+    # LRU evicts A's deepest leaf first: its digest chains over the whole 16-token prefix.
+    assert rig.side.index.is_resident(digests[3])
+    slot = rig.side.index.get(digests[3]).slot
+    assert meta.demotions[0][1] == slot
+    assert rig.side.index.get(digests[3]).tokens == blocks[3]
+    assert rig.side.metrics.demotions == len(meta.demotions)
+    assert rig.side.metrics.bytes_to_host == len(meta.demotions) * 1000
+    rig.side.check_balanced()
+
+
+def test_host_hit_waits_for_remote_kvs_then_readmits_with_cached_tokens():
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    n_host = len(rig.side.index)
+    assert n_host >= 1
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    running, meta = rig.step()
+    assert running == [] and c.status == MessageStatus.WAITING_FOR_REMOTE_KVS
+    assert len(meta.loads) == 1 and meta.loads[0].request_id == c.seq_id
+    load = meta.loads[0]
+    gpu_match = 16 - BS * len(load.gpu_blocks)
+    # Loaded slots are pinned while the worker copies.
+    assert all(rig.side.index.allocator.pins(s) == 1 for s in load.slots)
+    # the request's chain started at its trie cursor (the GPU match), not at the root, and
+    # equals the chain hashed from the root
+    chain = rig.side._chains[c.seq_id]
+    assert chain.start_block == gpu_match // BS > 0
+    assert chain.slice(chain.start_block, 4)[0] == chain_digests(ns(), a_tokens[:16])[0][chain.start_block:]
+    rig.poll(rig.complete(meta))
+    assert c.status == MessageStatus.WAITING
+    assert c.num_history_ids == 16 and c.cached_tokens == 16
+    assert rig.side.metrics.restored_tokens == 16 - gpu_match
+    assert rig.side.metrics.hit_blocks >= len(load.gpu_blocks)
+    # exclusive tiers: the restored blocks left the host
+    digests, _ = chain_digests(ns(), a_tokens[:16])
+    restored = digests[gpu_match // BS:4]
+    assert len(restored) == len(load.gpu_blocks)
+    assert all(d not in rig.side.index for d in restored)
+    running, _ = rig.step()
+    assert running == [c] and c.num_history_ids == 19
+    # the restored blocks are ordinary trie blocks now: a later request matches them on GPU
+    rig.s.end_session(sid)
+    sid2, d = rig.add(a_tokens[:16] + [9, 9])
+    running, meta = rig.step()
+    assert running == [d] and d.cached_tokens == 16
+    assert not meta or not meta.loads
+    rig.side.check_balanced()
+
+
+def test_failed_load_rolls_back_and_recomputes():
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    (load,) = meta.loads
+    fallback = 16 - BS * len(load.gpu_blocks)
+    rig.poll(rig.complete(meta, fail_loads={c.seq_id}))
+    assert c.status == MessageStatus.WAITING
+    assert c.num_history_ids == fallback
+    assert rig.side.metrics.restore_failures == 1 and rig.side.metrics.restored_tokens == 0
+    # host copies stay (the GPU never got valid bytes) and are unpinned
+    digests, _ = chain_digests(ns(), a_tokens[:16])
+    assert all(rig.side.index.is_resident(d) for d in digests[fallback // BS:4])
+    assert all(rig.side.index.allocator.pins(s) == 0 for s in load.slots)
+    # this turn recomputes instead of retrying the host tier
+    running, meta2 = rig.step()
+    assert running == [c] and not (meta2 and meta2.loads)
+    assert c.num_history_ids == 19
+    rig.side.check_balanced()
+
+
+def test_abort_during_load_unpins_and_keeps_host_copy():
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    (load,) = meta.loads
+    rig.s.end_session(sid)                      # deferred by LMDeploy: the worker may be writing
+    assert sid in rig.s.sessions and c.status == MessageStatus.WAITING_FOR_REMOTE_KVS
+    rig.poll(rig.complete(meta))                # the copy itself succeeded
+    assert sid not in rig.s.sessions
+    digests, _ = chain_digests(ns(), a_tokens[:16])
+    restored = digests[4 - len(load.gpu_blocks):4]
+    assert all(rig.side.index.is_resident(d) for d in restored), "a cancelled restore keeps host copies"
+    assert all(rig.side.index.allocator.pins(s) == 0 for s in load.slots)
+    assert rig.s.block_manager.get_num_free_gpu_blocks() + len(rig.s.block_trie.leaves) <= 8
+    rig.side.check_balanced()
+
+
+def test_abort_before_load_is_shipped_never_reaches_worker():
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    out = rig.s.schedule(is_prefill=True)      # load admitted, metadata not built yet
+    assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and out.running == []
+    rig.s.end_session(sid)
+    meta = rig.s.build_connector_meta([])
+    assert meta is not None and meta.loads == ()
+    rig.poll(rig.complete(meta))                # the step's output also delivers the owed failure
+    assert sid not in rig.s.sessions
+    assert rig.side.metrics.restore_failures == 1
+    rig.side.check_balanced()
+    assert rig.s.build_connector_meta([]) is None, "nothing left in flight"
+
+
+def test_min_restore_tokens_skips_short_hits():
+    # one host block (4 tokens) is below min_restore_tokens=8: recompute, no load
+    rig = Rig(num_gpu_blocks=8, min_restore_tokens=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    assert len(rig.side.index) == 1
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    running, meta = rig.step()
+    assert running == [c] and not (meta and meta.loads)
+    assert c.cached_tokens == 12
+    # the same hit with min_restore_tokens=4 is restored
+    rig = Rig(num_gpu_blocks=8, min_restore_tokens=4)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    running, meta = rig.step()
+    assert running == [] and len(meta.loads) == 1
+
+
+def test_failed_demotion_drops_block():
+    rig = Rig(num_gpu_blocks=8)
+    _, a = rig.add(prompt(1, 17))
+    rig.step()
+    rig.s.end_session(0)
+    rig.add(prompt(100, 18))
+    _, meta = rig.step()
+    assert meta.demotions
+    rig.poll(rig.complete(meta, fail_demotions=True))
+    assert len(rig.side.index) == 0
+    assert rig.side.metrics.demotion_failures == len(meta.demotions)
+    rig.side.check_balanced()
+
+
+def test_completion_waits_for_every_tp_rank_and_ignores_unknown_ids():
+    rig = Rig(num_gpu_blocks=8)
+    rig.add(prompt(1, 17))
+    rig.step()
+    rig.s.end_session(0)
+    rig.add(prompt(100, 18))
+    _, meta = rig.step()
+    # a failure marker from one rank arrives before the batch completes on every rank
+    rig.poll(KVConnectorOutput(invalid_block_ids={failed_demotion_marker(meta.demotion_batch)}))
+    assert rig.side.has_inflight()
+    rig.poll(KVConnectorOutput(completed_save_ids={meta.demotion_batch, 999}, finished_receiving={12345}))
+    assert len(rig.side.index) == 0 and not rig.side.has_inflight()
+
+
+def test_worker_drain_settles_everything_in_flight():
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    assert meta.loads
+    rig.s.end_session(sid)
+    rig.s.finish_kv_transfers_after_worker_drain()
+    assert sid not in rig.s.sessions
+    assert not rig.side.has_inflight()
+    rig.side.check_balanced()
+
+
+def test_refcounts_and_slots_balanced_under_pressure(monkeypatch):
+    """Many overlapping prompts through a tiny GPU and host, with copy failures and aborts in
+    the middle of loads: every pin and ref is returned and the host still serves hits."""
+    deterministic_lru(monkeypatch)
+    rng = np.random.default_rng(0)
+    rig = Rig(num_gpu_blocks=12, host_blocks=16)
+    stems = [prompt(1000 * k, 12) for k in range(1, 5)]
+    inflight = []
+    live = []
+    for it in range(60):
+        stem = stems[rng.integers(len(stems))]
+        tail = list(rng.integers(1, 50, size=int(rng.integers(1, 9))))
+        live.append(rig.add(stem + tail)[0])
+        output = None
+        if inflight and it % 5 != 4:
+            m = inflight.pop(0)
+            output = rig.complete(m, fail_loads={ld.request_id for ld in m.loads} if it % 4 == 1 else (),
+                                  fail_demotions=it % 7 == 3)
+        _, meta = rig.step(output)
+        if meta is not None and meta.has_work:
+            inflight.append(meta)
+        while len(live) > 3:
+            sid = live.pop(0 if it % 6 else int(rng.integers(len(live))))  # sometimes one mid-load
+            if sid in rig.s.sessions:
+                rig.s.end_session(sid)
+    for _ in range(100):  # drain: every copy completes one step after it was shipped
+        _, meta = rig.step(rig.complete(inflight.pop(0)) if inflight else None)
+        if meta is not None and meta.has_work:
+            inflight.append(meta)
+        if not inflight and not rig.side.has_inflight() and not rig.s.has_unfinished():
+            break
+    for sid in list(rig.s.sessions):
+        rig.s.end_session(sid)
+    assert not rig.side.has_inflight() and not rig.s.has_unfinished()
+    rig.side.check_balanced()
+    m = rig.side.metrics
+    assert m.restore_failures > 0 and m.demotion_failures > 0, m.snapshot()
+    assert m.demotions > 0 and m.hit_blocks > 0 and m.restored_tokens > 0, m.snapshot()
+    assert m.restored_tokens <= m.hit_tokens and m.hit_blocks <= m.lookup_blocks, m.snapshot()
+    # GPU refcounts: only the trie holds blocks now; one ref each.
+    alloc = rig.s.block_manager.allocator
+    trie_blocks = []
+    stack = list(rig.s.block_trie._roots.values())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        if node.block_id >= 0:
+            trie_blocks.append(node.block_id)
+    assert all(int(alloc.get_ref_count(b)) == 1 for b in trie_blocks)
+    assert rig.s.block_manager.get_num_free_gpu_blocks() == 12 - len(trie_blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# eviction hook
+
+
+def test_upstream_try_evict_leaf_is_the_pinned_source():
+    assert source_sha256(KVBlockLifecycle._try_evict_leaf) == UPSTREAM_TRY_EVICT_LEAF_SHA256
+    up = inspect.getsource(KVBlockLifecycle._try_evict_leaf).splitlines()
+    ours = inspect.getsource(HostTierKVBlockLifecycle._try_evict_leaf).splitlines()
+    added = [ln for ln in difflib.ndiff(up, ours) if ln.startswith("+ ")]
+    removed = [ln for ln in difflib.ndiff(up, ours) if ln.startswith("- ")]
+    assert removed == []
+    assert [ln[2:].strip() for ln in added if not ln[2:].strip().startswith("#")] == [
+        "observer = self._host_tier_observer",
+        "if observer is not None:",
+        "observer(leaf, int(self.allocator.get_physical_blocks(leaf.block_id)))",
+    ]
+
+
+def _random_trie_run(seed, hooked, monkeypatch):
+    """Fill a stock or hooked scheduler's trie, then evict in small batches; return the order.
+
+    Access times come from a counter, distinct per block, so LRU never falls back to its
+    ``id(node)`` tie-break (memory addresses differ between the two runs).
+    """
+    deterministic_lru(monkeypatch)
+    rng = np.random.default_rng(seed)
+    cc = CacheConfig(max_batches=8, block_size=BS, num_cpu_blocks=0, num_gpu_blocks=40,
+                     enable_prefix_caching=True, device_type="cpu")
+    s = Scheduler(SchedulerConfig(max_batches=8, max_session_len=4096), cc,
+                  seq_meta=SequenceMeta(BS, strategy=ARSequenceStrategy()))
+    seen = []
+    if hooked:
+        from lmdeploy_hostcache.integration.lifecycle import install_lifecycle_observer
+        install_lifecycle_observer(s.block_trie._kv_lifecycle, lambda leaf, gpu: seen.append(gpu))
+    for sid in range(8):
+        toks = [int(rng.integers(1, 4))] * 4 + list(rng.integers(1, 4, size=int(rng.integers(4, 14))))
+        s.add_session(sid).add_sequence(np.asarray(toks, dtype=np.int64))
+        out = s.schedule(is_prefill=True)
+        s.activate_seqs(out.running)
+        for q in out.running:
+            q.update_token_ids(np.array([1]), mode=UpdateTokenMode.PREFILL)
+            q.state.finish()
+        s.end_session(sid)
+    alloc = s.block_manager.allocator
+
+    def trie_pages():
+        pages, stack = set(), list(s.block_trie._roots.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if node.block_id >= 0:
+                pages.add(int(alloc.get_physical_blocks(node.block_id)))
+        return pages
+
+    order, prev = [], trie_pages()
+    while s.block_trie.evict(int(rng.integers(1, 3))) > 0:
+        cur = trie_pages()
+        order.append(sorted(prev - cur))
+        prev = cur
+    return order, seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hook_keeps_stock_eviction_order(seed, monkeypatch):
+    stock, _ = _random_trie_run(seed, False, monkeypatch)
+    hooked, seen = _random_trie_run(seed, True, monkeypatch)
+    assert stock == hooked and len(stock) > 0
+    assert sorted(seen) == sorted(b for batch in hooked for b in batch)
+
+
+def test_install_hook_is_noop_for_stock_scheduler():
+    cc = CacheConfig(max_batches=8, block_size=BS, num_cpu_blocks=0, num_gpu_blocks=8,
+                     enable_prefix_caching=True, device_type="cpu")
+    s = Scheduler(SchedulerConfig(max_batches=8, max_session_len=4096), cc,
+                  seq_meta=SequenceMeta(BS, strategy=ARSequenceStrategy()))
+    install_scheduler_hook(s)
+    assert type(s.block_trie._kv_lifecycle) is KVBlockLifecycle
+
+
+def test_multimodal_path_is_never_cached():
+    rig = Rig()
+    side = rig.side
+    root = rig.s.block_trie._get_or_create_root(None)
+    text = Node(1, 0, np.arange(4), prefix_len=4)
+    text.attach_to(root)
+    mm = Node(2, 1, np.arange(4, 8), prefix_len=8, extra_identity=("img",))
+    mm.attach_to(text)
+    after = Node(3, 2, np.arange(8, 12), prefix_len=12)
+    after.attach_to(mm)
+    assert side.node_digest(text) == chain_digests(ns(), np.arange(4))[0][0]
+    assert side.node_digest(mm) is None and side.node_digest(after) is None
+    side.on_evict(after, 5)
+    assert side._pending_demotions == [] and len(side.index) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# namespace and sizing
+
+
+def test_namespace_separates_everything_that_changes_kv_bytes():
+    base = NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "same"))
+    variants = [
+        NamespaceFactory("other-model", BS, kv_format_name(0, BS, "same")).for_adapter(None),
+        NamespaceFactory(MODEL, BS, kv_format_name(4, BS, "same")).for_adapter(None),
+        NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "int4")).for_adapter(None),
+        NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "same"), tenant_salt="t").for_adapter(None),
+        base.for_adapter("lora-a"),
+    ]
+    roots = {base.for_adapter(None).root} | {v.root for v in variants}
+    assert len(roots) == 6
+    assert base.for_adapter("") is base.for_adapter(None)
+
+
+def test_namespace_requires_model_identity():
+    cc = make_cache_config()
+    del cc.kv_transfer_config.kv_connector_extra_config["model_identity"]
+    with pytest.raises(ValueError, match="model_identity"):
+        build_host_tier_connector(KVConnectorRole.SCHEDULER, cc)
+
+
+def test_slot_count_resolution_and_errors():
+    from lmdeploy_hostcache.config import HostCacheConfig
+
+    cfg = HostCacheConfig(host_cache_gb=0.001)
+    assert resolve_num_slots({"host_cache_blocks": 7}, cfg, 2) == 7
+    assert resolve_num_slots({"host_slot_bytes": 1024}, cfg, 1) == int(0.001 * 2**30) // 1024
+    assert resolve_num_slots({"host_slot_bytes": 1024}, cfg, 2) == int(0.001 * 2**30) // 2 // 1024
+    with pytest.raises(ValueError, match="host_cache_blocks"):
+        resolve_num_slots({"host_cache_blocks": 0}, cfg, 1)
+    with pytest.raises(ValueError, match="host_slot_bytes"):
+        resolve_num_slots({}, cfg, 1)
+    with pytest.raises(ValueError, match="auto"):
+        resolve_num_slots({"host_slot_bytes": 1024}, HostCacheConfig(), 1)
+
+
+def test_wrong_role_calls_and_wrong_connector_name_raise():
+    cc = make_cache_config()
+    conn = build_host_tier_connector(KVConnectorRole.SCHEDULER, cc)
+    assert isinstance(conn, HostTierConnector)
+    with pytest.raises(RuntimeError, match="worker-side"):
+        conn.get_finished()
+    cc.kv_transfer_config.kv_connector = "MooncakeStoreConnector"
+    with pytest.raises(ValueError, match="MooncakeStoreConnector"):
+        build_host_tier_connector(KVConnectorRole.SCHEDULER, cc)
+
+
+def test_host_hit_evicted_before_its_load_starts_falls_back_to_recompute():
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    side = rig.side
+    real = side.update_state_after_alloc
+
+    def evict_then_alloc(request, block_ids, n):
+        side.index.evict(side.num_slots)       # what an eviction storm during admission could do
+        return real(request, block_ids, n)
+
+    side.update_state_after_alloc = evict_then_alloc
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and meta.loads == ()
+    rig.poll(rig.complete(meta))
+    assert c.status == MessageStatus.WAITING and side.metrics.restore_failures == 1
+    side.update_state_after_alloc = real
+    running, meta = rig.step()
+    assert running == [c] and not (meta and meta.loads)
+    rig.side.check_balanced()
+
+
+def test_next_turn_of_a_preempted_session_restores_from_host(monkeypatch):
+    """Turn 1 ends (session kept), other traffic reclaims its blocks down to the host; turn 2
+    of the same sequence (new input_start_pos) restores its history from the host tier."""
+    deterministic_lru(monkeypatch)
+    rig = Rig(num_gpu_blocks=8)
+    sid, a = rig.add(prompt(1, 17))
+    rig.step()                                   # turn 1 prefill; a is STOPPED, keeps its blocks
+    other, _ = rig.add(prompt(500, 25))          # needs 7 blocks: a's blocks are reclaimed
+    _, meta = rig.step()
+    assert meta is not None and meta.demotions
+    rig.poll(rig.complete(meta))
+    rig.s.end_session(other)
+    assert a.num_blocks == 0 and a.num_history_ids == 0
+    a.update_token_ids(np.array([40, 41, 42], dtype=np.int64), mode=UpdateTokenMode.INPUTS)
+    a.state.activate()                           # what the engine does for a new turn
+    assert a.status == MessageStatus.WAITING
+    _, meta = rig.step()
+    assert a.status == MessageStatus.WAITING_FOR_REMOTE_KVS and meta.loads
+    rig.poll(rig.complete(meta))
+    restored = BS * len(meta.loads[0].gpu_blocks)
+    assert a.status == MessageStatus.WAITING and a.num_history_ids == 16 and restored > 0  # GPU + host
+    assert rig.side.metrics.restored_tokens == restored
+    running, _ = rig.step()
+    assert running == [a] and a.num_history_ids == 21   # 18 tokens of turn 1 + 3 new, all computed
+    rig.side.check_balanced()
+
+
+def test_page_reused_within_one_step_is_not_demoted_twice():
+    """A page evicted (and queued for demotion) earlier in the same step, then reallocated and
+    evicted again, never had this node's bytes computed: it must not be stored."""
+    rig = Rig()
+    side = rig.side
+    root = rig.s.block_trie._get_or_create_root(None)
+    first = Node(1, 0, np.arange(4), prefix_len=4)
+    first.attach_to(root)
+    second = Node(2, 1, np.arange(10, 14), prefix_len=4)
+    second.attach_to(root)
+    side.on_evict(first, 5)
+    assert [(gpu, slot) for _, gpu, slot in side._pending_demotions] == [(5, 0)]
+    side.on_evict(second, 5)
+    assert len(side._pending_demotions) == 1 and side.node_digest(second) not in side.index
+    meta = rig.s.build_connector_meta([])
+    assert meta.demotions == ((5, 0),)
+    side.on_evict(second, 5)                      # next step: the page is fair game again
+    assert len(side._pending_demotions) == 1
+
+
+def test_observer_errors_never_break_lmdeploy_eviction(monkeypatch):
+    rig = Rig(num_gpu_blocks=8)
+
+    def broken_prepare_store(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rig.side.index, "prepare_store", broken_prepare_store)
+    sid, _ = rig.add(prompt(1, 17))
+    rig.step()
+    rig.s.end_session(sid)
+    _, b = rig.add(prompt(100, 18))
+    running, meta = rig.step()                    # eviction must still free the pages
+    assert running == [b] and not (meta and meta.demotions)
+    assert rig.side.metrics.demotion_failures >= 1

@@ -1,0 +1,399 @@
+"""HostTierConnector worker role with the real copy engine over CPU rows laid out by LMDeploy's
+own cache plan, and both roles end to end around LMDeploy's real ``Scheduler``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lmdeploy.pytorch.engine.cache_engine.plan")
+
+from lmdeploy.messages import KVTransferConfig  # noqa: E402
+from lmdeploy.pytorch.config import CacheConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan  # noqa: E402
+from lmdeploy.pytorch.kv_connector import KVConnectorRole  # noqa: E402
+from lmdeploy.pytorch.messages import MessageStatus, SequenceMeta, UpdateTokenMode  # noqa: E402
+from lmdeploy.pytorch.paging.scheduler import Scheduler  # noqa: E402
+from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy  # noqa: E402
+
+from lmdeploy_hostcache.digest import chain_digests  # noqa: E402
+from lmdeploy_hostcache.integration.connector import (  # noqa: E402
+    CONNECTOR_NAME,
+    HostLoad,
+    HostTierMetadata,
+    build_host_tier_connector,
+    install_scheduler_hook,
+)
+from lmdeploy_hostcache.integration.worker import failed_demotion_marker  # noqa: E402
+from lmdeploy_hostcache.transfer import reference  # noqa: E402
+
+BS, KBS = 8, 4
+# CPU always; CUDA too where there is a GPU (the CudaCopyEngine's stream ordering is then exercised).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def cache_config(quant_policy=0, num_gpu_blocks=12, host_blocks=8, host_kv_format="same", min_restore_tokens=0):
+    tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both", kv_connector_extra_config={
+        "hostcache_config": {"min_restore_tokens": min_restore_tokens, "host_kv_format": host_kv_format},
+        "host_cache_blocks": host_blocks, "model_identity": "toy"})
+    return CacheConfig(max_batches=4, block_size=BS, kernel_block_size=KBS, num_cpu_blocks=0,
+                       num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, quant_policy=quant_policy,
+                       device_type="cuda", kv_transfer_config=tc)
+
+
+class CpuCache:
+    """LMDeploy's block-cache plan realised on 'cpu'; rows as ``CacheEngine.connector_kv_caches``."""
+
+    def __init__(self, cc: CacheConfig, device: str = "cpu"):
+        mc = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         bos_token_id=1, eos_token_id=[2], head_dim=16, dtype=torch.float16, vocab_size=100)
+        self.plan = build_block_cache_plan(mc, cc, 1)
+        self.alloc = self.plan.allocate(cc.num_gpu_blocks, device)
+        self.ppb = self.plan.kernel_blocks_per_logical_block
+        self.rows = {f"cache_pool.{p}.row.{r}": row
+                     for p, pool in enumerate(self.alloc.pools) for r, row in enumerate(pool.tensor)}
+        self.views = dict(zip((s.name for s in self.plan.tensor_specs), self.alloc.tensor_views))
+
+    def block(self, b: int) -> torch.Tensor:
+        """All bytes of scheduler block ``b`` (every row), a copy."""
+        return torch.cat([row[b * self.ppb:(b + 1) * self.ppb].reshape(-1) for row in self.rows.values()]).cpu()
+
+    def write_block(self, b: int, data: torch.Tensor) -> None:
+        off = 0
+        for row in self.rows.values():
+            seg = row[b * self.ppb:(b + 1) * self.ppb]
+            n = seg.numel()
+            seg.copy_(data[off:off + n].view(seg.shape).to(seg.device))
+            off += n
+
+
+def worker_for(cc, cache, **engine_kwargs):
+    w = build_host_tier_connector(KVConnectorRole.WORKER, cc)
+    w.worker_side.engine_kwargs.update(engine_kwargs)
+    fmt = cc.kv_transfer_config.kv_connector_extra_config["hostcache_config"]["host_kv_format"]
+    w.register_kv_caches(cache.rows, tensor_specs=cache.plan.tensor_specs if fmt != "same" else None)
+    return w
+
+
+def run(w, meta):
+    """One connector step; waits for the copies so their completion is in this step's output."""
+    w.bind_connector_metadata(meta)
+    w.start_load_kv()
+    w.start_save_kv()
+    if getattr(w.worker_side.engine, "delay_polls", 0) == 0:
+        w.worker_side.engine.wait_all()
+    out = w.get_finished()
+    w.clear_connector_metadata()
+    return out
+
+
+def random_bytes(cache, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (cache.block(0).numel(),), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_policy", [0, 4, 8])
+def test_demotion_and_load_of_the_same_page_in_one_step(quant_policy, device):
+    cc = cache_config(quant_policy)
+    cache = CpuCache(cc, device)
+    w = worker_for(cc, cache)
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    orig3, orig5 = cache.block(3), cache.block(5)
+    # step 1: demote block 5 -> slot 2
+    out = run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2),)))
+    assert out.completed_save_ids == {0} and not out.invalid_block_ids and out.finished_receiving is None
+    # step 2: block 3 is demoted to slot 0 AND is the destination of slot 2's load
+    out = run(w, HostTierMetadata(step=2, demotion_batch=1, demotions=((3, 0),),
+                                  loads=(HostLoad(request_id=77, slots=(2,), gpu_blocks=(3,)),)))
+    assert out.completed_save_ids == {1} and out.finished_receiving == {77} and not out.invalid_block_ids
+    assert torch.equal(cache.block(3), orig5), "load must land after the demotion read the page"
+    # step 3: restore slot 0 into block 9: the bytes block 3 had before step 2
+    run(w, HostTierMetadata(step=3, loads=(HostLoad(request_id=78, slots=(0,), gpu_blocks=(9,)),)))
+    assert torch.equal(cache.block(9), orig3)
+    w.shutdown()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_injected_failures_are_reported_per_kind(device):
+    cc = cache_config()
+    cache = CpuCache(cc, device)
+    w = worker_for(cc, cache)
+    w.worker_side.engine.fail_next(1, kind="load")
+    out = run(w, HostTierMetadata(step=1, demotion_batch=4, demotions=((1, 0),),
+                                  loads=(HostLoad(7, (3, 4), (5, 6)),)))
+    assert out.completed_save_ids == {4} and out.finished_receiving == {7}
+    assert out.invalid_block_ids == {5, 6}
+    w.worker_side.engine.fail_next(1, kind="store")
+    out = run(w, HostTierMetadata(step=2, demotion_batch=5, demotions=((2, 1),), loads=(HostLoad(8, (0,), (7,)),)))
+    assert out.invalid_block_ids == {failed_demotion_marker(5)} and out.finished_receiving == {8}
+    # a plan the engine rejects (slot out of range) fails the op instead of raising into LMDeploy
+    out = run(w, HostTierMetadata(step=3, loads=(HostLoad(9, (999,), (3,)),)))
+    assert out.finished_receiving == {9} and out.invalid_block_ids == {3}
+    w.shutdown()
+
+
+def test_metadata_survives_pickling():
+    """Distributed executors ship the metadata to workers through multiprocessing RPC."""
+    import pickle
+
+    meta = HostTierMetadata(step=3, demotion_batch=2, demotions=((1, 0), (4, 5)),
+                            loads=(HostLoad(9, (3, 4), (6, 7)),))
+    again = pickle.loads(pickle.dumps(meta))
+    assert again == meta and again.get_save_block_leases() == ()
+
+
+def test_pending_copies_are_reported_once_when_done():
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache, delay_polls=2)
+    out = run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((1, 0),)))
+    assert out.completed_save_ids is None
+    out = run(w, HostTierMetadata(step=2))      # polling-only step
+    assert out.completed_save_ids is None and w.worker_side.num_inflight == 1
+    out = run(w, HostTierMetadata(step=3))
+    assert out.completed_save_ids == {0} and w.worker_side.num_inflight == 0
+    out = run(w, HostTierMetadata(step=4))
+    assert out.completed_save_ids is None
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_lossy_host_format_matches_the_transfer_reference(fmt):
+    cc = cache_config(0, host_kv_format=fmt)
+    cache = CpuCache(cc)
+    g = torch.Generator().manual_seed(1)
+    for name in ("k_cache", "v_cache"):
+        v = cache.views[name]
+        v.copy_(torch.randn(v.shape, generator=g).to(v.dtype))
+    w = worker_for(cc, cache)
+    layout, pool = w.worker_side.layout, w.worker_side.pool
+    assert pool.format.lossy and pool.host_kv_format == fmt  # tiny pages: padding, so no size check
+    run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((2, 0),)))
+    run(w, HostTierMetadata(step=2, loads=(HostLoad(1, (0,), (6,)),)))
+    # expected: the torch reference round trip of block 2's bytes
+    rows = layout.check_caches(cache.rows)
+    staging = torch.empty((1, pool.slot_bytes), dtype=torch.uint8)
+    reference.gather(rows, layout, pool.format, torch.tensor([2]), staging)
+    expect = CpuCache(cc)
+    exp_rows = layout.check_caches(expect.rows)
+    reference.scatter(staging, layout, pool.format, torch.tensor([6]), exp_rows)
+    for name in ("k_cache", "v_cache"):
+        got = cache.views[name][:, 6 * cache.ppb:7 * cache.ppb]
+        want = expect.views[name][:, 6 * cache.ppb:7 * cache.ppb]
+        assert torch.equal(got, want)
+        orig = cache.views[name][:, 2 * cache.ppb:3 * cache.ppb].float()
+        assert (got.float() - orig).abs().max() < (0.1 if fmt == "int8" else 0.6)
+
+
+def test_lossy_format_finds_lmdeploys_plan_on_the_caller():
+    """LMDeploy's ``build_cache_engine`` calls ``register_kv_caches(rows)`` with its own
+    ``self.block_cache_plan`` in scope; the worker takes the tensor specs from there."""
+    cc = cache_config(0, host_kv_format="int8")
+    cache = CpuCache(cc)
+
+    class AgentLike:  # the attribute LMDeploy's BaseModelAgent holds
+        block_cache_plan = cache.plan
+
+        def build_cache_engine(self):
+            self.kv_connector = build_host_tier_connector(KVConnectorRole.WORKER, cc)
+            self.kv_connector.register_kv_caches(cache.rows)
+
+    agent = AgentLike()
+    agent.build_cache_engine()
+    assert agent.kv_connector.worker_side.pool.format.lossy
+    agent.kv_connector.shutdown()
+
+
+def test_lossy_format_on_quantized_cache_is_refused():
+    cc = cache_config(8, host_kv_format="int4")
+    cache = CpuCache(cc)
+    w = build_host_tier_connector(KVConnectorRole.WORKER, cc)
+    with pytest.raises(ValueError, match="same"):
+        w.register_kv_caches(cache.rows, tensor_specs=cache.plan.tensor_specs)
+    with pytest.raises(ValueError, match="tensor_specs"):
+        build_host_tier_connector(KVConnectorRole.WORKER, cache_config(0, host_kv_format="int8")) \
+            .register_kv_caches(CpuCache(cache_config(0)).rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# both roles around the real Scheduler, with byte checks
+
+
+class Engine:
+    """Scheduler + both connector roles + a forward that writes each block's oracle bytes.
+
+    Oracle: a full block's bytes are a function of its chained prefix digest, so every block a
+    request reads (GPU match, host restore or its own forward) can be checked exactly.
+    """
+
+    def __init__(self, quant_policy, num_gpu_blocks=10, host_blocks=8, device="cpu"):
+        self.cc = cache_config(quant_policy, num_gpu_blocks=num_gpu_blocks, host_blocks=host_blocks)
+        self.cache = CpuCache(self.cc, device)
+        self.sconn = build_host_tier_connector(KVConnectorRole.SCHEDULER, self.cc)
+        self.side = self.sconn.scheduler_side
+        self.s = Scheduler(SchedulerConfig(max_batches=4, max_session_len=4096), self.cc,
+                           seq_meta=SequenceMeta(BS, strategy=ARSequenceStrategy()), kv_connector=self.sconn)
+        install_scheduler_hook(self.s)
+        self.w = worker_for(self.cc, self.cache)
+        self.nbytes = self.cache.block(0).numel()
+        self.checked_blocks = 0
+
+    def oracle(self, digest: int) -> torch.Tensor:
+        base = np.frombuffer(digest.to_bytes(16, "little"), dtype=np.uint8)
+        reps = -(-self.nbytes // 16)
+        return torch.from_numpy(np.tile(base, reps)[:self.nbytes].copy())
+
+    def digests(self, seq):
+        ns = self.side.namespaces.for_adapter(seq.adapter_name)
+        return chain_digests(ns, seq.all_ids[:seq.num_all_ids // BS * BS])[0]
+
+    def check_history(self, seq):
+        """Every full block before ``num_history_ids`` holds its oracle bytes."""
+        table = self.s.block_manager.get_block_table(seq)
+        digests = self.digests(seq)
+        for i in range(int(seq.num_history_ids) // BS):
+            assert torch.equal(self.cache.block(int(table[i])), self.oracle(digests[i])), \
+                f"seq {seq.seq_id} block {i} (page {int(table[i])}) holds wrong bytes"
+            self.checked_blocks += 1
+
+    def step(self):
+        out = self.s.schedule(is_prefill=True)
+        meta = self.s.build_connector_meta(out.running)
+        output = None
+        if meta is not None:
+            self.w.bind_connector_metadata(meta)
+            self.w.start_load_kv()
+        for seq in out.running:                       # the forward: reads history, writes the rest
+            self.check_history(seq)
+            table = self.s.block_manager.get_block_table(seq)
+            digests = self.digests(seq)
+            for i in range(int(seq.num_history_ids) // BS, len(digests)):
+                self.cache.write_block(int(table[i]), self.oracle(digests[i]))
+        if meta is not None:
+            self.w.start_save_kv()
+            output = self.w.get_finished()
+            self.w.clear_connector_metadata()
+            self.s.update_connector_output(output)
+        self.s.activate_seqs(out.running)
+        for seq in out.running:
+            seq.update_token_ids(np.array([3]), mode=UpdateTokenMode.PREFILL)
+        self.s.release_completed_prefill_reservations(out.running)
+        for seq in out.running:
+            seq.state.finish()
+        return out.running
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_policy", [0, 4, 8])
+def test_end_to_end_restores_exact_bytes(quant_policy, device, monkeypatch):
+    from lmdeploy.pytorch.paging.block_manager.base_block_manager import LogicalAllocator
+
+    clock = iter(range(1, 1 << 40))  # distinct access times: LRU never ties on id(node), runs repeat
+
+    def update_access_time(self, blocks):
+        blocks = np.atleast_1d(np.asarray(blocks))
+        self._log_mem.access_time[blocks] = [next(clock) for _ in range(len(blocks))]
+
+    monkeypatch.setattr(LogicalAllocator, "update_access_time", update_access_time)
+    eng = Engine(quant_policy, device=device, host_blocks=16)
+    rng = np.random.default_rng(quant_policy)
+    stems = [list(range(100 * k, 100 * k + 24)) for k in range(1, 6)]
+    live = []
+    for it in range(30):
+        stem = stems[int(rng.integers(len(stems)))]
+        sess = eng.s.add_session(it)
+        sess.add_sequence(np.asarray(stem + list(rng.integers(1, 90, size=int(rng.integers(1, 12)))),
+                                     dtype=np.int64))
+        live.append(it)
+        if it % 10 == 3:
+            eng.w.worker_side.engine.fail_next(1, kind="load")
+        for _ in range(3):
+            eng.step()
+        while len(live) > 2:
+            sid = live.pop(0)
+            if sid in eng.s.sessions:
+                eng.s.end_session(sid)
+    for _ in range(20):
+        eng.step()
+        if not eng.s.has_unfinished() and not eng.side.has_inflight():
+            break
+    for sid in list(eng.s.sessions):
+        eng.s.end_session(sid)
+    while eng.side.has_inflight():
+        eng.step()
+    assert not any(seq.status == MessageStatus.WAITING_FOR_REMOTE_KVS
+                   for seq in eng.s.seq_manager.get_all_sequences())
+    eng.side.check_balanced()
+    m = eng.side.metrics
+    assert m.hit_blocks > 0 and m.restored_tokens >= 4 * BS and m.restore_failures > 0, m.snapshot()
+    assert eng.checked_blocks > 0
+    eng.w.shutdown()
+
+
+def test_two_tp_ranks_through_lmdeploys_aggregator():
+    """Rank 1 completes one poll later than rank 0 and fails its part of a restore: the load
+    completes only when both ranks reported, and one rank's failure rolls the request back."""
+    from lmdeploy.pytorch.kv_connector import KVConnectorOutputAggregator
+
+    cc = cache_config(0, num_gpu_blocks=10, host_blocks=8)
+    caches = [CpuCache(cc), CpuCache(cc)]
+    slot_bytes = caches[0].block(0).numel()
+    cc.kv_transfer_config.kv_connector_extra_config["host_slot_bytes"] = slot_bytes
+    workers = [worker_for(cc, caches[0]), worker_for(cc, caches[1], delay_polls=1)]
+    sconn = build_host_tier_connector(KVConnectorRole.SCHEDULER, cc, tp_size=2)
+    s = Scheduler(SchedulerConfig(max_batches=4, max_session_len=4096), cc,
+                  seq_meta=SequenceMeta(BS, strategy=ARSequenceStrategy()), kv_connector=sconn)
+    install_scheduler_hook(s)
+    agg = KVConnectorOutputAggregator(2)
+
+    def poll(meta):
+        outs = []
+        for w in workers:
+            w.bind_connector_metadata(meta)
+            w.start_load_kv()
+            outs.append(w.get_finished())
+            w.clear_connector_metadata()
+        s.update_connector_output(agg.aggregate(outs))
+
+    def step():
+        out = s.schedule(is_prefill=True)
+        meta = s.build_connector_meta(out.running)
+        if meta is not None:
+            poll(meta)
+        s.activate_seqs(out.running)
+        for seq in out.running:
+            seq.update_token_ids(np.array([3]), mode=UpdateTokenMode.PREFILL)
+        s.release_completed_prefill_reservations(out.running)
+        for seq in out.running:
+            seq.state.finish()
+        return meta
+
+    a_tokens = list(range(1, 34))                     # 4 full blocks
+    s.add_session(0).add_sequence(np.asarray(a_tokens, dtype=np.int64))
+    step()
+    s.end_session(0)
+    s.add_session(1).add_sequence(np.asarray(range(200, 250), dtype=np.int64))
+    meta = step()
+    assert meta.demotions
+    batch = meta.demotion_batch
+    assert batch in sconn.scheduler_side._inflight_demotions   # rank 1 has not reported yet
+    poll(s.build_connector_meta([]))
+    assert batch not in sconn.scheduler_side._inflight_demotions
+    s.end_session(1)
+    s.add_session(2).add_sequence(np.asarray(a_tokens[:32] + [7, 7], dtype=np.int64))
+    c = s.sessions[2].sequences[next(iter(s.sessions[2].sequences))]
+    workers[1].worker_side.engine.fail_next(1, kind="load")
+    meta = step()
+    assert meta.loads and c.status == MessageStatus.WAITING_FOR_REMOTE_KVS   # rank 1 still copying
+    poll(s.build_connector_meta([]))
+    assert c.status == MessageStatus.WAITING
+    side = sconn.scheduler_side
+    assert side.metrics.restore_failures == 1 and side.metrics.restored_tokens == 0
+    # byte counters: blocks x host_slot_bytes x TP ranks
+    assert side.block_transfer_bytes == 2 * slot_bytes
+    assert side.metrics.bytes_to_host == 2 * slot_bytes * (side.metrics.demotions - side.metrics.demotion_failures
+                                                           - sum(len(d) for d in side._inflight_demotions.values()))
+    while side.has_inflight():
+        poll(s.build_connector_meta([]))
+    side.check_balanced()
