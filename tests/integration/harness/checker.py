@@ -1,0 +1,181 @@
+"""Byte checker: every KV block LMDeploy considers valid must hold the oracle's bytes.
+
+Checked after every engine step:
+- every sequence that owns blocks: positions ``[0, num_history_ids)`` (for a sequence that is
+  waiting for an external load only ``[0, fallback_step)``: the rest is being written);
+- every node of the prefix-cache trie (full blocks): these are the blocks that get demoted and
+  that later requests reuse.
+
+A block matches when its typed K/V (and scale/zero) storage equals the oracle exactly, or -- for
+lossy host formats -- equals one of the ``variants`` produced from the oracle bytes (the transfer
+path's torch reference of quantise -> dequantise, applied 1..depth times: a block restored from
+host and demoted again goes through the lossy round trip again, and the round trip is not
+idempotent). Comparison is bitwise.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lmdeploy.pytorch.messages import MessageStatus
+
+from .kv_layout import CpuKVCache
+from .oracle import PrefixOracle
+
+# expected storage (name -> [layers, n, heads, last]) -> acceptable alternatives
+VariantFn = Callable[[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]
+
+
+class KVMismatch(AssertionError):
+    """A block held bytes that no oracle variant explains."""
+
+
+@dataclass
+class CheckStats:
+    checks: int = 0
+    seq_blocks: int = 0
+    trie_blocks: int = 0
+    lossy_blocks: int = 0
+    wrong_blocks: int = 0
+    wrong_bytes: int = 0
+    first_error: str | None = None
+    max_lossy_depth: int = 0        # most quantise->dequantise round trips seen on one block
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+class KVChecker:
+    """Checks a :class:`CpuKVCache` against a :class:`PrefixOracle` using the scheduler's view."""
+
+    def __init__(self, cache: CpuKVCache, oracle: PrefixOracle, scheduler, variants: VariantFn | None = None,
+                 raise_on_error: bool = True):
+        self.cache = cache
+        self.oracle = oracle
+        self.scheduler = scheduler
+        self.variants = variants
+        self.raise_on_error = raise_on_error
+        self.stats = CheckStats()
+        self._variant_memo: dict[int, tuple[dict, list]] = {}
+
+    # -- one block -------------------------------------------------------------------------
+    def _compare(self, block_id: int, expected: dict[str, torch.Tensor], n: int) -> int:
+        wrong = 0
+        for name, exp in expected.items():
+            actual = self.cache.block_tokens(name, block_id)[:, :n]
+            a, e = _as_bytes(actual), _as_bytes(exp)
+            if not torch.equal(a, e):
+                wrong += int((a != e).sum())
+        return wrong
+
+    def check_block(self, where: str, tokens, block_index: int, block_id: int, num_valid: int) -> bool:
+        expected = self.oracle.expected_block(tokens, block_index, None if num_valid == self.cache.block_size
+                                              else num_valid)
+        wrong = self._compare(block_id, expected, num_valid)
+        if wrong == 0:
+            return True
+        if self.variants is not None and num_valid == self.cache.block_size:
+            memo = self._variant_memo.get(id(expected))
+            if memo is None or memo[0] is not expected:
+                memo = (expected, self.variants(expected))  # keeps `expected` alive: its id stays unique
+                self._variant_memo[id(expected)] = memo
+            for depth, variant in enumerate(memo[1], start=1):
+                if self._compare(block_id, variant, num_valid) == 0:
+                    self.stats.lossy_blocks += 1
+                    self.stats.max_lossy_depth = max(self.stats.max_lossy_depth, depth)
+                    return True
+        self.stats.wrong_blocks += 1
+        self.stats.wrong_bytes += wrong
+        msg = (f'{where}: block #{block_index} (physical {block_id}, {num_valid} valid tokens) has '
+               f'{wrong} wrong bytes')
+        if self.stats.first_error is None:
+            self.stats.first_error = msg
+        if self.raise_on_error:
+            raise KVMismatch(msg)
+        return False
+
+    # -- whole engine state ----------------------------------------------------------------
+    def check(self, label: str = '') -> None:
+        self.stats.checks += 1
+        sched = self.scheduler
+        bs = self.cache.block_size
+        loads = getattr(sched.kv_load_coordinator, '_loads', {})
+        for seq in sched.seq_manager.get_all_sequences():
+            if seq.num_blocks == 0:
+                continue
+            valid = int(seq.num_history_ids)
+            if seq.status == MessageStatus.WAITING_FOR_REMOTE_KVS:
+                record = loads.get(int(seq.seq_id))
+                valid = min(valid, record.fallback_step) if record is not None else 0
+            if valid == 0:
+                continue
+            table = sched.block_manager.get_block_table(seq)
+            tokens = seq.all_ids
+            num_blocks = (valid + bs - 1) // bs
+            if len(table) < num_blocks:
+                raise KVMismatch(f'{label} seq {seq.seq_id}: {valid} valid tokens but only {len(table)} blocks')
+            for b in range(num_blocks):
+                n = min(bs, valid - b * bs)
+                self.stats.seq_blocks += 1
+                self.check_block(f'{label} seq {seq.seq_id} ({seq.status.name})', tokens, b, int(table[b]), n)
+        self.check_trie(label)
+
+    def trie_nodes(self):
+        """Yield ``(node, path_tokens)`` for every attached trie node (depth first)."""
+        trie = self.scheduler.block_trie
+        for root in list(trie._roots.values()):
+            stack = [(root, np.empty(0, dtype=np.int64))]
+            while stack:
+                node, path = stack.pop()
+                for child in list(node.children.values()):
+                    child_path = np.concatenate([path, np.asarray(child.token_ids, dtype=np.int64)])
+                    yield child, child_path
+                    stack.append((child, child_path))
+
+    def check_trie(self, label: str = '') -> None:
+        allocator = self.scheduler.block_manager.allocator
+        bs = self.cache.block_size
+        for node, path in self.trie_nodes():
+            if node.prefix_len != len(path):
+                raise KVMismatch(f'{label} trie node prefix_len {node.prefix_len} != path length {len(path)}')
+            phys = int(allocator.get_physical_blocks(np.array([node.block_id]))[0])
+            self.stats.trie_blocks += 1
+            self.check_block(f'{label} trie node @{node.prefix_len}', path, node.prefix_len // bs - 1, phys, bs)
+
+
+def check_gpu_refcounts_balanced(scheduler) -> dict[str, int]:
+    """With no live sequence left: only the trie holds refs, one per node; everything else is free."""
+    if scheduler.seq_manager.get_all_sequences():
+        raise AssertionError(f'{len(scheduler.seq_manager.get_all_sequences())} sequences still registered')
+    if scheduler.sessions:
+        raise AssertionError(f'{len(scheduler.sessions)} sessions still open')
+    if scheduler.has_remote_loading():
+        raise AssertionError('remote loads still tracked')
+    if scheduler.kv_save_coordinator.has_pending():
+        raise AssertionError('save leases still pinned')
+    allocator = scheduler.block_manager.allocator
+    trie = scheduler.block_trie
+    node_blocks = []
+    for root in trie._roots.values():
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            for child in node.children.values():
+                node_blocks.append(int(child.block_id))
+                stack.append(child)
+    if len(set(node_blocks)) != len(node_blocks):
+        raise AssertionError('two trie nodes share one logical block')
+    if node_blocks:
+        refs = allocator.get_ref_count(np.array(node_blocks))
+        bad = [b for b, r in zip(node_blocks, refs) if int(r) != 1]
+        if bad:
+            raise AssertionError(f'trie blocks with ref_count != 1 after all sequences ended: {bad[:8]}')
+    usable = scheduler.block_manager.num_gpu_blocks - scheduler.cache_config.num_reserved_gpu_blocks
+    free = scheduler.block_manager.get_num_free_gpu_blocks()
+    if free + len(node_blocks) != usable:
+        raise AssertionError(f'GPU blocks leaked: free {free} + trie {len(node_blocks)} != usable {usable}')
+    return {'trie_blocks': len(node_blocks), 'free_gpu_blocks': free, 'usable_gpu_blocks': usable}
