@@ -1,12 +1,15 @@
 """Print the environment facts the host tier depends on, and check a config file.
 
 Facts: Python, torch, triton and LMDeploy versions, whether LMDeploy is the supported
-release, CUDA availability, total/available RAM (cgroup-aware), RLIMIT_MEMLOCK and the
+release, the LMDeploy activation state in this interpreter (``activate.status()``) and the
+version/source guard's verdict (``guard.verify()``, which reads LMDeploy's files without
+importing it), CUDA availability, total/available RAM (cgroup-aware), RLIMIT_MEMLOCK and the
 host-cache size ``auto`` (or the configured size) gives on this machine, with the reason.
 
 Exit codes (also in README "Commands"):
   0  everything needed is present (no GPU is fine: CPU machines run the tests);
-  1  an environment problem: torch or LMDeploy missing, or not LMDeploy 0.18.0;
+  1  an environment problem: torch or LMDeploy missing, not LMDeploy 0.18.0, the guard
+     refusing the installed LMDeploy's sources, or an activation that failed;
   2  a bad ``--config`` file (unreadable, not YAML, or a field-level error, printed
      naming the field) or a configured size this machine cannot hold.
 Missing packages never crash the command: they read "not installed".
@@ -66,6 +69,42 @@ def torch_facts() -> dict[str, Any]:
     return out
 
 
+ACTIVATION_MEANING = {
+    "inactive": "the .pth post-import hook is not installed in this interpreter",
+    "hooked": "post-import hook installed; LMDeploy not imported yet, patches apply on import",
+    "active": "LMDeploy is patched in this interpreter",
+    "refused": "the guard refused: LMDeploy runs as stock",
+    "failed": "a patch failed and every patch was reverted: LMDeploy runs as stock",
+    "disabled": "LMDEPLOY_HOSTCACHE_DISABLE is set: LMDeploy runs as stock",
+}
+
+
+def activation_facts() -> dict[str, Any]:
+    """``activate.status()`` and ``guard.verify()`` as JSON-able facts; never raises.
+
+    Reads only: the guard parses LMDeploy's files without importing it, and nothing is
+    patched or hooked here.
+    """
+    out: dict[str, Any] = {"status": None, "meaning": None, "reason": "", "hook_installed": False,
+                           "patched_modules": [], "disabled": False, "error": None,
+                           "guard": {"ok": None, "version": None, "pins": None, "problems": [], "message": None}}
+    try:
+        from .integration import activate, guard  # noqa: PLC0415
+
+        st = activate.status()
+        disabled = activate.is_disabled()
+        status = "disabled" if disabled and st["status"] in ("inactive", "disabled") else st["status"]
+        out.update(status=status, meaning=ACTIVATION_MEANING.get(status, ""), reason=st["reason"],
+                   hook_installed=bool(st["hook_installed"]), patched_modules=list(st["patched_modules"]),
+                   disabled=disabled)
+        result = guard.verify()
+        out["guard"] = {"ok": bool(result.ok), "version": result.version, "pins": len(guard.PINS),
+                        "problems": list(result.problems), "message": result.message()}
+    except Exception as exc:  # a broken install must not crash doctor
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def collect(config_path: str | None = None) -> dict[str, Any]:
     """Every fact as one JSON-able dict, with ``problems`` and ``exit_code`` decided."""
     from .config import ConfigError, HostCacheConfig  # noqa: PLC0415
@@ -99,6 +138,23 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
         problems.append(f"lmdeploy is not installed (this release supports lmdeploy=={SUPPORTED_LMDEPLOY_VERSION})")
     elif lmd != SUPPORTED_LMDEPLOY_VERSION:
         problems.append(f"lmdeploy {lmd} is installed; this release supports exactly {SUPPORTED_LMDEPLOY_VERSION}")
+
+    act = activation_facts()
+    facts["activation"] = act
+    if lmd == SUPPORTED_LMDEPLOY_VERSION:  # otherwise the version problem above already says it
+        if act["error"]:
+            problems.append(f"the activation state could not be read: {act['error']}")
+        elif act["guard"]["ok"] is False:
+            problems.append("the version/source guard refuses the installed LMDeploy, so the host tier "
+                            f"would not activate: {'; '.join(act['guard']['problems'])}")
+        if act["status"] == "failed":
+            problems.append(f"activation failed in this interpreter: {act['reason']}")
+    if act["status"] == "inactive":
+        notes.append("the auto-activation hook (lmdeploy_hostcache_autoload.pth) did not run in this interpreter "
+                     "(python -S, or the package is not pip-installed): call "
+                     "lmdeploy_hostcache.integration.activate.activate() before building the engine")
+    elif act["status"] == "disabled":
+        notes.append("LMDEPLOY_HOSTCACHE_DISABLE is set: the host tier is off and LMDeploy runs as stock")
 
     try:
         mem = read_host_memory()
@@ -172,6 +228,17 @@ def _text(facts: dict[str, Any]) -> str:
     else:
         cuda = "not available" + ("" if t["cuda_version"] else f" (torch {t['version']} is a CPU build)")
     lines.append(row("cuda", cuda))
+    act = facts.get("activation") or {}
+    if act.get("error"):
+        lines.append(row("activation", f"unknown ({act['error']})"))
+    else:
+        text = f"{act.get('status')} ({act.get('meaning')})"
+        if act.get("patched_modules"):
+            text += f"; {len(act['patched_modules'])} modules patched"
+        lines.append(row("activation", text))
+        g = act.get("guard") or {}
+        verdict = "ok" if g.get("ok") else "REFUSED"
+        lines.append(row("guard", f"{verdict}: {g.get('message')}"))
     if mem:
         ram = f"total {format_bytes(mem['total_bytes'])}, available {format_bytes(mem['available_bytes'])}"
         if mem["cgroup_limit_bytes"] is not None:

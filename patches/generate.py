@@ -405,6 +405,21 @@ P6_LOGGERS = [
 """),
 ]
 
+EVICTION_HELPER = "pytorch/paging/eviction_helper/recompute_eviction_helper.py"
+P7_EVICTION_HELPER = [
+    ("""        # Completed remote KV is already transferred and awaits consumption.
+        if self.load_coordinator.is_remote_ready(seq):
+            return False
+""", """        # Completed remote KV is already transferred and awaits consumption.
+        # With the prefix cache on, the load was published into the trie, so
+        # reclaiming drops only this request's references: it re-matches the
+        # trie when admitted again. Holding it instead can deadlock a chunked
+        # long prefill that needs its blocks.
+        if self.load_coordinator.is_remote_ready(seq) and not self.block_trie.enabled:
+            return False
+"""),
+]
+
 SERIES = [
     ("0001-kv-connector-registry.diff",
      "Connector registry: build/prepare/validate/finalize out-of-tree connectors named by an entry point.",
@@ -425,6 +440,9 @@ SERIES = [
     ("0006-kv-connector-stats-in-metrics.diff",
      "Metrics: connector counters in ScheduleMetrics, the periodic log and Prometheus.",
      [(MESSAGES, P6_MESSAGES), (ENGINE, P6_ENGINE), (STATS, P6_STATS), (LOGGERS, P6_LOGGERS)]),
+    ("0007-reclaim-remote-ready-with-prefix-cache.diff",
+     "Scheduler: a loaded request waiting for admission is reclaimable when its blocks are in the prefix trie.",
+     [(EVICTION_HELPER, P7_EVICTION_HELPER)]),
 ]
 
 

@@ -87,4 +87,29 @@ CLI.add_parsers()
 SubCliServe.add_parsers()
 args = CLI.parser.parse_args(["serve", "api_server", "m", "--host-cache-gb", "4"])
 assert args.host_cache_gb == "4" and args.host_cache_config is None
+# 0007: a remote-ready request is reclaimable when the prefix cache holds its loaded blocks
+from lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper import RecomputeEvictionHelper  # noqa: E402
+
+
+class _ReadySeq:
+    num_blocks, logical_state, released = 2, -1, 0
+
+    def __init__(self):
+        self.prefix_cache = SimpleNamespace(suppress_match_stats=False)
+        self.state = SimpleNamespace(release_paging_resources=self._release)
+
+    def _release(self):
+        self.released += 1
+
+
+reclaimed = {}
+for trie_on in (True, False):
+    helper = RecomputeEvictionHelper(block_manager=None, block_trie=SimpleNamespace(enabled=trie_on),
+                                     state_manager=None, is_ssm=False,
+                                     load_coordinator=SimpleNamespace(is_remote_ready=lambda seq: True,
+                                                                      release_tracking=lambda seq: None))
+    seq = _ReadySeq()
+    reclaimed[trie_on] = (helper._reclaim_candidate(seq), seq.released)
+assert reclaimed == {True: (True, 1), False: (False, 0)}, reclaimed
+
 print(f"UPSTREAM-OK evicted={evicted}")

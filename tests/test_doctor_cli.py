@@ -142,3 +142,60 @@ def test_missing_pyyaml_is_an_environment_problem(monkeypatch, capsys):
     assert cli.main(["doctor", "--config", str(EXAMPLE)]) == 1
     out = capsys.readouterr().out
     assert "not checked" in out and "problem: PyYAML is not installed" in out
+
+
+# -- activation status and guard verdict ---------------------------------------------------------
+
+
+def test_doctor_shows_activation_and_guard(capsys):
+    from lmdeploy_hostcache.integration import activate, guard
+
+    assert cli.main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    status = activate.status()["status"]  # "active" when this test process imported LMDeploy, else "hooked"
+    line = next(ln for ln in text.splitlines() if ln.startswith("  activation"))
+    assert f"activation   {status} (" in line and doctor.ACTIVATION_MEANING[status] in line
+    pins = len(guard.PINS)
+    assert f"  guard        ok: LMDeploy {SUPPORTED_LMDEPLOY_VERSION}: version and {pins} source pins match" in text
+    assert cli.main(["doctor", "--json"]) == 0
+    act = json.loads(capsys.readouterr().out)["activation"]
+    assert act["status"] == status and act["error"] is None and act["disabled"] is False
+    assert act["guard"] == {"ok": True, "version": SUPPORTED_LMDEPLOY_VERSION, "pins": len(guard.PINS),
+                            "problems": [], "message": guard.verify().message()}
+
+
+def test_doctor_guard_refusal_is_an_environment_problem(monkeypatch, capsys):
+    from lmdeploy_hostcache.integration import guard
+
+    target = "lmdeploy.pytorch.paging.scheduler:Scheduler.__init__"
+    refused = guard.GuardResult(False, SUPPORTED_LMDEPLOY_VERSION, [f"the source of {target} differs"])
+    monkeypatch.setattr(guard, "verify", lambda *a, **k: refused)
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "  guard        REFUSED: lmdeploy-hostcache not activated, LMDeploy runs as stock" in out
+    assert "problem: the version/source guard refuses the installed LMDeploy" in out and target in out
+    assert cli.main(["doctor", "--json"]) == 1
+    facts = json.loads(capsys.readouterr().out)
+    verdict = facts["activation"]["guard"]
+    assert verdict["ok"] is False and verdict["problems"] == refused.problems
+
+
+def test_doctor_disabled_and_unhooked_interpreters(tmp_path):
+    """Fresh interpreters: with LMDEPLOY_HOSTCACHE_DISABLE=1, and under ``python -S`` (no .pth ran)."""
+    import os
+    import site
+
+    env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")
+    out = subprocess.run([sys.executable, "-m", "lmdeploy_hostcache.cli", "doctor", "--json"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    act = json.loads(out.stdout)["activation"]
+    assert act["status"] == "disabled" and act["disabled"] and not act["hook_installed"]
+    assert act["guard"]["ok"] is True  # the verdict is reported even when activation is off
+    paths = [str(ROOT), *site.getsitepackages()]
+    code = f"import sys; sys.path[:0] = {paths!r}; from lmdeploy_hostcache import cli; sys.exit(cli.main(['doctor']))"
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={k: v for k, v in os.environ.items() if k != "LMDEPLOY_HOSTCACHE_DISABLE"})
+    assert out.returncode == 0, out.stderr
+    assert "  activation   inactive (the .pth post-import hook is not installed" in out.stdout
+    assert "note: the auto-activation hook" in out.stdout and "activate()" in out.stdout

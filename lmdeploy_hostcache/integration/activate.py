@@ -13,6 +13,9 @@ How it runs:
   nothing, now or later: LMDeploy runs as stock.
 - ``activate()`` does the same by hand (e.g. under ``python -S``): it installs the finder
   and patches the target modules that are already imported.
+- A module LMDeploy imports lazily is patched by the patcher of the target that uses it
+  (``COMPANION_MODULES``): the scheduler patcher also fixes
+  ``RecomputeEvictionHelper._reclaim_candidate`` (the remote-ready reclaim deadlock).
 
 Invariants:
 - All or nothing: every rebinding is recorded (``Patch``); if applying any patch raises,
@@ -29,6 +32,7 @@ from . import autoload
 from .autoload import ENV_DISABLE, is_disabled
 
 __all__ = [
+    "COMPANION_MODULES",
     "ENV_DISABLE",
     "PATCHERS",
     "activate",
@@ -229,9 +233,63 @@ def _is_ours(connector) -> bool:
     return connector is not None and type(connector).__module__.startswith("lmdeploy_hostcache.")
 
 
-def _patch_scheduler(mod) -> None:
+EVICTION_HELPER_MODULE = "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper"
+# Modules patched by another module's patcher (they are not post-import targets themselves):
+# module -> the PATCHERS key whose patcher imports and patches it.
+COMPANION_MODULES = {EVICTION_HELPER_MODULE: "lmdeploy.pytorch.paging.scheduler"}
+
+
+def _reclaim_remote_ready(helper, seq) -> bool:
+    """Reclaim a remote-ready request whose loaded blocks are already in the prefix trie.
+
+    LMDeploy 0.18.0's ``_reclaim_candidate`` never reclaims a request whose external load
+    finished but that was not scheduled yet (``is_remote_ready``), so a chunked long prefill
+    admitted later can wait forever on its blocks while it waits on the prefill. With the
+    prefix cache on, ``KVLoadCoordinator._publish`` already inserted the loaded blocks into
+    the trie, so reclaiming only drops the request's references (the trie keeps the blocks,
+    evictable and demotable like any cached block) and releases its load record and soft
+    reservation; the request is an ordinary waiting request again and re-matches the trie
+    (or the host tier) when it is next admitted. Same steps as the stock body after its
+    ``is_remote_ready`` check (pinned by the guard).
+    """
+    if seq.num_blocks == 0 and (not helper._is_ssm or seq.logical_state < 0):
+        return False
+    seq.prefix_cache.suppress_match_stats = True
+    helper.load_coordinator.release_tracking(seq)
+    seq.state.release_paging_resources()
+    return True
+
+
+def _patch_eviction_helper(mod) -> None:
+    """Fix the remote-ready reclaim deadlock for engines whose connector is ours (see above)."""
     import functools
 
+    cls = mod.RecomputeEvictionHelper
+    original = cls.__dict__["_reclaim_candidate"]
+
+    @functools.wraps(original)
+    def _reclaim_candidate(self, seq):
+        coordinator = self.load_coordinator
+        if (self.block_trie.enabled and _is_ours(getattr(coordinator, "connector", None))
+                and coordinator.is_remote_ready(seq)):
+            return _reclaim_remote_ready(self, seq)
+        return original(self, seq)
+
+    _rebind(cls, "_reclaim_candidate", _mark(_reclaim_candidate),
+            EVICTION_HELPER_MODULE + ":RecomputeEvictionHelper._reclaim_candidate")
+
+
+def _patch_scheduler(mod) -> None:
+    """``Scheduler.__init__`` post-hook, and the eviction-helper fix.
+
+    ``scheduler.py`` imports the helper module lazily (inside ``build_eviction_helper``), so it
+    is imported here: every engine builds its helper through ``Scheduler.__init__``, and both
+    rebindings stay one all-or-nothing step.
+    """
+    import functools
+    import importlib
+
+    _patch_eviction_helper(importlib.import_module(EVICTION_HELPER_MODULE))
     cls = mod.Scheduler
     original = cls.__dict__["__init__"]
 
@@ -274,20 +332,33 @@ def _patch_executor_base(mod) -> None:
         result = orig_update(self, free_mems, cache_block_sizes, spec_cache_config, *args, **kwargs)
         tc = getattr(self.cache_config, "kv_transfer_config", None)
         if is_host_tier(tc):
-            from .compat import check_model_supported
-            from .engine_config import size_host_cache
+            from ..config import HostCacheConfig
+            from .compat import UnsupportedConfiguration, check_model_supported
+            from .engine_config import cache_plan_for_executor, plan_host_slots, size_host_cache
 
             check_model_supported(self.cache_config, model_config=self.model_config,
                                   misc_config=getattr(self, "misc_config", None))
+            extra = tc.kv_connector_extra_config
+            fmt = HostCacheConfig.from_dict(dict(extra.get("hostcache_config") or {}),
+                                            source="kv_connector_extra_config.hostcache_config").host_kv_format
             per_rank = [int(s.target) + int(getattr(s, "spec", 0)) for s in cache_block_sizes]
-            blocks, slot_bytes, reason = size_host_cache(tc.kv_connector_extra_config, per_rank)
+            try:
+                plan, source = cache_plan_for_executor(self) if fmt != "same" else (None, "")
+                slots = plan_host_slots(per_rank, fmt, plan, plan_source=source)
+            except Exception as exc:  # refuse before any KV cache or host memory exists
+                raise UnsupportedConfiguration([f"cannot plan host slots for host_kv_format={fmt!r}: {exc}"]) \
+                    from exc
+            blocks, slot_bytes, reason = size_host_cache(extra, list(slots.slot_bytes))
             if blocks <= 0:
-                from .compat import UnsupportedConfiguration
-
                 raise UnsupportedConfiguration([f"the host tier would get 0 slots: {reason} Give it more "
                                                 "memory (host_cache_gb) or run without --host-cache-gb"])
-            tc.kv_connector_extra_config["host_cache_blocks"] = blocks
-            tc.kv_connector_extra_config["host_slot_bytes"] = slot_bytes
+            extra["host_cache_blocks"] = blocks
+            extra["host_slot_bytes"] = slot_bytes
+            if slots.tensor_specs is not None:
+                extra["host_tensor_specs"] = [dict(spec) for spec in slots.tensor_specs]
+            else:
+                extra.pop("host_tensor_specs", None)
+            reason = f"{reason} {slots.describe()}."
             try:
                 from lmdeploy.utils import get_logger
 

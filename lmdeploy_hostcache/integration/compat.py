@@ -32,7 +32,8 @@ __all__ = [
 
 CONNECTOR_NAME = "HostTierConnector"
 # Keys our kv_connector_extra_config may carry (contract in docs/integration.md).
-EXTRA_CONFIG_KEYS = ("hostcache_config", "host_cache_blocks", "host_slot_bytes", "model_identity")
+EXTRA_CONFIG_KEYS = ("hostcache_config", "host_cache_blocks", "host_slot_bytes", "host_tensor_specs",
+                     "model_identity")
 
 
 class UnsupportedConfiguration(ValueError):

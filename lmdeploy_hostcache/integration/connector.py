@@ -51,7 +51,8 @@ Usage in-process (tests, CPU harness)::
     conn_w = build_host_tier_connector(KVConnectorRole.WORKER, cache_config)
     conn_w.worker_side.engine_kwargs["delay_polls"] = 1   # optional: CpuCopyEngine completes late
     conn_w.register_kv_caches(kv_caches)            # LMDeploy's connector_kv_caches rows
-    #   lossy host_kv_format: register_kv_caches(kv_caches, tensor_specs=plan.tensor_specs)
+    #   lossy host_kv_format: the specs come from extra['host_tensor_specs'] (executor hook),
+    #   or register_kv_caches(kv_caches, tensor_specs=plan.tensor_specs)
     # each step: meta = sched.build_connector_meta(running)
     #            conn_w.bind_connector_metadata(meta); conn_w.start_load_kv(); ...forward...
     #            out = conn_w.get_finished(); conn_w.clear_connector_metadata()
@@ -62,8 +63,10 @@ Usage in-process (tests, CPU harness)::
 
 ``kv_connector_extra_config`` read here: ``hostcache_config`` (HostCacheConfig dict),
 ``model_identity`` (required), ``host_cache_blocks`` (slots per TP rank; else computed from a
-numeric ``host_cache_gb`` and ``host_slot_bytes``), ``host_slot_bytes`` (also scales the byte
-counters: blocks x host_slot_bytes x tp_size).
+numeric ``host_cache_gb`` and ``host_slot_bytes``), ``host_slot_bytes`` (one host slot of one
+rank in ``host_kv_format``; also scales the byte counters: blocks x host_slot_bytes x tp_size;
+the worker refuses a layout whose slot is larger), ``host_tensor_specs`` (lossy formats: the
+cache plan's packed page fields, ``engine_config.encode_tensor_specs``).
 """
 from __future__ import annotations
 
@@ -605,7 +608,8 @@ class HostTierConnector(KVConnectorBase):
 
     # worker side
     def register_kv_caches(self, kv_caches: Mapping[str, KVCacheValue], tensor_specs=None) -> None:
-        """LMDeploy passes the rows only; ``tensor_specs`` is for lossy host formats (see worker)."""
+        """LMDeploy passes the rows only; lossy host formats take their tensor specs from the
+        extra config's ``host_tensor_specs`` unless given here (see ``HostTierWorker``)."""
         return self._worker().register_kv_caches(kv_caches, tensor_specs=tensor_specs)
 
     def start_load_kv(self) -> None:

@@ -13,18 +13,28 @@ Python API (all three give the same engine):
 
     {"hostcache_config": HostCacheConfig.to_dict(),
      "host_cache_blocks": int,   # set by the executor hook (size_host_cache)
-     "host_slot_bytes": int,     # idem: bytes of one host slot on one TP rank
+     "host_slot_bytes": int,     # idem: bytes of one host slot on one TP rank, in host_kv_format
+     "host_tensor_specs": [...], # idem, lossy host_kv_format only: the packed page fields of
+                                 #   LMDeploy's cache plan (encode_tensor_specs), for the workers
      "model_identity": str}      # set at start-up from the model path
+
+Host slot planning (executor hook, before any KV cache exists): ``plan_host_slots`` turns the
+per-rank GPU block bytes LMDeploy measured into per-rank host slot bytes for the configured
+``host_kv_format``, using the cache plan's tensor specs (``cache_plan_for_executor``) and the
+transfer package's ``KVRowLayout`` on ``meta`` rows, so the slot size is the one the worker's
+``HostPool`` will allocate. The same specs travel to the workers in ``host_tensor_specs``.
 
 Invariants: every function validates before it builds anything (``ConfigError`` names
 the field, ``ValueError`` names the conflicting connector); inputs are never mutated.
-Only ``host_tier_transfer_config``/``with_host_cache`` import LMDeploy.
+Only ``host_tier_transfer_config``/``with_host_cache``/``cache_plan_for_executor`` import
+LMDeploy; ``plan_host_slots`` imports torch and the transfer layout.
 """
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import HostCacheConfig, load_config
@@ -32,7 +42,13 @@ from .compat import CONNECTOR_NAME, EXTRA_CONFIG_KEYS
 
 __all__ = [
     "CONNECTOR_NAME",
+    "HostSlotPlan",
     "KV_ROLE",
+    "cache_plan_for_executor",
+    "connector_rows_of_plan",
+    "decode_tensor_specs",
+    "encode_tensor_specs",
+    "plan_host_slots",
     "host_tier_transfer_dict",
     "host_tier_transfer_config",
     "is_host_tier",
@@ -159,10 +175,11 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
                     facts: Any = None) -> tuple[int, int, str]:
     """(host_cache_blocks, host_slot_bytes, reason) for the ranks of one engine.
 
-    ``rank_block_bytes[r]`` is the bytes one scheduler block occupies on TP rank ``r``
-    (target plus speculative-model caches). ``host_cache_gb`` is the engine's total over
-    its ranks, so every rank gets ``host_cache_blocks`` slots and
-    ``host_cache_blocks * sum(rank_block_bytes) <= host bytes``.
+    ``rank_block_bytes[r]`` is the bytes one host slot occupies for TP rank ``r``: the
+    scheduler block's target plus speculative-model caches in the configured
+    ``host_kv_format`` (``plan_host_slots(...).slot_bytes``; for ``same`` the GPU bytes).
+    ``host_cache_gb`` is the engine's total over its ranks, so every rank gets
+    ``host_cache_blocks`` slots and ``host_cache_blocks * sum(rank_block_bytes) <= host bytes``.
     """
     from ..hostmem import format_bytes, resolve_host_cache_bytes
 
@@ -181,3 +198,161 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
         detail += (f" (host_cache_gb is smaller than one block on every rank, "
                    f"{format_bytes(per_block_all_ranks)}: the tier is off)")
     return blocks, slot_bytes, f"{reason.rstrip('.')}; {detail}."
+
+
+# ---------------------------------------------------------------------------------------------
+# host slot planning from LMDeploy's cache plan (executor hook) and the specs handed to workers
+
+TENSOR_SPEC_KEYS = ("name", "shape", "dtype", "alignment")
+
+
+def _packed_specs(specs: Sequence[Any]) -> list[Any]:
+    """The leading run of specs LMDeploy packs into cache pool 0 (rows ``cache_pool.0.row.*``)."""
+    from ..transfer.layout import _packed_specs as packed
+
+    return packed(specs)
+
+
+def encode_tensor_specs(specs: Sequence[Any]) -> list[dict[str, Any]]:
+    """JSON form of the packed page fields of a cache plan's ``tensor_specs``.
+
+    Takes LMDeploy ``CacheTensorSpec`` objects (``.name``, ``.desc.shape/.dtype/.alignment``)
+    or ``transfer.TensorSpec``; keeps the fields of pool 0 only, the rows a lossy
+    ``host_kv_format`` compresses. ``decode_tensor_specs`` inverts it.
+    """
+    out = []
+    for spec in _packed_specs(specs):
+        desc = getattr(spec, "desc", spec)
+        dtype = getattr(desc, "dtype", None)
+        name = str(dtype).removeprefix("torch.")
+        out.append({"name": str(spec.name), "shape": [int(d) for d in desc.shape], "dtype": name,
+                    "alignment": int(getattr(desc, "alignment", 256))})
+    if not out:
+        raise ValueError("the cache plan has no packed tensor specs (no cache_pool.0 fields) to describe")
+    return out
+
+
+def decode_tensor_specs(raw: Any, *, source: str = "kv_connector_extra_config['host_tensor_specs']"):
+    """``transfer.TensorSpec`` tuple from ``encode_tensor_specs`` output; ValueError naming the entry."""
+    import torch
+
+    from ..transfer.layout import TensorSpec
+
+    if not isinstance(raw, Sequence) or isinstance(raw, (str, bytes)) or not raw:
+        raise ValueError(f"{source} must be a non-empty list of tensor specs, got {raw!r}")
+    specs = []
+    for i, item in enumerate(raw):
+        where = f"{source}[{i}]"
+        if not isinstance(item, Mapping) or set(item) != set(TENSOR_SPEC_KEYS):
+            raise ValueError(f"{where} must be a mapping with keys {list(TENSOR_SPEC_KEYS)}, got {item!r}")
+        dtype = getattr(torch, str(item["dtype"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{where}.dtype {item['dtype']!r} is not a torch dtype")
+        shape = item["shape"]
+        if (not isinstance(shape, Sequence) or isinstance(shape, str)
+                or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape)):
+            raise ValueError(f"{where}.shape must be a list of ints >= 0, got {shape!r}")
+        align = item["alignment"]
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise ValueError(f"{where}.alignment must be an int >= 1, got {align!r}")
+        specs.append(TensorSpec(str(item["name"]), tuple(shape), dtype, align))
+    return tuple(specs)
+
+
+def connector_rows_of_plan(cache_plan: Any, num_blocks: int = 1, device: str = "meta") -> dict[str, Any]:
+    """Rows named and ordered as ``CacheEngine.connector_kv_caches`` names them, for ``num_blocks``
+    blocks of ``cache_plan`` on ``device`` (``meta``: geometry only, nothing allocated)."""
+    allocation = cache_plan.allocate(num_blocks, device)
+    rows: dict[str, Any] = {}
+    for pool_index, pool in enumerate(allocation.pools):
+        if pool.nbytes == 0:
+            continue
+        if pool.entry_axis != 1:
+            raise ValueError(f"cache pool {pool_index} uses entry_axis={pool.entry_axis}; LMDeploy's KV "
+                             "connectors need entry_axis=1")
+        for row_index, row in enumerate(pool.tensor):
+            rows[f"cache_pool.{pool_index}.row.{row_index}"] = row
+    return rows
+
+
+@dataclass(frozen=True)
+class HostSlotPlan:
+    """Per-rank host slot bytes for one ``host_kv_format``, planned before any KV cache exists.
+
+    ``slot_bytes[r] = gpu_block_bytes[r] - shrink``: a lossy format rewrites only the K/V
+    fields of the packed pool's rows (every other field and row is copied raw at its own
+    size), so the difference is the same on every rank and does not depend on fields the
+    plan was built without. ``tensor_specs`` (lossy formats): ``encode_tensor_specs`` of the plan.
+    """
+
+    host_kv_format: str
+    gpu_block_bytes: tuple[int, ...]
+    slot_bytes: tuple[int, ...]
+    shrink: int = 0
+    tensor_specs: tuple[dict[str, Any], ...] | None = None
+    plan_source: str = ""
+
+    def describe(self) -> str:
+        from ..hostmem import format_bytes
+
+        if self.host_kv_format == "same":
+            return "host_kv_format=same: a host slot holds the GPU block's bytes"
+        gpu, host = max(self.gpu_block_bytes), max(self.slot_bytes)
+        return (f"host_kv_format={self.host_kv_format}: {format_bytes(gpu)} per block on GPU -> "
+                f"{format_bytes(host)} per host slot ({host / gpu:.3f}x; specs from {self.plan_source})")
+
+
+def plan_host_slots(rank_block_bytes: Sequence[int], host_kv_format: str, cache_plan: Any = None,
+                    *, plan_source: str = "the cache plan") -> HostSlotPlan:
+    """Host slot bytes per TP rank for ``host_kv_format``.
+
+    ``rank_block_bytes[r]``: GPU bytes of one scheduler block on rank ``r`` (target + spec).
+    ``cache_plan`` (LMDeploy ``BlockCachePlan``) is needed for ``int8``/``int4``. Raises
+    ValueError (naming the format and why) when the format cannot apply to the plan's rows,
+    e.g. a quant_policy 4/8 cache, before anything is allocated.
+    """
+    from ..transfer.layout import HOST_KV_FORMATS, KVRowLayout
+
+    gpu = tuple(int(b) for b in rank_block_bytes)
+    if not gpu or any(b <= 0 for b in gpu):
+        raise ValueError(f"rank_block_bytes must list a positive size per rank, got {list(rank_block_bytes)}")
+    if host_kv_format not in HOST_KV_FORMATS:
+        raise ValueError(f"host_kv_format must be one of {HOST_KV_FORMATS}, got {host_kv_format!r}")
+    if host_kv_format == "same":
+        return HostSlotPlan("same", gpu, gpu)
+    if cache_plan is None:
+        raise ValueError(f"host_kv_format={host_kv_format!r} needs LMDeploy's cache plan to size a host slot")
+    rows = connector_rows_of_plan(cache_plan)
+    layout = KVRowLayout.from_connector_caches(rows, int(cache_plan.kernel_blocks_per_logical_block),
+                                               tensor_specs=cache_plan.tensor_specs)
+    err = layout.compression_error(host_kv_format)
+    if err:
+        raise ValueError(f"host_kv_format={host_kv_format!r} cannot apply to this KV cache: {err}")
+    shrink = layout.block_bytes - layout.slot_bytes(host_kv_format)
+    slots = tuple(b - shrink for b in gpu)
+    if layout.block_bytes > min(gpu) or min(slots) <= 0:
+        raise ValueError(f"the cache plan's block ({layout.block_bytes} B) does not fit the per-rank GPU block "
+                         f"bytes LMDeploy measured ({list(gpu)}): the plan is not this engine's")
+    return HostSlotPlan(host_kv_format, gpu, slots, shrink, tuple(encode_tensor_specs(cache_plan.tensor_specs)),
+                        plan_source)
+
+
+def cache_plan_for_executor(executor: Any) -> tuple[Any, str]:
+    """(LMDeploy ``BlockCachePlan``, where it came from) as the executor's workers build it.
+
+    A local model agent (``UniExecutor``) holds the exact plan it built in
+    ``_prepare_worker_cache_plans``; otherwise (Ray/mp workers in other processes) the plan
+    is rebuilt with ``build_block_cache_plan(model_config, cache_config, attn_tp)``, the call
+    the workers make minus operator-requested caches (those are copied raw by every host
+    format, so the slot size difference does not depend on them).
+    """
+    agent = getattr(executor, "model_agent", None)
+    plan = getattr(agent, "block_cache_plan", None)
+    if plan is not None:
+        return plan, "the model agent's cache plan"
+    from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
+
+    dist = getattr(executor, "dist_config", None)
+    tp = int(getattr(dist, "attn_tp", None) or getattr(dist, "world_size", 1) or 1)
+    return (build_block_cache_plan(executor.model_config, executor.cache_config, tp),
+            f"build_block_cache_plan(attn_tp={tp}) in the engine process")

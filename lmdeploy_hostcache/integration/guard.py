@@ -72,6 +72,9 @@ PATCHED_TARGETS: dict[str, str] = {
         "register the host-tier Prometheus collector",
     "lmdeploy.metrics.loggers:PrometheusStatLogger.record_schedule":
         "publish the host-tier counters to Prometheus",
+    "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper:RecomputeEvictionHelper._reclaim_candidate":
+        "reclaim a remote-ready request when its loaded blocks are in the prefix trie (deadlock fix; "
+        "activate._reclaim_remote_ready repeats the stock steps after the is_remote_ready check)",
 }
 RELIED_TARGETS: dict[str, str] = {
     # target -> what we rely on (not rebound)
@@ -102,6 +105,16 @@ RELIED_TARGETS: dict[str, str] = {
         "one contiguous [pages, bytes] row per pool and layer, entry_axis=1",
     "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._get_connector_kv_caches":
         "adds the MTP rows under the 'mtp.' prefix",
+    # the reclaim fix (activate._reclaim_remote_ready) relies on these
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.is_remote_ready":
+        "READY = loaded and published, the remaining prefill not admitted yet",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.release_tracking":
+        "drops a non-LOADING load record and its soft prefill reservation",
+    "lmdeploy.pytorch.paging.seq_states.states:SequenceLifecycle.release_paging_resources":
+        "frees the request's blocks (trie-held blocks stay cached), resets its step and trie cursor",
+    # the executor plans host slots and hands tensor specs to the workers from this plan
+    "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
+        "the block-cache plan every worker builds (tensor specs, packed layout) for host slot sizing",
 }
 
 # sha256 of the target's source (inspect.getsource form) in LMDeploy 0.18.0. FILE_PINS below
@@ -157,6 +170,16 @@ PINS: dict[str, str] = {
         "bfa9a25ee53dcd171a5c64352fe9a7ca5799525a49d4bc18d32312682491ad7b",
     "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._get_connector_kv_caches":
         "6652d187a76fef711498ccc4d78a36d88aa2e82ad062dfab67da808e26dd2174",
+    "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper:RecomputeEvictionHelper._reclaim_candidate":
+        "a5be2c37bc51c5648098b1b26655170b86d3ff8aef3cc51ee6ca5a844ec836c7",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.is_remote_ready":
+        "154ebc88125377cb4630b9b2bc29eee1a899eb9929fd5603b6a7eeb64a1c0992",
+    "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.release_tracking":
+        "0d0a20deb48f73368f50c3fb77851f3b2a9691be26b08aea491a0df5ada07ccb",
+    "lmdeploy.pytorch.paging.seq_states.states:SequenceLifecycle.release_paging_resources":
+        "84f5b8e01991b187fa5894f3f7d918e720e110e1ff2f51ab25d11a47e5d65554",
+    "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
+        "ae8d890c1f625f782d4110f92eaccdd0b35e9539d09e5809a709a7b85fd367ca",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":
@@ -185,6 +208,12 @@ FILE_PINS: dict[str, str] = {
         "50e51a2bd127b5946d68a0add775e75b513b7c33c06f4b8f767b5d3b13341831",
     "lmdeploy.pytorch.engine.cache_engine.engine":
         "2952c8c1beb711da4085f4b13b20fb29321043564ab6f8c3c44466ade08b6b2f",
+    "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper":
+        "a9ae91e4b252d10e090f03b7ab6ef95ca40b882c28b9762e9581204452965e90",
+    "lmdeploy.pytorch.paging.seq_states.states":
+        "e1b2d83b4f1c0fa401985e90f1f67bc035f6c91bc1d253dbf5e9300cba57cf21",
+    "lmdeploy.pytorch.engine.cache_engine.plan":
+        "36f112a1e6a5dea78dd8d487d2b60f44cf0588d169bda9cf730ce64fd1f7b05d",
 }
 
 

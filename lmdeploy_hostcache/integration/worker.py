@@ -26,7 +26,6 @@ executor; ids complete only when every rank reported them, invalid ids are union
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ __all__ = [
     "HostTierMetadata",
     "HostTierWorker",
     "failed_demotion_marker",
+    "planned_tensor_specs",
     "resolve_num_slots",
 ]
 
@@ -111,22 +111,33 @@ def resolve_num_slots(extra_config: Mapping[str, Any], hostcache: HostCacheConfi
     return num
 
 
-def _caller_tensor_specs(max_depth: int = 6):
-    """``block_cache_plan.tensor_specs`` of the nearest caller whose ``self`` has one, or None."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            plan = getattr(owner, "block_cache_plan", None)
-            specs = getattr(plan, "tensor_specs", None)
-            if specs is not None:
-                return specs
+def planned_tensor_specs(extra_config: Mapping[str, Any], kv_caches: Mapping[str, Any]):
+    """Tensor specs the executor planned (``host_tensor_specs``), fitted to these rows; or None.
+
+    The executor hook records the packed page fields of LMDeploy's cache plan. When it had to
+    rebuild the plan (Ray/mp workers), operator-requested fields LMDeploy packs after the K/V
+    fields are not in it; their bytes are then described as one raw ``unplanned_tail`` field,
+    which every host format copies verbatim (the slot size the executor planned already counts
+    them raw).
+    """
+    raw = extra_config.get("host_tensor_specs")
+    if raw is None:
         return None
-    finally:
-        del frame
+    from ..transfer.layout import LMDEPLOY_PACKED_POOL_PREFIX, TensorSpec
+    from .engine_config import decode_tensor_specs
+
+    specs = decode_tensor_specs(raw)
+    row = next((t for name, t in kv_caches.items() if str(name).startswith(LMDEPLOY_PACKED_POOL_PREFIX)), None)
+    if row is None or row.dim() < 1 or row.shape[0] == 0:
+        return specs  # KVRowLayout names the problem
+    page_bytes = row.numel() * row.element_size() // int(row.shape[0])
+    tail = page_bytes - sum(s.aligned_size for s in specs)
+    if tail > 0:
+        import torch
+
+        logger.info("host tier: %d bytes per page after the planned fields are copied raw", tail)
+        specs = (*specs, TensorSpec("unplanned_tail", (tail,), torch.uint8, alignment=1))
+    return specs
 
 
 @dataclass
@@ -167,10 +178,14 @@ class HostTierWorker:
         """Build the row layout, the host pool (``num_slots`` slots) and the copy engine.
 
         ``tensor_specs`` (LMDeploy's ``BlockCachePlan.tensor_specs``) are needed only for a
-        lossy ``host_kv_format``: given here, or preset in ``self.tensor_specs``, or found on
-        the caller (LMDeploy's ``BaseModelAgent.build_cache_engine`` holds them as
-        ``self.block_cache_plan``). Raises ValueError before allocating anything when the
-        format cannot apply to these rows.
+        lossy ``host_kv_format``. In order: given here, preset in ``self.tensor_specs``, or
+        ``host_tensor_specs`` in the extra config (written by the executor hook from the
+        cache plan and shipped to every worker with the cache config: what LMDeploy's
+        ``BaseModelAgent.build_cache_engine`` path uses, since it passes the rows only).
+
+        Raises ValueError before allocating anything when the format cannot apply to these
+        rows, or when one slot would be larger than the ``host_slot_bytes`` the executor
+        sized the tier with (the pool would then hold more bytes than ``host_cache_gb``).
         """
         from ..transfer import HostPool, KVRowLayout, make_copy_engine
 
@@ -184,12 +199,19 @@ class HostTierWorker:
         if fmt != "same":
             specs = tensor_specs if tensor_specs is not None else self.tensor_specs
             if specs is None:
-                specs = _caller_tensor_specs()
+                specs = planned_tensor_specs(self.extra, caches)
             if specs is None:
                 raise ValueError(f"host_kv_format={fmt!r} needs the cache plan's tensor_specs to find the K/V "
-                                 "byte ranges; pass register_kv_caches(kv_caches, tensor_specs=...)")
+                                 "byte ranges: none in kv_connector_extra_config['host_tensor_specs'] (the "
+                                 "executor hook writes them); pass register_kv_caches(kv_caches, tensor_specs=...)")
         layout = KVRowLayout.from_connector_caches(caches, self.pages_per_block, tensor_specs=specs)
-        layout.host_format(fmt)  # ValueError naming the row when the format does not apply
+        slot_bytes = layout.slot_bytes(fmt)  # ValueError naming the row when the format does not apply
+        planned = self.extra.get("host_slot_bytes")
+        if isinstance(planned, int) and not isinstance(planned, bool) and slot_bytes > planned:
+            raise ValueError(f"host tier rank {self.tp_rank}: one host slot in host_kv_format={fmt!r} needs "
+                             f"{slot_bytes} bytes but the tier was sized with host_slot_bytes={planned} "
+                             f"({self.num_slots} slots would exceed host_cache_gb); the executor planned another "
+                             "cache layout than this worker registers")
         pin = None if self.hostcache.pin_memory else False
         pool = HostPool(layout, self.num_slots, host_kv_format=fmt, pin_memory=pin)
         self.engine = make_copy_engine(layout, pool, caches, device=self.device, backend=self.backend,

@@ -197,3 +197,77 @@ def test_executor_sizes_host_slots_from_gb(active):
     assert cfg.num_gpu_blocks > 2  # stock behaviour still ran
     assert extra["host_slot_bytes"] == mib + mib // 4
     assert extra["host_cache_blocks"] == (1 << 30) // (2 * (mib + mib // 4))
+
+
+# -- host slots in the configured host_kv_format (executor hook) ------------------------------------
+
+LLAMA_LIKE = dict(hidden_size=4096, num_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                  bos_token_id=1, eos_token_id=[2], head_dim=128, vocab_size=100)
+
+
+def _lossy_executor(host_kv_format, *, quant_policy=0, dtype="float16", with_agent=True):
+    """A real ExecutorBase over a Llama-like 2-layer model; ``with_agent``: a local model agent
+    holding the plan (UniExecutor), else the hook rebuilds it (Ray/mp)."""
+    import torch
+    from lmdeploy.pytorch.config import ModelConfig
+    from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
+
+    tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both", kv_connector_extra_config={
+        "hostcache_config": {"host_cache_gb": 1, "host_kv_format": host_kv_format}})
+    cfg = _cache_config(kv_transfer_config=tc, block_size=64, kernel_block_size=64, quant_policy=quant_policy)
+    model = ModelConfig(dtype=getattr(torch, dtype), **LLAMA_LIKE)
+    ex = _executor(cfg, model)
+    plan = build_block_cache_plan(model, cfg, 1)
+    if with_agent:
+        ex.model_agent = SimpleNamespace(block_cache_plan=plan)
+    return ex, cfg, plan
+
+
+def _size(ex, plan, spec=0):
+    from lmdeploy.pytorch.engine.executor.base import _WorkerCachePlanSizes
+
+    ex._update_num_gpu_blocks([8 << 30], [_WorkerCachePlanSizes(target=plan.logical_block_nbytes, spec=spec)], None)
+    return ex.cache_config.kv_transfer_config.kv_connector_extra_config
+
+
+@pytest.mark.parametrize("with_agent", [True, False])
+@pytest.mark.parametrize("fmt,ratio", [("int8", 0.516), ("int4", 0.266)])
+def test_executor_sizes_lossy_host_slots_smaller_than_gpu_blocks(active, fmt, ratio, with_agent):
+    """docs/formats.md sizes: a Llama-like fp16 block is 2x/4x smaller on host; the tier holds
+    that many more slots for the same host_cache_gb, and the slot is the one HostPool allocates."""
+    from lmdeploy_hostcache.integration.engine_config import connector_rows_of_plan
+    from lmdeploy_hostcache.transfer import KVRowLayout
+
+    ex, cfg, plan = _lossy_executor(fmt, with_agent=with_agent)
+    gpu = plan.logical_block_nbytes
+    extra = _size(ex, plan)
+    layout = KVRowLayout.from_connector_caches(connector_rows_of_plan(plan), 1, tensor_specs=plan.tensor_specs)
+    assert extra["host_slot_bytes"] == layout.slot_bytes(fmt) < gpu
+    assert extra["host_slot_bytes"] / gpu == pytest.approx(ratio, abs=1e-3)
+    assert extra["host_cache_blocks"] == (1 << 30) // extra["host_slot_bytes"]
+    assert [s["name"] for s in extra["host_tensor_specs"]] == ["k_cache", "v_cache"]
+    assert extra["host_tensor_specs"][0] == {"name": "k_cache", "shape": [64, 8, 128], "dtype": "float16",
+                                             "alignment": 256}
+
+
+def test_executor_lossy_slots_keep_the_spec_model_bytes_raw(active):
+    """MTP draft rows (``mtp.cache_pool.*``) are copied raw: only the target K/V shrink."""
+    without_spec = _size(*_lossy_executor("int8")[0::2])["host_slot_bytes"]
+    ex, cfg, plan = _lossy_executor("int8")
+    assert _size(ex, plan, spec=12345)["host_slot_bytes"] == without_spec + 12345
+
+
+def test_executor_same_format_keeps_gpu_bytes_and_needs_no_plan(active):
+    ex, cfg, plan = _lossy_executor("same", with_agent=False)
+    ex.model_config = SimpleNamespace(sliding_window=-1, states_shapes=[])  # a plan could not be built
+    extra = _size(ex, plan)
+    assert extra["host_slot_bytes"] == plan.logical_block_nbytes and "host_tensor_specs" not in extra
+
+
+def test_executor_refuses_a_lossy_format_on_a_quantized_cache_before_anything_is_set(active):
+    ex, cfg, plan = _lossy_executor("int4", quant_policy=8)
+    extra = cfg.kv_transfer_config.kv_connector_extra_config
+    before = copy.deepcopy(extra)
+    with pytest.raises(UnsupportedConfiguration, match="host_kv_format='int4'.*same"):
+        _size(ex, plan)
+    assert extra == before

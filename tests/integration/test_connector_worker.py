@@ -186,23 +186,75 @@ def test_lossy_host_format_matches_the_transfer_reference(fmt):
         assert (got.float() - orig).abs().max() < (0.1 if fmt == "int8" else 0.6)
 
 
-def test_lossy_format_finds_lmdeploys_plan_on_the_caller():
-    """LMDeploy's ``build_cache_engine`` calls ``register_kv_caches(rows)`` with its own
-    ``self.block_cache_plan`` in scope; the worker takes the tensor specs from there."""
-    cc = cache_config(0, host_kv_format="int8")
+def _planned_config(host_kv_format, quant_policy=0, **kw):
+    """A cache config whose extra config went through the executor hook's planning, as LMDeploy
+    ships it to its workers (``host_slot_bytes`` and ``host_tensor_specs`` from the cache plan)."""
+    from lmdeploy_hostcache.integration.engine_config import plan_host_slots
+
+    cc = cache_config(quant_policy, host_kv_format=host_kv_format, **kw)
+    plan = CpuCache(cc).plan
+    slots = plan_host_slots([plan.logical_block_nbytes], host_kv_format, plan)
+    extra = cc.kv_transfer_config.kv_connector_extra_config
+    extra["host_slot_bytes"] = slots.slot_bytes[0]
+    if slots.tensor_specs is not None:
+        extra["host_tensor_specs"] = [dict(x) for x in slots.tensor_specs]
+    return cc
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_lossy_format_takes_the_specs_the_executor_planned(fmt):
+    """LMDeploy's ``build_cache_engine`` calls ``register_kv_caches(rows)`` with the rows only; the
+    specs come from the cache config the executor shipped, and the pool's slot is the planned one."""
+    import copy
+
+    cc = _planned_config(fmt)
     cache = CpuCache(cc)
+    shipped = copy.deepcopy(cc)  # what a Ray/mp worker unpickles
+    w = build_host_tier_connector(KVConnectorRole.WORKER, shipped)
+    w.register_kv_caches(cache.rows)
+    pool = w.worker_side.pool
+    assert pool.format.lossy and pool.format.name == fmt
+    assert pool.slot_bytes == cc.kv_transfer_config.kv_connector_extra_config["host_slot_bytes"]
+    w.shutdown()
 
-    class AgentLike:  # the attribute LMDeploy's BaseModelAgent holds
-        block_cache_plan = cache.plan
 
-        def build_cache_engine(self):
-            self.kv_connector = build_host_tier_connector(KVConnectorRole.WORKER, cc)
-            self.kv_connector.register_kv_caches(cache.rows)
+def test_planned_specs_describe_unplanned_packed_fields_as_a_raw_tail():
+    """A plan rebuilt without operator-requested caches lacks fields LMDeploy packs after K/V:
+    the worker copies those bytes raw, so the slot keeps the size the executor planned."""
+    from lmdeploy_hostcache.integration.worker import planned_tensor_specs
 
-    agent = AgentLike()
-    agent.build_cache_engine()
-    assert agent.kv_connector.worker_side.pool.format.lossy
-    agent.kv_connector.shutdown()
+    cc = _planned_config("int8")
+    extra = cc.kv_transfer_config.kv_connector_extra_config
+    cache = CpuCache(cc)
+    full = planned_tensor_specs(extra, cache.rows)
+    assert [(x.name, x.shape, x.dtype, x.size, x.aligned_size) for x in full] == [
+        (x.name, tuple(x.desc.shape), x.desc.dtype, x.desc.size, x.desc.aligned_size) for x in cache.plan.tensor_specs]
+    extra["host_tensor_specs"] = extra["host_tensor_specs"][:1]  # as if v_cache were unplanned
+    cut = planned_tensor_specs(extra, cache.rows)
+    assert [x.name for x in cut] == ["k_cache", "unplanned_tail"]
+    assert cut[1].aligned_size == full[1].aligned_size and cut[1].dtype == torch.uint8
+
+
+def test_worker_refuses_a_slot_larger_than_planned_before_allocating(monkeypatch):
+    from lmdeploy_hostcache.transfer import host_pool
+
+    cc = _planned_config("int8")
+    extra = cc.kv_transfer_config.kv_connector_extra_config
+    extra["host_slot_bytes"] -= 1
+    allocated = []
+    monkeypatch.setattr(host_pool.HostPool, "__init__", lambda *a, **k: allocated.append(1))
+    w = build_host_tier_connector(KVConnectorRole.WORKER, cc)
+    with pytest.raises(ValueError, match=r"host_slot_bytes=\d+"):
+        w.register_kv_caches(CpuCache(cc).rows)
+    assert not allocated and w.worker_side.pool is None and w.worker_side.engine is None
+
+
+def test_bad_planned_specs_name_the_entry():
+    cc = _planned_config("int8")
+    cc.kv_transfer_config.kv_connector_extra_config["host_tensor_specs"][1]["dtype"] = "float17"
+    w = build_host_tier_connector(KVConnectorRole.WORKER, cc)
+    with pytest.raises(ValueError, match=r"host_tensor_specs'\]\[1\]\.dtype 'float17'"):
+        w.register_kv_caches(CpuCache(cc).rows)
 
 
 def test_lossy_format_on_quantized_cache_is_refused():

@@ -53,7 +53,8 @@ def test_every_rebinding_made_by_activation_is_pinned():
     targets = {p.target for p in act._state.patches}
     assert targets, "activation recorded no patch"
     assert targets <= set(guard.PATCHED_TARGETS)
-    assert {t.split(":")[0] for t in guard.PATCHED_TARGETS} == set(act.PATCHERS)
+    assert {t.split(":")[0] for t in guard.PATCHED_TARGETS} == set(act.PATCHERS) | set(act.COMPANION_MODULES)
+    assert set(act.COMPANION_MODULES.values()) <= set(act.PATCHERS)
 
 
 def test_another_version_is_refused_by_name():

@@ -34,8 +34,8 @@ pytest.importorskip('lmdeploy_hostcache.integration.connector')
 
 FULL = bool(os.environ.get('HOSTCACHE_HARNESS_FULL'))
 # Prompts here are <= 256 tokens: a 512-token prefill budget keeps LMDeploy's long-context chunking
-# out of the host-tier runs, because chunking + a loaded request can deadlock LMDeploy 0.18.0 (see
-# the xfail test at the end). The stock-LMDeploy harness tests cover chunking.
+# out of the matrix runs (chunking + a loaded request deadlocked stock LMDeploy 0.18.0; the fix and
+# its end-to-end check are at the end of this file). The stock-LMDeploy harness tests cover chunking.
 NO_LONG_CHUNKS = 512
 WEKA_FILES = ['trace_0019.json', 'trace_0086.json', 'trace_0624.json', 'trace_0228.json', 'trace_0277.json',
               'trace_0291.json']
@@ -321,11 +321,19 @@ def test_harness_catches_demotions_into_the_wrong_slots(monkeypatch):
 # -- known liveness bug found by this harness ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    'LMDeploy 0.18.0 + any external-load connector: a loaded ("remote ready") request pins its '
-    'blocks and is never reclaimed, while a long prefill admitted later in chunks ignores that soft '
-    'reservation; both then wait for blocks the other holds and the engine stops making progress. '
-    'Remove this xfail once the integration avoids it (an XPASS means it no longer reproduces).'))
+def _reclaim_fix_active() -> bool:
+    from lmdeploy_hostcache.integration import activate
+
+    return activate.status().get('status') == 'active'
+
+
+# LMDeploy 0.18.0 + any external-load connector: a loaded ("remote ready") request pins its blocks
+# and was never reclaimed, while a long prefill admitted later in chunks ignores that soft
+# reservation; both then waited for blocks the other held. The activation layer patches
+# RecomputeEvictionHelper._reclaim_candidate (patches/0007-*.diff); tests/integration/
+# test_reclaim_fix.py shows the stall with the stock method. This is the end-to-end check.
+@pytest.mark.skipif(not _reclaim_fix_active(), reason='activation patches are not live in this interpreter '
+                    '(LMDEPLOY_HOSTCACHE_DISABLE set, or the .pth is not installed): stock LMDeploy deadlocks here')
 def test_long_prefill_chunks_and_a_remote_ready_load_do_not_deadlock():
     try:
         from .harness import HarnessError

@@ -35,17 +35,20 @@ class HostTierSpec:
     eviction_policy: str = 'lru'
     copy_delay_polls: int = 0   # CpuCopyEngine: results show up only after this many extra polls
 
-    def kv_transfer_config(self, slot_bytes: int) -> KVTransferConfig:
+    def kv_transfer_config(self, slots) -> KVTransferConfig:
+        """``slots``: the ``HostSlotPlan`` the executor hook would compute for this cache."""
         from lmdeploy_hostcache.config import HostCacheConfig
 
         hostcache = HostCacheConfig(host_cache_gb=1.0, host_memory_reserve_gb=0.0, host_kv_format=self.host_kv_format,
                                     eviction_policy=self.eviction_policy, min_restore_tokens=self.min_restore_tokens,
                                     pin_memory=False)
-        return KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role='kv_both',
-                                kv_connector_extra_config={'hostcache_config': hostcache.to_dict(),
-                                                           'host_cache_blocks': int(self.host_slots),
-                                                           'host_slot_bytes': int(slot_bytes),
-                                                           'model_identity': 'lmdeploy-hostcache/cpu-harness'})
+        extra = {'hostcache_config': hostcache.to_dict(),
+                 'host_cache_blocks': int(self.host_slots),
+                 'host_slot_bytes': int(slots.slot_bytes[0]),
+                 'model_identity': 'lmdeploy-hostcache/cpu-harness'}
+        if slots.tensor_specs is not None:
+            extra['host_tensor_specs'] = [dict(x) for x in slots.tensor_specs]
+        return KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role='kv_both', kv_connector_extra_config=extra)
 
 
 def build_host_tier_engine(model: HarnessModel = HarnessModel(), spec: HarnessCacheSpec = HarnessCacheSpec(),
@@ -65,15 +68,18 @@ def build_host_tier_engine(model: HarnessModel = HarnessModel(), spec: HarnessCa
 
         builder, after_built = factory.build_kv_connector, None
 
+    from lmdeploy_hostcache.integration.engine_config import plan_host_slots
+
+    # Size host slots exactly as the executor hook does (one TP rank's block, in the host format).
     probe = CpuKVCache(model.model_config(), spec.cache_config(), world_size=int(engine_kw.get('tp', 1)))
-    slot_bytes = probe.plan.logical_block_nbytes   # one TP rank's bytes of one block
+    slots = plan_host_slots([probe.plan.logical_block_nbytes], host.host_kv_format, probe.plan)
     del probe
 
     def configure_worker(connector) -> None:
         if host.copy_delay_polls:
             connector.worker_side.engine_kwargs['delay_polls'] = int(host.copy_delay_polls)
 
-    return CpuEngine(model, spec, kv_transfer_config=host.kv_transfer_config(slot_bytes),
+    return CpuEngine(model, spec, kv_transfer_config=host.kv_transfer_config(slots),
                      connector_builder=builder, after_scheduler_built=after_built,
                      configure_worker_connector=configure_worker, **engine_kw)
 
