@@ -1,0 +1,208 @@
+"""Single-tier replay of block-id traces through ``HostIndex``: hit rate per eviction policy.
+
+The model (one host tier, no GPU in front of it) is the one behind the Mooncake paper's
+capacity-vs-hit-rate curve and the README's LRU/Belady figures:
+
+* a request is a chain of block ids (``Request.hash_ids``); only its *full* blocks
+  (``Request.full_blocks``) have a digest and can be stored;
+* per request: ``lookup`` from the root; the hit blocks are ``touch``-ed (parent-first, so the
+  deepest hit is the most recent); every missed full block is stored with ``prepare_store`` +
+  ``complete_store`` parent-first; if a store is refused (nothing evictable) the rest of the
+  chain is not stored, since it would have no parent;
+* **hit rate = hit blocks / prompt blocks**, where prompt blocks counts every block of every
+  prompt, the partial last block included (``Trace.total_prompt_blocks``): the share of prompt
+  tokens, at block granularity, that would not be recomputed.
+
+Block "tokens" are the block id itself encoded with ``digest.encode_tokens([id])`` and chained
+with ``digest.digests_of_blocks`` in one ``Namespace``, so the index's digest and token checks
+run exactly as in serving.  ``Trace`` guarantees block ids are chained (an id names its whole
+prefix), so every id has one digest.
+
+Belady (offline optimal) needs each block's future: ``belady_for(chains)`` builds it from the
+same chains the replay will see; ``replay`` advances its clock once per request.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from .digest import Namespace, digests_of_blocks, encode_tokens
+from .eviction import BeladyPolicy, EvictionPolicy, make_policy
+from .host_index import HostIndex
+
+EVAL_NAMESPACE = Namespace(model="eviction-eval", block_size=1, kv_format="trace-ids")
+
+
+@dataclass(frozen=True)
+class BlockChains:
+    """A trace reduced to what replay needs: per request, its full blocks' digests and bytes,
+    plus the number of prompt blocks (the hit-rate denominator)."""
+
+    name: str
+    digests: list[tuple[int, ...]]
+    tokens: list[tuple[bytes, ...]]
+    prompt_blocks: list[int]
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    @property
+    def total_prompt_blocks(self) -> int:
+        return sum(self.prompt_blocks)
+
+
+def chains_from_ids(name: str, id_chains: Iterable[Sequence[int]],
+                    prompt_blocks: Iterable[int] | None = None,
+                    namespace: Namespace = EVAL_NAMESPACE) -> BlockChains:
+    """Digest chains from chained block-id lists (``prompt_blocks`` defaults to chain length).
+
+    Raises ValueError when an id reappears under a different parent (the ids are not chained)
+    or when a prompt has fewer blocks than its chain."""
+    id_chains = [tuple(c) for c in id_chains]
+    pbs = [len(c) for c in id_chains] if prompt_blocks is None else list(prompt_blocks)
+    if len(pbs) != len(id_chains):
+        raise ValueError(f"prompt_blocks has {len(pbs)} entries for {len(id_chains)} chains")
+    enc: dict[int, bytes] = {}
+    dig: dict[int, int] = {}
+    parent_of: dict[int, int | None] = {}
+    digests, tokens = [], []
+    for r, chain in enumerate(id_chains):
+        if pbs[r] < len(chain):
+            raise ValueError(f"request {r}: prompt_blocks {pbs[r]} < {len(chain)} full blocks")
+        # Longest already-digested prefix, then chain the rest from it.
+        k = 0
+        prev = None
+        for h in chain:
+            p = parent_of.get(h, ...)
+            if p is ...:
+                break
+            if p != prev:
+                raise ValueError(f"request {r}: block id {h} follows {prev}, earlier it followed {p}"
+                                 " (ids are not chained prefixes)")
+            prev = h
+            k += 1
+        new = chain[k:]
+        if new:
+            blocks = []
+            for h in new:
+                b = enc.get(h)
+                if b is None:
+                    b = enc[h] = encode_tokens([h])
+                blocks.append(b)
+            parent = dig[chain[k - 1]] if k else None
+            for h, d in zip(new, digests_of_blocks(namespace, blocks, parent)):
+                if h in parent_of:  # known id under another parent, or repeated in this chain
+                    raise ValueError(f"request {r}: block id {h} follows {prev}, earlier it followed "
+                                     f"{parent_of[h]} (ids are not chained prefixes)")
+                parent_of[h] = prev
+                dig[h] = d
+                prev = h
+        digests.append(tuple(dig[h] for h in chain))
+        tokens.append(tuple(enc[h] for h in chain))
+    return BlockChains(name, digests, tokens, pbs)
+
+
+def chains_from_trace(trace) -> BlockChains:
+    """``BlockChains`` of a ``planner.traces.Trace`` (full blocks stored, all prompt blocks counted)."""
+    bs = trace.block_size
+    reqs = trace.requests
+    return chains_from_ids(trace.name, (r.hash_ids[:r.full_blocks(bs)] for r in reqs),
+                           (r.prompt_blocks(bs) for r in reqs))
+
+
+def load_mooncake(path: str) -> BlockChains:
+    """Mooncake JSONL through the planner's reader (512-token blocks, request order by time)."""
+    from .planner.traces import read_mooncake  # noqa: PLC0415 (planner is optional here)
+    return chains_from_trace(read_mooncake(path))
+
+
+def belady_for(chains: BlockChains) -> BeladyPolicy:
+    """The offline-optimal policy for ``chains`` (uses: the request indices that list a block)."""
+    uses: dict[int, list[int]] = {}
+    for r, ds in enumerate(chains.digests):
+        for d in ds:
+            lst = uses.get(d)
+            if lst is None:
+                uses[d] = [r]
+            else:
+                lst.append(r)
+    return BeladyPolicy(uses)
+
+
+@dataclass
+class ReplayResult:
+    policy: str
+    capacity: int
+    requests: int
+    prompt_blocks: int
+    hit_blocks: int
+    stored_blocks: int
+    evictions: int
+    seconds: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "capacity": self.capacity, "requests": self.requests,
+                "prompt_blocks": self.prompt_blocks, "hit_blocks": self.hit_blocks,
+                "hit_rate": round(self.hit_rate, 6), "stored_blocks": self.stored_blocks,
+                "evictions": self.evictions, "seconds": round(self.seconds, 3)}
+
+
+def make_eval_policy(name: str, chains: BlockChains) -> EvictionPolicy:
+    """A policy by name; ``belady`` is built from ``chains`` (offline only)."""
+    if name == "belady":
+        return belady_for(chains)
+    return make_policy(name)
+
+
+def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "lru",
+           check_every: int = 0, progress: Callable[[int], None] | None = None) -> ReplayResult:
+    """Replay ``chains`` through a ``HostIndex`` of ``capacity`` slots; see the module docstring.
+
+    ``check_every`` > 0 runs ``check_invariants`` every that many requests (slow; for tests)."""
+    if not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"capacity must be an int >= 0 blocks, got {capacity!r}")
+    if isinstance(policy, str):
+        pol = make_eval_policy(policy, chains)
+    else:
+        pol = policy
+    idx = HostIndex(capacity, pol)
+    root = EVAL_NAMESPACE.root
+    lookup, touch = idx.lookup, idx.touch
+    prepare, complete = idx.prepare_store, idx.complete_store
+    clock = getattr(pol, "advance", None)
+    hits = 0
+    t0 = time.perf_counter()
+    for r, (ds, bs) in enumerate(zip(chains.digests, chains.tokens)):
+        if clock is not None:
+            clock(r)
+        n = lookup(ds, bs)
+        if n:
+            hits += n
+            touch(ds[:n])
+        parent = ds[n - 1] if n else root
+        for i in range(n, len(ds)):
+            d = ds[i]
+            if prepare(d, parent, bs[i]) is None:
+                break
+            complete(d, True)
+            parent = d
+        if progress is not None:
+            progress(1)
+        if check_every and r % check_every == 0:
+            idx.check_invariants()
+    secs = time.perf_counter() - t0
+    st = idx.stats
+    return ReplayResult(getattr(pol, "name", type(pol).__name__), capacity, len(chains),
+                        chains.total_prompt_blocks, hits, st.inserts, st.evictions, secs, st.as_dict())
+
+
+def belady_share(lru: float, policy: float, belady: float) -> float | None:
+    """Share of the LRU -> Belady gap a policy wins (negative: worse than LRU)."""
+    gap = belady - lru
+    return (policy - lru) / gap if gap > 1e-12 else None
