@@ -225,6 +225,10 @@ class HostIndex:
                 victim.candidate = False
                 self._remove(victim, evicted=True)
                 slot = self.allocator.allocate()
+                if pb is not None and pb.candidate:
+                    # the victim was the parent's last host child: _remove made the parent a
+                    # leaf again, but the new block is about to become its child
+                    self._uncandidate(pb)
         if slot is None:
             self.stats.store_rejected += 1
             if pb is not None:
