@@ -21,6 +21,8 @@ COMMANDS = {
 BENCH_COMMANDS = {
     "index": ("lmdeploy_hostcache.bench.index", "digest + host-index cost per block vs LMDeploy's BlockTrie"),
     "transfer": ("lmdeploy_hostcache.bench.transfer", "gather/scatter and copy-engine bandwidth"),
+    "eviction": ("lmdeploy_hostcache.bench.eviction",
+                 "eviction policies: host hit rate vs capacity on traces, next to Belady"),
 }
 
 
