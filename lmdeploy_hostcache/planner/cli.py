@@ -103,10 +103,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU tier size in the trace's blocks (overrides --gpu-kv-gb)")
     c.add_argument("--host-blocks", type=_nonneg_int, default=None, metavar="M",
                    help="host tier size in the trace's blocks (overrides --host-gb)")
-    from ..eviction import POLICIES  # light: no torch, no lmdeploy
+    from ..eviction import DEFAULT_POLICY, POLICIES  # light: no torch, no lmdeploy
 
-    c.add_argument("--policy", default="lru",
-                   help=f"host-tier eviction policy: {', '.join(POLICIES)} (default lru)")
+    c.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"host-tier eviction policy: {', '.join(POLICIES)} "
+                        f"(default {DEFAULT_POLICY}, the server's default)")
 
     k = p.add_argument_group("cost model (assumptions, not measurements)")
     k.add_argument("--prefill-tokens-per-s", type=_pos_float, default=None, metavar="R",

@@ -41,7 +41,7 @@ from typing import Sequence
 
 import xxhash
 
-from ..eviction import POLICIES
+from ..eviction import DEFAULT_POLICY, POLICIES
 from .geometry import HOST_KV_FORMATS, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
 from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
 
@@ -67,7 +67,7 @@ class ClusterSpec:
     quant_policy: int = 0
     host_kv_format: str = "same"
     tp: int = 1
-    host_policy: str = "lru"
+    host_policy: str = DEFAULT_POLICY
     seed: int = 0
 
     @property
@@ -110,7 +110,7 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
     tp = doc.get("tp", 1)
     if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
         raise ValueError(f"{where}: tp must be a positive int, got {tp!r}")
-    policy = doc.get("host_policy", "lru")
+    policy = doc.get("host_policy", DEFAULT_POLICY)
     if policy not in POLICIES:
         raise ValueError(f"{where}: host_policy must be one of {sorted(POLICIES)}, got {policy!r}")
     seed = doc.get("seed", 0)
