@@ -72,7 +72,7 @@ class Namespace:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"Namespace.model must be a non-empty string, got {self.model!r}")
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"Namespace.block_size must be a positive int, got {self.block_size!r}")
         # Length-prefixed fields: no two different namespaces encode to the same bytes.
         parts = [

@@ -140,13 +140,13 @@ class HostIndex:
         ``digests`` must be a chain continuing where the caller's own match ended.  No pins,
         no access-time change: call ``prepare_load`` or ``touch`` to act on the result.
         """
+        verify = self.verify_tokens
+        if verify and (block_bytes is None or len(block_bytes) < len(digests)):
+            raise ValueError("lookup needs block_bytes (the token bytes of every digest) when verify_tokens is on")
         st = self.stats
         st.lookups += 1
         st.lookup_blocks += len(digests)
         blocks = self._blocks
-        verify = self.verify_tokens
-        if verify and block_bytes is None:
-            raise ValueError("lookup needs block_bytes when verify_tokens is on")
         n = 0
         for i, d in enumerate(digests):
             b = blocks.get(d)
@@ -254,12 +254,15 @@ class HostIndex:
         b = self._blocks.get(digest)
         if b is None or b.state is not BlockState.WRITING:
             raise KeyError(f"complete_store of block {digest:032x} that is not being written")
-        self.allocator.unpin(b.slot)
         if success:
             b.state = BlockState.RESIDENT
         else:
             self.stats.store_failures += 1
-            self._doom_subtree(digest, include_self=True)
+            # Descendants first, while the block still holds its write pin: a doomed block must
+            # not be unpinned while indexed, or a child's removal would free it a second time.
+            self._doom_subtree(digest, include_self=False)
+            b.doomed = True
+        self.allocator.unpin(b.slot)
         self._settle(b)
 
     # ------------------------------------------------------------------ maintenance
