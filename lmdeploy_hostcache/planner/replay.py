@@ -149,7 +149,7 @@ class TwoTierCache:
         if host.prepare_store(block.digest, block.parent, block.tokens) is not None:
             host.complete_store(block.digest, True)
             self.stats.demotions += 1
-        elif not host.is_resident(block.digest):
+        elif block.digest not in host:  # neither stored nor present (WRITING counts as present)
             host.drop_subtree(block.digest)
             self.stats.demotions_refused += 1
 
