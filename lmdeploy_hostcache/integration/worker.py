@@ -13,6 +13,13 @@ Per step (``start_load_kv``, run by LMDeploy before ``cache_swapping`` and the f
   forward stream wait for the gathers, so the forward never overwrites a page before it is
   copied out.
 
+``checksum`` (HostCacheConfig): when on, this side hashes every host slot (xxh3-64 of its
+bytes) once its demotion has completed, before reporting it (so before the scheduler can
+mark the block RESIDENT and plan a load of it), and re-hashes a slot before loading it. A
+mismatch (host-memory corruption, a stray write) fails that request's load without moving a
+byte: LMDeploy rolls it back and the prefix is recomputed. Cost: one pass over the slot's
+bytes on each side, on this process's CPU.
+
 ``start_save_kv`` is a no-op on purpose: the tier is write-back on eviction. Evicted pages must
 be read *before* the forward that may reuse them, which is ``start_load_kv``'s slot; nothing
 needs saving after the forward.
@@ -31,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import xxhash
 from lmdeploy.pytorch.kv_connector.base import KVConnectorMetadata, KVConnectorOutput
 
 from ..config import HostCacheConfig
@@ -145,6 +153,7 @@ class _Op:
     demotion_batch: int | None
     request_ids: tuple[int, ...]
     gpu_blocks: tuple[int, ...]
+    demoted_slots: tuple[int, ...] = ()
 
 
 class HostTierWorker:
@@ -172,6 +181,8 @@ class HostTierWorker:
         self._ops: dict[int, _Op] = {}
         self._next_op = 0
         self._failed_submits: list[int] = []
+        self._checksums: dict[int, int] = {}           # slot -> xxh3-64 of its bytes (checksum on)
+        self._rejected_loads: list[HostLoad] = []      # loads refused by a checksum mismatch
 
     # -- registration ------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: Mapping[str, Any], tensor_specs=None) -> None:
@@ -229,23 +240,48 @@ class HostTierWorker:
             return
         if self.engine is None:
             raise RuntimeError("host-tier copy requested before register_kv_caches")
+        host_loads = meta.loads
+        if self.hostcache.checksum and host_loads:
+            host_loads = tuple(ld for ld in host_loads if self._checksums_match(ld))
+            if not host_loads and not meta.demotions:
+                return
         op_id = self._next_op
         self._next_op += 1
-        loads = [(slot, gpu) for ld in meta.loads for slot, gpu in zip(ld.slots, ld.gpu_blocks, strict=True)]
+        loads = [(slot, gpu) for ld in host_loads for slot, gpu in zip(ld.slots, ld.gpu_blocks, strict=True)]
         self._ops[op_id] = _Op(meta.demotion_batch if meta.demotions else None,
-                               tuple(ld.request_id for ld in meta.loads),
-                               tuple(gpu for _, gpu in loads))
+                               tuple(ld.request_id for ld in host_loads),
+                               tuple(gpu for _, gpu in loads),
+                               tuple(slot for _, slot in meta.demotions))
         try:
             self.engine.submit(op_id, demotions=list(meta.demotions), loads=loads)
         except Exception:  # reported as a failed op: the scheduler falls back to recompute
             logger.exception("host tier rank %d: submit of op %d failed", self.tp_rank, op_id)
             self._failed_submits.append(op_id)
 
+    def _slot_digest(self, slot: int) -> int:
+        return xxhash.xxh3_64_intdigest(self.pool.slot_view(slot).numpy())
+
+    def _checksums_match(self, load: HostLoad) -> bool:
+        """True when every source slot still holds the bytes hashed after its demotion; else the
+        load is queued as failed (reported by the next ``get_finished``) and nothing moves."""
+        for slot in load.slots:
+            expected = self._checksums.get(slot)
+            if expected is None or self._slot_digest(slot) != expected:
+                logger.warning("host tier rank %d: checksum mismatch in host slot %d: request %d recomputes",
+                               self.tp_rank, slot, load.request_id)
+                self._rejected_loads.append(load)
+                return False
+        return True
+
     def get_finished(self) -> KVConnectorOutput:
         """Terminal progress since the last poll, in the encoding of the module docstring."""
         finished: set[int] = set()
         saved: set[int] = set()
         invalid: set[int] = set()
+        for load in self._rejected_loads:
+            finished.add(load.request_id)
+            invalid.update(load.gpu_blocks)
+        self._rejected_loads.clear()
         outcomes = [(op_id, False, False) for op_id in self._failed_submits]
         self._failed_submits.clear()
         if self.engine is not None:
@@ -261,6 +297,12 @@ class HostTierWorker:
                 saved.add(op.demotion_batch)
                 if not stores_ok:
                     invalid.add(failed_demotion_marker(op.demotion_batch))
+                if self.hostcache.checksum:
+                    for slot in op.demoted_slots:
+                        if stores_ok:
+                            self._checksums[slot] = self._slot_digest(slot)
+                        else:
+                            self._checksums.pop(slot, None)
             finished.update(op.request_ids)
             if not loads_ok:
                 invalid.update(op.gpu_blocks)
@@ -281,4 +323,6 @@ class HostTierWorker:
                 engine.close()
         self._ops.clear()
         self._failed_submits.clear()
+        self._checksums.clear()
+        self._rejected_loads.clear()
         self.pool = None

@@ -32,9 +32,11 @@ BS, KBS = 8, 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def cache_config(quant_policy=0, num_gpu_blocks=12, host_blocks=8, host_kv_format="same", min_restore_tokens=0):
+def cache_config(quant_policy=0, num_gpu_blocks=12, host_blocks=8, host_kv_format="same", min_restore_tokens=0,
+                 checksum=False):
     tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both", kv_connector_extra_config={
-        "hostcache_config": {"min_restore_tokens": min_restore_tokens, "host_kv_format": host_kv_format},
+        "hostcache_config": {"min_restore_tokens": min_restore_tokens, "host_kv_format": host_kv_format,
+                             "checksum": checksum},
         "host_cache_blocks": host_blocks, "model_identity": "toy"})
     return CacheConfig(max_batches=4, block_size=BS, kernel_block_size=KBS, num_cpu_blocks=0,
                        num_gpu_blocks=num_gpu_blocks, enable_prefix_caching=True, quant_policy=quant_policy,
@@ -449,3 +451,41 @@ def test_two_tp_ranks_through_lmdeploys_aggregator():
     while side.has_inflight():
         poll(s.build_connector_meta([]))
     side.check_balanced()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant_policy", [0, 4])
+def test_checksum_refuses_a_corrupted_host_slot_and_moves_nothing(quant_policy, device):
+    cc = cache_config(quant_policy, checksum=True)
+    cache = CpuCache(cc, device)
+    w = worker_for(cc, cache)
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    orig4, orig6 = cache.block(4), cache.block(6)
+    out = run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((4, 1), (6, 2))))
+    assert out.completed_save_ids == {0} and not out.invalid_block_ids
+    # a stray write into slot 1 after its demotion completed
+    w.worker_side.pool.slot_view(1)[17] ^= 0xFF
+    before10, before11 = cache.block(10), cache.block(11)
+    out = run(w, HostTierMetadata(step=2, loads=(HostLoad(request_id=5, slots=(1,), gpu_blocks=(10,)),
+                                                 HostLoad(request_id=6, slots=(2,), gpu_blocks=(11,)))))
+    assert out.finished_receiving == {5, 6}
+    assert out.invalid_block_ids == {10}, "the corrupted slot's load must be reported failed"
+    assert torch.equal(cache.block(10), before10), "a refused load must not move a byte"
+    assert torch.equal(cache.block(11), orig6) and not torch.equal(before11, orig6)
+    # the uncorrupted copy of block 4's bytes is still restorable after a fresh demotion
+    cache.write_block(4, orig4)
+    run(w, HostTierMetadata(step=3, demotion_batch=1, demotions=((4, 3),)))
+    out = run(w, HostTierMetadata(step=4, loads=(HostLoad(request_id=7, slots=(3,), gpu_blocks=(9,)),)))
+    assert out.finished_receiving == {7} and not out.invalid_block_ids
+    assert torch.equal(cache.block(9), orig4)
+    w.shutdown()
+
+
+def test_checksum_off_does_not_hash():
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache)
+    run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((4, 1),)))
+    assert w.worker_side._checksums == {}
+    w.shutdown()

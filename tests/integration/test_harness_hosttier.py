@@ -66,13 +66,14 @@ def run_host_tier(*, quant_policy: int, dtype: torch.dtype, host_kv_format: str,
                   host_slots: int = 24, files=WEKA_FILES[:3], max_turns: int = 6, abort_rate: float = 0.25,
                   fail_load_every: int = 0, fail_store_every: int = 0, min_restore_tokens: int = 16,
                   max_active: int = 3, conversations=None, copy_delay_polls: int = 0, fault_rank: int = 0,
-                  max_prefill_token_num: int = NO_LONG_CHUNKS, **engine_kw):
+                  max_prefill_token_num: int = NO_LONG_CHUNKS, checksum: bool = False, **engine_kw):
     engine = build_host_tier_engine(HarnessModel(dtype=dtype),
                                     HarnessCacheSpec(num_gpu_blocks=gpu_blocks, quant_policy=quant_policy,
                                                      max_prefill_token_num=max_prefill_token_num),
                                     HostTierSpec(host_slots=host_slots, host_kv_format=host_kv_format,
                                                  min_restore_tokens=min_restore_tokens,
-                                                 copy_delay_polls=copy_delay_polls), **engine_kw)
+                                                 copy_delay_polls=copy_delay_polls, checksum=checksum),
+                                    **engine_kw)
     checkers = rank_checkers(engine, host_kv_format)
     slots = HostSlotChecker(engine)
     if conversations is None:
@@ -164,6 +165,17 @@ def test_lossy_host_format_over_quantized_cache_is_refused(quant_policy, host_kv
     with pytest.raises(ValueError, match='quant'):
         build_host_tier_engine(HarnessModel(), HarnessCacheSpec(num_gpu_blocks=8, quant_policy=quant_policy),
                                HostTierSpec(host_kv_format=host_kv_format))
+
+
+@pytest.mark.parametrize('host_kv_format', ['same', 'int4'])
+def test_checksums_agree_end_to_end(host_kv_format):
+    """checksum on: every restore re-hashes its slots; with no corruption none may be refused."""
+    engine, checker, report, _ = run_host_tier(quant_policy=0, dtype=torch.float16, host_kv_format=host_kv_format,
+                                               abort_rate=0.0, checksum=True)
+    assert_run_clean(engine, checker, report)
+    m = scheduler_side(engine).metrics.snapshot()
+    assert m['restored_tokens'] > 0 and m['restore_failures'] == 0, m
+    assert worker_side(engine)._checksums, 'no slot was ever hashed'
 
 
 def test_failed_loads_fall_back_to_recompute():
