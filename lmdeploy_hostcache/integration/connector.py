@@ -208,7 +208,7 @@ class HostTierScheduler:
         self.min_restore_tokens = int(self.hostcache.min_restore_tokens)
         self.metrics = HostTierMetrics()
         self.index = HostIndex(self.num_slots, policy=self.hostcache.eviction_policy,
-                               verify_tokens=True, on_evict=self._on_host_evict)
+                               verify_tokens=self.hostcache.verify_tokens, on_evict=self._on_host_evict)
         self._step = 0
         self._next_batch = 0
         self._pending_demotions: list[tuple[int, int, int]] = []   # (digest, gpu_block, slot)

@@ -598,3 +598,15 @@ def test_observer_errors_never_break_lmdeploy_eviction(monkeypatch):
     running, meta = rig.step()                    # eviction must still free the pages
     assert running == [b] and not (meta and meta.demotions)
     assert rig.side.metrics.demotion_failures >= 1
+
+
+@pytest.mark.parametrize("policy,verify", [("lru", True), ("s3fifo", False), ("arc", True)])
+def test_scheduler_side_honours_policy_and_verify_settings(policy, verify):
+    """No HostCacheConfig field is silently ignored by the scheduler side."""
+    from lmdeploy_hostcache.eviction import POLICIES
+
+    conn = build_host_tier_connector(KVConnectorRole.SCHEDULER,
+                                     make_cache_config(eviction_policy=policy, verify_tokens=verify))
+    index = conn.scheduler_side.index
+    assert isinstance(index.policy, POLICIES[policy])
+    assert index.verify_tokens is verify
