@@ -90,15 +90,12 @@ def _nonfinite(v):
 
 
 @triton.jit
-def _quant_gather_kernel(row_base, slot_base, fld_tab, block_ids, slot_offs,
-                         NR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, IS_BF16: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (block i, field f, page p): quantize ``[NR, D]`` values into codes + scale/zero."""
-    i = tl.program_id(0)
-    f = tl.program_id(1)
-    p = tl.program_id(2)
+def _quant_field_ptrs(row_base, slot_base, fld_tab, block_ids, slot_offs, i, f, p):
+    """Pointers of (block i, field f, page p): the fp16/bf16 page in the row, its codes and its
+    scale/zero pairs in the slot.  Table entry f = (row offset, block stride, page bytes, codes
+    offset, scale/zero offset, bytes per page record)."""
     tab = fld_tab + f * 6
-    src_off = tl.load(tab + 0)
+    row_off = tl.load(tab + 0)
     blk_stride = tl.load(tab + 1)
     page_bytes = tl.load(tab + 2)
     codes_off = tl.load(tab + 3)
@@ -106,9 +103,19 @@ def _quant_gather_kernel(row_base, slot_base, fld_tab, block_ids, slot_offs,
     rec = tl.load(tab + 5)
     blk = tl.load(block_ids + i)
     slot0 = tl.load(slot_offs + i)
-    src = (row_base + src_off + blk * blk_stride + p * page_bytes).to(tl.pointer_type(tl.uint16))
+    vals = (row_base + row_off + blk * blk_stride + p * page_bytes).to(tl.pointer_type(tl.uint16))
     codes = slot_base + slot0 + codes_off + p * rec
     sz = (slot_base + slot0 + sz_off + p * rec).to(tl.pointer_type(tl.uint16))
+    return vals, codes, sz
+
+
+@triton.jit
+def _quant_gather_kernel(row_base, slot_base, fld_tab, block_ids, slot_offs,
+                         NR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, IS_BF16: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (block i, field f, page p): quantize ``[NR, D]`` values into codes + scale/zero."""
+    src, codes, sz = _quant_field_ptrs(row_base, slot_base, fld_tab, block_ids, slot_offs,
+                                       tl.program_id(0), tl.program_id(1), tl.program_id(2))
     d = tl.arange(0, BLOCK_D)
     if BITS == 8:
         QMAX: tl.constexpr = 255.0
@@ -164,21 +171,8 @@ def _dequant_scatter_kernel(row_base, slot_base, fld_tab, block_ids, slot_offs,
                             NR: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, IS_BF16: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (block i, field f, page p): codes + scale/zero -> ``[NR, D]`` fp16/bf16 values."""
-    i = tl.program_id(0)
-    f = tl.program_id(1)
-    p = tl.program_id(2)
-    tab = fld_tab + f * 6
-    dst_off = tl.load(tab + 0)
-    blk_stride = tl.load(tab + 1)
-    page_bytes = tl.load(tab + 2)
-    codes_off = tl.load(tab + 3)
-    sz_off = tl.load(tab + 4)
-    rec = tl.load(tab + 5)
-    blk = tl.load(block_ids + i)
-    slot0 = tl.load(slot_offs + i)
-    dst = (row_base + dst_off + blk * blk_stride + p * page_bytes).to(tl.pointer_type(tl.uint16))
-    codes = slot_base + slot0 + codes_off + p * rec
-    sz = (slot_base + slot0 + sz_off + p * rec).to(tl.pointer_type(tl.uint16))
+    dst, codes, sz = _quant_field_ptrs(row_base, slot_base, fld_tab, block_ids, slot_offs,
+                                       tl.program_id(0), tl.program_id(1), tl.program_id(2))
     d = tl.arange(0, BLOCK_D)
     if BITS == 8:
         dm = d < D
