@@ -86,12 +86,7 @@ def gather_blocks(layout: KVRowLayout, rows, block_ids, slots: torch.Tensor, hos
     ``rows``: the kv_caches mapping or the flat uint8 rows of ``layout.check_caches``.
     ``block_ids`` may repeat (a source read twice); each must be in ``[0, num_blocks)``.
     """
-    fmt = layout.host_format(host_kv_format)
-    rows = _rows(layout, rows)
-    ids = block_id_tensor(block_ids, layout.num_blocks, "block_ids", unique=False, device=rows[0].device)
-    _check_slots(slots, ids.numel(), fmt, "slots")
-    if slots.device != rows[0].device:
-        raise ValueError(f"slots is on {slots.device}, rows on {rows[0].device}: stage on the rows' device")
+    fmt, rows, ids = _validated(layout, rows, block_ids, slots, host_kv_format, unique=False)
     if ids.numel() == 0:
         return
     impl = resolve_backend(backend, rows[0].device)
@@ -104,16 +99,22 @@ def scatter_blocks(layout: KVRowLayout, slots: torch.Tensor, block_ids, rows, ho
 
     Destination ids must be unique and in ``[0, num_blocks)``.
     """
-    fmt = layout.host_format(host_kv_format)
-    rows = _rows(layout, rows)
-    ids = block_id_tensor(block_ids, layout.num_blocks, "block_ids", unique=True, device=rows[0].device)
-    _check_slots(slots, ids.numel(), fmt, "slots")
-    if slots.device != rows[0].device:
-        raise ValueError(f"slots is on {slots.device}, rows on {rows[0].device}: stage on the rows' device")
+    fmt, rows, ids = _validated(layout, rows, block_ids, slots, host_kv_format, unique=True)
     if ids.numel() == 0:
         return
     impl = resolve_backend(backend, rows[0].device)
     (_triton() if impl == "triton" else reference).scatter(slots, layout, fmt, ids, rows)
+
+
+def _validated(layout: KVRowLayout, rows, block_ids, slots: torch.Tensor, host_kv_format: str, unique: bool):
+    """(format, flat rows, block-id tensor) after every check; raises before any byte moves."""
+    fmt = layout.host_format(host_kv_format)
+    rows = _rows(layout, rows)
+    ids = block_id_tensor(block_ids, layout.num_blocks, "block_ids", unique=unique, device=rows[0].device)
+    _check_slots(slots, ids.numel(), fmt, "slots")
+    if slots.device != rows[0].device:
+        raise ValueError(f"slots is on {slots.device}, rows on {rows[0].device}: stage on the rows' device")
+    return fmt, rows, ids
 
 
 def _triton():
