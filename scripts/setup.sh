@@ -35,6 +35,24 @@ echo "[setup] lmdeploy 0.18.0 (--no-deps) and the light dependencies its imports
 $PIP install --no-deps "lmdeploy==0.18.0"
 $PIP install numpy tqdm pydantic transformers mmengine-lite psutil requests pybase64 pillow pyzmq shortuuid
 $PIP install --no-deps xgrammar apache-tvm-ffi
+echo "[setup] what LMDeploy's servers (api_server, proxy) import, and the openai client the tests drive them with" >&2
+$PIP install fastapi uvicorn openai aiohttp einops fire partial_json_parser openai_harmony sentencepiece \
+  tiktoken cloudpickle safetensors tokenizers
+echo "[setup] Mooncake Store client and master (the shared L3 tier; tests run it on 127.0.0.1)" >&2
+$PIP install mooncake-transfer-engine-non-cuda
+# mooncake's native module links libibverbs and libnl even for TCP: Debian packages.
+missing_debs=""
+for deb in libibverbs1 libnl-3-200 libnl-route-3-200; do
+  dpkg -s "$deb" >/dev/null 2>&1 || missing_debs="$missing_debs $deb"
+done
+if [ -n "$missing_debs" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] apt-get install$missing_debs" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing_debs >/dev/null
+  else
+    echo "[setup] warning: Debian packages$missing_debs are missing (Mooncake Store tests will skip); install them as root" >&2
+  fi
+fi
 echo "[setup] triton, lmdeploy-hostcache (editable) and test tools" >&2
 $PIP install "triton==3.6.0" xxhash PyYAML matplotlib prometheus_client pytest hypothesis
 $PIP install --no-deps -e .
