@@ -14,3 +14,8 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", max_examples=60, deadline=None)
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    # tests/e2e: LMDeploy's real engine on CPU (lmdeploy_hostcache.testing); select with -m e2e
+    config.addinivalue_line("markers", "e2e: end to end through LMDeploy's real engine or server on CPU (slow)")

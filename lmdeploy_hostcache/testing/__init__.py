@@ -1,0 +1,15 @@
+"""Testing helpers for running LMDeploy's real PyTorch engine without a GPU.
+
+Production code never imports this package. Nothing here has side effects on import:
+the CPU shim is installed only by an explicit ``cpu_shim.install()`` call (process-wide
+and irreversible, so tests call it in a subprocess of their own).
+
+- ``cpu_shim``: fake ``torch.cuda`` runtime + cuda->cpu device redirection + Triton
+  interpreter fixes, so LMDeploy's CUDA backend runs its Triton kernels on CPU tensors.
+- ``models``: tiny random-weight Llama / Qwen2 checkpoints and a word-level tokenizer,
+  written locally (no download).
+- ``compare``: token-by-token comparison of generated outputs (equality and agreement).
+- ``engine_runner``: multi-turn conversations through ``Engine.from_pretrained`` in a
+  subprocess, returning tokens and host-tier counters as JSON.
+- ``server``: a context manager that starts ``lmdeploy serve api_server`` on 127.0.0.1.
+"""

@@ -1,0 +1,137 @@
+"""The testing helpers themselves: shim isolation, tiny checkpoints, token comparison (fast)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lmdeploy_hostcache.testing.compare import compare_token_outputs
+from lmdeploy_hostcache.testing.models import BOS_ID, EOS_ID, text_ids, write_tiny_model
+
+PY = sys.executable
+
+_PROBE = textwrap.dedent("""
+    import json, os, sys, threading
+    import lmdeploy_hostcache
+    import lmdeploy
+    from lmdeploy import PytorchEngineConfig
+    import lmdeploy.pytorch.engine  # the engine package, kernels included
+    import torch
+    from lmdeploy_hostcache.testing import cpu_shim
+    state = lambda: dict(installed=cpu_shim.is_installed(), device_count=torch.cuda.device_count(),
+                         stream_module=torch.cuda.Stream.__module__,
+                         thread_run_module=threading.Thread.run.__module__,
+                         check_env=os.environ.get("LMDEPLOY_ENABLE_CHECK_ENV"),
+                         hook_active="host_cache_gb" in PytorchEngineConfig.__init__.__code__.co_varnames
+                         or hasattr(PytorchEngineConfig.__init__, "__wrapped__"))
+    before = state()
+    out = dict(before=before)
+    if sys.argv[1] == "install":
+        cpu_shim.install(); cpu_shim.install()  # idempotent
+        out["after"] = state()
+    print(json.dumps(out))
+""")
+
+
+def _probe(mode: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "LMDEPLOY_ENABLE_CHECK_ENV"}
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([PY, "-c", _PROBE, mode], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_importing_package_and_lmdeploy_does_not_install_the_shim():
+    out = _probe("install")
+    before, after = out["before"], out["after"]
+    assert before["hook_active"], "the post-import hook should have activated the extension"
+    assert before == dict(installed=False, device_count=0, stream_module="torch.cuda.streams",
+                          thread_run_module="threading", check_env=None, hook_active=True)
+    # the same probe sees the shim once it is installed explicitly (the check can fail)
+    assert after["installed"] and after["device_count"] == 1
+    assert after["stream_module"] == "lmdeploy_hostcache.testing.cpu_shim"
+    assert after["thread_run_module"] == "lmdeploy_hostcache.testing.cpu_shim"
+    assert after["check_env"] == "0"
+
+
+def test_production_code_never_imports_testing():
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "lmdeploy_hostcache")
+    offenders = []
+    for dirpath, _, files in os.walk(root):
+        if os.path.basename(dirpath) == "testing":
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path) as fh:
+                    if "lmdeploy_hostcache.testing" in fh.read() or "from ..testing" in open(path).read():
+                        offenders.append(path)
+    assert not offenders
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_and_tokenizer_round_trip(tmp_path, arch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = write_tiny_model(tmp_path / arch, arch, seed=3)
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.model_type == arch and cfg.num_hidden_layers == 2 and cfg.hidden_size == 64
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    text = "the cat sat on 42 mats, didn't it?\nyes"
+    ids = tok.encode(text)
+    assert ids == text_ids(text) and tok.decode(ids) == text
+    assert (tok.bos_token_id, tok.eos_token_id) == (BOS_ID, EOS_ID)
+    assert len(tok) == cfg.vocab_size
+    # every id the model can emit decodes to something
+    assert all(tok.decode([i]) for i in range(32, cfg.vocab_size) if i != 127)
+    # chat: each turn's rendering is a token prefix of the next one's
+    msgs = [{"role": "user", "content": "hello there"}]
+    first = tok.encode(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    msgs += [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}]
+    second = tok.encode(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    assert second[:len(first)] == first and len(second) > len(first)
+
+
+def test_tiny_model_is_deterministic_and_seeded(tmp_path):
+    a = write_tiny_model(tmp_path / "a", tokenizer=False, seed=1)
+    b = write_tiny_model(tmp_path / "b", tokenizer=False, seed=1)
+    c = write_tiny_model(tmp_path / "c", tokenizer=False, seed=2)
+    read = lambda p: (p / "model.safetensors").read_bytes()  # noqa: E731
+    assert read(a) == read(b) != read(c)
+
+
+def test_tiny_model_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="arch"):
+        write_tiny_model(tmp_path, "gpt2")
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        write_tiny_model(tmp_path, num_attention_heads=4, num_key_value_heads=3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        write_tiny_model(tmp_path, vocab_size=100)
+
+
+def test_compare_identical_and_different():
+    ref = {"a": [1, 2, 3], "b": [4, 5]}
+    same = compare_token_outputs(ref, {"a": [1, 2, 3], "b": [4, 5]})
+    assert same.identical and same.agreement == 1.0 and same.total_tokens == 5 and not same.first_difference
+    diff = compare_token_outputs(ref, {"a": [1, 9, 3], "b": [4, 5, 6]})
+    assert not diff.identical
+    assert diff.mismatching_requests == ("a", "b")
+    assert diff.first_difference == {"a": 1, "b": 2}
+    assert diff.total_tokens == 6 and diff.matching_tokens == 4 and diff.prefix_matching_tokens == 3
+    assert diff.agreement == pytest.approx(4 / 6) and diff.prefix_agreement == pytest.approx(3 / 6)
+    d = diff.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["identical"] is False
+
+
+def test_compare_missing_extra_and_bad_input():
+    cmp = compare_token_outputs({"a": [1], "b": [2, 3]}, {"a": [1], "c": [7]})
+    assert cmp.missing_requests == ("b",) and cmp.extra_requests == ("c",)
+    assert cmp.first_difference == {"b": 0} and not cmp.identical
+    assert not compare_token_outputs({"a": [1]}, {"a": [1], "z": []}).identical
+    assert compare_token_outputs({}, {}).agreement == 1.0
+    with pytest.raises(TypeError, match=r"candidate\['a'\]\[0\]"):
+        compare_token_outputs({"a": [1]}, {"a": ["x"]})
+    with pytest.raises(TypeError, match="sequence of token ids"):
+        compare_token_outputs({"a": "abc"}, {"a": [1]})
