@@ -10,7 +10,8 @@ Invariants:
   ``from_dict``, ``from_yaml``, ``replace``) validates every field and raises
   ``ConfigError`` *before* returning anything, naming the field, the bad value and what
   is allowed. Unknown keys are rejected with a did-you-mean suggestion.
-- Values are normalised: numbers are ``float`` (``int`` for ``min_restore_tokens``),
+- Values are normalised: numbers are ``float`` (``int`` for ``min_restore_tokens``, which may
+  also be the string ``"auto"``),
   flags are ``bool``, ``host_cache_gb`` is a float or the string ``"auto"``.
 - No torch, triton or lmdeploy import here (the scheduler and offline tools use it).
 """
@@ -148,12 +149,14 @@ def _parse_eviction_policy(value: Any) -> str:
     raise _Bad(allowed)
 
 
-def _parse_min_restore_tokens(value: Any) -> int:
-    allowed = "a whole number of tokens >= 0"
+def _parse_min_restore_tokens(value: Any) -> int | str:
+    allowed = "a whole number of tokens >= 0, or 'auto'"
     if isinstance(value, bool):
         raise _Bad(allowed)
     if isinstance(value, str):
         text = value.strip()
+        if text.lower() == AUTO:  # resolved per engine by restore_cost.resolve_min_restore_tokens
+            return AUTO
         if not text.isdigit():
             raise _Bad(allowed)
         return int(text)
@@ -216,12 +219,15 @@ class HostCacheConfig:
         "Mooncake traces in docs/eviction.md) never measurably falls below `lru` there and "
         "wins up to 12% of the gap to the offline Belady bound.",
         "`arc`, `lru` or `s3fifo` (`lmdeploy_hostcache.eviction.POLICIES`)"))
-    min_restore_tokens: int = field(default=256, metadata=_meta(
+    min_restore_tokens: int | str = field(default=256, metadata=_meta(
         _parse_min_restore_tokens,
         "Smallest host hit worth restoring, in tokens. A shorter hit is recomputed: a restore "
         "costs at least one extra engine step, which a short prefill does not. 0 restores "
-        "every hit.",
-        "integer >= 0"))
+        "every hit. `auto`: restore when the modelled restore time (copy + one engine step) is "
+        "below the modelled recompute time, from the figures in the JSON file named by "
+        "`LMDEPLOY_HOSTCACHE_CALIBRATION` (the GPU proof kit writes one), else from assumed, "
+        "unmeasured figures (`lmdeploy_hostcache/restore_cost.py`).",
+        "integer >= 0, or `auto`"))
     pin_memory: bool = field(default=True, metadata=_meta(
         _parse_bool,
         "Allocate the host pool page-locked (pinned), so copies are asynchronous DMA at full "
@@ -297,26 +303,39 @@ class HostCacheConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> HostCacheConfig:
-        """Load a flat YAML mapping (an empty file means all defaults)."""
+        """Load a flat YAML mapping (an empty file means all defaults: ``host_cache_gb: auto``).
+
+        Every unusable file (missing, a folder, binary, not UTF-8, not YAML, a repeated key)
+        raises ``ConfigError`` naming the file (``yamlio.load_yaml_file``).
+        """
+        from .yamlio import YamlError, load_yaml_file  # noqa: PLC0415
+
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise ConfigError([FieldError("<file>", path, "a readable YAML file",
-                                          f"cannot read {path!r}: {exc.strerror}")], path) from None
-        return cls.from_yaml_text(text, source=path)
+            data = load_yaml_file(path)
+        except YamlError as exc:
+            raise _yaml_config_error(exc, path) from None
+        return cls._from_document(data, path)
 
     @classmethod
     def from_yaml_text(cls, text: str, *, source: str | None = None) -> HostCacheConfig:
-        import yaml  # noqa: PLC0415 (PyYAML: a runtime dependency, imported when used)
+        from .yamlio import YamlError, load_yaml_text  # noqa: PLC0415
 
         try:
-            data = yaml.load(text, Loader=_unique_key_loader(yaml))
-        except yaml.YAMLError as exc:
-            raise ConfigError([FieldError("<yaml>", None, "valid YAML",
-                                          f"not valid YAML: {_first_line(str(exc))}")], source) from None
-        if data is None:
+            data = load_yaml_text(text, source=source)
+        except YamlError as exc:
+            raise _yaml_config_error(exc, source) from None
+        return cls._from_document(data, source)
+
+    @classmethod
+    def _from_document(cls, data: Any, source: str | None) -> HostCacheConfig:
+        if data is None:  # an empty file (or only comments): say what it means, once per load
+            import logging  # noqa: PLC0415
+
+            logging.getLogger("lmdeploy_hostcache").warning(
+                "lmdeploy-hostcache: %s is empty: every setting takes its default, so host_cache_gb is "
+                "'auto' (up to half of this machine's RAM, pinned); set host_cache_gb to size the tier, "
+                "0 to turn it off", source or "the YAML config")
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError([FieldError("<top level>", data, "a mapping of field: value")], source)
@@ -337,9 +356,9 @@ class HostCacheConfig:
         return {name: getattr(self, name) for name in self.field_names()}
 
     def to_yaml(self) -> str:
-        import yaml  # noqa: PLC0415
+        from .yamlio import dump_yaml  # noqa: PLC0415
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        return dump_yaml(self.to_dict())
 
     def redacted_dict(self) -> dict[str, Any]:
         """``to_dict`` with a non-empty ``tenant_salt`` masked: for logs and ``doctor``."""
@@ -381,28 +400,11 @@ def _normalise_keys(data: Mapping[str, Any], known: tuple[str, ...], ignore: set
     return out
 
 
-def _first_line(text: str) -> str:
-    return " ".join(text.split())[:200]
-
-
-def _unique_key_loader(yaml):
-    """A SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        pass
-
-    def construct_mapping(loader, node, deep=False):
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return UniqueKeyLoader
+def _yaml_config_error(exc, source: str | None) -> ConfigError:
+    """``ConfigError`` for a file ``yamlio`` refused (the field is ``<file>``/``<yaml>``)."""
+    problem = exc.problem if exc.line is None else f"line {exc.line}: {exc.problem}"
+    name = "<yaml>" if "YAML" in exc.problem or "duplicate key" in exc.problem else "<file>"
+    return ConfigError([FieldError(name, None, "a flat YAML mapping of field: value", problem)], source)
 
 
 def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | HostCacheConfig | None = None,

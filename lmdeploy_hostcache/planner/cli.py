@@ -68,7 +68,28 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+class _Explicit(argparse.Action):
+    """Store like ``store`` (or ``store_true`` with ``nargs=0``) and record the option as given, so
+    ``--cluster`` can refuse options it would otherwise ignore (even when given their default)."""
+
+    def __init__(self, option_strings, dest, const=None, nargs=None, **kwargs):
+        self._flag = nargs == 0
+        super().__init__(option_strings, dest, nargs=nargs, const=const, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True if self._flag else values)
+        given = dict(getattr(namespace, "explicit_options", None) or {})
+        given[self.dest] = option_string or self.option_strings[0]
+        namespace.explicit_options = given
+
+
+# Options a cluster file replaces or that make no sense with --cluster: refused together with it.
+CLUSTER_CONFLICTS = ("model", "quant_policy", "host_kv_format", "tp", "policy", "gpu_kv_gb", "host_gb",
+                     "gpu_blocks", "host_blocks", "sweep", "sweep_tier", "sweep_values", "plot")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(explicit_options={})
     src = p.add_argument_group("trace")
     src.add_argument("traces", nargs="*", metavar="TRACE",
                      help="Mooncake JSONL(.gz) or WEKA session JSON files (or folders of *.json); several "
@@ -86,26 +107,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--limit", type=_nonneg_int, default=None, metavar="N", help="replay only the first N requests")
 
     m = p.add_argument_group("model and KV format (for GiB <-> blocks)")
-    m.add_argument("--model", default=DEFAULT_MODEL,
+    m.add_argument("--model", action=_Explicit, default=DEFAULT_MODEL,
                    help=f"preset (Llama-3-8B, Qwen2.5-7B, Llama-3-70B) or a HF config.json path "
                         f"(default {DEFAULT_MODEL})")
-    m.add_argument("--quant-policy", type=int, choices=(0, 4, 8), default=0, help="GPU KV cache quant_policy")
-    m.add_argument("--host-kv-format", choices=("same", "int8", "int4"), default="same",
+    m.add_argument("--quant-policy", action=_Explicit, type=int, choices=(0, 4, 8), default=0, help="GPU KV cache quant_policy")
+    m.add_argument("--host-kv-format", action=_Explicit, choices=("same", "int8", "int4"), default="same",
                    help="host storage format; int8/int4 compress fp16/bf16 caches on offload (default same)")
-    m.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (per-rank bytes divide kv_heads)")
+    m.add_argument("--tp", action=_Explicit, type=int, default=1, help="tensor-parallel ranks (per-rank bytes divide kv_heads)")
 
     c = p.add_argument_group("capacities")
-    c.add_argument("--gpu-kv-gb", type=_nonneg_float, default=DEFAULT_GPU_KV_GB, metavar="GIB",
+    c.add_argument("--gpu-kv-gb", action=_Explicit, type=_nonneg_float, default=DEFAULT_GPU_KV_GB, metavar="GIB",
                    help=f"KV-cache memory per GPU (default {DEFAULT_GPU_KV_GB:g})")
-    c.add_argument("--host-gb", type=_nonneg_float, default=DEFAULT_HOST_GB, metavar="GIB",
+    c.add_argument("--host-gb", action=_Explicit, type=_nonneg_float, default=DEFAULT_HOST_GB, metavar="GIB",
                    help=f"host RAM for the tier on the node, all ranks together (default {DEFAULT_HOST_GB:g})")
-    c.add_argument("--gpu-blocks", type=_nonneg_int, default=None, metavar="N",
+    c.add_argument("--gpu-blocks", action=_Explicit, type=_nonneg_int, default=None, metavar="N",
                    help="GPU tier size in the trace's blocks (overrides --gpu-kv-gb)")
-    c.add_argument("--host-blocks", type=_nonneg_int, default=None, metavar="M",
+    c.add_argument("--host-blocks", action=_Explicit, type=_nonneg_int, default=None, metavar="M",
                    help="host tier size in the trace's blocks (overrides --host-gb)")
     from ..eviction import DEFAULT_POLICY, POLICIES  # light: no torch, no lmdeploy
 
-    c.add_argument("--policy", default=DEFAULT_POLICY,
+    c.add_argument("--policy", action=_Explicit, default=DEFAULT_POLICY,
                    help=f"host-tier eviction policy: {', '.join(POLICIES)} "
                         f"(default {DEFAULT_POLICY}, the server's default)")
 
@@ -116,15 +137,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="host->GPU copy rate in GB/s (default 25, PCIe Gen4 x16 pinned; an assumption)")
 
     s = p.add_argument_group("sweep and cluster")
-    s.add_argument("--sweep", action="store_true", help="capacity-vs-hit-rate table and PNG plot")
-    s.add_argument("--sweep-tier", choices=("host", "gpu"), default="host", help="tier to sweep (default host)")
-    s.add_argument("--sweep-values", type=_csv_floats, default=None, metavar="LIST",
+    s.add_argument("--sweep", action=_Explicit, nargs=0, default=False,
+                   help="capacity-vs-hit-rate table and PNG plot (the plot needs matplotlib: the 'plot' extra)")
+    s.add_argument("--sweep-tier", action=_Explicit, choices=("host", "gpu"), default="host", help="tier to sweep (default host)")
+    s.add_argument("--sweep-values", action=_Explicit, type=_csv_floats, default=None, metavar="LIST",
                    help="comma-separated sizes to sweep, in GiB (in blocks with --gpu-blocks/--host-blocks); "
                         "default 0, 1/16 .. 2x the configured size")
-    s.add_argument("--plot", default=DEFAULT_PLOT, metavar="PNG", help=f"sweep plot path (default ./{DEFAULT_PLOT})")
+    s.add_argument("--plot", action=_Explicit, default=DEFAULT_PLOT, metavar="PNG", help=f"sweep plot path (default ./{DEFAULT_PLOT})")
     s.add_argument("--cluster", default=None, metavar="YAML",
-                   help="heterogeneous cluster file (see examples/cluster.yaml); its model/format settings "
-                        "replace --model/--quant-policy/--host-kv-format/--tp/--policy")
+                   help="heterogeneous cluster file (see examples/cluster.yaml): it sets the model, format, policy and "
+                        "every node's sizes, so --model/--quant-policy/--host-kv-format/--tp/--policy, the "
+                        "size options and --sweep/--plot are refused with it")
 
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -200,13 +223,20 @@ def _run(args) -> int:
     from .cluster import load_cluster
     from .cost import CostModel
     from .geometry import BlockSizing, CacheFormat, resolve_model
-    from .replay import prepare_trace
+    from .replay import distinct_blocks, prepare_trace
+    from .traces import trace_warnings
 
     if args.policy not in POLICIES:
         raise PlanError(f"--policy {args.policy!r} is not one of {sorted(POLICIES)}")
     if args.tp <= 0:
         raise PlanError(f"--tp must be a positive int, got {args.tp}")
     show = False if (args.quiet or args.json) else None
+    if args.cluster:
+        clash = [opt for dest, opt in (getattr(args, "explicit_options", None) or {}).items()
+                 if dest in CLUSTER_CONFLICTS]
+        if clash:
+            raise PlanError(f"--cluster {args.cluster} sets the model, format, policy and node sizes itself and has "
+                            f"no sweep: drop {', '.join(clash)} (or drop --cluster)")
     # validate every setting before the (slower) trace load
     spec = load_cluster(args.cluster) if args.cluster else None
     geometry = spec.geometry() if spec else resolve_model(args.model)
@@ -214,9 +244,15 @@ def _run(args) -> int:
 
     t0 = time.perf_counter()
     trace = load_trace(args)
+    warnings = trace_warnings(trace)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     prepared = prepare_trace(trace)
+    distinct = distinct_blocks(prepared)
     t_load = time.perf_counter() - t0
     sizing = BlockSizing.build(geometry, fmt, trace.block_size)
+    args.trace_warnings = warnings
+    args.distinct_blocks = distinct
 
     if spec is not None:
         return _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show)
@@ -245,9 +281,13 @@ def _run(args) -> int:
         print("warning: the GPU tier holds no block: nothing can be cached", file=sys.stderr)
     st = replay(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, show)
     ttft = TTFTEstimate.of(st, sizing, cost)
+    unbounded = unbounded_notes(args.distinct_blocks, gpu_blocks=gpu_blocks, host_blocks=host_blocks)
     if args.json:
         out = dict(head)
         out.update(st.as_dict())
+        out["distinct_blocks"] = args.distinct_blocks
+        out["notes"] = unbounded
+        out["warnings"] = args.trace_warnings
         out["gpu_only"] = {"hit_rate": st.gpu_hit_rate, "gpu_hit_rate": st.gpu_hit_rate, "host_hit_rate": 0.0,
                            "recomputed_tokens": st.prompt_tokens - st.gpu_hit_tokens}
         out["gpu_gb_used"] = sizing.gpu_gb_for(gpu_blocks)
@@ -261,6 +301,8 @@ def _run(args) -> int:
           f"{trace.block_size}-token blocks")
     print(f"model: {_describe_model(geometry, sizing)}")
     print(f"host-tier policy: {args.policy}; GPU tier: LRU over leaves (as LMDeploy's BlockTrie)")
+    for note in unbounded:
+        print(f"note: {note}")
     print()
     print(single_run_table(st, sizing, ttft))
     print()
@@ -276,6 +318,19 @@ def _run(args) -> int:
     print(f"replay: {st.requests:,} requests in {st.elapsed_s:.2f} s (+{t_load:.2f} s to read and digest the "
           f"trace), measured on this machine")
     return 0
+
+
+def unbounded_notes(distinct: int, *, gpu_blocks: int | None = None, host_blocks: int | None = None,
+                    label: str = "") -> list[str]:
+    """Sentences for tiers sized at or above every distinct block of the trace: such a tier never
+    evicts, so it behaves as an unbounded one (and the replay's memory follows the trace's
+    ``distinct`` blocks, never the configured size)."""
+    out = []
+    for tier, n in (("GPU", gpu_blocks), ("host", host_blocks)):
+        if n is not None and n >= distinct:
+            out.append(f"{label}{tier} tier: {n:,} blocks configured, at least the trace's {distinct:,} distinct "
+                       "blocks: effectively unbounded (it never evicts; a larger size changes nothing)")
+    return out
 
 
 def _sweep_values(args, tier: str, gpu_blocks: int, host_blocks: int, sizing) -> tuple[list[float], bool]:
@@ -294,7 +349,7 @@ def _sweep_values(args, tier: str, gpu_blocks: int, host_blocks: int, sizing) ->
 
 def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, head, t_load, show, geometry) -> int:
     from .replay import replay
-    from .report import TTFTEstimate, pick_recommendation, plot_sweep, sweep_table
+    from .report import TTFTEstimate, pick_recommendation, sweep_table
 
     tier = args.sweep_tier
     values, in_blocks = _sweep_values(args, tier, gpu_blocks, host_blocks, sizing)
@@ -311,11 +366,16 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
         points.append((v, st, TTFTEstimate.of(st, sizing, cost)))
     elapsed = time.perf_counter() - t0
     unit = "blocks" if in_blocks else "GiB"
-    rec = pick_recommendation([p[0] for p in points], [p[1].hit_rate for p in points])
-    plot_path = plot_sweep(args.plot, [p[0] for p in points], [p[1] for p in points], f"{tier} tier ({unit})",
-                           f"{trace.name}: {geometry.name}, other tier fixed "
-                           f"({'GPU' if tier == 'host' else 'host'} {fmt_fixed(tier, gpu_blocks, host_blocks)} blocks)")
-    if args.json:
+    values_swept = [p[0] for p in points]
+    rec = pick_recommendation(values_swept, [p[1].hit_rate for p in points])
+    saturated = len(points) < 2 or rec < max(values_swept)
+    sizes = [(hb if tier == "host" else gb) for hb, gb in
+             (((int(v) if in_blocks else sizing.host_blocks(v)), (int(v) if in_blocks else sizing.gpu_blocks(v)))
+              for v in values_swept)]
+    unbounded_from = next((v for v, n in zip(values_swept, sizes) if n >= args.distinct_blocks), None)
+    title = (f"{trace.name}: {geometry.name}, other tier fixed "
+             f"({'GPU' if tier == 'host' else 'host'} {fmt_fixed(tier, gpu_blocks, host_blocks)} blocks)")
+    if args.json:  # the object is printed before the plot is tried: a failed plot loses nothing
         out = dict(head)
         best = max(points, key=lambda p: p[1].hit_rate)[1]
         out.update(best.as_dict())
@@ -323,13 +383,19 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
         out["sweep_tier"] = tier
         out["sweep_unit"] = unit
         out["sweep"] = [{"value": v, **st.as_dict(), "ttft": t.as_dict()} for v, st, t in points]
-        out["recommended"] = {"tier": tier, "value": rec, "unit": unit,
-                              "rule": "smallest swept size within 0.01 of the best hit rate"}
-        out["plot"] = os.path.abspath(plot_path)
+        out["recommended"] = {"tier": tier, "value": rec if saturated else None, "unit": unit, "saturated": saturated,
+                              "largest_swept": max(values_swept),
+                              "rule": "smallest swept size within 0.01 of the best hit rate; none when that is the "
+                                      "largest size swept (the curve has not flattened)"}
+        out["distinct_blocks"] = args.distinct_blocks
+        out["unbounded_from"] = unbounded_from
+        out["warnings"] = args.trace_warnings
+        out["plot"] = os.path.abspath(args.plot)
         out["load_seconds"] = t_load
         out["replay_seconds"] = elapsed
         print(json.dumps(out, indent=1, sort_keys=True))
-        return 0
+        sys.stdout.flush()
+        return _write_plot(args.plot, values_swept, [p[1] for p in points], f"{tier} tier ({unit})", title)
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.block_size}-token blocks")
     print(f"model: {_describe_model(geometry, sizing)}")
     other = "GPU" if tier == "host" else "host"
@@ -338,10 +404,41 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
     print()
     print(sweep_table(points, tier, unit))
     print()
-    print(f"recommended {tier} size: {rec:g} {unit} (smallest swept size within 0.01 of the best hit rate)")
+    if saturated:
+        print(f"recommended {tier} size: {rec:g} {unit} (smallest swept size within 0.01 of the best hit rate)")
+    else:
+        print(f"recommended {tier} size: none: not saturated: the hit rate still grows at the largest size swept "
+              f"({max(values_swept):g} {unit}, more than 0.01 above every smaller point); sweep larger sizes "
+              "(--sweep-values)")
+    if unbounded_from is not None:
+        print(f"note: from {unbounded_from:g} {unit} on the {tier} tier holds all {args.distinct_blocks:,} distinct "
+              "blocks of the trace: effectively unbounded, larger sizes change nothing")
     print(f"cost model: {cost.describe()}")
-    print(f"plot: {os.path.abspath(plot_path)}")
     print(f"replay: {len(points)} points x {len(trace):,} requests in {elapsed:.2f} s, measured on this machine")
+    sys.stdout.flush()
+    rc = _write_plot(args.plot, values_swept, [p[1] for p in points], f"{tier} tier ({unit})", title)
+    if rc == 0:
+        print(f"plot: {os.path.abspath(args.plot)}")
+    return rc
+
+
+def _write_plot(path, xs, stats, xlabel, title) -> int:
+    """Write the sweep PNG after the results are printed; a failure is one line on stderr, exit 2."""
+    from .report import plot_sweep
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: the sweep plot needs matplotlib, which is not installed: pip install "
+              "'lmdeploy-hostcache[plot]' (or matplotlib); the results above are complete", file=sys.stderr)
+        return 2
+    try:
+        plot_sweep(path, xs, stats, xlabel, title)
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        print(f"error: --plot {path}: cannot write the plot ({why}); the results above are complete",
+              file=sys.stderr)
+        return 2
     return 0
 
 
@@ -357,6 +454,14 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
     cost = CostModel.for_model(geometry.params_b, args.prefill_tokens_per_s, args.h2d_gbps)
     res = recommend_host_gb(prepared, spec, sizing, show_progress=show)
     tot = res.totals()
+
+    def saturated(n) -> bool:  # False: the node's full host_gb is the only size within 0.01 of itself
+        return not (n.spec.host_gb > 0 and n.recommended_host_gb is not None
+                    and n.recommended_host_gb >= round(n.spec.host_gb, 2))
+
+    notes = [note for n in res.nodes
+             for note in unbounded_notes(args.distinct_blocks, gpu_blocks=n.gpu_blocks, host_blocks=n.host_blocks,
+                                         label=f"node {n.spec.name}: ")]
     if args.json:
         out = {"trace": trace.name, "block_size": trace.block_size, "model": geometry.name,
                "routing": spec.routing, "quant_policy": spec.quant_policy, "host_kv_format": spec.host_kv_format,
@@ -369,8 +474,12 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
             out["nodes"].append({"name": n.spec.name, "gpu_kv_gb": n.spec.gpu_kv_gb, "host_gb": n.spec.host_gb,
                                  "gpu_blocks": n.gpu_blocks, "host_blocks": n.host_blocks,
                                  **n.stats.as_dict(), "ttft": TTFTEstimate.of(n.stats, sizing, cost).as_dict(),
-                                 "recommended_host_cache_gb": n.recommended_host_gb,
+                                 "recommended_host_cache_gb": n.recommended_host_gb if saturated(n) else None,
+                                 "saturated": saturated(n),
                                  "hit_rate_by_host_gb": {str(k): v for k, v in n.hit_rate_by_host_gb.items()}})
+        out["distinct_blocks"] = args.distinct_blocks
+        out["notes"] = notes
+        out["warnings"] = args.trace_warnings
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.block_size}-token blocks")
@@ -383,16 +492,21 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
         ttft = TTFTEstimate.of(st, sizing, cost)
         rows.append([n.spec.name, f"{n.spec.gpu_kv_gb:g}", f"{n.spec.host_gb:g}", fmt_int(st.requests),
                      f"{st.gpu_hit_rate:.3f}", f"{st.hit_rate:.3f}", f"{st.host_hit_rate:.3f}",
-                     f"{ttft.mean_saving_ms:.1f}", f"{n.recommended_host_gb:g}"])
+                     f"{ttft.mean_saving_ms:.1f}",
+                     f"{n.recommended_host_gb:g}" if saturated(n) else "not saturated"])
     rows.append(["cluster", f"{sum(n.spec.gpu_kv_gb for n in res.nodes):g}",
                  f"{sum(n.spec.host_gb for n in res.nodes):g}", fmt_int(tot["requests"]),
                  f"{tot['gpu_hit_rate']:.3f}", f"{tot['hit_rate']:.3f}", f"{tot['host_hit_rate']:.3f}", "",
-                 f"{sum(n.recommended_host_gb for n in res.nodes):g}"])
+                 f"{sum(n.recommended_host_gb for n in res.nodes):g}" if all(saturated(n) for n in res.nodes)
+                 else ""])
     print(render_table(rows, ["node", "GPU KV GiB", "host GiB", "requests", "GPU-only hit", "GPU+host hit",
                               "host hit", "est. TTFT saving ms/req", "recommended host_cache_gb"]))
     print()
     print("recommended host_cache_gb: smallest of 0, 1/8, 1/4, 1/2, 3/4, 1 x host_gb whose hit rate on that node "
-          "is within 0.01 of its hit rate at the full host_gb")
+          "is within 0.01 of its hit rate at the full host_gb; \"not saturated\": only the full host_gb is, so the "
+          "hit rate still grows there: try a larger host_gb")
+    for note in notes:
+        print(f"note: {note}")
     print(f"cost model: {cost.describe()}")
     print(f"replay: {len(res.nodes)} nodes x 6 host sizes over {len(trace):,} requests in {res.elapsed_s:.2f} s, "
           f"measured on this machine")

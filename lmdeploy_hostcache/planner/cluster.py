@@ -7,7 +7,7 @@ Cluster YAML (every field validated; errors name the file and the field)::
     quant_policy: 0            # 0 | 4 | 8                              (default 0)
     host_kv_format: same       # same | int8 | int4                     (default same)
     tp: 1                      # tensor-parallel ranks per node         (default 1)
-    host_policy: lru           # host-tier eviction policy              (default lru)
+    host_policy: arc           # host-tier eviction policy              (default arc, the server's)
     routing: session           # session | random | prefix              (required)
     seed: 0                    # for random routing                     (default 0)
     nodes:                     # at least one
@@ -151,16 +151,14 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read and validate a cluster YAML file."""
-    import yaml
+    """Read and validate a cluster YAML file (``yamlio``: strict, duplicate keys refused, ``1.0e9``
+    is a number); raises ValueError naming the file and the field."""
+    from ..yamlio import load_yaml_file
 
     p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"cluster file {p} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{p}: not valid YAML ({exc})") from None
+    if not p.exists():
+        raise ValueError(f"cluster file {p} does not exist")
+    doc = load_yaml_file(p)  # YamlError is a ValueError naming the file
     return parse_cluster(doc, str(p))
 
 

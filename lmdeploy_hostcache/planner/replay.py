@@ -233,3 +233,12 @@ def replay_trace(trace: Trace, gpu_blocks: int, host_blocks: int, host_policy: s
     st = replay(prepared, gpu_blocks, host_blocks, host_policy, trace.block_size, show_progress)
     st.elapsed_s = time.perf_counter() - t0
     return st
+
+
+def distinct_blocks(prepared: Sequence[PreparedRequest]) -> int:
+    """Distinct full blocks (digests) in the prepared trace: no tier ever holds more than this, so
+    a capacity at or above it behaves as unbounded."""
+    seen: set[int] = set()
+    for pr in prepared:
+        seen.update(pr.digests)
+    return len(seen)

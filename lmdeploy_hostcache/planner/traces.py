@@ -9,14 +9,23 @@ the file, line and field):
 * a request lists at most ``ceil(input_length / block_size)`` block ids (Mooncake lists the
   partial last block too, WEKA lists full blocks only);
 * requests are sorted by ``timestamp`` (seconds; stable, so ties keep file order);
-* block ids are unique inside one trace's id space (merged files are offset, never mixed).
+* block ids are unique inside one trace's id space (merged files are offset, never mixed);
+* every timestamp is finite (a NaN would make the arrival order undefined: refused, with a count);
+* a file that cannot be read or decoded (a corrupt or mislabelled ``.gz``, a folder, bytes that
+  are not UTF-8) raises ``ValueError`` naming the file, never ``OSError``/``EOFError``.
+
+``trace_warnings(trace)`` lists what a trace can be read with but probably not replayed
+faithfully (block ids out of order or not chained, an ``input_length`` its ids do not cover),
+each with a count; the planner prints them.
 """
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -86,11 +95,36 @@ class Trace:
         return Trace(self.name, self.block_size, self.requests[:n], self.source)
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# Errors reading a file can raise besides ValueError: turned into one ValueError naming the file.
+READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error)
+
+
 def _open_text(path: str | os.PathLike) -> io.TextIOBase:
+    """Text of a trace file, gunzipped when its first bytes are the gzip magic (whatever its name)."""
     path = Path(path)
-    if path.suffix == ".gz":
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a trace file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if magic == GZIP_MAGIC:
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    if path.suffix == ".gz":
+        raise ValueError(f"{path}: named .gz but not gzip-compressed")
     return open(path, encoding="utf-8")
+
+
+def _read_error(path, exc: BaseException) -> ValueError:
+    if isinstance(exc, UnicodeDecodeError):
+        why = f"not UTF-8 text (byte {exc.start})"
+    elif isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+        why = f"corrupt or truncated gzip data ({exc})"
+    else:
+        why = getattr(exc, "strerror", None) or str(exc)
+    return ValueError(f"{path}: cannot read the trace: {why}")
 
 
 def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
@@ -108,9 +142,32 @@ def _num_field(obj: dict, key: str, where: str, default: float | None = None) ->
             raise ValueError(f"{where}: missing field {key!r}")
         return default
     v = obj[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: field {key!r} must be a number >= 0, got {v!r}")
+    if isinstance(v, float) and not math.isfinite(v):
+        return v  # the readers count these and refuse the file with the count
+    if v < 0:
         raise ValueError(f"{where}: field {key!r} must be a number >= 0, got {v!r}")
     return float(v)
+
+
+class _NonFinite:
+    """Counts rows whose time field is NaN/Infinity; ``check`` refuses the file naming the count."""
+
+    def __init__(self, field_name: str) -> None:
+        self.field = field_name
+        self.count = 0
+        self.first = ""
+
+    def see(self, value: float, where: str) -> None:
+        if not math.isfinite(value):
+            self.count += 1
+            self.first = self.first or where
+
+    def check(self, path) -> None:
+        if self.count:
+            raise ValueError(f"{path}: {self.count} request(s) have a non-finite {self.field!r} (NaN or "
+                             f"Infinity), first at {self.first}: arrival order is undefined")
 
 
 def _hash_ids(obj: dict, where: str) -> tuple[int, ...]:
@@ -140,36 +197,46 @@ def read_mooncake(path: str | os.PathLike, block_size: int = MOONCAKE_BLOCK_SIZE
     """Mooncake JSONL (``.jsonl`` or ``.jsonl.gz``): ``timestamp`` in ms, ``input_length``,
     ``output_length``, ``hash_ids`` of 512-token blocks (the partial last block included)."""
     reqs: list[Request] = []
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            ids = _hash_ids(obj, where)
-            inp = _int_field(obj, "input_length", where)
-            if len(ids) > -(-inp // block_size):
-                raise ValueError(f"{where}: {len(ids)} hash_ids for input_length {inp} "
-                                 f"(at most {-(-inp // block_size)} blocks of {block_size})")
-            reqs.append(Request(
-                timestamp=_num_field(obj, "timestamp", where) / 1000.0,
-                input_length=inp,
-                output_length=_int_field(obj, "output_length", where) if "output_length" in obj else 0,
-                hash_ids=ids,
-                session=derive_session(ids),
-            ))
+    bad_time = _NonFinite("timestamp")
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                _mooncake_line(line, f"{path}:{lineno}", block_size, reqs, bad_time)
+    except READ_ERRORS as exc:
+        raise _read_error(path, exc) from None
+    bad_time.check(path)
     reqs.sort(key=lambda r: r.timestamp)
     return Trace(name or Path(path).name, block_size, reqs, source=str(path))
 
 
+def _mooncake_line(line: str, where: str, block_size: int, reqs: list[Request], bad_time: _NonFinite) -> None:
+    line = line.strip()
+    if not line:
+        return
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    ids = _hash_ids(obj, where)
+    inp = _int_field(obj, "input_length", where)
+    if len(ids) > -(-inp // block_size):
+        raise ValueError(f"{where}: {len(ids)} hash_ids for input_length {inp} "
+                         f"(at most {-(-inp // block_size)} blocks of {block_size})")
+    ts = _num_field(obj, "timestamp", where)
+    bad_time.see(ts, where)
+    reqs.append(Request(
+        timestamp=ts / 1000.0,
+        input_length=inp,
+        output_length=_int_field(obj, "output_length", where) if "output_length" in obj else 0,
+        hash_ids=ids,
+        session=derive_session(ids),
+    ))
+
+
 def _weka_requests(items: list, t0: float, session: str, id_offset: int, where: str,
-                   out: list[Request]) -> int:
+                   out: list[Request], bad_time: _NonFinite) -> int:
     """Flatten WEKA requests (sub-agent requests nested, their ``t`` relative to the sub-agent's
     start); returns the largest local hash id seen."""
     max_id = 0
@@ -178,9 +245,11 @@ def _weka_requests(items: list, t0: float, session: str, id_offset: int, where: 
         if not isinstance(r, dict):
             raise ValueError(f"{w}: expected an object")
         t = t0 + _num_field(r, "t", w, default=0.0)
+        bad_time.see(t, w)
         if "hash_ids" not in r and isinstance(r.get("requests"), list):  # sub-agent
             agent = r.get("agent_id", i)
-            max_id = max(max_id, _weka_requests(r["requests"], t, f"{session}/{agent}", id_offset, w, out))
+            max_id = max(max_id, _weka_requests(r["requests"], t, f"{session}/{agent}", id_offset, w, out,
+                                                 bad_time))
             continue
         ids = _hash_ids(r, w)
         inp = _int_field(r, "in", w)
@@ -205,12 +274,15 @@ def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: 
     reqs: list[Request] = []
     block_size = None
     offset = 0
+    bad_time = _NonFinite("t")
     for k, path in enumerate(paths):
-        with _open_text(path) as fh:
-            try:
+        try:
+            with _open_text(path) as fh:
                 doc = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not JSON ({exc.msg})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc.msg})") from None
+        except READ_ERRORS as exc:
+            raise _read_error(path, exc) from None
         where = str(path)
         if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
             raise ValueError(f"{where}: expected an object with a 'requests' list")
@@ -223,8 +295,9 @@ def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: 
         if scope != "local":
             raise ValueError(f"{where}: hash_id_scope {scope!r} is not supported (only 'local')")
         session = str(doc.get("id", path.stem))
-        max_id = _weka_requests(doc["requests"], k * stagger_s, session, offset, where, reqs)
+        max_id = _weka_requests(doc["requests"], k * stagger_s, session, offset, where, reqs, bad_time)
         offset += max_id + 1
+    bad_time.check(", ".join(map(str, paths)))
     assert block_size is not None
     for r in reqs:
         if len(r.hash_ids) > r.prompt_blocks(block_size):
@@ -236,8 +309,11 @@ def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: 
 
 def sniff_format(path: str | os.PathLike) -> str:
     """'mooncake' or 'weka' from the file's first non-blank character."""
-    with _open_text(path) as fh:
-        head = fh.read(4096).lstrip()
+    try:
+        with _open_text(path) as fh:
+            head = fh.read(4096).lstrip()
+    except READ_ERRORS as exc:
+        raise _read_error(path, exc) from None
     if not head:
         raise ValueError(f"{path}: empty trace file")
     if head.startswith("{") and '"hash_ids"' in head.split("\n", 1)[0] and '"input_length"' in head.split("\n", 1)[0]:
@@ -245,3 +321,56 @@ def sniff_format(path: str | os.PathLike) -> str:
     if head.startswith("{"):
         return "weka"
     raise ValueError(f"{path}: neither Mooncake JSONL nor WEKA session JSON")
+
+
+# A prompt longer than this is no real request (no model has such a context): counted as absurd.
+MAX_PLAUSIBLE_INPUT_TOKENS = 10_000_000
+
+
+def trace_warnings(trace: Trace) -> list[str]:
+    """What a readable trace holds that a replay would silently get wrong, with counts.
+
+    * block ids out of order: chained prefix-block ids are handed out as blocks first appear,
+      so inside one request they increase; a request whose ids do not is counted, and so is a
+      block id that follows two different parents (the ids are then not chained);
+    * ``input_length`` its ids do not cover: more than one block (two for WEKA, which lists
+      full blocks only) past the last id, or more than ``MAX_PLAUSIBLE_INPUT_TOKENS``: those
+      tokens can never hit, so the hit rate is understated.
+    """
+    bs = trace.block_size
+    unordered = unchained = uncovered = absurd = 0
+    first_unordered = first_uncovered = None
+    parent_of: dict[int, int] = {}
+    for i, r in enumerate(trace.requests):
+        ids = r.hash_ids
+        if any(b <= a for a, b in zip(ids, ids[1:])):
+            unordered += 1
+            first_unordered = i if first_unordered is None else first_unordered
+        prev = -1
+        for h in ids:
+            if parent_of.setdefault(h, prev) != prev:
+                unchained += 1
+            prev = h
+        if r.input_length > MAX_PLAUSIBLE_INPUT_TOKENS:
+            absurd += 1
+        elif r.prompt_blocks(bs) > len(ids) + 1 and ids:
+            uncovered += 1
+            first_uncovered = i if first_uncovered is None else first_uncovered
+    n = len(trace.requests)
+    out = []
+    if unordered:
+        out.append(f"trace {trace.name}: {unordered:,} of {n:,} requests list block ids out of order (an id not "
+                   f"above the one before it; first: request {first_unordered}): prefix-chained ids increase, "
+                   "so this trace's hit rates are probably wrong")
+    if unchained:
+        out.append(f"trace {trace.name}: {unchained:,} block-id uses follow a different parent block than the "
+                   "id's first use: the ids are not prefix-chained, so shared prefixes are not what the trace meant")
+    if absurd:
+        out.append(f"trace {trace.name}: {absurd:,} of {n:,} requests have an input_length above "
+                   f"{MAX_PLAUSIBLE_INPUT_TOKENS:,} tokens (no real prompt is that long): their tokens dominate "
+                   "the token counts and can never hit")
+    if uncovered:
+        out.append(f"trace {trace.name}: {uncovered:,} of {n:,} requests have an input_length their hash_ids "
+                   f"do not cover (more than one {bs}-token block past the last id; first: request "
+                   f"{first_uncovered}): the uncovered tokens always miss")
+    return out

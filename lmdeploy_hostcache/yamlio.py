@@ -1,0 +1,144 @@
+"""The one strict YAML loader every YAML file of the project goes through.
+
+``load_yaml_file(path)`` / ``load_yaml_text(text, source=)`` return the parsed document or
+raise ``YamlError`` (a ``ValueError``) whose message is one line naming the file and what is
+wrong with it. Used by ``config.py`` (``--host-cache-config``), the planner's cluster file,
+and any future YAML input: reuse it rather than ``yaml.safe_load``.
+
+Invariants:
+- Safe loading only (``yaml.SafeLoader``): no Python objects are ever constructed.
+- A mapping that repeats a key is refused, naming the key and its line (PyYAML alone keeps
+  the last value silently).
+- Numbers are read as YAML 1.2 reads them: ``1e9``, ``1.0e9`` and ``-2E-3`` are floats
+  (PyYAML's YAML 1.1 rules would make them strings).
+- Every way a file can be unusable (missing, a folder, unreadable, binary, not UTF-8, not
+  YAML) is a ``YamlError`` naming the file; nothing else escapes (no ``OSError``,
+  ``UnicodeDecodeError`` or ``yaml.YAMLError``).
+- ``dump_yaml`` writes with the same number rules (a string such as ``"1e3"`` is quoted), so
+  ``load_yaml_text(dump_yaml(x)) == x`` for plain data.
+- PyYAML is imported on first use only.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+__all__ = ["YamlError", "dump_yaml", "load_yaml_file", "load_yaml_text"]
+
+# YAML 1.2 core-schema floats, plus PyYAML's own 1.1 forms (.inf, .nan, 1_000.0, 60-base).
+_FLOAT_12 = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)
+                          |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                          |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                          |[-+]?\.(?:inf|Inf|INF)
+                          |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class YamlError(ValueError):
+    """A YAML file or text that cannot be used; ``source`` names it, ``problem`` says why."""
+
+    def __init__(self, source: str | None, problem: str, line: int | None = None):
+        self.source = source
+        self.problem = problem
+        self.line = line
+        where = source or "<yaml>"
+        if line is not None:
+            where += f":{line}"
+        super().__init__(f"{where}: {problem}")
+
+
+_LOADER = None
+_DUMPER = None
+
+
+def _float12_resolvers(base):
+    """``base``'s implicit resolvers with the YAML 1.1 float rule replaced by ``_FLOAT_12``."""
+    table = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+             for k, v in base.yaml_implicit_resolvers.items()}
+    for ch in "-+0123456789.":
+        table.setdefault(ch, []).append(("tag:yaml.org,2002:float", _FLOAT_12))
+    return table
+
+
+def dump_yaml(data: Any) -> str:
+    """Block-style YAML of plain data, keys in insertion order, readable back by ``load_yaml_text``."""
+    global _DUMPER
+    import yaml  # noqa: PLC0415
+
+    if _DUMPER is None:
+        class StrictDumper(yaml.SafeDumper):
+            pass
+
+        StrictDumper.yaml_implicit_resolvers = _float12_resolvers(yaml.SafeDumper)
+        _DUMPER = StrictDumper
+    return yaml.dump(data, Dumper=_DUMPER, sort_keys=False, default_flow_style=False)
+
+
+def _loader():
+    """SafeLoader subclass: duplicate keys refused, YAML 1.2 floats (built once)."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml  # noqa: PLC0415
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    StrictLoader.yaml_implicit_resolvers = _float12_resolvers(yaml.SafeLoader)
+
+    def construct_mapping(loader, node, deep=False):
+        loader.flatten_mapping(node)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: SafeLoader reports it below
+                continue
+            if first is not None:
+                raise YamlError(None, f"duplicate key {key!r} (first at line {first}); give each key once",
+                                key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    _LOADER = StrictLoader
+    return _LOADER
+
+
+def load_yaml_text(text: str, *, source: str | None = None) -> Any:
+    """Parse ``text`` strictly (see the module docstring); ``source`` names it in errors."""
+    import yaml  # noqa: PLC0415
+
+    if "\x00" in text:
+        raise YamlError(source, "binary data (a NUL byte), not a YAML text file")
+    try:
+        return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
+    except YamlError as exc:
+        raise YamlError(source, exc.problem, exc.line) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark is not None else None
+        raise YamlError(source, f"not valid YAML: {' '.join(str(problem).split())[:200]}", line) from None
+
+
+def load_yaml_file(path: str | os.PathLike[str]) -> Any:
+    """Read and parse a YAML file strictly; every failure is a ``YamlError`` naming ``path``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise YamlError(path, "is a folder, not a YAML file")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise YamlError(path, "cannot read it: no such file") from None
+    except OSError as exc:
+        raise YamlError(path, f"cannot read it: {exc.strerror or exc}") from None
+    if b"\x00" in raw:
+        raise YamlError(path, "binary data (a NUL byte), not a YAML text file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise YamlError(path, f"not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    return load_yaml_text(text, source=path)

@@ -1,0 +1,195 @@
+"""Issue 9, items 5, 7, 9, 10 (planner side): bad input and first use of `lmdeploy-hostcache plan`.
+
+Every bad input gives exit 2 and one ``error:`` line naming the file or option (no traceback);
+suspicious traces are replayed with counted warnings; memory follows the trace, not the
+configured capacity; finished results are printed before the plot is tried.
+"""
+import gzip
+import json
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from lmdeploy_hostcache.cli import main
+from lmdeploy_hostcache.planner import traces
+from lmdeploy_hostcache.slot_allocator import SlotAllocator
+
+REPO = Path(__file__).resolve().parents[2]
+CHAT = ["--chat", "--chat-sessions", "20", "--quiet"]
+
+
+def _run(capsys, argv):
+    rc = main(["plan", *argv])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    return rc, cap.out, cap.err
+
+
+def _peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _mooncake(tmp_path, rows, name="t.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def _row(ts, ids, inp=None):
+    return {"timestamp": ts, "input_length": inp if inp is not None else 512 * len(ids), "output_length": 1,
+            "hash_ids": ids}
+
+
+# -- item 5: memory follows the trace's distinct blocks --------------------------------------
+
+
+def test_huge_capacities_cost_no_memory_and_are_called_unbounded(capsys):
+    # 5,000,000 slots per tier: the old allocator built per-slot lists (~100 bytes a slot, ~1 GB here;
+    # --host-gb 1e7 took 7.7 GB). Now only the slots the trace fills cost memory.
+    out = []
+    peak = _peak_bytes(lambda: out.append(_run(capsys, [*CHAT, "--gpu-blocks", "5000000",
+                                                        "--host-blocks", "5000000"])))
+    rc, text, _ = out[0]
+    assert rc == 0
+    assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MiB for a 20-session trace"
+    assert "effectively unbounded" in text and "host tier: 5,000,000 blocks" in text
+
+
+def test_slot_allocator_memory_follows_slots_handed_out():
+    a = []
+    peak = _peak_bytes(lambda: a.append(SlotAllocator(10**12)))
+    assert peak < 2**20
+    alloc = a[0]
+    assert [alloc.allocate() for _ in range(3)] == [0, 1, 2] and alloc.num_free == 10**12 - 3
+    alloc.free(1)
+    assert alloc.allocate() == 1 and alloc.allocate() == 3
+    alloc.check_invariants()
+
+
+def test_cluster_host_gb_1e9_is_a_number_and_bounded(capsys, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("routing: session\nnodes:\n  - {name: a, gpu_kv_gb: 1, host_gb: 1.0e9}\n"
+                 "  - {name: b, gpu_kv_gb: 1, host_gb: 1e8}\n")
+    out = []
+    peak = _peak_bytes(lambda: out.append(_run(capsys, [*CHAT, "--cluster", str(f)])))
+    rc, text, err = out[0]
+    assert rc == 0, err
+    assert peak < 40 * 2**20
+    assert "node a: host tier" in text and "effectively unbounded" in text
+
+
+# -- item 9: silent wrong answers ------------------------------------------------------------
+
+
+def test_out_of_order_and_unchained_ids_are_warned_with_counts(capsys, tmp_path):
+    p = _mooncake(tmp_path, [_row(0, [0, 1, 2]), _row(1, [0, 2, 1]), _row(2, [5, 4]), _row(3, [0, 1, 2])])
+    rc, _, err = _run(capsys, [str(p), "--quiet"])
+    assert rc == 0
+    assert "warning: trace t.jsonl: 2 of 4 requests list block ids out of order" in err
+    assert "not prefix-chained" in err
+    assert traces.trace_warnings(traces.read_mooncake(REPO / "lmdeploy_hostcache" / "data" / "conversation_trace.jsonl.gz")) == []
+
+
+def test_absurd_input_length_is_warned_with_counts(capsys, tmp_path):
+    p = _mooncake(tmp_path, [_row(0, [0, 1]), _row(1, [0, 1], inp=10**12), _row(2, [0, 1], inp=512 * 40)])
+    rc, _, err = _run(capsys, [str(p), "--quiet", "--json"])
+    assert rc == 0
+    assert "1 of 3 requests have an input_length above 10,000,000 tokens" in err
+    assert "1 of 3 requests have an input_length their hash_ids do not cover" in err
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity"])
+def test_non_finite_timestamps_are_refused_with_a_count(capsys, tmp_path, bad):
+    p = tmp_path / "nan.jsonl"
+    p.write_text("".join(json.dumps(_row(t, [0, 1])) + "\n" for t in (0, 1))
+                 + f'{{"timestamp": {bad}, "input_length": 1024, "hash_ids": [0, 1]}}\n' * 2)
+    rc, _, err = _run(capsys, [str(p), "--quiet"])
+    assert rc == 2
+    assert f"{p}: 2 request(s) have a non-finite 'timestamp'" in err and f"first at {p}:3" in err
+
+
+@pytest.mark.parametrize("extra", [["--sweep"], ["--plot", "x.png"], ["--model", "Llama-3-8B"], ["--policy", "lru"],
+                                   ["--host-gb", "10"], ["--quant-policy", "0"]])
+def test_cluster_refuses_options_it_would_ignore(capsys, extra):
+    rc, _, err = _run(capsys, [*CHAT, "--cluster", str(REPO / "examples" / "cluster.yaml"), *extra])
+    assert rc == 2
+    assert err.startswith("error: --cluster") and f"drop {extra[0]}" in err
+
+
+def test_duplicate_keys_in_the_cluster_file_are_refused(capsys, tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("routing: session\nnodes:\n  - {name: a, gpu_kv_gb: 1, host_gb: 1}\n"
+                 "nodes:\n  - {name: b, gpu_kv_gb: 1, host_gb: 1}\n")
+    rc, _, err = _run(capsys, [*CHAT, "--cluster", str(f)])
+    assert rc == 2
+    assert f"{f}:4: duplicate key 'nodes'" in err
+
+
+# -- item 7: unusable files name the file ----------------------------------------------------
+
+
+def test_unusable_trace_files_are_one_line_errors(capsys, tmp_path):
+    good = [json.dumps(_row(0, [0, 1])) + "\n"]
+    corrupt = tmp_path / "corrupt.jsonl.gz"
+    corrupt.write_bytes(gzip.compress("".join(good * 50).encode())[:40])
+    fake = tmp_path / "plain.jsonl.gz"
+    fake.write_text("".join(good))
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"{\xff\xfe\x00garbage")
+    for path, match in ((corrupt, "corrupt or truncated gzip data"), (fake, "named .gz but not gzip-compressed"),
+                        (binary, "not UTF-8")):
+        rc, _, err = _run(capsys, [str(path), "--quiet"])
+        assert rc == 2 and str(path) in err and match in err, err
+        assert err.count("\n") == 1
+    # gzip data under a name without .gz is read by its content
+    mislabelled = tmp_path / "gz-inside.jsonl"
+    mislabelled.write_bytes(gzip.compress("".join(good).encode()))
+    assert _run(capsys, [str(mislabelled), "--quiet"])[0] == 0
+
+
+@pytest.mark.parametrize("content, match", [(None, "is a folder"), (b"\x00\x01\x02binary", "binary data"),
+                                            (b"routing: \xff\xfe\n", "not UTF-8"), (b"nodes: [\n", "not valid YAML")])
+def test_unusable_cluster_files_are_one_line_errors(capsys, tmp_path, content, match):
+    f = tmp_path / "cluster.yaml"
+    if content is None:
+        f.mkdir()
+    else:
+        f.write_bytes(content)
+    rc, _, err = _run(capsys, [*CHAT, "--cluster", str(f)])
+    assert rc == 2 and str(f) in err and match in err and err.count("\n") == 1, err
+
+
+# -- item 10: finished work is printed before the plot ---------------------------------------
+
+
+SWEEP = [*CHAT, "--sweep", "--gpu-blocks", "40", "--sweep-values", "0,50,400", "--host-blocks", "200"]
+
+
+def test_unwritable_plot_path_keeps_the_table(capsys, tmp_path):
+    rc, out, err = _run(capsys, [*SWEEP, "--plot", str(tmp_path / "no" / "such" / "dir" / "s.png")])
+    assert rc == 2
+    assert "hit rate" in out and "recommended host size" in out  # the table came first
+    assert err.startswith("error: --plot") and "the results above are complete" in err
+
+
+def test_missing_matplotlib_keeps_the_table(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc, out, err = _run(capsys, [*SWEEP, "--plot", str(tmp_path / "s.png")])
+    assert rc == 2 and "recommended host size" in out
+    assert "needs matplotlib" in err and "lmdeploy-hostcache[plot]" in err
+    rc, out, err = _run(capsys, [*SWEEP, "--plot", str(tmp_path / "s.png"), "--json"])
+    assert rc == 2 and json.loads(out)["sweep"][2]["value"] == 400
+
+
+def test_a_sweep_that_has_not_flattened_recommends_nothing(capsys, tmp_path):
+    rc, out, _ = _run(capsys, [*CHAT, "--sweep", "--gpu-blocks", "10", "--host-blocks", "200",
+                               "--sweep-values", "0,5,10", "--plot", str(tmp_path / "s.png")])
+    assert rc == 0
+    assert "not saturated" in out and "recommended host size: 10 blocks" not in out
