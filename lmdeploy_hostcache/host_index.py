@@ -109,6 +109,13 @@ class HostIndex:
         self._children: dict[int, set[int]] = {}
         self._clock = 0
         self._seq = 0
+        self._listeners: list[tuple[Callable[[HostBlock], None], Callable[[HostBlock], None]]] = []
+
+    def add_listener(self, on_stored: Callable[[HostBlock], None], on_removed: Callable[[HostBlock], None]) -> None:
+        """Observe the index's contents (the routing feed): ``on_stored(block)`` when a block
+        becomes RESIDENT, ``on_removed(block)`` when a block that was RESIDENT leaves the index.
+        Listeners must not raise and must not call back into the index."""
+        self._listeners.append((on_stored, on_removed))
 
     # ------------------------------------------------------------------ queries
     @property
@@ -256,6 +263,8 @@ class HostIndex:
             raise KeyError(f"complete_store of block {digest:032x} that is not being written")
         if success:
             b.state = BlockState.RESIDENT
+            for on_stored, _ in self._listeners:
+                on_stored(b)
         else:
             self.stats.store_failures += 1
             # Descendants first, while the block still holds its write pin: a doomed block must
@@ -330,6 +339,9 @@ class HostIndex:
                 self._settle(pb)  # parent may have become a leaf
         self.allocator.free(b.slot)
         self.policy.on_remove(b, evicted)
+        if self._listeners and b.state is BlockState.RESIDENT:
+            for _, on_removed in self._listeners:
+                on_removed(b)
         if evicted:
             self.stats.evictions += 1
             if self.on_evict is not None:
