@@ -1,0 +1,13 @@
+"""Shared third tier: a Mooncake Store under the host tier (pure logic, no LMDeploy import).
+
+* ``keys``: store keys from our namespace + TP layout + chained digest (never LMDeploy's scheme);
+* ``objects``: the self-describing, checksummed object format of one block;
+* ``client``: batched exists/put/get with deadlines over a store backend;
+* ``config``: the ``l3:`` section of the settings file, validated field by field;
+* ``master``: start/stop a real ``mooncake_master`` on loopback (tests and ``bench transfer``).
+
+Every failure of the store surfaces as an ``L3Error`` subclass; callers turn it into a recompute.
+"""
+from .errors import L3Corrupt, L3Error, L3Full, L3Missing, L3Timeout, L3Unavailable
+
+__all__ = ["L3Corrupt", "L3Error", "L3Full", "L3Missing", "L3Timeout", "L3Unavailable"]

@@ -1,0 +1,52 @@
+"""The ``l3:`` section: field-level errors, defaults, round trip."""
+from __future__ import annotations
+
+import pytest
+
+from lmdeploy_hostcache.config import ConfigError
+from lmdeploy_hostcache.l3.config import L3Config, parse_l3_section
+
+
+def test_absent_section_means_no_third_tier():
+    assert parse_l3_section(None) is None
+    assert parse_l3_section(False) is None
+
+
+def test_defaults_and_round_trip():
+    cfg = parse_l3_section({"master_address": "10.0.0.5:50051"})
+    assert cfg == L3Config(master_address="10.0.0.5:50051")
+    assert cfg.metadata_server == "P2PHANDSHAKE" and cfg.protocol == "tcp"
+    assert cfg.write_policy == "write_back" and cfg.on_unreachable == "error"
+    assert parse_l3_section(cfg.to_dict()) == cfg
+    assert cfg.memory_gb == cfg.global_segment_gb + cfg.local_buffer_gb
+
+
+def test_values_are_normalised():
+    cfg = parse_l3_section({"master-address": "h:1", "protocol": "RDMA", "global_segment_gb": "16",
+                            "timeout_ms": "500", "metadata_server": "http://m:8080/metadata",
+                            "write_policy": "write_through", "on_unreachable": "warn"})
+    assert cfg.protocol == "rdma" and cfg.global_segment_gb == 16.0 and cfg.timeout_ms == 500
+    assert cfg.global_segment_bytes == 16 << 30
+
+
+def test_every_bad_field_is_named_at_once():
+    with pytest.raises(ConfigError) as ei:
+        parse_l3_section({"master_address": "nohostport", "protocol": "udp", "global_segment_gb": -1,
+                          "timeout_ms": 0, "metadata_server": "ftp://x", "backend": "redis",
+                          "local_hostname": "", "write_policy": "sometimes", "on_unreachable": 1,
+                          "local_bufer_gb": 1})
+    fields = {e.field for e in ei.value.errors}
+    assert fields == {"l3.master_address", "l3.protocol", "l3.global_segment_gb", "l3.timeout_ms",
+                      "l3.metadata_server", "l3.backend", "l3.local_hostname", "l3.write_policy",
+                      "l3.on_unreachable", "l3.local_bufer_gb"}
+    msg = str(ei.value)
+    assert "did you mean 'local_buffer_gb'" in msg and "'tcp' or 'rdma'" in msg
+
+
+def test_missing_address_and_wrong_type():
+    with pytest.raises(ConfigError, match=r"l3\.master_address: missing"):
+        parse_l3_section({"protocol": "tcp"})
+    with pytest.raises(ConfigError, match=r"l3: got 'yes'"):
+        parse_l3_section("yes")
+    with pytest.raises(ConfigError, match="port"):
+        parse_l3_section({"master_address": "h:70000"})
