@@ -83,3 +83,65 @@ class HostTierMetrics:
             f"to_host={s['bytes_to_host'] / 2**30:.2f}GiB to_gpu={s['bytes_to_gpu'] / 2**30:.2f}GiB "
             f"restore_latency_mean={s['restore_latency_mean_s'] * 1e3:.2f}ms"
         )
+
+
+@dataclass
+class L3TierMetrics:
+    """Counters of the shared store tier (``l3.client.L3Client`` adds to them).
+
+    Same contract as ``HostTierMetrics``: counters only grow, ``snapshot()`` is a consistent copy.
+    """
+
+    lookups: int = 0            # batched existence checks past the host match
+    lookup_blocks: int = 0      # blocks asked for
+    hit_blocks: int = 0         # blocks found in the store, consecutively from the first
+    put_blocks: int = 0         # blocks written (or already present)
+    put_refused: int = 0        # blocks the store refused (full)
+    get_blocks: int = 0         # blocks read back and verified
+    bytes_to_l3: int = 0
+    bytes_from_l3: int = 0
+    errors: int = 0             # every failed call or unusable block (each falls back to recompute)
+    timeouts: int = 0           # calls past their deadline (also counted in errors)
+    missing: int = 0            # blocks gone between lookup and read (also in errors)
+    corrupt: int = 0            # blocks failing checksum/header/token checks (also in errors)
+    latency: dict = field(default_factory=dict)   # op -> LatencyStat
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        """Add to counters by name; an unknown name raises AttributeError."""
+        with self._lock:
+            for name, delta in deltas.items():
+                if name.startswith("_") or name == "latency" or not hasattr(self, name):
+                    raise AttributeError(f"L3TierMetrics has no counter {name!r}")
+                setattr(self, name, getattr(self, name) + delta)
+
+    def observe(self, op: str, seconds: float) -> None:
+        """Latency of one successful store call (``exists``, ``put``, ``get``)."""
+        with self._lock:
+            self.latency.setdefault(op, LatencyStat()).observe(seconds)
+
+    def snapshot(self) -> dict[str, float]:
+        """Flat dict: every counter plus ``<op>_latency_{mean_s,max_s,count}`` per op seen."""
+        with self._lock:
+            out: dict[str, float] = {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if not f.name.startswith("_") and f.name != "latency"
+            }
+            for op, lat in sorted(self.latency.items()):
+                out[f"{op}_latency_mean_s"] = lat.mean_s
+                out[f"{op}_latency_max_s"] = lat.max_s
+                out[f"{op}_latency_count"] = lat.count
+        return out
+
+    def log_line(self) -> str:
+        """One line for LMDeploy's stats log, next to the host tier's."""
+        s = self.snapshot()
+        hit = s["hit_blocks"] / s["lookup_blocks"] if s["lookup_blocks"] else 0.0
+        return (
+            f"l3-tier: lookups={s['lookups']} hit_blocks={s['hit_blocks']}/{s['lookup_blocks']} ({hit:.1%}) "
+            f"put_blocks={s['put_blocks']} put_refused={s['put_refused']} get_blocks={s['get_blocks']} "
+            f"to_l3={s['bytes_to_l3'] / 2**30:.2f}GiB from_l3={s['bytes_from_l3'] / 2**30:.2f}GiB "
+            f"errors={s['errors']} (timeouts={s['timeouts']} missing={s['missing']} corrupt={s['corrupt']}) "
+            f"get_latency_mean={s.get('get_latency_mean_s', 0.0) * 1e3:.2f}ms"
+        )
