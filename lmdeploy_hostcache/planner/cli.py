@@ -148,6 +148,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="heterogeneous cluster file (see examples/cluster.yaml): it sets the model, format, policy and "
                         "every node's sizes, so --model/--quant-policy/--host-kv-format/--tp/--policy, the "
                         "size options and --sweep/--plot are refused with it")
+    s.add_argument("--l3-gb", type=_nonneg_float, default=None, metavar="GIB",
+                   help="with --cluster: add one shared L3 store (Mooncake Store) of GIB under every node and "
+                        "report the cluster hit rate with it next to the nodes alone (planner/l3.py)")
+    s.add_argument("--l3-gbps", type=_pos_float, default=None, metavar="GBPS",
+                   help="store->host transfer rate for the L3 estimate in GB/s (default 5; an assumption)")
 
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -237,6 +242,8 @@ def _run(args) -> int:
         if clash:
             raise PlanError(f"--cluster {args.cluster} sets the model, format, policy and node sizes itself and has "
                             f"no sweep: drop {', '.join(clash)} (or drop --cluster)")
+    if (args.l3_gb is not None or args.l3_gbps is not None) and not args.cluster:
+        raise PlanError("--l3-gb/--l3-gbps model a store shared by the nodes of a cluster: give --cluster YAML")
     # validate every setting before the (slower) trace load
     spec = load_cluster(args.cluster) if args.cluster else None
     geometry = spec.geometry() if spec else resolve_model(args.model)
@@ -462,6 +469,11 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
     notes = [note for n in res.nodes
              for note in unbounded_notes(args.distinct_blocks, gpu_blocks=n.gpu_blocks, host_blocks=n.host_blocks,
                                          label=f"node {n.spec.name}: ")]
+    l3_res = None
+    if args.l3_gb is not None:
+        from .l3 import DEFAULT_L3_GBPS, simulate_cluster_l3
+
+        l3_res = simulate_cluster_l3(prepared, spec, sizing, args.l3_gb, args.l3_gbps or DEFAULT_L3_GBPS, cost, show)
     if args.json:
         out = {"trace": trace.name, "block_size": trace.block_size, "model": geometry.name,
                "routing": spec.routing, "quant_policy": spec.quant_policy, "host_kv_format": spec.host_kv_format,
@@ -480,6 +492,8 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
         out["distinct_blocks"] = args.distinct_blocks
         out["notes"] = notes
         out["warnings"] = args.trace_warnings
+        if l3_res is not None:
+            out["l3"] = l3_res.as_dict()
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.block_size}-token blocks")
@@ -507,6 +521,11 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
           "hit rate still grows there: try a larger host_gb")
     for note in notes:
         print(f"note: {note}")
+    if l3_res is not None:
+        from .l3 import describe_l3
+
+        print()
+        print("\n".join(describe_l3(l3_res, tot["hit_rate"])))
     print(f"cost model: {cost.describe()}")
     print(f"replay: {len(res.nodes)} nodes x 6 host sizes over {len(trace):,} requests in {res.elapsed_s:.2f} s, "
           f"measured on this machine")
