@@ -19,6 +19,8 @@ Routing policies:
 * ``session``: a stable hash (xxh3) of the request's session key picks the node, so every turn
   of a conversation lands on one node; nodes get equal shares of sessions;
 * ``random``: a uniformly random node per request (``random.Random(seed)``);
+* ``cache_aware``: the proxy's router (``routing/``, see ``planner/cluster_routing.py``): lowest
+  expected prefill cost per node from exact per-tier feeds of every node, with a balance guard;
 * ``prefix``: cache-aware with a balance guard (the shape of SGLang's and Dynamo's routers).
   A node is *overloaded* when it received more than ``1.25 x`` the mean (+1) of the last
   ``64 x nodes`` routed requests; among the other nodes the one with the longest cached prefix
@@ -45,7 +47,7 @@ from ..eviction import DEFAULT_POLICY, POLICIES
 from .geometry import HOST_KV_FORMATS, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
 from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
 
-ROUTING_POLICIES = ("session", "random", "prefix")
+ROUTING_POLICIES = ("session", "random", "prefix", "cache_aware")
 PREFIX_WINDOW_PER_NODE = 64
 PREFIX_OVERLOAD = 1.25
 RECOMMEND_FRACTIONS = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
@@ -217,6 +219,9 @@ class Router:
         self.recent_load[i] += 1
         return i
 
+    def served(self, i: int) -> None:
+        """Node ``i`` served the request (nothing to update for these policies)."""
+
     def _prefix_route(self, pr: PreparedRequest) -> int:
         load = self.recent_load
         cap = PREFIX_OVERLOAD * len(self.recent) / len(self.caches) + 1
@@ -253,9 +258,18 @@ def simulate_cluster(prepared: Sequence[PreparedRequest], spec: ClusterSpec, siz
             raise ValueError(f"node {n.name!r}: gpu_kv_gb={n.gpu_kv_gb} holds no block of "
                              f"{sizing.gpu_block_bytes} bytes")
     caches = [TwoTierCache(gb, hb, spec.host_policy, sizing.block_size) for gb, hb, _ in sizes]
-    router = Router(spec.routing, caches, spec.seed)
+    if spec.routing == "cache_aware":  # the proxy's router, fed by each node's cache-state feed
+        from .cluster_routing import CacheAwareClusterRouter, planner_host_weight
+        from .cost import CostModel
+
+        weight = planner_host_weight(sizing, CostModel.for_model(spec.geometry().params_b))
+        router = CacheAwareClusterRouter(caches, [n.name for n in spec.nodes], sizing.block_size, weight)
+    else:
+        router = Router(spec.routing, caches, spec.seed)
     for pr in progress(prepared, f"cluster x{host_fraction:g}", show_progress):
-        caches[router.route(pr)].serve(pr)
+        i = router.route(pr)
+        caches[i].serve(pr)
+        router.served(i)
     nodes = [NodeResult(n, gb, hb, used, c.finish()) for n, (gb, hb, used), c in zip(spec.nodes, sizes, caches)]
     return ClusterResult(spec.routing, nodes, time.perf_counter() - t0)
 

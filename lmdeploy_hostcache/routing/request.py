@@ -1,0 +1,78 @@
+"""A request as the router sees it: prompt tokens -> chained block digests -> published ids.
+
+``RoutingRequest`` holds the prompt's token ids (from the model's tokenizer and chat template,
+exactly as the node tokenizes: ``integration/proxy_routing.py`` builds them with LMDeploy's own
+prompt processor) and computes, per node namespace, the ids of its full blocks with the
+project's ``ChainHasher`` + ``ids.publish_id``: the same digests the node computes for the same
+tokens, so a match at the proxy is a match on the node.
+
+Without a tokenizer, ``RoutingRequest.from_text`` degrades to a text-prefix match: the prompt's
+UTF-8 bytes stand in for tokens (``TEXT_BYTES_PER_TOKEN`` bytes per token), which only the
+approximate index (what the proxy itself routed) can match; the proxy logs that it runs so.
+
+Invariants: ids for a namespace are computed once per request; only full blocks get ids; the
+block that ends exactly at the prompt's end is never counted as matchable (LMDeploy always
+recomputes the last prompt token).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..digest import ChainHasher
+from .feed import NamespaceKey
+from .ids import publish_id
+
+TEXT_BYTES_PER_TOKEN = 4
+
+
+class RoutingRequest:
+    """Prompt tokens (or text) + optional session key; ids per namespace on demand."""
+
+    __slots__ = ("tokens", "text_mode", "session", "prompt_tokens", "_ids", "precomputed")
+
+    def __init__(self, tokens: Sequence[int] | np.ndarray | None, *, session: str | None = None,
+                 text_mode: bool = False, prompt_tokens: int | None = None) -> None:
+        self.tokens = tokens
+        self.text_mode = text_mode
+        self.session = session
+        n = len(tokens) if tokens is not None else 0
+        self.prompt_tokens = int(prompt_tokens if prompt_tokens is not None
+                                 else (n + TEXT_BYTES_PER_TOKEN - 1) // TEXT_BYTES_PER_TOKEN if text_mode else n)
+        self._ids: dict[NamespaceKey, np.ndarray] = {}
+        self.precomputed: np.ndarray | None = None
+
+    @classmethod
+    def from_text(cls, text: str, session: str | None = None) -> "RoutingRequest":
+        """Text-prefix fallback: the UTF-8 bytes are the 'tokens' (approximate index only)."""
+        data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        return cls(data, session=session, text_mode=True)
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray, prompt_tokens: int, session: str | None = None) -> "RoutingRequest":
+        """Ids already computed in the one namespace every node shares (the planner's replay)."""
+        r = cls(None, session=session, prompt_tokens=prompt_tokens)
+        r.precomputed = np.asarray(ids, dtype=np.uint64)
+        return r
+
+    def ids(self, key: NamespaceKey | None) -> np.ndarray:
+        """Published ids of the prompt's full blocks in namespace ``key`` (text mode: only the
+        approximate namespace, ``key`` with ``block_size`` in tokens)."""
+        if self.precomputed is not None:
+            return self.precomputed
+        got = self._ids.get(key)
+        if got is None:
+            if self.tokens is None or key is None:
+                got = np.zeros(0, dtype=np.uint64)
+            else:
+                bs = key.block_size * (TEXT_BYTES_PER_TOKEN if self.text_mode else 1)
+                h = ChainHasher(NamespaceKey(key.root, key.seed, bs))
+                h.extend(self.tokens)
+                got = np.fromiter((publish_id(d) for d in h.digests), dtype=np.uint64, count=len(h.digests))
+            self._ids[key] = got
+        return got
+
+    def matchable(self, block_size: int) -> int:
+        """Blocks a node could reuse: full blocks not ending at the prompt's last token."""
+        return max(self.prompt_tokens - 1, 0) // block_size

@@ -1,0 +1,300 @@
+"""``CacheAwareRouter``: pick the node with the lowest expected prefill cost for a request.
+
+State (all in this object, no I/O):
+
+* a ``BlockTable`` with, per node slot and tier, the published ids the node holds: **exact**
+  for nodes that publish a cache-state feed (``apply_feed``), **approximate** (``ApproxNode``:
+  what this router sent there, in two LRU tiers sized by the node's registered capacity) for
+  nodes that do not, or whose feed stopped (``set_approximate``);
+* per node: its ``NodeProfile`` (capacities, host restore weight, speed), its namespace key
+  (exact nodes: from the feed; approximate nodes share one proxy-local namespace), health,
+  prefill tokens in flight, and a sliding window of the prefill tokens it was given.
+
+``route(request)``:
+
+1. candidates: healthy nodes (optionally restricted by the caller, e.g. to a model);
+2. **affinity**: an explicit session key (``session_id``/``user``) seen before goes to its
+   node while that node is a healthy candidate;
+3. per namespace group, one table lookup of the prompt's ids gives each node's GPU match ``g``
+   (consecutive GPU blocks from the start) and host match ``h`` (consecutive host blocks
+   after that); nodes of another namespace never match (their ids differ);
+4. ``cost.cost`` with the node's in-flight prefill tokens as the queue;
+5. **balance guard**: a node whose share of the recent window's prefill (computed) tokens
+   exceeds ``balance x`` its speed-weighted share is skipped (unless every node is), so a
+   prefix every request shares cannot herd all traffic onto one node;
+6. lowest cost wins; ties go to the lighter recent load, then to the earlier node.
+
+Invariants: a node's bits in the table are only ever set from its own feed (exact) or from
+what was routed to it (approximate), never both; removing a node clears its bits; a request
+with no candidate returns ``None``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..digest import Namespace
+from .approx import ApproxNode
+from .cost import NodeProfile, cost
+from .feed import FeedCursor, FeedUpdate, NamespaceKey
+from .request import RoutingRequest
+from .table import GPU, HOST, BlockTable
+
+DEFAULT_BALANCE = 1.3
+WINDOW_PER_NODE = 64
+WARM_FRACTION = 0.25
+
+
+@dataclass
+class Decision:
+    node: str
+    gpu_blocks: int
+    host_blocks: int
+    prompt_tokens: int
+    miss_tokens: int
+    cost: float
+    reason: str  # "cost" | "affinity" | "guard" (the cheapest node was over its share) | "only"
+
+
+@dataclass
+class NodeState:
+    name: str
+    slot: int
+    profile: NodeProfile
+    key: NamespaceKey | None            # None: approximate
+    approx: ApproxNode | None
+    healthy: bool = True
+    inflight: deque = field(default_factory=deque)  # miss tokens of requests not finished yet
+    inflight_tokens: float = 0.0
+    requests: int = 0
+    prompt_tokens: int = 0
+    gpu_hit_tokens: int = 0
+    host_hit_tokens: int = 0
+    miss_tokens: int = 0
+    cursor: FeedCursor = field(default_factory=FeedCursor)
+
+    @property
+    def exact(self) -> bool:
+        return self.approx is None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "exact": self.exact, "healthy": self.healthy,
+                "gpu_blocks": self.profile.gpu_blocks, "host_blocks": self.profile.host_blocks,
+                "block_size": self.profile.block_size, "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens, "predicted_gpu_hit_tokens": self.gpu_hit_tokens,
+                "predicted_host_hit_tokens": self.host_hit_tokens, "predicted_prefill_tokens": self.miss_tokens,
+                "inflight_prefill_tokens": self.inflight_tokens, "feed_seq": self.cursor.seq}
+
+
+class CacheAwareRouter:
+    """See the module docstring."""
+
+    def __init__(self, *, balance: float = DEFAULT_BALANCE, max_nodes: int = 32,
+                 approx_model: str = "approx", approx_block_size: int = 64,
+                 window_per_node: int = WINDOW_PER_NODE, initial_blocks: int = 1 << 12) -> None:
+        if not balance >= 1.0:
+            raise ValueError(f"balance must be >= 1, got {balance!r}")
+        self.balance = float(balance)
+        self.table = BlockTable(max_nodes, initial_blocks)
+        self.nodes: dict[str, NodeState] = {}
+        self._free_slots = list(range(max_nodes - 1, -1, -1))
+        self.approx_key = NamespaceKey.of(Namespace(model=f"approx:{approx_model}", block_size=approx_block_size))
+        self.sessions: dict[str, str] = {}
+        self.window_per_node = int(window_per_node)
+        self._window: deque[tuple[str, int]] = deque()
+        self._window_load: dict[str, int] = {}
+        self.decisions = 0
+
+    # ------------------------------------------------------------------ membership
+    def add_node(self, name: str, profile: NodeProfile, key: NamespaceKey | None = None) -> NodeState:
+        """Register a node: exact (``key`` from its feed) or approximate (``key`` None)."""
+        if name in self.nodes:
+            raise ValueError(f"node {name!r} is already registered")
+        if not self._free_slots:
+            raise ValueError(f"at most {self.table.max_nodes} nodes")
+        st = NodeState(name, self._free_slots.pop(), profile, key,
+                       None if key is not None else ApproxNode(profile.gpu_blocks, profile.host_blocks))
+        self.nodes[name] = st
+        self._window_load.setdefault(name, 0)
+        return st
+
+    def remove_node(self, name: str) -> None:
+        st = self.nodes.pop(name, None)
+        if st is None:
+            return
+        self.table.clear_node(st.slot)
+        self._free_slots.append(st.slot)
+        for s in [s for s, n in self.sessions.items() if n == name]:
+            del self.sessions[s]
+
+    def set_health(self, name: str, healthy: bool) -> None:
+        if name in self.nodes:
+            self.nodes[name].healthy = bool(healthy)
+
+    def set_approximate(self, name: str, profile: NodeProfile | None = None) -> None:
+        """The node's feed stopped (or it never had one): forget its exact contents and model it."""
+        st = self.nodes[name]
+        if profile is not None:
+            st.profile = profile
+        if st.approx is None or profile is not None:
+            self.table.clear_node(st.slot)
+            st.approx = ApproxNode(st.profile.gpu_blocks, st.profile.host_blocks)
+            st.key = None
+            st.cursor = FeedCursor()
+
+    # ------------------------------------------------------------------ feeds
+    def apply_feed(self, name: str, msg) -> FeedUpdate:
+        """Apply one feed message of ``name`` (raises FeedError, changing nothing, when invalid)."""
+        st = self.nodes[name]
+        upd = st.cursor.apply(msg)  # validates first
+        info = st.cursor.info
+        key = info["namespace_key"]
+        profile = NodeProfile(info["gpu_blocks"], info["host_blocks"], info["block_size"],
+                              min(float(info.get("host_weight", st.profile.host_weight)), 1.0),
+                              float(info.get("speed", st.profile.speed)) or 1.0)
+        if st.approx is not None or st.key != key:
+            self.table.clear_node(st.slot)
+            st.approx = None
+        st.key, st.profile = key, profile
+        t = self.table
+        if upd.snapshot is not None:
+            t.clear_node(st.slot)
+            t.add(upd.snapshot[0], st.slot, GPU)
+            t.add(upd.snapshot[1], st.slot, HOST)
+        else:
+            for tier in (GPU, HOST):
+                t.remove(upd.removed[tier], st.slot, tier)
+                t.add(upd.stored[tier], st.slot, tier)
+        return upd
+
+    # ------------------------------------------------------------------ decisions
+    def matches(self, req: RoutingRequest, names: list[str]) -> dict[str, tuple[int, int]]:
+        """(GPU blocks, host blocks) each node would reuse for ``req`` now (no side effects)."""
+        groups: dict[NamespaceKey, list[NodeState]] = {}
+        for n in names:
+            st = self.nodes[n]
+            groups.setdefault(st.key if st.key is not None else self.approx_key, []).append(st)
+        out: dict[str, tuple[int, int]] = {}
+        for key, members in groups.items():
+            ids = req.ids(key)
+            if req.text_mode and key != self.approx_key:
+                ids = ids[:0]
+            m = min(len(ids), req.matchable(key.block_size))
+            if m == 0:
+                for st in members:
+                    out[st.name] = (0, 0)
+                continue
+            gm, hm = self.table.match(ids[:m])
+            slots = np.array([st.slot for st in members], dtype=np.uint64)
+            one = np.uint64(1)
+            gb = ((gm.astype(np.uint64)[:, None] >> slots[None, :]) & one).astype(bool)
+            hb = ((hm.astype(np.uint64)[:, None] >> slots[None, :]) & one).astype(bool)
+            g = np.where(gb.all(0), m, gb.argmin(0))
+            after = np.arange(m)[:, None] < g[None, :]
+            x = hb | after
+            end = np.where(x.all(0), m, x.argmin(0))
+            h = end - g
+            for k, st in enumerate(members):
+                out[st.name] = (int(g[k]), int(h[k]))
+        return out
+
+    def route(self, req: RoutingRequest, candidates: list[str] | None = None) -> Decision | None:
+        names = [n for n, st in self.nodes.items() if st.healthy and (candidates is None or n in candidates)]
+        if not names:
+            return None
+        matched = self.matches(req, names)
+        scored = []
+        for n in names:
+            st = self.nodes[n]
+            g, h = matched[n]
+            c = cost(req.prompt_tokens, g, h, st.profile, st.inflight_tokens)
+            scored.append((c, self._window_load.get(n, 0), n))
+        scored.sort(key=lambda s: (s[0], s[1]))
+        reason = "cost" if len(names) > 1 else "only"
+        chosen = None
+        sticky = self.sessions.get(req.session) if req.session else None
+        if sticky in names:
+            chosen, reason = sticky, "affinity"
+        else:
+            over = self._over_share(names)
+            for c, _, n in scored:
+                if n not in over:
+                    chosen = n
+                    break
+            if chosen is None:
+                chosen = scored[0][2]
+            elif chosen != scored[0][2]:
+                reason = "guard"
+        st = self.nodes[chosen]
+        g, h = matched[chosen]
+        c = next(s[0] for s in scored if s[2] == chosen)
+        bs = st.profile.block_size
+        miss = max(req.prompt_tokens - (g + h) * bs, 0)
+        if req.session:
+            self.sessions[req.session] = chosen
+        return Decision(chosen, g, h, req.prompt_tokens, miss, c, reason)
+
+    def _over_share(self, names: list[str]) -> set[str]:
+        total = sum(self._window_load.get(n, 0) for n in names)
+        cap = self.window_per_node * len(self.nodes)
+        if total == 0 or len(self._window) < WARM_FRACTION * cap:
+            return set()
+        speed = {n: self.nodes[n].profile.speed for n in names}
+        ssum = sum(speed.values())
+        return {n for n in names if self._window_load.get(n, 0) > self.balance * total * speed[n] / ssum}
+
+    def dispatched(self, d: Decision, req: RoutingRequest) -> None:
+        """The request was sent to ``d.node``: count it, queue its prefill, update an approximate index."""
+        st = self.nodes.get(d.node)
+        if st is None:
+            return
+        self.decisions += 1
+        bs = st.profile.block_size
+        st.requests += 1
+        st.prompt_tokens += d.prompt_tokens
+        st.gpu_hit_tokens += d.gpu_blocks * bs
+        st.host_hit_tokens += d.host_blocks * bs
+        st.miss_tokens += d.miss_tokens
+        st.inflight.append(d.miss_tokens)
+        st.inflight_tokens += d.miss_tokens
+        cap = self.window_per_node * len(self.nodes)
+        self._window.append((d.node, d.miss_tokens))
+        self._window_load[d.node] = self._window_load.get(d.node, 0) + d.miss_tokens
+        while len(self._window) > cap:
+            n, t = self._window.popleft()
+            self._window_load[n] = self._window_load.get(n, 0) - t
+        if st.approx is not None:
+            ids = req.ids(self.approx_key)
+            full = len(ids) if req.text_mode else min(len(ids), req.prompt_tokens // self.approx_key.block_size)
+            self._apply_events(st, st.approx.record(ids[:full].tolist()))
+
+    def finished(self, node: str) -> None:
+        """A request sent to ``node`` finished (its prefill is no longer queued)."""
+        st = self.nodes.get(node)
+        if st is not None and st.inflight:
+            st.inflight_tokens -= st.inflight.popleft()
+
+    def _apply_events(self, st: NodeState, events) -> None:
+        """Apply (op, tier, id) events as sets: the last op of an id in a tier wins."""
+        if not events:
+            return
+        last: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        for op, tier, i in events:
+            last[tier][i] = op
+        t = self.table
+        for tier in (GPU, HOST):
+            if not last[tier]:
+                continue
+            rem = [i for i, op in last[tier].items() if op < 0]
+            add = [i for i, op in last[tier].items() if op > 0]
+            if rem:
+                t.remove(np.array(rem, dtype=np.uint64), st.slot, tier)
+            if add:
+                t.add(np.array(add, dtype=np.uint64), st.slot, tier)
+
+    def status(self) -> dict:
+        return {"nodes": [st.as_dict() for st in self.nodes.values()], "decisions": self.decisions,
+                "table_entries": self.table.entries, "table_bytes": self.table.nbytes,
+                "balance": self.balance}
