@@ -2,7 +2,8 @@
 
 ``L3Client`` wraps a *backend* (the Mooncake Store client, or any object with the same four
 methods: ``batch_is_exist(keys) -> list[int]``, ``put(key, bytes) -> int``,
-``get_batch(keys) -> list[bytes]``, ``close()``). The Mooncake client has no per-call timeout
+``get_batch(keys) -> list[bytes]``, ``close()``; ``put_batch(keys, values) -> int`` is used
+when present). The Mooncake client has no per-call timeout
 and blocks while its master is unresponsive, so every call runs on one worker thread and the
 caller waits at most ``timeout_s``.
 
@@ -32,6 +33,7 @@ from .keys import StoreKeyspace
 
 # Mooncake ErrorCode values seen from the Python client (mooncake-transfer-engine 0.3.x).
 NO_SPACE_CODES = frozenset({-200, -201, -202})   # no available handle / segment / replica space
+NO_SPACE_CODES_FIRST = -200
 
 
 class L3Client:
@@ -98,7 +100,20 @@ class L3Client:
         if not items:
             return []
 
+        batch = getattr(self.backend, "put_batch", None)
+
         def run():
+            # one batched RPC when every object is new; per-key puts otherwise (to learn which
+            # keys were refused, and because a batch holding an existing key fails as a whole)
+            keys = [k for k, _ in items]
+            if batch is not None and len(items) > 1:
+                if batch(keys, [v for _, v in items]) == 0:
+                    return [0] * len(items)
+                codes = [self.backend.put(k, v) for k, v in items]
+                # a failed batch can leave keys half-written, and a put on such a key answers 0:
+                # believe only what the store now says exists
+                there = self.backend.batch_is_exist(keys)
+                return [c if c != 0 or e == 1 else NO_SPACE_CODES_FIRST for c, e in zip(codes, there)]
             return [self.backend.put(k, v) for k, v in items]
 
         codes = self._call("put", run)
