@@ -141,6 +141,9 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
 
     act = activation_facts()
     facts["activation"] = act
+    if act["guard"]["ok"] is False:  # "supported" only when the guard accepts it too (never next to REFUSED)
+        facts["lmdeploy"]["supported"] = False
+        facts["lmdeploy"]["sources_match"] = False
     if lmd == SUPPORTED_LMDEPLOY_VERSION:  # otherwise the version problem above already says it
         if act["error"]:
             problems.append(f"the activation state could not be read: {act['error']}")
@@ -218,6 +221,8 @@ def _text(facts: dict[str, Any]) -> str:
         status = f"NOT SUPPORTED: this release needs {lmd['supported_version']}"
     elif lmd["supported"]:
         status = "supported"
+    elif lmd["version"] == lmd["supported_version"]:
+        status = "NOT SUPPORTED: the version matches but its sources differ from the release (see guard)"
     else:
         status = f"NOT SUPPORTED: this release needs exactly {lmd['supported_version']}"
     lines.append(row("lmdeploy", f"{ver(lmd['version'])} ({status})"))

@@ -197,7 +197,8 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
         gb = float(cfg.host_cache_gb)
         want = int(gb * GIB)
         if want == 0:
-            return 0, f"host cache disabled: host_cache_gb is {gb:g}" + (" (under one byte)." if gb else ".")
+            return 0, (f"host tier off: host_cache_gb is {gb:g}" + (" (under one byte)" if gb else "")
+                       + ", so LMDeploy runs as stock (nothing is refused).")
         if want > total:
             raise ConfigError([FieldError(
                 "host_cache_gb", cfg.host_cache_gb,

@@ -262,3 +262,45 @@ def test_eviction_names_follow_the_policies_registry(monkeypatch):
     assert HostCacheConfig(eviction_policy="s3fifo").eviction_policy == "s3fifo"
     with pytest.raises(ConfigError):
         HostCacheConfig(eviction_policy="belady")
+
+
+# -- issue 9: every unusable file is a ConfigError naming it; an empty file says it means auto --------
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\x00\x01\x02binary", "binary data"),
+    (b"host_cache_gb: \xff\xfe\n", "not UTF-8"),
+    (b"host_cache_gb: [4\n", "not valid YAML"),
+    (b"checksum: true\nchecksum: false\n", "duplicate key 'checksum'"),
+    (None, "is a folder"),
+    ("missing", "no such file"),
+])
+def test_load_config_raises_config_error_for_every_unusable_file(tmp_path, content, match):
+    f = tmp_path / "hc.yaml"
+    if content is None:
+        f.mkdir()
+    elif content != "missing":
+        f.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(f)
+    text = str(info.value)
+    assert text.startswith(f"{f}: ") and match in text and "\n" not in text
+
+
+def test_empty_yaml_logs_that_it_means_auto(tmp_path, caplog):
+    f = tmp_path / "empty.yaml"
+    f.write_text("# nothing set yet\n")
+    with caplog.at_level("WARNING", logger="lmdeploy_hostcache"):
+        cfg = load_config(f)
+    assert cfg.host_cache_gb == AUTO
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(str(f) in m and "empty" in m and "'auto'" in m for m in msgs), msgs
+
+
+def test_yaml_1_2_numbers(tmp_path):
+    f = tmp_path / "n.yaml"
+    f.write_text("host_cache_gb: 1.0e2\nhost_memory_reserve_gb: 2e0\n")
+    cfg = load_config(f)
+    assert (cfg.host_cache_gb, cfg.host_memory_reserve_gb) == (100.0, 2.0)
+    salt = HostCacheConfig(tenant_salt="1e3")
+    assert HostCacheConfig.from_yaml_text(salt.to_yaml()) == salt  # a number-like string stays a string

@@ -199,3 +199,42 @@ def test_doctor_disabled_and_unhooked_interpreters(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "  activation   inactive (the .pth post-import hook is not installed" in out.stdout
     assert "note: the auto-activation hook" in out.stdout and "activate()" in out.stdout
+
+
+# -- issue 9: bad input and first use ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, match", [(b"\x00\x01\x02\x03", "binary data"), (b"host_cache_gb: \xff 4\n", "not UTF-8"),
+                                            (b"pin_memory: true\npin_memory: false\n", "duplicate key")])
+def test_doctor_binary_or_non_utf8_config_is_a_bad_config(tmp_path, capsys, content, match):
+    """Item 7: exit 2 (a bad config file, naming it), not an environment problem (exit 1)."""
+    f = tmp_path / "hc.yaml"
+    f.write_bytes(content)
+    assert cli.main(["doctor", "--config", str(f)]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.startswith(f"error: {f}: ") and match in cap.err and cap.err.count("\n") == 1
+    assert "problem:" not in cap.out
+
+
+def test_doctor_host_cache_gb_0_is_the_tier_off(tmp_path, capsys):
+    """Item 6: 0 reads as "off, LMDeploy as stock", exit 0."""
+    f = tmp_path / "off.yaml"
+    f.write_text("host_cache_gb: 0\n")
+    assert cli.main(["doctor", "--config", str(f)]) in (0, 1)  # 1 only for an environment problem
+    out = capsys.readouterr().out
+    assert "host tier off: host_cache_gb is 0, so LMDeploy runs as stock" in out
+    assert f"{f}: valid" in out
+
+
+def test_doctor_never_says_supported_next_to_refused(monkeypatch, capsys):
+    """Item 8: a 0.18.0 whose sources differ is not "supported" while the guard says REFUSED."""
+    from lmdeploy_hostcache.integration import guard
+
+    refused = guard.GuardResult(False, SUPPORTED_LMDEPLOY_VERSION, ["the source of x:y differs"])
+    monkeypatch.setattr(guard, "verify", lambda *a, **k: refused)
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "(supported)" not in out
+    assert "version matches but its sources differ" in out
+    assert cli.main(["doctor", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["lmdeploy"]["supported"] is False

@@ -84,7 +84,7 @@ def test_explicit_sizes():
     n, reason = resolve_host_cache_bytes(HostCacheConfig(host_cache_gb=200), f)
     assert n == 200 * GIB and "warning" in reason and "available" in reason
     n, reason = resolve_host_cache_bytes(HostCacheConfig(host_cache_gb=0), f)
-    assert n == 0 and "disabled" in reason
+    assert n == 0 and "host tier off" in reason and "runs as stock" in reason
     with pytest.raises(ConfigError) as info:
         resolve_host_cache_bytes(HostCacheConfig(host_cache_gb=300), f)
     assert info.value.field == "host_cache_gb" and "256.0 GiB" in str(info.value)

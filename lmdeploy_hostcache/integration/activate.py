@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 _LOGGER_NAME = "lmdeploy_hostcache"
+# Start of the INFO line the executor logs once the host tier is sized: the sign that it is active
+# (README, "Is the tier on?").
+ACTIVE_LOG_PREFIX = "lmdeploy-hostcache: host tier active:"
 
 
 class Patch:
@@ -164,10 +167,16 @@ def _patch_messages(mod) -> None:
 
             settings = load_config(host_cache_config, host_cache_gb=host_cache_gb)  # validate first
         original(self, *args, **kwargs)
-        if settings is not None:
-            from .engine_config import host_tier_transfer_config
+        from .engine_config import drop_if_off, host_tier_transfer_config, is_host_tier, log_tier_off
 
+        if settings is not None and not settings.enabled:  # host_cache_gb 0: tier off, LMDeploy as stock
+            if is_host_tier(self.kv_transfer_config):
+                self.kv_transfer_config = None
+            log_tier_off("PytorchEngineConfig")
+        elif settings is not None:
             self.kv_transfer_config = host_tier_transfer_config(config=settings, existing=self.kv_transfer_config)
+        else:  # a hand-written kv_transfer_config naming our connector with host_cache_gb 0
+            self.kv_transfer_config = drop_if_off(self.kv_transfer_config, "PytorchEngineConfig")
 
     _rebind(cls, "__init__", _mark(__init__), "lmdeploy.messages:PytorchEngineConfig")
 
@@ -207,6 +216,11 @@ def _patch_factory(mod) -> None:
         def prepare_kv_connector_config(cache_config, *, model_path=None, dist_config=None,
                                         distributed_executor_backend=None):
             tc = cache_config.kv_transfer_config
+            if tc is not None and tc.kv_connector == CONNECTOR_NAME:
+                from .engine_config import drop_if_off
+
+                if drop_if_off(tc, "prepare_kv_connector_config") is None:  # host_cache_gb 0: stock engine
+                    cache_config.kv_transfer_config = tc = None
             if tc is None or tc.kv_connector != CONNECTOR_NAME:
                 return orig_prepare(cache_config, model_path=model_path, dist_config=dist_config,
                                     distributed_executor_backend=distributed_executor_backend)
@@ -362,9 +376,9 @@ def _patch_executor_base(mod) -> None:
             try:
                 from lmdeploy.utils import get_logger
 
-                get_logger("lmdeploy").info(f"lmdeploy-hostcache: {reason}")
+                get_logger("lmdeploy").info(f"{ACTIVE_LOG_PREFIX} {reason}")
             except Exception:  # logging must never break start-up
-                _logger().info("lmdeploy-hostcache: %s", reason)
+                _logger().info("%s %s", ACTIVE_LOG_PREFIX, reason)
         return result
 
     base = "lmdeploy.pytorch.engine.executor.base:ExecutorBase."
@@ -415,6 +429,70 @@ def _patch_loggers(mod) -> None:
             "lmdeploy.metrics.loggers:PrometheusStatLogger.record_schedule")
 
 
+# ----------------------------------------------------------------------------------------
+# refusal stubs: on an LMDeploy the guard refuses, the flags and keywords stay accepted and any
+# request for the tier gets one message (compat.unavailable_message) instead of
+# "unrecognized arguments" or a TypeError. host_cache_gb 0 (tier off) still runs as stock.
+
+
+def _unavailable():
+    from .compat import HostTierUnavailable, unavailable_message
+
+    result = _state.guard_result
+    return HostTierUnavailable(unavailable_message(getattr(result, "version", None),
+                                                   list(getattr(result, "problems", []) or [])))
+
+
+def _refusal_messages(mod) -> None:
+    import functools
+
+    cls = mod.PytorchEngineConfig
+    original = cls.__dict__["__init__"]
+
+    @functools.wraps(original)
+    def __init__(self, *args, host_cache_gb=None, host_cache_config=None, **kwargs):
+        if host_cache_gb is not None or host_cache_config is not None:
+            from ..config import load_config
+
+            if load_config(host_cache_config, host_cache_gb=host_cache_gb).enabled:
+                raise _unavailable()
+        original(self, *args, **kwargs)
+
+    _rebind(cls, "__init__", _mark(__init__), "lmdeploy.messages:PytorchEngineConfig (refusal)")
+
+
+def _refusal_cli_serve(mod) -> None:
+    from . import cli_patch
+
+    cls = mod.SubCliServe
+    orig_add = cls.__dict__["add_parser_api_server"].__func__
+    orig_run = cls.__dict__["api_server"].__func__
+    _rebind(cls, "add_parser_api_server", cli_patch.wrap_add_parser_api_server(orig_add, cls),
+            "lmdeploy.cli.serve:SubCliServe.add_parser_api_server (refusal)", wrap_kind="staticmethod")
+    _rebind(cls, "api_server", cli_patch.wrap_api_server(orig_run, refusal=_unavailable),
+            "lmdeploy.cli.serve:SubCliServe.api_server (refusal)", wrap_kind="staticmethod")
+
+
+REFUSAL_PATCHERS = {
+    "lmdeploy.messages": _refusal_messages,
+    "lmdeploy.cli.serve": _refusal_cli_serve,
+}
+
+
+def require_supported_lmdeploy() -> None:
+    """Raise ``HostTierUnavailable`` unless the guard accepts the installed LMDeploy (checked once)."""
+    with _lock():
+        if _state.guard_result is None:
+            from . import guard
+
+            try:
+                _state.guard_result = guard.verify(_state.root, **_state.guard_kwargs)
+            except Exception as exc:
+                _state.guard_result = guard.GuardResult(False, None, [f"the version guard failed to run: {exc!r}"])
+        if not _state.guard_result.ok:
+            raise _unavailable()
+
+
 # module name -> patcher. Order matters only for activate() on already-imported modules.
 PATCHERS = {
     "lmdeploy.messages": _patch_messages,
@@ -435,8 +513,23 @@ PATCHERS = {
 def _refuse(status: str, reason: str) -> None:
     _state.status = status
     _state.reason = reason
-    autoload.stopped = True  # the finder steps aside: later imports stay stock
+    autoload.stopped = True  # the finder steps aside: later imports stay stock ...
+    # ... except the refusal stubs' modules when the guard refused this LMDeploy
+    autoload.still_patched = frozenset(REFUSAL_PATCHERS) if status == "refused" else frozenset()
     _logger().warning(reason)
+
+
+def _apply_refusal(module_name: str, module) -> None:
+    """Install the refusal stub of ``module_name`` (best effort: this LMDeploy may differ)."""
+    if module_name not in REFUSAL_PATCHERS or module_name in _state.patched_modules:
+        return
+    try:
+        REFUSAL_PATCHERS[module_name](module)
+    except Exception as exc:
+        _logger().warning("lmdeploy-hostcache: cannot register its flags/keywords on this LMDeploy (%s: %r); "
+                          "they will be unrecognized", module_name, exc)
+        return
+    _state.patched_modules.add(module_name)
 
 
 def _ensure_guard() -> bool:
@@ -447,22 +540,27 @@ def _ensure_guard() -> bool:
         from . import guard
 
         try:
-            result = guard.verify(_state.root, **_state.guard_kwargs)
+            _state.guard_result = guard.verify(_state.root, **_state.guard_kwargs)
         except Exception as exc:  # a guard that cannot run refuses
-            result = guard.GuardResult(False, None, [f"the version guard failed to run: {exc!r}"])
-        _state.guard_result = result
-        if not result.ok:
-            _refuse("refused", result.message())
-            return False
+            _state.guard_result = guard.GuardResult(False, None, [f"the version guard failed to run: {exc!r}"])
+    result = _state.guard_result
+    if not result.ok:
+        _refuse("refused", result.message())
+        return False
+    if _state.status != "active":
         _state.status = "active"
         _state.reason = result.message()
-    return _state.guard_result.ok
+    return True
 
 
 def _apply(module_name: str, module) -> None:
     """Patch one module (all or nothing for the whole process)."""
     with _lock():
-        if module_name in _state.patched_modules or not _ensure_guard():
+        if module_name in _state.patched_modules:
+            return
+        if not _ensure_guard():
+            if _state.status == "refused":
+                _apply_refusal(module_name, module)
             return
         try:
             PATCHERS[module_name](module)
@@ -517,6 +615,7 @@ def deactivate() -> dict:
         _rollback()
         autoload.remove_finder()
         autoload.stopped = False
+        autoload.still_patched = frozenset()
         fresh = _State()
         _state.__dict__.update(fresh.__dict__)
         return status()

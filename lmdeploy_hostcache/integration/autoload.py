@@ -22,8 +22,11 @@ TARGET_MODULES = frozenset({
     "lmdeploy.metrics.stats",
     "lmdeploy.metrics.loggers",
 })
-# Set by activate when the guard refused or a patch failed: the finder steps aside.
+# Set by activate when the guard refused or a patch failed: the finder steps aside, except for
+# the modules in ``still_patched`` (activate.REFUSAL_PATCHERS: the flags stay registered and
+# refuse with one message on an unsupported LMDeploy).
 stopped = False
+still_patched = frozenset()
 
 
 def is_disabled() -> bool:
@@ -62,7 +65,9 @@ class PostImportFinder:
         self._busy = set()
 
     def find_spec(self, fullname, path=None, target=None):
-        if stopped or fullname not in TARGET_MODULES or fullname in self._busy:
+        if fullname not in TARGET_MODULES or fullname in self._busy:
+            return None
+        if stopped and fullname not in still_patched:
             return None
         self._busy.add(fullname)
         try:

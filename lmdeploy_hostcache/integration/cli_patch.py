@@ -7,16 +7,24 @@ with the wrappers built here (it is the only module that rebinds LMDeploy functi
 - the command wrapper turns them into ``args.kv_transfer_config`` before LMDeploy reads
   it, refusing a ``--kv-transfer-config`` that names another connector.
 
-Invariant: with neither flag given, ``args`` is untouched and LMDeploy behaves as stock.
+Invariants:
+- With neither flag given, ``args`` is untouched and LMDeploy behaves as stock; with
+  ``host_cache_gb`` 0 (flag or file) the tier is off: ``args`` is untouched too, one log line
+  says so, and nothing is refused.
+- Every refusal on this path (bad config file or value, ``--backend turbomind``, a
+  conflicting ``--kv-transfer-config``, no ``--enable-prefix-caching``, an unsupported
+  LMDeploy) is one ``lmdeploy serve api_server: error: ...`` line on stderr and exit code 2,
+  like an argparse error, before any engine starts: never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PYTORCH_GROUP_TITLE", "add_host_cache_arguments", "apply_host_cache_args",
+__all__ = ["PYTORCH_GROUP_TITLE", "add_host_cache_arguments", "apply_host_cache_args", "refuse",
            "wrap_add_parser_api_server", "wrap_api_server"]
 
 PYTORCH_GROUP_TITLE = "PyTorch engine arguments"
@@ -43,8 +51,8 @@ def add_host_cache_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--host-cache-gb", type=_gb_value, default=None, metavar="GIB",
         help="lmdeploy-hostcache: enable a host-DRAM prefix-cache tier under the GPU prefix cache with "
-             "this many GiB (summed over TP ranks), or 'auto'. Needs --backend pytorch and "
-             "--enable-prefix-caching. Default: off")
+             "this many GiB (summed over TP ranks), or 'auto'; 0 turns the tier off (LMDeploy as stock). "
+             "Needs --backend pytorch and --enable-prefix-caching. Default: off")
     group.add_argument(
         "--host-cache-config", type=str, default=None, metavar="YAML",
         help="lmdeploy-hostcache: YAML file of host-tier settings (HostCacheConfig fields); enables the "
@@ -54,21 +62,26 @@ def add_host_cache_arguments(parser: argparse.ArgumentParser) -> None:
 def apply_host_cache_args(args: argparse.Namespace) -> bool:
     """Turn the flags into ``args.kv_transfer_config``; return whether the tier was enabled.
 
-    Raises ValueError (naming the flag) for a non-PyTorch backend or a
-    ``--kv-transfer-config`` that configures another connector, and ConfigError for bad
-    settings; ``args`` is modified only after every check passed.
+    Raises ValueError (naming the flag) for a non-PyTorch backend, a missing
+    ``--enable-prefix-caching`` or a ``--kv-transfer-config`` that configures another
+    connector, and ConfigError for bad settings; ``args`` is modified only after every check
+    passed. ``host_cache_gb`` 0 returns False with ``args`` untouched (tier off).
     """
     gb = getattr(args, "host_cache_gb", None)
     path = getattr(args, "host_cache_config", None)
     if gb is None and path is None:
         return False
+    from ..config import ConfigError, load_config
+    from .engine_config import log_tier_off, merge_transfer_config
+
+    settings = load_config(path, host_cache_gb=gb)  # ConfigError names the file and the field
+    if not settings.enabled:
+        log_tier_off("--host-cache-gb 0" if gb is not None else f"--host-cache-config {path}")
+        return False
     backend = getattr(args, "backend", "pytorch")
     if backend != "pytorch":
         raise ValueError(f"--host-cache-gb/--host-cache-config need the PyTorch engine; pass --backend pytorch "
                          f"(got --backend {backend})")
-    from ..config import ConfigError
-    from .engine_config import merge_transfer_config
-
     existing = getattr(args, "kv_transfer_config", None)
     try:
         transfer = merge_transfer_config(existing, host_cache_gb=gb, config=path)
@@ -76,8 +89,18 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
         if existing is not None and not isinstance(exc, ConfigError):
             raise ValueError(f"--host-cache-gb/--host-cache-config conflict with --kv-transfer-config: {exc}") from None
         raise
+    if hasattr(args, "enable_prefix_caching") and not args.enable_prefix_caching:
+        raise ValueError("--host-cache-gb/--host-cache-config extend LMDeploy's prefix cache: add "
+                         "--enable-prefix-caching (or give host_cache_gb 0 to run without the host tier)")
     args.kv_transfer_config = transfer
     return True
+
+
+def refuse(message: str) -> None:
+    """Print one argparse-style error line for ``lmdeploy serve api_server`` and exit 2."""
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    sys.stderr.write(f"lmdeploy serve api_server: error: {text}\n")
+    raise SystemExit(2)
 
 
 def wrap_add_parser_api_server(original: Callable[[], Any], serve_cls: Any) -> Callable[[], Any]:
@@ -93,10 +116,26 @@ def wrap_add_parser_api_server(original: Callable[[], Any], serve_cls: Any) -> C
     return add_parser_api_server
 
 
-def wrap_api_server(original: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+def wrap_api_server(original: Callable[[argparse.Namespace], Any],
+                    refusal: Callable[[], Exception] | None = None) -> Callable[[argparse.Namespace], Any]:
+    """``api_server`` that applies the flags first; ``refusal`` (an unsupported LMDeploy) builds the
+    exception to report when the tier is asked for (host_cache_gb 0 still runs stock)."""
+
     @functools.wraps(original)
     def api_server(args):
-        apply_host_cache_args(args)
+        try:
+            if refusal is not None:
+                gb = getattr(args, "host_cache_gb", None)
+                path = getattr(args, "host_cache_config", None)
+                if gb is not None or path is not None:
+                    from ..config import load_config
+
+                    if load_config(path, host_cache_gb=gb).enabled:
+                        raise refusal()
+            else:
+                apply_host_cache_args(args)
+        except ValueError as exc:  # ConfigError, HostTierUnavailable and the refusals above
+            refuse(str(exc))
         return original(args)
 
     api_server.__hostcache_wrapped__ = True

@@ -12,6 +12,13 @@ Two checkpoints, both before any KV cache or host memory is allocated:
 
 Invariant: each raises ``UnsupportedConfiguration`` (a ``ValueError``) whose message
 names every offending setting and what to change; nothing is modified before it raises.
+``host_cache_gb: 0`` is not refused: it means "tier off" and never reaches these checks
+(``engine_config.drop_if_off`` removes the connector first; LMDeploy then runs as stock).
+
+``HostTierUnavailable`` (also a ``ValueError``) is the one refusal used when the installed
+LMDeploy is not the supported release (or its sources differ): the flags and keywords stay
+accepted, and any request for the tier gets ``unavailable_message`` (the needed version and
+how to run without the tier).
 Neither function imports LMDeploy (they read attributes), so they are testable with
 plain objects.
 """
@@ -22,6 +29,8 @@ from typing import Any
 
 __all__ = [
     "CONNECTOR_NAME",
+    "HostTierUnavailable",
+    "unavailable_message",
     "EXTRA_CONFIG_KEYS",
     "UnsupportedConfiguration",
     "check_model_supported",
@@ -43,6 +52,24 @@ class UnsupportedConfiguration(ValueError):
         self.reasons = list(reasons)
         super().__init__("lmdeploy-hostcache (HostTierConnector) cannot run with this configuration:\n  - "
                          + "\n  - ".join(self.reasons))
+
+
+class HostTierUnavailable(ValueError):
+    """The host tier was asked for, but this LMDeploy is not the one the package supports."""
+
+
+def unavailable_message(found_version: str | None, problems: list[str] | tuple[str, ...] = ()) -> str:
+    """One paragraph: which LMDeploy is needed, what was found, how to run without the tier."""
+    from . import guard  # no LMDeploy import: the guard reads files only
+
+    need = guard.SUPPORTED_LMDEPLOY_VERSION
+    found = found_version or "none"
+    why = f" ({'; '.join(problems)})" if problems else ""
+    return (f"lmdeploy-hostcache needs LMDeploy {need}, found {found}{why}: the host-memory tier cannot run "
+            f"on this LMDeploy. To run without the tier, remove --host-cache-gb/--host-cache-config (in Python: "
+            f"the host_cache_gb=/host_cache_config= keywords) or give host_cache_gb 0; "
+            f"LMDEPLOY_HOSTCACHE_DISABLE=1 keeps the package out of every process. To use the tier, install "
+            f"lmdeploy=={need} (docs/integration.md, 'Upgrading LMDeploy').")
 
 
 def _name(value: Any) -> str:
@@ -72,11 +99,6 @@ def supported_problems(cache_config: Any, *, model_path: str | None = None, dist
             problems.append(f"kv_connector_extra_config has keys {unknown} that belong to no setting of "
                             f"{CONNECTOR_NAME} (allowed: {list(EXTRA_CONFIG_KEYS)} or a HostCacheConfig field); settings of another "
                             "connector cannot be combined with the host tier")
-        hc = extra.get("hostcache_config") or {}
-        gb = hc.get("host_cache_gb", extra.get("host_cache_gb")) if isinstance(hc, Mapping) else None
-        if gb is not None and not isinstance(gb, str) and float(gb) == 0.0:
-            problems.append("host_cache_gb is 0, which disables the host tier: drop --host-cache-gb / the "
-                            f"{CONNECTOR_NAME} kv_transfer_config instead")
     if not getattr(cache_config, "enable_prefix_caching", False):
         problems.append("prefix caching is off: the host tier extends LMDeploy's prefix cache, pass "
                         "--enable-prefix-caching (enable_prefix_caching=True)")

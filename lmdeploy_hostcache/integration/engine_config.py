@@ -24,6 +24,10 @@ per-rank GPU block bytes LMDeploy measured into per-rank host slot bytes for the
 transfer package's ``KVRowLayout`` on ``meta`` rows, so the slot size is the one the worker's
 ``HostPool`` will allocate. The same specs travel to the workers in ``host_tensor_specs``.
 
+Tier off: ``host_cache_gb: 0`` (flag, YAML, keyword or extra config) means the tier is off and
+LMDeploy runs as stock: ``drop_if_off`` returns ``None`` for such a ``kv_transfer_config``
+(it is removed, never refused) and ``log_tier_off`` says so once in the log.
+
 Invariants: every function validates before it builds anything (``ConfigError`` names
 the field, ``ValueError`` names the conflicting connector); inputs are never mutated.
 Only ``host_tier_transfer_config``/``with_host_cache``/``cache_plan_for_executor`` import
@@ -44,7 +48,10 @@ __all__ = [
     "CONNECTOR_NAME",
     "HostSlotPlan",
     "KV_ROLE",
+    "TIER_OFF_MESSAGE",
     "cache_plan_for_executor",
+    "drop_if_off",
+    "log_tier_off",
     "connector_rows_of_plan",
     "decode_tensor_specs",
     "encode_tensor_specs",
@@ -74,6 +81,39 @@ def _get(tc: Any, key: str) -> Any:
 def is_host_tier(transfer_config: Any) -> bool:
     """True when ``transfer_config`` (KVTransferConfig, dict or None) names our connector."""
     return _get(transfer_config, "kv_connector") == CONNECTOR_NAME
+
+
+TIER_OFF_MESSAGE = ("lmdeploy-hostcache: host_cache_gb is 0: the host-memory tier is off and LMDeploy runs as "
+                    "stock (no KV connector)")
+
+
+def log_tier_off(where: str = "") -> None:
+    """One INFO line (through LMDeploy's logger when it is importable) saying the tier is off."""
+    text = TIER_OFF_MESSAGE + (f" [{where}]" if where else "")
+    try:
+        from lmdeploy.utils import get_logger
+
+        get_logger("lmdeploy").info(text)
+    except Exception:  # logging must never break start-up
+        import logging
+
+        logging.getLogger("lmdeploy_hostcache").info(text)
+
+
+def drop_if_off(transfer_config: Any, where: str = "") -> Any:
+    """``transfer_config`` unchanged, or ``None`` when it names our connector with ``host_cache_gb: 0``.
+
+    Validates our settings on the way (``ConfigError`` naming the field); another connector's
+    config is returned as it is.
+    """
+    if not is_host_tier(transfer_config):
+        return transfer_config
+    extra = normalise_extra_config(_get(transfer_config, "kv_connector_extra_config"))
+    cfg = HostCacheConfig.from_dict(extra["hostcache_config"], source="kv_connector_extra_config.hostcache_config")
+    if cfg.enabled:
+        return transfer_config
+    log_tier_off(where)
+    return None
 
 
 def normalise_extra_config(extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -156,9 +196,18 @@ def with_host_cache(engine_config: Any, host_cache_gb: float | str | None = None
     if not isinstance(engine_config, PytorchEngineConfig):
         raise TypeError(f"with_host_cache: engine_config must be a PytorchEngineConfig (the host tier needs "
                         f"the PyTorch engine), not {type(engine_config).__name__}")
-    transfer = host_tier_transfer_config(host_cache_gb, config, existing=engine_config.kv_transfer_config)
+    settings = load_config(config, host_cache_gb=host_cache_gb) if config is not None or host_cache_gb is not None \
+        else None
     out = copy.deepcopy(engine_config)
-    out.kv_transfer_config = transfer
+    if settings is not None and not settings.enabled:  # host_cache_gb 0: the tier is off, LMDeploy as stock
+        if is_host_tier(out.kv_transfer_config):
+            out.kv_transfer_config = None
+        log_tier_off("with_host_cache")
+        return out
+    from .activate import require_supported_lmdeploy
+
+    require_supported_lmdeploy()  # HostTierUnavailable on any LMDeploy but the supported one
+    out.kv_transfer_config = host_tier_transfer_config(host_cache_gb, config, existing=engine_config.kv_transfer_config)
     return out
 
 

@@ -77,13 +77,19 @@ def test_deactivate_restores_the_stock_objects(fresh):
         assert mod.build_kv_connector is factory.build_kv_connector, mod.__name__
 
 
-def test_other_version_patches_nothing(fresh, caplog):
+# On a refused LMDeploy only the refusal stubs are installed: the flags and keywords stay
+# accepted and refuse with one message (issue 9 item 8); everything else stays stock.
+REFUSAL_TARGETS = {"lmdeploy.messages:PytorchEngineConfig", "lmdeploy.cli.serve:SubCliServe.add_parser_api_server",
+                   "lmdeploy.cli.serve:SubCliServe.api_server"}
+
+
+def test_other_version_patches_only_the_refusal_stubs(fresh, caplog):
     with caplog.at_level("WARNING", logger="lmdeploy_hostcache"):
         st = fresh.activate(version="0.19.0")
     assert st["status"] == "refused"
     assert "0.19.0" in st["reason"] and "LMDeploy runs as stock" in st["reason"]
-    assert st["patches"] == [] and st["patched_modules"] == []
-    assert not any(_is_wrapped(t) for t in guard.PATCHED_TARGETS)
+    assert st["patched_modules"] == sorted(fresh.REFUSAL_PATCHERS)
+    assert {t for t in guard.PATCHED_TARGETS if _is_wrapped(t)} == REFUSAL_TARGETS
     assert sum("LMDeploy runs as stock" in r.getMessage() for r in caplog.records) == 1
     # a target module imported later is left to the normal import system
     from lmdeploy_hostcache.integration import autoload
@@ -91,13 +97,13 @@ def test_other_version_patches_nothing(fresh, caplog):
     assert autoload.finder.find_spec("lmdeploy.metrics.stats") is None
 
 
-def test_changed_source_patches_nothing_and_names_the_function(fresh, tmp_path):
+def test_changed_source_patches_only_the_refusal_stubs_and_names_the_function(fresh, tmp_path):
     pins = dict(guard.PINS)
     pins["lmdeploy.pytorch.engine.executor.base:ExecutorBase._update_num_gpu_blocks"] = "0" * 64
     st = fresh.activate(pins=pins)
     assert st["status"] == "refused"
     assert "ExecutorBase._update_num_gpu_blocks" in st["reason"]
-    assert not any(_is_wrapped(t) for t in guard.PATCHED_TARGETS)
+    assert {t for t in guard.PATCHED_TARGETS if _is_wrapped(t)} == REFUSAL_TARGETS
 
 
 def test_a_failing_patch_reverts_all_patches(fresh, monkeypatch):

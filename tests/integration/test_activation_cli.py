@@ -71,12 +71,25 @@ def test_without_the_flags_nothing_changes(parser, recorded, tmp_path):
     assert cfg.kv_transfer_config is None
 
 
-def test_a_different_kv_transfer_config_is_refused(parser, recorded, tmp_path):
+def _refused(args, capsys, match):
+    """One argparse-style line on stderr and exit 2, before the engine starts (issue 9 item 7)."""
+    import re
+
+    with pytest.raises(SystemExit) as info:
+        args.run(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmdeploy serve api_server: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    assert "Traceback" not in err
+    return err
+
+
+def test_a_different_kv_transfer_config_is_refused(parser, recorded, tmp_path, capsys):
     mooncake = json.dumps({"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both"})
     args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch",
                               "--kv-transfer-config", mooncake, "--host-cache-gb", "4"])
-    with pytest.raises(ValueError, match="--kv-transfer-config.*MooncakeStoreConnector"):
-        args.run(args)
+    _refused(args, capsys, "--kv-transfer-config.*MooncakeStoreConnector")
     assert recorded == []
     assert args.kv_transfer_config == json.loads(mooncake)  # untouched
 
@@ -90,11 +103,10 @@ def test_our_own_kv_transfer_config_merges(parser, recorded, tmp_path):
     assert (hc["host_cache_gb"], hc["min_restore_tokens"]) == (2.0, 32)
 
 
-def test_turbomind_backend_is_refused(parser, recorded, tmp_path):
+def test_turbomind_backend_is_refused(parser, recorded, tmp_path, capsys):
     args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "turbomind",
                               "--host-cache-gb", "4"])
-    with pytest.raises(ValueError, match="--backend pytorch"):
-        args.run(args)
+    _refused(args, capsys, "--backend pytorch")
     assert recorded == []
 
 
@@ -112,3 +124,47 @@ def test_bad_config_file_names_the_field(tmp_path):
     with pytest.raises(ConfigError, match="host_kv_format"):
         apply_host_cache_args(args)
     assert args.kv_transfer_config is None
+
+
+# -- issue 9: the off switch and one-line refusals on the serve path ----------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "file"])
+def test_host_cache_gb_0_is_the_stock_engine(parser, recorded, tmp_path, how, caplog):
+    """Item 6: 0 is "tier off", not a refusal, even without --enable-prefix-caching or with turbomind."""
+    if how == "flag":
+        extra = ["--host-cache-gb", "0"]
+    else:
+        f = tmp_path / "off.yaml"
+        f.write_text("host_cache_gb: 0\nhost_kv_format: int8\n")
+        extra = ["--host-cache-config", str(f)]
+    cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch", *extra)
+    assert cfg.kv_transfer_config is None and cfg.enable_prefix_caching is False
+
+
+def test_missing_prefix_caching_is_refused_at_the_command_line(parser, recorded, tmp_path, capsys):
+    args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch", "--host-cache-gb", "4"])
+    _refused(args, capsys, "--enable-prefix-caching")
+    assert recorded == []
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"host_kv_format: fp3\n", "host_kv_format"),
+    (b"\x00\x01binary", "binary data"),
+    (b"host_cache_gb: \xff\xfe 4\n", "not UTF-8"),
+    (b"host_cache_gb: [4\n", "not valid YAML"),
+    (b"host_cache_gb: 4\nhost_cache_gb: 8\n", "duplicate key 'host_cache_gb'"),
+    (None, "is a folder"),
+    ("missing", "no such file"),
+])
+def test_bad_config_file_is_one_line_and_exit_2(parser, recorded, tmp_path, capsys, content, match):
+    f = tmp_path / "hostcache.yaml"
+    if content is None:
+        f.mkdir()
+    elif content != "missing":
+        f.write_bytes(content)
+    args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
+                              "--host-cache-config", str(f)])
+    err = _refused(args, capsys, match)
+    assert str(f) in err
+    assert recorded == []

@@ -199,6 +199,22 @@ def test_executor_sizes_host_slots_from_gb(active):
     assert extra["host_cache_blocks"] == (1 << 30) // (2 * (mib + mib // 4))
 
 
+def test_executor_logs_the_tier_active_line(active, monkeypatch):
+    """README "Is the tier on?": the INFO line the executor logs once the host tier is sized."""
+    import lmdeploy.utils
+    from lmdeploy.pytorch.engine.executor.base import _WorkerCachePlanSizes
+
+    lines = []
+    monkeypatch.setattr(lmdeploy.utils, "get_logger",
+                        lambda name: SimpleNamespace(info=lines.append, warning=lines.append))
+    ex = _executor(_cache_config(), SimpleNamespace(sliding_window=-1, states_shapes=[]))
+    ex._update_num_gpu_blocks([8 << 30], [_WorkerCachePlanSizes(target=1 << 20, spec=0)], None)
+    active_lines = [ln for ln in lines if ln.startswith("lmdeploy-hostcache: host tier active: ")]
+    assert len(active_lines) == 1, lines
+    assert "host cache 1.0 GiB: host_cache_gb is set to 1" in active_lines[0]
+    assert "1024 host slots per rank x 1 rank x 1.0 MiB per block" in active_lines[0]
+
+
 # -- host slots in the configured host_kv_format (executor hook) ------------------------------------
 
 LLAMA_LIKE = dict(hidden_size=4096, num_layers=2, num_attention_heads=32, num_key_value_heads=8,
