@@ -134,6 +134,11 @@ class L3TierMetrics:
                 out[f"{op}_latency_count"] = lat.count
         return out
 
+    def prefixed_snapshot(self) -> dict[str, float]:
+        """``snapshot()`` with every key prefixed ``l3_``: merged into the host tier's snapshot
+        dict that travels to the stats log and Prometheus (``integration.metrics_export``)."""
+        return {f"l3_{k}": v for k, v in self.snapshot().items()}
+
     def log_line(self) -> str:
         """One line for LMDeploy's stats log, next to the host tier's."""
         s = self.snapshot()

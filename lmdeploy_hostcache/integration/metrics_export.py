@@ -7,7 +7,9 @@ separate engine process, because ``ScheduleMetrics`` is pickled across):
       -> Engine.get_schedule_metrics(): ScheduleMetrics.host_tier = snapshot()
       -> SchedulerStats.update_from_schedule_metrics(): stats.host_tier
       -> LoggingStatLogger.log(): one extra "host-tier: ..." line after LMDeploy's own
-      -> PrometheusStatLogger.record_schedule(): HostTierCollector (lmdeploy:host_cache_*)
+         (and an "l3-tier: ..." line when the snapshot carries the store tier's ``l3_`` keys)
+      -> PrometheusStatLogger.record_schedule(): HostTierCollector (lmdeploy:host_cache_*,
+         and lmdeploy:l3_cache_* for the store tier)
 
 ``activate.py`` binds the wrappers built here. Invariants: one ``HostTierCollector`` per
 process, registered once in ``prometheus_client.REGISTRY`` (it has no ``_name``, so
@@ -26,6 +28,8 @@ __all__ = [
     "COUNTERS",
     "HostTierCollector",
     "collector",
+    "L3_COUNTERS",
+    "format_l3_log_line",
     "format_log_line",
     "host_tier_snapshot",
     "wrap_engine_get_schedule_metrics",
@@ -51,6 +55,25 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "bytes_to_gpu": ("bytes_to_gpu", "Bytes copied host -> GPU."),
 }
 _LATENCY_KEYS = ("restore_latency_mean_s", "restore_latency_max_s", "restore_latency_count")
+
+# The shared store tier (``l3:``): its counters ride in the same snapshot under ``l3_`` keys
+# (``metrics.L3TierMetrics.prefixed_snapshot``) and are exported as lmdeploy:l3_cache_*.
+L3_PREFIX = "lmdeploy:l3_cache_"
+L3_COUNTERS: dict[str, tuple[str, str]] = {
+    "l3_lookups": ("lookups", "Store lookups (batched existence checks past the host match)."),
+    "l3_lookup_blocks": ("lookup_blocks", "Blocks looked up in the shared store."),
+    "l3_hit_blocks": ("hit_blocks", "Blocks found in the shared store, consecutively."),
+    "l3_put_blocks": ("put_blocks", "Blocks written to the shared store (write-back)."),
+    "l3_put_refused": ("put_refused", "Blocks the shared store refused (full)."),
+    "l3_get_blocks": ("get_blocks", "Blocks read from the shared store and verified."),
+    "l3_bytes_to_l3": ("bytes_to_store", "Bytes written to the shared store."),
+    "l3_bytes_from_l3": ("bytes_from_store", "Bytes read from the shared store."),
+    "l3_errors": ("errors", "Store calls or blocks that failed (each fell back to recompute)."),
+    "l3_timeouts": ("timeouts", "Store calls past their deadline."),
+    "l3_missing": ("missing", "Blocks gone from the store between lookup and read."),
+    "l3_corrupt": ("corrupt", "Blocks failing the store object's checksum, header or token check."),
+}
+_L3_OPS = ("exists", "put", "get")
 
 
 def host_tier_snapshot(connector: Any) -> dict[str, float] | None:
@@ -84,6 +107,22 @@ def format_log_line(s: Mapping[str, float], dp_rank: int | None = None) -> str:
             f"to_host={s.get('bytes_to_host', 0) / 2**30:.2f}GiB to_gpu={s.get('bytes_to_gpu', 0) / 2**30:.2f}GiB "
             f"restore_latency_mean={s.get('restore_latency_mean_s', 0.0) * 1e3:.2f}ms "
             f"max={s.get('restore_latency_max_s', 0.0) * 1e3:.2f}ms")
+
+
+def format_l3_log_line(s: Mapping[str, float], dp_rank: int | None = None) -> str | None:
+    """The store tier's stats-log line from the ``l3_`` keys of a snapshot; None without them."""
+    if "l3_lookups" not in s:
+        return None
+    lb = s.get("l3_lookup_blocks", 0)
+    hit = s.get("l3_hit_blocks", 0) / lb if lb else 0.0
+    where = f"DP{dp_rank} " if dp_rank is not None else ""
+    return (f"[{where}l3-tier] lookups={s.get('l3_lookups', 0)} hit_blocks={s.get('l3_hit_blocks', 0)}/{lb} "
+            f"({hit:.1%}) put_blocks={s.get('l3_put_blocks', 0)} put_refused={s.get('l3_put_refused', 0)} "
+            f"get_blocks={s.get('l3_get_blocks', 0)} to_l3={s.get('l3_bytes_to_l3', 0) / 2**30:.2f}GiB "
+            f"from_l3={s.get('l3_bytes_from_l3', 0) / 2**30:.2f}GiB errors={s.get('l3_errors', 0)} "
+            f"(timeouts={s.get('l3_timeouts', 0)} missing={s.get('l3_missing', 0)} "
+            f"corrupt={s.get('l3_corrupt', 0)}) "
+            f"get_latency_mean={s.get('l3_get_latency_mean_s', 0.0) * 1e3:.2f}ms")
 
 
 class HostTierCollector:
@@ -130,8 +169,9 @@ class HostTierCollector:
             worst.add_metric(list(lv), float(snap.get("restore_latency_max_s", 0.0)))
         yield lat
         yield worst
+        yield from HostTierCollector._l3_families(latest, labels)
         # Any further numeric field the connector adds (slots in use, ...) becomes a gauge.
-        extra_keys = sorted({k for snap in latest.values() for k in snap}
+        extra_keys = sorted({k for snap in latest.values() for k in snap if not k.startswith("l3_")}
                             - set(COUNTERS) - set(_LATENCY_KEYS))
         for key in extra_keys:
             fam = GaugeMetricFamily(PREFIX + key, f"Host tier: {key.replace('_', ' ')}.", labels=labels)
@@ -140,6 +180,29 @@ class HostTierCollector:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     fam.add_metric(list(lv), float(value))
             yield fam
+
+
+    @staticmethod
+    def _l3_families(latest: dict[tuple[str, str], dict[str, float]], labels: list[str]):
+        """lmdeploy:l3_cache_* families; only for snapshots that carry the store tier."""
+        from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
+
+        with_l3 = {lv: snap for lv, snap in latest.items() if "l3_lookups" in snap}
+        if not with_l3:
+            return
+        for key, (name, help_text) in L3_COUNTERS.items():
+            fam = CounterMetricFamily(L3_PREFIX + name, help_text, labels=labels)
+            for lv, snap in with_l3.items():
+                fam.add_metric(list(lv), float(snap.get(key, 0)))
+            yield fam
+        lat = SummaryMetricFamily(L3_PREFIX + "call_latency_seconds",
+                                  "Latency of successful shared-store calls, by operation.", labels=labels + ["op"])
+        for lv, snap in with_l3.items():
+            for op in _L3_OPS:
+                count = snap.get(f"l3_{op}_latency_count", 0)
+                lat.add_metric(list(lv) + [op], count_value=count,
+                               sum_value=snap.get(f"l3_{op}_latency_mean_s", 0.0) * count)
+        yield lat
 
 
 _collector: HostTierCollector | None = None
@@ -199,6 +262,9 @@ def wrap_logging_log(original: Callable) -> Callable:
         snap = getattr(getattr(self, "last_scheduler_stats", None), "host_tier", None)
         if will_print and snap:
             print(format_log_line(snap, getattr(self, "dp_rank", None)), flush=True)
+            l3_line = format_l3_log_line(snap, getattr(self, "dp_rank", None))
+            if l3_line:
+                print(l3_line, flush=True)
 
     return _mark(log)
 
