@@ -1,0 +1,218 @@
+"""Multi-turn conversations through LMDeploy's real ``Engine`` (in a process of their own).
+
+A *spec* (JSON-able dict) names a model, one or more engine *runs* and a *script* of
+turns; every run replays the same script on a fresh engine and reports, per request id,
+the generated token ids, plus the engine's prefix-cache and host-tier counters::
+
+    {"model": "/path/to/tiny", "cpu_shim": true, "threads": 1,
+     "runs": [{"name": "stock", "engine": {"num_gpu_blocks": 256, ...}},
+              {"name": "tier", "engine": {"num_gpu_blocks": 8, ...},
+               "host_cache": {"host_cache_gb": 0.01, "config": {"min_restore_tokens": 0}}}],
+     "script": [{"conv": "A", "new": [ids...], "max_new_tokens": 3}, ...]}
+
+Turn semantics: a conversation's prompt is its previous prompt + the reply generated for
+it + this turn's ``new`` ids (what a chat client sends back), so every turn after the
+first shares a prefix with earlier work. Request ids are ``f"{conv}{turn}"``. Decoding is
+greedy (``top_k=1``, ``ignore_eos``), one request at a time, so the outputs depend only on
+the KV the engine attends to. ``engine`` keys are ``PytorchEngineConfig`` fields; the
+defaults (``ENGINE_DEFAULTS``) are what a CPU run needs (``eager_mode``, ``device_type
+cuda``, prefix caching on). ``host_cache`` turns the host tier on through
+``with_host_cache`` (works whether or not the import hook ran).
+
+``run_in_subprocess(spec)`` runs ``python -m lmdeploy_hostcache.testing.engine_runner``
+and returns its JSON result; with ``cpu_shim`` the child installs the CPU shim first, so
+the calling process (a pytest session) is never modified. The child leaves with
+``os._exit`` after writing its result: LMDeploy's engine threads are not joined at
+interpreter shutdown. Bad specs are refused with one line naming the field (exit 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ENGINE_DEFAULTS", "SpecError", "multi_turn_script", "run_in_subprocess", "run_spec", "validate_spec"]
+
+ENGINE_DEFAULTS: dict[str, Any] = dict(eager_mode=True, device_type="cuda", block_size=16,
+                                       enable_prefix_caching=True, max_batch_size=2, session_len=1024,
+                                       max_prefill_token_num=1024)
+
+
+def multi_turn_script(conversations: int = 3, turns: int = 2, first_tokens: int = 40, later_tokens: int = 8,
+                      max_new_tokens: int = 3, seed: int = 0, low: int = 32, high: int = 127) -> list[dict]:
+    """Round-robin turns of ``conversations`` chats (turn 0 of each, then turn 1 of each, ...):
+    ``first_tokens`` new ids in a chat's first turn, ``later_tokens`` after; ids drawn
+    uniformly from ``[low, high)`` (printable ASCII for the tiny byte-level tokenizer)."""
+    import random
+
+    rnd = random.Random(seed)
+    names = [chr(ord("A") + i) for i in range(conversations)]
+    return [dict(conv=c, new=[rnd.randrange(low, high) for _ in range(first_tokens if t == 0 else later_tokens)],
+                 max_new_tokens=max_new_tokens) for t in range(turns) for c in names]
+
+
+class SpecError(ValueError):
+    """A malformed spec; the message names the field."""
+
+
+def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A checked copy of ``spec`` (SpecError naming the field on any problem)."""
+    if not isinstance(spec, Mapping):
+        raise SpecError("spec must be a JSON object")
+    out = dict(spec)
+    if not isinstance(out.get("model"), str) or not out["model"]:
+        raise SpecError("spec.model must be a model directory path")
+    runs = out.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise SpecError("spec.runs must be a non-empty list")
+    names = set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, Mapping) or not isinstance(run.get("name"), str):
+            raise SpecError(f"spec.runs[{i}] must be an object with a string 'name'")
+        if run["name"] in names:
+            raise SpecError(f"spec.runs[{i}].name {run['name']!r} is repeated")
+        names.add(run["name"])
+        if not isinstance(run.get("engine", {}), Mapping):
+            raise SpecError(f"spec.runs[{i}].engine must be an object of PytorchEngineConfig fields")
+        hc = run.get("host_cache")
+        if hc is not None and not isinstance(hc, Mapping):
+            raise SpecError(f"spec.runs[{i}].host_cache must be an object or null")
+        unknown = set(run) - {"name", "engine", "host_cache", "sleep_before"}
+        if unknown:
+            raise SpecError(f"spec.runs[{i}] has unknown keys {sorted(unknown)}")
+    script = out.get("script")
+    if not isinstance(script, list) or not script:
+        raise SpecError("spec.script must be a non-empty list of turns")
+    for i, turn in enumerate(script):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("conv"), str):
+            raise SpecError(f"spec.script[{i}].conv must be a string")
+        new = turn.get("new")
+        if not isinstance(new, list) or not new or not all(isinstance(t, int) and t >= 0 for t in new):
+            raise SpecError(f"spec.script[{i}].new must be a non-empty list of token ids")
+        n = turn.get("max_new_tokens", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SpecError(f"spec.script[{i}].max_new_tokens must be an integer >= 1")
+    return out
+
+
+def _engine_config(run: Mapping[str, Any]):
+    from lmdeploy import PytorchEngineConfig
+
+    from ..integration.engine_config import with_host_cache
+
+    kwargs = dict(ENGINE_DEFAULTS)
+    kwargs.update(run.get("engine") or {})
+    cfg = PytorchEngineConfig(**kwargs)
+    hc = run.get("host_cache")
+    if hc is not None:
+        cfg = with_host_cache(cfg, host_cache_gb=hc.get("host_cache_gb"), config=hc.get("config"))
+    return cfg
+
+
+def _trie_hit_tokens(engine) -> int | None:
+    stats = getattr(getattr(getattr(engine, "scheduler", None), "block_trie", None), "stats", None)
+    return getattr(stats, "num_hit_tokens", None)
+
+
+def _one_run(model: str, run: Mapping[str, Any], script: list[Mapping[str, Any]]) -> dict[str, Any]:
+    from lmdeploy import GenerationConfig
+    from lmdeploy.pytorch.engine import Engine
+
+    from ..integration.metrics_export import host_tier_snapshot
+
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(model, engine_config=_engine_config(run))
+    try:
+        inst = engine.create_instance()
+        build_s = time.perf_counter() - t0
+        history: dict[str, list[int]] = {}
+        turns: dict[str, int] = {}
+        outputs: dict[str, list[int]] = {}
+        per_request: dict[str, dict[str, Any]] = {}
+        for session_id, turn in enumerate(script, start=1):
+            conv = turn["conv"]
+            prompt = history.get(conv, []) + list(turn["new"])
+            rid = f"{conv}{turns.get(conv, 0)}"
+            turns[conv] = turns.get(conv, 0) + 1
+            gen = GenerationConfig(max_new_tokens=int(turn.get("max_new_tokens", 1)), do_sample=False, top_k=1,
+                                   ignore_eos=True)
+            hits0 = _trie_hit_tokens(engine)
+            t1 = time.perf_counter()
+            tokens: list[int] = []
+            for out in inst.stream_infer(session_id, prompt, gen_config=gen):
+                tokens += [int(t) for t in out.token_ids]  # stream outputs are deltas
+            inst.end(session_id)
+            hits1 = _trie_hit_tokens(engine)
+            outputs[rid] = tokens
+            per_request[rid] = dict(prompt_tokens=len(prompt), seconds=round(time.perf_counter() - t1, 3),
+                                    gpu_prefix_hit_tokens=(hits1 - hits0) if hits0 is not None else None)
+            history[conv] = prompt + tokens
+        snap = host_tier_snapshot(getattr(engine.scheduler, "kv_connector", None))
+        return dict(name=run["name"], outputs=outputs, requests=per_request, host_tier=snap,
+                    gpu_prefix_hit_tokens=_trie_hit_tokens(engine), build_s=round(build_s, 2),
+                    seconds=round(time.perf_counter() - t0, 2))
+    finally:
+        engine.close()
+
+
+def run_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Run every engine of ``spec`` in this process (the CPU shim must already be installed
+    when the machine has no GPU). Returns ``{"runs": {name: result}, "seconds": total}``."""
+    spec = validate_spec(spec)
+    t0 = time.perf_counter()
+    results = {run["name"]: _one_run(spec["model"], run, spec["script"]) for run in spec["runs"]}
+    return dict(runs=results, seconds=round(time.perf_counter() - t0, 2))
+
+
+def run_in_subprocess(spec: Mapping[str, Any], timeout: float = 600, python: str | None = None) -> dict[str, Any]:
+    """Run ``spec`` in a child interpreter; its JSON result. RuntimeError carries the child's log tail."""
+    spec = validate_spec(spec)
+    with tempfile.TemporaryDirectory(prefix="hostcache-e2e-") as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+        with open(spec_path, "w") as fh:
+            json.dump(spec, fh)
+        env = dict(os.environ)
+        if spec.get("cpu_shim", True):
+            env["TRITON_INTERPRET"] = "1"
+        proc = subprocess.run([python or sys.executable, "-m", __name__, spec_path, out_path], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+        if proc.returncode != 0 or not os.path.exists(out_path):
+            raise RuntimeError(f"engine runner exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+        with open(out_path) as fh:
+            return json.load(fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m lmdeploy_hostcache.testing.engine_runner SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    try:
+        with open(argv[0]) as fh:
+            spec = validate_spec(json.load(fh))
+    except (OSError, json.JSONDecodeError, SpecError) as exc:
+        print(f"error: {argv[0]}: {exc}", file=sys.stderr)
+        return 2
+    if spec.get("cpu_shim", True):
+        from . import cpu_shim
+
+        cpu_shim.install(fake_sms=int(spec.get("fake_sms", 8)))
+    import torch
+
+    torch.set_num_threads(int(spec.get("threads", 1)))
+    result = run_spec(spec)
+    with open(argv[1], "w") as fh:
+        json.dump(result, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # LMDeploy's engine threads are not joined at interpreter shutdown
