@@ -17,9 +17,15 @@ _SHARED_MOONCAKE = Path(__file__).resolve().parents[2].parent / "shared" / "trac
 
 
 def default_traces() -> list[Path]:
-    """The Mooncake traces under ``../shared/traces/mooncake`` when this is a source checkout."""
-    return [p for p in (_SHARED_MOONCAKE / "conversation_trace.jsonl",
-                        _SHARED_MOONCAKE / "synthetic_trace.jsonl") if p.exists()]
+    """The Mooncake traces under ``../shared/traces/mooncake`` when this is a source checkout,
+    else the conversation trace bundled with the package (``lmdeploy_hostcache/data``)."""
+    found = [p for p in (_SHARED_MOONCAKE / "conversation_trace.jsonl",
+                         _SHARED_MOONCAKE / "synthetic_trace.jsonl") if p.exists()]
+    if found:
+        return found
+    from ..planner.cli import bundled_trace_path  # noqa: PLC0415 (light: no torch, no lmdeploy)
+
+    return [bundled_trace_path()]
 
 
 def _positive_int(text: str) -> int:
@@ -34,7 +40,8 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="append", metavar="PATH",
-                   help="Mooncake JSONL trace (repeatable; default: the two traces in ../shared/traces/mooncake)")
+                   help="Mooncake JSONL(.gz) trace (repeatable; default: the two Mooncake traces of a source "
+                        "checkout's ../shared/traces/mooncake, else the trace bundled with the package)")
     p.add_argument("--capacities", nargs="+", type=_positive_int, metavar="BLOCKS",
                    default=list(DEFAULT_CAPACITIES), help="host capacities in 512-token blocks")
     p.add_argument("--policies", nargs="+", metavar="NAME", default=None,
@@ -66,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for t in traces:
         if not t.exists():
-            print(f"--trace {t}: no such file", file=sys.stderr)
+            print(f"error: --trace {t}: no such file", file=sys.stderr)
             return 2
+    if not args.trace and traces[0].parent != _SHARED_MOONCAKE:
+        print(f"note: {_SHARED_MOONCAKE} is absent: replaying the bundled trace {traces[0].name}", file=sys.stderr)
     if args.limit is not None and args.limit <= 0:
         print(f"--limit must be > 0, got {args.limit}", file=sys.stderr)
         return 2
@@ -81,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
     t_all = time.perf_counter()
     for path in traces:
         t0 = time.perf_counter()
-        chains = load_mooncake(str(path))
+        try:
+            chains = load_mooncake(str(path))
+        except ValueError as exc:  # every bad trace: one line naming the file, no traceback
+            bar.close()
+            msg = str(exc)
+            print(f"error: {msg if str(path) in msg else f'--trace {path}: {msg}'}", file=sys.stderr)
+            return 2
         if args.limit is not None:
             chains = type(chains)(chains.name, chains.digests[:args.limit], chains.tokens[:args.limit],
                                   chains.prompt_blocks[:args.limit])
@@ -104,17 +119,28 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     elapsed = time.perf_counter() - t_all
 
+    plot_error = None
     if args.plot:
-        _plot(results, wanted, args.plot)
+        try:
+            _plot(results, wanted, args.plot)
+        except ImportError:
+            plot_error = "the plot needs matplotlib: pip install 'lmdeploy-hostcache[plot]'"
+        except (OSError, ValueError) as exc:
+            plot_error = f"--plot {args.plot}: cannot write it ({getattr(exc, 'strerror', None) or exc})"
+    if plot_error:  # the results are still printed below
+        args.plot = None
+    rc = 2 if plot_error else 0
     if args.json:
         print(json.dumps({"bench": "eviction", "capacity_unit": "blocks of 512 tokens",
                           "hit_rate": "hit blocks / prompt blocks", "seconds": round(elapsed, 2),
                           "results": results}, indent=1))
-        return 0
-    _print_tables(results, wanted)
-    _print_summary(results, wanted)
-    print(f"\n{len(results)} replays in {elapsed:.1f} s" + (f"; plot: {args.plot}" if args.plot else ""))
-    return 0
+    else:
+        _print_tables(results, wanted)
+        _print_summary(results, wanted)
+        print(f"\n{len(results)} replays in {elapsed:.1f} s" + (f"; plot: {args.plot}" if args.plot else ""))
+    if plot_error:
+        print(f"error: {plot_error}; the results above are complete", file=sys.stderr)
+    return rc
 
 
 def _by_trace(results: list[dict]) -> dict[str, dict[int, dict[str, dict]]]:

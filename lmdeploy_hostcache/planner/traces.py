@@ -171,7 +171,9 @@ class _NonFinite:
 
 
 def _hash_ids(obj: dict, where: str) -> tuple[int, ...]:
-    ids = obj.get("hash_ids")
+    if "hash_ids" not in obj:
+        raise ValueError(f"{where}: missing field 'hash_ids' (a list of block ids per request)")
+    ids = obj["hash_ids"]
     if not isinstance(ids, list):
         raise ValueError(f"{where}: field 'hash_ids' must be a list of ints, got {type(ids).__name__}")
     for v in ids:

@@ -1,0 +1,64 @@
+"""Issue 9 items 7 and 10 for `lmdeploy-hostcache bench eviction`: every bad trace is one line
+naming the file and exit 2; without ../shared the bundled trace is replayed."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from lmdeploy_hostcache import cli
+from lmdeploy_hostcache.bench import eviction as bench
+
+
+def _run(capsys, *argv):
+    rc = cli.main(["bench", "eviction", "--no-progress", *argv])
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    return rc, cap.out, cap.err
+
+
+def test_falls_back_to_the_bundled_trace_without_shared(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_SHARED_MOONCAKE", tmp_path / "no-shared")
+    rc, out, err = _run(capsys, "--limit", "200", "--capacities", "100", "--policies", "lru", "--json")
+    assert rc == 0, err
+    assert "replaying the bundled trace conversation_trace.jsonl.gz" in err
+    rows = json.loads(out)["results"]
+    assert {r["trace"] for r in rows} == {"conversation_trace.jsonl.gz"} and rows[0]["requests"] == 200
+
+
+def _row(ts, ids):
+    return json.dumps({"timestamp": ts, "input_length": 512 * len(ids), "output_length": 1, "hash_ids": ids}) + "\n"
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("not-json", "not JSON"),
+    ("nan", "non-finite 'timestamp'"),
+    ("corrupt-gz", "corrupt or truncated gzip data"),
+    ("plain-named-gz", "named .gz but not gzip-compressed"),
+    ("binary", "not UTF-8"),
+    ("folder", "is a folder"),
+    ("unchained", "not chained"),
+    ("weka", "missing field 'hash_ids'"),
+])
+def test_every_bad_trace_is_one_line_and_exit_2(tmp_path, capsys, kind, match):
+    p = tmp_path / ("t.jsonl.gz" if kind in ("corrupt-gz", "plain-named-gz") else "t.jsonl")
+    if kind == "not-json":
+        p.write_text(_row(0, [0, 1]) + "{oops\n")
+    elif kind == "nan":
+        p.write_text(_row(0, [0, 1]) + '{"timestamp": NaN, "input_length": 1024, "hash_ids": [0, 1]}\n')
+    elif kind == "corrupt-gz":
+        p.write_bytes(gzip.compress((_row(0, [0, 1]) * 100).encode())[:30])
+    elif kind == "plain-named-gz":
+        p.write_text(_row(0, [0, 1]))
+    elif kind == "binary":
+        p.write_bytes(b"\xff\xfe\x00\x01")
+    elif kind == "folder":
+        p.mkdir()
+    elif kind == "unchained":
+        p.write_text(_row(0, [0, 1]) + _row(1, [2, 1]))
+    elif kind == "weka":
+        p.write_text(json.dumps({"id": "s", "block_size": 64, "requests": [{"t": 0, "in": 64, "hash_ids": [1]}]}))
+    rc, _, err = _run(capsys, "--trace", str(p), "--capacities", "10", "--policies", "lru")
+    assert rc == 2
+    assert err.startswith("error: ") and str(p) in err and match in err and err.count("\n") == 1, err
