@@ -1,0 +1,144 @@
+"""Routing decision time and proxy memory per cached block (``lmdeploy-hostcache bench route``).
+
+For each node count (default 4 and 16) it builds the proxy's router (``routing.CacheAwareRouter``)
+with every node exact and holding ``--blocks-per-node`` cached blocks (default 1M; a tenth in
+the GPU tier, the rest on host), loaded through the feed's snapshot path, then times
+``route`` + ``dispatched`` + ``finished`` per request over ``--requests`` prompts of
+``--prompt-blocks`` blocks whose leading blocks are cached on one node (a random run of that
+node's contents) and the rest new.  It also times turning a prompt's tokens into published ids
+(chained xxh3-128 + ``publish_id``), which the proxy does once per namespace.
+
+Printed figures are measured in this run on this machine: median and p99 decision time per
+request, the id-chaining time per request, and memory per cached block (the table's bytes over
+the cached (node, block) pairs, and the process RSS growth over the same pairs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+DEFAULT_NODES = (4, 16)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", nargs="+", type=int, default=list(DEFAULT_NODES), metavar="N",
+                   help="node counts to measure (default 4 16)")
+    p.add_argument("--blocks-per-node", type=int, default=1_000_000, metavar="B",
+                   help="cached blocks per node (default 1,000,000)")
+    p.add_argument("--requests", type=int, default=2000, help="timed routing decisions per node count")
+    p.add_argument("--prompt-blocks", type=int, default=64, help="full blocks per prompt (default 64)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per block (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _check(args) -> None:
+    for name, low in (("blocks_per_node", 1), ("requests", 1), ("prompt_blocks", 1), ("block_size", 1)):
+        v = getattr(args, name)
+        if v < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+    for n in args.nodes:
+        if not 1 <= n <= 64:
+            raise ValueError(f"--nodes: each count must be in [1, 64], got {n}")
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def measure_nodes(n_nodes: int, args) -> dict:
+    import numpy as np
+
+    from ..routing.cost import NodeProfile
+    from ..routing.feed import NamespaceKey
+    from ..routing.request import RoutingRequest
+    from ..routing.router import CacheAwareRouter
+    from ..routing.table import GPU, HOST
+
+    rng = np.random.default_rng(args.seed + n_nodes)
+    per = args.blocks_per_node
+    gpu_n = per // 10
+    key = NamespaceKey(12345, 678, args.block_size)
+    contents = [rng.integers(2, 2**63, size=per, dtype=np.uint64) for _ in range(n_nodes)]
+    rss0 = _rss()
+    router = CacheAwareRouter(max_nodes=max(n_nodes, 8), initial_blocks=n_nodes * per)
+    t0 = time.perf_counter()
+    for k in range(n_nodes):
+        name = f"node{k}"
+        router.add_node(name, NodeProfile(gpu_n, per - gpu_n, args.block_size), key)
+        ids = contents[k]
+        slot = router.nodes[name].slot
+        router.table.add(ids[:gpu_n], slot, GPU)
+        router.table.add(ids[gpu_n:], slot, HOST)
+    load_s = time.perf_counter() - t0
+    cached = n_nodes * per
+    rss_growth = _rss() - rss0
+    pb = args.prompt_blocks
+    reqs = []
+    for _ in range(args.requests):
+        k = int(rng.integers(n_nodes))
+        hit = int(rng.integers(0, pb + 1))
+        start = int(rng.integers(0, per - pb))
+        ids = np.concatenate([contents[k][start:start + hit], rng.integers(2, 2**63, size=pb - hit, dtype=np.uint64)])
+        reqs.append(RoutingRequest.from_ids(ids, prompt_tokens=pb * args.block_size + 1))
+    times = []
+    for req in reqs:
+        t = time.perf_counter()
+        d = router.route(req)
+        router.dispatched(d, req)
+        router.finished(d.node)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    toks = rng.integers(0, 128256, size=pb * args.block_size + 1)
+    hash_times = []
+    for _ in range(min(200, args.requests)):
+        t = time.perf_counter()
+        RoutingRequest(toks).ids(key)
+        hash_times.append(time.perf_counter() - t)
+    hash_times.sort()
+    return {
+        "nodes": n_nodes, "blocks_per_node": per, "cached_blocks": cached, "requests": len(times),
+        "prompt_blocks": pb, "block_size": args.block_size,
+        "decision_ms_median": 1e3 * times[len(times) // 2],
+        "decision_ms_p99": 1e3 * times[min(len(times) - 1, int(len(times) * 0.99))],
+        "decision_ms_mean": 1e3 * sum(times) / len(times),
+        "ids_ms_median": 1e3 * hash_times[len(hash_times) // 2],
+        "table_bytes": router.table.nbytes, "table_entries": router.table.entries,
+        "table_bytes_per_cached_block": router.table.nbytes / cached,
+        "rss_growth_bytes_per_cached_block": rss_growth / cached,
+        "load_seconds": load_s,
+    }
+
+
+def measure(args) -> dict:
+    _check(args)
+    return {"runs": [measure_nodes(n, args) for n in args.nodes], "target_decision_ms": 0.2,
+            "note": "measured on this machine (CPU); decision = route + dispatched + finished with the prompt's ids "
+                    "given; ids = chaining one prompt's tokens into published ids"}
+
+
+def format_table(res: dict) -> str:
+    from ..planner.report import render_table
+
+    rows = [[str(r["nodes"]), f"{r['cached_blocks']:,}", f"{r['decision_ms_median']:.3f}", f"{r['decision_ms_p99']:.3f}",
+             f"{r['ids_ms_median']:.3f}", f"{r['table_bytes_per_cached_block']:.1f}",
+             f"{r['rss_growth_bytes_per_cached_block']:.1f}"] for r in res["runs"]]
+    head = ["nodes", "cached blocks", "decision ms (median)", "decision ms (p99)", "prompt->ids ms",
+            "table B/block", "RSS B/block"]
+    r0 = res["runs"][0]
+    return (render_table(rows, head) + f"\n{r0['requests']} decisions per row, prompts of {r0['prompt_blocks']} blocks x "
+            f"{r0['block_size']} tokens; target <= {res['target_decision_ms']} ms per decision; {res['note']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        res = measure(args)
+    except ValueError as exc:
+        print(f"bench route: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, sort_keys=True) if args.json else format_table(res))
+    return 0
