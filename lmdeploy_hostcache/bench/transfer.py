@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for the CPU rows (default 1: robust on a shared machine)")
     parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 quantizing rows")
+    parser.add_argument("--cuda-only", action="store_true",
+                        help="skip the CPU rows (the GPU proof kit: device time is scarce); needs CUDA")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -218,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if any(kib * KIB % args.layers for kib in sizes):
         raise SystemExit(f"every block size must be divisible by --layers {args.layers}")
-    cpu = _cpu_rows(torch, args, sizes)
+    if args.cuda_only and not torch.cuda.is_available():
+        raise SystemExit("--cuda-only: no CUDA device in this run")
+    cpu = [] if args.cuda_only else _cpu_rows(torch, args, sizes)
     big = [r["gather_vs_contiguous"] for r in cpu if r["block_kib"] >= 256]
     result = {
         "torch_threads": torch.get_num_threads(),
@@ -226,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         "cpu": cpu,
         "cpu_gather_vs_contiguous": min(big) if big else None,
         "cpu_gather_target": GATHER_RATIO_TARGET,
-        "cpu_quant": [] if args.no_quant else _cpu_quant_rows(torch, args),
+        "cpu_quant": [] if args.no_quant or args.cuda_only else _cpu_quant_rows(torch, args),
     }
     if torch.cuda.is_available():
         cuda = _cuda_rows(torch, args, sizes)
@@ -251,8 +255,9 @@ def run(args: argparse.Namespace) -> int:
     for r in cpu:
         print(f"{r['block_kib']:>5}KiB {r['contiguous_gbps']:>12.2f} {r['gather_gbps']:>12.2f} "
               f"{r['gather_vs_contiguous']:>6.2f} {r['scatter_gbps']:>13.2f} {r['scatter_vs_contiguous']:>6.2f}")
-    print(f"cpu_gather_vs_contiguous (blocks >= 256 KiB, worst): {result['cpu_gather_vs_contiguous']:.2f} "
-          f"(target >= {GATHER_RATIO_TARGET})")
+    if result["cpu_gather_vs_contiguous"] is not None:
+        print(f"cpu_gather_vs_contiguous (blocks >= 256 KiB, worst): {result['cpu_gather_vs_contiguous']:.2f} "
+              f"(target >= {GATHER_RATIO_TARGET})")
     for q in result["cpu_quant"]:
         print(f"quantizing gather {q['format']}: {q['source_gbps']:.2f} GB/s of fp16 source, slot "
               f"{q['compression']:.3f}x of raw")

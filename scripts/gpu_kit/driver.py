@@ -1,0 +1,394 @@
+"""The GPU proof kit's driver: CUDA tests, bench transfer, end-to-end runs, output equality.
+
+usage: python driver.py --out DIR [--budget-s 450] [--steps cuda_tests,bench_transfer,e2e,equality]
+                        [--model-dir DIR] [--model-size 1b|tiny] [--sessions N] [--turns N] ...
+
+``run.sh`` calls it on the GPU machine after the offline install. It writes, under ``--out``:
+
+* ``result.json`` (``kitlib.ResultFile``): rewritten after every step and every engine run, so a run
+  killed at any point leaves what was measured so far; ``status`` per step: pass / fail / error /
+  timeout / skipped;
+* ``calibration.json``: the restore-or-recompute figures measured in this run (restore bandwidth,
+  prefill rate, engine step), the file ``min_restore_tokens: auto`` reads through
+  ``LMDEPLOY_HOSTCACHE_CALIBRATION``;
+* ``outputs.json``: every run's generated tokens per request (the equality step's evidence);
+* ``kit.log``: the steps' own output (pytest, bench, engine logs), appended as they run.
+
+Steps, in order, each in a child process with its own timeout (a hang is killed with its process
+group) and never more than what is left of ``--budget-s``:
+
+a. ``cuda_tests``: pytest on ``CUDA_TESTS`` (compiled Triton kernels and the CUDA copy engine
+   against their torch/LMDeploy references), summarised from JUnit XML.
+b. ``bench_transfer``: ``lmdeploy-hostcache bench transfer --json`` (copy engine H2D/D2H vs a plain
+   pinned ``copy_``, kernel gather/scatter vs device memcpy).
+c. ``e2e``: a random-weight ~1B Llama written locally, then ``RUNS`` in order, each its own
+   ``e2e_worker.py`` process: the GPU cache sized so the replay's working set is ``--ratio`` (4) x
+   the cache (``small_*``) or holds everything (``fits_*``); stock LMDeploy (``*_off_*``) vs host
+   tier on (``*_on_*``); quant_policy 0 and 4. A run that would not fit in the time left is skipped.
+d. ``equality``: ``compare_token_outputs`` of every tier-on run against stock LMDeploy with the
+   large cache at the same quant_policy; any difference fails, naming the request and position.
+
+Exit status: 0 when every step that ran passed, 1 otherwise, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import kitlib  # noqa: E402
+from kitlib import Budget, ResultFile, WorkloadSpec  # noqa: E402
+
+CUDA_TESTS = ("tests/transfer/test_transfer_cuda.py",)
+STEP_LIMITS_S = {"cuda_tests": 150, "bench_transfer": 90, "model": 90, "run": 100}
+MODEL_SIZES = {
+    # ~1.1B parameters (Llama): 16 layers, hidden 2048, 16 heads, 8 KV heads of 128, vocab 32000
+    "1b": dict(num_layers=16, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, dtype="bfloat16"),
+    # CPU smoke test of the driver itself (with --cpu-shim)
+    "tiny": dict(num_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=2048, dtype="float16"),
+}
+# name: (tier on, quant_policy, cache: "small" | "fits"); stock references first (equality needs them)
+RUNS = (
+    ("fits_off_qp0", False, 0, "fits"),
+    ("small_on_qp0", True, 0, "small"),
+    ("small_off_qp0", False, 0, "small"),
+    ("fits_on_qp0", True, 0, "fits"),
+    ("fits_off_qp4", False, 4, "fits"),
+    ("small_on_qp4", True, 4, "small"),
+    ("small_off_qp4", False, 4, "small"),
+)
+EQUALITY_PAIRS = (("small_on_qp0", "fits_off_qp0"), ("fits_on_qp0", "fits_off_qp0"),
+                  ("small_on_qp4", "fits_off_qp4"))
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str) -> None:
+        line = f"[kit {time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def run_child(cmd: list[str], timeout_s: float, log: Log, env=None) -> tuple[str, int | None, float]:
+    """Run ``cmd`` in its own process group, output appended to the log; ('ok'|'fail'|'timeout', rc, s)."""
+    if timeout_s < 1:
+        return "timeout", None, 0.0
+    log(f"$ {' '.join(cmd)}  (timeout {timeout_s:.0f}s)")
+    t0 = time.monotonic()
+    with open(log.path, "a", encoding="utf-8") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "timeout", None, time.monotonic() - t0
+    return ("ok" if rc == 0 else "fail"), rc, time.monotonic() - t0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="GPU proof kit driver (see module docstring)")
+    p.add_argument("--out", required=True, type=Path, help="result folder ($OUT on the GPU machine)")
+    p.add_argument("--budget-s", type=float, default=450.0, help="whole run's wall-clock budget (default 450)")
+    p.add_argument("--steps", default=",".join(kitlib.STEPS), help=f"comma list from {','.join(kitlib.STEPS)}")
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/gpu_kit_model"))
+    p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="1b")
+    p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="comma list of e2e runs (default all)")
+    p.add_argument("--sessions", type=int, default=24)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-tokens", type=int, default=256)
+    p.add_argument("--first-user-tokens", type=int, default=1024)
+    p.add_argument("--user-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--ratio", type=float, default=4.0, help="working set / GPU cache of the small runs (default 4)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests in flight (default 1: batch-1 decode keeps greedy outputs comparable)")
+    p.add_argument("--host-cache-gb", type=float, default=8.0)
+    p.add_argument("--run-timeout-s", type=float, default=STEP_LIMITS_S["run"],
+                   help=f"limit of one engine run (default {STEP_LIMITS_S['run']})")
+    p.add_argument("--eager", choices=("on", "off"), default="on",
+                   help="LMDeploy eager_mode (default on: no CUDA-graph capture time per engine)")
+    p.add_argument("--cpu-shim", action="store_true", help="CPU smoke test of the driver (fake CUDA); no figure "
+                   "it prints is a GPU figure")
+    args = p.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    bad = [s for s in steps if s not in kitlib.STEPS]
+    if bad or not steps:
+        p.error(f"--steps: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(kitlib.STEPS)}")
+    args.steps = steps
+    names = [r[0] for r in RUNS]
+    runs = [s.strip() for s in args.runs.split(",") if s.strip()]
+    bad = [r for r in runs if r not in names]
+    if bad:
+        p.error(f"--runs: unknown {', '.join(bad)}; choose from {', '.join(names)}")
+    args.runs = runs
+    for name in ("budget_s", "ratio", "host_cache_gb", "run_timeout_s"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.concurrency < 1 or args.block_size < 1:
+        p.error("--concurrency and --block-size must be >= 1")
+    try:
+        args.spec = WorkloadSpec(sessions=args.sessions, turns=args.turns, system_tokens=args.system_tokens,
+                                 first_user_tokens=args.first_user_tokens, user_tokens=args.user_tokens,
+                                 new_tokens=args.new_tokens, vocab=256)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def plan_runs(args) -> list[dict]:
+    """The e2e runs' settings (GPU cache sizes from the workload, see kitlib.gpu_blocks_for)."""
+    spec, bs = args.spec, args.block_size
+    small = kitlib.gpu_blocks_for(spec, bs, args.ratio, args.concurrency)
+    fits = kitlib.working_set_blocks(spec, bs) + small  # everything stays, with the small cache's headroom
+    session_len = kitlib.final_context_tokens(spec) + 2 * bs
+    out = []
+    for name, tier, qp, cache in RUNS:
+        if name not in args.runs:
+            continue
+        out.append({"name": name, "tier": tier, "quant_policy": qp, "cache": cache,
+                    "num_gpu_blocks": small if cache == "small" else fits, "block_size": bs,
+                    "host_cache_gb": args.host_cache_gb if tier else 0, "min_restore_tokens": 0,
+                    "eager_mode": args.eager == "on", "concurrency": args.concurrency, "session_len": session_len,
+                    "calibrate": name == "fits_off_qp0"})
+    return out
+
+
+def environment() -> dict:
+    env = {"python": sys.version.split()[0], "repo_commit": None}
+    try:
+        env["repo_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                                            text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    manifest = REPO / ".gpu_kit" / "wheels" / "manifest.json"
+    if manifest.exists():
+        env["kit_commit"] = json.loads(manifest.read_text()).get("commit")
+    code = ("import json,torch,triton\n"
+            "d={'torch':torch.__version__,'triton':triton.__version__,'cuda':torch.version.cuda,"
+            "'gpu':torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
+            "try:\n import lmdeploy; d['lmdeploy']=lmdeploy.__version__\nexcept Exception as e: d['lmdeploy']=repr(e)\n"
+            "print(json.dumps(d))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1"))
+        env.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        env["probe_error"] = repr(exc)
+    return env
+
+
+# -- steps -----------------------------------------------------------------------------------------
+
+def step_cuda_tests(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> None:
+    xml = work / "cuda_tests.xml"
+    cmd = [sys.executable, "-m", "pytest", *CUDA_TESTS, "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    res.step("cuda_tests", "running", tests=list(CUDA_TESTS))
+    outcome, rc, secs = run_child(cmd, budget.step_timeout(STEP_LIMITS_S["cuda_tests"], 60), log)
+    summary = kitlib.parse_junit(xml) if xml.exists() else None
+    if outcome == "timeout":
+        res.step("cuda_tests", "timeout", seconds=secs, summary=summary)
+    elif summary is None:
+        res.step("cuda_tests", "error", seconds=secs, rc=rc, error="pytest wrote no JUnit XML (see kit.log)")
+    else:
+        ok = summary["failed"] == 0 and summary["errors"] == 0 and summary["passed"] > 0
+        res.step("cuda_tests", "pass" if ok else "fail", seconds=secs, rc=rc, summary=summary,
+                 note=None if summary["passed"] else "no test passed (all skipped: no CUDA device?)")
+
+
+def step_bench(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> dict | None:
+    out = work / "bench_transfer.json"
+    code = ("import sys,json,argparse,contextlib\n"
+            "from lmdeploy_hostcache.bench import transfer as t\n"
+            "p=argparse.ArgumentParser(); t.add_arguments(p); a=p.parse_args(sys.argv[2:])\n"
+            "buf=__import__('io').StringIO()\n"
+            "with contextlib.redirect_stdout(buf): rc=t.run(a)\n"
+            "open(sys.argv[1],'w').write(buf.getvalue()); sys.exit(rc)\n")
+    cmd = [sys.executable, "-c", code, str(out), "--json", "--no-quant", "--repeats", "9",
+           "--sizes-kib", "256,1024,4096,16384", "--blocks", "32", "--layers", "16", "--cuda-only"]
+    res.step("bench_transfer", "running")
+    outcome, rc, secs = run_child(cmd, budget.step_timeout(STEP_LIMITS_S["bench_transfer"], 60), log)
+    data = None
+    if out.exists() and out.stat().st_size:
+        try:
+            data = json.loads(out.read_text())
+        except ValueError:
+            data = None
+    if outcome == "timeout":
+        res.step("bench_transfer", "timeout", seconds=secs)
+    elif data is None:
+        res.step("bench_transfer", "error", seconds=secs, rc=rc, error="bench transfer wrote no JSON (see kit.log)")
+    else:
+        status = "pass" if data.get("cuda") else "fail"
+        res.step("bench_transfer", status, seconds=secs, result=data,
+                 note=None if data.get("cuda") else "no CUDA rows: no CUDA device in this run")
+    return data
+
+
+def _write_model(args, budget: Budget, log: Log) -> bool:
+    cfg = MODEL_SIZES[args.model_size]
+    marker = args.model_dir / "kit_model.json"
+    if marker.exists() and json.loads(marker.read_text()) == cfg:
+        log(f"model already written: {args.model_dir}")
+        return True
+    code = ("import json,sys\nfrom lmdeploy_hostcache.testing.models import write_tiny_model\n"
+            "cfg=json.loads(sys.argv[2]); write_tiny_model(sys.argv[1], 'llama', **cfg)\n"
+            "open(sys.argv[1]+'/kit_model.json','w').write(json.dumps(cfg))\n")
+    outcome, rc, secs = run_child([sys.executable, "-c", code, str(args.model_dir), json.dumps(cfg)],
+                                  budget.step_timeout(STEP_LIMITS_S["model"], 60), log)
+    log(f"model write: {outcome} in {secs:.1f}s")
+    return outcome == "ok"
+
+
+def step_e2e(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> dict:
+    runs = plan_runs(args)
+    spec = args.spec
+    wl_path = work / "workload.json"
+    wl_path.write_text(json.dumps(kitlib.make_workload(spec)))
+    info = {"model_size": args.model_size, "model": MODEL_SIZES[args.model_size], "workload": spec.to_dict(),
+            "working_set_blocks": kitlib.working_set_blocks(spec, args.block_size),
+            "gpu_blocks_small": next((r["num_gpu_blocks"] for r in runs if r["cache"] == "small"), None),
+            "gpu_blocks_fits": next((r["num_gpu_blocks"] for r in runs if r["cache"] == "fits"), None),
+            "ratio": args.ratio, "runs": {r["name"]: {"status": "pending"} for r in runs}}
+    if info["gpu_blocks_small"]:
+        info["ratio_achieved"] = info["working_set_blocks"] / info["gpu_blocks_small"]
+    res.step("e2e", "running", **info)
+    if not _write_model(args, budget, log):
+        res.step("e2e", "error", error="writing the random-weight model failed (see kit.log)")
+        return {}
+    outputs: dict[str, dict] = {}
+    durations: list[float] = []
+    for r in runs:
+        estimate = max(durations) if durations else 0.0
+        if budget.left() - 45 < max(estimate, 20.0):
+            info["runs"][r["name"]] = {"status": "skipped", "reason": f"{budget.left():.0f}s left of the budget"}
+            res.step("e2e", "running", runs=info["runs"])
+            continue
+        out = work / f"run_{r['name']}.json"
+        cmd = [sys.executable, str(HERE / "e2e_worker.py"), "--model", str(args.model_dir), "--run", json.dumps(r),
+               "--workload", str(wl_path), "--out", str(out)]
+        if args.cpu_shim:
+            cmd.append("--cpu-shim")
+        outcome, rc, secs = run_child(cmd, budget.step_timeout(args.run_timeout_s, 40), log)
+        durations.append(secs)
+        data = json.loads(out.read_text()) if out.exists() else {"status": "error", "error": "no result file"}
+        if outcome == "timeout":
+            data = {"status": "timeout", "seconds": secs}
+        outputs[r["name"]] = data.pop("outputs", None) or {}
+        data["seconds"] = secs
+        info["runs"][r["name"]] = data
+        log(f"run {r['name']}: {data.get('status')} in {secs:.1f}s "
+            f"ttft p50 {(data.get('ttft') or {}).get('p50')} host {data.get('host_tier', {}).get('restored_tokens')}")
+        res.step("e2e", "running", runs=info["runs"])
+        (args.out / "outputs.json").write_text(json.dumps(outputs) + "\n")
+    statuses = [v.get("status") for v in info["runs"].values()]
+    ok = statuses and all(s in ("ok", "skipped") for s in statuses) and "ok" in statuses
+    res.step("e2e", "pass" if ok else "fail", runs=info["runs"], comparison=compare_runs(info["runs"]))
+    return outputs
+
+
+def compare_runs(runs: dict) -> dict:
+    """TTFT p50 speedup (tier off / on) and throughput ratio, per quant_policy, where both ran."""
+    out = {}
+    for qp in (0, 4):
+        off, on = runs.get(f"small_off_qp{qp}", {}), runs.get(f"small_on_qp{qp}", {})
+        if off.get("status") == "ok" and on.get("status") == "ok" and on["ttft"]["p50"]:
+            out[f"qp{qp}_small_ttft_p50_speedup"] = off["ttft"]["p50"] / on["ttft"]["p50"]
+            out[f"qp{qp}_small_ttft_p99_speedup"] = off["ttft"]["p99"] / on["ttft"]["p99"]
+    f_off, f_on = runs.get("fits_off_qp0", {}), runs.get("fits_on_qp0", {})
+    if f_off.get("status") == "ok" and f_on.get("status") == "ok" and f_off.get("output_tokens_per_s"):
+        out["qp0_fits_throughput_on_over_off"] = f_on["output_tokens_per_s"] / f_off["output_tokens_per_s"]
+    return out
+
+
+def step_equality(outputs: dict, res: ResultFile) -> dict:
+    from lmdeploy_hostcache.testing.compare import compare_token_outputs
+
+    compared, missing = {}, []
+    for cand, ref in EQUALITY_PAIRS:
+        if outputs.get(cand) and outputs.get(ref):
+            c = compare_token_outputs(outputs[ref], outputs[cand])
+            d = c.to_dict()
+            d["reference"], d["candidate"] = ref, cand
+            d["summary"] = c.summary()
+            compared[f"{cand}_vs_{ref}"] = d
+        else:
+            missing.append(f"{cand}_vs_{ref}")
+    eq = {"compared": compared, "not_compared": missing}
+    if not compared:
+        res.step("equality", "skipped", reason="no pair of runs to compare", **eq)
+    else:
+        ok = all(v["identical"] for v in compared.values())
+        res.step("equality", "pass" if ok else "fail", **eq)
+    return eq
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("GPU_KIT_WORK", "/tmp/gpu_kit_work"))
+    work.mkdir(parents=True, exist_ok=True)
+    budget = Budget(args.budget_s)
+    log = Log(args.out / "kit.log")
+    res = ResultFile(args.out / "result.json", argv=sys.argv[1:] if argv is None else argv)
+    for name in kitlib.STEPS:
+        if name not in args.steps:
+            res.step(name, "skipped", reason="not in --steps")
+    res.set("env", environment())
+    log(f"env: {json.dumps(res.data['env'])}")
+    bench = e2e_outputs = eq = None
+    try:
+        if "cuda_tests" in args.steps:
+            step_cuda_tests(args, res, budget, log, work)
+        if "bench_transfer" in args.steps:
+            bench = step_bench(args, res, budget, log, work)
+        if "e2e" in args.steps:
+            e2e_outputs = step_e2e(args, res, budget, log, work)
+        if "equality" in args.steps:
+            eq = step_equality(e2e_outputs or {}, res)
+    except Exception as exc:  # noqa: BLE001 - keep what was measured; the error goes in the result
+        import traceback
+
+        res.set("driver_error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}")
+        log(f"driver error: {exc!r}")
+    e2e = res.data["steps"]["e2e"]
+    runs = e2e.get("runs") or {}
+    cal_src = (runs.get("fits_off_qp0") or {}).get("calibration") or {}
+    block_bytes = None
+    if args.model_size in MODEL_SIZES:
+        m = MODEL_SIZES[args.model_size]
+        head_dim = m["hidden_size"] // m["num_attention_heads"]
+        block_bytes = m["num_layers"] * 2 * args.block_size * m["num_key_value_heads"] * head_dim * 2
+    cal = kitlib.restore_calibration(bench, cal_src.get("prefill_tokens_per_s"), cal_src.get("decode_step_ms"),
+                                     block_bytes, (res.data.get("env") or {}).get("gpu"),
+                                     f"random-weight llama {args.model_size}")
+    if cal is not None and not args.cpu_shim:
+        (args.out / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
+    res.set("calibration", cal)
+    res.set("targets", kitlib.evaluate_targets(bench, e2e if e2e.get("runs") else None, eq))
+    if args.cpu_shim:
+        res.set("note", "CPU smoke test with a faked CUDA runtime: no figure here is a GPU figure")
+    res.finish("fail" if res.data.get("driver_error") else None)
+    log(f"done: {res.data['status']}; steps: "
+        + ", ".join(f"{k}={v['status']}" for k, v in res.data["steps"].items()))
+    print(json.dumps({"status": res.data["status"], "targets": res.data["targets"]}, indent=1))
+    return 0 if res.data["status"] == "pass" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""One end-to-end engine run of the GPU proof kit: LMDeploy's real PyTorch engine, one configuration.
+
+usage: python e2e_worker.py --model DIR --run JSON --workload FILE --out FILE [--cpu-shim]
+
+``--run`` is one run's settings (``driver.RUNS`` builds them)::
+
+    {"name": "small_on_qp0", "tier": true, "quant_policy": 0, "num_gpu_blocks": 250, "block_size": 64,
+     "host_cache_gb": 8, "min_restore_tokens": 0, "eager_mode": true, "concurrency": 1,
+     "calibrate": false}
+
+``tier: false`` runs stock LMDeploy (``LMDEPLOY_HOSTCACHE_DISABLE=1`` is set before anything is
+imported, so the extension never loads); ``tier: true`` installs the post-import hook first (what the
+``.pth`` does after ``pip install``) and configures the connector with ``with_host_cache``.
+
+The replay (``replay``) sends the workload's turns round by round (``kitlib.make_workload``): turn
+``t`` of a session is the system prompt, the session's earlier user messages and this run's own
+earlier outputs, then the new user message; greedy decoding, ``ignore_eos``, ``new_tokens`` per turn.
+Per request it records the time to the first token (TTFT), the total latency and the output tokens.
+``--out`` gets: status, per-request rows, TTFT p50/p99, prefill tokens/s (uncached prompt tokens over
+the TTFTs), output tokens/s over the replay's wall time, the GPU prefix-cache hit tokens, and with
+the tier on the connector's counters (host hits, restored tokens, restore latency). ``calibrate``
+adds the prefill rate of fresh prompts (2048 tokens, or the session length) and the decode step time (for ``restore_cost``).
+
+The replay takes any engine object with ``create_instance()`` whose instances have LMDeploy's
+``async_stream_infer``; tests drive it with a fake (``tests/gpu_kit``).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from kitlib import latency_summary, request_id  # noqa: E402
+
+
+async def _one_request(inst, session_id: int, prompt: list[int], gen_config, clock) -> dict:
+    t0 = clock()
+    first = None
+    tokens: list[int] = []
+    status = None
+    async for out in inst.async_stream_infer(session_id, prompt, gen_config=gen_config):
+        status = getattr(out.status, "name", str(out.status))
+        if out.token_ids:
+            if first is None:
+                first = clock()
+            tokens.extend(int(t) for t in out.token_ids)
+    t1 = clock()
+    return {"ttft": (first - t0) if first is not None else None, "latency": t1 - t0, "tokens": tokens,
+            "status": status}
+
+
+async def replay(engine, workload: dict, gen_config, concurrency: int = 1, clock=time.perf_counter,
+                 stats=None) -> dict:
+    """Replay ``workload`` through ``engine``; returns per-request rows and outputs.
+
+    ``stats()`` (optional) returns the engine's GPU prefix-cache hit tokens so far; rows then carry the
+    tokens each request found cached (exact with ``concurrency == 1``).
+    """
+    system, users, order = workload["system"], workload["users"], workload["order"]
+    outputs: dict[str, list[int]] = {}
+    rows: list[dict] = []
+    sid = [0]
+    insts = [engine.create_instance() for _ in range(max(1, concurrency))]
+    start = clock()
+    for turn, perm in enumerate(order):
+        queue = list(perm)
+
+        async def worker(inst):
+            while queue:
+                s = queue.pop(0)
+                prompt = list(system)
+                for t in range(turn):
+                    prompt += users[s][t] + outputs[request_id(s, t)]
+                prompt += users[s][turn]
+                sid[0] += 1
+                before = stats() if stats else None
+                r = await _one_request(inst, sid[0], prompt, gen_config, clock)
+                after = stats() if stats else None
+                rid = request_id(s, turn)
+                outputs[rid] = r["tokens"]
+                cached = (after - before) if stats and concurrency == 1 else None
+                rows.append({"id": rid, "prompt_tokens": len(prompt), "output_tokens": len(r["tokens"]),
+                             "ttft": r["ttft"], "latency": r["latency"], "status": r["status"],
+                             "gpu_cached_tokens": cached})
+
+        await asyncio.gather(*(worker(i) for i in insts))
+    wall = clock() - start
+    return {"rows": rows, "outputs": outputs, "wall_s": wall}
+
+
+def summarize(rep: dict) -> dict:
+    rows = rep["rows"]
+    ttfts = [r["ttft"] for r in rows if r["ttft"] is not None]
+    out_tokens = sum(r["output_tokens"] for r in rows)
+    uncached = [(r["prompt_tokens"] - (r["gpu_cached_tokens"] or 0), r["ttft"]) for r in rows
+                if r["ttft"] is not None]
+    ttft_sum = sum(t for _, t in uncached)
+    return {
+        "requests": len(rows),
+        "failed_requests": [r["id"] for r in rows if r["status"] not in ("SUCCESS", "FINISH")],
+        "ttft": latency_summary(ttfts),
+        "latency": latency_summary(r["latency"] for r in rows),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "output_tokens": out_tokens,
+        "wall_s": rep["wall_s"],
+        "output_tokens_per_s": out_tokens / rep["wall_s"] if rep["wall_s"] > 0 else None,
+        "prefill_tokens_per_s": (sum(n for n, _ in uncached) / ttft_sum) if ttft_sum > 0 else None,
+        "prefill_tokens_per_s_note": "prompt tokens minus GPU-prefix-cache hits (host restores count as "
+                                     "uncached), over the sum of TTFTs",
+    }
+
+
+async def calibrate(engine, gen_cls, vocab: int, clock=time.perf_counter, prompt_len: int = 2048,
+                    repeats: int = 3) -> dict:
+    """Prefill rate of fresh prompts (1 new token) and decode step time ((t(17) - t(1)) / 16)."""
+    import random
+
+    rng = random.Random(12345)
+    inst = engine.create_instance()
+    sid = 10 ** 6
+    rates = []
+    one = gen_cls(max_new_tokens=1, do_sample=False, top_k=1, ignore_eos=True)
+    for _ in range(repeats + 1):  # the first is a warm-up
+        sid += 1
+        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+        r = await _one_request(inst, sid, prompt, one, clock)
+        if r["ttft"]:
+            rates.append(prompt_len / r["ttft"])
+    rates = rates[1:]
+    steps = []
+    many = gen_cls(max_new_tokens=17, do_sample=False, top_k=1, ignore_eos=True)
+    for _ in range(repeats):
+        prompt = [rng.randrange(vocab) for _ in range(16)]
+        sid += 1
+        a = await _one_request(inst, sid, prompt, one, clock)
+        sid += 1
+        b = await _one_request(inst, sid, [*prompt[:-1], (prompt[-1] + 1) % vocab], many, clock)
+        steps.append((b["latency"] - a["latency"]) / 16)
+    rates.sort()
+    steps.sort()
+    return {"prefill_prompt_tokens": prompt_len, "prefill_tokens_per_s": rates[len(rates) // 2] if rates else None,
+            "decode_step_ms": steps[len(steps) // 2] * 1e3 if steps else None, "repeats": repeats}
+
+
+def _connector(engine):
+    sched = getattr(engine, "scheduler", None)
+    conn = getattr(sched, "kv_connector", None)
+    return getattr(conn, "scheduler_side", None)
+
+
+def _gpu_hit_tokens(engine):
+    trie = getattr(getattr(engine, "scheduler", None), "block_trie", None)
+    stats = getattr(trie, "stats", None)
+    return None if stats is None else int(stats.num_hit_tokens)
+
+
+def run(args) -> dict:
+    cfg = json.loads(args.run)
+    result = {"name": cfg.get("name"), "status": "error", "config": cfg}
+    if not cfg.get("tier"):
+        os.environ["LMDEPLOY_HOSTCACHE_DISABLE"] = "1"
+    if args.cpu_shim:
+        from lmdeploy_hostcache.testing import cpu_shim
+
+        cpu_shim.install()
+    if cfg.get("tier"):
+        from lmdeploy_hostcache.integration import autoload
+
+        autoload.install()
+    import torch
+    from lmdeploy import GenerationConfig, PytorchEngineConfig
+    from lmdeploy.messages import QuantPolicy
+    from lmdeploy.pytorch.engine import Engine
+
+    workload = json.loads(Path(args.workload).read_text())
+    spec = workload["spec"]
+    ec = PytorchEngineConfig(
+        eager_mode=bool(cfg.get("eager_mode", True)), block_size=int(cfg["block_size"]),
+        enable_prefix_caching=True, num_gpu_blocks=int(cfg["num_gpu_blocks"]),
+        quant_policy=QuantPolicy(int(cfg["quant_policy"])), max_batch_size=max(4, int(cfg.get("concurrency", 1))),
+        session_len=int(cfg["session_len"]), max_prefill_token_num=int(cfg.get("max_prefill_token_num", 4096)))
+    if cfg.get("tier"):
+        from lmdeploy_hostcache.integration.activate import status as activation_status
+        from lmdeploy_hostcache.integration.engine_config import with_host_cache
+
+        ec = with_host_cache(ec, host_cache_gb=float(cfg["host_cache_gb"]),
+                             config={"min_restore_tokens": cfg.get("min_restore_tokens", 0), "host_kv_format": "same"})
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(args.model, engine_config=ec)
+    result["engine_build_s"] = time.perf_counter() - t0
+    if cfg.get("tier"):
+        result["activation"] = activation_status()
+        if _connector(engine) is None:
+            raise RuntimeError("tier requested but the engine has no host-tier connector (activation: "
+                               f"{result['activation']['status']}: {result['activation']['reason']})")
+    result["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    gen = GenerationConfig(max_new_tokens=int(spec["new_tokens"]), do_sample=False, top_k=1, ignore_eos=True)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        if cfg.get("calibrate"):
+            plen = max(16, min(2048, int(cfg["session_len"]) - 32))
+            result["calibration"] = loop.run_until_complete(calibrate(engine, GenerationConfig, int(spec["vocab"]),
+                                                                      prompt_len=plen))
+        conn0 = _connector(engine)
+        base = dict(conn0.stats()) if conn0 is not None else None
+        hits0 = _gpu_hit_tokens(engine)
+        rep = loop.run_until_complete(replay(engine, workload, gen, int(cfg.get("concurrency", 1)),
+                                             stats=(lambda: _gpu_hit_tokens(engine)) if hits0 is not None else None))
+        result.update(summarize(rep))
+        hits1 = _gpu_hit_tokens(engine)
+        result["gpu_prefix_hit_tokens"] = None if hits0 is None else hits1 - hits0
+        conn = _connector(engine)
+        if conn is not None:
+            st = conn.stats()
+            d = {k: st[k] - base.get(k, 0) for k in st if isinstance(st[k], (int, float))
+                 and not k.startswith(("restore_latency", "host_slots"))}
+            d["restore_latency_mean_s"] = st.get("restore_latency_mean_s")
+            d["restore_latency_max_s"] = st.get("restore_latency_max_s")
+            d["host_slots"] = st.get("host_slots")
+            d["host_slots_used"] = st.get("host_slots_used")
+            result["host_tier"] = d
+            lat = st.get("restore_latency_mean_s") or 0
+            cnt = st.get("restore_latency_count") or 0
+            if lat and cnt and d.get("bytes_to_gpu"):
+                result["host_tier"]["restore_gbps_effective"] = d["bytes_to_gpu"] / (lat * cnt) / 1e9
+        result["rows"] = rep["rows"]
+        result["outputs"] = rep["outputs"]
+        result["status"] = "fail" if result["failed_requests"] else "ok"
+    finally:
+        try:
+            engine.close()
+        except Exception:  # noqa: BLE001 - closing must not hide the result
+            result["close_error"] = traceback.format_exc(limit=3)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="one end-to-end engine run of the GPU proof kit")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--run", required=True, help="JSON settings of this run")
+    parser.add_argument("--workload", required=True, help="workload JSON (kitlib.make_workload)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cpu-shim", action="store_true",
+                        help="CPU smoke test only: fake CUDA with lmdeploy_hostcache.testing.cpu_shim")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except Exception as exc:  # noqa: BLE001 - the driver reads the error from the file
+        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc(limit=8)}
+        try:
+            result["config"] = json.loads(args.run)
+        except ValueError:
+            pass
+    Path(args.out).write_text(json.dumps(result, default=str) + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if result.get("status") == "ok" else 1)  # skip interpreter teardown (engine threads)
+
+
+if __name__ == "__main__":
+    main()
