@@ -20,7 +20,7 @@ SETUP_AND_TEST = "bash scripts/setup.sh && bash .ci/test"
 def _table_rows(text: str) -> dict[str, str]:
     rows = {}
     for line in text.splitlines():
-        m = re.match(r"\| `([a-z_]+)` \|", line)
+        m = re.match(r"\| `([a-z_0-9]+)` \|", line)
         if m:
             rows[m.group(1)] = line
     return rows
@@ -53,8 +53,11 @@ def test_example_is_valid_and_shows_the_defaults():
 def test_readme_opens_with_exactly_the_two_commands():
     blocks = re.findall(r"```(?:bash)?\n(.*?)```", README, flags=re.S)
     assert blocks[0].strip().splitlines() == [SETUP_AND_PLAN, SETUP_AND_TEST]
-    before = README[:README.index("```")]
-    assert before.strip().splitlines() == ["# lmdeploy-hostcache"], "nothing but the title before the commands"
+    before = README[:README.index("```")].strip().split("\n\n")
+    assert before[0] == "# lmdeploy-hostcache" and len(before) == 2, "the title, one sentence, then the commands"
+    sentence = before[1]
+    assert "\n" not in sentence and sentence.endswith(".") and sentence.count(". ") == 0, sentence
+    assert "LMDeploy" in sentence and "host" in sentence
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -74,3 +77,70 @@ def test_readme_mentions_every_command_and_links_every_doc():
     assert "NOT YET VERIFIED ON A GPU" in README
     assert ("lmdeploy serve api_server MODEL --backend pytorch --enable-prefix-caching --host-cache-gb 64"
             in README)
+
+
+# -- issue 9 item 11: what a production user needs ------------------------------------------------
+
+METRICS_DOC = ROOT / "docs" / "metrics.md"
+DASHBOARD = ROOT / "examples" / "grafana-dashboard.json"
+
+
+def _emitted_metric_names() -> set[str]:
+    """Every sample name the Prometheus collector emits for a connector with all its stats."""
+    from lmdeploy_hostcache.integration.metrics_export import HostTierCollector
+    from lmdeploy_hostcache.metrics import HostTierMetrics, L3TierMetrics
+
+    snap = HostTierMetrics().snapshot()
+    snap.update(host_slots=4, host_slots_used=2, host_blocks=2)  # HostTierScheduler.stats() occupancy keys
+    snap.update(L3TierMetrics().prefixed_snapshot())
+    return {s.name for fam in HostTierCollector._families({("m", "0"): snap}) for s in fam.samples}
+
+
+def test_metrics_doc_lists_exactly_the_emitted_metrics():
+    import pytest
+
+    pytest.importorskip("prometheus_client")
+    table = [ln for ln in METRICS_DOC.read_text().splitlines() if ln.startswith("| `lmdeploy:")]
+    documented = {name for ln in table for name in re.findall(r"`(lmdeploy:[a-z0-9_:]+)`", ln.split(" | ")[0])}
+    assert documented == _emitted_metric_names()
+    for ln in table:
+        assert "`model_name`" in ln and "`engine`" in ln, ln
+
+
+def test_grafana_dashboard_queries_only_emitted_metrics():
+    import json
+
+    import pytest
+
+    pytest.importorskip("prometheus_client")
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"lmdeploy:[a-z0-9_]+", e)}
+    emitted = _emitted_metric_names()
+    assert used and used <= emitted, sorted(used - emitted)
+    # the headline host-tier counters are all on the dashboard
+    for name in ("hit_blocks_total", "lookup_blocks_total", "restored_tokens_total", "restore_failures_total",
+                 "bytes_to_gpu_total", "host_slots_used"):
+        assert f"lmdeploy:host_cache_{name}" in used, name
+
+
+def test_docs_do_not_point_into_the_shared_folder():
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        assert "../shared" not in text, f"{doc.name} points to ../shared, which a user does not have"
+
+
+def test_readme_shows_the_off_switches_and_the_active_log_line():
+    from lmdeploy_hostcache.integration.activate import ACTIVE_LOG_PREFIX
+    from lmdeploy_hostcache.integration.autoload import ENV_DISABLE
+
+    assert f"{ENV_DISABLE}=1" in README and "--host-cache-gb 0" in README
+    assert f"`{ACTIVE_LOG_PREFIX}`" in README
+
+
+def test_planner_doc_names_the_default_policy():
+    from lmdeploy_hostcache.eviction import DEFAULT_POLICY
+
+    text = (ROOT / "docs" / "planner.md").read_text()
+    assert f"(default `{DEFAULT_POLICY}`" in text
+    assert not re.search(r"default[^.\n]{0,20}`lru`", text), "docs/planner.md still names lru as the default"
