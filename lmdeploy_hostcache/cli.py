@@ -23,6 +23,8 @@ BENCH_COMMANDS = {
     "transfer": ("lmdeploy_hostcache.bench.transfer", "gather/scatter and copy-engine bandwidth"),
     "eviction": ("lmdeploy_hostcache.bench.eviction",
                  "eviction policies: host hit rate vs capacity on traces, next to Belady"),
+    "route": ("lmdeploy_hostcache.bench.route",
+              "cache-aware routing: decision time per request and proxy memory per cached block"),
 }
 
 

@@ -396,6 +396,13 @@ def _patch_cli_serve(mod) -> None:
             "lmdeploy.cli.serve:SubCliServe.add_parser_api_server", wrap_kind="staticmethod")
     _rebind(cls, "api_server", cli_patch.wrap_api_server(orig_run),
             "lmdeploy.cli.serve:SubCliServe.api_server", wrap_kind="staticmethod")
+    from . import proxy_routing  # `lmdeploy serve proxy --routing-strategy cache_aware`
+
+    _rebind(cls, "add_parser_proxy",
+            proxy_routing.wrap_add_parser_proxy(cls.__dict__["add_parser_proxy"].__func__, cls),
+            "lmdeploy.cli.serve:SubCliServe.add_parser_proxy", wrap_kind="staticmethod")
+    _rebind(cls, "proxy", proxy_routing.wrap_proxy(cls.__dict__["proxy"].__func__),
+            "lmdeploy.cli.serve:SubCliServe.proxy", wrap_kind="staticmethod")
 
 
 def _patch_engine(mod) -> None:

@@ -60,6 +60,10 @@ PATCHED_TARGETS: dict[str, str] = {
         "add --host-cache-gb / --host-cache-config to the PyTorch engine group",
     "lmdeploy.cli.serve:SubCliServe.api_server":
         "turn the flags into kv_transfer_config",
+    "lmdeploy.cli.serve:SubCliServe.add_parser_proxy":
+        "list --routing-strategy cache_aware and its options (proxy_routing.py)",
+    "lmdeploy.cli.serve:SubCliServe.proxy":
+        "install the cache_aware strategy on the live proxy module before the stock command runs",
     "lmdeploy.messages:PytorchEngineConfig":
         "accept host_cache_gb= / host_cache_config= keywords (wraps the generated __init__)",
     "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics":
@@ -90,6 +94,17 @@ RELIED_TARGETS: dict[str, str] = {
         "ships the cache config to workers after it",
     "lmdeploy.cli.serve:SubCliServe.add_parsers":
         "binds SubCliServe.api_server as the parser default when called",
+    # the proxy the cache_aware strategy plugs into (proxy_routing.py)
+    "lmdeploy.serve.proxy.proxy:NodeManager.get_node_url":
+        "called with the model name (and role) by both routed endpoints; overridden by a subclass",
+    "lmdeploy.serve.proxy.proxy:NodeManager.post_call":
+        "called once per request after its response; the subclass ends the request's queued prefill there",
+    "lmdeploy.serve.proxy.proxy:chat_completions_v1":
+        "reads the module-level node_manager at call time; depends on validate_json_request",
+    "lmdeploy.serve.proxy.proxy:completions_v1":
+        "reads the module-level node_manager at call time; depends on validate_json_request",
+    "lmdeploy.serve.utils.server_utils:validate_json_request":
+        "the routed endpoints' dependency, overridden to capture the request body (after the stock check)",
     # the external-load path the connector drives (study sections 3-4)
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.try_load":
         "asks get_num_new_matched_tokens right after the local GPU match",
@@ -180,6 +195,20 @@ PINS: dict[str, str] = {
         "84f5b8e01991b187fa5894f3f7d918e720e110e1ff2f51ab25d11a47e5d65554",
     "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
         "ae8d890c1f625f782d4110f92eaccdd0b35e9539d09e5809a709a7b85fd367ca",
+    "lmdeploy.cli.serve:SubCliServe.add_parser_proxy":
+        "92667a6cea5104434fb2582b1ce2e595920e31858dcc2bdcc9b6f328ad09a65b",
+    "lmdeploy.cli.serve:SubCliServe.proxy":
+        "ffc8d2ebe6a258634c9b5ff554c1efc84a9073f80f34ca300c7b2724a943c48d",
+    "lmdeploy.serve.proxy.proxy:NodeManager.get_node_url":
+        "9103cde26f4d066c51df878269d597edc6736d21f908665f43c64cb2439df2b5",
+    "lmdeploy.serve.proxy.proxy:NodeManager.post_call":
+        "c9fd77d96447e3e72052f1aaa7d9f0429d697c50490a636460752eb81d279150",
+    "lmdeploy.serve.proxy.proxy:chat_completions_v1":
+        "3f7e928cfc7afd10605458a668f20a079b441fc8f254b5af61bd70834069673f",
+    "lmdeploy.serve.proxy.proxy:completions_v1":
+        "3db11720ceac0cd4a5d9e11a547b7d9720f06d24fa52cf3f16e8ab105dda0a6c",
+    "lmdeploy.serve.utils.server_utils:validate_json_request":
+        "d256d687fd151798ce88ee6a4cf59a21cbcd2bb20927b1cbf4f61df6a592818f",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":
@@ -214,6 +243,10 @@ FILE_PINS: dict[str, str] = {
         "e1b2d83b4f1c0fa401985e90f1f67bc035f6c91bc1d253dbf5e9300cba57cf21",
     "lmdeploy.pytorch.engine.cache_engine.plan":
         "36f112a1e6a5dea78dd8d487d2b60f44cf0588d169bda9cf730ce64fd1f7b05d",
+    "lmdeploy.serve.proxy.proxy":
+        "7b7f751f8b21a998bc4b2e08d24b5b3e4ba7c9b7745fa8e1a27920469c58016f",
+    "lmdeploy.serve.utils.server_utils":
+        "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
 }
 
 

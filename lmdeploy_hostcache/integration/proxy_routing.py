@@ -1,0 +1,430 @@
+"""``lmdeploy serve proxy --routing-strategy cache_aware``: the cache-aware strategy in the stock proxy.
+
+How it plugs in (``activate._patch_cli_serve`` rebinds two ``SubCliServe`` functions with the
+wrappers below; nothing else in LMDeploy is rebound):
+
+- ``wrap_add_parser_proxy``: ``cache_aware`` joins the ``--routing-strategy`` choices (so
+  ``--help`` lists it) and a "cache-aware routing" group adds its options;
+- ``wrap_proxy``: with ``--routing-strategy cache_aware`` it calls ``install`` and then the
+  stock command with the stock default strategy (which LMDeploy's ``RoutingStrategy`` knows);
+  any other strategy runs the stock command untouched.
+
+``install`` works on the live proxy module, at run time only:
+
+- the module-level ``node_manager`` gets a subclass of its own class (``__class__`` swap,
+  keeping its nodes, heartbeat thread and state) whose ``get_node_url`` asks the router
+  (``routing.CacheAwareRouter``) for Hybrid requests and falls back to the stock method
+  otherwise; ``post_call`` also ends the request's queued prefill;
+- the request body reaches ``get_node_url`` (which LMDeploy calls with the model name only)
+  through a ``contextvars.ContextVar`` set by a FastAPI dependency override of
+  ``validate_json_request`` (it runs the stock check first): the endpoints already depend on
+  it, FastAPI runs async dependencies in the endpoint's own task, and the body is read from
+  Starlette's cache, so the stock endpoints stay as they are;
+- that dependency turns the body into token ids with LMDeploy's own prompt processor
+  (``MultimodalProcessor`` with the model's ``Tokenizer`` and ``get_chat_template``, as the
+  node does); without ``--cache-aware-model`` it falls back to a text-prefix match and logs it;
+- a daemon thread polls each node's cache-state feed (``routing.feed.FEED_PATH``) and applies
+  it; a node whose feed answers 404 (stock LMDeploy) is routed on the approximate index; a
+  node whose feed fails (error status, connection refused, invalid message) is marked
+  unhealthy until it answers again; one whose feed stops answering for
+  ``--cache-aware-feed-timeout`` seconds after having answered falls back to the approximate index;
+- ``GET /hostcache/routing`` returns the router's status (per node: requests, predicted hits,
+  prefill tokens, feed cursor).
+
+Invariants: stock strategies never reach this code; the router is touched under one lock
+(the event loop and the poller thread); a routing error falls back to the stock choice and is
+logged, never failing a request.
+"""
+from __future__ import annotations
+
+import argparse
+import contextvars
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["STRATEGY", "add_proxy_arguments", "install", "wrap_add_parser_proxy", "wrap_proxy", "RoutingService"]
+
+STRATEGY = "cache_aware"
+STOCK_DEFAULT = "min_expected_latency"
+STATUS_PATH = "/hostcache/routing"
+ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+logger = logging.getLogger("lmdeploy_hostcache.proxy_routing")
+_current: contextvars.ContextVar = contextvars.ContextVar("hostcache_routing_request", default=None)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _positive(kind):
+    def conv(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return v
+    conv.__name__ = kind.__name__
+    return conv
+
+
+def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``cache_aware`` to ``--routing-strategy`` and the strategy's options (idempotent)."""
+    if any("--cache-aware-model" in a.option_strings for a in parser._actions):
+        return
+    for a in parser._actions:
+        if "--routing-strategy" in a.option_strings and a.choices is not None and STRATEGY not in a.choices:
+            a.choices = list(a.choices) + [STRATEGY]
+            a.help = (a.help or "") + (f". {STRATEGY} (lmdeploy-hostcache): lowest expected prefill cost from each "
+                                       "node's GPU and host prefix-cache contents, with a balance guard")
+    g = parser.add_argument_group("lmdeploy-hostcache cache-aware routing (--routing-strategy cache_aware)")
+    g.add_argument("--cache-aware-model", type=str, default=None, metavar="PATH",
+                   help="model path or name whose tokenizer and chat template the nodes use; without it the "
+                        "strategy matches text prefixes only (approximate)")
+    g.add_argument("--cache-aware-feed-interval", type=_positive(float), default=1.0, metavar="S",
+                   help="seconds between polls of each node's cache-state feed")
+    g.add_argument("--cache-aware-feed-timeout", type=_positive(float), default=10.0, metavar="S",
+                   help="a node whose feed is silent this long is routed on the approximate index")
+    g.add_argument("--cache-aware-balance", type=_positive(float), default=1.3, metavar="X",
+                   help="balance guard: skip a node whose share of recent prefill tokens exceeds X times its "
+                        "speed-weighted share (>= 1)")
+    g.add_argument("--cache-aware-block-size", type=_positive(int), default=64, metavar="N",
+                   help="block size (tokens) assumed for nodes that publish no feed")
+    g.add_argument("--cache-aware-gpu-blocks", type=_positive(int), default=4096, metavar="N",
+                   help="GPU prefix-cache blocks assumed for nodes that publish no feed")
+    g.add_argument("--cache-aware-host-blocks", type=int, default=0, metavar="N",
+                   help="host-tier blocks assumed for nodes that publish no feed")
+
+
+def wrap_add_parser_proxy(original: Callable[[], Any], serve_cls: Any) -> Callable[[], Any]:
+    @functools.wraps(original)
+    def add_parser_proxy():
+        result = original()
+        parser = serve_cls.subparsers.choices.get("proxy")
+        if parser is not None:
+            add_proxy_arguments(parser)
+        return result
+
+    add_parser_proxy.__hostcache_wrapped__ = True
+    return add_parser_proxy
+
+
+def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    @functools.wraps(original)
+    def proxy(args):
+        if getattr(args, "routing_strategy", None) == STRATEGY:
+            if getattr(args, "serving_strategy", "Hybrid") != "Hybrid":
+                raise SystemExit(f"--routing-strategy {STRATEGY} needs --serving-strategy Hybrid")
+            if not 1.0 <= args.cache_aware_balance:
+                raise SystemExit(f"--cache-aware-balance must be >= 1, got {args.cache_aware_balance}")
+            install(options_from_args(args))
+            args.routing_strategy = STOCK_DEFAULT
+        return original(args)
+
+    proxy.__hostcache_wrapped__ = True
+    return proxy
+
+
+def options_from_args(args) -> dict:
+    return {k: getattr(args, "cache_aware_" + k) for k in
+            ("model", "feed_interval", "feed_timeout", "balance", "block_size", "gpu_blocks", "host_blocks")}
+
+
+# ---------------------------------------------------------------------------------- encoder
+class PromptEncoder:
+    """Request body -> token ids, with LMDeploy's prompt processor (the node's own path)."""
+
+    def __init__(self, model_path: str) -> None:
+        from lmdeploy.model import get_chat_template
+        from lmdeploy.serve.processors.multimodal import MultimodalProcessor
+        from lmdeploy.tokenizer import Tokenizer
+
+        self.model_path = model_path
+        self.processor = MultimodalProcessor(Tokenizer(model_path), get_chat_template(model_path, None))
+
+    async def encode(self, path: str, body: dict) -> list[int] | None:
+        if path.endswith("/chat/completions"):
+            messages = body.get("messages")
+            if isinstance(messages, str):
+                messages = [{"role": "user", "content": messages}]
+            if not isinstance(messages, list):
+                return None
+            out = await self.processor.get_prompt_input(
+                prompt=messages, do_preprocess=True, tools=body.get("tools"),
+                reasoning_effort=body.get("reasoning_effort"),
+                chat_template_kwargs=body.get("chat_template_kwargs"))
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                return None
+            out = await self.processor.get_prompt_input(prompt=prompt, do_preprocess=False)
+        ids = out.get("input_ids")
+        return list(ids) if ids is not None else None
+
+
+def request_text(path: str, body: dict) -> str | None:
+    """The text a request's prompt starts with (text-prefix fallback)."""
+    if path.endswith("/chat/completions"):
+        msgs = body.get("messages")
+        if isinstance(msgs, str):
+            return msgs
+        if not isinstance(msgs, list):
+            return None
+        parts = []
+        for m in msgs:
+            if isinstance(m, dict):
+                c = m.get("content")
+                if isinstance(c, list):
+                    c = "".join(x.get("text", "") for x in c if isinstance(x, dict))
+                parts.append(f"<{m.get('role', '')}>{c or ''}")
+        return "".join(parts)
+    p = body.get("prompt")
+    if isinstance(p, list) and p and isinstance(p[0], str):
+        p = p[0]
+    return p if isinstance(p, str) else None
+
+
+def session_key(body: dict) -> str | None:
+    """An explicit session key: ``session_id`` (>= 0) or ``user``."""
+    sid = body.get("session_id")
+    if isinstance(sid, int) and not isinstance(sid, bool) and sid >= 0:
+        return f"session:{sid}"
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return f"user:{user}"
+    return None
+
+
+# ---------------------------------------------------------------------------------- service
+class RoutingService:
+    """The router, the prompt encoder and the feed poller of one proxy process."""
+
+    def __init__(self, options: dict, node_manager=None) -> None:
+        from ..routing.cost import NodeProfile
+        from ..routing.router import CacheAwareRouter
+
+        self.options = dict(options)
+        self.node_manager = node_manager
+        self.lock = threading.RLock()
+        self.router = CacheAwareRouter(balance=float(options["balance"]), max_nodes=64,
+                                       approx_model=str(options.get("model") or "unknown"),
+                                       approx_block_size=int(options["block_size"]))
+        self.default_profile = NodeProfile(int(options["gpu_blocks"]), int(options["host_blocks"]),
+                                           int(options["block_size"]))
+        self.encoder: PromptEncoder | None = None
+        self.text_mode_logged = False
+        if options.get("model"):
+            self.encoder = PromptEncoder(options["model"])
+        else:
+            logger.warning("lmdeploy-hostcache cache_aware routing: no --cache-aware-model given, so requests are "
+                           "matched by text prefix against what this proxy routed (approximate; nodes' feeds "
+                           "cannot be matched without the model's tokenizer)")
+        self._feed_state: dict[str, dict] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.errors = 0
+
+    # -- membership ----------------------------------------------------------------------
+    def _sync_nodes(self, urls: list[str]) -> None:
+        with self.lock:
+            for url in urls:
+                if url not in self.router.nodes:
+                    self.router.add_node(url, self.default_profile)
+                    self._feed_state[url] = {"last_ok": None, "has_feed": None}
+            for url in [u for u in self.router.nodes if u not in urls]:
+                self.router.remove_node(url)
+                self._feed_state.pop(url, None)
+
+    # -- routing -------------------------------------------------------------------------
+    async def capture(self, raw_request) -> None:
+        """Dependency of the routed endpoints: body -> RoutingRequest in the context."""
+        from ..routing.request import RoutingRequest
+
+        if raw_request.url.path not in ROUTED_PATHS:
+            return
+        try:
+            body = await raw_request.json()
+            if not isinstance(body, dict):
+                return
+            tokens = None
+            if self.encoder is not None:
+                tokens = await self.encoder.encode(raw_request.url.path, body)
+            sess = session_key(body)
+            if tokens is not None:
+                req = RoutingRequest(tokens, session=sess)
+            else:
+                text = request_text(raw_request.url.path, body)
+                if text is None:
+                    return
+                req = RoutingRequest.from_text(text, session=sess)
+            _current.set(req)
+        except Exception as exc:  # routing never fails a request
+            self.errors += 1
+            logger.warning("cache_aware routing: could not read the request (%r); stock routing for it", exc)
+
+    def choose(self, candidates: list[str]) -> str | None:
+        """The node for the request in the current context (None: let the stock strategy pick)."""
+        req = _current.get()
+        if req is None or not candidates:
+            return None
+        self._sync_nodes(list(self.node_manager.nodes) if self.node_manager is not None else candidates)
+        with self.lock:
+            d = self.router.route(req, candidates)
+            if d is None:
+                return None
+            self.router.dispatched(d, req)
+        _current.set(None)
+        return d.node
+
+    def finished(self, url: str) -> None:
+        with self.lock:
+            self.router.finished(url)
+        self._wake.set()
+
+    # -- feeds ---------------------------------------------------------------------------
+    def poll_once(self, session=None) -> None:
+        import requests
+
+        from ..routing.feed import FEED_PATH, FeedError
+
+        urls = list(self.node_manager.nodes) if self.node_manager is not None else list(self.router.nodes)
+        self._sync_nodes(urls)
+        http = session or requests
+        now = time.monotonic()
+        for url in urls:
+            with self.lock:
+                st = self.router.nodes.get(url)
+                if st is None:
+                    continue
+                params = st.cursor.params()
+            fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
+            try:
+                while True:
+                    r = http.get(url.rstrip("/") + FEED_PATH, params=params, timeout=5)
+                    if r.status_code == 404:
+                        fs["has_feed"] = False
+                        with self.lock:
+                            self.router.set_health(url, True)
+                            if self.router.nodes[url].exact:
+                                self.router.set_approximate(url, self.default_profile)
+                        break
+                    if r.status_code != 200:
+                        raise ConnectionError(f"HTTP {r.status_code}")
+                    msg = r.json()
+                    with self.lock:
+                        if url not in self.router.nodes:
+                            break
+                        self.router.apply_feed(url, msg)
+                        self.router.set_health(url, True)
+                        params = self.router.nodes[url].cursor.params()
+                    fs["has_feed"], fs["last_ok"] = True, now
+                    if not msg.get("more"):
+                        break
+            except FeedError as exc:
+                logger.warning("cache_aware routing: node %s sent an invalid cache-state feed: %s", url, exc)
+                with self.lock:
+                    self.router.set_approximate(url, self.default_profile)
+            except Exception as exc:
+                with self.lock:
+                    st = self.router.nodes.get(url)
+                    if st is not None:
+                        self.router.set_health(url, False)
+                        if st.exact and fs["last_ok"] is not None and \
+                                now - fs["last_ok"] > float(self.options["feed_timeout"]):
+                            self.router.set_approximate(url, self.default_profile)
+                logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+
+    def _run(self) -> None:
+        import requests
+
+        with requests.Session() as s:
+            while not self._stop.is_set():
+                try:
+                    self.poll_once(s)
+                except Exception as exc:  # pragma: no cover - keep polling
+                    logger.warning("cache_aware routing: feed poll failed: %r", exc)
+                self._wake.wait(float(self.options["feed_interval"]))
+                self._wake.clear()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hostcache-feed-poller", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def status(self) -> dict:
+        with self.lock:
+            out = self.router.status()
+        out["strategy"] = STRATEGY
+        out["tokenizer"] = self.encoder.model_path if self.encoder is not None else None
+        out["mode"] = "tokens" if self.encoder is not None else "text-prefix (approximate)"
+        out["errors"] = self.errors
+        for n in out["nodes"]:
+            n["has_feed"] = self._feed_state.get(n["name"], {}).get("has_feed")
+        return out
+
+
+def _cache_aware_class(base: type) -> type:
+    """A subclass of the live NodeManager's class routing Hybrid requests through the service."""
+
+    class CacheAwareNodeManager(base):
+        _hostcache_routing: RoutingService
+
+        def get_node_url(self, model_name, role=None):
+            from lmdeploy.pytorch.disagg.config import EngineRole
+
+            role = EngineRole.Hybrid if role is None else role
+            if role == EngineRole.Hybrid:
+                try:
+                    cands = [u for u, s in self.get_nodes(role).items() if model_name in s.models]
+                    url = self._hostcache_routing.choose(cands)
+                    if url is not None:
+                        return url
+                except Exception as exc:  # never fail a request over routing
+                    self._hostcache_routing.errors += 1
+                    logger.warning("cache_aware routing failed (%r); stock routing for this request", exc)
+            return super().get_node_url(model_name, role)
+
+        def post_call(self, node_url, start):
+            super().post_call(node_url, start)
+            self._hostcache_routing.finished(node_url)
+
+    CacheAwareNodeManager.__qualname__ = f"CacheAware{base.__qualname__}"
+    return CacheAwareNodeManager
+
+
+def install(options: dict, proxy_module=None) -> RoutingService:
+    """Turn the live proxy module's routing into ``cache_aware`` (see the module docstring)."""
+    if proxy_module is None:
+        import lmdeploy.serve.proxy.proxy as proxy_module
+    from lmdeploy.serve.utils.server_utils import validate_json_request
+
+    nm = proxy_module.node_manager
+    service = RoutingService(options, nm)
+    if not getattr(type(nm), "_hostcache_routing", None):
+        nm.__class__ = _cache_aware_class(type(nm))
+    nm._hostcache_routing = service
+
+    async def validate_and_capture(raw_request):
+        validate_json_request(raw_request)
+        await service.capture(raw_request)
+
+    from starlette.requests import Request
+
+    validate_and_capture.__annotations__ = {"raw_request": Request}  # real class: FastAPI injects by type
+
+    proxy_module.app.dependency_overrides[validate_json_request] = validate_and_capture
+    if not any(getattr(r, "path", None) == STATUS_PATH for r in proxy_module.app.routes):
+        proxy_module.app.add_api_route(STATUS_PATH, lambda: nm._hostcache_routing.status(), methods=["GET"])
+    service.start()
+    logger.info("lmdeploy-hostcache: cache_aware routing installed (tokenizer: %s)", options.get("model") or "none")
+    return service

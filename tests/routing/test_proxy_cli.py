@@ -1,0 +1,29 @@
+"""`lmdeploy serve proxy --help` lists cache_aware after install (post-import hook); stock otherwise."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LMDEPLOY = str(Path(sys.executable).with_name("lmdeploy"))
+
+
+def _help(env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([LMDEPLOY, "serve", "proxy", "--help"], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_proxy_help_lists_cache_aware_next_to_the_stock_strategies():
+    p = _help()
+    assert p.returncode == 0, p.stderr
+    assert "{random,min_expected_latency,min_observed_latency,cache_aware}" in p.stdout
+    assert "--cache-aware-model" in p.stdout
+
+
+def test_disabled_hook_leaves_the_stock_proxy():
+    p = _help({"LMDEPLOY_HOSTCACHE_DISABLE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert "{random,min_expected_latency,min_observed_latency}" in p.stdout
+    assert "cache_aware" not in p.stdout
