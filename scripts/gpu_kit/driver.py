@@ -125,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LMDeploy eager_mode (default on: no CUDA-graph capture time per engine)")
     p.add_argument("--cpu-shim", action="store_true", help="CPU smoke test of the driver (fake CUDA); no figure "
                    "it prints is a GPU figure")
+    p.add_argument("--fake-engine", action="store_true", help="tests only: e2e runs use fake_engine.py (no model)")
     args = p.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     bad = [s for s in steps if s not in kitlib.STEPS]
@@ -169,7 +170,7 @@ def plan_runs(args) -> list[dict]:
     return out
 
 
-def environment() -> dict:
+def environment(probe: bool = True) -> dict:
     env = {"python": sys.version.split()[0], "repo_commit": None}
     try:
         env["repo_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
@@ -179,6 +180,8 @@ def environment() -> dict:
     manifest = REPO / ".gpu_kit" / "wheels" / "manifest.json"
     if manifest.exists():
         env["kit_commit"] = json.loads(manifest.read_text()).get("commit")
+    if not probe:
+        return env
     code = ("import json,torch,triton\n"
             "d={'torch':torch.__version__,'triton':triton.__version__,'cuda':torch.version.cuda,"
             "'gpu':torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
@@ -268,7 +271,7 @@ def step_e2e(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> dic
     if info["gpu_blocks_small"]:
         info["ratio_achieved"] = info["working_set_blocks"] / info["gpu_blocks_small"]
     res.step("e2e", "running", **info)
-    if not _write_model(args, budget, log):
+    if not args.fake_engine and not _write_model(args, budget, log):
         res.step("e2e", "error", error="writing the random-weight model failed (see kit.log)")
         return {}
     outputs: dict[str, dict] = {}
@@ -284,6 +287,8 @@ def step_e2e(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> dic
                "--workload", str(wl_path), "--out", str(out)]
         if args.cpu_shim:
             cmd.append("--cpu-shim")
+        if args.fake_engine:
+            cmd.append("--fake-engine")
         outcome, rc, secs = run_child(cmd, budget.step_timeout(args.run_timeout_s, 40), log)
         durations.append(secs)
         data = json.loads(out.read_text()) if out.exists() else {"status": "error", "error": "no result file"}
@@ -349,7 +354,7 @@ def main(argv=None) -> int:
     for name in kitlib.STEPS:
         if name not in args.steps:
             res.step(name, "skipped", reason="not in --steps")
-    res.set("env", environment())
+    res.set("env", environment(probe=not args.fake_engine))
     log(f"env: {json.dumps(res.data['env'])}")
     bench = e2e_outputs = eq = None
     try:
@@ -377,12 +382,12 @@ def main(argv=None) -> int:
     cal = kitlib.restore_calibration(bench, cal_src.get("prefill_tokens_per_s"), cal_src.get("decode_step_ms"),
                                      block_bytes, (res.data.get("env") or {}).get("gpu"),
                                      f"random-weight llama {args.model_size}")
-    if cal is not None and not args.cpu_shim:
+    if cal is not None and not (args.cpu_shim or args.fake_engine):
         (args.out / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
     res.set("calibration", cal)
     res.set("targets", kitlib.evaluate_targets(bench, e2e if e2e.get("runs") else None, eq))
-    if args.cpu_shim:
-        res.set("note", "CPU smoke test with a faked CUDA runtime: no figure here is a GPU figure")
+    if args.cpu_shim or args.fake_engine:
+        res.set("note", "CPU test run (faked CUDA runtime or fake engine): no figure here is a GPU figure")
     res.finish("fail" if res.data.get("driver_error") else None)
     log(f"done: {res.data['status']}; steps: "
         + ", ".join(f"{k}={v['status']}" for k, v in res.data["steps"].items()))

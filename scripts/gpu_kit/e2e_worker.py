@@ -161,9 +161,8 @@ def _gpu_hit_tokens(engine):
     return None if stats is None else int(stats.num_hit_tokens)
 
 
-def run(args) -> dict:
-    cfg = json.loads(args.run)
-    result = {"name": cfg.get("name"), "status": "error", "config": cfg}
+def _build_real(args, cfg: dict, result: dict):
+    """LMDeploy's engine for ``cfg`` (stock, or with the host tier); returns (engine, GenerationConfig)."""
     if not cfg.get("tier"):
         os.environ["LMDEPLOY_HOSTCACHE_DISABLE"] = "1"
     if args.cpu_shim:
@@ -179,8 +178,6 @@ def run(args) -> dict:
     from lmdeploy.messages import QuantPolicy
     from lmdeploy.pytorch.engine import Engine
 
-    workload = json.loads(Path(args.workload).read_text())
-    spec = workload["spec"]
     ec = PytorchEngineConfig(
         eager_mode=bool(cfg.get("eager_mode", True)), block_size=int(cfg["block_size"]),
         enable_prefix_caching=True, num_gpu_blocks=int(cfg["num_gpu_blocks"]),
@@ -201,13 +198,29 @@ def run(args) -> dict:
             raise RuntimeError("tier requested but the engine has no host-tier connector (activation: "
                                f"{result['activation']['status']}: {result['activation']['reason']})")
     result["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    gen = GenerationConfig(max_new_tokens=int(spec["new_tokens"]), do_sample=False, top_k=1, ignore_eos=True)
+    return engine, GenerationConfig
+
+
+def run(args) -> dict:
+    cfg = json.loads(args.run)
+    result = {"name": cfg.get("name"), "status": "error", "config": cfg}
+    workload = json.loads(Path(args.workload).read_text())
+    spec = workload["spec"]
+    if args.fake_engine:
+        import fake_engine
+
+        engine, gen_cls = fake_engine.build(cfg), fake_engine.GenerationConfig
+        result["gpu"] = None
+        result["fake_engine"] = True
+    else:
+        engine, gen_cls = _build_real(args, cfg, result)
+    gen = gen_cls(max_new_tokens=int(spec["new_tokens"]), do_sample=False, top_k=1, ignore_eos=True)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         if cfg.get("calibrate"):
             plen = max(16, min(2048, int(cfg["session_len"]) - 32))
-            result["calibration"] = loop.run_until_complete(calibrate(engine, GenerationConfig, int(spec["vocab"]),
+            result["calibration"] = loop.run_until_complete(calibrate(engine, gen_cls, int(spec["vocab"]),
                                                                       prompt_len=plen))
         conn0 = _connector(engine)
         base = dict(conn0.stats()) if conn0 is not None else None
@@ -250,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu-shim", action="store_true",
                         help="CPU smoke test only: fake CUDA with lmdeploy_hostcache.testing.cpu_shim")
+    parser.add_argument("--fake-engine", action="store_true",
+                        help="tests only: a deterministic fake engine (fake_engine.py), no LMDeploy")
     args = parser.parse_args(argv)
     try:
         result = run(args)
