@@ -84,7 +84,8 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
                          f"(got --backend {backend})")
     existing = getattr(args, "kv_transfer_config", None)
     try:
-        transfer = merge_transfer_config(existing, host_cache_gb=gb, config=path)
+        # the file is read once (settings), so an empty file's "means auto" line is logged once
+        transfer = merge_transfer_config(existing, host_cache_gb=gb, config=settings if path is not None else None)
     except ValueError as exc:
         if existing is not None and not isinstance(exc, ConfigError):
             raise ValueError(f"--host-cache-gb/--host-cache-config conflict with --kv-transfer-config: {exc}") from None

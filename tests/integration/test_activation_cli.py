@@ -168,3 +168,15 @@ def test_bad_config_file_is_one_line_and_exit_2(parser, recorded, tmp_path, caps
     err = _refused(args, capsys, match)
     assert str(f) in err
     assert recorded == []
+
+
+def test_empty_config_file_is_auto_and_says_so_once(parser, recorded, tmp_path, caplog):
+    """Item 10: an empty file silently meant `auto` (up to half of RAM pinned); now one log line says so."""
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    with caplog.at_level("WARNING", logger="lmdeploy_hostcache"):
+        cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
+                   "--host-cache-config", str(f))
+    assert cfg.kv_transfer_config.kv_connector_extra_config["hostcache_config"]["host_cache_gb"] == "auto"
+    said = [r.getMessage() for r in caplog.records if "is empty" in r.getMessage()]
+    assert len(said) == 1 and str(f) in said[0] and "'auto'" in said[0], said
