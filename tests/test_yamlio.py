@@ -1,0 +1,46 @@
+"""The one strict YAML loader (issue 9 item 9): duplicate keys refused anywhere, YAML 1.2 numbers,
+safe loading, every unusable file a YamlError naming it."""
+from __future__ import annotations
+
+import pytest
+
+from lmdeploy_hostcache.yamlio import YamlError, dump_yaml, load_yaml_file, load_yaml_text
+
+
+@pytest.mark.parametrize("text, line", [("a: 1\na: 2\n", 2), ("x:\n  y: 1\n  z: 2\n  y: 3\n", 4),
+                                        ("nodes:\n  - {name: a, name: b}\n", 2)])
+def test_duplicate_keys_are_refused_at_any_depth(text, line):
+    with pytest.raises(YamlError) as info:
+        load_yaml_text(text, source="f.yaml")
+    assert str(info.value).startswith(f"f.yaml:{line}: duplicate key")
+
+
+@pytest.mark.parametrize("text, value", [("1.0e9", 1e9), ("1e9", 1e9), ("-2E-3", -0.002), ("1.5", 1.5), (".5", 0.5),
+                                         ("100000000", 100000000), ("1_000", 1000), (".inf", float("inf")),
+                                         ("'1e9'", "1e9"), ("1e", "1e"), ("e9", "e9")])
+def test_numbers_follow_yaml_1_2(text, value):
+    assert load_yaml_text(f"v: {text}\n") == {"v": value}
+
+
+def test_safe_loading_only():
+    with pytest.raises(YamlError, match="not valid YAML"):
+        load_yaml_text("!!python/object/apply:os.system ['true']\n")
+
+
+def test_dump_round_trips_number_like_strings():
+    data = {"salt": "1e3", "gb": 1e9, "s": "1.5", "n": 3, "flag": True, "none": None}
+    assert load_yaml_text(dump_yaml(data)) == data
+
+
+def test_unusable_files_name_the_file(tmp_path):
+    cases = {"bin.yaml": b"\x00\x01", "latin.yaml": b"a: \xe9\n", "bad.yaml": b"a: [1\n"}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+    for name, match in (("bin.yaml", "binary data"), ("latin.yaml", "not UTF-8"), ("bad.yaml", "not valid YAML"),
+                        ("missing.yaml", "no such file"), (".", "is a folder")):
+        path = tmp_path / name
+        with pytest.raises(YamlError) as info:
+            load_yaml_file(path)
+        assert str(info.value).startswith(str(path)) and match in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfa: 1\n")
+    assert load_yaml_file(tmp_path / "bom.yaml") == {"a": 1}
