@@ -63,3 +63,25 @@ def open_mooncake(config: L3Config, setup_timeout_s: float = 30.0) -> Any:
                             f"(setup returned {result.get('ret')}; metadata {config.metadata_server}, "
                             f"protocol {config.protocol})")
     return store
+
+
+def connect(config: L3Config, metrics: Any = None, logger: Any = None, setup_timeout_s: float = 30.0):
+    """The node's store client at start-up, per ``config.on_unreachable``.
+
+    ``error`` (default): an unreachable store raises ``L3Unavailable`` naming the address (the
+    engine refuses to start). ``warn``: one warning naming the address, and ``None``: the node
+    runs with GPU and host tiers only.
+    """
+    from .client import L3Client  # noqa: PLC0415
+
+    try:
+        store = open_mooncake(config, setup_timeout_s)
+    except L3Unavailable as exc:
+        if config.on_unreachable != "warn":
+            raise
+        import logging  # noqa: PLC0415
+
+        (logger or logging.getLogger("lmdeploy_hostcache.l3")).warning(
+            "%s; on_unreachable is 'warn': this node runs without the shared L3 tier", exc)
+        return None
+    return L3Client(store, timeout_s=config.timeout_s, metrics=metrics)

@@ -256,3 +256,21 @@ def test_full_store_refuses_and_strict_put_raises(own_master):
             c.put_blocks(StoreKeyspace(ns(tenant_salt="full2")), more, mtb, big, strict=True)
     finally:
         c.close()
+
+
+def test_startup_policy_error_or_warn(caplog, master):
+    from lmdeploy_hostcache.l3.backend import connect
+    from lmdeploy_hostcache.l3.master import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    base = {"master_address": addr, "global_segment_gb": 1 / 16, "local_buffer_gb": 1 / 32}
+    with pytest.raises(L3Unavailable, match=addr.replace(".", r"\.")):
+        connect(parse_l3_section(base))
+    with caplog.at_level("WARNING", logger="lmdeploy_hostcache.l3"):
+        assert connect(parse_l3_section({**base, "on_unreachable": "warn"})) is None
+    assert addr in caplog.text and "without the shared L3 tier" in caplog.text
+    c = connect(parse_l3_section({**base, "master_address": master.address}), metrics=L3TierMetrics())
+    try:
+        assert c is not None and c.exists(["nothing-here"]) == [False]
+    finally:
+        c.close()

@@ -1,0 +1,147 @@
+"""The host -> store chain, both sides, without LMDeploy: what the connector and the worker call.
+
+Scheduler side (``SchedulerChain``, one per engine, owns no bytes):
+
+* ``on_host_evict(block)``: a host block is about to lose its slot -> a ``WriteBack`` for this
+  step (its slot is read by every rank *before* anything is written into it: the worker runs
+  ``write_back`` first in a step);
+* ``lookup(digests, block_bytes)``: how many blocks continue in the store from ``digests[0]``:
+  one batched existence check over every TP rank's key; a block counts only when every rank's
+  object exists; any error counts 0 (recompute);
+* ``reserve(digests, parents, block_bytes)``: host slots to stage those blocks in (``WRITING``,
+  pinned); all or nothing;
+* ``finish(digests, ok)``: staged -> ``RESIDENT`` (then loaded to the GPU like any host hit,
+  through ``prepare_load``/``complete_load``), or every reserved slot released (leaf first).
+
+Worker side (``WorkerChain``, one per TP rank, owns its host pool's bytes):
+
+* ``write_back(items)``: read each slot, put it under this rank's key (best effort: a refused or
+  failed put only loses that block; counted);
+* ``stage(digests, block_bytes, slots)``: get every object of the batch, verify each (header,
+  key, token ids, checksum, size) and only then write the payloads into the slots; any error
+  -> ``False`` and nothing may be loaded from those slots.
+
+Invariants: a staged slot becomes loadable only after every rank staged it (the caller ANDs
+the ranks' results before ``finish(ok=True)``); a failed stage never leaves a reserved slot
+pinned or indexed (``finish(False)``); write-backs of a step are taken exactly once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .client import L3Client
+from .errors import L3Error
+from .keys import StoreKeyspace
+
+
+@dataclass(frozen=True)
+class WriteBack:
+    digest: int
+    tokens: bytes
+    slot: int
+
+
+class SchedulerChain:
+    """Scheduler-side decisions of the store tier (see the module docstring)."""
+
+    def __init__(self, index: Any, client: L3Client | None, rank_spaces: Sequence[StoreKeyspace],
+                 write_policy: str = "write_back") -> None:
+        if not rank_spaces:
+            raise ValueError("SchedulerChain needs one StoreKeyspace per TP rank")
+        self.index = index
+        self.client = client
+        self.rank_spaces = list(rank_spaces)
+        self.write_policy = write_policy
+        self._write_backs: list[WriteBack] = []
+        self.lookup_errors = 0
+
+    # -- write path ------------------------------------------------------------------------
+    def on_host_evict(self, block: Any) -> None:
+        """HostIndex eviction callback: queue the victim's slot for write-back."""
+        if self.client is not None:
+            self._write_backs.append(WriteBack(block.digest, block.tokens, block.slot))
+
+    def take_write_backs(self) -> list[WriteBack]:
+        out, self._write_backs = self._write_backs, []
+        return out
+
+    # -- read path -------------------------------------------------------------------------
+    def lookup(self, digests: Sequence[int], block_bytes: Sequence[bytes] | None = None) -> int:
+        """Consecutive store blocks from ``digests[0]`` present for every rank; 0 on any error."""
+        if self.client is None or not digests:
+            return 0
+        keys = [s.key(d) for d in digests for s in self.rank_spaces]
+        try:
+            present = self.client.exists(keys)
+            if self.client.metrics is not None:
+                self.client.metrics.add(lookups=1, lookup_blocks=len(digests))
+        except L3Error:
+            self.lookup_errors += 1
+            return 0
+        r = len(self.rank_spaces)
+        n = 0
+        for i in range(len(digests)):
+            if not all(present[i * r:(i + 1) * r]):
+                break
+            n += 1
+        if self.client.metrics is not None:
+            self.client.metrics.add(hit_blocks=n)
+        return n
+
+    def reserve(self, digests: Sequence[int], parents: Sequence[int],
+                block_bytes: Sequence[bytes]) -> list[int] | None:
+        """Host slots to stage ``digests`` in (all reserved, WRITING), or None (nothing held)."""
+        slots: list[int] = []
+        for d, p, b in zip(digests, parents, block_bytes):
+            slot = self.index.prepare_store(d, p, b)
+            if slot is None:
+                self.finish(digests[:len(slots)], False)
+                return None
+            slots.append(slot)
+        return slots
+
+    def finish(self, digests: Sequence[int], ok: bool) -> None:
+        """Staging done on every rank (``ok``) -> RESIDENT; else release every reserved slot."""
+        if ok:
+            for d in digests:
+                self.index.complete_store(d, True)
+            return
+        for d in reversed(list(digests)):      # leaf first: a parent's failure dooms its children
+            if self.index.get(d) is not None:
+                self.index.complete_store(d, False)
+
+
+class WorkerChain:
+    """One TP rank's store I/O over its host pool (see the module docstring)."""
+
+    def __init__(self, client: L3Client, space: StoreKeyspace, slot_nbytes: int,
+                 read_slot: Callable[[int], Any], write_slot: Callable[[int, Any], None]) -> None:
+        self.client = client
+        self.space = space
+        self.slot_nbytes = int(slot_nbytes)
+        self.read_slot = read_slot
+        self.write_slot = write_slot
+        self.write_back_errors = 0
+
+    def write_back(self, items: Sequence[WriteBack]) -> int:
+        """Put each slot's bytes under this rank's key; returns how many the store took."""
+        if not items:
+            return 0
+        try:
+            stored = self.client.put_blocks(self.space, [w.digest for w in items], [w.tokens for w in items],
+                                            [self.read_slot(w.slot) for w in items])
+        except L3Error:
+            self.write_back_errors += 1
+            return 0
+        return sum(stored)
+
+    def stage(self, digests: Sequence[int], block_bytes: Sequence[bytes], slots: Sequence[int]) -> bool:
+        """Read, verify, then write every block into its slot; False (nothing usable) on any error."""
+        try:
+            payloads = self.client.get_blocks(self.space, digests, block_bytes, self.slot_nbytes)
+        except L3Error:
+            return False
+        for slot, payload in zip(slots, payloads):
+            self.write_slot(slot, payload)
+        return True
