@@ -11,7 +11,10 @@ The int8/int4 rows time the quantizing gather (fp16 pages) on one block size.
 CUDA (only when ``torch.cuda.is_available()``): the copy engine's D2H (demotions)
 and H2D (loads) GB/s against a plain pinned ``copy_`` of equal size, and the
 Triton gather/scatter kernels' GB/s against a device-to-device ``copy_`` of equal
-size (target >= 0.8 for batches of >= 16 blocks).  Every figure is a median of
+size (target >= 0.8 for batches of >= 16 blocks).
+
+Store (unless ``--no-store``): Mooncake Store put/get GB/s per block size on a loopback master
+this run starts and stops (``bench/store.py``), next to the host pool's rows above.  Every figure is a median of
 ``--repeats`` timed rounds; ratios are computed from the same run.
 """
 from __future__ import annotations
@@ -38,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for the CPU rows (default 1: robust on a shared machine)")
     parser.add_argument("--no-quant", action="store_true", help="skip the int8/int4 quantizing rows")
+    parser.add_argument("--no-store", action="store_true",
+                        help="skip the Mooncake Store rows (they start a mooncake_master on 127.0.0.1)")
     parser.add_argument("--cuda-only", action="store_true",
                         help="skip the CPU rows (the GPU proof kit: device time is scarce); needs CUDA")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -232,6 +237,13 @@ def run(args: argparse.Namespace) -> int:
         "cpu_gather_target": GATHER_RATIO_TARGET,
         "cpu_quant": [] if args.no_quant or args.cuda_only else _cpu_quant_rows(torch, args),
     }
+    if args.no_store or args.cuda_only:
+        result.update(store=[], store_note="store rows skipped")
+    else:  # bench/store.py: its own loopback master, stopped before it returns
+        from .store import store_rows
+
+        store, why = store_rows(sizes, args.blocks, max(3, args.repeats // 3))
+        result.update(store=store, store_note=why)
     if torch.cuda.is_available():
         cuda = _cuda_rows(torch, args, sizes)
         batch = [r for r in cuda if r["blocks"] >= 16]
@@ -258,6 +270,14 @@ def run(args: argparse.Namespace) -> int:
     if result["cpu_gather_vs_contiguous"] is not None:
         print(f"cpu_gather_vs_contiguous (blocks >= 256 KiB, worst): {result['cpu_gather_vs_contiguous']:.2f} "
               f"(target >= {GATHER_RATIO_TARGET})")
+    if result["store"]:
+        print(f"Mooncake Store on loopback (one client, TCP), {args.blocks} checksummed block objects per batch, "
+              f"median of {max(3, args.repeats // 3)} (wall time, encode + checksum + store + verify):")
+        for r in result["store"]:
+            print(f"{r['block_kib']:>5}KiB put {r['put_gbps']:>7.2f} GB/s ({r['put_ms_per_block']:.2f} ms/block)  "
+                  f"get {r['get_gbps']:>7.2f} GB/s ({r['get_ms_per_block']:.2f} ms/block)")
+    elif result["store_note"]:
+        print(f"store rows: {result['store_note']}")
     for q in result["cpu_quant"]:
         print(f"quantizing gather {q['format']}: {q['source_gbps']:.2f} GB/s of fp16 source, slot "
               f"{q['compression']:.3f}x of raw")

@@ -32,3 +32,21 @@ def _is_child_of_us(pid: int) -> bool:
     except OSError:
         return False
     return ppid == os.getpid()
+
+
+@needs_mooncake
+def test_bench_transfer_has_the_store_rows_next_to_the_host_pool(capsys):
+    import json
+
+    from lmdeploy_hostcache.cli import main
+
+    rc = main(["bench", "transfer", "--json", "--blocks", "4", "--sizes-kib", "64,256", "--layers", "4",
+               "--repeats", "3", "--no-quant"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["block_kib"] for r in out["cpu"]] == [r["block_kib"] for r in out["store"]] == [64, 256]
+    assert all(r["get_gbps"] > 0 and r["put_gbps"] > 0 for r in out["store"]) and out["store_note"] is None
+    rc = main(["bench", "transfer", "--json", "--blocks", "2", "--sizes-kib", "64", "--layers", "4",
+               "--repeats", "1", "--no-quant", "--no-store"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["store"] == [] and out["store_note"] == "store rows skipped"
