@@ -4,6 +4,10 @@
 * ``objects``: the self-describing, checksummed object format of one block;
 * ``client``: batched exists/put/get with deadlines over a store backend;
 * ``config``: the ``l3:`` section of the settings file, validated field by field;
+* ``backend``: open the Mooncake client (``connect``: start-up error naming the address, or a
+  warning with ``on_unreachable: warn``);
+* ``chain``: the host -> store chain for the connector (write-backs, lookups over every TP
+  rank's key, all-or-nothing staging into host slots);
 * ``master``: start/stop a real ``mooncake_master`` on loopback (tests and ``bench transfer``).
 
 Every failure of the store surfaces as an ``L3Error`` subclass; callers turn it into a recompute.
