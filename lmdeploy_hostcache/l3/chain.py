@@ -4,7 +4,8 @@ Scheduler side (``SchedulerChain``, one per engine, owns no bytes):
 
 * ``on_host_evict(block)``: a host block is about to lose its slot -> a ``WriteBack`` for this
   step (its slot is read by every rank *before* anything is written into it: the worker runs
-  ``write_back`` first in a step);
+  ``write_back`` first in a step); with ``write_through`` every block that becomes
+  host-resident is queued too (except blocks staged from the store);
 * ``lookup(digests, block_bytes)``: how many blocks continue in the store from ``digests[0]``:
   one batched existence check over every TP rank's key; a block counts only when every rank's
   object exists; any error counts 0 (recompute);
@@ -54,12 +55,21 @@ class SchedulerChain:
         self.rank_spaces = list(rank_spaces)
         self.write_policy = write_policy
         self._write_backs: list[WriteBack] = []
+        self._staging: set[int] = set()
         self.lookup_errors = 0
+        if write_policy == "write_through" and client is not None:
+            index.add_listener(self._on_stored, lambda block: None)
 
     # -- write path ------------------------------------------------------------------------
     def on_host_evict(self, block: Any) -> None:
         """HostIndex eviction callback: queue the victim's slot for write-back."""
         if self.client is not None:
+            self._write_backs.append(WriteBack(block.digest, block.tokens, block.slot))
+
+    def _on_stored(self, block: Any) -> None:
+        """write_through: a block that just became host-resident is written too (not one that
+        came from the store)."""
+        if block.digest not in self._staging:
             self._write_backs.append(WriteBack(block.digest, block.tokens, block.slot))
 
     def take_write_backs(self) -> list[WriteBack]:
@@ -104,8 +114,12 @@ class SchedulerChain:
     def finish(self, digests: Sequence[int], ok: bool) -> None:
         """Staging done on every rank (``ok``) -> RESIDENT; else release every reserved slot."""
         if ok:
-            for d in digests:
-                self.index.complete_store(d, True)
+            self._staging.update(digests)
+            try:
+                for d in digests:
+                    self.index.complete_store(d, True)
+            finally:
+                self._staging.difference_update(digests)
             return
         for d in reversed(list(digests)):      # leaf first: a parent's failure dooms its children
             if self.index.get(d) is not None:

@@ -32,14 +32,15 @@ def oracle(digest: int, rank: int, tp: int, nbytes: int) -> bytes:
 
 
 class Node:
-    def __init__(self, client, slots: int, tp: int = 1, ns: Namespace | None = None) -> None:
+    def __init__(self, client, slots: int, tp: int = 1, ns: Namespace | None = None,
+                 write_policy: str = "write_back") -> None:
         self.ns = ns or namespace()
         self.tp = tp
         self.slot_r = SLOT // tp
         self.index = HostIndex(slots, policy="lru")
         spaces = [StoreKeyspace(self.ns, tp_size=tp, tp_rank=r, head_start=r * HEADS // tp,
                                 head_count=HEADS // tp, block_nbytes=self.slot_r) for r in range(tp)]
-        self.chain = SchedulerChain(self.index, client, spaces)
+        self.chain = SchedulerChain(self.index, client, spaces, write_policy)
         self.index.on_evict = self.chain.on_host_evict
         self.pools = [bytearray(slots * self.slot_r) for _ in range(tp)]
         self.workers = [WorkerChain(client, spaces[r], self.slot_r, self._reader(r), self._writer(r))

@@ -177,3 +177,24 @@ def test_full_store_keeps_what_fits_and_never_lies(own_master):
         assert restored > 0
     finally:
         c.close()
+
+
+def test_write_through_writes_new_host_blocks_at_once(master):
+    m = L3TierMetrics()
+    c = open_client(master.address, metrics=m)
+    try:
+        ns = namespace(salt="wt")
+        a = Node(c, slots=16, ns=ns, write_policy="write_through")
+        a.demote(PROMPT)
+        a._worker_step()                          # the next step carries the write-throughs
+        assert len(a.index) == 6                  # nothing was evicted ...
+        b = Node(c, slots=8, ns=ns)
+        n, ok, slots = b.restore(PROMPT)          # ... yet node B finds the whole prefix
+        assert (n, ok) == (6, True) and b.slot_bytes_match_oracle(PROMPT, n, slots)
+        puts = m.snapshot()["put_blocks"]
+        w = Node(c, slots=8, ns=ns, write_policy="write_through")
+        assert w.restore(PROMPT)[:2] == (6, True)
+        w._worker_step()
+        assert m.snapshot()["put_blocks"] == puts   # staged blocks are not written back again
+    finally:
+        c.close()
