@@ -14,10 +14,22 @@ Block lifecycle::
          └─(already present: touched, None)                 complete_load(ok): dropped (now on GPU)
                                                            complete_load(fail): unpinned, stays
 
+Second chance (``prepare_spare``): a WRITING block whose GPU copy is evicted again (the GPU
+recomputed it while the first copy was in flight) gets a *spare* slot and a second copy.  The
+block becomes RESIDENT as soon as one of its copies succeeded: a failed primary copy hands the
+block over to a spare (written or still in flight) instead of dropping it; spares not needed any
+more are freed when their copy ends.  A block is dropped only when every copy failed.
+
+``drop_all`` empties the index when the host pool behind it is gone (engine sleep/close, a pool
+rebuilt): every block is doomed at once; blocks with a copy in flight are freed when it ends.
+
 Invariants (``check_invariants``):
 
-1. every block owns exactly one used slot and the allocator has no other used slot;
-2. a block with allocator pins (a copy in flight) is never evicted and its slot never reused;
+1. every block owns exactly one used slot (plus its spares) and the allocator has no other
+   used slot;
+2. a block with allocator pins on any of its slots (a copy in flight) is never evicted and none of
+   its slots is reused; a spare is pinned while its copy is in flight, and a written spare is kept
+   only while the block is still WRITING;
 3. leaf-first: only blocks without host-resident children are eviction candidates, so no chain
    keeps a child whose host parent was evicted; when a parent leaves *every* tier the caller
    reclaims its host subtree with ``drop_subtree`` (blocks mid-copy are doomed: invisible to
@@ -46,7 +58,7 @@ class HostBlock:
     """Metadata of one host-resident block (no KV bytes)."""
 
     __slots__ = ("digest", "parent", "tokens", "slot", "state", "last_access", "hits",
-                 "seq", "candidate", "doomed", "promoted", "pdata")
+                 "seq", "candidate", "doomed", "promoted", "pdata", "spares")
 
     def __init__(self, digest: int, parent: int, tokens: bytes, slot: int, now: int, seq: int) -> None:
         self.digest = digest
@@ -61,6 +73,7 @@ class HostBlock:
         self.doomed = False      # leaving the index: invisible to lookups, freed at last unpin
         self.promoted = False    # doomed because a load moved it to the GPU
         self.pdata = None
+        self.spares: dict[int, bool] | None = None   # second-chance slot -> written (False: in flight)
 
     def __lt__(self, other: "HostBlock") -> bool:  # heap tie-breaks never compare blocks, but be safe
         return self.seq < other.seq
@@ -80,6 +93,9 @@ class HostIndexStats:
     refreshes: int = 0           # prepare_store of a block already present
     store_rejected: int = 0      # prepare_store with no free or evictable slot
     store_failures: int = 0      # complete_store(success=False)
+    spares: int = 0              # prepare_spare that took a slot (second copy of a WRITING block)
+    second_chances: int = 0      # failed primary copies replaced by a spare (block kept)
+    dropped_all: int = 0         # blocks doomed by drop_all (pool gone)
     evictions: int = 0           # blocks evicted by the policy
     dropped: int = 0             # blocks removed by drop_subtree / failed stores (orphans)
     loads: int = 0               # blocks pinned by prepare_load
@@ -225,17 +241,11 @@ class HostIndex:
         pb = self._blocks.get(parent)
         if pb is not None and pb.candidate:
             self._uncandidate(pb)
-        slot = self.allocator.allocate()
-        if slot is None:
-            victim = self.policy.pop_victim()
-            if victim is not None:
-                victim.candidate = False
-                self._remove(victim, evicted=True)
-                slot = self.allocator.allocate()
-                if pb is not None and pb.candidate:
-                    # the victim was the parent's last host child: _remove made the parent a
-                    # leaf again, but the new block is about to become its child
-                    self._uncandidate(pb)
+        slot = self._take_slot()
+        if pb is not None and pb.candidate:
+            # the victim was the parent's last host child: _remove made the parent a
+            # leaf again, but the new block is about to become its child
+            self._uncandidate(pb)
         if slot is None:
             self.stats.store_rejected += 1
             if pb is not None:
@@ -255,24 +265,117 @@ class HostIndex:
         self.stats.inserts += 1
         return slot
 
-    def complete_store(self, digest: int, success: bool) -> None:
-        """The copy to host finished.  Failure drops the block and its host subtree (the GPU
-        copy is already gone, so its descendants are unreachable)."""
+    def prepare_spare(self, digest: int, block_bytes: bytes) -> int | None:
+        """Second chance: a slot for another copy of a block whose first copy is still in flight.
+
+        Called when the GPU evicts the block again while it is WRITING (its first copy may still
+        fail, and the GPU page is about to be freed).  Returns the spare slot (write-pinned; pass
+        it to ``complete_store(..., slot=)``), or None when the block is not WRITING or no slot is
+        free or evictable.
+        """
         b = self._blocks.get(digest)
-        if b is None or b.state is not BlockState.WRITING:
+        if b is None or b.doomed or b.state is not BlockState.WRITING:
+            return None
+        if self.verify_tokens and b.tokens != block_bytes:
+            self.stats.verify_mismatches += 1
+            return None
+        slot = self._take_slot()
+        if slot is None:
+            self.stats.store_rejected += 1
+            return None
+        self.allocator.pin(slot)
+        if b.spares is None:
+            b.spares = {}
+        b.spares[slot] = False
+        self.stats.spares += 1
+        return slot
+
+    def complete_store(self, digest: int, success: bool, slot: int | None = None) -> None:
+        """The copy to host into ``slot`` (default: the block's own slot) finished.
+
+        Success makes the block RESIDENT.  A failed copy drops the block and its host subtree (the
+        GPU copy is already gone, so its descendants are unreachable), unless a spare copy exists:
+        then the spare becomes the block's slot (RESIDENT if it was written already).
+        """
+        b = self._blocks.get(digest)
+        if b is None:
             raise KeyError(f"complete_store of block {digest:032x} that is not being written")
+        if slot is not None and slot != b.slot:
+            if not b.spares or b.spares.get(slot) is not False:
+                raise KeyError(f"complete_store of block {digest:032x}: slot {slot} is not a spare being written")
+            self._complete_spare(b, slot, success)
+            return
+        if b.state is not BlockState.WRITING:
+            raise KeyError(f"complete_store of block {digest:032x} that is not being written")
+        if b.doomed:   # dropped while in flight: freed once unpinned; a failure still dooms its subtree
+            if not success:
+                self.stats.store_failures += 1
+                self._doom_subtree(digest, include_self=False)
+            self.allocator.unpin(b.slot)
+            self._settle(b)
+            return
         if success:
-            b.state = BlockState.RESIDENT
-            for on_stored, _ in self._listeners:
-                on_stored(b)
+            self._make_resident(b)
+            self.allocator.unpin(b.slot)
+            self._free_written_spares(b)
         else:
             self.stats.store_failures += 1
-            # Descendants first, while the block still holds its write pin: a doomed block must
-            # not be unpinned while indexed, or a child's removal would free it a second time.
-            self._doom_subtree(digest, include_self=False)
-            b.doomed = True
-        self.allocator.unpin(b.slot)
+            spare = self._pick_spare(b)
+            if spare is not None:
+                # second chance: the failed slot is released, the block lives on in its spare
+                self.allocator.unpin(b.slot)
+                self.allocator.free(b.slot)
+                written = b.spares.pop(spare)
+                b.slot = spare
+                self.stats.second_chances += 1
+                if written:
+                    self._make_resident(b)
+                    self._free_written_spares(b)
+            else:
+                # Descendants first, while the block still holds its write pin: a doomed block must
+                # not be unpinned while indexed, or a child's removal would free it a second time.
+                self._doom_subtree(digest, include_self=False)
+                b.doomed = True
+                self.allocator.unpin(b.slot)
         self._settle(b)
+
+    def _complete_spare(self, b: HostBlock, slot: int, success: bool) -> None:
+        self.allocator.unpin(slot)
+        if success and not b.doomed and b.state is BlockState.WRITING:
+            b.spares[slot] = True          # kept until the primary copy's outcome is known
+        else:                              # failed, or no longer needed
+            del b.spares[slot]
+            self.allocator.free(slot)
+            if not success:
+                self.stats.store_failures += 1
+        self._settle(b)
+
+    def _make_resident(self, b: HostBlock) -> None:
+        b.state = BlockState.RESIDENT
+        for on_stored, _ in self._listeners:
+            on_stored(b)
+
+    @staticmethod
+    def _pick_spare(b: HostBlock) -> int | None:
+        """A written spare if any, else one still in flight, else None."""
+        if not b.spares:
+            return None
+        for slot, written in b.spares.items():
+            if written:
+                return slot
+        return next(iter(b.spares))
+
+    def _free_written_spares(self, b: HostBlock) -> None:
+        if not b.spares:
+            return
+        for slot in [s for s, written in b.spares.items() if written]:
+            del b.spares[slot]
+            self.allocator.free(slot)
+
+    def _is_pinned(self, b: HostBlock) -> bool:
+        """A copy is in flight on the block's slot or on one of its spares."""
+        pins = self.allocator.pins
+        return pins(b.slot) > 0 or (b.spares is not None and any(pins(s) > 0 for s in b.spares))
 
     # ------------------------------------------------------------------ maintenance
     def touch(self, digests: Iterable[int]) -> None:
@@ -280,6 +383,18 @@ class HostIndex:
             b = self._blocks.get(d)
             if b is not None and not b.doomed:
                 self._access(b)
+
+    def drop_all(self) -> int:
+        """Empty the index: the host pool behind it is gone.  Every block is doomed; blocks with
+        no copy in flight are freed now, the others when their copy ends (a doomed block is
+        invisible to lookups and its ``complete_store``/``complete_load`` only unpins).
+        Returns how many blocks were doomed."""
+        n = sum(1 for b in self._blocks.values() if not b.doomed)
+        roots = {b.parent for b in self._blocks.values() if b.parent not in self._blocks}
+        for root in roots:
+            self._doom_subtree(root, include_self=False)
+        self.stats.dropped_all += n
+        return n
 
     def drop_subtree(self, parent_digest: int) -> list[int]:
         """Reclaim every host block descending from ``parent_digest`` (which left every tier).
@@ -299,6 +414,17 @@ class HostIndex:
         return done
 
     # ------------------------------------------------------------------ internals
+    def _take_slot(self) -> int | None:
+        """A free slot, else the slot of the policy's victim (evicted now), else None."""
+        slot = self.allocator.allocate()
+        if slot is None:
+            victim = self.policy.pop_victim()
+            if victim is not None:
+                victim.candidate = False
+                self._remove(victim, evicted=True)
+                slot = self.allocator.allocate()
+        return slot
+
     def _access(self, b: HostBlock) -> None:
         self._clock += 1
         b.last_access = self._clock
@@ -313,7 +439,7 @@ class HostIndex:
         """Recompute what a block may be after a pin, state or child change."""
         if b.digest not in self._blocks or self._blocks[b.digest] is not b:
             return
-        unpinned = self.allocator.pins(b.slot) == 0
+        unpinned = not self._is_pinned(b)
         if b.doomed:
             if unpinned:
                 if b.candidate:
@@ -338,6 +464,10 @@ class HostIndex:
             if pb is not None:
                 self._settle(pb)  # parent may have become a leaf
         self.allocator.free(b.slot)
+        if b.spares:                      # written spares (in-flight ones keep the block pinned)
+            for slot in b.spares:
+                self.allocator.free(slot)
+            b.spares = None
         self.policy.on_remove(b, evicted)
         if self._listeners and b.state is BlockState.RESIDENT:
             for _, on_removed in self._listeners:
@@ -366,7 +496,7 @@ class HostIndex:
             b.doomed = True
             if b.candidate:
                 self._uncandidate(b)
-            if self.allocator.pins(b.slot) == 0:
+            if not self._is_pinned(b):
                 slot = b.slot
                 self._remove(b, evicted=False)
                 freed.append(slot)
@@ -377,21 +507,29 @@ class HostIndex:
         """Raise AssertionError naming the first broken invariant."""
         alloc = self.allocator
         alloc.check_invariants()
-        assert alloc.num_used == len(self._blocks), (
-            f"slot leak: {alloc.num_used} used slots for {len(self._blocks)} blocks")
+        owned = sum(1 + len(b.spares or ()) for b in self._blocks.values())
+        assert alloc.num_used == owned, f"slot leak: {alloc.num_used} used slots for {owned} block slots"
         seen_slots = set()
         for d, b in self._blocks.items():
             assert b.digest == d, f"block keyed under the wrong digest: {b}"
-            assert alloc.is_used(b.slot), f"{b} holds a free slot"
-            assert b.slot not in seen_slots, f"slot {b.slot} shared by two blocks"
-            seen_slots.add(b.slot)
+            for s in (b.slot, *(b.spares or ())):
+                assert alloc.is_used(s), f"{b} holds a free slot {s}"
+                assert s not in seen_slots, f"slot {s} shared by two blocks (or a block and a spare)"
+                seen_slots.add(s)
+            for s, written in (b.spares or {}).items():
+                if written:
+                    assert alloc.pins(s) == 0, f"{b}: written spare {s} still pinned"
+                    assert b.state is BlockState.WRITING, f"{b}: written spare {s} kept after the block settled"
+                else:
+                    assert alloc.pins(s) >= 1, f"{b}: spare {s} in flight without a write pin"
             assert d in self._children.get(b.parent, ()), f"{b} missing from its parent's children"
             pins = alloc.pins(b.slot)
+            pinned = self._is_pinned(b)
             if b.state is BlockState.WRITING:
                 assert pins >= 1, f"{b} is WRITING without a write pin"
             if b.doomed:
-                assert pins >= 1, f"{b} doomed but unpinned (should have been freed)"
-            want = (pins == 0 and b.state is BlockState.RESIDENT and not b.doomed
+                assert pinned, f"{b} doomed but unpinned (should have been freed)"
+            want = (not pinned and b.state is BlockState.RESIDENT and not b.doomed
                     and d not in self._children)
             assert b.candidate == want, f"{b} candidate={b.candidate}, expected {want}"
         for p, kids in self._children.items():

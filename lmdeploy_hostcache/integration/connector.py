@@ -34,6 +34,28 @@ never ``None``. LMDeploy then allocates destinations and calls ``update_state_af
 ``KVLoadResult`` so LMDeploy publishes the blocks into the trie or rolls back and recomputes.
 A request turn whose load failed recomputes (no second host attempt in that turn).
 
+Second chance. When the trie evicts a block again while its first copy to host is still in
+flight (the GPU recomputed it meanwhile), ``HostIndex.prepare_spare`` gives it a spare slot and
+a second copy is queued: the block is lost only if both copies fail.
+
+Teardown and rebuild (the host index must never outlive the pool it describes):
+* Engine sleep (any level): every worker connector is shut down (its pool released) before
+  LMDeploy calls ``finish_transfers_after_worker_drain``; that call settles everything in flight
+  and drops the whole index (``drop_host_tier``). In-flight demotions are dropped with the pool,
+  not counted as failures: LMDeploy discards the outputs that would say whether they completed
+  (the worker logs its drain); wakeup builds new workers with empty pools. The same call also
+  empties LMDeploy's GPU prefix trie (``clear_gpu_prefix_cache``, no demotion): LMDeploy 0.18.0
+  keeps the trie across sleep although the KV cache behind it is released, and the sleep drain
+  can discard a forward whose blocks the trie already lists.
+* Engine close: ``shutdown`` does the same.
+* A pool rebuilt without this side seeing it (e.g. ``wakeup(['kv_cache'])`` on an awake
+  engine): the new worker refuses every load of a slot its pool never had written and reports
+  ``pool_reset_marker(first_step)``; this side then fails the copies shipped before
+  ``first_step`` (they went to the old pool), drops the whole index and empties the GPU trie
+  (the cache engine was rebuilt with the pool), once per new pool.
+* ``update_params`` touches neither the cache engine nor the connectors (LMDeploy 0.18.0): the
+  host tier, like LMDeploy's GPU prefix cache, is kept.
+
 Abort. ``stop_session``/``end_session`` call ``cancel_lookup`` first: a load not yet shipped is
 failed without touching the worker; one in flight is marked cancelled and its slots are
 unpinned (host copies kept) when the worker reports it. ``request_finished`` forgets the
@@ -41,7 +63,8 @@ request; ``finish_transfers_after_worker_drain`` unpins everything and fails ope
 
 Invariants (checked by ``check_balanced``): when nothing is in flight every host slot is
 unpinned and the index invariants hold; every load LMDeploy started gets exactly one terminal
-``KVLoadResult`` (unless the request was removed first).
+``KVLoadResult`` (unless the request was removed first); no load is planned from an index that
+outlived its pool (dropped at sleep/close/unseen rebuild, and the worker refuses unwritten slots).
 
 Usage in-process (tests, CPU harness)::
 
@@ -92,9 +115,17 @@ from ..config import HostCacheConfig
 from ..digest import ChainHasher, block_digest, encode_tokens
 from ..host_index import HostIndex
 from ..metrics import HostTierMetrics
+from ..restore_cost import resolve_min_restore_tokens
 from .lifecycle import install_lifecycle_observer
 from .namespace import NamespaceFactory
-from .worker import HostLoad, HostTierMetadata, HostTierWorker, failed_demotion_marker, resolve_num_slots
+from .worker import (
+    HostLoad,
+    HostTierMetadata,
+    HostTierWorker,
+    failed_demotion_marker,
+    pool_reset_step,
+    resolve_num_slots,
+)
 
 if TYPE_CHECKING:
     from lmdeploy.pytorch.config import CacheConfig
@@ -184,6 +215,7 @@ class _Load:
     slots: tuple[int, ...] = ()
     pinned: bool = False
     started_at: float = 0.0
+    shipped_step: int = 0       # metadata step that carried it to the workers
     cancelled: bool = False     # stop/end requested: host copies are kept whatever the worker says
     removed: bool = False       # request_finished seen: no KVLoadResult is owed any more
 
@@ -205,7 +237,9 @@ class HostTierScheduler:
         slot_bytes = extra.get("host_slot_bytes")
         # PCIe bytes of one block summed over the TP ranks (0: unknown, bytes are not counted).
         self.block_transfer_bytes = int(slot_bytes) * self.tp_size if isinstance(slot_bytes, int) else 0
-        self.min_restore_tokens = int(self.hostcache.min_restore_tokens)
+        # `auto`: restore-or-recompute threshold from calibrated (or assumed) figures (restore_cost).
+        self.min_restore_tokens = resolve_min_restore_tokens(
+            self.hostcache.min_restore_tokens, self.block_transfer_bytes / self.block_size)
         self.metrics = HostTierMetrics()
         self.index = HostIndex(self.num_slots, policy=self.hostcache.eviction_policy,
                                verify_tokens=self.hostcache.verify_tokens, on_evict=self._on_host_evict)
@@ -213,7 +247,14 @@ class HostTierScheduler:
         self._next_batch = 0
         self._pending_demotions: list[tuple[int, int, int]] = []   # (digest, gpu_block, slot)
         self._pending_demote_gpu: set[int] = set()
-        self._inflight_demotions: dict[int, tuple[int, ...]] = {}  # batch -> digests
+        # batch -> (metadata step that shipped it, ((digest, slot), ...))
+        self._inflight_demotions: dict[int, tuple[int, tuple[tuple[int, int], ...]]] = {}
+        # Metadata steps below this went to worker pools that are gone (sleep, close, a rebuild
+        # reported by pool_reset_marker); the index holds nothing from them.
+        self._pool_floor = 1
+        self.tier_resets = 0        # times the whole index was dropped with its pool
+        self._trie = None           # LMDeploy's BlockTrie (install_scheduler_hook)
+        self._clearing_trie = False
         self._chains: dict[int, _RequestChain] = {}
         self._plans: dict[int, _LookupPlan] = {}
         self._counted_lookup: dict[int, tuple[int, int, int]] = {}  # request -> (first, last, hits)
@@ -307,6 +348,8 @@ class HostTierScheduler:
         Never raises into LMDeploy's eviction: an unexpected error costs only this block's host
         copy (logged, counted as a demotion failure) and eviction goes on as stock.
         """
+        if self._clearing_trie:
+            return                  # the KV behind the trie is gone: nothing to copy
         try:
             self._demote(leaf, int(gpu_block))
         except Exception:
@@ -325,7 +368,12 @@ class HostTierScheduler:
         parent_digest = self.node_digest(leaf.parent) if leaf.parent is not None else None
         if parent_digest is None:
             return
-        slot = self.index.prepare_store(digest, parent_digest, encode_tokens(leaf.token_ids))
+        tokens = encode_tokens(leaf.token_ids)
+        slot = self.index.prepare_store(digest, parent_digest, tokens)
+        if slot is None:
+            # Second chance: evicted again while its first copy is in flight (the GPU recomputed
+            # it); that copy may still fail and this GPU page is about to be freed: copy it too.
+            slot = self.index.prepare_spare(digest, tokens)
         if slot is not None:
             self._pending_demotions.append((digest, gpu_block, int(slot)))
             self._pending_demote_gpu.add(gpu_block)
@@ -410,10 +458,11 @@ class HostTierScheduler:
     def build_connector_meta(self, step_input: KVConnectorStepInput) -> HostTierMetadata | None:
         demotions = tuple((gpu, slot) for _, gpu, slot in self._pending_demotions)
         batch = None
+        step = self._step + 1   # the step of the metadata built here, if any
         if demotions:
             batch = self._next_batch
             self._next_batch += 1
-            self._inflight_demotions[batch] = tuple(d for d, _, _ in self._pending_demotions)
+            self._inflight_demotions[batch] = (step, tuple((d, slot) for d, _, slot in self._pending_demotions))
         self._pending_demotions = []
         self._pending_demote_gpu = set()
         loads = []
@@ -424,30 +473,41 @@ class HostTierScheduler:
                 self._finish_load(load, success=False, load_failed=not load.pinned and not load.cancelled)
                 continue
             load.started_at = now
+            load.shipped_step = step
             self._inflight_loads[req] = load
             loads.append(HostLoad(req, load.slots, load.gpu_blocks))
         self._pending_loads = {}
         if not (demotions or loads or self._inflight_demotions or self._inflight_loads or self._owed_results):
             return None
-        self._step += 1
-        return HostTierMetadata(step=self._step, demotion_batch=batch, demotions=demotions, loads=tuple(loads))
+        self._step = step
+        return HostTierMetadata(step=step, demotion_batch=batch, demotions=demotions, loads=tuple(loads))
 
     # -- completions -------------------------------------------------------------------------
     def update_connector_output(self, connector_output: KVConnectorOutput) -> KVConnectorResult:
-        self._invalid.update(connector_output.invalid_block_ids or ())
+        invalid = set(connector_output.invalid_block_ids or ())
+        resets = [s for s in map(pool_reset_step, invalid) if s is not None]
+        if resets:
+            invalid.difference_update(v for v in connector_output.invalid_block_ids if pool_reset_step(v) is not None)
+            first_step = max(resets)
+            if first_step > self._pool_floor:
+                self.drop_host_tier(f"a worker's host pool only holds copies from metadata step {first_step} on "
+                                    "(it was rebuilt without the scheduler seeing a teardown)", before_step=first_step)
+                self.clear_gpu_prefix_cache()
+        self._invalid.update(invalid)
         for batch in sorted(connector_output.completed_save_ids or ()):
-            digests = self._inflight_demotions.pop(batch, None)
-            if digests is None:
+            entry = self._inflight_demotions.pop(batch, None)
+            if entry is None:
                 continue
+            pairs = entry[1]
             marker = failed_demotion_marker(batch)
             ok = marker not in self._invalid
             self._invalid.discard(marker)
-            for d in digests:
-                self.index.complete_store(d, success=ok)
+            for d, slot in pairs:
+                self.index.complete_store(d, success=ok, slot=slot)
             if ok:
-                self.metrics.add(bytes_to_host=len(digests) * self.block_transfer_bytes)
+                self.metrics.add(bytes_to_host=len(pairs) * self.block_transfer_bytes)
             else:
-                self.metrics.add(demotion_failures=len(digests))
+                self.metrics.add(demotion_failures=len(pairs))
         for req in sorted(connector_output.finished_receiving or ()):
             load = self._inflight_loads.pop(req, None)
             if load is None:
@@ -508,22 +568,65 @@ class HostTierScheduler:
             load.cancelled = True
 
     def finish_transfers_after_worker_drain(self) -> None:
-        """Workers drained and their outputs were discarded: settle everything in flight."""
-        for digests in self._inflight_demotions.values():
-            for d in digests:
-                self.index.complete_store(d, success=False)
-            self.metrics.add(demotion_failures=len(digests))
-        self._inflight_demotions.clear()
-        loads = list(self._inflight_loads.values())
-        self._inflight_loads.clear()
-        for load in loads:
-            self._finish_load(load, success=False, load_failed=False)
-        self._invalid.clear()
+        """Engine sleep: LMDeploy 0.18.0 calls this after every worker connector was shut down
+        (``BaseModelAgent.sleep`` -> ``shutdown_kv_connector``), so every host pool is gone; the
+        outputs that would report the drained copies were discarded. Settle everything in flight
+        and drop the index (wakeup builds workers with new, empty pools)."""
+        self.drop_host_tier("engine sleep released every worker's host pool")
+        self.clear_gpu_prefix_cache()
 
+    def clear_gpu_prefix_cache(self) -> int:
+        """Evict every block of LMDeploy's prefix trie that only the trie holds, without demoting
+        it (its KV cache was released or rebuilt). Returns how many blocks went."""
+        trie = self._trie
+        if trie is None or not trie.enabled:
+            return 0
+        total = 0
+        self._clearing_trie = True
+        try:
+            while (n := trie.evict(1 << 30)) > 0:
+                total += n
+        finally:
+            self._clearing_trie = False
+        logger.info("host tier: evicted %d GPU prefix-cache block(s) whose KV cache was released", total)
+        return total
     def shutdown(self) -> None:
+        """Engine close (``Scheduler.shutdown``): the workers release their pools next."""
+        self.drop_host_tier("engine shutdown")
         self._chains.clear()
         self._plans.clear()
         self._counted_lookup.clear()
+        self._failed_turns.clear()
+
+    def drop_host_tier(self, reason: str, before_step: int | None = None) -> int:
+        """The worker pools holding this index's blocks are gone: forget every host block.
+
+        Copies shipped in metadata steps before ``before_step`` (default: every step so far)
+        went to a released pool and will never be reported: demotions are dropped with their
+        blocks (not counted as failures: whether the drain completed them is the worker's to log),
+        loads fail (LMDeploy recomputes). Later copies are in flight in a new pool: their blocks
+        are doomed and freed when the worker reports them. Demotions not shipped yet never reach
+        a worker. Returns how many blocks were dropped.
+        """
+        floor = self._step + 1 if before_step is None else int(before_step)
+        for d, _, slot in self._pending_demotions:   # queued this step, never shipped
+            self.index.complete_store(d, success=False, slot=slot)
+        self._pending_demotions = []
+        self._pending_demote_gpu = set()
+        dropped = self.index.drop_all()
+        for batch in [b for b, (step, _) in self._inflight_demotions.items() if step < floor]:
+            _, pairs = self._inflight_demotions.pop(batch)
+            for d, slot in pairs:
+                self.index.complete_store(d, success=True, slot=slot)   # doomed: only unpins and frees
+            self._invalid.discard(failed_demotion_marker(batch))
+        for req in [r for r, ld in self._inflight_loads.items() if ld.shipped_step < floor]:
+            load = self._inflight_loads.pop(req)
+            self._invalid.difference_update(load.gpu_blocks)
+            self._finish_load(load, success=False, load_failed=not load.cancelled)
+        self._pool_floor = max(self._pool_floor, floor)
+        self.tier_resets += 1
+        logger.info("host tier: %s; dropped %d host block(s), the host tier starts empty", reason, dropped)
+        return dropped
 
     # -- introspection ----------------------------------------------------------------------
     def has_inflight(self) -> bool:
@@ -648,3 +751,4 @@ def install_scheduler_hook(scheduler) -> None:
     if not trie.enabled:
         logger.warning("%s: prefix caching is off, so nothing is ever demoted to host", CONNECTOR_NAME)
     install_lifecycle_observer(trie._kv_lifecycle, side.on_evict)
+    side._trie = trie

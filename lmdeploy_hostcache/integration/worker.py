@@ -20,6 +20,21 @@ mismatch (host-memory corruption, a stray write) fails that request's load witho
 byte: LMDeploy rolls it back and the prefix is recomputed. Cost: one pass over the slot's
 bytes on each side, on this process's CPU.
 
+Readable slots (always on, independent of ``checksum``): a pool is new memory with undefined
+bytes, so this side keeps one flag per slot, set when a demotion into the slot completed in *this*
+pool and cleared when a new one is submitted. A load naming a slot without the flag is refused
+before a byte moves (reported failed: LMDeploy rolls it back and recomputes) and the output
+carries ``pool_reset_marker(first_step)``: the scheduler's index lists blocks this pool never got
+(its pool was rebuilt without the scheduler seeing it), and only copies shipped from metadata
+step ``first_step`` on (the first this worker received) reached this pool. Invariant: no load ever
+reads a host slot that was not written since its pool was created.
+
+Teardown. ``shutdown`` (LMDeploy calls it at engine sleep, any level, at wakeup's
+``build_cache_engine`` before a new connector is built, and at engine close) drains every
+submitted copy, records what the drain completed in ``last_drain`` (and the log; LMDeploy
+discards the step outputs that would have carried it), then releases the copy engine and the
+pool. A worker is never reused: LMDeploy builds a new one, with a new pool, at wakeup.
+
 ``start_save_kv`` is a no-op on purpose: the tier is write-back on eviction. Evicted pages must
 be read *before* the forward that may reuse them, which is ``start_load_kv``'s slot; nothing
 needs saving after the forward.
@@ -28,8 +43,10 @@ Completion encoding in LMDeploy's ``KVConnectorOutput`` (aggregated over TP rank
 executor; ids complete only when every rank reported them, invalid ids are unioned):
   * ``finished_receiving``: request ids whose load op ended (ok or not);
   * ``completed_save_ids``: demotion batch ids whose op ended (ok or not);
-  * ``invalid_block_ids``: destination GPU blocks of a failed load, and ``-1 - batch`` for a
-    failed demotion batch (negative, so never a GPU block id).
+  * ``invalid_block_ids``: destination GPU blocks of a failed load, ``-1 - batch`` for a
+    failed demotion batch (negative, so never a GPU block id), and ``pool_reset_marker(step)``
+    (``<= POOL_RESET_MARKER_BASE = -2**62``, below every batch marker) when a load was refused
+    because its slot was never written in this worker's pool.
 """
 from __future__ import annotations
 
@@ -44,11 +61,15 @@ from lmdeploy.pytorch.kv_connector.base import KVConnectorMetadata, KVConnectorO
 from ..config import HostCacheConfig
 
 __all__ = [
+    "POOL_RESET_MARKER_BASE",
+    "DrainReport",
     "HostLoad",
     "HostTierMetadata",
     "HostTierWorker",
     "failed_demotion_marker",
     "planned_tensor_specs",
+    "pool_reset_marker",
+    "pool_reset_step",
     "resolve_num_slots",
 ]
 
@@ -58,6 +79,30 @@ logger = logging.getLogger("lmdeploy_hostcache.worker")
 def failed_demotion_marker(batch_id: int) -> int:
     """The ``invalid_block_ids`` entry that says demotion batch ``batch_id`` failed."""
     return -1 - int(batch_id)
+
+
+POOL_RESET_MARKER_BASE = -(1 << 62)
+
+
+def pool_reset_marker(first_step: int) -> int:
+    """The ``invalid_block_ids`` entry that says: this worker's pool only holds copies shipped in
+    metadata steps ``>= first_step``; a load named a slot it never had written."""
+    return POOL_RESET_MARKER_BASE - int(first_step)
+
+
+def pool_reset_step(marker: int) -> int | None:
+    """``first_step`` of a ``pool_reset_marker``, or None for any other id."""
+    return POOL_RESET_MARKER_BASE - marker if marker <= POOL_RESET_MARKER_BASE else None
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What ``HostTierWorker.shutdown`` found when it drained the copy engine."""
+
+    completed_batches: tuple[int, ...] = ()   # demotion batches whose copies completed
+    failed_batches: tuple[int, ...] = ()
+    finished_loads: tuple[int, ...] = ()      # request ids whose loads completed
+    failed_loads: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,7 +227,11 @@ class HostTierWorker:
         self._next_op = 0
         self._failed_submits: list[int] = []
         self._checksums: dict[int, int] = {}           # slot -> xxh3-64 of its bytes (checksum on)
-        self._rejected_loads: list[HostLoad] = []      # loads refused by a checksum mismatch
+        self._rejected_loads: list[HostLoad] = []      # loads refused (checksum mismatch, unwritten slot)
+        self._readable: bytearray | None = None        # slot -> 1 once a demotion into it completed in this pool
+        self._unwritten_reads = 0                      # refused loads since the last poll: slot never written
+        self.first_step: int | None = None             # metadata step of the first plan this worker received
+        self.last_drain: DrainReport | None = None
 
     # -- registration ------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: Mapping[str, Any], tensor_specs=None) -> None:
@@ -228,6 +277,7 @@ class HostTierWorker:
         self.engine = make_copy_engine(layout, pool, caches, device=self.device, backend=self.backend,
                                        **self.engine_kwargs)
         self.layout, self.pool = layout, pool
+        self._readable = bytearray(self.num_slots)   # a new pool: no slot holds a block yet
         logger.info("host tier rank %d: %d slots x %d B (%s), %d rows", self.tp_rank, self.num_slots,
                     pool.slot_bytes, fmt, len(caches))
 
@@ -236,15 +286,22 @@ class HostTierWorker:
         """Submit the step's demotions and loads as one op (demotions are gathered first)."""
         if not isinstance(meta, HostTierMetadata):
             raise TypeError(f"HostTierWorker got {type(meta).__name__} metadata, expected HostTierMetadata")
+        if self.first_step is None:
+            self.first_step = int(meta.step)
         if not meta.has_work:
             return
         if self.engine is None:
-            raise RuntimeError("host-tier copy requested before register_kv_caches")
+            raise RuntimeError("host-tier copy requested before register_kv_caches (or after shutdown)")
         host_loads = meta.loads
+        if host_loads:
+            host_loads = tuple(ld for ld in host_loads if self._slots_written(ld))
         if self.hostcache.checksum and host_loads:
             host_loads = tuple(ld for ld in host_loads if self._checksums_match(ld))
-            if not host_loads and not meta.demotions:
-                return
+        if not host_loads and not meta.demotions:
+            return
+        for _, slot in meta.demotions:   # being (re)written: unreadable until the copy completes
+            if 0 <= slot < len(self._readable):
+                self._readable[slot] = 0
         op_id = self._next_op
         self._next_op += 1
         loads = [(slot, gpu) for ld in host_loads for slot, gpu in zip(ld.slots, ld.gpu_blocks, strict=True)]
@@ -260,6 +317,20 @@ class HostTierWorker:
 
     def _slot_digest(self, slot: int) -> int:
         return xxhash.xxh3_64_intdigest(self.pool.slot_view(slot).numpy())
+
+    def _slots_written(self, load: HostLoad) -> bool:
+        """True when every source slot was written by a completed demotion in this pool; else the
+        load is queued as refused (reported failed, with the pool reset marker) and nothing moves."""
+        readable = self._readable
+        for slot in load.slots:
+            if not (0 <= slot < len(readable) and readable[slot]):
+                logger.warning("host tier rank %d: request %d asks for host slot %d, which this pool (metadata "
+                               "steps >= %s) never had written; refusing the load (recompute)", self.tp_rank,
+                               load.request_id, slot, self.first_step)
+                self._rejected_loads.append(load)
+                self._unwritten_reads += 1
+                return False
+        return True
 
     def _checksums_match(self, load: HostLoad) -> bool:
         """True when every source slot still holds the bytes hashed after its demotion; else the
@@ -282,6 +353,9 @@ class HostTierWorker:
             finished.add(load.request_id)
             invalid.update(load.gpu_blocks)
         self._rejected_loads.clear()
+        if self._unwritten_reads:
+            invalid.add(pool_reset_marker(self.first_step if self.first_step is not None else 0))
+            self._unwritten_reads = 0
         outcomes = [(op_id, False, False) for op_id in self._failed_submits]
         self._failed_submits.clear()
         if self.engine is not None:
@@ -295,7 +369,10 @@ class HostTierWorker:
                 continue
             if op.demotion_batch is not None:
                 saved.add(op.demotion_batch)
-                if not stores_ok:
+                if stores_ok:
+                    for slot in op.demoted_slots:
+                        self._readable[slot] = 1
+                else:
                     invalid.add(failed_demotion_marker(op.demotion_batch))
                 if self.hostcache.checksum:
                     for slot in op.demoted_slots:
@@ -314,15 +391,38 @@ class HostTierWorker:
         return len(self._ops)
 
     def shutdown(self) -> None:
-        """Drain every submitted copy, then release the engine and the host pool."""
+        """Drain every submitted copy, record what it completed (``last_drain``), then release the
+        engine and the host pool. The pool's blocks go with it: the scheduler side drops its index
+        when LMDeploy tells it the workers drained (engine sleep) or shut down (close)."""
         engine, self.engine = self.engine, None
+        results = []
         if engine is not None:
             try:
                 engine.wait_all()
+                results = engine.poll()
             finally:
                 engine.close()
+        done, failed, loaded, load_failed = set(), set(), set(), set()
+        for res in results:
+            op = self._ops.pop(res.op_id, None)
+            if op is None:
+                continue
+            if op.demotion_batch is not None:
+                (done if res.stores_ok else failed).add(op.demotion_batch)
+            (loaded if res.loads_ok else load_failed).update(op.request_ids)
+        for op_id in self._failed_submits:
+            op = self._ops.pop(op_id, None)
+            if op is not None and op.demotion_batch is not None:
+                failed.add(op.demotion_batch)
+        self.last_drain = DrainReport(tuple(sorted(done)), tuple(sorted(failed)), tuple(sorted(loaded)),
+                                      tuple(sorted(load_failed)))
+        if results or failed:
+            logger.info("host tier rank %d: shutdown drained %d copy op(s): demotion batches completed %s, failed %s; "
+                        "loads completed %s, failed %s; the host pool (and every block in it) is released",
+                        self.tp_rank, len(results), list(done), list(failed), list(loaded), list(load_failed))
         self._ops.clear()
         self._failed_submits.clear()
         self._checksums.clear()
         self._rejected_loads.clear()
+        self._readable = None
         self.pool = None

@@ -24,7 +24,7 @@ from lmdeploy_hostcache.integration.connector import (  # noqa: E402
     build_host_tier_connector,
     install_scheduler_hook,
 )
-from lmdeploy_hostcache.integration.worker import failed_demotion_marker  # noqa: E402
+from lmdeploy_hostcache.integration.worker import failed_demotion_marker, pool_reset_marker  # noqa: E402
 from lmdeploy_hostcache.transfer import reference  # noqa: E402
 
 BS, KBS = 8, 4
@@ -122,17 +122,24 @@ def test_injected_failures_are_reported_per_kind(device):
     cc = cache_config()
     cache = CpuCache(cc, device)
     w = worker_for(cc, cache)
+    out = run(w, HostTierMetadata(step=1, demotion_batch=3, demotions=((8, 3), (9, 4))))
+    assert out.completed_save_ids == {3} and not out.invalid_block_ids
     w.worker_side.engine.fail_next(1, kind="load")
-    out = run(w, HostTierMetadata(step=1, demotion_batch=4, demotions=((1, 0),),
+    out = run(w, HostTierMetadata(step=2, demotion_batch=4, demotions=((1, 0),),
                                   loads=(HostLoad(7, (3, 4), (5, 6)),)))
     assert out.completed_save_ids == {4} and out.finished_receiving == {7}
     assert out.invalid_block_ids == {5, 6}
     w.worker_side.engine.fail_next(1, kind="store")
-    out = run(w, HostTierMetadata(step=2, demotion_batch=5, demotions=((2, 1),), loads=(HostLoad(8, (0,), (7,)),)))
+    out = run(w, HostTierMetadata(step=3, demotion_batch=5, demotions=((2, 1),), loads=(HostLoad(8, (0,), (7,)),)))
     assert out.invalid_block_ids == {failed_demotion_marker(5)} and out.finished_receiving == {8}
+    # a failed store leaves its slot unreadable: a load of it is refused before any byte moves
+    before = cache.block(10)
+    out = run(w, HostTierMetadata(step=4, loads=(HostLoad(9, (1,), (10,)),)))
+    assert out.finished_receiving == {9} and out.invalid_block_ids == {10, pool_reset_marker(1)}
+    assert torch.equal(cache.block(10), before)
     # a plan the engine rejects (slot out of range) fails the op instead of raising into LMDeploy
-    out = run(w, HostTierMetadata(step=3, loads=(HostLoad(9, (999,), (3,)),)))
-    assert out.finished_receiving == {9} and out.invalid_block_ids == {3}
+    out = run(w, HostTierMetadata(step=5, demotion_batch=6, demotions=((3, 999),)))
+    assert out.completed_save_ids == {6} and out.invalid_block_ids == {failed_demotion_marker(6)}
     w.shutdown()
 
 

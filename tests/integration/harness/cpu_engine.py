@@ -164,6 +164,15 @@ class CpuModelAgent:
             stopped.append(state.remaining <= 0)
         return pages, in_page, digests, next_tokens, stopped
 
+    def shutdown_kv_connector(self) -> None:
+        """``BaseModelAgent._shutdown_kv_connector`` (sleep, ``build_cache_engine``, ``release``):
+        ``kv_connector.shutdown()`` then forget it; the agent's request-local state goes too
+        (``reset_runtime_state``)."""
+        if self.kv_connector is not None:
+            self.kv_connector.shutdown()
+            self.kv_connector = None
+        self._seqs.clear()
+
     def step(self, forward_inputs: dict, running: list) -> tuple[BatchedOutputs, ForwardRecord]:
         meta = forward_inputs.get('kv_connector_metadata')
         connector_step = start_kv_connector_step(self.kv_connector, meta)
@@ -209,9 +218,29 @@ class CpuExecutor:
         self.agent = self.agents[0]
         self.aggregator = KVConnectorOutputAggregator(len(self.agents)) if len(self.agents) > 1 else None
         self._outputs: deque[BatchedOutputs] = deque()
+        self._held: deque[tuple[dict, list]] = deque()
         self.records: list[ForwardRecord] = []
+        # True: a dispatched forward waits in the agent's input queue until its output is
+        # requested (``drain`` then discards it unexecuted, as ``BaseModelAgent._drain_queues`` does).
+        self.hold = False
 
     def forward(self, forward_inputs: dict, running: list) -> None:
+        if self.hold:
+            self._held.append((forward_inputs, running))
+            return
+        self._run(forward_inputs, running)
+
+    def drain(self) -> int:
+        """``BaseModelAgent._drain_queues`` on every rank (engine sleep): queued forwards are
+        discarded unexecuted, finished outputs are dropped. Returns how many were discarded."""
+        n = len(self._held) + len(self._outputs)
+        self._held.clear()
+        self._outputs.clear()
+        if self.aggregator is not None:   # RayExecutor.sleep clears partial completions too
+            self.aggregator.clear()
+        return n
+
+    def _run(self, forward_inputs: dict, running: list) -> None:
         results = [agent.step(forward_inputs, running) for agent in self.agents]
         out, record = results[0]
         if self.aggregator is not None and forward_inputs.get('kv_connector_metadata') is not None:
@@ -220,13 +249,15 @@ class CpuExecutor:
         self.records.append(record)
 
     def get_output(self) -> BatchedOutputs:
+        if not self._outputs and self._held:   # a held forward runs when its output is due
+            self._run(*self._held.popleft())
         if not self._outputs:
             raise HarnessError('output requested with no forward in flight')
         return self._outputs.popleft()
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._outputs)
+        return len(self._outputs) + len(self._held)
 
 
 @dataclass
@@ -280,16 +311,13 @@ class CpuEngine:
         # the scheduler role; both through the factory signature of LMDeploy's build_kv_connector.
         # BaseModelAgent keeps its plan as ``block_cache_plan``; connectors may read it from the caller.
         self.block_cache_plan = self.kv.plan
+        self.connector_builder = connector_builder
+        self.configure_worker_connector = configure_worker_connector
         self.worker_connectors = [None] * self.tp
         scheduler_connector = None
         if connector_builder is not None:
-            for rank, kv in enumerate(self.kvs):
-                conn = connector_builder(KVConnectorRole.WORKER, self.cache_config, global_rank=rank,
-                                         tp_rank=rank, tp_size=self.tp, kv_head_replica_num=1)
-                if configure_worker_connector is not None:
-                    configure_worker_connector(conn)
-                conn.register_kv_caches(kv.connector_kv_caches)
-                self.worker_connectors[rank] = conn
+            for rank in range(self.tp):
+                self.worker_connectors[rank] = self._build_worker_connector(rank)
             scheduler_connector = connector_builder(KVConnectorRole.SCHEDULER, self.cache_config, tp_size=self.tp,
                                                     kv_head_replica_num=1)
         self.worker_connector = self.worker_connectors[0]
@@ -342,6 +370,18 @@ class CpuEngine:
         self.loop_iterations = 0
         self.idle_iterations = 0
         self.finished_order: list[int] = []
+        self.sleeping = False
+        self.closed = False
+
+    def _build_worker_connector(self, rank: int):
+        """``BaseModelAgent.build_cache_engine``'s connector part: build the worker role through the
+        ``build_kv_connector`` signature and register this rank's connector rows."""
+        conn = self.connector_builder(KVConnectorRole.WORKER, self.cache_config, global_rank=rank, tp_rank=rank,
+                                      tp_size=self.tp, kv_head_replica_num=1)
+        if self.configure_worker_connector is not None:
+            self.configure_worker_connector(conn)
+        conn.register_kv_caches(self.kvs[rank].connector_kv_caches)
+        return conn
 
     def _count_trie_evictions(self) -> None:
         """Count GPU trie evictions (wraps this trie instance's ``evict``; LMDeploy code untouched)."""
@@ -393,6 +433,85 @@ class CpuEngine:
     def end_session(self, session_id: int) -> None:
         if self.scheduler.get_session(session_id) is not None:
             self.scheduler.end_session(session_id)
+
+    # -- engine lifecycle: Engine.sleep / wakeup / update_params / close --------------------
+    # LMDeploy 0.18.0's order, engine side (engine.py) and model-agent side (model_agent/agent.py).
+    def sleep(self, level: int = 1) -> int:
+        """``Engine.sleep(level)``. Returns how many dispatched forwards the drain discarded.
+
+        ``EngineLoop.drain_for_sleep`` (the prefetched batch is dropped, its output never
+        collected) -> ``_cancel_and_end_all_sessions`` -> ``executor.sleep``: every agent drains
+        its queues (queued forwards discarded, outputs dropped) and shuts its KV connector down
+        (``BaseModelAgent.sleep`` -> ``shutdown_kv_connector``; level 1 and 2 differ only in where
+        the weights go) and releases the cache engine -> ``scheduler.
+        finish_kv_transfers_after_worker_drain()`` -> ``EngineLoop.reset_runtime_state``.
+        """
+        if level not in (1, 2):
+            raise ValueError(f'sleep level must be 1 or 2, got {level}')
+        if self.sleeping:
+            return 0
+        self._forward_inputs, self._next_running = None, None
+        for session in list(self.scheduler.get_sessions()):
+            handle = self.requests.get(session.session_id)
+            if handle is not None and not handle.finished:
+                handle.aborted = True          # req_manager.reject_request(resp, reason='engine sleep')
+            self.end_session(session.session_id)
+        discarded = self.executor.drain()
+        for agent in self.agents:
+            agent.shutdown_kv_connector()
+        self.worker_connectors = [None] * self.tp
+        self.worker_connector = None
+        self.scheduler.finish_kv_transfers_after_worker_drain()
+        self.inputs_maker.reset_runtime_state()
+        self.sleeping = True
+        self.sleep_level = level
+        return discarded
+
+    def wakeup(self, tags: list[str] | None = None, *, host_fill: int | None = 0xA5,
+               gpu_fill: int | None = None) -> None:
+        """``Engine.wakeup(tags)``: with ``'kv_cache'`` every agent runs ``build_cache_engine``
+        (old connector shut down if any, a new cache engine, a new worker connector registering
+        the new rows). On an engine that is not asleep this is a cache rebuild the scheduler
+        never hears about (LMDeploy does not stop it).
+
+        A new allocation holds undefined bytes: ``host_fill`` fills every new host pool with that
+        byte, ``gpu_fill`` the KV cache (None: the bytes are left as they were).
+        """
+        tags = ['weights', 'kv_cache'] if tags is None else list(tags)
+        if 'kv_cache' in tags:
+            for rank, agent in enumerate(self.agents):
+                agent.shutdown_kv_connector()
+                if gpu_fill is not None:
+                    for pool in self.kvs[rank].allocation.pools:
+                        pool.tensor.fill_(gpu_fill)
+                conn = None
+                if self.connector_builder is not None:
+                    conn = self._build_worker_connector(rank)
+                    pool = getattr(getattr(conn, 'worker_side', None), 'pool', None)
+                    if host_fill is not None and pool is not None:
+                        for chunk in pool.chunks:
+                            chunk.fill_(host_fill)
+                agent.kv_connector = conn
+                self.worker_connectors[rank] = conn
+            self.worker_connector = self.worker_connectors[0]
+            self.sleeping = False
+
+    def update_params(self) -> None:
+        """``Engine.update_params``: ``executor.update_params`` -> ``BaseModelAgent.update_params``
+        loads weights only; it touches neither the cache engine nor the KV connector (pinned by
+        ``tests/integration/test_lifecycle_teardown.py``). The harness has no weights: no-op."""
+
+    def close(self) -> None:
+        """``Engine.close`` -> ``_loop_finally``: ``scheduler.shutdown()`` (scheduler connector
+        shut down, load/save coordinators cleared) then ``executor.release()`` (every agent:
+        ``_shutdown_kv_connector``)."""
+        self.scheduler.shutdown()
+        self.executor.drain()
+        for agent in self.agents:
+            agent.shutdown_kv_connector()
+        self.worker_connectors = [None] * self.tp
+        self.worker_connector = None
+        self.closed = True
 
     def sequence_of(self, session_id: int):
         session = self.scheduler.get_session(session_id)

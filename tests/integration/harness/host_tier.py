@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmdeploy.messages import KVTransferConfig
@@ -199,7 +200,39 @@ class HostSlotChecker:
             fmt = layout.host_format(pool.format.name)
             if fmt.slot_bytes != pool.slot_bytes:
                 raise AssertionError(f'rank {rank}: scratch slot format {fmt.slot_bytes} B != pool {pool.slot_bytes} B')
-            self._ranks.append((kv, oracle, pool, scratch, layout, fmt, layout.check_caches(rows), {}))
+            self._ranks.append((kv, oracle, scratch, layout, fmt, layout.check_caches(rows), {}))
+        self._watch_demotions()
+
+    def _watch_demotions(self) -> None:
+        """Register the prefix of every trie leaf the host tier is told about, at the moment it is
+        evicted (its whole path is still attached): every block reaches the host tier this way,
+        including blocks a request filled on its final step, which no later check sees as part of
+        a live sequence. Wraps the observer the scheduler hook installed (LMDeploy code untouched)."""
+        lifecycle = self.engine.scheduler.block_trie._kv_lifecycle
+        observer = getattr(lifecycle, '_host_tier_observer', None)
+        if observer is None:
+            return
+
+        def registering_observer(leaf, gpu_block):
+            path, node = [], leaf
+            while node is not None and node.parent is not None and node.block_id >= 0:
+                path.append(node.token_ids)
+                node = node.parent
+            if node is not None and node.parent is None and path:   # reached the adapter root
+                self._register_tokens(np.concatenate([np.asarray(t, dtype=np.int64) for t in reversed(path)]))
+            return observer(leaf, gpu_block)
+
+        lifecycle._host_tier_observer = registering_observer
+
+    def _register_tokens(self, tokens) -> None:
+        full = len(tokens) // self.block_size
+        if full == 0:
+            return
+        chain = self._chain_cls(self.namespace)
+        chain.extend(tokens[:full * self.block_size])
+        for i, digest in enumerate(chain.digests):
+            if digest not in self.prefixes:
+                self.prefixes[digest] = torch.as_tensor(np.asarray(tokens[:(i + 1) * self.block_size]).copy())
 
     def _register(self) -> None:
         bs = self.block_size
@@ -216,7 +249,7 @@ class HostSlotChecker:
             self._registered[int(seq.seq_id)] = full
 
     def _candidates(self, rank_state, digest: int) -> list[torch.Tensor]:
-        kv, oracle, pool, scratch, layout, fmt, flat, memo = rank_state
+        kv, oracle, scratch, layout, fmt, flat, memo = rank_state
         hit = memo.get(digest)
         if hit is not None:
             return hit
@@ -236,6 +269,11 @@ class HostSlotChecker:
         memo[digest] = out
         return out
 
+    def _pool(self, rank: int):
+        """This rank's current host pool (a wakeup builds a new one), or None."""
+        conn = self.engine.worker_connectors[rank]
+        return None if conn is None else conn.worker_side.pool
+
     def check(self, label: str = '') -> None:
         self.stats.checks += 1
         self._register()
@@ -251,7 +289,10 @@ class HostSlotChecker:
                 continue
             self.stats.slots_checked += 1
             for rank, rank_state in enumerate(self._ranks):
-                actual = rank_state[2].slot_view(block.slot)
+                pool = self._pool(rank)
+                if pool is None:    # engine asleep or closed: no pool to check against
+                    continue
+                actual = pool.slot_view(block.slot)
                 if any(torch.equal(actual, c) for c in self._candidates(rank_state, digest)):
                     continue
                 self.stats.wrong_blocks += 1
@@ -262,7 +303,8 @@ class HostSlotChecker:
                 if self.raise_on_error:
                     from .checker import KVMismatch
                     raise KVMismatch(msg)
-        unknown = len(index) - sum(1 for d in self.prefixes if d in index)
+        unknown = sum(1 for d, b in index._blocks.items()
+                      if not b.doomed and b.state is self._resident and d not in self.prefixes)
         self.stats.unknown_resident = max(self.stats.unknown_resident, unknown)
 
 
