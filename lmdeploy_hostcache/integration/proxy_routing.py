@@ -25,9 +25,9 @@ wrappers below; nothing else in LMDeploy is rebound):
   node does); without ``--cache-aware-model`` it falls back to a text-prefix match and logs it;
 - a daemon thread polls each node's cache-state feed (``routing.feed.FEED_PATH``) and applies
   it; a node whose feed answers 404 (stock LMDeploy) is routed on the approximate index; a
-  node whose feed fails (error status, connection refused, invalid message) is marked
-  unhealthy until it answers again; one whose feed stops answering for
-  ``--cache-aware-feed-timeout`` seconds after having answered falls back to the approximate index;
+  node that cannot be reached (connection refused, timeout) is skipped until it answers again;
+  one whose feed errors or is invalid for ``--cache-aware-feed-timeout`` seconds falls back to
+  the approximate index (it keeps receiving requests);
 - ``GET /hostcache/routing`` returns the router's status (per node: requests, predicted hits,
   prefill tokens, feed cursor).
 
@@ -331,12 +331,15 @@ class RoutingService:
                 with self.lock:
                     self.router.set_approximate(url, self.default_profile)
             except Exception as exc:
+                down = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
                 with self.lock:
                     st = self.router.nodes.get(url)
                     if st is not None:
-                        self.router.set_health(url, False)
-                        if st.exact and fs["last_ok"] is not None and \
-                                now - fs["last_ok"] > float(self.options["feed_timeout"]):
+                        # unreachable: skip the node until it answers; a feed that errors while the
+                        # node answers: its view goes stale, then approximate after the timeout
+                        self.router.set_health(url, not down)
+                        last = fs["last_ok"]
+                        if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
                             self.router.set_approximate(url, self.default_profile)
                 logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
 
@@ -405,7 +408,9 @@ def _cache_aware_class(base: type) -> type:
 def install(options: dict, proxy_module=None) -> RoutingService:
     """Turn the live proxy module's routing into ``cache_aware`` (see the module docstring)."""
     if proxy_module is None:
-        import lmdeploy.serve.proxy.proxy as proxy_module
+        import importlib
+
+        proxy_module = importlib.import_module("lmdeploy.serve.proxy.proxy")
     from lmdeploy.serve.utils.server_utils import validate_json_request
 
     nm = proxy_module.node_manager

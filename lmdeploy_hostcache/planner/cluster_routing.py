@@ -40,7 +40,7 @@ class CacheAwareClusterRouter:
         self.names = list(names)
         self.router = CacheAwareRouter(balance=balance, max_nodes=max(8, len(caches)))
         self.publishers: list[FeedPublisher] = []
-        self._ids: dict[int, np.ndarray] = {}
+        self._ids: dict[int, tuple[PreparedRequest, np.ndarray]] = {}
         self._key = None
         self.block_size = block_size
         self.host_weight = host_weight
@@ -59,10 +59,12 @@ class CacheAwareClusterRouter:
             self.router.apply_feed(name, pub.poll())
 
     def request(self, pr: PreparedRequest) -> RoutingRequest:
-        ids = self._ids.get(id(pr))
-        if ids is None:
+        hit = self._ids.get(id(pr))
+        if hit is not None and hit[0] is pr:  # the request itself is kept: an id is never reused
+            ids = hit[1]
+        else:
             ids = np.fromiter((publish_id(d) for d in pr.digests), dtype=np.uint64, count=len(pr.digests))
-            self._ids[id(pr)] = ids
+            self._ids[id(pr)] = (pr, ids)
         req = RoutingRequest.from_ids(ids[:pr.matchable], pr.request.input_length)
         return req
 

@@ -20,8 +20,9 @@ State (all in this object, no I/O):
    after that); nodes of another namespace never match (their ids differ);
 4. ``cost.cost`` with the node's in-flight prefill tokens as the queue;
 5. **balance guard**: a node whose share of the recent window's prefill (computed) tokens
-   exceeds ``balance x`` its speed-weighted share is skipped (unless every node is), so a
-   prefix every request shares cannot herd all traffic onto one node;
+   exceeds ``balance x`` its speed-weighted share is skipped (unless every node is, or it has
+   less prefill queued than every other node), so a prefix every request shares cannot herd all
+   traffic onto one node, nor the guard push traffic onto a node that is already backed up;
 6. lowest cost wins; ties go to the lighter recent load, then to the earlier node.
 
 Invariants: a node's bits in the table are only ever set from its own feed (exact) or from
@@ -219,6 +220,9 @@ class CacheAwareRouter:
             chosen, reason = sticky, "affinity"
         else:
             over = self._over_share(names)
+            if over:  # an over-share node with less queued prefill than every other node stays eligible
+                floor = min((self.nodes[n].inflight_tokens for n in names if n not in over), default=0.0)
+                over = {n for n in over if self.nodes[n].inflight_tokens >= floor}
             for c, _, n in scored:
                 if n not in over:
                     chosen = n
