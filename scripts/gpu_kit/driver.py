@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/gpu_kit_model"))
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="1b")
     p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="comma list of e2e runs (default all)")
-    p.add_argument("--sessions", type=int, default=24)
+    p.add_argument("--sessions", type=int, default=16)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-tokens", type=int, default=256)
     p.add_argument("--first-user-tokens", type=int, default=1024)
@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratio", type=float, default=4.0, help="working set / GPU cache of the small runs (default 4)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests in flight (default 1: batch-1 decode keeps greedy outputs comparable)")
-    p.add_argument("--host-cache-gb", type=float, default=8.0)
+    p.add_argument("--host-cache-gb", type=float, default=4.0)
     p.add_argument("--run-timeout-s", type=float, default=STEP_LIMITS_S["run"],
                    help=f"limit of one engine run (default {STEP_LIMITS_S['run']})")
     p.add_argument("--eager", choices=("on", "off"), default="on",

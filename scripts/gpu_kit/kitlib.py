@@ -167,7 +167,7 @@ def parse_junit(path: str | os.PathLike) -> dict:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    sessions: int = 24
+    sessions: int = 16
     turns: int = 4
     system_tokens: int = 256      # shared by every session (a system prompt)
     first_user_tokens: int = 1024  # the first turn's user message (a document, say)

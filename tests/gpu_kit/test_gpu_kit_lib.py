@@ -112,7 +112,7 @@ def test_workload_spec_rejects_bad_values():
 
 
 def test_gpu_cache_sizing_gives_the_ratio():
-    spec = WorkloadSpec()  # the kit's default replay
+    spec = WorkloadSpec(sessions=24)
     bs = 64
     ws = kitlib.working_set_blocks(spec, bs)
     ctx = kitlib.final_context_tokens(spec)
