@@ -263,6 +263,7 @@ class HostTierScheduler:
         self._owed_results: list[KVLoadResult] = []
         self._failed_turns: dict[int, int] = {}   # request -> input_start_pos of a turn whose load failed
         self._invalid: set[int] = set()
+        self.feed = None  # cache_state_feed.NodeCacheFeed when LMDEPLOY_HOSTCACHE_FEED_ADDR is set
 
     # -- digests ---------------------------------------------------------------------------
     def node_digest(self, node: Node) -> int | None:
@@ -456,6 +457,8 @@ class HostTierScheduler:
 
     # -- per-step plan -----------------------------------------------------------------------
     def build_connector_meta(self, step_input: KVConnectorStepInput) -> HostTierMetadata | None:
+        if self.feed is not None:  # the routing feed's GPU-tier refresh (cache_state_feed.py)
+            self.feed.on_step()
         demotions = tuple((gpu, slot) for _, gpu, slot in self._pending_demotions)
         batch = None
         step = self._step + 1   # the step of the metadata built here, if any
@@ -751,4 +754,7 @@ def install_scheduler_hook(scheduler) -> None:
     if not trie.enabled:
         logger.warning("%s: prefix caching is off, so nothing is ever demoted to host", CONNECTOR_NAME)
     install_lifecycle_observer(trie._kv_lifecycle, side.on_evict)
+    from .cache_state_feed import attach_from_env
+
+    attach_from_env(side, scheduler)
     side._trie = trie

@@ -88,6 +88,9 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seconds between polls of each node's cache-state feed")
     g.add_argument("--cache-aware-feed-timeout", type=_positive(float), default=10.0, metavar="S",
                    help="a node whose feed is silent this long is routed on the approximate index")
+    g.add_argument("--cache-aware-feed-port", type=_positive(int), default=None, metavar="PORT",
+                   help="read each node's feed from this port on the node's host (the engine process serves it "
+                        "when started with LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT); default: the node's own URL")
     g.add_argument("--cache-aware-balance", type=_positive(float), default=1.3, metavar="X",
                    help="balance guard: skip a node whose share of recent prefill tokens exceeds X times its "
                         "speed-weighted share (>= 1)")
@@ -130,7 +133,8 @@ def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argpa
 
 def options_from_args(args) -> dict:
     return {k: getattr(args, "cache_aware_" + k) for k in
-            ("model", "feed_interval", "feed_timeout", "balance", "block_size", "gpu_blocks", "host_blocks")}
+            ("model", "feed_interval", "feed_timeout", "feed_port", "balance", "block_size", "gpu_blocks",
+             "host_blocks")}
 
 
 # ---------------------------------------------------------------------------------- encoder
@@ -306,7 +310,7 @@ class RoutingService:
             fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
             try:
                 while True:
-                    r = http.get(url.rstrip("/") + FEED_PATH, params=params, timeout=5)
+                    r = http.get(self.feed_url(url), params=params, timeout=5)
                     if r.status_code == 404:
                         fs["has_feed"] = False
                         with self.lock:
@@ -342,6 +346,19 @@ class RoutingService:
                         if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
                             self.router.set_approximate(url, self.default_profile)
                 logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+
+    def feed_url(self, node_url: str) -> str:
+        """Where ``node_url``'s cache-state feed is read: the node's URL, or its host at ``feed_port``."""
+        from urllib.parse import urlsplit
+
+        from ..routing.feed import FEED_PATH
+
+        port = self.options.get("feed_port")
+        if not port:
+            return node_url.rstrip("/") + FEED_PATH
+        u = urlsplit(node_url)
+        host = f"[{u.hostname}]" if u.hostname and ":" in u.hostname else u.hostname
+        return f"{u.scheme or 'http'}://{host}:{int(port)}{FEED_PATH}"
 
     def _run(self) -> None:
         import requests

@@ -27,3 +27,13 @@ def test_disabled_hook_leaves_the_stock_proxy():
     assert p.returncode == 0, p.stderr
     assert "{random,min_expected_latency,min_observed_latency}" in p.stdout
     assert "cache_aware" not in p.stdout
+
+
+def test_feed_url_is_the_node_url_or_its_host_at_the_feed_port():
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService
+
+    opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": None, "balance": 1.3,
+            "block_size": 64, "gpu_blocks": 16, "host_blocks": 0}
+    assert RoutingService(opts).feed_url("http://10.0.0.5:23333/") == "http://10.0.0.5:23333/hostcache/cache_state"
+    opts["feed_port"] = 23400
+    assert RoutingService(opts).feed_url("http://10.0.0.5:23333") == "http://10.0.0.5:23400/hostcache/cache_state"

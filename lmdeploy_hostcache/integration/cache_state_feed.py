@@ -1,0 +1,180 @@
+"""The node-side cache-state feed: what this engine holds, per tier, for the cache-aware proxy.
+
+``NodeCacheFeed`` wraps a ``routing.feed.FeedPublisher`` (the protocol lives there) for one
+engine's scheduler-side connector (``HostTierScheduler``):
+
+* **host tier**: exact and event-driven: a ``HostIndex.add_listener`` pair publishes a block when
+  it becomes RESIDENT and withdraws it when it leaves the index;
+* **GPU tier**: LMDeploy's ``BlockTrie`` publishes no events, so ``on_step`` (called by the
+  connector once per engine step, on the scheduler thread) walks the trie at most every
+  ``gpu_refresh_s`` seconds and publishes the difference from the previous walk; each node's
+  chained digest is the connector's own ``node_digest`` (memoised on the trie nodes), so the ids
+  equal the host tier's for the same tokens.  Between walks the GPU view is up to
+  ``gpu_refresh_s`` old; the tiers are exclusive, so a block moving between them appears in one
+  tier's events and leaves the other's;
+* capacities (GPU blocks, host slots, block size), the base model's namespace (root, seed; the
+  tenant salt never leaves the process) and its fingerprint (model identity, KV format, TP).
+  Only the base model's namespace is published (LoRA adapters' blocks are not).
+
+``serve_feed`` answers ``GET routing.feed.FEED_PATH?epoch=&since=&max_events=`` from a small
+threaded HTTP server in the engine process (the PyTorch engine runs in its own process under
+``lmdeploy serve api_server``).  ``attach_from_env`` (called by ``connector.install_scheduler_hook``)
+starts it when ``LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT`` is set; the proxy then reads it with
+``--cache-aware-feed-port PORT``.
+
+Invariants: the publisher is touched under one lock (scheduler thread vs. HTTP threads); the
+listener and ``on_step`` never raise into LMDeploy (a failure is logged and disables the feed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+from ..routing.feed import FEED_PATH, FeedPublisher
+from ..routing.table import GPU, HOST
+
+__all__ = ["ENV_FEED_ADDR", "NodeCacheFeed", "attach_from_env", "serve_feed"]
+
+ENV_FEED_ADDR = "LMDEPLOY_HOSTCACHE_FEED_ADDR"
+DEFAULT_GPU_REFRESH_S = 0.5
+logger = logging.getLogger("lmdeploy_hostcache.cache_state_feed")
+
+
+class NodeCacheFeed:
+    """Publishes one engine's GPU and host prefix-cache contents; see the module docstring."""
+
+    def __init__(self, side, trie, gpu_blocks: int, *, tp: int = 1, host_weight: float = 0.2,
+                 gpu_refresh_s: float = DEFAULT_GPU_REFRESH_S) -> None:
+        ns = side.namespaces.for_adapter(None)
+        self.side, self.trie = side, trie
+        self.lock = threading.Lock()
+        self.publisher = FeedPublisher(
+            gpu_blocks=int(gpu_blocks), host_blocks=int(side.num_slots), namespace=ns,
+            fingerprint={"model": ns.model, "kv_format": ns.kv_format, "tp": int(tp)}, host_weight=host_weight)
+        self.gpu_refresh_s = float(gpu_refresh_s)
+        self._gpu: set[int] = set()
+        self._last_walk = float("-inf")
+        self.enabled = True
+        stored, removed = self.publisher.listener(HOST)
+        side.index.add_listener(self._guard(stored), self._guard(removed))
+
+    def _guard(self, fn):
+        def call(block):
+            if not self.enabled:
+                return
+            try:
+                with self.lock:
+                    fn(block)
+            except Exception as exc:  # never raise into the host index
+                self._disable(exc)
+        return call
+
+    def _disable(self, exc: BaseException) -> None:
+        self.enabled = False
+        logger.warning("lmdeploy-hostcache: cache-state feed disabled after an error: %r", exc)
+
+    def gpu_digests(self) -> set[int]:
+        """Digests of every trie block of the base model (scheduler thread only)."""
+        out: set[int] = set()
+        root = self.trie._roots.get(None) if hasattr(self.trie, "_roots") else None
+        roots = [root] if root is not None else [r for r in getattr(self.trie, "_roots", {}).values()
+                                                 if not r.adapter_name]
+        stack = [c for r in roots for c in r.children.values()]
+        node_digest = self.side.node_digest
+        while stack:
+            n = stack.pop()
+            if n.block_id >= 0:
+                d = node_digest(n)
+                if d is not None:
+                    out.add(d)
+            stack.extend(n.children.values())
+        return out
+
+    def on_step(self, force: bool = False) -> None:
+        """Refresh the GPU tier's published contents (rate-limited; scheduler thread)."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_walk < self.gpu_refresh_s:
+            return
+        self._last_walk = now
+        try:
+            cur = self.gpu_digests()
+            with self.lock:
+                for d in self._gpu - cur:
+                    self.publisher.removed(GPU, d)
+                for d in cur - self._gpu:
+                    self.publisher.stored(GPU, d)
+            self._gpu = cur
+        except Exception as exc:
+            self._disable(exc)
+
+    def poll(self, epoch=None, since=None, max_events=None) -> dict:
+        with self.lock:
+            return self.publisher.poll(epoch, since, max_events)
+
+
+def serve_feed(feed: NodeCacheFeed, host: str, port: int) -> ThreadingHTTPServer:
+    """Serve ``feed`` over HTTP on ``host:port`` from a daemon thread; returns the server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            url = urlparse(self.path)
+            if url.path != FEED_PATH:
+                self.send_error(404)
+                return
+            q = parse_qs(url.query)
+            try:
+                epoch = q.get("epoch", [None])[0]
+                since = int(q["since"][0]) if "since" in q else None
+                max_events = int(q["max_events"][0]) if "max_events" in q else None
+            except ValueError:
+                self.send_error(400, "since and max_events must be integers")
+                return
+            if not feed.enabled:
+                self.send_error(503, "cache-state feed disabled")
+                return
+            body = json.dumps(feed.poll(epoch, since, max_events)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer((host, int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="hostcache-feed", daemon=True).start()
+    return server
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{ENV_FEED_ADDR} must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
+    """Attach a feed to ``side`` and serve it when ``LMDEPLOY_HOSTCACHE_FEED_ADDR`` is set."""
+    addr = os.environ.get(ENV_FEED_ADDR, "").strip()
+    if not addr:
+        return None
+    try:
+        host, port = parse_addr(addr)
+        feed = NodeCacheFeed(side, scheduler.block_trie, int(scheduler.cache_config.num_gpu_blocks),
+                             tp=int(getattr(side, "tp_size", 1)))
+        feed.server = serve_feed(feed, host, port)
+    except Exception as exc:  # the engine runs without a feed rather than not at all
+        logger.warning("lmdeploy-hostcache: cache-state feed not started (%s): %r", addr, exc)
+        return None
+    side.feed = feed
+    logger.info("lmdeploy-hostcache: cache-state feed on http://%s:%d%s", host, port, FEED_PATH)
+    return feed
