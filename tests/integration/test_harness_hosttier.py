@@ -6,8 +6,9 @@ valid block must hold the prefix oracle's bytes (lossy host formats: the transfe
 quantise -> dequantise of them). Runs multi-turn WEKA sessions under tight GPU and host
 capacity with aborts (also in the middle of loads) and injected copy failures.
 
-The full matrix (every quant_policy x host_kv_format) runs at a small size; set
-``HOSTCACHE_HARNESS_FULL=1`` for the larger cells.
+The full matrix (every quant_policy x host_kv_format) runs at a small size with the product's
+default eviction policy (``eviction.DEFAULT_POLICY``, also the harness default), and a smaller
+matrix with every other policy; set ``HOSTCACHE_HARNESS_FULL=1`` for the larger cells.
 """
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ if not hasattr(transfer, 'make_copy_engine'):
     pytest.skip('lmdeploy_hostcache.transfer has no make_copy_engine yet', allow_module_level=True)
 pytest.importorskip('lmdeploy_hostcache.integration.connector')
 
+from lmdeploy_hostcache.eviction import DEFAULT_POLICY, POLICIES  # noqa: E402
+
 FULL = bool(os.environ.get('HOSTCACHE_HARNESS_FULL'))
+OTHER_POLICIES = sorted(p for p in POLICIES if p != DEFAULT_POLICY)
 # Prompts here are <= 256 tokens: a 512-token prefill budget keeps LMDeploy's long-context chunking
 # out of the matrix runs (chunking + a loaded request deadlocked stock LMDeploy 0.18.0; the fix and
 # its end-to-end check are at the end of this file). The stock-LMDeploy harness tests cover chunking.
@@ -66,13 +70,15 @@ def run_host_tier(*, quant_policy: int, dtype: torch.dtype, host_kv_format: str,
                   host_slots: int = 24, files=WEKA_FILES[:3], max_turns: int = 6, abort_rate: float = 0.25,
                   fail_load_every: int = 0, fail_store_every: int = 0, min_restore_tokens: int = 16,
                   max_active: int = 3, conversations=None, copy_delay_polls: int = 0, fault_rank: int = 0,
-                  max_prefill_token_num: int = NO_LONG_CHUNKS, checksum: bool = False, **engine_kw):
+                  max_prefill_token_num: int = NO_LONG_CHUNKS, checksum: bool = False,
+                  eviction_policy: str = DEFAULT_POLICY, **engine_kw):
     engine = build_host_tier_engine(HarnessModel(dtype=dtype),
                                     HarnessCacheSpec(num_gpu_blocks=gpu_blocks, quant_policy=quant_policy,
                                                      max_prefill_token_num=max_prefill_token_num),
                                     HostTierSpec(host_slots=host_slots, host_kv_format=host_kv_format,
                                                  min_restore_tokens=min_restore_tokens,
-                                                 copy_delay_polls=copy_delay_polls, checksum=checksum),
+                                                 copy_delay_polls=copy_delay_polls, checksum=checksum,
+                                                 eviction_policy=eviction_policy),
                                     **engine_kw)
     checkers = rank_checkers(engine, host_kv_format)
     slots = HostSlotChecker(engine)
@@ -111,11 +117,18 @@ MATRIX = [  # (quant_policy, dtype, host_kv_format, copy_delay_polls): every qua
 ]
 
 
-@pytest.mark.parametrize('quant_policy,dtype,host_kv_format,copy_delay_polls', MATRIX)
-def test_host_tier_restores_oracle_bytes(quant_policy, dtype, host_kv_format, copy_delay_polls):
+# every cell with the product's default policy; a lossless and a lossy cell with each other policy
+POLICY_MATRIX = ([(DEFAULT_POLICY, *cell) for cell in MATRIX]
+                 + [(policy, *MATRIX[i]) for policy in OTHER_POLICIES for i in (0, 4)])
+
+
+@pytest.mark.parametrize('eviction_policy,quant_policy,dtype,host_kv_format,copy_delay_polls', POLICY_MATRIX)
+def test_host_tier_restores_oracle_bytes(eviction_policy, quant_policy, dtype, host_kv_format, copy_delay_polls):
     engine, checker, report, faults = run_host_tier(quant_policy=quant_policy, dtype=dtype,
                                                     host_kv_format=host_kv_format, fail_load_every=37,
-                                                    fail_store_every=53, copy_delay_polls=copy_delay_polls)
+                                                    fail_store_every=53, copy_delay_polls=copy_delay_polls,
+                                                    eviction_policy=eviction_policy)
+    assert type(scheduler_side(engine).index.policy) is POLICIES[eviction_policy]
     assert_run_clean(engine, checker, report)
     m = scheduler_side(engine).metrics.snapshot()
     assert m['demotions'] > 0 and m['bytes_to_host'] > 0, m
@@ -402,3 +415,76 @@ def test_restored_tokens_never_exceed_counted_host_hits():
     assert_run_clean(engine, checker, report)
     m = scheduler_side(engine).metrics.snapshot()
     assert m['restored_tokens'] <= m['hit_tokens'], m
+
+
+# -- long runs through a lossy host format ---------------------------------------------------------
+
+
+def _hot_prefix_conversation(rounds: int, prefix_blocks: int = 4, block_size: int = 16, filler_blocks: int = 14,
+                             seed: int = 11):
+    """One conversation alternating a request on a hot shared prefix with an unrelated long prompt
+    that evicts it from the GPU: each hot request restores the prefix from host (one more lossy
+    round trip) and the next filler demotes those restored bytes again."""
+    import numpy as np
+
+    try:
+        from .harness import TurnSpec
+    except ImportError:
+        from harness import TurnSpec
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(10, 30000, prefix_blocks * block_size)
+    turns = []
+    for r in range(rounds):
+        hot = np.concatenate([prefix, rng.integers(10, 30000, block_size // 2)])
+        filler = rng.integers(10, 30000, filler_blocks * block_size + 3)
+        turns.append(TurnSpec('hot', 2 * r, hot, 2, think_steps=1))
+        turns.append(TurnSpec('hot', 2 * r + 1, filler, 2, think_steps=1))
+    return [turns]
+
+
+def _distinct_lru_times(monkeypatch):
+    """GPU LRU access times from a counter (LMDeploy keeps whole seconds; ties make eviction order,
+    and so the number of round trips, vary from run to run)."""
+    try:
+        from .test_connector import deterministic_lru
+    except ImportError:
+        from test_connector import deterministic_lru
+    deterministic_lru(monkeypatch)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_hot_prefix_round_trips_int4_many_times(dtype, monkeypatch):
+    """A prefix restored through int4 more than a fixed depth of round trips (f = int4 round trip
+    is not idempotent; fp16 blocks can take tens of trips to reach a fixed point): the checkers
+    bound each block by its own restore count, so every byte is still checked exactly. (With the
+    former fixed bound of 6 round trips this run reported wrong bytes.)"""
+    try:
+        from .harness.host_tier import round_trips
+    except ImportError:
+        from harness.host_tier import round_trips
+    _distinct_lru_times(monkeypatch)
+    engine, checker, report, _ = run_host_tier(quant_policy=0, dtype=dtype, host_kv_format='int4', gpu_blocks=16,
+                                               host_slots=32, abort_rate=0.0, max_active=1,
+                                               conversations=_hot_prefix_conversation(rounds=12))
+    assert_run_clean(engine, checker, report)
+    trips = round_trips(engine)
+    assert trips.max > 6, f'the hot prefix made only {trips.max} round trips'
+    assert checker.stats.lossy_blocks > 0
+
+
+def test_lossy_checker_bound_follows_each_blocks_restore_count(monkeypatch):
+    """The bound is the block's own history: a checker told that no block was ever restored must
+    reject every lossy restored block (a block may not be 'explained' by round trips it never made)."""
+    try:
+        from .harness import KVMismatch
+    except ImportError:
+        from harness import KVMismatch
+    engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
+                                    HarnessCacheSpec(num_gpu_blocks=16, max_prefill_token_num=NO_LONG_CHUNKS),
+                                    HostTierSpec(host_slots=32, host_kv_format='int4'))
+    _distinct_lru_times(monkeypatch)
+    checkers = rank_checkers(engine, 'int4')
+    for c in checkers:
+        c.round_trips = lambda tokens, block_index: 0
+    with pytest.raises(KVMismatch):
+        WorkloadDriver(engine, _hot_prefix_conversation(rounds=3), checker=checkers, max_active=1).run()

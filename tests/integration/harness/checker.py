@@ -7,10 +7,12 @@ Checked after every engine step:
   that later requests reuse.
 
 A block matches when its typed K/V (and scale/zero) storage equals the oracle exactly, or -- for
-lossy host formats -- equals one of the ``variants`` produced from the oracle bytes (the transfer
-path's torch reference of quantise -> dequantise, applied 1..depth times: a block restored from
-host and demoted again goes through the lossy round trip again, and the round trip is not
-idempotent). Comparison is bitwise.
+lossy host formats -- equals ``f^k(oracle)`` for some ``1 <= k <= n``, where ``f`` is the transfer
+path's torch reference of one host round trip (quantise on demotion, dequantise on restore) and
+``n`` is the number of restores this very prefix has had so far (``round_trips``): a block
+restored, demoted again and restored again went through ``f`` twice, and ``f`` is not idempotent
+(fp16 through int4 can take tens of round trips to reach a fixed point), so the bound follows the
+block's actual history, never a fixed count. Comparison is bitwise.
 """
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ from lmdeploy.pytorch.messages import MessageStatus
 from .kv_layout import CpuKVCache
 from .oracle import PrefixOracle
 
-# expected storage (name -> [layers, n, heads, last]) -> acceptable alternatives
-VariantFn = Callable[[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]
+# (expected storage name -> [layers, n, heads, last], n) -> [f^1(expected), ..., f^m(expected)], m <= n
+# (shorter when f reached a fixed point: every deeper round trip gives the last one again)
+VariantFn = Callable[[dict[str, torch.Tensor], int], list[dict[str, torch.Tensor]]]
+# (prefix tokens, block index) -> how many times that block was restored through the host tier so far
+RoundTripsFn = Callable[[np.ndarray, int], int]
+DEFAULT_ROUND_TRIPS = 6   # bound used only when no RoundTripsFn is given
 
 
 class KVMismatch(AssertionError):
@@ -53,14 +59,14 @@ class KVChecker:
     """Checks a :class:`CpuKVCache` against a :class:`PrefixOracle` using the scheduler's view."""
 
     def __init__(self, cache: CpuKVCache, oracle: PrefixOracle, scheduler, variants: VariantFn | None = None,
-                 raise_on_error: bool = True):
+                 raise_on_error: bool = True, round_trips: RoundTripsFn | None = None):
         self.cache = cache
         self.oracle = oracle
         self.scheduler = scheduler
         self.variants = variants
+        self.round_trips = round_trips
         self.raise_on_error = raise_on_error
         self.stats = CheckStats()
-        self._variant_memo: dict[int, tuple[dict, list]] = {}
 
     # -- one block -------------------------------------------------------------------------
     def _compare(self, block_id: int, expected: dict[str, torch.Tensor], n: int) -> int:
@@ -79,11 +85,9 @@ class KVChecker:
         if wrong == 0:
             return True
         if self.variants is not None and num_valid == self.cache.block_size:
-            memo = self._variant_memo.get(id(expected))
-            if memo is None or memo[0] is not expected:
-                memo = (expected, self.variants(expected))  # keeps `expected` alive: its id stays unique
-                self._variant_memo[id(expected)] = memo
-            for depth, variant in enumerate(memo[1], start=1):
+            trips = (DEFAULT_ROUND_TRIPS if self.round_trips is None
+                     else int(self.round_trips(np.asarray(tokens), block_index)))
+            for depth, variant in enumerate(self.variants(expected, trips), start=1):
                 if self._compare(block_id, variant, num_valid) == 0:
                     self.stats.lossy_blocks += 1
                     self.stats.max_lossy_depth = max(self.stats.max_lossy_depth, depth)

@@ -6,9 +6,11 @@ The connector is built through the factory signature of LMDeploy's ``build_kv_co
 connector rows of the CPU cache (what ``BaseModelAgent.build_cache_engine`` does).
 
 Lossy host formats (``int8``/``int4`` over fp16/bf16 caches): a block restored from host holds
-``scatter(gather(oracle))`` of the transfer package's torch reference; :func:`lossy_variants`
-produces that (and its repeated application, for blocks demoted again after a restore) so the
-checker accepts exactly those bytes and nothing else.
+``f(oracle)`` with ``f = scatter(gather(.))`` of the transfer package's torch reference, and a block
+demoted again after a restore goes through ``f`` again. :func:`lossy_variants` produces
+``f^1..f^n`` lazily (memoised, stopping at a fixed point) and :class:`RoundTrips` counts how many
+times each prefix was restored, which bounds ``n`` per block: the checker accepts exactly those
+bytes and nothing else, however long the run.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 
 from lmdeploy.messages import KVTransferConfig
+
+from lmdeploy_hostcache.eviction import DEFAULT_POLICY
 
 from .checker import KVChecker, VariantFn
 from .cpu_engine import CpuEngine
@@ -33,7 +37,7 @@ class HostTierSpec:
     host_slots: int = 12
     host_kv_format: str = 'same'
     min_restore_tokens: int = 16
-    eviction_policy: str = 'lru'
+    eviction_policy: str = DEFAULT_POLICY   # the product's default; tests parametrize the others
     copy_delay_polls: int = 0   # CpuCopyEngine: results show up only after this many extra polls
     checksum: bool = False      # HostCacheConfig.checksum: hash slots after demotion, check before load
 
@@ -102,9 +106,61 @@ def copy_engine(engine: CpuEngine, rank: int = 0):
 
 
 def rank_checkers(engine: CpuEngine, host_kv_format: str = 'same') -> list[KVChecker]:
-    """One :class:`KVChecker` per TP rank (lossy formats: with the transfer reference variants)."""
-    return [KVChecker(kv, oracle, engine.scheduler, variants=lossy_variants(kv, host_kv_format))
+    """One :class:`KVChecker` per TP rank (lossy formats: with the transfer reference variants,
+    bounded by each block's own restore count)."""
+    trips = round_trips(engine) if host_kv_format != 'same' else None
+    return [KVChecker(kv, oracle, engine.scheduler, variants=lossy_variants(kv, host_kv_format),
+                      round_trips=None if trips is None else trips.of_block)
             for kv, oracle in zip(engine.kvs, engine.oracles)]
+
+
+class RoundTrips:
+    """How many times each prefix (chained digest) was restored from the host tier.
+
+    Counts the digests of every load the scheduler side completes successfully (the index's
+    ``complete_load(..., success=True)``, wrapped on this engine's index instance); one engine has
+    one counter (``round_trips(engine)``). A block's bytes can have gone through the lossy round
+    trip at most that many times."""
+
+    def __init__(self, engine: CpuEngine):
+        from lmdeploy_hostcache.digest import ChainHasher
+
+        side = scheduler_side(engine)
+        self._chain_cls = ChainHasher
+        self.namespace = side.namespaces.for_adapter(None)
+        self.block_size = engine.cache_config.block_size
+        self.counts: dict[int, int] = {}
+        index = side.index
+        complete_load = index.complete_load
+
+        def counting_complete_load(digests, success):
+            if success:
+                for d in digests:
+                    self.counts[d] = self.counts.get(d, 0) + 1
+            return complete_load(digests, success)
+
+        index.complete_load = counting_complete_load
+
+    def of_digest(self, digest: int) -> int:
+        return self.counts.get(digest, 0)
+
+    def of_block(self, tokens, block_index: int) -> int:
+        """Restores of block ``block_index`` of ``tokens`` (its whole prefix names it)."""
+        chain = self._chain_cls(self.namespace)
+        chain.extend(tokens[:(block_index + 1) * self.block_size])
+        return self.of_digest(chain.digests[block_index])
+
+    @property
+    def max(self) -> int:
+        return max(self.counts.values(), default=0)
+
+
+def round_trips(engine: CpuEngine) -> RoundTrips:
+    """The engine's :class:`RoundTrips` counter (created on first use)."""
+    counter = getattr(engine, '_host_round_trips', None)
+    if counter is None:
+        counter = engine._host_round_trips = RoundTrips(engine)
+    return counter
 
 
 def check_host_tier_balanced(engine: CpuEngine) -> dict[str, int]:
@@ -124,11 +180,13 @@ def check_host_tier_balanced(engine: CpuEngine) -> dict[str, int]:
     return {'host_slots': index.num_slots, 'host_resident': resident, 'host_free': index.num_free_slots}
 
 
-def lossy_variants(cache: CpuKVCache, host_kv_format: str, depth: int = 6) -> VariantFn | None:
-    """Expected bytes of a block restored through ``host_kv_format`` (None for ``same``).
+def lossy_variants(cache: CpuKVCache, host_kv_format: str) -> VariantFn | None:
+    """Expected bytes of a block restored ``1..n`` times through ``host_kv_format`` (None for ``same``).
 
     Uses the transfer package's torch reference (``reference.gather`` then ``reference.scatter``
-    through the real ``HostFormat`` of these rows) on a one-block scratch cache, ``depth`` times.
+    through the real ``HostFormat`` of these rows) on a one-block scratch cache. Per expected
+    block the chain ``f^1, f^2, ...`` is computed lazily and memoised; it stops growing at a fixed
+    point (``f^(k+1) == f^k``), after which every deeper round trip gives the same bytes.
     """
     if host_kv_format == 'same':
         return None
@@ -142,19 +200,36 @@ def lossy_variants(cache: CpuKVCache, host_kv_format: str, depth: int = 6) -> Va
     flat = layout.check_caches(rows)
     ids = torch.zeros(1, dtype=torch.long)
 
-    def variants(expected: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        out = []
-        bs = cache.block_size
-        pages = torch.arange(cache.pages_per_block).repeat_interleave(cache.kernel_block_size)
-        offs = torch.arange(bs) % cache.kernel_block_size
-        for name, data in expected.items():
+    bs = cache.block_size
+    pages = torch.arange(cache.pages_per_block).repeat_interleave(cache.kernel_block_size)
+    offs = torch.arange(bs) % cache.kernel_block_size
+    memo: dict[int, tuple[dict, list, list]] = {}   # id(expected) -> (expected, chain, [fixed point reached])
+
+    def round_trip(block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, data in block.items():
             scratch.views[name][:, pages, offs] = data
-        for _ in range(depth):
-            slot = torch.zeros(1, fmt.slot_bytes, dtype=torch.uint8)
-            reference.gather(flat, layout, fmt, ids, slot)
-            reference.scatter(slot, layout, fmt, ids, flat)
-            out.append({name: scratch.block_tokens(name, 0).clone() for name in expected})
-        return out
+        slot = torch.zeros(1, fmt.slot_bytes, dtype=torch.uint8)
+        reference.gather(flat, layout, fmt, ids, slot)
+        reference.scatter(slot, layout, fmt, ids, flat)
+        return {name: scratch.block_tokens(name, 0).clone() for name in block}
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)) for k in a)
+
+    def variants(expected: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+        entry = memo.get(id(expected))
+        if entry is None or entry[0] is not expected:
+            entry = memo[id(expected)] = (expected, [], [False])   # keeps `expected` alive: its id stays unique
+        _, chain, fixed = entry
+        while len(chain) < n and not fixed[0]:
+            nxt = round_trip(chain[-1] if chain else expected)
+            if same(nxt, chain[-1] if chain else expected):
+                fixed[0] = True
+                if not chain:
+                    chain.append(nxt)
+            else:
+                chain.append(nxt)
+        return chain[:n]
 
     return variants
 
@@ -166,13 +241,14 @@ class HostSlotChecker:
     The harness learns the whole token prefix of every full block any sequence has had (chained
     with the connector's own namespace digest), so for a resident host block it can rebuild the
     expected slot: the oracle block written into a one-block scratch cache and gathered with the
-    transfer reference in the pool's host format (lossy formats: also after 1..depth restore
-    round trips, for blocks demoted again after a lossy restore). This catches a slot holding the
+    transfer reference in the pool's host format (lossy formats: also after 1..n round trips, n
+    being how many times this prefix was restored so far, for blocks demoted again after a lossy
+    restore; the chain stops growing at its fixed point). This catches a slot holding the
     wrong bytes even if that block is never restored. Same ``check(label)`` / ``stats`` interface
     as :class:`KVChecker`; the byte comparison runs every ``every`` calls (and registration on all).
     """
 
-    def __init__(self, engine: CpuEngine, depth: int = 6, every: int = 5, raise_on_error: bool = True):
+    def __init__(self, engine: CpuEngine, every: int = 5, raise_on_error: bool = True):
         from lmdeploy_hostcache.digest import ChainHasher
         from lmdeploy_hostcache.host_index import BlockState
         from lmdeploy_hostcache.transfer import reference
@@ -185,7 +261,7 @@ class HostSlotChecker:
         self.side = scheduler_side(engine)
         self.namespace = self.side.namespaces.for_adapter(None)
         self.block_size = engine.cache_config.block_size
-        self.depth = depth
+        self.trips = round_trips(engine)
         self.every = max(1, int(every))
         self.raise_on_error = raise_on_error
         self.stats = _SlotStats()
@@ -248,26 +324,32 @@ class HostSlotChecker:
                     self.prefixes[digest] = torch.as_tensor(tokens[:(i + 1) * bs].copy())
             self._registered[int(seq.seq_id)] = full
 
-    def _candidates(self, rank_state, digest: int) -> list[torch.Tensor]:
+    def _candidates(self, rank_state, digest: int, trips: int) -> list[torch.Tensor]:
+        """Slot images ``q(f^j(oracle))`` for ``j = 0..trips`` (lazily extended, memoised per
+        digest, stopping at the chain's fixed point; ``q`` = gather, ``f`` = one round trip)."""
         kv, oracle, scratch, layout, fmt, flat, memo = rank_state
-        hit = memo.get(digest)
-        if hit is not None:
-            return hit
-        tokens = self.prefixes[digest].numpy()
-        expected = oracle.expected_block(tokens, len(tokens) // self.block_size - 1)
-        pages = torch.arange(kv.pages_per_block).repeat_interleave(kv.kernel_block_size)
-        offs = torch.arange(self.block_size) % kv.kernel_block_size
-        for name, data in expected.items():
-            scratch.views[name][:, pages, offs] = data
         ids = torch.zeros(1, dtype=torch.long)
-        out = []
-        for _ in range(1 + (self.depth if fmt.lossy else 0)):
+        entry = memo.get(digest)
+        if entry is None:
+            tokens = self.prefixes[digest].numpy()
+            expected = oracle.expected_block(tokens, len(tokens) // self.block_size - 1)
+            pages = torch.arange(kv.pages_per_block).repeat_interleave(kv.kernel_block_size)
+            offs = torch.arange(self.block_size) % kv.kernel_block_size
+            for name, data in expected.items():
+                scratch.views[name][:, pages, offs] = data
             slot = torch.zeros(1, fmt.slot_bytes, dtype=torch.uint8)
             self._reference.gather(flat, layout, fmt, ids, slot)
-            out.append(slot[0].clone())
-            self._reference.scatter(slot, layout, fmt, ids, flat)
-        memo[digest] = out
-        return out
+            entry = memo[digest] = ([slot[0].clone()], [not fmt.lossy])
+        slots, fixed = entry
+        while len(slots) < 1 + trips and not fixed[0]:
+            self._reference.scatter(slots[-1].unsqueeze(0).clone(), layout, fmt, ids, flat)
+            nxt = torch.zeros(1, fmt.slot_bytes, dtype=torch.uint8)
+            self._reference.gather(flat, layout, fmt, ids, nxt)
+            if torch.equal(nxt[0], slots[-1]):
+                fixed[0] = True
+            else:
+                slots.append(nxt[0].clone())
+        return slots[:1 + trips]
 
     def _pool(self, rank: int):
         """This rank's current host pool (a wakeup builds a new one), or None."""
@@ -293,7 +375,8 @@ class HostSlotChecker:
                 if pool is None:    # engine asleep or closed: no pool to check against
                     continue
                 actual = pool.slot_view(block.slot)
-                if any(torch.equal(actual, c) for c in self._candidates(rank_state, digest)):
+                trips = self.trips.of_digest(digest)
+                if any(torch.equal(actual, c) for c in self._candidates(rank_state, digest, trips)):
                     continue
                 self.stats.wrong_blocks += 1
                 msg = (f'{label} rank {rank}: host slot {block.slot} of resident block {digest:#x} '
