@@ -461,6 +461,10 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
     cost = CostModel.for_model(geometry.params_b, args.prefill_tokens_per_s, args.h2d_gbps)
     res = recommend_host_gb(prepared, spec, sizing, show_progress=show)
     tot = res.totals()
+    prefill_total = sum(n.stats.recomputed_tokens for n in res.nodes) or 1  # load: who computes the prefill
+
+    def prefill_share(n) -> float:
+        return n.stats.recomputed_tokens / prefill_total
 
     def saturated(n) -> bool:  # False: the node's full host_gb is the only size within 0.01 of itself
         return not (n.spec.host_gb > 0 and n.recommended_host_gb is not None
@@ -488,6 +492,7 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
                                  **n.stats.as_dict(), "ttft": TTFTEstimate.of(n.stats, sizing, cost).as_dict(),
                                  "recommended_host_cache_gb": n.recommended_host_gb if saturated(n) else None,
                                  "saturated": saturated(n),
+                                 "prefill_tokens_share": prefill_share(n),
                                  "hit_rate_by_host_gb": {str(k): v for k, v in n.hit_rate_by_host_gb.items()}})
         out["distinct_blocks"] = args.distinct_blocks
         out["notes"] = notes
@@ -506,15 +511,15 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
         ttft = TTFTEstimate.of(st, sizing, cost)
         rows.append([n.spec.name, f"{n.spec.gpu_kv_gb:g}", f"{n.spec.host_gb:g}", fmt_int(st.requests),
                      f"{st.gpu_hit_rate:.3f}", f"{st.hit_rate:.3f}", f"{st.host_hit_rate:.3f}",
-                     f"{ttft.mean_saving_ms:.1f}",
+                     f"{prefill_share(n):.3f}", f"{ttft.mean_saving_ms:.1f}",
                      f"{n.recommended_host_gb:g}" if saturated(n) else "not saturated"])
     rows.append(["cluster", f"{sum(n.spec.gpu_kv_gb for n in res.nodes):g}",
                  f"{sum(n.spec.host_gb for n in res.nodes):g}", fmt_int(tot["requests"]),
-                 f"{tot['gpu_hit_rate']:.3f}", f"{tot['hit_rate']:.3f}", f"{tot['host_hit_rate']:.3f}", "",
+                 f"{tot['gpu_hit_rate']:.3f}", f"{tot['hit_rate']:.3f}", f"{tot['host_hit_rate']:.3f}", "1.000", "",
                  f"{sum(n.recommended_host_gb for n in res.nodes):g}" if all(saturated(n) for n in res.nodes)
                  else ""])
     print(render_table(rows, ["node", "GPU KV GiB", "host GiB", "requests", "GPU-only hit", "GPU+host hit",
-                              "host hit", "est. TTFT saving ms/req", "recommended host_cache_gb"]))
+                              "host hit", "prefill share", "est. TTFT saving ms/req", "recommended host_cache_gb"]))
     print()
     print("recommended host_cache_gb: smallest of 0, 1/8, 1/4, 1/2, 3/4, 1 x host_gb whose hit rate on that node "
           "is within 0.01 of its hit rate at the full host_gb; \"not saturated\": only the full host_gb is, so the "

@@ -8,7 +8,7 @@ Cluster YAML (every field validated; errors name the file and the field)::
     host_kv_format: same       # same | int8 | int4                     (default same)
     tp: 1                      # tensor-parallel ranks per node         (default 1)
     host_policy: arc           # host-tier eviction policy              (default arc, the server's)
-    routing: session           # session | random | prefix              (required)
+    routing: session           # session | random | prefix | cache_aware (required)
     seed: 0                    # for random routing                     (default 0)
     nodes:                     # at least one
       - {name: big, gpu_kv_gb: 20, host_gb: 200}

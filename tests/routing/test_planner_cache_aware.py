@@ -62,3 +62,22 @@ def test_cache_aware_meets_the_targets_on_the_bundled_conversation_trace(convers
     prefill = [n.stats.recomputed_tokens for n in ca.nodes]
     share = [p / sum(prefill) * len(prefill) for p in prefill]
     assert max(share) <= 1.5, share
+
+
+def test_plan_cluster_cli_reports_requests_hit_rates_and_load_per_node(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    text = (REPO / "examples" / "cluster.yaml").read_text()
+    y = tmp_path / "c.yaml"
+    y.write_text(text.replace("routing: session", "routing: cache_aware", 1))
+    p = subprocess.run([sys.executable, "-m", "lmdeploy_hostcache.cli", "plan", "--cluster", str(y), "--limit", "400",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["routing"] == "cache_aware" and out["requests"] == 400
+    nodes = out["nodes"]
+    assert sum(n["requests"] for n in nodes) == 400
+    assert abs(sum(n["prefill_tokens_share"] for n in nodes) - 1.0) < 1e-9
+    assert all(0 <= n["hit_rate"] <= 1 for n in nodes)
