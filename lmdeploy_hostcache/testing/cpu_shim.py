@@ -10,7 +10,8 @@ Triton's interpreter (``TRITON_INTERPRET=1``):
    and ``torch._C._cuda_clearCublasWorkspaces``. ``torch.cuda.is_available()`` is left
    False, so code that really needs CUDA still knows it has none.
 2. A ``TorchFunctionMode`` rewrites ``device='cuda[:n]'`` / an int device / ``.cuda()`` /
-   ``.to('cuda')`` to the CPU and drops ``pin_memory`` and ``record_stream``. Torch modes
+   ``.to('cuda')`` to the CPU and drops ``pin_memory`` and ``record_stream``;
+   ``nn.Module.to`` (which parses its device in C) gets the same rewrite. Torch modes
    are per thread, so the mode is entered in the installing thread and in every thread
    started afterwards (``threading.Thread.run`` is wrapped).
 3. Triton: a fake active driver reporting a CUDA sm80 target (LMDeploy's ``is_cuda()``
@@ -50,13 +51,16 @@ def kernel_stats() -> dict[str, tuple[int, float]]:
     return {k: (v[0], v[1]) for k, v in sorted(_kernel_stats.items(), key=lambda kv: -kv[1][1])}
 
 
-def install(*, fake_sms: int = 8, fake_memory_gb: float = 8.0, count_kernels: bool = False) -> None:
+def install(*, fake_sms: int = 8, fake_memory_gb: float = 8.0, count_kernels: bool = False,
+            fake_devices: int = 1, ccl_backend: str | None = None) -> None:
     """Install the shim in this process (see module docstring). Idempotent.
 
     ``fake_sms`` is the multiprocessor count reported to LMDeploy: its decode-attention
     grids scale with it, and under the interpreter fewer programs run faster.
     ``fake_memory_gb`` is the device memory reported (free = total / 2).
     ``count_kernels`` counts interpreted launches per kernel (``kernel_stats()``).
+    ``fake_devices`` is the device count reported; ``ccl_backend`` (e.g. ``"gloo"``) replaces
+    the collective backend LMDeploy's CUDA backend asks ``torch.distributed`` for (``nccl``).
     """
     with _lock:
         if is_installed():
@@ -74,9 +78,13 @@ def install(*, fake_sms: int = 8, fake_memory_gb: float = 8.0, count_kernels: bo
         if torch.cuda.is_available():
             raise RuntimeError("cpu_shim.install(): this machine has a CUDA device; the CPU shim is for "
                                "GPU-less test machines only")
-        _fake_cuda_runtime(torch, fake_sms, fake_memory_gb)
+        _fake_cuda_runtime(torch, fake_sms, fake_memory_gb, fake_devices)
         _redirect_cuda_devices(torch)
         _fix_triton_interpreter(torch, count_kernels)
+        if ccl_backend is not None:
+            from lmdeploy.pytorch.backends.default.op_backend import DefaultOpsBackend
+
+            DefaultOpsBackend.ccl_backend = staticmethod(lambda: ccl_backend)
         setattr(torch.cuda, _MARK, True)
 
 
@@ -142,7 +150,7 @@ class _StreamContext:
         return False
 
 
-def _fake_cuda_runtime(torch, fake_sms: int, fake_memory_gb: float) -> None:
+def _fake_cuda_runtime(torch, fake_sms: int, fake_memory_gb: float, fake_devices: int) -> None:
     total = int(fake_memory_gb * (1 << 30))
     props = types.SimpleNamespace(major=8, minor=0, multi_processor_count=int(fake_sms), total_memory=total,
                                   name="cpu-shim", uuid="00000000-0000-0000-0000-000000000000", warp_size=32,
@@ -162,7 +170,7 @@ def _fake_cuda_runtime(torch, fake_sms: int, fake_memory_gb: float) -> None:
         "synchronize": const(None),
         "empty_cache": const(None),
         "mem_get_info": lambda *a, **k: (total // 2, total),
-        "device_count": lambda *a, **k: 1,
+        "device_count": const(int(fake_devices)),
         "current_device": const(0),
         "set_device": const(None),
         "get_device_properties": lambda *a, **k: props,
@@ -217,6 +225,18 @@ def _redirect_cuda_devices(torch) -> None:
                 args = (args[0], fix(args[1])) + tuple(args[2:])
             return func(*args, **kwargs)
 
+    # nn.Module.to parses its device in C (torch._C._nn._parse_to), outside the mode's
+    # reach: the model agent's wakeup does ``model.to(torch.cuda.current_device())``.
+    original_module_to = torch.nn.Module.to
+
+    def module_to(self, *args, **kwargs):
+        if args and not isinstance(args[0], torch.dtype | torch.Tensor):
+            args = (fix(args[0]),) + tuple(args[1:])
+        if "device" in kwargs:
+            kwargs["device"] = fix(kwargs["device"])
+        return original_module_to(self, *args, **kwargs)
+
+    torch.nn.Module.to = module_to
     CudaToCpu().__enter__()  # the installing thread, for the rest of its life
     original_run = threading.Thread.run
 

@@ -17,7 +17,8 @@ greedy (``top_k=1``, ``ignore_eos``), one request at a time, so the outputs depe
 the KV the engine attends to. ``engine`` keys are ``PytorchEngineConfig`` fields; the
 defaults (``ENGINE_DEFAULTS``) are what a CPU run needs (``eager_mode``, ``device_type
 cuda``, prefix caching on). ``host_cache`` turns the host tier on through
-``with_host_cache`` (works whether or not the import hook ran).
+``with_host_cache`` (works whether or not the import hook ran). ``inject`` names a fault
+(``INJECTIONS``) for negative controls.
 
 ``run_in_subprocess(spec)`` runs ``python -m lmdeploy_hostcache.testing.engine_runner``
 and returns its JSON result; with ``cpu_shim`` the child installs the CPU shim first, so
@@ -27,6 +28,7 @@ interpreter shutdown. Bad specs are refused with one line naming the field (exit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -56,6 +58,12 @@ def multi_turn_script(conversations: int = 3, turns: int = 2, first_tokens: int 
                  max_new_tokens=max_new_tokens) for t in range(turns) for c in names]
 
 
+# Fault injections (negative controls: prove that an equality check can fail).
+# zero_host_slots_on_load: the CPU copy engine zeroes each host slot just before loading it,
+# so every restore writes zero KV into the GPU blocks (tokens still verify: the index is intact).
+INJECTIONS = ("zero_host_slots_on_load",)
+
+
 class SpecError(ValueError):
     """A malformed spec; the message names the field."""
 
@@ -82,7 +90,9 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         hc = run.get("host_cache")
         if hc is not None and not isinstance(hc, Mapping):
             raise SpecError(f"spec.runs[{i}].host_cache must be an object or null")
-        unknown = set(run) - {"name", "engine", "host_cache", "sleep_before"}
+        if run.get("inject") not in (None, *INJECTIONS):
+            raise SpecError(f"spec.runs[{i}].inject must be one of {INJECTIONS} or null")
+        unknown = set(run) - {"name", "engine", "host_cache", "inject"}
         if unknown:
             raise SpecError(f"spec.runs[{i}] has unknown keys {sorted(unknown)}")
     script = out.get("script")
@@ -119,7 +129,33 @@ def _trie_hit_tokens(engine) -> int | None:
     return getattr(stats, "num_hit_tokens", None)
 
 
+@contextlib.contextmanager
+def _injected(kind: str | None):
+    if kind is None:
+        yield
+        return
+    from ..transfer.copy_engine import CpuCopyEngine
+
+    original = CpuCopyEngine._load
+
+    def zeroing_load(self, slots, blocks):
+        for slot in slots:
+            self.pool.slot_view(slot).zero_()
+        return original(self, slots, blocks)
+
+    CpuCopyEngine._load = zeroing_load
+    try:
+        yield
+    finally:
+        CpuCopyEngine._load = original
+
+
 def _one_run(model: str, run: Mapping[str, Any], script: list[Mapping[str, Any]]) -> dict[str, Any]:
+    with _injected(run.get("inject")):
+        return _one_run_impl(model, run, script)
+
+
+def _one_run_impl(model: str, run: Mapping[str, Any], script: list[Mapping[str, Any]]) -> dict[str, Any]:
     from lmdeploy import GenerationConfig
     from lmdeploy.pytorch.engine import Engine
 
@@ -201,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     if spec.get("cpu_shim", True):
         from . import cpu_shim
 
-        cpu_shim.install(fake_sms=int(spec.get("fake_sms", 8)))
+        shim_args = dict(fake_sms=int(spec.get("fake_sms", 8)))
+        if spec.get("ccl_backend"):
+            shim_args.update(ccl_backend=spec["ccl_backend"], fake_devices=int(spec.get("fake_devices", 2)))
+        # processes LMDeploy spawns (TP workers) re-import this module as __mp_main__ (below)
+        os.environ[_CHILD_SHIM_ENV] = json.dumps(shim_args)
+        cpu_shim.install(**shim_args)
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 1)))
@@ -210,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, fh)
     return 0
 
+
+_CHILD_SHIM_ENV = "HOSTCACHE_CPU_SHIM_ARGS"
+
+if __name__ == "__mp_main__" and os.environ.get(_CHILD_SHIM_ENV):
+    from . import cpu_shim as _shim
+
+    _shim.install(**json.loads(os.environ[_CHILD_SHIM_ENV]))
 
 if __name__ == "__main__":
     code = main()
