@@ -488,3 +488,39 @@ def test_lossy_checker_bound_follows_each_blocks_restore_count(monkeypatch):
         c.round_trips = lambda tokens, block_index: 0
     with pytest.raises(KVMismatch):
         WorkloadDriver(engine, _hot_prefix_conversation(rounds=3), checker=checkers, max_active=1).run()
+
+
+def test_a_block_filled_on_a_requests_last_step_is_checked_on_host(monkeypatch):
+    """Issue 13 item 2: a request whose last forward completes a block (prompt 40 tokens, 9 new
+    tokens: positions 0..47 hold KV when it finishes) leaves that block in the trie and is gone
+    before the next check; fillers then demote it. The host-slot checker must know its prefix
+    and compare its host bytes: no resident block may be unknown. (This block's tokens were
+    already seen one step earlier in the live sequence, and it is now also registered at
+    eviction; the unknown blocks a long soak reported came from counting doomed blocks still
+    pinned by in-flight copies: ``test_connector_second_chance``'s harness run counted 16 of
+    them before the count was restricted to resident, non-doomed blocks.)"""
+    import numpy as np
+
+    try:
+        from .harness import TurnSpec
+    except ImportError:
+        from harness import TurnSpec
+    _distinct_lru_times(monkeypatch)
+    rng = np.random.default_rng(5)
+    turns = [TurnSpec('last-step', 0, rng.integers(10, 30000, 40), 9, think_steps=1)]
+    for k in range(1, 4):
+        turns.append(TurnSpec('last-step', k, rng.integers(10, 30000, 12 * 16 + 5), 2, think_steps=1))
+    engine, checker, report, _ = run_host_tier(quant_policy=0, dtype=torch.float16, host_kv_format='same',
+                                               gpu_blocks=16, host_slots=32, abort_rate=0.0, max_active=1,
+                                               conversations=[turns])
+    assert_run_clean(engine, checker, report)
+    slots = engine.host_slot_checker
+    first = report.handles[0]
+    tokens = np.concatenate([first.prompt, np.asarray(first.output_tokens[:8])])
+    assert len(tokens) == 48
+    from lmdeploy_hostcache.digest import ChainHasher
+    chain = ChainHasher(scheduler_side(engine).namespaces.for_adapter(None))
+    chain.extend(tokens)
+    last = chain.digests[2]
+    assert scheduler_side(engine).index.is_resident(last), 'the last-step block did not reach the host tier'
+    assert last in slots.prefixes and slots.stats.unknown_resident == 0

@@ -73,6 +73,8 @@ class Run:
             assert c.stats.wrong_blocks == 0, c.stats.first_error
         assert self.slots.stats.wrong_blocks == 0, self.slots.stats.first_error
         self.slots.verify('end')
+        assert self.slots.stats.unknown_resident == 0, 'resident host blocks of unknown prefix'
+        assert self.slots.stats.slots_checked > 0
         check_gpu_refcounts_balanced(self.engine.scheduler)
         check_host_tier_balanced(self.engine)
 
