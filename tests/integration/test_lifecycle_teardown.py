@@ -82,11 +82,11 @@ class Run:
         return len(self.side.index)
 
 
-@pytest.mark.parametrize('level', [1, 2])
-def test_sleep_then_wakeup_never_restores_from_the_released_pool(level):
+@pytest.mark.parametrize('level,tp', [(1, 1), (2, 1), (1, 2)])
+def test_sleep_then_wakeup_never_restores_from_the_released_pool(level, tp):
     """Item 1: Engine.sleep releases every host pool; wakeup's new pools hold garbage. Before the
     fix the index still listed every block and the next request "restored" the pattern."""
-    run = Run()
+    run = Run(tp=tp)
     run.phase()
     assert run.host_blocks() > 0, 'nothing reached the host tier before sleep'
     restored_before = run.side.metrics.restored_tokens
@@ -130,12 +130,13 @@ def test_partial_wakeup_weights_only_keeps_the_tier_empty_until_kv_cache_wakes()
     run.assert_clean()
 
 
-def test_a_cache_rebuild_the_scheduler_never_sees_is_refused_by_the_worker():
+@pytest.mark.parametrize('tp', [1, 2])
+def test_a_cache_rebuild_the_scheduler_never_sees_is_refused_by_the_worker(tp):
     """Item 1, multi-process case: ``wakeup(['kv_cache'])`` on an awake engine rebuilds the cache
     engine and the worker connectors, and nothing tells the scheduler. The new worker refuses
-    the first load of a slot its pool never had written (nothing moves), reports the pool reset,
-    and the scheduler drops the stale index."""
-    run = Run()
+    the first load of a slot its pool never had written (nothing moves), reports the pool reset
+    (through LMDeploy's TP aggregator with 2 ranks), and the scheduler drops the stale index."""
+    run = Run(tp=tp)
     run.phase()
     assert run.host_blocks() > 0
     failures_before = run.side.metrics.restore_failures
