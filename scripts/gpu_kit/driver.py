@@ -17,11 +17,13 @@ usage: python driver.py --out DIR [--budget-s 450] [--steps cuda_tests,bench_tra
 Steps, in order, each in a child process with its own timeout (a hang is killed with its process
 group) and never more than what is left of ``--budget-s``:
 
-a. ``cuda_tests``: pytest on ``CUDA_TESTS`` (compiled Triton kernels and the CUDA copy engine
-   against their torch/LMDeploy references), summarised from JUnit XML.
+a. ``cuda_tests``: pytest on ``CUDA_TESTS`` selected by ``-k "cuda or gpu"`` (compiled Triton
+   kernels and the CUDA copy engine against their torch/LMDeploy references; the connector's worker
+   role on CUDA rows), summarised from JUnit XML.
 b. ``bench_transfer``: ``lmdeploy-hostcache bench transfer --json`` (copy engine H2D/D2H vs a plain
    pinned ``copy_``, kernel gather/scatter vs device memcpy).
-c. ``e2e``: a random-weight ~1B Llama written locally, then ``RUNS`` in order, each its own
+c. ``e2e``: a random-weight ~1B Llama written locally (``model_writer.py``: shapes from transformers,
+   weights drawn on the GPU, safetensors), then ``RUNS`` in order, each its own
    ``e2e_worker.py`` process: the GPU cache sized so the replay's working set is ``--ratio`` (4) x
    the cache (``small_*``) or holds everything (``fits_*``); stock LMDeploy (``*_off_*``) vs host
    tier on (``*_on_*``); quant_policy 0 and 4. A run that would not fit in the time left is skipped.
@@ -47,7 +49,9 @@ sys.path.insert(0, str(HERE))
 import kitlib  # noqa: E402
 from kitlib import Budget, ResultFile, WorkloadSpec  # noqa: E402
 
-CUDA_TESTS = ("tests/transfer/test_transfer_cuda.py",)
+# The CUDA-only tests, and the CUDA parametrizations of tests that also run on CPU (-k CUDA_TESTS_K).
+CUDA_TESTS = ("tests/transfer/test_transfer_cuda.py", "tests/integration/test_connector_worker.py")
+CUDA_TESTS_K = "cuda or gpu"
 STEP_LIMITS_S = {"cuda_tests": 150, "bench_transfer": 90, "model": 90, "run": 100}
 MODEL_SIZES = {
     # ~1.1B parameters (Llama): 16 layers, hidden 2048, 16 heads, 8 KV heads of 128, vocab 32000
@@ -200,7 +204,8 @@ def environment(probe: bool = True) -> dict:
 
 def step_cuda_tests(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> None:
     xml = work / "cuda_tests.xml"
-    cmd = [sys.executable, "-m", "pytest", *CUDA_TESTS, "-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    cmd = [sys.executable, "-m", "pytest", *CUDA_TESTS, "-k", CUDA_TESTS_K, "-q", "-rA", "-p", "no:cacheprovider",
+           f"--junitxml={xml}"]
     res.step("cuda_tests", "running", tests=list(CUDA_TESTS))
     outcome, rc, secs = run_child(cmd, budget.step_timeout(STEP_LIMITS_S["cuda_tests"], 60), log)
     summary = kitlib.parse_junit(xml) if xml.exists() else None
@@ -249,11 +254,12 @@ def _write_model(args, budget: Budget, log: Log) -> bool:
     if marker.exists() and json.loads(marker.read_text()) == cfg:
         log(f"model already written: {args.model_dir}")
         return True
-    code = ("import json,sys\nfrom lmdeploy_hostcache.testing.models import write_tiny_model\n"
-            "cfg=json.loads(sys.argv[2]); write_tiny_model(sys.argv[1], 'llama', **cfg)\n"
-            "open(sys.argv[1]+'/kit_model.json','w').write(json.dumps(cfg))\n")
-    outcome, rc, secs = run_child([sys.executable, "-c", code, str(args.model_dir), json.dumps(cfg)],
-                                  budget.step_timeout(STEP_LIMITS_S["model"], 60), log)
+    if marker.exists():
+        marker.unlink()
+    outcome, rc, secs = run_child([sys.executable, str(HERE / "model_writer.py"), str(args.model_dir),
+                                   json.dumps(cfg)], budget.step_timeout(STEP_LIMITS_S["model"], 60), log)
+    if outcome == "ok":
+        marker.write_text(json.dumps(cfg))
     log(f"model write: {outcome} in {secs:.1f}s")
     return outcome == "ok"
 

@@ -34,6 +34,8 @@ ENGINE_PATH_MODULES = (
     "lmdeploy.pytorch.engine.executor.uni_executor",
     "lmdeploy.pytorch.engine.model_agent",
     "lmdeploy.pytorch.engine.cache_engine",
+    "lmdeploy.pytorch.engine.cache_engine.plan",
+    "lmdeploy.pytorch.strategies.ar.sequence",
     "lmdeploy.pytorch.engine.guided_process",
     "lmdeploy.pytorch.models.llama",
     "lmdeploy.pytorch.models.qwen2",

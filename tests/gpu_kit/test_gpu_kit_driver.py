@@ -204,3 +204,31 @@ def test_bench_cuda_only_refuses_without_cuda():
         pytest.skip("has CUDA")
     with pytest.raises(SystemExit, match="--cuda-only: no CUDA device"):
         transfer.run(args)
+
+
+def test_model_writer_matches_write_tiny_model(tmp_path):
+    """The kit's fast writer produces the same checkpoint layout as the project's reference writer."""
+    from safetensors import safe_open
+
+    import model_writer
+    from lmdeploy_hostcache.testing.models import write_tiny_model
+
+    cfg = driver.MODEL_SIZES["tiny"]
+    info = model_writer.write_random_llama(tmp_path / "fast", cfg, device="cpu")
+    write_tiny_model(tmp_path / "ref", "llama", **cfg)
+    fast, ref = safe_open(str(tmp_path / "fast" / "model.safetensors"), "pt"), \
+        safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt")
+    assert set(fast.keys()) == set(ref.keys())
+    for k in ref.keys():
+        assert fast.get_slice(k).get_shape() == ref.get_slice(k).get_shape()
+        assert fast.get_slice(k).get_dtype() == ref.get_slice(k).get_dtype()
+    assert info["params"] == sum(
+        __import__("math").prod(ref.get_slice(k).get_shape()) for k in ref.keys())
+    a = json.loads((tmp_path / "fast" / "config.json").read_text())
+    b = json.loads((tmp_path / "ref" / "config.json").read_text())
+    for key in ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "vocab_size", "bos_token_id", "eos_token_id", "torch_dtype", "tie_word_embeddings"):
+        assert a.get(key) == b.get(key), key
+    assert (tmp_path / "fast" / "tokenizer.json").read_text() == (tmp_path / "ref" / "tokenizer.json").read_text()
+    w = fast.get_tensor("model.layers.0.self_attn.q_proj.weight").float()
+    assert 0.015 < float(w.std()) < 0.025 and float(fast.get_tensor("model.norm.weight").float().min()) == 1.0
