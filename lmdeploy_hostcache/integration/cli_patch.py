@@ -75,6 +75,10 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
     from .engine_config import log_tier_off, merge_transfer_config
 
     settings = load_config(path, host_cache_gb=gb)  # ConfigError names the file and the field
+    if settings.enabled and settings.min_restore_tokens == "auto":
+        from ..restore_cost import load_calibration
+
+        load_calibration()  # a bad $LMDEPLOY_HOSTCACHE_CALIBRATION file: CalibrationError naming it, before start
     if not settings.enabled:
         log_tier_off("--host-cache-gb 0" if gb is not None else f"--host-cache-config {path}")
         return False

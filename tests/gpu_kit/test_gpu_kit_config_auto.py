@@ -47,3 +47,28 @@ def test_connector_resolves_auto_from_the_calibration(tmp_path, monkeypatch):
     cal.write_text('{"restore_gbps": 40, "prefill_tokens_per_s": 0, "restore_overhead_ms": 10}')
     with pytest.raises(rc.CalibrationError, match=f"{cal}: prefill_tokens_per_s"):
         _scheduler_side("auto", bpt * 64)
+
+
+def test_serve_flags_refuse_a_bad_calibration_file_before_start(tmp_path, monkeypatch):
+    """`lmdeploy serve api_server ... --host-cache-config` with `min_restore_tokens: auto` checks the
+    calibration file up front (one ValueError naming it, which the CLI prints as one line)."""
+    import argparse
+
+    from lmdeploy_hostcache import restore_cost as rc
+    from lmdeploy_hostcache.integration.cli_patch import apply_host_cache_args
+
+    cfg = tmp_path / "hostcache.yaml"
+    cfg.write_text("host_cache_gb: 1\nmin_restore_tokens: auto\n")
+    bad = tmp_path / "calibration.json"
+    bad.write_text("{oops")
+    monkeypatch.setenv(rc.ENV_CALIBRATION, str(bad))
+
+    def args():
+        return argparse.Namespace(host_cache_gb=None, host_cache_config=str(cfg), backend="pytorch",
+                                  kv_transfer_config=None, enable_prefix_caching=True)
+
+    with pytest.raises(ValueError, match=f"{bad}: not a JSON restore calibration"):
+        apply_host_cache_args(args())
+    bad.write_text('{"restore_gbps": 40, "prefill_tokens_per_s": 2000, "restore_overhead_ms": 10}')
+    a = args()
+    assert apply_host_cache_args(a) is True and a.kv_transfer_config is not None
