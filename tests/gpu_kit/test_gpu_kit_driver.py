@@ -232,3 +232,17 @@ def test_model_writer_matches_write_tiny_model(tmp_path):
     assert (tmp_path / "fast" / "tokenizer.json").read_text() == (tmp_path / "ref" / "tokenizer.json").read_text()
     w = fast.get_tensor("model.layers.0.self_attn.q_proj.weight").float()
     assert 0.015 < float(w.std()) < 0.025 and float(fast.get_tensor("model.norm.weight").float().min()) == 1.0
+
+
+def test_replay_with_several_requests_in_flight():
+    spec = kitlib.WorkloadSpec(sessions=5, turns=2, system_tokens=4, first_user_tokens=6, user_tokens=2, new_tokens=2)
+    wl = kitlib.make_workload(spec)
+    eng = fake_engine.build({"name": "x", "block_size": 4})
+    rep = asyncio.new_event_loop().run_until_complete(e2e_worker.replay(
+        eng, wl, fake_engine.GenerationConfig(max_new_tokens=2), concurrency=3, stats=lambda: 0))
+    assert sorted(r["id"] for r in rep["rows"]) == sorted(kitlib.request_id(s, t) for s in range(5) for t in range(2))
+    assert all(r["gpu_cached_tokens"] is None for r in rep["rows"])   # not attributable with requests in flight
+    # the same outputs as one at a time: a turn only starts once the previous turn's outputs exist
+    one = asyncio.new_event_loop().run_until_complete(e2e_worker.replay(
+        fake_engine.build({"name": "x", "block_size": 4}), wl, fake_engine.GenerationConfig(max_new_tokens=2)))
+    assert one["outputs"] == rep["outputs"]
