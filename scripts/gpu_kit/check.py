@@ -11,8 +11,9 @@ Checks, each reported by name; exit 0 only when all pass (1 otherwise, 2 on bad 
 4. ``stripped``: LMDeploy's wheel holds no TurboMind binary (``stage.STRIP_PATTERNS``).
 5. ``pip_install``: ``pip install --no-index --no-deps --target TMP --python-version 3.12 ...`` of the
    whole set succeeds (what ``run.sh`` does on the GPU machine, minus the interpreter).
-6. ``imports``: ``import_probe.py`` imports the kit's engine path in this machine's ``.venv`` and
-   records who imports whom; walking those edges from the kit's roots (stopping at stdlib and at the
+6. ``imports``: ``import_probe.py --activate`` imports the kit's engine path in this machine's
+   ``.venv`` with the post-import hook installed (so the patches' imports count, and activation must
+   succeed) and records who imports whom; walking those edges from the kit's roots (stopping at stdlib and at the
    device image's packages, ``device_packages.txt``), every module reached must be provided by a
    staged wheel. A module missing from both fails the check, named with who imports it.
 7. ``lmdeploy_modules``: every ``lmdeploy.*`` module the probe loaded is a ``.py`` file in the
@@ -178,10 +179,11 @@ def pip_install_check(wheels: list[Path], python: str = sys.executable) -> dict:
 def run_probe(python: str, extra_modules=()) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu_kit_probe_") as tmp:
         out = Path(tmp) / "probe.json"
-        cmd = [python, str(HERE / "import_probe.py"), "--out", str(out)]
+        cmd = [python, str(HERE / "import_probe.py"), "--out", str(out), "--activate"]
         for m in extra_modules:
             cmd += ["--module", m]
-        env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1", TRITON_INTERPRET="1")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        env.pop("LMDEPLOY_HOSTCACHE_DISABLE", None)  # the tier-on path: the hook and its patches load too
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if proc.returncode != 0 or not out.exists():
             raise SystemExit(f"import probe failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")

@@ -102,9 +102,17 @@ def main(argv=None) -> int:
     parser.add_argument("--module", action="append", default=[], help="extra module to import (repeatable)")
     parser.add_argument("--only", action="store_true", help="import only --module names, not the engine path")
     parser.add_argument("--out", required=True, help="write the JSON here (imported modules may print)")
+    parser.add_argument("--activate", action="store_true",
+                        help="install the post-import hook first (the kit's tier-on runs): its patches' imports count")
     args = parser.parse_args(argv)
     rec = _Recorder()
     sys.meta_path.insert(0, rec)
+    if args.activate:
+        from lmdeploy_hostcache.integration import autoload
+
+        autoload.install()
+        sys.meta_path.remove(rec)
+        sys.meta_path.insert(0, rec)  # first again: it records, the hook patches
     wanted = list(args.module) if args.only else [*ENGINE_PATH_MODULES, *args.module]
     for name in wanted:
         rec.edges.add(("<kit>", name.partition(".")[0]))
@@ -114,6 +122,12 @@ def main(argv=None) -> int:
             rec.failed[name] = f"{type(exc).__name__}: {exc}"
     sys.meta_path.remove(rec)
     loaded = sorted(m for m in sys.modules if m.startswith(("lmdeploy.", "lmdeploy_hostcache.")))
+    if args.activate:
+        from lmdeploy_hostcache.integration.activate import status
+
+        st = status()
+        if st["status"] != "active":
+            rec.failed["<activation>"] = f"{st['status']}: {st['reason']}"
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump({"edges": sorted(rec.edges), "failed": rec.failed, "loaded_submodules": loaded,
                    "roots": wanted, "python": sys.version.split()[0]}, fh)
