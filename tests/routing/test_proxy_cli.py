@@ -37,3 +37,34 @@ def test_feed_url_is_the_node_url_or_its_host_at_the_feed_port():
     assert RoutingService(opts).feed_url("http://10.0.0.5:23333/") == "http://10.0.0.5:23333/hostcache/cache_state"
     opts["feed_port"] = 23400
     assert RoutingService(opts).feed_url("http://10.0.0.5:23333") == "http://10.0.0.5:23400/hostcache/cache_state"
+
+
+def test_stock_strategies_pass_through_untouched_and_cache_aware_installs(monkeypatch):
+    import argparse
+
+    from lmdeploy_hostcache.integration import proxy_routing
+
+    seen, installed = [], []
+    monkeypatch.setattr(proxy_routing, "install", lambda opts: installed.append(opts))
+    wrapped = proxy_routing.wrap_proxy(lambda args: seen.append(vars(args).copy()))
+    p = argparse.ArgumentParser()
+    p.add_argument("--routing-strategy", choices=["random", "min_expected_latency", "min_observed_latency"])
+    p.add_argument("--serving-strategy", default="Hybrid")
+    proxy_routing.add_proxy_arguments(p)
+    wrapped(p.parse_args(["--routing-strategy", "random"]))
+    assert seen[-1]["routing_strategy"] == "random" and not installed
+    wrapped(p.parse_args(["--routing-strategy", "cache_aware", "--cache-aware-balance", "1.5"]))
+    assert installed and installed[0]["balance"] == 1.5 and installed[0]["model"] is None
+    assert seen[-1]["routing_strategy"] == proxy_routing.STOCK_DEFAULT  # what LMDeploy's enum knows
+
+
+def test_without_a_tokenizer_the_log_says_text_prefix(caplog):
+    import logging
+
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService
+
+    opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": None, "balance": 1.3,
+            "block_size": 64, "gpu_blocks": 16, "host_blocks": 0}
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.proxy_routing"):
+        svc = RoutingService(opts)
+    assert "text prefix" in caplog.text and svc.status()["mode"].startswith("text-prefix")
