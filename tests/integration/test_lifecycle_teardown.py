@@ -191,6 +191,14 @@ def test_lmdeploy_sleep_shuts_worker_connectors_down_before_the_scheduler_drain(
     assert sleep_src.index('self.executor.sleep(level)') < sleep_src.index(
         'self.scheduler.finish_kv_transfers_after_worker_drain()')
     assert 'self.shutdown_kv_connector()' in inspect.getsource(BaseModelAgent.sleep)
+    # ... and sleep is its only caller (so emptying the GPU trie there never drops live KV)
+    import pathlib
+
+    import lmdeploy
+    root = pathlib.Path(lmdeploy.__file__).parent
+    callers = [str(p.relative_to(root)) for p in root.rglob('*.py')
+               if 'finish_kv_transfers_after_worker_drain()' in p.read_text(errors='replace')]
+    assert callers == [str(pathlib.Path('pytorch/engine/engine.py'))], callers
     assert 'self._shutdown_kv_connector()' in inspect.getsource(BaseModelAgent.build_cache_engine)
     assert 'self._shutdown_kv_connector()' in inspect.getsource(BaseModelAgent.release)
 
