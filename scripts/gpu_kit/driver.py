@@ -95,13 +95,41 @@ def run_child(cmd: list[str], timeout_s: float, log: Log, env=None) -> tuple[str
     t0 = time.monotonic()
     with open(log.path, "a", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        _CHILDREN.add(proc.pid)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
             proc.wait()
             return "timeout", None, time.monotonic() - t0
+        finally:
+            _CHILDREN.discard(proc.pid)
     return ("ok" if rc == 0 else "fail"), rc, time.monotonic() - t0
+
+
+_CHILDREN: set[int] = set()
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _on_term(res: ResultFile, log: Log):
+    """SIGTERM/SIGINT (``timeout`` in run.sh, or the device tool): kill the step's process group (it
+    runs in its own session, which nothing else would stop), keep the result, exit."""
+
+    def handler(signum, frame):
+        for pid in list(_CHILDREN):
+            _kill_group(pid)
+        log(f"stopped by signal {signum}: partial results kept")
+        res.set("stopped_by_signal", int(signum))
+        res.finish("timeout")
+        os._exit(124)
+
+    return handler
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -357,6 +385,8 @@ def main(argv=None) -> int:
     budget = Budget(args.budget_s)
     log = Log(args.out / "kit.log")
     res = ResultFile(args.out / "result.json", argv=sys.argv[1:] if argv is None else argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_term(res, log))
     for name in kitlib.STEPS:
         if name not in args.steps:
             res.step(name, "skipped", reason="not in --steps")

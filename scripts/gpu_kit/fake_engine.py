@@ -50,6 +50,11 @@ class FakeEngine:
         self.diverge_at = int(k) if name and name == cfg.get("name") else None
 
     def create_instance(self):
+        delay = float(os.environ.get("GPU_KIT_FAKE_SLEEP_S", "0") or 0)  # tests: a run that hangs
+        if delay:
+            import time
+
+            time.sleep(delay)
         return FakeInstance(self)
 
     def close(self):

@@ -246,3 +246,28 @@ def test_replay_with_several_requests_in_flight():
     one = asyncio.new_event_loop().run_until_complete(e2e_worker.replay(
         fake_engine.build({"name": "x", "block_size": 4}), wl, fake_engine.GenerationConfig(max_new_tokens=2)))
     assert one["outputs"] == rep["outputs"]
+
+
+def test_sigterm_kills_the_running_step_and_keeps_partial_results(tmp_path):
+    """What `timeout` in run.sh does: the driver kills its step's process group and marks the run."""
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_KIT_WORK": str(tmp_path / "work"), "GPU_KIT_FAKE_SLEEP_S": "60"}
+    proc = subprocess.Popen([sys.executable, str(KIT / "driver.py"), "--out", str(out), "--fake-engine",
+                             "--steps", "e2e,equality", "--budget-s", "300", *SMALL], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "kit.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (log.exists() and "e2e_worker.py" in log.read_text()):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 124
+    res = json.loads((out / "result.json").read_text())
+    assert res["status"] == "timeout" and res["stopped_by_signal"] == signal.SIGTERM
+    assert res["steps"]["e2e"]["status"] == "running" and kitlib.validate_result(res) == []
+    time.sleep(0.5)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "work") not in ps   # the worker (its own session) is gone too
