@@ -377,6 +377,40 @@ def step_equality(outputs: dict, res: ResultFile) -> dict:
     return eq
 
 
+def _fmt(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary_table(data: dict) -> str:
+    """A short text summary of a result (what the device tool's output tail shows)."""
+    lines = [f"gpu: {(data.get('env') or {}).get('gpu')}  status: {data.get('status')}"]
+    for name, st in data["steps"].items():
+        extra = ""
+        if name == "cuda_tests" and st.get("summary"):
+            sm = st["summary"]
+            extra = f" passed {sm['passed']} failed {sm['failed']} errors {sm['errors']} skipped {sm['skipped']}"
+        lines.append(f"  {name}: {st['status']}{extra}")
+    for r in ((data["steps"]["bench_transfer"].get("result") or {}).get("cuda") or []):
+        lines.append(f"  bench {r['block_kib']}KiB x{r['blocks']}: H2D engine {r['engine_h2d_gbps']:.1f} / plain "
+                     f"{r['plain_h2d_gbps']:.1f} GB/s, D2H engine {r['engine_d2h_gbps']:.1f} / plain "
+                     f"{r['plain_d2h_gbps']:.1f}, gather/scatter vs d2d {r['kernel_gather_vs_memcpy']:.2f}/"
+                     f"{r['kernel_scatter_vs_memcpy']:.2f}")
+    lines.append(f"  {'run':<14} {'status':<8} {'ttft p50 s':>10} {'ttft p99 s':>10} {'out tok/s':>10} "
+                 f"{'prefill tok/s':>13} {'restored':>9}")
+    for name, r in (data["steps"]["e2e"].get("runs") or {}).items():
+        t = r.get("ttft") or {}
+        lines.append(f"  {name:<14} {r.get('status', '-'):<8} {_fmt(t.get('p50')):>10} {_fmt(t.get('p99')):>10} "
+                     f"{_fmt(r.get('output_tokens_per_s'), '.1f'):>10} {_fmt(r.get('prefill_tokens_per_s'), '.0f'):>13} "
+                     f"{_fmt((r.get('host_tier') or {}).get('restored_tokens'), 'd'):>9}")
+    for name, c in (data["steps"]["equality"].get("compared") or {}).items():
+        lines.append(f"  equality {name}: {c['summary']}")
+    if data.get("calibration"):
+        c = data["calibration"]
+        lines.append(f"  calibration: restore {c['restore_gbps']:.1f} GB/s, prefill {c['prefill_tokens_per_s']:.0f} "
+                     f"tok/s, step {c['restore_overhead_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -428,6 +462,7 @@ def main(argv=None) -> int:
     log(f"done: {res.data['status']}; steps: "
         + ", ".join(f"{k}={v['status']}" for k, v in res.data["steps"].items()))
     print(json.dumps({"status": res.data["status"], "targets": res.data["targets"]}, indent=1))
+    print(summary_table(res.data))
     return 0 if res.data["status"] == "pass" else 1
 
 

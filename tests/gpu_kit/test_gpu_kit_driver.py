@@ -271,3 +271,22 @@ def test_sigterm_kills_the_running_step_and_keeps_partial_results(tmp_path):
     time.sleep(0.5)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path / "work") not in ps   # the worker (its own session) is gone too
+
+
+def test_summary_table_of_a_full_result():
+    res = {"status": "fail", "env": {"gpu": "G"}, "calibration": {"restore_gbps": 40.0, "prefill_tokens_per_s": 5e4,
+                                                                    "restore_overhead_ms": 7.0},
+           "steps": {"cuda_tests": {"status": "pass", "summary": {"passed": 9, "failed": 0, "errors": 0, "skipped": 0}},
+                     "bench_transfer": {"status": "pass", "result": {"cuda": [dict(
+                         block_kib=4096, blocks=32, engine_h2d_gbps=40.0, plain_h2d_gbps=45.0, engine_d2h_gbps=30.0,
+                         plain_d2h_gbps=44.0, kernel_gather_vs_memcpy=0.9, kernel_scatter_vs_memcpy=0.85)]}},
+                     "e2e": {"status": "fail", "runs": {
+                         "small_on_qp0": {"status": "ok", "ttft": {"p50": 0.05, "p99": 0.1}, "output_tokens_per_s": 90.0,
+                                          "prefill_tokens_per_s": 30000.0, "host_tier": {"restored_tokens": 640}},
+                         "small_off_qp0": {"status": "timeout"}}},
+                     "equality": {"status": "pass", "compared": {"a_vs_b": {"summary": "3 requests ... 0 mismatching"}}}}}
+    text = driver.summary_table(res)
+    assert "gpu: G  status: fail" in text and "passed 9 failed 0" in text
+    assert "H2D engine 40.0 / plain 45.0 GB/s" in text
+    assert "small_on_qp0   ok" in text and "640" in text and "small_off_qp0  timeout" in text
+    assert "equality a_vs_b: 3 requests" in text and "restore 40.0 GB/s" in text
