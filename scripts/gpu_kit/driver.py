@@ -395,11 +395,12 @@ def summary_table(data: dict) -> str:
                      f"{r['plain_h2d_gbps']:.1f} GB/s, D2H engine {r['engine_d2h_gbps']:.1f} / plain "
                      f"{r['plain_d2h_gbps']:.1f}, gather/scatter vs d2d {r['kernel_gather_vs_memcpy']:.2f}/"
                      f"{r['kernel_scatter_vs_memcpy']:.2f}")
-    lines.append(f"  {'run':<14} {'status':<8} {'ttft p50 s':>10} {'ttft p99 s':>10} {'out tok/s':>10} "
+    lines.append(f"  {'run':<14} {'status':<8} {'ttft p50 ms':>11} {'ttft p99 ms':>11} {'out tok/s':>10} "
                  f"{'prefill tok/s':>13} {'restored':>9}")
     for name, r in (data["steps"]["e2e"].get("runs") or {}).items():
         t = r.get("ttft") or {}
-        lines.append(f"  {name:<14} {r.get('status', '-'):<8} {_fmt(t.get('p50')):>10} {_fmt(t.get('p99')):>10} "
+        ms = {k: None if t.get(k) is None else t[k] * 1e3 for k in ("p50", "p99")}
+        lines.append(f"  {name:<14} {r.get('status', '-'):<8} {_fmt(ms['p50'], '.2f'):>11} {_fmt(ms['p99'], '.2f'):>11} "
                      f"{_fmt(r.get('output_tokens_per_s'), '.1f'):>10} {_fmt(r.get('prefill_tokens_per_s'), '.0f'):>13} "
                      f"{_fmt((r.get('host_tier') or {}).get('restored_tokens'), 'd'):>9}")
     for name, c in (data["steps"]["equality"].get("compared") or {}).items():
