@@ -99,6 +99,8 @@ RELIED_TARGETS: dict[str, str] = {
         "called with the model name (and role) by both routed endpoints; overridden by a subclass",
     "lmdeploy.serve.proxy.proxy:NodeManager.post_call":
         "called once per request after its response; the subclass ends the request's queued prefill there",
+    "lmdeploy.serve.proxy.proxy:NodeManager.forward_raw_request_generate":
+        "returns the node's non-streamed answer as text (the subclass reads errors from it)",
     "lmdeploy.serve.proxy.proxy:chat_completions_v1":
         "reads the module-level node_manager at call time; depends on validate_json_request",
     "lmdeploy.serve.proxy.proxy:completions_v1":
@@ -203,6 +205,8 @@ PINS: dict[str, str] = {
         "9103cde26f4d066c51df878269d597edc6736d21f908665f43c64cb2439df2b5",
     "lmdeploy.serve.proxy.proxy:NodeManager.post_call":
         "c9fd77d96447e3e72052f1aaa7d9f0429d697c50490a636460752eb81d279150",
+    "lmdeploy.serve.proxy.proxy:NodeManager.forward_raw_request_generate":
+        "513f7c6cb11389ed697ae3708960a5a09f4b0eac246ab095c8f5bbc905b230f1",
     "lmdeploy.serve.proxy.proxy:chat_completions_v1":
         "3f7e928cfc7afd10605458a668f20a079b441fc8f254b5af61bd70834069673f",
     "lmdeploy.serve.proxy.proxy:completions_v1":

@@ -27,7 +27,8 @@ wrappers below; nothing else in LMDeploy is rebound):
   it; a node whose feed answers 404 (stock LMDeploy) is routed on the approximate index; a
   node that cannot be reached (connection refused, timeout) is skipped until it answers again;
   one whose feed errors or is invalid for ``--cache-aware-feed-timeout`` seconds falls back to
-  the approximate index (it keeps receiving requests);
+  the approximate index (it keeps receiving requests); a node that answers a (non-streamed)
+  request with an error is skipped for ``--cache-aware-error-cooldown`` seconds;
 - ``GET /hostcache/routing`` returns the router's status (per node: requests, predicted hits,
   prefill tokens, feed cursor).
 
@@ -91,6 +92,8 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-aware-feed-port", type=_positive(int), default=None, metavar="PORT",
                    help="read each node's feed from this port on the node's host (the engine process serves it "
                         "when started with LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT); default: the node's own URL")
+    g.add_argument("--cache-aware-error-cooldown", type=_positive(float), default=10.0, metavar="S",
+                   help="a node that answered a request with an error is skipped for this long")
     g.add_argument("--cache-aware-balance", type=_positive(float), default=1.3, metavar="X",
                    help="balance guard: skip a node whose share of recent prefill tokens exceeds X times its "
                         "speed-weighted share (>= 1)")
@@ -133,8 +136,8 @@ def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argpa
 
 def options_from_args(args) -> dict:
     return {k: getattr(args, "cache_aware_" + k) for k in
-            ("model", "feed_interval", "feed_timeout", "feed_port", "balance", "block_size", "gpu_blocks",
-             "host_blocks")}
+            ("model", "feed_interval", "feed_timeout", "feed_port", "error_cooldown", "balance", "block_size",
+             "gpu_blocks", "host_blocks")}
 
 
 # ---------------------------------------------------------------------------------- encoder
@@ -193,6 +196,18 @@ def request_text(path: str, body: dict) -> str | None:
     return p if isinstance(p, str) else None
 
 
+def is_error_response(text) -> bool:
+    """A non-streamed node answer that is an error (LMDeploy's error object, or the proxy's own
+    timeout/connection answer)."""
+    import json
+
+    try:
+        obj = json.loads(text)
+    except (TypeError, ValueError):
+        return True
+    return isinstance(obj, dict) and (obj.get("object") == "error" or "error_code" in obj)
+
+
 def session_key(body: dict) -> str | None:
     """An explicit session key: ``session_id`` (>= 0) or ``user``."""
     sid = body.get("session_id")
@@ -229,6 +244,7 @@ class RoutingService:
                            "matched by text prefix against what this proxy routed (approximate; nodes' feeds "
                            "cannot be matched without the model's tokenizer)")
         self._feed_state: dict[str, dict] = {}
+        self._cooldown: dict[str, float] = {}   # node -> monotonic time its error cooldown ends
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -291,6 +307,17 @@ class RoutingService:
             self.router.finished(url)
         self._wake.set()
 
+    def node_error(self, url: str) -> None:
+        """``url`` answered a request with an error: skip it for ``error_cooldown`` seconds."""
+        self._cooldown[url] = time.monotonic() + float(self.options.get("error_cooldown") or 10.0)
+        with self.lock:
+            self.router.set_health(url, False)
+        logger.warning("cache_aware routing: node %s answered with an error; skipped for %.0f s", url,
+                       float(self.options.get("error_cooldown") or 10.0))
+
+    def _healthy_again(self, url: str, now: float) -> bool:
+        return now >= self._cooldown.get(url, 0.0)
+
     # -- feeds ---------------------------------------------------------------------------
     def poll_once(self, session=None) -> None:
         import requests
@@ -314,7 +341,7 @@ class RoutingService:
                     if r.status_code == 404:
                         fs["has_feed"] = False
                         with self.lock:
-                            self.router.set_health(url, True)
+                            self.router.set_health(url, self._healthy_again(url, now))
                             if self.router.nodes[url].exact:
                                 self.router.set_approximate(url, self.default_profile)
                         break
@@ -325,7 +352,7 @@ class RoutingService:
                         if url not in self.router.nodes:
                             break
                         self.router.apply_feed(url, msg)
-                        self.router.set_health(url, True)
+                        self.router.set_health(url, self._healthy_again(url, now))
                         params = self.router.nodes[url].cursor.params()
                     fs["has_feed"], fs["last_ok"] = True, now
                     if not msg.get("more"):
@@ -341,7 +368,7 @@ class RoutingService:
                     if st is not None:
                         # unreachable: skip the node until it answers; a feed that errors while the
                         # node answers: its view goes stale, then approximate after the timeout
-                        self.router.set_health(url, not down)
+                        self.router.set_health(url, not down and self._healthy_again(url, now))
                         last = fs["last_ok"]
                         if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
                             self.router.set_approximate(url, self.default_profile)
@@ -413,6 +440,12 @@ def _cache_aware_class(base: type) -> type:
                     self._hostcache_routing.errors += 1
                     logger.warning("cache_aware routing failed (%r); stock routing for this request", exc)
             return super().get_node_url(model_name, role)
+
+        async def forward_raw_request_generate(self, raw_request, node_url, endpoint):
+            text = await super().forward_raw_request_generate(raw_request, node_url, endpoint)
+            if is_error_response(text):
+                self._hostcache_routing.node_error(node_url)
+            return text
 
         def post_call(self, node_url, start):
             super().post_call(node_url, start)

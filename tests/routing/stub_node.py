@@ -7,7 +7,7 @@ as a real node does), its blocks chained with the project's ``ChainHasher`` in t
 ``Namespace`` and served by the planner's two-tier model (``TwoTierCache``: an LRU GPU tier
 over the real ``HostIndex`` host tier); both tiers feed a ``FeedPublisher`` through
 ``HostIndex.add_listener``.  Test controls: ``POST /stub/control`` ``{"feed": "on"|"off"|"error",
-"delay": seconds}``; ``GET /stub/stats``.
+"delay": seconds, "fail": bool}`` (``fail``: every completion answers HTTP 500); ``GET /stub/stats``.
 """
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def make_app(args) -> FastAPI:
 
     async def serve(raw: Request):
         body = await raw.json()
+        if state.get("fail"):
+            return JSONResponse({"object": "error", "message": "stub node failure", "code": 500}, status_code=500)
         tokens = await encode(processor, raw.url.path, body)
         if state["delay"]:
             await asyncio.sleep(state["delay"])
@@ -102,7 +104,7 @@ def make_app(args) -> FastAPI:
     @app.post("/stub/control")
     async def control(raw: Request):
         body = await raw.json()
-        for k in ("feed", "delay"):
+        for k in ("feed", "delay", "fail"):
             if k in body:
                 state[k] = body[k]
         return {"ok": True}

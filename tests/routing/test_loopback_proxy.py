@@ -7,8 +7,8 @@ in order, on the same processes:
 1. a multi-turn chat replayed through the proxy over HTTP gives the same per-node hit rates
    (within 0.01) as the planner's cluster replay of the same requests with ``cache_aware``;
 2. the proxy's digests for a chat request equal the node's (namespace root/seed + tokenizer);
-3. a node joins mid-run in another namespace (tenant salt): its own blocks route to it, the
-   others never get credit for them;
+3. a node joins mid-run in another namespace (tenant salt): its own blocks route to it; when it
+   starts answering with errors it is skipped until its error cooldown ends;
 4. a node's feed starts failing: it is routed on the approximate index and keeps serving;
 5. a node leaves (``/nodes/remove``): no request goes to it afterwards;
 6. a node dies (process killed): once the poller sees it down no request goes to it, and
@@ -85,6 +85,7 @@ def cluster(tiny_model, tmp_path_factory):
             [LMDEPLOY, "serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(pport),
              "--routing-strategy", "cache_aware", "--cache-aware-model", tiny_model,
              "--cache-aware-feed-interval", "0.05", "--cache-aware-feed-timeout", "0.5",
+             "--cache-aware-error-cooldown", "1",
              "--cache-aware-block-size", str(BS), "--cache-aware-gpu-blocks", "24", "--disable-cache-status"],
             stdout=open(log_dir / "proxy.log", "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
         proxy = f"http://127.0.0.1:{pport}"
@@ -228,6 +229,16 @@ def test_loopback_cluster(cluster, tiny_model):
     assert res["node"] == "d" and res["gpu_hit_blocks"] > 0
     st = _status(proxy)
     assert st[d]["exact"] and st[d]["predicted_gpu_hit_tokens"] > 0
+
+    # 3b. d starts failing requests: the failed answer reaches the client, then d is skipped
+    requests.post(d + "/stub/control", json={"fail": True}, timeout=5)
+    conv += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "third question"}]
+    r = requests.post(proxy + "/v1/chat/completions", json={"model": "tiny", "messages": conv}, timeout=30)
+    assert r.json().get("object") == "error"  # it went to d (its prefix is there) and failed
+    conv += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "fourth question"}]
+    assert _chat(proxy, conv)["node"] != "d"
+    requests.post(d + "/stub/control", json={"fail": False}, timeout=5)
+    _wait(lambda: _status(proxy)[d]["healthy"], 10, "d's error cooldown to end")
 
     # 4. b's feed starts failing: approximate index, still served
     b = urls["b"]
