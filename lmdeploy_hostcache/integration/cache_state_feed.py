@@ -5,13 +5,15 @@ engine's scheduler-side connector (``HostTierScheduler``):
 
 * **host tier**: exact and event-driven: a ``HostIndex.add_listener`` pair publishes a block when
   it becomes RESIDENT and withdraws it when it leaves the index;
-* **GPU tier**: LMDeploy's ``BlockTrie`` publishes no events, so ``on_step`` (called by the
-  connector once per engine step, on the scheduler thread) walks the trie at most every
-  ``gpu_refresh_s`` seconds and publishes the difference from the previous walk; each node's
-  chained digest is the connector's own ``node_digest`` (memoised on the trie nodes), so the ids
-  equal the host tier's for the same tokens.  Between walks the GPU view is up to
-  ``gpu_refresh_s`` old; the tiers are exclusive, so a block moving between them appears in one
-  tier's events and leaves the other's;
+* **GPU tier**: LMDeploy's ``BlockTrie`` publishes no events, so the feed makes its own: a
+  finished request's trie path is published (``on_request_finished``, from the connector's
+  ``request_finished``), an evicted leaf is withdrawn (``on_gpu_evict``, chained after the
+  connector's eviction observer), and ``on_step`` (once per engine step) walks the whole trie at
+  most every ``gpu_refresh_s`` seconds and publishes the difference, which corrects anything the
+  events missed (a running request's blocks, a cleared trie).  Each node's chained digest is the
+  connector's own ``node_digest`` (memoised on the trie nodes), so the ids equal the host tier's
+  for the same tokens; the tiers are exclusive, so a block moving between them leaves one tier's
+  view and enters the other's;
 * capacities (GPU blocks, host slots, block size), the base model's namespace (root, seed; the
   tenant salt never leaves the process) and its fingerprint (model identity, KV format, TP).
   Only the base model's namespace is published (LoRA adapters' blocks are not).
@@ -95,6 +97,43 @@ class NodeCacheFeed:
             stack.extend(n.children.values())
         return out
 
+    def on_request_finished(self, seq) -> None:
+        """Publish the finished request's trie path (scheduler thread): its deepest trie node and
+        every unpublished ancestor, so a conversation's latest blocks are visible right away."""
+        if not self.enabled:
+            return
+        try:
+            node = getattr(getattr(seq, "prefix_cache", None), "trie_cursor", None)
+            new = []
+            while node is not None and node.parent is not None and node.block_id >= 0 and node.is_attached():
+                if node.adapter_name:
+                    return
+                d = self.side.node_digest(node)
+                if d is None or d in self._gpu:
+                    break
+                new.append(d)
+                node = node.parent
+            if new:
+                with self.lock:
+                    for d in reversed(new):
+                        self._gpu.add(d)
+                        self.publisher.stored(GPU, d)
+        except Exception as exc:
+            self._disable(exc)
+
+    def on_gpu_evict(self, leaf, gpu_block: int) -> None:
+        """Chained after the connector's eviction observer: the leaf leaves the GPU tier."""
+        if not self.enabled:
+            return
+        try:
+            d = self.side.node_digest(leaf)
+            if d is not None and d in self._gpu:
+                with self.lock:
+                    self._gpu.discard(d)
+                    self.publisher.removed(GPU, d)
+        except Exception as exc:
+            self._disable(exc)
+
     def on_step(self, force: bool = False) -> None:
         """Refresh the GPU tier's published contents (rate-limited; scheduler thread)."""
         if not self.enabled:
@@ -110,7 +149,7 @@ class NodeCacheFeed:
                     self.publisher.removed(GPU, d)
                 for d in cur - self._gpu:
                     self.publisher.stored(GPU, d)
-            self._gpu = cur
+                self._gpu = cur
         except Exception as exc:
             self._disable(exc)
 
@@ -171,6 +210,15 @@ def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
         host, port = parse_addr(addr)
         feed = NodeCacheFeed(side, scheduler.block_trie, int(scheduler.cache_config.num_gpu_blocks),
                              tp=int(getattr(side, "tp_size", 1)))
+        lifecycle = scheduler.block_trie._kv_lifecycle
+        first = lifecycle._host_tier_observer
+
+        def observe(leaf, gpu_block, _first=first, _feed=feed):
+            if _first is not None:
+                _first(leaf, gpu_block)
+            _feed.on_gpu_evict(leaf, gpu_block)
+
+        lifecycle._host_tier_observer = observe
         feed.server = serve_feed(feed, host, port)
     except Exception as exc:  # the engine runs without a feed rather than not at all
         logger.warning("lmdeploy-hostcache: cache-state feed not started (%s): %r", addr, exc)

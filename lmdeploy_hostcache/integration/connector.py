@@ -560,6 +560,8 @@ class HostTierScheduler:
 
     def request_finished(self, request: SchedulerSequence) -> None:
         req = int(request.seq_id)
+        if self.feed is not None:  # publish the finished request's trie path (cache_state_feed.py)
+            self.feed.on_request_finished(request)
         self.on_new_request(request)
         load = self._pending_loads.pop(req, None)
         if load is not None:

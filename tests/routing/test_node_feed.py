@@ -96,3 +96,34 @@ def test_feed_address_is_validated_and_off_by_default(monkeypatch):
     with pytest.raises(ValueError, match=ENV_FEED_ADDR):
         parse_addr("nohost")
     assert parse_addr("0.0.0.0:23400") == ("0.0.0.0", 23400)
+
+
+def test_events_alone_keep_the_gpu_view_exact_after_requests_finish(monkeypatch):
+    """No periodic trie walk: finished requests' paths and evictions alone give the GPU tier
+    (while requests run, the feed may lack their newest blocks, never show a block that left)."""
+    engine = build_host_tier_engine(harness.HarnessModel(dtype=torch.float16),
+                                    harness.HarnessCacheSpec(num_gpu_blocks=16, quant_policy=0,
+                                                             max_prefill_token_num=512),
+                                    HostTierSpec(host_slots=24, min_restore_tokens=16))
+    side = scheduler_side(engine)
+    monkeypatch.setenv(ENV_FEED_ADDR, "127.0.0.1:0")
+    feed = attach_from_env(side, engine.scheduler)
+    feed.gpu_refresh_s = float("inf")  # on_step never walks
+    convs = harness.weka_conversations(files=["trace_0019.json", "trace_0086.json", "trace_0624.json"], max_turns=6)
+    seen = []
+
+    def on_iteration(driver):
+        if not driver.pending() or driver.iteration % 5:
+            return
+        gpu, host = _truth(engine)
+        got_gpu, got_host = feed.publisher.contents()
+        assert got_host == host
+        assert got_gpu <= gpu  # never a block the trie no longer holds (evictions are withdrawn at once)
+        seen.append(len(got_gpu))
+
+    harness.WorkloadDriver(engine, convs, max_active=3, on_iteration=on_iteration).run()
+    gpu, host = _truth(engine)
+    got_gpu, got_host = feed.publisher.contents()
+    assert got_host == host and got_gpu == gpu, (len(got_gpu), len(gpu), len(got_gpu ^ gpu))
+    assert any(seen)
+    feed.server.shutdown()
