@@ -9,8 +9,10 @@ How it runs:
 - When one of the ``PATCHERS`` modules is imported, the finder lets it execute normally
   and then calls ``_apply`` here, which patches it. The first time, ``guard.verify()``
   checks LMDeploy's version and the source pins of every target (from the files, before
-  any patch). On any mismatch it logs one warning naming the function and patches
-  nothing, now or later: LMDeploy runs as stock.
+  any patch). On any mismatch it logs one warning naming the function and LMDeploy runs
+  as stock, except for the refusal stubs (``REFUSAL_PATCHERS``): the serve flags and the
+  ``PytorchEngineConfig`` keywords stay accepted, and asking for the tier through them
+  raises ``compat.HostTierUnavailable`` (the version needed, how to run without the tier).
 - ``activate()`` does the same by hand (e.g. under ``python -S``): it installs the finder
   and patches the target modules that are already imported.
 - A module LMDeploy imports lazily is patched by the patcher of the target that uses it
