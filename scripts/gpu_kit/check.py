@@ -1,6 +1,6 @@
 """Prove the staged GPU kit is complete and small enough, on this CPU machine (no GPU, no network).
 
-usage: python check.py [--kit .gpu_kit] [--limit-mib 60] [--no-install] [--no-probe] [--json]
+usage: python check.py [--kit .gpu_kit] [--limit-mib 60] [--no-install] [--no-probe] [--no-engine-run] [--json]
 
 Checks, each reported by name; exit 0 only when all pass (1 otherwise, 2 on bad arguments):
 
@@ -18,6 +18,10 @@ Checks, each reported by name; exit 0 only when all pass (1 otherwise, 2 on bad 
    staged wheel. A module missing from both fails the check, named with who imports it.
 7. ``lmdeploy_modules``: every ``lmdeploy.*`` module the probe loaded is a ``.py`` file in the
    stripped wheel (stripping removed no Python module the engine path needs).
+8. ``engine_run`` (unless ``--no-engine-run``): the probe also ran one tier-on multi-turn replay
+   through LMDeploy's real engine on CPU (``import_probe.py --engine-run``): it must finish, restore
+   from the host tier and have the extension active; its imports (also those inside functions)
+   are part of the walk in 6 and 7.
 
 The pure functions (``wheel_tags_ok``, ``wheel_top_levels``, ``resolve_imports``, ...) are what
 ``tests/gpu_kit`` exercises on small fake sets.
@@ -47,6 +51,7 @@ ABI_TAGS = {"none", "cp312", "abi3"}
 PIP_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_26_x86_64",
                  "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 ROOT = "<kit>"
+KIT_MODULES = frozenset(p.stem for p in HERE.glob("*.py"))
 # stdlib modules of this machine's Python 3.11 that Python 3.12 (the GPU image's) no longer has
 REMOVED_IN_312 = frozenset({"distutils", "asynchat", "asyncore", "imp", "smtpd"})
 
@@ -176,10 +181,12 @@ def pip_install_check(wheels: list[Path], python: str = sys.executable) -> dict:
     return {"ok": proc.returncode == 0, "installed_entries": len(installed), "pip_said": tail}
 
 
-def run_probe(python: str, extra_modules=()) -> dict:
+def run_probe(python: str, extra_modules=(), engine_run: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu_kit_probe_") as tmp:
         out = Path(tmp) / "probe.json"
         cmd = [python, str(HERE / "import_probe.py"), "--out", str(out), "--activate"]
+        if engine_run:
+            cmd += ["--engine-run", str(Path(tmp) / "engine")]
         for m in extra_modules:
             cmd += ["--module", m]
         env = dict(os.environ, TRITON_INTERPRET="1")
@@ -206,7 +213,8 @@ def probe_present_and_dists(python: str, tops: list[str]) -> dict:
     return json.loads(proc.stdout)
 
 
-def check_kit(kit: Path, limit_mib: float, python: str, install: bool = True, probe: bool = True) -> dict:
+def check_kit(kit: Path, limit_mib: float, python: str, install: bool = True, probe: bool = True,
+              engine_run: bool = True) -> dict:
     wheel_dir = kit / "wheels"
     wheels = sorted(wheel_dir.glob("*.whl"))
     if not wheels:
@@ -227,8 +235,13 @@ def check_kit(kit: Path, limit_mib: float, python: str, install: bool = True, pr
     if install:
         checks["pip_install"] = pip_install_check(wheels, python)
     if probe:
-        data = run_probe(python)
-        staged_tops = set().union(*(wheel_top_levels(n) for n in members.values()))
+        data = run_probe(python, engine_run=engine_run)
+        if engine_run:
+            er = data.get("engine_run") or {}
+            checks["engine_run"] = {"ok": er.get("status") == "ok" and bool(er.get("restored_tokens"))
+                                    and er.get("activation") == "active", **er}
+        # the kit's own scripts travel with the checkout
+        staged_tops = set().union(*(wheel_top_levels(n) for n in members.values())) | KIT_MODULES
         tops = sorted({b for _, b in data["edges"]} | {a for a, _ in data["edges"] if a != ROOT})
         info = probe_present_and_dists(python, tops)
         device = read_device_packages()
@@ -244,7 +257,7 @@ def check_kit(kit: Path, limit_mib: float, python: str, install: bool = True, pr
         checks["imports"] = {"ok": not res["missing"] and not failed, "missing": res["missing"],
                              "failed_imports": failed, "staged_used": sorted(res["staged"]),
                              "device_used": sorted(res["device"]),
-                             "staged_unused": sorted(staged_tops - res["staged"] - {"lmdeploy_hostcache"})}
+                             "staged_unused": sorted(staged_tops - res["staged"] - {"lmdeploy_hostcache"} - KIT_MODULES)}
         lm_files = set(members.get("lmdeploy", ()))
         absent = [m for m in data["loaded_submodules"] if m.startswith("lmdeploy.")
                   and f"{m.replace('.', '/')}.py" not in lm_files
@@ -262,6 +275,8 @@ def main(argv=None) -> int:
                         help="interpreter with LMDeploy installed, for the import walk (default .venv)")
     parser.add_argument("--no-install", action="store_true", help="skip the pip --target install check")
     parser.add_argument("--no-probe", action="store_true", help="skip the import walk")
+    parser.add_argument("--no-engine-run", action="store_true",
+                        help="import walk without the CPU engine run (faster; misses imports inside functions)")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     args = parser.parse_args(argv)
     if args.limit_mib <= 0:
@@ -270,7 +285,8 @@ def main(argv=None) -> int:
     if not args.kit.is_dir():
         print(f"--kit {args.kit}: not a folder (run: bash scripts/gpu_kit/stage.sh)", file=sys.stderr)
         return 2
-    report = check_kit(args.kit, args.limit_mib, args.python, not args.no_install, not args.no_probe)
+    report = check_kit(args.kit, args.limit_mib, args.python, not args.no_install, not args.no_probe,
+                       not args.no_engine_run)
     (args.kit / "check.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))

@@ -1,6 +1,6 @@
 """Import the GPU kit's engine path and print, as JSON, which top-level modules it pulled in.
 
-usage: python import_probe.py --out FILE [--module NAME ...] [--only]
+usage: python import_probe.py --out FILE [--module NAME ...] [--only] [--activate] [--engine-run DIR]
 
 Run by ``check.py`` in a subprocess of this CPU machine's ``.venv`` (which has LMDeploy and its
 dependencies). It imports every module the kit's GPU run imports (``ENGINE_PATH_MODULES``: LMDeploy's
@@ -12,16 +12,19 @@ device image already has, so a dependency of a device package (say ``huggingface
 client) is never demanded of the staged set, while every module that LMDeploy or this package
 imports itself is.
 
-Module-level imports are what this sees; an import inside a function counts only when that
-function runs (``--cpu-engine`` adds a real generate on CPU where the CPU shim exists, which runs
-those paths too; the kit's GPU run is the final word).
+Module-level imports are what a plain import sees; an import inside a function counts only when that
+function runs. ``--engine-run`` runs them: one tier-on multi-turn replay (with host restores) through
+LMDeploy's real engine on CPU under ``lmdeploy_hostcache.testing.cpu_shim``, as the kit's e2e runs do
+on a GPU. The kit's GPU run is the final word.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
+from pathlib import Path
 
 ENGINE_PATH_MODULES = (
     "lmdeploy",
@@ -104,9 +107,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="write the JSON here (imported modules may print)")
     parser.add_argument("--activate", action="store_true",
                         help="install the post-import hook first (the kit's tier-on runs): its patches' imports count")
+    parser.add_argument("--engine-run", metavar="DIR", default=None,
+                        help="then run LMDeploy's engine once on CPU (testing.cpu_shim, a tiny model written to DIR, "
+                             "host tier on, a multi-turn replay that restores) so imports made inside functions count")
     args = parser.parse_args(argv)
     rec = _Recorder()
     sys.meta_path.insert(0, rec)
+    if args.engine_run:  # the CPU shim must precede every LMDeploy import (test-only; never on a GPU run)
+        from lmdeploy_hostcache.testing import cpu_shim
+
+        cpu_shim.install()
     if args.activate:
         from lmdeploy_hostcache.integration import autoload
 
@@ -120,6 +130,12 @@ def main(argv=None) -> int:
             importlib.import_module(name)
         except Exception as exc:  # reported, judged by check.py
             rec.failed[name] = f"{type(exc).__name__}: {exc}"
+    engine_run = None
+    if args.engine_run:
+        try:
+            engine_run = _engine_run(args.engine_run)
+        except Exception as exc:  # reported, judged by check.py
+            engine_run = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     sys.meta_path.remove(rec)
     loaded = sorted(m for m in sys.modules if m.startswith(("lmdeploy.", "lmdeploy_hostcache.")))
     if args.activate:
@@ -130,8 +146,38 @@ def main(argv=None) -> int:
             rec.failed["<activation>"] = f"{st['status']}: {st['reason']}"
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump({"edges": sorted(rec.edges), "failed": rec.failed, "loaded_submodules": loaded,
-                   "roots": wanted, "python": sys.version.split()[0]}, fh)
+                   "roots": wanted, "python": sys.version.split()[0], "engine_run": engine_run}, fh)
+    if engine_run is not None:
+        sys.stdout.flush()
+        os._exit(0)  # the engine's threads: skip interpreter teardown (as e2e_worker does)
     return 0
+
+
+def _engine_run(work_dir: str) -> dict:
+    """One tier-on replay through LMDeploy's real engine on CPU (what the kit's e2e runs do on a GPU)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import e2e_worker
+    import kitlib
+    import model_writer
+    from driver import MODEL_SIZES
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_writer.write_random_llama(work / "model", MODEL_SIZES["tiny"], device="cpu")
+    spec = kitlib.WorkloadSpec(sessions=3, turns=2, system_tokens=16, first_user_tokens=48, user_tokens=16,
+                               new_tokens=2)
+    (work / "workload.json").write_text(json.dumps(kitlib.make_workload(spec)))
+    bs = 16
+    run = {"name": "probe_small_on_qp0", "tier": True, "quant_policy": 0, "block_size": bs,
+           "num_gpu_blocks": kitlib.gpu_blocks_for(spec, bs, 4.0), "host_cache_gb": 0.01, "min_restore_tokens": 0,
+           "eager_mode": True, "concurrency": 1, "session_len": kitlib.final_context_tokens(spec) + 2 * bs,
+           "calibrate": False}
+    ns = argparse.Namespace(run=json.dumps(run), workload=str(work / "workload.json"), model=str(work / "model"),
+                            cpu_shim=True, fake_engine=False)
+    res = e2e_worker.run(ns)
+    return {"status": res.get("status"), "failed_requests": res.get("failed_requests"),
+            "restored_tokens": (res.get("host_tier") or {}).get("restored_tokens"),
+            "activation": (res.get("activation") or {}).get("status")}
 
 
 if __name__ == "__main__":
