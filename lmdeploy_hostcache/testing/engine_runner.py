@@ -10,6 +10,10 @@ the generated token ids, plus the engine's prefix-cache and host-tier counters::
                "host_cache": {"host_cache_gb": 0.01, "config": {"min_restore_tokens": 0}}}],
      "script": [{"conv": "A", "new": [ids...], "max_new_tokens": 3}, ...]}
 
+A run may name its own ``"model"``. Engines of one process share its warm-up: the first
+engine of a process pays for Triton's interpreter seeing each kernel for the first time
+(on the 2-core CI machine ~2x the time of later engines), so tests group runs.
+
 Turn semantics: a conversation's prompt is its previous prompt + the reply generated for
 it + this turn's ``new`` ids (what a chat client sends back), so every turn after the
 first shares a prefix with earlier work. Request ids are ``f"{conv}{turn}"``. Decoding is
@@ -18,7 +22,9 @@ the KV the engine attends to. ``engine`` keys are ``PytorchEngineConfig`` fields
 defaults (``ENGINE_DEFAULTS``) are what a CPU run needs (``eager_mode``, ``device_type
 cuda``, prefix caching on). ``host_cache`` turns the host tier on through
 ``with_host_cache`` (works whether or not the import hook ran). ``inject`` names a fault
-(``INJECTIONS``) for negative controls.
+(``INJECTIONS``) for negative controls. ``"disable_extension": true`` runs the child with
+``LMDEPLOY_HOSTCACHE_DISABLE=1``: stock LMDeploy, the package's import hook never runs (the
+result's ``extension_hooked`` says which), so it is the reference for "equal to stock".
 
 ``run_in_subprocess(spec)`` runs ``python -m lmdeploy_hostcache.testing.engine_runner``
 and returns its JSON result; with ``cpu_shim`` the child installs the CPU shim first, so
@@ -92,9 +98,13 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise SpecError(f"spec.runs[{i}].host_cache must be an object or null")
         if run.get("inject") not in (None, *INJECTIONS):
             raise SpecError(f"spec.runs[{i}].inject must be one of {INJECTIONS} or null")
-        unknown = set(run) - {"name", "engine", "host_cache", "inject"}
+        if "model" in run and (not isinstance(run["model"], str) or not run["model"]):
+            raise SpecError(f"spec.runs[{i}].model must be a model directory path")
+        unknown = set(run) - {"name", "model", "engine", "host_cache", "inject"}
         if unknown:
             raise SpecError(f"spec.runs[{i}] has unknown keys {sorted(unknown)}")
+    if out.get("disable_extension") and any(r.get("host_cache") is not None for r in runs):
+        raise SpecError("spec.disable_extension runs stock LMDeploy only: no run may set host_cache")
     script = out.get("script")
     if not isinstance(script, list) or not script:
         raise SpecError("spec.script must be a non-empty list of turns")
@@ -201,8 +211,10 @@ def run_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     when the machine has no GPU). Returns ``{"runs": {name: result}, "seconds": total}``."""
     spec = validate_spec(spec)
     t0 = time.perf_counter()
-    results = {run["name"]: _one_run(spec["model"], run, spec["script"]) for run in spec["runs"]}
-    return dict(runs=results, seconds=round(time.perf_counter() - t0, 2))
+    results = {run["name"]: _one_run(run.get("model", spec["model"]), run, spec["script"]) for run in spec["runs"]}
+    # whether this interpreter ran the package's post-import hook (False under LMDEPLOY_HOSTCACHE_DISABLE=1)
+    hooked = "lmdeploy_hostcache.integration.autoload" in sys.modules
+    return dict(runs=results, seconds=round(time.perf_counter() - t0, 2), extension_hooked=hooked)
 
 
 def run_in_subprocess(spec: Mapping[str, Any], timeout: float = 600, python: str | None = None) -> dict[str, Any]:
@@ -213,6 +225,9 @@ def run_in_subprocess(spec: Mapping[str, Any], timeout: float = 600, python: str
         with open(spec_path, "w") as fh:
             json.dump(spec, fh)
         env = dict(os.environ)
+        env.pop("LMDEPLOY_HOSTCACHE_DISABLE", None)
+        if spec.get("disable_extension"):
+            env["LMDEPLOY_HOSTCACHE_DISABLE"] = "1"
         if spec.get("cpu_shim", True):
             env["TRITON_INTERPRET"] = "1"
         proc = subprocess.run([python or sys.executable, "-m", __name__, spec_path, out_path], capture_output=True,

@@ -11,7 +11,9 @@ engine's GPU hits plus host restores must cover exactly the prefix the stock eng
 Two generated tokens per request: the first comes from the prefill (attention over the
 restored prefix through LMDeploy's flatten/flash-prefill kernels), the second from a decode
 step (paged decode attention over the same blocks). The Llama fp16 engines (stock, tier,
-a fault-injected tier, int8 and int4 host formats) share one child process.
+a fault-injected tier, int8 and int4 host formats) and the other configurations run in two
+child processes (stock LMDeploy with the extension disabled; the tier engines), which print
+each engine's build and run time.
 """
 import time
 
@@ -35,14 +37,16 @@ def models(tmp_path_factory):
     return {arch: str(write_tiny_model(root / f"tinylm-{arch}", arch, seed=0)) for arch in ("llama", "qwen2")}
 
 
-def _run(model, runs, timeout=600):
+def _run(model, runs, timeout=600, stock=False):
     t0 = time.perf_counter()
-    out = run_in_subprocess(dict(model=model, fake_sms=2, threads=1, runs=runs, script=SCRIPT), timeout=timeout)
+    spec = dict(model=model, fake_sms=2, threads=1, runs=runs, script=SCRIPT, disable_extension=stock)
+    out = run_in_subprocess(spec, timeout=timeout)
     wall = time.perf_counter() - t0
     for name, r in out["runs"].items():
         print(f"[e2e timing] {name}: engine build {r['build_s']} s, run {r['seconds']} s "
               f"({len(r['outputs'])} requests)")
-    print(f"[e2e timing] child process wall {wall:.1f} s")
+    print(f"[e2e timing] child process ({'stock LMDeploy' if stock else 'with the extension'}) wall {wall:.1f} s")
+    assert out["extension_hooked"] is not stock
     return out["runs"]
 
 
@@ -67,10 +71,27 @@ def _check_restores(tier, stock):
 
 
 @pytest.fixture(scope="module")
-def llama_fp16(models):
-    """Stock, tier, a tier whose restores are zeroed, and the int8/int4 host formats (Llama, fp16 KV)."""
-    return _run(models["llama"], [_stock(0), _tier(0), dict(_tier(0, "zeroed"), inject="zero_host_slots_on_load"),
-                                  _tier(0, "int8", "int8"), _tier(0, "int4", "int4")])
+def runs(models):
+    """Every engine of this module, in two child processes (engines of a process share the
+    interpreter warm-up): per quant policy and architecture a stock engine (stock LMDeploy, the
+    extension disabled) and a tier engine, plus on the Llama fp16 cache a tier whose restores are
+    zeroed (negative control) and the int8/int4 host formats."""
+    def named(run, key, model):
+        return dict(run, name=f"{key}/{run['name']}", model=model)
+
+    llama, qwen2 = models["llama"], models["qwen2"]
+    configs = (("llama-0", llama, 0), ("llama-4", llama, 4), ("llama-8", llama, 8), ("qwen2-0", qwen2, 0))
+    # the reference: stock LMDeploy (LMDEPLOY_HOSTCACHE_DISABLE=1, the package never hooks in)
+    stock = _run(llama, [named(_stock(qp), key, model) for key, model, qp in configs], timeout=900, stock=True)
+    plan = [named(_tier(qp), key, model) for key, model, qp in configs]
+    plan += [named(dict(_tier(0, "zeroed"), inject="zero_host_slots_on_load"), "llama-0", llama),
+             named(_tier(0, "int8", "int8"), "llama-0", llama), named(_tier(0, "int4", "int4"), "llama-0", llama)]
+    tier = _run(llama, plan, timeout=1200)
+    grouped = {}
+    for name, result in {**stock, **tier}.items():
+        key, run = name.split("/")
+        grouped.setdefault(key, {})[run] = result
+    return grouped
 
 
 def _lossless(runs, arch, qp):
@@ -82,21 +103,16 @@ def _lossless(runs, arch, qp):
     _check_restores(tier, stock)
 
 
-def test_lossless_llama_fp16_equals_stock(llama_fp16):
-    _lossless(llama_fp16, "llama", 0)
+@pytest.mark.parametrize("arch,qp", [("llama", 0), ("llama", 4), ("llama", 8), ("qwen2", 0)],
+                         ids=["llama-fp16", "llama-int4kv", "llama-int8kv", "qwen2-fp16"])
+def test_lossless_host_tier_equals_stock(runs, arch, qp):
+    _lossless(runs[f"{arch}-{qp}"], arch, qp)
 
 
-@pytest.mark.parametrize("arch,qp", [("llama", 4), ("llama", 8), ("qwen2", 0)],
-                         ids=["llama-int4kv", "llama-int8kv", "qwen2-fp16"])
-def test_lossless_host_tier_equals_stock(models, arch, qp):
-    _lossless(_run(models[arch], [_stock(qp), _tier(qp)]), arch, qp)
-
-
-def test_negative_control_wrong_restored_kv_changes_outputs(llama_fp16):
+def test_negative_control_wrong_restored_kv_changes_outputs(runs):
     """The equality above can fail: zeroing the host slots before each restore (so the GPU
     attends to zero KV for the restored prefix) must change the second turns' outputs."""
-    runs = llama_fp16
-    stock, bad = runs["stock"], runs["zeroed"]
+    stock, bad = runs["llama-0"]["stock"], runs["llama-0"]["zeroed"]
     cmp = compare_token_outputs(stock["outputs"], bad["outputs"])
     print(f"[e2e] zeroed restores: {cmp.summary()}")
     assert bad["host_tier"]["restored_tokens"] > 0
@@ -105,8 +121,8 @@ def test_negative_control_wrong_restored_kv_changes_outputs(llama_fp16):
     assert any(r in cmp.first_difference for r in stock["outputs"] if r.endswith("1")), cmp.summary()
 
 
-def test_lossy_host_formats_report_agreement(llama_fp16):
-    runs = llama_fp16
+def test_lossy_host_formats_report_agreement(runs):
+    runs = runs["llama-0"]
     stock = runs["stock"]
     for fmt in ("int8", "int4"):
         tier = runs[fmt]

@@ -135,3 +135,52 @@ def test_compare_missing_extra_and_bad_input():
         compare_token_outputs({"a": [1]}, {"a": ["x"]})
     with pytest.raises(TypeError, match="sequence of token ids"):
         compare_token_outputs({"a": "abc"}, {"a": [1]})
+
+
+def test_engine_runner_refuses_bad_specs_naming_the_field(tmp_path):
+    from lmdeploy_hostcache.testing.engine_runner import SpecError, multi_turn_script, validate_spec
+
+    good = dict(model="m", runs=[dict(name="a")], script=multi_turn_script(conversations=1, turns=1))
+    assert validate_spec(good)["model"] == "m"
+    bad = [
+        (dict(good, model=""), "spec.model"),
+        (dict(good, runs=[]), "spec.runs"),
+        (dict(good, runs=[dict(name="a"), dict(name="a")]), r"spec.runs\[1\].name"),
+        (dict(good, runs=[dict(name="a", inject="boom")]), r"spec.runs\[0\].inject"),
+        (dict(good, runs=[dict(name="a", enigne={})]), "unknown keys"),
+        (dict(good, script=[dict(conv="A", new=[])]), r"spec.script\[0\].new"),
+        (dict(good, script=[dict(conv="A", new=[1], max_new_tokens=0)]), r"spec.script\[0\].max_new_tokens"),
+    ]
+    for spec, field in bad:
+        with pytest.raises(SpecError, match=field):
+            validate_spec(spec)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(dict(good, runs=[])))
+    proc = subprocess.run([PY, "-m", "lmdeploy_hostcache.testing.engine_runner", str(path), str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {path}: spec.runs must be a non-empty list"]
+
+
+def test_multi_turn_script_is_deterministic_round_robin():
+    from lmdeploy_hostcache.testing.engine_runner import multi_turn_script
+
+    s = multi_turn_script(conversations=3, turns=2, first_tokens=5, later_tokens=2, max_new_tokens=2, seed=4)
+    assert [t["conv"] for t in s] == ["A", "B", "C", "A", "B", "C"]
+    assert [len(t["new"]) for t in s] == [5, 5, 5, 2, 2, 2]
+    assert s == multi_turn_script(conversations=3, turns=2, first_tokens=5, later_tokens=2, max_new_tokens=2, seed=4)
+    assert all(32 <= x < 127 for t in s for x in t["new"])
+
+
+def test_server_helpers_free_port_and_process_group():
+    from lmdeploy_hostcache.testing.server import free_port, group_processes
+
+    port = free_port()
+    assert 0 < port < 65536
+    proc = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        assert group_processes(proc.pid) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert group_processes(proc.pid) == []
