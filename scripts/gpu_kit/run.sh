@@ -32,8 +32,9 @@ if [ $rc -ne 0 ]; then
   printf '{"schema": "lmdeploy-hostcache-gpu-kit/1", "status": "error", "error": "offline install failed"}\n' > "$OUT/result.json"
   exit 1
 fi
-# The checkout first: its lmdeploy_hostcache is the code under test (the staged wheel is the same
-# package, installed for its auto-loader .pth and as a fallback).
+# The checkout first: its lmdeploy_hostcache is the code under test (the staged wheel holds the same
+# package, a fallback outside a checkout). /tmp/site is no site directory, so no .pth runs from it:
+# the tier-on runs install the post-import hook explicitly, as the .pth does after `pip install`.
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 LMDEPLOY_ENABLE_CHECK_ENV=0
 unset TRITON_INTERPRET
