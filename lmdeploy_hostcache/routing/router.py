@@ -31,7 +31,7 @@ with no candidate returns ``None``.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +46,7 @@ from .table import GPU, HOST, BlockTable
 DEFAULT_BALANCE = 1.3
 WINDOW_PER_NODE = 64
 WARM_FRACTION = 0.25
+MAX_SESSIONS = 1 << 20   # affinity entries kept (least recently used dropped first)
 
 
 @dataclass
@@ -102,7 +103,7 @@ class CacheAwareRouter:
         self.nodes: dict[str, NodeState] = {}
         self._free_slots = list(range(max_nodes - 1, -1, -1))
         self.approx_key = NamespaceKey.of(Namespace(model=f"approx:{approx_model}", block_size=approx_block_size))
-        self.sessions: dict[str, str] = {}
+        self.sessions: OrderedDict[str, str] = OrderedDict()  # session key -> node, least recent first
         self.window_per_node = int(window_per_node)
         self._window: deque[tuple[str, int]] = deque()
         self._window_load: dict[str, int] = {}
@@ -238,6 +239,9 @@ class CacheAwareRouter:
         miss = max(req.prompt_tokens - (g + h) * bs, 0)
         if req.session:
             self.sessions[req.session] = chosen
+            self.sessions.move_to_end(req.session)
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
         return Decision(chosen, g, h, req.prompt_tokens, miss, c, reason)
 
     def _over_share(self, names: list[str]) -> set[str]:
