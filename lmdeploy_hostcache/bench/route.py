@@ -8,6 +8,9 @@ the GPU tier, the rest on host), loaded through the feed's snapshot path, then t
 node's contents) and the rest new.  It also times turning a prompt's tokens into published ids
 (chained xxh3-128 + ``publish_id``), which the proxy does once per namespace.
 
+``--compare CLUSTER_YAML [--trace PATH]`` instead replays a trace over a cluster with every
+routing policy and one pooled node (the tables in docs/routing.md).
+
 Printed figures are measured in this run on this machine: median and p99 decision time per
 request, the id-chaining time per request, and memory per cached block (the table's bytes over
 the cached (node, block) pairs, and the process RSS growth over the same pairs).
@@ -31,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-blocks", type=int, default=64, help="full blocks per prompt (default 64)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per block (default 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", metavar="CLUSTER_YAML", default=None,
+                   help="instead of timing: replay --trace over this cluster with every routing policy "
+                        "(random, session, prefix, cache_aware) and one pooled node of the same total capacity, "
+                        "and print hit rates, requests per node and the largest prefill share")
+    p.add_argument("--trace", metavar="PATH", default=None,
+                   help="Mooncake JSONL trace for --compare (default: the bundled conversation trace)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -134,7 +143,68 @@ def format_table(res: dict) -> str:
             f"{r0['block_size']} tokens; target <= {res['target_decision_ms']} ms per decision; {res['note']}")
 
 
+def compare(yaml_path: str, trace_path: str | None) -> dict:
+    """Every routing policy (and a pooled node) over one cluster and trace (planner replays)."""
+    import dataclasses
+
+    from ..planner.cluster import ROUTING_POLICIES, load_cluster, simulate_cluster
+    from ..planner.geometry import BlockSizing
+    from ..planner.replay import prepare_trace, replay
+    from ..planner.traces import read_mooncake
+
+    if trace_path is None:
+        from ..planner.cli import bundled_trace_path
+
+        trace_path = str(bundled_trace_path())
+    spec = load_cluster(yaml_path)
+    trace = read_mooncake(trace_path)
+    sizing = BlockSizing.build(spec.geometry(), spec.cache_format, trace.block_size)
+    prepared = prepare_trace(trace)
+    rows = []
+    for routing in ROUTING_POLICIES:
+        t0 = time.perf_counter()
+        res = simulate_cluster(prepared, dataclasses.replace(spec, routing=routing), sizing, show_progress=False)
+        tot = res.totals()
+        prefill = [n.stats.recomputed_tokens for n in res.nodes]
+        share = [p * len(prefill) / (sum(prefill) or 1) for p in prefill]
+        rows.append({"routing": routing, "hit_rate": tot["hit_rate"], "gpu_hit_rate": tot["gpu_hit_rate"],
+                     "host_hit_rate": tot["host_hit_rate"], "requests": [n.stats.requests for n in res.nodes],
+                     "prefill_share_over_even": share, "max_prefill_share_over_even": max(share),
+                     "seconds": time.perf_counter() - t0})
+    gpu = sum(sizing.gpu_blocks(n.gpu_kv_gb) for n in spec.nodes)
+    host = sum(sizing.host_blocks(n.host_gb) for n in spec.nodes)
+    st = replay(prepared, gpu, host, spec.host_policy, trace.block_size, False)
+    rows.append({"routing": "pooled", "hit_rate": st.hit_rate, "gpu_hit_rate": st.gpu_hit_rate,
+                 "host_hit_rate": st.host_hit_rate, "requests": [st.requests], "gpu_blocks": gpu, "host_blocks": host})
+    return {"cluster": yaml_path, "trace": trace.name, "requests": len(trace), "host_policy": spec.host_policy,
+            "nodes": [n.name for n in spec.nodes], "rows": rows,
+            "note": "planner replays measured on this machine; prefill share = a node's recomputed tokens over an "
+                    "even split (1.0 = even)"}
+
+
+def format_compare(res: dict) -> str:
+    from ..planner.report import render_table
+
+    rows = []
+    for r in res["rows"]:
+        rows.append([r["routing"], f"{r['hit_rate']:.4f}", f"{r['gpu_hit_rate']:.4f}", f"{r['host_hit_rate']:.4f}",
+                     " / ".join(str(x) for x in r["requests"]) if r["routing"] != "pooled" else "-",
+                     f"{r['max_prefill_share_over_even']:.2f}" if "max_prefill_share_over_even" in r else "-"])
+    head = ["routing", "cluster hit", "GPU hit", "host hit", "requests per node (" + ", ".join(res["nodes"]) + ")",
+            "max prefill share"]
+    return (f"{res['trace']}: {res['requests']:,} requests; cluster {res['cluster']} (host policy "
+            f"{res['host_policy']})\n" + render_table(rows, head) + "\n" + res["note"])
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        try:
+            res = compare(args.compare, args.trace)
+        except ValueError as exc:
+            print(f"bench route: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(res, sort_keys=True) if args.json else format_compare(res))
+        return 0
     try:
         res = measure(args)
     except ValueError as exc:

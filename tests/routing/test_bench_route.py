@@ -25,3 +25,25 @@ def test_bench_route_json_has_measured_figures():
 def test_bench_route_bad_argument_is_one_line():
     p = _run("--nodes", "0")
     assert p.returncode == 2 and "--nodes" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_route_compare_prints_every_policy(tmp_path):
+    import json
+    from pathlib import Path
+
+    trace = tmp_path / "t.jsonl"
+    lines = []
+    for i in range(120):  # 12 sessions x 10 turns sharing a system block
+        s = i % 12
+        lines.append(json.dumps({"timestamp": i * 100, "input_length": 512 * (3 + i // 12), "output_length": 1,
+                                 "hash_ids": [0, 1000 + s] + [100000 + 100 * s + k for k in range(1 + i // 12)]}))
+    trace.write_text("\n".join(lines) + "\n")
+    yaml = Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml"
+    p = _run("--compare", str(yaml), "--trace", str(trace), "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert [r["routing"] for r in res["rows"]] == ["session", "random", "prefix", "cache_aware", "pooled"]
+    for r in res["rows"][:-1]:
+        assert sum(r["requests"]) == 120 and 0 <= r["hit_rate"] <= 1
+    bad = _run("--compare", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr and "Traceback" not in bad.stderr
