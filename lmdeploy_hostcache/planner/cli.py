@@ -48,6 +48,16 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}")
+    return v
+
+
 def _pos_float(text: str) -> float:
     try:
         v = float(text)
@@ -96,6 +106,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "WEKA files are merged. Default: the bundled Mooncake conversation trace.")
     src.add_argument("--format", choices=("auto", "mooncake", "weka"), default="auto",
                      help="trace format (default: sniffed from the first file)")
+    src.add_argument("--block-size", type=_pos_int, default=None, metavar="N",
+                     help="tokens per block of a Mooncake-layout trace's hash_ids (default: the file's own "
+                          "'block_size' field, which captured files state, else 512); a file stating another "
+                          "size is refused")
     src.add_argument("--stagger", type=_nonneg_float, default=DEFAULT_STAGGER_S, metavar="S",
                      help=f"seconds between the starts of merged WEKA sessions (default {DEFAULT_STAGGER_S:g})")
     src.add_argument("--chat", action="store_true",
@@ -165,11 +179,15 @@ class PlanError(ValueError):
 
 def load_trace(args):
     from .generator import ChatWorkload, generate_chat
-    from .traces import read_mooncake, read_weka, sniff_format
+    from .traces import read_mooncake_files, read_weka, sniff_format
 
+    block_size = getattr(args, "block_size", None)
     if args.chat:
         if args.traces:
             raise PlanError("--chat replays the generator; do not also give trace files")
+        if block_size is not None:
+            raise PlanError("--block-size applies to Mooncake-layout trace files; the generator takes "
+                            "--chat-block-size")
         trace = generate_chat(ChatWorkload(sessions=args.chat_sessions, block_size=args.chat_block_size,
                                            seed=args.seed))
     else:
@@ -191,11 +209,12 @@ def load_trace(args):
             if len(fmts) > 1:
                 raise PlanError(f"traces mix formats {sorted(fmts)}; give one format at a time")
             fmt = fmts.pop()
-        if fmt == "mooncake":
-            if len(paths) > 1:
-                raise PlanError("give one Mooncake trace at a time (their block ids are not offset-merged)")
-            trace = read_mooncake(paths[0])
+        if fmt == "mooncake":  # several files only when they are captures sharing one key
+            trace = read_mooncake_files(paths, block_size)
         else:
+            if block_size is not None:
+                raise PlanError(f"--block-size applies to Mooncake-layout traces; {paths[0]} is a WEKA session "
+                                "file, which states its own block_size")
             trace = read_weka(paths, stagger_s=args.stagger)
     if args.limit is not None:
         trace = trace.head(args.limit)

@@ -12,7 +12,14 @@ the file, line and field):
 * block ids are unique inside one trace's id space (merged files are offset, never mixed);
 * every timestamp is finite (a NaN would make the arrival order undefined: refused, with a count);
 * a file that cannot be read or decoded (a corrupt or mislabelled ``.gz``, a folder, bytes that
-  are not UTF-8) raises ``ValueError`` naming the file, never ``OSError``/``EOFError``.
+  are not UTF-8) raises ``ValueError`` naming the file, never ``OSError``/``EOFError``;
+* a Mooncake-layout record may state its own ``block_size`` (captured files do, see
+  ``lmdeploy_hostcache/capture``): every record of a file must then state the same one, and a
+  caller's ``block_size`` that differs is refused naming the file, line and field.  Without it the
+  caller's block size applies (default 512, Mooncake's);
+* a record's ``session`` (str or int) is its session key; ``capture`` (a key fingerprint) marks
+  keyed block ids: several files are merged into one id space only when every record of every
+  file carries the same fingerprint (captures made with one key), never otherwise.
 
 ``trace_warnings(trace)`` lists what a trace can be read with but probably not replayed
 faithfully (block ids out of order or not chained, an ``input_length`` its ids do not cover),
@@ -66,6 +73,9 @@ class Trace:
     block_size: int
     requests: list[Request] = field(default_factory=list)
     source: str = ""
+    # Fingerprint of the capture key when the block ids are keyed hashes (captured files): their
+    # order inside a request carries no meaning, so ``trace_warnings`` does not check it.
+    capture_key: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -92,7 +102,7 @@ class Trace:
         """The first ``n`` requests (for quick looks and tests)."""
         if n < 0:
             raise ValueError(f"limit must be >= 0, got {n}")
-        return Trace(self.name, self.block_size, self.requests[:n], self.source)
+        return Trace(self.name, self.block_size, self.requests[:n], self.source, self.capture_key)
 
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -194,24 +204,99 @@ def derive_session(hash_ids: Sequence[int]) -> int:
     return hash_ids[0] if hash_ids else -1
 
 
-def read_mooncake(path: str | os.PathLike, block_size: int = MOONCAKE_BLOCK_SIZE,
+class _MooncakeFile:
+    """What the records of one Mooncake-layout file state about themselves (block size, key)."""
+
+    def __init__(self, path, block_size: int | None) -> None:
+        self.path = path
+        self.given = block_size          # the caller's (--block-size), None: not given
+        self.block_size: int | None = None
+        self.block_size_where = ""
+        self.capture: str | None = None  # None: no record seen yet; "": records without a key
+        self.capture_where = ""
+
+    def record_block_size(self, obj: dict, where: str) -> int:
+        if "block_size" not in obj:
+            stated = None
+        else:
+            stated = _int_field(obj, "block_size", where, minimum=1)
+        if self.block_size is None and not self.block_size_where:
+            self.block_size, self.block_size_where = stated, where
+            if stated is not None and self.given is not None and stated != self.given:
+                raise ValueError(f"{where}: field 'block_size' is {stated} but --block-size {self.given} was given "
+                                 "(a captured file states its own block size; drop --block-size)")
+        elif stated != self.block_size:
+            raise ValueError(f"{where}: field 'block_size' is {stated if stated is not None else 'absent'} but "
+                             f"{self.block_size_where} states "
+                             f"{self.block_size if self.block_size is not None else 'none'}: one file, one block size")
+        return stated or self.given or MOONCAKE_BLOCK_SIZE
+
+    def record_capture(self, obj: dict, where: str) -> None:
+        key = obj.get("capture", "")
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: field 'capture' must be a string (the capture key's fingerprint), got {key!r}")
+        if self.capture is None:
+            self.capture, self.capture_where = key, where
+        elif key != self.capture:
+            raise ValueError(f"{where}: field 'capture' is {key or 'absent'!r} but {self.capture_where} has "
+                             f"{self.capture or 'none'!r}: records of different captures cannot share one file")
+
+
+def read_mooncake(path: str | os.PathLike, block_size: int | None = None,
                   name: str | None = None) -> Trace:
     """Mooncake JSONL (``.jsonl`` or ``.jsonl.gz``): ``timestamp`` in ms, ``input_length``,
-    ``output_length``, ``hash_ids`` of 512-token blocks (the partial last block included)."""
+    ``output_length``, ``hash_ids`` of ``block_size``-token blocks (the partial last block
+    included); optional per-record ``block_size``, ``session`` and ``capture`` (captured files).
+
+    ``block_size``: the caller's block size (None: the file's own, else 512); a file that states
+    another one is refused."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size <= 0):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     reqs: list[Request] = []
     bad_time = _NonFinite("timestamp")
+    meta = _MooncakeFile(path, block_size)
     try:
         with _open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
-                _mooncake_line(line, f"{path}:{lineno}", block_size, reqs, bad_time)
+                _mooncake_line(line, f"{path}:{lineno}", meta, reqs, bad_time)
     except READ_ERRORS as exc:
         raise _read_error(path, exc) from None
     bad_time.check(path)
     reqs.sort(key=lambda r: r.timestamp)
-    return Trace(name or Path(path).name, block_size, reqs, source=str(path))
+    bs = meta.block_size or block_size or MOONCAKE_BLOCK_SIZE
+    return Trace(name or Path(path).name, bs, reqs, source=str(path), capture_key=meta.capture or "")
 
 
-def _mooncake_line(line: str, where: str, block_size: int, reqs: list[Request], bad_time: _NonFinite) -> None:
+def read_mooncake_files(paths: Sequence[str | os.PathLike], block_size: int | None = None,
+                        name: str | None = None) -> Trace:
+    """One Mooncake-layout file, or several captured files made with one capture key (the same
+    ``capture`` fingerprint and block size in every record): merged by arrival time into one id
+    space, e.g. the files of every node of a cluster, or one node's rotated files."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("read_mooncake_files: no files given")
+    traces = [read_mooncake(p, block_size) for p in paths]
+    if len(traces) == 1:
+        if name:
+            traces[0].name = name
+        return traces[0]
+    first = traces[0]
+    for p, t in zip(paths, traces):
+        if not t.capture_key:
+            raise ValueError(f"{p}: Mooncake-layout files are merged only when they are captures made with one key "
+                             "(field 'capture' in every record); this file has none: give one trace at a time")
+        if t.capture_key != first.capture_key:
+            raise ValueError(f"{p}: field 'capture' is {t.capture_key!r} but {paths[0]} has {first.capture_key!r}: "
+                             "captures made with different keys share no block ids and cannot be merged")
+        if t.block_size != first.block_size:
+            raise ValueError(f"{p}: field 'block_size' is {t.block_size} but {paths[0]} states {first.block_size}")
+    reqs = sorted((r for t in traces for r in t.requests), key=lambda r: r.timestamp)
+    label = name or f"{len(paths)} captured files"
+    return Trace(label, first.block_size, reqs, source=", ".join(map(str, paths)), capture_key=first.capture_key)
+
+
+def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Request], bad_time: _NonFinite) -> None:
     line = line.strip()
     if not line:
         return
@@ -221,6 +306,8 @@ def _mooncake_line(line: str, where: str, block_size: int, reqs: list[Request], 
         raise ValueError(f"{where}: not JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object")
+    block_size = meta.record_block_size(obj, where)
+    meta.record_capture(obj, where)
     ids = _hash_ids(obj, where)
     inp = _int_field(obj, "input_length", where)
     if len(ids) > -(-inp // block_size):
@@ -228,12 +315,17 @@ def _mooncake_line(line: str, where: str, block_size: int, reqs: list[Request], 
                          f"(at most {-(-inp // block_size)} blocks of {block_size})")
     ts = _num_field(obj, "timestamp", where)
     bad_time.see(ts, where)
+    session = obj.get("session")
+    if session is None:
+        session = derive_session(ids)
+    elif isinstance(session, bool) or not isinstance(session, (str, int)):
+        raise ValueError(f"{where}: field 'session' must be a string or an int, got {session!r}")
     reqs.append(Request(
         timestamp=ts / 1000.0,
         input_length=inp,
         output_length=_int_field(obj, "output_length", where) if "output_length" in obj else 0,
         hash_ids=ids,
-        session=derive_session(ids),
+        session=session,
     ))
 
 
@@ -333,7 +425,8 @@ def trace_warnings(trace: Trace) -> list[str]:
     """What a readable trace holds that a replay would silently get wrong, with counts.
 
     * block ids out of order: chained prefix-block ids are handed out as blocks first appear,
-      so inside one request they increase; a request whose ids do not is counted, and so is a
+      so inside one request they increase (not checked for captured files, whose ids are keyed
+      hashes); a request whose ids do not is counted, and so is a
       block id that follows two different parents (the ids are then not chained);
     * ``input_length`` its ids do not cover: more than one block (two for WEKA, which lists
       full blocks only) past the last id, or more than ``MAX_PLAUSIBLE_INPUT_TOKENS``: those
@@ -345,7 +438,7 @@ def trace_warnings(trace: Trace) -> list[str]:
     parent_of: dict[int, int] = {}
     for i, r in enumerate(trace.requests):
         ids = r.hash_ids
-        if any(b <= a for a, b in zip(ids, ids[1:])):
+        if not trace.capture_key and any(b <= a for a, b in zip(ids, ids[1:])):
             unordered += 1
             first_unordered = i if first_unordered is None else first_unordered
         prev = -1
