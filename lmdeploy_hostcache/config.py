@@ -183,6 +183,14 @@ def _parse_tenant_salt(value: Any) -> str:
     raise _Bad("a string (quote it in YAML, e.g. tenant_salt: \"1234\")")
 
 
+def _parse_l3(value: Any) -> Any:
+    # The shared store tier's section is parsed and validated in lmdeploy_hostcache/l3/config.py
+    # (its errors name ``l3.<field>``); this is only the hook.
+    from .l3.config import parse_l3_section  # noqa: PLC0415
+
+    return parse_l3_section(value)
+
+
 def _meta(parse, help_text: str, allowed: str) -> dict[str, Any]:
     return {"parse": parse, "help": help_text, "allowed": allowed}
 
@@ -250,6 +258,13 @@ class HostCacheConfig:
         "host blocks. Treat a non-empty salt as a secret (it is masked in logs).",
         "any string"))
 
+    l3: Any = field(default=None, metadata=_meta(
+        _parse_l3,
+        "The shared third tier: a Mooncake Store under the host tier, shared by every node "
+        "(a mapping: `master_address`, `metadata_server`, `protocol`, `global_segment_gb`, "
+        "`local_buffer_gb`, ...; docs/integration.md \"Three tiers\"). Absent or null: no third tier.",
+        "null, or a mapping with at least `master_address` (`lmdeploy_hostcache/l3/config.py`)"))
+
     # -- validation ---------------------------------------------------------------------
     def __post_init__(self) -> None:
         errors: list[FieldError] = []
@@ -260,6 +275,8 @@ class HostCacheConfig:
                 values[f.name] = f.metadata["parse"](raw)
             except _Bad as bad:
                 errors.append(FieldError(f.name, raw, bad.allowed))
+            except ConfigError as exc:  # a section (l3) reports its own fields
+                errors.extend(exc.errors)
         if errors:
             raise ConfigError(errors)
         for name, value in values.items():
@@ -353,7 +370,10 @@ class HostCacheConfig:
     # -- output -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Flat dict of every field (plain YAML/JSON types), in declaration order."""
-        return {name: getattr(self, name) for name in self.field_names()}
+        out = {name: getattr(self, name) for name in self.field_names()}
+        if out.get("l3") is not None:
+            out["l3"] = out["l3"].to_dict()
+        return out
 
     def to_yaml(self) -> str:
         from .yamlio import dump_yaml  # noqa: PLC0415
@@ -431,6 +451,8 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | HostCacheCo
 
 
 def _default_text(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

@@ -194,6 +194,7 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
             config_info.update(ok=False, error=str(exc), field=exc.field, fields=[e.field for e in exc.errors])
             exit_code = EXIT_BAD_CONFIG
     facts["host_cache"] = sizing
+    facts["memory_budget"] = _l3_budget(getattr(cfg, "l3", None), sizing, mem, problems, notes)
 
     if exit_code == EXIT_OK and problems:
         exit_code = EXIT_ENVIRONMENT
@@ -201,6 +202,29 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
     facts["notes"] = notes
     facts["exit_code"] = exit_code
     return facts
+
+
+def _l3_budget(l3, sizing, mem, problems: list[str], notes: list[str]) -> dict[str, Any] | None:
+    """With an ``l3:`` section: host tier + the store segment this node contributes + the client
+    buffer, against usable RAM; and whether the Mooncake client imports here."""
+    if l3 is None:
+        return None
+    from .hostmem import format_bytes  # noqa: PLC0415
+    from .l3.master import mooncake_import_error  # noqa: PLC0415
+
+    host = int(sizing.get("bytes") or 0)
+    total = host + l3.global_segment_bytes + l3.local_buffer_bytes
+    out = {"host_cache_bytes": host, "l3_segment_bytes": l3.global_segment_bytes,
+           "l3_buffer_bytes": l3.local_buffer_bytes, "total_bytes": total, "total": format_bytes(total),
+           "usable_available_bytes": mem.usable_available_bytes if mem else None,
+           "l3_master_address": l3.master_address, "l3_client": mooncake_import_error() or "importable"}
+    if out["l3_client"] != "importable":
+        problems.append(f"l3: the Mooncake Store client cannot run here: {out['l3_client']}")
+    if mem is not None and total > mem.usable_available_bytes:
+        notes.append(f"memory budget: host tier + L3 segment + L3 buffer = {format_bytes(total)} is more than the "
+                     f"{format_bytes(mem.usable_available_bytes)} available now: lower host_cache_gb or "
+                     "l3.global_segment_gb")
+    return out
 
 
 def _text(facts: dict[str, Any]) -> str:
@@ -269,6 +293,14 @@ def _text(facts: dict[str, Any]) -> str:
     if hc["bytes"] is not None:
         lines.append(row("host cache", f"host_cache_gb={hc['host_cache_gb']} -> {hc['human']} on this machine"))
         lines.append(row("", hc["reason"]))
+    mb = facts.get("memory_budget")
+    if mb:
+        lines.append(row("mem budget", f"host tier {format_bytes(mb['host_cache_bytes'])} + L3 segment "
+                                          f"{format_bytes(mb['l3_segment_bytes'])} + L3 buffer "
+                                          f"{format_bytes(mb['l3_buffer_bytes'])} = {mb['total']}"
+                                          + (f" of {format_bytes(mb['usable_available_bytes'])} available"
+                                             if mb["usable_available_bytes"] is not None else "")))
+        lines.append(row("l3", f"Mooncake Store, master {mb['l3_master_address']}; client {mb['l3_client']}"))
     for note in facts["notes"]:
         lines.append(f"note: {note}")
     for problem in facts["problems"]:

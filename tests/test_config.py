@@ -22,7 +22,7 @@ FIELDS = HostCacheConfig.field_names()
 
 def test_field_list_is_the_documented_one():
     assert FIELDS == ("host_cache_gb", "host_memory_reserve_gb", "host_kv_format", "eviction_policy",
-                      "min_restore_tokens", "pin_memory", "verify_tokens", "checksum", "tenant_salt")
+                      "min_restore_tokens", "pin_memory", "verify_tokens", "checksum", "tenant_salt", "l3")
 
 
 def test_defaults():
@@ -56,6 +56,7 @@ BAD_VALUES = [
     ("verify_tokens", 1.5), ("verify_tokens", "on"), ("verify_tokens", None), ("verify_tokens", [True]),
     ("checksum", 2), ("checksum", "nope"), ("checksum", None),
     ("tenant_salt", 1234), ("tenant_salt", None), ("tenant_salt", b"salt"), ("tenant_salt", ["a"]),
+    ("l3", "yes"), ("l3", 5), ("l3", True), ("l3", ["a"]),   # the section's own fields: tests/l3/test_l3_config.py
 ]
 
 

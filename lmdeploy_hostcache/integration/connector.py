@@ -183,6 +183,8 @@ class _LookupPlan:
     first_block: int
     digests: tuple[int, ...]
     block_bytes: tuple[bytes, ...]
+    host_blocks: int = -1       # the first ones are host hits; the rest come from the l3 store
+    parent: int = 0             # digest before digests[0] (the parent of a staged first block)
 
 
 @dataclass
@@ -218,6 +220,7 @@ class _Load:
     shipped_step: int = 0       # metadata step that carried it to the workers
     cancelled: bool = False     # stop/end requested: host copies are kept whatever the worker says
     removed: bool = False       # request_finished seen: no KVLoadResult is owed any more
+    staged: tuple = ()          # l3: (digests, token bytes, slots) reserved to stage store blocks in
 
 
 class HostTierScheduler:
@@ -264,6 +267,11 @@ class HostTierScheduler:
         self._failed_turns: dict[int, int] = {}   # request -> input_start_pos of a turn whose load failed
         self._invalid: set[int] = set()
         self.feed = None  # cache_state_feed.NodeCacheFeed when LMDEPLOY_HOSTCACHE_FEED_ADDR is set
+        self.l3 = None
+        if self.hostcache.l3 is not None:  # the shared store tier under the host tier (l3_tier.py)
+            from .l3_tier import SchedulerL3
+
+            self.l3 = SchedulerL3.build(self)
 
     # -- digests ---------------------------------------------------------------------------
     def node_digest(self, node: Node) -> int | None:
@@ -385,6 +393,8 @@ class HostTierScheduler:
 
     def _on_host_evict(self, block) -> None:
         self.metrics.add(host_evictions=1)
+        if self.l3 is not None:
+            self.l3.chain.on_host_evict(block)   # write-back before the slot is reused
 
     # -- lookup / load admission -----------------------------------------------------------
     def get_num_new_matched_tokens(self, request: SchedulerSequence,
@@ -408,6 +418,11 @@ class HostTierScheduler:
         chain = self._request_chain(request, first, last)
         digests, blocks = chain.slice(first, last)
         n = self.index.lookup(digests, blocks)
+        s = 0
+        if self.l3 is not None and n < len(digests) and n < self.num_slots // 2:
+            # the prefix continues in the shared store? Staged through host slots: at most half
+            # of them per request (host hits included), so staging does not flush the host tier
+            s = self.l3.chain.lookup(digests[n:n + self.num_slots // 2 - n], blocks[n:n + self.num_slots // 2 - n])
         # Count a request's lookup window once (LMDeploy re-asks on every admission attempt);
         # a retry that finds more resident blocks adds only the extra hits.
         counted = self._counted_lookup.get(req)
@@ -417,12 +432,13 @@ class HostTierScheduler:
         elif n > counted[2]:
             self._counted_lookup[req] = (first, last, n)
             self.metrics.add(hit_blocks=n - counted[2], hit_tokens=(n - counted[2]) * bs)
-        hit_end = (first + n) * bs - recompute if n else 0
+        hit_end = (first + n + s) * bs - recompute if n + s else 0
         num_external = hit_end - num_computed
         if num_external <= 0 or num_external < self.min_restore_tokens:
             return 0, False
         n_use = hit_end // bs - first
-        self._plans[req] = _LookupPlan(first, tuple(digests[:n_use]), tuple(blocks[:n_use]))
+        parent = chain.hasher.digests[first - chain.start_block - 1] if first > chain.start_block else chain.hasher.parent
+        self._plans[req] = _LookupPlan(first, tuple(digests[:n_use]), tuple(blocks[:n_use]), min(n, n_use), parent)
         # Make the hit most-recent so evictions made to admit this very load spare it.
         self.index.touch(digests[:n_use])
         return num_external, True
@@ -443,12 +459,23 @@ class HostTierScheduler:
         first = int(request.num_history_ids) // self.block_size
         if plan.first_block == first and 0 < n <= len(plan.digests) and n * self.block_size == num_external_tokens:
             digests = plan.digests[:n]
+            h = n if plan.host_blocks < 0 else min(n, plan.host_blocks)
             try:
-                load.slots = tuple(self.index.prepare_load(digests))
-                load.digests = digests
+                load.slots = tuple(self.index.prepare_load(digests[:h]))
+                load.digests = digests[:h]
                 load.pinned = True
             except KeyError:  # evicted while LMDeploy made room for this load: fail, recompute
                 logger.debug("host hit of request %d evicted before its load started", req)
+            if load.pinned and h < n:  # the rest comes from the store, staged in host slots
+                staged = digests[h:]
+                parents = ((digests[h - 1] if h else plan.parent),) + staged[:-1]
+                slots = self.l3.chain.reserve(staged, parents, plan.block_bytes[h:n])
+                if slots is None:  # no host room to stage in: fail, recompute
+                    self.index.complete_load(load.digests, success=False)
+                    load.pinned = False
+                else:
+                    load.staged = (staged, tuple(plan.block_bytes[h:n]), tuple(slots))
+                    load.slots = load.slots + tuple(slots)
         else:
             logger.warning("request %d: load range (block %d, %d blocks, %d tokens) does not match the host "
                            "hit (block %d, %d blocks); recomputing", req, first, n, num_external_tokens,
@@ -480,10 +507,21 @@ class HostTierScheduler:
             self._inflight_loads[req] = load
             loads.append(HostLoad(req, load.slots, load.gpu_blocks))
         self._pending_loads = {}
-        if not (demotions or loads or self._inflight_demotions or self._inflight_loads or self._owed_results):
+        write_backs, stages = (), ()
+        if self.l3 is not None:
+            write_backs = tuple((w.digest, w.tokens, w.slot) for w in self.l3.chain.take_write_backs())
+            if write_backs:   # requested; a worker skips a put the store refuses (counted there)
+                self.l3.metrics.add(put_blocks=len(write_backs),
+                                    bytes_to_l3=len(write_backs) * self.block_transfer_bytes)
+            stages = tuple((ld.request_id, self._inflight_loads[ld.request_id].staged[0],
+                            self._inflight_loads[ld.request_id].staged[1], self._inflight_loads[ld.request_id].staged[2])
+                           for ld in loads if self._inflight_loads[ld.request_id].staged)
+        if not (demotions or loads or write_backs or self._inflight_demotions or self._inflight_loads
+                or self._owed_results):
             return None
         self._step = step
-        return HostTierMetadata(step=step, demotion_batch=batch, demotions=demotions, loads=tuple(loads))
+        return HostTierMetadata(step=step, demotion_batch=batch, demotions=demotions, loads=tuple(loads),
+                                l3_write_backs=write_backs, l3_stages=stages)
 
     # -- completions -------------------------------------------------------------------------
     def update_connector_output(self, connector_output: KVConnectorOutput) -> KVConnectorResult:
@@ -530,6 +568,13 @@ class HostTierScheduler:
         if load.pinned:
             self.index.complete_load(load.digests, success=success)
             load.pinned = False
+            if load.staged:  # staging slots are released either way: the blocks are on the GPU now
+                self.l3.chain.finish(load.staged[0], False)   # (exclusive), or recomputed
+                if success:
+                    k = len(load.staged[0])
+                    self.l3.metrics.add(get_blocks=k, bytes_from_l3=k * self.block_transfer_bytes)
+                else:
+                    self.l3.metrics.add(errors=1)
         if success:
             self.metrics.add(restored_tokens=load.num_tokens,
                              bytes_to_gpu=len(load.gpu_blocks) * self.block_transfer_bytes)
@@ -598,6 +643,9 @@ class HostTierScheduler:
     def shutdown(self) -> None:
         """Engine close (``Scheduler.shutdown``): the workers release their pools next."""
         self.drop_host_tier("engine shutdown")
+        if self.l3 is not None:
+            l3, self.l3 = self.l3, None
+            l3.close()
         self._chains.clear()
         self._plans.clear()
         self._counted_lookup.clear()
@@ -651,6 +699,8 @@ class HostTierScheduler:
         out["host_slots"] = self.num_slots
         out["host_slots_used"] = self.num_slots - self.index.num_free_slots
         out["host_blocks"] = len(self.index)
+        if self.l3 is not None:   # the store tier's counters ride along as l3_* (metrics_export)
+            out.update(self.l3.metrics.prefixed_snapshot())
         return out
 
 

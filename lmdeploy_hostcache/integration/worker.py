@@ -127,10 +127,14 @@ class HostTierMetadata(KVConnectorMetadata):
     demotion_batch: int | None = None
     demotions: tuple[tuple[int, int], ...] = ()
     loads: tuple[HostLoad, ...] = ()
+    # shared store tier (l3): (digest, token bytes, slot) to put before any slot is rewritten, and
+    # (request_id, digests, token bytes, slots) to read from the store into slots before the loads
+    l3_write_backs: tuple[tuple[int, bytes, int], ...] = ()
+    l3_stages: tuple[tuple[int, tuple[int, ...], tuple[bytes, ...], tuple[int, ...]], ...] = ()
 
     @property
     def has_work(self) -> bool:
-        return bool(self.demotions or self.loads)
+        return bool(self.demotions or self.loads or self.l3_write_backs or self.l3_stages)
 
 
 def resolve_num_slots(extra_config: Mapping[str, Any], hostcache: HostCacheConfig, tp_size: int) -> int:
@@ -232,6 +236,7 @@ class HostTierWorker:
         self._unwritten_reads = 0                      # refused loads since the last poll: slot never written
         self.first_step: int | None = None             # metadata step of the first plan this worker received
         self.last_drain: DrainReport | None = None
+        self.l3 = None                                 # l3_tier.WorkerL3 with an l3: section
 
     # -- registration ------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: Mapping[str, Any], tensor_specs=None) -> None:
@@ -278,6 +283,10 @@ class HostTierWorker:
                                        **self.engine_kwargs)
         self.layout, self.pool = layout, pool
         self._readable = bytearray(self.num_slots)   # a new pool: no slot holds a block yet
+        if self.hostcache.l3 is not None and self.l3 is None:
+            from .l3_tier import WorkerL3
+
+            self.l3 = WorkerL3.build(self)
         logger.info("host tier rank %d: %d slots x %d B (%s), %d rows", self.tp_rank, self.num_slots,
                     pool.slot_bytes, fmt, len(caches))
 
@@ -293,6 +302,8 @@ class HostTierWorker:
         if self.engine is None:
             raise RuntimeError("host-tier copy requested before register_kv_caches (or after shutdown)")
         host_loads = meta.loads
+        if meta.l3_write_backs or meta.l3_stages:
+            host_loads = self._l3_step(meta, host_loads)
         if host_loads:
             host_loads = tuple(ld for ld in host_loads if self._slots_written(ld))
         if self.hostcache.checksum and host_loads:
@@ -314,6 +325,36 @@ class HostTierWorker:
         except Exception:  # reported as a failed op: the scheduler falls back to recompute
             logger.exception("host tier rank %d: submit of op %d failed", self.tp_rank, op_id)
             self._failed_submits.append(op_id)
+
+    def _l3_step(self, meta: HostTierMetadata, host_loads):
+        """Store work of a step, before any copy is submitted: write-backs first (the slots are
+        about to be reused), then staging of store blocks into the slots of this step's loads.
+        A load whose staging failed is refused (reported failed: LMDeploy recomputes)."""
+        from ..l3.chain import WriteBack
+
+        readable = self._readable
+        if self.l3 is not None and meta.l3_write_backs:
+            items = [WriteBack(d, t, s) for d, t, s in meta.l3_write_backs if 0 <= s < len(readable) and readable[s]]
+            self.l3.chain.write_back(items)
+        failed: set[int] = set()
+        for req, digests, tokens, slots in meta.l3_stages:
+            for slot in slots:
+                readable[slot] = 0
+            if self.l3 is not None and self.l3.chain.stage(digests, tokens, slots):
+                for slot in slots:
+                    readable[slot] = 1
+                    if self.hostcache.checksum:
+                        self._checksums[slot] = self._slot_digest(slot)
+            else:
+                failed.add(int(req))
+        if not failed:
+            return host_loads
+        for ld in host_loads:
+            if ld.request_id in failed:
+                logger.warning("host tier rank %d: request %d: its store blocks could not be staged; recomputing",
+                               self.tp_rank, ld.request_id)
+                self._rejected_loads.append(ld)
+        return tuple(ld for ld in host_loads if ld.request_id not in failed)
 
     def _slot_digest(self, slot: int) -> int:
         return xxhash.xxh3_64_intdigest(self.pool.slot_view(slot).numpy())
@@ -426,3 +467,6 @@ class HostTierWorker:
         self._rejected_loads.clear()
         self._readable = None
         self.pool = None
+        if self.l3 is not None:   # its slot accessors belong to the released pool
+            l3, self.l3 = self.l3, None
+            l3.close()

@@ -122,8 +122,10 @@ class SchedulerChain:
                 self._staging.difference_update(digests)
             return
         for d in reversed(list(digests)):      # leaf first: a parent's failure dooms its children
-            if self.index.get(d) is not None:
+            try:                               # (a block dropped meanwhile is only unpinned and freed)
                 self.index.complete_store(d, False)
+            except KeyError:                   # already gone with a failed parent
+                pass
 
 
 class WorkerChain:

@@ -50,3 +50,37 @@ def test_missing_address_and_wrong_type():
         parse_l3_section("yes")
     with pytest.raises(ConfigError, match="port"):
         parse_l3_section({"master_address": "h:70000"})
+
+
+def test_hook_in_host_cache_config(tmp_path):
+    from lmdeploy_hostcache.config import HostCacheConfig
+
+    assert HostCacheConfig().l3 is None
+    cfg = HostCacheConfig.from_dict({"host_cache_gb": 8, "l3": {"master_address": "m:7", "global_segment_gb": 2}})
+    assert cfg.l3 == L3Config(master_address="m:7", global_segment_gb=2.0)
+    assert HostCacheConfig.from_dict(cfg.to_dict()) == cfg
+    assert HostCacheConfig.from_yaml_text(cfg.to_yaml()) == cfg
+    assert cfg.replace(host_cache_gb=4).l3 == cfg.l3
+    with pytest.raises(ConfigError) as ei:   # the section's errors and the flat fields' errors together
+        HostCacheConfig.from_dict({"host_cache_gb": -1, "l3": {"master_address": "x", "timeout_ms": -5}})
+    assert {e.field for e in ei.value.errors} == {"host_cache_gb", "l3.master_address", "l3.timeout_ms"}
+    p = tmp_path / "hc.yaml"
+    p.write_text("l3:\n  master_address: 10.0.0.1:50051\n  protocl: tcp\n")
+    with pytest.raises(ConfigError, match=r"hc\.yaml: .*l3\.protocl: unknown field; did you mean 'protocol'"):
+        HostCacheConfig.from_yaml(p)
+
+
+def test_doctor_shows_the_memory_budget(tmp_path):
+    from lmdeploy_hostcache.doctor import _text, collect
+
+    p = tmp_path / "hc.yaml"
+    p.write_text("host_cache_gb: 2\nl3:\n  master_address: 127.0.0.1:1\n  global_segment_gb: 1\n"
+                 "  local_buffer_gb: 0.5\n")
+    facts = collect(str(p))
+    mb = facts["memory_budget"]
+    assert mb["host_cache_bytes"] == 2 << 30 and mb["l3_segment_bytes"] == 1 << 30
+    assert mb["total_bytes"] == (2 << 30) + (1 << 30) + (1 << 29)
+    text = _text(facts)
+    assert "mem budget   host tier 2.0 GiB + L3 segment 1.0 GiB + L3 buffer 512.0 MiB = 3.5 GiB" in text
+    assert "master 127.0.0.1:1" in text
+    assert collect(None)["memory_budget"] is None

@@ -245,12 +245,14 @@ def test_full_store_refuses_and_strict_put_raises(own_master):
         d, tb = chain_digests(space.namespace, list(range(40 * BS)))
         big = [payload_for("f", i, 1 << 20) for i in range(40)]
         stored = c.put_blocks(space, d, tb, big)
-        assert stored[0] and not all(stored), stored      # 16 MiB cannot hold 40 MiB
+        assert any(stored) and not all(stored), stored     # 16 MiB cannot hold 40 MiB
         assert m.snapshot()["put_refused"] == stored.count(False)
-        n = c.count_prefix(space, d)
-        assert 0 < n < 40
-        # what was stored reads back byte-exact
-        assert [bytes(g) for g in c.get_blocks(space, d[:n], tb[:n], 1 << 20)] == big[:n]
+        # the master may evict on its own to make room: trust only what exists now, and
+        # everything that exists reads back byte-exact
+        there = c.exists(space.keys(d))
+        assert 0 < sum(there) < 40
+        for i in (i for i, ok in enumerate(there) if ok):
+            assert bytes(c.get_blocks(space, d[i:i + 1], tb[i:i + 1], 1 << 20)[0]) == big[i]
         with pytest.raises(L3Full):
             more, mtb = chain_digests(ns(tenant_salt="full2"), list(range(40 * BS)))
             c.put_blocks(StoreKeyspace(ns(tenant_salt="full2")), more, mtb, big, strict=True)

@@ -1,0 +1,93 @@
+"""The shared store tier (``l3:``) inside the host-tier connector: glue from LMDeploy's cache
+config to ``l3.chain`` (all decisions and byte checks live there).
+
+* ``SchedulerL3.build(scheduler)``: the scheduler's store client (lookups only: it contributes a
+  minimal segment) and its ``SchedulerChain`` over the scheduler's ``HostIndex``;
+* ``WorkerL3.build(worker)``: one rank's client (it contributes ``global_segment_gb``) and its
+  ``WorkerChain`` over the rank's ``HostPool``.
+
+Both sides derive the same per-rank ``StoreKeyspace``: the base namespace (adapters differ
+through the chained digest itself), the TP size and rank, and the planned bytes of one host slot
+(``host_slot_bytes``). Invariants: with no ``l3:`` section nothing here runs; a store that cannot
+be reached at start-up raises (``on_unreachable: error``) or leaves the node without the tier
+(``warn``); a worker never writes back a slot its pool has not had written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from ..l3.backend import connect
+from ..l3.chain import SchedulerChain, WorkerChain
+from ..l3.keys import StoreKeyspace
+from ..metrics import L3TierMetrics
+from .namespace import NamespaceFactory
+
+logger = logging.getLogger("lmdeploy_hostcache.l3")
+_QUERY_ONLY_GB = 1 / 64   # the scheduler's client only checks existence: a token segment
+
+
+def _space_nbytes(extra) -> int:
+    planned = extra.get("host_slot_bytes")
+    return int(planned) if isinstance(planned, int) and not isinstance(planned, bool) else 0
+
+
+def rank_keyspace(namespaces: NamespaceFactory, tp_size: int, tp_rank: int, extra) -> StoreKeyspace:
+    return StoreKeyspace(namespaces.for_adapter(None), tp_size=int(tp_size), tp_rank=int(tp_rank),
+                         block_nbytes=_space_nbytes(extra))
+
+
+class SchedulerL3:
+    def __init__(self, chain: SchedulerChain, metrics: L3TierMetrics) -> None:
+        self.chain = chain
+        self.metrics = metrics
+
+    @classmethod
+    def build(cls, sched: Any) -> SchedulerL3 | None:
+        cfg = sched.hostcache.l3
+        if cfg is None:
+            return None
+        metrics = L3TierMetrics()
+        query_cfg = dataclasses.replace(cfg, global_segment_gb=_QUERY_ONLY_GB, local_buffer_gb=_QUERY_ONLY_GB)
+        client = connect(query_cfg, metrics=metrics, logger=logger)
+        if client is None:
+            return None
+        extra = sched.cache_config.kv_transfer_config.kv_connector_extra_config
+        spaces = [rank_keyspace(sched.namespaces, sched.tp_size, r, extra) for r in range(sched.tp_size)]
+        logger.info("l3 tier: Mooncake Store at %s (%s), %s", cfg.master_address, cfg.protocol, cfg.write_policy)
+        return cls(SchedulerChain(sched.index, client, spaces, cfg.write_policy), metrics)
+
+    def close(self) -> None:
+        if self.chain.client is not None:
+            self.chain.client.close()
+
+
+class WorkerL3:
+    def __init__(self, chain: WorkerChain) -> None:
+        self.chain = chain
+
+    @classmethod
+    def build(cls, worker: Any) -> WorkerL3 | None:
+        cfg = worker.hostcache.l3
+        if cfg is None:
+            return None
+        client = connect(cfg, metrics=L3TierMetrics(), logger=logger)
+        if client is None:
+            return None
+        namespaces = NamespaceFactory.from_cache_config(worker.cache_config, worker.hostcache)
+        space = rank_keyspace(namespaces, worker.tp_size, worker.tp_rank, worker.extra)
+        pool = worker.pool
+
+        def read_slot(slot: int):
+            return pool.slot_view(slot).numpy()
+
+        def write_slot(slot: int, payload) -> None:
+            pool.slot_view(slot).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
+
+        return cls(WorkerChain(client, space, pool.slot_bytes, read_slot, write_slot))
+
+    def close(self) -> None:
+        self.chain.client.close()

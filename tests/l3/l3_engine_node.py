@@ -1,0 +1,79 @@
+"""One harness "node" (LMDeploy's real scheduler + both connector roles + the prefix-oracle
+checker) with the shared store tier, run as its own process by tests/l3/test_l3_engine.py.
+
+    python l3_engine_node.py MASTER_ADDRESS ROLE [FAULT ITERATION MASTER_PGID]
+
+ROLE A computes the conversations, then serves other traffic that pushes them out of its GPU
+and host tiers into the store, prints its result and keeps running (its client holds the
+segment the objects live in) until its stdin closes. ROLE B serves the same conversations.
+FAULT ``kill`` / ``pause`` sends SIGKILL / SIGSTOP to the master at that iteration.
+
+Prints one JSON line: the run's checks, the store counters and the slot accounting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+import torch  # noqa: E402
+from harness import (HarnessCacheSpec, HarnessModel, WorkloadDriver, check_gpu_refcounts_balanced,  # noqa: E402
+                     weka_conversations)
+from harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine,  # noqa: E402
+                               check_host_tier_balanced, rank_checkers, scheduler_side)
+
+FILES = ["trace_0019.json", "trace_0086.json", "trace_0624.json"]
+FLUSH = ["trace_0228.json", "trace_0277.json", "trace_0291.json"]   # later traffic that pushes FILES out
+
+
+def main() -> None:
+    address, role = sys.argv[1], sys.argv[2]
+    fault = sys.argv[3] if len(sys.argv) > 3 else ""
+    fault_at = int(sys.argv[4]) if len(sys.argv) > 4 else -1
+    master_pgid = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    l3 = None if address == "none" else {"master_address": address, "global_segment_gb": 64 / 1024, "local_buffer_gb": 32 / 1024,
+                                         "timeout_ms": 1500, "write_policy": os.environ.get("L3_WRITE_POLICY", "write_back")}
+    # tight tiers: the GPU evicts, the small host tier evicts too, so blocks are written back
+    engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
+                                    HarnessCacheSpec(num_gpu_blocks=24, quant_policy=0, max_prefill_token_num=512),
+                                    HostTierSpec(host_slots=int(os.environ.get("L3_HOST_SLOTS", "16")), min_restore_tokens=16, l3=l3))
+    checkers = rank_checkers(engine, "same")
+    slots = HostSlotChecker(engine)
+    conversations = weka_conversations(files=FILES, max_turns=4)
+    if role == "A":   # node A computes FILES, then other traffic evicts them GPU -> host -> store
+        conversations += weka_conversations(files=FLUSH, max_turns=4)
+
+    def on_iteration(driver) -> None:
+        if driver.iteration == fault_at and master_pgid:
+            os.killpg(master_pgid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+
+    driver = WorkloadDriver(engine, conversations, checker=checkers + [slots], max_active=3,
+                            on_iteration=on_iteration)
+    report = driver.run()
+    slots.verify("end of run")
+    out = {"role": role, "iterations": report.iterations, "requests": report.requests,
+           "finished": report.finished, "aborted": report.aborted,
+           "wrong_blocks": sum(c.stats.wrong_blocks for c in checkers) + slots.stats.wrong_blocks,
+           "checks": checkers[0].stats.checks, "first_error": str(checkers[0].stats.first_error)}
+    check_gpu_refcounts_balanced(engine.scheduler)
+    out["balanced"] = check_host_tier_balanced(engine)
+    stats = scheduler_side(engine).stats()
+    out.update({k: v for k, v in stats.items() if k.startswith("l3_") and not k.endswith(("_s", "_count"))})
+    out["host_hit_blocks"] = stats["hit_blocks"]
+    out["restored_tokens"] = stats["restored_tokens"]
+    out["restore_failures"] = stats["restore_failures"]
+    print("RESULT " + json.dumps(out), flush=True)
+    if role == "A":   # keep serving: the objects live in this node's contributed segment
+        sys.stdin.readline()
+    # no graceful close: against a dead or paused master Mooncake's close retries for many
+    # seconds; the OS reclaims everything this process holds
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The chain in the engine: two harness "nodes" (two processes: LMDeploy's real scheduler, both
+connector roles, the prefix-oracle checker of every GPU block and host slot after every step)
+share one real mooncake_master on 127.0.0.1. Node B restores, byte-exact, prefixes only node A
+computed; a master killed or hung mid-run falls back to recompute with zero wrong bytes and no
+leaked slot (the node checks its slot accounting at the end: check_host_tier_balanced)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from l3_helpers import needs_mooncake
+
+from lmdeploy_hostcache.l3.master import LoopbackMaster, loopback_env
+
+pytestmark = needs_mooncake
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+NODE = HERE / "l3_engine_node.py"
+
+
+def _traces_available() -> bool:
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    try:
+        from harness.workloads import traces_dir
+
+        return (traces_dir() / "weka_sample" / "trace_0291.json").exists()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+pytestmark = [needs_mooncake, pytest.mark.skipif(not _traces_available(), reason="WEKA sample traces not found")]
+
+
+def _env():
+    return {**os.environ, "TRITON_INTERPRET": "1", "MC_TCP_BIND_ADDRESS": "127.0.0.1", "L3_HOST_SLOTS": "12"}
+
+
+def _result(stdout: str) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, stdout[-2000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _clean(r: dict) -> None:
+    assert r["wrong_blocks"] == 0, r["first_error"]
+    assert r["checks"] == r["iterations"] and r["finished"] + r["aborted"] == r["requests"]
+    assert r["balanced"]["host_free"] == r["balanced"]["host_slots"] - r["balanced"]["host_resident"]
+
+
+def _with_node_a(fn):
+    loopback_env()
+    with LoopbackMaster() as master:
+        a = subprocess.Popen([sys.executable, str(NODE), master.address, "A"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(),
+                             start_new_session=True)
+        try:
+            out = ""
+            for line in a.stdout:
+                out += line
+                if line.startswith("RESULT "):
+                    break
+            ra = _result(out)
+            _clean(ra)
+            assert ra["l3_put_blocks"] > 0
+            return ra, fn(master)
+        finally:
+            try:
+                a.stdin.close()
+                a.wait(30)
+            except Exception:  # noqa: BLE001
+                pass
+            if a.poll() is None:
+                os.killpg(a.pid, 9)
+                a.wait(10)
+
+
+def _node_b(master, *fault) -> dict:
+    extra = [*fault, str(master.proc.pid)] if fault else []
+    out = subprocess.run([sys.executable, str(NODE), master.address, "B", *extra], capture_output=True, text=True,
+                         timeout=300, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    return _result(out.stdout)
+
+
+def test_node_b_restores_byte_exact_prefixes_only_node_a_computed():
+    ra, rb = _with_node_a(lambda m: _node_b(m))
+    _clean(rb)
+    assert rb["l3_hit_blocks"] > 0 and rb["l3_get_blocks"] > 0 and rb["l3_bytes_from_l3"] > 0, rb
+    assert rb["restored_tokens"] > 0 and rb["l3_errors"] == 0
+
+
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+def test_master_fault_mid_run_recomputes_with_zero_wrong_bytes(fault):
+    ra, rb = _with_node_a(lambda m: _node_b(m, fault, "8"))
+    _clean(rb)
+    assert rb["l3_errors"] > 0, rb        # the store failed under it ...
+    assert rb["restored_tokens"] > 0      # ... and the node kept serving (host hits, recompute)
