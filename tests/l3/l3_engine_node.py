@@ -22,13 +22,29 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import torch  # noqa: E402
-from harness import (HarnessCacheSpec, HarnessModel, WorkloadDriver, check_gpu_refcounts_balanced,  # noqa: E402
-                     weka_conversations)
+import numpy as np  # noqa: E402
+from harness import (HarnessCacheSpec, HarnessModel, TurnSpec, WorkloadDriver,  # noqa: E402
+                     check_gpu_refcounts_balanced)
 from harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine,  # noqa: E402
                                check_host_tier_balanced, rank_checkers, scheduler_side)
 
-FILES = ["trace_0019.json", "trace_0086.json", "trace_0624.json"]
-FLUSH = ["trace_0228.json", "trace_0277.json", "trace_0291.json"]   # later traffic that pushes FILES out
+VOCAB = HarnessModel().vocab_size
+
+
+def conversations_of(seed: int, n: int = 6, turns: int = 4) -> list[list[TurnSpec]]:
+    """Multi-turn chats (no trace files needed): a shared 32-token system prompt, then each
+    turn's prompt extends the previous one by 40 tokens (at most 240 tokens)."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(10, VOCAB, 32)
+    out = []
+    for c in range(n):
+        ctx = np.concatenate([system, rng.integers(10, VOCAB, 48)])
+        conv = []
+        for t in range(turns):
+            ctx = np.concatenate([ctx, rng.integers(10, VOCAB, 40)])
+            conv.append(TurnSpec(f"chat{seed}/{c}", t, ctx.copy(), max_new_tokens=4))
+        out.append(conv)
+    return out
 
 
 def main() -> None:
@@ -44,9 +60,9 @@ def main() -> None:
                                     HostTierSpec(host_slots=int(os.environ.get("L3_HOST_SLOTS", "16")), min_restore_tokens=16, l3=l3))
     checkers = rank_checkers(engine, "same")
     slots = HostSlotChecker(engine)
-    conversations = weka_conversations(files=FILES, max_turns=4)
-    if role == "A":   # node A computes FILES, then other traffic evicts them GPU -> host -> store
-        conversations += weka_conversations(files=FLUSH, max_turns=4)
+    conversations = conversations_of(1)
+    if role == "A":   # node A computes them, then other traffic evicts them GPU -> host -> store
+        conversations += conversations_of(2)
 
     def on_iteration(driver) -> None:
         if driver.iteration == fault_at and master_pgid:
