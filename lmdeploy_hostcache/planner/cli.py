@@ -149,6 +149,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prefill rate (default: 30,000 tokens/s scaled by 8B/model size; an assumption)")
     k.add_argument("--h2d-gbps", type=_pos_float, default=None, metavar="GBPS",
                    help="host->GPU copy rate in GB/s (default 25, PCIe Gen4 x16 pinned; an assumption)")
+    k.add_argument("--decode-tokens-per-s", type=_pos_float, default=None, metavar="R",
+                   help="output tokens per second per running request, for request lifetimes in the "
+                        "concurrency replay (default 40; an assumption; planner/concurrency.py)")
+    k.add_argument("--no-concurrency", action="store_true",
+                   help="skip the replay with request lifetimes (only the one-request-at-a-time replay)")
 
     s = p.add_argument_group("sweep and cluster")
     s.add_argument("--sweep", action=_Explicit, nargs=0, default=False,
@@ -307,6 +312,14 @@ def _run(args) -> int:
         print("warning: the GPU tier holds no block: nothing can be cached", file=sys.stderr)
     st = replay(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, show)
     ttft = TTFTEstimate.of(st, sizing, cost)
+    conc = conc_lifetimes = None
+    if not args.no_concurrency:
+        from .concurrency import DEFAULT_DECODE_TOKENS_PER_S, Lifetimes, replay_concurrent
+
+        conc_lifetimes = Lifetimes(args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S,
+                                   cost.prefill_tokens_per_s)
+        conc = replay_concurrent(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, conc_lifetimes,
+                                 show)
     unbounded = unbounded_notes(args.distinct_blocks, gpu_blocks=gpu_blocks, host_blocks=host_blocks)
     if args.json:
         out = dict(head)
@@ -321,6 +334,9 @@ def _run(args) -> int:
         out["ttft"] = ttft.as_dict()
         out["load_seconds"] = t_load
         out["replay_seconds"] = st.elapsed_s
+        if conc is not None:
+            out["with_concurrency"] = {**conc.as_dict(), "lifetimes": conc_lifetimes.as_dict(),
+                                       "note": "running requests pin their blocks (planner/concurrency.py)"}
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.total_prompt_tokens:,} prompt tokens, "
@@ -335,6 +351,13 @@ def _run(args) -> int:
     print(f"est. TTFT saving from host hits: {ttft.saving_s:,.1f} s in total, {ttft.mean_saving_ms:.1f} ms per "
           f"request, {ttft.mean_saving_ms_host_hit_requests:.1f} ms per request with host hits "
           f"({st.requests_with_host_hits:,} of {st.requests:,})")
+    if conc is not None:
+        print(f"with concurrency (running requests pin their blocks; at most {conc.max_running:,} at once, "
+              f"{conc.queued_requests:,} waited for room, {conc.queue_delay_s / max(conc.queued_requests, 1):,.1f} s on "
+              f"average): hit rate {conc.hit_rate:.3f} (GPU {conc.gpu_hit_rate:.3f}, "
+              f"host {conc.host_hit_rate:.3f}) vs {st.hit_rate:.3f} (GPU {st.gpu_hit_rate:.3f}, host "
+              f"{st.host_hit_rate:.3f}) one request at a time")
+        print(f"concurrency model: {conc_lifetimes.describe()}")
     print(f"cost model: {cost.describe()}")
     if ttft.saving_s < 0:
         print("note: on these rates a host restore is slower than recomputing; the tier would not pay off")

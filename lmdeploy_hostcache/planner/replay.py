@@ -27,7 +27,8 @@ bytes, so digest and token-verification paths run exactly as in the engine):
 Only full blocks are cached; the partial last block of a prompt is always computed and counts
 as a prompt block that missed.  Hit rates are fractions of prompt blocks.  Output tokens are not
 cached (the next turn's prompt carries them with its own block ids).  Requests are replayed one
-at a time in arrival order: concurrency (blocks held by running sequences) is not modelled.
+at a time in arrival order and finish at once: concurrency (blocks held by running sequences) is
+not modelled here; ``concurrency.py`` replays the same cache with request lifetimes.
 
 If the GPU tier cannot take a block (everything pinned: the request is longer than the GPU
 budget), the rest of the request is computed uncached and the request is counted in
@@ -162,6 +163,12 @@ class TwoTierCache:
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:
         """Replay one request; returns (GPU-hit blocks, host-restored blocks)."""
+        g, restored, _ = self.serve_blocks(pr)
+        return g, restored
+
+    def serve_blocks(self, pr: PreparedRequest) -> tuple[int, int, int]:
+        """``serve`` that also returns how many blocks it stored on the GPU: the request's GPU
+        blocks afterwards are ``digests[:g + stored]`` (all resident)."""
         gpu, host, st = self.gpu, self.host, self.stats
         d, b = pr.digests, pr.block_bytes
         g, h = self.probe(pr)
@@ -193,7 +200,7 @@ class TwoTierCache:
         st.host_hit_blocks += restored
         st.requests_with_host_hits += restored > 0
         st.gpu_overflow_requests += overflow
-        return g, restored
+        return g, restored, len(new)
 
     def finish(self) -> ReplayStats:
         st = self.stats

@@ -1,0 +1,246 @@
+"""Two-tier replay with request lifetimes: blocks of running requests cannot be evicted.
+
+``replay.TwoTierCache`` serves each request and forgets it at once, so the whole GPU tier holds
+reusable prefix.  In an engine a running request keeps its blocks until it finishes, and those
+blocks are not eviction candidates; under load the GPU tier therefore holds less reusable
+prefix than its size.  ``ConcurrentTwoTierCache`` models this:
+
+* a request starting at ``t`` runs until
+  ``t + recomputed_tokens / prefill_tokens_per_s + output_length / decode_tokens_per_s``
+  (``Lifetimes``; both rates are **assumptions**, settable, printed with every result);
+* it starts at its arrival (the trace's timestamp), or later when the blocks it needs
+  (``ceil((input + output) / block_size)``, less the prefix blocks already pinned) do not fit
+  beside what the running requests hold: then running requests finish, in end order, until it
+  fits (first come, first served, as the engine's waiting queue; a request larger than the whole
+  tier runs when nothing else does);
+* before a request is served, every request whose end is at or before its start finishes
+  (in end order);
+* while it runs, the request pins (``HostIndex.prepare_load``: read pins, not candidates) every
+  GPU block of its prompt it matched or stored, and holds ``ceil((input + output) / block_size)``
+  minus those blocks of further GPU capacity (its partial prompt block and its output tokens:
+  slots taken from the GPU tier's allocator, evicting by policy when none is free);
+* when it finishes, the pins and the held slots go, and the full blocks of prompt + output past
+  the prompt's full blocks (``(input + output - 1) // block_size`` minus them) stay in the GPU
+  tier as leaves under the prompt's last block, with ids no later request can match (LMDeploy's
+  trie keeps the full blocks a sequence filled while decoding; the trace's next turn names its
+  own blocks, so they are never hits here).  They compete for space and are demoted like any
+  evicted block.
+
+Invariants: pins are balanced (every pin taken at serve is released at that request's end or at
+``finish``); a held slot is never owned by a block; a request whose hold cannot be met (every GPU
+block pinned) is counted in ``held_short_blocks`` and runs with what it got.  Not modelled: the
+engine's admission queue (a request that does not fit waits instead of running short), chunked
+prefill, preemption, batch-size limits.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
+
+DEFAULT_DECODE_TOKENS_PER_S = 40.0
+
+
+@dataclass(frozen=True)
+class Lifetimes:
+    """How long a request runs (seconds of the trace's clock); both rates are assumptions."""
+
+    decode_tokens_per_s: float = DEFAULT_DECODE_TOKENS_PER_S
+    prefill_tokens_per_s: float = float("inf")
+
+    def __post_init__(self) -> None:
+        for name in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a number > 0, got {v!r}")
+
+    def duration_s(self, recomputed_tokens: int, output_tokens: int) -> float:
+        return recomputed_tokens / self.prefill_tokens_per_s + output_tokens / self.decode_tokens_per_s
+
+    def describe(self) -> str:
+        pre = "instant" if self.prefill_tokens_per_s == float("inf") else f"{self.prefill_tokens_per_s:,.0f} tokens/s"
+        return (f"request lifetime = prefill ({pre}) + output tokens at {self.decode_tokens_per_s:g} tokens/s per "
+                "request (assumed rates, not measurements)")
+
+    def as_dict(self) -> dict:
+        pre = None if self.prefill_tokens_per_s == float("inf") else self.prefill_tokens_per_s
+        return {"decode_tokens_per_s": self.decode_tokens_per_s, "prefill_tokens_per_s": pre,
+                "note": "assumed rates, not measurements"}
+
+
+@dataclass
+class ConcurrencyStats(ReplayStats):
+    """``ReplayStats`` plus what the running requests held."""
+
+    max_running: int = 0
+    max_held_blocks: int = 0      # GPU blocks pinned or held by running requests at once (peak)
+    held_short_blocks: int = 0    # held blocks a request could not get (every GPU block pinned)
+    output_blocks: int = 0        # never-matched output blocks left in the GPU tier at request ends
+    queued_requests: int = 0      # requests that waited for running ones to leave room
+    queue_delay_s: float = 0.0    # their waits, summed
+
+
+@dataclass
+class _Running:
+    pinned: tuple[int, ...]
+    held: list[int]
+    ghost_parent: int
+    ghosts: int
+    index: int
+
+
+class ConcurrentTwoTierCache(TwoTierCache):
+    """``TwoTierCache`` whose requests run for a while; see the module docstring."""
+
+    def __init__(self, gpu_blocks: int, host_blocks: int, host_policy: str = "lru", block_size: int = 1,
+                 lifetimes: Lifetimes = Lifetimes(), verify_tokens: bool = True) -> None:
+        super().__init__(gpu_blocks, host_blocks, host_policy, block_size, verify_tokens)
+        st = self.stats
+        self.stats = ConcurrencyStats(st.block_size, st.gpu_blocks, st.host_blocks, st.host_policy)
+        self.block_size = block_size
+        self.lifetimes = lifetimes
+        self._running: list[tuple[float, int, _Running]] = []   # heap of (end, index, state)
+        self._n = 0
+        self._held_now = 0                 # slots in running requests' holds
+        self._pins: dict[int, int] = {}    # digest -> running requests pinning it
+        self._now = float("-inf")          # start of the latest request (starts never go back)
+        self._writing: list[int] = []      # host copies started at ``_writes_at`` (still WRITING)
+        self._writes_at = float("-inf")
+
+    def _demote(self, block) -> None:
+        """A GPU eviction: the host copy is in flight (WRITING, not loadable) until the clock
+        moves past the moment it started, as in the engine, where the copy completes at the
+        earliest with the next step: requests starting at that same moment cannot restore it."""
+        host = self.host
+        if host.prepare_store(block.digest, block.parent, block.tokens) is not None:
+            self._writing.append(block.digest)
+            self.stats.demotions += 1
+        elif block.digest not in host:
+            host.drop_subtree(block.digest)
+            self.stats.demotions_refused += 1
+
+    def _settle_writes(self, now: float) -> None:
+        if self._writing and now > self._writes_at:
+            host = self.host
+            for d in self._writing:
+                host.complete_store(d, True)
+            self._writing.clear()
+        self._writes_at = now
+
+    def _end_until(self, t: float) -> None:
+        running = self._running
+        while running and running[0][0] <= t:
+            self._end(heapq.heappop(running)[2])
+
+    def _occupied(self) -> int:
+        """GPU blocks running requests hold now (a block pinned by several counts once)."""
+        return len(self._pins) + self._held_now
+
+    def _end(self, r: _Running) -> None:
+        gpu, pins = self.gpu, self._pins
+        if r.pinned:
+            # LMDeploy stamps a sequence's blocks with the time it frees them (its LRU clock)
+            gpu.touch(r.pinned)
+            gpu.complete_load(r.pinned, False)  # read pins off; the blocks stay GPU-resident
+            for d in r.pinned:
+                n = pins[d] - 1
+                if n:
+                    pins[d] = n
+                else:
+                    del pins[d]
+        for slot in r.held:
+            gpu.allocator.free(slot)
+        self._held_now -= len(r.held)
+        parent = r.ghost_parent
+        for k in range(r.ghosts):
+            # a digest no request can produce: (1 << 128) + request index and position
+            ghost = (1 << 128) + (r.index << 20) + k
+            if gpu.prepare_store(ghost, parent, b"") is None:
+                break
+            gpu.complete_store(ghost, True)
+            self.stats.output_blocks += 1
+            parent = ghost
+
+    def _hold(self, n: int) -> list[int]:
+        gpu, held = self.gpu, []
+        for _ in range(n):
+            slot = gpu.allocator.allocate()
+            if slot is None and gpu.evict(1):
+                slot = gpu.allocator.allocate()
+            if slot is None:
+                self.stats.held_short_blocks += n - len(held)
+                break
+            held.append(slot)
+        return held
+
+    def _admit(self, pr: PreparedRequest, total: int) -> float:
+        """Start time of a request needing ``total`` GPU blocks: its arrival, or later when the
+        running requests leave too little room (first come, first served: never before the
+        previous start); requests that end meanwhile finish in end order."""
+        start = max(pr.request.timestamp, self._now)
+        self._end_until(start)
+        pins, cap = self._pins, self.stats.gpu_blocks
+        shared = 0
+        for d in pr.digests:
+            if d not in pins:
+                break
+            shared += 1
+        while self._running and self._occupied() + total - shared > cap:
+            end, _, r = heapq.heappop(self._running)
+            self._end(r)
+            start = max(start, end)
+        if start > pr.request.timestamp:
+            self.stats.queued_requests += 1
+            self.stats.queue_delay_s += start - pr.request.timestamp
+        self._now = start
+        self._settle_writes(start)
+        return start
+
+    def serve_at(self, pr: PreparedRequest) -> tuple[int, int]:
+        """Finish what ended by this request's start, then serve it and keep it running."""
+        r = pr.request
+        bs = self.block_size
+        total = -(-(r.input_length + r.output_length) // bs)
+        start = self._admit(pr, total)
+        g, restored, stored = self.serve_blocks(pr)
+        resident = self.gpu.is_resident
+        pinned = tuple(d for d in pr.digests[:g + stored] if resident(d))
+        if pinned:
+            self.gpu.prepare_load(pinned)
+            pins = self._pins
+            for d in pinned:
+                pins[d] = pins.get(d, 0) + 1
+        held = self._hold(max(0, total - len(pinned)))
+        ghosts = max(0, (r.input_length + r.output_length - 1) // bs - r.input_length // bs)
+        recomputed = max(0, r.input_length - (g + restored) * bs)
+        end = start + self.lifetimes.duration_s(recomputed, r.output_length)
+        state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, ghosts, self._n)
+        heapq.heappush(self._running, (end, self._n, state))
+        self._n += 1
+        self._held_now += len(held)
+        st = self.stats
+        st.max_running = max(st.max_running, len(self._running))
+        st.max_held_blocks = max(st.max_held_blocks, self._occupied())
+        return g, restored
+
+    def finish(self) -> ConcurrencyStats:
+        self._end_until(float("inf"))
+        self._settle_writes(float("inf"))
+        return super().finish()
+
+
+def replay_concurrent(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_blocks: int,
+                      host_policy: str = "lru", block_size: int = 1, lifetimes: Lifetimes = Lifetimes(),
+                      show_progress: bool | None = None, desc: str = "replay (concurrent)") -> ConcurrencyStats:
+    """Replay prepared requests (in arrival order) through a fresh ``ConcurrentTwoTierCache``."""
+    t0 = time.perf_counter()
+    cache = ConcurrentTwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, lifetimes)
+    serve = cache.serve_at
+    for pr in progress(prepared, desc, show_progress):
+        serve(pr)
+    st = cache.finish()
+    st.elapsed_s = time.perf_counter() - t0
+    return st
