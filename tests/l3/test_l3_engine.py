@@ -95,3 +95,30 @@ def test_master_fault_mid_run_recomputes_with_zero_wrong_bytes(fault):
     _clean(rb)
     assert rb["l3_errors"] > 0, rb        # the store failed under it ...
     assert rb["restored_tokens"] > 0      # ... and the node kept serving (host hits, recompute)
+
+
+@pytest.mark.parametrize("on_unreachable", ["error", "warn"])
+def test_unreachable_store_at_engine_start(on_unreachable, caplog):
+    """No master at the address: the engine refuses to start naming it, or (warn) starts with the
+    GPU and host tiers only."""
+    sys.path.insert(0, str(ROOT / "tests" / "integration"))
+    from harness import HarnessCacheSpec, HarnessModel
+    from harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side, worker_side
+
+    from lmdeploy_hostcache.l3 import L3Unavailable
+    from lmdeploy_hostcache.l3.master import free_port
+
+    addr = f"127.0.0.1:{free_port()}"
+    spec = HostTierSpec(host_slots=4, l3={"master_address": addr, "on_unreachable": on_unreachable,
+                                          "global_segment_gb": 1 / 64, "local_buffer_gb": 1 / 64})
+    build = lambda: build_host_tier_engine(HarnessModel(), HarnessCacheSpec(num_gpu_blocks=8), spec)  # noqa: E731
+    if on_unreachable == "error":
+        with pytest.raises(L3Unavailable, match=addr.replace(".", r"\.")):
+            build()
+        return
+    with caplog.at_level("WARNING", logger="lmdeploy_hostcache.l3"):
+        engine = build()
+    assert scheduler_side(engine).l3 is None and worker_side(engine).l3 is None
+    assert caplog.text.count(addr) >= 1 and "without the shared L3 tier" in caplog.text
+    if hasattr(engine, "close"):
+        engine.close()
