@@ -1,0 +1,13 @@
+"""Privacy-safe request-trace capture (pure: no lmdeploy, no torch).
+
+``keys.CaptureKey`` turns chained block digests into keyed block ids; ``record`` builds one
+Mooncake-layout JSON line per request (what ``lmdeploy-hostcache plan`` reads); ``writer``
+appends lines to a size-rotated file and never raises into serving.  The LMDeploy glue is
+``lmdeploy_hostcache/integration/trace_capture.py``; docs/planner.md "Capturing your own
+traffic" says what a capture reveals and what it does not.
+"""
+from .keys import CAPTURE_KEY_ENV, CaptureKey
+from .record import capture_record
+from .writer import RotatingWriter
+
+__all__ = ["CAPTURE_KEY_ENV", "CaptureKey", "capture_record", "RotatingWriter"]

@@ -1,0 +1,76 @@
+"""The capture key: keyed block ids from chained digests.
+
+A block id is ``blake2b(digest, key=K, digest_size=8)`` (the top bit cleared: a JSON-safe int
+>= 0) of the block's chained digest (``digest.py``: xxh3-128 over the whole prefix's token ids).
+Invariants:
+
+* equal prefixes give equal ids inside one capture (the digest names the whole prefix), so the
+  prefix-sharing structure survives and ``plan`` replays it exactly;
+* without ``K`` an id cannot be tested against a guessed prompt, nor matched with ids of a
+  capture made with another key (blake2b is a keyed PRF); ``K`` is 128 random bits per capture
+  unless the operator shares one through ``LMDEPLOY_HOSTCACHE_CAPTURE_KEY`` (32 hex digits) so that
+  the captures of several nodes can be merged;
+* ``K`` is never written anywhere; records carry only ``fingerprint`` (a keyed hash of a fixed
+  label, 8 hex digits), which says whether two files share a key and nothing about ``K``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+
+CAPTURE_KEY_ENV = "LMDEPLOY_HOSTCACHE_CAPTURE_KEY"
+KEY_BYTES = 16
+_ID_MASK = (1 << 63) - 1
+_FINGERPRINT_LABEL = b"lmdeploy-hostcache capture key fingerprint v1"
+
+
+class CaptureKey:
+    """128-bit key; ``block_id(digest)`` and ``session_id(value)`` are keyed hashes."""
+
+    __slots__ = ("_key", "fingerprint")
+
+    def __init__(self, key: bytes) -> None:
+        if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+            raise ValueError(f"a capture key is {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits)")
+        self._key = key
+        self.fingerprint = hashlib.blake2b(_FINGERPRINT_LABEL, key=key, digest_size=4).hexdigest()
+
+    @classmethod
+    def random(cls) -> "CaptureKey":
+        return cls(secrets.token_bytes(KEY_BYTES))
+
+    @classmethod
+    def from_hex(cls, text: str, source: str = CAPTURE_KEY_ENV) -> "CaptureKey":
+        try:
+            key = bytes.fromhex(text.strip())
+        except ValueError:
+            key = b""
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"{source}: expected {2 * KEY_BYTES} hex digits (a 128-bit capture key), "
+                             f"got {len(text.strip())} characters")
+        return cls(key)
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "CaptureKey":
+        """The shared key in ``LMDEPLOY_HOSTCACHE_CAPTURE_KEY``, else a fresh random one."""
+        text = environ.get(CAPTURE_KEY_ENV, "")
+        return cls.from_hex(text) if text.strip() else cls.random()
+
+    def __repr__(self) -> str:  # never show the key
+        return f"CaptureKey(fingerprint={self.fingerprint})"
+
+    def block_id(self, digest: int) -> int:
+        """Keyed id of a chained block digest (an int < 2**63)."""
+        h = hashlib.blake2b(digest.to_bytes(16, "little"), key=self._key, digest_size=8)
+        return int.from_bytes(h.digest(), "little") & _ID_MASK
+
+    def block_ids(self, digests) -> list[int]:
+        key = self._key
+        blake = hashlib.blake2b
+        return [int.from_bytes(blake(d.to_bytes(16, "little"), key=key, digest_size=8).digest(), "little") & _ID_MASK
+                for d in digests]
+
+    def session_id(self, value) -> str:
+        """Keyed hash of a session key (16 hex digits): equal inside a capture, opaque outside."""
+        return hashlib.blake2b(b"session\0" + str(value).encode(), key=self._key, digest_size=8).hexdigest()

@@ -1,0 +1,28 @@
+"""One captured request as a Mooncake-layout JSON line (the layout ``plan`` reads).
+
+Fields: ``timestamp`` (arrival, ms since the epoch on the capturing node's clock),
+``input_length`` and ``output_length`` (tokens), ``hash_ids`` (keyed ids of the prompt's full
+blocks, in order; ``keys.py``), ``block_size``, ``capture`` (the key's fingerprint) and, when the
+request continued an engine session, ``session`` (keyed).  Invariant: no token id, text, digest or
+key is ever a field; ``len(hash_ids) == input_length // block_size``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+
+def capture_record(*, arrival_s: float, input_length: int, output_length: int, block_ids: Sequence[int],
+                   block_size: int, fingerprint: str, session: str | None = None) -> str:
+    """The JSON line (with its newline) of one request."""
+    if block_size <= 0 or input_length < 0 or output_length < 0:
+        raise ValueError(f"bad capture record: block_size {block_size}, input {input_length}, output {output_length}")
+    if len(block_ids) != input_length // block_size:
+        raise ValueError(f"bad capture record: {len(block_ids)} block ids for {input_length} tokens "
+                         f"of {block_size}-token blocks")
+    rec = {"timestamp": round(arrival_s * 1000.0, 3), "input_length": int(input_length),
+           "output_length": int(output_length), "hash_ids": list(block_ids), "block_size": int(block_size),
+           "capture": fingerprint}
+    if session is not None:
+        rec["session"] = session
+    return json.dumps(rec, separators=(",", ":")) + "\n"

@@ -1,0 +1,89 @@
+"""Append-only capture file, rotated at a size limit, that never raises into serving.
+
+``RotatingWriter(path, max_bytes)`` appends whole lines with one ``os.write`` on an ``O_APPEND``
+descriptor.  When a line would take the file past ``max_bytes`` the file is closed and renamed
+``<stem>.<n>.jsonl`` (``n`` = 1, 2, ... , the first free one) and a new ``path`` is started, so every
+file ``plan`` reads holds whole records.  Invariants: ``write`` never raises; the first failure
+(unwritable folder, full disk, a rename refused) is logged once at WARNING with the path and the
+reason, after which capture stays off for this writer (``failed`` set, later lines counted in
+``dropped``); a line is written whole or not at all (a short write is treated as a failure).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("lmdeploy_hostcache.capture")
+
+DEFAULT_MAX_BYTES = 256 * 2**20
+
+
+class RotatingWriter:
+    def __init__(self, path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"capture max bytes must be > 0, got {max_bytes}")
+        self.path = Path(path)
+        self.max_bytes = int(max_bytes)
+        self._fd: int | None = None
+        self._size = 0
+        self.failed = ""        # the reason capture stopped ("" while it runs)
+        self.written = 0        # records written
+        self.dropped = 0        # records not written (after a failure)
+        self.rotations = 0
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        self._close()
+        suffix = self.path.suffix or ".jsonl"
+        stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
+        n = 1
+        while (self.path.parent / f"{stem}.{n}{suffix}").exists():
+            n += 1
+        os.rename(self.path, self.path.parent / f"{stem}.{n}{suffix}")
+        self.rotations += 1
+        self._open()
+
+    def write(self, line: str) -> bool:
+        """Append one record line; False (and nothing raised) when capture is off or failed."""
+        if self.failed:
+            self.dropped += 1
+            return False
+        data = line.encode("utf-8")
+        try:
+            if self._fd is None:
+                self._open()
+            if self._size and self._size + len(data) > self.max_bytes:
+                self._rotate()
+            n = os.write(self._fd, data)
+            if n != len(data):
+                try:  # take the partial line back so the file keeps whole records
+                    os.ftruncate(self._fd, self._size)
+                except OSError:
+                    pass
+                raise OSError(f"short write ({n} of {len(data)} bytes; disk full?)")
+            self._size += n
+            self.written += 1
+            return True
+        except Exception as exc:  # noqa: BLE001 -- capture must never stop serving
+            why = getattr(exc, "strerror", None) or str(exc)
+            self.failed = f"{self.path}: {why}"
+            self.dropped += 1
+            logger.warning("lmdeploy-hostcache: trace capture stopped: cannot write %s (%s); serving goes on "
+                           "without capture", self.path, why)
+            self._close()
+            return False
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def close(self) -> None:
+        self._close()
