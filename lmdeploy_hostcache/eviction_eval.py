@@ -117,6 +117,28 @@ def load_mooncake(path: str) -> BlockChains:
     return chains_from_trace(read_mooncake(path))
 
 
+def load_weka(paths: Sequence[str], stagger_s: float = 0.0) -> BlockChains:
+    """WEKA session files merged into one trace (64-token blocks, ids offset per file)."""
+    from .planner.traces import read_weka  # noqa: PLC0415
+    return chains_from_trace(read_weka(paths, stagger_s=stagger_s))
+
+
+def chat_chains(workload=None) -> BlockChains:
+    """The planner's built-in multi-turn chat generator (``planner.generator``), default workload."""
+    from .planner.generator import ChatWorkload, generate_chat  # noqa: PLC0415
+    return chains_from_trace(generate_chat(workload or ChatWorkload()))
+
+
+def footprint(chains: BlockChains) -> int:
+    """Distinct full blocks of the trace: the capacity at which nothing is ever evicted."""
+    return len({d for ds in chains.digests for d in ds})
+
+
+def head(chains: BlockChains, n: int) -> BlockChains:
+    """The first ``n`` requests."""
+    return BlockChains(chains.name, chains.digests[:n], chains.tokens[:n], chains.prompt_blocks[:n])
+
+
 def belady_for(chains: BlockChains) -> BeladyPolicy:
     """The offline-optimal policy for ``chains`` (uses: the request indices that list a block)."""
     uses: dict[int, list[int]] = {}

@@ -1,8 +1,21 @@
 """Eviction policies on real traces: host-tier hit rate vs capacity, next to the Belady bound.
 
-Replays Mooncake JSONL traces through ``HostIndex`` (one tier, see ``eviction_eval``) for every
-policy and capacity asked for, and prints the measured hit rates, each policy's share of the
-LRU -> Belady gap and the replay time.  Nothing here needs a GPU or LMDeploy.
+Replays traces through ``HostIndex`` (one tier, see ``eviction_eval``) for every policy and
+capacity asked for, and prints the measured hit rates, each policy's share of the
+LRU -> Belady gap, its worst difference from LRU and the replay time.  Nothing here needs a GPU
+or LMDeploy.
+
+Without ``--trace`` it replays two sets, kept apart on purpose (docs/eviction.md):
+
+* **tuning** -- the WEKA coding-agent sessions (``../shared/traces/weka_sample``, merged) and the
+  planner's built-in chat generator (default ``ChatWorkload``): policy choices may be made here;
+* **held-out** -- the two Mooncake traces (``../shared/traces/mooncake``): reported only, never
+  used to choose anything.  (The Azure traces carry no block ids, so no cache can be replayed
+  on them.)
+
+Capacities default to fractions of each trace's footprint (its distinct full blocks), so traces
+of different sizes and block sizes are compared at the same relative cache size; ``--capacities``
+gives absolute block counts instead (in the trace's own block size).
 """
 from __future__ import annotations
 
@@ -12,8 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CAPACITIES = (500, 1000, 2000, 4000, 6000, 10000, 20000, 40000)
-_SHARED_MOONCAKE = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mooncake"
+DEFAULT_FRACTIONS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
+_SHARED_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+_SHARED_MOONCAKE = _SHARED_TRACES / "mooncake"
+_SHARED_WEKA = _SHARED_TRACES / "weka_sample"
+SETS = ("tuning", "heldout")
 
 
 def default_traces() -> list[Path]:
@@ -38,12 +54,28 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fraction must be a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"fraction must be in (0, 1], got {v}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="append", metavar="PATH",
                    help="Mooncake JSONL(.gz) trace (repeatable; default: the two Mooncake traces of a source "
                         "checkout's ../shared/traces/mooncake, else the trace bundled with the package)")
-    p.add_argument("--capacities", nargs="+", type=_positive_int, metavar="BLOCKS",
-                   default=list(DEFAULT_CAPACITIES), help="host capacities in 512-token blocks")
+    p.add_argument("--set", dest="sets", action="append", choices=SETS,
+                   help="without --trace: which set to replay, 'tuning' (WEKA sessions + chat generator) or "
+                        "'heldout' (Mooncake traces); repeatable, default both")
+    p.add_argument("--capacities", nargs="+", type=_positive_int, metavar="BLOCKS", default=None,
+                   help="host capacities in blocks of the trace's own size (512 tokens for Mooncake)")
+    p.add_argument("--fractions", nargs="+", type=_fraction, metavar="F", default=None,
+                   help="host capacities as fractions of each trace's footprint (distinct full blocks); "
+                        f"the default when --capacities is not given: {' '.join(map(str, DEFAULT_FRACTIONS))}")
     p.add_argument("--policies", nargs="+", metavar="NAME", default=None,
                    help="policies to replay (default: every servable policy, plus belady, the offline bound)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N requests")
@@ -61,57 +93,87 @@ def _check_policies(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _sources(args: argparse.Namespace) -> "list[tuple[str, str, Path | None, object]]":
+    """(set, label, file or None, loader) per trace to replay."""
+    from ..eviction_eval import chat_chains, load_mooncake, load_weka  # noqa: PLC0415
+
+    if args.trace:
+        return [("given", Path(t).name, Path(t), lambda t=t: load_mooncake(str(t))) for t in args.trace]
+    # Absolute capacities are 512-token Mooncake blocks: alone they mean the held-out set only.
+    sets = args.sets or (["heldout"] if args.capacities and not args.fractions else list(SETS))
+    out = []
+    if "tuning" in sets:
+        weka = sorted(_SHARED_WEKA.glob("*.json")) if _SHARED_WEKA.is_dir() else []
+        if weka:
+            out.append(("tuning", f"weka_sample ({len(weka)} sessions)", weka[0],
+                        lambda: load_weka([str(w) for w in weka])))
+        else:
+            print(f"note: {_SHARED_WEKA} is absent: the tuning set is the chat generator only", file=sys.stderr)
+        out.append(("tuning", "chat generator", None, chat_chains))
+    if "heldout" in sets:
+        found = default_traces()
+        if found[0].parent != _SHARED_MOONCAKE:
+            print(f"note: {_SHARED_MOONCAKE} is absent: replaying the bundled trace {found[0].name}",
+                  file=sys.stderr)
+        out += [("heldout", t.name, t, lambda t=t: load_mooncake(str(t))) for t in found]
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
     from ..eviction import OFFLINE_ONLY, POLICIES  # noqa: PLC0415
-    from ..eviction_eval import belady_share, load_mooncake, replay  # noqa: PLC0415
+    from ..eviction_eval import belady_share, footprint, head, replay  # noqa: PLC0415
 
-    traces = [Path(t) for t in args.trace] if args.trace else default_traces()
-    if not traces:
-        print("no trace: pass --trace PATH (Mooncake JSONL)", file=sys.stderr)
-        return 2
-    for t in traces:
-        if not t.exists():
-            print(f"error: --trace {t}: no such file", file=sys.stderr)
-            return 2
-    if not args.trace and traces[0].parent != _SHARED_MOONCAKE:
-        print(f"note: {_SHARED_MOONCAKE} is absent: replaying the bundled trace {traces[0].name}", file=sys.stderr)
+    if args.trace:
+        for t in args.trace:
+            if not Path(t).exists():
+                print(f"error: --trace {t}: no such file", file=sys.stderr)
+                return 2
     if args.limit is not None and args.limit <= 0:
         print(f"--limit must be > 0, got {args.limit}", file=sys.stderr)
         return 2
+    if args.capacities and args.fractions:
+        print("error: give --capacities or --fractions, not both", file=sys.stderr)
+        return 2
     wanted = _check_policies(args.policies or [*POLICIES, *OFFLINE_ONLY])
     runs = list(dict.fromkeys(["lru", *wanted, "belady"]))  # lru and belady anchor the gap share
-    capacities = sorted(set(args.capacities))
+    sources = _sources(args)
+    fractions = None if args.capacities else sorted(set(args.fractions or DEFAULT_FRACTIONS))
+    n_caps = len(args.capacities and set(args.capacities) or fractions)
 
     results = []
-    total = len(traces) * len(capacities) * len(runs)
-    bar = tqdm(total=total, file=sys.stderr, disable=args.no_progress, unit="replay")
+    bar = tqdm(total=len(sources) * n_caps * len(runs), file=sys.stderr, disable=args.no_progress, unit="replay")
     t_all = time.perf_counter()
-    for path in traces:
+    for set_name, label, path, loader in sources:
         t0 = time.perf_counter()
         try:
-            chains = load_mooncake(str(path))
+            chains = loader()
         except ValueError as exc:  # every bad trace: one line naming the file, no traceback
             bar.close()
             msg = str(exc)
-            print(f"error: {msg if str(path) in msg else f'--trace {path}: {msg}'}", file=sys.stderr)
+            where = f"--trace {path}" if set_name == "given" else str(path or label)
+            print(f"error: {msg if str(path) in msg else f'{where}: {msg}'}", file=sys.stderr)
             return 2
         if args.limit is not None:
-            chains = type(chains)(chains.name, chains.digests[:args.limit], chains.tokens[:args.limit],
-                                  chains.prompt_blocks[:args.limit])
+            chains = head(chains, args.limit)
         load_s = time.perf_counter() - t0
-        for cap in capacities:
+        fp = footprint(chains)
+        caps = (sorted(set(args.capacities)) if fractions is None
+                else [(max(1, round(f * fp)), f) for f in fractions])
+        for cap in caps:
+            cap, frac = cap if isinstance(cap, tuple) else (cap, None)
             row = {}
             for name in runs:
-                bar.set_description(f"{path.stem[:12]} {cap} {name}")
+                bar.set_description(f"{label[:12]} {cap} {name}")
                 row[name] = replay(chains, cap, name)
                 bar.update(1)
             lru, bel = row["lru"].hit_rate, row["belady"].hit_rate
             for name in runs:
                 r = row[name]
                 d = r.as_dict()
-                d.update(trace=path.name, load_seconds=round(load_s, 3),
+                d.update(trace=label, set=set_name, footprint_blocks=fp, fraction=frac,
+                         load_seconds=round(load_s, 3),
                          gap_share=belady_share(lru, r.hit_rate, bel),
                          delta_vs_lru=round(r.hit_rate - lru, 6),
                          shown=name in wanted)
@@ -130,17 +192,49 @@ def run(args: argparse.Namespace) -> int:
     if plot_error:  # the results are still printed below
         args.plot = None
     rc = 2 if plot_error else 0
+    summary = summarize(results, wanted)
     if args.json:
-        print(json.dumps({"bench": "eviction", "capacity_unit": "blocks of 512 tokens",
+        print(json.dumps({"bench": "eviction", "capacity_unit": "blocks of the trace's own block size",
                           "hit_rate": "hit blocks / prompt blocks", "seconds": round(elapsed, 2),
-                          "results": results}, indent=1))
+                          "results": results, "summary": summary}, indent=1))
     else:
         _print_tables(results, wanted)
-        _print_summary(results, wanted)
+        _print_summary(summary)
         print(f"\n{len(results)} replays in {elapsed:.1f} s" + (f"; plot: {args.plot}" if args.plot else ""))
     if plot_error:
         print(f"error: {plot_error}; the results above are complete", file=sys.stderr)
     return rc
+
+
+def summarize(results: list[dict], wanted: list[str]) -> list[dict]:
+    """Per policy (not lru/belady) and trace: the mean gap share over the capacities that have a
+    gap, the pooled share (sum of wins over sum of gaps), and the worst difference from LRU."""
+    out = []
+    for n in wanted:
+        if n in ("lru", "belady"):
+            continue
+        traces: dict[str, list[dict]] = {}
+        for r in results:
+            if r["policy"] == n:
+                traces.setdefault(r["trace"], []).append(r)
+        for trace, rs in traces.items():
+            shares = [r["gap_share"] for r in rs if r["gap_share"] is not None]
+            gaps = sum(_rate(results, trace, r["capacity"], "belady") - _rate(results, trace, r["capacity"], "lru")
+                       for r in rs)
+            wins = sum(r["delta_vs_lru"] for r in rs)
+            worst = min(rs, key=lambda r: r["delta_vs_lru"])
+            out.append({"policy": n, "set": rs[0]["set"], "trace": trace, "points": len(rs),
+                        "mean_gap_share": round(sum(shares) / len(shares), 4) if shares else None,
+                        "pooled_gap_share": round(wins / gaps, 4) if gaps > 1e-12 else None,
+                        "min_delta_vs_lru": worst["delta_vs_lru"], "min_delta_capacity": worst["capacity"]})
+    return out
+
+
+def _rate(results: list[dict], trace: str, cap: int, policy: str) -> float:
+    for r in results:
+        if r["trace"] == trace and r["capacity"] == cap and r["policy"] == policy:
+            return r["hit_rate"]
+    raise KeyError((trace, cap, policy))
 
 
 def _by_trace(results: list[dict]) -> dict[str, dict[int, dict[str, dict]]]:
@@ -154,10 +248,11 @@ def _print_tables(results: list[dict], wanted: list[str]) -> None:
     for trace, caps in _by_trace(results).items():
         first = next(iter(caps.values()))
         any_r = next(iter(first.values()))
-        print(f"\n{trace}: {any_r['requests']} requests, {any_r['prompt_blocks']} prompt blocks "
+        print(f"\n[{any_r['set']}] {trace}: {any_r['requests']} requests, {any_r['prompt_blocks']} prompt blocks, "
+              f"footprint {any_r['footprint_blocks']} blocks "
               f"(hit rate = hit blocks / prompt blocks; gap share = (policy - lru) / (belady - lru))")
         cols = [n for n in wanted if n != "belady"]
-        head = f"{'capacity':>9} " + " ".join(f"{n:>16}" for n in cols) + f" {'belady':>8} {'replay s':>9}"
+        head = f"{'capacity':>9} {'of fp':>6} " + " ".join(f"{n:>16}" for n in cols) + f" {'belady':>8} {'replay s':>9}"
         print(head)
         for cap, row in caps.items():
             cells = []
@@ -167,22 +262,18 @@ def _print_tables(results: list[dict], wanted: list[str]) -> None:
                 cells.append(f"{r['hit_rate']:.4f}" + (f" ({share:+.2f})" if n != "lru" and share is not None
                                                        else " " * 8))
             secs = max(r["seconds"] for r in row.values())
-            print(f"{cap:>9} " + " ".join(f"{c:>16}" for c in cells) + f" {row['belady']['hit_rate']:>8.4f} {secs:>9.2f}")
+            frac = row["lru"]["fraction"]
+            print(f"{cap:>9} {'' if frac is None else f'{frac:.2f}':>6} " + " ".join(f"{c:>16}" for c in cells) + f" {row['belady']['hit_rate']:>8.4f} {secs:>9.2f}")
 
 
-def _print_summary(results: list[dict], wanted: list[str]) -> None:
-    print("\nper policy, over every trace and capacity above:")
-    for n in wanted:
-        if n in ("lru", "belady"):
-            continue
-        rs = [r for r in results if r["policy"] == n]
-        worst = min(rs, key=lambda r: r["delta_vs_lru"])
-        best = max(rs, key=lambda r: r["delta_vs_lru"])
-        shares = [r["gap_share"] for r in rs if r["gap_share"] is not None]
-        mean_share = sum(shares) / len(shares) if shares else float("nan")
-        print(f"  {n:>8}: mean gap share {mean_share:+.3f}; worst vs lru {worst['delta_vs_lru'] * 100:+.2f} pts "
-              f"({worst['trace']} @ {worst['capacity']}); best {best['delta_vs_lru'] * 100:+.2f} pts "
-              f"({best['trace']} @ {best['capacity']})")
+def _print_summary(summary: list[dict]) -> None:
+    print("\nper policy and trace (mean gap share over the capacities with a gap; pooled: sum of wins / "
+          "sum of gaps; min vs lru: the worst hit-rate difference, in points):")
+    for r in summary:
+        mean = "n/a" if r["mean_gap_share"] is None else f"{r['mean_gap_share']:+.3f}"
+        pooled = "n/a" if r["pooled_gap_share"] is None else f"{r['pooled_gap_share']:+.3f}"
+        print(f"  {r['policy']:>8} [{r['set']:>7}] {r['trace']:<28} mean gap share {mean:>6}; pooled {pooled:>6}; "
+              f"min vs lru {r['min_delta_vs_lru'] * 100:+.2f} pts (@ {r['min_delta_capacity']})")
 
 
 def _plot(results: list[dict], wanted: list[str], path: str) -> None:
@@ -199,7 +290,7 @@ def _plot(results: list[dict], wanted: list[str], path: str) -> None:
             style = dict(linestyle="--", color="black") if n == "belady" else dict(marker="o", markersize=3.5)
             ax.plot(xs, ys, label=n + (" (offline bound)" if n == "belady" else ""), **style)
         ax.set_xscale("log")
-        ax.set_xlabel("host capacity (512-token blocks)")
+        ax.set_xlabel("host capacity (blocks)")
         ax.set_ylabel("hit rate (hit blocks / prompt blocks)")
         ax.set_title(trace)
         ax.grid(True, which="both", alpha=0.3)
