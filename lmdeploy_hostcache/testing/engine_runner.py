@@ -230,8 +230,10 @@ def run_in_subprocess(spec: Mapping[str, Any], timeout: float = 600, python: str
             env["LMDEPLOY_HOSTCACHE_DISABLE"] = "1"
         if spec.get("cpu_shim", True):
             env["TRITON_INTERPRET"] = "1"
+        from .server import die_with_parent
+
         proc = subprocess.run([python or sys.executable, "-m", __name__, spec_path, out_path], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+                              text=True, timeout=timeout, env=env, preexec_fn=die_with_parent)
         if proc.returncode != 0 or not os.path.exists(out_path):
             raise RuntimeError(f"engine runner exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
         with open(out_path) as fh:

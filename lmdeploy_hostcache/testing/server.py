@@ -8,7 +8,9 @@ in its spawned engine process); otherwise through the plain ``lmdeploy`` CLI.
 
 Invariants: the server binds 127.0.0.1 only, on a free port picked here; it runs in a
 new session (process group) and on exit the whole group is terminated (SIGTERM, then
-SIGKILL after ``stop_timeout``), so no engine or worker process outlives the block;
+SIGKILL after ``stop_timeout``), so no engine or worker process outlives the block; if the
+calling process dies without running that (killed by a timeout), the server gets SIGTERM
+(``die_with_parent``) and shuts its engine down itself;
 ``ServerHandle.stop()`` reports whether the shutdown was clean (exit within the grace
 period and no process of the group left). A server that exits or does not answer
 ``/v1/models`` within ``startup_timeout`` raises ``ServerError`` with its log tail.
@@ -28,11 +30,23 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ServerError", "ServerHandle", "api_server", "free_port", "group_processes"]
+__all__ = ["ServerError", "ServerHandle", "api_server", "die_with_parent", "free_port", "group_processes"]
 
 
 class ServerError(RuntimeError):
     """The server did not start or did not stop cleanly (the message carries its log tail)."""
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the process that started it dies (Linux
+    ``PR_SET_PDEATHSIG``), so a test runner killed before its ``finally`` (a timeout's
+    SIGTERM/SIGKILL) leaves no server behind in its separate session. No-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - not Linux
+        pass
 
 
 def free_port() -> int:
@@ -169,7 +183,7 @@ def api_server(model: str, *, host_cache_gb: float | str | None = 1, host_cache_
     fd, log_path = tempfile.mkstemp(prefix=f"api_server-{port}-", suffix=".log", dir=log_dir)
     with os.fdopen(fd, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=child_env, start_new_session=True)
+                                env=child_env, start_new_session=True, preexec_fn=die_with_parent)
     handle = ServerHandle(port=port, proc=proc, log_path=log_path, stop_timeout=stop_timeout)
     try:
         deadline = time.monotonic() + startup_timeout

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -184,3 +185,32 @@ def test_server_helpers_free_port_and_process_group():
         proc.kill()
         proc.wait()
     assert group_processes(proc.pid) == []
+
+
+def test_children_die_with_a_killed_parent():
+    """A runner killed before its finally (timeout's SIGKILL) must not leave a server behind."""
+    code = textwrap.dedent("""
+        import subprocess, sys, time
+        from lmdeploy_hostcache.testing.server import die_with_parent
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             start_new_session=True, preexec_fn=die_with_parent)
+        print(p.pid, flush=True)
+        time.sleep(60)
+    """)
+    parent = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert os.path.exists(f"/proc/{child}")
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(child):
+        time.sleep(0.1)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
