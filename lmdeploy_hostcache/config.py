@@ -183,6 +183,22 @@ def _parse_tenant_salt(value: Any) -> str:
     raise _Bad("a string (quote it in YAML, e.g. tenant_salt: \"1234\")")
 
 
+def _parse_capture(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str) and "\0" not in value:
+        return value.strip()
+    raise _Bad("a file path (empty: no capture)")
+
+
+def _parse_capture_max_mb(value: Any) -> float:
+    allowed = "a number of MiB > 0"
+    out = _number(value, allowed)
+    if out <= 0:
+        raise _Bad(allowed)
+    return out
+
+
 def _parse_l3(value: Any) -> Any:
     # The shared store tier's section is parsed and validated in lmdeploy_hostcache/l3/config.py
     # (its errors name ``l3.<field>``); this is only the hook.
@@ -257,6 +273,18 @@ class HostCacheConfig:
         "Mixed into every block digest: engines or tenants with different salts never share "
         "host blocks. Treat a non-empty salt as a secret (it is masked in logs).",
         "any string"))
+    capture: str = field(default="", metadata=_meta(
+        _parse_capture,
+        "Trace capture: append one JSON line per finished request to this file, in the layout "
+        "`lmdeploy-hostcache plan` reads (arrival, input/output lengths, block size, keyed block "
+        "ids; never token ids or text; docs/planner.md \"Capturing your own traffic\"). Empty: off. "
+        "A write error is logged once and capture stops; serving goes on.",
+        "a file path, or empty"))
+    capture_max_mb: float = field(default=256.0, metadata=_meta(
+        _parse_capture_max_mb,
+        "Size at which the capture file is rotated (renamed `<name>.<n>.jsonl`; a new one is "
+        "started), in MiB.",
+        "number > 0"))
 
     l3: Any = field(default=None, metadata=_meta(
         _parse_l3,

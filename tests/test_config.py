@@ -22,7 +22,8 @@ FIELDS = HostCacheConfig.field_names()
 
 def test_field_list_is_the_documented_one():
     assert FIELDS == ("host_cache_gb", "host_memory_reserve_gb", "host_kv_format", "eviction_policy",
-                      "min_restore_tokens", "pin_memory", "verify_tokens", "checksum", "tenant_salt", "l3")
+                      "min_restore_tokens", "pin_memory", "verify_tokens", "checksum", "tenant_salt", "capture",
+                      "capture_max_mb", "l3")
 
 
 def test_defaults():
@@ -56,6 +57,9 @@ BAD_VALUES = [
     ("verify_tokens", 1.5), ("verify_tokens", "on"), ("verify_tokens", None), ("verify_tokens", [True]),
     ("checksum", 2), ("checksum", "nope"), ("checksum", None),
     ("tenant_salt", 1234), ("tenant_salt", None), ("tenant_salt", b"salt"), ("tenant_salt", ["a"]),
+    ("capture", 5), ("capture", ["a.jsonl"]), ("capture", "a\0b"), ("capture", True),
+    ("capture_max_mb", 0), ("capture_max_mb", -1), ("capture_max_mb", "big"), ("capture_max_mb", None),
+    ("capture_max_mb", True), ("capture_max_mb", math.inf),
     ("l3", "yes"), ("l3", 5), ("l3", True), ("l3", ["a"]),   # the section's own fields: tests/l3/test_l3_config.py
 ]
 

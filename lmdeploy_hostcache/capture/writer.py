@@ -3,7 +3,8 @@
 ``RotatingWriter(path, max_bytes)`` appends whole lines with one ``os.write`` on an ``O_APPEND``
 descriptor.  When a line would take the file past ``max_bytes`` the file is closed and renamed
 ``<stem>.<n>.jsonl`` (``n`` = 1, 2, ... , the first free one) and a new ``path`` is started, so every
-file ``plan`` reads holds whole records.  Invariants: ``write`` never raises; the first failure
+file ``plan`` reads holds whole records.  A non-empty ``path`` found at the first write (an earlier
+capture, made with another key) is set aside the same way, never appended to.  Invariants: ``write`` never raises; the first failure
 (unwritable folder, full disk, a rename refused) is logged once at WARNING with the path and the
 reason, after which capture stays off for this writer (``failed`` set, later lines counted in
 ``dropped``); a line is written whole or not at all (a short write is treated as a failure).
@@ -31,19 +32,23 @@ class RotatingWriter:
         self.written = 0        # records written
         self.dropped = 0        # records not written (after a failure)
         self.rotations = 0
+        self._opened = False
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size
 
-    def _rotate(self) -> None:
-        self._close()
+    def _set_aside(self) -> None:
         suffix = self.path.suffix or ".jsonl"
         stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
         n = 1
         while (self.path.parent / f"{stem}.{n}{suffix}").exists():
             n += 1
         os.rename(self.path, self.path.parent / f"{stem}.{n}{suffix}")
+
+    def _rotate(self) -> None:
+        self._close()
+        self._set_aside()
         self.rotations += 1
         self._open()
 
@@ -55,6 +60,9 @@ class RotatingWriter:
         data = line.encode("utf-8")
         try:
             if self._fd is None:
+                if not self._opened and self.path.exists() and self.path.stat().st_size:
+                    self._set_aside()   # an earlier capture's file (another key): never append to it
+                self._opened = True
                 self._open()
             if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()

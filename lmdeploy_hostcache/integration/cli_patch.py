@@ -1,4 +1,4 @@
-"""``lmdeploy serve api_server`` flags: ``--host-cache-gb`` and ``--host-cache-config``.
+"""``lmdeploy serve api_server`` flags: ``--host-cache-gb``, ``--host-cache-config``, ``--host-cache-capture``.
 
 ``activate.py`` rebinds ``SubCliServe.add_parser_api_server`` and ``SubCliServe.api_server``
 with the wrappers built here (it is the only module that rebinds LMDeploy functions):
@@ -57,6 +57,11 @@ def add_host_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--host-cache-config", type=str, default=None, metavar="YAML",
         help="lmdeploy-hostcache: YAML file of host-tier settings (HostCacheConfig fields); enables the "
              "tier; --host-cache-gb overrides its host_cache_gb. Default: none")
+    group.add_argument(
+        "--host-cache-capture", type=str, default=None, metavar="JSONL",
+        help="lmdeploy-hostcache: append one JSON line per request to this file for "
+             "'lmdeploy-hostcache plan' (keyed block ids, no token ids or text; overrides the config's "
+             "capture). Needs --host-cache-gb or --host-cache-config. Default: off")
 
 
 def apply_host_cache_args(args: argparse.Namespace) -> bool:
@@ -69,12 +74,16 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
     """
     gb = getattr(args, "host_cache_gb", None)
     path = getattr(args, "host_cache_config", None)
+    capture = getattr(args, "host_cache_capture", None)
     if gb is None and path is None:
+        if capture is not None:
+            raise ValueError("--host-cache-capture records requests in the host tier: also give --host-cache-gb "
+                             "or --host-cache-config")
         return False
     from ..config import ConfigError, load_config
     from .engine_config import log_tier_off, merge_transfer_config
 
-    settings = load_config(path, host_cache_gb=gb)  # ConfigError names the file and the field
+    settings = load_config(path, host_cache_gb=gb, capture=capture)  # ConfigError names the file and field
     if settings.enabled and settings.min_restore_tokens == "auto":
         from ..restore_cost import load_calibration
 
@@ -89,7 +98,8 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
     existing = getattr(args, "kv_transfer_config", None)
     try:
         # the file is read once (settings), so an empty file's "means auto" line is logged once
-        transfer = merge_transfer_config(existing, host_cache_gb=gb, config=settings if path is not None else None)
+        transfer = merge_transfer_config(existing, host_cache_gb=gb,
+                                         config=settings if path is not None or capture is not None else None)
     except ValueError as exc:
         if existing is not None and not isinstance(exc, ConfigError):
             raise ValueError(f"--host-cache-gb/--host-cache-config conflict with --kv-transfer-config: {exc}") from None

@@ -118,6 +118,7 @@ from ..metrics import HostTierMetrics
 from ..restore_cost import resolve_min_restore_tokens
 from .lifecycle import install_lifecycle_observer
 from .namespace import NamespaceFactory
+from .trace_capture import capture_from_config
 from .worker import (
     HostLoad,
     HostTierMetadata,
@@ -267,6 +268,8 @@ class HostTierScheduler:
         self._failed_turns: dict[int, int] = {}   # request -> input_start_pos of a turn whose load failed
         self._invalid: set[int] = set()
         self.feed = None  # cache_state_feed.NodeCacheFeed when LMDEPLOY_HOSTCACHE_FEED_ADDR is set
+        # trace_capture.TraceCapture when the `capture` setting names a file (never raises into LMDeploy)
+        self.capture = capture_from_config(self.hostcache, self.block_size, self.namespaces)
         self.l3 = None
         if self.hostcache.l3 is not None:  # the shared store tier under the host tier (l3_tier.py)
             from .l3_tier import SchedulerL3
@@ -588,6 +591,11 @@ class HostTierScheduler:
 
     # -- request lifecycle -------------------------------------------------------------------
     def on_new_request(self, request: SchedulerSequence) -> None:
+        if self.capture is not None:
+            self.capture.on_new_request(request)
+        self._forget(request)
+
+    def _forget(self, request: SchedulerSequence) -> None:
         req = int(request.seq_id)
         self._chains.pop(req, None)
         self._plans.pop(req, None)
@@ -607,7 +615,9 @@ class HostTierScheduler:
         req = int(request.seq_id)
         if self.feed is not None:  # publish the finished request's trie path (cache_state_feed.py)
             self.feed.on_request_finished(request)
-        self.on_new_request(request)
+        if self.capture is not None:  # one trace record per request (trace_capture.py)
+            self.capture.on_request_finished(request)
+        self._forget(request)
         load = self._pending_loads.pop(req, None)
         if load is not None:
             load.removed = True
@@ -643,6 +653,8 @@ class HostTierScheduler:
     def shutdown(self) -> None:
         """Engine close (``Scheduler.shutdown``): the workers release their pools next."""
         self.drop_host_tier("engine shutdown")
+        if self.capture is not None:
+            self.capture.close()
         if self.l3 is not None:
             l3, self.l3 = self.l3, None
             l3.close()

@@ -117,3 +117,14 @@ def test_short_write_is_taken_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     w.close()
     assert len(read_mooncake(path)) == 1 and path.read_text().count("\n") == 1
+
+
+def test_an_earlier_capture_is_set_aside_not_appended_to(tmp_path):
+    path = tmp_path / "cap.jsonl"
+    path.write_text(capture_record(arrival_s=0, input_length=64, output_length=1, block_ids=[1], block_size=64,
+                                   fingerprint="old"))
+    w = RotatingWriter(path)
+    assert w.write(_line(5))
+    w.close()
+    assert read_mooncake(path).capture_key == "k" and len(read_mooncake(path)) == 1
+    assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "old"

@@ -1,0 +1,228 @@
+"""Trace capture through LMDeploy's real Scheduler, read back by `plan`; the planner vs the harness.
+
+Issue 12: (item 1) a capture written by the engine-in-the-loop harness is read back by ``plan`` and
+gives the same request count and hit rates as replaying the original trace; (item 3) the planner's
+predicted GPU and host hit rates are within 0.02 of what the harness measures on the same trace.
+
+How the comparison is made honest: the planner replays the *capture* of the harness run (same
+requests, arrival order and output lengths), with the harness's usable GPU blocks
+(``num_gpu_blocks`` minus LMDeploy's reserved block), its host slots, the same host policy, and
+``min_restore_tokens`` = one block (both restore any host hit of a block or more); time is counted in
+engine iterations (the capture clock is the driver's iteration, the decode rate one token per
+iteration, prefill instant).  LMDeploy stamps block access times with ``int(time.perf_counter())``,
+so a run that lasts a second has all-equal LRU times and evicts in node-address order; the test gives
+its block manager a counter clock, so its LRU order is exact, as it is on a server whose requests span
+many seconds.  Remaining differences (docs/planner.md "Concurrency"): the engine's batch and prefill
+limits and its one-step wait for host loads are not modelled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+try:  # tests/integration may or may not be a package
+    from .harness import HarnessCacheSpec, HarnessModel, WorkloadDriver, mooncake_conversations, weka_conversations
+    from .harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
+except ImportError:
+    from harness import HarnessCacheSpec, HarnessModel, WorkloadDriver, mooncake_conversations, weka_conversations
+    from harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
+
+pytest.importorskip('lmdeploy_hostcache.integration.connector')
+
+from lmdeploy_hostcache.cli import main  # noqa: E402
+from lmdeploy_hostcache.planner.concurrency import Lifetimes, replay_concurrent  # noqa: E402
+from lmdeploy_hostcache.planner.replay import prepare_trace, replay  # noqa: E402
+from lmdeploy_hostcache.planner.traces import Request, Trace, read_mooncake  # noqa: E402
+
+BS = 16
+WEKA_FILES = ['trace_0019.json', 'trace_0086.json', 'trace_0624.json']
+TOLERANCE = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class CapturingSpec(HostTierSpec):
+    """The harness's host-tier settings plus the ``capture`` setting (the config path a server takes)."""
+
+    capture: str = ''
+
+    def kv_transfer_config(self, slots):
+        cfg = super().kv_transfer_config(slots)
+        cfg.kv_connector_extra_config['hostcache_config']['capture'] = self.capture
+        return cfg
+
+
+@pytest.fixture
+def exact_lru_clock(monkeypatch):
+    """LMDeploy's block manager stamps access times with int(perf_counter()); give it a counter."""
+    from lmdeploy.pytorch.paging.block_manager import base_block_manager
+
+    ticks = itertools.count(1)
+    monkeypatch.setattr(base_block_manager, 'time', types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+
+@dataclasses.dataclass
+class HarnessRun:
+    capture_path: str
+    requests: int
+    gpu_hit_rate: float
+    host_hit_rate: float
+    original: Trace               # the requests as the driver sent them (token prefixes -> block ids)
+    capture_seconds: float
+    step_seconds: float
+
+
+def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
+                     max_active: int = 3) -> HarnessRun:
+    path = str(tmp_path / f'capture-{len(conversations)}-{gpu_blocks}-{host_slots}.jsonl')
+    engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
+                                    HarnessCacheSpec(num_gpu_blocks=gpu_blocks, max_prefill_token_num=512),
+                                    CapturingSpec(host_slots=host_slots, min_restore_tokens=BS,
+                                                  eviction_policy=policy, capture=path))
+    sched = scheduler_side(engine)
+    assert sched.capture is not None, 'the capture setting did not reach the scheduler role'
+    driver = WorkloadDriver(engine, conversations, max_active=max_active)
+    order = itertools.count()
+    # arrival = engine iteration; the tiny increment keeps same-iteration arrivals in launch order
+    sched.capture.clock = lambda: driver.iteration + next(order) * 1e-6
+    arrivals: dict[int, float] = {}
+    add_request = engine.add_request
+
+    def noting_add_request(prompt, max_new_tokens):
+        handle = add_request(prompt, max_new_tokens)
+        arrivals[handle.session_id] = float(driver.iteration)
+        return handle
+
+    engine.add_request = noting_add_request
+    step, step_seconds = engine.step, [0.0]
+
+    def timed_step():
+        t0 = time.perf_counter()
+        try:
+            return step()
+        finally:
+            step_seconds[0] += time.perf_counter() - t0
+
+    engine.step = timed_step
+    report = driver.run()
+    sched.capture.close()
+    assert report.finished == report.requests
+    prompt_blocks = sum(-(-len(h.prompt) // BS) for h in report.handles)
+    restored = sched.metrics.snapshot()['restored_tokens'] // BS
+    cached = sum(h.cached_tokens for h in report.handles) // BS    # LMDeploy's: GPU trie + external loads
+    # the original trace: block id = index of the token prefix ending at that block
+    ids: dict[bytes, int] = {}
+    reqs = []
+    for k, h in enumerate(report.handles):
+        prompt = np.asarray(h.prompt, dtype=np.int64)
+        hash_ids = tuple(ids.setdefault(prompt[:min(len(prompt), (i + 1) * BS)].tobytes(), len(ids))
+                         for i in range(-(-len(prompt) // BS)))
+        reqs.append(Request(arrivals[h.session_id] + k * 1e-6, len(prompt), len(h.output_tokens), hash_ids, k))
+    original = Trace('harness original', BS, sorted(reqs, key=lambda r: r.timestamp))
+    return HarnessRun(path, report.requests, (cached - restored) / prompt_blocks, restored / prompt_blocks,
+                      original, sched.capture.seconds, step_seconds[0])
+
+
+def _plan_json(capsys, path, gpu, host, *extra):
+    assert main(['plan', path, '--json', '--quiet', '--gpu-blocks', str(gpu), '--host-blocks', str(host),
+                 '--policy', 'lru', '--decode-tokens-per-s', '1', '--prefill-tokens-per-s', '1e15', *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _weka():
+    return weka_conversations(files=WEKA_FILES, max_turns=6)
+
+
+def test_capture_is_off_by_default():
+    engine = build_host_tier_engine(HarnessModel(), HarnessCacheSpec(num_gpu_blocks=16), HostTierSpec())
+    assert scheduler_side(engine).capture is None
+
+
+def test_capture_read_back_by_plan_equals_the_original_trace(tmp_path, capsys, exact_lru_clock):
+    """Done-when of item 1: request count and hit rates of the capture = those of the original trace."""
+    gpu, host = 24, 24
+    run = run_with_capture(tmp_path, _weka(), gpu_blocks=gpu, host_slots=host)
+    text = open(run.capture_path).read()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert len(records) == run.requests == len(run.original)
+    # no token ids: no record holds any of the prompts' tokens as a field or a list
+    assert set(records[0]) == {'timestamp', 'input_length', 'output_length', 'hash_ids', 'block_size', 'capture'}
+    assert all(r['block_size'] == BS and len(r['hash_ids']) == r['input_length'] // BS for r in records)
+    captured = read_mooncake(run.capture_path)
+    assert sorted((r.input_length, r.output_length) for r in captured.requests) == \
+        sorted((r.input_length, r.output_length) for r in run.original.requests)
+    o = _plan_json(capsys, run.capture_path, gpu - 1, host)
+    assert o['block_size'] == BS and o['requests'] == run.requests
+    pr = prepare_trace(run.original)
+    seq = replay(pr, gpu - 1, host, 'lru', BS)
+    conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15))
+    for key in ('requests', 'prompt_blocks', 'gpu_hit_blocks', 'host_hit_blocks'):
+        assert o[key] == getattr(seq, key), key
+        assert o['with_concurrency'][key] == getattr(conc, key), key
+
+
+# (workload, usable GPU blocks + 1 reserved, host slots): where the planner with concurrency agrees with
+# the harness within TOLERANCE. Measured by this test's own runs (printed with -s); see docs/planner.md
+# "Concurrency" for the squeezed sizes where it does not yet.
+VALIDATION = [('weka', 32, 24), ('weka', 48, 48), ('mooncake', 48, 24)]
+
+
+@pytest.mark.parametrize('workload,gpu,host', VALIDATION)
+def test_planner_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_clock, workload, gpu, host):
+    convs = _weka() if workload == 'weka' else mooncake_conversations(max_requests=24)
+    run = run_with_capture(tmp_path, convs, gpu_blocks=gpu, host_slots=host)
+    o = _plan_json(capsys, run.capture_path, gpu - 1, host)
+    w = o['with_concurrency']
+    print(f'\n{workload} gpu={gpu} host={host}: harness GPU {run.gpu_hit_rate:.3f} host {run.host_hit_rate:.3f}; '
+          f'planner with concurrency GPU {w["gpu_hit_rate"]:.3f} host {w["host_hit_rate"]:.3f}; one request at a '
+          f'time GPU {o["gpu_hit_rate"]:.3f} host {o["host_hit_rate"]:.3f}')
+    assert w['requests'] == run.requests
+    assert abs(w['gpu_hit_rate'] - run.gpu_hit_rate) <= TOLERANCE
+    assert abs(w['host_hit_rate'] - run.host_hit_rate) <= TOLERANCE
+
+
+def test_capture_costs_little_next_to_the_engine_steps(tmp_path, exact_lru_clock):
+    """Capture runs inside LMDeploy's end_session; print its share of the engine steps' time."""
+    run = run_with_capture(tmp_path, _weka(), gpu_blocks=32, host_slots=24)
+    share = run.capture_seconds / run.step_seconds
+    print(f'\ncapture: {run.capture_seconds * 1e3:.2f} ms for {run.requests} requests '
+          f'({run.capture_seconds / run.requests * 1e6:.0f} us each) in {run.step_seconds * 1e3:.0f} ms of engine '
+          f'steps ({share:.2%}); measured on this machine')
+    assert share < 0.05   # a loose bound: CPU timing on a shared machine; the figure is printed
+
+
+def test_serve_flag_sets_the_capture_setting(tmp_path):
+    import argparse
+
+    from lmdeploy_hostcache.integration.cli_patch import add_host_cache_arguments, apply_host_cache_args
+
+    parser = argparse.ArgumentParser()
+    add_host_cache_arguments(parser)
+    target = str(tmp_path / 'node0.jsonl')
+    args = parser.parse_args(['--host-cache-gb', '1', '--host-cache-capture', target])
+    args.backend, args.enable_prefix_caching, args.kv_transfer_config = 'pytorch', True, None
+    assert apply_host_cache_args(args)
+    assert args.kv_transfer_config['kv_connector_extra_config']['hostcache_config']['capture'] == target
+    alone = parser.parse_args(['--host-cache-capture', target])
+    with pytest.raises(ValueError, match='--host-cache-capture records requests in the host tier'):
+        apply_host_cache_args(alone)
+
+
+def test_an_unwritable_capture_never_stops_serving(tmp_path, caplog):
+    import logging
+
+    path = str(tmp_path / 'missing-folder' / 'cap.jsonl')
+    engine = build_host_tier_engine(HarnessModel(), HarnessCacheSpec(num_gpu_blocks=32, max_prefill_token_num=512),
+                                    CapturingSpec(host_slots=16, min_restore_tokens=BS, capture=path))
+    with caplog.at_level(logging.WARNING, logger='lmdeploy_hostcache.capture'):
+        report = WorkloadDriver(engine, _weka()[:3], max_active=2).run()
+    assert report.finished == report.requests > 3
+    cap = scheduler_side(engine).capture
+    assert cap.writer.failed and cap.writer.written == 0   # after the failure the hook does no work at all
+    assert sum('trace capture stopped' in r.getMessage() for r in caplog.records) == 1
