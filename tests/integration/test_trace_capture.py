@@ -226,3 +226,27 @@ def test_an_unwritable_capture_never_stops_serving(tmp_path, caplog):
     cap = scheduler_side(engine).capture
     assert cap.writer.failed and cap.writer.written == 0   # after the failure the hook does no work at all
     assert sum('trace capture stopped' in r.getMessage() for r in caplog.records) == 1
+
+
+GRID = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('weka', 36, 24), ('weka', 48, 48),
+        ('mooncake', 24, 24), ('mooncake', 32, 24), ('mooncake', 36, 24), ('mooncake', 40, 24),
+        ('mooncake', 44, 24), ('mooncake', 48, 24)]
+
+
+@pytest.mark.skipif(not __import__('os').environ.get('HOSTCACHE_PLANNER_GRID'),
+                    reason='prints the planner-vs-harness table of docs/planner.md; set HOSTCACHE_PLANNER_GRID=1')
+def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
+    """The docs/planner.md "Concurrency" table, squeezed sizes included (printed, not asserted)."""
+    print('\n| workload | GPU blocks | host slots | harness | planner with concurrency | one request at a time '
+          '| within 0.02 |')
+    for workload, gpu, host in GRID:
+        convs = _weka() if workload == 'weka' else mooncake_conversations(max_requests=24)
+        run = run_with_capture(tmp_path, convs, gpu_blocks=gpu, host_slots=host)
+        pr = prepare_trace(read_mooncake(run.capture_path))
+        conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15))
+        seq = replay(pr, gpu - 1, host, 'lru', BS)
+        ok = (abs(conc.gpu_hit_rate - run.gpu_hit_rate) <= TOLERANCE
+              and abs(conc.host_hit_rate - run.host_hit_rate) <= TOLERANCE)
+        print(f'| {workload} | {gpu} | {host} | {run.gpu_hit_rate:.3f} / {run.host_hit_rate:.3f} | '
+              f'{conc.gpu_hit_rate:.3f} / {conc.host_hit_rate:.3f} | {seq.gpu_hit_rate:.3f} / {seq.host_hit_rate:.3f} '
+              f'| {"yes" if ok else "no"} |')
