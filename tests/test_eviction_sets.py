@@ -89,3 +89,19 @@ def test_default_policy_never_falls_more_than_001_below_lru_on_slices():
             lru = replay(ch, cap, "lru").hit_rate
             dflt = replay(ch, cap, DEFAULT_POLICY).hit_rate
             assert dflt >= lru - 0.01, (name, cap, lru, dflt)
+
+
+def test_summary_math_leaves_tiny_gaps_out_of_the_mean_only():
+    from lmdeploy_hostcache.bench.eviction import MIN_GAP, summarize
+
+    def row(cap, pol, rate, lru, bel):
+        share = (rate - lru) / (bel - lru)
+        return {"trace": "t", "set": "tuning", "capacity": cap, "policy": pol, "hit_rate": rate,
+                "gap_share": share, "delta_vs_lru": rate - lru}
+    rows = []
+    for cap, lru, bel, x in ((10, 0.10, 0.30, 0.15), (20, 0.50, 0.50 + MIN_GAP / 5, 0.498)):
+        rows += [row(cap, "lru", lru, lru, bel), row(cap, "belady", bel, lru, bel), row(cap, "x", x, lru, bel)]
+    (s,) = summarize(rows, ["lru", "x", "belady"])
+    assert s["mean_gap_share"] == pytest.approx(0.25)           # the 0.001 gap is left out of the mean
+    assert s["pooled_gap_share"] == pytest.approx((0.05 - 0.002) / (0.2 + MIN_GAP / 5), abs=1e-4)
+    assert s["min_delta_vs_lru"] == pytest.approx(-0.002) and s["min_delta_capacity"] == 20
