@@ -358,14 +358,19 @@ def _run(args) -> int:
               f"host {conc.host_hit_rate:.3f}) vs {st.hit_rate:.3f} (GPU {st.gpu_hit_rate:.3f}, host "
               f"{st.host_hit_rate:.3f}) one request at a time")
         print(f"concurrency model: {conc_lifetimes.describe()}")
+        if conc.queued_requests and conc.queue_delay_s / conc.queued_requests > 10.0:
+            print(f"note: at these assumed rates the GPU tier cannot hold the requests that arrive: "
+                  f"{conc.queued_requests:,} of {conc.requests:,} waited, {conc.queue_delay_s / conc.queued_requests:,.0f} s "
+                  "on average (the queue grows); the concurrency figures describe a saturated node")
     print(f"cost model: {cost.describe()}")
     if ttft.saving_s < 0:
         print("note: on these rates a host restore is slower than recomputing; the tier would not pay off")
     if st.gpu_overflow_requests:
         print(f"note: {st.gpu_overflow_requests:,} requests were longer than the GPU tier; their tail was "
               f"computed uncached")
-    print(f"replay: {st.requests:,} requests in {st.elapsed_s:.2f} s (+{t_load:.2f} s to read and digest the "
-          f"trace), measured on this machine")
+    conc_time = f", {conc.elapsed_s:.2f} s with concurrency" if conc is not None else ""
+    print(f"replay: {st.requests:,} requests in {st.elapsed_s:.2f} s{conc_time} (+{t_load:.2f} s to read and "
+          f"digest the trace), measured on this machine")
     return 0
 
 

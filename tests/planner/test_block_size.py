@@ -114,3 +114,19 @@ def test_merging_captures_needs_one_key(tmp_path, capsys):
     assert rc == 0, err
     o = json.loads(out)
     assert o["requests"] == 2 and o["gpu_hit_blocks"] == 3
+
+
+def test_captures_of_two_nodes_merge_for_plan_cluster(tmp_path, capsys):
+    """Nodes sharing the capture key: their files merge into one trace for --cluster."""
+    from pathlib import Path
+
+    cluster = Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml"
+    a = _write(tmp_path / "node0.jsonl", [dict(RECORDS[0], block_size=64, capture="k1")])
+    b = _write(tmp_path / "node1.jsonl", [dict(RECORDS[1], block_size=64, capture="k1")])
+    rc, out, err = _plan(capsys, ["--cluster", str(cluster), str(a), str(b), "--json"])
+    assert rc == 0, err
+    o = json.loads(out)
+    assert o["requests"] == 2 and o["block_size"] == 64
+    c = _write(tmp_path / "node2.jsonl", [dict(RECORDS[1], block_size=64, capture="k2")])
+    rc, _, err = _plan(capsys, ["--cluster", str(cluster), str(a), str(c)])
+    assert rc == 2 and "node2.jsonl: field 'capture' is 'k2'" in err
