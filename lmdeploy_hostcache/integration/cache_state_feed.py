@@ -24,11 +24,22 @@ threaded HTTP server in the engine process (the PyTorch engine runs in its own p
 starts it when ``LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT`` is set; the proxy then reads it with
 ``--cache-aware-feed-port PORT``.
 
+Access (issue 16, ``docs/security.md``): with ``LMDEPLOY_HOSTCACHE_FEED_API_KEYS`` (comma-separated;
+use the node's ``--api-keys``) every read must carry ``Authorization: Bearer <one of them>``, else
+it is answered 401 with no content.  Without keys the feed is served only on a loopback address
+(``127.0.0.1``, ``::1``, ``localhost``; a bare ``PORT`` means ``127.0.0.1``) unless the operator
+sets ``LMDEPLOY_HOSTCACHE_FEED_UNAUTHENTICATED=1`` for a private network.  Published ids are keyed
+with the cluster secret (``routing.ids``).
+
 Invariants: the publisher is touched under one lock (scheduler thread vs. HTTP threads); the
-listener and ``on_step`` never raise into LMDeploy (a failure is logged and disables the feed).
+listener and ``on_step`` never raise into LMDeploy (a failure is logged and disables the feed);
+no read is answered with content unless its bearer token equals a configured key (constant-time
+compare) or the server has no keys and listens on loopback (or was explicitly opened).
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -40,9 +51,12 @@ from urllib.parse import parse_qs, urlparse
 from ..routing.feed import FEED_PATH, FeedPublisher
 from ..routing.table import GPU, HOST
 
-__all__ = ["ENV_FEED_ADDR", "NodeCacheFeed", "attach_from_env", "serve_feed"]
+__all__ = ["ENV_FEED_ADDR", "ENV_FEED_API_KEYS", "ENV_FEED_UNAUTHENTICATED", "NodeCacheFeed", "attach_from_env",
+           "feed_api_keys", "serve_feed"]
 
 ENV_FEED_ADDR = "LMDEPLOY_HOSTCACHE_FEED_ADDR"
+ENV_FEED_API_KEYS = "LMDEPLOY_HOSTCACHE_FEED_API_KEYS"
+ENV_FEED_UNAUTHENTICATED = "LMDEPLOY_HOSTCACHE_FEED_UNAUTHENTICATED"
 DEFAULT_GPU_REFRESH_S = 0.5
 logger = logging.getLogger("lmdeploy_hostcache.cache_state_feed")
 
@@ -158,11 +172,59 @@ class NodeCacheFeed:
             return self.publisher.poll(epoch, since, max_events)
 
 
-def serve_feed(feed: NodeCacheFeed, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve ``feed`` over HTTP on ``host:port`` from a daemon thread; returns the server."""
+def feed_api_keys(environ=None) -> tuple[str, ...]:
+    """The bearer tokens a feed read may carry (``LMDEPLOY_HOSTCACHE_FEED_API_KEYS``, comma-separated)."""
+    text = (os.environ if environ is None else environ).get(ENV_FEED_API_KEYS, "")
+    return tuple(k.strip() for k in text.split(",") if k.strip())
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_keys, environ=None) -> None:
+    """Refuse (ValueError naming the variables) an unauthenticated feed on a non-loopback address."""
+    env = os.environ if environ is None else environ
+    if api_keys or is_loopback(host) or env.get(ENV_FEED_UNAUTHENTICATED, "") == "1":
+        return
+    raise ValueError(f"the cache-state feed on {host} would be readable by anyone who can reach it: set "
+                     f"{ENV_FEED_API_KEYS} (the node's --api-keys), bind a loopback address, or set "
+                     f"{ENV_FEED_UNAUTHENTICATED}=1 on a private network")
+
+
+def _authorized(header: str | None, api_keys) -> bool:
+    if not api_keys:
+        return True
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    tok = token.strip().encode()
+    ok = False
+    for k in api_keys:  # every key compared, constant time each
+        ok |= hmac.compare_digest(tok, k.encode())
+    return ok
+
+
+def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
+    """Serve ``feed`` over HTTP on ``host:port`` from a daemon thread; returns the server.
+
+    With ``api_keys`` every request needs ``Authorization: Bearer <key>`` (else 401, no content).
+    """
+    api_keys = tuple(api_keys or ())
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server API
+            if not _authorized(self.headers.get("Authorization"), api_keys):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", "Bearer")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             url = urlparse(self.path)
             if url.path != FEED_PATH:
                 self.send_error(404)
@@ -195,6 +257,8 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int) -> ThreadingHTTPServer
 
 
 def parse_addr(text: str) -> tuple[str, int]:
+    if text.strip().isdigit():  # a bare port: loopback
+        text = "127.0.0.1:" + text.strip()
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{ENV_FEED_ADDR} must be HOST:PORT, got {text!r}")
@@ -208,6 +272,8 @@ def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
         return None
     try:
         host, port = parse_addr(addr)
+        api_keys = feed_api_keys()
+        check_exposure(host, api_keys)
         feed = NodeCacheFeed(side, scheduler.block_trie, int(scheduler.cache_config.num_gpu_blocks),
                              tp=int(getattr(side, "tp_size", 1)))
         lifecycle = scheduler.block_trie._kv_lifecycle
@@ -219,10 +285,11 @@ def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
             _feed.on_gpu_evict(leaf, gpu_block)
 
         lifecycle._host_tier_observer = observe
-        feed.server = serve_feed(feed, host, port)
+        feed.server = serve_feed(feed, host, port, api_keys)
     except Exception as exc:  # the engine runs without a feed rather than not at all
         logger.warning("lmdeploy-hostcache: cache-state feed not started (%s): %r", addr, exc)
         return None
     side.feed = feed
-    logger.info("lmdeploy-hostcache: cache-state feed on http://%s:%d%s", host, port, FEED_PATH)
+    logger.info("lmdeploy-hostcache: cache-state feed on http://%s:%d%s (%s)", host, port, FEED_PATH,
+                "bearer token required" if api_keys else "no authentication")
     return feed

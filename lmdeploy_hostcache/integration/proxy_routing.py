@@ -29,6 +29,10 @@ wrappers below; nothing else in LMDeploy is rebound):
   one whose feed errors or is invalid for ``--cache-aware-feed-timeout`` seconds falls back to
   the approximate index (it keeps receiving requests); a node that answers a (non-streamed)
   request with an error is skipped for ``--cache-aware-error-cooldown`` seconds;
+- feed reads carry ``Authorization: Bearer KEY`` when ``--cache-aware-feed-api-key`` (or
+  ``LMDEPLOY_HOSTCACHE_FEED_API_KEY``) is set (the nodes' feeds check it, ``cache_state_feed``);
+  the request's published ids are keyed with ``LMDEPLOY_HOSTCACHE_CLUSTER_SECRET`` like the
+  nodes' (``routing.ids``), checked at start (a bad secret: one message, exit);
 - ``GET /hostcache/routing`` returns the router's status (per node: requests, predicted hits,
   prefill tokens, feed cursor).
 
@@ -92,6 +96,9 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-aware-feed-port", type=_positive(int), default=None, metavar="PORT",
                    help="read each node's feed from this port on the node's host (the engine process serves it "
                         "when started with LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT); default: the node's own URL")
+    g.add_argument("--cache-aware-feed-api-key", type=str, default=None, metavar="KEY",
+                   help="bearer token sent with every feed read (one of the nodes' "
+                        "LMDEPLOY_HOSTCACHE_FEED_API_KEYS); default: $LMDEPLOY_HOSTCACHE_FEED_API_KEY")
     g.add_argument("--cache-aware-error-cooldown", type=_positive(float), default=10.0, metavar="S",
                    help="a node that answered a request with an error is skipped for this long")
     g.add_argument("--cache-aware-balance", type=_positive(float), default=1.3, metavar="X",
@@ -126,6 +133,11 @@ def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argpa
                 raise SystemExit(f"--routing-strategy {STRATEGY} needs --serving-strategy Hybrid")
             if not 1.0 <= args.cache_aware_balance:
                 raise SystemExit(f"--cache-aware-balance must be >= 1, got {args.cache_aware_balance}")
+            from ..routing.ids import cluster_key
+            try:
+                cluster_key()
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from None
             install(options_from_args(args))
             args.routing_strategy = STOCK_DEFAULT
         return original(args)
@@ -136,8 +148,19 @@ def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argpa
 
 def options_from_args(args) -> dict:
     return {k: getattr(args, "cache_aware_" + k) for k in
-            ("model", "feed_interval", "feed_timeout", "feed_port", "error_cooldown", "balance", "block_size",
-             "gpu_blocks", "host_blocks")}
+            ("model", "feed_interval", "feed_timeout", "feed_port", "feed_api_key", "error_cooldown", "balance",
+             "block_size", "gpu_blocks", "host_blocks")}
+
+
+FEED_API_KEY_ENV = "LMDEPLOY_HOSTCACHE_FEED_API_KEY"
+
+
+def feed_headers(options: dict) -> dict:
+    """Headers of a feed read: the bearer token from the options or ``LMDEPLOY_HOSTCACHE_FEED_API_KEY``."""
+    import os
+
+    key = options.get("feed_api_key") or os.environ.get(FEED_API_KEY_ENV, "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 # ---------------------------------------------------------------------------------- encoder
@@ -327,6 +350,7 @@ class RoutingService:
         urls = list(self.node_manager.nodes) if self.node_manager is not None else list(self.router.nodes)
         self._sync_nodes(urls)
         http = session or requests
+        headers = feed_headers(self.options)
         now = time.monotonic()
         for url in urls:
             with self.lock:
@@ -337,7 +361,7 @@ class RoutingService:
             fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
             try:
                 while True:
-                    r = http.get(self.feed_url(url), params=params, timeout=5)
+                    r = http.get(self.feed_url(url), params=params, timeout=5, headers=headers)
                     if r.status_code == 404:
                         fs["has_feed"] = False
                         with self.lock:
@@ -345,6 +369,11 @@ class RoutingService:
                             if self.router.nodes[url].exact:
                                 self.router.set_approximate(url, self.default_profile)
                         break
+                    if r.status_code in (401, 403) and not fs.get("refused"):
+                        fs["refused"] = True
+                        logger.warning("cache_aware routing: node %s refused the feed read (HTTP %d): set "
+                                       "--cache-aware-feed-api-key to one of its LMDEPLOY_HOSTCACHE_FEED_API_KEYS",
+                                       url, r.status_code)
                     if r.status_code != 200:
                         raise ConnectionError(f"HTTP {r.status_code}")
                     msg = r.json()
