@@ -76,6 +76,7 @@ class HarnessRun:
     original: Trace               # the requests as the driver sent them (token prefixes -> block ids)
     capture_seconds: float
     step_seconds: float
+    preemptions: int = 0          # running sequences LMDeploy sent back to waiting (no room to decode)
 
 
 def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
@@ -110,6 +111,15 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
             step_seconds[0] += time.perf_counter() - t0
 
     engine.step = timed_step
+    preempted = [0]
+    preempt_seqs = engine.scheduler.preempt_seqs
+
+    def counting_preempt(seqs):
+        seqs = list(seqs)
+        preempted[0] += len(seqs)
+        return preempt_seqs(seqs)
+
+    engine.scheduler.preempt_seqs = counting_preempt
     report = driver.run()
     sched.capture.close()
     assert report.finished == report.requests
@@ -126,7 +136,7 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
         reqs.append(Request(arrivals[h.session_id] + k * 1e-6, len(prompt), len(h.output_tokens), hash_ids, k))
     original = Trace('harness original', BS, sorted(reqs, key=lambda r: r.timestamp))
     return HarnessRun(path, report.requests, (cached - restored) / prompt_blocks, restored / prompt_blocks,
-                      original, sched.capture.seconds, step_seconds[0])
+                      original, sched.capture.seconds, step_seconds[0], preempted[0])
 
 
 def _plan_json(capsys, path, gpu, host, *extra):
@@ -238,7 +248,7 @@ GRID = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('weka', 36, 24), 
 def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
     """The docs/planner.md "Concurrency" table, squeezed sizes included (printed, not asserted)."""
     print('\n| workload | GPU blocks | host slots | harness | planner with concurrency | one request at a time '
-          '| within 0.02 |')
+          '| within 0.02 | preemptions |')
     for workload, gpu, host in GRID:
         convs = _weka() if workload == 'weka' else mooncake_conversations(max_requests=24)
         run = run_with_capture(tmp_path, convs, gpu_blocks=gpu, host_slots=host)
@@ -249,4 +259,4 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
               and abs(conc.host_hit_rate - run.host_hit_rate) <= TOLERANCE)
         print(f'| {workload} | {gpu} | {host} | {run.gpu_hit_rate:.3f} / {run.host_hit_rate:.3f} | '
               f'{conc.gpu_hit_rate:.3f} / {conc.host_hit_rate:.3f} | {seq.gpu_hit_rate:.3f} / {seq.host_hit_rate:.3f} '
-              f'| {"yes" if ok else "no"} |')
+              f'| {"yes" if ok else "no"} | {run.preemptions} |')
