@@ -241,7 +241,8 @@ class HostCacheConfig:
         "How the host tier picks a victim when full. Always leaf-first: a block whose "
         "children are host-resident is never evicted. `arc` (the default, chosen from the "
         "Mooncake traces in docs/eviction.md) never measurably falls below `lru` there and "
-        "wins up to 12% of the gap to the offline Belady bound.",
+        "wins up to 12% of the gap to the offline Belady bound; on traffic it was not chosen "
+        "on (WEKA sessions, chat generator) it stays within 0.002 of `lru` and wins almost none.",
         "`arc`, `lru` or `s3fifo` (`lmdeploy_hostcache.eviction.POLICIES`)"))
     min_restore_tokens: int | str = field(default=256, metadata=_meta(
         _parse_min_restore_tokens,
