@@ -10,6 +10,11 @@ where ``block_bytes`` are the block's token ids as little-endian uint32.  The ch
 * two namespaces (model, adapter, KV format, block size, tenant salt) never share a chain,
   because the namespace enters both the root and the seed of every step.
 
+A per-request cache salt (issue 16) changes only where a request's chain starts:
+``salted_root(namespace, salt)`` is ``namespace.root`` for an empty salt (unsalted requests keep
+bit-identical digests) and otherwise a digest of the root and the length-prefixed salt, so two
+salts never share a chain, and the salt itself never appears in a digest.
+
 Digests are Python ints (fast dict keys).  A 128-bit digest collision is astronomically unlikely,
 but the host index never trusts a digest alone: it compares the stored token bytes before reuse.
 """
@@ -149,3 +154,17 @@ def digests_of_blocks(namespace: Namespace, blocks: Iterable[bytes], parent: int
         cur = _xxh3_128(cur.to_bytes(DIGEST_BYTES, "little") + b, seed)
         out.append(cur)
     return out
+
+
+_SALT_LABEL = b"lmdeploy-hostcache/request-salt"
+
+
+def salted_root(namespace: Namespace, salt: str | None) -> int:
+    """Root of a request's chain under its cache salt; ``namespace.root`` when ``salt`` is empty."""
+    if not salt:
+        return namespace.root
+    if not isinstance(salt, str):
+        raise ValueError(f"a cache salt must be a string, got {type(salt).__name__}")
+    raw = salt.encode()
+    return _xxh3_128(_SALT_LABEL + namespace.root.to_bytes(DIGEST_BYTES, "little")
+                     + struct.pack("<I", len(raw)) + raw, namespace.seed)

@@ -312,6 +312,9 @@ def _patch_scheduler(mod) -> None:
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
+        from .salted_trie import install_salted_trie
+
+        install_salted_trie(getattr(self, "block_trie", None))  # per-request cache salts (issue 16)
         if _is_ours(getattr(self, "kv_connector", None)):
             if getattr(self, "is_ssm", False):
                 from .compat import UnsupportedConfiguration

@@ -112,12 +112,13 @@ from lmdeploy.pytorch.kv_connector.base import (
 )
 
 from ..config import HostCacheConfig
-from ..digest import ChainHasher, block_digest, encode_tokens
+from ..digest import ChainHasher, block_digest, encode_tokens, salted_root
 from ..host_index import HostIndex
 from ..metrics import HostTierMetrics
 from ..restore_cost import resolve_min_restore_tokens
 from .lifecycle import install_lifecycle_observer
 from .namespace import NamespaceFactory
+from .request_salt import ROOT_SALT_ATTR, node_root_salt, sequence_salt
 from .trace_capture import capture_from_config
 from .worker import (
     HostLoad,
@@ -195,6 +196,7 @@ class _RequestChain:
 
     start_block: int
     hasher: ChainHasher
+    salt: str = ""              # the request's cache salt (request_salt.py) the chain was rooted at
 
     @property
     def end_block(self) -> int:
@@ -296,7 +298,9 @@ class HostTierScheduler:
             if cur.parent is None:
                 if cur.block_id >= 0:  # detached non-root: its chain is unknown
                     return None
-                base = self.namespaces.for_adapter(cur.adapter_name).root
+                # a salted request's trie root (salted_trie.py) starts its own chain
+                base = salted_root(self.namespaces.for_adapter(cur.adapter_name),
+                                   getattr(cur, ROOT_SALT_ATTR, ""))
                 setattr(cur, NODE_DIGEST_ATTR, base)
                 break
             path.append(cur)
@@ -327,6 +331,8 @@ class HostTierScheduler:
             return None
         if not np.array_equal(cursor.token_ids, seq.all_ids[(k - 1) * bs:k * bs]):
             return None
+        if node_root_salt(cursor) != sequence_salt(seq):  # never start a chain on another salt's path
+            return None
         digest = self.node_digest(cursor)
         return None if digest is None else (k, digest)
 
@@ -334,20 +340,21 @@ class HostTierScheduler:
         """The request's digest chain covering blocks ``[first, last)``, cached per request."""
         req = int(seq.seq_id)
         ns = self.namespaces.for_adapter(seq.adapter_name)
+        salt = sequence_salt(seq)
         bs = self.block_size
         all_ids = seq.all_ids
         chain = self._chains.get(req)
         if chain is not None:
             end = min(chain.end_block, last)
-            stale = (chain.hasher.namespace is not ns or chain.start_block > first or (
+            stale = (chain.hasher.namespace is not ns or chain.salt != salt or chain.start_block > first or (
                 end > chain.start_block
                 and chain.block_bytes(end - 1) != encode_tokens(all_ids[(end - 1) * bs:end * bs])))
             if stale:
                 chain = None
         if chain is None:
             start = self._cursor_start(seq, first)
-            block, parent = start if start is not None else (0, None)
-            chain = _RequestChain(block, ChainHasher(ns, parent=parent))
+            block, parent = start if start is not None else (0, salted_root(ns, salt))
+            chain = _RequestChain(block, ChainHasher(ns, parent=parent), salt)
             self._chains[req] = chain
         if chain.end_block < last:
             chain.hasher.extend(all_ids[chain.end_block * bs:last * bs])

@@ -129,6 +129,21 @@ RELIED_TARGETS: dict[str, str] = {
         "drops a non-LOADING load record and its soft prefill reservation",
     "lmdeploy.pytorch.paging.seq_states.states:SequenceLifecycle.release_paging_resources":
         "frees the request's blocks (trie-held blocks stay cached), resets its step and trie cursor",
+    # per-request cache salts (salted_trie.py subclasses the trie; patches/0008)
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._get_or_create_root":
+        "the only place roots are created (keyed adapter_name); overridden with the salted key",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._cursor_belongs_to_trie":
+        "a root belongs when _roots holds it; overridden to look under the salted key",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._match_state_checkpoint_prefix":
+        "SSM checkpoints are indexed by adapter only; its miss path is repeated for salted requests",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._match_block_prefix":
+        "starts at the cursor or _get_or_create_root(seq.adapter_name); reaches nodes only through children",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._ensure_attached_allocation_cursor":
+        "starts allocation at the cursor or _get_or_create_root(seq.adapter_name)",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie.match":
+        "the one matching entry point (wrapped by the salted subclass to set the request's salt)",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie.allocate":
+        "the one publishing entry point (wrapped by the salted subclass to set the request's salt)",
     # the executor plans host slots and hands tensor specs to the workers from this plan
     "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
         "the block-cache plan every worker builds (tensor specs, packed layout) for host slot sizing",
@@ -213,6 +228,20 @@ PINS: dict[str, str] = {
         "3db11720ceac0cd4a5d9e11a547b7d9720f06d24fa52cf3f16e8ab105dda0a6c",
     "lmdeploy.serve.utils.server_utils:validate_json_request":
         "d256d687fd151798ce88ee6a4cf59a21cbcd2bb20927b1cbf4f61df6a592818f",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._get_or_create_root":
+        "0cb3f588453f6a5cf8683a37f9fc202381df467672eb59d4a6c87ea76e9eb70e",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._cursor_belongs_to_trie":
+        "0f371a2604b6b9cbbbf199c8d58e058b69fd473fbb1572faa12792a2e9feb1fc",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._match_state_checkpoint_prefix":
+        "a925188c30224ba39d0530b158ec315489ee7cac11a4e91407bca496ec4ab213",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._match_block_prefix":
+        "45ebf843bce95b6fa8d628889d3a73c19e334f1c11fc73ced66aa66aa642db85",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._ensure_attached_allocation_cursor":
+        "2d1542bdce806b894f68d36ccc79518ac58698f75db58040fd3f2d767ebf76c5",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie.match":
+        "65f441eeaed1222cd7eb22b39bf2e87ab7b5bc1dc48b0bf0235cc75d961338c3",
+    "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie.allocate":
+        "d02c88a20dae7cd246f306fe81a6efd8aece5e33f26eab469001aa1b22f46faf",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":
@@ -251,6 +280,8 @@ FILE_PINS: dict[str, str] = {
         "7b7f751f8b21a998bc4b2e08d24b5b3e4ba7c9b7745fa8e1a27920469c58016f",
     "lmdeploy.serve.utils.server_utils":
         "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
+    "lmdeploy.pytorch.paging.block_trie.trie":
+        "46a1e0f76bf9cf6437ae28fb44f609b81d9ef67b6f039d0efb4972351ddb5ec1",
 }
 
 

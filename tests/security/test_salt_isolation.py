@@ -1,0 +1,100 @@
+"""Issue 16: a per-request cache salt isolates every tier, through LMDeploy's real Scheduler and
+BlockTrie on the CPU harness (oracle-checked KV bytes after every step).
+
+Tenant B sends tenant A's exact prompt with another salt: zero GPU hits and zero host hits, and
+its KV is still the oracle's; tenant A with its own salt hits; unsalted requests behave as stock.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+harness = pytest.importorskip("harness")
+from harness.host_tier import HostTierSpec, build_host_tier_engine, rank_checkers, scheduler_side  # noqa: E402
+
+from lmdeploy_hostcache.digest import Namespace, chain_digests, salted_root  # noqa: E402
+from lmdeploy_hostcache.integration.salted_trie import install_salted_trie  # noqa: E402
+from lmdeploy_hostcache.l3.keys import StoreKeyspace  # noqa: E402
+
+BS = 16
+
+
+def _engine(gpu_blocks=24, host_slots=64):
+    engine = build_host_tier_engine(harness.HarnessModel(dtype=torch.float16),
+                                    harness.HarnessCacheSpec(num_gpu_blocks=gpu_blocks, quant_policy=0,
+                                                             max_prefill_token_num=512),
+                                    HostTierSpec(host_slots=host_slots, min_restore_tokens=BS))
+    install_salted_trie(engine.scheduler.block_trie)
+    return engine, rank_checkers(engine)
+
+
+def _run(engine, checkers, prompt, salt=None, new_tokens=2):
+    h = engine.add_request(prompt, new_tokens)
+    if salt is not None:
+        engine.sequence_of(h.session_id).cache_salt = salt
+    for _ in range(500):
+        if h.finished:
+            break
+        engine.step()
+        for c in checkers:
+            c.check(f"salt={salt!r}")
+    assert h.finished
+    for c in checkers:
+        assert c.stats.wrong_blocks == 0, c.stats.first_error
+    return h
+
+
+def _prompt(seed, blocks):
+    return np.random.default_rng(seed).integers(1, 30000, size=blocks * BS + 3)
+
+
+def test_gpu_trie_never_matches_across_salts():
+    engine, checkers = _engine()
+    p = _prompt(1, 6)
+    first = _run(engine, checkers, p, salt="tenant-a")
+    assert first.cached_tokens == 0
+    assert _run(engine, checkers, p, salt="tenant-b").cached_tokens == 0       # other salt: no GPU hit
+    assert _run(engine, checkers, p).cached_tokens == 0                          # unsalted: no GPU hit
+    assert _run(engine, checkers, p, salt="tenant-a").cached_tokens >= 6 * BS - BS  # own salt: hit
+    assert _run(engine, checkers, p).cached_tokens >= 6 * BS - BS                    # unsalted shares as stock
+    roots = engine.scheduler.block_trie._roots
+    assert None in roots and (None, "tenant-a") in roots and (None, "tenant-b") in roots
+
+
+def test_host_tier_never_restores_across_salts_and_still_hits_for_the_same_salt():
+    engine, checkers = _engine(gpu_blocks=16, host_slots=64)
+    side = scheduler_side(engine)
+    p = _prompt(2, 7)
+    _run(engine, checkers, p, salt="tenant-a")
+    for i in range(4):  # flush the GPU trie: tenant A's blocks are demoted to host
+        _run(engine, checkers, _prompt(100 + i, 7), salt="filler")
+    assert side.stats()["host_blocks"] > 0
+    hits0 = side.stats()["hit_blocks"]
+    b = _run(engine, checkers, p, salt="tenant-b")
+    assert b.cached_tokens == 0 and side.stats()["hit_blocks"] == hits0     # zero GPU and host hits
+    for i in range(4):
+        _run(engine, checkers, _prompt(200 + i, 7), salt="filler")
+    hits1 = side.stats()["hit_blocks"]
+    a = _run(engine, checkers, p, salt="tenant-a")
+    assert side.stats()["hit_blocks"] > hits1 and a.cached_tokens > 0      # same salt: host hits
+    side.check_balanced()
+
+
+def test_unsalted_digests_are_bit_identical_and_salts_change_every_digest_and_store_key():
+    ns = Namespace(model="m", block_size=4)
+    toks = list(range(32))
+    plain = chain_digests(ns, toks)[0]
+    assert salted_root(ns, "") == ns.root and salted_root(ns, None) == ns.root
+    assert chain_digests(ns, toks, parent=salted_root(ns, ""))[0] == plain
+    a = chain_digests(ns, toks, parent=salted_root(ns, "a"))[0]
+    b = chain_digests(ns, toks, parent=salted_root(ns, "b"))[0]
+    assert not (set(a) & set(plain)) and not (set(a) & set(b))
+    space = StoreKeyspace(ns)
+    assert not set(space.keys(a)) & set(space.keys(plain))                    # L3 keys follow the digest
+    with pytest.raises(ValueError):
+        salted_root(ns, b"bytes")
