@@ -20,7 +20,9 @@ Policies (``POLICIES`` keys are the values of ``eviction_policy``; measurements 
 
 * ``lru``    -- least recently used leaf (LMDeploy's GPU behaviour);
 * ``arc``    -- ARC adapted to a leaf-first prefix index, with a recency horizon that makes it
-  LRU where LRU is near-optimal (the default: never measurably below LRU on the Mooncake traces);
+  LRU where LRU is near-optimal (the default: never measurably below LRU on the Mooncake traces it
+  was tuned on; on the tuning set it was not chosen on -- WEKA sessions, chat generator -- within
+  0.002 of LRU, winning almost none of the Belady gap: docs/eviction.md, ``bench eviction``);
 * ``s3fifo`` -- S3-FIFO adapted the same way (scan-resistant; loses to LRU on most capacities).
 
 ``BeladyPolicy`` (offline optimum) reads the future: it is for evaluation only, absent from
