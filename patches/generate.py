@@ -420,6 +420,80 @@ P7_EVICTION_HELPER = [
 """),
 ]
 
+P8_SEQ_MESSAGES = [
+    ("""    adapter_name: str = None
+    arrive_time: float = 0.0
+""", """    adapter_name: str = None
+    # Requests reuse cached KV only when both prefix and cache salt match (None: unsalted).
+    cache_salt: str | None = None
+    arrive_time: float = 0.0
+"""),
+]
+
+P8_TRIE = [
+    ("""    def _get_or_create_root(self, adapter_name: str):
+        \"\"\"Return the adapter-partitioned root, creating it on first use.\"\"\"
+        if adapter_name not in self._roots:
+            self._roots[adapter_name] = Node(-1, -1, None, adapter_name=adapter_name)
+        return self._roots[adapter_name]
+""", """    @staticmethod
+    def _root_key(adapter_name: str, cache_salt: str | None):
+        \"\"\"Roots are partitioned by adapter and, for salted requests, by cache salt.\"\"\"
+        return (adapter_name, cache_salt) if cache_salt else adapter_name
+
+    def _get_or_create_root(self, adapter_name: str, cache_salt: str | None = None):
+        \"\"\"Return the adapter- and salt-partitioned root, creating it on first use.\"\"\"
+        key = self._root_key(adapter_name, cache_salt)
+        if key not in self._roots:
+            root = Node(-1, -1, None, adapter_name=adapter_name)
+            root.cache_salt = cache_salt
+            self._roots[key] = root
+        return self._roots[key]
+"""),
+    ("""            return node.block_id < 0 and self._roots.get(node.adapter_name) is node
+""", """            key = self._root_key(node.adapter_name, getattr(node, 'cache_salt', None))
+            return node.block_id < 0 and self._roots.get(key) is node
+"""),
+    ("""        initial_cursor = seq.prefix_cache.trie_cursor
+        if initial_cursor is None:
+            initial_cursor = self._get_or_create_root(seq.adapter_name)
+        initial_step = initial_cursor.prefix_len
+
+        recompute_blocks""", """        initial_cursor = seq.prefix_cache.trie_cursor
+        if initial_cursor is None:
+            initial_cursor = self._get_or_create_root(seq.adapter_name, seq.cache_salt)
+        initial_step = initial_cursor.prefix_len
+
+        # Checkpoints are indexed by adapter only: a salted request never reuses one.
+        candidate_steps = () if seq.cache_salt else None
+        recompute_blocks"""),
+    ("""        candidate_steps = self._checkpoint_index.candidate_steps(seq.adapter_name, initial_step, max_step)
+""", """        if candidate_steps is None:
+            candidate_steps = self._checkpoint_index.candidate_steps(seq.adapter_name, initial_step, max_step)
+"""),
+    ("""        initial_cursor = seq.prefix_cache.trie_cursor
+        if initial_cursor is None:
+            initial_cursor = self._get_or_create_root(seq.adapter_name)
+        initial_step = initial_cursor.prefix_len
+
+        node = initial_cursor""", """        initial_cursor = seq.prefix_cache.trie_cursor
+        if initial_cursor is None:
+            initial_cursor = self._get_or_create_root(seq.adapter_name, seq.cache_salt)
+        initial_step = initial_cursor.prefix_len
+
+        node = initial_cursor"""),
+    ("""        if node is None:
+            node = self._get_or_create_root(seq.adapter_name)
+        elif""", """        if node is None:
+            node = self._get_or_create_root(seq.adapter_name, seq.cache_salt)
+        elif"""),
+    ("""                         'cursor_step=%s', seq.session_id, seq.seq_id, seq.adapter_name, node.prefix_len)
+            node = self._get_or_create_root(seq.adapter_name)
+""", """                         'cursor_step=%s', seq.session_id, seq.seq_id, seq.adapter_name, node.prefix_len)
+            node = self._get_or_create_root(seq.adapter_name, seq.cache_salt)
+"""),
+]
+
 SERIES = [
     ("0001-kv-connector-registry.diff",
      "Connector registry: build/prepare/validate/finalize out-of-tree connectors named by an entry point.",
@@ -443,6 +517,9 @@ SERIES = [
     ("0007-reclaim-remote-ready-with-prefix-cache.diff",
      "Scheduler: a loaded request waiting for admission is reclaimable when its blocks are in the prefix trie.",
      [(EVICTION_HELPER, P7_EVICTION_HELPER)]),
+    ("0008-prefix-cache-salt.diff",
+     "Prefix cache: per-request cache salt; the trie's roots are keyed (adapter, salt), so a match never crosses salts.",
+     [("pytorch/messages.py", P8_SEQ_MESSAGES), ("pytorch/paging/block_trie/trie.py", P8_TRIE)]),
 ]
 
 

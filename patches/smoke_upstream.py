@@ -112,4 +112,21 @@ for trie_on in (True, False):
     reclaimed[trie_on] = (helper._reclaim_candidate(seq), seq.released)
 assert reclaimed == {True: (True, 1), False: (False, 0)}, reclaimed
 
+# 0008: a trie match never crosses cache salts; the same salt (or none) matches as before
+s = Scheduler(SchedulerConfig(max_batches=8, max_session_len=4096), cc,
+              seq_meta=SequenceMeta(16, strategy=ARSequenceStrategy()))
+toks = np.arange(1, 81, dtype=np.int64)
+matched = []
+for sid, salt in enumerate(["a", "b", None, "a", None]):
+    q = s.add_session(100 + sid).add_sequence(toks)
+    q.cache_salt = salt
+    out = s.schedule(is_prefill=True)
+    matched.append(out.running[0].num_history_ids)
+    s.activate_seqs(out.running)
+    for q in out.running:
+        q.update_token_ids(np.array([1]), mode=UpdateTokenMode.PREFILL)
+        q.state.finish()
+    s.end_session(100 + sid)
+assert matched[:3] == [0, 0, 0] and matched[3] > 0 and matched[4] > 0, matched
+
 print(f"UPSTREAM-OK evicted={evicted}")
