@@ -9,6 +9,10 @@ the host tier uses, in the request's namespace: model, block size, KV format, te
 adapter).  The arrival is the capture clock's reading at ``on_new_request`` (wall-clock seconds
 by default; a test may pass another clock).
 
+The record is built and written on the scheduler's thread, inside LMDeploy's ``end_session``
+(``seconds`` sums that time): a capture thread was tried and measured worse, because its hashing
+competes for the GIL with the scheduler (docs/planner.md "Capturing your own traffic").
+
 Invariants: neither hook ever raises into LMDeploy (any error turns capture off for the engine,
 logged once: ``capture/writer.py`` for file errors, here for everything else); a sequence seen
 only at its end gets an arrival from LMDeploy's ``arrive_time`` (``perf_counter`` based, mapped
@@ -39,7 +43,9 @@ class TraceCapture:
         self.clock = clock
         self._arrival: dict[int, tuple[int, float]] = {}   # seq_id -> (input_start_pos, arrival)
         self.failed = ""
-        self.seconds = 0.0      # time spent in the hooks (bench capture reads it)
+        self.seconds = 0.0          # time spent in the hooks, inside LMDeploy's scheduler step
+        self.first_seconds = 0.0    # of which the first record's (opens the file)
+        self.records = 0
         logger.info("lmdeploy-hostcache: capturing request traces to %s (key fingerprint %s)", path,
                     self.key.fingerprint)
 
@@ -57,13 +63,21 @@ class TraceCapture:
             return
         t0 = time.perf_counter()
         try:
-            self.writer.write(self.record(seq))
+            self.writer.write(self.encode(self.snapshot(seq)))
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
-        self.seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        if not self.records:
+            self.first_seconds = dt
+        self.records += 1
 
     def record(self, seq) -> str:
         """The JSON line of a sequence LMDeploy is ending."""
+        return self.encode(self.snapshot(seq))
+
+    def snapshot(self, seq) -> tuple:
+        """What the record needs, copied out of the sequence (cheap: no hashing)."""
         req = int(seq.seq_id)
         start = int(seq.input_start_pos)
         noted = self._arrival.pop(req, None)
@@ -73,15 +87,21 @@ class TraceCapture:
             arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
         prompt_len = int(seq.input_end_pos)
         output_len = max(0, int(seq.num_all_ids) - prompt_len)
-        bs = self.block_size
-        full = prompt_len // bs
-        hasher = ChainHasher(self.namespaces.for_adapter(seq.adapter_name))
-        if full:
-            hasher.extend(seq.all_ids[:full * bs])
-        session = self.key.session_id(seq.session.session_id) if start > 0 else None
+        full = prompt_len // self.block_size
+        tokens = seq.all_ids[:full * self.block_size].copy() if full else None
+        session = seq.session.session_id if start > 0 else None
+        return (arrival, prompt_len, output_len, tokens, self.namespaces.for_adapter(seq.adapter_name), session)
+
+    def encode(self, snap: tuple) -> str:
+        """The JSON line of a snapshot: chained digests, keyed ids, the record."""
+        arrival, prompt_len, output_len, tokens, namespace, session = snap
+        hasher = ChainHasher(namespace)
+        if tokens is not None:
+            hasher.extend(tokens)
         return capture_record(arrival_s=arrival, input_length=prompt_len, output_length=output_len,
-                              block_ids=self.key.block_ids(hasher.digests), block_size=bs,
-                              fingerprint=self.key.fingerprint, session=session)
+                              block_ids=self.key.block_ids(hasher.digests), block_size=self.block_size,
+                              fingerprint=self.key.fingerprint,
+                              session=None if session is None else self.key.session_id(session))
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = f"{type(exc).__name__}: {exc}"

@@ -76,7 +76,9 @@ class HarnessRun:
     original: Trace               # the requests as the driver sent them (token prefixes -> block ids)
     capture_seconds: float
     step_seconds: float
+    capture_first_seconds: float = 0.0
     preemptions: int = 0          # running sequences LMDeploy sent back to waiting (no room to decode)
+    metrics: dict = dataclasses.field(default_factory=dict)   # the connector's counters
 
 
 def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
@@ -136,7 +138,8 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
         reqs.append(Request(arrivals[h.session_id] + k * 1e-6, len(prompt), len(h.output_tokens), hash_ids, k))
     original = Trace('harness original', BS, sorted(reqs, key=lambda r: r.timestamp))
     return HarnessRun(path, report.requests, (cached - restored) / prompt_blocks, restored / prompt_blocks,
-                      original, sched.capture.seconds, step_seconds[0], preempted[0])
+                      original, sched.capture.seconds, step_seconds[0], sched.capture.first_seconds, preempted[0],
+                      dict(sched.metrics.snapshot()))
 
 
 def _plan_json(capsys, path, gpu, host, *extra):
@@ -198,13 +201,18 @@ def test_planner_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_cloc
 
 
 def test_capture_costs_little_next_to_the_engine_steps(tmp_path, exact_lru_clock):
-    """Capture runs inside LMDeploy's end_session; print its share of the engine steps' time."""
-    run = run_with_capture(tmp_path, _weka(), gpu_blocks=32, host_slots=24)
-    share = run.capture_seconds / run.step_seconds
-    print(f'\ncapture: {run.capture_seconds * 1e3:.2f} ms for {run.requests} requests '
-          f'({run.capture_seconds / run.requests * 1e6:.0f} us each) in {run.step_seconds * 1e3:.0f} ms of engine '
-          f'steps ({share:.2%}); measured on this machine')
-    assert share < 0.05   # a loose bound: CPU timing on a shared machine; the figure is printed
+    """Capture runs inside LMDeploy's end_session; print its share of the engine steps' time (all six
+    WEKA sample files; the first record, which opens the file, is shown apart)."""
+    convs = weka_conversations(max_turns=6)
+    engine_run = run_with_capture(tmp_path, convs, gpu_blocks=32, host_slots=24)
+    cap_total, steps, n = engine_run.capture_seconds, engine_run.step_seconds, engine_run.requests
+    first = engine_run.capture_first_seconds
+    print(f'\ncapture: {cap_total * 1e3:.2f} ms for {n} requests in {steps * 1e3:.0f} ms of engine steps '
+          f'({cap_total / steps:.2%}); without the first record (opens the file, {first * 1e6:.0f} us): '
+          f'{(cap_total - first) / max(n - 1, 1) * 1e6:.0f} us per request, {(cap_total - first) / steps:.2%}; '
+          'measured on this machine')
+    # loose bound against pathological regressions only: CPU timing on a shared machine (figures printed)
+    assert cap_total / steps < 0.2
 
 
 def test_serve_flag_sets_the_capture_setting(tmp_path):
@@ -248,7 +256,7 @@ GRID = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('weka', 36, 24), 
 def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
     """The docs/planner.md "Concurrency" table, squeezed sizes included (printed, not asserted)."""
     print('\n| workload | GPU blocks | host slots | harness | planner with concurrency | one request at a time '
-          '| within 0.02 | preemptions |')
+          '| within 0.02 | preemptions | demotions engine / planner | host blocks found engine / planner |')
     for workload, gpu, host in GRID:
         convs = _weka() if workload == 'weka' else mooncake_conversations(max_requests=24)
         run = run_with_capture(tmp_path, convs, gpu_blocks=gpu, host_slots=host)
@@ -259,4 +267,5 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
               and abs(conc.host_hit_rate - run.host_hit_rate) <= TOLERANCE)
         print(f'| {workload} | {gpu} | {host} | {run.gpu_hit_rate:.3f} / {run.host_hit_rate:.3f} | '
               f'{conc.gpu_hit_rate:.3f} / {conc.host_hit_rate:.3f} | {seq.gpu_hit_rate:.3f} / {seq.host_hit_rate:.3f} '
-              f'| {"yes" if ok else "no"} | {run.preemptions} |')
+              f'| {"yes" if ok else "no"} | {run.preemptions} | {run.metrics.get("demotions", 0)} / {conc.demotions} '
+              f'| {run.metrics.get("hit_blocks", 0)} / {conc.host_hit_blocks} |')
