@@ -153,9 +153,68 @@ def _mark(fn):
 # per-module patchers: each receives the freshly executed (or already imported) module
 
 
+def _patch_generation_config(mod) -> None:
+    """``GenerationConfig.__post_init__`` post-hook: the API request's cache salt (request_salt.py)."""
+    import functools
+
+    from .request_salt import stamp_generation_config
+
+    cls = mod.GenerationConfig
+    original = cls.__dict__["__post_init__"]
+
+    @functools.wraps(original)
+    def __post_init__(self):
+        original(self)
+        stamp_generation_config(self)
+
+    _rebind(cls, "__post_init__", _mark(__post_init__), "lmdeploy.messages:GenerationConfig.__post_init__")
+
+
+def _patch_pytorch_messages(mod) -> None:
+    """``SamplingParam.from_gen_config`` post-hook: the request's cache salt reaches the sequence."""
+    import functools
+
+    from .request_salt import copy_to_sampling_param
+
+    cls = mod.SamplingParam
+    original = cls.__dict__["from_gen_config"].__func__
+
+    @functools.wraps(original)
+    def from_gen_config(klass, gen_config):
+        param = original(klass, gen_config)
+        copy_to_sampling_param(param, gen_config)
+        return param
+
+    _mark(from_gen_config)
+    _rebind(cls, "from_gen_config", classmethod(from_gen_config),
+            "lmdeploy.pytorch.messages:SamplingParam.from_gen_config")
+
+
+_SALT_DEPENDENCY_ALIASES = (
+    "lmdeploy.serve.openai.chat_completions.serving",
+    "lmdeploy.serve.openai.endpoints.completions",
+)
+
+
+def _patch_server_utils(mod) -> None:
+    """``validate_json_request`` -> ``request_salt.wrap_validate_json_request`` (the request's salt)."""
+    from .request_salt import wrap_validate_json_request
+
+    original = mod.__dict__["validate_json_request"]
+    if getattr(original, "__hostcache_wrapped__", False):
+        return
+    wrapper = wrap_validate_json_request(original)
+    setattr(mod, "validate_json_request", wrapper)
+    _state.patches.append(Patch(mod, "validate_json_request", original, wrapper,
+                                "lmdeploy.serve.utils.server_utils:validate_json_request"))
+    _rebind_aliases(original, wrapper, _SALT_DEPENDENCY_ALIASES, "validate_json_request",
+                    "lmdeploy.serve.utils.server_utils:validate_json_request")
+
+
 def _patch_messages(mod) -> None:
     import functools
 
+    _patch_generation_config(mod)
     cls = mod.PytorchEngineConfig
     original = cls.__dict__["__init__"]
     if getattr(original, "__hostcache_wrapped__", False):
@@ -515,6 +574,8 @@ PATCHERS = {
     "lmdeploy.cli.serve": _patch_cli_serve,
     "lmdeploy.metrics.stats": _patch_stats,
     "lmdeploy.metrics.loggers": _patch_loggers,
+    "lmdeploy.pytorch.messages": _patch_pytorch_messages,
+    "lmdeploy.serve.utils.server_utils": _patch_server_utils,
 }
 
 

@@ -21,6 +21,8 @@ TARGET_MODULES = frozenset({
     "lmdeploy.cli.serve",
     "lmdeploy.metrics.stats",
     "lmdeploy.metrics.loggers",
+    "lmdeploy.pytorch.messages",
+    "lmdeploy.serve.utils.server_utils",
 })
 # Set by activate when the guard refused or a patch failed: the finder steps aside, except for
 # the modules in ``still_patched`` (activate.REFUSAL_PATCHERS: the flags stay registered and

@@ -76,6 +76,12 @@ PATCHED_TARGETS: dict[str, str] = {
         "register the host-tier Prometheus collector",
     "lmdeploy.metrics.loggers:PrometheusStatLogger.record_schedule":
         "publish the host-tier counters to Prometheus",
+    "lmdeploy.messages:GenerationConfig.__post_init__":
+        "stamp the API request's cache salt on its generation config (request_salt.py)",
+    "lmdeploy.pytorch.messages:SamplingParam.from_gen_config":
+        "carry the config's cache salt to the SamplingParam the sequence keeps",
+    "lmdeploy.serve.utils.server_utils:validate_json_request":
+        "the JSON endpoints' dependency: wrapped to read the request's cache_salt / API-key salt",
     "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper:RecomputeEvictionHelper._reclaim_candidate":
         "reclaim a remote-ready request when its loaded blocks are in the prefix trie (deadlock fix; "
         "activate._reclaim_remote_ready repeats the stock steps after the is_remote_ready check)",
@@ -105,8 +111,6 @@ RELIED_TARGETS: dict[str, str] = {
         "reads the module-level node_manager at call time; depends on validate_json_request",
     "lmdeploy.serve.proxy.proxy:completions_v1":
         "reads the module-level node_manager at call time; depends on validate_json_request",
-    "lmdeploy.serve.utils.server_utils:validate_json_request":
-        "the routed endpoints' dependency, overridden to capture the request body (after the stock check)",
     # the external-load path the connector drives (study sections 3-4)
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.try_load":
         "asks get_num_new_matched_tokens right after the local GPU match",
@@ -129,6 +133,10 @@ RELIED_TARGETS: dict[str, str] = {
         "drops a non-LOADING load record and its soft prefill reservation",
     "lmdeploy.pytorch.paging.seq_states.states:SequenceLifecycle.release_paging_resources":
         "frees the request's blocks (trie-held blocks stay cached), resets its step and trie cursor",
+    "lmdeploy.serve.openai.chat_completions.serving:register":
+        "/v1/chat/completions depends on validate_json_request (bound by name at import)",
+    "lmdeploy.serve.openai.endpoints.completions:register":
+        "/v1/completions depends on validate_json_request (bound by name at import)",
     # per-request cache salts (salted_trie.py subclasses the trie; patches/0008)
     "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._get_or_create_root":
         "the only place roots are created (keyed adapter_name); overridden with the salted key",
@@ -166,6 +174,10 @@ PINS: dict[str, str] = {
         "6a2231a7ec444e1dc6d20ec0494ed1c620c80eef30c33f37f31ab20db29666c1",
     "lmdeploy.cli.serve:SubCliServe.api_server":
         "5e5a1a30562a820292783a812cc70e01ca63f4360f9b8202be2974148e0ce2bf",
+    "lmdeploy.cli.serve:SubCliServe.add_parser_proxy":
+        "92667a6cea5104434fb2582b1ce2e595920e31858dcc2bdcc9b6f328ad09a65b",
+    "lmdeploy.cli.serve:SubCliServe.proxy":
+        "ffc8d2ebe6a258634c9b5ff554c1efc84a9073f80f34ca300c7b2724a943c48d",
     "lmdeploy.messages:PytorchEngineConfig":
         "558b60649b26a08617d145dde55d2abd06c5c9b462343e1f1b6b0504b50f79b8",
     "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics":
@@ -178,6 +190,14 @@ PINS: dict[str, str] = {
         "f12e976021fa8cf4b6ba3c31728c0e013edc5bb50002eb639bcf68d53c9ecd20",
     "lmdeploy.metrics.loggers:PrometheusStatLogger.record_schedule":
         "67084499a3205ce210bc1a13fe1b00dfb755868c6f9b3822d1c02f3e0ec07939",
+    "lmdeploy.messages:GenerationConfig.__post_init__":
+        "9a2607fa45bd47262f31451df7d9d9e9e2c2ec221321f89bbd09d3bb3d8bc922",
+    "lmdeploy.pytorch.messages:SamplingParam.from_gen_config":
+        "6088d69e91cf42afdaa3d6ed3381ec36a15ef5fe21d311134e021b246c4cdfd2",
+    "lmdeploy.serve.utils.server_utils:validate_json_request":
+        "d256d687fd151798ce88ee6a4cf59a21cbcd2bb20927b1cbf4f61df6a592818f",
+    "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper:RecomputeEvictionHelper._reclaim_candidate":
+        "a5be2c37bc51c5648098b1b26655170b86d3ff8aef3cc51ee6ca5a844ec836c7",
     "lmdeploy.pytorch.paging.block_trie.kv_lifecycle:KVBlockLifecycle._try_evict_leaf":
         "106752aaa3464858c936037e90ef2e89cf7c4e92491668ef8f7989a1b2c24670",
     "lmdeploy.pytorch.engine.engine:Engine.__init__":
@@ -188,6 +208,16 @@ PINS: dict[str, str] = {
         "f6f38426f9ea1a1a56f8bb289859167ffe9127c422c6b32b54721e55bfa44415",
     "lmdeploy.cli.serve:SubCliServe.add_parsers":
         "2cd3e4a583cc92c91e65df012b71a0753ef5051c0b4d463a5ca2d8d4d9784938",
+    "lmdeploy.serve.proxy.proxy:NodeManager.get_node_url":
+        "9103cde26f4d066c51df878269d597edc6736d21f908665f43c64cb2439df2b5",
+    "lmdeploy.serve.proxy.proxy:NodeManager.post_call":
+        "c9fd77d96447e3e72052f1aaa7d9f0429d697c50490a636460752eb81d279150",
+    "lmdeploy.serve.proxy.proxy:NodeManager.forward_raw_request_generate":
+        "513f7c6cb11389ed697ae3708960a5a09f4b0eac246ab095c8f5bbc905b230f1",
+    "lmdeploy.serve.proxy.proxy:chat_completions_v1":
+        "3f7e928cfc7afd10605458a668f20a079b441fc8f254b5af61bd70834069673f",
+    "lmdeploy.serve.proxy.proxy:completions_v1":
+        "3db11720ceac0cd4a5d9e11a547b7d9720f06d24fa52cf3f16e8ab105dda0a6c",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.try_load":
         "0959aaeda8529d7d0e2b190b2251c57d755fdf3ed574514346cfe5aed33447b4",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.apply_load_results":
@@ -202,32 +232,16 @@ PINS: dict[str, str] = {
         "bfa9a25ee53dcd171a5c64352fe9a7ca5799525a49d4bc18d32312682491ad7b",
     "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._get_connector_kv_caches":
         "6652d187a76fef711498ccc4d78a36d88aa2e82ad062dfab67da808e26dd2174",
-    "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper:RecomputeEvictionHelper._reclaim_candidate":
-        "a5be2c37bc51c5648098b1b26655170b86d3ff8aef3cc51ee6ca5a844ec836c7",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.is_remote_ready":
         "154ebc88125377cb4630b9b2bc29eee1a899eb9929fd5603b6a7eeb64a1c0992",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.release_tracking":
         "0d0a20deb48f73368f50c3fb77851f3b2a9691be26b08aea491a0df5ada07ccb",
     "lmdeploy.pytorch.paging.seq_states.states:SequenceLifecycle.release_paging_resources":
         "84f5b8e01991b187fa5894f3f7d918e720e110e1ff2f51ab25d11a47e5d65554",
-    "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
-        "ae8d890c1f625f782d4110f92eaccdd0b35e9539d09e5809a709a7b85fd367ca",
-    "lmdeploy.cli.serve:SubCliServe.add_parser_proxy":
-        "92667a6cea5104434fb2582b1ce2e595920e31858dcc2bdcc9b6f328ad09a65b",
-    "lmdeploy.cli.serve:SubCliServe.proxy":
-        "ffc8d2ebe6a258634c9b5ff554c1efc84a9073f80f34ca300c7b2724a943c48d",
-    "lmdeploy.serve.proxy.proxy:NodeManager.get_node_url":
-        "9103cde26f4d066c51df878269d597edc6736d21f908665f43c64cb2439df2b5",
-    "lmdeploy.serve.proxy.proxy:NodeManager.post_call":
-        "c9fd77d96447e3e72052f1aaa7d9f0429d697c50490a636460752eb81d279150",
-    "lmdeploy.serve.proxy.proxy:NodeManager.forward_raw_request_generate":
-        "513f7c6cb11389ed697ae3708960a5a09f4b0eac246ab095c8f5bbc905b230f1",
-    "lmdeploy.serve.proxy.proxy:chat_completions_v1":
-        "3f7e928cfc7afd10605458a668f20a079b441fc8f254b5af61bd70834069673f",
-    "lmdeploy.serve.proxy.proxy:completions_v1":
-        "3db11720ceac0cd4a5d9e11a547b7d9720f06d24fa52cf3f16e8ab105dda0a6c",
-    "lmdeploy.serve.utils.server_utils:validate_json_request":
-        "d256d687fd151798ce88ee6a4cf59a21cbcd2bb20927b1cbf4f61df6a592818f",
+    "lmdeploy.serve.openai.chat_completions.serving:register":
+        "5003b2e3b22686be2b7db2b27d35a0a5c3d9e0c05e0218c4acc460d114d487bc",
+    "lmdeploy.serve.openai.endpoints.completions:register":
+        "11829ad35e734cafa48d2b741a9eb5906d164dec2ccca335ea819a1d70eb369d",
     "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._get_or_create_root":
         "0cb3f588453f6a5cf8683a37f9fc202381df467672eb59d4a6c87ea76e9eb70e",
     "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie._cursor_belongs_to_trie":
@@ -242,6 +256,8 @@ PINS: dict[str, str] = {
         "65f441eeaed1222cd7eb22b39bf2e87ab7b5bc1dc48b0bf0235cc75d961338c3",
     "lmdeploy.pytorch.paging.block_trie.trie:BlockTrie.allocate":
         "d02c88a20dae7cd246f306fe81a6efd8aece5e33f26eab469001aa1b22f46faf",
+    "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
+        "ae8d890c1f625f782d4110f92eaccdd0b35e9539d09e5809a709a7b85fd367ca",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":
@@ -260,28 +276,34 @@ FILE_PINS: dict[str, str] = {
         "7585fbc6e76d04a7e8e736f1cf3a49dd7a45a4b772d91fcae89751ea6bfa103b",
     "lmdeploy.metrics.loggers":
         "253175aebf0bd6f8aeefeed872bdfb0882fbe5553f7193e1d1f3fdd07dd85dd2",
+    "lmdeploy.pytorch.messages":
+        "663c32417be853455805c3e2f7960af479c857b00b4f4e0a0e0f8017e6b43c54",
+    "lmdeploy.serve.utils.server_utils":
+        "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
+    "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper":
+        "a9ae91e4b252d10e090f03b7ab6ef95ca40b882c28b9762e9581204452965e90",
     "lmdeploy.pytorch.paging.block_trie.kv_lifecycle":
         "6f2b1b9cb4c0974af2e1afdb01ee61889100010597e563cb11a9a6b496ec18bd",
     "lmdeploy.pytorch.engine.model_agent.agent":
         "99fb1968a3fb086d99eb018e352b1db4df2c5900a2b7fc461438da585f406913",
+    "lmdeploy.serve.proxy.proxy":
+        "7b7f751f8b21a998bc4b2e08d24b5b3e4ba7c9b7745fa8e1a27920469c58016f",
     "lmdeploy.pytorch.paging.kv_load_coordinator":
         "701ca0b08df191519e418a66faf485fb148bd8a84219231cdfe7377b8e5ae1f2",
     "lmdeploy.pytorch.kv_connector.base":
         "50e51a2bd127b5946d68a0add775e75b513b7c33c06f4b8f767b5d3b13341831",
     "lmdeploy.pytorch.engine.cache_engine.engine":
         "2952c8c1beb711da4085f4b13b20fb29321043564ab6f8c3c44466ade08b6b2f",
-    "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper":
-        "a9ae91e4b252d10e090f03b7ab6ef95ca40b882c28b9762e9581204452965e90",
     "lmdeploy.pytorch.paging.seq_states.states":
         "e1b2d83b4f1c0fa401985e90f1f67bc035f6c91bc1d253dbf5e9300cba57cf21",
-    "lmdeploy.pytorch.engine.cache_engine.plan":
-        "36f112a1e6a5dea78dd8d487d2b60f44cf0588d169bda9cf730ce64fd1f7b05d",
-    "lmdeploy.serve.proxy.proxy":
-        "7b7f751f8b21a998bc4b2e08d24b5b3e4ba7c9b7745fa8e1a27920469c58016f",
-    "lmdeploy.serve.utils.server_utils":
-        "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
+    "lmdeploy.serve.openai.chat_completions.serving":
+        "c5e1b78a0034ec42c00e085b51738be1855d8883ad54d5211c5c9722204d4b9a",
+    "lmdeploy.serve.openai.endpoints.completions":
+        "915c1f0ee251dc76149959ed9d34ef7d8a1308431cab8f589f594a41290fefc3",
     "lmdeploy.pytorch.paging.block_trie.trie":
         "46a1e0f76bf9cf6437ae28fb44f609b81d9ef67b6f039d0efb4972351ddb5ec1",
+    "lmdeploy.pytorch.engine.cache_engine.plan":
+        "36f112a1e6a5dea78dd8d487d2b60f44cf0588d169bda9cf730ce64fd1f7b05d",
 }
 
 

@@ -1,7 +1,21 @@
-"""Per-request cache salt (issue 16): where a request's salt lives and how it is read.
+"""Per-request cache salt (issue 16): how a request's salt reaches the scheduler, and how it is read.
 
-A request's salt is the string attribute ``cache_salt`` of LMDeploy's ``SchedulerSequence`` (absent
-or empty: unsalted).  Every tier reads it through ``sequence_salt`` only:
+The path (each step rebound by ``activate.py``, pinned in ``guard.py``):
+
+1. API process: the JSON endpoints' dependency ``validate_json_request`` (``server_utils``; the
+   chat and completion endpoints depend on it) is wrapped by ``salt_dependency``: after the stock
+   check it reads the body's ``cache_salt`` (a string of at most ``MAX_SALT_CHARS``; anything else
+   is answered 400 naming the field) and, with ``LMDEPLOY_HOSTCACHE_SALT_FROM_API_KEY=1``, the
+   caller's bearer token (``--api-keys``), and sets the request's salt in a ``ContextVar``
+   (``request_salt_for``: a key-derived salt is a keyed hash of the token, never the token; a body
+   salt is nested under it, so a caller can split its own partition but never reach another key's);
+2. ``GenerationConfig.__post_init__`` (run in the endpoint's task) copies that salt onto the
+   config as ``cache_salt``; the config is pickled to the engine process with it;
+3. engine process: ``SamplingParam.from_gen_config`` copies it onto the ``SamplingParam`` that
+   LMDeploy stores on the ``SchedulerSequence`` (``seq.sampling_param``).
+
+Every tier reads the salt through ``sequence_salt`` only (``seq.cache_salt`` first, as set by
+tests and by the upstream form ``patches/0008``, then ``seq.sampling_param.cache_salt``):
 
 * LMDeploy's GPU ``BlockTrie`` (``salted_trie.py``): a salted request matches and publishes under
   its own root, keyed ``(adapter_name, salt)``; the root carries the salt as ``ROOT_SALT_ATTR``;
@@ -14,7 +28,14 @@ digests); the salt string never leaves the engine process (no log, feed or captu
 """
 from __future__ import annotations
 
+import contextvars
+import hashlib
+import os
+
 SEQ_SALT_ATTR = "cache_salt"
+ENV_SALT_FROM_API_KEY = "LMDEPLOY_HOSTCACHE_SALT_FROM_API_KEY"
+_KEY_SALT_LABEL = b"lmdeploy-hostcache api-key salt v1"
+current_salt: contextvars.ContextVar[str] = contextvars.ContextVar("lmdeploy_hostcache_cache_salt", default="")
 ROOT_SALT_ATTR = "_hostcache_salt"
 MAX_SALT_CHARS = 1024
 
@@ -22,6 +43,8 @@ MAX_SALT_CHARS = 1024
 def sequence_salt(seq) -> str:
     """The request's cache salt ('' when unsalted)."""
     salt = getattr(seq, SEQ_SALT_ATTR, None)
+    if not salt:
+        salt = getattr(getattr(seq, "sampling_param", None), SEQ_SALT_ATTR, None)
     return salt if isinstance(salt, str) else ""
 
 
@@ -43,3 +66,68 @@ def validate_salt(value, field: str = "cache_salt") -> str:
     if len(value) > MAX_SALT_CHARS:
         raise ValueError(f"{field} must be at most {MAX_SALT_CHARS} characters, got {len(value)}")
     return value
+
+
+def salt_from_api_key(authorization: str | None) -> str:
+    """A salt derived from a bearer token ('' without one): a keyed hash, never the token itself."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return ""
+    return "apikey:" + hashlib.blake2b(token.strip().encode(), key=_KEY_SALT_LABEL, digest_size=16).hexdigest()
+
+
+def salt_from_key_enabled(environ=None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get(ENV_SALT_FROM_API_KEY, "").strip().lower() in ("1", "true", "yes")
+
+
+def request_salt_for(body, authorization: str | None, *, from_api_key: bool) -> str:
+    """The salt of one API request: the body's ``cache_salt``, nested under the API key's when enabled.
+
+    Raises ValueError naming ``cache_salt`` when the field is not a string or too long.
+    """
+    body_salt = validate_salt(body.get("cache_salt") if isinstance(body, dict) else None)
+    key_salt = salt_from_api_key(authorization) if from_api_key else ""
+    if key_salt and body_salt:
+        return f"{key_salt}/{len(body_salt)}:{body_salt}"
+    return key_salt or body_salt
+
+
+def wrap_validate_json_request(original):
+    """The async dependency that replaces ``server_utils.validate_json_request`` (see the docstring)."""
+    import functools
+
+    from fastapi import HTTPException, Request
+
+    @functools.wraps(original)
+    async def validate_json_request(raw_request: Request):
+        original(raw_request)
+        body = None
+        if raw_request.method == "POST":
+            try:
+                body = await raw_request.json()
+            except Exception:
+                body = None  # the endpoint reports a malformed body itself
+        try:
+            salt = request_salt_for(body, raw_request.headers.get("Authorization"),
+                                    from_api_key=salt_from_key_enabled())
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        current_salt.set(salt)
+
+    validate_json_request.__hostcache_wrapped__ = True
+    return validate_json_request
+
+
+def stamp_generation_config(config) -> None:
+    """``GenerationConfig.__post_init__`` post-hook: the current request's salt, if any."""
+    salt = current_salt.get()
+    if salt and not getattr(config, SEQ_SALT_ATTR, None):
+        setattr(config, SEQ_SALT_ATTR, salt)
+
+
+def copy_to_sampling_param(param, gen_config) -> None:
+    """``SamplingParam.from_gen_config`` post-hook: carry the config's salt to the sequence."""
+    salt = getattr(gen_config, SEQ_SALT_ATTR, None)
+    if isinstance(salt, str) and salt:
+        setattr(param, SEQ_SALT_ATTR, salt)
