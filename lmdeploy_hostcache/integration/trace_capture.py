@@ -6,7 +6,7 @@ At the end the record is built from what the sequence holds: the prompt is
 ``seq.all_ids[:seq.input_end_pos]``, the output length ``seq.num_all_ids - seq.input_end_pos``,
 the block ids the capture key's ids of the prompt's full-block digests (the same chained digests
 the host tier uses, in the request's namespace: model, block size, KV format, tenant salt,
-adapter).  The arrival is the capture clock's reading at ``on_new_request`` (wall-clock seconds
+adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's reading at ``on_new_request`` (wall-clock seconds
 by default; a test may pass another clock).
 
 The record is built and written on the scheduler's thread, inside LMDeploy's ``end_session``
@@ -26,7 +26,8 @@ import time
 from typing import Callable
 
 from ..capture import CaptureKey, RotatingWriter, capture_record
-from ..digest import ChainHasher
+from ..digest import ChainHasher, salted_root
+from .request_salt import sequence_salt
 
 logger = logging.getLogger("lmdeploy_hostcache.capture")
 
@@ -90,12 +91,16 @@ class TraceCapture:
         full = prompt_len // self.block_size
         tokens = seq.all_ids[:full * self.block_size].copy() if full else None
         session = seq.session.session_id if start > 0 else None
-        return (arrival, prompt_len, output_len, tokens, self.namespaces.for_adapter(seq.adapter_name), session)
+        namespace = self.namespaces.for_adapter(seq.adapter_name)
+        # a salted request's chain starts at its salted root, as in the host tier: requests of two
+        # salts never share blocks in the engine, so their captured ids differ too
+        root = salted_root(namespace, sequence_salt(seq))
+        return (arrival, prompt_len, output_len, tokens, namespace, root, session)
 
     def encode(self, snap: tuple) -> str:
         """The JSON line of a snapshot: chained digests, keyed ids, the record."""
-        arrival, prompt_len, output_len, tokens, namespace, session = snap
-        hasher = ChainHasher(namespace)
+        arrival, prompt_len, output_len, tokens, namespace, root, session = snap
+        hasher = ChainHasher(namespace, parent=root)
         if tokens is not None:
             hasher.extend(tokens)
         return capture_record(arrival_s=arrival, input_length=prompt_len, output_length=output_len,

@@ -269,3 +269,27 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
               f'{conc.gpu_hit_rate:.3f} / {conc.host_hit_rate:.3f} | {seq.gpu_hit_rate:.3f} / {seq.host_hit_rate:.3f} '
               f'| {"yes" if ok else "no"} | {run.preemptions} | {run.metrics.get("demotions", 0)} / {conc.demotions} '
               f'| {run.metrics.get("hit_blocks", 0)} / {conc.host_hit_blocks} |')
+
+
+def test_salted_requests_get_their_own_block_ids(tmp_path):
+    """Requests of two cache salts never share blocks in the engine: their captured ids differ too."""
+    from lmdeploy_hostcache.capture import CaptureKey
+    from lmdeploy_hostcache.digest import Namespace
+    from lmdeploy_hostcache.integration.trace_capture import TraceCapture
+
+    ns = Namespace(model='m', block_size=BS)
+    factory = types.SimpleNamespace(for_adapter=lambda name: ns)
+    cap = TraceCapture(str(tmp_path / 'c.jsonl'), 1 << 20, BS, factory, key=CaptureKey(b'\x07' * 16))
+
+    def seq(salt):
+        s = types.SimpleNamespace(seq_id=1, input_start_pos=0, input_end_pos=40, num_all_ids=42,
+                                  all_ids=np.arange(42), adapter_name=None, arrive_time=time.perf_counter(),
+                                  session=types.SimpleNamespace(session_id=1),
+                                  sampling_param=types.SimpleNamespace())
+        if salt:
+            s.cache_salt = salt
+        return s
+
+    plain, a, a2, b = (json.loads(cap.record(seq(x)))['hash_ids'] for x in ('', 'tenant-a', 'tenant-a', 'tenant-b'))
+    assert len(plain) == 2 and a == a2
+    assert len({tuple(plain), tuple(a), tuple(b)}) == 3
