@@ -8,17 +8,18 @@ prefix than its size.  ``ConcurrentTwoTierCache`` models this:
 * a request starting at ``t`` runs until
   ``t + recomputed_tokens / prefill_tokens_per_s + output_length / decode_tokens_per_s``
   (``Lifetimes``; both rates are **assumptions**, settable, printed with every result);
-* it starts at its arrival (the trace's timestamp), or later when the blocks it needs
-  (``ceil((input + output) / block_size)``, less the prefix blocks already pinned) do not fit
-  beside what the running requests hold: then running requests finish, in end order, until it
-  fits (first come, first served, as the engine's waiting queue; a request larger than the whole
-  tier runs when nothing else does);
-* before a request is served, every request whose end is at or before its start finishes
-  (in end order);
+* it starts at its arrival (the trace's timestamp), or later when its prompt's blocks
+  (``ceil(input / block_size)``, less the prefix blocks already pinned) do not fit beside what
+  the running requests hold: then the running requests' events are played, in time order, until
+  it fits (first come, first served, as the engine's waiting queue; a request larger than the
+  whole tier runs when nothing else does);
+* before a request is served, every event at or before its start is played in time order (a
+  request ending, or a running request needing one more block);
 * while it runs, the request pins (``HostIndex.prepare_load``: read pins, not candidates) every
-  GPU block of its prompt it matched or stored, and holds ``ceil((input + output) / block_size)``
-  minus those blocks of further GPU capacity (its partial prompt block and its output tokens:
-  slots taken from the GPU tier's allocator, evicting by policy when none is free);
+  GPU block of its prompt it matched or stored, holds a slot for its partial prompt block, and
+  takes one more slot each time decoding crosses a block boundary, at that moment (slots taken
+  from the GPU tier's allocator, evicting by policy when none is free), as LMDeploy grows a
+  decoding sequence block by block;
 * when it finishes, the pins and the held slots go, and the full blocks of prompt + output past
   the prompt's full blocks (``(input + output - 1) // block_size`` minus them) stay in the GPU
   tier as leaves under the prompt's last block, with ids no later request can match (LMDeploy's
@@ -90,6 +91,7 @@ class _Running:
     ghost_parent: int
     ghosts: int
     index: int
+    ended: bool = False
 
 
 class ConcurrentTwoTierCache(TwoTierCache):
@@ -102,13 +104,16 @@ class ConcurrentTwoTierCache(TwoTierCache):
         self.stats = ConcurrencyStats(st.block_size, st.gpu_blocks, st.host_blocks, st.host_policy)
         self.block_size = block_size
         self.lifetimes = lifetimes
-        self._running: list[tuple[float, int, _Running]] = []   # heap of (end, index, state)
+        # heap of (time, kind, order, state): kind 0 = the request ends, 1 = it needs one more block
+        self._running: list[tuple[float, int, int, _Running]] = []
+        self._events = 0
+        self._live = 0                     # running requests
+        self._clock = float("-inf")        # time of the event or start being processed
         self._n = 0
         self._held_now = 0                 # slots in running requests' holds
         self._pins: dict[int, int] = {}    # digest -> running requests pinning it
         self._now = float("-inf")          # start of the latest request (starts never go back)
-        self._writing: list[int] = []      # host copies started at ``_writes_at`` (still WRITING)
-        self._writes_at = float("-inf")
+        self._writing: list[tuple[float, int]] = []   # (time started, digest): host copies in flight
 
     def _demote(self, block) -> None:
         """A GPU eviction: the host copy is in flight (WRITING, not loadable) until the clock
@@ -116,24 +121,44 @@ class ConcurrentTwoTierCache(TwoTierCache):
         earliest with the next step: requests starting at that same moment cannot restore it."""
         host = self.host
         if host.prepare_store(block.digest, block.parent, block.tokens) is not None:
-            self._writing.append(block.digest)
+            self._writing.append((self._clock, block.digest))
             self.stats.demotions += 1
         elif block.digest not in host:
             host.drop_subtree(block.digest)
             self.stats.demotions_refused += 1
 
     def _settle_writes(self, now: float) -> None:
-        if self._writing and now > self._writes_at:
-            host = self.host
-            for d in self._writing:
-                host.complete_store(d, True)
-            self._writing.clear()
-        self._writes_at = now
+        """Host copies started before ``now`` have landed (in start order)."""
+        writing = self._writing
+        k = 0
+        while k < len(writing) and writing[k][0] < now:
+            self.host.complete_store(writing[k][1], True)
+            k += 1
+        if k:
+            del writing[:k]
+
+    def _push(self, t: float, kind: int, r: _Running) -> None:
+        heapq.heappush(self._running, (t, kind, self._events, r))
+        self._events += 1
+
+    def _process_next(self) -> float:
+        t, kind, _, r = heapq.heappop(self._running)
+        self._clock = t
+        if kind == 0:
+            r.ended = True
+            self._live -= 1
+            self._end(r)
+        elif not r.ended:  # decode crossed a block boundary: one more block, evicting by LRU for it
+            got = self._hold(1)
+            r.held.extend(got)
+            self._held_now += len(got)
+            self.stats.max_held_blocks = max(self.stats.max_held_blocks, self._occupied())
+        return t
 
     def _end_until(self, t: float) -> None:
         running = self._running
         while running and running[0][0] <= t:
-            self._end(heapq.heappop(running)[2])
+            self._process_next()
 
     def _occupied(self) -> int:
         """GPU blocks running requests hold now (a block pinned by several counts once)."""
@@ -189,13 +214,11 @@ class ConcurrentTwoTierCache(TwoTierCache):
                 break
             shared += 1
         while self._running and self._occupied() + total - shared > cap:
-            end, _, r = heapq.heappop(self._running)
-            self._end(r)
-            start = max(start, end)
+            start = max(start, self._process_next())
         if start > pr.request.timestamp:
             self.stats.queued_requests += 1
             self.stats.queue_delay_s += start - pr.request.timestamp
-        self._now = start
+        self._now = self._clock = start
         self._settle_writes(start)
         return start
 
@@ -203,8 +226,7 @@ class ConcurrentTwoTierCache(TwoTierCache):
         """Finish what ended by this request's start, then serve it and keep it running."""
         r = pr.request
         bs = self.block_size
-        total = -(-(r.input_length + r.output_length) // bs)
-        start = self._admit(pr, total)
+        start = self._admit(pr, -(-r.input_length // bs))   # the prefill needs the prompt's blocks
         g, restored, stored = self.serve_blocks(pr)
         resident = self.gpu.is_resident
         pinned = tuple(d for d in pr.digests[:g + stored] if resident(d))
@@ -213,16 +235,25 @@ class ConcurrentTwoTierCache(TwoTierCache):
             pins = self._pins
             for d in pinned:
                 pins[d] = pins.get(d, 0) + 1
-        held = self._hold(max(0, total - len(pinned)))
+        held = self._hold(max(0, -(-r.input_length // bs) - len(pinned)))   # the partial prompt block
         ghosts = max(0, (r.input_length + r.output_length - 1) // bs - r.input_length // bs)
         recomputed = max(0, r.input_length - (g + restored) * bs)
-        end = start + self.lifetimes.duration_s(recomputed, r.output_length)
+        lt = self.lifetimes
+        t_prefill = start + lt.duration_s(recomputed, 0)
+        end = start + lt.duration_s(recomputed, r.output_length)
         state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, ghosts, self._n)
-        heapq.heappush(self._running, (end, self._n, state))
+        self._push(end, 0, state)
+        blocks = -(-r.input_length // bs)
+        for i in range(1, r.output_length + 1):  # decode: a new block when the sequence crosses a boundary
+            need = -(-(r.input_length + i) // bs)
+            if need > blocks:
+                blocks = need
+                self._push(min(t_prefill + i / lt.decode_tokens_per_s, end), 1, state)
         self._n += 1
+        self._live += 1
         self._held_now += len(held)
         st = self.stats
-        st.max_running = max(st.max_running, len(self._running))
+        st.max_running = max(st.max_running, self._live)
         st.max_held_blocks = max(st.max_held_blocks, self._occupied())
         return g, restored
 
