@@ -124,3 +124,18 @@ def test_the_proxy_sends_its_feed_key(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_engine_does_not_start_an_open_feed_on_a_public_address(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setenv(csf.ENV_FEED_ADDR, "0.0.0.0:0")
+    monkeypatch.delenv(csf.ENV_FEED_API_KEYS, raising=False)
+    monkeypatch.delenv(csf.ENV_FEED_UNAUTHENTICATED, raising=False)
+
+    class Side:
+        feed = None
+
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.cache_state_feed"):
+        assert csf.attach_from_env(Side(), scheduler=None) is None
+    assert Side.feed is None and csf.ENV_FEED_API_KEYS in caplog.text
