@@ -16,7 +16,9 @@ engine's scheduler-side connector (``HostTierScheduler``):
   view and enters the other's;
 * capacities (GPU blocks, host slots, block size), the base model's namespace (root, seed; the
   tenant salt never leaves the process) and its fingerprint (model identity, KV format, TP).
-  Only the base model's namespace is published (LoRA adapters' blocks are not).
+  Only the base model's namespace is published (LoRA adapters' blocks are not; nor are GPU
+  blocks of salted requests, which no proxy could match; host blocks carry no salt and are all
+  published, keyed like every id).
 
 ``serve_feed`` answers ``GET routing.feed.FEED_PATH?epoch=&since=&max_events=`` from a small
 threaded HTTP server in the engine process (the PyTorch engine runs in its own process under
@@ -50,6 +52,7 @@ from urllib.parse import parse_qs, urlparse
 
 from ..routing.feed import FEED_PATH, FeedPublisher
 from ..routing.table import GPU, HOST
+from .request_salt import ROOT_SALT_ATTR, sequence_salt
 
 __all__ = ["ENV_FEED_ADDR", "ENV_FEED_API_KEYS", "ENV_FEED_UNAUTHENTICATED", "NodeCacheFeed", "attach_from_env",
            "feed_api_keys", "serve_feed"]
@@ -99,7 +102,7 @@ class NodeCacheFeed:
         out: set[int] = set()
         root = self.trie._roots.get(None) if hasattr(self.trie, "_roots") else None
         roots = [root] if root is not None else [r for r in getattr(self.trie, "_roots", {}).values()
-                                                 if not r.adapter_name]
+                                                 if not r.adapter_name and not getattr(r, ROOT_SALT_ATTR, "")]
         stack = [c for r in roots for c in r.children.values()]
         node_digest = self.side.node_digest
         while stack:
@@ -114,7 +117,7 @@ class NodeCacheFeed:
     def on_request_finished(self, seq) -> None:
         """Publish the finished request's trie path (scheduler thread): its deepest trie node and
         every unpublished ancestor, so a conversation's latest blocks are visible right away."""
-        if not self.enabled:
+        if not self.enabled or sequence_salt(seq):  # a salted path: no proxy could match its ids
             return
         try:
             node = getattr(getattr(seq, "prefix_cache", None), "trie_cursor", None)
