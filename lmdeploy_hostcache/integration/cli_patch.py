@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["PYTORCH_GROUP_TITLE", "add_host_cache_arguments", "apply_host_cache_args", "refuse",
-           "wrap_add_parser_api_server", "wrap_api_server"]
+           "wrap_add_parser_api_server", "wrap_add_subparser", "wrap_api_server"]
 
 PYTORCH_GROUP_TITLE = "PyTorch engine arguments"
 
@@ -118,17 +118,23 @@ def refuse(message: str) -> None:
     raise SystemExit(2)
 
 
-def wrap_add_parser_api_server(original: Callable[[], Any], serve_cls: Any) -> Callable[[], Any]:
+def wrap_add_subparser(original: Callable[[], Any], serve_cls: Any, name: str,
+                       add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable[[], Any]:
+    """Wrap ``SubCliServe.add_parser_<name>`` so that our options join the ``serve <name>`` parser."""
     @functools.wraps(original)
-    def add_parser_api_server():
+    def add_parser():
         result = original()
-        parser = serve_cls.subparsers.choices.get("api_server")
+        parser = serve_cls.subparsers.choices.get(name)
         if parser is not None:
-            add_host_cache_arguments(parser)
+            add_arguments(parser)
         return result
 
-    add_parser_api_server.__hostcache_wrapped__ = True
-    return add_parser_api_server
+    add_parser.__hostcache_wrapped__ = True
+    return add_parser
+
+
+def wrap_add_parser_api_server(original: Callable[[], Any], serve_cls: Any) -> Callable[[], Any]:
+    return wrap_add_subparser(original, serve_cls, "api_server", add_host_cache_arguments)
 
 
 def wrap_api_server(original: Callable[[argparse.Namespace], Any],

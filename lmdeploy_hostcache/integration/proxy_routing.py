@@ -51,6 +51,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .cli_patch import wrap_add_subparser
+
 __all__ = ["STRATEGY", "add_proxy_arguments", "install", "wrap_add_parser_proxy", "wrap_proxy", "RoutingService"]
 
 STRATEGY = "cache_aware"
@@ -113,16 +115,7 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def wrap_add_parser_proxy(original: Callable[[], Any], serve_cls: Any) -> Callable[[], Any]:
-    @functools.wraps(original)
-    def add_parser_proxy():
-        result = original()
-        parser = serve_cls.subparsers.choices.get("proxy")
-        if parser is not None:
-            add_proxy_arguments(parser)
-        return result
-
-    add_parser_proxy.__hostcache_wrapped__ = True
-    return add_parser_proxy
+    return wrap_add_subparser(original, serve_cls, "proxy", add_proxy_arguments)
 
 
 def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:

@@ -44,16 +44,6 @@ def fresh():
     act.activate()
 
 
-@pytest.fixture
-def active():
-    st = act.activate()
-    if st["status"] != "active":
-        pytest.skip(f"activation is {st['status']}: {st['reason']}")
-    for name in act.PATCHERS:
-        importlib.import_module(name)
-    return act
-
-
 def test_activation_patches_every_target(fresh):
     st = fresh.activate()
     assert st["status"] == "active", st

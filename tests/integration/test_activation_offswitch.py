@@ -21,16 +21,6 @@ NEED = guard.SUPPORTED_LMDEPLOY_VERSION
 
 
 @pytest.fixture
-def active():
-    st = act.activate()
-    if st["status"] != "active":
-        pytest.skip(f"activation is {st['status']}: {st['reason']}")
-    for name in act.PATCHERS:
-        importlib.import_module(name)
-    return act
-
-
-@pytest.fixture
 def other_version():
     """Activation as it is on LMDeploy 0.19.0 (the guard refuses); restored afterwards."""
     for name in act.PATCHERS:
