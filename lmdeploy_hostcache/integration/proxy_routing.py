@@ -98,6 +98,9 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-aware-feed-port", type=_positive(int), default=None, metavar="PORT",
                    help="read each node's feed from this port on the node's host (the engine process serves it "
                         "when started with LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT); default: the node's own URL")
+    g.add_argument("--cache-aware-feed-url", action="append", default=None, metavar="NODE_URL=FEED_URL",
+                   help="read this node's feed from FEED_URL (repeatable; wins over --cache-aware-feed-port; "
+                        "for several nodes on one host, each with its own LMDEPLOY_HOSTCACHE_FEED_ADDR)")
     g.add_argument("--cache-aware-feed-api-key", type=str, default=None, metavar="KEY",
                    help="bearer token sent with every feed read (one of the nodes' "
                         "LMDEPLOY_HOSTCACHE_FEED_API_KEYS); default: $LMDEPLOY_HOSTCACHE_FEED_API_KEY")
@@ -131,7 +134,11 @@ def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argpa
                 cluster_key()
             except ValueError as exc:
                 raise SystemExit(str(exc)) from None
-            install(options_from_args(args))
+            try:
+                options = options_from_args(args)
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from None
+            install(options)
             args.routing_strategy = STOCK_DEFAULT
         return original(args)
 
@@ -140,9 +147,24 @@ def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argpa
 
 
 def options_from_args(args) -> dict:
-    return {k: getattr(args, "cache_aware_" + k) for k in
-            ("model", "feed_interval", "feed_timeout", "feed_port", "feed_api_key", "error_cooldown", "balance",
-             "block_size", "gpu_blocks", "host_blocks")}
+    options = {k: getattr(args, "cache_aware_" + k) for k in
+               ("model", "feed_interval", "feed_timeout", "feed_port", "feed_api_key", "error_cooldown", "balance",
+                "block_size", "gpu_blocks", "host_blocks")}
+    options["feed_urls"] = parse_feed_urls(getattr(args, "cache_aware_feed_url", None) or ())
+    return options
+
+
+def parse_feed_urls(items) -> dict[str, str]:
+    """``NODE_URL=FEED_URL`` pairs of ``--cache-aware-feed-url`` -> {node URL: feed URL}; ValueError naming
+    the option for a malformed pair."""
+    urls = {}
+    for item in items:
+        node, sep, feed = str(item).partition("=")
+        node, feed = node.strip().rstrip("/"), feed.strip()
+        if not sep or not node.startswith(("http://", "https://")) or not feed.startswith(("http://", "https://")):
+            raise ValueError(f"--cache-aware-feed-url: expected NODE_URL=FEED_URL with http(s) URLs, got {item!r}")
+        urls[node] = feed
+    return urls
 
 
 FEED_API_KEY_ENV = "LMDEPLOY_HOSTCACHE_FEED_API_KEY"
@@ -397,11 +419,15 @@ class RoutingService:
                 logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
 
     def feed_url(self, node_url: str) -> str:
-        """Where ``node_url``'s cache-state feed is read: the node's URL, or its host at ``feed_port``."""
+        """Where ``node_url``'s cache-state feed is read: its ``--cache-aware-feed-url`` mapping, else the
+        node's host at ``feed_port``, else the node's own URL."""
         from urllib.parse import urlsplit
 
         from ..routing.feed import FEED_PATH
 
+        mapped = (self.options.get("feed_urls") or {}).get(node_url.rstrip("/"))
+        if mapped:
+            return mapped if mapped.rstrip("/").endswith(FEED_PATH) else mapped.rstrip("/") + FEED_PATH
         port = self.options.get("feed_port")
         if not port:
             return node_url.rstrip("/") + FEED_PATH

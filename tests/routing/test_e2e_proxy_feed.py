@@ -93,3 +93,80 @@ def test_real_node_feed_behind_the_real_proxy(tmp_path):
                     proxy.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     os.killpg(proxy.pid, signal.SIGKILL)
+
+
+def test_two_real_nodes_behind_the_real_proxy_keep_each_chat_on_its_node(tmp_path):
+    """Two real CPU api_servers (host tier on, each publishing its feed on its own port) behind the
+    real proxy: two chats start on different nodes (balance guard), and each chat's second turn is
+    routed to the node whose published blocks hold its first turn (predicted GPU hits there)."""
+    import contextlib
+
+    from lmdeploy_hostcache.testing.models import write_tiny_model
+    from lmdeploy_hostcache.testing.server import api_server, free_port
+
+    model = str(write_tiny_model(tmp_path / "tiny", "llama", seed=1))
+    feed_ports = [free_port(), free_port()]
+    pport = free_port()
+    proxy = None
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(api_server(model, host_cache_gb=1, extra_args=COMMON, log_dir=str(tmp_path),
+                                                  env={"LMDEPLOY_HOSTCACHE_FEED_ADDR": f"127.0.0.1:{fp}"}))
+                   for fp in feed_ports]
+        try:
+            feed_args = []
+            for srv, fp in zip(servers, feed_ports):
+                feed_args += ["--cache-aware-feed-url", f"{srv.url}=http://127.0.0.1:{fp}"]
+            proxy = subprocess.Popen(
+                [LMDEPLOY, "serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(pport),
+                 "--routing-strategy", "cache_aware", "--cache-aware-model", model,
+                 "--cache-aware-feed-interval", "0.1", "--disable-cache-status", *feed_args],
+                stdout=open(tmp_path / "proxy.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+            purl = f"http://127.0.0.1:{pport}"
+            _wait(lambda: requests.get(purl + "/hostcache/routing", timeout=1).ok, 120, "the proxy")
+            for srv in servers:
+                r = requests.post(purl + "/nodes/add", json={"url": srv.url, "status": {"models": [model]}}, timeout=5)
+                assert r.ok, r.text
+
+            def nodes():
+                return {n["name"].rstrip("/"): n for n in requests.get(purl + "/hostcache/routing", timeout=5)
+                        .json()["nodes"]}
+
+            _wait(lambda: len(nodes()) == 2 and all(n["exact"] and n["has_feed"] for n in nodes().values()), 60,
+                  "both nodes' feeds at the proxy")
+
+            def chat(msgs):
+                before = nodes()
+                r = requests.post(purl + "/v1/chat/completions",
+                                  json={"model": model, "messages": msgs, **GREEDY}, timeout=300)
+                assert r.status_code == 200 and r.json()["choices"], r.text
+                after = nodes()
+                served = [u for u in after if after[u]["requests"] == before[u]["requests"] + 1]
+                assert len(served) == 1, (before, after)
+                return served[0], r.json()["choices"][0]["message"]["content"] or "", before, after
+
+            def wait_feeds_caught_up():
+                for srv, fp in zip(servers, feed_ports):
+                    feed = f"http://127.0.0.1:{fp}/hostcache/cache_state"
+                    _wait(lambda: nodes()[srv.url.rstrip("/")]["feed_seq"]
+                          == requests.get(feed, timeout=5).json()["seq"], 30, "the proxy to read the feeds")
+
+            chats = {"a": [{"role": "user", "content": "the quick brown fox jumps over the lazy dog, " * 4}],
+                     "b": [{"role": "user", "content": "pack my box with five dozen liquor jugs, " * 4}]}
+            home = {}
+            for name, msgs in chats.items():
+                home[name], reply, _, _ = chat(msgs)
+                msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "and then?"}]
+                wait_feeds_caught_up()
+            assert home["a"] != home["b"], home   # the second chat did not herd onto the first one's node
+            for name, msgs in chats.items():
+                served, _, before, after = chat(msgs)
+                assert served == home[name], (name, served, home)
+                predicted = after[served]["predicted_gpu_hit_tokens"] - before[served]["predicted_gpu_hit_tokens"]
+                assert predicted >= 16 * 8 and predicted % 16 == 0, (name, before[served], after[served])
+        finally:
+            if proxy is not None and proxy.poll() is None:
+                os.killpg(proxy.pid, signal.SIGTERM)
+                try:
+                    proxy.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proxy.pid, signal.SIGKILL)

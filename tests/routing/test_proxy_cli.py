@@ -33,6 +33,32 @@ def test_feed_url_is_the_node_url_or_its_host_at_the_feed_port():
     assert RoutingService(opts).feed_url("http://10.0.0.5:23333") == "http://10.0.0.5:23400/hostcache/cache_state"
 
 
+def test_feed_url_mapping_wins_and_a_malformed_pair_is_refused_naming_the_option(monkeypatch):
+    import argparse
+
+    import pytest
+
+    from lmdeploy_hostcache.integration import proxy_routing
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService, parse_feed_urls
+
+    urls = parse_feed_urls(["http://127.0.0.1:23333/=http://127.0.0.1:24001",
+                            "http://127.0.0.1:23334=http://127.0.0.1:24002/hostcache/cache_state"])
+    opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": 23400, "balance": 1.3,
+            "block_size": 64, "gpu_blocks": 16, "host_blocks": 0, "feed_urls": urls}
+    svc = RoutingService(opts)
+    assert svc.feed_url("http://127.0.0.1:23333") == "http://127.0.0.1:24001/hostcache/cache_state"
+    assert svc.feed_url("http://127.0.0.1:23334/") == "http://127.0.0.1:24002/hostcache/cache_state"
+    assert svc.feed_url("http://127.0.0.1:23335") == "http://127.0.0.1:23400/hostcache/cache_state"  # unmapped
+
+    monkeypatch.setattr(proxy_routing, "install", lambda opts: None)
+    wrapped = proxy_routing.wrap_proxy(lambda args: None)
+    p = argparse.ArgumentParser()
+    p.add_argument("--routing-strategy", choices=["random", "min_expected_latency", "min_observed_latency"])
+    proxy_routing.add_proxy_arguments(p)
+    with pytest.raises(SystemExit, match="--cache-aware-feed-url: expected NODE_URL=FEED_URL"):
+        wrapped(p.parse_args(["--routing-strategy", "cache_aware", "--cache-aware-feed-url", "127.0.0.1:24001"]))
+
+
 def test_stock_strategies_pass_through_untouched_and_cache_aware_installs(monkeypatch):
     import argparse
 
