@@ -39,6 +39,16 @@ def _wait(pred, timeout, what):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _stop(proxy):
+    """Stop the proxy's process group (SIGTERM, then SIGKILL after 10 s)."""
+    if proxy is not None and proxy.poll() is None:
+        os.killpg(proxy.pid, signal.SIGTERM)
+        try:
+            proxy.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proxy.pid, signal.SIGKILL)
+
+
 def test_real_node_feed_behind_the_real_proxy(tmp_path):
     from lmdeploy_hostcache.testing.models import write_tiny_model
     from lmdeploy_hostcache.testing.server import api_server, free_port
@@ -87,12 +97,7 @@ def test_real_node_feed_behind_the_real_proxy(tmp_path):
             # the first prompt is ~190 tokens: its full 16-token blocks are a prefix of the second
             assert predicted >= 16 * 8 and predicted % 16 == 0, second
         finally:
-            if proxy is not None and proxy.poll() is None:
-                os.killpg(proxy.pid, signal.SIGTERM)
-                try:
-                    proxy.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proxy.pid, signal.SIGKILL)
+            _stop(proxy)
 
 
 def test_two_real_nodes_behind_the_real_proxy_keep_each_chat_on_its_node(tmp_path):
@@ -164,9 +169,4 @@ def test_two_real_nodes_behind_the_real_proxy_keep_each_chat_on_its_node(tmp_pat
                 predicted = after[served]["predicted_gpu_hit_tokens"] - before[served]["predicted_gpu_hit_tokens"]
                 assert predicted >= 16 * 8 and predicted % 16 == 0, (name, before[served], after[served])
         finally:
-            if proxy is not None and proxy.poll() is None:
-                os.killpg(proxy.pid, signal.SIGTERM)
-                try:
-                    proxy.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proxy.pid, signal.SIGKILL)
+            _stop(proxy)
