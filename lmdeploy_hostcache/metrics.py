@@ -10,6 +10,16 @@ import threading
 from dataclasses import dataclass, field, fields
 
 
+def _add_counters(metrics, deltas: dict, not_a_counter: str) -> None:
+    """Add ``deltas`` to the integer counters of a metrics dataclass under its lock; a private
+    field, ``not_a_counter`` or an unknown name raises AttributeError naming the class."""
+    with metrics._lock:
+        for name, delta in deltas.items():
+            if name.startswith("_") or name == not_a_counter or not hasattr(metrics, name):
+                raise AttributeError(f"{type(metrics).__name__} has no counter {name!r}")
+            setattr(metrics, name, getattr(metrics, name) + delta)
+
+
 @dataclass
 class LatencyStat:
     """Sum/count/max of a latency in seconds (enough for a mean and a worst case)."""
@@ -49,11 +59,7 @@ class HostTierMetrics:
 
     def add(self, **deltas: int) -> None:
         """Add to counters by name; an unknown name raises AttributeError."""
-        with self._lock:
-            for name, delta in deltas.items():
-                if name.startswith("_") or name == "restore_latency" or not hasattr(self, name):
-                    raise AttributeError(f"HostTierMetrics has no counter {name!r}")
-                setattr(self, name, getattr(self, name) + delta)
+        _add_counters(self, deltas, "restore_latency")
 
     def observe_restore_latency(self, seconds: float) -> None:
         with self._lock:
@@ -109,11 +115,7 @@ class L3TierMetrics:
 
     def add(self, **deltas: int) -> None:
         """Add to counters by name; an unknown name raises AttributeError."""
-        with self._lock:
-            for name, delta in deltas.items():
-                if name.startswith("_") or name == "latency" or not hasattr(self, name):
-                    raise AttributeError(f"L3TierMetrics has no counter {name!r}")
-                setattr(self, name, getattr(self, name) + delta)
+        _add_counters(self, deltas, "latency")
 
     def observe(self, op: str, seconds: float) -> None:
         """Latency of one successful store call (``exists``, ``put``, ``get``)."""
