@@ -12,4 +12,7 @@ and irreversible, so tests call it in a subprocess of their own).
 - ``engine_runner``: multi-turn conversations through ``Engine.from_pretrained`` in a
   subprocess, returning tokens and host-tier counters as JSON.
 - ``server``: a context manager that starts ``lmdeploy serve api_server`` on 127.0.0.1.
+- ``harness``: the engine-in-the-loop CPU harness (LMDeploy's real ``Scheduler`` and engine-loop
+  order, a prefix-oracle forward, byte checks of every GPU block and host slot); used by the
+  tests and by ``lmdeploy-hostcache soak``.
 """

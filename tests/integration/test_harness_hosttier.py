@@ -17,16 +17,10 @@ import os
 import pytest
 import torch
 
-try:  # tests/integration may or may not be a package
-    from .harness import (CpuEngine, HarnessCacheSpec, HarnessModel, WorkloadDriver, assign_aborts,
-                          check_gpu_refcounts_balanced, mooncake_conversations, weka_conversations)
-    from .harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine, check_host_tier_balanced,
-                                    copy_engine, rank_checkers, scheduler_side, worker_side)
-except ImportError:
-    from harness import (CpuEngine, HarnessCacheSpec, HarnessModel, WorkloadDriver, assign_aborts,
-                         check_gpu_refcounts_balanced, mooncake_conversations, weka_conversations)
-    from harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine, check_host_tier_balanced,
-                                   copy_engine, rank_checkers, scheduler_side, worker_side)
+from lmdeploy_hostcache.testing.harness import (CpuEngine, HarnessCacheSpec, HarnessModel, WorkloadDriver, assign_aborts,
+                      check_gpu_refcounts_balanced, mooncake_conversations, weka_conversations)
+from lmdeploy_hostcache.testing.harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine, check_host_tier_balanced,
+                                copy_engine, rank_checkers, scheduler_side, worker_side)
 
 transfer = pytest.importorskip('lmdeploy_hostcache.transfer')
 if not hasattr(transfer, 'make_copy_engine'):
@@ -150,10 +144,7 @@ def test_host_slot_checker_catches_a_corrupted_resident_slot(host_kv_format):
     slot = scheduler_side(engine).index.get(resident[0]).slot
     view = worker_side(engine).pool.slot_view(slot)
     view[len(view) // 3] ^= 0x10
-    try:
-        from .harness import KVMismatch
-    except ImportError:
-        from harness import KVMismatch
+    from lmdeploy_hostcache.testing.harness import KVMismatch
     with pytest.raises(KVMismatch, match=f'host slot {slot} '):
         slots.verify('after corruption')
 
@@ -273,10 +264,7 @@ def _mutate_worker(monkeypatch, mutate_meta_and_submit):
 
 
 def _expect_detection():
-    try:  # noqa: SIM105 - the message is part of the test output
-        from .harness import KVMismatch
-    except ImportError:
-        from harness import KVMismatch
+    from lmdeploy_hostcache.testing.harness import KVMismatch
     with pytest.raises(KVMismatch):
         run_host_tier(quant_policy=0, dtype=torch.float16, host_kv_format='same', abort_rate=0.0)
 
@@ -360,10 +348,7 @@ def _reclaim_fix_active() -> bool:
 @pytest.mark.skipif(not _reclaim_fix_active(), reason='activation patches are not live in this interpreter '
                     '(LMDEPLOY_HOSTCACHE_DISABLE set, or the .pth is not installed): stock LMDeploy deadlocks here')
 def test_long_prefill_chunks_and_a_remote_ready_load_do_not_deadlock():
-    try:
-        from .harness import HarnessError
-    except ImportError:
-        from harness import HarnessError
+    from lmdeploy_hostcache.testing.harness import HarnessError
     # GPU LRU ties (LMDeploy stores access times as whole seconds) make the exact interleaving
     # vary between runs; these three small cells each reached the deadlock on every try here.
     cells = [(16, 64, ['trace_0019.json', 'trace_0086.json', 'trace_0228.json']),
@@ -387,12 +372,8 @@ def test_long_prefill_chunks_and_a_remote_ready_load_do_not_deadlock():
 
 def test_harness_catches_a_tp_executor_that_trusts_the_leader_only(monkeypatch):
     """A rank-1 copy failure hidden by skipping LMDeploy's aggregation must show up as wrong bytes."""
-    try:
-        from .harness import KVMismatch
-        from .harness.cpu_engine import CpuExecutor
-    except ImportError:
-        from harness import KVMismatch
-        from harness.cpu_engine import CpuExecutor
+    from lmdeploy_hostcache.testing.harness import KVMismatch
+    from lmdeploy_hostcache.testing.harness.cpu_engine import CpuExecutor
     original = CpuExecutor.forward
 
     def leader_only(self, forward_inputs, running):
@@ -427,10 +408,7 @@ def _hot_prefix_conversation(rounds: int, prefix_blocks: int = 4, block_size: in
     round trip) and the next filler demotes those restored bytes again."""
     import numpy as np
 
-    try:
-        from .harness import TurnSpec
-    except ImportError:
-        from harness import TurnSpec
+    from lmdeploy_hostcache.testing.harness import TurnSpec
     rng = np.random.default_rng(seed)
     prefix = rng.integers(10, 30000, prefix_blocks * block_size)
     turns = []
@@ -458,10 +436,7 @@ def test_hot_prefix_round_trips_int4_many_times(dtype, monkeypatch):
     is not idempotent; fp16 blocks can take tens of trips to reach a fixed point): the checkers
     bound each block by its own restore count, so every byte is still checked exactly. (With the
     former fixed bound of 6 round trips this run reported wrong bytes.)"""
-    try:
-        from .harness.host_tier import round_trips
-    except ImportError:
-        from harness.host_tier import round_trips
+    from lmdeploy_hostcache.testing.harness.host_tier import round_trips
     _distinct_lru_times(monkeypatch)
     engine, checker, report, _ = run_host_tier(quant_policy=0, dtype=dtype, host_kv_format='int4', gpu_blocks=16,
                                                host_slots=32, abort_rate=0.0, max_active=1,
@@ -475,10 +450,7 @@ def test_hot_prefix_round_trips_int4_many_times(dtype, monkeypatch):
 def test_lossy_checker_bound_follows_each_blocks_restore_count(monkeypatch):
     """The bound is the block's own history: a checker told that no block was ever restored must
     reject every lossy restored block (a block may not be 'explained' by round trips it never made)."""
-    try:
-        from .harness import KVMismatch
-    except ImportError:
-        from harness import KVMismatch
+    from lmdeploy_hostcache.testing.harness import KVMismatch
     engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
                                     HarnessCacheSpec(num_gpu_blocks=16, max_prefill_token_num=NO_LONG_CHUNKS),
                                     HostTierSpec(host_slots=32, host_kv_format='int4'))
@@ -501,10 +473,7 @@ def test_a_block_filled_on_a_requests_last_step_is_checked_on_host(monkeypatch):
     them before the count was restricted to resident, non-doomed blocks.)"""
     import numpy as np
 
-    try:
-        from .harness import TurnSpec
-    except ImportError:
-        from harness import TurnSpec
+    from lmdeploy_hostcache.testing.harness import TurnSpec
     _distinct_lru_times(monkeypatch)
     rng = np.random.default_rng(5)
     turns = [TurnSpec('last-step', 0, rng.integers(10, 30000, 40), 9, think_steps=1)]

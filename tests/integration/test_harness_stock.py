@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-try:  # tests/integration may or may not be a package
-    from .harness import (REPLICATED_SOURCES, CpuEngine, HarnessCacheSpec, HarnessModel, KVChecker, KVMismatch,
-                          WorkloadDriver, assign_aborts, check_gpu_refcounts_balanced, mooncake_conversations,
-                          scale_hash_ids, source_digest, weka_conversations)
-except ImportError:
-    from harness import (REPLICATED_SOURCES, CpuEngine, HarnessCacheSpec, HarnessModel, KVChecker, KVMismatch,
-                         WorkloadDriver, assign_aborts, check_gpu_refcounts_balanced, mooncake_conversations,
-                         scale_hash_ids, source_digest, weka_conversations)
+from lmdeploy_hostcache.testing.harness import (REPLICATED_SOURCES, CpuEngine, HarnessCacheSpec, HarnessModel, KVChecker, KVMismatch,
+                      WorkloadDriver, assign_aborts, check_gpu_refcounts_balanced, mooncake_conversations,
+                      scale_hash_ids, source_digest, weka_conversations)
 
 WEKA_FILES = ['trace_0019.json', 'trace_0086.json', 'trace_0624.json']
 

@@ -20,16 +20,10 @@ import inspect
 
 import pytest
 
-try:  # tests/integration may or may not be a package
-    from .harness import HarnessCacheSpec, HarnessModel, KVMismatch, WorkloadDriver, check_gpu_refcounts_balanced
-    from .harness import weka_conversations
-    from .harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine, check_host_tier_balanced,
-                                    rank_checkers, scheduler_side, worker_side)
-except ImportError:
-    from harness import HarnessCacheSpec, HarnessModel, KVMismatch, WorkloadDriver, check_gpu_refcounts_balanced
-    from harness import weka_conversations
-    from harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine, check_host_tier_balanced,
-                                   rank_checkers, scheduler_side, worker_side)
+from lmdeploy_hostcache.testing.harness import HarnessCacheSpec, HarnessModel, KVMismatch, WorkloadDriver, check_gpu_refcounts_balanced
+from lmdeploy_hostcache.testing.harness import weka_conversations
+from lmdeploy_hostcache.testing.harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine, check_host_tier_balanced,
+                                rank_checkers, scheduler_side, worker_side)
 
 pytest.importorskip('lmdeploy_hostcache.integration.connector')
 

@@ -23,14 +23,9 @@ from lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper import ( 
 
 from lmdeploy_hostcache.integration import activate as act  # noqa: E402
 
-try:  # tests/integration may or may not be a package
-    from .harness import HarnessCacheSpec, HarnessError, HarnessModel, WorkloadDriver, check_gpu_refcounts_balanced
-    from .harness import weka_conversations
-    from .harness.host_tier import HostTierSpec, build_host_tier_engine, check_host_tier_balanced, rank_checkers
-except ImportError:
-    from harness import HarnessCacheSpec, HarnessError, HarnessModel, WorkloadDriver, check_gpu_refcounts_balanced
-    from harness import weka_conversations
-    from harness.host_tier import HostTierSpec, build_host_tier_engine, check_host_tier_balanced, rank_checkers
+from lmdeploy_hostcache.testing.harness import HarnessCacheSpec, HarnessError, HarnessModel, WorkloadDriver, check_gpu_refcounts_balanced
+from lmdeploy_hostcache.testing.harness import weka_conversations
+from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, check_host_tier_balanced, rank_checkers
 
 # (gpu blocks, max_prefill_token_num, trace files): small cells where a chunked long prefill meets a
 # remote-ready request. GPU LRU ties are broken by node address, so the interleaving varies a little

@@ -27,12 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-try:  # tests/integration may or may not be a package
-    from .harness import HarnessCacheSpec, HarnessModel, WorkloadDriver, mooncake_conversations, weka_conversations
-    from .harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
-except ImportError:
-    from harness import HarnessCacheSpec, HarnessModel, WorkloadDriver, mooncake_conversations, weka_conversations
-    from harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
+from lmdeploy_hostcache.testing.harness import HarnessCacheSpec, HarnessModel, WorkloadDriver, mooncake_conversations, weka_conversations
+from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
 
 pytest.importorskip('lmdeploy_hostcache.integration.connector')
 

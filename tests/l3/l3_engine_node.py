@@ -19,13 +19,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 import torch  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import (HarnessCacheSpec, HarnessModel, TurnSpec, WorkloadDriver,  # noqa: E402
+from lmdeploy_hostcache.testing.harness import (HarnessCacheSpec, HarnessModel, TurnSpec, WorkloadDriver,  # noqa: E402
                      check_gpu_refcounts_balanced)
-from harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine,  # noqa: E402
+from lmdeploy_hostcache.testing.harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine,  # noqa: E402
                                check_host_tier_balanced, rank_checkers, scheduler_side)
 
 VOCAB = HarnessModel().vocab_size

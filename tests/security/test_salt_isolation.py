@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-harness = pytest.importorskip("harness")
-from harness.host_tier import HostTierSpec, build_host_tier_engine, rank_checkers, scheduler_side  # noqa: E402
+harness = pytest.importorskip("lmdeploy_hostcache.testing.harness")
+from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, rank_checkers, scheduler_side  # noqa: E402
 
 from lmdeploy_hostcache.digest import Namespace, chain_digests, salted_root  # noqa: E402
 from lmdeploy_hostcache.integration.salted_trie import install_salted_trie  # noqa: E402

@@ -1,4 +1,4 @@
-"""Engine-in-the-loop CPU harness for the host tier (issue 6, item 7).
+"""Engine-in-the-loop CPU harness for the host tier.
 
 LMDeploy's real scheduler, inputs maker and engine-loop output path run on CPU tensors laid out
 by LMDeploy's own cache plan; a prefix-oracle forward writes every token's KV bytes as a function
