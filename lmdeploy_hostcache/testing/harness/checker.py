@@ -6,6 +6,19 @@ Checked after every engine step:
 - every node of the prefix-cache trie (full blocks): these are the blocks that get demoted and
   that later requests reuse.
 
+Incremental mode (the default) compares only what can have changed, without weakening the check:
+the checker keeps a snapshot of the whole cache as of its previous check and, per physical block,
+the identity of the expectation it last verified there (hash of the exact token prefix up to the
+block's last valid position, and the valid count). A block is compared again when its raw bytes
+differ from the snapshot (any pool, padding included) or when LMDeploy now expects different
+content in it; a block that changed while nothing expected anything of it loses its verified
+identity. Invariant: ``verified[b] == key`` means block ``b``'s bytes equal what was verified
+against expectation ``key`` and have not changed since. Lossy acceptance only grows with a
+block's restore count, so a block verified once stays valid. Blocks a load just restored are
+always compared (``restored_verified`` counts them; a load is restored when LMDeploy's
+``KVLoadCoordinator`` moves its record out of ``LOADING`` with the sequence published).
+``incremental=False`` compares every expected block on every check (the reference behaviour).
+
 A block matches when its typed K/V (and scale/zero) storage equals the oracle exactly, or -- for
 lossy host formats -- equals ``f^k(oracle)`` for some ``1 <= k <= n``, where ``f`` is the transfer
 path's torch reference of one host round trip (quantise on demotion, dequantise on restore) and
@@ -21,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import xxhash
 
 from lmdeploy.pytorch.messages import MessageStatus
 
@@ -49,6 +63,17 @@ class CheckStats:
     wrong_bytes: int = 0
     first_error: str | None = None
     max_lossy_depth: int = 0        # most quantise->dequantise round trips seen on one block
+    compared_blocks: int = 0        # blocks whose bytes were compared (the rest were unchanged and verified)
+    restored_verified: int = 0      # blocks of completed host/external loads compared right after the load
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous uint8 tensor as the widest integer words that tile its last axis (same bytes,
+    fewer elements to compare)."""
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if t.shape[-1] % size == 0 and t.is_contiguous():
+            return t.view(dtype)
+    return t
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -59,8 +84,14 @@ class KVChecker:
     """Checks a :class:`CpuKVCache` against a :class:`PrefixOracle` using the scheduler's view."""
 
     def __init__(self, cache: CpuKVCache, oracle: PrefixOracle, scheduler, variants: VariantFn | None = None,
-                 raise_on_error: bool = True, round_trips: RoundTripsFn | None = None):
+                 raise_on_error: bool = True, round_trips: RoundTripsFn | None = None, incremental: bool = True):
         self.cache = cache
+        self.incremental = bool(incremental)
+        self._snapshot: list[torch.Tensor] | None = None   # raw pool bytes as of the previous check
+        self._changed: np.ndarray | None = None            # per physical block: bytes differ from the snapshot
+        self._examined: set[int] = set()                   # blocks some expectation covered in this check
+        self._verified: dict[int, tuple[bytes, int]] = {}  # physical block -> (prefix hash, valid) verified
+        self._loading: dict[int, tuple[int, int]] = {}     # seq_id -> (fallback_step, remote_step) while LOADING
         self.oracle = oracle
         self.scheduler = scheduler
         self.variants = variants
@@ -78,7 +109,27 @@ class KVChecker:
                 wrong += int((a != e).sum())
         return wrong
 
-    def check_block(self, where: str, tokens, block_index: int, block_id: int, num_valid: int) -> bool:
+    def check_block(self, where: str, tokens, block_index: int, block_id: int, num_valid: int,
+                    force: bool = False) -> bool:
+        """Compare one block with its expectation (incremental mode: only if it changed, its
+        expectation changed, or ``force``)."""
+        if self.incremental and self._changed is not None:
+            bs = self.cache.block_size
+            key = (xxhash.xxh3_128_digest(np.ascontiguousarray(tokens[:block_index * bs + num_valid],
+                                                               dtype=np.int64).tobytes()), int(num_valid))
+            self._examined.add(int(block_id))
+            if not force and not self._changed[block_id] and self._verified.get(int(block_id)) == key:
+                return True
+            ok = self._compare_block(where, tokens, block_index, block_id, num_valid)
+            if ok:
+                self._verified[int(block_id)] = key
+            else:
+                self._verified.pop(int(block_id), None)
+            return ok
+        return self._compare_block(where, tokens, block_index, block_id, num_valid)
+
+    def _compare_block(self, where: str, tokens, block_index: int, block_id: int, num_valid: int) -> bool:
+        self.stats.compared_blocks += 1
         expected = self.oracle.expected_block(tokens, block_index, None if num_valid == self.cache.block_size
                                               else num_valid)
         wrong = self._compare(block_id, expected, num_valid)
@@ -103,11 +154,73 @@ class KVChecker:
         return False
 
     # -- whole engine state ----------------------------------------------------------------
+    def _begin(self) -> None:
+        """Incremental mode: which physical blocks changed since the previous check."""
+        self._examined = set()
+        if not self.incremental:
+            return
+        pools = [pool.tensor for pool in self.cache.allocation.pools if pool.nbytes]
+        if self._snapshot is None or len(self._snapshot) != len(pools) or any(
+                a.shape != b.shape for a, b in zip(self._snapshot, pools)):
+            self._snapshot = [t.clone() for t in pools]
+            self._changed = np.ones(self.cache.cache_config.num_gpu_blocks, dtype=bool)
+            self._verified.clear()
+            return
+        ppb = self.cache.pages_per_block
+        changed = None
+        for snap, cur in zip(self._snapshot, pools):
+            a, b = _words(snap), _words(cur)
+            diff = (a != b).reshape(cur.shape[0], cur.shape[1] // ppb, -1).any(-1).any(0)
+            changed = diff if changed is None else changed | diff
+            if bool(diff.any()):
+                snap.copy_(cur)
+        self._changed = changed.numpy()
+
+    def _end(self) -> None:
+        """A block that changed while no expectation covered it loses its verified identity."""
+        if not self.incremental or self._changed is None:
+            return
+        for block_id in np.flatnonzero(self._changed):
+            if int(block_id) not in self._examined:
+                self._verified.pop(int(block_id), None)
+
+    def _restored_ranges(self, loads) -> dict[int, tuple[int, int]]:
+        """Sequences whose load completed successfully since the previous check -> restored block range."""
+        from lmdeploy.pytorch.paging.kv_load_coordinator import _LoadPhase
+
+        bs = self.cache.block_size
+        done = {}
+        for seq_id, (fallback, remote) in list(self._loading.items()):
+            record = loads.get(seq_id)
+            if record is None or record.phase is not _LoadPhase.LOADING:
+                del self._loading[seq_id]
+                if record is not None and record.remote_step == remote:   # published (READY / PREFILLING)
+                    done[seq_id] = (fallback // bs, remote // bs)
+        for seq_id, record in loads.items():
+            if record.phase is _LoadPhase.LOADING:
+                self._loading[int(seq_id)] = (int(record.fallback_step), int(record.remote_step))
+        return done
+
+    def _warm_restored(self, sched, restored: dict[int, tuple[int, int]]) -> None:
+        expected = []
+        for seq in sched.seq_manager.get_all_sequences():
+            first, end = restored.get(int(seq.seq_id), (0, 0))
+            end = min(end, int(seq.num_history_ids) // self.cache.block_size)
+            tokens = seq.all_ids
+            for b in range(first, end):
+                trips = DEFAULT_ROUND_TRIPS if self.round_trips is None else int(self.round_trips(tokens, b))
+                expected.append((self.oracle.expected_block(tokens, b), trips))
+        self.variants.warm(expected)
+
     def check(self, label: str = '') -> None:
         self.stats.checks += 1
+        self._begin()
         sched = self.scheduler
         bs = self.cache.block_size
         loads = getattr(sched.kv_load_coordinator, '_loads', {})
+        restored = self._restored_ranges(loads)
+        if restored and hasattr(self.variants, 'warm'):   # lossy: first round trip of every restored block, batched
+            self._warm_restored(sched, restored)
         for seq in sched.seq_manager.get_all_sequences():
             if seq.num_blocks == 0:
                 continue
@@ -122,11 +235,17 @@ class KVChecker:
             num_blocks = (valid + bs - 1) // bs
             if len(table) < num_blocks:
                 raise KVMismatch(f'{label} seq {seq.seq_id}: {valid} valid tokens but only {len(table)} blocks')
+            first, end = restored.pop(int(seq.seq_id), (0, 0))
             for b in range(num_blocks):
                 n = min(bs, valid - b * bs)
                 self.stats.seq_blocks += 1
-                self.check_block(f'{label} seq {seq.seq_id} ({seq.status.name})', tokens, b, int(table[b]), n)
+                was_restored = first <= b < end
+                ok = self.check_block(f'{label} seq {seq.seq_id} ({seq.status.name})', tokens, b, int(table[b]), n,
+                                      force=was_restored)
+                if was_restored and ok:
+                    self.stats.restored_verified += 1
         self.check_trie(label)
+        self._end()
 
     def trie_nodes(self):
         """Yield ``(node, path_tokens)`` for every attached trie node (depth first)."""

@@ -126,18 +126,19 @@ class CpuKVCache:
         start = int(block_id) * self.pages_per_block
         return [pool.tensor[:, start:start + self.pages_per_block].clone() for pool in self.allocation.pools]
 
-    def scratch_block(self) -> 'CpuKVCache':
-        """A one-block cache with the same plan (used to build expected bytes)."""
-        return _ScratchCache(self)
+    def scratch_block(self, num_blocks: int = 1) -> 'CpuKVCache':
+        """A ``num_blocks``-block cache with the same plan (used to build expected bytes)."""
+        return _ScratchCache(self, num_blocks)
 
 
 class _ScratchCache(CpuKVCache):
 
-    def __init__(self, parent: CpuKVCache):  # noqa: D401 - same plan, one block
+    def __init__(self, parent: CpuKVCache, num_blocks: int = 1):  # noqa: D401 - same plan, few blocks
         self.model_config = parent.model_config
         self.cache_config = parent.cache_config
         self.plan = parent.plan
-        self.allocation = self.plan.allocate(1, 'cpu')
+        self.num_blocks = int(num_blocks)
+        self.allocation = self.plan.allocate(self.num_blocks, 'cpu')
         self.block_size = parent.block_size
         self.kernel_block_size = parent.kernel_block_size
         self.pages_per_block = parent.pages_per_block
