@@ -17,6 +17,8 @@ from . import __version__
 COMMANDS = {
     "doctor": ("lmdeploy_hostcache.doctor", "print the environment facts the host tier depends on"),
     "plan": ("lmdeploy_hostcache.planner.cli", "replay request traces: what a GPU+host prefix cache buys"),
+    "soak": ("lmdeploy_hostcache.testing.soak",
+             "randomized host-tier scenarios on the CPU harness, every byte checked, for a wall-time budget"),
 }
 BENCH_COMMANDS = {
     "index": ("lmdeploy_hostcache.bench.index", "digest + host-index cost per block vs LMDeploy's BlockTrie"),

@@ -17,10 +17,11 @@ import os
 import pytest
 import torch
 
-from lmdeploy_hostcache.testing.harness import (CpuEngine, HarnessCacheSpec, HarnessModel, WorkloadDriver, assign_aborts,
+from lmdeploy_hostcache.testing.harness import (HarnessCacheSpec, HarnessModel, WorkloadDriver, assign_aborts,
                       check_gpu_refcounts_balanced, mooncake_conversations, weka_conversations)
 from lmdeploy_hostcache.testing.harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine, check_host_tier_balanced,
-                                copy_engine, rank_checkers, scheduler_side, worker_side)
+                                rank_checkers, scheduler_side, worker_side)
+from lmdeploy_hostcache.testing.harness.faults import FaultInjector
 
 transfer = pytest.importorskip('lmdeploy_hostcache.transfer')
 if not hasattr(transfer, 'make_copy_engine'):
@@ -37,27 +38,6 @@ OTHER_POLICIES = sorted(p for p in POLICIES if p != DEFAULT_POLICY)
 NO_LONG_CHUNKS = 512
 WEKA_FILES = ['trace_0019.json', 'trace_0086.json', 'trace_0624.json', 'trace_0228.json', 'trace_0277.json',
               'trace_0291.json']
-
-
-class FaultInjector:
-    """Arms ``fail_next`` on one TP rank's copy engine at fixed iterations (deterministic)."""
-
-    def __init__(self, engine: CpuEngine, *, load_every: int = 0, store_every: int = 0, rank: int = 0):
-        self.engine = engine
-        self.load_every = load_every
-        self.store_every = store_every
-        self.rank = rank
-        self.armed_loads = 0
-        self.armed_stores = 0
-
-    def __call__(self, driver: WorkloadDriver) -> None:
-        it = driver.iteration
-        if self.load_every and it % self.load_every == self.load_every - 1:
-            copy_engine(self.engine, self.rank).fail_next(1, kind='load')
-            self.armed_loads += 1
-        if self.store_every and it % self.store_every == self.store_every - 1:
-            copy_engine(self.engine, self.rank).fail_next(1, kind='store')
-            self.armed_stores += 1
 
 
 def run_host_tier(*, quant_policy: int, dtype: torch.dtype, host_kv_format: str, gpu_blocks: int = 24,
