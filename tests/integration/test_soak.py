@@ -132,3 +132,42 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith('lmdeploy-hostcache soak: '), proc.stderr
     assert proc.stdout == ''
+
+
+def _leak_map_entry(engine):
+    from lmdeploy_hostcache.testing.harness.host_tier import scheduler_side
+    scheduler_side(engine)._chains[10 ** 6] = object()
+
+
+def _leak_policy_candidate(engine):
+    from lmdeploy_hostcache.testing.harness.host_tier import scheduler_side
+    policy = scheduler_side(engine).index.policy
+    heaps = [policy._heap] if hasattr(policy, '_heap') else [h for h in policy._heaps if h is not None]
+    heaps[0].live += 1
+
+
+def _leak_checksum(engine):
+    from lmdeploy_hostcache.testing.harness.host_tier import worker_side
+    worker = worker_side(engine, engine.tp - 1)
+    worker._checksums[worker.num_slots + 3] = 0
+
+
+@pytest.mark.parametrize('leak,message', [(_leak_map_entry, '_chains'), (_leak_policy_candidate, 'eviction candidates'),
+                                          (_leak_checksum, 'checksum cache')])
+def test_leak_checks_report_broken_bookkeeping(monkeypatch, leak, message):
+    """The end-of-scenario bookkeeping checks are live: each planted leak fails the scenario in
+    its 'leaks' phase (and the unplanted scenario passes)."""
+    from lmdeploy_hostcache.testing import soak
+
+    cfg = random_scenario(3)
+    assert soak.run_scenario(cfg)['ok']
+    original = soak.check_bookkeeping
+
+    def leaky(engine):
+        leak(engine)
+        return original(engine)
+
+    monkeypatch.setattr(soak, 'check_bookkeeping', leaky)
+    summary = soak.run_scenario(cfg)
+    assert not summary['ok'] and summary['phase'] == 'leaks' and summary['leaks'] == 1, summary
+    assert message in summary['error'], summary['error']
