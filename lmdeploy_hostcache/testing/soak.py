@@ -160,23 +160,11 @@ def random_scenario(seed: int) -> ScenarioConfig:
 # -- one scenario ------------------------------------------------------------------------------
 
 
-def _fill_bytes(view, byte: int) -> None:
-    """Set every byte of a typed (possibly strided) view to ``byte``."""
-    import torch
-
-    value = torch.full((1,), byte, dtype=torch.uint8).repeat(view.element_size()).view(view.dtype)[0]
-    view.fill_(value)
-
-
 class _SleepWakeup:
-    """At ``iteration == at``: ``Engine.sleep(level)`` then ``wakeup`` with fresh (patterned) GPU
-    and host memory, as LMDeploy's RL flow does; the checkers keep running through it.
-
-    The new GPU cache gets the pattern in its typed K/V (and scale/zero) bytes only, not in the
-    alignment padding between them: ``HostSlotChecker`` builds its expected slot image from a
-    zero-padded scratch block, so patterned padding (``wakeup(gpu_fill=...)`` fills the raw pools)
-    is copied into host slots and reported although no KV byte is wrong (quant_policy 4/8 pages
-    have padding)."""
+    """At ``iteration == at``: ``Engine.sleep(level)`` then ``wakeup`` with fresh GPU and host
+    memory holding a byte pattern (new memory is undefined), as LMDeploy's RL flow does; the
+    checkers keep running through it (a restore that reads a slot the new pool never got, or a
+    trie block the new cache never got, is a mismatch)."""
 
     PATTERN = 0xA5
 
@@ -192,10 +180,7 @@ class _SleepWakeup:
             return
         self.rejected = sum(1 for _, _, h in driver._active.values() if not (h.finished or h.aborted))
         self.engine.sleep(self.level)
-        self.engine.wakeup(host_fill=self.PATTERN, gpu_fill=None)
-        for kv in self.engine.kvs:          # the new KV cache: a pattern in every typed K/V/scale byte
-            for view in kv.views.values():
-                _fill_bytes(view, self.PATTERN)
+        self.engine.wakeup(host_fill=self.PATTERN, gpu_fill=self.PATTERN)
         self.done = True
 
 

@@ -19,7 +19,7 @@ pytest.importorskip('lmdeploy_hostcache.integration.connector')
 
 from lmdeploy_hostcache.eviction import POLICIES  # noqa: E402
 from lmdeploy_hostcache.testing.soak import (BLOCK_SIZE, NO_CHUNKING, ScenarioConfig, build_workload,  # noqa: E402
-                                             max_prompt_blocks, random_scenario)
+                                             max_prompt_blocks, random_scenario, run_scenario)
 
 CLI = Path(sys.executable).with_name('lmdeploy-hostcache')
 SOAK_SECONDS = 100
@@ -171,3 +171,17 @@ def test_leak_checks_report_broken_bookkeeping(monkeypatch, leak, message):
     summary = soak.run_scenario(cfg)
     assert not summary['ok'] and summary['phase'] == 'leaks' and summary['leaks'] == 1, summary
     assert message in summary['error'], summary['error']
+
+
+def test_sleep_and_wakeup_into_patterned_memory_pass_the_slot_checks():
+    """Wakeup fills the new GPU cache's raw pools with a pattern, padding included (new memory is
+    undefined); quant_policy 4/8 pages have padding between typed rows, which 'same' copies into
+    host slots. The slot checks compare typed bytes only, so these scenarios (each with a sleep)
+    pass; comparing padding too made them fail."""
+    import dataclasses
+
+    for seed, quant_policy, level in ((5, 4, 1), (6, 8, 2), (7, 4, 2)):
+        cfg = dataclasses.replace(random_scenario(seed), quant_policy=quant_policy, host_kv_format='same',
+                                  sleep_at=16, sleep_level=level)
+        summary = run_scenario(cfg)
+        assert summary['ok'], summary['error']

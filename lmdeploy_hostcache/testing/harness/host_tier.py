@@ -237,6 +237,27 @@ class BlockCodec:
                        for j in range(part.shape[0]))
         return out
 
+    def typed_slot_bytes(self) -> torch.Tensor | None:
+        """Slot byte positions that carry typed K/V (and scale/zero) bytes, for a host format that
+        copies whole pages (``same``): the page padding between typed rows holds whatever the GPU
+        page held (never read by a kernel, and undefined after a new allocation), so slot checks
+        compare typed bytes only. None for formats whose gather writes every slot byte from typed
+        values alone (lossy formats zero their padding)."""
+        if self.fmt.lossy:
+            return None
+        for pool in self.scratch.allocation.pools:
+            pool.tensor.zero_()
+        for view in self.scratch.views.values():   # every typed byte 0xFF, padding 0
+            view.fill_(torch.full((view.element_size(),), 0xFF, dtype=torch.uint8).view(view.dtype)[0])
+        marked = self._gather_ids(torch.zeros(1, dtype=torch.long))[0]
+        typed = (marked != 0).nonzero().flatten()
+        return None if typed.numel() == marked.numel() else typed
+
+    def _gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        slots = torch.zeros(ids.numel(), self.fmt.slot_bytes, dtype=torch.uint8)
+        self._reference.gather(self.flat, self.layout, self.fmt, ids, slots)
+        return slots
+
     def round_trip(self, blocks: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """``f(block)`` for each block: demotion (gather) then restore (scatter)."""
         if not blocks:
@@ -349,6 +370,7 @@ class HostSlotChecker:
                 raise AssertionError(f'rank {rank}: scratch slot format {codec.fmt.slot_bytes} B != pool '
                                      f'{pool.slot_bytes} B')
             self._ranks.append((oracle, codec, {}))
+        self._typed = [rank[1].typed_slot_bytes() for rank in self._ranks]   # per rank: None = every byte
         self._watch_demotions()
 
     def _watch_demotions(self) -> None:
@@ -501,7 +523,11 @@ class HostSlotChecker:
                 self.stats.slots_compared += 1
                 actual = pool.slot_view(slot)
                 trips = self.trips.of_digest(digest)
-                if any(torch.equal(actual, c) for c in self._candidates(rank_state, digest, trips)):
+                typed = self._typed[rank]
+                if typed is not None:
+                    actual = actual[typed]
+                candidates = self._candidates(rank_state, digest, trips)
+                if any(torch.equal(actual, c if typed is None else c[typed]) for c in candidates):
                     verified[slot] = digest
                     continue
                 verified.pop(slot, None)
