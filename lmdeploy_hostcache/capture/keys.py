@@ -12,6 +12,13 @@ Invariants:
   the captures of several nodes can be merged;
 * ``K`` is never written anywhere; records carry only ``fingerprint`` (a keyed hash of a fixed
   label, 8 hex digits), which says whether two files share a key and nothing about ``K``.
+
+Cost (the ids are derived on LMDeploy's scheduler thread): ``block_ids`` keeps the ids it derived in
+a bounded in-memory map (digest -> id, at most ``MEMO_ENTRIES``, emptied when full), so a block shared
+by many requests (a system prompt, a conversation's history) is keyed once, not once per request;
+the keyed hasher is set up once per key and copied per digest.  Both give the same ids as the
+formula above (``tests/capture/test_capture.py``); the map lives in process memory only and holds
+nothing the host tier does not already hold (digests).  ``derived`` counts the keyed hashes run.
 """
 from __future__ import annotations
 
@@ -23,17 +30,21 @@ CAPTURE_KEY_ENV = "LMDEPLOY_HOSTCACHE_CAPTURE_KEY"
 KEY_BYTES = 16
 _ID_MASK = (1 << 63) - 1
 _FINGERPRINT_LABEL = b"lmdeploy-hostcache capture key fingerprint v1"
+MEMO_ENTRIES = 1 << 15      # about 4 MB of ints at most
 
 
 class CaptureKey:
     """128-bit key; ``block_id(digest)`` and ``session_id(value)`` are keyed hashes."""
 
-    __slots__ = ("_key", "fingerprint")
+    __slots__ = ("_key", "_keyed", "_memo", "fingerprint", "derived")
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise ValueError(f"a capture key is {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits)")
         self._key = key
+        self._keyed = hashlib.blake2b(key=key, digest_size=8)   # copied per digest: the key block once
+        self._memo: dict[int, int] = {}
+        self.derived = 0            # keyed hashes run by block_ids (memo misses)
         self.fingerprint = hashlib.blake2b(_FINGERPRINT_LABEL, key=key, digest_size=4).hexdigest()
 
     @classmethod
@@ -66,10 +77,25 @@ class CaptureKey:
         return int.from_bytes(h.digest(), "little") & _ID_MASK
 
     def block_ids(self, digests) -> list[int]:
-        key = self._key
-        blake = hashlib.blake2b
-        return [int.from_bytes(blake(d.to_bytes(16, "little"), key=key, digest_size=8).digest(), "little") & _ID_MASK
-                for d in digests]
+        """``[block_id(d) for d in digests]``, each distinct digest keyed once while the memo holds it."""
+        memo = self._memo
+        get = memo.get
+        out = [get(d) for d in digests]
+        if None in out:
+            keyed = self._keyed
+            if len(memo) + len(out) > MEMO_ENTRIES:
+                memo.clear()
+            for i, x in enumerate(out):
+                if x is None:
+                    d = digests[i]
+                    x = memo.get(d)
+                    if x is None:
+                        h = keyed.copy()
+                        h.update(d.to_bytes(16, "little"))
+                        x = memo[d] = int.from_bytes(h.digest(), "little") & _ID_MASK
+                        self.derived += 1
+                    out[i] = x
+        return out
 
     def session_id(self, value) -> str:
         """Keyed hash of a session key (16 hex digits): equal inside a capture, opaque outside."""

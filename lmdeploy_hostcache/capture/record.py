@@ -5,6 +5,10 @@ Fields: ``timestamp`` (arrival, ms since the epoch on the capturing node's clock
 blocks, in order; ``keys.py``), ``block_size``, ``capture`` (the key's fingerprint) and, when the
 request continued an engine session, ``session`` (keyed).  Invariant: no token id, text, digest or
 key is ever a field; ``len(hash_ids) == input_length // block_size``.
+
+The line is formatted directly (no dict, no ``json.dumps`` of the whole record: it runs on LMDeploy's
+scheduler thread); it is the same JSON ``json.dumps(..., separators=(",", ":"))`` writes, field for
+field (``tests/capture/test_capture.py``).
 """
 from __future__ import annotations
 
@@ -20,9 +24,19 @@ def capture_record(*, arrival_s: float, input_length: int, output_length: int, b
     if len(block_ids) != input_length // block_size:
         raise ValueError(f"bad capture record: {len(block_ids)} block ids for {input_length} tokens "
                          f"of {block_size}-token blocks")
-    rec = {"timestamp": round(arrival_s * 1000.0, 3), "input_length": int(input_length),
-           "output_length": int(output_length), "hash_ids": list(block_ids), "block_size": int(block_size),
-           "capture": fingerprint}
-    if session is not None:
-        rec["session"] = session
-    return json.dumps(rec, separators=(",", ":")) + "\n"
+    timestamp = round(float(arrival_s) * 1000.0, 3)
+    if timestamp != timestamp or timestamp in (_INF, -_INF):
+        raise ValueError(f"bad capture record: arrival {arrival_s}")
+    tail = "}\n" if session is None else f',"session":{json_string(session)}}}\n'
+    return (f'{{"timestamp":{timestamp!r},"input_length":{int(input_length)},"output_length":{int(output_length)},'
+            f'"hash_ids":[{",".join(map(str, map(int, block_ids)))}],"block_size":{int(block_size)},'
+            f'"capture":{json_string(fingerprint)}{tail}')
+
+
+_INF = float("inf")
+
+
+def json_string(text: str) -> str:
+    """A JSON string literal; hex digits (the fingerprint, keyed session ids) need no escaping."""
+    text = str(text)
+    return f'"{text}"' if text.isascii() and text.isalnum() else json.dumps(text)

@@ -1,13 +1,17 @@
 """Append-only capture file, rotated at a size limit, that never raises into serving.
 
-``RotatingWriter(path, max_bytes)`` appends whole lines with one ``os.write`` on an ``O_APPEND``
-descriptor.  When a line would take the file past ``max_bytes`` the file is closed and renamed
+``RotatingWriter(path, max_bytes)`` appends whole lines on an ``O_APPEND`` descriptor, opened by
+``open()`` (trace capture opens it when the engine starts) or at the first write: ``write(line)``
+one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes to (``writes`` counts
+the ``os.write`` calls).  When a line would take the file past ``max_bytes`` the file is closed and renamed
 ``<stem>.<n>.jsonl`` (``n`` = 1, 2, ... , the first free one) and a new ``path`` is started, so every
-file ``plan`` reads holds whole records.  A non-empty ``path`` found at the first write (an earlier
-capture, made with another key) is set aside the same way, never appended to.  Invariants: ``write`` never raises; the first failure
+file ``plan`` reads holds whole records.  A non-empty ``path`` found when the file is first opened (an earlier
+capture, made with another key) is set aside the same way, never appended to.  Invariants: ``open``
+and the writes never raise; the first failure
 (unwritable folder, full disk, a rename refused) is logged once at WARNING with the path and the
 reason, after which capture stays off for this writer (``failed`` set, later lines counted in
-``dropped``); a line is written whole or not at all (a short write is treated as a failure).
+``dropped``); a line is written whole or not at all (a short write is treated as a failure, and the
+partial lines are taken back).
 """
 from __future__ import annotations
 
@@ -32,7 +36,33 @@ class RotatingWriter:
         self.written = 0        # records written
         self.dropped = 0        # records not written (after a failure)
         self.rotations = 0
+        self.writes = 0         # os.write calls made
         self._opened = False
+
+    def open(self) -> bool:
+        """Open the file now (``write_lines`` opens it otherwise); False, logged once, when it cannot."""
+        if self.failed:
+            return False
+        if self._fd is None:
+            try:
+                self._open_first()
+            except Exception as exc:  # noqa: BLE001 -- capture must never stop serving
+                self._stop(exc)
+                return False
+        return True
+
+    def _open_first(self) -> None:
+        if not self._opened and self.path.exists() and self.path.stat().st_size:
+            self._set_aside()   # an earlier capture's file (another key): never append to it
+        self._opened = True
+        self._open()
+
+    def _stop(self, exc: BaseException) -> None:
+        why = getattr(exc, "strerror", None) or str(exc)
+        self.failed = f"{self.path}: {why}"
+        logger.warning("lmdeploy-hostcache: trace capture stopped: cannot write %s (%s); serving goes on "
+                       "without capture", self.path, why)
+        self._close()
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -54,36 +84,51 @@ class RotatingWriter:
 
     def write(self, line: str) -> bool:
         """Append one record line; False (and nothing raised) when capture is off or failed."""
+        return self.write_lines((line,)) == 1
+
+    def write_lines(self, lines) -> int:
+        """Append whole record lines, one ``os.write`` per file they go to; how many were written
+        (nothing raised: after a failure the lines not yet written are counted in ``dropped``)."""
         if self.failed:
-            self.dropped += 1
-            return False
-        data = line.encode("utf-8")
+            self.dropped += len(lines)
+            return 0
+        done = 0
         try:
             if self._fd is None:
-                if not self._opened and self.path.exists() and self.path.stat().st_size:
-                    self._set_aside()   # an earlier capture's file (another key): never append to it
-                self._opened = True
-                self._open()
-            if self._size and self._size + len(data) > self.max_bytes:
-                self._rotate()
-            n = os.write(self._fd, data)
-            if n != len(data):
-                try:  # take the partial line back so the file keeps whole records
-                    os.ftruncate(self._fd, self._size)
-                except OSError:
-                    pass
-                raise OSError(f"short write ({n} of {len(data)} bytes; disk full?)")
-            self._size += n
-            self.written += 1
-            return True
+                self._open_first()
+            chunk: list[bytes] = []
+            chunk_bytes = 0
+            for line in lines:
+                data = line.encode("utf-8")
+                if self._size + chunk_bytes and self._size + chunk_bytes + len(data) > self.max_bytes:
+                    if chunk:
+                        done += self._append(chunk, chunk_bytes)
+                        chunk, chunk_bytes = [], 0
+                    self._rotate()
+                chunk.append(data)
+                chunk_bytes += len(data)
+            if chunk:
+                done += self._append(chunk, chunk_bytes)
+            return done
         except Exception as exc:  # noqa: BLE001 -- capture must never stop serving
-            why = getattr(exc, "strerror", None) or str(exc)
-            self.failed = f"{self.path}: {why}"
-            self.dropped += 1
-            logger.warning("lmdeploy-hostcache: trace capture stopped: cannot write %s (%s); serving goes on "
-                           "without capture", self.path, why)
-            self._close()
-            return False
+            self.dropped += len(lines) - done
+            self._stop(exc)
+            return done
+
+    def _append(self, chunk: list[bytes], nbytes: int) -> int:
+        """One ``os.write`` of whole lines; a short write is taken back and raised."""
+        data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
+        self.writes += 1
+        n = os.write(self._fd, data)
+        if n != nbytes:
+            try:  # take the partial lines back so the file keeps whole records
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise OSError(f"short write ({n} of {nbytes} bytes; disk full?)")
+        self._size += n
+        self.written += len(chunk)
+        return len(chunk)
 
     def _close(self) -> None:
         if self._fd is not None:

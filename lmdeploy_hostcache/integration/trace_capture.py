@@ -9,9 +9,23 @@ the host tier uses, in the request's namespace: model, block size, KV format, te
 adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's reading at ``on_new_request`` (wall-clock seconds
 by default; a test may pass another clock).
 
-The record is built and written on the scheduler's thread, inside LMDeploy's ``end_session``
-(``seconds`` sums that time): a capture thread was tried and measured worse, because its hashing
-competes for the GIL with the scheduler (docs/planner.md "Capturing your own traffic").
+Everything runs on the scheduler's thread, inside LMDeploy's ``end_session`` (``seconds`` sums that
+time, flushes included): a capture thread was tried and measured worse, because its hashing competes
+for the GIL with the scheduler (docs/planner.md "Capturing your own traffic").  The file is opened
+when the engine starts (``open_seconds``; an unwritable path shows then).  The hook only copies what
+the record needs out of the sequence (``snapshot``: no hashing) and queues it; every
+``FLUSH_RECORDS`` queued requests, or at the first request end ``FLUSH_SECONDS`` after the oldest
+queued one, or at ``close``/interpreter exit, the queue is encoded (``encode_many``: chained
+digests, keyed ids, JSON lines) and written with one ``os.write``: one warm pass over a batch costs
+far less than a cold pass per request.  A process killed without ``close`` loses the records still
+queued (at most ``FLUSH_RECORDS - 1``).  A prompt that continues one captured earlier with the same
+first block (the next turn of a conversation; the latest of ``RECENT_PROMPTS`` such prompts is
+remembered, with an xxh3 of its token bytes to check the continuation) takes that prompt's digests
+and ids, so a turn costs its new blocks, not its whole history.  Counters: ``records`` (hook calls),
+``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each full prompt block is
+hashed at most once per request), ``flushes`` (``flushes_by_age`` of them by ``FLUSH_SECONDS``);
+``key.derived`` counts keyed hashes (``capture/keys.py``).  The remembered prompts and the key's id
+memo live in process memory only (digests, ids and an xxh3 of tokens; never written).
 
 Invariants: neither hook ever raises into LMDeploy (any error turns capture off for the engine,
 logged once: ``capture/writer.py`` for file errors, here for everything else); a sequence seen
@@ -21,15 +35,25 @@ other (the host tier never stores their blocks, which the planner cannot know).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import time
+import weakref
 from typing import Callable
 
-from ..capture import CaptureKey, RotatingWriter, capture_record
-from ..digest import ChainHasher, salted_root
+import numpy as np
+from xxhash import xxh3_128_intdigest as _xxh3_128
+
+from ..capture import CaptureKey, RotatingWriter
+from ..capture.record import json_string
+from ..digest import DIGEST_BYTES, TOKEN_DTYPE, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
 logger = logging.getLogger("lmdeploy_hostcache.capture")
+
+FLUSH_RECORDS = 64      # queued requests encoded and written together
+RECENT_PROMPTS = 128    # prompts remembered (by first block) for a later one that continues one
+FLUSH_SECONDS = 1.0     # ... or sooner, at the first request end this long after the oldest queued one
 
 
 class TraceCapture:
@@ -43,12 +67,26 @@ class TraceCapture:
         self.namespaces = namespaces
         self.clock = clock
         self._arrival: dict[int, tuple[int, float]] = {}   # seq_id -> (input_start_pos, arrival)
+        self._queue: list[tuple] = []     # snapshots not yet written
+        self._queued_at = 0.0             # perf_counter when the oldest queued snapshot was taken
+        self._roots: dict[tuple, tuple[int, int]] = {}    # (adapter, salt) -> (chain root, seed)
+        # first block's digest -> (bytes, xxh3 of its tokens, digests, ids) of the latest such prompt
+        self._recent: dict[int, tuple] = {}
+        self.flush_records = FLUSH_RECORDS
+        self.flush_seconds = FLUSH_SECONDS
         self.failed = ""
-        self.seconds = 0.0          # time spent in the hooks, inside LMDeploy's scheduler step
-        self.first_seconds = 0.0    # of which the first record's (opens the file)
+        self.seconds = 0.0          # time spent in the hooks and flushes, inside LMDeploy's scheduler step
         self.records = 0
+        self.blocks_hashed = 0
+        self.blocks_reused = 0
+        self.flushes = 0
+        self.flushes_by_age = 0     # of which: the oldest queued record waited FLUSH_SECONDS
+        atexit.register(_flush_at_exit, weakref.ref(self))
         logger.info("lmdeploy-hostcache: capturing request traces to %s (key fingerprint %s)", path,
                     self.key.fingerprint)
+        t0 = time.perf_counter()
+        self.writer.open()          # at engine start, not in a request's step: a bad path shows now
+        self.open_seconds = time.perf_counter() - t0
 
     def on_new_request(self, seq) -> None:
         if self.failed:
@@ -63,15 +101,36 @@ class TraceCapture:
             self._arrival.pop(int(getattr(seq, "seq_id", -1)), None)
             return
         t0 = time.perf_counter()
+        queue = self._queue
         try:
-            self.writer.write(self.encode(self.snapshot(seq)))
+            if not queue:
+                self._queued_at = t0
+            queue.append(self.snapshot(seq))
+            if len(queue) >= self.flush_records:
+                self._flush()
+            elif t0 - self._queued_at >= self.flush_seconds:
+                self.flushes_by_age += 1
+                self._flush()
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
-        dt = time.perf_counter() - t0
-        self.seconds += dt
-        if not self.records:
-            self.first_seconds = dt
+        self.seconds += time.perf_counter() - t0
         self.records += 1
+
+    def flush(self) -> None:
+        """Encode and write the queued records now (never raises)."""
+        if not self._queue or self.failed:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._flush()
+        except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
+            self._fail(exc)
+        self.seconds += time.perf_counter() - t0
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        self.flushes += 1
+        self.writer.write_lines(self.encode_many(queue))
 
     def record(self, seq) -> str:
         """The JSON line of a sequence LMDeploy is ending."""
@@ -79,43 +138,94 @@ class TraceCapture:
 
     def snapshot(self, seq) -> tuple:
         """What the record needs, copied out of the sequence (cheap: no hashing)."""
-        req = int(seq.seq_id)
+        noted = self._arrival.pop(int(seq.seq_id), None)
         start = int(seq.input_start_pos)
-        noted = self._arrival.pop(req, None)
         if noted is not None and noted[0] == start:
             arrival = noted[1]
         else:  # a later turn of a session, or registered before capture began
             arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
         prompt_len = int(seq.input_end_pos)
-        output_len = max(0, int(seq.num_all_ids) - prompt_len)
-        full = prompt_len // self.block_size
-        tokens = seq.all_ids[:full * self.block_size].copy() if full else None
-        session = seq.session.session_id if start > 0 else None
-        namespace = self.namespaces.for_adapter(seq.adapter_name)
-        # a salted request's chain starts at its salted root, as in the host tier: requests of two
-        # salts never share blocks in the engine, so their captured ids differ too
-        root = salted_root(namespace, sequence_salt(seq))
-        return (arrival, prompt_len, output_len, tokens, namespace, root, session)
+        full = prompt_len // self.block_size * self.block_size
+        return (arrival, prompt_len, max(0, int(seq.num_all_ids) - prompt_len),
+                seq.all_ids[:full].copy() if full else None, seq.adapter_name, sequence_salt(seq),
+                seq.session.session_id if start > 0 else None)
 
     def encode(self, snap: tuple) -> str:
         """The JSON line of a snapshot: chained digests, keyed ids, the record."""
-        arrival, prompt_len, output_len, tokens, namespace, root, session = snap
-        hasher = ChainHasher(namespace, parent=root)
-        if tokens is not None:
-            hasher.extend(tokens)
-        return capture_record(arrival_s=arrival, input_length=prompt_len, output_length=output_len,
-                              block_ids=self.key.block_ids(hasher.digests), block_size=self.block_size,
-                              fingerprint=self.key.fingerprint,
-                              session=None if session is None else self.key.session_id(session))
+        return self.encode_many((snap,))[0]
+
+    def encode_many(self, snaps) -> list[str]:
+        """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest``
+        from the request's salted root, as ``ChainHasher`` computes it), inlined: the tokens of the
+        whole batch are range-checked and encoded by one numpy pass, then each full block costs one
+        xxh3 call; ``blocks_hashed`` counts them.  Each line is the one ``capture_record`` formats."""
+        arrays = [snap[3] for snap in snaps if snap[3] is not None]
+        data = encode_tokens(np.concatenate(arrays)) if arrays else b""
+        bs = self.block_size
+        step = bs * TOKEN_DTYPE.itemsize
+        roots, key, block_ids, recent = self._roots, self.key, self.key.block_ids, self._recent
+        head = '{"timestamp":'
+        tail = f',"block_size":{bs},"capture":{json_string(key.fingerprint)}'
+        lines = []
+        offset = 0
+        for arrival, prompt_len, output_len, tokens, adapter_name, salt, session in snaps:
+            chain = roots.get((adapter_name, salt))
+            if chain is None:
+                if len(roots) >= 1024:   # many salts: keep the map small
+                    roots.clear()
+                namespace = self.namespaces.for_adapter(adapter_name)
+                # a salted request's chain starts at its salted root, as in the host tier: requests of
+                # two salts never share blocks in the engine, so their captured ids differ too
+                chain = roots[(adapter_name, salt)] = (salted_root(namespace, salt), namespace.seed)
+            parent, seed = chain
+            digests, ids = [], []
+            if tokens is not None:
+                end = offset + len(tokens) * TOKEN_DTYPE.itemsize
+                if end - offset >= step:
+                    first = _xxh3_128(parent.to_bytes(DIGEST_BYTES, "little") + data[offset:offset + step], seed)
+                    seen = recent.get(first)
+                    if (seen is not None and seen[0] <= end - offset
+                            and _xxh3_128(data[offset:offset + seen[0]]) == seen[1]):
+                        digests, ids = seen[2][:], seen[3][:]   # this prompt continues that one
+                    else:
+                        digests = [first]
+                    known = len(digests)
+                    parent = digests[-1]
+                    for start in range(offset + known * step, end, step):
+                        parent = _xxh3_128(parent.to_bytes(DIGEST_BYTES, "little") + data[start:start + step], seed)
+                        digests.append(parent)
+                    self.blocks_hashed += 1 + len(digests) - known
+                    self.blocks_reused += known - 1
+                    ids += block_ids(digests[len(ids):])
+                    if len(recent) >= RECENT_PROMPTS:
+                        recent.clear()
+                    recent[first] = (end - offset, _xxh3_128(data[offset:end]), digests, ids)
+                offset = end
+            if prompt_len // bs != len(digests):
+                raise ValueError(f"bad capture record: {len(digests)} block ids for {prompt_len} tokens")
+            # capture_record's line, formatted here (test_trace_capture.py compares them)
+            lines.append(f'{head}{round(arrival * 1000.0, 3)!r},"input_length":{prompt_len},"output_length":'
+                         f'{output_len},"hash_ids":[{",".join(map(str, ids))}]{tail}'
+                         + ('}\n' if session is None else f',"session":"{key.session_id(session)}"}}\n'))
+        return lines
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = f"{type(exc).__name__}: {exc}"
         self._arrival.clear()
+        self._queue.clear()
         logger.warning("lmdeploy-hostcache: trace capture stopped after an unexpected error (%s); serving goes on "
                        "without capture", self.failed)
 
     def close(self) -> None:
+        self.flush()
         self.writer.close()
+
+
+def _flush_at_exit(ref) -> None:
+    capture = ref()
+    if capture is not None:
+        capture.flush()
+        capture.writer.close()
 
 
 def capture_from_config(hostcache, block_size: int, namespaces) -> TraceCapture | None:

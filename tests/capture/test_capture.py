@@ -128,3 +128,66 @@ def test_an_earlier_capture_is_set_aside_not_appended_to(tmp_path):
     w.close()
     assert read_mooncake(path).capture_key == "k" and len(read_mooncake(path)) == 1
     assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "old"
+
+
+def test_block_ids_are_the_documented_keyed_hash_and_each_digest_is_keyed_once(monkeypatch):
+    import hashlib
+
+    from lmdeploy_hostcache.capture import keys
+
+    raw = bytes(range(16))
+    k = CaptureKey(raw)
+    digests = [(1 << 127) + 5, 7, 12345678901234567890, 7, 0]
+    formula = [int.from_bytes(hashlib.blake2b(d.to_bytes(16, "little"), key=raw, digest_size=8).digest(),
+                              "little") & ((1 << 63) - 1) for d in digests]
+    assert k.block_ids(digests) == formula and k.derived == 4          # the repeated 7 is keyed once
+    assert k.block_ids(digests[::-1]) == formula[::-1] and k.derived == 4
+    monkeypatch.setattr(keys, "MEMO_ENTRIES", 3)                       # a full memo is emptied, ids unchanged
+    k2 = CaptureKey(raw)
+    assert k2.block_ids(digests[:3]) == formula[:3] and k2.block_ids(digests[3:]) == formula[3:]
+    assert len(k2._memo) <= 3
+
+
+def test_record_line_is_what_json_dumps_writes():
+    def dumped(session):
+        rec = {"timestamp": round(1764700000.1234567 * 1000.0, 3), "input_length": 130, "output_length": 0,
+               "hash_ids": [2**63 - 1, 0], "block_size": 64, "capture": "3f9c0a1e"}
+        if session is not None:
+            rec["session"] = session
+        return json.dumps(rec, separators=(",", ":")) + "\n"
+
+    for session in (None, "00ff", 'a "quoted" \\ one'):
+        assert capture_record(arrival_s=1764700000.1234567, input_length=130, output_length=0,
+                              block_ids=[2**63 - 1, 0], block_size=64, fingerprint="3f9c0a1e",
+                              session=session) == dumped(session)
+    with pytest.raises(ValueError, match="arrival"):
+        capture_record(arrival_s=float("nan"), input_length=0, output_length=0, block_ids=[], block_size=64,
+                       fingerprint="k")
+
+
+def test_write_lines_makes_one_write_per_file_and_rotates_between_lines(tmp_path):
+    path = tmp_path / "cap.jsonl"
+    lines = [_line(i) for i in range(10)]
+    size = max(len(x.encode()) for x in lines)
+    w = RotatingWriter(path, max_bytes=4 * size)
+    assert w.write_lines(lines[:3]) == 3 and w.writes == 1                 # one os.write for the batch
+    assert w.write_lines(lines[3:]) == 7 and w.rotations >= 1
+    w.close()
+    files = sorted(tmp_path.glob("cap*.jsonl"))
+    assert w.writes == len(files) + 1 and all(f.stat().st_size <= 4 * size for f in files)
+    assert sorted(r.timestamp for r in read_mooncake_files(files).requests) == [float(i) for i in range(10)]
+
+
+def test_open_reports_a_bad_path_once_and_a_short_batch_write_is_taken_back(tmp_path, monkeypatch, caplog):
+    w = RotatingWriter(tmp_path / "no" / "cap.jsonl")
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        assert not w.open() and not w.open() and w.write_lines([_line(0), _line(1)]) == 0
+    assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1 and w.dropped == 2
+    path = tmp_path / "cap.jsonl"
+    w = RotatingWriter(path)
+    assert w.open() and w.write_lines([_line(0)]) == 1
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, data[:-3]))
+    assert w.write_lines([_line(1), _line(2)]) == 0 and w.dropped == 2
+    monkeypatch.undo()
+    assert len(read_mooncake(path)) == 1 and path.read_text().count("\n") == 1
