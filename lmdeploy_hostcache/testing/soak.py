@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 
 BLOCK_SIZE = 16                     # HarnessCacheSpec's default block size
 NO_CHUNKING = 4096                  # prefill budget above every prompt: LMDeploy never chunks
+CHUNKED_PREFILL_TOKENS = (64, 128, 256)   # prefill budgets below most prompts: long prefills are chunked
 CORRUPTION_BYTE = 0x5A
 COVERAGE_FIELDS = ('quant_policy', 'dtype', 'host_kv_format', 'tp', 'eviction_policy', 'checksum', 'chunked_prefill',
                    'copy_delay_polls', 'fail_loads', 'fail_stores', 'aborts', 'sleep')
@@ -134,9 +135,9 @@ def random_scenario(seed: int) -> ScenarioConfig:
     host_kv_format = rng.choice(('same', 'int8', 'int4')) if quant_policy == 0 else 'same'
     tp = rng.choice((1, 2))
     systems = rng.randint(1, 3)
-    system_blocks = rng.randint(6, 14)
-    conversations = rng.randint(4, 7)
-    turns = rng.randint(3, 6)
+    system_blocks = rng.randint(32, 96)
+    conversations = rng.randint(5, 9)
+    turns = rng.randint(3, 7)
     longest = max_prompt_blocks(systems, system_blocks, turns)
     max_new_tokens = rng.randint(2, 6)
     # GPU: the longest request plus a little (it must fit alone; two long ones preempt each other)
@@ -148,7 +149,7 @@ def random_scenario(seed: int) -> ScenarioConfig:
         seed=int(seed), quant_policy=quant_policy, dtype=rng.choice(('float16', 'bfloat16')),
         host_kv_format=host_kv_format, tp=tp, eviction_policy=rng.choice(sorted(POLICIES)),
         checksum=rng.random() < 0.5,
-        max_prefill_token_num=rng.choice((64, 96, 128)) if rng.random() < 0.4 else NO_CHUNKING,
+        max_prefill_token_num=rng.choice(CHUNKED_PREFILL_TOKENS) if rng.random() < 0.4 else NO_CHUNKING,
         gpu_blocks=gpu_blocks, host_slots=host_slots, copy_delay_polls=rng.randint(0, 3),
         fail_load_every=rng.choice((0, 0, 0, 23, 41, 61)), fail_store_every=rng.choice((0, 0, 11, 23, 41)),
         fault_rank=rng.randrange(tp), abort_rate=rng.choice((0.0, 0.1, 0.25)),

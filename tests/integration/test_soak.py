@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip('lmdeploy_hostcache.integration.connector')
 
 from lmdeploy_hostcache.eviction import POLICIES  # noqa: E402
-from lmdeploy_hostcache.testing.soak import (BLOCK_SIZE, NO_CHUNKING, ScenarioConfig, build_workload,  # noqa: E402
+from lmdeploy_hostcache.testing.soak import (BLOCK_SIZE, CHUNKED_PREFILL_TOKENS, NO_CHUNKING, ScenarioConfig, build_workload,  # noqa: E402
                                              max_prompt_blocks, random_scenario, run_scenario)
 
 CLI = Path(sys.executable).with_name('lmdeploy-hostcache')
@@ -68,7 +68,7 @@ def test_random_scenario_draws_only_supported_combinations_deterministically():
         assert cfg.tp in (1, 2) and 0 <= cfg.fault_rank < cfg.tp
         assert cfg.eviction_policy in POLICIES
         assert 0 <= cfg.copy_delay_polls <= 3 and cfg.fail_load_every >= 0 and cfg.fail_store_every >= 0
-        assert cfg.max_prefill_token_num in (64, 96, 128, NO_CHUNKING)
+        assert cfg.max_prefill_token_num in (*CHUNKED_PREFILL_TOKENS, NO_CHUNKING)
         longest = max_prompt_blocks(cfg.systems, cfg.system_blocks, cfg.turns)
         assert cfg.gpu_blocks >= longest + 3, 'the longest request must fit the GPU alone'
         assert cfg.host_slots >= cfg.gpu_blocks

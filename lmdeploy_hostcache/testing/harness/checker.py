@@ -90,7 +90,7 @@ class KVChecker:
         self._snapshot: list[torch.Tensor] | None = None   # raw pool bytes as of the previous check
         self._changed: np.ndarray | None = None            # per physical block: bytes differ from the snapshot
         self._examined: set[int] = set()                   # blocks some expectation covered in this check
-        self._verified: dict[int, tuple[bytes, int]] = {}  # physical block -> (prefix hash, valid) verified
+        self._verified: dict[int, bytes] = {}              # physical block -> chained key of what was verified
         self._loading: dict[int, tuple[int, int]] = {}     # seq_id -> (fallback_step, remote_step) while LOADING
         self.oracle = oracle
         self.scheduler = scheduler
@@ -110,23 +110,25 @@ class KVChecker:
         return wrong
 
     def check_block(self, where: str, tokens, block_index: int, block_id: int, num_valid: int,
-                    force: bool = False) -> bool:
+                    force: bool = False, key: bytes | None = None) -> bool:
         """Compare one block with its expectation (incremental mode: only if it changed, its
-        expectation changed, or ``force``)."""
+        expectation changed, or ``force``). ``tokens`` may be a callable returning them (built only
+        if a comparison is needed); ``key`` is the expectation's chained key (:func:`chain_keys`),
+        computed from ``tokens`` when not given."""
         if self.incremental and self._changed is not None:
-            bs = self.cache.block_size
-            key = (xxhash.xxh3_128_digest(np.ascontiguousarray(tokens[:block_index * bs + num_valid],
-                                                               dtype=np.int64).tobytes()), int(num_valid))
-            self._examined.add(int(block_id))
-            if not force and not self._changed[block_id] and self._verified.get(int(block_id)) == key:
+            if key is None:
+                key = chain_keys(_tokens(tokens)[:block_index * self.cache.block_size + num_valid],
+                                 self.cache.block_size)[-1]
+            self._examined.add(block_id)
+            if not force and not self._changed[block_id] and self._verified.get(block_id) == key:
                 return True
-            ok = self._compare_block(where, tokens, block_index, block_id, num_valid)
+            ok = self._compare_block(where, _tokens(tokens), block_index, block_id, num_valid)
             if ok:
-                self._verified[int(block_id)] = key
+                self._verified[block_id] = key
             else:
-                self._verified.pop(int(block_id), None)
+                self._verified.pop(block_id, None)
             return ok
-        return self._compare_block(where, tokens, block_index, block_id, num_valid)
+        return self._compare_block(where, _tokens(tokens), block_index, block_id, num_valid)
 
     def _compare_block(self, where: str, tokens, block_index: int, block_id: int, num_valid: int) -> bool:
         self.stats.compared_blocks += 1
@@ -231,17 +233,23 @@ class KVChecker:
             if valid == 0:
                 continue
             table = sched.block_manager.get_block_table(seq)
-            tokens = seq.all_ids
+            tokens = np.asarray(seq.all_ids, dtype=np.int64)
             num_blocks = (valid + bs - 1) // bs
             if len(table) < num_blocks:
                 raise KVMismatch(f'{label} seq {seq.seq_id}: {valid} valid tokens but only {len(table)} blocks')
             first, end = restored.pop(int(seq.seq_id), (0, 0))
-            for b in range(num_blocks):
-                n = min(bs, valid - b * bs)
-                self.stats.seq_blocks += 1
+            keys = chain_keys(tokens[:valid], bs) if self.incremental else [None] * num_blocks
+            where = f'{label} seq {seq.seq_id} ({seq.status.name})'
+            self.stats.seq_blocks += num_blocks
+            changed, verified, examined = self._changed, self._verified, self._examined
+            for b, block_id in enumerate(table[:num_blocks].tolist()):
                 was_restored = first <= b < end
-                ok = self.check_block(f'{label} seq {seq.seq_id} ({seq.status.name})', tokens, b, int(table[b]), n,
-                                      force=was_restored)
+                if (not was_restored and changed is not None and not changed[block_id]
+                        and verified.get(block_id) == keys[b]):        # the fast path of check_block
+                    examined.add(block_id)
+                    continue
+                ok = self.check_block(where, tokens, b, block_id, min(bs, valid - b * bs), force=was_restored,
+                                      key=keys[b])
                 if was_restored and ok:
                     self.stats.restored_verified += 1
         self.check_trie(label)
@@ -260,14 +268,62 @@ class KVChecker:
                     stack.append((child, child_path))
 
     def check_trie(self, label: str = '') -> None:
+        """Every attached trie node (a full block): its prefix length, then its bytes. The walk
+        carries each node's chained key; the node's whole token path is built only for a comparison."""
         allocator = self.scheduler.block_manager.allocator
         bs = self.cache.block_size
-        for node, path in self.trie_nodes():
-            if node.prefix_len != len(path):
-                raise KVMismatch(f'{label} trie node prefix_len {node.prefix_len} != path length {len(path)}')
-            phys = int(allocator.get_physical_blocks(np.array([node.block_id]))[0])
-            self.stats.trie_blocks += 1
-            self.check_block(f'{label} trie node @{node.prefix_len}', path, node.prefix_len // bs - 1, phys, bs)
+        trie = self.scheduler.block_trie
+        nodes = []                                # (node, chained key, prefix length, path link)
+        for root in list(trie._roots.values()):
+            stack = [(root, b'', 0, None)]
+            while stack:
+                node, key, length, link = stack.pop()
+                for child in list(node.children.values()):
+                    ids = np.asarray(child.token_ids, dtype=np.int64)
+                    child_len = length + len(ids)
+                    if child.prefix_len != child_len:
+                        raise KVMismatch(f'{label} trie node prefix_len {child.prefix_len} != path length {child_len}')
+                    entry = (child, _next_key(key, ids) if self.incremental else None, child_len, (link, ids))
+                    nodes.append(entry)
+                    stack.append(entry)
+        if not nodes:
+            return
+        physical = allocator.get_physical_blocks(np.array([n.block_id for n, _, _, _ in nodes])).tolist()
+        self.stats.trie_blocks += len(nodes)
+        changed, verified, examined = self._changed, self._verified, self._examined
+        for (node, key, length, link), phys in zip(nodes, physical):
+            if changed is not None and not changed[phys] and verified.get(phys) == key:   # check_block's fast path
+                examined.add(phys)
+                continue
+            self.check_block(f'{label} trie node @{length}', lambda lk=link: _path(lk), length // bs - 1, phys, bs,
+                             key=key)
+
+
+def _next_key(prev: bytes, block_tokens: np.ndarray) -> bytes:
+    return xxhash.xxh3_128_digest(prev + block_tokens.tobytes())
+
+
+def chain_keys(tokens: np.ndarray, block_size: int) -> list[bytes]:
+    """Chained keys of the blocks of ``tokens`` (int64; the last block may be partial): key ``b``
+    names the exact tokens ``[0, end of block b)``, the same whether it is computed over a
+    sequence's tokens or along trie nodes."""
+    keys, prev = [], b''
+    for start in range(0, len(tokens), block_size):
+        prev = _next_key(prev, tokens[start:start + block_size])
+        keys.append(prev)
+    return keys
+
+
+def _path(link) -> np.ndarray:
+    parts = []
+    while link is not None:
+        link, ids = link
+        parts.append(ids)
+    return np.concatenate(parts[::-1])
+
+
+def _tokens(tokens):
+    return tokens() if callable(tokens) else tokens
 
 
 def check_gpu_refcounts_balanced(scheduler) -> dict[str, int]:

@@ -360,6 +360,7 @@ class HostSlotChecker:
         self.prefixes: dict[int, torch.Tensor] = {}        # digest -> whole token prefix
         self._registered: dict[int, int] = {}              # seq_id -> full blocks registered
         self._chain_memo: dict[bytes, int] = {}            # xxh3_128(prefix tokens) -> chain digest
+        self._node_digests: dict[int, tuple[object, int]] = {}   # id(trie node) -> (node, its chain digest)
         # per rank: (pool the snapshot is of, its chunks' bytes at the previous verify, slot -> digest verified)
         self._pool_state: list[tuple[object, list[torch.Tensor], dict[int, int]] | None] = [None] * engine.tp
         self._ranks = []
@@ -384,40 +385,75 @@ class HostSlotChecker:
             return
 
         def registering_observer(leaf, gpu_block):
-            path, node = [], leaf
-            while node is not None and node.parent is not None and node.block_id >= 0:
-                path.append(node.token_ids)
-                node = node.parent
-            if node is not None and node.parent is None and path:   # reached the adapter root
-                self._register_tokens(np.concatenate([np.asarray(t, dtype=np.int64) for t in reversed(path)]))
+            self._register_node(leaf)
             return observer(leaf, gpu_block)
 
         lifecycle._host_tier_observer = registering_observer
 
-    def _register_tokens(self, tokens) -> None:
+    def _register_node(self, leaf) -> None:
+        """Register the block of trie node ``leaf`` (its digest -> its whole token path). The digest
+        chains from the parent's, memoised per node object (held, so its id stays unique); a
+        node whose ancestors are not memoised yet is registered through its whole path, which
+        memoises them. A stale memo could only register a wrong digest, which then shows up as a
+        resident block of unknown prefix (a reported failure), never as a skipped check."""
+        parent = leaf.parent
+        if parent is None or leaf.block_id < 0:
+            return
+        memo = self._node_digests
+        hit = memo.get(id(parent))
+        if parent.parent is None:          # an adapter root: chain from the namespace root
+            parent_digest = self.namespace.root
+        elif hit is not None and hit[0] is parent:
+            parent_digest = hit[1]
+        else:
+            parent_digest = None
+        if parent_digest is not None:
+            chain = self._chain_cls(self.namespace, parent_digest)
+            chain.extend(np.asarray(leaf.token_ids, dtype=np.int64))
+            if len(chain.digests) == 1:
+                memo[id(leaf)] = (leaf, chain.digests[0])
+                if chain.digests[0] in self.prefixes:
+                    return
+        path, node, nodes = [], leaf, []
+        while node is not None and node.parent is not None and node.block_id >= 0:
+            path.append(np.asarray(node.token_ids, dtype=np.int64))
+            nodes.append(node)
+            node = node.parent
+        if node is None or node.parent is not None or not path:    # not attached to an adapter root
+            return
+        tokens = np.concatenate(path[::-1])
+        digests = self._register_tokens(tokens)
+        if len(digests) == len(nodes):
+            for n, digest in zip(reversed(nodes), digests):
+                memo[id(n)] = (n, digest)
+
+    def _register_tokens(self, tokens) -> list[int]:
         """Register every full block of ``tokens`` (digest -> whole prefix). The chain restarts
         from the longest prefix already hashed (memoised on the exact prefix bytes), so an
         eviction costs the blocks it adds, not its depth."""
         bs = self.block_size
         full = len(tokens) // bs
         if full == 0:
-            return
+            return []
         tokens = np.ascontiguousarray(tokens[:full * bs], dtype=np.int64)
+        keys = [xxhash.xxh3_128_digest(tokens[:(i + 1) * bs].tobytes()) for i in range(full)]
         start, parent = full, None
         while start > 0:
-            parent = self._chain_memo.get(xxhash.xxh3_128_digest(tokens[:start * bs].tobytes()))
+            parent = self._chain_memo.get(keys[start - 1])
             if parent is not None:
                 break
             start -= 1
+        digests = [self._chain_memo[k] for k in keys[:start]]
         if start == full:
-            return
+            return digests
         chain = self._chain_cls(self.namespace, parent)
         chain.extend(tokens[start * bs:])
         for i, digest in enumerate(chain.digests, start=start):
-            end = (i + 1) * bs
-            self._chain_memo[xxhash.xxh3_128_digest(tokens[:end].tobytes())] = digest
+            self._chain_memo[keys[i]] = digest
+            digests.append(digest)
             if digest not in self.prefixes:
-                self.prefixes[digest] = torch.as_tensor(tokens[:end].copy())
+                self.prefixes[digest] = torch.as_tensor(tokens[:(i + 1) * bs].copy())
+        return digests
 
     def _register(self) -> None:
         for seq in self.engine.scheduler.seq_manager.get_all_sequences():
