@@ -87,6 +87,7 @@ class KVChecker:
                  raise_on_error: bool = True, round_trips: RoundTripsFn | None = None, incremental: bool = True):
         self.cache = cache
         self.incremental = bool(incremental)
+        self.shared_walk: dict | None = None               # set by rank_checkers: one trie walk per iteration
         self._snapshot: list[torch.Tensor] | None = None   # raw pool bytes as of the previous check
         self._changed: np.ndarray | None = None            # per physical block: bytes differ from the snapshot
         self._examined: set[int] = set()                   # blocks some expectation covered in this check
@@ -267,12 +268,16 @@ class KVChecker:
                     yield child, child_path
                     stack.append((child, child_path))
 
-    def check_trie(self, label: str = '') -> None:
-        """Every attached trie node (a full block): its prefix length, then its bytes. The walk
-        carries each node's chained key; the node's whole token path is built only for a comparison."""
-        allocator = self.scheduler.block_manager.allocator
-        bs = self.cache.block_size
+    def _trie_walk(self, label: str):
+        """``(entries, physical blocks)`` of every attached trie node: ``(node, chained key, prefix
+        length, path link)``. TP ranks check the same scheduler state in the same iteration, so the
+        first rank's walk of an iteration is reused by the others (``shared``; a rank whose check
+        count differs from the walk's walks again itself)."""
+        share = self.shared_walk
         trie = self.scheduler.block_trie
+        if share is not None and share.get('trie') is trie and share.get('checks') == self.stats.checks \
+                and share.get('owner') is not self:
+            return share['nodes'], share['physical']
         nodes = []                                # (node, chained key, prefix length, path link)
         for root in list(trie._roots.values()):
             stack = [(root, b'', 0, None)]
@@ -286,9 +291,21 @@ class KVChecker:
                     entry = (child, _next_key(key, ids) if self.incremental else None, child_len, (link, ids))
                     nodes.append(entry)
                     stack.append(entry)
+        physical = []
+        if nodes:
+            allocator = self.scheduler.block_manager.allocator
+            physical = allocator.get_physical_blocks(np.array([n.block_id for n, _, _, _ in nodes])).tolist()
+        if share is not None:
+            share.update(trie=trie, checks=self.stats.checks, owner=self, nodes=nodes, physical=physical)
+        return nodes, physical
+
+    def check_trie(self, label: str = '') -> None:
+        """Every attached trie node (a full block): its prefix length, then its bytes. The walk
+        carries each node's chained key; the node's whole token path is built only for a comparison."""
+        bs = self.cache.block_size
+        nodes, physical = self._trie_walk(label)
         if not nodes:
             return
-        physical = allocator.get_physical_blocks(np.array([n.block_id for n, _, _, _ in nodes])).tolist()
         self.stats.trie_blocks += len(nodes)
         changed, verified, examined = self._changed, self._verified, self._examined
         for (node, key, length, link), phys in zip(nodes, physical):

@@ -111,9 +111,13 @@ def rank_checkers(engine: CpuEngine, host_kv_format: str = 'same') -> list[KVChe
     """One :class:`KVChecker` per TP rank (lossy formats: with the transfer reference variants,
     bounded by each block's own restore count)."""
     trips = round_trips(engine) if host_kv_format != 'same' else None
-    return [KVChecker(kv, oracle, engine.scheduler, variants=lossy_variants(kv, host_kv_format),
-                      round_trips=None if trips is None else trips.of_block)
-            for kv, oracle in zip(engine.kvs, engine.oracles)]
+    checkers = [KVChecker(kv, oracle, engine.scheduler, variants=lossy_variants(kv, host_kv_format),
+                          round_trips=None if trips is None else trips.of_block)
+                for kv, oracle in zip(engine.kvs, engine.oracles)]
+    shared: dict = {}                 # the ranks share one trie walk per iteration
+    for checker in checkers:
+        checker.shared_walk = shared
+    return checkers
 
 
 class RoundTrips:
