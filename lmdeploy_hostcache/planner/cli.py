@@ -152,6 +152,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--decode-tokens-per-s", type=_pos_float, default=None, metavar="R",
                    help="output tokens per second per running request, for request lifetimes in the "
                         "concurrency replay (default 40; an assumption; planner/concurrency.py)")
+    k.add_argument("--host-write-s", type=_nonneg_float, default=0.0, metavar="S",
+                   help="seconds after a GPU eviction before its host copy can be restored, in the concurrency "
+                        "replay (default 0: any later request; the engine needs about two scheduler steps; "
+                        "planner/concurrency.py)")
     k.add_argument("--no-concurrency", action="store_true",
                    help="skip the replay with request lifetimes (only the one-request-at-a-time replay)")
 
@@ -319,7 +323,7 @@ def _run(args) -> int:
         conc_lifetimes = Lifetimes(args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S,
                                    cost.prefill_tokens_per_s)
         conc = replay_concurrent(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, conc_lifetimes,
-                                 show)
+                                 show, host_write_s=args.host_write_s)
     unbounded = unbounded_notes(args.distinct_blocks, gpu_blocks=gpu_blocks, host_blocks=host_blocks)
     if args.json:
         out = dict(head)
@@ -336,6 +340,7 @@ def _run(args) -> int:
         out["replay_seconds"] = st.elapsed_s
         if conc is not None:
             out["with_concurrency"] = {**conc.as_dict(), "lifetimes": conc_lifetimes.as_dict(),
+                                       "host_write_s": args.host_write_s,
                                        "note": "running requests pin their blocks (planner/concurrency.py)"}
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
@@ -357,7 +362,8 @@ def _run(args) -> int:
               f"average): hit rate {conc.hit_rate:.3f} (GPU {conc.gpu_hit_rate:.3f}, "
               f"host {conc.host_hit_rate:.3f}) vs {st.hit_rate:.3f} (GPU {st.gpu_hit_rate:.3f}, host "
               f"{st.host_hit_rate:.3f}) one request at a time")
-        print(f"concurrency model: {conc_lifetimes.describe()}")
+        print(f"concurrency model: {conc_lifetimes.describe()}; a host copy is restorable {args.host_write_s:g} s "
+              "after its eviction")
         if conc.queued_requests and conc.queue_delay_s / conc.queued_requests > 10.0:
             print(f"note: at these assumed rates the GPU tier cannot hold the requests that arrive: "
                   f"{conc.queued_requests:,} of {conc.requests:,} waited, {conc.queue_delay_s / conc.queued_requests:,.0f} s "

@@ -16,7 +16,9 @@ prefix than its size.  ``ConcurrentTwoTierCache`` models this:
 * before a request is served, every event at or before its start is played in time order (a
   request ending, or a running request needing one more block);
 * while it runs, the request pins (``HostIndex.prepare_load``: read pins, not candidates) every
-  GPU block of its prompt it matched or stored, holds a slot for its partial prompt block, and
+  GPU block of its prompt it matched or stored, and the ones already in the GPU tier that it did
+  not match (the block ending at the prompt's last token: LMDeploy recomputes that token but
+  shares the trie's block, and stamps it when the request ends), holds a slot for its partial prompt block, and
   takes one more slot each time decoding crosses a block boundary, at that moment (slots taken
   from the GPU tier's allocator, evicting by policy when none is free), as LMDeploy grows a
   decoding sequence block by block;
@@ -26,6 +28,12 @@ prefix than its size.  ``ConcurrentTwoTierCache`` models this:
   trie keeps the full blocks a sequence filled while decoding; the trace's next turn names its
   own blocks, so they are never hits here).  They compete for space and are demoted like any
   evicted block.
+
+* a GPU eviction's host copy is WRITING (pinned, not restorable) until the clock is more than
+  ``host_write_s`` past the eviction (default 0: restorable by any later start).  In the engine the
+  completion of a copy made while step t schedules reaches the scheduler after step t+1 has
+  scheduled, so it is restorable from step t+2 (measured in the engine-in-the-loop harness,
+  tests/integration/test_trace_capture.py, which passes 1.5 iterations).
 
 Invariants: pins are balanced (every pin taken at serve is released at that request's end or at
 ``finish``); a held slot is never owned by a block; a request whose hold cannot be met (every GPU
@@ -98,8 +106,11 @@ class ConcurrentTwoTierCache(TwoTierCache):
     """``TwoTierCache`` whose requests run for a while; see the module docstring."""
 
     def __init__(self, gpu_blocks: int, host_blocks: int, host_policy: str = "lru", block_size: int = 1,
-                 lifetimes: Lifetimes = Lifetimes(), verify_tokens: bool = True) -> None:
+                 lifetimes: Lifetimes = Lifetimes(), verify_tokens: bool = True, host_write_s: float = 0.0) -> None:
         super().__init__(gpu_blocks, host_blocks, host_policy, block_size, verify_tokens)
+        if isinstance(host_write_s, bool) or not isinstance(host_write_s, (int, float)) or not host_write_s >= 0:
+            raise ValueError(f"host_write_s must be a number >= 0, got {host_write_s!r}")
+        self.host_write_s = float(host_write_s)
         st = self.stats
         self.stats = ConcurrencyStats(st.block_size, st.gpu_blocks, st.host_blocks, st.host_policy)
         self.block_size = block_size
@@ -117,8 +128,12 @@ class ConcurrentTwoTierCache(TwoTierCache):
 
     def _demote(self, block) -> None:
         """A GPU eviction: the host copy is in flight (WRITING, not loadable) until the clock
-        moves past the moment it started, as in the engine, where the copy completes at the
-        earliest with the next step: requests starting at that same moment cannot restore it."""
+        moves more than ``host_write_s`` past the moment it started.  In the engine the copy is
+        shipped with the step that evicted, and its completion reaches the scheduler only after
+        the *next* step has scheduled (``update_connector_output`` runs after the schedule): a
+        request admitted in the same step or the next one finds it WRITING and recomputes it
+        (measured in the harness: a copy made while scheduling step t is loadable from step
+        t+2).  ``host_write_s`` = 0 keeps only "not loadable at the same moment"."""
         host = self.host
         if host.prepare_store(block.digest, block.parent, block.tokens) is not None:
             self._writing.append((self._clock, block.digest))
@@ -130,6 +145,7 @@ class ConcurrentTwoTierCache(TwoTierCache):
     def _settle_writes(self, now: float) -> None:
         """Host copies started before ``now`` have landed (in start order)."""
         writing = self._writing
+        now -= self.host_write_s
         k = 0
         while k < len(writing) and writing[k][0] < now:
             self.host.complete_store(writing[k][1], True)
@@ -265,10 +281,12 @@ class ConcurrentTwoTierCache(TwoTierCache):
 
 def replay_concurrent(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_blocks: int,
                       host_policy: str = "lru", block_size: int = 1, lifetimes: Lifetimes = Lifetimes(),
-                      show_progress: bool | None = None, desc: str = "replay (concurrent)") -> ConcurrencyStats:
+                      show_progress: bool | None = None, desc: str = "replay (concurrent)",
+                      host_write_s: float = 0.0) -> ConcurrencyStats:
     """Replay prepared requests (in arrival order) through a fresh ``ConcurrentTwoTierCache``."""
     t0 = time.perf_counter()
-    cache = ConcurrentTwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, lifetimes)
+    cache = ConcurrentTwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, lifetimes,
+                                   host_write_s=host_write_s)
     serve = cache.serve_at
     for pr in progress(prepared, desc, show_progress):
         serve(pr)

@@ -167,8 +167,10 @@ class TwoTierCache:
         return g, restored
 
     def serve_blocks(self, pr: PreparedRequest) -> tuple[int, int, int]:
-        """``serve`` that also returns how many blocks it stored on the GPU: the request's GPU
-        blocks afterwards are ``digests[:g + stored]`` (all resident)."""
+        """``serve`` that also returns how many blocks past its GPU match the request holds on the
+        GPU: the ones it stored and the ones already there that it did not match (the block ending
+        at the prompt's end, which LMDeploy never matches but shares with the trie).  The request's
+        GPU blocks afterwards are ``digests[:g + covered]`` (all resident)."""
         gpu, host, st = self.gpu, self.host, self.stats
         d, b = pr.digests, pr.block_bytes
         g, h = self.probe(pr)
@@ -177,6 +179,7 @@ class TwoTierCache:
         if h:
             host.prepare_load(d[g:g + h])
         new: list[int] = []
+        covered = 0   # blocks from g on that the request holds: stored now or already in the GPU tier
         overflow = False
         for i in range(g, len(d)):
             parent = d[i - 1] if i else pr.root
@@ -185,6 +188,7 @@ class TwoTierCache:
             elif gpu.get(d[i]) is None:  # nothing evictable: the GPU budget is all pinned
                 overflow = True
                 break
+            covered += 1
         restored = min(h, len(new))
         if h:
             host.complete_load(d[g:g + restored], True)
@@ -200,7 +204,7 @@ class TwoTierCache:
         st.host_hit_blocks += restored
         st.requests_with_host_hits += restored > 0
         st.gpu_overflow_requests += overflow
-        return g, restored, len(new)
+        return g, restored, covered
 
     def finish(self) -> ReplayStats:
         st = self.stats

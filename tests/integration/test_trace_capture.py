@@ -151,9 +151,16 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
                       dict(sched.metrics.snapshot()), sched.capture)
 
 
+# A host copy made while LMDeploy schedules step t is completed by update_connector_output after step
+# t+1 has scheduled: loadable from step t+2. Same-step arrivals differ by 1e-6 iteration in the capture,
+# so 1.5 iterations separates "the next step" (not loadable) from "two steps later" (loadable).
+HOST_WRITE_ITERATIONS = 1.5
+
+
 def _plan_json(capsys, path, gpu, host, *extra):
     assert main(['plan', path, '--json', '--quiet', '--gpu-blocks', str(gpu), '--host-blocks', str(host),
-                 '--policy', 'lru', '--decode-tokens-per-s', '1', '--prefill-tokens-per-s', '1e15', *extra]) == 0
+                 '--policy', 'lru', '--decode-tokens-per-s', '1', '--prefill-tokens-per-s', '1e15',
+                 '--host-write-s', str(HOST_WRITE_ITERATIONS), *extra]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -183,7 +190,7 @@ def test_capture_read_back_by_plan_equals_the_original_trace(tmp_path, capsys, e
     assert o['block_size'] == BS and o['requests'] == run.requests
     pr = prepare_trace(run.original)
     seq = replay(pr, gpu - 1, host, 'lru', BS)
-    conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15))
+    conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15), host_write_s=HOST_WRITE_ITERATIONS)
     for key in ('requests', 'prompt_blocks', 'gpu_hit_blocks', 'host_hit_blocks'):
         assert o[key] == getattr(seq, key), key
         assert o['with_concurrency'][key] == getattr(conc, key), key
@@ -191,8 +198,9 @@ def test_capture_read_back_by_plan_equals_the_original_trace(tmp_path, capsys, e
 
 # (workload, usable GPU blocks + 1 reserved, host slots): where the planner with concurrency agrees with
 # the harness within TOLERANCE. Measured by this test's own runs (printed with -s); see docs/planner.md
-# "Concurrency" for the squeezed sizes where it does not yet.
-VALIDATION = [('weka', 32, 24), ('weka', 48, 48), ('mooncake', 48, 24)]
+# "Concurrency" for the squeezed sizes where it does not yet. Mooncake 40/24 agrees since the replay
+# keeps a host copy unrestorable for HOST_WRITE_ITERATIONS (before: host 0.062 vs 0.018).
+VALIDATION = [('weka', 32, 24), ('weka', 48, 48), ('mooncake', 40, 24), ('mooncake', 48, 24)]
 
 
 @pytest.mark.parametrize('workload,gpu,host', VALIDATION)
@@ -285,7 +293,7 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
         convs = _weka() if workload == 'weka' else mooncake_conversations(max_requests=24)
         run = run_with_capture(tmp_path, convs, gpu_blocks=gpu, host_slots=host)
         pr = prepare_trace(read_mooncake(run.capture_path))
-        conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15))
+        conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15), host_write_s=HOST_WRITE_ITERATIONS)
         seq = replay(pr, gpu - 1, host, 'lru', BS)
         ok = (abs(conc.gpu_hit_rate - run.gpu_hit_rate) <= TOLERANCE
               and abs(conc.host_hit_rate - run.host_hit_rate) <= TOLERANCE)

@@ -82,3 +82,43 @@ def test_plan_reports_hit_rates_with_and_without_concurrency(capsys):
     assert w["gpu_hit_rate"] <= o["gpu_hit_rate"] + 1e-9   # pinned blocks only take room from reuse
     assert main(["plan", "--json", "--limit", "50", "--no-concurrency"]) == 0
     assert "with_concurrency" not in json.loads(capsys.readouterr().out)
+
+
+def test_a_request_pins_the_resident_block_it_does_not_match():
+    # LMDeploy never matches the block that ends at the prompt's last token (it recomputes that token),
+    # but when the trie already holds it the sequence shares the trie's block: held while the request
+    # runs, stamped when it ends. X stores blocks 1 and 2; Y repeats X's 8-token prompt: GPU hit = block
+    # 1, block 2 is already there. Both stay pinned while Y decodes.
+    x = (0.0, 8, 0, [1, 2])
+    y = (1.0, 8, 8, [1, 2])
+    pr = prepare_trace(_trace([x, y]))
+    cache = ConcurrentTwoTierCache(4, 0, "lru", 4, Lifetimes(decode_tokens_per_s=1.0))
+    cache.serve_at(pr[0])
+    assert cache.serve_at(pr[1]) == (1, 0)
+    assert all(cache.gpu.allocator.pins(cache.gpu.get(d).slot) == 1 for d in pr[1].digests)
+    cache.finish()
+    assert not cache._pins and not any(cache.gpu.allocator.pins(s) for s in range(4))
+
+
+@pytest.mark.parametrize("host_write_s,y_arrival,restored", [(0.0, 1.0, 2), (1.5, 1.0, 0), (1.5, 2.5, 2)])
+def test_a_host_copy_is_restorable_host_write_s_after_its_eviction(host_write_s, y_arrival, restored):
+    # GPU of 3 blocks: Z (t = 0.5) evicts X's two blocks to the host; Y repeats X's prompt. The copies
+    # started at 0.5 are restorable only once the clock is more than host_write_s past that.
+    x = (0.0, 9, 0, [1, 2, 3])
+    z = (0.5, 9, 0, [7, 8, 9])
+    y = (y_arrival, 9, 0, [1, 2, 3])
+    pr = prepare_trace(_trace([x, z, y]))
+    cache = ConcurrentTwoTierCache(3, 4, "lru", 4, Lifetimes(decode_tokens_per_s=1.0), host_write_s=host_write_s)
+    cache.serve_at(pr[0])
+    cache.serve_at(pr[1])
+    assert cache.stats.demotions == 2
+    assert cache.serve_at(pr[2]) == (0, restored)
+    cache.finish()
+    cache.host.check_invariants()
+
+
+def test_host_write_s_is_validated_and_reported(capsys):
+    with pytest.raises(ValueError, match="host_write_s must be a number >= 0"):
+        ConcurrentTwoTierCache(4, 4, "lru", 4, host_write_s=-1.0)
+    assert main(["plan", "--json", "--limit", "50", "--host-write-s", "2.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["with_concurrency"]["host_write_s"] == 2.5
