@@ -42,6 +42,7 @@ BLOCK_SIZE = 16                     # HarnessCacheSpec's default block size
 NO_CHUNKING = 4096                  # prefill budget above every prompt: LMDeploy never chunks
 CHUNKED_PREFILL_TOKENS = (64, 128, 256)   # prefill budgets below most prompts: long prefills are chunked
 CORRUPTION_BYTE = 0x5A
+PROGRESS_EVERY_S = 60.0            # a long soak prints one progress line a minute
 COVERAGE_FIELDS = ('quant_policy', 'dtype', 'host_kv_format', 'tp', 'eviction_policy', 'checksum', 'chunked_prefill',
                    'copy_delay_polls', 'fail_loads', 'fail_stores', 'aborts', 'sleep')
 
@@ -412,11 +413,20 @@ def soak(seconds: float, seed: int = 0, workers: int = 1, json_path: str | None 
     start = time.monotonic()
     summaries: list[dict] = []
 
+    progress = {'next': start + PROGRESS_EVERY_S, 'verified': 0}
+
     def emit(summary: dict) -> None:
         summaries.append(summary)
+        progress['verified'] += int(summary.get('restored_verified', 0))
         if not summary['ok']:
             print(f"FAILED scenario seed={summary['seed']}: {summary['error']}; reproduce: "
                   f"{_reproduce(summary['seed'], corrupt_from)}", file=out, flush=True)
+        now = time.monotonic()
+        if now >= progress['next']:      # one line a minute on long runs (nothing on short ones)
+            progress['next'] = now + PROGRESS_EVERY_S
+            print(f"soak: {(now - start) / 60:.1f} min, {len(summaries)} scenarios, "
+                  f"{progress['verified']} restored blocks verified, "
+                  f"{sum(not s['ok'] for s in summaries)} failed", file=out, flush=True)
 
     if workers == 1:
         _scenario_loop(seed, 1, start + seconds, corrupt_from, emit, lambda: False)
