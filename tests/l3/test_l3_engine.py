@@ -101,7 +101,7 @@ def test_master_fault_mid_run_recomputes_with_zero_wrong_bytes(fault):
 def test_unreachable_store_at_engine_start(on_unreachable, caplog):
     """No master at the address: the engine refuses to start naming it, or (warn) starts with the
     GPU and host tiers only."""
-        from lmdeploy_hostcache.testing.harness import HarnessCacheSpec, HarnessModel
+    from lmdeploy_hostcache.testing.harness import HarnessCacheSpec, HarnessModel
     from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side, worker_side
 
     from lmdeploy_hostcache.l3 import L3Unavailable
