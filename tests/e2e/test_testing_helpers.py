@@ -58,7 +58,10 @@ def test_importing_package_and_lmdeploy_does_not_install_the_shim():
 
 
 def test_production_code_never_imports_testing():
+    """Nothing LMDeploy loads imports the testing helpers; the one sanctioned reference is the CLI's
+    lazy entry of the `soak` command (a tool, like `bench`), imported only when that command runs."""
     root = os.path.join(os.path.dirname(__file__), "..", "..", "lmdeploy_hostcache")
+    allowed = {"cli.py": '"soak": ("lmdeploy_hostcache.testing.soak",'}
     offenders = []
     for dirpath, _, files in os.walk(root):
         if os.path.basename(dirpath) == "testing":
@@ -67,8 +70,13 @@ def test_production_code_never_imports_testing():
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
                 with open(path) as fh:
-                    if "lmdeploy_hostcache.testing" in fh.read() or "from ..testing" in open(path).read():
-                        offenders.append(path)
+                    lines = fh.read().splitlines()
+                for line in lines:
+                    if "lmdeploy_hostcache.testing" in line or "from ..testing" in line or "from .testing" in line:
+                        if os.path.dirname(os.path.abspath(path)) == os.path.abspath(root) \
+                                and allowed.get(name) and allowed[name] in line:
+                            continue
+                        offenders.append(f"{path}: {line.strip()}")
     assert not offenders
 
 
