@@ -121,7 +121,7 @@ class KVChecker:
                 key = chain_keys(_tokens(tokens)[:block_index * self.cache.block_size + num_valid],
                                  self.cache.block_size)[-1]
             self._examined.add(block_id)
-            if not force and not self._changed[block_id] and self._verified.get(block_id) == key:
+            if not force and self._unchanged_since_verified(block_id, key):
                 return True
             ok = self._compare_block(where, _tokens(tokens), block_index, block_id, num_valid)
             if ok:
@@ -130,6 +130,14 @@ class KVChecker:
                 self._verified.pop(block_id, None)
             return ok
         return self._compare_block(where, _tokens(tokens), block_index, block_id, num_valid)
+
+    def _unchanged_since_verified(self, block_id: int, key: bytes) -> bool:
+        """Incremental mode: the block's bytes did not change since they were verified against ``key``
+        (it counts as examined in this check)."""
+        if self._changed is None or self._changed[block_id] or self._verified.get(block_id) != key:
+            return False
+        self._examined.add(block_id)
+        return True
 
     def _compare_block(self, where: str, tokens, block_index: int, block_id: int, num_valid: int) -> bool:
         self.stats.compared_blocks += 1
@@ -242,12 +250,9 @@ class KVChecker:
             keys = chain_keys(tokens[:valid], bs) if self.incremental else [None] * num_blocks
             where = f'{label} seq {seq.seq_id} ({seq.status.name})'
             self.stats.seq_blocks += num_blocks
-            changed, verified, examined = self._changed, self._verified, self._examined
             for b, block_id in enumerate(table[:num_blocks].tolist()):
                 was_restored = first <= b < end
-                if (not was_restored and changed is not None and not changed[block_id]
-                        and verified.get(block_id) == keys[b]):        # the fast path of check_block
-                    examined.add(block_id)
+                if not was_restored and self._unchanged_since_verified(block_id, keys[b]):
                     continue
                 ok = self.check_block(where, tokens, b, block_id, min(bs, valid - b * bs), force=was_restored,
                                       key=keys[b])
@@ -258,39 +263,23 @@ class KVChecker:
 
     def trie_nodes(self):
         """Yield ``(node, path_tokens)`` for every attached trie node (depth first)."""
-        trie = self.scheduler.block_trie
-        for root in list(trie._roots.values()):
-            stack = [(root, np.empty(0, dtype=np.int64))]
-            while stack:
-                node, path = stack.pop()
-                for child in list(node.children.values()):
-                    child_path = np.concatenate([path, np.asarray(child.token_ids, dtype=np.int64)])
-                    yield child, child_path
-                    stack.append((child, child_path))
+        for node, _, _, link in _walk_trie(self.scheduler.block_trie, keys=False):
+            yield node, _path(link)
 
     def _trie_walk(self, label: str):
         """``(entries, physical blocks)`` of every attached trie node: ``(node, chained key, prefix
-        length, path link)``. TP ranks check the same scheduler state in the same iteration, so the
-        first rank's walk of an iteration is reused by the others (``shared``; a rank whose check
-        count differs from the walk's walks again itself)."""
+        length, path link)``, each node's prefix length checked. TP ranks check the same scheduler
+        state in the same iteration, so the first rank's walk of an iteration is reused by the others
+        (``shared``; a rank whose check count differs from the walk's walks again itself)."""
         share = self.shared_walk
         trie = self.scheduler.block_trie
         if share is not None and share.get('trie') is trie and share.get('checks') == self.stats.checks \
                 and share.get('owner') is not self:
             return share['nodes'], share['physical']
-        nodes = []                                # (node, chained key, prefix length, path link)
-        for root in list(trie._roots.values()):
-            stack = [(root, b'', 0, None)]
-            while stack:
-                node, key, length, link = stack.pop()
-                for child in list(node.children.values()):
-                    ids = np.asarray(child.token_ids, dtype=np.int64)
-                    child_len = length + len(ids)
-                    if child.prefix_len != child_len:
-                        raise KVMismatch(f'{label} trie node prefix_len {child.prefix_len} != path length {child_len}')
-                    entry = (child, _next_key(key, ids) if self.incremental else None, child_len, (link, ids))
-                    nodes.append(entry)
-                    stack.append(entry)
+        nodes = _walk_trie(trie, keys=self.incremental)
+        for node, _, length, _ in nodes:
+            if node.prefix_len != length:
+                raise KVMismatch(f'{label} trie node prefix_len {node.prefix_len} != path length {length}')
         physical = []
         if nodes:
             allocator = self.scheduler.block_manager.allocator
@@ -307,13 +296,27 @@ class KVChecker:
         if not nodes:
             return
         self.stats.trie_blocks += len(nodes)
-        changed, verified, examined = self._changed, self._verified, self._examined
         for (node, key, length, link), phys in zip(nodes, physical):
-            if changed is not None and not changed[phys] and verified.get(phys) == key:   # check_block's fast path
-                examined.add(phys)
+            if self._unchanged_since_verified(phys, key):
                 continue
             self.check_block(f'{label} trie node @{length}', lambda lk=link: _path(lk), length // bs - 1, phys, bs,
                              key=key)
+
+
+def _walk_trie(trie, keys: bool) -> list[tuple]:
+    """Every attached node of ``trie``, depth first, as ``(node, chained key or None, prefix
+    length, path link)``; a node's token path is ``_path(link)`` (built only when needed)."""
+    nodes = []
+    for root in list(trie._roots.values()):
+        stack = [(root, b'', 0, None)]
+        while stack:
+            node, key, length, link = stack.pop()
+            for child in list(node.children.values()):
+                ids = np.asarray(child.token_ids, dtype=np.int64)
+                entry = (child, _next_key(key, ids) if keys else None, length + len(ids), (link, ids))
+                nodes.append(entry)
+                stack.append(entry)
+    return nodes
 
 
 def _next_key(prev: bytes, block_tokens: np.ndarray) -> bytes:

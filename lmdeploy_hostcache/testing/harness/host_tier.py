@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import xxhash
 
 from lmdeploy.messages import KVTransferConfig
 
 from lmdeploy_hostcache.eviction import DEFAULT_POLICY
 
-from .checker import KVChecker, VariantFn
+from .checker import KVChecker, VariantFn, _as_bytes, _words, chain_keys
 from .cpu_engine import CpuEngine
 from .kv_layout import CpuKVCache, HarnessCacheSpec, HarnessModel
 
@@ -206,7 +205,6 @@ class BlockCodec:
         self.layout = KVRowLayout.from_connector_caches(rows, cache.pages_per_block, tensor_specs=cache.tensor_specs)
         self.fmt = self.layout.host_format(host_kv_format)
         self.flat = self.layout.check_caches(rows)
-        self.block_size = cache.block_size
         pages = torch.arange(cache.pages_per_block).repeat_interleave(cache.kernel_block_size)
         self._pages = [pages + i * cache.pages_per_block for i in range(self.capacity)]
         self._offs = torch.arange(cache.block_size) % cache.kernel_block_size
@@ -224,10 +222,7 @@ class BlockCodec:
         out = []
         for i in range(0, len(blocks), self.capacity):
             part = blocks[i:i + self.capacity]
-            ids = self._write(part)
-            slots = torch.zeros(len(part), self.fmt.slot_bytes, dtype=torch.uint8)
-            self._reference.gather(self.flat, self.layout, self.fmt, ids, slots)
-            out.append(slots)
+            out.append(self._gather_ids(self._write(part)))
         return torch.cat(out) if out else torch.zeros(0, self.fmt.slot_bytes, dtype=torch.uint8)
 
     def scatter(self, slots: torch.Tensor, names) -> list[dict[str, torch.Tensor]]:
@@ -270,7 +265,7 @@ class BlockCodec:
 
 
 def _same_block(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(a[k].contiguous().view(torch.uint8), b[k].contiguous().view(torch.uint8)) for k in a)
+    return all(torch.equal(_as_bytes(a[k]), _as_bytes(b[k])) for k in a)
 
 
 class LossyVariants:
@@ -363,7 +358,7 @@ class HostSlotChecker:
         self.stats = _SlotStats()
         self.prefixes: dict[int, torch.Tensor] = {}        # digest -> whole token prefix
         self._registered: dict[int, int] = {}              # seq_id -> full blocks registered
-        self._chain_memo: dict[bytes, int] = {}            # xxh3_128(prefix tokens) -> chain digest
+        self._chain_memo: dict[bytes, int] = {}            # chained key of a prefix (chain_keys) -> chain digest
         self._node_digests: dict[int, tuple[object, int]] = {}   # id(trie node) -> (node, its chain digest)
         # per rank: (pool the snapshot is of, its chunks' bytes at the previous verify, slot -> digest verified)
         self._pool_state: list[tuple[object, list[torch.Tensor], dict[int, int]] | None] = [None] * engine.tp
@@ -433,14 +428,14 @@ class HostSlotChecker:
 
     def _register_tokens(self, tokens) -> list[int]:
         """Register every full block of ``tokens`` (digest -> whole prefix). The chain restarts
-        from the longest prefix already hashed (memoised on the exact prefix bytes), so an
-        eviction costs the blocks it adds, not its depth."""
+        from the longest prefix already hashed (memoised on the prefix's chained key,
+        ``checker.chain_keys``), so the product digests are computed only for new blocks."""
         bs = self.block_size
         full = len(tokens) // bs
         if full == 0:
             return []
         tokens = np.ascontiguousarray(tokens[:full * bs], dtype=np.int64)
-        keys = [xxhash.xxh3_128_digest(tokens[:(i + 1) * bs].tobytes()) for i in range(full)]
+        keys = chain_keys(tokens, bs)
         start, parent = full, None
         while start > 0:
             parent = self._chain_memo.get(keys[start - 1])
@@ -582,14 +577,6 @@ class HostSlotChecker:
             for slot in np.flatnonzero(changed):
                 if int(slot) not in examined:
                     verified.pop(int(slot), None)
-
-
-def _words(rows: torch.Tensor) -> torch.Tensor:
-    """``[n, nbytes]`` uint8 rows as the widest integer words that tile them (fewer elements to compare)."""
-    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if rows.shape[-1] % size == 0 and rows.is_contiguous():
-            return rows.view(dtype)
-    return rows
 
 
 @dataclass
