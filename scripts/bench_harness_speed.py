@@ -64,6 +64,8 @@ def drive(H, HT, cfg, conversations, checks: bool = True) -> tuple[float, int, i
     floor the checks add to)."""
     import torch
 
+    from lmdeploy_hostcache.testing.harness.faults import FaultInjector
+
     t0 = time.process_time()
     engine = HT.build_host_tier_engine(
         H.HarnessModel(dtype=getattr(torch, cfg.dtype)),
@@ -76,12 +78,9 @@ def drive(H, HT, cfg, conversations, checks: bool = True) -> tuple[float, int, i
     checkers = HT.rank_checkers(engine, cfg.host_kv_format) if checks else []
     slots = HT.HostSlotChecker(engine) if checks else None
 
-    def faults(driver):
-        it = driver.iteration
-        for every, kind in ((cfg.fail_load_every, 'load'), (cfg.fail_store_every, 'store')):
-            if every and it % every == every - 1:
-                HT.copy_engine(engine, cfg.fault_rank).fail_next(1, kind=kind)
-
+    # the current injector works on either harness's engine (it only reaches the product's copy engine)
+    faults = FaultInjector(engine, load_every=cfg.fail_load_every, store_every=cfg.fail_store_every,
+                           rank=cfg.fault_rank)
     H.assign_aborts(conversations, rate=cfg.abort_rate, seed=cfg.seed)
     report = H.WorkloadDriver(engine, conversations, checker=checkers + ([slots] if slots else []),
                               max_active=cfg.max_active, on_iteration=faults).run()

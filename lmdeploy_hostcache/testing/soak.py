@@ -16,7 +16,7 @@ harness model's KV heads; policies from ``eviction.POLICIES``):
 - after every engine step every GPU block LMDeploy considers valid is compared with the prefix
   oracle on every TP rank (``rank_checkers``; lossy formats: the transfer reference of exactly the
   round trips that block made), restored blocks included, and every resident host slot is compared
-  with its oracle slot image (``HostSlotChecker``, every 5 steps and once at the end);
+  with its oracle slot image (``HostSlotChecker``, every step and once at the end);
 - after the run, the leak checks: GPU refcounts (only the trie holds blocks), the host index
   invariants with no slot pinned or leaked, no resident host block of unknown prefix, no copy in
   flight on any rank, every per-request map of the scheduler side empty, the worker checksum cache
@@ -351,7 +351,7 @@ def run_scenario(cfg: ScenarioConfig, *, corrupt_from: int | None = None, max_it
             summary['leaks'] = 1
     finally:
         if checkers:
-            summary['restored_verified'] = min(getattr(c.stats, 'restored_verified', 0) for c in checkers)
+            summary['restored_verified'] = min(c.stats.restored_verified for c in checkers)
             summary['checked_blocks'] = sum(c.stats.seq_blocks + c.stats.trie_blocks for c in checkers)
             summary['lossy_blocks'] = sum(c.stats.lossy_blocks for c in checkers)
             summary['wrong_blocks'] = sum(c.stats.wrong_blocks for c in checkers)
