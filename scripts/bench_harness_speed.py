@@ -94,14 +94,25 @@ def drive(H, HT, cfg, conversations, checks: bool = True) -> tuple[float, int, i
     return time.process_time() - t0, restored, report.iterations
 
 
+def _seed_range(text: str) -> list[int]:
+    lo, _, hi = text.partition('-')
+    try:
+        seeds = list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a seed or a range A-B of seeds') from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f'{text!r} is an empty range')
+    return seeds
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--before', default='61c2560', help='git commit of the before-harness (default: %(default)s)')
-    parser.add_argument('--seeds', default='0-11', help='soak scenario seeds, "A-B" inclusive (default: %(default)s)')
+    parser.add_argument('--seeds', default='0-11', type=_seed_range,
+                        help='soak scenario seeds, "A-B" inclusive or one seed (default: %(default)s)')
     parser.add_argument('--json', default=None, help='write the measurements to this file')
     args = parser.parse_args(argv)
-    lo, _, hi = args.seeds.partition('-')
-    seeds = list(range(int(lo), int(hi or lo) + 1))
+    seeds = args.seeds
 
     import logging
 
@@ -111,7 +122,13 @@ def main(argv=None) -> int:
     from lmdeploy_hostcache.testing import soak
 
     with tempfile.TemporaryDirectory() as tmp:
-        versions = {'before': load_before_harness(args.before, Path(tmp)), 'now': load_current_harness(),
+        try:
+            before = load_before_harness(args.before, Path(tmp))
+        except subprocess.CalledProcessError as exc:
+            print(f'bench_harness_speed: --before {args.before}: no tests/integration/harness at that commit in '
+                  f'{ROOT} ({((exc.stderr or "").strip().splitlines() or ["git failed"])[-1]})', file=sys.stderr)
+            return 2
+        versions = {'before': before, 'now': load_current_harness(),
                     'no-checks': load_current_harness()}
         totals = {(shape, v): [0.0, 0, 0] for shape in ('soak', 'matrix') for v in versions}
         rows = []
