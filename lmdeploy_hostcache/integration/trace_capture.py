@@ -44,9 +44,8 @@ from typing import Callable
 import numpy as np
 from xxhash import xxh3_128_intdigest as _xxh3_128
 
-from ..capture import CaptureKey, RotatingWriter
-from ..capture.record import json_string
-from ..digest import DIGEST_BYTES, TOKEN_DTYPE, encode_tokens, salted_root
+from ..capture import CaptureKey, RotatingWriter, capture_record
+from ..digest import TOKEN_DTYPE, block_digest, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
 logger = logging.getLogger("lmdeploy_hostcache.capture")
@@ -158,14 +157,12 @@ class TraceCapture:
         """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest``
         from the request's salted root, as ``ChainHasher`` computes it), inlined: the tokens of the
         whole batch are range-checked and encoded by one numpy pass, then each full block costs one
-        xxh3 call; ``blocks_hashed`` counts them.  Each line is the one ``capture_record`` formats."""
+        xxh3 call (``digest.block_digest``); ``blocks_hashed`` counts them.  Each line is ``capture_record``'s."""
         arrays = [snap[3] for snap in snaps if snap[3] is not None]
         data = encode_tokens(np.concatenate(arrays)) if arrays else b""
         bs = self.block_size
         step = bs * TOKEN_DTYPE.itemsize
         roots, key, block_ids, recent = self._roots, self.key, self.key.block_ids, self._recent
-        head = '{"timestamp":'
-        tail = f',"block_size":{bs},"capture":{json_string(key.fingerprint)}'
         lines = []
         offset = 0
         for arrival, prompt_len, output_len, tokens, adapter_name, salt, session in snaps:
@@ -182,7 +179,7 @@ class TraceCapture:
             if tokens is not None:
                 end = offset + len(tokens) * TOKEN_DTYPE.itemsize
                 if end - offset >= step:
-                    first = _xxh3_128(parent.to_bytes(DIGEST_BYTES, "little") + data[offset:offset + step], seed)
+                    first = block_digest(parent, data[offset:offset + step], seed)
                     seen = recent.get(first)
                     if (seen is not None and seen[0] <= end - offset
                             and _xxh3_128(data[offset:offset + seen[0]]) == seen[1]):
@@ -192,7 +189,7 @@ class TraceCapture:
                     known = len(digests)
                     parent = digests[-1]
                     for start in range(offset + known * step, end, step):
-                        parent = _xxh3_128(parent.to_bytes(DIGEST_BYTES, "little") + data[start:start + step], seed)
+                        parent = block_digest(parent, data[start:start + step], seed)
                         digests.append(parent)
                     self.blocks_hashed += 1 + len(digests) - known
                     self.blocks_reused += known - 1
@@ -201,12 +198,9 @@ class TraceCapture:
                         recent.clear()
                     recent[first] = (end - offset, _xxh3_128(data[offset:end]), digests, ids)
                 offset = end
-            if prompt_len // bs != len(digests):
-                raise ValueError(f"bad capture record: {len(digests)} block ids for {prompt_len} tokens")
-            # capture_record's line, formatted here (test_trace_capture.py compares them)
-            lines.append(f'{head}{round(arrival * 1000.0, 3)!r},"input_length":{prompt_len},"output_length":'
-                         f'{output_len},"hash_ids":[{",".join(map(str, ids))}]{tail}'
-                         + ('}\n' if session is None else f',"session":"{key.session_id(session)}"}}\n'))
+            lines.append(capture_record(arrival_s=arrival, input_length=prompt_len, output_length=output_len,
+                                        block_ids=ids, block_size=bs, fingerprint=key.fingerprint,
+                                        session=None if session is None else key.session_id(session)))
         return lines
 
     def _fail(self, exc: BaseException) -> None:
