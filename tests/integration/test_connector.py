@@ -106,15 +106,9 @@ class Rig:
 def deterministic_lru(monkeypatch):
     """Distinct, counter-based access times: LMDeploy's LRU then never falls back to its
     ``id(node)`` tie-break, whose order changes from run to run."""
-    from lmdeploy.pytorch.paging.block_manager.base_block_manager import LogicalAllocator
+    from lmdeploy_hostcache.testing.harness.clock import counter_access_times
 
-    clock = iter(range(1, 1 << 40))
-
-    def update_access_time(self, blocks):
-        blocks = np.atleast_1d(np.asarray(blocks))
-        self._log_mem.access_time[blocks] = [next(clock) for _ in range(len(blocks))]
-
-    monkeypatch.setattr(LogicalAllocator, "update_access_time", update_access_time)
+    counter_access_times(monkeypatch)
 
 
 def ns(adapter=None):

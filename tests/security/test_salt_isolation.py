@@ -6,14 +6,12 @@ its KV is still the oracle's; tenant A with its own salt hits; unsalted requests
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 harness = pytest.importorskip("lmdeploy_hostcache.testing.harness")
+from lmdeploy_hostcache.testing.harness.clock import counter_access_times  # noqa: E402
 from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, rank_checkers, scheduler_side  # noqa: E402
 
 from lmdeploy_hostcache.digest import Namespace, chain_digests, salted_root  # noqa: E402
@@ -65,7 +63,8 @@ def test_gpu_trie_never_matches_across_salts():
     assert None in roots and (None, "tenant-a") in roots and (None, "tenant-b") in roots
 
 
-def test_host_tier_never_restores_across_salts_and_still_hits_for_the_same_salt():
+def test_host_tier_never_restores_across_salts_and_still_hits_for_the_same_salt(monkeypatch):
+    counter_access_times(monkeypatch)   # LMDeploy's whole-second LRU stamps would make eviction order vary
     engine, checkers = _engine(gpu_blocks=16, host_slots=64)
     side = scheduler_side(engine)
     p = _prompt(2, 7)
