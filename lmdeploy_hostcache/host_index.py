@@ -14,6 +14,9 @@ Block lifecycle::
          └─(already present: touched, None)                 complete_load(ok): dropped (now on GPU)
                                                            complete_load(fail): unpinned, stays
 
+    RESIDENT ──hold──> RESIDENT+hold pin ──release──> RESIDENT   (a lookup's hit until its load
+                                                                  starts; nothing is counted)
+
 Second chance (``prepare_spare``): a WRITING block whose GPU copy is evicted again (the GPU
 recomputed it while the first copy was in flight) gets a *spare* slot and a second copy.  The
 block becomes RESIDENT as soon as one of its copies succeeded: a failed primary copy hands the
@@ -27,7 +30,7 @@ Invariants (``check_invariants``):
 
 1. every block owns exactly one used slot (plus its spares) and the allocator has no other
    used slot;
-2. a block with allocator pins on any of its slots (a copy in flight) is never evicted and none of
+2. a block with allocator pins on any of its slots (a copy in flight, or a hold) is never evicted and none of
    its slots is reused; a spare is pinned while its copy is in flight, and a written spare is kept
    only while the block is still WRITING;
 3. leaf-first: only blocks without host-resident children are eviction candidates, so no chain
@@ -99,6 +102,7 @@ class HostIndexStats:
     evictions: int = 0           # blocks evicted by the policy
     dropped: int = 0             # blocks removed by drop_subtree / failed stores (orphans)
     loads: int = 0               # blocks pinned by prepare_load
+    holds: int = 0               # blocks pinned by hold (a lookup's hit, until its load starts)
     promoted: int = 0            # blocks dropped after a successful load (now on GPU)
     load_failures: int = 0
 
@@ -216,6 +220,34 @@ class HostIndex:
                 b.doomed = b.promoted = True  # another reader may still hold a pin
             else:
                 self.stats.load_failures += 1
+            self._settle(b)
+
+    def hold(self, digests: Sequence[int]) -> None:
+        """Pin RESIDENT blocks so no eviction takes them until ``release``; no access-time change.
+
+        For a lookup's hit between the lookup and the start of its load: the evictions made to
+        admit that very request must not take it.  Raises KeyError (pinning nothing) if any block
+        is not RESIDENT.
+        """
+        blocks = []
+        for d in digests:
+            b = self._blocks.get(d)
+            if b is None or b.doomed or b.state is not BlockState.RESIDENT:
+                raise KeyError(f"block {d:032x} is not host-resident; cannot hold it")
+            blocks.append(b)
+        for b in blocks:
+            self.allocator.pin(b.slot)
+            if b.candidate:
+                self._uncandidate(b)
+        self.stats.holds += len(blocks)
+
+    def release(self, digests: Sequence[int]) -> None:
+        """Undo ``hold``: unpin; a block doomed meanwhile is freed at its last unpin."""
+        for d in digests:
+            b = self._blocks.get(d)
+            if b is None:
+                raise KeyError(f"release of unknown block {d:032x}")
+            self.allocator.unpin(b.slot)
             self._settle(b)
 
     # ------------------------------------------------------------------ stores (GPU -> host)

@@ -28,8 +28,11 @@ the request's trie cursor, so a GPU-matched prefix is not hashed again) from blo
 ``n // block_size`` are looked up (``HostIndex.lookup``, exact token check); the hit is clamped
 like LMDeploy's own match (multimodal boundary, recompute overlap, never the last token) and
 dropped when it saves fewer than ``min_restore_tokens`` tokens. The lookup is synchronous:
-never ``None``. LMDeploy then allocates destinations and calls ``update_state_after_alloc``:
-``prepare_load`` pins the slots; the load ships in the next metadata; the request waits in
+never ``None``. The hit is touched and *held* (``HostIndex.hold``: pinned, at most half the slots
+over all holds) until its load starts or the scheduling pass ends (``build_connector_meta``), so
+the demotions LMDeploy makes while it finds GPU room for this very request cannot evict it.
+LMDeploy then allocates destinations and calls ``update_state_after_alloc``:
+``prepare_load`` pins the slots (the hold is released); the load ships in the next metadata; the request waits in
 ``WAITING_FOR_REMOTE_KVS``. ``update_connector_output`` -> ``complete_load(ok)`` and a
 ``KVLoadResult`` so LMDeploy publishes the blocks into the trie or rolls back and recomputes.
 A request turn whose load failed recomputes (no second host attempt in that turn).
@@ -263,6 +266,10 @@ class HostTierScheduler:
         self._clearing_trie = False
         self._chains: dict[int, _RequestChain] = {}
         self._plans: dict[int, _LookupPlan] = {}
+        # request -> digests of its lookup's host hit, held (pinned) until its load starts or
+        # this scheduling pass ends (build_connector_meta): see _hold_hit
+        self._holds: dict[int, tuple[int, ...]] = {}
+        self._held_blocks = 0
         self._counted_lookup: dict[int, tuple[int, int, int]] = {}  # request -> (first, last, hits)
         self._pending_loads: dict[int, _Load] = {}
         self._inflight_loads: dict[int, _Load] = {}
@@ -413,6 +420,7 @@ class HostTierScheduler:
             return 0, False
         req = int(request.seq_id)
         self._plans.pop(req, None)
+        self._release_hold(req)
         if self._failed_turns.get(req) == int(request.input_start_pos):
             return 0, False  # this turn's host load failed once: recompute it
         if not request.history_multimodals.empty() or len(request.history_embeddings) > 0:
@@ -449,9 +457,34 @@ class HostTierScheduler:
         n_use = hit_end // bs - first
         parent = chain.hasher.digests[first - chain.start_block - 1] if first > chain.start_block else chain.hasher.parent
         self._plans[req] = _LookupPlan(first, tuple(digests[:n_use]), tuple(blocks[:n_use]), min(n, n_use), parent)
-        # Make the hit most-recent so evictions made to admit this very load spare it.
         self.index.touch(digests[:n_use])
+        self._hold_hit(req, tuple(digests[:min(n, n_use)]))
         return num_external, True
+
+    def _hold_hit(self, req: int, digests: tuple[int, ...]) -> None:
+        """Pin a lookup's host hit until its load starts (``update_state_after_alloc``) or this
+        scheduling pass ends (``build_connector_meta``), whichever comes first.
+
+        LMDeploy makes GPU room for the request between the lookup and the allocation; the blocks
+        it evicts are demoted, and in a small host tier whose other blocks are all in flight
+        those demotions would evict the hit itself, so the turn would recompute.  Holds live for
+        one scheduling pass only and cover at most half the slots together, so demotions always
+        keep room.  A request that could not be admitted looks up again on its next attempt.
+        """
+        if digests and self._held_blocks + len(digests) <= self.num_slots // 2:
+            self.index.hold(digests)
+            self._holds[req] = digests
+            self._held_blocks += len(digests)
+
+    def _release_hold(self, req: int) -> None:
+        digests = self._holds.pop(req, None)
+        if digests is not None:
+            self._held_blocks -= len(digests)
+            self.index.release(digests)
+
+    def _release_all_holds(self) -> None:
+        for req in list(self._holds):
+            self._release_hold(req)
 
     def update_state_after_alloc(self, request: SchedulerSequence, block_ids: Sequence[int],
                                  num_external_tokens: int) -> None:
@@ -460,6 +493,7 @@ class HostTierScheduler:
         req = int(request.seq_id)
         plan = self._plans.pop(req, None)
         if plan is None:
+            self._release_hold(req)
             raise RuntimeError(f"{CONNECTOR_NAME}: request {req} got load destinations without a host hit")
         if req in self._pending_loads or req in self._inflight_loads:
             raise RuntimeError(f"{CONNECTOR_NAME}: request {req} already has a host load")
@@ -474,8 +508,10 @@ class HostTierScheduler:
                 load.slots = tuple(self.index.prepare_load(digests[:h]))
                 load.digests = digests[:h]
                 load.pinned = True
-            except KeyError:  # evicted while LMDeploy made room for this load: fail, recompute
-                logger.debug("host hit of request %d evicted before its load started", req)
+            except KeyError:  # not held (hold budget spent) and evicted, or dropped: fail, recompute
+                logger.debug("host hit of request %d left the host tier before its load started", req)
+            finally:
+                self._release_hold(req)   # the load's own pins (if any) replace the hold
             if load.pinned and h < n:  # the rest comes from the store, staged in host slots
                 staged = digests[h:]
                 parents = ((digests[h - 1] if h else plan.parent),) + staged[:-1]
@@ -487,6 +523,7 @@ class HostTierScheduler:
                     load.staged = (staged, tuple(plan.block_bytes[h:n]), tuple(slots))
                     load.slots = load.slots + tuple(slots)
         else:
+            self._release_hold(req)
             logger.warning("request %d: load range (block %d, %d blocks, %d tokens) does not match the host "
                            "hit (block %d, %d blocks); recomputing", req, first, n, num_external_tokens,
                            plan.first_block, len(plan.digests))
@@ -496,6 +533,7 @@ class HostTierScheduler:
     def build_connector_meta(self, step_input: KVConnectorStepInput) -> HostTierMetadata | None:
         if self.feed is not None:  # the routing feed's GPU-tier refresh (cache_state_feed.py)
             self.feed.on_step()
+        self._release_all_holds()   # this scheduling pass is over: loads it started hold their own pins
         demotions = tuple((gpu, slot) for _, gpu, slot in self._pending_demotions)
         batch = None
         step = self._step + 1   # the step of the metadata built here, if any
@@ -606,6 +644,7 @@ class HostTierScheduler:
         req = int(request.seq_id)
         self._chains.pop(req, None)
         self._plans.pop(req, None)
+        self._release_hold(req)
         self._counted_lookup.pop(req, None)
         self._failed_turns.pop(req, None)
 
@@ -613,6 +652,7 @@ class HostTierScheduler:
         """Called by stop/end before LMDeploy defers them: a load of this request is unwanted."""
         req = int(request_id)
         self._plans.pop(req, None)
+        self._release_hold(req)
         for table in (self._pending_loads, self._inflight_loads):
             load = table.get(req)
             if load is not None:
@@ -681,6 +721,7 @@ class HostTierScheduler:
         a worker. Returns how many blocks were dropped.
         """
         floor = self._step + 1 if before_step is None else int(before_step)
+        self._release_all_holds()
         for d, _, slot in self._pending_demotions:   # queued this step, never shipped
             self.index.complete_store(d, success=False, slot=slot)
         self._pending_demotions = []
@@ -703,7 +744,7 @@ class HostTierScheduler:
     # -- introspection ----------------------------------------------------------------------
     def has_inflight(self) -> bool:
         return bool(self._pending_demotions or self._inflight_demotions or self._pending_loads
-                    or self._inflight_loads)
+                    or self._inflight_loads or self._holds)
 
     def check_balanced(self) -> None:
         """Raise AssertionError unless the index is consistent and, when idle, nothing is pinned."""

@@ -508,21 +508,81 @@ def test_wrong_role_calls_and_wrong_connector_name_raise():
         build_host_tier_connector(KVConnectorRole.SCHEDULER, cc)
 
 
-def test_host_hit_evicted_before_its_load_starts_falls_back_to_recompute():
-    rig = Rig(num_gpu_blocks=8)
-    a_tokens = prompt(1, 17)
-    demote_first_prompt(rig, a_tokens, prompt(100, 18))
-    side = rig.side
+def _evict_storm_during_admission(side, seen=None):
+    """Evict every host candidate between the lookup and the allocation: what the demotions
+    LMDeploy makes to admit a request can do to a small host tier. ``seen`` gets the holds
+    present at that moment."""
     real = side.update_state_after_alloc
 
     def evict_then_alloc(request, block_ids, n):
-        side.index.evict(side.num_slots)       # what an eviction storm during admission could do
+        if seen is not None:
+            seen.append({r: tuple(side.index.allocator.pins(side.index.get(d).slot) for d in ds)
+                         for r, ds in side._holds.items()})
+        side.index.evict(side.num_slots)
         return real(request, block_ids, n)
 
     side.update_state_after_alloc = evict_then_alloc
+    return real
+
+
+def test_host_hit_is_held_from_lookup_until_its_load_starts():
+    rig = Rig(num_gpu_blocks=8, host_blocks=4)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    side = rig.side
+    seen = []
+    _evict_storm_during_admission(side, seen)
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    assert seen == [{c.seq_id: (1,)}]     # held (one pin) while LMDeploy made room
+    assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and len(meta.loads) == 1
+    assert side.index.stats.holds == 1 and side.index.stats.evictions == 0   # the storm found nothing
+    assert not side._holds and side._held_blocks == 0   # the load's own pins replaced the hold
+    rig.poll(rig.complete(meta))
+    assert c.status == MessageStatus.WAITING and side.metrics.restore_failures == 0
+    assert side.metrics.restored_tokens == BS
+    rig.side.check_balanced()
+
+
+def test_a_hold_ends_with_its_scheduling_pass(monkeypatch):
+    """A request whose hit was held but that LMDeploy could not admit keeps no pin after the pass."""
+    rig = Rig(num_gpu_blocks=8, host_blocks=4)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    side = rig.side
+    helper = rig.s.eviction_helper
+    seen = []
+
+    def no_room(seq, *args, **kwargs):
+        seen.append(dict(side._holds))
+        return False
+
+    monkeypatch.setattr(helper, "try_make_capacity_for", no_room)
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    running, meta = rig.step()
+    assert running == [] and c.status == MessageStatus.WAITING and not (meta and meta.loads)
+    assert seen and all(len(h.get(c.seq_id, ())) == 1 for h in seen)   # held during the pass
+    assert not side._holds and side._held_blocks == 0                     # released at its end
+    side.check_balanced()
+    monkeypatch.undo()
+    _, meta = rig.step()                                                   # the next pass admits it
+    assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and len(meta.loads) == 1
+    rig.poll(rig.complete(meta))
+    assert side.metrics.restored_tokens == BS
+    side.check_balanced()
+
+
+def test_host_hit_that_leaves_the_host_tier_before_its_load_starts_falls_back_to_recompute():
+    # one slot: the hold budget (half the slots) is 0 blocks, so the storm takes the hit
+    rig = Rig(num_gpu_blocks=8, host_blocks=1)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    side = rig.side
+    real = _evict_storm_during_admission(side)
     sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
     _, meta = rig.step()
     assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and meta.loads == ()
+    assert side.index.stats.holds == 0 and side.index.stats.evictions == 1
     rig.poll(rig.complete(meta))
     assert c.status == MessageStatus.WAITING and side.metrics.restore_failures == 1
     side.update_state_after_alloc = real
