@@ -156,6 +156,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds after a GPU eviction before its host copy can be restored, in the concurrency "
                         "replay (default 0: any later request; the engine needs about two scheduler steps; "
                         "planner/concurrency.py)")
+    k.add_argument("--engine-steps", action="store_true",
+                   help="concurrency replay on LMDeploy's step clock: prefill and decode steps, admission by "
+                        "--max-batches, --prefill-interval and --max-prefill-tokens; one step lasts 1 / "
+                        "--decode-tokens-per-s seconds (planner/engine_steps.py)")
+    k.add_argument("--max-batches", type=_pos_int, default=None, metavar="N",
+                   help=f"with --engine-steps: the engine's max_batch_size (default {_STEP_DEFAULTS[0]}; an assumption)")
+    k.add_argument("--prefill-interval", type=_pos_int, default=None, metavar="N",
+                   help=f"with --engine-steps: LMDeploy's prefill_interval (default {_STEP_DEFAULTS[1]}, LMDeploy's)")
+    k.add_argument("--max-prefill-tokens", type=_pos_int, default=None, metavar="N",
+                   help=f"with --engine-steps: LMDeploy's max_prefill_token_num (default {_STEP_DEFAULTS[2]}, LMDeploy's)")
     k.add_argument("--no-concurrency", action="store_true",
                    help="skip the replay with request lifetimes (only the one-request-at-a-time replay)")
 
@@ -232,6 +242,11 @@ def load_trace(args):
     return trace
 
 
+# EngineSteps defaults (planner/engine_steps.py; repeated here to keep the parser light): max_batches
+# (an assumption), prefill_interval and max_prefill_token_num (LMDeploy 0.18's defaults)
+_STEP_DEFAULTS = (128, 16, 8192)
+
+
 def run(args) -> int:
     try:
         return _run(args)
@@ -270,6 +285,20 @@ def _run(args) -> int:
         if clash:
             raise PlanError(f"--cluster {args.cluster} sets the model, format, policy and node sizes itself and has "
                             f"no sweep: drop {', '.join(clash)} (or drop --cluster)")
+    step_opts = [opt for opt, v in (("--max-batches", args.max_batches), ("--prefill-interval", args.prefill_interval),
+                                    ("--max-prefill-tokens", args.max_prefill_tokens)) if v is not None]
+    if step_opts and not args.engine_steps:
+        raise PlanError(f"{', '.join(step_opts)} set the step model: add --engine-steps")
+    if args.engine_steps and args.sweep:
+        raise PlanError("--engine-steps applies to a single run's concurrency replay, not to --sweep")
+    if args.engine_steps and args.no_concurrency:
+        raise PlanError("--engine-steps is a concurrency replay: drop --no-concurrency")
+    steps = None
+    if args.engine_steps:
+        from .engine_steps import EngineSteps
+
+        steps = EngineSteps(*(v if v is not None else d for v, d in zip(
+            (args.max_batches, args.prefill_interval, args.max_prefill_tokens), _STEP_DEFAULTS)))
     if (args.l3_gb is not None or args.l3_gbps is not None) and not args.cluster:
         raise PlanError("--l3-gb/--l3-gbps model a store shared by the nodes of a cluster: give --cluster YAML")
     # validate every setting before the (slower) trace load
@@ -322,8 +351,14 @@ def _run(args) -> int:
 
         conc_lifetimes = Lifetimes(args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S,
                                    cost.prefill_tokens_per_s)
-        conc = replay_concurrent(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, conc_lifetimes,
-                                 show, host_write_s=args.host_write_s)
+        if steps is not None:
+            from .engine_steps import replay_stepped
+
+            conc = replay_stepped(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, conc_lifetimes,
+                                  steps, show, host_write_s=args.host_write_s)
+        else:
+            conc = replay_concurrent(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size,
+                                     conc_lifetimes, show, host_write_s=args.host_write_s)
     unbounded = unbounded_notes(args.distinct_blocks, gpu_blocks=gpu_blocks, host_blocks=host_blocks)
     if args.json:
         out = dict(head)
@@ -341,6 +376,7 @@ def _run(args) -> int:
         if conc is not None:
             out["with_concurrency"] = {**conc.as_dict(), "lifetimes": conc_lifetimes.as_dict(),
                                        "host_write_s": args.host_write_s,
+                                       "engine_steps": steps.as_dict() if steps is not None else None,
                                        "note": "running requests pin their blocks (planner/concurrency.py)"}
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
@@ -363,7 +399,7 @@ def _run(args) -> int:
               f"host {conc.host_hit_rate:.3f}) vs {st.hit_rate:.3f} (GPU {st.gpu_hit_rate:.3f}, host "
               f"{st.host_hit_rate:.3f}) one request at a time")
         print(f"concurrency model: {conc_lifetimes.describe()}; a host copy is restorable {args.host_write_s:g} s "
-              "after its eviction")
+              "after its eviction" + (f"; {steps.describe()}, one step = 1 / decode rate" if steps is not None else ""))
         if conc.queued_requests and conc.queue_delay_s / conc.queued_requests > 10.0:
             print(f"note: at these assumed rates the GPU tier cannot hold the requests that arrive: "
                   f"{conc.queued_requests:,} of {conc.requests:,} waited, {conc.queue_delay_s / conc.queued_requests:,.0f} s "

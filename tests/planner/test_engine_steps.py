@@ -1,0 +1,111 @@
+"""The planner's LMDeploy step model (issue 12 item 3): prefill and decode steps, admission rules."""
+import json
+
+import pytest
+
+from lmdeploy_hostcache.cli import main
+from lmdeploy_hostcache.planner import cli as planner_cli
+from lmdeploy_hostcache.planner.concurrency import Lifetimes
+from lmdeploy_hostcache.planner.engine_steps import EngineSteps, SteppedTwoTierCache, replay_stepped
+from lmdeploy_hostcache.planner.replay import prepare_trace, replay
+from lmdeploy_hostcache.planner.traces import Request, Trace
+
+
+def _trace(reqs, bs=4):
+    return Trace("t", bs, [Request(t, n, out, tuple(ids), i) for i, (t, n, out, ids) in enumerate(reqs)])
+
+
+def _schedule(reqs, gpu=100, host=0, engine=EngineSteps(4, 2, 1000)):
+    cache = SteppedTwoTierCache(gpu, host, "lru", 4, Lifetimes(1.0), engine=engine, record=True)
+    served = [cache.serve_at(p) for p in prepare_trace(_trace(reqs))]
+    return cache, served, cache.finish()
+
+
+def test_engine_settings_are_validated_and_the_cli_defaults_match():
+    with pytest.raises(ValueError, match="prefill_interval must be an int >= 1"):
+        EngineSteps(prefill_interval=0)
+    e = EngineSteps()
+    assert (e.max_batches, e.prefill_interval, e.max_prefill_tokens) == planner_cli._STEP_DEFAULTS
+    assert e.as_dict() == {"max_batches": 128, "prefill_interval": 16, "max_prefill_tokens": 8192}
+
+
+def test_prefill_steps_follow_the_interval_and_the_half_batch_rule():
+    # max_batches 4, prefill_interval 2. A and B arrive in the same step of an idle engine: one prefill
+    # step at 1 (the next step's forward is dispatched at once, in the same slot). C arrives while two
+    # run (not fewer than max_batches / 2): it waits for 2 decode steps (1, 2) and prefills at 3. D
+    # arrives at 3.5 with three running: decode steps 4 and 5, prefill at 6.
+    cache, _, st = _schedule([(0.5, 8, 10, [1, 2]), (0.6, 8, 10, [3, 4]), (2.5, 8, 10, [5, 6]),
+                              (3.5, 8, 10, [7, 8])])
+    assert cache.schedule == [(1, "prefill", 0), (1, "prefill", 1), (3, "prefill", 2), (6, "prefill", 3)]
+    assert st.prefill_steps == 3 and st.max_running == 4
+    assert st.queued_requests == 1 and st.queue_delay_s == pytest.approx(2.0)    # D: steps 4 and 5
+    # R runs; A and B (80 tokens each) arrive together: one prefill step (5) within a 1000-token budget;
+    # with a 100-token budget B cannot join it and, two running, waits for 2 decode steps (6, 7)
+    reqs = [(0.5, 8, 30, [1, 2]), (4.5, 80, 10, [3, 4]), (4.6, 80, 10, [5, 6])]
+    cache, _, _ = _schedule(reqs)
+    assert cache.schedule == [(1, "prefill", 0), (5, "prefill", 1), (5, "prefill", 2)]
+    cache, _, _ = _schedule(reqs, engine=EngineSteps(4, 2, 100))
+    assert cache.schedule == [(1, "prefill", 0), (5, "prefill", 1), (8, "prefill", 2)]
+
+
+def test_a_host_load_waits_two_steps_and_later_arrivals_go_first():
+    # A and B fill a 5-block GPU tier in turn: A's blocks go to the host. C repeats A's prefix: block 1
+    # is still on the GPU, blocks 2 and 3 are on the host, so C's load starts at step 21 and it prefills
+    # two steps later (23). D arrives meanwhile and prefills first (22).
+    cache, served, st = _schedule([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
+                                   (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 5, 1, [50, 51])], gpu=5, host=8)
+    assert served[2] == (1, 2)
+    assert cache.schedule[2:] == [(21, "load", 2), (22, "prefill", 3), (23, "prefill", 2)]
+    assert st.load_waits == 1 and st.host_hit_blocks == 2
+
+
+def test_a_request_does_not_start_before_the_blocks_it_needs_are_free():
+    # 8 GPU blocks. A holds its 4 prompt blocks and grows to 7 while it decodes 10 tokens; B needs 5
+    # (its prompt plus prefill_interval preallocated tokens) and waits until A's end is seen. A prefills
+    # in step 1 with its first decode in the same slot (idle engine), decode steps 1..9 give tokens
+    # 2..10, the engine schedules step 10 before it sees the end, so B prefills at 11.
+    cache, _, st = _schedule([(0.5, 16, 10, [1, 2, 3, 4]), (1.5, 16, 1, [5, 6, 7, 8])], gpu=8)
+    assert cache.schedule == [(1, "prefill", 0), (11, "prefill", 1)]
+    assert st.queued_requests == 1
+
+
+def test_without_evictions_the_gpu_hits_are_the_sequential_ones_and_the_state_is_balanced():
+    reqs = [(0.7 * i, 4 * (2 + i % 3) + 1, 1 + i % 4, list(range(100 * (i % 5), 100 * (i % 5) + 3 + i % 3)))
+            for i in range(40)]
+    pr = prepare_trace(_trace(reqs))
+    seq = replay(pr, 10_000, 0, "lru", 4)
+    stepped = replay_stepped(pr, 10_000, 0, "lru", 4, Lifetimes(1.0), EngineSteps(4, 3, 64))
+    assert stepped.gpu_hit_blocks == seq.gpu_hit_blocks > 0 and stepped.requests == 40
+    cache = SteppedTwoTierCache(14, 6, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 3, 64))
+    for p in pr:
+        cache.serve_at(p)
+    st = cache.finish()
+    assert st.requests == 40 and st.prefill_steps > 0 and st.decode_steps > 0
+    assert not cache._pins and cache._held_now == 0 and not cache._running and not cache._loaded
+    assert cache.gpu.allocator.num_used == len(cache.gpu)
+    assert not any(cache.gpu.allocator.pins(s) for s in range(14))
+    cache.host.check_invariants()
+
+
+def test_plan_engine_steps_reports_the_step_model(capsys):
+    assert main(["plan", "--quiet", "--limit", "300", "--gpu-blocks", "40", "--host-blocks", "200",
+                 "--decode-tokens-per-s", "25", "--engine-steps", "--max-batches", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    w = out["with_concurrency"]
+    assert w["engine_steps"] == {"max_batches": 8, "prefill_interval": 16, "max_prefill_tokens": 8192}
+    assert w["requests"] == 300 and w["prefill_steps"] > 0 and w["decode_steps"] > 0
+    assert main(["plan", "--quiet", "--limit", "300", "--gpu-blocks", "40", "--host-blocks", "200",
+                 "--engine-steps"]) == 0
+    text = capsys.readouterr().out
+    assert "LMDeploy step model: max_batches 128, prefill_interval 16" in text
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-batches", "8"], "--max-batches set the step model: add --engine-steps"),
+    (["--engine-steps", "--no-concurrency"], "--engine-steps is a concurrency replay"),
+    (["--engine-steps", "--sweep"], "--engine-steps applies to a single run"),
+])
+def test_step_options_without_the_step_model_are_refused(capsys, argv, message):
+    assert main(["plan", "--quiet", "--limit", "50", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
