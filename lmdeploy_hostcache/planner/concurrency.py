@@ -37,9 +37,10 @@ prefix than its size.  ``ConcurrentTwoTierCache`` models this:
 
 Invariants: pins are balanced (every pin taken at serve is released at that request's end or at
 ``finish``); a held slot is never owned by a block; a request whose hold cannot be met (every GPU
-block pinned) is counted in ``held_short_blocks`` and runs with what it got.  Not modelled: the
-engine's admission queue (a request that does not fit waits instead of running short), chunked
-prefill, preemption, batch-size limits.
+block pinned) is counted in ``held_short_blocks`` and runs with what it got.  Not modelled here:
+the engine's step clock and admission rules (prefill and decode steps, batch and token limits:
+``engine_steps.SteppedTwoTierCache`` replaces the clock, ``plan --engine-steps``), chunked
+prefill, preemption.
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ engine iterations (the capture clock is the driver's iteration, the decode rate 
 iteration, prefill instant).  LMDeploy stamps block access times with ``int(time.perf_counter())``,
 so a run that lasts a second has all-equal LRU times and evicts in node-address order; the test gives
 its block manager a counter clock, so its LRU order is exact, as it is on a server whose requests span
-many seconds.  Remaining differences (docs/planner.md "Concurrency"): the engine's batch and prefill
-limits and its one-step wait for host loads are not modelled.
+many seconds.  The step model (``plan --engine-steps``) is compared the same way, with the harness
+engine's admission settings.  Remaining differences and the tuning/held-out split: docs/planner.md
+"Validated against the engine".
 """
 from __future__ import annotations
 
