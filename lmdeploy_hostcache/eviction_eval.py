@@ -20,6 +20,15 @@ prefix), so every id has one digest.
 
 Belady (offline optimal) needs each block's future: ``belady_for(chains)`` builds it from the
 same chains the replay will see; ``replay`` advances its clock once per request.
+
+**Queue lookahead** (``replay(..., lookahead=True)``, a model of the waiting queue, not a policy):
+when request ``i`` is served, the requests ``j > i`` with ``arrivals[j] <= arrivals[i]`` have
+already arrived and wait.  Before request ``i`` is looked up, every waiting request's
+host-resident prefix is held (``HostIndex.hold``: pinned, so no eviction takes it), extended as
+it grows, and released just before that request is served.  Only arrival times already
+reached are read, never a later request; a store that finds every slot pinned is refused, as in
+serving.  Belady is never run with holds: holds only restrict which victims may be chosen, so
+plain Belady stays an upper bound for every policy with or without lookahead.
 """
 from __future__ import annotations
 
@@ -37,12 +46,14 @@ EVAL_NAMESPACE = Namespace(model="eviction-eval", block_size=1, kv_format="trace
 @dataclass(frozen=True)
 class BlockChains:
     """A trace reduced to what replay needs: per request, its full blocks' digests and bytes,
-    plus the number of prompt blocks (the hit-rate denominator)."""
+    plus the number of prompt blocks (the hit-rate denominator) and, when the trace has them,
+    arrival times in seconds (non-decreasing; empty when unknown: no lookahead replay)."""
 
     name: str
     digests: list[tuple[int, ...]]
     tokens: list[tuple[bytes, ...]]
     prompt_blocks: list[int]
+    arrivals: tuple[float, ...] = ()
 
     def __len__(self) -> int:
         return len(self.digests)
@@ -54,15 +65,26 @@ class BlockChains:
 
 def chains_from_ids(name: str, id_chains: Iterable[Sequence[int]],
                     prompt_blocks: Iterable[int] | None = None,
-                    namespace: Namespace = EVAL_NAMESPACE) -> BlockChains:
-    """Digest chains from chained block-id lists (``prompt_blocks`` defaults to chain length).
+                    namespace: Namespace = EVAL_NAMESPACE,
+                    arrivals: Iterable[float] | None = None) -> BlockChains:
+    """Digest chains from chained block-id lists (``prompt_blocks`` defaults to chain length;
+    ``arrivals``, optional, are the requests' arrival times in seconds).
 
-    Raises ValueError when an id reappears under a different parent (the ids are not chained)
-    or when a prompt has fewer blocks than its chain."""
+    Raises ValueError when an id reappears under a different parent (the ids are not chained),
+    when a prompt has fewer blocks than its chain, or when ``arrivals`` has the wrong length or
+    goes back in time."""
     id_chains = [tuple(c) for c in id_chains]
     pbs = [len(c) for c in id_chains] if prompt_blocks is None else list(prompt_blocks)
     if len(pbs) != len(id_chains):
         raise ValueError(f"prompt_blocks has {len(pbs)} entries for {len(id_chains)} chains")
+    arr = () if arrivals is None else tuple(float(t) for t in arrivals)
+    if arrivals is not None:
+        if len(arr) != len(id_chains):
+            raise ValueError(f"arrivals has {len(arr)} entries for {len(id_chains)} chains")
+        for r in range(1, len(arr)):
+            if not arr[r] >= arr[r - 1]:
+                raise ValueError(f"arrivals: request {r} arrives at {arr[r]}, before request {r - 1} "
+                                 f"({arr[r - 1]}); requests must be in arrival order")
     enc: dict[int, bytes] = {}
     dig: dict[int, int] = {}
     parent_of: dict[int, int | None] = {}
@@ -100,15 +122,16 @@ def chains_from_ids(name: str, id_chains: Iterable[Sequence[int]],
                 prev = h
         digests.append(tuple(dig[h] for h in chain))
         tokens.append(tuple(enc[h] for h in chain))
-    return BlockChains(name, digests, tokens, pbs)
+    return BlockChains(name, digests, tokens, pbs, arr)
 
 
 def chains_from_trace(trace) -> BlockChains:
-    """``BlockChains`` of a ``planner.traces.Trace`` (full blocks stored, all prompt blocks counted)."""
+    """``BlockChains`` of a ``planner.traces.Trace`` (full blocks stored, all prompt blocks
+    counted, arrival times kept)."""
     bs = trace.block_size
     reqs = trace.requests
     return chains_from_ids(trace.name, (r.hash_ids[:r.full_blocks(bs)] for r in reqs),
-                           (r.prompt_blocks(bs) for r in reqs))
+                           (r.prompt_blocks(bs) for r in reqs), arrivals=(r.timestamp for r in reqs))
 
 
 def load_mooncake(path: str) -> BlockChains:
@@ -136,7 +159,8 @@ def footprint(chains: BlockChains) -> int:
 
 def head(chains: BlockChains, n: int) -> BlockChains:
     """The first ``n`` requests."""
-    return BlockChains(chains.name, chains.digests[:n], chains.tokens[:n], chains.prompt_blocks[:n])
+    return BlockChains(chains.name, chains.digests[:n], chains.tokens[:n], chains.prompt_blocks[:n],
+                       chains.arrivals[:n])
 
 
 def belady_for(chains: BlockChains) -> BeladyPolicy:
@@ -183,12 +207,21 @@ def make_eval_policy(name: str, chains: BlockChains) -> EvictionPolicy:
 
 
 def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "lru",
-           check_every: int = 0, progress: Callable[[int], None] | None = None) -> ReplayResult:
+           check_every: int = 0, progress: Callable[[int], None] | None = None,
+           lookahead: bool = False) -> ReplayResult:
     """Replay ``chains`` through a ``HostIndex`` of ``capacity`` slots; see the module docstring.
 
-    ``check_every`` > 0 runs ``check_invariants`` every that many requests (slow; for tests)."""
+    ``check_every`` > 0 runs ``check_invariants`` every that many requests (slow; for tests).
+    ``lookahead`` holds the waiting requests' host prefixes (module docstring; needs
+    ``chains.arrivals``); ``stats['held_max']`` is then the most blocks held at once, and the
+    index's lookup counters in ``stats`` include the lookahead's own lookups."""
     if not isinstance(capacity, int) or capacity < 0:
         raise ValueError(f"capacity must be an int >= 0 blocks, got {capacity!r}")
+    if lookahead and len(chains.arrivals) != len(chains):
+        raise ValueError(f"lookahead needs arrivals: {chains.name} has {len(chains.arrivals)} arrival "
+                         f"times for {len(chains)} requests")
+    if lookahead and isinstance(policy, str) and policy == "belady":
+        raise ValueError("lookahead with belady: holds only restrict the optimum; replay belady without them")
     if isinstance(policy, str):
         pol = make_eval_policy(policy, chains)
     else:
@@ -199,10 +232,30 @@ def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "l
     prepare, complete = idx.prepare_store, idx.complete_store
     clock = getattr(pol, "advance", None)
     hits = 0
+    all_ds, all_bs, arrivals = chains.digests, chains.tokens, chains.arrivals
+    n_req = len(all_ds)
+    held: dict[int, int] = {}   # waiting request -> how many of its leading blocks are held
+    arrived = 0                 # requests [0, arrived) have arrived
+    held_max = 0
     t0 = time.perf_counter()
-    for r, (ds, bs) in enumerate(zip(chains.digests, chains.tokens)):
+    for r, (ds, bs) in enumerate(zip(all_ds, all_bs)):
         if clock is not None:
             clock(r)
+        if lookahead:
+            k = held.pop(r, 0)
+            if k:
+                idx.release(ds[:k])
+            arrived = max(arrived, r + 1)
+            now = arrivals[r]
+            while arrived < n_req and arrivals[arrived] <= now:
+                held[arrived] = 0
+                arrived += 1
+            for j, k in held.items():  # hold each waiting request's resident prefix, as it grows
+                m = lookup(all_ds[j], all_bs[j])
+                if m > k:
+                    idx.hold(all_ds[j][k:m])
+                    held[j] = m
+            held_max = max(held_max, sum(held.values()))
         n = lookup(ds, bs)
         if n:
             hits += n
@@ -220,8 +273,11 @@ def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "l
             idx.check_invariants()
     secs = time.perf_counter() - t0
     st = idx.stats
+    stats = st.as_dict()
+    if lookahead:
+        stats["held_max"] = held_max
     return ReplayResult(getattr(pol, "name", type(pol).__name__), capacity, len(chains),
-                        chains.total_prompt_blocks, hits, st.inserts, st.evictions, secs, st.as_dict())
+                        chains.total_prompt_blocks, hits, st.inserts, st.evictions, secs, stats)
 
 
 def belady_share(lru: float, policy: float, belady: float) -> float | None:

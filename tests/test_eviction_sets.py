@@ -105,3 +105,23 @@ def test_summary_math_leaves_tiny_gaps_out_of_the_mean_only():
     assert s["mean_gap_share"] == pytest.approx(0.25)           # the 0.001 gap is left out of the mean
     assert s["pooled_gap_share"] == pytest.approx((0.05 - 0.002) / (0.2 + MIN_GAP / 5), abs=1e-4)
     assert s["min_delta_vs_lru"] == pytest.approx(-0.002) and s["min_delta_capacity"] == 20
+
+
+def test_bench_lookahead_rows(capsys):
+    # The chat generator's arrival times are all distinct (no request ever waits), so its
+    # lookahead rows equal the plain rows; the conversation slice's 3-second ticks hold blocks.
+    if not CONV.exists():
+        pytest.skip("../shared/traces is not present")
+    rc, out, err = _run(capsys, "--limit", "200", "--fractions", "0.05", "--policies", "lru", "arc",
+                        "--lookahead", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)["results"]
+    by = {(r["trace"], r["policy"]): r for r in rows}
+    assert {p for _, p in by} == {"lru", "arc", "lru+lookahead", "arc+lookahead", "belady"}
+    for p in ("lru", "arc"):
+        plain, ahead = by[("chat generator", p)], by[("chat generator", p + "+lookahead")]
+        assert ahead["hit_blocks"] == plain["hit_blocks"] and ahead["held_max_blocks"] == 0
+        assert "held_max_blocks" not in plain
+        assert by[("conversation_trace.jsonl", p + "+lookahead")]["held_max_blocks"] > 0
+    for (trace, p), r in by.items():
+        assert r["hit_rate"] <= by[(trace, "belady")]["hit_rate"] + 1e-12, (trace, p)

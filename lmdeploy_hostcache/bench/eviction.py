@@ -16,6 +16,12 @@ Without ``--trace`` it replays two sets, kept apart on purpose (docs/eviction.md
 Capacities default to fractions of each trace's footprint (its distinct full blocks), so traces
 of different sizes and block sizes are compared at the same relative cache size; ``--capacities``
 gives absolute block counts instead (in the trace's own block size).
+
+``--lookahead`` adds, for every servable policy asked for, a row ``<policy>+lookahead``: the same
+policy replayed with the waiting requests' host prefixes held (``eviction_eval`` module
+docstring: requests that arrived no later than the one being served).  Its gap share is still
+measured from plain LRU to plain Belady, so the lookahead's own gain is the difference between
+the two rows of one policy.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ SETS = ("tuning", "heldout")
 # A capacity whose LRU -> Belady gap is below this (hit-rate units) is left out of the *mean*
 # share: a 0.0005 gap turns a 0.2-point loss into a share of -400.  The pooled share keeps it.
 MIN_GAP = 0.005
+LOOKAHEAD_SUFFIX = "+lookahead"
 
 
 def default_traces() -> list[Path]:
@@ -81,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"the default when --capacities is not given: {' '.join(map(str, DEFAULT_FRACTIONS))}")
     p.add_argument("--policies", nargs="+", metavar="NAME", default=None,
                    help="policies to replay (default: every servable policy, plus belady, the offline bound)")
+    p.add_argument("--lookahead", action="store_true",
+                   help="also replay every servable policy with queue lookahead (rows '<policy>+lookahead': "
+                        "the host prefixes of requests that have arrived but wait are held until served)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N requests")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", metavar="PNG", help="write capacity-vs-hit-rate curves to this PNG (needs matplotlib)")
@@ -140,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --capacities or --fractions, not both", file=sys.stderr)
         return 2
     wanted = _check_policies(args.policies or [*POLICIES, *OFFLINE_ONLY])
+    if getattr(args, "lookahead", False):  # belady is never held: it stays the bound of both rows
+        wanted += [n + LOOKAHEAD_SUFFIX for n in wanted if n not in OFFLINE_ONLY]
     runs = list(dict.fromkeys(["lru", *wanted, "belady"]))  # lru and belady anchor the gap share
     sources = _sources(args)
     fractions = None if args.capacities else sorted(set(args.fractions or DEFAULT_FRACTIONS))
@@ -169,17 +181,20 @@ def run(args: argparse.Namespace) -> int:
             row = {}
             for name in runs:
                 bar.set_description(f"{label[:12]} {cap} {name}")
-                row[name] = replay(chains, cap, name)
+                base = name.removesuffix(LOOKAHEAD_SUFFIX)
+                row[name] = replay(chains, cap, base, lookahead=base != name)
                 bar.update(1)
             lru, bel = row["lru"].hit_rate, row["belady"].hit_rate
             for name in runs:
                 r = row[name]
                 d = r.as_dict()
-                d.update(trace=label, set=set_name, footprint_blocks=fp, fraction=frac,
+                d.update(policy=name, trace=label, set=set_name, footprint_blocks=fp, fraction=frac,
                          load_seconds=round(load_s, 3),
                          gap_share=belady_share(lru, r.hit_rate, bel),
                          delta_vs_lru=round(r.hit_rate - lru, 6),
                          shown=name in wanted)
+                if "held_max" in r.stats:  # lookahead rows: the most blocks held at once, stores refused
+                    d.update(held_max_blocks=r.stats["held_max"], stores_refused=r.stats["store_rejected"])
                 results.append(d)
     bar.close()
     elapsed = time.perf_counter() - t_all
@@ -274,10 +289,11 @@ def _print_tables(results: list[dict], wanted: list[str]) -> None:
 def _print_summary(summary: list[dict]) -> None:
     print(f"\nper policy and trace (mean gap share over the capacities whose gap is >= {MIN_GAP}; pooled: "
           "sum of wins / sum of gaps over every capacity; min vs lru: the worst hit-rate difference, in points):")
+    width = max([8, *(len(r["policy"]) for r in summary)])
     for r in summary:
         mean = "n/a" if r["mean_gap_share"] is None else f"{r['mean_gap_share']:+.3f}"
         pooled = "n/a" if r["pooled_gap_share"] is None else f"{r['pooled_gap_share']:+.3f}"
-        print(f"  {r['policy']:>8} [{r['set']:>7}] {r['trace']:<28} mean gap share {mean:>6}; pooled {pooled:>6}; "
+        print(f"  {r['policy']:>{width}} [{r['set']:>7}] {r['trace']:<28} mean gap share {mean:>6}; pooled {pooled:>6}; "
               f"min vs lru {r['min_delta_vs_lru'] * 100:+.2f} pts (@ {r['min_delta_capacity']})")
 
 
