@@ -662,8 +662,8 @@ class HostTierScheduler:
         req = int(request.seq_id)
         if self.feed is not None:  # publish the finished request's trie path (cache_state_feed.py)
             self.feed.on_request_finished(request)
-        if self.capture is not None:  # one trace record per request (trace_capture.py)
-            self.capture.on_request_finished(request)
+        if self.capture is not None:  # one trace record per request, reusing the chain's digests (trace_capture.py)
+            self.capture.on_request_finished(request, self._chains.get(req))
         self._forget(request)
         load = self._pending_loads.pop(req, None)
         if load is not None:
