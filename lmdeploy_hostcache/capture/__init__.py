@@ -7,7 +7,7 @@ appends lines to a size-rotated file and never raises into serving.  The LMDeplo
 traffic" says what a capture reveals and what it does not.
 """
 from .keys import CAPTURE_KEY_ENV, CaptureKey
-from .record import capture_record
+from .record import capture_line, capture_record
 from .writer import RotatingWriter
 
-__all__ = ["CAPTURE_KEY_ENV", "CaptureKey", "capture_record", "RotatingWriter"]
+__all__ = ["CAPTURE_KEY_ENV", "CaptureKey", "capture_line", "capture_record", "RotatingWriter"]

@@ -13,12 +13,14 @@ Invariants:
 * ``K`` is never written anywhere; records carry only ``fingerprint`` (a keyed hash of a fixed
   label, 8 hex digits), which says whether two files share a key and nothing about ``K``.
 
-Cost (the ids are derived on LMDeploy's scheduler thread): ``block_ids`` keeps the ids it derived in
-a bounded in-memory map (digest -> id, at most ``MEMO_ENTRIES``, emptied when full), so a block shared
-by many requests (a system prompt, a conversation's history) is keyed once, not once per request;
-the keyed hasher is set up once per key and copied per digest.  Both give the same ids as the
+Cost (the ids are derived on LMDeploy's scheduler thread): ``block_id_texts`` keeps the ids it derived
+in a bounded in-memory map (digest -> the id's decimal text, what a record writes; at most
+``MEMO_ENTRIES``, emptied when full), so a block shared by many requests (a system prompt, a
+conversation's history) is keyed and formatted once, not once per request; the keyed hasher is set up
+once per key and copied per digest.  ``block_ids`` is the same ids as ints.  Both give the ids of the
 formula above (``tests/capture/test_capture.py``); the map lives in process memory only and holds
-nothing the host tier does not already hold (digests).  ``derived`` counts the keyed hashes run.
+nothing the host tier does not already hold (digests) beyond the ids a capture writes anyway.
+``derived`` counts the keyed hashes run.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ CAPTURE_KEY_ENV = "LMDEPLOY_HOSTCACHE_CAPTURE_KEY"
 KEY_BYTES = 16
 _ID_MASK = (1 << 63) - 1
 _FINGERPRINT_LABEL = b"lmdeploy-hostcache capture key fingerprint v1"
-MEMO_ENTRIES = 1 << 15      # about 4 MB of ints at most
+MEMO_ENTRIES = 1 << 15      # about 5 MB of digests and id texts at most
 
 
 class CaptureKey:
@@ -43,8 +45,8 @@ class CaptureKey:
             raise ValueError(f"a capture key is {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits)")
         self._key = key
         self._keyed = hashlib.blake2b(key=key, digest_size=8)   # copied per digest: the key block once
-        self._memo: dict[int, int] = {}
-        self.derived = 0            # keyed hashes run by block_ids (memo misses)
+        self._memo: dict[int, str] = {}     # digest -> decimal text of its id
+        self.derived = 0            # keyed hashes run by block_id_texts (memo misses)
         self.fingerprint = hashlib.blake2b(_FINGERPRINT_LABEL, key=key, digest_size=4).hexdigest()
 
     @classmethod
@@ -78,23 +80,24 @@ class CaptureKey:
 
     def block_ids(self, digests) -> list[int]:
         """``[block_id(d) for d in digests]``, each distinct digest keyed once while the memo holds it."""
+        return list(map(int, self.block_id_texts(digests)))
+
+    def block_id_texts(self, digests) -> list[str]:
+        """``[str(block_id(d)) for d in digests]`` (what a record writes), each distinct digest keyed
+        and formatted once while the memo holds it."""
         memo = self._memo
+        if len(memo) + len(digests) > MEMO_ENTRIES:
+            memo.clear()
         get = memo.get
-        out = [get(d) for d in digests]
-        if None in out:
-            keyed = self._keyed
-            if len(memo) + len(out) > MEMO_ENTRIES:
-                memo.clear()
-            for i, x in enumerate(out):
-                if x is None:
-                    d = digests[i]
-                    x = memo.get(d)
-                    if x is None:
-                        h = keyed.copy()
-                        h.update(d.to_bytes(16, "little"))
-                        x = memo[d] = int.from_bytes(h.digest(), "little") & _ID_MASK
-                        self.derived += 1
-                    out[i] = x
+        out = []
+        for d in digests:
+            x = get(d)
+            if x is None:
+                h = self._keyed.copy()
+                h.update(d.to_bytes(16, "little"))
+                x = memo[d] = str(int.from_bytes(h.digest(), "little") & _ID_MASK)
+                self.derived += 1
+            out.append(x)
         return out
 
     def session_id(self, value) -> str:

@@ -8,29 +8,39 @@ key is ever a field; ``len(hash_ids) == input_length // block_size``.
 
 The line is formatted directly (no dict, no ``json.dumps`` of the whole record: it runs on LMDeploy's
 scheduler thread); it is the same JSON ``json.dumps(..., separators=(",", ":"))`` writes, field for
-field (``tests/capture/test_capture.py``).
+field (``tests/capture/test_capture.py``).  ``capture_line`` is the same line from the ids' decimal texts
+(trace capture keeps those, so an id shared by many requests is formatted once); ``capture_record`` calls it.
 """
 from __future__ import annotations
 
 import json
 from typing import Sequence
 
+__all__ = ["capture_line", "capture_record", "json_string"]
+
 
 def capture_record(*, arrival_s: float, input_length: int, output_length: int, block_ids: Sequence[int],
                    block_size: int, fingerprint: str, session: str | None = None) -> str:
     """The JSON line (with its newline) of one request."""
+    return capture_line(arrival_s, input_length, output_length, ",".join(map(str, map(int, block_ids))),
+                        len(block_ids), block_size, fingerprint, session)
+
+
+def capture_line(arrival_s: float, input_length: int, output_length: int, hash_ids_text: str, num_ids: int,
+                 block_size: int, fingerprint: str, session: str | None = None) -> str:
+    """``capture_record``'s line from the ids already written out: ``hash_ids_text`` is the ``num_ids`` block
+    ids in decimal, comma-separated (trace capture keeps the ids' texts; ``keys.CaptureKey.block_id_texts``)."""
     if block_size <= 0 or input_length < 0 or output_length < 0:
         raise ValueError(f"bad capture record: block_size {block_size}, input {input_length}, output {output_length}")
-    if len(block_ids) != input_length // block_size:
-        raise ValueError(f"bad capture record: {len(block_ids)} block ids for {input_length} tokens "
+    if num_ids != input_length // block_size:
+        raise ValueError(f"bad capture record: {num_ids} block ids for {input_length} tokens "
                          f"of {block_size}-token blocks")
     timestamp = round(float(arrival_s) * 1000.0, 3)
     if timestamp != timestamp or timestamp in (_INF, -_INF):
         raise ValueError(f"bad capture record: arrival {arrival_s}")
     tail = "}\n" if session is None else f',"session":{json_string(session)}}}\n'
     return (f'{{"timestamp":{timestamp!r},"input_length":{int(input_length)},"output_length":{int(output_length)},'
-            f'"hash_ids":[{",".join(map(str, map(int, block_ids)))}],"block_size":{int(block_size)},'
-            f'"capture":{json_string(fingerprint)}{tail}')
+            f'"hash_ids":[{hash_ids_text}],"block_size":{int(block_size)},"capture":{json_string(fingerprint)}{tail}')
 
 
 _INF = float("inf")

@@ -3,7 +3,7 @@
 ``RotatingWriter(path, max_bytes)`` appends whole lines on an ``O_APPEND`` descriptor, opened by
 ``open()`` (trace capture opens it when the engine starts) or at the first write: ``write(line)``
 one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes to (``writes`` counts
-the ``os.write`` calls).  When a line would take the file past ``max_bytes`` the file is closed and renamed
+the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line would take the file past ``max_bytes`` the file is closed and renamed
 ``<stem>.<n>.jsonl`` (``n`` = 1, 2, ... , the first free one) and a new ``path`` is started, so every
 file ``plan`` reads holds whole records.  A non-empty ``path`` found when the file is first opened (an earlier
 capture, made with another key) is set aside the same way, never appended to.  Invariants: ``open``
@@ -89,13 +89,16 @@ class RotatingWriter:
     def write_lines(self, lines) -> int:
         """Append whole record lines, one ``os.write`` per file they go to; how many were written
         (nothing raised: after a failure the lines not yet written are counted in ``dropped``)."""
-        if self.failed:
+        if self.failed or not lines:
             self.dropped += len(lines)
             return 0
         done = 0
         try:
             if self._fd is None:
                 self._open_first()
+            data = "".join(lines).encode("utf-8")
+            if self._size + len(data) <= self.max_bytes or not self._size and len(lines) == 1:
+                return self._append([data], len(data), len(lines))    # the common case: no rotation
             chunk: list[bytes] = []
             chunk_bytes = 0
             for line in lines:
@@ -115,8 +118,9 @@ class RotatingWriter:
             self._stop(exc)
             return done
 
-    def _append(self, chunk: list[bytes], nbytes: int) -> int:
-        """One ``os.write`` of whole lines; a short write is taken back and raised."""
+    def _append(self, chunk: list[bytes], nbytes: int, lines: int = 0) -> int:
+        """One ``os.write`` of whole lines (``lines`` of them, else one per chunk item); a short write is
+        taken back and raised."""
         data = chunk[0] if len(chunk) == 1 else b"".join(chunk)
         self.writes += 1
         n = os.write(self._fd, data)
@@ -127,8 +131,9 @@ class RotatingWriter:
                 pass
             raise OSError(f"short write ({n} of {nbytes} bytes; disk full?)")
         self._size += n
-        self.written += len(chunk)
-        return len(chunk)
+        lines = lines or len(chunk)
+        self.written += lines
+        return lines
 
     def _close(self) -> None:
         if self._fd is not None:

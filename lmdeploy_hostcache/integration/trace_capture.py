@@ -1,31 +1,39 @@
 """LMDeploy glue of trace capture: one record per finished request, from the scheduler role.
 
 ``HostTierScheduler`` calls ``on_new_request(seq)`` (LMDeploy registered a sequence) and
-``on_request_finished(seq)`` (LMDeploy ended it, finished or aborted) when ``capture`` is set.
+``on_request_finished(seq, chain)`` (LMDeploy ended it, finished or aborted; ``chain``: the host
+tier's digest chain of the request, or None) when ``capture`` is set.
 At the end the record is built from what the sequence holds: the prompt is
 ``seq.all_ids[:seq.input_end_pos]``, the output length ``seq.num_all_ids - seq.input_end_pos``,
 the block ids the capture key's ids of the prompt's full-block digests (the same chained digests
 the host tier uses, in the request's namespace: model, block size, KV format, tenant salt,
-adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's reading at ``on_new_request`` (wall-clock seconds
-by default; a test may pass another clock).
+adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
+reading at ``on_new_request`` (wall-clock seconds by default; a test may pass another clock).
 
 Everything runs on the scheduler's thread, inside LMDeploy's ``end_session`` (``seconds`` sums that
 time, flushes included): a capture thread was tried and measured worse, because its hashing competes
 for the GIL with the scheduler (docs/planner.md "Capturing your own traffic").  The file is opened
-when the engine starts (``open_seconds``; an unwritable path shows then).  The hook only copies what
-the record needs out of the sequence (``snapshot``: no hashing) and queues it; every
-``FLUSH_RECORDS`` queued requests, or at the first request end ``FLUSH_SECONDS`` after the oldest
-queued one, or at ``close``/interpreter exit, the queue is encoded (``encode_many``: chained
-digests, keyed ids, JSON lines) and written with one ``os.write``: one warm pass over a batch costs
-far less than a cold pass per request.  A process killed without ``close`` loses the records still
-queued (at most ``FLUSH_RECORDS - 1``).  A prompt that continues one captured earlier with the same
-first block (the next turn of a conversation; the latest of ``RECENT_PROMPTS`` such prompts is
-remembered, with an xxh3 of its token bytes to check the continuation) takes that prompt's digests
-and ids, so a turn costs its new blocks, not its whole history.  Counters: ``records`` (hook calls),
-``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each full prompt block is
-hashed at most once per request), ``flushes`` (``flushes_by_age`` of them by ``FLUSH_SECONDS``);
-``key.derived`` counts keyed hashes (``capture/keys.py``).  The remembered prompts and the key's id
-memo live in process memory only (digests, ids and an xxh3 of tokens; never written).
+and the base model's chain root computed when the engine starts (``open_seconds``; an unwritable path
+shows then).  The hook only takes what the record needs from the sequence (``snapshot``: no hashing,
+no copy: a view of the prompt's full-block token ids, which LMDeploy never writes again once it ends
+the sequence; it drops it) and the host tier's digest chain of the request (``connector._RequestChain``,
+a reference the connector drops right after) and queues them; every ``FLUSH_RECORDS`` queued
+requests, or at the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at
+``close``/interpreter exit, the queue is encoded (``encode_many``: chained digests, keyed ids, JSON
+lines) and written with one ``os.write``: one warm pass over a batch costs far less than a cold pass
+per request.  A process killed without ``close`` loses the records still queued (at most
+``FLUSH_RECORDS - 1``).  Digests are computed only where nothing already holds them: a prompt that
+continues one captured earlier with the same first block (the next turn of a conversation; the latest
+of ``RECENT_PROMPTS`` such prompts is remembered, with an xxh3 of its token bytes to check the
+continuation) takes that prompt's digests and ids, so a turn costs its new blocks, not its whole
+history; the blocks the host tier's lookup hashed (from the request's GPU-matched prefix on) are taken
+from its chain where the chain's parent digest is the one computed here and its block bytes equal the
+prompt's (so the ids are those of the formula whatever the chain holds).  Counters: ``records`` (hook
+calls), ``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each full prompt block is
+hashed at most once per request), ``blocks_from_chain`` (of the skipped ones, taken from the host
+tier's chain), ``flushes`` (``flushes_by_age`` of them by ``FLUSH_SECONDS``); ``key.derived`` counts
+keyed hashes (``capture/keys.py``).  The remembered prompts and the key's id memo live in process
+memory only (digests, ids and an xxh3 of tokens; never written).
 
 Invariants: neither hook ever raises into LMDeploy (any error turns capture off for the engine,
 logged once: ``capture/writer.py`` for file errors, here for everything else); a sequence seen
@@ -44,7 +52,7 @@ from typing import Callable
 import numpy as np
 from xxhash import xxh3_128_intdigest as _xxh3_128
 
-from ..capture import CaptureKey, RotatingWriter, capture_record
+from ..capture import CaptureKey, RotatingWriter, capture_line
 from ..digest import TOKEN_DTYPE, block_digest, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
@@ -69,7 +77,7 @@ class TraceCapture:
         self._queue: list[tuple] = []     # snapshots not yet written
         self._queued_at = 0.0             # perf_counter when the oldest queued snapshot was taken
         self._roots: dict[tuple, tuple[int, int]] = {}    # (adapter, salt) -> (chain root, seed)
-        # first block's digest -> (bytes, xxh3 of its tokens, digests, ids) of the latest such prompt
+        # first block's digest -> (bytes, xxh3 of its tokens, blocks, last digest, ids' text) of the latest such prompt
         self._recent: dict[int, tuple] = {}
         self.flush_records = FLUSH_RECORDS
         self.flush_seconds = FLUSH_SECONDS
@@ -78,11 +86,13 @@ class TraceCapture:
         self.records = 0
         self.blocks_hashed = 0
         self.blocks_reused = 0
+        self.blocks_from_chain = 0  # of blocks_reused: digests taken from the host tier's chain of the request
         self.flushes = 0
         self.flushes_by_age = 0     # of which: the oldest queued record waited FLUSH_SECONDS
         atexit.register(_flush_at_exit, weakref.ref(self))
         logger.info("lmdeploy-hostcache: capturing request traces to %s (key fingerprint %s)", path,
                     self.key.fingerprint)
+        self._root(None, "")        # the base model's unsalted root, computed at engine start
         t0 = time.perf_counter()
         self.writer.open()          # at engine start, not in a request's step: a bad path shows now
         self.open_seconds = time.perf_counter() - t0
@@ -95,7 +105,9 @@ class TraceCapture:
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
 
-    def on_request_finished(self, seq) -> None:
+    def on_request_finished(self, seq, chain=None) -> None:
+        """``chain``: the host tier's digest chain of this request (``connector._RequestChain``), when
+        its lookup computed one; its digests are taken where they check out (``encode_many``)."""
         if self.failed or self.writer.failed:
             self._arrival.pop(int(getattr(seq, "seq_id", -1)), None)
             return
@@ -104,7 +116,7 @@ class TraceCapture:
         try:
             if not queue:
                 self._queued_at = t0
-            queue.append(self.snapshot(seq))
+            queue.append(self.snapshot(seq, chain))
             if len(queue) >= self.flush_records:
                 self._flush()
             elif t0 - self._queued_at >= self.flush_seconds:
@@ -131,77 +143,117 @@ class TraceCapture:
         self.flushes += 1
         self.writer.write_lines(self.encode_many(queue))
 
-    def record(self, seq) -> str:
+    def record(self, seq, chain=None) -> str:
         """The JSON line of a sequence LMDeploy is ending."""
-        return self.encode(self.snapshot(seq))
+        return self.encode(self.snapshot(seq, chain))
 
-    def snapshot(self, seq) -> tuple:
-        """What the record needs, copied out of the sequence (cheap: no hashing)."""
-        noted = self._arrival.pop(int(seq.seq_id), None)
-        start = int(seq.input_start_pos)
+    def snapshot(self, seq, chain=None) -> tuple:
+        """What the record needs, copied out of the sequence (cheap: no hashing), and the host tier's
+        chain (a reference: the connector drops it right after, nothing changes it any more)."""
+        noted = self._arrival.pop(seq.seq_id, None)
+        start = seq.input_start_pos
         if noted is not None and noted[0] == start:
             arrival = noted[1]
         else:  # a later turn of a session, or registered before capture began
             arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
         prompt_len = int(seq.input_end_pos)
-        full = prompt_len // self.block_size * self.block_size
-        return (arrival, prompt_len, max(0, int(seq.num_all_ids) - prompt_len),
-                seq.all_ids[:full].copy() if full else None, seq.adapter_name, sequence_salt(seq),
-                seq.session.session_id if start > 0 else None)
+        full = prompt_len - prompt_len % self.block_size
+        output_len = int(seq.num_all_ids) - prompt_len
+        return (arrival, prompt_len, output_len if output_len > 0 else 0,
+                seq.all_ids[:full] if full else None, seq.adapter_name, sequence_salt(seq),
+                seq.session.session_id if start > 0 else None, chain)
 
     def encode(self, snap: tuple) -> str:
         """The JSON line of a snapshot: chained digests, keyed ids, the record."""
         return self.encode_many((snap,))[0]
 
     def encode_many(self, snaps) -> list[str]:
-        """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest``
-        from the request's salted root, as ``ChainHasher`` computes it), inlined: the tokens of the
-        whole batch are range-checked and encoded by one numpy pass, then each full block costs one
-        xxh3 call (``digest.block_digest``); ``blocks_hashed`` counts them.  Each line is ``capture_record``'s."""
+        """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest`` from
+        the request's salted root, as ``ChainHasher`` computes it): the tokens of the whole batch are
+        range-checked and encoded by one numpy pass; a block's digest is then taken, in this order,
+        from the latest remembered prompt this one continues (same first block, the remembered bytes'
+        xxh3 equal), from the host tier's chain of the request (only where the chain's parent digest
+        is the one computed here, its seed is the request's and its block bytes equal the prompt's),
+        else computed (one ``block_digest`` call; ``blocks_hashed`` counts them).  Each line is
+        ``capture_line``'s, from the ids' texts (``CaptureKey.block_id_texts``)."""
         arrays = [snap[3] for snap in snaps if snap[3] is not None]
         data = encode_tokens(np.concatenate(arrays)) if arrays else b""
         bs = self.block_size
         step = bs * TOKEN_DTYPE.itemsize
-        roots, key, block_ids, recent = self._roots, self.key, self.key.block_ids, self._recent
+        roots, key, recent = self._roots, self.key, self._recent
+        id_texts, fingerprint = key.block_id_texts, key.fingerprint
         lines = []
-        offset = 0
-        for arrival, prompt_len, output_len, tokens, adapter_name, salt, session in snaps:
-            chain = roots.get((adapter_name, salt))
-            if chain is None:
-                if len(roots) >= 1024:   # many salts: keep the map small
-                    roots.clear()
-                namespace = self.namespaces.for_adapter(adapter_name)
-                # a salted request's chain starts at its salted root, as in the host tier: requests of
-                # two salts never share blocks in the engine, so their captured ids differ too
-                chain = roots[(adapter_name, salt)] = (salted_root(namespace, salt), namespace.seed)
-            parent, seed = chain
-            digests, ids = [], []
+        offset = total = hashed = from_chain = 0
+        for arrival, prompt_len, output_len, tokens, adapter_name, salt, session, chain in snaps:
+            text, blocks = "", 0
             if tokens is not None:
+                root = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
+                parent, seed = root
                 end = offset + len(tokens) * TOKEN_DTYPE.itemsize
-                if end - offset >= step:
+                blocks = (end - offset) // step
+                total += blocks
+                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb
+                cs = ce = 0
+                if chain is not None:
+                    h = chain.hasher
+                    ds = h.digests
+                    if ds and h.namespace.seed == seed:
+                        bb, cs = h.block_bytes, chain.start_block
+                        ce = min(cs + len(ds), blocks)
+                if cs == 0 < ce and h.parent == parent and bb[0] == data[offset:offset + step]:
+                    first = ds[0]
+                    from_chain += 1
+                else:
                     first = block_digest(parent, data[offset:offset + step], seed)
-                    seen = recent.get(first)
-                    if (seen is not None and seen[0] <= end - offset
-                            and _xxh3_128(data[offset:offset + seen[0]]) == seen[1]):
-                        digests, ids = seen[2][:], seen[3][:]   # this prompt continues that one
-                    else:
-                        digests = [first]
-                    known = len(digests)
-                    parent = digests[-1]
-                    for start in range(offset + known * step, end, step):
-                        parent = block_digest(parent, data[start:start + step], seed)
-                        digests.append(parent)
-                    self.blocks_hashed += 1 + len(digests) - known
-                    self.blocks_reused += known - 1
-                    ids += block_ids(digests[len(ids):])
-                    if len(recent) >= RECENT_PROMPTS:
-                        recent.clear()
-                    recent[first] = (end - offset, _xxh3_128(data[offset:end]), digests, ids)
+                    hashed += 1
+                seen = recent.get(first)
+                if (seen is not None and seen[0] <= end - offset
+                        and _xxh3_128(data[offset:offset + seen[0]]) == seen[1]):
+                    j, parent, text = seen[2], seen[3], seen[4]   # this prompt continues that one
+                    new = []
+                else:
+                    j, parent, new = 1, first, [first]
+                if j < ce:
+                    if j < cs:   # up to the chain's first block
+                        for at in range(offset + j * step, offset + cs * step, step):
+                            parent = block_digest(parent, data[at:at + step], seed)
+                            new.append(parent)
+                        hashed += cs - j
+                        j = cs
+                    if (parent == (ds[j - cs - 1] if j > cs else h.parent)
+                            and b"".join(bb[j - cs:ce - cs]) == data[offset + j * step:offset + ce * step]):
+                        new += ds[j - cs:ce - cs]
+                        parent = new[-1]
+                        from_chain += ce - j
+                        j = ce
+                if j < blocks:
+                    for at in range(offset + j * step, end, step):
+                        parent = block_digest(parent, data[at:at + step], seed)
+                        new.append(parent)
+                    hashed += blocks - j
+                if new:
+                    more = ",".join(id_texts(new))
+                    text = f"{text},{more}" if text else more
+                if len(recent) >= RECENT_PROMPTS:
+                    recent.clear()
+                recent[first] = (end - offset, _xxh3_128(data[offset:end]), blocks, parent, text)
                 offset = end
-            lines.append(capture_record(arrival_s=arrival, input_length=prompt_len, output_length=output_len,
-                                        block_ids=ids, block_size=bs, fingerprint=key.fingerprint,
-                                        session=None if session is None else key.session_id(session)))
+            lines.append(capture_line(arrival, prompt_len, output_len, text, blocks, bs, fingerprint,
+                                      None if session is None else key.session_id(session)))
+        self.blocks_hashed += hashed
+        self.blocks_from_chain += from_chain
+        self.blocks_reused += total - hashed
         return lines
+
+    def _root(self, adapter_name, salt) -> tuple[int, int]:
+        """(chain root, seed) of a request's namespace and cache salt, remembered."""
+        if len(self._roots) >= 1024:   # many salts: keep the map small
+            self._roots.clear()
+        namespace = self.namespaces.for_adapter(adapter_name)
+        # a salted request's chain starts at its salted root, as in the host tier: requests of two salts
+        # never share blocks in the engine, so their captured ids differ too
+        root = self._roots[(adapter_name, salt)] = (salted_root(namespace, salt), namespace.seed)
+        return root
 
     def _fail(self, exc: BaseException) -> None:
         self.failed = f"{type(exc).__name__}: {exc}"
