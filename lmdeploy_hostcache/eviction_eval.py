@@ -29,6 +29,12 @@ it grows, and released just before that request is served.  Only arrival times a
 reached are read, never a later request; a store that finds every slot pinned is refused, as in
 serving.  Belady is never run with holds: holds only restrict which victims may be chosen, so
 plain Belady stays an upper bound for every policy with or without lookahead.
+
+**Admission cap** (``replay(..., admit_share=s)``, a store rule, not a policy): one request
+stores at most ``max(1, int(s * capacity))`` of its missed blocks, parent-first from its hit; the
+rest of its chain is not stored this time (its next request may store the next part).  One long
+prompt then cannot flush the tier.  Not storing a block is a bypass, which Belady here never
+does, so a capped replay *can* exceed the Belady figure (its gap share can pass 1).
 """
 from __future__ import annotations
 
@@ -208,18 +214,22 @@ def make_eval_policy(name: str, chains: BlockChains) -> EvictionPolicy:
 
 def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "lru",
            check_every: int = 0, progress: Callable[[int], None] | None = None,
-           lookahead: bool = False) -> ReplayResult:
+           lookahead: bool = False, admit_share: float | None = None) -> ReplayResult:
     """Replay ``chains`` through a ``HostIndex`` of ``capacity`` slots; see the module docstring.
 
     ``check_every`` > 0 runs ``check_invariants`` every that many requests (slow; for tests).
     ``lookahead`` holds the waiting requests' host prefixes (module docstring; needs
     ``chains.arrivals``); ``stats['held_max']`` is then the most blocks held at once, and the
-    index's lookup counters in ``stats`` include the lookahead's own lookups."""
+    index's lookup counters in ``stats`` include the lookahead's own lookups.  ``admit_share``
+    in (0, 1] caps the blocks one request stores (module docstring)."""
     if not isinstance(capacity, int) or capacity < 0:
         raise ValueError(f"capacity must be an int >= 0 blocks, got {capacity!r}")
     if lookahead and len(chains.arrivals) != len(chains):
         raise ValueError(f"lookahead needs arrivals: {chains.name} has {len(chains.arrivals)} arrival "
                          f"times for {len(chains)} requests")
+    if admit_share is not None and not 0 < admit_share <= 1:
+        raise ValueError(f"admit_share must be in (0, 1], got {admit_share!r}")
+    store_limit = None if admit_share is None else max(1, int(admit_share * capacity))
     if lookahead and isinstance(policy, str) and policy == "belady":
         raise ValueError("lookahead with belady: holds only restrict the optimum; replay belady without them")
     if isinstance(policy, str):
@@ -261,7 +271,8 @@ def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "l
             hits += n
             touch(ds[:n])
         parent = ds[n - 1] if n else root
-        for i in range(n, len(ds)):
+        end = len(ds) if store_limit is None else min(len(ds), n + store_limit)
+        for i in range(n, end):
             d = ds[i]
             if prepare(d, parent, bs[i]) is None:
                 break

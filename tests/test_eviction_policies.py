@@ -287,3 +287,22 @@ def test_belady_bounds_every_policy_with_lookahead_on_real_trace_head():
             ahead = replay(chains, cap, n, lookahead=True)
             assert ahead.stats["held_max"] > 0, (cap, n)
             assert bel >= ahead.hit_rate - 1e-12, (cap, n, bel, ahead.hit_rate)
+
+
+def test_admission_cap_keeps_one_long_prompt_from_flushing_the_tier():
+    # 4 slots. Request 1 is a 5-block prompt of its own; uncapped, it evicts request 0's two
+    # blocks (and its last block is still refused), so request 2 misses.  With admit_share 0.5
+    # it stores only 2 blocks and request 2 hits both of request 0's blocks.
+    chains = chains_from_ids("flush", [[1, 2], [10, 11, 12, 13, 14], [1, 2]])
+    for name in SERVABLE:
+        plain = replay(chains, 4, name)
+        capped = replay(chains, 4, name, admit_share=0.5, check_every=1)
+        assert plain.hit_blocks == 0 and plain.evictions >= 2, name
+        assert (capped.hit_blocks, capped.stored_blocks, capped.evictions) == (2, 4, 0), name
+    # The cap is per request: a chain too long for one request's share is stored over several.
+    grow = chains_from_ids("grow", [[1, 2, 3, 4, 5, 6]] * 3)
+    r = replay(grow, 8, "lru", admit_share=0.25)   # 2 blocks per request
+    assert (r.stored_blocks, r.hit_blocks) == (6, 2 + 4)
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="admit_share"):
+            replay(chains, 4, "lru", admit_share=bad)

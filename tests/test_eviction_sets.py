@@ -125,3 +125,16 @@ def test_bench_lookahead_rows(capsys):
         assert by[("conversation_trace.jsonl", p + "+lookahead")]["held_max_blocks"] > 0
     for (trace, p), r in by.items():
         assert r["hit_rate"] <= by[(trace, "belady")]["hit_rate"] + 1e-12, (trace, p)
+
+
+def test_bench_admission_rows(capsys):
+    rc, out, err = _run(capsys, "--set", "tuning", "--limit", "60", "--fractions", "0.02", "--policies", "lru",
+                        "--admit-share", "0.25", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)["results"]
+    admit = [r for r in rows if r["policy"] == "lru+admit"]
+    assert admit and all(r["admit_share"] == 0.25 for r in admit)
+    assert {r["policy"] for r in rows} == {"lru", "lru+admit", "belady"}
+    with pytest.raises(SystemExit):
+        _run(capsys, "--admit-share", "1.5")
+    assert "--admit-share must be in (0, 1]" in capsys.readouterr().err

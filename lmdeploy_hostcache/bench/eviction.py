@@ -22,6 +22,10 @@ policy replayed with the waiting requests' host prefixes held (``eviction_eval``
 docstring: requests that arrived no later than the one being served).  Its gap share is still
 measured from plain LRU to plain Belady, so the lookahead's own gain is the difference between
 the two rows of one policy.
+
+``--admit-share S`` adds, likewise, a row ``<policy>+admit``: the same policy when one request may
+store at most ``S`` x capacity of its missed blocks (``eviction_eval`` module docstring).  Not
+storing is a bypass, which the Belady bound never does, so such a row can pass Belady.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ SETS = ("tuning", "heldout")
 # share: a 0.0005 gap turns a 0.2-point loss into a share of -400.  The pooled share keeps it.
 MIN_GAP = 0.005
 LOOKAHEAD_SUFFIX = "+lookahead"
+ADMIT_SUFFIX = "+admit"
 
 
 def default_traces() -> list[Path]:
@@ -74,6 +79,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _admit_share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--admit-share must be a number in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"--admit-share must be in (0, 1], got {v}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="append", metavar="PATH",
                    help="Mooncake JSONL(.gz) trace (repeatable; default: the two Mooncake traces of a source "
@@ -91,6 +106,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead", action="store_true",
                    help="also replay every servable policy with queue lookahead (rows '<policy>+lookahead': "
                         "the host prefixes of requests that have arrived but wait are held until served)")
+    p.add_argument("--admit-share", type=_admit_share, default=None, metavar="S",
+                   help="also replay every servable policy with an admission cap (rows '<policy>+admit'): one "
+                        "request stores at most S x capacity of its missed blocks")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N requests")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--plot", metavar="PNG", help="write capacity-vs-hit-rate curves to this PNG (needs matplotlib)")
@@ -150,8 +168,12 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --capacities or --fractions, not both", file=sys.stderr)
         return 2
     wanted = _check_policies(args.policies or [*POLICIES, *OFFLINE_ONLY])
+    servable = [n for n in wanted if n not in OFFLINE_ONLY]
     if getattr(args, "lookahead", False):  # belady is never held: it stays the bound of both rows
-        wanted += [n + LOOKAHEAD_SUFFIX for n in wanted if n not in OFFLINE_ONLY]
+        wanted += [n + LOOKAHEAD_SUFFIX for n in servable]
+    admit_share = getattr(args, "admit_share", None)
+    if admit_share is not None:
+        wanted += [n + ADMIT_SUFFIX for n in servable]
     runs = list(dict.fromkeys(["lru", *wanted, "belady"]))  # lru and belady anchor the gap share
     sources = _sources(args)
     fractions = None if args.capacities else sorted(set(args.fractions or DEFAULT_FRACTIONS))
@@ -181,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
             row = {}
             for name in runs:
                 bar.set_description(f"{label[:12]} {cap} {name}")
-                base = name.removesuffix(LOOKAHEAD_SUFFIX)
-                row[name] = replay(chains, cap, base, lookahead=base != name)
+                base = name.removesuffix(LOOKAHEAD_SUFFIX).removesuffix(ADMIT_SUFFIX)
+                row[name] = replay(chains, cap, base, lookahead=name.endswith(LOOKAHEAD_SUFFIX),
+                                   admit_share=admit_share if name.endswith(ADMIT_SUFFIX) else None)
                 bar.update(1)
             lru, bel = row["lru"].hit_rate, row["belady"].hit_rate
             for name in runs:
@@ -195,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
                          shown=name in wanted)
                 if "held_max" in r.stats:  # lookahead rows: the most blocks held at once, stores refused
                     d.update(held_max_blocks=r.stats["held_max"], stores_refused=r.stats["store_rejected"])
+                if name.endswith(ADMIT_SUFFIX):
+                    d.update(admit_share=admit_share)
                 results.append(d)
     bar.close()
     elapsed = time.perf_counter() - t_all
