@@ -3,9 +3,10 @@
 ``RotatingWriter(path, max_bytes)`` appends whole lines on an ``O_APPEND`` descriptor, opened by
 ``open()`` (trace capture opens it when the engine starts) or at the first write: ``write(line)``
 one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes to (``writes`` counts
-the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line would take the file past ``max_bytes`` the file is closed and renamed
-``<stem>.<n>.jsonl`` (``n`` = 1, 2, ... , the first free one) and a new ``path`` is started, so every
-file ``plan`` reads holds whole records.  A non-empty ``path`` found when the file is first opened (an earlier
+the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line
+would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
+2, ... , the first free one) and a new ``path`` is started, so every file ``plan`` reads holds whole
+records.  A non-empty ``path`` found when the file is first opened (an earlier
 capture, made with another key) is set aside the same way, never appended to.  Invariants: ``open``
 and the writes never raise; the first failure
 (unwritable folder, full disk, a rename refused) is logged once at WARNING with the path and the

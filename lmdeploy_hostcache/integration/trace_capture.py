@@ -192,20 +192,8 @@ class TraceCapture:
                 end = offset + len(tokens) * TOKEN_DTYPE.itemsize
                 blocks = (end - offset) // step
                 total += blocks
-                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb
-                cs = ce = 0
-                if chain is not None:
-                    h = chain.hasher
-                    ds = h.digests
-                    if ds and h.namespace.seed == seed:
-                        bb, cs = h.block_bytes, chain.start_block
-                        ce = min(cs + len(ds), blocks)
-                if cs == 0 < ce and h.parent == parent and bb[0] == data[offset:offset + step]:
-                    first = ds[0]
-                    from_chain += 1
-                else:
-                    first = block_digest(parent, data[offset:offset + step], seed)
-                    hashed += 1
+                first = block_digest(parent, data[offset:offset + step], seed)
+                hashed += 1
                 seen = recent.get(first)
                 if (seen is not None and seen[0] <= end - offset
                         and _xxh3_128(data[offset:offset + seen[0]]) == seen[1]):
@@ -213,7 +201,18 @@ class TraceCapture:
                     new = []
                 else:
                     j, parent, new = 1, first, [first]
+                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb
+                ce = 0
+                if chain is not None:
+                    h = chain.hasher
+                    ds = h.digests
+                    if h.namespace.seed == seed:
+                        cs = chain.start_block
+                        ce = min(cs + len(ds), blocks)
+                        if ce <= cs:
+                            ce = 0
                 if j < ce:
+                    bb = h.block_bytes
                     if j < cs:   # up to the chain's first block
                         for at in range(offset + j * step, offset + cs * step, step):
                             parent = block_digest(parent, data[at:at + step], seed)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from lmdeploy_hostcache.capture import CAPTURE_KEY_ENV, CaptureKey, RotatingWriter, capture_record
+from lmdeploy_hostcache.capture import CAPTURE_KEY_ENV, CaptureKey, RotatingWriter, capture_line, capture_record
 from lmdeploy_hostcache.planner.traces import read_mooncake, read_mooncake_files
 
 
@@ -191,3 +191,112 @@ def test_open_reports_a_bad_path_once_and_a_short_batch_write_is_taken_back(tmp_
     assert w.write_lines([_line(1), _line(2)]) == 0 and w.dropped == 2
     monkeypatch.undo()
     assert len(read_mooncake(path)) == 1 and path.read_text().count("\n") == 1
+
+
+def test_id_texts_and_capture_line_are_the_ids_and_the_record():
+    k = CaptureKey(bytes(range(16)))
+    digests = [(1 << 127) + 5, 7, 12345678901234567890, 7]
+    assert k.block_id_texts(digests) == [str(k.block_id(d)) for d in digests] and k.derived == 3
+    assert CaptureKey(bytes(range(16))).block_ids(digests) == [k.block_id(d) for d in digests]
+    ids = k.block_ids(digests)
+    for session in (None, "00ff"):
+        assert capture_line(12.5, 256, 3, ",".join(k.block_id_texts(digests)), 4, 64, "abcd0123", session) == \
+            capture_record(arrival_s=12.5, input_length=256, output_length=3, block_ids=ids, block_size=64,
+                           fingerprint="abcd0123", session=session)
+    with pytest.raises(ValueError, match="3 block ids for 256 tokens"):
+        capture_line(0.0, 256, 0, "1,2,3", 3, 64, "k")
+
+
+BS = 16
+
+
+def _capture(tmp_path):
+    import types
+
+    from lmdeploy_hostcache.digest import Namespace
+    from lmdeploy_hostcache.integration.trace_capture import TraceCapture
+
+    ns = Namespace(model="m", block_size=BS)
+    factory = types.SimpleNamespace(for_adapter=lambda name: ns)
+    return TraceCapture(str(tmp_path / "c.jsonl"), 1 << 20, BS, factory, key=CaptureKey(b"\x07" * 16)), ns
+
+
+def _seq(seq_id, tokens, salt=""):
+    import types
+
+    import numpy as np
+
+    s = types.SimpleNamespace(seq_id=seq_id, input_start_pos=0, input_end_pos=len(tokens), num_all_ids=len(tokens) + 1,
+                              all_ids=np.concatenate([tokens, [1]]), adapter_name=None, arrive_time=0.0,
+                              session=types.SimpleNamespace(session_id=seq_id), sampling_param=types.SimpleNamespace())
+    if salt:
+        s.cache_salt = salt
+    return s
+
+
+def _chain(ns, tokens, start_block, end_block, salt=""):
+    """What the host tier's lookup holds (connector._RequestChain): the digests of blocks
+    [start_block, end_block) of ``tokens`` chained from the digest of the blocks before."""
+    import types
+
+    from lmdeploy_hostcache.digest import ChainHasher, salted_root
+
+    before = ChainHasher(ns, parent=salted_root(ns, salt))
+    before.extend(tokens[:start_block * BS])
+    h = ChainHasher(ns, parent=before.last_digest)
+    h.extend(tokens[start_block * BS:end_block * BS])
+    return types.SimpleNamespace(start_block=start_block, hasher=h, salt=salt)
+
+
+def test_capture_takes_the_host_tier_chain_only_where_it_checks_out(tmp_path):
+    """The lines are those of the formula (ChainHasher digests from the salted root, keyed ids) whatever
+    chain the host tier passes; its digests are taken where its parent digest, seed and block bytes check
+    out, and computed otherwise."""
+    import types
+
+    import numpy as np
+
+    from lmdeploy_hostcache.digest import ChainHasher, Namespace, salted_root
+
+    cap, ns = _capture(tmp_path)
+    rng = np.random.default_rng(5)
+    a, b, c, d, e, f = (rng.integers(0, 50000, n * BS + 5) for n in (9, 9, 9, 6, 6, 6))
+    a2 = np.concatenate([a, rng.integers(0, 50000, 4 * BS)])   # continues `a`: its next turn
+    rewound = a.copy()
+    rewound[2 * BS] += 1                                  # a block of `a` that the chain below does not hold
+    ours = ChainHasher(ns)
+    ours.extend(e[:2 * BS])      # our digest of e's block 1, then blocks 2.. hashed with another namespace's seed
+    other_seed = types.SimpleNamespace(start_block=2, hasher=ChainHasher(Namespace(model="other", block_size=BS),
+                                                                         parent=ours.last_digest))
+    other_seed.hasher.extend(e[2 * BS:6 * BS])
+    cases = [  # (tokens, chain, salt, blocks taken from the chain)
+        (a, _chain(ns, a, 3, 8), "", 5),                  # GPU-matched prefix of 3 blocks, lookup to block 8
+        (a2, _chain(ns, a2, 5, 11), "", 2),               # `a`'s 9 blocks remembered: blocks 9 and 10 taken
+        (b, _chain(ns, b, 0, 12), "", 8),                 # from the root; a chain longer than the prompt
+        (c, _chain(ns, a, 3, 8), "", 0),                  # another prompt's chain: parent digest differs
+        (rewound, _chain(ns, a, 1, 9), "", 0),            # same parent, other block bytes (rewound session)
+        (d, _chain(ns, d, 2, 6, salt="t"), "", 0),        # a chain rooted at another salt
+        (d, _chain(ns, d, 2, 6, salt="t"), "t", 4),       # ... taken for that salt
+        (e, other_seed, "", 0),                           # our parent digest, another namespace's seed
+        (d, _chain(ns, d, 6, 6), "", 0),                  # nothing to take: empty chain at the prompt's end
+        (f, _chain(ns, a, 7, 9), "", 0),                  # a chain past the prompt's end
+    ]
+    expected, taken = [], []
+    for i, (tokens, chain, salt, n) in enumerate(cases):
+        seq = _seq(i, tokens, salt)
+        cap.on_new_request(seq)
+        arrival = cap._arrival[i][1]
+        before = cap.blocks_from_chain
+        cap.flush_records = 1                            # encode each one now: its own count of chain blocks
+        cap.on_request_finished(seq, chain)
+        taken.append(cap.blocks_from_chain - before)
+        h = ChainHasher(ns, parent=salted_root(ns, salt))
+        h.extend(tokens[:len(tokens) // BS * BS])
+        expected.append(capture_record(arrival_s=arrival, input_length=len(tokens), output_length=1,
+                                       block_ids=[cap.key.block_id(x) for x in h.digests], block_size=BS,
+                                       fingerprint=cap.key.fingerprint))
+    cap.close()
+    assert (tmp_path / "c.jsonl").read_text() == "".join(expected)
+    assert taken == [n for _, _, _, n in cases]
+    total = sum(len(t) // BS for t, _, _, _ in cases)
+    assert cap.blocks_hashed + cap.blocks_reused == total and cap.blocks_from_chain == sum(taken)
