@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-__all__ = ["capture_line", "capture_record", "json_string"]
+__all__ = ["capture_line", "capture_record", "json_string", "timestamp_text"]
 
 
 def capture_record(*, arrival_s: float, input_length: int, output_length: int, block_ids: Sequence[int],
@@ -35,15 +35,36 @@ def capture_line(arrival_s: float, input_length: int, output_length: int, hash_i
     if num_ids != input_length // block_size:
         raise ValueError(f"bad capture record: {num_ids} block ids for {input_length} tokens "
                          f"of {block_size}-token blocks")
-    timestamp = round(float(arrival_s) * 1000.0, 3)
-    if timestamp != timestamp or timestamp in (_INF, -_INF):
-        raise ValueError(f"bad capture record: arrival {arrival_s}")
     tail = "}\n" if session is None else f',"session":{json_string(session)}}}\n'
-    return (f'{{"timestamp":{timestamp!r},"input_length":{int(input_length)},"output_length":{int(output_length)},'
-            f'"hash_ids":[{hash_ids_text}],"block_size":{int(block_size)},"capture":{json_string(fingerprint)}{tail}')
+    return (f'{{"timestamp":{timestamp_text(arrival_s)},"input_length":{int(input_length)},'
+            f'"output_length":{int(output_length)},"hash_ids":[{hash_ids_text}],"block_size":{int(block_size)},'
+            f'"capture":{json_string(fingerprint)}{tail}')
 
 
 _INF = float("inf")
+_FAST_MS = float(2**41)     # below this many ms (year 2039), doubles are spaced < 0.0005 apart
+
+
+def timestamp_text(arrival_s: float) -> str:
+    """``repr(round(arrival_s * 1000.0, 3))``, the record's timestamp (ValueError for NaN or infinity).
+
+    Below ``_FAST_MS`` it is written as ``'%.3f'`` less its trailing zeros (one kept after the point),
+    a third of the time: both round the double's exact value to 3 decimals the same way (correctly
+    rounded, ties to even), and where doubles are spaced less than 0.0005 apart no string with fewer
+    digits reads back as the same double, so that is what ``repr`` writes (``tests/capture``).
+    """
+    ms = float(arrival_s) * 1000.0
+    if -_FAST_MS < ms < _FAST_MS:     # false for NaN and infinities
+        text = "%.3f" % ms
+        if text[-1] == "0":
+            text = text.rstrip("0")
+            if text[-1] == ".":
+                text += "0"
+        return text
+    timestamp = round(ms, 3)
+    if timestamp != timestamp or timestamp in (_INF, -_INF):
+        raise ValueError(f"bad capture record: arrival {arrival_s}")
+    return repr(timestamp)
 
 
 def json_string(text: str) -> str:

@@ -300,3 +300,27 @@ def test_capture_takes_the_host_tier_chain_only_where_it_checks_out(tmp_path):
     assert taken == [n for _, _, _, n in cases]
     total = sum(len(t) // BS for t, _, _, _ in cases)
     assert cap.blocks_hashed + cap.blocks_reused == total and cap.blocks_from_chain == sum(taken)
+
+
+def test_timestamp_text_is_repr_of_the_rounded_milliseconds():
+    """The fast form (``'%.3f'`` less trailing zeros) equals ``repr(round(ms, 3))`` wherever it is used,
+    exact ties included; NaN and infinities are refused."""
+    import random
+    import struct
+
+    from lmdeploy_hostcache.capture.record import _FAST_MS, timestamp_text
+
+    rng = random.Random(7)
+    values = [0.0, -0.0, 1e-9, 5e-7, 0.0005, 0.0625e-3, 1.5, 1764700000.1234567, _FAST_MS / 1000 * (1 - 1e-12),
+              _FAST_MS / 1000, 1e300]
+    for _ in range(20000):
+        values += [rng.uniform(1.6e9, 2.1e9), rng.uniform(-1e4, 1e4), rng.randint(0, 10**7) / 1e6,
+                   rng.randint(0, 2**40) / 2**rng.randint(0, 30) / 1000,          # binary fractions: exact ties
+                   struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0]]
+    for x in values:
+        expected = repr(round(x * 1000.0, 3))
+        if expected in ("nan", "inf", "-inf"):
+            with pytest.raises(ValueError, match="arrival"):
+                timestamp_text(x)
+        else:
+            assert timestamp_text(x) == expected, x
