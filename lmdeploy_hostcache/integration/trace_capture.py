@@ -47,6 +47,7 @@ import atexit
 import logging
 import time
 import weakref
+from time import perf_counter
 from typing import Callable
 
 import numpy as np
@@ -111,7 +112,7 @@ class TraceCapture:
         if self.failed or self.writer.failed:
             self._arrival.pop(int(getattr(seq, "seq_id", -1)), None)
             return
-        t0 = time.perf_counter()
+        t0 = perf_counter()
         queue = self._queue
         try:
             if not queue:
@@ -124,7 +125,7 @@ class TraceCapture:
                 self._flush()
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += perf_counter() - t0
         self.records += 1
 
     def flush(self) -> None:
@@ -181,14 +182,17 @@ class TraceCapture:
         bs = self.block_size
         step = bs * TOKEN_DTYPE.itemsize
         roots, key, recent = self._roots, self.key, self._recent
+        base = roots.get((None, "")) or self._root(None, "")
         id_texts, fingerprint = key.block_id_texts, key.fingerprint
         lines = []
         offset = total = hashed = from_chain = 0
         for arrival, prompt_len, output_len, tokens, adapter_name, salt, session, chain in snaps:
             text, blocks = "", 0
             if tokens is not None:
-                root = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
-                parent, seed = root
+                if adapter_name is None and not salt:
+                    parent, seed = base
+                else:
+                    parent, seed = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
                 end = offset + len(tokens) * TOKEN_DTYPE.itemsize
                 blocks = (end - offset) // step
                 total += blocks
