@@ -88,16 +88,18 @@ class CaptureKey:
         memo = self._memo
         if len(memo) + len(digests) > MEMO_ENTRIES:
             memo.clear()
-        get = memo.get
+        get, keyed = memo.get, self._keyed
         out = []
+        derived = 0
         for d in digests:
             x = get(d)
             if x is None:
-                h = self._keyed.copy()
+                h = keyed.copy()
                 h.update(d.to_bytes(16, "little"))
                 x = memo[d] = str(int.from_bytes(h.digest(), "little") & _ID_MASK)
-                self.derived += 1
+                derived += 1
             out.append(x)
+        self.derived += derived
         return out
 
     def session_id(self, value) -> str:

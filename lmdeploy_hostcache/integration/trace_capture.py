@@ -179,6 +179,7 @@ class TraceCapture:
         ``capture_line``'s, from the ids' texts (``CaptureKey.block_id_texts``)."""
         arrays = [snap[3] for snap in snaps if snap[3] is not None]
         data = encode_tokens(np.concatenate(arrays)) if arrays else b""
+        view = memoryview(data)     # slices without copies, for the xxh3 checks
         bs = self.block_size
         step = bs * TOKEN_DTYPE.itemsize
         roots, key, recent = self._roots, self.key, self._recent
@@ -200,7 +201,7 @@ class TraceCapture:
                 hashed += 1
                 seen = recent.get(first)
                 if (seen is not None and seen[0] <= end - offset
-                        and _xxh3_128(data[offset:offset + seen[0]]) == seen[1]):
+                        and _xxh3_128(view[offset:offset + seen[0]]) == seen[1]):
                     j, parent, text = seen[2], seen[3], seen[4]   # this prompt continues that one
                     new = []
                 else:
@@ -239,7 +240,7 @@ class TraceCapture:
                     text = f"{text},{more}" if text else more
                 if len(recent) >= RECENT_PROMPTS:
                     recent.clear()
-                recent[first] = (end - offset, _xxh3_128(data[offset:end]), blocks, parent, text)
+                recent[first] = (end - offset, _xxh3_128(view[offset:end]), blocks, parent, text)
                 offset = end
             lines.append(capture_line(arrival, prompt_len, output_len, text, blocks, bs, fingerprint,
                                       None if session is None else key.session_id(session)))
