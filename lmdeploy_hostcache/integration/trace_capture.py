@@ -2,12 +2,12 @@
 
 ``HostTierScheduler`` calls ``on_new_request(seq)`` (LMDeploy registered a sequence) and
 ``on_request_finished(seq, chain)`` (LMDeploy ended it, finished or aborted; ``chain``: the host
-tier's digest chain of the request, or None) when ``capture`` is set.
-At the end the record is built from what the sequence holds: the prompt is
-``seq.all_ids[:seq.input_end_pos]``, the output length ``seq.num_all_ids - seq.input_end_pos``,
-the block ids the capture key's ids of the prompt's full-block digests (the same chained digests
-the host tier uses, in the request's namespace: model, block size, KV format, tenant salt,
-adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
+tier's digest chain of the request, or None) when ``capture`` is set.  At the end the record is
+built from what the sequence holds: the prompt is ``seq.all_ids[:seq.input_end_pos]``, the output
+length ``seq.num_all_ids - seq.input_end_pos`` (read as ``len(seq.all_ids)``, which is
+``num_all_ids``), the block ids the capture key's ids of the prompt's full-block digests (the same
+chained digests the host tier uses, in the request's namespace: model, block size, KV format,
+tenant salt, adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
 reading at ``on_new_request`` (wall-clock seconds by default; a test may pass another clock).
 
 Everything runs on the scheduler's thread, inside LMDeploy's ``end_session`` (``seconds`` sums that
@@ -159,9 +159,10 @@ class TraceCapture:
             arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
         prompt_len = int(seq.input_end_pos)
         full = prompt_len - prompt_len % self.block_size
-        output_len = int(seq.num_all_ids) - prompt_len
+        all_ids = seq.all_ids               # seq.num_all_ids of them
+        output_len = len(all_ids) - prompt_len
         return (arrival, prompt_len, output_len if output_len > 0 else 0,
-                seq.all_ids[:full] if full else None, seq.adapter_name, sequence_salt(seq),
+                all_ids[:full] if full else None, seq.adapter_name, sequence_salt(seq),
                 seq.session.session_id if start > 0 else None, chain)
 
     def encode(self, snap: tuple) -> str:
