@@ -78,7 +78,8 @@ class TraceCapture:
         self._queue: list[tuple] = []     # snapshots not yet written
         self._queued_at = 0.0             # perf_counter when the oldest queued snapshot was taken
         self._roots: dict[tuple, tuple[int, int]] = {}    # (adapter, salt) -> (chain root, seed)
-        # first block's digest -> (bytes, xxh3 of its tokens, blocks, last digest, ids' text) of the latest such prompt
+        # first block's digest -> (bytes, xxh3 of its tokens, blocks, last digest, ids' text) of the latest
+        # such prompt
         self._recent: dict[int, tuple] = {}
         self.flush_records = FLUSH_RECORDS
         self.flush_seconds = FLUSH_SECONDS
@@ -149,8 +150,9 @@ class TraceCapture:
         return self.encode(self.snapshot(seq, chain))
 
     def snapshot(self, seq, chain=None) -> tuple:
-        """What the record needs, copied out of the sequence (cheap: no hashing), and the host tier's
-        chain (a reference: the connector drops it right after, nothing changes it any more)."""
+        """What the record needs from the sequence (cheap: no hashing; the prompt's full blocks as a view
+        of its token ids, which LMDeploy never writes once it ended the sequence) and the host tier's chain
+        (a reference: the connector drops it right after, nothing changes it any more)."""
         noted = self._arrival.pop(seq.seq_id, None)
         start = seq.input_start_pos
         if noted is not None and noted[0] == start:
