@@ -461,3 +461,50 @@ def test_queued_records_reach_the_file_by_count_age_and_close(tmp_path):
     assert finish(5) == 5
     cap.close()                                                # close writes what is still queued
     assert path.read_text().count('\n') == 6 and cap.records == 6 and cap.writer.dropped == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProducerCapturingSpec(CapturingSpec):
+    """The host tier as a KV producer only: it never looks up, so no request has a digest chain."""
+
+    def kv_transfer_config(self, slots):
+        return dataclasses.replace(super().kv_transfer_config(slots), kv_role='kv_producer')
+
+
+def test_capture_takes_the_host_tier_chains_and_writes_the_same_lines(tmp_path, monkeypatch, exact_lru_clock):
+    """The host tier's digest chains only save hashing: with them (the connector passes each request's
+    chain to the hook) and without them (None passed) the capture holds the same lines, key and clock
+    being equal."""
+    from lmdeploy_hostcache.integration.trace_capture import TraceCapture
+
+    monkeypatch.setenv('LMDEPLOY_HOSTCACHE_CAPTURE_KEY', '00112233445566778899aabbccddeeff')
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    with_chains = run_with_capture(tmp_path / 'a', _weka(), gpu_blocks=32, host_slots=24)
+    finished = TraceCapture.on_request_finished
+    monkeypatch.setattr(TraceCapture, 'on_request_finished', lambda self, seq, chain=None: finished(self, seq))
+    without = run_with_capture(tmp_path / 'b', _weka(), gpu_blocks=32, host_slots=24)
+    assert open(with_chains.capture_path).read() == open(without.capture_path).read()
+    assert with_chains.capture.blocks_from_chain > 0 == without.capture.blocks_from_chain
+    assert with_chains.capture.blocks_hashed < without.capture.blocks_hashed
+
+
+def test_capture_of_a_host_tier_that_never_looks_up(tmp_path, monkeypatch, exact_lru_clock):
+    """A KV-producer host tier passes no chains; its capture holds the same ids, request for request, as a
+    consumer's capture of the same workload under the same key (arrivals may differ)."""
+    monkeypatch.setenv('LMDEPLOY_HOSTCACHE_CAPTURE_KEY', '00112233445566778899aabbccddeeff')
+    consumer = run_with_capture(tmp_path, _weka(), gpu_blocks=32, host_slots=24)
+    path = str(tmp_path / 'producer.jsonl')
+    engine = build_host_tier_engine(HarnessModel(), HarnessCacheSpec(num_gpu_blocks=32, max_prefill_token_num=512),
+                                    ProducerCapturingSpec(host_slots=24, min_restore_tokens=BS, capture=path))
+    sched = scheduler_side(engine)
+    assert not sched.is_consumer
+    report = WorkloadDriver(engine, _weka(), max_active=3).run()
+    sched.capture.close()
+    records = [json.loads(line) for line in open(path)]
+    assert len(records) == report.requests and sched.capture.blocks_from_chain == 0
+
+    def requests(rs):
+        return sorted((r['input_length'], r['output_length'], r['hash_ids']) for r in rs)
+
+    assert requests(records) == requests(json.loads(line) for line in open(consumer.capture_path))
