@@ -398,8 +398,12 @@ def _run(args) -> int:
               f"average): hit rate {conc.hit_rate:.3f} (GPU {conc.gpu_hit_rate:.3f}, "
               f"host {conc.host_hit_rate:.3f}) vs {st.hit_rate:.3f} (GPU {st.gpu_hit_rate:.3f}, host "
               f"{st.host_hit_rate:.3f}) one request at a time")
-        print(f"concurrency model: {conc_lifetimes.describe()}; a host copy is restorable {args.host_write_s:g} s "
-              "after its eviction" + (f"; {steps.describe()}, one step = 1 / decode rate" if steps is not None else ""))
+        if steps is None:
+            model = conc_lifetimes.describe()
+        else:
+            model = (f"{steps.describe()}; one step = 1 / {conc_lifetimes.decode_tokens_per_s:g} s (the assumed decode "
+                     "rate per request); a prefill takes one step (the prefill rate is not used)")
+        print(f"concurrency model: {model}; a host copy is restorable {args.host_write_s:g} s after its eviction")
         if conc.queued_requests and conc.queue_delay_s / conc.queued_requests > 10.0:
             print(f"note: at these assumed rates the GPU tier cannot hold the requests that arrive: "
                   f"{conc.queued_requests:,} of {conc.requests:,} waited, {conc.queue_delay_s / conc.queued_requests:,.0f} s "

@@ -98,6 +98,7 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
                  "--engine-steps"]) == 0
     text = capsys.readouterr().out
     assert "LMDeploy step model: max_batches 128, prefill_interval 16" in text
+    assert "one step = 1 / 40 s (the assumed decode rate per request)" in text
 
 
 @pytest.mark.parametrize("argv,message", [
