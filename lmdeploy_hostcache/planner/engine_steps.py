@@ -17,22 +17,32 @@ blocks, host copies in flight) and replaces only the clock, with these rules of 
   waiting prompt reaches ``max_prefill_tokens``; otherwise it decodes;
 * a prefill step admits waiting requests first come, first served, while fewer than
   ``max_batches`` run, their prompt tokens stay within ``max_prefill_tokens`` (the first is
-  always admitted) and their blocks fit beside what the running requests hold; a request that
-  does not fit waits while decode steps free blocks (a request larger than the whole tier runs
-  when nothing else does); the running requests do not decode in that step;
+  always admitted) and their blocks fit beside what the running requests and the started loads
+  hold; a request that does not fit waits while decode steps free blocks (a request larger than
+  the whole tier runs when nothing runs and no load is in flight); the running requests do not
+  decode in that step;
+* an admission that finds too little room still evicts: LMDeploy's ``try_make_capacity_for``
+  evicts cached GPU blocks (up to the blocks missing, the request's own matched prefix held)
+  before it gives up, so at every prefill step the waiting request is tried in, those blocks go
+  to the host tier then (``attempt_evictions``), not when the request finally fits;
 * a request whose prompt continues in the host tier first *loads*: the load starts at the step
   that would have admitted it (its blocks, GPU and restored, are taken then; the step is not a
   prefill, so running requests decode in it), and the request is admitted at a prefill step two
   or more steps later (the load's completion reaches the scheduler after the next step is
-  scheduled);
+  scheduled); the host copies it reads stay pinned in the host tier until then (the connector
+  ends a load's read pins when the load completes), so they take host slots that demotions
+  cannot reuse;
 * a request's first output token comes from its prefill step, each further one from a decode
   step; it ends with its last token.
 
 Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``load_waits`` (requests that
-waited for a host load), plus ``ConcurrencyStats`` (``queued_requests``/``queue_delay_s``: requests
-that prefilled after the first step they could have run in, and those waits).  Not modelled: preemption, chunked
-prefill of long prompts, LMDeploy's preallocation of ``prefill_interval`` tokens ahead, and a
-prefill step's own duration (a step is a step).  Invariants: steps only move forward; a running
+waited for a host load), ``attempt_evictions``, plus ``ConcurrencyStats``
+(``queued_requests``/``queue_delay_s``: requests that prefilled after the first step they could
+have run in, and those waits).  Not modelled: preemption (the engine never preempted in the
+validation runs), chunked prefill of long prompts, LMDeploy's preallocation of ``prefill_interval``
+tokens ahead beyond the admission check, a load's soft reservation of its prompt's tail
+(``KVLoadCoordinator.can_admit_load``: here a load takes its whole prompt at once), and a prefill
+step's own duration (a step is a step).  Invariants: steps only move forward; a running
 request's end and block-growth events are kept in *decode-step* counts, so a prefill step inserted
 while it runs delays them by one step, as in the engine.
 """
@@ -81,6 +91,7 @@ class SteppedStats(ConcurrencyStats):
     prefill_steps: int = 0
     decode_steps: int = 0
     load_waits: int = 0
+    attempt_evictions: int = 0    # GPU blocks evicted by admission attempts that found too little room
 
 
 class SteppedTwoTierCache(ConcurrentTwoTierCache):
@@ -106,6 +117,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # record=True: (step, "prefill" | "load", the request's position in serve order) per event
         self.schedule: list[tuple[int, str, int]] | None = [] if record else None
         self._position: dict[int, int] = {}
+        # loads started: the host copies they read stay pinned until their prefill (id(pr) -> release)
+        self._host_pending: dict[int, tuple] = {}
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -183,7 +196,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 or tokens >= e.max_prefill_tokens)
 
     def _admissible(self, pr: PreparedRequest, total: int, tokens: int) -> bool:
-        if not self._live:
+        if not self._live and not self._loaded:
             return True
         return self._prefill_due(tokens) and self._live < self.engine.max_batches and self._fits(pr, total)
 
@@ -230,6 +243,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         while not self._admissible(pr, total, tokens):
             if not self._live and not self._loaded:
                 break                    # larger than the whole tier: runs alone
+            if self._prefill_due(tokens) and self._live < e.max_batches:
+                self._failed_attempt(pr)
             self._decode_until(self._step + 1)
         if self._host_hit(pr):
             # the load starts in this step (not a prefill: running requests decode in it); the
@@ -245,6 +260,26 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._serve_now(pr)
         self._prefill(pr)
 
+    def _failed_attempt(self, pr: PreparedRequest) -> None:
+        """A prefill step tried to admit ``pr`` and found too little room.  LMDeploy's
+        ``try_make_capacity_for`` evicts cached GPU blocks (up to the missing count, the request's
+        own matched prefix held) before it gives up, and those evictions stand: the blocks are
+        demoted to the host tier now, not when the request finally fits."""
+        self._clock = self._seconds(self._step)
+        self._settle_writes(self._clock)
+        gpu = self.gpu
+        g, _ = self.probe(pr)
+        total = -(-(pr.request.input_length + self.engine.prefill_interval) // self.block_size)
+        missing = total - g - gpu.num_free_slots
+        if missing <= 0:
+            return
+        matched = pr.digests[:g]
+        if matched:
+            gpu.prepare_load(matched)      # the tentative match holds the request's own prefix
+        self.stats.attempt_evictions += gpu.evict(missing)
+        if matched:
+            gpu.complete_load(matched, False)
+
     def _host_hit(self, pr: PreparedRequest) -> bool:
         self._clock = self._seconds(self._step)
         self._settle_writes(self._clock)
@@ -256,7 +291,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """The request takes its blocks (GPU hits, host restores, stored misses) and pins them."""
         self._clock = self._seconds(self._step)
         self._settle_writes(self._clock)
-        g, restored, stored = self.serve_blocks(pr)
+        g, restored, stored = self.serve_blocks(pr, defer_host_release=True)
+        if self.host_release is not None:
+            # the load's reads end when it completes, which the scheduler sees at the prefill
+            self._host_pending[id(pr)] = self.host_release
         resident = self.gpu.is_resident
         pinned = tuple(d for d in pr.digests[:g + stored] if resident(d))
         if pinned:
@@ -275,6 +313,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """``pr`` runs from its prefill in ``step``: its end and block growth, in decode steps."""
         r = pr.request
         bs = self.block_size
+        release = self._host_pending.pop(id(pr), None)
+        if release is not None:
+            self.release_host_copies(release)
         _, _, pinned, held = served
         if self.schedule is not None:
             self.schedule.append((step, "prefill", self._position[id(pr)]))

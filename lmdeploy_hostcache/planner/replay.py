@@ -22,7 +22,9 @@ bytes, so digest and token-verification paths run exactly as in the engine):
    ``complete_store``) or, if the host cannot take it, reclaims its host orphans with
    ``drop_subtree``;
 5. the restored blocks leave the host (``complete_load(success=True)``), the new GPU blocks
-   become resident (``complete_store``) and the GPU hits are unpinned.
+   become resident (``complete_store``) and the GPU hits are unpinned.  A model whose loads take
+   time (``engine_steps``) passes ``defer_host_release`` and ends the host reads itself, with
+   ``release_host_copies(host_release)``, when the load completes.
 
 Only full blocks are cached; the partial last block of a prompt is always computed and counts
 as a prompt block that missed.  Hit rates are fractions of prompt blocks.  Output tokens are not
@@ -166,7 +168,7 @@ class TwoTierCache:
         g, restored, _ = self.serve_blocks(pr)
         return g, restored
 
-    def serve_blocks(self, pr: PreparedRequest) -> tuple[int, int, int]:
+    def serve_blocks(self, pr: PreparedRequest, defer_host_release: bool = False) -> tuple[int, int, int]:
         """``serve`` that also returns how many blocks past its GPU match the request holds on the
         GPU: the ones it stored and the ones already there that it did not match (the block ending
         at the prompt's end, which LMDeploy never matches but shares with the trie).  The request's
@@ -190,10 +192,9 @@ class TwoTierCache:
                 break
             covered += 1
         restored = min(h, len(new))
-        if h:
-            host.complete_load(d[g:g + restored], True)
-            if restored < h:
-                host.complete_load(d[g + restored:g + h], False)
+        self.host_release = (d[g:g + restored], d[g + restored:g + h]) if h else None
+        if h and not defer_host_release:
+            self.release_host_copies(self.host_release)
         for x in new:
             gpu.complete_store(x, True)
         r = pr.request
@@ -205,6 +206,15 @@ class TwoTierCache:
         st.requests_with_host_hits += restored > 0
         st.gpu_overflow_requests += overflow
         return g, restored, covered
+
+    def release_host_copies(self, release) -> None:
+        """End a restore's read pins: the restored blocks leave the host tier (exclusive tiers),
+        the ones the GPU had no room for stay."""
+        restored, refused = release
+        if restored:
+            self.host.complete_load(restored, True)
+        if refused:
+            self.host.complete_load(refused, False)
 
     def finish(self) -> ReplayStats:
         st = self.stats

@@ -49,14 +49,55 @@ def test_prefill_steps_follow_the_interval_and_the_half_batch_rule():
 
 
 def test_a_host_load_waits_two_steps_and_later_arrivals_go_first():
-    # A and B fill a 5-block GPU tier in turn: A's blocks go to the host. C repeats A's prefix: block 1
-    # is still on the GPU, blocks 2 and 3 are on the host, so C's load starts at step 21 and it prefills
-    # two steps later (23). D arrives meanwhile and prefills first (22).
+    # A and B fill a 6-block GPU tier in turn: A's last blocks go to the host. C repeats A's prefix: blocks 1
+    # and 2 are still on the GPU, block 3 is on the host, so C's load starts at step 21 and it prefills two
+    # steps later (23). D arrives meanwhile, fits beside C's blocks and prefills first (22).
     cache, served, st = _schedule([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
-                                   (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 5, 1, [50, 51])], gpu=5, host=8)
-    assert served[2] == (1, 2)
+                                   (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 5, 1, [50, 51])], gpu=6, host=8)
+    assert served[2] == (2, 1)
     assert cache.schedule[2:] == [(21, "load", 2), (22, "prefill", 3), (23, "prefill", 2)]
-    assert st.load_waits == 1 and st.host_hit_blocks == 2
+    assert st.load_waits == 1 and st.host_hit_blocks == 1
+
+
+def test_a_started_load_holds_its_blocks_and_its_host_copies_until_its_prefill():
+    # The same requests in a 5-block tier: C's load (step 21) holds 4 GPU blocks, so D (2 blocks with its
+    # preallocated tokens) no longer fits although nothing runs: it waits for C, and its failed attempt
+    # evicts the cached block left. C's host copies stay in the host tier (pinned) until C prefills at 23,
+    # when the load is complete and they leave it (exclusive tiers).
+    cache = SteppedTwoTierCache(5, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000), record=True)
+    prs = prepare_trace(_trace([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
+                                (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 5, 1, [50, 51])]))
+    for p in prs[:3]:
+        cache.serve_at(p)
+    restored = prs[2].digests[1:3]
+    assert cache.schedule[-1] == (21, "load", 2)
+    assert all(d in cache.host for d in restored)          # read by the load in flight: still there
+    cache.serve_at(prs[3])
+    st = cache.finish()
+    assert cache.schedule[2:] == [(21, "load", 2), (23, "prefill", 2), (24, "prefill", 3)]
+    assert not any(d in cache.host for d in restored)      # the load completed: the copies left
+    assert st.host_hit_blocks == 2 and st.attempt_evictions == 1
+
+
+def test_an_admission_that_finds_too_little_room_evicts_at_once():
+    # Z (2 blocks) ends and stays cached; A runs with 4 blocks and grows; B needs 5 blocks (its prompt and
+    # preallocated tokens) beside A in an 8-block tier. LMDeploy's first attempt at step 4 evicts Z's blocks
+    # to make room and keeps them evicted when B still does not fit: they reach the host tier at step 4,
+    # not at B's prefill (13).
+    cache = SteppedTwoTierCache(8, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000), record=True)
+    demoted_at = []
+    prepare_store = cache.host.prepare_store
+
+    def noting(digest, parent, block_bytes):
+        demoted_at.append(cache._step)
+        return prepare_store(digest, parent, block_bytes)
+
+    cache.host.prepare_store = noting
+    for p in prepare_trace(_trace([(0.5, 8, 1, [90, 91]), (2.5, 16, 10, [1, 2, 3, 4]), (3.5, 16, 1, [5, 6, 7, 8])])):
+        cache.serve_at(p)
+    st = cache.finish()
+    assert cache.schedule == [(1, "prefill", 0), (3, "prefill", 1), (13, "prefill", 2)]
+    assert demoted_at[:2] == [4, 4] and st.attempt_evictions == 2
 
 
 def test_a_request_does_not_start_before_the_blocks_it_needs_are_free():

@@ -102,14 +102,18 @@ def weka_conversations(*, files: list[str] | None = None, max_turns: int = 6, gr
 
 def mooncake_conversations(*, max_requests: int = 24, block_size: int = 16, max_blocks: int = 10,
                            max_new_tokens: int = 4, think_steps: int = 1, scan: int = 3000,
-                           seed: int = 0) -> list[list[TurnSpec]]:
-    """Conversations of the Mooncake conversation trace that reuse a prefix beyond the system block.
+                           seed: int = 0, trace: str = 'conversation') -> list[list[TurnSpec]]:
+    """Conversations of a Mooncake trace (``trace``: ``conversation`` or ``synthetic``) that reuse a
+    prefix beyond the first block.
 
     Requests are keyed by their second block id (the first is the shared system prompt); only
     keys with at least two requests in the first ``scan`` lines are kept, in trace order, until
     ``max_requests`` requests are taken.
     """
-    path = traces_dir() / 'mooncake' / 'conversation_trace.jsonl'
+    if trace not in ('conversation', 'synthetic'):
+        raise ValueError(f"trace must be 'conversation' or 'synthetic', got {trace!r}")
+    path = traces_dir() / 'mooncake' / f'{trace}_trace.jsonl'
+    label = 'mooncake' if trace == 'conversation' else trace
     by_key: dict[int, list[dict]] = {}
     with path.open() as fh:
         for i, line in enumerate(fh):
@@ -127,10 +131,10 @@ def mooncake_conversations(*, max_requests: int = 24, block_size: int = 16, max_
         for k, req in enumerate(reqs):
             if taken >= max_requests:
                 break
-            prompt = scale_hash_ids(req['hash_ids'], source='mooncake/conversation', group=1,
+            prompt = scale_hash_ids(req['hash_ids'], source=f'mooncake/{trace}', group=1,
                                     block_size=block_size, max_blocks=max_blocks, seed=seed)
             out = int(max(1, min(max_new_tokens, req['output_length'] // 64)))
-            turns.append(TurnSpec(f'mooncake/{key}', k, prompt, out, think_steps=think_steps))
+            turns.append(TurnSpec(f'{label}/{key}', k, prompt, out, think_steps=think_steps))
             taken += 1
         if turns:
             conversations.append(turns)
