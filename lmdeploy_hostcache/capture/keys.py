@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+from itertools import filterfalse as _filterfalse
 
 CAPTURE_KEY_ENV = "LMDEPLOY_HOSTCACHE_CAPTURE_KEY"
 KEY_BYTES = 16
@@ -85,22 +86,29 @@ class CaptureKey:
     def block_id_texts(self, digests) -> list[str]:
         """``[str(block_id(d)) for d in digests]`` (what a record writes), each distinct digest keyed
         and formatted once while the memo holds it."""
+        self._derive(digests)
+        return list(map(self._memo.__getitem__, digests))
+
+    def block_ids_text(self, digests) -> str:
+        """``",".join(block_id_texts(digests))``: the ids as a record's ``hash_ids`` holds them."""
+        self._derive(digests)
+        return ",".join(map(self._memo.__getitem__, digests))
+
+    def _derive(self, digests) -> None:
+        """Key and format the digests the memo lacks (each once: ``filterfalse`` asks the memo as it goes,
+        so a digest repeated in ``digests`` is found there the second time).  The memo is emptied first
+        when it could overflow, so every digest of ``digests`` is in it on return."""
         memo = self._memo
         if len(memo) + len(digests) > MEMO_ENTRIES:
             memo.clear()
-        get, keyed = memo.get, self._keyed
-        out = []
+        keyed = self._keyed
         derived = 0
-        for d in digests:
-            x = get(d)
-            if x is None:
-                h = keyed.copy()
-                h.update(d.to_bytes(16, "little"))
-                x = memo[d] = str(int.from_bytes(h.digest(), "little") & _ID_MASK)
-                derived += 1
-            out.append(x)
+        for d in _filterfalse(memo.__contains__, digests):   # the membership tests run in C
+            h = keyed.copy()
+            h.update(d.to_bytes(16, "little"))
+            memo[d] = str(int.from_bytes(h.digest(), "little") & _ID_MASK)
+            derived += 1
         self.derived += derived
-        return out
 
     def session_id(self, value) -> str:
         """Keyed hash of a session key (16 hex digits): equal inside a capture, opaque outside."""

@@ -53,14 +53,16 @@ from typing import Callable
 import numpy as np
 from xxhash import xxh3_128_intdigest as _xxh3_128
 
-from ..capture import CaptureKey, RotatingWriter, capture_line
-from ..digest import TOKEN_DTYPE, block_digest, encode_tokens, salted_root
+from ..capture import CaptureKey, RotatingWriter
+from ..capture.record import _FAST_MS, json_string, timestamp_text
+from ..digest import TOKEN_DTYPE, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
 logger = logging.getLogger("lmdeploy_hostcache.capture")
 
 FLUSH_RECORDS = 64      # queued requests encoded and written together
-RECENT_PROMPTS = 128    # prompts remembered (by first block) for a later one that continues one
+RECENT_PROMPTS = 128    # first blocks under which prompts are remembered for a later one that continues one
+RECENT_PER_BLOCK = 4    # ... and prompts remembered per first block (conversations sharing a system prompt)
 FLUSH_SECONDS = 1.0     # ... or sooner, at the first request end this long after the oldest queued one
 
 
@@ -78,9 +80,9 @@ class TraceCapture:
         self._queue: list[tuple] = []     # snapshots not yet written
         self._queued_at = 0.0             # perf_counter when the oldest queued snapshot was taken
         self._roots: dict[tuple, tuple[int, int]] = {}    # (adapter, salt) -> (chain root, seed)
-        # first block's digest -> (bytes, xxh3 of its tokens, blocks, last digest, ids' text) of the latest
-        # such prompt
-        self._recent: dict[int, tuple] = {}
+        # first block's digest -> [(bytes, xxh3 of its tokens, blocks, last digest, ids' text), ...] of the
+        # latest prompts with that first block (at most RECENT_PER_BLOCK, newest last)
+        self._recent: dict[int, list] = {}
         self.flush_records = FLUSH_RECORDS
         self.flush_seconds = FLUSH_SECONDS
         self.failed = ""
@@ -150,9 +152,10 @@ class TraceCapture:
         return self.encode(self.snapshot(seq, chain))
 
     def snapshot(self, seq, chain=None) -> tuple:
-        """What the record needs from the sequence (cheap: no hashing; the prompt's full blocks as a view
-        of its token ids, which LMDeploy never writes once it ended the sequence) and the host tier's chain
-        (a reference: the connector drops it right after, nothing changes it any more)."""
+        """What the record needs from the sequence (cheap: no hashing, no copy, no numpy call: LMDeploy's
+        token store of the sequence, ``seq.history_cache``, and the length of the prompt's full blocks;
+        ``encode_many`` slices it, LMDeploy never writes an ended sequence's tokens again) and the host
+        tier's chain (a reference: the connector drops it right after, nothing changes it any more)."""
         noted = self._arrival.pop(seq.seq_id, None)
         start = seq.input_start_pos
         if noted is not None and noted[0] == start:
@@ -161,11 +164,17 @@ class TraceCapture:
             arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
         prompt_len = int(seq.input_end_pos)
         full = prompt_len - prompt_len % self.block_size
-        all_ids = seq.all_ids               # seq.num_all_ids of them
-        output_len = len(all_ids) - prompt_len
-        return (arrival, prompt_len, output_len if output_len > 0 else 0,
-                all_ids[:full] if full else None, seq.adapter_name, sequence_salt(seq),
-                seq.session.session_id if start > 0 else None, chain)
+        output_len = seq.num_all_ids - prompt_len
+        if full:
+            # seq.all_ids is history_cache[:num_all_ids], and full <= input_end_pos <= num_all_ids: its first
+            # ``full`` ids are history_cache[:full] (a sequence without one, as in tests: all_ids)
+            tokens = getattr(seq, "history_cache", None)
+            if tokens is None:
+                tokens = seq.all_ids
+        else:
+            tokens = None
+        return (arrival, prompt_len, output_len if output_len > 0 else 0, tokens, full, seq.adapter_name,
+                sequence_salt(seq), seq.session.session_id if start > 0 else None, chain)
 
     def encode(self, snap: tuple) -> str:
         """The JSON line of a snapshot: chained digests, keyed ids, the record."""
@@ -174,79 +183,111 @@ class TraceCapture:
     def encode_many(self, snaps) -> list[str]:
         """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest`` from
         the request's salted root, as ``ChainHasher`` computes it): the tokens of the whole batch are
-        range-checked and encoded by one numpy pass; a block's digest is then taken, in this order,
-        from the latest remembered prompt this one continues (same first block, the remembered bytes'
-        xxh3 equal), from the host tier's chain of the request (only where the chain's parent digest
-        is the one computed here, its seed is the request's and its block bytes equal the prompt's),
-        else computed (one ``block_digest`` call; ``blocks_hashed`` counts them).  Each line is
-        ``capture_line``'s, from the ids' texts (``CaptureKey.block_id_texts``)."""
-        arrays = [snap[3] for snap in snaps if snap[3] is not None]
-        data = encode_tokens(np.concatenate(arrays)) if arrays else b""
+        range-checked and encoded by one numpy pass (``_token_bytes``); a block's digest is then taken,
+        in this order, from the latest remembered prompt this one continues (same first block, the
+        remembered bytes' xxh3 equal), from the host tier's chain of the request (only where the chain's
+        parent digest is the one computed here, its seed is the request's and its block bytes equal the
+        prompt's), else computed (``block_digest``'s formula, inlined; ``blocks_hashed`` counts them).
+        Each line is ``capture_line``'s (formatted here, field for field the same: tests compare), from
+        the ids' text (``CaptureKey.block_ids_text``)."""
+        with_blocks = [snap for snap in snaps if snap[3] is not None]
+        data = _token_bytes([snap[3][:snap[4]] for snap in with_blocks])
+        if len(data) != sum(snap[4] for snap in with_blocks) * TOKEN_DTYPE.itemsize:
+            raise ValueError("a sequence holds fewer token ids than its prompt's full blocks")
         view = memoryview(data)     # slices without copies, for the xxh3 checks
         bs = self.block_size
         step = bs * TOKEN_DTYPE.itemsize
         roots, key, recent = self._roots, self.key, self._recent
         base = roots.get((None, "")) or self._root(None, "")
-        id_texts, fingerprint = key.block_id_texts, key.fingerprint
+        ids_text = key.block_ids_text
+        # the constant part of every line after the ids (capture_line's layout)
+        after_ids = f'],"block_size":{bs},"capture":{json_string(key.fingerprint)}'
         lines = []
+        append = lines.append
         offset = total = hashed = from_chain = 0
-        for arrival, prompt_len, output_len, tokens, adapter_name, salt, session, chain in snaps:
-            text, blocks = "", 0
-            if tokens is not None:
+        for arrival, prompt_len, output_len, tokens, full, adapter_name, salt, session, chain in snaps:
+            if tokens is None:
+                text = ""
+            else:
                 if adapter_name is None and not salt:
                     parent, seed = base
                 else:
                     parent, seed = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
-                end = offset + len(tokens) * TOKEN_DTYPE.itemsize
+                end = offset + full * TOKEN_DTYPE.itemsize
                 blocks = (end - offset) // step
                 total += blocks
-                first = block_digest(parent, data[offset:offset + step], seed)
+                first = _xxh3_128(parent.to_bytes(16, "little") + data[offset:offset + step], seed)
                 hashed += 1
-                seen = recent.get(first)
-                if (seen is not None and seen[0] <= end - offset
-                        and _xxh3_128(view[offset:offset + seen[0]]) == seen[1]):
+                # the remembered prompts with this first block, newest last: the newest one this prompt
+                # continues gives its digests and ids
+                kept = recent.get(first)
+                seen = None
+                if kept is not None:
+                    size = end - offset
+                    for at in range(len(kept) - 1, -1, -1):
+                        prior = kept[at]
+                        if prior[0] <= size and _xxh3_128(view[offset:offset + prior[0]]) == prior[1]:
+                            seen = prior
+                            del kept[at]     # this prompt takes its place: it holds the same and more
+                            break
+                if seen is not None:
                     j, parent, text = seen[2], seen[3], seen[4]   # this prompt continues that one
                     new = []
                 else:
-                    j, parent, new = 1, first, [first]
+                    j, parent, new, text = 1, first, [first], ""
                 # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb
-                ce = 0
-                if chain is not None:
+                if chain is not None and j < blocks:
                     h = chain.hasher
                     ds = h.digests
-                    if h.namespace.seed == seed:
-                        cs = chain.start_block
-                        ce = min(cs + len(ds), blocks)
-                        if ce <= cs:
-                            ce = 0
-                if j < ce:
-                    bb = h.block_bytes
-                    if j < cs:   # up to the chain's first block
-                        for at in range(offset + j * step, offset + cs * step, step):
-                            parent = block_digest(parent, data[at:at + step], seed)
-                            new.append(parent)
-                        hashed += cs - j
-                        j = cs
-                    if (parent == (ds[j - cs - 1] if j > cs else h.parent)
-                            and b"".join(bb[j - cs:ce - cs]) == data[offset + j * step:offset + ce * step]):
-                        new += ds[j - cs:ce - cs]
-                        parent = new[-1]
-                        from_chain += ce - j
-                        j = ce
+                    cs = chain.start_block
+                    ce = cs + len(ds)
+                    if ce > blocks:
+                        ce = blocks
+                    if j < ce and cs < ce and h.namespace.seed == seed:
+                        if j < cs:   # up to the chain's first block
+                            for at in range(offset + j * step, offset + cs * step, step):
+                                parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
+                                new.append(parent)
+                            hashed += cs - j
+                            j = cs
+                        if (parent == (ds[j - cs - 1] if j > cs else h.parent)
+                                and b"".join(h.block_bytes[j - cs:ce - cs])
+                                == data[offset + j * step:offset + ce * step]):
+                            new += ds[j - cs:ce - cs]
+                            parent = new[-1]
+                            from_chain += ce - j
+                            j = ce
                 if j < blocks:
                     for at in range(offset + j * step, end, step):
-                        parent = block_digest(parent, data[at:at + step], seed)
+                        parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
                         new.append(parent)
                     hashed += blocks - j
                 if new:
-                    more = ",".join(id_texts(new))
+                    more = ids_text(new)
                     text = f"{text},{more}" if text else more
-                if len(recent) >= RECENT_PROMPTS:
-                    recent.clear()
-                recent[first] = (end - offset, _xxh3_128(view[offset:end]), blocks, parent, text)
+                prior = (end - offset, _xxh3_128(view[offset:end]), blocks, parent, text)
+                if kept is None:
+                    if len(recent) >= RECENT_PROMPTS:
+                        recent.clear()
+                    recent[first] = [prior]
+                else:
+                    if len(kept) >= RECENT_PER_BLOCK:
+                        del kept[0]
+                    kept.append(prior)
                 offset = end
-            lines.append(capture_line(arrival, prompt_len, output_len, text, blocks, bs, fingerprint,
-                                      None if session is None else key.session_id(session)))
+            ms = arrival * 1000.0
+            if -_FAST_MS < ms < _FAST_MS:   # timestamp_text's fast form, inlined
+                stamp = "%.3f" % ms
+                if stamp[-1] == "0":
+                    stamp = stamp.rstrip("0")
+                    if stamp[-1] == ".":
+                        stamp += "0"
+            else:
+                stamp = timestamp_text(arrival)
+            append(f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
+                   f'"hash_ids":[{text}{after_ids}}}\n' if session is None else
+                   f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
+                   f'"hash_ids":[{text}{after_ids},"session":{json_string(key.session_id(session))}}}\n')
         self.blocks_hashed += hashed
         self.blocks_from_chain += from_chain
         self.blocks_reused += total - hashed
@@ -272,6 +313,25 @@ class TraceCapture:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+
+
+_U64 = np.dtype(np.uint64)
+_I64 = np.dtype(np.int64)
+_MAX_TOKEN = (1 << 32) - 1
+
+
+def _token_bytes(arrays) -> bytes:
+    """``encode_tokens`` of the arrays laid end to end (ValueError for an id outside [0, 2**32)): for
+    LMDeploy's int64 ids one range check (read as unsigned, a negative id is above the range too) and
+    one cast, instead of a min and a max."""
+    if not arrays:
+        return b""
+    tokens = np.concatenate(arrays)
+    if tokens.dtype != _I64:
+        return encode_tokens(tokens)
+    if tokens.size and int(tokens.view(_U64).max()) > _MAX_TOKEN:
+        return encode_tokens(tokens)    # raises, naming the range
+    return tokens.astype(TOKEN_DTYPE).tobytes()
 
 
 def _flush_at_exit(ref) -> None:
