@@ -17,10 +17,11 @@ Cost (the ids are derived on LMDeploy's scheduler thread): ``block_id_texts`` ke
 in a bounded in-memory map (digest -> the id's decimal text, what a record writes; at most
 ``MEMO_ENTRIES``, emptied when full), so a block shared by many requests (a system prompt, a
 conversation's history) is keyed and formatted once, not once per request; the keyed hasher is set up
-once per key and copied per digest.  ``block_ids`` is the same ids as ints.  Both give the ids of the
-formula above (``tests/capture/test_capture.py``); the map lives in process memory only and holds
-nothing the host tier does not already hold (digests) beyond the ids a capture writes anyway.
-``derived`` counts the keyed hashes run.
+once per key and copied per digest; the digests the map lacks are found by C-level membership tests.
+``block_ids_text`` is the same ids joined by commas (a record's ``hash_ids``), ``block_ids`` the same
+ids as ints.  All give the ids of the formula above (``tests/capture/test_capture.py``); the map lives
+in process memory only and holds nothing the host tier does not already hold (digests) beyond the ids
+a capture writes anyway.  ``derived`` counts the keyed hashes run.
 """
 from __future__ import annotations
 

@@ -3,10 +3,12 @@
 ``HostTierScheduler`` calls ``on_new_request(seq)`` (LMDeploy registered a sequence) and
 ``on_request_finished(seq, chain)`` (LMDeploy ended it, finished or aborted; ``chain``: the host
 tier's digest chain of the request, or None) when ``capture`` is set.  At the end the record is
-built from what the sequence holds: the prompt is ``seq.all_ids[:seq.input_end_pos]``, the output
-length ``seq.num_all_ids - seq.input_end_pos`` (read as ``len(seq.all_ids)``, which is
-``num_all_ids``), the block ids the capture key's ids of the prompt's full-block digests (the same
-chained digests the host tier uses, in the request's namespace: model, block size, KV format,
+built from what the sequence holds: the prompt is ``seq.all_ids[:seq.input_end_pos]`` (read as
+``seq.history_cache[:full]``, the prompt's ``full`` full-block ids: ``all_ids`` is
+``history_cache[:num_all_ids]`` and ``full <= input_end_pos <= num_all_ids``; a sequence without a
+``history_cache``, as in tests, is read through ``all_ids``), the output length
+``seq.num_all_ids - seq.input_end_pos``, the block ids the capture key's ids of the prompt's full-block
+digests (the same chained digests the host tier uses, in the request's namespace: model, block size, KV format,
 tenant salt, adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
 reading at ``on_new_request`` (wall-clock seconds by default; a test may pass another clock).
 
@@ -15,21 +17,26 @@ time, flushes included): a capture thread was tried and measured worse, because 
 for the GIL with the scheduler (docs/planner.md "Capturing your own traffic").  The file is opened
 and the base model's chain root computed when the engine starts (``open_seconds``; an unwritable path
 shows then).  The hook only takes what the record needs from the sequence (``snapshot``: no hashing,
-no copy: a view of the prompt's full-block token ids, which LMDeploy never writes again once it ends
-the sequence; it drops it) and the host tier's digest chain of the request (``connector._RequestChain``,
-a reference the connector drops right after) and queues them; every ``FLUSH_RECORDS`` queued
-requests, or at the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at
-``close``/interpreter exit, the queue is encoded (``encode_many``: chained digests, keyed ids, JSON
-lines) and written with one ``os.write``: one warm pass over a batch costs far less than a cold pass
-per request.  A process killed without ``close`` loses the records still queued (at most
-``FLUSH_RECORDS - 1``).  Digests are computed only where nothing already holds them: a prompt that
-continues one captured earlier with the same first block (the next turn of a conversation; the latest
-of ``RECENT_PROMPTS`` such prompts is remembered, with an xxh3 of its token bytes to check the
-continuation) takes that prompt's digests and ids, so a turn costs its new blocks, not its whole
-history; the blocks the host tier's lookup hashed (from the request's GPU-matched prefix on) are taken
-from its chain where the chain's parent digest is the one computed here and its block bytes equal the
-prompt's (so the ids are those of the formula whatever the chain holds).  Counters: ``records`` (hook
-calls), ``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each full prompt block is
+no copy, no numpy call: a reference to the sequence's token store and the length of the prompt's full
+blocks; LMDeploy never writes an ended sequence's tokens again, it drops them) and the host tier's
+digest chain of the request (``connector._RequestChain``, a reference the connector drops right after)
+and queues them; every ``FLUSH_RECORDS`` queued requests, or at the first request end ``FLUSH_SECONDS``
+after the oldest queued one, or at ``close``/interpreter exit, the queue is encoded (``encode_many``:
+the prompts' ids sliced and encoded by one numpy pass, chained digests, keyed ids, JSON lines) and
+written with one ``os.write``: one warm pass over a batch costs far less than a cold pass per request.
+A process killed without ``close`` loses the records still queued (at most ``FLUSH_RECORDS - 1``).
+Digests are computed only where nothing already holds them: a prompt that continues one captured
+earlier with the same first block (the next turn of a conversation) takes that prompt's digests and
+ids, so a turn costs its new blocks, not its whole history; up to ``RECENT_PER_BLOCK`` prompts are
+remembered per first block (conversations that share a system prompt interleave), under at most
+``RECENT_PROMPTS`` first blocks, each with an xxh3 of its token bytes to check the continuation, and
+the newest one the prompt continues is taken (it then replaces that one).  The blocks the host tier's
+lookup hashed (from the request's GPU-matched prefix on) are taken from its chain where it holds at
+least ``CHAIN_MIN_BLOCKS`` of the blocks still to digest (below that, hashing them from the batch's
+bytes costs less than reading the chain's objects, cold by then), the chain's parent digest is the one
+computed here and its block bytes equal the prompt's (so the ids are those of the formula whatever the
+chain holds).  A batch whose sequences hold fewer ids than their prompts' full blocks is not written
+(an error: capture stops).  Counters: ``records`` (hook calls), ``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each full prompt block is
 hashed at most once per request), ``blocks_from_chain`` (of the skipped ones, taken from the host
 tier's chain), ``flushes`` (``flushes_by_age`` of them by ``FLUSH_SECONDS``); ``key.derived`` counts
 keyed hashes (``capture/keys.py``).  The remembered prompts and the key's id memo live in process
@@ -64,6 +71,9 @@ FLUSH_RECORDS = 64      # queued requests encoded and written together
 RECENT_PROMPTS = 128    # first blocks under which prompts are remembered for a later one that continues one
 RECENT_PER_BLOCK = 4    # ... and prompts remembered per first block (conversations sharing a system prompt)
 FLUSH_SECONDS = 1.0     # ... or sooner, at the first request end this long after the oldest queued one
+# the host tier's chain of a request is read only where it holds at least this many of the blocks still to
+# digest: reading its objects (cold by then) costs more than hashing a few blocks from the batch's bytes
+CHAIN_MIN_BLOCKS = 8
 
 
 class TraceCapture:
@@ -85,6 +95,7 @@ class TraceCapture:
         self._recent: dict[int, list] = {}
         self.flush_records = FLUSH_RECORDS
         self.flush_seconds = FLUSH_SECONDS
+        self.chain_min_blocks = CHAIN_MIN_BLOCKS
         self.failed = ""
         self.seconds = 0.0          # time spent in the hooks and flushes, inside LMDeploy's scheduler step
         self.records = 0
@@ -182,24 +193,23 @@ class TraceCapture:
 
     def encode_many(self, snaps) -> list[str]:
         """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest`` from
-        the request's salted root, as ``ChainHasher`` computes it): the tokens of the whole batch are
-        range-checked and encoded by one numpy pass (``_token_bytes``); a block's digest is then taken,
-        in this order, from the latest remembered prompt this one continues (same first block, the
-        remembered bytes' xxh3 equal), from the host tier's chain of the request (only where the chain's
-        parent digest is the one computed here, its seed is the request's and its block bytes equal the
-        prompt's), else computed (``block_digest``'s formula, inlined; ``blocks_hashed`` counts them).
-        Each line is ``capture_line``'s (formatted here, field for field the same: tests compare), from
-        the ids' text (``CaptureKey.block_ids_text``)."""
-        with_blocks = [snap for snap in snaps if snap[3] is not None]
-        data = _token_bytes([snap[3][:snap[4]] for snap in with_blocks])
-        if len(data) != sum(snap[4] for snap in with_blocks) * TOKEN_DTYPE.itemsize:
-            raise ValueError("a sequence holds fewer token ids than its prompt's full blocks")
+        the request's salted root, as ``ChainHasher`` computes it): the prompts' full-block ids of the
+        whole batch are sliced, range-checked and encoded by one numpy pass (``_token_bytes``); a block's
+        digest is then taken, in this order, from the newest remembered prompt this one continues (same
+        first block, the remembered bytes' xxh3 equal), from the host tier's chain of the request (only
+        where it holds at least ``chain_min_blocks`` of the blocks still to digest, its parent digest is
+        the one computed here, its seed is the request's and its block bytes equal the prompt's), else
+        computed (``block_digest``'s formula, inlined; ``blocks_hashed`` counts them).  Each line is
+        ``capture_line``'s (formatted here, field for field the same: tests compare), from the ids'
+        text (``CaptureKey.block_ids_text``)."""
+        data = _token_bytes([snap[3][:snap[4]] for snap in snaps if snap[3] is not None])
         view = memoryview(data)     # slices without copies, for the xxh3 checks
         bs = self.block_size
         step = bs * TOKEN_DTYPE.itemsize
         roots, key, recent = self._roots, self.key, self._recent
         base = roots.get((None, "")) or self._root(None, "")
         ids_text = key.block_ids_text
+        chain_min = self.chain_min_blocks if self.chain_min_blocks > 0 else 1
         # the constant part of every line after the ids (capture_line's layout)
         after_ids = f'],"block_size":{bs},"capture":{json_string(key.fingerprint)}'
         lines = []
@@ -243,7 +253,7 @@ class TraceCapture:
                     ce = cs + len(ds)
                     if ce > blocks:
                         ce = blocks
-                    if j < ce and cs < ce and h.namespace.seed == seed:
+                    if ce - (j if j > cs else cs) >= chain_min and h.namespace.seed == seed:
                         if j < cs:   # up to the chain's first block
                             for at in range(offset + j * step, offset + cs * step, step):
                                 parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
@@ -288,6 +298,8 @@ class TraceCapture:
                    f'"hash_ids":[{text}{after_ids}}}\n' if session is None else
                    f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
                    f'"hash_ids":[{text}{after_ids},"session":{json_string(key.session_id(session))}}}\n')
+        if offset != len(data):     # nothing written: some sequence held fewer ids than its prompt's blocks
+            raise ValueError(f"capture batch: {len(data)} token bytes for {offset} bytes of full prompt blocks")
         self.blocks_hashed += hashed
         self.blocks_from_chain += from_chain
         self.blocks_reused += total - hashed

@@ -197,6 +197,8 @@ def test_id_texts_and_capture_line_are_the_ids_and_the_record():
     k = CaptureKey(bytes(range(16)))
     digests = [(1 << 127) + 5, 7, 12345678901234567890, 7]
     assert k.block_id_texts(digests) == [str(k.block_id(d)) for d in digests] and k.derived == 3
+    fresh = CaptureKey(bytes(range(16)))
+    assert fresh.block_ids_text(digests) == ",".join(str(k.block_id(d)) for d in digests) and fresh.derived == 3
     assert CaptureKey(bytes(range(16))).block_ids(digests) == [k.block_id(d) for d in digests]
     ids = k.block_ids(digests)
     for session in (None, "00ff"):
@@ -259,6 +261,7 @@ def test_capture_takes_the_host_tier_chain_only_where_it_checks_out(tmp_path):
     from lmdeploy_hostcache.digest import ChainHasher, Namespace, salted_root
 
     cap, ns = _capture(tmp_path)
+    cap.chain_min_blocks = 1        # read every chain, however short: the checks themselves are tested here
     rng = np.random.default_rng(5)
     a, b, c, d, e, f = (rng.integers(0, 50000, n * BS + 5) for n in (9, 9, 9, 6, 6, 6))
     a2 = np.concatenate([a, rng.integers(0, 50000, 4 * BS)])   # continues `a`: its next turn
@@ -300,6 +303,39 @@ def test_capture_takes_the_host_tier_chain_only_where_it_checks_out(tmp_path):
     assert taken == [n for _, _, _, n in cases]
     total = sum(len(t) // BS for t, _, _, _ in cases)
     assert cap.blocks_hashed + cap.blocks_reused == total and cap.blocks_from_chain == sum(taken)
+
+
+def test_a_chain_is_read_only_where_it_saves_enough_hashing(tmp_path):
+    """A chain holding fewer than ``chain_min_blocks`` of the blocks still to digest is not read (they are
+    hashed); a longer one is taken; the lines are the formula's either way."""
+    import numpy as np
+
+    from lmdeploy_hostcache.digest import ChainHasher
+    from lmdeploy_hostcache.integration.trace_capture import CHAIN_MIN_BLOCKS
+
+    cap, ns = _capture(tmp_path)
+    assert cap.chain_min_blocks == CHAIN_MIN_BLOCKS > 1
+    rng = np.random.default_rng(11)
+    n = CHAIN_MIN_BLOCKS
+    short, long_ = (rng.integers(0, 50000, k * BS + 3) for k in (n, n + 2))
+    cases = [(short, _chain(ns, short, 1, n), 0),             # n - 1 blocks to take: hashed instead
+             (long_, _chain(ns, long_, 2, n + 2), n)]         # n blocks to take: taken
+    expected = []
+    for i, (tokens, chain, n_taken) in enumerate(cases):
+        seq = _seq(i, tokens)
+        cap.on_new_request(seq)
+        arrival = cap._arrival[i][1]
+        before = cap.blocks_from_chain
+        cap.flush_records = 1
+        cap.on_request_finished(seq, chain)
+        assert cap.blocks_from_chain - before == n_taken
+        h = ChainHasher(ns)
+        h.extend(tokens[:len(tokens) // BS * BS])
+        expected.append(capture_record(arrival_s=arrival, input_length=len(tokens), output_length=1,
+                                       block_ids=[cap.key.block_id(x) for x in h.digests], block_size=BS,
+                                       fingerprint=cap.key.fingerprint))
+    cap.close()
+    assert (tmp_path / "c.jsonl").read_text() == "".join(expected)
 
 
 def test_timestamp_text_is_repr_of_the_rounded_milliseconds():
