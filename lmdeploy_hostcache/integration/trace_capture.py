@@ -4,9 +4,10 @@
 ``on_request_finished(seq, chain)`` (LMDeploy ended it, finished or aborted; ``chain``: the host
 tier's digest chain of the request, or None) when ``capture`` is set.  At the end the record is
 built from what the sequence holds: the prompt is ``seq.all_ids[:seq.input_end_pos]`` (read as
-``seq.history_cache[:full]``, the prompt's ``full`` full-block ids: ``all_ids`` is
-``history_cache[:num_all_ids]`` and ``full <= input_end_pos <= num_all_ids``; a sequence without a
-``history_cache``, as in tests, is read through ``all_ids``), the output length
+``seq.history_cache.get_real()[:full]``, the prompt's ``full`` full-block ids: ``all_ids`` is
+``history_cache[:num_all_ids]``, ``history_cache[...]`` is ``get_real()[...]``, and
+``full <= input_end_pos <= num_all_ids``; a sequence without a ``history_cache``, as in tests, is read
+through ``all_ids``), the output length
 ``seq.num_all_ids - seq.input_end_pos``, the block ids the capture key's ids of the prompt's full-block
 digests (the same chained digests the host tier uses, in the request's namespace: model, block size, KV format,
 tenant salt, adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
@@ -178,10 +179,10 @@ class TraceCapture:
         output_len = seq.num_all_ids - prompt_len
         if full:
             # seq.all_ids is history_cache[:num_all_ids], and full <= input_end_pos <= num_all_ids: its first
-            # ``full`` ids are history_cache[:full] (a sequence without one, as in tests: all_ids)
+            # ``full`` ids are history_cache.get_real()[:full] (a sequence without one, as in tests: all_ids)
             tokens = getattr(seq, "history_cache", None)
             if tokens is None:
-                tokens = seq.all_ids
+                tokens = _AllIds(seq.all_ids)
         else:
             tokens = None
         return (arrival, prompt_len, output_len if output_len > 0 else 0, tokens, full, seq.adapter_name,
@@ -202,7 +203,7 @@ class TraceCapture:
         computed (``block_digest``'s formula, inlined; ``blocks_hashed`` counts them).  Each line is
         ``capture_line``'s (formatted here, field for field the same: tests compare), from the ids'
         text (``CaptureKey.block_ids_text``)."""
-        data = _token_bytes([snap[3][:snap[4]] for snap in snaps if snap[3] is not None])
+        data = _token_bytes([snap[3].get_real()[:snap[4]] for snap in snaps if snap[3] is not None])
         view = memoryview(data)     # slices without copies, for the xxh3 checks
         bs = self.block_size
         step = bs * TOKEN_DTYPE.itemsize
@@ -325,6 +326,18 @@ class TraceCapture:
     def close(self) -> None:
         self.flush()
         self.writer.close()
+
+
+class _AllIds:
+    """``seq.all_ids`` of a sequence without LMDeploy's ``history_cache`` (tests), read the same way."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self, ids) -> None:
+        self.ids = ids
+
+    def get_real(self):
+        return self.ids
 
 
 _U64 = np.dtype(np.uint64)
