@@ -37,10 +37,11 @@ least ``CHAIN_MIN_BLOCKS`` of the blocks still to digest (below that, hashing th
 bytes costs less than reading the chain's objects, cold by then), the chain's parent digest is the one
 computed here and its block bytes equal the prompt's (so the ids are those of the formula whatever the
 chain holds).  A batch whose sequences hold fewer ids than their prompts' full blocks is not written
-(an error: capture stops).  Counters: ``records`` (hook calls), ``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each full prompt block is
-hashed at most once per request), ``blocks_from_chain`` (of the skipped ones, taken from the host
-tier's chain), ``flushes`` (``flushes_by_age`` of them by ``FLUSH_SECONDS``); ``key.derived`` counts
-keyed hashes (``capture/keys.py``).  The remembered prompts and the key's id memo live in process
+(an error: capture stops).  Counters: ``records`` (hook calls), ``blocks_hashed`` and ``blocks_reused``
+(chain steps run and skipped: each full prompt block is hashed at most once per request),
+``blocks_from_chain`` (of the skipped ones, taken from the host tier's chain), ``flushes``
+(``flushes_by_age`` of them by ``FLUSH_SECONDS``); ``key.derived`` counts keyed hashes
+(``capture/keys.py``).  The remembered prompts and the key's id memo live in process
 memory only (digests, ids and an xxh3 of tokens; never written).
 
 Invariants: neither hook ever raises into LMDeploy (any error turns capture off for the engine,
