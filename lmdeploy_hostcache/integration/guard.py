@@ -155,6 +155,11 @@ RELIED_TARGETS: dict[str, str] = {
     # the executor plans host slots and hands tensor specs to the workers from this plan
     "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
         "the block-cache plan every worker builds (tensor specs, packed layout) for host slot sizing",
+    # trace capture reads an ended sequence's prompt from its token store (trace_capture.snapshot)
+    "lmdeploy.pytorch.messages:SchedulerSequence.all_ids":
+        "history_cache[:num_all_ids]: the prompt is the store's first input_end_pos ids",
+    "lmdeploy.pytorch.messages:_HistoryDataBase.get_real":
+        "a view of the ids appended so far (history_cache[...] slices it)",
 }
 
 # sha256 of the target's source (inspect.getsource form) in LMDeploy 0.18.0. FILE_PINS below
@@ -258,6 +263,10 @@ PINS: dict[str, str] = {
         "d02c88a20dae7cd246f306fe81a6efd8aece5e33f26eab469001aa1b22f46faf",
     "lmdeploy.pytorch.engine.cache_engine.plan:build_block_cache_plan":
         "ae8d890c1f625f782d4110f92eaccdd0b35e9539d09e5809a709a7b85fd367ca",
+    "lmdeploy.pytorch.messages:SchedulerSequence.all_ids":
+        "d46d7e94dfb5c48144eb8060688482c8407ffd58ebe101784d0ac677fb70ba27",
+    "lmdeploy.pytorch.messages:_HistoryDataBase.get_real":
+        "51d7cefd56556da3e23bc14af984660f903d111275d63195a6153505170a4252",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":

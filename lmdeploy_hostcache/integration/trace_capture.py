@@ -13,8 +13,8 @@ digests (the same chained digests the host tier uses, in the request's namespace
 tenant salt, adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
 reading at ``on_new_request`` (wall-clock seconds by default; a test may pass another clock).
 
-Everything runs on the scheduler's thread, inside LMDeploy's ``end_session`` (``seconds`` sums that
-time, flushes included): a capture thread was tried and measured worse, because its hashing competes
+Everything runs on the scheduler's thread, when LMDeploy registers a sequence (``on_new_request``)
+and inside its ``end_session`` (``seconds`` sums both hooks' time, flushes included): a capture thread was tried and measured worse, because its hashing competes
 for the GIL with the scheduler (docs/planner.md "Capturing your own traffic").  The file is opened
 and the base model's chain root computed when the engine starts (``open_seconds``; an unwritable path
 shows then).  The hook only takes what the record needs from the sequence (``snapshot``: no hashing,
@@ -117,10 +117,12 @@ class TraceCapture:
     def on_new_request(self, seq) -> None:
         if self.failed:
             return
+        t0 = perf_counter()
         try:
             self._arrival[int(seq.seq_id)] = (int(seq.input_start_pos), self.clock())
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
+        self.seconds += perf_counter() - t0
 
     def on_request_finished(self, seq, chain=None) -> None:
         """``chain``: the host tier's digest chain of this request (``connector._RequestChain``), when
