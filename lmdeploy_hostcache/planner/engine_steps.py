@@ -17,8 +17,9 @@ blocks, host copies in flight) and replaces only the clock, with these rules of 
   waiting prompt reaches ``max_prefill_tokens``; otherwise it decodes;
 * a prefill step admits waiting requests first come, first served, while fewer than
   ``max_batches`` run, their prompt tokens stay within ``max_prefill_tokens`` (the first is
-  always admitted) and their blocks fit beside what the running requests and the started loads
-  hold; a request that does not fit waits while decode steps free blocks (a request larger than
+  always admitted) and their blocks (the prompt plus ``prefill_interval`` preallocated tokens,
+  taken on admission as LMDeploy's ``prealloc_size``) fit beside what the running requests and the
+  started loads hold; a request that does not fit waits while decode steps free blocks (a request larger than
   the whole tier runs when nothing runs and no load is in flight); the running requests do not
   decode in that step;
 * an admission that finds too little room still evicts: LMDeploy's ``try_make_capacity_for``
@@ -39,8 +40,7 @@ Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``load_waits``
 waited for a host load), ``attempt_evictions``, plus ``ConcurrencyStats``
 (``queued_requests``/``queue_delay_s``: requests that prefilled after the first step they could
 have run in, and those waits).  Not modelled: preemption (the engine never preempted in the
-validation runs), chunked prefill of long prompts, LMDeploy's preallocation of ``prefill_interval``
-tokens ahead beyond the admission check, a load's soft reservation of its prompt's tail
+validation runs), chunked prefill of long prompts, a load's soft reservation of its prompt's tail
 (``KVLoadCoordinator.can_admit_load``: here a load takes its whole prompt at once), and a prefill
 step's own duration (a step is a step).  Invariants: steps only move forward; a running
 request's end and block-growth events are kept in *decode-step* counts, so a prefill step inserted
@@ -303,7 +303,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             for d in pinned:
                 pins[d] = pins.get(d, 0) + 1
         bs = self.block_size
-        held = self._hold(max(0, -(-pr.request.input_length // bs) - len(pinned)))
+        # LMDeploy allocates the prompt plus prefill_interval tokens ahead (prealloc_size) on admission
+        need = -(-(pr.request.input_length + self.engine.prefill_interval) // bs)
+        held = self._hold(max(0, need - len(pinned)))
         self._held_now += len(held)
         self._served = (g, restored, pinned, held)
         st = self.stats
@@ -328,7 +330,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._n += 1
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
         self._push(d0 + max(0, r.output_length - 1), 0, state)
-        blocks = -(-r.input_length // bs)
+        blocks = -(-(r.input_length + self.engine.prefill_interval) // bs)   # taken on admission
         for i in range(1, r.output_length + 1):
             need = -(-(r.input_length + i) // bs)
             if need > blocks:

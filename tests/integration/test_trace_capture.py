@@ -251,9 +251,9 @@ def test_planner_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_cloc
 # The step model (--engine-steps with the harness's admission settings) within TOLERANCE, on squeezed rows
 # where it agrees: tuning rows it was fitted on and held-out rows (regression guards, not evidence that it
 # agrees everywhere). docs/planner.md "The step model" has the whole table.
-VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('mooncake', 36, 24),
-                    ('mooncake', 40, 24), ('mooncake', 44, 24), ('weka-held-out', 28, 24),
-                    ('weka-held-out', 36, 24), ('mooncake-40', 36, 24), ('mooncake-40', 40, 24)]
+VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('mooncake', 40, 24),
+                    ('mooncake', 44, 24), ('weka-10-turns', 32, 24), ('weka-held-out', 28, 24),
+                    ('weka-held-out', 36, 24), ('mooncake-40', 36, 24), ('mooncake-40', 44, 24)]
 
 
 @pytest.mark.parametrize('workload,gpu,host', VALIDATION_STEPS)
