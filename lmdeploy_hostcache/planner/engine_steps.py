@@ -178,9 +178,14 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._fire_due()
 
     # -- admission ---------------------------------------------------------------------------
+    def _admission_blocks(self, input_length: int) -> int:
+        """Blocks LMDeploy allocates when it admits a prompt: the prompt plus ``prefill_interval``
+        preallocated tokens (``prealloc_size``)."""
+        return -(-(input_length + self.engine.prefill_interval) // self.block_size)
+
     def _fits(self, pr: PreparedRequest, total: int) -> bool:
         """LMDeploy admits a prefill only if the prompt plus ``prefill_interval`` preallocated tokens fit."""
-        total = -(-(pr.request.input_length + self.engine.prefill_interval) // self.block_size)
+        total = self._admission_blocks(pr.request.input_length)
         pins = self._pins
         shared = 0
         for d in pr.digests:
@@ -269,8 +274,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._settle_writes(self._clock)
         gpu = self.gpu
         g, _ = self.probe(pr)
-        total = -(-(pr.request.input_length + self.engine.prefill_interval) // self.block_size)
-        missing = total - g - gpu.num_free_slots
+        missing = self._admission_blocks(pr.request.input_length) - g - gpu.num_free_slots
         if missing <= 0:
             return
         matched = pr.digests[:g]
@@ -302,10 +306,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             pins = self._pins
             for d in pinned:
                 pins[d] = pins.get(d, 0) + 1
-        bs = self.block_size
-        # LMDeploy allocates the prompt plus prefill_interval tokens ahead (prealloc_size) on admission
-        need = -(-(pr.request.input_length + self.engine.prefill_interval) // bs)
-        held = self._hold(max(0, need - len(pinned)))
+        held = self._hold(max(0, self._admission_blocks(pr.request.input_length) - len(pinned)))
         self._held_now += len(held)
         self._served = (g, restored, pinned, held)
         st = self.stats
@@ -330,7 +331,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._n += 1
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
         self._push(d0 + max(0, r.output_length - 1), 0, state)
-        blocks = -(-(r.input_length + self.engine.prefill_interval) // bs)   # taken on admission
+        blocks = self._admission_blocks(r.input_length)   # taken on admission (_serve_now)
         for i in range(1, r.output_length + 1):
             need = -(-(r.input_length + i) // bs)
             if need > blocks:
