@@ -236,6 +236,24 @@ def _seq(seq_id, tokens, salt=""):
     return s
 
 
+def _finish_one(cap, ns, seq_id, tokens, chain, salt=""):
+    """Capture one request that ends with the host tier's ``chain``, encoded at once; returns how many
+    blocks the capture took from the chain and the line the documented formula gives for it."""
+    from lmdeploy_hostcache.digest import ChainHasher, salted_root
+
+    seq = _seq(seq_id, tokens, salt)
+    cap.on_new_request(seq)
+    arrival = cap._arrival[seq_id][1]
+    before = cap.blocks_from_chain
+    cap.flush_records = 1                            # encode each one now: its own count of chain blocks
+    cap.on_request_finished(seq, chain)
+    h = ChainHasher(ns, parent=salted_root(ns, salt))
+    h.extend(tokens[:len(tokens) // BS * BS])
+    return cap.blocks_from_chain - before, capture_record(
+        arrival_s=arrival, input_length=len(tokens), output_length=1,
+        block_ids=[cap.key.block_id(x) for x in h.digests], block_size=BS, fingerprint=cap.key.fingerprint)
+
+
 def _chain(ns, tokens, start_block, end_block, salt=""):
     """What the host tier's lookup holds (connector._RequestChain): the digests of blocks
     [start_block, end_block) of ``tokens`` chained from the digest of the blocks before."""
@@ -258,7 +276,7 @@ def test_capture_takes_the_host_tier_chain_only_where_it_checks_out(tmp_path):
 
     import numpy as np
 
-    from lmdeploy_hostcache.digest import ChainHasher, Namespace, salted_root
+    from lmdeploy_hostcache.digest import ChainHasher, Namespace
 
     cap, ns = _capture(tmp_path)
     cap.chain_min_blocks = 1        # read every chain, however short: the checks themselves are tested here
@@ -286,18 +304,9 @@ def test_capture_takes_the_host_tier_chain_only_where_it_checks_out(tmp_path):
     ]
     expected, taken = [], []
     for i, (tokens, chain, salt, n) in enumerate(cases):
-        seq = _seq(i, tokens, salt)
-        cap.on_new_request(seq)
-        arrival = cap._arrival[i][1]
-        before = cap.blocks_from_chain
-        cap.flush_records = 1                            # encode each one now: its own count of chain blocks
-        cap.on_request_finished(seq, chain)
-        taken.append(cap.blocks_from_chain - before)
-        h = ChainHasher(ns, parent=salted_root(ns, salt))
-        h.extend(tokens[:len(tokens) // BS * BS])
-        expected.append(capture_record(arrival_s=arrival, input_length=len(tokens), output_length=1,
-                                       block_ids=[cap.key.block_id(x) for x in h.digests], block_size=BS,
-                                       fingerprint=cap.key.fingerprint))
+        n_taken, line = _finish_one(cap, ns, i, tokens, chain, salt)
+        taken.append(n_taken)
+        expected.append(line)
     cap.close()
     assert (tmp_path / "c.jsonl").read_text() == "".join(expected)
     assert taken == [n for _, _, _, n in cases]
@@ -310,7 +319,6 @@ def test_a_chain_is_read_only_where_it_saves_enough_hashing(tmp_path):
     hashed); a longer one is taken; the lines are the formula's either way."""
     import numpy as np
 
-    from lmdeploy_hostcache.digest import ChainHasher
     from lmdeploy_hostcache.integration.trace_capture import CHAIN_MIN_BLOCKS
 
     cap, ns = _capture(tmp_path)
@@ -322,18 +330,9 @@ def test_a_chain_is_read_only_where_it_saves_enough_hashing(tmp_path):
              (long_, _chain(ns, long_, 2, n + 2), n)]         # n blocks to take: taken
     expected = []
     for i, (tokens, chain, n_taken) in enumerate(cases):
-        seq = _seq(i, tokens)
-        cap.on_new_request(seq)
-        arrival = cap._arrival[i][1]
-        before = cap.blocks_from_chain
-        cap.flush_records = 1
-        cap.on_request_finished(seq, chain)
-        assert cap.blocks_from_chain - before == n_taken
-        h = ChainHasher(ns)
-        h.extend(tokens[:len(tokens) // BS * BS])
-        expected.append(capture_record(arrival_s=arrival, input_length=len(tokens), output_length=1,
-                                       block_ids=[cap.key.block_id(x) for x in h.digests], block_size=BS,
-                                       fingerprint=cap.key.fingerprint))
+        taken, line = _finish_one(cap, ns, i, tokens, chain)
+        assert taken == n_taken
+        expected.append(line)
     cap.close()
     assert (tmp_path / "c.jsonl").read_text() == "".join(expected)
 
