@@ -435,9 +435,11 @@ class HostTierScheduler:
         first, last = num_computed // bs, token_len // bs
         chain = self._request_chain(request, first, last)
         digests, blocks = chain.slice(first, last)
-        n = self.index.lookup(digests, blocks)
+        found = n = self.index.lookup(digests, blocks)
+        # only what the hold budget covers is reported: a reported hit is held until its load starts
+        n = min(n, max(0, self.num_slots // 2 - self._held_blocks))
         s = 0
-        if self.l3 is not None and n < len(digests) and n < self.num_slots // 2:
+        if self.l3 is not None and n == found and n < len(digests) and n < self.num_slots // 2:
             # the prefix continues in the shared store? Staged through host slots: at most half
             # of them per request (host hits included), so staging does not flush the host tier
             s = self.l3.chain.lookup(digests[n:n + self.num_slots // 2 - n], blocks[n:n + self.num_slots // 2 - n])
@@ -445,11 +447,11 @@ class HostTierScheduler:
         # a retry that finds more resident blocks adds only the extra hits.
         counted = self._counted_lookup.get(req)
         if counted is None or counted[:2] != (first, last):
-            self._counted_lookup[req] = (first, last, n)
-            self.metrics.add(lookups=1, lookup_blocks=len(digests), hit_blocks=n, hit_tokens=n * bs)
-        elif n > counted[2]:
-            self._counted_lookup[req] = (first, last, n)
-            self.metrics.add(hit_blocks=n - counted[2], hit_tokens=(n - counted[2]) * bs)
+            self._counted_lookup[req] = (first, last, found)
+            self.metrics.add(lookups=1, lookup_blocks=len(digests), hit_blocks=found, hit_tokens=found * bs)
+        elif found > counted[2]:
+            self._counted_lookup[req] = (first, last, found)
+            self.metrics.add(hit_blocks=found - counted[2], hit_tokens=(found - counted[2]) * bs)
         hit_end = (first + n + s) * bs - recompute if n + s else 0
         num_external = hit_end - num_computed
         if num_external <= 0 or num_external < self.min_restore_tokens:
@@ -467,11 +469,13 @@ class HostTierScheduler:
 
         LMDeploy makes GPU room for the request between the lookup and the allocation; the blocks
         it evicts are demoted, and in a small host tier whose other blocks are all in flight
-        those demotions would evict the hit itself, so the turn would recompute.  Holds live for
-        one scheduling pass only and cover at most half the slots together, so demotions always
-        keep room.  A request that could not be admitted looks up again on its next attempt.
+        those demotions would evict the hit itself, so the load would fail and the turn would
+        recompute.  Holds live for one scheduling pass only and cover at most half the slots
+        together, so demotions always keep room; ``get_num_new_matched_tokens`` reports a hit
+        only up to what that budget still covers, so every reported hit is held.  A request that
+        could not be admitted looks up again on its next attempt.
         """
-        if digests and self._held_blocks + len(digests) <= self.num_slots // 2:
+        if digests and self._held_blocks + len(digests) <= self.num_slots // 2:   # always, by the above
             self.index.hold(digests)
             self._holds[req] = digests
             self._held_blocks += len(digests)

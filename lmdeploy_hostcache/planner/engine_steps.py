@@ -108,7 +108,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._step = 0            # the first step not decided yet
         self._decoded = 0         # decode steps so far (running requests' events count these)
         self._since_prefill = 0   # decode steps since the last prefill step
-        self._batch = (-1, 0, 0, -1)  # the latest prefill: (step, requests, prompt tokens, the step after it)
+        # the latest prefill: (step, requests, prompt tokens, the step after it, requests its pass may admit)
+        self._batch = (-1, 0, 0, -1, 0)
         self._ending: list[tuple[int, int, _Running]] = []   # (step its end is seen, order, request)
         # requests whose host load started: (first step they may prefill in, order, their blocks, request)
         self._loaded: list[tuple[int, int, tuple, PreparedRequest]] = []
@@ -119,6 +120,13 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._position: dict[int, int] = {}
         # loads started: the host copies they read stay pinned until their prefill (id(pr) -> release)
         self._host_pending: dict[int, tuple] = {}
+        # blocks loads are writing: not in LMDeploy's trie (no GPU match) until the load completes
+        self._loading: dict[int, int] = {}
+        self._loading_of: dict[int, tuple] = {}
+        self._pending: PreparedRequest | None = None    # the request being served, until it takes blocks
+        self._arrivals: list[PreparedRequest] | None = None   # expect(): every request, in serve order
+        self._firsts: list[int] = []
+        self._index = -1
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -148,17 +156,58 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             r.ended = True
             self._live -= 1
             self._end(r)
+        if self._loading_of and self._loaded:
+            # a load completes: its reads end (the connector's load completion) and LMDeploy
+            # publishes its blocks in the trie, prefilled or not
+            for ready, _, _, lpr in self._loaded:
+                if ready <= self._step:
+                    self._complete_load(lpr)
 
-    def _decode_until(self, step: int) -> None:
+    def _complete_load(self, pr: PreparedRequest) -> None:
+        blocks = self._loading_of.pop(id(pr), None)
+        if blocks is None:
+            return
+        loading = self._loading
+        for d in blocks:
+            n = loading[d] - 1
+            if n:
+                loading[d] = n
+            else:
+                del loading[d]
+        release = self._host_pending.pop(id(pr), None)
+        if release is not None:
+            self._clock = self._seconds(self._step)
+            self.release_host_copies(release)
+
+    def probe(self, pr: PreparedRequest) -> tuple[int, int]:
+        g, h = super().probe(pr)
+        loading = self._loading
+        if loading and g:
+            d = pr.digests
+            for i in range(g):
+                if d[i] in loading:
+                    # a block a load is still writing is not matched on the GPU; its host copy
+                    # stays in the host tier (read-pinned) until the load completes
+                    m = pr.matchable
+                    h = self.host.lookup(d[i:m], pr.block_bytes[i:m]) if self.host.num_slots else 0
+                    return i, min(h, self.host.num_slots // 2)
+        return g, h
+
+    def _decode_until(self, step: int, waiting: bool = False) -> None:
         """Decide every step before ``step``: a prefill step when a loaded request is ready and the
-        engine would prefill, else a decode step (or nothing, on an idle engine)."""
+        engine would prefill, else a decode step (or nothing, on an idle engine).  ``waiting``: a
+        request waits to be admitted in these steps."""
         self._fire_due()
         while self._step < step:
             loaded = self._loaded
-            if loaded and loaded[0][0] <= self._step and self._prefill_due(loaded[0][3].request.input_length):
-                self._prefill(None)
-                self._fire_due()
-                continue
+            ready = bool(loaded) and loaded[0][0] <= self._step
+            if ready and self._prefill_due():
+                was_live = self._live
+                n, used, stopped = self._start_ready_loads()
+                if n:
+                    self._close_prefill(n, used, was_live, stopped)
+                    self._fire_due()
+                    continue
             n = step - self._step
             if loaded:
                 n = min(n, max(1, loaded[0][0] - self._step))
@@ -172,19 +221,32 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 n = min(n, max(1, self._ending[0][0] - self._step))
             self._step += n
             self._decoded += n
-            self._since_prefill += n
+            # LMDeploy counts decode steps towards prefill_interval only while a request waits
+            self._since_prefill = self._since_prefill + n if (waiting or ready) else 0
             self.stats.decode_steps += n
-            self._last_busy = self._step - 1
+            self._last_busy = max(self._last_busy, self._step - 1)
             self._fire_due()
 
     # -- admission ---------------------------------------------------------------------------
+    def _tail_tokens(self, pr: PreparedRequest, served) -> int:
+        """The prompt tokens a prefill computes, which LMDeploy charges to the step's
+        ``max_prefill_tokens``: those after the matched and restored prefix."""
+        return pr.request.input_length - (served[0] + served[1]) * self.block_size
+
+    def _matched_tail(self, pr: PreparedRequest, step: int | None = None) -> int:
+        """``_tail_tokens`` of a request not served yet, from its GPU match at ``step`` (default: now)."""
+        self._clock = self._seconds(self._step if step is None else step)
+        self._settle_writes(self._clock)
+        return pr.request.input_length - self.probe(pr)[0] * self.block_size
+
     def _admission_blocks(self, input_length: int) -> int:
         """Blocks LMDeploy allocates when it admits a prompt: the prompt plus ``prefill_interval``
         preallocated tokens (``prealloc_size``)."""
         return -(-(input_length + self.engine.prefill_interval) // self.block_size)
 
-    def _fits(self, pr: PreparedRequest, total: int) -> bool:
-        """LMDeploy admits a prefill only if the prompt plus ``prefill_interval`` preallocated tokens fit."""
+    def _fits(self, pr: PreparedRequest) -> bool:
+        """LMDeploy admits a prefill only if the prompt plus ``prefill_interval`` preallocated tokens
+        fit beside what running requests and started loads hold (cached blocks can be evicted)."""
         total = self._admission_blocks(pr.request.input_length)
         pins = self._pins
         shared = 0
@@ -194,113 +256,266 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             shared += 1
         return self._occupied() + total - shared <= self.stats.gpu_blocks
 
-    def _prefill_due(self, tokens: int) -> bool:
-        """Would the engine run a prefill step now for a waiting prompt of ``tokens``?"""
+    def _prefill_due(self) -> bool:
+        """Would the engine run a prefill step now for the requests waiting?"""
         e = self.engine
         return (not self._live or self._since_prefill >= e.prefill_interval or self._live < e.max_batches * 0.5
-                or tokens >= e.max_prefill_tokens)
+                or self._waiting_tokens() >= e.max_prefill_tokens)
 
-    def _admissible(self, pr: PreparedRequest, total: int, tokens: int) -> bool:
-        if not self._live and not self._loaded:
-            return True
-        return self._prefill_due(tokens) and self._live < self.engine.max_batches and self._fits(pr, total)
+    def _waiting_tokens(self) -> int:
+        """The prompt tokens LMDeploy's waiting queue holds now (it prefills once they reach
+        ``max_prefill_tokens``): the loads completed and not prefilled (their tails), the request
+        being served if it arrived, and, when the arrivals are known (``expect``), the later ones
+        that arrived by now (whole prompts: their matches are rolled back while they wait)."""
+        step, cap = self._step, self.engine.max_prefill_tokens
+        total = 0
+        for ready, _, part, lpr in self._loaded:
+            if ready <= step:
+                total += self._tail_tokens(lpr, part)
+        pending = self._pending
+        if pending is not None and math.ceil(pending.request.timestamp * self._rate) <= step:
+            total += pending.request.input_length
+        arrivals = self._arrivals
+        if arrivals is not None:
+            firsts, j = self._firsts, self._index + 1
+            while j < len(arrivals) and firsts[j] <= step and total < cap:
+                total += arrivals[j].request.input_length
+                j += 1
+        return total
 
-    def _prefill(self, pr: PreparedRequest | None) -> None:
-        """A prefill step now: the loaded requests that are ready (first come, first served) and
-        ``pr`` (already served) start running, within the batch and token limits."""
+    def expect(self, prepared: Sequence[PreparedRequest]) -> None:
+        """Tell the model the requests ``serve_at`` will be given, in that order, so that a request
+        waiting sees the ones that arrived after it (LMDeploy's prefill rule sums the waiting queue)."""
+        self._arrivals = list(prepared)
+        self._firsts = [math.ceil(p.request.timestamp * self._rate) for p in self._arrivals]
+        self._index = -1
+
+    def _start_ready_loads(self) -> tuple[int, int, bool]:
+        """A prefill pass at the current step first tries the requests whose loads completed (first
+        come, first served): each starts if its tail (the prompt past the loaded blocks, plus the
+        preallocation) fits, within the batch and token limits.  Returns (started, their prefill
+        tokens, whether the pass stopped there: LMDeploy's STOP, which no later request passes)."""
         e = self.engine
         step, n, used = self._step, 0, 0
         was_live = self._live
         loaded = self._loaded
-        while loaded and loaded[0][0] <= step and n < e.max_batches - was_live:
-            tokens = loaded[0][3].request.input_length
+        while loaded and loaded[0][0] <= step:
+            if n >= e.max_batches - was_live:
+                return n, used, True
+            _, _, part, lpr = loaded[0]
+            tokens = self._tail_tokens(lpr, part)
             if n and used + tokens > e.max_prefill_tokens:
-                break
-            _, _, served, lpr = heapq.heappop(loaded)
-            self._start(lpr, served, step)
+                return n, used, True
+            if not self._tail_fits(lpr, part) and (self._live or n):
+                self.stats.attempt_evictions += self._make_tail_room(lpr, part)
+                return n, used, True
+            heapq.heappop(loaded)
+            self._start(lpr, self._finish_load(lpr, part), step)
             n, used = n + 1, used + tokens
-        if pr is not None:
-            self._start(pr, self._served, step)
-            n, used = n + 1, used + pr.request.input_length
+        return n, used, False
+
+    def _close_prefill(self, n: int, used: int, was_live: int, stopped: bool = False) -> None:
+        """The step just decided was a prefill of ``n`` requests (``used`` prompt tokens); ``stopped``:
+        its pass stopped at a request that did not fit, so no later arrival joins it."""
+        step = self._step
         if was_live or self._last_busy >= step - 1:
             self._step += 1
         # else: an idle engine (no forward in the previous step) dispatches the prefill and, at once,
         # the next step's forward, since nothing was scheduled ahead: both happen in one time slot
-        self._last_busy = step
+        self._last_busy = max(self._last_busy, step)
         self._since_prefill = 0
         self.stats.prefill_steps += 1
-        self._batch = (step, n, used, self._step)
+        self._batch = (step, n, used, -1 if stopped else self._step, self.engine.max_batches - was_live)
 
-    def _admit(self, pr: PreparedRequest, total: int) -> None:
+    def _admit(self, pr: PreparedRequest) -> None:
         """Serve ``pr`` at the step the engine admits it, or at the step its host load starts."""
         e = self.engine
         r = pr.request
         first = math.ceil(r.timestamp * self._rate)
         tokens = r.input_length
-        step, n, used, after = self._batch
-        if (after == self._step and first <= step and n < e.max_batches and used + tokens <= e.max_prefill_tokens
-                and self._fits(pr, total) and not self._host_hit(pr)):
-            self._serve_now(pr)
-            self._start(pr, self._served, step)       # joins the prefill step just decided
-            self._batch = (step, n + 1, used + tokens, after)
-            return
+        step, n, used, after, cap = self._batch
+        if after == self._step and first <= step and n < cap:
+            # the pass of the prefill step just decided reaches this request too
+            outcome = self._attempt(pr, step, n, used)
+            if outcome == "admitted":
+                self._batch = (step, n + 1, used + self._tail_tokens(pr, self._served), after, cap)
+                return
+            if outcome == "load":
+                return
+            self._batch = (step, n, used, -1, cap)    # the pass stopped here
         self._decode_until(max(first, self._step))
-        while not self._admissible(pr, total, tokens):
-            if not self._live and not self._loaded:
-                break                    # larger than the whole tier: runs alone
-            if self._prefill_due(tokens) and self._live < e.max_batches:
-                self._failed_attempt(pr)
-            self._decode_until(self._step + 1)
-        if self._host_hit(pr):
-            # the load starts in this step (not a prefill: running requests decode in it); the
-            # request waits for a prefill step two or more steps later, others may start meanwhile
-            self._serve_now(pr)
-            self._last_busy = self._step     # the load ships with this step (a forward of its own if need be)
-            self.stats.load_waits += 1
-            if self.schedule is not None:
-                self.schedule.append((self._step, "load", self._position[id(pr)]))
-            heapq.heappush(self._loaded, (self._step + 2, self._n_loaded, self._served, pr))
-            self._n_loaded += 1
-            return
-        self._serve_now(pr)
-        self._prefill(pr)
+        while True:
+            idle = not self._live and not self._loaded
+            if idle or (self._prefill_due() and self._live < e.max_batches):
+                was_live = self._live
+                n, used, stopped = self._start_ready_loads()
+                if not stopped and self._live < e.max_batches:
+                    idle = not self._live and not self._loaded
+                    outcome = self._attempt(pr, self._step, n, used, idle)
+                    if outcome == "admitted":
+                        self._close_prefill(n + 1, used + self._tail_tokens(pr, self._served), was_live)
+                        return
+                    if outcome == "load":
+                        if n:
+                            self._close_prefill(n, used, was_live)
+                        return
+                if n:
+                    self._close_prefill(n, used, was_live, True)
+                    self._fire_due()
+                    continue
+            self._decode_until(self._step + 1, waiting=True)
 
-    def _failed_attempt(self, pr: PreparedRequest) -> None:
-        """A prefill step tried to admit ``pr`` and found too little room.  LMDeploy's
-        ``try_make_capacity_for`` evicts cached GPU blocks (up to the missing count, the request's
-        own matched prefix held) before it gives up, and those evictions stand: the blocks are
-        demoted to the host tier now, not when the request finally fits."""
+    def _attempt(self, pr: PreparedRequest, step: int, n: int, used: int, idle: bool = False) -> str:
+        """One admission attempt of ``pr`` in the pass of ``step`` that admitted ``n`` requests of
+        ``used`` prompt tokens so far, in LMDeploy's order: the token budget gate (nothing evicted
+        when it refuses), then the resources (room for the whole prefill, evicting cached blocks;
+        for a host hit, looked up and held by the connector, then the loads' soft budget), then the
+        allocation.  Returns "admitted" (prefills in this step), "load" (its load starts) or "stop"
+        (the pass stops at it; ``attempt_evictions`` counts what its attempt evicted)."""
+        if n and used + self._matched_tail(pr, step) > self.engine.max_prefill_tokens:
+            return "stop"
+        fits = idle or self._fits(pr)
+        if self._host_hit(pr, step):
+            g, h = self.probe(pr)
+            self.host.touch(pr.digests[g:g + h])      # the connector's lookup refreshes its hit
+            evicted = self._make_room(pr, step, hold_host_hit=True)
+            if fits and (idle or self._soft_budget_ok(pr)):
+                self._start_load(pr, step)
+                return "load"
+            self.stats.attempt_evictions += evicted
+            return "stop"
+        if not fits:
+            self.stats.attempt_evictions += self._make_room(pr, step)
+            return "stop"
+        self._serve_now(pr, step)
+        self._start(pr, self._served, step)
+        return "admitted"
+
+    def _start_load(self, pr: PreparedRequest, step: int | None = None) -> None:
+        """The load starts in this step (not a prefill: running requests decode in it): only the GPU
+        match and the host hit's destinations are taken (LMDeploy allocates the loaded interval);
+        the request waits for a prefill step two or more steps later, others may start meanwhile."""
+        step = self._step if step is None else step
+        self._clock = self._seconds(step)
+        self._settle_writes(self._clock)
+        self._pending = None
+        g, restored, covered = self.serve_blocks(pr, defer_host_release=True, load_only=True)
+        if self.host_release is not None:
+            self._host_pending[id(pr)] = self.host_release
+        written = tuple(pr.digests[g:g + restored])
+        self._loading_of[id(pr)] = written
+        for d in written:
+            self._loading[d] = self._loading.get(d, 0) + 1
+        pinned = self._pin(pr.digests[:g + covered])
+        # the load ships with this step (a forward of its own if need be) and the engine runs
+        # connector steps until it completes: not idle when the request is ready
+        self._last_busy = max(self._last_busy, step + 1)
+        self.stats.load_waits += 1
+        if self.schedule is not None:
+            self.schedule.append((step, "load", self._position[id(pr)]))
+        self._served = (g, restored, pinned, [])
+        heapq.heappush(self._loaded, (step + 2, self._n_loaded, (g, restored, pinned, g + covered), pr))
+        self._n_loaded += 1
+
+    def _shared(self, pr: PreparedRequest, first: int, last: int) -> tuple:
+        """The request's blocks ``first:last`` that the GPU tier holds (stored now or already there:
+        LMDeploy's trie deduplicates a block whose twin it already caches)."""
+        resident, d = self.gpu.is_resident, pr.digests
+        return tuple(d[i] for i in range(first, last) if resident(d[i]))
+
+    def _pin(self, digests) -> tuple:
+        resident = self.gpu.is_resident
+        pinned = tuple(d for d in digests if resident(d))
+        if pinned:
+            self.gpu.prepare_load(pinned)
+            pins = self._pins
+            for d in pinned:
+                pins[d] = pins.get(d, 0) + 1
+        return pinned
+
+    def _finish_load(self, pr: PreparedRequest, part) -> tuple:
+        """A loaded request's prefill: its tail is stored and its preallocation held now."""
+        g, restored, pinned, k = part
         self._clock = self._seconds(self._step)
         self._settle_writes(self._clock)
-        gpu = self.gpu
+        self._make_tail_room(pr, part)     # room for the tail first, as LMDeploy's capacity making
+        covered = self.store_blocks(pr, k)
+        pinned = pinned + self._pin(self._shared(pr, k, k + covered))
+        held = self._hold(max(0, self._admission_blocks(pr.request.input_length) - len(pinned)))
+        self._held_now += len(held)
+        st = self.stats
+        st.max_held_blocks = max(st.max_held_blocks, self._occupied())
+        return g, restored, pinned, held
+
+    def _tail_blocks(self, pr: PreparedRequest, part) -> int:
+        return max(0, self._admission_blocks(pr.request.input_length) - len(part[2]))
+
+    def _tail_fits(self, pr: PreparedRequest, part) -> bool:
+        pins, d = self._pins, pr.digests
+        shared = 0
+        for i in range(part[3], len(d)):
+            if d[i] not in pins:
+                break
+            shared += 1
+        return self._occupied() + self._tail_blocks(pr, part) - shared <= self.stats.gpu_blocks
+
+    def _make_tail_room(self, pr: PreparedRequest, part) -> int:
+        """``_make_room`` for a loaded request's tail (its matched and loaded blocks are pinned)."""
+        self._clock = self._seconds(self._step)
+        self._settle_writes(self._clock)
+        missing = self._tail_blocks(pr, part) - self.gpu.num_free_slots
+        return self.gpu.evict(missing) if missing > 0 else 0
+
+    def _soft_budget_ok(self, pr: PreparedRequest) -> bool:
+        """LMDeploy's ``can_admit_load``: the free blocks cover this load's whole prefill and the tails
+        of the loads not prefilled yet (a soft reservation that only loads respect)."""
         g, _ = self.probe(pr)
+        reserved = sum(self._tail_blocks(lpr, part) for _, _, part, lpr in self._loaded)
+        return self._admission_blocks(pr.request.input_length) - g + reserved <= self.gpu.num_free_slots
+
+    def _make_room(self, pr: PreparedRequest, step: int, hold_host_hit: bool = False) -> int:
+        """LMDeploy's ``try_make_capacity_for`` for ``pr``'s whole prefill at ``step``: cached GPU blocks
+        are evicted (up to the blocks missing beside the free ones; the request's matched prefix is
+        held by its tentative match, and with ``hold_host_hit`` its host hit by the connector's
+        lookup, so the demotions cannot push it out of the host tier).  The evictions stand whether
+        or not the request is then admitted.  Returns how many blocks were evicted."""
+        self._clock = self._seconds(step)
+        self._settle_writes(self._clock)
+        gpu = self.gpu
+        g, h = self.probe(pr)
         missing = self._admission_blocks(pr.request.input_length) - g - gpu.num_free_slots
         if missing <= 0:
-            return
-        matched = pr.digests[:g]
+            return 0
+        matched, hit = pr.digests[:g], (pr.digests[g:g + h] if hold_host_hit else ())
         if matched:
-            gpu.prepare_load(matched)      # the tentative match holds the request's own prefix
-        self.stats.attempt_evictions += gpu.evict(missing)
+            gpu.prepare_load(matched)
+        if hit:
+            self.host.prepare_load(hit)
+        evicted = gpu.evict(missing)
+        if hit:
+            self.host.complete_load(hit, False)
         if matched:
             gpu.complete_load(matched, False)
+        return evicted
 
-    def _host_hit(self, pr: PreparedRequest) -> bool:
-        self._clock = self._seconds(self._step)
+    def _host_hit(self, pr: PreparedRequest, step: int | None = None) -> bool:
+        self._clock = self._seconds(self._step if step is None else step)
         self._settle_writes(self._clock)
         g, h = self.probe(pr)
         return h > 0
 
     # -- serving -----------------------------------------------------------------------------
-    def _serve_now(self, pr: PreparedRequest) -> None:
-        """The request takes its blocks (GPU hits, host restores, stored misses) and pins them."""
-        self._clock = self._seconds(self._step)
+    def _serve_now(self, pr: PreparedRequest, step: int | None = None) -> None:
+        """The request takes its blocks (GPU hits, host restores, stored misses) and pins them, at
+        ``step`` (default: the current one)."""
+        self._clock = self._seconds(self._step if step is None else step)
         self._settle_writes(self._clock)
-        g, restored, stored = self.serve_blocks(pr, defer_host_release=True)
-        if self.host_release is not None:
-            # the load's reads end when it completes, which the scheduler sees at the prefill
-            self._host_pending[id(pr)] = self.host_release
-        resident = self.gpu.is_resident
-        pinned = tuple(d for d in pr.digests[:g + stored] if resident(d))
+        # LMDeploy makes room for every block past the match before it allocates them (a block whose
+        # twin the trie caches is deduplicated only afterwards, and that twin may be evicted first)
+        self._make_room(pr, self._step if step is None else step)
+        self._pending = None
+        g, restored, stored = self.serve_blocks(pr)
+        pinned = self._shared(pr, 0, g + stored)
         if pinned:
             self.gpu.prepare_load(pinned)
             pins = self._pins
@@ -316,9 +531,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """``pr`` runs from its prefill in ``step``: its end and block growth, in decode steps."""
         r = pr.request
         bs = self.block_size
-        release = self._host_pending.pop(id(pr), None)
-        if release is not None:
-            self.release_host_copies(release)
+        if id(pr) in self._loading_of:
+            self._complete_load(pr)
+        else:
+            release = self._host_pending.pop(id(pr), None)
+            if release is not None:
+                self.release_host_copies(release)
         _, _, pinned, held = served
         if self.schedule is not None:
             self.schedule.append((step, "prefill", self._position[id(pr)]))
@@ -345,7 +563,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if self.schedule is not None:
             self._position[id(pr)] = len(self._position)
         self._served = None
-        self._admit(pr, -(-pr.request.input_length // self.block_size))
+        if self._arrivals is not None:
+            self._index += 1
+            if self._index >= len(self._arrivals) or self._arrivals[self._index] is not pr:
+                self._arrivals = None        # not the order expect() was told: the queue is unknown
+        self._pending = pr
+        self._admit(pr)
         self._now = self._clock
         g, restored, _, _ = self._served
         return g, restored
@@ -365,6 +588,7 @@ def replay_stepped(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_bl
     t0 = time.perf_counter()
     cache = SteppedTwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, lifetimes,
                                 host_write_s=host_write_s, engine=engine)
+    cache.expect(prepared)
     for pr in progress(prepared, desc, show_progress):
         cache.serve_at(pr)
     st = cache.finish()

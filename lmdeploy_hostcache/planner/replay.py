@@ -11,7 +11,9 @@ bytes, so digest and token-verification paths run exactly as in the engine):
 
 1. GPU match: ``g = gpu.lookup(d[:m])`` over the ``m`` matchable blocks (LMDeploy recomputes the
    last prompt token, so a block ending exactly at the prompt's end never matches);
-2. host continuation: ``h = host.lookup(d[g:m])`` from where the GPU match ended;
+2. host continuation: ``h = host.lookup(d[g:m])`` from where the GPU match ended, at most half
+   the host slots (the connector holds a reported hit from its lookup until its load starts and
+   holds at most half the slots, so it reports no more than that);
 3. the GPU hits are touched (LMDeploy's match refreshes their access time); the host hits are
    pinned for reading (``prepare_load``);
 4. every full block from ``g`` on is inserted into the GPU tier (``prepare_store``: WRITING and
@@ -161,37 +163,30 @@ class TwoTierCache:
         m = pr.matchable
         g = self.gpu.lookup(pr.digests[:m], pr.block_bytes[:m])
         h = self.host.lookup(pr.digests[g:m], pr.block_bytes[g:m]) if g < m and self.host.num_slots else 0
-        return g, h
+        return g, min(h, self.host.num_slots // 2)
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:
         """Replay one request; returns (GPU-hit blocks, host-restored blocks)."""
         g, restored, _ = self.serve_blocks(pr)
         return g, restored
 
-    def serve_blocks(self, pr: PreparedRequest, defer_host_release: bool = False) -> tuple[int, int, int]:
+    def serve_blocks(self, pr: PreparedRequest, defer_host_release: bool = False,
+                     load_only: bool = False) -> tuple[int, int, int]:
         """``serve`` that also returns how many blocks past its GPU match the request holds on the
         GPU: the ones it stored and the ones already there that it did not match (the block ending
         at the prompt's end, which LMDeploy never matches but shares with the trie).  The request's
-        GPU blocks afterwards are ``digests[:g + covered]`` (all resident)."""
+        GPU blocks afterwards are ``digests[:g + covered]`` (all resident).  ``load_only``: store
+        only the host hit's blocks (a load's destinations); ``store_blocks`` stores the rest later."""
         gpu, host, st = self.gpu, self.host, self.stats
-        d, b = pr.digests, pr.block_bytes
+        d = pr.digests
         g, h = self.probe(pr)
         if g:
             gpu.touch(d[:g])  # LMDeploy's match refreshes access times of the matched blocks
         if h:
             host.prepare_load(d[g:g + h])
-        new: list[int] = []
-        covered = 0   # blocks from g on that the request holds: stored now or already in the GPU tier
-        overflow = False
-        for i in range(g, len(d)):
-            parent = d[i - 1] if i else pr.root
-            if gpu.prepare_store(d[i], parent, b[i]) is not None:
-                new.append(d[i])
-            elif gpu.get(d[i]) is None:  # nothing evictable: the GPU budget is all pinned
-                overflow = True
-                break
-            covered += 1
+        new, covered, overflow = self._store_run(pr, g, g + h if load_only else len(d))
         restored = min(h, len(new))
+        self.stored_new = new
         self.host_release = (d[g:g + restored], d[g + restored:g + h]) if h else None
         if h and not defer_host_release:
             self.release_host_copies(self.host_release)
@@ -206,6 +201,31 @@ class TwoTierCache:
         st.requests_with_host_hits += restored > 0
         st.gpu_overflow_requests += overflow
         return g, restored, covered
+
+    def _store_run(self, pr: PreparedRequest, first: int, last: int) -> tuple[list[int], int, bool]:
+        """Store ``digests[first:last]`` in the GPU tier (not completed yet): (the new ones, how many
+        the request holds: new or already resident, whether the budget ran out: all pinned)."""
+        gpu, d, b = self.gpu, pr.digests, pr.block_bytes
+        new: list[int] = []
+        covered = 0
+        for i in range(first, last):
+            parent = d[i - 1] if i else pr.root
+            if gpu.prepare_store(d[i], parent, b[i]) is not None:
+                new.append(d[i])
+            elif gpu.get(d[i]) is None:  # nothing evictable: the GPU budget is all pinned
+                return new, covered, True
+            covered += 1
+        return new, covered, False
+
+    def store_blocks(self, pr: PreparedRequest, first: int) -> int:
+        """Store the prompt's blocks from ``first`` on (the tail a load left to its prefill); returns
+        how many the request holds (``serve_blocks``' ``covered``, counted from ``first``)."""
+        new, covered, overflow = self._store_run(pr, first, len(pr.digests))
+        self.stored_new = new
+        for x in new:
+            self.gpu.complete_store(x, True)
+        self.stats.gpu_overflow_requests += overflow
+        return covered
 
     def release_host_copies(self, release) -> None:
         """End a restore's read pins: the restored blocks leave the host tier (exclusive tiers),

@@ -572,17 +572,40 @@ def test_a_hold_ends_with_its_scheduling_pass(monkeypatch):
     side.check_balanced()
 
 
-def test_host_hit_that_leaves_the_host_tier_before_its_load_starts_falls_back_to_recompute():
-    # one slot: the hold budget (half the slots) is 0 blocks, so the storm takes the hit
+def test_a_host_hit_beyond_the_hold_budget_is_not_reported():
+    # one slot: the hold budget (half the slots) is 0 blocks. The hit could not be held while LMDeploy makes
+    # room (the storm would take it and the load would fail), so the lookup reports none: a plain prefill,
+    # no failed load
     rig = Rig(num_gpu_blocks=8, host_blocks=1)
     a_tokens = prompt(1, 17)
     demote_first_prompt(rig, a_tokens, prompt(100, 18))
     side = rig.side
-    real = _evict_storm_during_admission(side)
+    _evict_storm_during_admission(side)
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    running, meta = rig.step()
+    assert running == [c] and not (meta and meta.loads)
+    assert side.metrics.hit_blocks == 1 and side.metrics.restore_failures == 0   # found, not reported
+    assert side.index.stats.holds == 0
+    rig.side.check_balanced()
+
+
+def test_host_hit_that_leaves_the_host_tier_before_its_load_starts_falls_back_to_recompute():
+    # the host tier is dropped (a worker pool rebuilt) between the lookup and the allocation: the held hit
+    # is gone, the load fails and the turn recomputes
+    rig = Rig(num_gpu_blocks=8, host_blocks=4)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    side = rig.side
+    real = side.update_state_after_alloc
+
+    def drop_then_alloc(request, block_ids, n):
+        side.drop_host_tier("test: pool rebuilt")
+        return real(request, block_ids, n)
+
+    side.update_state_after_alloc = drop_then_alloc
     sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
     _, meta = rig.step()
     assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and meta.loads == ()
-    assert side.index.stats.holds == 0 and side.index.stats.evictions == 1
     rig.poll(rig.complete(meta))
     assert c.status == MessageStatus.WAITING and side.metrics.restore_failures == 1
     side.update_state_after_alloc = real

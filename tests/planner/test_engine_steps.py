@@ -31,14 +31,15 @@ def test_engine_settings_are_validated_and_the_cli_defaults_match():
 
 def test_prefill_steps_follow_the_interval_and_the_half_batch_rule():
     # max_batches 4, prefill_interval 2. A and B arrive in the same step of an idle engine: one prefill
-    # step at 1 (the next step's forward is dispatched at once, in the same slot). C arrives while two
-    # run (not fewer than max_batches / 2): it waits for 2 decode steps (1, 2) and prefills at 3. D
-    # arrives at 3.5 with three running: decode steps 4 and 5, prefill at 6.
+    # step at 1 (the next step's forward is dispatched at once, in the same slot). C arrives at 2.5 while
+    # two run (not fewer than max_batches / 2); LMDeploy counts decode steps towards prefill_interval only
+    # while a request waits, so C waits for decode steps 3 and 4 and prefills at 5. D arrives at 3.5, waits
+    # too and joins that prefill (its pass may admit max_batches - 2 running = 2 requests).
     cache, _, st = _schedule([(0.5, 8, 10, [1, 2]), (0.6, 8, 10, [3, 4]), (2.5, 8, 10, [5, 6]),
                               (3.5, 8, 10, [7, 8])])
-    assert cache.schedule == [(1, "prefill", 0), (1, "prefill", 1), (3, "prefill", 2), (6, "prefill", 3)]
-    assert st.prefill_steps == 3 and st.max_running == 4
-    assert st.queued_requests == 1 and st.queue_delay_s == pytest.approx(2.0)    # D: steps 4 and 5
+    assert cache.schedule == [(1, "prefill", 0), (1, "prefill", 1), (5, "prefill", 2), (5, "prefill", 3)]
+    assert st.prefill_steps == 2 and st.max_running == 4
+    assert st.queued_requests == 2 and st.queue_delay_s == pytest.approx(3.0)    # C: steps 3, 4; D: step 4
     # R runs; A and B (80 tokens each) arrive together: one prefill step (5) within a 1000-token budget;
     # with a 100-token budget B cannot join it and, two running, waits for 2 decode steps (6, 7)
     reqs = [(0.5, 8, 30, [1, 2]), (4.5, 80, 10, [3, 4]), (4.6, 80, 10, [5, 6])]
@@ -59,24 +60,82 @@ def test_a_host_load_waits_two_steps_and_later_arrivals_go_first():
     assert st.load_waits == 1 and st.host_hit_blocks == 1
 
 
-def test_a_started_load_holds_its_blocks_and_its_host_copies_until_its_prefill():
-    # The same requests in a 5-block tier: C's load (step 21) holds 4 GPU blocks, so D (2 blocks with its
-    # preallocated tokens) no longer fits although nothing runs: it waits for C, and its failed attempt
-    # evicts the cached block left. C's host copies stay in the host tier (pinned) until C prefills at 23,
-    # when the load is complete and they leave it (exclusive tiers).
+def test_a_started_load_takes_only_its_loaded_blocks_and_its_tail_waits_for_room():
+    # The same requests in a 5-block tier. LMDeploy admits C's load (step 21) for its whole prefill (4 blocks
+    # with the preallocation) but allocates only its matched and loaded blocks (3); D (2 blocks) arrives at
+    # 21.5 and borrows the rest: it prefills at 22. C's load completes at 23 (its host copies stay in the
+    # host tier until then), but its tail no longer fits beside D: C prefills at 24, after D's end.
     cache = SteppedTwoTierCache(5, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000), record=True)
     prs = prepare_trace(_trace([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
                                 (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 5, 1, [50, 51])]))
     for p in prs[:3]:
         cache.serve_at(p)
     restored = prs[2].digests[1:3]
-    assert cache.schedule[-1] == (21, "load", 2)
-    assert all(d in cache.host for d in restored)          # read by the load in flight: still there
+    assert cache.schedule[-1] == (21, "load", 2) and cache._occupied() == 3
     cache.serve_at(prs[3])
+    assert cache.schedule[-1] == (22, "prefill", 3)
+    assert all(d in cache.host for d in restored)          # read by the load in flight: still there
     st = cache.finish()
-    assert cache.schedule[2:] == [(21, "load", 2), (23, "prefill", 2), (24, "prefill", 3)]
+    assert cache.schedule[2:] == [(21, "load", 2), (22, "prefill", 3), (24, "prefill", 2)]
     assert not any(d in cache.host for d in restored)      # the load completed: the copies left
-    assert st.host_hit_blocks == 2 and st.attempt_evictions == 1
+    assert st.host_hit_blocks == 2
+
+
+def test_blocks_a_load_writes_are_matched_only_once_it_completes():
+    # In a 6-block tier C matches blocks 1 and 2 on the GPU and loads block 3 from the host at step 21. E
+    # repeats C's prefix at 21.5, while the load is in flight: LMDeploy's trie does not hold block 3 yet, so E
+    # matches 2 blocks on the GPU and finds block 3 still in the host tier (read-pinned by C's load); once
+    # the load completes (step 23) E would match all 3 on the GPU.
+    cache = SteppedTwoTierCache(6, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000), record=True)
+    prs = prepare_trace(_trace([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
+                                (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 13, 1, [1, 2, 3, 8])]))
+    served = [cache.serve_at(p) for p in prs[:3]]
+    assert served[2] == (2, 1) and cache.schedule[-1] == (21, "load", 2)
+    assert cache.probe(prs[3]) == (2, 1)
+    cache._step = 23
+    cache._fire_due()                                       # the load completes: its blocks are published
+    assert cache.probe(prs[3]) == (3, 0)
+
+
+def test_an_attempt_in_a_prefill_pass_evicts_at_once_unless_the_token_budget_refuses_it_first():
+    # 12-block tier, prefill_interval 2. Y ends and stays cached (2 blocks); W decodes for 20 steps. A (5
+    # blocks with its preallocation) and B (5) arrive in the same step: A prefills at 6 and B, tried in the
+    # same pass, does not fit beside W and A: its attempt evicts Y's blocks at once (step 6). With a 24-token
+    # prefill budget B (16 tokens after A's 16) is refused by the budget gate before any eviction: Y's
+    # blocks go at B's next attempt, when the interval makes a prefill due (decode steps 7 and 8: step 9).
+    reqs = [(0.5, 8, 1, [80, 81]), (0.6, 4, 20, [70]), (5.5, 16, 10, [1, 2, 3, 4]), (5.6, 16, 1, [5, 6, 7, 8])]
+    for budget, step in ((1000, 6), (24, 9)):
+        cache = SteppedTwoTierCache(12, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, budget), record=True)
+        demoted_at = []
+        prepare_store = cache.host.prepare_store
+
+        def noting(digest, parent, block_bytes, demoted_at=demoted_at, prepare_store=prepare_store, cache=cache):
+            demoted_at.append(cache._clock)
+            return prepare_store(digest, parent, block_bytes)
+
+        cache.host.prepare_store = noting
+        for p in prepare_trace(_trace(reqs)):
+            cache.serve_at(p)
+        cache.finish()
+        assert cache.schedule[2] == (6, "prefill", 2)
+        assert demoted_at[:2] == [step, step], budget
+
+
+def test_the_waiting_queue_s_tokens_trigger_a_prefill():
+    # Two run (not fewer than max_batches / 2) and the interval is 8: C (40 tokens) arrives at 4.5 and waits,
+    # below the 64-token threshold; D (40 more) arrives at 5.5 and the queue (80 tokens) reaches it, so a
+    # prefill is due at 6. C prefills then; D does not fit in that pass's 64-token budget and waits for the
+    # interval (decode steps 7 to 14: prefill at 15). Without the arrivals (serve_at without expect) the
+    # model sees only C's 40 tokens: C waits for the interval (13).
+    reqs = [(0.5, 8, 30, [1, 2]), (0.6, 8, 30, [3, 4]), (4.5, 40, 1, [5, 6]), (5.5, 40, 1, [7, 8])]
+    pr = prepare_trace(_trace(reqs))
+    cache = SteppedTwoTierCache(100, 0, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 8, 64), record=True)
+    cache.expect(pr)
+    for p in pr:
+        cache.serve_at(p)
+    assert cache.schedule[2:] == [(6, "prefill", 2), (15, "prefill", 3)]
+    cache, _, _ = _schedule(reqs, engine=EngineSteps(4, 8, 64))
+    assert cache.schedule[2:] == [(13, "prefill", 2), (22, "prefill", 3)]
 
 
 def test_an_admission_that_finds_too_little_room_evicts_at_once():
@@ -89,7 +148,7 @@ def test_an_admission_that_finds_too_little_room_evicts_at_once():
     prepare_store = cache.host.prepare_store
 
     def noting(digest, parent, block_bytes):
-        demoted_at.append(cache._step)
+        demoted_at.append(cache._clock)
         return prepare_store(digest, parent, block_bytes)
 
     cache.host.prepare_store = noting

@@ -42,6 +42,16 @@ def test_hand_checked_demote_and_restore():
     c.host.check_invariants()
 
 
+def test_a_host_hit_is_restored_up_to_half_the_host_slots():
+    # the connector holds a reported hit from its lookup until its load starts and holds at most half the
+    # host slots, so it reports no more: A's 4 blocks wait in a 6-slot host tier, 3 are restored, 1 recomputed
+    pr = prepare_trace(_trace([1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 3, 4]))
+    c = TwoTierCache(gpu_blocks=4, host_blocks=6, block_size=4)
+    assert [c.serve(p) for p in pr] == [(0, 0), (0, 0), (0, 3)]
+    c = TwoTierCache(gpu_blocks=4, host_blocks=8, block_size=4)
+    assert [c.serve(p) for p in pr] == [(0, 0), (0, 0), (0, 4)]
+
+
 def test_partial_last_block_is_never_cached():
     t = _trace(([1, 2], 6), ([1, 2], 6))  # one full block + a partial one, twice
     st = replay(prepare_trace(t), gpu_blocks=8, host_blocks=0, block_size=4)
