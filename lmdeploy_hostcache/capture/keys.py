@@ -17,7 +17,10 @@ Cost (the ids are derived on LMDeploy's scheduler thread): ``block_id_texts`` ke
 in a bounded in-memory map (digest -> the id's decimal text, what a record writes; at most
 ``MEMO_ENTRIES``, emptied when full), so a block shared by many requests (a system prompt, a
 conversation's history) is keyed and formatted once, not once per request; the keyed hasher is set up
-once per key and copied per digest; the digests the map lacks are found by C-level membership tests.
+once per key and copied per digest (measured: a copy of the keyed state, an update and a digest cost
+about two thirds of a keyed constructor, which hashes the key block again); the digests the map lacks are
+found by C-level membership tests (``block_id_texts``) or, in ``block_ids_text``, which trace capture calls
+once per record with a few digests, by a plain loop (one call less).
 ``block_ids_text`` is the same ids joined by commas (a record's ``hash_ids``), ``block_ids`` the same
 ids as ints.  All give the ids of the formula above (``tests/capture/test_capture.py``); the map lives
 in process memory only and holds nothing the host tier does not already hold (digests) beyond the ids
@@ -91,9 +94,21 @@ class CaptureKey:
         return list(map(self._memo.__getitem__, digests))
 
     def block_ids_text(self, digests) -> str:
-        """``",".join(block_id_texts(digests))``: the ids as a record's ``hash_ids`` holds them."""
-        self._derive(digests)
-        return ",".join(map(self._memo.__getitem__, digests))
+        """``",".join(block_id_texts(digests))``: the ids as a record's ``hash_ids`` holds them (``_derive``
+        inlined: trace capture calls this once per record, with a few digests)."""
+        memo = self._memo
+        if len(memo) + len(digests) > MEMO_ENTRIES:
+            memo.clear()
+        derived = 0
+        for d in digests:
+            if d not in memo:
+                h = self._keyed.copy()
+                h.update(d.to_bytes(16, "little"))
+                memo[d] = str(int.from_bytes(h.digest(), "little") & _ID_MASK)
+                derived += 1
+        if derived:
+            self.derived += derived
+        return ",".join(map(memo.__getitem__, digests))
 
     def _derive(self, digests) -> None:
         """Key and format the digests the memo lacks (each once: ``filterfalse`` asks the memo as it goes,

@@ -13,18 +13,20 @@ digests (the same chained digests the host tier uses, in the request's namespace
 tenant salt, adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
 reading at ``on_new_request`` (wall-clock seconds by default; a test may pass another clock).
 
-Everything runs on the scheduler's thread, when LMDeploy registers a sequence (``on_new_request``)
-and inside its ``end_session`` (``seconds`` sums both hooks' time, flushes included): a capture thread was tried and measured worse, because its hashing competes
-for the GIL with the scheduler (docs/planner.md "Capturing your own traffic").  The file is opened
-and the base model's chain root computed when the engine starts (``open_seconds``; an unwritable path
-shows then).  The hook only takes what the record needs from the sequence (``snapshot``: no hashing,
-no copy, no numpy call: a reference to the sequence's token store and the length of the prompt's full
-blocks; LMDeploy never writes an ended sequence's tokens again, it drops them) and the host tier's
-digest chain of the request (``connector._RequestChain``, a reference the connector drops right after)
-and queues them; every ``FLUSH_RECORDS`` queued requests, or at the first request end ``FLUSH_SECONDS``
-after the oldest queued one, or at ``close``/interpreter exit, the queue is encoded (``encode_many``:
-the prompts' ids sliced and encoded by one numpy pass, chained digests, keyed ids, JSON lines) and
-written with one ``os.write``: one warm pass over a batch costs far less than a cold pass per request.
+Everything runs on the scheduler's thread, when LMDeploy registers a sequence (``on_new_request``) and inside
+its ``end_session`` (``seconds`` sums both hooks' time, flushes included): a capture thread was tried and
+measured worse, because its hashing competes for the GIL with the scheduler (docs/planner.md "Capturing your
+own traffic").  The file is opened and the base model's chain root computed when the engine starts
+(``open_seconds``; an unwritable path shows then).  The hook only takes what the record needs from the
+sequence (``snapshot``: no hashing, no copy, no numpy call: a reference to the sequence's token store and the
+length of the prompt's full blocks; LMDeploy never writes an ended sequence's tokens again, it drops them) and
+the host tier's digest chain of the request (``connector._RequestChain``, a reference the connector drops
+right after) and queues them (``on_request_finished`` runs ``snapshot``'s code inline, one call less in a hook
+that runs cold; ``tests/capture`` checks that both give the same tuple); every ``FLUSH_RECORDS`` queued
+requests, or at the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at
+``close``/interpreter exit, the queue is encoded (``encode_many``: the prompts' ids sliced, laid end to end
+and encoded by one value-checked cast, chained digests, keyed ids, JSON lines) and written with one
+``os.write``: one warm pass over a batch costs far less than a cold pass per request.
 A process killed without ``close`` loses the records still queued (at most ``FLUSH_RECORDS - 1``).
 Digests are computed only where nothing already holds them: a prompt that continues one captured
 earlier with the same first block (the next turn of a conversation) takes that prompt's digests and
@@ -34,7 +36,8 @@ remembered per first block (conversations that share a system prompt interleave)
 the newest one the prompt continues is taken (it then replaces that one).  The blocks the host tier's
 lookup hashed (from the request's GPU-matched prefix on) are taken from its chain where it holds at
 least ``CHAIN_MIN_BLOCKS`` of the blocks still to digest (below that, hashing them from the batch's
-bytes costs less than reading the chain's objects, cold by then), the chain's parent digest is the one
+bytes costs less than reading the chain's objects, cold by then: they are not read at all where fewer
+than that many blocks are left), the chain's parent digest is the one
 computed here and its block bytes equal the prompt's (so the ids are those of the formula whatever the
 chain holds).  A batch whose sequences hold fewer ids than their prompts' full blocks is not written
 (an error: capture stops).  Counters: ``records`` (hook calls), ``blocks_hashed`` and ``blocks_reused``
@@ -45,7 +48,8 @@ chain holds).  A batch whose sequences hold fewer ids than their prompts' full b
 memory only (digests, ids and an xxh3 of tokens; never written).
 
 Invariants: neither hook ever raises into LMDeploy (any error turns capture off for the engine,
-logged once: ``capture/writer.py`` for file errors, here for everything else); a sequence seen
+logged once: ``capture/writer.py`` for file errors, here for everything else; after either, the hooks
+do no work); a sequence seen
 only at its end gets an arrival from LMDeploy's ``arrive_time`` (``perf_counter`` based, mapped
 to the capture clock); multimodal prompts are captured with their token ids' digests like any
 other (the host tier never stores their blocks, which the planner cannot know).
@@ -91,10 +95,12 @@ class TraceCapture:
         self._arrival: dict[int, tuple[int, float]] = {}   # seq_id -> (input_start_pos, arrival)
         self._queue: list[tuple] = []     # snapshots not yet written
         self._queued_at = 0.0             # perf_counter when the oldest queued snapshot was taken
-        self._roots: dict[tuple, tuple[int, int]] = {}    # (adapter, salt) -> (chain root, seed)
+        self._roots: dict[tuple, tuple[int, int, bytes]] = {}    # (adapter, salt) -> (chain root, seed, root bytes)
         # first block's digest -> [(bytes, xxh3 of its tokens, blocks, last digest, ids' text), ...] of the
         # latest prompts with that first block (at most RECENT_PER_BLOCK, newest last)
         self._recent: dict[int, list] = {}
+        # the constant part of every line after the ids (capture_line's layout)
+        self._after_ids = f'],"block_size":{self.block_size},"capture":{json_string(self.key.fingerprint)}'
         self.flush_records = FLUSH_RECORDS
         self.flush_seconds = FLUSH_SECONDS
         self.chain_min_blocks = CHAIN_MIN_BLOCKS
@@ -111,7 +117,8 @@ class TraceCapture:
                     self.key.fingerprint)
         self._root(None, "")        # the base model's unsalted root, computed at engine start
         t0 = time.perf_counter()
-        self.writer.open()          # at engine start, not in a request's step: a bad path shows now
+        if not self.writer.open():  # at engine start, not in a request's step: a bad path shows now
+            self.failed = self.writer.failed     # (logged by the writer)
         self.open_seconds = time.perf_counter() - t0
 
     def on_new_request(self, seq) -> None:
@@ -119,7 +126,7 @@ class TraceCapture:
             return
         t0 = perf_counter()
         try:
-            self._arrival[int(seq.seq_id)] = (int(seq.input_start_pos), self.clock())
+            self._arrival[seq.seq_id] = (seq.input_start_pos, self.clock())
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
         self.seconds += perf_counter() - t0
@@ -127,15 +134,33 @@ class TraceCapture:
     def on_request_finished(self, seq, chain=None) -> None:
         """``chain``: the host tier's digest chain of this request (``connector._RequestChain``), when
         its lookup computed one; its digests are taken where they check out (``encode_many``)."""
-        if self.failed or self.writer.failed:
-            self._arrival.pop(int(getattr(seq, "seq_id", -1)), None)
+        if self.failed:
+            self._arrival.pop(getattr(seq, "seq_id", None), None)
             return
         t0 = perf_counter()
         queue = self._queue
         try:
             if not queue:
                 self._queued_at = t0
-            queue.append(self.snapshot(seq, chain))
+            # snapshot(seq, chain), inlined: the same tuple (tests/capture), one call less in a cold hook
+            noted = self._arrival.pop(seq.seq_id, None)
+            start = seq.input_start_pos
+            if noted is not None and noted[0] == start:
+                arrival = noted[1]
+            else:  # a later turn of a session, or registered before capture began
+                arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
+            prompt_len = seq.input_end_pos
+            full = prompt_len - prompt_len % self.block_size
+            output_len = seq.num_all_ids - prompt_len
+            if full:
+                try:
+                    tokens = seq.history_cache
+                except AttributeError:
+                    tokens = _AllIds(seq.all_ids)
+            else:
+                tokens = None
+            queue.append((arrival, prompt_len, output_len if output_len > 0 else 0, tokens, full, seq.adapter_name,
+                          sequence_salt(seq), seq.session.session_id if start > 0 else None, chain))
             if len(queue) >= self.flush_records:
                 self._flush()
             elif t0 - self._queued_at >= self.flush_seconds:
@@ -161,6 +186,9 @@ class TraceCapture:
         queue, self._queue = self._queue, []
         self.flushes += 1
         self.writer.write_lines(self.encode_many(queue))
+        if self.writer.failed:      # a file error (logged by the writer): the hooks do no more work
+            self.failed = self.writer.failed
+            self._arrival.clear()
 
     def record(self, seq, chain=None) -> str:
         """The JSON line of a sequence LMDeploy is ending."""
@@ -177,7 +205,7 @@ class TraceCapture:
             arrival = noted[1]
         else:  # a later turn of a session, or registered before capture began
             arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
-        prompt_len = int(seq.input_end_pos)
+        prompt_len = seq.input_end_pos
         full = prompt_len - prompt_len % self.block_size
         output_len = seq.num_all_ids - prompt_len
         if full:
@@ -198,7 +226,7 @@ class TraceCapture:
     def encode_many(self, snaps) -> list[str]:
         """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest`` from
         the request's salted root, as ``ChainHasher`` computes it): the prompts' full-block ids of the
-        whole batch are sliced, range-checked and encoded by one numpy pass (``_token_bytes``); a block's
+        whole batch are sliced, laid end to end and encoded by one value-checked cast (``_token_bytes``); a block's
         digest is then taken, in this order, from the newest remembered prompt this one continues (same
         first block, the remembered bytes' xxh3 equal), from the host tier's chain of the request (only
         where it holds at least ``chain_min_blocks`` of the blocks still to digest, its parent digest is
@@ -209,13 +237,12 @@ class TraceCapture:
         data = _token_bytes([snap[3].get_real()[:snap[4]] for snap in snaps if snap[3] is not None])
         view = memoryview(data)     # slices without copies, for the xxh3 checks
         bs = self.block_size
-        step = bs * TOKEN_DTYPE.itemsize
+        step = bs * _ITEM
         roots, key, recent = self._roots, self.key, self._recent
         base = roots.get((None, "")) or self._root(None, "")
         ids_text = key.block_ids_text
         chain_min = self.chain_min_blocks if self.chain_min_blocks > 0 else 1
-        # the constant part of every line after the ids (capture_line's layout)
-        after_ids = f'],"block_size":{bs},"capture":{json_string(key.fingerprint)}'
+        after_ids = self._after_ids
         lines = []
         append = lines.append
         offset = total = hashed = from_chain = 0
@@ -224,13 +251,13 @@ class TraceCapture:
                 text = ""
             else:
                 if adapter_name is None and not salt:
-                    parent, seed = base
+                    parent, seed, root_bytes = base
                 else:
-                    parent, seed = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
-                end = offset + full * TOKEN_DTYPE.itemsize
-                blocks = (end - offset) // step
+                    parent, seed, root_bytes = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
+                end = offset + full * _ITEM
+                blocks = full // bs
                 total += blocks
-                first = _xxh3_128(parent.to_bytes(16, "little") + data[offset:offset + step], seed)
+                first = _xxh3_128(root_bytes + data[offset:offset + step], seed)
                 hashed += 1
                 # the remembered prompts with this first block, newest last: the newest one this prompt
                 # continues gives its digests and ids
@@ -249,8 +276,9 @@ class TraceCapture:
                     new = []
                 else:
                     j, parent, new, text = 1, first, [first], ""
-                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb
-                if chain is not None and j < blocks:
+                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb; its
+                # objects are not read where fewer than chain_min blocks are left to digest (ce <= blocks)
+                if chain is not None and blocks - j >= chain_min:
                     h = chain.hasher
                     ds = h.digests
                     cs = chain.start_block
@@ -309,14 +337,16 @@ class TraceCapture:
         self.blocks_reused += total - hashed
         return lines
 
-    def _root(self, adapter_name, salt) -> tuple[int, int]:
-        """(chain root, seed) of a request's namespace and cache salt, remembered."""
+    def _root(self, adapter_name, salt) -> tuple[int, int, bytes]:
+        """(chain root, seed, the root's 16 little-endian bytes) of a request's namespace and cache salt,
+        remembered."""
         if len(self._roots) >= 1024:   # many salts: keep the map small
             self._roots.clear()
         namespace = self.namespaces.for_adapter(adapter_name)
         # a salted request's chain starts at its salted root, as in the host tier: requests of two salts
         # never share blocks in the engine, so their captured ids differ too
-        root = self._roots[(adapter_name, salt)] = (salted_root(namespace, salt), namespace.seed)
+        parent = salted_root(namespace, salt)
+        root = self._roots[(adapter_name, salt)] = (parent, namespace.seed, parent.to_bytes(16, "little"))
         return root
 
     def _fail(self, exc: BaseException) -> None:
@@ -343,23 +373,42 @@ class _AllIds:
         return self.ids
 
 
-_U64 = np.dtype(np.uint64)
+_ITEM = TOKEN_DTYPE.itemsize     # bytes per token id in a digest's block bytes
 _I64 = np.dtype(np.int64)
+_U64 = np.dtype(np.uint64)
 _MAX_TOKEN = (1 << 32) - 1
+
+
+def _same_value_casts() -> bool:
+    """Whether this NumPy checks a cast's values (``casting="same_value"``: NumPy 2.4 on)."""
+    try:
+        np.zeros(1, _I64).astype(TOKEN_DTYPE, casting="same_value")
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+_SAME_VALUE = _same_value_casts()
 
 
 def _token_bytes(arrays) -> bytes:
     """``encode_tokens`` of the arrays laid end to end (ValueError for an id outside [0, 2**32)): for
-    LMDeploy's int64 ids one range check (read as unsigned, a negative id is above the range too) and
-    one cast, instead of a min and a max."""
+    LMDeploy's int64 ids one cast that checks the values as it goes (``casting="same_value"``, NumPy 2.4
+    on: no reduction, whose machinery is cold in a flush; before, one range check and one cast), else
+    ``encode_tokens`` (which names the range when an id is outside it)."""
     if not arrays:
         return b""
     tokens = np.concatenate(arrays)
-    if tokens.dtype != _I64:
-        return encode_tokens(tokens)
-    if tokens.size and int(tokens.view(_U64).max()) > _MAX_TOKEN:
-        return encode_tokens(tokens)    # raises, naming the range
-    return tokens.astype(TOKEN_DTYPE).tobytes()
+    if tokens.dtype == _I64:
+        if _SAME_VALUE:
+            try:
+                return tokens.astype(TOKEN_DTYPE, casting="same_value").tobytes()
+            except ValueError:
+                pass        # an id outside the range: encode_tokens raises, naming it
+        elif not tokens.size or int(tokens.view(_U64).max()) <= _MAX_TOKEN:
+            # older NumPy: one range check (read as unsigned, a negative id is above the range too)
+            return tokens.astype(TOKEN_DTYPE).tobytes()
+    return encode_tokens(tokens)
 
 
 def _flush_at_exit(ref) -> None:

@@ -359,3 +359,84 @@ def test_timestamp_text_is_repr_of_the_rounded_milliseconds():
                 timestamp_text(x)
         else:
             assert timestamp_text(x) == expected, x
+
+
+def test_the_end_hook_queues_what_snapshot_returns(tmp_path):
+    """``on_request_finished`` inlines ``snapshot`` (one call less in a cold hook): the tuple it queues is
+    the one ``snapshot`` returns, for every kind of sequence (LMDeploy's token store or ``all_ids``, salted
+    through the sequence or its sampling parameters, a later turn of a session, a prompt shorter than a
+    block, a sequence registered before capture began)."""
+    import time
+    import types
+
+    import numpy as np
+
+    cap, _ = _capture(tmp_path)
+    cap.clock = lambda: 42.0
+    cap.flush_records = 1000
+
+    class Store:                        # LMDeploy's HistoryTokenIds, as far as capture reads it
+        def __init__(self, ids):
+            self.ids = ids
+
+        def get_real(self):
+            return self.ids
+
+    def seq(seq_id, n, *, store=True, salt="", param_salt="", start=0):
+        s = _seq(seq_id, np.arange(n, dtype=np.int64) + 3, salt)
+        s.input_start_pos = start
+        if store:
+            s.history_cache = Store(s.all_ids)
+        if param_salt:
+            s.sampling_param.cache_salt = param_salt
+        return s
+
+    chain = object()
+    cases = [(seq(1, 40), True), (seq(2, 40, store=False), True), (seq(3, 40, salt="t"), True),
+             (seq(4, 40, param_salt="p"), True), (seq(5, 40, start=20), True), (seq(6, 9), True),
+             (seq(7, 40), False)]
+    cases[-1][0].arrive_time = time.perf_counter() + 1e6    # not registered: arrival = the clock's reading now
+    for s, registered in cases:
+        if registered:
+            cap.on_new_request(s)
+        expected = cap.snapshot(s, chain)
+        if registered:
+            cap.on_new_request(s)
+        cap.on_request_finished(s, chain)
+        got = cap._queue[-1]
+        assert _without_tokens(got) == _without_tokens(expected) and len(got) == len(expected) == 9
+        assert (got[3] is None) == (expected[3] is None) and (got[3] is None or got[3].get_real() is s.all_ids)
+    assert [q[6] for q in cap._queue] == ["", "", "t", "p", "", "", ""]
+    assert [q[7] for q in cap._queue] == [None, None, None, None, 5, None, None]
+    assert cap._queue[5][3] is None and not cap._arrival
+    cap._queue.clear()
+    cap.close()
+
+
+def _without_tokens(snap):
+    """A snapshot less its token store (compared by what it reads)."""
+    return snap[:3] + snap[4:]
+
+
+@pytest.mark.parametrize("same_value", [True, False])
+def test_token_bytes_are_encode_tokens_of_the_batch_and_refuse_ids_out_of_range(monkeypatch, same_value):
+    """The batch's token bytes (one checked cast on NumPy 2.4 on, a range check and a cast before) are
+    ``encode_tokens`` of the prompts laid end to end; an id outside [0, 2**32) stops the batch."""
+    import numpy as np
+
+    from lmdeploy_hostcache.digest import encode_tokens
+    from lmdeploy_hostcache.integration import trace_capture
+
+    if same_value and not trace_capture._SAME_VALUE:
+        pytest.skip("this NumPy has no casting='same_value'")
+    monkeypatch.setattr(trace_capture, "_SAME_VALUE", same_value)
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 2**32, n, dtype=np.int64) for n in (16, 48, 32)]
+    arrays[1][5] = 2**32 - 1
+    assert trace_capture._token_bytes(arrays) == encode_tokens(np.concatenate(arrays))
+    small = np.arange(40, 72, dtype=np.int32)          # another dtype: encode_tokens itself
+    assert trace_capture._token_bytes([small]) == encode_tokens(small.astype(np.int64))
+    for bad in (-1, 2**32):
+        arrays[2][7] = bad
+        with pytest.raises(ValueError, match="token id out of range"):
+            trace_capture._token_bytes(arrays)
