@@ -6,45 +6,47 @@ either prefills newly admitted requests or decodes every running one, never both
 therefore start later, in bursts, and end later than that model says, and under a squeezed GPU
 tier the order of starts and ends decides what is evicted (docs/planner.md "Validated against the
 engine").  ``SteppedTwoTierCache`` keeps the same cache bookkeeping (pins, held slots, output
-blocks, host copies in flight) and replaces only the clock, with these rules of LMDeploy 0.18's
-``InputsMakerAsync.do_prefill_default`` and prefill scheduler (``EngineSteps``):
+blocks, host copies in flight) and replaces the clock and the admission, with these rules of
+LMDeploy 0.18's ``InputsMakerAsync.do_prefill_default``, ``_PrefillScheduler.schedule``,
+``KVLoadCoordinator`` and ``RecomputeEvictionHelper.try_make_capacity_for`` (``EngineSteps``):
 
 * time is counted in steps; one step lasts ``1 / decode_tokens_per_s`` seconds of the trace's
   clock (a decode step gives every running request one token);
 * step ``k`` is scheduled at time ``k`` steps: a request that arrived by then can run in it;
-* a step prefills when a request is waiting and one of: nothing runs, fewer than
-  ``max_batches / 2`` run, ``prefill_interval`` decode steps ran since the last prefill, or the
-  waiting prompt reaches ``max_prefill_tokens``; otherwise it decodes;
-* a prefill step admits waiting requests first come, first served, while fewer than
-  ``max_batches`` run, their prompt tokens stay within ``max_prefill_tokens`` (the first is
-  always admitted) and their blocks (the prompt plus ``prefill_interval`` preallocated tokens,
-  taken on admission as LMDeploy's ``prealloc_size``) fit beside what the running requests and the
-  started loads hold; a request that does not fit waits while decode steps free blocks (a request larger than
-  the whole tier runs when nothing runs and no load is in flight); the running requests do not
-  decode in that step;
-* an admission that finds too little room still evicts: LMDeploy's ``try_make_capacity_for``
-  evicts cached GPU blocks (up to the blocks missing, the request's own matched prefix held)
-  before it gives up, so at every prefill step the waiting request is tried in, those blocks go
-  to the host tier then (``attempt_evictions``), not when the request finally fits;
-* a request whose prompt continues in the host tier first *loads*: the load starts at the step
-  that would have admitted it (its blocks, GPU and restored, are taken then; the step is not a
-  prefill, so running requests decode in it), and the request is admitted at a prefill step two
-  or more steps later (the load's completion reaches the scheduler after the next step is
-  scheduled); the host copies it reads stay pinned in the host tier until then (the connector
-  ends a load's read pins when the load completes), so they take host slots that demotions
-  cannot reuse;
+* a step prefills when a request waits and one of: nothing runs, fewer than ``max_batches / 2``
+  run, ``prefill_interval`` decode steps ran *while a request waited* (the count restarts when the
+  queue is empty), or the prompts waiting reach ``max_prefill_tokens`` (summed over the queue when
+  ``expect`` told the model the arrivals, as ``replay_stepped`` does); otherwise it decodes;
+* a prefill step's pass first tries the requests whose loads completed, then the waiting ones in
+  arrival order, while ``max_batches`` minus the requests running before the pass allows; a
+  request arriving in time for the pass is tried in it.  Each attempt (``_attempt``): the token
+  budget (a second request whose prompt less its GPU match exceeds what is left of
+  ``max_prefill_tokens`` stops the pass, nothing evicted); then room for the whole prefill (the
+  prompt plus ``prefill_interval`` preallocated tokens): cached GPU blocks are evicted up to the
+  number missing (its matched prefix held) and those evictions stand even if it then does not fit
+  (``attempt_evictions``); a request that does not fit beside what running requests and started
+  loads hold stops the pass (a request larger than the whole tier runs when nothing runs and no
+  load is in flight).  Running requests do not decode in a prefill step;
+* a request whose prompt continues in the host tier *loads* instead: the connector's lookup
+  refreshes its hit in the host tier and holds it while the attempt makes room for the whole
+  prefill; the load starts only if the free blocks also cover the tails of the loads not
+  prefilled yet (the soft budget), and takes only its matched and loaded blocks (later arrivals
+  may use the rest).  It completes two steps later (its completion reaches the scheduler after the
+  next step is scheduled): until then its blocks are not matched on the GPU and the host copies it
+  reads stay pinned in the host tier.  Then, when a prefill is due, its tail is stored if it fits
+  (else the pass stops at it, after evicting what it can);
 * a request's first output token comes from its prefill step, each further one from a decode
-  step; it ends with its last token.
+  step; it ends with its last token, and its blocks are free one step later.
 
 Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``load_waits`` (requests that
 waited for a host load), ``attempt_evictions``, plus ``ConcurrencyStats``
 (``queued_requests``/``queue_delay_s``: requests that prefilled after the first step they could
-have run in, and those waits).  Not modelled: preemption (the engine never preempted in the
-validation runs), chunked prefill of long prompts, a load's soft reservation of its prompt's tail
-(``KVLoadCoordinator.can_admit_load``: here a load takes its whole prompt at once), and a prefill
-step's own duration (a step is a step).  Invariants: steps only move forward; a running
-request's end and block-growth events are kept in *decode-step* counts, so a prefill step inserted
-while it runs delays them by one step, as in the engine.
+have run in, and those waits).  Not modelled: preemption, a waiting request's blocks reclaimed for
+another request, chunked prefill of long prompts, and a prefill step's own duration (a step is a
+step).  Invariants: steps only move forward; a running request's end and block-growth events are
+kept in *decode-step* counts, so a prefill step inserted while it runs delays them by one step, as
+in the engine; a started load's blocks are pinned from its start and its tail's from its prefill,
+and every pin is released at the request's end (``finish`` leaves no pin, hold or load).
 """
 from __future__ import annotations
 
