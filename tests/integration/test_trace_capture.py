@@ -206,6 +206,10 @@ WORKLOADS = {
     'weka-ho-10-out10-a6': (lambda: weka_conversations(files=WEKA_HELD_OUT_FILES, max_turns=10, max_new_tokens=10), 6),
     'mooncake-120-out3-t3-a3': (lambda: mooncake_conversations(max_requests=120, max_new_tokens=3, think_steps=3), 3),
     'synthetic-100-out5-a6': (lambda: mooncake_conversations(max_requests=100, trace='synthetic', max_new_tokens=5), 6),
+    # a second final held-out set: two, five and four at once, bursty arrivals, 12- to 64-slot hosts
+    'weka-all-6-a2': (lambda: weka_conversations(max_turns=6), 2),
+    'mooncake-100-t0-a5': (lambda: mooncake_conversations(max_requests=100, think_steps=0), 5),
+    'synthetic-60-out8-a4': (lambda: mooncake_conversations(max_requests=60, trace='synthetic', max_new_tokens=8), 4),
 }
 
 
@@ -274,7 +278,8 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     ('mooncake', 44, 24), ('weka-10-turns', 28, 24), ('weka-held-out', 28, 24),
                     ('weka-held-out', 36, 24), ('mooncake-40', 28, 24), ('synthetic-40', 32, 24),
                     ('weka-all-8-a4', 40, 24), ('mooncake-60-a4', 36, 24), ('synthetic-60-a4', 32, 24),
-                    ('mooncake-80-out6-a5', 40, 16), ('weka-6-out8-a5', 32, 40), ('mooncake-120-out3-t3-a3', 48, 32)]
+                    ('mooncake-80-out6-a5', 40, 16), ('weka-6-out8-a5', 32, 40), ('mooncake-120-out3-t3-a3', 48, 32),
+                    ('mooncake-100-t0-a5', 36, 12)]
 
 
 @pytest.mark.parametrize('workload,gpu,host', VALIDATION_STEPS)
@@ -367,6 +372,8 @@ GRID_HOST_SIZES = [(w, g, h) for w in ('weka-6-out8-a5', 'mooncake-80-out6-a5', 
 # round 4's held-out set: run once, with the final model, never used to change a rule
 HELD_OUT_GRID_5 = [(w, g, h) for w in ('weka-ho-10-out10-a6', 'mooncake-120-out3-t3-a3', 'synthetic-100-out5-a6')
                    for g, h in ((40, 8), (48, 32), (64, 32), (80, 48))]
+HELD_OUT_GRID_6 = [(w, g, h) for w in ('weka-all-6-a2', 'mooncake-100-t0-a5', 'synthetic-60-out8-a4')
+                   for g, h in ((36, 12), (44, 24), (56, 24), (96, 64))]
 
 
 @pytest.mark.skipif(not __import__('os').environ.get('HOSTCACHE_PLANNER_GRID'),
@@ -379,7 +386,8 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
           'step model | within 0.02 | one request at a time | preemptions |')
     errors = {'concurrency': [], 'steps': []}
     sets = (('tuning 1-3', GRID + GRID_ROUND_3), ('tuning 4a', HELD_OUT_GRID + HELD_OUT_GRID_2),
-            ('tuning 4b', GRID_FOUR_ACTIVE), ('tuning 4c', GRID_HOST_SIZES), ('held-out 5', HELD_OUT_GRID_5))
+            ('tuning 4b', GRID_FOUR_ACTIVE), ('tuning 4c', GRID_HOST_SIZES), ('held-out 5', HELD_OUT_GRID_5),
+            ('held-out 6', HELD_OUT_GRID_6))
     for label, grid in sets:
         for workload, gpu, host in grid:
             run = _run_workload(tmp_path, workload, gpu, host)
