@@ -419,13 +419,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         heapq.heappush(self._loaded, (step + 2, self._n_loaded, (g, restored, pinned, g + covered), pr))
         self._n_loaded += 1
 
-    def _shared(self, pr: PreparedRequest, first: int, last: int) -> tuple:
-        """The request's blocks ``first:last`` that the GPU tier holds (stored now or already there:
-        LMDeploy's trie deduplicates a block whose twin it already caches)."""
-        resident, d = self.gpu.is_resident, pr.digests
-        return tuple(d[i] for i in range(first, last) if resident(d[i]))
-
     def _pin(self, digests) -> tuple:
+        """Pin the ones of ``digests`` the GPU tier holds (stored now or already there: LMDeploy's trie
+        deduplicates a block whose twin it caches) for a request; returns them."""
         resident = self.gpu.is_resident
         pinned = tuple(d for d in digests if resident(d))
         if pinned:
@@ -442,7 +438,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._settle_writes(self._clock)
         self._make_tail_room(pr, part)     # room for the tail first, as LMDeploy's capacity making
         covered = self.store_blocks(pr, k)
-        pinned = pinned + self._pin(self._shared(pr, k, k + covered))
+        pinned = pinned + self._pin(pr.digests[k:k + covered])
         held = self._hold(max(0, self._admission_blocks(pr.request.input_length) - len(pinned)))
         self._held_now += len(held)
         st = self.stats
@@ -517,12 +513,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._make_room(pr, self._step if step is None else step)
         self._pending = None
         g, restored, stored = self.serve_blocks(pr)
-        pinned = self._shared(pr, 0, g + stored)
-        if pinned:
-            self.gpu.prepare_load(pinned)
-            pins = self._pins
-            for d in pinned:
-                pins[d] = pins.get(d, 0) + 1
+        pinned = self._pin(pr.digests[:g + stored])
         held = self._hold(max(0, self._admission_blocks(pr.request.input_length) - len(pinned)))
         self._held_now += len(held)
         self._served = (g, restored, pinned, held)
