@@ -186,7 +186,6 @@ class TwoTierCache:
             host.prepare_load(d[g:g + h])
         new, covered, overflow = self._store_run(pr, g, g + h if load_only else len(d))
         restored = min(h, len(new))
-        self.stored_new = new
         self.host_release = (d[g:g + restored], d[g + restored:g + h]) if h else None
         if h and not defer_host_release:
             self.release_host_copies(self.host_release)
@@ -221,7 +220,6 @@ class TwoTierCache:
         """Store the prompt's blocks from ``first`` on (the tail a load left to its prefill); returns
         how many the request holds (``serve_blocks``' ``covered``, counted from ``first``)."""
         new, covered, overflow = self._store_run(pr, first, len(pr.digests))
-        self.stored_new = new
         for x in new:
             self.gpu.complete_store(x, True)
         self.stats.gpu_overflow_requests += overflow
