@@ -235,11 +235,19 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         ``max_prefill_tokens``: those after the matched and restored prefix."""
         return pr.request.input_length - (served[0] + served[1]) * self.block_size
 
+    def _settle_at(self, step: int) -> None:
+        """The clock at ``step``; the host copies begun ``host_write_s`` before it have landed."""
+        self._clock = self._seconds(step)
+        self._settle_writes(self._clock)
+
+    def _probe_at(self, pr: PreparedRequest, step: int | None = None) -> tuple[int, int]:
+        """``probe`` at ``step`` (default: now): (GPU-matched blocks, host hit)."""
+        self._settle_at(self._step if step is None else step)
+        return self.probe(pr)
+
     def _matched_tail(self, pr: PreparedRequest, step: int | None = None) -> int:
         """``_tail_tokens`` of a request not served yet, from its GPU match at ``step`` (default: now)."""
-        self._clock = self._seconds(self._step if step is None else step)
-        self._settle_writes(self._clock)
-        return pr.request.input_length - self.probe(pr)[0] * self.block_size
+        return pr.request.input_length - self._probe_at(pr, step)[0] * self.block_size
 
     def _admission_blocks(self, input_length: int) -> int:
         """Blocks LMDeploy allocates when it admits a prompt: the prompt plus ``prefill_interval``
@@ -250,13 +258,16 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """LMDeploy admits a prefill only if the prompt plus ``prefill_interval`` preallocated tokens
         fit beside what running requests and started loads hold (cached blocks can be evicted)."""
         total = self._admission_blocks(pr.request.input_length)
-        pins = self._pins
-        shared = 0
-        for d in pr.digests:
-            if d not in pins:
-                break
-            shared += 1
-        return self._occupied() + total - shared <= self.stats.gpu_blocks
+        return self._occupied() + total - self._pinned_run(pr, 0) <= self.stats.gpu_blocks
+
+    def _pinned_run(self, pr: PreparedRequest, first: int) -> int:
+        """How many of the request's blocks from ``first`` on are pinned by running requests, in a row
+        (blocks it shares with them, which its admission does not take again)."""
+        pins, d = self._pins, pr.digests
+        n = first
+        while n < len(d) and d[n] in pins:
+            n += 1
+        return n - first
 
     def _prefill_due(self) -> bool:
         """Would the engine run a prefill step now for the requests waiting?"""
@@ -377,8 +388,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if n and used + self._matched_tail(pr, step) > self.engine.max_prefill_tokens:
             return "stop"
         fits = idle or self._fits(pr)
-        if self._host_hit(pr, step):
-            g, h = self.probe(pr)
+        g, h = self._probe_at(pr, step)
+        if h:
             self.host.touch(pr.digests[g:g + h])      # the connector's lookup refreshes its hit
             evicted = self._make_room(pr, step, hold_host_hit=True)
             if fits and (idle or self._soft_budget_ok(pr)):
@@ -398,8 +409,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         match and the host hit's destinations are taken (LMDeploy allocates the loaded interval);
         the request waits for a prefill step two or more steps later, others may start meanwhile."""
         step = self._step if step is None else step
-        self._clock = self._seconds(step)
-        self._settle_writes(self._clock)
+        self._settle_at(step)
         self._pending = None
         g, restored, covered = self.serve_blocks(pr, defer_host_release=True, load_only=True)
         if self.host_release is not None:
@@ -434,33 +444,22 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
     def _finish_load(self, pr: PreparedRequest, part) -> tuple:
         """A loaded request's prefill: its tail is stored and its preallocation held now."""
         g, restored, pinned, k = part
-        self._clock = self._seconds(self._step)
-        self._settle_writes(self._clock)
+        self._settle_at(self._step)
         self._make_tail_room(pr, part)     # room for the tail first, as LMDeploy's capacity making
         covered = self.store_blocks(pr, k)
         pinned = pinned + self._pin(pr.digests[k:k + covered])
-        held = self._hold(max(0, self._admission_blocks(pr.request.input_length) - len(pinned)))
-        self._held_now += len(held)
-        st = self.stats
-        st.max_held_blocks = max(st.max_held_blocks, self._occupied())
-        return g, restored, pinned, held
+        return g, restored, pinned, self._hold_rest(pr, pinned)
 
     def _tail_blocks(self, pr: PreparedRequest, part) -> int:
         return max(0, self._admission_blocks(pr.request.input_length) - len(part[2]))
 
     def _tail_fits(self, pr: PreparedRequest, part) -> bool:
-        pins, d = self._pins, pr.digests
-        shared = 0
-        for i in range(part[3], len(d)):
-            if d[i] not in pins:
-                break
-            shared += 1
+        shared = self._pinned_run(pr, part[3])
         return self._occupied() + self._tail_blocks(pr, part) - shared <= self.stats.gpu_blocks
 
     def _make_tail_room(self, pr: PreparedRequest, part) -> int:
         """``_make_room`` for a loaded request's tail (its matched and loaded blocks are pinned)."""
-        self._clock = self._seconds(self._step)
-        self._settle_writes(self._clock)
+        self._settle_at(self._step)
         missing = self._tail_blocks(pr, part) - self.gpu.num_free_slots
         return self.gpu.evict(missing) if missing > 0 else 0
 
@@ -477,8 +476,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         held by its tentative match, and with ``hold_host_hit`` its host hit by the connector's
         lookup, so the demotions cannot push it out of the host tier).  The evictions stand whether
         or not the request is then admitted.  Returns how many blocks were evicted."""
-        self._clock = self._seconds(step)
-        self._settle_writes(self._clock)
+        self._settle_at(step)
         gpu = self.gpu
         g, h = self.probe(pr)
         missing = self._admission_blocks(pr.request.input_length) - g - gpu.num_free_slots
@@ -496,29 +494,26 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             gpu.complete_load(matched, False)
         return evicted
 
-    def _host_hit(self, pr: PreparedRequest, step: int | None = None) -> bool:
-        self._clock = self._seconds(self._step if step is None else step)
-        self._settle_writes(self._clock)
-        g, h = self.probe(pr)
-        return h > 0
-
     # -- serving -----------------------------------------------------------------------------
     def _serve_now(self, pr: PreparedRequest, step: int | None = None) -> None:
         """The request takes its blocks (GPU hits, host restores, stored misses) and pins them, at
         ``step`` (default: the current one)."""
-        self._clock = self._seconds(self._step if step is None else step)
-        self._settle_writes(self._clock)
         # LMDeploy makes room for every block past the match before it allocates them (a block whose
         # twin the trie caches is deduplicated only afterwards, and that twin may be evicted first)
         self._make_room(pr, self._step if step is None else step)
         self._pending = None
         g, restored, stored = self.serve_blocks(pr)
         pinned = self._pin(pr.digests[:g + stored])
+        self._served = (g, restored, pinned, self._hold_rest(pr, pinned))
+
+    def _hold_rest(self, pr: PreparedRequest, pinned: tuple) -> list[int]:
+        """Hold the blocks of the request's admission (prompt plus preallocation) beyond its pinned
+        ones: its partial block and the preallocated tokens."""
         held = self._hold(max(0, self._admission_blocks(pr.request.input_length) - len(pinned)))
         self._held_now += len(held)
-        self._served = (g, restored, pinned, held)
         st = self.stats
         st.max_held_blocks = max(st.max_held_blocks, self._occupied())
+        return held
 
     def _start(self, pr: PreparedRequest, served, step: int) -> None:
         """``pr`` runs from its prefill in ``step``: its end and block growth, in decode steps."""
