@@ -34,9 +34,14 @@ LMDeploy 0.18's ``InputsMakerAsync.do_prefill_default``, ``_PrefillScheduler.sch
   may use the rest).  It completes two steps later (its completion reaches the scheduler after the
   next step is scheduled): until then its blocks are not matched on the GPU and the host copies it
   reads stay pinned in the host tier.  Then, when a prefill is due, its tail is stored if it fits
-  (else the pass stops at it, after evicting what it can);
+  (else the pass stops at it, after evicting what it can).  A pass that starts a load goes on to
+  the next waiting request (``LOAD_STARTED``: no batch slot, no token budget); a pass that only
+  started loads is a decode step;
 * a request's first output token comes from its prefill step, each further one from a decode
-  step; it ends with its last token, and its blocks are free one step later.
+  step; it ends with its last token, and its blocks are free one step later.  Its output blocks
+  stay cached only up to its last growth (LMDeploy's ``schedule_running`` attaches a decoding
+  sequence's full blocks to the trie when it grows): the blocks its output filled after that
+  are freed.
 
 Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``load_waits`` (requests that
 waited for a host load), ``attempt_evictions``, plus ``ConcurrencyStats``
@@ -348,14 +353,20 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         tokens = r.input_length
         step, n, used, after, cap = self._batch
         if after == self._step and first <= step and n < cap:
-            # the pass of the prefill step just decided reaches this request too
+            # the pass of the step just decided (or, ``n == 0``, of the step whose pass so far only
+            # started loads) reaches this request too
             outcome = self._attempt(pr, step, n, used)
             if outcome == "admitted":
-                self._batch = (step, n + 1, used + self._tail_tokens(pr, self._served), after, cap)
+                if not n:             # the pass's first prefill: the step is a prefill step
+                    self._close_prefill(1, self._tail_tokens(pr, self._served), e.max_batches - cap)
+                else:
+                    self._batch = (step, n + 1, used + self._tail_tokens(pr, self._served), after, cap)
                 return
             if outcome == "load":
                 return
             self._batch = (step, n, used, -1, cap)    # the pass stopped here
+            if not n:                 # no prefill in it: the step decodes (the loads ship with it)
+                self._decode_until(step + 1, waiting=True)
         self._decode_until(max(first, self._step))
         while True:
             idle = not self._live and not self._loaded
@@ -371,6 +382,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                     if outcome == "load":
                         if n:
                             self._close_prefill(n, used, was_live)
+                        else:   # LMDeploy's pass goes on after a load starts: the next arrival joins it
+                            self._batch = (self._step, 0, 0, self._step, e.max_batches - was_live)
                         return
                 if n:
                     self._close_prefill(n, used, was_live, True)
@@ -532,8 +545,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if step > first:
             self.stats.queued_requests += 1
             self.stats.queue_delay_s += self._seconds(step - first)
-        ghosts = max(0, (r.input_length + r.output_length - 1) // bs - r.input_length // bs)
-        state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, ghosts, self._n)
+        state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, 0, self._n)
         self._n += 1
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
         self._push(d0 + max(0, r.output_length - 1), 0, state)
@@ -543,6 +555,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             if need > blocks:
                 blocks = need
                 self._push(d0 + i - 1, 1, state)
+                # LMDeploy attaches a decoding sequence's full blocks to its trie only when it grows
+                # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
+                # input + i - 1 tokens; the blocks filled after its last growth are freed at its end
+                state.ghosts = (r.input_length + i - 1) // bs - r.input_length // bs
         self._live += 1
         self.stats.max_running = max(self.stats.max_running, self._live)
 

@@ -210,3 +210,29 @@ def test_step_options_without_the_step_model_are_refused(capsys, argv, message):
     assert main(["plan", "--quiet", "--limit", "50", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_pass_that_starts_a_load_goes_on_to_the_next_waiting_request():
+    # R1 and R2 decode (two running: not fewer than max_batches / 2). C (13 tokens, its first three blocks in
+    # the host tier) and D (5 tokens) arrive together: their 18 tokens reach max_prefill_tokens, so step 15
+    # prefills. Its pass starts C's load and, as LMDeploy's pass does after LOAD_STARTED, goes on to D, which
+    # prefills in the same step: D must not wait for the decode steps a queue of 5 tokens would need.
+    reqs = [(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 37, 1, list(range(100, 110))), (10.5, 5, 30, [20, 21]),
+            (10.6, 5, 30, [22, 23]), (14.5, 13, 1, [1, 2, 3, 9]), (14.6, 5, 1, [30, 31])]
+    cache = SteppedTwoTierCache(12, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 18), record=True)
+    prs = prepare_trace(_trace(reqs))
+    cache.expect(prs)
+    served = [cache.serve_at(p) for p in prs]
+    cache.finish()
+    assert served[4] == (0, 3)
+    assert cache.schedule[4:6] == [(15, "load", 4), (15, "prefill", 5)]
+
+
+@pytest.mark.parametrize("output,left", [(4, 0), (9, 2)])
+def test_a_decoding_request_leaves_the_full_blocks_it_held_at_its_last_growth(output, left):
+    # 13 tokens, 4 preallocated (prefill_interval): 5 blocks (20 tokens) on admission. With 4 output tokens it
+    # never grows, and LMDeploy attaches a decoding sequence's full blocks to its trie only when it grows:
+    # the block its output filled (tokens 13-16) is freed at its end, not cached. With 9 it grows once, at
+    # token 8 (20 tokens held: 5 full blocks), and leaves the 2 full blocks past its prompt's 3.
+    _, _, st = _schedule([(0.5, 13, output, [1, 2, 3, 4])], engine=EngineSteps(4, 4, 1000))
+    assert st.output_blocks == left
