@@ -221,6 +221,11 @@ WORKLOADS = {
                                                                     seed=1), 4),
     'synthetic-120-t2-out7-s2-a3': (lambda: mooncake_conversations(max_requests=120, trace='synthetic', think_steps=2,
                                                                     max_new_tokens=7, seed=2), 3),
+    # stress rows outside what the step model was built for: 20-30 output tokens, and prompts of up to 40
+    # blocks (640 tokens), longer than max_prefill_tokens (512): LMDeploy prefills those in chunks
+    'weka-6-out30-a6': (lambda: weka_conversations(max_turns=6, max_new_tokens=30), 6),
+    'mooncake-60-out20-a5': (lambda: mooncake_conversations(max_requests=60, max_new_tokens=20), 5),
+    'weka-6-mb40': (lambda: weka_conversations(max_turns=6, max_blocks=40), 3),
 }
 
 
@@ -390,6 +395,9 @@ HELD_OUT_GRID_6 = [(w, g, h) for w in ('weka-all-6-a2', 'mooncake-100-t0-a5', 's
 HELD_OUT_GRID_7 = [(w, g, h) for w in ('weka-all-8-mb20-s1-a5', 'mooncake-90-mb14-out5-s1-a4',
                                        'synthetic-120-t2-out7-s2-a3')
                    for g, h in ((36, 16), (52, 20), (72, 40), (100, 24))]
+# stress rows (printed with the grid; the step model does not model chunked prefill)
+GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
+               ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
 
 
 @pytest.mark.skipif(not __import__('os').environ.get('HOSTCACHE_PLANNER_GRID'),
@@ -403,7 +411,7 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
     errors = {'concurrency': [], 'steps': []}
     sets = (('tuning 1-3', GRID + GRID_ROUND_3), ('tuning 4a', HELD_OUT_GRID + HELD_OUT_GRID_2),
             ('tuning 4b', GRID_FOUR_ACTIVE), ('tuning 4c', GRID_HOST_SIZES), ('tuning 5', HELD_OUT_GRID_5),
-            ('held-out 6', HELD_OUT_GRID_6), ('held-out 7', HELD_OUT_GRID_7))
+            ('held-out 6', HELD_OUT_GRID_6), ('held-out 7', HELD_OUT_GRID_7), ('stress', GRID_STRESS))
     for label, grid in sets:
         for workload, gpu, host in grid:
             run = _run_workload(tmp_path, workload, gpu, host)
