@@ -1,4 +1,5 @@
 """The planner's LMDeploy step model (issue 12 item 3): prefill and decode steps, admission rules."""
+import gzip
 import json
 
 import pytest
@@ -236,3 +237,23 @@ def test_a_decoding_request_leaves_the_full_blocks_it_held_at_its_last_growth(ou
     # token 8 (20 tokens held: 5 full blocks), and leaves the 2 full blocks past its prompt's 3.
     _, _, st = _schedule([(0.5, 13, output, [1, 2, 3, 4])], engine=EngineSteps(4, 4, 1000))
     assert st.output_blocks == left
+
+
+def test_plan_engine_steps_says_when_prompts_would_be_prefilled_in_chunks(capsys):
+    # the bundled trace's prompts are thousands of tokens long: with a 4,096-token budget some are chunked by
+    # LMDeploy, which the step model does not follow; the note says how many (none with a budget above all)
+    base = ["plan", "--quiet", "--limit", "200", "--gpu-blocks", "40", "--host-blocks", "200", "--engine-steps"]
+    assert main([*base, "--max-prefill-tokens", "4096", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    notes = [n for n in out["notes"] if "max_prefill_tokens" in n]
+    first = [json.loads(line) for line in gzip.open(planner_cli.bundled_trace_path(), "rt")][:200]
+    longer = sum(r["input_length"] > 4096 for r in first)
+    assert 0 < longer < 200
+    assert len(notes) == 1 and notes[0].startswith(f"step model: {longer:,} of 200 prompts are longer than")
+    assert "prefills the uncached part of such a prompt in chunks" in notes[0]
+    assert main([*base, "--max-prefill-tokens", "1000000", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert not [n for n in out["notes"] if "max_prefill_tokens" in n]
+    assert main([*base, "--max-prefill-tokens", "4096"]) == 0
+    assert f"note: step model: {longer:,} of 200 prompts are longer than max_prefill_tokens (4,096)" in \
+        capsys.readouterr().out
