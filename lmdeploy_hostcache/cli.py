@@ -27,6 +27,8 @@ BENCH_COMMANDS = {
                  "eviction policies: host hit rate vs capacity on traces, next to Belady"),
     "route": ("lmdeploy_hostcache.bench.route",
               "cache-aware routing: decision time per request and proxy memory per cached block"),
+    "capture": ("lmdeploy_hostcache.bench.capture",
+                "trace capture's time inside LMDeploy's engine steps, on the CPU harness"),
 }
 
 

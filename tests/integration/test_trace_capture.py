@@ -45,18 +45,6 @@ WEKA_FILES = ['trace_0019.json', 'trace_0086.json', 'trace_0624.json']
 TOLERANCE = 0.02
 
 
-@dataclasses.dataclass(frozen=True)
-class CapturingSpec(HostTierSpec):
-    """The harness's host-tier settings plus the ``capture`` setting (the config path a server takes)."""
-
-    capture: str = ''
-
-    def kv_transfer_config(self, slots):
-        cfg = super().kv_transfer_config(slots)
-        cfg.kv_connector_extra_config['hostcache_config']['capture'] = self.capture
-        return cfg
-
-
 @pytest.fixture
 def exact_lru_clock(monkeypatch):
     """LMDeploy's block manager stamps access times with int(perf_counter()); give it a counter."""
@@ -73,26 +61,20 @@ class HarnessRun:
     gpu_hit_rate: float
     host_hit_rate: float
     original: Trace               # the requests as the driver sent them (token prefixes -> block ids)
-    capture_seconds: float
-    step_seconds: float
-    capture_open_seconds: float = 0.0   # opening the file, at engine start (outside the steps)
-    forward_seconds: float = 0.0        # of step_seconds: the harness's fake model forward (CpuExecutor)
     preemptions: int = 0          # RUNNING sequences LMDeploy sent back to waiting (no room to decode)
     metrics: dict = dataclasses.field(default_factory=dict)   # the connector's counters
     capture: object = None        # the engine's TraceCapture (its counters)
 
 
 def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
-                     max_active: int = 3, iteration_clock: bool = True) -> HarnessRun:
-    """One harness run with capture on. ``iteration_clock``: the capture's arrival clock counts engine
-    iterations (what the planner comparisons need); False keeps the server's clock (``time.time``), as
-    the cost test measures what a server pays (the iteration clock is a Python function of the driver,
-    2-3 us a call)."""
+                     max_active: int = 3) -> HarnessRun:
+    """One harness run with capture on; the capture's arrival clock counts engine iterations (what the
+    planner comparisons need; the cost test, ``bench capture``'s ``measure_capture``, keeps the server's)."""
     path = str(tmp_path / f'capture-{len(conversations)}-{gpu_blocks}-{host_slots}.jsonl')
     engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
                                     HarnessCacheSpec(num_gpu_blocks=gpu_blocks, max_prefill_token_num=512),
-                                    CapturingSpec(host_slots=host_slots, min_restore_tokens=BS,
-                                                  eviction_policy=policy, capture=path))
+                                    HostTierSpec(host_slots=host_slots, min_restore_tokens=BS,
+                                                 eviction_policy=policy, capture=path))
     sched = scheduler_side(engine)
     assert sched.capture is not None, 'the capture setting did not reach the scheduler role'
     driver = WorkloadDriver(engine, conversations, max_active=max_active)
@@ -100,8 +82,7 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
     # the capture clock counts engine iterations, iteration k being scheduled at time k + 1; the driver
     # launches a request before iteration k's scheduling, so it arrives at k + 0.5 (the tiny increment keeps
     # same-iteration arrivals in launch order)
-    if iteration_clock:
-        sched.capture.clock = lambda: driver.iteration + 0.5 + next(order) * 1e-6
+    sched.capture.clock = lambda: driver.iteration + 0.5 + next(order) * 1e-6
     arrivals: dict[int, float] = {}
     add_request = engine.add_request
 
@@ -111,26 +92,6 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
         return handle
 
     engine.add_request = noting_add_request
-    step, step_seconds = engine.step, [0.0]
-
-    def timed_step():
-        t0 = time.perf_counter()
-        try:
-            return step()
-        finally:
-            step_seconds[0] += time.perf_counter() - t0
-
-    engine.step = timed_step
-    forward_run, forward_seconds = engine.executor._run, [0.0]
-
-    def timed_forward(*args):
-        t0 = time.perf_counter()
-        try:
-            return forward_run(*args)
-        finally:
-            forward_seconds[0] += time.perf_counter() - t0
-
-    engine.executor._run = timed_forward
     preempted = [0]
     preempt_seqs = engine.scheduler.preempt_seqs
 
@@ -158,8 +119,7 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
         reqs.append(Request(arrivals[h.session_id] + k * 1e-6, len(prompt), len(h.output_tokens), hash_ids, k))
     original = Trace('harness original', BS, sorted(reqs, key=lambda r: r.timestamp))
     return HarnessRun(path, report.requests, (cached - restored) / prompt_blocks, restored / prompt_blocks,
-                      original, sched.capture.seconds, step_seconds[0], sched.capture.open_seconds, forward_seconds[0],
-                      preempted[0],
+                      original, preempted[0],
                       dict(sched.metrics.snapshot()), sched.capture)
 
 
@@ -313,24 +273,23 @@ def test_step_model_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_c
 
 
 def test_capture_costs_little_next_to_the_engine_steps(tmp_path, exact_lru_clock):
-    """Capture runs inside LMDeploy's end_session, in the engine step; print its share of the steps' time
-    and of their scheduler part (the steps less the harness's fake model forward), over all six WEKA
-    sample files. The timing bound is loose (CPU timing on a shared machine: the figures are printed);
-    the work counts are exact: each full prompt block is chain-hashed at most once per request, each
-    distinct block keyed once, one os.write per batch of records."""
+    """Capture runs inside LMDeploy's end_session, in the engine step; ``bench capture``'s measurement
+    (``measure_capture``) prints its share of the steps' time and of their scheduler part (the steps less
+    the harness's fake model forward), over all six WEKA sample files. The timing bound is loose (CPU
+    timing on a shared machine: the figures are printed); the work counts are exact: each full prompt
+    block is chain-hashed at most once per request, each distinct block keyed once, one os.write per
+    batch of records."""
+    from lmdeploy_hostcache.bench.capture import measure_capture
     from lmdeploy_hostcache.integration.trace_capture import FLUSH_RECORDS
 
-    convs = weka_conversations(max_turns=6)
-    engine_run = run_with_capture(tmp_path, convs, gpu_blocks=32, host_slots=24, iteration_clock=False)
-    cap, n = engine_run.capture, engine_run.requests
-    cap_total, steps = engine_run.capture_seconds, engine_run.step_seconds
-    scheduling = steps - engine_run.forward_seconds
-    print(f'\ncapture: {cap_total * 1e3:.2f} ms for {n} requests ({cap_total / n * 1e6:.0f} us per request) = '
-          f'{cap_total / steps:.2%} of {steps * 1e3:.0f} ms of engine steps, {cap_total / scheduling:.2%} of their '
-          f'{scheduling * 1e3:.0f} ms outside the fake forward; file opened at engine start in '
-          f'{engine_run.capture_open_seconds * 1e6:.0f} us (outside the steps); {cap.flushes} flushes, '
-          f'{cap.writer.writes} writes; measured on this machine')
-    records = [json.loads(line) for line in open(engine_run.capture_path)]
+    cost = measure_capture(weka_conversations(max_turns=6), str(tmp_path / 'capture.jsonl'))
+    cap, n = cost.capture, cost.requests
+    print(f'\ncapture: {cost.capture_seconds * 1e3:.2f} ms for {n} requests ({cost.us_per_request:.0f} us per '
+          f'request) = {cost.share_of_steps:.2%} of {cost.step_seconds * 1e3:.0f} ms of engine steps, '
+          f'{cost.share_of_scheduler:.2%} of their {cost.scheduler_seconds * 1e3:.0f} ms outside the fake forward; '
+          f'file opened at engine start in {cost.open_seconds * 1e6:.0f} us (outside the steps); {cap.flushes} '
+          f'flushes, {cap.writer.writes} writes; measured on this machine')
+    records = [json.loads(line) for line in open(cost.path)]
     ids = [i for r in records for i in r['hash_ids']]
     assert cap.records == len(records) == n
     # each full prompt block's digest is chain-hashed at most once per request; a prompt that continues
@@ -339,7 +298,24 @@ def test_capture_costs_little_next_to_the_engine_steps(tmp_path, exact_lru_clock
     assert cap.key.derived == len(set(ids)) < len(ids)    # each distinct block keyed once (shared prefixes)
     assert cap.writer.writes == cap.flushes <= n // FLUSH_RECORDS + 1 + cap.flushes_by_age
     # loose bound against pathological regressions only: CPU timing on a shared machine (figures printed)
-    assert cap_total / steps < 0.2
+    assert cost.share_of_steps < 0.2
+
+
+def test_bench_capture_prints_what_each_run_measured(capsys):
+    """``lmdeploy-hostcache bench capture`` on the bundled trace: per-run figures and their median, every
+    request served and captured; a bad count is one line and exit 2."""
+    assert main(['bench', 'capture', '--runs', '2', '--requests', '24', '--json']) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out['workload'] == 'mooncake' and len(out['runs']) == 2
+    for r in out['runs']:
+        assert r['requests'] == r['records'] == 24 and r['writes'] == r['flushes'] >= 1
+        assert 0 < r['capture_seconds'] < r['scheduler_seconds'] < r['step_seconds']
+        assert r['share_of_steps'] == pytest.approx(r['capture_seconds'] / r['step_seconds'])
+    assert out['median']['share_of_steps'] == pytest.approx(
+        sorted(r['share_of_steps'] for r in out['runs'])[0] / 2 + sorted(r['share_of_steps'] for r in out['runs'])[1] / 2)
+    assert main(['bench', 'capture', '--runs', '0']) == 2
+    err = capsys.readouterr().err
+    assert '--runs must be >= 1' in err and 'Traceback' not in err
 
 
 def test_serve_flag_sets_the_capture_setting(tmp_path):
@@ -364,7 +340,7 @@ def test_an_unwritable_capture_never_stops_serving(tmp_path, caplog):
 
     path = str(tmp_path / 'missing-folder' / 'cap.jsonl')
     engine = build_host_tier_engine(HarnessModel(), HarnessCacheSpec(num_gpu_blocks=32, max_prefill_token_num=512),
-                                    CapturingSpec(host_slots=16, min_restore_tokens=BS, capture=path))
+                                    HostTierSpec(host_slots=16, min_restore_tokens=BS, capture=path))
     with caplog.at_level(logging.WARNING, logger='lmdeploy_hostcache.capture'):
         report = WorkloadDriver(engine, _weka()[:3], max_active=2).run()
     assert report.finished == report.requests > 3
@@ -539,7 +515,7 @@ def test_queued_records_reach_the_file_by_count_age_and_close(tmp_path):
 
 
 @dataclasses.dataclass(frozen=True)
-class ProducerCapturingSpec(CapturingSpec):
+class ProducerHostTierSpec(HostTierSpec):
     """The host tier as a KV producer only: it never looks up, so no request has a digest chain."""
 
     def kv_transfer_config(self, slots):
@@ -571,7 +547,7 @@ def test_capture_of_a_host_tier_that_never_looks_up(tmp_path, monkeypatch, exact
     consumer = run_with_capture(tmp_path, _weka(), gpu_blocks=32, host_slots=24)
     path = str(tmp_path / 'producer.jsonl')
     engine = build_host_tier_engine(HarnessModel(), HarnessCacheSpec(num_gpu_blocks=32, max_prefill_token_num=512),
-                                    ProducerCapturingSpec(host_slots=24, min_restore_tokens=BS, capture=path))
+                                    ProducerHostTierSpec(host_slots=24, min_restore_tokens=BS, capture=path))
     sched = scheduler_side(engine)
     assert not sched.is_consumer
     report = WorkloadDriver(engine, _weka(), max_active=3).run()

@@ -16,6 +16,7 @@ becomes a proportionally shorter partial block, so prompts are not block aligned
 """
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,9 +103,11 @@ def weka_conversations(*, files: list[str] | None = None, max_turns: int = 6, gr
 
 def mooncake_conversations(*, max_requests: int = 24, block_size: int = 16, max_blocks: int = 10,
                            max_new_tokens: int = 4, think_steps: int = 1, scan: int = 3000,
-                           seed: int = 0, trace: str = 'conversation') -> list[list[TurnSpec]]:
-    """Conversations of a Mooncake trace (``trace``: ``conversation`` or ``synthetic``) that reuse a
-    prefix beyond the first block.
+                           seed: int = 0, trace: str = 'conversation',
+                           path: Path | None = None) -> list[list[TurnSpec]]:
+    """Conversations of a Mooncake trace (``trace``: ``conversation`` or ``synthetic``, read from
+    ``../shared/traces``, or the JSONL file ``path``, gzipped or not) that reuse a prefix beyond the
+    first block.
 
     Requests are keyed by their second block id (the first is the shared system prompt); only
     keys with at least two requests in the first ``scan`` lines are kept, in trace order, until
@@ -112,10 +115,11 @@ def mooncake_conversations(*, max_requests: int = 24, block_size: int = 16, max_
     """
     if trace not in ('conversation', 'synthetic'):
         raise ValueError(f"trace must be 'conversation' or 'synthetic', got {trace!r}")
-    path = traces_dir() / 'mooncake' / f'{trace}_trace.jsonl'
+    if path is None:
+        path = traces_dir() / 'mooncake' / f'{trace}_trace.jsonl'
     label = 'mooncake' if trace == 'conversation' else trace
     by_key: dict[int, list[dict]] = {}
-    with path.open() as fh:
+    with (gzip.open(path, 'rt') if str(path).endswith('.gz') else open(path)) as fh:
         for i, line in enumerate(fh):
             if i >= scan:
                 break
