@@ -66,13 +66,20 @@ class HarnessRun:
     capture: object = None        # the engine's TraceCapture (its counters)
 
 
+# the harness engine's admission settings in these runs: (max_batches, prefill_interval, max_prefill_token_num)
+HARNESS_ENGINE = (4, 4, 512)
+
+
 def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
-                     max_active: int = 3) -> HarnessRun:
+                     max_active: int = 3, engine_settings: tuple = HARNESS_ENGINE) -> HarnessRun:
     """One harness run with capture on; the capture's arrival clock counts engine iterations (what the
-    planner comparisons need; the cost test, ``bench capture``'s ``measure_capture``, keeps the server's)."""
+    planner comparisons need; the cost test, ``bench capture``'s ``measure_capture``, keeps the server's).
+    ``engine_settings``: the engine's (max_batches, prefill_interval, max_prefill_token_num)."""
+    max_batches, prefill_interval, max_prefill = engine_settings
     path = str(tmp_path / f'capture-{len(conversations)}-{gpu_blocks}-{host_slots}.jsonl')
     engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
-                                    HarnessCacheSpec(num_gpu_blocks=gpu_blocks, max_prefill_token_num=512),
+                                    HarnessCacheSpec(num_gpu_blocks=gpu_blocks, max_prefill_token_num=max_prefill,
+                                                     max_batches=max_batches, prefill_interval=prefill_interval),
                                     HostTierSpec(host_slots=host_slots, min_restore_tokens=BS,
                                                  eviction_policy=policy, capture=path))
     sched = scheduler_side(engine)
@@ -131,7 +138,12 @@ HOST_WRITE_ITERATIONS = 1.5
 
 # the harness engine's admission settings (HarnessCacheSpec: max_batches 4, prefill_interval 4; and
 # run_with_capture's max_prefill_token_num 512), given to the planner's step model (--engine-steps)
-ENGINE_STEPS = ('--engine-steps', '--max-batches', '4', '--prefill-interval', '4', '--max-prefill-tokens', '512')
+def engine_steps_args(settings=HARNESS_ENGINE) -> tuple:
+    return ('--engine-steps', '--max-batches', str(settings[0]), '--prefill-interval', str(settings[1]),
+            '--max-prefill-tokens', str(settings[2]))
+
+
+ENGINE_STEPS = engine_steps_args()
 
 
 def _plan_json(capsys, path, gpu, host, *extra):
@@ -186,6 +198,10 @@ WORKLOADS = {
     'weka-6-out30-a6': (lambda: weka_conversations(max_turns=6, max_new_tokens=30), 6),
     'mooncake-60-out20-a5': (lambda: mooncake_conversations(max_requests=60, max_new_tokens=20), 5),
     'weka-6-mb40': (lambda: weka_conversations(max_turns=6, max_blocks=40), 3),
+    # round 5's second held-out set: other engine settings (GRID_ENGINE_SETTINGS)
+    'weka-all-6-a5': (lambda: weka_conversations(max_turns=6), 5),
+    'mooncake-80-a6': (lambda: mooncake_conversations(max_requests=80), 6),
+    'synthetic-80-a4': (lambda: mooncake_conversations(max_requests=80, trace='synthetic'), 4),
 }
 
 
@@ -193,9 +209,10 @@ def _conversations(workload):
     return WORKLOADS[workload][0]()
 
 
-def _run_workload(tmp_path, workload, gpu, host):
+def _run_workload(tmp_path, workload, gpu, host, engine_settings=HARNESS_ENGINE):
     convs, active = WORKLOADS[workload]
-    return run_with_capture(tmp_path, convs(), gpu_blocks=gpu, host_slots=host, max_active=active)
+    return run_with_capture(tmp_path, convs(), gpu_blocks=gpu, host_slots=host, max_active=active,
+                            engine_settings=engine_settings)
 
 
 def test_capture_is_off_by_default():
@@ -256,17 +273,21 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     ('weka-all-8-a4', 40, 24), ('mooncake-60-a4', 36, 24), ('synthetic-60-a4', 32, 24),
                     ('mooncake-80-out6-a5', 40, 16), ('weka-6-out8-a5', 32, 40), ('mooncake-120-out3-t3-a3', 48, 32),
                     ('mooncake-100-t0-a5', 36, 12), ('weka-ho-10-out10-a6', 64, 32),
-                    ('weka-all-8-mb20-s1-a5', 72, 40), ('synthetic-120-t2-out7-s2-a3', 36, 16)]
+                    ('weka-all-8-mb20-s1-a5', 72, 40), ('synthetic-120-t2-out7-s2-a3', 36, 16),
+                    ('weka-all-6-a5', 40, 16, (8, 2, 384)), ('mooncake-80-a6', 40, 16, (3, 8, 1024))]
 
 
-@pytest.mark.parametrize('workload,gpu,host', VALIDATION_STEPS)
-def test_step_model_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_clock, workload, gpu, host):
-    run = _run_workload(tmp_path, workload, gpu, host)
-    o = _plan_json(capsys, run.capture_path, gpu - 1, host, *ENGINE_STEPS)
+@pytest.mark.parametrize('row', VALIDATION_STEPS, ids=lambda row: '-'.join(map(str, row)))
+def test_step_model_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_clock, row):
+    workload, gpu, host, *settings = row
+    settings = tuple(settings[0]) if settings else HARNESS_ENGINE
+    run = _run_workload(tmp_path, workload, gpu, host, settings)
+    o = _plan_json(capsys, run.capture_path, gpu - 1, host, *engine_steps_args(settings))
     w = o['with_concurrency']
-    print(f'\n{workload} gpu={gpu} host={host}: harness GPU {run.gpu_hit_rate:.3f} host {run.host_hit_rate:.3f}; '
-          f'step model GPU {w["gpu_hit_rate"]:.3f} host {w["host_hit_rate"]:.3f}')
-    assert w['requests'] == run.requests and w['engine_steps']['prefill_interval'] == 4
+    print(f'\n{workload} gpu={gpu} host={host} engine={settings}: harness GPU {run.gpu_hit_rate:.3f} host '
+          f'{run.host_hit_rate:.3f}; step model GPU {w["gpu_hit_rate"]:.3f} host {w["host_hit_rate"]:.3f}')
+    assert w['requests'] == run.requests
+    assert tuple(w['engine_steps'][k] for k in ('max_batches', 'prefill_interval', 'max_prefill_tokens')) == settings
     assert w['prefill_steps'] > 0 and w['decode_steps'] > 0
     assert abs(w['gpu_hit_rate'] - run.gpu_hit_rate) <= TOLERANCE
     assert abs(w['host_hit_rate'] - run.host_hit_rate) <= TOLERANCE
@@ -371,6 +392,10 @@ HELD_OUT_GRID_6 = [(w, g, h) for w in ('weka-all-6-a2', 'mooncake-100-t0-a5', 's
 HELD_OUT_GRID_7 = [(w, g, h) for w in ('weka-all-8-mb20-s1-a5', 'mooncake-90-mb14-out5-s1-a4',
                                        'synthetic-120-t2-out7-s2-a3')
                    for g, h in ((36, 16), (52, 20), (72, 40), (100, 24))]
+# round 5's second held-out set: the engine's max_batches, prefill_interval and max_prefill_token_num changed
+# (8/2/384, 3/8/1024, 6/4/256); generated after round 5's changes and run once
+GRID_ENGINE_SETTINGS = [(w, g, h, e) for e in ((8, 2, 384), (3, 8, 1024), (6, 4, 256))
+                        for w in ('weka-all-6-a5', 'mooncake-80-a6', 'synthetic-80-a4') for g, h in ((40, 16), (64, 32))]
 # stress rows (printed with the grid; the step model does not model chunked prefill)
 GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
                ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
@@ -387,14 +412,18 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
     errors = {'concurrency': [], 'steps': []}
     sets = (('tuning 1-3', GRID + GRID_ROUND_3), ('tuning 4a', HELD_OUT_GRID + HELD_OUT_GRID_2),
             ('tuning 4b', GRID_FOUR_ACTIVE), ('tuning 4c', GRID_HOST_SIZES), ('tuning 5', HELD_OUT_GRID_5),
-            ('held-out 6', HELD_OUT_GRID_6), ('held-out 7', HELD_OUT_GRID_7), ('stress', GRID_STRESS))
+            ('held-out 6', HELD_OUT_GRID_6), ('held-out 7', HELD_OUT_GRID_7), ('held-out 8', GRID_ENGINE_SETTINGS),
+            ('stress', GRID_STRESS))
     for label, grid in sets:
-        for workload, gpu, host in grid:
-            run = _run_workload(tmp_path, workload, gpu, host)
+        for workload, gpu, host, *settings in grid:
+            engine_settings = tuple(settings[0]) if settings else HARNESS_ENGINE
+            run = _run_workload(tmp_path, workload, gpu, host, engine_settings)
+            if settings:
+                workload = f'{workload} ({"/".join(map(str, engine_settings))})'
             pr = prepare_trace(read_mooncake(run.capture_path))
             conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
                                      host_write_s=HOST_WRITE_ITERATIONS)
-            steps = replay_stepped(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15), EngineSteps(4, 4, 512),
+            steps = replay_stepped(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15), EngineSteps(*engine_settings),
                                    host_write_s=HOST_WRITE_ITERATIONS)
             seq = replay(pr, gpu - 1, host, 'lru', BS)
             marks = []
