@@ -286,6 +286,12 @@ class HostCacheConfig:
         "Size at which the capture file is rotated (renamed `<name>.<n>.jsonl`; a new one is "
         "started), in MiB.",
         "number > 0"))
+    capture_offload: bool = field(default=True, metadata=_meta(
+        _parse_bool,
+        "Encode and write the captured records in a helper process started with the engine (its "
+        "digests, keyed ids and file writes then run off LMDeploy's scheduler thread, on another "
+        "core); `false`: on the scheduler's thread. The file is the same either way.",
+        "`true` or `false`"))
 
     l3: Any = field(default=None, metadata=_meta(
         _parse_l3,

@@ -23,7 +23,7 @@ FIELDS = HostCacheConfig.field_names()
 def test_field_list_is_the_documented_one():
     assert FIELDS == ("host_cache_gb", "host_memory_reserve_gb", "host_kv_format", "eviction_policy",
                       "min_restore_tokens", "pin_memory", "verify_tokens", "checksum", "tenant_salt", "capture",
-                      "capture_max_mb", "l3")
+                      "capture_max_mb", "capture_offload", "l3")
 
 
 def test_defaults():
@@ -60,6 +60,7 @@ BAD_VALUES = [
     ("capture", 5), ("capture", ["a.jsonl"]), ("capture", "a\0b"), ("capture", True),
     ("capture_max_mb", 0), ("capture_max_mb", -1), ("capture_max_mb", "big"), ("capture_max_mb", None),
     ("capture_max_mb", True), ("capture_max_mb", math.inf),
+    ("capture_offload", 1), ("capture_offload", "yes"), ("capture_offload", None),
     ("l3", "yes"), ("l3", 5), ("l3", True), ("l3", ["a"]),   # the section's own fields: tests/l3/test_l3_config.py
 ]
 

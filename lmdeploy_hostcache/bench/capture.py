@@ -89,20 +89,28 @@ class CaptureCost:
     def share_of_scheduler(self) -> float:
         return self.capture_seconds / self.scheduler_seconds
 
+    @property
+    def helper_cpu_seconds(self) -> float:
+        """The helper process's CPU time (offload; 0 without): the encoding moved off the steps."""
+        return float(self.capture.encoder_counters().get("cpu_seconds", 0.0))
+
     def as_dict(self) -> dict:
         cap = self.capture
+        done = cap.encoder_counters()
         return {"requests": self.requests, "capture_seconds": self.capture_seconds,
                 "us_per_request": self.us_per_request, "step_seconds": self.step_seconds,
                 "scheduler_seconds": self.scheduler_seconds, "share_of_steps": self.share_of_steps,
                 "share_of_scheduler": self.share_of_scheduler, "open_seconds": self.open_seconds,
-                "records": cap.records, "flushes": cap.flushes, "writes": cap.writer.writes,
-                "blocks_hashed": cap.blocks_hashed, "blocks_reused": cap.blocks_reused,
-                "ids_keyed": cap.key.derived}
+                "offload": cap.offload, "helper_cpu_seconds": self.helper_cpu_seconds,
+                "records": done.get("records", cap.records), "flushes": cap.flushes, "writes": done.get("writes", 0),
+                "blocks_hashed": done.get("blocks_hashed", 0), "blocks_reused": done.get("blocks_reused", 0),
+                "ids_keyed": done.get("ids_keyed", 0)}
 
 
 def measure_capture(conversations, path: str, *, gpu_blocks: int = 32, host_slots: int = 24,
-                    max_active: int = 3, policy: str = "lru") -> CaptureCost:
-    """One run of ``conversations`` through a fresh harness engine with capture to ``path``."""
+                    max_active: int = 3, policy: str = "lru", offload: bool = True) -> CaptureCost:
+    """One run of ``conversations`` through a fresh harness engine with capture to ``path``
+    (``offload``: the ``capture_offload`` setting)."""
     import torch
 
     from ..testing.harness import HarnessCacheSpec, HarnessModel, WorkloadDriver
@@ -111,7 +119,7 @@ def measure_capture(conversations, path: str, *, gpu_blocks: int = 32, host_slot
     engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
                                     HarnessCacheSpec(num_gpu_blocks=gpu_blocks, max_prefill_token_num=512),
                                     HostTierSpec(host_slots=host_slots, min_restore_tokens=16,
-                                                 eviction_policy=policy, capture=path))
+                                                 eviction_policy=policy, capture=path, capture_offload=offload))
     sched = scheduler_side(engine)
     if sched.capture is None:
         raise RuntimeError("the capture setting did not reach the scheduler role")
@@ -142,6 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "../shared/traces (the CI test's)")
     p.add_argument("--requests", type=int, default=64,
                    help="requests taken from the Mooncake trace (default 64; the WEKA workload has 69)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="capture_offload: false (encode on the scheduler's thread, as before the helper process)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -159,21 +169,23 @@ def run(args: argparse.Namespace) -> int:
     runs = []
     with tempfile.TemporaryDirectory(prefix="hostcache-capture-bench-") as tmp:
         for i in range(args.runs):
-            cost = measure_capture(conversations, str(Path(tmp) / f"run{i}.jsonl"))
+            cost = measure_capture(conversations, str(Path(tmp) / f"run{i}.jsonl"), offload=not args.no_offload)
             runs.append(cost)
             if not args.json:
                 print(f"run {i + 1}: {cost.requests} requests, capture {cost.capture_seconds * 1e3:.2f} ms "
                       f"({cost.us_per_request:.1f} us per request) = {cost.share_of_steps:.2%} of "
                       f"{cost.step_seconds * 1e3:.0f} ms of engine steps, {cost.share_of_scheduler:.2%} of their "
-                      f"{cost.scheduler_seconds * 1e3:.0f} ms outside the fake forward; "
-                      f"{cost.capture.flushes} flushes, {cost.capture.writer.writes} writes")
+                      f"{cost.scheduler_seconds * 1e3:.0f} ms outside the fake forward; {cost.capture.flushes} "
+                      "flushes" + (f"; the helper process: {cost.helper_cpu_seconds * 1e3:.0f} ms of CPU"
+                                   if cost.capture.offload else " (on the scheduler's thread)"))
     med = {key: statistics.median(getattr(c, key) for c in runs)
            for key in ("us_per_request", "share_of_steps", "share_of_scheduler")}
     if args.json:
-        print(json.dumps({"workload": args.workload, "runs": [c.as_dict() for c in runs],
+        print(json.dumps({"workload": args.workload, "offload": not args.no_offload, "runs": [c.as_dict() for c in runs],
                           "median": med, "note": "CPU harness timings measured on this machine"}, indent=1))
         return 0
-    print(f"median of {len(runs)} runs ({args.workload}): {med['us_per_request']:.1f} us per request, "
+    mode = "helper process" if not args.no_offload else "on the scheduler's thread"
+    print(f"median of {len(runs)} runs ({args.workload}, encoding {mode}): {med['us_per_request']:.1f} us per request, "
           f"{med['share_of_steps']:.2%} of the engine steps, {med['share_of_scheduler']:.2%} of their scheduler "
           "part; CPU harness timings measured on this machine")
     return 0

@@ -13,43 +13,43 @@ digests (the same chained digests the host tier uses, in the request's namespace
 tenant salt, adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
 reading at ``on_new_request`` (wall-clock seconds by default; a test may pass another clock).
 
-Everything runs on the scheduler's thread, when LMDeploy registers a sequence (``on_new_request``) and inside
-its ``end_session`` (``seconds`` sums both hooks' time, flushes included): a capture thread was tried and
-measured worse, because its hashing competes for the GIL with the scheduler (docs/planner.md "Capturing your
-own traffic").  The file is opened and the base model's chain root computed when the engine starts
-(``open_seconds``; an unwritable path shows then).  The hook only takes what the record needs from the
-sequence (``snapshot``: no hashing, no copy, no numpy call: a reference to the sequence's token store and the
-length of the prompt's full blocks; LMDeploy never writes an ended sequence's tokens again, it drops them) and
-the host tier's digest chain of the request (``connector._RequestChain``, a reference the connector drops
-right after) and queues them (``on_request_finished`` runs ``snapshot``'s code inline, one call less in a hook
-that runs cold; ``tests/capture`` checks that both give the same tuple); every ``FLUSH_RECORDS`` queued
-requests, or at the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at
-``close``/interpreter exit, the queue is encoded (``encode_many``: the prompts' ids sliced, laid end to end
-and encoded by one value-checked cast, chained digests, keyed ids, JSON lines) and written with one
-``os.write``: one warm pass over a batch costs far less than a cold pass per request.
-A process killed without ``close`` loses the records still queued (at most ``FLUSH_RECORDS - 1``).
-Digests are computed only where nothing already holds them: a prompt that continues one captured
-earlier with the same first block (the next turn of a conversation) takes that prompt's digests and
-ids, so a turn costs its new blocks, not its whole history; up to ``RECENT_PER_BLOCK`` prompts are
-remembered per first block (conversations that share a system prompt interleave), under at most
-``RECENT_PROMPTS`` first blocks, each with an xxh3 of its token bytes to check the continuation, and
-the newest one the prompt continues is taken (it then replaces that one).  The blocks the host tier's
-lookup hashed (from the request's GPU-matched prefix on) are taken from its chain where it holds at
-least ``CHAIN_MIN_BLOCKS`` of the blocks still to digest (below that, hashing them from the batch's
-bytes costs less than reading the chain's objects, cold by then: they are not read at all where fewer
-than that many blocks are left), the chain's parent digest is the one
-computed here and its block bytes equal the prompt's (so the ids are those of the formula whatever the
-chain holds).  A batch whose sequences hold fewer ids than their prompts' full blocks is not written
-(an error: capture stops).  Counters: ``records`` (hook calls), ``blocks_hashed`` and ``blocks_reused``
-(chain steps run and skipped: each full prompt block is hashed at most once per request),
-``blocks_from_chain`` (of the skipped ones, taken from the host tier's chain), ``flushes``
-(``flushes_by_age`` of them by ``FLUSH_SECONDS``); ``key.derived`` counts keyed hashes
-(``capture/keys.py``).  The remembered prompts and the key's id memo live in process
-memory only (digests, ids and an xxh3 of tokens; never written).
+The hooks run on the scheduler's thread, when LMDeploy registers a sequence (``on_new_request``) and inside
+its ``end_session`` (``seconds`` sums both hooks' time, flushes included).  The file is opened and the base
+model's chain root computed when the engine starts (``open_seconds``; an unwritable path shows then).  The
+end hook only takes what the record needs from the sequence (``snapshot``: no hashing, no copy, no numpy
+call: a reference to the sequence's token store and the length of the prompt's full blocks; LMDeploy never
+writes an ended sequence's tokens again, it drops them) and the host tier's digest chain of the request
+(``connector._RequestChain``, a reference the connector drops right after) and queues them
+(``on_request_finished`` runs ``snapshot``'s code inline, one call less in a hook that runs cold;
+``tests/capture`` checks that both give the same tuple).  Every ``FLUSH_RECORDS`` queued requests, or at
+the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at ``close``/interpreter exit, the
+queue is flushed as one batch: the prompts' full-block ids sliced, laid end to end and encoded by one
+value-checked cast here, then
 
-Invariants: neither hook ever raises into LMDeploy (any error turns capture off for the engine,
-logged once: ``capture/writer.py`` for file errors, here for everything else; after either, the hooks
-do no work); a sequence seen
+* with ``offload`` (the ``capture_offload`` setting, on by default) handed to the capture's helper process
+  (``capture/encoder_process.py``, started and waited for at engine start, running at idle priority),
+  which computes the digests, keyed ids and lines and writes them: the batch leaves as one ``writev`` of its
+  records' pickle and the ids' own buffer on a non-blocking pipe; what the pipe does not take waits for the
+  next hook or flush, and past ``MAX_PENDING_BYTES`` a batch is dropped (``dropped_records``, logged once).
+  ``close`` hands over what waits and waits for the helper (``HELPER_EXIT_SECONDS``); its counters are then
+  in ``encoder_counters()``.  A thread was tried before and measured worse: its hashing holds the GIL the
+  scheduler needs (docs/planner.md "Capturing your own traffic");
+* without it, encoded here (``encode_many``, ``capture/encoder.py``'s ``BlockIdEncoder``: chained digests
+  taken from a remembered prompt the request continues or from the host tier's chain where they check out,
+  keyed ids, JSON lines) and written with one ``os.write``.
+
+Both give the same file (``tests/capture/test_capture_helper.py``).  A process killed without ``close``
+loses the records still queued (at most ``FLUSH_RECORDS - 1``; with the helper, also what it had not
+written).  A batch whose sequences hold fewer ids than their prompts' full blocks is not written (an
+error: capture stops).  Counters: ``records`` (hook calls), ``flushes`` (``flushes_by_age`` of them by
+``FLUSH_SECONDS``); ``blocks_hashed``, ``blocks_reused`` and ``blocks_from_chain`` (the encoder's; with
+the helper, its figures once it exited).  The remembered prompts and the key's id memo live in process
+memory only (digests, ids and an xxh3 of tokens; never written), in the helper's when it encodes.
+
+Invariants: neither hook ever raises into LMDeploy nor blocks on the helper (any error turns capture off
+for the engine, logged once: ``capture/writer.py`` for file errors, here for everything else, a helper that
+exited included; after either, the hooks do no work); the key reaches the helper through its pipe only; a
+sequence seen
 only at its end gets an arrival from LMDeploy's ``arrive_time`` (``perf_counter`` based, mapped
 to the capture clock); multimodal prompts are captured with their token ids' digests like any
 other (the host tier never stores their blocks, which the planner cannot know).
@@ -57,36 +57,43 @@ other (the host tier never stores their blocks, which the planner cannot know).
 from __future__ import annotations
 
 import atexit
+import fcntl
+import json
 import logging
+import os
+import subprocess
+import sys
 import time
 import weakref
 from time import perf_counter
 from typing import Callable
 
 import numpy as np
-from xxhash import xxh3_128_intdigest as _xxh3_128
 
 from ..capture import CaptureKey, RotatingWriter
-from ..capture.record import _FAST_MS, json_string, timestamp_text
+from ..capture.encoder import CHAIN_MIN_BLOCKS, RECENT_PER_BLOCK, RECENT_PROMPTS, BlockIdEncoder
+from ..capture.encoder_process import frame
 from ..digest import TOKEN_DTYPE, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
 logger = logging.getLogger("lmdeploy_hostcache.capture")
 
 FLUSH_RECORDS = 64      # queued requests encoded and written together
-RECENT_PROMPTS = 128    # first blocks under which prompts are remembered for a later one that continues one
-RECENT_PER_BLOCK = 4    # ... and prompts remembered per first block (conversations sharing a system prompt)
 FLUSH_SECONDS = 1.0     # ... or sooner, at the first request end this long after the oldest queued one
-# the host tier's chain of a request is read only where it holds at least this many of the blocks still to
-# digest: reading its objects (cold by then) costs more than hashing a few blocks from the batch's bytes
-CHAIN_MIN_BLOCKS = 8
+# with the helper process: batches not yet taken by it (the pipe full) are kept up to this many bytes;
+# beyond, a batch is dropped (counted in dropped_records, logged once)
+MAX_PENDING_BYTES = 256 * 2**20
+HELPER_EXIT_SECONDS = 60.0   # close() waits this long for the helper to write what it was sent
+PIPE_BYTES = 2**20           # the pipe to the helper is enlarged to this (Linux F_SETPIPE_SZ) where allowed
+__all__ = ["FLUSH_RECORDS", "FLUSH_SECONDS", "CHAIN_MIN_BLOCKS", "RECENT_PROMPTS", "RECENT_PER_BLOCK",
+           "TraceCapture", "capture_from_config"]
 
 
 class TraceCapture:
     """Per-engine capture: key, writer and the arrival of every live sequence."""
 
     def __init__(self, path: str, max_bytes: int, block_size: int, namespaces, *, key: CaptureKey | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, offload: bool = False) -> None:
         self.key = key or CaptureKey.from_env()
         self.writer = RotatingWriter(path, max_bytes)
         self.block_size = int(block_size)
@@ -96,22 +103,21 @@ class TraceCapture:
         self._queue: list[tuple] = []     # snapshots not yet written
         self._queued_at = 0.0             # perf_counter when the oldest queued snapshot was taken
         self._roots: dict[tuple, tuple[int, int, bytes]] = {}    # (adapter, salt) -> (chain root, seed, root bytes)
-        # first block's digest -> [(bytes, xxh3 of its tokens, blocks, last digest, ids' text), ...] of the
-        # latest prompts with that first block (at most RECENT_PER_BLOCK, newest last)
-        self._recent: dict[int, list] = {}
-        # the constant part of every line after the ids (capture_line's layout)
-        self._after_ids = f'],"block_size":{self.block_size},"capture":{json_string(self.key.fingerprint)}'
+        self.encoder = BlockIdEncoder(self.key, self.block_size)  # on this thread (offload: in the helper)
         self.flush_records = FLUSH_RECORDS
         self.flush_seconds = FLUSH_SECONDS
-        self.chain_min_blocks = CHAIN_MIN_BLOCKS
         self.failed = ""
         self.seconds = 0.0          # time spent in the hooks and flushes, inside LMDeploy's scheduler step
         self.records = 0
-        self.blocks_hashed = 0
-        self.blocks_reused = 0
-        self.blocks_from_chain = 0  # of blocks_reused: digests taken from the host tier's chain of the request
         self.flushes = 0
         self.flushes_by_age = 0     # of which: the oldest queued record waited FLUSH_SECONDS
+        self.offload = bool(offload)
+        self.helper: subprocess.Popen | None = None   # the helper process (offload)
+        self.helper_counters: dict = {}   # what the helper reported when it exited
+        self.dropped_records = 0          # offload: batches dropped because the helper fell behind
+        self._pending: list = []          # offload: frames not yet in the pipe (memoryviews)
+        self._pending_bytes = 0
+        self._pipe = -1
         atexit.register(_flush_at_exit, weakref.ref(self))
         logger.info("lmdeploy-hostcache: capturing request traces to %s (key fingerprint %s)", path,
                     self.key.fingerprint)
@@ -119,7 +125,58 @@ class TraceCapture:
         t0 = time.perf_counter()
         if not self.writer.open():  # at engine start, not in a request's step: a bad path shows now
             self.failed = self.writer.failed     # (logged by the writer)
+        elif self.offload:
+            self._start_helper()
         self.open_seconds = time.perf_counter() - t0
+
+    # the encoder's counters (the helper's, reported when it exits, with offload)
+    def _counter(self, name: str) -> int:
+        if self.offload:
+            return int(self.helper_counters.get(name, 0))
+        return getattr(self.encoder, name)
+
+    blocks_hashed = property(lambda self: self._counter("blocks_hashed"))
+    blocks_reused = property(lambda self: self._counter("blocks_reused"))
+    blocks_from_chain = property(lambda self: self._counter("blocks_from_chain"))   # of blocks_reused
+
+    @property
+    def chain_min_blocks(self) -> int:
+        return self.encoder.chain_min_blocks
+
+    @chain_min_blocks.setter
+    def chain_min_blocks(self, value: int) -> None:
+        self.encoder.chain_min_blocks = value
+
+    def encoder_counters(self) -> dict:
+        """What encoding did: ``blocks_hashed``, ``blocks_reused``, ``blocks_from_chain``, ``ids_keyed`` and
+        the file's ``writes`` (with offload, the helper's figures once it exited, plus its ``cpu_seconds``)."""
+        if self.offload:
+            return dict(self.helper_counters)
+        return {**self.encoder.counters(), "writes": self.writer.writes}
+
+    def _start_helper(self) -> None:
+        """Start the helper process (at engine start): it appends to the file opened and checked here, and
+        gets the key through its pipe."""
+        try:
+            self.writer.close()
+            env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")    # no LMDeploy hooks in the helper
+            self.helper = subprocess.Popen([sys.executable, "-m", "lmdeploy_hostcache.capture.encoder_process"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+            self._pipe = self.helper.stdin.fileno()
+            try:
+                fcntl.fcntl(self._pipe, 1031, PIPE_BYTES)     # F_SETPIPE_SZ: fewer, larger writes
+            except OSError:
+                pass
+            for chunk in frame({"path": str(self.writer.path), "max_bytes": self.writer.max_bytes,
+                                "block_size": self.block_size, "key": self.key._key}):
+                os.write(self._pipe, chunk)
+            # at engine start: serve only once the helper is up (it has opened the file)
+            ready = self.helper.stdout.readline().decode(errors="replace").strip()
+            if ready != "ready":
+                raise RuntimeError(f"the capture helper process did not start ({ready or 'no answer'})")
+            os.set_blocking(self._pipe, False)
+        except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
+            self._fail(exc)
 
     def on_new_request(self, seq) -> None:
         if self.failed:
@@ -140,6 +197,8 @@ class TraceCapture:
         t0 = perf_counter()
         queue = self._queue
         try:
+            if self._pending:         # offload: what the pipe could not take at the last flush
+                self._send()
             if not queue:
                 self._queued_at = t0
             # snapshot(seq, chain), inlined: the same tuple (tests/capture), one call less in a cold hook
@@ -185,10 +244,51 @@ class TraceCapture:
     def _flush(self) -> None:
         queue, self._queue = self._queue, []
         self.flushes += 1
+        if self.offload:
+            self._offload(queue)
+            return
         self.writer.write_lines(self.encode_many(queue))
         if self.writer.failed:      # a file error (logged by the writer): the hooks do no more work
             self.failed = self.writer.failed
             self._arrival.clear()
+
+    def _offload(self, snaps) -> None:
+        """Hand a batch to the helper: the prompts' token ids gathered and checked here (the token
+        stores are this process's) and sent from their buffer, the rest (digests, keyed ids, lines,
+        the write) done there."""
+        if self._pending_bytes > MAX_PENDING_BYTES:
+            if not self.dropped_records:
+                logger.warning("lmdeploy-hostcache: the trace capture helper is behind (%d MiB queued); "
+                               "records are dropped until it catches up", self._pending_bytes >> 20)
+            self.dropped_records += len(snaps)
+            return
+        data = _token_array([snap[3].get_real()[:snap[4]] for snap in snaps if snap[3] is not None])
+        chunks = frame(self._records(snaps, False), data)
+        self._pending += chunks
+        self._pending_bytes += sum(len(c) for c in chunks)
+        self._send()
+
+    def _send(self) -> None:
+        """Write what the pipe takes now (never blocks; one ``writev`` per try); the rest waits for
+        the next hook or flush."""
+        pending = self._pending
+        try:
+            while pending:
+                n = os.writev(self._pipe, pending[:64])
+                self._pending_bytes -= n
+                while n:
+                    size = len(pending[0])
+                    if n >= size:
+                        pending.pop(0)
+                        n -= size
+                    else:
+                        pending[0] = pending[0][n:]
+                        n = 0
+        except BlockingIOError:
+            pass
+        except OSError as exc:      # the helper is gone: capture stops, serving goes on
+            code = self.helper.poll() if self.helper is not None else None
+            self._fail(RuntimeError(f"the capture helper process exited (code {code}): {exc}"))
 
     def record(self, seq, chain=None) -> str:
         """The JSON line of a sequence LMDeploy is ending."""
@@ -224,118 +324,34 @@ class TraceCapture:
         return self.encode_many((snap,))[0]
 
     def encode_many(self, snaps) -> list[str]:
-        """The JSON lines of snapshots.  The digests are ``digest.py``'s chain (``block_digest`` from
-        the request's salted root, as ``ChainHasher`` computes it): the prompts' full-block ids of the
-        whole batch are sliced, laid end to end and encoded by one value-checked cast (``_token_bytes``); a block's
-        digest is then taken, in this order, from the newest remembered prompt this one continues (same
-        first block, the remembered bytes' xxh3 equal), from the host tier's chain of the request (only
-        where it holds at least ``chain_min_blocks`` of the blocks still to digest, its parent digest is
-        the one computed here, its seed is the request's and its block bytes equal the prompt's), else
-        computed (``block_digest``'s formula, inlined; ``blocks_hashed`` counts them).  Each line is
-        ``capture_line``'s (formatted here, field for field the same: tests compare), from the ids'
-        text (``CaptureKey.block_ids_text``)."""
+        """The JSON lines of snapshots (``capture/encoder.py``: chained digests from the request's salted
+        root, taken from a remembered prompt it continues or the host tier's chain where they check out,
+        keyed ids, ``capture_line``'s layout): the prompts' full-block ids of the whole batch are sliced,
+        laid end to end and encoded by one value-checked cast (``_token_bytes``)."""
+        return self.encoder.encode(*self._batch(snaps))
+
+    def _batch(self, snaps) -> tuple[bytes, list[tuple]]:
+        """A batch for ``BlockIdEncoder.encode``: the prompts' token bytes and one record per snapshot."""
         data = _token_bytes([snap[3].get_real()[:snap[4]] for snap in snaps if snap[3] is not None])
-        view = memoryview(data)     # slices without copies, for the xxh3 checks
-        bs = self.block_size
-        step = bs * _ITEM
-        roots, key, recent = self._roots, self.key, self._recent
+        return data, self._records(snaps, True)
+
+    def _records(self, snaps, chains: bool) -> list[tuple]:
+        """``BlockIdEncoder`` records of snapshots: the request's root (None without full blocks) in
+        place of its adapter and salt; its chain last when ``chains`` (the helper gets none)."""
+        roots = self._roots
         base = roots.get((None, "")) or self._root(None, "")
-        ids_text = key.block_ids_text
-        chain_min = self.chain_min_blocks if self.chain_min_blocks > 0 else 1
-        after_ids = self._after_ids
-        lines = []
-        append = lines.append
-        offset = total = hashed = from_chain = 0
+        records = []
+        append = records.append
         for arrival, prompt_len, output_len, tokens, full, adapter_name, salt, session, chain in snaps:
             if tokens is None:
-                text = ""
+                root = None
+            elif adapter_name is None and not salt:
+                root = base
             else:
-                if adapter_name is None and not salt:
-                    parent, seed, root_bytes = base
-                else:
-                    parent, seed, root_bytes = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
-                end = offset + full * _ITEM
-                blocks = full // bs
-                total += blocks
-                first = _xxh3_128(root_bytes + data[offset:offset + step], seed)
-                hashed += 1
-                # the remembered prompts with this first block, newest last: the newest one this prompt
-                # continues gives its digests and ids
-                kept = recent.get(first)
-                seen = None
-                if kept is not None:
-                    size = end - offset
-                    for at in range(len(kept) - 1, -1, -1):
-                        prior = kept[at]
-                        if prior[0] <= size and _xxh3_128(view[offset:offset + prior[0]]) == prior[1]:
-                            seen = prior
-                            del kept[at]     # this prompt takes its place: it holds the same and more
-                            break
-                if seen is not None:
-                    j, parent, text = seen[2], seen[3], seen[4]   # this prompt continues that one
-                    new = []
-                else:
-                    j, parent, new, text = 1, first, [first], ""
-                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb; its
-                # objects are not read where fewer than chain_min blocks are left to digest (ce <= blocks)
-                if chain is not None and blocks - j >= chain_min:
-                    h = chain.hasher
-                    ds = h.digests
-                    cs = chain.start_block
-                    ce = cs + len(ds)
-                    if ce > blocks:
-                        ce = blocks
-                    if ce - (j if j > cs else cs) >= chain_min and h.namespace.seed == seed:
-                        if j < cs:   # up to the chain's first block
-                            for at in range(offset + j * step, offset + cs * step, step):
-                                parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
-                                new.append(parent)
-                            hashed += cs - j
-                            j = cs
-                        if (parent == (ds[j - cs - 1] if j > cs else h.parent)
-                                and b"".join(h.block_bytes[j - cs:ce - cs])
-                                == data[offset + j * step:offset + ce * step]):
-                            new += ds[j - cs:ce - cs]
-                            parent = new[-1]
-                            from_chain += ce - j
-                            j = ce
-                if j < blocks:
-                    for at in range(offset + j * step, end, step):
-                        parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
-                        new.append(parent)
-                    hashed += blocks - j
-                if new:
-                    more = ids_text(new)
-                    text = f"{text},{more}" if text else more
-                prior = (end - offset, _xxh3_128(view[offset:end]), blocks, parent, text)
-                if kept is None:
-                    if len(recent) >= RECENT_PROMPTS:
-                        recent.clear()
-                    recent[first] = [prior]
-                else:
-                    if len(kept) >= RECENT_PER_BLOCK:
-                        del kept[0]
-                    kept.append(prior)
-                offset = end
-            ms = arrival * 1000.0
-            if -_FAST_MS < ms < _FAST_MS:   # timestamp_text's fast form, inlined
-                stamp = "%.3f" % ms
-                if stamp[-1] == "0":
-                    stamp = stamp.rstrip("0")
-                    if stamp[-1] == ".":
-                        stamp += "0"
-            else:
-                stamp = timestamp_text(arrival)
-            append(f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
-                   f'"hash_ids":[{text}{after_ids}}}\n' if session is None else
-                   f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
-                   f'"hash_ids":[{text}{after_ids},"session":{json_string(key.session_id(session))}}}\n')
-        if offset != len(data):     # nothing written: some sequence held fewer ids than its prompt's blocks
-            raise ValueError(f"capture batch: {len(data)} token bytes for {offset} bytes of full prompt blocks")
-        self.blocks_hashed += hashed
-        self.blocks_from_chain += from_chain
-        self.blocks_reused += total - hashed
-        return lines
+                root = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
+            append((arrival, prompt_len, output_len, full, root, session, chain) if chains else
+                   (arrival, prompt_len, output_len, full, root, session))
+        return records
 
     def _root(self, adapter_name, salt) -> tuple[int, int, bytes]:
         """(chain root, seed, the root's 16 little-endian bytes) of a request's namespace and cache salt,
@@ -353,12 +369,48 @@ class TraceCapture:
         self.failed = f"{type(exc).__name__}: {exc}"
         self._arrival.clear()
         self._queue.clear()
+        self._pending.clear()
         logger.warning("lmdeploy-hostcache: trace capture stopped after an unexpected error (%s); serving goes on "
                        "without capture", self.failed)
+        self._stop_helper(wait=False)     # on the scheduler's thread: end its input, never wait for it
 
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        self._stop_helper()
+
+    def _stop_helper(self, wait: bool = True) -> None:
+        """Hand the helper what is still pending, end its input and wait for it (at engine close or
+        interpreter exit; ``wait=False``, after a failure: only end its input)."""
+        helper, self.helper = self.helper, None
+        if helper is None:
+            return
+        if not wait:
+            try:
+                helper.stdin.close()
+            except OSError:
+                pass
+            return
+        try:
+            if self._pending and not self.failed:
+                os.set_blocking(self._pipe, True)
+                for chunk in self._pending:
+                    while len(chunk):
+                        chunk = chunk[os.write(self._pipe, chunk):]
+            self._pending.clear()
+            helper.stdin.close()
+            out = helper.stdout.read()
+            helper.wait(timeout=HELPER_EXIT_SECONDS)
+            if out.strip():
+                self.helper_counters = json.loads(out.decode().strip().splitlines()[-1])
+            if helper.returncode and not self.failed:
+                self.failed = f"the capture helper process exited with code {helper.returncode}"
+                logger.warning("lmdeploy-hostcache: %s; serving goes on without capture", self.failed)
+        except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
+            helper.kill()
+            if not self.failed:
+                self.failed = f"{type(exc).__name__}: {exc}"
+                logger.warning("lmdeploy-hostcache: the capture helper did not finish (%s)", self.failed)
 
 
 class _AllIds:
@@ -373,7 +425,6 @@ class _AllIds:
         return self.ids
 
 
-_ITEM = TOKEN_DTYPE.itemsize     # bytes per token id in a digest's block bytes
 _I64 = np.dtype(np.int64)
 _U64 = np.dtype(np.uint64)
 _MAX_TOKEN = (1 << 32) - 1
@@ -389,6 +440,20 @@ def _same_value_casts() -> bool:
 
 
 _SAME_VALUE = _same_value_casts()
+
+
+def _token_array(arrays) -> np.ndarray:
+    """``_token_bytes`` as an array (its buffer is the same bytes; no ``tobytes`` copy): what the
+    capture's helper process is sent."""
+    if not arrays:
+        return np.zeros(0, TOKEN_DTYPE)
+    tokens = np.concatenate(arrays)
+    if tokens.dtype == _I64 and _SAME_VALUE:
+        try:
+            return tokens.astype(TOKEN_DTYPE, casting="same_value")
+        except ValueError:
+            pass        # an id outside the range: encode_tokens raises, naming it
+    return np.frombuffer(_token_bytes([tokens]), TOKEN_DTYPE)
 
 
 def _token_bytes(arrays) -> bytes:
@@ -414,8 +479,7 @@ def _token_bytes(arrays) -> bytes:
 def _flush_at_exit(ref) -> None:
     capture = ref()
     if capture is not None:
-        capture.flush()
-        capture.writer.close()
+        capture.close()
 
 
 def capture_from_config(hostcache, block_size: int, namespaces) -> TraceCapture | None:
@@ -426,7 +490,7 @@ def capture_from_config(hostcache, block_size: int, namespaces) -> TraceCapture 
         return None
     try:
         return TraceCapture(path, int(float(getattr(hostcache, "capture_max_mb", 256)) * 2**20), block_size,
-                            namespaces)
+                            namespaces, offload=bool(getattr(hostcache, "capture_offload", True)))
     except Exception as exc:  # noqa: BLE001
         logger.warning("lmdeploy-hostcache: trace capture to %s is off: %s", path, exc)
         return None

@@ -71,19 +71,22 @@ HARNESS_ENGINE = (4, 4, 512)
 
 
 def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
-                     max_active: int = 3, engine_settings: tuple = HARNESS_ENGINE) -> HarnessRun:
+                     max_active: int = 3, engine_settings: tuple = HARNESS_ENGINE,
+                     offload: bool = True) -> HarnessRun:
     """One harness run with capture on; the capture's arrival clock counts engine iterations (what the
     planner comparisons need; the cost test, ``bench capture``'s ``measure_capture``, keeps the server's).
-    ``engine_settings``: the engine's (max_batches, prefill_interval, max_prefill_token_num)."""
+    ``engine_settings``: the engine's (max_batches, prefill_interval, max_prefill_token_num); ``offload``:
+    the ``capture_offload`` setting (encode in the capture's helper process)."""
     max_batches, prefill_interval, max_prefill = engine_settings
     path = str(tmp_path / f'capture-{len(conversations)}-{gpu_blocks}-{host_slots}.jsonl')
     engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
                                     HarnessCacheSpec(num_gpu_blocks=gpu_blocks, max_prefill_token_num=max_prefill,
                                                      max_batches=max_batches, prefill_interval=prefill_interval),
                                     HostTierSpec(host_slots=host_slots, min_restore_tokens=BS,
-                                                 eviction_policy=policy, capture=path))
+                                                 eviction_policy=policy, capture=path, capture_offload=offload))
     sched = scheduler_side(engine)
     assert sched.capture is not None, 'the capture setting did not reach the scheduler role'
+    assert sched.capture.offload == offload
     driver = WorkloadDriver(engine, conversations, max_active=max_active)
     order = itertools.count()
     # the capture clock counts engine iterations, iteration k being scheduled at time k + 1; the driver
@@ -315,9 +318,12 @@ def test_capture_costs_little_next_to_the_engine_steps(tmp_path, exact_lru_clock
     assert cap.records == len(records) == n
     # each full prompt block's digest is chain-hashed at most once per request; a prompt that continues
     # an earlier one (the next turn of a conversation) takes that one's digests instead
-    assert cap.blocks_hashed + cap.blocks_reused == len(ids) and 0 < cap.blocks_reused < len(ids)
-    assert cap.key.derived == len(set(ids)) < len(ids)    # each distinct block keyed once (shared prefixes)
-    assert cap.writer.writes == cap.flushes <= n // FLUSH_RECORDS + 1 + cap.flushes_by_age
+    done = cap.encoder_counters()     # the helper process's counters (capture_offload, the default)
+    assert cap.offload and done['records'] == n and done['batches'] == cap.flushes
+    assert done['blocks_hashed'] + done['blocks_reused'] == len(ids) and 0 < done['blocks_reused'] < len(ids)
+    assert done['ids_keyed'] == len(set(ids)) < len(ids)    # each distinct block keyed once (shared prefixes)
+    assert done['writes'] == cap.flushes <= n // FLUSH_RECORDS + 1 + cap.flushes_by_age
+    assert cap.key.derived == 0      # nothing keyed on the scheduler's thread
     # loose bound against pathological regressions only: CPU timing on a shared machine (figures printed)
     assert cost.share_of_steps < 0.2
 
@@ -329,8 +335,8 @@ def test_bench_capture_prints_what_each_run_measured(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out['workload'] == 'mooncake' and len(out['runs']) == 2
     for r in out['runs']:
-        assert r['requests'] == r['records'] == 24 and r['writes'] == r['flushes'] >= 1
-        assert 0 < r['capture_seconds'] < r['scheduler_seconds'] < r['step_seconds']
+        assert r['requests'] == r['records'] == 24 and r['writes'] == r['flushes'] >= 1 and r['offload']
+        assert 0 < r['capture_seconds'] < r['scheduler_seconds'] < r['step_seconds'] and r['helper_cpu_seconds'] > 0
         assert r['share_of_steps'] == pytest.approx(r['capture_seconds'] / r['step_seconds'])
     assert out['median']['share_of_steps'] == pytest.approx(
         sorted(r['share_of_steps'] for r in out['runs'])[0] / 2 + sorted(r['share_of_steps'] for r in out['runs'])[1] / 2)
@@ -552,21 +558,28 @@ class ProducerHostTierSpec(HostTierSpec):
 
 
 def test_capture_takes_the_host_tier_chains_and_writes_the_same_lines(tmp_path, monkeypatch, exact_lru_clock):
-    """The host tier's digest chains only save hashing: with them (the connector passes each request's
-    chain to the hook) and without them (None passed) the capture holds the same lines, key and clock
-    being equal."""
+    """The host tier's digest chains only save hashing, and the helper process only moves the work: on
+    the scheduler's thread with the chains (the connector passes each request's chain to the hook) and
+    without them (None passed), and in the helper process (capture_offload, which gets no chains), the
+    capture holds the same lines, key and clock being equal."""
     from lmdeploy_hostcache.integration.trace_capture import TraceCapture
 
     monkeypatch.setenv('LMDEPLOY_HOSTCACHE_CAPTURE_KEY', '00112233445566778899aabbccddeeff')
-    (tmp_path / 'a').mkdir()
-    (tmp_path / 'b').mkdir()
-    with_chains = run_with_capture(tmp_path / 'a', _weka(), gpu_blocks=32, host_slots=24)
+    for name in 'abc':
+        (tmp_path / name).mkdir()
+    offloaded = run_with_capture(tmp_path / 'c', _weka(), gpu_blocks=32, host_slots=24)
+    with_chains = run_with_capture(tmp_path / 'a', _weka(), gpu_blocks=32, host_slots=24, offload=False)
     finished = TraceCapture.on_request_finished
     monkeypatch.setattr(TraceCapture, 'on_request_finished', lambda self, seq, chain=None: finished(self, seq))
-    without = run_with_capture(tmp_path / 'b', _weka(), gpu_blocks=32, host_slots=24)
-    assert open(with_chains.capture_path).read() == open(without.capture_path).read()
+    without = run_with_capture(tmp_path / 'b', _weka(), gpu_blocks=32, host_slots=24, offload=False)
+    text = open(with_chains.capture_path).read()
+    assert text == open(without.capture_path).read() == open(offloaded.capture_path).read()
+    assert text.count('\n') == with_chains.requests > 0
     assert with_chains.capture.blocks_from_chain > 0 == without.capture.blocks_from_chain
     assert with_chains.capture.blocks_hashed < without.capture.blocks_hashed
+    done = offloaded.capture.encoder_counters()
+    assert done['records'] == offloaded.requests and done['blocks_from_chain'] == 0 and done['failed'] == ''
+    assert done['blocks_hashed'] == without.capture.blocks_hashed   # the same work, on another core
 
 
 def test_capture_of_a_host_tier_that_never_looks_up(tmp_path, monkeypatch, exact_lru_clock):

@@ -42,6 +42,7 @@ class HostTierSpec:
     checksum: bool = False      # HostCacheConfig.checksum: hash slots after demotion, check before load
     l3: dict | None = None      # HostCacheConfig.l3: the shared store tier (tests/l3/test_l3_engine.py)
     capture: str = ''           # HostCacheConfig.capture: trace capture to this file (integration/trace_capture.py)
+    capture_offload: bool = True   # HostCacheConfig.capture_offload: encode in the capture's helper process
 
     def kv_transfer_config(self, slots) -> KVTransferConfig:
         """``slots``: the ``HostSlotPlan`` the executor hook would compute for this cache."""
@@ -49,7 +50,8 @@ class HostTierSpec:
 
         hostcache = HostCacheConfig(host_cache_gb=1.0, host_memory_reserve_gb=0.0, host_kv_format=self.host_kv_format,
                                     eviction_policy=self.eviction_policy, min_restore_tokens=self.min_restore_tokens,
-                                    pin_memory=False, checksum=self.checksum, l3=self.l3, capture=self.capture)
+                                    pin_memory=False, checksum=self.checksum, l3=self.l3, capture=self.capture,
+                                    capture_offload=self.capture_offload)
         extra = {'hostcache_config': hostcache.to_dict(),
                  'host_cache_blocks': int(self.host_slots),
                  'host_slot_bytes': int(slots.slot_bytes[0]),

@@ -1,0 +1,163 @@
+"""Captured requests to JSON lines: chained digests, keyed ids, the records (pure: no lmdeploy).
+
+``BlockIdEncoder.encode(data, records)`` turns a batch of requests into their lines.  ``data`` is
+the prompts' full-block token ids, laid end to end and encoded as ``digest.encode_tokens`` does;
+each record is ``(arrival_s, input_length, output_length, full_tokens, root, session, chain)``:
+``full_tokens`` of ``data`` belong to it (the prompt's full blocks), ``root`` is ``(chain root,
+seed, the root's 16 little-endian bytes)`` of its namespace and cache salt (None when it has no full
+block), ``session`` the engine session it continued (None for a first turn; keyed here), ``chain``
+the host tier's digest chain of the request or None.
+
+A block's digest (``digest.py``'s chain: ``block_digest`` from the request's salted root) is
+taken, in this order, from the newest remembered prompt this one continues (same first block, the
+remembered bytes' xxh3 equal: up to ``RECENT_PER_BLOCK`` prompts remembered per first block, under
+at most ``RECENT_PROMPTS`` first blocks), from the host tier's chain of the request (only where it
+holds at least ``chain_min_blocks`` of the blocks still to digest, its parent digest is the one
+computed here, its seed is the request's and its block bytes equal the prompt's), else computed.
+Each line is ``record.capture_line``'s (formatted here, field for field the same: tests compare),
+the ids from ``CaptureKey.block_ids_text``.
+
+Used on the scheduler's thread by ``integration/trace_capture.py`` and in the capture's helper
+process (``encoder_process.py``, which gets no chains).  Invariants: a batch whose ``data`` does
+not hold exactly the records' full tokens raises ValueError and nothing of it is returned; the
+remembered prompts live in process memory only (digests, ids and an xxh3 of tokens; never
+written).  Counters: ``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each
+full prompt block is hashed at most once per request), ``blocks_from_chain`` (of the skipped ones,
+taken from the host tier's chain).
+"""
+from __future__ import annotations
+
+from xxhash import xxh3_128_intdigest as _xxh3_128
+
+from ..digest import TOKEN_DTYPE
+from .keys import CaptureKey
+from .record import _FAST_MS, json_string, timestamp_text
+
+RECENT_PROMPTS = 128    # first blocks under which prompts are remembered for a later one that continues one
+RECENT_PER_BLOCK = 4    # ... and prompts remembered per first block (conversations sharing a system prompt)
+# the host tier's chain of a request is read only where it holds at least this many of the blocks still to
+# digest: reading its objects (cold by then) costs more than hashing a few blocks from the batch's bytes
+CHAIN_MIN_BLOCKS = 8
+
+_ITEM = TOKEN_DTYPE.itemsize     # bytes per token id in a digest's block bytes
+
+
+class BlockIdEncoder:
+    """The lines of captured requests under one key and block size; see the module docstring."""
+
+    def __init__(self, key: CaptureKey, block_size: int) -> None:
+        self.key = key
+        self.block_size = int(block_size)
+        # first block's digest -> [(bytes, xxh3 of its tokens, blocks, last digest, ids' text), ...] of the
+        # latest prompts with that first block (at most RECENT_PER_BLOCK, newest last)
+        self._recent: dict[int, list] = {}
+        # the constant part of every line after the ids (capture_line's layout)
+        self._after_ids = f'],"block_size":{self.block_size},"capture":{json_string(key.fingerprint)}'
+        self.chain_min_blocks = CHAIN_MIN_BLOCKS
+        self.blocks_hashed = 0
+        self.blocks_reused = 0
+        self.blocks_from_chain = 0
+
+    def counters(self) -> dict:
+        return {"blocks_hashed": self.blocks_hashed, "blocks_reused": self.blocks_reused,
+                "blocks_from_chain": self.blocks_from_chain, "ids_keyed": self.key.derived}
+
+    def encode(self, data: bytes, records) -> list[str]:
+        """The JSON lines of ``records`` (see the module docstring)."""
+        view = memoryview(data)     # slices without copies, for the xxh3 checks
+        bs = self.block_size
+        step = bs * _ITEM
+        key, recent = self.key, self._recent
+        ids_text = key.block_ids_text
+        chain_min = self.chain_min_blocks if self.chain_min_blocks > 0 else 1
+        after_ids = self._after_ids
+        lines = []
+        append = lines.append
+        offset = total = hashed = from_chain = 0
+        for arrival, prompt_len, output_len, full, root, session, chain in records:
+            if root is None:
+                text = ""
+            else:
+                parent, seed, root_bytes = root
+                end = offset + full * _ITEM
+                blocks = full // bs
+                total += blocks
+                first = _xxh3_128(root_bytes + data[offset:offset + step], seed)
+                hashed += 1
+                # the remembered prompts with this first block, newest last: the newest one this prompt
+                # continues gives its digests and ids
+                kept = recent.get(first)
+                seen = None
+                if kept is not None:
+                    size = end - offset
+                    for at in range(len(kept) - 1, -1, -1):
+                        prior = kept[at]
+                        if prior[0] <= size and _xxh3_128(view[offset:offset + prior[0]]) == prior[1]:
+                            seen = prior
+                            del kept[at]     # this prompt takes its place: it holds the same and more
+                            break
+                if seen is not None:
+                    j, parent, text = seen[2], seen[3], seen[4]   # this prompt continues that one
+                    new = []
+                else:
+                    j, parent, new, text = 1, first, [first], ""
+                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb; its
+                # objects are not read where fewer than chain_min blocks are left to digest (ce <= blocks)
+                if chain is not None and blocks - j >= chain_min:
+                    h = chain.hasher
+                    ds = h.digests
+                    cs = chain.start_block
+                    ce = cs + len(ds)
+                    if ce > blocks:
+                        ce = blocks
+                    if ce - (j if j > cs else cs) >= chain_min and h.namespace.seed == seed:
+                        if j < cs:   # up to the chain's first block
+                            for at in range(offset + j * step, offset + cs * step, step):
+                                parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
+                                new.append(parent)
+                            hashed += cs - j
+                            j = cs
+                        if (parent == (ds[j - cs - 1] if j > cs else h.parent)
+                                and b"".join(h.block_bytes[j - cs:ce - cs])
+                                == data[offset + j * step:offset + ce * step]):
+                            new += ds[j - cs:ce - cs]
+                            parent = new[-1]
+                            from_chain += ce - j
+                            j = ce
+                if j < blocks:
+                    for at in range(offset + j * step, end, step):
+                        parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
+                        new.append(parent)
+                    hashed += blocks - j
+                if new:
+                    more = ids_text(new)
+                    text = f"{text},{more}" if text else more
+                prior = (end - offset, _xxh3_128(view[offset:end]), blocks, parent, text)
+                if kept is None:
+                    if len(recent) >= RECENT_PROMPTS:
+                        recent.clear()
+                    recent[first] = [prior]
+                else:
+                    if len(kept) >= RECENT_PER_BLOCK:
+                        del kept[0]
+                    kept.append(prior)
+                offset = end
+            ms = arrival * 1000.0
+            if -_FAST_MS < ms < _FAST_MS:   # timestamp_text's fast form, inlined
+                stamp = "%.3f" % ms
+                if stamp[-1] == "0":
+                    stamp = stamp.rstrip("0")
+                    if stamp[-1] == ".":
+                        stamp += "0"
+            else:
+                stamp = timestamp_text(arrival)
+            append(f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
+                   f'"hash_ids":[{text}{after_ids}}}\n' if session is None else
+                   f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
+                   f'"hash_ids":[{text}{after_ids},"session":{json_string(key.session_id(session))}}}\n')
+        if offset != len(data):     # nothing written: some sequence held fewer ids than its prompt's blocks
+            raise ValueError(f"capture batch: {len(data)} token bytes for {offset} bytes of full prompt blocks")
+        self.blocks_hashed += hashed
+        self.blocks_from_chain += from_chain
+        self.blocks_reused += total - hashed
+        return lines

@@ -1,0 +1,140 @@
+"""Trace capture's helper process (``capture_offload``, issue 12 item 1): the same file as encoding on
+the scheduler's thread, nothing of the encoding left on that thread, and a helper that dies, cannot
+encode or falls behind stops or thins capture without ever raising into serving."""
+import fcntl
+import logging
+import signal
+import types
+
+import numpy as np
+import pytest
+
+from lmdeploy_hostcache.capture import CaptureKey
+from lmdeploy_hostcache.digest import Namespace
+
+BS = 16
+
+
+def _capture(path, offload, **kw):
+    from lmdeploy_hostcache.integration.trace_capture import TraceCapture
+
+    ns = Namespace(model="m", block_size=BS)
+    cap = TraceCapture(str(path), 1 << 20, BS, types.SimpleNamespace(for_adapter=lambda name: ns),
+                       key=CaptureKey(b"\x07" * 16), clock=lambda: 1.0e9, offload=offload, **kw)
+    return cap
+
+
+def _seq(seq_id, tokens, *, start=0, prompt=None, salt=""):
+    tokens = np.asarray(tokens, dtype=np.int64)
+    end = len(tokens) if prompt is None else prompt
+    s = types.SimpleNamespace(seq_id=seq_id, input_start_pos=start, input_end_pos=end, num_all_ids=len(tokens) + 2,
+                              all_ids=np.concatenate([tokens, [1, 1]]), adapter_name=None, arrive_time=0.0,
+                              session=types.SimpleNamespace(session_id=seq_id), sampling_param=types.SimpleNamespace())
+    if salt:
+        s.cache_salt = salt
+    return s
+
+
+def _requests(n, seed=0):
+    """Conversations whose turns continue each other, some salted, some sessions, some shorter than a block."""
+    rng = np.random.default_rng(seed)
+    history = {}
+    out = []
+    for i in range(n):
+        conv = int(rng.integers(6))
+        grown = np.concatenate([history.get(conv, np.arange(conv * 1000, conv * 1000 + 20)),
+                                rng.integers(0, 50_000, int(rng.integers(1, 60)))])
+        history[conv] = grown
+        out.append(dict(seq_id=i, tokens=grown, start=(i % 5 == 4) * 3, salt="t" if conv == 5 else ""))
+    out.append(dict(seq_id=n, tokens=np.arange(7)))      # no full block
+    return out
+
+
+def _run(cap, requests):
+    for r in requests:
+        s = _seq(r["seq_id"], r["tokens"], start=r.get("start", 0), salt=r.get("salt", ""))
+        cap.on_new_request(s)
+        cap.on_request_finished(s)
+
+
+def test_the_helper_writes_the_file_the_scheduler_thread_writes(tmp_path):
+    requests = _requests(150)
+    inline = _capture(tmp_path / "inline.jsonl", offload=False)
+    _run(inline, requests)
+    inline.close()
+    helper = _capture(tmp_path / "helper.jsonl", offload=True)
+    assert helper.helper is not None and helper.helper.poll() is None     # started with the engine, waiting
+    _run(helper, requests)
+    helper.close()
+    text = (tmp_path / "inline.jsonl").read_text()
+    assert text.count("\n") == len(requests) and (tmp_path / "helper.jsonl").read_text() == text
+    done = helper.encoder_counters()
+    assert done["records"] == len(requests) and done["batches"] == helper.flushes == 3 and done["failed"] == ""
+    assert done["blocks_hashed"] == inline.blocks_hashed and done["ids_keyed"] == inline.key.derived > 0
+    assert helper.key.derived == 0 and helper.encoder.blocks_hashed == 0    # nothing encoded on this thread
+    assert done["priority"] in ("SCHED_IDLE", "nice 19")
+    assert helper.helper is None and not helper.failed
+
+
+def test_a_helper_that_dies_stops_capture_once_and_never_raises(tmp_path, caplog):
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    cap.flush_records = 4
+    requests = _requests(20)
+    _run(cap, requests[:4])                     # one batch handed over
+    process = cap.helper
+    process.kill()
+    process.wait()
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        _run(cap, requests[4:])                 # the next hand-over finds the pipe closed
+        cap.close()
+    assert "capture helper process exited" in cap.failed and not cap._queue and not cap._arrival
+    assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
+    assert cap.flushes == 2                     # after the failure the hooks do no work
+
+
+def test_a_batch_the_helper_cannot_encode_stops_capture(tmp_path, caplog):
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    short = _seq(1, np.arange(40), prompt=40)
+    short.all_ids = np.arange(20)               # holds fewer ids than its prompt's full blocks
+    cap.on_new_request(short)
+    cap.on_request_finished(short)
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        cap.close()
+    assert cap.failed == "the capture helper process exited with code 4"
+    assert (tmp_path / "c.jsonl").read_text() == ""     # nothing of the batch written
+    assert cap.encoder_counters()["records"] == 0
+
+
+def test_a_helper_that_falls_behind_gets_its_batches_late_then_dropped(tmp_path, caplog, monkeypatch):
+    from lmdeploy_hostcache.integration import trace_capture
+
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    cap.flush_records = 10
+    fcntl.fcntl(cap._pipe, 1031, 4096)          # F_SETPIPE_SZ: a one-page pipe
+    cap.helper.send_signal(signal.SIGSTOP)      # the helper takes nothing
+    requests = [dict(seq_id=i, tokens=np.arange(i * 7, i * 7 + 160)) for i in range(40)]
+    try:
+        _run(cap, requests[:10])                # a batch of ~6 KB: the pipe takes a page, the rest waits
+        assert cap._pending and cap._pending_bytes > 0 and not cap.failed
+        monkeypatch.setattr(trace_capture, "MAX_PENDING_BYTES", 1)
+        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+            _run(cap, requests[10:30])          # two batches past the bound: dropped, logged once
+        assert cap.dropped_records == 20 and not cap.failed
+        assert sum("is behind" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        cap.helper.send_signal(signal.SIGCONT)
+    cap.close()                                 # what waited reaches the helper, whole
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert len(lines) == 10 == cap.encoder_counters()["records"] and not cap.failed
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_capture_offload_is_a_setting(tmp_path, offload):
+    from lmdeploy_hostcache.config import HostCacheConfig
+    from lmdeploy_hostcache.integration.trace_capture import capture_from_config
+
+    cfg = HostCacheConfig(capture=str(tmp_path / "c.jsonl"), capture_offload=offload)
+    cap = capture_from_config(cfg, BS, types.SimpleNamespace(for_adapter=lambda name: Namespace(model="m",
+                                                                                                block_size=BS)))
+    assert cap.offload == offload and (cap.helper is not None) == offload
+    cap.close()
