@@ -32,7 +32,7 @@ value-checked cast here, then
   records' pickle and the ids' own buffer on a non-blocking pipe; what the pipe does not take waits for the
   next hook or flush, and past ``MAX_PENDING_BYTES`` a batch is dropped (``dropped_records``, logged once).
   ``close`` hands over what waits and waits for the helper (``HELPER_EXIT_SECONDS``); its counters are then
-  in ``encoder_counters()``.  A thread was tried before and measured worse: its hashing holds the GIL the
+  in ``encoder_counters()``.  A helper that cannot start is logged once and the encoding stays here.  A thread was tried before and measured worse: its hashing holds the GIL the
   scheduler needs (docs/planner.md "Capturing your own traffic");
 * without it, encoded here (``encode_many``, ``capture/encoder.py``'s ``BlockIdEncoder``: chained digests
   taken from a remembered prompt the request continues or from the host tier's chain where they check out,
@@ -156,27 +156,36 @@ class TraceCapture:
 
     def _start_helper(self) -> None:
         """Start the helper process (at engine start): it appends to the file opened and checked here, and
-        gets the key through its pipe."""
+        gets the key through its pipe.  A helper that cannot start is logged once and the encoding stays
+        on this thread (``offload`` turns false): capture goes on."""
+        helper = None
         try:
-            self.writer.close()
             env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")    # no LMDeploy hooks in the helper
-            self.helper = subprocess.Popen([sys.executable, "-m", "lmdeploy_hostcache.capture.encoder_process"],
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
-            self._pipe = self.helper.stdin.fileno()
+            helper = subprocess.Popen([sys.executable, "-m", "lmdeploy_hostcache.capture.encoder_process"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+            pipe = helper.stdin.fileno()
             try:
-                fcntl.fcntl(self._pipe, 1031, PIPE_BYTES)     # F_SETPIPE_SZ: fewer, larger writes
+                fcntl.fcntl(pipe, 1031, PIPE_BYTES)     # F_SETPIPE_SZ: fewer, larger writes
             except OSError:
                 pass
             for chunk in frame({"path": str(self.writer.path), "max_bytes": self.writer.max_bytes,
                                 "block_size": self.block_size, "key": self.key._key}):
-                os.write(self._pipe, chunk)
+                os.write(pipe, chunk)
             # at engine start: serve only once the helper is up (it has opened the file)
-            ready = self.helper.stdout.readline().decode(errors="replace").strip()
+            ready = helper.stdout.readline().decode(errors="replace").strip()
             if ready != "ready":
-                raise RuntimeError(f"the capture helper process did not start ({ready or 'no answer'})")
-            os.set_blocking(self._pipe, False)
+                raise RuntimeError(f"it did not start ({ready or 'no answer'})")
+            os.set_blocking(pipe, False)
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
-            self._fail(exc)
+            if helper is not None:
+                helper.kill()
+                helper.wait()
+            self.offload = False
+            logger.warning("lmdeploy-hostcache: the trace capture helper process is not running (%s: %s); "
+                           "captured requests are encoded on the scheduler's thread", type(exc).__name__, exc)
+            return
+        self.helper, self._pipe = helper, pipe
+        self.writer.close()         # the helper writes the file from now on
 
     def on_new_request(self, seq) -> None:
         if self.failed:

@@ -138,3 +138,20 @@ def test_capture_offload_is_a_setting(tmp_path, offload):
                                                                                                 block_size=BS)))
     assert cap.offload == offload and (cap.helper is not None) == offload
     cap.close()
+
+
+def test_a_helper_that_cannot_start_leaves_the_encoding_on_the_thread(tmp_path, monkeypatch, caplog):
+    import subprocess
+
+    def no_process(*args, **kwargs):
+        raise OSError("no interpreter here")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        cap = _capture(tmp_path / "c.jsonl", offload=True)
+    assert not cap.offload and cap.helper is None and not cap.failed
+    assert sum("helper process is not running" in r.getMessage() for r in caplog.records) == 1
+    requests = _requests(30)
+    _run(cap, requests)
+    cap.close()
+    assert (tmp_path / "c.jsonl").read_text().count("\n") == len(requests) and cap.blocks_hashed > 0
