@@ -208,6 +208,9 @@ class TraceCapture:
         try:
             if self._pending:         # offload: what the pipe could not take at the last flush
                 self._send()
+                if self.failed:       # the helper is gone (logged): no more work
+                    self.seconds += perf_counter() - t0
+                    return
             if not queue:
                 self._queued_at = t0
             # snapshot(seq, chain), inlined: the same tuple (tests/capture), one call less in a cold hook

@@ -155,3 +155,21 @@ def test_a_helper_that_cannot_start_leaves_the_encoding_on_the_thread(tmp_path, 
     _run(cap, requests)
     cap.close()
     assert (tmp_path / "c.jsonl").read_text().count("\n") == len(requests) and cap.blocks_hashed > 0
+
+
+def test_a_helper_that_dies_while_batches_wait_is_noticed_at_the_next_hook(tmp_path, caplog):
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    cap.flush_records = 10
+    fcntl.fcntl(cap._pipe, 1031, 4096)
+    cap.helper.send_signal(signal.SIGSTOP)
+    requests = [dict(seq_id=i, tokens=np.arange(i * 7, i * 7 + 160)) for i in range(20)]
+    _run(cap, requests[:10])                    # the batch waits: the pipe took one page
+    assert cap._pending
+    cap.helper.kill()
+    cap.helper.wait()
+    cap.flush_records = 1                       # the failing hook must not go on to a flush of its own
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        _run(cap, requests[10:])                # the first hook finds the pipe closed: capture stops there
+        cap.close()
+    assert "capture helper process exited" in cap.failed and not cap._pending and cap.flushes == 1
+    assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
