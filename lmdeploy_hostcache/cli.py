@@ -27,7 +27,7 @@ BENCH_COMMANDS = {
                  "eviction policies: host hit rate vs capacity on traces, next to Belady"),
     "route": ("lmdeploy_hostcache.bench.route",
               "cache-aware routing: decision time per request and proxy memory per cached block"),
-    "capture": ("lmdeploy_hostcache.bench.capture",
+    "capture": ("lmdeploy_hostcache.testing.capture_bench",
                 "trace capture's time inside LMDeploy's engine steps, on the CPU harness"),
 }
 

@@ -303,7 +303,7 @@ def test_capture_costs_little_next_to_the_engine_steps(tmp_path, exact_lru_clock
     timing on a shared machine: the figures are printed); the work counts are exact: each full prompt
     block is chain-hashed at most once per request, each distinct block keyed once, one os.write per
     batch of records."""
-    from lmdeploy_hostcache.bench.capture import measure_capture
+    from lmdeploy_hostcache.testing.capture_bench import measure_capture
     from lmdeploy_hostcache.integration.trace_capture import FLUSH_RECORDS
 
     cost = measure_capture(weka_conversations(max_turns=6), str(tmp_path / 'capture.jsonl'))

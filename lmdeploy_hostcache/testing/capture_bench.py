@@ -1,5 +1,8 @@
 """Trace capture's cost inside LMDeploy's engine steps (``lmdeploy-hostcache bench capture``).
 
+A harness tool, like ``soak``: it lives under ``testing/`` because it drives the CPU harness; the CLI
+imports it only to list and run the command.
+
 Runs LMDeploy's real scheduler and engine loop in the CPU harness (``testing/harness``: CPU tensors
 laid out by LMDeploy's cache plan, a prefix-oracle forward instead of a model) with the host tier
 and trace capture on, over a scaled-down multi-turn workload: by default the first conversations
@@ -113,8 +116,8 @@ def measure_capture(conversations, path: str, *, gpu_blocks: int = 32, host_slot
     (``offload``: the ``capture_offload`` setting)."""
     import torch
 
-    from ..testing.harness import HarnessCacheSpec, HarnessModel, WorkloadDriver
-    from ..testing.harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
+    from .harness import HarnessCacheSpec, HarnessModel, WorkloadDriver
+    from .harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
 
     engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
                                     HarnessCacheSpec(num_gpu_blocks=gpu_blocks, max_prefill_token_num=512),
@@ -134,7 +137,7 @@ def measure_capture(conversations, path: str, *, gpu_blocks: int = 32, host_slot
 
 def workload(name: str, requests: int):
     """The conversations of a workload name (``WORKLOADS``)."""
-    from ..testing.harness import mooncake_conversations, weka_conversations
+    from .harness import mooncake_conversations, weka_conversations
 
     if name == "weka":
         return weka_conversations(max_turns=6)
