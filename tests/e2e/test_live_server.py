@@ -10,8 +10,10 @@ chats (the client sends the whole history each turn):
   moving; then ``POST /sleep`` + ``POST /wakeup`` and the same chats again: the replies must
   still equal stock's (the host tier must not restore bytes from before the sleep) while
   the tier demotes and restores again; finally the server must stop cleanly (exit within
-  the grace period, no process of its group left).
+  the grace period, no process of its group left: the trace capture's helper process included,
+  since the tier server captures its requests, and the capture must then hold all of them).
 """
+import json
 import re
 import time
 
@@ -91,7 +93,8 @@ def test_live_server_host_tier_openai_chat_metrics_sleep_wakeup(chat_model, tmp_
     t_stock = time.perf_counter() - t0
 
     cfg = tmp_path / "hostcache.yaml"
-    cfg.write_text("min_restore_tokens: 0\npin_memory: false\n")
+    capture = tmp_path / "capture.jsonl"      # trace capture on (its helper process: capture_offload's default)
+    cfg.write_text(f"min_restore_tokens: 0\npin_memory: false\ncapture: {capture}\n")
     t1 = time.perf_counter()
     with api_server(chat_model, host_cache_gb=1, host_cache_config=str(cfg),
                     extra_args=["--num-gpu-blocks", "8"] + COMMON, log_dir=str(tmp_path)) as srv:
@@ -118,4 +121,9 @@ def test_live_server_host_tier_openai_chat_metrics_sleep_wakeup(chat_model, tmp_
         assert c2["restored_tokens"] > c1["restored_tokens"] and c2["demotions"] > c1["demotions"], (c1, c2)
         assert c2["restore_failures"] == 0, c2
     assert srv.clean_exit, f"host-tier server left {srv.leftover_pids}"
+    # every request of both rounds captured, whole lines only, and the helper reported no failure
+    records = [json.loads(line) for line in capture.read_text().splitlines()]
+    assert len(records) == 2 * len(reference) and all(r["block_size"] == 16 for r in records)
+    assert all(len(r["hash_ids"]) == r["input_length"] // 16 and r["output_length"] == MAX_TOKENS for r in records)
+    assert "trace capture stopped" not in srv.log() and "helper process is not running" not in srv.log()
     print(f"[e2e timing] stock server {t_stock:.1f} s, host-tier server {time.perf_counter() - t1:.1f} s")
