@@ -12,10 +12,9 @@ has no raw bytes; every later frame is one batch for ``BlockIdEncoder.encode``: 
 its records (without chains), the raw bytes its ``data`` (sent from the token ids' buffer, no
 copy). Once it has read the first frame and opened the file it prints ``ready`` (or ``failed: <the
 reason>``) on a line of stdout, so the engine starts serving only once the helper is up. At end of
-input it closes the
-file and prints one JSON line of counters on stdout (``records``, ``batches``, ``writes``,
-``written``, ``dropped``, ``failed``, the encoder's counters, ``cpu_seconds``, ``priority``), then
-exits 0. It runs as background work (``lower_priority``: Linux's ``SCHED_IDLE``, else nice 19), so a
+input it closes the file and prints one JSON line of counters on stdout (``records``, ``batches``,
+``writes``, ``written``, ``dropped``, ``failed``, the encoder's counters, ``cpu_seconds``,
+``priority``), then exits 0. It runs as background work (``lower_priority``: Linux's ``SCHED_IDLE``, else nice 19), so a
 batch it is woken for never takes the core from the engine; on a machine with no idle core it falls
 behind, and the engine then drops batches past ``MAX_PENDING_BYTES`` (logged once).
 
