@@ -27,7 +27,32 @@ from lmdeploy_hostcache.testing.harness import (HarnessCacheSpec, HarnessModel, 
 from lmdeploy_hostcache.testing.harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine,  # noqa: E402
                                check_host_tier_balanced, rank_checkers, scheduler_side)
 
+from lmdeploy_hostcache.l3.chain import WorkerChain  # noqa: E402
+
 VOCAB = HarnessModel().vocab_size
+
+# which store blocks this node wrote and which it restored that it never wrote (they came from another
+# node): the worker chain's write-back and stage, counted as they run
+OWN_PUTS: set[int] = set()
+RESTORED = {"own": 0, "others": 0}
+_write_back, _stage = WorkerChain.write_back, WorkerChain.stage
+
+
+def _counting_write_back(self, items):
+    OWN_PUTS.update(w.digest for w in items)
+    return _write_back(self, items)
+
+
+def _counting_stage(self, digests, block_bytes, slots):
+    ok = _stage(self, digests, block_bytes, slots)
+    if ok:
+        others = sum(d not in OWN_PUTS for d in digests)
+        RESTORED["others"] += others
+        RESTORED["own"] += len(digests) - others
+    return ok
+
+
+WorkerChain.write_back, WorkerChain.stage = _counting_write_back, _counting_stage
 
 
 def conversations_of(seed: int, n: int = 6, turns: int = 4) -> list[list[TurnSpec]]:
@@ -82,6 +107,7 @@ def main() -> None:
     out["host_hit_blocks"] = stats["hit_blocks"]
     out["restored_tokens"] = stats["restored_tokens"]
     out["restore_failures"] = stats["restore_failures"]
+    out["l3_restored_own"], out["l3_restored_from_others"] = RESTORED["own"], RESTORED["others"]
     print("RESULT " + json.dumps(out), flush=True)
     if role == "A":   # keep serving: the objects live in this node's contributed segment
         sys.stdin.readline()
