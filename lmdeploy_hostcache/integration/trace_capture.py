@@ -32,8 +32,9 @@ value-checked cast here, then
   records' pickle and the ids' own buffer on a non-blocking pipe; what the pipe does not take waits for the
   next hook or flush, and past ``MAX_PENDING_BYTES`` a batch is dropped (``dropped_records``, logged once).
   ``close`` hands over what waits and waits for the helper (``HELPER_EXIT_SECONDS``); its counters are then
-  in ``encoder_counters()``.  A helper that cannot start is logged once and the encoding stays here.  A thread was tried before and measured worse: its hashing holds the GIL the
-  scheduler needs (docs/planner.md "Capturing your own traffic");
+  in ``encoder_counters()``.  A helper that cannot start is logged once and the encoding stays here.
+  A thread was tried before and measured worse: its hashing holds the GIL the scheduler needs
+  (docs/planner.md "Capturing your own traffic");
 * without it, encoded here (``encode_many``, ``capture/encoder.py``'s ``BlockIdEncoder``: chained digests
   taken from a remembered prompt the request continues or from the host tier's chain where they check out,
   keyed ids, JSON lines) and written with one ``os.write``.
@@ -405,10 +406,8 @@ class TraceCapture:
             return
         try:
             if self._pending and not self.failed:
-                os.set_blocking(self._pipe, True)
-                for chunk in self._pending:
-                    while len(chunk):
-                        chunk = chunk[os.write(self._pipe, chunk):]
+                os.set_blocking(self._pipe, True)     # _send now writes all that waits
+                self._send()
             self._pending.clear()
             helper.stdin.close()
             out = helper.stdout.read()
@@ -455,37 +454,30 @@ _SAME_VALUE = _same_value_casts()
 
 
 def _token_array(arrays) -> np.ndarray:
-    """``_token_bytes`` as an array (its buffer is the same bytes; no ``tobytes`` copy): what the
-    capture's helper process is sent."""
+    """``encode_tokens`` of the arrays laid end to end, as an array of ``TOKEN_DTYPE`` whose buffer is
+    those bytes (ValueError for an id outside [0, 2**32)): for LMDeploy's int64 ids one cast that
+    checks the values as it goes (``casting="same_value"``, NumPy 2.4 on: no reduction, whose
+    machinery is cold in a flush; before, one range check and one cast), else ``encode_tokens``
+    (which names the range when an id is outside it).  The capture's helper process is sent this
+    buffer as it is; ``_token_bytes`` is its bytes."""
     if not arrays:
         return np.zeros(0, TOKEN_DTYPE)
-    tokens = np.concatenate(arrays)
-    if tokens.dtype == _I64 and _SAME_VALUE:
-        try:
-            return tokens.astype(TOKEN_DTYPE, casting="same_value")
-        except ValueError:
-            pass        # an id outside the range: encode_tokens raises, naming it
-    return np.frombuffer(_token_bytes([tokens]), TOKEN_DTYPE)
-
-
-def _token_bytes(arrays) -> bytes:
-    """``encode_tokens`` of the arrays laid end to end (ValueError for an id outside [0, 2**32)): for
-    LMDeploy's int64 ids one cast that checks the values as it goes (``casting="same_value"``, NumPy 2.4
-    on: no reduction, whose machinery is cold in a flush; before, one range check and one cast), else
-    ``encode_tokens`` (which names the range when an id is outside it)."""
-    if not arrays:
-        return b""
     tokens = np.concatenate(arrays)
     if tokens.dtype == _I64:
         if _SAME_VALUE:
             try:
-                return tokens.astype(TOKEN_DTYPE, casting="same_value").tobytes()
+                return tokens.astype(TOKEN_DTYPE, casting="same_value")
             except ValueError:
                 pass        # an id outside the range: encode_tokens raises, naming it
         elif not tokens.size or int(tokens.view(_U64).max()) <= _MAX_TOKEN:
             # older NumPy: one range check (read as unsigned, a negative id is above the range too)
-            return tokens.astype(TOKEN_DTYPE).tobytes()
-    return encode_tokens(tokens)
+            return tokens.astype(TOKEN_DTYPE)
+    return np.frombuffer(encode_tokens(tokens), TOKEN_DTYPE)
+
+
+def _token_bytes(arrays) -> bytes:
+    """``_token_array``'s bytes: what the encoder reads on the scheduler's thread."""
+    return _token_array(arrays).tobytes()
 
 
 def _flush_at_exit(ref) -> None:
