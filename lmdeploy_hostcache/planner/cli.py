@@ -166,6 +166,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"with --engine-steps: LMDeploy's prefill_interval (default {_STEP_DEFAULTS[1]}, LMDeploy's)")
     k.add_argument("--max-prefill-tokens", type=_pos_int, default=None, metavar="N",
                    help=f"with --engine-steps: LMDeploy's max_prefill_token_num (default {_STEP_DEFAULTS[2]}, LMDeploy's)")
+    k.add_argument("--short-prefill-turns", type=_pos_int, default=None, metavar="N",
+                   help="with --engine-steps: short-prompt prefill passes between two chunks of a long prompt "
+                        "(LMDeploy's LMDEPLOY_PT_TTFT_SHORT_TURNS; default 3, LMDeploy's)")
+    k.add_argument("--long-prefill-aging-s", type=_pos_float, default=None, metavar="S",
+                   help="with --engine-steps: seconds of the trace's clock a waiting long prompt needs to gain one "
+                        "chunk of priority (LMDeploy's LMDEPLOY_PT_TTFT_AGING_SEC; default 2, LMDeploy's)")
     k.add_argument("--no-concurrency", action="store_true",
                    help="skip the replay with request lifetimes (only the one-request-at-a-time replay)")
 
@@ -286,7 +292,9 @@ def _run(args) -> int:
             raise PlanError(f"--cluster {args.cluster} sets the model, format, policy and node sizes itself and has "
                             f"no sweep: drop {', '.join(clash)} (or drop --cluster)")
     step_opts = [opt for opt, v in (("--max-batches", args.max_batches), ("--prefill-interval", args.prefill_interval),
-                                    ("--max-prefill-tokens", args.max_prefill_tokens)) if v is not None]
+                                    ("--max-prefill-tokens", args.max_prefill_tokens),
+                                    ("--short-prefill-turns", args.short_prefill_turns),
+                                    ("--long-prefill-aging-s", args.long_prefill_aging_s)) if v is not None]
     if step_opts and not args.engine_steps:
         raise PlanError(f"{', '.join(step_opts)} set the step model: add --engine-steps")
     if args.engine_steps and args.sweep:
@@ -297,8 +305,10 @@ def _run(args) -> int:
     if args.engine_steps:
         from .engine_steps import EngineSteps
 
+        lane = {k: v for k, v in (("short_turns", args.short_prefill_turns),
+                                  ("long_aging_s", args.long_prefill_aging_s)) if v is not None}
         steps = EngineSteps(*(v if v is not None else d for v, d in zip(
-            (args.max_batches, args.prefill_interval, args.max_prefill_tokens), _STEP_DEFAULTS)))
+            (args.max_batches, args.prefill_interval, args.max_prefill_tokens), _STEP_DEFAULTS)), **lane)
     if (args.l3_gb is not None or args.l3_gbps is not None) and not args.cluster:
         raise PlanError("--l3-gb/--l3-gbps model a store shared by the nodes of a cluster: give --cluster YAML")
     # validate every setting before the (slower) trace load
@@ -361,7 +371,7 @@ def _run(args) -> int:
                                      conc_lifetimes, show, host_write_s=args.host_write_s)
     unbounded = unbounded_notes(args.distinct_blocks, gpu_blocks=gpu_blocks, host_blocks=host_blocks)
     if steps is not None:
-        unbounded += chunked_prefill_notes(trace, steps.max_prefill_tokens)
+        unbounded += chunked_prefill_notes(trace, steps)
     if args.json:
         out = dict(head)
         out.update(st.as_dict())
@@ -422,17 +432,19 @@ def _run(args) -> int:
     return 0
 
 
-def chunked_prefill_notes(trace, max_prefill_tokens: int) -> list[str]:
+def chunked_prefill_notes(trace, steps) -> list[str]:
     """A sentence when some prompts are longer than ``max_prefill_tokens``: LMDeploy prefills the
-    uncached part of such a prompt in chunks, which the step model does not follow (docs/planner.md
-    "Outside the model: long prompts")."""
-    n = sum(r.input_length > max_prefill_tokens for r in trace.requests)
+    uncached part of such a prompt in chunks, through a lane of its own, which the step model follows
+    with the lane settings ``steps`` gives (docs/planner.md "Long prompts: chunked prefill")."""
+    limit = steps.max_prefill_tokens
+    n = sum(r.input_length > limit for r in trace.requests)
     if not n:
         return []
-    return [f"step model: {n:,} of {len(trace):,} prompts are longer than max_prefill_tokens "
-            f"({max_prefill_tokens:,}); LMDeploy prefills the uncached part of such a prompt in chunks, which the "
-            "step model does not model (it prefills in one step): its figures carry an error there (0.022 and "
-            "0.040 on the two such rows measured against the engine, docs/planner.md)"]
+    return [f"step model: {n:,} of {len(trace):,} prompts are longer than max_prefill_tokens ({limit:,}); LMDeploy "
+            "prefills the uncached part of such a prompt in chunks, one long prompt at a time, with up to "
+            f"{steps.short_turns} short-prompt prefills between two chunks (LMDEPLOY_PT_TTFT_SHORT_TURNS) and the "
+            f"waiting long prompts in size order, aged one chunk per {steps.long_aging_s:g} s of the trace's clock "
+            "(LMDEPLOY_PT_TTFT_AGING_SEC); the step model follows these settings (docs/planner.md)"]
 
 
 def unbounded_notes(distinct: int, *, gpu_blocks: int | None = None, host_blocks: int | None = None,

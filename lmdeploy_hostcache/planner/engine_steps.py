@@ -2,56 +2,76 @@
 
 ``concurrency.ConcurrentTwoTierCache`` starts a request at its arrival and runs it for
 ``output / decode rate``.  LMDeploy's engine does not: it runs one *step* at a time, and a step
-either prefills newly admitted requests or decodes every running one, never both.  Requests
-therefore start later, in bursts, and end later than that model says, and under a squeezed GPU
-tier the order of starts and ends decides what is evicted (docs/planner.md "Validated against the
-engine").  ``SteppedTwoTierCache`` keeps the same cache bookkeeping (pins, held slots, output
-blocks, host copies in flight) and replaces the clock and the admission, with these rules of
-LMDeploy 0.18's ``InputsMakerAsync.do_prefill_default``, ``_PrefillScheduler.schedule``,
-``KVLoadCoordinator`` and ``RecomputeEvictionHelper.try_make_capacity_for`` (``EngineSteps``):
+either prefills newly admitted requests, runs one chunk of a long prompt, or decodes every running
+one.  Requests therefore start later, in bursts, and end later than that model says, and under a
+squeezed GPU tier the order of starts and ends decides what is evicted (docs/planner.md "Validated
+against the engine").  ``SteppedTwoTierCache`` keeps the same cache bookkeeping (pins, held slots,
+output blocks, host copies in flight) and replaces the clock and the admission with an engine loop
+that follows LMDeploy 0.18's ``InputsMakerAsync.do_prefill_default`` and ``_ForwardInputsTask``,
+``_PrefillScheduler.schedule`` and its reorderer, ``KVLoadCoordinator`` and
+``RecomputeEvictionHelper.try_make_capacity_for`` (settings: ``EngineSteps``).
+
+The loop (``serve_at`` gives it the requests in arrival order; it decides every step before the
+newest arrival, ``finish`` the rest; ``results`` holds each request's hits once it is served):
 
 * time is counted in steps; one step lasts ``1 / decode_tokens_per_s`` seconds of the trace's
   clock (a decode step gives every running request one token);
-* step ``k`` is scheduled at time ``k`` steps: a request that arrived by then can run in it;
-* a step prefills when a request waits and one of: nothing runs, fewer than ``max_batches / 2``
+* step ``k`` is scheduled at time ``k`` steps: a request that arrived by then waits in it;
+* a prefill is due when a request waits and one of: nothing runs, fewer than ``max_batches / 2``
   run, ``prefill_interval`` decode steps ran *while a request waited* (the count restarts when the
-  queue is empty), or the prompts waiting reach ``max_prefill_tokens`` (summed over the queue when
-  ``expect`` told the model the arrivals, as ``replay_stepped`` does); otherwise it decodes;
-* a prefill step's pass first tries the requests whose loads completed, then the waiting ones in
-  arrival order, while ``max_batches`` minus the requests running before the pass allows; a
-  request arriving in time for the pass is tried in it.  Each attempt (``_attempt``): the token
-  budget (a second request whose prompt less its GPU match exceeds what is left of
-  ``max_prefill_tokens`` stops the pass, nothing evicted); then room for the whole prefill (the
-  prompt plus ``prefill_interval`` preallocated tokens): cached GPU blocks are evicted up to the
-  number missing (its matched prefix held) and those evictions stand even if it then does not fit
-  (``attempt_evictions``); a request that does not fit beside what running requests and started
-  loads hold stops the pass (a request larger than the whole tier runs when nothing runs and no
-  load is in flight).  Running requests do not decode in a prefill step;
+  queue is empty), or the prompts waiting reach ``max_prefill_tokens``; otherwise the step decodes;
+* a prefill pass tries the requests whose loads completed first (arrival order), then the queue in
+  its turn policy's order, while ``max_batches`` minus the requests running allows.  With no long
+  prompt waiting the order is arrival order.  Each attempt (``_attempt``) matches the prompt in the
+  trie (refreshing the matched blocks' access times), then: the token budget (a second request
+  whose prompt less its GPU match exceeds what is left of ``max_prefill_tokens`` is refused,
+  nothing evicted); room for the whole prefill (the prompt plus ``prefill_interval`` preallocated
+  tokens): cached GPU blocks are evicted up to the number missing (its matched prefix held) and
+  those evictions stand even if it then does not fit (``attempt_evictions``); a request that does
+  not fit beside what running requests and started loads hold is refused (one larger than the
+  whole tier runs when nothing runs and no load is in flight).  A refusal stops the pass, except on
+  a short-only turn, where it skips the request;
+* **long prompts** (longer than ``max_prefill_tokens`` before any match) are prefilled in chunks of
+  ``max_prefill_tokens`` tokens, one long prompt at a time (``_Chunked``), each chunk a forward of
+  its own that allocates only its own blocks (the last one adds the preallocation and gives the
+  first token).  While one waits, a prefill turn is first a *short-only* pass (short prompts,
+  smallest first; a long prompt whose match leaves at most one chunk counts as short) and, when
+  that admits nothing or ``short_turns`` short passes ran since the latest chunk, a *long-first*
+  pass: the smallest long prompt (in chunks, less one chunk per ``long_aging_s`` of waiting) first,
+  then the short ones, smallest first; a long prompt's first chunk ends the pass.  After a chunk the
+  decode step goes first; the next chunk waits for up to ``short_turns`` short passes; the last
+  chunk is never deferred.  A chunk's blocks are reserved like an admission, but the engine first
+  takes the blocks of a request whose load completed and that waits for its prefill (``_reclaim_load``:
+  the request goes back to the queue; its loaded blocks stay cached and count as restored when it
+  matches them again);
 * a request whose prompt continues in the host tier *loads* instead: the connector's lookup
   refreshes its hit in the host tier and holds it while the attempt makes room for the whole
-  prefill; the load starts only if the free blocks also cover the tails of the loads not
-  prefilled yet (the soft budget), and takes only its matched and loaded blocks (later arrivals
-  may use the rest).  It completes two steps later (its completion reaches the scheduler after the
-  next step is scheduled): until then its blocks are not matched on the GPU and the host copies it
-  reads stay pinned in the host tier.  Then, when a prefill is due, its tail is stored if it fits
-  (else the pass stops at it, after evicting what it can).  A pass that starts a load goes on to
-  the next waiting request (``LOAD_STARTED``: no batch slot, no token budget); a pass that only
-  started loads is a decode step;
-* a request's first output token comes from its prefill step, each further one from a decode
-  step; it ends with its last token, and its blocks are free one step later.  Its output blocks
-  stay cached only up to its last growth (LMDeploy's ``schedule_running`` attaches a decoding
-  sequence's full blocks to the trie when it grows): the blocks its output filled after that
-  are freed.
+  prefill; the load starts only if the free blocks also cover the soft reservations (the tails of
+  the loads not prefilled yet, the chunks still to come of a chunked prompt), and takes only its
+  matched and loaded blocks (later arrivals may use the rest).  It completes two steps later (its
+  completion reaches the scheduler after the next step is scheduled): until then its blocks are not
+  matched on the GPU and the host copies it reads stay pinned in the host tier.  Then, when a
+  prefill is due, its tail is stored if it fits (else the pass stops at it, after evicting what it
+  can).  A pass goes on after a load starts (``LOAD_STARTED``: no batch slot, no token budget); a
+  step whose passes only started loads decodes;
+* a request's first output token comes from its prefill step (or last chunk), each further one
+  from a decode step; it ends with its last token, and its blocks are free one step later.  Its
+  output blocks stay cached only up to its last growth (LMDeploy's ``schedule_running`` attaches a
+  decoding sequence's full blocks to the trie when it grows): the blocks its output filled after
+  that are freed.  An idle engine (no forward in the previous step) dispatches a forward and the
+  next step's at once: both take one time slot.
 
-Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``load_waits`` (requests that
-waited for a host load), ``attempt_evictions``, plus ``ConcurrencyStats``
-(``queued_requests``/``queue_delay_s``: requests that prefilled after the first step they could
-have run in, and those waits).  Not modelled: preemption, a waiting request's blocks reclaimed for
-another request, chunked prefill of long prompts, and a prefill step's own duration (a step is a
-step).  Invariants: steps only move forward; a running request's end and block-growth events are
-kept in *decode-step* counts, so a prefill step inserted while it runs delays them by one step, as
+Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``chunk_steps``,
+``chunked_requests``, ``load_waits`` (requests that waited for a host load), ``reclaimed_loads``,
+``attempt_evictions``, plus ``ConcurrencyStats`` (``queued_requests``/``queue_delay_s``: requests
+whose prefill (or first chunk) ran after the first step they could have run in, and those waits).
+Not modelled: preemption, a queued request's blocks reclaimed by an admission (only a chunk's
+reservation reclaims, as measured), and a forward's own duration (a step is a step).  Invariants:
+steps only move forward; a running request's end and block-growth events are kept in
+*decode-step* counts, so a prefill or chunk step inserted while it runs delays them by one step, as
 in the engine; a started load's blocks are pinned from its start and its tail's from its prefill,
-and every pin is released at the request's end (``finish`` leaves no pin, hold or load).
+a chunked prompt's from its chunks; every pin is released at the request's end or when its load is
+reclaimed (``finish`` leaves no pin, hold, load or chunk).
 """
 from __future__ import annotations
 
@@ -61,6 +81,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..eviction import LRUPolicy, _LazyHeap
+from ..host_index import HostIndex
 from .concurrency import ConcurrencyStats, ConcurrentTwoTierCache, Lifetimes, _Running
 from .replay import PreparedRequest, progress
 
@@ -68,6 +90,8 @@ from .replay import PreparedRequest, progress
 DEFAULT_PREFILL_INTERVAL = 16
 DEFAULT_MAX_PREFILL_TOKENS = 8192
 DEFAULT_MAX_BATCHES = 128
+DEFAULT_SHORT_TURNS = 3       # LMDEPLOY_PT_TTFT_SHORT_TURNS
+DEFAULT_LONG_AGING_S = 2.0    # LMDEPLOY_PT_TTFT_AGING_SEC
 
 
 @dataclass(frozen=True)
@@ -77,12 +101,18 @@ class EngineSteps:
     max_batches: int = DEFAULT_MAX_BATCHES                 # (max_batch_size)
     prefill_interval: int = DEFAULT_PREFILL_INTERVAL       # (prefill_interval)
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS   # (max_prefill_token_num)
+    # the long-prefill lane's settings (environment: LMDEPLOY_PT_TTFT_SHORT_TURNS, LMDEPLOY_PT_TTFT_AGING_SEC)
+    short_turns: int = DEFAULT_SHORT_TURNS                 # short prefill passes between two long chunks
+    long_aging_s: float = DEFAULT_LONG_AGING_S             # a waiting long prompt gains one chunk of priority per
 
     def __post_init__(self) -> None:
-        for name in ("max_batches", "prefill_interval", "max_prefill_tokens"):
+        for name in ("max_batches", "prefill_interval", "max_prefill_tokens", "short_turns"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        v = self.long_aging_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"long_aging_s must be a number > 0, got {v!r}")
 
     def describe(self) -> str:
         return (f"LMDeploy step model: max_batches {self.max_batches}, prefill_interval {self.prefill_interval}, "
@@ -90,15 +120,89 @@ class EngineSteps:
 
     def as_dict(self) -> dict:
         return {"max_batches": self.max_batches, "prefill_interval": self.prefill_interval,
-                "max_prefill_tokens": self.max_prefill_tokens}
+                "max_prefill_tokens": self.max_prefill_tokens, "short_turns": self.short_turns,
+                "long_aging_s": self.long_aging_s}
 
 
 @dataclass
 class SteppedStats(ConcurrencyStats):
     prefill_steps: int = 0
     decode_steps: int = 0
+    chunk_steps: int = 0          # forwards of one long prompt's chunk (the last one included)
+    chunked_requests: int = 0     # requests whose prompt was prefilled in chunks
     load_waits: int = 0
+    reclaimed_loads: int = 0      # loads whose blocks a long prompt's chunk took before they prefilled
     attempt_evictions: int = 0    # GPU blocks evicted by admission attempts that found too little room
+
+
+# LMDeploy's prefill turn policies (``_PrefillTurnPolicy``): STANDARD tries the queue in arrival order and
+# may start a long prompt's first chunk; SHORT_ONLY tries short prompts (smallest first) and skips long
+# ones; LONG_FIRST tries the smallest long prompt first, then the short ones, smallest first
+STANDARD, SHORT_ONLY, LONG_FIRST = "standard", "short-only", "long-first"
+
+
+class _LazyTouchLRU(LRUPolicy):
+    """LRU for the GPU tier of the step model, where every queued request's attempt touches its matched
+    blocks, pass after pass: an access pushes nothing; a heap entry older than its block's access time
+    is pushed again at that time when it reaches the top.  Every candidate keeps an entry whose key is at
+    most its access time, so the victim is still the candidate accessed longest ago (access times are
+    distinct counter values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._heap = _LazyHeap(lambda key, b: b.candidate)   # compaction keeps one entry per candidate
+
+    def on_access(self, block) -> None:
+        pass
+
+    def pop_victim(self):
+        heap = self._heap.heap
+        while heap:
+            key, _, block = heap[0]
+            if not block.candidate:
+                heapq.heappop(heap)
+            elif key != block.last_access:
+                heapq.heapreplace(heap, (block.last_access, block.seq, block))
+            else:
+                heapq.heappop(heap)
+                self._heap.live -= 1
+                return block
+        return None
+
+
+class _GpuTierIndex(HostIndex):
+    """The step model's GPU tier: ``HostIndex`` with ``_LazyTouchLRU`` and a ``touch`` that does
+    ``_access``'s work inline (that policy does nothing on an access), since queued requests touch
+    their matched blocks in every pass."""
+
+    def __init__(self, num_slots: int, verify_tokens: bool, on_evict) -> None:
+        super().__init__(num_slots, policy=_LazyTouchLRU(), verify_tokens=verify_tokens, on_evict=on_evict)
+
+    def touch(self, digests) -> None:
+        blocks, clock = self._blocks, self._clock
+        for d in digests:
+            b = blocks.get(d)
+            if b is not None and not b.doomed:
+                clock += 1
+                b.last_access = clock
+                b.hits += 1
+        self._clock = clock
+
+
+class _Chunked:
+    """A prompt being prefilled in chunks (LMDeploy's ``LongContextChunker``): one at a time."""
+
+    __slots__ = ("pr", "done", "pinned", "held", "stored_to", "admitted", "g", "restored")
+
+    def __init__(self, pr: PreparedRequest, done: int, pinned: tuple, stored_to: int, admitted: int,
+                 g: int, restored: int) -> None:
+        self.pr = pr
+        self.done = done              # prompt tokens computed (or matched, or loaded) so far
+        self.pinned = pinned          # its blocks in the trie, pinned
+        self.held: list[int] = []     # the slot of the partial block at the end of the latest chunk
+        self.stored_to = stored_to    # blocks [0, stored_to) are its pinned ones
+        self.admitted = admitted      # the step of its first chunk
+        self.g, self.restored = g, restored
 
 
 class SteppedTwoTierCache(ConcurrentTwoTierCache):
@@ -108,32 +212,39 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                  lifetimes: Lifetimes = Lifetimes(), verify_tokens: bool = True, host_write_s: float = 0.0,
                  engine: EngineSteps = EngineSteps(), record: bool = False) -> None:
         super().__init__(gpu_blocks, host_blocks, host_policy, block_size, lifetimes, verify_tokens, host_write_s)
+        self.gpu = _GpuTierIndex(gpu_blocks, verify_tokens, self._demote)
         st = self.stats
         self.stats = SteppedStats(st.block_size, st.gpu_blocks, st.host_blocks, st.host_policy)
         self.engine = engine
         self._rate = float(lifetimes.decode_tokens_per_s)   # steps per second of the trace's clock
         self._step = 0            # the first step not decided yet
         self._decoded = 0         # decode steps so far (running requests' events count these)
-        self._since_prefill = 0   # decode steps since the last prefill step
-        # the latest prefill: (step, requests, prompt tokens, the step after it, requests its pass may admit)
-        self._batch = (-1, 0, 0, -1, 0)
+        self._decode_count = 0    # LMDeploy's _decode_count: decode steps decided while a request waited
+        self._short_turns = 0     # short prefill passes since the latest long chunk
+        self._last_kind = None    # the kind of the latest forward ("prefill", "chunk", "last chunk", "decode")
+        self._chunked: _Chunked | None = None
         self._ending: list[tuple[int, int, _Running]] = []   # (step its end is seen, order, request)
         # requests whose host load started: (first step they may prefill in, order, their blocks, request)
         self._loaded: list[tuple[int, int, tuple, PreparedRequest]] = []
         self._n_loaded = 0
         self._last_busy = -2      # the latest step that ran a forward (or shipped a load)
-        # record=True: (step, "prefill" | "load", the request's position in serve order) per event
+        # record=True: (step, "prefill" | "load" | "chunk", the request's position in serve order) per event
         self.schedule: list[tuple[int, str, int]] | None = [] if record else None
         self._position: dict[int, int] = {}
+        self._first: dict[int, int] = {}           # id(pr) -> the first step it can run in
+        # per request in serve order: (GPU-hit blocks, host-restored blocks), once it is served
+        self.results: list[tuple[int, int] | None] = []
         # loads started: the host copies they read stay pinned until their prefill (id(pr) -> release)
         self._host_pending: dict[int, tuple] = {}
         # blocks loads are writing: not in LMDeploy's trie (no GPU match) until the load completes
         self._loading: dict[int, int] = {}
         self._loading_of: dict[int, tuple] = {}
-        self._pending: PreparedRequest | None = None    # the request being served, until it takes blocks
-        self._arrivals: list[PreparedRequest] | None = None   # expect(): every request, in serve order
-        self._firsts: list[int] = []
-        self._index = -1
+        self._waiting: list[PreparedRequest] = []   # arrived, not admitted, no load started (arrival order)
+        self._future: list[PreparedRequest] = []    # given to serve_at, not arrived yet (arrival order)
+        self._served = None
+        self._match_cache: dict[int, tuple] = {}     # id(pr) -> (GPU tier version, its GPU match)
+        self._loading_version = 0                     # counts changes of _loading
+        self._reloaded: dict[int, set] = {}          # id(pr) -> block indices its reclaimed loads restored
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -169,11 +280,19 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             for ready, _, _, lpr in self._loaded:
                 if ready <= self._step:
                     self._complete_load(lpr)
+        future = self._future
+        if future and self._first[id(future[0])] <= self._step:
+            k = 0
+            while k < len(future) and self._first[id(future[k])] <= self._step:
+                k += 1
+            self._waiting.extend(future[:k])
+            del future[:k]
 
     def _complete_load(self, pr: PreparedRequest) -> None:
         blocks = self._loading_of.pop(id(pr), None)
         if blocks is None:
             return
+        self._loading_version += 1
         loading = self._loading
         for d in blocks:
             n = loading[d] - 1
@@ -200,39 +319,247 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                     return i, min(h, self.host.num_slots // 2)
         return g, h
 
-    def _decode_until(self, step: int, waiting: bool = False) -> None:
-        """Decide every step before ``step``: a prefill step when a loaded request is ready and the
-        engine would prefill, else a decode step (or nothing, on an idle engine).  ``waiting``: a
-        request waits to be admitted in these steps."""
-        self._fire_due()
-        while self._step < step:
-            loaded = self._loaded
-            ready = bool(loaded) and loaded[0][0] <= self._step
-            if ready and self._prefill_due():
-                was_live = self._live
-                n, used, stopped = self._start_ready_loads()
-                if n:
-                    self._close_prefill(n, used, was_live, stopped)
-                    self._fire_due()
-                    continue
-            n = step - self._step
-            if loaded:
-                n = min(n, max(1, loaded[0][0] - self._step))
-            if not self._live:            # idle engine: jump
-                self._step += n
-                self._since_prefill = 0
-                continue
-            if self._running:
-                n = min(n, max(1, int(self._running[0][0]) - self._decoded))
-            if self._ending:
-                n = min(n, max(1, self._ending[0][0] - self._step))
-            self._step += n
-            self._decoded += n
-            # LMDeploy counts decode steps towards prefill_interval only while a request waits
-            self._since_prefill = self._since_prefill + n if (waiting or ready) else 0
-            self.stats.decode_steps += n
-            self._last_busy = max(self._last_busy, self._step - 1)
+    # -- the engine loop ---------------------------------------------------------------------
+    def _ready_loads(self) -> list:
+        step = self._step
+        return sorted((e for e in self._loaded if e[0] <= step), key=lambda e: self._position[id(e[3])])
+
+    def _has_waiting(self) -> bool:
+        return bool(self._waiting) or bool(self._loaded and min(e[0] for e in self._loaded) <= self._step)
+
+    def _idle(self) -> bool:
+        """Nothing runs, waits, loads or is left to arrive before the step decided next."""
+        return not (self._live or self._waiting or self._loaded or self._chunked or self._ending)
+
+    def _run_until(self, limit: int | None) -> None:
+        """Decide every step before ``limit`` (None: until every request given has finished)."""
+        while True:
             self._fire_due()
+            if limit is not None and self._step >= limit:
+                return
+            if self._idle():
+                if self._future:
+                    nxt = self._first[id(self._future[0])]
+                    self._step = nxt if limit is None else min(limit, nxt)
+                    self._decode_count = 0
+                    continue
+                if not self._running:
+                    if limit is not None:
+                        self._step = limit
+                    return
+            self._engine_step(limit)
+
+    def _next_event(self, limit: int | None) -> int:
+        """Decode steps that can run before anything changes the engine's decision: the next arrival,
+        the next request event (an end, a growth), an end seen, a load completing, ``limit``."""
+        step = self._step
+        n = (limit - step) if limit is not None else 1 << 62
+        if self._future:
+            n = min(n, self._first[id(self._future[0])] - step)
+        if self._running:
+            n = min(n, int(self._running[0][0]) - self._decoded)
+        if self._ending:
+            n = min(n, self._ending[0][0] - step)
+        if self._loaded:
+            n = min(n, min(e[0] for e in self._loaded) - step)
+        return max(1, n)
+
+    def _engine_step(self, limit: int | None) -> None:
+        """One engine iteration at ``self._step``: LMDeploy's ``do_prefill_default`` decides whether a
+        prefill is due, then ``_ForwardInputsTask.run`` picks the forward: the active long prompt's
+        next chunk, a prefill pass (in the turn policy of the long-prefill lane), or a decode step."""
+        e = self.engine
+        step, was_live = self._step, self._live
+        chunked = self._chunked
+        waiting = self._has_waiting()
+        last_chunk = chunked is not None and self._is_last_chunk(chunked)
+        if not waiting and not last_chunk:
+            self._decode_count = 0
+            if chunked is None:
+                # nothing waits: decode (or idle) until the next event
+                self._decode_steps(self._next_event(limit), was_live, counting=False)
+                return
+            prefill = False
+        elif last_chunk or self._prefill_due():
+            prefill = True
+        elif chunked is None:
+            # a request waits but no prefill is due: decode steps, counted, until one can be
+            n = min(self._next_event(limit), e.prefill_interval - self._decode_count)
+            self._decode_steps(max(1, n), was_live, counting=True)
+            return
+        else:
+            self._decode_count += 1
+            prefill = False
+        kind = None
+        tried_long = tried_short = blocked = deferred = False
+        if chunked is not None:
+            if last_chunk:
+                kind = self._run_chunk(step)
+                tried_long, blocked = True, kind is None
+            elif self._last_kind == "chunk":
+                deferred = True       # the decode steps go first after a chunk
+            elif self._has_waiting() and self._short_turns < e.short_turns:
+                tried_short = True
+                kind = self._pass(step, SHORT_ONLY)
+                if kind is None:
+                    kind = self._run_chunk(step)
+                    tried_long, blocked = True, kind is None
+            else:
+                kind = self._run_chunk(step)
+                tried_long, blocked = True, kind is None
+        elif prefill:
+            has_long = self._has_waiting_long()
+            if has_long and self._short_turns < e.short_turns:
+                tried_short = True
+                kind = self._pass(step, SHORT_ONLY)
+                if kind is None:
+                    tried_long = True
+                    kind = self._pass(step, LONG_FIRST)
+            else:
+                kind = self._pass(step, LONG_FIRST if has_long else STANDARD)
+                tried_long = has_long
+        if kind is None and tried_long and not blocked and not tried_short and self._has_waiting():
+            tried_short = True
+            kind = self._pass(step, SHORT_ONLY)
+        if kind is None and self._live - (self._chunked is not None) > 0:
+            self._decode_steps(1, was_live, counting=False)
+            self._last_kind = "decode"
+            return
+        if kind is None and deferred and not tried_short and self._short_turns < e.short_turns \
+                and self._has_waiting():
+            kind = self._pass(step, SHORT_ONLY)
+        if kind is None and deferred:
+            kind = self._run_chunk(step)
+        if kind is None:
+            # nothing to run (a load in flight, or no room yet): the step passes
+            self._step += 1
+            return
+        self._decode_count = 0
+        self._last_kind = kind
+        if was_live or self._last_busy >= step - 1:
+            self._step += 1
+        # else: an idle engine (no forward in the previous step) dispatches this forward and, at once,
+        # the next step's, since nothing was scheduled ahead: both happen in one time slot
+        self._last_busy = max(self._last_busy, step)
+
+    def _decode_steps(self, n: int, was_live: int, counting: bool) -> None:
+        """``n`` decode steps (none run on an idle engine: the clock moves on); ``counting``: a request
+        waits in them, so they count towards ``prefill_interval``."""
+        if counting:
+            self._decode_count += n
+        if not was_live:
+            self._step += n
+            return
+        self._step += n
+        self._decoded += n
+        self.stats.decode_steps += n
+        self._last_busy = max(self._last_busy, self._step - 1)
+
+    def _prefill_due(self) -> bool:
+        """LMDeploy's ``do_prefill_default`` for the requests waiting (one waits)."""
+        e = self.engine
+        return (self._decode_count >= e.prefill_interval or self._waiting_tokens() >= e.max_prefill_tokens
+                or self._live < e.max_batches * 0.5)
+
+    def _waiting_tokens(self) -> int:
+        """The prompt tokens LMDeploy's waiting queue holds now (it prefills once they reach
+        ``max_prefill_tokens``): the loads completed and not prefilled (their tails) and the requests
+        that arrived (whole prompts: their matches are rolled back while they wait)."""
+        cap = self.engine.max_prefill_tokens
+        total = 0
+        for ready, _, part, lpr in self._loaded:
+            if ready <= self._step:
+                total += self._tail_tokens(lpr, part)
+        for pr in self._waiting:
+            if total >= cap:
+                break
+            total += pr.request.input_length
+        return total
+
+    def _is_long(self, tokens: int) -> bool:
+        return tokens > self.engine.max_prefill_tokens
+
+    def _has_waiting_long(self) -> bool:
+        """LMDeploy's ``has_waiting_long_prefill``: a waiting prompt (before any match) needs a chunk
+        that is not its last."""
+        if any(self._is_long(pr.request.input_length) for pr in self._waiting):
+            return True
+        return any(self._is_long(self._tail_tokens(lpr, part)) for ready, _, part, lpr in self._loaded
+                   if ready <= self._step)
+
+    def _order(self, step: int, policy: str) -> list:
+        """LMDeploy's ``_PrefillReorderer``: completed loads first (arrival order), then the waiting
+        requests in the turn policy's order."""
+        limit = self.engine.max_prefill_tokens
+        waiting = self._waiting
+        order = [("loaded", x) for x in self._ready_loads()]
+        if policy == STANDARD:
+            return order + [("new", pr) for pr in waiting]
+        pos = self._position
+        longs = [pr for pr in waiting if pr.request.input_length > limit]
+        if policy == LONG_FIRST and not longs:
+            return order + [("new", pr) for pr in waiting]
+        normals = sorted((pr for pr in waiting if pr.request.input_length <= limit),
+                         key=lambda pr: pr.request.input_length)     # stable: arrival order among equals
+        if policy == SHORT_ONLY:
+            return order + [("new", pr) for pr in normals] + [("new", pr) for pr in longs]
+        aging = self.engine.long_aging_s * self._rate      # steps per chunk of priority
+        first = self._first
+
+        def long_key(pr):
+            chunks = -(-pr.request.input_length // limit)
+            waited = step - first[id(pr)]
+            return (chunks - int(waited // aging) if waited >= aging else chunks), chunks
+
+        longs.sort(key=long_key)                           # stable: arrival order among equals
+        return order + [("new", longs[0])] + [("new", pr) for pr in normals] + [("new", pr) for pr in longs[1:]]
+
+    def _pass(self, step: int, policy: str) -> str | None:
+        """One prefill pass (``_PrefillScheduler.schedule``) at ``step``: returns "prefill" when it
+        admitted requests, "chunk" when it started a long prompt's first chunk, None when it admitted
+        none (loads it started ship with the step)."""
+        e = self.engine
+        cap = e.max_batches - self._live
+        if cap <= 0 or not self._has_waiting():
+            return None
+        n = used = 0
+        kind = None
+        idle_engine = not self._live and not self._loaded and self._chunked is None
+        limit, bs, touch = e.max_prefill_tokens, self.block_size, self.gpu.touch
+        self._settle_at(step)
+        for what, item in self._order(step, policy):
+            if n >= cap:
+                break
+            if policy == SHORT_ONLY and what == "new" and item.request.input_length > limit:
+                # the short-only gate on a long prompt (most of a saturated queue): its match, then a skip
+                # unless the match leaves one chunk at most (then a full attempt, which matches again)
+                g = self._gpu_match(item)
+                if item.request.input_length - g * bs > limit:
+                    if g:
+                        touch(item.digests[:g])
+                    continue
+            if what == "loaded":
+                outcome, tokens = self._attempt_loaded(item, step, n, used, policy)
+            else:
+                idle = idle_engine and not n and not self._loaded
+                outcome, tokens = self._attempt(item, step, n, used, policy, idle)
+                if outcome not in ("skip", "stop"):
+                    self._waiting.remove(item)
+            if outcome in ("load", "skip"):
+                continue
+            if outcome == "stop":
+                break
+            n, used = n + 1, used + tokens
+            if outcome == "chunk":
+                kind = "chunk"
+                break
+            kind = "prefill"
+        if kind is not None:
+            if kind == "prefill":
+                self.stats.prefill_steps += 1
+            if policy == SHORT_ONLY:
+                self._short_turns += 1
+        return kind
 
     # -- admission ---------------------------------------------------------------------------
     def _tail_tokens(self, pr: PreparedRequest, served) -> int:
@@ -250,6 +577,28 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._settle_at(self._step if step is None else step)
         return self.probe(pr)
 
+    def _gpu_match(self, pr: PreparedRequest) -> int:
+        """``probe``'s GPU part now: the blocks LMDeploy's trie matches (not those a load is still
+        writing).  The GPU tier does not depend on the host copies in flight: no settling needed."""
+        # a queued request is matched in every pass: its match changes only when the GPU tier's blocks
+        # do (a store, an eviction, a drop) or a load's blocks are published
+        gs = self.gpu.stats
+        version = (gs.inserts, gs.evictions, gs.dropped, gs.store_failures, self._loading_version)
+        cached = self._match_cache.get(id(pr))
+        if cached is not None and cached[0] == version:
+            g = cached[1]
+        else:
+            m = pr.matchable
+            g = self.gpu.lookup(pr.digests[:m], pr.block_bytes[:m])
+            self._match_cache[id(pr)] = (version, g)
+        loading = self._loading
+        if loading and g:
+            d = pr.digests
+            for i in range(g):
+                if d[i] in loading:
+                    return i
+        return g
+
     def _matched_tail(self, pr: PreparedRequest, step: int | None = None) -> int:
         """``_tail_tokens`` of a request not served yet, from its GPU match at ``step`` (default: now)."""
         return pr.request.input_length - self._probe_at(pr, step)[0] * self.block_size
@@ -259,10 +608,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         preallocated tokens (``prealloc_size``)."""
         return -(-(input_length + self.engine.prefill_interval) // self.block_size)
 
-    def _fits(self, pr: PreparedRequest) -> bool:
+    def _fits(self, pr: PreparedRequest, total: int | None = None) -> bool:
         """LMDeploy admits a prefill only if the prompt plus ``prefill_interval`` preallocated tokens
-        fit beside what running requests and started loads hold (cached blocks can be evicted)."""
-        total = self._admission_blocks(pr.request.input_length)
+        (``total`` blocks, if given: a first chunk's) fit beside what running requests and started
+        loads hold (cached blocks can be evicted)."""
+        if total is None:
+            total = self._admission_blocks(pr.request.input_length)
         return self._occupied() + total - self._pinned_run(pr, 0) <= self.stats.gpu_blocks
 
     def _pinned_run(self, pr: PreparedRequest, first: int) -> int:
@@ -274,132 +625,120 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             n += 1
         return n - first
 
-    def _prefill_due(self) -> bool:
-        """Would the engine run a prefill step now for the requests waiting?"""
+    def _attempt_loaded(self, entry, step: int, n: int, used: int, policy: str) -> tuple[str, int]:
+        """The admission attempt of a request whose load completed: its tail is prefilled if it fits,
+        within the batch and token limits (LMDeploy tries these first in every pass).  Returns (outcome,
+        prefill tokens) as ``_attempt``."""
         e = self.engine
-        return (not self._live or self._since_prefill >= e.prefill_interval or self._live < e.max_batches * 0.5
-                or self._waiting_tokens() >= e.max_prefill_tokens)
+        _, _, part, lpr = entry
+        tokens = self._tail_tokens(lpr, part)
+        if policy == SHORT_ONLY and self._is_long(tokens):
+            return "skip", 0          # a loaded request cannot match further: still a long prompt
+        count = min(tokens, e.max_prefill_tokens)
+        if n and used + count > e.max_prefill_tokens:
+            return ("skip" if policy == SHORT_ONLY else "stop"), 0
+        if self._is_long(tokens):
+            g, restored, pinned, k = part
+            ch = _Chunked(lpr, k * self.block_size, pinned, k, step, g, restored)
+            if not self._advance_chunk(ch, step, force=not self._live and not n):
+                return "stop", 0
+            self._remove_loaded(entry)
+            self._end_load(lpr)
+            self._begin_chunked(ch, step)
+            return "chunk", count
+        if not self._tail_fits(lpr, part) and (self._live or n):
+            self.stats.attempt_evictions += self._make_tail_room(lpr, part)
+            return "stop", 0
+        self._remove_loaded(entry)
+        self._start(lpr, self._finish_load(lpr, part), step)
+        return "admitted", tokens
 
-    def _waiting_tokens(self) -> int:
-        """The prompt tokens LMDeploy's waiting queue holds now (it prefills once they reach
-        ``max_prefill_tokens``): the loads completed and not prefilled (their tails), the request
-        being served if it arrived, and, when the arrivals are known (``expect``), the later ones
-        that arrived by now (whole prompts: their matches are rolled back while they wait)."""
-        step, cap = self._step, self.engine.max_prefill_tokens
-        total = 0
-        for ready, _, part, lpr in self._loaded:
-            if ready <= step:
-                total += self._tail_tokens(lpr, part)
-        pending = self._pending
-        if pending is not None and math.ceil(pending.request.timestamp * self._rate) <= step:
-            total += pending.request.input_length
-        arrivals = self._arrivals
-        if arrivals is not None:
-            firsts, j = self._firsts, self._index + 1
-            while j < len(arrivals) and firsts[j] <= step and total < cap:
-                total += arrivals[j].request.input_length
-                j += 1
-        return total
+    def _end_load(self, pr: PreparedRequest) -> None:
+        """The reads of ``pr``'s load end: its blocks are published if it is still loading, else the
+        host copies it read are released (a request with no load: nothing)."""
+        if id(pr) in self._loading_of:
+            self._complete_load(pr)
+        else:
+            release = self._host_pending.pop(id(pr), None)
+            if release is not None:
+                self.release_host_copies(release)
 
-    def expect(self, prepared: Sequence[PreparedRequest]) -> None:
-        """Tell the model the requests ``serve_at`` will be given, in that order, so that a request
-        waiting sees the ones that arrived after it (LMDeploy's prefill rule sums the waiting queue)."""
-        self._arrivals = list(prepared)
-        self._firsts = [math.ceil(p.request.timestamp * self._rate) for p in self._arrivals]
-        self._index = -1
+    def _reclaim_load(self, entry) -> None:
+        """A request waiting with a load loses its blocks (they stay cached, unpinned) and goes back to the
+        queue: its hits are counted again when it is admitted."""
+        _, _, part, lpr = entry
+        self._remove_loaded(entry)
+        self._end_load(lpr)
+        g, restored, pinned, _ = part
+        if pinned:
+            self.gpu.touch(pinned)      # LMDeploy stamps a sequence's blocks with the time it frees them
+        self._unpin(pinned)
+        # the blocks its load restored stay cached: matched again at its next admission, they count as restored
+        self._reloaded.setdefault(id(lpr), set()).update(range(g, g + restored))
+        st, r = self.stats, lpr.request
+        st.requests -= 1
+        st.prompt_tokens -= r.input_length
+        st.prompt_blocks -= lpr.prompt_blocks
+        st.gpu_hit_blocks -= g
+        st.host_hit_blocks -= restored
+        st.requests_with_host_hits -= restored > 0
+        st.load_waits -= 1
+        st.reclaimed_loads += 1
+        pos = self._position
+        self.results[pos[id(lpr)]] = None
+        k = 0
+        while k < len(self._waiting) and pos[id(self._waiting[k])] < pos[id(lpr)]:
+            k += 1
+        self._waiting.insert(k, lpr)
 
-    def _start_ready_loads(self) -> tuple[int, int, bool]:
-        """A prefill pass at the current step first tries the requests whose loads completed (first
-        come, first served): each starts if its tail (the prompt past the loaded blocks, plus the
-        preallocation) fits, within the batch and token limits.  Returns (started, their prefill
-        tokens, whether the pass stopped there: LMDeploy's STOP, which no later request passes)."""
-        e = self.engine
-        step, n, used = self._step, 0, 0
-        was_live = self._live
-        loaded = self._loaded
-        while loaded and loaded[0][0] <= step:
-            if n >= e.max_batches - was_live:
-                return n, used, True
-            _, _, part, lpr = loaded[0]
-            tokens = self._tail_tokens(lpr, part)
-            if n and used + tokens > e.max_prefill_tokens:
-                return n, used, True
-            if not self._tail_fits(lpr, part) and (self._live or n):
-                self.stats.attempt_evictions += self._make_tail_room(lpr, part)
-                return n, used, True
-            heapq.heappop(loaded)
-            self._start(lpr, self._finish_load(lpr, part), step)
-            n, used = n + 1, used + tokens
-        return n, used, False
-
-    def _close_prefill(self, n: int, used: int, was_live: int, stopped: bool = False) -> None:
-        """The step just decided was a prefill of ``n`` requests (``used`` prompt tokens); ``stopped``:
-        its pass stopped at a request that did not fit, so no later arrival joins it."""
-        step = self._step
-        if was_live or self._last_busy >= step - 1:
-            self._step += 1
-        # else: an idle engine (no forward in the previous step) dispatches the prefill and, at once,
-        # the next step's forward, since nothing was scheduled ahead: both happen in one time slot
-        self._last_busy = max(self._last_busy, step)
-        self._since_prefill = 0
-        self.stats.prefill_steps += 1
-        self._batch = (step, n, used, -1 if stopped else self._step, self.engine.max_batches - was_live)
-
-    def _admit(self, pr: PreparedRequest) -> None:
-        """Serve ``pr`` at the step the engine admits it, or at the step its host load starts."""
-        e = self.engine
-        r = pr.request
-        first = math.ceil(r.timestamp * self._rate)
-        tokens = r.input_length
-        step, n, used, after, cap = self._batch
-        if after == self._step and first <= step and n < cap:
-            # the pass of the step just decided (or, ``n == 0``, of the step whose pass so far only
-            # started loads) reaches this request too
-            outcome = self._attempt(pr, step, n, used)
-            if outcome == "admitted":
-                if not n:             # the pass's first prefill: the step is a prefill step
-                    self._close_prefill(1, self._tail_tokens(pr, self._served), e.max_batches - cap)
-                else:
-                    self._batch = (step, n + 1, used + self._tail_tokens(pr, self._served), after, cap)
-                return
-            if outcome == "load":
-                return
-            self._batch = (step, n, used, -1, cap)    # the pass stopped here
-            if not n:                 # no prefill in it: the step decodes (the loads ship with it)
-                self._decode_until(step + 1, waiting=True)
-        self._decode_until(max(first, self._step))
-        while True:
-            idle = not self._live and not self._loaded
-            if idle or (self._prefill_due() and self._live < e.max_batches):
-                was_live = self._live
-                n, used, stopped = self._start_ready_loads()
-                if not stopped and self._live < e.max_batches:
-                    idle = not self._live and not self._loaded
-                    outcome = self._attempt(pr, self._step, n, used, idle)
-                    if outcome == "admitted":
-                        self._close_prefill(n + 1, used + self._tail_tokens(pr, self._served), was_live)
-                        return
-                    if outcome == "load":
-                        if n:
-                            self._close_prefill(n, used, was_live)
-                        else:   # LMDeploy's pass goes on after a load starts: the next arrival joins it
-                            self._batch = (self._step, 0, 0, self._step, e.max_batches - was_live)
-                        return
+    def _unpin(self, pinned: tuple) -> None:
+        if pinned:
+            self.gpu.complete_load(pinned, False)
+            pins = self._pins
+            for d in pinned:
+                n = pins[d] - 1
                 if n:
-                    self._close_prefill(n, used, was_live, True)
-                    self._fire_due()
-                    continue
-            self._decode_until(self._step + 1, waiting=True)
+                    pins[d] = n
+                else:
+                    del pins[d]
 
-    def _attempt(self, pr: PreparedRequest, step: int, n: int, used: int, idle: bool = False) -> str:
+    def _remove_loaded(self, entry) -> None:
+        self._loaded.remove(entry)
+        heapq.heapify(self._loaded)
+
+    def _attempt(self, pr: PreparedRequest, step: int, n: int, used: int, policy: str = STANDARD,
+                 idle: bool = False) -> tuple[str, int]:
         """One admission attempt of ``pr`` in the pass of ``step`` that admitted ``n`` requests of
-        ``used`` prompt tokens so far, in LMDeploy's order: the token budget gate (nothing evicted
-        when it refuses), then the resources (room for the whole prefill, evicting cached blocks;
-        for a host hit, looked up and held by the connector, then the loads' soft budget), then the
-        allocation.  Returns "admitted" (prefills in this step), "load" (its load starts) or "stop"
-        (the pass stops at it; ``attempt_evictions`` counts what its attempt evicted)."""
-        if n and used + self._matched_tail(pr, step) > self.engine.max_prefill_tokens:
-            return "stop"
+        ``used`` prompt tokens so far, in LMDeploy's order (``_PrefillAdmissionAttempt.run``): the gates
+        (a short-only turn skips a prompt its match leaves long; the token budget refuses a second
+        prefill that would exceed it, nothing evicted), then the resources (room for the whole prefill,
+        or a long prompt's first chunk, evicting cached blocks; for a host hit, looked up and held by
+        the connector, then the loads' soft budget), then the allocation.  Returns (outcome, prefill
+        tokens): "admitted" (prefills in this step), "chunk" (its first chunk runs in this step), "load"
+        (its load starts), "skip" (the pass goes on without it) or "stop" (the pass stops at it;
+        ``attempt_evictions`` counts what its attempt evicted)."""
+        e = self.engine
+        limit = e.max_prefill_tokens
+        g = self._gpu_match(pr)
+        if g:
+            # every attempt matches the prompt in the trie (a gate's match or the resources'), which
+            # refreshes the matched blocks' access times; a rejection rolls the match back, not them
+            self.gpu.touch(pr.digests[:g])
+        tail = pr.request.input_length - g * self.block_size
+        # a rejection that a gate deferred because the match let the request through: on a short-only
+        # turn it becomes a skip if the resources then fail
+        gate_matched = False
+        if policy == SHORT_ONLY and self._is_long(pr.request.input_length):
+            if self._is_long(tail):
+                return "skip", 0
+            gate_matched = True
+        count = min(tail, limit)
+        if n:
+            if used + count > limit:
+                return ("skip" if policy == SHORT_ONLY else "stop"), 0
+            if used + min(pr.request.input_length, limit) > limit:
+                gate_matched = True
+        fail = "skip" if gate_matched and policy == SHORT_ONLY else "stop"
         fits = idle or self._fits(pr)
         g, h = self._probe_at(pr, step)
         if h:
@@ -407,15 +746,113 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             evicted = self._make_room(pr, step, hold_host_hit=True)
             if fits and (idle or self._soft_budget_ok(pr)):
                 self._start_load(pr, step)
-                return "load"
+                return "load", 0
             self.stats.attempt_evictions += evicted
-            return "stop"
+            return "stop", 0
+        if self._is_long(tail):
+            blocks = self._chunk_blocks(g * self.block_size)
+            if not (idle or self._fits(pr, blocks)):
+                self.stats.attempt_evictions += self._make_room(pr, step, blocks=blocks)
+                return fail, 0
+            self._make_room(pr, step, blocks=blocks)
+            g, restored, _ = self.serve_blocks(pr, load_only=True)
+            self._note_result(pr, g, restored)
+            ch = _Chunked(pr, g * self.block_size, self._pin(pr.digests[:g]), g, step, g, restored)
+            self._advance_chunk(ch, step, force=True)
+            self._begin_chunked(ch, step)
+            return "chunk", count
         if not fits:
             self.stats.attempt_evictions += self._make_room(pr, step)
-            return "stop"
+            return fail, 0
         self._serve_now(pr, step)
         self._start(pr, self._served, step)
-        return "admitted"
+        return "admitted", tail
+
+    # -- long prompts: chunked prefill --------------------------------------------------------
+    def _chunk_blocks(self, done: int) -> int:
+        """Blocks a long prompt holds once its next (not last) chunk is allocated: its tokens up to
+        ``max_prefill_tokens`` past ``done`` (LMDeploy's ``kv_token_limit``; no preallocation)."""
+        return -(-(done + self.engine.max_prefill_tokens) // self.block_size)
+
+    def _is_last_chunk(self, ch: _Chunked) -> bool:
+        return not self._is_long(ch.pr.request.input_length - ch.done)
+
+    def _begin_chunked(self, ch: _Chunked, step: int) -> None:
+        """``ch``'s first chunk ran in ``step``: it is the engine's chunked prompt, and it runs."""
+        self._chunked = ch
+        self._short_turns = 0
+        self._live += 1
+        st = self.stats
+        st.chunked_requests += 1
+        st.chunk_steps += 1
+        st.max_running = max(st.max_running, self._live)
+        if self.schedule is not None:
+            self.schedule.append((step, "chunk", self._position[id(ch.pr)]))
+
+    def _advance_chunk(self, ch: _Chunked, step: int, last: bool = False, force: bool = False,
+                       reclaim: bool = False) -> bool:
+        """Allocate ``ch``'s next chunk (``reserve_long_context_chunk``): room for its tokens up to the
+        chunk's end (the whole prompt plus the preallocation for the last chunk), evicting cached
+        blocks; its full blocks join the trie at once.  Returns False (the evictions stand) when running
+        requests hold too much (``force``: allocate what fits)."""
+        pr, bs = ch.pr, self.block_size
+        length = pr.request.input_length
+        end = length if last else ch.done + self.engine.max_prefill_tokens
+        want = self._admission_blocks(length) if last else -(-end // bs)
+        need = want - len(ch.pinned) - len(ch.held)
+        gpu = self.gpu
+        self._settle_at(step)
+        if need > gpu.num_free_slots:
+            # LMDeploy's eviction helper: first the blocks of the queue's requests that hold some (a request
+            # whose load completed; in queue order, each then evicting cached blocks), then cached blocks
+            for entry in (sorted(self._loaded, key=lambda x: self._position[id(x[3])]) if reclaim else ()):
+                if entry[0] > step:
+                    continue
+                self._reclaim_load(entry)
+                gpu.evict(max(0, need - gpu.num_free_slots))
+                if need <= gpu.num_free_slots:
+                    break
+            if need > gpu.num_free_slots:
+                gpu.evict(need - gpu.num_free_slots)
+            if need > gpu.num_free_slots and not force:
+                return False
+        # the partial block of the previous chunk is full now (stored below)
+        for slot in ch.held:
+            gpu.allocator.free(slot)
+        self._held_now -= len(ch.held)
+        ch.held = []
+        upto = len(pr.digests) if last else min(len(pr.digests), end // bs)
+        if upto > ch.stored_to:
+            covered = self.store_blocks(pr, ch.stored_to, upto)
+            ch.pinned = ch.pinned + self._pin(pr.digests[ch.stored_to:ch.stored_to + covered])
+            ch.stored_to = upto
+        if last:
+            ch.held = self._hold_rest(pr, ch.pinned)
+        else:
+            ch.held = self._hold(max(0, want - len(ch.pinned)))
+            self._held_now += len(ch.held)
+            self.stats.max_held_blocks = max(self.stats.max_held_blocks, self._occupied())
+        ch.done = end
+        return True
+
+    def _run_chunk(self, step: int) -> str | None:
+        """The chunked prompt's next chunk runs in ``step`` if its blocks can be allocated: "chunk", or
+        "last chunk" (its first token; it decodes from now on), or None (blocked: it waits)."""
+        ch = self._chunked
+        last = self._is_last_chunk(ch)
+        # the only running request: nothing else would ever free its room (LMDeploy would stall)
+        if not self._advance_chunk(ch, step, last, force=self._live == 1, reclaim=True):
+            return None
+        self._short_turns = 0
+        self.stats.chunk_steps += 1
+        if not last:
+            if self.schedule is not None:
+                self.schedule.append((step, "chunk", self._position[id(ch.pr)]))
+            return "chunk"
+        self._chunked = None
+        held, ch.held = ch.held, []
+        self._start(ch.pr, (ch.g, ch.restored, ch.pinned, held), step, admitted=ch.admitted, running=True)
+        return "last chunk"
 
     def _start_load(self, pr: PreparedRequest, step: int | None = None) -> None:
         """The load starts in this step (not a prefill: running requests decode in it): only the GPU
@@ -423,7 +860,6 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         the request waits for a prefill step two or more steps later, others may start meanwhile."""
         step = self._step if step is None else step
         self._settle_at(step)
-        self._pending = None
         g, restored, covered = self.serve_blocks(pr, defer_host_release=True, load_only=True)
         if self.host_release is not None:
             self._host_pending[id(pr)] = self.host_release
@@ -431,11 +867,13 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._loading_of[id(pr)] = written
         for d in written:
             self._loading[d] = self._loading.get(d, 0) + 1
+        self._loading_version += 1
         pinned = self._pin(pr.digests[:g + covered])
         # the load ships with this step (a forward of its own if need be) and the engine runs
         # connector steps until it completes: not idle when the request is ready
         self._last_busy = max(self._last_busy, step + 1)
         self.stats.load_waits += 1
+        self._note_result(pr, g, restored)
         if self.schedule is not None:
             self.schedule.append((step, "load", self._position[id(pr)]))
         self._served = (g, restored, pinned, [])
@@ -477,22 +915,30 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         return self.gpu.evict(missing) if missing > 0 else 0
 
     def _soft_budget_ok(self, pr: PreparedRequest) -> bool:
-        """LMDeploy's ``can_admit_load``: the free blocks cover this load's whole prefill and the tails
-        of the loads not prefilled yet (a soft reservation that only loads respect)."""
+        """LMDeploy's ``can_admit_load``: the free blocks cover this load's whole prefill, the tails of the
+        loads not prefilled yet and the rest of a prompt prefilled in chunks (soft reservations that only
+        loads respect)."""
         g, _ = self.probe(pr)
         reserved = sum(self._tail_blocks(lpr, part) for _, _, part, lpr in self._loaded)
+        ch = self._chunked
+        if ch is not None:       # a prompt prefilled in chunks reserves the blocks of its chunks to come
+            reserved += max(0, self._admission_blocks(ch.pr.request.input_length) - len(ch.pinned) - len(ch.held))
         return self._admission_blocks(pr.request.input_length) - g + reserved <= self.gpu.num_free_slots
 
-    def _make_room(self, pr: PreparedRequest, step: int, hold_host_hit: bool = False) -> int:
+    def _make_room(self, pr: PreparedRequest, step: int, hold_host_hit: bool = False,
+                   blocks: int | None = None) -> int:
         """LMDeploy's ``try_make_capacity_for`` for ``pr``'s whole prefill at ``step``: cached GPU blocks
         are evicted (up to the blocks missing beside the free ones; the request's matched prefix is
         held by its tentative match, and with ``hold_host_hit`` its host hit by the connector's
         lookup, so the demotions cannot push it out of the host tier).  The evictions stand whether
-        or not the request is then admitted.  Returns how many blocks were evicted."""
+        or not the request is then admitted; ``blocks``: a first chunk's instead of the whole prefill's.
+        Returns how many blocks were evicted."""
         self._settle_at(step)
         gpu = self.gpu
         g, h = self.probe(pr)
-        missing = self._admission_blocks(pr.request.input_length) - g - gpu.num_free_slots
+        if blocks is None:
+            blocks = self._admission_blocks(pr.request.input_length)
+        missing = blocks - g - gpu.num_free_slots
         if missing <= 0:
             return 0
         matched, hit = pr.digests[:g], (pr.digests[g:g + h] if hold_host_hit else ())
@@ -514,8 +960,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # LMDeploy makes room for every block past the match before it allocates them (a block whose
         # twin the trie caches is deduplicated only afterwards, and that twin may be evicted first)
         self._make_room(pr, self._step if step is None else step)
-        self._pending = None
         g, restored, stored = self.serve_blocks(pr)
+        self._note_result(pr, g, restored)
         pinned = self._pin(pr.digests[:g + stored])
         self._served = (g, restored, pinned, self._hold_rest(pr, pinned))
 
@@ -528,23 +974,35 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         st.max_held_blocks = max(st.max_held_blocks, self._occupied())
         return held
 
-    def _start(self, pr: PreparedRequest, served, step: int) -> None:
-        """``pr`` runs from its prefill in ``step``: its end and block growth, in decode steps."""
+    def _note_result(self, pr: PreparedRequest, g: int, restored: int) -> None:
+        self._match_cache.pop(id(pr), None)
+        own = self._reloaded.pop(id(pr), None)
+        if own:
+            # blocks its own reclaimed load restored and it now matches on the GPU: restored, not GPU hits
+            k = sum(1 for i in own if i < g)
+            st = self.stats
+            st.gpu_hit_blocks -= k
+            st.host_hit_blocks += k
+            st.requests_with_host_hits += bool(k) and not restored
+            g, restored = g - k, restored + k
+        self.results[self._position[id(pr)]] = (g, restored)
+
+    def _start(self, pr: PreparedRequest, served, step: int, admitted: int | None = None,
+               running: bool = False) -> None:
+        """``pr`` runs from its prefill (or its last chunk) in ``step``: its end and block growth, in
+        decode steps.  ``admitted``: the step its first chunk ran in; ``running``: it counts as running
+        already (since that chunk)."""
         r = pr.request
         bs = self.block_size
-        if id(pr) in self._loading_of:
-            self._complete_load(pr)
-        else:
-            release = self._host_pending.pop(id(pr), None)
-            if release is not None:
-                self.release_host_copies(release)
+        self._end_load(pr)
         _, _, pinned, held = served
         if self.schedule is not None:
             self.schedule.append((step, "prefill", self._position[id(pr)]))
-        first = math.ceil(r.timestamp * self._rate)   # the first step it could have run in
-        if step > first:
+        first = self._first[id(pr)]          # the first step it could have run in
+        began = step if admitted is None else admitted
+        if began > first:
             self.stats.queued_requests += 1
-            self.stats.queue_delay_s += self._seconds(step - first)
+            self.stats.queue_delay_s += self._seconds(began - first)
         state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, 0, self._n)
         self._n += 1
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
@@ -559,27 +1017,23 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
                 # input + i - 1 tokens; the blocks filled after its last growth are freed at its end
                 state.ghosts = (r.input_length + i - 1) // bs - r.input_length // bs
-        self._live += 1
+        if not running:
+            self._live += 1
         self.stats.max_running = max(self.stats.max_running, self._live)
 
-    def serve_at(self, pr: PreparedRequest) -> tuple[int, int]:
-        """Serve ``pr`` (requests in arrival order); returns (GPU-hit blocks, host-restored blocks)."""
-        if self.schedule is not None:
-            self._position[id(pr)] = len(self._position)
-        self._served = None
-        if self._arrivals is not None:
-            self._index += 1
-            if self._index >= len(self._arrivals) or self._arrivals[self._index] is not pr:
-                self._arrivals = None        # not the order expect() was told: the queue is unknown
-        self._pending = pr
-        self._admit(pr)
-        self._now = self._clock
-        g, restored, _, _ = self._served
-        return g, restored
+    def serve_at(self, pr: PreparedRequest) -> None:
+        """Give the engine ``pr`` (requests in arrival order): the steps before it arrives are decided
+        now; it is served when the engine admits it (``results``, once ``finish`` has run)."""
+        key = id(pr)
+        self._position[key] = len(self.results)
+        self.results.append(None)
+        first = math.ceil(pr.request.timestamp * self._rate)
+        self._first[key] = first
+        self._run_until(first)
+        self._future.append(pr)
 
     def finish(self) -> SteppedStats:
-        while self._running or self._ending or self._loaded:
-            self._decode_until(self._step + 1)
+        self._run_until(None)
         self._settle_writes(float("inf"))
         return super().finish()
 
@@ -592,7 +1046,6 @@ def replay_stepped(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_bl
     t0 = time.perf_counter()
     cache = SteppedTwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, lifetimes,
                                 host_write_s=host_write_s, engine=engine)
-    cache.expect(prepared)
     for pr in progress(prepared, desc, show_progress):
         cache.serve_at(pr)
     st = cache.finish()

@@ -216,10 +216,11 @@ class TwoTierCache:
             covered += 1
         return new, covered, False
 
-    def store_blocks(self, pr: PreparedRequest, first: int) -> int:
-        """Store the prompt's blocks from ``first`` on (the tail a load left to its prefill); returns
-        how many the request holds (``serve_blocks``' ``covered``, counted from ``first``)."""
-        new, covered, overflow = self._store_run(pr, first, len(pr.digests))
+    def store_blocks(self, pr: PreparedRequest, first: int, last: int | None = None) -> int:
+        """Store the prompt's blocks from ``first`` on (the tail a load left to its prefill), up to
+        ``last`` (default: all; a chunk's end); returns how many the request holds (``serve_blocks``'
+        ``covered``, counted from ``first``)."""
+        new, covered, overflow = self._store_run(pr, first, len(pr.digests) if last is None else last)
         for x in new:
             self.gpu.complete_store(x, True)
         self.stats.gpu_overflow_requests += overflow

@@ -68,6 +68,7 @@ class HarnessRun:
 
 # the harness engine's admission settings in these runs: (max_batches, prefill_interval, max_prefill_token_num)
 HARNESS_ENGINE = (4, 4, 512)
+NO_AGING_S = 1e9     # the long-prompt lane's aging, off in the harness and in the step model (run_with_capture)
 
 
 def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
@@ -85,6 +86,9 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
                                     HostTierSpec(host_slots=host_slots, min_restore_tokens=BS,
                                                  eviction_policy=policy, capture=path, capture_offload=offload))
     sched = scheduler_side(engine)
+    # LMDeploy ages a waiting long prompt by wall time (2 s per chunk); the harness's iterations last milliseconds
+    # and the step model counts the trace's clock (iterations here): both run the long-prompt lane without it
+    engine.scheduler._prefill_scheduler._long_prefill_aging_seconds_per_chunk = NO_AGING_S
     assert sched.capture is not None, 'the capture setting did not reach the scheduler role'
     assert sched.capture.offload == offload
     driver = WorkloadDriver(engine, conversations, max_active=max_active)
@@ -113,12 +117,42 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
         return preempt_seqs(seqs)
 
     engine.scheduler.preempt_seqs = counting_preempt
+    # What each request reused, measured where it happens rather than from LMDeploy's cached_tokens (which
+    # loses a request's hits when its load is rolled back and re-made, and for prompts prefilled in chunks):
+    # the history of its first prefill row (the prompt tokens the forward did not compute), and its host load
+    # (the GPU-matched tokens when the load started, the loaded tokens), which counts as restored if that
+    # history covers it (a load whose blocks were reclaimed before the prefill is recomputed or re-matched).
+    reused: dict[int, int] = {}
+    loads: dict[int, list[tuple[int, int]]] = {}
+    for agent in engine.executor.agents:
+        def noting_prefill_rows(forward_inputs, running, _rows=agent._prefill_rows):
+            hist = forward_inputs['inputs'].history_lengths.tolist()
+            for row, seq in enumerate(running):
+                reused.setdefault(seq.session_id, int(hist[row]))
+            return _rows(forward_inputs, running)
+
+        agent._prefill_rows = noting_prefill_rows
+    after_alloc = sched.update_state_after_alloc
+
+    def noting_alloc(request, block_ids, num_external_tokens, *args, **kwargs):
+        if num_external_tokens:
+            loads.setdefault(request.session_id, []).append((int(request.num_history_ids), int(num_external_tokens)))
+        return after_alloc(request, block_ids, num_external_tokens, *args, **kwargs)
+
+    sched.update_state_after_alloc = noting_alloc
     report = driver.run()
     sched.capture.close()
     assert report.finished == report.requests
     prompt_blocks = sum(-(-len(h.prompt) // BS) for h in report.handles)
-    restored = sched.metrics.snapshot()['restored_tokens'] // BS
-    cached = sum(h.cached_tokens for h in report.handles) // BS    # LMDeploy's: GPU trie + external loads
+    cached = restored = 0
+    for h in report.handles:
+        end = reused[h.session_id] // BS
+        # blocks of its reused prefix that one of its loads (a load may be reclaimed and made again) restored
+        own = set()
+        for matched, loaded in loads.get(h.session_id, ()):
+            own.update(range(matched // BS, (matched + loaded) // BS))
+        cached += end
+        restored += sum(1 for i in own if i < end)
     # the original trace: block id = index of the token prefix ending at that block
     ids: dict[bytes, int] = {}
     reqs = []
@@ -143,7 +177,7 @@ HOST_WRITE_ITERATIONS = 1.5
 # run_with_capture's max_prefill_token_num 512), given to the planner's step model (--engine-steps)
 def engine_steps_args(settings=HARNESS_ENGINE) -> tuple:
     return ('--engine-steps', '--max-batches', str(settings[0]), '--prefill-interval', str(settings[1]),
-            '--max-prefill-tokens', str(settings[2]))
+            '--max-prefill-tokens', str(settings[2]), '--long-prefill-aging-s', str(NO_AGING_S))
 
 
 ENGINE_STEPS = engine_steps_args()
@@ -205,6 +239,18 @@ WORKLOADS = {
     'weka-all-6-a5': (lambda: weka_conversations(max_turns=6), 5),
     'mooncake-80-a6': (lambda: mooncake_conversations(max_requests=80), 6),
     'synthetic-80-a4': (lambda: mooncake_conversations(max_requests=80, trace='synthetic'), 4),
+    # round 6 (chunked prefill): prompts of up to 30-40 blocks (480-640 tokens), run with max_prefill_token_num
+    # 192 or 256 (GRID_LONG): LMDeploy prefills most of them in chunks through its long-prompt lane
+    'weka-6-mb40-a5': (lambda: weka_conversations(max_turns=6, max_blocks=40), 5),
+    'mooncake-60-mb40-a4': (lambda: mooncake_conversations(max_requests=60, max_blocks=40), 4),
+    'synthetic-60-mb40-a4': (lambda: mooncake_conversations(max_requests=60, max_blocks=40, trace='synthetic'), 4),
+    'mooncake-60-mb30-out8-a5': (lambda: mooncake_conversations(max_requests=60, max_blocks=30, max_new_tokens=8), 5),
+    # round 6's held-out set (HELD_OUT_GRID_LONG): other seeds, longer prompts, other engine settings
+    'weka-all-6-mb48-s1-a4': (lambda: weka_conversations(max_turns=6, max_blocks=48, seed=1), 4),
+    'mooncake-80-mb36-s1-t2-out6-a5': (lambda: mooncake_conversations(max_requests=80, max_blocks=36, seed=1,
+                                                                       think_steps=2, max_new_tokens=6), 5),
+    'synthetic-80-mb44-s2-a3': (lambda: mooncake_conversations(max_requests=80, max_blocks=44, seed=2,
+                                                                trace='synthetic'), 3),
 }
 
 
@@ -277,7 +323,10 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     ('mooncake-80-out6-a5', 40, 16), ('weka-6-out8-a5', 32, 40), ('mooncake-120-out3-t3-a3', 48, 32),
                     ('mooncake-100-t0-a5', 36, 12), ('weka-ho-10-out10-a6', 64, 32),
                     ('weka-all-8-mb20-s1-a5', 72, 40), ('synthetic-120-t2-out7-s2-a3', 36, 16),
-                    ('weka-all-6-a5', 40, 16, (8, 2, 384)), ('mooncake-80-a6', 40, 16, (3, 8, 1024))]
+                    ('weka-all-6-a5', 40, 16, (8, 2, 384)), ('mooncake-80-a6', 40, 16, (3, 8, 1024)),
+                    # long prompts, prefilled in chunks (round 6): two tuning rows and one held-out row
+                    ('mooncake-60-mb40-a4', 80, 32, (4, 4, 256)), ('weka-6-mb40-a5', 128, 32, (4, 4, 256)),
+                    ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288))]
 
 
 @pytest.mark.parametrize('row', VALIDATION_STEPS, ids=lambda row: '-'.join(map(str, row)))
@@ -402,7 +451,17 @@ HELD_OUT_GRID_7 = [(w, g, h) for w in ('weka-all-8-mb20-s1-a5', 'mooncake-90-mb1
 # (8/2/384, 3/8/1024, 6/4/256); generated after round 5's changes and run once
 GRID_ENGINE_SETTINGS = [(w, g, h, e) for e in ((8, 2, 384), (3, 8, 1024), (6, 4, 256))
                         for w in ('weka-all-6-a5', 'mooncake-80-a6', 'synthetic-80-a4') for g, h in ((40, 16), (64, 32))]
-# stress rows (printed with the grid; the step model does not model chunked prefill)
+# round 6's tuning rows for chunked prefill (the per-request diffs were made on these)
+GRID_LONG = ([('weka-6-mb40', g, h) for g, h in ((64, 24), (96, 48), (128, 32))]
+             + [('weka-6-mb40-a5', g, h, (4, 4, 256)) for g, h in ((64, 24), (96, 32), (128, 32), (160, 48))]
+             + [('mooncake-60-mb40-a4', g, h, (4, 4, 256)) for g, h in ((48, 16), (80, 32), (112, 32), (144, 48))]
+             + [('synthetic-60-mb40-a4', g, h, (6, 4, 256)) for g, h in ((48, 16), (80, 32), (112, 24))]
+             + [('mooncake-60-mb30-out8-a5', g, h, (4, 4, 192)) for g, h in ((56, 24), (80, 32), (112, 32))])
+# round 6's held-out set: generated after the model was frozen, run once
+HELD_OUT_GRID_LONG = ([('weka-all-6-mb48-s1-a4', g, h, (3, 8, 320)) for g, h in ((80, 24), (112, 32), (160, 48))]
+                      + [('mooncake-80-mb36-s1-t2-out6-a5', g, h, (8, 2, 224)) for g, h in ((64, 24), (96, 32), (128, 48))]
+                      + [('synthetic-80-mb44-s2-a3', g, h, (4, 4, 288)) for g, h in ((72, 24), (104, 32), (144, 48))])
+# stress rows (printed with the grid): 20-30 output tokens; prompts longer than max_prefill_tokens
 GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
                ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
 
@@ -419,7 +478,8 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
     sets = (('tuning 1-3', GRID + GRID_ROUND_3), ('tuning 4a', HELD_OUT_GRID + HELD_OUT_GRID_2),
             ('tuning 4b', GRID_FOUR_ACTIVE), ('tuning 4c', GRID_HOST_SIZES), ('tuning 5', HELD_OUT_GRID_5),
             ('held-out 6', HELD_OUT_GRID_6), ('held-out 7', HELD_OUT_GRID_7), ('held-out 8', GRID_ENGINE_SETTINGS),
-            ('stress', GRID_STRESS))
+            ('stress', GRID_STRESS), ('tuning 6 (long prompts)', GRID_LONG),
+            ('held-out 9 (long prompts)', HELD_OUT_GRID_LONG))
     for label, grid in sets:
         for workload, gpu, host, *settings in grid:
             engine_settings = tuple(settings[0]) if settings else HARNESS_ENGINE
@@ -429,7 +489,8 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
             pr = prepare_trace(read_mooncake(run.capture_path))
             conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
                                      host_write_s=HOST_WRITE_ITERATIONS)
-            steps = replay_stepped(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15), EngineSteps(*engine_settings),
+            steps = replay_stepped(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
+                                   EngineSteps(*engine_settings, long_aging_s=NO_AGING_S),
                                    host_write_s=HOST_WRITE_ITERATIONS)
             seq = replay(pr, gpu - 1, host, 'lru', BS)
             marks = []

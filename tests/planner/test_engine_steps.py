@@ -18,16 +18,24 @@ def _trace(reqs, bs=4):
 
 def _schedule(reqs, gpu=100, host=0, engine=EngineSteps(4, 2, 1000)):
     cache = SteppedTwoTierCache(gpu, host, "lru", 4, Lifetimes(1.0), engine=engine, record=True)
-    served = [cache.serve_at(p) for p in prepare_trace(_trace(reqs))]
-    return cache, served, cache.finish()
+    for p in prepare_trace(_trace(reqs)):
+        cache.serve_at(p)
+    st = cache.finish()
+    return cache, cache.results, st
 
 
 def test_engine_settings_are_validated_and_the_cli_defaults_match():
     with pytest.raises(ValueError, match="prefill_interval must be an int >= 1"):
         EngineSteps(prefill_interval=0)
+    with pytest.raises(ValueError, match="short_turns must be an int >= 1"):
+        EngineSteps(short_turns=0)
+    with pytest.raises(ValueError, match="long_aging_s must be a number > 0"):
+        EngineSteps(long_aging_s=0)
     e = EngineSteps()
     assert (e.max_batches, e.prefill_interval, e.max_prefill_tokens) == planner_cli._STEP_DEFAULTS
-    assert e.as_dict() == {"max_batches": 128, "prefill_interval": 16, "max_prefill_tokens": 8192}
+    # the long-prefill lane's settings are LMDeploy's defaults (LMDEPLOY_PT_TTFT_SHORT_TURNS, _AGING_SEC)
+    assert e.as_dict() == {"max_batches": 128, "prefill_interval": 16, "max_prefill_tokens": 8192,
+                           "short_turns": 3, "long_aging_s": 2.0}
 
 
 def test_prefill_steps_follow_the_interval_and_the_half_batch_rule():
@@ -69,12 +77,10 @@ def test_a_started_load_takes_only_its_loaded_blocks_and_its_tail_waits_for_room
     cache = SteppedTwoTierCache(5, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000), record=True)
     prs = prepare_trace(_trace([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
                                 (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 5, 1, [50, 51])]))
-    for p in prs[:3]:
-        cache.serve_at(p)
+    for p in prs:
+        cache.serve_at(p)                                   # decides the steps before D's arrival (22)
     restored = prs[2].digests[1:3]
     assert cache.schedule[-1] == (21, "load", 2) and cache._occupied() == 3
-    cache.serve_at(prs[3])
-    assert cache.schedule[-1] == (22, "prefill", 3)
     assert all(d in cache.host for d in restored)          # read by the load in flight: still there
     st = cache.finish()
     assert cache.schedule[2:] == [(21, "load", 2), (22, "prefill", 3), (24, "prefill", 2)]
@@ -90,8 +96,10 @@ def test_blocks_a_load_writes_are_matched_only_once_it_completes():
     cache = SteppedTwoTierCache(6, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000), record=True)
     prs = prepare_trace(_trace([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
                                 (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 13, 1, [1, 2, 3, 8])]))
-    served = [cache.serve_at(p) for p in prs[:3]]
-    assert served[2] == (2, 1) and cache.schedule[-1] == (21, "load", 2)
+    for p in prs[:3]:
+        cache.serve_at(p)
+    cache._run_until(22)                                    # decide step 21: C's load starts
+    assert cache.results[2] == (2, 1) and cache.schedule[-1] == (21, "load", 2)
     assert cache.probe(prs[3]) == (2, 1)
     cache._step = 23
     cache._fire_due()                                       # the load completes: its blocks are published
@@ -126,17 +134,12 @@ def test_the_waiting_queue_s_tokens_trigger_a_prefill():
     # Two run (not fewer than max_batches / 2) and the interval is 8: C (40 tokens) arrives at 4.5 and waits,
     # below the 64-token threshold; D (40 more) arrives at 5.5 and the queue (80 tokens) reaches it, so a
     # prefill is due at 6. C prefills then; D does not fit in that pass's 64-token budget and waits for the
-    # interval (decode steps 7 to 14: prefill at 15). Without the arrivals (serve_at without expect) the
-    # model sees only C's 40 tokens: C waits for the interval (13).
+    # interval (decode steps 7 to 14: prefill at 15). Alone, C (below the threshold) waits for the interval.
     reqs = [(0.5, 8, 30, [1, 2]), (0.6, 8, 30, [3, 4]), (4.5, 40, 1, [5, 6]), (5.5, 40, 1, [7, 8])]
-    pr = prepare_trace(_trace(reqs))
-    cache = SteppedTwoTierCache(100, 0, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 8, 64), record=True)
-    cache.expect(pr)
-    for p in pr:
-        cache.serve_at(p)
-    assert cache.schedule[2:] == [(6, "prefill", 2), (15, "prefill", 3)]
     cache, _, _ = _schedule(reqs, engine=EngineSteps(4, 8, 64))
-    assert cache.schedule[2:] == [(13, "prefill", 2), (22, "prefill", 3)]
+    assert cache.schedule[2:] == [(6, "prefill", 2), (15, "prefill", 3)]
+    cache, _, _ = _schedule(reqs[:3], engine=EngineSteps(4, 8, 64))
+    assert cache.schedule[2:] == [(13, "prefill", 2)]
 
 
 def test_an_admission_that_finds_too_little_room_evicts_at_once():
@@ -193,7 +196,8 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
                  "--decode-tokens-per-s", "25", "--engine-steps", "--max-batches", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     w = out["with_concurrency"]
-    assert w["engine_steps"] == {"max_batches": 8, "prefill_interval": 16, "max_prefill_tokens": 8192}
+    assert w["engine_steps"] == {"max_batches": 8, "prefill_interval": 16, "max_prefill_tokens": 8192,
+                                 "short_turns": 3, "long_aging_s": 2.0}
     assert w["requests"] == 300 and w["prefill_steps"] > 0 and w["decode_steps"] > 0
     assert main(["plan", "--quiet", "--limit", "300", "--gpu-blocks", "40", "--host-blocks", "200",
                  "--engine-steps"]) == 0
@@ -206,6 +210,8 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
     (["--max-batches", "8"], "--max-batches set the step model: add --engine-steps"),
     (["--engine-steps", "--no-concurrency"], "--engine-steps is a concurrency replay"),
     (["--engine-steps", "--sweep"], "--engine-steps applies to a single run"),
+    (["--short-prefill-turns", "2"], "--short-prefill-turns set the step model: add --engine-steps"),
+    (["--long-prefill-aging-s", "5"], "--long-prefill-aging-s set the step model: add --engine-steps"),
 ])
 def test_step_options_without_the_step_model_are_refused(capsys, argv, message):
     assert main(["plan", "--quiet", "--limit", "50", *argv]) == 2
@@ -221,12 +227,11 @@ def test_a_pass_that_starts_a_load_goes_on_to_the_next_waiting_request():
     reqs = [(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 37, 1, list(range(100, 110))), (10.5, 5, 30, [20, 21]),
             (10.6, 5, 30, [22, 23]), (14.5, 13, 1, [1, 2, 3, 9]), (14.6, 5, 1, [30, 31])]
     cache = SteppedTwoTierCache(12, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 18), record=True)
-    prs = prepare_trace(_trace(reqs))
-    cache.expect(prs)
-    served = [cache.serve_at(p) for p in prs]
+    for p in prepare_trace(_trace(reqs)):
+        cache.serve_at(p)
     cache.finish()
-    assert served[4] == (0, 3)
-    assert cache.schedule[4:6] == [(15, "load", 4), (15, "prefill", 5)]
+    assert cache.results[4] == (0, 3)
+    assert [e for e in cache.schedule if e[2] in (4, 5)][:2] == [(15, "load", 4), (15, "prefill", 5)]
 
 
 @pytest.mark.parametrize("output,left", [(4, 0), (9, 2)])
@@ -241,7 +246,7 @@ def test_a_decoding_request_leaves_the_full_blocks_it_held_at_its_last_growth(ou
 
 def test_plan_engine_steps_says_when_prompts_would_be_prefilled_in_chunks(capsys):
     # the bundled trace's prompts are thousands of tokens long: with a 4,096-token budget some are chunked by
-    # LMDeploy, which the step model does not follow; the note says how many (none with a budget above all)
+    # LMDeploy; the note says how many and which lane settings the step model assumes (none above all)
     base = ["plan", "--quiet", "--limit", "200", "--gpu-blocks", "40", "--host-blocks", "200", "--engine-steps"]
     assert main([*base, "--max-prefill-tokens", "4096", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -251,9 +256,45 @@ def test_plan_engine_steps_says_when_prompts_would_be_prefilled_in_chunks(capsys
     assert 0 < longer < 200
     assert len(notes) == 1 and notes[0].startswith(f"step model: {longer:,} of 200 prompts are longer than")
     assert "prefills the uncached part of such a prompt in chunks" in notes[0]
+    assert "LMDEPLOY_PT_TTFT_SHORT_TURNS" in notes[0] and "the step model follows these settings" in notes[0]
     assert main([*base, "--max-prefill-tokens", "1000000", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert not [n for n in out["notes"] if "max_prefill_tokens" in n]
     assert main([*base, "--max-prefill-tokens", "4096"]) == 0
     assert f"note: step model: {longer:,} of 200 prompts are longer than max_prefill_tokens (4,096)" in \
         capsys.readouterr().out
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_a_decode_step_after_each_chunk_but_the_last():
+    # max_prefill_tokens 16: L (40 tokens) is prefilled in chunks of 16, 16 and 8 tokens, one forward each.
+    # R decodes. L's first chunk runs at 3 (a short-only pass skips it, then a long-first pass takes it);
+    # after a chunk LMDeploy defers the next one for a decode step (4); the second chunk runs at 5 and the
+    # last one, never deferred, at 6: it gives L's first token. L holds only its chunks' blocks meanwhile
+    # (16 tokens: 4 blocks after its first chunk, no preallocation).
+    reqs = [(0.5, 8, 20, [1, 2]), (2.5, 40, 3, list(range(10, 20)))]
+    cache = SteppedTwoTierCache(100, 0, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 16), record=True)
+    for p in prepare_trace(_trace(reqs)):
+        cache.serve_at(p)
+    cache._run_until(4)
+    ch = cache._chunked
+    assert ch is not None and len(ch.pinned) + len(ch.held) == 4
+    st = cache.finish()
+    assert cache.schedule == [(1, "prefill", 0), (3, "chunk", 1), (5, "chunk", 1), (6, "prefill", 1)]
+    assert st.chunk_steps == 3 and st.chunked_requests == 1 and st.prefill_steps == 1
+    assert cache.results == [(0, 0), (0, 0)] and not cache._pins and cache._held_now == 0
+
+
+def test_short_prompts_go_first_smallest_first_while_a_long_prompt_waits():
+    # R1 and R2 decode. L (40 tokens, longer than max_prefill_tokens 16), S12 (12) and S8 (8) arrive together.
+    # LMDeploy's short turns try the short prompts smallest first and skip L: S8 at 3 (S12 no longer fits the
+    # 16-token budget: skipped, not a stop), S12 at 4; L waits for a batch slot (4 running) and starts its
+    # chunks at 8. With one short turn per long chunk, the long turn comes after S8: L's first chunk at 4,
+    # and S12 waits for a slot.
+    reqs = [(0.5, 8, 30, [1, 2]), (0.6, 8, 30, [3, 4]), (2.5, 40, 3, list(range(10, 20))), (2.6, 12, 3, [30, 31, 32]),
+            (2.7, 8, 3, [40, 41])]
+    cache, _, _ = _schedule(reqs, engine=EngineSteps(4, 2, 16))
+    assert cache.schedule[2:] == [(3, "prefill", 4), (4, "prefill", 3), (8, "chunk", 2), (10, "chunk", 2),
+                                  (11, "prefill", 2)]
+    cache, _, _ = _schedule(reqs, engine=EngineSteps(4, 2, 16, short_turns=1))
+    assert cache.schedule[2:] == [(3, "prefill", 4), (4, "chunk", 2), (6, "chunk", 2), (7, "prefill", 2),
+                                  (10, "prefill", 3)]
