@@ -72,6 +72,11 @@ steps only move forward; a running request's end and block-growth events are kep
 in the engine; a started load's blocks are pinned from its start and its tail's from its prefill,
 a chunked prompt's from its chunks; every pin is released at the request's end or when its load is
 reclaimed (``finish`` leaves no pin, hold, load or chunk).
+
+Cost: LMDeploy tries every queued request in a short-only pass and each try refreshes its match, so
+a saturated queue costs the model work that grows with its square; the GPU tier (``_GpuTierIndex``:
+a lazy LRU heap, an inlined touch) and a per-request match cache keyed by the GPU tier's version
+keep each try cheap without changing any result.
 """
 from __future__ import annotations
 
