@@ -146,6 +146,11 @@ class HostIndex:
     def num_free_slots(self) -> int:
         return self.allocator.num_free
 
+    @property
+    def access_clock(self) -> int:
+        """The access counter: it advances on every access (a block's ``last_access`` is a value of it)."""
+        return self._clock
+
     def __len__(self) -> int:
         return len(self._blocks)
 

@@ -75,8 +75,9 @@ reclaimed (``finish`` leaves no pin, hold, load or chunk).
 
 Cost: LMDeploy tries every queued request in a short-only pass and each try refreshes its match, so
 a saturated queue costs the model work that grows with its square; the GPU tier (``_GpuTierIndex``:
-a lazy LRU heap, an inlined touch) and a per-request match cache keyed by the GPU tier's version
-keep each try cheap without changing any result.
+a lazy LRU heap, an inlined touch), a per-request match cache keyed by the GPU tier's version and
+skipping a short-only pass that would repeat one that changed nothing (``_pass_state``) keep that
+cheaper without changing any result.
 """
 from __future__ import annotations
 
@@ -249,6 +250,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._served = None
         self._match_cache: dict[int, tuple] = {}     # id(pr) -> (GPU tier version, its GPU match)
         self._loading_version = 0                     # counts changes of _loading
+        self._waiting_version = 0                     # counts changes of _waiting
+        self._idle_pass: tuple | None = None          # the state a short-only pass that changed nothing left
         self._reloaded: dict[int, set] = {}          # id(pr) -> block indices its reclaimed loads restored
 
     # -- the clock ---------------------------------------------------------------------------
@@ -291,6 +294,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             while k < len(future) and self._first[id(future[k])] <= self._step:
                 k += 1
             self._waiting.extend(future[:k])
+            self._waiting_version += 1
             del future[:k]
 
     def _complete_load(self, pr: PreparedRequest) -> None:
@@ -492,6 +496,16 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         return any(self._is_long(self._tail_tokens(lpr, part)) for ready, _, part, lpr in self._loaded
                    if ready <= self._step)
 
+    def _pass_state(self, step: int) -> tuple:
+        """What a short-only pass's attempts depend on (the GPU tier's access clock first)."""
+        gs, hs, ch = self.gpu.stats, self.host.stats, self._chunked
+        ready = sum(1 for e in self._loaded if e[0] <= step)
+        return (self.gpu.access_clock, gs.inserts, gs.evictions, gs.dropped, gs.store_failures, gs.loads,
+                self.gpu.num_free_slots, hs.inserts, hs.evictions, hs.dropped, hs.store_failures, hs.loads,
+                hs.holds, hs.promoted, self.host.access_clock, len(self._writing), self._waiting_version,
+                len(self._loaded), ready, self._n_loaded, self._live, len(self._pins), self._held_now,
+                None if ch is None else (id(ch), ch.done), self._loading_version)
+
     def _order(self, step: int, policy: str) -> list:
         """LMDeploy's ``_PrefillReorderer``: completed loads first (arrival order), then the waiting
         requests in the turn policy's order."""
@@ -532,6 +546,14 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         idle_engine = not self._live and not self._loaded and self._chunked is None
         limit, bs, touch = e.max_prefill_tokens, self.block_size, self.gpu.touch
         self._settle_at(step)
+        if policy == SHORT_ONLY:
+            # A short-only pass that admitted, loaded and evicted nothing changed only access times, by
+            # refreshing the matches it tried.  Run again on the same state with nothing accessed since,
+            # it would try the same requests and refresh the same blocks in the same order: the LRU
+            # order and every outcome stay as they are, so it is not run again.
+            before = self._pass_state(step)
+            if before == self._idle_pass:
+                return None
         for what, item in self._order(step, policy):
             if n >= cap:
                 break
@@ -550,6 +572,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 outcome, tokens = self._attempt(item, step, n, used, policy, idle)
                 if outcome not in ("skip", "stop"):
                     self._waiting.remove(item)
+                    self._waiting_version += 1
             if outcome in ("load", "skip"):
                 continue
             if outcome == "stop":
@@ -559,6 +582,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 kind = "chunk"
                 break
             kind = "prefill"
+        if policy == SHORT_ONLY:
+            after = self._pass_state(step)
+            unchanged = kind is None and after[1:] == before[1:]
+            self._idle_pass = after if unchanged else None
         if kind is not None:
             if kind == "prefill":
                 self.stats.prefill_steps += 1
@@ -695,6 +722,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         while k < len(self._waiting) and pos[id(self._waiting[k])] < pos[id(lpr)]:
             k += 1
         self._waiting.insert(k, lpr)
+        self._waiting_version += 1
 
     def _unpin(self, pinned: tuple) -> None:
         if pinned:

@@ -192,14 +192,15 @@ def test_without_evictions_the_gpu_hits_are_the_sequential_ones_and_the_state_is
 
 
 def test_plan_engine_steps_reports_the_step_model(capsys):
-    assert main(["plan", "--quiet", "--limit", "300", "--gpu-blocks", "40", "--host-blocks", "200",
+    assert main(["plan", "--quiet", "--limit", "150", "--gpu-blocks", "40", "--host-blocks", "200",
                  "--decode-tokens-per-s", "25", "--engine-steps", "--max-batches", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     w = out["with_concurrency"]
     assert w["engine_steps"] == {"max_batches": 8, "prefill_interval": 16, "max_prefill_tokens": 8192,
                                  "short_turns": 3, "long_aging_s": 2.0}
-    assert w["requests"] == 300 and w["prefill_steps"] > 0 and w["decode_steps"] > 0
-    assert main(["plan", "--quiet", "--limit", "300", "--gpu-blocks", "40", "--host-blocks", "200",
+    assert w["requests"] == 150 and w["prefill_steps"] > 0 and w["decode_steps"] > 0
+    assert w["chunk_steps"] > 0 and w["chunked_requests"] > 0      # the trace's longest prompts
+    assert main(["plan", "--quiet", "--limit", "150", "--gpu-blocks", "40", "--host-blocks", "200",
                  "--engine-steps"]) == 0
     text = capsys.readouterr().out
     assert "LMDeploy step model: max_batches 128, prefill_interval 16" in text
