@@ -7,6 +7,7 @@ ROLE A computes the conversations, then serves other traffic that pushes them ou
 and host tiers into the store, prints its result and keeps running (its client holds the
 segment the objects live in) until its stdin closes. ROLE B serves the same conversations.
 FAULT ``kill`` / ``pause`` sends SIGKILL / SIGSTOP to the master at that iteration.
+``L3_READ_ONLY=1`` in the environment: the node writes nothing to the store.
 
 Prints one JSON line: the run's checks, the store counters and the slot accounting.
 """
@@ -53,6 +54,9 @@ def _counting_stage(self, digests, block_bytes, slots):
 
 
 WorkerChain.write_back, WorkerChain.stage = _counting_write_back, _counting_stage
+if os.environ.get("L3_READ_ONLY") == "1":
+    # this node puts nothing in the store: every block it restores from there another node wrote
+    WorkerChain.write_back = lambda self, items: 0
 
 
 def conversations_of(seed: int, n: int = 6, turns: int = 4) -> list[list[TurnSpec]]:
