@@ -314,18 +314,25 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._clock = self._seconds(self._step)
             self.release_host_copies(release)
 
-    def probe(self, pr: PreparedRequest) -> tuple[int, int]:
-        g, h = super().probe(pr)
+    def _before_loading(self, pr: PreparedRequest, g: int) -> int:
+        """How many of the prompt's first ``g`` GPU-resident blocks come before the first one a load is
+        still writing (LMDeploy's trie does not hold that one yet: no match from there on)."""
         loading = self._loading
         if loading and g:
             d = pr.digests
             for i in range(g):
                 if d[i] in loading:
-                    # a block a load is still writing is not matched on the GPU; its host copy
-                    # stays in the host tier (read-pinned) until the load completes
-                    m = pr.matchable
-                    h = self.host.lookup(d[i:m], pr.block_bytes[i:m]) if self.host.num_slots else 0
-                    return i, min(h, self.host.num_slots // 2)
+                    return i
+        return g
+
+    def probe(self, pr: PreparedRequest) -> tuple[int, int]:
+        g, h = super().probe(pr)
+        i = self._before_loading(pr, g)
+        if i < g:
+            # its host copy stays in the host tier (read-pinned) until the load completes
+            m = pr.matchable
+            h = self.host.lookup(pr.digests[i:m], pr.block_bytes[i:m]) if self.host.num_slots else 0
+            return i, min(h, self.host.num_slots // 2)
         return g, h
 
     # -- the engine loop ---------------------------------------------------------------------
@@ -334,7 +341,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         return sorted((e for e in self._loaded if e[0] <= step), key=lambda e: self._position[id(e[3])])
 
     def _has_waiting(self) -> bool:
-        return bool(self._waiting) or bool(self._loaded and min(e[0] for e in self._loaded) <= self._step)
+        return bool(self._waiting) or bool(self._loaded and self._loaded[0][0] <= self._step)   # a heap
 
     def _idle(self) -> bool:
         """Nothing runs, waits, loads or is left to arrive before the step decided next."""
@@ -370,7 +377,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if self._ending:
             n = min(n, self._ending[0][0] - step)
         if self._loaded:
-            n = min(n, min(e[0] for e in self._loaded) - step)
+            n = min(n, self._loaded[0][0] - step)
         return max(1, n)
 
     def _engine_step(self, limit: int | None) -> None:
@@ -456,13 +463,11 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         waits in them, so they count towards ``prefill_interval``."""
         if counting:
             self._decode_count += n
-        if not was_live:
-            self._step += n
-            return
         self._step += n
-        self._decoded += n
-        self.stats.decode_steps += n
-        self._last_busy = max(self._last_busy, self._step - 1)
+        if was_live:
+            self._decoded += n
+            self.stats.decode_steps += n
+            self._last_busy = max(self._last_busy, self._step - 1)
 
     def _prefill_due(self) -> bool:
         """LMDeploy's ``do_prefill_default`` for the requests waiting (one waits)."""
@@ -623,17 +628,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             m = pr.matchable
             g = self.gpu.lookup(pr.digests[:m], pr.block_bytes[:m])
             self._match_cache[id(pr)] = (version, g)
-        loading = self._loading
-        if loading and g:
-            d = pr.digests
-            for i in range(g):
-                if d[i] in loading:
-                    return i
-        return g
-
-    def _matched_tail(self, pr: PreparedRequest, step: int | None = None) -> int:
-        """``_tail_tokens`` of a request not served yet, from its GPU match at ``step`` (default: now)."""
-        return pr.request.input_length - self._probe_at(pr, step)[0] * self.block_size
+        return self._before_loading(pr, g)
 
     def _admission_blocks(self, input_length: int) -> int:
         """Blocks LMDeploy allocates when it admits a prompt: the prompt plus ``prefill_interval``
