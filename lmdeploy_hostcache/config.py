@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .eviction import DEFAULT_POLICY, OFFLINE_ONLY, POLICIES
+from .tier.eviction import DEFAULT_POLICY, OFFLINE_ONLY, POLICIES
 
 __all__ = [
     "AUTO",
@@ -43,7 +43,7 @@ HOST_KV_FORMATS = ("same", "int8", "int4")
 
 
 # The single place that decides which eviction policies a config may name: the servable
-# names of ``lmdeploy_hostcache.eviction.POLICIES`` (offline-only ones such as Belady need
+# names of ``lmdeploy_hostcache.tier.eviction.POLICIES`` (offline-only ones such as Belady need
 # the future and are evaluation tools, never servable).
 def eviction_policy_names() -> tuple[str, ...]:
     """Names a config may use for ``eviction_policy`` (sorted; offline-only ones excluded)."""
@@ -243,7 +243,7 @@ class HostCacheConfig:
         "Mooncake traces in docs/eviction.md) never measurably falls below `lru` there and "
         "wins up to 12% of the gap to the offline Belady bound; on traffic it was not chosen "
         "on (WEKA sessions, chat generator) it stays within 0.002 of `lru` and wins almost none.",
-        "`arc`, `lru` or `s3fifo` (`lmdeploy_hostcache.eviction.POLICIES`)"))
+        "`arc`, `lru` or `s3fifo` (`lmdeploy_hostcache.tier.eviction.POLICIES`)"))
     min_restore_tokens: int | str = field(default=256, metadata=_meta(
         _parse_min_restore_tokens,
         "Smallest host hit worth restoring, in tokens. A shorter hit is recomputed: a restore "

@@ -42,9 +42,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from .digest import Namespace, digests_of_blocks, encode_tokens
-from .eviction import BeladyPolicy, EvictionPolicy, make_policy
-from .host_index import HostIndex
+from .tier.digest import Namespace, digests_of_blocks, encode_tokens
+from .tier.eviction import BeladyPolicy, EvictionPolicy, make_policy
+from .tier.host_index import HostIndex
 
 EVAL_NAMESPACE = Namespace(model="eviction-eval", block_size=1, kv_format="trace-ids")
 

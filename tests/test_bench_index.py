@@ -40,7 +40,7 @@ def test_bad_arguments_name_the_flag(flag, value, capsys):
 
 
 def test_metadata_measurement_counts_what_the_index_keeps():
-    from lmdeploy_hostcache.digest import Namespace
+    from lmdeploy_hostcache.tier.digest import Namespace
 
     ns = Namespace(model="m", block_size=64)
     r = bench_index.measure_metadata_bytes(ns, num_blocks=256, prompt_blocks=64, seed=0, vocab=1000)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmdeploy_hostcache import digest as digest_mod
-from lmdeploy_hostcache.digest import Namespace, chain_digests
-from lmdeploy_hostcache.host_index import BlockState, HostIndex
+from lmdeploy_hostcache.tier import digest as digest_mod
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.host_index import BlockState, HostIndex
 
 NS = Namespace(model="test/collision", block_size=4)
 

@@ -259,7 +259,7 @@ def test_load_config_sources_and_overrides(tmp_path):
 # -- eviction policy names come from the eviction module ------------------------------------
 
 def test_eviction_names_follow_the_policies_registry(monkeypatch):
-    from lmdeploy_hostcache import eviction
+    from lmdeploy_hostcache.tier import eviction
 
     assert set(eviction_policy_names()) == set(eviction.POLICIES) - {"belady"}
     monkeypatch.setitem(eviction.POLICIES, "s3fifo", object)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmdeploy_hostcache import digest as digest_mod
-from lmdeploy_hostcache.digest import (
+from lmdeploy_hostcache.tier import digest as digest_mod
+from lmdeploy_hostcache.tier.digest import (
     ChainHasher,
     Namespace,
     block_digest,
@@ -70,7 +70,7 @@ def test_encode_tokens_is_little_endian_uint32():
 
 _CHILD = textwrap.dedent("""
     import json, sys
-    from lmdeploy_hostcache.digest import Namespace, chain_digests
+    from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
     ns = Namespace(model="stable/model", block_size=8, kv_format="int8", adapter="ad", tenant_salt="t")
     tokens = [(i * 7919) % 150000 for i in range(8 * 5 + 3)]
     d, _ = chain_digests(ns, tokens)

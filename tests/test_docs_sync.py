@@ -88,7 +88,7 @@ DASHBOARD = ROOT / "examples" / "grafana-dashboard.json"
 def _emitted_metric_names() -> set[str]:
     """Every sample name the Prometheus collector emits for a connector with all its stats."""
     from lmdeploy_hostcache.integration.metrics_export import HostTierCollector
-    from lmdeploy_hostcache.metrics import HostTierMetrics, L3TierMetrics
+    from lmdeploy_hostcache.tier.metrics import HostTierMetrics, L3TierMetrics
 
     snap = HostTierMetrics().snapshot()
     snap.update(host_slots=4, host_slots_used=2, host_blocks=2)  # HostTierScheduler.stats() occupancy keys
@@ -139,7 +139,7 @@ def test_readme_shows_the_off_switches_and_the_active_log_line():
 
 
 def test_planner_doc_names_the_default_policy():
-    from lmdeploy_hostcache.eviction import DEFAULT_POLICY
+    from lmdeploy_hostcache.tier.eviction import DEFAULT_POLICY
 
     text = (ROOT / "docs" / "planner.md").read_text()
     assert f"(default `{DEFAULT_POLICY}`" in text

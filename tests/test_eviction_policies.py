@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lmdeploy_hostcache.eviction import (DEFAULT_POLICY, OFFLINE_ONLY, POLICIES, BeladyPolicy,
+from lmdeploy_hostcache.tier.eviction import (DEFAULT_POLICY, OFFLINE_ONLY, POLICIES, BeladyPolicy,
                                          EvictionPolicy, make_policy)
 from lmdeploy_hostcache.eviction_eval import (EVAL_NAMESPACE, belady_for, belady_share,
                                               chains_from_ids, replay)
-from lmdeploy_hostcache.host_index import BlockState, HostIndex
+from lmdeploy_hostcache.tier.host_index import BlockState, HostIndex
 
 SERVABLE = sorted(POLICIES)
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mooncake"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmdeploy_hostcache import cli
-from lmdeploy_hostcache.eviction import DEFAULT_POLICY
+from lmdeploy_hostcache.tier.eviction import DEFAULT_POLICY
 from lmdeploy_hostcache.eviction_eval import (chains_from_trace, chat_chains, footprint, head, load_weka,
                                               replay)
 from lmdeploy_hostcache.planner.generator import ChatWorkload

@@ -15,7 +15,7 @@ The model plays LMDeploy's GPU prefix cache and the connector flows of docs/arch
   which (ok) the blocks are GPU-resident and must have left the host (exclusive tiers);
 * plus lookups from anywhere, touches, bad loads, ``drop_subtree`` of any digest and ``evict(n)``.
 
-The two regression tests at the end are minimal sequences this machine found in host_index.py.
+The two regression tests at the end are minimal sequences this machine found in tier/host_index.py.
 
 The model predicts every return value and every statistic itself (slots, states, pins,
 doomed/promoted, which ``prepare_store`` evicts); only *which* candidate a policy picks is taken
@@ -41,9 +41,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from lmdeploy_hostcache import eviction
-from lmdeploy_hostcache.digest import Namespace, chain_digests
-from lmdeploy_hostcache.host_index import BlockState, HostIndex
+from lmdeploy_hostcache.tier import eviction
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.host_index import BlockState, HostIndex
 
 BLOCK_SIZE = 2
 # Two distinct blocks and chains up to 4 deep: prefixes are shared all the time.

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lmdeploy_hostcache.slot_allocator import SlotAllocator, SlotError
+from lmdeploy_hostcache.tier.slot_allocator import SlotAllocator, SlotError
 
 
 def test_allocates_every_slot_once_then_none():

@@ -116,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_policies(names: list[str]) -> list[str]:
-    from ..eviction import OFFLINE_ONLY, POLICIES  # noqa: PLC0415
+    from ..tier.eviction import OFFLINE_ONLY, POLICIES  # noqa: PLC0415
     allowed = set(POLICIES) | set(OFFLINE_ONLY)
     bad = [n for n in names if n not in allowed]
     if bad:
@@ -153,7 +153,7 @@ def _sources(args: argparse.Namespace) -> "list[tuple[str, str, Path | None, obj
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
-    from ..eviction import OFFLINE_ONLY, POLICIES  # noqa: PLC0415
+    from ..tier.eviction import OFFLINE_ONLY, POLICIES  # noqa: PLC0415
     from ..eviction_eval import belady_share, footprint, head, replay  # noqa: PLC0415
 
     if args.trace:

@@ -36,8 +36,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..digest import Namespace, chain_digests
-from ..host_index import HostIndex
+from ..tier.digest import Namespace, chain_digests
+from ..tier.host_index import HostIndex
 
 LOOKUP_RATIO_TARGET = 0.5
 METADATA_BYTES_TARGET = 1024

@@ -22,7 +22,7 @@ KIB = 1024
 
 def store_rows(sizes_kib: list[int], blocks: int, repeats: int) -> tuple[list[dict], str | None]:
     """(rows, None) or ([], why-not) when the Mooncake client cannot run here."""
-    from ..digest import Namespace, chain_digests
+    from ..tier.digest import Namespace, chain_digests
     from ..l3.backend import open_mooncake
     from ..l3.client import L3Client
     from ..l3.config import parse_l3_section

@@ -8,7 +8,7 @@ seed, the root's 16 little-endian bytes)`` of its namespace and cache salt (None
 block), ``session`` the engine session it continued (None for a first turn; keyed here), ``chain``
 the host tier's digest chain of the request or None.
 
-A block's digest (``digest.py``'s chain: ``block_digest`` from the request's salted root) is
+A block's digest (``tier/digest.py``'s chain: ``block_digest`` from the request's salted root) is
 taken, in this order, from the newest remembered prompt this one continues (same first block, the
 remembered bytes' xxh3 equal: up to ``RECENT_PER_BLOCK`` prompts remembered per first block, under
 at most ``RECENT_PROMPTS`` first blocks), from the host tier's chain of the request (only where it
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from xxhash import xxh3_128_intdigest as _xxh3_128
 
-from ..digest import TOKEN_DTYPE
+from ..tier.digest import TOKEN_DTYPE
 from .keys import CaptureKey
 from .record import _FAST_MS, json_string, timestamp_text
 

@@ -1,7 +1,7 @@
 """The capture key: keyed block ids from chained digests.
 
 A block id is ``blake2b(digest, key=K, digest_size=8)`` (the top bit cleared: a JSON-safe int
->= 0) of the block's chained digest (``digest.py``: xxh3-128 over the whole prefix's token ids).
+>= 0) of the block's chained digest (``tier/digest.py``: xxh3-128 over the whole prefix's token ids).
 Invariants:
 
 * equal prefixes give equal ids inside one capture (the digest names the whole prefix), so the

@@ -115,9 +115,9 @@ from lmdeploy.pytorch.kv_connector.base import (
 )
 
 from ..config import HostCacheConfig
-from ..digest import ChainHasher, block_digest, encode_tokens, salted_root
-from ..host_index import HostIndex
-from ..metrics import HostTierMetrics
+from ..tier.digest import ChainHasher, block_digest, encode_tokens, salted_root
+from ..tier.host_index import HostIndex
+from ..tier.metrics import HostTierMetrics
 from ..restore_cost import resolve_min_restore_tokens
 from .lifecycle import install_lifecycle_observer
 from .namespace import NamespaceFactory

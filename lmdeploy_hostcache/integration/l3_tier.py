@@ -23,7 +23,7 @@ import numpy as np
 from ..l3.backend import connect
 from ..l3.chain import SchedulerChain, WorkerChain
 from ..l3.keys import StoreKeyspace
-from ..metrics import L3TierMetrics
+from ..tier.metrics import L3TierMetrics
 from .namespace import NamespaceFactory
 
 logger = logging.getLogger("lmdeploy_hostcache.l3")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import HostCacheConfig
-from ..digest import Namespace
+from ..tier.digest import Namespace
 
 __all__ = ["NamespaceFactory", "kv_format_name", "model_identity_from_extra"]
 

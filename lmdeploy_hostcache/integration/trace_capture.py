@@ -74,7 +74,7 @@ import numpy as np
 from ..capture import CaptureKey, RotatingWriter
 from ..capture.encoder import CHAIN_MIN_BLOCKS, RECENT_PER_BLOCK, RECENT_PROMPTS, BlockIdEncoder
 from ..capture.encoder_process import frame
-from ..digest import TOKEN_DTYPE, encode_tokens, salted_root
+from ..tier.digest import TOKEN_DTYPE, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
 logger = logging.getLogger("lmdeploy_hostcache.capture")

@@ -2,7 +2,7 @@
 
 A key is ``lhc1/<space>/<digest>``:
 
-* ``<digest>``: the block's chained xxh3-128 digest (``digest.py``) as 32 hex digits; it already
+* ``<digest>``: the block's chained xxh3-128 digest (``tier/digest.py``) as 32 hex digits; it already
   covers the whole prefix up to the end of the block and the ``Namespace`` (model, adapter,
   KV format, block size, tenant salt) through its root and seed;
 * ``<space>``: 32 hex digits of xxh3-128 over the length-prefixed ``Namespace`` fields again
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from ..digest import DIGEST_BYTES, Namespace
+from ..tier.digest import DIGEST_BYTES, Namespace
 
 KEY_VERSION = "lhc1"
 

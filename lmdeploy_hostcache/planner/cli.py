@@ -138,7 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU tier size in the trace's blocks (overrides --gpu-kv-gb)")
     c.add_argument("--host-blocks", action=_Explicit, type=_nonneg_int, default=None, metavar="M",
                    help="host tier size in the trace's blocks (overrides --host-gb)")
-    from ..eviction import DEFAULT_POLICY, POLICIES  # light: no torch, no lmdeploy
+    from ..tier.eviction import DEFAULT_POLICY, POLICIES  # light: no torch, no lmdeploy
 
     c.add_argument("--policy", action=_Explicit, default=DEFAULT_POLICY,
                    help=f"host-tier eviction policy: {', '.join(POLICIES)} "
@@ -273,7 +273,7 @@ def _describe_model(geometry, sizing) -> str:
 
 
 def _run(args) -> int:
-    from ..eviction import POLICIES
+    from ..tier.eviction import POLICIES
     from .cluster import load_cluster
     from .cost import CostModel
     from .geometry import BlockSizing, CacheFormat, resolve_model

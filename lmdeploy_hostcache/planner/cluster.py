@@ -43,7 +43,7 @@ from typing import Sequence
 
 import xxhash
 
-from ..eviction import DEFAULT_POLICY, POLICIES
+from ..tier.eviction import DEFAULT_POLICY, POLICIES
 from .geometry import HOST_KV_FORMATS, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
 from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
 

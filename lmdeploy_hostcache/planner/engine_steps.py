@@ -87,8 +87,8 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..eviction import LRUPolicy, _LazyHeap
-from ..host_index import HostIndex
+from ..tier.eviction import LRUPolicy, _LazyHeap
+from ..tier.host_index import HostIndex
 from .concurrency import ConcurrencyStats, ConcurrentTwoTierCache, Lifetimes, _Running
 from .replay import PreparedRequest, progress
 

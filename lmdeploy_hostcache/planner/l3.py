@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..host_index import HostBlock, HostIndex
+from ..tier.host_index import HostBlock, HostIndex
 from .replay import PreparedRequest, TwoTierCache, progress
 
 DEFAULT_L3_GBPS = 5.0

@@ -1,6 +1,6 @@
 """Two-tier replay: a trace through the engine's own index and eviction code.
 
-Both tiers are ``HostIndex`` instances (``host_index.py``, imported, never copied):
+Both tiers are ``HostIndex`` instances (``tier/host_index.py``, imported, never copied):
 
 * the **GPU tier** uses policy ``lru`` with leaf-first eviction, which is what LMDeploy's
   BlockTrie does (LRU over leaves with ref_count 1);
@@ -45,8 +45,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from ..digest import Namespace, digests_of_blocks
-from ..host_index import HostBlock, HostIndex
+from ..tier.digest import Namespace, digests_of_blocks
+from ..tier.host_index import HostBlock, HostIndex
 from .traces import Request, Trace
 
 

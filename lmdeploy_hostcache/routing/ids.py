@@ -1,6 +1,6 @@
 """Published block ids: the one function that maps a node's block digest to what leaves the node.
 
-A node names its cached blocks by chained xxh3-128 digests (``digest.py``).  What it publishes
+A node names its cached blocks by chained xxh3-128 digests (``tier/digest.py``).  What it publishes
 in its cache-state feed, and what the proxy computes for a request, is ``publish_id(digest)``:
 a 64-bit id, never 0 or 1 (the routing table's empty and reserved keys).
 

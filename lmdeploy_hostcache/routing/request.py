@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..digest import ChainHasher
+from ..tier.digest import ChainHasher
 from .feed import NamespaceKey
 from .ids import publish_id
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..digest import Namespace
+from ..tier.digest import Namespace
 from .approx import ApproxNode
 from .cost import NodeProfile, cost
 from .feed import FeedCursor, FeedUpdate, NamespaceKey

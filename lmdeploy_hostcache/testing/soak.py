@@ -129,7 +129,7 @@ def random_scenario(seed: int) -> ScenarioConfig:
     """A supported configuration, a deterministic function of ``seed``."""
     import random
 
-    from lmdeploy_hostcache.eviction import POLICIES
+    from lmdeploy_hostcache.tier.eviction import POLICIES
 
     rng = random.Random(f'lmdeploy-hostcache-soak/{int(seed)}')
     quant_policy = rng.choice((0, 4, 8))

@@ -215,7 +215,7 @@ BS = 16
 def _capture(tmp_path):
     import types
 
-    from lmdeploy_hostcache.digest import Namespace
+    from lmdeploy_hostcache.tier.digest import Namespace
     from lmdeploy_hostcache.integration.trace_capture import TraceCapture
 
     ns = Namespace(model="m", block_size=BS)
@@ -239,7 +239,7 @@ def _seq(seq_id, tokens, salt=""):
 def _finish_one(cap, ns, seq_id, tokens, chain, salt=""):
     """Capture one request that ends with the host tier's ``chain``, encoded at once; returns how many
     blocks the capture took from the chain and the line the documented formula gives for it."""
-    from lmdeploy_hostcache.digest import ChainHasher, salted_root
+    from lmdeploy_hostcache.tier.digest import ChainHasher, salted_root
 
     seq = _seq(seq_id, tokens, salt)
     cap.on_new_request(seq)
@@ -259,7 +259,7 @@ def _chain(ns, tokens, start_block, end_block, salt=""):
     [start_block, end_block) of ``tokens`` chained from the digest of the blocks before."""
     import types
 
-    from lmdeploy_hostcache.digest import ChainHasher, salted_root
+    from lmdeploy_hostcache.tier.digest import ChainHasher, salted_root
 
     before = ChainHasher(ns, parent=salted_root(ns, salt))
     before.extend(tokens[:start_block * BS])
@@ -276,7 +276,7 @@ def test_capture_takes_the_host_tier_chain_only_where_it_checks_out(tmp_path):
 
     import numpy as np
 
-    from lmdeploy_hostcache.digest import ChainHasher, Namespace
+    from lmdeploy_hostcache.tier.digest import ChainHasher, Namespace
 
     cap, ns = _capture(tmp_path)
     cap.chain_min_blocks = 1        # read every chain, however short: the checks themselves are tested here
@@ -424,7 +424,7 @@ def test_token_bytes_are_encode_tokens_of_the_batch_and_refuse_ids_out_of_range(
     ``encode_tokens`` of the prompts laid end to end; an id outside [0, 2**32) stops the batch."""
     import numpy as np
 
-    from lmdeploy_hostcache.digest import encode_tokens
+    from lmdeploy_hostcache.tier.digest import encode_tokens
     from lmdeploy_hostcache.integration import trace_capture
 
     if same_value and not trace_capture._SAME_VALUE:

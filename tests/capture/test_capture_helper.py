@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmdeploy_hostcache.capture import CaptureKey
-from lmdeploy_hostcache.digest import Namespace
+from lmdeploy_hostcache.tier.digest import Namespace
 
 BS = 16
 

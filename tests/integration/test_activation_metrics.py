@@ -12,7 +12,7 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 from lmdeploy_hostcache.integration import activate as act  # noqa: E402
 from lmdeploy_hostcache.integration import metrics_export  # noqa: E402
-from lmdeploy_hostcache.metrics import HostTierMetrics  # noqa: E402
+from lmdeploy_hostcache.tier.metrics import HostTierMetrics  # noqa: E402
 
 
 class FakeHostTierConnector:

@@ -23,7 +23,7 @@ from lmdeploy.pytorch.paging.block_trie.node import Node  # noqa: E402
 from lmdeploy.pytorch.paging.scheduler import Scheduler  # noqa: E402
 from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy  # noqa: E402
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests  # noqa: E402
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests  # noqa: E402
 from lmdeploy_hostcache.integration.connector import (  # noqa: E402
     CONNECTOR_NAME,
     HostTierConnector,
@@ -680,7 +680,7 @@ def test_observer_errors_never_break_lmdeploy_eviction(monkeypatch):
 @pytest.mark.parametrize("policy,verify", [("lru", True), ("s3fifo", False), ("arc", True)])
 def test_scheduler_side_honours_policy_and_verify_settings(policy, verify):
     """No HostCacheConfig field is silently ignored by the scheduler side."""
-    from lmdeploy_hostcache.eviction import POLICIES
+    from lmdeploy_hostcache.tier.eviction import POLICIES
 
     conn = build_host_tier_connector(KVConnectorRole.SCHEDULER,
                                      make_cache_config(eviction_policy=policy, verify_tokens=verify))

@@ -14,8 +14,8 @@ pytest.importorskip("lmdeploy.pytorch.paging.scheduler")
 
 from lmdeploy.pytorch.paging.block_trie.node import Node  # noqa: E402
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests  # noqa: E402
-from lmdeploy_hostcache.host_index import BlockState, HostIndex  # noqa: E402
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests  # noqa: E402
+from lmdeploy_hostcache.tier.host_index import BlockState, HostIndex  # noqa: E402
 
 try:  # tests/integration may or may not be a package
     from .test_connector import Rig, deterministic_lru

@@ -16,7 +16,7 @@ from lmdeploy.pytorch.messages import MessageStatus, SequenceMeta, UpdateTokenMo
 from lmdeploy.pytorch.paging.scheduler import Scheduler  # noqa: E402
 from lmdeploy.pytorch.strategies.ar.sequence import ARSequenceStrategy  # noqa: E402
 
-from lmdeploy_hostcache.digest import chain_digests  # noqa: E402
+from lmdeploy_hostcache.tier.digest import chain_digests  # noqa: E402
 from lmdeploy_hostcache.integration.connector import (  # noqa: E402
     CONNECTOR_NAME,
     HostLoad,

@@ -28,7 +28,7 @@ if not hasattr(transfer, 'make_copy_engine'):
     pytest.skip('lmdeploy_hostcache.transfer has no make_copy_engine yet', allow_module_level=True)
 pytest.importorskip('lmdeploy_hostcache.integration.connector')
 
-from lmdeploy_hostcache.eviction import DEFAULT_POLICY, POLICIES  # noqa: E402
+from lmdeploy_hostcache.tier.eviction import DEFAULT_POLICY, POLICIES  # noqa: E402
 
 FULL = bool(os.environ.get('HOSTCACHE_HARNESS_FULL'))
 OTHER_POLICIES = sorted(p for p in POLICIES if p != DEFAULT_POLICY)
@@ -467,7 +467,7 @@ def test_a_block_filled_on_a_requests_last_step_is_checked_on_host(monkeypatch):
     first = report.handles[0]
     tokens = np.concatenate([first.prompt, np.asarray(first.output_tokens[:8])])
     assert len(tokens) == 48
-    from lmdeploy_hostcache.digest import ChainHasher
+    from lmdeploy_hostcache.tier.digest import ChainHasher
     chain = ChainHasher(scheduler_side(engine).namespaces.for_adapter(None))
     chain.extend(tokens)
     last = chain.digests[2]

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip('lmdeploy_hostcache.integration.connector')
 
-from lmdeploy_hostcache.eviction import POLICIES  # noqa: E402
+from lmdeploy_hostcache.tier.eviction import POLICIES  # noqa: E402
 from lmdeploy_hostcache.testing.soak import (BLOCK_SIZE, CHUNKED_PREFILL_TOKENS, NO_CHUNKING, ScenarioConfig, build_workload,  # noqa: E402
                                              max_prompt_blocks, random_scenario, run_scenario)
 

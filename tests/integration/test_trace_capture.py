@@ -512,7 +512,7 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
 def test_salted_requests_get_their_own_block_ids(tmp_path):
     """Requests of two cache salts never share blocks in the engine: their captured ids differ too."""
     from lmdeploy_hostcache.capture import CaptureKey
-    from lmdeploy_hostcache.digest import Namespace
+    from lmdeploy_hostcache.tier.digest import Namespace
     from lmdeploy_hostcache.integration.trace_capture import TraceCapture
 
     ns = Namespace(model='m', block_size=BS)
@@ -535,7 +535,7 @@ def test_salted_requests_get_their_own_block_ids(tmp_path):
 
 def _fake_capture(tmp_path, **kw):
     from lmdeploy_hostcache.capture import CaptureKey
-    from lmdeploy_hostcache.digest import Namespace
+    from lmdeploy_hostcache.tier.digest import Namespace
     from lmdeploy_hostcache.integration.trace_capture import TraceCapture
 
     ns = Namespace(model='m', block_size=BS)
@@ -559,7 +559,7 @@ def test_batched_capture_writes_the_records_of_the_documented_formula(tmp_path):
     """Queued, batch-encoded records with digests taken from an earlier prompt that this one continues
     are line for line the records built one at a time from ChainHasher digests and the keyed-id formula."""
     from lmdeploy_hostcache.capture import capture_record
-    from lmdeploy_hostcache.digest import ChainHasher, salted_root
+    from lmdeploy_hostcache.tier.digest import ChainHasher, salted_root
 
     cap, ns = _fake_capture(tmp_path)
     rng = np.random.default_rng(3)

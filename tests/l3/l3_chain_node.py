@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import xxhash
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests
-from lmdeploy_hostcache.host_index import HostIndex
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.host_index import HostIndex
 from lmdeploy_hostcache.l3.chain import SchedulerChain, WorkerChain
 from lmdeploy_hostcache.l3.keys import StoreKeyspace
 

@@ -14,7 +14,7 @@ from l3_chain_node import BS, Node, namespace
 from l3_helpers import needs_mooncake, open_client
 
 from lmdeploy_hostcache.l3 import objects
-from lmdeploy_hostcache.metrics import L3TierMetrics
+from lmdeploy_hostcache.tier.metrics import L3TierMetrics
 
 pytestmark = needs_mooncake
 HERE = Path(__file__).resolve().parent

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
 from lmdeploy_hostcache.l3 import L3Corrupt
 from lmdeploy_hostcache.l3 import objects
 from lmdeploy_hostcache.l3.keys import StoreKeyspace

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from lmdeploy_hostcache.integration.metrics_export import (L3_COUNTERS, HostTierCollector, format_l3_log_line,
                                                            format_log_line)
-from lmdeploy_hostcache.metrics import HostTierMetrics, L3TierMetrics
+from lmdeploy_hostcache.tier.metrics import HostTierMetrics, L3TierMetrics
 
 
 def _snapshots():

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
 from lmdeploy_hostcache.l3 import L3Corrupt, L3Error, L3Full, L3Missing, L3Timeout, L3Unavailable
 from lmdeploy_hostcache.l3 import objects
 from lmdeploy_hostcache.l3.config import parse_l3_section
 from lmdeploy_hostcache.l3.keys import StoreKeyspace
-from lmdeploy_hostcache.metrics import L3TierMetrics
+from lmdeploy_hostcache.tier.metrics import L3TierMetrics
 
 from l3_helpers import needs_mooncake, open_client
 
@@ -138,7 +138,7 @@ def test_corrupted_object_is_caught_by_checksum(client):
 
 _NODE_B = r"""
 import sys
-from lmdeploy_hostcache.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
 from lmdeploy_hostcache.l3.backend import open_mooncake
 from lmdeploy_hostcache.l3.client import L3Client
 from lmdeploy_hostcache.l3.config import parse_l3_section

@@ -14,7 +14,7 @@ import pytest
 
 from lmdeploy_hostcache.cli import main
 from lmdeploy_hostcache.planner import traces
-from lmdeploy_hostcache.slot_allocator import SlotAllocator
+from lmdeploy_hostcache.tier.slot_allocator import SlotAllocator
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = ["--chat", "--chat-sessions", "20", "--quiet"]

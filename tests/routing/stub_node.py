@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
 from lmdeploy_hostcache.planner.replay import PreparedRequest, TwoTierCache
 from lmdeploy_hostcache.planner.traces import Request as TraceRequest
 from lmdeploy_hostcache.routing.feed import FEED_PATH, FeedPublisher

@@ -150,7 +150,7 @@ def _conversations(n_sessions=8, turns=5, tag="s"):
 
 def _planner_rates(tiny_model, workload, names):
     """The planner's cluster replay of the same requests with the proxy's router."""
-    from lmdeploy_hostcache.digest import Namespace
+    from lmdeploy_hostcache.tier.digest import Namespace
     from lmdeploy_hostcache.planner.cluster_routing import CacheAwareClusterRouter
     from lmdeploy_hostcache.planner.replay import TwoTierCache
 
@@ -197,7 +197,7 @@ def test_loopback_cluster(cluster, tiny_model):
     assert sum(g["requests"] > 0 for g in got) >= 2
 
     # 2. the proxy's digests equal the node's for a chat request
-    from lmdeploy_hostcache.digest import Namespace, chain_digests
+    from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
     from lmdeploy_hostcache.integration.proxy_routing import PromptEncoder
     from lmdeploy_hostcache.routing.feed import FeedCursor
     from lmdeploy_hostcache.routing.ids import publish_id

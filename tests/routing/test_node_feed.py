@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 harness = pytest.importorskip("lmdeploy_hostcache.testing.harness")
 from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side  # noqa: E402
 
-from lmdeploy_hostcache.digest import block_digest, encode_tokens  # noqa: E402
+from lmdeploy_hostcache.tier.digest import block_digest, encode_tokens  # noqa: E402
 from lmdeploy_hostcache.integration.cache_state_feed import (ENV_FEED_ADDR, NodeCacheFeed, attach_from_env,  # noqa: E402
                                                              parse_addr, serve_feed)
 from lmdeploy_hostcache.routing.feed import FEED_PATH, FeedCursor  # noqa: E402

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests
-from lmdeploy_hostcache.host_index import HostIndex
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.host_index import HostIndex
 from lmdeploy_hostcache.routing.approx import ApproxNode
 from lmdeploy_hostcache.routing.cost import NodeProfile, cost, host_weight
 from lmdeploy_hostcache.routing.feed import FeedCursor, FeedError, FeedPublisher, NamespaceKey

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
 from lmdeploy_hostcache.integration import cache_state_feed as csf
 from lmdeploy_hostcache.routing import ids
 from lmdeploy_hostcache.routing.feed import FEED_PATH, FeedPublisher

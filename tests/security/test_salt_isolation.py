@@ -14,7 +14,7 @@ harness = pytest.importorskip("lmdeploy_hostcache.testing.harness")
 from lmdeploy_hostcache.testing.harness.clock import counter_access_times  # noqa: E402
 from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, rank_checkers, scheduler_side  # noqa: E402
 
-from lmdeploy_hostcache.digest import Namespace, chain_digests, salted_root  # noqa: E402
+from lmdeploy_hostcache.tier.digest import Namespace, chain_digests, salted_root  # noqa: E402
 from lmdeploy_hostcache.integration.salted_trie import install_salted_trie  # noqa: E402
 from lmdeploy_hostcache.l3.keys import StoreKeyspace  # noqa: E402
 

@@ -21,7 +21,7 @@ import torch
 
 from lmdeploy.messages import KVTransferConfig
 
-from lmdeploy_hostcache.eviction import DEFAULT_POLICY
+from lmdeploy_hostcache.tier.eviction import DEFAULT_POLICY
 
 from .checker import KVChecker, VariantFn, _as_bytes, _words, chain_keys
 from .cpu_engine import CpuEngine
@@ -131,7 +131,7 @@ class RoundTrips:
     trip at most that many times."""
 
     def __init__(self, engine: CpuEngine):
-        from lmdeploy_hostcache.digest import ChainHasher
+        from lmdeploy_hostcache.tier.digest import ChainHasher
 
         side = scheduler_side(engine)
         self._chain_cls = ChainHasher
@@ -346,8 +346,8 @@ class HostSlotChecker:
     """
 
     def __init__(self, engine: CpuEngine, every: int = 1, raise_on_error: bool = True):
-        from lmdeploy_hostcache.digest import ChainHasher
-        from lmdeploy_hostcache.host_index import BlockState
+        from lmdeploy_hostcache.tier.digest import ChainHasher
+        from lmdeploy_hostcache.tier.host_index import BlockState
 
         self._chain_cls = ChainHasher
         self._resident = BlockState.RESIDENT
