@@ -76,8 +76,12 @@ reclaimed (``finish`` leaves no pin, hold, load or chunk).
 Cost: LMDeploy tries every queued request in a short-only pass and each try refreshes its match, so
 a saturated queue costs the model work that grows with its square; the GPU tier (``_GpuTierIndex``:
 a lazy LRU heap, an inlined touch), a per-request match cache keyed by the GPU tier's version and
-skipping a short-only pass that would repeat one that changed nothing (``_pass_state``) keep that
-cheaper without changing any result.
+skipping a short-only pass that would repeat one that changed nothing (``_pass_state``), the queue's
+turn orders kept until it changes (``_view``; the long-first order as a lazy merge of chunk-count
+groups) and, when a short-only pass would skip the same long prompts with the same matches as the last
+one that skipped them all, one refresh per block in last-refresh order (``_skip_refresh``) keep that
+cheaper without changing any result: the GPU tier's LRU order depends only on the order of last
+refreshes.
 """
 from __future__ import annotations
 
@@ -85,6 +89,7 @@ import heapq
 import math
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Sequence
 
 from ..tier.eviction import LRUPolicy, _LazyHeap
@@ -195,6 +200,21 @@ class _GpuTierIndex(HostIndex):
         self._clock = clock
 
 
+def _last_refresh_order(matches: list) -> tuple:
+    """The blocks refreshed by refreshing each of ``matches`` in turn (each parent-first), once each, in the
+    order of their last refresh: refreshing these in this order leaves the LRU order the whole sequence
+    leaves (the GPU tier's order is by last refresh alone)."""
+    seen: set = set()
+    order = []
+    for matched in reversed(matches):
+        for d in reversed(matched):
+            if d not in seen:
+                seen.add(d)
+                order.append(d)
+    order.reverse()
+    return tuple(order)
+
+
 class _Chunked:
     """A prompt being prefilled in chunks (LMDeploy's ``LongContextChunker``): one at a time."""
 
@@ -252,6 +272,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._loading_version = 0                     # counts changes of _loading
         self._waiting_version = 0                     # counts changes of _waiting
         self._idle_pass: tuple | None = None          # the state a short-only pass that changed nothing left
+        # (_waiting_version, short prompts by size, long ones in arrival order, long ones by chunk count): _view
+        self._queue_view: tuple | None = None
+        # the long prompts a short-only pass skipped, all of them: (what they depend on, their blocks in refresh order)
+        self._skip_refresh: tuple | None = None
         self._reloaded: dict[int, set] = {}          # id(pr) -> block indices its reclaimed loads restored
 
     # -- the clock ---------------------------------------------------------------------------
@@ -511,32 +535,58 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 len(self._loaded), ready, self._n_loaded, self._live, len(self._pins), self._held_now,
                 None if ch is None else (id(ch), ch.done), self._loading_version)
 
-    def _order(self, step: int, policy: str) -> list:
-        """LMDeploy's ``_PrefillReorderer``: completed loads first (arrival order), then the waiting
-        requests in the turn policy's order."""
+    def _view(self) -> tuple:
+        """The queue as the turn policies order it, kept until the queue changes: the short prompts by
+        size (stable: arrival order among equals), the long ones in arrival order, and the long ones
+        grouped by chunk count (each group in arrival order)."""
+        view = self._queue_view
+        if view is not None and view[0] == self._waiting_version:
+            return view
         limit = self.engine.max_prefill_tokens
-        waiting = self._waiting
-        order = [("loaded", x) for x in self._ready_loads()]
-        if policy == STANDARD:
-            return order + [("new", pr) for pr in waiting]
-        pos = self._position
-        longs = [pr for pr in waiting if pr.request.input_length > limit]
-        if policy == LONG_FIRST and not longs:
-            return order + [("new", pr) for pr in waiting]
-        normals = sorted((pr for pr in waiting if pr.request.input_length <= limit),
-                         key=lambda pr: pr.request.input_length)     # stable: arrival order among equals
+        longs = [pr for pr in self._waiting if pr.request.input_length > limit]
+        normals = sorted((pr for pr in self._waiting if pr.request.input_length <= limit),
+                         key=lambda pr: pr.request.input_length)
+        groups: dict[int, list] = {}
+        for pr in longs:
+            groups.setdefault(-(-pr.request.input_length // limit), []).append(pr)
+        self._queue_view = view = (self._waiting_version, normals, longs, tuple(groups.items()))
+        return view
+
+    def _order(self, step: int, policy: str):
+        """LMDeploy's ``_PrefillReorderer``: completed loads first (arrival order), then the waiting
+        requests in the turn policy's order.
+
+        A generator over the queue as the pass found it (the pass removes the requests it admits):
+        every part of the order depends only on that queue and ``step``, so a part computed when the
+        pass reaches it is the part computed up front.  Long-first order: a long prompt's priority is
+        its chunk count less one per ``long_aging_s`` waited, then its chunk count, then arrival.
+        Among prompts of one chunk count the earlier arrival has waited longer, so each chunk-count
+        group in arrival order is already in priority order, and the whole order is their merge: a
+        pass that stops at its first long prompt (a saturated queue) looks at one prompt per group."""
+        loaded = self._ready_loads()
+        _, normals, longs, groups = self._view()
+        everyone = list(self._waiting) if policy == STANDARD or (policy == LONG_FIRST and not longs) else None
+        for x in loaded:
+            yield "loaded", x
+        if everyone is not None:
+            yield from (("new", pr) for pr in everyone)
+            return
         if policy == SHORT_ONLY:
-            return order + [("new", pr) for pr in normals] + [("new", pr) for pr in longs]
+            yield from (("new", pr) for pr in normals)
+            yield from (("new", pr) for pr in longs)
+            return
         aging = self.engine.long_aging_s * self._rate      # steps per chunk of priority
         first = self._first
 
-        def long_key(pr):
-            chunks = -(-pr.request.input_length // limit)
-            waited = step - first[id(pr)]
-            return (chunks - int(waited // aging) if waited >= aging else chunks), chunks
+        def by_priority(chunks: int, members: list):
+            for pr in members:
+                waited = step - first[id(pr)]
+                yield (chunks - int(waited // aging) if waited >= aging else chunks, chunks), pr
 
-        longs.sort(key=long_key)                           # stable: arrival order among equals
-        return order + [("new", longs[0])] + [("new", pr) for pr in normals] + [("new", pr) for pr in longs[1:]]
+        merged = heapq.merge(*(by_priority(c, members) for c, members in groups), key=itemgetter(0))
+        yield "new", next(merged)[1]
+        yield from (("new", pr) for pr in normals)
+        yield from (("new", pr) for _, pr in merged)
 
     def _pass(self, step: int, policy: str) -> str | None:
         """One prefill pass (``_PrefillScheduler.schedule``) at ``step``: returns "prefill" when it
@@ -559,17 +609,33 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             before = self._pass_state(step)
             if before == self._idle_pass:
                 return None
+        skipped = None     # short-only: the matches of the long prompts skipped so far (False: one was tried)
         for what, item in self._order(step, policy):
             if n >= cap:
                 break
             if policy == SHORT_ONLY and what == "new" and item.request.input_length > limit:
                 # the short-only gate on a long prompt (most of a saturated queue): its match, then a skip
                 # unless the match leaves one chunk at most (then a full attempt, which matches again)
+                if skipped is None:
+                    # the long prompts come last; if the queue and the GPU matches are as when a pass last
+                    # skipped all of them, this pass skips them all again, refreshing the same blocks in the
+                    # same order: the blocks, each at its last refresh, are refreshed once each in that order
+                    gs = self.gpu.stats
+                    tail = (self._waiting_version, gs.inserts, gs.evictions, gs.dropped, gs.store_failures,
+                            self._loading_version)
+                    if self._skip_refresh is not None and self._skip_refresh[0] == tail:
+                        touch(self._skip_refresh[1])
+                        break
+                    skipped = []
                 g = self._gpu_match(item)
                 if item.request.input_length - g * bs > limit:
                     if g:
-                        touch(item.digests[:g])
+                        matched = item.digests[:g]
+                        touch(matched)
+                        if skipped is not False:
+                            skipped.append(matched)
                     continue
+                skipped = False
             if what == "loaded":
                 outcome, tokens = self._attempt_loaded(item, step, n, used, policy)
             else:
@@ -587,6 +653,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 kind = "chunk"
                 break
             kind = "prefill"
+        if skipped:
+            self._skip_refresh = (tail, _last_refresh_order(skipped))
         if policy == SHORT_ONLY:
             after = self._pass_state(step)
             unchanged = kind is None and after[1:] == before[1:]

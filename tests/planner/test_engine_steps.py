@@ -3,11 +3,15 @@ import gzip
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hst
 
 from lmdeploy_hostcache.cli import main
 from lmdeploy_hostcache.planner import cli as planner_cli
 from lmdeploy_hostcache.planner.concurrency import Lifetimes
-from lmdeploy_hostcache.planner.engine_steps import EngineSteps, SteppedTwoTierCache, replay_stepped
+from lmdeploy_hostcache.eviction_eval import EVAL_NAMESPACE
+from lmdeploy_hostcache.planner.engine_steps import (EngineSteps, SteppedTwoTierCache, _GpuTierIndex,
+                                                      _last_refresh_order, replay_stepped)
 from lmdeploy_hostcache.planner.replay import prepare_trace, replay
 from lmdeploy_hostcache.planner.traces import Request, Trace
 
@@ -299,3 +303,59 @@ def test_short_prompts_go_first_smallest_first_while_a_long_prompt_waits():
     cache, _, _ = _schedule(reqs, engine=EngineSteps(4, 2, 16, short_turns=1))
     assert cache.schedule[2:] == [(3, "prefill", 4), (4, "chunk", 2), (6, "chunk", 2), (7, "prefill", 2),
                                   (10, "prefill", 3)]
+
+
+def test_the_long_prompt_with_fewest_chunks_goes_first_unless_a_waiting_one_has_aged():
+    # max_prefill_tokens 16, one step per second. L40 (3 chunks) and L64 (4 chunks) arrive together: L40, the
+    # smaller, is chunked first (steps 1-4). L24 (2 chunks) arrives at 3.5. When L40 is done (step 5), the
+    # long-first turn takes the prompt with the fewest chunks, L24, unless aging has credited L64 one chunk per
+    # long_aging_s of waiting (LMDEPLOY_PT_TTFT_AGING_SEC): with 1 s, L64 has waited 4 steps (priority 4 - 4 = 0)
+    # and L24 one (2 - 1 = 1), so L64 goes first.
+    reqs = [(0.5, 8, 30, [1, 2]), (0.6, 40, 3, list(range(10, 20))), (0.7, 64, 3, list(range(40, 56))),
+            (3.5, 24, 3, list(range(30, 36)))]
+    cache, _, st = _schedule(reqs, engine=EngineSteps(4, 2, 16, long_aging_s=100.0))
+    assert cache.schedule[1:] == [(1, "chunk", 1), (3, "chunk", 1), (4, "prefill", 1), (5, "chunk", 3),
+                                  (6, "prefill", 3), (7, "chunk", 2), (9, "chunk", 2), (11, "chunk", 2),
+                                  (12, "prefill", 2)]
+    cache, _, st = _schedule(reqs, engine=EngineSteps(4, 2, 16, long_aging_s=1.0))
+    assert cache.schedule[1:] == [(1, "chunk", 1), (3, "chunk", 1), (4, "prefill", 1), (5, "chunk", 2),
+                                  (7, "chunk", 2), (9, "chunk", 2), (10, "prefill", 2), (11, "chunk", 3),
+                                  (12, "prefill", 3)]
+    assert st.chunked_requests == 3 and not cache._pins
+
+
+@given(hst.lists(hst.tuples(hst.integers(0, 3), hst.integers(0, 6)), max_size=40))
+def test_refreshing_each_block_once_at_its_last_refresh_leaves_the_gpu_tier_s_lru_order(refreshes):
+    # The short-only pass that skips the same long prompts as the last one (``_skip_refresh``) refreshes each
+    # block once, in the order of its last refresh in the skipped prompts' matches, instead of every match in
+    # turn. Both must leave the same LRU order, hence the same victims: four chains of 6 blocks sharing one
+    # root block, and a random sequence of matched prefixes (chain, length).
+    chains = [[0] + [10 * c + i for i in range(1, 7)] for c in range(4)]
+    tiers = []
+    for _ in range(2):
+        tier = _GpuTierIndex(32, verify_tokens=False, on_evict=None)
+        for chain in chains:
+            parent = EVAL_NAMESPACE.root
+            for d in chain:
+                if d not in tier._blocks:
+                    assert tier.prepare_store(d, parent, b"") is not None
+                    tier.complete_store(d, True)
+                parent = d
+        tiers.append(tier)
+    matches = [tuple(chains[c][:n]) for c, n in refreshes]
+    for matched in matches:
+        tiers[0].touch(matched)
+    tiers[1].touch(_last_refresh_order(matches))
+
+    def lru_order(tier):
+        return [b.digest for b in sorted(tier._blocks.values(), key=lambda b: b.last_access)]
+
+    assert lru_order(tiers[0]) == lru_order(tiers[1])
+    victims = []
+    for tier in tiers:
+        gone, before = [], set(tier._blocks)
+        while tier.evict(1):
+            gone += sorted(before - set(tier._blocks))
+            before = set(tier._blocks)
+        victims.append(gone)
+    assert victims[0] == victims[1] and len(victims[0]) == 25
