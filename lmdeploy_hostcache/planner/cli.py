@@ -21,6 +21,8 @@ DEFAULT_HOST_GB = 200.0
 DEFAULT_STAGGER_S = 60.0
 DEFAULT_PLOT = "plan_sweep.png"
 BUNDLED_TRACE = "conversation_trace.jsonl.gz"
+# engine_steps.LONG_POLICIES (repeated to keep the parser light; a test keeps them equal)
+LONG_POLICIES = ("size", "fifo")
 
 
 def bundled_trace_path() -> Path:
@@ -172,6 +174,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--long-prefill-aging-s", type=_pos_float, default=None, metavar="S",
                    help="with --engine-steps: seconds of the trace's clock a waiting long prompt needs to gain one "
                         "chunk of priority (LMDeploy's LMDEPLOY_PT_TTFT_AGING_SEC; default 2, LMDeploy's)")
+    k.add_argument("--long-prefill-policy", choices=LONG_POLICIES, default=None,
+                   help="with --engine-steps: the order of waiting long prompts: size (fewest chunks first, aged; "
+                        "LMDeploy's default) or fifo (arrival order) (LMDeploy's LMDEPLOY_PT_TTFT_POLICY)")
     k.add_argument("--no-concurrency", action="store_true",
                    help="skip the replay with request lifetimes (only the one-request-at-a-time replay)")
 
@@ -294,7 +299,8 @@ def _run(args) -> int:
     step_opts = [opt for opt, v in (("--max-batches", args.max_batches), ("--prefill-interval", args.prefill_interval),
                                     ("--max-prefill-tokens", args.max_prefill_tokens),
                                     ("--short-prefill-turns", args.short_prefill_turns),
-                                    ("--long-prefill-aging-s", args.long_prefill_aging_s)) if v is not None]
+                                    ("--long-prefill-aging-s", args.long_prefill_aging_s),
+                                    ("--long-prefill-policy", args.long_prefill_policy)) if v is not None]
     if step_opts and not args.engine_steps:
         raise PlanError(f"{', '.join(step_opts)} set the step model: add --engine-steps")
     if args.engine_steps and args.sweep:
@@ -306,7 +312,8 @@ def _run(args) -> int:
         from .engine_steps import EngineSteps
 
         lane = {k: v for k, v in (("short_turns", args.short_prefill_turns),
-                                  ("long_aging_s", args.long_prefill_aging_s)) if v is not None}
+                                  ("long_aging_s", args.long_prefill_aging_s),
+                                  ("long_policy", args.long_prefill_policy)) if v is not None}
         steps = EngineSteps(*(v if v is not None else d for v, d in zip(
             (args.max_batches, args.prefill_interval, args.max_prefill_tokens), _STEP_DEFAULTS)), **lane)
     if (args.l3_gb is not None or args.l3_gbps is not None) and not args.cluster:
@@ -443,8 +450,10 @@ def chunked_prefill_notes(trace, steps) -> list[str]:
     return [f"step model: {n:,} of {len(trace):,} prompts are longer than max_prefill_tokens ({limit:,}); LMDeploy "
             "prefills the uncached part of such a prompt in chunks, one long prompt at a time, with up to "
             f"{steps.short_turns} short-prompt prefills between two chunks (LMDEPLOY_PT_TTFT_SHORT_TURNS) and the "
-            f"waiting long prompts in size order, aged one chunk per {steps.long_aging_s:g} s of the trace's clock "
-            "(LMDEPLOY_PT_TTFT_AGING_SEC); the step model follows these settings (docs/planner.md)"]
+            + (f"waiting long prompts in size order, aged one chunk per {steps.long_aging_s:g} s of the trace's clock "
+               "(LMDEPLOY_PT_TTFT_AGING_SEC)" if steps.long_policy == "size" else
+               "waiting long prompts in arrival order (LMDEPLOY_PT_TTFT_POLICY=fifo)")
+            + "; the step model follows these settings (docs/planner.md)"]
 
 
 def unbounded_notes(distinct: int, *, gpu_blocks: int | None = None, host_blocks: int | None = None,

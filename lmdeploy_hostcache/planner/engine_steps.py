@@ -37,8 +37,8 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   first token).  While one waits, a prefill turn is first a *short-only* pass (short prompts,
   smallest first; a long prompt whose match leaves at most one chunk counts as short) and, when
   that admits nothing or ``short_turns`` short passes ran since the latest chunk, a *long-first*
-  pass: the smallest long prompt (in chunks, less one chunk per ``long_aging_s`` of waiting) first,
-  then the short ones, smallest first; a long prompt's first chunk ends the pass.  After a chunk the
+  pass: the smallest long prompt (in chunks, less one chunk per ``long_aging_s`` of waiting; with
+  ``long_policy`` ``fifo``, the earliest) first, then the short ones, smallest first; a long prompt's first chunk ends the pass.  After a chunk the
   decode step goes first; the next chunk waits for up to ``short_turns`` short passes; the last
   chunk is never deferred.  A chunk's blocks are reserved like an admission, but the engine first
   takes the blocks of a request whose load completed and that waits for its prefill (``_reclaim_load``:
@@ -103,6 +103,7 @@ DEFAULT_MAX_PREFILL_TOKENS = 8192
 DEFAULT_MAX_BATCHES = 128
 DEFAULT_SHORT_TURNS = 3       # LMDEPLOY_PT_TTFT_SHORT_TURNS
 DEFAULT_LONG_AGING_S = 2.0    # LMDEPLOY_PT_TTFT_AGING_SEC
+LONG_POLICIES = ("size", "fifo")   # LMDEPLOY_PT_TTFT_POLICY (LMDeploy's default first)
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,11 @@ class EngineSteps:
     max_batches: int = DEFAULT_MAX_BATCHES                 # (max_batch_size)
     prefill_interval: int = DEFAULT_PREFILL_INTERVAL       # (prefill_interval)
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS   # (max_prefill_token_num)
-    # the long-prefill lane's settings (environment: LMDEPLOY_PT_TTFT_SHORT_TURNS, LMDEPLOY_PT_TTFT_AGING_SEC)
+    # the long-prefill lane's settings (environment: LMDEPLOY_PT_TTFT_SHORT_TURNS, LMDEPLOY_PT_TTFT_AGING_SEC,
+    # LMDEPLOY_PT_TTFT_POLICY)
     short_turns: int = DEFAULT_SHORT_TURNS                 # short prefill passes between two long chunks
     long_aging_s: float = DEFAULT_LONG_AGING_S             # a waiting long prompt gains one chunk of priority per
+    long_policy: str = LONG_POLICIES[0]                    # "size": fewest chunks first, aged; "fifo": arrival order
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "prefill_interval", "max_prefill_tokens", "short_turns"):
@@ -124,6 +127,8 @@ class EngineSteps:
         v = self.long_aging_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"long_aging_s must be a number > 0, got {v!r}")
+        if self.long_policy not in LONG_POLICIES:
+            raise ValueError(f"long_policy must be one of {', '.join(LONG_POLICIES)}, got {self.long_policy!r}")
 
     def describe(self) -> str:
         return (f"LMDeploy step model: max_batches {self.max_batches}, prefill_interval {self.prefill_interval}, "
@@ -132,7 +137,7 @@ class EngineSteps:
     def as_dict(self) -> dict:
         return {"max_batches": self.max_batches, "prefill_interval": self.prefill_interval,
                 "max_prefill_tokens": self.max_prefill_tokens, "short_turns": self.short_turns,
-                "long_aging_s": self.long_aging_s}
+                "long_aging_s": self.long_aging_s, "long_policy": self.long_policy}
 
 
 @dataclass
@@ -558,8 +563,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
 
         A generator over the queue as the pass found it (the pass removes the requests it admits):
         every part of the order depends only on that queue and ``step``, so a part computed when the
-        pass reaches it is the part computed up front.  Long-first order: a long prompt's priority is
-        its chunk count less one per ``long_aging_s`` waited, then its chunk count, then arrival.
+        pass reaches it is the part computed up front.  Long-first order (policy ``size``, LMDeploy's
+        default; ``fifo`` keeps arrival order): a long prompt's priority is its chunk count less one
+        per ``long_aging_s`` waited, then its chunk count, then arrival.
         Among prompts of one chunk count the earlier arrival has waited longer, so each chunk-count
         group in arrival order is already in priority order, and the whole order is their merge: a
         pass that stops at its first long prompt (a saturated queue) looks at one prompt per group."""
@@ -574,6 +580,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if policy == SHORT_ONLY:
             yield from (("new", pr) for pr in normals)
             yield from (("new", pr) for pr in longs)
+            return
+        if self.engine.long_policy == "fifo":
+            # LMDeploy's ``_sort_long_prefills`` keeps the long prompts in arrival order (no aging)
+            yield "new", longs[0]
+            yield from (("new", pr) for pr in normals)
+            yield from (("new", pr) for pr in longs[1:])
             return
         aging = self.engine.long_aging_s * self._rate      # steps per chunk of priority
         first = self._first

@@ -73,11 +73,12 @@ NO_AGING_S = 1e9     # the long-prompt lane's aging, off in the harness and in t
 
 def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: int, policy: str = 'lru',
                      max_active: int = 3, engine_settings: tuple = HARNESS_ENGINE,
-                     offload: bool = True) -> HarnessRun:
+                     offload: bool = True, long_policy: str = 'size') -> HarnessRun:
     """One harness run with capture on; the capture's arrival clock counts engine iterations (what the
     planner comparisons need; the cost test, ``bench capture``'s ``measure_capture``, keeps the server's).
     ``engine_settings``: the engine's (max_batches, prefill_interval, max_prefill_token_num); ``offload``:
-    the ``capture_offload`` setting (encode in the capture's helper process)."""
+    the ``capture_offload`` setting (encode in the capture's helper process); ``long_policy``: the order of
+    waiting long prompts (LMDeploy's ``LMDEPLOY_PT_TTFT_POLICY``: ``size`` or ``fifo``)."""
     max_batches, prefill_interval, max_prefill = engine_settings
     path = str(tmp_path / f'capture-{len(conversations)}-{gpu_blocks}-{host_slots}.jsonl')
     engine = build_host_tier_engine(HarnessModel(dtype=torch.float16),
@@ -89,6 +90,7 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
     # LMDeploy ages a waiting long prompt by wall time (2 s per chunk); the harness's iterations last milliseconds
     # and the step model counts the trace's clock (iterations here): both run the long-prompt lane without it
     engine.scheduler._prefill_scheduler._long_prefill_aging_seconds_per_chunk = NO_AGING_S
+    engine.scheduler._prefill_scheduler._long_prefill_policy = long_policy
     assert sched.capture is not None, 'the capture setting did not reach the scheduler role'
     assert sched.capture.offload == offload
     driver = WorkloadDriver(engine, conversations, max_active=max_active)
@@ -175,9 +177,10 @@ HOST_WRITE_ITERATIONS = 1.5
 
 # the harness engine's admission settings (HarnessCacheSpec: max_batches 4, prefill_interval 4; and
 # run_with_capture's max_prefill_token_num 512), given to the planner's step model (--engine-steps)
-def engine_steps_args(settings=HARNESS_ENGINE) -> tuple:
+def engine_steps_args(settings=HARNESS_ENGINE, long_policy='size') -> tuple:
     return ('--engine-steps', '--max-batches', str(settings[0]), '--prefill-interval', str(settings[1]),
-            '--max-prefill-tokens', str(settings[2]), '--long-prefill-aging-s', str(NO_AGING_S))
+            '--max-prefill-tokens', str(settings[2]), '--long-prefill-aging-s', str(NO_AGING_S),
+            '--long-prefill-policy', long_policy)
 
 
 ENGINE_STEPS = engine_steps_args()
@@ -258,10 +261,10 @@ def _conversations(workload):
     return WORKLOADS[workload][0]()
 
 
-def _run_workload(tmp_path, workload, gpu, host, engine_settings=HARNESS_ENGINE):
+def _run_workload(tmp_path, workload, gpu, host, engine_settings=HARNESS_ENGINE, long_policy='size'):
     convs, active = WORKLOADS[workload]
     return run_with_capture(tmp_path, convs(), gpu_blocks=gpu, host_slots=host, max_active=active,
-                            engine_settings=engine_settings)
+                            engine_settings=engine_settings, long_policy=long_policy)
 
 
 def test_capture_is_off_by_default():
@@ -326,20 +329,31 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     ('weka-all-6-a5', 40, 16, (8, 2, 384)), ('mooncake-80-a6', 40, 16, (3, 8, 1024)),
                     # long prompts, prefilled in chunks (round 6): two tuning rows and one held-out row
                     ('mooncake-60-mb40-a4', 80, 32, (4, 4, 256)), ('weka-6-mb40-a5', 128, 32, (4, 4, 256)),
-                    ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288))]
+                    ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288)),
+                    # LMDEPLOY_PT_TTFT_POLICY=fifo: two rows whose harness hit rates fifo changes (held-out 10)
+                    ('mooncake-60-mb30-out8-a5', 56, 24, (4, 4, 192), 'fifo'),
+                    ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288), 'fifo')]
+
+
+def _row(row) -> tuple:
+    """A step-model row: (workload, GPU blocks, host slots[, engine settings[, long-prompt policy]]) ->
+    (workload, GPU blocks, host slots, engine settings, long-prompt policy)."""
+    workload, gpu, host, *rest = row
+    return (workload, gpu, host, tuple(rest[0]) if rest else HARNESS_ENGINE,
+            rest[1] if len(rest) > 1 else 'size')
 
 
 @pytest.mark.parametrize('row', VALIDATION_STEPS, ids=lambda row: '-'.join(map(str, row)))
 def test_step_model_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_clock, row):
-    workload, gpu, host, *settings = row
-    settings = tuple(settings[0]) if settings else HARNESS_ENGINE
-    run = _run_workload(tmp_path, workload, gpu, host, settings)
-    o = _plan_json(capsys, run.capture_path, gpu - 1, host, *engine_steps_args(settings))
+    workload, gpu, host, settings, long_policy = _row(row)
+    run = _run_workload(tmp_path, workload, gpu, host, settings, long_policy)
+    o = _plan_json(capsys, run.capture_path, gpu - 1, host, *engine_steps_args(settings, long_policy))
     w = o['with_concurrency']
     print(f'\n{workload} gpu={gpu} host={host} engine={settings}: harness GPU {run.gpu_hit_rate:.3f} host '
           f'{run.host_hit_rate:.3f}; step model GPU {w["gpu_hit_rate"]:.3f} host {w["host_hit_rate"]:.3f}')
     assert w['requests'] == run.requests
     assert tuple(w['engine_steps'][k] for k in ('max_batches', 'prefill_interval', 'max_prefill_tokens')) == settings
+    assert w['engine_steps']['long_policy'] == long_policy
     assert w['prefill_steps'] > 0 and w['decode_steps'] > 0
     assert abs(w['gpu_hit_rate'] - run.gpu_hit_rate) <= TOLERANCE
     assert abs(w['host_hit_rate'] - run.host_hit_rate) <= TOLERANCE
@@ -461,6 +475,10 @@ GRID_LONG = ([('weka-6-mb40', g, h) for g, h in ((64, 24), (96, 48), (128, 32))]
 HELD_OUT_GRID_LONG = ([('weka-all-6-mb48-s1-a4', g, h, (3, 8, 320)) for g, h in ((80, 24), (112, 32), (160, 48))]
                       + [('mooncake-80-mb36-s1-t2-out6-a5', g, h, (8, 2, 224)) for g, h in ((64, 24), (96, 32), (128, 48))]
                       + [('synthetic-80-mb44-s2-a3', g, h, (4, 4, 288)) for g, h in ((72, 24), (104, 32), (144, 48))])
+# LMDEPLOY_PT_TTFT_POLICY=fifo (long prompts in arrival order): the long-prompt rows of tuning 6 and held-out 9,
+# run with fifo in the harness and in the step model; modelled from LMDeploy's code, nothing tuned on them
+HELD_OUT_GRID_FIFO = [(*row[:3], row[3] if len(row) > 3 else HARNESS_ENGINE, 'fifo')
+                      for row in GRID_LONG + HELD_OUT_GRID_LONG]
 # stress rows (printed with the grid): 20-30 output tokens; prompts longer than max_prefill_tokens
 GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
                ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
@@ -479,18 +497,18 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
             ('tuning 4b', GRID_FOUR_ACTIVE), ('tuning 4c', GRID_HOST_SIZES), ('tuning 5', HELD_OUT_GRID_5),
             ('held-out 6', HELD_OUT_GRID_6), ('held-out 7', HELD_OUT_GRID_7), ('held-out 8', GRID_ENGINE_SETTINGS),
             ('stress', GRID_STRESS), ('tuning 6 (long prompts)', GRID_LONG),
-            ('held-out 9 (long prompts)', HELD_OUT_GRID_LONG))
+            ('held-out 9 (long prompts)', HELD_OUT_GRID_LONG), ('held-out 10 (fifo)', HELD_OUT_GRID_FIFO))
     for label, grid in sets:
-        for workload, gpu, host, *settings in grid:
-            engine_settings = tuple(settings[0]) if settings else HARNESS_ENGINE
-            run = _run_workload(tmp_path, workload, gpu, host, engine_settings)
-            if settings:
+        for row in grid:
+            workload, gpu, host, engine_settings, long_policy = _row(row)
+            run = _run_workload(tmp_path, workload, gpu, host, engine_settings, long_policy)
+            if len(row) > 3:
                 workload = f'{workload} ({"/".join(map(str, engine_settings))})'
             pr = prepare_trace(read_mooncake(run.capture_path))
             conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
                                      host_write_s=HOST_WRITE_ITERATIONS)
             steps = replay_stepped(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
-                                   EngineSteps(*engine_settings, long_aging_s=NO_AGING_S),
+                                   EngineSteps(*engine_settings, long_aging_s=NO_AGING_S, long_policy=long_policy),
                                    host_write_s=HOST_WRITE_ITERATIONS)
             seq = replay(pr, gpu - 1, host, 'lru', BS)
             marks = []

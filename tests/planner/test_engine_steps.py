@@ -10,7 +10,7 @@ from lmdeploy_hostcache.cli import main
 from lmdeploy_hostcache.planner import cli as planner_cli
 from lmdeploy_hostcache.planner.concurrency import Lifetimes
 from lmdeploy_hostcache.eviction_eval import EVAL_NAMESPACE
-from lmdeploy_hostcache.planner.engine_steps import (EngineSteps, SteppedTwoTierCache, _GpuTierIndex,
+from lmdeploy_hostcache.planner.engine_steps import (LONG_POLICIES, EngineSteps, SteppedTwoTierCache, _GpuTierIndex,
                                                       _last_refresh_order, replay_stepped)
 from lmdeploy_hostcache.planner.replay import prepare_trace, replay
 from lmdeploy_hostcache.planner.traces import Request, Trace
@@ -35,11 +35,14 @@ def test_engine_settings_are_validated_and_the_cli_defaults_match():
         EngineSteps(short_turns=0)
     with pytest.raises(ValueError, match="long_aging_s must be a number > 0"):
         EngineSteps(long_aging_s=0)
+    with pytest.raises(ValueError, match="long_policy must be one of size, fifo"):
+        EngineSteps(long_policy="lifo")
     e = EngineSteps()
     assert (e.max_batches, e.prefill_interval, e.max_prefill_tokens) == planner_cli._STEP_DEFAULTS
-    # the long-prefill lane's settings are LMDeploy's defaults (LMDEPLOY_PT_TTFT_SHORT_TURNS, _AGING_SEC)
+    assert LONG_POLICIES == planner_cli.LONG_POLICIES
+    # the long-prefill lane's settings are LMDeploy's defaults (LMDEPLOY_PT_TTFT_SHORT_TURNS, _AGING_SEC, _POLICY)
     assert e.as_dict() == {"max_batches": 128, "prefill_interval": 16, "max_prefill_tokens": 8192,
-                           "short_turns": 3, "long_aging_s": 2.0}
+                           "short_turns": 3, "long_aging_s": 2.0, "long_policy": "size"}
 
 
 def test_prefill_steps_follow_the_interval_and_the_half_batch_rule():
@@ -201,7 +204,7 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
     out = json.loads(capsys.readouterr().out)
     w = out["with_concurrency"]
     assert w["engine_steps"] == {"max_batches": 8, "prefill_interval": 16, "max_prefill_tokens": 8192,
-                                 "short_turns": 3, "long_aging_s": 2.0}
+                                 "short_turns": 3, "long_aging_s": 2.0, "long_policy": "size"}
     assert w["requests"] == 150 and w["prefill_steps"] > 0 and w["decode_steps"] > 0
     assert w["chunk_steps"] > 0 and w["chunked_requests"] > 0      # the trace's longest prompts
     assert main(["plan", "--quiet", "--limit", "150", "--gpu-blocks", "40", "--host-blocks", "200",
@@ -217,6 +220,7 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
     (["--engine-steps", "--sweep"], "--engine-steps applies to a single run"),
     (["--short-prefill-turns", "2"], "--short-prefill-turns set the step model: add --engine-steps"),
     (["--long-prefill-aging-s", "5"], "--long-prefill-aging-s set the step model: add --engine-steps"),
+    (["--long-prefill-policy", "fifo"], "--long-prefill-policy set the step model: add --engine-steps"),
 ])
 def test_step_options_without_the_step_model_are_refused(capsys, argv, message):
     assert main(["plan", "--quiet", "--limit", "50", *argv]) == 2
@@ -305,7 +309,7 @@ def test_short_prompts_go_first_smallest_first_while_a_long_prompt_waits():
                                   (10, "prefill", 3)]
 
 
-def test_the_long_prompt_with_fewest_chunks_goes_first_unless_a_waiting_one_has_aged():
+def test_the_long_prompt_with_fewest_chunks_goes_first_unless_one_has_aged_or_the_policy_is_fifo():
     # max_prefill_tokens 16, one step per second. L40 (3 chunks) and L64 (4 chunks) arrive together: L40, the
     # smaller, is chunked first (steps 1-4). L24 (2 chunks) arrives at 3.5. When L40 is done (step 5), the
     # long-first turn takes the prompt with the fewest chunks, L24, unless aging has credited L64 one chunk per
@@ -322,6 +326,10 @@ def test_the_long_prompt_with_fewest_chunks_goes_first_unless_a_waiting_one_has_
                                   (7, "chunk", 2), (9, "chunk", 2), (10, "prefill", 2), (11, "chunk", 3),
                                   (12, "prefill", 3)]
     assert st.chunked_requests == 3 and not cache._pins
+    # LMDEPLOY_PT_TTFT_POLICY=fifo: the long prompts in arrival order, whatever their size or the aging (L64 at 5)
+    for aging in (100.0, 1.0):
+        cache, _, _ = _schedule(reqs, engine=EngineSteps(4, 2, 16, long_aging_s=aging, long_policy="fifo"))
+        assert cache.schedule[4:6] == [(5, "chunk", 2), (7, "chunk", 2)]
 
 
 @given(hst.lists(hst.tuples(hst.integers(0, 3), hst.integers(0, 6)), max_size=40))
