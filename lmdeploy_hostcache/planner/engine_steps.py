@@ -38,12 +38,18 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   smallest first; a long prompt whose match leaves at most one chunk counts as short) and, when
   that admits nothing or ``short_turns`` short passes ran since the latest chunk, a *long-first*
   pass: the smallest long prompt (in chunks, less one chunk per ``long_aging_s`` of waiting; with
-  ``long_policy`` ``fifo``, the earliest) first, then the short ones, smallest first; a long prompt's first chunk ends the pass.  After a chunk the
-  decode step goes first; the next chunk waits for up to ``short_turns`` short passes; the last
-  chunk is never deferred.  A chunk's blocks are reserved like an admission, but the engine first
-  takes the blocks of a request whose load completed and that waits for its prefill (``_reclaim_load``:
-  the request goes back to the queue; its loaded blocks stay cached and count as restored when it
-  matches them again);
+  ``long_policy`` ``fifo``, the earliest) first, then the short ones, smallest first; a long
+  prompt's first chunk ends the pass.  After a chunk the decode step goes first; the next chunk
+  waits for up to ``short_turns`` short passes; the last chunk is never deferred.  A chunk's blocks
+  are reserved like an admission;
+* **reclaim**: when the free blocks do not cover what an admission attempt or a chunk needs, the
+  engine first takes the blocks of requests whose load completed and that wait for their prefill
+  (LMDeploy's eviction helper with the connector's reclaim of completed loads: for an attempt, the
+  ones its pass skipped, then those it has not tried yet; for the next chunk of the prompt being
+  chunked, all of them), one at a time,
+  each followed by cached-block evictions (``_reclaim_queued``, ``_reclaim_load``: the request
+  goes back to the queue; its loaded blocks stay cached and count as restored when it matches them
+  again);
 * a request whose prompt continues in the host tier *loads* instead: the connector's lookup
   refreshes its hit in the host tier and holds it while the attempt makes room for the whole
   prefill; the load starts only if the free blocks also cover the soft reservations (the tails of
@@ -65,8 +71,7 @@ Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``chunk_steps`
 ``chunked_requests``, ``load_waits`` (requests that waited for a host load), ``reclaimed_loads``,
 ``attempt_evictions``, plus ``ConcurrencyStats`` (``queued_requests``/``queue_delay_s``: requests
 whose prefill (or first chunk) ran after the first step they could have run in, and those waits).
-Not modelled: preemption, a queued request's blocks reclaimed by an admission (only a chunk's
-reservation reclaims, as measured), and a forward's own duration (a step is a step).  Invariants:
+Not modelled: preemption, and a forward's own duration (a step is a step).  Invariants:
 steps only move forward; a running request's end and block-growth events are kept in
 *decode-step* counts, so a prefill or chunk step inserted while it runs delays them by one step, as
 in the engine; a started load's blocks are pinned from its start and its tail's from its prefill,
@@ -147,7 +152,7 @@ class SteppedStats(ConcurrencyStats):
     chunk_steps: int = 0          # forwards of one long prompt's chunk (the last one included)
     chunked_requests: int = 0     # requests whose prompt was prefilled in chunks
     load_waits: int = 0
-    reclaimed_loads: int = 0      # loads whose blocks a long prompt's chunk took before they prefilled
+    reclaimed_loads: int = 0      # loads whose blocks a chunk or an admission took before they prefilled
     attempt_evictions: int = 0    # GPU blocks evicted by admission attempts that found too little room
 
 
@@ -282,6 +287,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # the long prompts a short-only pass skipped, all of them: (what they depend on, their blocks in refresh order)
         self._skip_refresh: tuple | None = None
         self._reloaded: dict[int, set] = {}          # id(pr) -> block indices its reclaimed loads restored
+        # within a pass: the completed loads it skipped and those it has not tried yet (LMDeploy's
+        # ``skipped_waiting + waiting``, the requests an admission's capacity making may reclaim)
+        self._pass_skipped: list | None = None
+        self._pass_pending: list | None = None
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -622,9 +631,16 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             if before == self._idle_pass:
                 return None
         skipped = None     # short-only: the matches of the long prompts skipped so far (False: one was tried)
+        self._pass_skipped, self._pass_pending = [], self._ready_loads()
         for what, item in self._order(step, policy):
             if n >= cap:
                 break
+            if what == "loaded":
+                if item in self._pass_pending:
+                    self._pass_pending.remove(item)
+                if item not in self._loaded:
+                    # reclaimed earlier in this pass by another admission: an ordinary waiting request now
+                    what, item, skipped = "new", item[3], False
             if policy == SHORT_ONLY and what == "new" and item.request.input_length > limit:
                 # the short-only gate on a long prompt (most of a saturated queue): its match, then a skip
                 # unless the match leaves one chunk at most (then a full attempt, which matches again)
@@ -650,6 +666,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 skipped = False
             if what == "loaded":
                 outcome, tokens = self._attempt_loaded(item, step, n, used, policy)
+                if outcome == "skip":
+                    self._pass_skipped.append(item)
             else:
                 idle = idle_engine and not n and not self._loaded
                 outcome, tokens = self._attempt(item, step, n, used, policy, idle)
@@ -665,6 +683,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 kind = "chunk"
                 break
             kind = "prefill"
+        self._pass_skipped = self._pass_pending = None
         if skipped:
             self._skip_refresh = (tail, _last_refresh_order(skipped))
         if policy == SHORT_ONLY:
@@ -754,8 +773,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._begin_chunked(ch, step)
             return "chunk", count
         if not self._tail_fits(lpr, part) and (self._live or n):
-            self.stats.attempt_evictions += self._make_tail_room(lpr, part)
-            return "stop", 0
+            evicted = self._make_tail_room(lpr, part, exclude=entry)
+            if not self._tail_fits(lpr, part):     # (reclaiming queued loads may have made the room)
+                self.stats.attempt_evictions += evicted
+                return "stop", 0
         self._remove_loaded(entry)
         self._start(lpr, self._finish_load(lpr, part), step)
         return "admitted", tokens
@@ -852,6 +873,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if h:
             self.host.touch(pr.digests[g:g + h])      # the connector's lookup refreshes its hit
             evicted = self._make_room(pr, step, hold_host_hit=True)
+            fits = fits or self._fits(pr)             # (reclaiming queued loads may have made the room)
             if fits and (idle or self._soft_budget_ok(pr)):
                 self._start_load(pr, step)
                 return "load", 0
@@ -860,8 +882,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if self._is_long(tail):
             blocks = self._chunk_blocks(g * self.block_size)
             if not (idle or self._fits(pr, blocks)):
-                self.stats.attempt_evictions += self._make_room(pr, step, blocks=blocks)
-                return fail, 0
+                evicted = self._make_room(pr, step, blocks=blocks)
+                if not self._fits(pr, blocks):
+                    self.stats.attempt_evictions += evicted
+                    return fail, 0
             self._make_room(pr, step, blocks=blocks)
             g, restored, _ = self.serve_blocks(pr, load_only=True)
             self._note_result(pr, g, restored)
@@ -870,8 +894,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._begin_chunked(ch, step)
             return "chunk", count
         if not fits:
-            self.stats.attempt_evictions += self._make_room(pr, step)
-            return fail, 0
+            evicted = self._make_room(pr, step)
+            if not self._fits(pr):
+                self.stats.attempt_evictions += evicted
+                return fail, 0
         self._serve_now(pr, step)
         self._start(pr, self._served, step)
         return "admitted", tail
@@ -913,13 +939,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if need > gpu.num_free_slots:
             # LMDeploy's eviction helper: first the blocks of the queue's requests that hold some (a request
             # whose load completed; in queue order, each then evicting cached blocks), then cached blocks
-            for entry in (sorted(self._loaded, key=lambda x: self._position[id(x[3])]) if reclaim else ()):
-                if entry[0] > step:
-                    continue
-                self._reclaim_load(entry)
-                gpu.evict(max(0, need - gpu.num_free_slots))
-                if need <= gpu.num_free_slots:
-                    break
+            if reclaim:
+                self._reclaim_until(need, sorted((x for x in self._loaded if x[0] <= step),
+                                                 key=lambda x: self._position[id(x[3])]))
             if need > gpu.num_free_slots:
                 gpu.evict(need - gpu.num_free_slots)
             if need > gpu.num_free_slots and not force:
@@ -1016,11 +1038,14 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         shared = self._pinned_run(pr, part[3])
         return self._occupied() + self._tail_blocks(pr, part) - shared <= self.stats.gpu_blocks
 
-    def _make_tail_room(self, pr: PreparedRequest, part) -> int:
-        """``_make_room`` for a loaded request's tail (its matched and loaded blocks are pinned)."""
+    def _make_tail_room(self, pr: PreparedRequest, part, exclude=None) -> int:
+        """``_make_room`` for a loaded request's tail (its matched and loaded blocks are pinned; ``exclude``:
+        its own entry while it is still queued)."""
         self._settle_at(self._step)
-        missing = self._tail_blocks(pr, part) - self.gpu.num_free_slots
-        return self.gpu.evict(missing) if missing > 0 else 0
+        need = self._tail_blocks(pr, part)
+        evicted = self._reclaim_queued(need, exclude)
+        missing = need - self.gpu.num_free_slots
+        return evicted + (self.gpu.evict(missing) if missing > 0 else 0)
 
     def _soft_budget_ok(self, pr: PreparedRequest) -> bool:
         """LMDeploy's ``can_admit_load``: the free blocks cover this load's whole prefill, the tails of the
@@ -1032,6 +1057,31 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if ch is not None:       # a prompt prefilled in chunks reserves the blocks of its chunks to come
             reserved += max(0, self._admission_blocks(ch.pr.request.input_length) - len(ch.pinned) - len(ch.held))
         return self._admission_blocks(pr.request.input_length) - g + reserved <= self.gpu.num_free_slots
+
+    def _reclaim_queued(self, need: int, exclude=None) -> int:
+        """LMDeploy's eviction helper (``try_make_capacity_for``, with the connector's reclaim of completed
+        loads, ``integration/activate.py``): when the free blocks do not cover ``need``, the completed
+        loads this pass skipped, then those it has not tried yet, are reclaimed one at a time
+        (``_reclaim_load``), each followed by cached-block evictions, until they do.  Outside a pass,
+        nothing.  Returns how many cached blocks were evicted."""
+        if self._pass_skipped is None:
+            return 0
+        return self._reclaim_until(need, self._pass_skipped + self._pass_pending, exclude)
+
+    def _reclaim_until(self, need: int, entries, exclude=None) -> int:
+        """Reclaim ``entries`` (completed loads, in that order; gone or ``exclude``: passed over) one at a time,
+        each followed by cached-block evictions, until the free blocks cover ``need``.  Returns how many
+        cached blocks were evicted."""
+        gpu = self.gpu
+        evicted = 0
+        for entry in entries:
+            if need <= gpu.num_free_slots:
+                break
+            if entry is exclude or entry not in self._loaded:
+                continue
+            self._reclaim_load(entry)
+            evicted += gpu.evict(max(0, need - gpu.num_free_slots))
+        return evicted
 
     def _make_room(self, pr: PreparedRequest, step: int, hold_host_hit: bool = False,
                    blocks: int | None = None) -> int:
@@ -1054,7 +1104,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             gpu.prepare_load(matched)
         if hit:
             self.host.prepare_load(hit)
-        evicted = gpu.evict(missing)
+        evicted = self._reclaim_queued(blocks - g)
+        missing = blocks - g - gpu.num_free_slots
+        if missing > 0:
+            evicted += gpu.evict(missing)
         if hit:
             self.host.complete_load(hit, False)
         if matched:

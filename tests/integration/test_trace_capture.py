@@ -254,6 +254,13 @@ WORKLOADS = {
                                                                        think_steps=2, max_new_tokens=6), 5),
     'synthetic-80-mb44-s2-a3': (lambda: mooncake_conversations(max_requests=80, max_blocks=44, seed=2,
                                                                 trace='synthetic'), 3),
+    # round 7's held-out set (HELD_OUT_GRID_11): long prompts again, other seeds and sizes, each row under
+    # both of LMDeploy's long-prompt orders
+    'weka-all-6-mb44-s2-a4': (lambda: weka_conversations(max_turns=6, max_blocks=44, seed=2), 4),
+    'mooncake-70-mb40-s3-t1-out5-a5': (lambda: mooncake_conversations(max_requests=70, max_blocks=40, seed=3,
+                                                                       think_steps=1, max_new_tokens=5), 5),
+    'synthetic-70-mb40-s3-a4': (lambda: mooncake_conversations(max_requests=70, max_blocks=40, seed=3,
+                                                                trace='synthetic'), 4),
 }
 
 
@@ -330,9 +337,12 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     # long prompts, prefilled in chunks (round 6): two tuning rows and one held-out row
                     ('mooncake-60-mb40-a4', 80, 32, (4, 4, 256)), ('weka-6-mb40-a5', 128, 32, (4, 4, 256)),
                     ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288)),
-                    # LMDEPLOY_PT_TTFT_POLICY=fifo: two rows whose harness hit rates fifo changes (held-out 10)
+                    # LMDEPLOY_PT_TTFT_POLICY=fifo (round 7): two rows whose harness hit rates fifo changes and the
+                    # row whose diff found the reclaim of completed loads by an admission (tuning 7; 0.067 off
+                    # without it), and a held-out 11 row
                     ('mooncake-60-mb30-out8-a5', 56, 24, (4, 4, 192), 'fifo'),
-                    ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288), 'fifo')]
+                    ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288), 'fifo'),
+                    ('weka-6-mb40-a5', 96, 32, (4, 4, 256), 'fifo'), ('synthetic-70-mb40-s3-a4', 96, 32, (4, 4, 224), 'fifo')]
 
 
 def _row(row) -> tuple:
@@ -475,10 +485,15 @@ GRID_LONG = ([('weka-6-mb40', g, h) for g, h in ((64, 24), (96, 48), (128, 32))]
 HELD_OUT_GRID_LONG = ([('weka-all-6-mb48-s1-a4', g, h, (3, 8, 320)) for g, h in ((80, 24), (112, 32), (160, 48))]
                       + [('mooncake-80-mb36-s1-t2-out6-a5', g, h, (8, 2, 224)) for g, h in ((64, 24), (96, 32), (128, 48))]
                       + [('synthetic-80-mb44-s2-a3', g, h, (4, 4, 288)) for g, h in ((72, 24), (104, 32), (144, 48))])
-# LMDEPLOY_PT_TTFT_POLICY=fifo (long prompts in arrival order): the long-prompt rows of tuning 6 and held-out 9,
-# run with fifo in the harness and in the step model; modelled from LMDeploy's code, nothing tuned on them
-HELD_OUT_GRID_FIFO = [(*row[:3], row[3] if len(row) > 3 else HARNESS_ENGINE, 'fifo')
-                      for row in GRID_LONG + HELD_OUT_GRID_LONG]
+# round 7 (LMDEPLOY_PT_TTFT_POLICY=fifo: long prompts in arrival order): the long-prompt rows of tuning 6 and
+# held-out 9 with fifo in the harness and in the step model. Run once as held out, then diffed (the reclaim of
+# completed loads by an admission came from its worst row): a tuning set since
+GRID_FIFO = [(*row[:3], row[3] if len(row) > 3 else HARNESS_ENGINE, 'fifo') for row in GRID_LONG + HELD_OUT_GRID_LONG]
+# round 7's held-out set: generated after the reclaim change, run once, each row under both long-prompt orders
+HELD_OUT_GRID_11 = [(w, g, h, e, policy) for policy in ('size', 'fifo') for w, e, sizes in (
+    ('weka-all-6-mb44-s2-a4', (4, 2, 256), ((64, 24), (96, 32), (144, 48))),
+    ('mooncake-70-mb40-s3-t1-out5-a5', (6, 4, 320), ((56, 24), (88, 32), (128, 48))),
+    ('synthetic-70-mb40-s3-a4', (4, 4, 224), ((64, 24), (96, 32), (136, 48)))) for g, h in sizes]
 # stress rows (printed with the grid): 20-30 output tokens; prompts longer than max_prefill_tokens
 GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
                ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
@@ -497,13 +512,14 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
             ('tuning 4b', GRID_FOUR_ACTIVE), ('tuning 4c', GRID_HOST_SIZES), ('tuning 5', HELD_OUT_GRID_5),
             ('held-out 6', HELD_OUT_GRID_6), ('held-out 7', HELD_OUT_GRID_7), ('held-out 8', GRID_ENGINE_SETTINGS),
             ('stress', GRID_STRESS), ('tuning 6 (long prompts)', GRID_LONG),
-            ('held-out 9 (long prompts)', HELD_OUT_GRID_LONG), ('held-out 10 (fifo)', HELD_OUT_GRID_FIFO))
+            ('held-out 9 (long prompts)', HELD_OUT_GRID_LONG), ('tuning 7 (fifo)', GRID_FIFO),
+            ('held-out 11 (long prompts, size and fifo)', HELD_OUT_GRID_11))
     for label, grid in sets:
         for row in grid:
             workload, gpu, host, engine_settings, long_policy = _row(row)
             run = _run_workload(tmp_path, workload, gpu, host, engine_settings, long_policy)
             if len(row) > 3:
-                workload = f'{workload} ({"/".join(map(str, engine_settings))})'
+                workload = f'{workload} ({"/".join(map(str, engine_settings))}{", fifo" if long_policy == "fifo" else ""})'
             pr = prepare_trace(read_mooncake(run.capture_path))
             conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
                                      host_write_s=HOST_WRITE_ITERATIONS)

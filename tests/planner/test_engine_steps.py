@@ -367,3 +367,19 @@ def test_refreshing_each_block_once_at_its_last_refresh_leaves_the_gpu_tier_s_lr
             before = set(tier._blocks)
         victims.append(gone)
     assert victims[0] == victims[1] and len(victims[0]) == 25
+
+
+def test_an_admission_that_lacks_free_blocks_first_reclaims_a_completed_load_its_pass_skipped():
+    # max_prefill_tokens 16, 14 GPU blocks, 8 host slots. R's blocks [1, 2, 3] end up in the host tier, A (40 tokens:
+    # long) matches 2 of them on the GPU and loads 1 at 5; its load completes at 7. At 7 a short-only pass skips A
+    # (its tail is still long) and tries B, which arrived at 6.6: the free blocks do not cover B, so LMDeploy's
+    # eviction helper (with the connector's reclaim of completed loads) first takes A's blocks. A goes back to the
+    # queue and B prefills at 7 (without the reclaim: at 8). A loads again at 10, and the blocks its first
+    # load restored count as restored when matched again: 1 GPU hit and 2 restored.
+    reqs = [(0.5, 12, 1, [1, 2, 3]), (1.5, 16, 1, [10, 11, 12, 13]), (2.5, 16, 1, [20, 21, 22, 23]),
+            (3.5, 8, 40, [30, 31]), (4.5, 40, 2, [1, 2, 3] + list(range(40, 47))),
+            (5.6, 16, 1, [60, 61, 62, 63]), (6.6, 16, 2, [50, 51, 52, 53])]
+    cache, results, st = _schedule(reqs, gpu=14, host=8, engine=EngineSteps(4, 2, 16))
+    assert cache.schedule[4:8] == [(5, "load", 4), (6, "prefill", 5), (7, "prefill", 6), (10, "load", 4)]
+    assert st.reclaimed_loads == 1 and results[4] == (1, 2)
+    assert not cache._pins and cache._held_now == 0
