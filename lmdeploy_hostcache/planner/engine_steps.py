@@ -46,10 +46,9 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   engine first takes the blocks of requests whose load completed and that wait for their prefill
   (LMDeploy's eviction helper with the connector's reclaim of completed loads: for an attempt, the
   ones its pass skipped, then those it has not tried yet; for the next chunk of the prompt being
-  chunked, all of them), one at a time,
-  each followed by cached-block evictions (``_reclaim_queued``, ``_reclaim_load``: the request
-  goes back to the queue; its loaded blocks stay cached and count as restored when it matches them
-  again);
+  chunked, all of them), one at a time, each followed by cached-block evictions
+  (``_reclaim_queued``, ``_reclaim_load``: the request goes back to the queue; its loaded blocks
+  stay cached and count as restored when it matches them again);
 * a request whose prompt continues in the host tier *loads* instead: the connector's lookup
   refreshes its hit in the host tier and holds it while the attempt makes room for the whole
   prefill; the load starts only if the free blocks also cover the soft reservations (the tails of
@@ -566,9 +565,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._queue_view = view = (self._waiting_version, normals, longs, tuple(groups.items()))
         return view
 
-    def _order(self, step: int, policy: str):
-        """LMDeploy's ``_PrefillReorderer``: completed loads first (arrival order), then the waiting
-        requests in the turn policy's order.
+    def _order(self, step: int, policy: str, loaded: list):
+        """LMDeploy's ``_PrefillReorderer``: the completed loads ``loaded`` first (``_ready_loads``: arrival
+        order), then the waiting requests in the turn policy's order.
 
         A generator over the queue as the pass found it (the pass removes the requests it admits):
         every part of the order depends only on that queue and ``step``, so a part computed when the
@@ -578,7 +577,6 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         Among prompts of one chunk count the earlier arrival has waited longer, so each chunk-count
         group in arrival order is already in priority order, and the whole order is their merge: a
         pass that stops at its first long prompt (a saturated queue) looks at one prompt per group."""
-        loaded = self._ready_loads()
         _, normals, longs, groups = self._view()
         everyone = list(self._waiting) if policy == STANDARD or (policy == LONG_FIRST and not longs) else None
         for x in loaded:
@@ -631,8 +629,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             if before == self._idle_pass:
                 return None
         skipped = None     # short-only: the matches of the long prompts skipped so far (False: one was tried)
-        self._pass_skipped, self._pass_pending = [], self._ready_loads()
-        for what, item in self._order(step, policy):
+        loaded = self._ready_loads()
+        self._pass_skipped, self._pass_pending = [], list(loaded)
+        for what, item in self._order(step, policy, loaded):
             if n >= cap:
                 break
             if what == "loaded":
