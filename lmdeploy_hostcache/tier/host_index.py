@@ -197,12 +197,7 @@ class HostIndex:
 
         Raises KeyError (pinning nothing) if any block is not RESIDENT.
         """
-        blocks = []
-        for d in digests:
-            b = self._blocks.get(d)
-            if b is None or b.doomed or b.state is not BlockState.RESIDENT:
-                raise KeyError(f"block {d:032x} is not host-resident; cannot load it")
-            blocks.append(b)
+        blocks = self._resident_blocks(digests, "load")
         slots = []
         for b in blocks:
             self.allocator.pin(b.slot)
@@ -234,12 +229,7 @@ class HostIndex:
         admit that very request must not take it.  Raises KeyError (pinning nothing) if any block
         is not RESIDENT.
         """
-        blocks = []
-        for d in digests:
-            b = self._blocks.get(d)
-            if b is None or b.doomed or b.state is not BlockState.RESIDENT:
-                raise KeyError(f"block {d:032x} is not host-resident; cannot hold it")
-            blocks.append(b)
+        blocks = self._resident_blocks(digests, "hold")
         for b in blocks:
             self.allocator.pin(b.slot)
             if b.candidate:
@@ -451,6 +441,17 @@ class HostIndex:
         return done
 
     # ------------------------------------------------------------------ internals
+    def _resident_blocks(self, digests: Sequence[int], verb: str) -> list[HostBlock]:
+        """The RESIDENT blocks of ``digests``, in order; KeyError naming the first that is not (for
+        ``prepare_load`` and ``hold``, which then pin nothing)."""
+        blocks = []
+        for d in digests:
+            b = self._blocks.get(d)
+            if b is None or b.doomed or b.state is not BlockState.RESIDENT:
+                raise KeyError(f"block {d:032x} is not host-resident; cannot {verb} it")
+            blocks.append(b)
+        return blocks
+
     def _take_slot(self) -> int | None:
         """A free slot, else the slot of the policy's victim (evicted now), else None."""
         slot = self.allocator.allocate()
