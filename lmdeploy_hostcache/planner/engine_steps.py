@@ -42,11 +42,12 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   prompt's first chunk ends the pass.  After a chunk the decode step goes first; the next chunk
   waits for up to ``short_turns`` short passes; the last chunk is never deferred.  A chunk's blocks
   are reserved like an admission;
-* **reclaim**: when the free blocks do not cover what an admission attempt or a chunk needs, the
-  engine first takes the blocks of requests whose load completed and that wait for their prefill
-  (LMDeploy's eviction helper with the connector's reclaim of completed loads: for an attempt, the
-  ones its pass skipped, then those it has not tried yet; for the next chunk of the prompt being
-  chunked, all of them), one at a time, each followed by cached-block evictions
+* **reclaim**: when the free blocks do not cover what an admission attempt, a chunk or a decode
+  step's growth needs, the engine first takes the blocks of requests whose load completed and that
+  wait for their prefill (LMDeploy's eviction helper with the connector's reclaim of completed
+  loads: for an attempt, the ones its pass skipped, then those it has not tried yet; for the next
+  chunk of the prompt being chunked and for a growth, all of them), one at a time, each followed
+  by cached-block evictions
   (``_reclaim_queued``, ``_reclaim_load``: the request goes back to the queue; its loaded blocks
   stay cached and count as restored when it matches them again);
 * a request whose prompt continues in the host tier *loads* instead: the connector's lookup
@@ -60,11 +61,19 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   can).  A pass goes on after a load starts (``LOAD_STARTED``: no batch slot, no token budget); a
   step whose passes only started loads decodes;
 * a request's first output token comes from its prefill step (or last chunk), each further one
-  from a decode step; it ends with its last token, and its blocks are free one step later.  Its
-  output blocks stay cached only up to its last growth (LMDeploy's ``schedule_running`` attaches a
-  decoding sequence's full blocks to the trie when it grows): the blocks its output filled after
-  that are freed.  An idle engine (no forward in the previous step) dispatches a forward and the
-  next step's at once: both take one time slot.
+  from a decode step; it ends with its last token, and its blocks are free one step later.
+  **Growth** (``_grow_due``, LMDeploy's ``schedule_running``): a running request takes one more
+  block at a *decode* step whose scheduler has seen tokens that fill what it holds.  The
+  scheduler sees a forward's token two steps after it (the next step is scheduled before the
+  output is read), so in a run of decode steps the growth comes one decode step after the token
+  that fills the last slot, and at the first decode step after a prefill or a chunk it comes one
+  decode step sooner; a growth due at a prefill step waits for the next decode step.  When no
+  block is free, the eviction helper first reclaims completed loads waiting for their prefill
+  (one at a time, each followed by cached-block evictions), then evicts.  Its output blocks stay
+  cached only up to its last growth (``schedule_running`` attaches a decoding sequence's full
+  blocks to the trie when it grows): the blocks its output filled after that are freed.  An idle
+  engine (no forward in the previous step) dispatches a forward and the next step's at once: both
+  take one time slot.
 
 Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``chunk_steps``,
 ``chunked_requests``, ``load_waits`` (requests that waited for a host load), ``reclaimed_loads``,
@@ -73,9 +82,10 @@ whose prefill (or first chunk) ran after the first step they could have run in, 
 Not modelled: preemption, and a forward's own duration (a step is a step).  Invariants:
 steps only move forward; a running request's end and block-growth events are kept in
 *decode-step* counts, so a prefill or chunk step inserted while it runs delays them by one step, as
-in the engine; a started load's blocks are pinned from its start and its tail's from its prefill,
-a chunked prompt's from its chunks; every pin is released at the request's end or when its load is
-reclaimed (``finish`` leaves no pin, hold, load or chunk).
+in the engine (a growth is taken only at a decode step, ``_grow_due``); a started load's blocks are
+pinned from its start and its tail's from its prefill, a chunked prompt's from its chunks; every pin
+is released at the request's end or when its load is reclaimed (``finish`` leaves no pin, hold,
+load or chunk).
 
 Cost: LMDeploy tries every queued request in a short-only pass and each try refreshes its match, so
 a saturated queue costs the model work that grows with its square; the GPU tier (``_GpuTierIndex``:
@@ -253,7 +263,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self.engine = engine
         self._rate = float(lifetimes.decode_tokens_per_s)   # steps per second of the trace's clock
         self._step = 0            # the first step not decided yet
-        self._decoded = 0         # decode steps so far (running requests' events count these)
+        self._decoded = 0         # decode steps so far (running requests' ends count these)
+        self._last_decode_step = -2   # the step of the latest decode step
+        # block growths of running requests: (decode steps that must have run, order, its prefill step, request)
+        self._growths: list[tuple[int, int, int, _Running]] = []
         self._decode_count = 0    # LMDeploy's _decode_count: decode steps decided while a request waited
         self._short_turns = 0     # short prefill passes since the latest long chunk
         self._last_kind = None    # the kind of the latest forward ("prefill", "chunk", "last chunk", "decode")
@@ -290,23 +303,21 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # ``skipped_waiting + waiting``, the requests an admission's capacity making may reclaim)
         self._pass_skipped: list | None = None
         self._pass_pending: list | None = None
+        # the connector's holds of this step's lookups (id(pr) -> the host hit it holds) and their blocks
+        self._step_holds: dict[int, tuple] = {}
+        self._step_held = 0
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
         return step / self._rate
 
     def _process_next(self) -> float:
-        t, kind, order, r = heapq.heappop(self._running)
+        """A request's last token: its step just ran; the engine schedules the next step before it sees
+        the request end, so its blocks are free for the step after that (block growths are not in this
+        heap: ``_grow_due``)."""
+        t, _, order, r = heapq.heappop(self._running)
         self._clock = self._seconds(self._step)
-        if kind == 0:
-            # the last token's step just ran; the engine schedules the next step before it sees the
-            # request end, so its blocks are free for the step after that
-            heapq.heappush(self._ending, (self._step + 1, order, r))
-        elif not r.ended:
-            got = self._hold(1)
-            r.held.extend(got)
-            self._held_now += len(got)
-            self.stats.max_held_blocks = max(self.stats.max_held_blocks, self._occupied())
+        heapq.heappush(self._ending, (self._step + 1, order, r))
         return t
 
     def _fire_due(self) -> None:
@@ -363,14 +374,41 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         return g
 
     def probe(self, pr: PreparedRequest) -> tuple[int, int]:
+        """(GPU match, host hit): the hit is capped at what the connector's hold budget (half the host
+        slots) leaves beside the holds other lookups of this step keep."""
         g, h = super().probe(pr)
         i = self._before_loading(pr, g)
         if i < g:
             # its host copy stays in the host tier (read-pinned) until the load completes
             m = pr.matchable
             h = self.host.lookup(pr.digests[i:m], pr.block_bytes[i:m]) if self.host.num_slots else 0
-            return i, min(h, self.host.num_slots // 2)
+            g, h = i, min(h, self.host.num_slots // 2)
+        if h and self._step_held:
+            others = self._step_held - len(self._step_holds.get(id(pr), ()))
+            h = min(h, max(0, self.host.num_slots // 2 - others))
         return g, h
+
+    def _hold_hit(self, pr: PreparedRequest, hit: tuple) -> None:
+        """The connector's lookup holds its host hit until the request's load starts or the step ends
+        (``build_connector_meta``): no demotion of this step evicts it, and it counts against the hold
+        budget of the step's later lookups."""
+        self._release_hit(pr)
+        if hit:
+            self.host.hold(hit)
+            self._step_holds[id(pr)] = hit
+            self._step_held += len(hit)
+
+    def _release_hit(self, pr: PreparedRequest) -> None:
+        hit = self._step_holds.pop(id(pr), None)
+        if hit is not None:
+            self._step_held -= len(hit)
+            self.host.release(hit)
+
+    def _release_step_holds(self) -> None:
+        for hit in self._step_holds.values():
+            self.host.release(hit)
+        self._step_holds.clear()
+        self._step_held = 0
 
     # -- the engine loop ---------------------------------------------------------------------
     def _ready_loads(self) -> list:
@@ -418,6 +456,11 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         return max(1, n)
 
     def _engine_step(self, limit: int | None) -> None:
+        self._engine_step_passes(limit)
+        if self._step_holds:
+            self._release_step_holds()    # the step's connector metadata is built: its holds end
+
+    def _engine_step_passes(self, limit: int | None) -> None:
         """One engine iteration at ``self._step``: LMDeploy's ``do_prefill_default`` decides whether a
         prefill is due, then ``_ForwardInputsTask.run`` picks the forward: the active long prompt's
         next chunk, a prefill pass (in the turn policy of the long-prefill lane), or a decode step."""
@@ -497,14 +540,59 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
 
     def _decode_steps(self, n: int, was_live: int, counting: bool) -> None:
         """``n`` decode steps (none run on an idle engine: the clock moves on); ``counting``: a request
-        waits in them, so they count towards ``prefill_interval``."""
+        waits in them, so they count towards ``prefill_interval``.  The block growths due are taken at
+        the decode step they fall in (``_grow_due``)."""
         if counting:
             self._decode_count += n
-        self._step += n
-        if was_live:
-            self._decoded += n
-            self.stats.decode_steps += n
-            self._last_busy = max(self._last_busy, self._step - 1)
+        if not was_live:
+            self._step += n
+            return
+        growths = self._growths
+        self.stats.decode_steps += n
+        while n > 0:
+            self._grow_due()
+            # within a run of decode steps the next growth is due once its decode steps have run
+            m = min(n, max(1, growths[0][0] - self._decoded)) if growths else n
+            self._step += m
+            self._decoded += m
+            n -= m
+            self._last_decode_step = self._step - 1
+        self._last_busy = max(self._last_busy, self._step - 1)
+
+    def _grow_due(self) -> None:
+        """LMDeploy's ``schedule_running`` at the decode step ``self._step``: a running request takes one more
+        block when the tokens the scheduler has seen fill what it holds.  A token reaches the scheduler two
+        steps after the forward that made it (the engine schedules the next step before it reads a
+        forward's output), so the tokens seen are those of its prefill (from two steps after it) and of its
+        decode steps up to two steps back: all of them but the latest when the previous step decoded, all of
+        them when it did not (a prefill or a chunk ran, or nothing): there the growth comes one decode step
+        earlier than in a run of decode steps.  A growth whose step is not a decode step waits for the next
+        one."""
+        growths, step = self._growths, self._step
+        if not growths:
+            return
+        decoded = self._decoded - (self._last_decode_step == step - 1)
+        if growths[0][0] > decoded + 1:
+            return
+        later = []
+        while growths and growths[0][0] <= decoded + 1:
+            entry = heapq.heappop(growths)
+            due, _, prefilled, r = entry
+            if r.ended:
+                continue
+            if due > decoded + (prefilled <= step - 2):
+                later.append(entry)
+                continue
+            self._clock = self._seconds(step)
+            if not self.gpu.num_free_slots and self._loaded:
+                # the eviction helper first takes the blocks of the queue's requests whose load completed
+                self._reclaim_until(1, self._ready_loads())
+            got = self._hold(1)
+            r.held.extend(got)
+            self._held_now += len(got)
+            self.stats.max_held_blocks = max(self.stats.max_held_blocks, self._occupied())
+        for entry in later:
+            heapq.heappush(growths, entry)
 
     def _prefill_due(self) -> bool:
         """LMDeploy's ``do_prefill_default`` for the requests waiting (one waits)."""
@@ -801,17 +889,19 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self.gpu.touch(pinned)      # LMDeploy stamps a sequence's blocks with the time it frees them
         self._unpin(pinned)
         # the blocks its load restored stay cached: matched again at its next admission, they count as restored
+        # (with those of its earlier reclaimed loads: a load may be reclaimed and made again several times)
         self._reloaded.setdefault(id(lpr), set()).update(range(g, g + restored))
+        pos = self._position
+        noted_g, noted_restored = self.results[pos[id(lpr)]]     # as counted at its load (``_note_result``)
         st, r = self.stats, lpr.request
         st.requests -= 1
         st.prompt_tokens -= r.input_length
         st.prompt_blocks -= lpr.prompt_blocks
-        st.gpu_hit_blocks -= g
-        st.host_hit_blocks -= restored
-        st.requests_with_host_hits -= restored > 0
+        st.gpu_hit_blocks -= noted_g
+        st.host_hit_blocks -= noted_restored
+        st.requests_with_host_hits -= noted_restored > 0
         st.load_waits -= 1
         st.reclaimed_loads += 1
-        pos = self._position
         self.results[pos[id(lpr)]] = None
         k = 0
         while k < len(self._waiting) and pos[id(self._waiting[k])] < pos[id(lpr)]:
@@ -868,9 +958,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 gate_matched = True
         fail = "skip" if gate_matched and policy == SHORT_ONLY else "stop"
         fits = idle or self._fits(pr)
+        self._release_hit(pr)                         # the lookup first drops the request's earlier hold
         g, h = self._probe_at(pr, step)
         if h:
-            self.host.touch(pr.digests[g:g + h])      # the connector's lookup refreshes its hit
+            hit = pr.digests[g:g + h]
+            self.host.touch(hit)                      # the connector's lookup refreshes its hit
+            self._hold_hit(pr, hit)
             evicted = self._make_room(pr, step, hold_host_hit=True)
             fits = fits or self._fits(pr)             # (reclaiming queued loads may have made the room)
             if fits and (idle or self._soft_budget_ok(pr)):
@@ -990,6 +1083,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         step = self._step if step is None else step
         self._settle_at(step)
         g, restored, covered = self.serve_blocks(pr, defer_host_release=True, load_only=True)
+        self._release_hit(pr)            # the load's own read pins replace the lookup's hold
         if self.host_release is not None:
             self._host_pending[id(pr)] = self.host_release
         written = tuple(pr.digests[g:g + restored])
@@ -1002,7 +1096,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # connector steps until it completes: not idle when the request is ready
         self._last_busy = max(self._last_busy, step + 1)
         self.stats.load_waits += 1
-        self._note_result(pr, g, restored)
+        self._note_result(pr, g, restored, final=False)
         if self.schedule is not None:
             self.schedule.append((step, "load", self._position[id(pr)]))
         self._served = (g, restored, pinned, [])
@@ -1134,9 +1228,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         st.max_held_blocks = max(st.max_held_blocks, self._occupied())
         return held
 
-    def _note_result(self, pr: PreparedRequest, g: int, restored: int) -> None:
+    def _note_result(self, pr: PreparedRequest, g: int, restored: int, final: bool = True) -> None:
+        """Count ``pr``'s hits (its admission, or ``final`` False: its load, which may still be reclaimed)."""
         self._match_cache.pop(id(pr), None)
-        own = self._reloaded.pop(id(pr), None)
+        own = self._reloaded.pop(id(pr), None) if final else self._reloaded.get(id(pr))
         if own:
             # blocks its own reclaimed load restored and it now matches on the GPU: restored, not GPU hits
             k = sum(1 for i in own if i < g)
@@ -1155,6 +1250,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         r = pr.request
         bs = self.block_size
         self._end_load(pr)
+        self._reloaded.pop(id(pr), None)     # (counted at its load, if it loaded: ``_note_result``)
         _, _, pinned, held = served
         if self.schedule is not None:
             self.schedule.append((step, "prefill", self._position[id(pr)]))
@@ -1172,7 +1268,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             need = -(-(r.input_length + i) // bs)
             if need > blocks:
                 blocks = need
-                self._push(d0 + i - 1, 1, state)
+                heapq.heappush(self._growths, (d0 + i - 1, self._events, step, state))
+                self._events += 1
                 # LMDeploy attaches a decoding sequence's full blocks to its trie only when it grows
                 # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
                 # input + i - 1 tokens; the blocks filled after its last growth are freed at its end

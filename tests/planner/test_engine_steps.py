@@ -383,3 +383,86 @@ def test_an_admission_that_lacks_free_blocks_first_reclaims_a_completed_load_its
     assert cache.schedule[4:8] == [(5, "load", 4), (6, "prefill", 5), (7, "prefill", 6), (10, "load", 4)]
     assert st.reclaimed_loads == 1 and results[4] == (1, 2)
     assert not cache._pins and cache._held_now == 0
+
+
+def _holding_steps(reqs, gpu=20, host=0, engine=EngineSteps(4, 2, 1000)):
+    """The steps at which the model took GPU blocks for running requests (admissions' partial blocks and
+    decode growth), and the cache."""
+    cache = SteppedTwoTierCache(gpu, host, "lru", 4, Lifetimes(1.0), engine=engine, record=True)
+    steps = []
+    hold = cache._hold
+
+    def noting_hold(n):
+        steps.append(cache._step)
+        return hold(n)
+
+    cache._hold = noting_hold
+    for p in prepare_trace(_trace(reqs)):
+        cache.serve_at(p)
+    cache.finish()
+    return steps, cache
+
+
+def test_a_running_request_grows_at_the_decode_step_whose_scheduler_has_seen_its_tokens():
+    # LMDeploy's schedule_running grows a decoding sequence by a block when the tokens the scheduler has seen fill
+    # what it holds; a forward's token reaches the scheduler two steps later. X (step 1) holds a partial block. R
+    # (6 tokens, prefill_interval 2: 2 blocks, 8 slots) prefills at 2 (token 1, its own partial block held), decodes
+    # at 3, 4, 5...: its tokens fill the 8 slots once 2 are seen, at decode step 5 (tokens of steps 2 and 3).
+    base = [(0.5, 8, 1, [1, 2]), (1.5, 6, 10, [3, 4])]
+    steps, _ = _holding_steps(base)
+    assert steps[2] == 5
+    # A prefills at 4 (arriving at 3.5): at the decode step after it (5) the scheduler has seen the tokens of steps
+    # 2 and 3, all of R's so far: it grows there, one decode step sooner than in a run of decode steps (6)
+    steps, cache = _holding_steps(base + [(3.5, 4, 1, [5])])
+    assert cache.schedule[2] == (4, "prefill", 2) and steps[2:4] == [4, 5]
+    # A prefills at 5 (arriving at 4.5), where R's growth was due: it waits for the next decode step (6), after A's
+    # admission took its block
+    steps, cache = _holding_steps(base + [(4.5, 4, 1, [5])])
+    assert cache.schedule[2] == (5, "prefill", 2) and steps[2:4] == [5, 6]
+
+
+def test_a_growth_without_a_free_block_first_reclaims_a_completed_load():
+    # max_prefill_tokens 16, 11 GPU blocks, 8 host slots. X's blocks [1, 2] reach the host tier; R1 and R2 run from 5;
+    # L (10 tokens, [1, 2, 3]) matches block 1 on the GPU and loads block 2 at 9; its load completes at 11 while it
+    # waits (two requests run, prefill_interval not reached, L's 2-token tail is short of max_prefill_tokens). At 11
+    # R1 and R2 each grow by a block, and no block is free for the second: LMDeploy's eviction helper (with the
+    # connector's reclaim of completed loads) first takes L's blocks. L goes back to the queue with its whole prompt,
+    # so with W (8 tokens, arrived at 10.5) the queue holds 18 tokens, past max_prefill_tokens: the prefill is due at
+    # 12 (without the reclaim: at 13, after prefill_interval decode steps). L's restored block counts as restored.
+    reqs = [(0.5, 8, 1, [1, 2]), (2.5, 16, 1, [10, 11, 12, 13]), (4.5, 6, 8, [20, 21]), (4.6, 6, 8, [30, 31]),
+            (6.5, 10, 2, [1, 2, 3]), (10.5, 8, 2, [40, 41])]
+    cache, results, st = _schedule(reqs, gpu=11, host=8, engine=EngineSteps(4, 2, 16))
+    assert cache.schedule[4:] == [(9, "load", 4), (12, "prefill", 4), (13, "prefill", 5)]
+    assert st.reclaimed_loads == 1 and results[4] == (1, 1)
+    assert not cache._pins and cache._held_now == 0
+
+
+def test_a_lookup_s_hold_lasts_the_step_and_caps_the_later_lookups_of_that_step():
+    # The connector holds a lookup's host hit until the request's load starts or the step's connector metadata is
+    # built, and reports a hit only up to what the hold budget (half the host slots) leaves beside the step's other
+    # holds. Host tier of 6 slots (budget 3) holding A's chain [1, 2, 3] and B's [10, 11, 12].
+    cache = SteppedTwoTierCache(8, 6, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000))
+    a, b = prepare_trace(_trace([(0.5, 16, 1, [1, 2, 3, 4]), (0.6, 16, 1, [10, 11, 12, 13])]))
+    for pr in (a, b):
+        parent = pr.root
+        for d, blk in zip(pr.digests[:3], pr.block_bytes[:3]):
+            assert cache.host.prepare_store(d, parent, blk) is not None
+            cache.host.complete_store(d, True)
+            parent = d
+    assert cache.probe(a) == (0, 3) and cache.probe(b) == (0, 3)
+    cache._hold_hit(a, a.digests[:1])
+    assert cache.probe(b) == (0, 2)          # 3 - A's 1 held block
+    assert cache.probe(a) == (0, 3)          # its own hold does not count against it
+    assert cache.host.evict(6) == 5          # the held block stays
+    assert a.digests[0] in cache.host and cache.probe(b) == (0, 0)
+    cache._release_step_holds()
+    assert cache.host.evict(1) == 1 and not cache._step_holds and cache._step_held == 0
+    # In a replay: at step 14, request 4's lookup holds its 1-block hit and its attempt is refused; in the step's
+    # second pass request 3's 3-block hit is capped at 2. Its third block, neither held nor refreshed, is evicted
+    # before request 3 loads at 17: 2 blocks restored, not 3, and request 4 restores 2 at 24, not 1.
+    reqs = [(3.5, 15, 1, [20, 21, 22, 23]), (6.5, 12, 6, [1, 2, 3]), (6.6, 15, 3, [10, 11, 300, 301]),
+            (6.7, 19, 4, [20, 21, 22, 23, 400]), (7.7, 18, 6, [1, 2, 3, 4, 500])]
+    cache, results, _ = _schedule(reqs, gpu=7, host=6, engine=EngineSteps(4, 4, 16))
+    assert cache.schedule[3:] == [(17, "load", 3), (19, "prefill", 3), (24, "load", 4), (26, "prefill", 4)]
+    assert results[3:] == [(0, 2), (0, 2)]
+    assert not cache._step_holds and not cache._pins
