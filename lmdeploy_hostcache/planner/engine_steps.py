@@ -1062,8 +1062,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         "last chunk" (its first token; it decodes from now on), or None (blocked: it waits)."""
         ch = self._chunked
         last = self._is_last_chunk(ch)
-        # the only running request: nothing else would ever free its room (LMDeploy would stall)
-        if not self._advance_chunk(ch, step, last, force=self._live == 1, reclaim=True):
+        # the only running request, with no load in flight (a completed one is reclaimed first): nothing else
+        # would ever free its room (LMDeploy would stall); a load in flight can be reclaimed once it completes
+        force = self._live == 1 and not any(ready > step for ready, _, _, _ in self._loaded)
+        if not self._advance_chunk(ch, step, last, force=force, reclaim=True):
             return None
         self._short_turns = 0
         self.stats.chunk_steps += 1
