@@ -466,3 +466,19 @@ def test_a_lookup_s_hold_lasts_the_step_and_caps_the_later_lookups_of_that_step(
     assert cache.schedule[3:] == [(17, "load", 3), (19, "prefill", 3), (24, "load", 4), (26, "prefill", 4)]
     assert results[3:] == [(0, 2), (0, 2)]
     assert not cache._step_holds and not cache._pins
+
+
+def test_a_load_reclaimed_twice_counts_what_all_its_loads_restored_and_the_totals_add_up():
+    # max_prefill_tokens 16, 10 GPU blocks, 8 host slots. Request 2 ([1, 2] from request 0, then 6 blocks of its own)
+    # loads at 21; its load is reclaimed twice (for the chunks of requests 3 and 5) and made again at 31 and 38. Its
+    # result counts what all its loads restored, and the run's totals are the sums of the per-request results (with
+    # a load reclaimed twice they once drifted: host 3 and GPU 0 here, for results summing to 2 and 1).
+    reqs = [(2.5, 16, 3, [1, 2, 3, 100]), (3.0, 32, 6, [10, 200, 201, 202, 203, 204, 205, 206]),
+            (3.5, 30, 1, [1, 2, 300, 301, 302, 303, 304, 305]), (3.6, 28, 8, [20, 21, 400, 401, 402, 403, 404]),
+            (3.7, 15, 6, [20, 21, 22, 500]), (3.8, 36, 4, [10, 11, 600, 601, 602, 603, 604, 605, 606])]
+    cache, results, st = _schedule(reqs, gpu=10, host=8, engine=EngineSteps(4, 4, 16))
+    assert [e for e in cache.schedule if e[2] == 2] == [(21, "load", 2), (31, "load", 2), (38, "load", 2),
+                                                        (40, "chunk", 2), (41, "prefill", 2)]
+    assert results[2] == (0, 2) and results[3] == (1, 0)
+    assert (st.gpu_hit_blocks, st.host_hit_blocks) == (sum(g for g, _ in results), sum(h for _, h in results)) == (1, 2)
+    assert st.requests == len(reqs) and st.requests_with_host_hits == sum(h > 0 for _, h in results)
