@@ -110,6 +110,7 @@ from ..tier.eviction import LRUPolicy, _LazyHeap
 from ..tier.host_index import HostIndex
 from .concurrency import ConcurrencyStats, ConcurrentTwoTierCache, Lifetimes, _Running
 from .replay import PreparedRequest, progress
+from .traces import Request
 
 # LMDeploy 0.18 PytorchEngineConfig defaults (max_batch_size is chosen per device: an assumption here)
 DEFAULT_PREFILL_INTERVAL = 16
@@ -163,6 +164,7 @@ class SteppedStats(ConcurrencyStats):
     load_waits: int = 0
     reclaimed_loads: int = 0      # loads whose blocks a chunk or an admission took before they prefilled
     attempt_evictions: int = 0    # GPU blocks evicted by admission attempts that found too little room
+    preemptions: int = 0          # running requests sent back to the queue: no block for their growth
 
 
 # LMDeploy's prefill turn policies (``_PrefillTurnPolicy``): STANDARD tries the queue in arrival order and
@@ -265,6 +267,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._step = 0            # the first step not decided yet
         self._decoded = 0         # decode steps so far (running requests' ends count these)
         self._last_decode_step = -2   # the step of the latest decode step
+        self._empty_step = -2         # the latest step whose decode lost every request to preemption
         # block growths of running requests: (decode steps that must have run, order, its prefill step, request)
         self._growths: list[tuple[int, int, int, _Running]] = []
         self._decode_count = 0    # LMDeploy's _decode_count: decode steps decided while a request waited
@@ -306,6 +309,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # the connector's holds of this step's lookups (id(pr) -> the host hit it holds) and their blocks
         self._step_holds: dict[int, tuple] = {}
         self._step_held = 0
+        # id(continuation of a preempted request) -> id of the request as the trace gave it
+        self._continues: dict[int, int] = {}
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -316,6 +321,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         the request end, so its blocks are free for the step after that (block growths are not in this
         heap: ``_grow_due``)."""
         t, _, order, r = heapq.heappop(self._running)
+        if r.ended:
+            return t        # preempted: its continuation runs under a state of its own
         self._clock = self._seconds(self._step)
         heapq.heappush(self._ending, (self._step + 1, order, r))
         return t
@@ -326,6 +333,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._process_next()
         while ending and ending[0][0] <= self._step:
             r = heapq.heappop(ending)[2]
+            if r.ended:
+                continue        # preempted after its last token, before the engine saw its end
             self._clock = self._seconds(self._step)
             r.ended = True
             self._live -= 1
@@ -532,7 +541,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             return
         self._decode_count = 0
         self._last_kind = kind
-        if was_live or self._last_busy >= step - 1:
+        if (was_live and self._empty_step != step - 1) or self._last_busy >= step - 1:
             self._step += 1
         # else: an idle engine (no forward in the previous step) dispatches this forward and, at once,
         # the next step's, since nothing was scheduled ahead: both happen in one time slot
@@ -548,16 +557,21 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._step += n
             return
         growths = self._growths
-        self.stats.decode_steps += n
         while n > 0:
             self._grow_due()
+            if self._live - (self._chunked is not None) <= 0:
+                # every decoding request was preempted: the step runs no forward (the engine is idle after it)
+                self._empty_step = self._step
+                self._step += 1
+                return
             # within a run of decode steps the next growth is due once its decode steps have run
             m = min(n, max(1, growths[0][0] - self._decoded)) if growths else n
             self._step += m
             self._decoded += m
+            self.stats.decode_steps += m
             n -= m
             self._last_decode_step = self._step - 1
-        self._last_busy = max(self._last_busy, self._step - 1)
+            self._last_busy = max(self._last_busy, self._step - 1)
 
     def _grow_due(self) -> None:
         """LMDeploy's ``schedule_running`` at the decode step ``self._step``: a running request takes one more
@@ -574,7 +588,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         decoded = self._decoded - (self._last_decode_step == step - 1)
         if growths[0][0] > decoded + 1:
             return
-        later = []
+        later, due_now = [], []
         while growths and growths[0][0] <= decoded + 1:
             entry = heapq.heappop(growths)
             due, _, prefilled, r = entry
@@ -583,16 +597,68 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             if due > decoded + (prefilled <= step - 2):
                 later.append(entry)
                 continue
-            self._clock = self._seconds(step)
-            if not self.gpu.num_free_slots and self._loaded:
-                # the eviction helper first takes the blocks of the queue's requests whose load completed
-                self._reclaim_until(1, self._ready_loads())
+            due_now.append(r)
+        for entry in later:
+            heapq.heappush(growths, entry)
+        if not due_now:
+            return
+        self._clock = self._seconds(step)
+        gpu = self.gpu
+        # ``schedule_running`` goes through the running requests from the latest admitted
+        for r in sorted(due_now, key=lambda r: -r.index):
+            if r.ended:
+                continue
+            if not gpu.num_free_slots:
+                if self._loaded:
+                    # the eviction helper first takes the blocks of the queue's requests whose load completed
+                    self._reclaim_until(1, self._ready_loads())
+                if not gpu.num_free_slots:
+                    gpu.evict(1)
+                if not gpu.num_free_slots:
+                    self._preempt(r)
+                    continue
             got = self._hold(1)
             r.held.extend(got)
             self._held_now += len(got)
             self.stats.max_held_blocks = max(self.stats.max_held_blocks, self._occupied())
-        for entry in later:
-            heapq.heappush(growths, entry)
+
+    def _preempt(self, r) -> None:
+        """No block for ``r``'s growth: LMDeploy preempts it (``preempt_seqs``) and the next capacity making
+        takes its blocks.  Modelled as both at once: its blocks are freed (its prompt's and the output blocks
+        of its last growth stay cached) and its continuation (prompt and output so far, the rest of its
+        output to come) waits in the queue at its arrival's place, for a prefill that matches what stays
+        cached.  Its output so far is what the scheduler has seen: the token of the forward in flight is
+        dropped and made again.  Its hits were counted at its first prefill; the continuation's are not."""
+        pr, step = r.pr, self._step
+        # the tokens the scheduler has seen (``_grow_due``); the output of the forward in flight is dropped
+        produced = (r.prefilled <= step - 2) + self._decoded - (self._last_decode_step == step - 1) - r.d0
+        left = pr.request.output_length - produced
+        r.ended = True
+        self._live -= 1
+        self.stats.preemptions += 1
+        if self.schedule is not None:
+            self.schedule.append((self._step, "preempt", self._position[id(pr)]))
+        self._end(r)
+        if left <= 0:
+            return
+        ghosts = tuple((1 << 128) + (r.index << 20) + k for k in range(r.ghosts))
+        req = pr.request
+        length = req.input_length + produced
+        bs = self.block_size
+        cont_req = Request(req.timestamp, length, left, tuple(req.hash_ids) + (0,) * len(ghosts), req.session)
+        digests = pr.digests + ghosts
+        cont = PreparedRequest(cont_req, digests, pr.block_bytes + (b"",) * len(ghosts),
+                               min(len(digests), max(length - 1, 0) // bs), -(-length // bs), pr.root)
+        key = id(pr)
+        self._continues[id(cont)] = self._continues.get(key, key)
+        self._position[id(cont)] = self._position[key]
+        self._first[id(cont)] = self._first[key]
+        pos = self._position
+        k = 0
+        while k < len(self._waiting) and pos[id(self._waiting[k])] < pos[key]:
+            k += 1
+        self._waiting.insert(k, cont)
+        self._waiting_version += 1
 
     def _prefill_due(self) -> bool:
         """LMDeploy's ``do_prefill_default`` for the requests waiting (one waits)."""
@@ -890,19 +956,21 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._unpin(pinned)
         # the blocks its load restored stay cached: matched again at its next admission, they count as restored
         # (with those of its earlier reclaimed loads: a load may be reclaimed and made again several times)
-        self._reloaded.setdefault(id(lpr), set()).update(range(g, g + restored))
         pos = self._position
-        noted_g, noted_restored = self.results[pos[id(lpr)]]     # as counted at its load (``_note_result``)
-        st, r = self.stats, lpr.request
-        st.requests -= 1
-        st.prompt_tokens -= r.input_length
-        st.prompt_blocks -= lpr.prompt_blocks
-        st.gpu_hit_blocks -= noted_g
-        st.host_hit_blocks -= noted_restored
-        st.requests_with_host_hits -= noted_restored > 0
+        st = self.stats
+        if id(lpr) not in self._continues:
+            self._reloaded.setdefault(id(lpr), set()).update(range(g, g + restored))
+            noted_g, noted_restored = self.results[pos[id(lpr)]]     # as counted at its load (``_note_result``)
+            r = lpr.request
+            st.requests -= 1
+            st.prompt_tokens -= r.input_length
+            st.prompt_blocks -= lpr.prompt_blocks
+            st.gpu_hit_blocks -= noted_g
+            st.host_hit_blocks -= noted_restored
+            st.requests_with_host_hits -= noted_restored > 0
+            self.results[pos[id(lpr)]] = None
         st.load_waits -= 1
         st.reclaimed_loads += 1
-        self.results[pos[id(lpr)]] = None
         k = 0
         while k < len(self._waiting) and pos[id(self._waiting[k])] < pos[id(lpr)]:
             k += 1
@@ -1233,6 +1301,16 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
     def _note_result(self, pr: PreparedRequest, g: int, restored: int, final: bool = True) -> None:
         """Count ``pr``'s hits (its admission, or ``final`` False: its load, which may still be reclaimed)."""
         self._match_cache.pop(id(pr), None)
+        if id(pr) in self._continues:
+            # a preempted request's continuation: its hits were counted at its first prefill
+            st = self.stats
+            st.requests -= 1
+            st.prompt_tokens -= pr.request.input_length
+            st.prompt_blocks -= pr.prompt_blocks
+            st.gpu_hit_blocks -= g
+            st.host_hit_blocks -= restored
+            st.requests_with_host_hits -= restored > 0
+            return
         own = self._reloaded.pop(id(pr), None) if final else self._reloaded.get(id(pr))
         if own:
             # blocks its own reclaimed load restored and it now matches on the GPU: restored, not GPU hits
@@ -1258,12 +1336,13 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self.schedule.append((step, "prefill", self._position[id(pr)]))
         first = self._first[id(pr)]          # the first step it could have run in
         began = step if admitted is None else admitted
-        if began > first:
+        if began > first and id(pr) not in self._continues:
             self.stats.queued_requests += 1
             self.stats.queue_delay_s += self._seconds(began - first)
         state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, 0, self._n)
         self._n += 1
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
+        state.pr, state.d0, state.prefilled = pr, d0, step
         self._push(d0 + max(0, r.output_length - 1), 0, state)
         blocks = self._admission_blocks(r.input_length)   # taken on admission (_serve_now)
         for i in range(1, r.output_length + 1):

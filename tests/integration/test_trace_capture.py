@@ -121,9 +121,10 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
     engine.scheduler.preempt_seqs = counting_preempt
     # What each request reused, measured where it happens rather than from LMDeploy's cached_tokens (which
     # loses a request's hits when its load is rolled back and re-made, and for prompts prefilled in chunks):
-    # the history of its first prefill row (the prompt tokens the forward did not compute), and its host load
-    # (the GPU-matched tokens when the load started, the loaded tokens), which counts as restored if that
-    # history covers it (a load whose blocks were reclaimed before the prefill is recomputed or re-matched).
+    # the history of its first prefill row (the prompt tokens the forward did not compute), and its host loads
+    # before that row (the GPU-matched tokens when the load started, the loaded tokens), which count as restored
+    # if that history covers them (a load whose blocks were reclaimed before the prefill is recomputed or
+    # re-matched).
     reused: dict[int, int] = {}
     loads: dict[int, list[tuple[int, int]]] = {}
     for agent in engine.executor.agents:
@@ -137,7 +138,8 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
     after_alloc = sched.update_state_after_alloc
 
     def noting_alloc(request, block_ids, num_external_tokens, *args, **kwargs):
-        if num_external_tokens:
+        if num_external_tokens and request.session_id not in reused:
+            # (a load after its first prefill, once LMDeploy preempted it and it prefills again, is not its hit)
             loads.setdefault(request.session_id, []).append((int(request.num_history_ids), int(num_external_tokens)))
         return after_alloc(request, block_ids, num_external_tokens, *args, **kwargs)
 
