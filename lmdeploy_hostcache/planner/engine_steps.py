@@ -69,17 +69,23 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   that fills the last slot, and at the first decode step after a prefill or a chunk it comes one
   decode step sooner; a growth due at a prefill step waits for the next decode step.  When no
   block is free, the eviction helper first reclaims completed loads waiting for their prefill
-  (one at a time, each followed by cached-block evictions), then evicts.  Its output blocks stay
-  cached only up to its last growth (``schedule_running`` attaches a decoding sequence's full
-  blocks to the trie when it grows): the blocks its output filled after that are freed.  An idle
-  engine (no forward in the previous step) dispatches a forward and the next step's at once: both
-  take one time slot.
+  (one at a time, each followed by cached-block evictions), then evicts; the running requests are
+  served from the latest admitted.  **Preemption** (``_preempt``): a request still without a block
+  is preempted; its blocks are freed (its prompt's and the output blocks of its last growth stay
+  cached) and its continuation (the prompt and the output the scheduler has seen: the token of the
+  forward in flight is dropped) waits at its arrival's place for a prefill of its own, whose hits
+  are not counted again.  LMDeploy keeps a preempted request's blocks until the next capacity
+  making takes them; the model frees them at once.  A decode step whose requests were all
+  preempted runs no forward.  A request's output blocks stay cached only up to its last growth
+  (``schedule_running`` attaches a decoding sequence's full blocks to the trie when it grows): the
+  blocks its output filled after that are freed.  An idle engine (no forward in the previous step)
+  dispatches a forward and the next step's at once: both take one time slot.
 
 Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``chunk_steps``,
 ``chunked_requests``, ``load_waits`` (requests that waited for a host load), ``reclaimed_loads``,
-``attempt_evictions``, plus ``ConcurrencyStats`` (``queued_requests``/``queue_delay_s``: requests
-whose prefill (or first chunk) ran after the first step they could have run in, and those waits).
-Not modelled: preemption, and a forward's own duration (a step is a step).  Invariants:
+``attempt_evictions``, ``preemptions``, plus ``ConcurrencyStats`` (``queued_requests``/
+``queue_delay_s``: requests whose prefill (or first chunk) ran after the first step they could have
+run in, and those waits).  Not modelled: a forward's own duration (a step is a step).  Invariants:
 steps only move forward; a running request's end and block-growth events are kept in
 *decode-step* counts, so a prefill or chunk step inserted while it runs delays them by one step, as
 in the engine (a growth is taken only at a decode step, ``_grow_due``); a started load's blocks are

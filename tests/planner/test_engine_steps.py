@@ -482,3 +482,17 @@ def test_a_load_reclaimed_twice_counts_what_all_its_loads_restored_and_the_total
     assert results[2] == (0, 2) and results[3] == (1, 0)
     assert (st.gpu_hit_blocks, st.host_hit_blocks) == (sum(g for g, _ in results), sum(h for _, h in results)) == (1, 2)
     assert st.requests == len(reqs) and st.requests_with_host_hits == sum(h > 0 for _, h in results)
+
+
+def test_a_running_request_without_a_block_to_grow_into_is_preempted_and_prefills_again():
+    # 4 GPU blocks. A (4 tokens, 12 out) prefills at 3 (an idle engine runs its first decode in the same slot) and B
+    # (4 tokens) at 4; each holds 2 blocks (its prompt and 2 preallocated tokens): the tier is full, nothing cached.
+    # At decode step 8 the scheduler has seen 4 of A's tokens (those of steps 3 to 6), which fill its 8 slots, and
+    # no block is free or evictable: LMDeploy preempts A (schedule_running). Its blocks are freed and its
+    # continuation (its prompt and the 4 tokens seen; the token of step 7, in flight, is dropped) waits; B grows into
+    # the freed blocks, and A prefills again at 13, once B's end freed its. The continuation is not a new request.
+    cache, results, st = _schedule([(2.5, 4, 12, [100]), (3.5, 4, 8, [200])], gpu=4)
+    assert cache.schedule == [(3, "prefill", 0), (4, "prefill", 1), (8, "preempt", 0), (13, "prefill", 0)]
+    assert st.preemptions == 1 and st.held_short_blocks == 0
+    assert st.requests == 2 and st.prompt_blocks == 2 and results == [(0, 0), (0, 0)]
+    assert not cache._pins and cache._held_now == 0 and not cache._waiting
