@@ -344,7 +344,10 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     # without it), and a held-out 11 row
                     ('mooncake-60-mb30-out8-a5', 56, 24, (4, 4, 192), 'fifo'),
                     ('synthetic-80-mb44-s2-a3', 104, 32, (4, 4, 288), 'fifo'),
-                    ('weka-6-mb40-a5', 96, 32, (4, 4, 256), 'fifo'), ('synthetic-70-mb40-s3-a4', 96, 32, (4, 4, 224), 'fifo')]
+                    ('weka-6-mb40-a5', 96, 32, (4, 4, 256), 'fifo'), ('synthetic-70-mb40-s3-a4', 96, 32, (4, 4, 224), 'fifo'),
+                    # round 8: two tuning-8 rows with a preemption (0.057 and 0.106 off before it), and a held-out 12 one
+                    ('weka-6-mb40', 64, 24, (4, 4, 256), 'size'), ('weka-all-6-mb44-s2-a4', 56, 48, (4, 4, 256), 'size'),
+                    ('weka-all-6-mb48-s1-a4', 56, 32, (4, 4, 288), 'size')]
 
 
 def _row(row) -> tuple:
