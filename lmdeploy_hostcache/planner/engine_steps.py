@@ -274,8 +274,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._decoded = 0         # decode steps so far (running requests' ends count these)
         self._last_decode_step = -2   # the step of the latest decode step
         self._empty_step = -2         # the latest step whose decode lost every request to preemption
-        # block growths of running requests: (decode steps that must have run, order, its prefill step, request)
-        self._growths: list[tuple[int, int, int, _Running]] = []
+        # block growths of running requests: (decode steps that must have run, order, its prefill step, request,
+        # its output blocks in the trie after it)
+        self._growths: list[tuple[int, int, int, _Running, int]] = []
         self._decode_count = 0    # LMDeploy's _decode_count: decode steps decided while a request waited
         self._short_turns = 0     # short prefill passes since the latest long chunk
         self._last_kind = None    # the kind of the latest forward ("prefill", "chunk", "last chunk", "decode")
@@ -597,13 +598,13 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         later, due_now = [], []
         while growths and growths[0][0] <= decoded + 1:
             entry = heapq.heappop(growths)
-            due, _, prefilled, r = entry
+            due, _, prefilled, r, ghosts = entry
             if r.ended:
                 continue
             if due > decoded + (prefilled <= step - 2):
                 later.append(entry)
                 continue
-            due_now.append(r)
+            due_now.append((r, ghosts))
         for entry in later:
             heapq.heappush(growths, entry)
         if not due_now:
@@ -611,7 +612,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._clock = self._seconds(step)
         gpu = self.gpu
         # ``schedule_running`` goes through the running requests from the latest admitted
-        for r in sorted(due_now, key=lambda r: -r.index):
+        for r, ghosts in sorted(due_now, key=lambda x: -x[0].index):
             if r.ended:
                 continue
             if not gpu.num_free_slots:
@@ -625,6 +626,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                     continue
             got = self._hold(1)
             r.held.extend(got)
+            r.ghosts = ghosts
             self._held_now += len(got)
             self.stats.max_held_blocks = max(self.stats.max_held_blocks, self._occupied())
 
@@ -1355,12 +1357,13 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             need = -(-(r.input_length + i) // bs)
             if need > blocks:
                 blocks = need
-                heapq.heappush(self._growths, (d0 + i - 1, self._events, step, state))
-                self._events += 1
                 # LMDeploy attaches a decoding sequence's full blocks to its trie only when it grows
                 # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
                 # input + i - 1 tokens; the blocks filled after its last growth are freed at its end
-                state.ghosts = (r.input_length + i - 1) // bs - r.input_length // bs
+                # (a growth the request's end comes before, ``_grow_due``, attaches none)
+                ghosts = (r.input_length + i - 1) // bs - r.input_length // bs
+                heapq.heappush(self._growths, (d0 + i - 1, self._events, step, state, ghosts))
+                self._events += 1
         if not running:
             self._live += 1
         self.stats.max_running = max(self.stats.max_running, self._live)
