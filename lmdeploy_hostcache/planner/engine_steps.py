@@ -649,10 +649,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._end(r)
         if left <= 0:
             return
-        ghosts = tuple((1 << 128) + (r.index << 20) + k for k in range(r.ghosts))
         req = pr.request
         length = req.input_length + produced
         bs = self.block_size
+        # the continuation's full blocks past the prompt's: the first ``r.ghosts`` stay cached (``_end``), the
+        # others were never attached to the trie and are computed again
+        ghosts = tuple((1 << 128) + (r.index << 20) + k for k in range(length // bs - req.input_length // bs))
         cont_req = Request(req.timestamp, length, left, tuple(req.hash_ids) + (0,) * len(ghosts), req.session)
         digests = pr.digests + ghosts
         cont = PreparedRequest(cont_req, digests, pr.block_bytes + (b"",) * len(ghosts),
