@@ -316,8 +316,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # the connector's holds of this step's lookups (id(pr) -> the host hit it holds) and their blocks
         self._step_holds: dict[int, tuple] = {}
         self._step_held = 0
-        # id(continuation of a preempted request) -> id of the request as the trace gave it
-        self._continues: dict[int, int] = {}
+        # the continuations of preempted requests, by id (kept alive: the ids key per-request state)
+        self._continues: dict[int, PreparedRequest] = {}
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -660,7 +660,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         cont = PreparedRequest(cont_req, digests, pr.block_bytes + (b"",) * len(ghosts),
                                min(len(digests), max(length - 1, 0) // bs), -(-length // bs), pr.root)
         key = id(pr)
-        self._continues[id(cont)] = self._continues.get(key, key)
+        self._continues[id(cont)] = cont
         self._position[id(cont)] = self._position[key]
         self._first[id(cont)] = self._first[key]
         pos = self._position
