@@ -101,6 +101,11 @@ class _Running:
     ghosts: int
     index: int
     ended: bool = False
+    # the step model's (``engine_steps``): the request it serves, the decode steps run before its prefill
+    # (or last chunk), and that step
+    pr: object = None
+    d0: int = 0
+    prefilled: int = 0
 
 
 class ConcurrentTwoTierCache(TwoTierCache):

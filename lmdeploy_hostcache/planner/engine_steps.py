@@ -427,8 +427,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._step_held = 0
 
     # -- the engine loop ---------------------------------------------------------------------
-    def _ready_loads(self) -> list:
-        step = self._step
+    def _ready_loads(self, step: int | None = None) -> list:
+        """The completed loads (ready by ``step``, default now), in arrival order."""
+        if step is None:
+            step = self._step
         return sorted((e for e in self._loaded if e[0] <= step), key=lambda e: self._position[id(e[3])])
 
     def _has_waiting(self) -> bool:
@@ -659,15 +661,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         digests = pr.digests + ghosts
         cont = PreparedRequest(cont_req, digests, pr.block_bytes + (b"",) * len(ghosts),
                                min(len(digests), max(length - 1, 0) // bs), -(-length // bs), pr.root)
-        key = id(pr)
         self._continues[id(cont)] = cont
-        self._position[id(cont)] = self._position[key]
-        self._first[id(cont)] = self._first[key]
-        pos = self._position
+        self._position[id(cont)] = self._position[id(pr)]
+        self._first[id(cont)] = self._first[id(pr)]
+        self._requeue(cont)
+
+    def _requeue(self, pr: PreparedRequest) -> None:
+        """``pr`` waits again, at its arrival's place in the queue."""
+        pos, waiting = self._position, self._waiting
         k = 0
-        while k < len(self._waiting) and pos[id(self._waiting[k])] < pos[key]:
+        while k < len(waiting) and pos[id(waiting[k])] < pos[id(pr)]:
             k += 1
-        self._waiting.insert(k, cont)
+        waiting.insert(k, pr)
         self._waiting_version += 1
 
     def _prefill_due(self) -> bool:
@@ -966,26 +971,15 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._unpin(pinned)
         # the blocks its load restored stay cached: matched again at its next admission, they count as restored
         # (with those of its earlier reclaimed loads: a load may be reclaimed and made again several times)
-        pos = self._position
         st = self.stats
         if id(lpr) not in self._continues:
             self._reloaded.setdefault(id(lpr), set()).update(range(g, g + restored))
-            noted_g, noted_restored = self.results[pos[id(lpr)]]     # as counted at its load (``_note_result``)
-            r = lpr.request
-            st.requests -= 1
-            st.prompt_tokens -= r.input_length
-            st.prompt_blocks -= lpr.prompt_blocks
-            st.gpu_hit_blocks -= noted_g
-            st.host_hit_blocks -= noted_restored
-            st.requests_with_host_hits -= noted_restored > 0
-            self.results[pos[id(lpr)]] = None
+            pos = self._position[id(lpr)]
+            self._uncount(lpr, *self.results[pos])     # as counted at its load (``_note_result``)
+            self.results[pos] = None
         st.load_waits -= 1
         st.reclaimed_loads += 1
-        k = 0
-        while k < len(self._waiting) and pos[id(self._waiting[k])] < pos[id(lpr)]:
-            k += 1
-        self._waiting.insert(k, lpr)
-        self._waiting_version += 1
+        self._requeue(lpr)
 
     def _unpin(self, pinned: tuple) -> None:
         if pinned:
@@ -1110,8 +1104,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             # LMDeploy's eviction helper: first the blocks of the queue's requests that hold some (a request
             # whose load completed; in queue order, each then evicting cached blocks), then cached blocks
             if reclaim:
-                self._reclaim_until(need, sorted((x for x in self._loaded if x[0] <= step),
-                                                 key=lambda x: self._position[id(x[3])]))
+                self._reclaim_until(need, self._ready_loads(step))
             if need > gpu.num_free_slots:
                 gpu.evict(need - gpu.num_free_slots)
             if need > gpu.num_free_slots and not force:
@@ -1308,18 +1301,21 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         st.max_held_blocks = max(st.max_held_blocks, self._occupied())
         return held
 
+    def _uncount(self, pr: PreparedRequest, g: int, restored: int) -> None:
+        """Take back what serving ``pr`` added to the totals (``serve_blocks``), ``g`` and ``restored`` hits."""
+        st = self.stats
+        st.requests -= 1
+        st.prompt_tokens -= pr.request.input_length
+        st.prompt_blocks -= pr.prompt_blocks
+        st.gpu_hit_blocks -= g
+        st.host_hit_blocks -= restored
+        st.requests_with_host_hits -= restored > 0
+
     def _note_result(self, pr: PreparedRequest, g: int, restored: int, final: bool = True) -> None:
         """Count ``pr``'s hits (its admission, or ``final`` False: its load, which may still be reclaimed)."""
         self._match_cache.pop(id(pr), None)
         if id(pr) in self._continues:
-            # a preempted request's continuation: its hits were counted at its first prefill
-            st = self.stats
-            st.requests -= 1
-            st.prompt_tokens -= pr.request.input_length
-            st.prompt_blocks -= pr.prompt_blocks
-            st.gpu_hit_blocks -= g
-            st.host_hit_blocks -= restored
-            st.requests_with_host_hits -= restored > 0
+            self._uncount(pr, g, restored)   # a preempted request's continuation: counted at its first prefill
             return
         own = self._reloaded.pop(id(pr), None) if final else self._reloaded.get(id(pr))
         if own:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import random
 import time
 import types
 
@@ -511,7 +512,6 @@ SAMPLE_WORKLOADS = ['weka-6-mb40', 'weka-6-mb40-a5', 'mooncake-60-mb40-a4', 'syn
 
 
 def sample_rows(seed: int, n: int = 60) -> list:
-    import random
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
