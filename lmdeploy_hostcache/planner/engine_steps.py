@@ -348,10 +348,14 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._end(r)
         if self._loading_of and self._loaded:
             # a load completes: its reads end (the connector's load completion) and LMDeploy
-            # publishes its blocks in the trie, prefilled or not
-            for ready, _, _, lpr in self._loaded:
-                if ready <= self._step:
-                    self._complete_load(lpr)
+            # publishes its blocks in the trie, prefilled or not.  The connector's output handler ends
+            # the step's host writes before its loads: the order decides the resident count each
+            # removal sees (``arc`` bounds its ghost lists by it)
+            ready_now = [lpr for ready, _, _, lpr in self._loaded if ready <= self._step]
+            if ready_now:
+                self._settle_at(self._step)
+            for lpr in ready_now:
+                self._complete_load(lpr)
         future = self._future
         if future and self._first[id(future[0])] <= self._step:
             k = 0
@@ -1036,7 +1040,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             hit = pr.digests[g:g + h]
             self.host.touch(hit)                      # the connector's lookup refreshes its hit
             self._hold_hit(pr, hit)
-            evicted = self._make_room(pr, step, hold_host_hit=True)
+            evicted = self._make_room(pr, step)
             fits = fits or self._fits(pr)             # (reclaiming queued loads may have made the room)
             if fits and (idle or self._soft_budget_ok(pr)):
                 self._start_load(pr, step)
@@ -1249,33 +1253,29 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             evicted += gpu.evict(max(0, need - gpu.num_free_slots))
         return evicted
 
-    def _make_room(self, pr: PreparedRequest, step: int, hold_host_hit: bool = False,
-                   blocks: int | None = None) -> int:
+    def _make_room(self, pr: PreparedRequest, step: int, blocks: int | None = None) -> int:
         """LMDeploy's ``try_make_capacity_for`` for ``pr``'s whole prefill at ``step``: cached GPU blocks
         are evicted (up to the blocks missing beside the free ones; the request's matched prefix is
-        held by its tentative match, and with ``hold_host_hit`` its host hit by the connector's
-        lookup, so the demotions cannot push it out of the host tier).  The evictions stand whether
-        or not the request is then admitted; ``blocks``: a first chunk's instead of the whole prefill's.
+        held by its tentative match; a host hit is held by the connector's lookup (``_hold_hit``, no
+        access-time change), so the demotions cannot push it out of the host tier).  The evictions
+        stand whether or not the request is then admitted; ``blocks``: a first chunk's instead of the
+        whole prefill's.
         Returns how many blocks were evicted."""
         self._settle_at(step)
         gpu = self.gpu
-        g, h = self.probe(pr)
+        g, _ = self.probe(pr)
         if blocks is None:
             blocks = self._admission_blocks(pr.request.input_length)
         missing = blocks - g - gpu.num_free_slots
         if missing <= 0:
             return 0
-        matched, hit = pr.digests[:g], (pr.digests[g:g + h] if hold_host_hit else ())
+        matched = pr.digests[:g]
         if matched:
             gpu.prepare_load(matched)
-        if hit:
-            self.host.prepare_load(hit)
         evicted = self._reclaim_queued(blocks - g)
         missing = blocks - g - gpu.num_free_slots
         if missing > 0:
             evicted += gpu.evict(missing)
-        if hit:
-            self.host.complete_load(hit, False)
         if matched:
             gpu.complete_load(matched, False)
         return evicted

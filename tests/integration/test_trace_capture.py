@@ -189,9 +189,9 @@ def engine_steps_args(settings=HARNESS_ENGINE, long_policy='size') -> tuple:
 ENGINE_STEPS = engine_steps_args()
 
 
-def _plan_json(capsys, path, gpu, host, *extra):
+def _plan_json(capsys, path, gpu, host, *extra, host_policy='lru'):
     assert main(['plan', path, '--json', '--quiet', '--gpu-blocks', str(gpu), '--host-blocks', str(host),
-                 '--policy', 'lru', '--decode-tokens-per-s', '1', '--prefill-tokens-per-s', '1e15',
+                 '--policy', host_policy, '--decode-tokens-per-s', '1', '--prefill-tokens-per-s', '1e15',
                  '--host-write-s', str(HOST_WRITE_ITERATIONS), *extra]) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -271,10 +271,11 @@ def _conversations(workload):
     return WORKLOADS[workload][0]()
 
 
-def _run_workload(tmp_path, workload, gpu, host, engine_settings=HARNESS_ENGINE, long_policy='size'):
+def _run_workload(tmp_path, workload, gpu, host, engine_settings=HARNESS_ENGINE, long_policy='size',
+                  host_policy='lru'):
     convs, active = WORKLOADS[workload]
     return run_with_capture(tmp_path, convs(), gpu_blocks=gpu, host_slots=host, max_active=active,
-                            engine_settings=engine_settings, long_policy=long_policy)
+                            engine_settings=engine_settings, long_policy=long_policy, policy=host_policy)
 
 
 def test_capture_is_off_by_default():
@@ -348,24 +349,33 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     ('weka-6-mb40-a5', 96, 32, (4, 4, 256), 'fifo'), ('synthetic-70-mb40-s3-a4', 96, 32, (4, 4, 224), 'fifo'),
                     # round 8: two tuning-8 rows with a preemption (0.057 and 0.106 off before it), and a held-out 12 one
                     ('weka-6-mb40', 64, 24, (4, 4, 256), 'size'), ('weka-all-6-mb44-s2-a4', 56, 48, (4, 4, 256), 'size'),
-                    ('weka-all-6-mb48-s1-a4', 56, 32, (4, 4, 288), 'size')]
+                    ('weka-all-6-mb48-s1-a4', 56, 32, (4, 4, 288), 'size'),
+                    # round 9, the host tier's default policy (arc): two tuning-9 rows (0.083 and 0.032 off before
+                    # item 35) and a held-out 15 row (0.064 off before item 34)
+                    ('synthetic-60-mb40-a4', 56, 32, (4, 4, 256), 'size', 'arc'),
+                    ('mooncake-70-mb40-s3-t1-out5-a5', 88, 16, (4, 4, 192), 'size', 'arc'),
+                    ('weka-all-6-mb44-s2-a4', 64, 32, (4, 4, 256), 'fifo', 'arc')]
 
 
 def _row(row) -> tuple:
-    """A step-model row: (workload, GPU blocks, host slots[, engine settings[, long-prompt policy]]) ->
-    (workload, GPU blocks, host slots, engine settings, long-prompt policy)."""
+    """A step-model row: (workload, GPU blocks, host slots[, engine settings[, long-prompt policy[, host
+    eviction policy]]]) -> (workload, GPU blocks, host slots, engine settings, long-prompt policy, host
+    eviction policy: ``lru`` unless given)."""
     workload, gpu, host, *rest = row
     return (workload, gpu, host, tuple(rest[0]) if rest else HARNESS_ENGINE,
-            rest[1] if len(rest) > 1 else 'size')
+            rest[1] if len(rest) > 1 else 'size', rest[2] if len(rest) > 2 else 'lru')
 
 
 @pytest.mark.parametrize('row', VALIDATION_STEPS, ids=lambda row: '-'.join(map(str, row)))
 def test_step_model_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_clock, row):
-    workload, gpu, host, settings, long_policy = _row(row)
-    run = _run_workload(tmp_path, workload, gpu, host, settings, long_policy)
-    o = _plan_json(capsys, run.capture_path, gpu - 1, host, *engine_steps_args(settings, long_policy))
+    workload, gpu, host, settings, long_policy, host_policy = _row(row)
+    run = _run_workload(tmp_path, workload, gpu, host, settings, long_policy, host_policy)
+    o = _plan_json(capsys, run.capture_path, gpu - 1, host, *engine_steps_args(settings, long_policy),
+                   host_policy=host_policy)
     w = o['with_concurrency']
-    print(f'\n{workload} gpu={gpu} host={host} engine={settings}: harness GPU {run.gpu_hit_rate:.3f} host '
+    assert o['host_policy'] == host_policy
+    print(f'\n{workload} gpu={gpu} host={host} engine={settings} host policy {host_policy}: harness GPU '
+          f'{run.gpu_hit_rate:.3f} host '
           f'{run.host_hit_rate:.3f}; step model GPU {w["gpu_hit_rate"]:.3f} host {w["host_hit_rate"]:.3f}')
     assert w['requests'] == run.requests
     assert tuple(w['engine_steps'][k] for k in ('max_batches', 'prefill_interval', 'max_prefill_tokens')) == settings
@@ -523,6 +533,13 @@ def sample_rows(seed: int, n: int = 60) -> list:
 
 GRID_SAMPLE_TUNING, GRID_SAMPLE_HELD_OUT, GRID_SAMPLE_HELD_OUT_13 = sample_rows(1), sample_rows(2), sample_rows(3)
 GRID_SAMPLE_HELD_OUT_14 = sample_rows(4)
+# Round 9: the host tier's default policy, arc, in the harness and in the model (the rows above run lru, under which
+# the order of accesses within a step and of removals does not change a decision). Seed 5 was drawn first and run
+# once under arc after item 34 (56 of 60 within 0.02), then seed 1 under arc (55 of 60): its per-request diffs found
+# item 35, which makes it tuning 9. Seeds 5 (run again) and 6 (drawn after item 35) are held out.
+GRID_ARC_TUNING = [(*row, 'arc') for row in sample_rows(1)]
+GRID_ARC_HELD_OUT_15 = [(*row, 'arc') for row in sample_rows(5)]
+GRID_ARC_HELD_OUT_16 = [(*row, 'arc') for row in sample_rows(6)]
 # stress rows (printed with the grid): 20-30 output tokens; prompts longer than max_prefill_tokens
 GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
                ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
@@ -544,20 +561,24 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
             ('held-out 9 (long prompts)', HELD_OUT_GRID_LONG), ('tuning 7 (fifo)', GRID_FIFO),
             ('held-out 11 (long prompts, size and fifo)', HELD_OUT_GRID_11),
             ('tuning 8 (random sample)', GRID_SAMPLE_TUNING), ('held-out 12 (random sample)', GRID_SAMPLE_HELD_OUT),
-            ('held-out 13 (random sample)', GRID_SAMPLE_HELD_OUT_13), ('held-out 14 (random sample)', GRID_SAMPLE_HELD_OUT_14))
+            ('held-out 13 (random sample)', GRID_SAMPLE_HELD_OUT_13), ('held-out 14 (random sample)', GRID_SAMPLE_HELD_OUT_14),
+            ('tuning 9 (arc, random sample)', GRID_ARC_TUNING),
+            ('held-out 15 (arc, random sample)', GRID_ARC_HELD_OUT_15),
+            ('held-out 16 (arc, random sample)', GRID_ARC_HELD_OUT_16))
     for label, grid in sets:
         for row in grid:
-            workload, gpu, host, engine_settings, long_policy = _row(row)
-            run = _run_workload(tmp_path, workload, gpu, host, engine_settings, long_policy)
+            workload, gpu, host, engine_settings, long_policy, host_policy = _row(row)
+            run = _run_workload(tmp_path, workload, gpu, host, engine_settings, long_policy, host_policy)
             if len(row) > 3:
-                workload = f'{workload} ({"/".join(map(str, engine_settings))}{", fifo" if long_policy == "fifo" else ""})'
+                workload = (f'{workload} ({"/".join(map(str, engine_settings))}{", fifo" if long_policy == "fifo" else ""}'
+                            f'{", arc" if host_policy == "arc" else ""})')
             pr = prepare_trace(read_mooncake(run.capture_path))
-            conc = replay_concurrent(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
+            conc = replay_concurrent(pr, gpu - 1, host, host_policy, BS, Lifetimes(1.0, 1e15),
                                      host_write_s=HOST_WRITE_ITERATIONS)
-            steps = replay_stepped(pr, gpu - 1, host, 'lru', BS, Lifetimes(1.0, 1e15),
+            steps = replay_stepped(pr, gpu - 1, host, host_policy, BS, Lifetimes(1.0, 1e15),
                                    EngineSteps(*engine_settings, long_aging_s=NO_AGING_S, long_policy=long_policy),
                                    host_write_s=HOST_WRITE_ITERATIONS)
-            seq = replay(pr, gpu - 1, host, 'lru', BS)
+            seq = replay(pr, gpu - 1, host, host_policy, BS)
             marks = []
             for name, st in (('concurrency', conc), ('steps', steps)):
                 err = max(abs(st.gpu_hit_rate - run.gpu_hit_rate), abs(st.host_hit_rate - run.host_hit_rate))
