@@ -598,7 +598,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         growths, step = self._growths, self._step
         if not growths:
             return
-        decoded = self._decoded - (self._last_decode_step == step - 1)
+        decoded = self._seen_decodes()
         if growths[0][0] > decoded + 1:
             return
         later, due_now = [], []
@@ -607,7 +607,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             due, _, prefilled, r, ghosts = entry
             if r.ended:
                 continue
-            if due > decoded + (prefilled <= step - 2):
+            if due > decoded + self._seen_prefill(prefilled):
                 later.append(entry)
                 continue
             due_now.append((r, ghosts))
@@ -636,6 +636,15 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._held_now += len(got)
             self.stats.max_held_blocks = max(self.stats.max_held_blocks, self._occupied())
 
+    def _seen_decodes(self) -> int:
+        """The decode steps whose tokens the scheduler has seen at ``self._step``: all of them but the latest
+        when the previous step decoded (a token is seen two steps after its forward)."""
+        return self._decoded - (self._last_decode_step == self._step - 1)
+
+    def _seen_prefill(self, prefilled: int) -> bool:
+        """Whether the scheduler has seen the first token of a prefill (or last chunk) run at ``prefilled``."""
+        return prefilled <= self._step - 2
+
     def _preempt(self, r) -> None:
         """No block for ``r``'s growth: LMDeploy preempts it (``preempt_seqs``) and the next capacity making
         takes its blocks.  Modelled as both at once: its blocks are freed (its prompt's and the output blocks
@@ -643,9 +652,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         output to come) waits in the queue at its arrival's place, for a prefill that matches what stays
         cached.  Its output so far is what the scheduler has seen: the token of the forward in flight is
         dropped and made again.  Its hits were counted at its first prefill; the continuation's are not."""
-        pr, step = r.pr, self._step
+        pr = r.pr
         # the tokens the scheduler has seen (``_grow_due``); the output of the forward in flight is dropped
-        produced = (r.prefilled <= step - 2) + self._decoded - (self._last_decode_step == step - 1) - r.d0
+        produced = self._seen_prefill(r.prefilled) + self._seen_decodes() - r.d0
         left = pr.request.output_length - produced
         r.ended = True
         self._live -= 1

@@ -375,8 +375,8 @@ def test_step_model_predicts_the_harness_hit_rates(tmp_path, capsys, exact_lru_c
     w = o['with_concurrency']
     assert o['host_policy'] == host_policy
     print(f'\n{workload} gpu={gpu} host={host} engine={settings} host policy {host_policy}: harness GPU '
-          f'{run.gpu_hit_rate:.3f} host '
-          f'{run.host_hit_rate:.3f}; step model GPU {w["gpu_hit_rate"]:.3f} host {w["host_hit_rate"]:.3f}')
+          f'{run.gpu_hit_rate:.3f} host {run.host_hit_rate:.3f}; step model GPU {w["gpu_hit_rate"]:.3f} host '
+          f'{w["host_hit_rate"]:.3f}')
     assert w['requests'] == run.requests
     assert tuple(w['engine_steps'][k] for k in ('max_batches', 'prefill_interval', 'max_prefill_tokens')) == settings
     assert w['engine_steps']['long_policy'] == long_policy
