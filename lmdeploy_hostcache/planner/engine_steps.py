@@ -56,8 +56,11 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   the loads not prefilled yet, the chunks still to come of a chunked prompt), and takes only its
   matched and loaded blocks (later arrivals may use the rest).  It completes two steps later (its
   completion reaches the scheduler after the next step is scheduled): until then its blocks are not
-  matched on the GPU and the host copies it reads stay pinned in the host tier.  Then, when a
-  prefill is due, its tail is stored if it fits (else the pass stops at it, after evicting what it
+  matched on the GPU and the host copies it reads stay pinned in the host tier.  A load whose hit
+  includes blocks another load is still writing takes destinations of its own for them too and
+  restores them (LMDeploy's trie does not hold them yet); those duplicate blocks are freed when it
+  completes (``_publish`` deduplicates them back to the trie's), and no admission counts such blocks
+  as shared with the load that writes them.  Then, when a prefill is due, its tail is stored if it fits (else the pass stops at it, after evicting what it
   can).  A pass goes on after a load starts (``LOAD_STARTED``: no batch slot, no token budget); a
   step whose passes only started loads decodes;
 * a request's first output token comes from its prefill step (or last chunk), each further one
@@ -297,6 +300,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # blocks loads are writing: not in LMDeploy's trie (no GPU match) until the load completes
         self._loading: dict[int, int] = {}
         self._loading_of: dict[int, tuple] = {}
+        # id(pr) -> the slots its load took for blocks another load was writing (freed when it completes)
+        self._load_twins: dict[int, list] = {}
         self._waiting: list[PreparedRequest] = []   # arrived, not admitted, no load started (arrival order)
         self._future: list[PreparedRequest] = []    # given to serve_at, not arrived yet (arrival order)
         self._served = None
@@ -369,6 +374,11 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         blocks = self._loading_of.pop(id(pr), None)
         if blocks is None:
             return
+        dups = self._load_twins.pop(id(pr), None)
+        if dups:
+            for slot in dups:
+                self.gpu.allocator.free(slot)
+            self._held_now -= len(dups)
         self._loading_version += 1
         loading = self._loading
         for d in blocks:
@@ -925,10 +935,11 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
 
     def _pinned_run(self, pr: PreparedRequest, first: int) -> int:
         """How many of the request's blocks from ``first`` on are pinned by running requests, in a row
-        (blocks it shares with them, which its admission does not take again)."""
-        pins, d = self._pins, pr.digests
+        (blocks it shares with them, which its admission does not take again), up to the first one a load
+        is still writing (not in LMDeploy's trie yet: the admission takes a block of its own for it)."""
+        pins, d, loading = self._pins, pr.digests, self._loading
         n = first
-        while n < len(d) and d[n] in pins:
+        while n < len(d) and d[n] in pins and d[n] not in loading:
             n += 1
         return n - first
 
@@ -1168,11 +1179,29 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         the request waits for a prefill step two or more steps later, others may start meanwhile."""
         step = self._step if step is None else step
         self._settle_at(step)
+        # blocks of its host hit another load is writing: not in LMDeploy's trie yet, so this load takes
+        # destinations of its own for them and restores them too (item 36); they are duplicates, freed
+        # when this load completes (LMDeploy's ``_publish`` deduplicates them back to the trie's blocks)
+        loading = self._loading
+        twins = {d for d in pr.digests[:pr.matchable] if d in loading}
         g, restored, covered = self.serve_blocks(pr, defer_host_release=True, load_only=True)
+        d = pr.digests
+        if twins:
+            extra = sum(1 for x in d[g:g + covered] if x in twins)
+            if extra:
+                st = self.stats
+                st.host_hit_blocks += extra
+                st.requests_with_host_hits += not restored
+                h = len(self.host_release[0]) + len(self.host_release[1])
+                restored += extra
+                self.host_release = (d[g:g + restored], d[g + restored:g + h])
+                dups = self._hold(extra)
+                self._held_now += len(dups)
+                self._load_twins[id(pr)] = dups
         self._release_hit(pr)            # the load's own read pins replace the lookup's hold
         if self.host_release is not None:
             self._host_pending[id(pr)] = self.host_release
-        written = tuple(pr.digests[g:g + restored])
+        written = tuple(x for x in d[g:g + restored] if x not in twins)
         self._loading_of[id(pr)] = written
         for d in written:
             self._loading[d] = self._loading.get(d, 0) + 1

@@ -113,6 +113,29 @@ def test_blocks_a_load_writes_are_matched_only_once_it_completes():
     assert cache.probe(prs[3]) == (3, 0)
 
 
+def test_a_load_of_blocks_another_load_is_writing_restores_them_into_blocks_of_its_own():
+    # Round 10, items 36 and 37. C loads block 3 at step 21 (as above). E, with the same prefix, finds block 3
+    # in the host tier while C's load writes it: LMDeploy's trie does not hold it yet, so E's admission counts
+    # only blocks 1 and 2 as shared, and E's load takes a block of its own for block 3 and restores it. That
+    # duplicate is freed when E's load completes (LMDeploy's ``_publish`` deduplicates it to the trie's block).
+    cache = SteppedTwoTierCache(6, 8, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000), record=True)
+    prs = prepare_trace(_trace([(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]),
+                                (20.5, 13, 1, [1, 2, 3, 9]), (21.5, 13, 1, [1, 2, 3, 8])]))
+    for p in prs:
+        cache.serve_at(p)                                   # decides the steps before E's arrival (22)
+    e = prs[3]
+    assert cache.schedule[-1] == (21, "load", 2) and cache._occupied() == 3
+    assert cache.probe(e) == (2, 1) and cache._pinned_run(e, 0) == 2
+    cache._start_load(e, 22)
+    assert cache.results[2:] == [(2, 1), (2, 1)]            # each load restored block 3
+    assert cache._occupied() == 4 and cache.stats.host_hit_blocks == 2 == cache.stats.requests_with_host_hits
+    assert e.digests[2] in cache.host                       # read by both loads in flight
+    cache._step = 24
+    cache._fire_due()                                       # both loads complete: the duplicate is freed
+    assert cache._occupied() == 3 and not cache._load_twins and not cache._loading
+    assert e.digests[2] not in cache.host
+
+
 def test_an_attempt_in_a_prefill_pass_evicts_at_once_unless_the_token_budget_refuses_it_first():
     # 12-block tier, prefill_interval 2. Y ends and stays cached (2 blocks); W decodes for 20 steps. A (5
     # blocks with its preallocation) and B (5) arrive in the same step: A prefills at 6 and B, tried in the
