@@ -45,8 +45,9 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
 * **reclaim**: when the free blocks do not cover what an admission attempt, a chunk or a decode
   step's growth needs, the engine first takes the blocks of requests whose load completed and that
   wait for their prefill (LMDeploy's eviction helper with the connector's reclaim of completed
-  loads: for an attempt, the ones its pass skipped, then those it has not tried yet; for the next
-  chunk of the prompt being chunked and for a growth, all of them), one at a time, each followed
+  loads: for an attempt, from the back of the pass's queue, those it has not tried yet, then those it
+  skipped, the last first in each (``_evictable_sequences``); for the next chunk of the prompt being
+  chunked and for a growth, all of them, in the order they completed), one at a time, each followed
   by cached-block evictions
   (``_reclaim_queued``, ``_reclaim_load``: the request goes back to the queue; its loaded blocks
   stay cached and count as restored when it matches them again);
@@ -447,6 +448,14 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             step = self._step
         return sorted((e for e in self._loaded if e[0] <= step), key=lambda e: self._position[id(e[3])])
 
+    def _loads_in_waiting_order(self, step: int | None = None) -> list:
+        """The completed loads (ready by ``step``, default now) in the order they re-entered LMDeploy's
+        waiting queue, which is the order the eviction helper takes them in for a growth or a chunk
+        (``hanging + waiting`` in status-change order): by completion, then by start (item 39)."""
+        if step is None:
+            step = self._step
+        return sorted(e for e in self._loaded if e[0] <= step)
+
     def _has_waiting(self) -> bool:
         return bool(self._waiting) or bool(self._loaded and self._loaded[0][0] <= self._step)   # a heap
 
@@ -634,7 +643,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             if not gpu.num_free_slots:
                 if self._loaded:
                     # the eviction helper first takes the blocks of the queue's requests whose load completed
-                    self._reclaim_until(1, self._ready_loads())
+                    self._reclaim_until(1, self._loads_in_waiting_order())
                 if not gpu.num_free_slots:
                     gpu.evict(1)
                 if not gpu.num_free_slots:
@@ -1126,9 +1135,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._settle_at(step)
         if need > gpu.num_free_slots:
             # LMDeploy's eviction helper: first the blocks of the queue's requests that hold some (a request
-            # whose load completed; in queue order, each then evicting cached blocks), then cached blocks
+            # whose load completed, in the order they completed, each then evicting cached blocks), then cached blocks
             if reclaim:
-                self._reclaim_until(need, self._ready_loads(step))
+                self._reclaim_until(need, self._loads_in_waiting_order(step))
             if need > gpu.num_free_slots:
                 gpu.evict(need - gpu.num_free_slots)
             if need > gpu.num_free_slots and not force:
@@ -1269,12 +1278,14 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
     def _reclaim_queued(self, need: int, exclude=None) -> int:
         """LMDeploy's eviction helper (``try_make_capacity_for``, with the connector's reclaim of completed
         loads, ``integration/activate.py``): when the free blocks do not cover ``need``, the completed
-        loads this pass skipped, then those it has not tried yet, are reclaimed one at a time
-        (``_reclaim_load``), each followed by cached-block evictions, until they do.  Outside a pass,
-        nothing.  Returns how many cached blocks were evicted."""
+        loads of the pass's queue are reclaimed one at a time (``_reclaim_load``), each followed by
+        cached-block evictions, until they do, from the back of the queue as ``_evictable_sequences``
+        walks it: those the pass has not tried yet, the last first, then those it skipped, the last
+        skipped first (item 38).  Outside a pass, nothing.  Returns how many cached blocks were
+        evicted."""
         if self._pass_skipped is None:
             return 0
-        return self._reclaim_until(need, self._pass_skipped + self._pass_pending, exclude)
+        return self._reclaim_until(need, list(reversed(self._pass_skipped + self._pass_pending)), exclude)
 
     def _reclaim_until(self, need: int, entries, exclude=None) -> int:
         """Reclaim ``entries`` (completed loads, in that order; gone or ``exclude``: passed over) one at a time,

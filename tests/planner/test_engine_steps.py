@@ -408,6 +408,27 @@ def test_an_admission_that_lacks_free_blocks_first_reclaims_a_completed_load_its
     assert not cache._pins and cache._held_now == 0
 
 
+def test_an_admission_reclaims_completed_loads_from_the_back_of_its_pass_s_queue():
+    # Item 38: LMDeploy's ``_evictable_sequences`` walks ``reversed(skipped_waiting + waiting)``: the requests the
+    # pass has not tried yet, the last first, then those it skipped, the last skipped first.
+    cache = SteppedTwoTierCache(4, 0, "lru", 4, Lifetimes(1.0), engine=EngineSteps(4, 2, 1000))
+    a, b, c, d = ((0, k, (0, 0, (), 0), object()) for k in range(4))
+    order = []
+
+    def reclaim(entry):
+        order.append(entry)
+        cache._loaded.remove(entry)
+
+    cache._reclaim_load = reclaim
+    cache._loaded = [a, b, c, d]
+    cache._pass_skipped, cache._pass_pending = [a, b], [c, d]
+    cache._reclaim_queued(cache.gpu.num_free_slots + 1)      # more than the free blocks: every candidate goes
+    assert order == [d, c, b, a]
+    assert cache._reclaim_queued(1) == 0                     # the free blocks cover it: nothing reclaimed
+    cache._pass_skipped = cache._pass_pending = None
+    assert cache._reclaim_queued(99) == 0                    # outside a pass: nothing
+
+
 def _holding_steps(reqs, gpu=20, host=0, engine=EngineSteps(4, 2, 1000)):
     """The steps at which the model took GPU blocks for running requests (admissions' partial blocks and
     decode growth), and the cache."""
