@@ -442,11 +442,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._step_held = 0
 
     # -- the engine loop ---------------------------------------------------------------------
-    def _ready_loads(self, step: int | None = None) -> list:
-        """The completed loads (ready by ``step``, default now), in arrival order."""
-        if step is None:
-            step = self._step
-        return sorted((e for e in self._loaded if e[0] <= step), key=lambda e: self._position[id(e[3])])
+    def _ready_loads(self) -> list:
+        """The completed loads ready now, in arrival order (the prefill reorderer's order)."""
+        return sorted((e for e in self._loaded if e[0] <= self._step), key=lambda e: self._position[id(e[3])])
 
     def _loads_in_waiting_order(self, step: int | None = None) -> list:
         """The completed loads (ready by ``step``, default now) in the order they re-entered LMDeploy's
