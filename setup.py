@@ -63,7 +63,7 @@ setup(
     extras_require={
         "plot": ["matplotlib"],
         "metrics": ["prometheus_client"],
-        "test": ["pytest", "hypothesis", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "matplotlib"],
     },
     cmdclass={"build_py": build_py_with_pth},
     entry_points={"console_scripts": ["lmdeploy-hostcache = lmdeploy_hostcache.cli:main"]},

@@ -54,7 +54,7 @@ if [ -n "$missing_debs" ]; then
   fi
 fi
 echo "[setup] triton, lmdeploy-hostcache (editable) and test tools" >&2
-$PIP install "triton==3.6.0" xxhash PyYAML matplotlib prometheus_client pytest hypothesis
+$PIP install "triton==3.6.0" xxhash PyYAML matplotlib prometheus_client pytest pytest-xdist hypothesis
 $PIP install --no-deps -e .
 .venv/bin/lmdeploy-hostcache --version >/dev/null
 echo "$WANT" > "$STAMP"
