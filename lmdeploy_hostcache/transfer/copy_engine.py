@@ -14,6 +14,11 @@ One interface, two implementations:
 * :class:`CpuCopyEngine` - same contract, executed synchronously inside
   ``submit`` (demotions first), results handed out by ``poll``.
 
+Kernel warm-up: a :class:`CudaCopyEngine` on the Triton backend compiles its gather and
+scatter kernels when it is built (``kernels.warm_up``: nothing read or written), so the
+first demotion or restore of a server's life does not pay Triton's compile inside a
+request's step (Triton compiles a kernel at its first launch: seconds on a GPU).
+
 Failure contract: ``submit`` validates everything first and raises ``ValueError``
 before any byte moves.  An op that fails later completes with ``ok=False``: a
 failed load's destination pages are **declared invalid** (their content is
@@ -25,6 +30,8 @@ drops a failed store (``complete_store(..., success=False)``).
 from __future__ import annotations
 
 import collections
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +42,8 @@ from .layout import KVRowLayout
 from .ops import resolve_backend
 
 FAIL_KINDS = ("load", "store")
+
+logger = logging.getLogger("lmdeploy_hostcache.transfer")
 
 
 @dataclass(frozen=True)
@@ -309,6 +318,21 @@ class CudaCopyEngine(CopyEngine):
         self.copy_stream = torch.cuda.Stream(device=self.device)
         self.blocks_per_staging = max(1, max_staging_bytes // self.format.slot_bytes)
         self._pending: collections.deque = collections.deque()
+        self.warm_up_s = self._warm_up()
+
+    def _warm_up(self) -> float | None:
+        """Compile the Triton gather/scatter kernels now (seconds, nothing moved); None on torch."""
+        if self.backend != "triton":
+            return None
+        from . import kernels
+
+        t0 = time.perf_counter()
+        staging = torch.empty((1, self.format.slot_bytes), dtype=torch.uint8, device=self.device)
+        kernels.warm_up(self.rows, self.layout, self.format, staging)
+        seconds = time.perf_counter() - t0
+        logger.info("host tier copy kernels compiled in %.2f s (%s, %d B per slot)", seconds, self.format.name,
+                    self.format.slot_bytes)
+        return seconds
 
     def _require_cuda_rows(self) -> None:
         if self.device.type != "cuda":

@@ -249,8 +249,16 @@ def _copy_launches(rows, layout: KVRowLayout, fmt: HostFormat, slots_ptr: int, t
                   for (count, length), table in groups.items()]
 
 
+def _launch(kernel, grid, compile_only: bool, *args, **constexprs) -> None:
+    """``kernel[grid](...)``, or with ``compile_only`` Triton's ``warmup``: compile, launch nothing."""
+    if compile_only:
+        kernel.warmup(*args, grid=grid, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs)
+
+
 def _launch_copy(rows, layout: KVRowLayout, fmt: HostFormat, ids: torch.Tensor, slots: torch.Tensor,
-                 to_slots: bool) -> None:
+                 to_slots: bool, compile_only: bool = False) -> None:
     if ids.numel() == 0 or not any(to_slots or not sg.zero for sg in fmt.segments):
         return
     base = rows[0]
@@ -266,12 +274,12 @@ def _launch_copy(rows, layout: KVRowLayout, fmt: HostFormat, ids: torch.Tensor, 
         chunks = max(1, min(triton.cdiv(length, block), 32)) if dev.type == "cuda" else 1
         iters = triton.cdiv(length, block * chunks)
         grid = (ids.numel(), tab.shape[0], chunks)
-        _copy_segments_kernel[grid](row_units, slot_units, tab, ids, slot_offs, COUNT=count, LENGTH=length,
-                                    ITERS=iters, TO_SLOTS=to_slots, BLOCK=block)
+        _launch(_copy_segments_kernel, grid, compile_only, row_units, slot_units, tab, ids, slot_offs,
+                COUNT=count, LENGTH=length, ITERS=iters, TO_SLOTS=to_slots, BLOCK=block)
 
 
 def _launch_quant(rows, layout: KVRowLayout, fmt: HostFormat, ids: torch.Tensor, slots: torch.Tensor,
-                  to_slots: bool) -> None:
+                  to_slots: bool, compile_only: bool = False) -> None:
     if not fmt.quant_fields or ids.numel() == 0:
         return
     base = rows[0]
@@ -296,8 +304,8 @@ def _launch_quant(rows, layout: KVRowLayout, fmt: HostFormat, ids: torch.Tensor,
         block_r = max(1, min(triton.next_power_of_2(nr), 4096 // block_d))
         grid = (ids.numel(), tab.shape[0], layout.pages_per_block)
         kernel = _quant_gather_kernel if to_slots else _dequant_scatter_kernel
-        kernel[grid](base, slots.view(-1), tab, ids, slot_offs, NR=nr, D=d, BITS=fmt.bits, IS_BF16=is_bf16,
-                     BLOCK_R=block_r, BLOCK_D=block_d)
+        _launch(kernel, grid, compile_only, base, slots.view(-1), tab, ids, slot_offs, NR=nr, D=d, BITS=fmt.bits,
+                IS_BF16=is_bf16, BLOCK_R=block_r, BLOCK_D=block_d)
 
 
 def gather(rows, layout: KVRowLayout, fmt: HostFormat, block_ids: torch.Tensor, slots: torch.Tensor) -> None:
@@ -310,3 +318,19 @@ def scatter(slots: torch.Tensor, layout: KVRowLayout, fmt: HostFormat, block_ids
     """``slots[i]`` -> blocks ``block_ids`` of ``rows`` (dequantizing lossy fields)."""
     _launch_copy(rows, layout, fmt, block_ids, slots, to_slots=False)
     _launch_quant(rows, layout, fmt, block_ids, slots, to_slots=False)
+
+
+def warm_up(rows, layout: KVRowLayout, fmt: HostFormat, slots: torch.Tensor) -> None:
+    """Compile the gather and scatter kernels that ``rows`` and ``fmt`` use, launching none of them.
+
+    A Triton kernel compiles on its first launch (seconds on a GPU): without this, the first
+    demotion or restore of a server's life pays it inside a request's step. Nothing is read
+    or written: Triton's ``warmup`` builds the kernel for the launch's argument types,
+    alignments and constants and returns. ``slots`` is any staging tensor of the device
+    (its alignment picks the copy unit, as a real staging buffer's does). Under
+    ``TRITON_INTERPRET=1`` there is nothing to compile and this does nothing.
+    """
+    ids = torch.zeros(1, dtype=torch.int64, device=rows[0].device)
+    for to_slots in (True, False):
+        _launch_copy(rows, layout, fmt, ids, slots, to_slots, compile_only=True)
+        _launch_quant(rows, layout, fmt, ids, slots, to_slots, compile_only=True)

@@ -57,10 +57,16 @@ MODEL_SIZES = {
     # ~1.1B parameters (Llama): 16 layers, hidden 2048, 16 heads, 8 KV heads of 128, vocab 32000
     "1b": dict(num_layers=16, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
                num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, dtype="bfloat16"),
+    # Llama-3-8B's layer shapes (32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336) with the
+    # kit's 32000-token vocabulary: ~7.0B parameters, 14 GB of bf16 weights, 128 KiB of KV per token
+    "8b": dict(num_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, dtype="bfloat16"),
     # CPU smoke test of the driver itself (with --cpu-shim)
     "tiny": dict(num_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=2048, dtype="float16"),
 }
+# writing the 8b model's 14 GB of safetensors takes longer than the 1b's 18 s
+MODEL_WRITE_LIMITS_S = {"8b": 200}
 # name: (tier on, quant_policy, cache: "small" | "fits"); stock references first (equality needs them)
 RUNS = (
     ("fits_off_qp0", False, 0, "fits"),
@@ -285,7 +291,8 @@ def _write_model(args, budget: Budget, log: Log) -> bool:
     if marker.exists():
         marker.unlink()
     outcome, rc, secs = run_child([sys.executable, str(HERE / "model_writer.py"), str(args.model_dir),
-                                   json.dumps(cfg)], budget.step_timeout(STEP_LIMITS_S["model"], 60), log)
+                                   json.dumps(cfg)], budget.step_timeout(MODEL_WRITE_LIMITS_S.get(args.model_size, STEP_LIMITS_S["model"]), 60),
+                                   log)
     if outcome == "ok":
         marker.write_text(json.dumps(cfg))
     log(f"model write: {outcome} in {secs:.1f}s")

@@ -76,3 +76,35 @@ def test_compiled_quant_kernel_matches_lmdeploy_on_gpu(dtype, qp, fmt):
     print(f"{fmt} {dtype}: bytes differing from LMDeploy {n_lmdeploy}, from the IEEE torch reference {n_ref} "
           f"of {ours.numel()}")
     assert n_lmdeploy == 0
+
+
+@pytest.mark.parametrize("qp,fmt", [(0, "same"), (4, "same"), (0, "int4")])
+def test_cuda_engine_compiles_its_kernels_when_built(qp, fmt):
+    """The engine compiles the exact kernel variants its copies use, and moves no byte doing it."""
+    from lmdeploy_hostcache.transfer import kernels
+
+    # a geometry no other test uses, so that no earlier test compiled these variants
+    geom = dict(num_layers=5, kv_heads=2, head_dim=64, block_size=32, kernel_block_size=32, num_blocks=12)
+    caches, plan, _ = build_caches(qp, torch.float16, device="cuda", **geom)
+    layout = KVRowLayout.from_connector_caches(caches, plan.kernel_blocks_per_logical_block, plan.tensor_specs)
+    pool = HostPool(layout, 8, fmt)
+    dev = torch.cuda.current_device()
+
+    def compiled() -> int:
+        return sum(len(k.device_caches[dev][0]) for k in (kernels._copy_segments_kernel, kernels._quant_gather_kernel,
+                                                          kernels._dequant_scatter_kernel))
+
+    orig = snapshot(caches)
+    eng = CudaCopyEngine(layout, pool, caches)
+    torch.cuda.synchronize()
+    assert eng.warm_up_s is not None
+    assert all(torch.equal(orig[k], caches[k]) for k in caches)  # warm-up moved nothing
+    after_build = compiled()
+    assert after_build >= (4 if fmt != "same" else 2)
+    eng.submit(1, [(3, 0), (5, 1)], [])
+    eng.wait_all()
+    eng.submit(2, [], [(0, 7), (1, 8)])
+    eng.wait_all()
+    assert [r.ok for r in eng.poll()] == [True, True]
+    assert compiled() == after_build  # the real copies needed no kernel the warm-up had not compiled
+    eng.close()
