@@ -24,7 +24,7 @@ Calibration (``RestoreCalibration``): ``restore_gbps`` (host -> GPU restore band
 1. the JSON file named by ``LMDEPLOY_HOSTCACHE_CALIBRATION`` (the GPU proof kit writes one as
    ``calibration.json``: ``{"restore_gbps": .., "prefill_tokens_per_s": .., "restore_overhead_ms":
    .., "gpu": .., "model": ..}``; the figures hold for the GPU and model they were measured on);
-2. ``ASSUMED``: figures assumed, NOT measured (no GPU has run this project yet): 20 GB/s restore
+2. ``ASSUMED``: figures assumed, NOT measured (used without a calibration file): 20 GB/s restore
    (a pinned PCIe Gen4 x16 host -> device copy), 10,000 prefill tokens/s (a ~8B model on one
    datacenter GPU), 20 ms overhead (one engine step). Replace them with the kit's figures.
 
