@@ -460,6 +460,10 @@ def main(argv=None) -> int:
     cal = kitlib.restore_calibration(bench, cal_src.get("prefill_tokens_per_s"), cal_src.get("decode_step_ms"),
                                      block_bytes, (res.data.get("env") or {}).get("gpu"),
                                      f"random-weight llama {args.model_size}")
+    if cal_src and not cal_src.get("prefill_tokens_per_s"):
+        res.set("calibration_note", f"no calibration.json: a fresh {cal_src.get('prefill_prompt_tokens')}-token prompt "
+                f"was not measurably slower than a {cal_src.get('prefill_short_tokens')}-token one, so no "
+                "marginal prefill rate; restores of fewer tokens cannot pay on this model and GPU")
     if cal is not None and not (args.cpu_shim or args.fake_engine):
         (args.out / "calibration.json").write_text(json.dumps(cal, indent=2) + "\n")
     res.set("calibration", cal)

@@ -19,7 +19,8 @@ Per request it records the time to the first token (TTFT), the total latency and
 ``--out`` gets: status, per-request rows, TTFT p50/p99, prefill tokens/s (uncached prompt tokens over
 the TTFTs), output tokens/s over the replay's wall time, the GPU prefix-cache hit tokens, and with
 the tier on the connector's counters (host hits, restored tokens, restore latency). ``calibrate``
-adds the prefill rate of fresh prompts (2048 tokens, or the session length) and the decode step time (for ``restore_cost``).
+adds the marginal prefill rate of fresh prompts (between 256 tokens and 2048, or the session length)
+and the decode step time (for ``restore_cost``).
 
 The replay takes any engine object with ``create_instance()`` whose instances have LMDeploy's
 ``async_stream_infer``; tests drive it with a fake (``tests/gpu_kit``).
@@ -118,22 +119,30 @@ def summarize(rep: dict) -> dict:
 
 
 async def calibrate(engine, gen_cls, vocab: int, clock=time.perf_counter, prompt_len: int = 2048,
-                    repeats: int = 3) -> dict:
-    """Prefill rate of fresh prompts (1 new token) and decode step time ((t(17) - t(1)) / 16)."""
+                    repeats: int = 3, short_len: int = 256) -> dict:
+    """Marginal prefill rate of fresh prompts and decode step time ((t(17) - t(1)) / 16).
+
+    The prefill rate a restore competes with is the *marginal* one: what each recomputed token
+    adds to the first token's time. TTFT also holds a fixed cost (an engine step's CPU work, which
+    on a fast GPU hides a short prefill entirely), so the rate is measured between two fresh prompt
+    lengths (``kitlib.marginal_prefill``), interleaved, each after a warm-up.
+    """
     import random
+
+    from kitlib import marginal_prefill
 
     rng = random.Random(12345)
     inst = engine.create_instance()
     sid = 10 ** 6
-    rates = []
+    short_len = max(1, min(short_len, prompt_len // 2))
+    ttfts: dict[int, list[float]] = {short_len: [], prompt_len: []}
     one = gen_cls(max_new_tokens=1, do_sample=False, top_k=1, ignore_eos=True)
-    for _ in range(repeats + 1):  # the first is a warm-up
-        sid += 1
-        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
-        r = await _one_request(inst, sid, prompt, one, clock)
-        if r["ttft"]:
-            rates.append(prompt_len / r["ttft"])
-    rates = rates[1:]
+    for k in range(repeats + 1):  # the first round is a warm-up
+        for n in (short_len, prompt_len):
+            sid += 1
+            r = await _one_request(inst, sid, [rng.randrange(vocab) for _ in range(n)], one, clock)
+            if k and r["ttft"]:
+                ttfts[n].append(r["ttft"])
     steps = []
     many = gen_cls(max_new_tokens=17, do_sample=False, top_k=1, ignore_eos=True)
     for _ in range(repeats):
@@ -143,10 +152,10 @@ async def calibrate(engine, gen_cls, vocab: int, clock=time.perf_counter, prompt
         sid += 1
         b = await _one_request(inst, sid, [*prompt[:-1], (prompt[-1] + 1) % vocab], many, clock)
         steps.append((b["latency"] - a["latency"]) / 16)
-    rates.sort()
     steps.sort()
-    return {"prefill_prompt_tokens": prompt_len, "prefill_tokens_per_s": rates[len(rates) // 2] if rates else None,
-            "decode_step_ms": steps[len(steps) // 2] * 1e3 if steps else None, "repeats": repeats}
+    out = marginal_prefill(short_len, ttfts[short_len], prompt_len, ttfts[prompt_len])
+    out.update({"decode_step_ms": steps[len(steps) // 2] * 1e3 if steps else None, "repeats": repeats})
+    return out
 
 
 def _connector(engine):

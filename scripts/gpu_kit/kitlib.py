@@ -9,7 +9,7 @@
 * ``make_workload`` / ``working_set_blocks`` / ``gpu_blocks_for``: the multi-turn replay and the GPU
   cache size that makes its working set ``ratio`` times the cache.
 * ``restore_calibration``: restore bandwidth (bench transfer's copy-engine H2D at the block size
-  nearest the model's), prefill rate and step time (e2e calibration) -> the JSON that
+  nearest the model's), marginal prefill rate (``marginal_prefill``) and step time (e2e calibration) -> the JSON that
   ``lmdeploy_hostcache.restore_cost`` reads through ``LMDEPLOY_HOSTCACHE_CALIBRATION``.
 * ``evaluate_targets``: the issue's targets, each ``pass``/``fail``/``not measured`` with its figure.
 
@@ -238,6 +238,28 @@ def gpu_blocks_for(spec: WorkloadSpec, block_size: int, ratio: float, concurrenc
 
 
 # -- calibration and targets -----------------------------------------------------------------------
+
+def marginal_prefill(short_len: int, short_ttfts: list[float], long_len: int, long_ttfts: list[float]) -> dict:
+    """Prefill tokens/s between two fresh prompt lengths, from the median TTFT of each.
+
+    ``prefill_tokens_per_s`` = (long - short) / (median TTFT long - median TTFT short): what each
+    recomputed token adds. None when the longer prompt was not measurably slower (its prefill hid
+    under the fixed cost of a step): no restore of fewer tokens than ``long_len`` can pay then.
+    ``whole_prompt_tokens_per_s`` (long prompt tokens over its TTFT, fixed cost included) is kept
+    for reference; the H200 runs of 2026-12-04 used it, and it overstates what recompute costs.
+    """
+    def median(v):
+        v = sorted(v)
+        return v[len(v) // 2] if v else None
+
+    ts, tl = median(short_ttfts), median(long_ttfts)
+    rate = None
+    if ts is not None and tl is not None and long_len > short_len and tl > ts:
+        rate = (long_len - short_len) / (tl - ts)
+    return {"prefill_tokens_per_s": rate, "prefill_short_tokens": short_len, "prefill_prompt_tokens": long_len,
+            "ttft_short_ms": None if ts is None else ts * 1e3, "ttft_long_ms": None if tl is None else tl * 1e3,
+            "whole_prompt_tokens_per_s": (long_len / tl) if tl else None}
+
 
 def restore_calibration(bench: dict | None, prefill_tokens_per_s: float | None, step_ms: float | None,
                         block_bytes: int | None, gpu: str | None, model: str | None) -> dict | None:

@@ -177,3 +177,21 @@ def test_budget_step_timeouts():
     assert b.step_timeout(150, reserve_s=10) == 90
     now[0] = 95
     assert b.left() == 5 and b.step_timeout(150, reserve_s=10) == 0
+
+
+def test_marginal_prefill_takes_the_difference_of_median_ttfts():
+    # 256 tokens: 50 ms, 2048 tokens: 82 ms (medians; one outlier each) -> 1792 tokens in 32 ms
+    m = kitlib.marginal_prefill(256, [0.050, 0.049, 0.300], 2048, [0.082, 0.081, 0.500])
+    assert m["prefill_tokens_per_s"] == pytest.approx(1792 / 0.032)
+    assert m["ttft_short_ms"] == pytest.approx(50.0) and m["ttft_long_ms"] == pytest.approx(82.0)
+    assert m["whole_prompt_tokens_per_s"] == pytest.approx(2048 / 0.082)
+    # the whole-prompt rate counts the fixed cost as prefill work: it is lower than the marginal one
+    assert m["whole_prompt_tokens_per_s"] < m["prefill_tokens_per_s"]
+
+
+def test_marginal_prefill_is_none_when_the_longer_prompt_was_not_slower():
+    assert kitlib.marginal_prefill(256, [0.051], 1824, [0.050])["prefill_tokens_per_s"] is None
+    assert kitlib.marginal_prefill(256, [], 1824, [0.050])["prefill_tokens_per_s"] is None
+    # no calibration file from it: restore_cost would need a positive rate
+    assert kitlib.restore_calibration({"cuda": [{"block_kib": 4096, "blocks": 32, "engine_h2d_gbps": 48.0}]}, None,
+                                      30.0, 8 << 20, "G", "m") is None
