@@ -23,7 +23,7 @@ a. ``cuda_tests``: pytest on ``CUDA_TESTS`` selected by ``-k "cuda or gpu"`` (co
 b. ``bench_transfer``: ``lmdeploy-hostcache bench transfer --json`` (copy engine H2D/D2H vs a plain
    pinned ``copy_``, kernel gather/scatter vs device memcpy).
 c. ``e2e``: a random-weight ~1B Llama written locally (``model_writer.py``: shapes from transformers,
-   weights drawn on the GPU, safetensors), then ``RUNS`` in order, each its own
+   weights drawn on the GPU, safetensors), then the runs in ``--runs`` order (default ``RUNS``), each its own
    ``e2e_worker.py`` process: the GPU cache sized so the replay's working set is ``--ratio`` (4) x
    the cache (``small_*``) or holds everything (``fits_*``); stock LMDeploy (``*_off_*``) vs host
    tier on (``*_on_*``); quant_policy 0 and 4. A run that would not fit in the time left is skipped.
@@ -60,7 +60,7 @@ MODEL_SIZES = {
     # Llama-3-8B's layer shapes (32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336) with the
     # kit's 32000-token vocabulary: ~7.0B parameters, 14 GB of bf16 weights, 128 KiB of KV per token
     "8b": dict(num_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, dtype="bfloat16"),
+               num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, dtype="bfloat16"),
     # CPU smoke test of the driver itself (with --cpu-shim)
     "tiny": dict(num_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=2048, dtype="float16"),
@@ -175,6 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [r for r in runs if r not in names]
     if bad:
         p.error(f"--runs: unknown {', '.join(bad)}; choose from {', '.join(names)}")
+    if len(set(runs)) != len(runs):
+        p.error(f"--runs: {', '.join(sorted({r for r in runs if runs.count(r) > 1}))} named twice")
     args.runs = runs
     for name in ("budget_s", "ratio", "host_cache_gb", "run_timeout_s"):
         if getattr(args, name) <= 0:
@@ -197,9 +199,9 @@ def plan_runs(args) -> list[dict]:
     fits = kitlib.working_set_blocks(spec, bs) + small  # everything stays, with the small cache's headroom
     session_len = kitlib.final_context_tokens(spec) + 2 * bs
     out = []
-    for name, tier, qp, cache in RUNS:
-        if name not in args.runs:
-            continue
+    by_name = {r[0]: r for r in RUNS}
+    for name in args.runs:  # in the order given: a first-use cost falls on whichever run comes first
+        _, tier, qp, cache = by_name[name]
         out.append({"name": name, "tier": tier, "quant_policy": qp, "cache": cache,
                     "num_gpu_blocks": small if cache == "small" else fits, "block_size": bs,
                     "host_cache_gb": args.host_cache_gb if tier else 0, "min_restore_tokens": 0,

@@ -56,7 +56,9 @@ def test_plan_runs_sizes_the_caches(tmp_path):
     assert not runs["small_off_qp0"]["tier"] and runs["small_off_qp0"]["host_cache_gb"] == 0
     assert [n for n, r in runs.items() if r["calibrate"]] == ["fits_off_qp0"]
     only = driver.plan_runs(driver.parse_args(["--out", str(tmp_path), "--runs", "small_on_qp0,fits_off_qp0"]))
-    assert [r["name"] for r in only] == ["fits_off_qp0", "small_on_qp0"]  # RUNS order, references first
+    assert [r["name"] for r in only] == ["small_on_qp0", "fits_off_qp0"]  # the order given
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--out", str(tmp_path), "--runs", "small_on_qp0,fits_off_qp0,small_on_qp0"])
 
 
 def test_replay_builds_multi_turn_prompts_and_times_requests():
