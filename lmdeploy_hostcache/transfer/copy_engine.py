@@ -17,7 +17,7 @@ One interface, two implementations:
 Kernel warm-up: a :class:`CudaCopyEngine` on the Triton backend compiles its gather and
 scatter kernels when it is built (``kernels.warm_up``: nothing read or written), so the
 first demotion or restore of a server's life does not pay Triton's compile inside a
-request's step (Triton compiles a kernel at its first launch: seconds on a GPU).
+request's step (Triton compiles a kernel at its first launch).
 
 Failure contract: ``submit`` validates everything first and raises ``ValueError``
 before any byte moves.  An op that fails later completes with ``ok=False``: a

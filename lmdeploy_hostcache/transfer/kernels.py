@@ -323,7 +323,7 @@ def scatter(slots: torch.Tensor, layout: KVRowLayout, fmt: HostFormat, block_ids
 def warm_up(rows, layout: KVRowLayout, fmt: HostFormat, slots: torch.Tensor) -> None:
     """Compile the gather and scatter kernels that ``rows`` and ``fmt`` use, launching none of them.
 
-    A Triton kernel compiles on its first launch (seconds on a GPU): without this, the first
+    A Triton kernel compiles on its first launch: without this, the first
     demotion or restore of a server's life pays it inside a request's step. Nothing is read
     or written: Triton's ``warmup`` builds the kernel for the launch's argument types,
     alignments and constants and returns. ``slots`` is any staging tensor of the device
