@@ -321,14 +321,24 @@ class CudaCopyEngine(CopyEngine):
         self.warm_up_s = self._warm_up()
 
     def _warm_up(self) -> float | None:
-        """Compile the Triton gather/scatter kernels now (seconds, nothing moved); None on torch."""
+        """Compile the Triton gather/scatter kernels now (nothing moved); their seconds, None on torch.
+
+        A failure is logged, never raised: the first copies then compile (or fail, and a failed
+        copy falls back to recompute), as without the warm-up.
+        """
         if self.backend != "triton":
             return None
         from . import kernels
 
         t0 = time.perf_counter()
-        staging = torch.empty((1, self.format.slot_bytes), dtype=torch.uint8, device=self.device)
-        kernels.warm_up(self.rows, self.layout, self.format, staging)
+        try:
+            staging = torch.empty((1, self.format.slot_bytes), dtype=torch.uint8, device=self.device)
+            kernels.warm_up(self.rows, self.layout, self.format, staging)
+        except Exception as exc:  # noqa: BLE001 - serving goes on; the copies report their own failures
+            logger.warning("host tier: compiling the copy kernels at start-up failed (%s: %s); the first copies "
+                           "will compile them, and a copy that fails falls back to recompute",
+                           type(exc).__name__, exc)
+            return None
         seconds = time.perf_counter() - t0
         logger.info("host tier copy kernels compiled in %.2f s (%s, %d B per slot)", seconds, self.format.name,
                     self.format.slot_bytes)

@@ -106,3 +106,54 @@ def test_injected_load_failure_skips_the_copy(engine):
     (r,) = eng.poll()
     assert not r.ok and not r.loads_ok and r.stores_ok
     assert torch.equal(naive_slot(caches, ppb, 0), naive_slot(before, ppb, 0))
+
+
+def _triton_engine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: COMPUTE)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    caches, plan, _ = build_caches(0, torch.float16, num_layers=2, num_blocks=8)
+    ppb = plan.kernel_blocks_per_logical_block
+    layout = KVRowLayout.from_connector_caches(caches, ppb, plan.tensor_specs)
+    pool = HostPool(layout, 4, "same")
+    return caches, ppb, pool, layout
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_triton_engine_warms_its_kernels_up_when_built(monkeypatch):
+    from lmdeploy_hostcache.transfer import kernels
+
+    calls = []
+    real = kernels.warm_up
+    monkeypatch.setattr(kernels, "warm_up", lambda *a: (calls.append(a[2].name), real(*a)))
+    caches, ppb, pool, layout = _triton_engine(monkeypatch)
+    orig = snapshot(caches)
+    eng = CpuRowsCudaEngine(layout, pool, caches, backend="triton")
+    assert calls == ["same"] and eng.warm_up_s is not None
+    assert all(torch.equal(orig[k], caches[k]) for k in caches)
+    torch_eng = CpuRowsCudaEngine(layout, HostPool(layout, 4, "same"), caches, backend="torch")
+    assert calls == ["same"] and torch_eng.warm_up_s is None   # nothing to compile for torch
+    eng.close()
+    torch_eng.close()
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_a_failed_warm_up_is_logged_and_the_copies_still_run(monkeypatch, caplog):
+    from lmdeploy_hostcache.transfer import kernels
+
+    def broken(*a):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "warm_up", broken)
+    caches, ppb, pool, layout = _triton_engine(monkeypatch)
+    orig = snapshot(caches)
+    with caplog.at_level("WARNING", logger="lmdeploy_hostcache.transfer"):
+        eng = CpuRowsCudaEngine(layout, pool, caches, backend="triton")
+    assert eng.warm_up_s is None
+    assert "compiling the copy kernels at start-up failed (RuntimeError: no compiler)" in caplog.text
+    eng.submit(1, [(3, 0)], [])
+    eng.wait_all()
+    (r,) = eng.poll()
+    assert r.ok and torch.equal(pool.slot_view(0), naive_slot(orig, ppb, 3))
+    eng.close()
