@@ -29,6 +29,8 @@ BENCH_COMMANDS = {
               "cache-aware routing: decision time per request and proxy memory per cached block"),
     "capture": ("lmdeploy_hostcache.testing.capture_bench",
                 "trace capture's time inside LMDeploy's engine steps, on the CPU harness"),
+    "step": ("lmdeploy_hostcache.testing.step_bench",
+             "the host tier's cost in LMDeploy's scheduler per engine step (tier off vs on), on the CPU harness"),
 }
 
 
