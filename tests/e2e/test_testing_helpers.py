@@ -59,11 +59,12 @@ def test_importing_package_and_lmdeploy_does_not_install_the_shim():
 
 def test_production_code_never_imports_testing():
     """Nothing LMDeploy loads imports the testing helpers; the sanctioned references are the CLI's
-    entries of the harness tools, the `soak` command and `bench capture` (their modules import the
-    harness only when the command runs)."""
+    entries of the harness tools, the `soak` command, `bench capture` and `bench step` (their modules
+    import the harness only when the command runs)."""
     root = os.path.join(os.path.dirname(__file__), "..", "..", "lmdeploy_hostcache")
     allowed = {"cli.py": ('"soak": ("lmdeploy_hostcache.testing.soak",',
-                          '"capture": ("lmdeploy_hostcache.testing.capture_bench",')}
+                          '"capture": ("lmdeploy_hostcache.testing.capture_bench",',
+                          '"step": ("lmdeploy_hostcache.testing.step_bench",')}
     offenders = []
     for dirpath, _, files in os.walk(root):
         if os.path.basename(dirpath) == "testing":
