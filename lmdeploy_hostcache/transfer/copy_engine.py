@@ -30,6 +30,7 @@ drops a failed store (``complete_store(..., success=False)``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -331,9 +332,12 @@ class CudaCopyEngine(CopyEngine):
         from . import kernels
 
         t0 = time.perf_counter()
+        # Triton compiles for the current device: the rows' one, as under the copy stream's context
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         try:
-            staging = torch.empty((1, self.format.slot_bytes), dtype=torch.uint8, device=self.device)
-            kernels.warm_up(self.rows, self.layout, self.format, staging)
+            with on_device:
+                staging = torch.empty((1, self.format.slot_bytes), dtype=torch.uint8, device=self.device)
+                kernels.warm_up(self.rows, self.layout, self.format, staging)
         except Exception as exc:  # noqa: BLE001 - serving goes on; the copies report their own failures
             logger.warning("host tier: compiling the copy kernels at start-up failed (%s: %s); the first copies "
                            "will compile them, and a copy that fails falls back to recompute",
