@@ -87,11 +87,19 @@ def test_node_b_restores_byte_exact_prefixes_only_node_a_computed():
         alone = _node_b(master, read_only=True)
     _clean(alone)
     assert alone["l3_get_blocks"] == 0 and alone["l3_restored_from_others"] == 0, alone
-    ra, rb = _with_node_a(lambda m: _node_b(m, read_only=True))
-    _clean(rb)                            # every GPU block and host slot byte-checked, every step
+    # How many of A's blocks B finds and restores depends on both nodes' timing (LMDeploy's long-prompt
+    # aging reads the wall clock, and the store's writes are asynchronous): usually 6 to 12 restored
+    # blocks, but one fresh-clone CI run of 2026-12-04, on a loaded machine, found 2 and restored none.
+    # Every attempt is checked byte for byte; a restore from the store must happen in one of three.
+    for _attempt in range(3):
+        ra, rb = _with_node_a(lambda m: _node_b(m, read_only=True))
+        _clean(rb)                        # every GPU block and host slot byte-checked, every step
+        assert rb["l3_errors"] == 0, rb
+        assert rb["l3_restored_own"] == 0 and rb["l3_restored_from_others"] == rb["l3_get_blocks"], rb
+        if rb["l3_get_blocks"] > 0:
+            break
     assert rb["l3_hit_blocks"] > 0 and rb["l3_get_blocks"] > 0 and rb["l3_bytes_from_l3"] > 0, rb
-    assert rb["restored_tokens"] > 0 and rb["l3_errors"] == 0
-    assert rb["l3_restored_own"] == 0 and rb["l3_restored_from_others"] == rb["l3_get_blocks"], rb
+    assert rb["restored_tokens"] > 0
 
 
 @pytest.mark.parametrize("fault", ["kill", "pause"])
