@@ -146,28 +146,41 @@ def workload(name: str, requests: int):
     return mooncake_conversations(max_requests=requests, path=bundled_trace_path())
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"harness runs (default {DEFAULT_RUNS})")
+def add_workload_arguments(p: argparse.ArgumentParser, weka_note: str = "") -> None:
+    """``--workload`` and ``--requests``, as the harness benches share them (``checked_workload``)."""
     p.add_argument("--workload", choices=WORKLOADS, default="mooncake",
                    help="mooncake: the bundled conversation trace (default); weka: the WEKA sample sessions of "
-                        "../shared/traces (the CI test's)")
+                        "../shared/traces" + weka_note)
     p.add_argument("--requests", type=int, default=64,
                    help="requests taken from the Mooncake trace (default 64; the WEKA workload has 69)")
+
+
+def checked_workload(args: argparse.Namespace, command: str, minimums: dict[str, int]):
+    """The conversations of ``args``, after checking each of ``minimums`` (argument -> least value);
+    None after one message on stderr naming the argument or the missing trace (the caller exits 2)."""
+    for name, low in minimums.items():
+        if getattr(args, name) < low:
+            print(f"{command}: --{name} must be >= {low}, got {getattr(args, name)}", file=sys.stderr)
+            return None
+    try:
+        return workload(args.workload, args.requests)
+    except FileNotFoundError as exc:
+        print(f"{command}: {exc} (the WEKA sessions live in ../shared/traces beside a checkout; "
+              "use --workload mooncake)", file=sys.stderr)
+        return None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"harness runs (default {DEFAULT_RUNS})")
+    add_workload_arguments(p, " (the CI test's)")
     p.add_argument("--no-offload", action="store_true",
                    help="capture_offload: false (encode on the scheduler's thread, as before the helper process)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    for name, low in (("runs", 1), ("requests", 1)):
-        if getattr(args, name) < low:
-            print(f"bench capture: --{name} must be >= {low}, got {getattr(args, name)}", file=sys.stderr)
-            return 2
-    try:
-        conversations = workload(args.workload, args.requests)
-    except FileNotFoundError as exc:
-        print(f"bench capture: {exc} (the WEKA sessions live in ../shared/traces beside a checkout; "
-              "use --workload mooncake)", file=sys.stderr)
+    conversations = checked_workload(args, "bench capture", {"runs": 1, "requests": 1})
+    if conversations is None:
         return 2
     runs = []
     with tempfile.TemporaryDirectory(prefix="hostcache-capture-bench-") as tmp:

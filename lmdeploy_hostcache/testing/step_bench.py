@@ -34,7 +34,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from .capture_bench import WORKLOADS, StepTimers, workload
+from .capture_bench import StepTimers, add_workload_arguments, checked_workload
 
 DEFAULT_RUNS = 5
 CONFIGS = ("off_fits", "on_fits", "off_small", "on_small")
@@ -113,26 +113,15 @@ def summarize(runs: list[list[StepCost]]) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"runs of each configuration (default {DEFAULT_RUNS})")
-    p.add_argument("--workload", choices=WORKLOADS, default="mooncake",
-                   help="mooncake: the bundled conversation trace (default); weka: the WEKA sample sessions of "
-                        "../shared/traces")
-    p.add_argument("--requests", type=int, default=64,
-                   help="requests taken from the Mooncake trace (default 64; the WEKA workload has 69)")
+    add_workload_arguments(p)
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed rounds of every configuration first (imports, first-use costs; default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
-    for name, low in (("runs", 1), ("requests", 1), ("warmup", 0)):
-        if getattr(args, name) < low:
-            print(f"bench step: --{name} must be >= {low}, got {getattr(args, name)}", file=sys.stderr)
-            return 2
-    try:
-        conversations = workload(args.workload, args.requests)
-    except FileNotFoundError as exc:
-        print(f"bench step: {exc} (the WEKA sessions live in ../shared/traces beside a checkout; "
-              "use --workload mooncake)", file=sys.stderr)
+    conversations = checked_workload(args, "bench step", {"runs": 1, "requests": 1, "warmup": 0})
+    if conversations is None:
         return 2
     for _ in range(args.warmup):
         for c in CONFIGS:
