@@ -8,6 +8,7 @@ completion only through event polling; staging kept until then), not CUDA itself
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -52,13 +53,18 @@ class CpuRowsCudaEngine(CudaCopyEngine):
         pass
 
 
-@pytest.fixture
-def engine(monkeypatch):
-    LOG.clear()
+def _fake_cuda(monkeypatch) -> None:
+    """torch.cuda's streams and events replaced by the recording fakes."""
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: COMPUTE)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    LOG.clear()
+    _fake_cuda(monkeypatch)
     caches, plan, _ = build_caches(0, torch.float16, num_layers=2, num_blocks=8)
     ppb = plan.kernel_blocks_per_logical_block
     layout = KVRowLayout.from_connector_caches(caches, ppb, plan.tensor_specs)
@@ -109,10 +115,7 @@ def test_injected_load_failure_skips_the_copy(engine):
 
 
 def _triton_engine(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: COMPUTE)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    _fake_cuda(monkeypatch)
     caches, plan, _ = build_caches(0, torch.float16, num_layers=2, num_blocks=8)
     ppb = plan.kernel_blocks_per_logical_block
     layout = KVRowLayout.from_connector_caches(caches, ppb, plan.tensor_specs)
@@ -120,7 +123,7 @@ def _triton_engine(monkeypatch):
     return caches, ppb, pool, layout
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_triton_engine_warms_its_kernels_up_when_built(monkeypatch):
     from lmdeploy_hostcache.transfer import kernels
 
@@ -138,7 +141,7 @@ def test_triton_engine_warms_its_kernels_up_when_built(monkeypatch):
     torch_eng.close()
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 def test_a_failed_warm_up_is_logged_and_the_copies_still_run(monkeypatch, caplog):
     from lmdeploy_hostcache.transfer import kernels
 
