@@ -253,6 +253,13 @@ class HostCacheConfig:
         "`LMDEPLOY_HOSTCACHE_CALIBRATION` (the GPU proof kit writes one), else from assumed, "
         "unmeasured figures (`lmdeploy_hostcache/restore_cost.py`).",
         "integer >= 0, or `auto`"))
+    keep_restored_blocks: bool = field(default=True, metadata=_meta(
+        _parse_bool,
+        "Keep a restored block's host copy while host memory has room for it, so when LMDeploy "
+        "evicts the block again nothing is copied back (an inclusive tier). A kept copy is "
+        "always the first slot reused when the host needs one, before any eviction. `false`: a "
+        "restored block leaves host memory (exclusive tiers: every re-eviction copies it again).",
+        "`true` or `false`"))
     pin_memory: bool = field(default=True, metadata=_meta(
         _parse_bool,
         "Allocate the host pool page-locked (pinned), so copies are asynchronous DMA at full "

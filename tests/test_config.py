@@ -22,7 +22,7 @@ FIELDS = HostCacheConfig.field_names()
 
 def test_field_list_is_the_documented_one():
     assert FIELDS == ("host_cache_gb", "host_memory_reserve_gb", "host_kv_format", "eviction_policy",
-                      "min_restore_tokens", "pin_memory", "verify_tokens", "checksum", "tenant_salt", "capture",
+                      "min_restore_tokens", "keep_restored_blocks", "pin_memory", "verify_tokens", "checksum", "tenant_salt", "capture",
                       "capture_max_mb", "capture_offload", "l3")
 
 
@@ -33,6 +33,7 @@ def test_defaults():
     assert cfg.host_kv_format == "same"
     assert cfg.eviction_policy == "arc"  # eviction.DEFAULT_POLICY, chosen in docs/eviction.md
     assert cfg.min_restore_tokens == 256
+    assert cfg.keep_restored_blocks is True
     assert cfg.pin_memory is True and cfg.verify_tokens is True and cfg.checksum is False
     assert cfg.tenant_salt == ""
     assert cfg.enabled
@@ -52,6 +53,7 @@ BAD_VALUES = [
     ("min_restore_tokens", -1), ("min_restore_tokens", 1.5), ("min_restore_tokens", "12.5"),
     ("min_restore_tokens", "-4"), ("min_restore_tokens", True), ("min_restore_tokens", "many"),
     ("min_restore_tokens", None), ("min_restore_tokens", math.inf),
+    ("keep_restored_blocks", 1), ("keep_restored_blocks", "maybe"), ("keep_restored_blocks", None),
     ("pin_memory", 1.5), ("pin_memory", 1), ("pin_memory", 0), ("pin_memory", "maybe"), ("pin_memory", None),
     ("pin_memory", "yes"),
     ("verify_tokens", 1.5), ("verify_tokens", "on"), ("verify_tokens", None), ("verify_tokens", [True]),

@@ -251,7 +251,8 @@ class HostTierScheduler:
             self.hostcache.min_restore_tokens, self.block_transfer_bytes / self.block_size)
         self.metrics = HostTierMetrics()
         self.index = HostIndex(self.num_slots, policy=self.hostcache.eviction_policy,
-                               verify_tokens=self.hostcache.verify_tokens, on_evict=self._on_host_evict)
+                               verify_tokens=self.hostcache.verify_tokens, on_evict=self._on_host_evict,
+                               keep_restored=self.hostcache.keep_restored_blocks)
         self._step = 0
         self._next_batch = 0
         self._pending_demotions: list[tuple[int, int, int]] = []   # (digest, gpu_block, slot)
@@ -404,6 +405,8 @@ class HostTierScheduler:
             self._pending_demotions.append((digest, gpu_block, int(slot)))
             self._pending_demote_gpu.add(gpu_block)
             self.metrics.add(demotions=1)
+        elif self.index.is_resident(digest):
+            self.metrics.add(demotions_skipped=1)   # its host copy is already there (a kept restore)
         elif digest not in self.index:
             # Not stored and not resident: this prefix leaves every tier, so do its host children.
             self.metrics.add(host_evictions=len(self.index.drop_subtree(digest)))

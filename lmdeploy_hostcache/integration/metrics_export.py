@@ -50,6 +50,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "restore_failures": ("restore_failures", "Restores that failed or were aborted (recomputed instead)."),
     "demotions": ("demotions", "Blocks demoted from GPU to host memory."),
     "demotion_failures": ("demotion_failures", "Demotions that failed."),
+    "demotions_skipped": ("demotions_skipped", "GPU evictions of blocks already in host memory (nothing copied)."),
     "host_evictions": ("evictions", "Host blocks evicted to make room or orphaned."),
     "bytes_to_host": ("bytes_to_host", "Bytes copied GPU -> host."),
     "bytes_to_gpu": ("bytes_to_gpu", "Bytes copied host -> GPU."),

@@ -4,7 +4,10 @@ Both tiers are ``HostIndex`` instances (``tier/host_index.py``, imported, never 
 
 * the **GPU tier** uses policy ``lru`` with leaf-first eviction, which is what LMDeploy's
   BlockTrie does (LRU over leaves with ref_count 1);
-* the **host tier** uses the configured policy; the tiers are exclusive.
+* the **host tier** uses the configured policy; the tiers are exclusive in capacity: a restored
+  block's host copy is kept (``keep_restored``, the server's ``keep_restored_blocks`` default) only
+  until its slot is needed, before any eviction, so the host holds what an exclusive pair's would,
+  and a re-eviction of a kept block copies nothing (docs/planner.md "The replay model").
 
 Per request (block ``i`` has digest ``d[i]``, chained from the namespace root over the block's id
 bytes, so digest and token-verification paths run exactly as in the engine):
@@ -23,7 +26,7 @@ bytes, so digest and token-verification paths run exactly as in the engine):
    calls ``on_evict`` which demotes the victim into the host tier (``prepare_store`` +
    ``complete_store``) or, if the host cannot take it, reclaims its host orphans with
    ``drop_subtree``;
-5. the restored blocks leave the host (``complete_load(success=True)``), the new GPU blocks
+5. the restored blocks become kept restores (``complete_load(success=True)``), the new GPU blocks
    become resident (``complete_store``) and the GPU hits are unpinned.  A model whose loads take
    time (``engine_steps``) passes ``defer_host_release`` and ends the host reads itself, with
    ``release_host_copies(host_release)``, when the load completes.
@@ -141,11 +144,12 @@ class TwoTierCache:
     """A GPU tier over a host tier, both ``HostIndex``; see the module docstring."""
 
     def __init__(self, gpu_blocks: int, host_blocks: int, host_policy: str = "lru",
-                 block_size: int = 1, verify_tokens: bool = True) -> None:
+                 block_size: int = 1, verify_tokens: bool = True, keep_restored: bool = True) -> None:
         for name, v in (("gpu_blocks", gpu_blocks), ("host_blocks", host_blocks)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        self.host = HostIndex(host_blocks, policy=host_policy, verify_tokens=verify_tokens)
+        self.host = HostIndex(host_blocks, policy=host_policy, verify_tokens=verify_tokens,
+                              keep_restored=keep_restored)
         self.gpu = HostIndex(gpu_blocks, policy="lru", verify_tokens=verify_tokens, on_evict=self._demote)
         self.stats = ReplayStats(block_size, gpu_blocks, host_blocks, host_policy)
 
@@ -227,8 +231,8 @@ class TwoTierCache:
         return covered
 
     def release_host_copies(self, release) -> None:
-        """End a restore's read pins: the restored blocks leave the host tier (exclusive tiers),
-        the ones the GPU had no room for stay."""
+        """End a restore's read pins: the restored blocks become kept restores (or leave the host
+        tier with ``keep_restored=False``), the ones the GPU had no room for stay as they were."""
         restored, refused = release
         if restored:
             self.host.complete_load(restored, True)
@@ -253,10 +257,11 @@ def progress(items: Sequence, desc: str, enabled: bool | None):
 
 
 def replay(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_blocks: int, host_policy: str = "lru",
-           block_size: int = 1, show_progress: bool | None = None, desc: str = "replay") -> ReplayStats:
+           block_size: int = 1, show_progress: bool | None = None, desc: str = "replay",
+           keep_restored: bool = True) -> ReplayStats:
     """Replay prepared requests through a fresh two-tier cache."""
     t0 = time.perf_counter()
-    cache = TwoTierCache(gpu_blocks, host_blocks, host_policy, block_size)
+    cache = TwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, keep_restored=keep_restored)
     serve = cache.serve
     for pr in progress(prepared, desc, show_progress):
         serve(pr)

@@ -11,11 +11,24 @@ Block lifecycle::
 
     prepare_store ──> WRITING ──complete_store(ok)──> RESIDENT ──prepare_load──> RESIDENT+read pins
          │                 └──complete_store(fail)──> dropped (+ its host subtree)        │
-         └─(already present: touched, None)                 complete_load(ok): dropped (now on GPU)
-                                                           complete_load(fail): unpinned, stays
+         └─(already present: touched, None)      complete_load(ok): dropped (now on GPU), or
+                                                    with keep_restored: RESIDENT+on_gpu (below)
+                                                 complete_load(fail): unpinned, stays
 
     RESIDENT ──hold──> RESIDENT+hold pin ──release──> RESIDENT   (a lookup's hit until its load
                                                                   starts; nothing is counted)
+
+Kept restores (``keep_restored=True``, the connector's ``keep_restored_blocks``): a block a load
+moved to the GPU keeps its host copy, flagged ``on_gpu`` (the GPU holds the same bytes: they came
+from this slot).  To everything else it is gone exactly as an exclusive tier's promotion removes it:
+it leaves its parent's children (the parent may become a leaf), the policy sees ``on_remove`` (as a
+promotion) and no access.  It waits, unpinned, in its own queue (oldest first), and ``_take_slot``
+reclaims it before asking the policy for a victim, so a kept copy only occupies a slot an exclusive
+tier would have left free (dropped as ``promoted``, never counted as an eviction).  When the GPU
+evicts it again, ``prepare_store`` re-inserts it as an exclusive tier would (new access time and
+sequence, its parent's child, ``on_insert``) but returns None: nothing is copied.  So every policy
+sees the same events and picks the same victims with or without kept restores
+(``tests/planner/test_replay.py`` checks it request by request); only copies are saved.
 
 Second chance (``prepare_spare``): a WRITING block whose GPU copy is evicted again (the GPU
 recomputed it while the first copy was in flight) gets a *spare* slot and a second copy.  The
@@ -40,7 +53,10 @@ Invariants (``check_invariants``):
 4. ``lookup`` returns a block only after comparing its stored token bytes with the request's
    (when ``verify_tokens``), so a digest collision can never return a wrong block.  Tokens are
    stored rather than a second digest because the comparison is exact (not merely improbable to
-   fail) and 64 tokens cost 256 bytes, well inside the metadata budget.
+   fail) and 64 tokens cost 256 bytes, well inside the metadata budget;
+5. an unpinned RESIDENT leaf that is not ``on_gpu`` is a policy candidate (``candidate``); an
+   unpinned, not doomed ``on_gpu`` block (RESIDENT, only with ``keep_restored``), leaf or not, is in
+   the kept-restore queue instead, and in no parent's children; nothing else is in either.
 """
 from __future__ import annotations
 
@@ -61,7 +77,7 @@ class HostBlock:
     """Metadata of one host-resident block (no KV bytes)."""
 
     __slots__ = ("digest", "parent", "tokens", "slot", "state", "last_access", "hits",
-                 "seq", "candidate", "doomed", "promoted", "pdata", "spares")
+                 "seq", "candidate", "doomed", "promoted", "on_gpu", "pdata", "spares")
 
     def __init__(self, digest: int, parent: int, tokens: bytes, slot: int, now: int, seq: int) -> None:
         self.digest = digest
@@ -75,6 +91,7 @@ class HostBlock:
         self.candidate = False
         self.doomed = False      # leaving the index: invisible to lookups, freed at last unpin
         self.promoted = False    # doomed because a load moved it to the GPU
+        self.on_gpu = False      # kept after a load moved it to the GPU (keep_restored)
         self.pdata = None
         self.spares: dict[int, bool] | None = None   # second-chance slot -> written (False: in flight)
 
@@ -104,6 +121,8 @@ class HostIndexStats:
     loads: int = 0               # blocks pinned by prepare_load
     holds: int = 0               # blocks pinned by hold (a lookup's hit, until its load starts)
     promoted: int = 0            # blocks dropped after a successful load (now on GPU)
+    kept_restores: int = 0       # blocks a successful load left on host too (keep_restored)
+    kept_reused: int = 0         # of those, evicted by the GPU again and found on host (no copy)
     load_failures: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -119,8 +138,11 @@ class HostIndex:
         policy: str | EvictionPolicy = "lru",
         verify_tokens: bool = True,
         on_evict: Callable[[HostBlock], None] | None = None,
+        keep_restored: bool = False,
     ) -> None:
         self.allocator = SlotAllocator(num_slots)
+        self.keep_restored = keep_restored
+        self._kept: dict[int, HostBlock] = {}   # unpinned on_gpu blocks (not the policy's), oldest first: reclaimed first
         self.policy = make_policy(policy)
         self.verify_tokens = verify_tokens
         self.on_evict = on_evict
@@ -202,8 +224,7 @@ class HostIndex:
         for b in blocks:
             self.allocator.pin(b.slot)
             self._access(b)
-            if b.candidate:
-                self._uncandidate(b)
+            self._unqueue(b)
             slots.append(b.slot)
         self.stats.loads += len(blocks)
         return slots
@@ -216,7 +237,10 @@ class HostIndex:
             if b is None:
                 raise KeyError(f"complete_load of unknown block {d:032x}")
             self.allocator.unpin(b.slot)
-            if success:
+            if success and self.keep_restored and not b.doomed:
+                if not b.on_gpu:
+                    self._keep(b)
+            elif success:
                 b.doomed = b.promoted = True  # another reader may still hold a pin
             else:
                 self.stats.load_failures += 1
@@ -232,8 +256,7 @@ class HostIndex:
         blocks = self._resident_blocks(digests, "hold")
         for b in blocks:
             self.allocator.pin(b.slot)
-            if b.candidate:
-                self._uncandidate(b)
+            self._unqueue(b)
         self.stats.holds += len(blocks)
 
     def release(self, digests: Sequence[int]) -> None:
@@ -256,6 +279,9 @@ class HostIndex:
         if b is not None and not b.doomed:
             if self.verify_tokens and b.tokens != block_bytes:
                 self.stats.verify_mismatches += 1
+                return None
+            if b.on_gpu:    # the GPU copy leaves: the host copy is the only one again
+                self._unkeep(b)
                 return None
             self.stats.refreshes += 1
             self._access(b)
@@ -417,9 +443,13 @@ class HostIndex:
         invisible to lookups and its ``complete_store``/``complete_load`` only unpins).
         Returns how many blocks were doomed."""
         n = sum(1 for b in self._blocks.values() if not b.doomed)
+        kept = [b.digest for b in self._blocks.values() if b.on_gpu]   # nobody's children
         roots = {b.parent for b in self._blocks.values() if b.parent not in self._blocks}
         for root in roots:
             self._doom_subtree(root, include_self=False)
+        for d in kept:
+            if d in self._blocks:
+                self._doom_subtree(d, include_self=True)
         self.stats.dropped_all += n
         return n
 
@@ -432,6 +462,8 @@ class HostIndex:
         """Evict up to ``n`` blocks by policy (leaf-first); returns how many went."""
         done = 0
         while done < n:
+            if self._reclaim_kept():
+                continue            # a kept restore's copy, not an eviction (the GPU holds it)
             victim = self.policy.pop_victim()
             if victim is None:
                 break
@@ -455,6 +487,8 @@ class HostIndex:
     def _take_slot(self) -> int | None:
         """A free slot, else the slot of the policy's victim (evicted now), else None."""
         slot = self.allocator.allocate()
+        if slot is None and self._reclaim_kept():
+            slot = self.allocator.allocate()
         if slot is None:
             victim = self.policy.pop_victim()
             if victim is not None:
@@ -464,14 +498,75 @@ class HostIndex:
         return slot
 
     def _access(self, b: HostBlock) -> None:
+        if b.on_gpu:        # outside the policy, as if gone (an exclusive tier has no such block)
+            return
         self._clock += 1
         b.last_access = self._clock
         b.hits += 1
         self.policy.on_access(b)
 
+    def _reclaim_kept(self) -> bool:
+        """Free the slot of the oldest kept restore (an unpinned ``on_gpu`` block); False if there is none."""
+        if not self._kept:
+            return False
+        b = self._kept.pop(next(iter(self._kept)))
+        b.promoted = True
+        self._remove(b, evicted=False)
+        return True
+
+    def _keep(self, b: HostBlock) -> None:
+        """A load moved ``b`` to the GPU: keep its bytes, but to the policy and to its parent's
+        leaf-ness it is gone, exactly as an exclusive tier's promotion (so every policy sees the
+        same events either way and chooses the same victims)."""
+        self.stats.kept_restores += 1
+        self._unqueue(b)
+        self._detach(b)
+        b.promoted = True           # the policy's view of a promotion (ARC: ghost without adaptation)
+        self.policy.on_remove(b, False)
+        b.promoted = False
+        b.on_gpu = True
+
+    def _unkeep(self, b: HostBlock) -> None:
+        """The GPU evicted a kept restore again: it re-enters the index as an exclusive tier's
+        ``prepare_store`` + ``complete_store`` would insert it (new access time and sequence, a
+        child of its parent, the policy's ``on_insert``), but nothing is copied."""
+        self.stats.kept_reused += 1
+        self._unqueue(b)
+        b.on_gpu = False
+        pb = self._blocks.get(b.parent)
+        if pb is not None and pb.candidate:
+            self._uncandidate(pb)
+        kids = self._children.get(b.parent)
+        if kids is None:
+            self._children[b.parent] = {b.digest}
+        else:
+            kids.add(b.digest)
+        self._clock += 1
+        self._seq += 1
+        b.last_access, b.seq, b.hits = self._clock, self._seq, 0
+        self.policy.on_insert(b)
+        self._settle(b)
+
+    def _detach(self, b: HostBlock) -> None:
+        """Take ``b`` out of its parent's children (the parent may become a leaf)."""
+        kids = self._children[b.parent]
+        kids.discard(b.digest)
+        if not kids:
+            del self._children[b.parent]
+            pb = self._blocks.get(b.parent)
+            if pb is not None:
+                self._settle(pb)  # parent may have become a leaf
+
     def _uncandidate(self, b: HostBlock) -> None:
         b.candidate = False
         self.policy.remove_candidate(b)
+
+    def _unqueue(self, b: HostBlock) -> None:
+        """Take ``b`` out of the policy's candidates or the kept-restore queue (wherever it is)."""
+        if b.candidate:
+            self._uncandidate(b)
+        elif b.on_gpu:
+            self._kept.pop(b.digest, None)
 
     def _settle(self, b: HostBlock) -> None:
         """Recompute what a block may be after a pin, state or child change."""
@@ -480,33 +575,39 @@ class HostIndex:
         unpinned = not self._is_pinned(b)
         if b.doomed:
             if unpinned:
-                if b.candidate:
-                    self._uncandidate(b)
+                self._unqueue(b)
                 self._remove(b, evicted=False)
+            return
+        if b.on_gpu:
+            # A kept restore: its own queue, never the policy's, and not only as a leaf (its GPU
+            # copy keeps its host children reachable, as when an exclusive tier promotes it).
+            if unpinned:
+                self._kept.setdefault(b.digest, b)
+            else:
+                self._kept.pop(b.digest, None)
             return
         want = unpinned and b.state is BlockState.RESIDENT and b.digest not in self._children
         if want and not b.candidate:
             b.candidate = True
             self.policy.add_candidate(b)
         elif not want and b.candidate:
-            self._uncandidate(b)
+            b.candidate = False
+            self.policy.remove_candidate(b)
 
     def _remove(self, b: HostBlock, evicted: bool) -> None:
-        """Forget an unpinned, non-candidate block and free its slot."""
+        """Forget an unpinned, non-candidate block and free its slot (a kept restore left its
+        parent's children and the policy when it was kept)."""
         del self._blocks[b.digest]
-        kids = self._children[b.parent]
-        kids.discard(b.digest)
-        if not kids:
-            del self._children[b.parent]
-            pb = self._blocks.get(b.parent)
-            if pb is not None:
-                self._settle(pb)  # parent may have become a leaf
+        kept, b.on_gpu = b.on_gpu, False
+        if not kept:
+            self._detach(b)
         self.allocator.free(b.slot)
         if b.spares:                      # written spares (in-flight ones keep the block pinned)
             for slot in b.spares:
                 self.allocator.free(slot)
             b.spares = None
-        self.policy.on_remove(b, evicted)
+        if not kept:
+            self.policy.on_remove(b, evicted)
         if self._listeners and b.state is BlockState.RESIDENT:
             for _, on_removed in self._listeners:
                 on_removed(b)
@@ -532,8 +633,7 @@ class HostIndex:
             stack.extend(self._children.get(d, ()))
         for b in reversed(order):  # deepest first, so parents become leaves as we go
             b.doomed = True
-            if b.candidate:
-                self._uncandidate(b)
+            self._unqueue(b)
             if not self._is_pinned(b):
                 slot = b.slot
                 self._remove(b, evicted=False)
@@ -560,7 +660,8 @@ class HostIndex:
                     assert b.state is BlockState.WRITING, f"{b}: written spare {s} kept after the block settled"
                 else:
                     assert alloc.pins(s) >= 1, f"{b}: spare {s} in flight without a write pin"
-            assert d in self._children.get(b.parent, ()), f"{b} missing from its parent's children"
+            assert (d in self._children.get(b.parent, ())) != b.on_gpu, \
+                f"{b}: a kept restore is nobody's child, every other block its parent's"
             pins = alloc.pins(b.slot)
             pinned = self._is_pinned(b)
             if b.state is BlockState.WRITING:
@@ -569,7 +670,11 @@ class HostIndex:
                 assert pinned, f"{b} doomed but unpinned (should have been freed)"
             want = (not pinned and b.state is BlockState.RESIDENT and not b.doomed
                     and d not in self._children)
-            assert b.candidate == want, f"{b} candidate={b.candidate}, expected {want}"
+            assert b.candidate == (want and not b.on_gpu), f"{b} candidate={b.candidate}, expected {want}"
+            assert not b.on_gpu or (self.keep_restored and b.state is BlockState.RESIDENT), f"{b} on_gpu"
+            kept = b.on_gpu and not pinned and not b.doomed
+            assert (d in self._kept) == kept, f"{b}: kept-restore queue disagrees ({kept})"
+        assert all(self._blocks.get(d) is b for d, b in self._kept.items()), "kept-restore queue holds a removed block"
         for p, kids in self._children.items():
             assert kids, f"empty children set kept for {p:032x}"
             for k in kids:

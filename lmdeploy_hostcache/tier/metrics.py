@@ -51,6 +51,7 @@ class HostTierMetrics:
     restore_failures: int = 0   # loads that failed or were cancelled (fell back to recompute)
     demotions: int = 0          # blocks queued GPU -> host
     demotion_failures: int = 0
+    demotions_skipped: int = 0  # GPU evictions of blocks already host-resident (nothing copied)
     host_evictions: int = 0     # host blocks dropped to make room (or orphaned)
     bytes_to_host: int = 0
     bytes_to_gpu: int = 0

@@ -118,6 +118,11 @@ def summarize(rep: dict) -> dict:
     }
 
 
+# The longest calibration prompt: long enough that its prefill stands out of a 7B step's fixed cost
+# on an H200 (2,048 did not, run 3 of 2026-12-04), bounded by the run's session length.
+CALIBRATION_MAX_PROMPT = 16384
+
+
 async def calibrate(engine, gen_cls, vocab: int, clock=time.perf_counter, prompt_len: int = 2048,
                     repeats: int = 3, short_len: int = 256) -> dict:
     """Marginal prefill rate of fresh prompts and decode step time ((t(17) - t(1)) / 16).
@@ -228,7 +233,7 @@ def run(args) -> dict:
     asyncio.set_event_loop(loop)
     try:
         if cfg.get("calibrate"):
-            plen = max(16, min(2048, int(cfg["session_len"]) - 32))
+            plen = max(16, min(CALIBRATION_MAX_PROMPT, int(cfg["session_len"]) - 32))
             result["calibration"] = loop.run_until_complete(calibrate(engine, gen_cls, int(spec["vocab"]),
                                                                       prompt_len=plen))
         conn0 = _connector(engine)

@@ -192,6 +192,15 @@ def test_marginal_prefill_takes_the_difference_of_median_ttfts():
 def test_marginal_prefill_is_none_when_the_longer_prompt_was_not_slower():
     assert kitlib.marginal_prefill(256, [0.051], 1824, [0.050])["prefill_tokens_per_s"] is None
     assert kitlib.marginal_prefill(256, [], 1824, [0.050])["prefill_tokens_per_s"] is None
+
+
+def test_marginal_prefill_is_none_when_the_longer_prompt_hid_under_the_step():
+    # the H200 run 3 figures (7B, eager): 256 tokens 61.9 ms, 2048 tokens 63.8 ms -> not measurable
+    m = kitlib.marginal_prefill(256, [0.0619] * 3, 2048, [0.0638] * 3)
+    assert m["prefill_tokens_per_s"] is None and m["ttft_long_ms"] == pytest.approx(63.8)
+    # its first turns: 15,360 uncached tokens in 0.49 s -> about 35,000 tokens/s
+    m = kitlib.marginal_prefill(256, [0.0619] * 3, 15360, [0.49] * 3)
+    assert m["prefill_tokens_per_s"] == pytest.approx((15360 - 256) / (0.49 - 0.0619))
     # no calibration file from it: restore_cost would need a positive rate
     assert kitlib.restore_calibration({"cuda": [{"block_kib": 4096, "blocks": 32, "engine_h2d_gbps": 48.0}]}, None,
                                       30.0, 8 << 20, "G", "m") is None

@@ -175,11 +175,12 @@ def test_host_hit_waits_for_remote_kvs_then_readmits_with_cached_tokens():
     assert c.num_history_ids == 16 and c.cached_tokens == 16
     assert rig.side.metrics.restored_tokens == 16 - gpu_match
     assert rig.side.metrics.hit_blocks >= len(load.gpu_blocks)
-    # exclusive tiers: the restored blocks left the host
+    # kept restores (keep_restored_blocks, the default): the restored blocks stay on the host,
+    # flagged as on the GPU, out of the eviction policy
     digests, _ = chain_digests(ns(), a_tokens[:16])
     restored = digests[gpu_match // BS:4]
     assert len(restored) == len(load.gpu_blocks)
-    assert all(d not in rig.side.index for d in restored)
+    assert all(rig.side.index.get(d).on_gpu for d in restored)
     running, _ = rig.step()
     assert running == [c] and c.num_history_ids == 19
     # the restored blocks are ordinary trie blocks now: a later request matches them on GPU

@@ -91,7 +91,8 @@ def test_a_started_load_takes_only_its_loaded_blocks_and_its_tail_waits_for_room
     assert all(d in cache.host for d in restored)          # read by the load in flight: still there
     st = cache.finish()
     assert cache.schedule[2:] == [(21, "load", 2), (22, "prefill", 3), (24, "prefill", 2)]
-    assert not any(d in cache.host for d in restored)      # the load completed: the copies left
+    # the load completed: the copies stay, flagged as on the GPU (the engine's keep_restored_blocks)
+    assert all(cache.host.get(d).on_gpu for d in restored)
     assert st.host_hit_blocks == 2
 
 
@@ -133,7 +134,7 @@ def test_a_load_of_blocks_another_load_is_writing_restores_them_into_blocks_of_i
     cache._step = 24
     cache._fire_due()                                       # both loads complete: the duplicate is freed
     assert cache._occupied() == 3 and not cache._load_twins and not cache._loading
-    assert e.digests[2] not in cache.host
+    assert cache.host.get(e.digests[2]).on_gpu              # kept on the host, flagged (keep_restored)
 
 
 def test_an_attempt_in_a_prefill_pass_evicts_at_once_unless_the_token_budget_refuses_it_first():

@@ -23,7 +23,7 @@ def test_hand_checked_demote_and_restore():
     t = _trace([1, 2], [5, 6], [1, 2, 3], [5, 6])
     pr = prepare_trace(t)
     d = {h: dig for p in pr for h, dig in zip(p.request.hash_ids, p.digests)}
-    c = TwoTierCache(gpu_blocks=3, host_blocks=4, block_size=4)
+    c = TwoTierCache(gpu_blocks=3, host_blocks=4, block_size=4, keep_restored=False)
     assert c.serve(pr[0]) == (0, 0)                     # GPU {1,2}
     assert c.serve(pr[1]) == (0, 0)                     # 2 demoted; GPU {1,5,6}
     assert _resident(c.host) == {d[2]}
@@ -38,6 +38,27 @@ def test_hand_checked_demote_and_restore():
     assert st.prompt_blocks == 3 + 3 + 4 + 3
     assert st.hit_rate == pytest.approx(4 / 13) and st.host_hit_rate == pytest.approx(3 / 13)
     assert st.restored_tokens == 12 and st.recomputed_tokens == st.prompt_tokens - 16
+    c.gpu.check_invariants()
+    c.host.check_invariants()
+
+
+def test_hand_checked_kept_restores():
+    # The same requests with the server's default (keep_restored): a restored block stays on the host
+    # (flagged on_gpu) and its second demotion copies nothing.
+    t = _trace([1, 2], [5, 6], [1, 2, 3], [5, 6])
+    pr = prepare_trace(t)
+    d = {h: dig for p in pr for h, dig in zip(p.request.hash_ids, p.digests)}
+    c = TwoTierCache(gpu_blocks=3, host_blocks=4, block_size=4)
+    assert c.serve(pr[0]) == (0, 0) and c.serve(pr[1]) == (0, 0)
+    assert c.serve(pr[2]) == (1, 1)                     # 2 restored, kept; 6 then 5 demoted
+    assert _resident(c.host) == {d[2], d[5], d[6]} and c.host.get(d[2]).on_gpu
+    assert c.serve(pr[3]) == (0, 2)                     # 5, 6 restored (kept); 3 demoted, 2 found there
+    assert _resident(c.gpu) == {d[1], d[5], d[6]}
+    assert _resident(c.host) == {d[2], d[3], d[5], d[6]}
+    assert [c.host.get(d[k]).on_gpu for k in (2, 3, 5, 6)] == [False, False, True, True]
+    st = c.finish()
+    assert (st.gpu_hit_blocks, st.host_hit_blocks, st.demotions) == (1, 3, 4)
+    assert c.host.stats.kept_restores == 3 and c.host.stats.kept_reused == 1
     c.gpu.check_invariants()
     c.host.check_invariants()
 
@@ -82,15 +103,19 @@ def chat_prepared():
     return prepare_trace(generate_chat(ChatWorkload(sessions=150, seed=1)))
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("gpu, host", [(40, 150), (150, 600), (400, 50)])
-def test_tiers_stay_exclusive_and_consistent(chat_prepared, gpu, host):
-    c = TwoTierCache(gpu, host, block_size=64)
+def test_tiers_stay_exclusive_and_consistent(chat_prepared, gpu, host, keep):
+    # exclusive tiers: no block in both; kept restores: exactly the host's on_gpu blocks are in both
+    c = TwoTierCache(gpu, host, block_size=64, keep_restored=keep)
     for k, p in enumerate(chat_prepared):
         c.serve(p)
         if k % 200 == 0:
             c.gpu.check_invariants()
             c.host.check_invariants()
-            assert not _resident(c.gpu) & set(c.host._blocks)
+            on_gpu = {d for d, b in c.host._blocks.items() if b.on_gpu}
+            assert _resident(c.gpu) & set(c.host._blocks) == on_gpu
+            assert keep or not on_gpu
     st = c.finish()
     assert len(c.gpu) <= gpu and len(c.host) <= host
     assert st.host_hit_blocks > 0
@@ -131,3 +156,21 @@ def test_reproduces_mooncake_figure9_synthetic_with_lru(shared_traces):
         got.append((tokens, paper, round(st.hit_rate, 3)))
     bad = [g for g in got if abs(g[2] - g[1]) > 0.03]
     assert not bad, f"outside +/-0.03 of Figure 9 (tokens, paper, replay): {got}"
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc", "s3fifo"])
+def test_kept_restores_change_no_hit_and_save_re_demotions(policy):
+    # keep_restored (the server's default) only fills slots an exclusive host tier would leave free
+    # and reuses them before any eviction: block for block the same hits as exclusive tiers, but a
+    # restored block the GPU evicts again is found on the host and not copied again.
+    prs = prepare_trace(generate_chat(ChatWorkload(sessions=120, seed=3)))
+    for gpu, host in ((60, 150), (60, 2000), (200, 400)):
+        excl = TwoTierCache(gpu, host, policy, 64, keep_restored=False)
+        kept = TwoTierCache(gpu, host, policy, 64, keep_restored=True)
+        for p in prs:
+            assert excl.serve(p) == kept.serve(p)
+        kept.host.check_invariants()
+        a, b = excl.finish(), kept.finish()
+        assert b.host_hit_blocks == a.host_hit_blocks > 0 and b.host_evictions == a.host_evictions
+        assert b.demotions < a.demotions
+        assert kept.host.stats.kept_reused == a.demotions - b.demotions
