@@ -406,7 +406,7 @@ class HostTierScheduler:
             self._pending_demote_gpu.add(gpu_block)
             self.metrics.add(demotions=1)
         elif self.index.is_resident(digest):
-            self.metrics.add(demotions_skipped=1)   # its host copy is already there (a kept restore)
+            self.metrics.add(demotions_skipped=1)   # already on host (a kept restore, or a recomputed block)
         elif digest not in self.index:
             # Not stored and not resident: this prefix leaves every tier, so do its host children.
             self.metrics.add(host_evictions=len(self.index.drop_subtree(digest)))
