@@ -77,8 +77,14 @@ RUNS = (
     ("small_on_qp4", True, 4, "small"),
     ("small_off_qp4", False, 4, "small"),
 )
+# Opt-in runs (named in --runs, never in the default list): the tier with kept restores off
+# (``keep_restored_blocks: false``, exclusive tiers), for an A/B against ``small_on_qp0`` in one lease.
+OPTIONAL_RUNS = (
+    ("small_onx_qp0", True, 0, "small"),
+)
+KEEP_RESTORED_OFF = {"small_onx_qp0"}
 EQUALITY_PAIRS = (("small_on_qp0", "fits_off_qp0"), ("fits_on_qp0", "fits_off_qp0"),
-                  ("small_on_qp4", "fits_off_qp4"))
+                  ("small_on_qp4", "fits_off_qp4"), ("small_onx_qp0", "fits_off_qp0"))
 
 
 class Log:
@@ -145,7 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", default=",".join(kitlib.STEPS), help=f"comma list from {','.join(kitlib.STEPS)}")
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/gpu_kit_model"))
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="1b")
-    p.add_argument("--runs", default=",".join(r[0] for r in RUNS), help="comma list of e2e runs (default all)")
+    p.add_argument("--runs", default=",".join(r[0] for r in RUNS),
+                   help="comma list of e2e runs (default all of RUNS; OPTIONAL_RUNS only when named)")
     p.add_argument("--sessions", type=int, default=16)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-tokens", type=int, default=256)
@@ -157,6 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests in flight (default 1: batch-1 decode keeps greedy outputs comparable)")
     p.add_argument("--host-cache-gb", type=float, default=4.0)
+    p.add_argument("--min-restore-tokens", default="0",
+                   help="the tier-on runs' min_restore_tokens: an integer >= 0 (default 0: restore every hit) "
+                        "or auto (its figures from LMDEPLOY_HOSTCACHE_CALIBRATION, inherited by the runs)")
     p.add_argument("--run-timeout-s", type=float, default=STEP_LIMITS_S["run"],
                    help=f"limit of one engine run (default {STEP_LIMITS_S['run']})")
     p.add_argument("--eager", choices=("on", "off"), default="on",
@@ -170,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or not steps:
         p.error(f"--steps: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(kitlib.STEPS)}")
     args.steps = steps
-    names = [r[0] for r in RUNS]
+    names = [r[0] for r in RUNS + OPTIONAL_RUNS]
     runs = [s.strip() for s in args.runs.split(",") if s.strip()]
     bad = [r for r in runs if r not in names]
     if bad:
@@ -178,6 +188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(set(runs)) != len(runs):
         p.error(f"--runs: {', '.join(sorted({r for r in runs if runs.count(r) > 1}))} named twice")
     args.runs = runs
+    mrt = args.min_restore_tokens.strip()
+    if mrt != "auto" and not (mrt.isdigit()):
+        p.error(f"--min-restore-tokens must be an integer >= 0 or auto, got {args.min_restore_tokens!r}")
+    args.min_restore_tokens = mrt if mrt == "auto" else int(mrt)
     for name in ("budget_s", "ratio", "host_cache_gb", "run_timeout_s"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
@@ -199,13 +213,15 @@ def plan_runs(args) -> list[dict]:
     fits = kitlib.working_set_blocks(spec, bs) + small  # everything stays, with the small cache's headroom
     session_len = kitlib.final_context_tokens(spec) + 2 * bs
     out = []
-    by_name = {r[0]: r for r in RUNS}
+    by_name = {r[0]: r for r in RUNS + OPTIONAL_RUNS}
     for name in args.runs:  # in the order given: a first-use cost falls on whichever run comes first
         _, tier, qp, cache = by_name[name]
         out.append({"name": name, "tier": tier, "quant_policy": qp, "cache": cache,
                     "num_gpu_blocks": small if cache == "small" else fits, "block_size": bs,
-                    "host_cache_gb": args.host_cache_gb if tier else 0, "min_restore_tokens": 0,
+                    "host_cache_gb": args.host_cache_gb if tier else 0,
+                    "min_restore_tokens": args.min_restore_tokens,
                     "eager_mode": args.eager == "on", "concurrency": args.concurrency, "session_len": session_len,
+                    "keep_restored_blocks": name not in KEEP_RESTORED_OFF,
                     "calibrate": name == "fits_off_qp0"})
     return out
 

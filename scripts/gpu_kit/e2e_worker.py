@@ -202,7 +202,8 @@ def _build_real(args, cfg: dict, result: dict):
         from lmdeploy_hostcache.integration.engine_config import with_host_cache
 
         ec = with_host_cache(ec, host_cache_gb=float(cfg["host_cache_gb"]),
-                             config={"min_restore_tokens": cfg.get("min_restore_tokens", 0), "host_kv_format": "same"})
+                             config={"min_restore_tokens": cfg.get("min_restore_tokens", 0), "host_kv_format": "same",
+                                     "keep_restored_blocks": bool(cfg.get("keep_restored_blocks", True))})
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, engine_config=ec)
     result["engine_build_s"] = time.perf_counter() - t0

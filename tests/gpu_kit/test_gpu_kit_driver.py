@@ -25,6 +25,8 @@ SMALL = ["--sessions", "3", "--turns", "2", "--system-tokens", "16", "--first-us
     (["--steps", "cuda_tests,nope"], "--steps: unknown nope"),
     (["--steps", ","], "--steps: unknown (none given)"),
     (["--runs", "small_on_qp9"], "--runs: unknown small_on_qp9"),
+    (["--min-restore-tokens", "-1"], "--min-restore-tokens must be an integer >= 0 or auto"),
+    (["--min-restore-tokens", "lots"], "--min-restore-tokens must be an integer >= 0 or auto"),
     (["--budget-s", "0"], "--budget-s must be > 0"),
     (["--ratio", "-1"], "--ratio must be > 0"),
     (["--concurrency", "0"], "--concurrency and --block-size must be >= 1"),
@@ -57,6 +59,15 @@ def test_plan_runs_sizes_the_caches(tmp_path):
     assert [n for n, r in runs.items() if r["calibrate"]] == ["fits_off_qp0"]
     only = driver.plan_runs(driver.parse_args(["--out", str(tmp_path), "--runs", "small_on_qp0,fits_off_qp0"]))
     assert [r["name"] for r in only] == ["small_on_qp0", "fits_off_qp0"]  # the order given
+    assert all(r["keep_restored_blocks"] for r in runs.values())
+    # the opt-in exclusive run: named only, never a default; the tier on with kept restores off
+    assert "small_onx_qp0" not in runs
+    (x,) = driver.plan_runs(driver.parse_args(["--out", str(tmp_path), "--runs", "small_onx_qp0"]))
+    assert x["tier"] and not x["keep_restored_blocks"] and x["num_gpu_blocks"] == small
+    assert all(r["min_restore_tokens"] == 0 for r in runs.values())
+    (a,) = driver.plan_runs(driver.parse_args(["--out", str(tmp_path), "--runs", "small_on_qp0",
+                                               "--min-restore-tokens", "auto"]))
+    assert a["min_restore_tokens"] == "auto"
     with pytest.raises(SystemExit):
         driver.parse_args(["--out", str(tmp_path), "--runs", "small_on_qp0,fits_off_qp0,small_on_qp0"])
 
