@@ -91,7 +91,7 @@ def _emitted_metric_names() -> set[str]:
     from lmdeploy_hostcache.tier.metrics import HostTierMetrics, L3TierMetrics
 
     snap = HostTierMetrics().snapshot()
-    snap.update(host_slots=4, host_slots_used=2, host_blocks=2)  # HostTierScheduler.stats() occupancy keys
+    snap.update(host_slots=4, host_slots_used=2, host_blocks=2, host_blocks_kept=1)  # HostTierScheduler.stats() occupancy keys
     snap.update(L3TierMetrics().prefixed_snapshot())
     return {s.name for fam in HostTierCollector._families({("m", "0"): snap}) for s in fam.samples}
 

@@ -766,6 +766,7 @@ class HostTierScheduler:
         out["host_slots"] = self.num_slots
         out["host_slots_used"] = self.num_slots - self.index.num_free_slots
         out["host_blocks"] = len(self.index)
+        out["host_blocks_kept"] = self.index.num_kept   # of those, kept restores (reused first)
         if self.l3 is not None:   # the store tier's counters ride along as l3_* (metrics_export)
             out.update(self.l3.metrics.prefixed_snapshot())
         return out

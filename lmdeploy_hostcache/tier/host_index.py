@@ -169,6 +169,11 @@ class HostIndex:
         return self.allocator.num_free
 
     @property
+    def num_kept(self) -> int:
+        """Kept restores waiting in their queue: slots reused before any eviction."""
+        return len(self._kept)
+
+    @property
     def access_clock(self) -> int:
         """The access counter: it advances on every access (a block's ``last_access`` is a value of it)."""
         return self._clock
