@@ -313,11 +313,7 @@ class HostIndex:
         self._seq += 1
         b = HostBlock(digest, parent, block_bytes, slot, self._clock, self._seq)
         self._blocks[digest] = b
-        kids = self._children.get(parent)
-        if kids is None:
-            self._children[parent] = {digest}
-        else:
-            kids.add(digest)
+        self._attach(b)
         self.allocator.pin(slot)
         self.policy.on_insert(b)
         self.stats.inserts += 1
@@ -541,16 +537,20 @@ class HostIndex:
         pb = self._blocks.get(b.parent)
         if pb is not None and pb.candidate:
             self._uncandidate(pb)
-        kids = self._children.get(b.parent)
-        if kids is None:
-            self._children[b.parent] = {b.digest}
-        else:
-            kids.add(b.digest)
+        self._attach(b)
         self._clock += 1
         self._seq += 1
         b.last_access, b.seq, b.hits = self._clock, self._seq, 0
         self.policy.on_insert(b)
         self._settle(b)
+
+    def _attach(self, b: HostBlock) -> None:
+        """Make ``b`` one of its parent's children (the caller took the parent out of the candidates)."""
+        kids = self._children.get(b.parent)
+        if kids is None:
+            self._children[b.parent] = {b.digest}
+        else:
+            kids.add(b.digest)
 
     def _detach(self, b: HostBlock) -> None:
         """Take ``b`` out of its parent's children (the parent may become a leaf)."""
@@ -596,8 +596,7 @@ class HostIndex:
             b.candidate = True
             self.policy.add_candidate(b)
         elif not want and b.candidate:
-            b.candidate = False
-            self.policy.remove_candidate(b)
+            self._uncandidate(b)
 
     def _remove(self, b: HostBlock, evicted: bool) -> None:
         """Forget an unpinned, non-candidate block and free its slot (a kept restore left its

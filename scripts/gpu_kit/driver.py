@@ -189,7 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--runs: {', '.join(sorted({r for r in runs if runs.count(r) > 1}))} named twice")
     args.runs = runs
     mrt = args.min_restore_tokens.strip()
-    if mrt != "auto" and not (mrt.isdigit()):
+    if mrt != "auto" and not mrt.isdigit():
         p.error(f"--min-restore-tokens must be an integer >= 0 or auto, got {args.min_restore_tokens!r}")
     args.min_restore_tokens = mrt if mrt == "auto" else int(mrt)
     for name in ("budget_s", "ratio", "host_cache_gb", "run_timeout_s"):
