@@ -106,6 +106,10 @@ class _Running:
     pr: object = None
     d0: int = 0
     prefilled: int = 0
+    # a preempted request resumed with the blocks it kept: its output blocks extend ``base``'s prompt and
+    # take their digests from ``ghost_id`` (the first run's index) (-1 / None: ``index`` / ``pr``)
+    ghost_id: int = -1
+    base: object = None
 
 
 class ConcurrentTwoTierCache(TwoTierCache):
@@ -202,9 +206,10 @@ class ConcurrentTwoTierCache(TwoTierCache):
             gpu.allocator.free(slot)
         self._held_now -= len(r.held)
         parent = r.ghost_parent
+        gid = r.index if r.ghost_id < 0 else r.ghost_id
         for k in range(r.ghosts):
             # a digest no request can produce: (1 << 128) + request index and position
-            ghost = (1 << 128) + (r.index << 20) + k
+            ghost = (1 << 128) + (gid << 20) + k
             if gpu.prepare_store(ghost, parent, b"") is None:
                 break
             gpu.complete_store(ghost, True)

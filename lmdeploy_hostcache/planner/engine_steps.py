@@ -73,29 +73,37 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   that fills the last slot, and at the first decode step after a prefill or a chunk it comes one
   decode step sooner; a growth due at a prefill step waits for the next decode step.  When no
   block is free, the eviction helper first reclaims completed loads waiting for their prefill
-  (one at a time, each followed by cached-block evictions), then evicts; the running requests are
-  served from the latest admitted.  **Preemption** (``_preempt``): a request still without a block
-  is preempted; its blocks are freed (its prompt's and the output blocks of its last growth stay
-  cached) and its continuation (the prompt and the output the scheduler has seen: the token of the
-  forward in flight is dropped) waits at its arrival's place for a prefill of its own, whose hits
-  are not counted again.  LMDeploy keeps a preempted request's blocks until the next capacity
-  making takes them; the model frees them at once.  A decode step whose requests were all
-  preempted runs no forward.  A request's output blocks stay cached only up to its last growth
-  (``schedule_running`` attaches a decoding sequence's full blocks to the trie when it grows): the
-  blocks its output filled after that are freed.  An idle engine (no forward in the previous step)
-  dispatches a forward and the next step's at once: both take one time slot.
+  (one at a time, each followed by cached-block evictions), then evicts (the host copies that
+  landed before the step are resident by then, pass or no pass: its demotions may evict them); the
+  running requests are served from the latest admitted.  **Preemption** (``_preempt``): a request still without a block
+  is preempted.  As in LMDeploy it keeps its blocks (*parked*, ``_Parked``) and its continuation (the
+  prompt and the output the scheduler has seen: the token of the forward in flight is dropped) waits
+  at its arrival's place as a one-token prompt (the seen token not computed yet).  A prefill pass
+  that admits it resumes it with its blocks plus what its preallocation needs (``_attempt_parked``;
+  its full blocks join the trie then); a capacity making that reaches it first (an admission's, from
+  the back of the pass's queue; a growth's or a chunk's, in waiting order, beside the completed
+  loads) takes its blocks (``_reclaim_parked``: its prompt's and the output blocks of its last growth
+  stay cached) and it is then a whole prompt, prefilled again.  Its hits are not counted again either
+  way.  A decode step whose requests were all preempted runs no forward.  A request's output blocks
+  stay cached only up to its last growth (``schedule_running`` attaches a decoding sequence's full
+  blocks to the trie when it grows): the blocks its output filled after that are freed.  An idle
+  engine (no forward in the previous step) dispatches a forward and the next step's at once: both take
+  one time slot, and it reads the first forward's output before it schedules again, so the host copies
+  that forward's scheduling started land a step sooner (``_sooner_writes``).
 
 Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``chunk_steps``,
 ``chunked_requests``, ``load_waits`` (requests that waited for a host load), ``reclaimed_loads``,
-``attempt_evictions``, ``preemptions``, plus ``ConcurrencyStats`` (``queued_requests``/
+``attempt_evictions``, ``preemptions`` (of which ``resumed_preemptions`` resumed with their blocks and
+``reclaimed_preemptions`` lost them to a capacity making), plus ``ConcurrencyStats`` (``queued_requests``/
 ``queue_delay_s``: requests whose prefill (or first chunk) ran after the first step they could have
 run in, and those waits).  Not modelled: a forward's own duration (a step is a step).  Invariants:
 steps only move forward; a running request's end and block-growth events are kept in
 *decode-step* counts, so a prefill or chunk step inserted while it runs delays them by one step, as
 in the engine (a growth is taken only at a decode step, ``_grow_due``); a started load's blocks are
-pinned from its start and its tail's from its prefill, a chunked prompt's from its chunks; every pin
-is released at the request's end or when its load is reclaimed (``finish`` leaves no pin, hold,
-load or chunk).
+pinned from its start and its tail's from its prefill, a chunked prompt's from its chunks, a preempted
+request's stay pinned and held while it is parked; every pin is released at the request's end or when
+its load or its parked blocks are reclaimed (``finish`` leaves no pin, hold, load, chunk or parked
+request).
 
 Cost: LMDeploy tries every queued request in a short-only pass and each try refreshes its match, so
 a saturated queue costs the model work that grows with its square; the GPU tier (``_GpuTierIndex``:
@@ -175,6 +183,8 @@ class SteppedStats(ConcurrencyStats):
     reclaimed_loads: int = 0      # loads whose blocks a chunk or an admission took before they prefilled
     attempt_evictions: int = 0    # GPU blocks evicted by admission attempts that found too little room
     preemptions: int = 0          # running requests sent back to the queue: no block for their growth
+    resumed_preemptions: int = 0  # preempted requests admitted again with the blocks they kept
+    reclaimed_preemptions: int = 0   # preempted requests whose blocks a capacity making took (prefilled again)
 
 
 # LMDeploy's prefill turn policies (``_PrefillTurnPolicy``): STANDARD tries the queue in arrival order and
@@ -262,6 +272,19 @@ class _Chunked:
         self.g, self.restored = g, restored
 
 
+class _Parked:
+    """A preempted request waiting in the queue with the blocks it kept (LMDeploy's preempted sequence: WAITING,
+    its blocks and its step kept, until a capacity making reclaims them or a prefill pass resumes it)."""
+
+    __slots__ = ("run", "cont", "since", "order")
+
+    def __init__(self, run: _Running, cont: PreparedRequest, since: int, order: int) -> None:
+        self.run = run        # its state when it was preempted: its pins and held slots are still taken
+        self.cont = cont      # its continuation (prompt and output seen), queued at its arrival's place
+        self.since = since    # the step it re-entered the waiting queue in
+        self.order = order
+
+
 class SteppedTwoTierCache(ConcurrentTwoTierCache):
     """``ConcurrentTwoTierCache`` on LMDeploy's step clock; see the module docstring."""
 
@@ -324,6 +347,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._step_held = 0
         # the continuations of preempted requests, by id (kept alive: the ids key per-request state)
         self._continues: dict[int, PreparedRequest] = {}
+        # the preempted requests that still hold their blocks, by id of their continuation (in ``_waiting``)
+        self._parked: dict[int, _Parked] = {}
+        self._n_parked = 0
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -446,13 +472,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """The completed loads ready now, in arrival order (the prefill reorderer's order)."""
         return sorted((e for e in self._loaded if e[0] <= self._step), key=lambda e: self._position[id(e[3])])
 
-    def _loads_in_waiting_order(self, step: int | None = None) -> list:
-        """The completed loads (ready by ``step``, default now) in the order they re-entered LMDeploy's
-        waiting queue, which is the order the eviction helper takes them in for a growth or a chunk
-        (``hanging + waiting`` in status-change order): by completion, then by start (item 39)."""
+    def _holders_in_waiting_order(self, step: int | None = None) -> list:
+        """The queued requests that hold blocks, in the order they re-entered LMDeploy's waiting queue, which
+        is the order the eviction helper takes them in for a growth or a chunk (``hanging + waiting`` in
+        status-change order): the completed loads (ready by ``step``, default now; by completion, then by
+        start: item 39) and the parked preempted requests (by preemption), a load completed in a step
+        before a preemption in it (its completion is read before the step is scheduled)."""
         if step is None:
             step = self._step
-        return sorted(e for e in self._loaded if e[0] <= step)
+        keyed = [((e[0], 0, e[1]), e) for e in self._loaded if e[0] <= step]
+        keyed += [((p.since, 1, p.order), p.cont) for p in self._parked.values()]
+        keyed.sort(key=itemgetter(0))
+        return [x for _, x in keyed]
 
     def _has_waiting(self) -> bool:
         return bool(self._waiting) or bool(self._loaded and self._loaded[0][0] <= self._step)   # a heap
@@ -505,6 +536,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         next chunk, a prefill pass (in the turn policy of the long-prefill lane), or a decode step."""
         e = self.engine
         step, was_live = self._step, self._live
+        writes = len(self._writing)     # host copies in flight before this step's passes
         chunked = self._chunked
         waiting = self._has_waiting()
         last_chunk = chunked is not None and self._is_last_chunk(chunked)
@@ -573,9 +605,24 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._last_kind = kind
         if (was_live and self._empty_step != step - 1) or self._last_busy >= step - 1:
             self._step += 1
-        # else: an idle engine (no forward in the previous step) dispatches this forward and, at once,
-        # the next step's, since nothing was scheduled ahead: both happen in one time slot
+        else:
+            # an idle engine (no forward in the previous step) dispatches this forward and, at once, the next
+            # step's, since nothing was scheduled ahead: both happen in one time slot.  It then reads this
+            # forward's output before it schedules again, so the host copies this step's passes started land
+            # one step sooner than a pipelined step's (measured in the harness: loadable from the next slot)
+            self._sooner_writes(writes)
         self._last_busy = max(self._last_busy, step)
+
+    def _sooner_writes(self, first: int) -> None:
+        """The host copies ``_writing[first:]`` (started by an idle engine's forward) land a step sooner: they
+        count as started one step earlier (the list stays in start order)."""
+        writing = self._writing
+        if first >= len(writing):
+            return
+        sooner = self._seconds(1)
+        writing[first:] = [(t - sooner, d) for t, d in writing[first:]]
+        if first and writing[first - 1][0] > writing[first][0]:
+            writing.sort(key=itemgetter(0))
 
     def _decode_steps(self, n: int, was_live: int, counting: bool) -> None:
         """``n`` decode steps (none run on an idle engine: the clock moves on); ``counting``: a request
@@ -632,16 +679,19 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             heapq.heappush(growths, entry)
         if not due_now:
             return
-        self._clock = self._seconds(step)
+        # the host copies that landed before this step's scheduling are resident: a growth's demotions may
+        # evict them (a pass settles them too, but a full batch runs no pass)
+        self._settle_at(step)
         gpu = self.gpu
         # ``schedule_running`` goes through the running requests from the latest admitted
         for r, ghosts in sorted(due_now, key=lambda x: -x[0].index):
             if r.ended:
                 continue
             if not gpu.num_free_slots:
-                if self._loaded:
-                    # the eviction helper first takes the blocks of the queue's requests whose load completed
-                    self._reclaim_until(1, self._loads_in_waiting_order())
+                if self._loaded or self._parked:
+                    # the eviction helper first takes the blocks of the queued requests that hold some (loads
+                    # completed, preempted requests parked)
+                    self._reclaim_until(1, self._holders_in_waiting_order())
                 if not gpu.num_free_slots:
                     gpu.evict(1)
                 if not gpu.num_free_slots:
@@ -663,12 +713,16 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         return prefilled <= self._step - 2
 
     def _preempt(self, r) -> None:
-        """No block for ``r``'s growth: LMDeploy preempts it (``preempt_seqs``) and the next capacity making
-        takes its blocks.  Modelled as both at once: its blocks are freed (its prompt's and the output blocks
-        of its last growth stay cached) and its continuation (prompt and output so far, the rest of its
-        output to come) waits in the queue at its arrival's place, for a prefill that matches what stays
-        cached.  Its output so far is what the scheduler has seen: the token of the forward in flight is
-        dropped and made again.  Its hits were counted at its first prefill; the continuation's are not."""
+        """No block for ``r``'s growth: LMDeploy preempts it (``preempt_seqs``: RUNNING, READY, then WAITING with
+        its blocks and its step kept).  Its continuation (prompt and output so far, the rest of its output
+        to come) waits in the queue at its arrival's place, *parked* (``_Parked``): it keeps its pins and
+        held slots, and only the token the scheduler has seen but not computed is left to prefill, so the
+        turn policies file it as a one-token prompt.  A prefill pass that admits it resumes it with its
+        blocks (``_attempt_parked``); a capacity making that reaches it first takes them
+        (``_reclaim_parked``: its prompt's and the output blocks of its last growth stay cached) and it is
+        then a prompt like any other, prefilled again.  Its output so far is what the scheduler has seen:
+        the token of the forward in flight is dropped and made again.  Its hits were counted at its first
+        prefill; the continuation's are not."""
         pr = r.pr
         # the tokens the scheduler has seen (``_grow_due``); the output of the forward in flight is dropped
         produced = self._seen_prefill(r.prefilled) + self._seen_decodes() - r.d0
@@ -678,23 +732,41 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self.stats.preemptions += 1
         if self.schedule is not None:
             self.schedule.append((self._step, "preempt", self._position[id(pr)]))
-        self._end(r)
         if left <= 0:
+            self._end(r)
             return
-        req = pr.request
-        length = req.input_length + produced
+        # the continuation extends the first run's prompt (``base``) with the output seen: its full blocks past
+        # the prompt's are output blocks, whose digests (``_end``) only this request produces
+        base = pr if r.base is None else r.base
+        req = base.request
+        length = pr.request.input_length + produced
         bs = self.block_size
-        # the continuation's full blocks past the prompt's: the first ``r.ghosts`` stay cached (``_end``), the
-        # others were never attached to the trie and are computed again
-        ghosts = tuple((1 << 128) + (r.index << 20) + k for k in range(length // bs - req.input_length // bs))
+        gid = r.index if r.ghost_id < 0 else r.ghost_id
+        ghosts = tuple((1 << 128) + (gid << 20) + k for k in range(length // bs - req.input_length // bs))
         cont_req = Request(req.timestamp, length, left, tuple(req.hash_ids) + (0,) * len(ghosts), req.session)
-        digests = pr.digests + ghosts
-        cont = PreparedRequest(cont_req, digests, pr.block_bytes + (b"",) * len(ghosts),
-                               min(len(digests), max(length - 1, 0) // bs), -(-length // bs), pr.root)
+        digests = base.digests + ghosts
+        cont = PreparedRequest(cont_req, digests, base.block_bytes + (b"",) * len(ghosts),
+                               min(len(digests), max(length - 1, 0) // bs), -(-length // bs), base.root)
         self._continues[id(cont)] = cont
         self._position[id(cont)] = self._position[id(pr)]
         self._first[id(cont)] = self._first[id(pr)]
+        self._parked[id(cont)] = _Parked(r, cont, self._step, self._n_parked)
+        self._n_parked += 1
         self._requeue(cont)
+
+    def _reclaim_parked(self, p: _Parked) -> None:
+        """A capacity making takes a parked request's blocks (LMDeploy's ``_reclaim_candidate``: its step goes
+        back to 0): they are freed as at an end (its prompt's and its last growth's output blocks stay
+        cached) and its continuation waits as a whole prompt, to be prefilled again."""
+        del self._parked[id(p.cont)]
+        self._end(p.run)
+        self.stats.reclaimed_preemptions += 1
+        self._waiting_version += 1       # its size in the turn policies' order changes
+
+    def _queued_tokens(self, pr: PreparedRequest) -> int:
+        """The tokens a waiting request has to prefill before any match (LMDeploy's ``num_token_ids``): its
+        prompt, or one token for a parked preempted request."""
+        return 1 if id(pr) in self._parked else pr.request.input_length
 
     def _requeue(self, pr: PreparedRequest) -> None:
         """``pr`` waits again, at its arrival's place in the queue."""
@@ -720,10 +792,11 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         for ready, _, part, lpr in self._loaded:
             if ready <= self._step:
                 total += self._tail_tokens(lpr, part)
+        tokens = self._queued_tokens
         for pr in self._waiting:
             if total >= cap:
                 break
-            total += pr.request.input_length
+            total += tokens(pr)
         return total
 
     def _is_long(self, tokens: int) -> bool:
@@ -732,7 +805,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
     def _has_waiting_long(self) -> bool:
         """LMDeploy's ``has_waiting_long_prefill``: a waiting prompt (before any match) needs a chunk
         that is not its last."""
-        if any(self._is_long(pr.request.input_length) for pr in self._waiting):
+        if any(self._is_long(self._queued_tokens(pr)) for pr in self._waiting):
             return True
         return any(self._is_long(self._tail_tokens(lpr, part)) for ready, _, part, lpr in self._loaded
                    if ready <= self._step)
@@ -744,8 +817,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         return (self.gpu.access_clock, gs.inserts, gs.evictions, gs.dropped, gs.store_failures, gs.loads,
                 self.gpu.num_free_slots, hs.inserts, hs.evictions, hs.dropped, hs.store_failures, hs.loads,
                 hs.holds, hs.promoted, self.host.access_clock, len(self._writing), self._waiting_version,
-                len(self._loaded), ready, self._n_loaded, self._live, len(self._pins), self._held_now,
-                None if ch is None else (id(ch), ch.done), self._loading_version)
+                len(self._loaded), ready, self._n_loaded, len(self._parked), self._live, len(self._pins),
+                self._held_now, None if ch is None else (id(ch), ch.done), self._loading_version)
 
     def _view(self) -> tuple:
         """The queue as the turn policies order it, kept until the queue changes: the short prompts by
@@ -754,10 +827,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         view = self._queue_view
         if view is not None and view[0] == self._waiting_version:
             return view
-        limit = self.engine.max_prefill_tokens
-        longs = [pr for pr in self._waiting if pr.request.input_length > limit]
-        normals = sorted((pr for pr in self._waiting if pr.request.input_length <= limit),
-                         key=lambda pr: pr.request.input_length)
+        limit, tokens = self.engine.max_prefill_tokens, self._queued_tokens
+        longs = [pr for pr in self._waiting if tokens(pr) > limit]
+        normals = sorted((pr for pr in self._waiting if tokens(pr) <= limit), key=tokens)
         groups: dict[int, list] = {}
         for pr in longs:
             groups.setdefault(-(-pr.request.input_length // limit), []).append(pr)
@@ -829,8 +901,20 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 return None
         skipped = None     # short-only: the matches of the long prompts skipped so far (False: one was tried)
         loaded = self._ready_loads()
-        self._pass_skipped, self._pass_pending = [], list(loaded)
-        for what, item in self._order(step, policy, loaded):
+        order = self._order(step, policy, loaded)
+        pending = list(loaded)
+        holding = None     # the ids of the parked requests in the pass's queue (they hold blocks)
+        reclaims = self.stats.reclaimed_preemptions
+        if self._parked:
+            # parked requests hold blocks too: an admission's capacity making may take theirs, from the back of
+            # the pass's queue, so the order is computed up front (it depends only on the queue as found)
+            order = list(order)
+            parked = self._parked
+            queued = [item for what, item in order if what == "new" and id(item) in parked]
+            holding = {id(item) for item in queued}
+            pending += queued
+        self._pass_skipped, self._pass_pending = [], pending
+        for what, item in order:
             if n >= cap:
                 break
             if what == "loaded":
@@ -839,7 +923,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 if item not in self._loaded:
                     # reclaimed earlier in this pass by another admission: an ordinary waiting request now
                     what, item, skipped = "new", item[3], False
-            if policy == SHORT_ONLY and what == "new" and item.request.input_length > limit:
+            elif holding and id(item) in holding:
+                self._pass_pending = [x for x in self._pass_pending if x is not item]
+            if policy == SHORT_ONLY and what == "new" and self._queued_tokens(item) > limit:
                 # the short-only gate on a long prompt (most of a saturated queue): its match, then a skip
                 # unless the match leaves one chunk at most (then a full attempt, which matches again)
                 if skipped is None:
@@ -869,6 +955,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             else:
                 idle = idle_engine and not n and not self._loaded
                 outcome, tokens = self._attempt(item, step, n, used, policy, idle)
+                if outcome == "skip" and holding and id(item) in holding:
+                    self._pass_skipped.append(item)
                 if outcome not in ("skip", "stop"):
                     self._waiting.remove(item)
                     self._waiting_version += 1
@@ -882,7 +970,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 break
             kind = "prefill"
         self._pass_skipped = self._pass_pending = None
-        if skipped:
+        if skipped and self.stats.reclaimed_preemptions == reclaims:
+            # (a parked request reclaimed in the pass is a whole prompt now: the next pass orders it elsewhere)
             self._skip_refresh = (tail, _last_refresh_order(skipped))
         if policy == SHORT_ONLY:
             after = self._pass_state(step)
@@ -1038,6 +1127,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         tokens): "admitted" (prefills in this step), "chunk" (its first chunk runs in this step), "load"
         (its load starts), "skip" (the pass goes on without it) or "stop" (the pass stops at it;
         ``attempt_evictions`` counts what its attempt evicted)."""
+        if id(pr) in self._parked:
+            return self._attempt_parked(pr, step, n, used, policy, idle)
         e = self.engine
         limit = e.max_prefill_tokens
         g = self._gpu_match(pr)
@@ -1097,6 +1188,36 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._start(pr, self._served, step)
         return "admitted", tail
 
+    def _attempt_parked(self, pr: PreparedRequest, step: int, n: int, used: int, policy: str,
+                        idle: bool) -> tuple[str, int]:
+        """The admission attempt of a parked preempted request: LMDeploy's for a waiting sequence that holds
+        blocks (no trie match past its private last block, one token to prefill).  The token budget, then
+        room for what its prompt and preallocation need beyond the blocks it holds: other queued requests'
+        blocks reclaimed from the back of the pass's queue, then cached blocks evicted.  Admitted, it
+        resumes with its blocks (its hits are not counted again).  Returns (outcome, prefill tokens) as
+        ``_attempt``."""
+        if n and used + 1 > self.engine.max_prefill_tokens:
+            return ("skip" if policy == SHORT_ONLY else "stop"), 0
+        p = self._parked[id(pr)]
+        r = p.run
+        need = max(0, self._admission_blocks(pr.request.input_length) - len(r.pinned) - len(r.held))
+        self._settle_at(step)
+        gpu, st = self.gpu, self.stats
+        if need > gpu.num_free_slots:
+            evicted = self._reclaim_queued(need)
+            if need > gpu.num_free_slots:
+                evicted += gpu.evict(need - gpu.num_free_slots)
+            if need > gpu.num_free_slots and not idle:
+                st.attempt_evictions += evicted
+                return "stop", 0
+        del self._parked[id(pr)]
+        held = self._hold(need)
+        self._held_now += len(held)
+        st.max_held_blocks = max(st.max_held_blocks, self._occupied())
+        st.resumed_preemptions += 1
+        self._start(pr, (0, 0, r.pinned, r.held + held), step, parked=p)
+        return "admitted", 1
+
     # -- long prompts: chunked prefill --------------------------------------------------------
     def _chunk_blocks(self, done: int) -> int:
         """Blocks a long prompt holds once its next (not last) chunk is allocated: its tokens up to
@@ -1135,7 +1256,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             # LMDeploy's eviction helper: first the blocks of the queue's requests that hold some (a request
             # whose load completed, in the order they completed, each then evicting cached blocks), then cached blocks
             if reclaim:
-                self._reclaim_until(need, self._loads_in_waiting_order(step))
+                self._reclaim_until(need, self._holders_in_waiting_order(step))
             if need > gpu.num_free_slots:
                 gpu.evict(need - gpu.num_free_slots)
             if need > gpu.num_free_slots and not force:
@@ -1294,9 +1415,17 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         for entry in entries:
             if need <= gpu.num_free_slots:
                 break
-            if entry is exclude or entry not in self._loaded:
+            if entry is exclude:
                 continue
-            self._reclaim_load(entry)
+            if isinstance(entry, tuple):
+                if entry not in self._loaded:
+                    continue
+                self._reclaim_load(entry)
+            else:
+                p = self._parked.get(id(entry))
+                if p is None:
+                    continue
+                self._reclaim_parked(p)
             evicted += gpu.evict(max(0, need - gpu.num_free_slots))
         return evicted
 
@@ -1376,10 +1505,11 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self.results[self._position[id(pr)]] = (g, restored)
 
     def _start(self, pr: PreparedRequest, served, step: int, admitted: int | None = None,
-               running: bool = False) -> None:
+               running: bool = False, parked: _Parked | None = None) -> None:
         """``pr`` runs from its prefill (or its last chunk) in ``step``: its end and block growth, in
         decode steps.  ``admitted``: the step its first chunk ran in; ``running``: it counts as running
-        already (since that chunk)."""
+        already (since that chunk); ``parked``: it resumes a preempted run, whose output blocks still extend
+        that run's prompt."""
         r = pr.request
         bs = self.block_size
         self._end_load(pr)
@@ -1392,7 +1522,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if began > first and id(pr) not in self._continues:
             self.stats.queued_requests += 1
             self.stats.queue_delay_s += self._seconds(began - first)
-        state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, 0, self._n)
+        if parked is None:
+            state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, 0, self._n)
+            base_length = r.input_length
+        else:
+            # a preempted request resumed with its blocks: its output blocks still extend its first run's prompt,
+            # and its admission attaches every full block it holds to the trie (``block_trie.allocate``)
+            was = parked.run
+            base = was.pr if was.base is None else was.base
+            base_length = base.request.input_length
+            state = _Running(pinned, held, was.ghost_parent, r.input_length // bs - base_length // bs, self._n)
+            state.ghost_id = was.index if was.ghost_id < 0 else was.ghost_id
+            state.base = base
         self._n += 1
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
         state.pr, state.d0, state.prefilled = pr, d0, step
@@ -1406,7 +1547,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
                 # input + i - 1 tokens; the blocks filled after its last growth are freed at its end
                 # (a growth the request's end comes before, ``_grow_due``, attaches none)
-                ghosts = (r.input_length + i - 1) // bs - r.input_length // bs
+                ghosts = (r.input_length + i - 1) // bs - base_length // bs
                 heapq.heappush(self._growths, (d0 + i - 1, self._events, step, state, ghosts))
                 self._events += 1
         if not running:

@@ -264,6 +264,12 @@ WORKLOADS = {
                                                                        think_steps=1, max_new_tokens=5), 5),
     'synthetic-70-mb40-s3-a4': (lambda: mooncake_conversations(max_requests=70, max_blocks=40, seed=3,
                                                                 trace='synthetic'), 4),
+    # round 12's preemption workloads (PREEMPTION_WORKLOADS: tuning 12, held-out 24): long prompts and 16-32 output
+    # tokens on squeezed GPU tiers
+    'weka-6-mb40-out32-s4-a5': (lambda: weka_conversations(max_turns=6, max_blocks=40, max_new_tokens=32, seed=4), 5),
+    'weka-6-mb44-out16-s6-a6': (lambda: weka_conversations(max_turns=6, max_blocks=44, max_new_tokens=16, seed=6), 6),
+    'weka-all-6-mb40-out24-s7-a4': (lambda: weka_conversations(max_turns=6, max_blocks=40, max_new_tokens=24,
+                                                               seed=7), 4),
 }
 
 
@@ -356,7 +362,14 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     ('mooncake-70-mb40-s3-t1-out5-a5', 88, 16, (4, 4, 192), 'size', 'arc'),
                     ('weka-all-6-mb44-s2-a4', 64, 32, (4, 4, 256), 'fifo', 'arc'),
                     # round 10: held-out 14's one miss (0.046 off before item 36: two loads of the same host blocks)
-                    ('weka-all-6-mb44-s2-a4', 48, 24, (4, 4, 256), 'fifo')]
+                    ('weka-all-6-mb44-s2-a4', 48, 24, (4, 4, 256), 'fifo'),
+                    # round 12: a preempted request keeps its blocks (held-out 15's row, 0.078 off before item 40),
+                    # an idle engine's host copies land a step sooner (held-out 18's diffed row, 0.016 before item
+                    # 41) and a growth's demotions see the host copies that landed (tuning 12's row, 0.062 before
+                    # item 42)
+                    ('weka-6-mb40', 56, 24, (4, 4, 288), 'fifo', 'arc'),
+                    ('weka-6-mb40-a5', 56, 32, (4, 4, 224), 'size', 'arc'),
+                    ('weka-6-mb44-out16-s6-a6', 80, 16, (4, 4, 288), 'fifo')]
 
 
 def _row(row) -> tuple:
@@ -523,12 +536,12 @@ SAMPLE_WORKLOADS = ['weka-6-mb40', 'weka-6-mb40-a5', 'mooncake-60-mb40-a4', 'syn
                     'synthetic-70-mb40-s3-a4']
 
 
-def sample_rows(seed: int, n: int = 60) -> list:
+def sample_rows(seed: int, n: int = 60, gpus: range = range(48, 129, 8), workloads: list = SAMPLE_WORKLOADS) -> list:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        workload, max_prefill = rng.choice(SAMPLE_WORKLOADS), rng.choice([192, 224, 256, 288])
-        gpu, host, policy = rng.choice(range(48, 129, 8)), rng.choice([16, 24, 32, 48]), rng.choice(['size', 'fifo'])
+        workload, max_prefill = rng.choice(workloads), rng.choice([192, 224, 256, 288])
+        gpu, host, policy = rng.choice(gpus), rng.choice([16, 24, 32, 48]), rng.choice(['size', 'fifo'])
         rows.append((workload, gpu, host, (4, 4, max_prefill), policy))
     return rows
 
@@ -546,6 +559,28 @@ GRID_ARC_HELD_OUT_16 = [(*row, 'arc') for row in sample_rows(6)]
 # (arc) were drawn after items 36 and 37 and run once (held out).
 GRID_SAMPLE_HELD_OUT_17 = sample_rows(7)
 GRID_ARC_HELD_OUT_18 = [(*row, 'arc') for row in sample_rows(8)]
+# Round 12: preempted requests keep their blocks (item 40, from held-out 11's diffed row). Drawn after it and run
+# once: seeds 9 (lru) and 10 (arc), and seed 11 at the smallest GPU tiers (48 to 72 blocks, where preemptions
+# happen), arc
+GRID_SAMPLE_HELD_OUT_19 = sample_rows(9)
+GRID_ARC_HELD_OUT_20 = [(*row, 'arc') for row in sample_rows(10)]
+GRID_SQUEEZED_HELD_OUT_21 = [(*row, 'arc') for row in sample_rows(11, gpus=range(48, 73, 8))]
+# Preemptions are rare in those samples (2 runs of 180). Sample 22: three workloads with long prompts and 16-32
+# output tokens, chosen because LMDeploy preempts in many of their runs (the harness's preemption counts only;
+# no model ran on them before the sample was drawn), seed 12, GPU tiers of 48 to 80 blocks, under lru or arc;
+# drawn after item 41 and run once (59 of 60), then its one miss was diffed (item 42): a tuning set now.
+# Held-out 23 (seed 13, the long-prompt workloads) and 24 (seed 14, the preemption workloads) were drawn after
+# item 42 and run once
+PREEMPTION_WORKLOADS = ['weka-6-mb40-out32-s4-a5', 'weka-6-mb44-out16-s6-a6', 'weka-all-6-mb40-out24-s7-a4']
+
+
+def _policies(rows: list) -> list:
+    return [(*row, policy) for row, policy in zip(rows, ['lru', 'arc'] * (len(rows) // 2 + 1))]
+
+
+GRID_PREEMPTION_TUNING_22 = _policies(sample_rows(12, gpus=range(48, 81, 8), workloads=PREEMPTION_WORKLOADS))
+GRID_SAMPLE_HELD_OUT_23 = _policies(sample_rows(13))
+GRID_PREEMPTION_HELD_OUT_24 = _policies(sample_rows(14, gpus=range(48, 81, 8), workloads=PREEMPTION_WORKLOADS))
 # stress rows (printed with the grid): 20-30 output tokens; prompts longer than max_prefill_tokens
 GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
                ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
@@ -572,7 +607,13 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
             ('held-out 15 (arc, random sample)', GRID_ARC_HELD_OUT_15),
             ('held-out 16 (arc, random sample)', GRID_ARC_HELD_OUT_16),
             ('held-out 17 (random sample)', GRID_SAMPLE_HELD_OUT_17),
-            ('held-out 18 (arc, random sample)', GRID_ARC_HELD_OUT_18))
+            ('held-out 18 (arc, random sample)', GRID_ARC_HELD_OUT_18),
+            ('held-out 19 (random sample)', GRID_SAMPLE_HELD_OUT_19),
+            ('held-out 20 (arc, random sample)', GRID_ARC_HELD_OUT_20),
+            ('held-out 21 (arc, squeezed random sample)', GRID_SQUEEZED_HELD_OUT_21),
+            ('tuning 12 (preemption sample)', GRID_PREEMPTION_TUNING_22),
+            ('held-out 23 (lru and arc, random sample)', GRID_SAMPLE_HELD_OUT_23),
+            ('held-out 24 (preemption sample)', GRID_PREEMPTION_HELD_OUT_24))
     for label, grid in sets:
         for row in grid:
             workload, gpu, host, engine_settings, long_policy, host_policy = _row(row)

@@ -539,5 +539,63 @@ def test_a_running_request_without_a_block_to_grow_into_is_preempted_and_prefill
     cache, results, st = _schedule([(2.5, 4, 12, [100]), (3.5, 4, 8, [200])], gpu=4)
     assert cache.schedule == [(3, "prefill", 0), (4, "prefill", 1), (8, "preempt", 0), (13, "prefill", 0)]
     assert st.preemptions == 1 and st.held_short_blocks == 0
+    # B's growth (schedule_running) takes the blocks A kept: A is prefilled again as a whole prompt
+    assert (st.resumed_preemptions, st.reclaimed_preemptions) == (0, 1)
     assert st.requests == 2 and st.prompt_blocks == 2 and results == [(0, 0), (0, 0)]
     assert not cache._pins and cache._held_now == 0 and not cache._waiting
+
+
+def test_a_preempted_request_keeps_its_blocks_and_resumes_with_them_when_nothing_reclaims_them():
+    # 6 GPU blocks. A (6 tokens, 12 out) prefills at 3, B and C (4 tokens, 4 out: they never grow) at 4; each holds 2
+    # blocks: the tier is full. A's third token fills its 8 slots; at decode step 5 no block is free or evictable and
+    # A is preempted. LMDeploy keeps its blocks (WAITING, step kept): it waits as a one-token prompt. No capacity
+    # making needs blocks before B and C end, so the pass at 9 resumes A with its blocks and one more (it is not
+    # prefilled again: GPU hits and prompt blocks are counted once), and its output blocks still extend its prompt.
+    cache, results, st = _schedule([(2.5, 6, 12, [100]), (3.5, 4, 4, [200]), (3.6, 4, 4, [300])], gpu=6)
+    assert cache.schedule == [(3, "prefill", 0), (4, "prefill", 1), (4, "prefill", 2), (5, "preempt", 0),
+                              (9, "prefill", 0)]
+    assert (st.preemptions, st.resumed_preemptions, st.reclaimed_preemptions) == (1, 1, 0)
+    assert st.requests == 3 and st.prompt_blocks == 2 + 1 + 1 and results == [(0, 0), (0, 0), (0, 0)]
+    # A's 18 tokens leave the output blocks full at its last growth cached: 16 tokens, 3 blocks past its prompt's
+    assert st.output_blocks == 3 and st.held_short_blocks == 0
+    assert not cache._pins and cache._held_now == 0 and not cache._waiting and not cache._parked
+    # with 4 output tokens A is preempted at its first growth (nothing attached yet) and ends without another:
+    # its resumed admission attached its full blocks to the trie (block_trie.allocate), so the one its 2 seen
+    # output tokens completed (6 + 2 = 8 tokens) stays cached at its end
+    cache, results, st = _schedule([(2.5, 6, 4, [100]), (3.5, 4, 4, [200]), (3.6, 4, 4, [300])], gpu=6)
+    assert (st.preemptions, st.resumed_preemptions, st.output_blocks) == (1, 1, 1)
+
+
+def test_host_copies_an_idle_engine_s_forward_started_land_a_step_sooner():
+    # host copies take 1.5 steps: a copy started while step t is scheduled is loadable from step t + 2, because the
+    # engine schedules t + 1 before it reads t's output. An idle engine dispatches its forward and, at once, the next
+    # step's, and then reads the first one's output: its copies are loadable from t + 1 (the harness: a preempted
+    # request's blocks, demoted by the chunk that reclaimed them at t, loaded by its next admission at t + 1).
+    # 5 GPU blocks: A ([1, 2], 8 tokens) ends and stays cached; the idle engine admits B (12 tokens) at 11, which
+    # evicts A's block 2 to the host tier.
+    cache = SteppedTwoTierCache(5, 8, "lru", 4, Lifetimes(1.0), host_write_s=1.5, engine=EngineSteps(4, 2, 1000),
+                                record=True)
+    prepared = prepare_trace(_trace([(0.5, 8, 1, [1, 2]), (10.5, 12, 3, [3, 4, 5]), (12.5, 4, 1, [9]),
+                                     (13.5, 12, 1, [1, 2, 6])]))
+    for p in prepared[:3]:
+        cache.serve_at(p)        # decides the steps before 13
+    assert cache.schedule == [(1, "prefill", 0), (11, "prefill", 1)] and cache.stats.demotions == 1
+    # at step 12 a prompt that continues A's matches block 1 on the GPU and block 2 in the host tier (a pipelined
+    # step's copy would still be in flight: (1, 0))
+    assert cache._probe_at(prepared[3], 12) == (1, 1)
+
+
+def test_a_growth_s_demotions_find_the_host_copies_that_landed_resident():
+    # 6 GPU blocks, 2 host slots, copies take 1.5 steps, at most 2 requests in a batch. A ([1, 2]) and B ([3, 4])
+    # end and stay cached. C and D (one block each, 12 output tokens) are admitted at 9: their 4 blocks evict A's
+    # two, whose host copies fill the host tier and land at 11. The batch is full and nothing waits, so no prefill
+    # pass runs after that. When C and D grow, B's blocks are evicted: the host tier holds A's two landed copies,
+    # evicts them and stores B's. Before the growths settled the host copies (only a pass did), A's copies still
+    # counted as in flight there, nothing could be evicted, and both demotions were refused (2).
+    cache = SteppedTwoTierCache(6, 2, "lru", 4, Lifetimes(1.0), host_write_s=1.5, engine=EngineSteps(2, 2, 1000),
+                                record=True)
+    for p in prepare_trace(_trace([(0.5, 8, 1, [1, 2]), (4.5, 8, 1, [3, 4]), (8.5, 4, 12, [5]), (8.6, 4, 12, [6])])):
+        cache.serve_at(p)
+    st = cache.finish()
+    assert cache.schedule[:4] == [(1, "prefill", 0), (5, "prefill", 1), (9, "prefill", 2), (9, "prefill", 3)]
+    assert st.demotions_refused == 0 and st.demotions == 5
