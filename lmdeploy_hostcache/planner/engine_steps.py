@@ -30,7 +30,8 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   those evictions stand even if it then does not fit (``attempt_evictions``); a request that does
   not fit beside what running requests and started loads hold is refused (one larger than the
   whole tier runs when nothing runs and no load is in flight).  A refusal stops the pass, except on
-  a short-only turn, where it skips the request;
+  a short-only turn, where it skips the request; a refusal after the capacity making refreshes the
+  matched blocks again (``_rollback``: LMDeploy's rollback frees them, which stamps them);
 * **long prompts** (longer than ``max_prefill_tokens`` before any match) are prefilled in chunks of
   ``max_prefill_tokens`` tokens, one long prompt at a time (``_Chunked``), each chunk a forward of
   its own that allocates only its own blocks (the last one adds the preallocation and gives the
@@ -1132,10 +1133,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         e = self.engine
         limit = e.max_prefill_tokens
         g = self._gpu_match(pr)
+        matched = pr.digests[:g]
         if g:
             # every attempt matches the prompt in the trie (a gate's match or the resources'), which
-            # refreshes the matched blocks' access times; a rejection rolls the match back, not them
-            self.gpu.touch(pr.digests[:g])
+            # refreshes the matched blocks' access times; a rejection rolls the match back, which frees them
+            # and so refreshes them again (``_rollback``): after the capacity making when the resources fail
+            self.gpu.touch(matched)
         tail = pr.request.input_length - g * self.block_size
         # a rejection that a gate deferred because the match let the request through: on a short-only
         # turn it becomes a skip if the resources then fail
@@ -1164,6 +1167,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 self._start_load(pr, step)
                 return "load", 0
             self.stats.attempt_evictions += evicted
+            self._rollback(matched)
             return "stop", 0
         if self._is_long(tail):
             blocks = self._chunk_blocks(g * self.block_size)
@@ -1171,6 +1175,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 evicted = self._make_room(pr, step, blocks=blocks)
                 if not self._fits(pr, blocks):
                     self.stats.attempt_evictions += evicted
+                    self._rollback(matched)
                     return fail, 0
             self._make_room(pr, step, blocks=blocks)
             g, restored, _ = self.serve_blocks(pr, load_only=True)
@@ -1183,10 +1188,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             evicted = self._make_room(pr, step)
             if not self._fits(pr):
                 self.stats.attempt_evictions += evicted
+                self._rollback(matched)
                 return fail, 0
         self._serve_now(pr, step)
         self._start(pr, self._served, step)
         return "admitted", tail
+
+    def _rollback(self, matched: tuple) -> None:
+        """A rejected attempt rolls its tentative match back (``_TentativePrefixMatch.rollback``): LMDeploy
+        truncates the sequence's blocks, and freeing stamps them with the time, so the matched blocks are
+        refreshed again, after whatever the attempt's capacity making reclaimed and evicted."""
+        if matched:
+            self.gpu.touch(matched)
 
     def _attempt_parked(self, pr: PreparedRequest, step: int, n: int, used: int, policy: str,
                         idle: bool) -> tuple[str, int]:
