@@ -9,8 +9,9 @@ real ``Scheduler`` did in the CPU harness. This test does that diff; it is skipp
         .venv/bin/python -m pytest -s tests/integration/test_planner_diff.py
 
 (workload, GPU blocks, host slots, [max_batches, prefill_interval, max_prefill_token_num], long-prompt order,
-host eviction policy). It prints both hit rates and, for each of four event streams, the first place where
-the two sides differ with the events around it; the whole streams go to ``HOSTCACHE_PLANNER_DIFF_OUT`` (a
+host eviction policy). It prints both hit rates and, for each of four event streams (the schedule, the blocks
+each request's first prefill reused, GPU demotions, host-tier operations), the first place where the two
+sides differ with the events around it; the whole streams go to ``HOSTCACHE_PLANNER_DIFF_OUT`` (a
 folder, default the test's tmp_path) as ``harness.jsonl`` and ``model.jsonl``.
 
 Steps: an event of harness iteration k is reported at step k + 1, the model's clock (the capture's arrival
@@ -38,7 +39,7 @@ from tests.integration.test_trace_capture import exact_lru_clock  # noqa: F401  
 
 ROW_ENV = 'HOSTCACHE_PLANNER_DIFF'
 KEY_HEX = '0f' * 16
-HOST_OPS = ('prepare_store', 'complete_store', 'drop_subtree', 'prepare_load', 'complete_load')
+HOST_OPS = ('prepare_store', 'complete_store', 'drop_subtree', 'prepare_load', 'complete_load', 'touch', 'hold', 'release')
 
 
 def _wrap(obj, name, log):
@@ -112,6 +113,13 @@ def test_print_planner_diff(tmp_path, monkeypatch, exact_lru_clock):
             for op in HOST_OPS:
                 _wrap(side.index, op, lambda a, out, op=op: h_host.append(
                     (step(), op, names(a[0]), out is None)))
+            evicted = side.index.on_evict
+
+            def on_host_evict(block):
+                h_host.append((step(), 'evicted', block_name(block.digest), False))
+                if evicted is not None:
+                    evicted(block)
+            side.index.on_evict = on_host_evict
 
     monkeypatch.setattr(T, 'WorkloadDriver', Driver)
     reclaim = RecomputeEvictionHelper._reclaim_candidate
@@ -158,6 +166,13 @@ def test_print_planner_diff(tmp_path, monkeypatch, exact_lru_clock):
         _wrap(cache.host, op, lambda a, out, op=op: m_host.append(
             (cache._step, op, tuple(map(model_name, a[0])) if isinstance(a[0], (list, tuple)) else model_name(a[0]),
              out is None)))
+    evicted = cache.host.on_evict
+
+    def on_host_evict(block):
+        m_host.append((cache._step, 'evicted', model_name(block.digest), False))
+        if evicted is not None:
+            evicted(block)
+    cache.host.on_evict = on_host_evict
     for name, kind in (('_reclaim_parked', lambda a: a[0].cont), ('_reclaim_load', lambda a: a[0][3])):
         _wrap(cache, name, lambda a, out, kind=kind: cache.schedule.append(
             (cache._step, 'reclaim', cache._position[id(kind(a))])))

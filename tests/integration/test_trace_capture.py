@@ -270,6 +270,13 @@ WORKLOADS = {
     'weka-6-mb44-out16-s6-a6': (lambda: weka_conversations(max_turns=6, max_blocks=44, max_new_tokens=16, seed=6), 6),
     'weka-all-6-mb40-out24-s7-a4': (lambda: weka_conversations(max_turns=6, max_blocks=40, max_new_tokens=24,
                                                                seed=7), 4),
+    # round 12's busy workloads (held-out 26): eight conversations at once, 32-48 output tokens
+    'mooncake-80-mb30-out32-s8-a8': (lambda: mooncake_conversations(max_requests=80, max_blocks=30, seed=8,
+                                                                     max_new_tokens=32), 8),
+    'synthetic-80-mb30-out32-s8-a8': (lambda: mooncake_conversations(max_requests=80, max_blocks=30, seed=8,
+                                                                      max_new_tokens=32, trace='synthetic'), 8),
+    'weka-all-6-mb30-out48-s9-a8': (lambda: weka_conversations(max_turns=6, max_blocks=30, max_new_tokens=48,
+                                                               seed=9), 8),
 }
 
 
@@ -602,6 +609,25 @@ def _policies(rows: list) -> list:
 GRID_PREEMPTION_TUNING_22 = _policies(sample_rows(12, gpus=range(48, 81, 8), workloads=PREEMPTION_WORKLOADS))
 GRID_SAMPLE_HELD_OUT_23 = _policies(sample_rows(13))
 GRID_PREEMPTION_HELD_OUT_24 = _policies(sample_rows(14, gpus=range(48, 81, 8), workloads=PREEMPTION_WORKLOADS))
+
+
+def sample_engine_rows(seed: int, n: int = 60, workloads: list = SAMPLE_WORKLOADS + PREEMPTION_WORKLOADS) -> list:
+    """Rows whose engine settings vary too (the samples above all run max_batches 4 and prefill_interval 4)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        workload = rng.choice(workloads)
+        engine = (rng.choice([2, 3, 4, 6, 8]), rng.choice([1, 2, 4, 8]), rng.choice([192, 256, 320, 384, 512]))
+        rows.append((workload, rng.choice(range(48, 129, 8)), rng.choice([16, 24, 32, 48]), engine,
+                     rng.choice(['size', 'fifo']), rng.choice(['lru', 'arc'])))
+    return rows
+
+
+# Held-out 25: drawn after item 43 and run once; every engine setting varies. Held-out 26: the same over three busy
+# workloads (eight conversations at once, 32-48 output tokens), drawn after 25's run, run once
+GRID_ENGINES_HELD_OUT_25 = sample_engine_rows(15)
+BUSY_WORKLOADS = ['mooncake-80-mb30-out32-s8-a8', 'synthetic-80-mb30-out32-s8-a8', 'weka-all-6-mb30-out48-s9-a8']
+GRID_BUSY_HELD_OUT_26 = sample_engine_rows(16, workloads=BUSY_WORKLOADS)
 # stress rows (printed with the grid): 20-30 output tokens; prompts longer than max_prefill_tokens
 GRID_STRESS = [('weka-6-out30-a6', 40, 16), ('weka-6-out30-a6', 56, 24), ('mooncake-60-out20-a5', 36, 16),
                ('mooncake-60-out20-a5', 48, 24), ('weka-6-mb40', 64, 24), ('weka-6-mb40', 96, 48)]
@@ -634,7 +660,9 @@ def test_print_planner_vs_harness_grid(tmp_path, exact_lru_clock):
             ('held-out 21 (arc, squeezed random sample)', GRID_SQUEEZED_HELD_OUT_21),
             ('tuning 12 (preemption sample)', GRID_PREEMPTION_TUNING_22),
             ('held-out 23 (lru and arc, random sample)', GRID_SAMPLE_HELD_OUT_23),
-            ('held-out 24 (preemption sample)', GRID_PREEMPTION_HELD_OUT_24))
+            ('held-out 24 (preemption sample)', GRID_PREEMPTION_HELD_OUT_24),
+            ('held-out 25 (engine settings sample)', GRID_ENGINES_HELD_OUT_25),
+            ('held-out 26 (busy sample)', GRID_BUSY_HELD_OUT_26))
     for label, grid in sets:
         for row in grid:
             workload, gpu, host, engine_settings, long_policy, host_policy = _row(row)
