@@ -277,13 +277,12 @@ class _Parked:
     """A preempted request waiting in the queue with the blocks it kept (LMDeploy's preempted sequence: WAITING,
     its blocks and its step kept, until a capacity making reclaims them or a prefill pass resumes it)."""
 
-    __slots__ = ("run", "cont", "since", "order")
+    __slots__ = ("run", "cont", "since")
 
-    def __init__(self, run: _Running, cont: PreparedRequest, since: int, order: int) -> None:
+    def __init__(self, run: _Running, cont: PreparedRequest, since: int) -> None:
         self.run = run        # its state when it was preempted: its pins and held slots are still taken
         self.cont = cont      # its continuation (prompt and output seen), queued at its arrival's place
         self.since = since    # the step it re-entered the waiting queue in
-        self.order = order
 
 
 class SteppedTwoTierCache(ConcurrentTwoTierCache):
@@ -348,9 +347,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._step_held = 0
         # the continuations of preempted requests, by id (kept alive: the ids key per-request state)
         self._continues: dict[int, PreparedRequest] = {}
-        # the preempted requests that still hold their blocks, by id of their continuation (in ``_waiting``)
+        # the preempted requests that still hold their blocks, by id of their continuation (in ``_waiting``),
+        # in preemption order
         self._parked: dict[int, _Parked] = {}
-        self._n_parked = 0
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -482,7 +481,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if step is None:
             step = self._step
         keyed = [((e[0], 0, e[1]), e) for e in self._loaded if e[0] <= step]
-        keyed += [((p.since, 1, p.order), p.cont) for p in self._parked.values()]
+        keyed += [((p.since, 1), p.cont) for p in self._parked.values()]   # (a stable sort: in preemption order)
         keyed.sort(key=itemgetter(0))
         return [x for _, x in keyed]
 
@@ -751,8 +750,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._continues[id(cont)] = cont
         self._position[id(cont)] = self._position[id(pr)]
         self._first[id(cont)] = self._first[id(pr)]
-        self._parked[id(cont)] = _Parked(r, cont, self._step, self._n_parked)
-        self._n_parked += 1
+        self._parked[id(cont)] = _Parked(r, cont, self._step)
         self._requeue(cont)
 
     def _reclaim_parked(self, p: _Parked) -> None:
@@ -1217,9 +1215,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._settle_at(step)
         gpu, st = self.gpu, self.stats
         if need > gpu.num_free_slots:
-            evicted = self._reclaim_queued(need)
-            if need > gpu.num_free_slots:
-                evicted += gpu.evict(need - gpu.num_free_slots)
+            evicted = self._free_for_admission(need)
             if need > gpu.num_free_slots and not idle:
                 st.attempt_evictions += evicted
                 return "stop", 0
@@ -1391,10 +1387,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """``_make_room`` for a loaded request's tail (its matched and loaded blocks are pinned; ``exclude``:
         its own entry while it is still queued)."""
         self._settle_at(self._step)
-        need = self._tail_blocks(pr, part)
-        evicted = self._reclaim_queued(need, exclude)
-        missing = need - self.gpu.num_free_slots
-        return evicted + (self.gpu.evict(missing) if missing > 0 else 0)
+        return self._free_for_admission(self._tail_blocks(pr, part), exclude)
 
     def _soft_budget_ok(self, pr: PreparedRequest) -> bool:
         """LMDeploy's ``can_admit_load``: the free blocks cover this load's whole prefill, the tails of the
@@ -1407,22 +1400,30 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             reserved += max(0, self._admission_blocks(ch.pr.request.input_length) - len(ch.pinned) - len(ch.held))
         return self._admission_blocks(pr.request.input_length) - g + reserved <= self.gpu.num_free_slots
 
+    def _free_for_admission(self, need: int, exclude=None) -> int:
+        """An admission's capacity making: the queued requests that hold blocks are reclaimed
+        (``_reclaim_queued``), then cached blocks are evicted, until ``need`` blocks are free or nothing
+        more can go.  Returns how many cached blocks were evicted."""
+        evicted = self._reclaim_queued(need, exclude)
+        missing = need - self.gpu.num_free_slots
+        return evicted + (self.gpu.evict(missing) if missing > 0 else 0)
+
     def _reclaim_queued(self, need: int, exclude=None) -> int:
         """LMDeploy's eviction helper (``try_make_capacity_for``, with the connector's reclaim of completed
-        loads, ``integration/activate.py``): when the free blocks do not cover ``need``, the completed
-        loads of the pass's queue are reclaimed one at a time (``_reclaim_load``), each followed by
-        cached-block evictions, until they do, from the back of the queue as ``_evictable_sequences``
-        walks it: those the pass has not tried yet, the last first, then those it skipped, the last
-        skipped first (item 38).  Outside a pass, nothing.  Returns how many cached blocks were
-        evicted."""
+        loads, ``integration/activate.py``): when the free blocks do not cover ``need``, the requests of
+        the pass's queue that hold blocks (completed loads, ``_reclaim_load``; parked preempted requests,
+        ``_reclaim_parked``) are reclaimed one at a time, each followed by cached-block evictions, until
+        they do, from the back of the queue as ``_evictable_sequences`` walks it: those the pass has not
+        tried yet, the last first, then those it skipped, the last skipped first (item 38).  Outside a
+        pass, nothing.  Returns how many cached blocks were evicted."""
         if self._pass_skipped is None:
             return 0
         return self._reclaim_until(need, list(reversed(self._pass_skipped + self._pass_pending)), exclude)
 
     def _reclaim_until(self, need: int, entries, exclude=None) -> int:
-        """Reclaim ``entries`` (completed loads, in that order; gone or ``exclude``: passed over) one at a time,
-        each followed by cached-block evictions, until the free blocks cover ``need``.  Returns how many
-        cached blocks were evicted."""
+        """Reclaim ``entries`` (completed loads and parked requests' continuations, in that order; gone or
+        ``exclude``: passed over) one at a time, each followed by cached-block evictions, until the free
+        blocks cover ``need``.  Returns how many cached blocks were evicted."""
         gpu = self.gpu
         evicted = 0
         for entry in entries:
@@ -1461,10 +1462,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         matched = pr.digests[:g]
         if matched:
             gpu.prepare_load(matched)
-        evicted = self._reclaim_queued(blocks - g)
-        missing = blocks - g - gpu.num_free_slots
-        if missing > 0:
-            evicted += gpu.evict(missing)
+        evicted = self._free_for_admission(blocks - g)
         if matched:
             gpu.complete_load(matched, False)
         return evicted

@@ -72,11 +72,27 @@ def _first_difference(name: str, harness: list, model: list, context: int = 5) -
 
 @pytest.mark.skipif(not os.environ.get(ROW_ENV), reason=f'a developer tool: set {ROW_ENV} to a grid row as JSON')
 def test_print_planner_diff(tmp_path, monkeypatch, exact_lru_clock):
-    workload, gpu, host, settings, long_policy, host_policy = json.loads(os.environ[ROW_ENV])
+    try:
+        workload, gpu, host, settings, long_policy, host_policy = json.loads(os.environ[ROW_ENV])
+        if workload not in T.WORKLOADS:
+            raise ValueError(f'unknown workload {workload!r}')
+        settings = tuple(int(x) for x in settings)
+    except (ValueError, TypeError) as e:
+        pytest.fail(f'{ROW_ENV} must be a grid row as JSON: [workload, GPU blocks, host slots, '
+                    f'[max_batches, prefill_interval, max_prefill_token_num], size|fifo, lru|arc|s3fifo] ({e})',
+                    pytrace=False)
     monkeypatch.setenv('LMDEPLOY_HOSTCACHE_CAPTURE_KEY', KEY_HEX)
     key = CaptureKey(bytes.fromhex(KEY_HEX))
     h_sched, h_demote, h_host, launched = [], [], [], []
     driver_box = []
+
+    def pos(session_id) -> int:
+        """A harness request's place in arrival order (the model's request index)."""
+        return launched.index(session_id) if session_id in launched else -1
+
+    def step() -> int:
+        """The model's step of the harness's current iteration."""
+        return driver_box[0].iteration + 1
 
     class Driver(T.WorkloadDriver):
         """The harness's driver, with hooks on the scheduler, the connector and the forward."""
@@ -85,7 +101,6 @@ def test_print_planner_diff(tmp_path, monkeypatch, exact_lru_clock):
             super().__init__(engine, *a, **k)
             driver_box.append(self)
             side = T.scheduler_side(engine)
-            step = lambda: self.iteration + 1   # noqa: E731  (the model's clock)
             add = engine.add_request
 
             def add_request(prompt, max_new_tokens):
@@ -93,7 +108,6 @@ def test_print_planner_diff(tmp_path, monkeypatch, exact_lru_clock):
                 launched.append(handle.session_id)
                 return handle
             engine.add_request = add_request
-            pos = lambda sid: launched.index(sid) if sid in launched else -1   # noqa: E731
             preempt = engine.scheduler.preempt_seqs
 
             def preempt_seqs(seqs):
@@ -127,8 +141,7 @@ def test_print_planner_diff(tmp_path, monkeypatch, exact_lru_clock):
     def reclaim_candidate(self, seq):
         ok = reclaim(self, seq)
         if ok:
-            sid = seq.session_id
-            h_sched.append((driver_box[0].iteration + 1, 'reclaim', launched.index(sid) if sid in launched else -1))
+            h_sched.append((step(), 'reclaim', pos(seq.session_id)))
         return ok
     monkeypatch.setattr(RecomputeEvictionHelper, '_reclaim_candidate', reclaim_candidate)
 
