@@ -138,3 +138,57 @@ def test_bench_admission_rows(capsys):
     with pytest.raises(SystemExit):
         _run(capsys, "--admit-share", "1.5")
     assert "--admit-share must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_bench_generated_set_and_set_summary(capsys):
+    """``--set generated``: per-family draws of the generator families, labelled with their seed,
+    the same workloads for the same seed, and a per-set line whose guard count and pooled share
+    follow from the rows."""
+    from lmdeploy_hostcache.bench.eviction import GUARD, generated_sources
+    from lmdeploy_hostcache.planner.generator import WORKLOAD_FAMILIES
+
+    rc, out, err = _run(capsys, "--set", "generated", "--per-family", "1", "--generated-seed", "5",
+                        "--limit", "80", "--fractions", "0.05", "0.3", "--policies", "lru", "arc", "--json")
+    assert rc == 0, err
+    doc = json.loads(out)
+    labels = [label for label, _ in generated_sources(5, 1)]
+    assert labels == [f"{fam} 1 (seed 5)" for fam in WORKLOAD_FAMILIES]
+    assert list(doc["generated_workloads"]) == labels
+    assert doc["generated_workloads"] == {k: repr(w) for k, w in generated_sources(5, 1)}  # same draw again
+    assert doc["generated_workloads"] != {k: repr(w) for k, w in generated_sources(6, 1)}
+    rows = doc["results"]
+    assert {r["trace"] for r in rows} == set(labels) and {r["set"] for r in rows} == {"generated"}
+    (s,) = [s for s in doc["set_summary"] if s["policy"] == "arc"]
+    arc = [r for r in rows if r["policy"] == "arc"]
+    assert s["set"] == "generated" and s["traces"] == 3 and s["points"] == len(arc) == 6
+    assert s["points_below_guard"] == sum(r["delta_vs_lru"] < -GUARD for r in arc)
+    assert s["min_delta_vs_lru"] == min(r["delta_vs_lru"] for r in arc)
+    rate = {(r["trace"], r["capacity"], r["policy"]): r["hit_rate"] for r in rows}
+    gaps = sum(rate[(r["trace"], r["capacity"], "belady")] - rate[(r["trace"], r["capacity"], "lru")] for r in arc)
+    assert s["pooled_gap_share"] == pytest.approx(sum(r["delta_vs_lru"] for r in arc) / gaps, abs=1e-4)
+    # the default sets stay tuning and held-out: generated traffic only when asked
+    rc, out, _ = _run(capsys, "--set", "tuning", "--limit", "30", "--fractions", "0.1", "--policies", "arc")
+    assert rc == 0 and "generated" not in out and "below guard" in out
+
+
+def test_set_summary_counts_points_below_the_guard():
+    from lmdeploy_hostcache.bench.eviction import GUARD, summarize_sets
+
+    rows = []
+    for trace, cap, lru, bel, x in (("a", 10, 0.20, 0.40, 0.20 - GUARD - 0.001), ("a", 20, 0.30, 0.50, 0.30 - GUARD / 2),
+                                    ("b", 10, 0.10, 0.30, 0.20)):
+        for pol, rate in (("lru", lru), ("belady", bel), ("x", x)):
+            rows.append({"trace": trace, "set": "generated", "capacity": cap, "policy": pol, "hit_rate": rate,
+                         "delta_vs_lru": rate - lru})
+    (s,) = summarize_sets(rows, ["lru", "x", "belady"])
+    assert s["points"] == 3 and s["traces"] == 2
+    assert s["points_below_guard"] == 1                    # half the guard below is within it
+    assert s["min_delta_vs_lru"] == pytest.approx(-GUARD - 0.001)
+    assert (s["min_delta_trace"], s["min_delta_capacity"]) == ("a", 10)
+    assert s["pooled_gap_share"] == pytest.approx((-GUARD - 0.001 - GUARD / 2 + 0.10) / 0.6)
+
+
+def test_bench_rejects_a_bad_per_family(capsys):
+    with pytest.raises(SystemExit):
+        _run(capsys, "--set", "generated", "--per-family", "0")
+    assert "argument --per-family: expected an int > 0, got '0'" in capsys.readouterr().err

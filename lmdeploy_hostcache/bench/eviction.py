@@ -13,6 +13,13 @@ Without ``--trace`` it replays two sets, kept apart on purpose (docs/eviction.md
   used to choose anything.  (The Azure traces carry no block ids, so no cache can be replayed
   on them.)
 
+``--set generated`` replays a third set, only when asked: ``--per-family N`` workloads of each of
+the planner's generator families (chat, shared documents, agent sessions), every parameter drawn
+at random from ``--generated-seed`` (``planner.generator.random_workload``).  It is a search for
+traffic on which a policy falls below LRU (the 0.01 guard of issue 12), over shapes no policy was
+tuned on; a new seed is a new draw.  After the per-trace summary, one line per policy and set
+counts the capacities more than 0.01 below LRU and pools the gap share over the whole set.
+
 Capacities default to fractions of each trace's footprint (its distinct full blocks), so traces
 of different sizes and block sizes are compared at the same relative cache size; ``--capacities``
 gives absolute block counts instead (in the trace's own block size).
@@ -35,11 +42,15 @@ import sys
 import time
 from pathlib import Path
 
+from ..planner.cli import positive_int_arg
+
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
 _SHARED_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 _SHARED_MOONCAKE = _SHARED_TRACES / "mooncake"
 _SHARED_WEKA = _SHARED_TRACES / "weka_sample"
-SETS = ("tuning", "heldout")
+SETS = ("tuning", "heldout", "generated")
+DEFAULT_SETS = ("tuning", "heldout")
+GUARD = 0.01  # issue 12: the default must never be more than this below LRU
 # A capacity whose LRU -> Belady gap is below this (hit-rate units) is left out of the *mean*
 # share: a 0.0005 gap turns a 0.2-point loss into a share of -400.  The pooled share keeps it.
 MIN_GAP = 0.005
@@ -79,6 +90,17 @@ def _fraction(text: str) -> float:
     return v
 
 
+def generated_sources(seed: int, per_family: int) -> "list[tuple[str, object]]":
+    """(label, workload) for ``--set generated``: ``per_family`` draws of each family, in family
+    order, every parameter drawn from ``random.Random(seed)``."""
+    import random  # noqa: PLC0415
+
+    from ..planner.generator import WORKLOAD_FAMILIES, random_workload  # noqa: PLC0415
+    rng = random.Random(seed)
+    return [(f"{fam} {i + 1} (seed {seed})", random_workload(fam, rng))
+            for fam in WORKLOAD_FAMILIES for i in range(per_family)]
+
+
 def _admit_share(text: str) -> float:
     try:
         v = float(text)
@@ -94,8 +116,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Mooncake JSONL(.gz) trace (repeatable; default: the two Mooncake traces of a source "
                         "checkout's ../shared/traces/mooncake, else the trace bundled with the package)")
     p.add_argument("--set", dest="sets", action="append", choices=SETS,
-                   help="without --trace: which set to replay, 'tuning' (WEKA sessions + chat generator) or "
-                        "'heldout' (Mooncake traces); repeatable, default both")
+                   help="without --trace: which set to replay, 'tuning' (WEKA sessions + chat generator), "
+                        "'heldout' (Mooncake traces) or 'generated' (random workloads of the generator families); "
+                        "repeatable, default tuning and heldout")
+    p.add_argument("--per-family", type=positive_int_arg, default=4, metavar="N",
+                   help="--set generated: workloads drawn per family (default 4)")
+    p.add_argument("--generated-seed", type=int, default=0, metavar="S",
+                   help="--set generated: the seed every workload parameter is drawn from (default 0)")
     p.add_argument("--capacities", nargs="+", type=_positive_int, metavar="BLOCKS", default=None,
                    help="host capacities in blocks of the trace's own size (512 tokens for Mooncake)")
     p.add_argument("--fractions", nargs="+", type=_fraction, metavar="F", default=None,
@@ -131,7 +158,7 @@ def _sources(args: argparse.Namespace) -> "list[tuple[str, str, Path | None, obj
     if args.trace:
         return [("given", Path(t).name, Path(t), lambda t=t: load_mooncake(str(t))) for t in args.trace]
     # Absolute capacities are 512-token Mooncake blocks: alone they mean the held-out set only.
-    sets = args.sets or (["heldout"] if args.capacities and not args.fractions else list(SETS))
+    sets = args.sets or (["heldout"] if args.capacities and not args.fractions else list(DEFAULT_SETS))
     out = []
     if "tuning" in sets:
         weka = sorted(_SHARED_WEKA.glob("*.json")) if _SHARED_WEKA.is_dir() else []
@@ -147,6 +174,11 @@ def _sources(args: argparse.Namespace) -> "list[tuple[str, str, Path | None, obj
             print(f"note: {_SHARED_MOONCAKE} is absent: replaying the bundled trace {found[0].name}",
                   file=sys.stderr)
         out += [("heldout", t.name, t, lambda t=t: load_mooncake(str(t))) for t in found]
+    if "generated" in sets:
+        from ..eviction_eval import chains_from_trace  # noqa: PLC0415
+        from ..planner.generator import generate  # noqa: PLC0415
+        out += [("generated", label, None, lambda w=w: chains_from_trace(generate(w)))
+                for label, w in generated_sources(getattr(args, "generated_seed", 0), getattr(args, "per_family", 4))]
     return out
 
 
@@ -236,17 +268,36 @@ def run(args: argparse.Namespace) -> int:
         args.plot = None
     rc = 2 if plot_error else 0
     summary = summarize(results, wanted)
+    per_set = summarize_sets(results, wanted)
     if args.json:
-        print(json.dumps({"bench": "eviction", "capacity_unit": "blocks of the trace's own block size",
-                          "hit_rate": "hit blocks / prompt blocks", "seconds": round(elapsed, 2),
-                          "results": results, "summary": summary}, indent=1))
+        out = {"bench": "eviction", "capacity_unit": "blocks of the trace's own block size",
+               "hit_rate": "hit blocks / prompt blocks", "seconds": round(elapsed, 2),
+               "results": results, "summary": summary, "set_summary": per_set}
+        if any(src[0] == "generated" for src in sources):
+            out["generated_workloads"] = {label: repr(w) for label, w in
+                                          generated_sources(args.generated_seed, args.per_family)}
+        print(json.dumps(out, indent=1))
     else:
         _print_tables(results, wanted)
         _print_summary(summary)
+        _print_set_summary(per_set)
         print(f"\n{len(results)} replays in {elapsed:.1f} s" + (f"; plot: {args.plot}" if args.plot else ""))
     if plot_error:
         print(f"error: {plot_error}; the results above are complete", file=sys.stderr)
     return rc
+
+
+def _rows_of(results: list[dict], wanted: list[str], key: str):
+    """(policy, group, rows) for every policy asked for except the two anchors (lru, belady),
+    the rows grouped by ``key`` ("trace" or "set") in the order first seen."""
+    for n in wanted:
+        if n in ("lru", "belady"):
+            continue
+        groups: dict[str, list[dict]] = {}
+        for r in results:
+            if r["policy"] == n:
+                groups.setdefault(r[key], []).append(r)
+        yield from ((n, g, rs) for g, rs in groups.items())
 
 
 def summarize(results: list[dict], wanted: list[str]) -> list[dict]:
@@ -254,25 +305,45 @@ def summarize(results: list[dict], wanted: list[str]) -> list[dict]:
     at least ``MIN_GAP``, the pooled share (sum of wins over sum of gaps, every capacity), and the
     worst difference from LRU."""
     out = []
-    for n in wanted:
-        if n in ("lru", "belady"):
-            continue
-        traces: dict[str, list[dict]] = {}
-        for r in results:
-            if r["policy"] == n:
-                traces.setdefault(r["trace"], []).append(r)
-        for trace, rs in traces.items():
-            gap = {r["capacity"]: _rate(results, trace, r["capacity"], "belady")
-                   - _rate(results, trace, r["capacity"], "lru") for r in rs}
-            shares = [r["gap_share"] for r in rs if gap[r["capacity"]] >= MIN_GAP]
-            gaps = sum(gap.values())
-            wins = sum(r["delta_vs_lru"] for r in rs)
-            worst = min(rs, key=lambda r: r["delta_vs_lru"])
-            out.append({"policy": n, "set": rs[0]["set"], "trace": trace, "points": len(rs),
-                        "mean_gap_share": round(sum(shares) / len(shares), 4) if shares else None,
-                        "pooled_gap_share": round(wins / gaps, 4) if gaps > 1e-12 else None,
-                        "min_delta_vs_lru": worst["delta_vs_lru"], "min_delta_capacity": worst["capacity"]})
+    for n, trace, rs in _rows_of(results, wanted, "trace"):
+        gap = {r["capacity"]: _rate(results, trace, r["capacity"], "belady")
+               - _rate(results, trace, r["capacity"], "lru") for r in rs}
+        shares = [r["gap_share"] for r in rs if gap[r["capacity"]] >= MIN_GAP]
+        gaps = sum(gap.values())
+        wins = sum(r["delta_vs_lru"] for r in rs)
+        worst = min(rs, key=lambda r: r["delta_vs_lru"])
+        out.append({"policy": n, "set": rs[0]["set"], "trace": trace, "points": len(rs),
+                    "mean_gap_share": round(sum(shares) / len(shares), 4) if shares else None,
+                    "pooled_gap_share": round(wins / gaps, 4) if gaps > 1e-12 else None,
+                    "min_delta_vs_lru": worst["delta_vs_lru"], "min_delta_capacity": worst["capacity"]})
     return out
+
+
+def summarize_sets(results: list[dict], wanted: list[str]) -> list[dict]:
+    """Per policy (not lru/belady) and set: how many capacities were replayed, how many fell more
+    than ``GUARD`` below LRU, the worst difference (and where), and the gap share pooled over every
+    trace and capacity of the set."""
+    out = []
+    for n, set_name, rs in _rows_of(results, wanted, "set"):
+        gaps = sum(_rate(results, r["trace"], r["capacity"], "belady")
+                   - _rate(results, r["trace"], r["capacity"], "lru") for r in rs)
+        worst = min(rs, key=lambda r: r["delta_vs_lru"])
+        out.append({"policy": n, "set": set_name, "traces": len({r["trace"] for r in rs}), "points": len(rs),
+                    "points_below_guard": sum(r["delta_vs_lru"] < -GUARD for r in rs),
+                    "pooled_gap_share": round(sum(r["delta_vs_lru"] for r in rs) / gaps, 4) if gaps > 1e-12 else None,
+                    "min_delta_vs_lru": worst["delta_vs_lru"], "min_delta_trace": worst["trace"],
+                    "min_delta_capacity": worst["capacity"]})
+    return out
+
+
+def _print_set_summary(per_set: list[dict]) -> None:
+    print(f"\nper policy and set (points: capacities replayed; below guard: more than {GUARD} below lru):")
+    width = max([8, *(len(r["policy"]) for r in per_set)])
+    for r in per_set:
+        pooled = "n/a" if r["pooled_gap_share"] is None else f"{r['pooled_gap_share']:+.3f}"
+        print(f"  {r['policy']:>{width}} [{r['set']:>9}] {r['traces']} traces, {r['points']} points, "
+              f"{r['points_below_guard']} below guard; pooled gap share {pooled}; worst vs lru "
+              f"{r['min_delta_vs_lru'] * 100:+.2f} pts ({r['min_delta_trace']} @ {r['min_delta_capacity']})")
 
 
 def _rate(results: list[dict], trace: str, cap: int, policy: str) -> float:
@@ -318,7 +389,7 @@ def _print_summary(summary: list[dict]) -> None:
     for r in summary:
         mean = "n/a" if r["mean_gap_share"] is None else f"{r['mean_gap_share']:+.3f}"
         pooled = "n/a" if r["pooled_gap_share"] is None else f"{r['pooled_gap_share']:+.3f}"
-        print(f"  {r['policy']:>{width}} [{r['set']:>7}] {r['trace']:<28} mean gap share {mean:>6}; pooled {pooled:>6}; "
+        print(f"  {r['policy']:>{width}} [{r['set']:>9}] {r['trace']:<28} mean gap share {mean:>6}; pooled {pooled:>6}; "
               f"min vs lru {r['min_delta_vs_lru'] * 100:+.2f} pts (@ {r['min_delta_capacity']})")
 
 

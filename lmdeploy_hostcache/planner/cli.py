@@ -50,7 +50,7 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
-def _pos_int(text: str) -> int:
+def positive_int_arg(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "WEKA files are merged. Default: the bundled Mooncake conversation trace.")
     src.add_argument("--format", choices=("auto", "mooncake", "weka"), default="auto",
                      help="trace format (default: sniffed from the first file)")
-    src.add_argument("--block-size", type=_pos_int, default=None, metavar="N",
+    src.add_argument("--block-size", type=positive_int_arg, default=None, metavar="N",
                      help="tokens per block of a Mooncake-layout trace's hash_ids (default: the file's own "
                           "'block_size' field, which captured files state, else 512); a file stating another "
                           "size is refused")
@@ -162,13 +162,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="concurrency replay on LMDeploy's step clock: prefill and decode steps, admission by "
                         "--max-batches, --prefill-interval and --max-prefill-tokens; one step lasts 1 / "
                         "--decode-tokens-per-s seconds (planner/engine_steps.py)")
-    k.add_argument("--max-batches", type=_pos_int, default=None, metavar="N",
+    k.add_argument("--max-batches", type=positive_int_arg, default=None, metavar="N",
                    help=f"with --engine-steps: the engine's max_batch_size (default {_STEP_DEFAULTS[0]}; an assumption)")
-    k.add_argument("--prefill-interval", type=_pos_int, default=None, metavar="N",
+    k.add_argument("--prefill-interval", type=positive_int_arg, default=None, metavar="N",
                    help=f"with --engine-steps: LMDeploy's prefill_interval (default {_STEP_DEFAULTS[1]}, LMDeploy's)")
-    k.add_argument("--max-prefill-tokens", type=_pos_int, default=None, metavar="N",
+    k.add_argument("--max-prefill-tokens", type=positive_int_arg, default=None, metavar="N",
                    help=f"with --engine-steps: LMDeploy's max_prefill_token_num (default {_STEP_DEFAULTS[2]}, LMDeploy's)")
-    k.add_argument("--short-prefill-turns", type=_pos_int, default=None, metavar="N",
+    k.add_argument("--short-prefill-turns", type=positive_int_arg, default=None, metavar="N",
                    help="with --engine-steps: short-prompt prefill passes between two chunks of a long prompt "
                         "(LMDeploy's LMDEPLOY_PT_TTFT_SHORT_TURNS; default 3, LMDeploy's)")
     k.add_argument("--long-prefill-aging-s", type=_pos_float, default=None, metavar="S",

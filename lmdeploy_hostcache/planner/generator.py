@@ -1,6 +1,6 @@
-"""Built-in multi-turn chat workload (no trace file needed).
+"""Built-in workloads (no trace file needed): multi-turn chat, shared documents, agent sessions.
 
-Each session is one token stream: a system prompt (drawn from a small shared pool), then user
+**Chat** (``ChatWorkload``, the planner's ``--generate-chat``).  Each session is one token stream: a system prompt (drawn from a small shared pool), then user
 turn 1, assistant reply 1, user turn 2, ...  Request ``k`` of a session is the stream up to the
 end of user turn ``k``, so every turn extends the previous turn's prompt plus its reply.
 
@@ -10,7 +10,19 @@ by its session (the same in every later turn); a partial last block gets a fresh
 differs from the full block a later turn completes).  Hence two requests share block ``i`` only
 if they share every token up to the end of block ``i``.
 
+**Shared documents** (``DocumentWorkload``): retrieval-style traffic.  Each request is one document
+from a fixed library (its blocks are shared by every request for it) followed by a few blocks of its
+own (a question; nobody else's prefix).  Documents are drawn by a Zipf law over a ranking that can be
+reshuffled every ``drift`` requests (the popular documents change).
+
+**Agent sessions** (``AgentWorkload``): a fixed set of sessions whose context only grows; each request
+extends one session by a few blocks of its own and resends the whole context.  Sessions are visited in
+turn (a cycle as large as all the sessions together), at random, or in bursts (one session for a
+while, then another); a session sometimes starts over with a new context.
+
 Every draw comes from ``random.Random(seed)``: the same parameters give the same trace.
+``random_workload(family, rng)`` draws a workload of one family with its parameters themselves
+drawn at random (``bench eviction --set generated``: traffic shapes no eviction policy was tuned on).
 """
 from __future__ import annotations
 
@@ -94,3 +106,174 @@ def generate_chat(w: ChatWorkload = ChatWorkload()) -> Trace:
             t += rng.expovariate(1.0 / w.mean_think_s) if w.mean_think_s else 0.0
     reqs.sort(key=lambda r: r.timestamp)
     return Trace(f"chat(sessions={w.sessions}, seed={w.seed})", bs, reqs, source="built-in generator")
+
+
+def _positive_ints(kind: str, w, names: tuple[str, ...]) -> None:
+    for f in names:
+        v = getattr(w, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{kind} workload: {f} must be a positive int, got {v!r}")
+
+
+def _int_range(kind: str, w, name: str, low: int) -> None:
+    lo, hi = getattr(w, name)
+    if not (isinstance(lo, int) and isinstance(hi, int) and low <= lo <= hi):
+        raise ValueError(f"{kind} workload: {name} must be a range {low} <= lo <= hi of ints, got {(lo, hi)!r}")
+
+
+class _FreshIds:
+    """Block ids never handed out before: ``fresh(n)`` is the next ``n`` of them."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def __call__(self, n: int) -> list[int]:
+        self.next += n
+        return list(range(self.next - n, self.next))
+
+
+def _request(rng: random.Random, w, t: float, full_ids: list[int], fresh: _FreshIds, session: int) -> Request:
+    """A prompt of the full blocks ``full_ids`` plus a partial last block of its own (so its last
+    full block is reusable), with an output length drawn from ``w.output_tokens``."""
+    bs = w.block_size
+    tail = rng.randint(1, bs - 1) if bs > 1 else 0
+    return Request(timestamp=t, input_length=len(full_ids) * bs + tail, output_length=rng.randint(*w.output_tokens),
+                   hash_ids=tuple(full_ids + fresh(1)), session=session)
+
+
+@dataclass(frozen=True)
+class DocumentWorkload:
+    documents: int = 200
+    document_blocks: tuple[int, int] = (4, 120)   # uniform range of a document's full blocks
+    own_blocks: tuple[int, int] = (0, 3)          # uniform range of a request's own full blocks
+    zipf: float = 0.8                  # popularity of the document of rank k: 1 / (k + 1) ** zipf
+    drift: int = 0                     # reshuffle the ranking every this many requests (0: never)
+    requests: int = 3000
+    mean_gap_s: float = 0.5            # exponential gap between arrivals
+    output_tokens: tuple[int, int] = (20, 400)
+    block_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_ints("document", self, ("documents", "requests", "block_size"))
+        _int_range("document", self, "document_blocks", 1)
+        _int_range("document", self, "own_blocks", 0)
+        _int_range("document", self, "output_tokens", 1)
+        if not self.zipf >= 0:
+            raise ValueError(f"document workload: zipf must be >= 0, got {self.zipf!r}")
+        if isinstance(self.drift, bool) or not isinstance(self.drift, int) or self.drift < 0:
+            raise ValueError(f"document workload: drift must be an int >= 0, got {self.drift!r}")
+        if not self.mean_gap_s >= 0:
+            raise ValueError("document workload: mean_gap_s must be >= 0")
+
+
+def generate_documents(w: DocumentWorkload = DocumentWorkload()) -> Trace:
+    """Shared-document traffic; see the module docstring.  Each prompt also ends in a partial block
+    of its own, so its last full block is reusable."""
+    rng = random.Random(w.seed)
+    fresh = _FreshIds()
+    docs = [fresh(rng.randint(*w.document_blocks)) for _ in range(w.documents)]
+    weights = [1.0 / (k + 1) ** w.zipf for k in range(w.documents)]
+    ranking = list(range(w.documents))
+    ranks = range(w.documents)
+    reqs, t = [], 0.0
+    for r in range(w.requests):
+        if w.drift and r and r % w.drift == 0:
+            rng.shuffle(ranking)
+        doc = docs[ranking[rng.choices(ranks, weights)[0]]]
+        reqs.append(_request(rng, w, t, doc + fresh(rng.randint(*w.own_blocks)), fresh, session=r))
+        t += rng.expovariate(1.0 / w.mean_gap_s) if w.mean_gap_s else 0.0
+    return Trace(f"documents(documents={w.documents}, zipf={w.zipf:.2f}, seed={w.seed})", w.block_size, reqs,
+                 source="built-in generator")
+
+
+AGENT_ORDERS = ("cycle", "random", "bursts")
+
+
+@dataclass(frozen=True)
+class AgentWorkload:
+    sessions: int = 16
+    start_blocks: tuple[int, int] = (2, 30)   # a (re)started session's first context, full blocks
+    growth_blocks: int = 4                    # full blocks each request adds to its session
+    order: str = "bursts"                     # one of AGENT_ORDERS
+    switch: float = 0.3                       # bursts: chance each request moves to another session
+    restart: float = 0.02                     # chance a session starts over before a request
+    requests: int = 2000
+    mean_gap_s: float = 2.0
+    output_tokens: tuple[int, int] = (20, 400)
+    block_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_ints("agent", self, ("sessions", "growth_blocks", "requests", "block_size"))
+        _int_range("agent", self, "start_blocks", 1)
+        _int_range("agent", self, "output_tokens", 1)
+        if self.order not in AGENT_ORDERS:
+            raise ValueError(f"agent workload: order must be one of {AGENT_ORDERS}, got {self.order!r}")
+        for f in ("switch", "restart"):
+            if not 0 <= getattr(self, f) <= 1:
+                raise ValueError(f"agent workload: {f} must be in [0, 1], got {getattr(self, f)!r}")
+        if not self.mean_gap_s >= 0:
+            raise ValueError("agent workload: mean_gap_s must be >= 0")
+
+
+def generate_agents(w: AgentWorkload = AgentWorkload()) -> Trace:
+    """Growing agent sessions; see the module docstring."""
+    rng = random.Random(w.seed)
+    fresh = _FreshIds()
+    contexts = [fresh(rng.randint(*w.start_blocks)) for _ in range(w.sessions)]
+    reqs, t, current = [], 0.0, 0
+    for r in range(w.requests):
+        if w.order == "cycle":
+            k = r % w.sessions
+        elif w.order == "random":
+            k = rng.randrange(w.sessions)
+        else:
+            if r and rng.random() < w.switch:
+                current = rng.randrange(w.sessions)
+            k = current
+        if rng.random() < w.restart:
+            contexts[k] = fresh(rng.randint(*w.start_blocks))
+        contexts[k] = contexts[k] + fresh(w.growth_blocks)
+        reqs.append(_request(rng, w, t, contexts[k], fresh, session=k))
+        t += rng.expovariate(1.0 / w.mean_gap_s) if w.mean_gap_s else 0.0
+    return Trace(f"agents(sessions={w.sessions}, order={w.order}, seed={w.seed})", w.block_size, reqs,
+                 source="built-in generator")
+
+
+WORKLOAD_FAMILIES = ("chat", "documents", "agents")
+
+
+def random_workload(family: str, rng: random.Random):
+    """A workload of ``family`` (one of ``WORKLOAD_FAMILIES``) whose parameters are drawn from
+    ``rng`` over wide ranges: session counts, turn counts, prompt and reply lengths, think times,
+    block sizes, library sizes, popularity skew and drift, session orders.  Returns the workload
+    (a ``ChatWorkload``, ``DocumentWorkload`` or ``AgentWorkload``); ``generate(workload)`` makes
+    its trace."""
+    seed = rng.randrange(1 << 30)
+    if family == "chat":
+        lo_user, lo_reply = rng.randint(10, 500), rng.randint(10, 500)
+        return ChatWorkload(sessions=rng.randint(80, 400), mean_turns=rng.uniform(1.2, 15.0),
+                            system_prompts=rng.randint(1, 40), system_prompt_tokens=rng.choice((0, 300, 1500, 4000)),
+                            user_tokens=(lo_user, lo_user + rng.randint(0, 1500)),
+                            reply_tokens=(lo_reply, lo_reply + rng.randint(0, 1200)),
+                            mean_think_s=rng.uniform(2.0, 600.0), mean_session_gap_s=rng.uniform(0.2, 30.0),
+                            block_size=rng.choice((32, 64, 128, 512)), seed=seed)
+    if family == "documents":
+        return DocumentWorkload(documents=rng.randint(30, 800), zipf=rng.uniform(0.0, 1.5),
+                                drift=rng.choice((0, 0, 500, 2000)), requests=rng.randint(1500, 5000), seed=seed)
+    if family == "agents":
+        return AgentWorkload(sessions=rng.randint(4, 60), growth_blocks=rng.randint(1, 12),
+                             order=rng.choice(AGENT_ORDERS), requests=rng.randint(800, 3000), seed=seed)
+    raise ValueError(f"unknown workload family {family!r}; choose from {WORKLOAD_FAMILIES}")
+
+
+def generate(w) -> Trace:
+    """The trace of any built-in workload."""
+    if isinstance(w, ChatWorkload):
+        return generate_chat(w)
+    if isinstance(w, DocumentWorkload):
+        return generate_documents(w)
+    if isinstance(w, AgentWorkload):
+        return generate_agents(w)
+    raise TypeError(f"not a built-in workload: {w!r}")

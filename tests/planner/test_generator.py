@@ -1,0 +1,114 @@
+"""The planner's built-in workload families (``planner.generator``): chained block ids, the traffic
+shape each family promises, determinism per seed, and one clear error per bad parameter."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from lmdeploy_hostcache.eviction_eval import chains_from_trace
+from lmdeploy_hostcache.planner.generator import (AGENT_ORDERS, WORKLOAD_FAMILIES, AgentWorkload, ChatWorkload,
+                                                  DocumentWorkload, generate, generate_agents, generate_documents,
+                                                  random_workload)
+
+
+def _prefix_len(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_documents_share_their_document_and_nothing_after_it():
+    w = DocumentWorkload(documents=12, requests=300, zipf=1.0, seed=4)
+    t = generate_documents(w)
+    chains_from_trace(t)                       # raises if an id ever follows two different parents
+    assert len(t.requests) == 300 and t.block_size == 64
+    ts = [r.timestamp for r in t.requests]
+    assert ts == sorted(ts)
+    docs = Counter()
+    for r in t.requests:
+        full = r.full_blocks(t.block_size)
+        assert full == len(r.hash_ids) - 1     # a partial last block of its own
+        assert w.document_blocks[0] + w.own_blocks[0] <= full <= w.document_blocks[1] + w.own_blocks[1]
+    seen = {}
+    for r in t.requests:
+        ids = r.hash_ids
+        # the shared part is a whole document: two requests share a prefix only through one
+        for other in seen.values():
+            k = _prefix_len(ids, other)
+            if k:
+                docs[ids[0]] += 1
+                assert ids[:k] == other[:k] and k <= w.document_blocks[1]
+                break
+        seen[ids[0]] = ids
+    assert len(seen) <= 12
+    top = Counter(r.hash_ids[0] for r in t.requests).most_common(1)[0][1]
+    flat = Counter(r.hash_ids[0] for r in generate_documents(DocumentWorkload(documents=12, requests=300, zipf=0.0,
+                                                                                seed=4)).requests)
+    assert top > max(flat.values())            # the skew concentrates requests on the top document
+
+
+def test_document_drift_moves_the_popular_document():
+    t = generate_documents(DocumentWorkload(documents=50, requests=4000, zipf=1.5, drift=1000, seed=2))
+    tops = [Counter(r.hash_ids[0] for r in t.requests[i:i + 1000]).most_common(1)[0][0] for i in range(0, 4000, 1000)]
+    assert len(set(tops)) > 1
+    still = generate_documents(DocumentWorkload(documents=50, requests=4000, zipf=1.5, drift=0, seed=2))
+    tops = [Counter(r.hash_ids[0] for r in still.requests[i:i + 1000]).most_common(1)[0][0] for i in range(0, 4000, 1000)]
+    assert len(set(tops)) == 1
+
+
+@pytest.mark.parametrize("order", AGENT_ORDERS)
+def test_agent_sessions_grow_by_their_own_blocks(order):
+    w = AgentWorkload(sessions=5, growth_blocks=3, order=order, restart=0.0, switch=0.5, requests=200, seed=1)
+    t = generate_agents(w)
+    chains_from_trace(t)
+    last = {}
+    for r in t.requests:
+        full = r.hash_ids[:r.full_blocks(t.block_size)]
+        prev = last.get(r.session)
+        if prev is not None:                   # no restart: the whole previous context, then 3 new blocks
+            assert full[:len(prev)] == prev and len(full) == len(prev) + 3
+        last[r.session] = full
+    sessions = [r.session for r in t.requests]
+    if order == "cycle":
+        assert sessions[:10] == [0, 1, 2, 3, 4] * 2
+    assert set(sessions) == set(range(5))
+
+
+def test_agent_bursts_stay_on_one_session_without_switches_and_restarts_start_over():
+    t = generate_agents(AgentWorkload(sessions=6, order="bursts", switch=0.0, restart=0.0, requests=50, seed=3))
+    assert {r.session for r in t.requests} == {0}
+    t = generate_agents(AgentWorkload(sessions=2, order="cycle", restart=1.0, requests=20, seed=3))
+    firsts = [r.hash_ids[0] for r in t.requests]
+    assert len(set(firsts)) == 20              # every request restarted its session: nothing shared
+
+
+def test_random_workloads_are_reproducible_and_valid():
+    for fam in WORKLOAD_FAMILIES:
+        a = [random_workload(fam, random.Random(9)) for _ in range(2)]
+        assert a[0] == a[1]
+        assert random_workload(fam, random.Random(10)) != a[0]
+    rng = random.Random(0)
+    kinds = {fam: type(random_workload(fam, rng)) for fam in WORKLOAD_FAMILIES}
+    assert kinds == {"chat": ChatWorkload, "documents": DocumentWorkload, "agents": AgentWorkload}
+    t = generate(AgentWorkload(requests=30))
+    assert generate(AgentWorkload(requests=30)).requests == t.requests
+    with pytest.raises(ValueError, match="unknown workload family 'scan'"):
+        random_workload("scan", rng)
+    with pytest.raises(TypeError, match="not a built-in workload"):
+        generate("chat")
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (DocumentWorkload, "documents", 0), (DocumentWorkload, "zipf", -1.0), (DocumentWorkload, "drift", -5),
+    (DocumentWorkload, "document_blocks", (5, 2)), (DocumentWorkload, "own_blocks", (-1, 2)),
+    (DocumentWorkload, "block_size", True), (AgentWorkload, "sessions", 0), (AgentWorkload, "order", "lifo"),
+    (AgentWorkload, "restart", 1.5), (AgentWorkload, "start_blocks", (0, 3)), (AgentWorkload, "mean_gap_s", -1.0),
+])
+def test_bad_workload_parameters_name_the_field(cls, field, value):
+    with pytest.raises(ValueError, match=field):
+        cls(**{field: value})
