@@ -472,14 +472,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """The completed loads ready now, in arrival order (the prefill reorderer's order)."""
         return sorted((e for e in self._loaded if e[0] <= self._step), key=lambda e: self._position[id(e[3])])
 
-    def _holders_in_waiting_order(self, step: int | None = None) -> list:
+    def _holders_in_waiting_order(self, step: int) -> list:
         """The queued requests that hold blocks, in the order they re-entered LMDeploy's waiting queue, which
         is the order the eviction helper takes them in for a growth or a chunk (``hanging + waiting`` in
-        status-change order): the completed loads (ready by ``step``, default now; by completion, then by
-        start: item 39) and the parked preempted requests (by preemption), a load completed in a step
-        before a preemption in it (its completion is read before the step is scheduled)."""
-        if step is None:
-            step = self._step
+        status-change order): the completed loads (ready by ``step``; by completion, then by start: item
+        39) and the parked preempted requests (by preemption), a load completed in a step before a
+        preemption in it (its completion is read before the step is scheduled)."""
         keyed = [((e[0], 0, e[1]), e) for e in self._loaded if e[0] <= step]
         keyed += [((p.since, 1), p.cont) for p in self._parked.values()]   # (a stable sort: in preemption order)
         keyed.sort(key=itemgetter(0))
@@ -688,12 +686,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             if r.ended:
                 continue
             if not gpu.num_free_slots:
-                if self._loaded or self._parked:
-                    # the eviction helper first takes the blocks of the queued requests that hold some (loads
-                    # completed, preempted requests parked)
-                    self._reclaim_until(1, self._holders_in_waiting_order())
-                if not gpu.num_free_slots:
-                    gpu.evict(1)
+                self._free_in_waiting_order(1, step)
                 if not gpu.num_free_slots:
                     self._preempt(r)
                     continue
@@ -1262,12 +1255,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         gpu = self.gpu
         self._settle_at(step)
         if need > gpu.num_free_slots:
-            # LMDeploy's eviction helper: first the blocks of the queue's requests that hold some (a request
-            # whose load completed, in the order they completed, each then evicting cached blocks), then cached blocks
-            if reclaim:
-                self._reclaim_until(need, self._holders_in_waiting_order(step))
-            if need > gpu.num_free_slots:
-                gpu.evict(need - gpu.num_free_slots)
+            self._free_in_waiting_order(need, step, reclaim=reclaim)
             if need > gpu.num_free_slots and not force:
                 return False
         # the partial block of the previous chunk is full now (stored below)
@@ -1399,6 +1387,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if ch is not None:       # a prompt prefilled in chunks reserves the blocks of its chunks to come
             reserved += max(0, self._admission_blocks(ch.pr.request.input_length) - len(ch.pinned) - len(ch.held))
         return self._admission_blocks(pr.request.input_length) - g + reserved <= self.gpu.num_free_slots
+
+    def _free_in_waiting_order(self, need: int, step: int, reclaim: bool = True) -> None:
+        """A growth's or a chunk's capacity making at ``step`` (LMDeploy's eviction helper outside a prefill
+        pass): the queued requests that hold blocks (completed loads, parked preempted requests) are
+        reclaimed in the order they re-entered the waiting queue (``_holders_in_waiting_order``), each
+        followed by cached-block evictions, then cached blocks are evicted, until ``need`` blocks are free
+        or nothing more can go.  ``reclaim`` False: evictions only."""
+        gpu = self.gpu
+        if reclaim and (self._loaded or self._parked):
+            self._reclaim_until(need, self._holders_in_waiting_order(step))
+        if need > gpu.num_free_slots:
+            gpu.evict(need - gpu.num_free_slots)
 
     def _free_for_admission(self, need: int, exclude=None) -> int:
         """An admission's capacity making: the queued requests that hold blocks are reclaimed
