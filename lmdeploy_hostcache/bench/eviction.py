@@ -274,8 +274,8 @@ def run(args: argparse.Namespace) -> int:
                "hit_rate": "hit blocks / prompt blocks", "seconds": round(elapsed, 2),
                "results": results, "summary": summary, "set_summary": per_set}
         if any(src[0] == "generated" for src in sources):
-            out["generated_workloads"] = {label: repr(w) for label, w in
-                                          generated_sources(args.generated_seed, args.per_family)}
+            out["generated_workloads"] = {label: repr(w) for label, w in generated_sources(
+                getattr(args, "generated_seed", 0), getattr(args, "per_family", 4))}
         print(json.dumps(out, indent=1))
     else:
         _print_tables(results, wanted)
@@ -399,8 +399,12 @@ def _plot(results: list[dict], wanted: list[str], path: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     by = _by_trace(results)
-    fig, axes = plt.subplots(1, len(by), figsize=(6.2 * len(by), 4.4), squeeze=False)
-    for ax, (trace, caps) in zip(axes[0], by.items()):
+    cols = min(len(by), 4)          # a generated set has dozens of traces: rows of at most four
+    rows = -(-len(by) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat[len(by):]:
+        ax.set_visible(False)
+    for ax, (trace, caps) in zip(axes.flat, by.items()):
         xs = list(caps)
         for n in [*dict.fromkeys(["lru", *wanted, "belady"])]:
             ys = [caps[c][n]["hit_rate"] for c in xs]

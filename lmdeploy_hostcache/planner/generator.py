@@ -1,7 +1,7 @@
 """Built-in workloads (no trace file needed): multi-turn chat, shared documents, agent sessions.
 
-**Chat** (``ChatWorkload``, the planner's ``--generate-chat``).  Each session is one token stream: a system prompt (drawn from a small shared pool), then user
-turn 1, assistant reply 1, user turn 2, ...  Request ``k`` of a session is the stream up to the
+**Chat** (``ChatWorkload``, the planner's ``--chat``).  Each session is one token stream: a system
+prompt (drawn from a small shared pool), then user turn 1, assistant reply 1, user turn 2, ...  Request ``k`` of a session is the stream up to the
 end of user turn ``k``, so every turn extends the previous turn's prompt plus its reply.
 
 Block ids follow the traces' chaining rule: a full block lying entirely inside a system prompt
@@ -134,11 +134,12 @@ class _FreshIds:
 
 def _request(rng: random.Random, w, t: float, full_ids: list[int], fresh: _FreshIds, session: int) -> Request:
     """A prompt of the full blocks ``full_ids`` plus a partial last block of its own (so its last
-    full block is reusable), with an output length drawn from ``w.output_tokens``."""
+    full block is reusable; none with one-token blocks), with an output length drawn from
+    ``w.output_tokens``."""
     bs = w.block_size
     tail = rng.randint(1, bs - 1) if bs > 1 else 0
     return Request(timestamp=t, input_length=len(full_ids) * bs + tail, output_length=rng.randint(*w.output_tokens),
-                   hash_ids=tuple(full_ids + fresh(1)), session=session)
+                   hash_ids=tuple(full_ids + (fresh(1) if tail else [])), session=session)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,13 @@ def test_agent_bursts_stay_on_one_session_without_switches_and_restarts_start_ov
     assert len(set(firsts)) == 20              # every request restarted its session: nothing shared
 
 
+def test_one_token_blocks_have_no_partial_block():
+    for t in (generate_documents(DocumentWorkload(documents=3, requests=20, block_size=1)),
+              generate_agents(AgentWorkload(sessions=2, requests=20, block_size=1))):
+        for r in t.requests:
+            assert r.full_blocks(1) == len(r.hash_ids) == r.input_length
+
+
 def test_random_workloads_are_reproducible_and_valid():
     for fam in WORKLOAD_FAMILIES:
         a = [random_workload(fam, random.Random(9)) for _ in range(2)]
