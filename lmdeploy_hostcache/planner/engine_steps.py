@@ -1157,16 +1157,14 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             if fits and (idle or self._soft_budget_ok(pr)):
                 self._start_load(pr, step)
                 return "load", 0
-            self.stats.attempt_evictions += evicted
-            self._rollback(matched)
+            self._rollback(matched, evicted)
             return "stop", 0
         if self._is_long(tail):
             blocks = self._chunk_blocks(g * self.block_size)
             if not (idle or self._fits(pr, blocks)):
                 evicted = self._make_room(pr, step, blocks=blocks)
                 if not self._fits(pr, blocks):
-                    self.stats.attempt_evictions += evicted
-                    self._rollback(matched)
+                    self._rollback(matched, evicted)
                     return fail, 0
             self._make_room(pr, step, blocks=blocks)
             g, restored, _ = self.serve_blocks(pr, load_only=True)
@@ -1178,17 +1176,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if not fits:
             evicted = self._make_room(pr, step)
             if not self._fits(pr):
-                self.stats.attempt_evictions += evicted
-                self._rollback(matched)
+                self._rollback(matched, evicted)
                 return fail, 0
         self._serve_now(pr, step)
         self._start(pr, self._served, step)
         return "admitted", tail
 
-    def _rollback(self, matched: tuple) -> None:
-        """A rejected attempt rolls its tentative match back (``_TentativePrefixMatch.rollback``): LMDeploy
-        truncates the sequence's blocks, and freeing stamps them with the time, so the matched blocks are
-        refreshed again, after whatever the attempt's capacity making reclaimed and evicted."""
+    def _rollback(self, matched: tuple, evicted: int) -> None:
+        """A rejected attempt: the ``evicted`` blocks of its capacity making stay evicted
+        (``attempt_evictions``), and it rolls its tentative match back (``_TentativePrefixMatch.rollback``):
+        LMDeploy truncates the sequence's blocks, and freeing stamps them with the time, so the matched
+        blocks are refreshed again, after whatever the capacity making reclaimed and evicted."""
+        self.stats.attempt_evictions += evicted
         if matched:
             self.gpu.touch(matched)
 
