@@ -151,15 +151,16 @@ def _check_policies(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _sources(args: argparse.Namespace) -> "list[tuple[str, str, Path | None, object]]":
-    """(set, label, file or None, loader) per trace to replay."""
+def _sources(args: argparse.Namespace) -> "tuple[list[tuple[str, str, Path | None, object]], dict]":
+    """(set, label, file or None, loader) per trace to replay, and the generated set's workloads by label
+    (empty unless it is replayed)."""
     from ..eviction_eval import chat_chains, load_mooncake, load_weka  # noqa: PLC0415
 
     if args.trace:
-        return [("given", Path(t).name, Path(t), lambda t=t: load_mooncake(str(t))) for t in args.trace]
+        return [("given", Path(t).name, Path(t), lambda t=t: load_mooncake(str(t))) for t in args.trace], {}
     # Absolute capacities are 512-token Mooncake blocks: alone they mean the held-out set only.
     sets = args.sets or (["heldout"] if args.capacities and not args.fractions else list(DEFAULT_SETS))
-    out = []
+    out, workloads = [], {}
     if "tuning" in sets:
         weka = sorted(_SHARED_WEKA.glob("*.json")) if _SHARED_WEKA.is_dir() else []
         if weka:
@@ -177,9 +178,10 @@ def _sources(args: argparse.Namespace) -> "list[tuple[str, str, Path | None, obj
     if "generated" in sets:
         from ..eviction_eval import chains_from_trace  # noqa: PLC0415
         from ..planner.generator import generate  # noqa: PLC0415
+        workloads = dict(generated_sources(args.generated_seed, args.per_family))
         out += [("generated", label, None, lambda w=w: chains_from_trace(generate(w)))
-                for label, w in generated_sources(getattr(args, "generated_seed", 0), getattr(args, "per_family", 4))]
-    return out
+                for label, w in workloads.items()]
+    return out, workloads
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if admit_share is not None:
         wanted += [n + ADMIT_SUFFIX for n in servable]
     runs = list(dict.fromkeys(["lru", *wanted, "belady"]))  # lru and belady anchor the gap share
-    sources = _sources(args)
+    sources, workloads = _sources(args)
     fractions = None if args.capacities else sorted(set(args.fractions or DEFAULT_FRACTIONS))
     n_caps = len(args.capacities and set(args.capacities) or fractions)
 
@@ -273,9 +275,8 @@ def run(args: argparse.Namespace) -> int:
         out = {"bench": "eviction", "capacity_unit": "blocks of the trace's own block size",
                "hit_rate": "hit blocks / prompt blocks", "seconds": round(elapsed, 2),
                "results": results, "summary": summary, "set_summary": per_set}
-        if any(src[0] == "generated" for src in sources):
-            out["generated_workloads"] = {label: repr(w) for label, w in generated_sources(
-                getattr(args, "generated_seed", 0), getattr(args, "per_family", 4))}
+        if workloads:
+            out["generated_workloads"] = {label: repr(w) for label, w in workloads.items()}
         print(json.dumps(out, indent=1))
     else:
         _print_tables(results, wanted)
@@ -330,7 +331,8 @@ def summarize_sets(results: list[dict], wanted: list[str]) -> list[dict]:
         worst = min(rs, key=lambda r: r["delta_vs_lru"])
         out.append({"policy": n, "set": set_name, "traces": len({r["trace"] for r in rs}), "points": len(rs),
                     "points_below_guard": sum(r["delta_vs_lru"] < -GUARD for r in rs),
-                    "pooled_gap_share": round(sum(r["delta_vs_lru"] for r in rs) / gaps, 4) if gaps > 1e-12 else None,
+                    "pooled_gap_share": (round(sum(r["delta_vs_lru"] for r in rs) / gaps, 4)
+                                         if gaps > 1e-12 else None),
                     "min_delta_vs_lru": worst["delta_vs_lru"], "min_delta_trace": worst["trace"],
                     "min_delta_capacity": worst["capacity"]})
     return out

@@ -1,8 +1,9 @@
 """Built-in workloads (no trace file needed): multi-turn chat, shared documents, agent sessions.
 
 **Chat** (``ChatWorkload``, the planner's ``--chat``).  Each session is one token stream: a system
-prompt (drawn from a small shared pool), then user turn 1, assistant reply 1, user turn 2, ...  Request ``k`` of a session is the stream up to the
-end of user turn ``k``, so every turn extends the previous turn's prompt plus its reply.
+prompt (drawn from a small shared pool), then user turn 1, assistant reply 1, user turn 2, ...
+Request ``k`` of a session is the stream up to the end of user turn ``k``, so every turn extends
+the previous turn's prompt plus its reply.
 
 Block ids follow the traces' chaining rule: a full block lying entirely inside a system prompt
 gets that prompt's id (shared by every session using it); any other full block gets an id owned
