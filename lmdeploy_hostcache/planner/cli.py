@@ -15,6 +15,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .generator import WORKLOAD_FAMILIES
+
 DEFAULT_MODEL = "Llama-3-8B"
 DEFAULT_GPU_KV_GB = 20.0
 DEFAULT_HOST_GB = 200.0
@@ -114,11 +116,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "size is refused")
     src.add_argument("--stagger", type=_nonneg_float, default=DEFAULT_STAGGER_S, metavar="S",
                      help=f"seconds between the starts of merged WEKA sessions (default {DEFAULT_STAGGER_S:g})")
-    src.add_argument("--chat", action="store_true",
-                     help="replay the built-in multi-turn chat generator instead of a trace file")
-    src.add_argument("--chat-sessions", type=int, default=300, metavar="N", help="generator sessions (default 300)")
-    src.add_argument("--chat-block-size", type=int, default=64, metavar="N",
-                     help="generator block size in tokens (default 64, LMDeploy's default)")
+    src.add_argument("--generate", choices=WORKLOAD_FAMILIES, default=None, metavar="FAMILY",
+                     help=f"replay a built-in workload instead of a trace file: one of {', '.join(WORKLOAD_FAMILIES)} "
+                          "(multi-turn chat, shared documents, growing agent sessions)")
+    src.add_argument("--workload-param", action="append", default=[], metavar="FIELD=VALUE",
+                     help="set one field of the --generate workload (repeatable; ranges as LO,HI), e.g. "
+                          "documents=500, zipf=1.1, order=cycle, block_size=128; a bad field is named with the "
+                          "family's fields")
+    src.add_argument("--chat", action="store_true", help="short for --generate chat")
+    src.add_argument("--chat-sessions", type=int, default=None, metavar="N",
+                     help="chat generator sessions (default 300; short for --workload-param sessions=N)")
+    src.add_argument("--chat-block-size", type=int, default=None, metavar="N",
+                     help="chat generator block size in tokens (default 64, LMDeploy's default; short for "
+                          "--workload-param block_size=N)")
     src.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     src.add_argument("--limit", type=_nonneg_int, default=None, metavar="N", help="replay only the first N requests")
 
@@ -208,18 +218,18 @@ class PlanError(ValueError):
 
 
 def load_trace(args):
-    from .generator import ChatWorkload, generate_chat
+    from .generator import generate, workload_from_params
     from .traces import read_mooncake_files, read_weka, sniff_format
 
     block_size = getattr(args, "block_size", None)
-    if args.chat:
+    family = _generator_family(args)
+    if family is not None:
         if args.traces:
-            raise PlanError("--chat replays the generator; do not also give trace files")
+            raise PlanError(f"--generate {family} replays a built-in workload; do not also give trace files")
         if block_size is not None:
-            raise PlanError("--block-size applies to Mooncake-layout trace files; the generator takes "
-                            "--chat-block-size")
-        trace = generate_chat(ChatWorkload(sessions=args.chat_sessions, block_size=args.chat_block_size,
-                                           seed=args.seed))
+            raise PlanError("--block-size applies to Mooncake-layout trace files; a generated workload takes "
+                            "--workload-param block_size=N" + (" or --chat-block-size" if family == "chat" else ""))
+        trace = generate(workload_from_params(family, _workload_params(args), seed=args.seed))
     else:
         paths: list[Path] = []
         for t in args.traces or [str(bundled_trace_path())]:
@@ -251,6 +261,38 @@ def load_trace(args):
     if not trace.requests:
         raise PlanError(f"trace {trace.name} has no requests")
     return trace
+
+
+def _generator_family(args) -> str | None:
+    """The built-in workload to replay (``--generate``, or ``--chat`` for chat), or None for trace files."""
+    if args.chat and args.generate not in (None, "chat"):
+        raise PlanError(f"--chat is short for --generate chat; it contradicts --generate {args.generate}")
+    family = "chat" if args.chat else args.generate
+    chat_opts = [o for o, v in (("--chat-sessions", args.chat_sessions), ("--chat-block-size", args.chat_block_size))
+                 if v is not None]
+    if chat_opts and family != "chat":
+        raise PlanError(f"{', '.join(chat_opts)} set the chat generator: add --chat (or --generate chat)")
+    if args.workload_param and family is None:
+        raise PlanError("--workload-param sets a built-in workload: add --generate FAMILY")
+    return family
+
+
+def _workload_params(args) -> dict[str, str]:
+    """``--workload-param FIELD=VALUE`` pairs (and the chat shorthands) as text by field."""
+    params: dict[str, str] = {}
+    for opt, field, v in (("--chat-sessions", "sessions", args.chat_sessions),
+                          ("--chat-block-size", "block_size", args.chat_block_size)):
+        if v is not None:
+            params[field] = str(v)
+    for item in args.workload_param:
+        field, eq, value = item.partition("=")
+        field = field.strip()
+        if not eq or not field:
+            raise PlanError(f"--workload-param {item!r}: expected FIELD=VALUE")
+        if field in params:
+            raise PlanError(f"--workload-param sets {field} twice (or also through a --chat-* option)")
+        params[field] = value.strip()
+    return params
 
 
 # EngineSteps defaults (planner/engine_steps.py; repeated here to keep the parser light): max_batches

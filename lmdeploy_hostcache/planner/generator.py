@@ -22,13 +22,17 @@ turn (a cycle as large as all the sessions together), at random, or in bursts (o
 while, then another); a session sometimes starts over with a new context.
 
 Every draw comes from ``random.Random(seed)``: the same parameters give the same trace.
+``workload_from_params(family, {"field": "text"}, seed)`` builds any family from command-line text
+(the planner's ``--generate FAMILY --workload-param FIELD=VALUE``), checking every field by name.
 ``random_workload(family, rng)`` draws a workload of one family with its parameters themselves
 drawn at random (``bench eviction --set generated``: traffic shapes no eviction policy was tuned on).
 """
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields, replace
 
 from .traces import Request, Trace
 
@@ -279,3 +283,46 @@ def generate(w) -> Trace:
     if isinstance(w, AgentWorkload):
         return generate_agents(w)
     raise TypeError(f"not a built-in workload: {w!r}")
+
+
+WORKLOADS = {"chat": ChatWorkload, "documents": DocumentWorkload, "agents": AgentWorkload}
+_KIND = {"chat": "chat", "documents": "document", "agents": "agent"}   # as the workloads' own errors say
+
+
+def _parse_field(kind: str, name: str, hint, text: str):
+    """``text`` as a value of the field type ``hint`` (int, float, str or a ``lo,hi`` int pair)."""
+    try:
+        if hint is int:
+            return int(text)
+        if hint is float:
+            v = float(text)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if hint is str:
+            return text
+        lo, hi = text.split(",")
+        return (int(lo), int(hi))
+    except ValueError:
+        want = {int: "an int", float: "a finite number", str: "text"}.get(hint, "a range LO,HI of ints")
+        raise ValueError(f"{kind} workload: {name} must be {want}, got {text!r}") from None
+
+
+def workload_params(family: str) -> tuple[str, ...]:
+    """The fields ``workload_from_params`` accepts for ``family`` (every field but the seed)."""
+    if family not in WORKLOADS:
+        raise ValueError(f"unknown workload family {family!r}; choose from {WORKLOAD_FAMILIES}")
+    return tuple(f.name for f in fields(WORKLOADS[family]) if f.name != "seed")
+
+
+def workload_from_params(family: str, params: dict[str, str], seed: int = 0):
+    """The ``family`` workload with its defaults, ``seed``, and each ``params`` field set from its text
+    (an unknown field, a value of the wrong type or out of range is a ``ValueError`` naming it)."""
+    names = workload_params(family)
+    cls = WORKLOADS[family]
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ValueError(f"{_KIND[family]} workload has no parameter {unknown[0]!r}; it has: {', '.join(names)}")
+    values = {k: _parse_field(_KIND[family], k, hints[k], v) for k, v in params.items()}
+    return replace(cls(seed=seed), **values)

@@ -68,7 +68,34 @@ def test_weka_folder_and_cluster(capsys, shared_traces):
         assert 0 <= n["recommended_host_cache_gb"] <= n["host_gb"]
 
 
+def test_generated_families_replay_and_chat_stays_short_for_generate_chat(capsys):
+    docs = _json(capsys, ["--json", "--quiet", "--generate", "documents", "--workload-param", "requests=300",
+                          "--workload-param", "documents=20", "--gpu-blocks", "100", "--host-blocks", "2000"])
+    assert docs["requests"] == 300 and docs["block_size"] == 64
+    # 20 documents of at most 120 blocks fit the host tier, so nearly every document block hits after its
+    # first request; the requests' own blocks never do
+    assert 0.5 < docs["hit_rate"] < 1 and docs["host_hit_rate"] > docs["gpu_hit_rate"]
+    cyc = ["--json", "--quiet", "--generate", "agents", "--workload-param", "order=cycle",
+           "--workload-param", "sessions=30", "--workload-param", "requests=300", "--workload-param", "block_size=128",
+           "--gpu-blocks", "50"]
+    small, big = _json(capsys, [*cyc, "--host-blocks", "100"]), _json(capsys, [*cyc, "--host-blocks", "20000"])
+    assert small["block_size"] == 128 and small["gpu_hit_rate"] == 0      # a 30-session cycle flushes 50 blocks
+    assert big["host_hit_rate"] > small["host_hit_rate"] + 0.3
+    short = _json(capsys, ["--json", "--quiet", "--chat", "--chat-sessions", "30"])
+    long = _json(capsys, ["--json", "--quiet", "--generate", "chat", "--workload-param", "sessions=30"])
+    same = ("trace", "requests", "block_size", "hit_rate", "gpu_hit_rate", "host_hit_rate", "restored_tokens")
+    assert [short[k] for k in same] == [long[k] for k in same] and short["requests"] > 30
+
+
 @pytest.mark.parametrize("argv, match", [
+    (["--generate", "agents", "--workload-param", "foo=1"], "agent workload has no parameter 'foo'"),
+    (["--generate", "agents", "--workload-param", "order"], "--workload-param 'order': expected FIELD=VALUE"),
+    (["--chat", "--generate", "documents"], "contradicts --generate documents"),
+    (["--chat-sessions", "5"], "--chat-sessions set the chat generator"),
+    (["--workload-param", "zipf=1"], "add --generate FAMILY"),
+    (["--generate", "documents", "--block-size", "64"], "--workload-param block_size=N"),
+    (["--generate", "chat", "--workload-param", "sessions=4", "--chat-sessions", "5"], "sets sessions twice"),
+    (["--generate", "documents", "x.jsonl"], "do not also give trace files"),
     (["--model", "gpt-17"], "neither a preset"),
     (["--quant-policy", "8", "--host-kv-format", "int4"], "host_kv_format=int4"),
     (["--policy", "mru"], "--policy 'mru'"),

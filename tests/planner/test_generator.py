@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from lmdeploy_hostcache.eviction_eval import chains_from_trace
 from lmdeploy_hostcache.planner.generator import (AGENT_ORDERS, WORKLOAD_FAMILIES, AgentWorkload, ChatWorkload,
                                                   DocumentWorkload, generate, generate_agents, generate_documents,
-                                                  random_workload)
+                                                  random_workload, workload_from_params, workload_params)
 
 
 def _prefix_len(a, b) -> int:
@@ -119,3 +120,31 @@ def test_random_workloads_are_reproducible_and_valid():
 def test_bad_workload_parameters_name_the_field(cls, field, value):
     with pytest.raises(ValueError, match=field):
         cls(**{field: value})
+
+
+def test_workloads_from_command_line_text_parse_every_field_type():
+    w = workload_from_params("documents", {"documents": "50", "zipf": "1.25", "document_blocks": "3, 9"}, seed=7)
+    assert w == DocumentWorkload(documents=50, zipf=1.25, document_blocks=(3, 9), seed=7)
+    assert workload_from_params("agents", {"order": "cycle"}) == AgentWorkload(order="cycle")
+    assert workload_from_params("chat", {}, seed=3) == ChatWorkload(seed=3)
+    assert "seed" not in workload_params("chat") and "mean_turns" in workload_params("chat")
+
+
+@pytest.mark.parametrize("family, params, match", [
+    ("agents", {"foo": "1"}, "agent workload has no parameter 'foo'; it has: sessions"),
+    ("agents", {"seed": "1"}, "no parameter 'seed'"),
+    ("chat", {"sessions": "1.5"}, "chat workload: sessions must be an int, got '1.5'"),
+    ("chat", {"mean_turns": "nan"}, "mean_turns must be a finite number"),
+    ("chat", {"user_tokens": "5"}, "user_tokens must be a range LO,HI of ints"),
+    ("documents", {"documents": "0"}, "document workload: documents must be a positive int"),
+    ("agents", {"order": "lifo"}, "agent workload: order must be one of"),
+])
+def test_bad_workload_text_names_the_field(family, params, match):
+    with pytest.raises(ValueError, match=match):
+        workload_from_params(family, params)
+
+
+def test_planner_docs_name_every_workload_field():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "planner.md").read_text()
+    missing = [f"{fam}.{f}" for fam in WORKLOAD_FAMILIES for f in workload_params(fam) if f"`{f}`" not in doc]
+    assert not missing, f"docs/planner.md does not name {missing}"
