@@ -214,14 +214,17 @@ def make_eval_policy(name: str, chains: BlockChains) -> EvictionPolicy:
 
 def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "lru",
            check_every: int = 0, progress: Callable[[int], None] | None = None,
-           lookahead: bool = False, admit_share: float | None = None) -> ReplayResult:
+           lookahead: bool = False, admit_share: float | None = None,
+           hits_out: list[int] | None = None) -> ReplayResult:
     """Replay ``chains`` through a ``HostIndex`` of ``capacity`` slots; see the module docstring.
 
     ``check_every`` > 0 runs ``check_invariants`` every that many requests (slow; for tests).
     ``lookahead`` holds the waiting requests' host prefixes (module docstring; needs
     ``chains.arrivals``); ``stats['held_max']`` is then the most blocks held at once, and the
     index's lookup counters in ``stats`` include the lookahead's own lookups.  ``admit_share``
-    in (0, 1] caps the blocks one request stores (module docstring)."""
+    in (0, 1] caps the blocks one request stores (module docstring).  ``hits_out``, when given, gets
+    each request's hit blocks appended in order (its hits are always its leading blocks), for
+    metrics that weigh a block by its position, such as ``saved_prefill_share``."""
     if not isinstance(capacity, int) or capacity < 0:
         raise ValueError(f"capacity must be an int >= 0 blocks, got {capacity!r}")
     if lookahead and len(chains.arrivals) != len(chains):
@@ -270,6 +273,8 @@ def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "l
         if n:
             hits += n
             touch(ds[:n])
+        if hits_out is not None:
+            hits_out.append(n)
         parent = ds[n - 1] if n else root
         end = len(ds) if store_limit is None else min(len(ds), n + store_limit)
         for i in range(n, end):

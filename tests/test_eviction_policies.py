@@ -195,6 +195,11 @@ def test_replay_counts_hits_against_prompt_blocks():
     assert r.hit_rate == pytest.approx(4 / 11)
     r0 = replay(chains, 0, "lru")
     assert r0.hit_blocks == 0 and r0.stored_blocks == 0
+    per_request: list[int] = []
+    assert replay(chains, 10, "lru", hits_out=per_request).hit_blocks == 4 and per_request == [0, 3, 1]
+    per_request.clear()
+    replay(chains, 2, "lru", hits_out=per_request)   # [5, 6] survive the first store of 7: 7 had no slot
+    assert per_request == [0, 2, 1]
 
 
 def test_chains_from_ids_rejects_unchained_ids():
