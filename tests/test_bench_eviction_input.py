@@ -37,9 +37,10 @@ def _row(ts, ids):
     ("corrupt-gz", "corrupt or truncated gzip data"),
     ("plain-named-gz", "named .gz but not gzip-compressed"),
     ("binary", "not UTF-8"),
-    ("folder", "is a folder"),
+    ("folder", "holds no *.json / *.jsonl files"),
     ("unchained", "not chained"),
-    ("weka", "missing field 'hash_ids'"),
+    ("weka", "'in'"),
+    ("mooncake-64", "at most 1 blocks of 512"),
 ])
 def test_every_bad_trace_is_one_line_and_exit_2(tmp_path, capsys, kind, match):
     p = tmp_path / ("t.jsonl.gz" if kind in ("corrupt-gz", "plain-named-gz") else "t.jsonl")
@@ -58,7 +59,47 @@ def test_every_bad_trace_is_one_line_and_exit_2(tmp_path, capsys, kind, match):
     elif kind == "unchained":
         p.write_text(_row(0, [0, 1]) + _row(1, [2, 1]))
     elif kind == "weka":
-        p.write_text(json.dumps({"id": "s", "block_size": 64, "requests": [{"t": 0, "in": 64, "hash_ids": [1]}]}))
+        p.write_text(json.dumps({"id": "s", "block_size": 64, "requests": [{"t": 0, "in": -64, "hash_ids": [1]}]}))
+    elif kind == "mooncake-64":   # 64-token blocks without a block_size field: read as 512 unless told
+        p.write_text(json.dumps({"timestamp": 0, "input_length": 128, "output_length": 1, "hash_ids": [0, 1]}) + "\n")
     rc, _, err = _run(capsys, "--trace", str(p), "--capacities", "10", "--policies", "lru")
     assert rc == 2
     assert err.startswith("error: ") and str(p) in err and match in err and err.count("\n") == 1, err
+
+
+def test_trace_reads_every_layout_plan_reads(tmp_path, capsys):
+    """--trace takes WEKA folders, captured and Mooncake-layout files of any block size (--block-size),
+    each --trace one trace; the set options are refused with it and the trace options without it."""
+    p = tmp_path / "docs64.jsonl"
+    rows = [{"timestamp": t, "input_length": 64 * 3 + 5, "output_length": 1, "hash_ids": [7, 8, 9, 100 + t]}
+            for t in range(6)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = _run(capsys, "--trace", str(p), "--block-size", "64", "--capacities", "3", "--policies", "lru",
+                        "--json")
+    assert rc == 0, err
+    (row,) = [r for r in json.loads(out)["results"] if r["policy"] == "lru"]
+    # 4 prompt blocks each; the 3 shared full blocks hit in every request after the first
+    assert (row["requests"], row["prompt_blocks"], row["hit_blocks"]) == (6, 24, 15)
+    weka = bench._SHARED_WEKA
+    if not weka.is_dir():
+        pytest.skip(f"{weka} is absent (CI keeps a copy of shared/ beside the clone)")
+    rc, out, err = _run(capsys, "--trace", str(weka), "--trace", str(p), "--block-size", "64", "--fractions", "0.5",
+                        "--policies", "lru", "--json")
+    assert rc == 2 and "--block-size applies to Mooncake-layout traces" in err
+    rc, out, err = _run(capsys, "--trace", str(weka), "--stagger", "0", "--fractions", "0.5", "--policies", "lru",
+                        "--json")
+    assert rc == 0, err
+    rows = json.loads(out)["results"]
+    assert {r["trace"] for r in rows} == {"weka_sample"} and rows[0]["requests"] == 178   # 6 sessions merged
+    rc, _, err = _run(capsys, "--block-size", "64", "--policies", "lru")
+    assert rc == 2 and "--block-size applies to --trace files" in err
+
+
+def test_a_closed_stdout_ends_the_command_quietly(monkeypatch, capsys):
+    """`lmdeploy-hostcache ... | head` closes the pipe early: exit 141 without a traceback."""
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(bench, "run", closed_pipe)
+    assert cli.main(["bench", "eviction", "--no-progress"]) == 141
+    assert "Traceback" not in capsys.readouterr().err

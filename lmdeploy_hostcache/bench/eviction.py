@@ -5,7 +5,10 @@ capacity asked for, and prints the measured hit rates, each policy's share of th
 LRU -> Belady gap, its worst difference from LRU and the replay time.  Nothing here needs a GPU
 or LMDeploy.
 
-Without ``--trace`` it replays two sets, kept apart on purpose (docs/eviction.md):
+``--trace PATH`` (repeatable, one trace each) replays any trace the planner reads
+(``planner.traces.read_traces``: Mooncake layout with ``--block-size``, captured files, WEKA
+session files or a folder of them, merged ``--stagger`` seconds apart).  Without ``--trace`` it
+replays two sets, kept apart on purpose (docs/eviction.md):
 
 * **tuning** -- the WEKA coding-agent sessions (``../shared/traces/weka_sample``, merged) and the
   planner's built-in chat generator (default ``ChatWorkload``): policy choices may be made here;
@@ -42,7 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..planner.cli import positive_int_arg
+from ..planner.cli import DEFAULT_STAGGER_S, positive_int_arg
+from ..planner.traces import TRACE_FORMATS
 
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
 _SHARED_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
@@ -113,8 +117,17 @@ def _admit_share(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", action="append", metavar="PATH",
-                   help="Mooncake JSONL(.gz) trace (repeatable; default: the two Mooncake traces of a source "
-                        "checkout's ../shared/traces/mooncake, else the trace bundled with the package)")
+                   help="a trace to replay instead of the sets, in any layout `plan` reads: Mooncake JSONL(.gz), "
+                        "captured files, WEKA session JSON, or a folder of one of them (merged into one trace); "
+                        "repeatable, one trace each")
+    p.add_argument("--format", choices=TRACE_FORMATS, default="auto",
+                   help="--trace: the trace format (default: sniffed from each file)")
+    p.add_argument("--block-size", type=positive_int_arg, default=None, metavar="N",
+                   help="--trace: tokens per block of a Mooncake-layout trace's hash_ids (default: the file's own "
+                        "'block_size' field, which captured files state, else 512)")
+    p.add_argument("--stagger", type=float, default=DEFAULT_STAGGER_S, metavar="S",
+                   help=f"--trace: seconds between the starts of merged WEKA session files (default "
+                        f"{DEFAULT_STAGGER_S:g}, as plan)")
     p.add_argument("--set", dest="sets", action="append", choices=SETS,
                    help="without --trace: which set to replay, 'tuning' (WEKA sessions + chat generator), "
                         "'heldout' (Mooncake traces) or 'generated' (random workloads of the generator families); "
@@ -157,7 +170,12 @@ def _sources(args: argparse.Namespace) -> "tuple[list[tuple[str, str, Path | Non
     from ..eviction_eval import chat_chains, load_mooncake, load_weka  # noqa: PLC0415
 
     if args.trace:
-        return [("given", Path(t).name, Path(t), lambda t=t: load_mooncake(str(t))) for t in args.trace], {}
+        from ..eviction_eval import chains_from_trace  # noqa: PLC0415
+        from ..planner.traces import read_traces  # noqa: PLC0415
+
+        def given(t: str):
+            return chains_from_trace(read_traces([t], args.format, args.block_size, args.stagger))
+        return [("given", Path(t).name, Path(t), lambda t=t: given(t)) for t in args.trace], {}
     # Absolute capacities are 512-token Mooncake blocks: alone they mean the held-out set only.
     sets = args.sets or (["heldout"] if args.capacities and not args.fractions else list(DEFAULT_SETS))
     out, workloads = [], {}
@@ -194,6 +212,12 @@ def run(args: argparse.Namespace) -> int:
         for t in args.trace:
             if not Path(t).exists():
                 print(f"error: --trace {t}: no such file", file=sys.stderr)
+                return 2
+    else:
+        for opt, v, default in (("--format", args.format, "auto"), ("--block-size", args.block_size, None),
+                                ("--stagger", args.stagger, DEFAULT_STAGGER_S)):
+            if v != default:
+                print(f"error: {opt} applies to --trace files; the sets read their own traces", file=sys.stderr)
                 return 2
     if args.limit is not None and args.limit <= 0:
         print(f"--limit must be > 0, got {args.limit}", file=sys.stderr)

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .generator import WORKLOAD_FAMILIES
+from .traces import TRACE_FORMATS
 
 DEFAULT_MODEL = "Llama-3-8B"
 DEFAULT_GPU_KV_GB = 20.0
@@ -108,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("traces", nargs="*", metavar="TRACE",
                      help="Mooncake JSONL(.gz) or WEKA session JSON files (or folders of *.json); several "
                           "WEKA files are merged. Default: the bundled Mooncake conversation trace.")
-    src.add_argument("--format", choices=("auto", "mooncake", "weka"), default="auto",
+    src.add_argument("--format", choices=TRACE_FORMATS, default="auto",
                      help="trace format (default: sniffed from the first file)")
     src.add_argument("--block-size", type=positive_int_arg, default=None, metavar="N",
                      help="tokens per block of a Mooncake-layout trace's hash_ids (default: the file's own "
@@ -219,7 +220,7 @@ class PlanError(ValueError):
 
 def load_trace(args):
     from .generator import generate, workload_from_params
-    from .traces import read_mooncake_files, read_weka, sniff_format
+    from .traces import read_traces
 
     block_size = getattr(args, "block_size", None)
     family = _generator_family(args)
@@ -231,31 +232,7 @@ def load_trace(args):
                             "--workload-param block_size=N" + (" or --chat-block-size" if family == "chat" else ""))
         trace = generate(workload_from_params(family, _workload_params(args), seed=args.seed))
     else:
-        paths: list[Path] = []
-        for t in args.traces or [str(bundled_trace_path())]:
-            tp = Path(t)
-            if tp.is_dir():
-                found = sorted(tp.glob("*.json")) + sorted(tp.glob("*.jsonl")) + sorted(tp.glob("*.jsonl.gz"))
-                if not found:
-                    raise PlanError(f"trace folder {tp} holds no *.json / *.jsonl files")
-                paths += found
-            elif tp.exists():
-                paths.append(tp)
-            else:
-                raise PlanError(f"trace file {tp} does not exist")
-        fmt = args.format
-        if fmt == "auto":
-            fmts = {sniff_format(x) for x in paths}
-            if len(fmts) > 1:
-                raise PlanError(f"traces mix formats {sorted(fmts)}; give one format at a time")
-            fmt = fmts.pop()
-        if fmt == "mooncake":  # several files only when they are captures sharing one key
-            trace = read_mooncake_files(paths, block_size)
-        else:
-            if block_size is not None:
-                raise PlanError(f"--block-size applies to Mooncake-layout traces; {paths[0]} is a WEKA session "
-                                "file, which states its own block_size")
-            trace = read_weka(paths, stagger_s=args.stagger)
+        trace = read_traces(args.traces or [str(bundled_trace_path())], args.format, block_size, args.stagger)
     if args.limit is not None:
         trace = trace.head(args.limit)
     if not trace.requests:

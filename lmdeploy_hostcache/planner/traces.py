@@ -21,6 +21,9 @@ the file, line and field):
   keyed block ids: several files are merged into one id space only when every record of every
   file carries the same fingerprint (captures made with one key), never otherwise.
 
+``read_traces(files_or_folders, fmt, block_size, stagger_s)`` reads any of these into one trace
+(format sniffed per file; the planner and ``bench eviction --trace`` both use it).
+
 ``trace_warnings(trace)`` lists what a trace can be read with but probably not replayed
 faithfully (block ids out of order or not chained, an ``input_length`` its ids do not cover),
 each with a count; the planner prints them.
@@ -415,6 +418,45 @@ def sniff_format(path: str | os.PathLike) -> str:
     if head.startswith("{"):
         return "weka"
     raise ValueError(f"{path}: neither Mooncake JSONL nor WEKA session JSON")
+
+
+TRACE_FORMATS = ("auto", "mooncake", "weka")
+
+
+def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_size: int | None = None,
+                stagger_s: float = 0.0) -> Trace:
+    """One trace from files and folders (a folder gives its ``*.json``, ``*.jsonl``, ``*.jsonl.gz``):
+    several WEKA session files are merged (file ``k`` starts ``k * stagger_s`` s after the first),
+    several Mooncake-layout files only when they are captures made with one key
+    (``read_mooncake_files``).  ``fmt`` 'auto' sniffs every file and refuses a mix; ``block_size``
+    applies to Mooncake-layout files only (a WEKA file states its own)."""
+    if fmt not in TRACE_FORMATS:
+        raise ValueError(f"trace format must be one of {TRACE_FORMATS}, got {fmt!r}")
+    paths: list[Path] = []
+    for t in sources:
+        tp = Path(t)
+        if tp.is_dir():
+            found = sorted(tp.glob("*.json")) + sorted(tp.glob("*.jsonl")) + sorted(tp.glob("*.jsonl.gz"))
+            if not found:
+                raise ValueError(f"trace folder {tp} holds no *.json / *.jsonl files")
+            paths += found
+        elif tp.exists():
+            paths.append(tp)
+        else:
+            raise ValueError(f"trace file {tp} does not exist")
+    if not paths:
+        raise ValueError("no trace files given")
+    if fmt == "auto":
+        fmts = {sniff_format(x) for x in paths}
+        if len(fmts) > 1:
+            raise ValueError(f"traces mix formats {sorted(fmts)}; give one format at a time")
+        fmt = fmts.pop()
+    if fmt == "mooncake":  # several files only when they are captures sharing one key
+        return read_mooncake_files(paths, block_size)
+    if block_size is not None:
+        raise ValueError(f"--block-size applies to Mooncake-layout traces; {paths[0]} is a WEKA session "
+                         "file, which states its own block_size")
+    return read_weka(paths, stagger_s=stagger_s)
 
 
 # A prompt longer than this is no real request (no model has such a context): counted as absurd.
