@@ -183,18 +183,26 @@ def _parse_tenant_salt(value: Any) -> str:
     raise _Bad("a string (quote it in YAML, e.g. tenant_salt: \"1234\")")
 
 
+CAPTURE_SUFFIXES = (".jsonl", ".json")   # what `plan` finds in a folder (and the rotated files keep the suffix)
+CAPTURE_MIN_MB = 1.0
+
+
 def _parse_capture(value: Any) -> str:
+    allowed = "a file path ending in .jsonl (or .json), which `plan` finds in a folder (empty: no capture)"
     if value is None:
         return ""
     if isinstance(value, str) and "\0" not in value:
-        return value.strip()
-    raise _Bad("a file path (empty: no capture)")
+        out = value.strip()
+        if out and not out.endswith(CAPTURE_SUFFIXES):
+            raise _Bad(allowed)
+        return out
+    raise _Bad(allowed)
 
 
 def _parse_capture_max_mb(value: Any) -> float:
-    allowed = "a number of MiB > 0"
+    allowed = f"a number of MiB >= {CAPTURE_MIN_MB:g}"
     out = _number(value, allowed)
-    if out <= 0:
+    if out < CAPTURE_MIN_MB:
         raise _Bad(allowed)
     return out
 
@@ -287,12 +295,12 @@ class HostCacheConfig:
         "`lmdeploy-hostcache plan` reads (arrival, input/output lengths, block size, keyed block "
         "ids; never token ids or text; docs/planner.md \"Capturing your own traffic\"). Empty: off. "
         "A write error is logged once and capture stops; serving goes on.",
-        "a file path, or empty"))
+        "a path ending in .jsonl or .json, or empty"))
     capture_max_mb: float = field(default=256.0, metadata=_meta(
         _parse_capture_max_mb,
         "Size at which the capture file is rotated (renamed `<name>.<n>.jsonl`; a new one is "
         "started), in MiB.",
-        "number > 0"))
+        "number >= 1"))
     capture_offload: bool = field(default=True, metadata=_meta(
         _parse_bool,
         "Encode and write the captured records in a helper process started with the engine (its "

@@ -60,7 +60,8 @@ BAD_VALUES = [
     ("checksum", 2), ("checksum", "nope"), ("checksum", None),
     ("tenant_salt", 1234), ("tenant_salt", None), ("tenant_salt", b"salt"), ("tenant_salt", ["a"]),
     ("capture", 5), ("capture", ["a.jsonl"]), ("capture", "a\0b"), ("capture", True),
-    ("capture_max_mb", 0), ("capture_max_mb", -1), ("capture_max_mb", "big"), ("capture_max_mb", None),
+    ("capture", "capture"), ("capture", "c.jsonl.gz"), ("capture", "c.log"),
+    ("capture_max_mb", 0), ("capture_max_mb", 1e-7), ("capture_max_mb", 0.5), ("capture_max_mb", -1), ("capture_max_mb", "big"), ("capture_max_mb", None),
     ("capture_max_mb", True), ("capture_max_mb", math.inf),
     ("capture_offload", 1), ("capture_offload", "yes"), ("capture_offload", None),
     ("l3", "yes"), ("l3", 5), ("l3", True), ("l3", ["a"]),   # the section's own fields: tests/l3/test_l3_config.py

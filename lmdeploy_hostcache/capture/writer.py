@@ -6,8 +6,9 @@ one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes 
 the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
 2, ... , the first free one) and a new ``path`` is started, so every file ``plan`` reads holds whole
-records.  A non-empty ``path`` found when the file is first opened (an earlier
-capture, made with another key) is set aside the same way, never appended to.  Invariants: ``open``
+records.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
+made with another key) is set aside the same way, never appended to; a folder there is never
+renamed (opening it fails, logged once).  Invariants: ``open``
 and the writes never raise; the first failure
 (unwritable folder, full disk, a rename refused) is logged once at WARNING with the path and the
 reason, after which capture stays off for this writer (``failed`` set, later lines counted in
@@ -53,8 +54,9 @@ class RotatingWriter:
         return True
 
     def _open_first(self) -> None:
-        if not self._opened and self.path.exists() and self.path.stat().st_size:
+        if not self._opened and self.path.is_file() and self.path.stat().st_size:
             self._set_aside()   # an earlier capture's file (another key): never append to it
+        # anything else at the path (a folder, a device) is opened as it is: a folder fails, logged once
         self._opened = True
         self._open()
 

@@ -73,7 +73,7 @@ import numpy as np
 
 from ..capture import CaptureKey, RotatingWriter
 from ..capture.encoder import CHAIN_MIN_BLOCKS, RECENT_PER_BLOCK, RECENT_PROMPTS, BlockIdEncoder
-from ..capture.encoder_process import frame
+from ..capture.encoder_process import EXIT_WRITE_FAILED, frame
 from ..tier.digest import TOKEN_DTYPE, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
@@ -300,8 +300,15 @@ class TraceCapture:
         except BlockingIOError:
             pass
         except OSError as exc:      # the helper is gone: capture stops, serving goes on
-            code = self.helper.poll() if self.helper is not None else None
-            self._fail(RuntimeError(f"the capture helper process exited (code {code}): {exc}"))
+            code = None
+            if self.helper is not None:
+                try:   # it closed its input on exit: its code follows at once (a bounded wait, failure path only)
+                    code = self.helper.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+            # EXIT_WRITE_FAILED: the helper's writer already logged why (the file), once: say nothing more
+            self._fail(RuntimeError(f"the capture helper process exited (code {code}): {exc}"),
+                       logged=code == EXIT_WRITE_FAILED)
 
     def record(self, seq, chain=None) -> str:
         """The JSON line of a sequence LMDeploy is ending."""
@@ -378,13 +385,14 @@ class TraceCapture:
         root = self._roots[(adapter_name, salt)] = (parent, namespace.seed, parent.to_bytes(16, "little"))
         return root
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, logged: bool = False) -> None:
         self.failed = f"{type(exc).__name__}: {exc}"
         self._arrival.clear()
         self._queue.clear()
         self._pending.clear()
-        logger.warning("lmdeploy-hostcache: trace capture stopped after an unexpected error (%s); serving goes on "
-                       "without capture", self.failed)
+        if not logged:
+            logger.warning("lmdeploy-hostcache: trace capture stopped after an unexpected error (%s); serving "
+                           "goes on without capture", self.failed)
         self._stop_helper(wait=False)     # on the scheduler's thread: end its input, never wait for it
 
     def close(self) -> None:

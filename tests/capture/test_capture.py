@@ -130,6 +130,18 @@ def test_an_earlier_capture_is_set_aside_not_appended_to(tmp_path):
     assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "old"
 
 
+def test_a_folder_at_the_capture_path_is_never_renamed(tmp_path, caplog):
+    folder = tmp_path / "cap.jsonl"
+    folder.mkdir()
+    (folder / "data.txt").write_text("user data")
+    w = RotatingWriter(folder)
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        assert not w.open() and not w.write(_line(5))
+    assert (folder / "data.txt").read_text() == "user data" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "cap.jsonl"]
+    assert w.failed and sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_block_ids_are_the_documented_keyed_hash_and_each_digest_is_keyed_once(monkeypatch):
     import hashlib
 

@@ -173,3 +173,21 @@ def test_a_helper_that_dies_while_batches_wait_is_noticed_at_the_next_hook(tmp_p
         cap.close()
     assert "capture helper process exited" in cap.failed and not cap._pending and cap.flushes == 1
     assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_the_helper_is_logged_once(tmp_path, caplog, capfd):
+    """The helper's writer logs the full disk (naming the file) and exits with EXIT_WRITE_FAILED; the
+    engine side then stops capture without a second, mislabelled warning."""
+    cap = _capture("/dev/full", offload=True)
+    cap.flush_records = 4
+    requests = _requests(40)
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        _run(cap, requests[:4])                 # the helper's first write fails: it logs and exits 3
+        cap.helper.wait(timeout=30)
+        _run(cap, requests[4:])                 # the next hand-over finds the pipe closed
+        cap.close()
+    child = capfd.readouterr().err
+    here = [r.getMessage() for r in caplog.records if "trace capture" in r.getMessage()]
+    assert cap.failed and not here, here
+    assert child.count("trace capture stopped") == 1 and "/dev/full" in child and "No space left" in child
