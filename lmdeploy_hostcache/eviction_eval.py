@@ -13,7 +13,8 @@ capacity-vs-hit-rate curve and the README's LRU/Belady figures:
   prompt, the partial last block included (``Trace.total_prompt_blocks``): the share of prompt
   tokens, at block granularity, that would not be recomputed.
 
-Block "tokens" are the block id itself encoded with ``digest.encode_tokens([id])`` and chained
+Block "tokens" are the block id itself encoded with ``digest.block_id_bytes(id)`` (8 bytes, as the
+planner's replay does, so a capture's 63-bit keyed ids replay too) and chained
 with ``digest.digests_of_blocks`` in one ``Namespace``, so the index's digest and token checks
 run exactly as in serving.  ``Trace`` guarantees block ids are chained (an id names its whole
 prefix), so every id has one digest.
@@ -42,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from .tier.digest import Namespace, digests_of_blocks, encode_tokens
+from .tier.digest import Namespace, block_id_bytes, digests_of_blocks
 from .tier.eviction import BeladyPolicy, EvictionPolicy, make_policy
 from .tier.host_index import HostIndex
 
@@ -116,7 +117,7 @@ def chains_from_ids(name: str, id_chains: Iterable[Sequence[int]],
             for h in new:
                 b = enc.get(h)
                 if b is None:
-                    b = enc[h] = encode_tokens([h])
+                    b = enc[h] = block_id_bytes(h)
                 blocks.append(b)
             parent = dig[chain[k - 1]] if k else None
             for h, d in zip(new, digests_of_blocks(namespace, blocks, parent)):

@@ -103,3 +103,21 @@ def test_a_closed_stdout_ends_the_command_quietly(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run", closed_pipe)
     assert cli.main(["bench", "eviction", "--no-progress"]) == 141
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_captured_files_with_keyed_63_bit_ids_replay(tmp_path, capsys):
+    """A capture's ids are 63-bit keyed hashes: the replay encodes ids in 8 bytes (it once refused every
+    id above 2**32 - 1, so no capture could be replayed); a folder of one capture's files is one trace."""
+    from lmdeploy_hostcache.capture import capture_record
+
+    big = 2**62
+    recs = [capture_record(arrival_s=t, input_length=64 * 3, output_length=1, block_ids=[big + 1, big + 2, big + 3 + t],
+                           block_size=64, fingerprint="k") for t in range(6)]
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / "cap.1.jsonl").write_text("".join(recs[:3]))
+    (folder / "cap.jsonl").write_text("".join(recs[3:]))
+    rc, out, err = _run(capsys, "--trace", str(folder), "--capacities", "4", "--policies", "lru", "--json")
+    assert rc == 0, err
+    (row,) = [r for r in json.loads(out)["results"] if r["policy"] == "lru"]
+    assert (row["requests"], row["prompt_blocks"], row["hit_blocks"]) == (6, 18, 10)   # 2 shared blocks hit 5 times

@@ -270,12 +270,11 @@ class ConcurrentTwoTierCache(TwoTierCache):
         end = start + lt.duration_s(recomputed, r.output_length)
         state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, ghosts, self._n)
         self._push(end, 0, state)
-        blocks = -(-r.input_length // bs)
-        for i in range(1, r.output_length + 1):  # decode: a new block when the sequence crosses a boundary
-            need = -(-(r.input_length + i) // bs)
-            if need > blocks:
-                blocks = need
-                self._push(min(t_prefill + i / lt.decode_tokens_per_s, end), 1, state)
+        # decode: a new block each time the sequence crosses a block boundary, at its i-th token
+        # (i = (need - 1) * bs - input_length + 1 for the need-th block; one step per block, not per token)
+        for need in range(-(-r.input_length // bs) + 1, -(-(r.input_length + r.output_length) // bs) + 1):
+            i = (need - 1) * bs - r.input_length + 1
+            self._push(min(t_prefill + i / lt.decode_tokens_per_s, end), 1, state)
         self._n += 1
         self._live += 1
         self._held_now += len(held)

@@ -1549,17 +1549,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         state.pr, state.d0, state.prefilled = pr, d0, step
         self._push(d0 + max(0, r.output_length - 1), 0, state)
         blocks = self._admission_blocks(r.input_length)   # taken on admission (_serve_now)
-        for i in range(1, r.output_length + 1):
-            need = -(-(r.input_length + i) // bs)
-            if need > blocks:
-                blocks = need
-                # LMDeploy attaches a decoding sequence's full blocks to its trie only when it grows
-                # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
-                # input + i - 1 tokens; the blocks filled after its last growth are freed at its end
-                # (a growth the request's end comes before, ``_grow_due``, attaches none)
-                ghosts = (r.input_length + i - 1) // bs - base_length // bs
-                heapq.heappush(self._growths, (d0 + i - 1, self._events, step, state, ghosts))
-                self._events += 1
+        # one growth per block the decode crosses into, at the token i that first needs it (one step per
+        # block, not per token: the first growth is at token 1 or later, each next one bs tokens on)
+        for need in range(max(blocks + 1, -(-(r.input_length + 1) // bs)),
+                          -(-(r.input_length + r.output_length) // bs) + 1):
+            i = max(1, (need - 1) * bs - r.input_length + 1)
+            # LMDeploy attaches a decoding sequence's full blocks to its trie only when it grows
+            # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
+            # input + i - 1 tokens; the blocks filled after its last growth are freed at its end
+            # (a growth the request's end comes before, ``_grow_due``, attaches none)
+            ghosts = (r.input_length + i - 1) // bs - base_length // bs
+            heapq.heappush(self._growths, (d0 + i - 1, self._events, step, state, ghosts))
+            self._events += 1
         if not running:
             self._live += 1
         self.stats.max_running = max(self.stats.max_running, self._live)

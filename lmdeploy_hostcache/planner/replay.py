@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from ..tier.digest import Namespace, digests_of_blocks
+from ..tier.digest import Namespace, block_id_bytes, digests_of_blocks  # noqa: F401 (block_id_bytes: re-exported)
 from ..tier.host_index import HostBlock, HostIndex
 from .traces import Request, Trace
 
@@ -63,11 +63,6 @@ class PreparedRequest:
     matchable: int
     prompt_blocks: int
     root: int                     # namespace root: the parent of the first block
-
-
-def block_id_bytes(block_id: int) -> bytes:
-    """A trace block id as the block's 'token bytes' (8 bytes little-endian)."""
-    return block_id.to_bytes(8, "little")
 
 
 def prepare_trace(trace: Trace, namespace: Namespace | None = None) -> list[PreparedRequest]:

@@ -145,6 +145,15 @@ def chain_digests(
     return h.digests, h.block_bytes
 
 
+MAX_TRACE_BLOCK_ID = 2**64 - 1
+
+
+def block_id_bytes(block_id: int) -> bytes:
+    """A trace's block id as the block's 'token bytes' in a replay (8 bytes little-endian: Mooncake ids
+    and a capture's 63-bit keyed ids alike; the trace readers refuse ids above ``MAX_TRACE_BLOCK_ID``)."""
+    return block_id.to_bytes(8, "little")
+
+
 def digests_of_blocks(namespace: Namespace, blocks: Iterable[bytes], parent: int | None = None) -> list[int]:
     """Chain digests over already-encoded block bytes (used by trace replay)."""
     cur = namespace.root if parent is None else parent
