@@ -302,7 +302,7 @@ def _run(args) -> int:
     from .cost import CostModel
     from .geometry import BlockSizing, CacheFormat, resolve_model
     from .replay import distinct_blocks, prepare_trace
-    from .traces import trace_warnings
+    from .traces import MAX_PLAUSIBLE_INPUT_TOKENS, trace_warnings
 
     if args.policy not in POLICIES:
         raise PlanError(f"--policy {args.policy!r} is not one of {sorted(POLICIES)}")
@@ -344,6 +344,13 @@ def _run(args) -> int:
 
     t0 = time.perf_counter()
     trace = load_trace(args)
+    if steps is not None:
+        absurd = next((i for i, r in enumerate(trace.requests) if r.input_length > MAX_PLAUSIBLE_INPUT_TOKENS), None)
+        if absurd is not None:   # chunked in max_prefill_tokens steps, one such prompt runs for ages
+            raise PlanError(f"--engine-steps: request {absurd} of {trace.name} has input_length "
+                            f"{trace.requests[absurd].input_length:,}, above {MAX_PLAUSIBLE_INPUT_TOKENS:,} tokens (no "
+                            "real prompt is that long); the step model would prefill it chunk by chunk: drop "
+                            "--engine-steps or fix the trace")
     warnings = trace_warnings(trace)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)

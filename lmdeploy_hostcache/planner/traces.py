@@ -110,11 +110,11 @@ class Trace:
 
 GZIP_MAGIC = b"\x1f\x8b"
 # Errors reading a file can raise besides ValueError: turned into one ValueError naming the file.
-READ_ERRORS = (OSError, EOFError, UnicodeDecodeError, zlib.error)
+READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
-def _open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Text of a trace file, gunzipped when its first bytes are the gzip magic (whatever its name)."""
+def _open_bytes(path: str | os.PathLike) -> io.BufferedIOBase:
+    """Bytes of a trace file, gunzipped when its first bytes are the gzip magic (whatever its name)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a folder, not a trace file")
@@ -124,20 +124,48 @@ def _open_text(path: str | os.PathLike) -> io.TextIOBase:
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if magic == GZIP_MAGIC:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return gzip.open(path, "rb")
     if path.suffix == ".gz":
         raise ValueError(f"{path}: named .gz but not gzip-compressed")
-    return open(path, encoding="utf-8")
+    return open(path, "rb")
+
+
+def _text(raw: bytes, where: str, whole_file: bool) -> str:
+    """``raw`` as UTF-8; a bad byte is named by its column (and, in a whole file, its line)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        line = raw.count(b"\n", 0, exc.start) + 1
+        at = f"line {line}, byte {col}" if whole_file else f"byte {col}"
+        raise ValueError(f"{where}: not UTF-8 text ({at})") from None
+
+
+def _json(text: str, where: str):
+    """One JSON document; every way it can fail (syntax, nesting too deep, an int too long to convert) is
+    one ValueError naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f" at line {exc.lineno}" if exc.lineno > 1 else ""
+        raise ValueError(f"{where}: not JSON ({exc.msg}{at})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+    except ValueError as exc:   # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise ValueError(f"{where}: not usable JSON ({exc})") from None
 
 
 def _read_error(path, exc: BaseException) -> ValueError:
-    if isinstance(exc, UnicodeDecodeError):
-        why = f"not UTF-8 text (byte {exc.start})"
-    elif isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
         why = f"corrupt or truncated gzip data ({exc})"
     else:
         why = getattr(exc, "strerror", None) or str(exc)
     return ValueError(f"{path}: cannot read the trace: {why}")
+
+
+MAX_TRACE_BLOCK_ID = 2**64 - 1   # replays encode a block id in 8 bytes (tier.digest.block_id_bytes)
+MAX_TIME_VALUE = 1e300   # a time field above this is no time (and a larger int has no float)
+MAX_OUTPUT_TOKENS = 10_000_000   # no model generates this many tokens for one request
 
 
 def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
@@ -161,6 +189,9 @@ def _num_field(obj: dict, key: str, where: str, default: float | None = None) ->
         return v  # the readers count these and refuse the file with the count
     if v < 0:
         raise ValueError(f"{where}: field {key!r} must be a number >= 0, got {v!r}")
+    if isinstance(v, int) and v > MAX_TIME_VALUE:
+        raise ValueError(f"{where}: field {key!r} is out of range (an int of {v.bit_length()} bits; at most "
+                         f"{MAX_TIME_VALUE:.0e})")
     return float(v)
 
 
@@ -192,7 +223,17 @@ def _hash_ids(obj: dict, where: str) -> tuple[int, ...]:
     for v in ids:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{where}: field 'hash_ids' must hold ints >= 0, found {v!r}")
+        if v > MAX_TRACE_BLOCK_ID:
+            raise ValueError(f"{where}: field 'hash_ids' holds an id of {v.bit_length()} bits; block ids are below 2**64")
     return tuple(ids)
+
+
+def _output_length(obj: dict, key: str, where: str) -> int:
+    n = _int_field(obj, key, where) if key in obj else 0
+    if n > MAX_OUTPUT_TOKENS:
+        raise ValueError(f"{where}: field {key!r} is {n:,} tokens; no model generates more than "
+                         f"{MAX_OUTPUT_TOKENS:,} for one request")
+    return n
 
 
 def derive_session(hash_ids: Sequence[int]) -> int:
@@ -260,9 +301,10 @@ def read_mooncake(path: str | os.PathLike, block_size: int | None = None,
     bad_time = _NonFinite("timestamp")
     meta = _MooncakeFile(path, block_size)
     try:
-        with _open_text(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                _mooncake_line(line, f"{path}:{lineno}", meta, reqs, bad_time)
+        with _open_bytes(path) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{path}:{lineno}"
+                _mooncake_line(_text(raw, where, whole_file=False), where, meta, reqs, bad_time)
     except READ_ERRORS as exc:
         raise _read_error(path, exc) from None
     bad_time.check(path)
@@ -303,10 +345,7 @@ def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Reques
     line = line.strip()
     if not line:
         return
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+    obj = _json(line, where)
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object")
     block_size = meta.record_block_size(obj, where)
@@ -326,16 +365,18 @@ def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Reques
     reqs.append(Request(
         timestamp=ts / 1000.0,
         input_length=inp,
-        output_length=_int_field(obj, "output_length", where) if "output_length" in obj else 0,
+        output_length=_output_length(obj, "output_length", where),
         hash_ids=ids,
         session=session,
     ))
 
 
 def _weka_requests(items: list, t0: float, session: str, id_offset: int, where: str,
-                   out: list[Request], bad_time: _NonFinite) -> int:
+                   out: list[Request], bad_time: _NonFinite, block_size: int, depth: int = 0) -> int:
     """Flatten WEKA requests (sub-agent requests nested, their ``t`` relative to the sub-agent's
     start); returns the largest local hash id seen."""
+    if depth > MAX_SUBAGENT_DEPTH:
+        raise ValueError(f"{where}: sub-agents nested more than {MAX_SUBAGENT_DEPTH} deep")
     max_id = 0
     for i, r in enumerate(items):
         w = f"{where} requests[{i}]"
@@ -346,16 +387,24 @@ def _weka_requests(items: list, t0: float, session: str, id_offset: int, where: 
         if "hash_ids" not in r and isinstance(r.get("requests"), list):  # sub-agent
             agent = r.get("agent_id", i)
             max_id = max(max_id, _weka_requests(r["requests"], t, f"{session}/{agent}", id_offset, w, out,
-                                                 bad_time))
+                                                 bad_time, block_size, depth + 1))
             continue
         ids = _hash_ids(r, w)
         inp = _int_field(r, "in", w)
+        if len(ids) > -(-inp // block_size):
+            raise ValueError(f"{w}: {len(ids)} hash_ids for in={inp} (at most {-(-inp // block_size)} blocks of "
+                             f"{block_size})")
         if ids:
             max_id = max(max_id, max(ids))
-        out.append(Request(timestamp=t, input_length=inp,
-                           output_length=_int_field(r, "out", w) if "out" in r else 0,
+            if max_id + id_offset > MAX_TRACE_BLOCK_ID:
+                raise ValueError(f"{w}: block id {max_id} is too large to be offset past the earlier files' ids "
+                                 "(merged ids must stay below 2**64): give this file alone")
+        out.append(Request(timestamp=t, input_length=inp, output_length=_output_length(r, "out", w),
                            hash_ids=tuple(h + id_offset for h in ids), session=session))
     return max_id
+
+
+MAX_SUBAGENT_DEPTH = 64
 
 
 def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: str | None = None) -> Trace:
@@ -374,12 +423,11 @@ def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: 
     bad_time = _NonFinite("t")
     for k, path in enumerate(paths):
         try:
-            with _open_text(path) as fh:
-                doc = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not JSON ({exc.msg})") from None
+            with _open_bytes(path) as fh:
+                raw = fh.read()
         except READ_ERRORS as exc:
             raise _read_error(path, exc) from None
+        doc = _json(_text(raw, str(path), whole_file=True), str(path))
         where = str(path)
         if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
             raise ValueError(f"{where}: expected an object with a 'requests' list")
@@ -392,13 +440,10 @@ def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: 
         if scope != "local":
             raise ValueError(f"{where}: hash_id_scope {scope!r} is not supported (only 'local')")
         session = str(doc.get("id", path.stem))
-        max_id = _weka_requests(doc["requests"], k * stagger_s, session, offset, where, reqs, bad_time)
+        max_id = _weka_requests(doc["requests"], k * stagger_s, session, offset, where, reqs, bad_time, bs)
         offset += max_id + 1
     bad_time.check(", ".join(map(str, paths)))
     assert block_size is not None
-    for r in reqs:
-        if len(r.hash_ids) > r.prompt_blocks(block_size):
-            raise ValueError(f"{r.session}: {len(r.hash_ids)} hash_ids for in={r.input_length}")
     reqs.sort(key=lambda r: r.timestamp)
     label = name or (paths[0].name if len(paths) == 1 else f"{len(paths)} WEKA sessions")
     return Trace(label, block_size, reqs, source=", ".join(map(str, paths)))
@@ -407,17 +452,24 @@ def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: 
 def sniff_format(path: str | os.PathLike) -> str:
     """'mooncake' or 'weka' from the file's first non-blank character."""
     try:
-        with _open_text(path) as fh:
-            head = fh.read(4096).lstrip()
+        with _open_bytes(path) as fh:
+            first, lineno = b"", 0
+            for lineno, raw in enumerate(fh, 1):          # the first non-blank line, whole
+                if raw.strip():
+                    first = raw.strip()
+                    break
     except READ_ERRORS as exc:
         raise _read_error(path, exc) from None
-    if not head:
+    if not first:
         raise ValueError(f"{path}: empty trace file")
-    if head.startswith("{") and '"hash_ids"' in head.split("\n", 1)[0] and '"input_length"' in head.split("\n", 1)[0]:
-        return "mooncake"
-    if head.startswith("{"):
-        return "weka"
-    raise ValueError(f"{path}: neither Mooncake JSONL nor WEKA session JSON")
+    _text(first, f"{path}:{lineno}", whole_file=False)
+    if not first.startswith(b"{"):
+        raise ValueError(f"{path}: neither Mooncake JSONL nor WEKA session JSON")
+    try:   # a line that is a whole object is a Mooncake record unless it is a session with a 'requests' list
+        obj = json.loads(first)
+    except (ValueError, RecursionError):
+        return "weka"            # an object spread over several lines (or not JSON: the WEKA reader says where)
+    return "weka" if isinstance(obj, dict) and isinstance(obj.get("requests"), list) else "mooncake"
 
 
 TRACE_FORMATS = ("auto", "mooncake", "weka")
@@ -433,17 +485,26 @@ def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_s
     if fmt not in TRACE_FORMATS:
         raise ValueError(f"trace format must be one of {TRACE_FORMATS}, got {fmt!r}")
     paths: list[Path] = []
+    seen: set[Path] = set()
     for t in sources:
         tp = Path(t)
         if tp.is_dir():
             found = sorted(tp.glob("*.json")) + sorted(tp.glob("*.jsonl")) + sorted(tp.glob("*.jsonl.gz"))
             if not found:
                 raise ValueError(f"trace folder {tp} holds no *.json / *.jsonl files")
-            paths += found
+            # an empty file in a folder holds no requests yet (a capture's live file before any traffic)
+            found = [f for f in found if not (f.is_file() and f.stat().st_size == 0)]
+            if not found:
+                raise ValueError(f"trace folder {tp} holds only empty files")
         elif tp.exists():
-            paths.append(tp)
+            found = [tp]
         else:
             raise ValueError(f"trace file {tp} does not exist")
+        for f in found:     # a file named twice (or a folder and a file in it) is read once
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                paths.append(f)
     if not paths:
         raise ValueError("no trace files given")
     if fmt == "auto":

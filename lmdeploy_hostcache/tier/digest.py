@@ -145,12 +145,9 @@ def chain_digests(
     return h.digests, h.block_bytes
 
 
-MAX_TRACE_BLOCK_ID = 2**64 - 1
-
-
 def block_id_bytes(block_id: int) -> bytes:
     """A trace's block id as the block's 'token bytes' in a replay (8 bytes little-endian: Mooncake ids
-    and a capture's 63-bit keyed ids alike; the trace readers refuse ids above ``MAX_TRACE_BLOCK_ID``)."""
+    and a capture's 63-bit keyed ids alike; ``planner.traces`` refuses ids of 2**64 or more)."""
     return block_id.to_bytes(8, "little")
 
 

@@ -193,3 +193,103 @@ def test_a_sweep_that_has_not_flattened_recommends_nothing(capsys, tmp_path):
                                "--sweep-values", "0,5,10", "--plot", str(tmp_path / "s.png")])
     assert rc == 0
     assert "not saturated" in out and "recommended host size: 10 blocks" not in out
+
+
+# -- hardening found by an audit (stop 33): every absurd value is one named error, never a traceback or a hang --
+
+def _line(**kw) -> str:
+    rec = {"timestamp": 0, "input_length": 1024, "output_length": 1, "hash_ids": [1, 2]}
+    rec.update(kw)
+    return json.dumps(rec)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"timestamp": 1' + "0" * 400 + ', "input_length": 1024, "output_length": 1, "hash_ids": [1, 2]}',
+     ":1: field 'timestamp' is out of range"),
+    (_line(hash_ids=[1, 2**64]), ":1: field 'hash_ids' holds an id of 65 bits"),
+    ('{"timestamp": 0, "input_length": 1024, "hash_ids": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     ":1: JSON nested too deeply"),
+    ('{"timestamp": 0, "input_length": 1024, "output_length": ' + "9" * 5000 + ', "hash_ids": [1, 2]}',
+     ":1: not usable JSON"),
+    (_line(output_length=10**35), ":1: field 'output_length' is 100,000,000,000,000,000,000,000,000,000,000,000 "
+                                  "tokens; no model generates more than 10,000,000"),
+    ('{"timestamp": 0, "output_length": 1, "hash_ids": [1, 2]}', ":1: missing field 'input_length'"),
+])
+def test_absurd_mooncake_values_are_one_named_error(capsys, tmp_path, text, match):
+    p = tmp_path / "t.jsonl"
+    p.write_text(_line() + "\n" + text + "\n" if "input_length'" not in match else text + "\n")
+    rc, _, err = _run(capsys, [str(p), "--quiet", "--gpu-blocks", "10", "--host-blocks", "10"])
+    line = 1 if "input_length'" in match else 2
+    assert rc == 2 and err.startswith(f"error: {p}:") and match.replace(":1:", f":{line}:") in err, err
+    assert err.count("\n") == 1
+
+
+def test_a_bad_byte_is_named_by_its_line(capsys, tmp_path):
+    p = tmp_path / "late.jsonl"
+    p.write_bytes((_line() + "\n").encode() * 1000 + b'{"timestamp": 0, "x": "\xff"}\n')
+    rc, _, err = _run(capsys, [str(p), "--quiet", "--format", "mooncake"])
+    assert rc == 2 and f"{p}:1001: not UTF-8 text (byte 24)" in err
+
+
+def test_sniffing_reads_the_first_record_whole(capsys, tmp_path):
+    """A record whose hash_ids come first (or run past 4 KB) is still a Mooncake record."""
+    p = tmp_path / "order.jsonl"
+    ids = list(range(400))
+    p.write_text(json.dumps({"hash_ids": ids, "timestamp": 0, "input_length": 512 * 400, "output_length": 1}) + "\n"
+                 + json.dumps({"hash_ids": ids, "timestamp": 5, "input_length": 512 * 400, "output_length": 1}) + "\n")
+    rc, out, err = _run(capsys, [str(p), "--quiet", "--json", "--gpu-blocks", "1000", "--host-blocks", "0"])
+    assert rc == 0, err
+    # the second prompt matches its first 399 blocks (the last token is always computed)
+    assert json.loads(out)["requests"] == 2 and json.loads(out)["gpu_hit_blocks"] == 399
+
+
+def _weka(path, requests, block_size=64):
+    path.write_text(json.dumps({"id": path.stem, "block_size": block_size, "requests": requests}))
+    return path
+
+
+def test_weka_errors_name_the_file_and_request(capsys, tmp_path):
+    p = _weka(tmp_path / "a.json", [{"t": 0, "in": 64, "hash_ids": [0]}, {"t": 1, "in": 10, "hash_ids": [0, 1]}])
+    rc, _, err = _run(capsys, [str(p), "--quiet"])
+    assert rc == 2 and f"{p} requests[1]: 2 hash_ids for in=10 (at most 1 blocks of 64)" in err
+    big = _weka(tmp_path / "b.json", [{"t": 0, "in": 64, "hash_ids": [2**64 - 1]}])
+    other = _weka(tmp_path / "c.json", [{"t": 0, "in": 64, "hash_ids": [5]}])
+    rc, _, err = _run(capsys, [str(big), str(other), "--quiet"])
+    assert rc == 2 and f"{other} requests[0]: block id 5 is too large to be offset" in err
+    deep = {"t": 0, "in": 64, "hash_ids": [0]}
+    for _ in range(200):
+        deep = {"t": 0, "requests": [deep]}
+    d = _weka(tmp_path / "d.json", [deep])
+    rc, _, err = _run(capsys, [str(d), "--quiet"])
+    assert rc == 2 and str(d) in err and ("nested more than 64 deep" in err or "nested too deeply" in err)
+
+
+def test_huge_lengths_neither_hang_nor_grow_memory(capsys, tmp_path):
+    p = tmp_path / "long.jsonl"
+    p.write_text(_line() + "\n" + _line(timestamp=1, output_length=9_000_000) + "\n")
+    rc, out, err = _run(capsys, [str(p), "--quiet", "--json", "--gpu-blocks", "10", "--host-blocks", "10"])
+    assert rc == 0, err          # one growth per 512-token block, not per token: 17,578 steps, not 9 million
+    assert json.loads(out)["requests"] == 2
+    q = tmp_path / "absurd.jsonl"
+    q.write_text(_line() + "\n" + _line(timestamp=1, input_length=10**12) + "\n")
+    rc, _, err = _run(capsys, [str(q), "--quiet", "--engine-steps"])
+    assert rc == 2 and "--engine-steps: request 1 of absurd.jsonl has input_length 1,000,000,000,000" in err
+
+
+def test_folders_skip_empty_files_and_files_are_read_once(capsys, tmp_path):
+    cap = tmp_path / "cap"
+    cap.mkdir()
+    rec = dict(block_size=512, capture="k")
+    (cap / "capture.1.jsonl").write_text("\n".join(json.dumps(dict(json.loads(_line(timestamp=t)), **rec))
+                                                   for t in range(3)) + "\n")
+    (cap / "capture.jsonl").write_text("")      # the live file of a node that has served nothing since
+    args = ["--quiet", "--json", "--gpu-blocks", "10", "--host-blocks", "10"]
+    rc, out, err = _run(capsys, [str(cap), *args])
+    assert rc == 0, err
+    once = json.loads(out)
+    rc, out, err = _run(capsys, [str(cap), str(cap / "capture.1.jsonl"), str(cap / "capture.1.jsonl"), *args])
+    assert rc == 0, err
+    twice = json.loads(out)
+    assert once["requests"] == twice["requests"] == 3 and once["hit_rate"] == twice["hit_rate"]
+    rc, _, err = _run(capsys, [str(cap / "capture.jsonl"), "--quiet"])
+    assert rc == 2 and "empty trace file" in err           # an empty file given by name is still refused

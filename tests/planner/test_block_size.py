@@ -108,7 +108,8 @@ def test_merging_captures_needs_one_key(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"d.jsonl: field 'block_size' is 32"):
         read_mooncake_files([a, d])
     plain = _write(tmp_path / "plain.jsonl", RECORDS)
-    rc, _, err = _plan(capsys, [str(plain), str(plain), "--block-size", "64"])
+    plain2 = _write(tmp_path / "plain2.jsonl", RECORDS)
+    rc, _, err = _plan(capsys, [str(plain), str(plain2), "--block-size", "64"])
     assert rc == 2 and "plain.jsonl" in err and "give one trace at a time" in err
     rc, out, err = _plan(capsys, [str(a), str(b), "--json", "--gpu-blocks", "100", "--host-blocks", "0"])
     assert rc == 0, err
