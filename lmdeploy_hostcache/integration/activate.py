@@ -412,7 +412,7 @@ def _patch_executor_base(mod) -> None:
         if is_host_tier(tc):
             from ..config import HostCacheConfig
             from .compat import UnsupportedConfiguration, check_model_supported
-            from .engine_config import cache_plan_for_executor, plan_host_slots, size_host_cache
+            from .engine_config import cache_plan_for_executor, kv_dtype_name, plan_host_slots, size_host_cache
 
             check_model_supported(self.cache_config, model_config=self.model_config,
                                   misc_config=getattr(self, "misc_config", None))
@@ -432,6 +432,8 @@ def _patch_executor_base(mod) -> None:
                                                 "memory (host_cache_gb) or run without --host-cache-gb"])
             extra["host_cache_blocks"] = blocks
             extra["host_slot_bytes"] = slot_bytes
+            # blocks of two dtypes have the same size: the dtype keys every namespace and store key
+            extra["kv_dtype"] = kv_dtype_name(self.model_config, self.cache_config.quant_policy)
             if slots.tensor_specs is not None:
                 extra["host_tensor_specs"] = [dict(spec) for spec in slots.tensor_specs]
             else:

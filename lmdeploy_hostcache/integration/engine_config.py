@@ -16,7 +16,9 @@ Python API (all three give the same engine):
      "host_slot_bytes": int,     # idem: bytes of one host slot on one TP rank, in host_kv_format
      "host_tensor_specs": [...], # idem, lossy host_kv_format only: the packed page fields of
                                  #   LMDeploy's cache plan (encode_tensor_specs), for the workers
-     "model_identity": str}      # set at start-up from the model path
+     "model_identity": str,      # set at start-up from the model path
+     "kv_dtype": str}            # set by the executor hook: the model dtype and LMDeploy's KV cache
+                                 #   dtype (kv_dtype_name), part of every digest namespace and store key
 
 Host slot planning (executor hook, before any KV cache exists): ``plan_host_slots`` turns the
 per-rank GPU block bytes LMDeploy measured into per-rank host slot bytes for the configured
@@ -209,6 +211,23 @@ def with_host_cache(engine_config: Any, host_cache_gb: float | str | None = None
     require_supported_lmdeploy()  # HostTierUnavailable on any LMDeploy but the supported one
     out.kv_transfer_config = host_tier_transfer_config(host_cache_gb, config, existing=engine_config.kv_transfer_config)
     return out
+
+
+def kv_dtype_name(model_config: Any, quant_policy: int) -> str:
+    """The dtypes that decide a block's bytes: the model's (activations, and the scales of quantized caches)
+    and, when it differs, LMDeploy's KV cache dtype for ``quant_policy`` (``_resolve_kv_cache_dtype``,
+    pinned by the version guard), e.g. ``bfloat16`` or ``float16/kv-uint8``."""
+    def short(dtype: Any) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    model = short(model_config.dtype)
+    try:
+        from lmdeploy.pytorch.engine.cache_engine.schema import _resolve_kv_cache_dtype
+
+        kv = short(_resolve_kv_cache_dtype(model_config, quant_policy))
+    except Exception:  # noqa: BLE001 -- the model dtype alone still separates fp16 from bf16
+        kv = model
+    return model if kv == model else f"{model}/kv-{kv}"
 
 
 def model_identity_from_path(model_path: str | None) -> str | None:

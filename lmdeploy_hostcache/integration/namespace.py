@@ -7,8 +7,11 @@ Everything that changes those bytes for identical tokens enters the ``digest.Nam
   layer from the model path/revision; required, never guessed);
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
   the per-adapter roots of LMDeploy's BlockTrie);
-* the KV format: LMDeploy's ``quant_policy``, the kernel page size, and the host format
-  (``host_kv_format``: ``same`` keeps the GPU bytes, ``int8``/``int4`` re-quantize);
+* the KV format: LMDeploy's ``quant_policy``, the KV dtype (``kv_dtype`` in the extra config, set
+  by the executor hook from LMDeploy's model config: fp16 and bf16 blocks have the same size and
+  pass every token and checksum check, so without it a bf16 node could restore fp16 bytes
+  from the shared store), the kernel page size, and the host format (``host_kv_format``:
+  ``same`` keeps the GPU bytes, ``int8``/``int4`` re-quantize);
 * the scheduler block size;
 * ``tenant_salt`` from ``HostCacheConfig`` (engines/tenants with different salts never share).
 
@@ -35,10 +38,12 @@ def model_identity_from_extra(extra_config: dict[str, Any]) -> str:
     return ident
 
 
-def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: str) -> str:
-    """Name of the bytes a host slot holds, e.g. ``native/kb64`` or ``native/kb64>int4``."""
+def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: str, kv_dtype: str | None = None) -> str:
+    """Name of the bytes a host slot holds, e.g. ``native:bfloat16/kb64`` or ``native:float16/kb64>int4``
+    (``kv_dtype`` None: no dtype in the name, for callers that fix it themselves, such as the CPU harness)."""
     q = int(quant_policy)
-    base = f"{_QUANT_NAMES.get(q, f'q{q}')}/kb{int(kernel_block_size)}"
+    dtype = f":{kv_dtype}" if kv_dtype else ""
+    base = f"{_QUANT_NAMES.get(q, f'q{q}')}{dtype}/kb{int(kernel_block_size)}"
     return base if host_kv_format == "same" else f"{base}>{host_kv_format}"
 
 
@@ -57,11 +62,14 @@ class NamespaceFactory:
     def from_cache_config(cls, cache_config, hostcache: HostCacheConfig) -> NamespaceFactory:
         """Build from an LMDeploy ``CacheConfig`` carrying our ``kv_transfer_config``."""
         extra = cache_config.kv_transfer_config.kv_connector_extra_config
+        kv_dtype = extra.get("kv_dtype")
+        if kv_dtype is not None and (not isinstance(kv_dtype, str) or not kv_dtype.strip()):
+            raise ValueError(f"kv_connector_extra_config['kv_dtype'] must be a non-empty string, got {kv_dtype!r}")
         return cls(
             model=model_identity_from_extra(extra),
             block_size=cache_config.block_size,
             kv_format=kv_format_name(cache_config.quant_policy, cache_config.kernel_block_size,
-                                     hostcache.host_kv_format),
+                                     hostcache.host_kv_format, kv_dtype),
             tenant_salt=hostcache.tenant_salt,
         )
 

@@ -5,6 +5,7 @@ import copy
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lmdeploy_hostcache.integration.compat import (
     CONNECTOR_NAME,
@@ -186,7 +187,7 @@ def test_executor_init_ignores_engines_without_the_host_tier(active):
 def test_executor_sizes_host_slots_from_gb(active):
     from lmdeploy.pytorch.engine.executor.base import _WorkerCachePlanSizes
 
-    model = SimpleNamespace(sliding_window=-1, states_shapes=[])
+    model = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.bfloat16)
     cfg = _cache_config()  # hostcache_config.host_cache_gb = 1
     ex = _executor(cfg, model)
     mib = 1 << 20
@@ -197,6 +198,7 @@ def test_executor_sizes_host_slots_from_gb(active):
     assert cfg.num_gpu_blocks > 2  # stock behaviour still ran
     assert extra["host_slot_bytes"] == mib + mib // 4
     assert extra["host_cache_blocks"] == (1 << 30) // (2 * (mib + mib // 4))
+    assert extra["kv_dtype"] == "bfloat16"      # keys every namespace: fp16 and bf16 blocks share a size
 
 
 def test_executor_logs_the_tier_active_line(active, monkeypatch):
@@ -207,7 +209,7 @@ def test_executor_logs_the_tier_active_line(active, monkeypatch):
     lines = []
     monkeypatch.setattr(lmdeploy.utils, "get_logger",
                         lambda name: SimpleNamespace(info=lines.append, warning=lines.append))
-    ex = _executor(_cache_config(), SimpleNamespace(sliding_window=-1, states_shapes=[]))
+    ex = _executor(_cache_config(), SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.float16))
     ex._update_num_gpu_blocks([8 << 30], [_WorkerCachePlanSizes(target=1 << 20, spec=0)], None)
     active_lines = [ln for ln in lines if ln.startswith("lmdeploy-hostcache: host tier active: ")]
     assert len(active_lines) == 1, lines
@@ -275,7 +277,7 @@ def test_executor_lossy_slots_keep_the_spec_model_bytes_raw(active):
 
 def test_executor_same_format_keeps_gpu_bytes_and_needs_no_plan(active):
     ex, cfg, plan = _lossy_executor("same", with_agent=False)
-    ex.model_config = SimpleNamespace(sliding_window=-1, states_shapes=[])  # a plan could not be built
+    ex.model_config = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.float16)  # no plan
     extra = _size(ex, plan)
     assert extra["host_slot_bytes"] == plan.logical_block_nbytes and "host_tensor_specs" not in extra
 

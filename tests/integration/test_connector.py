@@ -470,10 +470,36 @@ def test_namespace_separates_everything_that_changes_kv_bytes():
         NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "int4")).for_adapter(None),
         NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "same"), tenant_salt="t").for_adapter(None),
         base.for_adapter("lora-a"),
+        NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "same", "float16")).for_adapter(None),
+        NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "same", "bfloat16")).for_adapter(None),
     ]
     roots = {base.for_adapter(None).root} | {v.root for v in variants}
-    assert len(roots) == 6
+    assert len(roots) == 8
     assert base.for_adapter("") is base.for_adapter(None)
+
+
+def test_fp16_and_bf16_engines_never_share_a_store_key():
+    """Blocks of the two dtypes have one size and pass every token and checksum check: only the dtype in
+    the namespace keeps a bf16 node from restoring an fp16 node's bytes out of the shared store."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmdeploy_hostcache.config import HostCacheConfig
+    from lmdeploy_hostcache.integration.engine_config import kv_dtype_name
+    from lmdeploy_hostcache.l3.keys import StoreKeyspace
+
+    names = {d: kv_dtype_name(SimpleNamespace(dtype=d), 0) for d in (torch.float16, torch.bfloat16)}
+    assert names == {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    spaces = [StoreKeyspace(NamespaceFactory(MODEL, BS, kv_format_name(0, BS, "same", n)).for_adapter(None),
+                            block_nbytes=4096) for n in names.values()]
+    assert spaces[0].key(7) != spaces[1].key(7)
+    cc = make_cache_config()
+    cc.kv_transfer_config.kv_connector_extra_config["kv_dtype"] = "bfloat16"
+    assert NamespaceFactory.from_cache_config(cc, HostCacheConfig()).kv_format.startswith("native:bfloat16/")
+    cc.kv_transfer_config.kv_connector_extra_config["kv_dtype"] = 16
+    with pytest.raises(ValueError, match=r"kv_dtype'\] must be a non-empty string"):
+        NamespaceFactory.from_cache_config(cc, HostCacheConfig())
 
 
 def test_namespace_requires_model_identity():
