@@ -125,3 +125,33 @@ def test_lookup_requires_block_bytes_when_verifying():
     with pytest.raises(ValueError, match="block_bytes"):
         idx.lookup([d1])
     assert idx.stats.as_dict() == before, "a rejected lookup must not count as a lookup"
+
+
+def test_a_colliding_digest_with_the_same_tokens_under_another_prefix_is_not_returned():
+    """Block X (tokens T) was stored under prefix a1.  A request whose chain is b1 then (by a collision) X's
+    digest, with the same tokens T, must not get X: X holds KV computed after another prefix."""
+    idx = HostIndex(8)
+    (a1, x), (ta1, tx) = chain_digests(NS, _tokens(A1, A3))
+    (b1,), (tb1,) = chain_digests(NS, B2)
+    _store_chain(idx, [a1, x], [ta1, tx])
+    _store_chain(idx, [b1], [tb1])
+    assert idx.lookup([a1, x], [ta1, tx]) == 2                 # the genuine chain
+    assert idx.lookup([b1, x], [tb1, tx]) == 1                 # stops at X: its parent is a1, not b1
+    assert idx.stats.verify_mismatches == 1
+    idx.check_invariants()
+
+
+def test_a_doomed_block_waiting_only_for_its_spare_copy_passes_the_checks():
+    """First copy and a spare copy in flight, the subtree dropped, the first copy ends: a legal state in
+    which only the spare's write pin keeps the block; both slots are freed once the spare's copy ends."""
+    for first_ok in (True, False):
+        idx = HostIndex(4)
+        first = idx.prepare_store(1, 0, b"a")
+        spare = idx.prepare_spare(1, b"a")
+        assert first is not None and spare is not None and first != spare
+        idx.drop_subtree(0)
+        idx.complete_store(1, first_ok, slot=first)
+        idx.check_invariants()
+        idx.complete_store(1, True, slot=spare)
+        idx.check_invariants()
+        assert idx.get(1) is None and idx.num_free_slots == 4

@@ -50,10 +50,13 @@ Invariants (``check_invariants``):
    keeps a child whose host parent was evicted; when a parent leaves *every* tier the caller
    reclaims its host subtree with ``drop_subtree`` (blocks mid-copy are doomed: invisible to
    lookups and freed when their last pin goes);
-4. ``lookup`` returns a block only after comparing its stored token bytes with the request's
-   (when ``verify_tokens``), so a digest collision can never return a wrong block.  Tokens are
-   stored rather than a second digest because the comparison is exact (not merely improbable to
-   fail) and 64 tokens cost 256 bytes, well inside the metadata budget;
+4. ``lookup`` returns a block only after comparing its stored token bytes with the request's and,
+   for every block after the first of the call, its stored parent with the previous digest (when
+   ``verify_tokens``), so a digest collision can never return a block with other tokens, nor one
+   with the same tokens stored after another prefix.  (The first block's prefix is the caller's
+   chain, carried by its digest alone.)  Tokens are stored rather than a second digest because
+   the comparison is exact (not merely improbable to fail) and 64 tokens cost 256 bytes, well
+   inside the metadata budget;
 5. an unpinned RESIDENT leaf that is not ``on_gpu`` is a policy candidate (``candidate``); an
    unpinned, not doomed ``on_gpu`` block (RESIDENT, only with ``keep_restored``), leaf or not, is in
    the kept-restore queue instead, and in no parent's children; nothing else is in either.
@@ -211,7 +214,9 @@ class HostIndex:
             b = blocks.get(d)
             if b is None or b.state is not BlockState.RESIDENT or b.doomed:
                 break
-            if verify and b.tokens != block_bytes[i]:
+            # verified: its own tokens, and (past the first) the parent it was stored under, so a digest
+            # collision cannot hand back a block with the same tokens that followed another prefix
+            if verify and (b.tokens != block_bytes[i] or (i and b.parent != digests[i - 1])):
                 st.verify_mismatches += 1
                 break
             n += 1
@@ -669,7 +674,8 @@ class HostIndex:
             pins = alloc.pins(b.slot)
             pinned = self._is_pinned(b)
             if b.state is BlockState.WRITING:
-                assert pins >= 1, f"{b} is WRITING without a write pin"
+                # a doomed block whose first copy ended may wait for its spare's copy alone
+                assert pins >= 1 or (b.doomed and pinned), f"{b} is WRITING without a write pin"
             if b.doomed:
                 assert pinned, f"{b} doomed but unpinned (should have been freed)"
             want = (not pinned and b.state is BlockState.RESIDENT and not b.doomed
