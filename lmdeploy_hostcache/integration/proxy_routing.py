@@ -59,6 +59,7 @@ STRATEGY = "cache_aware"
 STOCK_DEFAULT = "min_expected_latency"
 STATUS_PATH = "/hostcache/routing"
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
+FEED_READS_PER_POLL = 64   # feed reads per node in one poll round (each up to the node's max_events)
 
 logger = logging.getLogger("lmdeploy_hostcache.proxy_routing")
 _current: contextvars.ContextVar = contextvars.ContextVar("hostcache_routing_request", default=None)
@@ -375,7 +376,9 @@ class RoutingService:
                 params = st.cursor.params()
             fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
             try:
-                while True:
+                # at most FEED_READS_PER_POLL reads per node and round: a node that always says "more"
+                # cannot starve the others (its cursor resumes next round)
+                for _ in range(FEED_READS_PER_POLL):
                     r = http.get(self.feed_url(url), params=params, timeout=5, headers=headers)
                     if r.status_code == 404:
                         fs["has_feed"] = False
@@ -399,12 +402,17 @@ class RoutingService:
                         self.router.set_health(url, self._healthy_again(url, now))
                         params = self.router.nodes[url].cursor.params()
                     fs["has_feed"], fs["last_ok"] = True, now
+                    fs.pop("invalid", None)
                     if not msg.get("more"):
                         break
             except FeedError as exc:
-                logger.warning("cache_aware routing: node %s sent an invalid cache-state feed: %s", url, exc)
+                if not fs.get("invalid"):   # once until the feed is valid again, not at every poll
+                    fs["invalid"] = True
+                    logger.warning("cache_aware routing: node %s sent an invalid cache-state feed: %s", url, exc)
                 with self.lock:
-                    self.router.set_approximate(url, self.default_profile)
+                    st = self.router.nodes.get(url)
+                    if st is not None and st.exact:   # keep the approximate index it already has
+                        self.router.set_approximate(url, self.default_profile)
             except Exception as exc:
                 down = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
                 with self.lock:

@@ -81,13 +81,22 @@ class L3Client:
                 self.metrics.observe(op, time.perf_counter() - t0)
             return out
 
+    def _reply(self, op: str, out, n: int) -> list:
+        """A batched reply as a list of ``n`` answers; anything else (None, an int, a string, another
+        length) is a store failure, ``L3Unavailable``, so the turn recomputes."""
+        if not isinstance(out, (list, tuple)) or len(out) != n:
+            self._count(errors=1)
+            got = f"{len(out)} answers" if isinstance(out, (list, tuple)) else f"a {type(out).__name__}"
+            raise L3Unavailable(f"{op}: store answered {got} for {n} keys")
+        return list(out)
+
     # -- raw keys ---------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """One batched existence check; raises ``L3Unavailable``/``L3Timeout`` on failure."""
         if not keys:
             return []
-        states = list(self._call("exists", self.backend.batch_is_exist, list(keys)))
-        if len(states) != len(keys) or any(s not in (0, 1) for s in states):
+        states = self._reply("exists", self._call("exists", self.backend.batch_is_exist, list(keys)), len(keys))
+        if any(not isinstance(s, int) or s not in (0, 1) for s in states):   # Mooncake: 1, 0 or a negative code
             self._count(errors=1)
             bad = next((s for s in states if s not in (0, 1)), None)
             raise L3Unavailable(f"exists: store answered {len(states)} states for {len(keys)} keys"
@@ -116,7 +125,7 @@ class L3Client:
                 return [c if c != 0 or e == 1 else NO_SPACE_CODES_FIRST for c, e in zip(codes, there)]
             return [self.backend.put(k, v) for k, v in items]
 
-        codes = self._call("put", run)
+        codes = self._reply("put", self._call("put", run), len(items))
         out = []
         for (key, value), code in zip(items, codes):
             if code == 0:
@@ -134,10 +143,11 @@ class L3Client:
         """Objects by key in one batch; ``None`` where absent."""
         if not keys:
             return []
-        blobs = list(self._call("get", self.backend.get_batch, list(keys)))
-        if len(blobs) != len(keys):
+        blobs = self._reply("get", self._call("get", self.backend.get_batch, list(keys)), len(keys))
+        bad = next((b for b in blobs if b is not None and not isinstance(b, (bytes, bytearray, memoryview))), None)
+        if bad is not None:
             self._count(errors=1)
-            raise L3Unavailable(f"get: store answered {len(blobs)} objects for {len(keys)} keys")
+            raise L3Unavailable(f"get: store answered a {type(bad).__name__} where an object's bytes belong")
         return [b if b else None for b in blobs]
 
     # -- blocks -----------------------------------------------------------------------

@@ -89,7 +89,7 @@ def _address(v: Any) -> str:
     if not isinstance(v, str) or v.count(":") < 1:
         raise ValueError(allowed)
     host, _, port = v.strip().rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(allowed)
     return v.strip()
 
@@ -117,8 +117,13 @@ def _hostname(v: Any) -> str:
     raise ValueError("this node's address as the other nodes reach it (non-empty string)")
 
 
-def _gib(minimum_exclusive: float):
-    allowed = f"a number of GiB > {minimum_exclusive:g}"
+GIB_RANGE = (0.001, 1_048_576.0)   # about 1 MiB to 1 PiB
+
+
+def _gib(minimum: float, maximum: float):
+    """A size in GiB within [minimum, maximum]: a value that rounds to 0 bytes, or one no machine has, fails
+    here naming the field instead of inside Mooncake's setup."""
+    allowed = f"a number of GiB in [{minimum:g}, {maximum:g}]"
 
     def parse(v: Any) -> float:
         if isinstance(v, bool):
@@ -128,7 +133,7 @@ def _gib(minimum_exclusive: float):
                 v = float(v.strip())
             except ValueError:
                 raise ValueError(allowed) from None
-        if not isinstance(v, (int, float)) or not math.isfinite(float(v)) or float(v) <= minimum_exclusive:
+        if not isinstance(v, (int, float)) or not math.isfinite(float(v)) or not minimum <= float(v) <= maximum:
             raise ValueError(allowed)
         return float(v)
     return parse
@@ -154,8 +159,8 @@ _PARSERS = {
     "protocol": _choice(PROTOCOLS),
     "rdma_devices": _text,
     "local_hostname": _hostname,
-    "global_segment_gb": _gib(0.0),
-    "local_buffer_gb": _gib(0.0),
+    "global_segment_gb": _gib(*GIB_RANGE),
+    "local_buffer_gb": _gib(*GIB_RANGE),
     "timeout_ms": _timeout_ms,
     "write_policy": _choice(WRITE_POLICIES),
     "on_unreachable": _choice(ON_UNREACHABLE),

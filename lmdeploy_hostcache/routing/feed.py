@@ -33,10 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from .ids import publish_id
+from .ids import RESERVED_IDS, publish_id
 from .table import GPU, HOST
 
 FEED_VERSION = 1
+# info.host_weight (a restore's cost relative to a prefill) and info.speed (prefill throughput relative to the
+# reference GPU): what a sane node can state; outside is refused, so a hostile feed cannot herd the cluster
+FEED_NUMBER_RANGES = {"host_weight": (0.0, 1.0), "speed": (0.01, 100.0)}
 FEED_PATH = "/hostcache/cache_state"
 DEFAULT_RING_EVENTS = 1 << 16
 DEFAULT_MAX_EVENTS = 1 << 15
@@ -61,7 +64,12 @@ def _unb64(text: Any, dtype, field: str) -> np.ndarray:
     size = np.dtype(dtype).itemsize
     if len(raw) % size:
         raise FeedError(f"feed field {field!r} has {len(raw)} bytes, not a multiple of {size}")
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    out = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    if dtype is np.uint64 and out.size and int(out.min()) < RESERVED_IDS:
+        # 0 marks an empty routing-table slot (an id 0 would lend its bit to the next id placed there)
+        raise FeedError(f"feed field {field!r} holds a reserved id ({int(out.min())}); published ids are >= "
+                        f"{RESERVED_IDS}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -176,10 +184,13 @@ def parse_info(info: Any) -> dict:
         seed = int(ns.get("seed"))
     except (TypeError, ValueError):
         raise FeedError("feed field 'info.namespace' needs 'root' (hex) and 'seed' (int)") from None
-    for k in ("host_weight", "speed"):
+    if not (0 <= root < 1 << 128 and 0 <= seed < 1 << 64):   # a digest root and an xxh3 seed
+        raise FeedError("feed field 'info.namespace' needs 'root' below 2**128 and 'seed' below 2**64, both >= 0")
+    for k, (low, high) in FEED_NUMBER_RANGES.items():
         v = info.get(k, 1.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise FeedError(f"feed field 'info.{k}' must be a number >= 0, got {v!r}")
+        # finite and bounded: one node's feed must not take every request (speed divides its cost)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+            raise FeedError(f"feed field 'info.{k}' must be a number in [{low:g}, {high:g}], got {v!r}")
     return {**info, "namespace_key": NamespaceKey(root, seed, info["block_size"])}
 
 

@@ -50,6 +50,16 @@ def test_missing_address_and_wrong_type():
         parse_l3_section("yes")
     with pytest.raises(ConfigError, match="port"):
         parse_l3_section({"master_address": "h:70000"})
+    for port in ("５００５１", "²"):          # digits, but not ASCII ones
+        with pytest.raises(ConfigError, match="port in 1..65535"):
+            parse_l3_section({"master_address": f"h:{port}"})
+
+
+@pytest.mark.parametrize("field", ["global_segment_gb", "local_buffer_gb"])
+@pytest.mark.parametrize("value", [1e-12, 0, 1e300, float("inf"), "2e7"])
+def test_sizes_that_round_to_nothing_or_no_machine_has_are_refused_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"l3\.{field}: .*GiB in \[0.001, 1.04858e\+06\]"):
+        parse_l3_section({"master_address": "h:1", field: value})
 
 
 def test_hook_in_host_cache_config(tmp_path):

@@ -88,3 +88,48 @@ def test_without_a_tokenizer_the_log_says_text_prefix(caplog):
     with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.proxy_routing"):
         svc = RoutingService(opts)
     assert "text prefix" in caplog.text and svc.status()["mode"].startswith("text-prefix")
+
+
+def test_a_feed_that_always_says_more_cannot_starve_the_other_nodes_and_an_invalid_one_keeps_its_index(caplog):
+    """poll_once reads each node at most FEED_READS_PER_POLL times a round; a node whose feed stays invalid
+    is warned about once and keeps the approximate index the proxy built from what it sent it."""
+    import copy
+    import logging
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.integration import proxy_routing
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService
+    from lmdeploy_hostcache.routing.feed import FeedPublisher
+    from lmdeploy_hostcache.routing.request import RoutingRequest
+    from lmdeploy_hostcache.tier.digest import Namespace
+
+    good, chatty, broken = "http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"
+    pub = FeedPublisher(gpu_blocks=8, host_blocks=8, namespace=Namespace(model="m", block_size=4))
+    reads = {good: 0, chatty: 0, broken: 0}
+
+    class Session:
+        def get(self, url, params=None, timeout=None, headers=None):
+            node = next(n for n in reads if url.startswith(n))
+            reads[node] += 1
+            msg = copy.deepcopy(pub.poll(**(params or {})))   # the publisher's own info dict stays untouched
+            if node == chatty:
+                msg["more"] = True
+            if node == broken:
+                msg["info"]["speed"] = 1e9
+            return SimpleNamespace(status_code=200, json=lambda msg=msg: msg)
+
+    opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": None, "balance": 1.3,
+            "block_size": 4, "gpu_blocks": 16, "host_blocks": 0}
+    svc = RoutingService(opts)
+    svc._sync_nodes([good, chatty, broken])
+    with svc.lock:   # the proxy sent the broken node a request: its approximate index holds the prompt
+        d = svc.router.route(RoutingRequest(list(range(16))), [broken])
+        svc.router.dispatched(d, RoutingRequest(list(range(16))))
+    before = svc.router.nodes[broken].approx
+    with caplog.at_level(logging.WARNING, logger=proxy_routing.logger.name):
+        for _ in range(3):
+            svc.poll_once(session=Session())
+    assert reads[chatty] == 3 * proxy_routing.FEED_READS_PER_POLL and reads[good] == 3 and reads[broken] == 3
+    assert svc.router.nodes[good].exact and svc.router.nodes[chatty].exact
+    assert not svc.router.nodes[broken].exact and svc.router.nodes[broken].approx is before
+    assert sum("invalid cache-state feed" in r.getMessage() for r in caplog.records) == 1

@@ -132,6 +132,34 @@ def test_feed_rejects_bad_messages_naming_the_field():
     assert cur.epoch is None  # nothing applied
 
 
+@pytest.mark.parametrize("where, value, match", [
+    ("speed", 1e6, r"info.speed' must be a number in \[0.01, 100\]"),
+    ("speed", float("inf"), "info.speed"),
+    ("speed", 0, "info.speed"),
+    ("host_weight", 1.5, r"info.host_weight' must be a number in \[0, 1\]"),
+    ("root", "-1", r"root' below 2\*\*128"),
+    ("root", "f" * 40, r"root' below 2\*\*128"),
+    ("seed", str(1 << 64), r"seed' below 2\*\*64"),
+    ("id", 0, r"holds a reserved id \(0\)"),
+    ("id", 1, r"holds a reserved id \(1\)"),
+])
+def test_feed_refuses_values_that_would_herd_or_corrupt_the_router(where, value, match):
+    """A hostile or broken node: a huge speed took every request, an out-of-range root turned cache-aware
+    routing off for the whole cluster, an id 0 lent its bit to the next id placed in its table slot."""
+    import base64
+
+    pub = FeedPublisher(gpu_blocks=1, host_blocks=1, namespace=_ns())
+    msg = pub.poll()
+    if where in ("speed", "host_weight"):
+        msg["info"][where] = value
+    elif where in ("root", "seed"):
+        msg["info"]["namespace"][where] = value
+    else:
+        msg["snapshot"]["host"] = base64.b64encode(np.array([value, 7], dtype="<u8").tobytes()).decode()
+    with pytest.raises(FeedError, match=match):
+        FeedCursor().apply(msg)
+
+
 def _router_with(nodes, **kw):
     r = CacheAwareRouter(**kw)
     for name, gpu, host in nodes:
