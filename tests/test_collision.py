@@ -138,6 +138,8 @@ def test_a_colliding_digest_with_the_same_tokens_under_another_prefix_is_not_ret
     assert idx.lookup([a1, x], [ta1, tx]) == 2                 # the genuine chain
     assert idx.lookup([b1, x], [tb1, tx]) == 1                 # stops at X: its parent is a1, not b1
     assert idx.stats.verify_mismatches == 1
+    assert idx.lookup([x], [tx], parent=b1) == 0               # a chain that starts at X after b1's match
+    assert idx.lookup([x], [tx], parent=a1) == 1 and idx.stats.verify_mismatches == 2
     idx.check_invariants()
 
 

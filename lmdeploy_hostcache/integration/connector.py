@@ -212,6 +212,11 @@ class _RequestChain:
         i, j = first - self.start_block, last - self.start_block
         return self.hasher.digests[i:j], self.hasher.block_bytes[i:j]
 
+    def parent_of(self, block: int) -> int:
+        """The digest block ``block`` is chained after (the chain's root for its first block)."""
+        i = block - self.start_block
+        return self.hasher.digests[i - 1] if i > 0 else self.hasher.parent
+
 
 @dataclass
 class _Load:
@@ -438,7 +443,7 @@ class HostTierScheduler:
         first, last = num_computed // bs, token_len // bs
         chain = self._request_chain(request, first, last)
         digests, blocks = chain.slice(first, last)
-        found = n = self.index.lookup(digests, blocks)
+        found = n = self.index.lookup(digests, blocks, parent=chain.parent_of(first))
         # only what the hold budget covers is reported: a reported hit is held until its load starts
         n = min(n, max(0, self.num_slots // 2 - self._held_blocks))
         s = 0

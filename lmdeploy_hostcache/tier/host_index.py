@@ -51,10 +51,10 @@ Invariants (``check_invariants``):
    reclaims its host subtree with ``drop_subtree`` (blocks mid-copy are doomed: invisible to
    lookups and freed when their last pin goes);
 4. ``lookup`` returns a block only after comparing its stored token bytes with the request's and,
-   for every block after the first of the call, its stored parent with the previous digest (when
-   ``verify_tokens``), so a digest collision can never return a block with other tokens, nor one
-   with the same tokens stored after another prefix.  (The first block's prefix is the caller's
-   chain, carried by its digest alone.)  Tokens are stored rather than a second digest because
+   its stored parent with the previous digest (for the first block, the ``parent`` the caller's
+   match ended at, which the connector always passes) (when ``verify_tokens``), so a digest
+   collision can never return a block with other tokens, nor one with the same tokens stored
+   after another prefix.  Tokens are stored rather than a second digest because
    the comparison is exact (not merely improbable to fail) and 64 tokens cost 256 bytes, well
    inside the metadata budget;
 5. an unpinned RESIDENT leaf that is not ``on_gpu`` is a policy candidate (``candidate``); an
@@ -196,11 +196,14 @@ class HostIndex:
         b = self._blocks.get(digest)
         return b is not None and not b.doomed and b.state is BlockState.RESIDENT
 
-    def lookup(self, digests: Sequence[int], block_bytes: Sequence[bytes] | None = None) -> int:
+    def lookup(self, digests: Sequence[int], block_bytes: Sequence[bytes] | None = None,
+               parent: int | None = None) -> int:
         """How many consecutive blocks from ``digests[0]`` are RESIDENT (tokens verified).
 
-        ``digests`` must be a chain continuing where the caller's own match ended.  No pins,
-        no access-time change: call ``prepare_load`` or ``touch`` to act on the result.
+        ``digests`` must be a chain continuing where the caller's own match ended; ``parent``, when
+        given, is the digest that match ended at (the namespace root for a chain from the start), and
+        the first block must have been stored under it.  No pins, no access-time change: call
+        ``prepare_load`` or ``touch`` to act on the result.
         """
         verify = self.verify_tokens
         if verify and (block_bytes is None or len(block_bytes) < len(digests)):
@@ -216,9 +219,11 @@ class HostIndex:
                 break
             # verified: its own tokens, and (past the first) the parent it was stored under, so a digest
             # collision cannot hand back a block with the same tokens that followed another prefix
-            if verify and (b.tokens != block_bytes[i] or (i and b.parent != digests[i - 1])):
-                st.verify_mismatches += 1
-                break
+            if verify:
+                want_parent = digests[i - 1] if i else parent
+                if b.tokens != block_bytes[i] or (want_parent is not None and b.parent != want_parent):
+                    st.verify_mismatches += 1
+                    break
             n += 1
         st.hit_blocks += n
         return n
