@@ -594,7 +594,13 @@ class HostTierScheduler:
                 self.drop_host_tier(f"a worker's host pool only holds copies from metadata step {first_step} on "
                                     "(it was rebuilt without the scheduler seeing a teardown)", before_step=first_step)
                 self.clear_gpu_prefix_cache()
-        self._invalid.update(invalid)
+        # only what an in-flight copy can own: a destination block of a shipped load, or the failure marker of a
+        # shipped demotion batch; ids of an unknown, finished or duplicate result would otherwise stay for good
+        # and fail a later, healthy load into a reused GPU block
+        owned = {failed_demotion_marker(b) for b in self._inflight_demotions}
+        for ld in self._inflight_loads.values():
+            owned.update(ld.gpu_blocks)
+        self._invalid.update(invalid & owned)
         for batch in sorted(connector_output.completed_save_ids or ()):
             entry = self._inflight_demotions.pop(batch, None)
             if entry is None:

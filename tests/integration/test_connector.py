@@ -714,3 +714,27 @@ def test_scheduler_side_honours_policy_and_verify_settings(policy, verify):
     index = conn.scheduler_side.index
     assert isinstance(index.policy, POLICIES[policy])
     assert index.verify_tokens is verify
+
+
+def test_failed_block_ids_of_an_unknown_result_never_fail_a_later_load():
+    """A worker output naming a request with no load in flight (unknown, finished or a duplicate) and failed GPU
+    blocks changes nothing: its ids once stayed in the scheduler for good (across an engine sleep too) and
+    failed the next healthy load into those reused GPU blocks."""
+    rig = Rig(num_gpu_blocks=16)
+    rig.poll(KVConnectorOutput(finished_receiving={4242}, invalid_block_ids=set(range(16))))
+    assert not rig.side._invalid
+    rig.s.finish_kv_transfers_after_worker_drain()       # engine sleep: the tier is dropped and starts again
+    a = prompt(1, 17)
+    sid, seq = rig.add(a)
+    rig.step()
+    rig.s.end_session(sid)
+    rig.s.block_trie.evict(1 << 20)                      # A's blocks are demoted to the new pool
+    meta = rig.s.build_connector_meta([])
+    assert meta is not None and meta.demotions
+    rig.poll(rig.complete(meta))
+    _, c = rig.add(a[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    assert meta is not None and meta.loads
+    rig.poll(rig.complete(meta))                         # the worker reports the load done, nothing failed
+    m = rig.side.metrics
+    assert m.restore_failures == 0 and m.restored_tokens == 16 and not rig.side._failed_turns
