@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import math
 import os
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,10 +78,18 @@ class ConfigError(ValueError):
         super().__init__(f"{prefix}invalid host-cache config: {body}")
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 120
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 3, 6, 6
+
+
 def _show(value: Any) -> str:
+    """The value as the error shows it, bounded (a YAML alias bomb or a 5,000-digit int stays one short line)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an int of {value.bit_length()} bits (int)"
     if isinstance(value, str):
-        return repr(value)
-    return f"{value!r} ({type(value).__name__})"
+        return _SHOW.repr(value)
+    return f"{_SHOW.repr(value)} ({type(value).__name__})"
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,20 +123,23 @@ def _number(value: Any, allowed: str) -> float:
     return out
 
 
+MAX_GIB = 1_048_576.0   # 1 PiB: no machine has more; a larger size is a typo, refused here, not at start-up
+
+
 def _parse_host_cache_gb(value: Any) -> float | str:
-    allowed = "a number of GiB >= 0 (0 disables the tier), or 'auto'"
+    allowed = f"a number of GiB in [0, {MAX_GIB:.0f}] (0 disables the tier), or 'auto'"
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
     out = _number(value, allowed)
-    if out < 0:
+    if not 0 <= out <= MAX_GIB:
         raise _Bad(allowed)
     return out
 
 
 def _parse_reserve_gb(value: Any) -> float:
-    allowed = "a number of GiB >= 0"
+    allowed = f"a number of GiB in [0, {MAX_GIB:.0f}]"
     out = _number(value, allowed)
-    if out < 0:
+    if not 0 <= out <= MAX_GIB:
         raise _Bad(allowed)
     return out
 
@@ -157,7 +169,7 @@ def _parse_min_restore_tokens(value: Any) -> int | str:
         text = value.strip()
         if text.lower() == AUTO:  # resolved per engine by restore_cost.resolve_min_restore_tokens
             return AUTO
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise _Bad(allowed)
         return int(text)
     if isinstance(value, float):
@@ -185,6 +197,7 @@ def _parse_tenant_salt(value: Any) -> str:
 
 CAPTURE_SUFFIXES = (".jsonl", ".json")   # what `plan` finds in a folder (and the rotated files keep the suffix)
 CAPTURE_MIN_MB = 1.0
+CAPTURE_MAX_MB = 1_048_576.0   # 1 TiB per file
 
 
 def _parse_capture(value: Any) -> str:
@@ -200,9 +213,9 @@ def _parse_capture(value: Any) -> str:
 
 
 def _parse_capture_max_mb(value: Any) -> float:
-    allowed = f"a number of MiB >= {CAPTURE_MIN_MB:g}"
+    allowed = f"a number of MiB in [{CAPTURE_MIN_MB:g}, {CAPTURE_MAX_MB:.0f}]"
     out = _number(value, allowed)
-    if out < CAPTURE_MIN_MB:
+    if not CAPTURE_MIN_MB <= out <= CAPTURE_MAX_MB:
         raise _Bad(allowed)
     return out
 
@@ -231,12 +244,12 @@ class HostCacheConfig:
         "Host DRAM for the tier on this node, in GiB (2^30 bytes), summed over the engine's "
         "TP ranks. `auto`: available RAM minus `host_memory_reserve_gb`, at most half of "
         "total RAM (`lmdeploy-hostcache doctor` shows the figure and why). 0 disables the tier.",
-        "number >= 0, or `auto`"))
+        "number in [0, 1048576], or `auto`"))
     host_memory_reserve_gb: float = field(default=8.0, metadata=_meta(
         _parse_reserve_gb,
         "RAM that `auto` leaves to the OS, the engine process and its workers, in GiB. "
         "Ignored when `host_cache_gb` is a number.",
-        "number >= 0"))
+        "number in [0, 1048576]"))
     host_kv_format: str = field(default="same", metadata=_meta(
         _parse_host_kv_format,
         "Format of blocks in host memory. `same`: the GPU cache's bytes, copied as they are "
@@ -300,7 +313,7 @@ class HostCacheConfig:
         _parse_capture_max_mb,
         "Size at which the capture file is rotated (renamed `<name>.<n>.jsonl`; a new one is "
         "started), in MiB.",
-        "number >= 1"))
+        "number in [1, 1048576]"))
     capture_offload: bool = field(default=True, metadata=_meta(
         _parse_bool,
         "Encode and write the captured records in a helper process started with the engine (its "

@@ -102,7 +102,9 @@ def load_calibration(path: str | None = None) -> RestoreCalibration:
     except OSError as exc:
         raise CalibrationError(f"{path}: cannot read the restore calibration: {exc.strerror}") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CalibrationError(f"{path}: not a JSON restore calibration: {exc}") from None
+        raise CalibrationError(f"{path}: not a JSON restore calibration: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise CalibrationError(f"{path}: not a JSON restore calibration: nested too deeply") from None
     if not isinstance(data, dict):
         raise CalibrationError(f"{path}: a JSON object with restore_gbps, prefill_tokens_per_s, "
                                f"restore_overhead_ms expected")

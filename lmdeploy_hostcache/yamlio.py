@@ -106,6 +106,9 @@ def _loader():
     return _LOADER
 
 
+MAX_YAML_BYTES = 16 * 2**20
+
+
 def load_yaml_text(text: str, *, source: str | None = None) -> Any:
     """Parse ``text`` strictly (see the module docstring); ``source`` names it in errors."""
     import yaml  # noqa: PLC0415
@@ -121,6 +124,10 @@ def load_yaml_text(text: str, *, source: str | None = None) -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         line = mark.line + 1 if mark is not None else None
         raise YamlError(source, f"not valid YAML: {' '.join(str(problem).split())[:200]}", line) from None
+    except RecursionError:
+        raise YamlError(source, "nested too deeply") from None
+    except ValueError as exc:   # e.g. an int of more digits than Python converts
+        raise YamlError(source, f"a value cannot be read: {str(exc)[:200]}") from None
 
 
 def load_yaml_file(path: str | os.PathLike[str]) -> Any:
@@ -130,13 +137,15 @@ def load_yaml_file(path: str | os.PathLike[str]) -> Any:
         raise YamlError(path, "is a folder, not a YAML file")
     try:
         with open(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_YAML_BYTES + 1)   # a config is small: /dev/zero or a mistaken file is not read whole
     except FileNotFoundError:
         raise YamlError(path, "cannot read it: no such file") from None
     except OSError as exc:
         raise YamlError(path, f"cannot read it: {exc.strerror or exc}") from None
     if b"\x00" in raw:
         raise YamlError(path, "binary data (a NUL byte), not a YAML text file")
+    if len(raw) > MAX_YAML_BYTES:
+        raise YamlError(path, f"larger than {MAX_YAML_BYTES // 2**20} MiB: not a settings file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..planner.cli import DEFAULT_STAGGER_S, positive_int_arg
+from ..planner.cli import DEFAULT_STAGGER_S, plot_path_arg, positive_int_arg
 from ..planner.traces import TRACE_FORMATS
 
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
@@ -151,7 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "request stores at most S x capacity of its missed blocks")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="replay only the first N requests")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.add_argument("--plot", metavar="PNG", help="write capacity-vs-hit-rate curves to this PNG (needs matplotlib)")
+    p.add_argument("--plot", metavar="PNG", type=plot_path_arg, help="write capacity-vs-hit-rate curves to this PNG (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar on stderr")
 
 

@@ -55,10 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name, low in (("blocks", 1), ("block_size", 1), ("repeats", 1), ("metadata_blocks", 1), ("vocab", 2)):
+    # upper bounds: the bench allocates arrays of these sizes, so a typo must not ask for terabytes
+    for name, low, high in (("blocks", 1, 10**8), ("block_size", 1, 1 << 16), ("repeats", 1, 10**6),
+                            ("metadata_blocks", 1, 10**8), ("vocab", 2, 2**32)):
         value = getattr(args, name)
-        if value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if not low <= value <= high:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
     if args.vocab > 2**32:
         raise ValueError(f"--vocab must be <= 2**32 (tokens are stored as uint32), got {args.vocab}")
 
@@ -309,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = measure(args)
     except ValueError as exc:
-        print(f"bench index: {exc}", file=sys.stderr)
+        print(f"error: bench index: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, sort_keys=True))

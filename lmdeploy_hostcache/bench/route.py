@@ -44,10 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args) -> None:
-    for name, low in (("blocks_per_node", 1), ("requests", 1), ("prompt_blocks", 1), ("block_size", 1)):
+    # upper bounds: the routing table is sized from these, so a typo must not ask for terabytes
+    for name, low, high in (("blocks_per_node", 1, 10**8), ("requests", 1, 10**7), ("prompt_blocks", 1, 10**6),
+                            ("block_size", 1, 1 << 16)):
         v = getattr(args, name)
-        if v < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+        if not low <= v <= high:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {v}")
     for n in args.nodes:
         if not 1 <= n <= 64:
             raise ValueError(f"--nodes: each count must be in [1, 64], got {n}")
@@ -201,14 +203,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             res = compare(args.compare, args.trace)
         except ValueError as exc:
-            print(f"bench route: {exc}", file=sys.stderr)
+            print(f"error: bench route: {exc}", file=sys.stderr)
             return 2
         print(json.dumps(res, sort_keys=True) if args.json else format_compare(res))
         return 0
     try:
         res = measure(args)
     except ValueError as exc:
-        print(f"bench route: {exc}", file=sys.stderr)
+        print(f"error: bench route: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(res, sort_keys=True) if args.json else format_table(res))
     return 0

@@ -48,13 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+MAX_SIZE_KIB = 1 << 20
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--sizes-kib must be comma-separated integers, got {text!r}") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise SystemExit(f"--sizes-kib must hold positive sizes, got {text!r}")
+        raise SystemExit(f"error: --sizes-kib must be comma-separated integers, got {text!r}") from None
+    if not sizes or any(not 0 < s <= MAX_SIZE_KIB for s in sizes):
+        raise SystemExit(f"error: --sizes-kib must hold sizes in [1, {MAX_SIZE_KIB}] KiB (1 GiB), got {text!r}")
     return sizes
 
 

@@ -263,7 +263,7 @@ def parse_addr(text: str) -> tuple[str, int]:
     if text.strip().isdigit():  # a bare port: loopback
         text = "127.0.0.1:" + text.strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ValueError(f"{ENV_FEED_ADDR} must be HOST:PORT, got {text!r}")
     return host, int(port)
 
@@ -277,6 +277,9 @@ def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
         host, port = parse_addr(addr)
         api_keys = feed_api_keys()
         check_exposure(host, api_keys)
+        from ..routing.ids import cluster_key
+
+        cluster_key()   # a too-short LMDEPLOY_HOSTCACHE_CLUSTER_SECRET: refused here, not at the first publish
         feed = NodeCacheFeed(side, scheduler.block_trie, int(scheduler.cache_config.num_gpu_blocks),
                              tp=int(getattr(side, "tp_size", 1)))
         lifecycle = scheduler.block_trie._kv_lifecycle

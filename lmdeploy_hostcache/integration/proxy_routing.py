@@ -66,14 +66,17 @@ _current: contextvars.ContextVar = contextvars.ContextVar("hostcache_routing_req
 
 
 # ---------------------------------------------------------------------------------- CLI
-def _positive(kind):
+def _positive(kind, maximum: float = 1e9, minimum_exclusive: float = 0):
+    """argparse type: a ``kind`` in (minimum_exclusive, maximum]; finite (an infinite poll interval killed the
+    poller thread)."""
     def conv(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if not minimum_exclusive < v <= maximum:
+            low = {0: "> 0", -1: ">= 0"}.get(minimum_exclusive, f"> {minimum_exclusive:g}")
+            raise argparse.ArgumentTypeError(f"must be {low} and at most {maximum:g}, got {text!r}")
         return v
     conv.__name__ = kind.__name__
     return conv
@@ -92,11 +95,11 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-aware-model", type=str, default=None, metavar="PATH",
                    help="model path or name whose tokenizer and chat template the nodes use; without it the "
                         "strategy matches text prefixes only (approximate)")
-    g.add_argument("--cache-aware-feed-interval", type=_positive(float), default=1.0, metavar="S",
+    g.add_argument("--cache-aware-feed-interval", type=_positive(float, 3600), default=1.0, metavar="S",
                    help="seconds between polls of each node's cache-state feed")
-    g.add_argument("--cache-aware-feed-timeout", type=_positive(float), default=10.0, metavar="S",
+    g.add_argument("--cache-aware-feed-timeout", type=_positive(float, 86400), default=10.0, metavar="S",
                    help="a node whose feed is silent this long is routed on the approximate index")
-    g.add_argument("--cache-aware-feed-port", type=_positive(int), default=None, metavar="PORT",
+    g.add_argument("--cache-aware-feed-port", type=_positive(int, 65535), default=None, metavar="PORT",
                    help="read each node's feed from this port on the node's host (the engine process serves it "
                         "when started with LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT); default: the node's own URL")
     g.add_argument("--cache-aware-feed-url", action="append", default=None, metavar="NODE_URL=FEED_URL",
@@ -105,16 +108,17 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-aware-feed-api-key", type=str, default=None, metavar="KEY",
                    help="bearer token sent with every feed read (one of the nodes' "
                         "LMDEPLOY_HOSTCACHE_FEED_API_KEYS); default: $LMDEPLOY_HOSTCACHE_FEED_API_KEY")
-    g.add_argument("--cache-aware-error-cooldown", type=_positive(float), default=10.0, metavar="S",
+    g.add_argument("--cache-aware-error-cooldown", type=_positive(float, 86400), default=10.0, metavar="S",
                    help="a node that answered a request with an error is skipped for this long")
-    g.add_argument("--cache-aware-balance", type=_positive(float), default=1.3, metavar="X",
+    g.add_argument("--cache-aware-balance", type=_positive(float, 1000), default=1.3, metavar="X",
                    help="balance guard: skip a node whose share of recent prefill tokens exceeds X times its "
                         "speed-weighted share (>= 1)")
-    g.add_argument("--cache-aware-block-size", type=_positive(int), default=64, metavar="N",
+    g.add_argument("--cache-aware-block-size", type=_positive(int, 1 << 20), default=64, metavar="N",
                    help="block size (tokens) assumed for nodes that publish no feed")
-    g.add_argument("--cache-aware-gpu-blocks", type=_positive(int), default=4096, metavar="N",
+    g.add_argument("--cache-aware-gpu-blocks", type=_positive(int, 1 << 30), default=4096, metavar="N",
                    help="GPU prefix-cache blocks assumed for nodes that publish no feed")
-    g.add_argument("--cache-aware-host-blocks", type=int, default=0, metavar="N",
+    g.add_argument("--cache-aware-host-blocks", type=_positive(int, 1 << 30, minimum_exclusive=-1), default=0,
+                   metavar="N",
                    help="host-tier blocks assumed for nodes that publish no feed")
 
 

@@ -53,6 +53,17 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def plot_path_arg(text: str) -> str:
+    """argparse type of a plot path: a folder is refused, and a name without a suffix gets ``.png`` (matplotlib
+    would add it silently, and the path printed would not be the file written)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a file path for the plot, got an empty one")
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path such as {p / 'plot.png'}")
+    return str(p.with_name(p.name + ".png")) if not p.suffix else text
+
+
 def positive_int_arg(text: str) -> int:
     try:
         v = int(text)
@@ -198,7 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sweep-values", action=_Explicit, type=_csv_floats, default=None, metavar="LIST",
                    help="comma-separated sizes to sweep, in GiB (in blocks with --gpu-blocks/--host-blocks); "
                         "default 0, 1/16 .. 2x the configured size")
-    s.add_argument("--plot", action=_Explicit, default=DEFAULT_PLOT, metavar="PNG", help=f"sweep plot path (default ./{DEFAULT_PLOT})")
+    s.add_argument("--plot", action=_Explicit, default=DEFAULT_PLOT, metavar="PNG", type=plot_path_arg, help=f"sweep plot path (default ./{DEFAULT_PLOT})")
     s.add_argument("--cluster", default=None, metavar="YAML",
                    help="heterogeneous cluster file (see examples/cluster.yaml): it sets the model, format, policy and "
                         "every node's sizes, so --model/--quant-policy/--host-kv-format/--tp/--policy, the "

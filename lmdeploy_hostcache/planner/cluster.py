@@ -44,7 +44,7 @@ from typing import Sequence
 import xxhash
 
 from ..tier.eviction import DEFAULT_POLICY, POLICIES
-from .geometry import HOST_KV_FORMATS, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
+from .geometry import HOST_KV_FORMATS, MAX_GIB, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
 from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
 
 ROUTING_POLICIES = ("session", "random", "prefix", "cache_aware")
@@ -84,10 +84,19 @@ _TOP_KEYS = {"model", "quant_policy", "host_kv_format", "tp", "host_policy", "ro
 _NODE_KEYS = {"name", "gpu_kv_gb", "host_gb"}
 
 
-def _number(v, where: str, minimum: float = 0.0) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not minimum <= v < float("inf"):
-        raise ValueError(f"{where} must be a finite number >= {minimum:g}, got {v!r}")
+def _number(v, where: str, minimum: float = 0.0, maximum: float = MAX_GIB) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not minimum <= v <= maximum:
+        shown = f"an int of {v.bit_length()} bits" if isinstance(v, int) and v.bit_length() > 64 else repr(v)[:80]
+        raise ValueError(f"{where} must be a number in [{minimum:g}, {maximum:g}], got {shown}")
     return float(v)
+
+
+def _one_of(v, options) -> bool:
+    """``v in options`` for any YAML value (a mapping or list is unhashable: never an option)."""
+    try:
+        return v in options
+    except TypeError:
+        return False
 
 
 def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
@@ -98,22 +107,22 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     routing = doc.get("routing")
-    if routing not in ROUTING_POLICIES:
+    if not _one_of(routing, ROUTING_POLICIES):
         raise ValueError(f"{where}: routing must be one of {ROUTING_POLICIES}, got {routing!r}")
     model = doc.get("model", "Llama-3-8B")
     if not isinstance(model, str) or not model:
         raise ValueError(f"{where}: model must be a preset name or a config.json path, got {model!r}")
     qp = doc.get("quant_policy", 0)
-    if qp not in QUANT_POLICIES or isinstance(qp, bool):
+    if not _one_of(qp, QUANT_POLICIES) or isinstance(qp, bool):
         raise ValueError(f"{where}: quant_policy must be one of {QUANT_POLICIES}, got {qp!r}")
     fmt = doc.get("host_kv_format", "same")
-    if fmt not in HOST_KV_FORMATS:
+    if not _one_of(fmt, HOST_KV_FORMATS):
         raise ValueError(f"{where}: host_kv_format must be one of {HOST_KV_FORMATS}, got {fmt!r}")
     tp = doc.get("tp", 1)
     if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
         raise ValueError(f"{where}: tp must be a positive int, got {tp!r}")
     policy = doc.get("host_policy", DEFAULT_POLICY)
-    if policy not in POLICIES:
+    if not _one_of(policy, POLICIES):
         raise ValueError(f"{where}: host_policy must be one of {sorted(POLICIES)}, got {policy!r}")
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):

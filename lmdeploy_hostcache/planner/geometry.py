@@ -165,9 +165,14 @@ class BlockSizing:
         return blocks * self.gpu_block_bytes / GIB
 
 
+# Planner sizes: "effectively unbounded" capacities (1e9 GiB) are fine, memory follows the trace; past 1e12 GiB
+# a size is a typo (and near 1e300 it has no integer byte count)
+MAX_GIB = 1e12
+
+
 def _check_gb(name: str, v: float) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_GIB:
+        raise ValueError(f"{name} must be a number of GiB in [0, {MAX_GIB:g}], got {v!r}")
 
 
 # Geometry from the models' published config.json files (num_hidden_layers, num_key_value_heads,
@@ -196,11 +201,23 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
     if p.is_dir():
         p = p / "config.json"
     try:
-        cfg = json.loads(p.read_text())
+        if p.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        with open(p, "rb") as fh:
+            raw = fh.read(16 * 2**20 + 1)    # a model's config.json is a few KiB
+        if len(raw) > 16 * 2**20:
+            raise ValueError(f"model config {p} is larger than 16 MiB: not a config.json")
+        cfg = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"model config {p} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"model config {p} is not JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"model config {p} is not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise ValueError(f"model config {p} is JSON nested too deeply") from None
+    except OSError as exc:
+        raise ValueError(f"model config {p} cannot be read ({exc.strerror or exc})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"model config {p}: expected a JSON object")
     if isinstance(cfg.get("text_config"), dict):

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..tier.host_index import HostBlock, HostIndex
+from .geometry import MAX_GIB
 from .replay import PreparedRequest, TwoTierCache, progress
 
 DEFAULT_L3_GBPS = 5.0
@@ -145,8 +146,8 @@ def simulate_cluster_l3(prepared: Sequence[PreparedRequest], spec, sizing, l3_gb
     from .cluster import node_sizes  # noqa: PLC0415
     from .cost import CostModel  # noqa: PLC0415
 
-    if not (isinstance(l3_gb, (int, float)) and 0 <= l3_gb < float("inf")):
-        raise ValueError(f"--l3-gb must be a finite number >= 0, got {l3_gb!r}")
+    if not (isinstance(l3_gb, (int, float)) and 0 <= l3_gb <= MAX_GIB):
+        raise ValueError(f"--l3-gb must be a number of GiB in [0, {MAX_GIB:g}], got {l3_gb!r}")
     if not (isinstance(l3_gbps, (int, float)) and 0 < l3_gbps < float("inf")):
         raise ValueError(f"--l3-gbps must be a finite number > 0, got {l3_gbps!r}")
     cost = cost or CostModel.for_model(spec.geometry().params_b)

@@ -502,7 +502,7 @@ def summarize(summaries: list[dict], *, seconds: float, seed: int, workers: int,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     def one_line_error(message: str):
-        print(f'lmdeploy-hostcache soak: {message}', file=sys.stderr)
+        print(f'error: lmdeploy-hostcache soak: {message}', file=sys.stderr)
         sys.exit(2)
 
     parser.error = one_line_error
@@ -550,8 +550,14 @@ def run(args: argparse.Namespace) -> int:
         corrupt_from = _number(args, 'inject_corruption', int, minimum=0)
         if scenario is not None and (seconds is not None or minutes is not None or workers != 1):
             raise _BadArgument('--scenario runs one scenario: it takes no --seconds, --minutes or --workers')
+        if args.json:   # found unwritable before the run, not after it (its results would be lost)
+            try:
+                with open(args.json, 'a'):
+                    pass
+            except OSError as exc:
+                raise _BadArgument(f'--json {args.json}: cannot write it ({exc.strerror or exc})') from None
     except _BadArgument as exc:
-        print(f'lmdeploy-hostcache soak: {exc}', file=sys.stderr)
+        print(f'error: lmdeploy-hostcache soak: {exc}', file=sys.stderr)
         return 2
     if scenario is not None:
         _quiet()

@@ -130,7 +130,7 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     proc = soak_cli(*args, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and lines[0].startswith('lmdeploy-hostcache soak: '), proc.stderr
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith('error: lmdeploy-hostcache soak: '), proc.stderr
     assert proc.stdout == ''
 
 
