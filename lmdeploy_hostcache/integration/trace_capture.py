@@ -71,7 +71,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..capture import CaptureKey, RotatingWriter
+from ..capture import CAPTURE_KEY_ENV, CaptureKey, RotatingWriter
 from ..capture.encoder import CHAIN_MIN_BLOCKS, RECENT_PER_BLOCK, RECENT_PROMPTS, BlockIdEncoder
 from ..capture.encoder_process import EXIT_WRITE_FAILED, frame
 from ..tier.digest import TOKEN_DTYPE, encode_tokens, salted_root
@@ -162,6 +162,7 @@ class TraceCapture:
         helper = None
         try:
             env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")    # no LMDeploy hooks in the helper
+            env.pop(CAPTURE_KEY_ENV, None)    # the key reaches the helper through its pipe only
             helper = subprocess.Popen([sys.executable, "-m", "lmdeploy_hostcache.capture.encoder_process"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
             pipe = helper.stdin.fileno()

@@ -48,7 +48,9 @@ def encode_tokens(tokens: Sequence[int] | np.ndarray) -> bytes:
     if arr.dtype != TOKEN_DTYPE:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > _MAX_TOKEN:
-            raise ValueError(f"token id out of range [0, {_MAX_TOKEN}]: min={lo} max={hi}")
+            # counts only: token ids are prompt content and never enter a message or a log
+            bad = int(np.count_nonzero((arr < 0) | (arr > _MAX_TOKEN)))
+            raise ValueError(f"token id out of range [0, {_MAX_TOKEN}]: {bad} of {arr.size} ids")
         arr = arr.astype(TOKEN_DTYPE)
     return arr.tobytes()
 

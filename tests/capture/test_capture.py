@@ -448,7 +448,10 @@ def test_token_bytes_are_encode_tokens_of_the_batch_and_refuse_ids_out_of_range(
     assert trace_capture._token_bytes(arrays) == encode_tokens(np.concatenate(arrays))
     small = np.arange(40, 72, dtype=np.int32)          # another dtype: encode_tokens itself
     assert trace_capture._token_bytes([small]) == encode_tokens(small.astype(np.int64))
+    arrays[0][0] = 151630                                # a real-looking prompt token
     for bad in (-1, 2**32):
         arrays[2][7] = bad
-        with pytest.raises(ValueError, match="token id out of range"):
+        with pytest.raises(ValueError, match=r"token id out of range \[0, 4294967295\]: 1 of 96 ids") as ei:
             trace_capture._token_bytes(arrays)
+        # the message is logged when capture stops: counts only, never a token id (prompt content)
+        assert "151630" not in str(ei.value) and str(bad) not in str(ei.value).split(":")[1]

@@ -191,3 +191,18 @@ def test_a_full_disk_under_the_helper_is_logged_once(tmp_path, caplog, capfd):
     here = [r.getMessage() for r in caplog.records if "trace capture" in r.getMessage()]
     assert cap.failed and not here, here
     assert child.count("trace capture stopped") == 1 and "/dev/full" in child and "No space left" in child
+
+
+def test_a_shared_key_reaches_the_helper_through_its_pipe_only(tmp_path, monkeypatch):
+    """docs/planner.md: the key never travels in the helper's environment or command line."""
+    from lmdeploy_hostcache.capture import CAPTURE_KEY_ENV
+
+    monkeypatch.setenv(CAPTURE_KEY_ENV, "ab" * 16)
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    try:
+        environ = open(f"/proc/{cap.helper.pid}/environ", "rb").read().split(b"\0")
+        assert not any(e.startswith(CAPTURE_KEY_ENV.encode() + b"=") for e in environ)
+        cmdline = open(f"/proc/{cap.helper.pid}/cmdline", "rb").read()
+        assert b"ab" * 16 not in cmdline
+    finally:
+        cap.close()
