@@ -225,7 +225,7 @@ def replay(chains: BlockChains, capacity: int, policy: str | EvictionPolicy = "l
     index's lookup counters in ``stats`` include the lookahead's own lookups.  ``admit_share``
     in (0, 1] caps the blocks one request stores (module docstring).  ``hits_out``, when given, gets
     each request's hit blocks appended in order (its hits are always its leading blocks), for
-    metrics that weigh a block by its position, such as ``saved_prefill_share``."""
+    metrics that weigh a block by its position (``scripts/eviction_round8/position_cost.py``)."""
     if not isinstance(capacity, int) or capacity < 0:
         raise ValueError(f"capacity must be an int >= 0 blocks, got {capacity!r}")
     if lookahead and len(chains.arrivals) != len(chains):

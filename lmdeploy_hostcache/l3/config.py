@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import ConfigError, FieldError
+from ..config import MAX_GIB, ConfigError, FieldError
 
 BACKENDS = ("mooncake",)
 PROTOCOLS = ("tcp", "rdma")
@@ -117,7 +117,7 @@ def _hostname(v: Any) -> str:
     raise ValueError("this node's address as the other nodes reach it (non-empty string)")
 
 
-GIB_RANGE = (0.001, 1_048_576.0)   # about 1 MiB to 1 PiB
+GIB_RANGE = (0.001, MAX_GIB)   # about 1 MiB to 1 PiB, the host-cache settings' own bound
 
 
 def _gib(minimum: float, maximum: float):

@@ -54,6 +54,15 @@ from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
 DEFAULT_DECODE_TOKENS_PER_S = 40.0
 
 
+def decode_growth_tokens(input_length: int, output_length: int, block_size: int, held_blocks: int):
+    """The decode tokens ``i`` (1-based) at which a sequence holding ``held_blocks`` blocks crosses into each
+    further block it needs: one per block, not per token (the first at token 1 or later, each next one
+    ``block_size`` tokens on), up to the block of its last token."""
+    first = max(held_blocks + 1, -(-(input_length + 1) // block_size))
+    for need in range(first, -(-(input_length + output_length) // block_size) + 1):
+        yield max(1, (need - 1) * block_size - input_length + 1)
+
+
 @dataclass(frozen=True)
 class Lifetimes:
     """How long a request runs (seconds of the trace's clock); both rates are assumptions."""
@@ -271,9 +280,7 @@ class ConcurrentTwoTierCache(TwoTierCache):
         state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, ghosts, self._n)
         self._push(end, 0, state)
         # decode: a new block each time the sequence crosses a block boundary, at its i-th token
-        # (i = (need - 1) * bs - input_length + 1 for the need-th block; one step per block, not per token)
-        for need in range(-(-r.input_length // bs) + 1, -(-(r.input_length + r.output_length) // bs) + 1):
-            i = (need - 1) * bs - r.input_length + 1
+        for i in decode_growth_tokens(r.input_length, r.output_length, bs, -(-r.input_length // bs)):
             self._push(min(t_prefill + i / lt.decode_tokens_per_s, end), 1, state)
         self._n += 1
         self._live += 1

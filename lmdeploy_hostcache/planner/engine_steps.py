@@ -127,7 +127,7 @@ from typing import Sequence
 
 from ..tier.eviction import LRUPolicy, _LazyHeap
 from ..tier.host_index import HostIndex
-from .concurrency import ConcurrencyStats, ConcurrentTwoTierCache, Lifetimes, _Running
+from .concurrency import ConcurrencyStats, ConcurrentTwoTierCache, Lifetimes, _Running, decode_growth_tokens
 from .replay import PreparedRequest, progress
 from .traces import Request
 
@@ -1548,12 +1548,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
         state.pr, state.d0, state.prefilled = pr, d0, step
         self._push(d0 + max(0, r.output_length - 1), 0, state)
-        blocks = self._admission_blocks(r.input_length)   # taken on admission (_serve_now)
-        # one growth per block the decode crosses into, at the token i that first needs it (one step per
-        # block, not per token: the first growth is at token 1 or later, each next one bs tokens on)
-        for need in range(max(blocks + 1, -(-(r.input_length + 1) // bs)),
-                          -(-(r.input_length + r.output_length) // bs) + 1):
-            i = max(1, (need - 1) * bs - r.input_length + 1)
+        # one growth per block the decode crosses beyond those taken on admission (_serve_now)
+        for i in decode_growth_tokens(r.input_length, r.output_length, bs, self._admission_blocks(r.input_length)):
             # LMDeploy attaches a decoding sequence's full blocks to its trie only when it grows
             # (``schedule_running``: ``block_trie.allocate`` after the growth), then holding
             # input + i - 1 tokens; the blocks filled after its last growth are freed at its end

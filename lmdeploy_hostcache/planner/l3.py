@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..tier.host_index import HostBlock, HostIndex
-from .geometry import MAX_GIB
+from .geometry import _check_gb
 from .replay import PreparedRequest, TwoTierCache, progress
 
 DEFAULT_L3_GBPS = 5.0
@@ -146,8 +146,7 @@ def simulate_cluster_l3(prepared: Sequence[PreparedRequest], spec, sizing, l3_gb
     from .cluster import node_sizes  # noqa: PLC0415
     from .cost import CostModel  # noqa: PLC0415
 
-    if not (isinstance(l3_gb, (int, float)) and 0 <= l3_gb <= MAX_GIB):
-        raise ValueError(f"--l3-gb must be a number of GiB in [0, {MAX_GIB:g}], got {l3_gb!r}")
+    _check_gb("--l3-gb", l3_gb)
     if not (isinstance(l3_gbps, (int, float)) and 0 < l3_gbps < float("inf")):
         raise ValueError(f"--l3-gbps must be a finite number > 0, got {l3_gbps!r}")
     cost = cost or CostModel.for_model(spec.geometry().params_b)

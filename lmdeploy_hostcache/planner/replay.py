@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from ..tier.digest import Namespace, block_id_bytes, digests_of_blocks  # noqa: F401 (block_id_bytes: re-exported)
+from ..tier.digest import Namespace, block_id_bytes, digests_of_blocks
 from ..tier.host_index import HostBlock, HostIndex
 from .traces import Request, Trace
 

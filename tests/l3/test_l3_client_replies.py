@@ -26,22 +26,15 @@ class Backend:
         pass
 
 
-@pytest.mark.parametrize("reply", [None, -1, "11", [1], [1, 1, 1], [1, "1"], [1, None]])
-def test_exists_replies_of_the_wrong_shape_are_store_failures(reply):
-    client = L3Client(Backend(exists=reply), timeout_s=2.0)
+@pytest.mark.parametrize("op, reply", [
+    *[("exists", r) for r in (None, -1, "11", [1], [1, 1, 1], [1, "1"], [1, None])],
+    *[("get", r) for r in (None, 3, "ab", [b"x"], [b"x", 5], [b"x", "text"])],
+])
+def test_replies_of_the_wrong_shape_are_store_failures(op, reply):
+    client = L3Client(Backend(**{"exists" if op == "exists" else "blobs": reply}), timeout_s=2.0)
     try:
-        with pytest.raises(L3Unavailable, match="exists: store answered"):
-            client.exists(["a", "b"])
-    finally:
-        client.close()
-
-
-@pytest.mark.parametrize("reply", [None, 3, "ab", [b"x"], [b"x", 5], [b"x", "text"]])
-def test_get_replies_of_the_wrong_shape_are_store_failures(reply):
-    client = L3Client(Backend(blobs=reply), timeout_s=2.0)
-    try:
-        with pytest.raises(L3Unavailable, match="get: store answered"):
-            client.get(["a", "b"])
+        with pytest.raises(L3Unavailable, match=f"{op}: store answered"):
+            getattr(client, op)(["a", "b"])
     finally:
         client.close()
 
