@@ -132,6 +132,9 @@ def main() -> None:
             return c
 
         total = sum(prompt_cost(n) for n in chains.prompt_blocks)
+        median_blocks = sorted(chains.prompt_blocks)[len(chains.prompt_blocks) // 2]
+        print(f"{label}: median prompt {median_blocks} blocks of {bs} tokens (~{median_blocks * bs:,} tokens); a "
+              f"block there costs {block_cost(median_blocks - 1, bs):.2f}x the first block", flush=True)
         sums = {n: [0.0, 0.0, 0.0, 0.0] for n in names}  # (hit - lru), (belady - lru) per metric
         worst = {n: (0.0, None) for n in names}
         for frac in FRACTIONS:
