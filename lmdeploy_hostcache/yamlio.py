@@ -10,7 +10,9 @@ Invariants:
 - A mapping that repeats a key is refused, naming the key and its line (PyYAML alone keeps
   the last value silently).
 - Numbers are read as YAML 1.2 reads them: ``1e9``, ``1.0e9`` and ``-2E-3`` are floats
-  (PyYAML's YAML 1.1 rules would make them strings).
+  (PyYAML's YAML 1.1 rules would make them strings); ``010`` is ten, not an octal eight
+  (write ``0o10`` for octal); ``1:30`` is the text "1:30", not a base-60 ninety. ``0x``/``0b``
+  prefixes and ``1_000`` underscores are kept (unambiguous). Booleans keep PyYAML's rules.
 - Every way a file can be unusable (missing, a folder, unreadable, binary, not UTF-8, not
   YAML) is a ``YamlError`` naming the file; nothing else escapes (no ``OSError``,
   ``UnicodeDecodeError`` or ``yaml.YAMLError``).
@@ -26,12 +28,19 @@ from typing import Any
 
 __all__ = ["YamlError", "dump_yaml", "load_yaml_file", "load_yaml_text"]
 
-# YAML 1.2 core-schema floats, plus PyYAML's own 1.1 forms (.inf, .nan, 1_000.0, 60-base).
-_FLOAT_12 = re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)
-                          |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                          |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-                          |[-+]?\.(?:inf|Inf|INF)
-                          |\.(?:nan|NaN|NAN))$""", re.X)
+# YAML 1.2 core-schema floats, plus PyYAML's own 1.1 forms (.inf, .nan, 1_000.0). The loader
+# reads no base-60 forms; the dumper also quotes them (``_FLOAT_DUMP``) so that a YAML 1.1
+# reader elsewhere never turns a string such as "1:30.5" into a number.
+_FLOAT_12_BODY = r"""[-+]?[0-9][0-9_]*(?:\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN)"""
+_FLOAT_12 = re.compile(rf"^(?:{_FLOAT_12_BODY})$", re.X)
+_FLOAT_DUMP = re.compile(rf"^(?:{_FLOAT_12_BODY}|[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*)$", re.X)
+# Integers: decimal (leading zeros stay decimal, as in YAML 1.2), 0o octal, 0x hex, 0b binary.
+_INT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*|0b[01][01_]*)$")
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
 
 
 class YamlError(ValueError):
@@ -51,13 +60,33 @@ _LOADER = None
 _DUMPER = None
 
 
-def _float12_resolvers(base):
-    """``base``'s implicit resolvers with the YAML 1.1 float rule replaced by ``_FLOAT_12``."""
-    table = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+def _number_resolvers(base, *, loading: bool):
+    """``base``'s implicit resolvers with YAML 1.2 number rules.
+
+    Loading replaces both the 1.1 float and int rules (no base-60, no leading-zero octal).
+    Dumping keeps the 1.1 int rule and the base-60 floats and adds the 1.2 ones, so a string
+    that either a YAML 1.1 reader or this loader could take for a number is quoted.
+    """
+    drop = {_FLOAT_TAG, _INT_TAG} if loading else {_FLOAT_TAG}
+    table = {k: [(tag, rx) for tag, rx in v if tag not in drop]
              for k, v in base.yaml_implicit_resolvers.items()}
+    for ch in "-+0123456789":
+        table.setdefault(ch, []).append((_INT_TAG, _INT_12))
     for ch in "-+0123456789.":
-        table.setdefault(ch, []).append(("tag:yaml.org,2002:float", _FLOAT_12))
+        table.setdefault(ch, []).append((_FLOAT_TAG, _FLOAT_12 if loading else _FLOAT_DUMP))
     return table
+
+
+def _construct_int12(loader, node):
+    """A YAML 1.2 integer (``_INT_12``): ``010`` is ten; ``0o``, ``0x``, ``0b`` name the base."""
+    text = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if text[:1] == "-" else 1
+    text = text.lstrip("+-")
+    prefix = text[:2].lower()
+    base = {"0o": 8, "0x": 16, "0b": 2}.get(prefix)
+    if base is None:
+        return sign * int(text, 10)
+    return sign * int(text[2:], base)
 
 
 def dump_yaml(data: Any) -> str:
@@ -69,13 +98,13 @@ def dump_yaml(data: Any) -> str:
         class StrictDumper(yaml.SafeDumper):
             pass
 
-        StrictDumper.yaml_implicit_resolvers = _float12_resolvers(yaml.SafeDumper)
+        StrictDumper.yaml_implicit_resolvers = _number_resolvers(yaml.SafeDumper, loading=False)
         _DUMPER = StrictDumper
     return yaml.dump(data, Dumper=_DUMPER, sort_keys=False, default_flow_style=False)
 
 
 def _loader():
-    """SafeLoader subclass: duplicate keys refused, YAML 1.2 floats (built once)."""
+    """SafeLoader subclass: duplicate keys refused, YAML 1.2 numbers (built once)."""
     global _LOADER
     if _LOADER is not None:
         return _LOADER
@@ -84,7 +113,8 @@ def _loader():
     class StrictLoader(yaml.SafeLoader):
         pass
 
-    StrictLoader.yaml_implicit_resolvers = _float12_resolvers(yaml.SafeLoader)
+    StrictLoader.yaml_implicit_resolvers = _number_resolvers(yaml.SafeLoader, loading=True)
+    StrictLoader.add_constructor(_INT_TAG, _construct_int12)
 
     def construct_mapping(loader, node, deep=False):
         loader.flatten_mapping(node)
