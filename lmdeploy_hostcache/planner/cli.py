@@ -241,7 +241,7 @@ def load_trace(args):
         if block_size is not None:
             raise PlanError("--block-size applies to Mooncake-layout trace files; a generated workload takes "
                             "--workload-param block_size=N" + (" or --chat-block-size" if family == "chat" else ""))
-        trace = generate(workload_from_params(family, _workload_params(args), seed=args.seed))
+        trace = generate(workload_from_params(family, _workload_params(args), seed=args.seed), limit=args.limit)
     else:
         trace = read_traces(args.traces or [str(bundled_trace_path())], args.format, block_size, args.stagger)
     if args.limit is not None:

@@ -29,6 +29,7 @@ drawn at random (``bench eviction --set generated``: traffic shapes no eviction 
 """
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import typing
@@ -68,9 +69,15 @@ class ChatWorkload:
                 raise ValueError(f"chat workload: {f} must be >= 0")
 
 
-def generate_chat(w: ChatWorkload = ChatWorkload()) -> Trace:
-    """A multi-turn chat trace; see the module docstring for the id rule."""
+def generate_chat(w: ChatWorkload = ChatWorkload(), limit: int | None = None) -> Trace:
+    """A multi-turn chat trace; see the module docstring for the id rule.
+
+    With ``limit``, the trace is exactly the first ``limit`` requests of the full trace, and
+    generation stops at the first session that starts no earlier than the ``limit``-th earliest
+    request so far: every later session's requests would sort after those (sessions start in
+    order, the sort is stable), so a huge ``sessions`` with a small ``limit`` stays cheap."""
     rng = random.Random(w.seed)
+    earliest: list[float] = []   # max-heap (negated) of the ``limit`` earliest timestamps so far
     bs = w.block_size
     ids: dict[tuple, int] = {}
     next_id = 0
@@ -89,6 +96,8 @@ def generate_chat(w: ChatWorkload = ChatWorkload()) -> Trace:
     for s in range(w.sessions):
         if s:
             start += rng.expovariate(1.0 / w.mean_session_gap_s) if w.mean_session_gap_s else 0.0
+        if limit is not None and len(earliest) >= limit and (limit == 0 or start >= -earliest[0]):
+            break
         sys_prompt = rng.randrange(w.system_prompts)
         sys_full = w.system_prompt_tokens // bs   # blocks wholly inside the system prompt
         length = w.system_prompt_tokens
@@ -104,12 +113,18 @@ def generate_chat(w: ChatWorkload = ChatWorkload()) -> Trace:
             reply = rng.randint(*w.reply_tokens)
             reqs.append(Request(timestamp=t, input_length=length, output_length=reply,
                                 hash_ids=tuple(hash_ids), session=s))
+            if limit:
+                heapq.heappush(earliest, -t)
+                if len(earliest) > limit:
+                    heapq.heappop(earliest)
             turn += 1
             if rng.random() >= p_continue:
                 break
             length += reply
             t += rng.expovariate(1.0 / w.mean_think_s) if w.mean_think_s else 0.0
     reqs.sort(key=lambda r: r.timestamp)
+    if limit is not None:
+        del reqs[limit:]
     return Trace(f"chat(sessions={w.sessions}, seed={w.seed})", bs, reqs, source="built-in generator")
 
 
@@ -173,9 +188,10 @@ class DocumentWorkload:
             raise ValueError("document workload: mean_gap_s must be >= 0")
 
 
-def generate_documents(w: DocumentWorkload = DocumentWorkload()) -> Trace:
+def generate_documents(w: DocumentWorkload = DocumentWorkload(), limit: int | None = None) -> Trace:
     """Shared-document traffic; see the module docstring.  Each prompt also ends in a partial block
-    of its own, so its last full block is reusable."""
+    of its own, so its last full block is reusable.  Requests are made in time order, so ``limit``
+    stops after the first ``limit`` (the head of the full trace)."""
     rng = random.Random(w.seed)
     fresh = _FreshIds()
     docs = [fresh(rng.randint(*w.document_blocks)) for _ in range(w.documents)]
@@ -183,7 +199,7 @@ def generate_documents(w: DocumentWorkload = DocumentWorkload()) -> Trace:
     ranking = list(range(w.documents))
     ranks = range(w.documents)
     reqs, t = [], 0.0
-    for r in range(w.requests):
+    for r in range(_count(w.requests, limit)):
         if w.drift and r and r % w.drift == 0:
             rng.shuffle(ranking)
         doc = docs[ranking[rng.choices(ranks, weights)[0]]]
@@ -223,13 +239,14 @@ class AgentWorkload:
             raise ValueError("agent workload: mean_gap_s must be >= 0")
 
 
-def generate_agents(w: AgentWorkload = AgentWorkload()) -> Trace:
-    """Growing agent sessions; see the module docstring."""
+def generate_agents(w: AgentWorkload = AgentWorkload(), limit: int | None = None) -> Trace:
+    """Growing agent sessions; see the module docstring.  Requests are made in time order, so
+    ``limit`` stops after the first ``limit`` (the head of the full trace)."""
     rng = random.Random(w.seed)
     fresh = _FreshIds()
     contexts = [fresh(rng.randint(*w.start_blocks)) for _ in range(w.sessions)]
     reqs, t, current = [], 0.0, 0
-    for r in range(w.requests):
+    for r in range(_count(w.requests, limit)):
         if w.order == "cycle":
             k = r % w.sessions
         elif w.order == "random":
@@ -274,14 +291,21 @@ def random_workload(family: str, rng: random.Random):
     raise ValueError(f"unknown workload family {family!r}; choose from {WORKLOAD_FAMILIES}")
 
 
-def generate(w) -> Trace:
-    """The trace of any built-in workload."""
+def _count(requests: int, limit: int | None) -> int:
+    return requests if limit is None else min(requests, limit)
+
+
+def generate(w, limit: int | None = None) -> Trace:
+    """The trace of any built-in workload; with ``limit``, only its first ``limit`` requests
+    (the same as ``generate(w).head(limit)``, without making the rest)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
     if isinstance(w, ChatWorkload):
-        return generate_chat(w)
+        return generate_chat(w, limit)
     if isinstance(w, DocumentWorkload):
-        return generate_documents(w)
+        return generate_documents(w, limit)
     if isinstance(w, AgentWorkload):
-        return generate_agents(w)
+        return generate_agents(w, limit)
     raise TypeError(f"not a built-in workload: {w!r}")
 
 

@@ -148,3 +148,24 @@ def test_planner_docs_name_every_workload_field():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "planner.md").read_text()
     missing = [f"{fam}.{f}" for fam in WORKLOAD_FAMILIES for f in workload_params(fam) if f"`{f}`" not in doc]
     assert not missing, f"docs/planner.md does not name {missing}"
+
+
+@pytest.mark.parametrize("workload", [
+    ChatWorkload(sessions=200, seed=3),
+    ChatWorkload(sessions=60, mean_think_s=0.0, mean_session_gap_s=0.0, seed=4),   # every request at t=0
+    ChatWorkload(sessions=80, mean_think_s=2000.0, mean_session_gap_s=0.5, seed=5),  # sessions interleave widely
+    DocumentWorkload(documents=40, requests=300, drift=50, seed=6),
+    AgentWorkload(sessions=5, requests=300, order="random", seed=7),
+])
+def test_generate_with_a_limit_is_the_head_of_the_full_trace(workload):
+    full = generate(workload)
+    for limit in (0, 1, 7, 100, len(full), len(full) + 5):
+        assert generate(workload, limit=limit).requests == full.head(limit).requests, limit
+
+
+def test_a_huge_chat_workload_with_a_small_limit_is_cheap():
+    import time
+    t0 = time.perf_counter()
+    trace = generate(ChatWorkload(sessions=3_000_000, seed=1), limit=10)
+    assert len(trace) == 10 and time.perf_counter() - t0 < 5.0
+    assert trace.requests == generate(ChatWorkload(sessions=200, seed=1)).head(10).requests
