@@ -160,6 +160,12 @@ RELIED_TARGETS: dict[str, str] = {
         "history_cache[:num_all_ids]: the prompt is the store's first input_end_pos ids",
     "lmdeploy.pytorch.messages:_HistoryDataBase.get_real":
         "a view of the ids appended so far (history_cache[...] slices it)",
+    # trace capture's output length: the accepted ids (speculative decoding keeps unverified drafts
+    # after them, which num_all_ids counts), the same as num_all_ids without drafts
+    "lmdeploy.pytorch.messages:SchedulerSequence.num_valid_ids":
+        "num_history_ids + num_token_ids: every id of a sequence without drafts",
+    "lmdeploy.pytorch.strategies.ar_spec.sequence:SchedulerSequenceARSpec.num_valid_ids":
+        "_num_valid_ids: the accepted ids only, drafts excluded",
 }
 
 # sha256 of the target's source (inspect.getsource form) in LMDeploy 0.18.0. FILE_PINS below
@@ -267,6 +273,10 @@ PINS: dict[str, str] = {
         "d46d7e94dfb5c48144eb8060688482c8407ffd58ebe101784d0ac677fb70ba27",
     "lmdeploy.pytorch.messages:_HistoryDataBase.get_real":
         "51d7cefd56556da3e23bc14af984660f903d111275d63195a6153505170a4252",
+    "lmdeploy.pytorch.messages:SchedulerSequence.num_valid_ids":
+        "94bad251c77508230ac68d948cd2f8553ed5db2a21113f2304aeae9ffa7922a3",
+    "lmdeploy.pytorch.strategies.ar_spec.sequence:SchedulerSequenceARSpec.num_valid_ids":
+        "a8e7c2d94173a649971fd8f7c37e12c8d575907891ffc0de2a9a7c5bc2c0f4f5",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":
@@ -313,6 +323,8 @@ FILE_PINS: dict[str, str] = {
         "46a1e0f76bf9cf6437ae28fb44f609b81d9ef67b6f039d0efb4972351ddb5ec1",
     "lmdeploy.pytorch.engine.cache_engine.plan":
         "36f112a1e6a5dea78dd8d487d2b60f44cf0588d169bda9cf730ce64fd1f7b05d",
+    "lmdeploy.pytorch.strategies.ar_spec.sequence":
+        "339df00ebe6260eba71b5a0a5107f5928e060ff5e6136536b4721523b003fdd9",
 }
 
 

@@ -224,7 +224,7 @@ class TraceCapture:
                 arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
             prompt_len = seq.input_end_pos
             full = prompt_len - prompt_len % self.block_size
-            output_len = seq.num_all_ids - prompt_len
+            output_len = seq.num_valid_ids - prompt_len
             if full:
                 try:
                     tokens = seq.history_cache
@@ -328,7 +328,7 @@ class TraceCapture:
             arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
         prompt_len = seq.input_end_pos
         full = prompt_len - prompt_len % self.block_size
-        output_len = seq.num_all_ids - prompt_len
+        output_len = seq.num_valid_ids - prompt_len
         if full:
             # seq.all_ids is history_cache[:num_all_ids], and full <= input_end_pos <= num_all_ids: its first
             # ``full`` ids are history_cache.get_real()[:full] (a sequence without one, as in tests: all_ids)

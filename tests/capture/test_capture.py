@@ -241,6 +241,7 @@ def _seq(seq_id, tokens, salt=""):
     import numpy as np
 
     s = types.SimpleNamespace(seq_id=seq_id, input_start_pos=0, input_end_pos=len(tokens), num_all_ids=len(tokens) + 1,
+                              num_valid_ids=len(tokens) + 1,
                               all_ids=np.concatenate([tokens, [1]]), adapter_name=None, arrive_time=0.0,
                               session=types.SimpleNamespace(session_id=seq_id), sampling_param=types.SimpleNamespace())
     if salt:

@@ -28,6 +28,7 @@ def _seq(seq_id, tokens, *, start=0, prompt=None, salt=""):
     tokens = np.asarray(tokens, dtype=np.int64)
     end = len(tokens) if prompt is None else prompt
     s = types.SimpleNamespace(seq_id=seq_id, input_start_pos=start, input_end_pos=end, num_all_ids=len(tokens) + 2,
+                              num_valid_ids=len(tokens) + 2,
                               all_ids=np.concatenate([tokens, [1, 1]]), adapter_name=None, arrive_time=0.0,
                               session=types.SimpleNamespace(session_id=seq_id), sampling_param=types.SimpleNamespace())
     if salt:

@@ -704,7 +704,7 @@ def test_salted_requests_get_their_own_block_ids(tmp_path):
     cap = TraceCapture(str(tmp_path / 'c.jsonl'), 1 << 20, BS, factory, key=CaptureKey(b'\x07' * 16))
 
     def seq(salt):
-        s = types.SimpleNamespace(seq_id=1, input_start_pos=0, input_end_pos=40, num_all_ids=42,
+        s = types.SimpleNamespace(seq_id=1, input_start_pos=0, input_end_pos=40, num_all_ids=42, num_valid_ids=42,
                                   all_ids=np.arange(42), adapter_name=None, arrive_time=time.perf_counter(),
                                   session=types.SimpleNamespace(session_id=1),
                                   sampling_param=types.SimpleNamespace())
@@ -730,7 +730,7 @@ def _fake_capture(tmp_path, **kw):
 def _fake_seq(seq_id, tokens, *, salt='', start=0, output=2):
     tokens = np.asarray(tokens, dtype=np.int64)
     s = types.SimpleNamespace(seq_id=seq_id, input_start_pos=start, input_end_pos=len(tokens),
-                              num_all_ids=len(tokens) + output,
+                              num_all_ids=len(tokens) + output, num_valid_ids=len(tokens) + output,
                               all_ids=np.concatenate([tokens, np.ones(output, np.int64)]),
                               adapter_name=None, arrive_time=time.perf_counter(),
                               session=types.SimpleNamespace(session_id=seq_id), sampling_param=types.SimpleNamespace())
@@ -792,6 +792,21 @@ def test_queued_records_reach_the_file_by_count_age_and_close(tmp_path):
     assert finish(5) == 5
     cap.close()                                                # close writes what is still queued
     assert path.read_text().count('\n') == 6 and cap.records == 6 and cap.writer.dropped == 0
+
+
+def test_output_length_counts_accepted_tokens_not_speculative_drafts(tmp_path):
+    """Under speculative decoding a sequence aborted mid-decode still holds unverified draft ids
+    after its accepted ones: LMDeploy's ``num_all_ids`` counts them, ``num_valid_ids`` does not."""
+    cap, _ = _fake_capture(tmp_path)
+    path = tmp_path / 'c.jsonl'
+    seq = _fake_seq(1, np.arange(2 * BS), output=5)
+    seq.num_all_ids += 3                         # three drafts still queued for verification
+    seq.all_ids = np.concatenate([seq.all_ids, np.ones(3, np.int64)])
+    cap.on_new_request(seq)
+    cap.on_request_finished(seq)
+    cap.close()
+    assert json.loads(path.read_text())['output_length'] == 5
+    assert json.loads(cap.record(seq))['output_length'] == 5
 
 
 @dataclasses.dataclass(frozen=True)
