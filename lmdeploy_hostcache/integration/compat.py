@@ -133,7 +133,7 @@ def check_supported(cache_config: Any, *, model_path: str | None = None, dist_co
 
 
 def model_problems(cache_config: Any, *, model_config: Any = None, misc_config: Any = None) -> list[str]:
-    """Reasons depending on the model (SSM/hybrid, sliding window) or on MemDecode."""
+    """Reasons depending on the model (SSM/hybrid, sliding window, diffusion decoding) or on MemDecode."""
     problems: list[str] = []
     states = getattr(model_config, "states_shapes", None) or getattr(cache_config, "states_shapes", None)
     if states:
@@ -147,6 +147,10 @@ def model_problems(cache_config: Any, *, model_config: Any = None, misc_config: 
             problems.append(f"window attention ({label}={value}): LMDeploy cannot prefix-cache a sliding "
                             "window, so there is nothing for the host tier to extend")
             break
+    if getattr(model_config, "model_paradigm", "ar") == "dllm":
+        problems.append("diffusion decoding (model_paradigm 'dllm', e.g. SDAR): it unmasks tokens of a block in "
+                        "place, while the host tier's digest chains and restores assume tokens are only appended; "
+                        "it has not been validated for it")
     if misc_config is not None and getattr(misc_config, "memdecode_config", None) is not None:
         problems.append("MemDecode (hf_overrides.memory_model_path): its memory-model KV cache is not in "
                         "the connector's cache rows, so a restore would leave it stale")

@@ -433,6 +433,11 @@ class HostTierScheduler:
             return 0, False  # this turn's host load failed once: recompute it
         if not request.history_multimodals.empty() or len(request.history_embeddings) > 0:
             return 0, False
+        if request.return_routed_experts:
+            # the API returns each token's routed experts (RL routing replay); a host copy holds KV only,
+            # so a restore would leave the restored tokens without them.  LMDeploy's own trie refuses a
+            # match without routed experts for such a request too: recompute.
+            return 0, False
         bs = self.block_size
         token_len = request.clamp_prefix_cache_match_step(request.get_prefix_cache_max_candidate_step())
         token_len = token_len // bs * bs

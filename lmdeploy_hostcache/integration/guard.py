@@ -166,6 +166,9 @@ RELIED_TARGETS: dict[str, str] = {
         "num_history_ids + num_token_ids: every id of a sequence without drafts",
     "lmdeploy.pytorch.strategies.ar_spec.sequence:SchedulerSequenceARSpec.num_valid_ids":
         "_num_valid_ids: the accepted ids only, drafts excluded",
+    # a request that asks for its routed experts is never restored from host (connector lookup)
+    "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
+        "sampling_param.return_routed_experts: the request wants per-token routed experts back",
 }
 
 # sha256 of the target's source (inspect.getsource form) in LMDeploy 0.18.0. FILE_PINS below
@@ -277,6 +280,8 @@ PINS: dict[str, str] = {
         "94bad251c77508230ac68d948cd2f8553ed5db2a21113f2304aeae9ffa7922a3",
     "lmdeploy.pytorch.strategies.ar_spec.sequence:SchedulerSequenceARSpec.num_valid_ids":
         "a8e7c2d94173a649971fd8f7c37e12c8d575907891ffc0de2a9a7c5bc2c0f4f5",
+    "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
+        "f54755b2ca6335dda3cb4961d259c9a4aff24f63643bd0c8c6badb50129a0a49",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":

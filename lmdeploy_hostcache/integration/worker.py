@@ -304,6 +304,9 @@ class HostTierWorker:
         host_loads = meta.loads
         if meta.l3_write_backs or meta.l3_stages:
             host_loads = self._l3_step(meta, host_loads)
+        if host_loads and meta.demotions:   # the engine gathers demotions first: a slot read in the same op
+            rewritten = {slot for _, slot in meta.demotions}   # would hold the new block, not the asked one
+            host_loads = tuple(ld for ld in host_loads if self._not_rewritten(ld, rewritten))
         if host_loads:
             host_loads = tuple(ld for ld in host_loads if self._slots_written(ld))
         if self.hostcache.checksum and host_loads:
@@ -370,6 +373,20 @@ class HostTierWorker:
                                load.request_id, slot, self.first_step)
                 self._rejected_loads.append(load)
                 self._unwritten_reads += 1
+                return False
+        return True
+
+    def _not_rewritten(self, load: HostLoad, rewritten: set[int]) -> bool:
+        """True when no source slot of ``load`` is a demotion destination of the same step; else the
+        load is queued as refused (reported failed: LMDeploy recomputes) and nothing moves.  The
+        scheduler's read pins keep a slot being loaded from out of the demotions; this is the
+        worker's own check that no load can read bytes another block is overwriting."""
+        for slot in load.slots:
+            if slot in rewritten:
+                logger.warning("host tier rank %d: request %d asks for host slot %d, which the same step "
+                               "demotes another block into; refusing the load (recompute)", self.tp_rank,
+                               load.request_id, slot)
+                self._rejected_loads.append(load)   # the pool itself is sound: no reset marker
                 return False
         return True
 

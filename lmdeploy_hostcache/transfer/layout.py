@@ -281,6 +281,13 @@ class KVRowLayout:
                     return f"row {self.rows[i].name!r} {n} head_dim {f.shape[-1]} is odd; int4 needs it even"
             if byname["k_cache"].dtype != byname["v_cache"].dtype:
                 return f"row {self.rows[i].name!r} k_cache and v_cache dtypes differ"
+        # one HostFormat.scale_dtype decodes every typed row (kernels and torch path alike)
+        dtypes = {str(next(f.dtype for f in fields if f.name == "k_cache")): self.rows[i].name
+                  for i, fields in self.row_fields.items()}
+        if len(dtypes) > 1:
+            named = ", ".join(f"{name!r} is {d.removeprefix('torch.')}" for d, name in sorted(dtypes.items()))
+            return (f"host_kv_format={host_kv_format!r} needs one K/V dtype across the rows ({named}); "
+                    f"use host_kv_format='same'")
         return None
 
     def host_format(self, host_kv_format: str = "same") -> HostFormat:

@@ -95,10 +95,17 @@ def test_every_problem_is_listed_at_once():
                      hf_config=SimpleNamespace(model_type="qwen3_next")), None, "qwen3_next"),
     (SimpleNamespace(states_shapes=[], sliding_window=4096), None, "sliding_window=4096"),
     (SimpleNamespace(states_shapes=[], sliding_window=-1), SimpleNamespace(memdecode_config=object()), "MemDecode"),
+    (SimpleNamespace(states_shapes=[], sliding_window=-1, model_paradigm="dllm"), None, "model_paradigm 'dllm'"),
 ])
 def test_model_dependent_refusals(model, misc, needle):
     with pytest.raises(UnsupportedConfiguration, match=needle):
         check_model_supported(_cache_config(), model_config=model, misc_config=misc)
+
+
+@pytest.mark.parametrize("paradigm", ["ar", "ar_spec"])
+def test_autoregressive_and_speculative_models_are_accepted(paradigm):
+    check_model_supported(_cache_config(), model_config=SimpleNamespace(states_shapes=[], sliding_window=-1,
+                                                                        model_paradigm=paradigm))
 
 
 def test_prefix_caching_switched_off_by_lmdeploy_is_refused():

@@ -442,6 +442,24 @@ def test_install_hook_is_noop_for_stock_scheduler():
     assert type(s.block_trie._kv_lifecycle) is KVBlockLifecycle
 
 
+@pytest.mark.parametrize("routed_experts", [False, True])
+def test_a_request_that_wants_its_routed_experts_is_never_restored_from_host(routed_experts):
+    """The API returns each token's routed experts (RL routing replay); a host copy holds KV only, so
+    LMDeploy's own trie refuses such matches and the host tier must too: the request recomputes."""
+    rig = Rig(num_gpu_blocks=8)
+    a = prompt(1, 17)
+    demote_first_prompt(rig, a, prompt(100, 30))
+    assert len(rig.side.index) == 4
+    _, c = rig.add(a[:16] + [5, 5, 5])
+    c.sampling_param.return_routed_experts = routed_experts
+    _, meta = rig.step()
+    loads = [ld.request_id for ld in meta.loads] if meta is not None else []
+    if routed_experts:
+        assert loads == [] and c.status != MessageStatus.WAITING_FOR_REMOTE_KVS
+    else:
+        assert loads == [c.seq_id] and c.status == MessageStatus.WAITING_FOR_REMOTE_KVS
+
+
 def test_multimodal_path_is_never_cached():
     rig = Rig()
     side = rig.side

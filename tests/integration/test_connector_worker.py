@@ -117,6 +117,29 @@ def test_demotion_and_load_of_the_same_page_in_one_step(quant_policy, device):
     w.shutdown()
 
 
+def test_a_load_from_a_slot_the_same_step_demotes_into_is_refused():
+    """The engine gathers a step's demotions before its loads, so a load reading a slot that the same
+    step demotes another block into would restore the new block's bytes. The scheduler's read pins
+    never plan that; the worker refuses it anyway (recompute), without resetting the sound pool."""
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache)
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    assert run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2),))).completed_save_ids == {0}
+    before = cache.block(3)
+    out = run(w, HostTierMetadata(step=2, demotion_batch=1, demotions=((4, 2),),
+                                  loads=(HostLoad(request_id=77, slots=(2,), gpu_blocks=(3,)),)))
+    assert out.completed_save_ids == {1} and out.finished_receiving == {77}
+    assert out.invalid_block_ids == {3}, "refused, and no pool reset marker"
+    assert torch.equal(cache.block(3), before), "nothing may move into the refused load's block"
+    # slot 2 now holds block 4's bytes, and a later load of it reads them
+    orig4 = cache.block(4)
+    out = run(w, HostTierMetadata(step=3, loads=(HostLoad(request_id=78, slots=(2,), gpu_blocks=(9,)),)))
+    assert out.finished_receiving == {78} and not out.invalid_block_ids and torch.equal(cache.block(9), orig4)
+    w.shutdown()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_injected_failures_are_reported_per_kind(device):
     cc = cache_config()

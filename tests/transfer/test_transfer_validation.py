@@ -94,3 +94,19 @@ def test_lossy_format_refused_where_it_does_not_apply():
         no_specs.host_format("int8")
     with pytest.raises(ValueError, match="host_kv_format must be one of"):
         no_specs.host_format("fp8")
+
+
+def test_lossy_format_refused_on_rows_of_different_kv_dtypes():
+    """One host format decodes every typed row with one dtype: fp16 rows next to bf16 rows would come
+    back as garbage, so int8/int4 is refused there ('same' moves each row's bytes as they are)."""
+    def specs(dtype):
+        return [TensorSpec("k_cache", (4, 1, 8), dtype, alignment=64), TensorSpec("v_cache", (4, 1, 8), dtype, alignment=64)]
+
+    caches = {"a.0": torch.zeros(2, 128, dtype=torch.uint8), "b.0": torch.zeros(2, 128, dtype=torch.uint8)}
+    mixed = KVRowLayout.from_connector_caches(caches, 1, {"a.": specs(torch.float16), "b.": specs(torch.bfloat16)})
+    for fmt in ("int8", "int4"):
+        with pytest.raises(ValueError, match="needs one K/V dtype across the rows .*'a.0' is float16"):
+            mixed.host_format(fmt)
+    assert mixed.host_format("same").slot_bytes == mixed.block_bytes
+    same = KVRowLayout.from_connector_caches(caches, 1, {"a.": specs(torch.bfloat16), "b.": specs(torch.bfloat16)})
+    assert same.compression_error("int8") is None
