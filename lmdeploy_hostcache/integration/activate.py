@@ -417,8 +417,9 @@ def _patch_executor_base(mod) -> None:
             check_model_supported(self.cache_config, model_config=self.model_config,
                                   misc_config=getattr(self, "misc_config", None))
             extra = tc.kv_connector_extra_config
-            fmt = HostCacheConfig.from_dict(dict(extra.get("hostcache_config") or {}),
-                                            source="kv_connector_extra_config.hostcache_config").host_kv_format
+            host_cfg = HostCacheConfig.from_dict(dict(extra.get("hostcache_config") or {}),
+                                                 source="kv_connector_extra_config.hostcache_config")
+            fmt = host_cfg.host_kv_format
             per_rank = [int(s.target) + int(getattr(s, "spec", 0)) for s in cache_block_sizes]
             try:
                 plan, source = cache_plan_for_executor(self) if fmt != "same" else (None, "")
@@ -434,6 +435,33 @@ def _patch_executor_base(mod) -> None:
             extra["host_slot_bytes"] = slot_bytes
             # blocks of two dtypes have the same size: the dtype keys every namespace and store key
             extra["kv_dtype"] = kv_dtype_name(self.model_config, self.cache_config.quant_policy)
+            # the store outlives this process and is read by other nodes: its keys name the weights
+            # and the config overrides that change what they compute (rope scaling, ...)
+            extra.pop("weights_fingerprint", None)
+            extra.pop("hf_overrides_digest", None)
+            overrides = getattr(getattr(self, "misc_config", None), "hf_overrides", None)
+            if host_cfg.l3 is not None and overrides:
+                import json
+
+                import xxhash
+
+                extra["hf_overrides_digest"] = xxhash.xxh3_128_hexdigest(
+                    json.dumps(overrides, sort_keys=True, default=repr).encode())
+            if host_cfg.l3 is not None and not host_cfg.l3.weights_id:
+                from ..l3.weights import checkpoint_fingerprint
+
+                model_path = extra.get("model_identity")   # the resolved model path (prepare hook)
+                try:
+                    fingerprint = checkpoint_fingerprint(model_path if isinstance(model_path, str) else None)
+                except ValueError as exc:
+                    raise UnsupportedConfiguration([f"l3: cannot fingerprint the weights for the store keys: {exc}; "
+                                                    "set l3.weights_id to name them"]) from None
+                if fingerprint is None:
+                    _logger().warning("l3: the model path %r is not on this machine, so the store keys name the "
+                                       "weights by that path only; set l3.weights_id (e.g. the commit hash) so "
+                                       "that nodes with other weights never share objects", model_path)
+                else:
+                    extra["weights_fingerprint"] = fingerprint
             if slots.tensor_specs is not None:
                 extra["host_tensor_specs"] = [dict(spec) for spec in slots.tensor_specs]
             else:
@@ -478,6 +506,36 @@ def _patch_engine(mod) -> None:
     _rebind(cls, "get_schedule_metrics",
             metrics_export.wrap_engine_get_schedule_metrics(cls.__dict__["get_schedule_metrics"]),
             "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics")
+    for name in WEIGHT_UPDATES:
+        _rebind(cls, name, _wrap_weight_update(cls.__dict__[name], name), f"lmdeploy.pytorch.engine.engine:Engine.{name}")
+
+
+# Engine methods that change the weights in place: the shared store stops for that engine first
+WEIGHT_UPDATES = ("update_params", "update_weights_from_ipc", "update_weights_from_distributed")
+
+
+def _weights_updated(engine, how: str) -> None:
+    connector = getattr(getattr(engine, "scheduler", None), "kv_connector", None)
+    notify = getattr(connector, "on_weights_updated", None)
+    if notify is not None:
+        notify(how)
+
+
+def _wrap_weight_update(original, name: str):
+    import functools
+    import inspect
+
+    if inspect.iscoroutinefunction(original):
+        @functools.wraps(original)
+        async def update(self, *args, **kwargs):
+            _weights_updated(self, name)
+            return await original(self, *args, **kwargs)
+    else:
+        @functools.wraps(original)
+        def update(self, *args, **kwargs):
+            _weights_updated(self, name)
+            return original(self, *args, **kwargs)
+    return _mark(update)
 
 
 def _patch_stats(mod) -> None:

@@ -720,6 +720,18 @@ class HostTierScheduler:
             self._clearing_trie = False
         logger.info("host tier: evicted %d GPU prefix-cache block(s) whose KV cache was released", total)
         return total
+    def on_weights_updated(self, how: str) -> None:
+        """The engine's weights change in place (``Engine.update_params`` and the checkpoint-engine
+        updates, ``how``). The store's keys name the weights the engine started with, so from now
+        on this engine neither reads nor writes the store (``SchedulerChain.stop``) until it is
+        restarted. The host tier itself is kept, like LMDeploy's own GPU prefix cache."""
+        if self.l3 is None or self.l3.chain.stopped is not None:
+            return
+        self.l3.chain.stop(f"weights updated in place ({how})")
+        logger.warning("l3 tier: the engine's weights were updated in place (%s); the shared store's keys name "
+                       "the weights it started with, so this engine no longer reads or writes the store until "
+                       "it restarts (set l3.weights_id to the new weights' name when restarting)", how)
+
     def shutdown(self) -> None:
         """Engine close (``Scheduler.shutdown``): the workers release their pools next."""
         self.drop_host_tier("engine shutdown")

@@ -68,6 +68,12 @@ PATCHED_TARGETS: dict[str, str] = {
         "accept host_cache_gb= / host_cache_config= keywords (wraps the generated __init__)",
     "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics":
         "attach the host-tier counters to ScheduleMetrics",
+    "lmdeploy.pytorch.engine.engine:Engine.update_params":
+        "weights change in place: the shared store (l3) stops for this engine first",
+    "lmdeploy.pytorch.engine.engine:Engine.update_weights_from_ipc":
+        "weights change in place (checkpoint engine): the shared store stops first",
+    "lmdeploy.pytorch.engine.engine:Engine.update_weights_from_distributed":
+        "weights change in place (weights-update group): the shared store stops first",
     "lmdeploy.metrics.stats:SchedulerStats.update_from_schedule_metrics":
         "carry the host-tier counters to the stat loggers",
     "lmdeploy.metrics.loggers:LoggingStatLogger.log":
@@ -196,6 +202,12 @@ PINS: dict[str, str] = {
         "558b60649b26a08617d145dde55d2abd06c5c9b462343e1f1b6b0504b50f79b8",
     "lmdeploy.pytorch.engine.engine:Engine.get_schedule_metrics":
         "f9bb82dd6e489d89fd5a4ef7091f5873ea2fd2cc5d30a9a58e627910a2d8e738",
+    "lmdeploy.pytorch.engine.engine:Engine.update_params":
+        "b08a1f7211f237c19d8e271dbc3a2309a48da556fccaaff36b46f4a41dc2ef26",
+    "lmdeploy.pytorch.engine.engine:Engine.update_weights_from_ipc":
+        "3b0313b23da82d9ebb9620e141bc364b21edff388c0f545b5996bd144e16d562",
+    "lmdeploy.pytorch.engine.engine:Engine.update_weights_from_distributed":
+        "3d78f9a6857396fae20a4b58115fea5626d36a62f38ac2658201ad5dc1d3f695",
     "lmdeploy.metrics.stats:SchedulerStats.update_from_schedule_metrics":
         "fac90c4f092d142634daa6ad88070b0cb40143958a8c54033ba785213ce495f8",
     "lmdeploy.metrics.loggers:LoggingStatLogger.log":

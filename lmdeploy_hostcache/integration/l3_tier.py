@@ -7,8 +7,9 @@ config to ``l3.chain`` (all decisions and byte checks live there).
   ``WorkerChain`` over the rank's ``HostPool``.
 
 Both sides derive the same per-rank ``StoreKeyspace``: the base namespace (adapters differ
-through the chained digest itself), the TP size and rank, and the planned bytes of one host slot
-(``host_slot_bytes``). Invariants: with no ``l3:`` section nothing here runs; a store that cannot
+through the chained digest itself), the TP size and rank, the planned bytes of one host slot
+(``host_slot_bytes``) and the weights (``weights_name``: ``l3.weights_id``, or the checkpoint
+fingerprint the activation computed, ``weights_fingerprint``). Invariants: with no ``l3:`` section nothing here runs; a store that cannot
 be reached at start-up raises (``on_unreachable: error``) or leaves the node without the tier
 (``warn``); a worker never writes back a slot its pool has not had written.
 """
@@ -35,9 +36,24 @@ def _space_nbytes(extra) -> int:
     return int(planned) if isinstance(planned, int) and not isinstance(planned, bool) else 0
 
 
-def rank_keyspace(namespaces: NamespaceFactory, tp_size: int, tp_rank: int, extra) -> StoreKeyspace:
+def weights_name(cfg, extra) -> str:
+    """What names the weights in the store keys: ``l3.weights_id`` when set, else the checkpoint
+    fingerprint the executor hook put in the extra config (``weights_fingerprint``), else ""; then
+    the digest of LMDeploy's ``hf_overrides`` when there are any (``hf_overrides_digest``)."""
+    get = extra.get if hasattr(extra, "get") else (lambda key: None)
+    fp, overrides = get("weights_fingerprint"), get("hf_overrides_digest")
+    if cfg is not None and cfg.weights_id:
+        name = "id:" + cfg.weights_id
+    else:
+        name = "fp:" + fp if isinstance(fp, str) and fp else ""
+    if isinstance(overrides, str) and overrides:
+        name += "/hf:" + overrides
+    return name
+
+
+def rank_keyspace(namespaces: NamespaceFactory, tp_size: int, tp_rank: int, extra, cfg=None) -> StoreKeyspace:
     return StoreKeyspace(namespaces.for_adapter(None), tp_size=int(tp_size), tp_rank=int(tp_rank),
-                         block_nbytes=_space_nbytes(extra))
+                         block_nbytes=_space_nbytes(extra), weights=weights_name(cfg, extra))
 
 
 class SchedulerL3:
@@ -56,7 +72,7 @@ class SchedulerL3:
         if client is None:
             return None
         extra = sched.cache_config.kv_transfer_config.kv_connector_extra_config
-        spaces = [rank_keyspace(sched.namespaces, sched.tp_size, r, extra) for r in range(sched.tp_size)]
+        spaces = [rank_keyspace(sched.namespaces, sched.tp_size, r, extra, cfg) for r in range(sched.tp_size)]
         logger.info("l3 tier: Mooncake Store at %s (%s), %s", cfg.master_address, cfg.protocol, cfg.write_policy)
         return cls(SchedulerChain(sched.index, client, spaces, cfg.write_policy), metrics)
 
@@ -78,7 +94,7 @@ class WorkerL3:
         if client is None:
             return None
         namespaces = NamespaceFactory.from_cache_config(worker.cache_config, worker.hostcache)
-        space = rank_keyspace(namespaces, worker.tp_size, worker.tp_rank, worker.extra)
+        space = rank_keyspace(namespaces, worker.tp_size, worker.tp_rank, worker.extra, cfg)
         pool = worker.pool
 
         def read_slot(slot: int):

@@ -1,6 +1,7 @@
 """Shared third tier: a Mooncake Store under the host tier (pure logic, no LMDeploy import).
 
-* ``keys``: store keys from our namespace + TP layout + chained digest (never LMDeploy's scheme);
+* ``keys``: store keys from our namespace + TP layout + weights + chained digest (never LMDeploy's scheme);
+* ``weights``: a fingerprint of a checkpoint's files, naming the weights in every key;
 * ``objects``: the self-describing, checksummed object format of one block;
 * ``client``: batched exists/put/get with deadlines over a store backend;
 * ``config``: the ``l3:`` section of the settings file, validated field by field;

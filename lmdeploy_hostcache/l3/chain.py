@@ -13,6 +13,9 @@ Scheduler side (``SchedulerChain``, one per engine, owns no bytes):
   pinned); all or nothing;
 * ``finish(digests, ok)``: staged -> ``RESIDENT`` (then loaded to the GPU like any host hit,
   through ``prepare_load``/``complete_load``), or every reserved slot released (leaf first).
+* ``stop(reason)``: the store is no longer read or written by this engine (its weights changed
+  in place, so its keys no longer describe what its blocks hold): queued write-backs are
+  dropped, ``lookup`` answers 0 and ``reserve`` None; stagings in flight still ``finish``.
 
 Worker side (``WorkerChain``, one per TP rank, owns its host pool's bytes):
 
@@ -57,19 +60,27 @@ class SchedulerChain:
         self._write_backs: list[WriteBack] = []
         self._staging: set[int] = set()
         self.lookup_errors = 0
+        self.stopped: str | None = None   # why the store may no longer be read or written
         if write_policy == "write_through" and client is not None:
             index.add_listener(self._on_stored, lambda block: None)
+
+    def stop(self, reason: str) -> None:
+        """From now on nothing is looked up, staged or written back (queued write-backs are
+        dropped); stagings already in flight still ``finish``. For a node whose keys no longer
+        describe its blocks (its weights changed in place)."""
+        self.stopped = reason
+        self._write_backs.clear()
 
     # -- write path ------------------------------------------------------------------------
     def on_host_evict(self, block: Any) -> None:
         """HostIndex eviction callback: queue the victim's slot for write-back."""
-        if self.client is not None:
+        if self.client is not None and self.stopped is None:
             self._write_backs.append(WriteBack(block.digest, block.tokens, block.slot))
 
     def _on_stored(self, block: Any) -> None:
         """write_through: a block that just became host-resident is written too (not one that
         came from the store)."""
-        if block.digest not in self._staging:
+        if block.digest not in self._staging and self.stopped is None:
             self._write_backs.append(WriteBack(block.digest, block.tokens, block.slot))
 
     def take_write_backs(self) -> list[WriteBack]:
@@ -79,7 +90,7 @@ class SchedulerChain:
     # -- read path -------------------------------------------------------------------------
     def lookup(self, digests: Sequence[int], block_bytes: Sequence[bytes] | None = None) -> int:
         """Consecutive store blocks from ``digests[0]`` present for every rank; 0 on any error."""
-        if self.client is None or not digests:
+        if self.client is None or not digests or self.stopped is not None:
             return 0
         keys = [s.key(d) for d in digests for s in self.rank_spaces]
         try:
@@ -101,7 +112,10 @@ class SchedulerChain:
 
     def reserve(self, digests: Sequence[int], parents: Sequence[int],
                 block_bytes: Sequence[bytes]) -> list[int] | None:
-        """Host slots to stage ``digests`` in (all reserved, WRITING), or None (nothing held)."""
+        """Host slots to stage ``digests`` in (all reserved, WRITING), or None (nothing held; and
+        always once ``stop`` was called: a hit found before it is recomputed)."""
+        if self.stopped is not None:
+            return None
         slots: list[int] = []
         for d, p, b in zip(digests, parents, block_bytes):
             slot = self.index.prepare_store(d, p, b)

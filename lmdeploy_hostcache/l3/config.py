@@ -9,6 +9,7 @@ l3:
   local_hostname: 10.0.0.7           # this node's address as other nodes reach it
   global_segment_gb: 16              # DRAM this node contributes to the shared pool
   local_buffer_gb: 1                 # client staging buffer
+  weights_id: ""                     # e.g. a commit hash; "" = fingerprint the checkpoint (l3/weights.py)
 ```
 
 Invariants: ``parse_l3_section`` returns ``None`` (no third tier) or a valid, frozen
@@ -48,6 +49,7 @@ class L3Config:
     timeout_ms: int = 2000
     write_policy: str = "write_back"
     on_unreachable: str = "error"
+    weights_id: str = ""      # names the weights in every store key; "" = a fingerprint of the checkpoint
 
     @property
     def global_segment_bytes(self) -> int:
@@ -111,6 +113,15 @@ def _text(v: Any) -> str:
     raise ValueError("a string")
 
 
+def _weights_id(v: Any) -> str:
+    allowed = "a name of the weights (a commit hash, a run id): printable ASCII, at most 200 characters"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if isinstance(v, str) and len(v.strip()) <= 200 and v.strip().isascii() and v.strip().isprintable():
+        return v.strip()
+    raise ValueError(allowed)
+
+
 def _hostname(v: Any) -> str:
     if isinstance(v, str) and v.strip():
         return v.strip()
@@ -164,6 +175,7 @@ _PARSERS = {
     "timeout_ms": _timeout_ms,
     "write_policy": _choice(WRITE_POLICIES),
     "on_unreachable": _choice(ON_UNREACHABLE),
+    "weights_id": _weights_id,
 }
 assert set(_PARSERS) == set(L3Config.field_names())
 

@@ -6,9 +6,11 @@ A key is ``lhc1/<space>/<digest>``:
   covers the whole prefix up to the end of the block and the ``Namespace`` (model, adapter,
   KV format, block size, tenant salt) through its root and seed;
 * ``<space>``: 32 hex digits of xxh3-128 over the length-prefixed ``Namespace`` fields again
-  *plus* the TP size, this rank's index, the KV-head shard it holds (first head, head count)
-  and the bytes per block object. A TP1 and a TP2 node, an int4 and an fp16 node, or two
-  tenant salts therefore never share a key, even if their digests were equal.
+  *plus* the TP size, this rank's index, the KV-head shard it holds (first head, head count),
+  the bytes per block object and the weights (``weights``: ``l3.weights_id``, or a fingerprint
+  of the checkpoint's files, ``l3/weights.py``). A TP1 and a TP2 node, an int4 and an fp16 node,
+  two tenant salts, or two fine-tunes mounted at the same path therefore never share a key, even
+  if their digests were equal.
 
 Invariants: pure function of its inputs (same key in every process and on every machine); the
 tenant salt enters only through a hash, so keys never reveal it; LMDeploy's own Mooncake key
@@ -40,6 +42,7 @@ class StoreKeyspace:
     head_start: int = 0
     head_count: int = 0          # KV heads this rank's block objects hold (0: not stated)
     block_nbytes: int = 0        # payload bytes per block object on this rank
+    weights: str = ""            # names the weights (l3.weights_id, or l3/weights.py's fingerprint)
     space: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -54,7 +57,8 @@ class StoreKeyspace:
         ns = self.namespace
         parts = [KEY_VERSION, ns.model, "" if ns.adapter is None else "A:" + ns.adapter, ns.kv_format,
                  str(ns.block_size), ns.tenant_salt, f"{ns.root:032x}", str(self.tp_size),
-                 str(self.tp_rank), str(self.head_start), str(self.head_count), str(self.block_nbytes)]
+                 str(self.tp_rank), str(self.head_start), str(self.head_count), str(self.block_nbytes),
+                 "W:" + self.weights]
         object.__setattr__(self, "space", f"{xxhash.xxh3_128_intdigest(_blob(parts)):032x}")
 
     def key(self, digest: int) -> str:

@@ -296,3 +296,55 @@ def test_executor_refuses_a_lossy_format_on_a_quantized_cache_before_anything_is
     with pytest.raises(UnsupportedConfiguration, match="host_kv_format='int4'.*same"):
         _size(ex, plan)
     assert extra == before
+
+
+def _l3_cache_config(**l3):
+    return _cache_config(kv_transfer_config=KVTransferConfig(
+        kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+        kv_connector_extra_config={"hostcache_config": {"host_cache_gb": 1,
+                                                        "l3": {"master_address": "127.0.0.1:1", **l3}}}))
+
+
+def _sized_extra(cfg, model_path, misc=None):
+    """The extra config after the executor hook, for a model at ``model_path`` (the prepare hook's
+    ``model_identity``, its resolved path)."""
+    from lmdeploy.pytorch.engine.executor.base import ExecutorBase, _WorkerCachePlanSizes
+
+    cfg.kv_transfer_config.kv_connector_extra_config["model_identity"] = str(model_path)
+
+    model = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.bfloat16)
+    ex = ExecutorBase(str(model_path), model, cfg, backend_config=SimpleNamespace(), dist_config=DistConfig(),
+                      misc_config=misc or SimpleNamespace(memdecode_config=None, hf_overrides=None))
+    ex._update_num_gpu_blocks([8 << 30], [_WorkerCachePlanSizes(target=1 << 20, spec=0)], None)
+    return cfg.kv_transfer_config.kv_connector_extra_config
+
+
+def test_executor_names_the_weights_in_the_store_keys(active, tmp_path):
+    """The store outlives the process and other nodes read it: its keys name the checkpoint's weights
+    (two fine-tunes at one path never share objects) and the hf_overrides that change what they compute."""
+    from lmdeploy_hostcache.integration.l3_tier import weights_name
+    from lmdeploy_hostcache.l3.config import parse_l3_section
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    first = _sized_extra(_l3_cache_config(), tmp_path)["weights_fingerprint"]
+    assert len(first) == 32 and "hf_overrides_digest" not in _sized_extra(_l3_cache_config(), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(bytes(range(255, -1, -1)) * 64)   # another fine-tune, same path
+    assert _sized_extra(_l3_cache_config(), tmp_path)["weights_fingerprint"] != first
+    # a name the operator gives replaces the fingerprint
+    named = _sized_extra(_l3_cache_config(weights_id="run-42"), tmp_path)
+    assert "weights_fingerprint" not in named
+    assert weights_name(parse_l3_section({"master_address": "h:1", "weights_id": "run-42"}), named) == "id:run-42"
+    # overrides that change what the weights compute (rope scaling) key the store too
+    misc = SimpleNamespace(memdecode_config=None, hf_overrides={"rope_scaling": {"factor": 4.0}})
+    over = _sized_extra(_l3_cache_config(), tmp_path, misc)
+    assert weights_name(None, over).endswith("/hf:" + over["hf_overrides_digest"])
+    # without l3 nothing is read or added
+    plain = _sized_extra(_cache_config(), tmp_path, misc)
+    assert "weights_fingerprint" not in plain and "hf_overrides_digest" not in plain
+
+
+def test_executor_refuses_l3_when_the_weights_cannot_be_read(active, tmp_path):
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "gone")   # cannot be opened, even by root
+    with pytest.raises(UnsupportedConfiguration, match="cannot fingerprint the weights.*model.safetensors"):
+        _sized_extra(_l3_cache_config(), tmp_path)

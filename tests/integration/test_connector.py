@@ -460,6 +460,40 @@ def test_a_request_that_wants_its_routed_experts_is_never_restored_from_host(rou
         assert loads == [c.seq_id] and c.status == MessageStatus.WAITING_FOR_REMOTE_KVS
 
 
+def test_a_weight_update_stops_the_shared_store_for_the_engine(active, caplog):
+    """The store's keys name the weights the engine started with: once they change in place (RL's
+    update_params, the checkpoint-engine updates) the engine neither reads nor writes the store."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lmdeploy.pytorch.engine.engine import Engine
+
+    from lmdeploy_hostcache.l3.chain import SchedulerChain
+    from lmdeploy_hostcache.l3.keys import StoreKeyspace
+
+    rig = Rig()
+    calls = []
+
+    async def run_update(fn, *args):
+        return fn(*args)
+
+    engine = SimpleNamespace(scheduler=SimpleNamespace(kv_connector=rig.side), _run_weights_update=run_update,
+                             executor=SimpleNamespace(update_params=calls.append,
+                                                      update_weights_from_ipc=lambda *a: calls.append(a)))
+    Engine.update_params(engine, "no store configured")        # without l3: only LMDeploy's own update
+    assert calls == ["no store configured"] and rig.side.l3 is None
+    chain = SchedulerChain(rig.side.index, None, [StoreKeyspace(ns())])
+    rig.side.l3 = SimpleNamespace(chain=chain, close=lambda: None)
+    asyncio.run(Engine.update_weights_from_ipc(engine, "ipc", None))
+    assert calls[-1] == ("ipc", None) and chain.stopped == "weights updated in place (update_weights_from_ipc)"
+    assert any("updated in place" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Engine.update_params(engine, "again")
+    assert calls[-1] == "again" and "update_weights_from_ipc" in chain.stopped, "stopped once, by the first"
+    assert not any("updated in place" in r.message for r in caplog.records), "warned once"
+
+
 def test_multimodal_path_is_never_cached():
     rig = Rig()
     side = rig.side

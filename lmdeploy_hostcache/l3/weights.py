@@ -1,0 +1,95 @@
+"""A fingerprint of a local checkpoint's weights, part of every store key.
+
+Store objects outlive the process that wrote them, and other nodes read them. The model's path
+alone does not say which weights produced a block: two nodes can mount different fine-tunes at the
+same path, and a retrained checkpoint can be written over the old one between two runs. Tokens and
+checksums still match in those cases, so a store key without the weights would restore KV computed
+by other weights. ``checkpoint_fingerprint(path)`` names the weights instead:
+
+* the bytes of ``config.json`` (architecture, dtype, rope settings);
+* for every weight file under ``path`` (``WEIGHT_SUFFIXES``, hidden folders skipped): its path
+  relative to ``path``, its size, and ``SAMPLES`` pieces of ``PIECE_BYTES`` spread evenly over it,
+  the first and the last piece included (a file up to ``SAMPLES * PIECE_BYTES`` is read whole).
+
+Invariants: the same bytes give the same fingerprint on every machine (no modification times, inode
+numbers or absolute paths enter it); at most ``SAMPLES * PIECE_BYTES`` bytes are read per file, so a
+140 GB checkpoint costs a few MiB of reads per shard; any file that cannot be read raises
+``ValueError`` naming it (no fingerprint is better than a wrong one). A fine-tune changes nearly
+every piece and a partial update (a merged adapter) changes whole tensors, so sampled pieces
+differ unless the update touches none of them: a sample, not a proof. ``l3.weights_id`` in the
+settings replaces it where the operator names the weights (a commit hash, a run id).
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import xxhash
+
+__all__ = ["PIECE_BYTES", "SAMPLES", "WEIGHT_SUFFIXES", "checkpoint_fingerprint"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".npz")
+SAMPLES = 64
+PIECE_BYTES = 64 * 1024
+MAX_FILES = 100_000
+
+
+def _part(h, data: bytes) -> None:
+    h.update(struct.pack("<Q", len(data)))
+    h.update(data)
+
+
+def _weight_files(root: str) -> list[str]:
+    found: list[str] = []
+
+    def fail(exc: OSError) -> None:
+        raise ValueError(f"{exc.filename or root}: cannot list the checkpoint's files "
+                         f"({exc.strerror or exc})") from None
+
+    for folder, dirs, files in os.walk(root, onerror=fail, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.lower().endswith(WEIGHT_SUFFIXES):
+                found.append(os.path.relpath(os.path.join(folder, name), root))
+                if len(found) > MAX_FILES:
+                    raise ValueError(f"{root}: more than {MAX_FILES:,} weight files; not a checkpoint folder")
+    return sorted(found)
+
+
+def _sample(h, path: str, rel: str) -> None:
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            _part(h, rel.replace(os.sep, "/").encode())
+            _part(h, str(size).encode())
+            if size <= SAMPLES * PIECE_BYTES:
+                _part(h, fh.read())
+                return
+            span = size - PIECE_BYTES
+            for i in range(SAMPLES):
+                fh.seek(span * i // (SAMPLES - 1))
+                _part(h, fh.read(PIECE_BYTES))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it to fingerprint the weights ({exc.strerror or exc})") from None
+
+
+def checkpoint_fingerprint(path: str) -> str | None:
+    """32 hex digits naming the weights at ``path`` (a folder or one weight file), or None when
+    ``path`` is not on this machine (a hub id the engine resolves elsewhere)."""
+    if not path or not os.path.exists(path):
+        return None
+    h = xxhash.xxh3_128()
+    _part(h, b"lhc-weights-1")
+    if os.path.isdir(path):
+        config = os.path.join(path, "config.json")
+        if os.path.isfile(config):
+            try:
+                with open(config, "rb") as fh:
+                    _part(h, fh.read(16 * 2**20))
+            except OSError as exc:
+                raise ValueError(f"{config}: cannot read it ({exc.strerror or exc})") from None
+        for rel in _weight_files(path):
+            _sample(h, os.path.join(path, rel), rel)
+    else:
+        _sample(h, path, os.path.basename(path))
+    return h.hexdigest()

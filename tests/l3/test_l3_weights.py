@@ -1,0 +1,101 @@
+"""The weights fingerprint in every store key (l3/weights.py) and what a weight update stops."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from lmdeploy_hostcache.l3.keys import StoreKeyspace
+from lmdeploy_hostcache.l3.weights import PIECE_BYTES, SAMPLES, checkpoint_fingerprint
+from lmdeploy_hostcache.tier.digest import Namespace
+
+BIG = 2 * SAMPLES * PIECE_BYTES   # sampled, not read whole
+
+
+def _checkpoint(root):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    (root / "model-00001-of-00002.safetensors").write_bytes((bytes(range(251)) * (BIG // 251 + 1))[:BIG])
+    (root / "model-00002-of-00002.safetensors").write_bytes(bytes(1000))
+    (root / "README.md").write_text("not weights")
+    return root
+
+
+def test_the_same_bytes_give_the_same_fingerprint_anywhere(tmp_path):
+    a = _checkpoint(tmp_path / "a")
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b)
+    os.utime(b / "model-00001-of-00002.safetensors", (1, 1))   # another copy time
+    (b / "README.md").write_text("edited")                    # not a weight file
+    (b / ".cache").mkdir()
+    (b / ".cache" / "x.bin").write_bytes(b"hidden folder")    # hidden folders are skipped
+    assert checkpoint_fingerprint(str(a)) == checkpoint_fingerprint(str(b))
+    assert len(checkpoint_fingerprint(str(a))) == 32
+
+
+@pytest.mark.parametrize("change", ["tensor", "config", "small_shard", "new_shard", "rename"])
+def test_other_weights_give_another_fingerprint(tmp_path, change):
+    a = _checkpoint(tmp_path / "a")
+    before = checkpoint_fingerprint(str(a))
+    shard = a / "model-00001-of-00002.safetensors"
+    if change == "tensor":      # one whole tensor of 1 MiB rewritten, as a merged adapter does
+        data = bytearray(shard.read_bytes())
+        data[BIG // 3:BIG // 3 + (1 << 20)] = bytes(1 << 20)
+        shard.write_bytes(data)
+    elif change == "config":
+        (a / "config.json").write_text('{"model_type": "llama", "hidden_size": 65}')
+    elif change == "small_shard":   # read whole: one byte anywhere counts
+        (a / "model-00002-of-00002.safetensors").write_bytes(bytes(999) + b"\x01")
+    elif change == "new_shard":
+        (a / "extra.bin").write_bytes(b"more weights")
+    else:
+        shard.rename(a / "renamed.safetensors")
+    assert checkpoint_fingerprint(str(a)) != before
+
+
+def test_a_single_file_a_missing_path_and_an_unreadable_file(tmp_path):
+    a = _checkpoint(tmp_path / "a")
+    shard = a / "model-00002-of-00002.safetensors"
+    assert len(checkpoint_fingerprint(str(shard))) == 32
+    assert checkpoint_fingerprint(str(tmp_path / "no-such")) is None
+    assert checkpoint_fingerprint("org/model-on-the-hub") is None
+    shard.unlink()
+    shard.symlink_to(tmp_path / "gone")          # a shard that cannot be opened (even by root)
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors: cannot read it"):
+        checkpoint_fingerprint(str(a))
+
+
+def test_weights_key_the_store_space():
+    ns = Namespace(model="/models/m", block_size=64, kv_format="native/kb64")
+    keys = {StoreKeyspace(ns, weights=w).key(7) for w in ("", "fp:" + "a" * 32, "fp:" + "b" * 32, "id:run-1")}
+    assert len(keys) == 4
+    assert StoreKeyspace(ns, weights="id:run-1").key(7) == StoreKeyspace(ns, weights="id:run-1").key(7)
+
+
+def test_a_stopped_chain_never_reads_or_writes_the_store():
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.l3.chain import SchedulerChain
+    from lmdeploy_hostcache.tier.host_index import HostIndex
+
+    asked = []
+
+    class Store:
+        metrics = None
+
+        def exists(self, keys):
+            asked.append(keys)
+            return [True] * len(keys)
+
+    index = HostIndex(4, policy="lru")
+    ns = Namespace(model="m", block_size=4, kv_format="native/kb64")
+    chain = SchedulerChain(index, Store(), [StoreKeyspace(ns)])
+    assert chain.lookup([1, 2], None) == 2 and len(asked) == 1
+    chain.on_host_evict(SimpleNamespace(digest=1, tokens=b"t", slot=0))
+    chain.stop("weights updated in place (update_params)")
+    assert chain.take_write_backs() == [], "queued write-backs of the old weights are dropped"
+    chain.on_host_evict(SimpleNamespace(digest=2, tokens=b"t", slot=1))
+    assert chain.take_write_backs() == []
+    assert chain.lookup([1, 2], None) == 0 and len(asked) == 1, "no store read after the stop"
+    assert chain.reserve([1], [ns.root], [b"t"]) is None and len(index) == 0
