@@ -311,3 +311,17 @@ def test_admission_cap_keeps_one_long_prompt_from_flushing_the_tier():
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ValueError, match="admit_share"):
             replay(chains, 4, "lru", admit_share=bad)
+
+
+@pytest.mark.parametrize("policy", ["lru", "arc", "s3fifo"])
+def test_policy_memory_follows_the_blocks_not_the_accesses(policy):
+    """Hits with no store and no eviction (a working set that fits) must not grow the policies'
+    lazy heaps by one entry per access: memory follows the data."""
+    from lmdeploy_hostcache.eviction_eval import chains_from_ids, replay
+    from lmdeploy_hostcache.tier import eviction
+
+    pol = eviction.make_policy(policy)
+    res = replay(chains_from_ids("fits", [[1, 2, 3]] * 20_000), 10, pol)
+    assert res.hit_rate > 0.99
+    heaps = [pol._heap] if policy == "lru" else [h for h in pol._heaps if h is not None]
+    assert sum(len(h.heap) for h in heaps) <= len(heaps) * (64 + 1), [len(h.heap) for h in heaps]

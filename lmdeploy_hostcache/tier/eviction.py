@@ -65,7 +65,8 @@ class EvictionPolicy:
 
 class _LazyHeap:
     """Min-heap of ``(key, seq, block)`` with lazy deletion; ``valid(key, block)`` decides
-    whether an entry still stands.  Compacted when stale entries outnumber live ones 4:1."""
+    whether an entry still stands.  Compacted at any push (an access or an add) once stale
+    entries outnumber live ones 4:1."""
 
     __slots__ = ("heap", "live", "valid")
 
@@ -75,22 +76,27 @@ class _LazyHeap:
         self.valid = valid
 
     def push(self, key, block: "HostBlock") -> None:
-        heapq.heappush(self.heap, (key, block.seq, block))
+        """A new key for a block (an access, or ``add``): its older entries go stale."""
+        heap = self.heap
+        heapq.heappush(heap, (key, block.seq, block))
+        if len(heap) > 64 and len(heap) > 4 * self.live:
+            self._compact()
 
     def add(self, key, block: "HostBlock") -> None:
         self.live += 1
         self.push(key, block)
-        heap = self.heap
-        if len(heap) > 64 and len(heap) > 4 * self.live:
-            # A block that leaves and re-enters the candidate set without being accessed has
-            # two valid entries with the same key: keep one, so the heap stays O(live).
-            valid, seen, kept = self.valid, set(), []
-            for e in heap:
-                if valid(e[0], e[2]) and id(e[2]) not in seen:
-                    seen.add(id(e[2]))
-                    kept.append(e)
-            heapq.heapify(kept)
-            self.heap = kept
+
+    def _compact(self) -> None:
+        """Drop stale entries, so the heap stays O(live) however many accesses come without an
+        eviction. A block that leaves and re-enters the candidate set without being accessed has
+        two valid entries with the same key: one is kept."""
+        valid, seen, kept = self.valid, set(), []
+        for e in self.heap:
+            if valid(e[0], e[2]) and id(e[2]) not in seen:
+                seen.add(id(e[2]))
+                kept.append(e)
+        heapq.heapify(kept)
+        self.heap = kept
 
     def peek(self) -> "HostBlock | None":
         heap, valid = self.heap, self.valid
