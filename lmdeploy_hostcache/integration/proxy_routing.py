@@ -239,16 +239,25 @@ def request_text(path: str, body: dict) -> str | None:
     return p if isinstance(p, str) else None
 
 
-def is_error_response(text) -> bool:
-    """A non-streamed node answer that is an error (LMDeploy's error object, or the proxy's own
-    timeout/connection answer)."""
+def is_node_fault(text) -> bool:
+    """A non-streamed node answer that says the *node* failed: not JSON, the proxy's own
+    timeout/connection answer (``error_code``), or LMDeploy's error object with a server-side
+    code (>= 500, or none). A client's bad request (LMDeploy's 400 error object: a bad
+    ``max_tokens``, a prompt longer than the context) is the client's fault, not the node's."""
     import json
 
     try:
         obj = json.loads(text)
     except (TypeError, ValueError):
         return True
-    return isinstance(obj, dict) and (obj.get("object") == "error" or "error_code" in obj)
+    if not isinstance(obj, dict):
+        return False
+    if "error_code" in obj:
+        return True
+    if obj.get("object") != "error":
+        return False
+    code = obj.get("code")
+    return not (isinstance(code, int) and not isinstance(code, bool) and code < 500)
 
 
 def session_key(body: dict) -> str | None:
@@ -288,13 +297,27 @@ class RoutingService:
                            "cannot be matched without the model's tokenizer)")
         self._feed_state: dict[str, dict] = {}
         self._cooldown: dict[str, float] = {}   # node -> monotonic time its error cooldown ends
+        self._too_many = False                   # more nodes than the table has bits: stock routing
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors = 0
 
     # -- membership ----------------------------------------------------------------------
-    def _sync_nodes(self, urls: list[str]) -> None:
+    def _sync_nodes(self, urls: list[str]) -> bool:
+        """Track exactly ``urls``; False (stock routing for everything, warned once) when they are more
+        nodes than the block table has bits for."""
+        limit = self.router.table.max_nodes
+        if len(urls) > limit:
+            if not self._too_many:
+                self._too_many = True
+                logger.warning("cache_aware routing covers at most %d nodes and the proxy has %d: every request is "
+                               "routed by the stock strategy until the cluster is back to %d nodes or fewer",
+                               limit, len(urls), limit)
+            return False
+        if self._too_many:
+            self._too_many = False
+            logger.warning("cache_aware routing: %d nodes, cache-aware routing resumes", len(urls))
         with self.lock:
             for url in urls:
                 if url not in self.router.nodes:
@@ -303,6 +326,7 @@ class RoutingService:
             for url in [u for u in self.router.nodes if u not in urls]:
                 self.router.remove_node(url)
                 self._feed_state.pop(url, None)
+        return True
 
     # -- routing -------------------------------------------------------------------------
     async def capture(self, raw_request) -> None:
@@ -336,7 +360,8 @@ class RoutingService:
         req = _current.get()
         if req is None or not candidates:
             return None
-        self._sync_nodes(list(self.node_manager.nodes) if self.node_manager is not None else candidates)
+        if not self._sync_nodes(list(self.node_manager.nodes) if self.node_manager is not None else candidates):
+            return None
         with self.lock:
             d = self.router.route(req, candidates)
             if d is None:
@@ -351,9 +376,12 @@ class RoutingService:
         self._wake.set()
 
     def node_error(self, url: str) -> None:
-        """``url`` answered a request with an error: skip it for ``error_cooldown`` seconds."""
+        """``url`` answered a request with a node fault: skip it for ``error_cooldown`` seconds."""
         self._cooldown[url] = time.monotonic() + float(self.options.get("error_cooldown") or 10.0)
         with self.lock:
+            if url not in self.router.nodes and len(self.router.nodes) < self.router.table.max_nodes:
+                self.router.add_node(url, self.default_profile)   # not polled yet: the cooldown holds anyway
+                self._feed_state[url] = {"last_ok": None, "has_feed": None}
             self.router.set_health(url, False)
         logger.warning("cache_aware routing: node %s answered with an error; skipped for %.0f s", url,
                        float(self.options.get("error_cooldown") or 10.0))
@@ -368,7 +396,8 @@ class RoutingService:
         from ..routing.feed import FEED_PATH, FeedError
 
         urls = list(self.node_manager.nodes) if self.node_manager is not None else list(self.router.nodes)
-        self._sync_nodes(urls)
+        if not self._sync_nodes(urls):
+            return
         http = session or requests
         headers = feed_headers(self.options)
         now = time.monotonic()
@@ -407,6 +436,7 @@ class RoutingService:
                         params = self.router.nodes[url].cursor.params()
                     fs["has_feed"], fs["last_ok"] = True, now
                     fs.pop("invalid", None)
+                    fs.pop("unreachable", None)
                     if not msg.get("more"):
                         break
             except FeedError as exc:
@@ -418,7 +448,15 @@ class RoutingService:
                     if st is not None and st.exact:   # keep the approximate index it already has
                         self.router.set_approximate(url, self.default_profile)
             except Exception as exc:
-                down = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+                unreachable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+                # the node is down only when its own API address does not answer: a feed served on
+                # another port or URL (--cache-aware-feed-port/-url) that does not answer is a node
+                # without a feed (stock LMDeploy, or its feed failed to start): approximate, not skipped
+                down = unreachable and self._feed_is_on_api(url)
+                if unreachable and not down and not fs.get("unreachable"):
+                    fs["unreachable"] = True
+                    logger.warning("cache_aware routing: the cache-state feed of node %s does not answer at %s; "
+                                   "routing to it with an approximate model of its cache", url, self.feed_url(url))
                 with self.lock:
                     st = self.router.nodes.get(url)
                     if st is not None:
@@ -429,6 +467,16 @@ class RoutingService:
                         if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
                             self.router.set_approximate(url, self.default_profile)
                 logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+
+    def _feed_is_on_api(self, node_url: str) -> bool:
+        """Whether ``node_url``'s feed is read at the node's own API address (same host and port)."""
+        from urllib.parse import urlsplit
+
+        def where(u: str):
+            p = urlsplit(u if "://" in u else "http://" + u)
+            return (p.hostname or "").lower(), p.port or (443 if p.scheme == "https" else 80)
+
+        return where(self.feed_url(node_url)) == where(node_url)
 
     def feed_url(self, node_url: str) -> str:
         """Where ``node_url``'s cache-state feed is read: its ``--cache-aware-feed-url`` mapping, else the
@@ -503,7 +551,7 @@ def _cache_aware_class(base: type) -> type:
 
         async def forward_raw_request_generate(self, raw_request, node_url, endpoint):
             text = await super().forward_raw_request_generate(raw_request, node_url, endpoint)
-            if is_error_response(text):
+            if is_node_fault(text):
                 self._hostcache_routing.node_error(node_url)
             return text
 

@@ -14,7 +14,8 @@ State (all in this object, no I/O):
 
 1. candidates: healthy nodes (optionally restricted by the caller, e.g. to a model);
 2. **affinity**: an explicit session key (``session_id``/``user``) seen before goes to its
-   node while that node is a healthy candidate;
+   node while that node is a healthy candidate the balance guard (5) does not skip (a key that
+   many clients share cannot herd every request onto one node);
 3. per namespace group, one table lookup of the prompt's ids gives each node's GPU match ``g``
    (consecutive GPU blocks from the start) and host match ``h`` (consecutive host blocks
    after that); nodes of another namespace never match (their ids differ);
@@ -216,21 +217,21 @@ class CacheAwareRouter:
         scored.sort(key=lambda s: (s[0], s[1]))
         reason = "cost" if len(names) > 1 else "only"
         chosen = None
+        over = self._over_share(names)
+        if over:  # an over-share node with less queued prefill than every other node stays eligible
+            floor = min((self.nodes[n].inflight_tokens for n in names if n not in over), default=0.0)
+            over = {n for n in over if self.nodes[n].inflight_tokens >= floor}
         sticky = self.sessions.get(req.session) if req.session else None
-        if sticky in names:
-            chosen, reason = sticky, "affinity"
+        if sticky in names and sticky not in over:   # affinity yields to the balance guard: one key
+            chosen, reason = sticky, "affinity"      # many clients share (a `user`) cannot herd a node
         else:
-            over = self._over_share(names)
-            if over:  # an over-share node with less queued prefill than every other node stays eligible
-                floor = min((self.nodes[n].inflight_tokens for n in names if n not in over), default=0.0)
-                over = {n for n in over if self.nodes[n].inflight_tokens >= floor}
             for c, _, n in scored:
                 if n not in over:
                     chosen = n
                     break
             if chosen is None:
                 chosen = scored[0][2]
-            elif chosen != scored[0][2]:
+            elif chosen != scored[0][2] or sticky in names:
                 reason = "guard"
         st = self.nodes[chosen]
         g, h = matched[chosen]

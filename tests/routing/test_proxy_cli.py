@@ -133,3 +133,80 @@ def test_a_feed_that_always_says_more_cannot_starve_the_other_nodes_and_an_inval
     assert svc.router.nodes[good].exact and svc.router.nodes[chatty].exact
     assert not svc.router.nodes[broken].exact and svc.router.nodes[broken].approx is before
     assert sum("invalid cache-state feed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_feed_port_that_does_not_answer_leaves_the_node_routable_and_only_its_api_down_skips_it(caplog):
+    """With --cache-aware-feed-port the feed is another server than the node's API: a stock node (no
+    feed there) is routed to with an approximate model, not skipped. A node whose feed is read at its
+    own API address and does not answer is down."""
+    import logging
+
+    import requests
+
+    from lmdeploy_hostcache.integration import proxy_routing
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService
+
+    class Refused:
+        def get(self, url, params=None, timeout=None, headers=None):
+            raise requests.exceptions.ConnectionError(f"refused: {url}")
+
+    node = "http://127.0.0.1:23333"
+    opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": 23400, "balance": 1.3,
+            "block_size": 4, "gpu_blocks": 16, "host_blocks": 0}
+    svc = RoutingService(opts)
+    svc._sync_nodes([node])
+    with caplog.at_level(logging.WARNING, logger=proxy_routing.logger.name):
+        for _ in range(2):
+            svc.poll_once(session=Refused())
+    assert svc.router.nodes[node].healthy and not svc.router.nodes[node].exact
+    assert sum("does not answer" in r.getMessage() for r in caplog.records) == 1
+    opts["feed_port"] = None                      # the feed is read at the node's API address
+    same = RoutingService(opts)
+    same._sync_nodes([node])
+    same.poll_once(session=Refused())
+    assert not same.router.nodes[node].healthy
+
+
+def test_only_node_faults_bench_a_node():
+    """A client's bad request (LMDeploy's 400 error object) does not put the node in the error cooldown;
+    the proxy's own timeout answer, a server-side error and a non-JSON answer do."""
+    import json
+
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService, is_node_fault
+
+    bad_request = json.dumps({"object": "error", "message": "max_tokens must be positive", "type": "invalid", "code": 400})
+    assert not is_node_fault(bad_request)
+    assert not is_node_fault(json.dumps({"id": "x", "object": "chat.completion", "choices": []}))
+    assert is_node_fault(json.dumps({"object": "error", "message": "engine died", "code": 500}))
+    assert is_node_fault(json.dumps({"object": "error", "message": "no code"}))
+    assert is_node_fault(json.dumps({"error_code": 10302, "text": "api timeout"}))
+    assert is_node_fault("<html>502 Bad Gateway</html>")
+    opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": None, "balance": 1.3,
+            "block_size": 4, "gpu_blocks": 16, "host_blocks": 0}
+    svc = RoutingService(opts)
+    svc.node_error("http://127.0.0.1:5")          # before the poller ever saw the node: the cooldown holds
+    assert not svc.router.nodes["http://127.0.0.1:5"].healthy
+
+
+def test_more_nodes_than_the_table_holds_falls_back_to_stock_routing_with_one_warning(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.integration import proxy_routing
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService
+    from lmdeploy_hostcache.routing.request import RoutingRequest
+
+    opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": None, "balance": 1.3,
+            "block_size": 4, "gpu_blocks": 16, "host_blocks": 0}
+    limit = RoutingService(opts).router.table.max_nodes
+    nodes = {f"http://127.0.0.1:{20000 + i}": None for i in range(limit + 1)}
+    svc = RoutingService(opts, SimpleNamespace(nodes=nodes))
+    with caplog.at_level(logging.WARNING, logger=proxy_routing.logger.name):
+        for _ in range(3):
+            proxy_routing._current.set(RoutingRequest(list(range(16))))
+            assert svc.choose(list(nodes)) is None          # stock routing, no exception
+        svc.poll_once(session=SimpleNamespace(get=None))     # nothing polled
+    assert sum("at most" in r.getMessage() for r in caplog.records) == 1
+    nodes.pop(next(iter(nodes)))                             # back to the limit: cache-aware again
+    proxy_routing._current.set(RoutingRequest(list(range(16))))
+    assert svc.choose(list(nodes)) in nodes

@@ -232,6 +232,24 @@ def test_session_affinity_while_healthy_then_rerouted():
     assert moved.node != d.node
 
 
+def test_one_session_key_every_client_shares_cannot_herd_a_node():
+    """An application that sends the same ``user`` for every client: affinity yields to the balance
+    guard once the sticky node is over its share, so the load spreads like keyless traffic."""
+    r = _router_with([("a", 1000, 0), ("b", 1000, 0), ("c", 1000, 0)], balance=1.3)
+    rng = random.Random(1)
+    counts = {"a": 0, "b": 0, "c": 0}
+    reasons = set()
+    for _ in range(600):
+        req = _req([rng.randrange(10**6) for _ in range(80)], session="user:the-app")
+        d = r.route(req)
+        r.dispatched(d, req)
+        r.finished(d.node)
+        counts[d.node] += 1
+        reasons.add(d.reason)
+    assert max(counts.values()) < 1.5 * 600 / 3, counts
+    assert {"affinity", "guard"} <= reasons, reasons
+
+
 def test_approximate_node_learns_what_it_was_sent_within_capacity():
     r = CacheAwareRouter(approx_block_size=4)
     r.add_node("stock1", NodeProfile(2, 1, 4))
