@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -82,15 +83,45 @@ class SchedulerL3:
 
 
 class WorkerL3:
-    def __init__(self, chain: WorkerChain) -> None:
+    """One rank's store client and chain. Its puts and object checks happen here, in the worker
+    process, where LMDeploy's connector output cannot carry counters back to the scheduler: the
+    rank logs them itself (``log_progress``): a warning the first time the store refuses a put or
+    a read object fails its checks, and a summary at most every ``LOG_EVERY_S`` seconds when the
+    counters moved."""
+
+    LOG_EVERY_S = 60.0
+
+    def __init__(self, chain: WorkerChain, metrics: L3TierMetrics | None = None, tp_rank: int = 0) -> None:
         self.chain = chain
+        self.metrics = metrics if metrics is not None else L3TierMetrics()
+        self.tp_rank = tp_rank
+        self._warned: set[str] = set()
+        self._logged: dict[str, float] = {}
+        self._logged_at = time.monotonic()
+
+    def log_progress(self, now: float | None = None) -> None:
+        s = self.metrics.snapshot()
+        for key, what in (("put_refused", "refused a put (full?)"), ("corrupt", "returned an object that failed "
+                          "its checks"), ("missing", "no longer had a block it listed")):
+            if s.get(key, 0) and key not in self._warned:
+                self._warned.add(key)
+                logger.warning("l3 tier rank %d: the store %s; those blocks are recomputed (counted in this "
+                               "rank's l3 summary lines)", self.tp_rank, what)
+        now = time.monotonic() if now is None else now
+        counters = {k: s.get(k, 0) for k in ("put_blocks", "put_refused", "get_blocks", "errors", "timeouts",
+                                              "missing", "corrupt")}
+        if counters != self._logged and now - self._logged_at >= self.LOG_EVERY_S:
+            self._logged, self._logged_at = counters, now
+            logger.info("l3 tier rank %d: %s, write-back errors %d", self.tp_rank,
+                        " ".join(f"{k}={v}" for k, v in counters.items()), self.chain.write_back_errors)
 
     @classmethod
     def build(cls, worker: Any) -> WorkerL3 | None:
         cfg = worker.hostcache.l3
         if cfg is None:
             return None
-        client = connect(cfg, metrics=L3TierMetrics(), logger=logger)
+        metrics = L3TierMetrics()
+        client = connect(cfg, metrics=metrics, logger=logger)
         if client is None:
             return None
         namespaces = NamespaceFactory.from_cache_config(worker.cache_config, worker.hostcache)
@@ -103,7 +134,7 @@ class WorkerL3:
         def write_slot(slot: int, payload) -> None:
             pool.slot_view(slot).numpy()[:] = np.frombuffer(payload, dtype=np.uint8)
 
-        return cls(WorkerChain(client, space, pool.slot_bytes, read_slot, write_slot))
+        return cls(WorkerChain(client, space, pool.slot_bytes, read_slot, write_slot), metrics, int(worker.tp_rank))
 
     def close(self) -> None:
         self.chain.client.close()

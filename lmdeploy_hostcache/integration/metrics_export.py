@@ -61,20 +61,21 @@ _LATENCY_KEYS = ("restore_latency_mean_s", "restore_latency_max_s", "restore_lat
 # (``metrics.L3TierMetrics.prefixed_snapshot``) and are exported as lmdeploy:l3_cache_*.
 L3_PREFIX = "lmdeploy:l3_cache_"
 L3_COUNTERS: dict[str, tuple[str, str]] = {
+    # Only what the scheduler's side measures: the puts and the object checks happen in the worker
+    # processes (each rank logs its own counters, l3_tier.WorkerL3.log_progress), and LMDeploy's
+    # connector output has no channel to carry them back.
     "l3_lookups": ("lookups", "Store lookups (batched existence checks past the host match)."),
     "l3_lookup_blocks": ("lookup_blocks", "Blocks looked up in the shared store."),
     "l3_hit_blocks": ("hit_blocks", "Blocks found in the shared store, consecutively."),
-    "l3_put_blocks": ("put_blocks", "Blocks written to the shared store (write-back)."),
-    "l3_put_refused": ("put_refused", "Blocks the shared store refused (full)."),
-    "l3_get_blocks": ("get_blocks", "Blocks read from the shared store and verified."),
-    "l3_bytes_to_l3": ("bytes_to_store", "Bytes written to the shared store."),
-    "l3_bytes_from_l3": ("bytes_from_store", "Bytes read from the shared store."),
-    "l3_errors": ("errors", "Store calls or blocks that failed (each fell back to recompute)."),
-    "l3_timeouts": ("timeouts", "Store calls past their deadline."),
-    "l3_missing": ("missing", "Blocks gone from the store between lookup and read."),
-    "l3_corrupt": ("corrupt", "Blocks failing the store object's checksum, header or token check."),
+    "l3_put_blocks": ("write_back_blocks", "Blocks handed to the workers to write to the shared store "
+                                           "(a put the store refuses is in the workers' log, not here)."),
+    "l3_get_blocks": ("get_blocks", "Blocks read from the shared store, verified and loaded."),
+    "l3_bytes_to_l3": ("write_back_bytes", "Bytes handed to the workers to write to the shared store."),
+    "l3_bytes_from_l3": ("bytes_from_store", "Bytes read from the shared store and loaded."),
+    "l3_errors": ("errors", "Store lookups and store loads that failed (each fell back to recompute)."),
+    "l3_timeouts": ("timeouts", "Store lookups past their deadline."),
 }
-_L3_OPS = ("exists", "put", "get")
+_L3_OPS = ("exists",)   # the only store call the scheduler side makes (puts and gets run in the workers)
 
 
 def host_tier_snapshot(connector: Any) -> dict[str, float] | None:
@@ -118,12 +119,11 @@ def format_l3_log_line(s: Mapping[str, float], dp_rank: int | None = None) -> st
     hit = s.get("l3_hit_blocks", 0) / lb if lb else 0.0
     where = f"DP{dp_rank} " if dp_rank is not None else ""
     return (f"[{where}l3-tier] lookups={s.get('l3_lookups', 0)} hit_blocks={s.get('l3_hit_blocks', 0)}/{lb} "
-            f"({hit:.1%}) put_blocks={s.get('l3_put_blocks', 0)} put_refused={s.get('l3_put_refused', 0)} "
-            f"get_blocks={s.get('l3_get_blocks', 0)} to_l3={s.get('l3_bytes_to_l3', 0) / 2**30:.2f}GiB "
+            f"({hit:.1%}) write_backs={s.get('l3_put_blocks', 0)} "
+            f"get_blocks={s.get('l3_get_blocks', 0)} write_back={s.get('l3_bytes_to_l3', 0) / 2**30:.2f}GiB "
             f"from_l3={s.get('l3_bytes_from_l3', 0) / 2**30:.2f}GiB errors={s.get('l3_errors', 0)} "
-            f"(timeouts={s.get('l3_timeouts', 0)} missing={s.get('l3_missing', 0)} "
-            f"corrupt={s.get('l3_corrupt', 0)}) "
-            f"get_latency_mean={s.get('l3_get_latency_mean_s', 0.0) * 1e3:.2f}ms")
+            f"(timeouts={s.get('l3_timeouts', 0)}) "
+            f"exists_latency_mean={s.get('l3_exists_latency_mean_s', 0.0) * 1e3:.2f}ms")
 
 
 class HostTierCollector:

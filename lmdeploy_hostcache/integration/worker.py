@@ -350,6 +350,8 @@ class HostTierWorker:
                         self._checksums[slot] = self._slot_digest(slot)
             else:
                 failed.add(int(req))
+        if self.l3 is not None:
+            self.l3.log_progress()
         if not failed:
             return host_loads
         for ld in host_loads:
