@@ -325,7 +325,8 @@ class HostCacheConfig:
         _parse_l3,
         "The shared third tier: a Mooncake Store under the host tier, shared by every node "
         "(a mapping: `master_address`, `metadata_server`, `protocol`, `global_segment_gb`, "
-        "`local_buffer_gb`, ...; docs/integration.md \"Three tiers\"). Absent or null: no third tier.",
+        "`local_buffer_gb`, `weights_id`, ...; docs/integration.md \"Three tiers\"). Store keys name the "
+        "weights (a fingerprint of the checkpoint, or `weights_id`). Absent or null: no third tier.",
         "null, or a mapping with at least `master_address` (`lmdeploy_hostcache/l3/config.py`)"))
 
     # -- validation ---------------------------------------------------------------------
