@@ -242,11 +242,27 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
             raise ValueError(f"model config {p}: hidden_size {hidden} is not a multiple of "
                              f"num_attention_heads {heads}; set head_dim")
         head_dim = hidden // heads
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"model config {p}: field 'torch_dtype' {dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
+    dtype = _engine_dtype(cfg, p)
     name = cfg.get("_name_or_path") or p.parent.name or str(p)
     return KVGeometry(str(name), layers, kv_heads, head_dim, dtype)
+
+
+def _engine_dtype(cfg: dict, p) -> str:
+    """The KV dtype LMDeploy's PyTorch engine runs this config in with ``--dtype auto`` (its
+    ``_update_torch_dtype``): ``dtype``, else the text config's ``dtype``, else ``torch_dtype``;
+    AWQ checkpoints and any dtype but float16/bfloat16 (float32 included) run in float16, and so
+    does a config that names none."""
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    raw = cfg.get("dtype") or text.get("dtype") or cfg.get("torch_dtype")
+    quant = cfg.get("quantization_config") if isinstance(cfg.get("quantization_config"), dict) else {}
+    if raw is None or quant.get("quant_method") == "awq":
+        return "float16"
+    dtype = str(raw).replace("torch.", "")
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"model config {p}: field 'torch_dtype' {dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
+    if dtype in ("bfloat16", "bf16"):
+        return "bfloat16"
+    return "float16"
 
 
 def resolve_model(spec: str) -> KVGeometry:

@@ -77,6 +77,32 @@ def test_hf_config(tmp_path):
         resolve_model("no-such-model")
 
 
+@pytest.mark.parametrize("fields, dtype", [
+    ({"torch_dtype": "float32"}, "float16"),            # LMDeploy's --dtype auto runs fp32 checkpoints in fp16
+    ({"torch_dtype": "bfloat16"}, "bfloat16"),
+    ({"dtype": "bfloat16", "torch_dtype": "float16"}, "bfloat16"),   # `dtype` first, as LMDeploy reads it
+    ({"text_config": {"dtype": "bfloat16"}}, "bfloat16"),
+    ({}, "float16"),                                    # none named: float16
+    ({"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "awq"}}, "float16"),
+])
+def test_hf_config_dtype_is_what_lmdeploy_runs(tmp_path, monkeypatch, fields, dtype):
+    from types import SimpleNamespace
+
+    import torch
+    from lmdeploy.pytorch import config as lmdeploy_config
+
+    cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 256, **fields}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    g = geometry_from_hf_config(tmp_path)
+    assert g.dtype == dtype and g.dtype_bytes == 2
+    # the same answer as LMDeploy's own rule (on a GPU with bf16, e.g. an H200), on the same fields
+    monkeypatch.setattr(lmdeploy_config, "is_bf16_supported", lambda device_type="cuda": True)
+    hf = SimpleNamespace(**{k: (SimpleNamespace(**v) if k == "text_config" else v) for k, v in cfg.items()})
+    mc = SimpleNamespace(hf_config=hf, dtype=None)
+    lmdeploy_config._update_torch_dtype(mc, "auto", device_type="cuda")
+    assert {torch.float16: "float16", torch.bfloat16: "bfloat16"}[mc.dtype] == dtype
+
+
 CROSS_CHECK = [  # (layers, kv_heads, head_dim, dtype, block_size, kernel_block_size, quant_policy, tp)
     (32, 8, 128, "bfloat16", 64, 64, 0, 1),
     (32, 8, 128, "bfloat16", 512, 512, 8, 2),
