@@ -634,7 +634,7 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
 
     def saturated(n) -> bool:  # False: the node's full host_gb is the only size within 0.01 of itself
         return not (n.spec.host_gb > 0 and n.recommended_host_gb is not None
-                    and n.recommended_host_gb >= round(n.spec.host_gb, 2))
+                    and n.recommended_host_gb >= n.spec.host_gb)
 
     notes = [note for n in res.nodes
              for note in unbounded_notes(args.distinct_blocks, gpu_blocks=n.gpu_blocks, host_blocks=n.host_blocks,

@@ -294,13 +294,15 @@ def recommend_host_gb(prepared: Sequence[PreparedRequest], spec: ClusterSpec, si
     full = runs[1.0]
     for k, node in enumerate(full.nodes):
         target = node.stats.hit_rate - tolerance
+        # keyed and recommended by the size each run simulated (rounding it could name a size never
+        # replayed, 0 included, and make two sizes collide)
         for f in fractions:
             r = runs[f].nodes[k]
-            node.hit_rate_by_host_gb[round(node.spec.host_gb * f, 2)] = r.stats.hit_rate
+            node.hit_rate_by_host_gb[node.spec.host_gb * f] = r.stats.hit_rate
         for f in fractions:
             r = runs[f].nodes[k]
             if r.stats.hit_rate >= target:
-                node.recommended_host_gb = round(node.spec.host_gb * f, 2)
+                node.recommended_host_gb = node.spec.host_gb * f
                 break
     full.elapsed_s = sum(r.elapsed_s for r in runs.values())
     return full

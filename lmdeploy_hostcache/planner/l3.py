@@ -81,13 +81,19 @@ class ThreeTierCache(TwoTierCache):
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:
         m = pr.matchable
-        g, h = self.probe(pr)
+        g, found = self.probe_found(pr)
+        half = self.host.num_slots // 2
+        h = min(found, half)
         d, b = pr.digests, pr.block_bytes
         start = g + h
         s = 0
         sidx = self.store.index
-        if start < m and sidx.num_slots:
-            s = sidx.lookup(d[start:m], b[start:m])
+        # as the connector asks the store: only when the whole host match is usable, and staged
+        # through host slots, at most half of them per request with the host hits (no host tier:
+        # no store either)
+        if start < m and sidx.num_slots and h == found and h < half:
+            end = min(m, g + half)
+            s = sidx.lookup(d[start:end], b[start:end])
         if s:
             sidx.prepare_load(d[start:start + s])  # pinned while this request's blocks settle
         host_before = self.stats.host_hit_blocks

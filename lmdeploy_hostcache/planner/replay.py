@@ -157,11 +157,17 @@ class TwoTierCache:
             host.drop_subtree(block.digest)
             self.stats.demotions_refused += 1
 
-    def probe(self, pr: PreparedRequest) -> tuple[int, int]:
-        """(GPU hits, host hits) the request would get now; no side effects."""
+    def probe_found(self, pr: PreparedRequest) -> tuple[int, int]:
+        """(GPU hits, host blocks found after them), before the connector's hold budget (half the
+        host slots per request) cuts the host hit; no side effects."""
         m = pr.matchable
         g = self.gpu.lookup(pr.digests[:m], pr.block_bytes[:m])
         h = self.host.lookup(pr.digests[g:m], pr.block_bytes[g:m]) if g < m and self.host.num_slots else 0
+        return g, h
+
+    def probe(self, pr: PreparedRequest) -> tuple[int, int]:
+        """(GPU hits, host hits) the request would get now; no side effects."""
+        g, h = self.probe_found(pr)
         return g, min(h, self.host.num_slots // 2)
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:

@@ -47,16 +47,22 @@ def test_node_b_hits_what_node_a_wrote_back():
     # and host (2 blocks) tiers into the store; node B then asks for the same prefix.
     store = SharedStore(64)
     a = ThreeTierCache(8, 2, store, "lru", 4)
-    b = ThreeTierCache(8, 0, store, "lru", 4)
     reqs = [_req(0, [1, 2, 3, 4, 5, 6], "s")] + [_req(1 + i, [100 + 10 * i + j for j in range(4)], "t")
                                                  for i in range(6)] + [_req(9, [1, 2, 3, 4, 5, 6, 7], "u")]
     prepared = prepare_trace(Trace("t", 4, reqs))
     for pr in prepared[:-1]:
         a.serve(pr)
     assert store.puts > 0
+    b = ThreeTierCache(8, 14, store, "lru", 4)
     g, h = b.serve(prepared[-1])
     assert (g, h) == (0, 0) and b.l3_hit_blocks == 6      # all six from the store, none recomputed
     store.index.check_invariants()
+    # as the connector: store hits are staged through host slots, at most half of them per request
+    small = ThreeTierCache(8, 8, store, "lru", 4)
+    assert small.serve(prepared[-1]) == (0, 0) and small.l3_hit_blocks == 4
+    # and a node without a host tier (host_cache_gb 0: the connector is off) reads nothing from the store
+    none = ThreeTierCache(8, 0, store, "lru", 4)
+    assert none.serve(prepared[-1]) == (0, 0) and none.l3_hit_blocks == 0
 
 
 def test_cli_reports_the_store_and_refuses_it_without_cluster(tmp_path):

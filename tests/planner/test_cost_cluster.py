@@ -123,3 +123,16 @@ def test_recommendation_is_smallest_size_within_one_point(chat):
         assert node.hit_rate_by_host_gb[rec] >= full - 0.01
         assert all(node.hit_rate_by_host_gb[s] < full - 0.01 for s in sizes if s < rec)
     assert res.nodes[0].hit_rate_by_host_gb[0.0] < res.nodes[0].stats.hit_rate  # the host tier helps here
+
+
+def test_recommendation_names_a_size_that_was_replayed_even_for_a_tiny_host(chat):
+    """Rounding the sizes to 0.01 GiB named sizes never replayed (0.0025 GiB reported as 0: the tier
+    off) and let two sizes overwrite each other's hit rate."""
+    trace, pr = chat
+    doc = {"routing": "session", "model": "Qwen2.5-7B", "nodes": [{"name": "tiny", "gpu_kv_gb": 0.05, "host_gb": 0.02}]}
+    spec = parse_cluster(doc)
+    sizing = BlockSizing.build(PRESETS["Qwen2.5-7B"], spec.cache_format, trace.block_size)
+    node = recommend_host_gb(pr, spec, sizing).nodes[0]
+    assert sorted(node.hit_rate_by_host_gb) == [0.02 * f for f in (0, 0.125, 0.25, 0.5, 0.75, 1.0)]
+    assert node.recommended_host_gb in node.hit_rate_by_host_gb
+    assert (node.recommended_host_gb == 0) == (node.hit_rate_by_host_gb[0.0] >= node.stats.hit_rate - 0.01)
