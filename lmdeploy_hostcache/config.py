@@ -242,7 +242,8 @@ class HostCacheConfig:
     host_cache_gb: float | str = field(default=AUTO, metadata=_meta(
         _parse_host_cache_gb,
         "Host DRAM for the tier on this node, in GiB (2^30 bytes), summed over the engine's "
-        "TP ranks. `auto`: available RAM minus `host_memory_reserve_gb`, at most half of "
+        "TP ranks (with data parallelism, shared equally by the DP engines). `auto`: available RAM "
+        "minus `host_memory_reserve_gb`, at most half of "
         "total RAM (`lmdeploy-hostcache doctor` shows the figure and why). 0 disables the tier.",
         "number in [0, 1048576], or `auto`"))
     host_memory_reserve_gb: float = field(default=8.0, metadata=_meta(

@@ -1,7 +1,8 @@
 """Host-memory facts of this machine and the host-tier size they imply.
 
-``read_host_memory()`` gathers RAM (psutil), the container's cgroup memory limit (v2 or
-v1; inside a container psutil reports the *host's* RAM) and RLIMIT_MEMLOCK.
+``read_host_memory()`` gathers RAM (psutil), the memory limit of this process's cgroup (v2 or
+v1: the smallest limit from its own cgroup, named in ``/proc/self/cgroup``, up to the mount; inside
+a container psutil reports the *host's* RAM) and RLIMIT_MEMLOCK.
 ``resolve_host_cache_bytes(cfg)`` turns ``host_cache_gb`` into bytes plus a sentence a
 user can read in a start-up log saying how the figure was chosen.
 
@@ -94,7 +95,7 @@ def format_bytes(n: int | float | None) -> str:
 def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
-    except OSError:
+    except (OSError, ValueError):   # ValueError: bytes that are not text (UnicodeDecodeError)
         return None
     if text == "max":
         return None
@@ -115,28 +116,77 @@ def _read_stat(path: Path, key: str) -> int:
     return 0
 
 
-def read_cgroup_memory(root: str | os.PathLike[str] = "/sys/fs/cgroup") -> tuple[int | None, int | None]:
-    """(limit, used) of the memory cgroup mounted at ``root``; (None, None) when unlimited.
+def _own_cgroup_dirs(root: Path, proc_cgroup: str | os.PathLike[str], v1: bool) -> list[Path]:
+    """This process's memory cgroup and its ancestors up to ``root`` (innermost first), from
+    ``/proc/self/cgroup``; ``[root]`` when the file names no path below ``root`` (a cgroup
+    namespace shows ``/``: the mount is the process's own cgroup)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except (OSError, ValueError):
+        return [root]
+    rel = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if (v1 and "memory" in controllers.split(",")) or (not v1 and parts[0] == "0" and controllers == ""):
+            rel = path.strip()
+            break
+    if not rel or rel == "/":
+        return [root]
+    dirs = []
+    here = root / rel.lstrip("/")
+    try:
+        if not here.resolve().is_relative_to(root.resolve()):
+            return [root]
+    except (OSError, ValueError):
+        return [root]
+    while True:
+        if here.is_dir():
+            dirs.append(here)
+        if here == root or here.parent == here:
+            break
+        here = here.parent
+    return dirs or [root]
 
-    v2: ``memory.max``/``memory.current``; v1: ``memory/memory.limit_in_bytes``/
-    ``usage_in_bytes``. ``used`` leaves out inactive file cache, which the kernel drops
-    on demand (counting it would make a container that has read a large checkpoint look full).
+
+def read_cgroup_memory(root: str | os.PathLike[str] = "/sys/fs/cgroup",
+                       proc_cgroup: str | os.PathLike[str] = "/proc/self/cgroup") -> tuple[int | None, int | None]:
+    """(limit, used) of this process's memory cgroup; (None, None) when unlimited.
+
+    The limit that binds is the smallest one on the path from the process's own cgroup (named in
+    ``proc_cgroup``) up to the mount at ``root``: a systemd service or a batch job on a host whose
+    root cgroup is unlimited is still held to its own ``memory.max``. ``used`` is read where that
+    limit is set. v2: ``memory.max``/``memory.current``; v1: ``memory/memory.limit_in_bytes``/
+    ``usage_in_bytes``. ``used`` leaves out inactive file cache, which the kernel drops on demand
+    (counting it would make a container that has read a large checkpoint look full).
     """
     root = Path(root)
-    if (root / "memory.max").exists():  # cgroup v2
-        limit = _read_int(root / "memory.max")
-        if limit is None:
+    if (root / "memory.max").exists() or (root / "cgroup.controllers").exists():  # cgroup v2
+        best = None
+        for d in _own_cgroup_dirs(root, proc_cgroup, v1=False):
+            limit = _read_int(d / "memory.max")
+            if limit is not None and (best is None or limit < best[0]):
+                best = (limit, d)
+        if best is None:
             return None, None
-        used = _read_int(root / "memory.current") or 0
-        used -= _read_stat(root / "memory.stat", "inactive_file")
+        limit, d = best
+        used = _read_int(d / "memory.current") or 0
+        used -= _read_stat(d / "memory.stat", "inactive_file")
         return limit, max(0, used)
     v1 = root / "memory"
     if (v1 / "memory.limit_in_bytes").exists():
-        limit = _read_int(v1 / "memory.limit_in_bytes")
-        if limit is None or limit >= _CGROUP_V1_UNLIMITED:
+        best = None
+        for d in _own_cgroup_dirs(v1, proc_cgroup, v1=True):
+            limit = _read_int(d / "memory.limit_in_bytes")
+            if limit is not None and limit < _CGROUP_V1_UNLIMITED and (best is None or limit < best[0]):
+                best = (limit, d)
+        if best is None:
             return None, None
-        used = _read_int(v1 / "memory.usage_in_bytes") or 0
-        used -= _read_stat(v1 / "memory.stat", "total_inactive_file")
+        limit, d = best
+        used = _read_int(d / "memory.usage_in_bytes") or 0
+        used -= _read_stat(d / "memory.stat", "total_inactive_file")
         return limit, max(0, used)
     return None, None
 

@@ -129,3 +129,39 @@ def test_format_bytes():
     assert format_bytes(3 * GIB) == "3.0 GiB"
     assert format_bytes(8 * MIB) == "8.0 MiB"
     assert format_bytes(65536) == "64 KiB"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_process_s_own_cgroup_and_its_parents_bind(tmp_path, version):
+    """A systemd service or a batch job on a host whose root cgroup is unlimited: the limit is on the
+    process's own cgroup (named in /proc/self/cgroup) or a parent of it, never at the mount root."""
+    root = tmp_path / "cg"
+    base = root / "memory" if version == "v1" else root
+    job = base / "system.slice" / "job.service"
+    job.mkdir(parents=True)
+    if version == "v2":
+        (root / "cgroup.controllers").write_text("cpu memory\n")
+        limit_file, used_file, stat = "memory.max", "memory.current", "inactive_file"
+        proc = "0::/system.slice/job.service\n"
+        (base / "system.slice" / "memory.max").write_text(str(12 * GIB))
+        (job / "memory.max").write_text("max\n")
+    else:
+        limit_file, used_file, stat = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
+        proc = "9:pids:/\n5:memory:/system.slice/job.service\n1:name=systemd:/x\n"
+        (base / limit_file).write_text("9223372036854771712")               # the root: unlimited
+        (base / "system.slice" / limit_file).write_text(str(12 * GIB))
+        (job / limit_file).write_text("9223372036854771712")
+    (base / "system.slice" / used_file).write_text(str(5 * GIB))
+    (base / "system.slice" / "memory.stat").write_text(f"{stat} {GIB}\n")
+    (tmp_path / "cgroup").write_text(proc)
+    assert read_cgroup_memory(root, tmp_path / "cgroup") == (12 * GIB, 4 * GIB)   # the parent binds
+    (job / limit_file).write_text(str(4 * GIB))                                  # a tighter own limit
+    (job / used_file).write_text(str(GIB))
+    assert read_cgroup_memory(root, tmp_path / "cgroup") == (4 * GIB, GIB)
+    # a namespace (path "/"), an unreadable file or a path outside the mount: the mount root only
+    for text in ("0::/\n5:memory:/\n", "\xff", "0::/../../etc\n5:memory:/../../etc\n"):
+        (tmp_path / "cgroup").write_bytes(text.encode("latin-1"))
+        assert read_cgroup_memory(root, tmp_path / "cgroup") == (None, None)
+    (job / limit_file).write_bytes(b"\xff\xfe")                                   # not text: ignored
+    (tmp_path / "cgroup").write_text(proc)
+    assert read_cgroup_memory(root, tmp_path / "cgroup") == (12 * GIB, 4 * GIB)

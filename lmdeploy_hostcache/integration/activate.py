@@ -427,7 +427,9 @@ def _patch_executor_base(mod) -> None:
             except Exception as exc:  # refuse before any KV cache or host memory exists
                 raise UnsupportedConfiguration([f"cannot plan host slots for host_kv_format={fmt!r}: {exc}"]) \
                     from exc
-            blocks, slot_bytes, reason = size_host_cache(extra, list(slots.slot_bytes))
+            dp = getattr(getattr(self, "dist_config", None), "dp", 1)
+            blocks, slot_bytes, reason = size_host_cache(extra, list(slots.slot_bytes),
+                                                         data_parallel=dp if isinstance(dp, int) and dp > 1 else 1)
             if blocks <= 0:
                 raise UnsupportedConfiguration([f"the host tier would get 0 slots: {reason} Give it more "
                                                 "memory (host_cache_gb) or run without --host-cache-gb"])

@@ -240,7 +240,7 @@ def model_identity_from_path(model_path: str | None) -> str | None:
 
 
 def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
-                    facts: Any = None) -> tuple[int, int, str]:
+                    facts: Any = None, data_parallel: int = 1) -> tuple[int, int, str]:
     """(host_cache_blocks, host_slot_bytes, reason) for the ranks of one engine.
 
     ``rank_block_bytes[r]`` is the bytes one host slot occupies for TP rank ``r``: the
@@ -248,6 +248,9 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
     ``host_kv_format`` (``plan_host_slots(...).slot_bytes``; for ``same`` the GPU bytes).
     ``host_cache_gb`` is the engine's total over its ranks, so every rank gets
     ``host_cache_blocks`` slots and ``host_cache_blocks * sum(rank_block_bytes) <= host bytes``.
+    ``data_parallel`` > 1: LMDeploy runs one engine per DP rank, each with this hook and the same
+    settings, so each takes 1/``data_parallel`` of the node's figure (``auto`` or explicit); where
+    the DP ranks span several nodes this is conservative.
     """
     from ..hostmem import format_bytes, resolve_host_cache_bytes
 
@@ -256,6 +259,11 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
     cfg = HostCacheConfig.from_dict(dict(extra.get("hostcache_config") or {}),
                                     source="kv_connector_extra_config.hostcache_config")
     total, reason = resolve_host_cache_bytes(cfg, facts)
+    dp = max(1, int(data_parallel))
+    if dp > 1 and total > 0:
+        total //= dp
+        reason = (f"{reason.rstrip('.')}; shared by the {dp} data-parallel engines LMDeploy starts with the same "
+                  f"settings: {format_bytes(total)} for this one.")
     per_block_all_ranks = sum(int(b) for b in rank_block_bytes)
     blocks = int(total) // per_block_all_ranks
     slot_bytes = max(int(b) for b in rank_block_bytes)

@@ -208,6 +208,23 @@ def test_executor_sizes_host_slots_from_gb(active):
     assert extra["kv_dtype"] == "bfloat16"      # keys every namespace: fp16 and bf16 blocks share a size
 
 
+def test_each_data_parallel_engine_takes_its_share_of_the_node(active):
+    """LMDeploy starts one engine per DP rank with the same settings: each takes 1/dp of host_cache_gb,
+    or the node's memory would be promised dp times over."""
+    from lmdeploy.pytorch.engine.executor.base import ExecutorBase, _WorkerCachePlanSizes
+
+    model = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.bfloat16)
+    mib = 1 << 20
+    blocks = {}
+    for dp in (1, 2):
+        cfg = _cache_config()  # host_cache_gb 1
+        ex = ExecutorBase("/models/x", model, cfg, backend_config=SimpleNamespace(), dist_config=DistConfig(dp=dp, tp=dp),
+                          misc_config=SimpleNamespace(memdecode_config=None))
+        ex._update_num_gpu_blocks([8 << 30] * dp, [_WorkerCachePlanSizes(target=mib, spec=0)] * dp, None)
+        blocks[dp] = cfg.kv_transfer_config.kv_connector_extra_config["host_cache_blocks"]
+    assert blocks[1] == (1 << 30) // mib and blocks[2] == (1 << 29) // (2 * mib)
+
+
 def test_executor_logs_the_tier_active_line(active, monkeypatch):
     """README "Is the tier on?": the INFO line the executor logs once the host tier is sized."""
     import lmdeploy.utils
