@@ -16,7 +16,9 @@ request on such a model is a miss: no reuse rather than reuse across salts).
 
 Invariants: a trie match never crosses salts (every match starts at the request's own root or at
 its own cursor, and children are only reached from a parent); unsalted requests behave exactly
-as stock; the salt is never logged.
+as stock; the salt is never logged; the roots follow the cached blocks, not the salts ever seen
+(salted roots without a child are swept once the roots reach ``PRUNE_MIN_ROOTS``, then twice
+what the last sweep left).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from .request_salt import ROOT_SALT_ATTR, sequence_salt
 __all__ = ["install_salted_trie", "root_key"]
 
 _CUR_SALT = "_hostcache_cur_salt"
+_PRUNE_AT = "_hostcache_prune_roots_at"
+PRUNE_MIN_ROOTS = 1024   # salted roots are swept for empty ones once the roots reach this, then 2x what is left
 _classes: dict[type, type] = {}
 
 
@@ -51,8 +55,21 @@ def _salted_class(base: type) -> type:
                 root = Node(-1, -1, None, adapter_name=adapter_name)
                 if salt:
                     setattr(root, ROOT_SALT_ATTR, salt)
+                    if len(self._roots) >= self.__dict__.get(_PRUNE_AT, PRUNE_MIN_ROOTS):
+                        self._prune_empty_salted_roots()
                 self._roots[key] = root
             return root
+
+        def _prune_empty_salted_roots(self):
+            """Drop salted roots with no child block: a client may send a new salt with every request,
+            and a root is never removed otherwise. A sequence whose cursor was such a root matches
+            nothing there (it had no children), and its next allocation finds the cursor detached
+            (``_cursor_belongs_to_trie``) and starts at a fresh root of the same salt, as LMDeploy
+            does for any stale cursor."""
+            roots = self._roots
+            for key in [k for k, r in roots.items() if isinstance(k, tuple) and not r.children]:
+                del roots[key]
+            self.__dict__[_PRUNE_AT] = max(PRUNE_MIN_ROOTS, 2 * len(roots))
 
         def _cursor_belongs_to_trie(self, node):
             if node.parent is None:

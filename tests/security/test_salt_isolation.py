@@ -96,3 +96,25 @@ def test_unsalted_digests_are_bit_identical_and_salts_change_every_digest_and_st
     assert not set(space.keys(a)) & set(space.keys(plain))                    # L3 keys follow the digest
     with pytest.raises(ValueError):
         salted_root(ns, b"bytes")
+
+
+def test_a_new_salt_per_request_does_not_grow_the_trie_roots_without_bound(monkeypatch):
+    """Any client may send a fresh cache_salt with every request; salted roots with no cached block
+    left are swept, so the roots follow the cached blocks, and every check still holds across sweeps."""
+    from lmdeploy_hostcache.integration import salted_trie
+
+    monkeypatch.setattr(salted_trie, "PRUNE_MIN_ROOTS", 8)
+    engine, checkers = _engine(gpu_blocks=24, host_slots=16)
+    trie = engine.scheduler.block_trie
+    p = _prompt(7, 2)
+    most = most_live = 0
+    for i in range(60):
+        _run(engine, checkers, _prompt(100 + i, 2), salt=f"once-{i}", new_tokens=1)
+        if i == 0:
+            _run(engine, checkers, p, salt="kept")
+        most = max(most, len(trie._roots))
+        most_live = max(most_live, sum(1 for r in trie._roots.values() if r.children))
+    # bounded by the roots that still hold cached blocks (the sweep rule), not by the 61 salts seen
+    assert most <= max(8, 2 * most_live) + 1 and most < 61, (most, most_live)
+    # a salt whose blocks are still cached keeps its root and its hits
+    assert _run(engine, checkers, p, salt="kept").cached_tokens >= BS or ("", "kept") not in trie._roots
