@@ -45,6 +45,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,6 +61,8 @@ __all__ = ["ENV_FEED_ADDR", "ENV_FEED_API_KEYS", "ENV_FEED_UNAUTHENTICATED", "No
 ENV_FEED_ADDR = "LMDEPLOY_HOSTCACHE_FEED_ADDR"
 ENV_FEED_API_KEYS = "LMDEPLOY_HOSTCACHE_FEED_API_KEYS"
 ENV_FEED_UNAUTHENTICATED = "LMDEPLOY_HOSTCACHE_FEED_UNAUTHENTICATED"
+FEED_SOCKET_TIMEOUT_S = 5.0   # a feed connection idle this long is closed
+FEED_MAX_CONNECTIONS = 16     # concurrent feed connections served; more are refused at once
 DEFAULT_GPU_REFRESH_S = 0.5
 logger = logging.getLogger("lmdeploy_hostcache.cache_state_feed")
 
@@ -221,6 +224,8 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
     api_keys = tuple(api_keys or ())
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = FEED_SOCKET_TIMEOUT_S   # a client that connects and sends nothing is dropped
+
         def do_GET(self):  # noqa: N802 - http.server API
             if not _authorized(self.headers.get("Authorization"), api_keys):
                 self.send_response(401)
@@ -253,18 +258,40 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
         def log_message(self, *args):  # quiet
             pass
 
-    server = ThreadingHTTPServer((host, int(port)), Handler)
+    class Server(ThreadingHTTPServer):
+        # at most FEED_MAX_CONNECTIONS handler threads inside the engine process: more are refused
+        _slots = threading.BoundedSemaphore(FEED_MAX_CONNECTIONS)
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def process_request(self, request, client_address):
+            if not self._slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
+
+    server = Server((host, int(port)), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="hostcache-feed", daemon=True).start()
     return server
 
 
 def parse_addr(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[IPV6]:PORT`` or a bare port (loopback); the host without brackets."""
     if text.strip().isdigit():  # a bare port: loopback
         text = "127.0.0.1:" + text.strip()
-    host, sep, port = text.rpartition(":")
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:   # an IPv6 address needs its brackets to tell the port apart
+        host = ""
     if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
-        raise ValueError(f"{ENV_FEED_ADDR} must be HOST:PORT, got {text!r}")
+        raise ValueError(f"{ENV_FEED_ADDR} must be HOST:PORT or [IPV6]:PORT, got {text!r}")
     return host, int(port)
 
 

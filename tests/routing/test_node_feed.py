@@ -129,3 +129,53 @@ def test_events_alone_keep_the_gpu_view_exact_after_requests_finish(monkeypatch)
     assert got_host == host and got_gpu == gpu, (len(got_gpu), len(gpu), len(got_gpu ^ gpu))
     assert any(seen)
     feed.server.shutdown()
+
+
+def test_ipv6_feed_addresses_are_parsed_and_served():
+    import socket
+    import urllib.request
+    from types import SimpleNamespace
+
+    assert parse_addr("[::1]:23400") == ("::1", 23400)
+    with pytest.raises(ValueError, match=r"\[IPV6\]:PORT"):
+        parse_addr("::1:23400")                      # ambiguous without brackets: refused, not misread
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        server = serve_feed(SimpleNamespace(enabled=True, poll=lambda *a: {"ok": 1}), "::1", 0)
+    except OSError as exc:                            # IPv6 compiled in but not configured here
+        pytest.skip(f"cannot bind ::1: {exc}")
+    try:
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://[::1]:{port}{FEED_PATH}", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        server.shutdown()
+
+
+def test_idle_connections_cannot_pile_up_threads_in_the_engine(monkeypatch):
+    """Connections that send nothing are closed after FEED_SOCKET_TIMEOUT_S, and at most
+    FEED_MAX_CONNECTIONS are served at once (more are refused), so clients cannot pin threads."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.integration import cache_state_feed
+
+    monkeypatch.setattr(cache_state_feed, "FEED_SOCKET_TIMEOUT_S", 0.5)
+    server = serve_feed(SimpleNamespace(enabled=True, poll=lambda *a: {"ok": 1}), "127.0.0.1", 0)
+    port = server.server_address[1]
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(60)]
+    try:
+        time.sleep(0.3)
+        assert threading.active_count() - before <= cache_state_feed.FEED_MAX_CONNECTIONS
+        time.sleep(1.0)                                 # past the idle timeout: the slots are free again
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{FEED_PATH}", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
