@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import HostCacheConfig, load_config
+from ..config import AUTO, HostCacheConfig, load_config
 from .compat import CONNECTOR_NAME, EXTRA_CONFIG_KEYS
 
 __all__ = [
@@ -259,6 +259,12 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
     cfg = HostCacheConfig.from_dict(dict(extra.get("hostcache_config") or {}),
                                     source="kv_connector_extra_config.hostcache_config")
     total, reason = resolve_host_cache_bytes(cfg, facts)
+    if cfg.l3 is not None and cfg.host_cache_gb == AUTO and total > 0:
+        # auto sizes from the RAM available now, before the store's segment and buffer are allocated
+        store = int(cfg.l3.memory_gb * (1 << 30))
+        total = max(0, total - store)
+        reason = (f"{reason.rstrip('.')}; less {format_bytes(store)} for the l3 store's segment and buffer: "
+                  f"{format_bytes(total)}.")
     dp = max(1, int(data_parallel))
     if dp > 1 and total > 0:
         total //= dp

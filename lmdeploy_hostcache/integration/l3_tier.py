@@ -3,7 +3,8 @@ config to ``l3.chain`` (all decisions and byte checks live there).
 
 * ``SchedulerL3.build(scheduler)``: the scheduler's store client (lookups only: it contributes a
   minimal segment) and its ``SchedulerChain`` over the scheduler's ``HostIndex``;
-* ``WorkerL3.build(worker)``: one rank's client (it contributes ``global_segment_gb``) and its
+* ``WorkerL3.build(worker)``: one rank's client (it contributes ``global_segment_gb`` / TP size, so
+  the node gives the store ``global_segment_gb`` whatever its TP size) and its
   ``WorkerChain`` over the rank's ``HostPool``.
 
 Both sides derive the same per-rank ``StoreKeyspace``: the base namespace (adapters differ
@@ -121,6 +122,12 @@ class WorkerL3:
         if cfg is None:
             return None
         metrics = L3TierMetrics()
+        # global_segment_gb and local_buffer_gb are what the node gives the store: each TP rank's
+        # client contributes its share
+        tp = max(1, int(worker.tp_size))
+        if tp > 1:
+            cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / tp,
+                                      local_buffer_gb=cfg.local_buffer_gb / tp)
         client = connect(cfg, metrics=metrics, logger=logger)
         if client is None:
             return None

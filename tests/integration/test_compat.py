@@ -365,3 +365,19 @@ def test_executor_refuses_l3_when_the_weights_cannot_be_read(active, tmp_path):
     (tmp_path / "model.safetensors").symlink_to(tmp_path / "gone")   # cannot be opened, even by root
     with pytest.raises(UnsupportedConfiguration, match="cannot fingerprint the weights.*model.safetensors"):
         _sized_extra(_l3_cache_config(), tmp_path)
+
+
+def test_auto_leaves_room_for_the_store_segment_and_buffer():
+    """host_cache_gb auto is measured before the store's segment and buffer exist: it leaves them room."""
+    from lmdeploy_hostcache.hostmem import HostMemoryFacts
+    from lmdeploy_hostcache.integration.engine_config import size_host_cache
+
+    facts = HostMemoryFacts(total_bytes=256 << 30, available_bytes=200 << 30)
+    mib = 1 << 20
+    plain = size_host_cache({"hostcache_config": {"host_cache_gb": "auto"}}, [mib], facts)[0]
+    with_l3 = size_host_cache({"hostcache_config": {"host_cache_gb": "auto", "l3": {
+        "master_address": "127.0.0.1:1", "global_segment_gb": 16, "local_buffer_gb": 1}}}, [mib], facts)
+    assert plain == 128 * 1024 and with_l3[0] == (128 - 17) * 1024 and "l3 store" in with_l3[2]
+    explicit = size_host_cache({"hostcache_config": {"host_cache_gb": 64, "l3": {
+        "master_address": "127.0.0.1:1", "global_segment_gb": 16}}}, [mib], facts)[0]
+    assert explicit == 64 * 1024                   # an explicit size is the operator's figure
