@@ -247,8 +247,9 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
         gb = float(cfg.host_cache_gb)
         want = int(gb * GIB)
         if want == 0:
-            return 0, (f"host tier off: host_cache_gb is {gb:g}" + (" (under one byte)" if gb else "")
-                       + ", so LMDeploy runs as stock (nothing is refused).")
+            if gb:   # enabled, but no byte to hold a block: the engine refuses it at start-up (0 slots)
+                return 0, f"host cache 0 bytes: host_cache_gb {gb:g} is under one byte."
+            return 0, "host tier off: host_cache_gb is 0, so LMDeploy runs as stock (nothing is refused)."
         if want > total:
             raise ConfigError([FieldError(
                 "host_cache_gb", cfg.host_cache_gb,
@@ -279,10 +280,13 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
                                     "pinning is charged to it)"))
     chosen = min(value for value, _ in limits)
     bounds = ", ".join(f"{text} = {format_bytes(max(0, value))}" for value, text in limits)
-    if chosen <= 0:
+    if chosen <= 0 and by_avail <= 0:
         reason = (f"host cache disabled (auto): {format_bytes(avail)} of RAM is available, not more than the "
                   f"{cfg.host_memory_reserve_gb:g} GiB reserve (host_memory_reserve_gb); lower the reserve or "
                   "set host_cache_gb")
+    elif chosen <= 0:
+        binding = next(text for value, text in limits if value == chosen)
+        reason = f"host cache disabled (auto): {binding} is 0; set host_cache_gb"
     else:
         reason = f"host cache {format_bytes(chosen)} (auto): the smallest of {bounds}"
     if memlock_note:

@@ -165,3 +165,15 @@ def test_the_process_s_own_cgroup_and_its_parents_bind(tmp_path, version):
     (job / limit_file).write_bytes(b"\xff\xfe")                                   # not text: ignored
     (tmp_path / "cgroup").write_text(proc)
     assert read_cgroup_memory(root, tmp_path / "cgroup") == (12 * GIB, 4 * GIB)
+
+
+def test_reasons_name_what_set_the_size():
+    """A size under one byte is not 'the tier off' (the engine refuses its 0 slots); a memlock limit
+    of 0 is named, not the reserve."""
+    f = facts(256, 200, memlock=0)
+    n, reason = resolve_host_cache_bytes(HostCacheConfig(host_cache_gb=1e-10), f)
+    assert n == 0 and "under one byte" in reason and "stock" not in reason
+    n, reason = resolve_host_cache_bytes(HostCacheConfig(host_cache_gb=0), f)
+    assert n == 0 and "stock" in reason
+    n, reason = resolve_host_cache_bytes(HostCacheConfig(), f, memlock_applies=True)
+    assert n == 0 and "RLIMIT_MEMLOCK" in reason and "reserve" not in reason
