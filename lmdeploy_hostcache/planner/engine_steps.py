@@ -633,6 +633,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             return
         growths = self._growths
         while n > 0:
+            preempted = self.stats.preemptions
             self._grow_due()
             if self._live - (self._chunked is not None) <= 0:
                 # every decoding request was preempted: the step runs no forward (the engine is idle after it)
@@ -641,12 +642,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 return
             # within a run of decode steps the next growth is due once its decode steps have run
             m = min(n, max(1, growths[0][0] - self._decoded)) if growths else n
+            if self.stats.preemptions != preempted:
+                m = 1   # a growth preempted a request: it now waits, so the next step may be a prefill pass
             self._step += m
             self._decoded += m
             self.stats.decode_steps += m
             n -= m
             self._last_decode_step = self._step - 1
             self._last_busy = max(self._last_busy, self._step - 1)
+            if self.stats.preemptions != preempted:
+                if counting:
+                    self._decode_count -= n   # the steps of the run not taken are decided afresh
+                return
 
     def _grow_due(self) -> None:
         """LMDeploy's ``schedule_running`` at the decode step ``self._step``: a running request takes one more

@@ -147,6 +147,7 @@ class TwoTierCache:
                               keep_restored=keep_restored)
         self.gpu = HostIndex(gpu_blocks, policy="lru", verify_tokens=verify_tokens, on_evict=self._demote)
         self.stats = ReplayStats(block_size, gpu_blocks, host_blocks, host_policy)
+        self._overflowed: set[int] = set()   # id() of the requests counted in gpu_overflow_requests
 
     def _demote(self, block: HostBlock) -> None:
         host = self.host
@@ -203,8 +204,15 @@ class TwoTierCache:
         st.gpu_hit_blocks += g
         st.host_hit_blocks += restored
         st.requests_with_host_hits += restored > 0
-        st.gpu_overflow_requests += overflow
+        self._count_overflow(pr, overflow)
         return g, restored, covered
+
+    def _count_overflow(self, pr: PreparedRequest, overflow: bool) -> None:
+        """A request counts once in ``gpu_overflow_requests``, however many stores (chunks, a load's
+        tail, a preempted request served again) ran out of GPU room."""
+        if overflow and id(pr.request) not in self._overflowed:
+            self._overflowed.add(id(pr.request))
+            self.stats.gpu_overflow_requests += 1
 
     def _store_run(self, pr: PreparedRequest, first: int, last: int) -> tuple[list[int], int, bool]:
         """Store ``digests[first:last]`` in the GPU tier (not completed yet): (the new ones, how many
@@ -228,7 +236,7 @@ class TwoTierCache:
         new, covered, overflow = self._store_run(pr, first, len(pr.digests) if last is None else last)
         for x in new:
             self.gpu.complete_store(x, True)
-        self.stats.gpu_overflow_requests += overflow
+        self._count_overflow(pr, overflow)
         return covered
 
     def release_host_copies(self, release) -> None:

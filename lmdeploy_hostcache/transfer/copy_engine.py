@@ -239,9 +239,16 @@ class CopyEngine:
 
 
 class CpuCopyEngine(CopyEngine):
-    """Synchronous engine for CPU rows (tests, machines without a GPU).
+    """Engine for CPU rows (tests, machines without a GPU), timed like the CUDA one.
 
-    ``delay_polls``: a result becomes visible only on the ``delay_polls+1``-th poll
+    At submit, only the demotions' gather from the GPU blocks runs (the CUDA engine's forward waits
+    for it: the blocks may be rewritten right after). The rest of an op lands as late as a CUDA copy
+    stream allows: when ``poll`` reports the op, or, if sooner, when a later op is submitted (stream
+    order: its gather runs after every earlier op's copies). Landing writes the gathered bytes into
+    their host slots, then reads the loads from their slots and scatters them into their GPU blocks.
+    A caller that treats an op as done before its result is polled therefore sees the bytes missing,
+    as it could on a GPU.
+    ``delay_polls``: a result becomes visible (and lands) only on the ``delay_polls+1``-th poll
     after its submit, so callers can exercise the pending state.
     """
 
@@ -252,20 +259,41 @@ class CpuCopyEngine(CopyEngine):
         self._done: collections.deque = collections.deque()
 
     def _enqueue(self, plan: _Plan) -> None:
-        error = None
+        for entry in self._done:          # stream order: every earlier op's copies run before this gather
+            self._land(entry)
+        error = gathered = None
         try:
             if plan.dem_blocks and not plan.fail_store:
-                self._store(plan.dem_blocks, plan.dem_slots)
-            if plan.load_blocks and not plan.fail_load:
-                self._load(plan.load_slots, plan.load_blocks)
+                gathered = self._gather(plan.dem_blocks)
         except Exception as exc:  # a real failure: declared invalid, reported through poll
             error = f"{type(exc).__name__}: {exc}"
-        self._done.append([self.delay_polls, plan, error])
+        self._done.append([self.delay_polls, plan, error, gathered, False])
 
-    def _store(self, blocks: list[int], slots: list[int]) -> None:
+    def _land(self, entry: list) -> None:
+        """An op's copies run (once): demotions' bytes into their slots, then the loads into their blocks;
+        a failure becomes the op's error."""
+        _, plan, error, gathered, landed = entry
+        if landed:
+            return
+        entry[4] = True
+        if error is not None:
+            return
+        try:
+            if gathered is not None:
+                self._write_slots(plan.dem_slots, gathered)
+            if plan.load_blocks and not plan.fail_load:
+                self._load(plan.load_slots, plan.load_blocks)
+        except Exception as exc:
+            entry[2] = f"{type(exc).__name__}: {exc}"
+        entry[3] = None
+
+    def _gather(self, blocks: list[int]) -> torch.Tensor:
         ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
         staging = torch.empty((len(blocks), self.format.slot_bytes), dtype=torch.uint8, device=self.device)
         self._impl().gather(self.rows, self.layout, self.format, ids, staging)
+        return staging
+
+    def _write_slots(self, slots: list[int], staging: torch.Tensor) -> None:
         for pos, first, count in _runs(slots):
             view = self.pool.slot_range_view(first, count)
             if view is None:
@@ -290,9 +318,10 @@ class CpuCopyEngine(CopyEngine):
         out = []
         for entry in self._done:
             entry[0] -= 1
-        while self._done and self._done[0][0] < 0:
-            _, plan, error = self._done.popleft()
-            out.append(self._result(plan, error))
+        while self._done and self._done[0][0] < 0:   # in submit order, as a stream completes them
+            entry = self._done.popleft()
+            self._land(entry)
+            out.append(self._result(entry[1], entry[2]))
         return out
 
     def wait_all(self) -> None:

@@ -261,6 +261,32 @@ def test_harness_catches_loads_submitted_before_demotions(monkeypatch):
     _expect_detection()
 
 
+def test_harness_catches_loads_reported_before_they_land(monkeypatch):
+    """The CPU copy engine lands an op's copies as late as a CUDA stream may (at its poll, or at the
+    next submit), so a worker that reports a load finished before its copy engine does lets the
+    request's forward run on KV that is not there yet, and the checker sees it."""
+    from lmdeploy_hostcache.integration.worker import HostTierWorker
+    from lmdeploy_hostcache.testing.harness import KVMismatch
+
+    original = HostTierWorker.get_finished
+
+    def early(self):
+        out = original(self)
+        reported = self.__dict__.setdefault('_reported_early', set())
+        finished = set(out.finished_receiving or ()) - reported   # each request reported once
+        for op in self._ops.values():                               # still in flight: reported done anyway
+            new = set(op.request_ids) - reported
+            finished |= new
+            reported |= new
+        return type(out)(completed_save_ids=out.completed_save_ids, finished_receiving=finished or None,
+                         invalid_block_ids=out.invalid_block_ids)
+
+    monkeypatch.setattr(HostTierWorker, 'get_finished', early)
+    with pytest.raises(KVMismatch):
+        run_host_tier(quant_policy=0, dtype=torch.float16, host_kv_format='same', abort_rate=0.0, gpu_blocks=16,
+                      copy_delay_polls=2)
+
+
 def test_harness_catches_demotions_copied_after_the_forward(monkeypatch):
     import dataclasses
 
@@ -473,3 +499,51 @@ def test_a_block_filled_on_a_requests_last_step_is_checked_on_host(monkeypatch):
     last = chain.digests[2]
     assert scheduler_side(engine).index.is_resident(last), 'the last-step block did not reach the host tier'
     assert last in slots.prefixes and slots.stats.unknown_resident == 0
+
+
+def _equal_blocks_under_another_prefix():
+    """Turn 4's blocks 1-2 have exactly turn 1's tokens, after another block 0: the host tier holds
+    turn 1's blocks, which must not be restored there (their KV depends on the whole prefix)."""
+    import numpy as np
+
+    from lmdeploy_hostcache.testing.harness import TurnSpec
+
+    rng = np.random.default_rng(3)
+    shared = rng.integers(10, 30000, 32)
+    first = np.concatenate([rng.integers(10, 30000, 16), shared, rng.integers(10, 30000, 5)])
+    other0 = rng.integers(10, 30000, 16)
+    turns = [TurnSpec('x', 0, first, 2, 1), TurnSpec('x', 1, rng.integers(10, 30000, 14 * 16 + 3), 2, 1),
+             TurnSpec('x', 2, np.concatenate([other0, rng.integers(10, 30000, 5)]), 2, 1),
+             TurnSpec('x', 3, np.concatenate([other0, shared, rng.integers(10, 30000, 5)]), 2, 1)]
+    return [turns]
+
+
+def test_equal_blocks_under_another_prefix_are_never_restored():
+    engine, checker, report, _ = run_host_tier(quant_policy=0, dtype=torch.float16, host_kv_format='same',
+                                               gpu_blocks=16, host_slots=32, abort_rate=0.0, max_active=1,
+                                               conversations=_equal_blocks_under_another_prefix())
+    assert_run_clean(engine, checker, report)
+    assert scheduler_side(engine).metrics.snapshot()['demotions'] > 0
+
+
+def test_the_checker_catches_a_block_restored_under_another_prefix(monkeypatch):
+    """The checker itself can fail: with the product's two defences against it switched off (digests
+    that ignore the parent, and no token/parent check on lookup), turn 4 restores turn 1's blocks 1-2
+    and the prefix oracle reports their bytes as wrong."""
+    import xxhash
+
+    from lmdeploy_hostcache.testing.harness import KVMismatch
+    from lmdeploy_hostcache.tier import digest, host_index
+
+    real = xxhash.xxh3_128_intdigest
+    monkeypatch.setattr(digest, '_xxh3_128', lambda data, seed=0: real(bytes(data)[16:], seed))
+    init = host_index.HostIndex.__init__
+
+    def no_verify(self, *a, **k):
+        init(self, *a, **k)
+        self.verify_tokens = False
+
+    monkeypatch.setattr(host_index.HostIndex, '__init__', no_verify)
+    with pytest.raises(KVMismatch, match='wrong bytes'):
+        run_host_tier(quant_policy=0, dtype=torch.float16, host_kv_format='same', gpu_blocks=16, host_slots=32,
+                      abort_rate=0.0, max_active=1, conversations=_equal_blocks_under_another_prefix())

@@ -599,3 +599,42 @@ def test_a_growth_s_demotions_find_the_host_copies_that_landed_resident():
     st = cache.finish()
     assert cache.schedule[:4] == [(1, "prefill", 0), (5, "prefill", 1), (9, "prefill", 2), (9, "prefill", 3)]
     assert st.demotions_refused == 0 and st.demotions == 5
+
+
+def _steps_run(reqs, *, one_decision_per_step):
+    from lmdeploy_hostcache.planner import engine_steps as es
+    from lmdeploy_hostcache.planner.concurrency import Lifetimes
+    from lmdeploy_hostcache.planner.replay import prepare_trace
+    from lmdeploy_hostcache.planner.traces import Request, Trace
+
+    trace = Trace("t", 4, [Request(t, n, o, tuple(i), k) for k, (t, n, o, i) in enumerate(reqs)])
+    c = es.SteppedTwoTierCache(25, 0, "lru", 4, Lifetimes(1.0), engine=es.EngineSteps(5, 4, 16), record=True)
+    if one_decision_per_step:
+        c._next_event = lambda limit: 1
+    for p in prepare_trace(trace):
+        c.serve_at(p)
+    st = c.finish()
+    return c.schedule, st.decode_steps, st.preemptions
+
+
+def test_a_preemption_inside_a_run_of_decode_steps_ends_the_run():
+    """Runs of decode steps are a shortcut for one decision per step: a growth that preempts a request
+    in the middle of a run puts it in the queue, so the next step may be a prefill pass (LMDeploy decides
+    every step). The shortcut and the step-by-step replay give the same schedule."""
+    reqs = [(2.0, 3, 60, [100]), (4.5, 7, 60, [0, 1]), (5.0, 22, 60, [0, 1, 2, 3, 4, 5])]
+    batched = _steps_run(reqs, one_decision_per_step=False)
+    stepwise = _steps_run(reqs, one_decision_per_step=True)
+    assert batched[2] >= 1, "the trace must preempt"
+    assert batched == stepwise
+
+
+def test_a_request_counts_once_among_those_longer_than_the_gpu_tier(tmp_path, capsys):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"timestamp": 0, "input_length": 40, "output_length": 5, "hash_ids": list(range(1, 11)), "block_size": 4},
+        {"timestamp": 0, "input_length": 8, "output_length": 5, "hash_ids": [50, 51], "block_size": 4},
+        {"timestamp": 100, "input_length": 40, "output_length": 5, "hash_ids": list(range(1, 11)), "block_size": 4})))
+    assert main(["plan", str(trace), "--engine-steps", "--gpu-blocks", "3", "--host-blocks", "10",
+                 "--max-prefill-tokens", "2", "--max-batches", "4", "--prefill-interval", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["with_concurrency"]["gpu_overflow_requests"]
+    assert 1 <= got <= 3, got          # chunks and retries of one request are one request
