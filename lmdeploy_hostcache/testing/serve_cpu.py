@@ -13,6 +13,13 @@ engine process's RPC port, which shuts the manager down while the engine process
 be releasing the manager's ``Condition`` (``with condition:`` in ``_mp_proc``); that process
 then dies with ``EOFError`` and the server never starts. Seen on the loaded 2-core CI machine.
 The manager is kept alive ``MANAGER_LINGER_S`` seconds after the port is read.
+
+Shutdown hang worked around here (same file, ``ZMQMPEngine.close`` -> ``AsyncRPCClient.close_sockets``):
+the client closes its sockets with pyzmq's default linger (forever) and then terminates their
+contexts, which waits for every unsent message; with a request still queued at SIGTERM the server
+process hangs after "Closing mp engine." (seen once on the loaded CI machine, in the stock reference
+server of ``tests/e2e/test_live_server.py``). The sockets are closed with linger 0: the engine
+process is being terminated anyway, so nothing queued can still be delivered.
 """
 import os
 import sys
@@ -48,11 +55,24 @@ def _keep_manager_alive() -> None:
     zmq_engine.mp = proxy
 
 
+def _close_rpc_sockets_at_once() -> None:
+    from lmdeploy.pytorch.engine.mp_engine import zmq_rpc
+
+    def close_sockets(self):
+        self.async_socket.close(linger=0)
+        self.sync_socket.close(linger=0)
+        self.async_ctx.term()
+        self.sync_ctx.term()
+
+    zmq_rpc.AsyncRPCClient.close_sockets = close_sockets
+
+
 if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(int(os.environ.get("HOSTCACHE_CPU_SHIM_THREADS", "1")))
     _keep_manager_alive()
+    _close_rpc_sockets_at_once()
     from lmdeploy.cli.entrypoint import run
 
     sys.argv = ["lmdeploy"] + sys.argv[1:]
