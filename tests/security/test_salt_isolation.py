@@ -12,7 +12,8 @@ import torch
 
 harness = pytest.importorskip("lmdeploy_hostcache.testing.harness")
 from lmdeploy_hostcache.testing.harness.clock import counter_access_times  # noqa: E402
-from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, rank_checkers, scheduler_side  # noqa: E402
+from lmdeploy_hostcache.testing.harness.host_tier import (HostSlotChecker, HostTierSpec, build_host_tier_engine,  # noqa: E402
+                                                          rank_checkers, scheduler_side)
 
 from lmdeploy_hostcache.tier.digest import Namespace, chain_digests, salted_root  # noqa: E402
 from lmdeploy_hostcache.integration.salted_trie import install_salted_trie  # noqa: E402
@@ -27,7 +28,8 @@ def _engine(gpu_blocks=24, host_slots=64):
                                                              max_prefill_token_num=512),
                                     HostTierSpec(host_slots=host_slots, min_restore_tokens=BS))
     install_salted_trie(engine.scheduler.block_trie)
-    return engine, rank_checkers(engine)
+    # GPU blocks and host slots, salted ones included (the slot checker chains each from its salted root)
+    return engine, rank_checkers(engine) + [HostSlotChecker(engine)]
 
 
 def _run(engine, checkers, prompt, salt=None, new_tokens=2):
@@ -81,6 +83,9 @@ def test_host_tier_never_restores_across_salts_and_still_hits_for_the_same_salt(
     a = _run(engine, checkers, p, salt="tenant-a")
     assert side.stats()["hit_blocks"] > hits1 and a.cached_tokens > 0      # same salt: host hits
     side.check_balanced()
+    slots = checkers[-1]
+    slots.verify("end")
+    assert slots.stats.slots_compared > 0 and slots.stats.unknown_resident == 0, slots.stats
 
 
 def test_unsalted_digests_are_bit_identical_and_salts_change_every_digest_and_store_key():

@@ -361,7 +361,7 @@ class HostSlotChecker:
         self.stats = _SlotStats()
         self.prefixes: dict[int, torch.Tensor] = {}        # digest -> whole token prefix
         self._registered: dict[int, int] = {}              # seq_id -> full blocks registered
-        self._chain_memo: dict[bytes, int] = {}            # chained key of a prefix (chain_keys) -> chain digest
+        self._chain_memo: dict[int, dict[bytes, int]] = {}  # root -> chained key of a prefix (chain_keys) -> digest
         self._node_digests: dict[int, tuple[object, int]] = {}   # id(trie node) -> (node, its chain digest)
         # per rank: (pool the snapshot is of, its chunks' bytes at the previous verify, slot -> digest verified)
         self._pool_state: list[tuple[object, list[torch.Tensor], dict[int, int]] | None] = [None] * engine.tp
@@ -403,8 +403,8 @@ class HostSlotChecker:
             return
         memo = self._node_digests
         hit = memo.get(id(parent))
-        if parent.parent is None:          # an adapter root: chain from the namespace root
-            parent_digest = self.namespace.root
+        if parent.parent is None:          # an adapter root: chain from its (salted) root digest
+            parent_digest = self._root_digest(parent)
         elif hit is not None and hit[0] is parent:
             parent_digest = hit[1]
         else:
@@ -424,46 +424,61 @@ class HostSlotChecker:
         if node is None or node.parent is not None or not path:    # not attached to an adapter root
             return
         tokens = np.concatenate(path[::-1])
-        digests = self._register_tokens(tokens)
+        digests = self._register_tokens(tokens, self._root_digest(node))
         if len(digests) == len(nodes):
             for n, digest in zip(reversed(nodes), digests):
                 memo[id(n)] = (n, digest)
 
-    def _register_tokens(self, tokens) -> list[int]:
-        """Register every full block of ``tokens`` (digest -> whole prefix). The chain restarts
-        from the longest prefix already hashed (memoised on the prefix's chained key,
-        ``checker.chain_keys``), so the product digests are computed only for new blocks."""
+    def _root_digest(self, root_node) -> int:
+        """The digest a trie root's chains start from: the namespace root, or the salted root of a
+        salted trie root (``salted_trie``: the root carries the request's cache salt)."""
+        from lmdeploy_hostcache.integration.request_salt import ROOT_SALT_ATTR
+        from lmdeploy_hostcache.tier.digest import salted_root
+
+        return salted_root(self.namespace, getattr(root_node, ROOT_SALT_ATTR, "") or "")
+
+    def _register_tokens(self, tokens, root: int | None = None) -> list[int]:
+        """Register every full block of ``tokens`` chained from ``root`` (default: the namespace
+        root; a salted request's chain starts at its salted root) (digest -> whole prefix). The
+        chain restarts from the longest prefix already hashed under the same root (memoised on the
+        prefix's chained key, ``checker.chain_keys``), so the product digests are computed only for
+        new blocks."""
         bs = self.block_size
         full = len(tokens) // bs
         if full == 0:
             return []
+        root = self.namespace.root if root is None else root
+        memo = self._chain_memo.setdefault(root, {})
         tokens = np.ascontiguousarray(tokens[:full * bs], dtype=np.int64)
         keys = chain_keys(tokens, bs)
         start, parent = full, None
         while start > 0:
-            parent = self._chain_memo.get(keys[start - 1])
+            parent = memo.get(keys[start - 1])
             if parent is not None:
                 break
             start -= 1
-        digests = [self._chain_memo[k] for k in keys[:start]]
+        digests = [memo[k] for k in keys[:start]]
         if start == full:
             return digests
-        chain = self._chain_cls(self.namespace, parent)
+        chain = self._chain_cls(self.namespace, parent if start > 0 else root)
         chain.extend(tokens[start * bs:])
         for i, digest in enumerate(chain.digests, start=start):
-            self._chain_memo[keys[i]] = digest
+            memo[keys[i]] = digest
             digests.append(digest)
             if digest not in self.prefixes:
                 self.prefixes[digest] = torch.as_tensor(tokens[:(i + 1) * bs].copy())
         return digests
 
     def _register(self) -> None:
+        from lmdeploy_hostcache.integration.request_salt import sequence_salt
+        from lmdeploy_hostcache.tier.digest import salted_root
+
         for seq in self.engine.scheduler.seq_manager.get_all_sequences():
             tokens = seq.all_ids
             full = len(tokens) // self.block_size
             if self._registered.get(int(seq.seq_id), -1) >= full:
                 continue
-            self._register_tokens(tokens)
+            self._register_tokens(tokens, salted_root(self.namespace, sequence_salt(seq)))
             self._registered[int(seq.seq_id)] = full
 
     def _warm(self, rank_state, digests: list[int]) -> None:
