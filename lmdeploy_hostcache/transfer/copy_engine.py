@@ -325,7 +325,8 @@ class CpuCopyEngine(CopyEngine):
         return out
 
     def wait_all(self) -> None:
-        for entry in self._done:
+        for entry in self._done:   # every op completes: its copies land now, its result waits for poll
+            self._land(entry)
             entry[0] = 0
 
     def _release(self) -> None:

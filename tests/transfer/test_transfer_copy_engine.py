@@ -65,6 +65,32 @@ def test_results_wait_for_polls_and_come_in_order():
     assert eng.num_inflight == 0
 
 
+def test_copies_land_as_late_as_a_stream_allows():
+    """A demotion's gather runs at submit; everything else lands at the op's poll, at wait_all, or
+    before a later op's gather (stream order), never sooner: a caller that uses bytes before the op
+    is reported sees them missing, as it could on a GPU."""
+    caches, ppb, pool, eng = _engine(delay_polls=1)
+    orig = snapshot(caches)
+    pool.slot_view(0).fill_(0)
+    eng.submit(1, [(2, 0)], [])                 # demote block 2 into slot 0 (gathered now)
+    caches_after_submit = snapshot(caches)
+    for rows in caches.values():                # the forward rewrites block 2 right after the gather
+        rows[2 * ppb:(2 + 1) * ppb].fill_(7)
+    assert not pool.slot_view(0).any(), "the slot is written only when the op completes"
+    assert eng.poll() == []
+    assert not pool.slot_view(0).any()
+    (res,) = eng.poll()
+    assert res.ok and torch.equal(pool.slot_view(0), naive_slot(orig, ppb, 2))   # the bytes at submit
+    # a load lands at its poll, or before a later op's gather
+    eng.submit(2, [], [(0, 5)])
+    assert torch.equal(naive_slot(caches, ppb, 5), naive_slot(caches_after_submit, ppb, 5)), "not landed yet"
+    eng.submit(3, [(5, 1)], [])                 # stream order: op 2's load runs before this gather
+    assert torch.equal(naive_slot(caches, ppb, 5), naive_slot(orig, ppb, 2))
+    eng.wait_all()
+    assert torch.equal(pool.slot_view(1), naive_slot(orig, ppb, 2)) and [r.op_id for r in eng.poll()] == [2, 3]
+    eng.close()
+
+
 @pytest.mark.parametrize("kind", ["load", "store"])
 def test_injected_failures_leave_destinations_untouched(kind):
     caches, ppb, pool, eng = _engine()
