@@ -428,8 +428,13 @@ def _patch_executor_base(mod) -> None:
                 raise UnsupportedConfiguration([f"cannot plan host slots for host_kv_format={fmt!r}: {exc}"]) \
                     from exc
             dp = getattr(getattr(self, "dist_config", None), "dp", 1)
-            blocks, slot_bytes, reason = size_host_cache(extra, list(slots.slot_bytes),
-                                                         data_parallel=dp if isinstance(dp, int) and dp > 1 else 1)
+            dp = dp if isinstance(dp, int) and not isinstance(dp, bool) and dp > 1 else 1
+            blocks, slot_bytes, reason = size_host_cache(extra, list(slots.slot_bytes), data_parallel=dp)
+            # each DP engine's workers contribute 1/dp of the store's segment and buffer (l3_tier.WorkerL3)
+            if dp > 1:
+                extra["data_parallel"] = dp
+            else:
+                extra.pop("data_parallel", None)
             if blocks <= 0:
                 raise UnsupportedConfiguration([f"the host tier would get 0 slots: {reason} Give it more "
                                                 "memory (host_cache_gb) or run without --host-cache-gb"])

@@ -42,7 +42,8 @@ __all__ = [
 CONNECTOR_NAME = "HostTierConnector"
 # Keys our kv_connector_extra_config may carry (contract in docs/integration.md).
 EXTRA_CONFIG_KEYS = ("hostcache_config", "host_cache_blocks", "host_slot_bytes", "host_tensor_specs",
-                     "model_identity", "kv_dtype", "weights_fingerprint", "hf_overrides_digest")
+                     "model_identity", "kv_dtype", "weights_fingerprint", "hf_overrides_digest",
+                     "data_parallel")
 
 
 class UnsupportedConfiguration(ValueError):

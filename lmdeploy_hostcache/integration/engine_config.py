@@ -261,6 +261,7 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
     total, reason = resolve_host_cache_bytes(cfg, facts)
     if cfg.l3 is not None and cfg.host_cache_gb == AUTO and total > 0:
         # auto sizes from the RAM available now, before the store's segment and buffer are allocated
+        # (the node's figure once: its DP engines' workers share it, l3_tier.WorkerL3)
         store = int(cfg.l3.memory_gb * (1 << 30))
         total = max(0, total - store)
         reason = (f"{reason.rstrip('.')}; less {format_bytes(store)} for the l3 store's segment and buffer: "

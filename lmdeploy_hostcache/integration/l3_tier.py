@@ -3,8 +3,9 @@ config to ``l3.chain`` (all decisions and byte checks live there).
 
 * ``SchedulerL3.build(scheduler)``: the scheduler's store client (lookups only: it contributes a
   minimal segment) and its ``SchedulerChain`` over the scheduler's ``HostIndex``;
-* ``WorkerL3.build(worker)``: one rank's client (it contributes ``global_segment_gb`` / TP size, so
-  the node gives the store ``global_segment_gb`` whatever its TP size) and its
+* ``WorkerL3.build(worker)``: one rank's client (it contributes ``global_segment_gb`` / (TP size x
+  data-parallel engines), so the node gives the store ``global_segment_gb`` whatever its TP and DP
+  sizes) and its
   ``WorkerChain`` over the rank's ``HostPool``.
 
 Both sides derive the same per-rank ``StoreKeyspace``: the base namespace (adapters differ
@@ -123,11 +124,12 @@ class WorkerL3:
             return None
         metrics = L3TierMetrics()
         # global_segment_gb and local_buffer_gb are what the node gives the store: each TP rank's
-        # client contributes its share
-        tp = max(1, int(worker.tp_size))
-        if tp > 1:
-            cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / tp,
-                                      local_buffer_gb=cfg.local_buffer_gb / tp)
+        # client of each data-parallel engine contributes its share
+        dp = worker.extra.get("data_parallel", 1) if hasattr(worker.extra, "get") else 1
+        share = max(1, int(worker.tp_size)) * (dp if isinstance(dp, int) and dp > 1 else 1)
+        if share > 1:
+            cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / share,
+                                      local_buffer_gb=cfg.local_buffer_gb / share)
         client = connect(cfg, metrics=metrics, logger=logger)
         if client is None:
             return None

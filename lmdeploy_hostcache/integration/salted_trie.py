@@ -67,7 +67,8 @@ def _salted_class(base: type) -> type:
             (``_cursor_belongs_to_trie``) and starts at a fresh root of the same salt, as LMDeploy
             does for any stale cursor."""
             roots = self._roots
-            for key in [k for k, r in roots.items() if isinstance(k, tuple) and not r.children]:
+            for key in [k for k, r in roots.items()
+                        if isinstance(k, tuple) and not r.children and getattr(r, "state_checkpoint", None) is None]:
                 del roots[key]
             self.__dict__[_PRUNE_AT] = max(PRUNE_MIN_ROOTS, 2 * len(roots))
 
