@@ -509,14 +509,16 @@ class HostTierScheduler:
             return
         req = int(request.seq_id)
         plan = self._plans.pop(req, None)
-        if plan is None:
-            self._release_hold(req)
-            raise RuntimeError(f"{CONNECTOR_NAME}: request {req} got load destinations without a host hit")
         if req in self._pending_loads or req in self._inflight_loads:
             raise RuntimeError(f"{CONNECTOR_NAME}: request {req} already has a host load")
         gpu_blocks = tuple(int(b) for b in block_ids)
         n = len(gpu_blocks)
         load = _Load(req, gpu_blocks, int(num_external_tokens), turn=int(request.input_start_pos))
+        if plan is None:   # no host hit behind these destinations: the load fails unpinned, LMDeploy recomputes
+            self._release_hold(req)
+            logger.warning("request %d got host-load destinations without a host hit; recomputing", req)
+            self._pending_loads[req] = load
+            return
         first = int(request.num_history_ids) // self.block_size
         if plan.first_block == first and 0 < n <= len(plan.digests) and n * self.block_size == num_external_tokens:
             digests = plan.digests[:n]

@@ -623,6 +623,34 @@ def test_host_hit_is_held_from_lookup_until_its_load_starts():
     rig.side.check_balanced()
 
 
+def test_load_destinations_without_a_host_hit_fall_back_to_recompute(monkeypatch, caplog):
+    """If LMDeploy ever hands load destinations for a request whose host hit the connector no longer
+    has, the turn recomputes (the load fails before reaching a worker) instead of an exception in
+    LMDeploy's scheduling pass."""
+    rig = Rig(num_gpu_blocks=8)
+    a = prompt(1, 17)
+    demote_first_prompt(rig, a, prompt(100, 30))
+    side = rig.side
+    real = side.get_num_new_matched_tokens
+
+    def lose_the_plan(request, num_computed_tokens):
+        out = real(request, num_computed_tokens)
+        side._plans.clear()
+        return out
+
+    monkeypatch.setattr(side, "get_num_new_matched_tokens", lose_the_plan)
+    failures = side.metrics.restore_failures
+    _, c = rig.add(a[:16] + [5, 5, 5])
+    with caplog.at_level("WARNING"):
+        rig.step()
+    assert any("without a host hit" in r.getMessage() for r in caplog.records)
+    assert side.metrics.restore_failures == failures + 1 and not side._pending_loads
+    monkeypatch.undo()
+    for _ in range(3):
+        rig.step()
+    side.check_balanced()
+
+
 def test_a_hold_ends_with_its_scheduling_pass(monkeypatch):
     """A request whose hit was held but that LMDeploy could not admit keeps no pin after the pass."""
     rig = Rig(num_gpu_blocks=8, host_blocks=4)
