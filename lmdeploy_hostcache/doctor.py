@@ -205,8 +205,9 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
 
 
 def _l3_budget(l3, sizing, mem, problems: list[str], notes: list[str]) -> dict[str, Any] | None:
-    """With an ``l3:`` section: host tier + the store segment this node contributes + the client
-    buffer, against usable RAM; and whether the Mooncake client imports here."""
+    """With an ``l3:`` section: host tier + the store segment this node contributes + one client
+    buffer (each further TP rank's client adds one), against usable RAM; and whether the Mooncake
+    client imports here."""
     if l3 is None:
         return None
     from .hostmem import format_bytes  # noqa: PLC0415
@@ -221,7 +222,7 @@ def _l3_budget(l3, sizing, mem, problems: list[str], notes: list[str]) -> dict[s
     if out["l3_client"] != "importable":
         problems.append(f"l3: the Mooncake Store client cannot run here: {out['l3_client']}")
     if mem is not None and total > mem.usable_available_bytes:
-        notes.append(f"memory budget: host tier + L3 segment + L3 buffer = {format_bytes(total)} is more than the "
+        notes.append(f"memory budget: host tier + L3 segment + one L3 client buffer = {format_bytes(total)} is more than the "
                      f"{format_bytes(mem.usable_available_bytes)} available now: lower host_cache_gb or "
                      "l3.global_segment_gb")
     return out

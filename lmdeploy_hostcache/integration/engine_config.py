@@ -259,14 +259,16 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
     cfg = HostCacheConfig.from_dict(dict(extra.get("hostcache_config") or {}),
                                     source="kv_connector_extra_config.hostcache_config")
     total, reason = resolve_host_cache_bytes(cfg, facts)
-    if cfg.l3 is not None and cfg.host_cache_gb == AUTO and total > 0:
-        # auto sizes from the RAM available now, before the store's segment and buffer are allocated
-        # (the node's figure once: its DP engines' workers share it, l3_tier.WorkerL3)
-        store = int(cfg.l3.memory_gb * (1 << 30))
-        total = max(0, total - store)
-        reason = (f"{reason.rstrip('.')}; less {format_bytes(store)} for the l3 store's segment and buffer: "
-                  f"{format_bytes(total)}.")
     dp = max(1, int(data_parallel))
+    if cfg.l3 is not None and cfg.host_cache_gb == AUTO and total > 0:
+        # auto sizes from the RAM available now, before the store's memory is allocated: the node's
+        # segment once (its DP engines' workers share it) and a client buffer per rank of each
+        # DP engine (l3_tier.WorkerL3)
+        clients = len(rank_block_bytes) * dp
+        store = cfg.l3.global_segment_bytes + clients * cfg.l3.local_buffer_bytes
+        total = max(0, total - store)
+        reason = (f"{reason.rstrip('.')}; less {format_bytes(store)} for the l3 store (its segment and "
+                  f"{clients} client buffer{'s' if clients != 1 else ''}): {format_bytes(total)}.")
     if dp > 1 and total > 0:
         total //= dp
         reason = (f"{reason.rstrip('.')}; shared by the {dp} data-parallel engines LMDeploy starts with the same "

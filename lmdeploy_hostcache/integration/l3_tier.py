@@ -123,13 +123,13 @@ class WorkerL3:
         if cfg is None:
             return None
         metrics = L3TierMetrics()
-        # global_segment_gb and local_buffer_gb are what the node gives the store: each TP rank's
-        # client of each data-parallel engine contributes its share
+        # global_segment_gb is what the node gives the store: each TP rank's client of each
+        # data-parallel engine contributes its share (local_buffer_gb is each client's own staging
+        # buffer, kept whole: its batches need the room)
         dp = worker.extra.get("data_parallel", 1) if hasattr(worker.extra, "get") else 1
         share = max(1, int(worker.tp_size)) * (dp if isinstance(dp, int) and dp > 1 else 1)
         if share > 1:
-            cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / share,
-                                      local_buffer_gb=cfg.local_buffer_gb / share)
+            cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / share)
         client = connect(cfg, metrics=metrics, logger=logger)
         if client is None:
             return None

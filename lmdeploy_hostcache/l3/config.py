@@ -8,7 +8,7 @@ l3:
   protocol: tcp                      # tcp | rdma
   local_hostname: 10.0.0.7           # this node's address as other nodes reach it
   global_segment_gb: 16              # DRAM this node contributes to the shared pool
-  local_buffer_gb: 1                 # client staging buffer
+  local_buffer_gb: 1                 # staging buffer of each client (one per TP rank)
   weights_id: ""                     # e.g. a commit hash; "" = fingerprint the checkpoint (l3/weights.py)
 ```
 
@@ -65,7 +65,8 @@ class L3Config:
 
     @property
     def memory_gb(self) -> float:
-        """DRAM this node gives to the store tier: contributed segment plus client buffer."""
+        """DRAM the store tier takes on a node with one client: contributed segment plus its buffer
+        (every further client, one per TP rank, adds a buffer)."""
         return self.global_segment_gb + self.local_buffer_gb
 
     def to_dict(self) -> dict[str, Any]:

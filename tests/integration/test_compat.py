@@ -378,6 +378,9 @@ def test_auto_leaves_room_for_the_store_segment_and_buffer():
     with_l3 = size_host_cache({"hostcache_config": {"host_cache_gb": "auto", "l3": {
         "master_address": "127.0.0.1:1", "global_segment_gb": 16, "local_buffer_gb": 1}}}, [mib], facts)
     assert plain == 128 * 1024 and with_l3[0] == (128 - 17) * 1024 and "l3 store" in with_l3[2]
+    two_ranks = size_host_cache({"hostcache_config": {"host_cache_gb": "auto", "l3": {
+        "master_address": "127.0.0.1:1", "global_segment_gb": 16, "local_buffer_gb": 1}}}, [mib, mib], facts)[0]
+    assert two_ranks == (128 - 16 - 2) * 1024 // 2          # one buffer per rank's client
     explicit = size_host_cache({"hostcache_config": {"host_cache_gb": 64, "l3": {
         "master_address": "127.0.0.1:1", "global_segment_gb": 16}}}, [mib], facts)[0]
     assert explicit == 64 * 1024                   # an explicit size is the operator's figure
@@ -386,12 +389,12 @@ def test_auto_leaves_room_for_the_store_segment_and_buffer():
     per_engine = size_host_cache({"hostcache_config": {"host_cache_gb": "auto", "l3": {
         "master_address": "127.0.0.1:1", "global_segment_gb": 16, "local_buffer_gb": 1}}}, [mib], facts,
         data_parallel=4)[0]
-    assert per_engine == (128 - 17) * 1024 // 4
+    assert per_engine == (128 - 16 - 4) * 1024 // 4          # the segment once, a buffer per engine's rank
 
 
 def test_each_worker_gives_the_store_its_share_of_the_node_s_segment(monkeypatch):
-    """global_segment_gb and local_buffer_gb are the node's: a worker of a TP-2 engine of a node running
-    two DP engines contributes a quarter of each."""
+    """global_segment_gb is the node's: a worker of a TP-2 engine of a node running two DP engines
+    contributes a quarter of it; local_buffer_gb is each client's own staging buffer."""
     from types import SimpleNamespace
 
     from lmdeploy_hostcache.integration import l3_tier
@@ -402,4 +405,4 @@ def test_each_worker_gives_the_store_its_share_of_the_node_s_segment(monkeypatch
     cfg = parse_l3_section({"master_address": "127.0.0.1:1", "global_segment_gb": 16, "local_buffer_gb": 2})
     worker = SimpleNamespace(hostcache=SimpleNamespace(l3=cfg), tp_size=2, tp_rank=1, extra={"data_parallel": 2})
     assert l3_tier.WorkerL3.build(worker) is None          # the stub connect returns no client
-    assert (seen[0].global_segment_gb, seen[0].local_buffer_gb) == (4.0, 0.5)
+    assert (seen[0].global_segment_gb, seen[0].local_buffer_gb) == (4.0, 2.0)
