@@ -238,6 +238,18 @@ class CopyEngine:
         pass
 
 
+@dataclass
+class _CpuOp:
+    """A submitted op of ``CpuCopyEngine``: its result shows after ``polls_left`` more polls; its
+    demotions' bytes gathered at submit wait in ``gathered`` until the op lands."""
+
+    plan: _Plan
+    polls_left: int
+    error: str | None = None
+    gathered: torch.Tensor | None = None
+    landed: bool = False
+
+
 class CpuCopyEngine(CopyEngine):
     """Engine for CPU rows (tests, machines without a GPU), timed like the CUDA one.
 
@@ -256,36 +268,36 @@ class CpuCopyEngine(CopyEngine):
                  delay_polls: int = 0):
         super().__init__(layout, pool, kv_caches, backend)
         self.delay_polls = _as_int(delay_polls, "delay_polls")
-        self._done: collections.deque = collections.deque()
+        self._done: collections.deque[_CpuOp] = collections.deque()
 
     def _enqueue(self, plan: _Plan) -> None:
-        for entry in self._done:          # stream order: every earlier op's copies run before this gather
-            self._land(entry)
-        error = gathered = None
+        for op in self._done:          # stream order: every earlier op's copies run before this gather
+            self._land(op)
+        op = _CpuOp(plan, self.delay_polls)
         try:
             if plan.dem_blocks and not plan.fail_store:
-                gathered = self._gather(plan.dem_blocks)
+                op.gathered = self._gather(plan.dem_blocks)
         except Exception as exc:  # a real failure: declared invalid, reported through poll
-            error = f"{type(exc).__name__}: {exc}"
-        self._done.append([self.delay_polls, plan, error, gathered, False])
+            op.error = f"{type(exc).__name__}: {exc}"
+        self._done.append(op)
 
-    def _land(self, entry: list) -> None:
+    def _land(self, op: _CpuOp) -> None:
         """An op's copies run (once): demotions' bytes into their slots, then the loads into their blocks;
         a failure becomes the op's error."""
-        _, plan, error, gathered, landed = entry
-        if landed:
+        if op.landed:
             return
-        entry[4] = True
-        if error is not None:
+        op.landed = True
+        if op.error is not None:
             return
+        plan = op.plan
         try:
-            if gathered is not None:
-                self._write_slots(plan.dem_slots, gathered)
+            if op.gathered is not None:
+                self._write_slots(plan.dem_slots, op.gathered)
             if plan.load_blocks and not plan.fail_load:
                 self._load(plan.load_slots, plan.load_blocks)
         except Exception as exc:
-            entry[2] = f"{type(exc).__name__}: {exc}"
-        entry[3] = None
+            op.error = f"{type(exc).__name__}: {exc}"
+        op.gathered = None
 
     def _gather(self, blocks: list[int]) -> torch.Tensor:
         ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
@@ -316,18 +328,18 @@ class CpuCopyEngine(CopyEngine):
 
     def _collect(self) -> list[CopyResult]:
         out = []
-        for entry in self._done:
-            entry[0] -= 1
-        while self._done and self._done[0][0] < 0:   # in submit order, as a stream completes them
-            entry = self._done.popleft()
-            self._land(entry)
-            out.append(self._result(entry[1], entry[2]))
+        for op in self._done:
+            op.polls_left -= 1
+        while self._done and self._done[0].polls_left < 0:   # in submit order, as a stream completes them
+            op = self._done.popleft()
+            self._land(op)
+            out.append(self._result(op.plan, op.error))
         return out
 
     def wait_all(self) -> None:
-        for entry in self._done:   # every op completes: its copies land now, its result waits for poll
-            self._land(entry)
-            entry[0] = 0
+        for op in self._done:   # every op completes: its copies land now, its result waits for poll
+            self._land(op)
+            op.polls_left = 0
 
     def _release(self) -> None:
         self._done.clear()
