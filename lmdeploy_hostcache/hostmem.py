@@ -164,31 +164,29 @@ def read_cgroup_memory(root: str | os.PathLike[str] = "/sys/fs/cgroup",
     """
     root = Path(root)
     if (root / "memory.max").exists() or (root / "cgroup.controllers").exists():  # cgroup v2
-        best = None
-        for d in _own_cgroup_dirs(root, proc_cgroup, v1=False):
-            limit = _read_int(d / "memory.max")
-            if limit is not None and (best is None or limit < best[0]):
-                best = (limit, d)
-        if best is None:
-            return None, None
-        limit, d = best
-        used = _read_int(d / "memory.current") or 0
-        used -= _read_stat(d / "memory.stat", "inactive_file")
-        return limit, max(0, used)
+        return _tightest_limit(_own_cgroup_dirs(root, proc_cgroup, v1=False), "memory.max", "memory.current",
+                               "inactive_file")
     v1 = root / "memory"
     if (v1 / "memory.limit_in_bytes").exists():
-        best = None
-        for d in _own_cgroup_dirs(v1, proc_cgroup, v1=True):
-            limit = _read_int(d / "memory.limit_in_bytes")
-            if limit is not None and limit < _CGROUP_V1_UNLIMITED and (best is None or limit < best[0]):
-                best = (limit, d)
-        if best is None:
-            return None, None
-        limit, d = best
-        used = _read_int(d / "memory.usage_in_bytes") or 0
-        used -= _read_stat(d / "memory.stat", "total_inactive_file")
-        return limit, max(0, used)
+        return _tightest_limit(_own_cgroup_dirs(v1, proc_cgroup, v1=True), "memory.limit_in_bytes",
+                               "memory.usage_in_bytes", "total_inactive_file")
     return None, None
+
+
+def _tightest_limit(dirs: list[Path], limit_file: str, usage_file: str,
+                    inactive_key: str) -> tuple[int | None, int | None]:
+    """(the smallest limit among ``dirs``, the usage where it is set, inactive file cache left out);
+    (None, None) when none is set (v1 writes "no limit" as a huge number)."""
+    best = None
+    for d in dirs:
+        limit = _read_int(d / limit_file)
+        if limit is not None and limit < _CGROUP_V1_UNLIMITED and (best is None or limit < best[0]):
+            best = (limit, d)
+    if best is None:
+        return None, None
+    limit, d = best
+    used = (_read_int(d / usage_file) or 0) - _read_stat(d / "memory.stat", inactive_key)
+    return limit, max(0, used)
 
 
 def read_memlock_limit() -> tuple[int | None, int | None]:
