@@ -321,12 +321,16 @@ class RoutingService:
         with self.lock:
             for url in urls:
                 if url not in self.router.nodes:
-                    self.router.add_node(url, self.default_profile)
-                    self._feed_state[url] = {"last_ok": None, "has_feed": None}
+                    self._track(url)
             for url in [u for u in self.router.nodes if u not in urls]:
                 self.router.remove_node(url)
                 self._feed_state.pop(url, None)
         return True
+
+    def _track(self, url: str) -> None:
+        """Start routing to ``url`` (under ``self.lock``): a router node with the default profile, no feed yet."""
+        self.router.add_node(url, self.default_profile)
+        self._feed_state[url] = {"last_ok": None, "has_feed": None}
 
     # -- routing -------------------------------------------------------------------------
     async def capture(self, raw_request) -> None:
@@ -380,8 +384,7 @@ class RoutingService:
         self._cooldown[url] = time.monotonic() + float(self.options.get("error_cooldown") or 10.0)
         with self.lock:
             if url not in self.router.nodes and len(self.router.nodes) < self.router.table.max_nodes:
-                self.router.add_node(url, self.default_profile)   # not polled yet: the cooldown holds anyway
-                self._feed_state[url] = {"last_ok": None, "has_feed": None}
+                self._track(url)   # not polled yet: the cooldown holds anyway
             self.router.set_health(url, False)
         logger.warning("cache_aware routing: node %s answered with an error; skipped for %.0f s", url,
                        float(self.options.get("error_cooldown") or 10.0))
