@@ -430,7 +430,7 @@ def _patch_executor_base(mod) -> None:
             dp = getattr(getattr(self, "dist_config", None), "dp", 1)
             dp = dp if isinstance(dp, int) and not isinstance(dp, bool) and dp > 1 else 1
             blocks, slot_bytes, reason = size_host_cache(extra, list(slots.slot_bytes), data_parallel=dp)
-            # each DP engine's workers contribute 1/dp of the store's segment and buffer (l3_tier.WorkerL3)
+            # each DP engine's workers contribute 1/dp of the store's segment (l3_tier.WorkerL3)
             if dp > 1:
                 extra["data_parallel"] = dp
             else:
@@ -442,33 +442,13 @@ def _patch_executor_base(mod) -> None:
             extra["host_slot_bytes"] = slot_bytes
             # blocks of two dtypes have the same size: the dtype keys every namespace and store key
             extra["kv_dtype"] = kv_dtype_name(self.model_config, self.cache_config.quant_policy)
-            # the store outlives this process and is read by other nodes: its keys name the weights
-            # and the config overrides that change what they compute (rope scaling, ...)
-            extra.pop("weights_fingerprint", None)
-            extra.pop("hf_overrides_digest", None)
-            overrides = getattr(getattr(self, "misc_config", None), "hf_overrides", None)
-            if host_cfg.l3 is not None and overrides:
-                import json
+            if host_cfg.l3 is not None:   # the store's keys name the weights (l3_tier.record_weights)
+                from .l3_tier import record_weights
 
-                import xxhash
-
-                extra["hf_overrides_digest"] = xxhash.xxh3_128_hexdigest(
-                    json.dumps(overrides, sort_keys=True, default=repr).encode())
-            if host_cfg.l3 is not None and not host_cfg.l3.weights_id:
-                from ..l3.weights import checkpoint_fingerprint
-
-                model_path = extra.get("model_identity")   # the resolved model path (prepare hook)
                 try:
-                    fingerprint = checkpoint_fingerprint(model_path if isinstance(model_path, str) else None)
+                    record_weights(extra, host_cfg.l3, getattr(getattr(self, "misc_config", None), "hf_overrides", None))
                 except ValueError as exc:
-                    raise UnsupportedConfiguration([f"l3: cannot fingerprint the weights for the store keys: {exc}; "
-                                                    "set l3.weights_id to name them"]) from None
-                if fingerprint is None:
-                    _logger().warning("l3: the model path %r is not on this machine, so the store keys name the "
-                                       "weights by that path only; set l3.weights_id (e.g. the commit hash) so "
-                                       "that nodes with other weights never share objects", model_path)
-                else:
-                    extra["weights_fingerprint"] = fingerprint
+                    raise UnsupportedConfiguration([str(exc)]) from None
             if slots.tensor_specs is not None:
                 extra["host_tensor_specs"] = [dict(spec) for spec in slots.tensor_specs]
             else:

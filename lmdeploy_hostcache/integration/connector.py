@@ -722,6 +722,7 @@ class HostTierScheduler:
             self._clearing_trie = False
         logger.info("host tier: evicted %d GPU prefix-cache block(s) whose KV cache was released", total)
         return total
+
     def on_weights_updated(self, how: str) -> None:
         """The engine's weights change in place (``Engine.update_params`` and the checkpoint-engine
         updates, ``how``). The store's keys name the weights the engine started with, so from now

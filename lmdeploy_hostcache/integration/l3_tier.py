@@ -39,12 +39,45 @@ def _space_nbytes(extra) -> int:
     return int(planned) if isinstance(planned, int) and not isinstance(planned, bool) else 0
 
 
+def record_weights(extra: dict, cfg, hf_overrides) -> None:
+    """At start-up (executor hook), put in ``extra`` what ``weights_name`` needs on every side: the
+    digest of LMDeploy's ``hf_overrides`` (``hf_overrides_digest``) and, without ``l3.weights_id``, the
+    fingerprint of the checkpoint at ``extra['model_identity']`` (``weights_fingerprint``). The store
+    outlives this process and other nodes read it, so its keys name the weights and the overrides
+    that change what they compute (rope scaling, ...). ``ValueError`` when a weight file cannot be
+    read."""
+    extra.pop("weights_fingerprint", None)   # an earlier run's, in a reused config
+    extra.pop("hf_overrides_digest", None)
+    if hf_overrides:
+        import json
+
+        import xxhash
+
+        extra["hf_overrides_digest"] = xxhash.xxh3_128_hexdigest(
+            json.dumps(hf_overrides, sort_keys=True, default=repr).encode())
+    if cfg.weights_id:
+        return
+    from ..l3.weights import checkpoint_fingerprint
+
+    model_path = extra.get("model_identity")   # the resolved model path (prepare hook)
+    try:
+        fingerprint = checkpoint_fingerprint(model_path if isinstance(model_path, str) else None)
+    except ValueError as exc:
+        raise ValueError(f"l3: cannot fingerprint the weights for the store keys: {exc}; "
+                         "set l3.weights_id to name them") from None
+    if fingerprint is None:
+        logger.warning("l3: the model path %r is not on this machine, so the store keys name the weights by that "
+                       "path only; set l3.weights_id (e.g. the commit hash) so that nodes with other weights never "
+                       "share objects", model_path)
+    else:
+        extra["weights_fingerprint"] = fingerprint
+
+
 def weights_name(cfg, extra) -> str:
     """What names the weights in the store keys: ``l3.weights_id`` when set, else the checkpoint
     fingerprint the executor hook put in the extra config (``weights_fingerprint``), else ""; then
     the digest of LMDeploy's ``hf_overrides`` when there are any (``hf_overrides_digest``)."""
-    get = extra.get if hasattr(extra, "get") else (lambda key: None)
-    fp, overrides = get("weights_fingerprint"), get("hf_overrides_digest")
+    fp, overrides = extra.get("weights_fingerprint"), extra.get("hf_overrides_digest")
     if cfg is not None and cfg.weights_id:
         name = "id:" + cfg.weights_id
     else:
@@ -126,8 +159,7 @@ class WorkerL3:
         # global_segment_gb is what the node gives the store: each TP rank's client of each
         # data-parallel engine contributes its share (local_buffer_gb is each client's own staging
         # buffer, kept whole: its batches need the room)
-        dp = worker.extra.get("data_parallel", 1) if hasattr(worker.extra, "get") else 1
-        share = max(1, int(worker.tp_size)) * (dp if isinstance(dp, int) and dp > 1 else 1)
+        share = max(1, int(worker.tp_size)) * int(worker.extra.get("data_parallel", 1))   # set > 1 or absent
         if share > 1:
             cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / share)
         client = connect(cfg, metrics=metrics, logger=logger)
