@@ -21,6 +21,7 @@ import torch
 
 from lmdeploy.messages import KVTransferConfig
 
+from lmdeploy_hostcache.tier.digest import salted_root
 from lmdeploy_hostcache.tier.eviction import DEFAULT_POLICY
 
 from .checker import KVChecker, VariantFn, _as_bytes, _words, chain_keys
@@ -432,14 +433,13 @@ class HostSlotChecker:
     def _root_digest(self, root_node) -> int:
         """The digest a trie root's chains start from: the namespace root, or the salted root of a
         salted trie root (``salted_trie``: the root carries the request's cache salt)."""
-        from lmdeploy_hostcache.integration.request_salt import ROOT_SALT_ATTR
-        from lmdeploy_hostcache.tier.digest import salted_root
+        from lmdeploy_hostcache.integration.request_salt import node_root_salt
 
-        return salted_root(self.namespace, getattr(root_node, ROOT_SALT_ATTR, "") or "")
+        return salted_root(self.namespace, node_root_salt(root_node))
 
-    def _register_tokens(self, tokens, root: int | None = None) -> list[int]:
-        """Register every full block of ``tokens`` chained from ``root`` (default: the namespace
-        root; a salted request's chain starts at its salted root) (digest -> whole prefix). The
+    def _register_tokens(self, tokens, root: int) -> list[int]:
+        """Register every full block of ``tokens`` chained from ``root`` (the namespace root, or a
+        salted request's salted root) (digest -> whole prefix). The
         chain restarts from the longest prefix already hashed under the same root (memoised on the
         prefix's chained key, ``checker.chain_keys``), so the product digests are computed only for
         new blocks."""
@@ -447,7 +447,6 @@ class HostSlotChecker:
         full = len(tokens) // bs
         if full == 0:
             return []
-        root = self.namespace.root if root is None else root
         memo = self._chain_memo.setdefault(root, {})
         tokens = np.ascontiguousarray(tokens[:full * bs], dtype=np.int64)
         keys = chain_keys(tokens, bs)
@@ -471,7 +470,6 @@ class HostSlotChecker:
 
     def _register(self) -> None:
         from lmdeploy_hostcache.integration.request_salt import sequence_salt
-        from lmdeploy_hostcache.tier.digest import salted_root
 
         for seq in self.engine.scheduler.seq_manager.get_all_sequences():
             tokens = seq.all_ids
