@@ -633,8 +633,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             return
         growths = self._growths
         while n > 0:
-            preempted = self.stats.preemptions
+            before = self.stats.preemptions
             self._grow_due()
+            preempted = self.stats.preemptions != before
             if self._live - (self._chunked is not None) <= 0:
                 # every decoding request was preempted: the step runs no forward (the engine is idle after it)
                 self._empty_step = self._step
@@ -642,7 +643,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
                 return
             # within a run of decode steps the next growth is due once its decode steps have run
             m = min(n, max(1, growths[0][0] - self._decoded)) if growths else n
-            if self.stats.preemptions != preempted:
+            if preempted:
                 m = 1   # a growth preempted a request: it now waits, so the next step may be a prefill pass
             self._step += m
             self._decoded += m
@@ -650,7 +651,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             n -= m
             self._last_decode_step = self._step - 1
             self._last_busy = max(self._last_busy, self._step - 1)
-            if self.stats.preemptions != preempted:
+            if preempted:
                 if counting:
                     self._decode_count -= n   # the steps of the run not taken are decided afresh
                 return
