@@ -261,7 +261,7 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
     class Server(ThreadingHTTPServer):
         # at most FEED_MAX_CONNECTIONS handler threads inside the engine process: more are refused
         _slots = threading.BoundedSemaphore(FEED_MAX_CONNECTIONS)
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address_family = address_family(host)
 
         def process_request(self, request, client_address):
             if not self._slots.acquire(blocking=False):
@@ -279,6 +279,11 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="hostcache-feed", daemon=True).start()
     return server
+
+
+def address_family(host: str) -> int:
+    """The socket family that serves ``host`` (as ``parse_addr`` returns it: IPv6 without brackets)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def parse_addr(text: str) -> tuple[str, int]:
