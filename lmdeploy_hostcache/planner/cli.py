@@ -110,7 +110,8 @@ class _Explicit(argparse.Action):
 
 
 # Options a cluster file replaces or that make no sense with --cluster: refused together with it.
-CLUSTER_CONFLICTS = ("model", "quant_policy", "host_kv_format", "tp", "policy", "gpu_kv_gb", "host_gb",
+CLUSTER_CONFLICTS = ("model", "quant_policy", "host_kv_format", "tp", "policy", "min_restore_tokens",
+                     "gpu_kv_gb", "host_gb",
                      "gpu_blocks", "host_blocks", "sweep", "sweep_tier", "sweep_values", "plot")
 
 
@@ -167,6 +168,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--policy", action=_Explicit, default=DEFAULT_POLICY,
                    help=f"host-tier eviction policy: {', '.join(POLICIES)} "
                         f"(default {DEFAULT_POLICY}, the server's default)")
+    from .replay import SERVER_MIN_RESTORE_TOKENS
+
+    c.add_argument("--min-restore-tokens", action=_Explicit, type=_nonneg_int, default=SERVER_MIN_RESTORE_TOKENS,
+                   metavar="N", help="the server's min_restore_tokens: a host hit shorter than N tokens is "
+                                     f"recomputed, not restored (default {SERVER_MIN_RESTORE_TOKENS}, the server's "
+                                     "default; 0 restores every hit; `auto` is not modelled)")
 
     k = p.add_argument_group("cost model (assumptions, not measurements)")
     k.add_argument("--prefill-tokens-per-s", type=_pos_float, default=None, metavar="R",
@@ -383,7 +390,7 @@ def _run(args) -> int:
     head = {
         "trace": trace.name, "trace_source": trace.source, "block_size": trace.block_size,
         "model": geometry.name, "quant_policy": args.quant_policy, "host_kv_format": args.host_kv_format,
-        "tp": args.tp, "host_policy": args.policy,
+        "tp": args.tp, "host_policy": args.policy, "min_restore_tokens": args.min_restore_tokens,
         "gpu_block_bytes": sizing.gpu_block_bytes, "host_block_bytes_per_rank": sizing.host_block_bytes,
         "cost_model": {"prefill_tokens_per_s": cost.prefill_tokens_per_s, "h2d_gbps": cost.h2d_gbps,
                        "prefill_assumed": cost.prefill_assumed, "h2d_assumed": cost.h2d_assumed,
@@ -397,7 +404,8 @@ def _run(args) -> int:
 
     if gpu_blocks == 0:
         print("warning: the GPU tier holds no block: nothing can be cached", file=sys.stderr)
-    st = replay(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, show)
+    st = replay(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, show,
+                min_restore_tokens=args.min_restore_tokens)
     ttft = TTFTEstimate.of(st, sizing, cost)
     conc = conc_lifetimes = None
     if not args.no_concurrency:
@@ -409,10 +417,12 @@ def _run(args) -> int:
             from .engine_steps import replay_stepped
 
             conc = replay_stepped(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size, conc_lifetimes,
-                                  steps, show, host_write_s=args.host_write_s)
+                                  steps, show, host_write_s=args.host_write_s,
+                                  min_restore_tokens=args.min_restore_tokens)
         else:
             conc = replay_concurrent(prepared, gpu_blocks, host_blocks, args.policy, trace.block_size,
-                                     conc_lifetimes, show, host_write_s=args.host_write_s)
+                                     conc_lifetimes, show, host_write_s=args.host_write_s,
+                                     min_restore_tokens=args.min_restore_tokens)
     unbounded = unbounded_notes(args.distinct_blocks, gpu_blocks=gpu_blocks, host_blocks=host_blocks)
     if steps is not None:
         unbounded += chunked_prefill_notes(trace, steps)
@@ -439,7 +449,8 @@ def _run(args) -> int:
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.total_prompt_tokens:,} prompt tokens, "
           f"{trace.block_size}-token blocks")
     print(f"model: {_describe_model(geometry, sizing)}")
-    print(f"host-tier policy: {args.policy}; GPU tier: LRU over leaves (as LMDeploy's BlockTrie)")
+    print(f"host-tier policy: {args.policy}; GPU tier: LRU over leaves (as LMDeploy's BlockTrie); "
+          f"host hits under {args.min_restore_tokens} tokens are recomputed (min_restore_tokens)")
     for note in unbounded:
         print(f"note: {note}")
     print()
@@ -535,7 +546,8 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
         else:
             gb = int(v) if in_blocks else sizing.gpu_blocks(v)
             hb = host_blocks
-        st = replay(prepared, gb, hb, args.policy, trace.block_size, show, desc=f"{tier}={v:g}")
+        st = replay(prepared, gb, hb, args.policy, trace.block_size, show, desc=f"{tier}={v:g}",
+                    min_restore_tokens=args.min_restore_tokens)
         points.append((v, st, TTFTEstimate.of(st, sizing, cost)))
     elapsed = time.perf_counter() - t0
     unit = "blocks" if in_blocks else "GiB"
@@ -647,7 +659,7 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
     if args.json:
         out = {"trace": trace.name, "block_size": trace.block_size, "model": geometry.name,
                "routing": spec.routing, "quant_policy": spec.quant_policy, "host_kv_format": spec.host_kv_format,
-               "tp": spec.tp, "host_policy": spec.host_policy, **tot,
+               "tp": spec.tp, "host_policy": spec.host_policy, "min_restore_tokens": spec.min_restore_tokens, **tot,
                "restored_tokens": tot["host_hit_blocks"] * trace.block_size,
                "nodes": [], "replay_seconds": res.elapsed_s, "load_seconds": t_load,
                "recommendation_rule": "smallest of 0, 1/8, 1/4, 1/2, 3/4, 1 x host_gb within 0.01 of the node's "
@@ -668,7 +680,8 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.block_size}-token blocks")
-    print(f"cluster: {args.cluster}: {len(spec.nodes)} nodes, routing {spec.routing}, host policy {spec.host_policy}")
+    print(f"cluster: {args.cluster}: {len(spec.nodes)} nodes, routing {spec.routing}, host policy {spec.host_policy}, "
+          f"host hits under {spec.min_restore_tokens} tokens recomputed")
     print(f"model: {_describe_model(geometry, sizing)}")
     print()
     rows = []

@@ -8,6 +8,7 @@ Cluster YAML (every field validated; errors name the file and the field)::
     host_kv_format: same       # same | int8 | int4                     (default same)
     tp: 1                      # tensor-parallel ranks per node         (default 1)
     host_policy: arc           # host-tier eviction policy              (default arc, the server's)
+    min_restore_tokens: 256    # shorter host hits are recomputed       (default 256, the server's)
     routing: session           # session | random | prefix | cache_aware (required)
     seed: 0                    # for random routing                     (default 0)
     nodes:                     # at least one
@@ -45,7 +46,7 @@ import xxhash
 
 from ..tier.eviction import DEFAULT_POLICY, POLICIES
 from .geometry import HOST_KV_FORMATS, MAX_GIB, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
-from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
+from .replay import SERVER_MIN_RESTORE_TOKENS, PreparedRequest, ReplayStats, TwoTierCache, progress
 
 ROUTING_POLICIES = ("session", "random", "prefix", "cache_aware")
 PREFIX_WINDOW_PER_NODE = 64
@@ -71,6 +72,7 @@ class ClusterSpec:
     tp: int = 1
     host_policy: str = DEFAULT_POLICY
     seed: int = 0
+    min_restore_tokens: int = SERVER_MIN_RESTORE_TOKENS
 
     @property
     def cache_format(self) -> CacheFormat:
@@ -80,7 +82,8 @@ class ClusterSpec:
         return resolve_model(self.model)
 
 
-_TOP_KEYS = {"model", "quant_policy", "host_kv_format", "tp", "host_policy", "routing", "seed", "nodes"}
+_TOP_KEYS = {"model", "quant_policy", "host_kv_format", "tp", "host_policy", "routing", "seed", "nodes",
+             "min_restore_tokens"}
 _NODE_KEYS = {"name", "gpu_kv_gb", "host_gb"}
 
 
@@ -127,6 +130,10 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{where}: seed must be an int, got {seed!r}")
+    min_restore = doc.get("min_restore_tokens", SERVER_MIN_RESTORE_TOKENS)
+    if isinstance(min_restore, bool) or not isinstance(min_restore, int) or min_restore < 0:
+        raise ValueError(f"{where}: min_restore_tokens must be an int >= 0 (the planner does not model "
+                         f"`auto`), got {repr(min_restore)[:80]}")
     nodes_doc = doc.get("nodes")
     if not isinstance(nodes_doc, list) or not nodes_doc:
         raise ValueError(f"{where}: nodes must be a non-empty list of {{name, gpu_kv_gb, host_gb}}")
@@ -153,7 +160,7 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
         if gpu <= 0:
             raise ValueError(f"{w}.gpu_kv_gb must be > 0 (a node needs a GPU KV cache), got {gpu!r}")
         nodes.append(NodeSpec(name, gpu, _number(n["host_gb"], f"{w}.host_gb")))
-    spec = ClusterSpec(tuple(nodes), routing, model, qp, fmt, tp, policy, seed)
+    spec = ClusterSpec(tuple(nodes), routing, model, qp, fmt, tp, policy, seed, min_restore)
     try:
         spec.cache_format
     except ValueError as exc:
@@ -266,7 +273,8 @@ def simulate_cluster(prepared: Sequence[PreparedRequest], spec: ClusterSpec, siz
         if gb == 0:
             raise ValueError(f"node {n.name!r}: gpu_kv_gb={n.gpu_kv_gb} holds no block of "
                              f"{sizing.gpu_block_bytes} bytes")
-    caches = [TwoTierCache(gb, hb, spec.host_policy, sizing.block_size) for gb, hb, _ in sizes]
+    caches = [TwoTierCache(gb, hb, spec.host_policy, sizing.block_size, min_restore_tokens=spec.min_restore_tokens)
+              for gb, hb, _ in sizes]
     if spec.routing == "cache_aware":  # the proxy's router, fed by each node's cache-state feed
         from .cluster_routing import CacheAwareClusterRouter, planner_host_weight
         from .cost import CostModel

@@ -125,8 +125,10 @@ class ConcurrentTwoTierCache(TwoTierCache):
     """``TwoTierCache`` whose requests run for a while; see the module docstring."""
 
     def __init__(self, gpu_blocks: int, host_blocks: int, host_policy: str = "lru", block_size: int = 1,
-                 lifetimes: Lifetimes = Lifetimes(), verify_tokens: bool = True, host_write_s: float = 0.0) -> None:
-        super().__init__(gpu_blocks, host_blocks, host_policy, block_size, verify_tokens)
+                 lifetimes: Lifetimes = Lifetimes(), verify_tokens: bool = True, host_write_s: float = 0.0,
+                 min_restore_tokens: int = 0) -> None:
+        super().__init__(gpu_blocks, host_blocks, host_policy, block_size, verify_tokens,
+                         min_restore_tokens=min_restore_tokens)
         if isinstance(host_write_s, bool) or not isinstance(host_write_s, (int, float)) or not host_write_s >= 0:
             raise ValueError(f"host_write_s must be a number >= 0, got {host_write_s!r}")
         self.host_write_s = float(host_write_s)
@@ -299,11 +301,11 @@ class ConcurrentTwoTierCache(TwoTierCache):
 def replay_concurrent(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_blocks: int,
                       host_policy: str = "lru", block_size: int = 1, lifetimes: Lifetimes = Lifetimes(),
                       show_progress: bool | None = None, desc: str = "replay (concurrent)",
-                      host_write_s: float = 0.0) -> ConcurrencyStats:
+                      host_write_s: float = 0.0, min_restore_tokens: int = 0) -> ConcurrencyStats:
     """Replay prepared requests (in arrival order) through a fresh ``ConcurrentTwoTierCache``."""
     t0 = time.perf_counter()
     cache = ConcurrentTwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, lifetimes,
-                                   host_write_s=host_write_s)
+                                   host_write_s=host_write_s, min_restore_tokens=min_restore_tokens)
     serve = cache.serve_at
     for pr in progress(prepared, desc, show_progress):
         serve(pr)

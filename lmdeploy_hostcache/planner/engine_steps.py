@@ -290,8 +290,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
 
     def __init__(self, gpu_blocks: int, host_blocks: int, host_policy: str = "lru", block_size: int = 1,
                  lifetimes: Lifetimes = Lifetimes(), verify_tokens: bool = True, host_write_s: float = 0.0,
-                 engine: EngineSteps = EngineSteps(), record: bool = False) -> None:
-        super().__init__(gpu_blocks, host_blocks, host_policy, block_size, lifetimes, verify_tokens, host_write_s)
+                 engine: EngineSteps = EngineSteps(), record: bool = False, min_restore_tokens: int = 0) -> None:
+        super().__init__(gpu_blocks, host_blocks, host_policy, block_size, lifetimes, verify_tokens, host_write_s,
+                         min_restore_tokens)
         self.gpu = _GpuTierIndex(gpu_blocks, verify_tokens, self._demote)
         st = self.stats
         self.stats = SteppedStats(st.block_size, st.gpu_blocks, st.host_blocks, st.host_policy)
@@ -432,8 +433,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
 
     def probe(self, pr: PreparedRequest) -> tuple[int, int]:
         """(GPU match, host hit): the hit is capped at what the connector's hold budget (half the host
-        slots) leaves beside the holds other lookups of this step keep."""
-        g, h = super().probe(pr)
+        slots) leaves beside the holds other lookups of this step keep; a hit then shorter than
+        ``min_restore_tokens`` is recomputed (``restorable``), as the connector decides after its caps."""
+        g, h = self.probe_found(pr)
+        h = min(h, self.host.num_slots // 2)
         i = self._before_loading(pr, g)
         if i < g:
             # its host copy stays in the host tier (read-pinned) until the load completes
@@ -443,7 +446,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if h and self._step_held:
             others = self._step_held - len(self._step_holds.get(id(pr), ()))
             h = min(h, max(0, self.host.num_slots // 2 - others))
-        return g, h
+        return g, self.restorable(h)
 
     def _hold_hit(self, pr: PreparedRequest, hit: tuple) -> None:
         """The connector's lookup holds its host hit until the request's load starts or the step ends
@@ -1589,11 +1592,12 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
 def replay_stepped(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_blocks: int,
                    host_policy: str = "lru", block_size: int = 1, lifetimes: Lifetimes = Lifetimes(),
                    engine: EngineSteps = EngineSteps(), show_progress: bool | None = None,
-                   desc: str = "replay (engine steps)", host_write_s: float = 0.0) -> SteppedStats:
+                   desc: str = "replay (engine steps)", host_write_s: float = 0.0,
+                   min_restore_tokens: int = 0) -> SteppedStats:
     """Replay prepared requests (in arrival order) through a fresh ``SteppedTwoTierCache``."""
     t0 = time.perf_counter()
     cache = SteppedTwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, lifetimes,
-                                host_write_s=host_write_s, engine=engine)
+                                host_write_s=host_write_s, engine=engine, min_restore_tokens=min_restore_tokens)
     for pr in progress(prepared, desc, show_progress):
         cache.serve_at(pr)
     st = cache.finish()

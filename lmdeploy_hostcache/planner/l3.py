@@ -6,7 +6,9 @@ under all of them. Per request on node ``n``:
 
 1. GPU match ``g``, host continuation ``h`` (as in ``replay``), then the **store continuation**
    ``s = store.lookup(d[g+h:m])``: one batched existence check in the engine;
-2. the ``g+h+s`` blocks are hits; store hits are staged through host memory and loaded like host
+2. the ``g+h+s`` blocks are hits, unless ``h+s`` blocks are fewer than ``min_restore_tokens``
+   tokens (the connector then recomputes both: its threshold counts host and store hits together);
+   store hits are staged through host memory and loaded like host
    hits, and *stay in the store* (other nodes may need them: the store is shared, hence not
    exclusive with any node's tiers);
 3. **write-back**: a block the host tier evicts is written to the store (``on_evict``); a block the
@@ -62,9 +64,10 @@ class ThreeTierCache(TwoTierCache):
     """A node's GPU + host tiers with write-back to, and lookups continuing into, a shared store."""
 
     def __init__(self, gpu_blocks: int, host_blocks: int, store: SharedStore, host_policy: str = "lru",
-                 block_size: int = 1) -> None:
-        super().__init__(gpu_blocks, host_blocks, host_policy, block_size)
+                 block_size: int = 1, min_restore_tokens: int = 0) -> None:
+        super().__init__(gpu_blocks, host_blocks, host_policy, block_size, min_restore_tokens=min_restore_tokens)
         self.store = store
+        self._store_hit = 0       # the store hit of the request being served (``restorable`` adds it)
         self.host.on_evict = store.put           # write-back on host eviction
         self.l3_hit_blocks = 0
         self.requests_with_l3_hits = 0
@@ -94,10 +97,16 @@ class ThreeTierCache(TwoTierCache):
         if start < m and sidx.num_slots and h == found and h < half:
             end = min(m, g + half)
             s = sidx.lookup(d[start:end], b[start:end])
+        if h + s < self.min_restore_blocks:  # too short to restore, host and store hits together
+            s = 0
         if s:
             sidx.prepare_load(d[start:start + s])  # pinned while this request's blocks settle
         host_before = self.stats.host_hit_blocks
-        g2, restored = super().serve(pr)
+        self._store_hit = s
+        try:
+            g2, restored = super().serve(pr)
+        finally:
+            self._store_hit = 0
         assert g2 == g and self.stats.host_hit_blocks - host_before == restored
         # blocks the GPU tier took from g on (all of them unless the request overflowed it):
         # the host hits come first, the store hits next
@@ -113,6 +122,12 @@ class ThreeTierCache(TwoTierCache):
         self.l3_hit_blocks += got
         self.requests_with_l3_hits += got > 0
         return g, restored
+
+    def restorable(self, h: int) -> int:
+        """As the connector decides: the host hit and the store hit after it are restored together
+        when they add up to ``min_restore_tokens``."""
+        self.short_hit = h if h + self._store_hit < self.min_restore_blocks else 0
+        return h - self.short_hit
 
 
 @dataclass
@@ -159,7 +174,8 @@ def simulate_cluster_l3(prepared: Sequence[PreparedRequest], spec, sizing, l3_gb
     t0 = time.perf_counter()
     sizes = node_sizes(spec, sizing, 1.0)
     store = SharedStore(sizing.host_blocks(l3_gb))
-    caches = [ThreeTierCache(gb, hb, store, spec.host_policy, sizing.block_size) for gb, hb, _ in sizes]
+    caches = [ThreeTierCache(gb, hb, store, spec.host_policy, sizing.block_size, spec.min_restore_tokens)
+              for gb, hb, _ in sizes]
     router = _router(spec, caches, sizing)
     served = getattr(router, "served", None)
     for pr in progress(prepared, f"cluster+l3 {l3_gb:g}GiB", show_progress):

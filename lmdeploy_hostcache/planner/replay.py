@@ -16,7 +16,9 @@ bytes, so digest and token-verification paths run exactly as in the engine):
    last prompt token, so a block ending exactly at the prompt's end never matches);
 2. host continuation: ``h = host.lookup(d[g:m])`` from where the GPU match ended, at most half
    the host slots (the connector holds a reported hit from its lookup until its load starts and
-   holds at most half the slots, so it reports no more than that);
+   holds at most half the slots, so it reports no more than that); a hit of fewer than
+   ``min_restore_tokens`` tokens is not restored (``h = 0``: the request recomputes those
+   blocks and their host copies are not touched), as the connector decides;
 3. the GPU hits are touched (LMDeploy's match refreshes their access time); the host hits are
    pinned for reading (``prepare_load``);
 4. every full block from ``g`` on is inserted into the GPU tier (``prepare_store``: WRITING and
@@ -48,9 +50,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from ..config import HostCacheConfig
 from ..tier.digest import Namespace, block_id_bytes, digests_of_blocks
 from ..tier.host_index import HostBlock, HostIndex
 from .traces import Request, Trace
+
+
+# the server's default ``min_restore_tokens`` (``plan`` replays it unless told otherwise)
+SERVER_MIN_RESTORE_TOKENS: int = HostCacheConfig().min_restore_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,7 @@ class ReplayStats:
     gpu_hit_blocks: int = 0
     host_hit_blocks: int = 0
     requests_with_host_hits: int = 0
+    short_host_hit_blocks: int = 0  # host hits shorter than min_restore_tokens: recomputed, not restored
     gpu_overflow_requests: int = 0
     demotions: int = 0            # GPU evictions stored on the host
     demotions_refused: int = 0    # GPU evictions the host could not take (block lost)
@@ -139,15 +147,20 @@ class TwoTierCache:
     """A GPU tier over a host tier, both ``HostIndex``; see the module docstring."""
 
     def __init__(self, gpu_blocks: int, host_blocks: int, host_policy: str = "lru",
-                 block_size: int = 1, verify_tokens: bool = True, keep_restored: bool = True) -> None:
-        for name, v in (("gpu_blocks", gpu_blocks), ("host_blocks", host_blocks)):
+                 block_size: int = 1, verify_tokens: bool = True, keep_restored: bool = True,
+                 min_restore_tokens: int = 0) -> None:
+        for name, v in (("gpu_blocks", gpu_blocks), ("host_blocks", host_blocks),
+                        ("min_restore_tokens", min_restore_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        # the connector restores a hit of h blocks when h * block_size >= min_restore_tokens
+        self.min_restore_blocks = -(-min_restore_tokens // max(1, block_size))
         self.host = HostIndex(host_blocks, policy=host_policy, verify_tokens=verify_tokens,
                               keep_restored=keep_restored)
         self.gpu = HostIndex(gpu_blocks, policy="lru", verify_tokens=verify_tokens, on_evict=self._demote)
         self.stats = ReplayStats(block_size, gpu_blocks, host_blocks, host_policy)
         self._overflowed: set[int] = set()   # id() of the requests counted in gpu_overflow_requests
+        self.short_hit = 0                    # the last ``restorable`` call's hit left unrestored
 
     def _demote(self, block: HostBlock) -> None:
         host = self.host
@@ -167,9 +180,16 @@ class TwoTierCache:
         return g, h
 
     def probe(self, pr: PreparedRequest) -> tuple[int, int]:
-        """(GPU hits, host hits) the request would get now; no side effects."""
+        """(GPU hits, host hits) the request would get now; no side effects on the tiers."""
         g, h = self.probe_found(pr)
-        return g, min(h, self.host.num_slots // 2)
+        return g, self.restorable(min(h, self.host.num_slots // 2))
+
+    def restorable(self, h: int) -> int:
+        """The host hit the connector restores: all ``h`` blocks, or none when they are fewer than
+        ``min_restore_tokens`` tokens (the request recomputes them; ``short_hit`` keeps how many,
+        for the caller that serves the request to count)."""
+        self.short_hit = h if h < self.min_restore_blocks else 0
+        return h - self.short_hit
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:
         """Replay one request; returns (GPU-hit blocks, host-restored blocks)."""
@@ -186,6 +206,7 @@ class TwoTierCache:
         gpu, host, st = self.gpu, self.host, self.stats
         d = pr.digests
         g, h = self.probe(pr)
+        st.short_host_hit_blocks += self.short_hit
         if g:
             gpu.touch(d[:g])  # LMDeploy's match refreshes access times of the matched blocks
         if h:
@@ -267,10 +288,12 @@ def progress(items: Sequence, desc: str, enabled: bool | None):
 
 def replay(prepared: Sequence[PreparedRequest], gpu_blocks: int, host_blocks: int, host_policy: str = "lru",
            block_size: int = 1, show_progress: bool | None = None, desc: str = "replay",
-           keep_restored: bool = True) -> ReplayStats:
-    """Replay prepared requests through a fresh two-tier cache."""
+           keep_restored: bool = True, min_restore_tokens: int = 0) -> ReplayStats:
+    """Replay prepared requests through a fresh two-tier cache (``min_restore_tokens``: the server's
+    setting of that name; 0, the default here, restores every host hit)."""
     t0 = time.perf_counter()
-    cache = TwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, keep_restored=keep_restored)
+    cache = TwoTierCache(gpu_blocks, host_blocks, host_policy, block_size, keep_restored=keep_restored,
+                         min_restore_tokens=min_restore_tokens)
     serve = cache.serve
     for pr in progress(prepared, desc, show_progress):
         serve(pr)

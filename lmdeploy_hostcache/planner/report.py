@@ -90,6 +90,9 @@ def single_run_table(st: ReplayStats, sizing: BlockSizing | None, ttft: TTFTEsti
         ["tokens restored from host", "0", fmt_int(st.restored_tokens)],
         ["tokens recomputed", fmt_int(st.prompt_tokens - st.gpu_hit_tokens), fmt_int(st.recomputed_tokens)],
     ]
+    if st.short_host_hit_blocks:
+        rows.append(["  of them host hits under min_restore_tokens", "-",
+                     fmt_int(st.short_host_hit_blocks * st.block_size)])
     if ttft is not None:
         n = max(ttft.requests, 1)
         rows.append(["est. prefill per request (ms)", f"{1e3 * ttft.gpu_only_prefill_s / n:.1f}",

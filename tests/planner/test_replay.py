@@ -73,6 +73,29 @@ def test_a_host_hit_is_restored_up_to_half_the_host_slots():
     assert [c.serve(p) for p in pr] == [(0, 0), (0, 0), (0, 4)]
 
 
+def test_a_host_hit_under_min_restore_tokens_is_recomputed():
+    # the connector recomputes a host hit of fewer than min_restore_tokens tokens (its lookup reports no
+    # external tokens): A's blocks 1, 2 are demoted by B; A again finds 2 blocks (8 tokens) there
+    pr = prepare_trace(_trace([1, 2], [5, 6], [1, 2]))
+    for tokens, want in ((0, 2), (8, 2), (9, 0), (12, 0)):
+        c = TwoTierCache(gpu_blocks=2, host_blocks=8, block_size=4, min_restore_tokens=tokens)
+        got = [c.serve(p) for p in pr]
+        assert got == [(0, 0), (0, 0), (0, want)], tokens
+        st = c.finish()
+        assert st.short_host_hit_blocks == 2 - want and st.host_hit_blocks == want
+        assert st.requests_with_host_hits == (want > 0)
+        c.gpu.check_invariants()
+        c.host.check_invariants()
+    # a recomputed hit is neither read nor touched: its host copies stay as they were stored
+    d = {h: dig for p in pr for h, dig in zip(p.request.hash_ids, p.digests)}
+    c = TwoTierCache(gpu_blocks=2, host_blocks=8, block_size=4, min_restore_tokens=12)
+    for p in pr:
+        c.serve(p)
+    assert [(c.host.get(d[k]).hits, c.host.get(d[k]).on_gpu) for k in (1, 2)] == [(0, False), (0, False)]
+    with pytest.raises(ValueError, match="min_restore_tokens"):
+        TwoTierCache(gpu_blocks=3, host_blocks=8, block_size=4, min_restore_tokens=-1)
+
+
 def test_partial_last_block_is_never_cached():
     t = _trace(([1, 2], 6), ([1, 2], 6))  # one full block + a partial one, twice
     st = replay(prepare_trace(t), gpu_blocks=8, host_blocks=0, block_size=4)
