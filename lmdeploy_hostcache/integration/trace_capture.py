@@ -62,6 +62,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -119,6 +120,7 @@ class TraceCapture:
         self._pending: list = []          # offload: frames not yet in the pipe (memoryviews)
         self._pending_bytes = 0
         self._pipe = -1
+        self.closed = False       # close() ran: the hooks do no more work
         atexit.register(_flush_at_exit, weakref.ref(self))
         logger.info("lmdeploy-hostcache: capturing request traces to %s (key fingerprint %s)", path,
                     self.key.fingerprint)
@@ -190,7 +192,7 @@ class TraceCapture:
         self.writer.close()         # the helper writes the file from now on
 
     def on_new_request(self, seq) -> None:
-        if self.failed:
+        if self.failed or self.closed:
             return
         t0 = perf_counter()
         try:
@@ -202,7 +204,7 @@ class TraceCapture:
     def on_request_finished(self, seq, chain=None) -> None:
         """``chain``: the host tier's digest chain of this request (``connector._RequestChain``), when
         its lookup computed one; its digests are taken where they check out (``encode_many``)."""
-        if self.failed:
+        if self.failed or self.closed:
             self._arrival.pop(getattr(seq, "seq_id", None), None)
             return
         t0 = perf_counter()
@@ -397,9 +399,15 @@ class TraceCapture:
         self._stop_helper(wait=False)     # on the scheduler's thread: end its input, never wait for it
 
     def close(self) -> None:
+        """Write what is queued and stop: later hooks do nothing (the helper's pipe is closed, and its
+        descriptor number may belong to another file by then)."""
+        if self.closed:
+            return
         self.flush()
         self.writer.close()
         self._stop_helper()
+        self.closed = True
+        self._pipe = -1
 
     def _stop_helper(self, wait: bool = True) -> None:
         """Hand the helper what is still pending, end its input and wait for it (at engine close or
@@ -413,19 +421,29 @@ class TraceCapture:
             except OSError:
                 pass
             return
+        deadline = time.monotonic() + HELPER_EXIT_SECONDS
         try:
-            if self._pending and not self.failed:
-                os.set_blocking(self._pipe, True)     # _send now writes all that waits
+            while self._pending and not self.failed:   # what waits, as the pipe takes it, until the deadline
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired("capture helper", HELPER_EXIT_SECONDS)
+                select.select([], [self._pipe], [], min(left, 1.0))
                 self._send()
             self._pending.clear()
             helper.stdin.close()
-            out = helper.stdout.read()
-            helper.wait(timeout=HELPER_EXIT_SECONDS)
-            if out.strip():
+            helper.stdin = None               # closed here: communicate() must not flush it
+            out, _ = helper.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            if out and out.strip():
                 self.helper_counters = json.loads(out.decode().strip().splitlines()[-1])
             if helper.returncode and not self.failed:
                 self.failed = f"the capture helper process exited with code {helper.returncode}"
                 logger.warning("lmdeploy-hostcache: %s; serving goes on without capture", self.failed)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+            self.failed = self.failed or (f"the capture helper process did not finish within {HELPER_EXIT_SECONDS:g} s "
+                                          "at close; it was stopped and what it had not written is lost")
+            logger.warning("lmdeploy-hostcache: %s", self.failed)
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             helper.kill()
             if not self.failed:

@@ -207,3 +207,48 @@ def test_a_shared_key_reaches_the_helper_through_its_pipe_only(tmp_path, monkeyp
         assert b"ab" * 16 not in cmdline
     finally:
         cap.close()
+
+
+def test_close_waits_for_a_stuck_helper_no_longer_than_its_limit(tmp_path, monkeypatch, caplog):
+    import os
+    import time
+
+    import lmdeploy_hostcache.integration.trace_capture as tc
+
+    monkeypatch.setattr(tc, "HELPER_EXIT_SECONDS", 1.0)
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    pid = cap.helper.pid
+    os.kill(pid, signal.SIGSTOP)         # a helper starved at idle priority, or wedged
+    try:
+        _run(cap, _requests(40))
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+            cap.close()
+        took = time.monotonic() - t0
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert took < 5.0, took
+    assert "did not finish within 1 s" in cap.failed and cap.helper is None
+    assert any("did not finish" in r.getMessage() for r in caplog.records)
+
+
+def test_hooks_after_close_do_nothing(tmp_path):
+    import os
+
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    pipe = cap._pipe
+    cap.close()
+    fds = [os.open(tmp_path / f"other{i}", os.O_WRONLY | os.O_CREAT, 0o600) for i in range(4)]
+    try:
+        assert pipe in fds                # the helper pipe's descriptor number now names another file
+        cap.flush_records = 1
+        _run(cap, _requests(3))
+        cap.flush()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert all(os.path.getsize(tmp_path / f"other{i}") == 0 for i in range(4))
+    assert cap.records == 0 and not cap._queue
