@@ -12,7 +12,8 @@ under all of them. Per request on node ``n``:
    hits, and *stay in the store* (other nodes may need them: the store is shared, hence not
    exclusive with any node's tiers);
 3. **write-back**: a block the host tier evicts is written to the store (``on_evict``); a block the
-   GPU evicts that the host cannot take is written to the store directly.
+   GPU evicts that the host cannot take is lost with its host descendants, as in the engine (the
+   connector writes to the store from host slots only, never from a GPU page).
 
 Nodes share the store's contents: a prefix node A wrote-back is a store hit on node B. All nodes
 of a cluster file share the model, KV format and TP size, hence the store's key space (the engine
@@ -71,16 +72,6 @@ class ThreeTierCache(TwoTierCache):
         self.host.on_evict = store.put           # write-back on host eviction
         self.l3_hit_blocks = 0
         self.requests_with_l3_hits = 0
-
-    def _demote(self, block: HostBlock) -> None:
-        host = self.host
-        if host.prepare_store(block.digest, block.parent, block.tokens) is not None:
-            host.complete_store(block.digest, True)
-            self.stats.demotions += 1
-        elif block.digest not in host:            # the host cannot take it: straight to the store
-            self.store.put(block)
-            host.drop_subtree(block.digest)
-            self.stats.demotions_refused += 1
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:
         m = pr.matchable

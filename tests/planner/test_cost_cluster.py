@@ -60,10 +60,21 @@ BASE = {"routing": "session", "nodes": [{"name": "a", "gpu_kv_gb": 20, "host_gb"
     ({"quant_policy": 8, "host_kv_format": "int4"}, "applies to fp16/bf16 caches only"),
     ({"host_policy": "mru"}, "host_policy must be one of"),
     ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
+    ({"min_restore_tokens": -1}, "min_restore_tokens must be an int >= 0"),
+    ({"min_restore_tokens": "auto"}, r"min_restore_tokens must be an int >= 0 \(the planner does not model `auto`\)"),
+    ({"min_restore_tokens": True}, "min_restore_tokens must be an int"),
+    ({"min_restore_tokens": 1.5}, "min_restore_tokens must be an int"),
 ])
 def test_cluster_yaml_errors_name_the_field(patch, match):
     with pytest.raises(ValueError, match=match):
         parse_cluster({**BASE, **patch}, "c.yaml")
+
+
+def test_cluster_min_restore_tokens_defaults_to_the_servers():
+    from lmdeploy_hostcache.config import HostCacheConfig
+
+    assert parse_cluster(BASE).min_restore_tokens == HostCacheConfig().min_restore_tokens == 256
+    assert parse_cluster({**BASE, "min_restore_tokens": 0}).min_restore_tokens == 0
 
 
 def test_example_cluster_yaml_is_valid():
