@@ -44,6 +44,7 @@ from typing import Sequence
 
 import xxhash
 
+from ..config import _show   # bounded: a YAML alias bomb or a huge int stays one short line
 from ..tier.eviction import DEFAULT_POLICY, POLICIES
 from .geometry import HOST_KV_FORMATS, MAX_GIB, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
 from .replay import SERVER_MIN_RESTORE_TOKENS, PreparedRequest, ReplayStats, TwoTierCache, progress
@@ -89,7 +90,7 @@ _NODE_KEYS = {"name", "gpu_kv_gb", "host_gb"}
 
 def _number(v, where: str, minimum: float = 0.0, maximum: float = MAX_GIB) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not minimum <= v <= maximum:
-        shown = f"an int of {v.bit_length()} bits" if isinstance(v, int) and v.bit_length() > 64 else repr(v)[:80]
+        shown = f"an int of {v.bit_length()} bits" if isinstance(v, int) and v.bit_length() > 64 else _show(v)
         raise ValueError(f"{where} must be a number in [{minimum:g}, {maximum:g}], got {shown}")
     return float(v)
 
@@ -111,29 +112,29 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
     routing = doc.get("routing")
     if not _one_of(routing, ROUTING_POLICIES):
-        raise ValueError(f"{where}: routing must be one of {ROUTING_POLICIES}, got {routing!r}")
+        raise ValueError(f"{where}: routing must be one of {ROUTING_POLICIES}, got {_show(routing)}")
     model = doc.get("model", "Llama-3-8B")
     if not isinstance(model, str) or not model:
-        raise ValueError(f"{where}: model must be a preset name or a config.json path, got {model!r}")
+        raise ValueError(f"{where}: model must be a preset name or a config.json path, got {_show(model)}")
     qp = doc.get("quant_policy", 0)
     if not _one_of(qp, QUANT_POLICIES) or isinstance(qp, bool):
-        raise ValueError(f"{where}: quant_policy must be one of {QUANT_POLICIES}, got {qp!r}")
+        raise ValueError(f"{where}: quant_policy must be one of {QUANT_POLICIES}, got {_show(qp)}")
     fmt = doc.get("host_kv_format", "same")
     if not _one_of(fmt, HOST_KV_FORMATS):
-        raise ValueError(f"{where}: host_kv_format must be one of {HOST_KV_FORMATS}, got {fmt!r}")
+        raise ValueError(f"{where}: host_kv_format must be one of {HOST_KV_FORMATS}, got {_show(fmt)}")
     tp = doc.get("tp", 1)
     if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
-        raise ValueError(f"{where}: tp must be a positive int, got {tp!r}")
+        raise ValueError(f"{where}: tp must be a positive int, got {_show(tp)}")
     policy = doc.get("host_policy", DEFAULT_POLICY)
     if not _one_of(policy, POLICIES):
-        raise ValueError(f"{where}: host_policy must be one of {sorted(POLICIES)}, got {policy!r}")
+        raise ValueError(f"{where}: host_policy must be one of {sorted(POLICIES)}, got {_show(policy)}")
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{where}: seed must be an int, got {seed!r}")
+        raise ValueError(f"{where}: seed must be an int, got {_show(seed)}")
     min_restore = doc.get("min_restore_tokens", SERVER_MIN_RESTORE_TOKENS)
     if isinstance(min_restore, bool) or not isinstance(min_restore, int) or min_restore < 0:
         raise ValueError(f"{where}: min_restore_tokens must be an int >= 0 (the planner does not model "
-                         f"`auto`), got {repr(min_restore)[:80]}")
+                         f"`auto`), got {_show(min_restore)}")
     nodes_doc = doc.get("nodes")
     if not isinstance(nodes_doc, list) or not nodes_doc:
         raise ValueError(f"{where}: nodes must be a non-empty list of {{name, gpu_kv_gb, host_gb}}")
@@ -151,14 +152,14 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
                 raise ValueError(f"{w}: missing field {k!r}")
         name = n["name"]
         if not isinstance(name, (str, int)) or isinstance(name, bool) or str(name) == "":
-            raise ValueError(f"{w}.name must be a non-empty string, got {name!r}")
+            raise ValueError(f"{w}.name must be a non-empty string, got {_show(name)}")
         name = str(name)
         if name in names:
-            raise ValueError(f"{w}.name {name!r} is used by another node")
+            raise ValueError(f"{w}.name {_show(name)} is used by another node")
         names.add(name)
         gpu = _number(n["gpu_kv_gb"], f"{w}.gpu_kv_gb")
         if gpu <= 0:
-            raise ValueError(f"{w}.gpu_kv_gb must be > 0 (a node needs a GPU KV cache), got {gpu!r}")
+            raise ValueError(f"{w}.gpu_kv_gb must be > 0 (a node needs a GPU KV cache), got {_show(gpu)}")
         nodes.append(NodeSpec(name, gpu, _number(n["host_gb"], f"{w}.host_gb")))
     spec = ClusterSpec(tuple(nodes), routing, model, qp, fmt, tp, policy, seed, min_restore)
     try:
@@ -212,7 +213,7 @@ class Router:
 
     def __init__(self, policy: str, caches: Sequence[TwoTierCache], seed: int = 0) -> None:
         if policy not in ROUTING_POLICIES:
-            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {policy!r}")
+            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {_show(policy)}")
         self.policy = policy
         self.caches = caches
         self.rng = random.Random(seed)

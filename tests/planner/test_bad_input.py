@@ -293,3 +293,27 @@ def test_folders_skip_empty_files_and_files_are_read_once(capsys, tmp_path):
     assert once["requests"] == twice["requests"] == 3 and once["hit_rate"] == twice["hit_rate"]
     rc, _, err = _run(capsys, [str(cap / "capture.jsonl"), "--quiet"])
     assert rc == 2 and "empty trace file" in err           # an empty file given by name is still refused
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A YAML flow list of 10**levels leaves in a few hundred bytes (anchors re-used ten times per level)."""
+    text = "&l0 [x,x,x,x,x,x,x,x,x,x]"
+    for i in range(1, levels):
+        text = f"&l{i} [{text}" + f",*l{i - 1}" * 9 + "]"
+    return text
+
+
+@pytest.mark.parametrize("field", ["name", "host_gb", "routing", "min_restore_tokens"])
+def test_cluster_file_alias_bomb_is_refused_in_one_short_line(tmp_path, capsys, field):
+    bomb = _alias_bomb()
+    node = {"name": "a", "gpu_kv_gb": "1", "host_gb": "1"}
+    top = {"routing": "session"}
+    (node if field in node else top)[field] = bomb
+    nodes = ", ".join(f"{k}: {v}" for k, v in node.items())
+    extra = "".join(f"{k}: {v}\n" for k, v in top.items())
+    p = tmp_path / "c.yaml"
+    p.write_text(f"{extra}nodes:\n  - {{{nodes}}}\n")
+    peak = _peak_bytes(lambda: _run(capsys, ["--cluster", str(p), "--limit", "1", "--quiet"]))
+    rc, _, err = _run(capsys, ["--cluster", str(p), "--limit", "1", "--quiet"])
+    assert rc == 2 and err.startswith(f"error: {p}") and field in err and len(err) < 4000, err
+    assert peak < 64 * 2**20, peak         # the error never builds the expanded value's text
