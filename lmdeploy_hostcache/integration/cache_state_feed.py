@@ -12,8 +12,10 @@ engine's scheduler-side connector (``HostTierScheduler``):
   most every ``gpu_refresh_s`` seconds and publishes the difference, which corrects anything the
   events missed (a running request's blocks, a cleared trie).  Each node's chained digest is the
   connector's own ``node_digest`` (memoised on the trie nodes), so the ids equal the host tier's
-  for the same tokens; the tiers are exclusive, so a block moving between them leaves one tier's
-  view and enters the other's;
+  for the same tokens.  The two views may overlap: a restore kept in its host slot
+  (``keep_restored_blocks``, default on) fires no listener, so it stays published in the host
+  tier while the GPU tier publishes it too; with ``keep_restored_blocks: false`` a restored
+  block leaves the index and is withdrawn from the host view;
 * capacities (GPU blocks, host slots, block size), the base model's namespace (root, seed; the
   tenant salt never leaves the process) and its fingerprint (model identity, KV format, TP).
   Only the base model's namespace is published (LoRA adapters' blocks are not; nor are GPU

@@ -3,18 +3,21 @@
 ``activate.py`` rebinds ``SubCliServe.add_parser_api_server`` and ``SubCliServe.api_server``
 with the wrappers built here (it is the only module that rebinds LMDeploy functions):
 
-- the parser wrapper adds both flags to the "PyTorch engine arguments" group;
+- the parser wrapper adds the three flags to the "PyTorch engine arguments" group;
 - the command wrapper turns them into ``args.kv_transfer_config`` before LMDeploy reads
   it, refusing a ``--kv-transfer-config`` that names another connector.
 
 Invariants:
-- With neither flag given, ``args`` is untouched and LMDeploy behaves as stock; with
+- With none of the three flags given, ``args`` is untouched and LMDeploy behaves as stock;
+  ``--host-cache-capture`` alone is refused (it needs ``--host-cache-gb`` or
+  ``--host-cache-config``; the refusal wrapper of an unsupported LMDeploy ignores it); with
   ``host_cache_gb`` 0 (flag or file) the tier is off: ``args`` is untouched too, one log line
   says so, and nothing is refused.
-- Every refusal on this path (bad config file or value, ``--backend turbomind``, a
-  conflicting ``--kv-transfer-config``, no ``--enable-prefix-caching``, an unsupported
-  LMDeploy) is one ``lmdeploy serve api_server: error: ...`` line on stderr and exit code 2,
-  like an argparse error, before any engine starts: never a traceback.
+- Every refusal on this path (bad config file or value, ``--host-cache-capture`` alone,
+  ``--backend turbomind``, a conflicting ``--kv-transfer-config``, no
+  ``--enable-prefix-caching``, an unsupported LMDeploy) is one
+  ``lmdeploy serve api_server: error: ...`` line on stderr and exit code 2, like an argparse
+  error, before any engine starts: never a traceback.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ _gb_value.__name__ = "float|auto"  # how LMDeploy's help formatter prints the ty
 
 
 def add_host_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add both flags to ``parser``'s PyTorch engine group (or to the parser if it has none)."""
+    """Add the three flags to ``parser``'s PyTorch engine group (or to the parser if it has none)."""
     if any("--host-cache-gb" in a.option_strings for a in parser._actions):
         return  # idempotent
     group = next((g for g in parser._action_groups if g.title == PYTORCH_GROUP_TITLE), parser)

@@ -6,8 +6,9 @@ separate engine process, because ``ScheduleMetrics`` is pickled across):
     scheduler connector .metrics (HostTierMetrics)
       -> Engine.get_schedule_metrics(): ScheduleMetrics.host_tier = snapshot()
       -> SchedulerStats.update_from_schedule_metrics(): stats.host_tier
-      -> LoggingStatLogger.log(): one extra "host-tier: ..." line after LMDeploy's own
-         (and an "l3-tier: ..." line when the snapshot carries the store tier's ``l3_`` keys)
+      -> LoggingStatLogger.log(): one extra "[DPn host-tier] ..." line after LMDeploy's own
+         (``format_log_line``; and an "[DPn l3-tier] ..." line when the snapshot carries the
+         store tier's ``l3_`` keys)
       -> PrometheusStatLogger.record_schedule(): HostTierCollector (lmdeploy:host_cache_*,
          and lmdeploy:l3_cache_* for the store tier)
 
@@ -97,7 +98,8 @@ def host_tier_snapshot(connector: Any) -> dict[str, float] | None:
 
 
 def format_log_line(s: Mapping[str, float], dp_rank: int | None = None) -> str:
-    """The stats-log line (same fields as ``HostTierMetrics.log_line``) from a snapshot dict."""
+    """The stats-log line ``[DPn host-tier] ...`` from a snapshot dict: ``HostTierMetrics.log_line``'s
+    fields plus ``hit_tokens=`` and the restore latency's ``max=``."""
     lookup_blocks = s.get("lookup_blocks", 0)
     hit = s.get("hit_blocks", 0) / lookup_blocks if lookup_blocks else 0.0
     where = f"DP{dp_rank} " if dp_rank is not None else ""

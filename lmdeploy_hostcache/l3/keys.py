@@ -6,9 +6,11 @@ A key is ``lhc1/<space>/<digest>``:
   covers the whole prefix up to the end of the block and the ``Namespace`` (model, adapter,
   KV format, block size, tenant salt) through its root and seed;
 * ``<space>``: 32 hex digits of xxh3-128 over the length-prefixed ``Namespace`` fields again
-  *plus* the TP size, this rank's index, the KV-head shard it holds (first head, head count),
-  the bytes per block object and the weights (``weights``: ``l3.weights_id``, or a fingerprint
-  of the checkpoint's files, ``l3/weights.py``). A TP1 and a TP2 node, an int4 and an fp16 node,
+  *plus* the TP size, this rank's index, the KV-head shard when the caller states it
+  (``head_start``, ``head_count``; the engine, ``integration/l3_tier.py``, leaves both 0: under
+  LMDeploy's even split the shard follows from TP size and rank), the bytes per block object and
+  the weights (``weights``: ``l3.weights_id``, or a fingerprint of the checkpoint's files,
+  ``l3/weights.py``). A TP1 and a TP2 node, an int4 and an fp16 node,
   two tenant salts, or two fine-tunes mounted at the same path therefore never share a key, even
   if their digests were equal.
 

@@ -1,8 +1,8 @@
 """The routing cost model: expected prefill work of a request on a node, in prefill-token units.
 
 For a prompt of ``P`` tokens whose first ``g`` blocks are in the node's GPU tier and the next
-``h`` blocks in its host tier (block size ``B``; the tiers are exclusive, so the two matches
-are disjoint and add up)::
+``h`` blocks in its host tier (block size ``B``; the host run starts where the GPU run ends,
+so the two matches are disjoint and add up, even for a block published in both tiers)::
 
     cost = (P - g*B - h*B)            # tokens the node must prefill
          + host_weight * h*B          # restoring h blocks, priced relative to prefilling them

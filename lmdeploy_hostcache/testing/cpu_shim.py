@@ -24,7 +24,8 @@ Invariants: nothing happens on import; ``install()`` is idempotent and irreversi
 the process, refuses on a machine with a real CUDA device, and refuses when LMDeploy's
 Triton kernels were already imported without the interpreter (they would be compiled
 for a GPU). Importing ``lmdeploy_hostcache`` or ``lmdeploy`` never installs it
-(tests/e2e/test_cpu_shim.py). Production code must never import this module.
+(``tests/e2e/test_testing_helpers.py::test_importing_package_and_lmdeploy_does_not_install_the_shim``).
+Production code must never import this module.
 """
 from __future__ import annotations
 

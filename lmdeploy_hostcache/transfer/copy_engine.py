@@ -11,8 +11,10 @@ One interface, two implementations:
   complete before loads that reuse the same pages, and ops complete in
   submission order.  Staging and index tensors stay referenced until the op's
   event has completed; completion is found by polling the event.
-* :class:`CpuCopyEngine` - same contract, executed synchronously inside
-  ``submit`` (demotions first), results handed out by ``poll``.
+* :class:`CpuCopyEngine` - same contract, timed like a copy stream: ``submit``
+  only gathers the demoted blocks; the rest of the op (demoted bytes into their
+  slots, then the loads into their pages) lands when ``poll`` reports the op or,
+  if sooner, when a later op is submitted.
 
 Kernel warm-up: a :class:`CudaCopyEngine` on the Triton backend compiles its gather and
 scatter kernels when it is built (``kernels.warm_up``: nothing read or written), so the
