@@ -5,7 +5,7 @@
 one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes to (``writes`` counts
 the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
-2, ... , the first free one) and a new ``path`` is started, so every file ``plan`` reads holds whole
+2, ... , the first free one, claimed atomically) and a new ``path`` is started, so every file ``plan`` reads holds whole
 records.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
 made with another key) is set aside the same way, never appended to; a folder there is never
 renamed (opening it fails, logged once).  Invariants: ``open``
@@ -72,12 +72,20 @@ class RotatingWriter:
         self._size = os.fstat(self._fd).st_size
 
     def _set_aside(self) -> None:
+        """Rename the file to the first free ``<stem>.<n><suffix>``, never over an existing one: the new name
+        is claimed by a hard link, which fails if the name exists (another writer may set aside a file of
+        the same stem at the same moment), and only then is the old name removed."""
         suffix = self.path.suffix or ".jsonl"
         stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
         n = 1
-        while (self.path.parent / f"{stem}.{n}{suffix}").exists():
-            n += 1
-        os.rename(self.path, self.path.parent / f"{stem}.{n}{suffix}")
+        while True:
+            target = self.path.parent / f"{stem}.{n}{suffix}"
+            try:
+                os.link(self.path, target)
+                break
+            except FileExistsError:
+                n += 1
+        os.unlink(self.path)
 
     def _rotate(self) -> None:
         self._close()

@@ -431,10 +431,12 @@ def _patch_executor_base(mod) -> None:
             dp = dp if isinstance(dp, int) and not isinstance(dp, bool) and dp > 1 else 1
             blocks, slot_bytes, reason = size_host_cache(extra, list(slots.slot_bytes), data_parallel=dp)
             # each DP engine's workers contribute 1/dp of the store's segment (l3_tier.WorkerL3)
-            if dp > 1:
+            if dp > 1:   # each DP engine also captures to its own file (trace_capture.data_parallel_path)
                 extra["data_parallel"] = dp
+                extra["dp_rank"] = int(getattr(self.dist_config, "dp_rank", 0))
             else:
                 extra.pop("data_parallel", None)
+                extra.pop("dp_rank", None)
             if blocks <= 0:
                 raise UnsupportedConfiguration([f"the host tier would get 0 slots: {reason} Give it more "
                                                 "memory (host_cache_gb) or run without --host-cache-gb"])

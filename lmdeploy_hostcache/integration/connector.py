@@ -284,7 +284,8 @@ class HostTierScheduler:
         self._invalid: set[int] = set()
         self.feed = None  # cache_state_feed.NodeCacheFeed when LMDEPLOY_HOSTCACHE_FEED_ADDR is set
         # trace_capture.TraceCapture when the `capture` setting names a file (never raises into LMDeploy)
-        self.capture = capture_from_config(self.hostcache, self.block_size, self.namespaces)
+        self.capture = capture_from_config(self.hostcache, self.block_size, self.namespaces,
+                                           dp_rank=extra.get("dp_rank"))
         self.l3 = None
         if self.hostcache.l3 is not None:  # the shared store tier under the host tier (l3_tier.py)
             from .l3_tier import SchedulerL3

@@ -175,6 +175,9 @@ RELIED_TARGETS: dict[str, str] = {
     # a request that asks for its routed experts is never restored from host (connector lookup)
     "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
         "sampling_param.return_routed_experts: the request wants per-token routed experts back",
+    # data-parallel engines share the node's host memory and capture to one file each (activate.py)
+    "lmdeploy.pytorch.config:DistConfig":
+        "dp: the number of data-parallel engines; dp_rank: this engine's rank (0 <= dp_rank < dp)",
 }
 
 # sha256 of the target's source (inspect.getsource form) in LMDeploy 0.18.0. FILE_PINS below
@@ -294,6 +297,8 @@ PINS: dict[str, str] = {
         "a8e7c2d94173a649971fd8f7c37e12c8d575907891ffc0de2a9a7c5bc2c0f4f5",
     "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
         "f54755b2ca6335dda3cb4961d259c9a4aff24f63643bd0c8c6badb50129a0a49",
+    "lmdeploy.pytorch.config:DistConfig":
+        "7b2cb85ccd4e2cc0c38c170c57246b7a957a00331386bee9b59199fb1bf867bb",
 }
 FILE_PINS: dict[str, str] = {
     "lmdeploy.pytorch.kv_connector.factory":
@@ -314,6 +319,8 @@ FILE_PINS: dict[str, str] = {
         "253175aebf0bd6f8aeefeed872bdfb0882fbe5553f7193e1d1f3fdd07dd85dd2",
     "lmdeploy.pytorch.messages":
         "663c32417be853455805c3e2f7960af479c857b00b4f4e0a0e0f8017e6b43c54",
+    "lmdeploy.pytorch.config":
+        "131bb0c0d03fa2c9504b1768c91c0febfe128d7a163799df8cbdde63915518a9",
     "lmdeploy.serve.utils.server_utils":
         "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
     "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper":

@@ -67,6 +67,7 @@ import subprocess
 import sys
 import time
 import weakref
+from pathlib import Path
 from time import perf_counter
 from typing import Callable
 
@@ -259,6 +260,7 @@ class TraceCapture:
 
     def _flush(self) -> None:
         queue, self._queue = self._queue, []
+        queue.sort(key=_arrival_of)     # a batch's lines in arrival order, not in the order requests ended
         self.flushes += 1
         if self.offload:
             self._offload(queue)
@@ -507,18 +509,33 @@ def _token_bytes(arrays) -> bytes:
     return _token_array(arrays).tobytes()
 
 
+def _arrival_of(snap) -> float:
+    return snap[0]
+
+
 def _flush_at_exit(ref) -> None:
     capture = ref()
     if capture is not None:
         capture.close()
 
 
-def capture_from_config(hostcache, block_size: int, namespaces) -> TraceCapture | None:
+def data_parallel_path(path: str, dp_rank: int) -> str:
+    """The capture file of data-parallel engine ``dp_rank``: ``cap.jsonl`` -> ``cap.dp1.jsonl`` (each engine
+    writes, rotates and sets aside its own file; its rotated files are ``cap.dp1.<n>.jsonl``)."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.dp{int(dp_rank)}{p.suffix}"))
+
+
+def capture_from_config(hostcache, block_size: int, namespaces, dp_rank: int | None = None) -> TraceCapture | None:
     """A ``TraceCapture`` when the ``capture`` setting names a file, else None.  A bad shared key
-    (``LMDEPLOY_HOSTCACHE_CAPTURE_KEY``) is logged and capture stays off: serving never stops."""
+    (``LMDEPLOY_HOSTCACHE_CAPTURE_KEY``) is logged and capture stays off: serving never stops.
+    ``dp_rank``: this engine's rank when LMDeploy runs several data-parallel engines with the same
+    settings; each then captures to its own file (``data_parallel_path``), never to a shared one."""
     path = getattr(hostcache, "capture", "") or ""
     if not path:
         return None
+    if dp_rank is not None:
+        path = data_parallel_path(path, dp_rank)
     try:
         return TraceCapture(path, int(float(getattr(hostcache, "capture_max_mb", 256)) * 2**20), block_size,
                             namespaces, offload=bool(getattr(hostcache, "capture_offload", True)))

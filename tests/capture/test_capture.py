@@ -130,6 +130,22 @@ def test_an_earlier_capture_is_set_aside_not_appended_to(tmp_path):
     assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "old"
 
 
+def test_setting_aside_never_replaces_a_file_that_appeared_meanwhile(tmp_path, monkeypatch):
+    """Another writer of the same stem (an engine restarting beside a running one) may take a rotated name
+    between a check and a rename: the name is claimed atomically, so no file is ever replaced."""
+    from pathlib import Path
+
+    (tmp_path / "c.1.jsonl").write_text("theirs\n")
+    (tmp_path / "c.jsonl").write_text("mine\n")
+    monkeypatch.setattr(Path, "exists", lambda self: False)   # every check races with the other writer
+    w = RotatingWriter(tmp_path / "c.jsonl", 1 << 20)
+    assert w.write("new\n")
+    w.close()
+    assert (tmp_path / "c.1.jsonl").read_text() == "theirs\n"
+    assert (tmp_path / "c.2.jsonl").read_text() == "mine\n"
+    assert (tmp_path / "c.jsonl").read_text() == "new\n"
+
+
 def test_a_folder_at_the_capture_path_is_never_renamed(tmp_path, caplog):
     folder = tmp_path / "cap.jsonl"
     folder.mkdir()

@@ -252,3 +252,25 @@ def test_hooks_after_close_do_nothing(tmp_path):
             os.close(fd)
     assert all(os.path.getsize(tmp_path / f"other{i}") == 0 for i in range(4))
     assert cap.records == 0 and not cap._queue
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_batch_is_written_in_arrival_order_not_in_the_order_requests_ended(tmp_path, offload):
+    """The order requests end in is their latency rank, which a capture does not reveal (docs/planner.md)."""
+    import itertools
+    import json
+
+    from lmdeploy_hostcache.integration.trace_capture import TraceCapture
+
+    ns = Namespace(model="m", block_size=BS)
+    clock = itertools.count(1000)
+    cap = TraceCapture(str(tmp_path / "c.jsonl"), 1 << 20, BS, types.SimpleNamespace(for_adapter=lambda name: ns),
+                       key=CaptureKey(b"\x07" * 16), clock=lambda: float(next(clock)), offload=offload)
+    seqs = [_seq(i, np.arange(i * 100, i * 100 + 40)) for i in range(4)]
+    for s in seqs:
+        cap.on_new_request(s)
+    for i in (2, 0, 3, 1):
+        cap.on_request_finished(seqs[i])
+    cap.close()
+    stamps = [json.loads(line)["timestamp"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert stamps == sorted(stamps) and len(stamps) == 4

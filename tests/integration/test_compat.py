@@ -225,6 +225,31 @@ def test_each_data_parallel_engine_takes_its_share_of_the_node(active):
     assert blocks[1] == (1 << 30) // mib and blocks[2] == (1 << 29) // (2 * mib)
 
 
+def test_each_data_parallel_engine_captures_to_its_own_file(active, tmp_path):
+    """Every DP engine gets the same capture setting: each writes its own file (one shared file mixed two
+    keys, which plan refuses, and two writers rotated and truncated each other's lines)."""
+    from lmdeploy.pytorch.engine.executor.base import ExecutorBase, _WorkerCachePlanSizes
+
+    from lmdeploy_hostcache.integration.connector import HostTierScheduler
+
+    model = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.bfloat16)
+    paths = []
+    for dp, rank in ((1, 0), (2, 0), (2, 1)):
+        cfg = _cache_config()
+        extra = cfg.kv_transfer_config.kv_connector_extra_config
+        extra["model_identity"] = "test-model"
+        extra["hostcache_config"] = {**extra["hostcache_config"], "capture": str(tmp_path / "cap.jsonl"),
+                                     "capture_offload": False}
+        ex = ExecutorBase("/models/x", model, cfg, backend_config=SimpleNamespace(),
+                          dist_config=DistConfig(dp=dp, tp=dp, dp_rank=rank),
+                          misc_config=SimpleNamespace(memdecode_config=None))
+        ex._update_num_gpu_blocks([8 << 30] * dp, [_WorkerCachePlanSizes(target=1 << 20, spec=0)] * dp, None)
+        sched = HostTierScheduler(cfg, tp_size=1)
+        paths.append(sched.capture.writer.path.name)
+        sched.capture.close()
+    assert paths == ["cap.jsonl", "cap.dp0.jsonl", "cap.dp1.jsonl"]
+
+
 def test_executor_logs_the_tier_active_line(active, monkeypatch):
     """README "Is the tier on?": the INFO line the executor logs once the host tier is sized."""
     import lmdeploy.utils
