@@ -43,14 +43,25 @@ def _csv_floats(text: str) -> list[float]:
     return vals
 
 
-def _nonneg_int(text: str) -> int:
+MAX_STEP_MODEL_CHUNKS = 100_000        # prefill chunks of one prompt in --engine-steps
+MAX_STEP_MODEL_OUTPUT_TOKENS = 1_000_000   # output tokens of one request in --engine-steps
+MAX_INT_ARG = 2**48          # a block count, token count or size beyond any real node or trace
+MIN_RATE, MAX_RATE = 1e-9, 1e18   # rates and times: outside, the estimates overflow to inf / NaN
+
+
+def _bounded_int(text: str, minimum: int) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+        v = None
+    if v is None or not minimum <= v <= MAX_INT_ARG:
+        shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+        raise argparse.ArgumentTypeError(f"expected an int in [{minimum}, 2**48], got {shown!r}")
     return v
+
+
+def _nonneg_int(text: str) -> int:
+    return _bounded_int(text, 0)
 
 
 def plot_path_arg(text: str) -> str:
@@ -65,22 +76,16 @@ def plot_path_arg(text: str) -> str:
 
 
 def positive_int_arg(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected an int > 0, got {text!r}")
-    return v
+    return _bounded_int(text, 1)
 
 
 def _pos_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        v = None
+    if v is None or not MIN_RATE <= v <= MAX_RATE:
+        raise argparse.ArgumentTypeError(f"expected a number in [{MIN_RATE:g}, {MAX_RATE:g}], got {text[:40]!r}")
     return v
 
 
@@ -137,9 +142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "documents=500, zipf=1.1, order=cycle, block_size=128; a bad field is named with the "
                           "family's fields")
     src.add_argument("--chat", action="store_true", help="short for --generate chat")
-    src.add_argument("--chat-sessions", type=int, default=None, metavar="N",
+    src.add_argument("--chat-sessions", type=positive_int_arg, default=None, metavar="N",
                      help="chat generator sessions (default 300; short for --workload-param sessions=N)")
-    src.add_argument("--chat-block-size", type=int, default=None, metavar="N",
+    src.add_argument("--chat-block-size", type=positive_int_arg, default=None, metavar="N",
                      help="chat generator block size in tokens (default 64, LMDeploy's default; short for "
                           "--workload-param block_size=N)")
     src.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
@@ -152,7 +157,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--quant-policy", action=_Explicit, type=int, choices=(0, 4, 8), default=0, help="GPU KV cache quant_policy")
     m.add_argument("--host-kv-format", action=_Explicit, choices=("same", "int8", "int4"), default="same",
                    help="host storage format; int8/int4 compress fp16/bf16 caches on offload (default same)")
-    m.add_argument("--tp", action=_Explicit, type=int, default=1, help="tensor-parallel ranks (per-rank bytes divide kv_heads)")
+    m.add_argument("--tp", action=_Explicit, type=positive_int_arg, default=1, help="tensor-parallel ranks (per-rank bytes divide kv_heads)")
 
     c = p.add_argument_group("capacities")
     c.add_argument("--gpu-kv-gb", action=_Explicit, type=_nonneg_float, default=DEFAULT_GPU_KV_GB, metavar="GIB",
@@ -320,7 +325,7 @@ def _run(args) -> int:
     from .cost import CostModel
     from .geometry import BlockSizing, CacheFormat, resolve_model
     from .replay import distinct_blocks, prepare_trace
-    from .traces import MAX_PLAUSIBLE_INPUT_TOKENS, trace_warnings
+    from .traces import trace_warnings
 
     if args.policy not in POLICIES:
         raise PlanError(f"--policy {args.policy!r} is not one of {sorted(POLICIES)}")
@@ -333,6 +338,16 @@ def _run(args) -> int:
         if clash:
             raise PlanError(f"--cluster {args.cluster} sets the model, format, policy and node sizes itself and has "
                             f"no sweep: drop {', '.join(clash)} (or drop --cluster)")
+        unused = [opt for opt, given in (("--engine-steps", args.engine_steps), ("--no-concurrency", args.no_concurrency),
+                                         ("--decode-tokens-per-s", args.decode_tokens_per_s is not None),
+                                         ("--host-write-s", args.host_write_s != 0.0)) if given]
+        if unused:
+            raise PlanError(f"--cluster replays each request at once, without request lifetimes: drop "
+                            f"{', '.join(unused)} (they set the single-node concurrency replay)")
+    sweep_only = [opt for dest, opt in (getattr(args, "explicit_options", None) or {}).items()
+                  if dest in ("sweep_tier", "sweep_values", "plot")]
+    if sweep_only and not args.sweep:
+        raise PlanError(f"{', '.join(sweep_only)} set the capacity sweep: add --sweep")
     step_opts = [opt for opt, v in (("--max-batches", args.max_batches), ("--prefill-interval", args.prefill_interval),
                                     ("--max-prefill-tokens", args.max_prefill_tokens),
                                     ("--short-prefill-turns", args.short_prefill_turns),
@@ -363,12 +378,7 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     trace = load_trace(args)
     if steps is not None:
-        absurd = next((i for i, r in enumerate(trace.requests) if r.input_length > MAX_PLAUSIBLE_INPUT_TOKENS), None)
-        if absurd is not None:   # chunked in max_prefill_tokens steps, one such prompt runs for ages
-            raise PlanError(f"--engine-steps: request {absurd} of {trace.name} has input_length "
-                            f"{trace.requests[absurd].input_length:,}, above {MAX_PLAUSIBLE_INPUT_TOKENS:,} tokens (no "
-                            "real prompt is that long); the step model would prefill it chunk by chunk: drop "
-                            "--engine-steps or fix the trace")
+        check_step_model_work(trace, steps)
     warnings = trace_warnings(trace)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -485,6 +495,26 @@ def _run(args) -> int:
     print(f"replay: {st.requests:,} requests in {st.elapsed_s:.2f} s{conc_time} (+{t_load:.2f} s to read and "
           f"digest the trace), measured on this machine")
     return 0
+
+
+def check_step_model_work(trace, steps) -> None:
+    """Refuse a trace the step model would take ages on: it decides every step, a prompt's prefill takes one
+    step per ``max_prefill_tokens`` chunk and a request one step per output token, redone after each
+    preemption; a request past these bounds is no real request."""
+    from .traces import MAX_PLAUSIBLE_INPUT_TOKENS
+
+    for i, r in enumerate(trace.requests):
+        chunks = -(-r.input_length // steps.max_prefill_tokens)
+        if r.input_length > MAX_PLAUSIBLE_INPUT_TOKENS or chunks > MAX_STEP_MODEL_CHUNKS:
+            raise PlanError(f"--engine-steps: request {i} of {trace.name} has input_length {r.input_length:,}: "
+                            f"{chunks:,} prefill chunks of --max-prefill-tokens {steps.max_prefill_tokens:,} (at most "
+                            f"{MAX_STEP_MODEL_CHUNKS:,}; and no real prompt is above {MAX_PLAUSIBLE_INPUT_TOKENS:,} "
+                            "tokens); the step model would prefill it chunk by chunk: drop --engine-steps, raise "
+                            "--max-prefill-tokens or fix the trace")
+        if r.output_length > MAX_STEP_MODEL_OUTPUT_TOKENS:
+            raise PlanError(f"--engine-steps: request {i} of {trace.name} has output_length {r.output_length:,}, above "
+                            f"{MAX_STEP_MODEL_OUTPUT_TOKENS:,}: the step model decodes it a step per token (again after "
+                            "each preemption): drop --engine-steps or fix the trace")
 
 
 def chunked_prefill_notes(trace, steps) -> list[str]:

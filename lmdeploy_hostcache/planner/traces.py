@@ -79,6 +79,8 @@ class Trace:
     # Fingerprint of the capture key when the block ids are keyed hashes (captured files): their
     # order inside a request carries no meaning, so ``trace_warnings`` does not check it.
     capture_key: str = ""
+    # what the readers skipped, one sentence each (``trace_warnings`` reports them)
+    read_warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -168,12 +170,17 @@ MAX_TIME_VALUE = 1e300   # a time field above this is no time (and a larger int 
 MAX_OUTPUT_TOKENS = 10_000_000   # no model generates this many tokens for one request
 
 
-def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
+MAX_TRACE_INT = 2**40   # a length or block size above this is no request (and its GiB would overflow a float)
+
+
+def _int_field(obj: dict, key: str, where: str, minimum: int = 0, bounded: bool = True) -> int:
+    """An int field >= ``minimum`` and (``bounded``) at most ``MAX_TRACE_INT``."""
     if key not in obj:
         raise ValueError(f"{where}: missing field {key!r}")
     v = obj[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{where}: field {key!r} must be an int >= {minimum}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum or bounded and v > MAX_TRACE_INT:
+        shown = f"an int of {v.bit_length()} bits" if isinstance(v, int) and v.bit_length() > 64 else repr(v)[:80]
+        raise ValueError(f"{where}: field {key!r} must be an int in [{minimum}, 2**40], got {shown}")
     return v
 
 
@@ -229,7 +236,7 @@ def _hash_ids(obj: dict, where: str) -> tuple[int, ...]:
 
 
 def _output_length(obj: dict, key: str, where: str) -> int:
-    n = _int_field(obj, key, where) if key in obj else 0
+    n = _int_field(obj, key, where, bounded=False) if key in obj else 0
     if n > MAX_OUTPUT_TOKENS:
         raise ValueError(f"{where}: field {key!r} is {n:,} tokens; no model generates more than "
                          f"{MAX_OUTPUT_TOKENS:,} for one request")
@@ -300,17 +307,27 @@ def read_mooncake(path: str | os.PathLike, block_size: int | None = None,
     reqs: list[Request] = []
     bad_time = _NonFinite("timestamp")
     meta = _MooncakeFile(path, block_size)
+    skipped: list[str] = []
     try:
         with _open_bytes(path) as fh:
             for lineno, raw in enumerate(fh, 1):
                 where = f"{path}:{lineno}"
-                _mooncake_line(_text(raw, where, whole_file=False), where, meta, reqs, bad_time)
+                try:
+                    _mooncake_line(_text(raw, where, whole_file=False), where, meta, reqs, bad_time)
+                except ValueError as exc:
+                    if raw.endswith(b"\n"):
+                        raise
+                    # the last line, unterminated: a record cut by a crash or still being written (every
+                    # record ends in a newline), skipped and reported
+                    skipped.append(f"{where}: the last line has no newline and is not a whole record ({exc}); "
+                                   "skipped (a write cut short, or one still in progress)")
     except READ_ERRORS as exc:
         raise _read_error(path, exc) from None
     bad_time.check(path)
     reqs.sort(key=lambda r: r.timestamp)
     bs = meta.block_size or block_size or MOONCAKE_BLOCK_SIZE
-    return Trace(name or Path(path).name, bs, reqs, source=str(path), capture_key=meta.capture or "")
+    return Trace(name or Path(path).name, bs, reqs, source=str(path), capture_key=meta.capture or "",
+                 read_warnings=skipped)
 
 
 def read_mooncake_files(paths: Sequence[str | os.PathLike], block_size: int | None = None,
@@ -338,7 +355,8 @@ def read_mooncake_files(paths: Sequence[str | os.PathLike], block_size: int | No
             raise ValueError(f"{p}: field 'block_size' is {t.block_size} but {paths[0]} states {first.block_size}")
     reqs = sorted((r for t in traces for r in t.requests), key=lambda r: r.timestamp)
     label = name or f"{len(paths)} captured files"
-    return Trace(label, first.block_size, reqs, source=", ".join(map(str, paths)), capture_key=first.capture_key)
+    return Trace(label, first.block_size, reqs, source=", ".join(map(str, paths)), capture_key=first.capture_key,
+                 read_warnings=[w for t in traces for w in t.read_warnings])
 
 
 def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Request], bad_time: _NonFinite) -> None:
@@ -496,6 +514,11 @@ def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_s
             found = [f for f in found if not (f.is_file() and f.stat().st_size == 0)]
             if not found:
                 raise ValueError(f"trace folder {tp} holds only empty files")
+            names = {f.name for f in found}
+            twice = next((f for f in found if f.name.endswith(".gz") and f.name[:-3] in names), None)
+            if twice is not None:   # gzip -k leaves both: every request would count twice
+                raise ValueError(f"trace folder {tp} holds {twice.name[:-3]} and {twice.name}, the same file plain "
+                                 "and compressed: keep one of them")
         elif tp.exists():
             found = [tp]
         else:
@@ -555,7 +578,7 @@ def trace_warnings(trace: Trace) -> list[str]:
             uncovered += 1
             first_uncovered = i if first_uncovered is None else first_uncovered
     n = len(trace.requests)
-    out = []
+    out = list(trace.read_warnings)
     if unordered:
         out.append(f"trace {trace.name}: {unordered:,} of {n:,} requests list block ids out of order (an id not "
                    f"above the one before it; first: request {first_unordered}): prefix-chained ids increase, "

@@ -317,3 +317,56 @@ def test_cluster_file_alias_bomb_is_refused_in_one_short_line(tmp_path, capsys, 
     rc, _, err = _run(capsys, ["--cluster", str(p), "--limit", "1", "--quiet"])
     assert rc == 2 and err.startswith(f"error: {p}") and field in err and len(err) < 4000, err
     assert peak < 64 * 2**20, peak         # the error never builds the expanded value's text
+
+
+# -- hardening found by an audit (stop 35): huge numbers, options that would be ignored, step-model work --
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--gpu-blocks", "9" * 400], "argument --gpu-blocks: expected an int in [0, 2**48]"),
+    (["--host-blocks", str(2**49)], "argument --host-blocks: expected an int in [0, 2**48]"),
+    (["--chat-block-size", "9" * 50], "argument --chat-block-size: expected an int in [1, 2**48]"),
+    (["--prefill-tokens-per-s", "1e-320"], "argument --prefill-tokens-per-s: expected a number in [1e-09, 1e+18]"),
+    (["--h2d-gbps", "1e300"], "argument --h2d-gbps: expected a number in [1e-09, 1e+18]"),
+    (["--tp", "0"], "argument --tp: expected an int in [1, 2**48]"),
+])
+def test_numbers_beyond_any_node_are_refused_by_the_option(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", *CHAT, *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--engine-steps"], "--cluster replays each request at once, without request lifetimes: drop --engine-steps"),
+    (["--decode-tokens-per-s", "10", "--host-write-s", "2"], "drop --decode-tokens-per-s, --host-write-s"),
+    (["--no-concurrency"], "drop --no-concurrency"),
+])
+def test_cluster_refuses_the_single_node_concurrency_options(capsys, argv, needle):
+    rc, _, err = _run(capsys, [*CHAT, "--cluster", str(REPO / "examples" / "cluster.yaml"), *argv])
+    assert rc == 2 and needle in err, err
+
+
+def test_sweep_options_without_sweep_are_refused(capsys):
+    rc, _, err = _run(capsys, [*CHAT, "--sweep-values", "1,2", "--plot", "x.png"])
+    assert rc == 2 and "--sweep-values, --plot set the capacity sweep: add --sweep" in err, err
+
+
+@pytest.mark.parametrize("field, value", [("input_length", 2**41), ("block_size", 10**30)])
+def test_trace_lengths_beyond_any_request_are_one_named_error(capsys, tmp_path, field, value):
+    p = tmp_path / "t.jsonl"
+    p.write_text(_line() + "\n" + _line(**{field: value}) + "\n")
+    rc, _, err = _run(capsys, [str(p), "--quiet", "--gpu-blocks", "10", "--host-blocks", "10"])
+    assert rc == 2 and f"t.jsonl:2: field '{field}' must be an int in [" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("rec, extra, needle", [
+    ({"output_length": 2_000_000}, [], "has output_length 2,000,000, above 1,000,000"),
+    ({"input_length": 200_000, "hash_ids": [1, 2]}, ["--max-prefill-tokens", "1"],
+     "has input_length 200,000: 200,000 prefill chunks of --max-prefill-tokens 1 (at most 100,000"),
+])
+def test_step_model_refuses_requests_it_would_take_ages_on(capsys, tmp_path, rec, extra, needle):
+    p = tmp_path / "t.jsonl"
+    p.write_text(_line(**rec) + "\n")
+    rc, _, err = _run(capsys, [str(p), "--quiet", "--gpu-blocks", "10", "--host-blocks", "10", "--engine-steps",
+                               *extra])
+    assert rc == 2 and needle in err, err
