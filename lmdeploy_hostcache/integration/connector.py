@@ -425,6 +425,8 @@ class HostTierScheduler:
     # -- lookup / load admission -----------------------------------------------------------
     def get_num_new_matched_tokens(self, request: SchedulerSequence,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self.capture is not None:   # a new turn of an engine session kept open ends the turn before it
+            self.capture.on_lookup(request)
         if not self.is_consumer:
             return 0, False
         req = int(request.seq_id)

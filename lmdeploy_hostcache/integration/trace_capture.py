@@ -1,8 +1,11 @@
 """LMDeploy glue of trace capture: one record per finished request, from the scheduler role.
 
-``HostTierScheduler`` calls ``on_new_request(seq)`` (LMDeploy registered a sequence) and
-``on_request_finished(seq, chain)`` (LMDeploy ended it, finished or aborted; ``chain``: the host
-tier's digest chain of the request, or None) when ``capture`` is set.  At the end the record is
+``HostTierScheduler`` calls ``on_new_request(seq)`` (LMDeploy registered a sequence),
+``on_lookup(seq)`` (its lookup of a waiting sequence: a sequence whose ``input_start_pos`` moved past the
+noted turn is an engine session kept open that LMDeploy extended with its next turn, so the noted turn
+ended and its record is queued then) and ``on_request_finished(seq, chain)`` (LMDeploy ended it,
+finished or aborted; ``chain``: the host tier's digest chain of the request, or None; a turn not looked
+up after the one before it ended is queued there first) when ``capture`` is set.  At the end the record is
 built from what the sequence holds: the prompt is ``seq.all_ids[:seq.input_end_pos]`` (read as
 ``seq.history_cache.get_real()[:full]``, the prompt's ``full`` full-block ids: ``all_ids`` is
 ``history_cache[:num_all_ids]``, ``history_cache[...]`` is ``get_real()[...]``, and
@@ -197,10 +200,56 @@ class TraceCapture:
             return
         t0 = perf_counter()
         try:
-            self._arrival[seq.seq_id] = (seq.input_start_pos, self.clock())
+            self._arrival[seq.seq_id] = (seq.input_start_pos, self.clock(), seq.input_end_pos)
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
         self.seconds += perf_counter() - t0
+
+    def on_lookup(self, seq) -> None:
+        """LMDeploy asks the connector about a waiting sequence.  In an engine session kept open across
+        turns LMDeploy appends the next turn to the same sequence (``input_start_pos`` moves to its end):
+        the turn noted before has ended, and its record is queued now (the session's last turn is written
+        by ``on_request_finished``)."""
+        noted = self._arrival.get(seq.seq_id)
+        if noted is None or noted[0] == seq.input_start_pos or self.failed or self.closed:
+            return
+        t0 = perf_counter()
+        try:
+            self._queue_record(t0, self._turn_before(seq, noted))
+        except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
+            self._fail(exc)
+        self.seconds += perf_counter() - t0
+        self.records += 1
+
+    def _turn_before(self, seq, noted) -> tuple:
+        """The record of the turn ``noted`` (start, arrival, prompt end) of a sequence that has moved on to
+        its next turn, and the next turn noted in its place: its output ran to where the next turn starts;
+        its tokens are the sequence's (LMDeploy only appends to them; the turn's chain is not taken: the
+        connector goes on extending it)."""
+        start, arrival, prompt_len = noted
+        new_start = seq.input_start_pos
+        self._arrival[seq.seq_id] = (new_start, self._clock_of(seq.arrive_time), seq.input_end_pos)
+        full = prompt_len - prompt_len % self.block_size
+        tokens = getattr(seq, "history_cache", None) if full else None
+        if full and tokens is None:
+            tokens = _AllIds(seq.all_ids)
+        return (arrival, prompt_len, max(0, new_start - prompt_len), tokens, full, seq.adapter_name,
+                sequence_salt(seq), seq.session.session_id if start > 0 else None, None)
+
+    def _clock_of(self, perf_time: float) -> float:
+        """A ``perf_counter`` reading (LMDeploy's ``arrive_time``) on the capture clock."""
+        return self.clock() - max(0.0, time.perf_counter() - float(perf_time))
+
+    def _queue_record(self, t0: float, record: tuple) -> None:
+        queue = self._queue
+        if not queue:
+            self._queued_at = t0
+        queue.append(record)
+        if len(queue) >= self.flush_records:
+            self._flush()
+        elif t0 - self._queued_at >= self.flush_seconds:
+            self.flushes_by_age += 1
+            self._flush()
 
     def on_request_finished(self, seq, chain=None) -> None:
         """``chain``: the host tier's digest chain of this request (``connector._RequestChain``), when
@@ -209,22 +258,23 @@ class TraceCapture:
             self._arrival.pop(getattr(seq, "seq_id", None), None)
             return
         t0 = perf_counter()
-        queue = self._queue
         try:
             if self._pending:         # offload: what the pipe could not take at the last flush
                 self._send()
                 if self.failed:       # the helper is gone (logged): no more work
                     self.seconds += perf_counter() - t0
                     return
-            if not queue:
-                self._queued_at = t0
             # snapshot(seq, chain), inlined: the same tuple (tests/capture), one call less in a cold hook
             noted = self._arrival.pop(seq.seq_id, None)
             start = seq.input_start_pos
+            if noted is not None and noted[0] != start:   # an earlier turn, not looked up after it ended
+                self._queue_record(t0, self._turn_before(seq, noted))
+                self.records += 1
+                noted = self._arrival.pop(seq.seq_id)
             if noted is not None and noted[0] == start:
                 arrival = noted[1]
-            else:  # a later turn of a session, or registered before capture began
-                arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
+            else:  # registered before capture began
+                arrival = self._clock_of(seq.arrive_time)
             prompt_len = seq.input_end_pos
             full = prompt_len - prompt_len % self.block_size
             output_len = seq.num_valid_ids - prompt_len
@@ -235,13 +285,9 @@ class TraceCapture:
                     tokens = _AllIds(seq.all_ids)
             else:
                 tokens = None
-            queue.append((arrival, prompt_len, output_len if output_len > 0 else 0, tokens, full, seq.adapter_name,
-                          sequence_salt(seq), seq.session.session_id if start > 0 else None, chain))
-            if len(queue) >= self.flush_records:
-                self._flush()
-            elif t0 - self._queued_at >= self.flush_seconds:
-                self.flushes_by_age += 1
-                self._flush()
+            self._queue_record(t0, (arrival, prompt_len, output_len if output_len > 0 else 0, tokens, full,
+                                    seq.adapter_name, sequence_salt(seq),
+                                    seq.session.session_id if start > 0 else None, chain))
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
             self._fail(exc)
         self.seconds += perf_counter() - t0

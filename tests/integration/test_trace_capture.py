@@ -921,3 +921,48 @@ def test_print_min_restore_grid(tmp_path, capsys, exact_lru_clock):
     with capsys.disabled():
         print(f'{len(GRID_ENGINES_HELD_OUT_25)} rows: {within} within {TOLERANCE}, {exact} to the third decimal; '
               f'with a one-block threshold {one_within} within {TOLERANCE}, worst {worst_one:.3f}')
+
+
+def _run_turn(engine, handle, limit: int = 2000) -> None:
+    for _ in range(limit):
+        engine.step()
+        if handle.finished:
+            return
+    raise AssertionError('the turn did not finish')
+
+
+@pytest.mark.parametrize('offload', [False, True])
+def test_every_turn_of_an_engine_session_kept_open_is_captured(tmp_path, offload):
+    """An interactive session is one LMDeploy sequence that each turn extends: every turn is one record
+    (the turns before the last one used to be lost: the record was made only when the session ended)."""
+    path = tmp_path / 'cap.jsonl'
+    engine = build_host_tier_engine(HarnessModel(dtype=torch.float16), HarnessCacheSpec(num_gpu_blocks=64),
+                                    HostTierSpec(host_slots=16, min_restore_tokens=BS, capture=str(path),
+                                                 capture_offload=offload))
+    rng = np.random.default_rng(3)
+    turns = [rng.integers(10, 200, n) for n in (40, 24, 35)]
+    h = engine.add_request(turns[0], 4, interactive=True)
+    _run_turn(engine, h)
+    outputs = [len(h.output_tokens)]
+    for t in turns[1:2]:
+        engine.continue_session(h, t, 3)
+        _run_turn(engine, h)
+        outputs.append(len(h.output_tokens))
+    # the last turn ends with its session before it was ever looked up (a client that hung up)
+    engine.continue_session(h, turns[2], 5)
+    engine.end_session(h.session_id)
+    plain = engine.add_request(rng.integers(10, 200, 20), 2)      # an api_server-style request beside it
+    _run_turn(engine, plain)
+    cap = scheduler_side(engine).capture
+    cap.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 4 and cap.records == 4
+    mine = sorted((r for r in records if r['input_length'] != 20), key=lambda r: r['input_length'])
+    prompt = [40, 40 + outputs[0] + 24, 40 + outputs[0] + 24 + outputs[1] + 35]
+    assert [r['input_length'] for r in mine] == prompt
+    assert [r['output_length'] for r in mine] == [*outputs, 0]
+    assert 'session' not in mine[0] and mine[1]['session'] == mine[2]['session']
+    # each turn's blocks extend the turn before it: the same keyed ids, then new ones
+    for a, b in zip(mine, mine[1:]):
+        assert b['hash_ids'][:len(a['hash_ids'])] == a['hash_ids'] and len(b['hash_ids']) > len(a['hash_ids'])
+    assert len(read_mooncake(str(path))) == 4

@@ -262,7 +262,8 @@ class CpuExecutor:
 
 @dataclass
 class RequestHandle:
-    """One request (one LMDeploy session, api_server style: ended when it finishes)."""
+    """One request (one LMDeploy session, api_server style: ended when it finishes; ``interactive``: the
+    session stays open for its next turn, ``CpuEngine.continue_session``)."""
 
     session_id: int
     prompt: np.ndarray
@@ -272,6 +273,7 @@ class RequestHandle:
     aborted: bool = False
     output_tokens: list[int] = field(default_factory=list)
     cached_tokens: int = 0
+    interactive: bool = False
 
 
 class CpuEngine:
@@ -400,8 +402,9 @@ class CpuEngine:
         usable = self.cache_config.num_gpu_blocks - self.cache_config.num_reserved_gpu_blocks
         return usable * self.cache_config.block_size - self.cache_config.block_size
 
-    def add_request(self, prompt, max_new_tokens: int) -> RequestHandle:
-        """Open a session and add one message, as ``Engine._on_add_session`` + ``_add_message``."""
+    def add_request(self, prompt, max_new_tokens: int, interactive: bool = False) -> RequestHandle:
+        """Open a session and add one message, as ``Engine._on_add_session`` + ``_add_message``
+        (``interactive``: the session is not ended when the message finishes)."""
         prompt = np.asarray(prompt, dtype=np.int64)
         if prompt.size == 0:
             raise ValueError('prompt must not be empty')
@@ -417,9 +420,23 @@ class CpuEngine:
             sampling.max_new_tokens = max(0, self.max_session_len - msg.num_valid_ids)
         resp = Response(type=ResponseType.SUCCESS, sender_id=0, event=None)
         msg.resp = resp
-        handle = RequestHandle(session_id, prompt, sampling.max_new_tokens, resp)
+        handle = RequestHandle(session_id, prompt, sampling.max_new_tokens, resp, interactive=interactive)
         self.requests[session_id] = handle
         return handle
+
+    def continue_session(self, handle: RequestHandle, prompt, max_new_tokens: int) -> None:
+        """The next turn of an interactive session, as ``Engine._on_add_message`` adds a message to a
+        session that has a sequence: its tokens are appended to that sequence, which is activated."""
+        from lmdeploy.pytorch.messages import UpdateTokenMode
+
+        msg = next(iter(self.scheduler.get_session(handle.session_id).sequences.values()))
+        msg.update_token_ids(np.asarray(prompt, dtype=np.int64), multimodals=None, embeddings=None,
+                             mode=UpdateTokenMode.INPUTS)
+        msg.sampling_param = SamplingParam(top_k=1, max_new_tokens=int(max_new_tokens))
+        msg.activate()
+        msg.resp = handle.resp
+        handle.finished = False
+        handle.output_tokens = []
 
     def abort(self, session_id: int) -> None:
         """Client abort: STOP_SESSION then END_SESSION, as the API server does."""
@@ -586,7 +603,8 @@ class CpuEngine:
                     handle.finished = True
                     self.finished_order.append(session_id)
                     # AsyncEngine ends a non-interactive session once its generation finished.
-                    self.end_session(session_id)
+                    if not handle.interactive:
+                        self.end_session(session_id)
 
     def live_sessions(self) -> list[int]:
         return [s.session_id for s in self.scheduler.get_sessions()]
