@@ -61,8 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH")
     for name, (module, help_text) in BENCH_COMMANDS.items():
         _add(bench_sub, name, module, help_text)
-    bench.set_defaults(_run=lambda args: (bench.print_help(), 2)[1])
+    bench.set_defaults(_run=lambda args: _usage_error(bench, "a benchmark"))
     return parser
+
+
+def _usage_error(parser: argparse.ArgumentParser, what: str) -> int:
+    """No sub-command given: a usage error, so usage and reason go to stderr (as argparse's own errors), exit 2."""
+    names = [n for a in parser._actions if isinstance(a, argparse._SubParsersAction) for n in a.choices]
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: give {what}: {', '.join(names)} (--help describes them)", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = getattr(args, "_run", None)
     if run is None:
-        parser.print_help()
-        return 2
+        return _usage_error(parser, "a command")
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt:

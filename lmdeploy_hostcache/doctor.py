@@ -315,6 +315,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(facts, indent=2, default=str))
     else:
         print(_text(facts))
-        if facts["config"]["error"]:
-            print(f"error: {facts['config']['error']}", file=sys.stderr)
+    if facts["config"]["error"]:  # also with --json: a script sees the reason without parsing stdout
+        print(f"error: {facts['config']['error']}", file=sys.stderr)
     return int(facts["exit_code"])

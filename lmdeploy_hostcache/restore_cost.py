@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 from dataclasses import asdict, dataclass
 
 __all__ = ["ASSUMED", "ENV_CALIBRATION", "FALLBACK_TOKENS", "NEVER", "CalibrationError", "RestoreCalibration",
@@ -61,14 +62,26 @@ class RestoreCalibration:
     def __post_init__(self):
         for name in ("restore_gbps", "prefill_tokens_per_s", "restore_overhead_ms"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-                    v == 0 and name != "restore_overhead_ms"):
+            out = _finite(v)
+            if out is None or out < 0 or (out == 0 and name != "restore_overhead_ms"):
                 allowed = ">= 0" if name == "restore_overhead_ms" else "> 0"
-                raise CalibrationError(f"{self.source}: {name}: got {v!r}; allowed: a finite number {allowed}")
-            object.__setattr__(self, name, float(v))
+                raise CalibrationError(f"{self.source}: {name}: got {reprlib.repr(v)}; "
+                                       f"allowed: a finite number {allowed}")
+            object.__setattr__(self, name, out)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _finite(v) -> float | None:
+    """``v`` as a finite float, or None (not a number, NaN, infinite, or an int beyond float range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        out = float(v)
+    except OverflowError:
+        return None
+    return out if math.isfinite(out) else None
 
 
 ASSUMED = RestoreCalibration(restore_gbps=20.0, prefill_tokens_per_s=10_000.0, restore_overhead_ms=20.0,

@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..planner.cli import DEFAULT_STAGGER_S, plot_path_arg, positive_int_arg
+from ..planner.cli import DEFAULT_STAGGER_S, _nonneg_float, plot_path_arg, positive_int_arg
 from ..planner.traces import TRACE_FORMATS
 
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
@@ -105,6 +105,27 @@ def generated_sources(seed: int, per_family: int) -> "list[tuple[str, object]]":
             for fam in WORKLOAD_FAMILIES for i in range(per_family)]
 
 
+MAX_PER_FAMILY = 10_000     # --set generated: every workload is kept (and replayed) before the first result
+MAX_STAGGER_S = 1e9         # about 30 years: k x stagger stays finite for any number of merged files
+
+
+def _per_family(text: str) -> int:
+    try:
+        v = positive_int_arg(text)
+    except argparse.ArgumentTypeError:
+        v = 0
+    if not 1 <= v <= MAX_PER_FAMILY:
+        raise argparse.ArgumentTypeError(f"expected an int in [1, {MAX_PER_FAMILY}], got {text[:40]!r}")
+    return v
+
+
+def _stagger(text: str) -> float:
+    v = _nonneg_float(text)   # refuses nan, inf and negatives
+    if v > MAX_STAGGER_S:
+        raise argparse.ArgumentTypeError(f"expected seconds in [0, {MAX_STAGGER_S:g}], got {text!r}")
+    return v
+
+
 def _admit_share(text: str) -> float:
     try:
         v = float(text)
@@ -125,15 +146,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int_arg, default=None, metavar="N",
                    help="--trace: tokens per block of a Mooncake-layout trace's hash_ids (default: the file's own "
                         "'block_size' field, which captured files state, else 512)")
-    p.add_argument("--stagger", type=float, default=DEFAULT_STAGGER_S, metavar="S",
+    p.add_argument("--stagger", type=_stagger, default=DEFAULT_STAGGER_S, metavar="S",
                    help=f"--trace: seconds between the starts of merged WEKA session files (default "
                         f"{DEFAULT_STAGGER_S:g}, as plan)")
     p.add_argument("--set", dest="sets", action="append", choices=SETS,
                    help="without --trace: which set to replay, 'tuning' (WEKA sessions + chat generator), "
                         "'heldout' (Mooncake traces) or 'generated' (random workloads of the generator families); "
                         "repeatable, default tuning and heldout")
-    p.add_argument("--per-family", type=positive_int_arg, default=4, metavar="N",
-                   help="--set generated: workloads drawn per family (default 4)")
+    p.add_argument("--per-family", type=_per_family, default=4, metavar="N",
+                   help=f"--set generated: workloads drawn per family, at most {MAX_PER_FAMILY} (default 4)")
     p.add_argument("--generated-seed", type=int, default=0, metavar="S",
                    help="--set generated: the seed every workload parameter is drawn from (default 0)")
     p.add_argument("--capacities", nargs="+", type=_positive_int, metavar="BLOCKS", default=None,

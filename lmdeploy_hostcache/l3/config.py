@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import MAX_GIB, ConfigError, FieldError
+from ..config import MAX_GIB, ConfigError, FieldError, _Bad, _number
 
 BACKENDS = ("mooncake",)
 PROTOCOLS = ("tcp", "rdma")
@@ -92,7 +91,7 @@ def _address(v: Any) -> str:
     if not isinstance(v, str) or v.count(":") < 1:
         raise ValueError(allowed)
     host, _, port = v.strip().rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
         raise ValueError(allowed)
     return v.strip()
 
@@ -115,9 +114,10 @@ def _text(v: Any) -> str:
 
 
 def _weights_id(v: Any) -> str:
-    allowed = "a name of the weights (a commit hash, a run id): printable ASCII, at most 200 characters"
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        v = str(v)
+    # A number is refused, not turned into text: YAML reads 0x1f as 31 and 0123 as 123, which would
+    # silently rename the weights in every store key (as tenant_salt, it must be quoted).
+    allowed = ("a name of the weights (a commit hash, a run id) as a string: printable ASCII, at most 200 "
+               "characters; quote it in YAML, e.g. weights_id: \"0x1f\"")
     if isinstance(v, str) and len(v.strip()) <= 200 and v.strip().isascii() and v.strip().isprintable():
         return v.strip()
     raise ValueError(allowed)
@@ -138,16 +138,13 @@ def _gib(minimum: float, maximum: float):
     allowed = f"a number of GiB in [{minimum:g}, {maximum:g}]"
 
     def parse(v: Any) -> float:
-        if isinstance(v, bool):
+        try:
+            out = _number(v, allowed)   # bools, text that is no number, NaN and ints beyond float range
+        except _Bad:
+            raise ValueError(allowed) from None
+        if not minimum <= out <= maximum:
             raise ValueError(allowed)
-        if isinstance(v, str):
-            try:
-                v = float(v.strip())
-            except ValueError:
-                raise ValueError(allowed) from None
-        if not isinstance(v, (int, float)) or not math.isfinite(float(v)) or not minimum <= float(v) <= maximum:
-            raise ValueError(allowed)
-        return float(v)
+        return out
     return parse
 
 
@@ -155,7 +152,7 @@ def _timeout_ms(v: Any) -> int:
     allowed = "a whole number of milliseconds in 1..600000"
     if isinstance(v, bool):
         raise ValueError(allowed)
-    if isinstance(v, str) and v.strip().isdigit():
+    if isinstance(v, str) and v.strip().isascii() and v.strip().isdigit() and len(v.strip()) <= 20:
         v = int(v.strip())
     if isinstance(v, float) and v.is_integer():
         v = int(v)

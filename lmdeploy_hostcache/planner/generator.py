@@ -38,6 +38,75 @@ from dataclasses import dataclass, fields, replace
 from .traces import Request, Trace
 
 
+# Upper bound of each field (``--workload-param FIELD=VALUE``), far above any realistic workload: the
+# generator allocates in proportion to them (a session, a document library) before ``limit`` applies, so
+# a typo must be refused, not turn into gigabytes or a loop that never ends (mean_turns=1e300).
+MAX_COUNT = 10_000_000          # sessions, requests, system prompts
+MAX_LIBRARY = 1_000_000         # documents; agent sessions (each holds its own context)
+MAX_BLOCKS = 100_000            # blocks of one document, one request's own blocks, one session's start or growth
+MAX_TOKENS = 1 << 20            # tokens of a system prompt, a user turn, a reply or an output
+MAX_BLOCK_SIZE = 1 << 20        # tokens per block
+MAX_MEAN_TURNS = 1000.0
+MAX_SECONDS = 1e9               # mean gaps and think times (about 30 years)
+MAX_ZIPF = 100.0
+MAX_UP_FRONT_BLOCKS = 10_000_000   # blocks made before the first request: a library, or every start context
+MAX_SESSION_BLOCKS = 1 << 25    # block ids a chat session is expected to hold over all its turns
+
+_MAXIMA = {
+    "sessions": MAX_COUNT, "requests": MAX_COUNT, "system_prompts": MAX_COUNT, "drift": MAX_COUNT,
+    "documents": MAX_LIBRARY, "document_blocks": MAX_BLOCKS, "own_blocks": MAX_BLOCKS, "start_blocks": MAX_BLOCKS,
+    "growth_blocks": MAX_BLOCKS, "system_prompt_tokens": MAX_TOKENS, "user_tokens": MAX_TOKENS,
+    "reply_tokens": MAX_TOKENS, "output_tokens": MAX_TOKENS, "block_size": MAX_BLOCK_SIZE,
+    "mean_turns": MAX_MEAN_TURNS, "mean_think_s": MAX_SECONDS, "mean_session_gap_s": MAX_SECONDS,
+    "mean_gap_s": MAX_SECONDS, "zipf": MAX_ZIPF,
+}
+_AGENT_SESSIONS = MAX_LIBRARY   # an agent workload's sessions are a library of contexts, not a stream
+
+
+def _at_most(kind: str, w, maxima: dict | None = None) -> None:
+    """Refuse any field of ``w`` above its upper bound (a range: its ``hi``), naming the field and the bound."""
+    for name, high in (maxima or _MAXIMA).items():
+        if not hasattr(w, name):
+            continue
+        v = getattr(w, name)
+        top = v[1] if isinstance(v, tuple) else v
+        if not top <= high:
+            raise ValueError(f"{kind} workload: {name} must be at most {int(high)} (the upper bound of "
+                             f"--workload-param {name}), got {v!r}")
+
+
+def _up_front(kind: str, count_field: str, count: int, blocks_field: str, blocks_hi: int) -> None:
+    """Refuse a workload whose blocks made before the first request (``count`` x ``blocks_hi``) pass the bound."""
+    if count * blocks_hi > MAX_UP_FRONT_BLOCKS:
+        raise ValueError(f"{kind} workload: {count_field} x {blocks_field} hi = {count * blocks_hi} blocks are made "
+                         f"up front, over {MAX_UP_FRONT_BLOCKS}: lower --workload-param {count_field} or "
+                         f"{blocks_field}")
+
+
+def _session_blocks(w) -> None:
+    """Refuse a chat workload whose sessions are expected to hold too many block ids (every turn resends the
+    whole conversation, so a session holds about mean_turns x its last prompt's blocks)."""
+    last = w.system_prompt_tokens + w.mean_turns * (w.user_tokens[1] + w.reply_tokens[1])
+    blocks = w.mean_turns * last / w.block_size
+    if blocks > MAX_SESSION_BLOCKS:
+        raise ValueError(f"chat workload: a session is expected to hold mean_turns x (system_prompt_tokens + "
+                         f"mean_turns x (user_tokens hi + reply_tokens hi)) / block_size = {blocks:.0f} block ids, "
+                         f"over {MAX_SESSION_BLOCKS}: lower those --workload-param fields")
+
+
+def _positive_ints(kind: str, w, names: tuple[str, ...]) -> None:
+    for f in names:
+        v = getattr(w, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{kind} workload: {f} must be a positive int, got {v!r}")
+
+
+def _int_range(kind: str, w, name: str, low: int) -> None:
+    lo, hi = getattr(w, name)
+    if not (isinstance(lo, int) and isinstance(hi, int) and low <= lo <= hi):
+        raise ValueError(f"{kind} workload: {name} must be a range {low} <= lo <= hi of ints, got {(lo, hi)!r}")
+
+
 @dataclass(frozen=True)
 class ChatWorkload:
     sessions: int = 300
@@ -52,10 +121,7 @@ class ChatWorkload:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for f in ("sessions", "system_prompts", "block_size"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"chat workload: {f} must be a positive int, got {v!r}")
+        _positive_ints("chat", self, ("sessions", "system_prompts", "block_size"))
         if self.system_prompt_tokens < 0:
             raise ValueError("chat workload: system_prompt_tokens must be >= 0")
         if not self.mean_turns >= 1:
@@ -67,6 +133,8 @@ class ChatWorkload:
         for f in ("mean_think_s", "mean_session_gap_s"):
             if not getattr(self, f) >= 0:
                 raise ValueError(f"chat workload: {f} must be >= 0")
+        _at_most("chat", self)
+        _session_blocks(self)
 
 
 def generate_chat(w: ChatWorkload = ChatWorkload(), limit: int | None = None) -> Trace:
@@ -128,19 +196,6 @@ def generate_chat(w: ChatWorkload = ChatWorkload(), limit: int | None = None) ->
     return Trace(f"chat(sessions={w.sessions}, seed={w.seed})", bs, reqs, source="built-in generator")
 
 
-def _positive_ints(kind: str, w, names: tuple[str, ...]) -> None:
-    for f in names:
-        v = getattr(w, f)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{kind} workload: {f} must be a positive int, got {v!r}")
-
-
-def _int_range(kind: str, w, name: str, low: int) -> None:
-    lo, hi = getattr(w, name)
-    if not (isinstance(lo, int) and isinstance(hi, int) and low <= lo <= hi):
-        raise ValueError(f"{kind} workload: {name} must be a range {low} <= lo <= hi of ints, got {(lo, hi)!r}")
-
-
 class _FreshIds:
     """Block ids never handed out before: ``fresh(n)`` is the next ``n`` of them."""
 
@@ -186,6 +241,8 @@ class DocumentWorkload:
             raise ValueError(f"document workload: drift must be an int >= 0, got {self.drift!r}")
         if not self.mean_gap_s >= 0:
             raise ValueError("document workload: mean_gap_s must be >= 0")
+        _at_most("document", self)
+        _up_front("document", "documents", self.documents, "document_blocks", self.document_blocks[1])
 
 
 def generate_documents(w: DocumentWorkload = DocumentWorkload(), limit: int | None = None) -> Trace:
@@ -237,6 +294,8 @@ class AgentWorkload:
                 raise ValueError(f"agent workload: {f} must be in [0, 1], got {getattr(self, f)!r}")
         if not self.mean_gap_s >= 0:
             raise ValueError("agent workload: mean_gap_s must be >= 0")
+        _at_most("agent", self, {**_MAXIMA, "sessions": _AGENT_SESSIONS})
+        _up_front("agent", "sessions", self.sessions, "start_blocks", self.start_blocks[1])
 
 
 def generate_agents(w: AgentWorkload = AgentWorkload(), limit: int | None = None) -> Trace:

@@ -207,7 +207,7 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
             raw = fh.read(16 * 2**20 + 1)    # a model's config.json is a few KiB
         if len(raw) > 16 * 2**20:
             raise ValueError(f"model config {p} is larger than 16 MiB: not a config.json")
-        cfg = json.loads(raw.decode("utf-8"))
+        cfg = json.loads(raw.decode("utf-8"), parse_int=_config_int)
     except FileNotFoundError:
         raise ValueError(f"model config {p} does not exist") from None
     except json.JSONDecodeError as exc:
@@ -227,8 +227,9 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
 
     def need(key: str) -> int:
         v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"model config {p}: field {key!r} must be a positive int, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_CONFIG_INT:
+            raise ValueError(f"model config {p}: field {key!r} must be a positive int <= {MAX_CONFIG_INT} "
+                             f"(no model is larger), got {v!r}")
         return v
 
     layers = need("num_hidden_layers")
@@ -245,6 +246,23 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
     dtype = _engine_dtype(cfg, p)
     name = cfg.get("_name_or_path") or p.parent.name or str(p)
     return KVGeometry(str(name), layers, kv_heads, head_dim, dtype)
+
+
+MAX_CONFIG_INT = 1 << 20   # layers, heads, head_dim, hidden_size: real models stay far below this
+
+
+class _LongInt:
+    """A JSON integer too long to convert (Python refuses > 4300 digits), kept so that the field is named."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"an int of {self.digits} digits"
+
+
+def _config_int(text: str):
+    return int(text) if len(text) <= 100 else _LongInt(len(text.lstrip("-")))
 
 
 def _engine_dtype(cfg: dict, p) -> str:

@@ -520,7 +520,11 @@ class _BadArgument(ValueError):
     pass
 
 
-def _number(args, name: str, kind, *, minimum=None, positive: bool = False):
+MAX_WORKERS = 256             # worker processes (each one a CPU harness of its own)
+MAX_SECONDS = 30 * 86400.0    # a 30-day wall-time budget
+
+
+def _number(args, name: str, kind, *, minimum=None, maximum=None, positive: bool = False):
     raw = getattr(args, name)
     if raw is None:
         return None
@@ -535,17 +539,19 @@ def _number(args, name: str, kind, *, minimum=None, positive: bool = False):
         raise _BadArgument(f'{flag} must be > 0, got {raw!r}')
     if minimum is not None and value < minimum:
         raise _BadArgument(f'{flag} must be >= {minimum}, got {raw!r}')
+    if maximum is not None and value > maximum:
+        raise _BadArgument(f'{flag} must be <= {maximum:.0f}, got {raw!r}')
     return value
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        seconds = _number(args, 'seconds', float, positive=True)
-        minutes = _number(args, 'minutes', float, positive=True)
+        seconds = _number(args, 'seconds', float, positive=True, maximum=MAX_SECONDS)
+        minutes = _number(args, 'minutes', float, positive=True, maximum=MAX_SECONDS / 60)
         if seconds is not None and minutes is not None:
             raise _BadArgument('give --seconds or --minutes, not both')
         seed = _number(args, 'seed', int, minimum=0)
-        workers = _number(args, 'workers', int, minimum=1)
+        workers = _number(args, 'workers', int, minimum=1, maximum=MAX_WORKERS)
         scenario = _number(args, 'scenario', int, minimum=0)
         corrupt_from = _number(args, 'inject_corruption', int, minimum=0)
         if scenario is not None and (seconds is not None or minutes is not None or workers != 1):
