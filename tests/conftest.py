@@ -1,12 +1,27 @@
 """Test-suite wide settings.
 
 Kernels run under Triton's interpreter on machines without CUDA; the variable must
-be set before triton is imported anywhere, which is why it lives here.
+be set before triton is imported anywhere, which is why it lives here. Whether CUDA
+is there is asked of torch (``torch.cuda.is_available()``, which imports no Triton),
+not of ``nvidia-smi`` on PATH: a GPU machine whose image lacks ``nvidia-smi`` on PATH
+would otherwise run the CUDA tests' Triton kernels interpreted on CUDA tensors
+(the GPU kit's ``run.sh`` unsets the variable for that reason).
 """
 import os
-import shutil
 
-if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - no torch: no CUDA either
+        return False
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken driver counts as no CUDA
+        return False
+
+
+if "TRITON_INTERPRET" not in os.environ and not _cuda_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from hypothesis import settings  # noqa: E402

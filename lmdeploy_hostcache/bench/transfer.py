@@ -61,6 +61,31 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+# (flag, low, high): the pools are allocated up front from these, so a typo must not ask for terabytes
+_BOUNDS = (("blocks", 1, 1 << 20), ("layers", 1, 4096), ("repeats", 1, 10**6), ("spread", 1, 1024),
+           ("threads", 1, 4096), ("seed", 0, 2**63 - 1))
+
+
+def _check_args(args: argparse.Namespace, sizes: list[int]) -> None:
+    """Refuse a flag out of its range, or a pool larger than the memory this machine has available."""
+    for name, low, high in _BOUNDS:
+        value = getattr(args, name)
+        if not low <= value <= high:
+            raise SystemExit(f"error: --{name} must be in [{low}, {high}], got {value}")
+    # the largest pool plus its staging buffer (the quantizing rows: 2 x blocks of 256 KiB, and staging)
+    need = args.blocks * KIB * max((args.spread + 1) * max(sizes), 0 if args.no_quant else 3 * 256)
+    try:
+        from ..hostmem import read_host_memory
+
+        avail = read_host_memory().usable_available_bytes
+    except Exception:  # psutil missing or /proc unreadable: the flag bounds above still hold
+        return
+    if need > avail:
+        raise SystemExit(f"error: --blocks {args.blocks} with --spread {args.spread} and --sizes-kib up to "
+                         f"{max(sizes)} needs {need / 2**30:.1f} GiB of pools, more than the {avail / 2**30:.1f} GiB "
+                         f"available on this machine; lower --blocks")
+
+
 def _interleaved(fns: dict, repeats: int, sync=None, clock=time.perf_counter) -> dict:
     """Per-round times of every fn, the fns run back to back in each round (noise hits all alike)."""
     for fn in fns.values():
@@ -91,6 +116,59 @@ def _ratio(base: list, other: list) -> float:
 
 def _median_time(fn, repeats: int, sync=None, clock=time.perf_counter) -> float:
     return statistics.median(_interleaved({"fn": fn}, repeats, sync, clock)["fn"])
+
+
+# GPU rows: each timed operation rotates over buffer sets whose bytes add up to at least this much
+# (several times the L2 of the GPUs the kit runs on: 50 MB on an H100, 60 MB on an H200), so no
+# launch reads what the one before left in L2; and each figure is the device time of at least
+# MIN_LAUNCHES back-to-back launches between two CUDA events.
+ROTATE_BYTES = 256 << 20
+MIN_LAUNCHES = 50
+# torch.cuda._sleep spins for clock cycles; at about 2 GHz (Hopper's boost clock) this many per second
+_SLEEP_CYCLES_PER_S = 2e9
+_MAX_SLEEP_S = 0.02
+
+
+def _rotations(nbytes: int, rotate_bytes: int | None = None) -> int:
+    """Buffer sets to rotate over so that together they hold at least ``rotate_bytes`` (ROTATE_BYTES)."""
+    rotate_bytes = ROTATE_BYTES if rotate_bytes is None else rotate_bytes
+    return max(1, -(-rotate_bytes // max(1, nbytes)))
+
+
+def _device_times(cuda, fns: dict, repeats: int, launches: int) -> tuple[dict, dict]:
+    """Per-launch device seconds of each op, per round, and the host seconds to enqueue one launch.
+
+    ``fns`` maps a name to a list of variants (one per rotating buffer set); a round launches
+    ``launches`` of them back to back (variant ``i % len``) between two CUDA events, the ops
+    interleaved in each round. Before each round the GPU is held (``cuda._sleep``) about as long as
+    the host takes to enqueue the round, so the launches queue up and the events time the device
+    work, not the host's launch overhead; that overhead is reported apart (``enqueue``).
+    """
+    for variants in fns.values():  # warm-up: compile, first touch of every buffer
+        for f in variants:
+            f()
+    cuda.synchronize()
+    enqueue = {}
+    for k, variants in fns.items():
+        t0 = time.perf_counter()
+        for i in range(launches):
+            variants[i % len(variants)]()
+        enqueue[k] = (time.perf_counter() - t0) / launches
+        cuda.synchronize()
+    sleep = getattr(cuda, "_sleep", None)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, variants in fns.items():
+            start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+            if sleep is not None:
+                sleep(int(min(_MAX_SLEEP_S, 1.5 * enqueue[k] * launches) * _SLEEP_CYCLES_PER_S) + 1)
+            start.record()
+            for i in range(launches):
+                variants[i % len(variants)]()
+            end.record()
+            end.synchronize()
+            times[k].append(start.elapsed_time(end) / 1e3 / launches)
+    return times, enqueue
 
 
 def _make_pool(torch, layers: int, num_blocks: int, block_bytes: int, device, dtype=None):
@@ -171,20 +249,31 @@ def _cuda_rows(torch, args, sizes):
     rows = []
     for kib in sizes:
         block_bytes = kib * KIB
-        num_blocks = args.blocks * args.spread
-        pool_t, caches, layout = _make_pool(torch, args.layers, num_blocks, block_bytes, dev)
-        ids = torch.randperm(num_blocks, generator=g)[: args.blocks]
         n = args.blocks
+        # rotating sets (distinct blocks of the pool, own staging and source buffers), > L2 together
+        sets = _rotations(n * block_bytes)
+        num_blocks = max(args.blocks * args.spread, sets * n)
+        pool_t, caches, layout = _make_pool(torch, args.layers, num_blocks, block_bytes, dev)
+        perm = torch.randperm(num_blocks, generator=g)
+        ids = perm[:n]
         nbytes = n * layout.slot_bytes()
-        staging = torch.empty((n, layout.slot_bytes()), dtype=torch.uint8, device=dev)
-        dsrc = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        ids_dev = ids.to(dev)
+        stagings = [torch.empty((n, layout.slot_bytes()), dtype=torch.uint8, device=dev) for _ in range(sets)]
+        dsrcs = [torch.empty(nbytes, dtype=torch.uint8, device=dev) for _ in range(sets)]
+        ids_devs = [perm[j * n:(j + 1) * n].to(dev) for j in range(sets)]
+        staging, dsrc = stagings[0], dsrcs[0]
         cache_rows, fmt = layout.check_caches(caches), layout.host_format("same")
-        # the kernels alone (validation, which reads the ids back to the host, is not timed)
-        t_d2d = _median_time(lambda: staging.view(-1).copy_(dsrc), args.repeats, sync)
-        t_kg = _median_time(lambda: kernels.gather(cache_rows, layout, fmt, ids_dev, staging), args.repeats, sync)
-        t_ks = _median_time(lambda: kernels.scatter(staging, layout, fmt, ids_dev, cache_rows), args.repeats,
-                            sync)
+        # the kernels alone (validation, which reads the ids back to the host, is not timed): device
+        # time per launch from CUDA events over back-to-back launches rotating the sets
+        launches = sets * -(-MIN_LAUNCHES // sets)
+        dev_t, enq = _device_times(torch.cuda, {
+            "d2d": [lambda j=j: stagings[j].view(-1).copy_(dsrcs[j]) for j in range(sets)],
+            "gather": [lambda j=j: kernels.gather(cache_rows, layout, fmt, ids_devs[j], stagings[j])
+                       for j in range(sets)],
+            "scatter": [lambda j=j: kernels.scatter(stagings[j], layout, fmt, ids_devs[j], cache_rows)
+                        for j in range(sets)],
+        }, args.repeats, launches)
+        t_d2d, t_kg, t_ks = (statistics.median(dev_t[k]) for k in ("d2d", "gather", "scatter"))
+        del stagings[1:], dsrcs[1:], ids_devs
         host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         t_plain_d2h = _median_time(lambda: host.copy_(dsrc, non_blocking=True), args.repeats, sync)
         t_plain_h2d = _median_time(lambda: dsrc.copy_(host, non_blocking=True), args.repeats, sync)
@@ -207,8 +296,16 @@ def _cuda_rows(torch, args, sizes):
         rows.append({
             "block_kib": kib, "blocks": n, "bytes": nbytes,
             "d2d_copy_gbps": nbytes / t_d2d / 1e9, "kernel_gather_gbps": nbytes / t_kg / 1e9,
-            "kernel_scatter_gbps": nbytes / t_ks / 1e9, "kernel_gather_vs_memcpy": t_d2d / t_kg,
-            "kernel_scatter_vs_memcpy": t_d2d / t_ks,
+            "kernel_scatter_gbps": nbytes / t_ks / 1e9,
+            "kernel_gather_vs_memcpy": _ratio(dev_t["d2d"], dev_t["gather"]),
+            "kernel_scatter_vs_memcpy": _ratio(dev_t["d2d"], dev_t["scatter"]),
+            "enqueue_us": {k: v * 1e6 for k, v in enq.items()},
+            "device_timing": f"d2d/kernel: CUDA events around {launches} back-to-back launches per round, "
+                             f"rotating {sets} buffer set(s) of {nbytes / 2**20:g} MiB ({sets * nbytes / 2**20:g} "
+                             f"MiB in all, against L2 reuse), the GPU held while they queued: device time per "
+                             f"launch; enqueue_us: the host's cost to launch one",
+            "copy_timing": "plain/engine: host clock around one operation and its synchronize (engine: submit, "
+                           "wait_all, poll): the per-operation cost a demotion or restore pays",
             "plain_d2h_gbps": nbytes / t_plain_d2h / 1e9, "engine_d2h_gbps": nbytes / t_eng_d2h / 1e9,
             "plain_h2d_gbps": nbytes / t_plain_h2d / 1e9, "engine_h2d_gbps": nbytes / t_eng_h2d / 1e9,
             "engine_d2h_vs_plain": t_plain_d2h / t_eng_d2h, "engine_h2d_vs_plain": t_plain_h2d / t_eng_h2d,
@@ -220,12 +317,9 @@ def _cuda_rows(torch, args, sizes):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    for name in ("blocks", "layers", "repeats", "spread"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1")
     sizes = _sizes(args.sizes_kib)
-    if args.threads >= 1:
-        torch.set_num_threads(args.threads)
+    _check_args(args, sizes)
+    torch.set_num_threads(args.threads)
     if any(kib * KIB % args.layers for kib in sizes):
         raise SystemExit(f"every block size must be divisible by --layers {args.layers}")
     if args.cuda_only and not torch.cuda.is_available():

@@ -14,6 +14,12 @@ usage: python driver.py --out DIR [--budget-s 450] [--steps cuda_tests,bench_tra
 * ``outputs.json``: every run's generated tokens per request (the equality step's evidence);
 * ``kit.log``: the steps' own output (pytest, bench, engine logs), appended as they run.
 
+Every child writes into a fresh work folder of this invocation (``$GPU_KIT_WORK``, default
+``/tmp/gpu_kit_work``, then ``call-XXXX``; earlier calls' folders are removed first, the model folder
+is kept), and each step deletes its output file before its child starts: a file left by an earlier
+call on a warm machine is never read as this call's. A step passes only when its child exited 0
+and wrote its file; the child's exit code is recorded (``rc``).
+
 Steps, in order, each in a child process with its own timeout (a hang is killed with its process
 group) and never more than what is left of ``--budget-s``:
 
@@ -26,20 +32,35 @@ c. ``e2e``: a random-weight ~1B Llama written locally (``model_writer.py``: shap
    weights drawn on the GPU, safetensors), then the runs in ``--runs`` order (default ``RUNS``), each its own
    ``e2e_worker.py`` process: the GPU cache sized so the replay's working set is ``--ratio`` (4) x
    the cache (``small_*``) or holds everything (``fits_*``); stock LMDeploy (``*_off_*``) vs host
-   tier on (``*_on_*``); quant_policy 0 and 4. A run that would not fit in the time left is skipped.
+   tier on (``*_on_*``); quant_policy 0 and 4. A run that would not fit in the time left is skipped;
+   a run that is no equality reference or calibration run is also skipped when running it would
+   leave no time for a reference still to come (``reference_runs``), so a tight budget drops
+   candidates, not the run they are compared with.
 d. ``equality``: ``compare_token_outputs`` of every tier-on run against stock LMDeploy with the
    large cache at the same quant_policy; any difference fails, naming the request and position.
 
-Exit status: 0 when every step that ran passed, 1 otherwise, 2 on bad arguments.
+The result records what code ran (``env.package``: sha256 over the imported package's ``*.py``;
+``env.staged_checkout``: ``.gpu_kit/checkout.json`` from ``stage.sh``) and, per tier-on run, the
+``min_restore_tokens`` the connector resolved with the calibration it read
+(``runs.<name>.restore_threshold``; ``calibration_input``: ``$LMDEPLOY_HOSTCACHE_CALIBRATION``).
+
+Status and exit: ``pass`` (0) when every step that ran passed and nothing asked for is missing;
+``fail`` (1) when a step failed, errored or timed out; ``incomplete`` (3) when nothing failed but a
+requested run was skipped or output equality was requested and compared nothing (``incomplete``
+lists why); 2 on bad arguments; 124 when stopped by a signal.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +106,10 @@ OPTIONAL_RUNS = (
 KEEP_RESTORED_OFF = {"small_onx_qp0"}
 EQUALITY_PAIRS = (("small_on_qp0", "fits_off_qp0"), ("fits_on_qp0", "fits_off_qp0"),
                   ("small_on_qp4", "fits_off_qp4"), ("small_onx_qp0", "fits_off_qp0"))
+# bench transfer's block sizes: the 1b model's 4 MiB block and the 8b model's 8 MiB block are both
+# measured (restore_calibration takes the row nearest the model's block; 4 and 16 MiB tie for 8 MiB)
+BENCH_SIZES_KIB = (256, 1024, 4096, 8192, 16384)
+EXIT_INCOMPLETE = 3
 
 
 class Log:
@@ -227,6 +252,11 @@ def plan_runs(args) -> list[dict]:
 
 
 def environment(probe: bool = True) -> dict:
+    """Python, torch/triton/CUDA/GPU/LMDeploy versions (probe: a child with the runs' environment),
+    and what code runs: ``package`` (``kitlib.tree_sha256`` of the ``lmdeploy_hostcache`` the children
+    import), ``kit_scripts`` (this folder's ``*.py``), ``staged_checkout`` (``.gpu_kit/checkout.json``
+    from stage.sh, if present) and whether the package hashes agree. ``repo_commit`` is the copy's git
+    HEAD, which can be stale or absent on the GPU machine: the hashes are the evidence."""
     env = {"python": sys.version.split()[0], "repo_commit": None}
     try:
         env["repo_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
@@ -236,20 +266,64 @@ def environment(probe: bool = True) -> dict:
     manifest = REPO / ".gpu_kit" / "wheels" / "manifest.json"
     if manifest.exists():
         env["kit_commit"] = json.loads(manifest.read_text()).get("commit")
-    if not probe:
-        return env
-    code = ("import json,torch,triton\n"
-            "d={'torch':torch.__version__,'triton':triton.__version__,'cuda':torch.version.cuda,"
-            "'gpu':torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
-            "try:\n import lmdeploy; d['lmdeploy']=lmdeploy.__version__\nexcept Exception as e: d['lmdeploy']=repr(e)\n"
-            "print(json.dumps(d))")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                              env=dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1"))
-        env.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
-        env["probe_error"] = repr(exc)
+    if probe:
+        env.update(_probe())
+    pkg_dir = env.get("hostcache_dir")
+    if not pkg_dir:
+        spec = importlib.util.find_spec("lmdeploy_hostcache")
+        pkg_dir = str(Path(spec.origin).parent) if spec is not None and spec.origin else None
+    env["package"] = kitlib.tree_sha256(pkg_dir) if pkg_dir else {"root": None, "files": 0, "sha256": None}
+    env["kit_scripts"] = kitlib.tree_sha256(HERE, "*.py")
+    staged = REPO / ".gpu_kit" / "checkout.json"
+    if staged.exists():
+        try:
+            env["staged_checkout"] = json.loads(staged.read_text())
+            env["package_matches_staged"] = (env["staged_checkout"].get("package") or {}).get("sha256") == \
+                env["package"]["sha256"]
+        except ValueError as exc:
+            env["staged_checkout"] = {"error": f"unreadable: {exc}"}
     return env
+
+
+_PROBE_CODE = (
+    "import json,os,torch,triton\n"
+    "d={'torch':torch.__version__,'triton':triton.__version__,'cuda':torch.version.cuda,"
+    "'gpu':torch.cuda.get_device_name() if torch.cuda.is_available() else None}\n"
+    "try:\n import lmdeploy; d['lmdeploy']=lmdeploy.__version__\nexcept Exception as e: d['lmdeploy']=repr(e)\n"
+    "try:\n import lmdeploy_hostcache as h; d['hostcache_dir']=os.path.dirname(os.path.abspath(h.__file__))\n"
+    "except Exception as e: d['hostcache_error']=repr(e)\n"
+    "print(json.dumps(d))")
+
+
+def _probe(code: str = _PROBE_CODE, python: str = sys.executable) -> dict:
+    """The probe child's JSON; on failure ``probe_error`` with its exit code and ``probe_stderr`` (its
+    last 3,000 characters: a failed ``import torch`` names itself there)."""
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1"), cwd=REPO)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"probe_error": repr(exc)}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        out = json.loads(lines[-1])
+        if not isinstance(out, dict):
+            raise ValueError(f"not a JSON object: {lines[-1][:100]}")
+        return out
+    except (IndexError, ValueError) as exc:
+        return {"probe_error": f"probe exited {proc.returncode} without its JSON line ({exc!r})",
+                "probe_stderr": proc.stderr[-3000:], "probe_stdout": proc.stdout[-500:]}
+
+
+def _fresh(path: Path) -> None:
+    """Remove ``path`` before a child writes it: a file from an earlier call is never this call's."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- steps -----------------------------------------------------------------------------------------
@@ -259,16 +333,28 @@ def step_cuda_tests(args, res: ResultFile, budget: Budget, log: Log, work: Path)
     cmd = [sys.executable, "-m", "pytest", *CUDA_TESTS, "-k", CUDA_TESTS_K, "-q", "-rA", "-p", "no:cacheprovider",
            f"--junitxml={xml}"]
     res.step("cuda_tests", "running", tests=list(CUDA_TESTS))
+    _fresh(xml)
     outcome, rc, secs = run_child(cmd, budget.step_timeout(STEP_LIMITS_S["cuda_tests"], 60), log)
-    summary = kitlib.parse_junit(xml) if xml.exists() else None
-    if outcome == "timeout":
-        res.step("cuda_tests", "timeout", seconds=secs, summary=summary)
-    elif summary is None:
-        res.step("cuda_tests", "error", seconds=secs, rc=rc, error="pytest wrote no JUnit XML (see kit.log)")
+    try:
+        summary = kitlib.parse_junit(xml) if xml.exists() else None
+    except Exception as exc:  # noqa: BLE001 - a truncated XML (pytest killed while writing it)
+        summary, parse_error = None, repr(exc)
     else:
-        ok = summary["failed"] == 0 and summary["errors"] == 0 and summary["passed"] > 0
-        res.step("cuda_tests", "pass" if ok else "fail", seconds=secs, rc=rc, summary=summary,
-                 note=None if summary["passed"] else "no test passed (all skipped: no CUDA device?)")
+        parse_error = None
+    if outcome == "timeout":
+        res.step("cuda_tests", "timeout", seconds=secs, rc=rc, summary=summary)
+    elif summary is None:
+        res.step("cuda_tests", "error", seconds=secs, rc=rc,
+                 error=f"pytest (exit {rc}) wrote no readable JUnit XML (see kit.log)"
+                 + (f": {parse_error}" if parse_error else ""))
+    else:
+        ok = rc == 0 and summary["failed"] == 0 and summary["errors"] == 0 and summary["passed"] > 0
+        note = None
+        if not summary["passed"]:
+            note = "no test passed (all skipped: no CUDA device?)"
+        elif rc != 0 and not summary["failed"] and not summary["errors"]:
+            note = f"pytest exited {rc} although its XML lists no failure (see kit.log)"
+        res.step("cuda_tests", "pass" if ok else "fail", seconds=secs, rc=rc, summary=summary, note=note)
 
 
 def step_bench(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> dict | None:
@@ -280,8 +366,9 @@ def step_bench(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> d
             "with contextlib.redirect_stdout(buf): rc=t.run(a)\n"
             "open(sys.argv[1],'w').write(buf.getvalue()); sys.exit(rc)\n")
     cmd = [sys.executable, "-c", code, str(out), "--json", "--no-quant", "--repeats", "9",
-           "--sizes-kib", "256,1024,4096,16384", "--blocks", "32", "--layers", "16", "--cuda-only"]
+           "--sizes-kib", ",".join(map(str, BENCH_SIZES_KIB)), "--blocks", "32", "--layers", "16", "--cuda-only"]
     res.step("bench_transfer", "running")
+    _fresh(out)
     outcome, rc, secs = run_child(cmd, budget.step_timeout(STEP_LIMITS_S["bench_transfer"], 60), log)
     data = None
     if out.exists() and out.stat().st_size:
@@ -290,14 +377,19 @@ def step_bench(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> d
         except ValueError:
             data = None
     if outcome == "timeout":
-        res.step("bench_transfer", "timeout", seconds=secs)
-    elif data is None:
+        res.step("bench_transfer", "timeout", seconds=secs, rc=rc)
+        return None
+    if outcome != "ok":
+        res.step("bench_transfer", "fail", seconds=secs, rc=rc, result=data,
+                 error=f"bench transfer exited {rc} (see kit.log)")
+        return None
+    if data is None:
         res.step("bench_transfer", "error", seconds=secs, rc=rc, error="bench transfer wrote no JSON (see kit.log)")
-    else:
-        status = "pass" if data.get("cuda") else "fail"
-        res.step("bench_transfer", status, seconds=secs, result=data,
-                 note=None if data.get("cuda") else "no CUDA rows: no CUDA device in this run")
-    return data
+        return None
+    status = "pass" if data.get("cuda") else "fail"
+    res.step("bench_transfer", status, seconds=secs, rc=rc, result=data,
+             note=None if data.get("cuda") else "no CUDA rows: no CUDA device in this run")
+    return data if status == "pass" else None
 
 
 def _write_model(args, budget: Budget, log: Log) -> bool:
@@ -335,10 +427,20 @@ def step_e2e(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> dic
         return {}
     outputs: dict[str, dict] = {}
     durations: list[float] = []
-    for r in runs:
-        estimate = max(durations) if durations else 0.0
-        if budget.left() - 45 < max(estimate, 20.0):
-            info["runs"][r["name"]] = {"status": "skipped", "reason": f"{budget.left():.0f}s left of the budget"}
+    refs = reference_runs(runs, args.steps)
+    info["reference_runs"] = sorted(refs)
+    for i, r in enumerate(runs):
+        need = max(max(durations) if durations else 0.0, 20.0)
+        later_refs = [x["name"] for x in runs[i + 1:] if x["name"] in refs]
+        reserve = 0.0 if r["name"] in refs else need * len(later_refs)
+        left = budget.left()
+        if left - 45 < need:
+            info["runs"][r["name"]] = {"status": "skipped", "reason": f"{left:.0f}s left of the budget"}
+        elif left - 45 - reserve < need:
+            info["runs"][r["name"]] = {"status": "skipped", "reason": f"{left:.0f}s left of the budget, kept for "
+                                       f"the reference run(s) still to come: {', '.join(later_refs)}"}
+        if info["runs"][r["name"]].get("status") == "skipped":
+            log(f"run {r['name']}: skipped ({info['runs'][r['name']]['reason']})")
             res.step("e2e", "running", runs=info["runs"])
             continue
         out = work / f"run_{r['name']}.json"
@@ -348,22 +450,49 @@ def step_e2e(args, res: ResultFile, budget: Budget, log: Log, work: Path) -> dic
             cmd.append("--cpu-shim")
         if args.fake_engine:
             cmd.append("--fake-engine")
+        _fresh(out)
         outcome, rc, secs = run_child(cmd, budget.step_timeout(args.run_timeout_s, 40), log)
         durations.append(secs)
-        data = json.loads(out.read_text()) if out.exists() else {"status": "error", "error": "no result file"}
-        if outcome == "timeout":
-            data = {"status": "timeout", "seconds": secs}
+        data = _read_run(out, outcome, rc, secs)
         outputs[r["name"]] = data.pop("outputs", None) or {}
         data["seconds"] = secs
         info["runs"][r["name"]] = data
-        log(f"run {r['name']}: {data.get('status')} in {secs:.1f}s "
-            f"ttft p50 {(data.get('ttft') or {}).get('p50')} host {data.get('host_tier', {}).get('restored_tokens')}")
+        thr = data.get("restore_threshold") or {}
+        log(f"run {r['name']}: {data.get('status')} (exit {rc}) in {secs:.1f}s "
+            f"ttft p50 {(data.get('ttft') or {}).get('p50')} host {data.get('host_tier', {}).get('restored_tokens')}"
+            + (f" min_restore_tokens {thr.get('configured')!r} -> {thr.get('connector')} "
+               f"(calibration: {thr.get('calibration_source')})" if thr else ""))
         res.step("e2e", "running", runs=info["runs"])
         (args.out / "outputs.json").write_text(json.dumps(outputs) + "\n")
     statuses = [v.get("status") for v in info["runs"].values()]
     ok = statuses and all(s in ("ok", "skipped") for s in statuses) and "ok" in statuses
     res.step("e2e", "pass" if ok else "fail", runs=info["runs"], comparison=compare_runs(info["runs"]))
     return outputs
+
+
+def reference_runs(runs: list[dict], steps) -> set[str]:
+    """Runs others depend on: the reference of an equality pair whose candidate is also planned (when
+    ``equality`` is a step), and the calibration run."""
+    names = {r["name"] for r in runs}
+    refs = {ref for cand, ref in EQUALITY_PAIRS if "equality" in steps and cand in names and ref in names}
+    return refs | {r["name"] for r in runs if r.get("calibrate")}
+
+
+def _read_run(out: Path, outcome: str, rc, secs: float) -> dict:
+    """One worker's result: its file, unless it timed out; ``ok`` only when it also exited 0."""
+    if outcome == "timeout":
+        return {"status": "timeout", "seconds": secs, "rc": rc}
+    try:
+        data = json.loads(out.read_text()) if out.exists() else None
+    except ValueError as exc:
+        data = {"status": "error", "error": f"unreadable result file: {exc}"}
+    if not isinstance(data, dict):
+        data = {"status": "error", "error": f"no result file (worker exited {rc})"}
+    if rc != 0 and data.get("status") == "ok":
+        data["status"] = "error"
+        data["error"] = f"worker exited {rc} although its file says ok"
+    data["rc"] = rc
+    return data
 
 
 def compare_runs(runs: dict) -> dict:
@@ -409,6 +538,8 @@ def _fmt(v, spec=".3f") -> str:
 def summary_table(data: dict) -> str:
     """A short text summary of a result (what the device tool's output tail shows)."""
     lines = [f"gpu: {(data.get('env') or {}).get('gpu')}  status: {data.get('status')}"]
+    for why in data.get("incomplete") or ():
+        lines.append(f"  incomplete: {why}")
     for name, st in data["steps"].items():
         extra = ""
         if name == "cuda_tests" and st.get("summary"):
@@ -428,6 +559,11 @@ def summary_table(data: dict) -> str:
         lines.append(f"  {name:<14} {r.get('status', '-'):<8} {_fmt(ms['p50'], '.2f'):>11} {_fmt(ms['p99'], '.2f'):>11} "
                      f"{_fmt(r.get('output_tokens_per_s'), '.1f'):>10} {_fmt(r.get('prefill_tokens_per_s'), '.0f'):>13} "
                      f"{_fmt((r.get('host_tier') or {}).get('restored_tokens'), 'd'):>9}")
+    for name, r in (data["steps"]["e2e"].get("runs") or {}).items():
+        thr = r.get("restore_threshold")
+        if thr:
+            lines.append(f"  {name}: min_restore_tokens {thr.get('configured')!r} -> {thr.get('connector')} "
+                         f"(calibration: {thr.get('calibration_source')})")
     for name, c in (data["steps"]["equality"].get("compared") or {}).items():
         lines.append(f"  equality {name}: {c['summary']}")
     if data.get("calibration"):
@@ -440,11 +576,12 @@ def summary_table(data: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("GPU_KIT_WORK", "/tmp/gpu_kit_work"))
-    work.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget_s)
     log = Log(args.out / "kit.log")
     res = ResultFile(args.out / "result.json", argv=sys.argv[1:] if argv is None else argv)
+    work = fresh_work_dir(Path(os.environ.get("GPU_KIT_WORK", "/tmp/gpu_kit_work")))
+    res.set("work_dir", str(work))
+    res.set("calibration_input", calibration_input(args.min_restore_tokens))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_term(res, log))
     for name in kitlib.STEPS:
@@ -488,12 +625,42 @@ def main(argv=None) -> int:
     res.set("targets", kitlib.evaluate_targets(bench, e2e if e2e.get("runs") else None, eq))
     if args.cpu_shim or args.fake_engine:
         res.set("note", "CPU test run (faked CUDA runtime or fake engine): no figure here is a GPU figure")
-    res.finish("fail" if res.data.get("driver_error") else None)
+    res.finish("fail" if res.data.get("driver_error") else None,
+               incomplete=kitlib.incomplete_reasons(args.steps, res.data["steps"]["e2e"], eq))
     log(f"done: {res.data['status']}; steps: "
-        + ", ".join(f"{k}={v['status']}" for k, v in res.data["steps"].items()))
-    print(json.dumps({"status": res.data["status"], "targets": res.data["targets"]}, indent=1))
+        + ", ".join(f"{k}={v['status']}" for k, v in res.data["steps"].items())
+        + "".join(f"; incomplete: {why}" for why in res.data.get("incomplete") or ()))
+    print(json.dumps({"status": res.data["status"], "incomplete": res.data.get("incomplete"),
+                      "targets": res.data["targets"]}, indent=1))
     print(summary_table(res.data))
-    return 0 if res.data["status"] == "pass" else 1
+    return {"pass": 0, "incomplete": EXIT_INCOMPLETE}.get(res.data["status"], 1)
+
+
+def fresh_work_dir(root: Path) -> Path:
+    """A new ``call-*`` folder under ``root`` for this invocation's files (earlier calls' removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("call-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="call-", dir=root))
+
+
+def calibration_input(min_restore_tokens) -> dict:
+    """The calibration file the runs inherit (``$LMDEPLOY_HOSTCACHE_CALIBRATION``): path, sha256 and
+    content, or that none is set (``auto`` then uses restore_cost.ASSUMED)."""
+    from_env = os.environ.get("LMDEPLOY_HOSTCACHE_CALIBRATION", "").strip() or None
+    out = {"min_restore_tokens": min_restore_tokens, "env": from_env}
+    if from_env is None:
+        out["note"] = "LMDEPLOY_HOSTCACHE_CALIBRATION not set: auto uses restore_cost.ASSUMED (not measured)"
+        return out
+    path = Path(from_env)
+    out["exists"] = path.is_file()
+    if out["exists"]:
+        out["sha256"] = _file_sha256(path)
+        try:
+            out["content"] = json.loads(path.read_text())
+        except ValueError as exc:
+            out["content_error"] = str(exc)[:200]
+    return out
 
 
 if __name__ == "__main__":

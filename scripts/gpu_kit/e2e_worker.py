@@ -19,8 +19,12 @@ Per request it records the time to the first token (TTFT), the total latency and
 ``--out`` gets: status, per-request rows, TTFT p50/p99, prefill tokens/s (uncached prompt tokens over
 the TTFTs), output tokens/s over the replay's wall time, the GPU prefix-cache hit tokens, and with
 the tier on the connector's counters (host hits, restored tokens, restore latency). ``calibrate``
-adds the marginal prefill rate of fresh prompts (between 256 tokens and 2048, or the session length)
-and the decode step time (for ``restore_cost``).
+adds the marginal prefill rate of fresh prompts (between 256 tokens and ``CALIBRATION_MAX_PROMPT``,
+16384, or the session length less 32 if shorter) and the decode step time (for ``restore_cost``).
+With the tier on, ``restore_threshold`` (``restore_threshold``) records the ``min_restore_tokens``
+the connector resolved, the same figure resolved again here with ``restore_cost`` from the
+connector's own inputs, and the calibration it came from (``$LMDEPLOY_HOSTCACHE_CALIBRATION`` or
+the assumed figures).
 
 The replay takes any engine object with ``create_instance()`` whose instances have LMDeploy's
 ``async_stream_infer``; tests drive it with a fake (``tests/gpu_kit``).
@@ -169,6 +173,37 @@ def _connector(engine):
     return getattr(conn, "scheduler_side", None)
 
 
+def restore_threshold(engine, cfg: dict) -> dict | None:
+    """The tier's restore-or-recompute threshold in this engine, None without a connector.
+
+    ``connector``: the ``min_restore_tokens`` the connector applies (resolved at its construction);
+    ``resolved``: ``restore_cost.resolve_min_restore_tokens`` on the connector's configured value and
+    bytes per token (its ``block_transfer_bytes / block_size``) with the calibration this process
+    reads (``calibration_source``: the file named by ``$LMDEPLOY_HOSTCACHE_CALIBRATION``, or the
+    assumed figures); ``agrees``: the two are equal. The calibration only matters for ``auto``.
+    """
+    conn = _connector(engine)
+    if conn is None:
+        return None
+    from lmdeploy_hostcache import restore_cost
+
+    configured = getattr(getattr(conn, "hostcache", None), "min_restore_tokens", cfg.get("min_restore_tokens", 0))
+    block_bytes, block_size = getattr(conn, "block_transfer_bytes", 0), getattr(conn, "block_size", 0)
+    bytes_per_token = block_bytes / block_size if block_size else 0.0
+    out = {"configured": configured, "connector": getattr(conn, "min_restore_tokens", None),
+           "bytes_per_token": bytes_per_token, "uses_calibration": str(configured).strip().lower() == "auto",
+           "calibration_env": os.environ.get(restore_cost.ENV_CALIBRATION, "").strip() or None}
+    try:
+        cal = restore_cost.load_calibration()
+        out["calibration_source"] = cal.source
+        out["calibration"] = cal.to_dict()
+        out["resolved"] = restore_cost.resolve_min_restore_tokens(configured, bytes_per_token, cal)
+    except (restore_cost.CalibrationError, ValueError, TypeError) as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["agrees"] = out.get("resolved") == out["connector"] if out["connector"] is not None else None
+    return out
+
+
 def _gpu_hit_tokens(engine):
     trie = getattr(getattr(engine, "scheduler", None), "block_trie", None)
     stats = getattr(trie, "stats", None)
@@ -237,6 +272,8 @@ def run(args) -> dict:
             plen = max(16, min(CALIBRATION_MAX_PROMPT, int(cfg["session_len"]) - 32))
             result["calibration"] = loop.run_until_complete(calibrate(engine, gen_cls, int(spec["vocab"]),
                                                                       prompt_len=plen))
+        if cfg.get("tier"):
+            result["restore_threshold"] = restore_threshold(engine, cfg)
         conn0 = _connector(engine)
         base = dict(conn0.stats()) if conn0 is not None else None
         hits0 = _gpu_hit_tokens(engine)

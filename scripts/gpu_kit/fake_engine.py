@@ -4,7 +4,8 @@ Never used on a GPU run: ``e2e_worker.py --fake-engine`` selects it. ``create_in
 instances whose ``async_stream_infer`` yields LMDeploy-shaped outputs (``status.name`` SUCCESS per
 token, then FINISH), greedy tokens being a hash of the prompt, so equal prompts give equal outputs
 in every run and process. ``scheduler.block_trie.stats.num_hit_tokens`` counts block-aligned prefix
-reuse (no eviction); with ``tier`` the connector's ``scheduler_side.stats()`` counters exist.
+reuse (no eviction); with ``tier`` the connector's ``scheduler_side.stats()`` counters exist, and its
+``min_restore_tokens`` is resolved from the run's setting as the real connector does.
 ``GPU_KIT_FAKE_DIVERGE=run_name:k`` changes the last token of that run's k-th request (0-based), so
 a test can prove a difference is caught.
 """
@@ -43,7 +44,15 @@ class FakeEngine:
             counters = {"lookups": 0, "hit_blocks": 0, "restored_tokens": 0, "bytes_to_gpu": 0, "host_slots": 8,
                         "host_slots_used": 0, "restore_latency_mean_s": 0.0, "restore_latency_max_s": 0.0,
                         "restore_latency_count": 0}
-            self.scheduler.kv_connector = SimpleNamespace(scheduler_side=SimpleNamespace(stats=lambda: dict(counters)))
+            # the connector's threshold, resolved as HostTierScheduler does (restore_cost, 64 KiB per token)
+            from lmdeploy_hostcache.restore_cost import resolve_min_restore_tokens
+
+            mrt = cfg.get("min_restore_tokens", 0)
+            block_bytes = 65536 * self.block_size
+            side = SimpleNamespace(stats=lambda: dict(counters), hostcache=SimpleNamespace(min_restore_tokens=mrt),
+                                   block_size=self.block_size, block_transfer_bytes=block_bytes,
+                                   min_restore_tokens=resolve_min_restore_tokens(mrt, block_bytes / self.block_size))
+            self.scheduler.kv_connector = SimpleNamespace(scheduler_side=side)
         self.count = 0
         diverge = os.environ.get("GPU_KIT_FAKE_DIVERGE", "")
         name, _, k = diverge.partition(":")

@@ -12,16 +12,23 @@
   nearest the model's), marginal prefill rate (``marginal_prefill``) and step time (e2e calibration) -> the JSON that
   ``lmdeploy_hostcache.restore_cost`` reads through ``LMDEPLOY_HOSTCACHE_CALIBRATION``.
 * ``evaluate_targets``: the issue's targets, each ``pass``/``fail``/``not measured`` with its figure.
+* ``incomplete_reasons``: why a run in which nothing failed still proved less than was asked
+  (a requested engine run skipped, output equality requested but nothing compared); the run's
+  status is then ``incomplete``, never ``pass``.
+* ``tree_sha256`` / ``checkout_state``: what code a result tested (a hash of the package sources
+  the run imported; at staging, ``git describe --dirty`` and hashes of the uncommitted changes).
 
 Invariants: every figure in a result comes from the run that wrote it; a target is never ``pass``
 without its measured figure next to it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import subprocess
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -32,6 +39,8 @@ SCHEMA = "lmdeploy-hostcache-gpu-kit/1"
 STEPS = ("cuda_tests", "bench_transfer", "e2e", "equality")
 RESERVED_BLOCKS = 2
 STEP_STATUSES = ("pending", "running", "pass", "fail", "error", "timeout", "skipped")
+# a whole run: ``incomplete`` when nothing failed but something asked for was not measured
+RUN_STATUSES = ("running", "pass", "incomplete", "fail", "timeout", "error")
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -99,10 +108,14 @@ class ResultFile:
         entry.update(fields)
         self.write()
 
-    def finish(self, status: str | None = None) -> None:
+    def finish(self, status: str | None = None, incomplete: list[str] | None = None) -> None:
+        """Final status: ``status`` if given, else ``fail`` when a step failed, errored or timed out,
+        else ``incomplete`` when ``incomplete`` names what was asked but not proven, else ``pass``."""
+        if incomplete:
+            self.data["incomplete"] = list(incomplete)
         if status is None:
             bad = [s["status"] for s in self.data["steps"].values() if s["status"] in ("fail", "error", "timeout")]
-            status = "fail" if bad else "pass"
+            status = "fail" if bad else "incomplete" if incomplete else "pass"
         self.data["status"] = status
         self.data["finished"] = _now()
         self.write()
@@ -123,7 +136,7 @@ def validate_result(data: dict) -> list[str]:
     problems = []
     if data.get("schema") != SCHEMA:
         problems.append(f"schema: expected {SCHEMA!r}, got {data.get('schema')!r}")
-    if data.get("status") not in ("running", "pass", "fail", "timeout", "error"):
+    if data.get("status") not in RUN_STATUSES:
         problems.append(f"status: unexpected {data.get('status')!r}")
     steps = data.get("steps")
     if not isinstance(steps, dict) or set(steps) != set(STEPS):
@@ -318,10 +331,95 @@ def evaluate_targets(bench: dict | None, e2e: dict | None, equality: dict | None
     out["throughput_loss_when_fits"] = _target(None if loss is None else loss <= 0.02,
                                                None if loss is None else round(loss, 4), "<= 2%")
     if equality and equality.get("compared"):
-        diffs = sum(len(c.get("mismatching_requests", [])) for c in equality["compared"].values())
+        diffs = sum(_differing_requests(c) for c in equality["compared"].values())
         out["token_differences"] = _target(diffs == 0, diffs, "0 (tier on vs stock with a large GPU cache)")
     else:
         out["token_differences"] = _target(None, None, "0 (tier on vs stock with a large GPU cache)")
+    return out
+
+
+def _differing_requests(c: dict) -> int:
+    """Requests that differ in one comparison: mismatching, missing from the candidate, or present in
+    the candidate only (``extra_requests``); at least 1 when the comparison says not identical."""
+    ids = set(c.get("mismatching_requests") or ()) | set(c.get("missing_requests") or ()) | \
+        {("extra", r) for r in (c.get("extra_requests") or ())}
+    if not ids and c.get("identical") is False:
+        return 1
+    return len(ids)
+
+
+def incomplete_reasons(steps: list[str], e2e_step: dict | None, equality: dict | None) -> list[str]:
+    """What a run asked for but did not measure (empty: nothing missing).
+
+    * a requested engine run skipped (the budget ran out before it) or never started;
+    * output equality requested (``equality`` in ``steps``) but no pair of runs compared.
+    """
+    out = []
+    runs = (e2e_step or {}).get("runs") or {}
+    if "e2e" in steps:
+        skipped = [n for n, r in runs.items() if (r or {}).get("status") in ("skipped", "pending")]
+        if skipped:
+            out.append("requested runs not run: " + ", ".join(
+                f"{n} ({runs[n].get('reason') or runs[n].get('status')})" for n in skipped))
+    if "equality" in steps and not (equality or {}).get("compared"):
+        out.append("output equality requested but no pair of runs was compared"
+                   + (f" (not compared: {', '.join(equality['not_compared'])})"
+                      if (equality or {}).get("not_compared") else ""))
+    return out
+
+
+# -- what code ran ---------------------------------------------------------------------------------
+
+def tree_sha256(root: str | os.PathLike, pattern: str = "**/*.py") -> dict:
+    """sha256 over the files under ``root`` matching ``pattern`` (sorted relative paths, each path and
+    its bytes hashed), the file count and the root; ``sha256`` None when ``root`` is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        return {"root": str(root), "files": 0, "sha256": None}
+    h = hashlib.sha256()
+    files = sorted(p for p in root.glob(pattern) if p.is_file() and "__pycache__" not in p.parts)
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(p.read_bytes())
+        h.update(b"\0")
+    return {"root": str(root), "files": len(files), "sha256": h.hexdigest()}
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=60)
+
+
+def checkout_state(repo: str | os.PathLike, package: str = "lmdeploy_hostcache",
+                   untracked_paths=("lmdeploy_hostcache", "scripts/gpu_kit")) -> dict:
+    """The checkout as it is now: HEAD, ``git describe --always --dirty``, sha256 of ``git diff HEAD``
+    (uncommitted changes to tracked files), the untracked files under ``untracked_paths`` with a
+    sha256 over them, and ``tree_sha256`` of the package's sources (what the driver recomputes over
+    the package it imports on the GPU machine). Git fields are None where git or the repo is missing."""
+    repo = Path(repo)
+    out = {"head": None, "describe": None, "diff_sha256": None, "diff_bytes": None,
+           "untracked": [], "untracked_sha256": None, "package": tree_sha256(repo / package), "at": _now()}
+    try:
+        head = _git(repo, "rev-parse", "HEAD")
+        if head.returncode != 0:
+            out["git_error"] = head.stderr.decode(errors="replace").strip()[:300]
+            return out
+        out["head"] = head.stdout.decode().strip()
+        out["describe"] = _git(repo, "describe", "--always", "--dirty").stdout.decode().strip() or None
+        diff = _git(repo, "diff", "HEAD", "--binary")
+        out["diff_sha256"], out["diff_bytes"] = hashlib.sha256(diff.stdout).hexdigest(), len(diff.stdout)
+        listed = _git(repo, "ls-files", "--others", "--exclude-standard", "-z", "--", *untracked_paths)
+        names = sorted(n for n in listed.stdout.decode(errors="replace").split("\0") if n)
+        h = hashlib.sha256()
+        for n in names:
+            h.update(n.encode() + b"\0")
+            try:
+                h.update((repo / n).read_bytes())
+            except OSError:
+                pass
+            h.update(b"\0")
+        out["untracked"], out["untracked_sha256"] = names, h.hexdigest()
+    except (OSError, subprocess.SubprocessError) as exc:
+        out["git_error"] = repr(exc)
     return out
 
 

@@ -11,6 +11,12 @@
 #    $OUT/calibration.json, $OUT/outputs.json.
 # Whole run bounded by KIT_BUDGET_S (default 450 s) plus the install; every step has its own timeout.
 # Extra arguments go to driver.py (e.g. --steps cuda_tests,bench_transfer).
+# Exit status (driver.py's): 0 pass, 1 fail, 3 incomplete (a requested run skipped, or equality asked
+# for and nothing compared; result.json's "incomplete" says why), 124 stopped at KIT_TIMEOUT_S,
+# 2 no staged wheels or bad arguments.
+# Two runs in one device call: give each its own OUT (OUT=$OUT/a ..., OUT=$OUT/b ...); they share
+# the model folder (/tmp/gpu_kit_model, written once) and nothing else: each driver call works in a
+# fresh folder under /tmp/gpu_kit_work, so no file of the first run is read as the second's.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out/gpu_kit}

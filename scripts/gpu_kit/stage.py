@@ -11,6 +11,10 @@ usage: python stage.py --download DIR --dest DIR [--repo DIR] [--no-own-wheel]
 * This package is built as a wheel (``pip wheel --no-deps``) from the checkout.
 * ``manifest.json`` lists every staged wheel with its size and sha256, what was stripped, and the
   checkout's commit.
+* ``--checkout-json FILE`` (``stage.sh``: ``.gpu_kit/checkout.json``): the checkout as staged
+  (``kitlib.checkout_state``: ``git describe --always --dirty``, sha256 of ``git diff HEAD`` and of the
+  untracked package files, sha256 of ``lmdeploy_hostcache/**/*.py``); the driver puts it in its
+  result next to the hash of the package it actually imported.
 
 Invariant: the wheel folder holds exactly one wheel per distribution (pip stops on two).
 """
@@ -112,6 +116,17 @@ def _git_commit(repo: Path) -> str | None:
     return proc.stdout.strip() or None
 
 
+def write_checkout_json(repo: Path, path: Path) -> dict:
+    """``kitlib.checkout_state(repo)`` written to ``path`` (what code this kit was staged from)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import kitlib
+
+    state = kitlib.checkout_state(repo)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2) + "\n")
+    return state
+
+
 def stage(download: Path, dest: Path, repo: Path, own_wheel: bool = True) -> dict:
     wheels = sorted(download.glob("*.whl"))
     if not wheels:
@@ -156,10 +171,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dest", required=True, type=Path, help="staged wheel folder (emptied first)")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[2])
     parser.add_argument("--no-own-wheel", action="store_true", help="do not build this package's wheel")
+    parser.add_argument("--checkout-json", type=Path, default=None,
+                        help="also write the checkout's state (describe --dirty, diff and untracked hashes) here")
     args = parser.parse_args(argv)
     if not args.download.is_dir():
         raise SystemExit(f"--download {args.download}: not a folder")
     m = stage(args.download, args.dest, args.repo, own_wheel=not args.no_own_wheel)
+    if args.checkout_json is not None:
+        write_checkout_json(args.repo, args.checkout_json)
     s = m["lmdeploy_stripped"]
     print(f"staged {len(m['wheels'])} wheels in {args.dest}: {m['total_bytes'] / 2**20:.1f} MiB "
           f"(lmdeploy {s['original_bytes'] / 2**20:.1f} MiB -> stripped of {len(s['removed'])} files, "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage the GPU proof kit on a CPU machine with PyPI access (no GPU needed), then check it.
 #
-#   bash scripts/gpu_kit/stage.sh            # -> .gpu_kit/wheels/*.whl + manifest.json + check.json
+#   bash scripts/gpu_kit/stage.sh            # -> .gpu_kit/wheels/*.whl + manifest.json, checkout.json, check.json
 #
 # Downloads cp312 manylinux x86_64 wheels (--no-deps) of everything in requirements.txt (LMDeploy
 # 0.18.0 and what its PyTorch engine path imports that the GPU image lacks), rewrites LMDeploy's wheel
@@ -27,6 +27,8 @@ done
 timeout 900 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp $PLATS -d "$DL" -r scripts/gpu_kit/requirements.txt
 echo "[gpu_kit] stripping LMDeploy's TurboMind binaries, building lmdeploy-hostcache's wheel" >&2
-"$PY" scripts/gpu_kit/stage.py --download "$DL" --dest "$KIT/wheels"
+# checkout.json: git describe --always --dirty, sha256 of `git diff HEAD` and of the untracked package
+# files, sha256 of lmdeploy_hostcache/**/*.py (the driver hashes what it imports and reports both)
+"$PY" scripts/gpu_kit/stage.py --download "$DL" --dest "$KIT/wheels" --checkout-json "$KIT/checkout.json"
 echo "[gpu_kit] checking the staged set" >&2
 "$PY" scripts/gpu_kit/check.py --kit "$KIT"
