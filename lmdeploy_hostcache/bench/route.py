@@ -175,7 +175,8 @@ def compare(yaml_path: str, trace_path: str | None) -> dict:
                      "seconds": time.perf_counter() - t0})
     gpu = sum(sizing.gpu_blocks(n.gpu_kv_gb) for n in spec.nodes)
     host = sum(sizing.host_blocks(n.host_gb) for n in spec.nodes)
-    st = replay(prepared, gpu, host, spec.host_policy, trace.block_size, False)
+    st = replay(prepared, gpu, host, spec.host_policy, trace.block_size, False,
+                min_restore_tokens=spec.min_restore_tokens)
     rows.append({"routing": "pooled", "hit_rate": st.hit_rate, "gpu_hit_rate": st.gpu_hit_rate,
                  "host_hit_rate": st.host_hit_rate, "requests": [st.requests], "gpu_blocks": gpu, "host_blocks": host})
     return {"cluster": yaml_path, "trace": trace.name, "requests": len(trace), "host_policy": spec.host_policy,

@@ -72,20 +72,21 @@ class RotatingWriter:
         self._size = os.fstat(self._fd).st_size
 
     def _set_aside(self) -> None:
-        """Rename the file to the first free ``<stem>.<n><suffix>``, never over an existing one: the new name
-        is claimed by a hard link, which fails if the name exists (another writer may set aside a file of
-        the same stem at the same moment), and only then is the old name removed."""
+        """Rename the file to the first free ``<stem>.<n><suffix>``, never over another file: the name is
+        claimed by creating it empty (``O_EXCL`` fails if it exists: another writer may set aside a file
+        of the same stem at the same moment) and only the claimed empty file is then replaced (a crash in
+        between leaves an empty file, which ``plan`` skips; no hard links, which some filesystems lack)."""
         suffix = self.path.suffix or ".jsonl"
         stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
         n = 1
         while True:
             target = self.path.parent / f"{stem}.{n}{suffix}"
             try:
-                os.link(self.path, target)
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 break
             except FileExistsError:
                 n += 1
-        os.unlink(self.path)
+        os.replace(self.path, target)
 
     def _rotate(self) -> None:
         self._close()

@@ -105,7 +105,8 @@ class TraceCapture:
         self.block_size = int(block_size)
         self.namespaces = namespaces
         self.clock = clock
-        self._arrival: dict[int, tuple[int, float]] = {}   # seq_id -> (input_start_pos, arrival)
+        # seq_id -> the turn noted (input_start_pos, arrival, input_end_pos)
+        self._arrival: dict[int, tuple[int, float, int]] = {}
         self._queue: list[tuple] = []     # snapshots not yet written
         self._queued_at = 0.0             # perf_counter when the oldest queued snapshot was taken
         self._roots: dict[tuple, tuple[int, int, bytes]] = {}    # (adapter, salt) -> (chain root, seed, root bytes)
@@ -374,8 +375,8 @@ class TraceCapture:
         start = seq.input_start_pos
         if noted is not None and noted[0] == start:
             arrival = noted[1]
-        else:  # a later turn of a session, or registered before capture began
-            arrival = self.clock() - max(0.0, time.perf_counter() - float(seq.arrive_time))
+        else:  # registered before capture began, or a later turn (the hook queues the turn before it too)
+            arrival = self._clock_of(seq.arrive_time)
         prompt_len = seq.input_end_pos
         full = prompt_len - prompt_len % self.block_size
         output_len = seq.num_valid_ids - prompt_len
@@ -471,11 +472,13 @@ class TraceCapture:
             return
         deadline = time.monotonic() + HELPER_EXIT_SECONDS
         try:
+            writable = select.poll()          # poll, not select: the pipe's descriptor may be above 1023
+            writable.register(self._pipe, select.POLLOUT)
             while self._pending and not self.failed:   # what waits, as the pipe takes it, until the deadline
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise subprocess.TimeoutExpired("capture helper", HELPER_EXIT_SECONDS)
-                select.select([], [self._pipe], [], min(left, 1.0))
+                writable.poll(min(left, 1.0) * 1000)
                 self._send()
             self._pending.clear()
             helper.stdin.close()

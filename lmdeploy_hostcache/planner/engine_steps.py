@@ -339,6 +339,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # the long prompts a short-only pass skipped, all of them: (what they depend on, their blocks in refresh order)
         self._skip_refresh: tuple | None = None
         self._reloaded: dict[int, set] = {}          # id(pr) -> block indices its reclaimed loads restored
+        self._load_short: dict[int, int] = {}        # id(pr) -> short host hits its pending load counted
         # within a pass: the completed loads it skipped and those it has not tried yet (LMDeploy's
         # ``skipped_waiting + waiting``, the requests an admission's capacity making may reclaim)
         self._pass_skipped: list | None = None
@@ -1098,7 +1099,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         if id(lpr) not in self._continues:
             self._reloaded.setdefault(id(lpr), set()).update(range(g, g + restored))
             pos = self._position[id(lpr)]
-            self._uncount(lpr, *self.results[pos])     # as counted at its load (``_note_result``)
+            self._uncount(lpr, *self.results[pos], self._load_short.pop(id(lpr), 0))   # as counted at its load
             self.results[pos] = None
         st.load_waits -= 1
         st.reclaimed_loads += 1
@@ -1498,8 +1499,9 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         st.max_held_blocks = max(st.max_held_blocks, self._occupied())
         return held
 
-    def _uncount(self, pr: PreparedRequest, g: int, restored: int) -> None:
-        """Take back what serving ``pr`` added to the totals (``serve_blocks``), ``g`` and ``restored`` hits."""
+    def _uncount(self, pr: PreparedRequest, g: int, restored: int, short: int) -> None:
+        """Take back what serving ``pr`` added to the totals (``serve_blocks``): ``g`` and ``restored`` hits,
+        ``short`` host hits under ``min_restore_tokens``."""
         st = self.stats
         st.requests -= 1
         st.prompt_tokens -= pr.request.input_length
@@ -1507,13 +1509,18 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         st.gpu_hit_blocks -= g
         st.host_hit_blocks -= restored
         st.requests_with_host_hits -= restored > 0
+        st.short_host_hit_blocks -= short
 
     def _note_result(self, pr: PreparedRequest, g: int, restored: int, final: bool = True) -> None:
         """Count ``pr``'s hits (its admission, or ``final`` False: its load, which may still be reclaimed)."""
         self._match_cache.pop(id(pr), None)
-        if id(pr) in self._continues:
-            self._uncount(pr, g, restored)   # a preempted request's continuation: counted at its first prefill
+        if id(pr) in self._continues:   # a preempted request's continuation: counted at its first prefill
+            self._uncount(pr, g, restored, self.served_short)
             return
+        if final:
+            self._load_short.pop(id(pr), None)
+        else:                           # a load, which may be reclaimed: what to take back then
+            self._load_short[id(pr)] = self.served_short
         own = self._reloaded.pop(id(pr), None) if final else self._reloaded.get(id(pr))
         if own:
             # blocks its own reclaimed load restored and it now matches on the GPU: restored, not GPU hits

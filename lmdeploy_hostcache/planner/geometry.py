@@ -229,7 +229,7 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
         v = cfg.get(key)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_CONFIG_INT:
             raise ValueError(f"model config {p}: field {key!r} must be a positive int <= {MAX_CONFIG_INT} "
-                             f"(no model is larger), got {v!r}")
+                             f"(no model is larger), got {repr(v)[:80]}")
         return v
 
     layers = need("num_hidden_layers")

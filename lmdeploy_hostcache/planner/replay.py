@@ -161,6 +161,7 @@ class TwoTierCache:
         self.stats = ReplayStats(block_size, gpu_blocks, host_blocks, host_policy)
         self._overflowed: set[int] = set()   # id() of the requests counted in gpu_overflow_requests
         self.short_hit = 0                    # the last ``restorable`` call's hit left unrestored
+        self.served_short = 0                 # the last ``serve_blocks``' (counted in short_host_hit_blocks)
 
     def _demote(self, block: HostBlock) -> None:
         host = self.host
@@ -206,7 +207,8 @@ class TwoTierCache:
         gpu, host, st = self.gpu, self.host, self.stats
         d = pr.digests
         g, h = self.probe(pr)
-        st.short_host_hit_blocks += self.short_hit
+        self.served_short = self.short_hit   # this serve's count (a probe after it changes short_hit)
+        st.short_host_hit_blocks += self.served_short
         if g:
             gpu.touch(d[:g])  # LMDeploy's match refreshes access times of the matched blocks
         if h:

@@ -107,10 +107,26 @@ class Trace:
         """The first ``n`` requests (for quick looks and tests)."""
         if n < 0:
             raise ValueError(f"limit must be >= 0, got {n}")
-        return Trace(self.name, self.block_size, self.requests[:n], self.source, self.capture_key)
+        return Trace(self.name, self.block_size, self.requests[:n], self.source, self.capture_key,
+                     list(self.read_warnings))
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _same_content(plain: Path, compressed: Path) -> bool:
+    """Whether ``compressed`` (gzip) holds exactly ``plain``'s bytes (read in pieces, stopping at the first
+    difference; a file that cannot be read counts as different, and its reader reports it)."""
+    try:
+        with open(plain, "rb") as a, gzip.open(compressed, "rb") as b:
+            while True:
+                x, y = a.read(1 << 20), b.read(1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except READ_ERRORS:
+        return False
 # Errors reading a file can raise besides ValueError: turned into one ValueError naming the file.
 READ_ERRORS = (OSError, EOFError, zlib.error)
 
@@ -515,7 +531,8 @@ def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_s
             if not found:
                 raise ValueError(f"trace folder {tp} holds only empty files")
             names = {f.name for f in found}
-            twice = next((f for f in found if f.name.endswith(".gz") and f.name[:-3] in names), None)
+            twice = next((f for f in found if f.name.endswith(".gz") and f.name[:-3] in names
+                          and _same_content(f.with_name(f.name[:-3]), f)), None)
             if twice is not None:   # gzip -k leaves both: every request would count twice
                 raise ValueError(f"trace folder {tp} holds {twice.name[:-3]} and {twice.name}, the same file plain "
                                  "and compressed: keep one of them")

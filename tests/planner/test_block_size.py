@@ -157,3 +157,7 @@ def test_a_folder_with_a_file_and_its_gzip_copy_is_refused(tmp_path, capsys):
     (tmp_path / "cap.jsonl.gz").write_bytes(gzip.compress(a.read_bytes()))
     rc, _, err = _plan(capsys, [str(tmp_path)])
     assert rc == 2 and "cap.jsonl and cap.jsonl.gz, the same file plain and compressed" in err
+    # an older capture compressed beside a newer one of the same name is no copy: both are read
+    _write(tmp_path / "cap.jsonl", [dict(RECORDS[0], block_size=64, capture="k1")])
+    rc, out, err = _plan(capsys, [str(tmp_path), "--json", "--gpu-blocks", "100", "--host-blocks", "0"])
+    assert rc == 0 and json.loads(out)["requests"] == 3, err
