@@ -175,6 +175,9 @@ RELIED_TARGETS: dict[str, str] = {
     # a request that asks for its routed experts is never restored from host (connector lookup)
     "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
         "sampling_param.return_routed_experts: the request wants per-token routed experts back",
+    # salted_trie.install_salted_trie filters the stock checkpoint lookup's candidates by root salt
+    "lmdeploy.pytorch.paging.block_trie.checkpoint:StateCheckpointIndex.candidates":
+        "the only way _match_state_checkpoint_prefix reaches checkpoint nodes (a tuple of a key's bucket)",
     # data-parallel engines share the node's host memory and capture to one file each (activate.py)
     "lmdeploy.pytorch.config:DistConfig":
         "dp: the number of data-parallel engines; dp_rank: this engine's rank (0 <= dp_rank < dp)",
@@ -297,6 +300,8 @@ PINS: dict[str, str] = {
         "a8e7c2d94173a649971fd8f7c37e12c8d575907891ffc0de2a9a7c5bc2c0f4f5",
     "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
         "f54755b2ca6335dda3cb4961d259c9a4aff24f63643bd0c8c6badb50129a0a49",
+    "lmdeploy.pytorch.paging.block_trie.checkpoint:StateCheckpointIndex.candidates":
+        "f4c45444d306d59f3ddfae400f57340b3e96b3473d8787f6d4048462506c249a",
     "lmdeploy.pytorch.config:DistConfig":
         "7b2cb85ccd4e2cc0c38c170c57246b7a957a00331386bee9b59199fb1bf867bb",
 }
@@ -321,6 +326,8 @@ FILE_PINS: dict[str, str] = {
         "663c32417be853455805c3e2f7960af479c857b00b4f4e0a0e0f8017e6b43c54",
     "lmdeploy.pytorch.config":
         "131bb0c0d03fa2c9504b1768c91c0febfe128d7a163799df8cbdde63915518a9",
+    "lmdeploy.pytorch.paging.block_trie.checkpoint":
+        "26140ca798444f70892c677df63e4a7ce605f7317516532b506ad99f2cb2635d",
     "lmdeploy.serve.utils.server_utils":
         "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
     "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper":

@@ -12,7 +12,10 @@ Overridden (each pinned in ``guard.PATCHED_TARGETS``): ``match`` and ``allocate`
 request's salt for the root lookup below), ``_get_or_create_root`` (the salted key),
 ``_cursor_belongs_to_trie`` (a salted root is registered under its salted key) and
 ``_match_state_checkpoint_prefix`` (SSM checkpoints are indexed by adapter only, so a salted
-request on such a model is a miss: no reuse rather than reuse across salts).
+request on such a model is a miss: no reuse rather than reuse across salts).  The trie's checkpoint
+index is wrapped too (``StateCheckpointIndex.candidates``, the stock match's only way to checkpoint
+nodes): it offers only nodes under an unsalted root, so an unsalted request never reuses a salted
+request's checkpoint (its KV blocks and recurrent state), nor lands its cursor on a salted path.
 
 Invariants: a trie match never crosses salts (every match starts at the request's own root or at
 its own cursor, and children are only reached from a parent); unsalted requests behave exactly
@@ -108,8 +111,22 @@ def _salted_class(base: type) -> type:
     return SaltedBlockTrie
 
 
+def _under_unsalted_root(node) -> bool:
+    """``node`` is attached under a root without a salt (a detached node, whose walk ends at a block, is not)."""
+    top = node
+    while top.parent is not None:
+        top = top.parent
+    return top.block_id < 0 and not getattr(top, ROOT_SALT_ATTR, "")
+
+
 def install_salted_trie(trie) -> None:
     """Make ``trie`` (a ``BlockTrie``) honour per-request cache salts (idempotent)."""
     if trie is None or getattr(type(trie), "__hostcache_salted__", False):
         return
     trie.__class__ = _salted_class(type(trie))
+    index = getattr(trie, "_checkpoint_index", None)
+    if index is not None:
+        # salted requests never look checkpoints up (the override above): the stock lookup serves unsalted
+        # ones, which must not reach a checkpoint published under a salted root
+        candidates = index.candidates
+        index.candidates = lambda key: tuple(n for n in candidates(key) if _under_unsalted_root(n))

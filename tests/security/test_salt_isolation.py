@@ -123,3 +123,62 @@ def test_a_new_salt_per_request_does_not_grow_the_trie_roots_without_bound(monke
     assert most <= max(8, 2 * most_live) + 1 and most < 61, (most, most_live)
     # a salt whose blocks are still cached keeps its root and its hits
     assert _run(engine, checkers, p, salt="kept").cached_tokens >= BS or ("", "kept") not in trie._roots
+
+
+def test_an_unsalted_request_never_reuses_a_salted_requests_state_checkpoint():
+    """SSM/hybrid models reuse published recurrent-state checkpoints, indexed by adapter and tokens only: an
+    unsalted request sending a salted tenant's prompt matched that tenant's checkpoint (its KV blocks and
+    state) and went on under the tenant's root. A checkpoint under an unsalted root is still reused."""
+    from lmdeploy.pytorch.paging.block_trie.checkpoint import freeze_state_checkpoint_match_data
+    from lmdeploy.pytorch.paging.block_trie.node import Node, NodeStateCheckpoint
+    from lmdeploy.pytorch.paging.block_trie.trie import BlockTrie
+
+    from lmdeploy_hostcache.integration.request_salt import node_root_salt
+    from lmdeploy_hostcache.integration.salted_trie import root_key
+
+    class Allocator:
+        def update_access_time(self, blocks):
+            pass
+
+        def add_ref_count(self, blocks, n):
+            pass
+
+    engine, _ = _engine()
+    trie = BlockTrie(allocator=Allocator(), block_size=BS, enabled=True, checkpoint_state_manager=object())
+    install_salted_trie(trie)
+    prompt = _prompt(7, 3)
+
+    def publish(salt: str, first_block: int) -> None:
+        """Two blocks of ``prompt`` under the root of ``salt`` and a checkpoint after them, as LMDeploy's
+        ``StateCheckpointLifecycle`` publishes one."""
+        trie.__dict__["_hostcache_cur_salt"] = salt
+        node = trie._get_or_create_root(None)
+        trie.__dict__["_hostcache_cur_salt"] = ""
+        for i in range(2):
+            tokens = prompt[i * BS:(i + 1) * BS]
+            child = Node(trie._hash_block(tokens, ()), first_block + i, tokens, prefix_len=(i + 1) * BS,
+                         adapter_name=None)
+            child.attach_to(node)
+            node = child
+        node.state_checkpoint = NodeStateCheckpoint(slot=first_block, step=2 * BS, published=True)
+        node.state_checkpoint.exact_match_data = freeze_state_checkpoint_match_data(
+            prompt[:2 * BS].copy(), (), np.array([first_block, first_block + 1]),
+            trie._hash_block(prompt[BS:2 * BS], ()))
+        trie._checkpoint_index.add(node)
+
+    def match(salt=None):
+        h = engine.add_request(prompt, 2)
+        seq = engine.sequence_of(h.session_id)
+        if salt is not None:
+            seq.cache_salt = salt
+        trie.match(seq)
+        return seq.prefix_cache.trie_cursor
+
+    publish("tenant-a", 100)
+    assert trie._roots.get(root_key(None, "tenant-a")) is not None
+    for salt in ("tenant-b", None):                      # another salt, no salt: a miss, at their own root
+        cursor = match(salt)
+        assert cursor.prefix_len == 0 and node_root_salt(cursor) == (salt or "")
+    publish("", 200)                                      # the same prompt under the unsalted root: reused
+    cursor = match()
+    assert cursor.prefix_len == 2 * BS and node_root_salt(cursor) == "" and cursor.block_id == 201
