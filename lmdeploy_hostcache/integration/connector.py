@@ -441,6 +441,11 @@ class HostTierScheduler:
             # so a restore would leave the restored tokens without them.  LMDeploy's own trie refuses a
             # match without routed experts for such a request too: recompute.
             return 0, False
+        if request.return_ce_loss or request.return_logits:
+            # the result scores the prompt (return_ppl's cross-entropy, output_logits='all') over the tokens the
+            # forward computes: a restored prefix would drop out of it.  LMDeploy's AsyncEngine refuses such
+            # requests with prefix caching on; through the Engine API they reach the scheduler: recompute.
+            return 0, False
         bs = self.block_size
         token_len = request.clamp_prefix_cache_match_step(request.get_prefix_cache_max_candidate_step())
         token_len = token_len // bs * bs

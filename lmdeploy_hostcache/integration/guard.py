@@ -175,6 +175,11 @@ RELIED_TARGETS: dict[str, str] = {
     # a request that asks for its routed experts is never restored from host (connector lookup)
     "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
         "sampling_param.return_routed_experts: the request wants per-token routed experts back",
+    # nor one whose result scores its prompt tokens (connector lookup)
+    "lmdeploy.pytorch.messages:SchedulerSequence.return_ce_loss":
+        "sampling_param.out_ce_loss: the prompt's cross-entropy over the tokens the forward computes",
+    "lmdeploy.pytorch.messages:SchedulerSequence.return_logits":
+        "sampling_param.out_logits: logits are returned (output_logits 'generation' or 'all')",
     # salted_trie.install_salted_trie filters the stock checkpoint lookup's candidates by root salt
     "lmdeploy.pytorch.paging.block_trie.checkpoint:StateCheckpointIndex.candidates":
         "the only way _match_state_checkpoint_prefix reaches checkpoint nodes (a tuple of a key's bucket)",
@@ -300,6 +305,10 @@ PINS: dict[str, str] = {
         "a8e7c2d94173a649971fd8f7c37e12c8d575907891ffc0de2a9a7c5bc2c0f4f5",
     "lmdeploy.pytorch.messages:SchedulerSequence.return_routed_experts":
         "f54755b2ca6335dda3cb4961d259c9a4aff24f63643bd0c8c6badb50129a0a49",
+    "lmdeploy.pytorch.messages:SchedulerSequence.return_ce_loss":
+        "3594f8009be0ba0f0cfdc18b86c0e7ee1ef343d96c3a1991ab0eb650bcd66e96",
+    "lmdeploy.pytorch.messages:SchedulerSequence.return_logits":
+        "30610e8465d672cff7944bf487dc359284b806931c488045a85b33dc5f733ae8",
     "lmdeploy.pytorch.paging.block_trie.checkpoint:StateCheckpointIndex.candidates":
         "f4c45444d306d59f3ddfae400f57340b3e96b3473d8787f6d4048462506c249a",
     "lmdeploy.pytorch.config:DistConfig":

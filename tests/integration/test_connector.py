@@ -460,6 +460,21 @@ def test_a_request_that_wants_its_routed_experts_is_never_restored_from_host(rou
         assert loads == [c.seq_id] and c.status == MessageStatus.WAITING_FOR_REMOTE_KVS
 
 
+@pytest.mark.parametrize("flag", [None, "out_ce_loss", "out_logits"])
+def test_a_request_whose_result_scores_its_prompt_is_never_restored_from_host(flag):
+    """return_ppl (the prompt's cross-entropy) and output_logits are computed over the tokens the forward
+    runs: a restored prefix would drop out of them, so such a request recomputes."""
+    rig = Rig(num_gpu_blocks=8)
+    a = prompt(1, 17)
+    demote_first_prompt(rig, a, prompt(100, 30))
+    _, c = rig.add(a[:16] + [5, 5, 5])
+    if flag:
+        setattr(c.sampling_param, flag, True)
+    _, meta = rig.step()
+    loads = [ld.request_id for ld in meta.loads] if meta is not None else []
+    assert loads == ([] if flag else [c.seq_id])
+
+
 def test_a_weight_update_stops_the_shared_store_for_the_engine(active, caplog):
     """The store's keys name the weights the engine started with: once they change in place (RL's
     update_params, the checkpoint-engine updates) the engine neither reads nor writes the store."""
