@@ -396,9 +396,19 @@ def _patch_executor_base(mod) -> None:
     orig_init = cls.__dict__["__init__"]
     orig_update = cls.__dict__["_update_num_gpu_blocks"]
 
+    import inspect
+
+    init_signature = inspect.signature(orig_init)
+
     @functools.wraps(orig_init)
     def __init__(self, *args, **kwargs):
         orig_init(self, *args, **kwargs)
+        # the LoRA adapters (name -> path) the engine loads: the store keys name their weights too
+        # (l3_tier.record_weights); ExecutorBase takes them but keeps them nowhere
+        try:
+            self._hostcache_adapters = init_signature.bind(self, *args, **kwargs).arguments.get("adapters")
+        except TypeError:
+            self._hostcache_adapters = None
         if is_host_tier(getattr(self.cache_config, "kv_transfer_config", None)):
             from .compat import check_model_supported
 
@@ -448,7 +458,10 @@ def _patch_executor_base(mod) -> None:
                 from .l3_tier import record_weights
 
                 try:
-                    record_weights(extra, host_cfg.l3, getattr(getattr(self, "misc_config", None), "hf_overrides", None))
+                    record_weights(extra, host_cfg.l3, getattr(getattr(self, "misc_config", None), "hf_overrides", None),
+                                   adapters=getattr(self, "_hostcache_adapters", None),
+                                   draft_model=getattr(getattr(self, "specdecode_config", None), "model", None),
+                                   quant_config=getattr(self.model_config, "quant_config", None))
                 except ValueError as exc:
                     raise UnsupportedConfiguration([str(exc)]) from None
             if slots.tensor_specs is not None:

@@ -39,32 +39,50 @@ def _space_nbytes(extra) -> int:
     return int(planned) if isinstance(planned, int) and not isinstance(planned, bool) else 0
 
 
-def record_weights(extra: dict, cfg, hf_overrides) -> None:
+def _digest(value) -> str:
+    import json
+
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(json.dumps(value, sort_keys=True, default=repr).encode())
+
+
+def record_weights(extra: dict, cfg, hf_overrides, adapters=None, draft_model=None, quant_config=None) -> None:
     """At start-up (executor hook), put in ``extra`` what ``weights_name`` needs on every side: the
-    digest of LMDeploy's ``hf_overrides`` (``hf_overrides_digest``) and, without ``l3.weights_id``, the
-    fingerprint of the checkpoint at ``extra['model_identity']`` (``weights_fingerprint``). The store
-    outlives this process and other nodes read it, so its keys name the weights and the overrides
-    that change what they compute (rope scaling, ...). ``ValueError`` when a weight file cannot be
-    read."""
-    extra.pop("weights_fingerprint", None)   # an earlier run's, in a reused config
-    extra.pop("hf_overrides_digest", None)
+    digest of LMDeploy's ``hf_overrides`` (``hf_overrides_digest``) and of the weights' quantization
+    when LMDeploy quantizes or loads quantized weights (``quant_config``, e.g. ``model_format='fp8'``
+    quantizing at load: ``weight_format_digest``); without ``l3.weights_id``, the fingerprint of the
+    checkpoint at ``extra['model_identity']`` (``weights_fingerprint``) and one of the LoRA adapters
+    (name -> path) and the speculative draft model (``companion_weights_fingerprint``: an adapter's
+    blocks are keyed by its name, which two nodes may give to other weights). The store outlives this
+    process and other nodes read it, so its keys name the weights and the settings that change what
+    they compute. ``ValueError`` when a weight file cannot be read."""
+    for key in ("weights_fingerprint", "hf_overrides_digest", "weight_format_digest",
+                "companion_weights_fingerprint"):
+        extra.pop(key, None)   # an earlier run's, in a reused config
     if hf_overrides:
-        import json
-
-        import xxhash
-
-        extra["hf_overrides_digest"] = xxhash.xxh3_128_hexdigest(
-            json.dumps(hf_overrides, sort_keys=True, default=repr).encode())
+        extra["hf_overrides_digest"] = _digest(hf_overrides)
+    if getattr(quant_config, "quant_method", None):
+        extra["weight_format_digest"] = _digest(vars(quant_config))
     if cfg.weights_id:
         return
     from ..l3.weights import checkpoint_fingerprint
 
+    def fingerprint_of(path) -> str | None:
+        try:
+            return checkpoint_fingerprint(path if isinstance(path, str) else None)
+        except ValueError as exc:
+            raise ValueError(f"l3: cannot fingerprint the weights for the store keys: {exc}; "
+                             "set l3.weights_id to name them") from None
+
+    companions = [(f"adapter:{name}", path) for name, path in sorted((adapters or {}).items())]
+    if draft_model:
+        companions.append(("draft", draft_model))
+    if companions:   # a path not on this machine is named by the path (a hub id)
+        extra["companion_weights_fingerprint"] = _digest(
+            [(what, fingerprint_of(path) or f"path:{path}") for what, path in companions])
     model_path = extra.get("model_identity")   # the resolved model path (prepare hook)
-    try:
-        fingerprint = checkpoint_fingerprint(model_path if isinstance(model_path, str) else None)
-    except ValueError as exc:
-        raise ValueError(f"l3: cannot fingerprint the weights for the store keys: {exc}; "
-                         "set l3.weights_id to name them") from None
+    fingerprint = fingerprint_of(model_path)
     if fingerprint is None:
         logger.warning("l3: the model path %r is not on this machine, so the store keys name the weights by that "
                        "path only; set l3.weights_id (e.g. the commit hash) so that nodes with other weights never "
@@ -76,14 +94,18 @@ def record_weights(extra: dict, cfg, hf_overrides) -> None:
 def weights_name(cfg, extra) -> str:
     """What names the weights in the store keys: ``l3.weights_id`` when set, else the checkpoint
     fingerprint the executor hook put in the extra config (``weights_fingerprint``), else ""; then
-    the digest of LMDeploy's ``hf_overrides`` when there are any (``hf_overrides_digest``)."""
-    fp, overrides = extra.get("weights_fingerprint"), extra.get("hf_overrides_digest")
+    the adapters' and draft model's fingerprint, the weights' quantization and the digest of LMDeploy's
+    ``hf_overrides``, each when there is one (``record_weights``)."""
     if cfg is not None and cfg.weights_id:
         name = "id:" + cfg.weights_id
     else:
+        fp = extra.get("weights_fingerprint")
         name = "fp:" + fp if isinstance(fp, str) and fp else ""
-    if isinstance(overrides, str) and overrides:
-        name += "/hf:" + overrides
+    for key, tag in (("companion_weights_fingerprint", "aw"), ("weight_format_digest", "wf"),
+                     ("hf_overrides_digest", "hf")):
+        value = extra.get(key)
+        if isinstance(value, str) and value:
+            name += f"/{tag}:{value}"
     return name
 
 

@@ -34,7 +34,9 @@ wrappers below; nothing else in LMDeploy is rebound):
   the request's published ids are keyed with ``LMDEPLOY_HOSTCACHE_CLUSTER_SECRET`` like the
   nodes' (``routing.ids``), checked at start (a bad secret: one message, exit);
 - ``GET /hostcache/routing`` returns the router's status (per node: requests, predicted hits,
-  prefill tokens, feed cursor).
+  prefill tokens, feed cursor) to clients on the proxy's host only (403 otherwise);
+- a request's bearer token and ``cache_salt`` partition its ids (``routing.request``): it matches
+  only what requests of its own partition left in the approximate index.
 
 Invariants: stock strategies never reach this code; the router is touched under one lock
 (the event loop and the poller thread); a routing error falls back to the stock choice and is
@@ -58,6 +60,7 @@ __all__ = ["STRATEGY", "add_proxy_arguments", "install", "wrap_add_parser_proxy"
 STRATEGY = "cache_aware"
 STOCK_DEFAULT = "min_expected_latency"
 STATUS_PATH = "/hostcache/routing"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 FEED_READS_PER_POLL = 64   # feed reads per node in one poll round (each up to the node's max_events)
 
@@ -335,7 +338,7 @@ class RoutingService:
     # -- routing -------------------------------------------------------------------------
     async def capture(self, raw_request) -> None:
         """Dependency of the routed endpoints: body -> RoutingRequest in the context."""
-        from ..routing.request import RoutingRequest
+        from ..routing.request import RoutingRequest, request_partition
 
         if raw_request.url.path not in ROUTED_PATHS:
             return
@@ -347,13 +350,15 @@ class RoutingService:
             if self.encoder is not None:
                 tokens = await self.encoder.encode(raw_request.url.path, body)
             sess = session_key(body)
+            # a caller's key and cache_salt partition the nodes' caches: they partition the router's ids too
+            part = request_partition(raw_request.headers.get("authorization"), body.get("cache_salt"))
             if tokens is not None:
-                req = RoutingRequest(tokens, session=sess)
+                req = RoutingRequest(tokens, session=sess, partition=part)
             else:
                 text = request_text(raw_request.url.path, body)
                 if text is None:
                     return
-                req = RoutingRequest.from_text(text, session=sess)
+                req = RoutingRequest.from_text(text, session=sess, partition=part)
             _current.set(req)
         except Exception as exc:  # routing never fails a request
             self.errors += 1
@@ -531,6 +536,24 @@ class RoutingService:
         return out
 
 
+def _status_endpoint(nm):
+    """``GET /hostcache/routing``, for clients on the proxy's own host only: its per-node counters
+    (predicted hit tokens) change with each request, so a remote client could tell whether a prompt it
+    sends is cached for someone else."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    def routing_status(request: Request):
+        host = request.client.host if request.client is not None else ""
+        if host not in LOOPBACK_HOSTS:
+            return JSONResponse({"error": f"{STATUS_PATH} answers clients on the proxy's host only"},
+                                status_code=403)
+        return nm._hostcache_routing.status()
+
+    routing_status.__annotations__ = {"request": Request}   # the real class: FastAPI injects by type
+    return routing_status
+
+
 def _cache_aware_class(base: type) -> type:
     """A subclass of the live NodeManager's class routing Hybrid requests through the service."""
 
@@ -592,7 +615,7 @@ def install(options: dict, proxy_module=None) -> RoutingService:
 
     proxy_module.app.dependency_overrides[validate_json_request] = validate_and_capture
     if not any(getattr(r, "path", None) == STATUS_PATH for r in proxy_module.app.routes):
-        proxy_module.app.add_api_route(STATUS_PATH, lambda: nm._hostcache_routing.status(), methods=["GET"])
+        proxy_module.app.add_api_route(STATUS_PATH, _status_endpoint(nm), methods=["GET"])
     service.start()
     logger.info("lmdeploy-hostcache: cache_aware routing installed (tokenizer: %s)", options.get("model") or "none")
     return service

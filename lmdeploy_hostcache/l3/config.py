@@ -48,7 +48,7 @@ class L3Config:
     timeout_ms: int = 2000
     write_policy: str = "write_back"
     on_unreachable: str = "error"
-    weights_id: str = ""      # names the weights in every store key; "" = a fingerprint of the checkpoint
+    weights_id: str = ""      # names the weights (base model, adapters, draft) in every store key; "" = fingerprints
 
     @property
     def global_segment_bytes(self) -> int:

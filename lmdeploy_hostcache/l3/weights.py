@@ -6,7 +6,8 @@ same path, and a retrained checkpoint can be written over the old one between tw
 checksums still match in those cases, so a store key without the weights would restore KV computed
 by other weights. ``checkpoint_fingerprint(path)`` names the weights instead:
 
-* the bytes of ``config.json`` (architecture, dtype, rope settings);
+* the bytes of ``config.json`` (architecture, dtype, rope settings) and, for a LoRA adapter's
+  folder, of ``adapter_config.json`` (rank, alpha, target modules);
 * for every weight file under ``path`` (``WEIGHT_SUFFIXES``, hidden folders skipped): its path
   relative to ``path``, its size, and ``SAMPLES`` pieces of ``PIECE_BYTES`` spread evenly over it,
   the first and the last piece included (a file up to ``SAMPLES * PIECE_BYTES`` is read whole).
@@ -28,6 +29,7 @@ import xxhash
 
 __all__ = ["PIECE_BYTES", "SAMPLES", "WEIGHT_SUFFIXES", "checkpoint_fingerprint"]
 
+CONFIG_FILES = ("config.json", "adapter_config.json")   # a model's, a LoRA adapter's (rank, alpha, targets)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".npz")
 SAMPLES = 64
 PIECE_BYTES = 64 * 1024
@@ -81,13 +83,14 @@ def checkpoint_fingerprint(path: str) -> str | None:
     h = xxhash.xxh3_128()
     _part(h, b"lhc-weights-1")
     if os.path.isdir(path):
-        config = os.path.join(path, "config.json")
-        if os.path.isfile(config):
-            try:
-                with open(config, "rb") as fh:
-                    _part(h, fh.read(16 * 2**20))
-            except OSError as exc:
-                raise ValueError(f"{config}: cannot read it ({exc.strerror or exc})") from None
+        for name in CONFIG_FILES:
+            config = os.path.join(path, name)
+            if os.path.isfile(config):
+                try:
+                    with open(config, "rb") as fh:
+                        _part(h, fh.read(16 * 2**20))
+                except OSError as exc:
+                    raise ValueError(f"{config}: cannot read it ({exc.strerror or exc})") from None
         for rel in _weight_files(path):
             _sample(h, os.path.join(path, rel), rel)
     else:

@@ -10,9 +10,15 @@ Without a tokenizer, ``RoutingRequest.from_text`` degrades to a text-prefix matc
 UTF-8 bytes stand in for tokens (``TEXT_BYTES_PER_TOKEN`` bytes per token), which only the
 approximate index (what the proxy itself routed) can match; the proxy logs that it runs so.
 
+A request of a cache partition (``partition``: its caller's bearer token and ``cache_salt``, hashed by
+``request_partition``; the nodes keep such requests' blocks apart, ``integration/request_salt.py``)
+chains its ids from a root of its own, as a salted request does on the node: it matches only what
+requests of the same partition left in the approximate index, never another tenant's prompts, and
+nothing a node's feed publishes (feeds publish unsalted blocks only).
+
 Invariants: ids for a namespace are computed once per request; only full blocks get ids; the
 block that ends exactly at the prompt's end is never counted as matchable (LMDeploy always
-recomputes the last prompt token).
+recomputes the last prompt token); requests of two partitions never share an id.
 """
 from __future__ import annotations
 
@@ -20,23 +26,38 @@ from typing import Sequence
 
 import numpy as np
 
-from ..tier.digest import ChainHasher
+import xxhash
+
+from ..tier.digest import ChainHasher, salted_root
 from .feed import NamespaceKey
 from .ids import publish_id
 
 TEXT_BYTES_PER_TOKEN = 4
+_PARTITION_LABEL = b"lmdeploy-hostcache routing partition v1\0"
+
+
+def request_partition(authorization, cache_salt) -> str:
+    """The cache partition of a request at the proxy: '' for a request with neither a bearer token nor a
+    ``cache_salt`` (shared, as on the nodes), else a digest of both (the token itself is never kept)."""
+    auth = authorization if isinstance(authorization, str) else ""
+    salt = cache_salt if isinstance(cache_salt, str) else ""
+    if not auth and not salt:
+        return ""
+    raw_auth, raw_salt = auth.encode(), salt.encode()
+    return xxhash.xxh3_128_hexdigest(_PARTITION_LABEL + len(raw_auth).to_bytes(8, "little") + raw_auth + raw_salt)
 
 
 class RoutingRequest:
     """Prompt tokens (or text) + optional session key; ids per namespace on demand."""
 
-    __slots__ = ("tokens", "text_mode", "session", "prompt_tokens", "_ids", "precomputed")
+    __slots__ = ("tokens", "text_mode", "session", "prompt_tokens", "_ids", "precomputed", "partition")
 
     def __init__(self, tokens: Sequence[int] | np.ndarray | None, *, session: str | None = None,
-                 text_mode: bool = False, prompt_tokens: int | None = None) -> None:
+                 text_mode: bool = False, prompt_tokens: int | None = None, partition: str = "") -> None:
         self.tokens = tokens
         self.text_mode = text_mode
         self.session = session
+        self.partition = partition
         n = len(tokens) if tokens is not None else 0
         self.prompt_tokens = int(prompt_tokens if prompt_tokens is not None
                                  else (n + TEXT_BYTES_PER_TOKEN - 1) // TEXT_BYTES_PER_TOKEN if text_mode else n)
@@ -44,10 +65,10 @@ class RoutingRequest:
         self.precomputed: np.ndarray | None = None
 
     @classmethod
-    def from_text(cls, text: str, session: str | None = None) -> "RoutingRequest":
+    def from_text(cls, text: str, session: str | None = None, partition: str = "") -> "RoutingRequest":
         """Text-prefix fallback: the UTF-8 bytes are the 'tokens' (approximate index only)."""
         data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-        return cls(data, session=session, text_mode=True)
+        return cls(data, session=session, text_mode=True, partition=partition)
 
     @classmethod
     def from_ids(cls, ids: np.ndarray, prompt_tokens: int, session: str | None = None) -> "RoutingRequest":
@@ -67,7 +88,8 @@ class RoutingRequest:
                 got = np.zeros(0, dtype=np.uint64)
             else:
                 bs = key.block_size * (TEXT_BYTES_PER_TOKEN if self.text_mode else 1)
-                h = ChainHasher(NamespaceKey(key.root, key.seed, bs))
+                root = salted_root(key, self.partition) if self.partition else key.root
+                h = ChainHasher(NamespaceKey(root, key.seed, bs))
                 h.extend(self.tokens)
                 got = np.fromiter((publish_id(d) for d in h.digests), dtype=np.uint64, count=len(h.digests))
             self._ids[key] = got

@@ -347,16 +347,17 @@ def _l3_cache_config(**l3):
                                                         "l3": {"master_address": "127.0.0.1:1", **l3}}}))
 
 
-def _sized_extra(cfg, model_path, misc=None):
+def _sized_extra(cfg, model_path, misc=None, adapters=None, quant_config=None):
     """The extra config after the executor hook, for a model at ``model_path`` (the prepare hook's
     ``model_identity``, its resolved path)."""
     from lmdeploy.pytorch.engine.executor.base import ExecutorBase, _WorkerCachePlanSizes
 
     cfg.kv_transfer_config.kv_connector_extra_config["model_identity"] = str(model_path)
 
-    model = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.bfloat16)
+    model = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.bfloat16, quant_config=quant_config)
     ex = ExecutorBase(str(model_path), model, cfg, backend_config=SimpleNamespace(), dist_config=DistConfig(),
-                      misc_config=misc or SimpleNamespace(memdecode_config=None, hf_overrides=None))
+                      misc_config=misc or SimpleNamespace(memdecode_config=None, hf_overrides=None),
+                      adapters=adapters)
     ex._update_num_gpu_blocks([8 << 30], [_WorkerCachePlanSizes(target=1 << 20, spec=0)], None)
     return cfg.kv_transfer_config.kv_connector_extra_config
 
@@ -384,6 +385,34 @@ def test_executor_names_the_weights_in_the_store_keys(active, tmp_path):
     # without l3 nothing is read or added
     plain = _sized_extra(_cache_config(), tmp_path, misc)
     assert "weights_fingerprint" not in plain and "hf_overrides_digest" not in plain
+
+
+def test_store_keys_name_the_adapters_weights_and_the_weight_quantization(active, tmp_path):
+    """An adapter's blocks are keyed by its name, which two nodes (or two runs) may give to other weights,
+    and LMDeploy may quantize the same files at load (model_format='fp8'): both name the store keys."""
+    from lmdeploy.pytorch.config import QuantizationConfig
+
+    from lmdeploy_hostcache.integration.l3_tier import weights_name
+
+    base, adapter = tmp_path / "base", tmp_path / "sql"
+    for folder in (base, adapter):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    plain = _sized_extra(_l3_cache_config(), base)
+    with_adapter = _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})
+    assert weights_name(None, plain) == "fp:" + plain["weights_fingerprint"]     # no adapter: the name as before
+    assert weights_name(None, with_adapter) != weights_name(None, plain)
+    (adapter / "model.safetensors").write_bytes(bytes(range(255, -1, -1)) * 64)   # retrained under the same name
+    retrained = _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})
+    assert weights_name(None, retrained) != weights_name(None, with_adapter)
+    (adapter / "adapter_config.json").write_text('{"r": 16}')                       # another rank
+    assert weights_name(None, _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})) != \
+        weights_name(None, retrained)
+    fp8 = _sized_extra(_l3_cache_config(), base, quant_config=QuantizationConfig(quant_method="fp8"))
+    assert weights_name(None, fp8) != weights_name(None, plain) and "/wf:" in weights_name(None, fp8)
+    assert "weight_format_digest" not in _sized_extra(_l3_cache_config(), base, quant_config=QuantizationConfig())
 
 
 def test_executor_refuses_l3_when_the_weights_cannot_be_read(active, tmp_path):

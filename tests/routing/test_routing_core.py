@@ -286,3 +286,81 @@ def test_text_fallback_matches_only_the_approximate_index():
     r.dispatched(r.route(req, ["stock"]), req)
     m = r.matches(RoutingRequest.from_text(text + "q2"), ["stock", "exact"])
     assert m["stock"][0] > 0 and m["exact"] == (0, 0)
+
+
+def _proxy_request(body: dict, authorization: str | None = None):
+    import json as _json
+
+    from starlette.requests import Request
+
+    raw, sent = _json.dumps(body).encode(), []
+    headers = [(b"content-type", b"application/json")]
+    if authorization is not None:
+        headers.append((b"authorization", authorization.encode()))
+
+    async def receive():
+        if sent:
+            return {"type": "http.disconnect"}
+        sent.append(1)
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers,
+                    "query_string": b""}, receive)
+
+
+def test_a_tenant_never_matches_another_tenants_prompt_in_the_router():
+    """The nodes keep a caller key's and a cache_salt's blocks apart; the router's approximate index did not,
+    so a tenant could steer its probe to another tenant's node and read the predicted hit off the status."""
+    import asyncio
+
+    from lmdeploy_hostcache.integration.proxy_routing import RoutingService
+
+    svc = RoutingService(dict(model=None, feed_interval=1.0, feed_timeout=10.0, feed_port=None, feed_api_key=None,
+                              error_cooldown=10.0, balance=1.3, block_size=16, gpu_blocks=4096, host_blocks=0,
+                              feed_urls={}), None)
+    nodes = ["http://n1", "http://n2"]
+
+    def send(body, authorization=None) -> int:
+        async def go():
+            await svc.capture(_proxy_request(body, authorization))
+            return svc.choose(nodes)
+
+        node = asyncio.run(go())
+        svc.finished(node)
+        return sum(n["predicted_gpu_hit_tokens"] for n in svc.status()["nodes"])
+
+    secret = "a tenant's system prompt, long enough for several blocks of text. " * 8
+    assert send({"prompt": secret + "question 1", "cache_salt": "tenant-a"}) == 0
+    assert send({"prompt": secret + "question 2", "cache_salt": "tenant-b"}) == 0       # another salt: no hit
+    assert send({"prompt": secret + "question 3"}) == 0                                  # unsalted: no hit
+    assert send({"prompt": secret + "question 4"}, authorization="Bearer k2") == 0       # another key: no hit
+    hit = send({"prompt": secret + "question 5", "cache_salt": "tenant-a"})              # same salt: a hit
+    assert hit > 0
+    assert send({"prompt": secret + "question 6"}) > hit                                  # unsalted shares as stock
+
+
+def test_request_partition_keeps_nothing_of_the_key_and_separates_callers():
+    from lmdeploy_hostcache.routing.request import request_partition
+
+    assert request_partition(None, None) == "" and request_partition("", "") == ""
+    parts = {request_partition(a, s) for a in (None, "Bearer k1", "Bearer k2") for s in (None, "x", "y")}
+    assert len(parts) == 9 and all("k1" not in p for p in parts)
+    assert request_partition("Bearer k", "1") != request_partition("Bearer k1", "")
+
+
+def test_the_routing_status_answers_clients_on_the_proxys_host_only():
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from lmdeploy_hostcache.integration.proxy_routing import _status_endpoint
+
+    nm = SimpleNamespace(_hostcache_routing=SimpleNamespace(status=lambda: {"nodes": []}))
+    endpoint = _status_endpoint(nm)
+
+    def get(host):
+        return endpoint(Request({"type": "http", "method": "GET", "path": "/hostcache/routing", "headers": [],
+                                 "query_string": b"", "client": (host, 5000)}))
+
+    assert get("127.0.0.1") == {"nodes": []} and get("::1") == {"nodes": []}
+    assert get("10.1.2.3").status_code == 403
