@@ -445,6 +445,7 @@ class HostTierScheduler:
             # the result scores the prompt (return_ppl's cross-entropy, output_logits='all') over the tokens the
             # forward computes: a restored prefix would drop out of it.  LMDeploy's AsyncEngine refuses such
             # requests with prefix caching on; through the Engine API they reach the scheduler: recompute.
+            # (output_logits='generation' sets the same flag and is recomputed too: the flag does not say which)
             return 0, False
         bs = self.block_size
         token_len = request.clamp_prefix_cache_match_step(request.get_prefix_cache_max_candidate_step())

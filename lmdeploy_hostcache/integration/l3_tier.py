@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -76,12 +77,12 @@ def record_weights(extra: dict, cfg, hf_overrides, adapters=None, draft_model=No
                              "set l3.weights_id to name them") from None
 
     companions = [(f"adapter:{name}", path) for name, path in sorted((adapters or {}).items())]
-    if draft_model:
-        companions.append(("draft", draft_model))
+    model_path = extra.get("model_identity")   # the resolved model path (prepare hook)
+    if draft_model and not (isinstance(model_path, str) and os.path.realpath(str(draft_model)) == os.path.realpath(model_path)):
+        companions.append(("draft", draft_model))   # an MTP draft in the target's own checkpoint: once is enough
     if companions:   # a path not on this machine is named by the path (a hub id)
         extra["companion_weights_fingerprint"] = _digest(
             [(what, fingerprint_of(path) or f"path:{path}") for what, path in companions])
-    model_path = extra.get("model_identity")   # the resolved model path (prepare hook)
     fingerprint = fingerprint_of(model_path)
     if fingerprint is None:
         logger.warning("l3: the model path %r is not on this machine, so the store keys name the weights by that "

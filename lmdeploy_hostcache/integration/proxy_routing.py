@@ -35,8 +35,9 @@ wrappers below; nothing else in LMDeploy is rebound):
   nodes' (``routing.ids``), checked at start (a bad secret: one message, exit);
 - ``GET /hostcache/routing`` returns the router's status (per node: requests, predicted hits,
   prefill tokens, feed cursor) to clients on the proxy's host only (403 otherwise);
-- a request's bearer token and ``cache_salt`` partition its ids (``routing.request``): it matches
-  only what requests of its own partition left in the approximate index.
+- a request's salt as the nodes derive it (its ``cache_salt``, under its API key's salt when
+  ``LMDEPLOY_HOSTCACHE_SALT_FROM_API_KEY`` is set on the proxy as on the nodes) roots its ids
+  (``routing.request``): it matches only what requests of its salt left in the approximate index.
 
 Invariants: stock strategies never reach this code; the router is touched under one lock
 (the event loop and the poller thread); a routing error falls back to the stock choice and is
@@ -60,7 +61,18 @@ __all__ = ["STRATEGY", "add_proxy_arguments", "install", "wrap_add_parser_proxy"
 STRATEGY = "cache_aware"
 STOCK_DEFAULT = "min_expected_latency"
 STATUS_PATH = "/hostcache/routing"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _is_loopback(host: str) -> bool:
+    """A client address on this host (127.0.0.0/8, ::1, or an IPv4-mapped loopback address)."""
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 FEED_READS_PER_POLL = 64   # feed reads per node in one poll round (each up to the node's max_events)
 
@@ -338,7 +350,8 @@ class RoutingService:
     # -- routing -------------------------------------------------------------------------
     async def capture(self, raw_request) -> None:
         """Dependency of the routed endpoints: body -> RoutingRequest in the context."""
-        from ..routing.request import RoutingRequest, request_partition
+        from ..routing.request import RoutingRequest
+        from .request_salt import request_salt_for, salt_from_key_enabled
 
         if raw_request.url.path not in ROUTED_PATHS:
             return
@@ -350,8 +363,13 @@ class RoutingService:
             if self.encoder is not None:
                 tokens = await self.encoder.encode(raw_request.url.path, body)
             sess = session_key(body)
-            # a caller's key and cache_salt partition the nodes' caches: they partition the router's ids too
-            part = request_partition(raw_request.headers.get("authorization"), body.get("cache_salt"))
+            # the salt the nodes give the request partitions the router's ids too (a bad cache_salt: the node
+            # answers 400, and the router routes it as unsalted)
+            try:
+                part = request_salt_for(body, raw_request.headers.get("authorization"),
+                                        from_api_key=salt_from_key_enabled())
+            except ValueError:
+                part = ""
             if tokens is not None:
                 req = RoutingRequest(tokens, session=sess, partition=part)
             else:
@@ -544,8 +562,7 @@ def _status_endpoint(nm):
     from starlette.responses import JSONResponse
 
     def routing_status(request: Request):
-        host = request.client.host if request.client is not None else ""
-        if host not in LOOPBACK_HOSTS:
+        if not _is_loopback(request.client.host if request.client is not None else ""):
             return JSONResponse({"error": f"{STATUS_PATH} answers clients on the proxy's host only"},
                                 status_code=403)
         return nm._hostcache_routing.status()

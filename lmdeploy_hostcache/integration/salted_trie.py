@@ -18,8 +18,9 @@ nodes): it offers only nodes under an unsalted root, so an unsalted request neve
 request's checkpoint (its KV blocks and recurrent state), nor lands its cursor on a salted path.
 
 Invariants: a trie match never crosses salts (every match starts at the request's own root or at
-its own cursor, and children are only reached from a parent); unsalted requests behave exactly
-as stock; the salt is never logged; the roots follow the cached blocks, not the salts ever seen
+its own cursor, and children are only reached from a parent; no checkpoint lookup offers a node
+under another salt's root); unsalted requests behave exactly as stock where no salted request
+published anything; the salt is never logged; the roots follow the cached blocks, not the salts ever seen
 (salted roots without a child are swept once the roots reach ``PRUNE_MIN_ROOTS``, then twice
 what the last sweep left).
 """

@@ -10,11 +10,11 @@ Without a tokenizer, ``RoutingRequest.from_text`` degrades to a text-prefix matc
 UTF-8 bytes stand in for tokens (``TEXT_BYTES_PER_TOKEN`` bytes per token), which only the
 approximate index (what the proxy itself routed) can match; the proxy logs that it runs so.
 
-A request of a cache partition (``partition``: its caller's bearer token and ``cache_salt``, hashed by
-``request_partition``; the nodes keep such requests' blocks apart, ``integration/request_salt.py``)
-chains its ids from a root of its own, as a salted request does on the node: it matches only what
-requests of the same partition left in the approximate index, never another tenant's prompts, and
-nothing a node's feed publishes (feeds publish unsalted blocks only).
+A salted request (``partition``: the cache salt the nodes give it, ``integration/request_salt.py``'s
+``request_salt_for``: its ``cache_salt``, nested under its API key's salt where the nodes salt by key)
+chains its ids from its salted root, as the node does: it matches only what requests of the same salt
+left in the approximate index, never another tenant's prompts, and nothing a node's feed publishes
+(feeds publish unsalted blocks only).
 
 Invariants: ids for a namespace are computed once per request; only full blocks get ids; the
 block that ends exactly at the prompt's end is never counted as matchable (LMDeploy always
@@ -26,25 +26,11 @@ from typing import Sequence
 
 import numpy as np
 
-import xxhash
-
 from ..tier.digest import ChainHasher, salted_root
 from .feed import NamespaceKey
 from .ids import publish_id
 
 TEXT_BYTES_PER_TOKEN = 4
-_PARTITION_LABEL = b"lmdeploy-hostcache routing partition v1\0"
-
-
-def request_partition(authorization, cache_salt) -> str:
-    """The cache partition of a request at the proxy: '' for a request with neither a bearer token nor a
-    ``cache_salt`` (shared, as on the nodes), else a digest of both (the token itself is never kept)."""
-    auth = authorization if isinstance(authorization, str) else ""
-    salt = cache_salt if isinstance(cache_salt, str) else ""
-    if not auth and not salt:
-        return ""
-    raw_auth, raw_salt = auth.encode(), salt.encode()
-    return xxhash.xxh3_128_hexdigest(_PARTITION_LABEL + len(raw_auth).to_bytes(8, "little") + raw_auth + raw_salt)
 
 
 class RoutingRequest:

@@ -347,7 +347,7 @@ def _l3_cache_config(**l3):
                                                         "l3": {"master_address": "127.0.0.1:1", **l3}}}))
 
 
-def _sized_extra(cfg, model_path, misc=None, adapters=None, quant_config=None):
+def _sized_extra(cfg, model_path, misc=None, adapters=None, quant_config=None, draft=None):
     """The extra config after the executor hook, for a model at ``model_path`` (the prepare hook's
     ``model_identity``, its resolved path)."""
     from lmdeploy.pytorch.engine.executor.base import ExecutorBase, _WorkerCachePlanSizes
@@ -357,7 +357,7 @@ def _sized_extra(cfg, model_path, misc=None, adapters=None, quant_config=None):
     model = SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.bfloat16, quant_config=quant_config)
     ex = ExecutorBase(str(model_path), model, cfg, backend_config=SimpleNamespace(), dist_config=DistConfig(),
                       misc_config=misc or SimpleNamespace(memdecode_config=None, hf_overrides=None),
-                      adapters=adapters)
+                      adapters=adapters, specdecode_config=SimpleNamespace(model=draft) if draft else None)
     ex._update_num_gpu_blocks([8 << 30], [_WorkerCachePlanSizes(target=1 << 20, spec=0)], None)
     return cfg.kv_transfer_config.kv_connector_extra_config
 
@@ -410,6 +410,12 @@ def test_store_keys_name_the_adapters_weights_and_the_weight_quantization(active
     (adapter / "adapter_config.json").write_text('{"r": 16}')                       # another rank
     assert weights_name(None, _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})) != \
         weights_name(None, retrained)
+    # a speculative draft model of its own is named too; an MTP draft inside the target's checkpoint is not again
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "model.safetensors").write_bytes(bytes(range(128)) * 64)
+    assert weights_name(None, _sized_extra(_l3_cache_config(), base, draft=str(draft))) != weights_name(None, plain)
+    assert weights_name(None, _sized_extra(_l3_cache_config(), base, draft=str(base))) == weights_name(None, plain)
     fp8 = _sized_extra(_l3_cache_config(), base, quant_config=QuantizationConfig(quant_method="fp8"))
     assert weights_name(None, fp8) != weights_name(None, plain) and "/wf:" in weights_name(None, fp8)
     assert "weight_format_digest" not in _sized_extra(_l3_cache_config(), base, quant_config=QuantizationConfig())

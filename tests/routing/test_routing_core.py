@@ -308,44 +308,47 @@ def _proxy_request(body: dict, authorization: str | None = None):
                     "query_string": b""}, receive)
 
 
-def test_a_tenant_never_matches_another_tenants_prompt_in_the_router():
-    """The nodes keep a caller key's and a cache_salt's blocks apart; the router's approximate index did not,
-    so a tenant could steer its probe to another tenant's node and read the predicted hit off the status."""
+@pytest.mark.parametrize("salt_from_key", [False, True])
+def test_a_tenant_never_matches_another_tenants_prompt_in_the_router(monkeypatch, salt_from_key):
+    """The nodes keep each cache_salt's blocks apart (and each API key's, with salting by key on); the router's
+    approximate index did not, so a tenant could steer its probe to another tenant's node and read the
+    predicted hit off the status. A bearer header alone partitions nothing unless the nodes salt by key."""
     import asyncio
 
     from lmdeploy_hostcache.integration.proxy_routing import RoutingService
+    from lmdeploy_hostcache.integration.request_salt import ENV_SALT_FROM_API_KEY
 
+    if salt_from_key:
+        monkeypatch.setenv(ENV_SALT_FROM_API_KEY, "1")
+    else:
+        monkeypatch.delenv(ENV_SALT_FROM_API_KEY, raising=False)
     svc = RoutingService(dict(model=None, feed_interval=1.0, feed_timeout=10.0, feed_port=None, feed_api_key=None,
                               error_cooldown=10.0, balance=1.3, block_size=16, gpu_blocks=4096, host_blocks=0,
                               feed_urls={}), None)
     nodes = ["http://n1", "http://n2"]
+    seen = [0]
 
-    def send(body, authorization=None) -> int:
+    def hit(body, authorization=None) -> int:
+        """Predicted GPU hit tokens of this request (the status counters' growth)."""
         async def go():
             await svc.capture(_proxy_request(body, authorization))
             return svc.choose(nodes)
 
         node = asyncio.run(go())
         svc.finished(node)
-        return sum(n["predicted_gpu_hit_tokens"] for n in svc.status()["nodes"])
+        total = sum(n["predicted_gpu_hit_tokens"] for n in svc.status()["nodes"])
+        got, seen[0] = total - seen[0], total
+        return got
 
     secret = "a tenant's system prompt, long enough for several blocks of text. " * 8
-    assert send({"prompt": secret + "question 1", "cache_salt": "tenant-a"}) == 0
-    assert send({"prompt": secret + "question 2", "cache_salt": "tenant-b"}) == 0       # another salt: no hit
-    assert send({"prompt": secret + "question 3"}) == 0                                  # unsalted: no hit
-    assert send({"prompt": secret + "question 4"}, authorization="Bearer k2") == 0       # another key: no hit
-    hit = send({"prompt": secret + "question 5", "cache_salt": "tenant-a"})              # same salt: a hit
-    assert hit > 0
-    assert send({"prompt": secret + "question 6"}) > hit                                  # unsalted shares as stock
-
-
-def test_request_partition_keeps_nothing_of_the_key_and_separates_callers():
-    from lmdeploy_hostcache.routing.request import request_partition
-
-    assert request_partition(None, None) == "" and request_partition("", "") == ""
-    parts = {request_partition(a, s) for a in (None, "Bearer k1", "Bearer k2") for s in (None, "x", "y")}
-    assert len(parts) == 9 and all("k1" not in p for p in parts)
-    assert request_partition("Bearer k", "1") != request_partition("Bearer k1", "")
+    assert hit({"prompt": secret + "question 1", "cache_salt": "tenant-a"}) == 0
+    assert hit({"prompt": secret + "question 2", "cache_salt": "tenant-b"}) == 0       # another salt: no hit
+    assert hit({"prompt": secret + "question 3"}) == 0                                  # unsalted: no hit
+    assert hit({"prompt": secret + "question 4", "cache_salt": "tenant-a"}) > 0         # same salt: a hit
+    assert hit({"prompt": secret + "question 5"}) > 0                                   # unsalted shares as stock
+    # a bearer header is another partition only where the nodes salt by key
+    keyed = hit({"prompt": secret + "question 6"}, authorization="Bearer k2")
+    assert (keyed == 0) == salt_from_key
 
 
 def test_the_routing_status_answers_clients_on_the_proxys_host_only():
@@ -362,5 +365,7 @@ def test_the_routing_status_answers_clients_on_the_proxys_host_only():
         return endpoint(Request({"type": "http", "method": "GET", "path": "/hostcache/routing", "headers": [],
                                  "query_string": b"", "client": (host, 5000)}))
 
-    assert get("127.0.0.1") == {"nodes": []} and get("::1") == {"nodes": []}
-    assert get("10.1.2.3").status_code == 403
+    for host in ("127.0.0.1", "127.0.1.1", "::1", "::ffff:127.0.0.1"):
+        assert get(host) == {"nodes": []}, host
+    for host in ("10.1.2.3", "::ffff:10.1.2.3", "2001:db8::1", "", "testclient"):
+        assert get(host).status_code == 403, host
