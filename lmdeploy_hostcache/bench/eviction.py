@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..planner.cli import DEFAULT_STAGGER_S, _nonneg_float, plot_path_arg, positive_int_arg
+from ..planner.cli import DEFAULT_STAGGER_S, _nonneg_float, bounded_int_arg, plot_path_arg, positive_int_arg
 from ..planner.traces import TRACE_FORMATS
 
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
@@ -110,13 +110,7 @@ MAX_STAGGER_S = 1e9         # about 30 years: k x stagger stays finite for any n
 
 
 def _per_family(text: str) -> int:
-    try:
-        v = positive_int_arg(text)
-    except argparse.ArgumentTypeError:
-        v = 0
-    if not 1 <= v <= MAX_PER_FAMILY:
-        raise argparse.ArgumentTypeError(f"expected an int in [1, {MAX_PER_FAMILY}], got {text[:40]!r}")
-    return v
+    return bounded_int_arg(text, 1, MAX_PER_FAMILY)
 
 
 def _stagger(text: str) -> float:

@@ -49,19 +49,21 @@ MAX_INT_ARG = 2**48          # a block count, token count or size beyond any rea
 MIN_RATE, MAX_RATE = 1e-9, 1e18   # rates and times: outside, the estimates overflow to inf / NaN
 
 
-def _bounded_int(text: str, minimum: int) -> int:
+def bounded_int_arg(text: str, minimum: int, maximum: int = MAX_INT_ARG) -> int:
+    """argparse type body: an int in [minimum, maximum], else one error naming the range."""
     try:
         v = int(text)
     except ValueError:
         v = None
-    if v is None or not minimum <= v <= MAX_INT_ARG:
+    if v is None or not minimum <= v <= maximum:
         shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
-        raise argparse.ArgumentTypeError(f"expected an int in [{minimum}, 2**48], got {shown!r}")
+        top = "2**48" if maximum == MAX_INT_ARG else str(maximum)
+        raise argparse.ArgumentTypeError(f"expected an int in [{minimum}, {top}], got {shown!r}")
     return v
 
 
 def _nonneg_int(text: str) -> int:
-    return _bounded_int(text, 0)
+    return bounded_int_arg(text, 0)
 
 
 def plot_path_arg(text: str) -> str:
@@ -76,7 +78,7 @@ def plot_path_arg(text: str) -> str:
 
 
 def positive_int_arg(text: str) -> int:
-    return _bounded_int(text, 1)
+    return bounded_int_arg(text, 1)
 
 
 def _pos_float(text: str) -> float:
