@@ -231,10 +231,7 @@ class TraceCapture:
         new_start = seq.input_start_pos
         self._arrival[seq.seq_id] = (new_start, self._clock_of(seq.arrive_time), seq.input_end_pos)
         full = prompt_len - prompt_len % self.block_size
-        tokens = getattr(seq, "history_cache", None) if full else None
-        if full and tokens is None:
-            tokens = _AllIds(seq.all_ids)
-        return (arrival, prompt_len, max(0, new_start - prompt_len), tokens, full, seq.adapter_name,
+        return (arrival, prompt_len, max(0, new_start - prompt_len), _token_store(seq, full), full, seq.adapter_name,
                 sequence_salt(seq), seq.session.session_id if start > 0 else None, None)
 
     def _clock_of(self, perf_time: float) -> float:
@@ -380,16 +377,8 @@ class TraceCapture:
         prompt_len = seq.input_end_pos
         full = prompt_len - prompt_len % self.block_size
         output_len = seq.num_valid_ids - prompt_len
-        if full:
-            # seq.all_ids is history_cache[:num_all_ids], and full <= input_end_pos <= num_all_ids: its first
-            # ``full`` ids are history_cache.get_real()[:full] (a sequence without one, as in tests: all_ids)
-            tokens = getattr(seq, "history_cache", None)
-            if tokens is None:
-                tokens = _AllIds(seq.all_ids)
-        else:
-            tokens = None
-        return (arrival, prompt_len, output_len if output_len > 0 else 0, tokens, full, seq.adapter_name,
-                sequence_salt(seq), seq.session.session_id if start > 0 else None, chain)
+        return (arrival, prompt_len, output_len if output_len > 0 else 0, _token_store(seq, full), full,
+                seq.adapter_name, sequence_salt(seq), seq.session.session_id if start > 0 else None, chain)
 
     def encode(self, snap: tuple) -> str:
         """The JSON line of a snapshot: chained digests, keyed ids, the record."""
@@ -556,6 +545,16 @@ def _token_array(arrays) -> np.ndarray:
 def _token_bytes(arrays) -> bytes:
     """``_token_array``'s bytes: what the encoder reads on the scheduler's thread."""
     return _token_array(arrays).tobytes()
+
+
+def _token_store(seq, full: int):
+    """What a record reads its prompt's first ``full`` ids from (None without a full block): seq.all_ids is
+    history_cache[:num_all_ids], and full <= input_end_pos <= num_all_ids, so its first ``full`` ids are
+    history_cache.get_real()[:full] (a sequence without one, as in tests: all_ids)."""
+    if not full:
+        return None
+    tokens = getattr(seq, "history_cache", None)
+    return _AllIds(seq.all_ids) if tokens is None else tokens
 
 
 def _arrival_of(snap) -> float:
