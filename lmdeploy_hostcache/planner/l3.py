@@ -68,7 +68,6 @@ class ThreeTierCache(TwoTierCache):
                  block_size: int = 1, min_restore_tokens: int = 0) -> None:
         super().__init__(gpu_blocks, host_blocks, host_policy, block_size, min_restore_tokens=min_restore_tokens)
         self.store = store
-        self._store_hit = 0       # the store hit of the request being served (``restorable`` adds it)
         self.host.on_evict = store.put           # write-back on host eviction
         self.l3_hit_blocks = 0
         self.requests_with_l3_hits = 0
@@ -93,11 +92,11 @@ class ThreeTierCache(TwoTierCache):
         if s:
             sidx.prepare_load(d[start:start + s])  # pinned while this request's blocks settle
         host_before = self.stats.host_hit_blocks
-        self._store_hit = s
+        self.restored_with_host = s   # the connector's threshold counts the store hit with the host hit
         try:
             g2, restored = super().serve(pr)
         finally:
-            self._store_hit = 0
+            self.restored_with_host = 0
         assert g2 == g and self.stats.host_hit_blocks - host_before == restored
         # blocks the GPU tier took from g on (all of them unless the request overflowed it):
         # the host hits come first, the store hits next
@@ -113,12 +112,6 @@ class ThreeTierCache(TwoTierCache):
         self.l3_hit_blocks += got
         self.requests_with_l3_hits += got > 0
         return g, restored
-
-    def restorable(self, h: int) -> int:
-        """As the connector decides: the host hit and the store hit after it are restored together
-        when they add up to ``min_restore_tokens``."""
-        self.short_hit = h if h + self._store_hit < self.min_restore_blocks else 0
-        return h - self.short_hit
 
 
 @dataclass

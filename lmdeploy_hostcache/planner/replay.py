@@ -162,6 +162,7 @@ class TwoTierCache:
         self._overflowed: set[int] = set()   # id() of the requests counted in gpu_overflow_requests
         self.short_hit = 0                    # the last ``restorable`` call's hit left unrestored
         self.served_short = 0                 # the last ``serve_blocks``' (counted in short_host_hit_blocks)
+        self.restored_with_host = 0           # blocks restored with the host hit (a shared store's, l3.py)
 
     def _demote(self, block: HostBlock) -> None:
         host = self.host
@@ -186,10 +187,10 @@ class TwoTierCache:
         return g, self.restorable(min(h, self.host.num_slots // 2))
 
     def restorable(self, h: int) -> int:
-        """The host hit the connector restores: all ``h`` blocks, or none when they are fewer than
-        ``min_restore_tokens`` tokens (the request recomputes them; ``short_hit`` keeps how many,
-        for the caller that serves the request to count)."""
-        self.short_hit = h if h < self.min_restore_blocks else 0
+        """The host hit the connector restores: all ``h`` blocks, or none when they and the blocks restored
+        with them (``restored_with_host``) are fewer than ``min_restore_tokens`` tokens (the request
+        recomputes them; ``short_hit`` keeps how many, for the caller that serves the request to count)."""
+        self.short_hit = h if h + self.restored_with_host < self.min_restore_blocks else 0
         return h - self.short_hit
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:

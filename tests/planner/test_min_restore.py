@@ -28,7 +28,7 @@ def test_host_and_store_hits_count_together(tokens, restored, from_store):
     assert c.serve(pr) == (0, restored)
     assert c.l3_hit_blocks == from_store
     assert c.stats.short_host_hit_blocks == 1 - restored
-    assert c._store_hit == 0                          # a later routing probe adds no store hit
+    assert c.restored_with_host == 0                  # a later routing probe adds no store hit
     c.host.check_invariants()
     store.index.check_invariants()
 
