@@ -8,6 +8,7 @@ blocks of the trace's own block size.  docs/planner.md explains the model and it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -64,6 +65,17 @@ def bounded_int_arg(text: str, minimum: int, maximum: int = MAX_INT_ARG) -> int:
 
 def _nonneg_int(text: str) -> int:
     return bounded_int_arg(text, 0)
+
+
+def min_restore_arg(text: str) -> int | str:
+    """argparse type of ``--min-restore-tokens``: an int >= 0, or ``auto`` (resolved once the model's bytes
+    per token are known: ``resolve_min_restore``)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return bounded_int_arg(text, 0)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("expected an int", "expected auto or an int", 1)) from None
 
 
 def plot_path_arg(text: str) -> str:
@@ -177,10 +189,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_POLICY}, the server's default)")
     from .replay import SERVER_MIN_RESTORE_TOKENS
 
-    c.add_argument("--min-restore-tokens", action=_Explicit, type=_nonneg_int, default=SERVER_MIN_RESTORE_TOKENS,
-                   metavar="N", help="the server's min_restore_tokens: a host hit shorter than N tokens is "
-                                     f"recomputed, not restored (default {SERVER_MIN_RESTORE_TOKENS}, the server's "
-                                     "default; 0 restores every hit; `auto` is not modelled)")
+    c.add_argument("--min-restore-tokens", action=_Explicit, type=min_restore_arg, default=SERVER_MIN_RESTORE_TOKENS,
+                   metavar="N|auto", help="the server's min_restore_tokens: a host hit shorter than N tokens is "
+                                          f"recomputed, not restored (default {SERVER_MIN_RESTORE_TOKENS}, the "
+                                          "server's default; 0 restores every hit; auto: the threshold the server "
+                                          "derives for this model and format from --calibration)")
+    c.add_argument("--calibration", action=_Explicit, default=None, metavar="JSON",
+                   help="restore calibration for --min-restore-tokens auto (the GPU kit's calibration.json; "
+                        "default: $LMDEPLOY_HOSTCACHE_CALIBRATION, else the server's assumed figures)")
 
     k = p.add_argument_group("cost model (assumptions, not measurements)")
     k.add_argument("--prefill-tokens-per-s", type=_pos_float, default=None, metavar="R",
@@ -311,6 +327,52 @@ def run(args) -> int:
         return 2
 
 
+def restore_calibration(setting, path: str | None):
+    """The restore calibration that ``min_restore_tokens: auto`` is resolved with (``--calibration``, else
+    ``$LMDEPLOY_HOSTCACHE_CALIBRATION``, else the server's assumed figures: ``restore_cost.load_calibration``,
+    the server's own rule); None for a number, which needs none.  Read before the trace, so a bad file fails fast."""
+    from ..restore_cost import CalibrationError, load_calibration
+
+    if setting != "auto":
+        if path is not None:
+            raise PlanError(f"--calibration {path} sets the restore threshold of min_restore_tokens auto; "
+                            f"the threshold here is the number {setting}")
+        return None
+    try:
+        return load_calibration(path)
+    except CalibrationError as exc:
+        raise PlanError(str(exc)) from None
+
+
+def resolve_min_restore(setting, sizing, calibration) -> int:
+    """``min_restore_tokens`` as the server resolves it: a number as is; ``auto`` -> the threshold of
+    ``restore_cost.threshold_tokens`` for this model and format's host bytes per token (the connector's
+    ``host_slot_bytes * tp / block_size``; a draft model's bytes, which the server adds, are not modelled)."""
+    if setting != "auto":
+        return setting
+    from ..restore_cost import threshold_tokens
+
+    return threshold_tokens(calibration, sizing.host_block_bytes * sizing.cache_format.tp / sizing.block_size)
+
+
+def _calibration_dict(args) -> dict | None:
+    """The calibration ``auto`` was resolved with, for ``--json`` (None: a number was given)."""
+    cal = args.min_restore_calibration
+    return None if cal is None else cal.to_dict()
+
+
+def describe_min_restore(tokens: int, calibration) -> str:
+    """The report's phrase for the threshold replayed."""
+    from ..restore_cost import NEVER
+
+    if calibration is None:
+        return f"host hits under {tokens} tokens are recomputed (min_restore_tokens)"
+    if tokens >= NEVER:
+        return (f"every host hit is recomputed (min_restore_tokens auto: restoring never beats recomputing with "
+                f"{calibration.source})")
+    return f"host hits under {tokens} tokens are recomputed (min_restore_tokens auto, {calibration.source})"
+
+
 def _describe_model(geometry, sizing) -> str:
     from .report import fmt_bytes
 
@@ -376,6 +438,7 @@ def _run(args) -> int:
     spec = load_cluster(args.cluster) if args.cluster else None
     geometry = spec.geometry() if spec else resolve_model(args.model)
     fmt = spec.cache_format if spec else CacheFormat(args.quant_policy, args.host_kv_format, args.tp)
+    calibration = restore_calibration(spec.min_restore_tokens if spec else args.min_restore_tokens, args.calibration)
 
     t0 = time.perf_counter()
     trace = load_trace(args)
@@ -390,6 +453,12 @@ def _run(args) -> int:
     sizing = BlockSizing.build(geometry, fmt, trace.block_size)
     args.trace_warnings = warnings
     args.distinct_blocks = distinct
+    if spec is not None:
+        spec = dataclasses.replace(spec, min_restore_tokens=resolve_min_restore(spec.min_restore_tokens, sizing,
+                                                                                calibration))
+    else:
+        args.min_restore_tokens = resolve_min_restore(args.min_restore_tokens, sizing, calibration)
+    args.min_restore_calibration = calibration
 
     if spec is not None:
         return _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show)
@@ -403,6 +472,7 @@ def _run(args) -> int:
         "trace": trace.name, "trace_source": trace.source, "block_size": trace.block_size,
         "model": geometry.name, "quant_policy": args.quant_policy, "host_kv_format": args.host_kv_format,
         "tp": args.tp, "host_policy": args.policy, "min_restore_tokens": args.min_restore_tokens,
+        "restore_calibration": _calibration_dict(args),
         "gpu_block_bytes": sizing.gpu_block_bytes, "host_block_bytes_per_rank": sizing.host_block_bytes,
         "cost_model": {"prefill_tokens_per_s": cost.prefill_tokens_per_s, "h2d_gbps": cost.h2d_gbps,
                        "prefill_assumed": cost.prefill_assumed, "h2d_assumed": cost.h2d_assumed,
@@ -462,7 +532,7 @@ def _run(args) -> int:
           f"{trace.block_size}-token blocks")
     print(f"model: {_describe_model(geometry, sizing)}")
     print(f"host-tier policy: {args.policy}; GPU tier: LRU over leaves (as LMDeploy's BlockTrie); "
-          f"host hits under {args.min_restore_tokens} tokens are recomputed (min_restore_tokens)")
+          f"{describe_min_restore(args.min_restore_tokens, args.min_restore_calibration)}")
     for note in unbounded:
         print(f"note: {note}")
     print()
@@ -691,7 +761,8 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
     if args.json:
         out = {"trace": trace.name, "block_size": trace.block_size, "model": geometry.name,
                "routing": spec.routing, "quant_policy": spec.quant_policy, "host_kv_format": spec.host_kv_format,
-               "tp": spec.tp, "host_policy": spec.host_policy, "min_restore_tokens": spec.min_restore_tokens, **tot,
+               "tp": spec.tp, "host_policy": spec.host_policy, "min_restore_tokens": spec.min_restore_tokens,
+               "restore_calibration": _calibration_dict(args), **tot,
                "restored_tokens": tot["host_hit_blocks"] * trace.block_size,
                "nodes": [], "replay_seconds": res.elapsed_s, "load_seconds": t_load,
                "recommendation_rule": "smallest of 0, 1/8, 1/4, 1/2, 3/4, 1 x host_gb within 0.01 of the node's "
@@ -713,7 +784,7 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
         return 0
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.block_size}-token blocks")
     print(f"cluster: {args.cluster}: {len(spec.nodes)} nodes, routing {spec.routing}, host policy {spec.host_policy}, "
-          f"host hits under {spec.min_restore_tokens} tokens recomputed")
+          f"{describe_min_restore(spec.min_restore_tokens, args.min_restore_calibration)}")
     print(f"model: {_describe_model(geometry, sizing)}")
     print()
     rows = []

@@ -8,7 +8,7 @@ Cluster YAML (every field validated; errors name the file and the field)::
     host_kv_format: same       # same | int8 | int4                     (default same)
     tp: 1                      # tensor-parallel ranks per node         (default 1)
     host_policy: arc           # host-tier eviction policy              (default arc, the server's)
-    min_restore_tokens: 256    # shorter host hits are recomputed       (default 256, the server's)
+    min_restore_tokens: 256    # shorter host hits are recomputed; auto (default 256, the server's)
     routing: session           # session | random | prefix | cache_aware (required)
     seed: 0                    # for random routing                     (default 0)
     nodes:                     # at least one
@@ -73,7 +73,8 @@ class ClusterSpec:
     tp: int = 1
     host_policy: str = DEFAULT_POLICY
     seed: int = 0
-    min_restore_tokens: int = SERVER_MIN_RESTORE_TOKENS
+    # a number, or "auto": ``plan`` resolves it for the model and format (cli.resolve_min_restore) before replaying
+    min_restore_tokens: int | str = SERVER_MIN_RESTORE_TOKENS
 
     @property
     def cache_format(self) -> CacheFormat:
@@ -132,9 +133,10 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"{where}: seed must be an int, got {_show(seed)}")
     min_restore = doc.get("min_restore_tokens", SERVER_MIN_RESTORE_TOKENS)
-    if isinstance(min_restore, bool) or not isinstance(min_restore, int) or min_restore < 0:
-        raise ValueError(f"{where}: min_restore_tokens must be an int >= 0 (the planner does not model "
-                         f"`auto`), got {_show(min_restore)}")
+    if isinstance(min_restore, str) and min_restore.strip().lower() == "auto":
+        min_restore = "auto"
+    elif isinstance(min_restore, bool) or not isinstance(min_restore, int) or min_restore < 0:
+        raise ValueError(f"{where}: min_restore_tokens must be an int >= 0 or auto, got {_show(min_restore)}")
     nodes_doc = doc.get("nodes")
     if not isinstance(nodes_doc, list) or not nodes_doc:
         raise ValueError(f"{where}: nodes must be a non-empty list of {{name, gpu_kv_gb, host_gb}}")
@@ -199,7 +201,8 @@ class ClusterResult:
     elapsed_s: float = 0.0
 
     def totals(self) -> dict:
-        keys = ("requests", "prompt_tokens", "prompt_blocks", "gpu_hit_blocks", "host_hit_blocks")
+        keys = ("requests", "prompt_tokens", "prompt_blocks", "gpu_hit_blocks", "host_hit_blocks",
+                "short_host_hit_blocks")
         t = {k: sum(getattr(n.stats, k) for n in self.nodes) for k in keys}
         pb = t["prompt_blocks"] or 1
         t["gpu_hit_rate"] = t["gpu_hit_blocks"] / pb

@@ -61,7 +61,7 @@ BASE = {"routing": "session", "nodes": [{"name": "a", "gpu_kv_gb": 20, "host_gb"
     ({"host_policy": "mru"}, "host_policy must be one of"),
     ({"colour": "red"}, r"unknown field\(s\) \['colour'\]"),
     ({"min_restore_tokens": -1}, "min_restore_tokens must be an int >= 0"),
-    ({"min_restore_tokens": "auto"}, r"min_restore_tokens must be an int >= 0 \(the planner does not model `auto`\)"),
+    ({"min_restore_tokens": "autox"}, r"min_restore_tokens must be an int >= 0 or auto, got 'autox'"),
     ({"min_restore_tokens": True}, "min_restore_tokens must be an int"),
     ({"min_restore_tokens": 1.5}, "min_restore_tokens must be an int"),
 ])
