@@ -650,12 +650,13 @@ class HostTierScheduler:
         if load.pinned:
             self.index.complete_load(load.digests, success=success)
             load.pinned = False
-            if load.staged:  # staging slots are released either way: the blocks are on the GPU now
-                self.l3.chain.finish(load.staged[0], False)   # (exclusive), or recomputed
+            if load.staged:  # restored: the staged blocks end as restored host blocks; else their slots are freed
                 if success:
+                    self.l3.chain.finish_restored(load.staged[0])
                     k = len(load.staged[0])
                     self.l3.metrics.add(get_blocks=k, bytes_from_l3=k * self.block_transfer_bytes)
                 else:
+                    self.l3.chain.finish(load.staged[0], False)
                     self.l3.metrics.add(errors=1)
         if success:
             self.metrics.add(restored_tokens=load.num_tokens,

@@ -17,8 +17,10 @@ Per step (``start_load_kv``, run by LMDeploy before ``cache_swapping`` and the f
 bytes) once its demotion has completed, before reporting it (so before the scheduler can
 mark the block RESIDENT and plan a load of it), and re-hashes a slot before loading it. A
 mismatch (host-memory corruption, a stray write) fails that request's load without moving a
-byte: LMDeploy rolls it back and the prefix is recomputed. Cost: one pass over the slot's
-bytes on each side, on this process's CPU.
+byte: LMDeploy rolls it back and the prefix is recomputed. A slot is re-hashed before it is
+written back to a shared store too: a mismatching slot is not written back (the store object
+would wrap the bad bytes in a fresh checksum that every other node then trusts; counted in
+``corrupt_write_backs``). Cost: one pass over the slot's bytes on each side, on this process's CPU.
 
 Readable slots (always on, independent of ``checksum``): a pool is new memory with undefined
 bytes, so this side keeps one flag per slot, set when a demotion into the slot completed in *this*
@@ -234,6 +236,7 @@ class HostTierWorker:
         self._rejected_loads: list[HostLoad] = []      # loads refused (checksum mismatch, unwritten slot)
         self._readable: bytearray | None = None        # slot -> 1 once a demotion into it completed in this pool
         self._unwritten_reads = 0                      # refused loads since the last poll: slot never written
+        self.corrupt_write_backs = 0                   # store write-backs refused: slot checksum mismatch
         self.first_step: int | None = None             # metadata step of the first plan this worker received
         self.last_drain: DrainReport | None = None
         self.l3 = None                                 # l3_tier.WorkerL3 with an l3: section
@@ -337,7 +340,8 @@ class HostTierWorker:
 
         readable = self._readable
         if self.l3 is not None and meta.l3_write_backs:
-            items = [WriteBack(d, t, s) for d, t, s in meta.l3_write_backs if 0 <= s < len(readable) and readable[s]]
+            items = [WriteBack(d, t, s) for d, t, s in meta.l3_write_backs
+                     if 0 <= s < len(readable) and readable[s] and self._intact_for_store(s)]
             self.l3.chain.write_back(items)
         failed: set[int] = set()
         for req, digests, tokens, slots in meta.l3_stages:
@@ -360,6 +364,20 @@ class HostTierWorker:
                                self.tp_rank, ld.request_id)
                 self._rejected_loads.append(ld)
         return tuple(ld for ld in host_loads if ld.request_id not in failed)
+
+    def _intact_for_store(self, slot: int) -> bool:
+        """With ``checksum`` on, a slot whose bytes no longer match the hash taken when they were written is
+        not written back: the store object would wrap them in a fresh, valid checksum, and every other node
+        would then restore them as sound."""
+        if not self.hostcache.checksum:
+            return True
+        expected = self._checksums.get(slot)
+        if expected is not None and self._slot_digest(slot) == expected:
+            return True
+        logger.warning("host tier rank %d: checksum mismatch in host slot %d: not written back to the store",
+                       self.tp_rank, slot)
+        self.corrupt_write_backs += 1
+        return False
 
     def _slot_digest(self, slot: int) -> int:
         return xxhash.xxh3_64_intdigest(self.pool.slot_view(slot).numpy())

@@ -11,8 +11,11 @@ Scheduler side (``SchedulerChain``, one per engine, owns no bytes):
   object exists; any error counts 0 (recompute);
 * ``reserve(digests, parents, block_bytes)``: host slots to stage those blocks in (``WRITING``,
   pinned); all or nothing;
-* ``finish(digests, ok)``: staged -> ``RESIDENT`` (then loaded to the GPU like any host hit,
-  through ``prepare_load``/``complete_load``), or every reserved slot released (leaf first).
+* ``finish(digests, ok)``: staged -> ``RESIDENT``, or every reserved slot released (leaf first:
+  the failure path, which dooms host blocks chained under them);
+* ``finish_restored(digests)``: the load that read the staged slots succeeded on every rank:
+  the blocks end as any restored host block (a kept restore, or dropped as promoted), without
+  the failure path's subtree doom.
 * ``stop(reason)``: the store is no longer read or written by this engine (its weights changed
   in place, so its keys no longer describe what its blocks hold): queued write-backs are
   dropped, ``lookup`` answers 0 and ``reserve`` None; stagings in flight still ``finish``.
@@ -124,6 +127,17 @@ class SchedulerChain:
                 return None
             slots.append(slot)
         return slots
+
+    def finish_restored(self, digests: Sequence[int]) -> None:
+        """Staged blocks that a load then copied to the GPU on every rank: they end as any restored host
+        block does (``complete_load(success=True)``: a kept restore, or dropped as promoted while the GPU
+        copy keeps their host children reachable), never through ``finish(False)``, whose failure path
+        would doom host blocks demoted under them meanwhile and count a store failure."""
+        self.finish(digests, True)
+        live = [d for d in digests if self.index.is_resident(d)]   # one dropped meanwhile is already gone
+        if live:
+            self.index.prepare_load(live)
+            self.index.complete_load(live, True)
 
     def finish(self, digests: Sequence[int], ok: bool) -> None:
         """Staging done on every rank (``ok``) -> RESIDENT; else release every reserved slot."""
