@@ -40,7 +40,7 @@ def store_rows(sizes_kib: list[int], blocks: int, repeats: int) -> tuple[list[di
         cfg = parse_l3_section({"master_address": master.address, "global_segment_gb": segment_mb / 1024,
                                 "local_buffer_gb": max(32, biggest // (1 << 20) + 16) / 1024,
                                 "timeout_ms": 60_000})
-        client = L3Client(open_mooncake(cfg), timeout_s=cfg.timeout_s)
+        client = L3Client(open_mooncake(cfg), timeout_s=cfg.timeout_s, buffer_bytes=cfg.local_buffer_bytes)
         try:
             for kib in sizes_kib:
                 nbytes = kib * KIB

@@ -13,7 +13,11 @@ through the chained digest itself), the TP size and rank, the planned bytes of o
 (``host_slot_bytes``) and the weights (``weights_name``: ``l3.weights_id``, or the checkpoint
 fingerprint the activation computed, ``weights_fingerprint``). Invariants: with no ``l3:`` section nothing here runs; a store that cannot
 be reached at start-up raises (``on_unreachable: error``) or leaves the node without the tier
-(``warn``); a worker never writes back a slot its pool has not had written.
+(``warn``); a worker never writes back a slot its pool has not had written; a worker whose
+``local_buffer_gb`` cannot hold one block's object (``check_local_buffer``: every put and every
+restore would fail) refuses to start with a ``ConfigError`` naming ``l3.local_buffer_gb``, before
+it opens a store client (the scheduler's query-only client, with its small buffer, moves no
+objects and is not checked).
 """
 from __future__ import annotations
 
@@ -25,8 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ConfigError, FieldError
+from ..l3 import objects
 from ..l3.backend import connect
 from ..l3.chain import SchedulerChain, WorkerChain
+from ..l3.client import buffer_need
+from ..l3.config import GIB
 from ..l3.keys import StoreKeyspace
 from ..tier.metrics import L3TierMetrics
 from .namespace import NamespaceFactory
@@ -38,6 +46,27 @@ _QUERY_ONLY_GB = 1 / 64   # the scheduler's client only checks existence: a toke
 def _space_nbytes(extra) -> int:
     planned = extra.get("host_slot_bytes")
     return int(planned) if isinstance(planned, int) and not isinstance(planned, bool) else 0
+
+
+def check_local_buffer(cfg, block_size: int, slot_nbytes: int) -> None:
+    """``ConfigError`` naming ``l3.local_buffer_gb`` when one block's store object on this rank
+    (``block_size`` token ids of 4 bytes, a host slot of ``slot_nbytes``, the object header) cannot
+    pass through the client's local buffer (``client.buffer_need``): Mooncake would refuse every put
+    and answer every get of it with nothing. Nothing is checked while the slot size is unknown (0)."""
+    if slot_nbytes <= 0:
+        return
+    obj = objects.object_nbytes(4 * max(0, int(block_size)), int(slot_nbytes))
+    have = cfg.local_buffer_bytes
+    if buffer_need([obj], have) <= have:
+        return
+    need = buffer_need([obj], 2 * obj)
+    min_gb = -(-need * 1000 // GIB) / 1000   # rounded up to the 0.001 GiB the error shows
+    raise ConfigError([FieldError(
+        "l3.local_buffer_gb", cfg.local_buffer_gb, f"at least {min_gb:g}",
+        f"got {cfg.local_buffer_gb:g} GiB ({have} bytes), too small for one block: its store object on this "
+        f"rank is {obj} bytes (a host slot of {slot_nbytes} bytes, {block_size} token ids, the header) and "
+        f"Mooncake's client buffer needs {need} bytes for it (its allocator rounds each object up); every put "
+        f"and restore would fail. Set l3.local_buffer_gb to at least {min_gb:g}")])
 
 
 def _digest(value) -> str:
@@ -183,6 +212,10 @@ class WorkerL3:
         # data-parallel engine contributes its share (local_buffer_gb is each client's own staging
         # buffer, kept whole: its batches need the room)
         share = max(1, int(worker.tp_size)) * int(worker.extra.get("data_parallel", 1))   # set > 1 or absent
+        pool = getattr(worker, "pool", None)   # registered before the tier is built (worker.py)
+        slot_nbytes = int(pool.slot_bytes) if pool is not None else _space_nbytes(worker.extra)
+        check_local_buffer(cfg, int(getattr(getattr(worker, "cache_config", None), "block_size", 0) or 0),
+                           slot_nbytes)
         if share > 1:
             cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / share)
         client = connect(cfg, metrics=metrics, logger=logger)

@@ -4,7 +4,9 @@ Invariants: ``mooncake`` is imported only here and only when a store is opened; 
 import or ``setup`` raises ``L3Unavailable`` naming the master address (the start-up error the
 issue asks for), after a plain TCP probe of the master (Mooncake's own ``setup`` retries for
 minutes against a dead address); ``setup`` itself runs under ``setup_timeout_s`` (it blocks while the master
-does not answer).
+does not answer); ``connect`` warns when this node's segment is on a loopback address while its
+master is not (``segment_address_warning``); the ``L3Client`` that ``connect`` returns knows the local buffer's size
+(``local_buffer_gb``) and splits its batches to fit it.
 """
 from __future__ import annotations
 
@@ -24,6 +26,31 @@ def _probe(address: str, timeout_s: float) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise L3Unavailable(f"l3: cannot reach the Mooncake master at {address}: {exc.strerror or exc}") from None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress  # noqa: PLC0415
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def segment_address_warning(config: L3Config) -> str | None:
+    """The warning for a node that contributes its segment on a loopback address while its master is
+    on another host: the other nodes, which read objects placed in that segment, cannot reach it (each
+    such read fails and the turn recomputes). None when the addresses agree."""
+    master_host = config.master_address.rpartition(":")[0]
+    if _loopback(config.local_hostname) and not _loopback(master_host):
+        return (f"l3.local_hostname is {config.local_hostname} but the Mooncake master is at "
+                f"{config.master_address}: other nodes cannot reach the segment this node contributes, so "
+                f"objects placed there cannot be restored elsewhere; set l3.local_hostname to this node's "
+                f"address as the other nodes reach it")
+    return None
 
 
 def open_mooncake(config: L3Config, setup_timeout_s: float = 30.0) -> Any:
@@ -72,16 +99,20 @@ def connect(config: L3Config, metrics: Any = None, logger: Any = None, setup_tim
     engine refuses to start). ``warn``: one warning naming the address, and ``None``: the node
     runs with GPU and host tiers only.
     """
+    import logging  # noqa: PLC0415
+
     from .client import L3Client  # noqa: PLC0415
 
+    log = logger or logging.getLogger("lmdeploy_hostcache.l3")
+    warning = segment_address_warning(config)
+    if warning is not None:
+        log.warning("%s", warning)
     try:
         store = open_mooncake(config, setup_timeout_s)
     except L3Unavailable as exc:
         if config.on_unreachable != "warn":
             raise
-        import logging  # noqa: PLC0415
-
-        (logger or logging.getLogger("lmdeploy_hostcache.l3")).warning(
-            "%s; on_unreachable is 'warn': this node runs without the shared L3 tier", exc)
+        log.warning("%s; on_unreachable is 'warn': this node runs without the shared L3 tier", exc)
         return None
-    return L3Client(store, timeout_s=config.timeout_s, metrics=metrics)
+    # the client splits its batches to fit the buffer Mooncake moves every object through
+    return L3Client(store, timeout_s=config.timeout_s, metrics=metrics, buffer_bytes=config.local_buffer_bytes)

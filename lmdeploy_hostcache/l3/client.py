@@ -4,26 +4,42 @@
 methods: ``batch_is_exist(keys) -> list[int]``, ``put(key, bytes) -> int``,
 ``get_batch(keys) -> list[bytes]``, ``close()``; ``put_batch(keys, values) -> int`` is used
 when present). The Mooncake client has no per-call timeout
-and blocks while its master is unresponsive, so every call runs on one worker thread and the
-caller waits at most ``timeout_s``.
+and blocks while its master is unresponsive, so every backend call runs on one worker thread
+and the caller waits at most ``timeout_s`` for it.
+
+Mooncake moves every object through the client's local buffer (``l3.local_buffer_gb``); a batch
+that does not fit it fails as a whole (``get_batch`` answers empty bytes for every key, a put
+status -600). With ``buffer_bytes`` given (``backend.connect`` passes the buffer's size), puts
+and gets of objects whose sizes are known are split into consecutive backend calls that each fit
+(``buffer_need``: the buffer's allocator rounds every object up to its size class), at least one
+object per call; a single object that cannot fit still gets a call of its own, and fails there.
 
 Invariants:
-* a call that misses its deadline raises ``L3Timeout``; until that stuck call returns, every
-  further call raises ``L3Unavailable`` at once (no pile-up of blocked threads);
+* each backend call has its own deadline: one that misses it raises ``L3Timeout``, so a put or
+  get split into ``n`` calls waits at most ``n x timeout_s``; until that stuck call returns,
+  every further call raises ``L3Unavailable`` at once (no pile-up of blocked threads), and the
+  remaining calls of a split batch are not made;
 * a negative status from the backend (master gone, RPC failure) raises ``L3Unavailable``;
   a put refused for space returns ``False`` for that block (``L3Full`` only from ``put_blocks``
   when ``strict``); nothing is retried silently;
 * ``get_blocks`` returns payloads only for objects whose header, key, token ids and checksum
   all match (``objects.decode``); a missing block, a corrupt one or a short batch raises, so a
-  caller never uses part of a prefix it did not fully verify;
+  caller never uses part of a prefix it did not fully verify: all or nothing per call, in the
+  order asked, however many backend calls it took;
+* a put split into several calls may raise after earlier calls stored their objects (each a
+  complete, checksummed object, counted as stored);
 * every outcome is counted in ``metrics`` (an ``L3TierMetrics`` or anything with ``add`` and
-  ``observe(op, seconds)``) when one is given.
+  ``observe(op, seconds)``; latency per backend call) when one is given;
+* ``close`` is idempotent and returns within ``max(timeout_s, 10 s)``; after a call missed its
+  deadline it returns at once and a daemon thread closes the backend when that call returns
+  (never while it runs; a process exiting before that leaves the backend to Mooncake's own exit
+  handler).
 """
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
@@ -35,17 +51,52 @@ from .keys import StoreKeyspace
 NO_SPACE_CODES = frozenset({-200, -201, -202})   # no available handle / segment / replica space
 NO_SPACE_CODES_FIRST = -200
 
+# Mooncake's client buffer allocator (an offset allocator, mooncake-store 0.3.x) indexes at most
+# 3.75 GiB of units: a larger buffer counts in units of the smallest power of two that brings it there.
+_MAX_BIN_UNITS = 4026531840
+
+
+def buffer_need(sizes: Sequence[int], buffer_bytes: int) -> int:
+    """Bytes of a client buffer of ``buffer_bytes`` that one backend call moving objects of ``sizes``
+    needs (the call fits when this is <= ``buffer_bytes``).
+
+    Mooncake places each object of a call in the buffer on its own, rounded up to its size class
+    (3 mantissa bits: less than 9/8 of it), and only in a free region whose class, rounded down (more
+    than 8/9 of the region), holds that. So whatever the order, ``9/8`` of the call's bytes plus
+    ``9/64`` of its largest object suffice (plus one unit per object on buffers over 3.75 GiB)."""
+    return _need(sum(sizes), max(sizes), len(sizes), buffer_bytes) if len(sizes) else 0
+
+
+def _need(total: int, largest: int, count: int, buffer_bytes: int) -> int:
+    unit = 1
+    while buffer_bytes // unit > _MAX_BIN_UNITS:
+        unit *= 2
+    pad = unit - 1
+    return (9 * (total + count * pad) + 7) // 8 + (9 * (largest + pad) + 63) // 64 + unit + 64
+
+
+def _nbytes(value: Any) -> int:
+    return value.nbytes if isinstance(value, memoryview) else len(value)
+
 
 class L3Client:
     """A store client with deadlines; see the module docstring for the guarantees."""
 
     def __init__(self, backend: Any, timeout_s: float = 2.0, metrics: Any = None,
-                 name: str = "l3") -> None:
+                 name: str = "l3", buffer_bytes: int | None = None) -> None:
+        """``buffer_bytes``: the backend's local buffer (``L3Config.local_buffer_bytes``); ``None``
+        sends every batch in one call (a backend without such a buffer)."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if buffer_bytes is not None and (isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int)
+                                         or buffer_bytes <= 0):
+            raise ValueError(f"buffer_bytes must be an int > 0 or None, got {buffer_bytes!r}")
         self.backend = backend
         self.timeout_s = float(timeout_s)
         self.metrics = metrics
+        self.buffer_bytes = buffer_bytes
+        self.name = name
+        self.closer: threading.Thread | None = None   # closes the backend after a stuck call (close)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-call")
         self._stuck: Future | None = None
         self._lock = threading.Lock()
@@ -90,6 +141,20 @@ class L3Client:
             raise L3Unavailable(f"{op}: store answered {got} for {n} keys")
         return list(out)
 
+    def _spans(self, sizes: Sequence[int] | None, n: int) -> list[tuple[int, int]]:
+        """``[lo, hi)`` index ranges, in order, each one backend call that fits the buffer (at least
+        one object each); one range when the buffer or the sizes are unknown."""
+        if self.buffer_bytes is None or sizes is None or n <= 1:
+            return [(0, n)] if n else []
+        spans, lo, cap = [], 0, self.buffer_bytes
+        while lo < n:
+            hi, total, largest = lo + 1, sizes[lo], sizes[lo]
+            while hi < n and _need(total + sizes[hi], max(largest, sizes[hi]), hi + 1 - lo, cap) <= cap:
+                total, largest, hi = total + sizes[hi], max(largest, sizes[hi]), hi + 1
+            spans.append((lo, hi))
+            lo = hi
+        return spans
+
     # -- raw keys ---------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """One batched existence check; raises ``L3Unavailable``/``L3Timeout`` on failure."""
@@ -105,10 +170,16 @@ class L3Client:
 
     def put(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
         """Store objects; per item True (stored, or the key already held an object) or False
-        (refused: store full). Raises on an unreachable store."""
+        (refused: store full). Raises on an unreachable store. Split into calls that each fit the
+        buffer (module docstring); a raise from a later call leaves the earlier ones' objects stored."""
         if not items:
             return []
+        out: list[bool] = []
+        for lo, hi in self._spans([_nbytes(v) for _, v in items], len(items)):
+            out.extend(self._put_call(items[lo:hi]))
+        return out
 
+    def _put_call(self, items: Sequence[tuple[str, bytes]]) -> list[bool]:
         batch = getattr(self.backend, "put_batch", None)
 
         def run():
@@ -139,16 +210,30 @@ class L3Client:
                 raise L3Unavailable(f"put {key}: store returned status {code}")
         return out
 
-    def get(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Objects by key in one batch; ``None`` where absent."""
-        if not keys:
-            return []
-        blobs = self._reply("get", self._call("get", self.backend.get_batch, list(keys)), len(keys))
-        bad = next((b for b in blobs if b is not None and not isinstance(b, (bytes, bytearray, memoryview))), None)
-        if bad is not None:
-            self._count(errors=1)
-            raise L3Unavailable(f"get: store answered a {type(bad).__name__} where an object's bytes belong")
-        return [b if b else None for b in blobs]
+    def get(self, keys: Sequence[str], sizes: Sequence[int] | None = None) -> list[bytes | None]:
+        """Objects by key, ``None`` where absent; ``sizes`` (each object's bytes, when known) split
+        the batch into calls that fit the buffer (module docstring)."""
+        return self._get(keys, sizes, stop_at_absent=False)
+
+    def _get(self, keys: Sequence[str], sizes: Sequence[int] | None, stop_at_absent: bool) -> list[bytes | None]:
+        """``get``; with ``stop_at_absent`` no further call is made once an object is absent (the
+        answer is then shorter than ``keys`` and ends in that ``None``)."""
+        if sizes is not None and len(sizes) != len(keys):
+            raise ValueError("get: keys and sizes differ in length")
+        out: list[bytes | None] = []
+        for lo, hi in self._spans(sizes, len(keys)):
+            part = list(keys[lo:hi])
+            blobs = self._reply("get", self._call("get", self.backend.get_batch, part), len(part))
+            bad = next((b for b in blobs if b is not None and not isinstance(b, (bytes, bytearray, memoryview))),
+                       None)
+            if bad is not None:
+                self._count(errors=1)
+                raise L3Unavailable(f"get: store answered a {type(bad).__name__} where an object's bytes belong")
+            got = [b if b else None for b in blobs]
+            out.extend(got)
+            if stop_at_absent and None in got:
+                break
+        return out
 
     # -- blocks -----------------------------------------------------------------------
     def count_prefix(self, space: StoreKeyspace, digests: Sequence[int]) -> int:
@@ -178,11 +263,15 @@ class L3Client:
 
     def get_blocks(self, space: StoreKeyspace, digests: Sequence[int],
                    token_bytes: Sequence[bytes], payload_len: int | None = None) -> list[memoryview]:
-        """Every block's verified payload, or an ``L3Error``: never part of a batch."""
+        """Every block's verified payload, in order, or an ``L3Error``: never part of a batch (however
+        many backend calls the buffer split it into). The object sizes that split it come from
+        ``payload_len``, else ``space.block_nbytes``; with neither, one call."""
         if len(digests) != len(token_bytes):
             raise ValueError("get_blocks: digests and token_bytes differ in length")
         keys = space.keys(digests)
-        blobs = self.get(keys)
+        payload = payload_len if payload_len is not None else (space.block_nbytes or None)
+        sizes = None if payload is None else [objects.object_nbytes(len(t), payload) for t in token_bytes]
+        blobs = self._get(keys, sizes, stop_at_absent=True)   # stops at the first absent object
         out = []
         for key, blob, tokens in zip(keys, blobs, token_bytes):
             if blob is None:
@@ -197,17 +286,33 @@ class L3Client:
         return out
 
     def close(self) -> None:
-        """Close the backend (bounded by the deadline when the master is gone)."""
+        """Close the backend; idempotent. Waits at most ``max(timeout_s, 10 s)`` for it; after a call
+        missed its deadline, returns at once and leaves the close to a daemon thread (``closer``)
+        that runs it once that call returned (the backend is never closed under a running call)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            stuck = self._stuck if self._stuck is not None and not self._stuck.done() else None
+        if stuck is not None:
+            self.closer = threading.Thread(target=self._close_after, args=(stuck,), daemon=True,
+                                           name=f"{self.name}-close")
+            self.closer.start()
+            self._pool.shutdown(wait=False)
+            return
         fut = self._pool.submit(self.backend.close)
         try:
             fut.result(timeout=max(self.timeout_s, 10.0))
         except Exception:  # noqa: BLE001 - closing a dead store is best effort
             pass
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _close_after(self, stuck: Future) -> None:
+        wait([stuck])
+        try:
+            self.backend.close()
+        except Exception:  # noqa: BLE001 - closing a dead store is best effort
+            pass
 
     def __enter__(self) -> L3Client:
         return self

@@ -8,14 +8,17 @@ l3:
   protocol: tcp                      # tcp | rdma
   local_hostname: 10.0.0.7           # this node's address as other nodes reach it
   global_segment_gb: 16              # DRAM this node contributes to the shared pool
-  local_buffer_gb: 1                 # staging buffer of each client (one per TP rank)
+  local_buffer_gb: 1                 # staging buffer of each client (one per TP rank); batches are split
+                                     # to fit it, and it must hold one block's object (checked at start-up)
   weights_id: ""                     # e.g. a commit hash; "" = fingerprint the checkpoint (l3/weights.py)
 ```
 
 Invariants: ``parse_l3_section`` returns ``None`` (no third tier) or a valid, frozen
 ``L3Config``; every bad field is reported at once as a ``config.FieldError`` named
-``l3.<field>`` (unknown keys with a did-you-mean); ``to_dict`` round-trips through
-``parse_l3_section``. No store is contacted here.
+``l3.<field>`` (unknown keys with a did-you-mean); ``master_address`` is a bare ``host:port``
+(no scheme, no whitespace); ``to_dict`` round-trips through ``parse_l3_section``. No store is
+contacted here. Whether ``local_buffer_gb`` holds one block's object depends on the engine's slot
+size: the worker checks it at start-up (``integration/l3_tier.check_local_buffer``).
 """
 from __future__ import annotations
 
@@ -90,10 +93,15 @@ def _address(v: Any) -> str:
     allowed = "'host:port' with a port in 1..65535 (the mooncake_master RPC address)"
     if not isinstance(v, str) or v.count(":") < 1:
         raise ValueError(allowed)
-    host, _, port = v.strip().rpartition(":")
+    t = v.strip()
+    if "://" in t:   # the master speaks its own RPC: a URL is a metadata_server, never this address
+        raise ValueError(allowed + ", without a scheme: 'host:port', not a URL such as 'http://host:port'")
+    if any(c.isspace() for c in t):
+        raise ValueError(allowed + ", without spaces")
+    host, _, port = t.rpartition(":")
     if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
         raise ValueError(allowed)
-    return v.strip()
+    return t
 
 
 def _metadata(v: Any) -> str:
