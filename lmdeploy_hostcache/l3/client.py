@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+import queue
+from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
@@ -79,6 +80,39 @@ def _nbytes(value: Any) -> int:
     return value.nbytes if isinstance(value, memoryview) else len(value)
 
 
+class _CallThread:
+    """One daemon thread running the backend's calls in order. Not a ``ThreadPoolExecutor``: the
+    interpreter joins those threads at exit, so a Mooncake call that never returns (its master hung)
+    would keep the engine's process from exiting."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def shutdown(self) -> None:
+        """No further job runs after those already queued; returns at once."""
+        self._jobs.put(None)
+
+
 class L3Client:
     """A store client with deadlines; see the module docstring for the guarantees."""
 
@@ -97,7 +131,7 @@ class L3Client:
         self.buffer_bytes = buffer_bytes
         self.name = name
         self.closer: threading.Thread | None = None   # closes the backend after a stuck call (close)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-call")
+        self._pool = _CallThread(f"{name}-call")
         self._stuck: Future | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -298,14 +332,14 @@ class L3Client:
             self.closer = threading.Thread(target=self._close_after, args=(stuck,), daemon=True,
                                            name=f"{self.name}-close")
             self.closer.start()
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown()
             return
         fut = self._pool.submit(self.backend.close)
         try:
             fut.result(timeout=max(self.timeout_s, 10.0))
         except Exception:  # noqa: BLE001 - closing a dead store is best effort
             pass
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def _close_after(self, stuck: Future) -> None:
         wait([stuck])

@@ -416,3 +416,35 @@ def test_a_loopback_segment_under_a_remote_master_is_warned(local, master, warne
     assert (msg is not None) == warned
     if warned:
         assert "l3.local_hostname" in msg and master in msg
+
+
+def test_a_process_exits_while_a_store_call_never_returns(tmp_path):
+    """A Mooncake call that never returns (its master hung) must not keep the engine's process from
+    exiting: the client's call thread is a daemon (a ThreadPoolExecutor's is joined at exit)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "hang.py"
+    script.write_text(textwrap.dedent("""
+        import threading
+        from lmdeploy_hostcache.l3.client import L3Client
+        from lmdeploy_hostcache.l3.errors import L3Timeout
+
+        class Hung:
+            def batch_is_exist(self, keys):
+                threading.Event().wait()      # never answers
+            def close(self):
+                pass
+
+        c = L3Client(Hung(), timeout_s=0.2)
+        try:
+            c.exists(["k"])
+        except L3Timeout:
+            print("timed out")
+        c.close()
+        print("closed")
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["timed", "out", "closed"]
