@@ -206,7 +206,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--decode-tokens-per-s", type=_pos_float, default=None, metavar="R",
                    help="output tokens per second per running request, for request lifetimes in the "
                         "concurrency replay (default 40; an assumption; planner/concurrency.py)")
-    k.add_argument("--host-write-s", type=_nonneg_float, default=0.0, metavar="S",
+    k.add_argument("--host-write-s", action=_Explicit, type=_nonneg_float, default=0.0, metavar="S",
                    help="seconds after a GPU eviction before its host copy can be restored, in the concurrency "
                         "replay (default 0: any later request; the engine needs about two scheduler steps; "
                         "planner/concurrency.py)")
@@ -248,7 +248,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --cluster: add one shared L3 store (Mooncake Store) of GIB under every node and "
                         "report the cluster hit rate with it next to the nodes alone (planner/l3.py)")
     s.add_argument("--l3-gbps", type=_pos_float, default=None, metavar="GBPS",
-                   help="store->host transfer rate for the L3 estimate in GB/s (default 5; an assumption)")
+                   help="with --l3-gb: store->host transfer rate for the L3 estimate in GB/s (default 5; an "
+                        "assumption)")
 
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -383,6 +384,16 @@ def _describe_model(geometry, sizing) -> str:
             f"block per rank")
 
 
+def _concurrency_options(args) -> list[str]:
+    """The options given that set the single run's concurrency replay (which ``--cluster`` and ``--sweep``
+    do not run): refused with those modes rather than ignored.  ``--host-write-s`` counts when given at all,
+    its default value included."""
+    given = getattr(args, "explicit_options", None) or {}
+    return [opt for opt, on in (("--engine-steps", args.engine_steps), ("--no-concurrency", args.no_concurrency),
+                                ("--decode-tokens-per-s", args.decode_tokens_per_s is not None),
+                                ("--host-write-s", "host_write_s" in given or args.host_write_s != 0.0)) if on]
+
+
 def _run(args) -> int:
     from ..tier.eviction import POLICIES
     from .cluster import load_cluster
@@ -402,9 +413,7 @@ def _run(args) -> int:
         if clash:
             raise PlanError(f"--cluster {args.cluster} sets the model, format, policy and node sizes itself and has "
                             f"no sweep: drop {', '.join(clash)} (or drop --cluster)")
-        unused = [opt for opt, given in (("--engine-steps", args.engine_steps), ("--no-concurrency", args.no_concurrency),
-                                         ("--decode-tokens-per-s", args.decode_tokens_per_s is not None),
-                                         ("--host-write-s", args.host_write_s != 0.0)) if given]
+        unused = _concurrency_options(args)
         if unused:
             raise PlanError(f"--cluster replays each request at once, without request lifetimes: drop "
                             f"{', '.join(unused)} (they set the single-node concurrency replay)")
@@ -421,6 +430,11 @@ def _run(args) -> int:
         raise PlanError(f"{', '.join(step_opts)} set the step model: add --engine-steps")
     if args.engine_steps and args.sweep:
         raise PlanError("--engine-steps applies to a single run's concurrency replay, not to --sweep")
+    if args.sweep:
+        unused = _concurrency_options(args)
+        if unused:
+            raise PlanError(f"--sweep replays each request at once, without request lifetimes: drop "
+                            f"{', '.join(unused)} (they set a single run's concurrency replay)")
     if args.engine_steps and args.no_concurrency:
         raise PlanError("--engine-steps is a concurrency replay: drop --no-concurrency")
     steps = None
@@ -434,6 +448,9 @@ def _run(args) -> int:
             (args.max_batches, args.prefill_interval, args.max_prefill_tokens), _STEP_DEFAULTS)), **lane)
     if (args.l3_gb is not None or args.l3_gbps is not None) and not args.cluster:
         raise PlanError("--l3-gb/--l3-gbps model a store shared by the nodes of a cluster: give --cluster YAML")
+    if args.l3_gbps is not None and args.l3_gb is None:
+        raise PlanError("--l3-gbps sets the transfer rate of the shared L3 store's estimate: add --l3-gb GIB "
+                        "(the store's size), or drop --l3-gbps")
     # validate every setting before the (slower) trace load
     spec = load_cluster(args.cluster) if args.cluster else None
     geometry = spec.geometry() if spec else resolve_model(args.model)
@@ -516,8 +533,12 @@ def _run(args) -> int:
         out["warnings"] = args.trace_warnings
         out["gpu_only"] = {"hit_rate": st.gpu_hit_rate, "gpu_hit_rate": st.gpu_hit_rate, "host_hit_rate": 0.0,
                            "recomputed_tokens": st.prompt_tokens - st.gpu_hit_tokens}
-        out["gpu_gb_used"] = sizing.gpu_gb_for(gpu_blocks)
-        out["host_gb_used"] = sizing.host_gb_for(host_blocks)
+        # the configured sizes (whole blocks) and the memory the tiers held at their fullest (the trace may have
+        # fewer distinct blocks than a tier holds: memory follows the trace, never the configured size)
+        out["gpu_gb_capacity"] = sizing.gpu_gb_for(gpu_blocks)
+        out["host_gb_capacity"] = sizing.host_gb_for(host_blocks)
+        out["gpu_gb_used"] = sizing.gpu_gb_for(st.gpu_peak_blocks)
+        out["host_gb_used"] = sizing.host_gb_for(st.host_peak_blocks)
         out["ttft"] = ttft.as_dict()
         out["load_seconds"] = t_load
         out["replay_seconds"] = st.elapsed_s

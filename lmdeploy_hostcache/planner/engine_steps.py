@@ -92,19 +92,23 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   one time slot, and it reads the first forward's output before it schedules again, so the host copies
   that forward's scheduling started land a step sooner (``_sooner_writes``).
 
-Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``chunk_steps``,
-``chunked_requests``, ``load_waits`` (requests that waited for a host load), ``reclaimed_loads``,
-``attempt_evictions``, ``preemptions`` (of which ``resumed_preemptions`` resumed with their blocks and
-``reclaimed_preemptions`` lost them to a capacity making), plus ``ConcurrencyStats`` (``queued_requests``/
-``queue_delay_s``: requests whose prefill (or first chunk) ran after the first step they could have
-run in, and those waits).  Not modelled: a forward's own duration (a step is a step).  Invariants:
-steps only move forward; a running request's end and block-growth events are kept in
-*decode-step* counts, so a prefill or chunk step inserted while it runs delays them by one step, as
-in the engine (a growth is taken only at a decode step, ``_grow_due``); a started load's blocks are
-pinned from its start and its tail's from its prefill, a chunked prompt's from its chunks, a preempted
-request's stay pinned and held while it is parked; every pin is released at the request's end or when
-its load or its parked blocks are reclaimed (``finish`` leaves no pin, hold, load, chunk or parked
-request).
+Counters (``SteppedStats``): ``prefill_steps``, ``decode_steps``, ``chunk_steps`` (every chunk's
+forward, a continuation's too), ``chunked_requests`` (requests prefilled in chunks, their own prompt or
+a continuation after a preemption: each once), ``load_waits`` (requests that waited for a host load:
+those whose counted admission is a load; a load reclaimed before its prefill is taken back, and a
+continuation's load is not counted, as its hits are not), ``reclaimed_loads`` (loads, a continuation's
+included), ``attempt_evictions``, ``preemptions`` (of which ``resumed_preemptions`` resumed with their
+blocks and ``reclaimed_preemptions`` lost them to a capacity making), plus ``ConcurrencyStats``
+(``queued_requests``/``queue_delay_s``: requests whose prefill (or first chunk) ran after the first
+step they could have run in, and those waits). A trace request counts once in each per-request counter
+however often it is preempted: ``gpu_overflow_requests`` too (a continuation counts as its request,
+``_overflow_key``). Not modelled: a forward's own duration (a step is a step). Invariants: steps only
+move forward; a running request's end and block-growth events are kept in *decode-step* counts, so a
+prefill or chunk step inserted while it runs delays them by one step, as in the engine (a growth is
+taken only at a decode step, ``_grow_due``); a started load's blocks are pinned from its start and its
+tail's from its prefill, a chunked prompt's from its chunks, a preempted request's stay pinned and held
+while it is parked; every pin is released at the request's end or when its load or its parked blocks are
+reclaimed (``finish`` leaves no pin, hold, load, chunk or parked request).
 
 Cost: LMDeploy tries every queued request in a short-only pass and each try refreshes its match, so
 a saturated queue costs the model work that grows with its square; the GPU tier (``_GpuTierIndex``:
@@ -179,8 +183,8 @@ class SteppedStats(ConcurrencyStats):
     prefill_steps: int = 0
     decode_steps: int = 0
     chunk_steps: int = 0          # forwards of one long prompt's chunk (the last one included)
-    chunked_requests: int = 0     # requests whose prompt was prefilled in chunks
-    load_waits: int = 0
+    chunked_requests: int = 0     # requests prefilled in chunks (their prompt, or a continuation's): each once
+    load_waits: int = 0           # requests whose counted admission waited for a host load (not continuations')
     reclaimed_loads: int = 0      # loads whose blocks a chunk or an admission took before they prefilled
     attempt_evictions: int = 0    # GPU blocks evicted by admission attempts that found too little room
     preemptions: int = 0          # running requests sent back to the queue: no block for their growth
@@ -352,6 +356,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # the preempted requests that still hold their blocks, by id of their continuation (in ``_waiting``),
         # in preemption order
         self._parked: dict[int, _Parked] = {}
+        # the positions of the requests counted in ``chunked_requests`` (a continuation shares its request's)
+        self._chunked_positions: set[int] = set()
 
     # -- the clock ---------------------------------------------------------------------------
     def _seconds(self, step: float) -> float:
@@ -712,6 +718,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         """The decode steps whose tokens the scheduler has seen at ``self._step``: all of them but the latest
         when the previous step decoded (a token is seen two steps after its forward)."""
         return self._decoded - (self._last_decode_step == self._step - 1)
+
+    def _overflow_key(self, pr: PreparedRequest) -> int:
+        """A preempted request's continuation counts in ``gpu_overflow_requests`` as its request: by position."""
+        return self._position[id(pr)]
 
     def _seen_prefill(self, prefilled: int) -> bool:
         """Whether the scheduler has seen the first token of a prefill (or last chunk) run at ``prefilled``."""
@@ -1101,7 +1111,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             pos = self._position[id(lpr)]
             self._uncount(lpr, *self.results[pos], self._load_short.pop(id(lpr), 0))   # as counted at its load
             self.results[pos] = None
-        st.load_waits -= 1
+            st.load_waits -= 1           # (a continuation's load was not counted: ``_start_load``)
         st.reclaimed_loads += 1
         self._requeue(lpr)
 
@@ -1246,7 +1256,10 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         self._short_turns = 0
         self._live += 1
         st = self.stats
-        st.chunked_requests += 1
+        pos = self._position[id(ch.pr)]
+        if pos not in self._chunked_positions:   # a preempted request's continuation chunked again: counted once
+            self._chunked_positions.add(pos)
+            st.chunked_requests += 1
         st.chunk_steps += 1
         st.max_running = max(st.max_running, self._live)
         if self.schedule is not None:
@@ -1346,7 +1359,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         # the load ships with this step (a forward of its own if need be) and the engine runs
         # connector steps until it completes: not idle when the request is ready
         self._last_busy = max(self._last_busy, step + 1)
-        self.stats.load_waits += 1
+        if id(pr) not in self._continues:   # a preempted request's continuation waited once already, as a request
+            self.stats.load_waits += 1
         self._note_result(pr, g, restored, final=False)
         if self.schedule is not None:
             self.schedule.append((step, "load", self._position[id(pr)]))

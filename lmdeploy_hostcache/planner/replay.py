@@ -108,6 +108,11 @@ class ReplayStats:
     demotions_refused: int = 0    # GPU evictions the host could not take (block lost)
     host_evictions: int = 0
     host_orphans_dropped: int = 0
+    # the most slots each tier held at once (its allocator's high-water mark): the memory the tier used,
+    # never above its capacity; one request at a time, never above the trace's distinct blocks either (the
+    # concurrency replays add the slots running requests hold and second copies in flight)
+    gpu_peak_blocks: int = 0
+    host_peak_blocks: int = 0
     elapsed_s: float = 0.0
 
     @property
@@ -159,7 +164,7 @@ class TwoTierCache:
                               keep_restored=keep_restored)
         self.gpu = HostIndex(gpu_blocks, policy="lru", verify_tokens=verify_tokens, on_evict=self._demote)
         self.stats = ReplayStats(block_size, gpu_blocks, host_blocks, host_policy)
-        self._overflowed: set[int] = set()   # id() of the requests counted in gpu_overflow_requests
+        self._overflowed: set[int] = set()   # ``_overflow_key`` of the requests counted in gpu_overflow_requests
         self.short_hit = 0                    # the last ``restorable`` call's hit left unrestored
         self.served_short = 0                 # the last ``serve_blocks``' (counted in short_host_hit_blocks)
         self.restored_with_host = 0           # blocks restored with the host hit (a shared store's, l3.py)
@@ -231,12 +236,20 @@ class TwoTierCache:
         self._count_overflow(pr, overflow)
         return g, restored, covered
 
+    def _overflow_key(self, pr: PreparedRequest) -> int:
+        """What identifies ``pr``'s trace request in ``gpu_overflow_requests`` (a model that serves a request
+        again under another ``PreparedRequest``, as ``engine_steps`` does a preempted one's continuation,
+        gives both the same key)."""
+        return id(pr.request)
+
     def _count_overflow(self, pr: PreparedRequest, overflow: bool) -> None:
         """A request counts once in ``gpu_overflow_requests``, however many stores (chunks, a load's
         tail, a preempted request served again) ran out of GPU room."""
-        if overflow and id(pr.request) not in self._overflowed:
-            self._overflowed.add(id(pr.request))
-            self.stats.gpu_overflow_requests += 1
+        if overflow:
+            key = self._overflow_key(pr)
+            if key not in self._overflowed:
+                self._overflowed.add(key)
+                self.stats.gpu_overflow_requests += 1
 
     def _store_run(self, pr: PreparedRequest, first: int, last: int) -> tuple[list[int], int, bool]:
         """Store ``digests[first:last]`` in the GPU tier (not completed yet): (the new ones, how many
@@ -276,6 +289,8 @@ class TwoTierCache:
         st = self.stats
         st.host_evictions = self.host.stats.evictions
         st.host_orphans_dropped = self.host.stats.dropped
+        st.gpu_peak_blocks = self.gpu.allocator.high_water
+        st.host_peak_blocks = self.host.allocator.high_water
         return st
 
 

@@ -75,13 +75,19 @@ def render_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 
 def single_run_table(st: ReplayStats, sizing: BlockSizing | None, ttft: TTFTEstimate | None) -> str:
     """GPU-only vs GPU+host for one replay.  The GPU-only column is this run's GPU tier: with
-    exclusive tiers the host tier never changes what the GPU tier holds (tested)."""
+    exclusive tiers the host tier never changes what the GPU tier holds (tested).  Capacity is the
+    configured size in whole blocks; "used" is the most each tier held at once (``gpu_peak_blocks``,
+    ``host_peak_blocks``), which a trace with fewer distinct blocks than the capacity keeps below it."""
     cap_blocks = (fmt_int(st.gpu_blocks), f"{fmt_int(st.gpu_blocks)} + {fmt_int(st.host_blocks)}")
     rows = [["capacity (blocks)", *cap_blocks]]
     if sizing is not None:
         g = sizing.gpu_gb_for(st.gpu_blocks)
         h = sizing.host_gb_for(st.host_blocks)
-        rows.append(["capacity (GiB, used)", f"{g:.1f}", f"{g:.1f} + {h:.1f}"])
+        rows.append(["capacity (GiB)", f"{g:.1f}", f"{g:.1f} + {h:.1f}"])
+        # what the tiers held at their fullest: memory follows the trace, never the configured size
+        g = sizing.gpu_gb_for(st.gpu_peak_blocks)
+        h = sizing.host_gb_for(st.host_peak_blocks)
+        rows.append(["used (GiB, at the peak)", f"{g:.1f}", f"{g:.1f} + {h:.1f}"])
     rows += [
         ["hit rate (prompt blocks)", f"{st.gpu_hit_rate:.3f}", f"{st.hit_rate:.3f}"],
         ["  from GPU tier", f"{st.gpu_hit_rate:.3f}", f"{st.gpu_hit_rate:.3f}"],
