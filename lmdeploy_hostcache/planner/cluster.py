@@ -188,7 +188,7 @@ class NodeResult:
     spec: NodeSpec
     gpu_blocks: int
     host_blocks: int
-    host_gb_used: float
+    host_gb_capacity: float     # GiB of the host blocks configured (whole blocks); its peak use is stats.host_peak_blocks
     stats: ReplayStats
     recommended_host_gb: float | None = None
     hit_rate_by_host_gb: dict[float, float] = field(default_factory=dict)
