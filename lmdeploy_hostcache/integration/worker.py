@@ -28,8 +28,12 @@ pool and cleared when a new one is submitted. A load naming a slot without the f
 before a byte moves (reported failed: LMDeploy rolls it back and recomputes) and the output
 carries ``pool_reset_marker(first_step)``: the scheduler's index lists blocks this pool never got
 (its pool was rebuilt without the scheduler seeing it), and only copies shipped from metadata
-step ``first_step`` on (the first this worker received) reached this pool. Invariant: no load ever
-reads a host slot that was not written since its pool was created.
+step ``first_step`` on (the first this worker received) reached this pool. Every new pool also
+reports that marker once, at its first poll: a rebuild the scheduler never saw may have dropped
+copies in flight (their outcomes died with the old worker), and without it their requests would
+wait for ever with their slots pinned; the scheduler ignores the marker of a pool whose teardown
+it saw (``first_step`` is then its floor). Invariant: no load ever reads a host slot that was not
+written since its pool was created.
 
 Teardown. ``shutdown`` (LMDeploy calls it at engine sleep, any level, at wakeup's
 ``build_cache_engine`` before a new connector is built, and at engine close) drains every
@@ -236,6 +240,7 @@ class HostTierWorker:
         self._rejected_loads: list[HostLoad] = []      # loads refused (checksum mismatch, unwritten slot)
         self._readable: bytearray | None = None        # slot -> 1 once a demotion into it completed in this pool
         self._unwritten_reads = 0                      # refused loads since the last poll: slot never written
+        self._announce_pool = False                    # a new pool not yet reported (pool_reset_marker)
         self.corrupt_write_backs = 0                   # store write-backs refused: slot checksum mismatch
         self.first_step: int | None = None             # metadata step of the first plan this worker received
         self.last_drain: DrainReport | None = None
@@ -286,6 +291,7 @@ class HostTierWorker:
                                        **self.engine_kwargs)
         self.layout, self.pool = layout, pool
         self._readable = bytearray(self.num_slots)   # a new pool: no slot holds a block yet
+        self._announce_pool = True                     # the next poll reports pool_reset_marker(first_step)
         if self.hostcache.l3 is not None and self.l3 is None:
             from .l3_tier import WorkerL3
 
@@ -434,6 +440,11 @@ class HostTierWorker:
         if self._unwritten_reads:
             invalid.add(pool_reset_marker(self.first_step if self.first_step is not None else 0))
             self._unwritten_reads = 0
+        if self._announce_pool and self.first_step is not None:
+            # once per pool: copies shipped before first_step went to an older pool, and their
+            # outcomes will never come (the scheduler ignores the marker when it saw the teardown)
+            invalid.add(pool_reset_marker(self.first_step))
+            self._announce_pool = False
         outcomes = [(op_id, False, False) for op_id in self._failed_submits]
         self._failed_submits.clear()
         if self.engine is not None:

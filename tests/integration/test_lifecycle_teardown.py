@@ -266,3 +266,32 @@ def test_a_restore_from_the_released_pool_would_be_caught():
         w._readable[:] = b'\x01' * len(w._readable)   # and a worker that trusts every slot
     with pytest.raises(KVMismatch):
         run.phase()
+
+
+@pytest.mark.parametrize('tp', [1, 2])
+def test_a_cache_rebuild_the_scheduler_never_sees_with_a_load_in_flight(tp):
+    """The rebuild lands while a host load is in flight: its outcome dies with the old worker. The
+    new pool reports itself at its first poll, so the load fails (the request recomputes) and its
+    slots are unpinned; before, the request waited for a result that never came, its slots pinned.
+    Every GPU block is byte-checked each step; the host slots are checked at the end (until the new
+    pool's first poll the index still names the old pool's blocks, which the worker refuses to read)."""
+    run = Run(tp=tp, copy_delay_polls=2)
+    state = {'rebuilt': False}
+
+    def on_iteration(driver):
+        if not state['rebuilt'] and driver.iteration > 5 and run.side._inflight_loads:
+            run.engine.wakeup(['kv_cache'], host_fill=PATTERN)   # not asleep: the scheduler is not told
+            state['rebuilt'] = True
+        assert driver.iteration < 1500, 'no progress: a load is waiting for a pool that is gone'
+
+    WorkloadDriver(run.engine, weka_conversations(files=FILES, max_turns=4), checker=run.checkers, max_active=3,
+                   on_iteration=on_iteration).run()
+    assert state['rebuilt'], 'no host load was ever in flight'
+    assert run.side.tier_resets == 1
+    assert not run.side.has_inflight()
+    assert run.side.metrics.snapshot()['restore_failures'] >= 1
+    restored = run.side.metrics.restored_tokens
+    run.phase()                               # the same prefixes again, host slots checked every step
+    run.assert_clean()
+    assert run.side.tier_resets == 1
+    assert run.side.metrics.restored_tokens > restored, 'the host tier must work again on the new pool'
