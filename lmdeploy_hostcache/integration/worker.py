@@ -28,8 +28,8 @@ pool and cleared when a new one is submitted. A load naming a slot without the f
 before a byte moves (reported failed: LMDeploy rolls it back and recomputes) and the output
 carries ``pool_reset_marker(first_step)``: the scheduler's index lists blocks this pool never got
 (its pool was rebuilt without the scheduler seeing it), and only copies shipped from metadata
-step ``first_step`` on (the first this worker received) reached this pool. Every new pool also
-reports that marker once, at its first poll: a rebuild the scheduler never saw may have dropped
+step ``first_step`` on (the first this worker received) reached this pool. Every later pool (first
+metadata step above 1) also reports that marker once, at its first poll: a rebuild the scheduler never saw may have dropped
 copies in flight (their outcomes died with the old worker), and without it their requests would
 wait for ever with their slots pinned; the scheduler ignores the marker of a pool whose teardown
 it saw (``first_step`` is then its floor). Invariant: no load ever reads a host slot that was not
@@ -442,8 +442,10 @@ class HostTierWorker:
             self._unwritten_reads = 0
         if self._announce_pool and self.first_step is not None:
             # once per pool: copies shipped before first_step went to an older pool, and their
-            # outcomes will never come (the scheduler ignores the marker when it saw the teardown)
-            invalid.add(pool_reset_marker(self.first_step))
+            # outcomes will never come (the scheduler ignores the marker when it saw the teardown;
+            # an engine's first pool, from metadata step 1, has nothing before it to report)
+            if self.first_step > 1:
+                invalid.add(pool_reset_marker(self.first_step))
             self._announce_pool = False
         outcomes = [(op_id, False, False) for op_id in self._failed_submits]
         self._failed_submits.clear()
