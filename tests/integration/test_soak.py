@@ -185,3 +185,27 @@ def test_sleep_and_wakeup_into_patterned_memory_pass_the_slot_checks():
                                   sleep_at=16, sleep_level=level)
         summary = run_scenario(cfg)
         assert summary['ok'], summary['error']
+
+
+def test_the_leak_check_bounds_each_ghost_list_on_its_own():
+    """ARC keeps two ghost lists, each bounded by ``ghost_ratio`` x (resident + 1): full lists are
+    within bounds (the check once summed both against one list's bound and failed sound runs), and a
+    list past its bound is still reported."""
+    from lmdeploy_hostcache.testing.soak import ghost_overflow
+    from lmdeploy_hostcache.tier.host_index import HostIndex
+
+    idx = HostIndex(6, policy="arc")
+    d = 1
+    for _ in range(40):
+        for _ in range(6):   # fresh leaves (T1), half of them used twice (T2)
+            if idx.prepare_store(d, 0, d.to_bytes(8, "little")) is not None:
+                idx.complete_store(d, True)
+                if d % 2:
+                    idx.touch([d])
+            d += 1
+    ghosts = idx.policy._ghost
+    assert len(ghosts[1]) + len(ghosts[2]) > int(idx.policy.ghost_ratio * (idx.num_slots + 1)) + 2
+    assert ghost_overflow(idx.policy, idx.num_slots) is None
+    for k in range(10_000, 10_100):
+        ghosts[1][k] = True
+    assert "ghost list holds" in ghost_overflow(idx.policy, idx.num_slots)
