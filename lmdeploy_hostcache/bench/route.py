@@ -1,9 +1,13 @@
 """Routing decision time and proxy memory per cached block (``lmdeploy-hostcache bench route``).
 
-For each node count (default 4 and 16) it builds the proxy's router (``routing.CacheAwareRouter``)
-with every node exact and holding ``--blocks-per-node`` cached blocks (default 1M; a tenth in
-the GPU tier, the rest on host), loaded through the feed's snapshot path, then times
-``route`` + ``dispatched`` + ``finished`` per request over ``--requests`` prompts of
+For each node count (default 4 and 16) it builds the proxy's own routing service
+(``integration.proxy_routing.RoutingService``: the router ``make_router`` configures for
+``lmdeploy serve proxy``, 64 node slots, the table's default initial size) with every node exact
+and holding ``--blocks-per-node`` cached blocks (default 1M; a tenth in the GPU tier, the rest on
+host), loaded by the proxy's poller (``poll_once``) from real feed snapshot messages (the
+``FeedPublisher`` format: base64 ids, the node's ``info``), so parsing, validation and the chunked
+apply under the proxy's lock are all measured.  Then it times the proxy's per-request router work,
+``choose`` (lock, route, dispatched) + ``finished`` of its ticket, over ``--requests`` prompts of
 ``--prompt-blocks`` blocks whose leading blocks are cached on one node (a random run of that
 node's contents) and the rest new.  It also times turning a prompt's tokens into published ids
 (chained xxh3-128 + ``publish_id``), which the proxy does once per namespace.
@@ -12,8 +16,9 @@ node's contents) and the rest new.  It also times turning a prompt's tokens into
 routing policy and one pooled node (the tables in docs/routing.md).
 
 Printed figures are measured in this run on this machine: median and p99 decision time per
-request, the id-chaining time per request, and memory per cached block (the table's bytes over
-the cached (node, block) pairs, and the process RSS growth over the same pairs).
+request, the id-chaining time per request, the load time and the longest hold of the proxy's lock
+while loading, and memory per cached block (the table's bytes over the cached (node, block) pairs,
+and the process RSS growth over the same pairs).
 """
 from __future__ import annotations
 
@@ -61,31 +66,98 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def measure_nodes(n_nodes: int, args) -> dict:
+class _TimedLock:
+    """The service's RLock, recording how long it is held (outermost acquire to release)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._since = 0.0
+        self.longest = 0.0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self._depth += 1
+            if self._depth == 1:
+                self._since = time.perf_counter()
+        return got
+
+    def release(self) -> None:
+        if self._depth == 1:
+            self.longest = max(self.longest, time.perf_counter() - self._since)
+        self._depth -= 1
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _b64(arr) -> str:
+    import base64
+
     import numpy as np
 
-    from ..routing.cost import NodeProfile
-    from ..routing.feed import NamespaceKey
+    return base64.b64encode(np.ascontiguousarray(arr, dtype="<u8").tobytes()).decode()
+
+
+def measure_nodes(n_nodes: int, args) -> dict:
+    import logging
+
+    import numpy as np
+
+    from ..integration import proxy_routing
+    from ..routing.feed import FeedPublisher, NamespaceKey
     from ..routing.request import RoutingRequest
-    from ..routing.router import CacheAwareRouter
-    from ..routing.table import GPU, HOST
 
     rng = np.random.default_rng(args.seed + n_nodes)
     per = args.blocks_per_node
     gpu_n = per // 10
     key = NamespaceKey(12345, 678, args.block_size)
     contents = [rng.integers(2, 2**63, size=per, dtype=np.uint64) for _ in range(n_nodes)]
+    urls = [f"http://127.0.0.1:{30000 + k}" for k in range(n_nodes)]
+    info = FeedPublisher(gpu_blocks=gpu_n, host_blocks=per - gpu_n, namespace=key).info
+
+    class _Reply:
+        status_code = 200
+
+        def __init__(self, k: int) -> None:
+            self.k = k
+
+        def json(self) -> dict:   # what FeedPublisher.poll answers a new reader, built when read
+            ids = contents[self.k]
+            return {"info": info, "epoch": f"e{self.k}", "seq": 0,
+                    "snapshot": {"gpu": _b64(ids[:gpu_n]), "host": _b64(ids[gpu_n:])}}
+
+    class _Feeds:
+        def get(self, url: str, **_):
+            return _Reply(urls.index(url[:url.index("/hostcache")]))
+
+    options = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": None, "feed_api_key": None,
+               "error_cooldown": 10.0, "balance": 1.3, "block_size": args.block_size, "gpu_blocks": 4096,
+               "host_blocks": 0, "feed_urls": {}}
     rss0 = _rss()
-    router = CacheAwareRouter(max_nodes=max(n_nodes, 8), initial_blocks=n_nodes * per)
+    log = logging.getLogger(proxy_routing.logger.name)
+    level, log.level = log.level, logging.ERROR   # the no-tokenizer notice: the bench gives ids itself
+    try:
+        svc = proxy_routing.RoutingService(options, None)
+    finally:
+        log.setLevel(level)
+    svc.lock = _TimedLock()
+    router = svc.router
     t0 = time.perf_counter()
-    for k in range(n_nodes):
-        name = f"node{k}"
-        router.add_node(name, NodeProfile(gpu_n, per - gpu_n, args.block_size), key)
-        ids = contents[k]
-        slot = router.nodes[name].slot
-        router.table.add(ids[:gpu_n], slot, GPU)
-        router.table.add(ids[gpu_n:], slot, HOST)
+    svc._sync_nodes(urls)
+    svc.poll_once(_Feeds())   # every node's snapshot, as the proxy's poller reads and applies it
     load_s = time.perf_counter() - t0
+    longest_hold = svc.lock.longest
+    if not all(router.nodes[u].exact for u in urls):
+        raise RuntimeError("bench route: a node's snapshot was not applied")
     cached = n_nodes * per
     rss_growth = _rss() - rss0
     pb = args.prompt_blocks
@@ -99,9 +171,9 @@ def measure_nodes(n_nodes: int, args) -> dict:
     times = []
     for req in reqs:
         t = time.perf_counter()
-        d = router.route(req)
-        router.dispatched(d, req)
-        router.finished(d.node)
+        proxy_routing._current.set(req)      # what the endpoint's dependency leaves for get_node_url
+        url = svc.choose(urls)                # get_node_url
+        svc.finished(url, svc.take_ticket(url))   # pre_call's ticket, post_call
         times.append(time.perf_counter() - t)
     times.sort()
     toks = rng.integers(0, 128256, size=pb * args.block_size + 1)
@@ -111,6 +183,7 @@ def measure_nodes(n_nodes: int, args) -> dict:
         RoutingRequest(toks).ids(key)
         hash_times.append(time.perf_counter() - t)
     hash_times.sort()
+    table = router.table
     return {
         "nodes": n_nodes, "blocks_per_node": per, "cached_blocks": cached, "requests": len(times),
         "prompt_blocks": pb, "block_size": args.block_size,
@@ -118,18 +191,21 @@ def measure_nodes(n_nodes: int, args) -> dict:
         "decision_ms_p99": 1e3 * times[min(len(times) - 1, int(len(times) * 0.99))],
         "decision_ms_mean": 1e3 * sum(times) / len(times),
         "ids_ms_median": 1e3 * hash_times[len(hash_times) // 2],
-        "table_bytes": router.table.nbytes, "table_entries": router.table.entries,
-        "table_bytes_per_cached_block": router.table.nbytes / cached,
+        "table_bytes": table.nbytes, "table_entries": table.entries, "table_slots": table.slots,
+        "table_mask_bits": table.mask_bits, "table_max_nodes": table.max_nodes, "table_resizes": table.resizes,
+        "table_bytes_per_cached_block": table.nbytes / cached,
         "rss_growth_bytes_per_cached_block": rss_growth / cached,
-        "load_seconds": load_s,
+        "load_seconds": load_s, "longest_lock_hold_ms": 1e3 * longest_hold,
+        "lock_timeouts": svc.lock_timeouts,
     }
 
 
 def measure(args) -> dict:
     _check(args)
     return {"runs": [measure_nodes(n, args) for n in args.nodes], "target_decision_ms": 0.2,
-            "note": "measured on this machine (CPU); decision = route + dispatched + finished with the prompt's ids "
-                    "given; ids = chaining one prompt's tokens into published ids"}
+            "note": "measured on this machine (CPU), through the proxy's RoutingService (64 node slots, default table "
+                    "size, snapshots applied by poll_once); decision = choose (lock, route, dispatched) + finished "
+                    "with the prompt's ids given; ids = chaining one prompt's tokens into published ids"}
 
 
 def format_table(res: dict) -> str:
@@ -137,9 +213,10 @@ def format_table(res: dict) -> str:
 
     rows = [[str(r["nodes"]), f"{r['cached_blocks']:,}", f"{r['decision_ms_median']:.3f}", f"{r['decision_ms_p99']:.3f}",
              f"{r['ids_ms_median']:.3f}", f"{r['table_bytes_per_cached_block']:.1f}",
-             f"{r['rss_growth_bytes_per_cached_block']:.1f}"] for r in res["runs"]]
+             f"{r['rss_growth_bytes_per_cached_block']:.1f}", f"{r['load_seconds']:.1f}",
+             f"{r['longest_lock_hold_ms']:.0f}"] for r in res["runs"]]
     head = ["nodes", "cached blocks", "decision ms (median)", "decision ms (p99)", "prompt->ids ms",
-            "table B/block", "RSS B/block"]
+            "table B/block", "RSS B/block", "load s", "longest lock hold ms"]
     r0 = res["runs"][0]
     return (render_table(rows, head) + f"\n{r0['requests']} decisions per row, prompts of {r0['prompt_blocks']} blocks x "
             f"{r0['block_size']} tokens; target <= {res['target_decision_ms']} ms per decision; {res['note']}")

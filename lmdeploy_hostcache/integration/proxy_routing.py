@@ -14,7 +14,15 @@ wrappers below; nothing else in LMDeploy is rebound):
 - the module-level ``node_manager`` gets a subclass of its own class (``__class__`` swap,
   keeping its nodes, heartbeat thread and state) whose ``get_node_url`` asks the router
   (``routing.CacheAwareRouter``) for Hybrid requests and falls back to the stock method
-  otherwise; ``post_call`` also ends the request's queued prefill;
+  otherwise; a request the router placed gets a ticket (its queued prefill), which ``pre_call``
+  (called by the stock endpoint right after ``get_node_url``, in the same task) takes from a
+  context variable and returns inside its ``start`` value (a ``float`` subclass), so
+  ``post_call(node_url, start)`` of that request, and of no other (a stock-routed request's
+  ``start`` carries none), ends exactly that request's queued prefill;
+- a request whose ``model`` is not a candidate node's base model (the first name its
+  ``/v1/models`` lists; LoRA adapters follow it) is for a LoRA adapter: nodes key an adapter's
+  blocks under another namespace and publish none, so it matches nothing exact and has its own
+  partition of the approximate index (``RoutingRequest.adapter``);
 - the request body reaches ``get_node_url`` (which LMDeploy calls with the model name only)
   through a ``contextvars.ContextVar`` set by a FastAPI dependency override of
   ``validate_json_request`` (it runs the stock check first): the endpoints already depend on
@@ -40,8 +48,15 @@ wrappers below; nothing else in LMDeploy is rebound):
   (``routing.request``): it matches only what requests of its salt left in the approximate index.
 
 Invariants: stock strategies never reach this code; the router is touched under one lock
-(the event loop and the poller thread); a routing error falls back to the stock choice and is
-logged, never failing a request.
+(the event loop and the poller thread); the request path never waits long for it: ``choose``
+waits at most ``CHOOSE_LOCK_TIMEOUT_S`` and otherwise lets the stock strategy pick (counted:
+``lock_timeouts`` in the status), a request's end or a node's error that cannot take the lock at
+once is queued and applied by the next holder; the poller decodes and validates a feed message
+outside the lock (``CacheAwareRouter.prepare_feed``), builds the table growth it needs outside the
+lock too (``plan_room``, ``BlockTable.build_resized``: installed only if the table did not change
+meanwhile), and holds it only to apply it (``commit_feed``, which changes nothing if the node's
+cursor moved meanwhile, and releases the lock between chunks of a large snapshot); a routing error
+falls back to the stock choice and is logged, never failing a request.
 """
 from __future__ import annotations
 
@@ -75,9 +90,31 @@ def _is_loopback(host: str) -> bool:
     return (mapped or addr).is_loopback
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 FEED_READS_PER_POLL = 64   # feed reads per node in one poll round (each up to the node's max_events)
+CHOOSE_LOCK_TIMEOUT_S = 0.05   # the longest a request waits for the router (then: the stock strategy)
+PROXY_MAX_NODES = 64       # node slots of the proxy's block table (masks widen as slots are used)
 
 logger = logging.getLogger("lmdeploy_hostcache.proxy_routing")
 _current: contextvars.ContextVar = contextvars.ContextVar("hostcache_routing_request", default=None)
+# (node URL, ticket) of the request this context's choose() placed, until pre_call takes it
+_ticket: contextvars.ContextVar = contextvars.ContextVar("hostcache_routing_ticket", default=None)
+
+
+class RoutedStart(float):
+    """``pre_call``'s start time of a request this strategy placed, carrying its router ticket to ``post_call``."""
+
+    def __new__(cls, start: float, node: str, ticket: int):
+        obj = super().__new__(cls, start)
+        obj.node, obj.ticket = node, ticket
+        return obj
+
+
+def make_router(options: dict):
+    """The proxy's ``CacheAwareRouter`` for ``options`` (``RoutingService`` and ``bench route`` build it here)."""
+    from ..routing.router import CacheAwareRouter
+
+    return CacheAwareRouter(balance=float(options["balance"]), max_nodes=PROXY_MAX_NODES,
+                            approx_model=str(options.get("model") or "unknown"),
+                            approx_block_size=int(options["block_size"]))
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -291,15 +328,17 @@ class RoutingService:
     """The router, the prompt encoder and the feed poller of one proxy process."""
 
     def __init__(self, options: dict, node_manager=None) -> None:
+        from collections import deque
+
         from ..routing.cost import NodeProfile
-        from ..routing.router import CacheAwareRouter
 
         self.options = dict(options)
         self.node_manager = node_manager
         self.lock = threading.RLock()
-        self.router = CacheAwareRouter(balance=float(options["balance"]), max_nodes=64,
-                                       approx_model=str(options.get("model") or "unknown"),
-                                       approx_block_size=int(options["block_size"]))
+        self.router = make_router(self.options)
+        self._deferred: deque = deque()   # (kind, url, ticket) the request path could not apply at once
+        self.lock_timeouts = 0            # requests routed by the stock strategy because the router was busy
+        self.adapter_requests = 0         # requests for a LoRA adapter (matched against nothing exact)
         self.default_profile = NodeProfile(int(options["gpu_blocks"]), int(options["host_blocks"]),
                                            int(options["block_size"]))
         self.encoder: PromptEncoder | None = None
@@ -382,35 +421,101 @@ class RoutingService:
             self.errors += 1
             logger.warning("cache_aware routing: could not read the request (%r); stock routing for it", exc)
 
-    def choose(self, candidates: list[str]) -> str | None:
-        """The node for the request in the current context (None: let the stock strategy pick)."""
+    def choose(self, candidates: list[str], model_name: str | None = None) -> str | None:
+        """The node for the request in the current context (None: let the stock strategy pick). ``model_name``:
+        the request's model (a LoRA adapter's name matches nothing exact)."""
         req = _current.get()
+        _ticket.set(None)
         if req is None or not candidates:
             return None
-        if not self._sync_nodes(list(self.node_manager.nodes) if self.node_manager is not None else candidates):
+        _current.set(None)
+        adapter = self.adapter_of(model_name, candidates)
+        if adapter:
+            req.set_adapter(adapter)
+        # the event loop waits at most CHOOSE_LOCK_TIMEOUT_S (the poller may be applying a large snapshot)
+        if not self.lock.acquire(timeout=CHOOSE_LOCK_TIMEOUT_S):
+            self.lock_timeouts += 1
             return None
-        with self.lock:
+        try:
+            self._drain()
+            if not self._sync_nodes(list(self.node_manager.nodes) if self.node_manager is not None else candidates):
+                return None
             d = self.router.route(req, candidates)
             if d is None:
                 return None
-            self.router.dispatched(d, req)
-        _current.set(None)
+            ticket = self.router.dispatched(d, req)
+            if adapter:
+                self.adapter_requests += 1
+        finally:
+            self.lock.release()
+        if ticket is not None:
+            _ticket.set((d.node, ticket))
         return d.node
 
-    def finished(self, url: str) -> None:
-        with self.lock:
-            self.router.finished(url)
+    def adapter_of(self, model_name: str | None, candidates: list[str]) -> str:
+        """``model_name`` when it names a LoRA adapter on a candidate node (not the node's base model, which its
+        ``/v1/models`` lists first), else ""."""
+        nodes = getattr(self.node_manager, "nodes", None) if self.node_manager is not None else None
+        if not model_name or not isinstance(model_name, str) or not nodes:
+            return ""
+        for url in candidates:
+            models = getattr(nodes.get(url), "models", None) or []
+            if models and model_name in models and models[0] != model_name:
+                return model_name
+        return ""
+
+    def take_ticket(self, node_url: str) -> int | None:
+        """The ticket of the request this context's ``choose`` placed on ``node_url`` (once; ``pre_call``)."""
+        got = _ticket.get()
+        if got is None:
+            return None
+        _ticket.set(None)
+        return got[1] if got[0] == node_url else None
+
+    def finished(self, url: str, ticket: int | None = None) -> None:
+        """The request of ``ticket`` (from ``choose``, via ``pre_call``'s start value) on ``url`` ended. A request
+        without a ticket was not placed by this strategy: nothing of the router's changes."""
+        if ticket is not None:
+            if self.lock.acquire(timeout=CHOOSE_LOCK_TIMEOUT_S):
+                try:
+                    self._drain()
+                    self.router.finished(url, ticket)
+                finally:
+                    self.lock.release()
+            else:
+                self._deferred.append(("finished", url, ticket))
         self._wake.set()
+
+    def _drain(self) -> None:
+        """Apply what the request path queued (under ``self.lock``)."""
+        while self._deferred:
+            try:
+                kind, url, ticket = self._deferred.popleft()
+            except IndexError:
+                return
+            if kind == "finished":
+                self.router.finished(url, ticket)
+            else:
+                self._node_error_locked(url)
 
     def node_error(self, url: str) -> None:
         """``url`` answered a request with a node fault: skip it for ``error_cooldown`` seconds."""
         self._cooldown[url] = time.monotonic() + float(self.options.get("error_cooldown") or 10.0)
-        with self.lock:
-            if url not in self.router.nodes and len(self.router.nodes) < self.router.table.max_nodes:
-                self._track(url)   # not polled yet: the cooldown holds anyway
-            self.router.set_health(url, False)
+        if self.lock.acquire(timeout=CHOOSE_LOCK_TIMEOUT_S):
+            try:
+                self._drain()
+                self._node_error_locked(url)
+            finally:
+                self.lock.release()
+        else:
+            self._deferred.append(("error", url, None))
         logger.warning("cache_aware routing: node %s answered with an error; skipped for %.0f s", url,
                        float(self.options.get("error_cooldown") or 10.0))
+
+    def _node_error_locked(self, url: str) -> None:
+        if url not in self.router.nodes and len(self.router.nodes) < self.router.table.max_nodes:
+            self._track(url)   # not polled yet: the cooldown holds anyway
+        self.router.set_health(url, False)
 
     def _healthy_again(self, url: str, now: float) -> bool:
         return now >= self._cooldown.get(url, 0.0)
@@ -419,7 +524,7 @@ class RoutingService:
     def poll_once(self, session=None) -> None:
         import requests
 
-        from ..routing.feed import FEED_PATH, FeedError
+        from ..routing.feed import FEED_PATH, FeedError, FeedOverflow
 
         urls = list(self.node_manager.nodes) if self.node_manager is not None else list(self.router.nodes)
         if not self._sync_nodes(urls):
@@ -454,10 +559,22 @@ class RoutingService:
                     if r.status_code != 200:
                         raise ConnectionError(f"HTTP {r.status_code}")
                     msg = r.json()
+                    try:   # validate and decode outside the lock (changes nothing)
+                        pending = self.router.prepare_feed(url, msg)
+                    except KeyError:   # the node left meanwhile
+                        break
                     with self.lock:
-                        if url not in self.router.nodes:
-                            break
-                        self.router.apply_feed(url, msg)
+                        plan = self.router.plan_room(pending)
+                    # the table growth this message needs, built outside the lock too (installed only if
+                    # nothing changed the table meanwhile; else the commit grows it under the lock)
+                    built = self.router.table.build_resized(plan[1]) if plan is not None else None
+                    with self.lock:
+                        self._drain()
+                        if built is not None:
+                            self.router.table.install_resized(built, plan[0])
+                        del built
+                        if self.router.commit_feed(pending, pause=self._let_requests_in) is None:
+                            break   # the node left or was reset meanwhile: nothing applied, next round resumes
                         self.router.set_health(url, self._healthy_again(url, now))
                         params = self.router.nodes[url].cursor.params()
                     fs["has_feed"], fs["last_ok"] = True, now
@@ -466,8 +583,11 @@ class RoutingService:
                     if not msg.get("more"):
                         break
             except FeedError as exc:
-                if not fs.get("invalid"):   # once until the feed is valid again, not at every poll
-                    fs["invalid"] = True
+                # once until the feed is valid again, not at every poll; a view outgrowing its capacity once per
+                # node (its next snapshot is valid again: the flag would not stop a log line per cycle)
+                flag = "overflow" if isinstance(exc, FeedOverflow) else "invalid"
+                if not fs.get(flag):
+                    fs[flag] = True
                     logger.warning("cache_aware routing: node %s sent an invalid cache-state feed: %s", url, exc)
                 with self.lock:
                     st = self.router.nodes.get(url)
@@ -493,6 +613,15 @@ class RoutingService:
                         if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
                             self.router.set_approximate(url, self.default_profile)
                 logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+
+    def _let_requests_in(self) -> None:
+        """Between two chunks of a large snapshot (``commit_feed``'s ``pause``, called under ``self.lock``, held
+        once by the poller): release the lock for a moment, so a waiting ``choose`` gets it."""
+        self.lock.release()
+        try:
+            time.sleep(0.001)
+        finally:
+            self.lock.acquire()
 
     def _feed_is_on_api(self, node_url: str) -> bool:
         """Whether ``node_url``'s feed is read at the node's own API address (same host and port)."""
@@ -549,6 +678,8 @@ class RoutingService:
         out["tokenizer"] = self.encoder.model_path if self.encoder is not None else None
         out["mode"] = "tokens" if self.encoder is not None else "text-prefix (approximate)"
         out["errors"] = self.errors
+        out["lock_timeouts"] = self.lock_timeouts
+        out["adapter_requests"] = self.adapter_requests
         for n in out["nodes"]:
             n["has_feed"] = self._feed_state.get(n["name"], {}).get("has_feed")
         return out
@@ -584,7 +715,7 @@ def _cache_aware_class(base: type) -> type:
             if role == EngineRole.Hybrid:
                 try:
                     cands = [u for u, s in self.get_nodes(role).items() if model_name in s.models]
-                    url = self._hostcache_routing.choose(cands)
+                    url = self._hostcache_routing.choose(cands, model_name)
                     if url is not None:
                         return url
                 except Exception as exc:  # never fail a request over routing
@@ -598,9 +729,21 @@ def _cache_aware_class(base: type) -> type:
                 self._hostcache_routing.node_error(node_url)
             return text
 
+        def pre_call(self, node_url):
+            start = super().pre_call(node_url)
+            try:   # the endpoint calls pre_call right after get_node_url, in the same task (context)
+                ticket = self._hostcache_routing.take_ticket(node_url)
+                if ticket is not None and isinstance(start, (int, float)):
+                    return RoutedStart(start, node_url, ticket)
+            except Exception as exc:  # never fail a request over routing
+                self._hostcache_routing.errors += 1
+                logger.warning("cache_aware routing: pre_call failed (%r)", exc)
+            return start
+
         def post_call(self, node_url, start):
             super().post_call(node_url, start)
-            self._hostcache_routing.finished(node_url)
+            ticket = start.ticket if isinstance(start, RoutedStart) and start.node == node_url else None
+            self._hostcache_routing.finished(node_url, ticket)
 
     CacheAwareNodeManager.__qualname__ = f"CacheAware{base.__qualname__}"
     return CacheAwareNodeManager

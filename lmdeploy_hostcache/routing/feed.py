@@ -17,11 +17,19 @@ Bounded: the ring keeps ``ring_events`` events; a reader that falls behind gets 
 whose size is what the node holds (8 bytes per block before base64).
 
 Reader side, ``FeedCursor.apply(msg)`` validates a message and returns what changed, for the
-router (``CacheAwareRouter.apply_feed``).
+router (``CacheAwareRouter.apply_feed``); ``apply`` is ``parse`` (validate and decode, no change:
+the proxy runs it outside its lock) then ``commit`` (move the cursor, refused when the cursor moved
+since the parse).
+
+Bounded: a node advertises at most ``MAX_FEED_BLOCKS`` (2**32) blocks per tier; a snapshot tier
+with more ids than its advertised capacity, or one events message storing more than capacity +
+``capacity_slack`` ids in a tier, is refused (``FeedError``) before anything changes; the router
+refuses a feed whose view grows past capacity + slack through events (``CacheAwareRouter``).
 
 Invariants: every id goes through ``ids.publish_id`` (the one place to key ids later); after
 applying every message in order, a reader's view equals the publisher's ``contents()``;
-a message that fails validation changes nothing and raises ``FeedError`` naming the field.
+a message that fails validation changes nothing and raises ``FeedError`` naming the field
+(never another exception: non-finite or huge numbers included).
 """
 from __future__ import annotations
 
@@ -40,6 +48,12 @@ FEED_VERSION = 1
 # info.host_weight (a restore's cost relative to a prefill) and info.speed (prefill throughput relative to the
 # reference GPU): what a sane node can state; outside is refused, so a hostile feed cannot herd the cluster
 FEED_NUMBER_RANGES = {"host_weight": (0.0, 1.0), "speed": (0.01, 100.0)}
+# info.gpu_blocks / info.host_blocks: the largest capacity a node may advertise per tier (the proxy's table holds at
+# most this many of one node's ids per tier, plus the event slack below)
+MAX_FEED_BLOCKS = 1 << 32
+# a node's view may pass its advertised capacity by this many ids per tier between two snapshots (events of one
+# batch are applied as sets, a node may store before it withdraws): capacity // 4, at least 1024
+FEED_SLACK_MIN = 1024
 FEED_PATH = "/hostcache/cache_state"
 DEFAULT_RING_EVENTS = 1 << 16
 DEFAULT_MAX_EVENTS = 1 << 15
@@ -48,6 +62,24 @@ _STORED, _REMOVED = 0, 1
 
 class FeedError(ValueError):
     """A feed message that cannot be applied (names the field)."""
+
+
+class FeedOverflow(FeedError):
+    """A node's view grew past its advertised capacity through events (``CacheAwareRouter.commit_feed``)."""
+
+
+def capacity_slack(capacity: int) -> int:
+    """Ids past ``capacity`` one tier of a node's exact view may hold before its feed is refused."""
+    return max(FEED_SLACK_MIN, int(capacity) // 4)
+
+
+def _seed(v: Any) -> int:
+    """``info.namespace.seed``: an int (``FeedPublisher`` sends one), or a decimal string of one."""
+    if isinstance(v, str) and 0 < len(v) <= 40 and v.isascii() and v.isdigit():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise FeedError(f"feed field 'info.namespace.seed' must be an int (or a decimal string), got {v!r}")
+    return v
 
 
 def _b64(arr: np.ndarray) -> str:
@@ -159,11 +191,22 @@ class FeedPublisher:
 
 @dataclass
 class FeedUpdate:
-    """What one message changes: a full replacement per tier, or stored/removed ids per tier."""
+    """What one message changes: a full replacement per tier, or stored/removed ids per tier.
+
+    ``FeedCursor.parse`` also records where the message leaves the cursor (``epoch``, ``seq``,
+    ``info``) and the cursor state it was parsed against (``base``); ``FeedCursor.commit`` moves
+    the cursor only if it is still there."""
 
     snapshot: tuple[np.ndarray, np.ndarray] | None
     stored: tuple[np.ndarray, np.ndarray]
     removed: tuple[np.ndarray, np.ndarray]
+    epoch: str | None = None
+    seq: int | None = None
+    info: dict | None = None
+    base: tuple[str | None, int | None] | None = None
+
+    def capacity(self, tier: int) -> int:
+        return int(self.info["gpu_blocks" if tier == GPU else "host_blocks"]) if self.info else 0
 
 
 def parse_info(info: Any) -> dict:
@@ -176,13 +219,17 @@ def parse_info(info: Any) -> dict:
         v = info.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == "block_size" else 0):
             raise FeedError(f"feed field 'info.{k}' must be a non-negative int, got {v!r}")
+        if k != "block_size" and v > MAX_FEED_BLOCKS:   # the proxy keeps up to this many of the node's ids
+            raise FeedError(f"feed field 'info.{k}' must be at most 2**32, got {v!r}")
     ns = info.get("namespace")
     if not isinstance(ns, dict):
         raise FeedError("feed field 'info.namespace' must be an object")
     try:
         root = int(ns.get("root"), 16)
-        seed = int(ns.get("seed"))
-    except (TypeError, ValueError):
+        seed = _seed(ns.get("seed"))
+    except FeedError:
+        raise
+    except (TypeError, ValueError, OverflowError):
         raise FeedError("feed field 'info.namespace' needs 'root' (hex) and 'seed' (int)") from None
     if not (0 <= root < 1 << 128 and 0 <= seed < 1 << 64):   # a digest root and an xxh3 seed
         raise FeedError("feed field 'info.namespace' needs 'root' below 2**128 and 'seed' below 2**64, both >= 0")
@@ -206,45 +253,74 @@ class FeedCursor:
         return {} if self.epoch is None else {"epoch": self.epoch, "since": self.seq}
 
     def apply(self, msg: Any) -> FeedUpdate:
+        """``parse`` then ``commit``: validates first, changes nothing on error (FeedError)."""
+        upd = self.parse(msg)
+        self.commit(upd)
+        return upd
+
+    def parse(self, msg: Any) -> FeedUpdate:
+        """Validate ``msg`` against this cursor and decode it, changing nothing (raises FeedError naming the
+        field). The cursor moves only with ``commit`` (the proxy parses outside its lock and commits the update
+        with the table change, under it)."""
         if not isinstance(msg, dict):
             raise FeedError("feed message must be a JSON object")
         info = parse_info(msg.get("info"))
         epoch, seq = msg.get("epoch"), msg.get("seq")
         if not isinstance(epoch, str) or isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
             raise FeedError("feed fields 'epoch' (string) and 'seq' (int >= 0) are required")
+        base = (self.epoch, self.seq)
+        caps = (info["gpu_blocks"], info["host_blocks"])
         empty = np.zeros(0, dtype=np.uint64)
         if "snapshot" in msg:
             snap = msg["snapshot"]
             if not isinstance(snap, dict):
                 raise FeedError("feed field 'snapshot' must be an object")
-            upd = FeedUpdate((_unb64(snap.get("gpu"), np.uint64, "snapshot.gpu"),
-                              _unb64(snap.get("host"), np.uint64, "snapshot.host")), (empty, empty), (empty, empty))
-        else:
-            ev = msg.get("events")
-            if not isinstance(ev, dict):
-                raise FeedError("feed message needs 'events' or 'snapshot'")
-            if epoch != self.epoch or msg.get("seq", 0) < (self.seq or 0):
-                raise FeedError("feed 'events' do not continue this reader's cursor (epoch/seq)")
-            ops = _unb64(ev.get("ops"), np.uint8, "events.ops")
-            ids = _unb64(ev.get("ids"), np.uint64, "events.ids")
-            if ops.size != ids.size:
-                raise FeedError(f"feed fields 'events.ops' ({ops.size}) and 'events.ids' ({ids.size}) differ in length")
-            stored, removed = [], []
-            for tier in (GPU, HOST):
-                stored.append(ids[ops == ((tier << 1) | _STORED)])
-                removed.append(ids[ops == ((tier << 1) | _REMOVED)])
-            # events of one batch are applied as sets: an id stored then removed (or the reverse)
-            # in the same batch ends in its last state
-            for tier in (GPU, HOST):
-                sel = (ops >> 1) == tier
-                tids, tops = ids[sel], ops[sel] & 1
-                if tids.size and np.unique(tids).size != tids.size:
-                    last = {}
-                    for i, o in zip(tids.tolist(), tops.tolist()):
-                        last[i] = o
-                    s = np.array([i for i, o in last.items() if o == _STORED], dtype=np.uint64)
-                    r = np.array([i for i, o in last.items() if o == _REMOVED], dtype=np.uint64)
-                    stored[tier], removed[tier] = s, r
-            upd = FeedUpdate(None, (stored[0], stored[1]), (removed[0], removed[1]))
-        self.epoch, self.seq, self.info = epoch, seq, info
-        return upd
+            tiers = (_unb64(snap.get("gpu"), np.uint64, "snapshot.gpu"),
+                     _unb64(snap.get("host"), np.uint64, "snapshot.host"))
+            for tier, name in ((GPU, "gpu"), (HOST, "host")):
+                # a snapshot is one state of the node: never more ids than it says it can hold
+                if tiers[tier].size > caps[tier]:
+                    raise FeedError(f"feed field 'snapshot.{name}' holds {tiers[tier].size} ids, more than "
+                                    f"'info.{name}_blocks' ({caps[tier]})")
+            return FeedUpdate(tiers, (empty, empty), (empty, empty), epoch, seq, info, base)
+        ev = msg.get("events")
+        if not isinstance(ev, dict):
+            raise FeedError("feed message needs 'events' or 'snapshot'")
+        if epoch != self.epoch or seq < (self.seq or 0):
+            raise FeedError("feed 'events' do not continue this reader's cursor (epoch/seq)")
+        ops = _unb64(ev.get("ops"), np.uint8, "events.ops")
+        ids = _unb64(ev.get("ids"), np.uint64, "events.ids")
+        if ops.size != ids.size:
+            raise FeedError(f"feed fields 'events.ops' ({ops.size}) and 'events.ids' ({ids.size}) differ in length")
+        stored, removed = [], []
+        for tier in (GPU, HOST):
+            stored.append(ids[ops == ((tier << 1) | _STORED)])
+            removed.append(ids[ops == ((tier << 1) | _REMOVED)])
+        # events of one batch are applied as sets: an id stored then removed (or the reverse)
+        # in the same batch ends in its last state
+        for tier in (GPU, HOST):
+            sel = (ops >> 1) == tier
+            tids, tops = ids[sel], ops[sel] & 1
+            if tids.size and np.unique(tids).size != tids.size:
+                last = {}
+                for i, o in zip(tids.tolist(), tops.tolist()):
+                    last[i] = o
+                s = np.array([i for i, o in last.items() if o == _STORED], dtype=np.uint64)
+                r = np.array([i for i, o in last.items() if o == _REMOVED], dtype=np.uint64)
+                stored[tier], removed[tier] = s, r
+        for tier, name in ((GPU, "gpu"), (HOST, "host")):
+            # one batch cannot store more distinct ids than the tier holds (plus the slack)
+            if stored[tier].size > caps[tier] + capacity_slack(caps[tier]):
+                raise FeedError(f"feed field 'events' stores {stored[tier].size} {name} ids in one message, more "
+                                f"than 'info.{name}_blocks' ({caps[tier]}) allows")
+        return FeedUpdate(None, (stored[0], stored[1]), (removed[0], removed[1]), epoch, seq, info, base)
+
+    def current(self, upd: FeedUpdate) -> bool:
+        """Whether ``upd`` was parsed against this cursor's present position."""
+        return upd.base == (self.epoch, self.seq)
+
+    def commit(self, upd: FeedUpdate) -> None:
+        """Move the cursor past ``upd`` (parsed by ``parse`` of this cursor at its present position)."""
+        if not self.current(upd):
+            raise FeedError("feed update was parsed against another cursor position (stale)")
+        self.epoch, self.seq, self.info = upd.epoch, upd.seq, upd.info

@@ -16,12 +16,19 @@ chains its ids from its salted root, as the node does: it matches only what requ
 left in the approximate index, never another tenant's prompts, and nothing a node's feed publishes
 (feeds publish unsalted blocks only).
 
+A request for a LoRA adapter (``adapter``: the request's ``model`` when it is not the base model the
+nodes serve) chains its ids from a root derived from the node's root and the adapter's name: no
+node's feed publishes such ids (nodes publish the base model's blocks only, and key an adapter's
+blocks under the adapter's own namespace, which the proxy cannot compute), so the router matches it
+against nothing exact, and in the approximate index only against requests of the same adapter.
+
 Invariants: ids for a namespace are computed once per request; only full blocks get ids; the
 block that ends exactly at the prompt's end is never counted as matchable (LMDeploy always
 recomputes the last prompt token); requests of two partitions never share an id.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -31,19 +38,29 @@ from .feed import NamespaceKey
 from .ids import publish_id
 
 TEXT_BYTES_PER_TOKEN = 4
+_ADAPTER_PERSON = b"hc-route-lora"   # blake2b personalization: no cache salt (xxh3) chains to these roots
+
+
+def adapter_root(root: int, adapter: str) -> int:
+    """The router's root for ``adapter``'s requests under a namespace root (proxy-local)."""
+    h = hashlib.blake2b(root.to_bytes(16, "little") + adapter.encode("utf-8", "surrogatepass"), digest_size=16,
+                        person=_ADAPTER_PERSON)
+    return int.from_bytes(h.digest(), "little")
 
 
 class RoutingRequest:
     """Prompt tokens (or text) + optional session key; ids per namespace on demand."""
 
-    __slots__ = ("tokens", "text_mode", "session", "prompt_tokens", "_ids", "precomputed", "partition")
+    __slots__ = ("tokens", "text_mode", "session", "prompt_tokens", "_ids", "precomputed", "partition", "adapter")
 
     def __init__(self, tokens: Sequence[int] | np.ndarray | None, *, session: str | None = None,
-                 text_mode: bool = False, prompt_tokens: int | None = None, partition: str = "") -> None:
+                 text_mode: bool = False, prompt_tokens: int | None = None, partition: str = "",
+                 adapter: str = "") -> None:
         self.tokens = tokens
         self.text_mode = text_mode
         self.session = session
         self.partition = partition
+        self.adapter = adapter
         n = len(tokens) if tokens is not None else 0
         self.prompt_tokens = int(prompt_tokens if prompt_tokens is not None
                                  else (n + TEXT_BYTES_PER_TOKEN - 1) // TEXT_BYTES_PER_TOKEN if text_mode else n)
@@ -55,6 +72,12 @@ class RoutingRequest:
         """Text-prefix fallback: the UTF-8 bytes are the 'tokens' (approximate index only)."""
         data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         return cls(data, session=session, text_mode=True, partition=partition)
+
+    def set_adapter(self, adapter: str) -> None:
+        """Make this a request for LoRA ``adapter`` ("" for the base model): its ids are computed anew."""
+        if adapter != self.adapter:
+            self.adapter = adapter
+            self._ids.clear()
 
     @classmethod
     def from_ids(cls, ids: np.ndarray, prompt_tokens: int, session: str | None = None) -> "RoutingRequest":
@@ -74,7 +97,11 @@ class RoutingRequest:
                 got = np.zeros(0, dtype=np.uint64)
             else:
                 bs = key.block_size * (TEXT_BYTES_PER_TOKEN if self.text_mode else 1)
-                root = salted_root(key, self.partition) if self.partition else key.root
+                root = key.root
+                if self.adapter:
+                    root = adapter_root(root, self.adapter)
+                if self.partition:
+                    root = salted_root(NamespaceKey(root, key.seed, key.block_size), self.partition)
                 h = ChainHasher(NamespaceKey(root, key.seed, bs))
                 h.extend(self.tokens)
                 got = np.fromiter((publish_id(d) for d in h.digests), dtype=np.uint64, count=len(h.digests))

@@ -26,12 +26,30 @@ State (all in this object, no I/O):
    traffic onto one node, nor the guard push traffic onto a node that is already backed up;
 6. lowest cost wins; ties go to the lighter recent load, then to the earlier node.
 
+Feeds (``apply_feed``, or ``prepare_feed`` without the caller's lock then ``commit_feed`` under it):
+an exact node's view per tier is bounded by its advertised capacity: a snapshot tier larger than
+the capacity is refused by the parse (nothing changes); for events, ``NodeState.held`` keeps a
+cheap upper bound of the ids held per tier (the snapshot's size, plus every stored id since), and
+only when it passes capacity + ``feed.capacity_slack`` is the exact ``BlockTable.count`` taken
+(O(table)); if that passes it too, the node's exact view is forgotten (its bits cleared, its cursor
+reset: the next poll asks for a snapshot) and ``FeedOverflow`` (a ``FeedError``) is raised.
+
+In-flight prefill: ``dispatched`` returns a ticket (also ``Decision.ticket``) and
+``finished(node, ticket)`` ends exactly that request's queued prefill (a ticket not queued on the
+node, e.g. already finished, changes nothing); ``finished(node)`` without a ticket ends the node's
+oldest one, for sequential callers only (the planner's replay, where one request is in flight).
+
+A request for a LoRA adapter (``RoutingRequest.adapter``) matches nothing exact (nodes publish the
+base model's blocks only, and key an adapter's blocks under another namespace); on the approximate
+index it has its own partition per adapter.
+
 Invariants: a node's bits in the table are only ever set from its own feed (exact) or from
 what was routed to it (approximate), never both; removing a node clears its bits; a request
 with no candidate returns ``None``.
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -40,7 +58,7 @@ import numpy as np
 from ..tier.digest import Namespace
 from .approx import ApproxNode
 from .cost import NodeProfile, cost
-from .feed import FeedCursor, FeedUpdate, NamespaceKey
+from .feed import FeedCursor, FeedError, FeedOverflow, FeedUpdate, NamespaceKey, capacity_slack
 from .request import RoutingRequest
 from .table import GPU, HOST, BlockTable
 
@@ -48,6 +66,8 @@ DEFAULT_BALANCE = 1.3
 WINDOW_PER_NODE = 64
 WARM_FRACTION = 0.25
 MAX_SESSIONS = 1 << 20   # affinity entries kept (least recently used dropped first)
+MAX_INFLIGHT = 1 << 16   # queued prefill entries kept per node (oldest dropped: a request whose end never came)
+SNAPSHOT_CHUNK = 1 << 14  # ids a snapshot adds between two ``pause`` calls of ``commit_feed``
 
 
 @dataclass
@@ -59,6 +79,7 @@ class Decision:
     miss_tokens: int
     cost: float
     reason: str  # "cost" | "affinity" | "guard" (the cheapest node was over its share) | "only"
+    ticket: int | None = None   # set by ``dispatched``: pass it to ``finished``
 
 
 @dataclass
@@ -69,7 +90,7 @@ class NodeState:
     key: NamespaceKey | None            # None: approximate
     approx: ApproxNode | None
     healthy: bool = True
-    inflight: deque = field(default_factory=deque)  # miss tokens of requests not finished yet
+    inflight: OrderedDict = field(default_factory=OrderedDict)  # ticket -> miss tokens of a request not finished
     inflight_tokens: float = 0.0
     requests: int = 0
     prompt_tokens: int = 0
@@ -77,6 +98,7 @@ class NodeState:
     host_hit_tokens: int = 0
     miss_tokens: int = 0
     cursor: FeedCursor = field(default_factory=FeedCursor)
+    held: list = field(default_factory=lambda: [0, 0])   # exact nodes: upper bound of ids held per tier
 
     @property
     def exact(self) -> bool:
@@ -102,7 +124,8 @@ class CacheAwareRouter:
         self.balance = float(balance)
         self.table = BlockTable(max_nodes, initial_blocks)
         self.nodes: dict[str, NodeState] = {}
-        self._free_slots = list(range(max_nodes - 1, -1, -1))
+        self._free_slots = list(range(max_nodes - 1, -1, -1))   # lowest last: narrow table masks
+        self._tickets = itertools.count(1)
         self.approx_key = NamespaceKey.of(Namespace(model=f"approx:{approx_model}", block_size=approx_block_size))
         self.sessions: OrderedDict[str, str] = OrderedDict()  # session key -> node, least recent first
         self.window_per_node = int(window_per_node)
@@ -129,6 +152,7 @@ class CacheAwareRouter:
             return
         self.table.clear_node(st.slot)
         self._free_slots.append(st.slot)
+        self._free_slots.sort(reverse=True)
         for s in [s for s, n in self.sessions.items() if n == name]:
             del self.sessions[s]
 
@@ -146,30 +170,103 @@ class CacheAwareRouter:
             st.approx = ApproxNode(st.profile.gpu_blocks, st.profile.host_blocks)
             st.key = None
             st.cursor = FeedCursor()
+            st.held = [0, 0]
 
     # ------------------------------------------------------------------ feeds
     def apply_feed(self, name: str, msg) -> FeedUpdate:
-        """Apply one feed message of ``name`` (raises FeedError, changing nothing, when invalid)."""
+        """Apply one feed message of ``name`` (raises FeedError, changing nothing, when invalid; see the module
+        docstring for a view that outgrows the node's capacity)."""
+        upd = self.commit_feed(self.prepare_feed(name, msg))
+        if upd is None:   # cannot happen without another thread moving the cursor
+            raise FeedError("feed update is stale (the node's cursor moved)")
+        return upd
+
+    def prepare_feed(self, name: str, msg) -> "PendingFeed":
+        """Validate and decode one feed message of ``name`` against its cursor, changing nothing (the slow part:
+        base64, numpy; the proxy runs it outside its lock). Raises FeedError when invalid, KeyError for an
+        unknown node."""
         st = self.nodes[name]
-        upd = st.cursor.apply(msg)  # validates first
-        info = st.cursor.info
+        cursor = st.cursor
+        return PendingFeed(name, st, cursor, cursor.parse(msg))
+
+    def plan_room(self, pending: "PendingFeed") -> tuple[int, int] | None:
+        """(table version, bucket count) of the table growth ``commit_feed(pending)`` will need, or None: the
+        caller (holding its lock for this call only) may build it with ``table.build_resized`` without the lock
+        and install it (``table.install_resized``) right before the commit, so the commit does not rebuild the
+        whole table under the lock."""
+        st = self.nodes.get(pending.name)
+        if st is None:
+            return None
+        upd = pending.update
+        if upd.snapshot is not None:   # the node's old view goes first (an estimate: shared ids stay)
+            new = int(upd.snapshot[0].size + upd.snapshot[1].size) - (sum(st.held) if st.approx is None else 0)
+        else:
+            new = int(upd.stored[0].size + upd.stored[1].size)
+        nb = self.table.plan_reserve(max(new, 0))
+        return None if nb is None else (self.table.version, nb)
+
+    def _pending_current(self, pending: "PendingFeed") -> bool:
+        st = self.nodes.get(pending.name)
+        return st is pending.state and st.cursor is pending.cursor and st.cursor.current(pending.update)
+
+    def commit_feed(self, pending: "PendingFeed", pause=None) -> FeedUpdate | None:
+        """Apply a ``prepare_feed`` result: None (nothing changed) when the node left, or its cursor moved, since
+        the parse; FeedError when the node's view outgrew its capacity (its exact view is then forgotten).
+
+        ``pause``: called between chunks of ``SNAPSHOT_CHUNK`` ids of a snapshot (the proxy releases its lock
+        there, so requests are not held up by a large snapshot). Between chunks the table is consistent, and
+        the node's view is part of the snapshot: the old view is gone, the new one partly in (a reader may
+        predict fewer hits on that node, never a block it does not hold). If the node left or was reset
+        during a pause, the rest is not applied (the node's bits were cleared by that) and None is returned."""
+        st = self.nodes.get(pending.name)
+        upd = pending.update
+        if not self._pending_current(pending):
+            return None
+        info = upd.info
         key = info["namespace_key"]
         profile = NodeProfile(info["gpu_blocks"], info["host_blocks"], info["block_size"],
                               min(float(info.get("host_weight", st.profile.host_weight)), 1.0),
                               float(info.get("speed", st.profile.speed)) or 1.0)
-        if st.approx is not None or st.key != key:
-            self.table.clear_node(st.slot)
-            st.approx = None
-        st.key, st.profile = key, profile
         t = self.table
+        if st.approx is not None or st.key != key:
+            t.clear_node(st.slot, shrink=upd.snapshot is None)   # a scan only if the slot has bits
+            st.approx = None
+            st.held = [0, 0]
+        st.key, st.profile = key, profile
         if upd.snapshot is not None:
-            t.clear_node(st.slot)
-            t.add(upd.snapshot[0], st.slot, GPU)
-            t.add(upd.snapshot[1], st.slot, HOST)
+            t.clear_node(st.slot, shrink=False)   # refilled at once: shrink (if at all) after
+            st.held = [int(upd.snapshot[0].size), int(upd.snapshot[1].size)]   # <= capacity (parse checked)
+            t.reserve(sum(st.held))
+            first = True
+            for tier in (GPU, HOST):
+                arr = upd.snapshot[tier]
+                for k in range(0, arr.size, SNAPSHOT_CHUNK if pause is not None else max(arr.size, 1)):
+                    if pause is not None and not first:
+                        pause()
+                        if not self._pending_current(pending):
+                            return None
+                    first = False
+                    t.add(arr[k:k + SNAPSHOT_CHUNK] if pause is not None else arr, st.slot, tier)
+            t.maybe_shrink()
         else:
             for tier in (GPU, HOST):
                 t.remove(upd.removed[tier], st.slot, tier)
                 t.add(upd.stored[tier], st.slot, tier)
+                st.held[tier] += int(upd.stored[tier].size)
+            for tier, name in ((GPU, "gpu"), (HOST, "host")):
+                cap = upd.capacity(tier)
+                limit = cap + capacity_slack(cap)
+                if st.held[tier] <= limit:
+                    continue
+                st.held[tier] = t.count(st.slot, tier)   # exact, O(table): only past capacity + slack
+                if st.held[tier] > limit:
+                    held = st.held[tier]
+                    t.clear_node(st.slot)
+                    st.held = [0, 0]
+                    st.cursor = FeedCursor()   # the next poll asks for a snapshot
+                    raise FeedOverflow(f"feed of node {pending.name!r} holds {held} {name} ids, more than "
+                                    f"'info.{name}_blocks' ({cap}) + {capacity_slack(cap)}: its exact view is dropped")
+        st.cursor.commit(upd)
         return upd
 
     # ------------------------------------------------------------------ decisions
@@ -182,8 +279,8 @@ class CacheAwareRouter:
         out: dict[str, tuple[int, int]] = {}
         for key, members in groups.items():
             ids = req.ids(key)
-            if req.text_mode and key != self.approx_key:
-                ids = ids[:0]
+            if (req.text_mode or req.adapter) and key != self.approx_key:
+                ids = ids[:0]   # text, or a LoRA adapter's prompt: no node publishes such ids
             m = min(len(ids), req.matchable(key.block_size))
             if m == 0:
                 for st in members:
@@ -254,11 +351,12 @@ class CacheAwareRouter:
         ssum = sum(speed.values())
         return {n for n in names if self._window_load.get(n, 0) > self.balance * total * speed[n] / ssum}
 
-    def dispatched(self, d: Decision, req: RoutingRequest) -> None:
-        """The request was sent to ``d.node``: count it, queue its prefill, update an approximate index."""
+    def dispatched(self, d: Decision, req: RoutingRequest) -> int | None:
+        """The request was sent to ``d.node``: count it, queue its prefill, update an approximate index.
+        Returns the request's ticket for ``finished`` (also set as ``d.ticket``); None for an unknown node."""
         st = self.nodes.get(d.node)
         if st is None:
-            return
+            return None
         self.decisions += 1
         bs = st.profile.block_size
         st.requests += 1
@@ -266,8 +364,11 @@ class CacheAwareRouter:
         st.gpu_hit_tokens += d.gpu_blocks * bs
         st.host_hit_tokens += d.host_blocks * bs
         st.miss_tokens += d.miss_tokens
-        st.inflight.append(d.miss_tokens)
+        ticket = d.ticket = next(self._tickets)
+        st.inflight[ticket] = d.miss_tokens
         st.inflight_tokens += d.miss_tokens
+        while len(st.inflight) > MAX_INFLIGHT:
+            st.inflight_tokens -= st.inflight.popitem(last=False)[1]
         cap = self.window_per_node * len(self.nodes)
         self._window.append((d.node, d.miss_tokens))
         self._window_load[d.node] = self._window_load.get(d.node, 0) + d.miss_tokens
@@ -278,12 +379,22 @@ class CacheAwareRouter:
             ids = req.ids(self.approx_key)
             full = len(ids) if req.text_mode else min(len(ids), req.prompt_tokens // self.approx_key.block_size)
             self._apply_events(st, st.approx.record(ids[:full].tolist()))
+        return ticket
 
-    def finished(self, node: str) -> None:
-        """A request sent to ``node`` finished (its prefill is no longer queued)."""
+    def finished(self, node: str, ticket: int | None = None) -> None:
+        """The request of ``ticket`` (from ``dispatched``) sent to ``node`` finished: its prefill is no longer
+        queued. A ticket not queued on the node changes nothing. Without a ticket the node's oldest request
+        ends: for sequential callers only (the planner's replay), never for concurrent requests."""
         st = self.nodes.get(node)
-        if st is not None and st.inflight:
-            st.inflight_tokens -= st.inflight.popleft()
+        if st is None or not st.inflight:
+            return
+        if ticket is None:
+            tokens = st.inflight.popitem(last=False)[1]
+        else:
+            tokens = st.inflight.pop(ticket, None)
+            if tokens is None:
+                return
+        st.inflight_tokens = st.inflight_tokens - tokens if st.inflight else 0.0
 
     def _apply_events(self, st: NodeState, events) -> None:
         """Apply (op, tier, id) events as sets: the last op of an id in a tier wins."""
@@ -306,4 +417,16 @@ class CacheAwareRouter:
     def status(self) -> dict:
         return {"nodes": [st.as_dict() for st in self.nodes.values()], "decisions": self.decisions,
                 "table_entries": self.table.entries, "table_bytes": self.table.nbytes,
+                "table_slots": self.table.slots, "table_mask_bits": self.table.mask_bits,
                 "balance": self.balance}
+
+
+@dataclass
+class PendingFeed:
+    """A parsed feed message waiting for ``CacheAwareRouter.commit_feed`` (the node and cursor it was parsed
+    against)."""
+
+    name: str
+    state: NodeState
+    cursor: FeedCursor
+    update: FeedUpdate

@@ -332,10 +332,11 @@ def test_a_tenant_never_matches_another_tenants_prompt_in_the_router(monkeypatch
         """Predicted GPU hit tokens of this request (the status counters' growth)."""
         async def go():
             await svc.capture(_proxy_request(body, authorization))
-            return svc.choose(nodes)
+            node = svc.choose(nodes)
+            return node, svc.take_ticket(node)   # what pre_call does
 
-        node = asyncio.run(go())
-        svc.finished(node)
+        node, ticket = asyncio.run(go())
+        svc.finished(node, ticket)
         total = sum(n["predicted_gpu_hit_tokens"] for n in svc.status()["nodes"])
         got, seen[0] = total - seen[0], total
         return got
