@@ -117,6 +117,23 @@ RELIED_TARGETS: dict[str, str] = {
         "reads the module-level node_manager at call time; depends on validate_json_request",
     "lmdeploy.serve.proxy.proxy:completions_v1":
         "reads the module-level node_manager at call time; depends on validate_json_request",
+    "lmdeploy.serve.proxy.proxy:NodeManager.pre_call":
+        "called by the endpoint right after get_node_url, in its task; returns the start post_call receives",
+    # the proxy renders a chat request as the node does (proxy_routing.PromptEncoder)
+    "lmdeploy.serve.openai.protocol:ChatCompletionRequest":
+        "the request model the node validates a chat body into",
+    "lmdeploy.serve.core.chat_runner:ChatRunner.prepare":
+        "the node's steps before get_prompt_input (response parser request, template kwargs), mirrored",
+    "lmdeploy.serve.parsers.response_parser:BaseResponseParser.__init__":
+        "the default parser's request steps: dump_tools then normalize_chat_request",
+    "lmdeploy.serve.parsers.tool_parser.tool_parser:dump_tools":
+        "keeps each tool's function part (what the chat template renders)",
+    "lmdeploy.serve.parsers.response_parser:normalize_chat_request":
+        "tool-call arguments as dicts, as the template renders them",
+    "lmdeploy.serve.core.chat_runner:_chat_template_kwargs_from_request":
+        "enable_thinking and reasoning settings folded into the template kwargs",
+    "lmdeploy.serve.openai.api_server:set_parsers":
+        "picks the gpt-oss response parser by the model's architecture, the default one otherwise",
     # the external-load path the connector drives (study sections 3-4)
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.try_load":
         "asks get_num_new_matched_tokens right after the local GPU match",
@@ -255,6 +272,22 @@ PINS: dict[str, str] = {
         "3f7e928cfc7afd10605458a668f20a079b441fc8f254b5af61bd70834069673f",
     "lmdeploy.serve.proxy.proxy:completions_v1":
         "3db11720ceac0cd4a5d9e11a547b7d9720f06d24fa52cf3f16e8ab105dda0a6c",
+    "lmdeploy.serve.proxy.proxy:NodeManager.pre_call":
+        "45af0866e7a24bd33abed7138952c5bb61da38161646e76809856bdd3130ccaa",
+    "lmdeploy.serve.openai.protocol:ChatCompletionRequest":
+        "30d8a2523ef36532744b94f9315ee770c9538299dec7628620d37cede4f41d27",
+    "lmdeploy.serve.core.chat_runner:ChatRunner.prepare":
+        "c831a9bb1b431915e7b75e788e9f817be1dd9fb55cae161fb35ce83ef47eb329",
+    "lmdeploy.serve.parsers.response_parser:BaseResponseParser.__init__":
+        "94ae06832dcd860d29cae4b655fd3b4f103f290b9f1c1ad97911dda8bcb70fd0",
+    "lmdeploy.serve.parsers.tool_parser.tool_parser:dump_tools":
+        "2930e78beb476f64602e2fa52512d8541322cf7acda12b4ad9dc51a401b8a297",
+    "lmdeploy.serve.parsers.response_parser:normalize_chat_request":
+        "32b6794337b6de5a9de9bc3a50fa00cf43eda0b6bc2b4ba2279dfeff3fa62f88",
+    "lmdeploy.serve.core.chat_runner:_chat_template_kwargs_from_request":
+        "69f6fb80484fd052933ed8d4f72a6056c732fcbef5b21dce570c67df3dc27408",
+    "lmdeploy.serve.openai.api_server:set_parsers":
+        "0511260796df29d0ca7c4cbda3d98f3d6e2fb2fc2bd27a7875ac667f1f9bdf72",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.try_load":
         "0959aaeda8529d7d0e2b190b2251c57d755fdf3ed574514346cfe5aed33447b4",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.apply_load_results":
@@ -333,10 +366,6 @@ FILE_PINS: dict[str, str] = {
         "253175aebf0bd6f8aeefeed872bdfb0882fbe5553f7193e1d1f3fdd07dd85dd2",
     "lmdeploy.pytorch.messages":
         "663c32417be853455805c3e2f7960af479c857b00b4f4e0a0e0f8017e6b43c54",
-    "lmdeploy.pytorch.config":
-        "131bb0c0d03fa2c9504b1768c91c0febfe128d7a163799df8cbdde63915518a9",
-    "lmdeploy.pytorch.paging.block_trie.checkpoint":
-        "26140ca798444f70892c677df63e4a7ce605f7317516532b506ad99f2cb2635d",
     "lmdeploy.serve.utils.server_utils":
         "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
     "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper":
@@ -347,6 +376,16 @@ FILE_PINS: dict[str, str] = {
         "99fb1968a3fb086d99eb018e352b1db4df2c5900a2b7fc461438da585f406913",
     "lmdeploy.serve.proxy.proxy":
         "7b7f751f8b21a998bc4b2e08d24b5b3e4ba7c9b7745fa8e1a27920469c58016f",
+    "lmdeploy.serve.openai.protocol":
+        "5b348346b5f716bfc4fc7622799860e7e4a8881e6694c5e43e1342c00374ad28",
+    "lmdeploy.serve.core.chat_runner":
+        "f98e3a4f3d98c3d7e968bcbe0303af126792e44fbbabfeda2e21695e7561f203",
+    "lmdeploy.serve.parsers.response_parser":
+        "ad3ef3b76c144c73232d88439aa643cac00e29c1bac879c3545c4f16f47360f8",
+    "lmdeploy.serve.parsers.tool_parser.tool_parser":
+        "3473276810de9b04d709f9de69d521dc53cbd296f82dd53b546110b53e9eca89",
+    "lmdeploy.serve.openai.api_server":
+        "96d2da0c737c8c4ec29d432a47ba4111c8fddece25bca1628a1b0a8de07b0f08",
     "lmdeploy.pytorch.paging.kv_load_coordinator":
         "701ca0b08df191519e418a66faf485fb148bd8a84219231cdfe7377b8e5ae1f2",
     "lmdeploy.pytorch.kv_connector.base":
@@ -365,6 +404,10 @@ FILE_PINS: dict[str, str] = {
         "36f112a1e6a5dea78dd8d487d2b60f44cf0588d169bda9cf730ce64fd1f7b05d",
     "lmdeploy.pytorch.strategies.ar_spec.sequence":
         "339df00ebe6260eba71b5a0a5107f5928e060ff5e6136536b4721523b003fdd9",
+    "lmdeploy.pytorch.paging.block_trie.checkpoint":
+        "26140ca798444f70892c677df63e4a7ce605f7317516532b506ad99f2cb2635d",
+    "lmdeploy.pytorch.config":
+        "131bb0c0d03fa2c9504b1768c91c0febfe128d7a163799df8cbdde63915518a9",
 }
 
 

@@ -28,9 +28,14 @@ wrappers below; nothing else in LMDeploy is rebound):
   ``validate_json_request`` (it runs the stock check first): the endpoints already depend on
   it, FastAPI runs async dependencies in the endpoint's own task, and the body is read from
   Starlette's cache, so the stock endpoints stay as they are;
-- that dependency turns the body into token ids with LMDeploy's own prompt processor
-  (``MultimodalProcessor`` with the model's ``Tokenizer`` and ``get_chat_template``, as the
-  node does); without ``--cache-aware-model`` it falls back to a text-prefix match and logs it;
+- that dependency turns the body into token ids exactly as the node does (``PromptEncoder``): a chat
+  body is parsed into LMDeploy's ``ChatCompletionRequest`` and rewritten by the same LMDeploy steps
+  the node's ``ChatRunner.prepare`` runs (``dump_tools``, ``normalize_chat_request``, the top-level
+  ``enable_thinking`` folded into ``chat_template_kwargs``), then rendered and tokenized by LMDeploy's
+  own prompt processor (``MultimodalProcessor`` with the model's ``Tokenizer`` and
+  ``get_chat_template``); a body it cannot tokenize that way (one the node would reject, multimodal
+  content) is matched by text prefix (counted: ``encode_fallbacks``), and without
+  ``--cache-aware-model`` every request is, which it logs;
 - a daemon thread polls each node's cache-state feed (``routing.feed.FEED_PATH``) and applies
   it; a node whose feed answers 404 (stock LMDeploy) is routed on the approximate index; a
   node that cannot be reached (connection refused, timeout) is skipped until it answers again;
@@ -237,7 +242,27 @@ def feed_headers(options: dict) -> dict:
 
 # ---------------------------------------------------------------------------------- encoder
 class PromptEncoder:
-    """Request body -> token ids, with LMDeploy's prompt processor (the node's own path)."""
+    """Request body -> token ids, on the node's own path (LMDeploy 0.18's ``api_server``).
+
+    A chat body is parsed into LMDeploy's ``ChatCompletionRequest`` and rewritten the way the node's
+    ``ChatRunner.prepare`` rewrites it before the chat template sees it:
+
+    - its response parser's request steps (``api_server.set_parsers`` picks the parser by the model's
+      architecture): for GPT-OSS the ``gpt-oss`` parser itself (it loads the Harmony encoding, as the node
+      does: where the proxy's host cannot, GPT-OSS chats are routed by text prefix); otherwise the default
+      parser's steps, ``dump_tools`` (each tool reduced to its ``function`` part, the ``tool_choice``
+      selection applied; every tool parser's ``adjust_request`` ends in it) then ``normalize_chat_request``
+      (tool-call ``arguments`` strings turned into dicts). The default parser itself is not instantiated: what it
+      adds depends on the node's ``--tool-call-parser`` / ``--reasoning-parser`` (not known here) and
+      never changes the prompt;
+    - ``_chat_template_kwargs_from_request`` (the top-level ``enable_thinking`` folded into
+      ``chat_template_kwargs``), then ``MultimodalProcessor.get_prompt_input`` with the request's
+      ``messages``, ``tools`` and ``reasoning_effort``, as ``AsyncEngine.preprocess`` calls it;
+    - a body with empty ``messages`` and ``input_ids`` (and no ``image_data``) is those ids, unrendered.
+
+    A body the node would reject (a validation error, an unknown allowed tool, tool-call arguments that
+    are not JSON) raises here; the caller then routes the request by text prefix.
+    """
 
     def __init__(self, model_path: str) -> None:
         from lmdeploy.model import get_chat_template
@@ -246,18 +271,33 @@ class PromptEncoder:
 
         self.model_path = model_path
         self.processor = MultimodalProcessor(Tokenizer(model_path), get_chat_template(model_path, None))
+        self.parser_cls = _node_parser_class(model_path)
+
+    def chat_request(self, body: dict):
+        """``body`` as the node renders it: LMDeploy's ``ChatCompletionRequest``, after its response parser's
+        request steps (see the class docstring). Raises what the node would reject."""
+        from lmdeploy.serve.openai.protocol import ChatCompletionRequest
+        from lmdeploy.serve.parsers.response_parser import normalize_chat_request
+        from lmdeploy.serve.parsers.tool_parser.tool_parser import dump_tools
+
+        request = ChatCompletionRequest.model_validate(body)
+        if self.parser_cls is not None:
+            return self.parser_cls(request).request
+        return normalize_chat_request(dump_tools(request))
 
     async def encode(self, path: str, body: dict) -> list[int] | None:
         if path.endswith("/chat/completions"):
-            messages = body.get("messages")
-            if isinstance(messages, str):
-                messages = [{"role": "user", "content": messages}]
-            if not isinstance(messages, list):
-                return None
+            from lmdeploy.serve.core.chat_runner import _chat_template_kwargs_from_request
+
+            request = self.chat_request(body)
+            if not request.messages and request.input_ids is not None:
+                # api_server's /generate-style input; with image_data it becomes multimodal (not ours to render)
+                return list(request.input_ids) if request.image_data is None else None
             out = await self.processor.get_prompt_input(
-                prompt=messages, do_preprocess=True, tools=body.get("tools"),
-                reasoning_effort=body.get("reasoning_effort"),
-                chat_template_kwargs=body.get("chat_template_kwargs"))
+                prompt=request.messages, do_preprocess=True, tools=request.tools,
+                reasoning_effort=request.reasoning_effort,
+                chat_template_kwargs=_chat_template_kwargs_from_request(request),
+                media_io_kwargs=request.media_io_kwargs, mm_processor_kwargs=request.mm_processor_kwargs)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -267,6 +307,28 @@ class PromptEncoder:
             out = await self.processor.get_prompt_input(prompt=prompt, do_preprocess=False)
         ids = out.get("input_ids")
         return list(ids) if ids is not None else None
+
+
+GPT_OSS_ARCH = "GptOssForCausalLM"   # api_server.set_parsers: this architecture gets the 'gpt-oss' response parser
+
+
+def _node_parser_class(model_path: str):
+    """The response parser class whose ``request`` the node renders, when it is not the default one (GPT-OSS:
+    ``api_server.set_parsers`` picks the ``gpt-oss`` parser by the model's architecture); None: the default
+    parser's request steps (``PromptEncoder.chat_request``)."""
+    try:
+        from lmdeploy.archs import get_model_arch
+
+        arch, _ = get_model_arch(model_path)
+    except Exception as exc:   # no readable config: the default parser (what the node uses for any other arch)
+        logger.debug("cache_aware routing: no model architecture for %s (%r); default response parser", model_path,
+                     exc)
+        return None
+    if arch != GPT_OSS_ARCH:
+        return None
+    from lmdeploy.serve.parsers import ResponseParserManager
+
+    return ResponseParserManager.get("gpt-oss")
 
 
 def request_text(path: str, body: dict) -> str | None:
@@ -339,6 +401,7 @@ class RoutingService:
         self._deferred: deque = deque()   # (kind, url, ticket) the request path could not apply at once
         self.lock_timeouts = 0            # requests routed by the stock strategy because the router was busy
         self.adapter_requests = 0         # requests for a LoRA adapter (matched against nothing exact)
+        self.encode_fallbacks = 0         # requests the encoder could not tokenize (routed by text prefix)
         self.default_profile = NodeProfile(int(options["gpu_blocks"]), int(options["host_blocks"]),
                                            int(options["block_size"]))
         self.encoder: PromptEncoder | None = None
@@ -400,7 +463,12 @@ class RoutingService:
                 return
             tokens = None
             if self.encoder is not None:
-                tokens = await self.encoder.encode(raw_request.url.path, body)
+                try:
+                    tokens = await self.encoder.encode(raw_request.url.path, body)
+                except Exception as exc:   # a body the node would reject, multimodal content: text prefix
+                    self.encode_fallbacks += 1
+                    logger.debug("cache_aware routing: could not tokenize the request as the node does (%r); "
+                                 "routed by text prefix", exc)
             sess = session_key(body)
             # the salt the nodes give the request partitions the router's ids too (a bad cache_salt: the node
             # answers 400, and the router routes it as unsalted)
@@ -680,6 +748,7 @@ class RoutingService:
         out["errors"] = self.errors
         out["lock_timeouts"] = self.lock_timeouts
         out["adapter_requests"] = self.adapter_requests
+        out["encode_fallbacks"] = self.encode_fallbacks
         for n in out["nodes"]:
             n["has_feed"] = self._feed_state.get(n["name"], {}).get("has_feed")
         return out

@@ -53,6 +53,9 @@ class Request:
     output_length: int
     hash_ids: tuple[int, ...]
     session: int | str
+    # False when the reader derived ``session`` (``derive_session``: a Mooncake record without one), which
+    # no client sends: the cache-aware router's session affinity then gets no key (planner/cluster_routing.py)
+    session_given: bool = True
 
     def prompt_blocks(self, block_size: int) -> int:
         """Blocks the prompt occupies, the partial last block included."""
@@ -392,7 +395,8 @@ def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Reques
     ts = _num_field(obj, "timestamp", where)
     bad_time.see(ts, where)
     session = obj.get("session")
-    if session is None:
+    given = session is not None
+    if not given:
         session = derive_session(ids)
     elif isinstance(session, bool) or not isinstance(session, (str, int)):
         raise ValueError(f"{where}: field 'session' must be a string or an int, got {session!r}")
@@ -402,6 +406,7 @@ def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Reques
         output_length=_output_length(obj, "output_length", where),
         hash_ids=ids,
         session=session,
+        session_given=given,
     ))
 
 

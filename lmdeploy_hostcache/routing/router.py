@@ -15,7 +15,11 @@ State (all in this object, no I/O):
 1. candidates: healthy nodes (optionally restricted by the caller, e.g. to a model);
 2. **affinity**: an explicit session key (``session_id``/``user``) seen before goes to its
    node while that node is a healthy candidate the balance guard (5) does not skip (a key that
-   many clients share cannot herd every request onto one node);
+   many clients share cannot herd every request onto one node) **and** is predicted to reuse at
+   least as many of the prompt's tokens (GPU + host match, 3) as any node the guard keeps: affinity
+   breaks ties (a prefix equally cached, or one nothing predicts: a cold start, text mode on exact
+   nodes), it never sends a conversation to prefill what another node holds (its node restarted or
+   evicted it); otherwise the request is routed by cost and the key moves to the chosen node;
 3. per namespace group, one table lookup of the prompt's ids gives each node's GPU match ``g``
    (consecutive GPU blocks from the start) and host match ``h`` (consecutive host blocks
    after that); nodes of another namespace never match (their ids differ);
@@ -319,8 +323,12 @@ class CacheAwareRouter:
             floor = min((self.nodes[n].inflight_tokens for n in names if n not in over), default=0.0)
             over = {n for n in over if self.nodes[n].inflight_tokens >= floor}
         sticky = self.sessions.get(req.session) if req.session else None
-        if sticky in names and sticky not in over:   # affinity yields to the balance guard: one key
-            chosen, reason = sticky, "affinity"      # many clients share (a `user`) cannot herd a node
+        # affinity yields to the balance guard (one key many clients share, a `user`, cannot herd a node) and to
+        # cost: it holds only while the sticky node is predicted to reuse at least as many prompt tokens as any
+        # node the guard keeps (a tie-break, never a reason to prefill what another node holds)
+        if sticky in names and sticky not in over and self._reuse(sticky, matched) >= max(
+                self._reuse(n, matched) for n in names if n not in over):
+            chosen, reason = sticky, "affinity"
         else:
             for c, _, n in scored:
                 if n not in over:
@@ -328,7 +336,7 @@ class CacheAwareRouter:
                     break
             if chosen is None:
                 chosen = scored[0][2]
-            elif chosen != scored[0][2] or sticky in names:
+            elif chosen != scored[0][2] or sticky in over:
                 reason = "guard"
         st = self.nodes[chosen]
         g, h = matched[chosen]
@@ -341,6 +349,11 @@ class CacheAwareRouter:
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
         return Decision(chosen, g, h, req.prompt_tokens, miss, c, reason)
+
+    def _reuse(self, name: str, matched: dict[str, tuple[int, int]]) -> int:
+        """Prompt tokens ``name`` is predicted to reuse (GPU + host match; block sizes may differ per node)."""
+        g, h = matched[name]
+        return (g + h) * self.nodes[name].profile.block_size
 
     def _over_share(self, names: list[str]) -> set[str]:
         total = sum(self._window_load.get(n, 0) for n in names)

@@ -45,7 +45,8 @@ async def encode(processor, path: str, body: dict) -> list[int]:
 def prepared(ns: Namespace, tokens: list[int], session=None) -> PreparedRequest:
     bs = ns.block_size
     digests, blocks = chain_digests(ns, tokens)
-    r = TraceRequest(0.0, len(tokens), 1, tuple(range(len(digests))), session if session is not None else 0)
+    # session -1: no session key (the router gets none, as the proxy for a request without session_id/user)
+    r = TraceRequest(0.0, len(tokens), 1, tuple(range(len(digests))), session if session is not None else -1)
     return PreparedRequest(r, tuple(digests), tuple(blocks), max(len(tokens) - 1, 0) // bs,
                            -(-len(tokens) // bs), ns.root)
 

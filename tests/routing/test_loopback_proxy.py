@@ -204,7 +204,8 @@ def test_loopback_cluster(cluster, tiny_model):
     from lmdeploy_hostcache.routing.request import RoutingRequest
 
     msgs = workload[-1][1]
-    proxy_tokens = asyncio.run(PromptEncoder(tiny_model).encode("/v1/chat/completions", {"messages": msgs}))
+    proxy_tokens = asyncio.run(PromptEncoder(tiny_model).encode("/v1/chat/completions",
+                                                             {"model": "tiny", "messages": msgs}))
     sys.path.insert(0, str(HERE))
     import stub_node
     node_tokens = asyncio.run(stub_node.encode(stub_node.build_processor(tiny_model), "/v1/chat/completions",
