@@ -228,7 +228,7 @@ def compare(yaml_path: str, trace_path: str | None) -> dict:
 
     from ..planner.cluster import ROUTING_POLICIES, load_cluster, simulate_cluster
     from ..planner.geometry import BlockSizing
-    from ..planner.replay import prepare_trace, replay
+    from ..planner.replay import prepare_trace, replay, resolve_min_restore
     from ..planner.traces import read_mooncake
 
     if trace_path is None:
@@ -238,6 +238,8 @@ def compare(yaml_path: str, trace_path: str | None) -> dict:
     spec = load_cluster(yaml_path)
     trace = read_mooncake(trace_path)
     sizing = BlockSizing.build(spec.geometry(), spec.cache_format, trace.block_size)
+    # `auto` resolved as the server (and `plan --cluster`) resolves it
+    spec = dataclasses.replace(spec, min_restore_tokens=resolve_min_restore(spec.min_restore_tokens, sizing))
     prepared = prepare_trace(trace)
     rows = []
     for routing in ROUTING_POLICIES:

@@ -52,8 +52,9 @@ Teardown and rebuild (the host index must never outlive the pool it describes):
   can discard a forward whose blocks the trie already lists.
 * Engine close: ``shutdown`` does the same.
 * A pool rebuilt without this side seeing it (e.g. ``wakeup(['kv_cache'])`` on an awake
-  engine): the new worker reports ``pool_reset_marker(first_step)`` at its first poll (every new
-  pool does; one whose teardown this side saw starts at the floor and is ignored) and refuses
+  engine): the new worker reports ``pool_reset_marker(first_step)`` at its first poll (every pool
+  after an engine's first does; one whose teardown this side saw starts at the floor and is
+  ignored) and refuses
   every load of a slot its pool never had written; this side then fails the copies shipped before
   ``first_step`` (they went to the old pool), drops the whole index and empties the GPU trie
   (the cache engine was rebuilt with the pool), once per new pool.

@@ -544,7 +544,7 @@ class RoutingService:
         """The request of ``ticket`` (from ``choose``, via ``pre_call``'s start value) on ``url`` ended. A request
         without a ticket was not placed by this strategy: nothing of the router's changes."""
         if ticket is not None:
-            if self.lock.acquire(timeout=CHOOSE_LOCK_TIMEOUT_S):
+            if self.lock.acquire(blocking=False):   # the event loop never waits here: queued otherwise
                 try:
                     self._drain()
                     self.router.finished(url, ticket)
@@ -569,7 +569,7 @@ class RoutingService:
     def node_error(self, url: str) -> None:
         """``url`` answered a request with a node fault: skip it for ``error_cooldown`` seconds."""
         self._cooldown[url] = time.monotonic() + float(self.options.get("error_cooldown") or 10.0)
-        if self.lock.acquire(timeout=CHOOSE_LOCK_TIMEOUT_S):
+        if self.lock.acquire(blocking=False):   # the event loop never waits here: queued otherwise
             try:
                 self._drain()
                 self._node_error_locked(url)

@@ -19,8 +19,8 @@ mark the block RESIDENT and plan a load of it), and re-hashes a slot before load
 mismatch (host-memory corruption, a stray write) fails that request's load without moving a
 byte: LMDeploy rolls it back and the prefix is recomputed. A slot is re-hashed before it is
 written back to a shared store too: a mismatching slot is not written back (the store object
-would wrap the bad bytes in a fresh checksum that every other node then trusts; counted in
-``corrupt_write_backs``). Cost: one pass over the slot's bytes on each side, on this process's CPU.
+would wrap the bad bytes in a fresh checksum that every other node then trusts; logged, and
+counted in the worker's ``corrupt_write_backs``). Cost: one pass over the slot's bytes on each side, on this process's CPU.
 
 Readable slots (always on, independent of ``checksum``): a pool is new memory with undefined
 bytes, so this side keeps one flag per slot, set when a demotion into the slot completed in *this*
@@ -371,14 +371,16 @@ class HostTierWorker:
                 self._rejected_loads.append(ld)
         return tuple(ld for ld in host_loads if ld.request_id not in failed)
 
+    def _slot_intact(self, slot: int) -> bool:
+        """The slot's bytes still match the hash taken when they were written (``checksum`` on)."""
+        expected = self._checksums.get(slot)
+        return expected is not None and self._slot_digest(slot) == expected
+
     def _intact_for_store(self, slot: int) -> bool:
         """With ``checksum`` on, a slot whose bytes no longer match the hash taken when they were written is
         not written back: the store object would wrap them in a fresh, valid checksum, and every other node
-        would then restore them as sound."""
-        if not self.hostcache.checksum:
-            return True
-        expected = self._checksums.get(slot)
-        if expected is not None and self._slot_digest(slot) == expected:
+        would then restore them as sound (logged, and counted in ``corrupt_write_backs``)."""
+        if not self.hostcache.checksum or self._slot_intact(slot):
             return True
         logger.warning("host tier rank %d: checksum mismatch in host slot %d: not written back to the store",
                        self.tp_rank, slot)
@@ -420,8 +422,7 @@ class HostTierWorker:
         """True when every source slot still holds the bytes hashed after its demotion; else the
         load is queued as failed (reported by the next ``get_finished``) and nothing moves."""
         for slot in load.slots:
-            expected = self._checksums.get(slot)
-            if expected is None or self._slot_digest(slot) != expected:
+            if not self._slot_intact(slot):
                 logger.warning("host tier rank %d: checksum mismatch in host slot %d: request %d recomputes",
                                self.tp_rank, slot, load.request_id)
                 self._rejected_loads.append(load)

@@ -345,17 +345,6 @@ def restore_calibration(setting, path: str | None):
         raise PlanError(str(exc)) from None
 
 
-def resolve_min_restore(setting, sizing, calibration) -> int:
-    """``min_restore_tokens`` as the server resolves it: a number as is; ``auto`` -> the threshold of
-    ``restore_cost.threshold_tokens`` for this model and format's host bytes per token (the connector's
-    ``host_slot_bytes * tp / block_size``; a draft model's bytes, which the server adds, are not modelled)."""
-    if setting != "auto":
-        return setting
-    from ..restore_cost import threshold_tokens
-
-    return threshold_tokens(calibration, sizing.host_block_bytes * sizing.cache_format.tp / sizing.block_size)
-
-
 def _calibration_dict(args) -> dict | None:
     """The calibration ``auto`` was resolved with, for ``--json`` (None: a number was given)."""
     cal = args.min_restore_calibration
@@ -470,6 +459,8 @@ def _run(args) -> int:
     sizing = BlockSizing.build(geometry, fmt, trace.block_size)
     args.trace_warnings = warnings
     args.distinct_blocks = distinct
+    from .replay import resolve_min_restore
+
     if spec is not None:
         spec = dataclasses.replace(spec, min_restore_tokens=resolve_min_restore(spec.min_restore_tokens, sizing,
                                                                                 calibration))

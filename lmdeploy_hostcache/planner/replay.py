@@ -60,6 +60,18 @@ from .traces import Request, Trace
 SERVER_MIN_RESTORE_TOKENS: int = HostCacheConfig().min_restore_tokens
 
 
+def resolve_min_restore(setting, sizing, calibration=None) -> int:
+    """``min_restore_tokens`` as the server resolves it (``restore_cost.resolve_min_restore_tokens``): a number
+    as is; ``auto`` -> the threshold for the planned host slot's bytes per token (the connector's
+    ``host_slot_bytes * tp / block_size``; a draft model's bytes, which the server adds, are not modelled), from
+    ``calibration`` or, without one, the server's own source (``$LMDEPLOY_HOSTCACHE_CALIBRATION``, else the
+    assumed figures)."""
+    from ..restore_cost import resolve_min_restore_tokens
+
+    return resolve_min_restore_tokens(setting, sizing.host_block_bytes * sizing.cache_format.tp / sizing.block_size,
+                                      calibration)
+
+
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
     """A request with its digests computed once (reused across sweep points and nodes)."""

@@ -8,7 +8,7 @@ import pytest
 
 from lmdeploy_hostcache import restore_cost as rc
 from lmdeploy_hostcache.cli import main
-from lmdeploy_hostcache.planner.cli import resolve_min_restore
+from lmdeploy_hostcache.planner.replay import resolve_min_restore
 from lmdeploy_hostcache.planner.geometry import BlockSizing, CacheFormat, KVGeometry
 
 

@@ -47,3 +47,35 @@ def test_bench_route_compare_prints_every_policy(tmp_path):
         assert sum(r["requests"]) == 120 and 0 <= r["hit_rate"] <= 1
     bad = _run("--compare", str(tmp_path / "missing.yaml"))
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_route_compare_resolves_min_restore_tokens_auto(tmp_path):
+    """A cluster file `plan --cluster` accepts (``min_restore_tokens: auto``) is resolved the same way here: the
+    rows equal those of the number it resolves to."""
+    import json
+    from pathlib import Path
+
+    from lmdeploy_hostcache.planner.cluster import load_cluster
+    from lmdeploy_hostcache.planner.geometry import BlockSizing
+    from lmdeploy_hostcache.planner.replay import resolve_min_restore
+    from lmdeploy_hostcache.restore_cost import ASSUMED
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps({"timestamp": i * 100, "input_length": 512 * (2 + i // 6),
+                                           "output_length": 1, "hash_ids": [0, 1000 + i % 6] + list(range(10 * i, 10 * i + i // 6))})
+                               for i in range(36)) + "\n")
+    base = (Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml").read_text()
+    auto = tmp_path / "auto.yaml"
+    auto.write_text(base + "\nmin_restore_tokens: auto\n")
+    spec = load_cluster(auto)
+    n = resolve_min_restore("auto", BlockSizing.build(spec.geometry(), spec.cache_format, 512), ASSUMED)
+    number = tmp_path / "number.yaml"
+    number.write_text(base + f"\nmin_restore_tokens: {n}\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LMDEPLOY_HOSTCACHE_CALIBRATION"}
+    rows = []
+    for path in (auto, number):
+        p = subprocess.run([sys.executable, "-m", "lmdeploy_hostcache.cli", "bench", "route", "--compare", str(path),
+                            "--trace", str(trace), "--json"], capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stderr
+        rows.append([(r["routing"], r["hit_rate"]) for r in json.loads(p.stdout)["rows"]])
+    assert rows[0] == rows[1]
