@@ -161,6 +161,12 @@ def _parse_eviction_policy(value: Any) -> str:
     raise _Bad(allowed)
 
 
+# A whole number given as text is read with int(), which refuses more than 4300 digits with a ValueError
+# of its own (sys.get_int_max_str_digits); text longer than this is the field's error instead. Far above
+# any token count (as l3/config._timeout_ms bounds its text to 20 digits).
+MAX_INT_TEXT_DIGITS = 20
+
+
 def _parse_min_restore_tokens(value: Any) -> int | str:
     allowed = "a whole number of tokens >= 0, or 'auto'"
     if isinstance(value, bool):
@@ -171,7 +177,10 @@ def _parse_min_restore_tokens(value: Any) -> int | str:
             return AUTO
         if not (text.isascii() and text.isdigit()):
             raise _Bad(allowed)
-        return int(text)
+        digits = text.lstrip("0") or "0"
+        if len(digits) > MAX_INT_TEXT_DIGITS:   # int() refuses > 4300 digits with its own ValueError
+            raise _Bad(f"{allowed} (at most {MAX_INT_TEXT_DIGITS} digits)")
+        return int(digits)
     if isinstance(value, float):
         if not value.is_integer() or value < 0:
             raise _Bad(allowed)

@@ -4,14 +4,19 @@ Facts: Python, torch, triton and LMDeploy versions, whether LMDeploy is the supp
 release, the LMDeploy activation state in this interpreter (``activate.status()``) and the
 version/source guard's verdict (``guard.verify()``, which reads LMDeploy's files without
 importing it), CUDA availability, total/available RAM (cgroup-aware), RLIMIT_MEMLOCK and the
-host-cache size ``auto`` (or the configured size) gives on this machine, with the reason.
+host-cache size ``auto`` (or the configured size) gives on this machine, with the reason: the
+figure the engine's start-up computes (``hostmem.resolve_host_cache_bytes``, which
+``engine_config.size_host_cache`` calls too; with an ``l3:`` section, for a TP-1 engine whose one
+store client has one buffer), so a size start-up refuses is refused here.
 
 Exit codes (also in README "Commands"):
   0  everything needed is present (no GPU is fine: CPU machines run the tests);
   1  an environment problem: torch or LMDeploy missing, not LMDeploy 0.18.0, the guard
      refusing the installed LMDeploy's sources, or an activation that failed;
   2  a bad ``--config`` file (unreadable, not YAML, or a field-level error, printed
-     naming the field) or a configured size this machine cannot hold.
+     naming the field) or a configured size this machine cannot hold (above total RAM, alone
+     or with the ``l3`` store's segment and buffer, or under one byte, which holds no block).
+     Whether a size holds at least one block of a model needs the model: start-up checks it.
 Missing packages never crash the command: they read "not installed".
 """
 from __future__ import annotations
@@ -108,7 +113,12 @@ def activation_facts() -> dict[str, Any]:
 def collect(config_path: str | None = None) -> dict[str, Any]:
     """Every fact as one JSON-able dict, with ``problems`` and ``exit_code`` decided."""
     from .config import ConfigError, HostCacheConfig  # noqa: PLC0415
-    from .hostmem import format_bytes, read_host_memory, resolve_host_cache_bytes  # noqa: PLC0415
+    from .hostmem import (  # noqa: PLC0415
+        format_bytes,
+        read_host_memory,
+        refuse_size_holding_no_block,
+        resolve_host_cache_bytes,
+    )
 
     problems: list[str] = []
     notes: list[str] = []
@@ -186,7 +196,11 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
                               "bytes": None, "human": None, "reason": None}
     if cfg is not None and mem is not None:
         try:
-            nbytes, reason = resolve_host_cache_bytes(cfg, mem)
+            # the engine's own rule (engine_config.size_host_cache): with an l3 section, auto leaves the
+            # store's segment and one client buffer room, and an explicit size that cannot fit total RAM
+            # beside them is refused; one client: a TP-1 engine (each further rank adds a buffer)
+            nbytes, reason = resolve_host_cache_bytes(cfg, mem, l3_clients=1)
+            refuse_size_holding_no_block(cfg, nbytes)
             sizing.update(bytes=nbytes, human=format_bytes(nbytes), reason=reason)
         except ConfigError as exc:
             exc = ConfigError(exc.errors, config_path)  # name the file, as a load error does

@@ -19,6 +19,15 @@ user can read in a start-up log saying how the figure was chosen.
 An explicit ``host_cache_gb`` above total RAM raises ``ConfigError`` (a pinned pool that
 large cannot be allocated); above what is available now it is kept, with a warning in
 the reason.
+
+With an ``l3:`` section the node also holds the store's memory: its segment
+(``l3.global_segment_gb``, once per node) and one client buffer (``l3.local_buffer_gb``) per
+client, one per TP rank of every engine (``l3_store_bytes``). ``resolve_host_cache_bytes`` is the
+one sizing rule for the engine (``engine_config.size_host_cache``), the serve flags
+(``cli_patch``) and ``doctor``: ``auto`` leaves the store that room (its figure is measured
+before the store's memory exists), and an explicit size whose host tier + segment + buffers
+exceed total RAM raises ``ConfigError`` naming ``host_cache_gb`` and the ``l3`` fields (as does a
+store that alone exceeds it); above available RAM it is kept, with the warning.
 """
 from __future__ import annotations
 
@@ -34,9 +43,11 @@ __all__ = [
     "GIB",
     "HostMemoryFacts",
     "format_bytes",
+    "l3_store_bytes",
     "read_cgroup_memory",
     "read_host_memory",
     "read_memlock_limit",
+    "refuse_size_holding_no_block",
     "resolve_host_cache_bytes",
 ]
 
@@ -224,13 +235,31 @@ def _memlock_note(cfg: HostCacheConfig, facts: HostMemoryFacts, memlock_applies:
             "memory through its driver, which does not charge that limit")
 
 
+def l3_store_bytes(cfg: HostCacheConfig, clients: int = 1) -> int:
+    """RAM the ``l3:`` store takes on this node: its segment once and a buffer per client (0 without ``l3``).
+
+    ``clients``: the store clients on the node, one per TP rank of every engine (DP engines included).
+    """
+    if cfg.l3 is None:
+        return 0
+    return cfg.l3.global_segment_bytes + max(1, int(clients)) * cfg.l3.local_buffer_bytes
+
+
+def _l3_terms(cfg: HostCacheConfig, clients: int) -> str:
+    clients = max(1, int(clients))
+    return (f"l3.global_segment_gb ({format_bytes(cfg.l3.global_segment_bytes)}) + {clients} client"
+            f"{'s' if clients != 1 else ''} x l3.local_buffer_gb ({format_bytes(cfg.l3.local_buffer_bytes)})")
+
+
 def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None = None, *,
-                             memlock_applies: bool = False) -> tuple[int, str]:
+                             memlock_applies: bool = False, l3_clients: int = 1) -> tuple[int, str]:
     """Bytes of host memory the tier should use on this machine, and why.
 
     ``facts`` defaults to ``read_host_memory()``. Returns ``(0, reason)`` when the tier is
     disabled (``host_cache_gb: 0``) or ``auto`` finds no room. Raises ``ConfigError``
-    (field ``host_cache_gb``) when an explicit size exceeds the machine's total RAM.
+    (field ``host_cache_gb``) when an explicit size exceeds the machine's total RAM, alone or
+    with the ``l3`` store's segment and its ``l3_clients`` buffers (``l3_store_bytes``), and when
+    that store alone exceeds it (``auto`` too). ``auto`` leaves the store its room.
     """
     if facts is None:
         facts = read_host_memory()
@@ -240,6 +269,13 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
         else "this machine's"
     memlock_note = _memlock_note(cfg, facts, memlock_applies)
     memlock_cap = facts.memlock_soft_bytes if (cfg.pin_memory and memlock_applies) else None
+    clients = max(1, int(l3_clients))
+    store = l3_store_bytes(cfg, clients) if cfg.enabled else 0
+    if store > total:   # the store alone cannot be allocated, whatever the host tier's size
+        raise ConfigError([FieldError(
+            "l3.global_segment_gb", cfg.l3.global_segment_gb,
+            f"a store that fits {where} {format_bytes(total)} of total RAM: {_l3_terms(cfg, clients)} = "
+            f"{format_bytes(store)}, before host_cache_gb; lower l3.global_segment_gb or l3.local_buffer_gb")])
 
     if cfg.host_cache_gb != AUTO:
         gb = float(cfg.host_cache_gb)
@@ -252,14 +288,22 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
             raise ConfigError([FieldError(
                 "host_cache_gb", cfg.host_cache_gb,
                 f"at most {total / GIB:.1f} GiB, {where} total RAM; or 'auto' to size it from free RAM")])
+        if store and want + store > total:
+            raise ConfigError([FieldError(
+                "host_cache_gb", cfg.host_cache_gb,
+                f"at most {(total - store) / GIB:.1f} GiB: host_cache_gb + {_l3_terms(cfg, clients)} must fit "
+                f"{where} {format_bytes(total)} of total RAM; lower host_cache_gb or l3.global_segment_gb, or "
+                "give host_cache_gb 'auto' to size it from free RAM")])
         if memlock_cap is not None and want > memlock_cap:
             raise ConfigError([FieldError(
                 "host_cache_gb", cfg.host_cache_gb,
                 f"at most the locked-memory limit RLIMIT_MEMLOCK = {format_bytes(memlock_cap)} "
                 "(raise it with `ulimit -l` / docker --ulimit memlock=-1, or set pin_memory: false)")])
         reason = f"host cache {format_bytes(want)}: host_cache_gb is set to {gb:g}"
-        if want > avail:
-            reason += (f"; warning: only {format_bytes(avail)} of RAM is available now, so other processes "
+        if want + store > avail:
+            need = (f"with the l3 store ({_l3_terms(cfg, clients)}) it needs {format_bytes(want + store)}, but "
+                    if store else "")
+            reason += (f"; warning: {need}only {format_bytes(avail)} of RAM is available now, so other processes "
                        "may be pushed into swap or the OOM killer")
         if memlock_note:
             reason += f"; {memlock_note}"
@@ -287,6 +331,23 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
         reason = f"host cache disabled (auto): {binding} is 0; set host_cache_gb"
     else:
         reason = f"host cache {format_bytes(chosen)} (auto): the smallest of {bounds}"
+        if store:
+            # auto sizes from the RAM available now, before the store's memory is allocated: the node's
+            # segment once (its DP engines' workers share it) and a client buffer per rank of each
+            # DP engine (l3_tier.WorkerL3)
+            chosen = max(0, chosen - store)
+            reason += (f"; less {format_bytes(store)} for the l3 store (its segment and {clients} client "
+                       f"buffer{'s' if clients != 1 else ''}): {format_bytes(chosen)}")
     if memlock_note:
         reason += f"; {memlock_note}"
     return max(0, chosen), reason + "."
+
+
+def refuse_size_holding_no_block(cfg: HostCacheConfig, nbytes: int) -> None:
+    """``ConfigError`` (field ``host_cache_gb``) when an explicit, enabled size resolved to 0 bytes: under one
+    byte, no block of any model fits, and the engine refuses 0 slots at start-up (after loading the weights).
+    A size under one block of the model is refused by the engine only: the block size needs the model."""
+    if cfg.enabled and cfg.host_cache_gb != AUTO and nbytes <= 0:
+        raise ConfigError([FieldError(
+            "host_cache_gb", cfg.host_cache_gb,
+            "0 (the tier off), 'auto', or at least one block of the model (under one byte holds none)")])

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import reprlib
+import stat
 from dataclasses import asdict, dataclass
 
 __all__ = ["ASSUMED", "ENV_CALIBRATION", "FALLBACK_TOKENS", "NEVER", "CalibrationError", "RestoreCalibration",
@@ -110,7 +111,12 @@ def load_calibration(path: str | None = None) -> RestoreCalibration:
     if path is None:
         return ASSUMED
     try:
-        with open(path, encoding="utf-8") as fh:
+        # non-blocking open: a FIFO or a device (one nothing writes to) is refused, not waited on
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CalibrationError(f"{path}: not a regular file; the restore calibration is a JSON file")
+        with os.fdopen(fd, encoding="utf-8") as fh:
             data = json.load(fh)
     except OSError as exc:
         raise CalibrationError(f"{path}: cannot read the restore calibration: {exc.strerror}") from None

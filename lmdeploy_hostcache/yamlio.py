@@ -13,9 +13,11 @@ Invariants:
   (PyYAML's YAML 1.1 rules would make them strings); ``010`` is ten, not an octal eight
   (write ``0o10`` for octal); ``1:30`` is the text "1:30", not a base-60 ninety. ``0x``/``0b``
   prefixes and ``1_000`` underscores are kept (unambiguous). Booleans keep PyYAML's rules.
-- Every way a file can be unusable (missing, a folder, unreadable, binary, not UTF-8, not
-  YAML) is a ``YamlError`` naming the file; nothing else escapes (no ``OSError``,
-  ``UnicodeDecodeError`` or ``yaml.YAMLError``).
+- Every way a file can be unusable (missing, a folder, not a regular file, unreadable,
+  binary, not UTF-8, not YAML) is a ``YamlError`` naming the file; nothing else escapes (no
+  ``OSError``, ``UnicodeDecodeError`` or ``yaml.YAMLError``), and nothing blocks: a FIFO, a device
+  (``/dev/stdin`` included: reading settings from standard input is not supported) or a socket is
+  refused before anything is read.
 - ``dump_yaml`` writes with the same number rules (a string such as ``"1e3"`` is quoted), so
   ``load_yaml_text(dump_yaml(x)) == x`` for plain data.
 - PyYAML is imported on first use only.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from typing import Any
 
 __all__ = ["YamlError", "dump_yaml", "load_yaml_file", "load_yaml_text"]
@@ -160,18 +163,46 @@ def load_yaml_text(text: str, *, source: str | None = None) -> Any:
         raise YamlError(source, f"a value cannot be read: {str(exc)[:200]}") from None
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def load_yaml_file(path: str | os.PathLike[str]) -> Any:
-    """Read and parse a YAML file strictly; every failure is a ``YamlError`` naming ``path``."""
+    """Read and parse a YAML file strictly; every failure is a ``YamlError`` naming ``path``.
+
+    Only a regular file (or a symlink to one) is read: a FIFO, a device (``/dev/zero``,
+    ``/dev/stdin`` on a terminal or pipe) or a socket is refused without reading, so nothing blocks
+    waiting for a writer. It is opened non-blocking and checked on the open descriptor (no window
+    between the check and the read).
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise YamlError(path, "is a folder, not a YAML file")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_YAML_BYTES + 1)   # a config is small: /dev/zero or a mistaken file is not read whole
+        fd = os.open(path, flags)   # O_NONBLOCK: opening a FIFO with no writer returns at once
     except FileNotFoundError:
         raise YamlError(path, "cannot read it: no such file") from None
     except OSError as exc:
         raise YamlError(path, f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise YamlError(path, "is a folder, not a YAML file")
+        if not stat.S_ISREG(mode):
+            raise YamlError(path, f"is {_kind(mode)}, not a regular file (only a regular file is read)")
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1   # the file object owns it now
+            raw = fh.read(MAX_YAML_BYTES + 1)   # a config is small: a mistaken file is not read whole
+    except OSError as exc:
+        raise YamlError(path, f"cannot read it: {exc.strerror or exc}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     if b"\x00" in raw:
         raise YamlError(path, "binary data (a NUL byte), not a YAML text file")
     if len(raw) > MAX_YAML_BYTES:

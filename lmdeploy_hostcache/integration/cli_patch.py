@@ -12,12 +12,17 @@ Invariants:
   ``--host-cache-capture`` alone is refused (it needs ``--host-cache-gb`` or
   ``--host-cache-config``; the refusal wrapper of an unsupported LMDeploy ignores it); with
   ``host_cache_gb`` 0 (flag or file) the tier is off: ``args`` is untouched too, one log line
-  says so, and nothing is refused.
+  says so, and nothing is refused. A hand-written ``--kv-transfer-config`` naming
+  ``HostTierConnector`` (docs/integration.md "Configuration", "Raw") without the flags is
+  still left untouched, but checked here as the flags are (its settings, its extra-config
+  keys, ``--enable-prefix-caching`` and the memory below), so that it fails here, not in the engine.
 - Every refusal on this path (bad config file or value, ``--host-cache-capture`` alone,
-  ``--backend turbomind``, a conflicting ``--kv-transfer-config``, no
-  ``--enable-prefix-caching``, an unsupported LMDeploy) is one
+  ``--backend turbomind``, a conflicting ``--kv-transfer-config``, a bad or foreign
+  ``kv_connector_extra_config``, no ``--enable-prefix-caching``, a size that cannot fit this
+  machine's total RAM, alone or beside the ``l3`` store (``hostmem.resolve_host_cache_bytes``, the
+  check the engine runs), an unsupported LMDeploy) is one
   ``lmdeploy serve api_server: error: ...`` line on stderr and exit code 2, like an argparse
-  error, before any engine starts: never a traceback.
+  error, before any engine starts (before weights load): never a traceback.
 """
 from __future__ import annotations
 
@@ -72,8 +77,10 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
 
     Raises ValueError (naming the flag) for a non-PyTorch backend, a missing
     ``--enable-prefix-caching`` or a ``--kv-transfer-config`` that configures another
-    connector, and ConfigError for bad settings; ``args`` is modified only after every check
-    passed. ``host_cache_gb`` 0 returns False with ``args`` untouched (tier off).
+    connector, and ConfigError for bad settings or a size this machine cannot hold; ``args`` is
+    modified only after every check passed. ``host_cache_gb`` 0 returns False with ``args``
+    untouched (tier off). Without the flags, a ``--kv-transfer-config`` naming our connector is
+    checked the same way and left as it is (False).
     """
     gb = getattr(args, "host_cache_gb", None)
     path = getattr(args, "host_cache_config", None)
@@ -82,8 +89,9 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
         if capture is not None:
             raise ValueError("--host-cache-capture records requests in the host tier: also give --host-cache-gb "
                              "or --host-cache-config")
+        _check_raw_transfer_config(args)
         return False
-    from ..config import ConfigError, load_config
+    from ..config import ConfigError, HostCacheConfig, load_config
     from .engine_config import log_tier_off, merge_transfer_config
 
     settings = load_config(path, host_cache_gb=gb, capture=capture)  # ConfigError names the file and field
@@ -110,8 +118,61 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
     if hasattr(args, "enable_prefix_caching") and not args.enable_prefix_caching:
         raise ValueError("--host-cache-gb/--host-cache-config extend LMDeploy's prefix cache: add "
                          "--enable-prefix-caching (or give host_cache_gb 0 to run without the host tier)")
+    final = HostCacheConfig.from_dict(transfer["kv_connector_extra_config"]["hostcache_config"])
+    _check_memory(final, args, " with ".join(n for n in ("--host-cache-gb" if gb is not None else None, path) if n))
     args.kv_transfer_config = transfer
     return True
+
+
+def _check_memory(cfg: Any, args: argparse.Namespace, source: str) -> None:
+    """ConfigError (naming ``source`` and the field) when ``cfg``'s host tier, with the ``l3`` store's segment
+    and client buffers, cannot fit this machine's total RAM: the check the engine runs when it sizes the
+    tier (``hostmem.resolve_host_cache_bytes``), made here, before the weights load. The store's clients are
+    counted as ``--tp`` (one per rank; the engine counts its exact ranks again)."""
+    from ..config import ConfigError
+    from ..hostmem import refuse_size_holding_no_block, resolve_host_cache_bytes
+
+    tp = getattr(args, "tp", 1)
+    clients = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1 else 1
+    try:
+        nbytes, _ = resolve_host_cache_bytes(cfg, l3_clients=clients)
+        refuse_size_holding_no_block(cfg, nbytes)   # the engine would find 0 slots
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, source) from None
+
+
+def _check_raw_transfer_config(args: argparse.Namespace) -> None:
+    """Check a ``--kv-transfer-config`` that names our connector without our flags, as the flags are checked.
+
+    ``args`` is not modified (LMDeploy builds the engine config from it; the ``PytorchEngineConfig`` wrapper
+    then validates it again and removes it for ``host_cache_gb`` 0). Raises ValueError naming
+    ``--kv-transfer-config``.
+    """
+    from .engine_config import CONNECTOR_NAME, is_host_tier, merge_transfer_config
+
+    existing = getattr(args, "kv_transfer_config", None)
+    if not is_host_tier(existing):
+        return
+    from ..config import ConfigError, HostCacheConfig
+
+    flag = "--kv-transfer-config"
+    try:
+        transfer = merge_transfer_config(existing)   # validates role, keys and settings; the result is dropped
+    except ConfigError as exc:
+        raise ConfigError(exc.errors, f"{flag} kv_connector_extra_config") from None
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+    cfg = HostCacheConfig.from_dict(transfer["kv_connector_extra_config"]["hostcache_config"])
+    if not cfg.enabled:   # host_cache_gb 0: the engine config drops the connector and says so
+        return
+    if cfg.min_restore_tokens == "auto":
+        from ..restore_cost import load_calibration
+
+        load_calibration()
+    if hasattr(args, "enable_prefix_caching") and not args.enable_prefix_caching:
+        raise ValueError(f"{flag} names the host tier ({CONNECTOR_NAME}), which extends LMDeploy's prefix cache: "
+                         "add --enable-prefix-caching (or give host_cache_gb 0 to run without the host tier)")
+    _check_memory(cfg, args, flag)
 
 
 def refuse(message: str) -> None:

@@ -92,14 +92,11 @@ def supported_problems(cache_config: Any, *, model_path: str | None = None, dist
     if not isinstance(extra, Mapping):
         problems.append("kv_transfer_config.kv_connector_extra_config must be a dict")
     else:
-        from ..config import HostCacheConfig  # no heavy imports
+        from .engine_config import foreign_extra_keys, foreign_extra_keys_message  # no heavy imports
 
-        allowed = set(EXTRA_CONFIG_KEYS) | set(HostCacheConfig.field_names())
-        unknown = sorted(k for k in extra if str(k).replace("-", "_") not in allowed)
+        unknown = foreign_extra_keys(extra)
         if unknown:
-            problems.append(f"kv_connector_extra_config has keys {unknown} that belong to no setting of "
-                            f"{CONNECTOR_NAME} (allowed: {list(EXTRA_CONFIG_KEYS)} or a HostCacheConfig field); settings of another "
-                            "connector cannot be combined with the host tier")
+            problems.append(foreign_extra_keys_message(unknown))
     if not getattr(cache_config, "enable_prefix_caching", False):
         problems.append("prefix caching is off: the host tier extends LMDeploy's prefix cache, pass "
                         "--enable-prefix-caching (enable_prefix_caching=True)")

@@ -31,7 +31,11 @@ LMDeploy runs as stock: ``drop_if_off`` returns ``None`` for such a ``kv_transfe
 (it is removed, never refused) and ``log_tier_off`` says so once in the log.
 
 Invariants: every function validates before it builds anything (``ConfigError`` names
-the field, ``ValueError`` names the conflicting connector); inputs are never mutated.
+the field, ``ValueError`` names the conflicting connector, or ``kv_connector_extra_config`` when
+it is not a mapping or carries a key that is neither a ``HostCacheConfig`` field nor one of
+``EXTRA_CONFIG_KEYS``: such keys are refused, never dropped); inputs are never mutated.
+``size_host_cache`` sizes through ``hostmem.resolve_host_cache_bytes``, the rule ``doctor`` and the
+serve flags use too.
 Only ``host_tier_transfer_config``/``with_host_cache``/``cache_plan_for_executor`` import
 LMDeploy; ``plan_host_slots`` imports torch and the transfer layout.
 """
@@ -43,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import AUTO, HostCacheConfig, load_config
+from ..config import HostCacheConfig, load_config
 from .compat import CONNECTOR_NAME, EXTRA_CONFIG_KEYS
 
 __all__ = [
@@ -53,6 +57,8 @@ __all__ = [
     "TIER_OFF_MESSAGE",
     "cache_plan_for_executor",
     "drop_if_off",
+    "foreign_extra_keys",
+    "foreign_extra_keys_message",
     "log_tier_off",
     "connector_rows_of_plan",
     "decode_tensor_specs",
@@ -118,15 +124,51 @@ def drop_if_off(transfer_config: Any, where: str = "") -> Any:
     return None
 
 
+def foreign_extra_keys(extra: Mapping[str, Any]) -> list[str]:
+    """Keys of ``extra`` that are neither ``EXTRA_CONFIG_KEYS`` nor a ``HostCacheConfig`` field (``-`` for ``_``)."""
+    allowed = set(EXTRA_CONFIG_KEYS) | set(HostCacheConfig.field_names())
+    return sorted(str(k) for k in extra if str(k).replace("-", "_") not in allowed)
+
+
+def foreign_extra_keys_message(unknown: Sequence[str]) -> str:
+    """The refusal of ``unknown`` extra-config keys: ``compat.supported_problems``'s text, plus a
+    did-you-mean for a misspelt setting."""
+    import difflib
+
+    allowed = list(EXTRA_CONFIG_KEYS) + list(HostCacheConfig.field_names())
+    text = (f"kv_connector_extra_config has keys {sorted(unknown)} that belong to no setting of "
+            f"{CONNECTOR_NAME} (allowed: {list(EXTRA_CONFIG_KEYS)} or a HostCacheConfig field); settings of "
+            "another connector cannot be combined with the host tier")
+    hints = []
+    for key in sorted(unknown):
+        close = difflib.get_close_matches(key.replace("-", "_"), allowed, n=1, cutoff=0.8)
+        if close:
+            hints.append(f"{close[0]!r} for {key!r}")
+    if hints:
+        text += f" (did you mean {', '.join(hints)}?)"
+    return text
+
+
 def normalise_extra_config(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """A new extra-config dict in the documented layout.
 
     Flat ``HostCacheConfig`` fields (``{"host_cache_gb": 64}``, what a hand-written
     ``--kv-transfer-config`` naturally carries) move into ``hostcache_config``; the result
-    is validated (``ConfigError``) and written back in ``to_dict`` form.
+    is validated (``ConfigError``) and written back in ``to_dict`` form. ``None`` is an empty
+    mapping; anything else that is not a mapping, and a key that is neither a
+    ``HostCacheConfig`` field nor one of ``EXTRA_CONFIG_KEYS`` (another connector's setting, a
+    misspelling), is a ``ValueError`` naming ``kv_connector_extra_config``: never dropped.
     """
-    extra = dict(extra or {})
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"kv_connector_extra_config must be a mapping (a JSON object) of {CONNECTOR_NAME} "
+                         f"settings, not {type(extra).__name__}")
+    extra = dict(extra)
     fields = set(HostCacheConfig.field_names())
+    unknown = foreign_extra_keys(extra)
+    if unknown:
+        raise ValueError(foreign_extra_keys_message(unknown))
     flat = {k: extra.pop(k) for k in list(extra) if str(k).replace("-", "_") in fields}
     nested = extra.pop("hostcache_config", None)
     if nested is not None and not isinstance(nested, Mapping):
@@ -258,17 +300,11 @@ def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],
         raise ValueError(f"rank_block_bytes must list a positive size per rank, got {list(rank_block_bytes)}")
     cfg = HostCacheConfig.from_dict(dict(extra.get("hostcache_config") or {}),
                                     source="kv_connector_extra_config.hostcache_config")
-    total, reason = resolve_host_cache_bytes(cfg, facts)
     dp = max(1, int(data_parallel))
-    if cfg.l3 is not None and cfg.host_cache_gb == AUTO and total > 0:
-        # auto sizes from the RAM available now, before the store's memory is allocated: the node's
-        # segment once (its DP engines' workers share it) and a client buffer per rank of each
-        # DP engine (l3_tier.WorkerL3)
-        clients = len(rank_block_bytes) * dp
-        store = cfg.l3.global_segment_bytes + clients * cfg.l3.local_buffer_bytes
-        total = max(0, total - store)
-        reason = (f"{reason.rstrip('.')}; less {format_bytes(store)} for the l3 store (its segment and "
-                  f"{clients} client buffer{'s' if clients != 1 else ''}): {format_bytes(total)}.")
+    # the one sizing rule (doctor and the serve flags use it too): with an l3 section, auto leaves the
+    # store's segment (once per node) and a client buffer per rank of each DP engine room, and an
+    # explicit size that does not fit total RAM beside them is refused (ConfigError)
+    total, reason = resolve_host_cache_bytes(cfg, facts, l3_clients=len(rank_block_bytes) * dp)
     if dp > 1 and total > 0:
         total //= dp
         reason = (f"{reason.rstrip('.')}; shared by the {dp} data-parallel engines LMDeploy starts with the same "
