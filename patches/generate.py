@@ -420,6 +420,25 @@ P7_EVICTION_HELPER = [
 """),
 ]
 
+P9_SCHEDULER = [
+    ("""        for seq in seqs:
+            if seq.status == MessageStatus.RUNNING:
+                seq.state.deactivate()
+            self.kv_load_coordinator.release_tracking(seq)
+            seq.state.evict()
+""", """        for seq in seqs:
+            if seq.status == MessageStatus.WAITING_FOR_REMOTE_KVS:
+                # A stale running entry (a session kept open) whose next turn is
+                # loading external KV: the load coordinator owns it until the
+                # load's result, and its state cannot be evicted.
+                continue
+            if seq.status == MessageStatus.RUNNING:
+                seq.state.deactivate()
+            self.kv_load_coordinator.release_tracking(seq)
+            seq.state.evict()
+"""),
+]
+
 P8_SEQ_MESSAGES = [
     ("""    adapter_name: str = None
     arrive_time: float = 0.0
@@ -520,6 +539,9 @@ SERIES = [
     ("0008-prefix-cache-salt.diff",
      "Prefix cache: per-request cache salt; the trie's roots are keyed (adapter, salt), so a match never crosses salts.",
      [("pytorch/messages.py", P8_SEQ_MESSAGES), ("pytorch/paging/block_trie/trie.py", P8_TRIE)]),
+    ("0009-preempt-skips-loading-sequences.diff",
+     "Scheduler: preempting a decode batch's invalid entries leaves a sequence whose external load is in flight alone.",
+     [("pytorch/paging/scheduler.py", P9_SCHEDULER)]),
 ]
 
 

@@ -385,6 +385,32 @@ def _patch_scheduler(mod) -> None:
             install_scheduler_hook(self)
 
     _rebind(cls, "__init__", _mark(__init__), "lmdeploy.pytorch.paging.scheduler:Scheduler.__init__")
+    _patch_preempt_seqs(cls)
+
+
+def _patch_preempt_seqs(cls) -> None:
+    """``Scheduler.preempt_seqs`` leaves a sequence whose external load is in flight alone.
+
+    A turn of a session kept open ends; its sequence stays in LMDeploy's ``InputsMaker.running_seqs``
+    until the next prefill or decode forward. When the session's next turn gets a host hit, its load
+    starts and no prefill forward runs, so the next decode attempt finds that stale entry invalid and
+    preempts it while it is ``WAITING_FOR_REMOTE_KVS``, whose state has no ``evict``:
+    ``NotImplementedError`` out of the engine loop. Stock LMDeploy never starts such a load. The load
+    coordinator owns that sequence until its terminal result, so it is skipped here (only with our
+    connector; every other sequence is preempted as before)."""
+    import functools
+
+    from lmdeploy.pytorch.messages import MessageStatus
+
+    original = cls.__dict__["preempt_seqs"]
+
+    @functools.wraps(original)
+    def preempt_seqs(self, seqs):
+        if _is_ours(getattr(self, "kv_connector", None)):
+            seqs = [seq for seq in seqs if seq.status != MessageStatus.WAITING_FOR_REMOTE_KVS]
+        return original(self, seqs)
+
+    _rebind(cls, "preempt_seqs", _mark(preempt_seqs), "lmdeploy.pytorch.paging.scheduler:Scheduler.preempt_seqs")
 
 
 def _patch_executor_base(mod) -> None:

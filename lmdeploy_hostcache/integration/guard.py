@@ -52,6 +52,8 @@ PATCHED_TARGETS: dict[str, str] = {
         "refuse unsupported configurations at start-up; normalise the extra config",
     "lmdeploy.pytorch.paging.scheduler:Scheduler.__init__":
         "install the eviction hook (install_scheduler_hook) after construction",
+    "lmdeploy.pytorch.paging.scheduler:Scheduler.preempt_seqs":
+        "skip a sequence whose external load is in flight (its state has no evict; the loader owns it)",
     "lmdeploy.pytorch.engine.executor.base:ExecutorBase.__init__":
         "refuse model-dependent configurations before workers and weights load",
     "lmdeploy.pytorch.engine.executor.base:ExecutorBase._update_num_gpu_blocks":
@@ -214,6 +216,8 @@ PINS: dict[str, str] = {
         "e31c862767ca65dd2913eb64df41bbbb89ecc80a012c7de970c53c5d1b0bcc89",
     "lmdeploy.pytorch.paging.scheduler:Scheduler.__init__":
         "21a709e2b298abccf6873f20b64912f52293041f5f5ee20d469caf25b90a39c8",
+    "lmdeploy.pytorch.paging.scheduler:Scheduler.preempt_seqs":
+        "75688739fcb8bbbb53fce8c202bdd26e336949bac6ef7961b982cf3461bac392",
     "lmdeploy.pytorch.engine.executor.base:ExecutorBase.__init__":
         "61712aee59d4be95c35804753ac8277fb36045002fa83ab3e81ae2fc9f8dc2e9",
     "lmdeploy.pytorch.engine.executor.base:ExecutorBase._update_num_gpu_blocks":
