@@ -278,7 +278,8 @@ class HostTierScheduler:
         # this scheduling pass ends (build_connector_meta): see _hold_hit
         self._holds: dict[int, tuple[int, ...]] = {}
         self._held_blocks = 0
-        self._counted_lookup: dict[int, tuple[int, int, int]] = {}  # request -> (first, last, hits)
+        # request -> (its turn's input_start_pos, the block after the furthest host hit counted in that turn)
+        self._counted_lookup: dict[int, tuple[int, int]] = {}
         self._pending_loads: dict[int, _Load] = {}
         self._inflight_loads: dict[int, _Load] = {}
         self._owed_results: list[KVLoadResult] = []
@@ -467,15 +468,17 @@ class HostTierScheduler:
             # the prefix continues in the shared store? Staged through host slots: at most half
             # of them per request (host hits included), so staging does not flush the host tier
             s = self.l3.chain.lookup(digests[n:n + self.num_slots // 2 - n], blocks[n:n + self.num_slots // 2 - n])
-        # Count a request's lookup window once (LMDeploy re-asks on every admission attempt);
-        # a retry that finds more resident blocks adds only the extra hits.
+        # Count a request's turn once (LMDeploy re-asks on every admission attempt, and its GPU match may
+        # move between attempts): a retry adds only host hits past the furthest block already counted.
+        turn, hit_end = int(request.input_start_pos), first + found
         counted = self._counted_lookup.get(req)
-        if counted is None or counted[:2] != (first, last):
-            self._counted_lookup[req] = (first, last, found)
+        if counted is None or counted[0] != turn:
+            self._counted_lookup[req] = (turn, hit_end)
             self.metrics.add(lookups=1, lookup_blocks=len(digests), hit_blocks=found, hit_tokens=found * bs)
-        elif found > counted[2]:
-            self._counted_lookup[req] = (first, last, found)
-            self.metrics.add(hit_blocks=found - counted[2], hit_tokens=(found - counted[2]) * bs)
+        elif hit_end > counted[1]:
+            extra = hit_end - max(counted[1], first)
+            self._counted_lookup[req] = (turn, hit_end)
+            self.metrics.add(hit_blocks=extra, hit_tokens=extra * bs)
         hit_end = (first + n + s) * bs - recompute if n + s else 0
         num_external = hit_end - num_computed
         if num_external <= 0 or num_external < self.min_restore_tokens:

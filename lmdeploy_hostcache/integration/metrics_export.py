@@ -43,7 +43,7 @@ __all__ = [
 PREFIX = "lmdeploy:host_cache_"
 # snapshot key -> (Prometheus name without _total, help)
 COUNTERS: dict[str, tuple[str, str]] = {
-    "lookups": ("lookups", "Host-tier lookups (admission attempts that reached the host tier)."),
+    "lookups": ("lookups", "Host-tier lookups (request turns that reached the host tier; a turn LMDeploy retries counts once)."),
     "lookup_blocks": ("lookup_blocks", "Blocks looked up in the host tier past the GPU prefix match."),
     "hit_blocks": ("hit_blocks", "Blocks found host-resident and verified."),
     "hit_tokens": ("hit_tokens", "Tokens in host-tier hits."),

@@ -833,3 +833,26 @@ def test_failed_block_ids_of_an_unknown_result_never_fail_a_later_load():
     rig.poll(rig.complete(meta))                         # the worker reports the load done, nothing failed
     m = rig.side.metrics
     assert m.restore_failures == 0 and m.restored_tokens == 16 and not rig.side._failed_turns
+
+
+def test_a_turn_is_counted_once_however_its_gpu_match_moves():
+    """LMDeploy asks again at every admission attempt, and the GPU match may grow or shrink between
+    attempts: the turn is one lookup, and each host hit block is counted once (a window that moved
+    used to be counted as a new lookup, with its hits again)."""
+    rig = Rig(num_gpu_blocks=5, host_blocks=16)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))   # B needs every GPU block: A's four are demoted
+    side = rig.side
+    digests, blocks = chain_digests(ns(), a_tokens[:16])
+    resident = side.index.lookup(digests, blocks)
+    assert resident >= 3
+    _, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    before = side.metrics.snapshot()
+    for computed in (0, 2 * BS, 0, 3 * BS, 0):
+        side.get_num_new_matched_tokens(c, computed)
+    after = side.metrics.snapshot()
+    assert after["lookups"] - before["lookups"] == 1
+    assert after["hit_blocks"] - before["hit_blocks"] == resident
+    assert after["hit_tokens"] - before["hit_tokens"] == resident * BS
+    side._release_all_holds()
+    side.check_balanced()
