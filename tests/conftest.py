@@ -9,6 +9,8 @@ would otherwise run the CUDA tests' Triton kernels interpreted on CUDA tensors
 """
 import os
 
+import pytest
+
 
 def _cuda_available() -> bool:
     try:
@@ -34,3 +36,35 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_configure(config):
     # tests/e2e: LMDeploy's real engine on CPU (lmdeploy_hostcache.testing); select with -m e2e
     config.addinivalue_line("markers", "e2e: end to end through LMDeploy's real engine or server on CPU (slow)")
+
+
+@pytest.fixture(scope="module")
+def lmdeploy_parser():
+    """LMDeploy's own CLI parser with the extension activated (its serve flags added); skips when the
+    guard refuses this LMDeploy."""
+    pytest.importorskip("lmdeploy")
+    from lmdeploy_hostcache.integration import activate as act
+
+    st = act.activate()
+    if st["status"] != "active":
+        pytest.skip(f"activation is {st['status']}: {st['reason']}")
+    from lmdeploy.cli.cli import CLI
+    from lmdeploy.cli.serve import SubCliServe
+
+    if "api_server" not in SubCliServe.subparsers.choices:  # argparse refuses to add it twice
+        CLI.add_parsers()
+        SubCliServe.add_parsers()
+    return CLI.parser
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace lmdeploy.serve.openai.api_server (needs fastapi) by a recorder of serve() calls."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("lmdeploy.serve.openai.api_server")
+    fake.serve = lambda model_path, **kwargs: calls.append((model_path, kwargs))
+    monkeypatch.setitem(sys.modules, "lmdeploy.serve.openai.api_server", fake)
+    return calls

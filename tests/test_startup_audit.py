@@ -145,32 +145,6 @@ def test_a_good_raw_config_passes_untouched(small_machine):
     assert _served(kv_transfer_config=other).kv_transfer_config == other   # not ours: not our business
 
 
-@pytest.fixture(scope="module")
-def lmdeploy_parser():
-    pytest.importorskip("lmdeploy")
-    from lmdeploy_hostcache.integration import activate as act
-
-    st = act.activate()
-    if st["status"] != "active":
-        pytest.skip(f"activation is {st['status']}: {st['reason']}")
-    from lmdeploy.cli.cli import CLI
-    from lmdeploy.cli.serve import SubCliServe
-
-    if "api_server" not in SubCliServe.subparsers.choices:
-        CLI.add_parsers()
-        SubCliServe.add_parsers()
-    return CLI.parser
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    calls = []
-    fake = types.ModuleType("lmdeploy.serve.openai.api_server")
-    fake.serve = lambda model_path, **kwargs: calls.append((model_path, kwargs))
-    monkeypatch.setitem(sys.modules, "lmdeploy.serve.openai.api_server", fake)
-    return calls
-
-
 def test_the_raw_path_through_lmdeploy_s_own_serve_command(lmdeploy_parser, recorded, tmp_path, capsys):
     """The auditor's r_cli.sh case: LMDeploy's parser and api_server body, the patched PytorchEngineConfig."""
     bad = json.dumps(_raw({"host_cache_gb": "lots"}))

@@ -11,46 +11,21 @@ import pytest
 pytest.importorskip("lmdeploy")
 
 from lmdeploy_hostcache.config import ConfigError  # noqa: E402
-from lmdeploy_hostcache.integration import activate as act  # noqa: E402
 from lmdeploy_hostcache.integration.cli_patch import apply_host_cache_args  # noqa: E402
 from lmdeploy_hostcache.integration.compat import CONNECTOR_NAME  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def parser():
-    st = act.activate()
-    if st["status"] != "active":
-        pytest.skip(f"activation is {st['status']}: {st['reason']}")
-    from lmdeploy.cli.cli import CLI
-    from lmdeploy.cli.serve import SubCliServe
-
-    if "api_server" not in SubCliServe.subparsers.choices:  # argparse refuses to add it twice
-        CLI.add_parsers()
-        SubCliServe.add_parsers()
-    return CLI.parser
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Replace lmdeploy.serve.openai.api_server (needs fastapi) by a recorder of serve() calls."""
-    calls = []
-    fake = types.ModuleType("lmdeploy.serve.openai.api_server")
-    fake.serve = lambda model_path, **kwargs: calls.append((model_path, kwargs))
-    monkeypatch.setitem(sys.modules, "lmdeploy.serve.openai.api_server", fake)
-    return calls
-
-
-def _run(parser, recorded, *argv):
+def _run(lmdeploy_parser, recorded, *argv):
     # --max-batch-size: LMDeploy would otherwise ask CUDA for the device name
-    args = parser.parse_args(["serve", "api_server", *argv, "--max-batch-size", "8"])
+    args = lmdeploy_parser.parse_args(["serve", "api_server", *argv, "--max-batch-size", "8"])
     args.run(args)
     assert len(recorded) == 1
     return recorded[0][1]["backend_config"]
 
 
-def test_flags_reach_the_engine_config(parser, recorded, tmp_path):
+def test_flags_reach_the_engine_config(lmdeploy_parser, recorded, tmp_path):
     # a size this machine holds: one above its total RAM is refused at the command line (test_startup_audit.py)
-    cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
+    cfg = _run(lmdeploy_parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
                "--host-cache-gb", "2")
     tc = cfg.kv_transfer_config
     assert (tc.kv_connector, tc.kv_role) == (CONNECTOR_NAME, "kv_both")
@@ -58,17 +33,17 @@ def test_flags_reach_the_engine_config(parser, recorded, tmp_path):
     assert cfg.enable_prefix_caching is True
 
 
-def test_config_file_and_underscore_spelling(parser, recorded, tmp_path):
+def test_config_file_and_underscore_spelling(lmdeploy_parser, recorded, tmp_path):
     yaml_file = tmp_path / "hostcache.yaml"
     yaml_file.write_text("host_cache_gb: 8\nhost_kv_format: int8\nmin_restore_tokens: 512\n")
-    cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
+    cfg = _run(lmdeploy_parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
                "--host_cache_config", str(yaml_file), "--host_cache_gb", "auto")
     hc = cfg.kv_transfer_config.kv_connector_extra_config["hostcache_config"]
     assert (hc["host_cache_gb"], hc["host_kv_format"], hc["min_restore_tokens"]) == ("auto", "int8", 512)
 
 
-def test_without_the_flags_nothing_changes(parser, recorded, tmp_path):
-    cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch")
+def test_without_the_flags_nothing_changes(lmdeploy_parser, recorded, tmp_path):
+    cfg = _run(lmdeploy_parser, recorded, str(tmp_path), "--backend", "pytorch")
     assert cfg.kv_transfer_config is None
 
 
@@ -86,34 +61,34 @@ def _refused(args, capsys, match):
     return err
 
 
-def test_a_different_kv_transfer_config_is_refused(parser, recorded, tmp_path, capsys):
+def test_a_different_kv_transfer_config_is_refused(lmdeploy_parser, recorded, tmp_path, capsys):
     mooncake = json.dumps({"kv_connector": "MooncakeStoreConnector", "kv_role": "kv_both"})
-    args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch",
+    args = lmdeploy_parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch",
                               "--kv-transfer-config", mooncake, "--host-cache-gb", "4"])
     _refused(args, capsys, "--kv-transfer-config.*MooncakeStoreConnector")
     assert recorded == []
     assert args.kv_transfer_config == json.loads(mooncake)  # untouched
 
 
-def test_our_own_kv_transfer_config_merges(parser, recorded, tmp_path):
+def test_our_own_kv_transfer_config_merges(lmdeploy_parser, recorded, tmp_path):
     ours = json.dumps({"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
                        "kv_connector_extra_config": {"min_restore_tokens": 32}})
-    cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
+    cfg = _run(lmdeploy_parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
                "--kv-transfer-config", ours, "--host-cache-gb", "2")
     hc = cfg.kv_transfer_config.kv_connector_extra_config["hostcache_config"]
     assert (hc["host_cache_gb"], hc["min_restore_tokens"]) == (2.0, 32)
 
 
-def test_turbomind_backend_is_refused(parser, recorded, tmp_path, capsys):
-    args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "turbomind",
+def test_turbomind_backend_is_refused(lmdeploy_parser, recorded, tmp_path, capsys):
+    args = lmdeploy_parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "turbomind",
                               "--host-cache-gb", "4"])
     _refused(args, capsys, "--backend pytorch")
     assert recorded == []
 
 
-def test_bad_gb_is_an_argparse_error(parser, capsys):
+def test_bad_gb_is_an_argparse_error(lmdeploy_parser, capsys):
     with pytest.raises(SystemExit):
-        parser.parse_args(["serve", "api_server", "m", "--host-cache-gb", "-3"])
+        lmdeploy_parser.parse_args(["serve", "api_server", "m", "--host-cache-gb", "-3"])
     assert "host_cache_gb" in capsys.readouterr().err
 
 
@@ -131,7 +106,7 @@ def test_bad_config_file_names_the_field(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["flag", "file"])
-def test_host_cache_gb_0_is_the_stock_engine(parser, recorded, tmp_path, how, caplog):
+def test_host_cache_gb_0_is_the_stock_engine(lmdeploy_parser, recorded, tmp_path, how, caplog):
     """Item 6: 0 is "tier off", not a refusal, even without --enable-prefix-caching or with turbomind."""
     if how == "flag":
         extra = ["--host-cache-gb", "0"]
@@ -139,12 +114,12 @@ def test_host_cache_gb_0_is_the_stock_engine(parser, recorded, tmp_path, how, ca
         f = tmp_path / "off.yaml"
         f.write_text("host_cache_gb: 0\nhost_kv_format: int8\n")
         extra = ["--host-cache-config", str(f)]
-    cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch", *extra)
+    cfg = _run(lmdeploy_parser, recorded, str(tmp_path), "--backend", "pytorch", *extra)
     assert cfg.kv_transfer_config is None and cfg.enable_prefix_caching is False
 
 
-def test_missing_prefix_caching_is_refused_at_the_command_line(parser, recorded, tmp_path, capsys):
-    args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch", "--host-cache-gb", "4"])
+def test_missing_prefix_caching_is_refused_at_the_command_line(lmdeploy_parser, recorded, tmp_path, capsys):
+    args = lmdeploy_parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch", "--host-cache-gb", "4"])
     _refused(args, capsys, "--enable-prefix-caching")
     assert recorded == []
 
@@ -158,25 +133,25 @@ def test_missing_prefix_caching_is_refused_at_the_command_line(parser, recorded,
     (None, "is a folder"),
     ("missing", "no such file"),
 ])
-def test_bad_config_file_is_one_line_and_exit_2(parser, recorded, tmp_path, capsys, content, match):
+def test_bad_config_file_is_one_line_and_exit_2(lmdeploy_parser, recorded, tmp_path, capsys, content, match):
     f = tmp_path / "hostcache.yaml"
     if content is None:
         f.mkdir()
     elif content != "missing":
         f.write_bytes(content)
-    args = parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
+    args = lmdeploy_parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
                               "--host-cache-config", str(f)])
     err = _refused(args, capsys, match)
     assert str(f) in err
     assert recorded == []
 
 
-def test_empty_config_file_is_auto_and_says_so_once(parser, recorded, tmp_path, caplog):
+def test_empty_config_file_is_auto_and_says_so_once(lmdeploy_parser, recorded, tmp_path, caplog):
     """Item 10: an empty file silently meant `auto` (up to half of RAM pinned); now one log line says so."""
     f = tmp_path / "empty.yaml"
     f.write_text("")
     with caplog.at_level("WARNING", logger="lmdeploy_hostcache"):
-        cfg = _run(parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
+        cfg = _run(lmdeploy_parser, recorded, str(tmp_path), "--backend", "pytorch", "--enable-prefix-caching",
                    "--host-cache-config", str(f))
     assert cfg.kv_transfer_config.kv_connector_extra_config["hostcache_config"]["host_cache_gb"] == "auto"
     said = [r.getMessage() for r in caplog.records if "is empty" in r.getMessage()]
