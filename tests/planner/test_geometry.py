@@ -113,8 +113,8 @@ CROSS_CHECK = [  # (layers, kv_heads, head_dim, dtype, block_size, kernel_block_
 ]
 
 
-@pytest.mark.parametrize("case", CROSS_CHECK)
-def test_matches_lmdeploy_cache_plan(case):
+def lmdeploy_cache_plan(layers, kv_heads, head_dim, dtype, block_size, kernel_block_size, quant_policy, tp):
+    """LMDeploy's own ``BlockCachePlan`` for a model of that geometry (skips without torch or the plan)."""
     torch = pytest.importorskip("torch")
     try:
         from lmdeploy.messages import QuantPolicy
@@ -122,12 +122,17 @@ def test_matches_lmdeploy_cache_plan(case):
         from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
     except ImportError as exc:  # pragma: no cover - the venv ships lmdeploy
         pytest.skip(f"lmdeploy cache plan not importable: {exc}")
-    layers, kv_heads, head_dim, dtype, bs, kbs, qp, tp = case
     mc = ModelConfig(hidden_size=kv_heads * head_dim * 4, num_layers=layers, num_attention_heads=kv_heads * 4,
                      num_key_value_heads=kv_heads, bos_token_id=1, eos_token_id=[2], head_dim=head_dim,
                      dtype=getattr(torch, dtype))
-    cc = CacheConfig(max_batches=1, block_size=bs, num_cpu_blocks=0, num_gpu_blocks=0, kernel_block_size=kbs,
-                     quant_policy=QuantPolicy(qp))
-    expected = build_block_cache_plan(mc, cc, world_size=tp).logical_block_nbytes
+    cc = CacheConfig(max_batches=1, block_size=block_size, num_cpu_blocks=0, num_gpu_blocks=0,
+                     kernel_block_size=kernel_block_size, quant_policy=QuantPolicy(quant_policy))
+    return build_block_cache_plan(mc, cc, world_size=tp)
+
+
+@pytest.mark.parametrize("case", CROSS_CHECK)
+def test_matches_lmdeploy_cache_plan(case):
+    layers, kv_heads, head_dim, dtype, bs, kbs, qp, tp = case
+    expected = lmdeploy_cache_plan(*case).logical_block_nbytes
     g = KVGeometry("x", layers, kv_heads, head_dim, dtype)
     assert g.block_bytes(bs, qp, tp, kernel_block_size=kbs) == expected

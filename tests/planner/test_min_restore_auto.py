@@ -47,20 +47,12 @@ CASES = [  # (layers, kv_heads, head_dim, dtype, block_size, quant_policy, host_
 def test_planner_resolves_auto_to_the_connectors_threshold(case):
     """The planner's bytes per token are the host slot bytes LMDeploy's own cache plan gives the executor
     hook (``plan_host_slots``), so both sides derive the same threshold from the same calibration."""
-    torch = pytest.importorskip("torch")
-    from lmdeploy.messages import QuantPolicy
-    from lmdeploy.pytorch.config import CacheConfig, ModelConfig
-    from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
+    from test_geometry import lmdeploy_cache_plan
 
     from lmdeploy_hostcache.integration.engine_config import plan_host_slots
 
     layers, kv_heads, head_dim, dtype, bs, qp, fmt, tp = case
-    mc = ModelConfig(hidden_size=kv_heads * head_dim * 4, num_layers=layers, num_attention_heads=kv_heads * 4,
-                     num_key_value_heads=kv_heads, bos_token_id=1, eos_token_id=[2], head_dim=head_dim,
-                     dtype=getattr(torch, dtype))
-    cc = CacheConfig(max_batches=1, block_size=bs, num_cpu_blocks=0, num_gpu_blocks=0, kernel_block_size=bs,
-                     quant_policy=QuantPolicy(qp))
-    plan = build_block_cache_plan(mc, cc, world_size=tp)
+    plan = lmdeploy_cache_plan(layers, kv_heads, head_dim, dtype, bs, bs, qp, tp)
     slot_bytes = plan_host_slots([plan.logical_block_nbytes], fmt, plan if fmt != "same" else None).slot_bytes[0]
     sizing = BlockSizing.build(KVGeometry("x", layers, kv_heads, head_dim, dtype), CacheFormat(qp, fmt, tp), bs)
     assert sizing.host_block_bytes == slot_bytes   # the planner sizes the host tier with the server's slot
