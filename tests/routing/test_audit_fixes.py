@@ -22,6 +22,8 @@ from lmdeploy_hostcache.routing.router import SNAPSHOT_CHUNK, CacheAwareRouter
 from lmdeploy_hostcache.routing.table import GPU, HOST, BlockTable
 from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
 
+from .test_routing_core import _proxy_request
+
 OPTS = dict(model=None, feed_interval=1.0, feed_timeout=10.0, feed_port=None, feed_api_key=None, error_cooldown=10.0,
             balance=1.3, block_size=16, gpu_blocks=4096, host_blocks=0, feed_urls={})
 INFO = {"version": 1, "gpu_blocks": 100, "host_blocks": 50, "block_size": 4,
@@ -475,21 +477,6 @@ def _cache_aware_manager(nodes: dict[str, list[str]]):
     nm.__class__ = _cache_aware_class(_StockManager)
     nm._hostcache_routing = RoutingService(dict(OPTS), nm)
     return nm
-
-
-def _proxy_request(body: dict, path: str = "/v1/completions"):
-    from starlette.requests import Request
-
-    raw, sent = json.dumps(body).encode(), []
-
-    async def receive():
-        if sent:
-            return {"type": "http.disconnect"}
-        sent.append(1)
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    return Request({"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json")],
-                    "query_string": b""}, receive)
 
 
 def test_the_proxy_ends_the_queued_prefill_of_the_request_that_finished_and_of_no_other():

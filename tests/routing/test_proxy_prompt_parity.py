@@ -196,25 +196,16 @@ def test_input_ids_with_empty_messages_are_the_prompt(encoder):
     {"model": "tiny", "messages": "just a string"},
 ])
 def test_a_body_the_node_rejects_is_routed_by_text_prefix_not_failed(model_dir, body):
-    from starlette.requests import Request
-
     from lmdeploy_hostcache.integration.proxy_routing import RoutingService, _current
+
+    from .test_routing_core import _proxy_request
 
     opts = dict(model=model_dir, feed_interval=1.0, feed_timeout=10.0, feed_port=None, feed_api_key=None,
                 error_cooldown=10.0, balance=1.3, block_size=16, gpu_blocks=4096, host_blocks=0, feed_urls={})
     svc = RoutingService(opts)
-    raw, sent = json.dumps(body).encode(), []
-
-    async def receive():
-        if sent:
-            return {"type": "http.disconnect"}
-        sent.append(1)
-        return {"type": "http.request", "body": raw, "more_body": False}
 
     async def main():
-        await svc.capture(Request({"type": "http", "method": "POST", "path": "/v1/chat/completions",
-                                   "headers": [(b"content-type", b"application/json")], "query_string": b""},
-                                  receive))
+        await svc.capture(_proxy_request(body, path="/v1/chat/completions"))
         return _current.get()
 
     with pytest.raises(Exception):   # the node's own steps refuse it

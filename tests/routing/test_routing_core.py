@@ -288,7 +288,8 @@ def test_text_fallback_matches_only_the_approximate_index():
     assert m["stock"][0] > 0 and m["exact"] == (0, 0)
 
 
-def _proxy_request(body: dict, authorization: str | None = None):
+def _proxy_request(body: dict, authorization: str | None = None, path: str = "/v1/completions"):
+    """A Starlette request as the proxy's endpoint receives it (JSON ``body``, read once)."""
     import json as _json
 
     from starlette.requests import Request
@@ -304,7 +305,7 @@ def _proxy_request(body: dict, authorization: str | None = None):
         sent.append(1)
         return {"type": "http.request", "body": raw, "more_body": False}
 
-    return Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers,
+    return Request({"type": "http", "method": "POST", "path": path, "headers": headers,
                     "query_string": b""}, receive)
 
 
