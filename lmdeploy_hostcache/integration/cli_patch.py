@@ -95,10 +95,6 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
     from .engine_config import log_tier_off, merge_transfer_config
 
     settings = load_config(path, host_cache_gb=gb, capture=capture)  # ConfigError names the file and field
-    if settings.enabled and settings.min_restore_tokens == "auto":
-        from ..restore_cost import load_calibration
-
-        load_calibration()  # a bad $LMDEPLOY_HOSTCACHE_CALIBRATION file: CalibrationError naming it, before start
     if not settings.enabled:
         log_tier_off("--host-cache-gb 0" if gb is not None else f"--host-cache-config {path}")
         return False
@@ -115,23 +111,35 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
         if existing is not None and not isinstance(exc, ConfigError):
             raise ValueError(f"--host-cache-gb/--host-cache-config conflict with --kv-transfer-config: {exc}") from None
         raise
-    if hasattr(args, "enable_prefix_caching") and not args.enable_prefix_caching:
-        raise ValueError("--host-cache-gb/--host-cache-config extend LMDeploy's prefix cache: add "
-                         "--enable-prefix-caching (or give host_cache_gb 0 to run without the host tier)")
     final = HostCacheConfig.from_dict(transfer["kv_connector_extra_config"]["hostcache_config"])
-    _check_memory(final, args, " with ".join(n for n in ("--host-cache-gb" if gb is not None else None, path) if n))
+    _check_startable(final, args, "--host-cache-gb/--host-cache-config extend LMDeploy's prefix cache",
+                     " with ".join(n for n in ("--host-cache-gb" if gb is not None else None, path) if n))
     args.kv_transfer_config = transfer
     return True
 
 
-def _check_memory(cfg: Any, args: argparse.Namespace, source: str) -> None:
-    """ConfigError (naming ``source`` and the field) when ``cfg``'s host tier, with the ``l3`` store's segment
-    and client buffers, cannot fit this machine's total RAM: the check the engine runs when it sizes the
-    tier (``hostmem.resolve_host_cache_bytes``), made here, before the weights load. The store's clients are
-    counted as ``--tp`` (one per rank; the engine counts its exact ranks again)."""
+def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str, source: str) -> None:
+    """The checks both paths (our flags, a raw ``--kv-transfer-config``) make on an enabled tier's final
+    settings before any engine starts, in this order:
+
+    - ``min_restore_tokens: auto`` reads ``$LMDEPLOY_HOSTCACHE_CALIBRATION`` (a bad file: CalibrationError
+      naming it);
+    - ``--enable-prefix-caching`` is on (ValueError starting with ``prefix_cache_need``);
+    - the host tier, with the ``l3`` store's segment and client buffers, fits this machine's total RAM and
+      holds one block (ConfigError naming ``source`` and the field): the check the engine runs when it sizes
+      the tier (``hostmem.resolve_host_cache_bytes``), made before the weights load. The store's clients
+      are counted as ``--tp`` (one per rank; the engine counts its exact ranks again).
+    """
     from ..config import ConfigError
     from ..hostmem import refuse_size_holding_no_block, resolve_host_cache_bytes
 
+    if cfg.min_restore_tokens == "auto":
+        from ..restore_cost import load_calibration
+
+        load_calibration()
+    if hasattr(args, "enable_prefix_caching") and not args.enable_prefix_caching:
+        raise ValueError(f"{prefix_cache_need}: add --enable-prefix-caching (or give host_cache_gb 0 to run "
+                         "without the host tier)")
     tp = getattr(args, "tp", 1)
     clients = tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1 else 1
     try:
@@ -165,14 +173,8 @@ def _check_raw_transfer_config(args: argparse.Namespace) -> None:
     cfg = HostCacheConfig.from_dict(transfer["kv_connector_extra_config"]["hostcache_config"])
     if not cfg.enabled:   # host_cache_gb 0: the engine config drops the connector and says so
         return
-    if cfg.min_restore_tokens == "auto":
-        from ..restore_cost import load_calibration
-
-        load_calibration()
-    if hasattr(args, "enable_prefix_caching") and not args.enable_prefix_caching:
-        raise ValueError(f"{flag} names the host tier ({CONNECTOR_NAME}), which extends LMDeploy's prefix cache: "
-                         "add --enable-prefix-caching (or give host_cache_gb 0 to run without the host tier)")
-    _check_memory(cfg, args, flag)
+    _check_startable(cfg, args, f"{flag} names the host tier ({CONNECTOR_NAME}), which extends LMDeploy's "
+                     "prefix cache", flag)
 
 
 def refuse(message: str) -> None:
