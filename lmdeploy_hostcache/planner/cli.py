@@ -129,7 +129,8 @@ class _Explicit(argparse.Action):
 
 
 # Options a cluster file replaces or that make no sense with --cluster: refused together with it.
-CLUSTER_CONFLICTS = ("model", "quant_policy", "host_kv_format", "tp", "policy", "min_restore_tokens",
+CLUSTER_CONFLICTS = ("model", "quant_policy", "host_kv_format", "tp", "kernel_block_size", "policy",
+                     "min_restore_tokens",
                      "gpu_kv_gb", "host_gb",
                      "gpu_blocks", "host_blocks", "sweep", "sweep_tier", "sweep_values", "plot")
 
@@ -171,7 +172,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--quant-policy", action=_Explicit, type=int, choices=(0, 4, 8), default=0, help="GPU KV cache quant_policy")
     m.add_argument("--host-kv-format", action=_Explicit, choices=("same", "int8", "int4"), default="same",
                    help="host storage format; int8/int4 compress fp16/bf16 caches on offload (default same)")
-    m.add_argument("--tp", action=_Explicit, type=positive_int_arg, default=1, help="tensor-parallel ranks (per-rank bytes divide kv_heads)")
+    m.add_argument("--tp", action=_Explicit, type=positive_int_arg, default=1,
+                   help="tensor-parallel ranks (each rank holds kv_heads/tp heads, or one replicated head when tp "
+                        "is a multiple of kv_heads)")
+    m.add_argument("--kernel-block-size", action=_Explicit, type=positive_int_arg, default=None, metavar="N",
+                   help="LMDeploy's --kernel-block-size, tokens per kernel page: a power of 2 >= 16 dividing the "
+                        "block size; smaller pages round more tensors up to 256 bytes (default: the block size)")
 
     c = p.add_argument_group("capacities")
     c.add_argument("--gpu-kv-gb", action=_Explicit, type=_nonneg_float, default=DEFAULT_GPU_KV_GB, metavar="GIB",
@@ -368,7 +374,8 @@ def _describe_model(geometry, sizing) -> str:
 
     f = sizing.cache_format
     return (f"{geometry.name} ({geometry.num_layers} layers, {geometry.num_kv_heads} KV heads x {geometry.head_dim}, "
-            f"{geometry.dtype_label}), quant_policy {f.quant_policy}, host format {f.host_kv_format}, tp {f.tp}: "
+            f"{geometry.dtype_label}), quant_policy {f.quant_policy}, host format {f.host_kv_format}, tp {f.tp}"
+            f"{f', kernel page {f.kernel_block_size} tokens' if f.kernel_block_size else ''}: "
             f"{fmt_bytes(sizing.gpu_block_bytes)} per GPU block, {fmt_bytes(sizing.host_block_bytes)} per host "
             f"block per rank")
 
@@ -443,7 +450,8 @@ def _run(args) -> int:
     # validate every setting before the (slower) trace load
     spec = load_cluster(args.cluster) if args.cluster else None
     geometry = spec.geometry() if spec else resolve_model(args.model)
-    fmt = spec.cache_format if spec else CacheFormat(args.quant_policy, args.host_kv_format, args.tp)
+    fmt = spec.cache_format if spec else CacheFormat(args.quant_policy, args.host_kv_format, args.tp,
+                                                         args.kernel_block_size)
     calibration = restore_calibration(spec.min_restore_tokens if spec else args.min_restore_tokens, args.calibration)
 
     t0 = time.perf_counter()
@@ -479,7 +487,8 @@ def _run(args) -> int:
     head = {
         "trace": trace.name, "trace_source": trace.source, "block_size": trace.block_size,
         "model": geometry.name, "quant_policy": args.quant_policy, "host_kv_format": args.host_kv_format,
-        "tp": args.tp, "host_policy": args.policy, "min_restore_tokens": args.min_restore_tokens,
+        "tp": args.tp, "kernel_block_size": fmt.kernel_block_size or trace.block_size,
+        "host_policy": args.policy, "min_restore_tokens": args.min_restore_tokens,
         "restore_calibration": _calibration_dict(args),
         "gpu_block_bytes": sizing.gpu_block_bytes, "host_block_bytes_per_rank": sizing.host_block_bytes,
         "cost_model": {"prefill_tokens_per_s": cost.prefill_tokens_per_s, "h2d_gbps": cost.h2d_gbps,
@@ -773,7 +782,8 @@ def _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show) ->
     if args.json:
         out = {"trace": trace.name, "block_size": trace.block_size, "model": geometry.name,
                "routing": spec.routing, "quant_policy": spec.quant_policy, "host_kv_format": spec.host_kv_format,
-               "tp": spec.tp, "host_policy": spec.host_policy, "min_restore_tokens": spec.min_restore_tokens,
+               "tp": spec.tp, "kernel_block_size": spec.kernel_block_size or trace.block_size,
+               "host_policy": spec.host_policy, "min_restore_tokens": spec.min_restore_tokens,
                "restore_calibration": _calibration_dict(args), **tot,
                "restored_tokens": tot["host_hit_blocks"] * trace.block_size,
                "nodes": [], "replay_seconds": res.elapsed_s, "load_seconds": t_load,

@@ -75,17 +75,18 @@ class ClusterSpec:
     seed: int = 0
     # a number, or "auto": ``plan`` resolves it for the model and format (cli.resolve_min_restore) before replaying
     min_restore_tokens: int | str = SERVER_MIN_RESTORE_TOKENS
+    kernel_block_size: int | None = None
 
     @property
     def cache_format(self) -> CacheFormat:
-        return CacheFormat(self.quant_policy, self.host_kv_format, self.tp)
+        return CacheFormat(self.quant_policy, self.host_kv_format, self.tp, self.kernel_block_size)
 
     def geometry(self) -> KVGeometry:
         return resolve_model(self.model)
 
 
 _TOP_KEYS = {"model", "quant_policy", "host_kv_format", "tp", "host_policy", "routing", "seed", "nodes",
-             "min_restore_tokens"}
+             "min_restore_tokens", "kernel_block_size"}
 _NODE_KEYS = {"name", "gpu_kv_gb", "host_gb"}
 
 
@@ -163,7 +164,8 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
         if gpu <= 0:
             raise ValueError(f"{w}.gpu_kv_gb must be > 0 (a node needs a GPU KV cache), got {_show(gpu)}")
         nodes.append(NodeSpec(name, gpu, _number(n["host_gb"], f"{w}.host_gb")))
-    spec = ClusterSpec(tuple(nodes), routing, model, qp, fmt, tp, policy, seed, min_restore)
+    spec = ClusterSpec(tuple(nodes), routing, model, qp, fmt, tp, policy, seed, min_restore,
+                       doc.get("kernel_block_size"))   # checked with the format below
     try:
         spec.cache_format
     except ValueError as exc:

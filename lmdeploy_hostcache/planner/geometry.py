@@ -10,7 +10,8 @@ numbers against LMDeploy's own plan on the 'meta' device):
 * ``quant_policy`` 0: K and V in the model dtype; 8: one uint8 per element; 4: two elements per
   byte (``head_dim/2`` bytes); scales and zeros are two model-dtype values per token per head,
   for K and for V;
-* with tensor parallelism each rank holds ``kv_heads / tp`` heads of every block.
+* with tensor parallelism each rank holds ``kv_heads / tp`` heads of every block, or one head when
+  ``tp`` is a multiple of ``kv_heads`` (LMDeploy replicates the heads; each replica holds its copy).
 
 Units: ``GB`` means GiB (2**30 bytes) everywhere in the planner, as LMDeploy's own sizing does.
 Host slots are per TP rank (every rank holds the same slots), so a node's host budget buys
@@ -67,6 +68,19 @@ class KVGeometry:
     def dtype_label(self) -> str:
         return {2: "bf16" if "b" in self.dtype else "fp16", 4: "fp32"}[self.dtype_bytes]
 
+    def heads_per_rank(self, tp: int) -> int:
+        """KV heads each TP rank holds, by LMDeploy's rule (``update_num_kv_heads``): ``kv_heads / tp``
+        when ``tp`` divides ``kv_heads``; one when ``tp`` is a multiple of ``kv_heads`` (every head is
+        replicated on ``tp / kv_heads`` ranks, each rank holding its copy); anything else is refused."""
+        if tp > self.num_kv_heads:
+            if tp % self.num_kv_heads:
+                raise ValueError(f"tp={tp} is neither a divisor nor a multiple of num_kv_heads={self.num_kv_heads} "
+                                 f"of {self.name}")
+            return 1
+        if self.num_kv_heads % tp:
+            raise ValueError(f"tp={tp} does not divide num_kv_heads={self.num_kv_heads} of {self.name}")
+        return self.num_kv_heads // tp
+
     def block_bytes(self, block_size: int, quant_policy: int = 0, tp: int = 1,
                     kernel_block_size: int | None = None) -> int:
         """Bytes of one scheduler block of ``block_size`` tokens on one TP rank, as LMDeploy's
@@ -77,12 +91,10 @@ class KVGeometry:
             raise ValueError(f"quant_policy must be one of {QUANT_POLICIES}, got {quant_policy!r}")
         if isinstance(tp, bool) or not isinstance(tp, int) or tp <= 0:
             raise ValueError(f"tp must be a positive int, got {tp!r}")
-        if self.num_kv_heads % tp:
-            raise ValueError(f"tp={tp} does not divide num_kv_heads={self.num_kv_heads} of {self.name}")
+        heads = self.heads_per_rank(tp)
         page = block_size if kernel_block_size is None else kernel_block_size
         if page <= 0 or block_size % page:
             raise ValueError(f"kernel_block_size {page} must divide block_size {block_size}")
-        heads = self.num_kv_heads // tp
         kd, vd = self.head_dim, self.v_head_dim or self.head_dim
         es = self.dtype_bytes
         if quant_policy == 0:
@@ -114,8 +126,13 @@ class CacheFormat:
     quant_policy: int = 0
     host_kv_format: str = "same"
     tp: int = 1
+    # LMDeploy's --kernel-block-size: tokens per kernel page (None: the block size, LMDeploy's default)
+    kernel_block_size: int | None = None
 
     def __post_init__(self) -> None:
+        kbs = self.kernel_block_size
+        if kbs is not None and (isinstance(kbs, bool) or not isinstance(kbs, int) or kbs < 16 or kbs & (kbs - 1)):
+            raise ValueError(f"kernel_block_size must be a power of 2 >= 16 (LMDeploy's rule), got {kbs!r}")
         if self.quant_policy not in QUANT_POLICIES:
             raise ValueError(f"quant_policy must be one of {QUANT_POLICIES}, got {self.quant_policy!r}")
         if self.host_kv_format not in HOST_KV_FORMATS:
@@ -144,8 +161,10 @@ class BlockSizing:
     @classmethod
     def build(cls, geometry: KVGeometry, cache_format: CacheFormat, block_size: int) -> "BlockSizing":
         return cls(geometry, cache_format, block_size,
-                   geometry.block_bytes(block_size, cache_format.quant_policy, cache_format.tp),
-                   geometry.block_bytes(block_size, cache_format.host_quant_policy, cache_format.tp))
+                   geometry.block_bytes(block_size, cache_format.quant_policy, cache_format.tp,
+                                        cache_format.kernel_block_size),
+                   geometry.block_bytes(block_size, cache_format.host_quant_policy, cache_format.tp,
+                                        cache_format.kernel_block_size))
 
     def gpu_blocks(self, gpu_kv_gb: float) -> int:
         """Blocks that ``gpu_kv_gb`` GiB of KV memory on each GPU holds."""

@@ -44,6 +44,23 @@ def test_blocks_override_and_int4_host_format(capsys):
     assert b["host_blocks"] > 3 * c["host_blocks"] and b["host_hit_rate"] >= c["host_hit_rate"]
 
 
+def test_replicated_kv_heads_and_kernel_pages_price_blocks_as_lmdeploy_does(capsys):
+    """--tp a multiple of kv_heads (LMDeploy replicates the heads: one per rank) and --kernel-block-size
+    (smaller pages round more tensors up to 256 bytes); the bytes themselves are cross-checked against
+    LMDeploy's cache plan in test_geometry."""
+    base = ["--json", "--limit", "50", "--model", "Qwen2.5-7B", "--quant-policy", "4"]
+    tp8 = _json(capsys, [*base, "--tp", "8"])
+    tp4 = _json(capsys, [*base, "--tp", "4"])
+    assert tp8["gpu_block_bytes"] == tp4["gpu_block_bytes"]   # 4 KV heads: one per rank either way
+    assert tp8["host_blocks"] * 2 == pytest.approx(tp4["host_blocks"], abs=1)   # every rank holds its copy
+    paged = _json(capsys, [*base, "--tp", "4", "--kernel-block-size", "16"])
+    assert (tp4["kernel_block_size"], paged["kernel_block_size"]) == (512, 16)
+    assert paged["gpu_block_bytes"] > tp4["gpu_block_bytes"] and paged["gpu_blocks"] < tp4["gpu_blocks"]
+    assert main(["plan", "--limit", "50", "--kernel-block-size", "16", "--cluster",
+                 str(REPO / "examples" / "cluster.yaml")]) == 2
+    assert "--kernel-block-size" in capsys.readouterr().err
+
+
 def test_sweep_writes_plot_and_table(capsys, tmp_path):
     png = tmp_path / "s.png"
     assert main(["plan", "--chat", "--chat-sessions", "80", "--sweep", "--gpu-blocks", "40", "--host-blocks", "200",
@@ -101,6 +118,9 @@ def test_generated_families_replay_and_chat_stays_short_for_generate_chat(capsys
     (["--policy", "mru"], "--policy 'mru'"),
     (["/no/such/trace.jsonl"], "does not exist"),
     (["--tp", "3"], "tp=3 does not divide"),
+    (["--tp", "12"], "tp=12 is neither a divisor nor a multiple of num_kv_heads=8"),
+    (["--kernel-block-size", "24"], "kernel_block_size must be a power of 2 >= 16"),
+    (["--kernel-block-size", "1024"], "kernel_block_size 1024 must divide block_size 512"),
 ])
 def test_bad_arguments_exit_2_with_a_named_error(capsys, argv, match):
     assert main(["plan", "--limit", "10", *argv]) == 2

@@ -64,8 +64,16 @@ BASE = {"routing": "session", "nodes": [{"name": "a", "gpu_kv_gb": 20, "host_gb"
     ({"min_restore_tokens": "autox"}, r"min_restore_tokens must be an int >= 0 or auto, got 'autox'"),
     ({"min_restore_tokens": True}, "min_restore_tokens must be an int"),
     ({"min_restore_tokens": 1.5}, "min_restore_tokens must be an int"),
+    ({"kernel_block_size": 24}, r"c.yaml: kernel_block_size must be a power of 2 >= 16"),
+    ({"kernel_block_size": 8}, "kernel_block_size must be a power of 2 >= 16"),
+    ({"kernel_block_size": True}, "kernel_block_size must be a power of 2 >= 16"),
+    ({"kernel_block_size": "16"}, "kernel_block_size must be a power of 2 >= 16"),
+    ({"tp": 3}, None),   # checked once the model is known: see test_cli
 ])
 def test_cluster_yaml_errors_name_the_field(patch, match):
+    if match is None:
+        parse_cluster({**BASE, **patch}, "c.yaml")
+        return
     with pytest.raises(ValueError, match=match):
         parse_cluster({**BASE, **patch}, "c.yaml")
 

@@ -110,6 +110,8 @@ CROSS_CHECK = [  # (layers, kv_heads, head_dim, dtype, block_size, kernel_block_
     (2, 1, 72, "float16", 4, 4, 0, 1),
     (2, 1, 72, "float16", 4, 4, 4, 1),
     (3, 2, 80, "float16", 64, 16, 8, 1),
+    (28, 4, 128, "bfloat16", 64, 64, 0, 8),   # tp a multiple of kv_heads: LMDeploy replicates the heads
+    (2, 1, 72, "float16", 4, 4, 4, 2),
 ]
 
 
@@ -122,8 +124,14 @@ def lmdeploy_cache_plan(layers, kv_heads, head_dim, dtype, block_size, kernel_bl
         from lmdeploy.pytorch.engine.cache_engine.plan import build_block_cache_plan
     except ImportError as exc:  # pragma: no cover - the venv ships lmdeploy
         pytest.skip(f"lmdeploy cache plan not importable: {exc}")
+    import types
+
+    from lmdeploy.pytorch.configurations.builder import AutoModelConfigBuilder
+
+    # what the engine does before it plans: KV heads replicated when tp is a multiple of them
+    engine_kv_heads = AutoModelConfigBuilder.update_num_kv_heads(types.SimpleNamespace(), tp, kv_heads)
     mc = ModelConfig(hidden_size=kv_heads * head_dim * 4, num_layers=layers, num_attention_heads=kv_heads * 4,
-                     num_key_value_heads=kv_heads, bos_token_id=1, eos_token_id=[2], head_dim=head_dim,
+                     num_key_value_heads=engine_kv_heads, bos_token_id=1, eos_token_id=[2], head_dim=head_dim,
                      dtype=getattr(torch, dtype))
     cc = CacheConfig(max_batches=1, block_size=block_size, num_cpu_blocks=0, num_gpu_blocks=0,
                      kernel_block_size=kernel_block_size, quant_policy=QuantPolicy(quant_policy))
