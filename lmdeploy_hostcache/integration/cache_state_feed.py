@@ -26,7 +26,11 @@ engine's scheduler-side connector (``HostTierScheduler``):
 threaded HTTP server in the engine process (the PyTorch engine runs in its own process under
 ``lmdeploy serve api_server``).  ``attach_from_env`` (called by ``connector.install_scheduler_hook``)
 starts it when ``LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT`` is set; the proxy then reads it with
-``--cache-aware-feed-port PORT``.
+``--cache-aware-feed-port PORT``.  It binds the port before it attaches anything, so a feed that
+cannot be served observes nothing; a second call for the same trie (the hook installed again)
+keeps the feed it has and only re-chains its eviction observer.  ``NodeCacheFeed.close`` (from the
+connector's ``shutdown``, at engine close) disables the feed, stops and closes its server (the
+port is free again, reads are refused) and detaches its listener and eviction observer.
 
 Access (issue 16, ``docs/security.md``): with ``LMDEPLOY_HOSTCACHE_FEED_API_KEYS`` (comma-separated;
 use the node's ``--api-keys``) every read must carry ``Authorization: Bearer <one of them>``, else
@@ -38,11 +42,15 @@ with the cluster secret (``routing.ids``).
 Invariants: the publisher is touched under one lock (scheduler thread vs. HTTP threads); the
 listener and ``on_step`` never raise into LMDeploy (a failure is logged and disables the feed);
 no read is answered with content unless its bearer token equals a configured key (constant-time
-compare) or the server has no keys and listens on loopback (or was explicitly opened).
+compare) or the server has no keys and listens on loopback (or was explicitly opened); a closed
+feed publishes nothing and its port accepts no connection; a connection holds one of the ``FEED_MAX_CONNECTIONS``
+slots for at most ``FEED_SOCKET_TIMEOUT_S`` before its request line and headers are in, however
+slowly they arrive (one deadline per connection, not per socket read).
 """
 from __future__ import annotations
 
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -58,12 +66,12 @@ from ..routing.table import GPU, HOST
 from .request_salt import ROOT_SALT_ATTR, sequence_salt
 
 __all__ = ["ENV_FEED_ADDR", "ENV_FEED_API_KEYS", "ENV_FEED_UNAUTHENTICATED", "NodeCacheFeed", "attach_from_env",
-           "feed_api_keys", "serve_feed"]
+           "bind_feed", "feed_api_keys", "serve_feed"]
 
 ENV_FEED_ADDR = "LMDEPLOY_HOSTCACHE_FEED_ADDR"
 ENV_FEED_API_KEYS = "LMDEPLOY_HOSTCACHE_FEED_API_KEYS"
 ENV_FEED_UNAUTHENTICATED = "LMDEPLOY_HOSTCACHE_FEED_UNAUTHENTICATED"
-FEED_SOCKET_TIMEOUT_S = 30.0  # a feed connection idle this long (no byte read or sent) is closed
+FEED_SOCKET_TIMEOUT_S = 30.0  # a feed connection idle this long, or not done sending its request by then, is closed
 FEED_MAX_CONNECTIONS = 16     # concurrent feed connections served; more are refused at once
 DEFAULT_GPU_REFRESH_S = 0.5
 logger = logging.getLogger("lmdeploy_hostcache.cache_state_feed")
@@ -84,8 +92,49 @@ class NodeCacheFeed:
         self._gpu: set[int] = set()
         self._last_walk = float("-inf")
         self.enabled = True
+        self.server = None                  # the HTTP server (serve_feed / attach_from_env)
+        self._lifecycle = self._observer = self._first = None   # the eviction chain (chain_eviction)
         stored, removed = self.publisher.listener(HOST)
-        side.index.add_listener(self._guard(stored), self._guard(removed))
+        self._listener = (self._guard(stored), self._guard(removed))
+        side.index.add_listener(*self._listener)
+
+    def chain_eviction(self, lifecycle) -> None:
+        """Chain ``on_gpu_evict`` after ``lifecycle``'s eviction observer (the connector's); again when
+        that observer was replaced (the hook installed again), never twice in a row."""
+        if self._observer is not None and lifecycle._host_tier_observer is self._observer:
+            return
+        first = lifecycle._host_tier_observer
+
+        def observe(leaf, gpu_block, _first=first, _feed=self):
+            if _first is not None:
+                _first(leaf, gpu_block)
+            _feed.on_gpu_evict(leaf, gpu_block)
+
+        lifecycle._host_tier_observer = observe
+        self._lifecycle, self._observer, self._first = lifecycle, observe, first
+
+    def close(self) -> None:
+        """Engine close: stop publishing and serving (the port is free again, reads are refused) and
+        detach from the host index and the eviction chain. Idempotent; never raises."""
+        with self.lock:
+            self.enabled = False
+        server, self.server = self.server, None
+        try:
+            if server is not None:
+                server.shutdown()           # serve_forever returns: no new connection is accepted
+                server.server_close()       # the port is free
+                server.feed = None          # a read still in flight answers 503
+        except Exception as exc:
+            logger.warning("lmdeploy-hostcache: closing the cache-state feed's server failed: %r", exc)
+        try:
+            self.side.index.remove_listener(*self._listener)
+        except Exception as exc:
+            logger.warning("lmdeploy-hostcache: detaching the cache-state feed failed: %r", exc)
+        lifecycle, observer = self._lifecycle, self._observer
+        self._lifecycle = self._observer = None
+        if lifecycle is not None and getattr(lifecycle, "_host_tier_observer", None) is observer:
+            lifecycle._host_tier_observer = self._first   # an observer chained after ours keeps it (a no-op now)
+        self._first = None
 
     def _guard(self, fn):
         def call(block):
@@ -218,8 +267,33 @@ def _authorized(header: str | None, api_keys) -> bool:
     return ok
 
 
-def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
-    """Serve ``feed`` over HTTP on ``host:port`` from a daemon thread; returns the server.
+class _DeadlineReader(io.RawIOBase):
+    """A feed connection's socket reads, all within one deadline: the socket's own timeout counts
+    from the last byte, so a client sending a header byte now and then would hold its slot for ever."""
+
+    def __init__(self, raw, sock, deadline: float) -> None:
+        super().__init__()
+        self._raw, self._sock, self._deadline = raw, sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the feed request was not received within its deadline")
+        self._sock.settimeout(left)
+        return self._raw.readinto(b)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+def bind_feed(host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
+    """Bind the feed's HTTP server on ``host:port`` (an OSError if the port is taken); it serves
+    ``server.feed`` once ``serve_forever`` runs (``serve_feed``), 503 while that is None.
 
     With ``api_keys`` every request needs ``Authorization: Bearer <key>`` (else 401, no content).
     """
@@ -227,6 +301,18 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
 
     class Handler(BaseHTTPRequestHandler):
         timeout = FEED_SOCKET_TIMEOUT_S   # a client that connects and sends nothing is dropped
+        rbufsize = 0                      # setup buffers the raw reads itself, under the deadline
+
+        def setup(self):
+            super().setup()
+            # the request line and headers must all be in within `timeout`, however slowly they come
+            self.rfile = io.BufferedReader(_DeadlineReader(self.rfile, self.connection,
+                                                           time.monotonic() + self.timeout))
+
+        def parse_request(self):
+            ok = super().parse_request()
+            self.connection.settimeout(self.timeout)   # the answer: the idle timeout, not the deadline's rest
+            return ok
 
         def do_GET(self):  # noqa: N802 - http.server API
             if not _authorized(self.headers.get("Authorization"), api_keys):
@@ -247,7 +333,8 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
             except ValueError:
                 self.send_error(400, "since and max_events must be integers")
                 return
-            if not feed.enabled:
+            feed = self.server.feed
+            if feed is None or not feed.enabled:
                 self.send_error(503, "cache-state feed disabled")
                 return
             body = json.dumps(feed.poll(epoch, since, max_events)).encode()
@@ -264,6 +351,7 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
         # at most FEED_MAX_CONNECTIONS handler threads inside the engine process: more are refused
         _slots = threading.BoundedSemaphore(FEED_MAX_CONNECTIONS)
         address_family = address_family(host)
+        feed = None
 
         def process_request(self, request, client_address):
             if not self._slots.acquire(blocking=False):
@@ -279,8 +367,19 @@ def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> Thread
 
     server = Server((host, int(port)), Handler)
     server.daemon_threads = True
+    return server
+
+
+def _start(server: ThreadingHTTPServer, feed) -> ThreadingHTTPServer:
+    server.feed = feed
     threading.Thread(target=server.serve_forever, name="hostcache-feed", daemon=True).start()
     return server
+
+
+def serve_feed(feed: NodeCacheFeed, host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
+    """Serve ``feed`` over HTTP on ``host:port`` from a daemon thread; returns the server
+    (``bind_feed``; ``NodeCacheFeed.close`` stops it)."""
+    return _start(bind_feed(host, port, api_keys), feed)
 
 
 def address_family(host: str) -> int:
@@ -307,26 +406,34 @@ def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
     addr = os.environ.get(ENV_FEED_ADDR, "").strip()
     if not addr:
         return None
+    old = getattr(side, "feed", None)
+    if old is not None and getattr(old, "trie", None) is scheduler.block_trie:   # the hook installed again
+        old.chain_eviction(scheduler.block_trie._kv_lifecycle)
+        return old
+    server = feed = None
     try:
+        dp, dp_rank = getattr(side, "data_parallel", 1), getattr(side, "dp_rank", None)
+        if dp > 1:
+            logger.warning("lmdeploy-hostcache: %s=%s is the same for all %d data-parallel engines of this node: "
+                           "only one of them can serve its feed there, and a proxy with --cache-aware-feed-port routes "
+                           "every DP engine of this host approximately (it reads no feed shared by several nodes); "
+                           "unset %s with --dp (DP rank %s)", ENV_FEED_ADDR, addr, dp, ENV_FEED_ADDR, dp_rank)
         host, port = parse_addr(addr)
         api_keys = feed_api_keys()
         check_exposure(host, api_keys)
         from ..routing.ids import cluster_key
 
         cluster_key()   # a too-short LMDEPLOY_HOSTCACHE_CLUSTER_SECRET: refused here, not at the first publish
+        server = bind_feed(host, port, api_keys)   # a taken port: refused before anything is attached
         feed = NodeCacheFeed(side, scheduler.block_trie, int(scheduler.cache_config.num_gpu_blocks),
                              tp=int(getattr(side, "tp_size", 1)))
-        lifecycle = scheduler.block_trie._kv_lifecycle
-        first = lifecycle._host_tier_observer
-
-        def observe(leaf, gpu_block, _first=first, _feed=feed):
-            if _first is not None:
-                _first(leaf, gpu_block)
-            _feed.on_gpu_evict(leaf, gpu_block)
-
-        lifecycle._host_tier_observer = observe
-        feed.server = serve_feed(feed, host, port, api_keys)
+        feed.chain_eviction(scheduler.block_trie._kv_lifecycle)
+        feed.server = _start(server, feed)
     except Exception as exc:  # the engine runs without a feed rather than not at all
+        if feed is not None:    # not served yet: feed.server is None, close only detaches
+            feed.close()
+        if server is not None:
+            server.server_close()
         logger.warning("lmdeploy-hostcache: cache-state feed not started (%s): %r", addr, exc)
         return None
     side.feed = feed

@@ -286,9 +286,10 @@ class HostTierScheduler:
         self._failed_turns: dict[int, int] = {}   # request -> input_start_pos of a turn whose load failed
         self._invalid: set[int] = set()
         self.feed = None  # cache_state_feed.NodeCacheFeed when LMDEPLOY_HOSTCACHE_FEED_ADDR is set
+        # LMDeploy's data-parallel engines (each with its own scheduler side), as the executor hook recorded them
+        self.data_parallel, self.dp_rank = int(extra.get("data_parallel") or 1), extra.get("dp_rank")
         # trace_capture.TraceCapture when the `capture` setting names a file (never raises into LMDeploy)
-        self.capture = capture_from_config(self.hostcache, self.block_size, self.namespaces,
-                                           dp_rank=extra.get("dp_rank"))
+        self.capture = capture_from_config(self.hostcache, self.block_size, self.namespaces, dp_rank=self.dp_rank)
         self.l3 = None
         if self.hostcache.l3 is not None:  # the shared store tier under the host tier (l3_tier.py)
             from .l3_tier import SchedulerL3
@@ -752,6 +753,9 @@ class HostTierScheduler:
 
     def shutdown(self) -> None:
         """Engine close (``Scheduler.shutdown``): the workers release their pools next."""
+        if self.feed is not None:   # stop serving the routing feed first: its port is free again
+            feed, self.feed = self.feed, None
+            feed.close()
         self.drop_host_tier("engine shutdown")
         if self.capture is not None:
             self.capture.close()

@@ -162,6 +162,10 @@ class HostIndex:
         Listeners must not raise and must not call back into the index."""
         self._listeners.append((on_stored, on_removed))
 
+    def remove_listener(self, on_stored: Callable[[HostBlock], None], on_removed: Callable[[HostBlock], None]) -> None:
+        """Stop calling a pair given to ``add_listener`` (the routing feed closing); unknown pairs are ignored."""
+        self._listeners = [p for p in self._listeners if p != (on_stored, on_removed)]
+
     # ------------------------------------------------------------------ queries
     @property
     def num_slots(self) -> int:

@@ -170,3 +170,173 @@ def test_idle_connections_cannot_pile_up_threads_in_the_engine(monkeypatch):
         for s in idle:
             s.close()
         server.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _engine():
+    return build_host_tier_engine(harness.HarnessModel(dtype=torch.float16),
+                                  harness.HarnessCacheSpec(num_gpu_blocks=16, quant_policy=0, max_prefill_token_num=512),
+                                  HostTierSpec(host_slots=24, min_restore_tokens=16))
+
+
+def test_closing_the_engine_stops_its_feed_and_frees_its_port(monkeypatch):
+    """Engine close: reads are refused, the port can be bound again (a new engine in the same process
+    serves its own feed there), and the closed feed is detached from the index and the eviction chain."""
+    import socket
+
+    import requests
+
+    port = _free_port()
+    monkeypatch.setenv(ENV_FEED_ADDR, f"127.0.0.1:{port}")
+    engine = _engine()
+    side = scheduler_side(engine)
+    feed = side.feed or attach_from_env(side, engine.scheduler)
+    url = f"http://127.0.0.1:{port}{FEED_PATH}"
+    assert requests.get(url, timeout=5).status_code == 200
+    lifecycle = engine.scheduler.block_trie._kv_lifecycle
+    assert lifecycle._host_tier_observer != side.on_evict and len(side.index._listeners) == 1  # the feed's chain
+    engine.close()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url, timeout=5)
+    assert side.feed is None and not feed.enabled
+    assert side.index._listeners == [] and lifecycle._host_tier_observer == side.on_evict
+    with socket.socket() as s:                            # the port is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+    engine2 = _engine()
+    try:
+        feed2 = scheduler_side(engine2).feed or attach_from_env(scheduler_side(engine2), engine2.scheduler)
+        assert feed2 is not None and feed2 is not feed
+        assert requests.get(url, timeout=5).json()["epoch"] == feed2.poll()["epoch"] != feed.poll()["epoch"]
+    finally:
+        engine2.close()
+
+
+def test_a_feed_whose_port_is_taken_attaches_nothing(monkeypatch, caplog):
+    """The port is bound before the feed attaches: a failed bind leaves no listener and no observer."""
+    import logging
+    import socket
+
+    engine = _engine()
+    side = scheduler_side(engine)
+    assert side.feed is None
+    lifecycle = engine.scheduler.block_trie._kv_lifecycle
+    observer, listeners = lifecycle._host_tier_observer, list(side.index._listeners)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv(ENV_FEED_ADDR, f"127.0.0.1:{taken.getsockname()[1]}")
+        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.cache_state_feed"):
+            assert attach_from_env(side, engine.scheduler) is None
+    assert "not started" in caplog.text
+    assert side.feed is None and side.index._listeners == listeners and lifecycle._host_tier_observer is observer
+    engine.close()
+
+
+def test_installing_the_hook_again_keeps_the_served_feed_and_its_eviction_chain(monkeypatch):
+    """With the feed address set before the build (the activated ``Scheduler.__init__`` installs the hook),
+    one feed is served, and installing the hook again (the harness used to) keeps it and its GPU-eviction
+    withdrawals: events alone give the exact GPU view."""
+    from lmdeploy_hostcache.integration.connector import install_scheduler_hook
+
+    monkeypatch.setenv(ENV_FEED_ADDR, f"127.0.0.1:{_free_port()}")
+    engine = _engine()
+    side = scheduler_side(engine)
+    feed = side.feed
+    assert feed is not None and len(side.index._listeners) == 1
+    install_scheduler_hook(engine.scheduler)
+    lifecycle = engine.scheduler.block_trie._kv_lifecycle
+    assert side.feed is feed and len(side.index._listeners) == 1 and lifecycle._host_tier_observer is feed._observer
+    feed.gpu_refresh_s = float("inf")  # on_step never walks: withdrawals come from the eviction chain only
+    convs = harness.weka_conversations(files=["trace_0019.json", "trace_0086.json", "trace_0624.json"], max_turns=6)
+    harness.WorkloadDriver(engine, convs, max_active=3).run()
+    gpu, host = _truth(engine)
+    got_gpu, got_host = feed.publisher.contents()
+    assert got_host == host and got_gpu == gpu, (len(got_gpu), len(gpu), len(got_gpu ^ gpu))
+    engine.close()
+
+
+def test_slow_headers_cannot_hold_the_feed_slots(monkeypatch):
+    """The request line and headers must all arrive within FEED_SOCKET_TIMEOUT_S (one deadline per
+    connection, not per read): clients dribbling a header byte at a time are cut there, and a real
+    read then gets its answer."""
+    import socket
+    import threading
+    import time
+    import urllib.request
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.integration import cache_state_feed
+
+    monkeypatch.setattr(cache_state_feed, "FEED_SOCKET_TIMEOUT_S", 0.5)
+    server = serve_feed(SimpleNamespace(enabled=True, poll=lambda *a: {"ok": 1}), "127.0.0.1", 0,
+                        api_keys=("secret",))
+    port = server.server_address[1]
+    stop, cut = threading.Event(), []
+
+    def dribble():
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        t0 = time.monotonic()
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            while not stop.is_set():
+                s.sendall(b"X")                    # one header byte, well inside the per-read timeout
+                time.sleep(0.1)
+        except OSError:
+            cut.append(time.monotonic() - t0)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=dribble, daemon=True) for _ in range(cache_state_feed.FEED_MAX_CONNECTIONS)]
+    try:
+        for t in threads:
+            t.start()
+        end = time.monotonic() + 5
+        for t in threads:                           # each dribbler ends when its connection is cut
+            t.join(max(0.0, end - time.monotonic()))
+        assert len(cut) == len(threads) and max(cut) < 1.5, cut   # from its connect: 0.5 s and a send or two
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{FEED_PATH}", headers={"Authorization": "Bearer secret"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_harness_installs_the_scheduler_hook_once(monkeypatch):
+    """The activated ``Scheduler.__init__`` installs the hook; the harness does not install it again."""
+    from lmdeploy_hostcache.integration import connector
+
+    calls, install = [], connector.install_scheduler_hook
+    monkeypatch.setattr(connector, "install_scheduler_hook", lambda s: (calls.append(s), install(s))[1])
+    monkeypatch.delenv(ENV_FEED_ADDR, raising=False)
+    engine = _engine()
+    assert calls == [engine.scheduler] and scheduler_side(engine)._trie is engine.scheduler.block_trie
+    engine.close()
+
+
+def test_a_data_parallel_engine_warns_that_the_feed_address_is_shared(monkeypatch, caplog):
+    """Every DP engine reads the same LMDEPLOY_HOSTCACHE_FEED_ADDR (docs/routing.md): say so, naming the rank."""
+    import logging
+    from types import SimpleNamespace
+
+    side = SimpleNamespace(feed=None, data_parallel=2, dp_rank=1)
+    monkeypatch.setenv(ENV_FEED_ADDR, "127.0.0.1:0")
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.cache_state_feed"):
+        assert attach_from_env(side, scheduler=None) is None   # not a real engine: not started either
+    assert "all 2 data-parallel engines" in caplog.text and "DP rank 1" in caplog.text
+    caplog.clear()
+    side.data_parallel, side.dp_rank = 1, None                # no DP: no such warning
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.cache_state_feed"):
+        attach_from_env(side, scheduler=None)
+    assert "data-parallel" not in caplog.text and "not started" in caplog.text

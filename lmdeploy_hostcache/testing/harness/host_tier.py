@@ -2,7 +2,8 @@
 
 The connector is built through the factory signature of LMDeploy's ``build_kv_connector``
 (``build_host_tier_connector``), the scheduler hook is installed right after
-``Scheduler.__init__`` (what the activation patch does), and the worker role registers the
+``Scheduler.__init__`` (what the activation patch does; once: not again when that patch is live
+and has installed it), and the worker role registers the
 connector rows of the CPU cache (what ``BaseModelAgent.build_cache_engine`` does).
 
 Lossy host formats (``int8``/``int4`` over fp16/bf16 caches): a block restored from host holds
@@ -73,7 +74,14 @@ def build_host_tier_engine(model: HarnessModel = HarnessModel(), spec: HarnessCa
     """
     from lmdeploy_hostcache.integration.connector import build_host_tier_connector, install_scheduler_hook
 
-    builder, after_built = build_host_tier_connector, install_scheduler_hook
+    def install_once(scheduler) -> None:
+        # With the activation patches live, ``Scheduler.__init__`` has installed the hook already:
+        # installing it again would reset the eviction observer the routing feed chains after.
+        side = getattr(getattr(scheduler, 'kv_connector', None), 'scheduler_side', None)
+        if side is None or getattr(side, '_trie', None) is not scheduler.block_trie:
+            install_scheduler_hook(scheduler)
+
+    builder, after_built = build_host_tier_connector, install_once
     if via_lmdeploy_factory:
         from lmdeploy.pytorch.kv_connector import factory
 
