@@ -61,7 +61,10 @@ outside the lock (``CacheAwareRouter.prepare_feed``), builds the table growth it
 lock too (``plan_room``, ``BlockTable.build_resized``: installed only if the table did not change
 meanwhile), and holds it only to apply it (``commit_feed``, which changes nothing if the node's
 cursor moved meanwhile, and releases the lock between chunks of a large snapshot); a routing error
-falls back to the stock choice and is logged, never failing a request.
+falls back to the stock choice and is logged, never failing a request; per-node state (the router's, a
+node's feed state and error cooldown) goes when the node leaves the proxy, and an expired cooldown at the
+next error, so nodes that come and go under new URLs leave nothing behind; a session key is kept as a
+fixed-size digest only (``routing.router.session_digest``).
 """
 from __future__ import annotations
 
@@ -375,7 +378,8 @@ def is_node_fault(text) -> bool:
 
 
 def session_key(body: dict) -> str | None:
-    """An explicit session key: ``session_id`` (>= 0) or ``user``."""
+    """An explicit session key: ``session_id`` (>= 0) or ``user`` (the router keeps only its 16-byte digest,
+    ``routing.router.session_digest``, however long the ``user``)."""
     sid = body.get("session_id")
     if isinstance(sid, int) and not isinstance(sid, bool) and sid >= 0:
         return f"session:{sid}"
@@ -413,7 +417,8 @@ class RoutingService:
                            "matched by text prefix against what this proxy routed (approximate; nodes' feeds "
                            "cannot be matched without the model's tokenizer)")
         self._feed_state: dict[str, dict] = {}
-        self._cooldown: dict[str, float] = {}   # node -> monotonic time its error cooldown ends
+        # node -> monotonic time its error cooldown ends (dropped when the node leaves, or expired at the next error)
+        self._cooldown: dict[str, float] = {}
         self._too_many = False                   # more nodes than the table has bits: stock routing
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -442,6 +447,7 @@ class RoutingService:
             for url in [u for u in self.router.nodes if u not in urls]:
                 self.router.remove_node(url)
                 self._feed_state.pop(url, None)
+                self._cooldown.pop(url, None)   # per-node state goes with the node (URLs churn)
         return True
 
     def _track(self, url: str) -> None:
@@ -568,7 +574,10 @@ class RoutingService:
 
     def node_error(self, url: str) -> None:
         """``url`` answered a request with a node fault: skip it for ``error_cooldown`` seconds."""
-        self._cooldown[url] = time.monotonic() + float(self.options.get("error_cooldown") or 10.0)
+        now = time.monotonic()
+        for u in [u for u, end in list(self._cooldown.items()) if end <= now]:   # expired: no entry kept
+            self._cooldown.pop(u, None)
+        self._cooldown[url] = now + float(self.options.get("error_cooldown") or 10.0)
         if self.lock.acquire(blocking=False):   # the event loop never waits here: queued otherwise
             try:
                 self._drain()
@@ -600,6 +609,9 @@ class RoutingService:
         http = session or requests
         headers = feed_headers(self.options)
         now = time.monotonic()
+        readers: dict[str, list[str]] = {}
+        for url in urls:
+            readers.setdefault(self.feed_url(url), []).append(url)
         for url in urls:
             with self.lock:
                 st = self.router.nodes.get(url)
@@ -607,6 +619,24 @@ class RoutingService:
                     continue
                 params = st.cursor.params()
             fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
+            sharing = readers[self.feed_url(url)]
+            if len(sharing) > 1:
+                # one feed read for several nodes (data-parallel engines of one host under --cache-aware-feed-port,
+                # or a --cache-aware-feed-url given twice) is at most one engine's cache: never any node's exact view
+                if not fs.get("shared"):
+                    fs["shared"] = True
+                    logger.warning("cache_aware routing: nodes %s would all read the cache-state feed at %s, which "
+                                   "serves one engine's cache at most; routing them with an approximate model of "
+                                   "their caches (give each its own --cache-aware-feed-url)",
+                                   ", ".join(sharing), self.feed_url(url))
+                fs["has_feed"] = False
+                with self.lock:
+                    if url in self.router.nodes:
+                        self.router.set_health(url, self._healthy_again(url, now))
+                        if self.router.nodes[url].exact:
+                            self.router.set_approximate(url, self.default_profile)
+                continue
+            fs.pop("shared", None)
             try:
                 # at most FEED_READS_PER_POLL reads per node and round: a node that always says "more"
                 # cannot starve the others (its cursor resumes next round)

@@ -47,12 +47,18 @@ A request for a LoRA adapter (``RoutingRequest.adapter``) matches nothing exact 
 base model's blocks only, and key an adapter's blocks under another namespace); on the approximate
 index it has its own partition per adapter.
 
+Session keys are remembered as ``session_digest(key)`` (16 bytes, blake2b), never as the client's text: an
+affinity entry costs the same (about 140 bytes, docs/routing.md "Limits") however long the ``user`` a client
+sends, and no client text outlives the request.
+
 Invariants: a node's bits in the table are only ever set from its own feed (exact) or from
-what was routed to it (approximate), never both; removing a node clears its bits; a request
-with no candidate returns ``None``.
+what was routed to it (approximate), never both; removing a node clears its bits, its session
+entries and its entries in the recent window (per-node state is kept for registered nodes only, so
+node churn leaves nothing behind); a request with no candidate returns ``None``.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -70,8 +76,14 @@ DEFAULT_BALANCE = 1.3
 WINDOW_PER_NODE = 64
 WARM_FRACTION = 0.25
 MAX_SESSIONS = 1 << 20   # affinity entries kept (least recently used dropped first)
+_SESSION_PERSON = b"hc-route-sess"   # blake2b personalization of session digests
 MAX_INFLIGHT = 1 << 16   # queued prefill entries kept per node (oldest dropped: a request whose end never came)
 SNAPSHOT_CHUNK = 1 << 14  # ids a snapshot adds between two ``pause`` calls of ``commit_feed``
+
+
+def session_digest(key: str) -> bytes:
+    """The 16 bytes ``CacheAwareRouter.sessions`` keys an explicit session key by (the key's text is not kept)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16, person=_SESSION_PERSON).digest()
 
 
 @dataclass
@@ -131,10 +143,11 @@ class CacheAwareRouter:
         self._free_slots = list(range(max_nodes - 1, -1, -1))   # lowest last: narrow table masks
         self._tickets = itertools.count(1)
         self.approx_key = NamespaceKey.of(Namespace(model=f"approx:{approx_model}", block_size=approx_block_size))
-        self.sessions: OrderedDict[str, str] = OrderedDict()  # session key -> node, least recent first
+        # session_digest(session key) -> node, least recent first
+        self.sessions: OrderedDict[bytes, str] = OrderedDict()
         self.window_per_node = int(window_per_node)
-        self._window: deque[tuple[str, int]] = deque()
-        self._window_load: dict[str, int] = {}
+        self._window: deque[tuple[str, int]] = deque()   # (node, prefill tokens) of recent decisions
+        self._window_load: dict[str, int] = {}   # registered node -> its prefill tokens in the window
         self.decisions = 0
 
     # ------------------------------------------------------------------ membership
@@ -159,6 +172,11 @@ class CacheAwareRouter:
         self._free_slots.sort(reverse=True)
         for s in [s for s, n in self.sessions.items() if n == name]:
             del self.sessions[s]
+        # its share of the recent window goes too (a node that comes back under this name starts afresh; the
+        # window names registered nodes only, so _window_load holds no key of a node that left)
+        if any(n == name for n, _ in self._window):
+            self._window = deque(e for e in self._window if e[0] != name)
+        self._window_load.pop(name, None)
 
     def set_health(self, name: str, healthy: bool) -> None:
         if name in self.nodes:
@@ -322,7 +340,8 @@ class CacheAwareRouter:
         if over:  # an over-share node with less queued prefill than every other node stays eligible
             floor = min((self.nodes[n].inflight_tokens for n in names if n not in over), default=0.0)
             over = {n for n in over if self.nodes[n].inflight_tokens >= floor}
-        sticky = self.sessions.get(req.session) if req.session else None
+        skey = session_digest(req.session) if req.session else None
+        sticky = self.sessions.get(skey) if skey is not None else None
         # affinity yields to the balance guard (one key many clients share, a `user`, cannot herd a node) and to
         # cost: it holds only while the sticky node is predicted to reuse at least as many prompt tokens as any
         # node the guard keeps (a tie-break, never a reason to prefill what another node holds)
@@ -343,9 +362,9 @@ class CacheAwareRouter:
         c = next(s[0] for s in scored if s[2] == chosen)
         bs = st.profile.block_size
         miss = max(req.prompt_tokens - (g + h) * bs, 0)
-        if req.session:
-            self.sessions[req.session] = chosen
-            self.sessions.move_to_end(req.session)
+        if skey is not None:
+            self.sessions[skey] = chosen
+            self.sessions.move_to_end(skey)
             while len(self.sessions) > MAX_SESSIONS:
                 self.sessions.popitem(last=False)
         return Decision(chosen, g, h, req.prompt_tokens, miss, c, reason)

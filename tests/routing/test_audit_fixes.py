@@ -45,10 +45,10 @@ def _events(stored_gpu, removed_gpu=(), info=None, epoch="e1", seq=1) -> dict:
             "events": {"ops": base64.b64encode(ops.tobytes()).decode(), "ids": _b64(ids)}}
 
 
-def _service(node_manager=None):
+def _service(node_manager=None, **options):
     from lmdeploy_hostcache.integration.proxy_routing import RoutingService
 
-    return RoutingService(dict(OPTS), node_manager)
+    return RoutingService({**OPTS, **options}, node_manager)
 
 
 # ------------------------------------------------------------------------------------------ 1. seed
@@ -598,3 +598,118 @@ def test_bench_route_measures_the_proxys_own_router_and_feed_path():
     assert res["table_mask_bits"] == 8 and res["table_resizes"] > 0        # the default size, grown by the feed
     assert res["table_entries"] == 90_000 and res["lock_timeouts"] == 0
     assert res["load_seconds"] > 0 and 0 < res["longest_lock_hold_ms"] < 1000 * res["load_seconds"] + 1
+
+
+# ------------------------------------------------------------------------------------------ 7. bounded state
+def test_a_session_entry_is_a_fixed_size_digest_whatever_the_user_sends():
+    """The proxy's ``user`` is the client's text: the router keeps its 16-byte digest only, so an affinity entry
+    costs the same for a 4 KB user as for a 1-character one, and affinity still holds."""
+    import tracemalloc
+
+    from lmdeploy_hostcache.integration.proxy_routing import session_key
+    from lmdeploy_hostcache.routing.router import session_digest
+
+    toks = list(range(20))
+    per_entry = {}
+    for ulen in (1, 4000):   # a router each: the same entry count, so the same table growth
+        r = CacheAwareRouter(max_nodes=8, approx_block_size=16)
+        r.add_node("a", NodeProfile(64, 128, 16))
+        for _ in range(200):   # the window and in-flight structures at their steady size first
+            req = RoutingRequest(toks)
+            r.finished("a", r.dispatched(r.route(req), req))
+        n = 3000
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                req = RoutingRequest(toks, session=session_key({"user": f"{i:06d}" + "x" * ulen}))
+                r.finished("a", r.dispatched(r.route(req), req))
+            del req
+            per_entry[ulen] = (tracemalloc.get_traced_memory()[0] - base) / n
+        finally:
+            tracemalloc.stop()
+        assert len(r.sessions) == n
+        assert {type(k) for k in r.sessions} == {bytes} and {len(k) for k in r.sessions} == {16}
+    assert per_entry[4000] < 200 and abs(per_entry[4000] - per_entry[1]) < 10, per_entry   # ~125-140 bytes each
+
+    # affinity by the digest: a long user (and one with a lone surrogate, which JSON allows) sticks to its node
+    r.add_node("b", NodeProfile(64, 128, 16))
+    for user in ("u" * 100_000, "bad\ud800"):
+        sess = session_key({"user": user})
+        r.sessions[session_digest(sess)] = "b"
+        d = r.route(RoutingRequest(list(range(500, 520)), session=sess))
+        assert (d.node, d.reason) == ("b", "affinity")
+        assert r.sessions[session_digest(sess)] == "b" and sess not in r.sessions
+    r.remove_node("b")
+    assert "b" not in r.sessions.values() and len(r.sessions) == 3000
+
+
+def test_the_recent_window_keeps_no_state_of_nodes_that_left():
+    r = CacheAwareRouter(max_nodes=8, approx_block_size=16)
+    r.add_node("stable", NodeProfile(64, 128, 16))
+    for i in range(500):   # a node that comes and goes under a new name, given requests while it is there
+        name = f"tmp{i}"
+        r.add_node(name, NodeProfile(64, 128, 16))
+        for n in (name, "stable"):
+            req = RoutingRequest(list(range(i, i + 40)))
+            r.dispatched(r.route(req, [n]), req)
+        r.remove_node(name)
+        assert set(r._window_load) <= set(r.nodes) and {n for n, _ in r._window} <= set(r.nodes)
+    assert set(r._window_load) == {"stable"}
+    assert r._window_load["stable"] == sum(t for _, t in r._window)
+    r.add_node("tmp499", NodeProfile(64, 128, 16))   # back under an old name: it starts afresh
+    assert r._window_load["tmp499"] == 0
+
+
+def test_the_proxys_per_node_state_stays_bounded_under_node_churn():
+    """Autoscaled nodes on new URLs, one of them erroring often: the router's window, the feed state and the error
+    cooldowns keep entries for the nodes of the proxy only (and an expired cooldown goes at the next error)."""
+    from lmdeploy_hostcache.integration.proxy_routing import _current
+
+    nm = _cache_aware_manager({"http://stable": ["m"]})
+    svc = nm._hostcache_routing
+    for i in range(300):
+        churn = f"http://10.0.0.{i % 7}:{20000 + i}"
+        nm.nodes = {u: SimpleNamespace(models=["m"], unfinished=0, latency=[], role=None, speed=None)
+                    for u in (churn, "http://stable")}
+        _current.set(RoutingRequest(list(range(i, i + 64))))
+        url = svc.choose(list(nm.nodes), "m")
+        assert url in nm.nodes
+        if i % 3 == 0:
+            svc.node_error(churn)
+        svc.finished(url, svc.take_ticket(url))
+    assert set(svc._cooldown) <= set(nm.nodes) and set(svc._feed_state) <= set(nm.nodes)
+    assert set(svc.router._window_load) <= set(nm.nodes) and len(svc.router._window_load) == 2
+
+    svc.node_error("http://stable")       # a node that stays keeps its cooldown
+    _current.set(RoutingRequest(list(range(64))))
+    assert svc.choose(list(nm.nodes), "m") != "http://stable"
+    svc._cooldown["http://gone"] = time.monotonic() - 1   # an expired cooldown of a node never tracked
+    svc.node_error("http://stable")
+    assert "http://gone" not in svc._cooldown and "http://stable" in svc._cooldown
+
+
+def test_nodes_that_would_read_one_feed_are_routed_approximately_and_the_feed_is_not_read(caplog):
+    """Data-parallel engines of one host under --cache-aware-feed-port (API ports differ, the feed port is
+    the same): that feed serves one engine's cache at most, so no node takes it as its exact view; a node
+    with a feed of its own is still read."""
+    svc = _service(feed_port=23400)
+    nodes = ["http://10.0.0.1:23333", "http://10.0.0.1:23334", "http://10.0.0.2:23333"]
+    svc._sync_nodes(nodes)
+    read = []
+
+    class Session:
+        def get(self, url, params=None, **k):
+            read.append(url)
+            return SimpleNamespace(status_code=200, json=lambda: _snapshot([5, 6], [], epoch="e-" + url))
+
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.proxy_routing"):
+        svc.poll_once(Session())
+        svc.poll_once(Session())
+    assert read == ["http://10.0.0.2:23400/hostcache/cache_state"] * 2
+    assert [svc.router.nodes[n].exact for n in nodes] == [False, False, True]
+    shared = [r.getMessage() for r in caplog.records if "would all read" in r.getMessage()]
+    assert len(shared) == 2 and "http://10.0.0.1:23333, http://10.0.0.1:23334" in shared[0]   # once per node
+    svc.options["feed_urls"] = {nodes[1]: "http://10.0.0.1:23401"}   # each its own feed: both read again
+    svc.poll_once(Session())
+    assert [svc.router.nodes[n].exact for n in nodes] == [True, True, True]

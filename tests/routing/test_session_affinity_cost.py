@@ -15,7 +15,7 @@ from lmdeploy_hostcache.planner.traces import Request as TraceRequest
 from lmdeploy_hostcache.routing.cost import NodeProfile
 from lmdeploy_hostcache.routing.feed import NamespaceKey
 from lmdeploy_hostcache.routing.request import RoutingRequest
-from lmdeploy_hostcache.routing.router import CacheAwareRouter
+from lmdeploy_hostcache.routing.router import CacheAwareRouter, session_digest
 from lmdeploy_hostcache.routing.table import GPU, HOST
 from lmdeploy_hostcache.tier.digest import Namespace, chain_digests
 
@@ -46,7 +46,7 @@ def test_the_auditors_scenario_proxy_and_planner_now_agree():
         d2 = r.route(RoutingRequest.from_ids(ids, 161, session=sess))
         got[who] = (d2.node, d2.reason, d2.gpu_blocks)
         if sess:
-            assert r.sessions[sess] == "b"          # the key follows the conversation's cache
+            assert r.sessions[session_digest(sess)] == "b"          # the key follows the conversation's cache
     assert got["proxy"] == got["no key"] == ("b", "cost", 10)
 
 
@@ -99,7 +99,7 @@ def test_reuse_is_compared_in_tokens_across_block_sizes():
     ka, kb = NamespaceKey(1, 2, 64), NamespaceKey(1, 2, 16)
     r.add_node("a", NodeProfile(100, 0, 64), ka)
     r.add_node("b", NodeProfile(100, 0, 16), kb)
-    r.sessions["session:1"] = "b"
+    r.sessions[session_digest("session:1")] = "b"
     req = RoutingRequest(list(range(300)), session="session:1")
     r.table.add(req.ids(ka)[:2], r.nodes["a"].slot, GPU)
     r.table.add(req.ids(kb)[:4], r.nodes["b"].slot, GPU)
@@ -118,7 +118,7 @@ def test_affinity_holds_in_text_mode_where_nothing_is_predictable():
 
 def test_the_balance_guard_still_overrides_affinity_on_a_tie():
     r = _router(names=("a", "b", "c"))
-    r.sessions["user:x"] = "a"
+    r.sessions[session_digest("user:x")] = "a"
     for _ in range(100):   # a takes every recent prefill token: far over its share
         req = RoutingRequest.from_ids(np.arange(1000, 1010, dtype=np.uint64), 161)
         d = r.route(req, ["a"])
