@@ -7,23 +7,42 @@ the ``os.write`` calls; a batch that fits the file is joined and encoded in one 
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
 2, ... , the first free one, claimed atomically) and a new ``path`` is started, so every file ``plan`` reads holds whole
 records.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
-made with another key) is set aside the same way, never appended to; a folder there is never
-renamed (opening it fails, logged once).  Invariants: ``open``
-and the writes never raise; the first failure
-(unwritable folder, full disk, a rename refused) is logged once at WARNING with the path and the
-reason, after which capture stays off for this writer (``failed`` set, later lines counted in
-``dropped``); a line is written whole or not at all (a short write is treated as a failure, and the
-partial lines are taken back).
+made with another key) is set aside the same way, never appended to; anything at ``path`` that is not
+a regular file (a folder, a FIFO, a device, a socket; a symlink counts as what it points to) is never
+written, nor renamed (checked right before a rename): capture stops, logged once.  Nothing blocks: the
+path is checked before it is opened, opened with ``O_NONBLOCK`` (a FIFO without a reader fails at once
+instead of waiting for one) and checked again on the open descriptor (so what is written to is the
+regular file checked); the rotated files' names are claimed with ``O_EXCL``, which opens nothing that
+is there.  Invariants: ``open`` and the writes never raise and never wait on what is at ``path``; the
+first failure (unwritable folder, full disk, a rename refused, not a regular file) is logged once at
+WARNING with the path and the reason, after which capture stays off for this writer (``failed`` set,
+later lines counted in ``dropped``); a line is written whole or not at all (a short write is treated as
+a failure, and the partial lines are taken back).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 logger = logging.getLogger("lmdeploy_hostcache.capture")
 
 DEFAULT_MAX_BYTES = 256 * 2**20
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _refuse_unless_regular(path: Path, mode: int) -> None:
+    """OSError naming what is at ``path`` unless ``mode`` is a regular file's (capture writes only to one)."""
+    if stat.S_ISREG(mode):
+        return
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            raise OSError(errno.EINVAL, f"is {name}, not a regular file")
+    raise OSError(errno.EINVAL, "is not a regular file")
 
 
 class RotatingWriter:
@@ -54,9 +73,14 @@ class RotatingWriter:
         return True
 
     def _open_first(self) -> None:
-        if not self._opened and self.path.is_file() and self.path.stat().st_size:
-            self._set_aside()   # an earlier capture's file (another key): never append to it
-        # anything else at the path (a folder, a device) is opened as it is: a folder fails, logged once
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            _refuse_unless_regular(self.path, st.st_mode)   # a folder, a FIFO, a device: never renamed
+            if not self._opened and st.st_size:
+                self._set_aside()   # an earlier capture's file (another key): never append to it
         self._opened = True
         self._open()
 
@@ -68,14 +92,31 @@ class RotatingWriter:
         self._close()
 
     def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._size = os.fstat(self._fd).st_size
+        """Open ``path`` for appending without blocking; OSError (nothing left open) unless it is a regular file."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(
+            os, "O_NOCTTY", 0)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:   # ENXIO: a FIFO without a reader (it appeared after the check), or a device
+            if exc.errno == errno.ENXIO:
+                _refuse_unless_regular(self.path, os.stat(self.path).st_mode)
+            raise
+        try:
+            st = os.fstat(fd)
+            _refuse_unless_regular(self.path, st.st_mode)
+            if _NONBLOCK:
+                os.set_blocking(fd, True)   # a regular file: writes as before
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._size = fd, st.st_size
 
     def _set_aside(self) -> None:
         """Rename the file to the first free ``<stem>.<n><suffix>``, never over another file: the name is
         claimed by creating it empty (``O_EXCL`` fails if it exists: another writer may set aside a file
         of the same stem at the same moment) and only the claimed empty file is then replaced (a crash in
         between leaves an empty file, which ``plan`` skips; no hard links, which some filesystems lack)."""
+        _refuse_unless_regular(self.path, os.stat(self.path).st_mode)   # only a file is ever renamed
         suffix = self.path.suffix or ".jsonl"
         stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
         n = 1

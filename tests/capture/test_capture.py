@@ -158,6 +158,88 @@ def test_a_folder_at_the_capture_path_is_never_renamed(tmp_path, caplog):
     assert w.failed and sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
 
 
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no os.mkfifo on this platform")
+
+
+def _in_thread(fn, timeout=10.0):
+    """``fn()``'s result (or exception) in a thread, or a failure when it has not returned in ``timeout`` s."""
+    import threading
+
+    got = {}
+
+    def run():
+        try:
+            got["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            got["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"still blocked after {timeout} s"
+    if "error" in got:
+        raise got["error"]
+    return got["value"]
+
+
+@needs_fifo
+def test_a_fifo_at_the_capture_path_is_refused_at_once_never_waited_on(tmp_path, caplog):
+    """Opening a FIFO for writing blocks until a reader comes: capture refuses it (logged once) and returns."""
+    fifo = tmp_path / "cap.jsonl"
+    os.mkfifo(fifo)
+    w = RotatingWriter(fifo)
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        assert _in_thread(w.open) is False
+        assert _in_thread(lambda: w.write_lines([_line(0), _line(1)])) == 0
+    assert "FIFO" in w.failed and w.dropped == 2 and w._fd is None
+    assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cap.jsonl"]   # never renamed
+    import stat
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+@needs_fifo
+@pytest.mark.parametrize("reader", [False, True])
+def test_a_fifo_that_appears_after_the_check_is_refused_on_the_descriptor(tmp_path, monkeypatch, caplog, reader):
+    """The path is checked, then a FIFO takes its place before the open: the non-blocking open fails at once
+    (no reader) or the check on the descriptor refuses it (a reader): nothing is written to it, nothing waits."""
+    fifo = tmp_path / "cap.jsonl"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK) if reader else None
+    real_stat, calls = os.stat, []
+
+    def stat_before_the_fifo(path, *a, **kw):   # the writer's first check sees nothing there yet
+        if os.fspath(path) == str(fifo) and not calls:
+            calls.append(path)
+            raise FileNotFoundError(errno.ENOENT, "not yet", str(path))
+        return real_stat(path, *a, **kw)
+
+    monkeypatch.setattr(os, "stat", stat_before_the_fifo)
+    try:
+        w = RotatingWriter(fifo)
+        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+            assert _in_thread(w.open) is False
+        assert calls and "FIFO" in w.failed and w._fd is None
+        assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
+        if reader:
+            assert os.read(rfd, 100) == b""   # end of file: nothing was written, the writer's end closed again
+    finally:
+        if rfd is not None:
+            os.close(rfd)
+
+
+def test_a_symlink_to_an_empty_regular_file_is_written_through(tmp_path):
+    """A symlink counts as what it points to: a regular file is written, as before the FIFO check."""
+    real = tmp_path / "real.jsonl"
+    real.touch()
+    link = tmp_path / "cap.jsonl"
+    link.symlink_to(real)
+    w = RotatingWriter(link)
+    assert w.open() and w.write(_line(0))
+    w.close()
+    assert link.is_symlink() and len(read_mooncake(real)) == 1
+
+
 def test_block_ids_are_the_documented_keyed_hash_and_each_digest_is_keyed_once(monkeypatch):
     import hashlib
 

@@ -176,11 +176,27 @@ def test_a_helper_that_dies_while_batches_wait_is_noticed_at_the_next_hook(tmp_p
     assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-def test_a_full_disk_under_the_helper_is_logged_once(tmp_path, caplog, capfd):
-    """The helper's writer logs the full disk (naming the file) and exits with EXIT_WRITE_FAILED; the
-    engine side then stops capture without a second, mislabelled warning."""
-    cap = _capture("/dev/full", offload=True)
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs a POSIX file size limit")
+def test_a_full_disk_under_the_helper_is_logged_once(tmp_path, caplog, monkeypatch):
+    """The helper's writer logs a failed write (naming the file) and exits with EXIT_WRITE_FAILED; the
+    engine side then stops capture without a second, mislabelled warning.  The disk fills up as the helper's
+    file size limit (1 byte: a short write, then EFBIG) makes it: /dev/full is not a regular file, which
+    capture refuses at engine start (tests/capture/test_capture.py)."""
+    import resource
+    import subprocess
+
+    real_popen = subprocess.Popen
+
+    def limited(*args, **kw):   # the helper only: its file writes past 1 byte fail (Python ignores SIGXFSZ);
+        # its stderr a pipe (the limit would cut a captured stderr file short)
+        return real_popen(*args, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1)),
+                          stderr=subprocess.PIPE, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", limited)
+    path = tmp_path / "cap.jsonl"
+    cap = _capture(path, offload=True)
+    monkeypatch.undo()
+    helper = cap.helper
     cap.flush_records = 4
     requests = _requests(40)
     with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
@@ -188,10 +204,12 @@ def test_a_full_disk_under_the_helper_is_logged_once(tmp_path, caplog, capfd):
         cap.helper.wait(timeout=30)
         _run(cap, requests[4:])                 # the next hand-over finds the pipe closed
         cap.close()
-    child = capfd.readouterr().err
+    child = helper.stderr.read().decode()
+    helper.stderr.close()
     here = [r.getMessage() for r in caplog.records if "trace capture" in r.getMessage()]
     assert cap.failed and not here, here
-    assert child.count("trace capture stopped") == 1 and "/dev/full" in child and "No space left" in child
+    assert child.count("trace capture stopped") == 1 and str(path) in child and "short write" in child
+    assert path.stat().st_size == 0             # the partial line was taken back
 
 
 def test_a_shared_key_reaches_the_helper_through_its_pipe_only(tmp_path, monkeypatch):

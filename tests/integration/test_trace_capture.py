@@ -514,6 +514,32 @@ def test_an_unwritable_capture_never_stops_serving(tmp_path, caplog):
     assert sum('trace capture stopped' in r.getMessage() for r in caplog.records) == 1
 
 
+@pytest.mark.skipif(not hasattr(__import__('os'), 'mkfifo'), reason='no os.mkfifo on this platform')
+def test_a_fifo_capture_path_never_holds_up_the_engine_start(tmp_path, caplog):
+    """`capture:` naming a FIFO with no reader: opening it for writing would wait for a reader for ever. The engine
+    starts at once with capture off (one log line, no helper started) and serves."""
+    import logging
+    import os
+    import threading
+
+    path = tmp_path / 'cap.jsonl'
+    os.mkfifo(path)
+    built = {}
+    with caplog.at_level(logging.WARNING, logger='lmdeploy_hostcache.capture'):
+        t = threading.Thread(target=lambda: built.setdefault('engine', build_host_tier_engine(
+            HarnessModel(), HarnessCacheSpec(num_gpu_blocks=32, max_prefill_token_num=512),
+            HostTierSpec(host_slots=16, min_restore_tokens=BS, capture=str(path)))), daemon=True)
+        t.start()
+        t.join(120)
+        assert not t.is_alive(), 'the engine start waits on the FIFO'
+        engine = built['engine']
+        report = WorkloadDriver(engine, _weka()[:3], max_active=2).run()
+    assert report.finished == report.requests > 3
+    cap = scheduler_side(engine).capture
+    assert 'FIFO' in cap.failed and cap.helper is None and cap.writer.written == 0
+    assert sum('trace capture stopped' in r.getMessage() for r in caplog.records) == 1
+
+
 GRID = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('weka', 36, 24), ('weka', 48, 48),
         ('mooncake', 24, 24), ('mooncake', 32, 24), ('mooncake', 36, 24), ('mooncake', 40, 24),
         ('mooncake', 44, 24), ('mooncake', 48, 24)]
