@@ -225,6 +225,8 @@ class HostIndexMachine(RuleBasedStateMachine):
                 stack.extend(self.children(d))
         for d in reversed(order):  # deepest first, as the index does
             b = self.host[d]
+            if not b.doomed:      # an orphan (every caller here: drop_all is modelled apart), counted once
+                self.stats["orphaned"] += 1
             b.doomed = True       # a pinned kept restore stays on_gpu (and nobody's child)
             self.kept.pop(d, None)
             if b.pins == 0:
@@ -905,4 +907,32 @@ def test_keep_restored_queue_order_is_when_each_block_became_unpinned():
     idx.check_invariants()
     assert idx.evict(1) == 0 and len(idx) == 0, "evict drains the kept queue, counting none"
     assert (idx.stats.promoted, idx.stats.evictions) == (3, 0)
+    idx.check_invariants()
+
+
+def test_orphans_are_counted_once_each_when_doomed_never_for_drop_all():
+    """``stats.orphaned``: every block doomed because a host ancestor left every tier (``drop_subtree``,
+    a failed store's subtree), once, a pinned one included (it leaves at its last unpin, uncounted
+    again); the blocks ``drop_all`` dooms with the pool are not orphans."""
+    ns = Namespace(model="orphans", block_size=2)
+    idx = HostIndex(8, policy="lru")
+    (a, b, c), tokens = chain_digests(ns, list(range(6)))
+    _stored(idx, [(a, ns.root, tokens[0]), (b, a, tokens[1]), (c, b, tokens[2])])
+    idx.hold([c])                                   # c pinned: doomed now, freed at its release
+    b_slot = idx.get(b).slot
+    assert idx.drop_subtree(a) == [b_slot]
+    assert idx.stats.orphaned == 2 and len(idx) == 2   # a (it stays) and c (doomed, pinned)
+    idx.drop_subtree(a)                             # already doomed: not again
+    idx.release([c])
+    assert idx.stats.orphaned == 2 and len(idx) == 1
+    idx.evict(1)
+    # a failed store dooms the blocks stored under it meanwhile: orphans too (the block itself is a failure)
+    p, q = chain_digests(ns, list(range(100, 104)))[0]
+    idx.prepare_store(p, ns.root, b"p")
+    idx.prepare_store(q, p, b"q")
+    idx.complete_store(q, True)
+    idx.complete_store(p, False)
+    assert idx.stats.orphaned == 3 and idx.stats.store_failures == 1 and len(idx) == 0
+    _stored(idx, [(a, ns.root, tokens[0]), (b, a, tokens[1])])
+    assert idx.drop_all() == 2 and idx.stats.orphaned == 3
     idx.check_invariants()

@@ -101,7 +101,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -220,6 +220,39 @@ class _RequestChain:
         return self.hasher.digests[i - 1] if i > 0 else self.hasher.parent
 
 
+def _cover(spans: list[tuple[int, int]], a: int, b: int) -> int:
+    """Add blocks ``[a, b)`` to ``spans`` (sorted, disjoint, adjacent ones merged); return how many of
+    them ``spans`` did not hold yet."""
+    if b <= a:
+        return 0
+    new, lo, hi, keep = b - a, a, b, []
+    for s, e in spans:
+        if e < a or s > b:
+            keep.append((s, e))
+        else:   # overlapping or adjacent: merged (spans are disjoint, so overlaps are subtracted once)
+            new -= max(0, min(e, b) - max(s, a))
+            lo, hi = min(lo, s), max(hi, e)
+    keep.append((lo, hi))
+    keep.sort()
+    spans[:] = keep
+    return new
+
+
+@dataclass
+class _TurnCount:
+    """What the counters already hold for one request turn (LMDeploy asks again at every admission
+    attempt, and the GPU match may grow or shrink between attempts): the blocks looked up and found,
+    in the host tier and in the store, as spans of block numbers. Each block is counted once per
+    turn, so per turn hit blocks <= lookup blocks, and every restored host block was counted a hit."""
+
+    turn: int                                           # input_start_pos of the turn
+    lookup: list[tuple[int, int]] = field(default_factory=list)      # host: blocks looked up past the GPU match
+    hit: list[tuple[int, int]] = field(default_factory=list)         # host: blocks found host-resident
+    l3_lookup: list[tuple[int, int]] = field(default_factory=list)   # store: blocks asked for
+    l3_hit: list[tuple[int, int]] = field(default_factory=list)      # store: blocks found
+    l3_counted: bool = False                            # the turn's store lookup is counted (``l3.lookups``)
+
+
 @dataclass
 class _Load:
     request_id: int
@@ -278,8 +311,9 @@ class HostTierScheduler:
         # this scheduling pass ends (build_connector_meta): see _hold_hit
         self._holds: dict[int, tuple[int, ...]] = {}
         self._held_blocks = 0
-        # request -> (its turn's input_start_pos, the block after the furthest host hit counted in that turn)
-        self._counted_lookup: dict[int, tuple[int, int]] = {}
+        # request -> what its current turn already counted (each block once per turn: _count_lookup)
+        self._counted_lookup: dict[int, _TurnCount] = {}
+        self._orphans_counted = 0   # index.stats.orphaned already added to metrics.host_evictions
         self._pending_loads: dict[int, _Load] = {}
         self._inflight_loads: dict[int, _Load] = {}
         self._owed_results: list[KVLoadResult] = []
@@ -400,7 +434,8 @@ class HostTierScheduler:
         if gpu_block in self._pending_demote_gpu:
             # The page was freed by an earlier eviction of this step and reallocated: its bytes
             # for this node were never computed. Do not store it; its host children are orphans.
-            self.metrics.add(host_evictions=len(self.index.drop_subtree(digest)))
+            self.index.drop_subtree(digest)
+            self._count_orphans()
             return
         parent_digest = self.node_digest(leaf.parent) if leaf.parent is not None else None
         if parent_digest is None:
@@ -417,9 +452,13 @@ class HostTierScheduler:
             self.metrics.add(demotions=1)
         elif self.index.is_resident(digest):
             self.metrics.add(demotions_skipped=1)   # already on host (a kept restore, or a recomputed block)
-        elif digest not in self.index:
-            # Not stored and not resident: this prefix leaves every tier, so do its host children.
-            self.metrics.add(host_evictions=len(self.index.drop_subtree(digest)))
+        else:
+            # refused: no free or evictable slot (for a first copy, or for a second one while the first is in flight)
+            self.metrics.add(demotions_refused=1)
+            if digest not in self.index:
+                # Not stored and not resident: this prefix leaves every tier, so do its host children.
+                self.index.drop_subtree(digest)
+                self._count_orphans()
 
     def _on_host_evict(self, block) -> None:
         self.metrics.add(host_evictions=1)
@@ -465,21 +504,15 @@ class HostTierScheduler:
         # only what the hold budget covers is reported: a reported hit is held until its load starts
         n = min(n, max(0, self.num_slots // 2 - self._held_blocks))
         s = 0
+        count = self._count_lookup(req, int(request.input_start_pos), first, last, found)
         if self.l3 is not None and n == found and n < len(digests) and n < self.num_slots // 2:
             # the prefix continues in the shared store? Staged through host slots: at most half
             # of them per request (host hits included), so staging does not flush the host tier
-            s = self.l3.chain.lookup(digests[n:n + self.num_slots // 2 - n], blocks[n:n + self.num_slots // 2 - n])
-        # Count a request's turn once (LMDeploy re-asks on every admission attempt, and its GPU match may
-        # move between attempts): a retry adds only host hits past the furthest block already counted.
-        turn, hit_end = int(request.input_start_pos), first + found
-        counted = self._counted_lookup.get(req)
-        if counted is None or counted[0] != turn:
-            self._counted_lookup[req] = (turn, hit_end)
-            self.metrics.add(lookups=1, lookup_blocks=len(digests), hit_blocks=found, hit_tokens=found * bs)
-        elif hit_end > counted[1]:
-            extra = hit_end - max(counted[1], first)
-            self._counted_lookup[req] = (turn, hit_end)
-            self.metrics.add(hit_blocks=extra, hit_tokens=extra * bs)
+            asked = digests[n:self.num_slots // 2]
+            answer = self.l3.chain.probe(asked)
+            if answer is not None:
+                s = answer
+                self._count_l3_lookup(count, first + n, first + n + len(asked), s)
         hit_end = (first + n + s) * bs - recompute if n + s else 0
         num_external = hit_end - num_computed
         if num_external <= 0 or num_external < self.min_restore_tokens:
@@ -490,6 +523,37 @@ class HostTierScheduler:
         self.index.touch(digests[:n_use])
         self._hold_hit(req, tuple(digests[:min(n, n_use)]))
         return num_external, True
+
+    def _count_lookup(self, req: int, turn: int, first: int, last: int, found: int) -> _TurnCount:
+        """Count a host lookup of blocks ``[first, last)`` that found ``[first, first + found)``, once per
+        request turn: the turn's first attempt counts one lookup; every attempt adds only the blocks
+        (looked up, found) that no earlier attempt of the turn counted, whichever way the GPU match moved."""
+        count = self._counted_lookup.get(req)
+        if count is None or count.turn != turn:
+            count = self._counted_lookup[req] = _TurnCount(turn)
+            self.metrics.add(lookups=1)
+        looked, hit = _cover(count.lookup, first, last), _cover(count.hit, first, first + found)
+        if looked or hit:
+            self.metrics.add(lookup_blocks=looked, hit_blocks=hit, hit_tokens=hit * self.block_size)
+        return count
+
+    def _count_l3_lookup(self, count: _TurnCount, first: int, end: int, found: int) -> None:
+        """Count an answered store lookup of blocks ``[first, end)`` that found ``[first, first + found)``,
+        once per request turn, as ``_count_lookup`` does for the host tier."""
+        if not count.l3_counted:
+            count.l3_counted = True
+            self.l3.metrics.add(lookups=1)
+        looked, hit = _cover(count.l3_lookup, first, end), _cover(count.l3_hit, first, first + found)
+        if looked or hit:
+            self.l3.metrics.add(lookup_blocks=looked, hit_blocks=hit)
+
+    def _count_orphans(self) -> None:
+        """Add the host blocks orphaned since the last call (``HostIndex.stats.orphaned``: doomed because a
+        host ancestor left every tier, each once) to ``host_evictions``."""
+        orphaned = self.index.stats.orphaned
+        if orphaned != self._orphans_counted:
+            self.metrics.add(host_evictions=orphaned - self._orphans_counted)
+            self._orphans_counted = orphaned
 
     def _hold_hit(self, req: int, digests: tuple[int, ...]) -> None:
         """Pin a lookup's host hit until its load starts (``update_state_after_alloc``) or this
@@ -582,7 +646,8 @@ class HostTierScheduler:
         for req, load in self._pending_loads.items():
             if not load.pinned or load.cancelled:
                 # never reaches a worker; an unpinned load lost its host blocks: recompute the turn
-                self._finish_load(load, success=False, load_failed=not load.pinned and not load.cancelled)
+                self._finish_load(load, success=False, load_failed=not load.pinned and not load.cancelled,
+                                  copied=None)
                 continue
             load.started_at = now
             load.shipped_step = step
@@ -633,7 +698,7 @@ class HostTierScheduler:
             self._invalid.discard(marker)
             for d, slot in pairs:
                 self.index.complete_store(d, success=ok, slot=slot)
-            if ok:
+            if ok:   # copied on every rank; a batch that failed on any rank is not counted (no per-rank outcome)
                 self.metrics.add(bytes_to_host=len(pairs) * self.block_transfer_bytes)
             else:
                 self.metrics.add(demotion_failures=len(pairs))
@@ -643,15 +708,22 @@ class HostTierScheduler:
                 continue
             failed = not self._invalid.isdisjoint(load.gpu_blocks)
             self._invalid.difference_update(load.gpu_blocks)
-            self._finish_load(load, success=not failed and not load.cancelled, load_failed=failed)
+            self._finish_load(load, success=not failed and not load.cancelled, load_failed=failed, copied=not failed)
+        self._count_orphans()   # subtrees of failed demotions
         results, self._owed_results = tuple(self._owed_results), []
         return KVConnectorResult(load_results=results)
 
-    def _finish_load(self, load: _Load, *, success: bool, load_failed: bool) -> None:
+    def _finish_load(self, load: _Load, *, success: bool, load_failed: bool, copied: bool | None) -> None:
         """Unpin, count, and owe LMDeploy the terminal result (unless the request is gone).
 
         ``load_failed``: the load itself failed (not a cancellation), so this request turn
         recomputes instead of trying the host tier again.
+        ``copied``: what the workers reported: True, every rank staged (store blocks) and copied the
+        load to the GPU, whether or not it was cancelled meanwhile (bytes moved, store blocks were
+        read); False, some rank reported it failed (its store stage, or the copy after it: the
+        report does not say which); None, no report (never shipped, or its pool went away). Only
+        ``copied`` is counted as bytes moved or store blocks read, and only False as a store error:
+        a cancellation is never a store error.
         """
         if load.pinned:
             self.index.complete_load(load.digests, success=success)
@@ -659,14 +731,18 @@ class HostTierScheduler:
             if load.staged:  # restored: the staged blocks end as restored host blocks; else their slots are freed
                 if success:
                     self.l3.chain.finish_restored(load.staged[0])
-                    k = len(load.staged[0])
-                    self.l3.metrics.add(get_blocks=k, bytes_from_l3=k * self.block_transfer_bytes)
                 else:
                     self.l3.chain.finish(load.staged[0], False)
+                k = len(load.staged[0])
+                if copied:
+                    self.l3.metrics.add(get_blocks=k, bytes_from_l3=k * self.block_transfer_bytes)
+                elif copied is False:
                     self.l3.metrics.add(errors=1)
+            self._count_orphans()   # staged blocks released leaf first doom what was chained under them
+        if copied:   # on every rank; a load that failed on any rank is not counted (no per-rank outcome)
+            self.metrics.add(bytes_to_gpu=len(load.gpu_blocks) * self.block_transfer_bytes)
         if success:
-            self.metrics.add(restored_tokens=load.num_tokens,
-                             bytes_to_gpu=len(load.gpu_blocks) * self.block_transfer_bytes)
+            self.metrics.add(restored_tokens=load.num_tokens)
             self.metrics.observe_restore_latency(time.perf_counter() - load.started_at)
         else:
             self.metrics.add(restore_failures=1)
@@ -709,7 +785,7 @@ class HostTierScheduler:
         load = self._pending_loads.pop(req, None)
         if load is not None:
             load.removed = True
-            self._finish_load(load, success=False, load_failed=False)
+            self._finish_load(load, success=False, load_failed=False, copied=None)
         load = self._inflight_loads.get(req)
         if load is not None:  # the worker may still read its slots: unpin when it reports
             load.removed = True
@@ -778,12 +854,15 @@ class HostTierScheduler:
         a worker. Returns how many blocks were dropped.
         """
         floor = self._step + 1 if before_step is None else int(before_step)
+        self._count_orphans()
         self._release_all_holds()
         for d, _, slot in self._pending_demotions:   # queued this step, never shipped
             self.index.complete_store(d, success=False, slot=slot)
         self._pending_demotions = []
         self._pending_demote_gpu = set()
         dropped = self.index.drop_all()
+        # the subtrees of the unshipped demotions failed above went with the pool: not evictions
+        self._orphans_counted = self.index.stats.orphaned
         for batch in [b for b, (step, _) in self._inflight_demotions.items() if step < floor]:
             _, pairs = self._inflight_demotions.pop(batch)
             for d, slot in pairs:
@@ -792,7 +871,7 @@ class HostTierScheduler:
         for req in [r for r, ld in self._inflight_loads.items() if ld.shipped_step < floor]:
             load = self._inflight_loads.pop(req)
             self._invalid.difference_update(load.gpu_blocks)
-            self._finish_load(load, success=False, load_failed=not load.cancelled)
+            self._finish_load(load, success=False, load_failed=not load.cancelled, copied=None)
         self._pool_floor = max(self._pool_floor, floor)
         self.tier_resets += 1
         logger.info("host tier: %s; dropped %d host block(s), the host tier starts empty", reason, dropped)
@@ -812,6 +891,7 @@ class HostTierScheduler:
 
     def stats(self) -> dict[str, Any]:
         """Counters plus occupancy: what the metrics exporter publishes."""
+        self._count_orphans()
         out: dict[str, Any] = dict(self.metrics.snapshot())
         out["host_slots"] = self.num_slots
         out["host_slots_used"] = self.num_slots - self.index.num_free_slots

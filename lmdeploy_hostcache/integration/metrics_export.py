@@ -52,9 +52,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "demotions": ("demotions", "Blocks demoted from GPU to host memory."),
     "demotion_failures": ("demotion_failures", "Demotions that failed."),
     "demotions_skipped": ("demotions_skipped", "GPU evictions of blocks already in host memory (nothing copied)."),
-    "host_evictions": ("evictions", "Host blocks evicted to make room or orphaned."),
-    "bytes_to_host": ("bytes_to_host", "Bytes copied GPU -> host."),
-    "bytes_to_gpu": ("bytes_to_gpu", "Bytes copied host -> GPU."),
+    "demotions_refused": ("demotions_refused", "GPU evictions the host tier had no free or evictable slot for "
+                                               "(nothing copied)."),
+    "host_evictions": ("evictions", "Host blocks evicted to make room or orphaned (a host ancestor left every "
+                                    "tier), each once."),
+    "bytes_to_host": ("bytes_to_host", "Bytes copied GPU -> host, by demotion batches that completed on every "
+                                       "TP rank."),
+    "bytes_to_gpu": ("bytes_to_gpu", "Bytes copied host -> GPU, by loads that completed on every TP rank "
+                                     "(a restore cancelled after its copy included)."),
 }
 _LATENCY_KEYS = ("restore_latency_mean_s", "restore_latency_max_s", "restore_latency_count")
 
@@ -65,15 +70,19 @@ L3_COUNTERS: dict[str, tuple[str, str]] = {
     # Only what the scheduler's side measures: the puts and the object checks happen in the worker
     # processes (each rank logs its own counters, l3_tier.WorkerL3.log_progress), and LMDeploy's
     # connector output has no channel to carry them back.
-    "l3_lookups": ("lookups", "Store lookups (batched existence checks past the host match)."),
-    "l3_lookup_blocks": ("lookup_blocks", "Blocks looked up in the shared store."),
-    "l3_hit_blocks": ("hit_blocks", "Blocks found in the shared store, consecutively."),
+    "l3_lookups": ("lookups", "Store lookups (request turns whose existence check past the host match was "
+                              "answered; a turn LMDeploy retries counts once)."),
+    "l3_lookup_blocks": ("lookup_blocks", "Blocks looked up in the shared store (each once per request turn)."),
+    "l3_hit_blocks": ("hit_blocks", "Blocks found in the shared store, consecutively (each once per request turn)."),
     "l3_put_blocks": ("write_back_blocks", "Blocks handed to the workers to write to the shared store "
                                            "(a put the store refuses is in the workers' log, not here)."),
-    "l3_get_blocks": ("get_blocks", "Blocks read from the shared store, verified and loaded."),
+    "l3_get_blocks": ("get_blocks", "Blocks read from the shared store, verified and copied to the GPU on every "
+                                    "TP rank (a restore cancelled after its copy included)."),
     "l3_bytes_to_l3": ("write_back_bytes", "Bytes handed to the workers to write to the shared store."),
-    "l3_bytes_from_l3": ("bytes_from_store", "Bytes read from the shared store and loaded."),
-    "l3_errors": ("errors", "Store lookups and store loads that failed (each fell back to recompute)."),
+    "l3_bytes_from_l3": ("bytes_from_store", "Bytes of the blocks counted in get_blocks."),
+    "l3_errors": ("errors", "Store lookup calls that failed, and store restores the workers reported failed "
+                            "(the store read, or the host-to-GPU copy after it); each fell back to recompute. "
+                            "A cancelled restore is not an error."),
     "l3_timeouts": ("timeouts", "Store lookups past their deadline."),
 }
 _L3_OPS = ("exists",)   # the only store call the scheduler side makes (puts and gets run in the workers)

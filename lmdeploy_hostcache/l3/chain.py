@@ -8,7 +8,10 @@ Scheduler side (``SchedulerChain``, one per engine, owns no bytes):
   host-resident is queued too (except blocks staged from the store);
 * ``lookup(digests, block_bytes)``: how many blocks continue in the store from ``digests[0]``:
   one batched existence check over every TP rank's key; a block counts only when every rank's
-  object exists; any error counts 0 (recompute);
+  object exists; any error counts 0 (recompute). ``probe`` is the same check answering None
+  when nothing was asked or the store did not answer. Neither counts lookups or hits: LMDeploy
+  asks again at every admission attempt of a request turn, so the connector counts them once
+  per turn (the client still counts a failed call in ``errors``/``timeouts``);
 * ``reserve(digests, parents, block_bytes)``: host slots to stage those blocks in (``WRITING``,
   pinned); all or nothing;
 * ``finish(digests, ok)``: staged -> ``RESIDENT``, or every reserved slot released (leaf first:
@@ -93,24 +96,25 @@ class SchedulerChain:
     # -- read path -------------------------------------------------------------------------
     def lookup(self, digests: Sequence[int], block_bytes: Sequence[bytes] | None = None) -> int:
         """Consecutive store blocks from ``digests[0]`` present for every rank; 0 on any error."""
+        return self.probe(digests) or 0
+
+    def probe(self, digests: Sequence[int]) -> int | None:
+        """``lookup``'s count, or None when no check was answered (no client, stopped, nothing asked,
+        or an error: counted in ``lookup_errors``). Counts no lookup or hit (see the module docstring)."""
         if self.client is None or not digests or self.stopped is not None:
-            return 0
+            return None
         keys = [s.key(d) for d in digests for s in self.rank_spaces]
         try:
             present = self.client.exists(keys)
-            if self.client.metrics is not None:
-                self.client.metrics.add(lookups=1, lookup_blocks=len(digests))
         except L3Error:
             self.lookup_errors += 1
-            return 0
+            return None
         r = len(self.rank_spaces)
         n = 0
         for i in range(len(digests)):
             if not all(present[i * r:(i + 1) * r]):
                 break
             n += 1
-        if self.client.metrics is not None:
-            self.client.metrics.add(hit_blocks=n)
         return n
 
     def reserve(self, digests: Sequence[int], parents: Sequence[int],

@@ -121,6 +121,9 @@ class HostIndexStats:
     dropped_all: int = 0         # blocks doomed by drop_all (pool gone)
     evictions: int = 0           # blocks evicted by the policy
     dropped: int = 0             # blocks removed by drop_subtree / failed stores (orphans)
+    orphaned: int = 0            # blocks doomed because a host ancestor left every tier (drop_subtree, or a
+                                 # failed store's subtree), each once, when doomed (a pinned one is freed at its
+                                 # last unpin); never the blocks drop_all dooms (the pool is gone)
     loads: int = 0               # blocks pinned by prepare_load
     holds: int = 0               # blocks pinned by hold (a lookup's hit, until its load starts)
     promoted: int = 0            # blocks dropped after a successful load (now on GPU)
@@ -461,10 +464,10 @@ class HostIndex:
         kept = [b.digest for b in self._blocks.values() if b.on_gpu]   # nobody's children
         roots = {b.parent for b in self._blocks.values() if b.parent not in self._blocks}
         for root in roots:
-            self._doom_subtree(root, include_self=False)
+            self._doom_subtree(root, include_self=False, orphans=False)
         for d in kept:
             if d in self._blocks:
-                self._doom_subtree(d, include_self=True)
+                self._doom_subtree(d, include_self=True, orphans=False)
         self.stats.dropped_all += n
         return n
 
@@ -638,7 +641,9 @@ class HostIndex:
         else:
             self.stats.dropped += 1
 
-    def _doom_subtree(self, root: int, include_self: bool) -> list[int]:
+    def _doom_subtree(self, root: int, include_self: bool, orphans: bool = True) -> list[int]:
+        """Doom ``root``'s host subtree (and ``root`` with ``include_self``); returns the slots freed now.
+        ``orphans``: count each block not doomed before in ``stats.orphaned``."""
         freed: list[int] = []
         stack = [root] if include_self else list(self._children.get(root, ()))
         order: list[HostBlock] = []
@@ -650,6 +655,8 @@ class HostIndex:
             order.append(b)
             stack.extend(self._children.get(d, ()))
         for b in reversed(order):  # deepest first, so parents become leaves as we go
+            if orphans and not b.doomed:
+                self.stats.orphaned += 1
             b.doomed = True
             self._unqueue(b)
             if not self._is_pinned(b):

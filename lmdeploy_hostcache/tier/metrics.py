@@ -43,18 +43,19 @@ class LatencyStat:
 class HostTierMetrics:
     """Counters of the host tier, as seen by the scheduler-side connector."""
 
-    lookups: int = 0            # host lookups (one per request admission attempt that reached the host tier)
-    lookup_blocks: int = 0      # blocks asked for past the GPU match
-    hit_blocks: int = 0         # blocks found host-resident and verified
+    lookups: int = 0            # request turns that reached the host tier (a turn LMDeploy retries counts once)
+    lookup_blocks: int = 0      # blocks asked for past the GPU match, each once per turn
+    hit_blocks: int = 0         # blocks found host-resident and verified, each once per turn
     hit_tokens: int = 0
     restored_tokens: int = 0    # tokens whose load completed successfully
     restore_failures: int = 0   # loads that failed or were cancelled (fell back to recompute)
     demotions: int = 0          # blocks queued GPU -> host
     demotion_failures: int = 0
     demotions_skipped: int = 0  # GPU evictions of blocks already host-resident (nothing copied)
-    host_evictions: int = 0     # host blocks dropped to make room (or orphaned)
-    bytes_to_host: int = 0
-    bytes_to_gpu: int = 0
+    demotions_refused: int = 0  # GPU evictions the host tier had no slot for (nothing copied)
+    host_evictions: int = 0     # host blocks evicted to make room, or orphaned (a host ancestor left every tier)
+    bytes_to_host: int = 0      # demotion batches copied on every TP rank
+    bytes_to_gpu: int = 0       # loads copied on every TP rank (a restore cancelled after its copy included)
     restore_latency: LatencyStat = field(default_factory=LatencyStat)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -99,15 +100,16 @@ class L3TierMetrics:
     Same contract as ``HostTierMetrics``: counters only grow, ``snapshot()`` is a consistent copy.
     """
 
-    lookups: int = 0            # batched existence checks past the host match
-    lookup_blocks: int = 0      # blocks asked for
-    hit_blocks: int = 0         # blocks found in the store, consecutively from the first
+    lookups: int = 0            # scheduler: request turns with an answered store lookup (a retried turn once)
+    lookup_blocks: int = 0      # blocks asked for (scheduler: each once per turn)
+    hit_blocks: int = 0         # blocks found in the store, consecutively from the first (scheduler: once per turn)
     put_blocks: int = 0         # blocks written (or already present)
     put_refused: int = 0        # blocks the store refused (full)
-    get_blocks: int = 0         # blocks read back and verified
+    get_blocks: int = 0         # blocks read back and verified (scheduler: of staged loads every rank completed)
     bytes_to_l3: int = 0
     bytes_from_l3: int = 0
-    errors: int = 0             # every failed call or unusable block (each falls back to recompute)
+    errors: int = 0             # every failed call or unusable block (each falls back to recompute); scheduler:
+                                # failed lookups, and staged loads the workers reported failed (never a cancellation)
     timeouts: int = 0           # calls past their deadline (also counted in errors)
     missing: int = 0            # blocks gone between lookup and read (also in errors)
     corrupt: int = 0            # blocks failing checksum/header/token checks (also in errors)

@@ -856,3 +856,115 @@ def test_a_turn_is_counted_once_however_its_gpu_match_moves():
     assert after["hit_tokens"] - before["hit_tokens"] == resident * BS
     side._release_all_holds()
     side.check_balanced()
+
+
+def test_a_retry_whose_gpu_match_shrank_counts_the_newly_covered_blocks():
+    """A turn's first admission attempt saw a longer GPU match than a later one (those GPU blocks were
+    evicted and demoted meanwhile): the blocks below the first attempt's window are looked up and hit
+    in the later attempt and counted then, so per turn hit blocks <= lookup blocks and every restored
+    token is in hit_tokens (they used to be left out: restored_tokens exceeded hit_tokens)."""
+    rig = Rig(num_gpu_blocks=5, host_blocks=16)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    side = rig.side
+    digests, blocks = chain_digests(ns(), a_tokens[:16])
+    resident = side.index.lookup(digests, blocks)
+    assert resident == 4
+    _, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    before = side.metrics.snapshot()
+    side.get_num_new_matched_tokens(c, 3 * BS)   # an earlier attempt, when the GPU still matched 3 blocks
+    side._release_all_holds()
+    _, meta = rig.step()                         # the real attempt: GPU match 0, the host restores all 4
+    assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS, c.status
+    rig.poll(rig.complete(meta))
+    d = {k: side.metrics.snapshot()[k] - before[k]
+         for k in ("lookups", "lookup_blocks", "hit_blocks", "hit_tokens", "restored_tokens")}
+    assert d == {"lookups": 1, "lookup_blocks": 4, "hit_blocks": 4, "hit_tokens": 4 * BS,
+                 "restored_tokens": 4 * BS}, d
+    side.check_balanced()
+
+
+def test_a_cancelled_restore_whose_copy_completed_counts_its_bytes():
+    """bytes_to_gpu counts every load the workers copied on every rank, a restore cancelled while its
+    copy ran included (those bytes moved); a failed load counts none."""
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    (load,) = meta.loads
+    rig.s.end_session(sid)                      # cancelled while the worker copies
+    rig.poll(rig.complete(meta))                # the copy itself succeeded
+    m = rig.side.metrics
+    assert (m.restore_failures, m.restored_tokens) == (1, 0)
+    assert m.bytes_to_gpu == len(load.gpu_blocks) * 1000
+    sid, c = rig.add(a_tokens[:16] + [6, 6, 6])
+    _, meta = rig.step()
+    (load,) = meta.loads
+    rig.poll(rig.complete(meta, fail_loads={load.request_id}))
+    assert m.restore_failures == 2 and m.bytes_to_gpu == len(load.gpu_blocks) * 1000, "a failed copy moved nothing"
+    rig.side.check_balanced()
+
+
+def _fake_leaf(digest: int, parent: int, tokens):
+    """What ``on_evict`` reads of a trie leaf: its memoised digest, its parent's, its tokens."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(_hostcache_digest=digest, token_ids=np.asarray(tokens, dtype=np.int64),
+                           parent=SimpleNamespace(_hostcache_digest=parent))
+
+
+def test_a_refused_demotion_is_counted_and_its_pinned_host_orphans_are_evictions():
+    """A GPU eviction the host tier has no slot for is counted (demotions_refused; it was counted nowhere),
+    and the host blocks chained under it, orphaned, are counted in host_evictions once each: a pinned one
+    too (it used to be missed, being freed later, at its last unpin)."""
+    rig = Rig(num_gpu_blocks=8, host_blocks=4)
+    side, idx = rig.side, rig.side.index
+    root = ns().root
+    x, (child, *writing) = 0x1000, (0x1001, 0x2001, 0x2002, 0x2003)
+    assert idx.prepare_store(child, x, b"c") is not None     # a host block chained under x (on the GPU)
+    idx.complete_store(child, True)
+    idx.hold([child])                                       # pinned: a lookup's hit
+    for d in writing:                                       # every other slot is being written: no room
+        assert idx.prepare_store(d, root, b"w") is not None
+    before = side.metrics.snapshot()
+    side.on_evict(_fake_leaf(x, root, prompt(1, BS)), 3)    # the GPU evicts x: no slot for it
+    assert side._pending_demotions == [] and x not in idx and idx.get(child) is None
+    d = {k: side.metrics.snapshot()[k] - before[k] for k in ("demotions", "demotions_refused", "host_evictions")}
+    assert d == {"demotions": 0, "demotions_refused": 1, "host_evictions": 1}, d
+    idx.release([child])                                    # its slot is freed now: counted once, not again
+    assert side.stats()["host_evictions"] - before["host_evictions"] == 1
+    idx.check_invariants()
+
+
+def test_the_host_subtree_of_a_failed_demotion_is_counted_as_evicted():
+    """A demotion that fails drops its block (demotion_failures) and dooms the host blocks chained under
+    it: those are orphans, counted in host_evictions (they used to be counted nowhere)."""
+    rig = Rig(num_gpu_blocks=8, host_blocks=8)
+    side, idx = rig.side, rig.side.index
+    parent, child = 0x3000, 0x3001
+    slot = idx.prepare_store(parent, ns().root, b"p")
+    assert idx.prepare_store(child, parent, b"c") is not None
+    idx.complete_store(child, True)                        # resident under a parent still being written
+    side._inflight_demotions[7] = (1, ((parent, slot),))    # shipped as batch 7 of step 1
+    before = side.metrics.snapshot()
+    rig.poll(KVConnectorOutput(completed_save_ids={7}, invalid_block_ids={failed_demotion_marker(7)}))
+    assert len(idx) == 0
+    d = {k: side.metrics.snapshot()[k] - before[k] for k in ("demotion_failures", "host_evictions", "bytes_to_host")}
+    assert d == {"demotion_failures": 1, "host_evictions": 1, "bytes_to_host": 0}, d
+    side.check_balanced()
+
+
+def test_blocks_dropped_with_the_host_pool_are_not_evictions():
+    """Engine sleep drops the whole index with its pool: neither those blocks nor the subtrees of the
+    unshipped demotions failed on the way are host evictions."""
+    rig = Rig(num_gpu_blocks=8, host_blocks=8)
+    side, idx = rig.side, rig.side.index
+    parent, child = 0x4000, 0x4001
+    slot = idx.prepare_store(parent, ns().root, b"p")
+    assert idx.prepare_store(child, parent, b"c") is not None
+    idx.complete_store(child, True)
+    side._pending_demotions.append((parent, 5, slot))      # queued this step, never shipped
+    before = side.stats()["host_evictions"]
+    side.finish_transfers_after_worker_drain()
+    assert len(idx) == 0 and side.stats()["host_evictions"] == before

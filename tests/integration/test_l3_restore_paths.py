@@ -129,3 +129,88 @@ def test_a_failed_store_restore_still_releases_the_staged_slots():
     assert all(d not in rig.side.index for d in staged)
     assert rig.side.index.num_free_slots == rig.side.index.num_slots
     rig.side.index.check_invariants()
+
+
+def _store_rig(blocks: int = 4):
+    """A rig whose store holds a ``blocks``-block prefix another node wrote; the host tier is empty."""
+    from test_connector import BS, Rig, ns, prompt
+
+    rig = Rig(num_gpu_blocks=16, host_blocks=16)
+    store = DictStore()
+    space = StoreKeyspace(ns(), block_nbytes=1000)
+    metrics = L3TierMetrics()   # shared with the client, as SchedulerL3.build does
+    rig.side.l3 = SchedulerL3(SchedulerChain(rig.side.index, L3Client(store, metrics=metrics), [space]), metrics)
+    toks = prompt(1, blocks * BS)
+    for d in chain_digests(ns(), toks)[0]:
+        store.objects[space.key(d)] = b"x"
+    return rig, toks
+
+
+def _l3(rig) -> dict:
+    return {k: v for k, v in rig.side.l3.metrics.snapshot().items()
+            if k in ("lookups", "lookup_blocks", "hit_blocks", "get_blocks", "bytes_from_l3", "errors")}
+
+
+def test_a_store_restore_cancelled_after_its_copy_is_a_read_not_an_error():
+    """A store restore cancelled (client abort) while the workers staged and copied it: the store blocks
+    were read, so they count in get_blocks; a cancellation is not a store error (it used to be counted
+    in l3 errors, and the read left out)."""
+    rig, toks = _store_rig()
+    sid, _ = rig.add(toks + [5, 5])
+    _, meta = rig.step()
+    assert meta.l3_stages and len(meta.l3_stages[0][1]) == 4
+    rig.s.end_session(sid)                      # cancelled while the workers stage and copy
+    rig.poll(rig.complete(meta))                # which succeeded on every rank
+    got = _l3(rig)
+    assert (got["errors"], got["get_blocks"], got["bytes_from_l3"]) == (0, 4, 4000), got
+    assert rig.side.metrics.restore_failures == 1 and rig.side.metrics.bytes_to_gpu == 4000
+    rig.side.check_balanced()
+
+
+def test_a_store_restore_cancelled_before_it_was_shipped_counts_nothing():
+    """Cancelled before its metadata reached the workers: nothing was read and nothing failed."""
+    rig, toks = _store_rig()
+    sid, c = rig.add(toks + [5, 5])
+    rig.s.schedule(is_prefill=True)            # admitted with its staged store blocks, not shipped yet
+    rig.s.end_session(sid)
+    meta = rig.s.build_connector_meta([])
+    assert meta is not None and meta.loads == () and meta.l3_stages == ()
+    rig.poll(rig.complete(meta))
+    got = _l3(rig)
+    assert (got["errors"], got["get_blocks"]) == (0, 0), got
+    assert rig.side.metrics.restore_failures == 1
+    rig.side.check_balanced()
+
+
+def test_a_store_restore_the_workers_report_failed_is_one_error_and_no_read():
+    rig, toks = _store_rig()
+    rig.add(toks + [5, 5])
+    _, meta = rig.step()
+    rig.poll(rig.complete(meta, fail_loads={meta.loads[0].request_id}))
+    got = _l3(rig)
+    assert (got["errors"], got["get_blocks"], got["bytes_from_l3"]) == (1, 0, 0), got
+    assert rig.side.metrics.bytes_to_gpu == 0
+    rig.side.check_balanced()
+
+
+def test_store_lookups_are_counted_once_per_request_turn():
+    """LMDeploy asks again at every admission attempt, and its GPU match may move between attempts: the
+    turn is one store lookup, and each block asked for or found is counted once (every attempt used to
+    count a lookup, its blocks and its hits again)."""
+    from test_connector import BS
+
+    rig, toks = _store_rig()
+    _, c = rig.add(toks + [5, 5])
+    side = rig.side
+    for computed in (2 * BS, 0, 0, 3 * BS, 0):
+        assert side.get_num_new_matched_tokens(c, computed)[1]
+        side._release_all_holds()
+    got = _l3(rig)
+    assert (got["lookups"], got["lookup_blocks"], got["hit_blocks"]) == (1, 4, 4), got
+    assert side.l3.metrics.snapshot()["exists_latency_count"] == 5, "every attempt still asks the store"
+    _, c2 = rig.add(toks[:2 * BS] + [9] * (2 * BS + 2))   # another request: another turn, half the prefix
+    side.get_num_new_matched_tokens(c2, 0)
+    side._release_all_holds()
+    got = _l3(rig)
+    assert (got["lookups"], got["lookup_blocks"], got["hit_blocks"]) == (2, 8, 6), got
+    side.check_balanced()
