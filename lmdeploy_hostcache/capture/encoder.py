@@ -1,29 +1,36 @@
 """Captured requests to JSON lines: chained digests, keyed ids, the records (pure: no lmdeploy).
 
 ``BlockIdEncoder.encode(data, records)`` turns a batch of requests into their lines.  ``data`` is
-the prompts' full-block token ids, laid end to end and encoded as ``digest.encode_tokens`` does;
-each record is ``(arrival_s, input_length, output_length, full_tokens, root, session, chain)``:
-``full_tokens`` of ``data`` belong to it (the prompt's full blocks), ``root`` is ``(chain root,
-seed, the root's 16 little-endian bytes)`` of its namespace and cache salt (None when it has no full
-block), ``session`` the engine session it continued (None for a first turn; keyed here), ``chain``
-the host tier's digest chain of the request or None.
+each request's prompt full-block token ids followed by the token ids of its kept output blocks
+(``record.kept_output_blocks``: the full blocks past the prompt's whose KV it computed), requests
+laid end to end, encoded as ``digest.encode_tokens`` does; each record is ``(arrival_s,
+input_length, output_length, full_tokens, output_tokens, root, session, chain)``: ``full_tokens``
+then ``output_tokens`` of ``data`` belong to it (both multiples of the block size), ``root`` is
+``(chain root, seed, the root's 16 little-endian bytes)`` of its namespace and cache salt (None
+when it has no such block), ``session`` the engine session it continued (None for a first turn;
+keyed here), ``chain`` the host tier's digest chain of the request or None.
 
-A block's digest (``tier/digest.py``'s chain: ``block_digest`` from the request's salted root) is
-taken, in this order, from the newest remembered prompt this one continues (same first block, the
-remembered bytes' xxh3 equal: up to ``RECENT_PER_BLOCK`` prompts remembered per first block, under
-at most ``RECENT_PROMPTS`` first blocks), from the host tier's chain of the request (only where it
-holds at least ``chain_min_blocks`` of the blocks still to digest, its parent digest is the one
-computed here, its seed is the request's and its block bytes equal the prompt's), else computed.
-Each line is ``record.capture_line``'s (formatted here, field for field the same: tests compare),
-the ids from ``CaptureKey.block_ids_text``.
+A request's blocks are one chain: its prompt's full blocks, then its kept output blocks (the chain
+continues through the generated tokens, so an output block gets the digest, and id, the next turn's
+prompt gets for the same block when it re-sends the reply).  The first ``full_tokens // block_size``
+ids are the record's ``hash_ids``, the rest its ``output_hash_ids``.  A block's digest
+(``tier/digest.py``'s chain: ``block_digest`` from the request's salted root) is taken, in this
+order, from the newest remembered request this one continues (same first block, the remembered
+bytes' xxh3 equal: its prompt and kept output blocks, or else its prompt's alone; up to
+``RECENT_PER_BLOCK`` requests remembered per first block, under at most ``RECENT_PROMPTS`` first
+blocks), from the host tier's chain of the request (only where it holds at least
+``chain_min_blocks`` of the blocks still to digest, its parent digest is the one computed here, its
+seed is the request's and its block bytes equal the request's), else computed.  Each line is
+``record.capture_line``'s (formatted here, field for field the same: tests compare), the ids from
+``CaptureKey.block_ids_text``.
 
 Used on the scheduler's thread by ``integration/trace_capture.py`` and in the capture's helper
 process (``encoder_process.py``, which gets no chains).  Invariants: a batch whose ``data`` does
-not hold exactly the records' full tokens raises ValueError and nothing of it is returned; the
-remembered prompts live in process memory only (digests, ids and an xxh3 of tokens; never
-written).  Counters: ``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped: each
-full prompt block is hashed at most once per request), ``blocks_from_chain`` (of the skipped ones,
-taken from the host tier's chain).
+not hold exactly the records' full and kept output tokens raises ValueError and nothing of it is
+returned; the remembered requests live in process memory only (digests, ids and xxh3s of tokens;
+never written).  Counters: ``blocks_hashed`` and ``blocks_reused`` (chain steps run and skipped:
+each full prompt block and kept output block is hashed at most once per request),
+``blocks_from_chain`` (of the skipped ones, taken from the host tier's chain).
 """
 from __future__ import annotations
 
@@ -74,18 +81,20 @@ class BlockIdEncoder:
         lines = []
         append = lines.append
         offset = total = hashed = from_chain = 0
-        for arrival, prompt_len, output_len, full, root, session, chain in records:
+        for arrival, prompt_len, output_len, full, out, root, session, chain in records:
             if root is None:
-                text = ""
+                text = otext = ""
             else:
                 parent, seed, root_bytes = root
-                end = offset + full * _ITEM
-                blocks = full // bs
+                pend = offset + full * _ITEM        # the prompt's full blocks end here, its kept output blocks at end
+                end = pend + out * _ITEM
+                pblocks = full // bs
+                blocks = pblocks + out // bs
                 total += blocks
                 first = _xxh3_128(root_bytes + data[offset:offset + step], seed)
                 hashed += 1
-                # the remembered prompts with this first block, newest last: the newest one this prompt
-                # continues gives its digests and ids
+                # the remembered requests with this first block, newest last: the newest one this request
+                # continues (its prompt and kept output blocks, else its prompt's alone) gives its digests and ids
                 kept = recent.get(first)
                 seen = None
                 if kept is not None:
@@ -94,14 +103,20 @@ class BlockIdEncoder:
                         prior = kept[at]
                         if prior[0] <= size and _xxh3_128(view[offset:offset + prior[0]]) == prior[1]:
                             seen = prior
-                            del kept[at]     # this prompt takes its place: it holds the same and more
+                        else:
+                            prior = prior[5]
+                            if prior is not None and prior[0] <= size and \
+                                    _xxh3_128(view[offset:offset + prior[0]]) == prior[1]:
+                                seen = prior
+                        if seen is not None:
+                            del kept[at]     # this request takes its place: it holds that prompt and more
                             break
                 if seen is not None:
-                    j, parent, text = seen[2], seen[3], seen[4]   # this prompt continues that one
+                    j, parent, text = seen[2], seen[3], seen[4]   # this request continues that one
                     new = []
                 else:
                     j, parent, new, text = 1, first, [first], ""
-                # the host tier's chain covers blocks [cs, ce) of this prompt: digests ds, token bytes bb; its
+                # the host tier's chain covers blocks [cs, ce) of this request: digests ds, token bytes bb; its
                 # objects are not read where fewer than chain_min blocks are left to digest (ce <= blocks)
                 if chain is not None and blocks - j >= chain_min:
                     h = chain.hasher
@@ -129,10 +144,34 @@ class BlockIdEncoder:
                         parent = _xxh3_128(parent.to_bytes(16, "little") + data[at:at + step], seed)
                         new.append(parent)
                     hashed += blocks - j
-                if new:
-                    more = ids_text(new)
-                    text = f"{text},{more}" if text else more
-                prior = (end - offset, _xxh3_128(view[offset:end]), blocks, parent, text)
+                # ids: the remembered request's (``text``: its first ``known`` blocks), then ``new``'s
+                known = blocks - len(new)
+                if known <= pblocks:
+                    cut = pblocks - known         # of ``new``, the prompt's
+                    if cut:
+                        more = ids_text(new[:cut] if cut < len(new) else new)
+                        text = f"{text},{more}" if text else more
+                    otext = ids_text(new[cut:]) if cut < len(new) else ""
+                    whole = f"{text},{otext}" if otext and text else (text or otext)
+                else:   # the remembered request's ids run past this prompt (into its output blocks)
+                    parts = text.split(",")
+                    whole = text
+                    text = ",".join(parts[:pblocks])
+                    otext = ",".join(parts[pblocks:])
+                    if new:
+                        more = ids_text(new)
+                        otext = f"{otext},{more}"
+                        whole = f"{whole},{more}"
+                if not out or not pblocks:
+                    prompt_part = None
+                elif known <= pblocks:
+                    # its prompt's part too, for a later request that continues the prompt and not the output
+                    # (the same prompt sent again): the chain's digest at the prompt's end and its ids
+                    prompt_part = (pend - offset, _xxh3_128(view[offset:pend]), pblocks,
+                                   new[pblocks - known - 1] if pblocks > known else seen[3], text, None)
+                else:   # (its prompt ends inside the remembered request's blocks: that one's prompt part, if shorter)
+                    prompt_part = seen[5] if seen[5] is not None and seen[5][2] <= pblocks else None
+                prior = (end - offset, _xxh3_128(view[offset:end]), blocks, parent, whole, prompt_part)
                 if kept is None:
                     if len(recent) >= RECENT_PROMPTS:
                         recent.clear()
@@ -152,11 +191,13 @@ class BlockIdEncoder:
             else:
                 stamp = timestamp_text(arrival)
             append(f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
-                   f'"hash_ids":[{text}{after_ids}}}\n' if session is None else
+                   f'"hash_ids":[{text}],"output_hash_ids":[{otext}{after_ids}}}\n' if session is None else
                    f'{{"timestamp":{stamp},"input_length":{prompt_len},"output_length":{output_len},'
-                   f'"hash_ids":[{text}{after_ids},"session":{json_string(key.session_id(session))}}}\n')
-        if offset != len(data):     # nothing written: some sequence held fewer ids than its prompt's blocks
-            raise ValueError(f"capture batch: {len(data)} token bytes for {offset} bytes of full prompt blocks")
+                   f'"hash_ids":[{text}],"output_hash_ids":[{otext}{after_ids},'
+                   f'"session":{json_string(key.session_id(session))}}}\n')
+        if offset != len(data):     # nothing written: some sequence held fewer ids than its blocks
+            raise ValueError(f"capture batch: {len(data)} token bytes for {offset} bytes of full prompt "
+                             "and kept output blocks")
         self.blocks_hashed += hashed
         self.blocks_from_chain += from_chain
         self.blocks_reused += total - hashed

@@ -13,20 +13,26 @@ built from what the sequence holds: the prompt is ``seq.all_ids[:seq.input_end_p
 through ``all_ids``), the output length
 ``seq.num_all_ids - seq.input_end_pos``, the block ids the capture key's ids of the prompt's full-block
 digests (the same chained digests the host tier uses, in the request's namespace: model, block size, KV format,
-tenant salt, adapter, rooted at the request's cache salt when it has one).  The arrival is the capture clock's
+tenant salt, adapter, rooted at the request's cache salt when it has one) and the output block ids those of
+the full blocks past them whose KV the request computed (``capture/record.py``: its first
+``(input + output - 1) // block_size`` blocks, the chain continued through the generated tokens, read from the
+same token store: ``num_valid_ids - 1 < num_all_ids``), which LMDeploy's trie may keep for a next turn that
+re-sends the reply.  The arrival is the capture clock's
 reading at ``on_new_request`` (wall-clock seconds by default; a test may pass another clock).
 
 The hooks run on the scheduler's thread, when LMDeploy registers a sequence (``on_new_request``) and inside
 its ``end_session`` (``seconds`` sums both hooks' time, flushes included).  The file is opened and the base
 model's chain root computed when the engine starts (``open_seconds``; an unwritable path shows then).  The
 end hook only takes what the record needs from the sequence (``snapshot``: no hashing, no copy, no numpy
-call: a reference to the sequence's token store and the length of the prompt's full blocks; LMDeploy never
+call: a reference to the sequence's token store and the length its ids cover, the prompt's full blocks and the
+kept output blocks; LMDeploy never
 writes an ended sequence's tokens again, it drops them) and the host tier's digest chain of the request
 (``connector._RequestChain``, a reference the connector drops right after) and queues them
 (``on_request_finished`` runs ``snapshot``'s code inline, one call less in a hook that runs cold;
 ``tests/capture`` checks that both give the same tuple).  Every ``FLUSH_RECORDS`` queued requests, or at
 the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at ``close``/interpreter exit, the
-queue is flushed as one batch: the prompts' full-block ids sliced, laid end to end and encoded by one
+queue is flushed as one batch: the token ids of the prompts' full blocks and kept output blocks sliced, laid
+end to end and encoded by one
 value-checked cast here, then
 
 * with ``offload`` (the ``capture_offload`` setting, on by default) handed to the capture's helper process
@@ -44,7 +50,7 @@ value-checked cast here, then
 
 Both give the same file (``tests/capture/test_capture_helper.py``).  A process killed without ``close``
 loses the records still queued (at most ``FLUSH_RECORDS - 1``; with the helper, also what it had not
-written).  A batch whose sequences hold fewer ids than their prompts' full blocks is not written (an
+written).  A batch whose sequences hold fewer ids than their records cover is not written (an
 error: capture stops).  Counters: ``records`` (hook calls), ``flushes`` (``flushes_by_age`` of them by
 ``FLUSH_SECONDS``); ``blocks_hashed``, ``blocks_reused`` and ``blocks_from_chain`` (the encoder's; with
 the helper, its figures once it exited).  The remembered prompts and the key's id memo live in process
@@ -230,8 +236,9 @@ class TraceCapture:
         start, arrival, prompt_len = noted
         new_start = seq.input_start_pos
         self._arrival[seq.seq_id] = (new_start, self._clock_of(seq.arrive_time), seq.input_end_pos)
-        full = prompt_len - prompt_len % self.block_size
-        return (arrival, prompt_len, max(0, new_start - prompt_len), _token_store(seq, full), full, seq.adapter_name,
+        output_len = max(0, new_start - prompt_len)
+        end = _kept_end(prompt_len, output_len, self.block_size)
+        return (arrival, prompt_len, output_len, _token_store(seq, end), end, seq.adapter_name,
                 sequence_salt(seq), seq.session.session_id if start > 0 else None, None)
 
     def _clock_of(self, perf_time: float) -> float:
@@ -274,16 +281,22 @@ class TraceCapture:
             else:  # registered before capture began
                 arrival = self._clock_of(seq.arrive_time)
             prompt_len = seq.input_end_pos
-            full = prompt_len - prompt_len % self.block_size
             output_len = seq.num_valid_ids - prompt_len
-            if full:
+            # the prompt's full blocks and the output blocks whose KV it computed (_kept_end, inlined)
+            if output_len > 0:
+                end = prompt_len + output_len - 1
+            else:
+                output_len = 0
+                end = prompt_len
+            end -= end % self.block_size
+            if end:
                 try:
                     tokens = seq.history_cache
                 except AttributeError:
                     tokens = _AllIds(seq.all_ids)
             else:
                 tokens = None
-            self._queue_record(t0, (arrival, prompt_len, output_len if output_len > 0 else 0, tokens, full,
+            self._queue_record(t0, (arrival, prompt_len, output_len, tokens, end,
                                     seq.adapter_name, sequence_salt(seq),
                                     seq.session.session_id if start > 0 else None, chain))
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
@@ -365,8 +378,8 @@ class TraceCapture:
 
     def snapshot(self, seq, chain=None) -> tuple:
         """What the record needs from the sequence (cheap: no hashing, no copy, no numpy call: LMDeploy's
-        token store of the sequence, ``seq.history_cache``, and the length of the prompt's full blocks;
-        ``encode_many`` slices it, LMDeploy never writes an ended sequence's tokens again) and the host
+        token store of the sequence, ``seq.history_cache``, and the length its ids cover: the prompt's full
+        blocks and the kept output blocks, ``_kept_end``; ``encode_many`` slices it, LMDeploy never writes an ended sequence's tokens again) and the host
         tier's chain (a reference: the connector drops it right after, nothing changes it any more)."""
         noted = self._arrival.pop(seq.seq_id, None)
         start = seq.input_start_pos
@@ -375,9 +388,9 @@ class TraceCapture:
         else:  # registered before capture began, or a later turn (the hook queues the turn before it too)
             arrival = self._clock_of(seq.arrive_time)
         prompt_len = seq.input_end_pos
-        full = prompt_len - prompt_len % self.block_size
-        output_len = seq.num_valid_ids - prompt_len
-        return (arrival, prompt_len, output_len if output_len > 0 else 0, _token_store(seq, full), full,
+        output_len = max(0, seq.num_valid_ids - prompt_len)
+        end = _kept_end(prompt_len, output_len, self.block_size)
+        return (arrival, prompt_len, output_len, _token_store(seq, end), end,
                 seq.adapter_name, sequence_salt(seq), seq.session.session_id if start > 0 else None, chain)
 
     def encode(self, snap: tuple) -> str:
@@ -401,17 +414,19 @@ class TraceCapture:
         place of its adapter and salt; its chain last when ``chains`` (the helper gets none)."""
         roots = self._roots
         base = roots.get((None, "")) or self._root(None, "")
+        bs = self.block_size
         records = []
         append = records.append
-        for arrival, prompt_len, output_len, tokens, full, adapter_name, salt, session, chain in snaps:
+        for arrival, prompt_len, output_len, tokens, end, adapter_name, salt, session, chain in snaps:
             if tokens is None:
                 root = None
             elif adapter_name is None and not salt:
                 root = base
             else:
                 root = roots.get((adapter_name, salt)) or self._root(adapter_name, salt)
-            append((arrival, prompt_len, output_len, full, root, session, chain) if chains else
-                   (arrival, prompt_len, output_len, full, root, session))
+            full = prompt_len - prompt_len % bs
+            append((arrival, prompt_len, output_len, full, end - full, root, session, chain) if chains else
+                   (arrival, prompt_len, output_len, full, end - full, root, session))
         return records
 
     def _root(self, adapter_name, salt) -> tuple[int, int, bytes]:
@@ -547,9 +562,17 @@ def _token_bytes(arrays) -> bytes:
     return _token_array(arrays).tobytes()
 
 
+def _kept_end(prompt_len: int, output_len: int, block_size: int) -> int:
+    """The tokens a record's ids cover: its prompt's full blocks and the output blocks whose KV it computed
+    (``capture.record.kept_tokens``; the last generated token's KV never is)."""
+    end = prompt_len + output_len - 1 if output_len > 0 else prompt_len
+    return end - end % block_size
+
+
 def _token_store(seq, full: int):
-    """What a record reads its prompt's first ``full`` ids from (None without a full block): seq.all_ids is
-    history_cache[:num_all_ids], and full <= input_end_pos <= num_all_ids, so its first ``full`` ids are
+    """What a record reads its first ``full`` ids from (None when ``full`` is 0): seq.all_ids is
+    history_cache[:num_all_ids], and full <= num_valid_ids - 1 < num_all_ids when it covers output tokens
+    (full <= input_end_pos <= num_all_ids otherwise), so its first ``full`` ids are
     history_cache.get_real()[:full] (a sequence without one, as in tests: all_ids)."""
     if not full:
         return None

@@ -23,11 +23,14 @@ prefix than its size.  ``ConcurrentTwoTierCache`` models this:
   from the GPU tier's allocator, evicting by policy when none is free), as LMDeploy grows a
   decoding sequence block by block;
 * when it finishes, the pins and the held slots go, and the full blocks of prompt + output past
-  the prompt's full blocks (``(input + output - 1) // block_size`` minus them) stay in the GPU
-  tier as leaves under the prompt's last block, with ids no later request can match (LMDeploy's
-  trie keeps the full blocks a sequence filled while decoding; the trace's next turn names its
-  own blocks, so they are never hits here).  They compete for space and are demoted like any
-  evicted block.
+  the prompt's full blocks (``(input + output - 1) // block_size`` minus them: the blocks whose
+  KV it computed) stay in the GPU tier as a chain under the prompt's last block (LMDeploy's trie
+  keeps the full blocks a sequence filled while decoding).  Where the trace names them
+  (``Request.output_hash_ids``, a capture's ``output_hash_ids``) they take those ids' digests, so
+  a later prompt that re-sends the reply hits them (on the GPU, or on the host after a demotion),
+  and one already in the GPU tier (the same reply cached before) is shared and refreshed; where it
+  does not, they take digests no request can produce (the trace's next turn names its own blocks,
+  so they are never hits).  They compete for space and are demoted like any evicted block.
 
 * a GPU eviction's host copy is WRITING (pinned, not restorable) until the clock is more than
   ``host_write_s`` past the eviction (default 0: restorable by any later start).  In the engine the
@@ -97,7 +100,7 @@ class ConcurrencyStats(ReplayStats):
     max_running: int = 0
     max_held_blocks: int = 0      # GPU blocks pinned or held by running requests at once (peak)
     held_short_blocks: int = 0    # held blocks a request could not get (every GPU block pinned)
-    output_blocks: int = 0        # never-matched output blocks left in the GPU tier at request ends
+    output_blocks: int = 0        # output blocks stored in the GPU tier at request ends (one already there: not counted)
     queued_requests: int = 0      # requests that waited for running ones to leave room
     queue_delay_s: float = 0.0    # their waits, summed
 
@@ -119,6 +122,12 @@ class _Running:
     # take their digests from ``ghost_id`` (the first run's index) (-1 / None: ``index`` / ``pr``)
     ghost_id: int = -1
     base: object = None
+    # the output blocks' digests and token bytes, from ``ghost_parent`` on, where the trace names them
+    # (``PreparedRequest.out_digests``); the blocks past them take ghost digests; ``rooted``: ``ghost_parent`` is
+    # the namespace root (a prompt without a full block)
+    out_digests: tuple = ()
+    out_bytes: tuple = ()
+    rooted: bool = False
 
 
 class ConcurrentTwoTierCache(TwoTierCache):
@@ -218,14 +227,20 @@ class ConcurrentTwoTierCache(TwoTierCache):
         self._held_now -= len(r.held)
         parent = r.ghost_parent
         gid = r.index if r.ghost_id < 0 else r.ghost_id
+        named, named_bytes = r.out_digests, r.out_bytes
+        if named and not r.rooted and gpu.get(parent) is None:
+            named = ()      # the prompt's blocks are not cached (a request longer than the tier): nothing to extend
         for k in range(r.ghosts):
-            # a digest no request can produce: (1 << 128) + request index and position
-            ghost = (1 << 128) + (gid << 20) + k
-            if gpu.prepare_store(ghost, parent, b"") is None:
+            if k < len(named):      # the trace's id: a later prompt re-sending the reply matches it
+                block, tokens = named[k], named_bytes[k]
+            else:                   # a digest no request can produce: (1 << 128) + request index and position
+                block, tokens = (1 << 128) + (gid << 20) + k, b""
+            if gpu.prepare_store(block, parent, tokens) is not None:
+                gpu.complete_store(block, True)
+                self.stats.output_blocks += 1
+            elif k >= len(named) or gpu.get(block) is None:   # no room (a named block already cached: shared)
                 break
-            gpu.complete_store(ghost, True)
-            self.stats.output_blocks += 1
-            parent = ghost
+            parent = block
 
     def _hold(self, n: int) -> list[int]:
         gpu, held = self.gpu, []
@@ -279,7 +294,8 @@ class ConcurrentTwoTierCache(TwoTierCache):
         lt = self.lifetimes
         t_prefill = start + lt.duration_s(recomputed, 0)
         end = start + lt.duration_s(recomputed, r.output_length)
-        state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, ghosts, self._n)
+        state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, ghosts, self._n,
+                         out_digests=pr.out_digests, out_bytes=pr.out_bytes, rooted=not pr.digests)
         self._push(end, 0, state)
         # decode: a new block each time the sequence crosses a block boundary, at its i-th token
         for i in decode_growth_tokens(r.input_length, r.output_length, bs, -(-r.input_length // bs)):

@@ -87,7 +87,9 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   stay cached) and it is then a whole prompt, prefilled again.  Its hits are not counted again either
   way.  A decode step whose requests were all preempted runs no forward.  A request's output blocks
   stay cached only up to its last growth (``schedule_running`` attaches a decoding sequence's full
-  blocks to the trie when it grows): the blocks its output filled after that are freed.  An idle
+  blocks to the trie when it grows): the blocks its output filled after that are freed.  Those it keeps
+take the trace's ``output_hash_ids`` where it names them (``concurrency._end``), so a later prompt that
+re-sends the reply hits them; a preempted request's continuation names its prompt's output blocks by them too.  An idle
   engine (no forward in the previous step) dispatches a forward and the next step's at once: both take
   one time slot, and it reads the first forward's output before it schedules again, so the host copies
   that forward's scheduling started land a step sooner (``_sooner_writes``).
@@ -751,17 +753,21 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self._end(r)
             return
         # the continuation extends the first run's prompt (``base``) with the output seen: its full blocks past
-        # the prompt's are output blocks, whose digests (``_end``) only this request produces
+        # the prompt's are output blocks, with the digests ``_end`` gives them (the trace's output ids where it
+        # names them, else digests only this request produces); its own output blocks follow them
         base = pr if r.base is None else r.base
         req = base.request
         length = pr.request.input_length + produced
         bs = self.block_size
         gid = r.index if r.ghost_id < 0 else r.ghost_id
-        ghosts = tuple((1 << 128) + (gid << 20) + k for k in range(length // bs - req.input_length // bs))
+        n = length // bs - req.input_length // bs
+        named, named_bytes = base.out_digests[:n], base.out_bytes[:n]
+        ghosts = named + tuple((1 << 128) + (gid << 20) + k for k in range(len(named), n))
         cont_req = Request(req.timestamp, length, left, tuple(req.hash_ids) + (0,) * len(ghosts), req.session)
         digests = base.digests + ghosts
-        cont = PreparedRequest(cont_req, digests, base.block_bytes + (b"",) * len(ghosts),
-                               min(len(digests), max(length - 1, 0) // bs), -(-length // bs), base.root)
+        cont = PreparedRequest(cont_req, digests, base.block_bytes + named_bytes + (b"",) * (n - len(named)),
+                               min(len(digests), max(length - 1, 0) // bs), -(-length // bs), base.root,
+                               base.out_digests[n:], base.out_bytes[n:])
         self._continues[id(cont)] = cont
         self._position[id(cont)] = self._position[id(pr)]
         self._first[id(cont)] = self._first[id(pr)]
@@ -1565,7 +1571,8 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             self.stats.queued_requests += 1
             self.stats.queue_delay_s += self._seconds(began - first)
         if parked is None:
-            state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, 0, self._n)
+            state = _Running(pinned, held, pr.digests[-1] if pr.digests else pr.root, 0, self._n,
+                             out_digests=pr.out_digests, out_bytes=pr.out_bytes, rooted=not pr.digests)
             base_length = r.input_length
         else:
             # a preempted request resumed with its blocks: its output blocks still extend its first run's prompt,
@@ -1576,6 +1583,7 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
             state = _Running(pinned, held, was.ghost_parent, r.input_length // bs - base_length // bs, self._n)
             state.ghost_id = was.index if was.ghost_id < 0 else was.ghost_id
             state.base = base
+            state.out_digests, state.out_bytes, state.rooted = was.out_digests, was.out_bytes, was.rooted
         self._n += 1
         d0 = self._decoded              # the prefill step gives token 1; decode step d0 + i gives token i + 1
         state.pr, state.d0, state.prefilled = pr, d0, step

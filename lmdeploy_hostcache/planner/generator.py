@@ -9,7 +9,11 @@ Block ids follow the traces' chaining rule: a full block lying entirely inside a
 gets that prompt's id (shared by every session using it); any other full block gets an id owned
 by its session (the same in every later turn); a partial last block gets a fresh id (its content
 differs from the full block a later turn completes).  Hence two requests share block ``i`` only
-if they share every token up to the end of block ``i``.
+if they share every token up to the end of block ``i``.  Since the next turn's prompt holds the
+reply, a request also names its output blocks (``Request.output_hash_ids``: the full blocks past
+its prompt's whose KV it computed, ``capture.record.kept_output_blocks``) by the session's ids of
+those positions, the ids the next turn's prompt gives them: the replays keep them cached at the
+request's end, as LMDeploy's trie does, and the next turn hits them as it would in the engine.
 
 **Shared documents** (``DocumentWorkload``): retrieval-style traffic.  Each request is one document
 from a fixed library (its blocks are shared by every request for it) followed by a few blocks of its
@@ -35,6 +39,7 @@ import random
 import typing
 from dataclasses import dataclass, fields, replace
 
+from ..capture.record import kept_output_blocks
 from .traces import Request, Trace
 
 
@@ -179,8 +184,11 @@ def generate_chat(w: ChatWorkload = ChatWorkload(), limit: int | None = None) ->
             if length % bs:
                 hash_ids.append(block_id(("partial", s, turn)))
             reply = rng.randint(*w.reply_tokens)
+            # the output blocks whose KV the request computed: the next turn (prompt + reply + user turn) holds
+            # them as full blocks past the system prompt, under the session's ids of their positions
+            out_ids = tuple(block_id(("sess", s, j)) for j in range(full, full + kept_output_blocks(length, reply, bs)))
             reqs.append(Request(timestamp=t, input_length=length, output_length=reply,
-                                hash_ids=tuple(hash_ids), session=s))
+                                hash_ids=tuple(hash_ids), session=s, output_hash_ids=out_ids))
             if limit:
                 heapq.heappush(earliest, -t)
                 if len(earliest) > limit:

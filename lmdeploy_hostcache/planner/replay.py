@@ -31,12 +31,22 @@ bytes, so digest and token-verification paths run exactly as in the engine):
 5. the restored blocks become kept restores (``complete_load(success=True)``), the new GPU blocks
    become resident (``complete_store``) and the GPU hits are unpinned.  A model whose loads take
    time (``engine_steps``) passes ``defer_host_release`` and ends the host reads itself, with
-   ``release_host_copies(host_release)``, when the load completes.
+   ``release_host_copies(host_release)``, when the load completes;
+6. (``serve`` only) the request's output blocks, when its trace names them, are stored after its
+   prompt's last full block (below).
 
 Only full blocks are cached; the partial last block of a prompt is always computed and counts
-as a prompt block that missed.  Hit rates are fractions of prompt blocks.  Output tokens are not
-cached (the next turn's prompt carries them with its own block ids).  Requests are replayed one
-at a time in arrival order and finish at once: concurrency (blocks held by running sequences) is
+as a prompt block that missed.  Hit rates are fractions of prompt blocks.  **Output blocks**: a
+request whose trace names them (``Request.output_hash_ids``, a capture's ``output_hash_ids``: the
+full blocks past the prompt's whose KV it computed, chained after its prompt's full blocks) leaves
+them in the GPU tier right after it is served (``serve``: step 6, ``_store_output``), as LMDeploy's
+trie holds a finished sequence's full blocks at its end; like the prompt's blocks here, all of them
+and at once (the concurrency replays decide when and how many, ``concurrency.py``,
+``engine_steps.py``).  A later prompt that re-sends the reply (an OpenAI chat client sends the
+previous prompt, the reply and a new message) names the same ids, so it hits them, on the GPU or,
+after a demotion, on the host.  A request without them leaves no output block here (the next turn's
+prompt carries its reply with its own block ids, which nothing cached holds).  Requests are replayed
+one at a time in arrival order and finish at once: concurrency (blocks held by running sequences) is
 not modelled here; ``concurrency.py`` replays the same cache with request lifetimes.
 
 If the GPU tier cannot take a block (everything pinned: the request is longer than the GPU
@@ -82,6 +92,10 @@ class PreparedRequest:
     matchable: int
     prompt_blocks: int
     root: int                     # namespace root: the parent of the first block
+    # the request's output blocks (``Request.output_hash_ids``), chained after ``digests``: their digests and
+    # token bytes (empty when the trace does not name them)
+    out_digests: tuple[int, ...] = ()
+    out_bytes: tuple[bytes, ...] = ()
 
 
 def prepare_trace(trace: Trace, namespace: Namespace | None = None) -> list[PreparedRequest]:
@@ -95,8 +109,13 @@ def prepare_trace(trace: Trace, namespace: Namespace | None = None) -> list[Prep
         full = r.full_blocks(bs)
         blocks = [block_id_bytes(h) for h in r.hash_ids[:full]]
         digests = digests_of_blocks(ns, blocks)
+        if r.output_hash_ids:
+            out_bytes = tuple(block_id_bytes(h) for h in r.output_hash_ids)
+            out_digests = tuple(digests_of_blocks(ns, out_bytes, digests[-1] if digests else ns.root))
+        else:
+            out_bytes = out_digests = ()
         out.append(PreparedRequest(r, tuple(digests), tuple(blocks), r.matchable_blocks(bs), r.prompt_blocks(bs),
-                                   ns.root))
+                                   ns.root, out_digests, out_bytes))
     return out
 
 
@@ -211,9 +230,29 @@ class TwoTierCache:
         return h - self.short_hit
 
     def serve(self, pr: PreparedRequest) -> tuple[int, int]:
-        """Replay one request; returns (GPU-hit blocks, host-restored blocks)."""
+        """Replay one request; returns (GPU-hit blocks, host-restored blocks).  Its output blocks, when the
+        trace names them, stay in the GPU tier after it (``_store_output``)."""
         g, restored, _ = self.serve_blocks(pr)
+        if pr.out_digests:
+            self._store_output(pr)
         return g, restored
+
+    def _store_output(self, pr: PreparedRequest) -> None:
+        """The request's output blocks join the GPU tier after its prompt's last full block, as LMDeploy's
+        trie keeps a finished sequence's full blocks: one already there is refreshed (the trie's block is
+        shared, and stamped when the sequence frees it); the first that finds no room ends the run, and none
+        is stored when the prompt's last full block is not in the GPU tier (a request longer than the tier:
+        ``gpu_overflow_requests``), so no block is cached under a parent no tier holds."""
+        gpu = self.gpu
+        parent = pr.digests[-1] if pr.digests else pr.root
+        if pr.digests and not gpu.is_resident(parent):
+            return
+        for d, b in zip(pr.out_digests, pr.out_bytes):
+            if gpu.prepare_store(d, parent, b) is not None:
+                gpu.complete_store(d, True)
+            elif gpu.get(d) is None:    # no room (everything pinned)
+                break
+            parent = d
 
     def serve_blocks(self, pr: PreparedRequest, defer_host_release: bool = False,
                      load_only: bool = False) -> tuple[int, int, int]:
@@ -343,9 +382,10 @@ def replay_trace(trace: Trace, gpu_blocks: int, host_blocks: int, host_policy: s
 
 
 def distinct_blocks(prepared: Sequence[PreparedRequest]) -> int:
-    """Distinct full blocks (digests) in the prepared trace: no tier ever holds more than this, so
-    a capacity at or above it behaves as unbounded."""
+    """Distinct full blocks (digests) in the prepared trace, output blocks the trace names included: no tier
+    ever holds more than this, so a capacity at or above it behaves as unbounded."""
     seen: set[int] = set()
     for pr in prepared:
         seen.update(pr.digests)
+        seen.update(pr.out_digests)
     return len(seen)

@@ -19,7 +19,13 @@ the file, line and field):
   caller's block size applies (default 512, Mooncake's);
 * a record's ``session`` (str or int) is its session key; ``capture`` (a key fingerprint) marks
   keyed block ids: several files are merged into one id space only when every record of every
-  file carries the same fingerprint (captures made with one key), never otherwise.
+  file carries the same fingerprint (captures made with one key), never otherwise;
+* a record's optional ``output_hash_ids`` (captured files since they carry it; Mooncake, WEKA and
+  older captures have none) are the ids of the full blocks past the prompt's whose KV the request
+  computed while decoding (``capture/record.py``): exactly ``kept_output_blocks(input_length,
+  output_length, block_size)`` ids, the prompt's full blocks all named by ``hash_ids``; the request
+  carries them (``Request.output_hash_ids``, None when absent) and the replays store its kept output
+  blocks under them, so a later prompt that re-sends the reply hits them.
 
 ``read_traces(files_or_folders, fmt, block_size, stagger_s)`` reads any of these into one trace
 (format sniffed per file; the planner and ``bench eviction --trace`` both use it).
@@ -40,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..capture.record import kept_output_blocks
+
 MOONCAKE_BLOCK_SIZE = 512
 WEKA_BLOCK_SIZE = 64
 
@@ -53,6 +61,10 @@ class Request:
     output_length: int
     hash_ids: tuple[int, ...]
     session: int | str
+    # ids of the full blocks past the prompt's that the request computed while decoding (its output blocks,
+    # ``capture.record.kept_output_blocks`` of them), chained after the prompt's full blocks; None: not known
+    # (the replays then give those blocks digests no request produces)
+    output_hash_ids: tuple[int, ...] | None = None
     # False when the reader derived ``session`` (``derive_session``: a Mooncake record without one), which
     # no client sends: the cache-aware router's session affinity then gets no key (planner/cluster_routing.py)
     session_given: bool = True
@@ -88,11 +100,20 @@ class Trace:
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"trace {self.name!r}: block_size must be a positive int, got {self.block_size!r}")
+        bs = self.block_size
         for i, r in enumerate(self.requests):
-            if len(r.hash_ids) > r.prompt_blocks(self.block_size):
+            if len(r.hash_ids) > r.prompt_blocks(bs):
                 raise ValueError(
                     f"trace {self.name!r} request {i}: hash_ids has {len(r.hash_ids)} ids but input_length "
-                    f"{r.input_length} spans only {r.prompt_blocks(self.block_size)} blocks of {self.block_size}")
+                    f"{r.input_length} spans only {r.prompt_blocks(bs)} blocks of {bs}")
+            out = r.output_hash_ids
+            if out is not None and (len(out) != kept_output_blocks(r.input_length, r.output_length, bs)
+                                    or out and len(r.hash_ids) < r.input_length // bs):
+                raise ValueError(
+                    f"trace {self.name!r} request {i}: output_hash_ids has {len(out)} ids but input_length "
+                    f"{r.input_length} and output_length {r.output_length} leave "
+                    f"{kept_output_blocks(r.input_length, r.output_length, bs)} full blocks of {bs} past the "
+                    "prompt's (whose ids hash_ids must all name)")
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -254,6 +275,33 @@ def _hash_ids(obj: dict, where: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _output_hash_ids(obj: dict, where: str, input_length: int, output_length: int, ids: tuple[int, ...],
+                     block_size: int) -> tuple[int, ...] | None:
+    """A record's optional ``output_hash_ids``: ints in [0, 2**64), exactly ``kept_output_blocks`` of them,
+    after ``hash_ids`` naming every full block of the prompt (the chain they continue)."""
+    if "output_hash_ids" not in obj:
+        return None
+    out = obj["output_hash_ids"]
+    if not isinstance(out, list):
+        raise ValueError(f"{where}: field 'output_hash_ids' must be a list of ints, got {type(out).__name__}")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{where}: field 'output_hash_ids' must hold ints >= 0, found {v!r}"[:200])
+        if v > MAX_TRACE_BLOCK_ID:
+            raise ValueError(f"{where}: field 'output_hash_ids' holds an id of {v.bit_length()} bits; block ids are "
+                             "below 2**64")
+    kept = kept_output_blocks(input_length, output_length, block_size)
+    if len(out) != kept:
+        raise ValueError(f"{where}: field 'output_hash_ids' has {len(out)} ids but input_length {input_length} and "
+                         f"output_length {output_length} leave {kept} full blocks of {block_size} past the prompt's "
+                         "(the blocks whose KV the request computed: (input + output - 1) // block_size less "
+                         "input // block_size)")
+    if out and len(ids) < input_length // block_size:
+        raise ValueError(f"{where}: field 'output_hash_ids' continues the prompt's {input_length // block_size} full "
+                         f"blocks, but 'hash_ids' names only {len(ids)}")
+    return tuple(out)
+
+
 def _output_length(obj: dict, key: str, where: str) -> int:
     n = _int_field(obj, key, where, bounded=False) if key in obj else 0
     if n > MAX_OUTPUT_TOKENS:
@@ -400,12 +448,14 @@ def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Reques
         session = derive_session(ids)
     elif isinstance(session, bool) or not isinstance(session, (str, int)):
         raise ValueError(f"{where}: field 'session' must be a string or an int, got {session!r}")
+    out = _output_length(obj, "output_length", where)
     reqs.append(Request(
         timestamp=ts / 1000.0,
         input_length=inp,
-        output_length=_output_length(obj, "output_length", where),
+        output_length=out,
         hash_ids=ids,
         session=session,
+        output_hash_ids=_output_hash_ids(obj, where, inp, out, ids, block_size),
         session_given=given,
     ))
 

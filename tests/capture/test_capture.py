@@ -35,8 +35,8 @@ def test_record_layout_is_what_plan_reads(tmp_path):
                           fingerprint="abcd0123", session="s1")
     rec = json.loads(line)
     assert line.endswith("\n") and set(rec) == {"timestamp", "input_length", "output_length", "hash_ids",
-                                                 "block_size", "capture", "session"}
-    assert rec["timestamp"] == 1500.0 and rec["hash_ids"] == [5, 9]
+                                                 "output_hash_ids", "block_size", "capture", "session"}
+    assert rec["timestamp"] == 1500.0 and rec["hash_ids"] == [5, 9] and rec["output_hash_ids"] == []
     (tmp_path / "c.jsonl").write_text(line)
     t = read_mooncake(tmp_path / "c.jsonl")
     assert t.block_size == 64 and t.capture_key == "abcd0123" and t.requests[0].session == "s1"
@@ -44,6 +44,25 @@ def test_record_layout_is_what_plan_reads(tmp_path):
     with pytest.raises(ValueError, match="2 block ids for 200 tokens"):
         capture_record(arrival_s=0, input_length=200, output_length=0, block_ids=[1, 2], block_size=64,
                        fingerprint="x")
+    # 130 prompt tokens + 70 output: the KV of 199 tokens exists, 3 full blocks, 2 of them the prompt's
+    line = capture_record(arrival_s=1.5, input_length=130, output_length=70, block_ids=[5, 9], block_size=64,
+                          fingerprint="abcd0123", output_block_ids=[11])
+    assert json.loads(line)["output_hash_ids"] == [11]
+    (tmp_path / "c.jsonl").write_text(line)
+    assert read_mooncake(tmp_path / "c.jsonl").requests[0].output_hash_ids == (11,)
+    with pytest.raises(ValueError, match="0 output block ids for 130 \\+ 70 tokens"):
+        capture_record(arrival_s=0, input_length=130, output_length=70, block_ids=[5, 9], block_size=64,
+                       fingerprint="x")
+
+
+def test_kept_output_blocks_are_the_full_blocks_whose_kv_the_request_computed():
+    from lmdeploy_hostcache.capture.record import kept_output_blocks, kept_tokens
+
+    # (input, output, block size) -> output blocks: the last generated token's KV is never computed
+    for (i, o, bs), n in {(40, 48, 16): 3, (32, 1, 16): 0, (32, 17, 16): 1, (31, 1, 16): 0, (31, 2, 16): 1,
+                          (32, 0, 16): 0, (0, 0, 16): 0, (0, 17, 16): 1, (10, 6, 16): 0, (10, 7, 16): 1}.items():
+        assert kept_output_blocks(i, o, bs) == n, (i, o, bs)
+        assert kept_tokens(i, o, bs) == (i // bs + n) * bs
 
 
 def _line(i, n=1):
@@ -261,7 +280,7 @@ def test_block_ids_are_the_documented_keyed_hash_and_each_digest_is_keyed_once(m
 def test_record_line_is_what_json_dumps_writes():
     def dumped(session):
         rec = {"timestamp": round(1764700000.1234567 * 1000.0, 3), "input_length": 130, "output_length": 0,
-               "hash_ids": [2**63 - 1, 0], "block_size": 64, "capture": "3f9c0a1e"}
+               "hash_ids": [2**63 - 1, 0], "output_hash_ids": [], "block_size": 64, "capture": "3f9c0a1e"}
         if session is not None:
             rec["session"] = session
         return json.dumps(rec, separators=(",", ":")) + "\n"

@@ -294,3 +294,97 @@ def test_a_batch_is_written_in_arrival_order_not_in_the_order_requests_ended(tmp
     cap.close()
     stamps = [json.loads(line)["timestamp"] for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert stamps == sorted(stamps) and len(stamps) == 4
+
+
+def _seq_with_output(seq_id, prompt, output, *, start=0, salt=""):
+    """An ended sequence of ``prompt`` then the ``output`` it generated (LMDeploy's ``num_valid_ids`` counts
+    both; its token store holds both)."""
+    tokens = np.concatenate([np.asarray(prompt, dtype=np.int64), np.asarray(output, dtype=np.int64)])
+    s = types.SimpleNamespace(seq_id=seq_id, input_start_pos=start, input_end_pos=len(prompt),
+                              num_all_ids=len(tokens), num_valid_ids=len(tokens), all_ids=tokens, adapter_name=None,
+                              arrive_time=0.0, session=types.SimpleNamespace(session_id=seq_id),
+                              sampling_param=types.SimpleNamespace())
+    if salt:
+        s.cache_salt = salt
+    return s
+
+
+def _chats(n, seed=3):
+    """Chats whose next turn re-sends the previous prompt and its output with a new message (an OpenAI chat
+    client), or sends the previous prompt again (a regenerated reply: same prompt, another output, or the same
+    output: greedy decoding); some
+    salted, some engine sessions, some outputs empty (aborted before a token) or longer than several blocks,
+    one prompt shorter than a block whose output fills blocks. Returns the requests and, for each, the request
+    it continues and how (``resend``, ``again``, ``repeat``) or None."""
+    rng = np.random.default_rng(seed)
+    last = {}
+    out = []
+    for i in range(n):
+        conv = int(rng.integers(5))
+        kind = None
+        if conv not in last:
+            prompt = np.concatenate([np.arange(conv * 1000, conv * 1000 + (5 if conv == 4 else 20)),
+                                     rng.integers(0, 50_000, int(rng.integers(0, 30)))])
+        elif rng.random() < 0.2:
+            prompt, kind = last[conv]["prompt"], "again"
+        elif rng.random() < 0.15:
+            prompt, kind = last[conv]["prompt"], "repeat"     # and the same output (greedy decoding)
+        else:
+            prev = last[conv]
+            prompt = np.concatenate([prev["prompt"], prev["output"], rng.integers(0, 50_000, int(rng.integers(1, 40)))])
+            kind = "resend"
+        output = last[conv]["output"] if kind == "repeat" else rng.integers(0, 50_000, int(rng.choice([0, 1, 2, 17, 40, 70])))
+        r = dict(seq_id=i, prompt=prompt, output=output, start=(i % 7 == 6) * 3, salt="t" if conv == 3 else "",
+                 after=(last[conv]["seq_id"], kind) if kind else None)
+        last[conv] = r
+        out.append(r)
+    return out
+
+
+def test_output_block_ids_continue_the_prompts_chain_and_the_helper_writes_the_same(tmp_path):
+    """``output_hash_ids`` are the ids of the documented formula for the blocks past the prompt's full blocks
+    whose KV the request computed (the chain continued through its output); a next turn that re-sends the
+    reply names the same ids for those blocks; the helper process writes the file the scheduler's thread
+    writes; each block is hashed at most once per request, and a request that continues a remembered one
+    (its prompt and output, or its prompt alone) takes that one's digests."""
+    from lmdeploy_hostcache.capture import capture_record
+    from lmdeploy_hostcache.capture.record import kept_tokens
+    from lmdeploy_hostcache.tier.digest import ChainHasher, salted_root
+
+    requests = _chats(80)
+    files = {}
+    for offload in (False, True):
+        cap = _capture(tmp_path / f"{offload}.jsonl", offload=offload)
+        for r in requests:
+            s = _seq_with_output(r["seq_id"], r["prompt"], r["output"], start=r["start"], salt=r["salt"])
+            cap.on_new_request(s)
+            cap.on_request_finished(s)
+        cap.close()
+        files[offload] = (tmp_path / f"{offload}.jsonl").read_text()
+        if not offload:
+            inline = cap
+    assert files[True] == files[False]
+    ns = Namespace(model="m", block_size=BS)
+    expected, ids = [], {}
+    reused = 0
+    for r in requests:
+        p, o = len(r["prompt"]), len(r["output"])
+        h = ChainHasher(ns, parent=salted_root(ns, r["salt"]))
+        h.extend(np.concatenate([r["prompt"], r["output"]])[:kept_tokens(p, o, BS)])
+        block_ids = [inline.key.block_id(d) for d in h.digests]
+        ids[r["seq_id"]] = (block_ids[:p // BS], block_ids[p // BS:])
+        expected.append(capture_record(arrival_s=1.0e9, input_length=p, output_length=o, block_ids=block_ids[:p // BS],
+                                       block_size=BS, fingerprint=inline.key.fingerprint,
+                                       session=inline.key.session_id(r["seq_id"]) if r["start"] else None,
+                                       output_block_ids=block_ids[p // BS:]))
+        if r["after"] is not None:
+            before, kind = r["after"]
+            prompt_ids, output_ids = ids[before]
+            shared = prompt_ids + output_ids if kind in ("resend", "repeat") else prompt_ids
+            assert block_ids[:len(shared)] == shared          # the re-sent reply's blocks: the ids it was named by
+            reused += max(0, len(shared) - 1)                 # (the first block is hashed to find the one continued)
+    assert files[False] == "".join(expected)
+    for kind in ("resend", "again", "repeat"):      # each kind continues a request that has output blocks
+        assert any(ids[r["after"][0]][1] for r in requests if r["after"] and r["after"][1] == kind), kind
+    total = sum(len(a) + len(b) for a, b in ids.values())
+    assert inline.blocks_hashed + inline.blocks_reused == total and inline.blocks_reused == reused

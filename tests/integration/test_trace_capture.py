@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmdeploy_hostcache.testing.harness import HarnessCacheSpec, HarnessModel, WorkloadDriver, mooncake_conversations, weka_conversations
+from lmdeploy_hostcache.testing.harness import (HarnessCacheSpec, HarnessModel, WorkloadDriver, chat_conversations,
+                                                mooncake_conversations, weka_conversations)
 from lmdeploy_hostcache.testing.harness.host_tier import HostTierSpec, build_host_tier_engine, scheduler_side
 
 pytest.importorskip('lmdeploy_hostcache.integration.connector')
@@ -158,14 +159,19 @@ def run_with_capture(tmp_path, conversations, *, gpu_blocks: int, host_slots: in
             own.update(range(matched // BS, (matched + loaded) // BS))
         cached += end
         restored += sum(1 for i in own if i < end)
-    # the original trace: block id = index of the token prefix ending at that block
+    # the original trace: block id = index of the token prefix ending at that block; its output blocks (the full
+    # blocks past the prompt's whose KV the request computed) are named the same way, from prompt + output
     ids: dict[bytes, int] = {}
     reqs = []
     for k, h in enumerate(report.handles):
         prompt = np.asarray(h.prompt, dtype=np.int64)
         hash_ids = tuple(ids.setdefault(prompt[:min(len(prompt), (i + 1) * BS)].tobytes(), len(ids))
                          for i in range(-(-len(prompt) // BS)))
-        reqs.append(Request(arrivals[h.session_id] + k * 1e-6, len(prompt), len(h.output_tokens), hash_ids, k))
+        whole = np.concatenate([prompt, np.asarray(h.output_tokens, dtype=np.int64)])
+        kept = (len(whole) - 1) // BS if len(h.output_tokens) else len(prompt) // BS
+        out_ids = tuple(ids.setdefault(whole[:(i + 1) * BS].tobytes(), len(ids)) for i in range(len(prompt) // BS, kept))
+        reqs.append(Request(arrivals[h.session_id] + k * 1e-6, len(prompt), len(h.output_tokens), hash_ids, k,
+                            output_hash_ids=out_ids))
     original = Trace('harness original', BS, sorted(reqs, key=lambda r: r.timestamp))
     return HarnessRun(path, report.requests, (cached - restored) / prompt_blocks, restored / prompt_blocks,
                       original, preempted[0],
@@ -278,6 +284,11 @@ WORKLOADS = {
                                                                       max_new_tokens=32, trace='synthetic'), 8),
     'weka-all-6-mb30-out48-s9-a8': (lambda: weka_conversations(max_turns=6, max_blocks=30, max_new_tokens=48,
                                                                seed=9), 8),
+    # chats whose later turns re-send the previous prompt, the reply the engine generated and a new message, as an
+    # OpenAI chat client does: the next turn hits the reply's blocks LMDeploy's trie kept (the capture's
+    # output_hash_ids). Six conversations of five turns, 48 output tokens, two shared two-block system prompts
+    'chat-resend-6x5-out48-s81-a3': (lambda: chat_conversations(conversations=6, turns=5, max_new_tokens=48, seed=81), 3),
+    'chat-resend-6x5-out48-s84-a3': (lambda: chat_conversations(conversations=6, turns=5, max_new_tokens=48, seed=84), 3),
 }
 
 
@@ -298,16 +309,21 @@ def test_capture_is_off_by_default():
     assert scheduler_side(engine).capture is None
 
 
-def test_capture_read_back_by_plan_equals_the_original_trace(tmp_path, capsys, exact_lru_clock):
-    """Done-when of item 1: request count and hit rates of the capture = those of the original trace."""
-    gpu, host = 24, 24
-    run = run_with_capture(tmp_path, _weka(), gpu_blocks=gpu, host_slots=host)
+@pytest.mark.parametrize('workload,gpu,host', [('weka', 24, 24), ('chat-resend-6x5-out48-s84-a3', 40, 64)])
+def test_capture_read_back_by_plan_equals_the_original_trace(tmp_path, capsys, exact_lru_clock, workload, gpu, host):
+    """Done-when of item 1: request count and hit rates of the capture = those of the original trace (its
+    output blocks named by their token prefixes too: a chat whose turns re-send the reply hits them)."""
+    run = _run_workload(tmp_path, workload, gpu, host)
     text = open(run.capture_path).read()
     records = [json.loads(line) for line in text.splitlines()]
     assert len(records) == run.requests == len(run.original)
     # no token ids: no record holds any of the prompts' tokens as a field or a list
-    assert set(records[0]) == {'timestamp', 'input_length', 'output_length', 'hash_ids', 'block_size', 'capture'}
+    assert set(records[0]) == {'timestamp', 'input_length', 'output_length', 'hash_ids', 'output_hash_ids',
+                               'block_size', 'capture'}
     assert all(r['block_size'] == BS and len(r['hash_ids']) == r['input_length'] // BS for r in records)
+    assert all(len(r['output_hash_ids']) == (r['input_length'] + r['output_length'] - 1) // BS - r['input_length'] // BS
+               for r in records)
+    assert any(r['output_hash_ids'] for r in records) == workload.startswith('chat')
     captured = read_mooncake(run.capture_path)
     assert sorted((r.input_length, r.output_length) for r in captured.requests) == \
         sorted((r.input_length, r.output_length) for r in run.original.requests)
@@ -321,11 +337,37 @@ def test_capture_read_back_by_plan_equals_the_original_trace(tmp_path, capsys, e
         assert o['with_concurrency'][key] == getattr(conc, key), key
 
 
+def test_a_turn_that_resends_the_reply_hits_the_output_blocks_the_turn_before_left(tmp_path, capsys, exact_lru_clock):
+    """A turn marked ``resend`` is sent as the previous prompt, the tokens the engine generated and the new
+    message (an OpenAI chat client). LMDeploy's trie kept the reply's full blocks, so the next turn hits them;
+    the capture names them (``output_hash_ids``, the ids the next prompt's blocks get) and every replay credits
+    them as the harness measured. Without the field (an older capture) they miss."""
+    convs = chat_conversations(conversations=1, turns=2, user_tokens=(8, 9), max_new_tokens=48, seed=90)
+    run = run_with_capture(tmp_path, convs, gpu_blocks=32, host_slots=16, max_active=1)
+    first, second = [json.loads(line) for line in open(run.capture_path)]
+    # turn 1: 32 system + 8 user tokens and 48 generated: the KV of 87 tokens, 5 full blocks, 3 past the prompt's 2
+    assert (first['input_length'], first['output_length'], len(first['output_hash_ids'])) == (40, 48, 3)
+    assert second['input_length'] == 40 + 48 + 8
+    assert second['hash_ids'][:5] == first['hash_ids'] + first['output_hash_ids']
+    assert run.gpu_hit_rate == 5 / 9      # turn 2 matched 5 of its 6 blocks (the last is recomputed), of 3 + 6
+    for extra in ((), ENGINE_STEPS):
+        o = _plan_json(capsys, run.capture_path, 31, 16, *extra)
+        assert o['with_concurrency']['gpu_hit_rate'] == 5 / 9 and o['gpu_hit_rate'] == 5 / 9
+    old = tmp_path / 'without-output-ids.jsonl'
+    old.write_text(''.join(json.dumps({k: v for k, v in r.items() if k != 'output_hash_ids'}) + '\n'
+                           for r in (first, second)))
+    for extra in ((), ENGINE_STEPS):
+        o = _plan_json(capsys, str(old), 31, 16, *extra)
+        assert o['with_concurrency']['gpu_hit_rate'] == 2 / 9 and o['gpu_hit_rate'] == 2 / 9
+
+
 # (workload, usable GPU blocks + 1 reserved, host slots): where the planner with concurrency agrees with
 # the harness within TOLERANCE. Measured by this test's own runs (printed with -s); see docs/planner.md
 # "Concurrency" for the squeezed sizes where it does not yet. Mooncake 40/24 agrees since the replay
 # keeps a host copy unrestorable for HOST_WRITE_ITERATIONS (before: host 0.062 vs 0.018).
-VALIDATION = [('weka', 32, 24), ('weka', 48, 48), ('mooncake', 40, 24), ('mooncake', 48, 24)]
+VALIDATION = [('weka', 32, 24), ('weka', 48, 48), ('mooncake', 40, 24), ('mooncake', 48, 24),
+              # turns that re-send the reply (0.18 low on the GPU before the capture named output blocks)
+              ('chat-resend-6x5-out48-s81-a3', 96, 48)]
 
 
 @pytest.mark.parametrize('workload,gpu,host', VALIDATION)
@@ -371,7 +413,11 @@ VALIDATION_STEPS = [('weka', 24, 24), ('weka', 28, 24), ('weka', 32, 24), ('moon
                     ('mooncake-70-mb40-s3-t1-out5-a5', 88, 16, (4, 4, 192), 'size', 'arc'),
                     ('weka-all-6-mb44-s2-a4', 64, 32, (4, 4, 256), 'fifo', 'arc'),
                     # round 10: held-out 14's one miss (0.046 off before item 36: two loads of the same host blocks)
-                    ('weka-all-6-mb44-s2-a4', 48, 24, (4, 4, 256), 'fifo')]
+                    ('weka-all-6-mb44-s2-a4', 48, 24, (4, 4, 256), 'fifo'),
+                    # turns that re-send the reply: a roomy GPU tier, and a squeezed one whose demoted reply blocks
+                    # are restored from the host tier (0.21 and 0.08 off before output_hash_ids)
+                    ('chat-resend-6x5-out48-s81-a3', 96, 48, HARNESS_ENGINE, 'size', 'arc'),
+                    ('chat-resend-6x5-out48-s84-a3', 40, 64, HARNESS_ENGINE, 'size', 'arc')]
 # (round 12's rows are in EXACT_STEPS below: asserted to the third decimal)
 
 
@@ -452,10 +498,10 @@ def test_capture_costs_little_next_to_the_engine_steps(tmp_path, exact_lru_clock
           f'file opened at engine start in {cost.open_seconds * 1e6:.0f} us (outside the steps); {cap.flushes} '
           f'flushes, {cap.writer.writes} writes; measured on this machine')
     records = [json.loads(line) for line in open(cost.path)]
-    ids = [i for r in records for i in r['hash_ids']]
+    ids = [i for r in records for i in r['hash_ids'] + r['output_hash_ids']]   # prompt and kept output blocks
     assert cap.records == len(records) == n
-    # each full prompt block's digest is chain-hashed at most once per request; a prompt that continues
-    # an earlier one (the next turn of a conversation) takes that one's digests instead
+    # each full prompt block's (and kept output block's) digest is chain-hashed at most once per request; a
+    # prompt that continues an earlier one (the next turn of a conversation) takes that one's digests instead
     done = cap.encoder_counters()     # the helper process's counters (capture_offload, the default)
     assert cap.offload and done['records'] == n and done['batches'] == cap.flushes
     assert done['blocks_hashed'] + done['blocks_reused'] == len(ids) and 0 < done['blocks_reused'] < len(ids)
@@ -773,8 +819,10 @@ def _fake_seq(seq_id, tokens, *, salt='', start=0, output=2):
 
 def test_batched_capture_writes_the_records_of_the_documented_formula(tmp_path):
     """Queued, batch-encoded records with digests taken from an earlier prompt that this one continues
-    are line for line the records built one at a time from ChainHasher digests and the keyed-id formula."""
+    are line for line the records built one at a time from ChainHasher digests and the keyed-id formula
+    (over the prompt's full blocks and the kept output blocks: here one, the 15-token prompt's)."""
     from lmdeploy_hostcache.capture import capture_record
+    from lmdeploy_hostcache.capture.record import kept_tokens
     from lmdeploy_hostcache.tier.digest import ChainHasher, salted_root
 
     cap, ns = _fake_capture(tmp_path)
@@ -792,14 +840,16 @@ def test_batched_capture_writes_the_records_of_the_documented_formula(tmp_path):
         arrival = cap._arrival[i][1]
         cap.on_request_finished(seq)
         h = ChainHasher(ns, parent=salted_root(ns, salt))
-        h.extend(tokens[:len(tokens) // BS * BS])
+        h.extend(seq.all_ids[:kept_tokens(len(tokens), 2, BS)])
+        ids = [cap.key.block_id(d) for d in h.digests]
         expected.append(capture_record(arrival_s=arrival, input_length=len(tokens), output_length=2,
-                                       block_ids=[cap.key.block_id(d) for d in h.digests], block_size=BS,
+                                       block_ids=ids[:len(tokens) // BS], block_size=BS,
                                        fingerprint=cap.key.fingerprint,
-                                       session=cap.key.session_id(i) if start else None))
+                                       session=cap.key.session_id(i) if start else None,
+                                       output_block_ids=ids[len(tokens) // BS:]))
     cap.close()
     assert open(tmp_path / 'c.jsonl').read() == ''.join(expected)
-    total = sum(len(t) // BS for t, _, _ in prompts)
+    total = sum(len(t) // BS for t, _, _ in prompts) + 1         # + the 15-token prompt's output block
     # reused: turn 2 continues turn 1 (4 blocks after the first, which is always hashed); the last one
     # continues the shorter prompt, the latest remembered with that first block (1); the others hash all
     assert cap.blocks_reused == 4 + 1 and cap.blocks_hashed + cap.blocks_reused == total

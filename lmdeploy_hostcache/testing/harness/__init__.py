@@ -21,11 +21,13 @@ from .cpu_engine import REPLICATED_SOURCES, CpuEngine, CpuExecutor, CpuModelAgen
 from .driver import RunReport, WorkloadDriver
 from .kv_layout import CpuKVCache, HarnessCacheSpec, HarnessModel
 from .oracle import PrefixOracle
-from .workloads import TurnSpec, assign_aborts, mooncake_conversations, scale_hash_ids, weka_conversations
+from .workloads import (TurnSpec, assign_aborts, chat_conversations, mooncake_conversations, scale_hash_ids,
+                        weka_conversations)
 
 __all__ = [
     'CheckStats', 'CpuEngine', 'CpuExecutor', 'CpuKVCache', 'CpuModelAgent', 'HarnessCacheSpec', 'HarnessError',
     'HarnessModel', 'KVChecker', 'KVMismatch', 'PrefixOracle', 'REPLICATED_SOURCES', 'RunReport', 'TurnSpec',
-    'WorkloadDriver', 'assign_aborts', 'check_gpu_refcounts_balanced', 'mooncake_conversations', 'scale_hash_ids',
+    'WorkloadDriver', 'assign_aborts', 'chat_conversations', 'check_gpu_refcounts_balanced', 'mooncake_conversations',
+    'scale_hash_ids',
     'source_digest', 'weka_conversations',
 ]

@@ -5,6 +5,10 @@ Turn ``k+1`` of a conversation arrives ``think_steps`` engine iterations after t
 ``max_active`` conversations have a request in flight. Request handlers (add, abort) run between
 engine iterations, which is where LMDeploy's ``preprocess_loop`` runs them.
 
+A turn marked ``resend`` (``TurnSpec.resend``) is sent as the conversation's previous prompt, the tokens the
+engine generated for it and the turn's own ``prompt`` (an OpenAI chat client re-sending the conversation); the
+handle's ``prompt`` is what was sent.
+
 Abort kinds: ``'waiting'`` -- on the first iteration after arrival; ``'loading'`` -- as soon as the
 sequence is seen in ``WAITING_FOR_REMOTE_KVS`` (if it never loads: when its first token is out);
 ``'decoding'`` -- after its first generated token.
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from lmdeploy.pytorch.messages import MessageStatus
 
 from .checker import KVChecker
@@ -55,6 +60,7 @@ class WorkloadDriver:
         self._next_turn = [0] * len(self.conversations)
         self._ready_at = [c * stagger for c in range(len(self.conversations))]
         self._active: dict[int, tuple[int, TurnSpec, RequestHandle]] = {}  # conv -> (session, turn, handle)
+        self._last: dict[int, RequestHandle] = {}    # conv -> its latest request (a resent turn extends it)
         self._loading_seen: set[int] = set()
 
     # -- arrivals and aborts ---------------------------------------------------------------
@@ -65,11 +71,18 @@ class WorkloadDriver:
             if c in self._active or self._next_turn[c] >= len(turns) or self._ready_at[c] > self.iteration:
                 continue
             turn = turns[self._next_turn[c]]
-            handle = self.engine.add_request(turn.prompt, turn.max_new_tokens)
+            prompt = turn.prompt
+            if turn.resend and c in self._last:
+                prev = self._last[c]
+                prompt = np.concatenate([np.asarray(prev.prompt, dtype=np.int64),
+                                         np.asarray(prev.output_tokens, dtype=np.int64),
+                                         np.asarray(prompt, dtype=np.int64)])
+            handle = self.engine.add_request(prompt, turn.max_new_tokens)
+            self._last[c] = handle
             self._active[c] = (handle.session_id, turn, handle)
             self._next_turn[c] += 1
             self.report.requests += 1
-            self.report.prompt_tokens += len(turn.prompt)
+            self.report.prompt_tokens += len(prompt)
             self.report.handles.append(handle)
 
     def _should_abort(self, turn: TurnSpec, handle: RequestHandle, launched_now: bool) -> bool:

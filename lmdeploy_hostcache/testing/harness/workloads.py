@@ -13,6 +13,11 @@ becomes a proportionally shorter partial block, so prompts are not block aligned
 - Mooncake conversation trace (512-token blocks, one global id space): requests are grouped into
   conversations by their first block after the shared system block; one trace block becomes one
   synthetic block.
+
+``chat_conversations`` is not taken from a trace: chats whose later turns re-send the conversation as
+an OpenAI chat client does (``TurnSpec.resend``: the previous turn's prompt, the tokens the engine
+generated for it, then the new message), which the traces above never do (their next turn names its
+own tokens where the reply was).
 """
 from __future__ import annotations
 
@@ -44,6 +49,9 @@ class TurnSpec:
     max_new_tokens: int
     think_steps: int = 0
     abort: str | None = None  # None | 'waiting' | 'loading' | 'decoding'
+    # True: ``prompt`` is only this turn's new message; the driver sends the conversation's previous prompt,
+    # the tokens the engine generated for it, then ``prompt`` (an OpenAI chat client re-sending the reply)
+    resend: bool = False
 
 
 def _block_tokens(source: str, ids: tuple[int, ...], length: int, vocab: int, seed: int) -> np.ndarray:
@@ -145,6 +153,33 @@ def mooncake_conversations(*, max_requests: int = 24, block_size: int = 16, max_
         if taken >= max_requests:
             break
     return conversations
+
+
+def chat_conversations(*, conversations: int = 6, turns: int = 5, system_prompts: int = 2, system_blocks: int = 2,
+                       user_tokens: tuple[int, int] = (8, 40), max_new_tokens: int = 48, think_steps: int = 1,
+                       block_size: int = 16, seed: int = 0, vocab: int = 32000) -> list[list[TurnSpec]]:
+    """Chats whose turns after the first re-send the conversation (``TurnSpec.resend``): conversation ``c``
+    opens with system prompt ``c % system_prompts`` (``system_blocks`` full blocks) and a user message of
+    ``user_tokens`` tokens (a uniform range, the upper end excluded); each later turn adds one such message
+    after the previous prompt and its reply (``max_new_tokens`` tokens: the harness model never stops
+    early)."""
+    if min(conversations, turns, system_prompts, block_size) <= 0 or system_blocks < 0 or \
+            not 0 < user_tokens[0] < user_tokens[1]:
+        raise ValueError('chat_conversations: counts and block_size must be positive, user_tokens a range (lo, hi) '
+                         'with 0 < lo < hi')
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(10, vocab, size=system_blocks * block_size, dtype=np.int64)
+               for _ in range(system_prompts)]
+    chats = []
+    for c in range(conversations):
+        first = np.concatenate([systems[c % system_prompts],
+                                rng.integers(10, vocab, size=int(rng.integers(*user_tokens)), dtype=np.int64)])
+        spec = [TurnSpec(f'chat/{c}', 0, first, max_new_tokens, think_steps=think_steps)]
+        for k in range(1, turns):
+            message = rng.integers(10, vocab, size=int(rng.integers(*user_tokens)), dtype=np.int64)
+            spec.append(TurnSpec(f'chat/{c}', k, message, max_new_tokens, think_steps=think_steps, resend=True))
+        chats.append(spec)
+    return chats
 
 
 def assign_aborts(conversations: list[list[TurnSpec]], *, rate: float, kinds=('loading', 'decoding', 'waiting'),
