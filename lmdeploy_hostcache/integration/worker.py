@@ -35,6 +35,20 @@ wait for ever with their slots pinned; the scheduler ignores the marker of a poo
 it saw (``first_step`` is then its floor). Invariant: no load ever reads a host slot that was not
 written since its pool was created.
 
+Copy-engine faults. A copy op's demotions and loads fail independently (``CopyResult.stores_ok`` /
+``loads_ok``; a load reading a slot its own op's failed demotion was writing fails with it). A
+``poll`` of the copy engine that raises never reaches LMDeploy's step: the worker first waits for
+every copy in flight (``wait_all``: once it returns, no copy of those ops moves a byte any more),
+then reports every op in flight as failed (their requests recompute, their demotion batches are
+dropped, their slots stay unreadable; a result the engine reports for them later is ignored). If
+``wait_all`` raises too, the copies cannot be shown to have stopped: the engine is retired (never
+polled or submitted to again; every later copy is reported failed at once, so the server runs on
+as if without a host tier, recomputing) and the ops in flight are reported failed all the same,
+since their requests would otherwise wait for ever with their slots pinned. Loads refused before
+submit and failed submits are kept until the output carrying them is built: a fault while
+polling never loses them. The first poll failure is logged with its traceback, later ones at
+debug level; ``poll_failures`` counts them.
+
 Teardown. ``shutdown`` (LMDeploy calls it at engine sleep, any level, at wakeup's
 ``build_cache_engine`` before a new connector is built, and at engine close) drains every
 submitted copy, records what the drain completed in ``last_drain`` (and the log; LMDeploy
@@ -56,6 +70,7 @@ executor; ids complete only when every rank reported them, invalid ids are union
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -242,6 +257,8 @@ class HostTierWorker:
         self._unwritten_reads = 0                      # refused loads since the last poll: slot never written
         self._announce_pool = False                    # a new pool not yet reported (pool_reset_marker)
         self.corrupt_write_backs = 0                   # store write-backs refused: slot checksum mismatch
+        self.poll_failures = 0                         # copy-engine polls that raised (ops in flight failed)
+        self.engine_retired: str | None = None         # why the copy engine is no longer used (its wait raised)
         self.first_step: int | None = None             # metadata step of the first plan this worker received
         self.last_drain: DrainReport | None = None
         self.l3 = None                                 # l3_tier.WorkerL3 with an l3: section
@@ -332,6 +349,9 @@ class HostTierWorker:
                                tuple(ld.request_id for ld in host_loads),
                                tuple(gpu for _, gpu in loads),
                                tuple(slot for _, slot in meta.demotions))
+        if self.engine_retired is not None:   # nothing moves: reported failed at the next poll (recompute)
+            self._failed_submits.append(op_id)
+            return
         try:
             self.engine.submit(op_id, demotions=list(meta.demotions), loads=loads)
         except Exception:  # reported as a failed op: the scheduler falls back to recompute
@@ -430,31 +450,29 @@ class HostTierWorker:
         return True
 
     def get_finished(self) -> KVConnectorOutput:
-        """Terminal progress since the last poll, in the encoding of the module docstring."""
+        """Terminal progress since the last poll, in the encoding of the module docstring.
+
+        Never raises on a copy-engine fault (see "Copy-engine faults"); refused loads and failed
+        submits leave their queues only once the output reporting them has been built."""
         finished: set[int] = set()
         saved: set[int] = set()
         invalid: set[int] = set()
-        for load in self._rejected_loads:
+        rejected, failed_submits = len(self._rejected_loads), len(self._failed_submits)
+        for load in self._rejected_loads[:rejected]:
             finished.add(load.request_id)
             invalid.update(load.gpu_blocks)
-        self._rejected_loads.clear()
-        if self._unwritten_reads:
+        unwritten_reads = self._unwritten_reads
+        if unwritten_reads:
             invalid.add(pool_reset_marker(self.first_step if self.first_step is not None else 0))
-            self._unwritten_reads = 0
-        if self._announce_pool and self.first_step is not None:
+        announce = self._announce_pool and self.first_step is not None
+        if announce and self.first_step > 1:
             # once per pool: copies shipped before first_step went to an older pool, and their
             # outcomes will never come (the scheduler ignores the marker when it saw the teardown;
             # an engine's first pool, from metadata step 1, has nothing before it to report)
-            if self.first_step > 1:
-                invalid.add(pool_reset_marker(self.first_step))
-            self._announce_pool = False
-        outcomes = [(op_id, False, False) for op_id in self._failed_submits]
-        self._failed_submits.clear()
-        if self.engine is not None:
-            for res in self.engine.poll():
-                outcomes.append((res.op_id, bool(res.stores_ok), bool(res.loads_ok)))
-                if not res.ok:
-                    logger.warning("host tier rank %d: copy op %d failed: %s", self.tp_rank, res.op_id, res.error)
+            invalid.add(pool_reset_marker(self.first_step))
+        outcomes = [(op_id, False, False) for op_id in self._failed_submits[:failed_submits]]
+        if self.engine is not None and self.engine_retired is None:
+            outcomes.extend(self._poll_engine(set(self._failed_submits[:failed_submits])))
         for op_id, stores_ok, loads_ok in outcomes:
             op = self._ops.pop(op_id, None)
             if op is None:
@@ -475,8 +493,43 @@ class HostTierWorker:
             finished.update(op.request_ids)
             if not loads_ok:
                 invalid.update(op.gpu_blocks)
-        return KVConnectorOutput(completed_save_ids=saved or None, finished_receiving=finished or None,
-                                 invalid_block_ids=invalid)
+        out = KVConnectorOutput(completed_save_ids=saved or None, finished_receiving=finished or None,
+                                invalid_block_ids=invalid)
+        # reported now: only what this output carries leaves the queues
+        del self._rejected_loads[:rejected]
+        del self._failed_submits[:failed_submits]
+        self._unwritten_reads -= unwritten_reads
+        if announce:
+            self._announce_pool = False
+        return out
+
+    def _poll_engine(self, reported: set[int]) -> list[tuple[int, bool, bool]]:
+        """``(op_id, stores_ok, loads_ok)`` of the ops the copy engine completed. When its ``poll`` raises:
+        wait for every copy in flight (retiring the engine if that raises too, see the module docstring),
+        then every op in flight not in ``reported`` is failed."""
+        try:
+            results = self.engine.poll()
+        except Exception as exc:   # noqa: BLE001 - never into LMDeploy's step: the ops in flight recompute
+            self.poll_failures += 1
+            in_flight = [op_id for op_id in self._ops if op_id not in reported]
+            log = logger.debug if self.poll_failures > 1 else logger.error
+            log("host tier rank %d: polling the copy engine failed (%s: %s); the %d copy op(s) in flight are "
+                "reported failed (recompute)", self.tp_rank, type(exc).__name__, exc, len(in_flight),
+                exc_info=self.poll_failures == 1)
+            try:
+                self.engine.wait_all()   # once it returns, no copy of the failed ops moves a byte any more
+            except Exception as wait_exc:   # noqa: BLE001
+                self.engine_retired = f"{type(wait_exc).__name__}: {wait_exc}"
+                logger.error("host tier rank %d: waiting for the copies in flight failed too (%s); the copy engine "
+                             "is retired: every later copy is reported failed and recomputed", self.tp_rank,
+                             self.engine_retired)
+            return [(op_id, False, False) for op_id in in_flight]
+        out = []
+        for res in results:
+            out.append((res.op_id, bool(res.stores_ok), bool(res.loads_ok)))
+            if not res.ok:
+                logger.warning("host tier rank %d: copy op %d failed: %s", self.tp_rank, res.op_id, res.error)
+        return out
 
     @property
     def num_inflight(self) -> int:
@@ -488,7 +541,13 @@ class HostTierWorker:
         when LMDeploy tells it the workers drained (engine sleep) or shut down (close)."""
         engine, self.engine = self.engine, None
         results = []
-        if engine is not None:
+        if engine is not None and self.engine_retired is not None:
+            # its wait already raised: nothing to drain; release what can be released
+            logger.warning("host tier rank %d: shutdown of a retired copy engine (%s): not drained",
+                           self.tp_rank, self.engine_retired)
+            with contextlib.suppress(Exception):
+                engine.pool.close()
+        elif engine is not None:
             try:
                 engine.wait_all()
                 results = engine.poll()

@@ -28,6 +28,15 @@ undefined; an injected failure leaves them untouched, a real one may have writte
 part of them), a failed store's host slots are invalid.  The caller must treat
 them as garbage: LMDeploy rolls a failed load back and recomputes; the host index
 drops a failed store (``complete_store(..., success=False)``).
+
+The two halves of an op fail independently: ``stores_ok`` is false only when the
+demotion part failed (injected, or an exception while gathering, staging or writing
+the slots) and ``loads_ok`` only when the load part failed, so a fault in one half
+never drops demotions that landed nor fails loads that landed.  One exception: an
+op's demotions are issued before its loads, so a load may read a slot the same op
+demotes into (it then gets the demoted bytes); when that op's store part failed the
+slot was not (or only partly) written, and the op's loads are failed too without
+running (``loads_ok=False``): no load reads a host slot its store failed to write.
 """
 from __future__ import annotations
 
@@ -82,6 +91,11 @@ class _Plan:
     fail_store: bool = False
     fail_load: bool = False
     errors: list[str] = field(default_factory=list)
+
+    def loads_read_failed_store(self) -> bool:
+        """True when a load of this op reads a slot this op's demotions write (then a failed store
+        fails the loads too: the slot holds unwritten or partly written bytes)."""
+        return bool(self.load_blocks and self.dem_blocks and not set(self.load_slots).isdisjoint(self.dem_slots))
 
 
 def _as_int(v, what: str) -> int:
@@ -140,7 +154,11 @@ class CopyEngine:
             plan.fail_load = True
             plan.errors.append("load failed (injected)")
         self._inflight.add(plan.op_id)
-        self._enqueue(plan)
+        try:
+            self._enqueue(plan)
+        except BaseException:
+            self._inflight.discard(plan.op_id)   # never queued: no result will come for it
+            raise
 
     def poll(self) -> list[CopyResult]:
         """Ops completed since the last poll, in submission order."""
@@ -217,10 +235,12 @@ class CopyEngine:
             return kernels
         return reference
 
-    def _result(self, plan: _Plan, error: str | None = None) -> CopyResult:
-        stores_ok = not plan.fail_store and error is None
-        loads_ok = not plan.fail_load and error is None
-        errors = plan.errors + ([error] if error else [])
+    def _result(self, plan: _Plan, store_error: str | None = None, load_error: str | None = None) -> CopyResult:
+        """Each half's outcome from its own failure only (injected in ``plan``, or the error its
+        phase raised); ``error`` joins every message."""
+        stores_ok = not plan.fail_store and store_error is None
+        loads_ok = not plan.fail_load and load_error is None
+        errors = plan.errors + [e for e in (store_error, load_error) if e]
         if stores_ok and plan.dem_blocks:
             self.stats.blocks_stored += len(plan.dem_blocks)
             self.stats.bytes_to_host += len(plan.dem_blocks) * self.format.slot_bytes
@@ -247,7 +267,8 @@ class _CpuOp:
 
     plan: _Plan
     polls_left: int
-    error: str | None = None
+    store_error: str | None = None   # the demotion part failed (gather at submit, or slot writes)
+    load_error: str | None = None    # the load part failed (or did not run: it read a failed store's slot)
     gathered: torch.Tensor | None = None
     landed: bool = False
 
@@ -280,26 +301,31 @@ class CpuCopyEngine(CopyEngine):
             if plan.dem_blocks and not plan.fail_store:
                 op.gathered = self._gather(plan.dem_blocks)
         except Exception as exc:  # a real failure: declared invalid, reported through poll
-            op.error = f"{type(exc).__name__}: {exc}"
+            op.store_error = f"store failed: {type(exc).__name__}: {exc}"
         self._done.append(op)
 
     def _land(self, op: _CpuOp) -> None:
-        """An op's copies run (once): demotions' bytes into their slots, then the loads into their blocks;
-        a failure becomes the op's error."""
+        """An op's copies run (once): demotions' bytes into their slots, then the loads into their blocks.
+        Each half's failure becomes its own error; the loads run after a failed store part unless they
+        read one of its slots (then they fail without reading it)."""
         if op.landed:
             return
         op.landed = True
-        if op.error is not None:
-            return
         plan = op.plan
-        try:
-            if op.gathered is not None:
+        if op.gathered is not None and op.store_error is None:
+            try:
                 self._write_slots(plan.dem_slots, op.gathered)
-            if plan.load_blocks and not plan.fail_load:
-                self._load(plan.load_slots, plan.load_blocks)
-        except Exception as exc:
-            op.error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
+                op.store_error = f"store failed: {type(exc).__name__}: {exc}"
         op.gathered = None
+        if plan.load_blocks and not plan.fail_load:
+            if (op.store_error is not None or plan.fail_store) and plan.loads_read_failed_store():
+                op.load_error = "load not run: it reads a host slot whose store in the same op failed"
+                return
+            try:
+                self._load(plan.load_slots, plan.load_blocks)
+            except Exception as exc:
+                op.load_error = f"load failed: {type(exc).__name__}: {exc}"
 
     def _gather(self, blocks: list[int]) -> torch.Tensor:
         ids = torch.tensor(blocks, dtype=torch.long, device=self.device)
@@ -335,7 +361,7 @@ class CpuCopyEngine(CopyEngine):
         while self._done and self._done[0].polls_left < 0:   # in submit order, as a stream completes them
             op = self._done.popleft()
             self._land(op)
-            out.append(self._result(op.plan, op.error))
+            out.append(self._result(op.plan, op.store_error, op.load_error))
         return out
 
     def wait_all(self) -> None:
@@ -406,53 +432,77 @@ class CudaCopyEngine(CopyEngine):
         return dev
 
     def _enqueue(self, plan: _Plan) -> None:
+        """Issue the op on the copy stream: the demotion part, then the load part, then the completion
+        event. Each part's exception is that part's error only (``stores_ok``/``loads_ok``); the load
+        part still runs after a failed demotion part unless one of its slots is a demotion destination
+        of this op (then it is not issued and fails: the slot was not, or only partly, written). What a
+        failed part issued before raising stays in stream order before the event, so the op completes
+        (and its staging is released) only after it."""
         keep: list = []
-        error = None
+        store_error = load_error = None
         compute = torch.cuda.current_stream(self.device)
-        step = self.blocks_per_staging
-        impl = self._impl()
         try:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_stream(compute)
                 if plan.dem_blocks and not plan.fail_store:
-                    order = sorted(range(len(plan.dem_slots)), key=plan.dem_slots.__getitem__)
-                    blocks = [plan.dem_blocks[k] for k in order]
-                    slots = [plan.dem_slots[k] for k in order]
-                    stagings = []
-                    for a in range(0, len(blocks), step):
-                        staging = torch.empty((len(blocks[a:a + step]), self.format.slot_bytes),
-                                              dtype=torch.uint8, device=self.device)
-                        impl.gather(self.rows, self.layout, self.format, self._ids(blocks[a:a + step], keep),
-                                    staging)
-                        stagings.append(staging)
-                        keep.append(staging)
-                    gathered = torch.cuda.Event()
-                    gathered.record(self.copy_stream)
-                    compute.wait_event(gathered)  # the forward may reuse demoted pages only after this
-                    for c, staging in enumerate(stagings):
-                        part = slots[c * step:(c + 1) * step]
-                        for pos, first, count in _runs(part):
-                            self._host_runs(first, count, staging[pos:pos + count], to_host=True)
+                    try:
+                        self._enqueue_stores(plan, compute, keep)
+                    except Exception as exc:
+                        store_error = f"store failed: {type(exc).__name__}: {exc}"
                 if plan.load_blocks and not plan.fail_load:
-                    order = sorted(range(len(plan.load_slots)), key=plan.load_slots.__getitem__)
-                    slots = [plan.load_slots[k] for k in order]
-                    blocks = [plan.load_blocks[k] for k in order]
-                    for a in range(0, len(blocks), step):
-                        part = slots[a:a + step]
-                        staging = torch.empty((len(part), self.format.slot_bytes), dtype=torch.uint8,
-                                              device=self.device)
-                        keep.append(staging)
-                        for pos, first, count in _runs(part):
-                            self._host_runs(first, count, staging[pos:pos + count], to_host=False)
-                        impl.scatter(staging, self.layout, self.format, self._ids(blocks[a:a + step], keep),
-                                     self.rows)
-                done = torch.cuda.Event()
-                done.record(self.copy_stream)
-        except Exception as exc:
+                    if (store_error is not None or plan.fail_store) and plan.loads_read_failed_store():
+                        load_error = "load not run: it reads a host slot whose store in the same op failed"
+                    else:
+                        try:
+                            self._enqueue_loads(plan, keep)
+                        except Exception as exc:
+                            load_error = f"load failed: {type(exc).__name__}: {exc}"
+        except Exception as exc:   # entering the copy stream or waiting for compute: neither part was issued
             error = f"{type(exc).__name__}: {exc}"
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        self._pending.append((done, keep, plan, error))
+            if plan.dem_blocks and not plan.fail_store and store_error is None:
+                store_error = f"store failed: {error}"
+            if plan.load_blocks and not plan.fail_load and load_error is None:
+                load_error = f"load failed: {error}"
+        done = torch.cuda.Event()
+        done.record(self.copy_stream)
+        self._pending.append((done, keep, plan, store_error, load_error))
+
+    def _enqueue_stores(self, plan: _Plan, compute, keep: list) -> None:
+        """Gather the demoted blocks into staging, make the forward wait for the gathers, then D2H."""
+        step = self.blocks_per_staging
+        impl = self._impl()
+        order = sorted(range(len(plan.dem_slots)), key=plan.dem_slots.__getitem__)
+        blocks = [plan.dem_blocks[k] for k in order]
+        slots = [plan.dem_slots[k] for k in order]
+        stagings = []
+        for a in range(0, len(blocks), step):
+            staging = torch.empty((len(blocks[a:a + step]), self.format.slot_bytes),
+                                  dtype=torch.uint8, device=self.device)
+            impl.gather(self.rows, self.layout, self.format, self._ids(blocks[a:a + step], keep), staging)
+            stagings.append(staging)
+            keep.append(staging)
+        gathered = torch.cuda.Event()
+        gathered.record(self.copy_stream)
+        compute.wait_event(gathered)  # the forward may reuse demoted pages only after this
+        for c, staging in enumerate(stagings):
+            part = slots[c * step:(c + 1) * step]
+            for pos, first, count in _runs(part):
+                self._host_runs(first, count, staging[pos:pos + count], to_host=True)
+
+    def _enqueue_loads(self, plan: _Plan, keep: list) -> None:
+        """H2D the loaded slots into staging and scatter them into their pages."""
+        step = self.blocks_per_staging
+        impl = self._impl()
+        order = sorted(range(len(plan.load_slots)), key=plan.load_slots.__getitem__)
+        slots = [plan.load_slots[k] for k in order]
+        blocks = [plan.load_blocks[k] for k in order]
+        for a in range(0, len(blocks), step):
+            part = slots[a:a + step]
+            staging = torch.empty((len(part), self.format.slot_bytes), dtype=torch.uint8, device=self.device)
+            keep.append(staging)
+            for pos, first, count in _runs(part):
+                self._host_runs(first, count, staging[pos:pos + count], to_host=False)
+            impl.scatter(staging, self.layout, self.format, self._ids(blocks[a:a + step], keep), self.rows)
 
     def _host_runs(self, first: int, count: int, staging: torch.Tensor, to_host: bool) -> None:
         view = self.pool.slot_range_view(first, count)
@@ -467,9 +517,9 @@ class CudaCopyEngine(CopyEngine):
     def _collect(self) -> list[CopyResult]:
         out = []
         while self._pending and self._pending[0][0].query():
-            _, keep, plan, error = self._pending.popleft()
+            _, keep, plan, store_error, load_error = self._pending.popleft()
             keep.clear()  # staging may be reused now
-            out.append(self._result(plan, error))
+            out.append(self._result(plan, store_error, load_error))
         return out
 
     def wait_all(self) -> None:

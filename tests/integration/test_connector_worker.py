@@ -519,3 +519,146 @@ def test_checksum_off_does_not_hash():
     run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((4, 1),)))
     assert w.worker_side._checksums == {}
     w.shutdown()
+
+
+def test_a_fault_in_one_half_of_a_copy_op_spares_the_other_half(monkeypatch):
+    """A load that dies part-way leaves the same op's demotions stored (their slots readable and
+    restorable later); a demotion that dies part-way leaves the same op's loads restored."""
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache)
+    ws = w.worker_side
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    orig = {b: cache.block(b) for b in range(cc.num_gpu_blocks)}
+    assert run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((1, 0), (2, 1)))).completed_save_ids == {0}
+
+    def dies_after_first(name):
+        real = getattr(ws.engine, name)
+
+        def broken(slots, x):
+            real(slots[:1], x[:1])
+            raise RuntimeError(f"{name} died")
+        monkeypatch.setattr(ws.engine, name, broken)
+
+    dies_after_first("_load")
+    out = run(w, HostTierMetadata(step=2, demotion_batch=1, demotions=((3, 2), (4, 3)),
+                                  loads=(HostLoad(7, (0, 1), (8, 9)),)))
+    assert out.completed_save_ids == {1} and out.finished_receiving == {7}
+    assert out.invalid_block_ids == {8, 9}, "the loads failed, the demotion batch did not"
+    monkeypatch.undo()
+    out = run(w, HostTierMetadata(step=3, loads=(HostLoad(8, (2, 3), (10, 11)),)))
+    assert out.finished_receiving == {8} and not out.invalid_block_ids
+    assert torch.equal(cache.block(10), orig[3]) and torch.equal(cache.block(11), orig[4])
+
+    dies_after_first("_write_slots")
+    out = run(w, HostTierMetadata(step=4, demotion_batch=2, demotions=((5, 4), (6, 5)),
+                                  loads=(HostLoad(9, (0, 1), (8, 9)),)))
+    assert out.completed_save_ids == {2} and out.finished_receiving == {9}
+    assert out.invalid_block_ids == {failed_demotion_marker(2)}, "the demotions failed, the loads did not"
+    assert torch.equal(cache.block(8), orig[1]) and torch.equal(cache.block(9), orig[2])
+    monkeypatch.undo()
+    # the failed demotion's slots stay unreadable: a load of one is refused before a byte moves
+    before = cache.block(7)
+    out = run(w, HostTierMetadata(step=5, loads=(HostLoad(10, (4,), (7,)),)))
+    assert out.finished_receiving == {10} and out.invalid_block_ids == {7, pool_reset_marker(1)}
+    assert torch.equal(cache.block(7), before)
+    w.shutdown()
+
+
+def _failing(*_a, **_k):
+    raise RuntimeError("injected poll failure")
+
+
+def test_a_poll_that_raises_fails_the_ops_in_flight_and_loses_no_outcome(monkeypatch, caplog):
+    """The copy engine's poll raising never reaches LMDeploy's step: the refused load and every op in
+    flight are reported failed (recompute), after the worker waited for their copies, so nothing lands
+    later in blocks LMDeploy has reused; a failed demotion's slot stays unreadable."""
+    cc = cache_config(checksum=True)
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache, delay_polls=1)
+    ws = w.worker_side
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((4, 1), (5, 3))))
+    assert run(w, HostTierMetadata(step=2)).completed_save_ids == {0}
+    ws.pool.slot_view(1)[5] ^= 0xFF                     # the next load of slot 1 is refused (checksum)
+    w.bind_connector_metadata(HostTierMetadata(step=3, demotion_batch=1, demotions=((6, 2),),
+                                               loads=(HostLoad(9, (1,), (10,)), HostLoad(8, (3,), (11,)))))
+    w.start_load_kv()
+    assert ws.num_inflight == 1
+    monkeypatch.setattr(ws.engine, "poll", _failing)
+    with caplog.at_level("DEBUG", logger="lmdeploy_hostcache.worker"):
+        out = w.get_finished()
+        w.clear_connector_metadata()
+        assert out.finished_receiving == {8, 9} and out.completed_save_ids == {1}
+        assert out.invalid_block_ids == {10, 11, failed_demotion_marker(1)}
+        assert ws.num_inflight == 0 and ws.poll_failures == 1 and ws.engine_retired is None
+        # a second failure (nothing in flight now) is counted, not logged as an error again
+        assert run(w, HostTierMetadata(step=4)).finished_receiving is None and ws.poll_failures == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "polling the copy engine failed" in errors[0].getMessage()
+    assert errors[0].exc_info is not None
+    monkeypatch.undo()
+    # LMDeploy reused block 11; no copy of the failed op may land in it later
+    cache.write_block(11, random_bytes(cache, 99))
+    reused = cache.block(11)
+    outs = [run(w, HostTierMetadata(step=5, demotion_batch=2, demotions=((7, 6),)))]
+    outs += [run(w, HostTierMetadata(step=s)) for s in (6, 7)]
+    assert torch.equal(cache.block(11), reused)
+    assert [o.completed_save_ids for o in outs] == [None, {2}, None], "the failed ops are never reported again"
+    assert all(not o.finished_receiving and not o.invalid_block_ids for o in outs)
+    # slot 2 (batch 1's failed demotion) is unreadable; slot 6 (batch 2) is readable
+    before = cache.block(9)
+    out = run(w, HostTierMetadata(step=8, loads=(HostLoad(12, (2,), (9,)), HostLoad(13, (6,), (8,)))))
+    assert out.finished_receiving == {12} and out.invalid_block_ids == {9, pool_reset_marker(1)}
+    assert torch.equal(cache.block(9), before)
+    out = run(w, HostTierMetadata(step=9))
+    assert out.finished_receiving == {13} and not out.invalid_block_ids
+    w.shutdown()
+
+
+def test_a_copy_engine_whose_wait_also_raises_is_retired(monkeypatch):
+    """Poll and wait both raising: the copies in flight cannot be shown to have stopped, so the engine is
+    never used again; the ops in flight and every later copy are reported failed (recompute)."""
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache, delay_polls=1)
+    ws = w.worker_side
+    run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((4, 1),)))
+    assert run(w, HostTierMetadata(step=2)).completed_save_ids == {0}
+    w.bind_connector_metadata(HostTierMetadata(step=3, demotion_batch=1, demotions=((6, 2),),
+                                               loads=(HostLoad(8, (1,), (11,)),)))
+    w.start_load_kv()
+    monkeypatch.setattr(ws.engine, "poll", _failing)
+    monkeypatch.setattr(ws.engine, "wait_all", _failing)
+    out = w.get_finished()
+    w.clear_connector_metadata()
+    assert out.finished_receiving == {8} and out.completed_save_ids == {1}
+    assert out.invalid_block_ids == {11, failed_demotion_marker(1)} and ws.engine_retired is not None
+    submitted = []
+    monkeypatch.setattr(ws.engine, "submit", lambda *a, **k: submitted.append(a))
+    out = run(w, HostTierMetadata(step=4, demotion_batch=2, demotions=((5, 3),), loads=(HostLoad(9, (1,), (10,)),)))
+    assert submitted == [] and out.completed_save_ids == {2} and out.finished_receiving == {9}
+    assert out.invalid_block_ids == {10, failed_demotion_marker(2)}
+    w.shutdown()                                       # not drained (its wait raised), and does not raise
+    assert ws.last_drain.completed_batches == () and ws.num_inflight == 0
+
+
+def test_refused_loads_are_kept_until_an_output_reports_them(monkeypatch):
+    """A fault inside ``get_finished`` after the refused loads were read must not lose them: the next
+    output still reports them (else their requests would wait for ever with their slots pinned)."""
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache)
+    ws = w.worker_side
+    w.bind_connector_metadata(HostTierMetadata(step=1, loads=(HostLoad(9, (1,), (10,)),)))  # slot never written
+    w.start_load_kv()
+    monkeypatch.setattr(ws, "_poll_engine", _failing, raising=False)
+    with pytest.raises(RuntimeError):
+        w.get_finished()
+    monkeypatch.undo()
+    out = w.get_finished()
+    w.clear_connector_metadata()
+    assert out.finished_receiving == {9} and out.invalid_block_ids == {10, pool_reset_marker(1)}
+    w.shutdown()

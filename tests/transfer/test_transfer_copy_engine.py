@@ -162,3 +162,82 @@ def test_cuda_engine_refuses_cpu_rows_and_pools_must_match():
         CpuCopyEngine(other_layout, pool, caches)
     with pytest.raises(ValueError, match="differs from the kv_caches device"):
         make_copy_engine(eng.layout, pool, caches, device="cuda:0")
+
+
+def _raise_after_first(monkeypatch, eng, name):
+    """``eng.<name>(slots, x)`` moves its first block, then raises (a copy that dies part-way)."""
+    orig = getattr(eng, name)
+
+    def broken(slots, x):
+        orig(slots[:1], x[:1])
+        raise RuntimeError(f"{name} died")
+
+    monkeypatch.setattr(eng, name, broken)
+
+
+def test_a_load_fault_keeps_the_op_s_landed_demotions(monkeypatch):
+    """The load half raising after the demotions landed fails the loads only: the demoted slots hold
+    their blocks and are reported stored."""
+    caches, ppb, pool, eng = _engine()
+    orig = snapshot(caches)
+    eng.submit(1, [(0, 0), (1, 1)], [])
+    eng.poll()
+    _raise_after_first(monkeypatch, eng, "_load")
+    eng.submit(2, demotions=[(4, 2), (5, 3)], loads=[(0, 6), (1, 7)])
+    (r,) = eng.poll()
+    assert (r.stores_ok, r.loads_ok, r.ok) == (True, False, False)
+    assert "load failed: RuntimeError: _load died" in r.error and "store" not in r.error
+    assert torch.equal(pool.slot_view(2), naive_slot(orig, ppb, 4))
+    assert torch.equal(pool.slot_view(3), naive_slot(orig, ppb, 5))
+    assert eng.stats.blocks_stored == 4 and eng.stats.blocks_loaded == 0 and eng.stats.failed_ops == 1
+
+
+@pytest.mark.parametrize("where", ["_write_slots", "_gather"])
+def test_a_demotion_fault_keeps_the_op_s_loads(monkeypatch, where):
+    """The demotion half raising (gathering at submit, or writing the slots as the op lands) fails the
+    demotions only: loads of other slots in the same op land and are reported ok."""
+    caches, ppb, pool, eng = _engine()
+    orig = snapshot(caches)
+    eng.submit(1, [(0, 0), (1, 1)], [])
+    eng.poll()
+    if where == "_gather":
+        monkeypatch.setattr(eng, "_gather", lambda blocks: (_ for _ in ()).throw(RuntimeError("_gather died")))
+    else:
+        _raise_after_first(monkeypatch, eng, where)
+    eng.submit(2, demotions=[(4, 2), (5, 3)], loads=[(0, 6), (1, 7)])
+    (r,) = eng.poll()
+    assert (r.stores_ok, r.loads_ok, r.ok) == (False, True, False)
+    assert f"store failed: RuntimeError: {where} died" in r.error and "load" not in r.error
+    assert torch.equal(naive_slot(caches, ppb, 6), naive_slot(orig, ppb, 0))
+    assert torch.equal(naive_slot(caches, ppb, 7), naive_slot(orig, ppb, 1))
+    assert eng.stats.blocks_stored == 2 and eng.stats.blocks_loaded == 2
+
+
+@pytest.mark.parametrize("fault", ["raised", "injected"])
+def test_loads_reading_a_slot_of_the_op_s_failed_store_fail_without_reading(monkeypatch, fault):
+    """A load may read a slot its own op demotes into (it gets the demoted bytes); when that store
+    failed, the slot holds unwritten or partly written bytes, so the op's loads fail and move nothing."""
+    caches, ppb, pool, eng = _engine()
+    orig = snapshot(caches)
+    eng.submit(1, [(4, 2), (5, 3)], [(2, 6)])     # all ok: the load gets block 4's bytes, just demoted
+    (r,) = eng.poll()
+    assert r.ok and torch.equal(naive_slot(caches, ppb, 6), naive_slot(orig, ppb, 4))
+    before = snapshot(caches)
+    if fault == "raised":
+        _raise_after_first(monkeypatch, eng, "_write_slots")
+    else:
+        eng.fail_next(1, "store")
+    eng.submit(2, demotions=[(0, 4), (1, 5)], loads=[(5, 7), (3, 2)])
+    (r,) = eng.poll()
+    assert (r.stores_ok, r.loads_ok) == (False, False)
+    assert "load not run: it reads a host slot whose store in the same op failed" in r.error
+    for b in (7, 2):
+        assert torch.equal(naive_slot(caches, ppb, b), naive_slot(before, ppb, b))
+
+
+def test_a_submit_that_raises_leaves_nothing_in_flight(monkeypatch):
+    caches, ppb, pool, eng = _engine()
+    monkeypatch.setattr(eng, "_enqueue", lambda plan: (_ for _ in ()).throw(RuntimeError("enqueue died")))
+    with pytest.raises(RuntimeError, match="enqueue died"):
+        eng.submit(1, [(0, 0)], [])
+    assert eng.num_inflight == 0

@@ -160,3 +160,74 @@ def test_a_failed_warm_up_is_logged_and_the_copies_still_run(monkeypatch, caplog
     (r,) = eng.poll()
     assert r.ok and torch.equal(pool.slot_view(0), naive_slot(orig, ppb, 3))
     eng.close()
+
+
+def _host_runs_failing(eng, monkeypatch, direction_to_host: bool):
+    """``_host_runs`` copies its first run of the given direction, then raises (a copy that dies part-way)."""
+    orig = eng._host_runs
+    calls = []
+
+    def broken(first, count, staging, to_host):
+        if to_host == direction_to_host:
+            calls.append(first)
+            if len(calls) > 1:
+                raise RuntimeError("copy died")
+        return orig(first, count, staging, to_host=to_host)
+
+    monkeypatch.setattr(eng, "_host_runs", broken)
+
+
+def test_a_load_fault_keeps_the_op_s_issued_demotions(engine, monkeypatch):
+    """The load part raising fails the loads only; the demotions issued before it stay in stream order
+    before the op's event and are reported stored (CPU tensors stand in for the device: no GPU run)."""
+    caches, ppb, pool, eng = engine
+    orig = snapshot(caches)
+    _host_runs_failing(eng, monkeypatch, direction_to_host=False)
+    eng.submit(1, [(5, 4), (6, 0)], [(1, 2), (3, 7)])    # loads read slots 1 and 3: two runs, the second dies
+    eng.wait_all()
+    (r,) = eng.poll()
+    assert (r.stores_ok, r.loads_ok) == (True, False) and r.error == "load failed: RuntimeError: copy died"
+    assert torch.equal(pool.slot_view(4), naive_slot(orig, ppb, 5))
+    assert torch.equal(pool.slot_view(0), naive_slot(orig, ppb, 6))
+
+
+def test_a_demotion_fault_keeps_the_op_s_loads(engine, monkeypatch):
+    caches, ppb, pool, eng = engine
+    orig = snapshot(caches)
+    eng.submit(1, [(5, 1), (6, 3)], [])
+    eng.wait_all()
+    eng.poll()
+    _host_runs_failing(eng, monkeypatch, direction_to_host=True)
+    eng.submit(2, [(2, 0), (4, 5)], [(1, 7), (3, 6)])    # demotions into slots 0 and 5: the second run dies
+    eng.wait_all()
+    (r,) = eng.poll()
+    assert (r.stores_ok, r.loads_ok) == (False, True) and r.error == "store failed: RuntimeError: copy died"
+    assert torch.equal(naive_slot(caches, ppb, 7), naive_slot(orig, ppb, 5))
+    assert torch.equal(naive_slot(caches, ppb, 6), naive_slot(orig, ppb, 6))
+    assert eng.stats.blocks_loaded == 2
+
+
+def test_loads_reading_a_slot_of_the_op_s_failed_store_are_not_issued(engine, monkeypatch):
+    caches, ppb, pool, eng = engine
+    _host_runs_failing(eng, monkeypatch, direction_to_host=True)
+    before = snapshot(caches)
+    eng.submit(1, [(2, 0), (4, 5)], [(5, 7)])    # the load reads slot 5, whose demotion dies
+    eng.wait_all()
+    (r,) = eng.poll()
+    assert (r.stores_ok, r.loads_ok) == (False, False)
+    assert "load not run: it reads a host slot whose store in the same op failed" in r.error
+    assert torch.equal(naive_slot(caches, ppb, 7), naive_slot(before, ppb, 7))
+
+
+def test_a_stream_fault_fails_both_parts_and_still_completes_through_the_event(engine, monkeypatch):
+    caches, ppb, pool, eng = engine
+
+    def broken(other):
+        raise RuntimeError("stream wait died")
+
+    monkeypatch.setattr(eng.copy_stream, "wait_stream", broken)
+    eng.submit(1, [(2, 0)], [(3, 4)])
+    assert eng.poll() == [] and eng.num_inflight == 1     # completion only through its event
+    eng.wait_all()
+    (r,) = eng.poll()
+    assert (r.stores_ok, r.loads_ok) == (False, False) and "stream wait died" in r.error
