@@ -269,7 +269,7 @@ def test_a_restore_from_the_released_pool_would_be_caught():
 
 
 @pytest.mark.parametrize('tp', [1, 2])
-def test_a_cache_rebuild_the_scheduler_never_sees_with_a_load_in_flight(tp):
+def test_a_cache_rebuild_the_scheduler_never_sees_with_a_load_in_flight(tp, exact_lru_clock):
     """The rebuild lands while a host load is in flight: its outcome dies with the old worker. The
     new pool reports itself at its first poll, so the load fails (the request recomputes) and its
     slots are unpinned; before, the request waited for a result that never came, its slots pinned.
@@ -279,7 +279,15 @@ def test_a_cache_rebuild_the_scheduler_never_sees_with_a_load_in_flight(tp):
     state = {'rebuilt': False}
 
     def on_iteration(driver):
-        if not state['rebuilt'] and driver.iteration > 5 and run.side._inflight_loads:
+        # The rebuild waits for an iteration where a load was shipped this very step (with copies taking two
+        # polls it cannot have completed yet: an older one may have, its success already on its way) and no
+        # sequence is decoding (a rebuild drops every agent's running sequences: LMDeploy would decode them on
+        # a cache that no longer holds their KV, which is not what this test is about). Which iterations those
+        # are depends on the step timeline, so it is looked for (on an exact LRU clock: the same every run).
+        scheduler = run.engine.scheduler
+        decoding = scheduler.num_running() + scheduler.num_ready() > 0
+        fresh = any(load.shipped_step == run.side._step for load in run.side._inflight_loads.values())
+        if not state['rebuilt'] and driver.iteration > 5 and fresh and not decoding:
             run.engine.wakeup(['kv_cache'], host_fill=PATTERN)   # not asleep: the scheduler is not told
             state['rebuilt'] = True
         assert driver.iteration < 1500, 'no progress: a load is waiting for a pool that is gone'

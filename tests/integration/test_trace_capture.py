@@ -47,15 +47,6 @@ WEKA_FILES = ['trace_0019.json', 'trace_0086.json', 'trace_0624.json']
 TOLERANCE = 0.02
 
 
-@pytest.fixture
-def exact_lru_clock(monkeypatch):
-    """LMDeploy's block manager stamps access times with int(perf_counter()); give it a counter."""
-    from lmdeploy.pytorch.paging.block_manager import base_block_manager
-
-    ticks = itertools.count(1)
-    monkeypatch.setattr(base_block_manager, 'time', types.SimpleNamespace(perf_counter=lambda: next(ticks)))
-
-
 @dataclasses.dataclass
 class HarnessRun:
     capture_path: str
