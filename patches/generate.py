@@ -439,6 +439,79 @@ P9_SCHEDULER = [
 """),
 ]
 
+P10_AGENT = [
+    ("""        self._background_task = None
+        self._preprocess_task = None
+        self._pending_h2d_transfers = deque()
+        self.tasks = set()
+""", """        self._background_task = None
+        self._preprocess_task = None
+        self._pending_h2d_transfers = deque()
+        self.tasks = set()
+        # Set while the background loop is between forward steps (see sleep).
+        self._forward_idle: asyncio.Event | None = None
+"""),
+    ("""                    _record_forward_input_stream(forward_inputs, self.stream)
+
+                await self._async_step(**forward_inputs, )
+""", """                    _record_forward_input_stream(forward_inputs, self.stream)
+
+                self._forward_idle.clear()
+                try:
+                    await self._async_step(**forward_inputs, )
+                finally:
+                    self._forward_idle.set()
+"""),
+    ("""        self._pre_in_que = asyncio.Queue()
+        self._in_que = asyncio.Queue()
+        self._out_que = asyncio.Queue()
+""", """        self._pre_in_que = asyncio.Queue()
+        self._in_que = asyncio.Queue()
+        self._out_que = asyncio.Queue()
+        self._forward_idle = asyncio.Event()
+        self._forward_idle.set()
+"""),
+    ("""    def set_forward_inputs(self, inputs):
+        \"\"\"Set forward inputs.\"\"\"
+""", """    async def _wait_forward_idle(self):
+        \"\"\"Wait until the background loop is between forward steps.\"\"\"
+        while self._forward_idle is not None and not self._forward_idle.is_set():
+            await self._forward_idle.wait()
+
+    def set_forward_inputs(self, inputs):
+        \"\"\"Set forward inputs.\"\"\"
+"""),
+    ("""        self.state.is_sleeping = True
+        if self.dist_config.dp > 1:
+            await self.state.to_sleep.wait()
+        device = 'cpu' if level == 1 else 'meta'
+""", """        self.state.is_sleeping = True
+        if self.dist_config.dp > 1:
+            await self.state.to_sleep.wait()
+        else:
+            # The engine loop drained before sleeping, but the forward it sent ahead may still be
+            # executing in the background loop (parked at an await): drop what is queued, then let
+            # that step finish (its connector save and poll included) before the connector and the
+            # caches go away; shutdown_kv_connector drains the output it pushed.
+            self._drain_queues()
+            await self._wait_forward_idle()
+        device = 'cpu' if level == 1 else 'meta'
+"""),
+    ("""        if tags is None:
+            tags = ['weights', 'kv_cache']
+
+        if 'weights' in tags:
+            device = next(self.patched_model.get_model().parameters()).device
+""", """        if tags is None:
+            tags = ['weights', 'kv_cache']
+        if self.patched_model is None:
+            raise RuntimeError('The model agent was released (the engine loop stopped); it cannot wake up.')
+
+        if 'weights' in tags:
+            device = next(self.patched_model.get_model().parameters()).device
+"""),
+]
+
 P8_SEQ_MESSAGES = [
     ("""    adapter_name: str = None
     arrive_time: float = 0.0
@@ -542,6 +615,9 @@ SERIES = [
     ("0009-preempt-skips-loading-sequences.diff",
      "Scheduler: preempting a decode batch's invalid entries leaves a sequence whose external load is in flight alone.",
      [("pytorch/paging/scheduler.py", P9_SCHEDULER)]),
+    ("0010-sleep-waits-for-the-forward-in-flight.diff",
+     "Model agent: sleep waits for a forward step still executing before the connector and caches go away.",
+     [("pytorch/engine/model_agent/agent.py", P10_AGENT)]),
 ]
 
 

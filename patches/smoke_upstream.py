@@ -129,4 +129,42 @@ for sid, salt in enumerate(["a", "b", None, "a", None]):
     s.end_session(100 + sid)
 assert matched[:3] == [0, 0, 0] and matched[3] > 0 and matched[4] > 0, matched
 
+# 0010: the agent's sleep waits for the forward step in flight before the connector goes away (a
+# stand-in agent holding what sleep/wakeup touch; no GPU work happens)
+import asyncio  # noqa: E402
+
+import torch  # noqa: E402
+from lmdeploy.pytorch.engine.model_agent.agent import BaseModelAgent, SleepWakeupState  # noqa: E402
+
+torch.cuda.synchronize = torch.cuda.empty_cache = lambda *a, **k: None
+events = []
+agent = SimpleNamespace(
+    memdecode_agent=None, state=SleepWakeupState(), dist_config=SimpleNamespace(dp=1), kv_connector=object(),
+    patched_model=SimpleNamespace(get_model=lambda: SimpleNamespace(to=lambda **kw: None)),
+    spec_agent=SimpleNamespace(get_model=lambda: None), reset_graph_runner=lambda: None,
+    reset_runtime_state=lambda: events.append("reset"), _drain_queues=lambda: events.append("drain"),
+    shutdown_kv_connector=lambda: events.append("shutdown"))
+agent._wait_forward_idle = lambda: BaseModelAgent._wait_forward_idle(agent)
+
+
+async def _sleep_during_a_step():
+    agent._forward_idle = asyncio.Event()            # clear: a forward step is executing
+    task = asyncio.ensure_future(BaseModelAgent.sleep(agent, 1))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not task.done() and events == ["drain"], events
+    events.append("step ends")
+    agent._forward_idle.set()
+    await asyncio.wait_for(task, 5)
+
+
+asyncio.run(_sleep_during_a_step())
+assert events == ["drain", "step ends", "shutdown", "reset"], events
+agent.patched_model = None
+try:
+    BaseModelAgent.wakeup(agent, None)
+    raise AssertionError("expected RuntimeError")
+except RuntimeError as exc:
+    assert "released" in str(exc)
+
 print(f"UPSTREAM-OK evicted={evicted}")

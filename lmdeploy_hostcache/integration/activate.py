@@ -18,6 +18,8 @@ How it runs:
 - A module LMDeploy imports lazily is patched by the patcher of the target that uses it
   (``COMPANION_MODULES``): the scheduler patcher also fixes
   ``RecomputeEvictionHelper._reclaim_candidate`` (the remote-ready reclaim deadlock).
+- The model agent's patcher (``_patch_model_agent``) makes ``BaseModelAgent.sleep`` wait for a
+  forward step still executing before the KV connector is shut down (the sleep crash).
 
 Invariants:
 - All or nothing: every rebinding is recorded (``Patch``); if applying any patch raises,
@@ -413,6 +415,119 @@ def _patch_preempt_seqs(cls) -> None:
     _rebind(cls, "preempt_seqs", _mark(preempt_seqs), "lmdeploy.pytorch.paging.scheduler:Scheduler.preempt_seqs")
 
 
+AGENT_MODULE = "lmdeploy.pytorch.engine.model_agent.agent"
+
+
+class _StepTracker:
+    """The forward steps of one ``BaseModelAgent`` in flight (its background loop runs them one at a
+    time, in the agent's event loop), and a way to wait until none is."""
+
+    __slots__ = ("running", "_idle")
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._idle = None
+
+    def enter(self) -> None:
+        self.running += 1
+
+    def exit(self) -> None:
+        self.running -= 1
+        if self.running <= 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        import asyncio
+
+        while self.running > 0:
+            self._idle = asyncio.Event()   # created in the waiting (the agent's) loop
+            await self._idle.wait()
+
+
+def _step_tracker(agent) -> _StepTracker:
+    tracker = agent.__dict__.get("_hostcache_steps")
+    if tracker is None:
+        tracker = agent._hostcache_steps = _StepTracker()
+    return tracker
+
+
+def _wait_before_sleep(agent) -> bool:
+    """Whether ``BaseModelAgent.sleep`` must first wait for a forward step of ours still executing."""
+    tracker = agent.__dict__.get("_hostcache_steps")
+    if tracker is None or tracker.running <= 0 or getattr(agent, "memdecode_agent", None) is not None:
+        return False
+    dp = getattr(getattr(agent, "dist_config", None), "dp", 1)
+    # DP > 1: stock sleep waits for to_sleep, which the step sets once its connector work is done and
+    # then stays parked in (on to_wakeup) until wakeup: waiting for it to end would never return.
+    return not (isinstance(dp, int) and dp > 1)
+
+
+def _agent_has_host_tier(agent) -> bool:
+    from .engine_config import is_host_tier
+
+    return is_host_tier(getattr(getattr(agent, "cache_config", None), "kv_transfer_config", None))
+
+
+def _patch_model_agent(mod) -> None:
+    """``BaseModelAgent.sleep`` waits for a forward step still executing before the connector closes.
+
+    ``Engine.sleep`` drains its loop (``EngineLoop.drain_for_sleep``): it stops scheduling and drops
+    the batch it had sent ahead, but that batch may already be executing in the agent's background
+    loop (``_async_loop_background`` -> ``_async_step``, parked at an ``await`` of its forward or
+    postprocess). ``BaseModelAgent.sleep`` (no ``await`` with DP 1) then shuts the connector down
+    (``kv_connector = None``) under it, and when the step resumes its ``start_kv_connector_save``
+    asserts: the engine loop dies, ``wakeup`` finds a released agent, every later request is refused
+    (LMDeploy 0.18.0; the host tier ships connector metadata with every step while copies are in
+    flight, so that step is a connector step). So, for agents whose connector is ours: each
+    ``_async_step`` is counted while it runs, and ``sleep`` first sets ``is_sleeping`` (as stock
+    does first), drops the queued inputs (as ``shutdown_kv_connector`` would next: they never run)
+    and waits until no step is running; then the stock body runs, whose ``shutdown_kv_connector``
+    drains the output that step pushed. No step running: stock at once. DP > 1: stock (see
+    ``_wait_before_sleep``). ``wakeup`` of an agent that was released (its engine loop failed, or it
+    was closed) raises one clear error instead of an ``AttributeError`` on ``patched_model``.
+    """
+    import functools
+
+    cls = mod.BaseModelAgent
+    orig_step = cls.__dict__["_async_step"]
+    orig_sleep = cls.__dict__["sleep"]
+    orig_wakeup = cls.__dict__["wakeup"]
+
+    @functools.wraps(orig_step)
+    async def _async_step(self, *args, **kwargs):
+        if not _is_ours(self.kv_connector):
+            return await orig_step(self, *args, **kwargs)
+        tracker = _step_tracker(self)
+        tracker.enter()
+        try:
+            return await orig_step(self, *args, **kwargs)
+        finally:
+            tracker.exit()
+
+    @functools.wraps(orig_sleep)
+    async def sleep(self, level: int = 1):
+        if _wait_before_sleep(self):
+            self.state.is_sleeping = True
+            self._drain_queues()
+            _logger().info("lmdeploy-hostcache: sleep waits for the forward step still executing before "
+                           "the KV connector is shut down")
+            await self._hostcache_steps.wait_idle()
+        return await orig_sleep(self, level)
+
+    @functools.wraps(orig_wakeup)
+    def wakeup(self, tags=None):
+        if getattr(self, "patched_model", True) is None and _agent_has_host_tier(self):
+            raise RuntimeError("lmdeploy-hostcache: this engine's model agent was released (its engine loop "
+                               "stopped: see the first error in the log, e.g. 'Engine main loop failed'); it "
+                               "cannot wake up: restart the server")
+        return orig_wakeup(self, tags)
+
+    target = AGENT_MODULE + ":BaseModelAgent."
+    _rebind(cls, "_async_step", _mark(_async_step), target + "_async_step")
+    _rebind(cls, "sleep", _mark(sleep), target + "sleep")
+    _rebind(cls, "wakeup", _mark(wakeup), target + "wakeup")
+
+
 def _patch_executor_base(mod) -> None:
     import functools
 
@@ -659,6 +774,7 @@ PATCHERS = {
     "lmdeploy.pytorch.paging.scheduler": _patch_scheduler,
     "lmdeploy.pytorch.engine.executor.base": _patch_executor_base,
     "lmdeploy.pytorch.engine.engine": _patch_engine,
+    AGENT_MODULE: _patch_model_agent,
     "lmdeploy.cli.serve": _patch_cli_serve,
     "lmdeploy.metrics.stats": _patch_stats,
     "lmdeploy.metrics.loggers": _patch_loggers,

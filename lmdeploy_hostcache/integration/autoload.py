@@ -18,6 +18,7 @@ TARGET_MODULES = frozenset({
     "lmdeploy.pytorch.paging.scheduler",
     "lmdeploy.pytorch.engine.executor.base",
     "lmdeploy.pytorch.engine.engine",
+    "lmdeploy.pytorch.engine.model_agent.agent",
     "lmdeploy.cli.serve",
     "lmdeploy.metrics.stats",
     "lmdeploy.metrics.loggers",

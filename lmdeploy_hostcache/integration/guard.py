@@ -93,6 +93,13 @@ PATCHED_TARGETS: dict[str, str] = {
     "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper:RecomputeEvictionHelper._reclaim_candidate":
         "reclaim a remote-ready request when its loaded blocks are in the prefix trie (deadlock fix; "
         "activate._reclaim_remote_ready repeats the stock steps after the is_remote_ready check)",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._async_step":
+        "counts the forward step in flight (agents whose connector is ours), so sleep can wait for it",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.sleep":
+        "waits for a forward step still executing (sent ahead of the sleep drain) before the stock body "
+        "shuts the connector down under it (DP 1; DP > 1 already waits on to_sleep)",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.wakeup":
+        "a released agent (its engine loop failed) raises one clear error instead of an AttributeError",
 }
 RELIED_TARGETS: dict[str, str] = {
     # target -> what we rely on (not rebound)
@@ -151,6 +158,15 @@ RELIED_TARGETS: dict[str, str] = {
         "one contiguous [pages, bytes] row per pool and layer, entry_axis=1",
     "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._get_connector_kv_caches":
         "adds the MTP rows under the 'mtp.' prefix",
+    # the sleep wait (activate._patch_model_agent) relies on these
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._async_loop_background":
+        "runs the queued forward steps one at a time, in the agent's event loop, through self._async_step",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._drain_queues":
+        "drops the queued forward inputs (and outputs) without running them; called before the wait",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.shutdown_kv_connector":
+        "drains the queues again (the waited step's output), then shuts the connector down",
+    "lmdeploy.pytorch.engine.engine:Engine.sleep":
+        "drains the engine loop (no new forward is sent) before executor.sleep reaches the agents",
     # the reclaim fix (activate._reclaim_remote_ready) relies on these
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.is_remote_ready":
         "READY = loaded and published, the remaining prefill not admitted yet",
@@ -256,6 +272,12 @@ PINS: dict[str, str] = {
         "d256d687fd151798ce88ee6a4cf59a21cbcd2bb20927b1cbf4f61df6a592818f",
     "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper:RecomputeEvictionHelper._reclaim_candidate":
         "a5be2c37bc51c5648098b1b26655170b86d3ff8aef3cc51ee6ca5a844ec836c7",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._async_step":
+        "03b3ed9babb0425718502ae3b94ee501efba9a92955eea8d6363e009301fb574",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.sleep":
+        "106360dcc706911b6df8aa67b26c56d9e81f4617f79a47885a24387594afc2e6",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.wakeup":
+        "1aa97ae89cdf985a3c8ec9428a1b0105003b4ccf2e3fa57878831f984487601b",
     "lmdeploy.pytorch.paging.block_trie.kv_lifecycle:KVBlockLifecycle._try_evict_leaf":
         "106752aaa3464858c936037e90ef2e89cf7c4e92491668ef8f7989a1b2c24670",
     "lmdeploy.pytorch.engine.engine:Engine.__init__":
@@ -306,6 +328,14 @@ PINS: dict[str, str] = {
         "bfa9a25ee53dcd171a5c64352fe9a7ca5799525a49d4bc18d32312682491ad7b",
     "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._get_connector_kv_caches":
         "6652d187a76fef711498ccc4d78a36d88aa2e82ad062dfab67da808e26dd2174",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._async_loop_background":
+        "247f12439ae4817041d5f7c7a3f102088b48c7a356ce5d82e8ced3ec731b4b73",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent._drain_queues":
+        "6ea63273ccaead5d71d3905cc7ab80d7128d5f414a59a8b3279a122918a90a2a",
+    "lmdeploy.pytorch.engine.model_agent.agent:BaseModelAgent.shutdown_kv_connector":
+        "48c92196a419c7e8b3c7e865729a31e85ac4a20cc93daf182b16bf9f9d48e127",
+    "lmdeploy.pytorch.engine.engine:Engine.sleep":
+        "2a545e33dfbf8e8897c6abb87f6c47c78d969686c34cb3628aed7b0a9f568cc3",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.is_remote_ready":
         "154ebc88125377cb4630b9b2bc29eee1a899eb9929fd5603b6a7eeb64a1c0992",
     "lmdeploy.pytorch.paging.kv_load_coordinator:KVLoadCoordinator.release_tracking":
@@ -374,10 +404,10 @@ FILE_PINS: dict[str, str] = {
         "be6e71d3f04845e76417bcd74e9a40819b4394ee3b20175128a63584ba7742ef",
     "lmdeploy.pytorch.paging.eviction_helper.recompute_eviction_helper":
         "a9ae91e4b252d10e090f03b7ab6ef95ca40b882c28b9762e9581204452965e90",
-    "lmdeploy.pytorch.paging.block_trie.kv_lifecycle":
-        "6f2b1b9cb4c0974af2e1afdb01ee61889100010597e563cb11a9a6b496ec18bd",
     "lmdeploy.pytorch.engine.model_agent.agent":
         "99fb1968a3fb086d99eb018e352b1db4df2c5900a2b7fc461438da585f406913",
+    "lmdeploy.pytorch.paging.block_trie.kv_lifecycle":
+        "6f2b1b9cb4c0974af2e1afdb01ee61889100010597e563cb11a9a6b496ec18bd",
     "lmdeploy.serve.proxy.proxy":
         "7b7f751f8b21a998bc4b2e08d24b5b3e4ba7c9b7745fa8e1a27920469c58016f",
     "lmdeploy.serve.openai.protocol":

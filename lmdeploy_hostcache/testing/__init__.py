@@ -11,6 +11,8 @@ and irreversible, so tests call it in a subprocess of their own).
 - ``compare``: token-by-token comparison of generated outputs (equality and agreement).
 - ``engine_runner``: multi-turn conversations through ``Engine.from_pretrained`` in a
   subprocess, returning tokens and host-tier counters as JSON.
+- ``sleep_race``: ``Engine.sleep`` while the forward step sent ahead of the sleep drain is still
+  executing in the agent (the race made deterministic), in a subprocess; JSON result.
 - ``server``: a context manager that starts ``lmdeploy serve api_server`` on 127.0.0.1.
 - ``harness``: the engine-in-the-loop CPU harness (LMDeploy's real ``Scheduler`` and engine-loop
   order, a prefix-oracle forward, byte checks of every GPU block and host slot); used by the
