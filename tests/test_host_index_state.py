@@ -936,3 +936,33 @@ def test_orphans_are_counted_once_each_when_doomed_never_for_drop_all():
     _stored(idx, [(a, ns.root, tokens[0]), (b, a, tokens[1])])
     assert idx.drop_all() == 2 and idx.stats.orphaned == 3
     idx.check_invariants()
+
+
+@pytest.mark.parametrize("keep_restored", [False, True])
+def test_a_corrupt_block_leaves_with_its_subtree_and_is_stored_again_afresh(keep_restored):
+    """``drop_corrupt``: a block a worker found corrupt (checksum) leaves the index with its host
+    subtree (orphans); pinned by a reader it is doomed and freed at its last unpin. The same block,
+    recomputed by the GPU and evicted again, then gets a fresh slot (before the fix it was "already
+    present", so the corrupt copy was never replaced)."""
+    ns = Namespace(model="corrupt", block_size=2)
+    idx = HostIndex(8, policy="lru", keep_restored=keep_restored)
+    (a, b, c), tokens = chain_digests(ns, list(range(6)))
+    _stored(idx, [(a, ns.root, tokens[0]), (b, a, tokens[1]), (c, b, tokens[2])])
+    slot_b = idx.get(b).slot
+    idx.prepare_load([a, b])                       # the load the worker refuses
+    idx.complete_load([a, b], success=False)       # the failure alone keeps the blocks (a transient copy error)
+    assert idx.is_resident(b) and idx.prepare_store(b, a, tokens[1]) is None
+    idx.prepare_load([a, b])
+    idx.hold([b])                                  # a second reader still pins b
+    assert idx.drop_corrupt([b]) == 1 and idx.drop_corrupt([b]) == 0
+    assert not idx.is_resident(b) and c not in idx and idx.is_resident(a)
+    assert idx.stats.corrupt == 1 and idx.stats.orphaned == 1
+    idx.complete_load([a, b], success=False)
+    idx.release([b])
+    idx.check_invariants()
+    assert len(idx) == 1 and idx.allocator.is_used(slot_b) is False
+    fresh = idx.prepare_store(b, a, tokens[1])     # the recomputed block is demoted again
+    assert fresh is not None
+    idx.complete_store(b, True)
+    assert idx.lookup([a, b], tokens[:2], parent=ns.root) == 2
+    idx.check_invariants()

@@ -36,6 +36,12 @@ LMDeploy then allocates destinations and calls ``update_state_after_alloc``:
 ``WAITING_FOR_REMOTE_KVS``. ``update_connector_output`` -> ``complete_load(ok)`` and a
 ``KVLoadResult`` so LMDeploy publishes the blocks into the trie or rolls back and recomputes.
 A request turn whose load failed recomputes (no second host attempt in that turn).
+A load a worker refused because a source slot failed its checksum (``checksum: true``) also
+reports that slot (``corrupt_slot_marker``): when the load ends, its host block is dropped with
+its host subtree (``HostIndex.drop_corrupt``; counted in ``corrupt_blocks``, the subtree in
+``host_evictions``), so the block this turn recomputes is demoted again into a fresh slot. Any
+other load failure (a copy error, a cancellation) keeps the host blocks: it says nothing about
+their bytes.
 
 Second chance. When the trie evicts a block again while its first copy to host is still in
 flight (the GPU recomputed it meanwhile), ``HostIndex.prepare_spare`` gives it a spare slot and
@@ -129,6 +135,7 @@ from .worker import (
     HostLoad,
     HostTierMetadata,
     HostTierWorker,
+    corrupt_slot_marker,
     failed_demotion_marker,
     pool_reset_step,
     resolve_num_slots,
@@ -264,7 +271,7 @@ class _Load:
     pinned: bool = False
     started_at: float = 0.0
     shipped_step: int = 0       # metadata step that carried it to the workers
-    cancelled: bool = False     # stop/end requested: host copies are kept whatever the worker says
+    cancelled: bool = False     # stop/end requested: host copies are kept (unless a worker reports them corrupt)
     removed: bool = False       # request_finished seen: no KVLoadResult is owed any more
     staged: tuple = ()          # l3: (digests, token bytes, slots) reserved to stage store blocks in
 
@@ -687,6 +694,7 @@ class HostTierScheduler:
         owned = {failed_demotion_marker(b) for b in self._inflight_demotions}
         for ld in self._inflight_loads.values():
             owned.update(ld.gpu_blocks)
+            owned.update(self._corrupt_markers(ld))
         self._invalid.update(invalid & owned)
         for batch in sorted(connector_output.completed_save_ids or ()):
             entry = self._inflight_demotions.pop(batch, None)
@@ -708,10 +716,33 @@ class HostTierScheduler:
                 continue
             failed = not self._invalid.isdisjoint(load.gpu_blocks)
             self._invalid.difference_update(load.gpu_blocks)
+            corrupt = self._take_corrupt(load)
             self._finish_load(load, success=not failed and not load.cancelled, load_failed=failed, copied=not failed)
+            if corrupt:   # never restorable again: drop them so the recomputed blocks are demoted afresh
+                self.metrics.add(corrupt_blocks=self.index.drop_corrupt(corrupt))
         self._count_orphans()   # subtrees of failed demotions
         results, self._owed_results = tuple(self._owed_results), []
         return KVConnectorResult(load_results=results)
+
+    @staticmethod
+    def _corrupt_markers(load: _Load) -> set[int]:
+        """The ``corrupt_slot_marker`` of every host-resident source slot of a shipped load (staged
+        store slots are not host blocks: a failed load frees them anyway)."""
+        return {corrupt_slot_marker(s) for s in load.slots[:len(load.digests)]} if load.pinned else set()
+
+    def _take_corrupt(self, load: _Load) -> list[int]:
+        """Digests of ``load``'s host blocks some worker reported corrupt; their markers leave ``_invalid``
+        unless another load in flight read the same slot (the block is pinned until every such load ends)."""
+        if not load.pinned:
+            return []
+        n = len(load.digests)
+        bad = [d for d, s in zip(load.digests, load.slots[:n]) if corrupt_slot_marker(s) in self._invalid]
+        if bad:
+            still_read = set()
+            for other in self._inflight_loads.values():
+                still_read.update(self._corrupt_markers(other))
+            self._invalid.difference_update(self._corrupt_markers(load) - still_read)
+        return bad
 
     def _finish_load(self, load: _Load, *, success: bool, load_failed: bool, copied: bool | None) -> None:
         """Unpin, count, and owe LMDeploy the terminal result (unless the request is gone).
@@ -871,6 +902,7 @@ class HostTierScheduler:
         for req in [r for r, ld in self._inflight_loads.items() if ld.shipped_step < floor]:
             load = self._inflight_loads.pop(req)
             self._invalid.difference_update(load.gpu_blocks)
+            self._invalid.difference_update(self._corrupt_markers(load))   # its blocks went with the pool
             self._finish_load(load, success=False, load_failed=not load.cancelled, copied=None)
         self._pool_floor = max(self._pool_floor, floor)
         self.tier_resets += 1

@@ -196,7 +196,7 @@ class WorkerL3:
                                "rank's l3 summary lines)", self.tp_rank, what)
         now = time.monotonic() if now is None else now
         counters = {k: s.get(k, 0) for k in ("put_blocks", "put_refused", "get_blocks", "errors", "timeouts",
-                                              "missing", "corrupt")}
+                                              "missing", "corrupt", "corrupt_removed")}
         if counters != self._logged and now - self._logged_at >= self.LOG_EVERY_S:
             self._logged, self._logged_at = counters, now
             logger.info("l3 tier rank %d: %s, write-back errors %d", self.tp_rank,

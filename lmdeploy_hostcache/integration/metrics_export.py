@@ -56,6 +56,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
                                                "(nothing copied)."),
     "host_evictions": ("evictions", "Host blocks evicted to make room or orphaned (a host ancestor left every "
                                     "tier), each once."),
+    "corrupt_blocks": ("corrupt_blocks", "Host blocks dropped because a worker found their bytes changed since "
+                                         "they were written (checksum on); their host subtrees are in evictions."),
     "bytes_to_host": ("bytes_to_host", "Bytes copied GPU -> host, by demotion batches that completed on every "
                                        "TP rank."),
     "bytes_to_gpu": ("bytes_to_gpu", "Bytes copied host -> GPU, by loads that completed on every TP rank "

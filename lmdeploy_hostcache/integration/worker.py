@@ -17,7 +17,10 @@ Per step (``start_load_kv``, run by LMDeploy before ``cache_swapping`` and the f
 bytes) once its demotion has completed, before reporting it (so before the scheduler can
 mark the block RESIDENT and plan a load of it), and re-hashes a slot before loading it. A
 mismatch (host-memory corruption, a stray write) fails that request's load without moving a
-byte: LMDeploy rolls it back and the prefix is recomputed. A slot is re-hashed before it is
+byte: LMDeploy rolls it back and the prefix is recomputed. Every mismatching slot is reported too,
+as ``corrupt_slot_marker(slot)``, in the same output as the load it failed: the scheduler drops
+that host block (and its host subtree), so the block the GPU recomputes is demoted into a fresh
+slot again instead of being skipped as "already on host" for ever. A slot is re-hashed before it is
 written back to a shared store too: a mismatching slot is not written back (the store object
 would wrap the bad bytes in a fresh checksum that every other node then trusts; logged, and
 counted in the worker's ``corrupt_write_backs``). Cost: one pass over the slot's bytes on each side, on this process's CPU.
@@ -64,8 +67,11 @@ executor; ids complete only when every rank reported them, invalid ids are union
   * ``finished_receiving``: request ids whose load op ended (ok or not);
   * ``completed_save_ids``: demotion batch ids whose op ended (ok or not);
   * ``invalid_block_ids``: destination GPU blocks of a failed load, ``-1 - batch`` for a
-    failed demotion batch (negative, so never a GPU block id), and ``pool_reset_marker(step)``
-    (``<= POOL_RESET_MARKER_BASE = -2**62``, below every batch marker) when a load was refused
+    failed demotion batch (negative, so never a GPU block id; batch ids stay below ``2**61 - 1``),
+    ``corrupt_slot_marker(slot)`` (in ``(POOL_RESET_MARKER_BASE, CORRUPT_SLOT_MARKER_BASE]``,
+    ``CORRUPT_SLOT_MARKER_BASE = -2**61``: below every batch marker) for a source slot whose bytes
+    failed their checksum, reported with the load it failed, and ``pool_reset_marker(step)``
+    (``<= POOL_RESET_MARKER_BASE = -2**62``, below every other marker) when a load was refused
     because its slot was never written in this worker's pool.
 """
 from __future__ import annotations
@@ -82,11 +88,14 @@ from lmdeploy.pytorch.kv_connector.base import KVConnectorMetadata, KVConnectorO
 from ..config import HostCacheConfig
 
 __all__ = [
+    "CORRUPT_SLOT_MARKER_BASE",
     "POOL_RESET_MARKER_BASE",
     "DrainReport",
     "HostLoad",
     "HostTierMetadata",
     "HostTierWorker",
+    "corrupt_slot",
+    "corrupt_slot_marker",
     "failed_demotion_marker",
     "planned_tensor_specs",
     "pool_reset_marker",
@@ -114,6 +123,25 @@ def pool_reset_marker(first_step: int) -> int:
 def pool_reset_step(marker: int) -> int | None:
     """``first_step`` of a ``pool_reset_marker``, or None for any other id."""
     return POOL_RESET_MARKER_BASE - marker if marker <= POOL_RESET_MARKER_BASE else None
+
+
+CORRUPT_SLOT_MARKER_BASE = -(1 << 61)
+
+
+def corrupt_slot_marker(slot: int) -> int:
+    """The ``invalid_block_ids`` entry that says: host slot ``slot`` failed its checksum when a load
+    read it (its bytes changed since they were hashed), so the block the scheduler keeps there is bad."""
+    slot = int(slot)
+    if not 0 <= slot < (1 << 61):
+        raise ValueError(f"host slot {slot} is outside the corrupt-slot marker range")
+    return CORRUPT_SLOT_MARKER_BASE - slot
+
+
+def corrupt_slot(marker: int) -> int | None:
+    """The slot of a ``corrupt_slot_marker``, or None for any other id."""
+    if POOL_RESET_MARKER_BASE < marker <= CORRUPT_SLOT_MARKER_BASE:
+        return CORRUPT_SLOT_MARKER_BASE - marker
+    return None
 
 
 @dataclass(frozen=True)
@@ -253,6 +281,7 @@ class HostTierWorker:
         self._failed_submits: list[int] = []
         self._checksums: dict[int, int] = {}           # slot -> xxh3-64 of its bytes (checksum on)
         self._rejected_loads: list[HostLoad] = []      # loads refused (checksum mismatch, unwritten slot)
+        self._corrupt_slots: list[int] = []            # slots that failed their checksum, not yet reported
         self._readable: bytearray | None = None        # slot -> 1 once a demotion into it completed in this pool
         self._unwritten_reads = 0                      # refused loads since the last poll: slot never written
         self._announce_pool = False                    # a new pool not yet reported (pool_reset_marker)
@@ -440,14 +469,17 @@ class HostTierWorker:
 
     def _checksums_match(self, load: HostLoad) -> bool:
         """True when every source slot still holds the bytes hashed after its demotion; else the
-        load is queued as failed (reported by the next ``get_finished``) and nothing moves."""
-        for slot in load.slots:
-            if not self._slot_intact(slot):
-                logger.warning("host tier rank %d: checksum mismatch in host slot %d: request %d recomputes",
-                               self.tp_rank, slot, load.request_id)
-                self._rejected_loads.append(load)
-                return False
-        return True
+        load is queued as failed and each mismatching slot as corrupt (both reported by the next
+        ``get_finished``, the slots as ``corrupt_slot_marker``) and nothing moves."""
+        bad = [slot for slot in load.slots if not self._slot_intact(slot)]
+        if not bad:
+            return True
+        for slot in bad:
+            logger.warning("host tier rank %d: checksum mismatch in host slot %d: request %d recomputes (the "
+                           "block there is dropped from the host tier)", self.tp_rank, slot, load.request_id)
+        self._rejected_loads.append(load)
+        self._corrupt_slots.extend(bad)
+        return False
 
     def get_finished(self) -> KVConnectorOutput:
         """Terminal progress since the last poll, in the encoding of the module docstring.
@@ -461,6 +493,8 @@ class HostTierWorker:
         for load in self._rejected_loads[:rejected]:
             finished.add(load.request_id)
             invalid.update(load.gpu_blocks)
+        corrupt = len(self._corrupt_slots)   # queued with their refused loads: reported in the same output
+        invalid.update(corrupt_slot_marker(slot) for slot in self._corrupt_slots[:corrupt])
         unwritten_reads = self._unwritten_reads
         if unwritten_reads:
             invalid.add(pool_reset_marker(self.first_step if self.first_step is not None else 0))
@@ -497,6 +531,7 @@ class HostTierWorker:
                                 invalid_block_ids=invalid)
         # reported now: only what this output carries leaves the queues
         del self._rejected_loads[:rejected]
+        del self._corrupt_slots[:corrupt]
         del self._failed_submits[:failed_submits]
         self._unwritten_reads -= unwritten_reads
         if announce:
@@ -575,6 +610,7 @@ class HostTierWorker:
         self._failed_submits.clear()
         self._checksums.clear()
         self._rejected_loads.clear()
+        self._corrupt_slots.clear()
         self._readable = None
         self.pool = None
         if self.l3 is not None:   # its slot accessors belong to the released pool

@@ -29,7 +29,10 @@ Worker side (``WorkerChain``, one per TP rank, owns its host pool's bytes):
   failed put only loses that block; counted);
 * ``stage(digests, block_bytes, slots)``: get every object of the batch, verify each (header,
   key, token ids, checksum, size) and only then write the payloads into the slots; any error
-  -> ``False`` and nothing may be loaded from those slots.
+  -> ``False`` and nothing may be loaded from those slots. An object that failed its checks is
+  removed from the store (best effort, ``L3Client.remove``): a put never replaces an object, so a
+  corrupt one left there would answer every node's lookup, fail every restore through it, and
+  keep the next write-back of its block from putting a good one.
 
 Invariants: a staged slot becomes loadable only after every rank staged it (the caller ANDs
 the ranks' results before ``finish(ok=True)``); a failed stage never leaves a reserved slot
@@ -41,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .client import L3Client
-from .errors import L3Error
+from .errors import L3Corrupt, L3Error
 from .keys import StoreKeyspace
 
 
@@ -188,6 +191,14 @@ class WorkerChain:
         """Read, verify, then write every block into its slot; False (nothing usable) on any error."""
         try:
             payloads = self.client.get_blocks(self.space, digests, block_bytes, self.slot_nbytes)
+        except L3Corrupt as exc:
+            key = getattr(exc, "key", None)
+            if key is not None:
+                try:
+                    self.client.remove([key])
+                except L3Error:   # the store is failing: the next reader that finds it corrupt tries again
+                    pass
+            return False
         except L3Error:
             return False
         for slot, payload in zip(slots, payloads):

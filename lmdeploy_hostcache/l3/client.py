@@ -3,7 +3,8 @@
 ``L3Client`` wraps a *backend* (the Mooncake Store client, or any object with the same four
 methods: ``batch_is_exist(keys) -> list[int]``, ``put(key, bytes) -> int``,
 ``get_batch(keys) -> list[bytes]``, ``close()``; ``put_batch(keys, values) -> int`` is used
-when present). The Mooncake client has no per-call timeout
+when present, and so are ``batch_remove(keys, force) -> list[int]`` or ``remove(key, force) -> int``
+for ``remove``; a backend with neither cannot remove an object). The Mooncake client has no per-call timeout
 and blocks while its master is unresponsive, so every backend call runs on one worker thread
 and the caller waits at most ``timeout_s`` for it.
 
@@ -25,7 +26,10 @@ Invariants:
 * ``get_blocks`` returns payloads only for objects whose header, key, token ids and checksum
   all match (``objects.decode``); a missing block, a corrupt one or a short batch raises, so a
   caller never uses part of a prefix it did not fully verify: all or nothing per call, in the
-  order asked, however many backend calls it took;
+  order asked, however many backend calls it took; an ``L3Corrupt`` it raises names the
+  offending object's key (``exc.key``);
+* a put on a key that already holds an object keeps that object (Mooncake's ``put``), so an
+  object found corrupt must be ``remove``d before a good one can be written under its key;
 * a put split into several calls may raise after earlier calls stored their objects (each a
   complete, checksummed object, counted as stored);
 * every outcome is counted in ``metrics`` (an ``L3TierMetrics`` or anything with ``add`` and
@@ -313,10 +317,32 @@ class L3Client:
                 raise L3Missing(f"get {key}: object vanished from the store (evicted since the lookup)")
             try:
                 out.append(objects.decode(key, blob, tokens, payload_len))
-            except L3Corrupt:
+            except L3Corrupt as exc:
                 self._count(errors=1, corrupt=1)
+                exc.key = key   # the caller removes it (WorkerChain.stage)
                 raise
         self._count(get_blocks=len(out), bytes_from_l3=sum(len(b) for b in blobs))
+        return out
+
+    def remove(self, keys: Sequence[str]) -> list[bool]:
+        """Remove objects (best effort): per key True when the store removed it. For an object found
+        corrupt, so that the next write-back of its block can put a good one (a put never replaces an
+        object) and no node's lookup finds it any more. Forced (``force=True``: Mooncake would
+        otherwise refuse while the read lease the failed get just took is live). A backend without
+        ``batch_remove``/``remove`` answers False for every key; a store failure raises like any call."""
+        if not keys:
+            return []
+        keys = list(keys)
+        batch = getattr(self.backend, "batch_remove", None)
+        single = getattr(self.backend, "remove", None)
+        if batch is not None:
+            codes = self._reply("remove", self._call("remove", batch, keys, True), len(keys))
+        elif single is not None:
+            codes = self._reply("remove", self._call("remove", lambda: [single(k, True) for k in keys]), len(keys))
+        else:
+            return [False] * len(keys)
+        out = [c == 0 for c in codes]
+        self._count(corrupt_removed=sum(out))
         return out
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ Block lifecycle::
          └─(already present: touched, None)      complete_load(ok): dropped (now on GPU), or
                                                     with keep_restored: RESIDENT+on_gpu (below)
                                                  complete_load(fail): unpinned, stays
+    RESIDENT ──drop_corrupt──> dropped (+ its host subtree): a worker found the slot's bytes changed
 
     RESIDENT ──hold──> RESIDENT+hold pin ──release──> RESIDENT   (a lookup's hit until its load
                                                                   starts; nothing is counted)
@@ -35,6 +36,12 @@ recomputed it while the first copy was in flight) gets a *spare* slot and a seco
 block becomes RESIDENT as soon as one of its copies succeeded: a failed primary copy hands the
 block over to a spare (written or still in flight) instead of dropping it; spares not needed any
 more are freed when their copy ends.  A block is dropped only when every copy failed.
+
+Corrupt copies (``drop_corrupt``): a block whose slot a worker found changed since it was written
+(checksum mismatch) leaves the index at once (doomed: invisible to lookups, freed at its last
+unpin), its host subtree with it (orphans, as when a parent leaves every tier), so the GPU's
+recomputed copy of it is demoted into a fresh slot by the next ``prepare_store`` instead of being
+refused as already present.
 
 ``drop_all`` empties the index when the host pool behind it is gone (engine sleep/close, a pool
 rebuilt): every block is doomed at once; blocks with a copy in flight are freed when it ends.
@@ -130,6 +137,7 @@ class HostIndexStats:
     kept_restores: int = 0       # blocks a successful load left on host too (keep_restored)
     kept_reused: int = 0         # of those, evicted by the GPU again and found on host (no copy)
     load_failures: int = 0
+    corrupt: int = 0             # blocks dropped by drop_corrupt (a worker found their slot's bytes changed)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -469,6 +477,22 @@ class HostIndex:
             if d in self._blocks:
                 self._doom_subtree(d, include_self=True, orphans=False)
         self.stats.dropped_all += n
+        return n
+
+    def drop_corrupt(self, digests: Iterable[int]) -> int:
+        """Drop blocks whose host bytes a worker found corrupt, each with its host subtree (counted in
+        ``stats.orphaned``; the corrupt blocks themselves in ``stats.corrupt``). A block pinned by a
+        reader or a copy is doomed now and freed at its last unpin; one doomed or gone already is
+        skipped. Returns how many blocks were dropped as corrupt."""
+        n = 0
+        for d in reversed(list(digests)):   # deepest first: each corrupt block is counted as such
+            b = self._blocks.get(d)
+            if b is None or b.doomed:
+                continue
+            self._doom_subtree(d, include_self=False)
+            self._doom_subtree(d, include_self=True, orphans=False)
+            self.stats.corrupt += 1
+            n += 1
         return n
 
     def drop_subtree(self, parent_digest: int) -> list[int]:

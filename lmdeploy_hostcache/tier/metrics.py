@@ -54,6 +54,7 @@ class HostTierMetrics:
     demotions_skipped: int = 0  # GPU evictions of blocks already host-resident (nothing copied)
     demotions_refused: int = 0  # GPU evictions the host tier had no slot for (nothing copied)
     host_evictions: int = 0     # host blocks evicted to make room, or orphaned (a host ancestor left every tier)
+    corrupt_blocks: int = 0     # host blocks dropped because a worker found their bytes changed (checksum)
     bytes_to_host: int = 0      # demotion batches copied on every TP rank
     bytes_to_gpu: int = 0       # loads copied on every TP rank (a restore cancelled after its copy included)
     restore_latency: LatencyStat = field(default_factory=LatencyStat)
@@ -113,6 +114,7 @@ class L3TierMetrics:
     timeouts: int = 0           # calls past their deadline (also counted in errors)
     missing: int = 0            # blocks gone between lookup and read (also in errors)
     corrupt: int = 0            # blocks failing checksum/header/token checks (also in errors)
+    corrupt_removed: int = 0    # of those, objects removed from the store (workers; a later write-back replaces them)
     latency: dict = field(default_factory=dict)   # op -> LatencyStat
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

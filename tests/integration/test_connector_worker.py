@@ -24,7 +24,11 @@ from lmdeploy_hostcache.integration.connector import (  # noqa: E402
     build_host_tier_connector,
     install_scheduler_hook,
 )
-from lmdeploy_hostcache.integration.worker import failed_demotion_marker, pool_reset_marker  # noqa: E402
+from lmdeploy_hostcache.integration.worker import (  # noqa: E402
+    corrupt_slot_marker,
+    failed_demotion_marker,
+    pool_reset_marker,
+)
 from lmdeploy_hostcache.transfer import reference  # noqa: E402
 
 BS, KBS = 8, 4
@@ -500,7 +504,8 @@ def test_checksum_refuses_a_corrupted_host_slot_and_moves_nothing(quant_policy, 
     out = run(w, HostTierMetadata(step=2, loads=(HostLoad(request_id=5, slots=(1,), gpu_blocks=(10,)),
                                                  HostLoad(request_id=6, slots=(2,), gpu_blocks=(11,)))))
     assert out.finished_receiving == {5, 6}
-    assert out.invalid_block_ids == {10}, "the corrupted slot's load must be reported failed"
+    assert out.invalid_block_ids == {10, corrupt_slot_marker(1)}, \
+        "the corrupted slot's load must be reported failed, and the slot as corrupt"
     assert torch.equal(cache.block(10), before10), "a refused load must not move a byte"
     assert torch.equal(cache.block(11), orig6) and not torch.equal(before11, orig6)
     # the uncorrupted copy of block 4's bytes is still restorable after a fresh demotion
@@ -592,7 +597,7 @@ def test_a_poll_that_raises_fails_the_ops_in_flight_and_loses_no_outcome(monkeyp
         out = w.get_finished()
         w.clear_connector_metadata()
         assert out.finished_receiving == {8, 9} and out.completed_save_ids == {1}
-        assert out.invalid_block_ids == {10, 11, failed_demotion_marker(1)}
+        assert out.invalid_block_ids == {10, 11, failed_demotion_marker(1), corrupt_slot_marker(1)}
         assert ws.num_inflight == 0 and ws.poll_failures == 1 and ws.engine_retired is None
         # a second failure (nothing in flight now) is counted, not logged as an error again
         assert run(w, HostTierMetadata(step=4)).finished_receiving is None and ws.poll_failures == 2

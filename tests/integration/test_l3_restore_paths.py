@@ -10,6 +10,7 @@ pytest.importorskip("lmdeploy.pytorch.kv_connector")
 
 from lmdeploy_hostcache.integration.connector import HostLoad, HostTierMetadata  # noqa: E402
 from lmdeploy_hostcache.integration.l3_tier import SchedulerL3, WorkerL3  # noqa: E402
+from lmdeploy_hostcache.integration.worker import corrupt_slot_marker  # noqa: E402
 from lmdeploy_hostcache.l3.chain import SchedulerChain, WorkerChain  # noqa: E402
 from lmdeploy_hostcache.l3.client import L3Client  # noqa: E402
 from lmdeploy_hostcache.l3.keys import StoreKeyspace  # noqa: E402
@@ -64,7 +65,8 @@ def test_a_checksummed_node_never_publishes_a_slot_whose_bytes_changed():
         cache.write_block(b, random_bytes(cache, b))
     assert run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2), (6, 3)))).completed_save_ids == {0}
     w.worker_side.pool.slot_view(2).numpy()[100] ^= 0xFF   # host-memory corruption in slot 2
-    assert run(w, HostTierMetadata(step=2, loads=(HostLoad(77, (2,), (9,)),))).invalid_block_ids == {9}
+    assert run(w, HostTierMetadata(step=2, loads=(HostLoad(77, (2,), (9,)),))).invalid_block_ids == \
+        {9, corrupt_slot_marker(2)}
     run(w, HostTierMetadata(step=3, l3_write_backs=((0x1234, bytes(32), 2), (0x5678, bytes(range(32)), 3))))
     assert len(store.objects) == 1, "only the sound slot's block is published"
     assert w.worker_side.corrupt_write_backs == 1

@@ -150,6 +150,14 @@ def test_corrupted_object_rolls_back_the_whole_batch(master):
         n, ok, slots = b.restore(PROMPT)
         assert (n, ok) == (6, False)                 # blocks 0-2 were fine: still nothing is used
         _rolled_back(b)
+        # the corrupt object was removed: no node's lookup finds it any more, and the next write-back
+        # of block 3 puts a good one (a put never replaces an object)
+        assert c.exists([key]) == [False]
+        assert b.restore(PROMPT)[:2] == (3, True)
+        _a_computes(c, ns=ns)
+        b2 = Node(c, slots=8, ns=ns)
+        n, ok, slots = b2.restore(PROMPT)
+        assert (n, ok) == (6, True) and b2.slot_bytes_match_oracle(PROMPT, n, slots)
     finally:
         c.close()
 

@@ -73,4 +73,4 @@ def test_a_worker_rank_logs_what_only_it_sees(caplog):
     assert sum("refused a put" in x for x in msgs) == 1 and sum("failed its checks" in x for x in msgs) == 1
     summaries = [x for x in msgs if x.startswith("l3 tier rank 1: put_blocks=")]
     assert summaries == ["l3 tier rank 1: put_blocks=3 put_refused=7 get_blocks=0 errors=1 timeouts=0 missing=0 "
-                         "corrupt=1, write-back errors 0"]
+                         "corrupt=1 corrupt_removed=0, write-back errors 0"]
