@@ -270,11 +270,12 @@ class HostCacheConfig:
     eviction_policy: str = field(default=DEFAULT_POLICY, metadata=_meta(
         _parse_eviction_policy,
         "How the host tier picks a victim when full. Always leaf-first: a block whose "
-        "children are host-resident is never evicted. `arc` (the default, chosen from the "
-        "Mooncake traces in docs/eviction.md) never measurably falls below `lru` there and "
-        "wins up to 12% of the gap to the offline Belady bound; on traffic it was not chosen "
-        "on (WEKA sessions, chat generator) it stays within 0.002 of `lru` and wins almost none.",
-        "`arc`, `lru` or `s3fifo` (`lmdeploy_hostcache.tier.eviction.POLICIES`)"))
+        "children are host-resident is never evicted. `lru` (the default, as LMDeploy's GPU "
+        "cache evicts): every other policy measured falls below it on some traffic. `arc` wins "
+        "up to 12% of the gap to the offline Belady bound on conversation traffic (7% on traffic "
+        "it was not tuned on) but falls about a point below `lru` on agent sessions that restart "
+        "(docs/eviction.md).",
+        "`lru`, `arc` or `s3fifo` (`lmdeploy_hostcache.tier.eviction.POLICIES`)"))
     min_restore_tokens: int | str = field(default=256, metadata=_meta(
         _parse_min_restore_tokens,
         "Smallest host hit worth restoring, in tokens. A shorter hit is recomputed: a restore "

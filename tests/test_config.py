@@ -31,7 +31,7 @@ def test_defaults():
     assert cfg.host_cache_gb == AUTO
     assert cfg.host_memory_reserve_gb == 8.0
     assert cfg.host_kv_format == "same"
-    assert cfg.eviction_policy == "arc"  # eviction.DEFAULT_POLICY, chosen in docs/eviction.md
+    assert cfg.eviction_policy == "lru"  # eviction.DEFAULT_POLICY, chosen in docs/eviction.md
     assert cfg.min_restore_tokens == 256
     assert cfg.keep_restored_blocks is True
     assert cfg.pin_memory is True and cfg.verify_tokens is True and cfg.checksum is False

@@ -7,7 +7,7 @@ Cluster YAML (every field validated; errors name the file and the field)::
     quant_policy: 0            # 0 | 4 | 8                              (default 0)
     host_kv_format: same       # same | int8 | int4                     (default same)
     tp: 1                      # tensor-parallel ranks per node         (default 1)
-    host_policy: arc           # host-tier eviction policy              (default arc, the server's)
+    host_policy: lru           # host-tier eviction policy              (default lru, the server's)
     min_restore_tokens: 256    # shorter host hits are recomputed; auto (default 256, the server's)
     routing: session           # session | random | prefix | cache_aware (required)
     seed: 0                    # for random routing                     (default 0)
