@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lmdeploy_hostcache import cli
@@ -145,3 +146,21 @@ def test_planner_doc_names_the_default_policy():
     assert f"(default `{DEFAULT_POLICY}`" in text
     for other in sorted(set(POLICIES) - {DEFAULT_POLICY}):
         assert f"(default `{other}`" not in text, f"docs/planner.md still names {other} as the default"
+
+
+@pytest.mark.parametrize("setup_rc, test_rc", [(3, 0), (0, 4), (0, 0)])
+def test_ci_fails_when_the_set_up_or_the_tests_fail(tmp_path, setup_rc, test_rc):
+    """.ci/run's exit status is the first failure's (a failed set-up once printed "passed" and exited 0:
+    set -e ignores a failure inside an && list but the last command)."""
+    import shutil
+    import subprocess
+
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "scripts" / "setup.sh").write_text(f"exit {setup_rc}\n")
+    (tmp_path / ".ci" / "test").write_text(f"echo tests-ran; exit {test_rc}\n")
+    out = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == (setup_rc or test_rc)
+    assert ("tests-ran" in out.stdout) == (setup_rc == 0)
+    assert ("passed" in out.stderr) == (setup_rc == 0 and test_rc == 0), out.stderr
