@@ -440,7 +440,8 @@ class _StepTracker:
         import asyncio
 
         while self.running > 0:
-            self._idle = asyncio.Event()   # created in the waiting (the agent's) loop
+            if self._idle is None or self._idle.is_set():   # one event every waiter shares (two sleeps at once)
+                self._idle = asyncio.Event()   # created in the waiting (the agent's) loop
             await self._idle.wait()
 
 

@@ -158,3 +158,24 @@ def test_wakeup_of_a_released_agent_says_so(active, agent_cls):
     stock.patched_model = None
     with pytest.raises(AttributeError):      # no host tier: LMDeploy's own error, unchanged
         agent_cls.wakeup(stock, None)
+
+
+def test_two_sleeps_at_once_both_return_when_the_step_ends(active, agent_cls):
+    """``Engine.sleep`` takes no lock: two overlapping ``/sleep`` calls both reach the agent while a step
+    runs. Both waits end with the step (each used to make its own event, and only the newest was set)."""
+    agent = _Agent()
+    tracker = active._step_tracker(agent)
+
+    async def scenario():
+        tracker.enter()
+        first = asyncio.ensure_future(agent_cls.sleep(agent, 1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        second = asyncio.ensure_future(agent_cls.sleep(agent, 1))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        tracker.exit()
+        await asyncio.wait({first, second}, timeout=3)
+        return first.done(), second.done()
+
+    assert asyncio.run(scenario()) == (True, True)
