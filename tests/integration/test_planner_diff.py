@@ -35,7 +35,6 @@ from lmdeploy_hostcache.planner.engine_steps import EngineSteps, SteppedTwoTierC
 from lmdeploy_hostcache.planner.replay import prepare_trace
 from lmdeploy_hostcache.planner.traces import read_mooncake
 from tests.integration import test_trace_capture as T
-from tests.integration.test_trace_capture import exact_lru_clock  # noqa: F401  (the fixture)
 
 ROW_ENV = 'HOSTCACHE_PLANNER_DIFF'
 KEY_HEX = '0f' * 16
