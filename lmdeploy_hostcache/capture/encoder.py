@@ -55,8 +55,10 @@ class BlockIdEncoder:
     def __init__(self, key: CaptureKey, block_size: int) -> None:
         self.key = key
         self.block_size = int(block_size)
-        # first block's digest -> [(bytes, xxh3 of its tokens, blocks, last digest, ids' text), ...] of the
-        # latest prompts with that first block (at most RECENT_PER_BLOCK, newest last)
+        # first block's digest -> [(bytes, xxh3 of its tokens, blocks, last digest, ids' text, prompt part), ...]
+        # of the latest requests with that first block (at most RECENT_PER_BLOCK, newest last): each covers the
+        # request's prompt and kept output blocks; ``prompt part`` is the same 6-tuple for its prompt's blocks
+        # alone (its own prompt part None), or None, for a later request that continues the prompt, not the reply
         self._recent: dict[int, list] = {}
         # the constant part of every line after the ids (capture_line's layout)
         self._after_ids = f'],"block_size":{self.block_size},"capture":{json_string(key.fingerprint)}'

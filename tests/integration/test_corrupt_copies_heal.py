@@ -32,33 +32,9 @@ from lmdeploy_hostcache.testing.harness.host_tier import (HostSlotChecker, HostT
                                                           rank_checkers, scheduler_side, worker_side)
 from lmdeploy_hostcache.tier.digest import ChainHasher, Namespace  # noqa: E402
 from lmdeploy_hostcache.tier.metrics import L3TierMetrics  # noqa: E402
+from tests.integration.test_l3_restore_paths import DictStore  # noqa: E402
 
 BS = 16
-
-
-class DictStore:
-    """The Mooncake store client's methods over a dict (put keeps the first object of a key)."""
-
-    def __init__(self, removable: bool = True):
-        self.objects: dict[str, bytes] = {}
-        if removable:
-            self.remove = self._remove
-
-    def batch_is_exist(self, keys):
-        return [1 if k in self.objects else 0 for k in keys]
-
-    def put(self, key, value):
-        self.objects.setdefault(key, bytes(value))
-        return 0
-
-    def get_batch(self, keys):
-        return [self.objects.get(k, b"") for k in keys]
-
-    def _remove(self, key, force=False):
-        return 0 if self.objects.pop(key, None) is not None else -704
-
-    def close(self):
-        pass
 
 
 def _hot_conversation(rounds: int, prefix_blocks: int, filler_blocks: int = 14, seed: int = 11):
@@ -196,7 +172,7 @@ def test_a_half_written_store_object_costs_one_restore_not_every_later_one(monke
     """Host holds the hot prefix's first blocks, the store its last two, and the store object of the
     last block is half-written: the first restore through it fails (recompute); the object is removed,
     the block's next write-back puts a good one, and later turns restore the whole prefix."""
-    store = DictStore()
+    store = DictStore(removable=True)
     monkeypatch.setattr(l3_tier, "connect", lambda cfg, metrics=None, **kw: L3Client(store, metrics=metrics))
     pb = 8
     engine = _build(gpu_blocks=16, host_slots=16,

@@ -19,10 +19,13 @@ from lmdeploy_hostcache.tier.metrics import L3TierMetrics  # noqa: E402
 
 
 class DictStore:
-    """The Mooncake store client's methods over a dict (put keeps the first object of a key)."""
+    """The Mooncake store client's methods over a dict (put keeps the first object of a key); with
+    ``removable``, its ``remove(key, force)`` too (Mooncake's error code for a missing key otherwise)."""
 
-    def __init__(self):
+    def __init__(self, removable: bool = False):
         self.objects: dict[str, bytes] = {}
+        if removable:
+            self.remove = self._remove
 
     def batch_is_exist(self, keys):
         return [1 if k in self.objects else 0 for k in keys]
@@ -33,6 +36,9 @@ class DictStore:
 
     def get_batch(self, keys):
         return [self.objects.get(k, b"") for k in keys]
+
+    def _remove(self, key, force=False):
+        return 0 if self.objects.pop(key, None) is not None else -704
 
     def close(self):
         pass
