@@ -134,7 +134,9 @@ def chains_from_ids(name: str, id_chains: Iterable[Sequence[int]],
 
 def chains_from_trace(trace) -> BlockChains:
     """``BlockChains`` of a ``planner.traces.Trace`` (full blocks stored, all prompt blocks
-    counted, arrival times kept)."""
+    counted, arrival times kept). Prompt blocks only: a request's ``output_hash_ids`` (the reply
+    blocks a capture or the chat generator names) are not stored, so a turn that re-sends a reply
+    misses them here, where ``plan`` (two tiers) hits them."""
     bs = trace.block_size
     reqs = trace.requests
     return chains_from_ids(trace.name, (r.hash_ids[:r.full_blocks(bs)] for r in reqs),

@@ -95,6 +95,23 @@ def test_trace_reads_every_layout_plan_reads(tmp_path, capsys):
     assert rc == 2 and "--block-size applies to --trace files" in err
 
 
+def test_a_trace_naming_output_blocks_is_told_they_are_not_replayed(tmp_path, capsys):
+    """bench eviction stores prompt blocks only; a trace whose records name output blocks (captures, the
+    chat generator) gets one note saying so, and the same hit rates as without them."""
+    rows = [{"timestamp": t, "input_length": 64 * 2, "output_length": 65, "hash_ids": [7, 8],
+             "output_hash_ids": [50 + t], "block_size": 64} for t in range(4)]
+    named, bare = tmp_path / "named.jsonl", tmp_path / "bare.jsonl"
+    named.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bare.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "output_hash_ids"}) + "\n" for r in rows))
+    results = {}
+    for p in (named, bare):
+        rc, out, err = _run(capsys, "--trace", str(p), "--capacities", "3", "--policies", "lru", "--json")
+        assert rc == 0, err
+        assert ("name output blocks" in err) == (p is named)
+        results[p] = [(r["hit_blocks"], r["prompt_blocks"]) for r in json.loads(out)["results"] if r["policy"] == "lru"]
+    assert results[named] == results[bare]
+
+
 def test_a_closed_stdout_ends_the_command_quietly(monkeypatch, capsys):
     """`lmdeploy-hostcache ... | head` closes the pipe early: exit 141 without a traceback."""
     def closed_pipe(args):

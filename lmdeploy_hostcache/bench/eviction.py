@@ -7,7 +7,9 @@ or LMDeploy.
 
 ``--trace PATH`` (repeatable, one trace each) replays any trace the planner reads
 (``planner.traces.read_traces``: Mooncake layout with ``--block-size``, captured files, WEKA
-session files or a folder of them, merged ``--stagger`` seconds apart).  Without ``--trace`` it
+session files or a folder of them, merged ``--stagger`` seconds apart).  Every replay here stores
+prompt blocks only: a trace's ``output_hash_ids`` (the reply blocks captures and the chat generator
+name) are not replayed, and a note says so when a ``--trace`` names any (``plan`` replays them).  Without ``--trace`` it
 replays two sets, kept apart on purpose (docs/eviction.md):
 
 * **tuning** -- the WEKA coding-agent sessions (``../shared/traces/weka_sample``, merged) and the
@@ -189,7 +191,13 @@ def _sources(args: argparse.Namespace) -> "tuple[list[tuple[str, str, Path | Non
         from ..planner.traces import read_traces  # noqa: PLC0415
 
         def given(t: str):
-            return chains_from_trace(read_traces([t], args.format, args.block_size, args.stagger))
+            trace = read_traces([t], args.format, args.block_size, args.stagger)
+            named = sum(1 for r in trace.requests if r.output_hash_ids)
+            if named:
+                print(f"note: {t}: {named} request(s) name output blocks (output_hash_ids); this single-tier "
+                      "replay stores prompt blocks only, so a turn re-sending a reply misses them here "
+                      "('plan' replays them)", file=sys.stderr)
+            return chains_from_trace(trace)
         return [("given", Path(t).name, Path(t), lambda t=t: given(t)) for t in args.trace], {}
     # Absolute capacities are 512-token Mooncake blocks: alone they mean the held-out set only.
     sets = args.sets or (["heldout"] if args.capacities and not args.fractions else list(DEFAULT_SETS))
