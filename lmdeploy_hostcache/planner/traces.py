@@ -41,6 +41,7 @@ import io
 import json
 import math
 import os
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,9 @@ def _json(text: str, where: str):
     except RecursionError:
         raise ValueError(f"{where}: JSON nested too deeply") from None
     except ValueError as exc:   # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        if "integer string conversion" in str(exc):   # Python's advice (set_int_max_str_digits) is not the user's
+            raise ValueError(f"{where}: not usable JSON (an integer of more than {sys.get_int_max_str_digits()} "
+                             "digits; block ids, lengths and timestamps are below 2**64)") from None
         raise ValueError(f"{where}: not usable JSON ({exc})") from None
 
 

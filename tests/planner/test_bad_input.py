@@ -210,7 +210,8 @@ def _line(**kw) -> str:
     ('{"timestamp": 0, "input_length": 1024, "hash_ids": ' + "[" * 100_000 + "]" * 100_000 + "}",
      ":1: JSON nested too deeply"),
     ('{"timestamp": 0, "input_length": 1024, "output_length": ' + "9" * 5000 + ', "hash_ids": [1, 2]}',
-     ":1: not usable JSON"),
+     ":1: not usable JSON (an integer of more than 4300 digits; block ids, lengths and timestamps are below "
+     "2**64)"),
     (_line(output_length=10**35), ":1: field 'output_length' is 100,000,000,000,000,000,000,000,000,000,000,000 "
                                   "tokens; no model generates more than 10,000,000"),
     ('{"timestamp": 0, "output_length": 1, "hash_ids": [1, 2]}', ":1: missing field 'input_length'"),
