@@ -192,11 +192,18 @@ def test_host_hit_waits_for_remote_kvs_then_readmits_with_cached_tokens():
     rig.side.check_balanced()
 
 
-def test_failed_load_rolls_back_and_recomputes():
-    rig = Rig(num_gpu_blocks=8)
+def host_hit_request(**rig_options):
+    """A rig whose host tier holds the demoted blocks of a first prompt, and a waiting request whose prompt
+    starts with that prompt's first 16 tokens (a host hit): ``(rig, first prompt, session id, sequence)``."""
+    rig = Rig(num_gpu_blocks=8, **rig_options)
     a_tokens = prompt(1, 17)
     demote_first_prompt(rig, a_tokens, prompt(100, 18))
     sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    return rig, a_tokens, sid, c
+
+
+def test_failed_load_rolls_back_and_recomputes():
+    rig, a_tokens, sid, c = host_hit_request()
     _, meta = rig.step()
     (load,) = meta.loads
     fallback = 16 - BS * len(load.gpu_blocks)
@@ -216,10 +223,7 @@ def test_failed_load_rolls_back_and_recomputes():
 
 
 def test_abort_during_load_unpins_and_keeps_host_copy():
-    rig = Rig(num_gpu_blocks=8)
-    a_tokens = prompt(1, 17)
-    demote_first_prompt(rig, a_tokens, prompt(100, 18))
-    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    rig, a_tokens, sid, c = host_hit_request()
     _, meta = rig.step()
     (load,) = meta.loads
     rig.s.end_session(sid)                      # deferred by LMDeploy: the worker may be writing
@@ -235,10 +239,7 @@ def test_abort_during_load_unpins_and_keeps_host_copy():
 
 
 def test_abort_before_load_is_shipped_never_reaches_worker():
-    rig = Rig(num_gpu_blocks=8)
-    a_tokens = prompt(1, 17)
-    demote_first_prompt(rig, a_tokens, prompt(100, 18))
-    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    rig, _, sid, c = host_hit_request()
     out = rig.s.schedule(is_prefill=True)      # load admitted, metadata not built yet
     assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and out.running == []
     rig.s.end_session(sid)
@@ -298,10 +299,7 @@ def test_completion_waits_for_every_tp_rank_and_ignores_unknown_ids():
 
 
 def test_worker_drain_settles_everything_in_flight():
-    rig = Rig(num_gpu_blocks=8)
-    a_tokens = prompt(1, 17)
-    demote_first_prompt(rig, a_tokens, prompt(100, 18))
-    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    rig, _, sid, c = host_hit_request()
     _, meta = rig.step()
     assert meta.loads
     rig.s.end_session(sid)
@@ -887,10 +885,7 @@ def test_a_retry_whose_gpu_match_shrank_counts_the_newly_covered_blocks():
 def test_a_cancelled_restore_whose_copy_completed_counts_its_bytes():
     """bytes_to_gpu counts every load the workers copied on every rank, a restore cancelled while its
     copy ran included (those bytes moved); a failed load counts none."""
-    rig = Rig(num_gpu_blocks=8)
-    a_tokens = prompt(1, 17)
-    demote_first_prompt(rig, a_tokens, prompt(100, 18))
-    sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    rig, a_tokens, sid, c = host_hit_request()
     _, meta = rig.step()
     (load,) = meta.loads
     rig.s.end_session(sid)                      # cancelled while the worker copies
