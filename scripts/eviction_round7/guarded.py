@@ -8,7 +8,32 @@ decayed hits lead the ``lru`` shadow's by ``margin``, and in ``arc``'s order whi
 from lmdeploy_hostcache.tier.eviction import EvictionPolicy, TreeARCPolicy, LRUPolicy
 from lmdeploy_hostcache.tier.host_index import HostIndex, BlockState
 
-class GuardedARC(EvictionPolicy):
+class FollowLeader(EvictionPolicy):
+    """Every index event goes to each expert in ``self.experts`` (name -> policy); victims come from
+    ``self.experts[self.follow]``, and the others forget them. A subclass feeds its shadows in
+    ``_reference(block)``, called on every insert and access, and sets ``follow``."""
+    def on_insert(self, block):
+        for e in self.experts.values(): e.on_insert(block)
+        self._reference(block)
+    def on_access(self, block):
+        for e in self.experts.values(): e.on_access(block)
+        self._reference(block)
+    def on_remove(self, block, evicted):
+        for e in self.experts.values(): e.on_remove(block, evicted)
+    def add_candidate(self, block):
+        for e in self.experts.values(): e.add_candidate(block)
+    def remove_candidate(self, block):
+        for e in self.experts.values(): e.remove_candidate(block)
+    def pop_victim(self):
+        self.followed[self.follow] += 1
+        v = self.experts[self.follow].pop_victim()
+        if v is not None:
+            for k, e in self.experts.items():
+                if k != self.follow: e.remove_candidate(v)
+        return v
+
+
+class GuardedARC(FollowLeader):
     name = "guarded"
     def __init__(self, num_slots, window=4.0, margin=0.0, start='lru'):
         self.experts = {'arc': TreeARCPolicy(), 'lru': LRUPolicy()}
@@ -44,23 +69,3 @@ class GuardedARC(EvictionPolicy):
         else:
             if l > a * (1 + self.margin):
                 self.follow = 'lru'; self.switches += 1
-
-    def on_insert(self, block):
-        for e in self.experts.values(): e.on_insert(block)
-        self._reference(block)
-    def on_access(self, block):
-        for e in self.experts.values(): e.on_access(block)
-        self._reference(block)
-    def on_remove(self, block, evicted):
-        for e in self.experts.values(): e.on_remove(block, evicted)
-    def add_candidate(self, block):
-        for e in self.experts.values(): e.add_candidate(block)
-    def remove_candidate(self, block):
-        for e in self.experts.values(): e.remove_candidate(block)
-    def pop_victim(self):
-        self.followed[self.follow] += 1
-        v = self.experts[self.follow].pop_victim()
-        if v is not None:
-            for k, e in self.experts.items():
-                if k != self.follow: e.remove_candidate(v)
-        return v

@@ -59,7 +59,28 @@ class _RMeta:
         self.seg = seg; self.spared = 0
 
 
-class ArcRegret(TreeARCPolicy):
+class _ArcChooser(TreeARCPolicy):
+    """``arc`` whose victim choice a subclass may overrule where it disagrees with LRU's."""
+
+    def _tops(self):
+        """(T1's oldest leaf, resident count, LRU's victim, ``arc``'s victim), or None when a segment has no
+        candidate (then ``arc`` and LRU agree: ``TreeARCPolicy.pop_victim``)."""
+        t1, t2 = self._heaps[1].peek(), self._heaps[2].peek()
+        if t1 is None or t2 is None:
+            return None
+        c = self._n[1] + self._n[2]
+        oldest = t1 if t1.last_access < t2.last_access else t2
+        if oldest.last_access < self._now - self.horizon * c:
+            return t1, c, oldest, oldest      # past the horizon: arc takes LRU's victim
+        return t1, c, oldest, (t1 if self._n[1] > self.p * c else t2)
+
+    def _take(self, victim, t1):
+        heap = self._heaps[1] if victim is t1 else self._heaps[2]
+        heap.live -= 1
+        return heap.pop()
+
+
+class ArcRegret(_ArcChooser):
     """arc whose segment choice is gated by a counterfactual score kept at the disagreements only.
 
     When the segment rule would evict ``v`` but LRU's victim is ``o`` (v is not o), the policy
@@ -109,37 +130,26 @@ class ArcRegret(TreeARCPolicy):
         super().on_access(block)
 
     def pop_victim(self):
-        h1, h2 = self._heaps[1], self._heaps[2]
-        t1, t2 = h1.peek(), h2.peek()
-        if t1 is None or t2 is None:
+        tops = self._tops()
+        if tops is None:
             return super().pop_victim()
-        c = self._n[1] + self._n[2]
-        oldest, other = (t1, t2) if t1.last_access < t2.last_access else (t2, t1)
-        if oldest.last_access < self._now - self.horizon * c:
-            heap = h1 if oldest is t1 else h2
-            heap.live -= 1
-            return heap.pop()
-        v = t1 if self._n[1] > self.p * c else t2
+        t1, c, oldest, v = tops
         if v is oldest:
-            heap = h1 if v is t1 else h2
-            heap.live -= 1
-            return heap.pop()
-        # disagreement: arc wants v (= other), lru wants oldest
+            return self._take(v, t1)
+        # disagreement: arc wants v, lru wants oldest
         self.followed[self.mode] += 1
-        x, y = (other, oldest) if self.mode == self.ARC else (oldest, other)
+        x, y = (v, oldest) if self.mode == self.ARC else (oldest, v)
         self._dev[x.digest] = self.mode
         lim = max(1, c)
         while len(self._dev) > lim:
             self._dev.popitem(last=False)
         y.pdata.spared = self.mode
-        heap = h1 if x is t1 else h2
-        heap.live -= 1
-        return heap.pop()
+        return self._take(x, t1)
 
 
 # --- round 7 guarded arc with full shadows (needs the slot count) ---
 sys.path.insert(0, __import__('os').path.join(__import__('os').path.dirname(__import__('os').path.abspath(__file__)), '..', 'eviction_round7'))
-from guarded import GuardedARC  # noqa: E402
+from guarded import FollowLeader, GuardedARC  # noqa: E402
 
 
 class LazyGuarded(EvictionPolicy):
@@ -191,7 +201,7 @@ CANDS = {
 }
 
 
-class ArcPair(TreeARCPolicy):
+class ArcPair(_ArcChooser):
     """arc gated by pairwise outcomes at its disagreements with LRU.
 
     When arc's segment rule and LRU pick different victims (v: arc's, o: LRU's, the oldest
@@ -262,39 +272,31 @@ class ArcPair(TreeARCPolicy):
         self._ref(block.digest)
 
     def pop_victim(self):
-        h1, h2 = self._heaps[1], self._heaps[2]
-        t1, t2 = h1.peek(), h2.peek()
-        if t1 is None or t2 is None:
+        tops = self._tops()
+        if tops is None:
             return super().pop_victim()
-        c = self._n[1] + self._n[2]
-        oldest, other = (t1, t2) if t1.last_access < t2.last_access else (t2, t1)
-        if oldest.last_access < self._now - self.horizon * c:
-            v = oldest
-        else:
-            v = t1 if self._n[1] > self.p * c else t2
-            if v is not oldest:
-                self.followed[self.mode] += 1
-                x, y = (v, oldest) if self.mode == self.ARC else (oldest, v)
-                self._rid += 1
-                rid = self._rid
-                self._rec[rid] = (x.digest, y.digest, self.mode)
-                self._by.setdefault(x.digest, []).append(rid)
-                self._by.setdefault(y.digest, []).append(rid)
-                while len(self._rec) > max(1, self.rec_ratio * c):
-                    orid, (ox, oy, _) = self._rec.popitem(last=False)
-                    for dd in (ox, oy):
-                        lst = self._by.get(dd)
-                        if lst is not None:
-                            try:
-                                lst.remove(orid)
-                            except ValueError:
-                                pass
-                            if not lst:
-                                del self._by[dd]
-                v = x
-        heap = h1 if v is t1 else h2
-        heap.live -= 1
-        return heap.pop()
+        t1, c, oldest, v = tops
+        if v is not oldest:
+            self.followed[self.mode] += 1
+            x, y = (v, oldest) if self.mode == self.ARC else (oldest, v)
+            self._rid += 1
+            rid = self._rid
+            self._rec[rid] = (x.digest, y.digest, self.mode)
+            self._by.setdefault(x.digest, []).append(rid)
+            self._by.setdefault(y.digest, []).append(rid)
+            while len(self._rec) > max(1, self.rec_ratio * c):
+                orid, (ox, oy, _) = self._rec.popitem(last=False)
+                for dd in (ox, oy):
+                    lst = self._by.get(dd)
+                    if lst is not None:
+                        try:
+                            lst.remove(orid)
+                        except ValueError:
+                            pass
+                        if not lst:
+                            del self._by[dd]
+            v = x
+        return self._take(v, t1)
 
 
 CANDS.update({
@@ -309,7 +311,7 @@ CANDS.update({
 from lmdeploy_hostcache.tier.host_index import HostIndex, BlockState  # noqa: E402
 
 
-class ZGuarded(EvictionPolicy):
+class ZGuarded(FollowLeader):
     """arc with two metadata-only shadows (lru, arc) fed the real reference stream; follows arc's
     order only while the decayed hit difference S = sum(arc_hit - lru_hit) exceeds k * sqrt(V),
     V = decayed count of references where exactly one shadow hit (a sign test); falls back to LRU
@@ -350,25 +352,6 @@ class ZGuarded(EvictionPolicy):
         elif self.S < self.exit_k * r:
             self.follow = 'lru'; self.switches += 1
 
-    def on_insert(self, block):
-        for e in self.experts.values(): e.on_insert(block)
-        self._reference(block)
-    def on_access(self, block):
-        for e in self.experts.values(): e.on_access(block)
-        self._reference(block)
-    def on_remove(self, block, evicted):
-        for e in self.experts.values(): e.on_remove(block, evicted)
-    def add_candidate(self, block):
-        for e in self.experts.values(): e.add_candidate(block)
-    def remove_candidate(self, block):
-        for e in self.experts.values(): e.remove_candidate(block)
-    def pop_victim(self):
-        self.followed[self.follow] += 1
-        v = self.experts[self.follow].pop_victim()
-        if v is not None:
-            for k, e in self.experts.items():
-                if k != self.follow: e.remove_candidate(v)
-        return v
 
 
 CANDS.update({
