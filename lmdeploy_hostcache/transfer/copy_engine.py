@@ -97,6 +97,13 @@ class _Plan:
         fails the loads too: the slot holds unwritten or partly written bytes)."""
         return bool(self.load_blocks and self.dem_blocks and not set(self.load_slots).isdisjoint(self.dem_slots))
 
+    def load_refused(self, store_error: str | None) -> str | None:
+        """The load part's error when it must not run because its store part failed (``store_error``, or
+        injected) and one of its loads reads a slot that store was writing; None when it may run."""
+        if (store_error is not None or self.fail_store) and self.loads_read_failed_store():
+            return "load not run: it reads a host slot whose store in the same op failed"
+        return None
+
 
 def _as_int(v, what: str) -> int:
     if isinstance(v, bool) or not hasattr(v, "__index__"):
@@ -319,8 +326,8 @@ class CpuCopyEngine(CopyEngine):
                 op.store_error = f"store failed: {type(exc).__name__}: {exc}"
         op.gathered = None
         if plan.load_blocks and not plan.fail_load:
-            if (op.store_error is not None or plan.fail_store) and plan.loads_read_failed_store():
-                op.load_error = "load not run: it reads a host slot whose store in the same op failed"
+            op.load_error = plan.load_refused(op.store_error)
+            if op.load_error is not None:
                 return
             try:
                 self._load(plan.load_slots, plan.load_blocks)
@@ -450,9 +457,8 @@ class CudaCopyEngine(CopyEngine):
                     except Exception as exc:
                         store_error = f"store failed: {type(exc).__name__}: {exc}"
                 if plan.load_blocks and not plan.fail_load:
-                    if (store_error is not None or plan.fail_store) and plan.loads_read_failed_store():
-                        load_error = "load not run: it reads a host slot whose store in the same op failed"
-                    else:
+                    load_error = plan.load_refused(store_error)
+                    if load_error is None:
                         try:
                             self._enqueue_loads(plan, keep)
                         except Exception as exc:
