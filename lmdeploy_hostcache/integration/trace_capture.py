@@ -85,6 +85,7 @@ import numpy as np
 from ..capture import CAPTURE_KEY_ENV, CaptureKey, RotatingWriter
 from ..capture.encoder import CHAIN_MIN_BLOCKS, RECENT_PER_BLOCK, RECENT_PROMPTS, BlockIdEncoder
 from ..capture.encoder_process import EXIT_WRITE_FAILED, frame
+from ..capture.record import kept_tokens
 from ..tier.digest import TOKEN_DTYPE, encode_tokens, salted_root
 from .request_salt import sequence_salt
 
@@ -237,7 +238,7 @@ class TraceCapture:
         new_start = seq.input_start_pos
         self._arrival[seq.seq_id] = (new_start, self._clock_of(seq.arrive_time), seq.input_end_pos)
         output_len = max(0, new_start - prompt_len)
-        end = _kept_end(prompt_len, output_len, self.block_size)
+        end = kept_tokens(prompt_len, output_len, self.block_size)
         return (arrival, prompt_len, output_len, _token_store(seq, end), end, seq.adapter_name,
                 sequence_salt(seq), seq.session.session_id if start > 0 else None, None)
 
@@ -282,7 +283,7 @@ class TraceCapture:
                 arrival = self._clock_of(seq.arrive_time)
             prompt_len = seq.input_end_pos
             output_len = seq.num_valid_ids - prompt_len
-            # the prompt's full blocks and the output blocks whose KV it computed (_kept_end, inlined)
+            # the prompt's full blocks and the output blocks whose KV it computed (kept_tokens, inlined)
             if output_len > 0:
                 end = prompt_len + output_len - 1
             else:
@@ -379,7 +380,7 @@ class TraceCapture:
     def snapshot(self, seq, chain=None) -> tuple:
         """What the record needs from the sequence (cheap: no hashing, no copy, no numpy call: LMDeploy's
         token store of the sequence, ``seq.history_cache``, and the length its ids cover: the prompt's full
-        blocks and the kept output blocks, ``_kept_end``; ``encode_many`` slices it, LMDeploy never writes an ended sequence's tokens again) and the host
+        blocks and the kept output blocks, ``kept_tokens``; ``encode_many`` slices it, LMDeploy never writes an ended sequence's tokens again) and the host
         tier's chain (a reference: the connector drops it right after, nothing changes it any more)."""
         noted = self._arrival.pop(seq.seq_id, None)
         start = seq.input_start_pos
@@ -389,7 +390,7 @@ class TraceCapture:
             arrival = self._clock_of(seq.arrive_time)
         prompt_len = seq.input_end_pos
         output_len = max(0, seq.num_valid_ids - prompt_len)
-        end = _kept_end(prompt_len, output_len, self.block_size)
+        end = kept_tokens(prompt_len, output_len, self.block_size)
         return (arrival, prompt_len, output_len, _token_store(seq, end), end,
                 seq.adapter_name, sequence_salt(seq), seq.session.session_id if start > 0 else None, chain)
 
@@ -560,13 +561,6 @@ def _token_array(arrays) -> np.ndarray:
 def _token_bytes(arrays) -> bytes:
     """``_token_array``'s bytes: what the encoder reads on the scheduler's thread."""
     return _token_array(arrays).tobytes()
-
-
-def _kept_end(prompt_len: int, output_len: int, block_size: int) -> int:
-    """The tokens a record's ids cover: its prompt's full blocks and the output blocks whose KV it computed
-    (``capture.record.kept_tokens``; the last generated token's KV never is)."""
-    end = prompt_len + output_len - 1 if output_len > 0 else prompt_len
-    return end - end % block_size
 
 
 def _token_store(seq, full: int):
