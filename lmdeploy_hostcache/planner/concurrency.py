@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..capture.record import kept_output_blocks
 from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
 
 DEFAULT_DECODE_TOKENS_PER_S = 40.0
@@ -289,7 +290,7 @@ class ConcurrentTwoTierCache(TwoTierCache):
             for d in pinned:
                 pins[d] = pins.get(d, 0) + 1
         held = self._hold(max(0, -(-r.input_length // bs) - len(pinned)))   # the partial prompt block
-        ghosts = max(0, (r.input_length + r.output_length - 1) // bs - r.input_length // bs)
+        ghosts = kept_output_blocks(r.input_length, r.output_length, bs)
         recomputed = max(0, r.input_length - (g + restored) * bs)
         lt = self.lifetimes
         t_prefill = start + lt.duration_s(recomputed, 0)
