@@ -629,12 +629,7 @@ class RoutingService:
                                    "serves one engine's cache at most; routing them with an approximate model of "
                                    "their caches (give each its own --cache-aware-feed-url)",
                                    ", ".join(sharing), self.feed_url(url))
-                fs["has_feed"] = False
-                with self.lock:
-                    if url in self.router.nodes:
-                        self.router.set_health(url, self._healthy_again(url, now))
-                        if self.router.nodes[url].exact:
-                            self.router.set_approximate(url, self.default_profile)
+                self._without_feed(url, fs, now)
                 continue
             fs.pop("shared", None)
             try:
@@ -643,11 +638,7 @@ class RoutingService:
                 for _ in range(FEED_READS_PER_POLL):
                     r = http.get(self.feed_url(url), params=params, timeout=5, headers=headers)
                     if r.status_code == 404:
-                        fs["has_feed"] = False
-                        with self.lock:
-                            self.router.set_health(url, self._healthy_again(url, now))
-                            if self.router.nodes[url].exact:
-                                self.router.set_approximate(url, self.default_profile)
+                        self._without_feed(url, fs, now)
                         break
                     if r.status_code in (401, 403) and not fs.get("refused"):
                         fs["refused"] = True
@@ -711,6 +702,16 @@ class RoutingService:
                         if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
                             self.router.set_approximate(url, self.default_profile)
                 logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+
+    def _without_feed(self, url: str, fs: dict, now: float) -> None:
+        """``url`` has no feed of its own (404, or one shared with other nodes): routed on the approximate
+        index, healthy unless in an error cooldown."""
+        fs["has_feed"] = False
+        with self.lock:
+            if url in self.router.nodes:
+                self.router.set_health(url, self._healthy_again(url, now))
+                if self.router.nodes[url].exact:
+                    self.router.set_approximate(url, self.default_profile)
 
     def _let_requests_in(self) -> None:
         """Between two chunks of a large snapshot (``commit_feed``'s ``pause``, called under ``self.lock``, held
