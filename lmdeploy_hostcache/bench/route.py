@@ -12,8 +12,9 @@ apply under the proxy's lock are all measured.  Then it times the proxy's per-re
 node's contents) and the rest new.  It also times turning a prompt's tokens into published ids
 (chained xxh3-128 + ``publish_id``), which the proxy does once per namespace.
 
-``--compare CLUSTER_YAML [--trace PATH]`` instead replays a trace over a cluster with every
-routing policy and one pooled node (the tables in docs/routing.md).
+``--compare CLUSTER_YAML [--trace PATH | --chat-sessions N]`` instead replays a trace (or the built-in
+chat generator, ``planner.generator.ChatWorkload`` with N sessions) over a cluster with every routing
+policy and one pooled node (the tables in docs/routing.md).
 
 Printed figures are measured in this run on this machine: median and p99 decision time per
 request, the id-chaining time per request, the load time and the longest hold of the proxy's lock
@@ -45,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and print hit rates, requests per node and the largest prefill share")
     p.add_argument("--trace", metavar="PATH", default=None,
                    help="Mooncake JSONL trace for --compare (default: the bundled conversation trace)")
+    p.add_argument("--chat-sessions", type=int, default=None, metavar="N",
+                   help="for --compare: replay the built-in chat generator (N sessions, 64-token blocks, seed 0, "
+                        "each reply's kept blocks named as plan --chat does) instead of a trace")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -222,8 +226,9 @@ def format_table(res: dict) -> str:
             f"{r0['block_size']} tokens; target <= {res['target_decision_ms']} ms per decision; {res['note']}")
 
 
-def compare(yaml_path: str, trace_path: str | None) -> dict:
-    """Every routing policy (and a pooled node) over one cluster and trace (planner replays)."""
+def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = None) -> dict:
+    """Every routing policy (and a pooled node) over one cluster and trace (planner replays); with
+    ``chat_sessions``, the trace is the built-in chat generator's (``ChatWorkload(sessions=chat_sessions)``)."""
     import dataclasses
 
     from ..planner.cluster import ROUTING_POLICIES, load_cluster, simulate_cluster
@@ -231,12 +236,20 @@ def compare(yaml_path: str, trace_path: str | None) -> dict:
     from ..planner.replay import prepare_trace, replay, resolve_min_restore
     from ..planner.traces import read_mooncake
 
-    if trace_path is None:
-        from ..planner.cli import bundled_trace_path
+    if chat_sessions is not None:
+        from ..planner.generator import ChatWorkload, generate_chat
 
-        trace_path = str(bundled_trace_path())
-    spec = load_cluster(yaml_path)
-    trace = read_mooncake(trace_path)
+        if trace_path is not None:
+            raise ValueError("--chat-sessions replays the chat generator; do not also give --trace")
+        spec = load_cluster(yaml_path)
+        trace = generate_chat(ChatWorkload(sessions=chat_sessions))
+    else:
+        if trace_path is None:
+            from ..planner.cli import bundled_trace_path
+
+            trace_path = str(bundled_trace_path())
+        spec = load_cluster(yaml_path)
+        trace = read_mooncake(trace_path)
     sizing = BlockSizing.build(spec.geometry(), spec.cache_format, trace.block_size)
     # `auto` resolved as the server (and `plan --cluster`) resolves it
     spec = dataclasses.replace(spec, min_restore_tokens=resolve_min_restore(spec.min_restore_tokens, sizing))
@@ -279,9 +292,12 @@ def format_compare(res: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chat_sessions is not None and not args.compare:
+        print("error: bench route: --chat-sessions applies to --compare CLUSTER_YAML", file=sys.stderr)
+        return 2
     if args.compare:
         try:
-            res = compare(args.compare, args.trace)
+            res = compare(args.compare, args.trace, args.chat_sessions)
         except ValueError as exc:
             print(f"error: bench route: {exc}", file=sys.stderr)
             return 2

@@ -79,3 +79,28 @@ def test_bench_route_compare_resolves_min_restore_tokens_auto(tmp_path):
         assert p.returncode == 0, p.stderr
         rows.append([(r["routing"], r["hit_rate"]) for r in json.loads(p.stdout)["rows"]])
     assert rows[0] == rows[1]
+
+
+def test_bench_route_compare_replays_the_chat_generator(tmp_path):
+    """``--chat-sessions N`` replays ``ChatWorkload(sessions=N)`` (the docs' chat routing figures) instead of a trace,
+    and refuses a --trace beside it or a use without --compare."""
+    from pathlib import Path
+
+    from lmdeploy_hostcache.planner.generator import ChatWorkload, generate_chat
+
+    yaml = str(Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml")
+    p = _run("--compare", yaml, "--chat-sessions", "12", "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    n = len(generate_chat(ChatWorkload(sessions=12)).requests)
+    assert res["requests"] == n and res["trace"].startswith("chat(")
+    for r in res["rows"][:-1]:
+        assert sum(r["requests"]) == n
+    # the generator's re-sent replies hit: a chat workload is far above zero under every cache-using policy
+    assert min(r["hit_rate"] for r in res["rows"] if r["routing"] != "random") > 0.3
+    both = _run("--compare", yaml, "--chat-sessions", "12", "--trace", str(tmp_path / "t.jsonl"))
+    assert both.returncode == 2 and "--trace" in both.stderr and "Traceback" not in both.stderr
+    alone = _run("--chat-sessions", "12")
+    assert alone.returncode == 2 and "--compare" in alone.stderr
+    zero = _run("--compare", yaml, "--chat-sessions", "0")
+    assert zero.returncode == 2 and "sessions" in zero.stderr and "Traceback" not in zero.stderr
