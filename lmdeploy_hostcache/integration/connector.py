@@ -274,6 +274,7 @@ class _Load:
     cancelled: bool = False     # stop/end requested: host copies are kept (unless a worker reports them corrupt)
     removed: bool = False       # request_finished seen: no KVLoadResult is owed any more
     staged: tuple = ()          # l3: (digests, token bytes, slots) reserved to stage store blocks in
+    stage_refused: bool = False  # l3: no host slots to stage its store blocks in, so nothing was loaded
 
 
 class HostTierScheduler:
@@ -325,6 +326,9 @@ class HostTierScheduler:
         self._inflight_loads: dict[int, _Load] = {}
         self._owed_results: list[KVLoadResult] = []
         self._failed_turns: dict[int, int] = {}   # request -> input_start_pos of a turn whose load failed
+        # request -> input_start_pos of a turn whose store blocks found no host slots to stage in: its next
+        # attempt asks the host tier only, so its host hits still load (the store part is recomputed)
+        self._host_only_turns: dict[int, int] = {}
         self._invalid: set[int] = set()
         self.feed = None  # cache_state_feed.NodeCacheFeed when LMDEPLOY_HOSTCACHE_FEED_ADDR is set
         # LMDeploy's data-parallel engines (each with its own scheduler side), as the executor hook recorded them
@@ -512,7 +516,8 @@ class HostTierScheduler:
         n = min(n, max(0, self.num_slots // 2 - self._held_blocks))
         s = 0
         count = self._count_lookup(req, int(request.input_start_pos), first, last, found)
-        if self.l3 is not None and n == found and n < len(digests) and n < self.num_slots // 2:
+        if (self.l3 is not None and n == found and n < len(digests) and n < self.num_slots // 2
+                and self._host_only_turns.get(req) != int(request.input_start_pos)):
             # the prefix continues in the shared store? Staged through host slots: at most half
             # of them per request (host hits included), so staging does not flush the host tier
             asked = digests[n:self.num_slots // 2]
@@ -621,9 +626,13 @@ class HostTierScheduler:
                 staged = digests[h:]
                 parents = ((digests[h - 1] if h else plan.parent),) + staged[:-1]
                 slots = self.l3.chain.reserve(staged, parents, plan.block_bytes[h:n])
-                if slots is None:  # no host room to stage in: fail, recompute
-                    self.index.complete_load(load.digests, success=False)
-                    load.pinned = False
+                if slots is None:
+                    # no host slot to stage in (all pinned, or another request is staging these blocks): load
+                    # nothing now, and let the turn's next attempt load its host hits alone instead of recomputing
+                    # them too (the load never ran, so its host blocks are released, not failed)
+                    self.index.release(load.digests)
+                    load.pinned, load.stage_refused = False, True
+                    self._host_only_turns[req] = load.turn
                 else:
                     load.staged = (staged, tuple(plan.block_bytes[h:n]), tuple(slots))
                     load.slots = load.slots + tuple(slots)
@@ -653,8 +662,8 @@ class HostTierScheduler:
         for req, load in self._pending_loads.items():
             if not load.pinned or load.cancelled:
                 # never reaches a worker; an unpinned load lost its host blocks: recompute the turn
-                self._finish_load(load, success=False, load_failed=not load.pinned and not load.cancelled,
-                                  copied=None)
+                self._finish_load(load, success=False,
+                                  load_failed=not (load.pinned or load.cancelled or load.stage_refused), copied=None)
                 continue
             load.started_at = now
             load.shipped_step = step
@@ -795,6 +804,7 @@ class HostTierScheduler:
         self._release_hold(req)
         self._counted_lookup.pop(req, None)
         self._failed_turns.pop(req, None)
+        self._host_only_turns.pop(req, None)
 
     def cancel_lookup(self, request_id: RequestId) -> None:
         """Called by stop/end before LMDeploy defers them: a load of this request is unwanted."""
@@ -873,6 +883,7 @@ class HostTierScheduler:
         self._plans.clear()
         self._counted_lookup.clear()
         self._failed_turns.clear()
+        self._host_only_turns.clear()
 
     def drop_host_tier(self, reason: str, before_step: int | None = None) -> int:
         """The worker pools holding this index's blocks are gone: forget every host block.

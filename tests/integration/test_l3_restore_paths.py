@@ -222,3 +222,43 @@ def test_store_lookups_are_counted_once_per_request_turn():
     got = _l3(rig)
     assert (got["lookups"], got["lookup_blocks"], got["hit_blocks"]) == (2, 8, 6), got
     side.check_balanced()
+
+
+def _host_blocks(rig, toks, count):
+    """Put the first ``count`` blocks of ``toks`` in the host tier, as demotions would."""
+    from test_connector import ns
+
+    digests, token_bytes = chain_digests(ns(), toks)
+    idx, parent = rig.side.index, ns().root
+    for d, b in zip(digests[:count], token_bytes[:count]):
+        assert idx.prepare_store(d, parent, b) is not None
+        idx.complete_store(d, True)
+        parent = d
+    return digests
+
+
+def test_a_store_hit_with_no_room_to_stage_still_loads_its_host_hits(monkeypatch):
+    """Host hits, then store blocks with no host slot to stage them in: the load is refused before it ships,
+    and the turn's next attempt loads its host hits alone (the rest is recomputed). It used to fail the
+    whole turn, so the host hits were recomputed too."""
+    from test_connector import BS
+
+    rig, toks = _store_rig(blocks=4)
+    _host_blocks(rig, toks, 2)
+    refused = []
+    monkeypatch.setattr(rig.side.l3.chain, "reserve", lambda digests, *a: refused.append(tuple(digests)))
+    _, c = rig.add(toks + [5, 5])
+    _, meta = rig.step()
+    assert len(refused) == 1 and len(refused[0]) == 2, "the two store blocks were to be staged"
+    assert meta.loads == () and meta.l3_stages == ()
+    rig.poll(rig.complete(meta))                     # LMDeploy hears the refusal and frees the destinations
+    assert rig.side.index.num_free_slots == rig.side.index.num_slots - 2, "the host hits stay in the tier"
+    _, meta = rig.step()                              # the next attempt: host hits only, nothing staged
+    assert len(refused) == 1 and meta.l3_stages == ()
+    assert [len(ld.gpu_blocks) for ld in meta.loads] == [2]
+    rig.poll(rig.complete(meta))
+    assert rig.side.metrics.restored_tokens == 2 * BS
+    assert rig.side.metrics.restore_failures == 1     # the refused attempt
+    assert rig.side.index.stats.load_failures == 0, "a refused stage is not a failed load of the host blocks"
+    rig.side.check_balanced()
+
