@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(random, session, prefix, cache_aware) and one pooled node of the same total capacity, "
                         "and print hit rates, requests per node and the largest prefill share")
     p.add_argument("--trace", metavar="PATH", default=None,
-                   help="Mooncake JSONL trace for --compare (default: the bundled conversation trace)")
+                   help="trace for --compare, read as plan reads it (Mooncake layout, a capture, WEKA session "
+                        "files; default: the bundled conversation trace)")
     p.add_argument("--chat-sessions", type=int, default=None, metavar="N",
                    help="for --compare: replay the built-in chat generator (N sessions, 64-token blocks, seed 0, "
                         "each reply's kept blocks named as plan --chat does) instead of a trace")
@@ -234,7 +235,7 @@ def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = 
     from ..planner.cluster import ROUTING_POLICIES, load_cluster, simulate_cluster
     from ..planner.geometry import BlockSizing
     from ..planner.replay import prepare_trace, replay, resolve_min_restore
-    from ..planner.traces import read_mooncake
+    from ..planner.traces import read_traces, trace_warnings
 
     if chat_sessions is not None:
         from ..planner.generator import ChatWorkload, generate_chat
@@ -249,7 +250,11 @@ def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = 
 
             trace_path = str(bundled_trace_path())
         spec = load_cluster(yaml_path)
-        trace = read_mooncake(trace_path)
+        trace = read_traces([trace_path])   # as `plan` reads it: captures, Mooncake layout, WEKA sessions
+        if not trace.requests:
+            raise ValueError(f"trace {trace_path} has no requests")
+        for w in trace_warnings(trace):
+            print(f"warning: {w}", file=sys.stderr)
     sizing = BlockSizing.build(spec.geometry(), spec.cache_format, trace.block_size)
     # `auto` resolved as the server (and `plan --cluster`) resolves it
     spec = dataclasses.replace(spec, min_restore_tokens=resolve_min_restore(spec.min_restore_tokens, sizing))
@@ -292,8 +297,9 @@ def format_compare(res: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.chat_sessions is not None and not args.compare:
-        print("error: bench route: --chat-sessions applies to --compare CLUSTER_YAML", file=sys.stderr)
+    stray = [o for o, v in (("--trace", args.trace), ("--chat-sessions", args.chat_sessions)) if v is not None]
+    if stray and not args.compare:
+        print(f"error: bench route: {' and '.join(stray)} appl{'y' if len(stray) > 1 else 'ies'} to --compare CLUSTER_YAML", file=sys.stderr)
         return 2
     if args.compare:
         try:

@@ -104,3 +104,33 @@ def test_bench_route_compare_replays_the_chat_generator(tmp_path):
     assert alone.returncode == 2 and "--compare" in alone.stderr
     zero = _run("--compare", yaml, "--chat-sessions", "0")
     assert zero.returncode == 2 and "sessions" in zero.stderr and "Traceback" not in zero.stderr
+
+
+def test_bench_route_compare_reads_traces_as_plan_does(tmp_path):
+    """``--trace`` goes through the planner's reader: a WEKA session file replays its requests (it used to be read
+    as one cut-short Mooncake line: 0 requests, every hit rate 0.0, exit 0), an empty file is refused, a skipped
+    last line is warned about, and ``--trace`` without ``--compare`` is refused."""
+    from pathlib import Path
+
+    yaml = str(Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml")
+    weka = tmp_path / "session.json"
+    weka.write_text(json.dumps({"block_size": 64, "requests": [
+        {"t": float(t), "type": "n", "in": 64 * (4 + t), "out": 8, "hash_ids": list(range(4 + t))}
+        for t in range(6)]}))
+    p = _run("--compare", yaml, "--trace", str(weka), "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["requests"] == 6 and all(sum(r["requests"]) == 6 for r in res["rows"][:-1])
+    assert max(r["hit_rate"] for r in res["rows"]) > 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = _run("--compare", yaml, "--trace", str(empty))
+    assert p.returncode == 2 and "empty.jsonl" in p.stderr and "Traceback" not in p.stderr
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(json.dumps({"timestamp": 0, "input_length": 1024, "output_length": 1, "hash_ids": [1, 2]})
+                   + '\n{"timestamp": 1, "input_')
+    p = _run("--compare", yaml, "--trace", str(cut), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["requests"] == 1
+    assert "warning:" in p.stderr and "cut.jsonl" in p.stderr
+    p = _run("--trace", str(cut))
+    assert p.returncode == 2 and "--compare" in p.stderr
