@@ -163,7 +163,8 @@ def load_yaml_text(text: str, *, source: str | None = None) -> Any:
         raise YamlError(source, f"a value cannot be read: {str(exc)[:200]}") from None
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` that is not a regular file or folder names (for one-line refusals)."""
     for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
@@ -194,7 +195,7 @@ def load_yaml_file(path: str | os.PathLike[str]) -> Any:
         if stat.S_ISDIR(mode):
             raise YamlError(path, "is a folder, not a YAML file")
         if not stat.S_ISREG(mode):
-            raise YamlError(path, f"is {_kind(mode)}, not a regular file (only a regular file is read)")
+            raise YamlError(path, f"is {file_kind(mode)}, not a regular file (only a regular file is read)")
         with os.fdopen(fd, "rb") as fh:
             fd = -1   # the file object owns it now
             raw = fh.read(MAX_YAML_BYTES + 1)   # a config is small: a mistaken file is not read whole

@@ -13,6 +13,8 @@ the file, line and field):
 * every timestamp is finite (a NaN would make the arrival order undefined: refused, with a count);
 * a file that cannot be read or decoded (a corrupt or mislabelled ``.gz``, a folder, bytes that
   are not UTF-8) raises ``ValueError`` naming the file, never ``OSError``/``EOFError``;
+  ``read_traces`` reads regular files only: a FIFO, a pipe (``<(...)``) or a device is refused
+  before anything is read (a trace is read more than once, and a FIFO with no writer would block);
 * a Mooncake-layout record may state its own ``block_size`` (captured files do, see
   ``lmdeploy_hostcache/capture``): every record of a file must then state the same one, and a
   caller's ``block_size`` that differs is refused naming the file, line and field.  Without it the
@@ -41,6 +43,7 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..capture.record import kept_output_blocks
+from ..yamlio import file_kind
 
 MOONCAKE_BLOCK_SIZE = 512
 WEKA_BLOCK_SIZE = 64
@@ -606,6 +610,14 @@ def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_s
                 paths.append(f)
     if not paths:
         raise ValueError("no trace files given")
+    for f in paths:
+        try:
+            mode = f.stat().st_mode
+        except OSError as exc:   # e.g. a dangling symlink in a folder
+            raise ValueError(f"trace file {f}: cannot read it: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(mode):   # never opened: a FIFO with no writer would block here
+            raise ValueError(f"trace file {f} is {file_kind(mode)}, not a regular file: write the trace to a file "
+                             "(it is read more than once)")
     if fmt == "auto":
         fmts = {sniff_format(x) for x in paths}
         if len(fmts) > 1:

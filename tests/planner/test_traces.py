@@ -137,3 +137,21 @@ def test_chat_generator_is_deterministic_and_chained():
     assert len(firsts) <= w.system_prompts
     with pytest.raises(ValueError, match="sessions"):
         ChatWorkload(sessions=0)
+
+
+def test_a_fifo_or_pipe_trace_is_refused_without_reading(tmp_path):
+    """A FIFO with no writer used to block `plan` for good, and a pipe (``<(...)``) was reported as an empty trace
+    (the format sniff read it once, the reader found nothing left): both are refused before any read."""
+    import os
+
+    from lmdeploy_hostcache.planner.traces import read_traces
+
+    fifo = tmp_path / "live.jsonl"
+    os.mkfifo(fifo)
+    for target in (fifo, tmp_path):
+        with pytest.raises(ValueError, match=r"live\.jsonl is a FIFO \(named pipe\), not a regular file"):
+            read_traces([target])
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "missing")
+    os.unlink(fifo)
+    with pytest.raises(ValueError, match=r"gone\.jsonl: cannot read it"):
+        read_traces([tmp_path])
