@@ -15,7 +15,9 @@ Exit codes (also in README "Commands"):
      refusing the installed LMDeploy's sources, or an activation that failed;
   2  a bad ``--config`` file (unreadable, not YAML, or a field-level error, printed
      naming the field) or a configured size this machine cannot hold (above total RAM, alone
-     or with the ``l3`` store's segment and buffer, or under one byte, which holds no block).
+     or with the ``l3`` store's segment and buffer, or under one byte, which holds no block),
+     or ``min_restore_tokens: auto`` with a restore calibration file (``$LMDEPLOY_HOSTCACHE_CALIBRATION``)
+     the server would refuse at start-up.
      Whether a size holds at least one block of a model needs the model: start-up checks it.
 Missing packages never crash the command: they read "not installed".
 """
@@ -191,6 +193,17 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
         config_info.update(ok=None, error=f"cannot read YAML: {exc}")
         problems.append(f"PyYAML is not installed ({exc}); --config cannot be checked")
     facts["config"] = config_info
+    facts["calibration"] = None
+    if cfg is not None and cfg.min_restore_tokens == "auto":
+        # the server reads it at start-up (cli_patch._check_startable) and refuses a bad file: so does this check
+        from .restore_cost import CalibrationError, load_calibration  # noqa: PLC0415
+
+        try:
+            facts["calibration"] = load_calibration().to_dict()
+        except CalibrationError as exc:
+            config_info.update(ok=False, error=f"min_restore_tokens: auto needs the restore calibration: {exc}",
+                               field="min_restore_tokens", fields=["min_restore_tokens"])
+            exit_code = EXIT_BAD_CONFIG
 
     sizing: dict[str, Any] = {"host_cache_gb": cfg.host_cache_gb if cfg else None,
                               "bytes": None, "human": None, "reason": None}
@@ -304,6 +317,9 @@ def _text(facts: dict[str, Any]) -> str:
         lines.append(row("config", f"{cfg['path']}: not checked ({cfg['error']})"))
     else:
         lines.append(row("config", f"{cfg['path']}: INVALID ({', '.join(cfg['fields'])}; error below)"))
+    cal = facts.get("calibration")
+    if cal:
+        lines.append(row("calibration", f"min_restore_tokens: auto uses {cal['source']}"))
     hc = facts["host_cache"]
     if hc["bytes"] is not None:
         lines.append(row("host cache", f"host_cache_gb={hc['host_cache_gb']} -> {hc['human']} on this machine"))

@@ -238,3 +238,25 @@ def test_doctor_never_says_supported_next_to_refused(monkeypatch, capsys):
     assert "version matches but its sources differ" in out
     assert cli.main(["doctor", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["lmdeploy"]["supported"] is False
+
+
+def test_doctor_checks_the_calibration_auto_reads(tmp_path, capsys, monkeypatch):
+    """``min_restore_tokens: auto`` makes the server read ``$LMDEPLOY_HOSTCACHE_CALIBRATION`` at start-up and refuse
+    a bad file; doctor used to call such a settings file valid (exit 0). It now refuses it the same way, and names
+    the calibration a good one resolves to."""
+    cfg = tmp_path / "auto.yaml"
+    cfg.write_text("min_restore_tokens: auto\n")
+    bad = tmp_path / "cal.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("LMDEPLOY_HOSTCACHE_CALIBRATION", str(bad))
+    assert cli.main(["doctor", "--config", str(cfg)]) == 2
+    out, err = capsys.readouterr()
+    assert "INVALID (min_restore_tokens" in out and "cal.json" in err and "min_restore_tokens" in err
+    bad.write_text(json.dumps({"restore_gbps": 12.5, "prefill_tokens_per_s": 9000, "restore_overhead_ms": 3}))
+    assert cli.main(["doctor", "--config", str(cfg), "--json"]) in (0, 1)   # 1: an environment problem only
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["config"]["ok"] and facts["calibration"]["restore_gbps"] == 12.5
+    assert facts["calibration"]["source"] == str(bad)
+    monkeypatch.delenv("LMDEPLOY_HOSTCACHE_CALIBRATION")
+    cli.main(["doctor", "--config", str(cfg)])
+    assert "calibration  min_restore_tokens: auto uses assumed" in capsys.readouterr().out
