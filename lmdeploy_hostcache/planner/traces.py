@@ -572,15 +572,10 @@ def sniff_format(path: str | os.PathLike) -> str:
 TRACE_FORMATS = ("auto", "mooncake", "weka")
 
 
-def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_size: int | None = None,
-                stagger_s: float = 0.0) -> Trace:
-    """One trace from files and folders (a folder gives its ``*.json``, ``*.jsonl``, ``*.jsonl.gz``):
-    several WEKA session files are merged (file ``k`` starts ``k * stagger_s`` s after the first),
-    several Mooncake-layout files only when they are captures made with one key
-    (``read_mooncake_files``).  ``fmt`` 'auto' sniffs every file and refuses a mix; ``block_size``
-    applies to Mooncake-layout files only (a WEKA file states its own)."""
-    if fmt not in TRACE_FORMATS:
-        raise ValueError(f"trace format must be one of {TRACE_FORMATS}, got {fmt!r}")
+def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files ``read_traces`` reads for ``sources``, in order, each once: a folder gives its non-empty
+    ``*.json``, ``*.jsonl``, ``*.jsonl.gz``; every one a regular file (a FIFO, pipe or device is refused
+    unopened).  Raises ``ValueError`` naming the source."""
     paths: list[Path] = []
     seen: set[Path] = set()
     for t in sources:
@@ -618,6 +613,19 @@ def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_s
         if not stat.S_ISREG(mode):   # never opened: a FIFO with no writer would block here
             raise ValueError(f"trace file {f} is {file_kind(mode)}, not a regular file: write the trace to a file "
                              "(it is read more than once)")
+    return paths
+
+
+def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_size: int | None = None,
+                stagger_s: float = 0.0) -> Trace:
+    """One trace from files and folders (a folder gives its ``*.json``, ``*.jsonl``, ``*.jsonl.gz``):
+    several WEKA session files are merged (file ``k`` starts ``k * stagger_s`` s after the first),
+    several Mooncake-layout files only when they are captures made with one key
+    (``read_mooncake_files``).  ``fmt`` 'auto' sniffs every file and refuses a mix; ``block_size``
+    applies to Mooncake-layout files only (a WEKA file states its own)."""
+    if fmt not in TRACE_FORMATS:
+        raise ValueError(f"trace format must be one of {TRACE_FORMATS}, got {fmt!r}")
+    paths = list_trace_files(sources)
     if fmt == "auto":
         fmts = {sniff_format(x) for x in paths}
         if len(fmts) > 1:
