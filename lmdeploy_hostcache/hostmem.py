@@ -259,7 +259,8 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
     disabled (``host_cache_gb: 0``) or ``auto`` finds no room. Raises ``ConfigError``
     (field ``host_cache_gb``) when an explicit size exceeds the machine's total RAM, alone or
     with the ``l3`` store's segment and its ``l3_clients`` buffers (``l3_store_bytes``), and when
-    that store alone exceeds it (``auto`` too). ``auto`` leaves the store its room.
+    that store alone exceeds it (``auto`` too; field ``l3.global_segment_gb`` or ``l3.local_buffer_gb``,
+    whichever term is larger). ``auto`` leaves the store its room.
     """
     if facts is None:
         facts = read_host_memory()
@@ -272,10 +273,15 @@ def resolve_host_cache_bytes(cfg: HostCacheConfig, facts: HostMemoryFacts | None
     clients = max(1, int(l3_clients))
     store = l3_store_bytes(cfg, clients) if cfg.enabled else 0
     if store > total:   # the store alone cannot be allocated, whatever the host tier's size
+        # blame the larger term: the segment, or the client buffers (a default the user never set is no culprit)
+        buffers = cfg.l3.local_buffer_bytes * clients > cfg.l3.global_segment_bytes
+        field, value = (("l3.local_buffer_gb", cfg.l3.local_buffer_gb) if buffers
+                        else ("l3.global_segment_gb", cfg.l3.global_segment_gb))
+        other = "l3.global_segment_gb" if buffers else "l3.local_buffer_gb"
         raise ConfigError([FieldError(
-            "l3.global_segment_gb", cfg.l3.global_segment_gb,
+            field, value,
             f"a store that fits {where} {format_bytes(total)} of total RAM: {_l3_terms(cfg, clients)} = "
-            f"{format_bytes(store)}, before host_cache_gb; lower l3.global_segment_gb or l3.local_buffer_gb")])
+            f"{format_bytes(store)}, before host_cache_gb; lower {field} (or {other})")])
 
     if cfg.host_cache_gb != AUTO:
         gb = float(cfg.host_cache_gb)

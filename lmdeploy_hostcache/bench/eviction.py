@@ -107,6 +107,7 @@ def generated_sources(seed: int, per_family: int) -> "list[tuple[str, object]]":
             for fam in WORKLOAD_FAMILIES for i in range(per_family)]
 
 
+DEFAULT_PER_FAMILY = 4
 MAX_PER_FAMILY = 10_000     # --set generated: every workload is kept (and replayed) before the first result
 MAX_STAGGER_S = 1e9         # about 30 years: k x stagger stays finite for any number of merged files
 
@@ -142,16 +143,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int_arg, default=None, metavar="N",
                    help="--trace: tokens per block of a Mooncake-layout trace's hash_ids (default: the file's own "
                         "'block_size' field, which captured files state, else 512)")
-    p.add_argument("--stagger", type=_stagger, default=DEFAULT_STAGGER_S, metavar="S",
+    p.add_argument("--stagger", type=_stagger, default=None, metavar="S",
                    help=f"--trace: seconds between the starts of merged WEKA session files (default "
-                        f"{DEFAULT_STAGGER_S:g}, as plan)")
+                        f"{DEFAULT_STAGGER_S:g}, as plan); refused when no --trace merges several")
     p.add_argument("--set", dest="sets", action="append", choices=SETS,
                    help="without --trace: which set to replay, 'tuning' (WEKA sessions + chat generator), "
                         "'heldout' (Mooncake traces) or 'generated' (random workloads of the generator families); "
                         "repeatable, default tuning and heldout")
-    p.add_argument("--per-family", type=_per_family, default=4, metavar="N",
-                   help=f"--set generated: workloads drawn per family, at most {MAX_PER_FAMILY} (default 4)")
-    p.add_argument("--generated-seed", type=int, default=0, metavar="S",
+    p.add_argument("--per-family", type=_per_family, default=None, metavar="N",
+                   help=f"--set generated: workloads drawn per family, at most {MAX_PER_FAMILY} "
+                        f"(default {DEFAULT_PER_FAMILY})")
+    p.add_argument("--generated-seed", type=int, default=None, metavar="S",
                    help="--set generated: the seed every workload parameter is drawn from (default 0)")
     p.add_argument("--capacities", nargs="+", type=_positive_int, metavar="BLOCKS", default=None,
                    help="host capacities in blocks of the trace's own size (512 tokens for Mooncake)")
@@ -173,12 +175,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_policies(names: list[str]) -> list[str]:
+    """``names`` without repeats; ValueError naming ``--policies`` for a name no policy has."""
     from ..tier.eviction import OFFLINE_ONLY, POLICIES  # noqa: PLC0415
     allowed = set(POLICIES) | set(OFFLINE_ONLY)
     bad = [n for n in names if n not in allowed]
     if bad:
-        raise SystemExit(f"--policies: unknown {bad}; choose from {sorted(allowed)}")
+        raise ValueError(f"--policies: unknown {', '.join(bad)}; choose from {', '.join(sorted(allowed))}")
     return list(dict.fromkeys(names))
+
+
+def _unused_option(args: argparse.Namespace) -> "str | None":
+    """The message refusing an option that would not act with the others given, or None."""
+    if args.trace:
+        if args.sets:
+            return "--set applies without --trace; --trace replays the given traces instead of the sets"
+    else:
+        for opt, v, default in (("--format", args.format, "auto"), ("--block-size", args.block_size, None),
+                                ("--stagger", args.stagger, None)):
+            if v != default:
+                return f"{opt} applies to --trace files; the sets read their own traces"
+    if args.trace and args.stagger is not None:
+        from ..planner.cli import stagger_unused  # noqa: PLC0415 (light)
+        try:   # a bad or missing file is left to the reader, which names it
+            unused = all(stagger_unused([t], args.format) for t in args.trace)
+        except (OSError, ValueError):
+            unused = False
+        if unused:
+            return ("--stagger spaces the starts of merged WEKA session files; no --trace here is a folder of "
+                    "several WEKA session files")
+    if "generated" not in (args.sets or ()):
+        for opt, v in (("--per-family", args.per_family), ("--generated-seed", args.generated_seed)):
+            if v is not None:
+                return f"{opt} applies to --set generated" + (", which --trace replaces" if args.trace else "")
+    return None
 
 
 def _sources(args: argparse.Namespace) -> "tuple[list[tuple[str, str, Path | None, object]], dict]":
@@ -191,7 +220,8 @@ def _sources(args: argparse.Namespace) -> "tuple[list[tuple[str, str, Path | Non
         from ..planner.traces import read_traces  # noqa: PLC0415
 
         def given(t: str):
-            trace = read_traces([t], args.format, args.block_size, args.stagger)
+            trace = read_traces([t], args.format, args.block_size,
+                                DEFAULT_STAGGER_S if args.stagger is None else args.stagger)
             named = sum(1 for r in trace.requests if r.output_hash_ids)
             if named:
                 print(f"note: {t}: {named} request(s) name output blocks (output_hash_ids); this single-tier "
@@ -231,24 +261,29 @@ def run(args: argparse.Namespace) -> int:
     from ..tier.eviction import OFFLINE_ONLY, POLICIES  # noqa: PLC0415
     from ..eviction_eval import belady_share, footprint, head, replay  # noqa: PLC0415
 
-    if args.trace:
-        for t in args.trace:
-            if not Path(t).exists():
-                print(f"error: --trace {t}: no such file", file=sys.stderr)
-                return 2
-    else:
-        for opt, v, default in (("--format", args.format, "auto"), ("--block-size", args.block_size, None),
-                                ("--stagger", args.stagger, DEFAULT_STAGGER_S)):
-            if v != default:
-                print(f"error: {opt} applies to --trace files; the sets read their own traces", file=sys.stderr)
-                return 2
+    unused = _unused_option(args)
+    if unused:
+        print(f"error: {unused}", file=sys.stderr)
+        return 2
+    for t in args.trace or ():
+        if not Path(t).exists():
+            print(f"error: --trace {t}: no such file", file=sys.stderr)
+            return 2
     if args.limit is not None and args.limit <= 0:
-        print(f"--limit must be > 0, got {args.limit}", file=sys.stderr)
+        print(f"error: --limit must be > 0, got {args.limit}", file=sys.stderr)
         return 2
     if args.capacities and args.fractions:
         print("error: give --capacities or --fractions, not both", file=sys.stderr)
         return 2
-    wanted = _check_policies(args.policies or [*POLICIES, *OFFLINE_ONLY])
+    try:
+        wanted = _check_policies(args.policies or [*POLICIES, *OFFLINE_ONLY])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.per_family is None:
+        args.per_family = DEFAULT_PER_FAMILY
+    if args.generated_seed is None:
+        args.generated_seed = 0
     servable = [n for n in wanted if n not in OFFLINE_ONLY]
     if getattr(args, "lookahead", False):  # belady is never held: it stays the bound of both rows
         wanted += [n + LOOKAHEAD_SUFFIX for n in servable]

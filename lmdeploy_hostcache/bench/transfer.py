@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 KIB = 1024
@@ -51,13 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 MAX_SIZE_KIB = 1 << 20
 
 
+class BadArgs(ValueError):
+    """A flag value this bench refuses; ``run`` prints it as one ``error:`` line and returns 2."""
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"error: --sizes-kib must be comma-separated integers, got {text!r}") from None
+        raise BadArgs(f"--sizes-kib must be comma-separated integers, got {text!r}") from None
     if not sizes or any(not 0 < s <= MAX_SIZE_KIB for s in sizes):
-        raise SystemExit(f"error: --sizes-kib must hold sizes in [1, {MAX_SIZE_KIB}] KiB (1 GiB), got {text!r}")
+        raise BadArgs(f"--sizes-kib must hold sizes in [1, {MAX_SIZE_KIB}] KiB (1 GiB), got {text!r}")
     return sizes
 
 
@@ -67,11 +72,15 @@ _BOUNDS = (("blocks", 1, 1 << 20), ("layers", 1, 4096), ("repeats", 1, 10**6), (
 
 
 def _check_args(args: argparse.Namespace, sizes: list[int]) -> None:
-    """Refuse a flag out of its range, or a pool larger than the memory this machine has available."""
+    """Refuse (``BadArgs``) a flag out of its range, a block size the layers do not divide, or a pool
+    larger than the memory this machine has available."""
     for name, low, high in _BOUNDS:
         value = getattr(args, name)
         if not low <= value <= high:
-            raise SystemExit(f"error: --{name} must be in [{low}, {high}], got {value}")
+            raise BadArgs(f"--{name} must be in [{low}, {high}], got {value}")
+    if any(kib * KIB % args.layers for kib in sizes):
+        raise BadArgs(f"every --sizes-kib block size must be divisible by --layers {args.layers}, got "
+                      f"{','.join(map(str, sizes))} KiB")
     # the largest pool plus its staging buffer (the quantizing rows: 2 x blocks of 256 KiB, and staging)
     need = args.blocks * KIB * max((args.spread + 1) * max(sizes), 0 if args.no_quant else 3 * 256)
     try:
@@ -81,9 +90,9 @@ def _check_args(args: argparse.Namespace, sizes: list[int]) -> None:
     except Exception:  # psutil missing or /proc unreadable: the flag bounds above still hold
         return
     if need > avail:
-        raise SystemExit(f"error: --blocks {args.blocks} with --spread {args.spread} and --sizes-kib up to "
-                         f"{max(sizes)} needs {need / 2**30:.1f} GiB of pools, more than the {avail / 2**30:.1f} GiB "
-                         f"available on this machine; lower --blocks")
+        raise BadArgs(f"--blocks {args.blocks} with --spread {args.spread} and --sizes-kib up to "
+                      f"{max(sizes)} needs {need / 2**30:.1f} GiB of pools, more than the {avail / 2**30:.1f} GiB "
+                      f"available on this machine; lower --blocks")
 
 
 def _interleaved(fns: dict, repeats: int, sync=None, clock=time.perf_counter) -> dict:
@@ -317,13 +326,15 @@ def _cuda_rows(torch, args, sizes):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    sizes = _sizes(args.sizes_kib)
-    _check_args(args, sizes)
+    try:
+        sizes = _sizes(args.sizes_kib)
+        _check_args(args, sizes)
+        if args.cuda_only and not torch.cuda.is_available():
+            raise BadArgs("--cuda-only: no CUDA device in this run")
+    except BadArgs as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    if any(kib * KIB % args.layers for kib in sizes):
-        raise SystemExit(f"every block size must be divisible by --layers {args.layers}")
-    if args.cuda_only and not torch.cuda.is_available():
-        raise SystemExit("--cuda-only: no CUDA device in this run")
     cpu = [] if args.cuda_only else _cpu_rows(torch, args, sizes)
     big = [r["gather_vs_contiguous"] for r in cpu if r["block_kib"] >= 256]
     result = {
@@ -335,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         "cpu_quant": [] if args.no_quant or args.cuda_only else _cpu_quant_rows(torch, args),
     }
     if args.no_store or args.cuda_only:
-        result.update(store=[], store_note="store rows skipped")
+        result.update(store=[], store_note="--cuda-only given" if args.cuda_only else "--no-store given")
     else:  # bench/store.py: its own loopback master, stopped before it returns
         from .store import store_rows
 
@@ -374,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['block_kib']:>5}KiB put {r['put_gbps']:>7.2f} GB/s ({r['put_ms_per_block']:.2f} ms/block)  "
                   f"get {r['get_gbps']:>7.2f} GB/s ({r['get_ms_per_block']:.2f} ms/block)")
     elif result["store_note"]:
-        print(f"store rows: {result['store_note']}")
+        print(f"Mooncake Store rows skipped: {result['store_note']}")
     for q in result["cpu_quant"]:
         print(f"quantizing gather {q['format']}: {q['source_gbps']:.2f} GB/s of fp16 source, slot "
               f"{q['compression']:.3f}x of raw")

@@ -147,8 +147,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="tokens per block of a Mooncake-layout trace's hash_ids (default: the file's own "
                           "'block_size' field, which captured files state, else 512); a file stating another "
                           "size is refused")
-    src.add_argument("--stagger", type=_nonneg_float, default=DEFAULT_STAGGER_S, metavar="S",
-                     help=f"seconds between the starts of merged WEKA sessions (default {DEFAULT_STAGGER_S:g})")
+    src.add_argument("--stagger", type=_nonneg_float, default=None, metavar="S",
+                     help=f"seconds between the starts of merged WEKA session files (default {DEFAULT_STAGGER_S:g}); "
+                          "refused for other input, where it would not act")
     src.add_argument("--generate", choices=WORKLOAD_FAMILIES, default=None, metavar="FAMILY",
                      help=f"replay a built-in workload instead of a trace file: one of {', '.join(WORKLOAD_FAMILIES)} "
                           "(multi-turn chat, shared documents, growing agent sessions)")
@@ -162,7 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--chat-block-size", type=positive_int_arg, default=None, metavar="N",
                      help="chat generator block size in tokens (default 64, LMDeploy's default; short for "
                           "--workload-param block_size=N)")
-    src.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    src.add_argument("--seed", type=int, default=None,
+                     help="seed of the --generate/--chat workload (default 0); a trace file has none")
     src.add_argument("--limit", type=_nonneg_int, default=None, metavar="N", help="replay only the first N requests")
 
     m = p.add_argument_group("model and KV format (for GiB <-> blocks)")
@@ -271,6 +273,7 @@ def load_trace(args):
     from .traces import read_traces
 
     block_size = getattr(args, "block_size", None)
+    stagger, seed = getattr(args, "stagger", None), getattr(args, "seed", None)
     family = _generator_family(args)
     if family is not None:
         if args.traces:
@@ -278,14 +281,41 @@ def load_trace(args):
         if block_size is not None:
             raise PlanError("--block-size applies to Mooncake-layout trace files; a generated workload takes "
                             "--workload-param block_size=N" + (" or --chat-block-size" if family == "chat" else ""))
-        trace = generate(workload_from_params(family, _workload_params(args), seed=args.seed), limit=args.limit)
+        for opt, given in (("--format", args.format != "auto"), ("--stagger", stagger is not None)):
+            if given:
+                raise PlanError(f"{opt} applies to trace files; --generate {family} replays a built-in workload")
+        trace = generate(workload_from_params(family, _workload_params(args), seed=seed or 0), limit=args.limit)
     else:
-        trace = read_traces(args.traces or [str(bundled_trace_path())], args.format, block_size, args.stagger)
+        if seed is not None:
+            raise PlanError("--seed seeds a built-in workload: add --generate FAMILY (or --chat); a trace file "
+                            "replays as recorded")
+        sources = args.traces or [str(bundled_trace_path())]
+        trace = read_traces(sources, args.format, block_size, DEFAULT_STAGGER_S if stagger is None else stagger)
+        if stagger is not None:
+            unused = stagger_unused(sources, args.format)
+            if unused:
+                raise PlanError(unused)
     if args.limit is not None:
         trace = trace.head(args.limit)
     if not trace.requests:
         raise PlanError(f"trace {trace.name} has no requests")
     return trace
+
+
+def stagger_unused(sources, fmt: str) -> str | None:
+    """Why ``--stagger`` would not act on these trace sources, or None.  It spaces the starts of merged
+    WEKA session files, so Mooncake-layout input and a single session file leave it unused.  Call it on
+    sources ``read_traces`` has read (one format, every file a regular file)."""
+    from .traces import list_trace_files, sniff_format
+
+    files = list_trace_files(sources)
+    if (fmt if fmt != "auto" else sniff_format(files[0])) != "weka":
+        return (f"--stagger spaces the starts of merged WEKA session files; {', '.join(map(str, sources))} "
+                "is Mooncake-layout input, which keeps its own timestamps")
+    if len(files) < 2:
+        return (f"--stagger spaces the starts of merged WEKA session files; {sources[0]} is one session, "
+                "which starts at 0")
+    return None
 
 
 def _generator_family(args) -> str | None:

@@ -112,12 +112,18 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-    routing = doc.get("routing")
+    if "routing" not in doc:
+        raise ValueError(f"{where}: routing is missing; it is required: one of {', '.join(ROUTING_POLICIES)}")
+    routing = doc["routing"]
     if not _one_of(routing, ROUTING_POLICIES):
         raise ValueError(f"{where}: routing must be one of {ROUTING_POLICIES}, got {_show(routing)}")
     model = doc.get("model", "Llama-3-8B")
     if not isinstance(model, str) or not model:
         raise ValueError(f"{where}: model must be a preset name or a config.json path, got {_show(model)}")
+    try:   # resolved here, so that an unknown model or a bad config.json is named with this file
+        resolve_model(model)
+    except ValueError as exc:   # every message of resolve_model starts with "model ...": the field
+        raise ValueError(f"{where}: {exc}") from None
     qp = doc.get("quant_policy", 0)
     if not _one_of(qp, QUANT_POLICIES) or isinstance(qp, bool):
         raise ValueError(f"{where}: quant_policy must be one of {QUANT_POLICIES}, got {_show(qp)}")

@@ -34,6 +34,10 @@ from pathlib import Path
 
 DEFAULT_RUNS = 5
 WORKLOADS = ("mooncake", "weka")
+DEFAULT_REQUESTS = 64
+# Every request ``workload("mooncake", n)`` can take: the conversations that reuse a prefix in the
+# first 3000 lines of the bundled trace (``harness.mooncake_conversations``); a larger --requests is refused.
+MOONCAKE_REQUESTS = 1536
 
 
 class StepTimers:
@@ -151,21 +155,33 @@ def add_workload_arguments(p: argparse.ArgumentParser, weka_note: str = "") -> N
     p.add_argument("--workload", choices=WORKLOADS, default="mooncake",
                    help="mooncake: the bundled conversation trace (default); weka: the WEKA sample sessions of "
                         "../shared/traces" + weka_note)
-    p.add_argument("--requests", type=int, default=64,
-                   help="requests taken from the Mooncake trace (default 64; the WEKA workload has 69)")
+    p.add_argument("--requests", type=int, default=None,
+                   help=f"--workload mooncake: requests taken from the bundled trace (default {DEFAULT_REQUESTS}, "
+                        f"at most the {MOONCAKE_REQUESTS} its conversations hold; the WEKA workload has its own 69)")
 
 
 def checked_workload(args: argparse.Namespace, command: str, minimums: dict[str, int]):
-    """The conversations of ``args``, after checking each of ``minimums`` (argument -> least value);
-    None after one message on stderr naming the argument or the missing trace (the caller exits 2)."""
+    """The conversations of ``args``, after checking each of ``minimums`` (argument -> least value)
+    and ``--requests`` (Mooncake only, at most ``MOONCAKE_REQUESTS``); None after one ``error:``
+    line on stderr naming the argument or the missing trace (the caller exits 2)."""
+    if args.requests is not None and args.workload != "mooncake":
+        print(f"error: {command}: --requests applies to --workload mooncake; the {args.workload} workload is "
+              "fixed (the first 6 turns of every sample session and sub-agent: 69 requests)", file=sys.stderr)
+        return None
+    if args.requests is None:
+        args.requests = DEFAULT_REQUESTS
     for name, low in minimums.items():
         if getattr(args, name) < low:
-            print(f"{command}: --{name} must be >= {low}, got {getattr(args, name)}", file=sys.stderr)
+            print(f"error: {command}: --{name} must be >= {low}, got {getattr(args, name)}", file=sys.stderr)
             return None
+    if args.workload == "mooncake" and args.requests > MOONCAKE_REQUESTS:
+        print(f"error: {command}: --requests must be <= {MOONCAKE_REQUESTS} (the requests of the bundled "
+              f"trace's reused conversations), got {args.requests}", file=sys.stderr)
+        return None
     try:
         return workload(args.workload, args.requests)
     except FileNotFoundError as exc:
-        print(f"{command}: {exc} (the WEKA sessions live in ../shared/traces beside a checkout; "
+        print(f"error: {command}: {exc} (the WEKA sessions live in ../shared/traces beside a checkout; "
               "use --workload mooncake)", file=sys.stderr)
         return None
 

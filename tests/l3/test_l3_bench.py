@@ -49,4 +49,4 @@ def test_bench_transfer_has_the_store_rows_next_to_the_host_pool(capsys):
     rc = main(["bench", "transfer", "--json", "--blocks", "2", "--sizes-kib", "64", "--layers", "4",
                "--repeats", "1", "--no-quant", "--no-store"])
     out = json.loads(capsys.readouterr().out)
-    assert rc == 0 and out["store"] == [] and out["store_note"] == "store rows skipped"
+    assert rc == 0 and out["store"] == [] and out["store_note"] == "--no-store given"
