@@ -705,8 +705,13 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
     elapsed = time.perf_counter() - t0
     unit = "blocks" if in_blocks else "GiB"
     values_swept = [p[0] for p in points]
-    rec = pick_recommendation(values_swept, [p[1].hit_rate for p in points])
-    saturated = len(points) < 2 or rec < max(values_swept)
+    # a GPU size with requests longer than the GPU tier is not recommended: LMDeploy would refuse those requests,
+    # and the replay, which computes their tails uncached, keeps them out of both tiers (other hits can rise, so
+    # the curve can fall as the GPU grows). A host sweep has the same fixed GPU tier at every point: noted only.
+    overflowing = [v for v, st, _ in points if st.gpu_overflow_requests] if tier == "gpu" else []
+    eligible = [(v, st.hit_rate) for v, st, _ in points if not (tier == "gpu" and st.gpu_overflow_requests)]
+    rec = pick_recommendation(*zip(*eligible)) if eligible else None
+    saturated = rec is not None and (len(points) < 2 or rec < max(values_swept))
     sizes = [(hb if tier == "host" else gb) for hb, gb in
              (((int(v) if in_blocks else sizing.host_blocks(v)), (int(v) if in_blocks else sizing.gpu_blocks(v)))
               for v in values_swept)]
@@ -722,9 +727,11 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
         out["sweep_unit"] = unit
         out["sweep"] = [{"value": v, **st.as_dict(), "ttft": t.as_dict()} for v, st, t in points]
         out["recommended"] = {"tier": tier, "value": rec if saturated else None, "unit": unit, "saturated": saturated,
-                              "largest_swept": max(values_swept),
-                              "rule": "smallest swept size within 0.01 of the best hit rate; none when that is the "
-                                      "largest size swept (the curve has not flattened)"}
+                              "largest_swept": max(values_swept), "not_recommendable": overflowing,
+                              "rule": "smallest swept size within 0.01 of the best hit rate of the points with no "
+                                      "request longer than the GPU tier (not_recommendable: LMDeploy would refuse "
+                                      "those requests); none when that is the largest size swept (the curve has not "
+                                      "flattened) or no point qualifies"}
         out["distinct_blocks"] = args.distinct_blocks
         out["unbounded_from"] = unbounded_from
         out["warnings"] = args.trace_warnings
@@ -742,12 +749,26 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
     print()
     print(sweep_table(points, tier, unit))
     print()
+    if overflowing:
+        print(f"note: at {', '.join(f'{v:g}' for v in overflowing)} {unit} some requests are longer than the GPU tier "
+              "(column 'longer than GPU'): LMDeploy would refuse them; the replay computes their tails uncached and "
+              "caches none of them, which can raise the other requests' hit rate there, so those points are not "
+              "recommended")
+    longest = max(st.gpu_overflow_requests for _, st, _ in points) if tier == "host" else 0
+    if longest:
+        print(f"note: {longest:,} requests are longer than the fixed GPU tier: LMDeploy would refuse them; the replay "
+              "computes their tails uncached and caches none of them, which can raise the other requests' host "
+              "hits: give the GPU tier more blocks for a curve the engine would show")
     if saturated:
-        print(f"recommended {tier} size: {rec:g} {unit} (smallest swept size within 0.01 of the best hit rate)")
+        print(f"recommended {tier} size: {rec:g} {unit} (smallest swept size within 0.01 of the best hit rate"
+              + (" of the points with no request longer than the GPU tier)" if overflowing else ")"))
+    elif rec is None:
+        print(f"recommended {tier} size: none: every swept point has requests longer than the GPU tier; give the "
+              "GPU tier more blocks")
     else:
         print(f"recommended {tier} size: none: not saturated: the hit rate still grows at the largest size swept "
-              f"({max(values_swept):g} {unit}, more than 0.01 above every smaller point); sweep larger sizes "
-              "(--sweep-values)")
+              f"({max(values_swept):g} {unit}, more than 0.01 above every smaller point"
+              + (" it could recommend" if overflowing else "") + "); sweep larger sizes (--sweep-values)")
     if unbounded_from is not None:
         print(f"note: from {unbounded_from:g} {unit} on the {tier} tier holds all {args.distinct_blocks:,} distinct "
               "blocks of the trace: effectively unbounded, larger sizes change nothing")

@@ -108,18 +108,23 @@ def single_run_table(st: ReplayStats, sizing: BlockSizing | None, ttft: TTFTEsti
 
 def sweep_table(points: Sequence[tuple[float | None, ReplayStats, TTFTEstimate | None]], tier: str,
                 unit: str) -> str:
+    """One row per sweep point; in blocks the value is the capacity, so it is one column. The last column counts
+    the requests longer than the GPU tier (``gpu_overflow_requests``), which LMDeploy would refuse."""
     rows = []
     for value, st, ttft in points:
         cap = st.host_blocks if tier == "host" else st.gpu_blocks
-        rows.append([f"{value:g}" if value is not None else fmt_int(cap), fmt_int(cap), f"{st.hit_rate:.3f}",
-                     f"{st.gpu_hit_rate:.3f}", f"{st.host_hit_rate:.3f}", fmt_int(st.restored_tokens),
-                     f"{ttft.mean_saving_ms:.1f}" if ttft is not None else "-"])
-    return render_table(rows, [f"{tier} {unit}", f"{tier} blocks", "hit rate", "GPU", "host",
-                               "tokens restored", "est. TTFT saving ms/req"])
+        size = [fmt_int(cap)] if unit == "blocks" else [f"{value:g}" if value is not None else "-", fmt_int(cap)]
+        rows.append([*size, f"{st.hit_rate:.3f}", f"{st.gpu_hit_rate:.3f}", f"{st.host_hit_rate:.3f}",
+                     fmt_int(st.restored_tokens), f"{ttft.mean_saving_ms:.1f}" if ttft is not None else "-",
+                     fmt_int(st.gpu_overflow_requests)])
+    size_head = [f"{tier} blocks"] if unit == "blocks" else [f"{tier} {unit}", f"{tier} blocks"]
+    return render_table(rows, [*size_head, "hit rate", "GPU", "host", "tokens restored", "est. TTFT saving ms/req",
+                               "longer than GPU"])
 
 
 def pick_recommendation(values: Sequence[float], hit_rates: Sequence[float], tolerance: float = 0.01) -> float:
-    """Smallest value whose hit rate is within ``tolerance`` of the best."""
+    """Smallest value whose hit rate is within ``tolerance`` of the best (of the values given: a caller leaves
+    out the points it cannot recommend)."""
     best = max(hit_rates)
     for v, h in sorted(zip(values, hit_rates)):
         if h >= best - tolerance:

@@ -195,6 +195,32 @@ def test_a_sweep_that_has_not_flattened_recommends_nothing(capsys, tmp_path):
     assert "not saturated" in out and "recommended host size: 10 blocks" not in out
 
 
+
+def test_a_gpu_sweep_never_recommends_a_size_with_requests_longer_than_the_gpu_tier(capsys, tmp_path):
+    """A request longer than the GPU tier is never cached in the replay (LMDeploy would refuse it), which kept a
+    later request's host hit alive at 1 GPU block and lost it at 2: the curve fell as the GPU grew, and the sweep
+    recommended the 1-block size without a word. Those points are now shown, named and never recommended."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": i, "input_length": 512 * len(ids) + 1, "output_length": 1,
+                                         "hash_ids": ids}) + "\n"
+                             for i, ids in enumerate(([1], [2, 3], [4, 5], [1]))))
+    argv = [str(trace), "--sweep", "--sweep-tier", "gpu", "--gpu-blocks", "1", "--host-blocks", "2",
+            "--plot", str(tmp_path / "s.png")]
+    rc, out, _ = _run(capsys, [*argv, "--sweep-values", "1,2,3", "--json"])
+    res = json.loads(out)
+    assert rc == 0 and [p["gpu_overflow_requests"] for p in res["sweep"]] == [2, 0, 0]
+    assert [p["hit_rate"] for p in res["sweep"]] == [0.1, 0.0, 0.1], "the shape this test is about"
+    assert res["recommended"]["not_recommendable"] == [1] and res["recommended"]["value"] is None
+    rc, out, _ = _run(capsys, [*argv, "--sweep-values", "1,2,3,4"])
+    assert rc == 0 and "longer than GPU" in out and "at 1 blocks some requests are longer than the GPU tier" in out
+    assert "recommended gpu size: 3 blocks" in out
+    rc, out, _ = _run(capsys, [*argv, "--sweep-values", "1"])
+    assert "recommended gpu size: none: every swept point has requests longer than the GPU tier" in out
+    # a host sweep keeps its fixed GPU tier at every point: it still recommends, and says what the GPU size does
+    rc, out, _ = _run(capsys, [str(trace), "--sweep", "--gpu-blocks", "1", "--host-blocks", "2",
+                               "--sweep-values", "0,1,2,4", "--plot", str(tmp_path / "s.png")])
+    assert rc == 0 and "2 requests are longer than the fixed GPU tier" in out and "recommended host size: " in out
+
 # -- hardening found by an audit (stop 33): every absurd value is one named error, never a traceback or a hang --
 
 def _line(**kw) -> str:
