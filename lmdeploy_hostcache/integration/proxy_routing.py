@@ -7,7 +7,12 @@ wrappers below; nothing else in LMDeploy is rebound):
   ``--help`` lists it) and a "cache-aware routing" group adds its options;
 - ``wrap_proxy``: with ``--routing-strategy cache_aware`` it calls ``install`` and then the
   stock command with the stock default strategy (which LMDeploy's ``RoutingStrategy`` knows);
-  any other strategy runs the stock command untouched.
+  any other strategy runs the stock command untouched, unless a ``--cache-aware-*`` option has a
+  value other than its default (it would be silently ignored): that start is refused. Every
+  refusal here (that one, a ``--cache-aware-model`` whose tokenizer and chat template cannot be
+  loaded, a malformed ``--cache-aware-feed-url``, a bad cluster secret, ...) is one
+  ``lmdeploy serve proxy: error: ...`` line on stderr and exit code 2, like an argparse error
+  (``refuse``), before the proxy serves: never a traceback.
 
 ``install`` works on the live proxy module, at run time only:
 
@@ -45,7 +50,7 @@ wrappers below; nothing else in LMDeploy is rebound):
 - feed reads carry ``Authorization: Bearer KEY`` when ``--cache-aware-feed-api-key`` (or
   ``LMDEPLOY_HOSTCACHE_FEED_API_KEY``) is set (the nodes' feeds check it, ``cache_state_feed``);
   the request's published ids are keyed with ``LMDEPLOY_HOSTCACHE_CLUSTER_SECRET`` like the
-  nodes' (``routing.ids``), checked at start (a bad secret: one message, exit);
+  nodes' (``routing.ids``), checked at start (a bad secret: refused, see ``wrap_proxy``);
 - ``GET /hostcache/routing`` returns the router's status (per node: requests, predicted hits,
   prefill tokens, feed cursor) to clients on the proxy's host only (403 otherwise);
 - a request's salt as the nodes derive it (its ``cache_salt``, under its API key's salt when
@@ -72,6 +77,8 @@ import argparse
 import contextvars
 import functools
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -84,6 +91,13 @@ __all__ = ["STRATEGY", "add_proxy_arguments", "install", "wrap_add_parser_proxy"
 STRATEGY = "cache_aware"
 STOCK_DEFAULT = "min_expected_latency"
 STATUS_PATH = "/hostcache/routing"
+PROG = "lmdeploy serve proxy"
+# the --cache-aware-* options' defaults (argparse dest ``cache_aware_<key>``): the parser's, and what a stock
+# invocation carries (an option whose value differs from these was given, and is refused without cache_aware)
+OPTION_DEFAULTS: dict[str, Any] = {
+    "model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": None, "feed_url": None,
+    "feed_api_key": None, "error_cooldown": 10.0, "balance": 1.3, "block_size": 64, "gpu_blocks": 4096,
+    "host_blocks": 0}
 
 
 def _is_loopback(host: str) -> bool:
@@ -151,34 +165,35 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
             a.choices = list(a.choices) + [STRATEGY]
             a.help = (a.help or "") + (f". {STRATEGY} (lmdeploy-hostcache): lowest expected prefill cost from each "
                                        "node's GPU and host prefix-cache contents, with a balance guard")
+    d = OPTION_DEFAULTS
     g = parser.add_argument_group("lmdeploy-hostcache cache-aware routing (--routing-strategy cache_aware)")
-    g.add_argument("--cache-aware-model", type=str, default=None, metavar="PATH",
+    g.add_argument("--cache-aware-model", type=str, default=d["model"], metavar="PATH",
                    help="model path or name whose tokenizer and chat template the nodes use; without it the "
                         "strategy matches text prefixes only (approximate)")
-    g.add_argument("--cache-aware-feed-interval", type=_positive(float, 3600), default=1.0, metavar="S",
+    g.add_argument("--cache-aware-feed-interval", type=_positive(float, 3600), default=d["feed_interval"], metavar="S",
                    help="seconds between polls of each node's cache-state feed")
-    g.add_argument("--cache-aware-feed-timeout", type=_positive(float, 86400), default=10.0, metavar="S",
-                   help="a node whose feed is silent this long is routed on the approximate index")
-    g.add_argument("--cache-aware-feed-port", type=_positive(int, 65535), default=None, metavar="PORT",
+    g.add_argument("--cache-aware-feed-timeout", type=_positive(float, 86400), default=d["feed_timeout"],
+                   metavar="S", help="a node whose feed is silent this long is routed on the approximate index")
+    g.add_argument("--cache-aware-feed-port", type=_positive(int, 65535), default=d["feed_port"], metavar="PORT",
                    help="read each node's feed from this port on the node's host (the engine process serves it "
                         "when started with LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT); default: the node's own URL")
-    g.add_argument("--cache-aware-feed-url", action="append", default=None, metavar="NODE_URL=FEED_URL",
+    g.add_argument("--cache-aware-feed-url", action="append", default=d["feed_url"], metavar="NODE_URL=FEED_URL",
                    help="read this node's feed from FEED_URL (repeatable; wins over --cache-aware-feed-port; "
                         "for several nodes on one host, each with its own LMDEPLOY_HOSTCACHE_FEED_ADDR)")
-    g.add_argument("--cache-aware-feed-api-key", type=str, default=None, metavar="KEY",
+    g.add_argument("--cache-aware-feed-api-key", type=str, default=d["feed_api_key"], metavar="KEY",
                    help="bearer token sent with every feed read (one of the nodes' "
                         "LMDEPLOY_HOSTCACHE_FEED_API_KEYS); default: $LMDEPLOY_HOSTCACHE_FEED_API_KEY")
-    g.add_argument("--cache-aware-error-cooldown", type=_positive(float, 86400), default=10.0, metavar="S",
-                   help="a node that answered a request with an error is skipped for this long")
-    g.add_argument("--cache-aware-balance", type=_positive(float, 1000), default=1.3, metavar="X",
+    g.add_argument("--cache-aware-error-cooldown", type=_positive(float, 86400), default=d["error_cooldown"],
+                   metavar="S", help="a node that answered a request with an error is skipped for this long")
+    g.add_argument("--cache-aware-balance", type=_positive(float, 1000), default=d["balance"], metavar="X",
                    help="balance guard: skip a node whose share of recent prefill tokens exceeds X times its "
                         "speed-weighted share (>= 1)")
-    g.add_argument("--cache-aware-block-size", type=_positive(int, 1 << 20), default=64, metavar="N",
+    g.add_argument("--cache-aware-block-size", type=_positive(int, 1 << 20), default=d["block_size"], metavar="N",
                    help="block size (tokens) assumed for nodes that publish no feed")
-    g.add_argument("--cache-aware-gpu-blocks", type=_positive(int, 1 << 30), default=4096, metavar="N",
+    g.add_argument("--cache-aware-gpu-blocks", type=_positive(int, 1 << 30), default=d["gpu_blocks"], metavar="N",
                    help="GPU prefix-cache blocks assumed for nodes that publish no feed")
-    g.add_argument("--cache-aware-host-blocks", type=_positive(int, 1 << 30, minimum_exclusive=-1), default=0,
-                   metavar="N",
+    g.add_argument("--cache-aware-host-blocks", type=_positive(int, 1 << 30, minimum_exclusive=-1),
+                   default=d["host_blocks"], metavar="N",
                    help="host-tier blocks assumed for nodes that publish no feed")
 
 
@@ -186,25 +201,67 @@ def wrap_add_parser_proxy(original: Callable[[], Any], serve_cls: Any) -> Callab
     return wrap_add_subparser(original, serve_cls, "proxy", add_proxy_arguments)
 
 
+class Refused(SystemExit):
+    """A refused ``lmdeploy serve proxy`` start: exit code 2, like an argparse error; ``str()`` is the message
+    (already written to stderr by ``refuse``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def refuse(message: str) -> None:
+    """Print one argparse-style ``lmdeploy serve proxy: error: ...`` line on stderr and exit 2 (no traceback)."""
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    sys.stderr.write(f"{PROG}: error: {text}\n")
+    sys.stderr.flush()
+    raise Refused(text)
+
+
+def given_cache_aware_options(args) -> list[str]:
+    """The ``--cache-aware-*`` options of ``args`` whose value differs from the default (the ones given)."""
+    return ["--cache-aware-" + key.replace("_", "-") for key, default in OPTION_DEFAULTS.items()
+            if getattr(args, "cache_aware_" + key, default) != default]
+
+
 def wrap_proxy(original: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], Any]:
+    """The ``proxy`` command: with ``--routing-strategy cache_aware``, ``install`` then the stock command; with
+    another strategy the stock command untouched, unless a ``--cache-aware-*`` option was given (it would be
+    ignored): refused. Every refusal is one ``lmdeploy serve proxy: error: ...`` line and exit 2 (``refuse``),
+    before the proxy serves."""
     @functools.wraps(original)
     def proxy(args):
-        if getattr(args, "routing_strategy", None) == STRATEGY:
-            if getattr(args, "serving_strategy", "Hybrid") != "Hybrid":
-                raise SystemExit(f"--routing-strategy {STRATEGY} needs --serving-strategy Hybrid")
-            if not 1.0 <= args.cache_aware_balance:
-                raise SystemExit(f"--cache-aware-balance must be >= 1, got {args.cache_aware_balance}")
-            from ..routing.ids import cluster_key
-            try:
-                cluster_key()
-            except ValueError as exc:
-                raise SystemExit(str(exc)) from None
-            try:
-                options = options_from_args(args)
-            except ValueError as exc:
-                raise SystemExit(str(exc)) from None
+        strategy = getattr(args, "routing_strategy", None)
+        if strategy != STRATEGY:
+            given = given_cache_aware_options(args)
+            if given:
+                refuse(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to --routing-strategy "
+                       f"{STRATEGY} and would be ignored with --routing-strategy {strategy or STOCK_DEFAULT}: add "
+                       f"--routing-strategy {STRATEGY}")
+            return original(args)
+        if getattr(args, "serving_strategy", "Hybrid") != "Hybrid":
+            refuse(f"--routing-strategy {STRATEGY} needs --serving-strategy Hybrid")
+        if not 1.0 <= args.cache_aware_balance:
+            refuse(f"--cache-aware-balance must be >= 1, got {args.cache_aware_balance}")
+        from ..routing.ids import cluster_key
+        try:
+            cluster_key()
+        except ValueError as exc:
+            refuse(str(exc))
+        try:
+            options = options_from_args(args)
+            if options["model"]:
+                check_model(options["model"])   # a missing path or folder: refused before anything is imported
+        except ValueError as exc:   # ModelLoadError included
+            refuse(str(exc))
+        try:
             install(options)
-            args.routing_strategy = STOCK_DEFAULT
+        except ModelLoadError as exc:
+            refuse(str(exc))
+        args.routing_strategy = STOCK_DEFAULT
         return original(args)
 
     proxy.__hostcache_wrapped__ = True
@@ -244,6 +301,53 @@ def feed_headers(options: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- encoder
+class ModelLoadError(ValueError):
+    """``--cache-aware-model`` names no model whose tokenizer and chat template the proxy can load (the message
+    names the option and the value, on one line)."""
+
+
+def _looks_like_path(name: str) -> bool:
+    """A ``--cache-aware-model`` value that can only be a local path, never a hub model id (``name`` or
+    ``namespace/name``)."""
+    return (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name in (".", "..")
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def check_model(model: str) -> str:
+    """``model`` as the loaders take it (``~`` expanded when it exists), or ModelLoadError naming
+    ``--cache-aware-model``: a path that does not exist, a file, a folder without ``config.json``. Loads
+    nothing (``wrap_proxy`` checks it before the proxy module is imported)."""
+    where = f"--cache-aware-model {model!r}"
+    path = os.path.expanduser(model)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"{where} is a file; give the model folder the nodes serve (config.json, tokenizer "
+                                 "and chat template files) or its hub name")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{where}: no config.json in that folder; give the model folder the nodes serve "
+                                 "(config.json, tokenizer and chat template files)")
+    elif _looks_like_path(model):
+        raise ModelLoadError(f"{where}: no such file or folder; give the model folder the nodes serve or its hub "
+                             "name")
+    return path if os.path.exists(path) else model
+
+
+def load_encoder(model: str) -> PromptEncoder:
+    """``PromptEncoder(model)``, or ModelLoadError naming ``--cache-aware-model``: what ``check_model`` refuses,
+    or a model whose tokenizer or chat template LMDeploy cannot load (the loader's message, on one line and
+    shortened, as the reason)."""
+    path = check_model(model)
+    try:
+        return PromptEncoder(path)
+    except Exception as exc:   # the loaders raise OSError, ValueError, RuntimeError, ImportError...
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = reason.split(": {", 1)[0]   # "Could not find model architecture from config: {...whole dict}"
+        if len(reason) > 240:
+            reason = reason[:237] + "..."
+        raise ModelLoadError(f"--cache-aware-model {model!r}: cannot load its tokenizer and chat template: "
+                             f"{type(exc).__name__}: {reason}") from None
+
+
 class PromptEncoder:
     """Request body -> token ids, on the node's own path (LMDeploy 0.18's ``api_server``).
 
@@ -411,7 +515,7 @@ class RoutingService:
         self.encoder: PromptEncoder | None = None
         self.text_mode_logged = False
         if options.get("model"):
-            self.encoder = PromptEncoder(options["model"])
+            self.encoder = load_encoder(options["model"])   # ModelLoadError naming --cache-aware-model
         else:
             logger.warning("lmdeploy-hostcache cache_aware routing: no --cache-aware-model given, so requests are "
                            "matched by text prefix against what this proxy routed (approximate; nodes' feeds "
