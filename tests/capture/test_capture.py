@@ -86,21 +86,28 @@ def test_writer_rotates_at_the_size_limit_and_keeps_whole_records(tmp_path):
     assert [r.timestamp for r in t.requests] == [float(i) for i in range(10)]
 
 
-def test_unwritable_path_is_logged_once_and_never_raises(tmp_path, caplog):
+def test_unwritable_path_is_logged_once_and_never_raises(tmp_path, caplog, monkeypatch):
+    """A folder the server may not write to. The permission error is raised for that folder's files whoever runs
+    the test (root writes a read-only folder, and CI runs as root: a chmod alone made this test skip there)."""
+    import errno
+
     blocked = tmp_path / "ro"
     blocked.mkdir()
-    os.chmod(blocked, 0o500)
-    try:
-        if os.access(blocked, os.W_OK):
-            pytest.skip("running as a user who can write a read-only folder (root)")
-        w = RotatingWriter(blocked / "cap.jsonl")
-        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
-            assert not w.write(_line(0)) and not w.write(_line(1))
-        warnings = [r for r in caplog.records if "trace capture stopped" in r.getMessage()]
-        assert len(warnings) == 1 and "cap.jsonl" in warnings[0].getMessage()
-        assert w.dropped == 2 and w.failed
-    finally:
-        os.chmod(blocked, 0o700)
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if os.fspath(path).startswith(os.fspath(blocked)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    w = RotatingWriter(blocked / "cap.jsonl")
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        assert not w.write(_line(0)) and not w.write(_line(1))
+    warnings = [r for r in caplog.records if "trace capture stopped" in r.getMessage()]
+    assert len(warnings) == 1 and "cap.jsonl" in warnings[0].getMessage()
+    assert "Permission denied" in warnings[0].getMessage()
+    assert w.dropped == 2 and w.failed
 
 
 def test_missing_folder_and_full_disk_stop_capture_quietly(tmp_path, monkeypatch, caplog):
