@@ -40,9 +40,10 @@ $PIP install fastapi uvicorn openai aiohttp einops fire partial_json_parser open
   tiktoken cloudpickle safetensors tokenizers
 echo "[setup] Mooncake Store client and master (the shared L3 tier; tests run it on 127.0.0.1)" >&2
 $PIP install mooncake-transfer-engine-non-cuda
-# mooncake's native module links libibverbs and libnl even for TCP: Debian packages.
+# mooncake's native module links libibverbs and libnl even for TCP: Debian packages; and `patch`, which the
+# guard's tests apply the upstream diffs in patches/ with.
 missing_debs=""
-for deb in libibverbs1 libnl-3-200 libnl-route-3-200; do
+for deb in libibverbs1 libnl-3-200 libnl-route-3-200 patch; do
   dpkg -s "$deb" >/dev/null 2>&1 || missing_debs="$missing_debs $deb"
 done
 if [ -n "$missing_debs" ]; then
@@ -50,7 +51,7 @@ if [ -n "$missing_debs" ]; then
     echo "[setup] apt-get install$missing_debs" >&2
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing_debs >/dev/null
   else
-    echo "[setup] warning: Debian packages$missing_debs are missing (Mooncake Store tests will skip); install them as root" >&2
+    echo "[setup] warning: Debian packages$missing_debs are missing (the Mooncake Store tests, or the guard's patch tests, will skip); install them as root" >&2
   fi
 fi
 echo "[setup] triton, lmdeploy-hostcache (editable) and test tools" >&2
