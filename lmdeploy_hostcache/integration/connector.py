@@ -245,6 +245,10 @@ def _cover(spans: list[tuple[int, int]], a: int, b: int) -> int:
     return new
 
 
+# seconds a store lookup's answer serves the same request turn's next attempts (``_probe_store``)
+STORE_ANSWER_REUSE_S = 1.0
+
+
 @dataclass
 class _TurnCount:
     """What the counters already hold for one request turn (LMDeploy asks again at every admission
@@ -258,6 +262,7 @@ class _TurnCount:
     l3_lookup: list[tuple[int, int]] = field(default_factory=list)   # store: blocks asked for
     l3_hit: list[tuple[int, int]] = field(default_factory=list)      # store: blocks found
     l3_counted: bool = False                            # the turn's store lookup is counted (``l3.lookups``)
+    l3_answer: tuple | None = None    # the last store answer: (first block asked, blocks asked, found, monotonic s)
 
 
 @dataclass
@@ -521,7 +526,7 @@ class HostTierScheduler:
             # the prefix continues in the shared store? Staged through host slots: at most half
             # of them per request (host hits included), so staging does not flush the host tier
             asked = digests[n:self.num_slots // 2]
-            answer = self.l3.chain.probe(asked)
+            answer = self._probe_store(count, first + n, asked)
             if answer is not None:
                 s = answer
                 self._count_l3_lookup(count, first + n, first + n + len(asked), s)
@@ -548,6 +553,20 @@ class HostTierScheduler:
         if looked or hit:
             self.metrics.add(lookup_blocks=looked, hit_blocks=hit, hit_tokens=hit * self.block_size)
         return count
+
+    def _probe_store(self, count: _TurnCount, first: int, asked: Sequence[int]) -> int | None:
+        """The store's answer for the blocks ``asked`` (from block ``first``), reused within the turn for
+        ``STORE_ANSWER_REUSE_S`` when the same blocks are asked again: a request LMDeploy cannot admit yet asks
+        at every scheduling pass, and each probe is one store call of TP x len(asked) keys on the scheduler
+        thread. The store may change meanwhile (it is eventually consistent anyway): a block found but gone by
+        the load fails that load, which recomputes; one added is found at the next probe."""
+        now = time.monotonic()
+        last = count.l3_answer
+        if last is not None and last[:2] == (first, len(asked)) and now - last[3] < STORE_ANSWER_REUSE_S:
+            return last[2]
+        answer = self.l3.chain.probe(asked)
+        count.l3_answer = (first, len(asked), answer, now) if answer is not None else None
+        return answer
 
     def _count_l3_lookup(self, count: _TurnCount, first: int, end: int, found: int) -> None:
         """Count an answered store lookup of blocks ``[first, end)`` that found ``[first, first + found)``,
@@ -700,11 +719,12 @@ class HostTierScheduler:
         # only what an in-flight copy can own: a destination block of a shipped load, or the failure marker of a
         # shipped demotion batch; ids of an unknown, finished or duplicate result would otherwise stay for good
         # and fail a later, healthy load into a reused GPU block
-        owned = {failed_demotion_marker(b) for b in self._inflight_demotions}
-        for ld in self._inflight_loads.values():
-            owned.update(ld.gpu_blocks)
-            owned.update(self._corrupt_markers(ld))
-        self._invalid.update(invalid & owned)
+        if invalid:   # the usual report names none: nothing to build (an O(blocks in flight) set)
+            owned = {failed_demotion_marker(b) for b in self._inflight_demotions}
+            for ld in self._inflight_loads.values():
+                owned.update(ld.gpu_blocks)
+                owned.update(self._corrupt_markers(ld))
+            self._invalid.update(invalid & owned)
         for batch in sorted(connector_output.completed_save_ids or ()):
             entry = self._inflight_demotions.pop(batch, None)
             if entry is None:

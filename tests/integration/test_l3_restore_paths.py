@@ -215,7 +215,8 @@ def test_store_lookups_are_counted_once_per_request_turn():
         side._release_all_holds()
     got = _l3(rig)
     assert (got["lookups"], got["lookup_blocks"], got["hit_blocks"]) == (1, 4, 4), got
-    assert side.l3.metrics.snapshot()["exists_latency_count"] == 5, "every attempt still asks the store"
+    # the store is asked again whenever the blocks asked change; the third attempt asks what the second did
+    assert side.l3.metrics.snapshot()["exists_latency_count"] == 4
     _, c2 = rig.add(toks[:2 * BS] + [9] * (2 * BS + 2))   # another request: another turn, half the prefix
     side.get_num_new_matched_tokens(c2, 0)
     side._release_all_holds()
@@ -262,3 +263,31 @@ def test_a_store_hit_with_no_room_to_stage_still_loads_its_host_hits(monkeypatch
     assert rig.side.index.stats.load_failures == 0, "a refused stage is not a failed load of the host blocks"
     rig.side.check_balanced()
 
+
+
+def test_a_request_that_cannot_be_admitted_asks_the_store_once_a_second(monkeypatch):
+    """LMDeploy asks again at every scheduling pass while it cannot admit a request: the store's answer for the
+    same blocks is reused for STORE_ANSWER_REUSE_S (each probe is one store call of TP x blocks keys on the
+    scheduler thread; a blocked 4,000-block request used to ask 32,000 keys per pass at TP 8), then asked again."""
+    from lmdeploy_hostcache.integration import connector
+
+    now = [100.0]
+    monkeypatch.setattr(connector.time, "monotonic", lambda: now[0])
+    rig, toks = _store_rig()
+    _, c = rig.add(toks + [5, 5])
+    side = rig.side
+    calls = lambda: side.l3.metrics.snapshot()["exists_latency_count"]  # noqa: E731
+    answers = set()
+    for _ in range(20):                                   # twenty passes within one second
+        answers.add(side.get_num_new_matched_tokens(c, 0))
+        side._release_all_holds()
+        now[0] += 0.04
+    assert len(answers) == 1 and answers.pop()[1], "every pass reports the same store hit"
+    assert calls() == 1
+    now[0] += connector.STORE_ANSWER_REUSE_S
+    side.get_num_new_matched_tokens(c, 0)
+    side._release_all_holds()
+    assert calls() == 2, "the answer is asked again once it is older than the reuse window"
+    got = _l3(rig)
+    assert (got["lookups"], got["lookup_blocks"], got["hit_blocks"]) == (1, 4, 4), got
+    side.check_balanced()
