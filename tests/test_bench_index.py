@@ -55,3 +55,16 @@ def test_parser_defaults_match_the_issue():
     bench_index.add_arguments(p)
     args = p.parse_args([])
     assert (args.blocks, args.block_size) == (512, 64)
+
+
+def test_scale_reports_the_slowest_touch_and_bytes_per_block(capsys):
+    """``--scale N``: N single-block chains per policy, every block touched 4 times; the figures are this run's."""
+    assert main(["bench", "index", "--json", *SMALL, "--scale", "3000", "--scale-policies", "lru", "arc"]) == 0
+    rows = json.loads(capsys.readouterr().out)["scale"]
+    assert [r["policy"] for r in rows] == ["lru", "arc"]
+    for r in rows:
+        assert r["blocks"] == 3000 and r["touches"] == 12000
+        assert 0 < r["mean_touch_us"] and r["mean_touch_us"] / 1e3 <= r["slowest_touch_ms"]
+        assert 100 < r["bytes_per_block_after_touches"] < 10_000
+    assert main(["bench", "index", *SMALL, "--scale", "100", "--scale-policies", "nope"]) == 2
+    assert "--scale-policies" in capsys.readouterr().err

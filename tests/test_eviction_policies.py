@@ -325,4 +325,78 @@ def test_policy_memory_follows_the_blocks_not_the_accesses(policy):
     res = replay(chains_from_ids("fits", [[1, 2, 3]] * 20_000), 10, pol)
     assert res.hit_rate > 0.99
     heaps = [pol._heap] if policy == "lru" else [h for h in pol._heaps if h is not None]
-    assert sum(len(h.heap) for h in heaps) <= len(heaps) * (64 + 1), [len(h.heap) for h in heaps]
+    assert sum(len(h) for h in heaps) <= len(heaps) * (64 + 1), [len(h) for h in heaps]
+
+
+class _Blk:
+    """What ``_LazyHeap`` reads of a block: ``seq``, and here the key and a candidate flag."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq, self.key, self.candidate = seq, 0, False
+
+
+def test_lazy_heap_compaction_moves_a_bounded_number_of_entries_per_push():
+    """A compaction used to rebuild the whole heap inside one push: at a million host blocks one touch stalled a
+    scheduler step for most of a second. Now no push checks more than ``DRAIN`` + 1 entries, the heap stays
+    within its compaction threshold, and the order stays exact."""
+    from lmdeploy_hostcache.tier.eviction import _LazyHeap
+
+    checked = [0]
+
+    def valid(key, b):
+        checked[0] += 1
+        return b.candidate and key == b.key
+
+    heap = _LazyHeap(valid)
+    blocks = [_Blk(i) for i in range(5000)]
+    for b in blocks:
+        b.candidate, b.key = True, b.seq
+        heap.add(b.key, b)
+    worst, clock = 0, 5000
+    for _ in range(6):                      # every block accessed 6 times: 5 stale entries each, until compacted
+        for b in blocks:
+            clock += 1
+            b.key = clock
+            checked[0] = 0
+            heap.push(b.key, b)
+            worst = max(worst, checked[0])
+    assert worst <= _LazyHeap.DRAIN + 1, worst
+    assert len(heap) <= 4 * len(blocks) + 65, len(heap)   # the compaction threshold: memory follows the blocks
+    order = [heap.pop() for _ in range(len(blocks))]
+    assert [b.seq for b in order] == [b.seq for b in sorted(blocks, key=lambda b: b.key)]
+    assert heap.pop() is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lazy_heap_with_lagging_keys_pops_the_least_current_key(seed):
+    """``current``: entries may lag their block's key (an access pushes nothing); pops still follow the blocks'
+    current keys exactly, through compactions and candidacy changes, against a brute-force minimum."""
+    from lmdeploy_hostcache.tier.eviction import _LazyHeap
+
+    rnd = random.Random(seed)
+    heap = _LazyHeap(lambda key, b: b.candidate, current=lambda b: b.key)
+    blocks = [_Blk(i) for i in range(300)]
+    clock = 0
+    for step in range(20_000):
+        b = rnd.choice(blocks)
+        op = rnd.random()
+        clock += 1
+        if op < 0.5:
+            b.key = clock                  # an access: no push
+        elif op < 0.7 and not b.candidate:
+            b.candidate = True
+            heap.add(b.key, b)
+        elif op < 0.8 and b.candidate:
+            b.candidate = False
+            heap.live -= 1
+        else:
+            live = [x for x in blocks if x.candidate]
+            got = heap.pop()
+            if not live:
+                assert got is None
+                continue
+            want = min(live, key=lambda x: (x.key, x.seq))
+            assert got is want, (step, got and (got.key, got.seq), (want.key, want.seq))
+            got.candidate = False
+            heap.live -= 1
+    assert len(heap) <= 4 * len(blocks) + 65

@@ -22,6 +22,11 @@ the rounds interleave our operations with LMDeploy's so machine noise hits both 
 allocator, policy, dicts, sets, ``HostBlock`` objects, digest ints and the stored token bytes)
 still holds after N blocks were hashed and inserted and the caller's own lists were dropped,
 divided by N.
+
+``--scale N`` (0: off) adds an index of N single-block chains (every block an eviction candidate, the
+policy's heaviest case), each block touched ``SCALE_TOUCHES`` times in turn: the mean and the slowest
+single touch (a touch that pays for a whole-heap rebuild shows here), and the index's bytes per block
+after those touches (tracemalloc), per policy of ``--scale-policies``.
 """
 from __future__ import annotations
 
@@ -51,16 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="blocks inserted for the tracemalloc metadata measurement (default 4096)")
     parser.add_argument("--vocab", type=int, default=128256, help="token ids are drawn from [0, vocab)")
     parser.add_argument("--seed", type=int, default=0, help="RNG seed of the prompt tokens")
+    parser.add_argument("--scale", type=int, default=0, metavar="N",
+                        help="also fill an index of N single-block chains, touch every block 4 times, and report "
+                             "the slowest single touch and bytes per block (default 0: off)")
+    parser.add_argument("--scale-policies", nargs="+", default=["lru"], metavar="POLICY",
+                        help="eviction policies of the --scale index (default lru)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def _check_args(args: argparse.Namespace) -> None:
     # upper bounds: the bench allocates arrays of these sizes, so a typo must not ask for terabytes
     for name, low, high in (("blocks", 1, 10**8), ("block_size", 1, 1 << 16), ("repeats", 1, 10**6),
-                            ("metadata_blocks", 1, 10**8), ("vocab", 2, 2**32)):   # vocab: tokens are uint32
+                            ("metadata_blocks", 1, 10**8), ("vocab", 2, 2**32),   # vocab: tokens are uint32
+                            ("scale", 0, 10**8)):
         value = getattr(args, name)
         if not low <= value <= high:
             raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
+    from ..tier.eviction import POLICIES
+
+    bad = [p for p in args.scale_policies if p not in POLICIES]
+    if bad:
+        raise ValueError(f"--scale-policies: unknown {', '.join(bad)}; choose from {', '.join(sorted(POLICIES))}")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -180,6 +196,56 @@ def measure_metadata_bytes(namespace: Namespace, num_blocks: int, prompt_blocks:
     }
 
 
+SCALE_TOUCHES = 4
+
+
+def _scale_index(num_blocks: int, policy: str, seed: int, clock=None) -> tuple[HostIndex, float, float]:
+    """An index of ``num_blocks`` single-block chains, each block touched ``SCALE_TOUCHES`` times in turn;
+    with ``clock``, the summed and the slowest single touch (s)."""
+    import random
+
+    rnd = random.Random(seed)
+    idx = HostIndex(num_blocks, policy=policy)
+    digests = []
+    for _ in range(num_blocks):
+        d = rnd.getrandbits(128)
+        idx.prepare_store(d, 7, rnd.randbytes(8))
+        idx.complete_store(d, True)
+        digests.append(d)
+    worst = total = 0.0
+    for _ in range(SCALE_TOUCHES):
+        for d in digests:
+            if clock is None:
+                idx.touch((d,))
+                continue
+            t0 = clock()
+            idx.touch((d,))
+            dt = clock() - t0
+            total += dt
+            worst = max(worst, dt)
+    return idx, total, worst
+
+
+def measure_scale(num_blocks: int, policy: str, seed: int) -> dict[str, float]:
+    """``_scale_index`` twice: untraced, for the mean and the slowest single touch; then under tracemalloc,
+    for the bytes per block the index holds after the touches (its token bytes are 8 per block here)."""
+    idx, total, worst = _scale_index(num_blocks, policy, seed, clock=time.perf_counter)
+    idx.check_invariants()
+    del idx
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        idx, _, _ = _scale_index(num_blocks, policy, seed)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    touches = SCALE_TOUCHES * num_blocks
+    return {"policy": policy, "blocks": num_blocks, "touches": touches, "mean_touch_us": total / touches * 1e6,
+            "slowest_touch_ms": worst * 1e3, "bytes_per_block_after_touches": held / num_blocks}
+
+
 def measure(args: argparse.Namespace) -> dict[str, object]:
     _check_args(args)
     bs, nb, repeats = args.block_size, args.blocks, args.repeats
@@ -264,6 +330,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "min_max_us_per_block": spread,
         "python": sys.version.split()[0],
     })
+    result["scale"] = [measure_scale(args.scale, p, args.seed) for p in args.scale_policies] if args.scale else []
     return result
 
 
@@ -302,6 +369,10 @@ def format_table(r: dict[str, object]) -> str:
         "matched block exactly. BlockTrie.match also takes a ref and updates access time per block;",
         "our counterpart is prepare_load, paid only for blocks actually loaded, shown above.",
     ]
+    for sc in r.get("scale", ()):
+        lines.append(f"scale ({sc['policy']}): {sc['blocks']:,} single-block chains, {sc['touches']:,} touches: "
+                     f"mean {sc['mean_touch_us']:.2f} us, slowest single touch {sc['slowest_touch_ms']:.1f} ms; "
+                     f"{sc['bytes_per_block_after_touches']:.0f} bytes per block after (8 of them tokens)")
     return "\n".join(lines)
 
 

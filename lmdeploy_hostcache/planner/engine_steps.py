@@ -131,7 +131,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Sequence
 
-from ..tier.eviction import LRUPolicy, _LazyHeap
+from ..tier.eviction import LRUPolicy
 from ..tier.host_index import HostIndex
 from .concurrency import ConcurrencyStats, ConcurrentTwoTierCache, Lifetimes, _Running, decode_growth_tokens
 from .replay import PreparedRequest, progress
@@ -200,42 +200,13 @@ class SteppedStats(ConcurrencyStats):
 STANDARD, SHORT_ONLY, LONG_FIRST = "standard", "short-only", "long-first"
 
 
-class _LazyTouchLRU(LRUPolicy):
-    """LRU for the GPU tier of the step model, where every queued request's attempt touches its matched
-    blocks, pass after pass: an access pushes nothing; a heap entry older than its block's access time
-    is pushed again at that time when it reaches the top.  Every candidate keeps an entry whose key is at
-    most its access time, so the victim is still the candidate accessed longest ago (access times are
-    distinct counter values)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._heap = _LazyHeap(lambda key, b: b.candidate)   # compaction keeps one entry per candidate
-
-    def on_access(self, block) -> None:
-        pass
-
-    def pop_victim(self):
-        heap = self._heap.heap
-        while heap:
-            key, _, block = heap[0]
-            if not block.candidate:
-                heapq.heappop(heap)
-            elif key != block.last_access:
-                heapq.heapreplace(heap, (block.last_access, block.seq, block))
-            else:
-                heapq.heappop(heap)
-                self._heap.live -= 1
-                return block
-        return None
-
-
 class _GpuTierIndex(HostIndex):
-    """The step model's GPU tier: ``HostIndex`` with ``_LazyTouchLRU`` and a ``touch`` that does
-    ``_access``'s work inline (that policy does nothing on an access), since queued requests touch
-    their matched blocks in every pass."""
+    """The step model's GPU tier: ``HostIndex`` with ``LRUPolicy`` (an access pushes nothing: a heap
+    entry lagging its block's access time is pushed again at it when it reaches the top) and a ``touch``
+    that does ``_access``'s work inline, since queued requests touch their matched blocks in every pass."""
 
     def __init__(self, num_slots: int, verify_tokens: bool, on_evict) -> None:
-        super().__init__(num_slots, policy=_LazyTouchLRU(), verify_tokens=verify_tokens, on_evict=on_evict)
+        super().__init__(num_slots, policy=LRUPolicy(), verify_tokens=verify_tokens, on_evict=on_evict)
 
     def touch(self, digests) -> None:
         blocks, clock = self._blocks, self._clock

@@ -65,79 +65,113 @@ class EvictionPolicy:
 
 
 class _LazyHeap:
-    """Min-heap of ``(key, seq, block)`` with lazy deletion; ``valid(key, block)`` decides
-    whether an entry still stands.  Compacted at any push (an access or an add) once stale
-    entries outnumber live ones 4:1."""
+    """Min-heap of ``(key, seq, block)`` with lazy deletion; ``valid(key, block)`` decides whether an
+    entry still stands.  With ``current(block)`` (a block's up-to-date key, which only grows), an entry
+    may lag its block's key: when it reaches the top it is pushed again at the current key, so an
+    access needs no push at all (``LRUPolicy``).
 
-    __slots__ = ("heap", "live", "valid")
+    Compaction is incremental, so no single call pays for the whole heap (at a million host blocks a
+    one-shot rebuild stalled one scheduler step for most of a second): once entries outnumber live
+    ones 4:1, the entries become a draining heap and move to a fresh one ``DRAIN`` at a time per
+    push, stale ones dropped and one entry kept per block.  Both heaps are read until the old one is
+    empty; each push moves ``DRAIN`` > 1 entries while it adds one, so the draining heap empties.
+    """
 
-    def __init__(self, valid: "Callable[[object, HostBlock], bool]") -> None:
+    __slots__ = ("heap", "old", "moved", "live", "valid", "current")
+    DRAIN = 8
+
+    def __init__(self, valid: "Callable[[object, HostBlock], bool]",
+                 current: "Callable[[HostBlock], object] | None" = None) -> None:
         self.heap: list = []
+        self.old: list = []          # the draining heap (empty when no compaction is under way)
+        self.moved: set = set()      # id() of the blocks the running compaction moved
         self.live = 0
         self.valid = valid
+        self.current = current
+
+    def __len__(self) -> int:
+        return len(self.heap) + len(self.old)
 
     def push(self, key, block: "HostBlock") -> None:
         """A new key for a block (an access, or ``add``): its older entries go stale."""
-        heap = self.heap
-        heapq.heappush(heap, (key, block.seq, block))
-        if len(heap) > 64 and len(heap) > 4 * self.live:
-            self._compact()
+        heapq.heappush(self.heap, (key, block.seq, block))
+        if self.old:
+            self._drain()
+        elif len(self.heap) > 64 and len(self.heap) > 4 * self.live:
+            self.old, self.heap, self.moved = self.heap, [], set()
+            self._drain()
 
     def add(self, key, block: "HostBlock") -> None:
         self.live += 1
         self.push(key, block)
 
-    def _compact(self) -> None:
-        """Drop stale entries, so the heap stays O(live) however many accesses come without an
-        eviction. A block that leaves and re-enters the candidate set without being accessed has
-        two valid entries with the same key: one is kept."""
-        valid, seen, kept = self.valid, set(), []
-        for e in self.heap:
-            if valid(e[0], e[2]) and id(e[2]) not in seen:
-                seen.add(id(e[2]))
-                kept.append(e)
-        heapq.heapify(kept)
-        self.heap = kept
+    def _drain(self) -> None:
+        old, new, valid, moved = self.old, self.heap, self.valid, self.moved
+        for _ in range(self.DRAIN):
+            if not old:
+                moved.clear()
+                return
+            e = heapq.heappop(old)
+            if valid(e[0], e[2]) and id(e[2]) not in moved:
+                moved.add(id(e[2]))
+                heapq.heappush(new, e)
 
-    def peek(self) -> "HostBlock | None":
-        heap, valid = self.heap, self.valid
+    def _top(self, heap: list):
+        """``heap``'s least standing entry, or None: stale entries are dropped on the way, and an entry
+        lagging its block's ``current`` key is pushed again (into ``self.heap``) at that key."""
+        valid, current = self.valid, self.current
         while heap:
-            key, _, block = heap[0]
-            if valid(key, block):
-                return block
-            heapq.heappop(heap)
+            e = heap[0]
+            if not valid(e[0], e[2]):
+                heapq.heappop(heap)
+                continue
+            if current is not None:
+                k = current(e[2])
+                if k != e[0]:
+                    heapq.heappop(heap)
+                    heapq.heappush(self.heap, (k, e[1], e[2]))
+                    continue
+            return e
         return None
 
+    def _least(self) -> "list | None":
+        """The heap whose top is the least standing entry of both, or None when neither has one."""
+        b = self._top(self.old) if self.old else None   # first: its re-keyed entries land in self.heap
+        a = self._top(self.heap)
+        if a is None:
+            return self.old if b is not None else None
+        return self.old if b is not None and b[:2] < a[:2] else self.heap
+
+    def peek(self) -> "HostBlock | None":
+        heap = self._least()
+        return heap[0][2] if heap is not None else None
+
     def pop(self) -> "HostBlock | None":
-        block = self.peek()
-        if block is not None:
-            heapq.heappop(self.heap)
-        return block
+        heap = self._least()
+        return heapq.heappop(heap)[2] if heap is not None else None
 
 
 class LRUPolicy(EvictionPolicy):
     """Least recently used leaf first (what LMDeploy's BlockTrie does on the GPU).
 
-    A min-heap of ``(last_access, seq, block)`` with lazy deletion: an entry is valid only while
-    the block is a candidate and its ``last_access`` still equals the entry's key.  A block that
-    becomes a candidate again re-enters at its *own* access time, not at the MRU end, which an
-    ordered dict could not do.  The heap is compacted when stale entries dominate.
+    A min-heap of ``(last_access, seq, block)`` with lazy deletion: an entry stands while its block
+    is a candidate, and its key may lag the block's ``last_access`` (an access pushes nothing; the
+    entry is pushed again at the block's access time when it reaches the top, ``_LazyHeap.current``),
+    so the victim is still the candidate with the least ``(last_access, seq)``.  A block that becomes
+    a candidate again re-enters at its *own* access time, not at the MRU end, which an ordered dict
+    could not do.  The heap is compacted, a few entries per push, when stale entries dominate.
     """
 
     name = "lru"
 
     def __init__(self) -> None:
-        self._heap = _LazyHeap(lambda key, b: b.candidate and key == b.last_access)
+        self._heap = _LazyHeap(lambda key, b: b.candidate, current=lambda b: b.last_access)
 
     def add_candidate(self, block: "HostBlock") -> None:
         self._heap.add(block.last_access, block)
 
     def remove_candidate(self, block: "HostBlock") -> None:
         self._heap.live -= 1  # its heap entry goes stale (block.candidate is False now)
-
-    def on_access(self, block: "HostBlock") -> None:
-        if block.candidate:  # old entry is stale (last_access changed): push the new position
-            self._heap.push(block.last_access, block)
 
     def pop_victim(self) -> "HostBlock | None":
         block = self._heap.pop()
