@@ -8,14 +8,22 @@ engine's scheduler-side connector (``HostTierScheduler``):
 * **GPU tier**: LMDeploy's ``BlockTrie`` publishes no events, so the feed makes its own: a
   finished request's trie path is published (``on_request_finished``, from the connector's
   ``request_finished``), an evicted leaf is withdrawn (``on_gpu_evict``, chained after the
-  connector's eviction observer), and ``on_step`` (once per engine step) walks the whole trie at
-  most every ``gpu_refresh_s`` seconds and publishes the difference, which corrects anything the
-  events missed (a running request's blocks, a cleared trie).  Each node's chained digest is the
-  connector's own ``node_digest`` (memoised on the trie nodes), so the ids equal the host tier's
-  for the same tokens.  The two views may overlap: a restore kept in its host slot
-  (``keep_restored_blocks``, default on) fires no listener, so it stays published in the host
-  tier while the GPU tier publishes it too; with ``keep_restored_blocks: false`` a restored
-  block leaves the index and is withdrawn from the host view;
+  connector's eviction observer), and ``on_step`` (once per engine step) reconciles the published
+  set with the trie, which corrects anything the events missed (a running request's blocks, a leaf
+  that left unobserved, a cleared trie).  The reconciliation is a pass started at most every
+  ``gpu_refresh_s`` seconds and spread over steps, ``walk_budget`` units per step at most whatever
+  the trie's size: it walks the trie (one unit per node visited), publishing each attached node
+  not yet published and confirming each published one, then withdraws what was published before
+  the pass began and not confirmed by it (one unit each; to find those, a walk that missed some
+  copies the published digests once, in C: none does while the eviction observer reports every
+  leaf that leaves).  A pass takes about trie nodes / ``walk_budget`` steps, plus one per
+  ``walk_budget`` withdrawals; ``on_step(force=True)`` runs a whole new pass at once (tests,
+  tools).  Each node's chained digest is the connector's own ``node_digest`` (memoised on the
+  trie nodes), so the ids equal the host tier's for the same tokens.  The two views may overlap:
+  a restore kept in its host slot (``keep_restored_blocks``, default on) fires no listener, so it
+  stays published in the host tier while the GPU tier publishes it too; with
+  ``keep_restored_blocks: false`` a restored block leaves the index and is withdrawn from the host
+  view;
 * capacities (GPU blocks, host slots, block size), the base model's namespace (root, seed; the
   tenant salt never leaves the process) and its fingerprint (model identity, KV format, TP).
   Only the base model's namespace is published (LoRA adapters' blocks are not; nor are GPU
@@ -39,13 +47,19 @@ it is answered 401 with no content.  Without keys the feed is served only on a l
 sets ``LMDEPLOY_HOSTCACHE_FEED_UNAUTHENTICATED=1`` for a private network.  Published ids are keyed
 with the cluster secret (``routing.ids``).
 
-Invariants: the publisher is touched under one lock (scheduler thread vs. HTTP threads); the
-listener and ``on_step`` never raise into LMDeploy (a failure is logged and disables the feed);
-no read is answered with content unless its bearer token equals a configured key (constant-time
-compare) or the server has no keys and listens on loopback (or was explicitly opened); a closed
-feed publishes nothing and its port accepts no connection; a connection holds one of the ``FEED_MAX_CONNECTIONS``
-slots for at most ``FEED_SOCKET_TIMEOUT_S`` before its request line and headers are in, however
-slowly they arrive (one deadline per connection, not per socket read).
+Invariants: the publisher is touched under one lock (scheduler thread vs. HTTP threads), and a read
+holds it only to copy what it answers (one C-level copy of the ids or events), never while it
+encodes them; every GPU digest published as stored belonged to an attached trie node when
+published, and is withdrawn when that node leaves (by the eviction observer at once, else by the
+end of the first pass that starts after it left); every trie node attached when a pass starts and
+still attached when it ends is published by then; one ``on_step`` spends at most ``walk_budget``
+units (nodes visited plus stale digests withdrawn); the listener and ``on_step`` never raise into
+LMDeploy (a failure is logged and disables the feed); no read is answered with content unless its
+bearer token equals a configured key (constant-time compare) or the server has no keys and listens
+on loopback (or was explicitly opened); a closed feed publishes nothing and its port accepts no
+connection; a connection holds one of the ``FEED_MAX_CONNECTIONS`` slots for at most
+``FEED_SOCKET_TIMEOUT_S`` before its request line and headers are in, however slowly they arrive
+(one deadline per connection, not per socket read).
 """
 from __future__ import annotations
 
@@ -61,7 +75,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-from ..routing.feed import FEED_PATH, FeedPublisher
+from ..routing.feed import FEED_PATH, FeedPublisher, encode_poll
 from ..routing.table import GPU, HOST
 from .request_salt import ROOT_SALT_ATTR, sequence_salt
 
@@ -74,6 +88,7 @@ ENV_FEED_UNAUTHENTICATED = "LMDEPLOY_HOSTCACHE_FEED_UNAUTHENTICATED"
 FEED_SOCKET_TIMEOUT_S = 30.0  # a feed connection idle this long, or not done sending its request by then, is closed
 FEED_MAX_CONNECTIONS = 16     # concurrent feed connections served; more are refused at once
 DEFAULT_GPU_REFRESH_S = 0.5
+DEFAULT_WALK_BUDGET = 1024   # the most units (trie nodes visited + stale digests withdrawn) one on_step spends
 logger = logging.getLogger("lmdeploy_hostcache.cache_state_feed")
 
 
@@ -81,7 +96,7 @@ class NodeCacheFeed:
     """Publishes one engine's GPU and host prefix-cache contents; see the module docstring."""
 
     def __init__(self, side, trie, gpu_blocks: int, *, tp: int = 1, host_weight: float = 0.2,
-                 gpu_refresh_s: float = DEFAULT_GPU_REFRESH_S) -> None:
+                 gpu_refresh_s: float = DEFAULT_GPU_REFRESH_S, walk_budget: int = DEFAULT_WALK_BUDGET) -> None:
         ns = side.namespaces.for_adapter(None)
         self.side, self.trie = side, trie
         self.lock = threading.Lock()
@@ -89,8 +104,18 @@ class NodeCacheFeed:
             gpu_blocks=int(gpu_blocks), host_blocks=int(side.num_slots), namespace=ns,
             fingerprint={"model": ns.model, "kv_format": ns.kv_format, "tp": int(tp)}, host_weight=host_weight)
         self.gpu_refresh_s = float(gpu_refresh_s)
-        self._gpu: set[int] = set()
-        self._last_walk = float("-inf")
+        self.walk_budget = max(1, int(walk_budget))
+        # The published GPU digests (scheduler thread only), each with the number of the last pass that found it
+        # in the trie (or during which it was published); _stale counts those marked before the current pass:
+        # what is still so when the pass's walk ends has left the trie (the walk meets every node that stayed).
+        self._gpu: dict[int, int] = {}
+        self._pass = 0
+        self._stale = 0
+        self._walk: list | None = None      # the current pass's nodes left to visit (None: no walk going on)
+        self._leftovers: list | None = None  # after its walk: the digests to check for withdrawal (None: none)
+        self._last_walk = float("-inf")     # when the last pass started
+        self.last_step_units = 0            # units the last on_step spent
+        self.passes = 0                     # passes completed
         self.enabled = True
         self.server = None                  # the HTTP server (serve_feed / attach_from_env)
         self._lifecycle = self._observer = self._first = None   # the eviction chain (chain_eviction)
@@ -151,13 +176,19 @@ class NodeCacheFeed:
         self.enabled = False
         logger.warning("lmdeploy-hostcache: cache-state feed disabled after an error: %r", exc)
 
+    def _roots(self) -> list:
+        """The trie roots of the base model's blocks (the chains a proxy can match)."""
+        roots = getattr(self.trie, "_roots", None) or {}
+        root = roots.get(None)
+        if root is not None:
+            return [root]
+        return [r for r in roots.values() if not r.adapter_name and not getattr(r, ROOT_SALT_ATTR, "")]
+
     def gpu_digests(self) -> set[int]:
-        """Digests of every trie block of the base model (scheduler thread only)."""
+        """Digests of every trie block of the base model, in one whole walk (scheduler thread only;
+        for checks and tools: the feed itself walks in budgeted steps, ``on_step``)."""
         out: set[int] = set()
-        root = self.trie._roots.get(None) if hasattr(self.trie, "_roots") else None
-        roots = [root] if root is not None else [r for r in getattr(self.trie, "_roots", {}).values()
-                                                 if not r.adapter_name and not getattr(r, ROOT_SALT_ATTR, "")]
-        stack = [c for r in roots for c in r.children.values()]
+        stack = [c for r in self._roots() for c in r.children.values()]
         node_digest = self.side.node_digest
         while stack:
             n = stack.pop()
@@ -168,6 +199,10 @@ class NodeCacheFeed:
             stack.extend(n.children.values())
         return out
 
+    def published_gpu(self) -> set[int]:
+        """The GPU digests published now (scheduler thread only)."""
+        return set(self._gpu)
+
     def on_request_finished(self, seq) -> None:
         """Publish the finished request's trie path (scheduler thread): its deepest trie node and
         every unpublished ancestor, so a conversation's latest blocks are visible right away."""
@@ -175,19 +210,27 @@ class NodeCacheFeed:
             return
         try:
             node = getattr(getattr(seq, "prefix_cache", None), "trie_cursor", None)
+            gpu, cur = self._gpu, self._pass
             new = []
             while node is not None and node.parent is not None and node.block_id >= 0 and node.is_attached():
                 if node.adapter_name:
                     return
                 d = self.side.node_digest(node)
-                if d is None or d in self._gpu:
+                if d is None:
                     break
-                new.append(d)
+                m = gpu.get(d)
+                if m == cur:             # published, and found in the trie by this pass (so are its ancestors)
+                    break
+                if m is None:
+                    new.append(d)
+                else:                    # published, and attached: found now
+                    gpu[d] = cur
+                    self._stale -= 1
                 node = node.parent
             if new:
                 with self.lock:
                     for d in reversed(new):
-                        self._gpu.add(d)
+                        gpu[d] = cur
                         self.publisher.stored(GPU, d)
         except Exception as exc:
             self._disable(exc)
@@ -200,33 +243,103 @@ class NodeCacheFeed:
             d = self.side.node_digest(leaf)
             if d is not None and d in self._gpu:
                 with self.lock:
-                    self._gpu.discard(d)
+                    if self._gpu.pop(d) != self._pass:
+                        self._stale -= 1
                     self.publisher.removed(GPU, d)
         except Exception as exc:
             self._disable(exc)
 
     def on_step(self, force: bool = False) -> None:
-        """Refresh the GPU tier's published contents (rate-limited; scheduler thread)."""
+        """Reconcile the GPU tier's published contents with the trie (scheduler thread), spending at
+        most ``walk_budget`` units: a pass starts at most every ``gpu_refresh_s`` seconds and goes on
+        over the next steps until it is whole; ``force`` starts a new pass and runs all of it now."""
         if not self.enabled:
             return
-        now = time.monotonic()
-        if not force and now - self._last_walk < self.gpu_refresh_s:
-            return
-        self._last_walk = now
+        self.last_step_units = 0
         try:
-            cur = self.gpu_digests()
-            with self.lock:
-                for d in self._gpu - cur:
-                    self.publisher.removed(GPU, d)
-                for d in cur - self._gpu:
-                    self.publisher.stored(GPU, d)
-                self._gpu = cur
+            if force or (self._walk is None and self._leftovers is None):
+                now = time.monotonic()
+                if not force and now - self._last_walk < self.gpu_refresh_s:
+                    return
+                self._last_walk = now
+                self._pass += 1          # every published digest is stale until this pass finds it
+                self._stale = len(self._gpu)
+                self._walk = self._roots()   # a root is visited as one node: its children go on the stack
+                self._leftovers = None
+            budget = None if force else self.walk_budget
+            stored, removed, units = [], [], 0
+            if self._walk is not None:
+                units = self._walk_some(budget, stored)
+                if not self._walk:
+                    self._walk = None
+                    # what the walk did not find has left the trie; a copy of the keys (in C) only when some did
+                    self._leftovers = list(self._gpu) if self._stale else []
+            if self._leftovers is not None and (budget is None or units < budget):
+                units += self._withdraw_some(None if budget is None else budget - units, removed)
+                if not self._leftovers or not self._stale:
+                    self._leftovers = None
+                    self.passes += 1
+            self.last_step_units = units
+            if stored or removed:
+                with self.lock:
+                    for d in stored:
+                        self.publisher.stored(GPU, d)
+                    for d in removed:
+                        self.publisher.removed(GPU, d)
         except Exception as exc:
             self._disable(exc)
 
+    def _walk_some(self, budget: int | None, stored: list) -> int:
+        """Visit up to ``budget`` nodes of the pass's walk (all with None): mark a published node's
+        digest found, queue an unpublished one in ``stored``. Returns the nodes visited."""
+        stack = self._walk
+        gpu, cur, node_digest = self._gpu, self._pass, self.side.node_digest
+        units = found = 0
+        low = len(stack)                 # stack[:low] was queued by earlier steps: may have left the trie since
+        while stack and (budget is None or units < budget):
+            n = stack.pop()
+            units += 1
+            if n.block_id < 0:           # one of the pass's roots
+                stack.extend(n.children.values())
+                continue
+            if len(stack) < low:
+                low = len(stack)
+                if not n.is_attached():  # evicted since it was queued (its subtree was, before it)
+                    continue
+            d = node_digest(n)
+            if d is not None:
+                m = gpu.get(d)
+                if m != cur:
+                    gpu[d] = cur
+                    if m is None:
+                        stored.append(d)
+                    else:
+                        found += 1
+            stack.extend(n.children.values())
+        self._stale -= found
+        return units
+
+    def _withdraw_some(self, budget: int | None, removed: list) -> int:
+        """Check up to ``budget`` of the pass's leftovers (all with None): a digest still stale is
+        withdrawn (queued in ``removed``). Returns how many were checked."""
+        left, gpu, cur = self._leftovers, self._gpu, self._pass
+        units = 0
+        while left and self._stale and (budget is None or units < budget):
+            d = left.pop()
+            units += 1
+            m = gpu.get(d)
+            if m is not None and m != cur:
+                del gpu[d]
+                self._stale -= 1
+                removed.append(d)
+        return units
+
     def poll(self, epoch=None, since=None, max_events=None) -> dict:
+        """``FeedPublisher.poll``, holding the lock only to copy what the answer needs (``take_poll``: a
+        snapshot's ids, or the ring's events it answers, one C-level copy); encoded after it is released."""
         with self.lock:
-            return self.publisher.poll(epoch, since, max_events)
+            taken = self.publisher.take_poll(epoch, since, max_events)
+        return encode_poll(taken)
 
 
 def feed_api_keys(environ=None) -> tuple[str, ...]:

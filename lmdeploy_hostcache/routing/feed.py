@@ -34,6 +34,7 @@ a message that fails validation changes nothing and raises ``FeedError`` naming 
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -167,26 +168,39 @@ class FeedPublisher:
 
     # -- reader protocol -----------------------------------------------------------------------
     def poll(self, epoch: str | None = None, since: int | None = None, max_events: int | None = None) -> dict:
+        return encode_poll(self.take_poll(epoch, since, max_events))
+
+    def take_poll(self, epoch: str | None = None, since: int | None = None, max_events: int | None = None) -> dict:
+        """What a poll answers, copied now (plain lists: one C-level copy), for ``encode_poll`` to encode later:
+        a caller that guards this publisher with a lock holds it only for this part."""
         limit = self.max_events if max_events is None else max(1, min(int(max_events), self.max_events))
         out: dict[str, Any] = {"info": self.info, "epoch": self.epoch}
         first = self.seq - len(self._ring)  # seq of the oldest event kept
         if epoch != self.epoch or since is None or not first <= since <= self.seq:
             out["seq"] = self.seq
-            out["snapshot"] = {
-                "gpu": _b64(np.fromiter(self._contents[GPU], dtype=np.uint64, count=len(self._contents[GPU]))),
-                "host": _b64(np.fromiter(self._contents[HOST], dtype=np.uint64, count=len(self._contents[HOST]))),
-            }
+            out["snapshot"] = (list(self._contents[GPU]), list(self._contents[HOST]))
             return out
         n = min(self.seq - since, limit)
         start = since - first
-        events = [self._ring[k] for k in range(start, start + n)]
         out["seq"] = since + n
         out["more"] = since + n < self.seq
+        out["events"] = list(itertools.islice(self._ring, start, start + n))
+        return out
+
+
+def encode_poll(taken: dict) -> dict:
+    """``FeedPublisher.take_poll``'s copy as the feed message (ids base64-encoded)."""
+    out = dict(taken)
+    if "snapshot" in out:
+        gpu, host = out["snapshot"]
+        out["snapshot"] = {"gpu": _b64(np.array(gpu, dtype=np.uint64)), "host": _b64(np.array(host, dtype=np.uint64))}
+    else:
+        events = out["events"]
         out["events"] = {
             "ops": _b64(np.array([e[0] for e in events], dtype=np.uint8)),
             "ids": _b64(np.array([e[1] for e in events], dtype=np.uint64)),
         }
-        return out
+    return out
 
 
 @dataclass
