@@ -48,7 +48,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "hit_blocks": ("hit_blocks", "Blocks found host-resident and verified."),
     "hit_tokens": ("hit_tokens", "Tokens in host-tier hits."),
     "restored_tokens": ("restored_tokens", "Tokens whose host-to-GPU restore completed."),
-    "restore_failures": ("restore_failures", "Restores that failed or were aborted (recomputed instead)."),
+    "restore_failures": ("restore_failures", "Restores that failed or were aborted (recomputed instead), or were "
+                                             "refused for want of host slots to stage store blocks in."),
     "demotions": ("demotions", "Blocks demoted from GPU to host memory."),
     "demotion_failures": ("demotion_failures", "Demotions that failed."),
     "demotions_skipped": ("demotions_skipped", "GPU evictions of blocks already in host memory (nothing copied)."),

@@ -48,7 +48,7 @@ class HostTierMetrics:
     hit_blocks: int = 0         # blocks found host-resident and verified, each once per turn
     hit_tokens: int = 0
     restored_tokens: int = 0    # tokens whose load completed successfully
-    restore_failures: int = 0   # loads that failed or were cancelled (fell back to recompute)
+    restore_failures: int = 0   # loads that failed, were cancelled, or were refused before shipping (recompute)
     demotions: int = 0          # blocks queued GPU -> host
     demotion_failures: int = 0
     demotions_skipped: int = 0  # GPU evictions of blocks already host-resident (nothing copied)
