@@ -791,8 +791,8 @@ class HostTierScheduler:
             if load.staged:  # restored: the staged blocks end as restored host blocks; else their slots are freed
                 if success:
                     self.l3.chain.finish_restored(load.staged[0])
-                else:
-                    self.l3.chain.finish(load.staged[0], False)
+                else:   # staged on every rank but the load was cancelled: the slots hold the verified store bytes
+                    self.l3.chain.finish(load.staged[0], bool(copied))
                 k = len(load.staged[0])
                 if copied:
                     self.l3.metrics.add(get_blocks=k, bytes_from_l3=k * self.block_transfer_bytes)

@@ -172,6 +172,9 @@ def test_a_store_restore_cancelled_after_its_copy_is_a_read_not_an_error():
     got = _l3(rig)
     assert (got["errors"], got["get_blocks"], got["bytes_from_l3"]) == (0, 4, 4000), got
     assert rig.side.metrics.restore_failures == 1 and rig.side.metrics.bytes_to_gpu == 4000
+    # the staged slots hold the store's verified bytes: they stay as host blocks (they used to be freed)
+    staged = meta.l3_stages[0][1]
+    assert all(rig.side.index.is_resident(d) for d in staged)
     rig.side.check_balanced()
 
 
