@@ -194,7 +194,7 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
         problems.append(f"PyYAML is not installed ({exc}); --config cannot be checked")
     facts["config"] = config_info
     facts["calibration"] = None
-    if cfg is not None and cfg.min_restore_tokens == "auto":
+    if cfg is not None and cfg.enabled and cfg.min_restore_tokens == "auto":   # a disabled tier reads none
         # the server reads it at start-up (cli_patch._check_startable) and refuses a bad file: so does this check
         from .restore_cost import CalibrationError, load_calibration  # noqa: PLC0415
 

@@ -260,3 +260,14 @@ def test_doctor_checks_the_calibration_auto_reads(tmp_path, capsys, monkeypatch)
     monkeypatch.delenv("LMDEPLOY_HOSTCACHE_CALIBRATION")
     cli.main(["doctor", "--config", str(cfg)])
     assert "calibration  min_restore_tokens: auto uses assumed" in capsys.readouterr().out
+
+
+def test_doctor_skips_the_calibration_of_a_disabled_tier(tmp_path, capsys, monkeypatch):
+    """``host_cache_gb: 0`` runs LMDeploy as stock, which reads no calibration: doctor must not refuse the file."""
+    cfg = tmp_path / "off.yaml"
+    cfg.write_text("host_cache_gb: 0\nmin_restore_tokens: auto\n")
+    bad = tmp_path / "cal.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("LMDEPLOY_HOSTCACHE_CALIBRATION", str(bad))
+    assert cli.main(["doctor", "--config", str(cfg)]) != 2
+    assert "INVALID" not in capsys.readouterr().out

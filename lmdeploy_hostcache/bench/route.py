@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-sessions", type=int, default=None, metavar="N",
                    help="for --compare: replay the built-in chat generator (N sessions, 64-token blocks, seed 0, "
                         "each reply's kept blocks named as plan --chat does) instead of a trace")
+    p.add_argument("--without-session-keys", action="store_true",
+                   help="for --compare: replay every request as one whose client sent no session key (no "
+                        "session_id or user), so cache_aware routes without session affinity")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -227,14 +230,17 @@ def format_table(res: dict) -> str:
             f"{r0['block_size']} tokens; target <= {res['target_decision_ms']} ms per decision; {res['note']}")
 
 
-def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = None) -> dict:
+def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = None,
+            session_keys: bool = True) -> dict:
     """Every routing policy (and a pooled node) over one cluster and trace (planner replays); with
-    ``chat_sessions``, the trace is the built-in chat generator's (``ChatWorkload(sessions=chat_sessions)``)."""
+    ``chat_sessions``, the trace is the built-in chat generator's (``ChatWorkload(sessions=chat_sessions)``);
+    without ``session_keys``, no request carries the session key its client would send."""
     import dataclasses
 
     from ..planner.cluster import ROUTING_POLICIES, load_cluster, simulate_cluster
     from ..planner.geometry import BlockSizing
     from ..planner.replay import prepare_trace, replay, resolve_min_restore
+    from ..planner.cli import DEFAULT_STAGGER_S
     from ..planner.traces import read_traces, trace_warnings
 
     if chat_sessions is not None:
@@ -250,11 +256,15 @@ def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = 
 
             trace_path = str(bundled_trace_path())
         spec = load_cluster(yaml_path)
-        trace = read_traces([trace_path])   # as `plan` reads it: captures, Mooncake layout, WEKA sessions
+        # as `plan` reads it: captures, Mooncake layout, WEKA sessions (merged ones staggered as plan does)
+        trace = read_traces([trace_path], stagger_s=DEFAULT_STAGGER_S)
         if not trace.requests:
             raise ValueError(f"trace {trace_path} has no requests")
         for w in trace_warnings(trace):
             print(f"warning: {w}", file=sys.stderr)
+    if not session_keys:
+        trace = dataclasses.replace(trace, requests=[dataclasses.replace(r, session_given=False)
+                                                     for r in trace.requests])
     sizing = BlockSizing.build(spec.geometry(), spec.cache_format, trace.block_size)
     # `auto` resolved as the server (and `plan --cluster`) resolves it
     spec = dataclasses.replace(spec, min_restore_tokens=resolve_min_restore(spec.min_restore_tokens, sizing))
@@ -277,6 +287,7 @@ def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = 
     rows.append({"routing": "pooled", "hit_rate": st.hit_rate, "gpu_hit_rate": st.gpu_hit_rate,
                  "host_hit_rate": st.host_hit_rate, "requests": [st.requests], "gpu_blocks": gpu, "host_blocks": host})
     return {"cluster": yaml_path, "trace": trace.name, "requests": len(trace), "host_policy": spec.host_policy,
+            "session_keys": session_keys,
             "nodes": [n.name for n in spec.nodes], "rows": rows,
             "note": "planner replays measured on this machine; prefill share = a node's recomputed tokens over an "
                     "even split (1.0 = even)"}
@@ -292,18 +303,20 @@ def format_compare(res: dict) -> str:
                      f"{r['max_prefill_share_over_even']:.2f}" if "max_prefill_share_over_even" in r else "-"])
     head = ["routing", "cluster hit", "GPU hit", "host hit", "requests per node (" + ", ".join(res["nodes"]) + ")",
             "max prefill share"]
+    keys = "" if res.get("session_keys", True) else "; no session keys sent"
     return (f"{res['trace']}: {res['requests']:,} requests; cluster {res['cluster']} (host policy "
-            f"{res['host_policy']})\n" + render_table(rows, head) + "\n" + res["note"])
+            f"{res['host_policy']}{keys})\n" + render_table(rows, head) + "\n" + res["note"])
 
 
 def run(args: argparse.Namespace) -> int:
-    stray = [o for o, v in (("--trace", args.trace), ("--chat-sessions", args.chat_sessions)) if v is not None]
+    stray = [o for o, v in (("--trace", args.trace), ("--chat-sessions", args.chat_sessions),
+                            ("--without-session-keys", args.without_session_keys or None)) if v is not None]
     if stray and not args.compare:
         print(f"error: bench route: {' and '.join(stray)} appl{'y' if len(stray) > 1 else 'ies'} to --compare CLUSTER_YAML", file=sys.stderr)
         return 2
     if args.compare:
         try:
-            res = compare(args.compare, args.trace, args.chat_sessions)
+            res = compare(args.compare, args.trace, args.chat_sessions, session_keys=not args.without_session_keys)
         except ValueError as exc:
             print(f"error: bench route: {exc}", file=sys.stderr)
             return 2

@@ -562,7 +562,8 @@ class HostTierScheduler:
         the load fails that load, which recomputes; one added is found at the next probe."""
         now = time.monotonic()
         last = count.l3_answer
-        if last is not None and last[:2] == (first, len(asked)) and now - last[3] < STORE_ANSWER_REUSE_S:
+        if (last is not None and last[:2] == (first, len(asked)) and now - last[3] < STORE_ANSWER_REUSE_S
+                and self.l3.chain.stopped is None):
             return last[2]
         answer = self.l3.chain.probe(asked)
         count.l3_answer = (first, len(asked), answer, now) if answer is not None else None

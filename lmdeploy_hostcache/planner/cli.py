@@ -765,6 +765,9 @@ def _run_sweep(args, trace, prepared, sizing, cost, gpu_blocks, host_blocks, hea
     elif rec is None:
         print(f"recommended {tier} size: none: every swept point has requests longer than the GPU tier; give the "
               "GPU tier more blocks")
+    elif len(eligible) < 2 and len(points) > 1:
+        print(f"recommended {tier} size: none: only the largest size swept ({rec:g} {unit}) has no request longer "
+              "than the GPU tier, so there is nothing to compare it with; sweep larger sizes (--sweep-values)")
     else:
         print(f"recommended {tier} size: none: not saturated: the hit rate still grows at the largest size swept "
               f"({max(values_swept):g} {unit}, more than 0.01 above every smaller point"

@@ -252,7 +252,7 @@ def check_bookkeeping(engine) -> dict[str, int]:
     from .harness.host_tier import scheduler_side, worker_side
 
     side = scheduler_side(engine)
-    maps = ('_chains', '_plans', '_holds', '_counted_lookup', '_failed_turns', '_owed_results', '_pending_loads',
+    maps = ('_chains', '_plans', '_holds', '_counted_lookup', '_failed_turns', '_host_only_turns', '_owed_results', '_pending_loads',
             '_inflight_loads', '_pending_demotions', '_inflight_demotions', '_pending_demote_gpu')
     for name in maps:
         left = getattr(side, name, None)

@@ -294,3 +294,16 @@ def test_a_request_that_cannot_be_admitted_asks_the_store_once_a_second(monkeypa
     got = _l3(rig)
     assert (got["lookups"], got["lookup_blocks"], got["hit_blocks"]) == (1, 4, 4), got
     side.check_balanced()
+
+
+def test_a_stored_answer_is_not_reused_once_the_store_tier_stopped():
+    """A store tier stopped meanwhile (e.g. a weights update in place) answers nothing: the turn's cached answer
+    is not reused for it, so no store blocks are planned that the stage would then refuse."""
+    rig, toks = _store_rig()
+    _, c = rig.add(toks + [5, 5])
+    side = rig.side
+    assert side.get_num_new_matched_tokens(c, 0)[1]
+    side._release_all_holds()
+    side.l3.chain.stop("weights updated")
+    assert side.get_num_new_matched_tokens(c, 0) == (0, False)
+    side.check_balanced()

@@ -216,6 +216,9 @@ def test_a_gpu_sweep_never_recommends_a_size_with_requests_longer_than_the_gpu_t
     assert "recommended gpu size: 3 blocks" in out
     rc, out, _ = _run(capsys, [*argv, "--sweep-values", "1"])
     assert "recommended gpu size: none: every swept point has requests longer than the GPU tier" in out
+    rc, out, _ = _run(capsys, [*argv, "--sweep-values", "1,2"])   # the curve falls: no "still grows" claim
+    assert "none: only the largest size swept (2 blocks) has no request longer than the GPU tier" in out
+    assert "still grows" not in out
     # a host sweep keeps its fixed GPU tier at every point: it still recommends, and says what the GPU size does
     rc, out, _ = _run(capsys, [str(trace), "--sweep", "--gpu-blocks", "1", "--host-blocks", "2",
                                "--sweep-values", "0,1,2,4", "--plot", str(tmp_path / "s.png")])

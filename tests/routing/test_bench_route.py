@@ -134,3 +134,35 @@ def test_bench_route_compare_reads_traces_as_plan_does(tmp_path):
     assert "warning:" in p.stderr and "cut.jsonl" in p.stderr
     p = _run("--trace", str(cut))
     assert p.returncode == 2 and "--compare" in p.stderr
+
+
+def test_bench_route_compare_without_session_keys_and_weka_stagger(tmp_path, monkeypatch):
+    """``--without-session-keys`` replays every request as one whose client sent no key (the chat generator's
+    requests carry one); a trace is read with plan's 60 s stagger (merged WEKA sessions), so the two read alike."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from lmdeploy_hostcache.bench import route
+    from lmdeploy_hostcache.planner import traces
+    from lmdeploy_hostcache.planner.cli import DEFAULT_STAGGER_S
+
+    yaml = str(Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml")
+    p = _run("--compare", yaml, "--chat-sessions", "12", "--without-session-keys", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["session_keys"] is False
+    p = _run("--compare", yaml, "--chat-sessions", "12")
+    assert p.returncode == 0 and "no session keys" not in p.stdout
+    p = _run("--without-session-keys")
+    assert p.returncode == 2 and "--compare" in p.stderr
+    folder = tmp_path / "weka"
+    folder.mkdir()
+    for k in range(2):
+        (folder / f"s{k}.json").write_text(json.dumps({"block_size": 64, "requests": [
+            {"t": float(t), "type": "n", "in": 64 * (3 + t), "out": 8, "hash_ids": list(range(3 + t))}
+            for t in range(3)]}))
+    staggers, real = [], traces.read_traces
+    monkeypatch.setattr(traces, "read_traces", lambda *a, **k: staggers.append(k.get("stagger_s")) or real(*a, **k))
+    with contextlib.redirect_stderr(io.StringIO()):
+        res = route.compare(yaml, str(folder))
+    assert res["requests"] == 6 and staggers == [DEFAULT_STAGGER_S]
