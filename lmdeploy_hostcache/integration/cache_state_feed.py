@@ -7,10 +7,12 @@ engine's scheduler-side connector (``HostTierScheduler``):
   it becomes RESIDENT and withdraws it when it leaves the index;
 * **GPU tier**: LMDeploy's ``BlockTrie`` publishes no events, so the feed makes its own: a
   finished request's trie path is published (``on_request_finished``, from the connector's
-  ``request_finished``), an evicted leaf is withdrawn (``on_gpu_evict``, chained after the
-  connector's eviction observer), and ``on_step`` (once per engine step) reconciles the published
-  set with the trie, which corrects anything the events missed (a running request's blocks, a leaf
-  that left unobserved, a cleared trie).  The reconciliation is a pass started at most every
+  ``request_finished``), so are the blocks running requests added since the last step
+  (``on_running``, from ``build_connector_meta``: each request's path up to its first published
+  block), an evicted leaf is withdrawn (``on_gpu_evict``, chained after the connector's eviction
+  observer), and ``on_step`` (once per engine step) reconciles the published set with the trie,
+  which corrects anything the events missed (a leaf that left unobserved, a cleared trie, a path
+  the events did not reach).  The reconciliation is a pass started at most every
   ``gpu_refresh_s`` seconds and spread over steps, ``walk_budget`` units per step at most whatever
   the trie's size: it walks the trie (one unit per node visited), publishing each attached node
   not yet published and confirming each published one, then withdraws what was published before
@@ -206,34 +208,55 @@ class NodeCacheFeed:
     def on_request_finished(self, seq) -> None:
         """Publish the finished request's trie path (scheduler thread): its deepest trie node and
         every unpublished ancestor, so a conversation's latest blocks are visible right away."""
-        if not self.enabled or sequence_salt(seq):  # a salted path: no proxy could match its ids
+        if not self.enabled:
             return
         try:
-            node = getattr(getattr(seq, "prefix_cache", None), "trie_cursor", None)
-            gpu, cur = self._gpu, self._pass
-            new = []
-            while node is not None and node.parent is not None and node.block_id >= 0 and node.is_attached():
-                if node.adapter_name:
-                    return
-                d = self.side.node_digest(node)
-                if d is None:
-                    break
-                m = gpu.get(d)
-                if m == cur:             # published, and found in the trie by this pass (so are its ancestors)
-                    break
-                if m is None:
-                    new.append(d)
-                else:                    # published, and attached: found now
-                    gpu[d] = cur
-                    self._stale -= 1
-                node = node.parent
-            if new:
-                with self.lock:
-                    for d in reversed(new):
-                        gpu[d] = cur
-                        self.publisher.stored(GPU, d)
+            self._publish_path(seq, confirm=True)
         except Exception as exc:
             self._disable(exc)
+
+    def on_running(self, seqs) -> None:
+        """Publish the trie nodes the running requests added since the last step (scheduler thread, once per
+        step): from each one's deepest trie node up to the first node already published, so a running
+        request's blocks are visible at once, not only by the end of the next pass. O(running requests +
+        new blocks)."""
+        if not self.enabled:
+            return
+        try:
+            for seq in seqs:
+                self._publish_path(seq, confirm=False)
+        except Exception as exc:
+            self._disable(exc)
+
+    def _publish_path(self, seq, confirm: bool) -> None:
+        """Publish ``seq``'s unpublished trie path, deepest node first found. It stops at the first node
+        found by the current pass, or with ``confirm`` False at the first published one; with ``confirm``
+        a published node on the way is marked found by this pass (it is attached now)."""
+        if sequence_salt(seq):   # a salted path: no proxy could match its ids
+            return
+        node = getattr(getattr(seq, "prefix_cache", None), "trie_cursor", None)
+        gpu, cur = self._gpu, self._pass
+        new = []
+        while node is not None and node.parent is not None and node.block_id >= 0 and node.is_attached():
+            if node.adapter_name:
+                return
+            d = self.side.node_digest(node)
+            if d is None:
+                break
+            m = gpu.get(d)
+            if m == cur or (m is not None and not confirm):   # its ancestors are published too
+                break
+            if m is None:
+                new.append(d)
+            else:                    # published, and attached: found now
+                gpu[d] = cur
+                self._stale -= 1
+            node = node.parent
+        if new:
+            with self.lock:
+                for d in reversed(new):
+                    gpu[d] = cur
+                    self.publisher.stored(GPU, d)
 
     def on_gpu_evict(self, leaf, gpu_block: int) -> None:
         """Chained after the connector's eviction observer: the leaf leaves the GPU tier."""

@@ -666,6 +666,7 @@ class HostTierScheduler:
     # -- per-step plan -----------------------------------------------------------------------
     def build_connector_meta(self, step_input: KVConnectorStepInput) -> HostTierMetadata | None:
         if self.feed is not None:  # the routing feed's GPU-tier refresh (cache_state_feed.py)
+            self.feed.on_running(getattr(step_input, "running", None) or ())
             self.feed.on_step()
         self._release_all_holds()   # this scheduling pass is over: loads it started hold their own pins
         demotions = tuple((gpu, slot) for _, gpu, slot in self._pending_demotions)

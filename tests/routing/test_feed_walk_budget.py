@@ -277,3 +277,31 @@ def test_a_read_encodes_its_answer_without_the_lock(monkeypatch):
     assert feed.poll(expected_events["epoch"], expected_events["seq"])["seq"] == feed.publisher.seq
     assert feed.poll("another-epoch", since)["snapshot"] == expected_snapshot["snapshot"]
     assert csf.NodeCacheFeed.poll is not routing_feed.FeedPublisher.poll
+
+
+def test_running_requests_blocks_are_published_at_the_next_step_not_the_next_pass():
+    """``on_running`` (the connector calls it with the step's running requests before ``on_step``): a running
+    request's trie blocks are published at once, walking up only to the first block already published, while
+    no reconciliation pass runs (it would take trie blocks / walk_budget steps to reach them)."""
+    engine = Engine(gpu_blocks=256)
+    rng = np.random.default_rng(5)
+    _fill(engine, rng, requests=6, blocks=6)
+    feed = NodeCacheFeed(engine.side, engine.trie, 256, walk_budget=1 << 20, gpu_refresh_s=3600.0)
+    feed.on_step()                                   # one whole pass now, none for an hour
+    assert feed.publisher.contents()[GPU] == engine.truth()
+    prefix = rng.integers(0, 30000, size=3 * BS)
+    assert engine.start(np.concatenate([prefix, rng.integers(0, 30000, size=5 * BS + 1)]))
+    counter = Counter(engine.side)
+    feed.on_running(list(engine.running.values()))
+    feed.on_step()                                   # no pass: nothing else publishes
+    assert feed.publisher.contents()[GPU] == engine.truth()
+    first = counter.calls
+    assert 0 < first <= 9, "the new path up to its first published block, no more"
+    counter.calls = 0
+    feed.on_running(list(engine.running.values()))   # nothing new: one lookup per running request
+    assert counter.calls == len(engine.running)
+    # a second request shares the first one's prefix: only its own new blocks are walked
+    assert engine.start(np.concatenate([prefix, rng.integers(0, 30000, size=2 * BS + 1)]))
+    counter.calls = 0
+    feed.on_running([engine.running[max(engine.running)]])
+    assert feed.publisher.contents()[GPU] == engine.truth() and counter.calls <= 3 + 1
