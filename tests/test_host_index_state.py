@@ -966,3 +966,35 @@ def test_a_corrupt_block_leaves_with_its_subtree_and_is_stored_again_afresh(keep
     idx.complete_store(b, True)
     assert idx.lookup([a, b], tokens[:2], parent=ns.root) == 2
     idx.check_invariants()
+
+
+@pytest.mark.parametrize("policy", sorted(eviction.POLICIES))
+def test_hold_chain_protects_the_whole_hit_with_a_few_pins(policy):
+    """A lookup's hit is held by pinning only the blocks that could leave while the rest stays (the deepest
+    one, kept restores and the blocks just above them): every slot taken afterwards by stores, all kept copies
+    reclaimable and every candidate evictable, the hit is still whole, and it loads."""
+    ns = Namespace(model="test/hold", block_size=2)
+    hit, tokens = chain_digests(ns, [1, 2] * 6)                 # six blocks
+    branch, tbranch = chain_digests(ns, [1, 2] * 6 + [9, 9])    # a seventh block under the last one
+    idx = HostIndex(12, policy=policy, keep_restored=True)
+    _stored(idx, [(d, p, t) for d, p, t in zip(hit, (ns.root, *hit[:-1]), tokens)])
+    _stored(idx, [(branch[6], hit[5], tbranch[6])])
+    idx.prepare_load([hit[2]])                                   # block 2 restored once: a kept restore
+    idx.complete_load([hit[2]], True)
+    assert idx.get(hit[2]).on_gpu and idx.get(hit[1]).candidate, "its parent no longer counts it as a child"
+    pinned = idx.hold_chain(hit)
+    assert set(pinned) == {hit[1], hit[2], hit[5]}, "the block above the kept one, the kept one, the deepest"
+    others = chain_digests(ns, [7, 7] * 12)
+    stored = 0
+    for d, p, t in zip(others[0], (ns.root, *others[0][:-1]), others[1]):   # fill every slot it can take
+        if idx.prepare_store(d, p, t) is None:
+            break
+        idx.complete_store(d, True)
+        stored += 1
+    assert stored >= 12 - len(hit)
+    idx.evict(12)
+    assert idx.lookup(hit, tokens) == len(hit), "a block of the held hit left the host tier"
+    idx.release(pinned)
+    assert len(idx.prepare_load(hit)) == len(hit)
+    idx.complete_load(hit, True)
+    idx.check_invariants()

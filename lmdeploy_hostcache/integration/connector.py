@@ -322,7 +322,7 @@ class HostTierScheduler:
         self._plans: dict[int, _LookupPlan] = {}
         # request -> digests of its lookup's host hit, held (pinned) until its load starts or
         # this scheduling pass ends (build_connector_meta): see _hold_hit
-        self._holds: dict[int, tuple[int, ...]] = {}
+        self._holds: dict[int, tuple[tuple[int, ...], int]] = {}   # request -> (pinned digests, hit blocks counted)
         self._held_blocks = 0
         # request -> what its current turn already counted (each block once per turn: _count_lookup)
         self._counted_lookup: dict[int, _TurnCount] = {}
@@ -600,15 +600,18 @@ class HostTierScheduler:
         could not be admitted looks up again on its next attempt.
         """
         if digests and self._held_blocks + len(digests) <= self.num_slots // 2:   # always, by the above
-            self.index.hold(digests)
-            self._holds[req] = digests
+            # the whole hit counts against the budget; only the blocks that could leave are pinned
+            # (``hold_chain``: the deepest one and kept restores), so a request LMDeploy cannot admit yet
+            # does not pin and unpin its whole hit at every pass
+            self._holds[req] = (self.index.hold_chain(digests), len(digests))
             self._held_blocks += len(digests)
 
     def _release_hold(self, req: int) -> None:
-        digests = self._holds.pop(req, None)
-        if digests is not None:
-            self._held_blocks -= len(digests)
-            self.index.release(digests)
+        held = self._holds.pop(req, None)
+        if held is not None:
+            pinned, counted = held
+            self._held_blocks -= counted
+            self.index.release(pinned)
 
     def _release_all_holds(self) -> None:
         for req in list(self._holds):

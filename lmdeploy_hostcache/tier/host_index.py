@@ -289,8 +289,26 @@ class HostIndex:
             self._unqueue(b)
         self.stats.holds += len(blocks)
 
+    def hold_chain(self, digests: Sequence[int]) -> tuple[int, ...]:
+        """``hold`` a lookup's hit (a chain: each block the parent of the next) by pinning only the blocks
+        an eviction or a reclaim could take while the rest stays: the deepest one, every kept restore
+        (``on_gpu``: reclaimable, and detached from its parent) and every block whose next one is a kept
+        restore (its leaf-ness does not count that child). Every other block has its next one, held or
+        so protected, as a host-resident child, so it is no eviction candidate while they stay. Returns
+        the digests pinned (for ``release``); O(len(digests)) attribute reads, O(1) pins for a plain hit.
+        Raises KeyError (pinning nothing) if any block is not RESIDENT."""
+        blocks = self._resident_blocks(digests, "hold")
+        last = len(blocks) - 1
+        pick = [b for j, b in enumerate(blocks) if j == last or b.on_gpu or blocks[j + 1].on_gpu]
+        for b in pick:
+            self.allocator.pin(b.slot)
+            self._unqueue(b)
+        self.stats.holds += len(pick)
+        return tuple(b.digest for b in pick)
+
     def release(self, digests: Sequence[int]) -> None:
-        """Undo ``hold``: unpin; a block doomed meanwhile is freed at its last unpin."""
+        """Undo ``hold`` (or ``hold_chain``, given what it returned): unpin; a block doomed meanwhile is
+        freed at its last unpin."""
         for d in digests:
             b = self._blocks.get(d)
             if b is None:

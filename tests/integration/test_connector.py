@@ -609,7 +609,7 @@ def _evict_storm_during_admission(side, seen=None):
     def evict_then_alloc(request, block_ids, n):
         if seen is not None:
             seen.append({r: tuple(side.index.allocator.pins(side.index.get(d).slot) for d in ds)
-                         for r, ds in side._holds.items()})
+                         for r, (ds, _) in side._holds.items()})
         side.index.evict(side.num_slots)
         return real(request, block_ids, n)
 
@@ -681,7 +681,7 @@ def test_a_hold_ends_with_its_scheduling_pass(monkeypatch):
     sid, c = rig.add(a_tokens[:16] + [5, 5, 5])
     running, meta = rig.step()
     assert running == [] and c.status == MessageStatus.WAITING and not (meta and meta.loads)
-    assert seen and all(len(h.get(c.seq_id, ())) == 1 for h in seen)   # held during the pass
+    assert seen and all(len(h.get(c.seq_id, ((), 0))[0]) == 1 for h in seen)   # held during the pass
     assert not side._holds and side._held_blocks == 0                     # released at its end
     side.check_balanced()
     monkeypatch.undo()
