@@ -588,8 +588,9 @@ class HostTierScheduler:
             self._orphans_counted = orphaned
 
     def _hold_hit(self, req: int, digests: tuple[int, ...]) -> None:
-        """Pin a lookup's host hit until its load starts (``update_state_after_alloc``) or this
-        scheduling pass ends (``build_connector_meta``), whichever comes first.
+        """Hold a lookup's host hit until its load starts (``update_state_after_alloc``) or this
+        scheduling pass ends (``build_connector_meta``), whichever comes first: ``HostIndex.hold_chain``
+        pins the blocks that could leave meanwhile, which keeps the whole hit.
 
         LMDeploy makes GPU room for the request between the lookup and the allocation; the blocks
         it evicts are demoted, and in a small host tier whose other blocks are all in flight
