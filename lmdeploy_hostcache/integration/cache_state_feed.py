@@ -244,7 +244,10 @@ class NodeCacheFeed:
             if d is None:
                 break
             m = gpu.get(d)
-            if m == cur or (m is not None and not confirm):   # its ancestors are published too
+            # its ancestors are published too: every node that leaves the trie is reported (on_gpu_evict; in
+            # LMDeploy 0.18 only KVBlockLifecycle detaches leaves, through the observer). Were one to leave
+            # unreported and come back, its ancestors would be published again by the end of the next pass.
+            if m == cur or (m is not None and not confirm):
                 break
             if m is None:
                 new.append(d)

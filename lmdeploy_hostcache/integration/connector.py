@@ -28,8 +28,8 @@ the request's trie cursor, so a GPU-matched prefix is not hashed again) from blo
 ``n // block_size`` are looked up (``HostIndex.lookup``, exact token check); the hit is clamped
 like LMDeploy's own match (multimodal boundary, recompute overlap, never the last token) and
 dropped when it saves fewer than ``min_restore_tokens`` tokens. The lookup is synchronous:
-never ``None``. The hit is touched and *held* (``HostIndex.hold``: pinned, at most half the slots
-over all holds) until its load starts or the scheduling pass ends (``build_connector_meta``), so
+never ``None``. The hit is touched and *held* (``HostIndex.hold_chain``: the blocks that could leave
+pinned, at most half the slots counted over all holds) until its load starts or the scheduling pass ends (``build_connector_meta``), so
 the demotions LMDeploy makes while it finds GPU room for this very request cannot evict it.
 LMDeploy then allocates destinations and calls ``update_state_after_alloc``:
 ``prepare_load`` pins the slots (the hold is released); the load ships in the next metadata; the request waits in
@@ -713,6 +713,9 @@ class HostTierScheduler:
 
     # -- completions -------------------------------------------------------------------------
     def update_connector_output(self, connector_output: KVConnectorOutput) -> KVConnectorResult:
+        # holds end with their scheduling pass (build_connector_meta), always before this in LMDeploy 0.18; a
+        # load completed here could make a held block a kept restore, which hold_chain does not pin
+        self._release_all_holds()
         invalid = set(connector_output.invalid_block_ids or ())
         resets = [s for s in map(pool_reset_step, invalid) if s is not None]
         if resets:

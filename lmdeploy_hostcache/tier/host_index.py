@@ -296,7 +296,14 @@ class HostIndex:
         restore (its leaf-ness does not count that child). Every other block has its next one, held or
         so protected, as a host-resident child, so it is no eviction candidate while they stay. Returns
         the digests pinned (for ``release``); O(len(digests)) attribute reads, O(1) pins for a plain hit.
-        Raises KeyError (pinning nothing) if any block is not RESIDENT."""
+        Raises KeyError (pinning nothing) if any block is not RESIDENT.
+
+        Only while no block of the hit becomes a kept restore: a successful ``complete_load`` with
+        ``keep_restored`` would detach an unpinned block from its parent. The connector holds a hit within
+        one scheduling pass, and loads complete only in ``update_connector_output``, after it (LMDeploy
+        0.18's engine loop; the connector releases any hold left when that runs). A doom
+        (``drop_subtree``) frees a held hit's unpinned tail at once; ``hold`` would keep it until
+        ``release``: either way that load fails and its turn recomputes."""
         blocks = self._resident_blocks(digests, "hold")
         last = len(blocks) - 1
         pick = [b for j, b in enumerate(blocks) if j == last or b.on_gpu or blocks[j + 1].on_gpu]
