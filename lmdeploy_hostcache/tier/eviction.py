@@ -151,6 +151,11 @@ class _LazyHeap:
         return heapq.heappop(heap)[2] if heap is not None else None
 
 
+def _access_time(block: "HostBlock") -> int:
+    """A block's up-to-date heap key in the recency-ordered policies (``_LazyHeap.current``)."""
+    return block.last_access
+
+
 class LRUPolicy(EvictionPolicy):
     """Least recently used leaf first (what LMDeploy's BlockTrie does on the GPU).
 
@@ -165,7 +170,7 @@ class LRUPolicy(EvictionPolicy):
     name = "lru"
 
     def __init__(self) -> None:
-        self._heap = _LazyHeap(lambda key, b: b.candidate, current=lambda b: b.last_access)
+        self._heap = _LazyHeap(lambda key, b: b.candidate, current=_access_time)
 
     def add_candidate(self, block: "HostBlock") -> None:
         self._heap.add(block.last_access, block)
@@ -229,10 +234,13 @@ class TreeARCPolicy(EvictionPolicy):
         self._now = 0
 
         def valid(key: int, block: "HostBlock", seg: int) -> bool:
-            return block.candidate and block.pdata.seg == seg and key == block.last_access
+            return block.candidate and block.pdata.seg == seg
 
-        self._heaps = (None, _LazyHeap(lambda k, b: valid(k, b, 1)),
-                       _LazyHeap(lambda k, b: valid(k, b, 2)))
+        # as LRUPolicy: an entry may lag its block's access time (re-keyed at the top), so an access
+        # within a segment pushes nothing; only a move from T1 to T2 pushes one entry
+        current = _access_time
+        self._heaps = (None, _LazyHeap(lambda k, b: valid(k, b, 1), current),
+                       _LazyHeap(lambda k, b: valid(k, b, 2), current))
 
     def on_insert(self, block: "HostBlock") -> None:
         self._now = block.last_access
@@ -259,11 +267,10 @@ class TreeARCPolicy(EvictionPolicy):
             m.seg = 2
             self._n[1] -= 1
             self._n[2] += 1
-            if block.candidate:  # its T1 heap entry goes stale; the live count moves with it
+            if block.candidate:  # its T1 heap entry goes stale; the live count and the block move to T2
                 self._heaps[1].live -= 1
                 self._heaps[2].live += 1
-        if block.candidate:
-            self._heaps[m.seg].push(block.last_access, block)
+                self._heaps[2].push(block.last_access, block)
 
     def add_candidate(self, block: "HostBlock") -> None:
         self._heaps[block.pdata.seg].add(block.last_access, block)
