@@ -237,25 +237,21 @@ def compare(yaml_path: str, trace_path: str | None, chat_sessions: int | None = 
     without ``session_keys``, no request carries the session key its client would send."""
     import dataclasses
 
+    from ..planner.cli import DEFAULT_STAGGER_S, bundled_trace_path
     from ..planner.cluster import ROUTING_POLICIES, load_cluster, simulate_cluster
     from ..planner.geometry import BlockSizing
     from ..planner.replay import prepare_trace, replay, resolve_min_restore
-    from ..planner.cli import DEFAULT_STAGGER_S
     from ..planner.traces import read_traces, trace_warnings
 
+    if chat_sessions is not None and trace_path is not None:
+        raise ValueError("--chat-sessions replays the chat generator; do not also give --trace")
+    spec = load_cluster(yaml_path)
     if chat_sessions is not None:
         from ..planner.generator import ChatWorkload, generate_chat
 
-        if trace_path is not None:
-            raise ValueError("--chat-sessions replays the chat generator; do not also give --trace")
-        spec = load_cluster(yaml_path)
         trace = generate_chat(ChatWorkload(sessions=chat_sessions))
     else:
-        if trace_path is None:
-            from ..planner.cli import bundled_trace_path
-
-            trace_path = str(bundled_trace_path())
-        spec = load_cluster(yaml_path)
+        trace_path = trace_path or str(bundled_trace_path())
         # as `plan` reads it: captures, Mooncake layout, WEKA sessions (merged ones staggered as plan does)
         trace = read_traces([trace_path], stagger_s=DEFAULT_STAGGER_S)
         if not trace.requests:
