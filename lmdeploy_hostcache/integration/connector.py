@@ -29,7 +29,8 @@ the request's trie cursor, so a GPU-matched prefix is not hashed again) from blo
 like LMDeploy's own match (multimodal boundary, recompute overlap, never the last token) and
 dropped when it saves fewer than ``min_restore_tokens`` tokens. The lookup is synchronous:
 never ``None``. The hit is touched and *held* (``HostIndex.hold_chain``: the blocks that could leave
-pinned, at most half the slots counted over all holds) until its load starts or the scheduling pass ends (``build_connector_meta``), so
+pinned, at most half the slots counted over all holds) until its load starts or the scheduling pass
+ends (``build_connector_meta``), so
 the demotions LMDeploy makes while it finds GPU room for this very request cannot evict it.
 LMDeploy then allocates destinations and calls ``update_state_after_alloc``:
 ``prepare_load`` pins the slots (the hold is released); the load ships in the next metadata; the request waits in
@@ -800,8 +801,8 @@ class HostTierScheduler:
             if load.staged:  # restored: the staged blocks end as restored host blocks; else their slots are freed
                 if success:
                     self.l3.chain.finish_restored(load.staged[0])
-                else:   # staged on every rank but the load was cancelled: the slots hold the verified store bytes
-                    self.l3.chain.finish(load.staged[0], bool(copied))
+                else:   # copied (every rank staged it; the load was cancelled): the slots hold verified store
+                    self.l3.chain.finish(load.staged[0], bool(copied))   # bytes and stay; else they are freed
                 k = len(load.staged[0])
                 if copied:
                     self.l3.metrics.add(get_blocks=k, bytes_from_l3=k * self.block_transfer_bytes)
