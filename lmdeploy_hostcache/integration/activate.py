@@ -420,7 +420,13 @@ AGENT_MODULE = "lmdeploy.pytorch.engine.model_agent.agent"
 
 class _StepTracker:
     """The forward steps of one ``BaseModelAgent`` in flight (its background loop runs them one at a
-    time, in the agent's event loop), and a way to wait until none is."""
+    time, in the agent's event loop), and a way to wait until none is.
+
+    The wait has no deadline: the connector cannot be shut down under a step that still runs (that
+    is the crash the wait prevents), so a forward that never ends keeps sleep waiting.  It is not
+    silent: every ``SLOW_STEP_WARN_S`` seconds of waiting logs one warning naming the wait."""
+
+    SLOW_STEP_WARN_S = 30.0
 
     __slots__ = ("running", "_idle")
 
@@ -439,10 +445,17 @@ class _StepTracker:
     async def wait_idle(self) -> None:
         import asyncio
 
+        waited = 0.0
         while self.running > 0:
             if self._idle is None or self._idle.is_set():   # one event every waiter shares (two sleeps at once)
                 self._idle = asyncio.Event()   # created in the waiting (the agent's) loop
-            await self._idle.wait()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.SLOW_STEP_WARN_S)
+            except asyncio.TimeoutError:
+                waited += self.SLOW_STEP_WARN_S
+                _logger().warning("lmdeploy-hostcache: sleep has waited %.0f s for the forward step still "
+                                  "executing; the KV connector is shut down when it ends (a forward that "
+                                  "never ends keeps sleep waiting)", waited)
 
 
 def _step_tracker(agent) -> _StepTracker:

@@ -179,3 +179,21 @@ def test_two_sleeps_at_once_both_return_when_the_step_ends(active, agent_cls):
         return first.done(), second.done()
 
     assert asyncio.run(scenario()) == (True, True)
+
+
+def test_a_sleep_waiting_for_a_slow_step_says_so_and_still_waits(active, monkeypatch, caplog):
+    monkeypatch.setattr(active._StepTracker, "SLOW_STEP_WARN_S", 0.05)
+    tracker = active._StepTracker()
+
+    async def scenario():
+        tracker.enter()                      # a forward that takes longer than the warning interval
+        waiter = asyncio.ensure_future(tracker.wait_idle())
+        await asyncio.sleep(0.18)
+        assert not waiter.done()             # no deadline: the connector must not close under the step
+        tracker.exit()
+        await asyncio.wait_for(waiter, 5)
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if "sleep has waited" in r.getMessage()]
+    assert len(warnings) >= 2 and "0 s for the forward step still executing" in warnings[0], warnings
