@@ -586,8 +586,17 @@ class HostTierWorker:
             try:
                 engine.wait_all()
                 results = engine.poll()
+            except Exception as exc:   # noqa: BLE001 - never into LMDeploy's sleep or close: it would stop half-way
+                self.engine_retired = f"{type(exc).__name__}: {exc}"
+                logger.error("host tier rank %d: draining the copy engine at shutdown failed (%s); its %d copy op(s) "
+                             "in flight are reported failed and the host pool is released", self.tp_rank,
+                             self.engine_retired, len(self._ops), exc_info=True)
             finally:
-                engine.close()
+                try:
+                    engine.close()
+                except Exception as exc:   # noqa: BLE001
+                    logger.error("host tier rank %d: closing the copy engine failed (%s: %s)", self.tp_rank,
+                                 type(exc).__name__, exc)
         done, failed, loaded, load_failed = set(), set(), set(), set()
         for res in results:
             op = self._ops.pop(res.op_id, None)
@@ -600,6 +609,10 @@ class HostTierWorker:
             op = self._ops.pop(op_id, None)
             if op is not None and op.demotion_batch is not None:
                 failed.add(op.demotion_batch)
+        for op in self._ops.values():   # not drained (the drain raised, or a retired engine): failed
+            if op.demotion_batch is not None:
+                failed.add(op.demotion_batch)
+            load_failed.update(op.request_ids)
         self.last_drain = DrainReport(tuple(sorted(done)), tuple(sorted(failed)), tuple(sorted(loaded)),
                                       tuple(sorted(load_failed)))
         if results or failed:

@@ -650,6 +650,31 @@ def test_a_copy_engine_whose_wait_also_raises_is_retired(monkeypatch):
     assert ws.last_drain.completed_batches == () and ws.num_inflight == 0
 
 
+@pytest.mark.parametrize("fails", ["wait_all", "poll", "close"])
+def test_a_copy_engine_fault_at_shutdown_never_reaches_lmdeploy(monkeypatch, fails):
+    """Sleep and close shut every worker down (``BaseModelAgent.shutdown_kv_connector``): a drain that
+    raises there (a device error in ``wait_all``/``poll``, or in ``close``) is logged, the ops in
+    flight are reported failed in ``last_drain``, and the pool is still released; nothing escapes into
+    LMDeploy, which would stop its sleep half-way (cache engine kept, the scheduler's drain hook never
+    run) or leave the other ranks' connectors open at close."""
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache, delay_polls=5)
+    ws = w.worker_side
+    w.bind_connector_metadata(HostTierMetadata(step=1, demotion_batch=0, demotions=((4, 1),)))
+    w.start_load_kv()
+    w.get_finished()
+    w.clear_connector_metadata()
+    assert ws.num_inflight == 1
+    monkeypatch.setattr(ws.engine, fails, _failing)
+    w.shutdown()                                       # does not raise
+    assert ws.pool is None and ws.num_inflight == 0 and ws.engine is None
+    if fails == "close":                               # drained before the close failed
+        assert ws.last_drain.completed_batches == (0,) and ws.engine_retired is None
+    else:
+        assert ws.last_drain.failed_batches == (0,) and ws.engine_retired is not None
+
+
 def test_refused_loads_are_kept_until_an_output_reports_them(monkeypatch):
     """A fault inside ``get_finished`` after the refused loads were read must not lose them: the next
     output still reports them (else their requests would wait for ever with their slots pinned)."""
