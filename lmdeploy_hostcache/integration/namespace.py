@@ -4,7 +4,11 @@ A host block may be reused only by a request that would have computed the very s
 Everything that changes those bytes for identical tokens enters the ``digest.Namespace``:
 
 * the model identity (``kv_connector_extra_config['model_identity']``, set by the activation
-  layer from the model path/revision; required, never guessed);
+  layer from the model path/revision; required, never guessed).  With the shared store tier
+  (``l3``) and weights the executor hook could name (``l3.weights_id``, or the checkpoint's
+  fingerprint: ``l3_tier.weights_name``), that name replaces the path: nodes that keep the same
+  weights under different paths (another home's hub cache, another mount) then compute the same
+  digests and share the store, while other weights still never share;
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
   the per-adapter roots of LMDeploy's BlockTrie);
 * the KV format: LMDeploy's ``quant_policy``, the KV dtype (``kv_dtype`` in the extra config, set
@@ -47,6 +51,18 @@ def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: st
     return base if host_kv_format == "same" else f"{base}>{host_kv_format}"
 
 
+def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
+    """The namespace's model field: ``weights:<name>`` when the store tier is on and the weights are
+    named (``l3.weights_id`` or the fingerprint), else the model identity (the resolved path)."""
+    identity = model_identity_from_extra(extra)
+    if hostcache.l3 is None:
+        return identity
+    from .l3_tier import weights_name   # noqa: PLC0415 -- l3_tier imports this module
+
+    name = weights_name(hostcache.l3, extra)
+    return "weights:" + name if name.startswith(("id:", "fp:")) else identity
+
+
 class NamespaceFactory:
     """One ``Namespace`` per adapter, all sharing model, KV format, block size and salt."""
 
@@ -66,7 +82,7 @@ class NamespaceFactory:
         if kv_dtype is not None and (not isinstance(kv_dtype, str) or not kv_dtype.strip()):
             raise ValueError(f"kv_connector_extra_config['kv_dtype'] must be a non-empty string, got {kv_dtype!r}")
         return cls(
-            model=model_identity_from_extra(extra),
+            model=_namespace_model(extra, hostcache),
             block_size=cache_config.block_size,
             kv_format=kv_format_name(cache_config.quant_policy, cache_config.kernel_block_size,
                                      hostcache.host_kv_format, kv_dtype),

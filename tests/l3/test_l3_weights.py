@@ -99,3 +99,42 @@ def test_a_stopped_chain_never_reads_or_writes_the_store():
     assert chain.take_write_backs() == []
     assert chain.lookup([1, 2], None) == 0 and len(asked) == 1, "no store read after the stop"
     assert chain.reserve([1], [ns.root], [b"t"]) is None and len(index) == 0
+
+
+def _engine_namespace(model_path, l3):
+    """The namespace a node's connector builds (``NamespaceFactory.from_cache_config``) after the
+    executor hook named the weights (``record_weights``), as at engine start-up."""
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.config import HostCacheConfig
+    from lmdeploy_hostcache.integration.engine_config import model_identity_from_path
+    from lmdeploy_hostcache.integration.l3_tier import record_weights
+    from lmdeploy_hostcache.integration.namespace import NamespaceFactory
+
+    hostcache = HostCacheConfig.from_dict({"l3": l3})
+    extra = {"model_identity": model_identity_from_path(str(model_path)), "kv_dtype": "bfloat16"}
+    if hostcache.l3 is not None:
+        record_weights(extra, hostcache.l3, None)
+    cache_config = SimpleNamespace(block_size=64, quant_policy=0, kernel_block_size=64,
+                                   kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
+    return NamespaceFactory.from_cache_config(cache_config, hostcache).for_adapter(None)
+
+
+@pytest.mark.parametrize("weights_id", ["", "commit-abc123"])
+def test_the_same_weights_under_two_paths_share_the_store(tmp_path, weights_id):
+    """Two nodes keep one checkpoint under different homes' hub caches: with the store tier on, the
+    weights name (fingerprint or weights_id), not the path, is the namespace's model, so both nodes
+    compute the same digests and store keys; other weights still get another namespace."""
+    snapshot = ".cache/huggingface/hub/models--org--m/snapshots/abc123"
+    a = _checkpoint(tmp_path / "root" / snapshot)
+    b = tmp_path / "svc" / snapshot
+    shutil.copytree(a, b)
+    l3 = {"master_address": "127.0.0.1:1", "weights_id": weights_id}
+    ns_a, ns_b = _engine_namespace(a, l3), _engine_namespace(b, l3)
+    assert ns_a == ns_b and ns_a.model.startswith("weights:")
+    assert StoreKeyspace(ns_a, weights="w").key(7) == StoreKeyspace(ns_b, weights="w").key(7)
+    if not weights_id:   # other bytes under the same path layout: another namespace
+        (b / "model-00002-of-00002.safetensors").write_bytes(bytes([1]) * 1000)
+        assert _engine_namespace(b, l3) != ns_a
+    # without the store tier the namespace stays per path (nothing outside the process reads it)
+    assert _engine_namespace(a, None).model == os.path.realpath(a) != _engine_namespace(b, None).model
