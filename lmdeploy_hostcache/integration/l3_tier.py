@@ -34,7 +34,7 @@ from ..l3 import objects
 from ..l3.backend import connect
 from ..l3.chain import SchedulerChain, WorkerChain
 from ..l3.client import buffer_need
-from ..l3.config import GIB
+from ..l3.config import GIB, MIN_SEGMENT_BYTES
 from ..l3.keys import StoreKeyspace
 from ..tier.metrics import L3TierMetrics
 from .namespace import NamespaceFactory
@@ -67,6 +67,20 @@ def check_local_buffer(cfg, block_size: int, slot_nbytes: int) -> None:
         f"rank is {obj} bytes (a host slot of {slot_nbytes} bytes, {block_size} token ids, the header) and "
         f"Mooncake's client buffer needs {need} bytes for it (its allocator rounds each object up); every put "
         f"and restore would fail. Set l3.local_buffer_gb to at least {min_gb:g}")])
+
+
+def check_segment_share(cfg, share: int) -> None:
+    """``ConfigError`` naming ``l3.global_segment_gb`` when each of the node's ``share`` clients (TP ranks x
+    DP engines) would contribute a segment Mooncake's setup refuses (under ``MIN_SEGMENT_BYTES``)."""
+    each = int(cfg.global_segment_gb / share * GIB)   # what the client's L3Config.global_segment_bytes will be
+    if each >= MIN_SEGMENT_BYTES:
+        return
+    min_gb = -(-share * MIN_SEGMENT_BYTES * 1000 // GIB) / 1000   # rounded up to the 0.001 GiB shown
+    raise ConfigError([FieldError(
+        "l3.global_segment_gb", cfg.global_segment_gb, f"at least {min_gb:g}",
+        f"each of this node's {share} store clients (TP ranks x data-parallel engines) contributes 1/{share} of "
+        f"it, {each} bytes, and Mooncake refuses a segment under "
+        f"{MIN_SEGMENT_BYTES // 2**20} MiB. Set l3.global_segment_gb to at least {min_gb:g}")])
 
 
 def _digest(value) -> str:
@@ -217,6 +231,7 @@ class WorkerL3:
         check_local_buffer(cfg, int(getattr(getattr(worker, "cache_config", None), "block_size", 0) or 0),
                            slot_nbytes)
         if share > 1:
+            check_segment_share(cfg, share)
             cfg = dataclasses.replace(cfg, global_segment_gb=cfg.global_segment_gb / share)
         client = connect(cfg, metrics=metrics, logger=logger)
         if client is None:

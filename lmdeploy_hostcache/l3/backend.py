@@ -86,9 +86,12 @@ def open_mooncake(config: L3Config, setup_timeout_s: float = 30.0) -> Any:
         raise L3Unavailable(f"l3: Mooncake Store setup with master {config.master_address} failed: "
                             f"{result['exc']}")
     if result.get("ret") != 0:
-        raise L3Unavailable(f"l3: cannot reach the Mooncake master at {config.master_address} "
+        raise L3Unavailable(f"l3: Mooncake Store setup with the master at {config.master_address} failed "
                             f"(setup returned {result.get('ret')}; metadata {config.metadata_server}, "
-                            f"protocol {config.protocol})")
+                            f"protocol {config.protocol}, segment {config.global_segment_bytes} bytes, buffer "
+                            f"{config.local_buffer_bytes} bytes): the master answered a TCP connect, so the "
+                            f"master refused this client or its transfer engine could not start; see "
+                            f"Mooncake's log above")
     return store
 
 

@@ -7,7 +7,8 @@ l3:
   metadata_server: P2PHANDSHAKE      # or http://host:port/metadata, etcd://host:port
   protocol: tcp                      # tcp | rdma
   local_hostname: 10.0.0.7           # this node's address as other nodes reach it
-  global_segment_gb: 16              # DRAM this node contributes to the shared pool
+  global_segment_gb: 16              # DRAM this node contributes to the shared pool (each of its TP x DP
+                                     # clients gives 1/(TP x DP); Mooncake refuses a client under 16 MiB)
   local_buffer_gb: 1                 # staging buffer of each client (one per TP rank); batches are split
                                      # to fit it, and it must hold one block's object (checked at start-up)
   weights_id: ""                     # e.g. a commit hash; "" = fingerprint the checkpoint (l3/weights.py)
@@ -18,7 +19,8 @@ Invariants: ``parse_l3_section`` returns ``None`` (no third tier) or a valid, fr
 ``l3.<field>`` (unknown keys with a did-you-mean); ``master_address`` is a bare ``host:port``
 (no scheme, no whitespace); ``to_dict`` round-trips through ``parse_l3_section``. No store is
 contacted here. Whether ``local_buffer_gb`` holds one block's object depends on the engine's slot
-size: the worker checks it at start-up (``integration/l3_tier.check_local_buffer``).
+size: the worker checks it at start-up (``integration/l3_tier.check_local_buffer``), and so does whether
+each client's share of ``global_segment_gb`` reaches ``MIN_SEGMENT_BYTES`` (``check_segment_share``).
 """
 from __future__ import annotations
 
@@ -138,6 +140,10 @@ def _hostname(v: Any) -> str:
 
 
 GIB_RANGE = (0.001, MAX_GIB)   # about 1 MiB to 1 PiB, the host-cache settings' own bound
+# Mooncake 0.3.13's setup refuses (status -600) a client whose global segment is under 16 MiB, whatever
+# its buffer; each TP rank's client of each DP engine contributes global_segment_gb / (TP x DP)
+# (integration/l3_tier.WorkerL3.build checks that share at start-up).
+MIN_SEGMENT_BYTES = 16 * 2**20
 
 
 def _gib(minimum: float, maximum: float):
@@ -176,7 +182,7 @@ _PARSERS = {
     "protocol": _choice(PROTOCOLS),
     "rdma_devices": _text,
     "local_hostname": _hostname,
-    "global_segment_gb": _gib(*GIB_RANGE),
+    "global_segment_gb": _gib(MIN_SEGMENT_BYTES / GIB, GIB_RANGE[1]),
     "local_buffer_gb": _gib(*GIB_RANGE),
     "timeout_ms": _timeout_ms,
     "write_policy": _choice(WRITE_POLICIES),

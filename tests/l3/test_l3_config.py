@@ -58,7 +58,8 @@ def test_missing_address_and_wrong_type():
 @pytest.mark.parametrize("field", ["global_segment_gb", "local_buffer_gb"])
 @pytest.mark.parametrize("value", [1e-12, 0, 1e300, float("inf"), "2e7"])
 def test_sizes_that_round_to_nothing_or_no_machine_has_are_refused_naming_the_field(field, value):
-    with pytest.raises(ConfigError, match=rf"l3\.{field}: .*GiB in \[0.001, 1.04858e\+06\]"):
+    low = "0.015625" if field == "global_segment_gb" else "0.001"   # Mooncake's 16 MiB segment floor
+    with pytest.raises(ConfigError, match=rf"l3\.{field}: .*GiB in \[{low}, 1.04858e\+06\]"):
         parse_l3_section({"master_address": "h:1", field: value})
 
 
@@ -94,3 +95,16 @@ def test_doctor_shows_the_memory_budget(tmp_path):
     assert "mem budget   host tier 2.0 GiB + L3 segment 1.0 GiB + L3 buffer 512.0 MiB = 3.5 GiB" in text
     assert "master 127.0.0.1:1" in text
     assert collect(None)["memory_budget"] is None
+
+
+def test_a_segment_mooncake_would_refuse_is_named_at_parse_and_per_client_at_start_up():
+    from lmdeploy_hostcache.integration.l3_tier import check_segment_share
+
+    with pytest.raises(ConfigError, match="l3.global_segment_gb"):
+        parse_l3_section({"master_address": "h:1", "global_segment_gb": 0.01})   # under 16 MiB for the node
+    cfg = parse_l3_section({"master_address": "h:1", "global_segment_gb": 0.1})
+    check_segment_share(cfg, 6)                  # 17 MiB each: accepted
+    with pytest.raises(ConfigError) as ei:       # TP 8: 12.8 MiB each, which Mooncake's setup refuses
+        check_segment_share(cfg, 8)
+    (err,) = ei.value.errors
+    assert err.field == "l3.global_segment_gb" and "8 store clients" in str(ei.value) and "at least 0.125" in str(ei.value)

@@ -280,3 +280,19 @@ def test_startup_policy_error_or_warn(caplog, master):
         assert c is not None and c.exists(["nothing-here"]) == [False]
     finally:
         c.close()
+
+
+def test_the_smallest_segment_mooncake_accepts_is_the_one_start_up_allows(master):
+    """``MIN_SEGMENT_BYTES`` is Mooncake's own floor: a client contributing it starts, one page less is
+    refused by setup, and that refusal is not reported as an unreachable master (it answered)."""
+    import dataclasses
+
+    from lmdeploy_hostcache.l3.backend import open_mooncake
+    from lmdeploy_hostcache.l3.config import GIB, MIN_SEGMENT_BYTES
+
+    base = parse_l3_section({"master_address": master.address, "local_buffer_gb": 1 / 64})
+    store = open_mooncake(dataclasses.replace(base, global_segment_gb=MIN_SEGMENT_BYTES / GIB), setup_timeout_s=20)
+    store.close()
+    with pytest.raises(L3Unavailable, match="setup returned") as ei:
+        open_mooncake(dataclasses.replace(base, global_segment_gb=(MIN_SEGMENT_BYTES - 4096) / GIB), setup_timeout_s=20)
+    assert "cannot reach" not in str(ei.value)
