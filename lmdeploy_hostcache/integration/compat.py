@@ -43,7 +43,8 @@ CONNECTOR_NAME = "HostTierConnector"
 # Keys our kv_connector_extra_config may carry (contract in docs/integration.md).
 EXTRA_CONFIG_KEYS = ("hostcache_config", "host_cache_blocks", "host_slot_bytes", "host_tensor_specs",
                      "model_identity", "kv_dtype", "weights_fingerprint", "hf_overrides_digest",
-                     "data_parallel", "dp_rank", "weight_format_digest", "companion_weights_fingerprint")
+                     "data_parallel", "dp_rank", "weight_format_digest", "companion_weights_fingerprint",
+                     "model_config_fingerprint")
 
 
 class UnsupportedConfiguration(ValueError):

@@ -102,13 +102,21 @@ def record_weights(extra: dict, cfg, hf_overrides, adapters=None, draft_model=No
     process and other nodes read it, so its keys name the weights and the settings that change what
     they compute. ``ValueError`` when a weight file cannot be read."""
     for key in ("weights_fingerprint", "hf_overrides_digest", "weight_format_digest",
-                "companion_weights_fingerprint"):
+                "companion_weights_fingerprint", "model_config_fingerprint"):
         extra.pop(key, None)   # an earlier run's, in a reused config
     if hf_overrides:
         extra["hf_overrides_digest"] = _digest(hf_overrides)
     if getattr(quant_config, "quant_method", None):
         extra["weight_format_digest"] = _digest(vars(quant_config))
     if cfg.weights_id:
+        from ..l3.weights import config_fingerprint
+
+        try:   # one id given to two models (another architecture or size) must not share their KV
+            config = config_fingerprint(extra.get("model_identity"))
+        except ValueError as exc:
+            raise ValueError(f"l3: cannot read the model's configuration for the store keys: {exc}") from None
+        if config is not None:
+            extra["model_config_fingerprint"] = config
         return
     from ..l3.weights import checkpoint_fingerprint
 
@@ -136,17 +144,18 @@ def record_weights(extra: dict, cfg, hf_overrides, adapters=None, draft_model=No
 
 
 def weights_name(cfg, extra) -> str:
-    """What names the weights in the store keys: ``l3.weights_id`` when set, else the checkpoint
-    fingerprint the executor hook put in the extra config (``weights_fingerprint``), else ""; then
-    the adapters' and draft model's fingerprint, the weights' quantization and the digest of LMDeploy's
+    """What names the weights in the store keys: ``l3.weights_id`` when set (with the fingerprint of the
+    model's configuration files, ``model_config_fingerprint``, when the model is a local folder), else
+    the checkpoint fingerprint the executor hook put in the extra config (``weights_fingerprint``), else
+    ""; then the adapters' and draft model's fingerprint, the weights' quantization and the digest of LMDeploy's
     ``hf_overrides``, each when there is one (``record_weights``)."""
     if cfg is not None and cfg.weights_id:
         name = "id:" + cfg.weights_id
     else:
         fp = extra.get("weights_fingerprint")
         name = "fp:" + fp if isinstance(fp, str) and fp else ""
-    for key, tag in (("companion_weights_fingerprint", "aw"), ("weight_format_digest", "wf"),
-                     ("hf_overrides_digest", "hf")):
+    for key, tag in (("model_config_fingerprint", "cf"), ("companion_weights_fingerprint", "aw"),
+                     ("weight_format_digest", "wf"), ("hf_overrides_digest", "hf")):
         value = extra.get(key)
         if isinstance(value, str) and value:
             name += f"/{tag}:{value}"

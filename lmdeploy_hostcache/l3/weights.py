@@ -27,7 +27,7 @@ import struct
 
 import xxhash
 
-__all__ = ["PIECE_BYTES", "SAMPLES", "WEIGHT_SUFFIXES", "checkpoint_fingerprint"]
+__all__ = ["PIECE_BYTES", "SAMPLES", "WEIGHT_SUFFIXES", "checkpoint_fingerprint", "config_fingerprint"]
 
 CONFIG_FILES = ("config.json", "adapter_config.json")   # a model's, a LoRA adapter's (rank, alpha, targets)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".npz")
@@ -75,6 +75,30 @@ def _sample(h, path: str, rel: str) -> None:
         raise ValueError(f"{path}: cannot read it to fingerprint the weights ({exc.strerror or exc})") from None
 
 
+def _hash_configs(h, folder: str) -> None:
+    for name in CONFIG_FILES:
+        config = os.path.join(folder, name)
+        if os.path.isfile(config):
+            try:
+                with open(config, "rb") as fh:
+                    _part(h, fh.read(16 * 2**20))
+            except OSError as exc:
+                raise ValueError(f"{config}: cannot read it ({exc.strerror or exc})") from None
+
+
+def config_fingerprint(path: str) -> str | None:
+    """32 hex digits naming the configuration files of the checkpoint folder at ``path``
+    (``CONFIG_FILES``), or None when ``path`` is not a folder on this machine. With ``l3.weights_id``
+    it keeps two different models an operator gave one id apart (an architecture, a size, a rope
+    setting), whatever path each node keeps them under."""
+    if not path or not os.path.isdir(path):
+        return None
+    h = xxhash.xxh3_128()
+    _part(h, b"lhc-config-1")
+    _hash_configs(h, path)
+    return h.hexdigest()
+
+
 def checkpoint_fingerprint(path: str) -> str | None:
     """32 hex digits naming the weights at ``path`` (a folder or one weight file), or None when
     ``path`` is not on this machine (a hub id the engine resolves elsewhere)."""
@@ -83,14 +107,7 @@ def checkpoint_fingerprint(path: str) -> str | None:
     h = xxhash.xxh3_128()
     _part(h, b"lhc-weights-1")
     if os.path.isdir(path):
-        for name in CONFIG_FILES:
-            config = os.path.join(path, name)
-            if os.path.isfile(config):
-                try:
-                    with open(config, "rb") as fh:
-                        _part(h, fh.read(16 * 2**20))
-                except OSError as exc:
-                    raise ValueError(f"{config}: cannot read it ({exc.strerror or exc})") from None
+        _hash_configs(h, path)
         for rel in _weight_files(path):
             _sample(h, os.path.join(path, rel), rel)
     else:

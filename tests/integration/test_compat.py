@@ -377,7 +377,8 @@ def test_executor_names_the_weights_in_the_store_keys(active, tmp_path):
     # a name the operator gives replaces the fingerprint
     named = _sized_extra(_l3_cache_config(weights_id="run-42"), tmp_path)
     assert "weights_fingerprint" not in named
-    assert weights_name(parse_l3_section({"master_address": "h:1", "weights_id": "run-42"}), named) == "id:run-42"
+    assert weights_name(parse_l3_section({"master_address": "h:1", "weights_id": "run-42"}), named) == \
+        "id:run-42/cf:" + named["model_config_fingerprint"]   # with the model's configuration (another model)
     # overrides that change what the weights compute (rope scaling) key the store too
     misc = SimpleNamespace(memdecode_config=None, hf_overrides={"rope_scaling": {"factor": 4.0}})
     over = _sized_extra(_l3_cache_config(), tmp_path, misc)

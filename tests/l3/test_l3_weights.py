@@ -133,8 +133,12 @@ def test_the_same_weights_under_two_paths_share_the_store(tmp_path, weights_id):
     ns_a, ns_b = _engine_namespace(a, l3), _engine_namespace(b, l3)
     assert ns_a == ns_b and ns_a.model.startswith("weights:")
     assert StoreKeyspace(ns_a, weights="w").key(7) == StoreKeyspace(ns_b, weights="w").key(7)
-    if not weights_id:   # other bytes under the same path layout: another namespace
+    if not weights_id:   # other weights: another namespace
         (b / "model-00002-of-00002.safetensors").write_bytes(bytes([1]) * 1000)
         assert _engine_namespace(b, l3) != ns_a
+    # another model (its configuration differs) keeps its own namespace even when an operator gives both
+    # one weights_id
+    (b / "config.json").write_text('{"model_type": "llama", "hidden_size": 128}')
+    assert _engine_namespace(b, l3) != ns_a
     # without the store tier the namespace stays per path (nothing outside the process reads it)
     assert _engine_namespace(a, None).model == os.path.realpath(a) != _engine_namespace(b, None).model
