@@ -5,8 +5,9 @@ Everything that changes those bytes for identical tokens enters the ``digest.Nam
 
 * the model identity (``kv_connector_extra_config['model_identity']``, set by the activation
   layer from the model path/revision; required, never guessed).  With the shared store tier
-  (``l3``) and weights the executor hook could name (``l3.weights_id``, or the checkpoint's
-  fingerprint: ``l3_tier.weights_name``), that name replaces the path: nodes that keep the same
+  (``l3``) and weights the executor hook could name by content (the checkpoint's fingerprint, or
+  ``l3.weights_id`` with the model's configuration fingerprinted: ``l3_tier.weights_name``), that
+  name replaces the path: nodes that keep the same
   weights under different paths (another home's hub cache, another mount) then compute the same
   digests and share the store, while other weights still never share;
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
@@ -60,7 +61,10 @@ def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
     from .l3_tier import weights_name   # noqa: PLC0415 -- l3_tier imports this module
 
     name = weights_name(hostcache.l3, extra)
-    return "weights:" + name if name.startswith(("id:", "fp:")) else identity
+    # named by content: the checkpoint's fingerprint, or weights_id with the model's configuration
+    # fingerprinted (a hub id not on this machine keeps the path: it is all that tells two models apart)
+    by_content = name.startswith("fp:") or (name.startswith("id:") and "/cf:" in name)
+    return "weights:" + name if by_content else identity
 
 
 class NamespaceFactory:

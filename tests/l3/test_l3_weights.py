@@ -142,3 +142,11 @@ def test_the_same_weights_under_two_paths_share_the_store(tmp_path, weights_id):
     assert _engine_namespace(b, l3) != ns_a
     # without the store tier the namespace stays per path (nothing outside the process reads it)
     assert _engine_namespace(a, None).model == os.path.realpath(a) != _engine_namespace(b, None).model
+
+
+def test_a_hub_id_with_a_weights_id_keeps_the_hub_id_in_the_namespace():
+    """A model path not on the machine (a hub id) has no configuration to fingerprint: with weights_id the
+    hub id stays the namespace's model, so one id given to two hub models does not join them."""
+    l3 = {"master_address": "127.0.0.1:1", "weights_id": "run-1"}
+    a, b = _engine_namespace("org/model-a", l3), _engine_namespace("org/model-b", l3)
+    assert (a.model, b.model) == ("org/model-a", "org/model-b")
