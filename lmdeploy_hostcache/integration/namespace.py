@@ -7,9 +7,9 @@ Everything that changes those bytes for identical tokens enters the ``digest.Nam
   layer from the model path/revision; required, never guessed).  With the shared store tier
   (``l3``) and weights the executor hook could name by content (the checkpoint's fingerprint, or
   ``l3.weights_id`` with the model's configuration fingerprinted: ``l3_tier.weights_name``), that
-  name replaces the path: nodes that keep the same
-  weights under different paths (another home's hub cache, another mount) then compute the same
-  digests and share the store, while other weights still never share;
+  name replaces the path: nodes that keep the same weights under different paths (another home's
+  hub cache, another mount) then compute the same digests and share the store, while other weights
+  still never share;
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
   the per-adapter roots of LMDeploy's BlockTrie);
 * the KV format: LMDeploy's ``quant_policy``, the KV dtype (``kv_dtype`` in the extra config, set
@@ -54,7 +54,7 @@ def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: st
 
 def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
     """The namespace's model field: ``weights:<name>`` when the store tier is on and the weights are
-    named (``l3.weights_id`` or the fingerprint), else the model identity (the resolved path)."""
+    named by content, else the model identity (the resolved path, or a hub id)."""
     identity = model_identity_from_extra(extra)
     if hostcache.l3 is None:
         return identity
