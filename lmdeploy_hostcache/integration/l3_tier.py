@@ -96,13 +96,14 @@ def record_weights(extra: dict, cfg, hf_overrides, adapters=None, draft_model=No
     digest of LMDeploy's ``hf_overrides`` (``hf_overrides_digest``) and of the weights' quantization
     when LMDeploy quantizes or loads quantized weights (``quant_config``, e.g. ``model_format='fp8'``
     quantizing at load: ``weight_format_digest``); without ``l3.weights_id``, the fingerprint of the
-    checkpoint at ``extra['model_identity']`` (``weights_fingerprint``) and one of the LoRA adapters
-    (name -> path) and the speculative draft model (``companion_weights_fingerprint``: an adapter's
-    blocks are keyed by its name, which two nodes may give to other weights). The store outlives this
+    checkpoint at ``extra['model_identity']`` (``weights_fingerprint``), one per LoRA adapter (name ->
+    path; ``adapter_weights_fingerprints``, which key that adapter's namespace only: its blocks are keyed by
+    its name, which two nodes may give to other weights, and the base model's blocks are the same whatever
+    adapters a node loads) and one of the speculative draft model (``companion_weights_fingerprint``). The store outlives this
     process and other nodes read it, so its keys name the weights and the settings that change what
     they compute. ``ValueError`` when a weight file cannot be read."""
     for key in ("weights_fingerprint", "hf_overrides_digest", "weight_format_digest",
-                "companion_weights_fingerprint", "model_config_fingerprint"):
+                "companion_weights_fingerprint", "model_config_fingerprint", "adapter_weights_fingerprints"):
         extra.pop(key, None)   # an earlier run's, in a reused config
     if hf_overrides:
         extra["hf_overrides_digest"] = _digest(hf_overrides)
@@ -127,13 +128,14 @@ def record_weights(extra: dict, cfg, hf_overrides, adapters=None, draft_model=No
             raise ValueError(f"l3: cannot fingerprint the weights for the store keys: {exc}; "
                              "set l3.weights_id to name them") from None
 
-    companions = [(f"adapter:{name}", path) for name, path in sorted((adapters or {}).items())]
+    # a path not on this machine is named by the path (a hub id)
+    if adapters:   # each adapter keys its own namespace (namespace.NamespaceFactory), not the base model's
+        extra["adapter_weights_fingerprints"] = {
+            str(name): fingerprint_of(path) or f"path:{path}" for name, path in sorted(adapters.items())}
     model_path = extra.get("model_identity")   # the resolved model path (prepare hook)
     if draft_model and not (isinstance(model_path, str) and os.path.realpath(str(draft_model)) == os.path.realpath(model_path)):
-        companions.append(("draft", draft_model))   # an MTP draft in the target's own checkpoint: once is enough
-    if companions:   # a path not on this machine is named by the path (a hub id)
-        extra["companion_weights_fingerprint"] = _digest(
-            [(what, fingerprint_of(path) or f"path:{path}") for what, path in companions])
+        # an MTP draft in the target's own checkpoint: once is enough; a draft of its own shares the slot
+        extra["companion_weights_fingerprint"] = _digest([("draft", fingerprint_of(draft_model) or f"path:{draft_model}")])
     fingerprint = fingerprint_of(model_path)
     if fingerprint is None:
         logger.warning("l3: the model path %r is not on this machine, so the store keys name the weights by that "
@@ -147,7 +149,7 @@ def weights_name(cfg, extra) -> str:
     """What names the weights in the store keys: ``l3.weights_id`` when set (with the fingerprint of the
     model's configuration files, ``model_config_fingerprint``, when the model is a local folder), else
     the checkpoint fingerprint the executor hook put in the extra config (``weights_fingerprint``), else
-    ""; then the adapters' and draft model's fingerprint, the weights' quantization and the digest of LMDeploy's
+    ""; then the draft model's fingerprint, the weights' quantization and the digest of LMDeploy's
     ``hf_overrides``, each when there is one (``record_weights``)."""
     if cfg is not None and cfg.weights_id:
         name = "id:" + cfg.weights_id

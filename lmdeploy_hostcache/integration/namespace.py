@@ -11,7 +11,10 @@ Everything that changes those bytes for identical tokens enters the ``digest.Nam
   hub cache, another mount) then compute the same digests and share the store, while other weights
   still never share;
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
-  the per-adapter roots of LMDeploy's BlockTrie);
+  the per-adapter roots of LMDeploy's BlockTrie); with the store tier on, the adapter's name is
+  joined by its weights' fingerprint (``adapter_weights_fingerprints``, ``l3_tier.record_weights``):
+  two nodes may give one name to other adapter weights, and the fingerprint keys that adapter's
+  namespace only, so nodes loading different adapter sets still share the base model's blocks;
 * the KV format: LMDeploy's ``quant_policy``, the KV dtype (``kv_dtype`` in the extra config, set
   by the executor hook from LMDeploy's model config: fp16 and bf16 blocks have the same size and
   pass every token and checksum check, so without it a bf16 node could restore fp16 bytes
@@ -67,14 +70,26 @@ def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
     return "weights:" + name if by_content else identity
 
 
+def _adapter_weights(extra: dict[str, Any]) -> dict[str, str]:
+    """``extra['adapter_weights_fingerprints']`` (absent: none); ValueError naming the key when malformed."""
+    value = extra.get("adapter_weights_fingerprints") or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                              for k, v in value.items()):
+        raise ValueError("kv_connector_extra_config['adapter_weights_fingerprints'] must map adapter names to "
+                         f"non-empty strings, got {value!r}")
+    return value
+
+
 class NamespaceFactory:
     """One ``Namespace`` per adapter, all sharing model, KV format, block size and salt."""
 
-    def __init__(self, model: str, block_size: int, kv_format: str, tenant_salt: str = "") -> None:
+    def __init__(self, model: str, block_size: int, kv_format: str, tenant_salt: str = "",
+                 adapter_weights: dict[str, str] | None = None) -> None:
         self.model = model
         self.block_size = int(block_size)
         self.kv_format = kv_format
         self.tenant_salt = tenant_salt
+        self.adapter_weights = dict(adapter_weights or {})   # adapter name -> its weights' fingerprint
         self._by_adapter: dict[str | None, Namespace] = {}
         self.for_adapter(None)  # validates the shared fields now
 
@@ -91,6 +106,7 @@ class NamespaceFactory:
             kv_format=kv_format_name(cache_config.quant_policy, cache_config.kernel_block_size,
                                      hostcache.host_kv_format, kv_dtype),
             tenant_salt=hostcache.tenant_salt,
+            adapter_weights=_adapter_weights(extra) if hostcache.l3 is not None else None,
         )
 
     def for_adapter(self, adapter_name: str | None) -> Namespace:
@@ -98,7 +114,9 @@ class NamespaceFactory:
         adapter = adapter_name or None
         ns = self._by_adapter.get(adapter)
         if ns is None:
+            weights = self.adapter_weights.get(adapter) if adapter is not None else None
             ns = Namespace(model=self.model, block_size=self.block_size, kv_format=self.kv_format,
-                           adapter=adapter, tenant_salt=self.tenant_salt)
+                           adapter=adapter if weights is None else f"{adapter}@{weights}",
+                           tenant_salt=self.tenant_salt)
             self._by_adapter[adapter] = ns
         return ns

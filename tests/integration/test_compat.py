@@ -403,14 +403,16 @@ def test_store_keys_name_the_adapters_weights_and_the_weight_quantization(active
     (adapter / "adapter_config.json").write_text('{"r": 8}')
     plain = _sized_extra(_l3_cache_config(), base)
     with_adapter = _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})
-    assert weights_name(None, plain) == "fp:" + plain["weights_fingerprint"]     # no adapter: the name as before
-    assert weights_name(None, with_adapter) != weights_name(None, plain)
+    assert weights_name(None, plain) == "fp:" + plain["weights_fingerprint"]
+    # the base model's name is the same whatever adapters a node loads; the adapter keys its own namespace
+    assert weights_name(None, with_adapter) == weights_name(None, plain)
+    sql = with_adapter["adapter_weights_fingerprints"]["sql"]
     (adapter / "model.safetensors").write_bytes(bytes(range(255, -1, -1)) * 64)   # retrained under the same name
     retrained = _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})
-    assert weights_name(None, retrained) != weights_name(None, with_adapter)
+    assert retrained["adapter_weights_fingerprints"]["sql"] != sql
     (adapter / "adapter_config.json").write_text('{"r": 16}')                       # another rank
-    assert weights_name(None, _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})) != \
-        weights_name(None, retrained)
+    assert _sized_extra(_l3_cache_config(), base, adapters={"sql": str(adapter)})["adapter_weights_fingerprints"]["sql"] \
+        not in (sql, retrained["adapter_weights_fingerprints"]["sql"])
     # a speculative draft model of its own is named too; an MTP draft inside the target's checkpoint is not again
     draft = tmp_path / "draft"
     draft.mkdir()

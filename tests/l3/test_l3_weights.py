@@ -101,9 +101,10 @@ def test_a_stopped_chain_never_reads_or_writes_the_store():
     assert chain.reserve([1], [ns.root], [b"t"]) is None and len(index) == 0
 
 
-def _engine_namespace(model_path, l3):
-    """The namespace a node's connector builds (``NamespaceFactory.from_cache_config``) after the
-    executor hook named the weights (``record_weights``), as at engine start-up."""
+def _engine_namespace(model_path, l3, adapters=None, adapter=None):
+    """The namespace (of ``adapter``; None: the base model) a node's connector builds
+    (``NamespaceFactory.from_cache_config``) after the executor hook named the weights
+    (``record_weights``), as at engine start-up."""
     from types import SimpleNamespace
 
     from lmdeploy_hostcache.config import HostCacheConfig
@@ -114,10 +115,10 @@ def _engine_namespace(model_path, l3):
     hostcache = HostCacheConfig.from_dict({"l3": l3})
     extra = {"model_identity": model_identity_from_path(str(model_path)), "kv_dtype": "bfloat16"}
     if hostcache.l3 is not None:
-        record_weights(extra, hostcache.l3, None)
+        record_weights(extra, hostcache.l3, None, adapters=adapters)
     cache_config = SimpleNamespace(block_size=64, quant_policy=0, kernel_block_size=64,
                                    kv_transfer_config=SimpleNamespace(kv_connector_extra_config=extra))
-    return NamespaceFactory.from_cache_config(cache_config, hostcache).for_adapter(None)
+    return NamespaceFactory.from_cache_config(cache_config, hostcache).for_adapter(adapter)
 
 
 @pytest.mark.parametrize("weights_id", ["", "commit-abc123"])
@@ -150,3 +151,23 @@ def test_a_hub_id_with_a_weights_id_keeps_the_hub_id_in_the_namespace():
     l3 = {"master_address": "127.0.0.1:1", "weights_id": "run-1"}
     a, b = _engine_namespace("org/model-a", l3), _engine_namespace("org/model-b", l3)
     assert (a.model, b.model) == ("org/model-a", "org/model-b")
+
+
+def test_nodes_loading_other_adapter_sets_share_the_base_model_and_each_adapter(tmp_path):
+    """An adapter's fingerprint keys that adapter's namespace only: nodes with no adapter, adapter x, or
+    adapters x and y share base-model blocks and x's blocks; x retrained under the same name does not."""
+    base = _checkpoint(tmp_path / "base")
+    x, y = tmp_path / "x", tmp_path / "y"
+    for folder, r in ((x, 8), (y, 16)):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(f'{{"r": {r}}}')
+        (folder / "adapter_model.safetensors").write_bytes(bytes(range(r)) * 64)
+    l3 = {"master_address": "127.0.0.1:1"}
+    sets = (None, {"x": str(x)}, {"x": str(x), "y": str(y)})
+    assert len({_engine_namespace(base, l3, adapters) for adapters in sets}) == 1
+    assert len({_engine_namespace(base, l3, adapters, "x") for adapters in sets[1:]}) == 1
+    before = _engine_namespace(base, l3, sets[1], "x")
+    assert before != _engine_namespace(base, l3, sets[1])
+    (x / "adapter_model.safetensors").write_bytes(bytes(range(8, 0, -1)) * 64)   # retrained, same name
+    assert _engine_namespace(base, l3, sets[1], "x") != before
+    assert _engine_namespace(base, None, sets[1], "x").adapter == "x"           # no store tier: the name only
