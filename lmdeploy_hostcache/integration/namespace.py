@@ -3,13 +3,15 @@
 A host block may be reused only by a request that would have computed the very same KV bytes.
 Everything that changes those bytes for identical tokens enters the ``digest.Namespace``:
 
-* the model identity (``kv_connector_extra_config['model_identity']``, set by the activation
-  layer from the model path/revision; required, never guessed).  With the shared store tier
-  (``l3``) and weights the executor hook could name by content (the checkpoint's fingerprint, or
-  ``l3.weights_id`` with the model's configuration fingerprinted: ``l3_tier.weights_name``), that
-  name replaces the path: nodes that keep the same weights under different paths (another home's
-  hub cache, another mount) then compute the same digests and share the store, while other weights
-  still never share;
+* the model (``_namespace_model``), named so that nodes keeping one model under different paths
+  (another home's hub cache, another mount) agree.  From ``kv_connector_extra_config['model_identity']``
+  (set by the activation layer from the model path; required, never guessed): with the shared store
+  tier (``l3``), the name the executor hook gave the weights by content (the checkpoint's fingerprint,
+  or ``l3.weights_id`` with the model's configuration fingerprinted: ``l3_tier.weights_name``), so
+  nodes with the same weights share the store and other weights never do; without it, the
+  fingerprint of the model folder's configuration files (no KV leaves the process: the name only has
+  to agree across nodes for the cache-state feed and captures merged for ``plan --cluster``); a hub id
+  not on this machine stays the name;
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
   the per-adapter roots of LMDeploy's BlockTrie); with the store tier on, the adapter's name is
   joined by its weights' fingerprint (``adapter_weights_fingerprints``, ``l3_tier.record_weights``):
@@ -56,18 +58,28 @@ def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: st
 
 
 def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
-    """The namespace's model field: ``weights:<name>`` when the store tier is on and the weights are
-    named by content, else the model identity (the resolved path, or a hub id)."""
+    """The namespace's model field, the same on every node that serves the same model whatever its path:
+    with the store tier, ``weights:<name>`` when the weights are named by content; without it,
+    ``config:<fingerprint of the model folder's config.json>``; else the model identity (a hub id, or a
+    path with no configuration file)."""
     identity = model_identity_from_extra(extra)
-    if hostcache.l3 is None:
-        return identity
-    from .l3_tier import weights_name   # noqa: PLC0415 -- l3_tier imports this module
+    if hostcache.l3 is not None:
+        from .l3_tier import weights_name   # noqa: PLC0415 -- l3_tier imports this module
 
-    name = weights_name(hostcache.l3, extra)
-    # named by content: the checkpoint's fingerprint, or weights_id with the model's configuration
-    # fingerprinted (a hub id not on this machine keeps the path: it is all that tells two models apart)
-    by_content = name.startswith("fp:") or (name.startswith("id:") and "/cf:" in name)
-    return "weights:" + name if by_content else identity
+        name = weights_name(hostcache.l3, extra)
+        # named by content: the checkpoint's fingerprint, or weights_id with the model's configuration
+        # fingerprinted (a hub id not on this machine keeps the path: it is all that tells two models apart)
+        by_content = name.startswith("fp:") or (name.startswith("id:") and "/cf:" in name)
+        return "weights:" + name if by_content else identity
+    # no KV leaves this process without the store tier: the name only has to match across nodes (the
+    # cache-state feed, captures merged for plan --cluster), so the configuration is enough
+    from ..l3.weights import config_fingerprint   # noqa: PLC0415
+
+    try:
+        config = config_fingerprint(identity)
+    except ValueError:   # unreadable: the engine cannot load that model either; keep the path
+        config = None
+    return "config:" + config if config else identity
 
 
 def _adapter_weights(extra: dict[str, Any]) -> dict[str, str]:

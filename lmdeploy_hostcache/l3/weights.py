@@ -75,7 +75,9 @@ def _sample(h, path: str, rel: str) -> None:
         raise ValueError(f"{path}: cannot read it to fingerprint the weights ({exc.strerror or exc})") from None
 
 
-def _hash_configs(h, folder: str) -> None:
+def _hash_configs(h, folder: str) -> int:
+    """Hash the folder's ``CONFIG_FILES`` into ``h``; how many there were."""
+    found = 0
     for name in CONFIG_FILES:
         config = os.path.join(folder, name)
         if os.path.isfile(config):
@@ -84,19 +86,21 @@ def _hash_configs(h, folder: str) -> None:
                     _part(h, fh.read(16 * 2**20))
             except OSError as exc:
                 raise ValueError(f"{config}: cannot read it ({exc.strerror or exc})") from None
+            found += 1
+    return found
 
 
 def config_fingerprint(path: str) -> str | None:
     """32 hex digits naming the configuration files of the checkpoint folder at ``path``
-    (``CONFIG_FILES``), or None when ``path`` is not a folder on this machine. With ``l3.weights_id``
-    it keeps two different models an operator gave one id apart (an architecture, a size, a rope
-    setting), whatever path each node keeps them under."""
+    (``CONFIG_FILES``), or None when ``path`` is not a folder on this machine or holds none of them.
+    It names the model whatever path each node keeps it under (the digest namespace's model,
+    ``integration/namespace.py``); with ``l3.weights_id`` it keeps two different models an operator
+    gave one id apart (an architecture, a size, a rope setting)."""
     if not path or not os.path.isdir(path):
         return None
     h = xxhash.xxh3_128()
     _part(h, b"lhc-config-1")
-    _hash_configs(h, path)
-    return h.hexdigest()
+    return h.hexdigest() if _hash_configs(h, path) else None
 
 
 def checkpoint_fingerprint(path: str) -> str | None:

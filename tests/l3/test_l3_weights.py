@@ -141,8 +141,14 @@ def test_the_same_weights_under_two_paths_share_the_store(tmp_path, weights_id):
     # one weights_id
     (b / "config.json").write_text('{"model_type": "llama", "hidden_size": 128}')
     assert _engine_namespace(b, l3) != ns_a
-    # without the store tier the namespace stays per path (nothing outside the process reads it)
-    assert _engine_namespace(a, None).model == os.path.realpath(a) != _engine_namespace(b, None).model
+    # without the store tier the configuration names the model (no KV leaves the process; the feed and
+    # merged captures only need both nodes to agree): the same across paths, another for another config
+    (b / "config.json").write_text((a / "config.json").read_text())
+    plain_a, plain_b = _engine_namespace(a, None), _engine_namespace(b, None)
+    assert plain_a == plain_b and plain_a.model.startswith("config:")
+    (b / "config.json").write_text('{"model_type": "llama", "hidden_size": 128}')
+    assert _engine_namespace(b, None) != plain_a
+    assert _engine_namespace(tmp_path / "no-such-dir", None).model == str(tmp_path / "no-such-dir")   # a hub id
 
 
 def test_a_hub_id_with_a_weights_id_keeps_the_hub_id_in_the_namespace():
