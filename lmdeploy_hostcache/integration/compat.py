@@ -44,7 +44,7 @@ CONNECTOR_NAME = "HostTierConnector"
 EXTRA_CONFIG_KEYS = ("hostcache_config", "host_cache_blocks", "host_slot_bytes", "host_tensor_specs",
                      "model_identity", "kv_dtype", "weights_fingerprint", "hf_overrides_digest",
                      "data_parallel", "dp_rank", "weight_format_digest", "companion_weights_fingerprint",
-                     "model_config_fingerprint", "adapter_weights_fingerprints")
+                     "model_config_fingerprint", "adapter_weights_fingerprints", "model_content_name")
 
 
 class UnsupportedConfiguration(ValueError):

@@ -17,6 +17,9 @@ Python API (all three give the same engine):
      "host_tensor_specs": [...], # idem, lossy host_kv_format only: the packed page fields of
                                  #   LMDeploy's cache plan (encode_tensor_specs), for the workers
      "model_identity": str,      # set at start-up from the model path
+     "model_content_name": str,  # idem, when the model folder is named exactly by content (a Hugging
+                                 #   Face cache snapshot): it then names the digest namespace's model
+                                 #   whatever the path (integration/namespace.py)
      "kv_dtype": str}            # set by the executor hook: the model dtype and LMDeploy's KV cache
                                  #   dtype (kv_dtype_name), part of every digest namespace and store key
 
@@ -68,6 +71,7 @@ __all__ = [
     "host_tier_transfer_config",
     "is_host_tier",
     "merge_transfer_config",
+    "model_content_name_from_path",
     "model_identity_from_path",
     "normalise_extra_config",
     "size_host_cache",
@@ -279,6 +283,16 @@ def model_identity_from_path(model_path: str | None) -> str | None:
     if os.path.exists(model_path):
         return os.path.realpath(model_path)
     return model_path
+
+
+def model_content_name_from_path(model_path: str | None) -> str | None:
+    """The exact content name of the model folder (``l3.weights.exact_content_name``: a Hugging Face
+    cache snapshot), or None; ``ValueError`` when its files cannot be listed."""
+    if not model_path or not os.path.isdir(model_path):
+        return None
+    from ..l3.weights import exact_content_name
+
+    return exact_content_name(os.path.realpath(model_path))
 
 
 def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],

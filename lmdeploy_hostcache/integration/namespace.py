@@ -3,20 +3,22 @@
 A host block may be reused only by a request that would have computed the very same KV bytes.
 Everything that changes those bytes for identical tokens enters the ``digest.Namespace``:
 
-* the model (``_namespace_model``), named so that nodes keeping one model under different paths
-  (another home's hub cache, another mount) agree.  From ``kv_connector_extra_config['model_identity']``
-  (set by the activation layer from the model path; required, never guessed): with the shared store
-  tier (``l3``), the name the executor hook gave the weights by content (the checkpoint's fingerprint,
-  or ``l3.weights_id`` with the model's configuration fingerprinted: ``l3_tier.weights_name``), so
-  nodes with the same weights share the store and other weights never do; without it, the
-  fingerprint of the model folder's configuration files (no KV leaves the process: the name only has
-  to agree across nodes for the cache-state feed and captures merged for ``plan --cluster``); a hub id
-  not on this machine stays the name;
+* the model (``_namespace_model``), from ``kv_connector_extra_config['model_identity']`` (set by the
+  activation layer from the model path; required, never guessed): the resolved path, or a hub id.
+  Nodes that keep one model under different paths (another home's cache, another mount) agree only
+  where the name does not depend on the path: a Hugging Face cache snapshot, whose files are links
+  named by their content hashes, is named by those (``model_content_name``: exact, nothing read but
+  the links; with the store tier joined by the weights' name), and with the store tier an operator's
+  ``l3.weights_id`` (with the configuration fingerprinted, so two models given one id stay apart)
+  names it.  A plain folder keeps its path: the sampled fingerprint (``l3/weights.py``) is not exact
+  enough to let two folders' KV meet on it alone (it still keys the store: two fine-tunes at one
+  path never share);
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
-  the per-adapter roots of LMDeploy's BlockTrie); with the store tier on, the adapter's name is
-  joined by its weights' fingerprint (``adapter_weights_fingerprints``, ``l3_tier.record_weights``):
-  two nodes may give one name to other adapter weights, and the fingerprint keys that adapter's
-  namespace only, so nodes loading different adapter sets still share the base model's blocks;
+  the per-adapter roots of LMDeploy's BlockTrie); with the store tier on and no ``l3.weights_id``,
+  the adapter's name is joined by its weights' fingerprint (``adapter_weights_fingerprints``,
+  ``l3_tier.record_weights``): two nodes may give one name to other adapter weights, and the
+  fingerprint keys that adapter's namespace only, so nodes loading different adapter sets still
+  share the base model's blocks;
 * the KV format: LMDeploy's ``quant_policy``, the KV dtype (``kv_dtype`` in the extra config, set
   by the executor hook from LMDeploy's model config: fp16 and bf16 blocks have the same size and
   pass every token and checksum check, so without it a bf16 node could restore fp16 bytes
@@ -58,28 +60,23 @@ def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: st
 
 
 def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
-    """The namespace's model field, the same on every node that serves the same model whatever its path:
-    with the store tier, ``weights:<name>`` when the weights are named by content; without it,
-    ``config:<fingerprint of the model folder's config.json>``; else the model identity (a hub id, or a
-    path with no configuration file)."""
+    """The namespace's model field (see the module docstring): the model's exact content name when it has
+    one (``model_content_name``; with the store tier joined by the weights' name), the operator's name with
+    the store tier's ``l3.weights_id`` (and the configuration's fingerprint), else the model identity."""
     identity = model_identity_from_extra(extra)
-    if hostcache.l3 is not None:
-        from .l3_tier import weights_name   # noqa: PLC0415 -- l3_tier imports this module
+    exact = extra.get("model_content_name")
+    if exact is not None and (not isinstance(exact, str) or not exact):
+        raise ValueError(f"kv_connector_extra_config['model_content_name'] must be a non-empty string, got {exact!r}")
+    if hostcache.l3 is None:
+        return "exact:" + exact if exact else identity
+    from .l3_tier import weights_name   # noqa: PLC0415 -- l3_tier imports this module
 
-        name = weights_name(hostcache.l3, extra)
-        # named by content: the checkpoint's fingerprint, or weights_id with the model's configuration
-        # fingerprinted (a hub id not on this machine keeps the path: it is all that tells two models apart)
-        by_content = name.startswith("fp:") or (name.startswith("id:") and "/cf:" in name)
-        return "weights:" + name if by_content else identity
-    # no KV leaves this process without the store tier: the name only has to match across nodes (the
-    # cache-state feed, captures merged for plan --cluster), so the configuration is enough
-    from ..l3.weights import config_fingerprint   # noqa: PLC0415
-
-    try:
-        config = config_fingerprint(identity)
-    except ValueError:   # unreadable: the engine cannot load that model either; keep the path
-        config = None
-    return "config:" + config if config else identity
+    name = weights_name(hostcache.l3, extra)
+    if exact:
+        return f"weights:{name}/exact:{exact}"
+    if hostcache.l3.weights_id and extra.get("model_config_fingerprint"):
+        return "weights:" + name   # named by the operator (weights_id), the configuration fingerprinted
+    return identity
 
 
 def _adapter_weights(extra: dict[str, Any]) -> dict[str, str]:

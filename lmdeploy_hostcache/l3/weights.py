@@ -27,7 +27,8 @@ import struct
 
 import xxhash
 
-__all__ = ["PIECE_BYTES", "SAMPLES", "WEIGHT_SUFFIXES", "checkpoint_fingerprint", "config_fingerprint"]
+__all__ = ["PIECE_BYTES", "SAMPLES", "WEIGHT_SUFFIXES", "checkpoint_fingerprint", "config_fingerprint",
+           "exact_content_name"]
 
 CONFIG_FILES = ("config.json", "adapter_config.json")   # a model's, a LoRA adapter's (rank, alpha, targets)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".npz")
@@ -93,14 +94,50 @@ def _hash_configs(h, folder: str) -> int:
 def config_fingerprint(path: str) -> str | None:
     """32 hex digits naming the configuration files of the checkpoint folder at ``path``
     (``CONFIG_FILES``), or None when ``path`` is not a folder on this machine or holds none of them.
-    It names the model whatever path each node keeps it under (the digest namespace's model,
-    ``integration/namespace.py``); with ``l3.weights_id`` it keeps two different models an operator
-    gave one id apart (an architecture, a size, a rope setting)."""
+    With ``l3.weights_id`` it keeps two different models an operator gave one id apart (an
+    architecture, a size, a rope setting)."""
     if not path or not os.path.isdir(path):
         return None
     h = xxhash.xxh3_128()
     _part(h, b"lhc-config-1")
     return h.hexdigest() if _hash_configs(h, path) else None
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _content_blob(path: str) -> str | None:
+    """The content hash a Hugging Face cache file is named by: a link to ``blobs/<sha256 or git sha1>``."""
+    if not os.path.islink(path):
+        return None
+    target = os.path.realpath(path)
+    name = os.path.basename(target)
+    if os.path.basename(os.path.dirname(target)) != "blobs" or len(name) not in (40, 64) or not set(name) <= _HEX:
+        return None
+    return name if os.path.isfile(target) else None
+
+
+def exact_content_name(path: str) -> str | None:
+    """32 hex digits naming the checkpoint folder at ``path`` exactly, or None when it cannot be named
+    without reading it. A Hugging Face cache snapshot (``snapshots/<revision>/``) holds links to
+    ``blobs/<content hash>``: when the configuration files and every weight file are such links, the
+    hashes in their names name every byte (not a sample), whatever path the cache is under. Nothing is
+    read but the links; a folder of plain files (a copy, ``--local-dir``) gives None."""
+    if not path or not os.path.isdir(path):
+        return None
+    files = [name for name in CONFIG_FILES if os.path.lexists(os.path.join(path, name))]
+    weights = _weight_files(path)
+    if "config.json" not in files or not weights:
+        return None
+    h = xxhash.xxh3_128()
+    _part(h, b"lhc-exact-1")
+    for rel in files + weights:
+        blob = _content_blob(os.path.join(path, rel))
+        if blob is None:
+            return None
+        _part(h, rel.replace(os.sep, "/").encode())
+        _part(h, blob.encode())
+    return h.hexdigest()
 
 
 def checkpoint_fingerprint(path: str) -> str | None:

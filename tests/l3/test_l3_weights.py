@@ -103,17 +103,20 @@ def test_a_stopped_chain_never_reads_or_writes_the_store():
 
 def _engine_namespace(model_path, l3, adapters=None, adapter=None):
     """The namespace (of ``adapter``; None: the base model) a node's connector builds
-    (``NamespaceFactory.from_cache_config``) after the executor hook named the weights
-    (``record_weights``), as at engine start-up."""
+    (``NamespaceFactory.from_cache_config``) after the prepare hook named the model and the executor
+    hook named the weights (``record_weights``), as at engine start-up."""
     from types import SimpleNamespace
 
     from lmdeploy_hostcache.config import HostCacheConfig
-    from lmdeploy_hostcache.integration.engine_config import model_identity_from_path
+    from lmdeploy_hostcache.integration.engine_config import model_content_name_from_path, model_identity_from_path
     from lmdeploy_hostcache.integration.l3_tier import record_weights
     from lmdeploy_hostcache.integration.namespace import NamespaceFactory
 
     hostcache = HostCacheConfig.from_dict({"l3": l3})
     extra = {"model_identity": model_identity_from_path(str(model_path)), "kv_dtype": "bfloat16"}
+    content = model_content_name_from_path(str(model_path))
+    if content:
+        extra["model_content_name"] = content
     if hostcache.l3 is not None:
         record_weights(extra, hostcache.l3, None, adapters=adapters)
     cache_config = SimpleNamespace(block_size=64, quant_policy=0, kernel_block_size=64,
@@ -121,34 +124,76 @@ def _engine_namespace(model_path, l3, adapters=None, adapter=None):
     return NamespaceFactory.from_cache_config(cache_config, hostcache).for_adapter(adapter)
 
 
-@pytest.mark.parametrize("weights_id", ["", "commit-abc123"])
-def test_the_same_weights_under_two_paths_share_the_store(tmp_path, weights_id):
-    """Two nodes keep one checkpoint under different homes' hub caches: with the store tier on, the
-    weights name (fingerprint or weights_id), not the path, is the namespace's model, so both nodes
-    compute the same digests and store keys; other weights still get another namespace."""
-    snapshot = ".cache/huggingface/hub/models--org--m/snapshots/abc123"
-    a = _checkpoint(tmp_path / "root" / snapshot)
-    b = tmp_path / "svc" / snapshot
-    shutil.copytree(a, b)
-    l3 = {"master_address": "127.0.0.1:1", "weights_id": weights_id}
+def _hub_snapshot(cache, files: dict[str, bytes], revision="abc123"):
+    """A Hugging Face cache layout: ``blobs/<sha256>`` and ``snapshots/<revision>/<name>`` links to them."""
+    import hashlib
+
+    repo = cache / "models--org--m"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap = repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / name).symlink_to(os.path.relpath(blob, snap))
+    return snap
+
+
+MODEL_FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(range(256)) * 64}
+
+
+@pytest.mark.parametrize("l3", [None, {"master_address": "127.0.0.1:1"},
+                                {"master_address": "127.0.0.1:1", "weights_id": "commit-abc123"}])
+def test_one_hub_snapshot_under_two_homes_is_one_model(tmp_path, l3):
+    """Two nodes keep one Hugging Face snapshot under different homes: its files are links named by their
+    content hashes, so both nodes name the model by those (exact, whatever the path) and compute the same
+    digests and store keys; a snapshot whose weights differ in one byte is another model."""
+    a = _hub_snapshot(tmp_path / "root" / ".cache", MODEL_FILES)
+    b = _hub_snapshot(tmp_path / "svc" / ".cache", MODEL_FILES)
     ns_a, ns_b = _engine_namespace(a, l3), _engine_namespace(b, l3)
-    assert ns_a == ns_b and ns_a.model.startswith("weights:")
+    assert ns_a == ns_b and "exact:" in ns_a.model and str(a) not in ns_a.model
     assert StoreKeyspace(ns_a, weights="w").key(7) == StoreKeyspace(ns_b, weights="w").key(7)
-    if not weights_id:   # other weights: another namespace
-        (b / "model-00002-of-00002.safetensors").write_bytes(bytes([1]) * 1000)
-        assert _engine_namespace(b, l3) != ns_a
-    # another model (its configuration differs) keeps its own namespace even when an operator gives both
-    # one weights_id
+    other = dict(MODEL_FILES, **{"model.safetensors": MODEL_FILES["model.safetensors"][:-1] + b"x"})
+    assert _engine_namespace(_hub_snapshot(tmp_path / "ops" / ".cache", other), l3) != ns_a
+
+
+def test_plain_folders_at_two_paths_stay_two_models_unless_an_operator_names_them(tmp_path):
+    """A plain copy is not named exactly (the fingerprint samples the weights, so a fine-tune of a few small
+    tensors could pass it): it keeps its path, alone or with the store tier; with l3.weights_id the operator
+    names the weights and both nodes share, but a different model (another configuration) given the same id
+    stays apart."""
+    a = _checkpoint(tmp_path / "root" / "m")
+    b = tmp_path / "svc" / "m"
+    shutil.copytree(a, b)
+    store = {"master_address": "127.0.0.1:1"}
+    for l3 in (None, store):
+        assert _engine_namespace(a, l3).model == os.path.realpath(a) != _engine_namespace(b, l3).model
+    named = dict(store, weights_id="commit-abc123")
+    ns_a, ns_b = _engine_namespace(a, named), _engine_namespace(b, named)
+    assert ns_a == ns_b and ns_a.model.startswith("weights:id:commit-abc123/cf:")
     (b / "config.json").write_text('{"model_type": "llama", "hidden_size": 128}')
-    assert _engine_namespace(b, l3) != ns_a
-    # without the store tier the configuration names the model (no KV leaves the process; the feed and
-    # merged captures only need both nodes to agree): the same across paths, another for another config
-    (b / "config.json").write_text((a / "config.json").read_text())
-    plain_a, plain_b = _engine_namespace(a, None), _engine_namespace(b, None)
-    assert plain_a == plain_b and plain_a.model.startswith("config:")
-    (b / "config.json").write_text('{"model_type": "llama", "hidden_size": 128}')
-    assert _engine_namespace(b, None) != plain_a
+    assert _engine_namespace(b, named) != ns_a
     assert _engine_namespace(tmp_path / "no-such-dir", None).model == str(tmp_path / "no-such-dir")   # a hub id
+
+
+def test_what_is_not_named_exactly(tmp_path):
+    """exact_content_name: links into a folder other than blobs/, a plain weight file beside links, links whose
+    names are not content hashes, and a snapshot without config.json or without weights all give None."""
+    from lmdeploy_hostcache.l3.weights import exact_content_name
+
+    snap = _hub_snapshot(tmp_path / "c", MODEL_FILES)
+    assert exact_content_name(str(snap))
+    (snap / "extra.safetensors").write_bytes(b"plain")
+    assert exact_content_name(str(snap)) is None
+    other = tmp_path / "o"
+    other.mkdir()
+    (other / "store").mkdir()
+    for name, data in MODEL_FILES.items():
+        (other / "store" / ("a" * 64 if name == "config.json" else "b" * 64)).write_bytes(data)
+        (other / name).symlink_to(other / "store" / ("a" * 64 if name == "config.json" else "b" * 64))
+    assert exact_content_name(str(other)) is None                   # not blobs/
+    assert exact_content_name(str(_hub_snapshot(tmp_path / "n", {"model.safetensors": b"w"}))) is None
+    assert exact_content_name(str(_hub_snapshot(tmp_path / "w", {"config.json": b"{}"}))) is None
 
 
 def test_a_hub_id_with_a_weights_id_keeps_the_hub_id_in_the_namespace():
