@@ -155,6 +155,36 @@ def test_prepare_kv_connector_config_normalises_and_names_the_model(active, tmp_
     assert extra["model_identity"] == str(tmp_path.resolve())
 
 
+def test_prepare_kv_connector_config_names_a_hub_snapshot_by_its_content(active, tmp_path):
+    """A Hugging Face cache snapshot (links to blobs/<content hash>) is named by those hashes
+    (``model_content_name``), which the digest namespace then uses whatever the path."""
+    import hashlib
+
+    from lmdeploy.pytorch.kv_connector import factory
+
+    repo = tmp_path / "models--org--m"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    for name, data in (("config.json", b"{}"), ("model.safetensors", b"weights")):
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / name).symlink_to(blob)
+    tc = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+                          kv_connector_extra_config={"host_cache_gb": 2, "model_content_name": "stale"})
+    cfg = _cache_config(kv_transfer_config=tc)
+    factory.prepare_kv_connector_config(cfg, model_path=str(snap), dist_config=DistConfig(),
+                                        distributed_executor_backend="uni")
+    extra = cfg.kv_transfer_config.kv_connector_extra_config
+    assert extra["model_identity"] == str(snap.resolve()) and len(extra["model_content_name"]) == 32
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").write_bytes(b"weights")        # a plain copy: no exact name, none left over
+    tc.kv_connector_extra_config.pop("model_identity")
+    factory.prepare_kv_connector_config(cfg, model_path=str(snap), dist_config=DistConfig(),
+                                        distributed_executor_backend="uni")
+    assert "model_content_name" not in cfg.kv_transfer_config.kv_connector_extra_config
+
+
 def test_prepare_kv_connector_config_leaves_other_connectors_to_lmdeploy(active):
     from lmdeploy.pytorch.kv_connector import factory
 
@@ -460,6 +490,7 @@ def test_each_worker_gives_the_store_its_share_of_the_node_s_segment(monkeypatch
     contributes a quarter of it; local_buffer_gb is each client's own staging buffer."""
     from types import SimpleNamespace
 
+    from lmdeploy_hostcache.config import ConfigError
     from lmdeploy_hostcache.integration import l3_tier
     from lmdeploy_hostcache.l3.config import parse_l3_section
 
@@ -469,3 +500,9 @@ def test_each_worker_gives_the_store_its_share_of_the_node_s_segment(monkeypatch
     worker = SimpleNamespace(hostcache=SimpleNamespace(l3=cfg), tp_size=2, tp_rank=1, extra={"data_parallel": 2})
     assert l3_tier.WorkerL3.build(worker) is None          # the stub connect returns no client
     assert (seen[0].global_segment_gb, seen[0].local_buffer_gb) == (4.0, 2.0)
+    # TP 8 x DP 2 of 0.2 GiB: 12.8 MiB per client, under Mooncake's floor: refused before any client opens
+    small = parse_l3_section({"master_address": "127.0.0.1:1", "global_segment_gb": 0.2, "local_buffer_gb": 2})
+    worker = SimpleNamespace(hostcache=SimpleNamespace(l3=small), tp_size=8, tp_rank=0, extra={"data_parallel": 2})
+    with pytest.raises(ConfigError, match=r"l3\.global_segment_gb.*16 store clients"):
+        l3_tier.WorkerL3.build(worker)
+    assert len(seen) == 1
