@@ -27,7 +27,8 @@ engine's scheduler-side connector (``HostTierScheduler``):
   ``keep_restored_blocks: false`` a restored block leaves the index and is withdrawn from the host
   view;
 * capacities (GPU blocks, host slots, block size), the base model's namespace (root, seed; the
-  tenant salt never leaves the process) and its fingerprint (model identity, KV format, TP).
+  tenant salt never leaves the process) and its fingerprint (the namespace's model: a path, a hub id
+  or a content name, ``integration/namespace.py``; KV format; TP).
   Only the base model's namespace is published (LoRA adapters' blocks are not; nor are GPU
   blocks of salted requests, which no proxy could match; host blocks carry no salt and are all
   published, keyed like every id).

@@ -5,19 +5,20 @@ config to ``l3.chain`` (all decisions and byte checks live there).
   minimal segment) and its ``SchedulerChain`` over the scheduler's ``HostIndex``;
 * ``WorkerL3.build(worker)``: one rank's client (it contributes ``global_segment_gb`` / (TP size x
   data-parallel engines), so the node gives the store ``global_segment_gb`` whatever its TP and DP
-  sizes) and its
-  ``WorkerChain`` over the rank's ``HostPool``.
+  sizes) and its ``WorkerChain`` over the rank's ``HostPool``.
 
-Both sides derive the same per-rank ``StoreKeyspace``: the base namespace (adapters differ
-through the chained digest itself), the TP size and rank, the planned bytes of one host slot
-(``host_slot_bytes``) and the weights (``weights_name``: ``l3.weights_id``, or the checkpoint
-fingerprint the activation computed, ``weights_fingerprint``). Invariants: with no ``l3:`` section nothing here runs; a store that cannot
-be reached at start-up raises (``on_unreachable: error``) or leaves the node without the tier
-(``warn``); a worker never writes back a slot its pool has not had written; a worker whose
-``local_buffer_gb`` cannot hold one block's object (``check_local_buffer``: every put and every
-restore would fail) refuses to start with a ``ConfigError`` naming ``l3.local_buffer_gb``, before
-it opens a store client (the scheduler's query-only client, with its small buffer, moves no
-objects and is not checked).
+Both sides derive the same per-rank ``StoreKeyspace``: the base namespace (its model named as
+``integration/namespace.py`` says; adapters differ through the chained digest itself), the TP size
+and rank, the planned bytes of one host slot (``host_slot_bytes``) and the weights (``weights_name``:
+``l3.weights_id`` with the model configuration's fingerprint, or the checkpoint fingerprint the
+executor hook computed, ``weights_fingerprint``; then the draft model, the weights' quantization and
+``hf_overrides``). Invariants: with no ``l3:`` section nothing here runs; a store that cannot be
+reached at start-up raises (``on_unreachable: error``) or leaves the node without the tier
+(``warn``); a worker never writes back a slot its pool has not had written; a worker refuses to start
+with a ``ConfigError``, before it opens a store client, when its ``local_buffer_gb`` cannot hold one
+block's object (``check_local_buffer``: every put and every restore would fail) or its share of
+``global_segment_gb`` is under Mooncake's floor (``check_segment_share``: setup would refuse it); the
+scheduler's query-only client, with its small buffer, moves no objects and is not checked.
 """
 from __future__ import annotations
 
