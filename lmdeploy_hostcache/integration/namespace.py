@@ -7,10 +7,10 @@ Everything that changes those bytes for identical tokens enters the ``digest.Nam
   activation layer from the model path; required, never guessed): the resolved path, or a hub id.
   Nodes that keep one model under different paths (another home's cache, another mount) agree only
   where the name does not depend on the path: a Hugging Face cache snapshot, whose files are links
-  named by their content hashes, is named by those (``model_content_name``: exact, nothing read but
-  the links; with the store tier joined by the weights' name), and with the store tier an operator's
-  ``l3.weights_id`` (with the configuration fingerprinted, so two models given one id stay apart)
-  names it.  A plain folder keeps its path: the sampled fingerprint (``l3/weights.py``) is not exact
+  named by their content hashes, is named by those (``model_content_name``: weight files by their
+  blobs' names, every other file by its bytes; with the store tier joined by the weights' name), and
+  with the store tier an operator's ``l3.weights_id`` (with the configuration fingerprinted, so two
+  models given one id stay apart) names it, snapshot or not.  A plain folder keeps its path: the sampled fingerprint (``l3/weights.py``) is not exact
   enough to let two folders' KV meet on it alone (it still keys the store: two fine-tunes at one
   path never share);
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
@@ -60,9 +60,10 @@ def kv_format_name(quant_policy: int, kernel_block_size: int, host_kv_format: st
 
 
 def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
-    """The namespace's model field (see the module docstring): the model's exact content name when it has
-    one (``model_content_name``; with the store tier joined by the weights' name), the operator's name with
-    the store tier's ``l3.weights_id`` (and the configuration's fingerprint), else the model identity."""
+    """The namespace's model field (see the module docstring): with the store tier's ``l3.weights_id``
+    (and a configuration to fingerprint) the operator's name; else the model's exact content name when
+    it has one (``model_content_name``; with the store tier joined by the weights' name); else the model
+    identity."""
     identity = model_identity_from_extra(extra)
     exact = extra.get("model_content_name")
     if exact is not None and (not isinstance(exact, str) or not exact):
@@ -72,10 +73,12 @@ def _namespace_model(extra: dict[str, Any], hostcache: HostCacheConfig) -> str:
     from .l3_tier import weights_name   # noqa: PLC0415 -- l3_tier imports this module
 
     name = weights_name(hostcache.l3, extra)
+    if hostcache.l3.weights_id and extra.get("model_config_fingerprint"):
+        # named by the operator (weights_id, the configuration fingerprinted): a snapshot and a plain copy
+        # of the same weights share, as the operator said
+        return "weights:" + name
     if exact:
         return f"weights:{name}/exact:{exact}"
-    if hostcache.l3.weights_id and extra.get("model_config_fingerprint"):
-        return "weights:" + name   # named by the operator (weights_id), the configuration fingerprinted
     return identity
 
 

@@ -6,8 +6,9 @@ same path, and a retrained checkpoint can be written over the old one between tw
 checksums still match in those cases, so a store key without the weights would restore KV computed
 by other weights. ``checkpoint_fingerprint(path)`` names the weights instead:
 
-* the bytes of ``config.json`` (architecture, dtype, rope settings) and, for a LoRA adapter's
-  folder, of ``adapter_config.json`` (rank, alpha, target modules);
+* the bytes of ``config.json`` (architecture, dtype, rope settings), for a LoRA adapter's folder of
+  ``adapter_config.json`` (rank, alpha, target modules), and of the folder's top-level ``*.py`` (remote
+  configuration code, which fills in what ``config.json`` leaves out);
 * for every weight file under ``path`` (``WEIGHT_SUFFIXES``, hidden folders skipped): its path
   relative to ``path``, its size, and ``SAMPLES`` pieces of ``PIECE_BYTES`` spread evenly over it,
   the first and the last piece included (a file up to ``SAMPLES * PIECE_BYTES`` is read whole).
@@ -76,24 +77,36 @@ def _sample(h, path: str, rel: str) -> None:
         raise ValueError(f"{path}: cannot read it to fingerprint the weights ({exc.strerror or exc})") from None
 
 
+def _config_files(folder: str) -> list[str]:
+    """The folder's configuration: ``CONFIG_FILES`` and its top-level ``*.py`` (with
+    ``trust_remote_code``, a ``configuration_*.py`` fills in what ``config.json`` leaves out)."""
+    try:
+        code = sorted(n for n in os.listdir(folder) if n.endswith(".py") and os.path.isfile(os.path.join(folder, n)))
+    except OSError as exc:
+        raise ValueError(f"{folder}: cannot list it ({exc.strerror or exc})") from None
+    return [n for n in CONFIG_FILES if os.path.isfile(os.path.join(folder, n))] + code
+
+
+def _read_small(path: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16 * 2**20)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
 def _hash_configs(h, folder: str) -> int:
-    """Hash the folder's ``CONFIG_FILES`` into ``h``; how many there were."""
-    found = 0
-    for name in CONFIG_FILES:
-        config = os.path.join(folder, name)
-        if os.path.isfile(config):
-            try:
-                with open(config, "rb") as fh:
-                    _part(h, fh.read(16 * 2**20))
-            except OSError as exc:
-                raise ValueError(f"{config}: cannot read it ({exc.strerror or exc})") from None
-            found += 1
-    return found
+    """Hash the folder's configuration files (``_config_files``) into ``h``; how many there were."""
+    names = _config_files(folder)
+    for name in names:
+        _part(h, name.encode())
+        _part(h, _read_small(os.path.join(folder, name)))
+    return len(names)
 
 
 def config_fingerprint(path: str) -> str | None:
-    """32 hex digits naming the configuration files of the checkpoint folder at ``path``
-    (``CONFIG_FILES``), or None when ``path`` is not a folder on this machine or holds none of them.
+    """32 hex digits naming the configuration of the checkpoint folder at ``path`` (``_config_files``),
+    or None when ``path`` is not a folder on this machine or holds none of them.
     With ``l3.weights_id`` it keeps two different models an operator gave one id apart (an
     architecture, a size, a rope setting)."""
     if not path or not os.path.isdir(path):
@@ -119,25 +132,35 @@ def _content_blob(path: str) -> str | None:
 
 def exact_content_name(path: str) -> str | None:
     """32 hex digits naming the checkpoint folder at ``path`` exactly, or None when it cannot be named
-    without reading it. A Hugging Face cache snapshot (``snapshots/<revision>/``) holds links to
-    ``blobs/<content hash>``: when the configuration files and every weight file are such links, the
-    hashes in their names name every byte (not a sample), whatever path the cache is under. Nothing is
-    read but the links; a folder of plain files (a copy, ``--local-dir``) gives None."""
-    if not path or not os.path.isdir(path):
+    without reading the weights. A Hugging Face cache snapshot (``snapshots/<revision>/``) holds links to
+    ``blobs/<content hash>``: when every file under ``path`` is such a link (and there are a
+    ``config.json`` and weight files), the weight files are named by their blobs' hashes, every other
+    file (configuration, remote code, tokenizer) by its bytes, since an edit through the link (an
+    editor, ``json.dump``) rewrites the blob in place without renaming it. Weight blobs written over in
+    place are not detected. A folder with any plain file (a copy, ``--local-dir``) gives None."""
+    if not path or not os.path.isdir(path) or _content_blob(os.path.join(path, "config.json")) is None:
         return None
-    files = [name for name in CONFIG_FILES if os.path.lexists(os.path.join(path, name))]
-    weights = _weight_files(path)
-    if "config.json" not in files or not weights:
-        return None
+    rels: list[str] = []
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        rels.extend(os.path.relpath(os.path.join(folder, n), path) for n in sorted(files))
+        if len(rels) > MAX_FILES:
+            return None
     h = xxhash.xxh3_128()
-    _part(h, b"lhc-exact-1")
-    for rel in files + weights:
-        blob = _content_blob(os.path.join(path, rel))
+    _part(h, b"lhc-exact-2")
+    weights = 0
+    for rel in sorted(rels):
+        full = os.path.join(path, rel)
+        blob = _content_blob(full)
         if blob is None:
             return None
         _part(h, rel.replace(os.sep, "/").encode())
         _part(h, blob.encode())
-    return h.hexdigest()
+        if rel.lower().endswith(WEIGHT_SUFFIXES):
+            weights += 1
+        else:
+            _part(h, _read_small(full))
+    return h.hexdigest() if weights else None
 
 
 def checkpoint_fingerprint(path: str) -> str | None:

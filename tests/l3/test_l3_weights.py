@@ -34,7 +34,7 @@ def test_the_same_bytes_give_the_same_fingerprint_anywhere(tmp_path):
     assert len(checkpoint_fingerprint(str(a))) == 32
 
 
-@pytest.mark.parametrize("change", ["tensor", "config", "small_shard", "new_shard", "rename"])
+@pytest.mark.parametrize("change", ["tensor", "config", "remote_code", "small_shard", "new_shard", "rename"])
 def test_other_weights_give_another_fingerprint(tmp_path, change):
     a = _checkpoint(tmp_path / "a")
     before = checkpoint_fingerprint(str(a))
@@ -45,6 +45,8 @@ def test_other_weights_give_another_fingerprint(tmp_path, change):
         shard.write_bytes(data)
     elif change == "config":
         (a / "config.json").write_text('{"model_type": "llama", "hidden_size": 65}')
+    elif change == "remote_code":   # trust_remote_code: configuration code fills in what config.json omits
+        (a / "configuration_m.py").write_text("ROPE_THETA = 1e6")
     elif change == "small_shard":   # read whole: one byte anywhere counts
         (a / "model-00002-of-00002.safetensors").write_bytes(bytes(999) + b"\x01")
     elif change == "new_shard":
@@ -151,10 +153,21 @@ def test_one_hub_snapshot_under_two_homes_is_one_model(tmp_path, l3):
     a = _hub_snapshot(tmp_path / "root" / ".cache", MODEL_FILES)
     b = _hub_snapshot(tmp_path / "svc" / ".cache", MODEL_FILES)
     ns_a, ns_b = _engine_namespace(a, l3), _engine_namespace(b, l3)
-    assert ns_a == ns_b and "exact:" in ns_a.model and str(a) not in ns_a.model
+    assert ns_a == ns_b and str(a) not in ns_a.model
     assert StoreKeyspace(ns_a, weights="w").key(7) == StoreKeyspace(ns_b, weights="w").key(7)
-    other = dict(MODEL_FILES, **{"model.safetensors": MODEL_FILES["model.safetensors"][:-1] + b"x"})
-    assert _engine_namespace(_hub_snapshot(tmp_path / "ops" / ".cache", other), l3) != ns_a
+    named = bool(l3 and l3.get("weights_id"))
+    assert ("exact:" in ns_a.model) != named               # weights_id names the weights, snapshot or not
+    for i, changed in enumerate((
+            {"model.safetensors": MODEL_FILES["model.safetensors"][:-1] + b"x"},   # one byte of the weights
+            {"configuration_m.py": b"ROPE_THETA = 1e6"})):                          # remote configuration code
+        other = _hub_snapshot(tmp_path / f"ops{i}" / ".cache", dict(MODEL_FILES, **changed))
+        assert (_engine_namespace(other, l3) != ns_a) != (named and i == 0)   # weights_id trusts the operator
+    if named:   # a plain copy of the same weights under the same weights_id shares with the snapshot
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        for name, data in MODEL_FILES.items():
+            (plain / name).write_bytes(data)
+        assert _engine_namespace(plain, l3) == ns_a
 
 
 def test_plain_folders_at_two_paths_stay_two_models_unless_an_operator_names_them(tmp_path):
@@ -192,6 +205,17 @@ def test_what_is_not_named_exactly(tmp_path):
         (other / "store" / ("a" * 64 if name == "config.json" else "b" * 64)).write_bytes(data)
         (other / name).symlink_to(other / "store" / ("a" * 64 if name == "config.json" else "b" * 64))
     assert exact_content_name(str(other)) is None                   # not blobs/
+    for name in ("model-v2.safetensors", "c" * 63):                  # in blobs/, but not a content hash
+        odd = _hub_snapshot(tmp_path / f"x{len(name)}", MODEL_FILES)
+        blob = odd.parent.parent / "blobs" / name
+        blob.write_bytes(MODEL_FILES["model.safetensors"])
+        (odd / "model.safetensors").unlink()
+        (odd / "model.safetensors").symlink_to(blob)
+        assert exact_content_name(str(odd)) is None
+    edited = _hub_snapshot(tmp_path / "e", MODEL_FILES)              # config.json edited through its link
+    before = exact_content_name(str(edited))
+    (edited / "config.json").write_text('{"model_type": "llama", "rope_scaling": {"type": "yarn"}}')
+    assert (edited / "config.json").is_symlink() and exact_content_name(str(edited)) not in (None, before)
     assert exact_content_name(str(_hub_snapshot(tmp_path / "n", {"model.safetensors": b"w"}))) is None
     assert exact_content_name(str(_hub_snapshot(tmp_path / "w", {"config.json": b"{}"}))) is None
 
