@@ -1,4 +1,5 @@
-"""A fingerprint of a local checkpoint's weights, part of every store key.
+"""Names of a local checkpoint's weights: a fingerprint, part of every store key, and an exact
+content name for Hugging Face cache snapshots.
 
 Store objects outlive the process that wrote them, and other nodes read them. The model's path
 alone does not say which weights produced a block: two nodes can mount different fine-tunes at the
@@ -14,12 +15,18 @@ by other weights. ``checkpoint_fingerprint(path)`` names the weights instead:
   the first and the last piece included (a file up to ``SAMPLES * PIECE_BYTES`` is read whole).
 
 Invariants: the same bytes give the same fingerprint on every machine (no modification times, inode
-numbers or absolute paths enter it); at most ``SAMPLES * PIECE_BYTES`` bytes are read per file, so a
-140 GB checkpoint costs a few MiB of reads per shard; any file that cannot be read raises
+numbers or absolute paths enter it); at most ``SAMPLES * PIECE_BYTES`` bytes are read per weight file
+(16 MiB per configuration file), so a 140 GB checkpoint costs a few MiB of reads per shard; any file that cannot be read raises
 ``ValueError`` naming it (no fingerprint is better than a wrong one). A fine-tune changes nearly
 every piece and a partial update (a merged adapter) changes whole tensors, so sampled pieces
 differ unless the update touches none of them: a sample, not a proof. ``l3.weights_id`` in the
 settings replaces it where the operator names the weights (a commit hash, a run id).
+
+``exact_content_name(path)`` is not a sample: a snapshot whose files are all links to
+``blobs/<content hash>`` is named by its weight files' blob names (no weight byte is read) and its
+other files' bytes; anything else gets None. ``integration/namespace.py`` uses it to let nodes that
+keep one snapshot under different paths share; ``config_fingerprint`` names the configuration alone,
+for ``l3.weights_id``.
 """
 from __future__ import annotations
 
