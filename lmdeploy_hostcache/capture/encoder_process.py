@@ -18,7 +18,9 @@ input it closes the file and prints one JSON line of counters on stdout (``recor
 batch it is woken for never takes the core from the engine; on a machine with no idle core it falls
 behind, and the engine then drops batches past ``MAX_PENDING_BYTES`` (logged once).
 
-Invariants: it writes only whole batches (``RotatingWriter``); a write failure is logged once (on
+Invariants: it ignores the signals a service stop sends the engine's process group
+(``outlive_group_signals``) and ends only at end of input, so what the engine hands over at close is
+written; it writes only whole batches (``RotatingWriter``); a write failure is logged once (on
 stderr, which it shares with the server) and it exits 3, a malformed batch exits 4: the engine sees
 the pipe close and stops capture, serving goes on. The frames are pickles from the engine's own
 process, over a pipe no other process holds.
@@ -126,7 +128,19 @@ def lower_priority() -> str:
         return "unchanged"
 
 
+def outlive_group_signals() -> None:
+    """Ignore SIGTERM, SIGINT and SIGHUP. A service stop signals the engine's whole process group (systemd's
+    default ``KillMode=control-group``, a terminal's Ctrl-C, the test server's ``killpg``): a helper that
+    died with it would lose the batch the engine hands over at close. Its input's end is its only exit:
+    the engine closes the pipe at close, or the kernel does when the engine dies; SIGKILL still stops it."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main() -> int:
+    outlive_group_signals()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
     return serve(sys.stdin.buffer, sys.stdout, lower_priority())
 

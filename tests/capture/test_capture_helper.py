@@ -388,3 +388,19 @@ def test_output_block_ids_continue_the_prompts_chain_and_the_helper_writes_the_s
         assert any(ids[r["after"][0]][1] for r in requests if r["after"] and r["after"][1] == kind), kind
     total = sum(len(a) + len(b) for a, b in ids.values())
     assert inline.blocks_hashed + inline.blocks_reused == total and inline.blocks_reused == reused
+
+
+def test_a_stop_signal_to_the_process_group_loses_no_record(tmp_path):
+    """A service stop signals the engine's whole process group (systemd's default, Ctrl-C, killpg): the
+    helper outlives the signal and writes what the engine hands over at close, so no record is lost."""
+    requests = _requests(40)
+    cap = _capture(tmp_path / "c.jsonl", offload=True)
+    helper = cap.helper
+    _run(cap, requests[:20])
+    cap.flush()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):    # as killpg delivers them to the helper
+        helper.send_signal(sig)
+    _run(cap, requests[20:])
+    cap.close()
+    assert not cap.failed and helper.returncode == 0
+    assert (tmp_path / "c.jsonl").read_text().count("\n") == len(requests)
