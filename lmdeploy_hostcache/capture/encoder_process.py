@@ -107,8 +107,14 @@ def serve(stdin, stdout, priority: str = "unchanged") -> int:
                 "dropped": writer.dropped, "failed": writer.failed, "cpu_seconds": time.process_time(),
                 "priority": priority,
                 **encoder.counters()}
-    stdout.write(json.dumps(counters) + "\n")
-    stdout.flush()
+    try:   # the engine reads them at close; one that died without close has no pipe left to read them
+        stdout.write(json.dumps(counters) + "\n")
+        stdout.flush()
+    except OSError:   # BrokenPipeError: the file is complete, nothing is lost; exit as usual
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())   # the interpreter's last flush too
+        except (OSError, ValueError, AttributeError):
+            pass
     return code
 
 
@@ -132,7 +138,9 @@ def outlive_group_signals() -> None:
     """Ignore SIGTERM, SIGINT and SIGHUP. A service stop signals the engine's whole process group (systemd's
     default ``KillMode=control-group``, a terminal's Ctrl-C, the test server's ``killpg``): a helper that
     died with it would lose the batch the engine hands over at close. Its input's end is its only exit:
-    the engine closes the pipe at close, or the kernel does when the engine dies; SIGKILL still stops it."""
+    the engine closes the pipe at close, or the kernel does when the engine dies; SIGKILL still stops it.
+    (LMDeploy closes the engine on SIGTERM and SIGINT only: a SIGHUP kills the engine without its close,
+    and the records it still queued are lost whatever the helper does.)"""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -404,3 +404,27 @@ def test_a_stop_signal_to_the_process_group_loses_no_record(tmp_path):
     cap.close()
     assert not cap.failed and helper.returncode == 0
     assert (tmp_path / "c.jsonl").read_text().count("\n") == len(requests)
+
+
+def test_a_helper_whose_engine_died_without_close_exits_0_with_its_file_complete(tmp_path):
+    """The engine died (SIGKILL, the OOM killer): the helper's input ends and no one reads its counters; it
+    finishes the file and exits 0, with no BrokenPipeError traceback in the server's log."""
+    import os
+    import subprocess
+    import sys
+
+    from lmdeploy_hostcache.capture.encoder_process import frame
+
+    path = tmp_path / "c.jsonl"
+    helper = subprocess.Popen([sys.executable, "-m", "lmdeploy_hostcache.capture.encoder_process"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for chunk in frame({"path": str(path), "max_bytes": 1 << 20, "block_size": BS, "key": b"\x07" * 16}):
+        helper.stdin.write(chunk)
+    helper.stdin.flush()
+    assert helper.stdout.readline().strip() == b"ready"
+    helper.stdout.close()                     # the engine is gone: nobody reads the counters
+    helper.stdin.close()
+    assert helper.wait(30) == 0
+    err = helper.stderr.read().decode()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert os.path.exists(path)
