@@ -34,10 +34,14 @@ Invariants:
   complete, checksummed object, counted as stored);
 * every outcome is counted in ``metrics`` (an ``L3TierMetrics`` or anything with ``add`` and
   ``observe(op, seconds)``; latency per backend call) when one is given;
-* ``close`` is idempotent and returns within ``max(timeout_s, 10 s)``; after a call missed its
-  deadline it returns at once and a daemon thread closes the backend when that call returns
-  (never while it runs; a process exiting before that leaves the backend to Mooncake's own exit
-  handler).
+* ``close`` is idempotent and waits at most ``max(timeout_s, 10 s)`` for the backend's close; after
+  a call missed its deadline it returns at once and a daemon thread closes the backend when that
+  call returns (never while it runs; a process exiting before that leaves the backend to Mooncake's
+  own exit handler). The wait is only as good as Mooncake lets it be: with a master that stops
+  answering (hung, partitioned; not one that died), Mooncake 0.3.13's close, and its destructor at
+  exit, block while holding Python's GIL until its RPC gives up, about a minute, so no thread of the
+  process runs meanwhile (an engine's sleep or stop then takes that long; LMDeploy force-kills an
+  engine that does not stop within 60 s). Measured, not fixed: docs/integration.md.
 """
 from __future__ import annotations
 
@@ -346,7 +350,8 @@ class L3Client:
         return out
 
     def close(self) -> None:
-        """Close the backend; idempotent. Waits at most ``max(timeout_s, 10 s)`` for it; after a call
+        """Close the backend; idempotent. Waits at most ``max(timeout_s, 10 s)`` for it (not when a hung
+        master makes Mooncake hold the GIL: see the module docstring); after a call
         missed its deadline, returns at once and leaves the close to a daemon thread (``closer``)
         that runs it once that call returned (the backend is never closed under a running call)."""
         with self._lock:
