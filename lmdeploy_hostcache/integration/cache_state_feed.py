@@ -41,7 +41,11 @@ starts it when ``LMDEPLOY_HOSTCACHE_FEED_ADDR=HOST:PORT`` is set; the proxy then
 cannot be served observes nothing; a second call for the same trie (the hook installed again)
 keeps the feed it has and only re-chains its eviction observer.  ``NodeCacheFeed.close`` (from the
 connector's ``shutdown``, at engine close) disables the feed, stops and closes its server (the
-port is free again, reads are refused) and detaches its listener and eviction observer.
+port is free again, reads are refused) and detaches its listener and eviction observer.  In a
+multiprocessing child (LMDeploy's engine process under ``lmdeploy serve api_server``) the server also
+closes, and frees its port, the moment the parent process dies (``_watch_parent``; a read that comes
+first is answered 503): stock LMDeploy leaves that engine running after a SIGKILL of the server, and
+its feed must not outlive the node.
 
 Access (issue 16, ``docs/security.md``): with ``LMDEPLOY_HOSTCACHE_FEED_API_KEYS`` (comma-separated;
 use the node's ``--api-keys``) every read must carry ``Authorization: Bearer <one of them>``, else
@@ -473,6 +477,13 @@ def bind_feed(host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
             except ValueError:
                 self.send_error(400, "since and max_events must be integers")
                 return
+            if _orphaned():
+                # the api_server that started this engine process died (SIGKILL): LMDeploy leaves the engine
+                # running; its view would outlive the node, and a node restarted at this address could not
+                # serve its own feed. Answer 503 and free the port.
+                self.send_error(503, "cache-state feed closed: this engine's api_server process is gone")
+                self.server.close_orphaned()
+                return
             feed = self.server.feed
             if feed is None or not feed.enabled:
                 self.send_error(503, "cache-state feed disabled")
@@ -505,14 +516,61 @@ def bind_feed(host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
             finally:
                 self._slots.release()
 
+        def close_orphaned(self) -> None:
+            """Stop serving and free the port, once (from a handler thread: ``shutdown`` waits for the
+            serving loop, which runs in another thread)."""
+            with _ORPHAN_LOCK:
+                if getattr(self, "_orphan_closed", False):
+                    return
+                self._orphan_closed = True
+            logger.warning("lmdeploy-hostcache: this engine process's api_server is gone (killed?); its "
+                           "cache-state feed stops and frees %s:%s (restart the node; this engine process "
+                           "should be stopped)", *self.server_address[:2])
+
+            def stop():
+                self.shutdown()
+                self.server_close()
+
+            threading.Thread(target=stop, name="hostcache-feed-close", daemon=True).start()
+
     server = Server((host, int(port)), Handler)
     server.daemon_threads = True
     return server
 
 
+_ORPHAN_LOCK = threading.Lock()
+
+
+def _orphaned() -> bool:
+    """Whether this is a multiprocessing child (LMDeploy's engine process under ``lmdeploy serve
+    api_server``) whose parent has died. A process that is no such child (an engine in the server's own
+    process, a ``nohup``'d server whose shell exited) is never orphaned here."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
+def _watch_parent(server) -> None:
+    """In a multiprocessing child (LMDeploy's engine process), close the feed the moment the parent (the
+    api_server) dies: a thread blocked on the parent's sentinel, no polling."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        parent.join()
+        server.close_orphaned()
+
+    threading.Thread(target=watch, name="hostcache-feed-parent", daemon=True).start()
+
+
 def _start(server: ThreadingHTTPServer, feed) -> ThreadingHTTPServer:
     server.feed = feed
     threading.Thread(target=server.serve_forever, name="hostcache-feed", daemon=True).start()
+    _watch_parent(server)
     return server
 
 

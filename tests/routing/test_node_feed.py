@@ -340,3 +340,78 @@ def test_a_data_parallel_engine_warns_that_the_feed_address_is_shared(monkeypatc
     with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.cache_state_feed"):
         attach_from_env(side, scheduler=None)
     assert "data-parallel" not in caplog.text and "not started" in caplog.text
+
+
+_ORPHAN_SCRIPT = r'''
+import multiprocessing as mp, os, sys, time, types
+
+def engine(q):
+    from lmdeploy_hostcache.integration.cache_state_feed import serve_feed
+    server = serve_feed(types.SimpleNamespace(enabled=True, poll=lambda *a: {"ok": 1}), "127.0.0.1", 0)
+    q.put((server.server_address[1], os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    ctx.Process(target=engine, args=(q,)).start()
+    port, pid = q.get(timeout=60)
+    print(port, pid, flush=True)
+    time.sleep(120)
+'''
+
+
+def test_an_engine_process_whose_api_server_died_stops_its_feed_and_frees_the_port(tmp_path):
+    """``lmdeploy serve api_server`` runs the engine in a multiprocessing child; SIGKILL of the server's main
+    process leaves that engine running. Its feed must not go on publishing a node that is gone (a proxy
+    would route on it, and a node restarted at the address could not bind its own feed): it answers 503
+    and frees the port."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    script = tmp_path / "server.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    engine_pid = None
+    try:
+        port, engine_pid = map(int, server.stdout.readline().split())
+        url = f"http://127.0.0.1:{port}{FEED_PATH}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200
+        server.kill()                                   # the api_server's main process, SIGKILL
+        server.wait(10)
+        try:                                            # 503 if a poll comes first; the port closes anyway
+            urllib.request.urlopen(url, timeout=5)
+            pytest.fail("the orphaned engine still answered its feed")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+        except urllib.error.URLError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:              # the port is free again
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the orphaned engine kept the feed's port")
+    finally:
+        server.kill()
+        if engine_pid:
+            try:
+                os.kill(engine_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_an_engine_with_no_multiprocessing_parent_is_never_orphaned():
+    from lmdeploy_hostcache.integration import cache_state_feed
+
+    assert cache_state_feed._orphaned() is False        # the test process: no multiprocessing parent
