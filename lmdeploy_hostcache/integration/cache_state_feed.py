@@ -153,6 +153,9 @@ class NodeCacheFeed:
         server, self.server = self.server, None
         try:
             if server is not None:
+                retire = getattr(server, "retire", None)
+                if retire is not None:      # its parent watcher ends with it
+                    retire()
                 server.shutdown()           # serve_forever returns: no new connection is accepted
                 server.server_close()       # the port is free
                 server.feed = None          # a read still in flight answers 503
@@ -533,6 +536,15 @@ def bind_feed(host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
 
             threading.Thread(target=stop, name="hostcache-feed-close", daemon=True).start()
 
+        def retire(self) -> None:
+            """The feed is closing (``NodeCacheFeed.close``): its parent watcher ends, and a parent that
+            dies later closes nothing and logs nothing for it."""
+            with _ORPHAN_LOCK:
+                self._orphan_closed = True
+                stop, self._watch_stop = getattr(self, "_watch_stop", None), None
+            if stop is not None:
+                os.close(stop)   # the watcher's read end sees end of file
+
     server = Server((host, int(port)), Handler)
     server.daemon_threads = True
     return server
@@ -553,16 +565,23 @@ def _orphaned() -> bool:
 
 def _watch_parent(server) -> None:
     """In a multiprocessing child (LMDeploy's engine process), close the feed the moment the parent (the
-    api_server) dies: a thread blocked on the parent's sentinel, no polling."""
+    api_server) dies: a thread blocked on the parent's sentinel and on a pipe ``Server.retire`` closes
+    when the feed closes first (the thread then ends), no polling."""
     import multiprocessing
+    from multiprocessing.connection import wait
 
     parent = multiprocessing.parent_process()
     if parent is None:
         return
+    stop_r, server._watch_stop = os.pipe()
 
     def watch():
-        parent.join()
-        server.close_orphaned()
+        try:
+            retired = stop_r in wait([parent.sentinel, stop_r])
+        finally:
+            os.close(stop_r)
+        if not retired:
+            server.close_orphaned()
 
     threading.Thread(target=watch, name="hostcache-feed-parent", daemon=True).start()
 

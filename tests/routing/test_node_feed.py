@@ -366,6 +366,7 @@ def test_an_engine_process_whose_api_server_died_stops_its_feed_and_frees_the_po
     process leaves that engine running. Its feed must not go on publishing a node that is gone (a proxy
     would route on it, and a node restarted at the address could not bind its own feed): it answers 503
     and frees the port."""
+    import http.client
     import os
     import signal
     import socket
@@ -391,8 +392,8 @@ def test_an_engine_process_whose_api_server_died_stops_its_feed_and_frees_the_po
             pytest.fail("the orphaned engine still answered its feed")
         except urllib.error.HTTPError as exc:
             assert exc.code == 503
-        except urllib.error.URLError:
-            pass
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            pass                                        # refused, or closed under the read
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:              # the port is free again
             try:
@@ -415,3 +416,49 @@ def test_an_engine_with_no_multiprocessing_parent_is_never_orphaned():
     from lmdeploy_hostcache.integration import cache_state_feed
 
     assert cache_state_feed._orphaned() is False        # the test process: no multiprocessing parent
+
+
+def test_the_parent_watcher_ends_with_its_feed_and_fires_only_for_a_live_one(monkeypatch, caplog):
+    """A feed closed before the parent dies ends its watcher thread and is never reported orphaned; a live
+    feed is closed (port freed) when the parent's sentinel fires."""
+    import multiprocessing
+    import os
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.integration.cache_state_feed import NodeCacheFeed
+
+    parent_r, parent_w = os.pipe()                      # the parent's sentinel: readable once it "dies"
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: SimpleNamespace(sentinel=parent_r))
+
+    def watchers():
+        return sum(t.name == "hostcache-feed-parent" for t in threading.enumerate())
+
+    base = watchers()
+    closed = serve_feed(SimpleNamespace(enabled=True, poll=lambda *a: {"ok": 1}), "127.0.0.1", 0)
+    assert watchers() == base + 1
+    NodeCacheFeed.close(SimpleNamespace(lock=threading.Lock(), server=closed, enabled=True,
+                                        side=SimpleNamespace(index=SimpleNamespace(remove_listener=lambda *a: None)),
+                                        _listener=(), _lifecycle=None, _observer=None, _first=None))
+    deadline = time.monotonic() + 5
+    while watchers() > base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert watchers() == base                           # ended with its feed
+    live = serve_feed(SimpleNamespace(enabled=True, poll=lambda *a: {"ok": 1}), "127.0.0.1", 0)
+    port = live.server_address[1]
+    with caplog.at_level("WARNING", logger="lmdeploy_hostcache"):
+        os.close(parent_w)                              # the parent dies
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the live feed kept its port after its parent died")
+    gone = [r.getMessage() for r in caplog.records if "api_server is gone" in r.getMessage()]
+    assert len(gone) == 1 and str(port) in gone[0]      # the closed feed logged nothing
+    os.close(parent_r)
