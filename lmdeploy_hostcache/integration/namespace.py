@@ -10,9 +10,9 @@ Everything that changes those bytes for identical tokens enters the ``digest.Nam
   named by their content hashes, is named by those (``model_content_name``: weight files by their
   blobs' names, every other file by its bytes; with the store tier joined by the weights' name), and
   with the store tier an operator's ``l3.weights_id`` (with the configuration fingerprinted, so two
-  models given one id stay apart) names it, snapshot or not.  A plain folder keeps its path: the sampled fingerprint (``l3/weights.py``) is not exact
-  enough to let two folders' KV meet on it alone (it still keys the store: two fine-tunes at one
-  path never share);
+  models given one id stay apart) names it, snapshot or not.  A plain folder keeps its path: the
+  sampled fingerprint (``l3/weights.py``) is not exact enough to let two folders' KV meet on it alone
+  (it still keys the store: two fine-tunes at one path never share);
 * the LoRA adapter (``SchedulerSequence.adapter_name``; one namespace per adapter, mirroring
   the per-adapter roots of LMDeploy's BlockTrie); with the store tier on and no ``l3.weights_id``,
   the adapter's name is joined by its weights' fingerprint (``adapter_weights_fingerprints``,

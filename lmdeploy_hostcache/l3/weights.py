@@ -16,8 +16,8 @@ by other weights. ``checkpoint_fingerprint(path)`` names the weights instead:
 
 Invariants: the same bytes give the same fingerprint on every machine (no modification times, inode
 numbers or absolute paths enter it); at most ``SAMPLES * PIECE_BYTES`` bytes are read per weight file
-(16 MiB per configuration file), so a 140 GB checkpoint costs a few MiB of reads per shard; any file that cannot be read raises
-``ValueError`` naming it (no fingerprint is better than a wrong one). A fine-tune changes nearly
+(16 MiB per configuration file), so a 140 GB checkpoint costs a few MiB of reads per shard; any file
+that cannot be read raises ``ValueError`` naming it (no fingerprint is better than a wrong one). A fine-tune changes nearly
 every piece and a partial update (a merged adapter) changes whole tensors, so sampled pieces
 differ unless the update touches none of them: a sample, not a proof. ``l3.weights_id`` in the
 settings replaces it where the operator names the weights (a commit hash, a run id).
