@@ -342,6 +342,21 @@ def test_a_data_parallel_engine_warns_that_the_feed_address_is_shared(monkeypatc
     assert "data-parallel" not in caplog.text and "not started" in caplog.text
 
 
+def _port_freed(port: int, within_s: float) -> bool:
+    """Whether nothing accepts connections on 127.0.0.1:``port`` within ``within_s`` seconds."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 _ORPHAN_SCRIPT = r'''
 import multiprocessing as mp, os, sys, time, types
 
@@ -369,10 +384,8 @@ def test_an_engine_process_whose_api_server_died_stops_its_feed_and_frees_the_po
     import http.client
     import os
     import signal
-    import socket
     import subprocess
     import sys
-    import time
     import urllib.error
     import urllib.request
 
@@ -394,15 +407,7 @@ def test_an_engine_process_whose_api_server_died_stops_its_feed_and_frees_the_po
             assert exc.code == 503
         except (urllib.error.URLError, OSError, http.client.HTTPException):
             pass                                        # refused, or closed under the read
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:              # the port is free again
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the orphaned engine kept the feed's port")
+        assert _port_freed(port, 10), "the orphaned engine kept the feed's port"
     finally:
         server.kill()
         if engine_pid:
@@ -423,7 +428,6 @@ def test_the_parent_watcher_ends_with_its_feed_and_fires_only_for_a_live_one(mon
     feed is closed (port freed) when the parent's sentinel fires."""
     import multiprocessing
     import os
-    import socket
     import threading
     import time
     from types import SimpleNamespace
@@ -450,15 +454,7 @@ def test_the_parent_watcher_ends_with_its_feed_and_fires_only_for_a_live_one(mon
     port = live.server_address[1]
     with caplog.at_level("WARNING", logger="lmdeploy_hostcache"):
         os.close(parent_w)                              # the parent dies
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            except OSError:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the live feed kept its port after its parent died")
+        assert _port_freed(port, 5), "the live feed kept its port after its parent died"
     gone = [r.getMessage() for r in caplog.records if "api_server is gone" in r.getMessage()]
     assert len(gone) == 1 and str(port) in gone[0]      # the closed feed logged nothing
     os.close(parent_r)
