@@ -153,9 +153,7 @@ class NodeCacheFeed:
         server, self.server = self.server, None
         try:
             if server is not None:
-                retire = getattr(server, "retire", None)
-                if retire is not None:      # its parent watcher ends with it
-                    retire()
+                server.retire()             # its parent watcher ends with it
                 server.shutdown()           # serve_forever returns: no new connection is accepted
                 server.server_close()       # the port is free
                 server.feed = None          # a read still in flight answers 503
@@ -506,6 +504,8 @@ def bind_feed(host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
         _slots = threading.BoundedSemaphore(FEED_MAX_CONNECTIONS)
         address_family = address_family(host)
         feed = None
+        _orphan_closed = False           # close_orphaned ran, or the feed closed first (retire)
+        _watch_stop: int | None = None   # write end of the parent watcher's stop pipe (_watch_parent)
 
         def process_request(self, request, client_address):
             if not self._slots.acquire(blocking=False):
@@ -523,7 +523,7 @@ def bind_feed(host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
             """Stop serving and free the port, once (from a handler thread: ``shutdown`` waits for the
             serving loop, which runs in another thread)."""
             with _ORPHAN_LOCK:
-                if getattr(self, "_orphan_closed", False):
+                if self._orphan_closed:
                     return
                 self._orphan_closed = True
             logger.warning("lmdeploy-hostcache: this engine process's api_server is gone (killed?); its "
@@ -541,7 +541,7 @@ def bind_feed(host: str, port: int, api_keys=()) -> ThreadingHTTPServer:
             dies later closes nothing and logs nothing for it."""
             with _ORPHAN_LOCK:
                 self._orphan_closed = True
-                stop, self._watch_stop = getattr(self, "_watch_stop", None), None
+                stop, self._watch_stop = self._watch_stop, None
             if stop is not None:
                 os.close(stop)   # the watcher's read end sees end of file
 
