@@ -288,7 +288,8 @@ def _patch_factory(mod) -> None:
                 return orig_prepare(cache_config, model_path=model_path, dist_config=dist_config,
                                     distributed_executor_backend=distributed_executor_backend)
             from .compat import check_supported
-            from .engine_config import model_content_name_from_path, model_identity_from_path, normalise_extra_config
+            from ..l3.weights import exact_content_name
+            from .engine_config import model_identity_from_path, normalise_extra_config
 
             check_supported(cache_config, model_path=model_path, dist_config=dist_config,
                             distributed_executor_backend=distributed_executor_backend)
@@ -298,9 +299,9 @@ def _patch_factory(mod) -> None:
                 if identity:
                     extra["model_identity"] = identity
                     extra.pop("model_content_name", None)   # an earlier run's, in a reused config
-                    try:
-                        content = model_content_name_from_path(model_path)
-                    except ValueError:   # its files cannot be listed: the path names the model
+                    try:   # the identity is the resolved folder, or a hub id (no folder: None)
+                        content = exact_content_name(identity)
+                    except ValueError:   # its files cannot be read: the path names the model
                         content = None
                     if content:
                         extra["model_content_name"] = content

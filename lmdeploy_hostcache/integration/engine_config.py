@@ -71,7 +71,6 @@ __all__ = [
     "host_tier_transfer_config",
     "is_host_tier",
     "merge_transfer_config",
-    "model_content_name_from_path",
     "model_identity_from_path",
     "normalise_extra_config",
     "size_host_cache",
@@ -283,16 +282,6 @@ def model_identity_from_path(model_path: str | None) -> str | None:
     if os.path.exists(model_path):
         return os.path.realpath(model_path)
     return model_path
-
-
-def model_content_name_from_path(model_path: str | None) -> str | None:
-    """The exact content name of the model folder (``l3.weights.exact_content_name``: a Hugging Face
-    cache snapshot), or None; ``ValueError`` when its files cannot be listed."""
-    if not model_path or not os.path.isdir(model_path):
-        return None
-    from ..l3.weights import exact_content_name
-
-    return exact_content_name(os.path.realpath(model_path))
 
 
 def size_host_cache(extra: Mapping[str, Any], rank_block_bytes: list[int],

@@ -110,13 +110,14 @@ def _engine_namespace(model_path, l3, adapters=None, adapter=None):
     from types import SimpleNamespace
 
     from lmdeploy_hostcache.config import HostCacheConfig
-    from lmdeploy_hostcache.integration.engine_config import model_content_name_from_path, model_identity_from_path
+    from lmdeploy_hostcache.integration.engine_config import model_identity_from_path
     from lmdeploy_hostcache.integration.l3_tier import record_weights
     from lmdeploy_hostcache.integration.namespace import NamespaceFactory
+    from lmdeploy_hostcache.l3.weights import exact_content_name
 
     hostcache = HostCacheConfig.from_dict({"l3": l3})
     extra = {"model_identity": model_identity_from_path(str(model_path)), "kv_dtype": "bfloat16"}
-    content = model_content_name_from_path(str(model_path))
+    content = exact_content_name(extra["model_identity"])   # as the prepare hook names it
     if content:
         extra["model_content_name"] = content
     if hostcache.l3 is not None:
