@@ -49,6 +49,11 @@ def _space_nbytes(extra) -> int:
     return int(planned) if isinstance(planned, int) and not isinstance(planned, bool) else 0
 
 
+def _gib_rounded_up(nbytes: int) -> float:
+    """``nbytes`` in GiB, rounded up to the 0.001 GiB a start-up error shows."""
+    return -(-nbytes * 1000 // GIB) / 1000
+
+
 def check_local_buffer(cfg, block_size: int, slot_nbytes: int) -> None:
     """``ConfigError`` naming ``l3.local_buffer_gb`` when one block's store object on this rank
     (``block_size`` token ids of 4 bytes, a host slot of ``slot_nbytes``, the object header) cannot
@@ -61,7 +66,7 @@ def check_local_buffer(cfg, block_size: int, slot_nbytes: int) -> None:
     if buffer_need([obj], have) <= have:
         return
     need = buffer_need([obj], 2 * obj)
-    min_gb = -(-need * 1000 // GIB) / 1000   # rounded up to the 0.001 GiB the error shows
+    min_gb = _gib_rounded_up(need)
     raise ConfigError([FieldError(
         "l3.local_buffer_gb", cfg.local_buffer_gb, f"at least {min_gb:g}",
         f"got {cfg.local_buffer_gb:g} GiB ({have} bytes), too small for one block: its store object on this "
@@ -76,7 +81,7 @@ def check_segment_share(cfg, share: int) -> None:
     each = int(cfg.global_segment_gb / share * GIB)   # what the client's L3Config.global_segment_bytes will be
     if each >= MIN_SEGMENT_BYTES:
         return
-    min_gb = -(-share * MIN_SEGMENT_BYTES * 1000 // GIB) / 1000   # rounded up to the 0.001 GiB shown
+    min_gb = _gib_rounded_up(share * MIN_SEGMENT_BYTES)
     raise ConfigError([FieldError(
         "l3.global_segment_gb", cfg.global_segment_gb, f"at least {min_gb:g}",
         f"each of this node's {share} store clients (TP ranks x data-parallel engines) contributes 1/{share} of "
