@@ -283,7 +283,10 @@ class HostIndex:
         admit that very request must not take it.  Raises KeyError (pinning nothing) if any block
         is not RESIDENT.
         """
-        blocks = self._resident_blocks(digests, "hold")
+        self._hold_blocks(self._resident_blocks(digests, "hold"))
+
+    def _hold_blocks(self, blocks) -> None:
+        """Pin ``blocks`` (RESIDENT) out of the eviction queue, counted in ``stats.holds``."""
         for b in blocks:
             self.allocator.pin(b.slot)
             self._unqueue(b)
@@ -307,10 +310,7 @@ class HostIndex:
         blocks = self._resident_blocks(digests, "hold")
         last = len(blocks) - 1
         pick = [b for j, b in enumerate(blocks) if j == last or b.on_gpu or blocks[j + 1].on_gpu]
-        for b in pick:
-            self.allocator.pin(b.slot)
-            self._unqueue(b)
-        self.stats.holds += len(pick)
+        self._hold_blocks(pick)
         return tuple(b.digest for b in pick)
 
     def release(self, digests: Sequence[int]) -> None:
