@@ -57,7 +57,8 @@ Teardown. ``shutdown`` (LMDeploy calls it at engine sleep, any level, at wakeup'
 submitted copy, records what the drain completed in ``last_drain`` (and the log; LMDeploy
 discards the step outputs that would have carried it), then releases the copy engine and the
 pool. A drain that raises (a device error) never reaches LMDeploy: it is logged, the engine is
-retired, the ops in flight are listed as failed, and the pool is still released. A worker is never reused: LMDeploy builds a new one, with a new pool, at wakeup.
+retired, the ops in flight are listed as failed, and the pool is still released. A worker is never
+reused: LMDeploy builds a new one, with a new pool, at wakeup.
 
 ``start_save_kv`` is a no-op on purpose: the tier is write-back on eviction. Evicted pages must
 be read *before* the forward that may reuse them, which is ``start_load_kv``'s slot; nothing
