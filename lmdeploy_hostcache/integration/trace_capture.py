@@ -31,7 +31,9 @@ writes an ended sequence's tokens again, it drops them) and the host tier's dige
 (``on_request_finished`` runs ``snapshot``'s code inline, one call less in a hook that runs cold;
 ``tests/capture`` checks that both give the same tuple).  Every ``FLUSH_RECORDS`` queued requests, or at
 the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at ``close``/interpreter exit, the
-queue is flushed as one batch: the token ids of the prompts' full blocks and kept output blocks sliced, laid
+queue is flushed as one batch; on a server with no request ending, the idle flusher thread does it once the
+oldest is ``FLUSH_SECONDS`` old (it looks every ``IDLE_FLUSH_SECONDS``; ``flushes_idle``, not in
+``seconds``: no scheduler step waits for them), and sends the frames the pipe did not take: the token ids of the prompts' full blocks and kept output blocks sliced, laid
 end to end and encoded by one
 value-checked cast here, then
 
@@ -49,14 +51,15 @@ value-checked cast here, then
   keyed ids, JSON lines) and written with one ``os.write``.
 
 Both give the same file (``tests/capture/test_capture_helper.py``).  A process killed without ``close``
-loses the records still queued (at most ``FLUSH_RECORDS - 1``; with the helper, also what it had not
-written).  A batch whose sequences hold fewer ids than their records cover is not written (an
+loses the records still queued: those of requests that ended in its last ``FLUSH_SECONDS +
+IDLE_FLUSH_SECONDS`` (at most ``FLUSH_RECORDS - 1``; with the helper, also what it had not written).  A batch whose sequences hold fewer ids than their records cover is not written (an
 error: capture stops).  Counters: ``records`` (hook calls), ``flushes`` (``flushes_by_age`` of them by
 ``FLUSH_SECONDS``); ``blocks_hashed``, ``blocks_reused`` and ``blocks_from_chain`` (the encoder's; with
 the helper, its figures once it exited).  The remembered prompts and the key's id memo live in process
 memory only (digests, ids and an xxh3 of tokens; never written), in the helper's when it encodes.
 
-Invariants: neither hook ever raises into LMDeploy nor blocks on the helper (any error turns capture off
+Invariants: neither hook ever raises into LMDeploy nor blocks on the helper (a hook may wait for the lock
+while the idle flusher flushes, as long as a flush of its own would take; any error turns capture off
 for the engine, logged once: ``capture/writer.py`` for file errors, here for everything else, a helper that
 exited included; after either, the hooks do no work); the key reaches the helper through its pipe only; a
 sequence seen
@@ -74,6 +77,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -93,6 +97,7 @@ logger = logging.getLogger("lmdeploy_hostcache.capture")
 
 FLUSH_RECORDS = 64      # queued requests encoded and written together
 FLUSH_SECONDS = 1.0     # ... or sooner, at the first request end this long after the oldest queued one
+IDLE_FLUSH_SECONDS = 1.0   # the idle flusher thread looks this often for records no request end flushed
 # with the helper process: batches not yet taken by it (the pipe full) are kept up to this many bytes;
 # beyond, a batch is dropped (counted in dropped_records, logged once)
 MAX_PENDING_BYTES = 256 * 2**20
@@ -106,7 +111,7 @@ class TraceCapture:
     """Per-engine capture: key, writer and the arrival of every live sequence."""
 
     def __init__(self, path: str, max_bytes: int, block_size: int, namespaces, *, key: CaptureKey | None = None,
-                 clock: Callable[[], float] = time.time, offload: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, offload: bool = False, idle_flush: bool = True) -> None:
         self.key = key or CaptureKey.from_env()
         self.writer = RotatingWriter(path, max_bytes)
         self.block_size = int(block_size)
@@ -133,6 +138,12 @@ class TraceCapture:
         self._pending_bytes = 0
         self._pipe = -1
         self.closed = False       # close() ran: the hooks do no more work
+        self.flushes_idle = 0     # of flushes_by_age: by the idle flusher thread
+        # the hooks, flush, close and the idle flusher take it: the queue, the pending frames and the
+        # helper are changed under it only
+        self._lock = threading.Lock()
+        self._idle_stop = threading.Event()
+        self._idle_flusher: threading.Thread | None = None
         atexit.register(_flush_at_exit, weakref.ref(self))
         logger.info("lmdeploy-hostcache: capturing request traces to %s (key fingerprint %s)", path,
                     self.key.fingerprint)
@@ -143,6 +154,29 @@ class TraceCapture:
         elif self.offload:
             self._start_helper()
         self.open_seconds = time.perf_counter() - t0
+        if idle_flush and not self.failed:
+            self._idle_flusher = threading.Thread(target=self._flush_when_idle, name="hostcache-capture-flush",
+                                                  daemon=True)
+            self._idle_flusher.start()
+
+    def _flush_when_idle(self) -> None:
+        """The idle flusher thread: every ``IDLE_FLUSH_SECONDS``, queued records at least ``flush_seconds``
+        old are flushed, and frames the pipe did not take are sent, which otherwise wait for the next request
+        end (an idle server would keep them in memory, lost if the process is killed).  It ends at close or
+        at a failure."""
+        while not self._idle_stop.wait(IDLE_FLUSH_SECONDS):
+            with self._lock:
+                if self.failed or self.closed:
+                    return
+                try:
+                    if self._queue and perf_counter() - self._queued_at >= self.flush_seconds:
+                        self.flushes_by_age += 1
+                        self.flushes_idle += 1
+                        self._flush()
+                    elif self._pending:
+                        self._send()
+                except Exception as exc:  # noqa: BLE001 -- capture stops, serving goes on
+                    self._fail(exc)
 
     # the encoder's counters (the helper's, reported when it exits, with offload)
     def _counter(self, name: str) -> int:
@@ -210,7 +244,8 @@ class TraceCapture:
         try:
             self._arrival[seq.seq_id] = (seq.input_start_pos, self.clock(), seq.input_end_pos)
         except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
-            self._fail(exc)
+            with self._lock:
+                self._fail(exc)
         self.seconds += perf_counter() - t0
 
     def on_lookup(self, seq) -> None:
@@ -222,12 +257,13 @@ class TraceCapture:
         if noted is None or noted[0] == seq.input_start_pos or self.failed or self.closed:
             return
         t0 = perf_counter()
-        try:
-            self._queue_record(t0, self._turn_before(seq, noted))
-        except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
-            self._fail(exc)
+        with self._lock:
+            try:
+                self._queue_record(t0, self._turn_before(seq, noted))
+            except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
+                self._fail(exc)
+            self.records += 1
         self.seconds += perf_counter() - t0
-        self.records += 1
 
     def _turn_before(self, seq, noted) -> tuple:
         """The record of the turn ``noted`` (start, arrival, prompt end) of a sequence that has moved on to
@@ -264,49 +300,54 @@ class TraceCapture:
             self._arrival.pop(getattr(seq, "seq_id", None), None)
             return
         t0 = perf_counter()
-        try:
-            if self._pending:         # offload: what the pipe could not take at the last flush
-                self._send()
-                if self.failed:       # the helper is gone (logged): no more work
-                    self.seconds += perf_counter() - t0
-                    return
-            # snapshot(seq, chain), inlined: the same tuple (tests/capture), one call less in a cold hook
-            noted = self._arrival.pop(seq.seq_id, None)
-            start = seq.input_start_pos
-            if noted is not None and noted[0] != start:   # an earlier turn, not looked up after it ended
-                self._queue_record(t0, self._turn_before(seq, noted))
-                self.records += 1
-                noted = self._arrival.pop(seq.seq_id)
-            if noted is not None and noted[0] == start:
-                arrival = noted[1]
-            else:  # registered before capture began
-                arrival = self._clock_of(seq.arrive_time)
-            prompt_len = seq.input_end_pos
-            output_len = seq.num_valid_ids - prompt_len
-            # the prompt's full blocks and the output blocks whose KV it computed (kept_tokens, inlined)
-            if output_len > 0:
-                end = prompt_len + output_len - 1
-            else:
-                output_len = 0
-                end = prompt_len
-            end -= end % self.block_size
-            if end:
-                try:
-                    tokens = seq.history_cache
-                except AttributeError:
-                    tokens = _AllIds(seq.all_ids)
-            else:
-                tokens = None
-            self._queue_record(t0, (arrival, prompt_len, output_len, tokens, end,
-                                    seq.adapter_name, sequence_salt(seq),
-                                    seq.session.session_id if start > 0 else None, chain))
-        except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
-            self._fail(exc)
+        with self._lock:
+            try:
+                if self._pending:         # offload: what the pipe could not take at the last flush
+                    self._send()
+                    if self.failed:       # the helper is gone (logged): no more work
+                        self.seconds += perf_counter() - t0
+                        return
+                # snapshot(seq, chain), inlined: the same tuple (tests/capture), one call less in a cold hook
+                noted = self._arrival.pop(seq.seq_id, None)
+                start = seq.input_start_pos
+                if noted is not None and noted[0] != start:   # an earlier turn, not looked up after it ended
+                    self._queue_record(t0, self._turn_before(seq, noted))
+                    self.records += 1
+                    noted = self._arrival.pop(seq.seq_id)
+                if noted is not None and noted[0] == start:
+                    arrival = noted[1]
+                else:  # registered before capture began
+                    arrival = self._clock_of(seq.arrive_time)
+                prompt_len = seq.input_end_pos
+                output_len = seq.num_valid_ids - prompt_len
+                # the prompt's full blocks and the output blocks whose KV it computed (kept_tokens, inlined)
+                if output_len > 0:
+                    end = prompt_len + output_len - 1
+                else:
+                    output_len = 0
+                    end = prompt_len
+                end -= end % self.block_size
+                if end:
+                    try:
+                        tokens = seq.history_cache
+                    except AttributeError:
+                        tokens = _AllIds(seq.all_ids)
+                else:
+                    tokens = None
+                self._queue_record(t0, (arrival, prompt_len, output_len, tokens, end,
+                                        seq.adapter_name, sequence_salt(seq),
+                                        seq.session.session_id if start > 0 else None, chain))
+            except Exception as exc:  # noqa: BLE001 -- never into LMDeploy
+                self._fail(exc)
+            self.records += 1
         self.seconds += perf_counter() - t0
-        self.records += 1
 
     def flush(self) -> None:
         """Encode and write the queued records now (never raises)."""
+        with self._lock:
+            self._flush_logged()
+
+    def _flush_logged(self) -> None:
         if not self._queue or self.failed:
             return
         t0 = time.perf_counter()
@@ -444,6 +485,7 @@ class TraceCapture:
 
     def _fail(self, exc: BaseException, logged: bool = False) -> None:
         self.failed = f"{type(exc).__name__}: {exc}"
+        self._idle_stop.set()
         self._arrival.clear()
         self._queue.clear()
         self._pending.clear()
@@ -457,11 +499,17 @@ class TraceCapture:
         descriptor number may belong to another file by then)."""
         if self.closed:
             return
-        self.flush()
-        self.writer.close()
-        self._stop_helper()
-        self.closed = True
-        self._pipe = -1
+        self._idle_stop.set()
+        with self._lock:
+            if self.closed:
+                return
+            self._flush_logged()
+            self.writer.close()
+            self._stop_helper()
+            self.closed = True
+            self._pipe = -1
+        if self._idle_flusher is not None:   # it sees the stop, or closed once it has the lock
+            self._idle_flusher.join(timeout=5.0)
 
     def _stop_helper(self, wait: bool = True) -> None:
         """Hand the helper what is still pending, end its input and wait for it (at engine close or

@@ -848,7 +848,7 @@ def test_batched_capture_writes_the_records_of_the_documented_formula(tmp_path):
 
 
 def test_queued_records_reach_the_file_by_count_age_and_close(tmp_path):
-    cap, _ = _fake_capture(tmp_path)
+    cap, _ = _fake_capture(tmp_path, idle_flush=False)     # the hooks' own flushes only
     cap.flush_records = 3
     path = tmp_path / 'c.jsonl'
 
@@ -865,6 +865,31 @@ def test_queued_records_reach_the_file_by_count_age_and_close(tmp_path):
     assert finish(5) == 5
     cap.close()                                                # close writes what is still queued
     assert path.read_text().count('\n') == 6 and cap.records == 6 and cap.writer.dropped == 0
+
+
+@pytest.mark.parametrize('offload', [False, True], ids=['here', 'helper'])
+def test_an_idle_server_writes_its_queued_records_without_a_request_end(tmp_path, monkeypatch, offload):
+    """Records queued when the traffic stops reach the file once the oldest is ``flush_seconds`` old,
+    with no request ending after them and no close: a process killed later loses none of them."""
+    from lmdeploy_hostcache.integration import trace_capture
+
+    monkeypatch.setattr(trace_capture, 'IDLE_FLUSH_SECONDS', 0.05)
+    cap, _ = _fake_capture(tmp_path, offload=offload)
+    assert cap.offload == offload
+    cap.flush_seconds = 0.2
+    path = tmp_path / 'c.jsonl'
+    for i in range(5):
+        seq = _fake_seq(i, np.arange(2 * BS) + i)
+        cap.on_new_request(seq)
+        cap.on_request_finished(seq)
+    assert path.read_text() == '' and len(cap._queue) == 5       # below flush_records, younger than its age
+    deadline = time.monotonic() + 30
+    while path.read_text().count('\n') < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.read_text().count('\n') == 5 and cap.flushes_idle == cap.flushes_by_age == cap.flushes == 1
+    assert not cap.failed and not cap._queue and not cap._pending
+    cap.close()
+    assert path.read_text().count('\n') == 5 and not cap._idle_flusher.is_alive()
 
 
 def test_output_length_counts_accepted_tokens_not_speculative_drafts(tmp_path):
