@@ -5,8 +5,11 @@
 one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes to (``writes`` counts
 the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
-2, ... , the first free one, claimed atomically) and a new ``path`` is started, so every file ``plan`` reads holds whole
-records.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
+2, ... , the first free one, claimed atomically; the search starts past the last number this writer
+took) and a new ``path`` is started, so every file ``plan`` reads holds whole records.  Before each batch
+the writer checks that ``path`` is still the file it has open (``_follow_path``): one moved, deleted or
+replaced meanwhile (log rotation, an operator) is followed by a new file at ``path``, never by writes
+into a file no name reaches.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
 made with another key) is set aside the same way, never appended to; anything at ``path`` that is not
 a regular file (a folder, a FIFO, a device, a socket; a symlink counts as what it points to) is never
 written, nor renamed (checked right before a rename): capture stops, logged once.  Nothing blocks: the
@@ -58,7 +61,10 @@ class RotatingWriter:
         self.dropped = 0        # records not written (after a failure)
         self.rotations = 0
         self.writes = 0         # os.write calls made
+        self.reopened = 0       # times the file at path was found moved, deleted or replaced
         self._opened = False
+        self._ident: tuple[int, int] | None = None   # (st_dev, st_ino) of the open file
+        self._next_aside = 1    # the first <stem>.<n> number not yet known to be taken
 
     def open(self) -> bool:
         """Open the file now (``write_lines`` opens it otherwise); False, logged once, when it cannot."""
@@ -109,7 +115,27 @@ class RotatingWriter:
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self._size = fd, st.st_size
+        self._fd, self._size, self._ident = fd, st.st_size, (st.st_dev, st.st_ino)
+
+    def _follow_path(self) -> None:
+        """Before a batch: keep writing the file at ``path``.  When it was moved or deleted (a log
+        rotation, an operator's ``mv``/``rm``), or replaced, the next file is opened as at the start (a
+        non-empty file found there set aside, never appended to); the one moved keeps what it holds.  A
+        file truncated in place (``copytruncate``) is followed by its size."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == self._ident:
+            self._size = st.st_size
+            return
+        self.reopened += 1
+        (logger.warning if self.reopened == 1 else logger.info)(
+            "lmdeploy-hostcache: the trace capture file %s was %s; capture goes on in a new file there",
+            self.path, "moved or deleted" if st is None else "replaced")
+        self._close()
+        self._opened = False
+        self._open_first()
 
     def _set_aside(self) -> None:
         """Rename the file to the first free ``<stem>.<n><suffix>``, never over another file: the name is
@@ -119,7 +145,7 @@ class RotatingWriter:
         _refuse_unless_regular(self.path, os.stat(self.path).st_mode)   # only a file is ever renamed
         suffix = self.path.suffix or ".jsonl"
         stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
-        n = 1
+        n = self._next_aside     # numbers below it were taken when last looked at: the search stays short
         while True:
             target = self.path.parent / f"{stem}.{n}{suffix}"
             try:
@@ -127,11 +153,15 @@ class RotatingWriter:
                 break
             except FileExistsError:
                 n += 1
+        self._next_aside = n + 1
         os.replace(self.path, target)
 
     def _rotate(self) -> None:
         self._close()
-        self._set_aside()
+        try:
+            self._set_aside()
+        except FileNotFoundError:   # moved or deleted since the batch began: a new file starts all the same
+            pass
         self.rotations += 1
         self._open()
 
@@ -149,6 +179,8 @@ class RotatingWriter:
         try:
             if self._fd is None:
                 self._open_first()
+            else:
+                self._follow_path()
             data = "".join(lines).encode("utf-8")
             if self._size + len(data) <= self.max_bytes or not self._size and len(lines) == 1:
                 return self._append([data], len(data), len(lines))    # the common case: no rotation

@@ -270,13 +270,14 @@ class TraceCapture:
         its next turn, and the next turn noted in its place: its output ran to where the next turn starts;
         its tokens are the sequence's (LMDeploy only appends to them; the turn's chain is not taken: the
         connector goes on extending it)."""
-        start, arrival, prompt_len = noted
+        _, arrival, prompt_len = noted
         new_start = seq.input_start_pos
         self._arrival[seq.seq_id] = (new_start, self._clock_of(seq.arrive_time), seq.input_end_pos)
         output_len = max(0, new_start - prompt_len)
         end = kept_tokens(prompt_len, output_len, self.block_size)
+        # the session moved on to a next turn: every turn of it carries the session, its first one included
         return (arrival, prompt_len, output_len, _token_store(seq, end), end, seq.adapter_name,
-                sequence_salt(seq), seq.session.session_id if start > 0 else None, None)
+                sequence_salt(seq), seq.session.session_id, None)
 
     def _clock_of(self, perf_time: float) -> float:
         """A ``perf_counter`` reading (LMDeploy's ``arrive_time``) on the capture clock."""

@@ -298,7 +298,8 @@ def load_trace(args):
     if args.limit is not None:
         trace = trace.head(args.limit)
     if not trace.requests:
-        raise PlanError(f"trace {trace.name} has no requests")
+        why = f" ({trace.read_warnings[0]})" if trace.read_warnings else ""
+        raise PlanError(f"trace {trace.name} has no requests{why}")
     return trace
 
 

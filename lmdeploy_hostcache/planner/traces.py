@@ -414,6 +414,11 @@ def read_mooncake_files(paths: Sequence[str | os.PathLike], block_size: int | No
     if not paths:
         raise ValueError("read_mooncake_files: no files given")
     traces = [read_mooncake(p, block_size) for p in paths]
+    cut_only = [t for t in traces if not t.requests and t.read_warnings]   # only a record cut short: skipped
+    if cut_only and len(cut_only) < len(traces):
+        kept = [(p, t) for p, t in zip(paths, traces) if t.requests or not t.read_warnings]
+        paths, traces = [p for p, _ in kept], [t for _, t in kept]
+        traces[0].read_warnings[:0] = [w for t in cut_only for w in t.read_warnings]
     if len(traces) == 1:
         if name:
             traces[0].name = name
@@ -547,13 +552,13 @@ def read_weka(paths: Iterable[str | os.PathLike], stagger_s: float = 0.0, name: 
 
 
 def sniff_format(path: str | os.PathLike) -> str:
-    """'mooncake' or 'weka' from the file's first non-blank character."""
+    """'mooncake' or 'weka' from the file's first non-blank line."""
     try:
         with _open_bytes(path) as fh:
-            first, lineno = b"", 0
+            first, lineno, cut = b"", 0, False
             for lineno, raw in enumerate(fh, 1):          # the first non-blank line, whole
                 if raw.strip():
-                    first = raw.strip()
+                    first, cut = raw.strip(), not raw.endswith(b"\n")
                     break
     except READ_ERRORS as exc:
         raise _read_error(path, exc) from None
@@ -565,7 +570,10 @@ def sniff_format(path: str | os.PathLike) -> str:
     try:   # a line that is a whole object is a Mooncake record unless it is a session with a 'requests' list
         obj = json.loads(first)
     except (ValueError, RecursionError):
-        return "weka"            # an object spread over several lines (or not JSON: the WEKA reader says where)
+        # the file's only line, cut short (a capture's first record killed mid-write): the Mooncake
+        # reader skips it and says so; else an object spread over several lines (or not JSON: the WEKA
+        # reader says where)
+        return "mooncake" if cut else "weka"
     return "weka" if isinstance(obj, dict) and isinstance(obj.get("requests"), list) else "mooncake"
 
 
@@ -605,6 +613,11 @@ def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
                 paths.append(f)
     if not paths:
         raise ValueError("no trace files given")
+    if len(paths) > 1:   # an empty file among several (a live capture file right after a rotation) holds no
+        nonempty = [f for f in paths if not (f.is_file() and f.stat().st_size == 0)]    # requests, as in a folder
+        if not nonempty:
+            raise ValueError(f"the trace files given ({', '.join(map(str, paths))}) are all empty")
+        paths = nonempty
     for f in paths:
         try:
             mode = f.stat().st_mode
@@ -627,10 +640,13 @@ def read_traces(sources: Sequence[str | os.PathLike], fmt: str = "auto", block_s
         raise ValueError(f"trace format must be one of {TRACE_FORMATS}, got {fmt!r}")
     paths = list_trace_files(sources)
     if fmt == "auto":
-        fmts = {sniff_format(x) for x in paths}
+        fmts: dict[str, Path] = {}
+        for x in paths:
+            fmts.setdefault(sniff_format(x), x)
         if len(fmts) > 1:
-            raise ValueError(f"traces mix formats {sorted(fmts)}; give one format at a time")
-        fmt = fmts.pop()
+            raise ValueError("traces mix formats: " + ", ".join(f"{f} is {kind}" for kind, f in sorted(fmts.items()))
+                             + "; give one format at a time")
+        fmt = next(iter(fmts))
     if fmt == "mooncake":  # several files only when they are captures sharing one key
         return read_mooncake_files(paths, block_size)
     if block_size is not None:

@@ -156,6 +156,61 @@ def test_an_earlier_capture_is_set_aside_not_appended_to(tmp_path):
     assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "old"
 
 
+@pytest.mark.parametrize("what", ["moved", "deleted", "replaced", "truncated"])
+def test_a_capture_file_moved_deleted_or_replaced_while_capturing_is_followed_by_a_new_one(tmp_path, caplog, what):
+    """Log rotation or an operator takes the file away mid-capture: the next batch starts a new file at the
+    path (before, records went on into the unreachable file and the next rotation stopped capture)."""
+    path = tmp_path / "cap.jsonl"
+    size = max(len(_line(i).encode()) for i in range(12))
+    w = RotatingWriter(path, max_bytes=4 * size)
+    assert w.write_lines([_line(0), _line(1)]) == 2
+    if what == "moved":
+        os.replace(path, tmp_path / "elsewhere.jsonl")
+    elif what == "deleted":
+        path.unlink()
+    elif what == "replaced":     # someone else's file: set aside like one found at start, never appended to
+        path.unlink()
+        path.write_text(capture_record(arrival_s=0, input_length=64, output_length=1, block_ids=[1],
+                                       block_size=64, fingerprint="theirs"))
+    else:                        # copytruncate: the same file, emptied; its size is followed
+        os.truncate(path, 0)
+    with caplog.at_level(logging.INFO, logger="lmdeploy_hostcache.capture"):
+        for i in range(2, 12):
+            assert w.write(_line(i))
+    w.close()
+    assert not w.failed and w.written == 12 and w.reopened == (0 if what == "truncated" else 1)
+    here = read_mooncake_files(sorted(f for f in tmp_path.glob("cap*.jsonl") if f.stat().st_size
+                                      and read_mooncake(f).capture_key == "k"))
+    assert [r.timestamp for r in here.requests] == [float(i) for i in range(2, 12)]   # none lost, whole lines
+    assert all(f.stat().st_size <= 4 * size for f in tmp_path.glob("cap*.jsonl"))
+    if what == "moved":
+        assert len(read_mooncake(tmp_path / "elsewhere.jsonl")) == 2
+    if what == "replaced":
+        assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "theirs"
+    assert ("moved or deleted" in caplog.text) == (what in ("moved", "deleted"))
+
+
+def test_rotation_numbers_continue_past_the_last_one_taken(tmp_path, monkeypatch):
+    """Each rotation looks for a free number from the last one this writer took, not from 1 (with
+    thousands of rotated files each search stat-ed them all)."""
+    path = tmp_path / "cap.jsonl"
+    w = RotatingWriter(path, max_bytes=1)
+    tried = []
+    real_open = os.open
+
+    def counting_open(target, *a, **kw):
+        if str(target).startswith(str(tmp_path / "cap.")) and target != path:
+            tried.append(os.path.basename(target))
+        return real_open(target, *a, **kw)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    for i in range(6):
+        assert w.write(_line(i))
+    w.close()
+    assert tried == [f"cap.{n}.jsonl" for n in range(1, 6)]     # one name tried per rotation
+    assert w.rotations == 5 and len(list(tmp_path.glob("cap*.jsonl"))) == 6
+
+
 def test_setting_aside_never_replaces_a_file_that_appeared_meanwhile(tmp_path, monkeypatch):
     """Another writer of the same stem (an engine restarting beside a running one) may take a rotated name
     between a check and a rename: the name is claimed atomically, so no file is ever replaced."""

@@ -150,6 +150,33 @@ def test_an_unterminated_last_line_is_skipped_with_a_warning(tmp_path, capsys):
         read_mooncake(q)
 
 
+def test_a_capture_whose_only_record_was_cut_short_is_skipped_not_taken_for_another_format(tmp_path, capsys):
+    """A writer killed during a file's first batch leaves one partial record and no newline: read as the
+    Mooncake layout (the cut line skipped with a warning), never sniffed as a WEKA file, which made the
+    whole folder "mix formats"; alone it has no requests, and the error says why."""
+    whole = [dict(r, block_size=64, capture="k1") for r in RECORDS]
+    _write(tmp_path / "cap.1.jsonl", whole)
+    cut = tmp_path / "cap.jsonl"
+    cut.write_text(json.dumps(whole[1])[:25])
+    rc, out, err = _plan(capsys, [str(tmp_path), "--json", "--gpu-blocks", "100", "--host-blocks", "0"])
+    assert rc == 0, err
+    assert json.loads(out)["requests"] == 2 and "cap.jsonl:1: the last line has no newline" in out
+    rc, _, err = _plan(capsys, [str(cut)])
+    assert rc == 2 and "cap.jsonl has no requests (" in err and "the last line has no newline" in err
+
+
+def test_a_mix_of_formats_names_a_file_of_each_and_explicit_empty_files_among_several_are_skipped(tmp_path, capsys):
+    a = _write(tmp_path / "cap.1.jsonl", [dict(r, block_size=64, capture="k1") for r in RECORDS])
+    empty = tmp_path / "cap.jsonl"
+    empty.write_text("")          # the live file right after a rotation: a shell glob names it too
+    rc, out, err = _plan(capsys, [str(a), str(empty), "--json", "--gpu-blocks", "100", "--host-blocks", "0"])
+    assert rc == 0 and json.loads(out)["requests"] == 2, err
+    weka = tmp_path / "w.json"
+    weka.write_text(json.dumps({"block_size": 64, "requests": []}))
+    rc, _, err = _plan(capsys, [str(a), str(weka)])
+    assert rc == 2 and f"{a} is mooncake, {weka} is weka" in err
+
+
 def test_a_folder_with_a_file_and_its_gzip_copy_is_refused(tmp_path, capsys):
     import gzip
 
