@@ -16,6 +16,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from .concurrency import APPROXIMATE_ADMISSION
 from .generator import WORKLOAD_FAMILIES
 from .traces import TRACE_FORMATS
 
@@ -462,8 +463,11 @@ def _run(args) -> int:
         if unused:
             raise PlanError(f"--sweep replays each request at once, without request lifetimes: drop "
                             f"{', '.join(unused)} (they set a single run's concurrency replay)")
-    if args.engine_steps and args.no_concurrency:
-        raise PlanError("--engine-steps is a concurrency replay: drop --no-concurrency")
+    if args.no_concurrency:
+        unused = [opt for opt in _concurrency_options(args) if opt != "--no-concurrency"]
+        if unused:
+            raise PlanError(f"--no-concurrency skips the concurrency replay that {', '.join(unused)} "
+                            f"{'sets' if len(unused) == 1 else 'set'}: drop one or the other")
     steps = None
     if args.engine_steps:
         from .engine_steps import EngineSteps
@@ -577,7 +581,8 @@ def _run(args) -> int:
             out["with_concurrency"] = {**conc.as_dict(), "lifetimes": conc_lifetimes.as_dict(),
                                        "host_write_s": args.host_write_s,
                                        "engine_steps": steps.as_dict() if steps is not None else None,
-                                       "note": "running requests pin their blocks (planner/concurrency.py)"}
+                                       "note": "running requests pin their blocks (planner/concurrency.py)"
+                                       + ("" if steps is not None else f"; {APPROXIMATE_ADMISSION}")}
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
     print(f"trace: {trace.name}: {len(trace):,} requests, {trace.total_prompt_tokens:,} prompt tokens, "
@@ -600,7 +605,7 @@ def _run(args) -> int:
               f"host {conc.host_hit_rate:.3f}) vs {st.hit_rate:.3f} (GPU {st.gpu_hit_rate:.3f}, host "
               f"{st.host_hit_rate:.3f}) one request at a time")
         if steps is None:
-            model = conc_lifetimes.describe()
+            model = f"{conc_lifetimes.describe()}; {APPROXIMATE_ADMISSION}"
         else:
             model = (f"{steps.describe()}; one step = 1 / {conc_lifetimes.decode_tokens_per_s:g} s (the assumed decode "
                      "rate per request); a prefill takes one step (the prefill rate is not used)")

@@ -56,6 +56,11 @@ from ..capture.record import kept_output_blocks
 from .replay import PreparedRequest, ReplayStats, TwoTierCache, progress
 
 DEFAULT_DECODE_TOKENS_PER_S = 40.0
+# what ``plan`` says of this model's figures: the step model (engine_steps.py) is the one checked against the engine
+APPROXIMATE_ADMISSION = ("approximate: a request is admitted whenever its blocks fit (no batch limit, no chunked "
+                         "prefill); --engine-steps with the server's --max-batches, --prefill-interval and "
+                         "--max-prefill-tokens follows LMDeploy's scheduler step by step and is the mode checked "
+                         "against it (docs/planner.md, \"Validated against the engine\")")
 
 
 def decode_growth_tokens(input_length: int, output_length: int, block_size: int, held_blocks: int):
