@@ -494,6 +494,25 @@ def session_key(body: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- service
+API_PROBE_TIMEOUT_S = 1.0
+
+
+def api_answers(node_url: str, timeout_s: float = API_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``node_url``'s host and port opens within ``timeout_s`` (the poller's probe
+    of a node whose feed, served elsewhere, did not answer: a process killed, a host gone, refuses or times
+    out; a live api_server accepts)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    p = urlsplit(node_url if "://" in node_url else "http://" + node_url)
+    try:
+        port = p.port or (443 if p.scheme == "https" else 80)
+        socket.create_connection((p.hostname or "", port), timeout=timeout_s).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 class RoutingService:
     """The router, the prompt encoder and the feed poller of one proxy process."""
 
@@ -773,6 +792,7 @@ class RoutingService:
                     fs["has_feed"], fs["last_ok"] = True, now
                     fs.pop("invalid", None)
                     fs.pop("unreachable", None)
+                    fs.pop("down", None)
                     if not msg.get("more"):
                         break
             except FeedError as exc:
@@ -788,10 +808,17 @@ class RoutingService:
                         self.router.set_approximate(url, self.default_profile)
             except Exception as exc:
                 unreachable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
-                # the node is down only when its own API address does not answer: a feed served on
-                # another port or URL (--cache-aware-feed-port/-url) that does not answer is a node
-                # without a feed (stock LMDeploy, or its feed failed to start): approximate, not skipped
-                down = unreachable and self._feed_is_on_api(url)
+                # the node is down when its own API address does not answer: read there, or probed now
+                # when its feed is served on another port or URL (--cache-aware-feed-port/-url, and every
+                # real node's engine feed). A feed elsewhere that does not answer while the API does is a
+                # node without a feed (stock LMDeploy, or its feed failed to start): approximate, not skipped
+                down = unreachable and (self._feed_is_on_api(url) or not api_answers(url))
+                if down and not fs.get("down"):
+                    fs["down"] = True
+                    logger.warning("cache_aware routing: node %s does not answer (its cache-state feed at %s "
+                                   "neither); no request goes to it until it answers again", url, self.feed_url(url))
+                if not down:
+                    fs.pop("down", None)
                 if unreachable and not down and not fs.get("unreachable"):
                     fs["unreachable"] = True
                     logger.warning("cache_aware routing: the cache-state feed of node %s does not answer at %s; "

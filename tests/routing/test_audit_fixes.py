@@ -713,3 +713,47 @@ def test_nodes_that_would_read_one_feed_are_routed_approximately_and_the_feed_is
     svc.options["feed_urls"] = {nodes[1]: "http://10.0.0.1:23401"}   # each its own feed: both read again
     svc.poll_once(Session())
     assert [svc.router.nodes[n].exact for n in nodes] == [True, True, True]
+
+
+def test_a_node_whose_feed_is_served_elsewhere_is_skipped_once_its_api_stops_answering(caplog):
+    """A real node's feed is its engine's, on another port: when that feed stops answering, the node's API
+    address is probed; a killed node (nothing accepts there) is skipped until it answers again, where it
+    used to stay healthy on its exact view and then look idle to the balance guard. A node whose API
+    answers while its feed does not is routed approximately, as before."""
+    import socket
+
+    import requests
+
+    live = socket.socket()
+    live.bind(("127.0.0.1", 0))
+    live.listen(8)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))       # bound, not listening: connections are refused, as to a killed node
+    nodes = [f"http://127.0.0.1:{live.getsockname()[1]}", f"http://127.0.0.1:{dead.getsockname()[1]}"]
+    svc = _service(feed_urls={n: f"http://127.0.0.1:9/feed-{i}" for i, n in enumerate(nodes)})
+    svc._sync_nodes(nodes)
+    answering = set(nodes)
+
+    class Session:
+        def get(self, url, params=None, **k):
+            node = nodes[int(url.split("feed-")[1].split("/")[0])]
+            if node not in answering:
+                raise requests.exceptions.ConnectionError("refused")
+            return SimpleNamespace(status_code=200, json=lambda: _snapshot([5, 6], [], epoch="e-" + node))
+
+    try:
+        svc.poll_once(Session())
+        assert all(svc.router.nodes[n].healthy and svc.router.nodes[n].exact for n in nodes)
+        answering.clear()                         # both feeds stop; only the first node's API still answers
+        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.proxy_routing"):
+            svc.poll_once(Session())
+            svc.poll_once(Session())
+        assert svc.router.nodes[nodes[0]].healthy and not svc.router.nodes[nodes[1]].healthy
+        down = [r.getMessage() for r in caplog.records if "does not answer (its cache-state feed" in r.getMessage()]
+        assert len(down) == 1 and nodes[1] in down[0]           # once, naming the node
+        answering.add(nodes[1])                   # restarted: its feed answers again
+        svc.poll_once(Session())
+        assert svc.router.nodes[nodes[1]].healthy and svc.router.nodes[nodes[1]].exact
+    finally:
+        live.close()
+        dead.close()
