@@ -29,9 +29,10 @@ engine's scheduler-side connector (``HostTierScheduler``):
 * capacities (GPU blocks, host slots, block size), the base model's namespace (root, seed; the
   tenant salt never leaves the process) and its fingerprint (the namespace's model: a path, a hub id
   or a content name, ``integration/namespace.py``; KV format; TP).
-  Only the base model's namespace is published (LoRA adapters' blocks are not; nor are GPU
-  blocks of salted requests, which no proxy could match; host blocks carry no salt and are all
-  published, keyed like every id).
+  Only the base model's namespace is published (LoRA adapters' blocks are not). Blocks of salted
+  requests are published in both tiers: their digests chain from the salted root (the salt itself
+  never leaves the process), and a proxy that computes a request's ids from the same salt
+  (``routing/request.py``) matches them; another tenant's request does not.
 
 ``serve_feed`` answers ``GET routing.feed.FEED_PATH?epoch=&since=&max_events=`` from a small
 threaded HTTP server in the engine process (the PyTorch engine runs in its own process under
@@ -84,7 +85,6 @@ from urllib.parse import parse_qs, urlparse
 
 from ..routing.feed import FEED_PATH, FeedPublisher, encode_poll
 from ..routing.table import GPU, HOST
-from .request_salt import ROOT_SALT_ATTR, sequence_salt
 
 __all__ = ["ENV_FEED_ADDR", "ENV_FEED_API_KEYS", "ENV_FEED_UNAUTHENTICATED", "NodeCacheFeed", "attach_from_env",
            "bind_feed", "feed_api_keys", "serve_feed"]
@@ -185,12 +185,11 @@ class NodeCacheFeed:
         logger.warning("lmdeploy-hostcache: cache-state feed disabled after an error: %r", exc)
 
     def _roots(self) -> list:
-        """The trie roots of the base model's blocks (the chains a proxy can match)."""
+        """The trie roots of the base model's blocks (the chains a proxy can match): the unsalted root and
+        every salted one (``salted_trie``), whose chains start at the salted root digest, as a proxy chains
+        a request carrying that salt."""
         roots = getattr(self.trie, "_roots", None) or {}
-        root = roots.get(None)
-        if root is not None:
-            return [root]
-        return [r for r in roots.values() if not r.adapter_name and not getattr(r, ROOT_SALT_ATTR, "")]
+        return [r for r in roots.values() if not r.adapter_name]
 
     def gpu_digests(self) -> set[int]:
         """Digests of every trie block of the base model, in one whole walk (scheduler thread only;
@@ -238,8 +237,6 @@ class NodeCacheFeed:
         """Publish ``seq``'s unpublished trie path, deepest node first found. It stops at the first node
         found by the current pass, or with ``confirm`` False at the first published one; with ``confirm``
         a published node on the way is marked found by this pass (it is attached now)."""
-        if sequence_salt(seq):   # a salted path: no proxy could match its ids
-            return
         node = getattr(getattr(seq, "prefix_cache", None), "trie_cursor", None)
         gpu, cur = self._gpu, self._pass
         new = []

@@ -13,8 +13,8 @@ approximate index (what the proxy itself routed) can match; the proxy logs that 
 A salted request (``partition``: the cache salt the nodes give it, ``integration/request_salt.py``'s
 ``request_salt_for``: its ``cache_salt``, nested under its API key's salt where the nodes salt by key)
 chains its ids from its salted root, as the node does: it matches only what requests of the same salt
-left in the approximate index, never another tenant's prompts, and nothing a node's feed publishes
-(feeds publish unsalted blocks only).
+left in the approximate index or in a node's cache (a feed publishes salted blocks chained from their
+salted roots), never another tenant's prompts.
 
 A request for a LoRA adapter (``adapter``: the request's ``model`` when it is not the base model the
 nodes serve) chains its ids from a root derived from the node's root and the adapter's name: no

@@ -458,3 +458,42 @@ def test_the_parent_watcher_ends_with_its_feed_and_fires_only_for_a_live_one(mon
     gone = [r.getMessage() for r in caplog.records if "api_server is gone" in r.getMessage()]
     assert len(gone) == 1 and str(port) in gone[0]      # the closed feed logged nothing
     os.close(parent_r)
+
+
+def test_the_feed_publishes_salted_paths_that_only_the_same_salt_matches(monkeypatch):
+    """A salted request's GPU path is published chained from its salted root (the salt stays in the node):
+    the proxy's ids for a request with that salt match it, another salt's and an unsalted request's do not.
+    Before, salted GPU paths were never published, so a tenant's prefix still on a node's GPU looked
+    uncached to the router (its host-tier blocks were published)."""
+    import numpy as np
+
+    from lmdeploy_hostcache.integration.salted_trie import install_salted_trie
+    from lmdeploy_hostcache.routing.feed import NamespaceKey
+    from lmdeploy_hostcache.routing.request import RoutingRequest
+
+    engine = build_host_tier_engine(harness.HarnessModel(dtype=torch.float16),
+                                    harness.HarnessCacheSpec(num_gpu_blocks=32, quant_policy=0,
+                                                             max_prefill_token_num=512),
+                                    HostTierSpec(host_slots=8, min_restore_tokens=16))
+    install_salted_trie(engine.scheduler.block_trie)
+    side = scheduler_side(engine)
+    monkeypatch.setenv(ENV_FEED_ADDR, "127.0.0.1:0")
+    feed = attach_from_env(side, engine.scheduler)
+    try:
+        bs = side.block_size
+        prompt = np.random.default_rng(5).integers(1, 30000, size=4 * bs + 3)
+        h = engine.add_request(prompt, 2)
+        engine.sequence_of(h.session_id).cache_salt = "tenant-a"
+        while not h.finished:
+            engine.step()
+        for force in (False, True):     # the request's end published it; a whole walk keeps it
+            if force:
+                feed.on_step(force=True)
+            gpu, _ = feed.publisher.contents()
+            key = NamespaceKey.of(side.namespaces.for_adapter(None))
+            ids = {salt: set(RoutingRequest(prompt.tolist(), partition=salt).ids(key).tolist())
+                   for salt in ("tenant-a", "tenant-b", "")}
+            assert len(ids["tenant-a"]) >= 4 and ids["tenant-a"] <= gpu
+            assert not ids["tenant-b"] & gpu and not ids[""] & gpu
+    finally:
+        feed.close()
