@@ -615,6 +615,24 @@ def parse_addr(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def node_host_weight(side) -> float:
+    """The ``host_weight`` this node publishes: its restore time per token over its prefill time per token,
+    from the same figures its own restore-or-recompute rule uses (``restore_cost``: the calibration file
+    of ``LMDEPLOY_HOSTCACHE_CALIBRATION``, else the assumed figures) and its block bytes over the TP ranks;
+    ``routing.cost.DEFAULT_HOST_WEIGHT`` when the block bytes are unknown or the calibration unusable."""
+    from ..restore_cost import CalibrationError, load_calibration
+    from ..routing.cost import DEFAULT_HOST_WEIGHT, host_weight
+
+    bytes_per_token = getattr(side, "block_transfer_bytes", 0) / max(1, int(getattr(side, "block_size", 1) or 1))
+    if bytes_per_token <= 0:
+        return DEFAULT_HOST_WEIGHT
+    try:
+        cal = load_calibration()
+    except CalibrationError:
+        return DEFAULT_HOST_WEIGHT
+    return host_weight(cal.prefill_tokens_per_s, bytes_per_token, cal.restore_gbps * 1e9)
+
+
 def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
     """Attach a feed to ``side`` and serve it when ``LMDEPLOY_HOSTCACHE_FEED_ADDR`` is set."""
     addr = os.environ.get(ENV_FEED_ADDR, "").strip()
@@ -640,7 +658,7 @@ def attach_from_env(side, scheduler) -> NodeCacheFeed | None:
         cluster_key()   # a too-short LMDEPLOY_HOSTCACHE_CLUSTER_SECRET: refused here, not at the first publish
         server = bind_feed(host, port, api_keys)   # a taken port: refused before anything is attached
         feed = NodeCacheFeed(side, scheduler.block_trie, int(scheduler.cache_config.num_gpu_blocks),
-                             tp=int(getattr(side, "tp_size", 1)))
+                             tp=int(getattr(side, "tp_size", 1)), host_weight=node_host_weight(side))
         feed.chain_eviction(scheduler.block_trie._kv_lifecycle)
         feed.server = _start(server, feed)
     except Exception as exc:  # the engine runs without a feed rather than not at all

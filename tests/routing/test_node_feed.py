@@ -88,6 +88,9 @@ def test_feed_publishes_what_the_engine_holds_and_a_reader_rebuilds_it_over_http
     assert any(h for _, h in checks) and any(g for g, _ in checks), checks
     info = cur.info
     assert info["gpu_blocks"] == 16 and info["host_blocks"] == 24 and info["block_size"] == side.block_size
+    # the node's own restore-vs-prefill ratio (assumed figures here: 10k prefill tokens/s, 20 GB/s), not a constant
+    assert side.block_transfer_bytes > 0
+    assert info["host_weight"] == pytest.approx(10_000 * side.block_transfer_bytes / side.block_size / 20e9)
     assert info["namespace_key"].root == side.namespaces.for_adapter(None).root
     feed.server.shutdown()
 
@@ -497,3 +500,26 @@ def test_the_feed_publishes_salted_paths_that_only_the_same_salt_matches(monkeyp
             assert not ids["tenant-b"] & gpu and not ids[""] & gpu
     finally:
         feed.close()
+
+
+def test_the_published_host_weight_follows_the_nodes_calibration_and_block_bytes(monkeypatch, tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from lmdeploy_hostcache.integration.cache_state_feed import node_host_weight
+    from lmdeploy_hostcache.restore_cost import ENV_CALIBRATION
+    from lmdeploy_hostcache.routing.cost import DEFAULT_HOST_WEIGHT
+
+    side = SimpleNamespace(block_transfer_bytes=64 * 131072, block_size=64)      # Llama-3-8B bf16: 128 KiB/token
+    monkeypatch.delenv(ENV_CALIBRATION, raising=False)
+    assert node_host_weight(side) == pytest.approx(10_000 * 131072 / 20e9)       # the assumed figures
+    cal = tmp_path / "calibration.json"
+    cal.write_text(json.dumps({"restore_gbps": 50, "prefill_tokens_per_s": 40_000, "restore_overhead_ms": 5}))
+    monkeypatch.setenv(ENV_CALIBRATION, str(cal))
+    assert node_host_weight(side) == pytest.approx(40_000 * 131072 / 50e9)       # the kit's measured ones
+    assert node_host_weight(SimpleNamespace(block_transfer_bytes=0, block_size=64)) == DEFAULT_HOST_WEIGHT
+    cal.write_text("not json")
+    assert node_host_weight(side) == DEFAULT_HOST_WEIGHT                          # unusable: the default
+    side.block_transfer_bytes *= 100                                              # restoring dearer than prefill
+    monkeypatch.delenv(ENV_CALIBRATION)
+    assert node_host_weight(side) == 1.0                                          # clamped, as the router expects
