@@ -41,9 +41,12 @@ wrappers below; nothing else in LMDeploy is rebound):
   ``get_chat_template``); a body it cannot tokenize that way (one the node would reject, multimodal
   content) is matched by text prefix (counted: ``encode_fallbacks``), and without
   ``--cache-aware-model`` every request is, which it logs;
-- a daemon thread polls each node's cache-state feed (``routing.feed.FEED_PATH``) and applies
-  it; a node whose feed answers 404 (stock LMDeploy) is routed on the approximate index; a
-  node that cannot be reached (connection refused, timeout) is skipped until it answers again;
+- a daemon thread polls the nodes' cache-state feeds (``routing.feed.FEED_PATH``), all of them at
+  once in each round (up to ``MAX_POLL_THREADS``, so a feed that hangs until the read timeout delays
+  no other node's view), and applies them; a node whose feed answers 404 (stock LMDeploy) is routed
+  on the approximate index, logged once; a node that cannot be reached (its feed refused or timed
+  out, and its API address too, probed when the feed is served elsewhere: ``api_answers``) is
+  skipped until it answers again;
   one whose feed errors or is invalid for ``--cache-aware-feed-timeout`` seconds falls back to
   the approximate index (it keeps receiving requests); a node that answers a (non-streamed)
   request with an error is skipped for ``--cache-aware-error-cooldown`` seconds;
@@ -55,10 +58,11 @@ wrappers below; nothing else in LMDeploy is rebound):
   prefill tokens, feed cursor) to clients on the proxy's host only (403 otherwise);
 - a request's salt as the nodes derive it (its ``cache_salt``, under its API key's salt when
   ``LMDEPLOY_HOSTCACHE_SALT_FROM_API_KEY`` is set on the proxy as on the nodes) roots its ids
-  (``routing.request``): it matches only what requests of its salt left in the approximate index.
+  (``routing.request``): it matches only what requests of its salt left in the approximate index or
+  a node's feed published under that salt.
 
 Invariants: stock strategies never reach this code; the router is touched under one lock
-(the event loop and the poller thread); the request path never waits long for it: ``choose``
+(the event loop and the poller's threads); the request path never waits long for it: ``choose``
 waits at most ``CHOOSE_LOCK_TIMEOUT_S`` and otherwise lets the stock strategy pick (counted:
 ``lock_timeouts`` in the status), a request's end or a node's error that cannot take the lock at
 once is queued and applied by the next holder; the poller decodes and validates a feed message
@@ -82,6 +86,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .cli_patch import wrap_add_subparser
@@ -112,6 +117,7 @@ def _is_loopback(host: str) -> bool:
     return (mapped or addr).is_loopback
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 FEED_READS_PER_POLL = 64   # feed reads per node in one poll round (each up to the node's max_events)
+MAX_POLL_THREADS = 16      # nodes whose feeds one poll round reads at the same time
 CHOOSE_LOCK_TIMEOUT_S = 0.05   # the longest a request waits for the router (then: the stock strategy)
 PROXY_MAX_NODES = 64       # node slots of the proxy's block table (masks widen as slots are used)
 
@@ -543,6 +549,7 @@ class RoutingService:
         # node -> monotonic time its error cooldown ends (dropped when the node leaves, or expired at the next error)
         self._cooldown: dict[str, float] = {}
         self._too_many = False                   # more nodes than the table has bits: stock routing
+        self._unmatched_feed_urls: set[str] = set()   # --cache-aware-feed-url mappings warned about (no such node)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -563,6 +570,15 @@ class RoutingService:
         if self._too_many:
             self._too_many = False
             logger.warning("cache_aware routing: %d nodes, cache-aware routing resumes", len(urls))
+        mapped = self.options.get("feed_urls") or {}
+        if urls and mapped:
+            known = {u.rstrip("/") for u in urls}
+            for node in mapped:
+                if node not in known and node not in self._unmatched_feed_urls:
+                    self._unmatched_feed_urls.add(node)   # once per mapping (a node may still register later)
+                    logger.warning("cache_aware routing: --cache-aware-feed-url names node %s, which is not a node "
+                                   "registered now (%s); the node's URL must match exactly (host, port, scheme: "
+                                   "localhost is not 127.0.0.1)", node, ", ".join(sorted(known)))
         with self.lock:
             for url in urls:
                 if url not in self.router.nodes:
@@ -724,8 +740,6 @@ class RoutingService:
     def poll_once(self, session=None) -> None:
         import requests
 
-        from ..routing.feed import FEED_PATH, FeedError, FeedOverflow
-
         urls = list(self.node_manager.nodes) if self.node_manager is not None else list(self.router.nodes)
         if not self._sync_nodes(urls):
             return
@@ -735,104 +749,125 @@ class RoutingService:
         readers: dict[str, list[str]] = {}
         for url in urls:
             readers.setdefault(self.feed_url(url), []).append(url)
-        for url in urls:
+        if len(urls) == 1:
+            self._poll_node(urls[0], http, headers, now, readers)
+            return
+        # every node at once: a feed that hangs until the read timeout delays no other node's view
+        # (the nodes' updates go through self.lock, one at a time, as they did in turn)
+        workers = min(len(urls), MAX_POLL_THREADS)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hostcache-feed-read") as pool:
+            for done in [pool.submit(self._poll_node, url, http, headers, now, readers) for url in urls]:
+                done.result()
+
+    def _poll_node(self, url: str, http, headers: dict, now: float, readers: dict) -> None:
+        """One round of ``url``'s feed reads (``poll_once``: on a thread of its own, beside the other nodes')."""
+        import requests
+
+        from ..routing.feed import FeedError, FeedOverflow
+
+        with self.lock:
+            st = self.router.nodes.get(url)
+            if st is None:
+                return
+            params = st.cursor.params()
+        fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
+        sharing = readers[self.feed_url(url)]
+        if len(sharing) > 1:
+            # one feed read for several nodes (data-parallel engines of one host under --cache-aware-feed-port,
+            # or a --cache-aware-feed-url given twice) is at most one engine's cache: never any node's exact view
+            if not fs.get("shared"):
+                fs["shared"] = True
+                logger.warning("cache_aware routing: nodes %s would all read the cache-state feed at %s, which "
+                               "serves one engine's cache at most; routing them with an approximate model of "
+                               "their caches (give each its own --cache-aware-feed-url)",
+                               ", ".join(sharing), self.feed_url(url))
+            self._without_feed(url, fs, now)
+            return
+        fs.pop("shared", None)
+        try:
+            # at most FEED_READS_PER_POLL reads per node and round: a node that always says "more"
+            # cannot starve the others (its cursor resumes next round)
+            for _ in range(FEED_READS_PER_POLL):
+                r = http.get(self.feed_url(url), params=params, timeout=5, headers=headers)
+                if r.status_code == 404:
+                    if not fs.get("no_feed"):
+                        fs["no_feed"] = True
+                        logger.warning("cache_aware routing: node %s has no cache-state feed at %s (HTTP 404: a stock "
+                                       "node, or a feed address that is not this node's); routing to it with an "
+                                       "approximate model of its cache", url, self.feed_url(url))
+                    self._without_feed(url, fs, now)
+                    break
+                if r.status_code in (401, 403) and not fs.get("refused"):
+                    fs["refused"] = True
+                    logger.warning("cache_aware routing: node %s refused the feed read (HTTP %d): set "
+                                   "--cache-aware-feed-api-key to one of its LMDEPLOY_HOSTCACHE_FEED_API_KEYS",
+                                   url, r.status_code)
+                if r.status_code != 200:
+                    raise ConnectionError(f"HTTP {r.status_code}")
+                msg = r.json()
+                try:   # validate and decode outside the lock (changes nothing)
+                    pending = self.router.prepare_feed(url, msg)
+                except KeyError:   # the node left meanwhile
+                    break
+                with self.lock:
+                    plan = self.router.plan_room(pending)
+                # the table growth this message needs, built outside the lock too (installed only if
+                # nothing changed the table meanwhile; else the commit grows it under the lock)
+                built = self.router.table.build_resized(plan[1]) if plan is not None else None
+                with self.lock:
+                    self._drain()
+                    if built is not None:
+                        self.router.table.install_resized(built, plan[0])
+                    del built
+                    if self.router.commit_feed(pending, pause=self._let_requests_in) is None:
+                        break   # the node left or was reset meanwhile: nothing applied, next round resumes
+                    self.router.set_health(url, self._healthy_again(url, now))
+                    params = self.router.nodes[url].cursor.params()
+                fs["has_feed"], fs["last_ok"] = True, now
+                fs.pop("no_feed", None)
+                fs.pop("invalid", None)
+                fs.pop("unreachable", None)
+                fs.pop("down", None)
+                if not msg.get("more"):
+                    break
+        except FeedError as exc:
+            # once until the feed is valid again, not at every poll; a view outgrowing its capacity once per
+            # node (its next snapshot is valid again: the flag would not stop a log line per cycle)
+            flag = "overflow" if isinstance(exc, FeedOverflow) else "invalid"
+            if not fs.get(flag):
+                fs[flag] = True
+                logger.warning("cache_aware routing: node %s sent an invalid cache-state feed: %s", url, exc)
             with self.lock:
                 st = self.router.nodes.get(url)
-                if st is None:
-                    continue
-                params = st.cursor.params()
-            fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
-            sharing = readers[self.feed_url(url)]
-            if len(sharing) > 1:
-                # one feed read for several nodes (data-parallel engines of one host under --cache-aware-feed-port,
-                # or a --cache-aware-feed-url given twice) is at most one engine's cache: never any node's exact view
-                if not fs.get("shared"):
-                    fs["shared"] = True
-                    logger.warning("cache_aware routing: nodes %s would all read the cache-state feed at %s, which "
-                                   "serves one engine's cache at most; routing them with an approximate model of "
-                                   "their caches (give each its own --cache-aware-feed-url)",
-                                   ", ".join(sharing), self.feed_url(url))
-                self._without_feed(url, fs, now)
-                continue
-            fs.pop("shared", None)
-            try:
-                # at most FEED_READS_PER_POLL reads per node and round: a node that always says "more"
-                # cannot starve the others (its cursor resumes next round)
-                for _ in range(FEED_READS_PER_POLL):
-                    r = http.get(self.feed_url(url), params=params, timeout=5, headers=headers)
-                    if r.status_code == 404:
-                        self._without_feed(url, fs, now)
-                        break
-                    if r.status_code in (401, 403) and not fs.get("refused"):
-                        fs["refused"] = True
-                        logger.warning("cache_aware routing: node %s refused the feed read (HTTP %d): set "
-                                       "--cache-aware-feed-api-key to one of its LMDEPLOY_HOSTCACHE_FEED_API_KEYS",
-                                       url, r.status_code)
-                    if r.status_code != 200:
-                        raise ConnectionError(f"HTTP {r.status_code}")
-                    msg = r.json()
-                    try:   # validate and decode outside the lock (changes nothing)
-                        pending = self.router.prepare_feed(url, msg)
-                    except KeyError:   # the node left meanwhile
-                        break
-                    with self.lock:
-                        plan = self.router.plan_room(pending)
-                    # the table growth this message needs, built outside the lock too (installed only if
-                    # nothing changed the table meanwhile; else the commit grows it under the lock)
-                    built = self.router.table.build_resized(plan[1]) if plan is not None else None
-                    with self.lock:
-                        self._drain()
-                        if built is not None:
-                            self.router.table.install_resized(built, plan[0])
-                        del built
-                        if self.router.commit_feed(pending, pause=self._let_requests_in) is None:
-                            break   # the node left or was reset meanwhile: nothing applied, next round resumes
-                        self.router.set_health(url, self._healthy_again(url, now))
-                        params = self.router.nodes[url].cursor.params()
-                    fs["has_feed"], fs["last_ok"] = True, now
-                    fs.pop("invalid", None)
-                    fs.pop("unreachable", None)
-                    fs.pop("down", None)
-                    if not msg.get("more"):
-                        break
-            except FeedError as exc:
-                # once until the feed is valid again, not at every poll; a view outgrowing its capacity once per
-                # node (its next snapshot is valid again: the flag would not stop a log line per cycle)
-                flag = "overflow" if isinstance(exc, FeedOverflow) else "invalid"
-                if not fs.get(flag):
-                    fs[flag] = True
-                    logger.warning("cache_aware routing: node %s sent an invalid cache-state feed: %s", url, exc)
-                with self.lock:
-                    st = self.router.nodes.get(url)
-                    if st is not None and st.exact:   # keep the approximate index it already has
+                if st is not None and st.exact:   # keep the approximate index it already has
+                    self.router.set_approximate(url, self.default_profile)
+        except Exception as exc:
+            unreachable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+            # the node is down when its own API address does not answer: read there, or probed now
+            # when its feed is served on another port or URL (--cache-aware-feed-port/-url, and every
+            # real node's engine feed). A feed elsewhere that does not answer while the API does is a
+            # node without a feed (stock LMDeploy, or its feed failed to start): approximate, not skipped
+            down = unreachable and (self._feed_is_on_api(url) or not api_answers(url))
+            if down and not fs.get("down"):
+                fs["down"] = True
+                logger.warning("cache_aware routing: node %s does not answer (its cache-state feed at %s "
+                               "neither); no request goes to it until it answers again", url, self.feed_url(url))
+            if not down:
+                fs.pop("down", None)
+            if unreachable and not down and not fs.get("unreachable"):
+                fs["unreachable"] = True
+                logger.warning("cache_aware routing: the cache-state feed of node %s does not answer at %s; "
+                               "routing to it with an approximate model of its cache", url, self.feed_url(url))
+            with self.lock:
+                st = self.router.nodes.get(url)
+                if st is not None:
+                    # unreachable: skip the node until it answers; a feed that errors while the
+                    # node answers: its view goes stale, then approximate after the timeout
+                    self.router.set_health(url, not down and self._healthy_again(url, now))
+                    last = fs["last_ok"]
+                    if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
                         self.router.set_approximate(url, self.default_profile)
-            except Exception as exc:
-                unreachable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
-                # the node is down when its own API address does not answer: read there, or probed now
-                # when its feed is served on another port or URL (--cache-aware-feed-port/-url, and every
-                # real node's engine feed). A feed elsewhere that does not answer while the API does is a
-                # node without a feed (stock LMDeploy, or its feed failed to start): approximate, not skipped
-                down = unreachable and (self._feed_is_on_api(url) or not api_answers(url))
-                if down and not fs.get("down"):
-                    fs["down"] = True
-                    logger.warning("cache_aware routing: node %s does not answer (its cache-state feed at %s "
-                                   "neither); no request goes to it until it answers again", url, self.feed_url(url))
-                if not down:
-                    fs.pop("down", None)
-                if unreachable and not down and not fs.get("unreachable"):
-                    fs["unreachable"] = True
-                    logger.warning("cache_aware routing: the cache-state feed of node %s does not answer at %s; "
-                                   "routing to it with an approximate model of its cache", url, self.feed_url(url))
-                with self.lock:
-                    st = self.router.nodes.get(url)
-                    if st is not None:
-                        # unreachable: skip the node until it answers; a feed that errors while the
-                        # node answers: its view goes stale, then approximate after the timeout
-                        self.router.set_health(url, not down and self._healthy_again(url, now))
-                        last = fs["last_ok"]
-                        if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
-                            self.router.set_approximate(url, self.default_profile)
-                logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+            logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
 
     def _without_feed(self, url: str, fs: dict, now: float) -> None:
         """``url`` has no feed of its own (404, or one shared with other nodes): routed on the approximate

@@ -757,3 +757,44 @@ def test_a_node_whose_feed_is_served_elsewhere_is_skipped_once_its_api_stops_ans
     finally:
         live.close()
         dead.close()
+
+
+def test_a_hung_feed_delays_no_other_nodes_view():
+    """One poll round reads every node's feed at once: a feed that answers only at the read timeout holds
+    up its own node, not the others (before, each round read the nodes in turn)."""
+    nodes = [f"http://10.0.0.{i}:23333" for i in range(1, 5)]
+    svc = _service()
+    svc._sync_nodes(nodes)
+    done = {}
+
+    class Session:
+        def get(self, url, params=None, **k):
+            if "10.0.0.1" in url:
+                time.sleep(1.0)                       # a feed that hangs (its read timeout, shortened)
+            done[url] = time.monotonic()
+            return SimpleNamespace(status_code=200, json=lambda: _snapshot([5, 6], [], epoch="e-" + url))
+
+    t0 = time.monotonic()
+    svc.poll_once(Session())
+    took = time.monotonic() - t0
+    fast = [done[n + "/hostcache/cache_state"] - t0 for n in nodes[1:]]
+    assert max(fast) < 0.5 and 1.0 <= took < 1.9, (fast, took)
+    assert all(svc.router.nodes[n].exact for n in nodes)
+
+
+def test_a_node_without_a_feed_and_a_feed_url_for_no_node_are_each_logged_once(caplog):
+    nodes = ["http://127.0.0.1:23333"]
+    svc = _service(feed_urls={"http://localhost:23333": "http://127.0.0.1:23401"})
+
+    class Session:
+        def get(self, url, params=None, **k):
+            return SimpleNamespace(status_code=404, json=lambda: {})
+
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.proxy_routing"):
+        svc.node_manager = SimpleNamespace(nodes={n: None for n in nodes})
+        for _ in range(3):
+            svc.poll_once(Session())
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("has no cache-state feed" in m and nodes[0] in m for m in msgs) == 1
+    assert sum("names node http://localhost:23333, which is not a node registered now" in m for m in msgs) == 1
+    assert not svc.router.nodes[nodes[0]].exact and svc.router.nodes[nodes[0]].healthy

@@ -150,16 +150,24 @@ def test_a_feed_port_that_does_not_answer_leaves_the_node_routable_and_only_its_
         def get(self, url, params=None, timeout=None, headers=None):
             raise requests.exceptions.ConnectionError(f"refused: {url}")
 
-    node = "http://127.0.0.1:23333"
+    import socket
+
+    api = socket.socket()                         # the node's API answers (a stock node without a feed)
+    api.bind(("127.0.0.1", 0))
+    api.listen(4)
+    node = f"http://127.0.0.1:{api.getsockname()[1]}"
     opts = {"model": None, "feed_interval": 1.0, "feed_timeout": 10.0, "feed_port": 23400, "balance": 1.3,
             "block_size": 4, "gpu_blocks": 16, "host_blocks": 0}
-    svc = RoutingService(opts)
-    svc._sync_nodes([node])
-    with caplog.at_level(logging.WARNING, logger=proxy_routing.logger.name):
-        for _ in range(2):
-            svc.poll_once(session=Refused())
-    assert svc.router.nodes[node].healthy and not svc.router.nodes[node].exact
-    assert sum("does not answer" in r.getMessage() for r in caplog.records) == 1
+    try:
+        svc = RoutingService(opts)
+        svc._sync_nodes([node])
+        with caplog.at_level(logging.WARNING, logger=proxy_routing.logger.name):
+            for _ in range(2):
+                svc.poll_once(session=Refused())
+        assert svc.router.nodes[node].healthy and not svc.router.nodes[node].exact
+        assert sum("does not answer" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        api.close()
     opts["feed_port"] = None                      # the feed is read at the node's API address
     same = RoutingService(opts)
     same._sync_nodes([node])
