@@ -10,6 +10,7 @@ master is not (``segment_address_warning``); the ``L3Client`` that ``connect`` r
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
@@ -26,6 +27,16 @@ def _probe(address: str, timeout_s: float) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise L3Unavailable(f"l3: cannot reach the Mooncake master at {address}: {exc.strerror or exc}") from None
+
+
+def _answers(address: str, timeout_s: float = 0.5) -> bool:
+    """Whether the master accepts a TCP connection (the client's probe before it calls again after a
+    backoff: a dead master refuses at once)."""
+    try:
+        _probe(address, timeout_s)
+        return True
+    except L3Unavailable:
+        return False
 
 
 def _loopback(host: str) -> bool:
@@ -118,4 +129,5 @@ def connect(config: L3Config, metrics: Any = None, logger: Any = None, setup_tim
         log.warning("%s; on_unreachable is 'warn': this node runs without the shared L3 tier", exc)
         return None
     # the client splits its batches to fit the buffer Mooncake moves every object through
-    return L3Client(store, timeout_s=config.timeout_s, metrics=metrics, buffer_bytes=config.local_buffer_bytes)
+    return L3Client(store, timeout_s=config.timeout_s, metrics=metrics, buffer_bytes=config.local_buffer_bytes,
+                    probe=functools.partial(_answers, config.master_address))

@@ -20,6 +20,13 @@ Invariants:
   get split into ``n`` calls waits at most ``n x timeout_s``; until that stuck call returns,
   every further call raises ``L3Unavailable`` at once (no pile-up of blocked threads), and the
   remaining calls of a split batch are not made;
+* after a call that missed its deadline or raised, the client backs off: for ``BACKOFF_MIN_S``,
+  doubling at each further failure up to ``BACKOFF_MAX_S``, every call raises ``L3Unavailable`` at
+  once (a master that is down costs no caller its ``timeout_s`` more than once per interval; before,
+  one call stalled its thread for ``timeout_s`` every few seconds for as long as the master was
+  down); when the interval ends, ``probe`` (``backend.connect``: a TCP connect to the master) is
+  asked first where one is given, and a master that refuses it keeps the client backing off without
+  a backend call; the first call that succeeds ends the backoff;
 * a negative status from the backend (master gone, RPC failure) raises ``L3Unavailable``;
   a put refused for space returns ``False`` for that block (``L3Full`` only from ``put_blocks``
   when ``strict``); nothing is retried silently;
@@ -58,6 +65,8 @@ from .keys import StoreKeyspace
 
 # Mooncake ErrorCode values seen from the Python client (mooncake-transfer-engine 0.3.x).
 NO_SPACE_CODES = frozenset({-200, -201, -202})   # no available handle / segment / replica space
+BACKOFF_MIN_S = 1.0     # after a failed call, calls fail at once this long, doubling per failure ...
+BACKOFF_MAX_S = 60.0    # ... up to this
 NO_SPACE_CODES_FIRST = -200
 
 # Mooncake's client buffer allocator (an offset allocator, mooncake-store 0.3.x) indexes at most
@@ -125,9 +134,11 @@ class L3Client:
     """A store client with deadlines; see the module docstring for the guarantees."""
 
     def __init__(self, backend: Any, timeout_s: float = 2.0, metrics: Any = None,
-                 name: str = "l3", buffer_bytes: int | None = None) -> None:
+                 name: str = "l3", buffer_bytes: int | None = None,
+                 probe: Callable[[], bool] | None = None) -> None:
         """``buffer_bytes``: the backend's local buffer (``L3Config.local_buffer_bytes``); ``None``
-        sends every batch in one call (a backend without such a buffer)."""
+        sends every batch in one call (a backend without such a buffer). ``probe``: a quick check that
+        the store can answer (True), asked before the first call after a backoff."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if buffer_bytes is not None and (isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int)
@@ -143,6 +154,9 @@ class L3Client:
         self._stuck: Future | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self.probe = probe
+        self._backoff_s = 0.0          # the current backoff interval (0: none)
+        self._retry_at = 0.0           # monotonic time before which every call fails at once
 
     # -- plumbing ---------------------------------------------------------------------
     def _count(self, **deltas: int) -> None:
@@ -159,20 +173,42 @@ class L3Client:
                     raise L3Unavailable(f"{op}: a previous store call is still blocked "
                                         f"(master unresponsive?)")
                 self._stuck = None
+            if self._backoff_s:
+                now = time.monotonic()
+                if now < self._retry_at or (self.probe is not None and not self._probe_ok()):
+                    if now >= self._retry_at:     # the probe failed: back off further, no backend call
+                        self._back_off()
+                    self._count(errors=1)
+                    raise L3Unavailable(f"{op}: the store failed recently; calls resume in "
+                                        f"{max(0.0, self._retry_at - now):.1f} s (backing off)")
             t0 = time.perf_counter()
             fut = self._pool.submit(fn, *args)
             try:
                 out = fut.result(timeout=self.timeout_s)
             except FutureTimeout:
                 self._stuck = fut
+                self._back_off()
                 self._count(errors=1, timeouts=1)
                 raise L3Timeout(f"{op}: no answer from the store within {self.timeout_s:g} s") from None
             except Exception as exc:  # the backend raised: treat as unreachable
+                self._back_off()
                 self._count(errors=1)
                 raise L3Unavailable(f"{op}: store call failed: {exc}") from exc
+            self._backoff_s = 0.0
             if self.metrics is not None:
                 self.metrics.observe(op, time.perf_counter() - t0)
             return out
+
+    def _back_off(self) -> None:
+        """(Under ``_lock``.) Fail every call at once for the next interval, twice the last one."""
+        self._backoff_s = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self._backoff_s))
+        self._retry_at = time.monotonic() + self._backoff_s
+
+    def _probe_ok(self) -> bool:
+        try:
+            return bool(self.probe())
+        except Exception:  # noqa: BLE001 - a probe that fails is a store that cannot answer
+            return False
 
     def _reply(self, op: str, out, n: int) -> list:
         """A batched reply as a list of ``n`` answers; anything else (None, an int, a string, another

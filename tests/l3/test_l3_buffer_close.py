@@ -204,7 +204,60 @@ def test_each_call_of_a_split_batch_has_the_deadline():
         client.get_blocks(space, digests, tb, slot)
     release.set()
     time.sleep(0.1)
+    with pytest.raises(L3Unavailable, match="backing off"):   # the stuck call returned; the backoff holds
+        client.get_blocks(space, digests, tb, slot)
+    time.sleep(max(0.0, client._retry_at - time.monotonic()) + 0.05)
     assert [bytes(g) for g in client.get_blocks(space, digests, tb, slot)] == payloads
+    client.close()
+
+
+def test_a_failing_store_is_backed_off_not_waited_on_at_every_call(monkeypatch):
+    """While the master does not answer, one call per interval waits its deadline; the others fail at
+    once, the interval doubles per failure, a probe that fails extends it without a backend call, and
+    the first call that succeeds ends it. (Before, every call after the stuck one returned waited
+    timeout_s again: a master down for minutes stalled the scheduler's thread about half the time.)"""
+    from lmdeploy_hostcache.l3 import client as client_mod
+
+    monkeypatch.setattr(client_mod, "BACKOFF_MIN_S", 0.3)
+    hung = threading.Event()
+    hung.set()
+    calls = []
+
+    class Store:
+        def batch_is_exist(self, keys):
+            calls.append(len(keys))
+            if hung.is_set():
+                time.sleep(0.08)      # past the deadline: a master that does not answer
+            return [0] * len(keys)
+
+        def close(self):
+            pass
+
+    reachable = [True]
+    client = L3Client(Store(), timeout_s=0.05, probe=lambda: reachable[0])
+    with pytest.raises(L3Timeout):
+        client.exists(["k"])
+    time.sleep(0.1)                                     # the stuck call returns
+    t0 = time.monotonic()
+    for _ in range(50):                                 # within the interval: no backend call, no wait
+        with pytest.raises(L3Unavailable, match="backing off"):
+            client.exists(["k"])
+    assert time.monotonic() - t0 < 0.1 and len(calls) == 1
+    time.sleep(client._retry_at - time.monotonic() + 0.01)
+    with pytest.raises(L3Timeout):                      # one call per interval tries, and times out again
+        client.exists(["k"])
+    assert len(calls) == 2 and client._backoff_s == pytest.approx(0.6)    # doubled
+    time.sleep(0.1)
+    reachable[0] = False                                # the master refuses connections: no call at all
+    time.sleep(client._retry_at - time.monotonic() + 0.01)
+    with pytest.raises(L3Unavailable, match="backing off"):
+        client.exists(["k"])
+    assert len(calls) == 2 and client._backoff_s == pytest.approx(1.2)
+    reachable[0] = True
+    hung.clear()
+    time.sleep(client._retry_at - time.monotonic() + 0.01)
+    assert client.exists(["k"]) == [False] and client._backoff_s == 0.0   # answered: the backoff ends
+    assert client.exists(["k"]) == [False] and len(calls) == 4
     client.close()
 
 
