@@ -267,7 +267,10 @@ def test_explicit_size_plus_the_l3_store_above_total_is_refused_everywhere(small
     assert str(p) in err and "host_cache_gb" in err and "l3.global_segment_gb" in err
 
 
-def test_each_tp_rank_s_client_buffer_counts(small_machine, tmp_path, capsys):
+def test_each_tp_rank_s_client_buffer_counts(small_machine, tmp_path, capsys, monkeypatch):
+    from lmdeploy_hostcache.l3 import backend
+
+    monkeypatch.setattr(backend, "master_refusal", lambda address: None)   # a master answers there
     p = _yaml(tmp_path, "host_cache_gb: 3\nl3: {master_address: '127.0.0.1:50051', global_segment_gb: 4, "
                         "local_buffer_gb: 0.75}\n")          # 3 + 4 + 0.75 fits 8 GiB; with 2 ranks 8.5 does not
     _served(host_cache_config=str(p))
@@ -364,3 +367,23 @@ def test_a_calibration_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(CalibrationError, match="calibration.json: not a regular file"):
         load_calibration(str(fifo))
+
+
+def test_a_master_that_refuses_connections_is_refused_before_the_engine_starts(small_machine, tmp_path, capsys):
+    """With l3.on_unreachable 'error' the engine's own check fails in its process, after the weights load, as
+    two tracebacks; the serve flags refuse it first, naming l3.master_address. 'warn' still starts."""
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))                 # bound, not listening: connections are refused
+    try:
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        p = _yaml(tmp_path, f"host_cache_gb: 1\nl3: {{master_address: '{address}', global_segment_gb: 1, "
+                            "local_buffer_gb: 0.25}\n")
+        err = _refused(capsys, host_cache_config=str(p))
+        assert str(p) in err and "l3.master_address" in err and address in err and "'warn'" in err
+        w = _yaml(tmp_path, f"host_cache_gb: 1\nl3: {{master_address: '{address}', global_segment_gb: 1, "
+                            "local_buffer_gb: 0.25, on_unreachable: warn}\n", "warn.yaml")
+        _served(host_cache_config=str(w))
+    finally:
+        closed.close()

@@ -128,7 +128,10 @@ def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str,
     - the host tier, with the ``l3`` store's segment and client buffers, fits this machine's total RAM and
       holds one block (ConfigError naming ``source`` and the field): the check the engine runs when it sizes
       the tier (``hostmem.resolve_host_cache_bytes``), made before the weights load. The store's clients
-      are counted as ``--tp`` (one per rank; the engine counts its exact ranks again).
+      are counted as ``--tp`` (one per rank; the engine counts its exact ranks again);
+    - with ``l3.on_unreachable: error``, the Mooncake master accepts a TCP connection (ConfigError naming
+      ``l3.master_address``): the engine's own check would fail inside its process, after the weights load,
+      with LMDeploy's tracebacks.
     """
     from ..config import ConfigError
     from ..hostmem import refuse_size_holding_no_block, resolve_host_cache_bytes
@@ -147,6 +150,16 @@ def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str,
         refuse_size_holding_no_block(cfg, nbytes)   # the engine would find 0 slots
     except ConfigError as exc:
         raise ConfigError(exc.errors, source) from None
+    l3 = getattr(cfg, "l3", None)
+    if l3 is not None and l3.on_unreachable == "error":
+        from ..l3.backend import master_refusal
+
+        why = master_refusal(l3.master_address)    # the engine's own start would end in two tracebacks
+        if why is not None:
+            from ..config import FieldError
+
+            raise ConfigError([FieldError("l3.master_address", l3.master_address, "", problem=(
+                f"{why} (l3.on_unreachable is 'error'; 'warn' starts the node without the shared tier)"))], source)
 
 
 def _check_raw_transfer_config(args: argparse.Namespace) -> None:

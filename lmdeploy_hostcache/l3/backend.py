@@ -29,6 +29,15 @@ def _probe(address: str, timeout_s: float) -> None:
         raise L3Unavailable(f"l3: cannot reach the Mooncake master at {address}: {exc.strerror or exc}") from None
 
 
+def master_refusal(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why the master at ``address`` cannot be reached by TCP (None when it accepts a connection)."""
+    try:
+        _probe(address, timeout_s)
+        return None
+    except L3Unavailable as exc:
+        return str(exc).removeprefix("l3: ")
+
+
 def _answers(address: str, timeout_s: float = 0.5) -> bool:
     """Whether the master accepts a TCP connection (the client's probe before it calls again after a
     backoff: a dead master refuses at once)."""
