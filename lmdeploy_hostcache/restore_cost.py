@@ -97,6 +97,8 @@ def threshold_tokens(cal: RestoreCalibration, bytes_per_token: float) -> int:
     if per_token_gain <= 0:
         return NEVER
     n = cal.restore_overhead_ms / 1e3 / per_token_gain
+    if not math.isfinite(n) or n >= NEVER:   # figures so large the threshold overflows: no hit reaches it
+        return NEVER
     return min(NEVER, int(math.floor(n)) + 1)
 
 

@@ -41,6 +41,15 @@ def test_never_when_copying_costs_more_than_computing():
     assert not rc.should_restore(10 ** 9, cal, 1e6)
 
 
+@pytest.mark.parametrize("gbps,rate,ms", [(20, 10_000, 1e308), (1e300, 1e300, 1e300)])
+def test_finite_figures_whose_threshold_overflows_mean_never_not_a_crash(gbps, rate, ms):
+    """Finite calibration figures can make the threshold inf (it was int(inf): OverflowError in the
+    engine's connector, after start-up had accepted the file)."""
+    cal = rc.RestoreCalibration(gbps, rate, ms)
+    assert rc.threshold_tokens(cal, LLAMA8B_FP16_TOKEN) == rc.NEVER
+    assert rc.resolve_min_restore_tokens("auto", LLAMA8B_FP16_TOKEN, cal) == rc.NEVER
+
+
 def test_zero_overhead_restores_every_hit_and_unknown_bytes_fall_back():
     cal = rc.RestoreCalibration(20, 10_000, 0)
     assert rc.threshold_tokens(cal, 1000) == 1
