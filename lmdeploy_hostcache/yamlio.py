@@ -172,6 +172,37 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
+class NotARegularFile(OSError):
+    """``read_regular_file`` found a FIFO, a device or a socket (``kind`` names it, ``file_kind``)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"is {kind}, not a regular file")
+        self.kind = kind
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file (or a symlink to one) at ``path``, never blocking on
+    what is there: opened non-blocking (a FIFO with no writer returns at once) and checked on the open
+    descriptor (no window between the check and the read). Raises ``IsADirectoryError`` for a folder,
+    ``NotARegularFile`` for a FIFO, a device or a socket, and the ``OSError`` of a failed open or read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, "is a folder", os.fspath(path))
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "is a folder", os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise NotARegularFile(file_kind(mode))
+        with os.fdopen(fd, "rb") as fh:
+            fd = -1   # the file object owns it now
+            return fh.read(limit)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def load_yaml_file(path: str | os.PathLike[str]) -> Any:
     """Read and parse a YAML file strictly; every failure is a ``YamlError`` naming ``path``.
 
@@ -181,29 +212,16 @@ def load_yaml_file(path: str | os.PathLike[str]) -> Any:
     between the check and the read).
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise YamlError(path, "is a folder, not a YAML file")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
     try:
-        fd = os.open(path, flags)   # O_NONBLOCK: opening a FIFO with no writer returns at once
+        raw = read_regular_file(path, MAX_YAML_BYTES + 1)   # a config is small: a mistaken file is not read whole
+    except IsADirectoryError:
+        raise YamlError(path, "is a folder, not a YAML file") from None
     except FileNotFoundError:
         raise YamlError(path, "cannot read it: no such file") from None
+    except NotARegularFile as exc:
+        raise YamlError(path, f"is {exc.kind}, not a regular file (only a regular file is read)") from None
     except OSError as exc:
         raise YamlError(path, f"cannot read it: {exc.strerror or exc}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise YamlError(path, "is a folder, not a YAML file")
-        if not stat.S_ISREG(mode):
-            raise YamlError(path, f"is {file_kind(mode)}, not a regular file (only a regular file is read)")
-        with os.fdopen(fd, "rb") as fh:
-            fd = -1   # the file object owns it now
-            raw = fh.read(MAX_YAML_BYTES + 1)   # a config is small: a mistaken file is not read whole
-    except OSError as exc:
-        raise YamlError(path, f"cannot read it: {exc.strerror or exc}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
     if b"\x00" in raw:
         raise YamlError(path, "binary data (a NUL byte), not a YAML text file")
     if len(raw) > MAX_YAML_BYTES:

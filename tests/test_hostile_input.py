@@ -136,3 +136,20 @@ def test_soak_refuses_an_unwritable_json_path_before_running():
                        text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.strip().startswith("error: lmdeploy-hostcache soak: --json /proc/nonexistent/x.json: cannot write")
+
+
+def test_soak_and_plan_refuse_a_fifo_at_once_instead_of_waiting_for_a_peer(tmp_path):
+    """A FIFO with no peer given as soak's --json or plan's --model (or its config.json) used to block
+    for ever on the open."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    model = tmp_path / "model"
+    model.mkdir()
+    os.mkfifo(model / "config.json")
+    for argv, needle in ((["soak", "--seconds", "1", "--json", str(fifo)], "a FIFO with no reader"),
+                         (["plan", "--model", str(fifo), "--limit", "5"], "is a FIFO (named pipe), not a regular file"),
+                         (["plan", "--model", str(model), "--limit", "5"], "is a FIFO (named pipe), not a regular file")):
+        p = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, (argv, p.stderr)

@@ -111,7 +111,7 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
         raise ValueError(f"{where}: expected a mapping at the top level")
     unknown = set(doc) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown, key=repr)}; allowed: {sorted(_TOP_KEYS)}")
     if "routing" not in doc:
         raise ValueError(f"{where}: routing is missing; it is required: one of {', '.join(ROUTING_POLICIES)}")
     routing = doc["routing"]
@@ -155,7 +155,7 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
             raise ValueError(f"{w} must be a mapping with name, gpu_kv_gb, host_gb")
         unknown = set(n) - _NODE_KEYS
         if unknown:
-            raise ValueError(f"{w}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_NODE_KEYS)}")
+            raise ValueError(f"{w}: unknown field(s) {sorted(unknown, key=repr)}; allowed: {sorted(_NODE_KEYS)}")
         for k in _NODE_KEYS:
             if k not in n:
                 raise ValueError(f"{w}: missing field {k!r}")

@@ -219,11 +219,10 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
+    from ..yamlio import NotARegularFile, read_regular_file
+
     try:
-        if p.is_dir():
-            raise IsADirectoryError(21, "is a folder")
-        with open(p, "rb") as fh:
-            raw = fh.read(16 * 2**20 + 1)    # a model's config.json is a few KiB
+        raw = read_regular_file(p, 16 * 2**20 + 1)    # a model's config.json is a few KiB; a FIFO is not waited on
         if len(raw) > 16 * 2**20:
             raise ValueError(f"model config {p} is larger than 16 MiB: not a config.json")
         cfg = json.loads(raw.decode("utf-8"), parse_int=_config_int)
@@ -235,6 +234,8 @@ def geometry_from_hf_config(path: str | os.PathLike) -> KVGeometry:
         raise ValueError(f"model config {p} is not UTF-8 text (byte {exc.start})") from None
     except RecursionError:
         raise ValueError(f"model config {p} is JSON nested too deeply") from None
+    except NotARegularFile as exc:
+        raise ValueError(f"model config {p} {exc}") from None
     except OSError as exc:
         raise ValueError(f"model config {p} cannot be read ({exc.strerror or exc})") from None
     if not isinstance(cfg, dict):

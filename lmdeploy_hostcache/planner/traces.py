@@ -607,7 +607,10 @@ def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             raise ValueError(f"trace file {tp} does not exist")
         for f in found:     # a file named twice (or a folder and a file in it) is read once
-            key = f.resolve()
+            try:
+                key = f.resolve()
+            except (OSError, RuntimeError) as exc:   # a symlink loop (RuntimeError before Python 3.13)
+                raise ValueError(f"trace file {f}: cannot read it: {exc}") from None
             if key not in seen:
                 seen.add(key)
                 paths.append(f)

@@ -528,6 +528,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--inject-corruption', metavar='ITER', help=argparse.SUPPRESS)   # test-only fault
 
 
+def _check_json_path(path: str) -> None:
+    """``--json PATH`` can be written: a regular file (created if missing), opened without blocking (a FIFO
+    with no reader is refused at once, not waited on)."""
+    import errno
+    import os
+    import stat
+
+    from ..yamlio import file_kind
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        why = 'a FIFO with no reader' if exc.errno == errno.ENXIO else (exc.strerror or exc)
+        raise _BadArgument(f'--json {path}: cannot write it ({why})') from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode):
+        raise _BadArgument(f'--json {path}: is {file_kind(mode)}, not a regular file')
+
+
 class _BadArgument(ValueError):
     pass
 
@@ -569,11 +591,7 @@ def run(args: argparse.Namespace) -> int:
         if scenario is not None and (seconds is not None or minutes is not None or workers != 1):
             raise _BadArgument('--scenario runs one scenario: it takes no --seconds, --minutes or --workers')
         if args.json:   # found unwritable before the run, not after it (its results would be lost)
-            try:
-                with open(args.json, 'a'):
-                    pass
-            except OSError as exc:
-                raise _BadArgument(f'--json {args.json}: cannot write it ({exc.strerror or exc})') from None
+            _check_json_path(args.json)
     except _BadArgument as exc:
         print(f'error: lmdeploy-hostcache soak: {exc}', file=sys.stderr)
         return 2

@@ -155,7 +155,10 @@ def test_unusable_trace_files_are_one_line_errors(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [(None, "is a folder"), (b"\x00\x01\x02binary", "binary data"),
-                                            (b"routing: \xff\xfe\n", "not UTF-8"), (b"nodes: [\n", "not valid YAML")])
+                                            (b"routing: \xff\xfe\n", "not UTF-8"), (b"nodes: [\n", "not valid YAML"),
+                                            # keys of mixed types (an int, a null and a string) could not be sorted
+                                            (b"routing: session\n1: x\nfoo: y\n~: z\nnodes: []\n", "unknown field(s)"),
+                                            (b"routing: session\nnodes: [{name: a, 5: x, x: y}]\n", "unknown field(s)")])
 def test_unusable_cluster_files_are_one_line_errors(capsys, tmp_path, content, match):
     f = tmp_path / "cluster.yaml"
     if content is None:
@@ -400,3 +403,12 @@ def test_step_model_refuses_requests_it_would_take_ages_on(capsys, tmp_path, rec
     rc, _, err = _run(capsys, [str(p), "--quiet", "--gpu-blocks", "10", "--host-blocks", "10", "--engine-steps",
                                *extra])
     assert rc == 2 and needle in err, err
+
+
+def test_a_symlink_loop_in_a_trace_folder_is_one_named_error(capsys, tmp_path):
+    folder = tmp_path / "caps"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(_line(timestamp=0) + "\n")
+    (folder / "loop.jsonl").symlink_to(folder / "loop.jsonl")
+    rc, _, err = _run(capsys, [str(folder), "--quiet"])
+    assert rc == 2 and "loop.jsonl: cannot read it" in err and "Traceback" not in err and err.count("\n") == 1, err
