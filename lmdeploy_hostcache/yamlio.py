@@ -17,7 +17,9 @@ Invariants:
   binary, not UTF-8, not YAML) is a ``YamlError`` naming the file; nothing else escapes (no
   ``OSError``, ``UnicodeDecodeError`` or ``yaml.YAMLError``), and nothing blocks: a FIFO, a device
   (``/dev/stdin`` included: reading settings from standard input is not supported) or a socket is
-  refused before anything is read.
+  refused before anything is read. A file over ``MAX_YAML_BYTES`` (256 KiB) is refused unparsed: PyYAML
+  takes hundreds of times a file's bytes in memory. ``read_regular_file`` is that non-blocking
+  regular-file read, for other small inputs (the planner's model ``config.json``).
 - ``dump_yaml`` writes with the same number rules (a string such as ``"1e3"`` is quoted), so
   ``load_yaml_text(dump_yaml(x)) == x`` for plain data.
 - PyYAML is imported on first use only.
@@ -139,7 +141,9 @@ def _loader():
     return _LOADER
 
 
-MAX_YAML_BYTES = 16 * 2**20
+# a settings or cluster file is a few KiB; PyYAML's nodes take a few hundred times a file's size in memory
+# (a 2 MiB file of short items: about 0.9 GB), so the cap bounds memory, not only reading
+MAX_YAML_BYTES = 256 * 2**10
 
 
 def load_yaml_text(text: str, *, source: str | None = None) -> Any:
@@ -225,7 +229,7 @@ def load_yaml_file(path: str | os.PathLike[str]) -> Any:
     if b"\x00" in raw:
         raise YamlError(path, "binary data (a NUL byte), not a YAML text file")
     if len(raw) > MAX_YAML_BYTES:
-        raise YamlError(path, f"larger than {MAX_YAML_BYTES // 2**20} MiB: not a settings file")
+        raise YamlError(path, f"larger than {MAX_YAML_BYTES // 2**10} KiB: not a settings file")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
