@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import logging
 import os
 
 SEQ_SALT_ATTR = "cache_salt"
@@ -76,9 +77,24 @@ def salt_from_api_key(authorization: str | None) -> str:
     return "apikey:" + hashlib.blake2b(token.strip().encode(), key=_KEY_SALT_LABEL, digest_size=16).hexdigest()
 
 
+_OFF_WORDS = ("", "0", "false", "no")          # as LMDEPLOY_HOSTCACHE_DISABLE reads them
+_ON_WORDS = ("1", "true", "yes", "on", "y")
+_warned_words: set[str] = set()
+
+
 def salt_from_key_enabled(environ=None) -> bool:
+    """Whether ``LMDEPLOY_HOSTCACHE_SALT_FROM_API_KEY`` is on: any value but '', '0', 'false', 'no' (the rule
+    of ``LMDEPLOY_HOSTCACHE_DISABLE``). Isolation fails safe: a value it does not know ('enabled', '2')
+    turns it on, with one warning naming the variable (before, only '1', 'true' and 'yes' did, and 'on'
+    silently left tenants sharing cache)."""
     env = os.environ if environ is None else environ
-    return env.get(ENV_SALT_FROM_API_KEY, "").strip().lower() in ("1", "true", "yes")
+    word = env.get(ENV_SALT_FROM_API_KEY, "").strip().lower()
+    if word not in _OFF_WORDS and word not in _ON_WORDS and word not in _warned_words:
+        _warned_words.add(word)
+        logging.getLogger("lmdeploy_hostcache").warning(
+            "lmdeploy-hostcache: %s=%r is not one of %s (on) or 0, false, no (off): taken as on (tenants are "
+            "isolated by API key)", ENV_SALT_FROM_API_KEY, word, ", ".join(_ON_WORDS))
+    return word not in _OFF_WORDS
 
 
 def request_salt_for(body, authorization: str | None, *, from_api_key: bool) -> str:

@@ -102,3 +102,18 @@ def test_a_bad_cache_salt_is_answered_400_naming_the_field():
     with pytest.raises(HTTPException) as err:
         _through_endpoint({"model": "m", "messages": [], "cache_salt": 12})
     assert err.value.status_code == 400 and "cache_salt" in err.value.detail
+
+
+@pytest.mark.parametrize("word, on", [("", False), ("0", False), ("false", False), ("No", False), ("1", True),
+                                      ("true", True), ("on", True), ("y", True), ("enabled", True), ("2", True)])
+def test_salting_by_api_key_fails_safe_on_a_word_it_does_not_know(word, on, caplog):
+    """'on' (or any word not meaning off) isolates tenants by key; before, only 1/true/yes did, and
+    'on' silently left tenants sharing cache. An unknown word is logged once, naming the variable."""
+    import logging
+
+    rs._warned_words.discard(word.lower())
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache"):
+        assert rs.salt_from_key_enabled({rs.ENV_SALT_FROM_API_KEY: word}) is on
+        assert rs.salt_from_key_enabled({rs.ENV_SALT_FROM_API_KEY: word}) is on
+    warned = [r for r in caplog.records if rs.ENV_SALT_FROM_API_KEY in r.getMessage()]
+    assert len(warned) == (1 if word.lower() in ("enabled", "2") else 0)
