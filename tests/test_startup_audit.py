@@ -387,3 +387,12 @@ def test_a_master_that_refuses_connections_is_refused_before_the_engine_starts(s
         _served(host_cache_config=str(w))
     finally:
         closed.close()
+
+
+def test_a_capture_flag_with_the_tier_off_is_refused_not_dropped(small_machine, tmp_path, capsys):
+    err = _refused(capsys, host_cache_gb=0.0, host_cache_capture=str(tmp_path / "cap.jsonl"))
+    assert "--host-cache-capture" in err and "--host-cache-gb 0 turns off" in err
+    p = _yaml(tmp_path, "host_cache_gb: 0\n")
+    err = _refused(capsys, host_cache_config=str(p), host_cache_capture=str(tmp_path / "cap.jsonl"))
+    assert f"host_cache_gb 0 in {p} turns off" in err
+    assert _served(host_cache_gb=0.0).kv_transfer_config is None          # the tier off alone: stock, as before

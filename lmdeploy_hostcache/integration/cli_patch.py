@@ -96,6 +96,10 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
 
     settings = load_config(path, host_cache_gb=gb, capture=capture)  # ConfigError names the file and field
     if not settings.enabled:
+        if capture is not None:   # else the capture would be dropped without a word
+            raise ValueError(f"--host-cache-capture records requests in the host tier, which "
+                             f"{'--host-cache-gb 0' if gb is not None else f'host_cache_gb 0 in {path}'} turns off: "
+                             "drop --host-cache-capture or give the tier a size")
         log_tier_off("--host-cache-gb 0" if gb is not None else f"--host-cache-config {path}")
         return False
     backend = getattr(args, "backend", "pytorch")
