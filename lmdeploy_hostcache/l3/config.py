@@ -103,6 +103,9 @@ def _address(v: Any) -> str:
     host, _, port = t.rpartition(":")
     if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
         raise ValueError(allowed)
+    if ":" in host and not (host.startswith("[") and host.endswith("]") and len(host) > 2):
+        # '::1' read as host ':' port 1: an IPv6 host is written in brackets
+        raise ValueError(allowed + "; an IPv6 address in brackets: '[::1]:50051'")
     return t
 
 

@@ -415,6 +415,10 @@ def test_master_address_is_a_bare_host_port():
         assert ("without a scheme" if "://" in address else "without spaces") in str(err.value), address
     for address in ("127.0.0.1:50051", " 10.0.0.5:50051 ", "[::1]:50051", "master.local:1"):
         assert parse_l3_section({"master_address": address}).master_address == address.strip()
+    for address in ("::1", "fe80::1", "::1:50051"):     # '::1' was host ':' port 1
+        with pytest.raises(ConfigError, match="in brackets") as err:
+            parse_l3_section({"master_address": address})
+        assert err.value.field == "l3.master_address", address
 
 
 # -- a real mooncake_master -----------------------------------------------------------------------------
