@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        # a workload or table size the options asked for (sessions, blocks, scale) needs more memory than
+        # this machine gives: one line, not a traceback (a size that grows slowly may meet the OOM killer first)
+        print(f"error: lmdeploy-hostcache {getattr(args, 'command', '') or ''}: out of memory: the sizes given need "
+              "more memory than this machine has; give smaller ones", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as a shell tool does
         _drop_stdout()
         return 141

@@ -153,3 +153,13 @@ def test_soak_and_plan_refuse_a_fifo_at_once_instead_of_waiting_for_a_peer(tmp_p
                          (["plan", "--model", str(model), "--limit", "5"], "is a FIFO (named pipe), not a regular file")):
         p = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, (argv, p.stderr)
+
+
+def test_sizes_beyond_the_machine_s_memory_are_one_line_not_a_traceback(capsys):
+    """bench index at its largest accepted sizes asks numpy for about 48 TiB: MemoryError, answered with
+    one line and exit 2."""
+    from lmdeploy_hostcache.cli import main
+
+    assert main(["bench", "index", "--blocks", "100000000", "--block-size", "65536"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: lmdeploy-hostcache bench: out of memory") and err.count("\n") == 1, err
