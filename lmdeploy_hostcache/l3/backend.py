@@ -3,8 +3,10 @@
 Invariants: ``mooncake`` is imported only here and only when a store is opened; a failed
 import or ``setup`` raises ``L3Unavailable`` naming the master address (the start-up error the
 issue asks for), after a plain TCP probe of the master (Mooncake's own ``setup`` retries for
-minutes against a dead address); ``setup`` itself runs under ``setup_timeout_s`` (it blocks while the master
-does not answer); ``connect`` warns when this node's segment is on a loopback address while its
+minutes against a dead address) and a setup in a child process killed at ``setup_timeout_s``
+(``_setup_in_child``: against a master that accepts connections but does not answer, Mooncake's setup
+holds the GIL for about ten minutes, so no deadline in this process could fire); the setup here then
+runs on a thread joined with the same timeout; ``connect`` warns when this node's segment is on a loopback address while its
 master is not (``segment_address_warning``); the ``L3Client`` that ``connect`` returns knows the local buffer's size
 (``local_buffer_gb``) and splits its batches to fit it.
 """
@@ -73,6 +75,47 @@ def segment_address_warning(config: L3Config) -> str | None:
     return None
 
 
+# run by ``_setup_in_child``: Mooncake's setup against the master, then close, in a process of its own
+_CHILD_SETUP = """
+import json, sys
+from mooncake.store import MooncakeDistributedStore
+a = json.loads(sys.argv[1])
+store = MooncakeDistributedStore()
+code = store.setup(a["host"], a["metadata"], a["segment"], a["buffer"], a["protocol"], a["devices"], a["master"])
+print(code, flush=True)
+if code == 0:
+    store.close()
+"""
+
+
+def _setup_in_child(config: L3Config, timeout_s: float) -> None:
+    """Mooncake's ``setup`` (and ``close``) in a child process, killed at ``timeout_s``: raises
+    ``L3Unavailable`` when the master accepts TCP connections but does not answer setup in time (hung,
+    SIGSTOPped, partitioned). In this process Mooncake's setup holds Python's GIL while it retries (about
+    20 tries, 30 s apart), so no thread of ours could keep a deadline; a child can be killed. The child
+    contributes the smallest segment Mooncake accepts and closes at once."""
+    import json  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from .config import MIN_SEGMENT_BYTES  # noqa: PLC0415
+
+    args = json.dumps({"host": config.local_hostname, "metadata": config.metadata_server,
+                       "segment": MIN_SEGMENT_BYTES, "buffer": MIN_SEGMENT_BYTES, "protocol": config.protocol,
+                       "devices": config.rdma_devices, "master": config.master_address})
+    env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")
+    try:
+        done = subprocess.run([sys.executable, "-c", _CHILD_SETUP, args], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise L3Unavailable(f"l3: the Mooncake master at {config.master_address} accepts connections but did "
+                            f"not answer setup within {timeout_s:g} s (hung or partitioned?)") from None
+    except OSError as exc:   # the child could not start: leave the check to the setup here
+        del exc
+        return
+    del done   # whatever the child's setup answered, the setup here answers it again, with its message
+
+
 def open_mooncake(config: L3Config, setup_timeout_s: float = 30.0) -> Any:
     """A set-up ``MooncakeDistributedStore``; raises ``L3Unavailable`` naming the address."""
     if config.protocol == "tcp" and config.local_hostname in ("127.0.0.1", "localhost"):
@@ -85,6 +128,7 @@ def open_mooncake(config: L3Config, setup_timeout_s: float = 30.0) -> Any:
                             "mooncake-transfer-engine-non-cuda and libibverbs1 libnl-3-200 "
                             "libnl-route-3-200") from None
     _probe(config.master_address, min(setup_timeout_s, 5.0))
+    _setup_in_child(config, setup_timeout_s)
     store = MooncakeDistributedStore()
     result: dict[str, Any] = {}
 

@@ -210,6 +210,24 @@ def test_master_killed_mid_run(own_master):
         assert time.monotonic() - t0 < 60
 
 
+def test_setup_against_a_hung_master_is_refused_within_the_setup_timeout(own_master):
+    """A master that accepts connections and answers nothing (SIGSTOP): Mooncake's setup holds the GIL for
+    minutes in-process, so setup_timeout_s could not fire and the engine start froze; the setup is tried in
+    a child process first, killed at the timeout."""
+    from lmdeploy_hostcache.l3.backend import open_mooncake
+
+    cfg = parse_l3_section({"master_address": own_master.address, "global_segment_gb": 1 / 32,
+                            "local_buffer_gb": 1 / 64})
+    own_master.pause()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(L3Unavailable, match="did not answer setup within 3 s"):
+            open_mooncake(cfg, setup_timeout_s=3)
+        assert time.monotonic() - t0 < 8
+    finally:
+        own_master.resume()
+
+
 def test_client_timeout_when_master_hangs(own_master):
     m = L3TierMetrics()
     c = open_client(own_master.address, timeout_ms=300, metrics=m)
