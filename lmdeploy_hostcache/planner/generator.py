@@ -396,7 +396,8 @@ def _parse_field(kind: str, name: str, hint, text: str):
         return (int(lo), int(hi))
     except ValueError:
         want = {int: "an int", float: "a finite number", str: "text"}.get(hint, "a range LO,HI of ints")
-        raise ValueError(f"{kind} workload: {name} must be {want}, got {text!r}") from None
+        shown = repr(text) if len(text) <= 60 else f"{text[:40]!r}... ({len(text):,} characters)"
+        raise ValueError(f"{kind} workload: {name} must be {want}, got {shown}") from None
 
 
 def workload_params(family: str) -> tuple[str, ...]:

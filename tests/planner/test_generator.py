@@ -138,6 +138,7 @@ def test_workloads_from_command_line_text_parse_every_field_type():
     ("chat", {"user_tokens": "5"}, "user_tokens must be a range LO,HI of ints"),
     ("documents", {"documents": "0"}, "document workload: documents must be a positive int"),
     ("agents", {"order": "lifo"}, "agent workload: order must be one of"),
+    ("chat", {"sessions": "9" * 5000}, r"sessions must be an int, got '9{40}'\.\.\. \(5,000 characters\)$"),
 ])
 def test_bad_workload_text_names_the_field(family, params, match):
     with pytest.raises(ValueError, match=match):
