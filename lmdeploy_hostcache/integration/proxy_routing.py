@@ -41,9 +41,10 @@ wrappers below; nothing else in LMDeploy is rebound):
   ``get_chat_template``); a body it cannot tokenize that way (one the node would reject, multimodal
   content) is matched by text prefix (counted: ``encode_fallbacks``), and without
   ``--cache-aware-model`` every request is, which it logs;
-- a daemon thread polls the nodes' cache-state feeds (``routing.feed.FEED_PATH``), all of them at
-  once in each round (up to ``MAX_POLL_THREADS``, so a feed that hangs until the read timeout delays
-  no other node's view), and applies them; a node whose feed answers 404 (stock LMDeploy) is routed
+- a daemon thread polls the nodes' cache-state feeds (``routing.feed.FEED_PATH``) in turn and applies
+  them (one thread: a single reader contends with the requests for the lock); a feed that answered
+  only at the read timeout is skipped for the next 1, 2, 4, then 8 rounds (``SLOW_FEED_MAX_SKIP``)
+  until a read succeeds, so it holds up the nodes read after it once per such window, not every round; a node whose feed answers 404 (stock LMDeploy) is routed
   on the approximate index, logged once; a node that cannot be reached (its feed refused or timed
   out, and its API address too, probed when the feed is served elsewhere: ``api_answers``) is
   skipped until it answers again;
@@ -62,7 +63,7 @@ wrappers below; nothing else in LMDeploy is rebound):
   a node's feed published under that salt.
 
 Invariants: stock strategies never reach this code; the router is touched under one lock
-(the event loop and the poller's threads); the request path never waits long for it: ``choose``
+(the event loop and the poller thread); the request path never waits long for it: ``choose``
 waits at most ``CHOOSE_LOCK_TIMEOUT_S`` and otherwise lets the stock strategy pick (counted:
 ``lock_timeouts`` in the status), a request's end or a node's error that cannot take the lock at
 once is queued and applied by the next holder; the poller decodes and validates a feed message
@@ -86,7 +87,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .cli_patch import wrap_add_subparser
@@ -117,7 +117,7 @@ def _is_loopback(host: str) -> bool:
     return (mapped or addr).is_loopback
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 FEED_READS_PER_POLL = 64   # feed reads per node in one poll round (each up to the node's max_events)
-MAX_POLL_THREADS = 16      # nodes whose feeds one poll round reads at the same time
+SLOW_FEED_MAX_SKIP = 8     # rounds a feed that timed out is skipped, at most (doubling from 1 per timeout)
 CHOOSE_LOCK_TIMEOUT_S = 0.05   # the longest a request waits for the router (then: the stock strategy)
 PROXY_MAX_NODES = 64       # node slots of the proxy's block table (masks widen as slots are used)
 
@@ -749,18 +749,15 @@ class RoutingService:
         readers: dict[str, list[str]] = {}
         for url in urls:
             readers.setdefault(self.feed_url(url), []).append(url)
-        if len(urls) == 1:
-            self._poll_node(urls[0], http, headers, now, readers)
-            return
-        # every node at once: a feed that hangs until the read timeout delays no other node's view
-        # (the nodes' updates go through self.lock, one at a time, as they did in turn)
-        workers = min(len(urls), MAX_POLL_THREADS)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hostcache-feed-read") as pool:
-            for done in [pool.submit(self._poll_node, url, http, headers, now, readers) for url in urls]:
-                done.result()
+        for url in urls:   # in turn, on this one thread: one reader contends with the requests for the lock
+            fs = self._feed_state.get(url)
+            if fs is not None and fs.get("skip"):   # its feed timed out lately: not read this round
+                fs["skip"] -= 1
+                continue
+            self._poll_node(url, http, headers, now, readers)
 
     def _poll_node(self, url: str, http, headers: dict, now: float, readers: dict) -> None:
-        """One round of ``url``'s feed reads (``poll_once``: on a thread of its own, beside the other nodes')."""
+        """One round of ``url``'s feed reads (``poll_once``)."""
         import requests
 
         from ..routing.feed import FeedError, FeedOverflow
@@ -824,6 +821,7 @@ class RoutingService:
                     self.router.set_health(url, self._healthy_again(url, now))
                     params = self.router.nodes[url].cursor.params()
                 fs["has_feed"], fs["last_ok"] = True, now
+                fs.pop("slow", None)
                 fs.pop("no_feed", None)
                 fs.pop("invalid", None)
                 fs.pop("unreachable", None)
@@ -843,6 +841,10 @@ class RoutingService:
                     self.router.set_approximate(url, self.default_profile)
         except Exception as exc:
             unreachable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+            if isinstance(exc, requests.exceptions.Timeout):
+                # a feed that answers only at the read timeout holds up the nodes read after it: skip it for
+                # 1, 2, 4 then 8 rounds after each timeout, until a read succeeds
+                fs["slow"] = fs["skip"] = min(SLOW_FEED_MAX_SKIP, 2 * fs.get("slow", 0) or 1)
             # the node is down when its own API address does not answer: read there, or probed now
             # when its feed is served on another port or URL (--cache-aware-feed-port/-url, and every
             # real node's engine feed). A feed elsewhere that does not answer while the API does is a
