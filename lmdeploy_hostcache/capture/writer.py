@@ -7,9 +7,9 @@ the ``os.write`` calls; a batch that fits the file is joined and encoded in one 
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
 2, ... , the first free one, claimed atomically; the search starts past the last number this writer
 took) and a new ``path`` is started, so every file ``plan`` reads holds whole records.  Before each batch
-the writer checks that ``path`` is still the file it has open (``_follow_path``): one moved, deleted or
-replaced meanwhile (log rotation, an operator) is followed by a new file at ``path``, never by writes
-into a file no name reaches.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
+the writer checks that ``path`` is still the file it has open (``_follow_path``): one moved or deleted
+meanwhile (log rotation, an operator) is followed by a new file at ``path`` (or the empty one put there),
+never by writes into a file no name reaches; a non-empty file of another writer there stops capture.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
 made with another key) is set aside the same way, never appended to; anything at ``path`` that is not
 a regular file (a folder, a FIFO, a device, a socket; a symlink counts as what it points to) is never
 written, nor renamed (checked right before a rename): capture stops, logged once.  Nothing blocks: the
@@ -119,9 +119,11 @@ class RotatingWriter:
 
     def _follow_path(self) -> None:
         """Before a batch: keep writing the file at ``path``.  When it was moved or deleted (a log
-        rotation, an operator's ``mv``/``rm``), or replaced, the next file is opened as at the start (a
-        non-empty file found there set aside, never appended to); the one moved keeps what it holds.  A
-        file truncated in place (``copytruncate``) is followed by its size."""
+        rotation, an operator's ``mv``/``rm``) a new file is started there, and an empty file put in its
+        place (logrotate's ``create``) is taken; the one moved keeps what it holds.  A non-empty file that
+        is not this writer's (another process writing the same path) stops capture, logged once: setting
+        it aside would make the two writers set each other's files aside at every batch.  A file
+        truncated in place (``copytruncate``) is followed by its size."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -129,13 +131,15 @@ class RotatingWriter:
         if st is not None and (st.st_dev, st.st_ino) == self._ident:
             self._size = st.st_size
             return
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size:
+            raise OSError(errno.EEXIST, "another file, not empty, took its place (another process writing this "
+                                        "path? give each engine its own capture file)")
         self.reopened += 1
         (logger.warning if self.reopened == 1 else logger.info)(
             "lmdeploy-hostcache: the trace capture file %s was %s; capture goes on in a new file there",
-            self.path, "moved or deleted" if st is None else "replaced")
+            self.path, "moved or deleted" if st is None else "replaced by an empty file")
         self._close()
-        self._opened = False
-        self._open_first()
+        self._open()
 
     def _set_aside(self) -> None:
         """Rename the file to the first free ``<stem>.<n><suffix>``, never over another file: the name is

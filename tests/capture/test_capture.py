@@ -156,7 +156,7 @@ def test_an_earlier_capture_is_set_aside_not_appended_to(tmp_path):
     assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "old"
 
 
-@pytest.mark.parametrize("what", ["moved", "deleted", "replaced", "truncated"])
+@pytest.mark.parametrize("what", ["moved", "deleted", "recreated", "truncated"])
 def test_a_capture_file_moved_deleted_or_replaced_while_capturing_is_followed_by_a_new_one(tmp_path, caplog, what):
     """Log rotation or an operator takes the file away mid-capture: the next batch starts a new file at the
     path (before, records went on into the unreachable file and the next rotation stopped capture)."""
@@ -168,10 +168,9 @@ def test_a_capture_file_moved_deleted_or_replaced_while_capturing_is_followed_by
         os.replace(path, tmp_path / "elsewhere.jsonl")
     elif what == "deleted":
         path.unlink()
-    elif what == "replaced":     # someone else's file: set aside like one found at start, never appended to
-        path.unlink()
-        path.write_text(capture_record(arrival_s=0, input_length=64, output_length=1, block_ids=[1],
-                                       block_size=64, fingerprint="theirs"))
+    elif what == "recreated":    # logrotate's create: an empty file in its place is taken
+        os.replace(path, tmp_path / "cap.jsonl.old")
+        path.write_text("")
     else:                        # copytruncate: the same file, emptied; its size is followed
         os.truncate(path, 0)
     with caplog.at_level(logging.INFO, logger="lmdeploy_hostcache.capture"):
@@ -185,9 +184,27 @@ def test_a_capture_file_moved_deleted_or_replaced_while_capturing_is_followed_by
     assert all(f.stat().st_size <= 4 * size for f in tmp_path.glob("cap*.jsonl"))
     if what == "moved":
         assert len(read_mooncake(tmp_path / "elsewhere.jsonl")) == 2
-    if what == "replaced":
-        assert read_mooncake(tmp_path / "cap.1.jsonl").capture_key == "theirs"
+    if what == "recreated":
+        assert len(read_mooncake(tmp_path / "cap.jsonl.old")) == 2
     assert ("moved or deleted" in caplog.text) == (what in ("moved", "deleted"))
+
+
+def test_another_writer_s_file_at_the_path_stops_capture_instead_of_a_file_per_batch(tmp_path, caplog):
+    """Two processes given one capture path: each set the other's file aside at every batch (a file per
+    batch). Now the writer that finds another's non-empty file there stops, logged once; nothing of either
+    is lost or renamed."""
+    path = tmp_path / "cap.jsonl"
+    a, b = RotatingWriter(path), RotatingWriter(path)
+    assert a.write(_line(0))
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        assert b.write(_line(1))              # b opens at start: a's file is set aside (another capture)
+        assert not a.write(_line(2))          # a finds b's file: stops
+        for i in range(3, 6):
+            assert b.write(_line(i))
+            assert not a.write(_line(i))
+    assert "another file, not empty, took its place" in caplog.text and a.failed and not b.failed
+    assert sorted(f.name for f in tmp_path.glob("cap*.jsonl")) == ["cap.1.jsonl", "cap.jsonl"]
+    assert len(read_mooncake(path)) == 4 and len(read_mooncake(tmp_path / "cap.1.jsonl")) == 1
 
 
 def test_rotation_numbers_continue_past_the_last_one_taken(tmp_path, monkeypatch):
