@@ -14,7 +14,8 @@ copy). Once it has read the first frame and opened the file it prints ``ready`` 
 reason>``) on a line of stdout, so the engine starts serving only once the helper is up. At end of
 input it closes the file and prints one JSON line of counters on stdout (``records``, ``batches``,
 ``writes``, ``written``, ``dropped``, ``failed``, the encoder's counters, ``cpu_seconds``,
-``priority``), then exits 0. It runs as background work (``lower_priority``: Linux's ``SCHED_IDLE``, else nice 19), so a
+``priority``), then exits 0. Once it has said ``ready`` it runs as background work (``lower_priority``:
+Linux's ``SCHED_IDLE``, else nice 19; not before, or a busy machine could hold up the engine's start), so a
 batch it is woken for never takes the core from the engine; on a machine with no idle core it falls
 behind, and the engine then drops batches past ``MAX_PENDING_BYTES`` (logged once).
 
@@ -65,7 +66,10 @@ def _read_frame(stream):
     return pickle.loads(payload), data
 
 
-def serve(stdin, stdout, priority: str = "unchanged") -> int:
+def serve(stdin, stdout, lower=None) -> int:
+    """The helper's work (see the module docstring). ``lower``: called once ``ready`` is printed, returns the
+    priority it set (``lower_priority``): at idle priority before that, a busy machine could starve the
+    helper's start, and with it the engine's, which waits for ``ready``."""
     from .encoder import BlockIdEncoder
     from .keys import CaptureKey
     from .writer import RotatingWriter
@@ -81,6 +85,7 @@ def serve(stdin, stdout, priority: str = "unchanged") -> int:
     stdout.flush()
     if not ready:
         return EXIT_WRITE_FAILED
+    priority = lower() if lower is not None else "unchanged"
     records = batches = 0
     code = 0
     while True:
@@ -150,7 +155,7 @@ def outlive_group_signals() -> None:
 def main() -> int:
     outlive_group_signals()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    return serve(sys.stdin.buffer, sys.stdout, lower_priority())
+    return serve(sys.stdin.buffer, sys.stdout, lower_priority)
 
 
 if __name__ == "__main__":

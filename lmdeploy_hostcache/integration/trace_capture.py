@@ -33,7 +33,8 @@ writes an ended sequence's tokens again, it drops them) and the host tier's dige
 the first request end ``FLUSH_SECONDS`` after the oldest queued one, or at ``close``/interpreter exit, the
 queue is flushed as one batch; on a server with no request ending, the idle flusher thread does it once the
 oldest is ``FLUSH_SECONDS`` old (it looks every ``IDLE_FLUSH_SECONDS``; ``flushes_idle``, not in
-``seconds``: no scheduler step waits for them), and sends the frames the pipe did not take: the token ids of the prompts' full blocks and kept output blocks sliced, laid
+``seconds``: they run outside the hooks, though a hook may wait for one), and sends the frames the pipe
+did not take: the token ids of the prompts' full blocks and kept output blocks sliced, laid
 end to end and encoded by one
 value-checked cast here, then
 
@@ -102,6 +103,7 @@ IDLE_FLUSH_SECONDS = 1.0   # the idle flusher thread looks this often for record
 # beyond, a batch is dropped (counted in dropped_records, logged once)
 MAX_PENDING_BYTES = 256 * 2**20
 HELPER_EXIT_SECONDS = 60.0   # close() waits this long for the helper to write what it was sent
+HELPER_START_SECONDS = 60.0  # the engine's start waits this long for the helper's "ready" (else: no helper)
 PIPE_BYTES = 2**20           # the pipe to the helper is enlarged to this (Linux F_SETPIPE_SZ) where allowed
 __all__ = ["FLUSH_RECORDS", "FLUSH_SECONDS", "CHAIN_MIN_BLOCKS", "RECENT_PROMPTS", "RECENT_PER_BLOCK",
            "TraceCapture", "capture_from_config"]
@@ -154,29 +156,29 @@ class TraceCapture:
         elif self.offload:
             self._start_helper()
         self.open_seconds = time.perf_counter() - t0
-        if idle_flush and not self.failed:
-            self._idle_flusher = threading.Thread(target=self._flush_when_idle, name="hostcache-capture-flush",
-                                                  daemon=True)
+        if idle_flush and not self.failed:   # the thread holds a weak reference: an unclosed capture is freed
+            self._idle_flusher = threading.Thread(target=_flush_when_idle, args=(weakref.ref(self), self._idle_stop),
+                                                  name="hostcache-capture-flush", daemon=True)
             self._idle_flusher.start()
 
-    def _flush_when_idle(self) -> None:
-        """The idle flusher thread: every ``IDLE_FLUSH_SECONDS``, queued records at least ``flush_seconds``
+    def _flush_idle_once(self) -> bool:
+        """One look of the idle flusher thread (``_flush_when_idle``): queued records at least ``flush_seconds``
         old are flushed, and frames the pipe did not take are sent, which otherwise wait for the next request
-        end (an idle server would keep them in memory, lost if the process is killed).  It ends at close or
-        at a failure."""
-        while not self._idle_stop.wait(IDLE_FLUSH_SECONDS):
-            with self._lock:
-                if self.failed or self.closed:
-                    return
-                try:
-                    if self._queue and perf_counter() - self._queued_at >= self.flush_seconds:
-                        self.flushes_by_age += 1
-                        self.flushes_idle += 1
-                        self._flush()
-                    elif self._pending:
-                        self._send()
-                except Exception as exc:  # noqa: BLE001 -- capture stops, serving goes on
-                    self._fail(exc)
+        end (an idle server would keep them in memory, lost if the process is killed).  False once the
+        capture is closed or failed: the thread ends."""
+        with self._lock:
+            if self.failed or self.closed:
+                return False
+            try:
+                if self._queue and perf_counter() - self._queued_at >= self.flush_seconds:
+                    self.flushes_by_age += 1
+                    self.flushes_idle += 1
+                    self._flush()
+                elif self._pending:
+                    self._send()
+            except Exception as exc:  # noqa: BLE001 -- capture stops, serving goes on
+                self._fail(exc)
+            return not self.failed
 
     # the encoder's counters (the helper's, reported when it exits, with offload)
     def _counter(self, name: str) -> int:
@@ -221,7 +223,11 @@ class TraceCapture:
             for chunk in frame({"path": str(self.writer.path), "max_bytes": self.writer.max_bytes,
                                 "block_size": self.block_size, "key": self.key._key}):
                 os.write(pipe, chunk)
-            # at engine start: serve only once the helper is up (it has opened the file)
+            # at engine start: serve only once the helper is up (it has opened the file), waiting a bounded time
+            answer = select.poll()
+            answer.register(helper.stdout.fileno(), select.POLLIN)
+            if not answer.poll(HELPER_START_SECONDS * 1000):
+                raise RuntimeError(f"it did not answer within {HELPER_START_SECONDS:g} s")
             ready = helper.stdout.readline().decode(errors="replace").strip()
             if ready != "ready":
                 raise RuntimeError(f"it did not start ({ready or 'no answer'})")
@@ -625,6 +631,16 @@ def _token_store(seq, full: int):
 
 def _arrival_of(snap) -> float:
     return snap[0]
+
+
+def _flush_when_idle(ref, stop: threading.Event) -> None:
+    """The idle flusher thread's loop: every ``IDLE_FLUSH_SECONDS`` until ``stop`` is set, the capture is
+    gone or ``_flush_idle_once`` says it is closed or failed."""
+    while not stop.wait(IDLE_FLUSH_SECONDS):
+        capture = ref()
+        if capture is None or not capture._flush_idle_once():
+            return
+        del capture
 
 
 def _flush_at_exit(ref) -> None:

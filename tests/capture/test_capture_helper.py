@@ -428,3 +428,26 @@ def test_a_helper_whose_engine_died_without_close_exits_0_with_its_file_complete
     err = helper.stderr.read().decode()
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert os.path.exists(path)
+
+
+def test_the_helper_lowers_its_priority_only_after_it_said_ready(tmp_path):
+    """At idle priority before ``ready``, a busy machine starved the helper's start, and the engine's start
+    waited on it without bound (a review's loaded run hung there); now it lowers itself after, and the
+    engine waits at most HELPER_START_SECONDS."""
+    import io
+
+    from lmdeploy_hostcache.capture.encoder_process import frame, serve
+    from lmdeploy_hostcache.integration.trace_capture import HELPER_START_SECONDS
+
+    init = b"".join(bytes(c) for c in frame({"path": str(tmp_path / "c.jsonl"), "max_bytes": 1 << 20,
+                                             "block_size": 16, "key": b"\x07" * 16}))
+    out = io.StringIO()
+    seen = []
+
+    def lower():
+        seen.append(out.getvalue())
+        return "lowered"
+
+    assert serve(io.BytesIO(init), out, lower) == 0
+    assert seen == ["ready\n"] and '"priority": "lowered"' in out.getvalue()
+    assert 0 < HELPER_START_SECONDS <= 120

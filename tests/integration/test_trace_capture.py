@@ -892,6 +892,24 @@ def test_an_idle_server_writes_its_queued_records_without_a_request_end(tmp_path
     assert path.read_text().count('\n') == 5 and not cap._idle_flusher.is_alive()
 
 
+def test_an_unclosed_capture_is_freed_and_its_idle_flusher_ends(tmp_path, monkeypatch):
+    """The idle flusher holds the capture weakly: a capture nobody closed is collected (its atexit hook is weak
+    too) and the thread ends; a strong reference from the thread kept both alive for good."""
+    import gc
+    import weakref
+
+    from lmdeploy_hostcache.integration import trace_capture
+
+    monkeypatch.setattr(trace_capture, 'IDLE_FLUSH_SECONDS', 0.02)
+    cap, _ = _fake_capture(tmp_path)
+    thread, ref = cap._idle_flusher, weakref.ref(cap)
+    del cap
+    gc.collect()
+    assert ref() is None
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 def test_output_length_counts_accepted_tokens_not_speculative_drafts(tmp_path):
     """Under speculative decoding a sequence aborted mid-decode still holds unverified draft ids
     after its accepted ones: LMDeploy's ``num_all_ids`` counts them, ``num_valid_ids`` does not."""
