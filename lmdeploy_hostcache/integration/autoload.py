@@ -32,9 +32,12 @@ stopped = False
 still_patched = frozenset()
 
 
+OFF_WORDS = ("", "0", "false", "no")   # what an on/off variable of ours reads as off (the .pth repeats them)
+
+
 def is_disabled() -> bool:
     """True when ``LMDEPLOY_HOSTCACHE_DISABLE`` is set to anything but '', '0', 'false', 'no'."""
-    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
+    return os.environ.get(ENV_DISABLE, "").strip().lower() not in OFF_WORDS
 
 
 class _PatchingLoader:

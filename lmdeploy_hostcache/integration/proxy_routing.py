@@ -503,17 +503,23 @@ def session_key(body: dict) -> str | None:
 API_PROBE_TIMEOUT_S = 1.0
 
 
+def _host_port(url: str) -> tuple[str, int]:
+    """(host, port) of a node or feed URL (a bare ``host:port`` taken as http; the scheme's port by default);
+    ValueError for a port out of range."""
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url if "://" in url else "http://" + url)
+    return (p.hostname or "").lower(), p.port or (443 if p.scheme == "https" else 80)
+
+
 def api_answers(node_url: str, timeout_s: float = API_PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to ``node_url``'s host and port opens within ``timeout_s`` (the poller's probe
     of a node whose feed, served elsewhere, did not answer: a process killed, a host gone, refuses or times
     out; a live api_server accepts)."""
     import socket
-    from urllib.parse import urlsplit
 
-    p = urlsplit(node_url if "://" in node_url else "http://" + node_url)
     try:
-        port = p.port or (443 if p.scheme == "https" else 80)
-        socket.create_connection((p.hostname or "", port), timeout=timeout_s).close()
+        socket.create_connection(_host_port(node_url), timeout=timeout_s).close()
         return True
     except (OSError, ValueError):
         return False
@@ -892,13 +898,7 @@ class RoutingService:
 
     def _feed_is_on_api(self, node_url: str) -> bool:
         """Whether ``node_url``'s feed is read at the node's own API address (same host and port)."""
-        from urllib.parse import urlsplit
-
-        def where(u: str):
-            p = urlsplit(u if "://" in u else "http://" + u)
-            return (p.hostname or "").lower(), p.port or (443 if p.scheme == "https" else 80)
-
-        return where(self.feed_url(node_url)) == where(node_url)
+        return _host_port(self.feed_url(node_url)) == _host_port(node_url)
 
     def feed_url(self, node_url: str) -> str:
         """Where ``node_url``'s cache-state feed is read: its ``--cache-aware-feed-url`` mapping, else the

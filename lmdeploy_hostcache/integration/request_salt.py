@@ -33,6 +33,8 @@ import hashlib
 import logging
 import os
 
+from .autoload import OFF_WORDS
+
 SEQ_SALT_ATTR = "cache_salt"
 ENV_SALT_FROM_API_KEY = "LMDEPLOY_HOSTCACHE_SALT_FROM_API_KEY"
 _KEY_SALT_LABEL = b"lmdeploy-hostcache api-key salt v1"
@@ -77,7 +79,6 @@ def salt_from_api_key(authorization: str | None) -> str:
     return "apikey:" + hashlib.blake2b(token.strip().encode(), key=_KEY_SALT_LABEL, digest_size=16).hexdigest()
 
 
-_OFF_WORDS = ("", "0", "false", "no")          # as LMDEPLOY_HOSTCACHE_DISABLE reads them
 _ON_WORDS = ("1", "true", "yes", "on", "y")
 _warned_words: set[str] = set()
 
@@ -89,12 +90,12 @@ def salt_from_key_enabled(environ=None) -> bool:
     silently left tenants sharing cache)."""
     env = os.environ if environ is None else environ
     word = env.get(ENV_SALT_FROM_API_KEY, "").strip().lower()
-    if word not in _OFF_WORDS and word not in _ON_WORDS and word not in _warned_words:
+    if word not in OFF_WORDS and word not in _ON_WORDS and word not in _warned_words:
         _warned_words.add(word)
         logging.getLogger("lmdeploy_hostcache").warning(
             "lmdeploy-hostcache: %s=%r is not one of %s (on) or 0, false, no (off): taken as on (tenants are "
             "isolated by API key)", ENV_SALT_FROM_API_KEY, word, ", ".join(_ON_WORDS))
-    return word not in _OFF_WORDS
+    return word not in OFF_WORDS
 
 
 def request_salt_for(body, authorization: str | None, *, from_api_key: bool) -> str:

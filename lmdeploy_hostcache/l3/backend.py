@@ -40,14 +40,9 @@ def master_refusal(address: str, timeout_s: float = 5.0) -> str | None:
         return str(exc).removeprefix("l3: ")
 
 
-def _answers(address: str, timeout_s: float = 0.5) -> bool:
-    """Whether the master accepts a TCP connection (the client's probe before it calls again after a
-    backoff: a dead master refuses at once)."""
-    try:
-        _probe(address, timeout_s)
-        return True
-    except L3Unavailable:
-        return False
+def _master_answers(address: str) -> bool:
+    """The client's probe before it calls again after a backoff (a dead master refuses at once)."""
+    return master_refusal(address, 0.5) is None
 
 
 def _loopback(host: str) -> bool:
@@ -183,4 +178,4 @@ def connect(config: L3Config, metrics: Any = None, logger: Any = None, setup_tim
         return None
     # the client splits its batches to fit the buffer Mooncake moves every object through
     return L3Client(store, timeout_s=config.timeout_s, metrics=metrics, buffer_bytes=config.local_buffer_bytes,
-                    probe=functools.partial(_answers, config.master_address))
+                    probe=functools.partial(_master_answers, config.master_address))
