@@ -155,11 +155,20 @@ def test_soak_and_plan_refuse_a_fifo_at_once_instead_of_waiting_for_a_peer(tmp_p
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, (argv, p.stderr)
 
 
-def test_sizes_beyond_the_machine_s_memory_are_one_line_not_a_traceback(capsys):
-    """bench index at its largest accepted sizes asks numpy for about 48 TiB: MemoryError, answered with
-    one line and exit 2."""
+def test_sizes_beyond_the_machine_s_memory_are_one_line_not_a_traceback(capsys, monkeypatch):
+    """A MemoryError from sizes the options asked for (a generated workload, a table) is one line and exit 2;
+    bench index's largest sizes, which asked numpy for about 48 TiB, are refused by their product."""
+    from lmdeploy_hostcache.bench import index
     from lmdeploy_hostcache.cli import main
 
     assert main(["bench", "index", "--blocks", "100000000", "--block-size", "65536"]) == 2
+    err = capsys.readouterr().err
+    assert "--blocks x --block-size must be at most 268,435,456 tokens" in err and err.count("\n") == 1, err
+
+    def too_big(args):
+        raise MemoryError
+
+    monkeypatch.setattr(index, "measure", too_big)
+    assert main(["bench", "index", "--blocks", "8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: lmdeploy-hostcache bench: out of memory") and err.count("\n") == 1, err

@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+MAX_PROMPT_TOKENS = 1 << 28   # 2 GiB of int64 token ids: far past any model's context
+
+
 def _check_args(args: argparse.Namespace) -> None:
     # upper bounds: the bench allocates arrays of these sizes, so a typo must not ask for terabytes
     for name, low, high in (("blocks", 1, 10**8), ("block_size", 1, 1 << 16), ("repeats", 1, 10**6),
@@ -72,6 +75,9 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not low <= value <= high:
             raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
+    if args.blocks * args.block_size > MAX_PROMPT_TOKENS:   # one prompt of that many int64 tokens, and its copies
+        raise ValueError(f"--blocks x --block-size must be at most {MAX_PROMPT_TOKENS:,} tokens (one prompt), got "
+                         f"{args.blocks * args.block_size:,}")
     from ..tier.eviction import POLICIES
 
     bad = [p for p in args.scale_policies if p not in POLICIES]
