@@ -395,7 +395,12 @@ def test_a_capture_flag_with_the_tier_off_is_not_refused_but_said_to_be_off(smal
     import logging
 
     cap = str(tmp_path / "cap.jsonl")
-    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache"):
-        assert _served(host_cache_gb=0.0, host_cache_capture=cap).kv_transfer_config is None
-    said = [r.getMessage() for r in caplog.records if "--host-cache-capture" in r.getMessage()]
-    assert len(said) == 1 and cap in said[0] and "--host-cache-gb 0 turns off" in said[0]
+    p = _yaml(tmp_path, f"host_cache_gb: 0\ncapture: {cap}\n")
+    for kw, off in ((dict(host_cache_gb=0.0, host_cache_capture=cap), "--host-cache-gb 0 turns off"),
+                    (dict(host_cache_config=str(p)), f"host_cache_gb 0 in {p} turns off"),     # the file's capture
+                    (dict(host_cache_config=str(p), host_cache_gb=0.0), "--host-cache-gb 0 turns off")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache"):
+            assert _served(**kw).kv_transfer_config is None
+        said = [r.getMessage() for r in caplog.records if "is off too" in r.getMessage()]
+        assert len(said) == 1 and cap in said[0] and off in said[0], (kw, said)

@@ -97,10 +97,10 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
 
     settings = load_config(path, host_cache_gb=gb, capture=capture)  # ConfigError names the file and field
     if not settings.enabled:
-        if capture is not None:   # 0 is the off switch (nothing refused), but the capture is not dropped unsaid
+        if settings.capture:   # 0 is the off switch (nothing refused), but a capture is not dropped unsaid
             logging.getLogger("lmdeploy_hostcache").warning(
-                "lmdeploy-hostcache: --host-cache-capture %s is off too: capture records requests in the host tier, "
-                "which %s turns off", capture, "--host-cache-gb 0" if gb is not None else f"host_cache_gb 0 in {path}")
+                "lmdeploy-hostcache: capture to %s is off too: capture records requests in the host tier, which %s "
+                "turns off", settings.capture, "--host-cache-gb 0" if gb is not None else f"host_cache_gb 0 in {path}")
         log_tier_off("--host-cache-gb 0" if gb is not None else f"--host-cache-config {path}")
         return False
     backend = getattr(args, "backend", "pytorch")
