@@ -164,6 +164,8 @@ def test_sizes_beyond_the_machine_s_memory_are_one_line_not_a_traceback(capsys, 
     assert main(["bench", "index", "--blocks", "100000000", "--block-size", "65536"]) == 2
     err = capsys.readouterr().err
     assert "--blocks x --block-size must be at most 268,435,456 tokens" in err and err.count("\n") == 1, err
+    assert main(["bench", "index", "--blocks", "1", "--block-size", "65536", "--metadata-blocks", "100000000"]) == 2
+    assert "--metadata-blocks x --block-size must be at most" in capsys.readouterr().err
 
     def too_big(args):
         raise MemoryError

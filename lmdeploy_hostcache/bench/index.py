@@ -75,9 +75,11 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not low <= value <= high:
             raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, {high}], got {value}")
-    if args.blocks * args.block_size > MAX_PROMPT_TOKENS:   # one prompt of that many int64 tokens, and its copies
-        raise ValueError(f"--blocks x --block-size must be at most {MAX_PROMPT_TOKENS:,} tokens (one prompt), got "
-                         f"{args.blocks * args.block_size:,}")
+    for name in ("blocks", "metadata_blocks"):   # a prompt (or the metadata index's tokens) of that many int64 ids
+        tokens = getattr(args, name) * args.block_size
+        if tokens > MAX_PROMPT_TOKENS:
+            raise ValueError(f"--{name.replace('_', '-')} x --block-size must be at most {MAX_PROMPT_TOKENS:,} tokens, "
+                             f"got {tokens:,}")
     from ..tier.eviction import POLICIES
 
     bad = [p for p in args.scale_policies if p not in POLICIES]
