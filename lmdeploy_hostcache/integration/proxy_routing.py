@@ -43,8 +43,9 @@ wrappers below; nothing else in LMDeploy is rebound):
   ``--cache-aware-model`` every request is, which it logs;
 - a daemon thread polls the nodes' cache-state feeds (``routing.feed.FEED_PATH``) in turn and applies
   them (one thread: a single reader contends with the requests for the lock); a feed that answered
-  only at the read timeout is skipped for the next 1, 2, 4, then 8 rounds (``SLOW_FEED_MAX_SKIP``)
-  until a read succeeds, so it holds up the nodes read after it once per such window, not every round; a node whose feed answers 404 (stock LMDeploy) is routed
+  only at the read timeout is not read for the next 1, 2, 4, then 8 poll intervals
+  (``SLOW_FEED_MAX_SKIP``) until a read succeeds, so it holds up the nodes read after it once per such
+  window, not every round (its view still goes approximate after ``--cache-aware-feed-timeout``); a node whose feed answers 404 (stock LMDeploy) is routed
   on the approximate index, logged once; a node that cannot be reached (its feed refused or timed
   out, and its API address too, probed when the feed is served elsewhere: ``api_answers``) is
   skipped until it answers again;
@@ -117,7 +118,8 @@ def _is_loopback(host: str) -> bool:
     return (mapped or addr).is_loopback
 ROUTED_PATHS = ("/v1/chat/completions", "/v1/completions")
 FEED_READS_PER_POLL = 64   # feed reads per node in one poll round (each up to the node's max_events)
-SLOW_FEED_MAX_SKIP = 8     # rounds a feed that timed out is skipped, at most (doubling from 1 per timeout)
+FEED_READ_TIMEOUT_S = 5.0  # one feed read's timeout (requests: connect, then between bytes)
+SLOW_FEED_MAX_SKIP = 8     # poll intervals a feed that timed out is not read, at most (doubling from 1 per timeout)
 CHOOSE_LOCK_TIMEOUT_S = 0.05   # the longest a request waits for the router (then: the stock strategy)
 PROXY_MAX_NODES = 64       # node slots of the proxy's block table (masks widen as slots are used)
 
@@ -757,8 +759,8 @@ class RoutingService:
             readers.setdefault(self.feed_url(url), []).append(url)
         for url in urls:   # in turn, on this one thread: one reader contends with the requests for the lock
             fs = self._feed_state.get(url)
-            if fs is not None and fs.get("skip"):   # its feed timed out lately: not read this round
-                fs["skip"] -= 1
+            if fs is not None and now < fs.get("skip_until", 0.0):   # its feed timed out lately: not read now
+                self._expire_view(url, fs, now)
                 continue
             self._poll_node(url, http, headers, now, readers)
 
@@ -787,11 +789,13 @@ class RoutingService:
             self._without_feed(url, fs, now)
             return
         fs.pop("shared", None)
+        t_read = time.monotonic()
         try:
             # at most FEED_READS_PER_POLL reads per node and round: a node that always says "more"
             # cannot starve the others (its cursor resumes next round)
             for _ in range(FEED_READS_PER_POLL):
-                r = http.get(self.feed_url(url), params=params, timeout=5, headers=headers)
+                t_read = time.monotonic()
+                r = http.get(self.feed_url(url), params=params, timeout=FEED_READ_TIMEOUT_S, headers=headers)
                 if r.status_code == 404:
                     if not fs.get("no_feed"):
                         fs["no_feed"] = True
@@ -828,6 +832,7 @@ class RoutingService:
                     params = self.router.nodes[url].cursor.params()
                 fs["has_feed"], fs["last_ok"] = True, now
                 fs.pop("slow", None)
+                fs.pop("skip_until", None)
                 fs.pop("no_feed", None)
                 fs.pop("invalid", None)
                 fs.pop("unreachable", None)
@@ -847,10 +852,12 @@ class RoutingService:
                     self.router.set_approximate(url, self.default_profile)
         except Exception as exc:
             unreachable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
-            if isinstance(exc, requests.exceptions.Timeout):
-                # a feed that answers only at the read timeout holds up the nodes read after it: skip it for
-                # 1, 2, 4 then 8 rounds after each timeout, until a read succeeds
-                fs["slow"] = fs["skip"] = min(SLOW_FEED_MAX_SKIP, 2 * fs.get("slow", 0) or 1)
+            if isinstance(exc, requests.exceptions.Timeout) or time.monotonic() - t_read >= 0.9 * FEED_READ_TIMEOUT_S:
+                # a feed that answers only at the read timeout (or stalls mid-body: requests raises a
+                # ConnectionError then) holds up the nodes read after it: not read for 1, 2, 4, then 8 poll
+                # intervals after each such read, until one succeeds
+                fs["slow"] = min(SLOW_FEED_MAX_SKIP, 2 * fs.get("slow", 0) or 1)
+                fs["skip_until"] = time.monotonic() + fs["slow"] * float(self.options["feed_interval"])
             # the node is down when its own API address does not answer: read there, or probed now
             # when its feed is served on another port or URL (--cache-aware-feed-port/-url, and every
             # real node's engine feed). A feed elsewhere that does not answer while the API does is a
@@ -867,15 +874,21 @@ class RoutingService:
                 logger.warning("cache_aware routing: the cache-state feed of node %s does not answer at %s; "
                                "routing to it with an approximate model of its cache", url, self.feed_url(url))
             with self.lock:
-                st = self.router.nodes.get(url)
-                if st is not None:
+                if url in self.router.nodes:
                     # unreachable: skip the node until it answers; a feed that errors while the
                     # node answers: its view goes stale, then approximate after the timeout
                     self.router.set_health(url, not down and self._healthy_again(url, now))
-                    last = fs["last_ok"]
-                    if st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
-                        self.router.set_approximate(url, self.default_profile)
+            self._expire_view(url, fs, now)
             logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+
+    def _expire_view(self, url: str, fs: dict, now: float) -> None:
+        """A node whose feed has not been read successfully for ``--cache-aware-feed-timeout`` seconds is routed
+        on the approximate index (its exact view would go stale)."""
+        last = fs.get("last_ok")
+        with self.lock:
+            st = self.router.nodes.get(url)
+            if st is not None and st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
+                self.router.set_approximate(url, self.default_profile)
 
     def _without_feed(self, url: str, fs: dict, now: float) -> None:
         """``url`` has no feed of its own (404, or one shared with other nodes): routed on the approximate

@@ -759,41 +759,56 @@ def test_a_node_whose_feed_is_served_elsewhere_is_skipped_once_its_api_stops_ans
         dead.close()
 
 
-def test_a_feed_that_times_out_is_skipped_for_a_growing_number_of_rounds():
-    """A feed that answers only at the read timeout held up every node read after it, every round (5 s each):
-    after a timeout it is skipped for 1, 2, 4, then 8 rounds, until a read succeeds; the other nodes are read
-    every round."""
+@pytest.mark.parametrize("stall", ["timeout", "mid-body"])
+def test_a_feed_that_times_out_is_not_read_for_a_growing_number_of_intervals(monkeypatch, stall):
+    """A feed that answers only at the read timeout held up every node read after it, every round: after each
+    such read it is not read for 1, 2, 4, then 8 poll intervals (time, not rounds: a finished request wakes the
+    poller), until a read succeeds; the other nodes are read every round, and the slow node's view still goes
+    approximate after --cache-aware-feed-timeout. A body that stalls after the headers (requests raises a
+    ConnectionError, not a Timeout) counts as slow by the time the read took."""
     import requests
 
+    from lmdeploy_hostcache.integration import proxy_routing
+
+    clock = [1000.0]
+    monkeypatch.setattr(proxy_routing.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(proxy_routing, "api_answers", lambda url, timeout_s=1.0: True)   # the nodes' APIs answer
     nodes = [f"http://10.0.0.{i}:23333" for i in range(1, 4)]
-    svc = _service()
+    svc = _service(feed_interval=1.0, feed_timeout=6.0)
     svc._sync_nodes(nodes)
     reads = {n: 0 for n in nodes}
-    hung = [True]
+    hung = [False]
 
     class Session:
         def get(self, url, params=None, **k):
             node = url.split("/hostcache")[0]
             reads[node] += 1
             if node == nodes[0] and hung[0]:
-                raise requests.exceptions.ReadTimeout("read timed out")   # what a 5 s read timeout raises
+                clock[0] += proxy_routing.FEED_READ_TIMEOUT_S        # the read took its whole timeout
+                if stall == "timeout":
+                    raise requests.exceptions.ReadTimeout("read timed out")
+                raise requests.exceptions.ConnectionError("Read timed out (while reading the body)")
             return SimpleNamespace(status_code=200, json=lambda: _snapshot([5, 6], [], epoch="e-" + node))
 
-    rounds_read = []
-    for r in range(20):
+    svc.poll_once(Session())
+    assert svc.router.nodes[nodes[0]].exact
+    hung[0] = True
+    read_at = []
+    for _ in range(60):                               # rounds 0.25 s apart: requests finishing wake the poller
         before = reads[nodes[0]]
+        t = clock[0]
         svc.poll_once(Session())
         if reads[nodes[0]] > before:
-            rounds_read.append(r)
-    assert rounds_read == [0, 2, 5, 10, 19]          # skipped 1, 2, 4, then 8 rounds (at most) after each timeout
-    assert reads[nodes[1]] == reads[nodes[2]] == 20  # the others: every round
+            read_at.append(t)
+        clock[0] += 0.25
+    gaps = [b - a - proxy_routing.FEED_READ_TIMEOUT_S for a, b in zip(read_at, read_at[1:])]
+    assert [round(g) for g in gaps] == [1, 2, 4, 8, 8][:len(gaps)] and len(gaps) >= 3, gaps
+    assert reads[nodes[1]] == reads[nodes[2]] == 61                  # the others: every round
+    assert not svc.router.nodes[nodes[0]].exact                       # stale past feed_timeout: approximate
     hung[0] = False
-    for _ in range(9):
-        svc.poll_once(Session())
-    assert svc.router.nodes[nodes[0]].exact and "slow" not in svc._feed_state[nodes[0]]   # read again, not skipped
-    before = reads[nodes[0]]
+    clock[0] += 10
     svc.poll_once(Session())
-    assert reads[nodes[0]] == before + 1
+    assert svc.router.nodes[nodes[0]].exact and "slow" not in svc._feed_state[nodes[0]]   # read again, not skipped
 
 
 def test_a_node_without_a_feed_and_a_feed_url_for_no_node_are_each_logged_once(caplog):
