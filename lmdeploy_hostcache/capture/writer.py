@@ -9,7 +9,9 @@ would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<
 took) and a new ``path`` is started, so every file ``plan`` reads holds whole records.  Before each batch
 the writer checks that ``path`` is still the file it has open (``_follow_path``): one moved or deleted
 meanwhile (log rotation, an operator) is followed by a new file at ``path`` (or the empty one put there),
-never by writes into a file no name reaches; a non-empty file of another writer there stops capture.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
+never by writes into a file no name reaches; a non-empty file of another writer there stops capture.  Each writer holds
+an exclusive ``flock`` on its file: a second writer given the same path (two engines sharing one
+capture file) stops, logged once, before it writes a line there or sets the other's file aside.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
 made with another key) is set aside the same way, never appended to; anything at ``path`` that is not
 a regular file (a folder, a FIFO, a device, a socket; a symlink counts as what it points to) is never
 written, nor renamed (checked right before a rename): capture stops, logged once.  Nothing blocks: the
@@ -25,6 +27,7 @@ a failure, and the partial lines are taken back).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -46,6 +49,27 @@ def _refuse_unless_regular(path: Path, mode: int) -> None:
         if test(mode):
             raise OSError(errno.EINVAL, f"is {name}, not a regular file")
     raise OSError(errno.EINVAL, "is not a regular file")
+
+
+_WRITTEN_ELSEWHERE = ("another process is writing it (two engines given one capture file?); give each engine "
+                      "its own")
+
+
+def _lock_for_writing(fd: int) -> None:
+    """An exclusive ``flock`` on the open file, not waited for: OSError when another writer holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(errno.EBUSY, _WRITTEN_ELSEWHERE) from None
+
+
+def _refuse_if_written(path: Path) -> None:
+    """OSError when a writer holds the file at ``path`` (checked before it is set aside)."""
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _lock_for_writing(fd)
+    finally:
+        os.close(fd)    # releases the probe's lock
 
 
 class RotatingWriter:
@@ -86,6 +110,7 @@ class RotatingWriter:
         if st is not None:
             _refuse_unless_regular(self.path, st.st_mode)   # a folder, a FIFO, a device: never renamed
             if not self._opened and st.st_size:
+                _refuse_if_written(self.path)   # another process's live capture: never set aside, never shared
                 self._set_aside()   # an earlier capture's file (another key): never append to it
         self._opened = True
         self._open()
@@ -110,6 +135,7 @@ class RotatingWriter:
         try:
             st = os.fstat(fd)
             _refuse_unless_regular(self.path, st.st_mode)
+            _lock_for_writing(fd)           # one writer per file: another process's capture here stops this one
             if _NONBLOCK:
                 os.set_blocking(fd, True)   # a regular file: writes as before
         except BaseException:
@@ -131,9 +157,11 @@ class RotatingWriter:
         if st is not None and (st.st_dev, st.st_ino) == self._ident:
             self._size = st.st_size
             return
-        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size:
-            raise OSError(errno.EEXIST, "another file, not empty, took its place (another process writing this "
-                                        "path? give each engine its own capture file)")
+        if st is not None:
+            _refuse_unless_regular(self.path, st.st_mode)
+            if st.st_size:
+                raise OSError(errno.EEXIST, "another file, not empty, took its place (another process writing this "
+                                            "path? give each engine its own capture file)")
         self.reopened += 1
         (logger.warning if self.reopened == 1 else logger.info)(
             "lmdeploy-hostcache: the trace capture file %s was %s; capture goes on in a new file there",

@@ -146,7 +146,8 @@ class TraceCapture:
         self._lock = threading.Lock()
         self._idle_stop = threading.Event()
         self._idle_flusher: threading.Thread | None = None
-        atexit.register(_flush_at_exit, weakref.ref(self))
+        # a capture nobody closed writes its queue at interpreter exit (it lives until then); close unregisters it
+        atexit.register(self.close)
         logger.info("lmdeploy-hostcache: capturing request traces to %s (key fingerprint %s)", path,
                     self.key.fingerprint)
         self._root(None, "")        # the base model's unsalted root, computed at engine start
@@ -156,7 +157,7 @@ class TraceCapture:
         elif self.offload:
             self._start_helper()
         self.open_seconds = time.perf_counter() - t0
-        if idle_flush and not self.failed:   # the thread holds a weak reference: an unclosed capture is freed
+        if idle_flush and not self.failed:   # the thread holds it weakly (a closed capture is freed)
             self._idle_flusher = threading.Thread(target=_flush_when_idle, args=(weakref.ref(self), self._idle_stop),
                                                   name="hostcache-capture-flush", daemon=True)
             self._idle_flusher.start()
@@ -210,6 +211,7 @@ class TraceCapture:
         gets the key through its pipe.  A helper that cannot start is logged once and the encoding stays
         on this thread (``offload`` turns false): capture goes on."""
         helper = None
+        self.writer.close()         # its lock on the file (one writer per file) passes to the helper
         try:
             env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")    # no LMDeploy hooks in the helper
             env.pop(CAPTURE_KEY_ENV, None)    # the key reaches the helper through its pipe only
@@ -240,8 +242,7 @@ class TraceCapture:
             logger.warning("lmdeploy-hostcache: the trace capture helper process is not running (%s: %s); "
                            "captured requests are encoded on the scheduler's thread", type(exc).__name__, exc)
             return
-        self.helper, self._pipe = helper, pipe
-        self.writer.close()         # the helper writes the file from now on
+        self.helper, self._pipe = helper, pipe   # the helper writes the file from now on
 
     def on_new_request(self, seq) -> None:
         if self.failed or self.closed:
@@ -506,6 +507,7 @@ class TraceCapture:
         descriptor number may belong to another file by then)."""
         if self.closed:
             return
+        atexit.unregister(self.close)   # a closed capture is freed as any object
         self._idle_stop.set()
         with self._lock:
             if self.closed:
@@ -641,12 +643,6 @@ def _flush_when_idle(ref, stop: threading.Event) -> None:
         if capture is None or not capture._flush_idle_once():
             return
         del capture
-
-
-def _flush_at_exit(ref) -> None:
-    capture = ref()
-    if capture is not None:
-        capture.close()
 
 
 def data_parallel_path(path: str, dp_rank: int) -> str:

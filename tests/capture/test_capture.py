@@ -189,23 +189,38 @@ def test_a_capture_file_moved_deleted_or_replaced_while_capturing_is_followed_by
     assert ("moved or deleted" in caplog.text) == (what in ("moved", "deleted"))
 
 
-def test_another_writer_s_file_at_the_path_stops_capture_instead_of_a_file_per_batch(tmp_path, caplog):
-    """Two processes given one capture path: each set the other's file aside at every batch (a file per
-    batch). Now the writer that finds another's non-empty file there stops, logged once; nothing of either
-    is lost or renamed."""
+def test_a_second_writer_of_one_path_stops_before_it_writes_or_renames_anything(tmp_path, caplog):
+    """Two engines given one capture path: each writer holds an exclusive flock on its file, so the second
+    stops, logged once, whether it comes when the file is still empty (both engines starting together: their
+    records used to mix in one file that plan refuses) or once it holds records (it used to set the other's
+    file aside); the first writer's records are all in one file."""
     path = tmp_path / "cap.jsonl"
-    a, b = RotatingWriter(path), RotatingWriter(path)
-    assert a.write(_line(0))
+    a, b, c = RotatingWriter(path), RotatingWriter(path), RotatingWriter(path)
+    assert a.open()
     with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
-        assert b.write(_line(1))              # b opens at start: a's file is set aside (another capture)
-        assert not a.write(_line(2))          # a finds b's file: stops
-        for i in range(3, 6):
-            assert b.write(_line(i))
-            assert not a.write(_line(i))
-    assert "another file, not empty, took its place" in caplog.text and a.failed and not b.failed
-    assert sorted(f.name for f in tmp_path.glob("cap*.jsonl")) == ["cap.1.jsonl", "cap.jsonl"]
-    assert len(read_mooncake(path)) == 4 and len(read_mooncake(tmp_path / "cap.1.jsonl")) == 1
+        assert not b.open()                   # the file is empty and a holds it
+        assert a.write(_line(0))
+        assert not c.write(_line(1))          # non-empty and held: not set aside
+        for i in range(2, 5):
+            assert a.write(_line(i)) and not b.write(_line(i)) and not c.write(_line(i))
+    assert b.failed and c.failed and not a.failed
+    assert caplog.text.count("another process is writing it") == 2
+    assert [f.name for f in tmp_path.glob("cap*.jsonl")] == ["cap.jsonl"] and len(read_mooncake(path)) == 4
+    a.close()
+    d = RotatingWriter(path)                  # a's capture has ended: its file is set aside as before
+    assert d.write(_line(9)) and (tmp_path / "cap.1.jsonl").exists()
+    d.close()
 
+
+def test_a_file_that_is_not_regular_taking_the_path_stops_capture_naming_it(tmp_path, caplog):
+    path = tmp_path / "cap.jsonl"
+    w = RotatingWriter(path)
+    assert w.write(_line(0))
+    os.replace(path, tmp_path / "old.jsonl")
+    path.mkdir()
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        assert not w.write(_line(1))
+    assert "is a folder, not a regular file" in w.failed and "replaced" not in caplog.text
 
 def test_rotation_numbers_continue_past_the_last_one_taken(tmp_path, monkeypatch):
     """Each rotation looks for a free number from the last one this writer took, not from 1 (with

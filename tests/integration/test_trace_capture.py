@@ -793,7 +793,9 @@ def _fake_capture(tmp_path, **kw):
 
     ns = Namespace(model='m', block_size=BS)
     factory = types.SimpleNamespace(for_adapter=lambda name: ns)
-    return TraceCapture(str(tmp_path / 'c.jsonl'), 1 << 20, BS, factory, key=CaptureKey(b'\x07' * 16), **kw), ns
+    cap = TraceCapture(str(tmp_path / 'c.jsonl'), 1 << 20, BS, factory, key=CaptureKey(b'\x07' * 16), **kw)
+    cap.flush_seconds = 3600.0     # batches by count only (a test that needs the age flush sets it)
+    return cap, ns
 
 
 def _fake_seq(seq_id, tokens, *, salt='', start=0, output=2):
@@ -892,23 +894,45 @@ def test_an_idle_server_writes_its_queued_records_without_a_request_end(tmp_path
     assert path.read_text().count('\n') == 5 and not cap._idle_flusher.is_alive()
 
 
-def test_an_unclosed_capture_is_freed_and_its_idle_flusher_ends(tmp_path, monkeypatch):
-    """The idle flusher holds the capture weakly: a capture nobody closed is collected (its atexit hook is weak
-    too) and the thread ends; a strong reference from the thread kept both alive for good."""
+def test_a_closed_capture_is_freed_and_an_unclosed_one_writes_its_queue_at_exit(tmp_path, monkeypatch):
+    """The idle flusher holds the capture weakly and close unregisters its exit hook: a closed capture is
+    collected and its thread ends. One nobody closed lives until interpreter exit and writes what it queued
+    then (nothing is lost)."""
     import gc
+    import subprocess
+    import sys
     import weakref
 
     from lmdeploy_hostcache.integration import trace_capture
 
     monkeypatch.setattr(trace_capture, 'IDLE_FLUSH_SECONDS', 0.02)
     cap, _ = _fake_capture(tmp_path)
+    cap.close()
     thread, ref = cap._idle_flusher, weakref.ref(cap)
     del cap
     gc.collect()
     assert ref() is None
     thread.join(5)
     assert not thread.is_alive()
-
+    script = (
+        "import sys, time, types, numpy as np\n"
+        "sys.path.insert(0, %r)\n"
+        "from lmdeploy_hostcache.capture import CaptureKey\n"
+        "from lmdeploy_hostcache.tier.digest import Namespace\n"
+        "from lmdeploy_hostcache.integration.trace_capture import TraceCapture\n"
+        "ns = Namespace(model='m', block_size=16)\n"
+        "cap = TraceCapture(%r, 1 << 20, 16, types.SimpleNamespace(for_adapter=lambda n: ns), key=CaptureKey(b'k' * 16))\n"
+        "cap.flush_seconds = 3600.0\n"
+        "for i in range(5):\n"
+        "    s = types.SimpleNamespace(seq_id=i, input_start_pos=0, input_end_pos=32, num_all_ids=34, num_valid_ids=34,\n"
+        "        all_ids=np.arange(34, dtype=np.int64) + i, adapter_name=None, arrive_time=time.perf_counter(),\n"
+        "        session=types.SimpleNamespace(session_id=i), sampling_param=types.SimpleNamespace())\n"
+        "    cap.on_new_request(s); cap.on_request_finished(s)\n"
+        "del cap\n") % (str(__import__('pathlib').Path(trace_capture.__file__).parents[2]), str(tmp_path / 'exit.jsonl'))
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120,
+                          env=dict(__import__('os').environ, LMDEPLOY_HOSTCACHE_DISABLE='1'))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'exit.jsonl').read_text().count('\n') == 5
 
 def test_output_length_counts_accepted_tokens_not_speculative_drafts(tmp_path):
     """Under speculative decoding a sequence aborted mid-decode still holds unverified draft ids
