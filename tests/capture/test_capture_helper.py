@@ -452,3 +452,27 @@ def test_the_helper_lowers_its_priority_only_after_it_said_ready(tmp_path):
     assert serve(io.BytesIO(init), out, lower) == 0
     assert seen == ["ready\n"] and '"priority": "lowered"' in out.getvalue()
     assert 0 < HELPER_START_SECONDS <= 120
+
+
+def test_a_helper_that_never_says_ready_is_given_up_after_the_start_limit(tmp_path, monkeypatch, caplog):
+    import subprocess
+    import sys
+    import time
+
+    from lmdeploy_hostcache.integration import trace_capture
+
+    real = subprocess.Popen
+
+    def silent(argv, **kw):          # a helper that starts and never answers (starved, wedged)
+        return real([sys.executable, "-c", "import time; time.sleep(60)"], **kw)
+
+    monkeypatch.setattr(trace_capture, "HELPER_START_SECONDS", 1.0)
+    monkeypatch.setattr(trace_capture.subprocess, "Popen", silent)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        cap = _capture(tmp_path / "c.jsonl", offload=True)
+    assert time.monotonic() - t0 < 10 and not cap.offload and cap.helper is None and not cap.failed
+    assert "did not answer within 1 s" in caplog.text
+    _run(cap, [dict(seq_id=1, tokens=np.arange(40))])
+    cap.close()
+    assert (tmp_path / "c.jsonl").read_text().count("\n") == 1      # encoded on the engine's thread instead
