@@ -166,6 +166,8 @@ def test_sizes_beyond_the_machine_s_memory_are_one_line_not_a_traceback(capsys, 
     assert "--blocks x --block-size must be at most 268,435,456 tokens" in err and err.count("\n") == 1, err
     assert main(["bench", "index", "--blocks", "1", "--block-size", "65536", "--metadata-blocks", "100000000"]) == 2
     assert "--metadata-blocks x --block-size must be at most" in capsys.readouterr().err
+    assert main(["bench", "index", "--blocks", "4", "--block-size", "1", "--repeats", "1"]) == 2   # was a traceback
+    assert "--block-size must be in [2, 65536], got 1" in capsys.readouterr().err
 
     def too_big(args):
         raise MemoryError

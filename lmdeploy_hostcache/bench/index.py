@@ -69,7 +69,8 @@ MAX_PROMPT_TOKENS = 1 << 28   # 2 GiB of int64 token ids: far past any model's c
 
 def _check_args(args: argparse.Namespace) -> None:
     # upper bounds: the bench allocates arrays of these sizes, so a typo must not ask for terabytes
-    for name, low, high in (("blocks", 1, 10**8), ("block_size", 1, 1 << 16), ("repeats", 1, 10**6),
+    # block size 2 at least: the prompt is one token past its full blocks, which at block size 1 is one more block
+    for name, low, high in (("blocks", 1, 10**8), ("block_size", 2, 1 << 16), ("repeats", 1, 10**6),
                             ("metadata_blocks", 1, 10**8), ("vocab", 2, 2**32),   # vocab: tokens are uint32
                             ("scale", 0, 10**8)):
         value = getattr(args, name)

@@ -56,16 +56,24 @@ _WRITTEN_ELSEWHERE = ("another process is writing it (two engines given one capt
 
 
 def _lock_for_writing(fd: int) -> None:
-    """An exclusive ``flock`` on the open file, not waited for: OSError when another writer holds it."""
+    """An exclusive ``flock`` on the open file, not waited for: OSError when another writer holds it. A
+    filesystem that cannot lock (``ENOLCK``; ``EBADF`` where NFS emulates flock with fcntl locks on a
+    descriptor not open for writing) leaves the file unlocked, as before locks were taken."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise OSError(errno.EBUSY, _WRITTEN_ELSEWHERE) from None
+    except OSError:
+        pass
 
 
 def _refuse_if_written(path: Path) -> None:
-    """OSError when a writer holds the file at ``path`` (checked before it is set aside)."""
-    fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    """OSError when a writer holds the file at ``path`` (checked before it is set aside). A file this
+    process may rename but not read is not probed (it is set aside as before)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
     try:
         _lock_for_writing(fd)
     finally:
@@ -189,11 +197,11 @@ class RotatingWriter:
         os.replace(self.path, target)
 
     def _rotate(self) -> None:
-        self._close()
         try:
-            self._set_aside()
+            self._set_aside()       # renamed while this writer still holds it (and its lock): no gap to take it
         except FileNotFoundError:   # moved or deleted since the batch began: a new file starts all the same
             pass
+        self._close()
         self.rotations += 1
         self._open()
 

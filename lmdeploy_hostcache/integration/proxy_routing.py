@@ -43,9 +43,11 @@ wrappers below; nothing else in LMDeploy is rebound):
   ``--cache-aware-model`` every request is, which it logs;
 - a daemon thread polls the nodes' cache-state feeds (``routing.feed.FEED_PATH``) in turn and applies
   them (one thread: a single reader contends with the requests for the lock); a feed that answered
-  only at the read timeout is not read for the next 1, 2, 4, then 8 poll intervals
-  (``SLOW_FEED_MAX_SKIP``) until a read succeeds, so it holds up the nodes read after it once per such
-  window, not every round (its view still goes approximate after ``--cache-aware-feed-timeout``); a node whose feed answers 404 (stock LMDeploy) is routed
+  only at the read timeout is not read for the next 1, 2, 4, then 8 poll intervals (each at most the
+  5 s read timeout: ``SLOW_FEED_MAX_SKIP``) until a read succeeds, so it holds up the nodes read after
+  it once per such window, not every round (its view still goes approximate after
+  ``--cache-aware-feed-timeout``, and a node marked down meanwhile is probed once per interval and read
+  again as soon as its API answers); a node whose feed answers 404 (stock LMDeploy) is routed
   on the approximate index, logged once; a node that cannot be reached (its feed refused or timed
   out, and its API address too, probed when the feed is served elsewhere: ``api_answers``) is
   skipped until it answers again;
@@ -759,8 +761,8 @@ class RoutingService:
             readers.setdefault(self.feed_url(url), []).append(url)
         for url in urls:   # in turn, on this one thread: one reader contends with the requests for the lock
             fs = self._feed_state.get(url)
-            if fs is not None and now < fs.get("skip_until", 0.0):   # its feed timed out lately: not read now
-                self._expire_view(url, fs, now)
+            if fs is not None and now < fs.get("skip_until", 0.0) and not self._answers_again(url, fs, now):
+                self._expire_view(url, fs, now)   # its feed timed out lately: not read now
                 continue
             self._poll_node(url, http, headers, now, readers)
 
@@ -857,7 +859,8 @@ class RoutingService:
                 # ConnectionError then) holds up the nodes read after it: not read for 1, 2, 4, then 8 poll
                 # intervals after each such read, until one succeeds
                 fs["slow"] = min(SLOW_FEED_MAX_SKIP, 2 * fs.get("slow", 0) or 1)
-                fs["skip_until"] = time.monotonic() + fs["slow"] * float(self.options["feed_interval"])
+                step = min(float(self.options["feed_interval"]), FEED_READ_TIMEOUT_S)   # at most 40 s in all
+                fs["skip_until"] = time.monotonic() + fs["slow"] * step
             # the node is down when its own API address does not answer: read there, or probed now
             # when its feed is served on another port or URL (--cache-aware-feed-port/-url, and every
             # real node's engine feed). A feed elsewhere that does not answer while the API does is a
@@ -880,6 +883,16 @@ class RoutingService:
                     self.router.set_health(url, not down and self._healthy_again(url, now))
             self._expire_view(url, fs, now)
             logger.debug("cache_aware routing: feed of %s failed: %r", url, exc)
+
+    def _answers_again(self, url: str, fs: dict, now: float) -> bool:
+        """A node marked down by its API probe while its slow feed (served elsewhere) is skipped: whether its API
+        address answers again (probed at most once per poll interval), so that it is read, and routed to, within
+        a round of coming back. (A feed read at the API address is its own probe: it waits out the window.)"""
+        if (not fs.get("down") or self._feed_is_on_api(url)
+                or now - fs.get("probed_at", float("-inf")) < float(self.options["feed_interval"])):
+            return False
+        fs["probed_at"] = now
+        return api_answers(url)
 
     def _expire_view(self, url: str, fs: dict, now: float) -> None:
         """A node whose feed has not been read successfully for ``--cache-aware-feed-timeout`` seconds is routed

@@ -231,6 +231,13 @@ class TraceCapture:
             if not answer.poll(HELPER_START_SECONDS * 1000):
                 raise RuntimeError(f"it did not answer within {HELPER_START_SECONDS:g} s")
             ready = helper.stdout.readline().decode(errors="replace").strip()
+            if ready.startswith("failed:"):   # it could not open the file (its writer logged why): capture stops
+                helper.wait()
+                self.failed = ready.removeprefix("failed:").strip()
+                self.offload = False
+                logger.warning("lmdeploy-hostcache: trace capture stopped: the capture helper cannot write %s (%s); "
+                               "serving goes on without capture", self.writer.path, self.failed)
+                return
             if ready != "ready":
                 raise RuntimeError(f"it did not start ({ready or 'no answer'})")
             os.set_blocking(pipe, False)

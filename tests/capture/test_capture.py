@@ -667,3 +667,45 @@ def test_token_bytes_are_encode_tokens_of_the_batch_and_refuse_ids_out_of_range(
             trace_capture._token_bytes(arrays)
         # the message is logged when capture stops: counts only, never a token id (prompt content)
         assert "151630" not in str(ei.value) and str(bad) not in str(ei.value).split(":")[1]
+
+
+def test_rotation_renames_the_file_while_its_lock_is_held(tmp_path, monkeypatch):
+    """Between releasing the file and renaming it, a second writer could take it (and set it aside among the
+    first writer's rotated files): the file is renamed first, while its writer still holds it."""
+    from lmdeploy_hostcache.capture import writer as writer_mod
+
+    path = tmp_path / "cap.jsonl"
+    size = len(_line(0).encode())
+    a, b = RotatingWriter(path, max_bytes=size), RotatingWriter(path)
+    seen = []
+    real = writer_mod.RotatingWriter._set_aside
+
+    def set_aside_then_try_b(self):
+        seen.append(b.open() if self is a else None)     # at the rename a still holds its file
+        b.failed = ""                                     # b may try again later
+        return real(self)
+
+    monkeypatch.setattr(writer_mod.RotatingWriter, "_set_aside", set_aside_then_try_b)
+    assert a.write(_line(0)) and a.write(_line(1))
+    assert seen == [False] and a.rotations == 1 and not a.failed
+
+
+def test_a_file_that_cannot_be_probed_for_a_writer_is_set_aside_as_before(tmp_path, monkeypatch):
+    """An earlier capture's file this process may rename but not read (another user's 0600 file), or a
+    filesystem without flock: the probe is skipped and the file set aside, as before locks were taken."""
+    from lmdeploy_hostcache.capture import writer as writer_mod
+
+    path = tmp_path / "cap.jsonl"
+    path.write_text(_line(0))
+    real_open = os.open
+
+    def no_read(target, flags, *a, **k):
+        if os.fspath(target) == os.fspath(path) and not flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Permission denied")
+        return real_open(target, flags, *a, **k)
+
+    monkeypatch.setattr(writer_mod.os, "open", no_read)
+    monkeypatch.setattr(writer_mod.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(37, "No locks")))
+    w = RotatingWriter(path)
+    assert w.write(_line(1)) and not w.failed
+    assert (tmp_path / "cap.1.jsonl").read_text() == _line(0) and path.read_text() == _line(1)

@@ -476,3 +476,38 @@ def test_a_helper_that_never_says_ready_is_given_up_after_the_start_limit(tmp_pa
     _run(cap, [dict(seq_id=1, tokens=np.arange(40))])
     cap.close()
     assert (tmp_path / "c.jsonl").read_text().count("\n") == 1      # encoded on the engine's thread instead
+
+
+def test_a_helper_that_cannot_take_the_file_stops_capture_once(tmp_path, monkeypatch, caplog):
+    """Another writer takes the file between the engine's check and the helper's open: the helper answers
+    'failed' (it cannot lock the file), and capture stops with one warning instead of falling back to the
+    engine's thread, which could not write the file either."""
+    import fcntl as fcntl_mod
+    import os
+
+    from lmdeploy_hostcache.capture.writer import RotatingWriter
+
+    path = tmp_path / "c.jsonl"
+    taken = []
+    real_close = RotatingWriter.close
+
+    def close_then_lose_the_file(self):
+        real_close(self)
+        if not taken:                              # the engine's writer hands the file over: another takes it
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            fcntl_mod.flock(fd, fcntl_mod.LOCK_EX | fcntl_mod.LOCK_NB)
+            taken.append(fd)
+
+    monkeypatch.setattr(RotatingWriter, "close", close_then_lose_the_file)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+            cap = _capture(path, offload=True)
+        assert cap.failed and "another process is writing it" in cap.failed and cap.helper is None
+        assert sum("trace capture stopped" in r.getMessage() for r in caplog.records) == 1
+        assert "encoded on the scheduler's thread" not in caplog.text
+        _run(cap, [dict(seq_id=1, tokens=np.arange(40))])      # no work, no more warnings
+        cap.close()
+        assert sum("trace capture" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        for fd in taken:
+            os.close(fd)

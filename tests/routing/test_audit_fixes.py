@@ -827,3 +827,36 @@ def test_a_node_without_a_feed_and_a_feed_url_for_no_node_are_each_logged_once(c
     assert sum("has no cache-state feed" in m and nodes[0] in m for m in msgs) == 1
     assert sum("names node http://localhost:23333, which is not a node registered now" in m for m in msgs) == 1
     assert not svc.router.nodes[nodes[0]].exact and svc.router.nodes[nodes[0]].healthy
+
+
+def test_a_down_node_whose_slow_feed_is_skipped_is_routed_again_as_soon_as_it_answers(monkeypatch):
+    """A node whose reads time out and whose API does not answer is down and its feed skipped; when its API
+    answers again it is read (and routed to) within a poll interval, not at the end of the skip window (up
+    to 8 intervals of up to 3,600 s each, before the window was capped)."""
+    import requests
+
+    from lmdeploy_hostcache.integration import proxy_routing
+
+    clock = [1000.0]
+    monkeypatch.setattr(proxy_routing.time, "monotonic", lambda: clock[0])
+    api_up = [False]
+    monkeypatch.setattr(proxy_routing, "api_answers", lambda url, timeout_s=1.0: api_up[0])
+    node = "http://10.0.0.1:23333"
+    svc = _service(feed_interval=30.0, feed_timeout=60.0, feed_port=23400)
+    svc._sync_nodes([node])
+
+    class Session:
+        def get(self, url, params=None, **k):
+            if not api_up[0]:
+                clock[0] += proxy_routing.FEED_READ_TIMEOUT_S
+                raise requests.exceptions.ConnectTimeout("connect timed out")
+            return SimpleNamespace(status_code=200, json=lambda: _snapshot([5, 6], [], epoch="e1"))
+
+    for _ in range(4):                                  # four timeouts: the window grows to 8 x 5 s
+        svc.poll_once(Session())
+        clock[0] = svc._feed_state[node]["skip_until"]
+    assert not svc.router.nodes[node].healthy and svc._feed_state[node]["slow"] == 8
+    clock[0] -= 30                                      # inside the window (40 s): the node comes back
+    api_up[0] = True
+    svc.poll_once(Session())
+    assert svc.router.nodes[node].healthy and svc.router.nodes[node].exact
