@@ -6,13 +6,15 @@ one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes 
 the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
 2, ... , the first free one, claimed atomically; the search starts past the last number this writer
-took) and a new ``path`` is started, so every file ``plan`` reads holds whole records.  Before each batch
-the writer checks that ``path`` is still the file it has open (``_follow_path``): one moved or deleted
-meanwhile (log rotation, an operator) is followed by a new file at ``path`` (or the empty one put there),
-never by writes into a file no name reaches; a non-empty file of another writer there stops capture.  Each writer holds
-an exclusive ``flock`` on its file: a second writer given the same path (two engines sharing one
-capture file) stops, logged once, before it writes a line there or sets the other's file aside.  A non-empty regular file found at ``path`` when it is first opened (an earlier capture,
-made with another key) is set aside the same way, never appended to; anything at ``path`` that is not
+took; the file is renamed before it is released) and a new ``path`` is started, so every file ``plan``
+reads holds whole records.  Before each batch the writer checks that ``path`` is still the file it has
+open (``_follow_path``): one moved or deleted meanwhile (log rotation, an operator) is followed by a new
+file at ``path`` (or the empty one put there), never by writes into a file no name reaches; a non-empty
+file of another writer there stops capture.  Each writer holds an exclusive ``flock`` on its file: a
+second writer given the same path (two engines sharing one capture file) stops, logged once, before it
+writes a line there or sets the other's file aside.  A non-empty regular file found at ``path`` when it
+is first opened (an earlier capture, made with another key, that no writer holds) is set aside the same
+way, never appended to; anything at ``path`` that is not
 a regular file (a folder, a FIFO, a device, a socket; a symlink counts as what it points to) is never
 written, nor renamed (checked right before a rename): capture stops, logged once.  Nothing blocks: the
 path is checked before it is opened, opened with ``O_NONBLOCK`` (a FIFO without a reader fails at once
