@@ -107,6 +107,16 @@ def should_restore(num_tokens: int, cal: RestoreCalibration, bytes_per_token: fl
     return num_tokens > 0 and num_tokens >= threshold_tokens(cal, bytes_per_token)
 
 
+def _refuse_duplicate_keys(pairs):
+    """A JSON object as a dict; a key given twice is refused (json keeps the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"field {key!r} is given twice")
+        out[key] = value
+    return out
+
+
 def load_calibration(path: str | None = None) -> RestoreCalibration:
     """The calibration at ``path``, else at ``$LMDEPLOY_HOSTCACHE_CALIBRATION``, else ``ASSUMED``."""
     path = path or os.environ.get(ENV_CALIBRATION, "").strip() or None
@@ -119,7 +129,7 @@ def load_calibration(path: str | None = None) -> RestoreCalibration:
             os.close(fd)
             raise CalibrationError(f"{path}: not a regular file; the restore calibration is a JSON file")
         with os.fdopen(fd, encoding="utf-8") as fh:
-            data = json.load(fh)
+            data = json.load(fh, object_pairs_hook=_refuse_duplicate_keys)
     except OSError as exc:
         raise CalibrationError(f"{path}: cannot read the restore calibration: {exc.strerror}") from None
     except (ValueError, UnicodeDecodeError) as exc:

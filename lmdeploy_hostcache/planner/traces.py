@@ -178,9 +178,10 @@ def _open_bytes(path: str | os.PathLike) -> io.BufferedIOBase:
 
 
 def _text(raw: bytes, where: str, whole_file: bool) -> str:
-    """``raw`` as UTF-8; a bad byte is named by its column (and, in a whole file, its line)."""
+    """``raw`` as UTF-8, without a leading byte-order mark (an editor's, at a file's start); a bad byte is
+    named by its column (and, in a whole file, its line)."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         line = raw.count(b"\n", 0, exc.start) + 1
@@ -557,6 +558,8 @@ def sniff_format(path: str | os.PathLike) -> str:
         with _open_bytes(path) as fh:
             first, lineno, cut = b"", 0, False
             for lineno, raw in enumerate(fh, 1):          # the first non-blank line, whole
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")   # a byte-order mark (an editor's): not content
                 if raw.strip():
                     first, cut = raw.strip(), not raw.endswith(b"\n")
                     break

@@ -84,3 +84,11 @@ def test_bad_calibration_files_name_the_file_and_field(tmp_path, content, needle
     with pytest.raises(rc.CalibrationError) as err:
         rc.load_calibration(str(path))
     assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_calibration_field_given_twice_is_refused_naming_it(tmp_path):
+    """json keeps the last of two values silently; a calibration is refused instead, as a YAML file is."""
+    p = tmp_path / "calibration.json"
+    p.write_text('{"restore_gbps": 20, "prefill_tokens_per_s": 10000, "restore_overhead_ms": 20, "restore_gbps": 2}')
+    with pytest.raises(rc.CalibrationError, match="field 'restore_gbps' is given twice"):
+        rc.load_calibration(str(p))

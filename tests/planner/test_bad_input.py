@@ -412,3 +412,11 @@ def test_a_symlink_loop_in_a_trace_folder_is_one_named_error(capsys, tmp_path):
     (folder / "loop.jsonl").symlink_to(folder / "loop.jsonl")
     rc, _, err = _run(capsys, [str(folder), "--quiet"])
     assert rc == 2 and "loop.jsonl: cannot read it" in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_a_byte_order_mark_at_a_trace_s_start_is_not_content(capsys, tmp_path):
+    """An editor's UTF-8 byte-order mark used to make a Mooncake file 'neither Mooncake JSONL nor WEKA'."""
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + (_line(timestamp=0) + "\n" + _line(timestamp=1) + "\n").encode())
+    rc, out, err = _run(capsys, [str(p), "--quiet", "--json"])
+    assert rc == 0 and json.loads(out)["requests"] == 2, err
