@@ -99,16 +99,15 @@ def _setup_in_child(config: L3Config, timeout_s: float) -> None:
                        "segment": MIN_SEGMENT_BYTES, "buffer": MIN_SEGMENT_BYTES, "protocol": config.protocol,
                        "devices": config.rdma_devices, "master": config.master_address})
     env = dict(os.environ, LMDEPLOY_HOSTCACHE_DISABLE="1")
+    # whatever the child's setup answers, the setup here answers it again, with its message: only the
+    # timeout is the child's to report (and a child that cannot start leaves the check to the setup here)
     try:
-        done = subprocess.run([sys.executable, "-c", _CHILD_SETUP, args], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
+        subprocess.run([sys.executable, "-c", _CHILD_SETUP, args], capture_output=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         raise L3Unavailable(f"l3: the Mooncake master at {config.master_address} accepts connections but did "
                             f"not answer setup within {timeout_s:g} s (hung or partitioned?)") from None
-    except OSError as exc:   # the child could not start: leave the check to the setup here
-        del exc
-        return
-    del done   # whatever the child's setup answered, the setup here answers it again, with its message
+    except OSError:
+        pass
 
 
 def open_mooncake(config: L3Config, setup_timeout_s: float = 30.0) -> Any:
