@@ -171,10 +171,8 @@ class TraceCapture:
             if self.failed or self.closed:
                 return False
             try:
-                if self._queue and perf_counter() - self._queued_at >= self.flush_seconds:
-                    self.flushes_by_age += 1
+                if self._queue and self._flush_if_old(perf_counter()):
                     self.flushes_idle += 1
-                    self._flush()
                 elif self._pending:
                     self._send()
             except Exception as exc:  # noqa: BLE001 -- capture stops, serving goes on
@@ -304,9 +302,17 @@ class TraceCapture:
         queue.append(record)
         if len(queue) >= self.flush_records:
             self._flush()
-        elif t0 - self._queued_at >= self.flush_seconds:
-            self.flushes_by_age += 1
-            self._flush()
+        else:
+            self._flush_if_old(t0)
+
+    def _flush_if_old(self, now: float) -> bool:
+        """Flush the queue when its oldest record was queued ``flush_seconds`` before ``now`` (a
+        ``perf_counter`` reading; counted in ``flushes_by_age``); whether it did."""
+        if now - self._queued_at < self.flush_seconds:
+            return False
+        self.flushes_by_age += 1
+        self._flush()
+        return True
 
     def on_request_finished(self, seq, chain=None) -> None:
         """``chain``: the host tier's digest chain of this request (``connector._RequestChain``), when
