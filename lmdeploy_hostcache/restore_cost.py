@@ -38,7 +38,6 @@ import json
 import math
 import os
 import reprlib
-import stat
 from dataclasses import asdict, dataclass
 
 __all__ = ["ASSUMED", "ENV_CALIBRATION", "FALLBACK_TOKENS", "NEVER", "CalibrationError", "RestoreCalibration",
@@ -122,14 +121,14 @@ def load_calibration(path: str | None = None) -> RestoreCalibration:
     path = path or os.environ.get(ENV_CALIBRATION, "").strip() or None
     if path is None:
         return ASSUMED
+    from .yamlio import NotARegularFile, read_regular_file
+
     try:
-        # non-blocking open: a FIFO or a device (one nothing writes to) is refused, not waited on
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CalibrationError(f"{path}: not a regular file; the restore calibration is a JSON file")
-        with os.fdopen(fd, encoding="utf-8") as fh:
-            data = json.load(fh, object_pairs_hook=_refuse_duplicate_keys)
+        # a FIFO or a device (one nothing writes to) is refused, not waited on
+        raw = read_regular_file(path, -1)
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except (IsADirectoryError, NotARegularFile):
+        raise CalibrationError(f"{path}: not a regular file; the restore calibration is a JSON file") from None
     except OSError as exc:
         raise CalibrationError(f"{path}: cannot read the restore calibration: {exc.strerror}") from None
     except (ValueError, UnicodeDecodeError) as exc:

@@ -19,7 +19,8 @@ Invariants:
   (``/dev/stdin`` included: reading settings from standard input is not supported) or a socket is
   refused before anything is read. A file over ``MAX_YAML_BYTES`` (256 KiB) is refused unparsed: PyYAML
   takes hundreds of times a file's bytes in memory. ``read_regular_file`` is that non-blocking
-  regular-file read, for other small inputs (the planner's model ``config.json``).
+  regular-file read, for other small inputs (the planner's model ``config.json``, the restore
+  calibration).
 - ``dump_yaml`` writes with the same number rules (a string such as ``"1e3"`` is quoted), so
   ``load_yaml_text(dump_yaml(x)) == x`` for plain data.
 - PyYAML is imported on first use only.
@@ -185,8 +186,8 @@ class NotARegularFile(OSError):
 
 
 def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
-    """At most ``limit`` bytes of the regular file (or a symlink to one) at ``path``, never blocking on
-    what is there: opened non-blocking (a FIFO with no writer returns at once) and checked on the open
+    """At most ``limit`` bytes (all of them for -1) of the regular file (or a symlink to one) at ``path``,
+    never blocking on what is there: opened non-blocking (a FIFO with no writer returns at once) and checked on the open
     descriptor (no window between the check and the read). Raises ``IsADirectoryError`` for a folder,
     ``NotARegularFile`` for a FIFO, a device or a socket, and the ``OSError`` of a failed open or read."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
