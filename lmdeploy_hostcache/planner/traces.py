@@ -583,6 +583,11 @@ def sniff_format(path: str | os.PathLike) -> str:
 TRACE_FORMATS = ("auto", "mooncake", "weka")
 
 
+def _empty_file(f: Path) -> bool:
+    """A regular file of no bytes: it holds no requests (a capture's live file before any traffic)."""
+    return f.is_file() and f.stat().st_size == 0
+
+
 def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
     """The files ``read_traces`` reads for ``sources``, in order, each once: a folder gives its non-empty
     ``*.json``, ``*.jsonl``, ``*.jsonl.gz``; every one a regular file (a FIFO, pipe or device is refused
@@ -596,7 +601,7 @@ def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
             if not found:
                 raise ValueError(f"trace folder {tp} holds no *.json / *.jsonl files")
             # an empty file in a folder holds no requests yet (a capture's live file before any traffic)
-            found = [f for f in found if not (f.is_file() and f.stat().st_size == 0)]
+            found = [f for f in found if not _empty_file(f)]
             if not found:
                 raise ValueError(f"trace folder {tp} holds only empty files")
             names = {f.name for f in found}
@@ -619,8 +624,8 @@ def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
                 paths.append(f)
     if not paths:
         raise ValueError("no trace files given")
-    if len(paths) > 1:   # an empty file among several (a live capture file right after a rotation) holds no
-        nonempty = [f for f in paths if not (f.is_file() and f.stat().st_size == 0)]    # requests, as in a folder
+    if len(paths) > 1:   # an empty file among several (a live capture file right after a rotation), as in a folder
+        nonempty = [f for f in paths if not _empty_file(f)]
         if not nonempty:
             raise ValueError(f"the trace files given ({', '.join(map(str, paths))}) are all empty")
         paths = nonempty
