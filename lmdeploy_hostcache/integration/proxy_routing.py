@@ -849,9 +849,7 @@ class RoutingService:
                 fs[flag] = True
                 logger.warning("cache_aware routing: node %s sent an invalid cache-state feed: %s", url, exc)
             with self.lock:
-                st = self.router.nodes.get(url)
-                if st is not None and st.exact:   # keep the approximate index it already has
-                    self.router.set_approximate(url, self.default_profile)
+                self._drop_exact_view(url)
         except Exception as exc:
             unreachable = isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
             if isinstance(exc, requests.exceptions.Timeout) or time.monotonic() - t_read >= 0.9 * FEED_READ_TIMEOUT_S:
@@ -898,10 +896,9 @@ class RoutingService:
         """A node whose feed has not been read successfully for ``--cache-aware-feed-timeout`` seconds is routed
         on the approximate index (its exact view would go stale)."""
         last = fs.get("last_ok")
-        with self.lock:
-            st = self.router.nodes.get(url)
-            if st is not None and st.exact and (last is None or now - last > float(self.options["feed_timeout"])):
-                self.router.set_approximate(url, self.default_profile)
+        if last is None or now - last > float(self.options["feed_timeout"]):
+            with self.lock:
+                self._drop_exact_view(url)
 
     def _without_feed(self, url: str, fs: dict, now: float) -> None:
         """``url`` has no feed of its own (404, or one shared with other nodes): routed on the approximate
@@ -910,8 +907,14 @@ class RoutingService:
         with self.lock:
             if url in self.router.nodes:
                 self.router.set_health(url, self._healthy_again(url, now))
-                if self.router.nodes[url].exact:
-                    self.router.set_approximate(url, self.default_profile)
+                self._drop_exact_view(url)
+
+    def _drop_exact_view(self, url: str) -> None:
+        """(Under ``self.lock``.) Route ``url`` on the approximate index from now on; a node already routed so
+        keeps the approximate index it has."""
+        st = self.router.nodes.get(url)
+        if st is not None and st.exact:
+            self.router.set_approximate(url, self.default_profile)
 
     def _let_requests_in(self) -> None:
         """Between two chunks of a large snapshot (``commit_feed``'s ``pause``, called under ``self.lock``, held
