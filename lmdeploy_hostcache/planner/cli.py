@@ -247,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--sweep-tier", action=_Explicit, choices=("host", "gpu"), default="host", help="tier to sweep (default host)")
     s.add_argument("--sweep-values", action=_Explicit, type=_csv_floats, default=None, metavar="LIST",
                    help="comma-separated sizes to sweep, in GiB (in blocks with --gpu-blocks/--host-blocks); "
-                        "default 0, 1/16 .. 2x the configured size")
+                        "default 0, 1/16 .. 2x the configured size (--sweep-tier gpu: 1/8 .. 4x, no 0)")
     s.add_argument("--plot", action=_Explicit, default=DEFAULT_PLOT, metavar="PNG", type=plot_path_arg, help=f"sweep plot path (default ./{DEFAULT_PLOT})")
     s.add_argument("--cluster", default=None, metavar="YAML",
                    help="heterogeneous cluster file (see examples/cluster.yaml): it sets the model, format, policy and "
