@@ -229,6 +229,27 @@ def _parse_capture_max_mb(value: Any) -> float:
     return out
 
 
+CAPTURE_MAX_KEEP_FILES = 1_000_000
+
+
+def _parse_capture_keep_files(value: Any) -> int:
+    allowed = f"a whole number of files in [0, {CAPTURE_MAX_KEEP_FILES:,}] (0: keep every rotated file)"
+    if isinstance(value, bool):
+        raise _Bad(allowed)
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 7:
+            raise _Bad(allowed)
+        value = int(text)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise _Bad(allowed)
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= CAPTURE_MAX_KEEP_FILES:
+        raise _Bad(allowed)
+    return value
+
+
 def _parse_l3(value: Any) -> Any:
     # The shared store tier's section is parsed and validated in lmdeploy_hostcache/l3/config.py
     # (its errors name ``l3.<field>``); this is only the hook.
@@ -323,8 +344,14 @@ class HostCacheConfig:
     capture_max_mb: float = field(default=256.0, metadata=_meta(
         _parse_capture_max_mb,
         "Size at which the capture file is rotated (renamed `<name>.<n>.jsonl`; a new one is "
-        "started), in MiB.",
+        "started), in MiB. It bounds each file, not their total: see `capture_keep_files`.",
         "number in [1, 1048576]"))
+    capture_keep_files: int = field(default=0, metadata=_meta(
+        _parse_capture_keep_files,
+        "Rotated capture files kept: at each rotation the oldest `<name>.<n>.jsonl` beyond this "
+        "many are deleted, so the capture takes at most about (this + 1) x `capture_max_mb` of disk. "
+        "0: every rotated file is kept (a capture is data; disk use then grows with traffic).",
+        "int in [0, 1000000]"))
     capture_offload: bool = field(default=True, metadata=_meta(
         _parse_bool,
         "Encode and write the captured records in a helper process started with the engine (its "

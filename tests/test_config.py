@@ -23,7 +23,7 @@ FIELDS = HostCacheConfig.field_names()
 def test_field_list_is_the_documented_one():
     assert FIELDS == ("host_cache_gb", "host_memory_reserve_gb", "host_kv_format", "eviction_policy",
                       "min_restore_tokens", "keep_restored_blocks", "pin_memory", "verify_tokens", "checksum", "tenant_salt", "capture",
-                      "capture_max_mb", "capture_offload", "l3")
+                      "capture_max_mb", "capture_keep_files", "capture_offload", "l3")
 
 
 def test_defaults():
@@ -63,6 +63,8 @@ BAD_VALUES = [
     ("capture", "capture"), ("capture", "c.jsonl.gz"), ("capture", "c.log"),
     ("capture_max_mb", 0), ("capture_max_mb", 1e-7), ("capture_max_mb", 0.5), ("capture_max_mb", -1), ("capture_max_mb", "big"), ("capture_max_mb", None),
     ("capture_max_mb", True), ("capture_max_mb", math.inf),
+    ("capture_keep_files", -1), ("capture_keep_files", 1.5), ("capture_keep_files", "many"), ("capture_keep_files", True),
+    ("capture_keep_files", None), ("capture_keep_files", 10**6 + 1), ("capture_keep_files", "1" + "0" * 40),
     ("capture_offload", 1), ("capture_offload", "yes"), ("capture_offload", None),
     ("l3", "yes"), ("l3", 5), ("l3", True), ("l3", ["a"]),   # the section's own fields: tests/l3/test_l3_config.py
 ]

@@ -6,7 +6,7 @@ digests, keyed ids, JSON formatting and file writes run on another core instead 
 scheduler thread (a thread would not help: it holds the GIL while hashing).
 
 Protocol, on its stdin: frames of a 16-byte header (two little-endian 8-byte lengths), a pickle and
-raw bytes. The first frame's pickle is ``{"path", "max_bytes", "block_size", "key"}`` (the capture
+raw bytes. The first frame's pickle is ``{"path", "max_bytes", "keep_files", "block_size", "key"}`` (the capture
 key's 16 bytes: they travel through the pipe only, never the environment, argv or a file) and it
 has no raw bytes; every later frame is one batch for ``BlockIdEncoder.encode``: the pickle holds
 its records (without chains), the raw bytes its ``data`` (sent from the token ids' buffer, no
@@ -79,7 +79,7 @@ def serve(stdin, stdout, lower=None) -> int:
         return EXIT_BAD_BATCH
     init = first[0]
     encoder = BlockIdEncoder(CaptureKey(init["key"]), init["block_size"])
-    writer = RotatingWriter(init["path"], init["max_bytes"])
+    writer = RotatingWriter(init["path"], init["max_bytes"], init.get("keep_files", 0))
     ready = writer.open()
     stdout.write("ready\n" if ready else f"failed: {writer.failed}\n")
     stdout.flush()

@@ -7,7 +7,10 @@ the ``os.write`` calls; a batch that fits the file is joined and encoded in one 
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
 2, ... , the first free one, claimed atomically; the search starts past the last number this writer
 took; the file is renamed before it is released) and a new ``path`` is started, so every file ``plan``
-reads holds whole records.  Before each batch the writer checks that ``path`` is still the file it has
+reads holds whole records.  With ``keep_files`` = K > 0 a rotation then deletes the rotated files of
+``path`` (``<stem>.<m><suffix>``, regular files only) numbered at or below the one it took less K, so at
+most K of them stay beside the live file (earlier captures' among them); K = 0 keeps them all.  A
+deletion that fails is logged once and capture goes on.  Before each batch the writer checks that ``path`` is still the file it has
 open (``_follow_path``): one moved or deleted meanwhile (log rotation, an operator) is followed by a new
 file at ``path`` (or the empty one put there), never by writes into a file no name reaches; a non-empty
 file of another writer there stops capture.  Each writer holds an exclusive ``flock`` on its file: a
@@ -32,6 +35,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -83,11 +87,16 @@ def _refuse_if_written(path: Path) -> None:
 
 
 class RotatingWriter:
-    def __init__(self, path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES, keep_files: int = 0) -> None:
         if max_bytes <= 0:
             raise ValueError(f"capture max bytes must be > 0, got {max_bytes}")
+        if keep_files < 0:
+            raise ValueError(f"capture keep_files must be >= 0, got {keep_files}")
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
+        self.keep_files = int(keep_files)
+        self.deleted = 0        # rotated files deleted (keep_files)
+        self._delete_failed = False
         self._fd: int | None = None
         self._size = 0
         self.failed = ""        # the reason capture stopped ("" while it runs)
@@ -197,12 +206,37 @@ class RotatingWriter:
                 n += 1
         self._next_aside = n + 1
         os.replace(self.path, target)
+        return n
+
+    def _rotated_names(self) -> re.Pattern:
+        suffix = self.path.suffix or ".jsonl"
+        stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
+        return re.compile(re.escape(stem) + r"\.([0-9]{1,18})" + re.escape(suffix))
+
+    def _delete_rotated(self, newest: int) -> None:
+        """Delete the rotated files numbered ``newest - keep_files`` or below (regular files only)."""
+        names, last = self._rotated_names(), newest - self.keep_files
+        try:
+            with os.scandir(self.path.parent) as entries:
+                old = [e for e in entries if (m := names.fullmatch(e.name)) and int(m.group(1)) <= last
+                       and e.is_file(follow_symlinks=False)]
+            for e in old:
+                os.unlink(e.path)
+                self.deleted += 1
+        except OSError as exc:
+            if not self._delete_failed:
+                self._delete_failed = True
+                logger.warning("lmdeploy-hostcache: could not delete an old rotated capture file beside %s "
+                               "(capture_keep_files %d): %s; capture goes on", self.path, self.keep_files, exc)
 
     def _rotate(self) -> None:
+        newest = None
         try:
-            self._set_aside()       # renamed while this writer still holds it (and its lock): no gap to take it
+            newest = self._set_aside()   # renamed while this writer still holds it (and its lock): no gap to take it
         except FileNotFoundError:   # moved or deleted since the batch began: a new file starts all the same
             pass
+        if newest is not None and self.keep_files:
+            self._delete_rotated(newest)
         self._close()
         self.rotations += 1
         self._open()

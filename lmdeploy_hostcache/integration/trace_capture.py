@@ -113,9 +113,10 @@ class TraceCapture:
     """Per-engine capture: key, writer and the arrival of every live sequence."""
 
     def __init__(self, path: str, max_bytes: int, block_size: int, namespaces, *, key: CaptureKey | None = None,
-                 clock: Callable[[], float] = time.time, offload: bool = False, idle_flush: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, offload: bool = False, idle_flush: bool = True,
+                 keep_files: int = 0) -> None:
         self.key = key or CaptureKey.from_env()
-        self.writer = RotatingWriter(path, max_bytes)
+        self.writer = RotatingWriter(path, max_bytes, keep_files)
         self.block_size = int(block_size)
         self.namespaces = namespaces
         self.clock = clock
@@ -221,7 +222,8 @@ class TraceCapture:
             except OSError:
                 pass
             for chunk in frame({"path": str(self.writer.path), "max_bytes": self.writer.max_bytes,
-                                "block_size": self.block_size, "key": self.key._key}):
+                                "keep_files": self.writer.keep_files, "block_size": self.block_size,
+                                "key": self.key._key}):
                 os.write(pipe, chunk)
             # at engine start: serve only once the helper is up (it has opened the file), waiting a bounded time
             answer = select.poll()
@@ -677,7 +679,8 @@ def capture_from_config(hostcache, block_size: int, namespaces, dp_rank: int | N
         path = data_parallel_path(path, dp_rank)
     try:
         return TraceCapture(path, int(float(getattr(hostcache, "capture_max_mb", 256)) * 2**20), block_size,
-                            namespaces, offload=bool(getattr(hostcache, "capture_offload", True)))
+                            namespaces, offload=bool(getattr(hostcache, "capture_offload", True)),
+                            keep_files=int(getattr(hostcache, "capture_keep_files", 0)))
     except Exception as exc:  # noqa: BLE001
         logger.warning("lmdeploy-hostcache: trace capture to %s is off: %s", path, exc)
         return None

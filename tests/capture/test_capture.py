@@ -86,6 +86,50 @@ def test_writer_rotates_at_the_size_limit_and_keeps_whole_records(tmp_path):
     assert [r.timestamp for r in t.requests] == [float(i) for i in range(10)]
 
 
+def test_keep_files_bounds_the_rotated_files_to_the_newest_ones(tmp_path):
+    """capture_max_mb bounds each file; keep_files bounds how many rotated ones stay (an earlier capture's
+    included), deleting the oldest at each rotation, and touches nothing else beside them."""
+    path = tmp_path / "cap.jsonl"
+    (tmp_path / "cap.1.jsonl").write_text(_line(100) + "\n")      # an earlier capture's rotated file
+    (tmp_path / "cap.dp0.3.jsonl").write_text("other\n")           # another rank's file, and unrelated names
+    (tmp_path / "cap.x.jsonl").write_text("other\n")
+    os.mkdir(tmp_path / "cap.0.jsonl")                               # not a regular file: never deleted
+    size = max(len(_line(i).encode()) for i in range(20))
+    w = RotatingWriter(path, max_bytes=2 * size, keep_files=2)
+    for i in range(20):
+        assert w.write(_line(i))
+    w.close()
+    rotated = sorted(int(f.name.split(".")[1]) for f in tmp_path.glob("cap.[0-9]*.jsonl") if f.is_file())
+    assert w.rotations >= 8 and rotated == [w.rotations, w.rotations + 1]   # number 1 was taken: from 2 on
+    assert w.deleted == w.rotations - 1        # the earlier capture's file and this one's older files
+    assert (tmp_path / "cap.dp0.3.jsonl").exists() and (tmp_path / "cap.x.jsonl").exists()
+    assert (tmp_path / "cap.0.jsonl").is_dir()
+    kept = read_mooncake_files([tmp_path / f"cap.{n}.jsonl" for n in rotated] + [path])
+    assert [r.timestamp for r in kept.requests] == [float(i) for i in range(20 - len(kept.requests), 20)]
+    # 0 keeps every rotated file
+    w = RotatingWriter(tmp_path / "all.jsonl", max_bytes=2 * size)
+    for i in range(20):
+        assert w.write(_line(i))
+    w.close()
+    assert w.deleted == 0 and len(list(tmp_path.glob("all.*.jsonl"))) == w.rotations
+
+
+def test_a_rotated_file_that_cannot_be_deleted_is_logged_once_and_capture_goes_on(tmp_path, caplog, monkeypatch):
+    path = tmp_path / "cap.jsonl"
+    size = max(len(_line(i).encode()) for i in range(10))
+    w = RotatingWriter(path, max_bytes=size, keep_files=1)
+
+    def refuse(p, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(p))
+    monkeypatch.setattr(os, "unlink", refuse)
+    with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
+        for i in range(10):
+            assert w.write(_line(i))
+    w.close()
+    assert w.written == 10 and not w.failed and w.deleted == 0
+    assert sum("could not delete an old rotated capture file" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_unwritable_path_is_logged_once_and_never_raises(tmp_path, caplog, monkeypatch):
     """A folder the server may not write to. The permission error is raised for that folder's files whoever runs
     the test (root writes a read-only folder, and CI runs as root: a chmod alone made this test skip there)."""

@@ -142,6 +142,25 @@ def test_capture_offload_is_a_setting(tmp_path, offload):
     cap.close()
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_capture_keep_files_reaches_the_writer_that_rotates(tmp_path, offload):
+    """The setting goes through capture_from_config, and through the helper's first frame when it writes."""
+    from lmdeploy_hostcache.config import HostCacheConfig
+    from lmdeploy_hostcache.integration.trace_capture import TraceCapture, capture_from_config
+
+    cfg = HostCacheConfig(capture=str(tmp_path / "c.jsonl"), capture_offload=offload, capture_keep_files=3)
+    ns = types.SimpleNamespace(for_adapter=lambda name: Namespace(model="m", block_size=BS))
+    cap = capture_from_config(cfg, BS, ns)
+    assert cap.writer.keep_files == 3
+    cap.close()
+    cap = TraceCapture(str(tmp_path / "small.jsonl"), 4000, BS, ns, key=CaptureKey(b"\x07" * 16),
+                       clock=lambda: 1.0e9, offload=offload, keep_files=1)
+    _run(cap, _requests(150))
+    cap.close()
+    rotated = list(tmp_path.glob("small.*.jsonl"))
+    assert len(rotated) == 1 and int(rotated[0].name.split(".")[1]) > 5    # many rotations, one file kept
+
+
 def test_a_helper_that_cannot_start_leaves_the_encoding_on_the_thread(tmp_path, monkeypatch, caplog):
     import subprocess
 
