@@ -19,7 +19,8 @@ harness model's KV heads; policies from ``eviction.POLICIES``):
   with its oracle slot image (``HostSlotChecker``, every step and once at the end);
 - after the run, the leak checks: GPU refcounts (only the trie holds blocks), the host index
   invariants with no slot pinned or leaked, no resident host block of unknown prefix, no copy in
-  flight on any rank, every per-request map of the scheduler side empty, the worker checksum cache
+  flight on any rank, every per-request map of the scheduler side empty (its failed-copy markers, held
+  block count, the capture's noted arrivals and the store tier's staged blocks too), the worker checksum cache
   bounded by the slot count, the eviction policy's candidate count equal to the index's candidates
   and its per-segment counts equal to the index's blocks outside the kept-restore queue (kept
   restores leave the policy, ``HostIndex``), and every host pool's bytes equal to
@@ -253,11 +254,19 @@ def check_bookkeeping(engine) -> dict[str, int]:
 
     side = scheduler_side(engine)
     maps = ('_chains', '_plans', '_holds', '_counted_lookup', '_failed_turns', '_host_only_turns', '_owed_results', '_pending_loads',
-            '_inflight_loads', '_pending_demotions', '_inflight_demotions', '_pending_demote_gpu')
+            '_inflight_loads', '_pending_demotions', '_inflight_demotions', '_pending_demote_gpu', '_invalid')
     for name in maps:
         left = getattr(side, name, None)
         if left:
             raise AssertionError(f'scheduler side {name} still holds {len(left)} entries after every request ended')
+    if getattr(side, '_held_blocks', 0):
+        raise AssertionError(f'scheduler side still counts {side._held_blocks} held blocks after every request ended')
+    capture = getattr(side, 'capture', None)
+    if capture is not None and capture._arrival:
+        raise AssertionError(f'trace capture still notes {len(capture._arrival)} arrivals after every request ended')
+    l3 = getattr(side, 'l3', None)
+    if l3 is not None and l3.chain._staging:
+        raise AssertionError(f'the store tier still stages {len(l3.chain._staging)} blocks after every request ended')
     index = side.index
     blocks = index._blocks
     candidates = sum(1 for b in blocks.values() if b.candidate)
