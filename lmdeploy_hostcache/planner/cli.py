@@ -238,6 +238,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--long-prefill-policy", choices=LONG_POLICIES, default=None,
                    help="with --engine-steps: the order of waiting long prompts: size (fewest chunks first, aged; "
                         "LMDeploy's default) or fifo (arrival order) (LMDeploy's LMDEPLOY_PT_TTFT_POLICY)")
+    k.add_argument("--load-delay-steps", type=_nonneg_int, default=None, metavar="N",
+                   help="with --engine-steps: steps every host load takes beyond its copy time (default 0); the "
+                        "copy time itself follows each load's bytes per rank at --h2d-gbps, one step lasting 1 / "
+                        "--decode-tokens-per-s s (an assumption: loads do not queue behind each other)")
     k.add_argument("--no-concurrency", action="store_true",
                    help="skip the replay with request lifetimes (only the one-request-at-a-time replay)")
 
@@ -453,7 +457,8 @@ def _run(args) -> int:
                                     ("--max-prefill-tokens", args.max_prefill_tokens),
                                     ("--short-prefill-turns", args.short_prefill_turns),
                                     ("--long-prefill-aging-s", args.long_prefill_aging_s),
-                                    ("--long-prefill-policy", args.long_prefill_policy)) if v is not None]
+                                    ("--long-prefill-policy", args.long_prefill_policy),
+                                    ("--load-delay-steps", args.load_delay_steps)) if v is not None]
     if step_opts and not args.engine_steps:
         raise PlanError(f"{', '.join(step_opts)} set the step model: add --engine-steps")
     if args.engine_steps and args.sweep:
@@ -474,7 +479,8 @@ def _run(args) -> int:
 
         lane = {k: v for k, v in (("short_turns", args.short_prefill_turns),
                                   ("long_aging_s", args.long_prefill_aging_s),
-                                  ("long_policy", args.long_prefill_policy)) if v is not None}
+                                  ("long_policy", args.long_prefill_policy),
+                                  ("load_delay_steps", args.load_delay_steps)) if v is not None}
         steps = EngineSteps(*(v if v is not None else d for v, d in zip(
             (args.max_batches, args.prefill_interval, args.max_prefill_tokens), _STEP_DEFAULTS)), **lane)
     if (args.l3_gb is not None or args.l3_gbps is not None) and not args.cluster:
@@ -515,6 +521,9 @@ def _run(args) -> int:
         return _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show)
 
     cost = CostModel.for_model(geometry.params_b, args.prefill_tokens_per_s, args.h2d_gbps)
+    if steps is not None:
+        # a host load's copy time in the step model: its blocks' bytes per rank at the cost model's link rate
+        steps = dataclasses.replace(steps, load_block_s=cost.copy_s(sizing.host_block_bytes))
     in_blocks_gpu = args.gpu_blocks is not None
     in_blocks_host = args.host_blocks is not None
     gpu_blocks = args.gpu_blocks if in_blocks_gpu else sizing.gpu_blocks(args.gpu_kv_gb)
@@ -608,7 +617,9 @@ def _run(args) -> int:
             model = f"{conc_lifetimes.describe()}; {APPROXIMATE_ADMISSION}"
         else:
             model = (f"{steps.describe()}; one step = 1 / {conc_lifetimes.decode_tokens_per_s:g} s (the assumed decode "
-                     "rate per request); a prefill takes one step (the prefill rate is not used)")
+                     "rate per request); a prefill takes one step (the prefill rate is not used); a host load "
+                     f"lands {2 + steps.load_delay_steps} steps after it starts when "
+                     "its copy fits in a step, a step later per further step its copy takes")
         print(f"concurrency model: {model}; a host copy is restorable {args.host_write_s:g} s after its eviction")
         if conc.queued_requests and conc.queue_delay_s / conc.queued_requests > 10.0:
             print(f"note: at these assumed rates the GPU tier cannot hold the requests that arrive: "

@@ -57,8 +57,9 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   prefill; the load starts only if the free blocks also cover the soft reservations (the tails of
   the loads not prefilled yet, the chunks still to come of a chunked prompt), and takes only its
   matched and loaded blocks (later arrivals may use the rest).  It completes two steps later (its
-  completion reaches the scheduler after the next step is scheduled): until then its blocks are not
-  matched on the GPU and the host copies it reads stay pinned in the host tier.  A load whose hit
+  completion reaches the scheduler after the next step is scheduled), one more per further step its copy
+  takes and ``load_delay_steps`` more (``EngineSteps.load_steps``; the engine is busy until then): until
+  then its blocks are not matched on the GPU and the host copies it reads stay pinned in the host tier.  A load whose hit
   includes blocks another load is still writing takes destinations of its own for them too and
   restores them (LMDeploy's trie does not hold them yet); those duplicate blocks are freed when it
   completes (``_publish`` deduplicates them back to the trie's), and no admission counts such blocks
@@ -158,6 +159,10 @@ class EngineSteps:
     short_turns: int = DEFAULT_SHORT_TURNS                 # short prefill passes between two long chunks
     long_aging_s: float = DEFAULT_LONG_AGING_S             # a waiting long prompt gains one chunk of priority per
     long_policy: str = LONG_POLICIES[0]                    # "size": fewest chunks first, aged; "fifo": arrival order
+    # how long a host load's copy takes (an assumption, like the decode rate): a load lands 2 steps after it starts
+    # when its copy fits in a step, later otherwise (``load_steps``)
+    load_delay_steps: int = 0                              # steps every load takes beyond that, whatever its size
+    load_block_s: float = 0.0                              # seconds of the trace's clock one block's copy takes
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "prefill_interval", "max_prefill_tokens", "short_turns"):
@@ -167,17 +172,38 @@ class EngineSteps:
         v = self.long_aging_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise ValueError(f"long_aging_s must be a number > 0, got {v!r}")
+        v = self.load_delay_steps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"load_delay_steps must be an int >= 0, got {v!r}")
+        v = self.load_block_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"load_block_s must be a finite number >= 0, got {v!r}")
         if self.long_policy not in LONG_POLICIES:
             raise ValueError(f"long_policy must be one of {', '.join(LONG_POLICIES)}, got {self.long_policy!r}")
 
+    def load_steps(self, blocks: int, steps_per_s: float) -> int:
+        """The steps from a host load's start to the step that sees it complete, for a load of ``blocks``
+        blocks: 2 when its copy takes at most one step (the connector polls it in the next step, whose
+        completion reaches the scheduler after the step after is scheduled), one more per further step the
+        copy takes (``blocks`` x ``load_block_s`` seconds, ``steps_per_s`` steps a second), plus
+        ``load_delay_steps``.  The harness's ``copy_delay_polls`` = k lands every copy k polls later: k here."""
+        copy_steps = blocks * self.load_block_s * steps_per_s
+        return 2 + self.load_delay_steps + max(0, math.ceil(copy_steps - 1e-9) - 1)
+
     def describe(self) -> str:
+        load = ""
+        if self.load_block_s:
+            load += f", a host load copies a block in {self.load_block_s * 1e3:.3g} ms"
+        if self.load_delay_steps:
+            load += f", every host load takes {self.load_delay_steps} more step(s)"
         return (f"LMDeploy step model: max_batches {self.max_batches}, prefill_interval {self.prefill_interval}, "
-                f"max_prefill_tokens {self.max_prefill_tokens}")
+                f"max_prefill_tokens {self.max_prefill_tokens}{load}")
 
     def as_dict(self) -> dict:
         return {"max_batches": self.max_batches, "prefill_interval": self.prefill_interval,
                 "max_prefill_tokens": self.max_prefill_tokens, "short_turns": self.short_turns,
-                "long_aging_s": self.long_aging_s, "long_policy": self.long_policy}
+                "long_aging_s": self.long_aging_s, "long_policy": self.long_policy,
+                "load_delay_steps": self.load_delay_steps, "load_block_s": self.load_block_s}
 
 
 @dataclass
@@ -1335,14 +1361,15 @@ class SteppedTwoTierCache(ConcurrentTwoTierCache):
         pinned = self._pin(pr.digests[:g + covered])
         # the load ships with this step (a forward of its own if need be) and the engine runs
         # connector steps until it completes: not idle when the request is ready
-        self._last_busy = max(self._last_busy, step + 1)
+        ready = step + self.engine.load_steps(restored, self._rate)
+        self._last_busy = max(self._last_busy, ready - 1)
         if id(pr) not in self._continues:   # a preempted request's continuation waited once already, as a request
             self.stats.load_waits += 1
         self._note_result(pr, g, restored, final=False)
         if self.schedule is not None:
             self.schedule.append((step, "load", self._position[id(pr)]))
         self._served = (g, restored, pinned, [])
-        heapq.heappush(self._loaded, (step + 2, self._n_loaded, (g, restored, pinned, g + covered), pr))
+        heapq.heappush(self._loaded, (ready, self._n_loaded, (g, restored, pinned, g + covered), pr))
         self._n_loaded += 1
 
     def _pin(self, digests) -> tuple:

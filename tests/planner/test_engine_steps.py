@@ -42,7 +42,22 @@ def test_engine_settings_are_validated_and_the_cli_defaults_match():
     assert LONG_POLICIES == planner_cli.LONG_POLICIES
     # the long-prefill lane's settings are LMDeploy's defaults (LMDEPLOY_PT_TTFT_SHORT_TURNS, _AGING_SEC, _POLICY)
     assert e.as_dict() == {"max_batches": 128, "prefill_interval": 16, "max_prefill_tokens": 8192,
-                           "short_turns": 3, "long_aging_s": 2.0, "long_policy": "size"}
+                           "short_turns": 3, "long_aging_s": 2.0, "long_policy": "size",
+                           "load_delay_steps": 0, "load_block_s": 0.0}
+    with pytest.raises(ValueError, match="load_delay_steps must be an int >= 0"):
+        EngineSteps(load_delay_steps=-1)
+    with pytest.raises(ValueError, match="load_block_s must be a finite number >= 0"):
+        EngineSteps(load_block_s=float("inf"))
+
+
+def test_a_host_load_lands_later_by_the_steps_its_copy_takes_beyond_the_first():
+    """Two steps when the copy fits in one step (the harness with copies that land at the next poll); one more
+    per further step the copy of its blocks takes, and ``load_delay_steps`` more whatever its size."""
+    e = EngineSteps(load_block_s=0.01)          # 10 ms a block; 40 steps a second: 25 ms a step
+    assert [e.load_steps(n, 40.0) for n in (0, 1, 2, 3, 5, 6, 25)] == [2, 2, 2, 3, 3, 4, 11]
+    assert EngineSteps().load_steps(10**6, 40.0) == 2
+    assert EngineSteps(load_delay_steps=3).load_steps(1, 40.0) == 5
+    assert EngineSteps(load_delay_steps=1, load_block_s=0.01).load_steps(3, 40.0) == 4
 
 
 def test_prefill_steps_follow_the_interval_and_the_half_batch_rule():
@@ -227,8 +242,11 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
                  "--decode-tokens-per-s", "25", "--engine-steps", "--max-batches", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     w = out["with_concurrency"]
+    # a load's copy time: the host block's bytes per rank at the cost model's link rate (64 MiB at 25 GB/s)
     assert w["engine_steps"] == {"max_batches": 8, "prefill_interval": 16, "max_prefill_tokens": 8192,
-                                 "short_turns": 3, "long_aging_s": 2.0, "long_policy": "size"}
+                                 "short_turns": 3, "long_aging_s": 2.0, "long_policy": "size", "load_delay_steps": 0,
+                                 "load_block_s": out["host_block_bytes_per_rank"] / (out["cost_model"]["h2d_gbps"] * 1e9)}
+    assert w["engine_steps"]["load_block_s"] == pytest.approx(64 * 2**20 / 25e9)
     assert w["requests"] == 150 and w["prefill_steps"] > 0 and w["decode_steps"] > 0
     assert w["chunk_steps"] > 0 and w["chunked_requests"] > 0      # the trace's longest prompts
     assert main(["plan", "--quiet", "--limit", "150", "--gpu-blocks", "40", "--host-blocks", "200",
@@ -236,7 +254,13 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
     text = capsys.readouterr().out
     assert "LMDeploy step model: max_batches 128, prefill_interval 16" in text
     assert "one step = 1 / 40 s (the assumed decode rate per request)" in text
+    assert "a host load copies a block in 2.68 ms" in text and "a host load lands 2 steps after it starts" in text
     assert "approximate" not in text and "approximate" not in w["note"]
+    assert main(["plan", "--quiet", "--limit", "150", "--gpu-blocks", "40", "--host-blocks", "200",
+                 "--engine-steps", "--load-delay-steps", "2", "--h2d-gbps", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "a host load copies a block in 1.34 ms, every host load takes 2 more step(s)" in text
+    assert "a host load lands 4 steps after it starts" in text
 
 
 def test_the_default_concurrency_figures_say_they_are_approximate_and_name_the_step_model(capsys):
@@ -261,6 +285,7 @@ def test_the_default_concurrency_figures_say_they_are_approximate_and_name_the_s
     (["--short-prefill-turns", "2"], "--short-prefill-turns set the step model: add --engine-steps"),
     (["--long-prefill-aging-s", "5"], "--long-prefill-aging-s set the step model: add --engine-steps"),
     (["--long-prefill-policy", "fifo"], "--long-prefill-policy set the step model: add --engine-steps"),
+    (["--load-delay-steps", "1"], "--load-delay-steps set the step model: add --engine-steps"),
 ])
 def test_step_options_without_the_step_model_are_refused(capsys, argv, message):
     assert main(["plan", "--quiet", "--limit", "50", *argv]) == 2
