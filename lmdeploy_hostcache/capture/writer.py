@@ -4,14 +4,15 @@
 ``open()`` (trace capture opens it when the engine starts) or at the first write: ``write(line)``
 one line, ``write_lines(lines)`` a batch with one ``os.write`` per file it goes to (``writes`` counts
 the ``os.write`` calls; a batch that fits the file is joined and encoded in one piece).  When a line
-would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (``n`` = 1,
-2, ... , the first free one, claimed atomically; the search starts past the last number this writer
-took; the file is renamed before it is released) and a new ``path`` is started, so every file ``plan``
-reads holds whole records.  With ``keep_files`` = K > 0 a rotation then deletes the rotated files of
-``path`` (``<stem>.<m><suffix>``, regular files only) numbered at or below the one it took less K, so at
-most K of them stay beside the live file (earlier captures' among them); K = 0 keeps them all.  A
-deletion that fails is logged once and capture goes on.  Before each batch the writer checks that ``path`` is still the file it has
-open (``_follow_path``): one moved or deleted meanwhile (log rotation, an operator) is followed by a new
+would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (the first free
+``n`` past the highest one found beside ``path`` when the writer first opened it, so numbers grow with age,
+claimed atomically; the search starts past the last number this writer took; the file is renamed before
+it is released) and a new ``path`` is started, so every file ``plan`` reads holds whole records.  With ``keep_files`` = K > 0 a rotation (and the set-aside at first open)
+then deletes the rotated files of ``path`` (regular files named ``<stem>.<m><suffix>``, ``m`` without a
+leading zero) numbered at or below the one it took less K, except one another writer holds (its
+``flock``), so at most K of them stay beside the live file (earlier captures' among them); K = 0 keeps
+them all.  A deletion that fails is logged once and capture goes on.  Before each batch the writer
+checks that ``path`` is still the file it has open (``_follow_path``): one moved or deleted meanwhile (log rotation, an operator) is followed by a new
 file at ``path`` (or the empty one put there), never by writes into a file no name reaches; a non-empty
 file of another writer there stops capture.  Each writer holds an exclusive ``flock`` on its file: a
 second writer given the same path (two engines sharing one capture file) stops, logged once, before it
@@ -73,6 +74,31 @@ def _lock_for_writing(fd: int) -> None:
         pass
 
 
+def _delete_unless_written(path: str) -> bool:
+    """Delete the file at ``path`` unless a writer holds it (its ``flock``); True when deleted.  A file that
+    cannot be probed (unreadable) is deleted as it would be without locks; one already gone is not an error."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        fd = None
+    try:
+        if fd is not None:
+            try:
+                _lock_for_writing(fd)
+            except OSError:
+                return False            # another writer's live file
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _refuse_if_written(path: Path) -> None:
     """OSError when a writer holds the file at ``path`` (checked before it is set aside). A file this
     process may rename but not read is not probed (it is set aside as before)."""
@@ -126,11 +152,17 @@ class RotatingWriter:
             st = os.stat(self.path)
         except FileNotFoundError:
             st = None
+        if not self._opened:
+            # rotated numbers grow with age, an earlier capture's included: a rotation never takes a number
+            # below one already there, so keep_files deletes the oldest
+            self._next_aside = max(self._rotated_numbers(), default=0) + 1
         if st is not None:
             _refuse_unless_regular(self.path, st.st_mode)   # a folder, a FIFO, a device: never renamed
             if not self._opened and st.st_size:
                 _refuse_if_written(self.path)   # another process's live capture: never set aside, never shared
-                self._set_aside()   # an earlier capture's file (another key): never append to it
+                newest = self._set_aside()   # an earlier capture's file (another key): never append to it
+                if self.keep_files:
+                    self._delete_rotated(newest)
         self._opened = True
         self._open()
 
@@ -188,14 +220,13 @@ class RotatingWriter:
         self._close()
         self._open()
 
-    def _set_aside(self) -> None:
+    def _set_aside(self) -> int:
         """Rename the file to the first free ``<stem>.<n><suffix>``, never over another file: the name is
         claimed by creating it empty (``O_EXCL`` fails if it exists: another writer may set aside a file
         of the same stem at the same moment) and only the claimed empty file is then replaced (a crash in
         between leaves an empty file, which ``plan`` skips; no hard links, which some filesystems lack)."""
         _refuse_unless_regular(self.path, os.stat(self.path).st_mode)   # only a file is ever renamed
-        suffix = self.path.suffix or ".jsonl"
-        stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
+        stem, suffix = self._stem_and_suffix()
         n = self._next_aside     # numbers below it were taken when last looked at: the search stays short
         while True:
             target = self.path.parent / f"{stem}.{n}{suffix}"
@@ -208,26 +239,45 @@ class RotatingWriter:
         os.replace(self.path, target)
         return n
 
-    def _rotated_names(self) -> re.Pattern:
+    def _stem_and_suffix(self) -> tuple[str, str]:
+        """``path``'s name split as its rotated files are named: ``<stem>.<n><suffix>``."""
         suffix = self.path.suffix or ".jsonl"
-        stem = self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name
-        return re.compile(re.escape(stem) + r"\.([0-9]{1,18})" + re.escape(suffix))
+        return (self.path.name[:-len(self.path.suffix)] if self.path.suffix else self.path.name), suffix
+
+    def _rotated_files(self) -> list[tuple[int, str]]:
+        """(n, path) of the regular files named ``<stem>.<n><suffix>`` (n as this writer writes it: no
+        leading zero) beside ``path``."""
+        stem, suffix = self._stem_and_suffix()
+        names = re.compile(re.escape(stem) + r"\.([1-9][0-9]{0,17})" + re.escape(suffix))
+        with os.scandir(self.path.parent) as entries:
+            return [(int(m.group(1)), e.path) for e in entries
+                    if (m := names.fullmatch(e.name)) and e.is_file(follow_symlinks=False)]
+
+    def _rotated_numbers(self) -> list[int]:
+        try:
+            return [n for n, _ in self._rotated_files()]
+        except OSError:       # an unreadable folder: the search for a free number starts at 1, as before
+            return []
 
     def _delete_rotated(self, newest: int) -> None:
-        """Delete the rotated files numbered ``newest - keep_files`` or below (regular files only)."""
-        names, last = self._rotated_names(), newest - self.keep_files
+        """Delete the rotated files numbered ``newest - keep_files`` or below, except one another writer holds
+        (its ``flock``: a file of that name may be another engine's live capture)."""
+        last = newest - self.keep_files
         try:
-            with os.scandir(self.path.parent) as entries:
-                old = [e for e in entries if (m := names.fullmatch(e.name)) and int(m.group(1)) <= last
-                       and e.is_file(follow_symlinks=False)]
-            for e in old:
-                os.unlink(e.path)
-                self.deleted += 1
+            old = [name for n, name in self._rotated_files() if n <= last]
         except OSError as exc:
-            if not self._delete_failed:
-                self._delete_failed = True
-                logger.warning("lmdeploy-hostcache: could not delete an old rotated capture file beside %s "
-                               "(capture_keep_files %d): %s; capture goes on", self.path, self.keep_files, exc)
+            old, failure = [], exc
+        else:
+            failure = None
+        for name in old:
+            try:
+                self.deleted += _delete_unless_written(name)
+            except OSError as exc:
+                failure = exc
+        if failure is not None and not self._delete_failed:
+            self._delete_failed = True
+            logger.warning("lmdeploy-hostcache: could not delete an old rotated capture file beside %s "
+                           "(capture_keep_files %d): %s; capture goes on", self.path, self.keep_files, failure)
 
     def _rotate(self) -> None:
         newest = None

@@ -114,6 +114,45 @@ def test_keep_files_bounds_the_rotated_files_to_the_newest_ones(tmp_path):
     assert w.deleted == 0 and len(list(tmp_path.glob("all.*.jsonl"))) == w.rotations
 
 
+def test_keep_files_across_restarts_keeps_the_newest_files_and_its_bound(tmp_path):
+    """Rotated numbers grow with age across engine restarts (a restart's rotations take numbers past the ones
+    there), so the files kept are the newest; a restart that sets aside the earlier live file trims too."""
+    path = tmp_path / "cap.jsonl"
+    size = max(len(_line(i).encode()) for i in range(100))
+    w = RotatingWriter(path, max_bytes=size, keep_files=1)          # run A: a rotation per record
+    for i in range(30):
+        assert w.write(_line(i))
+    w.close()
+    w = RotatingWriter(path, max_bytes=size, keep_files=1)          # run B (a restart): sets A's live file aside
+    for i in range(30, 35):
+        assert w.write(_line(i))
+    w.close()
+    files = sorted(tmp_path.glob("cap*.jsonl"))
+    assert len(files) == 2                                            # one rotated file and the live one
+    assert [r.timestamp for r in read_mooncake_files(files).requests] == [33.0, 34.0]
+    for run in range(6):                                              # restarts that never reach the size limit
+        w = RotatingWriter(path, max_bytes=10 * size, keep_files=1)
+        assert w.write(_line(50 + run))
+        w.close()
+    files = sorted(tmp_path.glob("cap*.jsonl"))
+    assert len(files) == 2 and [r.timestamp for r in read_mooncake_files(files).requests] == [54.0, 55.0]
+
+
+def test_keep_files_never_deletes_a_file_another_writer_holds_nor_other_names(tmp_path):
+    size = max(len(_line(i).encode()) for i in range(100))
+    other = RotatingWriter(tmp_path / "cap.3.jsonl")                  # another engine's live capture, that name
+    assert other.write(_line(0))
+    (tmp_path / "cap.007.jsonl").write_text("not a name this writer makes\n")
+    w = RotatingWriter(tmp_path / "cap.jsonl", max_bytes=size, keep_files=1)
+    for i in range(10):
+        assert w.write(_line(i))
+    w.close()
+    assert (tmp_path / "cap.007.jsonl").exists()
+    assert other.write(_line(1)) and other.reopened == 0               # its file is still the one it holds
+    other.close()
+    assert len((tmp_path / "cap.3.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_rotated_file_that_cannot_be_deleted_is_logged_once_and_capture_goes_on(tmp_path, caplog, monkeypatch):
     path = tmp_path / "cap.jsonl"
     size = max(len(_line(i).encode()) for i in range(10))
