@@ -12,7 +12,8 @@ summary (runs, worst difference, runs beyond 0.02, runs equal to the third decim
 
 Rows: ``tuning`` is ``VALIDATION_STEPS`` of tests/integration/test_trace_capture.py (38 rows, on which the
 rule was found); ``held-out`` is ``sample_rows(13, n=20)`` plus ``sample_rows(14, n=10)`` over the preemption
-workloads (30 rows no earlier round drew, run after the rule was fixed).
+workloads (the first rows of rounds 23 and 24's samples, all under ``lru``; not used to find the rule, run once
+after it was fixed).
 """
 from __future__ import annotations
 

@@ -211,7 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--prefill-tokens-per-s", type=_pos_float, default=None, metavar="R",
                    help="prefill rate (default: 30,000 tokens/s scaled by 8B/model size; an assumption)")
     k.add_argument("--h2d-gbps", type=_pos_float, default=None, metavar="GBPS",
-                   help="host->GPU copy rate in GB/s (default 25, PCIe Gen4 x16 pinned; an assumption)")
+                   help="host->GPU copy rate in GB/s (default 25, PCIe Gen4 x16 pinned; an assumption): the TTFT "
+                        "estimate's copy time, and with --engine-steps how many steps a host load takes to land")
     k.add_argument("--decode-tokens-per-s", type=_pos_float, default=None, metavar="R",
                    help="output tokens per second per running request, for request lifetimes in the "
                         "concurrency replay (default 40; an assumption; planner/concurrency.py)")
@@ -568,7 +569,7 @@ def _run(args) -> int:
                                      min_restore_tokens=args.min_restore_tokens)
     unbounded = unbounded_notes(args.distinct_blocks, gpu_blocks=gpu_blocks, host_blocks=host_blocks)
     if steps is not None:
-        unbounded += chunked_prefill_notes(trace, steps)
+        unbounded += chunked_prefill_notes(trace, steps) + slow_load_notes(steps, conc_lifetimes.decode_tokens_per_s)
     if args.json:
         out = dict(head)
         out.update(st.as_dict())
@@ -672,6 +673,17 @@ def chunked_prefill_notes(trace, steps) -> list[str]:
                "(LMDEPLOY_PT_TTFT_AGING_SEC)" if steps.long_policy == "size" else
                "waiting long prompts in arrival order (LMDEPLOY_PT_TTFT_POLICY=fifo)")
             + "; the step model follows these settings (docs/planner.md)"]
+
+
+def slow_load_notes(steps, steps_per_s: float) -> list[str]:
+    """A sentence when one host block's copy takes a step or more at the link rate: every load then lands later
+    than two steps, which moves the step model's figures (and it runs through each of those steps)."""
+    per_block = steps.load_block_s * steps_per_s
+    if per_block < 1:
+        return []
+    return [f"step model: one host block's copy takes {per_block:,.3g} steps at the link rate (--h2d-gbps; "
+            f"one step = 1 / {steps_per_s:g} s), so every host load lands at least "
+            f"{steps.load_steps(1, steps_per_s):,} steps after it starts; the replay runs through those steps"]
 
 
 def unbounded_notes(distinct: int, *, gpu_blocks: int | None = None, host_blocks: int | None = None,

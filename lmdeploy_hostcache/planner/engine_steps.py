@@ -193,7 +193,9 @@ class EngineSteps:
     def describe(self) -> str:
         load = ""
         if self.load_block_s:
-            load += f", a host load copies a block in {self.load_block_s * 1e3:.3g} ms"
+            ms = self.load_block_s * 1e3
+            load += f", a host load copies a block in {ms:,.0f} ms" if ms >= 100 else \
+                f", a host load copies a block in {ms:.3g} ms"
         if self.load_delay_steps:
             load += f", every host load takes {self.load_delay_steps} more step(s)"
         return (f"LMDeploy step model: max_batches {self.max_batches}, prefill_interval {self.prefill_interval}, "

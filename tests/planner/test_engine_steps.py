@@ -91,6 +91,18 @@ def test_a_host_load_waits_two_steps_and_later_arrivals_go_first():
     assert st.load_waits == 1 and st.host_hit_blocks == 1
 
 
+@pytest.mark.parametrize("block_s,prefill_at", [(0.5, 23), (1.0, 23), (1.01, 24), (2.5, 25)])
+def test_a_host_load_whose_copy_takes_more_than_a_step_prefills_that_much_later(block_s, prefill_at):
+    """The previous test's C with its one-block load's copy taking ``block_s`` steps (one step a second):
+    within a step it lands two steps after it started, each further step the copy takes adds one; D, which
+    needs no load, still prefills at 22."""
+    reqs = [(0.5, 13, 1, [1, 2, 3, 4]), (5.5, 13, 1, [10, 11, 12, 13]), (20.5, 13, 1, [1, 2, 3, 9]),
+            (21.5, 5, 1, [50, 51])]
+    cache, served, st = _schedule(reqs, gpu=6, host=8, engine=EngineSteps(4, 2, 1000, load_block_s=block_s))
+    assert served[2] == (2, 1)
+    assert cache.schedule[2:] == [(21, "load", 2), (22, "prefill", 3), (prefill_at, "prefill", 2)]
+
+
 def test_a_started_load_takes_only_its_loaded_blocks_and_its_tail_waits_for_room():
     # The same requests in a 5-block tier. LMDeploy admits C's load (step 21) for its whole prefill (4 blocks
     # with the preallocation) but allocates only its matched and loaded blocks (3); D (2 blocks) arrives at
@@ -260,7 +272,14 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
                  "--engine-steps", "--load-delay-steps", "2", "--h2d-gbps", "50"]) == 0
     text = capsys.readouterr().out
     assert "a host load copies a block in 1.34 ms, every host load takes 2 more step(s)" in text
-    assert "a host load lands 4 steps after it starts" in text
+    assert "a host load lands 4 steps after it starts" in text and "one host block's copy takes" not in text
+    # a link so slow that one block's copy takes steps: said, since it moves every load's landing
+    assert main(["plan", "--quiet", "--limit", "30", "--gpu-blocks", "40", "--host-blocks", "200",
+                 "--engine-steps", "--h2d-gbps", "0.05"]) == 0
+    text = capsys.readouterr().out
+    assert "a host load copies a block in 1,342 ms" in text
+    assert ("one host block's copy takes 53.7 steps at the link rate (--h2d-gbps; one step = 1 / 40 s), so every "
+            "host load lands at least 55 steps after it starts") in text
 
 
 def test_the_default_concurrency_figures_say_they_are_approximate_and_name_the_step_model(capsys):
