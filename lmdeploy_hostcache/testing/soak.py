@@ -19,8 +19,9 @@ harness model's KV heads; policies from ``eviction.POLICIES``):
   with its oracle slot image (``HostSlotChecker``, every step and once at the end);
 - after the run, the leak checks: GPU refcounts (only the trie holds blocks), the host index
   invariants with no slot pinned or leaked, no resident host block of unknown prefix, no copy in
-  flight on any rank, every per-request map of the scheduler side empty (its failed-copy markers, held
-  block count, the capture's noted arrivals and the store tier's staged blocks too), the worker checksum cache
+  flight on any rank, every per-request map of the scheduler side empty (its failed-copy markers and held
+  block count too, and, for an engine that has them, the capture's noted arrivals and the store tier's
+  staged blocks: the soak's own scenarios have neither), the worker checksum cache
   bounded by the slot count, the eviction policy's candidate count equal to the index's candidates
   and its per-segment counts equal to the index's blocks outside the kept-restore queue (kept
   restores leave the policy, ``HostIndex``), and every host pool's bytes equal to

@@ -134,6 +134,14 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     assert proc.stdout == ''
 
 
+@pytest.fixture(scope='module')
+def sound_scenario():
+    """A scenario that passes every check unplanted (run once for the planted-leak cases)."""
+    cfg = random_scenario(3)
+    assert run_scenario(cfg)['ok']
+    return cfg
+
+
 def _leak_map_entry(engine):
     from lmdeploy_hostcache.testing.harness.host_tier import scheduler_side
     scheduler_side(engine)._chains[10 ** 6] = object()
@@ -152,15 +160,41 @@ def _leak_checksum(engine):
     worker._checksums[worker.num_slots + 3] = 0
 
 
+def _leak_invalid_marker(engine):
+    from lmdeploy_hostcache.testing.harness.host_tier import scheduler_side
+    scheduler_side(engine)._invalid.add(10 ** 6)
+
+
+def _leak_held_blocks(engine):
+    from lmdeploy_hostcache.testing.harness.host_tier import scheduler_side
+    scheduler_side(engine)._held_blocks += 2
+
+
+def _leak_capture_arrival(engine):
+    # the soak's scenarios capture nothing: a capture whose arrivals outlived their requests stands in
+    import types
+
+    from lmdeploy_hostcache.testing.harness.host_tier import scheduler_side
+    scheduler_side(engine).capture = types.SimpleNamespace(_arrival={7: (0, 0.0, 16)}, close=lambda: None)
+
+
+def _leak_store_staging(engine):
+    import types
+
+    from lmdeploy_hostcache.testing.harness.host_tier import scheduler_side
+    scheduler_side(engine).l3 = types.SimpleNamespace(chain=types.SimpleNamespace(_staging={123}), close=lambda: None)
+
+
 @pytest.mark.parametrize('leak,message', [(_leak_map_entry, '_chains'), (_leak_policy_candidate, 'eviction candidates'),
-                                          (_leak_checksum, 'checksum cache')])
-def test_leak_checks_report_broken_bookkeeping(monkeypatch, leak, message):
+                                          (_leak_checksum, 'checksum cache'), (_leak_invalid_marker, '_invalid'),
+                                          (_leak_held_blocks, 'held blocks'), (_leak_capture_arrival, 'arrivals'),
+                                          (_leak_store_staging, 'stages')])
+def test_leak_checks_report_broken_bookkeeping(monkeypatch, sound_scenario, leak, message):
     """The end-of-scenario bookkeeping checks are live: each planted leak fails the scenario in
-    its 'leaks' phase (and the unplanted scenario passes)."""
+    its 'leaks' phase (and the unplanted scenario passes: ``sound_scenario``)."""
     from lmdeploy_hostcache.testing import soak
 
-    cfg = random_scenario(3)
-    assert soak.run_scenario(cfg)['ok']
+    cfg = sound_scenario
     original = soak.check_bookkeeping
 
     def leaky(engine):
