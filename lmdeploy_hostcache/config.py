@@ -348,9 +348,11 @@ class HostCacheConfig:
         "number in [1, 1048576]"))
     capture_keep_files: int = field(default=0, metadata=_meta(
         _parse_capture_keep_files,
-        "Rotated capture files kept: at each rotation the oldest `<name>.<n>.jsonl` beyond this "
-        "many are deleted, so the capture takes at most about (this + 1) x `capture_max_mb` of disk. "
-        "0: every rotated file is kept (a capture is data; disk use then grows with traffic).",
+        "Rotated capture files kept: at each rotation (and when an earlier capture's file is set aside "
+        "at start) the oldest `<name>.<n>.jsonl` (`.json` for a .json capture) beyond this many are "
+        "deleted, any regular file so named that no writer holds, so the capture takes at most about "
+        "(this + 1) x `capture_max_mb` of disk. 0: every rotated file is kept (a capture is data; disk "
+        "use then grows with traffic).",
         "int in [0, 1000000]"))
     capture_offload: bool = field(default=True, metadata=_meta(
         _parse_bool,

@@ -248,7 +248,7 @@ class RotatingWriter:
         """(n, path) of the regular files named ``<stem>.<n><suffix>`` (n as this writer writes it: no
         leading zero) beside ``path``."""
         stem, suffix = self._stem_and_suffix()
-        names = re.compile(re.escape(stem) + r"\.([1-9][0-9]{0,17})" + re.escape(suffix))
+        names = re.compile(re.escape(stem) + r"\.([1-9][0-9]*)" + re.escape(suffix))
         with os.scandir(self.path.parent) as entries:
             return [(int(m.group(1)), e.path) for e in entries
                     if (m := names.fullmatch(e.name)) and e.is_file(follow_symlinks=False)]

@@ -676,12 +676,12 @@ def chunked_prefill_notes(trace, steps) -> list[str]:
 
 
 def slow_load_notes(steps, steps_per_s: float) -> list[str]:
-    """A sentence when one host block's copy takes a step or more at the link rate: every load then lands later
+    """A sentence when one host block's copy takes more than a step at the link rate: every load then lands later
     than two steps, which moves the step model's figures (and it runs through each of those steps)."""
     per_block = steps.load_block_s * steps_per_s
-    if per_block < 1:
+    if per_block <= 1:
         return []
-    return [f"step model: one host block's copy takes {per_block:,.3g} steps at the link rate (--h2d-gbps; "
+    return [f"step model: one host block's copy takes {per_block:,.4g} steps at the link rate (--h2d-gbps; "
             f"one step = 1 / {steps_per_s:g} s), so every host load lands at least "
             f"{steps.load_steps(1, steps_per_s):,} steps after it starts; the replay runs through those steps"]
 

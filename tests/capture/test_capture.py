@@ -153,19 +153,36 @@ def test_keep_files_never_deletes_a_file_another_writer_holds_nor_other_names(tm
     assert len((tmp_path / "cap.3.jsonl").read_text().splitlines()) == 2
 
 
+def test_keep_files_holds_past_rotated_numbers_of_any_length(tmp_path):
+    """Numbers start past the highest one there, however long: the names taken then are still recognised."""
+    (tmp_path / "cap.999999999999999995.jsonl").write_text(_line(0) + "\n")
+    size = max(len(_line(i).encode()) for i in range(20))
+    w = RotatingWriter(tmp_path / "cap.jsonl", max_bytes=size, keep_files=2)
+    for i in range(13):
+        assert w.write(_line(i))
+    w.close()
+    assert sorted(f.name for f in tmp_path.glob("cap.*.jsonl")) == [f"cap.{10**18 + w.rotations - 6}.jsonl",
+                                                                     f"cap.{10**18 + w.rotations - 5}.jsonl"]
+
+
 def test_a_rotated_file_that_cannot_be_deleted_is_logged_once_and_capture_goes_on(tmp_path, caplog, monkeypatch):
     path = tmp_path / "cap.jsonl"
     size = max(len(_line(i).encode()) for i in range(10))
     w = RotatingWriter(path, max_bytes=size, keep_files=1)
 
-    def refuse(p, *a, **k):
-        raise PermissionError(errno.EACCES, "Permission denied", str(p))
-    monkeypatch.setattr(os, "unlink", refuse)
+    unlink = os.unlink
+
+    def refuse_one(p, *a, **k):       # one rotated file cannot be deleted; the others can
+        if str(p).endswith("cap.2.jsonl"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return unlink(p, *a, **k)
+    monkeypatch.setattr(os, "unlink", refuse_one)
     with caplog.at_level(logging.WARNING, logger="lmdeploy_hostcache.capture"):
         for i in range(10):
             assert w.write(_line(i))
     w.close()
-    assert w.written == 10 and not w.failed and w.deleted == 0
+    assert w.written == 10 and not w.failed and w.deleted == w.rotations - 2
+    assert sorted(f.name for f in tmp_path.glob("cap.*.jsonl")) == ["cap.2.jsonl", f"cap.{w.rotations}.jsonl"]
     assert sum("could not delete an old rotated capture file" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -334,6 +351,8 @@ def test_setting_aside_never_replaces_a_file_that_appeared_meanwhile(tmp_path, m
     (tmp_path / "c.1.jsonl").write_text("theirs\n")
     (tmp_path / "c.jsonl").write_text("mine\n")
     monkeypatch.setattr(Path, "exists", lambda self: False)   # every check races with the other writer
+    # and the other writer took c.1 after this one looked for the highest number there
+    monkeypatch.setattr(RotatingWriter, "_rotated_numbers", lambda self: [])
     w = RotatingWriter(tmp_path / "c.jsonl", 1 << 20)
     assert w.write("new\n")
     w.close()

@@ -103,6 +103,17 @@ def test_a_host_load_whose_copy_takes_more_than_a_step_prefills_that_much_later(
     assert cache.schedule[2:] == [(21, "load", 2), (22, "prefill", 3), (prefill_at, "prefill", 2)]
 
 
+@pytest.mark.parametrize("block_s,prefill_at", [(0.0, 23), (0.2, 23), (0.3, 24), (0.6, 25)])
+def test_a_load_of_several_blocks_takes_the_copy_time_of_all_of_them(block_s, prefill_at):
+    """C restores four host blocks (a 4-block GPU tier kept none of A's): its copy takes 4 x ``block_s`` steps,
+    so 0.2 s a block fits in a step, 0.3 (1.2 steps) lands a step later and 0.6 (2.4 steps) two."""
+    reqs = [(0.5, 17, 1, [1, 2, 3, 4, 5]), (5.5, 17, 1, [10, 11, 12, 13, 14]), (20.5, 17, 1, [1, 2, 3, 4, 9]),
+            (21.5, 5, 1, [50, 51])]
+    cache, served, st = _schedule(reqs, gpu=4, host=8, engine=EngineSteps(4, 2, 1000, load_block_s=block_s))
+    assert served[2] == (0, 4)
+    assert cache.schedule[2:4] == [(21, "load", 2), (prefill_at, "prefill", 2)]
+
+
 def test_a_started_load_takes_only_its_loaded_blocks_and_its_tail_waits_for_room():
     # The same requests in a 5-block tier. LMDeploy admits C's load (step 21) for its whole prefill (4 blocks
     # with the preallocation) but allocates only its matched and loaded blocks (3); D (2 blocks) arrives at
@@ -278,7 +289,7 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
                  "--engine-steps", "--h2d-gbps", "0.05"]) == 0
     text = capsys.readouterr().out
     assert "a host load copies a block in 1,342 ms" in text
-    assert ("one host block's copy takes 53.7 steps at the link rate (--h2d-gbps; one step = 1 / 40 s), so every "
+    assert ("one host block's copy takes 53.69 steps at the link rate (--h2d-gbps; one step = 1 / 40 s), so every "
             "host load lands at least 55 steps after it starts") in text
 
 
