@@ -7,14 +7,15 @@ the ``os.write`` calls; a batch that fits the file is joined and encoded in one 
 would take the file past ``max_bytes`` the file is closed and renamed ``<stem>.<n>.jsonl`` (the first free
 ``n`` past the highest one found beside ``path`` when the writer first opened it, so numbers grow with age,
 claimed atomically; the search starts past the last number this writer took; the file is renamed before
-it is released) and a new ``path`` is started, so every file ``plan`` reads holds whole records.  With ``keep_files`` = K > 0 a rotation (and the set-aside at first open)
-then deletes the rotated files of ``path`` (regular files named ``<stem>.<m><suffix>``, ``m`` without a
-leading zero) numbered at or below the one it took less K, except one another writer holds (its
-``flock``), so at most K of them stay beside the live file (earlier captures' among them); K = 0 keeps
-them all.  A deletion that fails is logged once and capture goes on.  Before each batch the writer
-checks that ``path`` is still the file it has open (``_follow_path``): one moved or deleted meanwhile (log rotation, an operator) is followed by a new
-file at ``path`` (or the empty one put there), never by writes into a file no name reaches; a non-empty
-file of another writer there stops capture.  Each writer holds an exclusive ``flock`` on its file: a
+it is released) and a new ``path`` is started, so every file ``plan`` reads holds whole records.
+With ``keep_files`` = K > 0 a rotation (and the set-aside at first open) then deletes the rotated files
+of ``path`` (regular files named ``<stem>.<m><suffix>``, ``m`` without a leading zero) numbered at or
+below the one it took less K, except one another writer holds (its ``flock``), so at most K of them
+stay beside the live file (earlier captures' among them); K = 0 keeps them all.  A deletion that fails
+is logged once and capture goes on.  Before each batch the writer checks that ``path`` is still the
+file it has open (``_follow_path``): one moved or deleted meanwhile (log rotation, an operator) is
+followed by a new file at ``path`` (or the empty one put there), never by writes into a file no name
+reaches; a non-empty file of another writer there stops capture.  Each writer holds an exclusive ``flock`` on its file: a
 second writer given the same path (two engines sharing one capture file) stops, logged once, before it
 writes a line there or sets the other's file aside.  A non-empty regular file found at ``path`` when it
 is first opened (an earlier capture, made with another key, that no writer holds) is set aside the same
