@@ -16,7 +16,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from .concurrency import APPROXIMATE_ADMISSION
+from .concurrency import APPROXIMATE_ADMISSION, DEFAULT_DECODE_TOKENS_PER_S
 from .generator import WORKLOAD_FAMILIES
 from .traces import TRACE_FORMATS
 
@@ -47,6 +47,7 @@ def _csv_floats(text: str) -> list[float]:
 
 MAX_STEP_MODEL_CHUNKS = 100_000        # prefill chunks of one prompt in --engine-steps
 MAX_STEP_MODEL_OUTPUT_TOKENS = 1_000_000   # output tokens of one request in --engine-steps
+MAX_STEP_MODEL_LOAD_STEPS = 100_000        # steps one host block's load may take in --engine-steps (each is replayed)
 MAX_INT_ARG = 2**48          # a block count, token count or size beyond any real node or trace
 MIN_RATE, MAX_RATE = 1e-9, 1e18   # rates and times: outside, the estimates overflow to inf / NaN
 
@@ -66,6 +67,10 @@ def bounded_int_arg(text: str, minimum: int, maximum: int = MAX_INT_ARG) -> int:
 
 def _nonneg_int(text: str) -> int:
     return bounded_int_arg(text, 0)
+
+
+def _load_delay_arg(text: str) -> int:
+    return bounded_int_arg(text, 0, MAX_STEP_MODEL_LOAD_STEPS)
 
 
 def min_restore_arg(text: str) -> int | str:
@@ -239,7 +244,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--long-prefill-policy", choices=LONG_POLICIES, default=None,
                    help="with --engine-steps: the order of waiting long prompts: size (fewest chunks first, aged; "
                         "LMDeploy's default) or fifo (arrival order) (LMDeploy's LMDEPLOY_PT_TTFT_POLICY)")
-    k.add_argument("--load-delay-steps", type=_nonneg_int, default=None, metavar="N",
+    k.add_argument("--load-delay-steps", type=_load_delay_arg, default=None, metavar="N",
                    help="with --engine-steps: steps every host load takes beyond its copy time (default 0); the "
                         "copy time itself follows each load's bytes per rank at --h2d-gbps, one step lasting 1 / "
                         "--decode-tokens-per-s s (an assumption: loads do not queue behind each other)")
@@ -525,6 +530,12 @@ def _run(args) -> int:
     if steps is not None:
         # a host load's copy time in the step model: its blocks' bytes per rank at the cost model's link rate
         steps = dataclasses.replace(steps, load_block_s=cost.copy_s(sizing.host_block_bytes))
+        rate = args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S
+        one = steps.load_steps(1, rate)
+        if one > MAX_STEP_MODEL_LOAD_STEPS:
+            raise PlanError(f"--h2d-gbps {cost.h2d_gbps:g}: one host block's load would take {one:,} steps of the step "
+                            f"model (1 / {rate:g} s each; at most {MAX_STEP_MODEL_LOAD_STEPS:,}, each replayed): raise "
+                            "--h2d-gbps or --decode-tokens-per-s, lower --load-delay-steps, or drop --engine-steps")
     in_blocks_gpu = args.gpu_blocks is not None
     in_blocks_host = args.host_blocks is not None
     gpu_blocks = args.gpu_blocks if in_blocks_gpu else sizing.gpu_blocks(args.gpu_kv_gb)
@@ -553,7 +564,7 @@ def _run(args) -> int:
     ttft = TTFTEstimate.of(st, sizing, cost)
     conc = conc_lifetimes = None
     if not args.no_concurrency:
-        from .concurrency import DEFAULT_DECODE_TOKENS_PER_S, Lifetimes, replay_concurrent
+        from .concurrency import Lifetimes, replay_concurrent
 
         conc_lifetimes = Lifetimes(args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S,
                                    cost.prefill_tokens_per_s)

@@ -293,6 +293,18 @@ def test_plan_engine_steps_reports_the_step_model(capsys):
             "host load lands at least 55 steps after it starts") in text
 
 
+def test_a_load_time_the_step_model_would_replay_for_ever_is_refused(capsys):
+    """Every step of a load in flight is replayed: a link so slow (or a delay so long) that one block's load
+    takes more than 100,000 steps is refused before the replay, naming the option."""
+    assert main(["plan", "--quiet", "--limit", "20", "--engine-steps", "--h2d-gbps", "1e-6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --h2d-gbps 1e-06: one host block's load would take 2,684,356 steps") and \
+        "at most 100,000" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        main(["plan", "--quiet", "--limit", "20", "--engine-steps", "--load-delay-steps", "100001"])
+    assert "--load-delay-steps: expected an int in [0, 100000]" in capsys.readouterr().err
+
+
 def test_the_default_concurrency_figures_say_they_are_approximate_and_name_the_step_model(capsys):
     """Off the rows the tests pin, the default model often misses the harness by more than 0.02 (no batch
     limit, no chunked prefill): its figures say so and point to the mode checked against the engine."""
