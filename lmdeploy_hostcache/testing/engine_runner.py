@@ -190,9 +190,17 @@ def _one_run_impl(model: str, run: Mapping[str, Any], script: list[Mapping[str, 
             hits0 = _trie_hit_tokens(engine)
             t1 = time.perf_counter()
             tokens: list[int] = []
+            status = None
             for out in inst.stream_infer(session_id, prompt, gen_config=gen):
                 tokens += [int(t) for t in out.token_ids]  # stream outputs are deltas
+                status = out.status
             inst.end(session_id)
+            if status is None or status.name != "FINISH":
+                # a refused request (a prompt longer than the GPU cache holds: INPUT_LENGTH_ERROR) answers no
+                # tokens; compared as output it would read as a host-tier mismatch, or as agreement with another
+                # engine refused the same way
+                raise RuntimeError(f"run {run['name']!r}: request {rid} ({len(prompt)} prompt tokens) ended with "
+                                   f"{getattr(status, 'name', 'no answer')}, not FINISH")
             hits1 = _trie_hit_tokens(engine)
             outputs[rid] = tokens
             per_request[rid] = dict(prompt_tokens=len(prompt), seconds=round(time.perf_counter() - t1, 3),

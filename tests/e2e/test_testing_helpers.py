@@ -174,6 +174,21 @@ def test_engine_runner_refuses_bad_specs_naming_the_field(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {path}: spec.runs must be a non-empty list"]
 
 
+@pytest.mark.e2e
+def test_engine_runner_fails_a_request_the_engine_refused(tmp_path):
+    """A prompt longer than the GPU cache holds is refused by LMDeploy (INPUT_LENGTH_ERROR) with no tokens: the
+    runner fails, naming the request, instead of handing back an empty output that compares as a mismatch (or
+    as agreement with another engine refused the same way)."""
+    from lmdeploy_hostcache.testing.engine_runner import multi_turn_script, run_in_subprocess
+
+    model = str(write_tiny_model(tmp_path / "tinylm", "llama", seed=0))
+    script = multi_turn_script(conversations=1, turns=1, first_tokens=40, max_new_tokens=1, seed=0)
+    spec = dict(model=model, fake_sms=2, threads=1, script=script, disable_extension=True,
+                runs=[dict(name="tiny", engine=dict(num_gpu_blocks=3))])
+    with pytest.raises(RuntimeError, match=r"run 'tiny': request A0 \(4\d prompt tokens\) ended with INPUT_LENGTH_ERROR"):
+        run_in_subprocess(spec, timeout=300)
+
+
 def test_multi_turn_script_is_deterministic_round_robin():
     from lmdeploy_hostcache.testing.engine_runner import multi_turn_script
 
