@@ -59,8 +59,8 @@ newest arrival, ``finish`` the rest; ``results`` holds each request's hits once 
   matched and loaded blocks (later arrivals may use the rest).  It completes two steps later (its
   completion reaches the scheduler after the next step is scheduled), one more per further step its copy
   takes and ``load_delay_steps`` more (``EngineSteps.load_steps``; the engine is busy until then): until
-  then its blocks are not matched on the GPU and the host copies it reads stay pinned in the host tier.  A load whose hit
-  includes blocks another load is still writing takes destinations of its own for them too and
+  then its blocks are not matched on the GPU and the host copies it reads stay pinned in the host tier.
+  A load whose hit includes blocks another load is still writing takes destinations of its own for them too and
   restores them (LMDeploy's trie does not hold them yet); those duplicate blocks are freed when it
   completes (``_publish`` deduplicates them back to the trie's), and no admission counts such blocks
   as shared with the load that writes them.  Then, when a prefill is due, its tail is stored if it fits (else the pass stops at it, after evicting what it
