@@ -167,14 +167,12 @@ def _parse_eviction_policy(value: Any) -> str:
 MAX_INT_TEXT_DIGITS = 20
 
 
-def _parse_min_restore_tokens(value: Any) -> int | str:
-    allowed = "a whole number of tokens >= 0, or 'auto'"
+def _whole_number(value: Any, allowed: str) -> int:
+    """An int >= 0: an int, a float with no fraction, or a string of digits (flat dicts from a CLI or JSON)."""
     if isinstance(value, bool):
         raise _Bad(allowed)
     if isinstance(value, str):
         text = value.strip()
-        if text.lower() == AUTO:  # resolved per engine by restore_cost.resolve_min_restore_tokens
-            return AUTO
         if not (text.isascii() and text.isdigit()):
             raise _Bad(allowed)
         digits = text.lstrip("0") or "0"
@@ -188,6 +186,13 @@ def _parse_min_restore_tokens(value: Any) -> int | str:
     if not isinstance(value, int) or value < 0:
         raise _Bad(allowed)
     return value
+
+
+def _parse_min_restore_tokens(value: Any) -> int | str:
+    allowed = "a whole number of tokens >= 0, or 'auto'"
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO   # resolved per engine by restore_cost.resolve_min_restore_tokens
+    return _whole_number(value, allowed)
 
 
 def _parse_bool(value: Any) -> bool:
@@ -234,20 +239,10 @@ CAPTURE_MAX_KEEP_FILES = 1_000_000
 
 def _parse_capture_keep_files(value: Any) -> int:
     allowed = f"a whole number of files in [0, {CAPTURE_MAX_KEEP_FILES:,}] (0: keep every rotated file)"
-    if isinstance(value, bool):
+    out = _whole_number(value, allowed)
+    if out > CAPTURE_MAX_KEEP_FILES:
         raise _Bad(allowed)
-    if isinstance(value, str):
-        text = value.strip()
-        if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 7:
-            raise _Bad(allowed)
-        value = int(text)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise _Bad(allowed)
-        value = int(value)
-    if not isinstance(value, int) or not 0 <= value <= CAPTURE_MAX_KEEP_FILES:
-        raise _Bad(allowed)
-    return value
+    return out
 
 
 def _parse_l3(value: Any) -> Any:
