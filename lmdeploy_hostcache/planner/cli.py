@@ -527,14 +527,14 @@ def _run(args) -> int:
         return _run_cluster(args, spec, geometry, sizing, trace, prepared, t_load, show)
 
     cost = CostModel.for_model(geometry.params_b, args.prefill_tokens_per_s, args.h2d_gbps)
+    decode_rate = args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S   # the concurrency replays' assumption
     if steps is not None:
         # a host load's copy time in the step model: its blocks' bytes per rank at the cost model's link rate
         steps = dataclasses.replace(steps, load_block_s=cost.copy_s(sizing.host_block_bytes))
-        rate = args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S
-        one = steps.load_steps(1, rate)
+        one = steps.load_steps(1, decode_rate)
         if one > MAX_STEP_MODEL_LOAD_STEPS:
             raise PlanError(f"--h2d-gbps {cost.h2d_gbps:g}: one host block's load would take {one:,} steps of the step "
-                            f"model (1 / {rate:g} s each; at most {MAX_STEP_MODEL_LOAD_STEPS:,}, each replayed): raise "
+                            f"model (1 / {decode_rate:g} s each; at most {MAX_STEP_MODEL_LOAD_STEPS:,}, each replayed): raise "
                             "--h2d-gbps or --decode-tokens-per-s, lower --load-delay-steps, or drop --engine-steps")
     in_blocks_gpu = args.gpu_blocks is not None
     in_blocks_host = args.host_blocks is not None
@@ -566,8 +566,7 @@ def _run(args) -> int:
     if not args.no_concurrency:
         from .concurrency import Lifetimes, replay_concurrent
 
-        conc_lifetimes = Lifetimes(args.decode_tokens_per_s or DEFAULT_DECODE_TOKENS_PER_S,
-                                   cost.prefill_tokens_per_s)
+        conc_lifetimes = Lifetimes(decode_rate, cost.prefill_tokens_per_s)
         if steps is not None:
             from .engine_steps import replay_stepped
 
