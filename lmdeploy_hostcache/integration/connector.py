@@ -345,7 +345,14 @@ class HostTierScheduler:
         if self.hostcache.l3 is not None:  # the shared store tier under the host tier (l3_tier.py)
             from .l3_tier import SchedulerL3
 
-            self.l3 = SchedulerL3.build(self)
+            try:
+                self.l3 = SchedulerL3.build(self)
+            except BaseException:
+                # a start that fails here leaves no capture behind: no helper process, flusher thread or lock
+                # on the capture file (an engine built again in this process captures to it)
+                if self.capture is not None:
+                    self.capture.close()
+                raise
 
     # -- digests ---------------------------------------------------------------------------
     def node_digest(self, node: Node) -> int | None:

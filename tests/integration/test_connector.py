@@ -963,3 +963,30 @@ def test_blocks_dropped_with_the_host_pool_are_not_evictions():
     before = side.stats()["host_evictions"]
     side.finish_transfers_after_worker_drain()
     assert len(idx) == 0 and side.stats()["host_evictions"] == before
+
+
+def test_a_scheduler_side_whose_store_tier_fails_to_start_leaves_no_capture_running(tmp_path):
+    """The scheduler side starts the trace capture before the store tier.  When the store cannot be reached
+    (``on_unreachable: error``) the start fails, and nothing of the capture may outlive it: no helper process,
+    no flusher thread, no lock on the file (an engine built again in this process captures to it)."""
+    import threading
+
+    import psutil
+
+    from lmdeploy_hostcache.l3 import L3Unavailable
+    from lmdeploy_hostcache.l3.master import free_port
+
+    capture = str(tmp_path / "capture.jsonl")
+    children = {p.pid for p in psutil.Process().children()}
+    l3 = {"master_address": f"127.0.0.1:{free_port()}", "on_unreachable": "error"}
+    with pytest.raises(L3Unavailable):
+        build_host_tier_connector(KVConnectorRole.SCHEDULER, make_cache_config(capture=capture, l3=l3))
+    left = [p for p in psutil.Process().children() if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
+    assert not [t for t in threading.enumerate() if t.name == "hostcache-capture-flush"]
+    again = build_host_tier_connector(KVConnectorRole.SCHEDULER, make_cache_config(capture=capture)).scheduler_side
+    try:
+        assert again.capture is not None and not again.capture.failed, again.capture.failed
+    finally:
+        again.capture.close()
+
