@@ -777,7 +777,9 @@ class RoutingService:
             if st is None:
                 return
             params = st.cursor.params()
-        fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
+            # under the lock, with the node still there: a node that leaves takes its feed state with it
+            # (``_sync_nodes``), and a round that began before it left never puts the state back
+            fs = self._feed_state.setdefault(url, {"last_ok": None, "has_feed": None})
         sharing = readers[self.feed_url(url)]
         if len(sharing) > 1:
             # one feed read for several nodes (data-parallel engines of one host under --cache-aware-feed-port,

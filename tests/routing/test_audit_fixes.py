@@ -689,6 +689,57 @@ def test_the_proxys_per_node_state_stays_bounded_under_node_churn():
     assert "http://gone" not in svc._cooldown and "http://stable" in svc._cooldown
 
 
+def test_a_node_that_leaves_while_its_feed_is_polled_leaves_no_feed_state():
+    """The poller reads a node under the lock and goes on without it; a request that runs right then, after the
+    node left, removes the node and its feed state.  The poll round must not put that state back: nothing would
+    remove it again (the membership sync walks the router's nodes only)."""
+    import requests
+
+    from lmdeploy_hostcache.integration.proxy_routing import _current
+
+    nm = _cache_aware_manager({})
+    svc = nm._hostcache_routing
+
+    class ReleaseHook:                       # the service's lock, running ``hook`` once right after a release
+        def __init__(self, inner):
+            self.inner, self.hook = inner, None
+
+        def acquire(self, *args, **kwargs):
+            return self.inner.acquire(*args, **kwargs)
+
+        def release(self):
+            self.inner.release()
+            hook, self.hook = self.hook, None
+            if hook:
+                hook()
+
+        __enter__ = acquire
+
+        def __exit__(self, *exc):
+            self.release()
+
+    class Refused:                           # every feed read: connection refused
+        def get(self, *args, **kwargs):
+            raise requests.exceptions.ConnectionError("refused")
+
+    svc.lock = ReleaseHook(svc.lock)
+    for i in range(5):
+        url = f"http://127.0.0.1:{30000 + i}"
+        nm.nodes[url] = SimpleNamespace(models=["m"], unfinished=0, latency=[], role=None, speed=None)
+        svc.poll_once(Refused())
+
+        def request_after_the_node_left(url=url):
+            del nm.nodes[url]
+            _current.set(RoutingRequest([1, 2, 3, 4]))
+            svc.choose(list(nm.nodes) or [url], "m")
+
+        svc.lock.hook = request_after_the_node_left     # at the release after the poll read the node
+        svc._poll_node(url, Refused(), {}, 0.0, {svc.feed_url(url): [url]})
+        assert url not in svc.router.nodes
+    svc.poll_once(Refused())
+    assert set(svc._feed_state) <= set(svc.router.nodes) == set(nm.nodes) == set(), svc._feed_state
+
+
 def test_nodes_that_would_read_one_feed_are_routed_approximately_and_the_feed_is_not_read(caplog):
     """Data-parallel engines of one host under --cache-aware-feed-port (API ports differ, the feed port is
     the same): that feed serves one engine's cache at most, so no node takes it as its exact view; a node
