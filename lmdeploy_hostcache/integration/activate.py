@@ -31,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import sys
+import threading
 
 from . import autoload
 from .autoload import ENV_DISABLE, is_disabled
@@ -82,16 +83,13 @@ class _State:
 
 
 _state = _State()
-_LOCK = None
+# the process-wide re-entrant lock, made at import: made on first use, two threads whose first calls raced
+# (two LMDeploy modules imported at once, each running the post-import hook) could each make their own
+_LOCK = threading.RLock()
 
 
 def _lock():
-    """The process-wide re-entrant lock (created on first use: threading is not needed at start-up)."""
-    global _LOCK
-    if _LOCK is None:
-        import threading
-
-        _LOCK = threading.RLock()
+    """The process-wide re-entrant lock."""
     return _LOCK
 
 

@@ -234,3 +234,31 @@ def test_with_host_cache_copies_and_keeps_the_class():
     assert (hc["host_cache_gb"], hc["min_restore_tokens"]) == (2.0, 128)
     with pytest.raises(TypeError, match="PytorchEngineConfig"):
         with_host_cache(object(), host_cache_gb=1)
+
+
+def test_threads_that_first_use_the_activation_lock_at_once_share_it():
+    """Two LMDeploy modules imported at once each run the post-import hook, which takes the process-wide
+    activation lock: both threads must get the same lock, or activation's all-or-nothing patching is not
+    exclusive.  A slow lock factory widens the window a lock made on first use would have."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, time\n"
+        "real = threading.RLock\n"
+        "def slow():\n"
+        "    time.sleep(0.05)\n"
+        "    return real()\n"
+        "threading.RLock = slow\n"
+        "import lmdeploy_hostcache.integration.activate as act\n"
+        "got, barrier = [], threading.Barrier(2)\n"
+        "def first_use():\n"
+        "    barrier.wait()\n"
+        "    got.append(act._lock())\n"
+        "threads = [threading.Thread(target=first_use) for _ in range(2)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(len({id(lock) for lock in got}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
