@@ -263,6 +263,7 @@ class _TurnCount:
     l3_lookup: list[tuple[int, int]] = field(default_factory=list)   # store: blocks asked for
     l3_hit: list[tuple[int, int]] = field(default_factory=list)      # store: blocks found
     l3_counted: bool = False                            # the turn's store lookup is counted (``l3.lookups``)
+    behind_demotion: bool = False     # counted in ``lookups_behind_demotion``: the match stopped at a block mid-demotion
     l3_answer: tuple | None = None    # the last store answer: (first block asked, blocks asked, found, monotonic s)
 
 
@@ -529,6 +530,9 @@ class HostTierScheduler:
         n = min(n, max(0, self.num_slots // 2 - self._held_blocks))
         s = 0
         count = self._count_lookup(req, int(request.input_start_pos), first, last, found)
+        if found < len(digests) and not count.behind_demotion and self.index.is_writing(digests[found]):
+            count.behind_demotion = True     # the next block's demotion has not landed: not matchable yet
+            self.metrics.add(lookups_behind_demotion=1)
         if (self.l3 is not None and n == found and n < len(digests) and n < self.num_slots // 2
                 and self._host_only_turns.get(req) != int(request.input_start_pos)):
             # the prefix continues in the shared store? Staged through host slots: at most half

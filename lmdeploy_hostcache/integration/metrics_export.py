@@ -47,6 +47,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "lookup_blocks": ("lookup_blocks", "Blocks looked up in the host tier past the GPU prefix match."),
     "hit_blocks": ("hit_blocks", "Blocks found host-resident and verified."),
     "hit_tokens": ("hit_tokens", "Tokens in host-tier hits."),
+    "lookups_behind_demotion": ("lookups_behind_demotion", "Request turns whose host match stopped at a block "
+                                                           "still being demoted to host memory (each turn once)."),
     "restored_tokens": ("restored_tokens", "Tokens whose host-to-GPU restore completed."),
     "restore_failures": ("restore_failures", "Restores that failed or were aborted (recomputed instead), or were "
                                              "refused for want of host slots to stage store blocks in."),

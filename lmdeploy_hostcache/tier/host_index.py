@@ -211,6 +211,11 @@ class HostIndex:
         b = self._blocks.get(digest)
         return b is not None and not b.doomed and b.state is BlockState.RESIDENT
 
+    def is_writing(self, digest: int) -> bool:
+        """The block is in the index with its store copy still in flight (WRITING: not matchable yet)."""
+        b = self._blocks.get(digest)
+        return b is not None and not b.doomed and b.state is BlockState.WRITING
+
     def lookup(self, digests: Sequence[int], block_bytes: Sequence[bytes] | None = None,
                parent: int | None = None) -> int:
         """How many consecutive blocks from ``digests[0]`` are RESIDENT (tokens verified).

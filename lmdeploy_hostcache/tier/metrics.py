@@ -47,6 +47,9 @@ class HostTierMetrics:
     lookup_blocks: int = 0      # blocks asked for past the GPU match, each once per turn
     hit_blocks: int = 0         # blocks found host-resident and verified, each once per turn
     hit_tokens: int = 0
+    # request turns (each once) whose host match stopped at a block still being demoted: not matchable until its
+    # copy lands, so the rest of the prefix is recomputed unless a later attempt of the turn finds it landed
+    lookups_behind_demotion: int = 0
     restored_tokens: int = 0    # tokens whose load completed successfully
     restore_failures: int = 0   # loads that failed, were cancelled, or were refused before shipping (recompute)
     demotions: int = 0          # blocks queued GPU -> host

@@ -990,3 +990,30 @@ def test_a_scheduler_side_whose_store_tier_fails_to_start_leaves_no_capture_runn
     finally:
         again.capture.close()
 
+
+def test_a_lookup_that_stops_at_a_block_mid_demotion_is_counted_once_per_turn():
+    """A block is matchable in the host tier once its demotion has landed.  A request asking for it before that
+    recomputes it unless a later admission attempt finds it landed; ``lookups_behind_demotion`` counts such a turn
+    once, however often LMDeploy asks again."""
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    sid_a, _ = rig.add(a_tokens)
+    rig.step()
+    rig.s.end_session(sid_a)
+    rig.add(prompt(100, 18))
+    _, demoting = rig.step()                  # B's admission evicts A's trie leaves: their demotion is in flight
+    assert demoting is not None and demoting.demotions
+    digests, _ = chain_digests(ns(), a_tokens[:16])
+    writing = [d for d in digests if rig.side.index.is_writing(d)]
+    assert writing and not any(rig.side.index.is_resident(d) for d in writing)
+    assert rig.side.metrics.lookups_behind_demotion == 0
+    _, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    before = rig.side.metrics.lookups
+    matched = rig.side.get_num_new_matched_tokens(c, 16 - BS * len(writing))
+    assert matched == (0, False)              # nothing matchable past the GPU match yet
+    rig.side.get_num_new_matched_tokens(c, 16 - BS * len(writing))      # LMDeploy asks again: one turn
+    assert rig.side.metrics.lookups_behind_demotion == 1 and rig.side.metrics.lookups == before + 1
+    rig.poll(rig.complete(demoting))          # the copy lands: the same turn now finds the blocks
+    assert all(rig.side.index.is_resident(d) for d in writing)
+    assert rig.side.get_num_new_matched_tokens(c, 16 - BS * len(writing))[0] == BS * len(writing)
+    assert rig.side.metrics.lookups_behind_demotion == 1
