@@ -18,7 +18,11 @@ Turn semantics: a conversation's prompt is its previous prompt + the reply gener
 it + this turn's ``new`` ids (what a chat client sends back), so every turn after the
 first shares a prefix with earlier work. Request ids are ``f"{conv}{turn}"``. Decoding is
 greedy (``top_k=1``, ``ignore_eos``), one request at a time, so the outputs depend only on
-the KV the engine attends to. ``engine`` keys are ``PytorchEngineConfig`` fields; the
+the KV the engine attends to. Consecutive turns with the same ``"wave"`` (an int; one turn per
+conversation in a wave) are sent together, each in its own session, and run concurrently; a wave's
+``gpu_prefix_hit_tokens`` are reported on its first turn (None on the others). On CPU a request's output
+depends on what it is batched with unless the spec sets ``"batch_invariant": true``
+(``batch_invariant.install`` in the child), so compare concurrent runs with it on. ``engine`` keys are ``PytorchEngineConfig`` fields; the
 defaults (``ENGINE_DEFAULTS``) are what a CPU run needs (``eager_mode``, ``device_type
 cuda``, prefix caching on). ``host_cache`` turns the host tier on through
 ``with_host_cache`` (works whether or not the import hook ran). ``inject`` names a fault
@@ -117,7 +121,32 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         n = turn.get("max_new_tokens", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise SpecError(f"spec.script[{i}].max_new_tokens must be an integer >= 1")
+        wave = turn.get("wave")
+        if wave is not None and (not isinstance(wave, int) or isinstance(wave, bool)):
+            raise SpecError(f"spec.script[{i}].wave must be an integer or absent")
+    for group in _waves(script):
+        convs = [turn["conv"] for turn in group]
+        if len(set(convs)) != len(convs):
+            raise SpecError(f"spec.script: wave {group[0]['wave']} has more than one turn of one conversation "
+                            f"({sorted(convs)}): a turn's prompt needs its conversation's previous reply")
+    if not isinstance(out.get("batch_invariant", False), bool):
+        raise SpecError("spec.batch_invariant must be true or false")
+    if out.get("batch_invariant") and not out.get("cpu_shim", True):
+        raise SpecError("spec.batch_invariant needs the CPU shim (cpu_shim true)")
     return out
+
+
+def _waves(script: list[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """The script's turns in the groups sent together: consecutive turns with the same ``wave``; a turn
+    without one is a group of its own."""
+    groups: list[list[Mapping[str, Any]]] = []
+    for turn in script:
+        wave = turn.get("wave")
+        if groups and wave is not None and groups[-1][0].get("wave") == wave:
+            groups[-1].append(turn)
+        else:
+            groups.append([turn])
+    return groups
 
 
 def _engine_config(run: Mapping[str, Any]):
@@ -137,6 +166,25 @@ def _engine_config(run: Mapping[str, Any]):
 def _trie_hit_tokens(engine) -> int | None:
     stats = getattr(getattr(getattr(engine, "scheduler", None), "block_trie", None), "stats", None)
     return getattr(stats, "num_hit_tokens", None)
+
+
+def _track_peak_loads(engine) -> dict[str, int]:
+    """``{"loads": n}``, kept up to date: the most KV loads LMDeploy's load coordinator held at once (``start_load``
+    adds one; empty without a coordinator). Shows that a concurrent script really ran loads side by side."""
+    peak: dict[str, int] = {}
+    coordinator = getattr(getattr(engine, "scheduler", None), "kv_load_coordinator", None)
+    if coordinator is None or not hasattr(coordinator, "_loads"):
+        return peak
+    peak["loads"] = 0
+    start_load = coordinator.start_load
+
+    def counted_start_load(*args, **kwargs):
+        out = start_load(*args, **kwargs)
+        peak["loads"] = max(peak["loads"], len(coordinator._loads))
+        return out
+
+    coordinator.start_load = counted_start_load
+    return peak
 
 
 @contextlib.contextmanager
@@ -174,44 +222,79 @@ def _one_run_impl(model: str, run: Mapping[str, Any], script: list[Mapping[str, 
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(model, engine_config=_engine_config(run))
     try:
+        peak_loads = _track_peak_loads(engine)
         inst = engine.create_instance()
         build_s = time.perf_counter() - t0
         history: dict[str, list[int]] = {}
         turns: dict[str, int] = {}
         outputs: dict[str, list[int]] = {}
         per_request: dict[str, dict[str, Any]] = {}
-        for session_id, turn in enumerate(script, start=1):
-            conv = turn["conv"]
-            prompt = history.get(conv, []) + list(turn["new"])
-            rid = f"{conv}{turns.get(conv, 0)}"
-            turns[conv] = turns.get(conv, 0) + 1
-            gen = GenerationConfig(max_new_tokens=int(turn.get("max_new_tokens", 1)), do_sample=False, top_k=1,
-                                   ignore_eos=True)
+        session_id = 0
+        for group in _waves(script):
+            sent = []
+            for turn in group:
+                conv = turn["conv"]
+                session_id += 1
+                rid = f"{conv}{turns.get(conv, 0)}"
+                turns[conv] = turns.get(conv, 0) + 1
+                gen = GenerationConfig(max_new_tokens=int(turn.get("max_new_tokens", 1)), do_sample=False, top_k=1,
+                                       ignore_eos=True)
+                sent.append((rid, session_id, history.get(conv, []) + list(turn["new"]), gen))
             hits0 = _trie_hit_tokens(engine)
             t1 = time.perf_counter()
-            tokens: list[int] = []
-            status = None
-            for out in inst.stream_infer(session_id, prompt, gen_config=gen):
-                tokens += [int(t) for t in out.token_ids]  # stream outputs are deltas
-                status = out.status
-            inst.end(session_id)
-            if status is None or status.name != "FINISH":
-                # a refused request (a prompt longer than the GPU cache holds: INPUT_LENGTH_ERROR) answers no
-                # tokens; compared as output it would read as a host-tier mismatch, or as agreement with another
-                # engine refused the same way
-                raise RuntimeError(f"run {run['name']!r}: request {rid} ({len(prompt)} prompt tokens) ended with "
-                                   f"{getattr(status, 'name', 'no answer')}, not FINISH")
+            if len(sent) == 1:
+                answers = [_infer(inst, *sent[0][1:])]
+            else:
+                answers = inst.req_sender.run_until_complete(_infer_together(engine, sent))
             hits1 = _trie_hit_tokens(engine)
-            outputs[rid] = tokens
-            per_request[rid] = dict(prompt_tokens=len(prompt), seconds=round(time.perf_counter() - t1, 3),
-                                    gpu_prefix_hit_tokens=(hits1 - hits0) if hits0 is not None else None)
-            history[conv] = prompt + tokens
+            seconds = round(time.perf_counter() - t1, 3)
+            for k, ((rid, _, prompt, _), turn, (tokens, status)) in enumerate(zip(sent, group, answers)):
+                if status is None or status.name != "FINISH":
+                    # a refused request (a prompt longer than the GPU cache holds: INPUT_LENGTH_ERROR) answers no
+                    # tokens; compared as output it would read as a host-tier mismatch, or as agreement with
+                    # another engine refused the same way
+                    raise RuntimeError(f"run {run['name']!r}: request {rid} ({len(prompt)} prompt tokens) ended "
+                                       f"with {getattr(status, 'name', 'no answer')}, not FINISH")
+                outputs[rid] = tokens
+                hits = (hits1 - hits0) if hits0 is not None and k == 0 else None
+                per_request[rid] = dict(prompt_tokens=len(prompt), seconds=seconds, gpu_prefix_hit_tokens=hits,
+                                        wave=turn.get("wave"))
+                history[turn["conv"]] = prompt + tokens
         snap = host_tier_snapshot(getattr(engine.scheduler, "kv_connector", None))
         return dict(name=run["name"], outputs=outputs, requests=per_request, host_tier=snap,
-                    gpu_prefix_hit_tokens=_trie_hit_tokens(engine), build_s=round(build_s, 2),
+                    gpu_prefix_hit_tokens=_trie_hit_tokens(engine), max_loads_in_flight=peak_loads.get("loads"),
+                    build_s=round(build_s, 2),
                     seconds=round(time.perf_counter() - t0, 2))
     finally:
         engine.close()
+
+
+def _infer(inst, session_id: int, prompt: list[int], gen) -> tuple[list[int], Any]:
+    """One request alone: its tokens and final status; its session ended."""
+    tokens: list[int] = []
+    status = None
+    for out in inst.stream_infer(session_id, prompt, gen_config=gen):
+        tokens += [int(t) for t in out.token_ids]  # stream outputs are deltas
+        status = out.status
+    inst.end(session_id)
+    return tokens, status
+
+
+async def _infer_together(engine, sent: list[tuple]) -> list[tuple[list[int], Any]]:
+    """``sent``'s requests (rid, session, prompt, generation config) at once, an instance each."""
+    import asyncio
+
+    async def one(session_id: int, prompt: list[int], gen) -> tuple[list[int], Any]:
+        inst = engine.create_instance()
+        tokens: list[int] = []
+        status = None
+        async for out in inst.async_stream_infer(session_id, prompt, gen_config=gen):
+            tokens += [int(t) for t in out.token_ids]
+            status = out.status
+        await inst.async_end(session_id)
+        return tokens, status
+
+    return list(await asyncio.gather(*(one(*request[1:]) for request in sent)))
 
 
 def run_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         # processes LMDeploy spawns (TP workers) re-import this module as __mp_main__ (below)
         os.environ[_CHILD_SHIM_ENV] = json.dumps(shim_args)
         cpu_shim.install(**shim_args)
+        if spec.get("batch_invariant"):
+            os.environ[_CHILD_BATCH_INVARIANT_ENV] = "1"
+            from . import batch_invariant
+
+            batch_invariant.install()
     import torch
 
     torch.set_num_threads(int(spec.get("threads", 1)))
@@ -278,11 +366,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _CHILD_SHIM_ENV = "HOSTCACHE_CPU_SHIM_ARGS"
+_CHILD_BATCH_INVARIANT_ENV = "HOSTCACHE_BATCH_INVARIANT"
 
 if __name__ == "__mp_main__" and os.environ.get(_CHILD_SHIM_ENV):
     from . import cpu_shim as _shim
 
     _shim.install(**json.loads(os.environ[_CHILD_SHIM_ENV]))
+    if os.environ.get(_CHILD_BATCH_INVARIANT_ENV):
+        from . import batch_invariant as _batch_invariant
+
+        _batch_invariant.install()
 
 if __name__ == "__main__":
     code = main()

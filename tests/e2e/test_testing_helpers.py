@@ -162,6 +162,11 @@ def test_engine_runner_refuses_bad_specs_naming_the_field(tmp_path):
         (dict(good, runs=[dict(name="a", enigne={})]), "unknown keys"),
         (dict(good, script=[dict(conv="A", new=[])]), r"spec.script\[0\].new"),
         (dict(good, script=[dict(conv="A", new=[1], max_new_tokens=0)]), r"spec.script\[0\].max_new_tokens"),
+        (dict(good, script=[dict(conv="A", new=[1], wave="0")]), r"spec.script\[0\].wave"),
+        (dict(good, script=[dict(conv="A", new=[1], wave=0), dict(conv="A", new=[2], wave=0)]),
+         "wave 0 has more than one turn of one conversation"),
+        (dict(good, batch_invariant=1), "spec.batch_invariant must be true or false"),
+        (dict(good, batch_invariant=True, cpu_shim=False), "spec.batch_invariant needs the CPU shim"),
     ]
     for spec, field in bad:
         with pytest.raises(SpecError, match=field):
@@ -187,6 +192,16 @@ def test_engine_runner_fails_a_request_the_engine_refused(tmp_path):
                 runs=[dict(name="tiny", engine=dict(num_gpu_blocks=3))])
     with pytest.raises(RuntimeError, match=r"run 'tiny': request A0 \(4\d prompt tokens\) ended with INPUT_LENGTH_ERROR"):
         run_in_subprocess(spec, timeout=300)
+
+
+def test_engine_runner_groups_consecutive_turns_of_a_wave():
+    from lmdeploy_hostcache.testing.engine_runner import _waves, validate_spec
+
+    script = [dict(conv=c, new=[1], wave=w) for c, w in (("A", 0), ("B", 0), ("A", 1), ("B", None), ("C", None),
+                                                         ("A", 0), ("B", 0))]
+    assert [[t["conv"] for t in g] for g in _waves(script)] == [["A", "B"], ["A"], ["B"], ["C"], ["A", "B"]]
+    # the same wave number again later is a new group: a conversation may then have a turn in each
+    assert validate_spec(dict(model="m", runs=[dict(name="a")], script=script))["script"] == script
 
 
 def test_multi_turn_script_is_deterministic_round_robin():
