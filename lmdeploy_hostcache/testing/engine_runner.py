@@ -19,13 +19,14 @@ it + this turn's ``new`` ids (what a chat client sends back), so every turn afte
 first shares a prefix with earlier work. Request ids are ``f"{conv}{turn}"``. Decoding is
 greedy (``top_k=1``, ``ignore_eos``), one request at a time, so the outputs depend only on
 the KV the engine attends to. Consecutive turns with the same ``"wave"`` (an int; one turn per
-conversation in a wave) are sent together, each in its own session, and run concurrently; a wave's
-``gpu_prefix_hit_tokens`` are reported on its first turn (None on the others). On CPU a request's output
-depends on what it is batched with unless the spec sets ``"batch_invariant": true``
-(``batch_invariant.install`` in the child), so compare concurrent runs with it on. ``engine`` keys are ``PytorchEngineConfig`` fields; the
-defaults (``ENGINE_DEFAULTS``) are what a CPU run needs (``eager_mode``, ``device_type
-cuda``, prefix caching on). ``host_cache`` turns the host tier on through
-``with_host_cache`` (works whether or not the import hook ran). ``inject`` names a fault
+conversation in a wave) are sent together, each in its own session, and run concurrently; a
+wave's ``gpu_prefix_hit_tokens`` are reported on its first turn (None on the others). On CPU
+a request's output depends on what it is batched with unless the spec sets
+``"batch_invariant": true`` (``batch_invariant.install`` in the child), so compare concurrent
+runs with it on. ``engine`` keys are ``PytorchEngineConfig`` fields; the defaults
+(``ENGINE_DEFAULTS``) are what a CPU run needs (``eager_mode``, ``device_type cuda``, prefix
+caching on). ``host_cache`` turns the host tier on through ``with_host_cache`` (works whether
+or not the import hook ran). ``inject`` names a fault
 (``INJECTIONS``) for negative controls. ``"disable_extension": true`` runs the child with
 ``LMDEPLOY_HOSTCACHE_DISABLE=1``: stock LMDeploy, the package's import hook never runs (the
 result's ``extension_hooked`` says which), so it is the reference for "equal to stock".
