@@ -266,8 +266,9 @@ class KVRowLayout:
         for i, fields in self.row_fields.items():
             byname = {f.name: f for f in fields}
             if "quant_0" in byname or "quant_1" in byname:
-                return (f"row {self.rows[i].name!r} already holds quantized K/V (quant_policy 4/8 packs them); "
-                        f"use host_kv_format='same' to move those packed bytes losslessly")
+                return (f"row {self.rows[i].name!r} already holds quantized K/V (LMDeploy's KV quantization, "
+                        f"quant_policy other than 0, packs them); use host_kv_format='same' to move those packed "
+                        f"bytes losslessly")
             for n in ("k_cache", "v_cache"):
                 f = byname.get(n)
                 if f is None:
@@ -275,6 +276,9 @@ class KVRowLayout:
                 if f.dtype not in FLOAT_KV_DTYPES:
                     return (f"row {self.rows[i].name!r} {n} is {f.dtype}; host int8/int4 compression needs "
                             f"float16 or bfloat16 (use host_kv_format='same')")
+                if n == "v_cache" and len(f.shape) == 3 and f.shape[-1] == 0:
+                    return (f"row {self.rows[i].name!r} has an empty v_cache: an MLA model's latent KV cache, "
+                            f"which int8/int4 host compression does not handle; use host_kv_format='same'")
                 if len(f.shape) != 3 or f.shape[-1] == 0:
                     return f"row {self.rows[i].name!r} {n} has shape {f.shape}; need [block, heads, head_dim]"
                 if host_kv_format == "int4" and f.shape[-1] % 2:

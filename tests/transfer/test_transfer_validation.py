@@ -110,3 +110,15 @@ def test_lossy_format_refused_on_rows_of_different_kv_dtypes():
     assert mixed.host_format("same").slot_bytes == mixed.block_bytes
     same = KVRowLayout.from_connector_caches(caches, 1, {"a.": specs(torch.bfloat16), "b.": specs(torch.bfloat16)})
     assert same.compression_error("int8") is None
+
+
+def test_lossy_format_on_an_mla_latent_cache_names_it():
+    """An MLA model's cache row holds the latent KV in k_cache and an empty v_cache: int8/int4 compression is
+    refused naming that, and pointing at 'same'."""
+    caches = {"cache_pool.0.row.0": torch.zeros(5, 16 * 32 * 2, dtype=torch.uint8)}
+    specs = [TensorSpec("k_cache", (16, 1, 32), torch.float16), TensorSpec("v_cache", (16, 1, 0), torch.float16)]
+    layout = KVRowLayout.from_connector_caches(caches, 1, specs)
+    for fmt in ("int8", "int4"):
+        with pytest.raises(ValueError, match="empty v_cache: an MLA model's latent KV cache.*host_kv_format='same'"):
+            layout.host_format(fmt)
+    assert layout.host_format("same").slot_bytes == layout.block_bytes
