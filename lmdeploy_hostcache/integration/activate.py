@@ -630,12 +630,14 @@ def _patch_executor_base(mod) -> None:
             else:
                 extra.pop("host_tensor_specs", None)
             reason = f"{reason} {slots.describe()}."
+            # WARNING: ``lmdeploy serve api_server``'s default --log-level shows it (an INFO line would not: an
+            # active tier would then look off)
             try:
                 from lmdeploy.utils import get_logger
 
-                get_logger("lmdeploy").info(f"{ACTIVE_LOG_PREFIX} {reason}")
+                get_logger("lmdeploy").warning(f"{ACTIVE_LOG_PREFIX} {reason}")
             except Exception:  # logging must never break start-up
-                _logger().info("%s %s", ACTIVE_LOG_PREFIX, reason)
+                _logger().warning("%s %s", ACTIVE_LOG_PREFIX, reason)
         return result
 
     base = "lmdeploy.pytorch.engine.executor.base:ExecutorBase."

@@ -46,6 +46,7 @@ def test_supported_configuration_passes():
     ({"role": EngineRole.Prefill}, "role Prefill"),
     ({"role": EngineRole.Decode}, "role Decode"),
     ({"states_shapes": [((4, 8), "float16")]}, "SSM"),
+    ({"device_type": "ascend"}, "device_type 'ascend': the host tier runs on CUDA only"),
 ])
 def test_each_cache_setting_is_refused_with_its_name(overrides, needle):
     with pytest.raises(UnsupportedConfiguration) as exc_info:
@@ -281,17 +282,19 @@ def test_each_data_parallel_engine_captures_to_its_own_file(active, tmp_path):
 
 
 def test_executor_logs_the_tier_active_line(active, monkeypatch):
-    """README "Is the tier on?": the INFO line the executor logs once the host tier is sized."""
+    """README "Is the tier on?": the line the executor logs once the host tier is sized, at WARNING, so that
+    ``lmdeploy serve api_server``'s default --log-level shows it."""
     import lmdeploy.utils
     from lmdeploy.pytorch.engine.executor.base import _WorkerCachePlanSizes
 
-    lines = []
+    lines, infos = [], []
     monkeypatch.setattr(lmdeploy.utils, "get_logger",
-                        lambda name: SimpleNamespace(info=lines.append, warning=lines.append))
+                        lambda name: SimpleNamespace(info=infos.append, warning=lines.append))
     ex = _executor(_cache_config(), SimpleNamespace(sliding_window=-1, states_shapes=[], dtype=torch.float16))
     ex._update_num_gpu_blocks([8 << 30], [_WorkerCachePlanSizes(target=1 << 20, spec=0)], None)
     active_lines = [ln for ln in lines if ln.startswith("lmdeploy-hostcache: host tier active: ")]
     assert len(active_lines) == 1, lines
+    assert not [ln for ln in infos if "host tier active" in ln]
     assert "host cache 1.0 GiB: host_cache_gb is set to 1" in active_lines[0]
     assert "1024 host slots per rank x 1 rank x 1.0 MiB per block" in active_lines[0]
 
