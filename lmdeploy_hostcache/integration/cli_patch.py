@@ -17,10 +17,13 @@ Invariants:
   still left untouched, but checked here as the flags are (its settings, its extra-config
   keys, ``--enable-prefix-caching`` and the memory below), so that it fails here, not in the engine.
 - Every refusal on this path (bad config file or value, ``--host-cache-capture`` alone,
-  ``--backend turbomind``, a conflicting ``--kv-transfer-config``, a bad or foreign
-  ``kv_connector_extra_config``, no ``--enable-prefix-caching``, a size that cannot fit this
+  a backend that resolves to TurboMind (``--backend`` other than pytorch is resolved as stock
+  ``api_server`` does, with ``autoget_backend``), a conflicting ``--kv-transfer-config``, a bad or
+  foreign ``kv_connector_extra_config``, no ``--enable-prefix-caching``, a size that cannot fit this
   machine's total RAM, alone or beside the ``l3`` store (``hostmem.resolve_host_cache_bytes``, the
-  check the engine runs), an unsupported LMDeploy) is one
+  check the engine runs), what the engine would refuse from the arguments (``--role`` other than
+  Hybrid, the ``mp`` executor over several ranks, a lossy ``host_kv_format`` with ``--quant-policy``)
+  or from a local model folder's config (``compat.model_problems``), an unsupported LMDeploy) is one
   ``lmdeploy serve api_server: error: ...`` line on stderr and exit code 2, like an argparse
   error, before any engine starts (before weights load): never a traceback.
 """
@@ -31,6 +34,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["PYTORCH_GROUP_TITLE", "add_host_cache_arguments", "apply_host_cache_args", "refuse",
@@ -103,10 +107,10 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
                 "turns off", settings.capture, "--host-cache-gb 0" if gb is not None else f"host_cache_gb 0 in {path}")
         log_tier_off("--host-cache-gb 0" if gb is not None else f"--host-cache-config {path}")
         return False
-    backend = getattr(args, "backend", "pytorch")
+    backend = _resolved_backend(args)
     if backend != "pytorch":
         raise ValueError(f"--host-cache-gb/--host-cache-config need the PyTorch engine; pass --backend pytorch "
-                         f"(got --backend {backend})")
+                         f"(LMDeploy would run {backend} for this model: --backend {args.backend})")
     existing = getattr(args, "kv_transfer_config", None)
     try:
         # the file is read once (settings), so an empty file's "means auto" line is logged once
@@ -123,6 +127,21 @@ def apply_host_cache_args(args: argparse.Namespace) -> bool:
     return True
 
 
+def _resolved_backend(args: argparse.Namespace) -> str:
+    """The engine stock ``api_server`` runs for ``args``: any ``--backend`` but ``pytorch`` (``turbomind``, its
+    default, included) is resolved by LMDeploy's ``autoget_backend``, which falls back to PyTorch when TurboMind
+    is not built or does not support the model."""
+    backend = getattr(args, "backend", "pytorch")
+    if backend == "pytorch" or not getattr(args, "model_path", None):
+        return backend
+    try:
+        from lmdeploy.archs import autoget_backend
+
+        return autoget_backend(args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+    except Exception:   # LMDeploy's own resolution fails the same way later: refuse as asked
+        return backend
+
+
 def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str, source: str) -> None:
     """The checks both paths (our flags, a raw ``--kv-transfer-config``) make on an enabled tier's final
     settings before any engine starts, in this order:
@@ -136,7 +155,12 @@ def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str,
       are counted as ``--tp`` (one per rank; the engine counts its exact ranks again);
     - with ``l3.on_unreachable: error``, the Mooncake master accepts a TCP connection (ConfigError naming
       ``l3.master_address``): the engine's own check would fail inside its process, after the weights load,
-      with LMDeploy's tracebacks.
+      with LMDeploy's tracebacks;
+    - what the engine process would refuse from the arguments alone (``compat``'s words, ValueError): a
+      ``--role`` other than Hybrid, the ``mp`` executor over several ranks (``--tp``/``--ep`` > 1), and a lossy
+      ``host_kv_format`` with ``--quant-policy`` other than 0 (ConfigError naming ``host_kv_format``); then what
+      it would refuse from the model's config (``compat.model_problems``: sliding window, SSM/hybrid state,
+      diffusion decoding), when LMDeploy can read that config here.
     """
     from ..config import ConfigError
     from ..hostmem import refuse_size_holding_no_block, resolve_host_cache_bytes
@@ -165,6 +189,50 @@ def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str,
 
             raise ConfigError([FieldError("l3.master_address", l3.master_address, "", problem=(
                 f"{why} (l3.on_unreachable is 'error'; 'warn' starts the node without the shared tier)"))], source)
+    _check_engine_arguments(cfg, args, source)
+
+
+def _check_engine_arguments(cfg: Any, args: argparse.Namespace, source: str) -> None:
+    """``_check_startable``'s last part: the engine process's own refusals, made here, before it starts (there
+    they end in LMDeploy's tracebacks and ``RPCServerDeadError``)."""
+    from ..config import ConfigError, FieldError
+    from .compat import UnsupportedConfiguration, executor_problems, model_problems, role_problems
+
+    def whole(name: str) -> int:
+        value = getattr(args, name, 1)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 1
+
+    problems = role_problems(str(getattr(args, "role", None) or "Hybrid"))
+    problems += executor_problems(getattr(args, "distributed_executor_backend", None), max(whole("tp"), whole("ep")))
+    if problems:
+        raise UnsupportedConfiguration(problems)
+    quant_policy = getattr(args, "quant_policy", 0)
+    if quant_policy and cfg.host_kv_format != "same":
+        raise ConfigError([FieldError("host_kv_format", cfg.host_kv_format, "", problem=(
+            f"--quant-policy {quant_policy} already packs the KV cache; use host_kv_format 'same' to move those "
+            "packed bytes losslessly"))], source)
+    model_config = _model_config(args)
+    if model_config is not None:
+        problems = model_problems(SimpleNamespace(enable_prefix_caching=True), model_config=model_config)
+        if problems:
+            raise UnsupportedConfiguration(problems)
+
+
+def _model_config(args: argparse.Namespace) -> Any:
+    """LMDeploy's ``ModelConfig`` of ``args.model_path`` (what the engine reads before its refusals) when it is a
+    local folder, else None, as when LMDeploy cannot read it (an unknown architecture): the engine then checks it
+    itself (a hub id is not looked up here: offline, the lookup retries for most of a minute)."""
+    import os
+
+    path = getattr(args, "model_path", None)
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        from lmdeploy.pytorch.config import ModelConfig
+
+        return ModelConfig.from_pretrained(path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+    except Exception:
+        return None
 
 
 def _check_raw_transfer_config(args: argparse.Namespace) -> None:

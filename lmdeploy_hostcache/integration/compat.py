@@ -35,8 +35,10 @@ __all__ = [
     "UnsupportedConfiguration",
     "check_model_supported",
     "check_supported",
-    "supported_problems",
+    "executor_problems",
     "model_problems",
+    "role_problems",
+    "supported_problems",
 ]
 
 CONNECTOR_NAME = "HostTierConnector"
@@ -100,7 +102,12 @@ def supported_problems(cache_config: Any, *, model_path: str | None = None, dist
             problems.append(foreign_extra_keys_message(unknown))
     if not getattr(cache_config, "enable_prefix_caching", False):
         problems.append("prefix caching is off: the host tier extends LMDeploy's prefix cache, pass "
-                        "--enable-prefix-caching (enable_prefix_caching=True)")
+                        "--enable-prefix-caching (enable_prefix_caching=True); if you did, LMDeploy switched it "
+                        "off for this model (e.g. a vision-language model: see its warning)")
+    device = getattr(cache_config, "device_type", "cuda")
+    if device != "cuda":
+        problems.append(f"device_type {device!r}: the host tier runs on CUDA only (its copies are ordered "
+                        "against the forward with CUDA streams and events; no other device is validated)")
     window = getattr(cache_config, "window_size", -1)
     if window is not None and window > 0:
         problems.append(f"window attention (window_size={window}): blocks leave the window, so a restored "
@@ -109,17 +116,29 @@ def supported_problems(cache_config: Any, *, model_path: str | None = None, dist
         problems.append(f"num_cpu_blocks={cache_config.num_cpu_blocks}: LMDeploy's legacy CPU block swap "
                         "cannot share host memory with the host tier; set num_cpu_blocks=0")
     role = getattr(cache_config, "role", None)
-    if role is not None and _name(role) != "Hybrid":
-        problems.append(f"PD disaggregation role {_name(role)}: only role=Hybrid is supported (migration "
-                        "writes into GPU blocks outside the forward ordering the tier relies on)")
+    if role is not None:
+        problems += role_problems(_name(role))
     if getattr(cache_config, "states_shapes", None):
         problems.append("the model keeps recurrent (SSM) state: LMDeploy disables external KV loads for "
                         "SSM and hybrid models")
     world = getattr(dist_config, "world_size", 1) if dist_config is not None else 1
-    if distributed_executor_backend == "mp" and world > 1:
-        problems.append(f"distributed_executor_backend='mp' with world_size={world}: the mp executor does "
-                        "not aggregate connector outputs over TP ranks; use 'ray'")
-    return problems
+    return problems + executor_problems(distributed_executor_backend, world)
+
+
+def role_problems(role: str) -> list[str]:
+    """The refusal of a PD-disaggregation ``role`` (its name) other than Hybrid, if it is one."""
+    if role == "Hybrid":
+        return []
+    return [f"PD disaggregation role {role}: only role=Hybrid is supported (migration writes into GPU blocks "
+            "outside the forward ordering the tier relies on)"]
+
+
+def executor_problems(distributed_executor_backend: str | None, world_size: int) -> list[str]:
+    """The refusal of the ``mp`` executor over several ranks, if that is what is asked."""
+    if distributed_executor_backend != "mp" or world_size <= 1:
+        return []
+    return [f"distributed_executor_backend='mp' with world_size={world_size}: the mp executor does not "
+            "aggregate connector outputs over TP ranks; use 'ray'"]
 
 
 def check_supported(cache_config: Any, *, model_path: str | None = None, dist_config: Any = None,

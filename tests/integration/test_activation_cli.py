@@ -79,11 +79,61 @@ def test_our_own_kv_transfer_config_merges(lmdeploy_parser, recorded, tmp_path):
     assert (hc["host_cache_gb"], hc["min_restore_tokens"]) == (2.0, 32)
 
 
-def test_turbomind_backend_is_refused(lmdeploy_parser, recorded, tmp_path, capsys):
-    args = lmdeploy_parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "turbomind",
-                              "--host-cache-gb", "4"])
-    _refused(args, capsys, "--backend pytorch")
+def test_a_model_lmdeploy_would_run_on_turbomind_is_refused(lmdeploy_parser, recorded, tmp_path, capsys,
+                                                            monkeypatch):
+    """Stock ``api_server`` resolves every ``--backend`` but pytorch (turbomind, its default, included) with
+    ``autoget_backend``: the flags are refused when that gives TurboMind, and work when it falls back to PyTorch
+    (TurboMind not built, or the model not supported by it), as a raw ``--kv-transfer-config`` does."""
+    import lmdeploy.archs
+
+    for argv in (["--backend", "turbomind"], []):
+        monkeypatch.setattr(lmdeploy.archs, "autoget_backend", lambda path, trust_remote_code=False: "turbomind")
+        args = lmdeploy_parser.parse_args(["serve", "api_server", str(tmp_path), *argv, "--host-cache-gb", "4"])
+        _refused(args, capsys, "--backend pytorch .*LMDeploy would run turbomind for this model")
+        assert recorded == []
+        monkeypatch.setattr(lmdeploy.archs, "autoget_backend", lambda path, trust_remote_code=False: "pytorch")
+        cfg = _run(lmdeploy_parser, recorded, str(tmp_path), *argv, "--enable-prefix-caching", "--host-cache-gb", "2")
+        assert cfg.kv_transfer_config.kv_connector == CONNECTOR_NAME
+        recorded.clear()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--role", "Prefill"], "role Prefill: only role=Hybrid"),
+    (["--tp", "2", "--distributed-executor-backend", "mp"], "'mp' with world_size=2"),
+    (["--ep", "2", "--distributed-executor-backend", "mp"], "'mp' with world_size=2"),
+    (["--quant-policy", "4", "--host-cache-config", "INT4"], "host_kv_format.*--quant-policy 4 already packs"),
+])
+def test_what_the_engine_would_refuse_from_the_arguments_is_one_line_here(lmdeploy_parser, recorded, tmp_path,
+                                                                          capsys, argv, match):
+    """Refusals the engine process would make from the arguments alone come before it starts, as one line: in
+    the engine process they end in tracebacks and RPCServerDeadError, exit 1."""
+    int4 = tmp_path / "int4.yaml"
+    int4.write_text("host_cache_gb: 1\nhost_kv_format: int4\n")
+    argv = [str(int4) if a == "INT4" else a for a in argv]
+    gb = [] if "--host-cache-config" in argv else ["--host-cache-gb", "1"]
+    args = lmdeploy_parser.parse_args(["serve", "api_server", str(tmp_path), "--backend", "pytorch",
+                                       "--enable-prefix-caching", *gb, *argv])
+    _refused(args, capsys, match)
     assert recorded == []
+
+
+def test_a_model_the_engine_would_refuse_is_refused_here(lmdeploy_parser, recorded, tmp_path, capsys):
+    """A sliding-window model: the engine refuses it from its config before the weights load, here it is one line;
+    the same folder without the window starts."""
+    from lmdeploy_hostcache.testing.models import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "qwen2", "qwen2", seed=0)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, use_sliding_window=True, sliding_window=32,
+                                                       max_window_layers=0)))
+    capsys.readouterr()                      # the model writer's progress bar
+    args = lmdeploy_parser.parse_args(["serve", "api_server", str(model), "--backend", "pytorch",
+                                       "--enable-prefix-caching", "--host-cache-gb", "1"])
+    _refused(args, capsys, "window attention")
+    assert recorded == []
+    (model / "config.json").write_text(json.dumps(config))
+    assert _run(lmdeploy_parser, recorded, str(model), "--backend", "pytorch", "--enable-prefix-caching",
+                "--host-cache-gb", "1").kv_transfer_config.kv_connector == CONNECTOR_NAME
 
 
 def test_bad_gb_is_an_argparse_error(lmdeploy_parser, capsys):
