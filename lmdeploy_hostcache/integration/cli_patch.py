@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -203,7 +204,9 @@ def _check_engine_arguments(cfg: Any, args: argparse.Namespace, source: str) -> 
         return value if isinstance(value, int) and not isinstance(value, bool) else 1
 
     problems = role_problems(str(getattr(args, "role", None) or "Hybrid"))
-    problems += executor_problems(getattr(args, "distributed_executor_backend", None), max(whole("tp"), whole("ep")))
+    # without the flag LMDeploy takes $LMDEPLOY_EXECUTOR_BACKEND (``get_distributed_executor_backend``)
+    executor = getattr(args, "distributed_executor_backend", None) or os.environ.get("LMDEPLOY_EXECUTOR_BACKEND")
+    problems += executor_problems(executor, max(whole("tp"), whole("ep")))
     if problems:
         raise UnsupportedConfiguration(problems)
     quant_policy = getattr(args, "quant_policy", 0)
@@ -222,8 +225,6 @@ def _model_config(args: argparse.Namespace) -> Any:
     """LMDeploy's ``ModelConfig`` of ``args.model_path`` (what the engine reads before its refusals) when it is a
     local folder, else None, as when LMDeploy cannot read it (an unknown architecture): the engine then checks it
     itself (a hub id is not looked up here: offline, the lookup retries for most of a minute)."""
-    import os
-
     path = getattr(args, "model_path", None)
     if not path or not os.path.isdir(path):
         return None

@@ -101,12 +101,18 @@ def test_a_model_lmdeploy_would_run_on_turbomind_is_refused(lmdeploy_parser, rec
     (["--role", "Prefill"], "role Prefill: only role=Hybrid"),
     (["--tp", "2", "--distributed-executor-backend", "mp"], "'mp' with world_size=2"),
     (["--ep", "2", "--distributed-executor-backend", "mp"], "'mp' with world_size=2"),
+    (["--tp", "2", "ENV:mp"], "'mp' with world_size=2"),
     (["--quant-policy", "4", "--host-cache-config", "INT4"], "host_kv_format.*--quant-policy 4 already packs"),
 ])
 def test_what_the_engine_would_refuse_from_the_arguments_is_one_line_here(lmdeploy_parser, recorded, tmp_path,
-                                                                          capsys, argv, match):
+                                                                          capsys, monkeypatch, argv, match):
     """Refusals the engine process would make from the arguments alone come before it starts, as one line: in
-    the engine process they end in tracebacks and RPCServerDeadError, exit 1."""
+    the engine process they end in tracebacks and RPCServerDeadError, exit 1.  Without the executor flag LMDeploy
+    takes $LMDEPLOY_EXECUTOR_BACKEND ("ENV:mp" sets it)."""
+    for a in argv:
+        if a.startswith("ENV:"):
+            monkeypatch.setenv("LMDEPLOY_EXECUTOR_BACKEND", a[4:])
+    argv = [a for a in argv if not a.startswith("ENV:")]
     int4 = tmp_path / "int4.yaml"
     int4.write_text("host_cache_gb: 1\nhost_kv_format: int4\n")
     argv = [str(int4) if a == "INT4" else a for a in argv]
