@@ -27,7 +27,10 @@ runs with it on. ``engine`` keys are ``PytorchEngineConfig`` fields; the default
 (``ENGINE_DEFAULTS``) are what a CPU run needs (``eager_mode``, ``device_type cuda``, prefix
 caching on). ``host_cache`` turns the host tier on through ``with_host_cache`` (works whether
 or not the import hook ran). ``inject`` names a fault
-(``INJECTIONS``) for negative controls. ``"disable_extension": true`` runs the child with
+(``INJECTIONS``) for negative controls; ``copy_delay_polls`` (0-8) makes every host-tier copy
+complete that many worker polls late (as a GPU copy may); a run's ``max_loads_copying`` and
+``max_load_records`` are the most loads LMDeploy had copying, and tracked (copying or waiting
+for or in their prefill), at once (``_track_peak_loads``). ``"disable_extension": true`` runs the child with
 ``LMDEPLOY_HOSTCACHE_DISABLE=1``: stock LMDeploy, the package's import hook never runs (the
 result's ``extension_hooked`` says which), so it is the reference for "equal to stock".
 
@@ -72,7 +75,10 @@ def multi_turn_script(conversations: int = 3, turns: int = 2, first_tokens: int 
 # Fault injections (negative controls: prove that an equality check can fail).
 # zero_host_slots_on_load: the CPU copy engine zeroes each host slot just before loading it,
 # so every restore writes zero KV into the GPU blocks (tokens still verify: the index is intact).
-INJECTIONS = ("zero_host_slots_on_load",)
+# reverse_blocks_on_load: a load of several blocks writes them into its GPU pages in reverse order
+# (right bytes, wrong pages): caught only where a page is read at its own position, e.g. a later
+# prompt that shares a restored chain's first blocks and not the rest.
+INJECTIONS = ("zero_host_slots_on_load", "reverse_blocks_on_load")
 
 
 class SpecError(ValueError):
@@ -103,9 +109,12 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise SpecError(f"spec.runs[{i}].host_cache must be an object or null")
         if run.get("inject") not in (None, *INJECTIONS):
             raise SpecError(f"spec.runs[{i}].inject must be one of {INJECTIONS} or null")
+        delay = run.get("copy_delay_polls", 0)
+        if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= 8:
+            raise SpecError(f"spec.runs[{i}].copy_delay_polls must be an integer from 0 to 8")
         if "model" in run and (not isinstance(run["model"], str) or not run["model"]):
             raise SpecError(f"spec.runs[{i}].model must be a model directory path")
-        unknown = set(run) - {"name", "model", "engine", "host_cache", "inject"}
+        unknown = set(run) - {"name", "model", "engine", "host_cache", "inject", "copy_delay_polls"}
         if unknown:
             raise SpecError(f"spec.runs[{i}] has unknown keys {sorted(unknown)}")
     if out.get("disable_extension") and any(r.get("host_cache") is not None for r in runs):
@@ -170,18 +179,24 @@ def _trie_hit_tokens(engine) -> int | None:
 
 
 def _track_peak_loads(engine) -> dict[str, int]:
-    """``{"loads": n}``, kept up to date: the most KV loads LMDeploy's load coordinator held at once (``start_load``
-    adds one; empty without a coordinator). Shows that a concurrent script really ran loads side by side."""
+    """``{"copying": n, "records": m}``, kept up to date as each load starts: the most loads LMDeploy's load
+    coordinator had copying at once (records in phase LOADING), and the most it tracked at once (a record stays
+    through the load's prefill: READY, then PREFILLING); empty without a coordinator.  LMDeploy 0.18 admits a
+    load only when the *free* blocks cover its whole prefill beside the other loads' tails
+    (``KVLoadCoordinator.can_admit_load``), so on a squeezed cache copies rarely overlap, while a load often
+    starts beside another request's loaded prefix still waiting for or in its prefill."""
     peak: dict[str, int] = {}
     coordinator = getattr(getattr(engine, "scheduler", None), "kv_load_coordinator", None)
     if coordinator is None or not hasattr(coordinator, "_loads"):
         return peak
-    peak["loads"] = 0
+    peak.update(copying=0, records=0)
     start_load = coordinator.start_load
 
     def counted_start_load(*args, **kwargs):
         out = start_load(*args, **kwargs)
-        peak["loads"] = max(peak["loads"], len(coordinator._loads))
+        records = coordinator._loads.values()
+        peak["copying"] = max(peak["copying"], sum(1 for r in records if r.phase.name == "LOADING"))
+        peak["records"] = max(peak["records"], len(records))
         return out
 
     coordinator.start_load = counted_start_load
@@ -202,15 +217,40 @@ def _injected(kind: str | None):
             self.pool.slot_view(slot).zero_()
         return original(self, slots, blocks)
 
-    CpuCopyEngine._load = zeroing_load
+    def reversing_load(self, slots, blocks):
+        return original(self, slots, list(reversed(blocks)))
+
+    CpuCopyEngine._load = zeroing_load if kind == "zero_host_slots_on_load" else reversing_load
     try:
         yield
     finally:
         CpuCopyEngine._load = original
 
 
+@contextlib.contextmanager
+def _copies_delayed(polls: int):
+    """Every host-tier copy of the run completes ``polls`` worker polls late (``CpuCopyEngine``'s ``delay_polls``,
+    as the harness's ``copy_delay_polls``): loads and demotions stay in flight across steps."""
+    if not polls:
+        yield
+        return
+    from ..integration.worker import HostTierWorker
+
+    original = HostTierWorker.__init__
+
+    def delayed_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.engine_kwargs["delay_polls"] = polls
+
+    HostTierWorker.__init__ = delayed_init
+    try:
+        yield
+    finally:
+        HostTierWorker.__init__ = original
+
+
 def _one_run(model: str, run: Mapping[str, Any], script: list[Mapping[str, Any]]) -> dict[str, Any]:
-    with _injected(run.get("inject")):
+    with _injected(run.get("inject")), _copies_delayed(int(run.get("copy_delay_polls", 0))):
         return _one_run_impl(model, run, script)
 
 
@@ -263,7 +303,8 @@ def _one_run_impl(model: str, run: Mapping[str, Any], script: list[Mapping[str, 
                 history[turn["conv"]] = prompt + tokens
         snap = host_tier_snapshot(getattr(engine.scheduler, "kv_connector", None))
         return dict(name=run["name"], outputs=outputs, requests=per_request, host_tier=snap,
-                    gpu_prefix_hit_tokens=_trie_hit_tokens(engine), max_loads_in_flight=peak_loads.get("loads"),
+                    gpu_prefix_hit_tokens=_trie_hit_tokens(engine), max_loads_copying=peak_loads.get("copying"),
+                    max_load_records=peak_loads.get("records"),
                     build_s=round(build_s, 2),
                     seconds=round(time.perf_counter() - t0, 2))
     finally:

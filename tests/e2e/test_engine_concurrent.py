@@ -1,17 +1,23 @@
 """Concurrent requests with the host tier through LMDeploy 0.18's real PyTorch engine, on CPU.
 
 ``test_engine_hosttier`` sends one request at a time.  Here four conversations send each turn together (a
-*wave*: ``engine_runner``'s ``wave``), so the host tier serves requests that share steps: loads run side by
-side (LMDeploy's load coordinator holds more than one at once, checked), requests wait for room while
-another's load holds blocks, demotions land while loads are in flight.  The tier engine's GPU cache holds 12
-blocks of 16 tokens (four first turns need 16), the stock engine 256, with the extension disabled.
+*wave*: ``engine_runner``'s ``wave``), so the host tier serves requests that share steps: a load starts beside
+other requests' loaded prefixes still waiting for or in their prefill (LMDeploy's load coordinator tracks more
+than one at once: checked; it admits a load only when its *free* blocks cover the whole prefill beside the other
+loads' tails, so on this squeezed cache two copies seldom run at the same moment), requests wait for room while
+another's load holds blocks, demotions land while loads are in flight, and a request may ask for a prefix whose
+demotion has not landed yet (it then recomputes that part: counted in ``lookups_behind_demotion``).  Every
+host-tier copy lands two worker polls late (``copy_delay_polls``, as a GPU copy may), so loads and demotions stay
+in flight across steps.  A last wave forks four new conversations off the first block of the four others, so a
+restored page is also read on its own.  The tier engine's GPU cache holds 12 blocks of 16 tokens (four first
+turns need 16), the stock engine 256, with the extension disabled.
 
 The two engines batch the requests differently (a load takes steps, a squeezed cache admits fewer at once),
 and on CPU LMDeploy's forward is batch dependent in fp16's last bits, so both children run with
 ``batch_invariant`` (row-by-row linear, a fixed decode-attention split): a request's tokens then depend only
 on its prompt and the KV it attends to, and a lossless host tier must give stock LMDeploy's outputs token for
-token.  The negative control zeroes the host slots before each restore, under the same concurrency: the
-comparison can fail.
+token.  Two negative controls, under the same concurrency: zeroed host slots, and multi-block loads written
+into their pages in reverse order (right bytes, wrong pages: only the forks can catch it): the comparison can fail.
 """
 import time
 
@@ -24,11 +30,27 @@ from lmdeploy_hostcache.testing.models import write_tiny_model
 pytestmark = pytest.mark.e2e
 
 CONVERSATIONS = 4
-SCRIPT = [dict(turn, wave=k // CONVERSATIONS) for k, turn in enumerate(
-    multi_turn_script(conversations=CONVERSATIONS, turns=3, first_tokens=40, later_tokens=8, max_new_tokens=2,
-                      seed=0))]
+TURNS = 3
+BLOCK = 16
+
+
+def _script() -> list[dict]:
+    """Four conversations, each turn of all four sent together (a wave); then a last wave of four new
+    conversations (E-H) whose prompts share only the first block of A's to D's: they read a restored chain's first
+    page on its own, at its own position, so a restore that put the right bytes in the wrong pages shows."""
+    turns = multi_turn_script(conversations=CONVERSATIONS, turns=TURNS, first_tokens=40, later_tokens=8,
+                              max_new_tokens=2, seed=0)
+    script = [dict(turn, wave=k // CONVERSATIONS) for k, turn in enumerate(turns)]
+    forks = multi_turn_script(conversations=CONVERSATIONS, turns=1, first_tokens=24, max_new_tokens=2, seed=1)
+    for fork, name, source in zip(forks, "EFGH", turns):
+        script.append(dict(fork, conv=name, new=source["new"][:BLOCK] + fork["new"], wave=TURNS))
+    return script
+
+
+SCRIPT = _script()
 ENGINE = dict(max_batch_size=CONVERSATIONS)
 HOST = dict(host_cache_gb=0.01, config=dict(min_restore_tokens=0, pin_memory=False))
+DELAY_POLLS = 2          # every host-tier copy lands two worker polls late: loads stay in flight across steps
 
 
 def _run(model, runs, stock):
@@ -48,24 +70,26 @@ def _run(model, runs, stock):
 def runs(tmp_path_factory):
     model = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "tinylm-llama", "llama", seed=0))
     stock = _run(model, [dict(name="stock", engine=dict(ENGINE, num_gpu_blocks=256))], stock=True)
-    tier = dict(name="tier", engine=dict(ENGINE, num_gpu_blocks=12), host_cache=HOST)
+    tier = dict(name="tier", engine=dict(ENGINE, num_gpu_blocks=12), host_cache=HOST, copy_delay_polls=DELAY_POLLS)
     zeroed = dict(tier, name="zeroed", inject="zero_host_slots_on_load")
-    return {**stock, **_run(model, [tier, zeroed], stock=False)}
+    reversed_ = dict(tier, name="reversed", inject="reverse_blocks_on_load")
+    return {**stock, **_run(model, [tier, zeroed, reversed_], stock=False)}
 
 
 def test_concurrent_requests_with_the_host_tier_equal_stock(runs):
     stock, tier = runs["stock"], runs["tier"]
     cmp = compare_token_outputs(stock["outputs"], tier["outputs"])
     ht = tier["host_tier"]
-    print(f"[e2e] concurrent waves of {CONVERSATIONS}: {cmp.summary()}; at most {tier['max_loads_in_flight']} loads "
-          f"at once; host tier {ht}")
+    print(f"[e2e] concurrent waves of {CONVERSATIONS}: {cmp.summary()}; at most {tier['max_loads_copying']} loads "
+          f"copying and {tier['max_load_records']} tracked at once; host tier {ht}")
     assert cmp.total_requests == len(SCRIPT) and cmp.total_tokens == sum(t["max_new_tokens"] for t in SCRIPT)
     assert cmp.identical, cmp.summary()
     assert ht["restored_tokens"] > 0 and ht["restore_failures"] == 0 and ht["demotion_failures"] == 0, ht
-    # loads really overlapped; the squeezed engine lost prefixes from the GPU and the host tier made up for them
-    assert tier["max_loads_in_flight"] >= 2
+    # a load started while another request's loaded prefix still waited for or ran its prefill; the squeezed
+    # engine lost prefixes from the GPU and the host tier made up for them
+    assert tier["max_load_records"] >= 2
     assert tier["gpu_prefix_hit_tokens"] < stock["gpu_prefix_hit_tokens"]
-    assert stock["max_loads_in_flight"] == 0
+    assert stock["max_load_records"] == 0
     # every prefix token stock LMDeploy reused came from the GPU or a restore, except in turns whose lookup met a
     # block still being demoted (a request asking for a prefix the step before evicted): those recompute the
     # rest of their prefix (at most the whole prompt), and the outputs stay equal
@@ -76,11 +100,16 @@ def test_concurrent_requests_with_the_host_tier_equal_stock(runs):
     assert 0 <= short <= ht["lookups_behind_demotion"] * longest, (short, ht)
 
 
-def test_negative_control_under_concurrency(runs):
-    stock, bad = runs["stock"], runs["zeroed"]
+@pytest.mark.parametrize("control", ["zeroed", "reversed"])
+def test_negative_controls_under_concurrency(runs, control):
+    """Restores of zeroed bytes, and restores of the right bytes into the wrong pages (a multi-block load written
+    in reverse page order), under the same concurrency: each must change outputs, so the equality can fail."""
+    stock, bad = runs["stock"], runs[control]
     cmp = compare_token_outputs(stock["outputs"], bad["outputs"])
-    print(f"[e2e] concurrent, zeroed restores: {cmp.summary()}")
-    assert bad["host_tier"]["restored_tokens"] > 0 and bad["max_loads_in_flight"] >= 2
-    firsts = [rid for rid in stock["outputs"] if rid.endswith("0")]
-    assert not any(rid in cmp.first_difference for rid in firsts)   # first turns restore nothing
-    assert any(rid in cmp.first_difference for rid in stock["outputs"] if not rid.endswith("0")), cmp.summary()
+    print(f"[e2e] concurrent, {control} restores: {cmp.summary()}")
+    assert bad["host_tier"]["restored_tokens"] > 0 and bad["max_load_records"] >= 2
+    firsts = [rid for rid in stock["outputs"] if rid[0] < "E" and rid.endswith("0")]
+    assert not any(rid in cmp.first_difference for rid in firsts)   # the first turns restore nothing
+    assert cmp.first_difference, cmp.summary()
+    if control == "reversed":       # right bytes in wrong pages: only a page read at its own position shows it
+        assert any(rid[0] >= "E" for rid in cmp.first_difference), cmp.summary()
