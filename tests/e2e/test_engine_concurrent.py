@@ -16,8 +16,8 @@ The two engines batch the requests differently (a load takes steps, a squeezed c
 and on CPU LMDeploy's forward is batch dependent in fp16's last bits, so both children run with
 ``batch_invariant`` (row-by-row linear, a fixed decode-attention split): a request's tokens then depend only
 on its prompt and the KV it attends to, and a lossless host tier must give stock LMDeploy's outputs token for
-token.  Two negative controls, under the same concurrency: zeroed host slots, and multi-block loads written
-into their pages in reverse order (right bytes, wrong pages: only the forks can catch it): the comparison can fail.
+token.  The negative control, under the same concurrency: multi-block loads written into their pages in
+reverse order (right bytes, wrong pages: only the forks can catch it): the comparison can fail.
 """
 import time
 
@@ -71,9 +71,8 @@ def runs(tmp_path_factory):
     model = str(write_tiny_model(tmp_path_factory.mktemp("tiny") / "tinylm-llama", "llama", seed=0))
     stock = _run(model, [dict(name="stock", engine=dict(ENGINE, num_gpu_blocks=256))], stock=True)
     tier = dict(name="tier", engine=dict(ENGINE, num_gpu_blocks=12), host_cache=HOST, copy_delay_polls=DELAY_POLLS)
-    zeroed = dict(tier, name="zeroed", inject="zero_host_slots_on_load")
     reversed_ = dict(tier, name="reversed", inject="reverse_blocks_on_load")
-    return {**stock, **_run(model, [tier, zeroed, reversed_], stock=False)}
+    return {**stock, **_run(model, [tier, reversed_], stock=False)}
 
 
 def test_concurrent_requests_with_the_host_tier_equal_stock(runs):
@@ -100,16 +99,15 @@ def test_concurrent_requests_with_the_host_tier_equal_stock(runs):
     assert 0 <= short <= ht["lookups_behind_demotion"] * longest, (short, ht)
 
 
-@pytest.mark.parametrize("control", ["zeroed", "reversed"])
-def test_negative_controls_under_concurrency(runs, control):
-    """Restores of zeroed bytes, and restores of the right bytes into the wrong pages (a multi-block load written
-    in reverse page order), under the same concurrency: each must change outputs, so the equality can fail."""
-    stock, bad = runs["stock"], runs[control]
+def test_negative_control_under_concurrency(runs):
+    """Restores of the right bytes into the wrong pages (a multi-block load written in reverse page order), under
+    the same concurrency, must change outputs: the equality can fail.  Only a page read at its own position shows
+    it, so the forks must differ.  (Restores of zeroed bytes, which every restoring turn shows, are the serial
+    test's control, ``test_engine_hosttier``; under this concurrency they changed 9 of 16 requests when run.)"""
+    stock, bad = runs["stock"], runs["reversed"]
     cmp = compare_token_outputs(stock["outputs"], bad["outputs"])
-    print(f"[e2e] concurrent, {control} restores: {cmp.summary()}")
+    print(f"[e2e] concurrent, reversed restores: {cmp.summary()}")
     assert bad["host_tier"]["restored_tokens"] > 0 and bad["max_load_records"] >= 2
     firsts = [rid for rid in stock["outputs"] if rid[0] < "E" and rid.endswith("0")]
     assert not any(rid in cmp.first_difference for rid in firsts)   # the first turns restore nothing
-    assert cmp.first_difference, cmp.summary()
-    if control == "reversed":       # right bytes in wrong pages: only a page read at its own position shows it
-        assert any(rid[0] >= "E" for rid in cmp.first_difference), cmp.summary()
+    assert any(rid[0] >= "E" for rid in cmp.first_difference), cmp.summary()
