@@ -36,7 +36,7 @@ from lmdeploy_hostcache.integration.lifecycle import (  # noqa: E402
     source_sha256,
 )
 from lmdeploy_hostcache.integration.namespace import NamespaceFactory, kv_format_name  # noqa: E402
-from lmdeploy_hostcache.integration.worker import failed_demotion_marker, resolve_num_slots  # noqa: E402
+from lmdeploy_hostcache.integration.worker import failed_demotion_marker, pool_reset_marker, resolve_num_slots  # noqa: E402
 
 BS = 4
 MODEL = "toy-model"
@@ -763,7 +763,8 @@ def test_next_turn_of_a_preempted_session_restores_from_host(monkeypatch):
 
 def test_page_reused_within_one_step_is_not_demoted_twice():
     """A page evicted (and queued for demotion) earlier in the same step, then reallocated and
-    evicted again, never had this node's bytes computed: it must not be stored."""
+    evicted again, never had this node's bytes computed: it must not be stored, and its host
+    descendants (chained under its digest) are dropped as orphans."""
     rig = Rig()
     side = rig.side
     root = rig.s.block_trie._get_or_create_root(None)
@@ -771,14 +772,73 @@ def test_page_reused_within_one_step_is_not_demoted_twice():
     first.attach_to(root)
     second = Node(2, 1, np.arange(10, 14), prefix_len=4)
     second.attach_to(root)
+    child_digests, child_bytes = chain_digests(ns(), list(range(10, 14)) + list(range(20, 24)))
+    assert child_digests[0] == side.node_digest(second)
+    child = child_digests[1]
+    side.index.complete_store(child, True, side.index.prepare_store(child, child_digests[0], child_bytes[1]))
+    orphaned = side.index.stats.orphaned
     side.on_evict(first, 5)
-    assert [(gpu, slot) for _, gpu, slot in side._pending_demotions] == [(5, 0)]
+    [(_, gpu, slot)] = side._pending_demotions
+    assert gpu == 5
     side.on_evict(second, 5)
     assert len(side._pending_demotions) == 1 and side.node_digest(second) not in side.index
+    assert child not in side.index and side.index.stats.orphaned == orphaned + 1
     meta = rig.s.build_connector_meta([])
-    assert meta.demotions == ((5, 0),)
+    assert meta.demotions == ((5, slot),)
     side.on_evict(second, 5)                      # next step: the page is fair game again
     assert len(side._pending_demotions) == 1
+
+
+def test_a_speculative_requests_recompute_overlap_is_never_restored_from_host():
+    """LMDeploy's speculative-decoding sequences recompute the last ``recompute_blocks`` of their matched
+    prefix (the draft model needs it; ``KVLoadCoordinator`` leaves them to the connector): a host hit that
+    ends inside that overlap is not reported, where the same prompt without the overlap restores it."""
+    def lookup(recompute_blocks):
+        rig = Rig(num_gpu_blocks=8)
+        demote_first_prompt(rig, prompt(1, 17), prompt(100, 18))
+        assert len(rig.side.index) == 1          # A's last full block (tokens 13..16) is on the host
+        _, seq = rig.add(prompt(1, 16) + [5] * 5)
+        seq.prefix_cache.recompute_overlap.recompute_blocks = recompute_blocks
+        answers = []
+        orig = rig.side.get_num_new_matched_tokens
+
+        def spy(request, num_computed):
+            answers.append((num_computed, orig(request, num_computed)))
+            return answers[-1][1]
+        rig.side.get_num_new_matched_tokens = spy
+        _, meta = rig.step()
+        return answers, meta
+
+    answers, meta = lookup(0)
+    assert answers == [(12, (4, True))] and meta.loads and len(meta.loads[0].slots) == 1
+    answers, meta = lookup(1)
+    assert answers == [(12, (0, False))], answers
+    assert meta is None or not meta.loads
+
+
+def test_a_pool_reset_report_drops_the_tiers_only_for_a_rebuild_the_scheduler_did_not_see():
+    """Every new worker pool reports the metadata step its copies start at. After a teardown the scheduler
+    saw (the sleep drain sets the floor), that report is routine and changes nothing. A report past the floor
+    is a pool rebuilt unseen: the host index is dropped, and LMDeploy's GPU prefix trie is emptied, since the
+    KV cache behind it was rebuilt with it: a later request re-using a cached prompt matches nothing."""
+    rig = Rig(num_gpu_blocks=8)
+    side = rig.side
+    demote_first_prompt(rig, prompt(1, 17), prompt(100, 18))
+    side.finish_transfers_after_worker_drain()    # engine sleep
+    floor = side._pool_floor
+    demote_first_prompt(rig, prompt(200, 17), prompt(300, 18))
+    host_blocks, resets, free = len(side.index), side.tier_resets, rig.s.block_manager.get_num_free_gpu_blocks()
+    assert host_blocks > 0 and free < 8
+    rig.poll(KVConnectorOutput(invalid_block_ids={pool_reset_marker(floor)}))   # the woken pool's report
+    assert (len(side.index), side.tier_resets, rig.s.block_manager.get_num_free_gpu_blocks()) == \
+        (host_blocks, resets, free), "a teardown the scheduler saw must not drop the tiers again"
+    rig.poll(KVConnectorOutput(invalid_block_ids={pool_reset_marker(side._step + 1)}))   # rebuilt unseen
+    assert len(side.index) == 0 and side.tier_resets == resets + 1
+    assert rig.s.block_manager.get_num_free_gpu_blocks() == 8, "the GPU prefix trie outlived its KV cache"
+    _, seq = rig.add(prompt(300, 16) + [9, 9])
+    rig.step()
+    assert seq.cached_tokens == 0
+    side.check_balanced()
 
 
 def test_observer_errors_never_break_lmdeploy_eviction(monkeypatch):

@@ -79,6 +79,49 @@ def test_a_checksummed_node_never_publishes_a_slot_whose_bytes_changed():
     w.shutdown()
 
 
+def test_a_slot_never_written_in_this_pool_is_never_published():
+    """A write-back names a slot by the scheduler's index, which can be older than the worker's pool (a
+    rebuild the scheduler has not noticed yet): a slot the pool never had written holds no KV, so it is not
+    put to the store, where every node would trust it. A slot written in this pool is put."""
+    from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
+
+    store = DictStore()
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache)
+    _attach_store(w, store)
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2),)))    # slot 2 written in this pool
+    run(w, HostTierMetadata(step=2, l3_write_backs=((0x1111, bytes(32), 2), (0x2222, bytes(range(32)), 4))))
+    assert len(store.objects) == 1, "slot 4 was never written in this pool"
+    w.shutdown()
+
+
+def test_a_checksummed_node_restores_a_staged_store_block():
+    """With ``checksum: true`` a block staged from the store into a host slot gets its checksum there, so its
+    load to the GPU is sound: the staged bytes land in the GPU block, nothing is reported invalid."""
+    import torch
+    from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
+
+    store = DictStore()
+    cc = cache_config(checksum=True)
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache)
+    _attach_store(w, store)
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    tokens = bytes(range(32))
+    run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2),)))
+    run(w, HostTierMetadata(step=2, l3_write_backs=((0xABC, tokens, 2),)))       # block 5's KV is in the store
+    assert len(store.objects) == 1
+    out = run(w, HostTierMetadata(step=3, l3_stages=((77, (0xABC,), (tokens,), (6,)),),
+                                  loads=(HostLoad(77, (6,), (9,)),)))
+    assert not out.invalid_block_ids, out.invalid_block_ids
+    assert torch.equal(cache.block(9), cache.block(5)), "the staged store block must restore block 5's bytes"
+    w.shutdown()
+
+
 def test_a_successful_store_restore_keeps_the_host_blocks_chained_under_it():
     """A store hit is staged in host slots, then loaded to the GPU. When that load succeeds, the staged
     blocks end as restored host blocks do; they are not released through the failure path, which would
