@@ -547,8 +547,8 @@ class HostTierScheduler:
         if num_external <= 0 or num_external < self.min_restore_tokens:
             return 0, False
         n_use = hit_end // bs - first
-        parent = chain.hasher.digests[first - chain.start_block - 1] if first > chain.start_block else chain.hasher.parent
-        self._plans[req] = _LookupPlan(first, tuple(digests[:n_use]), tuple(blocks[:n_use]), min(n, n_use), parent)
+        self._plans[req] = _LookupPlan(first, tuple(digests[:n_use]), tuple(blocks[:n_use]), min(n, n_use),
+                                       chain.parent_of(first))
         self.index.touch(digests[:n_use])
         self._hold_hit(req, tuple(digests[:min(n, n_use)]))
         return num_external, True

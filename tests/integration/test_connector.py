@@ -734,6 +734,51 @@ def test_host_hit_that_leaves_the_host_tier_before_its_load_starts_falls_back_to
     rig.side.check_balanced()
 
 
+def test_load_destinations_at_another_position_than_the_lookup_fall_back_to_recompute():
+    """A load is planned for the blocks the lookup counted from (LMDeploy's computed history then). If the
+    destinations LMDeploy allocates start elsewhere (its history moved in between: not in 0.18, a guard for
+    later versions), the host blocks would land at the wrong positions: the load fails and the turn
+    recomputes."""
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    side = rig.side
+    real = side.update_state_after_alloc
+
+    def history_moved(request, block_ids, n):
+        plan = side._plans[int(request.seq_id)]
+        plan.first_block -= 1
+        return real(request, block_ids, n)
+
+    side.update_state_after_alloc = history_moved
+    _, c = rig.add(a_tokens[:16] + [5, 5, 5])
+    _, meta = rig.step()
+    assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and meta.loads == ()
+    rig.poll(rig.complete(meta))
+    assert c.status == MessageStatus.WAITING and side.metrics.restore_failures == 1
+    side.update_state_after_alloc = real
+    running, meta = rig.step()
+    assert running == [c] and not (meta and meta.loads)
+    side.check_balanced()
+
+
+def test_a_chain_asked_from_before_the_trie_cursor_is_hashed_from_the_root():
+    """A request's chain starts at its trie cursor's memoised digest only when the cursor is not past the
+    first block asked for; otherwise it is hashed from the root, so every digest names its own position."""
+    rig = Rig(num_gpu_blocks=8)
+    a_tokens = prompt(1, 17)
+    demote_first_prompt(rig, a_tokens, prompt(100, 18))
+    tokens = a_tokens[:16] + [5, 5, 5]
+    _, c = rig.add(tokens)
+    rig.step()                                   # matched on the GPU up to block 3, then computed
+    assert int(c.prefix_cache.trie_cursor.prefix_len) >= 3 * BS
+    side = rig.side
+    side._chains.pop(int(c.seq_id), None)
+    digests, blocks = side._request_chain(c, 1, 4).slice(1, 4)
+    expected, expected_bytes = chain_digests(ns(), tokens)
+    assert digests == expected[1:4] and blocks == expected_bytes[1:4]
+
+
 def test_next_turn_of_a_preempted_session_restores_from_host(monkeypatch):
     """Turn 1 ends (session kept), other traffic reclaims its blocks down to the host; turn 2
     of the same sequence (new input_start_pos) restores its history from the host tier."""

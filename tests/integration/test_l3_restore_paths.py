@@ -161,6 +161,29 @@ def test_a_successful_store_restore_keeps_the_host_blocks_chained_under_it():
     rig.side.check_balanced()
 
 
+def test_a_store_hit_found_on_a_retry_is_chained_after_the_block_before_it():
+    """A request's digest chain is cached across its admission attempts; when a retry looks up from a later
+    block (its GPU match grew), the planned store hit's parent is the digest of the block before it, not the
+    chain's root, so the staged blocks are indexed under the prefix they continue."""
+    from test_connector import BS, Rig, ns, prompt
+
+    rig = Rig(num_gpu_blocks=16, host_blocks=16)
+    store = DictStore()
+    space = StoreKeyspace(ns(), block_nbytes=1000)
+    rig.side.l3 = SchedulerL3(SchedulerChain(rig.side.index, L3Client(store), [space]), L3TierMetrics())
+    toks = prompt(1, 4 * BS)
+    digests, _ = chain_digests(ns(), toks)
+    for d in digests:
+        store.objects[space.key(d)] = b"x"
+    _, seq = rig.add(toks + [5, 5])
+    side = rig.side
+    assert side.get_num_new_matched_tokens(seq, 0) == (4 * BS, True)
+    assert side._plans[int(seq.seq_id)].parent != digests[0]
+    assert side.get_num_new_matched_tokens(seq, BS) == (3 * BS, True)   # the retry: block 0 now on the GPU
+    plan = side._plans[int(seq.seq_id)]
+    assert plan.first_block == 1 and plan.digests == tuple(digests[1:]) and plan.parent == digests[0]
+
+
 def test_a_failed_store_restore_still_releases_the_staged_slots():
     """The failure path is unchanged: the staged slots are freed, and the turn recomputes."""
     from test_connector import BS, Rig, ns, prompt
