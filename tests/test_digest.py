@@ -61,6 +61,23 @@ def test_known_answer_vectors(kat):
     assert digests_of_blocks(ns, blocks) == kat["digests"]
 
 
+# salted_root's known answers, computed once with xxhash directly from its formula in digest.py
+# (xxh3_128(b"lmdeploy-hostcache/request-salt" + root as 16 LE bytes + uint32 LE byte length of the
+# UTF-8 salt + the salt, seed)) on KAT_PLAIN's namespace; the package agreed when they were pinned.
+# Every block of a request with a cache salt chains from this root, so its host and store keys
+# depend on it across versions: a change here must be a deliberate namespace version bump.
+KAT_SALTED_ROOTS = {"user-42": 0xAAE41BF7F76D9E68040C778A2DF2B666,
+                    "h\u00e9llo": 0x0C40D1213C525E6D9A4BFA4F78459148}   # non-ASCII: the prefix counts bytes
+
+
+def test_salted_root_known_answers():
+    """A request's cache salt moves its chain to a pinned root (same value in every version)."""
+    ns = Namespace(**KAT_PLAIN["ns"])
+    for salt, root in KAT_SALTED_ROOTS.items():
+        assert digest_mod.salted_root(ns, salt) == root
+    assert digest_mod.salted_root(ns, "") == ns.root == KAT_PLAIN["root"]
+
+
 def test_encode_tokens_is_little_endian_uint32():
     assert encode_tokens([1, 256, 2**32 - 1]) == bytes([1, 0, 0, 0, 0, 1, 0, 0, 255, 255, 255, 255])
     for dtype in (np.int64, np.int32, np.uint16, np.dtype(">u4"), np.dtype(">i8")):

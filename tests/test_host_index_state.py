@@ -998,3 +998,76 @@ def test_hold_chain_protects_the_whole_hit_with_a_few_pins(policy):
     assert len(idx.prepare_load(hit)) == len(hit)
     idx.complete_load(hit, True)
     idx.check_invariants()
+
+
+def test_lru_redemotion_of_a_present_block_refreshes_it():
+    """A block the GPU evicts again while its host copy is present copies nothing but counts as an
+    access: the next store's LRU victim is the other, older block."""
+    ns = Namespace(model="test/lru", block_size=2)
+    (a,), (ta,) = chain_digests(ns, [1, 2])
+    (b,), (tb,) = chain_digests(ns, [3, 4])
+    (c,), (tc,) = chain_digests(ns, [5, 6])
+    evicted = []
+    idx = HostIndex(2, policy="lru", on_evict=lambda blk: evicted.append(blk.digest))
+    _stored(idx, [(a, ns.root, ta), (b, ns.root, tb)])      # a is the older one
+    assert idx.prepare_store(a, ns.root, ta) is None and idx.stats.refreshes == 1
+    _stored(idx, [(c, ns.root, tc)])
+    assert evicted == [b] and a in idx and b not in idx
+    idx.check_invariants()
+
+
+def test_lru_a_load_counts_as_an_access():
+    """prepare_load marks its blocks used, even when the load then fails and they stay on host: the
+    next store's LRU victim is the block nobody read."""
+    ns = Namespace(model="test/lru", block_size=2)
+    (a,), (ta,) = chain_digests(ns, [1, 2])
+    (b,), (tb,) = chain_digests(ns, [3, 4])
+    (c,), (tc,) = chain_digests(ns, [5, 6])
+    evicted = []
+    idx = HostIndex(2, policy="lru", on_evict=lambda blk: evicted.append(blk.digest))
+    _stored(idx, [(a, ns.root, ta), (b, ns.root, tb)])      # a is the older one
+    before = idx.get(a).last_access
+    idx.prepare_load([a])
+    idx.complete_load([a], success=False)
+    assert idx.get(a).last_access > idx.get(b).last_access > before
+    _stored(idx, [(c, ns.root, tc)])
+    assert evicted == [b] and a in idx and b not in idx
+    idx.check_invariants()
+
+
+def test_failed_primary_copy_hands_over_to_a_written_spare_before_one_in_flight():
+    """Second chance: when the first copy fails and one spare copy has landed while another is still in
+    flight, the block lives on in the landed one and is RESIDENT at once; the late spare is freed."""
+    ns = Namespace(model="test/spare", block_size=2)
+    (d,), (td,) = chain_digests(ns, [1, 2])
+    idx = HostIndex(8)
+    assert idx.prepare_store(d, ns.root, td) is not None     # first copy in flight
+    s1 = idx.prepare_spare(d, td)
+    idx.complete_store(d, True, slot=s1)                    # a second copy landed
+    s2 = idx.prepare_spare(d, td)                           # a third copy still in flight
+    idx.complete_store(d, False)                            # the first copy failed
+    assert idx.is_resident(d) and idx.get(d).slot == s1
+    assert idx.lookup([d], [td], parent=ns.root) == 1
+    assert (idx.stats.second_chances, idx.stats.store_failures) == (1, 1)
+    idx.complete_store(d, True, slot=s2)                    # the late copy is no longer needed
+    assert idx.get(d).slot == s1 and idx.num_free_slots == 7
+    idx.check_invariants()
+
+
+def test_keep_restored_redemotion_of_a_kept_leaf_makes_its_parent_a_parent_again():
+    """keep_restored: a child restored alone leaves its parent's children (the parent becomes a leaf);
+    when the GPU evicts the child again it is the parent's child once more, so the parent is no eviction
+    candidate: eviction takes the child first (leaf first) and the chain stays whole on host."""
+    ns = Namespace(model="test/keep", block_size=2)
+    (p, c), (tp, tc) = chain_digests(ns, [1, 2, 3, 4])
+    idx = HostIndex(4, policy="lru", keep_restored=True)
+    _stored(idx, [(p, ns.root, tp), (c, p, tc)])
+    idx.prepare_load([c])
+    idx.complete_load([c], True)                            # c kept (on the GPU too): p is a leaf now
+    assert idx.get(c).on_gpu and idx.get(p).candidate
+    assert idx.prepare_store(c, p, tc) is None              # the GPU evicts c again: nothing copied
+    assert not idx.get(p).candidate and idx.get(c).candidate
+    idx.check_invariants()
+    assert idx.evict(1) == 1 and p in idx and c not in idx
+    assert idx.lookup([p], [tp], parent=ns.root) == 1
+    idx.check_invariants()

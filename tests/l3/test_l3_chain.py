@@ -206,3 +206,42 @@ def test_write_through_writes_new_host_blocks_at_once(master):
         assert m.snapshot()["put_blocks"] == puts   # staged blocks are not written back again
     finally:
         c.close()
+
+
+def test_lookup_counts_a_block_only_when_every_rank_has_its_object(master):
+    """A TP2 lookup stops at the first block one rank's object is missing for (rank 1 or rank 0): a hit
+    counted from one rank's object alone would fail the other rank's stage and recompute the turn."""
+    c = open_client(master.address)
+    try:
+        ns = namespace(salt="one-rank-missing")
+        a = _a_computes(c, tp=2, ns=ns)
+        digests, tb = a.chain_of(PROMPT)
+        b = Node(c, slots=8, tp=2, ns=ns)
+        assert b.chain.probe(digests) == 6
+        assert c.backend.remove(a.workers[1].space.key(digests[3]), True) == 0    # rank 1's shard of block 3
+        assert b.chain.probe(digests) == 3 and b.chain.lookup(digests, tb) == 3
+        assert c.backend.remove(a.workers[0].space.key(digests[1]), True) == 0    # rank 0's shard of block 1
+        assert b.chain.probe(digests) == 1
+        n, ok, slots = b.restore(PROMPT)
+        assert (n, ok) == (1, True) and b.slot_bytes_match_oracle(PROMPT, n, slots)
+    finally:
+        c.close()
+
+
+def test_failed_stage_counts_store_failures_not_orphans(master):
+    """A stage that fails (an object went between lookup and stage) releases its reserved blocks leaf first:
+    each is one store failure, none is counted as an orphaned host block (which would show as host evictions)."""
+    c = open_client(master.address)
+    try:
+        ns = namespace(salt="stage-fails")
+        _a_computes(c, ns=ns)
+        b = Node(c, slots=8, ns=ns)
+        digests, _ = b.chain_of(PROMPT)
+        key = b.workers[0].space.key(digests[4])
+        n, ok, _ = b.restore(PROMPT, before_stage=lambda: c.backend.remove(key, True))
+        assert (n, ok) == (6, False)
+        _rolled_back(b)
+        st = b.index.stats
+        assert (st.store_failures, st.dropped, st.orphaned, st.evictions) == (6, 6, 0, 0)
+    finally:
+        c.close()

@@ -67,3 +67,21 @@ def test_object_round_trip_and_every_corruption_is_caught():
         objects.decode(key, blob[:10], tokens[0])
     with pytest.raises(L3Corrupt):
         objects.decode(key, blob[:-1], tokens[0])
+
+
+def test_engine_keyspaces_differ_per_rank_and_tp_size():
+    """Keyspaces built as the engine builds them (no head shard stated, same slot bytes on every rank) give
+    each TP rank its own key, and a TP1 node never shares a key with a TP2 node's rank 0."""
+    from lmdeploy_hostcache.integration.l3_tier import rank_keyspace
+    from lmdeploy_hostcache.integration.namespace import NamespaceFactory
+
+    namespaces = NamespaceFactory(model="m", block_size=4, kv_format="native/kb64")
+    extra = {"host_slot_bytes": 1024}
+    tp2 = [rank_keyspace(namespaces, 2, r, extra) for r in range(2)]
+    tp1 = rank_keyspace(namespaces, 1, 0, extra)
+    assert all(s.head_start == s.head_count == 0 and s.block_nbytes == 1024 for s in tp2 + [tp1])
+    d = 123456789
+    keys = [tp1.key(d), tp2[0].key(d), tp2[1].key(d)]
+    assert len(set(keys)) == 3
+    # both sides (scheduler and worker) derive the same key for the same rank
+    assert rank_keyspace(namespaces, 2, 1, extra).key(d) == keys[2]
