@@ -28,8 +28,9 @@ def test_cuda_engine_round_trip_bit_exact(qp, dtype):
     orig = snapshot(caches)
     dem = [(b, s) for s, b in enumerate([23, 1, 7, 8, 9, 15, 2, 0, 11, 12, 13, 14, 3, 4, 5, 6, 16, 17])]
     eng.submit(1, dem, [])
-    # same op: demote 18..21 and load earlier slots into those very pages
-    eng.submit(2, [(18, 18), (19, 19)], [(0, 19), (1, 18), (7, 20)])
+    # same op: demote 18, 19 and load earlier slots into those very pages; the slots come in
+    # non-ascending order, as a LIFO free list hands them out
+    eng.submit(2, [(18, 18), (19, 19)], [(7, 20), (0, 19), (1, 18)])
     eng.wait_all()
     res = eng.poll()
     assert [r.ok for r in res] == [True, True]

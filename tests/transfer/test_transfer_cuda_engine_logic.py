@@ -231,3 +231,15 @@ def test_a_stream_fault_fails_both_parts_and_still_completes_through_the_event(e
     eng.wait_all()
     (r,) = eng.poll()
     assert (r.stores_ok, r.loads_ok) == (False, False) and "stream wait died" in r.error
+
+
+def test_loads_from_slots_out_of_order_land_in_their_blocks(engine):
+    """Slots handed out by a LIFO free list (not ascending) load into the blocks they are paired with."""
+    caches, ppb, pool, eng = engine
+    orig = snapshot(caches)
+    eng.submit(1, [(1, 5), (2, 0), (3, 3)], [])
+    eng.submit(2, [], [(5, 6), (0, 7), (3, 4)])
+    eng.wait_all()
+    assert [r.ok for r in eng.poll()] == [True, True]
+    for block, demoted in ((6, 1), (7, 2), (4, 3)):
+        assert torch.equal(naive_slot(caches, ppb, block), naive_slot(orig, ppb, demoted)), block

@@ -41,6 +41,13 @@ def test_slots_are_contiguous_distinct_and_chunked(layout, caplog):
     assert len(progress) == 4 and "chunk 3/3" in progress[-1]
 
 
+def test_last_chunk_holds_only_the_remaining_slots(layout):
+    """A pool whose size is not a multiple of the chunk allocates exactly its slots, not a full last chunk."""
+    with HostPool(layout, 5, "same", chunk_bytes=4 * layout.slot_bytes()) as pool:
+        assert [c.shape[0] for c in pool.chunks] == [4, 1]
+        assert sum(c.numel() for c in pool.chunks) == pool.nbytes == 5 * layout.slot_bytes()
+
+
 def test_clear_errors(layout):
     with pytest.raises(MemoryError, match="exceeds 90% of available RAM"):
         HostPool(layout, 1 << 40)

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from transfer_helpers import build_caches
-from lmdeploy_hostcache.transfer import KVRowLayout, dequantize, gather_blocks, quantize, scatter_blocks
+from lmdeploy_hostcache.transfer import KVRowLayout, TensorSpec, dequantize, gather_blocks, quantize, scatter_blocks
 
 # degenerate rows divide by zero inside the kernels before the fallback replaces them
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -189,6 +189,90 @@ def test_constant_and_extreme_rows_stay_finite(dtype, bits):
         k = alloc.tensor_views[0][:, :plan.kernel_blocks_per_logical_block]
         assert torch.isfinite(k.float()).all()
         assert bool((k[0, 0, 0, 0] == 7.0).all()) and bool((k[1] == 0).all())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_raw_field_beside_kv_round_trips_exactly_with_two_pages_per_block(fmt):
+    """A raw page field after k/v (as the worker's unplanned_tail) in a lossy host format with 2 kernel
+    pages per block: both backends copy its bytes exactly, each page's to its own page."""
+    specs = [TensorSpec("k_cache", (4, 2, 16), torch.float16), TensorSpec("v_cache", (4, 2, 16), torch.float16),
+             TensorSpec("extra", (100,), torch.uint8)]
+    page = sum(spec.aligned_size for spec in specs)
+    kv = 2 * specs[0].aligned_size
+    g = torch.Generator().manual_seed(0)
+    orig = {f"cache_pool.0.row.{i}": torch.randint(0, 256, (8, page), dtype=torch.uint8, generator=g)
+            for i in range(2)}
+    for t in orig.values():   # finite fp16 K/V so that quantization is well defined
+        t[:, :kv] = torch.randn(8, kv // 2, generator=g).to(torch.float16).view(torch.uint8)
+    layout = KVRowLayout.from_connector_caches(orig, 2, specs)
+    extra = slice(kv, kv + specs[2].size)
+    out = {}
+    for backend in ("torch", "triton"):
+        caches = {k: v.clone() for k, v in orig.items()}
+        slots = torch.zeros((2, layout.slot_bytes(fmt)), dtype=torch.uint8)
+        gather_blocks(layout, caches, [1, 2], slots, fmt, backend=backend)
+        scatter_blocks(layout, slots, [3, 0], caches, fmt, backend=backend)   # pages 2,3 -> 6,7; 4,5 -> 0,1
+        out[backend] = slots
+        for name, t in caches.items():
+            assert torch.equal(t[6:8, extra], orig[name][2:4, extra]), (backend, name)
+            assert torch.equal(t[0:2, extra], orig[name][4:6, extra]), (backend, name)
+            x = orig[name][2:6, :kv].contiguous().view(torch.float16).float()
+            y = torch.cat([t[6:8, :kv], t[0:2, :kv]]).contiguous().view(torch.float16).float()
+            assert float((x - y).norm() / x.norm()) < (0.01 if fmt == "int8" else 0.15), (backend, name)
+    assert torch.equal(out["torch"], out["triton"])
+
+
+def _degenerate_rows(dtype, d: int) -> torch.Tensor:
+    """Rows of width ``d`` that break a naive scale/zero: constant, near-constant far from zero, huge."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.zeros(8, d)
+    rows[1] = 3.0
+    rows[2] = -1.5
+    rows[3] = 1000.0
+    rows[3, 0] = 1000.5                  # tiny range far from zero: LMDeploy's zero would overflow fp16
+    rows[4] = 1000.0 + 0.5 * torch.rand(d, generator=g)
+    rows[5] = -1000.0 - 0.5 * torch.rand(d, generator=g)
+    rows[6] = torch.linspace(-2, 2, d)
+    rows[7, ::2] = 60000.0 if dtype == torch.float16 else 1e30
+    return rows.to(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")   # zero overflowing fp16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_triton_equals_torch_on_constant_and_extreme_rows(dtype, fmt):
+    """Constant, near-constant (values 1000..1000.5) and huge K/V rows through the Triton kernels:
+    the same codes and scale/zero values as the torch reference, and finite restored values equal to its."""
+    caches, plan, alloc, layout = _layout(dtype)
+    for shift, view in enumerate(alloc.tensor_views[:2]):
+        rows = _degenerate_rows(dtype, view.shape[-1]).roll(shift, 0)
+        view.copy_(rows.repeat(view.numel() // rows.numel(), 1).reshape(view.shape))
+    out, rec = {}, {}
+    for backend in ("torch", "triton"):
+        slots = torch.empty((len(IDS), layout.slot_bytes(fmt)), dtype=torch.uint8)
+        gather_blocks(layout, caches, IDS, slots, fmt, backend=backend)
+        out[backend] = slots
+        dst, _, dalloc = build_caches(0, dtype, randomize=False, **GEOM)
+        scatter_blocks(layout, slots, IDS, dst, fmt, backend=backend)
+        rec[backend] = dst, dalloc
+    ppb = plan.kernel_blocks_per_logical_block
+    host = layout.host_format(fmt)
+    for row in range(len(layout.rows)):
+        start, size = host.row_offsets[row], ppb * host.record_bytes[row]
+        ours, ref = (out[b][:, start:start + size].unflatten(1, (ppb, -1)) for b in ("triton", "torch"))
+        for field in host.record_fields[row]:
+            a, b = (x[..., field.offset:field.offset + field.size] for x in (ours, ref))
+            if field.dtype != torch.uint8:   # scale/zero by value: an all-zero row's zero is -0.0 in torch
+                a, b = a.contiguous().view(field.dtype), b.contiguous().view(field.dtype)
+            assert torch.equal(a, b), f"row {row} {field.name}: {int((a != b).sum())} differ"
+    pages = torch.tensor([b * ppb + p for b in IDS for p in range(ppb)])
+    for name in caches:
+        assert torch.equal(rec["torch"][0][name], rec["triton"][0][name]), name
+    for src, view in zip(alloc.tensor_views[:2], rec["triton"][1].tensor_views[:2]):
+        x, y = src[:, pages].flatten(0, -2), view[:, pages].flatten(0, -2)
+        assert torch.isfinite(y.float()).all()
+        const = (x == x[:, :1]).all(1)
+        assert int(const.sum()) > 0 and torch.equal(y[const], x[const])   # constant rows come back exactly
 
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from([8, 4]), st.sampled_from([torch.float16, torch.bfloat16]),
