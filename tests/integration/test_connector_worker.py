@@ -167,6 +167,13 @@ def test_injected_failures_are_reported_per_kind(device):
     # a plan the engine rejects (slot out of range) fails the op instead of raising into LMDeploy
     out = run(w, HostTierMetadata(step=5, demotion_batch=6, demotions=((3, 999),)))
     assert out.completed_save_ids == {6} and out.invalid_block_ids == {failed_demotion_marker(6)}
+    # a failed store into a slot that held a sound copy (slot 3, step 1) leaves it unreadable too
+    w.worker_side.engine.fail_next(1, kind="store")
+    out = run(w, HostTierMetadata(step=6, demotion_batch=7, demotions=((2, 3),)))
+    assert out.invalid_block_ids == {failed_demotion_marker(7)}
+    before = cache.block(10)
+    out = run(w, HostTierMetadata(step=7, loads=(HostLoad(10, (3,), (10,)),)))
+    assert 10 in out.invalid_block_ids and torch.equal(cache.block(10), before)
     w.shutdown()
 
 

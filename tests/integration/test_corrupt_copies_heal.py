@@ -21,7 +21,8 @@ import torch
 pytest.importorskip("lmdeploy.pytorch.kv_connector")
 
 from lmdeploy_hostcache.integration import l3_tier  # noqa: E402
-from lmdeploy_hostcache.integration.worker import corrupt_slot, corrupt_slot_marker, pool_reset_step  # noqa: E402
+from lmdeploy_hostcache.integration.worker import (corrupt_slot, corrupt_slot_marker, failed_demotion_marker,  # noqa: E402
+                                                   pool_reset_step)
 from lmdeploy_hostcache.l3.chain import WorkerChain, WriteBack  # noqa: E402
 from lmdeploy_hostcache.l3.client import L3Client  # noqa: E402
 from lmdeploy_hostcache.l3.keys import StoreKeyspace  # noqa: E402
@@ -91,6 +92,14 @@ def test_corrupt_slot_markers_stay_apart_from_the_other_ids():
     assert corrupt_slot(-(1 << 62) - 5) is None                          # a pool reset marker
     with pytest.raises(ValueError):
         corrupt_slot_marker(1 << 61)
+
+
+def test_failed_demotion_markers_are_never_a_gpu_block_or_another_marker():
+    """LMDeploy's ``invalid_block_ids`` carries GPU block ids (0 and up) beside the worker's markers: a
+    failed demotion batch, the first one (0) included, must never read as a failed load's GPU block."""
+    markers = [failed_demotion_marker(b) for b in (0, 1, 2, 1 << 40)]
+    assert all(m < 0 for m in markers) and len(set(markers)) == len(markers)
+    assert all(pool_reset_step(m) is None and corrupt_slot(m) is None for m in markers)
 
 
 @pytest.mark.parametrize("tp,keep_restored,delay", [(1, True, 0), (1, False, 0), (2, True, 0), (2, False, 1)])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("lmdeploy.pytorch.kv_connector")
 
@@ -101,7 +102,6 @@ def test_a_slot_never_written_in_this_pool_is_never_published():
 def test_a_checksummed_node_restores_a_staged_store_block():
     """With ``checksum: true`` a block staged from the store into a host slot gets its checksum there, so its
     load to the GPU is sound: the staged bytes land in the GPU block, nothing is reported invalid."""
-    import torch
     from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
 
     store = DictStore()
@@ -119,6 +119,28 @@ def test_a_checksummed_node_restores_a_staged_store_block():
                                   loads=(HostLoad(77, (6,), (9,)),)))
     assert not out.invalid_block_ids, out.invalid_block_ids
     assert torch.equal(cache.block(9), cache.block(5)), "the staged store block must restore block 5's bytes"
+    w.shutdown()
+
+
+def test_a_failed_stage_leaves_its_slot_unreadable():
+    """A stage writes a store object into a host slot that may have held a sound copy; when it fails (the
+    object vanished) the slot's bytes are no block's: its load is refused, and so is any later load of it."""
+    from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
+
+    store = DictStore()
+    cc = cache_config()
+    cache = CpuCache(cc)
+    w = worker_for(cc, cache)
+    _attach_store(w, store)
+    for b in range(cc.num_gpu_blocks):
+        cache.write_block(b, random_bytes(cache, b))
+    run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 6),)))     # slot 6 readable
+    before = cache.block(9)
+    out = run(w, HostTierMetadata(step=2, l3_stages=((77, (0xABC,), (bytes(32),), (6,)),),
+                                  loads=(HostLoad(77, (6,), (9,)),)))            # not in the store
+    assert 9 in out.invalid_block_ids and torch.equal(cache.block(9), before)
+    out = run(w, HostTierMetadata(step=3, loads=(HostLoad(78, (6,), (9,)),)))
+    assert 9 in out.invalid_block_ids and torch.equal(cache.block(9), before)
     w.shutdown()
 
 

@@ -69,6 +69,19 @@ def test_object_round_trip_and_every_corruption_is_caught():
         objects.decode(key, blob[:-1], tokens[0])
 
 
+def test_an_object_of_another_format_version_is_refused(monkeypatch):
+    """A sound object (valid checksum) written by another format version is refused, not misread."""
+    space = StoreKeyspace(ns())
+    digests, tokens = chain_digests(space.namespace, list(range(8)))
+    key = space.key(digests[0])
+    monkeypatch.setattr(objects, "VERSION", objects.VERSION + 1)
+    blob = objects.encode(key, tokens[0], b"\x01" * 64)
+    assert bytes(objects.decode(key, blob, tokens[0])) == b"\x01" * 64   # sound under its own version
+    monkeypatch.undo()
+    with pytest.raises(L3Corrupt, match=f"v{objects.VERSION} object"):
+        objects.decode(key, blob, tokens[0])
+
+
 def test_engine_keyspaces_differ_per_rank_and_tp_size():
     """Keyspaces built as the engine builds them (no head shard stated, same slot bytes on every rank) give
     each TP rank its own key, and a TP1 node never shares a key with a TP2 node's rank 0."""
