@@ -195,6 +195,7 @@ def test_out_of_range_tokens_raise_before_anything_changes(bad):
     (np.array([1.0, 2.0]), "integers"),
     (np.zeros((2, 2), dtype=np.int64), "1-D"),
     (["a"], "integers"),
+    (np.array([True, False]), "integers"),      # a mask is not token ids
 ])
 def test_non_integer_tokens_raise(bad, msg):
     with pytest.raises(ValueError, match=msg):

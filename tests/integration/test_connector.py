@@ -734,23 +734,28 @@ def test_host_hit_that_leaves_the_host_tier_before_its_load_starts_falls_back_to
     rig.side.check_balanced()
 
 
-def test_load_destinations_at_another_position_than_the_lookup_fall_back_to_recompute():
-    """A load is planned for the blocks the lookup counted from (LMDeploy's computed history then). If the
-    destinations LMDeploy allocates start elsewhere (its history moved in between: not in 0.18, a guard for
-    later versions), the host blocks would land at the wrong positions: the load fails and the turn
-    recomputes."""
+@pytest.mark.parametrize("disagree", ["history_moved", "more_blocks", "partial_block"])
+def test_load_destinations_that_disagree_with_the_lookup_fall_back_to_recompute(disagree):
+    """A load is planned for the blocks the lookup counted from (LMDeploy's computed history then), whole
+    blocks each. If the destinations LMDeploy allocates start elsewhere, cover more blocks than the hit or a
+    part of one (not in 0.18: a guard for later versions), the host blocks would land at the wrong positions:
+    the load fails and the turn recomputes."""
     rig = Rig(num_gpu_blocks=8)
     a_tokens = prompt(1, 17)
     demote_first_prompt(rig, a_tokens, prompt(100, 18))
     side = rig.side
     real = side.update_state_after_alloc
 
-    def history_moved(request, block_ids, n):
-        plan = side._plans[int(request.seq_id)]
-        plan.first_block -= 1
+    def disagreeing_alloc(request, block_ids, n):
+        if disagree == "history_moved":
+            side._plans[int(request.seq_id)].first_block -= 1
+        elif disagree == "more_blocks":
+            block_ids, n = list(block_ids) + [max(block_ids) + 1], n + BS
+        else:
+            n -= 1
         return real(request, block_ids, n)
 
-    side.update_state_after_alloc = history_moved
+    side.update_state_after_alloc = disagreeing_alloc
     _, c = rig.add(a_tokens[:16] + [5, 5, 5])
     _, meta = rig.step()
     assert c.status == MessageStatus.WAITING_FOR_REMOTE_KVS and meta.loads == ()

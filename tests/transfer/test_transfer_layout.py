@@ -51,3 +51,30 @@ def test_mapping_tensor_specs_and_mtp_rows():
     assert sorted(both.row_fields) == [0, 1, 2]
     assert len(both.host_format("int8").quant_fields) == 6
     assert len(only_target.host_format("int8").quant_fields) == 4
+
+
+def _kv_specs(k=((4, 2, 16), torch.float16), v=((4, 2, 16), torch.float16), extra=()):
+    from lmdeploy_hostcache.transfer import TensorSpec
+
+    specs = [TensorSpec("k_cache", *k)] + ([TensorSpec("v_cache", *v)] if v else []) + list(extra)
+    page = sum(s.aligned_size for s in specs)
+    caches = {"cache_pool.0.row.0": torch.zeros((4, page), dtype=torch.uint8)}
+    return KVRowLayout.from_connector_caches(caches, 2, specs)
+
+
+@pytest.mark.parametrize("fmt,specs,problem", [
+    ("int8", dict(v=None), "has no v_cache field"),
+    ("int8", dict(k=((4, 2, 16), torch.int8), v=((4, 2, 16), torch.int8)), "is torch.int8; host int8/int4 compression needs"),
+    ("int8", dict(v=((4, 2, 16), torch.bfloat16)), "k_cache and v_cache dtypes differ"),
+    ("int4", dict(k=((4, 2, 15), torch.float16), v=((4, 2, 15), torch.float16)), "head_dim 15 is odd"),
+    ("int8", dict(k=((4, 32), torch.float16)), "need [block, heads, head_dim]"),
+    ("int8", dict(v=((4, 2, 0), torch.float16)), "empty v_cache"),
+])
+def test_rows_a_lossy_host_format_cannot_compress_are_refused_by_name(fmt, specs, problem):
+    """Each K/V shape int8/int4 host compression cannot handle is refused with the reason, before a copy."""
+    assert problem in _kv_specs(**specs).compression_error(fmt)
+
+
+def test_an_odd_head_dim_is_refused_for_int4_only():
+    layout = _kv_specs(k=((4, 2, 15), torch.float16), v=((4, 2, 15), torch.float16))
+    assert layout.compression_error("int8") is None and layout.compression_error("same") is None
