@@ -21,9 +21,9 @@ Policies (``POLICIES`` keys are the values of ``eviction_policy``; measurements 
 * ``lru``    -- least recently used leaf (LMDeploy's GPU behaviour; the default: the only policy
   never below LRU on every trace measured, docs/eviction.md "Ninth round");
 * ``arc``    -- ARC adapted to a leaf-first prefix index, with a recency horizon that makes it
-  LRU where LRU is near-optimal (up to 12% of the Belady gap on the Mooncake traces it was tuned on,
-  7% and 3% of it held out; but about a point below LRU on agent sessions that restart, so it is
-  not the default: docs/eviction.md, ``bench eviction``);
+  LRU where LRU is near-optimal (up to 12% of the Belady gap on the Mooncake traces it was tuned on;
+  about 0 to 4% of it on traffic it was not chosen on; about a point below LRU on agent sessions that
+  restart, so it is not the default: docs/eviction.md, ``bench eviction``);
 * ``s3fifo`` -- S3-FIFO adapted the same way (scan-resistant; loses to LRU on most capacities).
 
 ``BeladyPolicy`` (offline optimum) reads the future: it is for evaluation only, absent from

@@ -12,11 +12,15 @@ from dataclasses import dataclass, field, fields
 
 def _add_counters(metrics, deltas: dict, not_a_counter: str) -> None:
     """Add ``deltas`` to the integer counters of a metrics dataclass under its lock; a private
-    field, ``not_a_counter`` or an unknown name raises AttributeError naming the class."""
+    field, ``not_a_counter`` or an unknown name raises AttributeError naming the class, a negative
+    delta ValueError (counters only grow), and then no counter of the call changes."""
     with metrics._lock:
         for name, delta in deltas.items():
             if name.startswith("_") or name == not_a_counter or not hasattr(metrics, name):
                 raise AttributeError(f"{type(metrics).__name__} has no counter {name!r}")
+            if delta < 0:
+                raise ValueError(f"{type(metrics).__name__}.{name}: counters only grow, got {delta}")
+        for name, delta in deltas.items():
             setattr(metrics, name, getattr(metrics, name) + delta)
 
 
