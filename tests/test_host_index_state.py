@@ -1071,3 +1071,20 @@ def test_keep_restored_redemotion_of_a_kept_leaf_makes_its_parent_a_parent_again
     assert idx.evict(1) == 1 and p in idx and c not in idx
     assert idx.lookup([p], [tp], parent=ns.root) == 1
     idx.check_invariants()
+
+
+def test_a_spare_copy_reported_twice_is_refused():
+    """A spare's completion is accepted once: a second report (a duplicated worker result) raises before
+    it unpins or frees anything, as any completion of a copy that is not in flight does."""
+    ns = Namespace(model="test/spare", block_size=2)
+    (d,), (td,) = chain_digests(ns, [1, 2])
+    idx = HostIndex(8)
+    assert idx.prepare_store(d, ns.root, td) is not None
+    s1 = idx.prepare_spare(d, td)
+    idx.complete_store(d, True, slot=s1)
+    free = idx.num_free_slots
+    with pytest.raises(KeyError, match="not a spare being written"):
+        idx.complete_store(d, True, slot=s1)
+    assert idx.num_free_slots == free
+    idx.complete_store(d, True)
+    idx.check_invariants()
