@@ -148,7 +148,7 @@ def test_soak_and_plan_refuse_a_fifo_at_once_instead_of_waiting_for_a_peer(tmp_p
     model = tmp_path / "model"
     model.mkdir()
     os.mkfifo(model / "config.json")
-    for argv, needle in ((["soak", "--seconds", "1", "--json", str(fifo)], "a FIFO with no reader"),
+    for argv, needle in ((["soak", "--seconds", "1", "--json", str(fifo)], "it is a FIFO (named pipe), not a regular file"),
                          (["plan", "--model", str(fifo), "--limit", "5"], "is a FIFO (named pipe), not a regular file"),
                          (["plan", "--model", str(model), "--limit", "5"], "is a FIFO (named pipe), not a regular file")):
         p = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=120)

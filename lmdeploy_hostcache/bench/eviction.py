@@ -47,7 +47,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..planner.cli import DEFAULT_STAGGER_S, _nonneg_float, bounded_int_arg, plot_path_arg, positive_int_arg
+from ..outfile import save_figure
+from ..planner.cli import (DEFAULT_STAGGER_S, _nonneg_float, _nonneg_int, bounded_int_arg, plot_path_arg, positive_int_arg,
+                           refuse_output_over_input)
 from ..planner.traces import TRACE_FORMATS
 
 DEFAULT_FRACTIONS = (0.01, 0.03, 0.06, 0.12, 0.25, 0.5)
@@ -153,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-family", type=_per_family, default=None, metavar="N",
                    help=f"--set generated: workloads drawn per family, at most {MAX_PER_FAMILY} "
                         f"(default {DEFAULT_PER_FAMILY})")
-    p.add_argument("--generated-seed", type=int, default=None, metavar="S",
+    p.add_argument("--generated-seed", type=_nonneg_int, default=None, metavar="S",
                    help="--set generated: the seed every workload parameter is drawn from (default 0)")
     p.add_argument("--capacities", nargs="+", type=_positive_int, metavar="BLOCKS", default=None,
                    help="host capacities in blocks of the trace's own size (512 tokens for Mooncake)")
@@ -217,17 +219,23 @@ def _sources(args: argparse.Namespace) -> "tuple[list[tuple[str, str, Path | Non
 
     if args.trace:
         from ..eviction_eval import chains_from_trace  # noqa: PLC0415
-        from ..planner.traces import read_traces  # noqa: PLC0415
+        from ..planner.traces import read_traces, trace_warnings  # noqa: PLC0415
 
         def given(t: str):
             trace = read_traces([t], args.format, args.block_size,
                                 DEFAULT_STAGGER_S if args.stagger is None else args.stagger)
+            if not trace.requests:
+                why = f" ({trace.read_warnings[0]})" if trace.read_warnings else ""
+                raise ValueError(f"trace {t} has no requests{why}")
+            chains = chains_from_trace(trace)   # refuses ids that are not chained prefixes
+            for warning in trace_warnings(trace):   # what a replay still counts, as 'plan' shows it
+                print(f"warning: {t}: {warning}", file=sys.stderr)
             named = sum(1 for r in trace.requests if r.output_hash_ids)
             if named:
                 print(f"note: {t}: {named} request(s) name output blocks (output_hash_ids); this single-tier "
                       "replay stores prompt blocks only, so a turn re-sending a reply misses them here "
                       "('plan' replays them)", file=sys.stderr)
-            return chains_from_trace(trace)
+            return chains
         return [("given", Path(t).name, Path(t), lambda t=t: given(t)) for t in args.trace], {}
     # Absolute capacities are 512-token Mooncake blocks: alone they mean the held-out set only.
     sets = args.sets or (["heldout"] if args.capacities and not args.fractions else list(DEFAULT_SETS))
@@ -265,9 +273,16 @@ def run(args: argparse.Namespace) -> int:
     if unused:
         print(f"error: {unused}", file=sys.stderr)
         return 2
-    for t in args.trace or ():
-        if not Path(t).exists():
-            print(f"error: --trace {t}: no such file", file=sys.stderr)
+    if args.trace:
+        from ..planner.traces import list_trace_files  # noqa: PLC0415
+
+        try:
+            for t in args.trace:
+                list_trace_files([t])
+            if args.plot:
+                refuse_output_over_input("--plot", args.plot, args.trace)
+        except ValueError as exc:   # PlanError included
+            print(f"error: {exc}", file=sys.stderr)
             return 2
     if args.limit is not None and args.limit <= 0:
         print(f"error: --limit must be > 0, got {args.limit}", file=sys.stderr)
@@ -501,6 +516,7 @@ def _plot(results: list[dict], wanted: list[str], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

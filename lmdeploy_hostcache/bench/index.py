@@ -41,6 +41,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..planner.cli import _nonneg_int
 from ..tier.digest import Namespace, chain_digests
 from ..tier.host_index import HostIndex
 
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata-blocks", type=int, default=4096,
                         help="blocks inserted for the tracemalloc metadata measurement (default 4096)")
     parser.add_argument("--vocab", type=int, default=128256, help="token ids are drawn from [0, vocab)")
-    parser.add_argument("--seed", type=int, default=0, help="RNG seed of the prompt tokens")
+    parser.add_argument("--seed", type=_nonneg_int, default=0, help="RNG seed of the prompt tokens")
     parser.add_argument("--scale", type=int, default=0, metavar="N",
                         help="also fill an index of N single-block chains, touch every block 4 times, and report "
                              "the slowest single touch and bytes per block (default 0: off)")

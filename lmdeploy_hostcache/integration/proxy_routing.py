@@ -157,10 +157,10 @@ def _positive(kind, maximum: float = 1e9, minimum_exclusive: float = 0):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not minimum_exclusive < v <= maximum:
             low = {0: "> 0", -1: ">= 0"}.get(minimum_exclusive, f"> {minimum_exclusive:g}")
-            raise argparse.ArgumentTypeError(f"must be {low} and at most {maximum:g}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {low} and at most {int(maximum)}, got {text!r}")
         return v
     conv.__name__ = kind.__name__
     return conv

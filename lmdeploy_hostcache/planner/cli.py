@@ -90,9 +90,18 @@ def plot_path_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a file path for the plot, got an empty one")
     p = Path(text)
-    if p.is_dir():
+    if os.path.isdir(text):   # os.path: False (not a traceback) under a folder it cannot enter
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path such as {p / 'plot.png'}")
     return str(p.with_name(p.name + ".png")) if not p.suffix else text
+
+
+def refuse_output_over_input(option: str, output: str, inputs) -> None:
+    """PlanError when ``output`` is one of the ``inputs`` (paths or None): writing it would destroy an input."""
+    from ..outfile import same_file
+
+    same = next((i for i in inputs if i and same_file(output, i)), None)
+    if same is not None:
+        raise PlanError(f"{option} {output} is the input {same}: writing it would destroy it; give another path")
 
 
 def positive_int_arg(text: str) -> int:
@@ -169,7 +178,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--chat-block-size", type=positive_int_arg, default=None, metavar="N",
                      help="chat generator block size in tokens (default 64, LMDeploy's default; short for "
                           "--workload-param block_size=N)")
-    src.add_argument("--seed", type=int, default=None,
+    src.add_argument("--seed", type=_nonneg_int, default=None,
                      help="seed of the --generate/--chat workload (default 0); a trace file has none")
     src.add_argument("--limit", type=_nonneg_int, default=None, metavar="N", help="replay only the first N requests")
 
@@ -371,7 +380,7 @@ def run(args) -> int:
     try:
         return _run(args)
     except ValueError as exc:  # bad input: say what and where, no traceback
-        msg = exc.args[0] if exc.args else str(exc)
+        msg = str(exc) if isinstance(exc, UnicodeError) or not exc.args else exc.args[0]
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
@@ -459,6 +468,8 @@ def _run(args) -> int:
                   if dest in ("sweep_tier", "sweep_values", "plot")]
     if sweep_only and not args.sweep:
         raise PlanError(f"{', '.join(sweep_only)} set the capacity sweep: add --sweep")
+    if args.plot:
+        refuse_output_over_input("--plot", args.plot, [*(args.traces or ()), args.cluster, args.calibration, args.model])
     step_opts = [opt for opt, v in (("--max-batches", args.max_batches), ("--prefill-interval", args.prefill_interval),
                                     ("--max-prefill-tokens", args.max_prefill_tokens),
                                     ("--short-prefill-turns", args.short_prefill_turns),

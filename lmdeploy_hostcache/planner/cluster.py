@@ -36,6 +36,7 @@ at fractions 0, 1/8, 1/4, 1/2, 3/4 and 1 of its ``host_gb``; a node's recommende
 """
 from __future__ import annotations
 
+import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from typing import Sequence
 import xxhash
 
 from ..config import _show   # bounded: a YAML alias bomb or a huge int stays one short line
+from ..routing.table import MAX_TABLE_NODES
 from ..tier.eviction import DEFAULT_POLICY, POLICIES
 from .geometry import HOST_KV_FORMATS, MAX_GIB, QUANT_POLICIES, BlockSizing, CacheFormat, KVGeometry, resolve_model
 from .replay import SERVER_MIN_RESTORE_TOKENS, PreparedRequest, ReplayStats, TwoTierCache, progress
@@ -137,8 +139,8 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
     if not _one_of(policy, POLICIES):
         raise ValueError(f"{where}: host_policy must be one of {sorted(POLICIES)}, got {_show(policy)}")
     seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{where}: seed must be an int, got {_show(seed)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{where}: seed must be an int >= 0, got {_show(seed)}")
     min_restore = doc.get("min_restore_tokens", SERVER_MIN_RESTORE_TOKENS)
     if isinstance(min_restore, str) and min_restore.strip().lower() == "auto":
         min_restore = "auto"
@@ -174,8 +176,12 @@ def parse_cluster(doc, where: str = "cluster") -> ClusterSpec:
                        doc.get("kernel_block_size"))   # checked with the format below
     try:
         spec.cache_format
+        spec.geometry().heads_per_rank(tp)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    if routing == "cache_aware" and len(nodes) > MAX_TABLE_NODES:
+        raise ValueError(f"{where}: nodes: cache_aware routing takes at most {MAX_TABLE_NODES} nodes "
+                         f"(its block table's node masks), got {len(nodes)}")
     return spec
 
 
@@ -185,7 +191,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     from ..yamlio import load_yaml_file
 
     p = Path(path)
-    if not p.exists():
+    if not os.path.lexists(p):
         raise ValueError(f"cluster file {p} does not exist")
     doc = load_yaml_file(p)  # YamlError is a ValueError naming the file
     return parse_cluster(doc, str(p))

@@ -101,7 +101,9 @@ class PreparedRequest:
 def prepare_trace(trace: Trace, namespace: Namespace | None = None) -> list[PreparedRequest]:
     """Digest every full block of every request (the same chain the engine computes)."""
     bs = trace.block_size
-    ns = namespace or Namespace(model=f"planner:{trace.name}", block_size=bs)
+    # a file name that is not UTF-8 (surrogate escapes) still names a namespace
+    name = trace.name.encode("utf-8", "backslashreplace").decode("utf-8")
+    ns = namespace or Namespace(model=f"planner:{name}", block_size=bs)
     if ns.block_size != bs:
         raise ValueError(f"namespace block_size {ns.block_size} != trace block_size {bs}")
     out = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..outfile import save_figure
 from .cost import CostModel
 from .geometry import BlockSizing
 from .replay import ReplayStats
@@ -150,6 +151,8 @@ def plot_sweep(path: str, xs: Sequence[float], stats: Sequence[ReplayStats], xla
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path

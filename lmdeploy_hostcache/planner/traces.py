@@ -596,7 +596,15 @@ def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
     seen: set[Path] = set()
     for t in sources:
         tp = Path(t)
-        if tp.is_dir():
+        try:   # os.stat, not Path.is_dir/exists: those raise under a folder this user cannot enter
+            is_dir = stat.S_ISDIR(os.stat(tp).st_mode)
+            if is_dir:
+                os.listdir(tp)   # Path.glob would take an unreadable folder for an empty one
+        except FileNotFoundError:
+            raise ValueError(f"trace file {tp} does not exist") from None
+        except OSError as exc:   # permission denied, a symlink loop
+            raise ValueError(f"trace {tp}: cannot read it: {exc.strerror or exc}") from None
+        if is_dir:
             found = sorted(tp.glob("*.json")) + sorted(tp.glob("*.jsonl")) + sorted(tp.glob("*.jsonl.gz"))
             if not found:
                 raise ValueError(f"trace folder {tp} holds no *.json / *.jsonl files")
@@ -610,10 +618,8 @@ def list_trace_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
             if twice is not None:   # gzip -k leaves both: every request would count twice
                 raise ValueError(f"trace folder {tp} holds {twice.name[:-3]} and {twice.name}, the same file plain "
                                  "and compressed: keep one of them")
-        elif tp.exists():
-            found = [tp]
         else:
-            raise ValueError(f"trace file {tp} does not exist")
+            found = [tp]
         for f in found:     # a file named twice (or a folder and a file in it) is read once
             try:
                 key = f.resolve()

@@ -46,11 +46,14 @@ def unique_ids(ids: np.ndarray) -> np.ndarray:
     return s[np.r_[True, s[1:] != s[:-1]]]
 
 
+MAX_TABLE_NODES = 64   # node masks are at most uint64
+
+
 def _mask_dtype(max_nodes: int):
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
         if max_nodes <= np.iinfo(dt).bits:
             return dt
-    raise ValueError(f"max_nodes must be <= 64, got {max_nodes}")
+    raise ValueError(f"max_nodes must be <= {MAX_TABLE_NODES}, got {max_nodes}")
 
 
 class BlockTable:

@@ -432,9 +432,9 @@ def _worker(first_seed, stride, deadline_in, corrupt_from, results, stop_event) 
         results.put(None)
 
 
-def soak(seconds: float, seed: int = 0, workers: int = 1, json_path: str | None = None, *,
+def soak(seconds: float, seed: int = 0, workers: int = 1, *,
          corrupt_from: int | None = None, out=sys.stdout) -> dict:
-    """Run scenarios for ``seconds`` of wall time; returns (and writes to ``json_path``) the summary."""
+    """Run scenarios for ``seconds`` of wall time; returns the summary."""
     start = time.monotonic()
     summaries: list[dict] = []
 
@@ -479,12 +479,8 @@ def soak(seconds: float, seed: int = 0, workers: int = 1, json_path: str | None 
                 stop_event.set()
         for p in procs:
             p.join(timeout=60)
-    summary = summarize(summaries, seconds=seconds, seed=seed, workers=workers,
-                        wall_s=time.monotonic() - start, corrupt_from=corrupt_from)
-    if json_path:
-        with open(json_path, 'w') as fh:
-            json.dump(summary, fh, indent=2)
-    return summary
+    return summarize(summaries, seconds=seconds, seed=seed, workers=workers,
+                     wall_s=time.monotonic() - start, corrupt_from=corrupt_from)
 
 
 def summarize(summaries: list[dict], *, seconds: float, seed: int, workers: int, wall_s: float,
@@ -539,25 +535,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_json_path(path: str) -> None:
-    """``--json PATH`` can be written: a regular file (created if missing), opened without blocking (a FIFO
-    with no reader is refused at once, not waited on)."""
-    import errno
-    import os
-    import stat
+    """``--json PATH`` can be written (``outfile.output_problem``), checked before the run and creating
+    nothing: the file appears only once the run's summary is complete."""
+    from ..outfile import output_problem
 
-    from ..yamlio import file_kind
+    problem = 'an empty path' if not path else output_problem(path)
+    if problem:
+        raise _BadArgument(f'--json {path}: cannot write it ({problem})')
+
+
+def _write_json(path: str, text: str) -> int:
+    """Write the summary to ``--json`` whole or not at all (``outfile``); 0, or 1 with one line naming it."""
+    from ..outfile import write_text
 
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        write_text(path, text)
     except OSError as exc:
-        why = 'a FIFO with no reader' if exc.errno == errno.ENXIO else (exc.strerror or exc)
-        raise _BadArgument(f'--json {path}: cannot write it ({why})') from None
-    try:
-        mode = os.fstat(fd).st_mode
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(mode):
-        raise _BadArgument(f'--json {path}: is {file_kind(mode)}, not a regular file')
+        print(f'error: --json {path}: cannot write it ({exc.strerror or exc}); the summary above is complete',
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 class _BadArgument(ValueError):
@@ -600,7 +597,7 @@ def run(args: argparse.Namespace) -> int:
         corrupt_from = _number(args, 'inject_corruption', int, minimum=0)
         if scenario is not None and (seconds is not None or minutes is not None or workers != 1):
             raise _BadArgument('--scenario runs one scenario: it takes no --seconds, --minutes or --workers')
-        if args.json:   # found unwritable before the run, not after it (its results would be lost)
+        if args.json is not None:   # found unwritable before the run, not after it (its results would be lost)
             _check_json_path(args.json)
     except _BadArgument as exc:
         print(f'error: lmdeploy-hostcache soak: {exc}', file=sys.stderr)
@@ -610,19 +607,21 @@ def run(args: argparse.Namespace) -> int:
         summary = run_scenario(random_scenario(scenario), corrupt_from=corrupt_from)
         text = json.dumps(summary, indent=2)
         print(text)
-        if args.json:
-            with open(args.json, 'w') as fh:
-                fh.write(text)
+        rc = _write_json(args.json, text) if args.json else 0
         if not summary['ok']:
             print(f"FAILED scenario seed={scenario}: {summary['error']}; reproduce: "
                   f"{_reproduce(scenario, corrupt_from)}", file=sys.stderr)
             return 1
-        return 0
+        return rc
     budget = seconds if seconds is not None else 60.0 * (minutes if minutes is not None else 2.0)
-    summary = soak(budget, seed, workers, args.json, corrupt_from=corrupt_from)
+    summary = soak(budget, seed, workers, corrupt_from=corrupt_from)
     t, r = summary['totals'], summary['rates']
     print(f"soak: {t['scenarios']} scenarios ({t['failed']} failed) in {summary['wall_s']:.1f} s wall, "
           f"{summary['cpu_s']:.1f} s CPU; {t['requests']} requests, {t['restored_blocks']} restored blocks, "
           f"{t['restored_verified']} verified on every rank ({r['restored_verified_per_cpu_minute']} per CPU-minute), "
           f"{t['wrong_blocks']} wrong blocks, {t['leaks']} leaks")
-    return 0 if summary['ok'] else 1
+    if not t['scenarios']:
+        print(f"error: no scenario finished in the {budget:g} s given; give more time (--seconds/--minutes)",
+              file=sys.stderr)
+    rc = _write_json(args.json, json.dumps(summary, indent=2)) if args.json else 0
+    return 0 if summary['ok'] and rc == 0 else 1

@@ -68,7 +68,10 @@ BASE = {"routing": "session", "nodes": [{"name": "a", "gpu_kv_gb": 20, "host_gb"
     ({"kernel_block_size": 8}, "kernel_block_size must be a power of 2 >= 16"),
     ({"kernel_block_size": True}, "kernel_block_size must be a power of 2 >= 16"),
     ({"kernel_block_size": "16"}, "kernel_block_size must be a power of 2 >= 16"),
-    ({"tp": 3}, None),   # checked once the model is known: see test_cli
+    ({"tp": 3}, r"c.yaml: tp=3 does not divide num_kv_heads=8"),
+    ({"seed": -1}, r"c.yaml: seed must be an int >= 0, got -1"),
+    ({"routing": "cache_aware", "nodes": [{"name": f"n{i}", "gpu_kv_gb": 8, "host_gb": 8} for i in range(65)]},
+     r"c.yaml: nodes: cache_aware routing takes at most 64 nodes"),
 ])
 def test_cluster_yaml_errors_name_the_field(patch, match):
     if match is None:
