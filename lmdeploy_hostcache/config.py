@@ -34,6 +34,7 @@ __all__ = [
     "FieldError",
     "HostCacheConfig",
     "HOST_KV_FORMATS",
+    "capture_path_problem",
     "eviction_policy_names",
     "load_config",
     "markdown_reference",
@@ -224,6 +225,28 @@ def _parse_capture(value: Any) -> str:
             raise _Bad(allowed)
         return out
     raise _Bad(allowed)
+
+
+def capture_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why trace capture cannot write ``path``, as a phrase (None when it can, as far as a check that opens and
+    creates nothing tells).
+
+    The capture's writer (``capture/writer.py``) creates ``path`` in its folder, sets an earlier or a full file
+    aside beside it (a rename there), and writes only to a regular file (its ``_refuse_unless_regular``: a
+    folder, a FIFO, a device or a socket at ``path`` is never written). So the folder must exist and be
+    writable by this user, and anything already at ``path`` must be a writable regular file. A relative
+    ``path`` is checked against the current folder, as the engine started from it resolves it. The field's
+    parser does not check this (a config is valid on any machine): ``lmdeploy serve api_server`` and
+    ``doctor --config`` call it for an enabled tier; at run time a capture that fails is logged and serving
+    goes on.
+    """
+    from .outfile import output_problem, writable_by_this_user  # noqa: PLC0415
+
+    target = os.path.abspath(os.fspath(path))
+    problem = output_problem(target)   # the folder (capture creates files there), a regular file at the path
+    if problem is None and os.path.exists(target) and not writable_by_this_user(target):
+        problem = "it is not writable by this user (capture appends to it)"
+    return problem
 
 
 def _parse_capture_max_mb(value: Any) -> float:

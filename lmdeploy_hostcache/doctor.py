@@ -17,7 +17,9 @@ Exit codes (also in README "Commands"):
      naming the field) or a configured size this machine cannot hold (above total RAM, alone
      or with the ``l3`` store's segment and buffer, or under one byte, which holds no block),
      or ``min_restore_tokens: auto`` with a restore calibration file (``$LMDEPLOY_HOSTCACHE_CALIBRATION``)
-     the server would refuse at start-up.
+     the server would refuse at start-up, or a ``capture`` file the capture could not write (its folder
+     missing or not writable, a folder or FIFO at the path; a relative path is checked against the current
+     folder).
      Whether a size holds at least one block of a model needs the model: start-up checks it.
 Missing packages never crash the command: they read "not installed".
 """
@@ -203,6 +205,18 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
         except CalibrationError as exc:
             config_info.update(ok=False, error=f"min_restore_tokens: auto needs the restore calibration: {exc}",
                                field="min_restore_tokens", fields=["min_restore_tokens"])
+            exit_code = EXIT_BAD_CONFIG
+
+    if cfg is not None and cfg.enabled and cfg.capture and config_info["ok"]:   # a disabled tier captures nothing
+        # the server refuses a capture it could not write at start-up (cli_patch._check_capture_path): so does this
+        from .config import FieldError, capture_path_problem  # noqa: PLC0415
+
+        why = capture_path_problem(cfg.capture)
+        if why is not None:
+            exc = ConfigError([FieldError("capture", cfg.capture, "", problem=(
+                f"{cfg.capture}: {why}; trace capture could not write it: give a file in an existing folder "
+                "this user can write"))], config_path)
+            config_info.update(ok=False, error=str(exc), field="capture", fields=["capture"])
             exit_code = EXIT_BAD_CONFIG
 
     sizing: dict[str, Any] = {"host_cache_gb": cfg.host_cache_gb if cfg else None,

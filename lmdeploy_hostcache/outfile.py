@@ -54,11 +54,18 @@ def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
         fig.savefig(fh, format=fmt, **savefig_kwargs)
 
 
-def output_problem(path: str | os.PathLike) -> str | None:
-    """Why ``path`` cannot take an output file written by ``replacing``, or None; creates nothing.
+def writable_by_this_user(path: str | os.PathLike, mode: int = os.W_OK) -> bool:
+    """``os.access`` for the effective user where the platform can ask for it."""
+    effective = {"effective_ids": True} if os.access in os.supports_effective_ids else {}
+    return os.access(path, mode, **effective)
 
-    The folder must exist and be writable (the temporary file is made there); an existing path must be a
-    regular file (a folder, FIFO or device is refused)."""
+
+def output_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot take a file this user creates there, as a phrase, or None; opens and creates nothing.
+
+    The folder must exist and be writable by this user (``replacing`` makes its temporary file there, trace
+    capture its files); anything already at ``path`` must be a regular file (a folder, FIFO or device is refused:
+    ``yamlio.file_kind`` names it)."""
     from .yamlio import file_kind
 
     target = Path(path)
@@ -67,20 +74,22 @@ def output_problem(path: str | os.PathLike) -> str | None:
         folder_mode = os.stat(folder).st_mode
     except FileNotFoundError:
         return f"its folder {folder} does not exist"
+    except NotADirectoryError:
+        return f"its folder {folder} does not exist (a part of that path is a file)"
     except OSError as exc:
-        return f"its folder {folder} cannot be reached ({exc.strerror or exc})"
+        return f"its folder {folder} cannot be read ({exc.strerror or exc})"
     if not stat.S_ISDIR(folder_mode):
-        return f"{folder} is not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"its folder {folder} is not writable"
+        return f"its folder {folder} is not a folder"
+    if not writable_by_this_user(folder, os.W_OK | os.X_OK):
+        return f"its folder {folder} is not writable by this user"
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return f"it cannot be read ({exc.strerror or exc})"
     if stat.S_ISDIR(mode):
-        return "it is a folder"
+        return "it is a folder, not a regular file"
     if not stat.S_ISREG(mode):
         return f"it is {file_kind(mode)}, not a regular file"
     return None

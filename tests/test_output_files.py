@@ -43,7 +43,7 @@ def test_output_problem_names_what_is_wrong_and_creates_nothing(tmp_path):
     (tmp_path / "dir").mkdir()
     assert outfile.output_problem(tmp_path / "new.json") is None
     assert "does not exist" in outfile.output_problem(tmp_path / "no" / "x.json")
-    assert outfile.output_problem(tmp_path / "dir") == "it is a folder"
+    assert outfile.output_problem(tmp_path / "dir") == "it is a folder, not a regular file"
     assert "FIFO" in outfile.output_problem(tmp_path / "fifo")
     assert sorted(os.listdir(tmp_path)) == ["dir", "fifo"]
 

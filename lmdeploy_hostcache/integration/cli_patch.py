@@ -23,7 +23,10 @@ Invariants:
   machine's total RAM, alone or beside the ``l3`` store (``hostmem.resolve_host_cache_bytes``, the
   check the engine runs), what the engine would refuse from the arguments (``--role`` other than
   Hybrid, the ``mp`` executor over several ranks, a lossy ``host_kv_format`` with ``--quant-policy``)
-  or from a local model folder's config (``compat.model_problems``), an unsupported LMDeploy) is one
+  or from a local model folder's config (``compat.model_problems``), a ``capture`` path that cannot be
+  written (a missing or unwritable folder, a folder or FIFO at the path), a bad ``LMDEPLOY_HOSTCACHE_*``
+  variable the engine reads at start-up (the cache-state feed's address, exposure and cluster secret, the
+  capture key), an unsupported LMDeploy) is one
   ``lmdeploy serve api_server: error: ...`` line on stderr and exit code 2, like an argparse
   error, before any engine starts (before weights load): never a traceback.
 """
@@ -154,6 +157,8 @@ def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str,
       holds one block (ConfigError naming ``source`` and the field): the check the engine runs when it sizes
       the tier (``hostmem.resolve_host_cache_bytes``), made before the weights load. The store's clients
       are counted as ``--tp`` (one per rank; the engine counts its exact ranks again);
+    - a ``capture`` path the capture could not write (``_check_capture_path``), and the package's environment
+      variables the engine reads at start-up (``_check_environment``: the cache-state feed's, the capture key);
     - with ``l3.on_unreachable: error``, the Mooncake master accepts a TCP connection (ConfigError naming
       ``l3.master_address``): the engine's own check would fail inside its process, after the weights load,
       with LMDeploy's tracebacks;
@@ -180,6 +185,8 @@ def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str,
         refuse_size_holding_no_block(cfg, nbytes)   # the engine would find 0 slots
     except ConfigError as exc:
         raise ConfigError(exc.errors, source) from None
+    _check_capture_path(cfg, args, source)
+    _check_environment(cfg)
     l3 = getattr(cfg, "l3", None)
     if l3 is not None and l3.on_unreachable == "error":
         from ..l3.backend import master_refusal
@@ -191,6 +198,60 @@ def _check_startable(cfg: Any, args: argparse.Namespace, prefix_cache_need: str,
             raise ConfigError([FieldError("l3.master_address", l3.master_address, "", problem=(
                 f"{why} (l3.on_unreachable is 'error'; 'warn' starts the node without the shared tier)"))], source)
     _check_engine_arguments(cfg, args, source)
+
+
+def _check_capture_path(cfg: Any, args: argparse.Namespace, source: str) -> None:
+    """A ``capture`` path the engine's capture could not write (``config.capture_path_problem``: a missing or
+    unwritable folder, a folder or FIFO at the path) is refused: ValueError naming ``--host-cache-capture`` and
+    the path when the flag gave it, else ConfigError naming ``source`` and the field. In the engine it would be
+    one log line at start-up and a server without the capture asked for."""
+    from ..config import ConfigError, FieldError, capture_path_problem
+
+    path = getattr(cfg, "capture", "") or ""
+    problem = capture_path_problem(path) if path else None
+    if problem is None:
+        return
+    hint = "trace capture could not write it: give a file in an existing folder this user can write"
+    flag = getattr(args, "host_cache_capture", None)
+    if flag is not None and flag.strip() == path:
+        raise ValueError(f"--host-cache-capture {path}: {problem}; {hint}, or drop --host-cache-capture")
+    raise ConfigError([FieldError("capture", path, "", problem=f"{path}: {problem}; {hint}")], source)
+
+
+def _check_environment(cfg: Any) -> None:
+    """The package's environment variables the engine process reads at start-up with the tier on, parsed here by
+    the functions that read them there (ValueError naming the variable); in the engine a bad value is one log line
+    and a node without what was asked for:
+
+    - ``LMDEPLOY_HOSTCACHE_FEED_ADDR`` set: ``cache_state_feed.attach_from_env``'s checks, in its order:
+      ``parse_addr`` (the address), ``check_exposure`` with ``feed_api_keys`` (no key on a non-loopback address
+      needs ``LMDEPLOY_HOSTCACHE_FEED_UNAUTHENTICATED=1``) and ``routing.ids.cluster_key``
+      (``LMDEPLOY_HOSTCACHE_CLUSTER_SECRET`` too short); only the port is left to the engine, which binds it;
+    - a ``capture`` set: ``LMDEPLOY_HOSTCACHE_CAPTURE_KEY`` (``CaptureKey.from_env``: 32 hex digits).
+
+    ``LMDEPLOY_HOSTCACHE_CALIBRATION`` is read by ``_check_startable`` (``min_restore_tokens: auto``);
+    ``LMDEPLOY_HOSTCACHE_SALT_FROM_API_KEY`` is read per request and takes any unknown word as on, with a warning.
+    """
+    from .cache_state_feed import ENV_FEED_ADDR, check_exposure, feed_api_keys, parse_addr
+
+    addr = os.environ.get(ENV_FEED_ADDR, "").strip()
+    if addr:
+        from ..routing.ids import cluster_key
+
+        try:
+            host, _ = parse_addr(addr)
+            check_exposure(host, feed_api_keys())
+            cluster_key()
+        except ValueError as exc:
+            raise ValueError(f"{exc}; the node's cache-state feed would not start (unset {ENV_FEED_ADDR} to run "
+                             "without it)") from None
+    if getattr(cfg, "capture", ""):
+        from ..capture import CaptureKey
+
+        try:
+            CaptureKey.from_env()
+        except ValueError as exc:
+            raise ValueError(f"{exc}; trace capture would be off (unset it for a fresh key per capture)") from None
 
 
 def _check_engine_arguments(cfg: Any, args: argparse.Namespace, source: str) -> None:
