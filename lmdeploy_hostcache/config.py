@@ -227,6 +227,18 @@ def _parse_capture(value: Any) -> str:
     raise _Bad(allowed)
 
 
+def url_host_and_port_ok(url: str) -> bool:
+    """Whether ``url`` (any scheme) names a host, and a port in 0..65535 if it gives one (``urlsplit``)."""
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    try:
+        parts = urlsplit(url)
+        parts.port   # noqa: B018 -- raises ValueError outside 0..65535
+    except ValueError:
+        return False
+    return bool(parts.hostname)
+
+
 def capture_path_problem(path: str | os.PathLike[str]) -> str | None:
     """Why trace capture cannot write ``path``, as a phrase (None when it can, as far as a check that opens and
     creates nothing tells).

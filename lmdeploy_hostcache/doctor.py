@@ -354,7 +354,11 @@ def _text(facts: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    facts = collect(getattr(args, "config", None))
+    config_path = getattr(args, "config", None)
+    if config_path is not None and not config_path.strip():   # as the server refuses an empty settings path
+        print("error: lmdeploy-hostcache doctor: --config: expected a file path, got an empty one", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    facts = collect(config_path)
     if getattr(args, "json", False):
         print(json.dumps(facts, indent=2, default=str))
     else:

@@ -267,3 +267,22 @@ def test_bench_route_compare_refuses_the_timing_options_it_would_ignore(tmp_path
     argv = ["bench", "route", "--compare", str(cluster), "--chat-sessions", "4"]
     assert cli.main([*argv, "--block-size", "16", "--nodes", "3"]) == 2
     assert "--nodes, --block-size set the router timing run; --compare replays a trace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("item", ["http://a:1=http://b:99999", "http://=http://b:2", "http://a:1=ftp://b:2"])
+def test_a_feed_url_with_no_host_or_an_impossible_port_is_refused(item):
+    from lmdeploy_hostcache.integration.proxy_routing import parse_feed_urls
+
+    with pytest.raises(ValueError, match="--cache-aware-feed-url: expected NODE_URL=FEED_URL"):
+        parse_feed_urls([item])
+    assert parse_feed_urls(["http://a:1=http://b:2/feed"]) == {"http://a:1": "http://b:2/feed"}
+
+
+def test_a_metadata_server_with_an_impossible_port_is_a_field_error():
+    with pytest.raises(ConfigError, match="l3.metadata_server: got 'http://x:99999/metadata'"):
+        parse_l3_section({"master_address": "127.0.0.1:50051", "metadata_server": "http://x:99999/metadata"})
+
+
+def test_doctor_refuses_an_empty_config_path_as_the_server_does(capsys):
+    assert cli.main(["doctor", "--config", ""]) == 2
+    assert "--config: expected a file path, got an empty one" in capsys.readouterr().err

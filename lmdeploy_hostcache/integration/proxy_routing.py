@@ -286,6 +286,12 @@ def options_from_args(args) -> dict:
     return options
 
 
+def _http_url(url: str) -> bool:
+    from ..config import url_host_and_port_ok
+
+    return url.startswith(("http://", "https://")) and url_host_and_port_ok(url)
+
+
 def parse_feed_urls(items) -> dict[str, str]:
     """``NODE_URL=FEED_URL`` pairs of ``--cache-aware-feed-url`` -> {node URL: feed URL}; ValueError naming
     the option for a malformed pair."""
@@ -293,8 +299,9 @@ def parse_feed_urls(items) -> dict[str, str]:
     for item in items:
         node, sep, feed = str(item).partition("=")
         node, feed = node.strip().rstrip("/"), feed.strip()
-        if not sep or not node.startswith(("http://", "https://")) or not feed.startswith(("http://", "https://")):
-            raise ValueError(f"--cache-aware-feed-url: expected NODE_URL=FEED_URL with http(s) URLs, got {item!r}")
+        if not sep or not (_http_url(node) and _http_url(feed)):
+            raise ValueError(f"--cache-aware-feed-url: expected NODE_URL=FEED_URL with http(s) URLs (a host, a port "
+                             f"up to 65535), got {item!r}")
         urls[node] = feed
     return urls
 

@@ -29,7 +29,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..config import MAX_GIB, ConfigError, FieldError, _Bad, _number
+from ..config import MAX_GIB, ConfigError, FieldError, _Bad, _number, url_host_and_port_ok
 
 BACKENDS = ("mooncake",)
 PROTOCOLS = ("tcp", "rdma")
@@ -115,7 +115,7 @@ def _metadata(v: Any) -> str:
         t = v.strip()
         if t.upper() == "P2PHANDSHAKE":
             return "P2PHANDSHAKE"
-        if t.startswith(("http://", "https://", "etcd://", "redis://")) and len(t.split("://", 1)[1]) > 0:
+        if t.startswith(("http://", "https://", "etcd://", "redis://")) and url_host_and_port_ok(t):
             return t
     raise ValueError(allowed)
 

@@ -105,7 +105,7 @@ def test_cache_aware_options_without_the_strategy_are_refused_naming_them():
 
 def test_a_malformed_feed_url_is_one_error_line_and_exit_2():
     line = _refused_line(_serve_proxy("--routing-strategy", "cache_aware", "--cache-aware-feed-url", "garbage"))
-    assert line == PREFIX + "--cache-aware-feed-url: expected NODE_URL=FEED_URL with http(s) URLs, got 'garbage'"
+    assert line == PREFIX + "--cache-aware-feed-url: expected NODE_URL=FEED_URL with http(s) URLs (a host, a port up to 65535), got 'garbage'"
     # without the strategy it is an ignored option: refused the same way
     line = _refused_line(_serve_proxy("--cache-aware-feed-url", "garbage"))
     assert "--cache-aware-feed-url" in line and "add --routing-strategy cache_aware" in line
