@@ -1000,25 +1000,11 @@ def test_hold_chain_protects_the_whole_hit_with_a_few_pins(policy):
     idx.check_invariants()
 
 
-def test_lru_redemotion_of_a_present_block_refreshes_it():
-    """A block the GPU evicts again while its host copy is present copies nothing but counts as an
-    access: the next store's LRU victim is the other, older block."""
-    ns = Namespace(model="test/lru", block_size=2)
-    (a,), (ta,) = chain_digests(ns, [1, 2])
-    (b,), (tb,) = chain_digests(ns, [3, 4])
-    (c,), (tc,) = chain_digests(ns, [5, 6])
-    evicted = []
-    idx = HostIndex(2, policy="lru", on_evict=lambda blk: evicted.append(blk.digest))
-    _stored(idx, [(a, ns.root, ta), (b, ns.root, tb)])      # a is the older one
-    assert idx.prepare_store(a, ns.root, ta) is None and idx.stats.refreshes == 1
-    _stored(idx, [(c, ns.root, tc)])
-    assert evicted == [b] and a in idx and b not in idx
-    idx.check_invariants()
-
-
-def test_lru_a_load_counts_as_an_access():
-    """prepare_load marks its blocks used, even when the load then fails and they stay on host: the
-    next store's LRU victim is the block nobody read."""
+@pytest.mark.parametrize("access", ["redemotion", "failed_load"])
+def test_lru_an_access_to_the_older_block_makes_the_other_the_victim(access):
+    """A block the GPU evicts again while its host copy is present copies nothing but counts as an access;
+    so does prepare_load, even when the load then fails and the block stays on host: the next store's LRU
+    victim is the other block."""
     ns = Namespace(model="test/lru", block_size=2)
     (a,), (ta,) = chain_digests(ns, [1, 2])
     (b,), (tb,) = chain_digests(ns, [3, 4])
@@ -1027,8 +1013,11 @@ def test_lru_a_load_counts_as_an_access():
     idx = HostIndex(2, policy="lru", on_evict=lambda blk: evicted.append(blk.digest))
     _stored(idx, [(a, ns.root, ta), (b, ns.root, tb)])      # a is the older one
     before = idx.get(a).last_access
-    idx.prepare_load([a])
-    idx.complete_load([a], success=False)
+    if access == "redemotion":
+        assert idx.prepare_store(a, ns.root, ta) is None and idx.stats.refreshes == 1
+    else:
+        idx.prepare_load([a])
+        idx.complete_load([a], success=False)
     assert idx.get(a).last_access > idx.get(b).last_access > before
     _stored(idx, [(c, ns.root, tc)])
     assert evicted == [b] and a in idx and b not in idx

@@ -17,6 +17,7 @@ import json
 import os
 
 import pytest
+import test_startup_audit as audit
 
 from lmdeploy_hostcache import cli, config, hostmem
 from lmdeploy_hostcache.hostmem import GIB, HostMemoryFacts
@@ -39,35 +40,16 @@ def clean_env(monkeypatch):
     monkeypatch.setattr(hostmem, "read_host_memory", lambda *a, **k: facts)
 
 
-def _args(**kw) -> argparse.Namespace:
-    base = dict(host_cache_gb=1.0, host_cache_config=None, host_cache_capture=None, backend="pytorch",
-                enable_prefix_caching=True, kv_transfer_config=None)
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
-def _raw(extra) -> dict:
-    return {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both", "kv_connector_extra_config": extra}
-
-
 def _refused(capsys, **kw) -> str:
-    """The serve command on ``kw``: one ``error:`` line on stderr, exit 2, the server never reached."""
-    server = wrap_api_server(lambda args: pytest.fail("the server started"))
-    with pytest.raises(SystemExit) as ei:
-        server(_args(**kw))
-    assert ei.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("lmdeploy serve api_server: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    return err
+    """The serve command on ``kw`` (a 1 GiB tier unless given): one ``error:`` line, exit 2, never served."""
+    return audit._refused(capsys, **{"host_cache_gb": 1.0, **kw})
 
 
 def _served(**kw) -> argparse.Namespace:
-    seen = []
-    args = _args(**kw)
-    wrap_api_server(seen.append)(args)
-    assert seen == [args]
-    return args
+    return audit._served(**{"host_cache_gb": 1.0, **kw})
+
+
+_raw = audit._raw
 
 
 # 10: the environment the engine reads at start-up ---------------------------------------------------------

@@ -57,19 +57,27 @@ def _attach_store(worker, store: DictStore) -> None:
                                  write_slot))
 
 
-def test_a_checksummed_node_never_publishes_a_slot_whose_bytes_changed():
-    """With ``checksum: true`` a host slot whose bytes no longer match their hash is refused for a local load;
-    its write-back to the store is refused too: the store object would wrap the bad bytes in a fresh, valid
-    checksum, and another node would restore them as sound. A sound slot is still written back."""
-    from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
+def _worker_with_store(checksum: bool = False):
+    """A real worker role over a CPU cache of random blocks, with a store tier over a ``DictStore``."""
+    from test_connector_worker import CpuCache, cache_config, random_bytes, worker_for
 
     store = DictStore()
-    cc = cache_config(checksum=True)
+    cc = cache_config(checksum=checksum)
     cache = CpuCache(cc)
     w = worker_for(cc, cache)
     _attach_store(w, store)
     for b in range(cc.num_gpu_blocks):
         cache.write_block(b, random_bytes(cache, b))
+    return w, cache, store
+
+
+def test_a_checksummed_node_never_publishes_a_slot_whose_bytes_changed():
+    """With ``checksum: true`` a host slot whose bytes no longer match their hash is refused for a local load;
+    its write-back to the store is refused too: the store object would wrap the bad bytes in a fresh, valid
+    checksum, and another node would restore them as sound. A sound slot is still written back."""
+    from test_connector_worker import run
+
+    w, cache, store = _worker_with_store(checksum=True)
     assert run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2), (6, 3)))).completed_save_ids == {0}
     w.worker_side.pool.slot_view(2).numpy()[100] ^= 0xFF   # host-memory corruption in slot 2
     assert run(w, HostTierMetadata(step=2, loads=(HostLoad(77, (2,), (9,)),))).invalid_block_ids == \
@@ -84,15 +92,9 @@ def test_a_slot_never_written_in_this_pool_is_never_published():
     """A write-back names a slot by the scheduler's index, which can be older than the worker's pool (a
     rebuild the scheduler has not noticed yet): a slot the pool never had written holds no KV, so it is not
     put to the store, where every node would trust it. A slot written in this pool is put."""
-    from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
+    from test_connector_worker import run
 
-    store = DictStore()
-    cc = cache_config()
-    cache = CpuCache(cc)
-    w = worker_for(cc, cache)
-    _attach_store(w, store)
-    for b in range(cc.num_gpu_blocks):
-        cache.write_block(b, random_bytes(cache, b))
+    w, cache, store = _worker_with_store()
     run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2),)))    # slot 2 written in this pool
     run(w, HostTierMetadata(step=2, l3_write_backs=((0x1111, bytes(32), 2), (0x2222, bytes(range(32)), 4))))
     assert len(store.objects) == 1, "slot 4 was never written in this pool"
@@ -102,15 +104,9 @@ def test_a_slot_never_written_in_this_pool_is_never_published():
 def test_a_checksummed_node_restores_a_staged_store_block():
     """With ``checksum: true`` a block staged from the store into a host slot gets its checksum there, so its
     load to the GPU is sound: the staged bytes land in the GPU block, nothing is reported invalid."""
-    from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
+    from test_connector_worker import run
 
-    store = DictStore()
-    cc = cache_config(checksum=True)
-    cache = CpuCache(cc)
-    w = worker_for(cc, cache)
-    _attach_store(w, store)
-    for b in range(cc.num_gpu_blocks):
-        cache.write_block(b, random_bytes(cache, b))
+    w, cache, store = _worker_with_store(checksum=True)
     tokens = bytes(range(32))
     run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 2),)))
     run(w, HostTierMetadata(step=2, l3_write_backs=((0xABC, tokens, 2),)))       # block 5's KV is in the store
@@ -125,15 +121,9 @@ def test_a_checksummed_node_restores_a_staged_store_block():
 def test_a_failed_stage_leaves_its_slot_unreadable():
     """A stage writes a store object into a host slot that may have held a sound copy; when it fails (the
     object vanished) the slot's bytes are no block's: its load is refused, and so is any later load of it."""
-    from test_connector_worker import CpuCache, cache_config, random_bytes, run, worker_for
+    from test_connector_worker import run
 
-    store = DictStore()
-    cc = cache_config()
-    cache = CpuCache(cc)
-    w = worker_for(cc, cache)
-    _attach_store(w, store)
-    for b in range(cc.num_gpu_blocks):
-        cache.write_block(b, random_bytes(cache, b))
+    w, cache, store = _worker_with_store()
     run(w, HostTierMetadata(step=1, demotion_batch=0, demotions=((5, 6),)))     # slot 6 readable
     before = cache.block(9)
     out = run(w, HostTierMetadata(step=2, l3_stages=((77, (0xABC,), (bytes(32),), (6,)),),
@@ -187,16 +177,10 @@ def test_a_store_hit_found_on_a_retry_is_chained_after_the_block_before_it():
     """A request's digest chain is cached across its admission attempts; when a retry looks up from a later
     block (its GPU match grew), the planned store hit's parent is the digest of the block before it, not the
     chain's root, so the staged blocks are indexed under the prefix they continue."""
-    from test_connector import BS, Rig, ns, prompt
+    from test_connector import BS, ns
 
-    rig = Rig(num_gpu_blocks=16, host_blocks=16)
-    store = DictStore()
-    space = StoreKeyspace(ns(), block_nbytes=1000)
-    rig.side.l3 = SchedulerL3(SchedulerChain(rig.side.index, L3Client(store), [space]), L3TierMetrics())
-    toks = prompt(1, 4 * BS)
+    rig, toks = _store_rig()
     digests, _ = chain_digests(ns(), toks)
-    for d in digests:
-        store.objects[space.key(d)] = b"x"
     _, seq = rig.add(toks + [5, 5])
     side = rig.side
     assert side.get_num_new_matched_tokens(seq, 0) == (4 * BS, True)
