@@ -391,10 +391,10 @@ def read_mooncake(path: str | os.PathLike, block_size: int | None = None,
                 try:
                     _mooncake_line(_text(raw, where, whole_file=False), where, meta, reqs, bad_time)
                 except ValueError as exc:
-                    if raw.endswith(b"\n"):
-                        raise
-                    # the last line, unterminated: a record cut by a crash or still being written (every
-                    # record ends in a newline), skipped and reported
+                    if raw.endswith(b"\n") or _parses_as_json(raw):
+                        raise   # a whole line, or a whole JSON value that is not a record: a real error
+                    # the last line, unterminated and not whole JSON: a record cut by a crash or still being
+                    # written (every record ends in a newline), skipped and reported
                     skipped.append(f"{where}: the last line has no newline and is not a whole record ({exc}); "
                                    "skipped (a write cut short, or one still in progress)")
     except READ_ERRORS as exc:
@@ -438,6 +438,14 @@ def read_mooncake_files(paths: Sequence[str | os.PathLike], block_size: int | No
     label = name or f"{len(paths)} captured files"
     return Trace(label, first.block_size, reqs, source=", ".join(map(str, paths)), capture_key=first.capture_key,
                  read_warnings=[w for t in traces for w in t.read_warnings])
+
+
+def _parses_as_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _mooncake_line(line: str, where: str, meta: _MooncakeFile, reqs: list[Request], bad_time: _NonFinite) -> None:

@@ -155,3 +155,17 @@ def test_a_fifo_or_pipe_trace_is_refused_without_reading(tmp_path):
     os.unlink(fifo)
     with pytest.raises(ValueError, match=r"gone\.jsonl: cannot read it"):
         read_traces([tmp_path])
+
+
+def test_an_unterminated_last_line_is_skipped_only_when_it_is_cut_json(tmp_path):
+    """A last line without its newline that is not whole JSON is a write cut short (skipped, reported); one that
+    is whole JSON but not a record (a WEKA session file read as Mooncake) is that record's error."""
+    good = json.dumps({"timestamp": 0, "input_length": 1024, "output_length": 1, "hash_ids": [1, 2]}) + "\n"
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(good + '{"timestamp": 1, "input_len')
+    trace = read_mooncake(cut)
+    assert len(trace.requests) == 1 and "a write cut short" in trace.read_warnings[0]
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps({"block_size": 64, "requests": []}))
+    with pytest.raises(ValueError, match=r"whole\.json:1: missing field 'hash_ids'"):
+        read_mooncake(whole)
