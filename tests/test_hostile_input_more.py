@@ -266,7 +266,7 @@ def test_bench_route_compare_refuses_the_timing_options_it_would_ignore(tmp_path
     cluster = Path(cli.__file__).resolve().parents[1] / "examples" / "cluster.yaml"
     argv = ["bench", "route", "--compare", str(cluster), "--chat-sessions", "4"]
     assert cli.main([*argv, "--block-size", "16", "--nodes", "3"]) == 2
-    assert "--nodes, --block-size set the router timing run; --compare replays a trace" in capsys.readouterr().err
+    assert "--block-size, --nodes set the router timing run; --compare replays a trace" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("item", ["http://a:1=http://b:99999", "http://=http://b:2", "http://a:1=ftp://b:2"])

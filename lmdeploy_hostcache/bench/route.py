@@ -33,20 +33,27 @@ from ..planner.cli import _nonneg_int
 DEFAULT_NODES = (4, 16)
 
 
-# the timing run's options and defaults (None on the command line = not given: --compare refuses them)
-TIMING_DEFAULTS = {"nodes": list(DEFAULT_NODES), "blocks_per_node": 1_000_000, "requests": 2000, "prompt_blocks": 64,
-                   "block_size": 64, "seed": 0}
+class _TimingOption(argparse.Action):
+    """Stores the value and records the option in ``timing_given``: the timing run's options, which
+    ``--compare`` (a trace replay over a cluster file's nodes) would ignore, so it refuses them."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.timing_given = [*(getattr(namespace, "timing_given", None) or ()), option_string]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nodes", nargs="+", type=int, default=None, metavar="N",
+    p.add_argument("--nodes", nargs="+", type=int, default=list(DEFAULT_NODES), metavar="N", action=_TimingOption,
                    help="node counts to measure (default 4 16)")
-    p.add_argument("--blocks-per-node", type=int, default=None, metavar="B",
+    p.add_argument("--blocks-per-node", type=int, default=1_000_000, metavar="B", action=_TimingOption,
                    help="cached blocks per node (default 1,000,000)")
-    p.add_argument("--requests", type=int, default=None, help="timed routing decisions per node count (default 2000)")
-    p.add_argument("--prompt-blocks", type=int, default=None, help="full blocks per prompt (default 64)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per block (default 64)")
-    p.add_argument("--seed", type=_nonneg_int, default=None, help="seed of the timed prompts (default 0)")
+    p.add_argument("--requests", type=int, default=2000, action=_TimingOption,
+                   help="timed routing decisions per node count (default 2000)")
+    p.add_argument("--prompt-blocks", type=int, default=64, action=_TimingOption,
+                   help="full blocks per prompt (default 64)")
+    p.add_argument("--block-size", type=int, default=64, action=_TimingOption, help="tokens per block (default 64)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, action=_TimingOption,
+                   help="seed of the timed prompts (default 0)")
     p.add_argument("--compare", metavar="CLUSTER_YAML", default=None,
                    help="instead of timing: replay --trace over this cluster with every routing policy "
                         "(random, session, prefix, cache_aware) and one pooled node of the same total capacity, "
@@ -317,14 +324,11 @@ def run(args: argparse.Namespace) -> int:
     if stray and not args.compare:
         print(f"error: bench route: {' and '.join(stray)} appl{'y' if len(stray) > 1 else 'ies'} to --compare CLUSTER_YAML", file=sys.stderr)
         return 2
-    timing = ["--" + dest.replace("_", "-") for dest in TIMING_DEFAULTS if getattr(args, dest) is not None]
+    timing = list(dict.fromkeys(getattr(args, "timing_given", None) or ()))
     if timing and args.compare:
-        print(f"error: bench route: {', '.join(timing)} {'sets' if len(timing) == 1 else 'set'} the router timing run; --compare replays a trace over "
-              "the cluster file's nodes: drop them", file=sys.stderr)
+        print(f"error: bench route: {', '.join(timing)} {'sets' if len(timing) == 1 else 'set'} the router timing "
+              "run; --compare replays a trace over the cluster file's nodes: drop them", file=sys.stderr)
         return 2
-    for dest, default in TIMING_DEFAULTS.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, default)
     if args.compare:
         try:
             res = compare(args.compare, args.trace, args.chat_sessions, session_keys=not args.without_session_keys)

@@ -107,6 +107,19 @@ def test_a_batch_the_helper_cannot_encode_stops_capture(tmp_path, caplog):
     assert cap.encoder_counters()["records"] == 0
 
 
+def _wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until ``/proc/PID/stat`` says the process is stopped (state T)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s")
+
+
 def test_a_helper_that_falls_behind_gets_its_batches_late_then_dropped(tmp_path, caplog, monkeypatch):
     from lmdeploy_hostcache.integration import trace_capture
 
@@ -114,6 +127,7 @@ def test_a_helper_that_falls_behind_gets_its_batches_late_then_dropped(tmp_path,
     cap.flush_records = 10
     fcntl.fcntl(cap._pipe, 1031, 4096)          # F_SETPIPE_SZ: a one-page pipe
     cap.helper.send_signal(signal.SIGSTOP)      # the helper takes nothing
+    _wait_stopped(cap.helper.pid)               # SIGSTOP lands asynchronously: a busy machine let it drain the pipe
     requests = [dict(seq_id=i, tokens=np.arange(i * 7, i * 7 + 160)) for i in range(40)]
     try:
         _run(cap, requests[:10])                # a batch of ~6 KB: the pipe takes a page, the rest waits
@@ -183,6 +197,7 @@ def test_a_helper_that_dies_while_batches_wait_is_noticed_at_the_next_hook(tmp_p
     cap.flush_records = 10
     fcntl.fcntl(cap._pipe, 1031, 4096)
     cap.helper.send_signal(signal.SIGSTOP)
+    _wait_stopped(cap.helper.pid)
     requests = [dict(seq_id=i, tokens=np.arange(i * 7, i * 7 + 160)) for i in range(20)]
     _run(cap, requests[:10])                    # the batch waits: the pipe took one page
     assert cap._pending
@@ -257,6 +272,7 @@ def test_close_waits_for_a_stuck_helper_no_longer_than_its_limit(tmp_path, monke
     cap = _capture(tmp_path / "c.jsonl", offload=True)
     pid = cap.helper.pid
     os.kill(pid, signal.SIGSTOP)         # a helper starved at idle priority, or wedged
+    _wait_stopped(pid)
     try:
         _run(cap, _requests(40))
         t0 = time.monotonic()
