@@ -919,8 +919,9 @@ def test_an_idle_server_writes_its_queued_records_without_a_request_end(tmp_path
     deadline = time.monotonic() + 30
     while path.read_text().count('\n') < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert path.read_text().count('\n') == 5 and cap.flushes_idle == cap.flushes_by_age == cap.flushes == 1
-    assert not cap.failed and not cap._queue and not cap._pending
+    with cap._lock:   # the flusher thread writes the file, then counts its flush, under this lock
+        assert path.read_text().count('\n') == 5 and cap.flushes_idle == cap.flushes_by_age == cap.flushes == 1
+        assert not cap.failed and not cap._queue and not cap._pending
     cap.close()
     assert path.read_text().count('\n') == 5 and not cap._idle_flusher.is_alive()
 
