@@ -34,6 +34,7 @@ __all__ = [
     "FieldError",
     "HostCacheConfig",
     "HOST_KV_FORMATS",
+    "capture_field_error",
     "capture_path_problem",
     "eviction_policy_names",
     "load_config",
@@ -244,9 +245,9 @@ def capture_path_problem(path: str | os.PathLike[str]) -> str | None:
     creates nothing tells).
 
     The capture's writer (``capture/writer.py``) creates ``path`` in its folder, sets an earlier or a full file
-    aside beside it (a rename there), and writes only to a regular file (its ``_refuse_unless_regular``: a
-    folder, a FIFO, a device or a socket at ``path`` is never written). So the folder must exist and be
-    writable by this user, and anything already at ``path`` must be a writable regular file. A relative
+    aside beside it (a rename there), and writes only to a regular file (a folder, a FIFO, a device or a socket
+    at ``path`` is never written). So the folder must exist and be writable by this user, and anything already
+    at ``path`` must be a writable regular file (``outfile.output_problem``, plus the file's own write bit). A relative
     ``path`` is checked against the current folder, as the engine started from it resolves it. The field's
     parser does not check this (a config is valid on any machine): ``lmdeploy serve api_server`` and
     ``doctor --config`` call it for an enabled tier; at run time a capture that fails is logged and serving
@@ -259,6 +260,16 @@ def capture_path_problem(path: str | os.PathLike[str]) -> str | None:
     if problem is None and os.path.exists(target) and not writable_by_this_user(target):
         problem = "it is not writable by this user (capture appends to it)"
     return problem
+
+
+def capture_field_error(path: str) -> FieldError | None:
+    """``capture_path_problem`` as the ``capture`` field's error (naming the path, saying what to give), or None:
+    the one message ``lmdeploy serve api_server`` and ``doctor --config`` print."""
+    problem = capture_path_problem(path)
+    if problem is None:
+        return None
+    return FieldError("capture", path, "", problem=f"{path}: {problem}; trace capture could not write it: give a "
+                                                   "file in an existing folder this user can write")
 
 
 def _parse_capture_max_mb(value: Any) -> float:

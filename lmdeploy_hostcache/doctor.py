@@ -209,13 +209,11 @@ def collect(config_path: str | None = None) -> dict[str, Any]:
 
     if cfg is not None and cfg.enabled and cfg.capture and config_info["ok"]:   # a disabled tier captures nothing
         # the server refuses a capture it could not write at start-up (cli_patch._check_capture_path): so does this
-        from .config import FieldError, capture_path_problem  # noqa: PLC0415
+        from .config import capture_field_error  # noqa: PLC0415
 
-        why = capture_path_problem(cfg.capture)
-        if why is not None:
-            exc = ConfigError([FieldError("capture", cfg.capture, "", problem=(
-                f"{cfg.capture}: {why}; trace capture could not write it: give a file in an existing folder "
-                "this user can write"))], config_path)
+        error = capture_field_error(cfg.capture)
+        if error is not None:
+            exc = ConfigError([error], config_path)
             config_info.update(ok=False, error=str(exc), field="capture", fields=["capture"])
             exit_code = EXIT_BAD_CONFIG
 

@@ -205,17 +205,16 @@ def _check_capture_path(cfg: Any, args: argparse.Namespace, source: str) -> None
     unwritable folder, a folder or FIFO at the path) is refused: ValueError naming ``--host-cache-capture`` and
     the path when the flag gave it, else ConfigError naming ``source`` and the field. In the engine it would be
     one log line at start-up and a server without the capture asked for."""
-    from ..config import ConfigError, FieldError, capture_path_problem
+    from ..config import ConfigError, capture_field_error
 
     path = getattr(cfg, "capture", "") or ""
-    problem = capture_path_problem(path) if path else None
-    if problem is None:
+    error = capture_field_error(path) if path else None
+    if error is None:
         return
-    hint = "trace capture could not write it: give a file in an existing folder this user can write"
     flag = getattr(args, "host_cache_capture", None)
     if flag is not None and flag.strip() == path:
-        raise ValueError(f"--host-cache-capture {path}: {problem}; {hint}, or drop --host-cache-capture")
-    raise ConfigError([FieldError("capture", path, "", problem=f"{path}: {problem}; {hint}")], source)
+        raise ValueError(f"--host-cache-capture {error.problem}, or drop --host-cache-capture")
+    raise ConfigError([error], source)
 
 
 def _check_environment(cfg: Any) -> None:
